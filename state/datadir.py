@@ -1,0 +1,93 @@
+"""The server's data directory: creating it (`mailstate init`) and opening its store.
+
+    DIR/state.git          bare state repo; its first commit is signed
+    DIR/signing_key(.pub)  the server's ed25519 commit-signing key (0600)
+    DIR/allowed_signers    who may sign state commits (nodes and `git verify-commit` use it)
+    DIR/mailstate.db       tokens and node sync status (never in git)
+    DIR/cache/             parse cache keyed by git blob id (safe to delete)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from state import files
+from state.errors import StoreError
+from state.gitrepo import GitRepo
+from state.localdb import LocalDB
+from state.models import NodesFile, Settings
+from state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
+from state.snapshot import Actor
+from state.store import Clock, Store, clean_request_id, commit_message, utcnow
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Paths inside a data directory."""
+
+    root: Path
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "state.git"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "signing_key"
+
+    @property
+    def allowed_signers(self) -> Path:
+        return self.root / "allowed_signers"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "mailstate.db"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache" / "domains.pickle"
+
+    def is_initialised(self) -> bool:
+        return self.repo.exists() and self.key.exists()
+
+
+def init_data_dir(root: Path, settings: Settings | None = None, *, actor: Actor | None = None, clock: Clock = utcnow) -> DataDir:
+    """Create a data dir with a bare repo whose first commit is signed. Refuses a used dir."""
+    dd = DataDir(Path(root))
+    if dd.repo.exists() or dd.key.exists():
+        raise StoreError(f"{root} already holds a mailstate data dir.", code="already_initialised")
+    dd.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(dd.root, 0o700)
+    public = generate_key(dd.key)
+    dd.allowed_signers.write_text(allowed_signers_line(public))
+    LocalDB(dd.db).close()
+    repo = GitRepo.init_bare(dd.repo)
+    settings = settings or Settings()
+    tree = repo.build_tree(
+        None,
+        {
+            files.SETTINGS_PATH: files.dump_settings(settings),
+            files.NODES_PATH: files.dump_nodes(NodesFile()),
+        },
+    )
+    who = actor or Actor.admin(f"cli:{os.environ.get('USER', 'root')}")
+    message = commit_message("init", "mailstate", None, who, clean_request_id(None))
+    sha = repo.commit(tree, None, message, Ed25519Signer(dd.key), clock())
+    repo.move_branch(sha, None)
+    return dd
+
+
+def open_store(root: Path, *, signer: Signer | None = None, clock: Clock = utcnow, db: LocalDB | None = None) -> Store:
+    """The store of an initialised data dir, signing with its own key by default."""
+    dd = DataDir(Path(root))
+    if not dd.is_initialised():
+        raise StoreError(f"{root} is not a mailstate data dir; run `mailstate init --data {root}`.", code="not_initialised")
+    return Store(
+        dd.repo,
+        signer or Ed25519Signer(dd.key),
+        clock=clock,
+        cache_path=dd.cache,
+        status_source=db.node_status if db is not None else None,
+    )

@@ -1,0 +1,104 @@
+"""The one error tree of mailstate.
+
+Every failure an operation, the store or the compiler can report is one of these classes.
+Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never invent codes.
+
+    MailstateError                      code, message, field, target
+    ├── InvalidInput          400/422   invalid_domain, invalid_email, invalid_password,
+    │                                   invalid_quota, invalid_node_name, invalid_ip_address,
+    │                                   invalid_project_id, missing_field, unknown_field,
+    │                                   invalid_request
+    ├── Unauthenticated           401   unauthenticated
+    ├── Forbidden                 403   admin_required, ip_not_allowed
+    ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found
+    ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
+    │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
+    │                                   active_mailboxes_remain, node_exists
+    ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
+    │                                   that breaks the schema, the invariants, or compile())
+    ├── StoreError                500   store_error (git, signing, disk: wraps the foreign
+    │   │                               exception as __cause__)
+    │   └── UpstreamUnavailable   503   upstream_unavailable, upstream_rejected
+    └── CompileError              500   compile_error (a value that would break a compiled
+                                        file got past validation; should never happen)
+
+Messages are human sentences and never contain a password, sync key or token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MailstateError(Exception):
+    """Base of every mailstate error; carries a snake_case code and a human message."""
+
+    default_code = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        target: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.field = field
+        self.target = target
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `{"code", "message", ...}` body the edges send back."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.target is not None:
+            body["target"] = self.target
+        return body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class InvalidInput(MailstateError):
+    default_code = "invalid_request"
+
+
+class Unauthenticated(MailstateError):
+    default_code = "unauthenticated"
+
+
+class Forbidden(MailstateError):
+    default_code = "admin_required"
+
+
+class NotFound(MailstateError):
+    default_code = "not_found"
+
+
+class Conflict(MailstateError):
+    default_code = "conflict"
+
+
+class StateInvalid(MailstateError):
+    """A state checkout or commit that is not valid; `problems` lists every finding."""
+
+    default_code = "invalid_state"
+
+    def __init__(self, message: str, *, problems: list[str] | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.problems = problems or [message]
+
+
+class StoreError(MailstateError):
+    default_code = "store_error"
+
+
+class UpstreamUnavailable(StoreError):
+    default_code = "upstream_unavailable"
+
+
+class CompileError(MailstateError):
+    default_code = "compile_error"

@@ -1,0 +1,205 @@
+"""The state repo's file layout (format 1) and its YAML reading and writing.
+
+    mailstate.yaml                       Settings
+    nodes.yaml                           NodesFile
+    domains/<bb>/<domain>.yaml           DomainFile, bb = the domain's first two characters
+    rendered/...                         compiler output (see compiler.render)
+
+Domain files fan out into two-character folders so that a commit rewrites a few small git
+trees instead of one tree with an entry per domain.
+
+Reads use PyYAML's C loader (fast). Writes emit canonical YAML (stable key order, one
+mailbox per block) unless the current file carries comments: then ruamel.yaml's round-trip
+mode rewrites it so that the comments an admin wrote survive.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+from state.errors import StateInvalid, StoreError
+from state.models import DomainFile, NodesFile, Settings
+
+SETTINGS_PATH = "mailstate.yaml"
+NODES_PATH = "nodes.yaml"
+DOMAINS_DIR = "domains"
+RENDERED_DIR = "rendered"
+
+try:  # the C loader is ~10x faster; fall back so a machine without libyaml still works
+    _Loader: Any = yaml.CSafeLoader
+    _Dumper: Any = yaml.CSafeDumper
+except AttributeError:  # pragma: no cover
+    _Loader = yaml.SafeLoader
+    _Dumper = yaml.SafeDumper
+
+
+def bucket(domain: str) -> str:
+    """The fan-out folder of a domain: its first two characters."""
+    return domain[:2]
+
+
+def domain_path(domain: str) -> str:
+    """Repo path of a domain's state file."""
+    return f"{DOMAINS_DIR}/{bucket(domain)}/{domain}.yaml"
+
+
+def domain_from_path(path: str) -> str | None:
+    """The domain a `domains/<bb>/<domain>.yaml` path names, or None for any other path."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != DOMAINS_DIR or not parts[2].endswith(".yaml"):
+        return None
+    return parts[2][: -len(".yaml")]
+
+
+def load_yaml(data: bytes | str, path: str) -> Any:
+    """Parse YAML with the fast safe loader; a syntax error becomes StateInvalid."""
+    try:
+        return yaml.load(data, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise StateInvalid(f"{path}: not valid YAML: {exc}", problems=[f"{path}: not valid YAML: {exc}"]) from exc
+
+
+def _validated(model: Any, raw: Any, path: str) -> Any:
+    try:
+        return model.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        problems = [
+            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise StateInvalid(problems[0], problems=problems) from None
+
+
+def parse_settings(data: bytes | str) -> Settings:
+    """mailstate.yaml → Settings."""
+    result: Settings = _validated(Settings, load_yaml(data, SETTINGS_PATH), SETTINGS_PATH)
+    return result
+
+
+def parse_nodes(data: bytes | str) -> NodesFile:
+    """nodes.yaml → NodesFile."""
+    result: NodesFile = _validated(NodesFile, load_yaml(data, NODES_PATH), NODES_PATH)
+    return result
+
+
+def parse_domain(data: bytes | str, path: str) -> DomainFile:
+    """A domain file → DomainFile, checking that the file name matches the domain."""
+    domain: DomainFile = _validated(DomainFile, load_yaml(data, path), path)
+    if domain_path(domain.domain) != path:
+        raise StateInvalid(
+            f"{path}: holds domain {domain.domain!r}, which belongs in {domain_path(domain.domain)}",
+        )
+    return domain
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def _plain(data: Any) -> str:
+    out: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=False, width=1000)
+    return out
+
+
+def dump_settings(settings: Settings) -> bytes:
+    """Settings → canonical mailstate.yaml."""
+    return _plain(settings.model_dump(mode="json")).encode()
+
+
+def dump_nodes(nodes: NodesFile, previous: bytes | None = None) -> bytes:
+    """NodesFile → nodes.yaml, keeping comments of `previous` when it has any."""
+    data = {"nodes": {name: node.model_dump(mode="json") for name, node in sorted(nodes.nodes.items())}}
+    return _dump_preserving(data, previous, NODES_PATH)
+
+
+def domain_document(domain: DomainFile) -> dict[str, Any]:
+    """The plain data of a domain file, in the canonical key order."""
+    return {
+        "domain": domain.domain,
+        "project_id": domain.project_id,
+        "email_enabled": domain.email_enabled,
+        "mailboxes": {
+            local: {"password": box.password, "quota_mb": box.quota_mb, "active": box.active}
+            for local, box in sorted(domain.mailboxes.items())
+        },
+    }
+
+
+def dump_domain(domain: DomainFile, previous: bytes | None = None) -> bytes:
+    """DomainFile → YAML, keeping comments of `previous` when it has any."""
+    return _dump_preserving(domain_document(domain), previous, domain_path(domain.domain))
+
+
+def _dump_preserving(data: dict[str, Any], previous: bytes | None, path: str) -> bytes:
+    if previous is None or b"#" not in previous:
+        return _plain(data).encode()
+    text = _round_trip(data, previous, path)
+    # ruamel speaks YAML 1.2 and readers use PyYAML (1.1): make sure both read the same data,
+    # so that a key such as `on` or `yes` can never turn into a boolean on the next load.
+    if load_yaml(text, path) != data:
+        raise StoreError(f"{path}: comment-preserving rewrite did not round-trip; file left unchanged")
+    return text.encode()
+
+
+def _ruamel() -> YAML:
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.width = 1000
+    rt.indent(mapping=2, sequence=4, offset=2)
+    return rt
+
+
+def _key(text: str) -> Any:
+    # A key that YAML 1.1 would read as something else than a string gets quoted.
+    return text if yaml.load(text, Loader=_Loader) == text else DoubleQuotedScalarString(text)
+
+
+def _merge(target: CommentedMap, data: dict[str, Any]) -> None:
+    """Make `target` equal `data`, keeping the keys (and their comments) that stay."""
+    for key in [k for k in target if k not in data]:
+        del target[key]
+    position = 0
+    for key, value in data.items():
+        if isinstance(value, dict):
+            existing = target.get(key)
+            if not isinstance(existing, CommentedMap):
+                existing = CommentedMap()
+                if key in target:
+                    target[key] = existing
+                else:
+                    target.insert(_insert_at(target, key, position), _key(key), existing)
+            _merge(existing, value)
+        elif key in target:
+            if target[key] != value or type(target[key]) is not type(value):
+                target[key] = value
+        else:
+            target.insert(_insert_at(target, key, position), _key(key), value)
+        position += 1
+
+
+def _insert_at(target: CommentedMap, key: str, position: int) -> int:
+    # New mailboxes go in sorted place among the existing ones so that files stay ordered.
+    keys = list(target.keys())
+    if all(isinstance(k, str) for k in keys) and keys == sorted(keys):
+        return sum(1 for k in keys if k < key)
+    return min(position, len(keys))
+
+
+def _round_trip(data: dict[str, Any], previous: bytes, path: str) -> str:
+    rt = _ruamel()
+    try:
+        doc = rt.load(previous)
+    except Exception as exc:  # ruamel raises many unrelated classes
+        raise StoreError(f"{path}: could not re-read the current file to keep its comments") from exc
+    if not isinstance(doc, CommentedMap):
+        doc = CommentedMap()
+    _merge(doc, data)
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    return buf.getvalue()

@@ -1,0 +1,187 @@
+"""The git layer: in-memory trees and signed commits on a bare repo, through pygit2.
+
+Why pygit2 and not the git CLI or GitPython: a commit built in memory touches only the trees
+on the changed paths (measured ~35 ms for a 20k-entry flat tree, far less once the state fans
+out into two-character folders), where `git add && git commit` re-reads the index (~100 ms)
+and GitPython's index handling costs ~690 ms.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+
+import pygit2
+
+from state.errors import StoreError
+from state.signing import Signer
+
+BRANCH = "main"
+REF = f"refs/heads/{BRANCH}"
+
+
+class GitRepo:
+    """A bare (or non-bare) repository the store commits to."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self.repo = pygit2.Repository(str(self.path))
+        except (pygit2.GitError, KeyError) as exc:
+            raise StoreError(f"{self.path} is not a git repository.") from exc
+
+    @classmethod
+    def init_bare(cls, path: Path) -> GitRepo:
+        """Create an empty bare repository whose HEAD points at `main`."""
+        try:
+            pygit2.init_repository(str(path), bare=True, initial_head=BRANCH)
+        except pygit2.GitError as exc:
+            raise StoreError(f"Cannot create a repository at {path}.") from exc
+        return cls(path)
+
+    def head(self) -> str | None:
+        """The commit `main` points at, or None before the first commit."""
+        ref = self.repo.references.get(REF)
+        return None if ref is None else str(ref.target)
+
+    def tree(self, commit: str) -> pygit2.Tree:
+        obj = self.repo[commit]
+        if not isinstance(obj, pygit2.Commit):
+            raise StoreError(f"{commit} is not a commit.")
+        return obj.tree
+
+    def read(self, commit: str | None, path: str) -> bytes | None:
+        """The bytes of `path` at `commit`, or None when it does not exist there."""
+        if commit is None:
+            return None
+        try:
+            entry = self.tree(commit)[path]
+        except KeyError:
+            return None
+        obj = self.repo[entry.id]
+        return obj.data if isinstance(obj, pygit2.Blob) else None
+
+    def walk_blobs(self, commit: str, prefix: str) -> Iterator[tuple[str, str]]:
+        """(path, blob id) of every file below the folder `prefix` at `commit`."""
+        try:
+            entry = self.tree(commit)[prefix]
+        except KeyError:
+            return
+        stack: list[tuple[str, pygit2.Tree]] = []
+        top = self.repo[entry.id]
+        if isinstance(top, pygit2.Tree):
+            stack.append((prefix, top))
+        while stack:
+            base, tree = stack.pop()
+            for item in tree:
+                path = f"{base}/{item.name}"
+                if item.type_str == "tree":
+                    sub = self.repo[item.id]
+                    assert isinstance(sub, pygit2.Tree)
+                    stack.append((path, sub))
+                elif item.type_str == "blob":
+                    yield path, str(item.id)
+
+    def blob(self, oid: str) -> bytes:
+        obj = self.repo[oid]
+        assert isinstance(obj, pygit2.Blob)
+        return obj.data
+
+    def build_tree(self, base: str | None, changes: Mapping[str, bytes | None]) -> str:
+        """A new root tree: `base`'s tree with files written (bytes) or removed (None).
+
+        A None for a folder removes the whole folder; folders left empty disappear.
+        """
+        base_tree = self.tree(base) if base else None
+        oid = self._build(base_tree, changes)
+        if oid is None:
+            oid = self.repo.TreeBuilder().write()
+        return str(oid)
+
+    def _build(self, base: pygit2.Tree | None, changes: Mapping[str, bytes | None]) -> pygit2.Oid | None:
+        direct: dict[str, bytes | None] = {}
+        nested: dict[str, dict[str, bytes | None]] = {}
+        for path, data in changes.items():
+            head, _, rest = path.partition("/")
+            if rest:
+                nested.setdefault(head, {})[rest] = data
+            else:
+                direct[head] = data
+        builder = self.repo.TreeBuilder(base) if base is not None else self.repo.TreeBuilder()
+        for name, data in direct.items():
+            if data is None:
+                if builder.get(name) is not None:
+                    builder.remove(name)
+            else:
+                builder.insert(name, self.repo.create_blob(data), pygit2.GIT_FILEMODE_BLOB)
+        for name, sub in nested.items():
+            current = None
+            if base is not None and name in base:
+                obj = self.repo[base[name].id]
+                current = obj if isinstance(obj, pygit2.Tree) else None
+            new = self._build(current, sub)
+            if new is None:
+                if builder.get(name) is not None:
+                    builder.remove(name)
+            else:
+                builder.insert(name, new, pygit2.GIT_FILEMODE_TREE)
+        if len(builder) == 0:
+            return None
+        return builder.write()
+
+    def commit(
+        self,
+        tree: str,
+        parent: str | None,
+        message: str,
+        signer: Signer,
+        when: datetime,
+        identity: tuple[str, str] = ("mailstate", "mailstate@localhost"),
+    ) -> str:
+        """Create a signed commit object (the branch does not move)."""
+        offset = int(when.utcoffset().total_seconds() // 60) if when.utcoffset() else 0
+        person = pygit2.Signature(identity[0], identity[1], int(when.timestamp()), offset)
+        parents = [pygit2.Oid(hex=parent)] if parent else []
+        try:
+            text = self.repo.create_commit_string(person, person, message, pygit2.Oid(hex=tree), parents)
+            signature = signer.sign(text.encode("utf-8"))
+            return str(self.repo.create_commit_with_signature(text, signature))
+        except pygit2.GitError as exc:
+            raise StoreError("git could not write the commit.") from exc
+
+    def move_branch(self, new: str, expected: str | None) -> None:
+        """Point `main` at `new` if it still points at `expected` (compare-and-swap)."""
+        if self.head() != expected:
+            raise StoreError("The branch moved underneath the store; the write was not applied.")
+        try:
+            self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
+        except pygit2.GitError as exc:
+            raise StoreError("git could not update the branch.") from exc
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        if ancestor == descendant:
+            return True
+        try:
+            return bool(self.repo.descendant_of(pygit2.Oid(hex=descendant), pygit2.Oid(hex=ancestor)))
+        except (pygit2.GitError, ValueError, KeyError):
+            return False
+
+    def commits_between(self, old: str, new: str) -> int | None:
+        """How many commits `new` is ahead of `old`, or None when unrelated/unknown."""
+        try:
+            ahead, _behind = self.repo.ahead_behind(pygit2.Oid(hex=new), pygit2.Oid(hex=old))
+        except (pygit2.GitError, ValueError, KeyError):
+            return None
+        return int(ahead)
+
+
+def git(*args: str, cwd: Path | str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the git CLI with a clean, predictable configuration."""
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, check=check, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        raise StoreError(f"git {args[0]} failed: {exc.stderr.strip()[:500]}") from exc
+    except OSError as exc:
+        raise StoreError("git is not installed.") from exc

@@ -1,0 +1,160 @@
+"""The server's local database (SQLite): API tokens and node sync status.
+
+Neither belongs in git: tokens are secrets (only their SHA-256 is stored here), and a node
+reporting every minute would drown the audit log.
+
+A token looks like `mst_<id>_<secret>`. The id finds the row; the secret's SHA-256 is
+compared in constant time, so a lookup leaks nothing about the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from state.errors import InvalidInput, NotFound, Unauthenticated
+from state.snapshot import Actor
+
+TOKEN_PREFIX = "mst_"
+_TOKEN = re.compile(r"^mst_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    project_id INTEGER,
+    secret_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS node_status (
+    name TEXT PRIMARY KEY,
+    last_sync_at TEXT NOT NULL,
+    applied_commit TEXT,
+    status TEXT NOT NULL,
+    error TEXT,
+    remote_addr TEXT
+);
+"""
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    name: str
+    project_id: int | None
+    created_at: str
+    revoked: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "role": "admin" if self.project_id is None else "project",
+            "project_id": self.project_id,
+            "created_at": self.created_at,
+            "revoked": self.revoked,
+        }
+
+
+class LocalDB:
+    """Tokens and node status in `DIR/mailstate.db`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- tokens ---------------------------------------------------------------------------
+
+    def create_token(self, *, project_id: int | None, name: str | None = None) -> tuple[TokenInfo, str]:
+        """A new token for a project (or admin when project_id is None); the secret is returned once."""
+        token_id = secrets.token_hex(6)
+        name = name or (f"project-{project_id}" if project_id is not None else "admin") + f"-{token_id[:4]}"
+        if not _NAME.match(name):
+            raise InvalidInput(
+                "A token name is 1-64 letters, digits, '.', '_' or '-'.", code="invalid_token_name", field="name"
+            )
+        secret = secrets.token_urlsafe(32)
+        now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO tokens (id, name, project_id, secret_sha256, created_at) VALUES (?, ?, ?, ?, ?)",
+                (token_id, name, project_id, _sha256(secret), now),
+            )
+        return TokenInfo(token_id, name, project_id, now, False), f"{TOKEN_PREFIX}{token_id}_{secret}"
+
+    def authenticate(self, token: str | None) -> Actor:
+        """The actor a bearer token stands for, or Unauthenticated."""
+        match = _TOKEN.match(token or "")
+        row = None
+        if match:
+            with self._lock:
+                row = self._conn.execute(
+                    "SELECT name, project_id, secret_sha256, revoked_at FROM tokens WHERE id = ?", (match.group(1),)
+                ).fetchone()
+        # Compare even when there is no row, so that timing says nothing about which ids exist.
+        expected = row[2] if row else _sha256("no such token")
+        given = _sha256(match.group(2)) if match else ""
+        if not hmac.compare_digest(expected, given) or row is None or row[3] is not None:
+            raise Unauthenticated("A valid bearer token is required.", code="unauthenticated")
+        return Actor(name=f"token:{row[0]}", project_id=row[1])
+
+    def list_tokens(self) -> list[TokenInfo]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, name, project_id, created_at, revoked_at FROM tokens ORDER BY created_at, id"
+            ).fetchall()
+        return [TokenInfo(r[0], r[1], r[2], r[3], r[4] is not None) for r in rows]
+
+    def revoke_token(self, token_id_or_name: str) -> TokenInfo:
+        now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
+                (now, token_id_or_name, token_id_or_name),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"No active token with id or name {token_id_or_name!r}.", code="token_not_found")
+        return next(t for t in self.list_tokens() if token_id_or_name in (t.id, t.name))
+
+    # --- node status ------------------------------------------------------------------------
+
+    def record_node_status(
+        self, name: str, *, applied_commit: str | None, status: str, error: str | None, remote_addr: str | None, at: datetime
+    ) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
+                " applied_commit=excluded.applied_commit, status=excluded.status, error=excluded.error,"
+                " remote_addr=excluded.remote_addr",
+                (name, at.isoformat(), applied_commit, status, error, remote_addr),
+            )
+
+    def node_status(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT last_sync_at, applied_commit, status, error FROM node_status WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            return None
+        return {"last_sync_at": row[0], "applied_commit": row[1], "status": row[2], "error": row[3]}

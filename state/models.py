@@ -1,0 +1,302 @@
+"""The pydantic models: the only schema in mailstate.
+
+Two families live here:
+
+* the state repo's files (`Settings` for mailstate.yaml, `DomainFile`, `NodesFile`), and
+* the operations' requests (`AddUserRequest`, ...). The HTTP and MCP edges derive their
+  input schemas from these request models; nothing else declares fields.
+
+Validators raise `state.errors.InvalidInput` directly (it is not a ValueError, so pydantic
+lets it through untouched and the caller sees our code and field). `parse()` turns
+pydantic's own errors (missing field, wrong type, unknown field) into the same error.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from state import validate as v
+from state.errors import InvalidInput
+
+FORMAT_VERSION = 1
+BCRYPT_HASH = re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _email(value: object) -> str:
+    local, domain = v.normalize_email(value)
+    return f"{local}@{domain}"
+
+
+DomainName = Annotated[
+    str,
+    BeforeValidator(v.normalize_domain),
+    Field(description="Domain name, e.g. mycompany.nl. Lowercased; IDN is stored as punycode.", examples=["mycompany.nl"]),
+]
+Email = Annotated[
+    str, BeforeValidator(_email), Field(description="Full email address.", examples=["info@mycompany.nl"])
+]
+Password = Annotated[
+    str,
+    BeforeValidator(v.validate_password),
+    Field(description="Plain text password, 8-72 UTF-8 bytes; bcrypt-hashed before storage, never stored."),
+]
+QuotaMb = Annotated[
+    int, BeforeValidator(v.validate_quota), Field(description=f"Mailbox quota in MB, 1-{v.MAX_QUOTA_MB}.")
+]
+NodeName = Annotated[
+    str, BeforeValidator(v.validate_node_name), Field(description="Node identifier.", examples=["mpi02"])
+]
+IpAddress = Annotated[
+    str, BeforeValidator(v.normalize_ip), Field(description="IPv4 or IPv6 address the node connects from.")
+]
+ProjectId = Annotated[int, BeforeValidator(v.validate_project_id), Field(description="Project (WebSumo) id.")]
+
+
+def _strict_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput("hard_delete must be true or false.", code="invalid_request", field="hard_delete")
+    return value
+
+
+# --- state repo files --------------------------------------------------------------------
+
+
+class Settings(BaseModel):
+    """mailstate.yaml: the format version and settings shared by every node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[1] = FORMAT_VERSION
+    mail_root: str = Field(default="/var/vmail", description="Maildir root on the nodes; homes are <root>/<domain>/<user>.")
+    uid: int = Field(default=5000, ge=1, le=2**31 - 1)
+    gid: int = Field(default=5000, ge=1, le=2**31 - 1)
+    default_quota_mb: int = Field(default=1024, ge=1, le=v.MAX_QUOTA_MB)
+    bcrypt_cost: int = Field(default=12, ge=4, le=31)
+
+    @field_validator("mail_root")
+    @classmethod
+    def _absolute_plain_path(cls, value: str) -> str:
+        # The root lands in every passwd line's home field; `:` would shift the fields and
+        # whitespace or `..` would put mail somewhere else.
+        if not value.startswith("/") or any(c in value for c in ": \t\n\r") or "/../" in value + "/":
+            raise ValueError("mail_root must be an absolute path without ':', whitespace or '..'")
+        return value.rstrip("/") or "/"
+
+
+class Mailbox(BaseModel):
+    """One mailbox in a domain file; the key is the local part."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    password: str
+    quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
+    active: bool = True
+
+    @field_validator("password")
+    @classmethod
+    def _bcrypt(cls, value: str) -> str:
+        if not BCRYPT_HASH.match(value):
+            raise ValueError("password must be a {BLF-CRYPT}$2b$... bcrypt hash, never plain text")
+        return value
+
+
+class DomainFile(BaseModel):
+    """domains/<bb>/<domain>.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str
+    project_id: int | None = None
+    email_enabled: bool = False
+    mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if v.normalize_domain(value) != value:
+            raise ValueError("domain must be lowercase ASCII (punycode for IDN)")
+        return value
+
+    @field_validator("project_id")
+    @classmethod
+    def _project(cls, value: int | None) -> int | None:
+        return None if value is None else v.validate_project_id(value)
+
+    @field_validator("mailboxes")
+    @classmethod
+    def _locals(cls, value: dict[str, Mailbox]) -> dict[str, Mailbox]:
+        for local in value:
+            if not isinstance(local, str) or v.normalize_email(f"{local}@example.com")[0] != local:
+                raise ValueError(f"mailbox key {local!r} is not a valid lowercase local part")
+        return value
+
+    def active_count(self) -> int:
+        return sum(1 for m in self.mailboxes.values() if m.active)
+
+
+class Node(BaseModel):
+    """One entry of nodes.yaml. The sync key itself is never stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ip_address: str | None = None
+    sync_key_sha256: str
+    created_at: datetime
+
+    @field_validator("ip_address")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        return None if value is None else v.normalize_ip(value)
+
+    @field_validator("sync_key_sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        if not SHA256_HEX.match(value):
+            raise ValueError("sync_key_sha256 must be 64 lowercase hex digits")
+        return value
+
+
+class NodesFile(BaseModel):
+    """nodes.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nodes: dict[str, Node] = Field(default_factory=dict)
+
+    @field_validator("nodes")
+    @classmethod
+    def _names(cls, value: dict[str, Node]) -> dict[str, Node]:
+        for name in value:
+            v.validate_node_name(name)
+        return value
+
+
+# --- requests ----------------------------------------------------------------------------
+
+
+class Request(BaseModel):
+    """Base of the operations' inputs: unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmptyRequest(Request):
+    pass
+
+
+class DomainRequest(Request):
+    domain: DomainName = Field(description="Domain name.")
+
+
+class EnableEmailRequest(Request):
+    domain: DomainName = Field(description='Domain name to enable email for (e.g. "mycompany.nl"). Must be linked to this project.')
+
+
+class DisableEmailRequest(Request):
+    domain: DomainName = Field(description="Domain name to disable email for.")
+
+
+class ListDomainsRequest(EmptyRequest):
+    pass
+
+
+class AddUserRequest(Request):
+    email: Email = Field(description='Full email address (e.g. "info@mycompany.nl"). Domain must be email-enabled on this project.')
+    password: Password = Field(description="Plain text password — will be bcrypt-hashed before storage.")
+    quota_mb: QuotaMb | None = Field(default=None, description="Mailbox quota in MB (default: 1024).")
+
+
+class RemoveUserRequest(Request):
+    email: Email = Field(description="Email address of the mailbox to remove.")
+    hard_delete: Annotated[bool, BeforeValidator(_strict_bool)] = Field(
+        default=False, description="If true, deletes the mailbox entirely. If false (default), sets active=false."
+    )
+
+
+class ListUsersRequest(Request):
+    domain: DomainName | None = Field(default=None, description='Filter users by domain (e.g. "mycompany.nl").')
+
+
+class UpdatePasswordRequest(Request):
+    email: Email = Field(description="Email address of the user.")
+    password: Password = Field(description="New plain text password — will be bcrypt-hashed.")
+
+
+class AddDomainRequest(Request):
+    domain: DomainName = Field(description="Domain name to register.")
+    project_id: ProjectId | None = Field(default=None, description="Optional: assign domain to a specific project (WebSumo ID).")
+
+
+class RemoveDomainRequest(Request):
+    domain: DomainName = Field(description="Domain name to remove.")
+
+
+class ListNodesRequest(EmptyRequest):
+    pass
+
+
+class AddNodeRequest(Request):
+    name: NodeName = Field(description='Node identifier (e.g. "mpi02").')
+    ip_address: IpAddress | None = Field(default=None, description="Optional IP whitelist for extra security.")
+
+
+class NodeRequest(Request):
+    name: NodeName = Field(description="Node identifier.")
+
+
+class LinkDomainRequest(Request):
+    domain: DomainName = Field(description="Domain name to link to a project (the dashboard's Domains tab).")
+    project_id: ProjectId = Field(description="Project (WebSumo) id.")
+
+
+class UnlinkDomainRequest(Request):
+    domain: DomainName = Field(description="Domain name to unlink from its project.")
+
+
+R = TypeVar("R", bound=BaseModel)
+
+# Which code a pydantic-level failure of a field maps to (our own validators raise
+# InvalidInput themselves; this covers missing fields and wrong JSON types).
+_FIELD_CODES = {
+    "domain": "invalid_domain",
+    "email": "invalid_email",
+    "password": "invalid_password",
+    "quota_mb": "invalid_quota",
+    "name": "invalid_node_name",
+    "ip_address": "invalid_ip_address",
+    "project_id": "invalid_project_id",
+}
+
+
+def parse(model: type[R], data: Any) -> R:
+    """Validate `data` into `model`, raising `InvalidInput` (never pydantic's error)."""
+    if isinstance(data, model):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object.", code="invalid_request")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_input_from(exc) from None
+
+
+def invalid_input_from(exc: ValidationError) -> InvalidInput:
+    """The first pydantic error as an InvalidInput, without echoing the input value."""
+    err = exc.errors(include_input=False, include_url=False)[0]
+    loc = [str(part) for part in err.get("loc", ())]
+    field = loc[0] if loc else None
+    kind = err.get("type", "")
+    if kind == "missing":
+        return InvalidInput(f"The field '{field}' is required.", code="missing_field", field=field)
+    if kind == "extra_forbidden":
+        return InvalidInput(f"Unknown field '{field}'.", code="unknown_field", field=field)
+    code = _FIELD_CODES.get(field or "", "invalid_request")
+    where = f"'{field}'" if field else "the request"
+    return InvalidInput(f"Invalid value for {where}: {err.get('msg', 'invalid value')}.", code=code, field=field)

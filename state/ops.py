@@ -1,0 +1,368 @@
+"""The operations: (snapshot, actor, request) → Outcome, or an error from state.errors.
+
+Every rule of the API lives here and nowhere else. Operations are pure: they read the
+snapshot and return the change; the store commits it. The work that must run outside the
+write lock (bcrypt, key generation) happens in an operation's `prepare` step.
+
+`OPERATIONS` is the registry the edges are generated from: each entry names its spec
+endpoint, its MCP tool, its HTTP method, its request model and whether it needs an admin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import bcrypt
+
+from state import models as m
+from state.errors import Conflict, Forbidden, NotFound
+from state.snapshot import Actor, Change, Outcome, Snapshot
+
+SYNC_KEY_PREFIX = "mss_"
+NodeStatusLookup = Callable[[str], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything an operation may look at besides its request."""
+
+    state: Snapshot
+    actor: Actor
+    now: datetime
+    node_status: NodeStatusLookup
+
+
+Prepared = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One API operation, as the edges see it."""
+
+    name: str
+    request: type[m.Request]
+    apply: Callable[[Context, Any, Prepared], Outcome]
+    method: str = "POST"
+    admin: bool = False
+    write: bool = True
+    in_spec: bool = True
+    prepare: Callable[[Any, m.Settings], Prepared] | None = None
+    summary: str = ""
+
+    @property
+    def tool_name(self) -> str:
+        """The MCP tool name, as the spec's table spells it."""
+        return "email_account_" + self.name.replace("-", "_")
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def hash_password(password: str, cost: int) -> str:
+    """bcrypt in the `{BLF-CRYPT}` form Dovecot reads."""
+    return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=cost, prefix=b"2b")).decode()
+
+
+def new_sync_key() -> tuple[str, str]:
+    """A fresh 256-bit sync key and its SHA-256 hex digest."""
+    key = SYNC_KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hashlib.sha256(key.encode()).hexdigest()
+
+
+def _require_admin(ctx: Context) -> None:
+    if not ctx.actor.is_admin:
+        raise Forbidden("This operation needs an admin token.", code="admin_required")
+
+
+def _visible_domain(ctx: Context, name: str) -> m.DomainFile:
+    """The domain if the actor may touch it. Another project's domain reads as absent."""
+    dom = ctx.state.domains.get(name)
+    if dom is None or (not ctx.actor.is_admin and dom.project_id != ctx.actor.project_id):
+        raise NotFound(f"Domain {name} is not linked to this project.", code="domain_not_found", target=name)
+    return dom
+
+
+def _mail_domain(ctx: Context, name: str) -> m.DomainFile:
+    dom = _visible_domain(ctx, name)
+    if not dom.email_enabled:
+        raise Conflict(f"Email is not enabled for {name}; call enable-email first.", code="email_not_enabled", target=name)
+    return dom
+
+
+def _mailbox(ctx: Context, email: str) -> tuple[m.DomainFile, str, m.Mailbox]:
+    local, _, name = email.partition("@")
+    dom = ctx.state.domains.get(name)
+    visible = dom is not None and (ctx.actor.is_admin or dom.project_id == ctx.actor.project_id)
+    box = dom.mailboxes.get(local) if dom is not None and visible else None
+    if dom is None or box is None:
+        raise NotFound(f"Mailbox {email} does not exist.", code="mailbox_not_found", target=email)
+    return dom, local, box
+
+
+def _with_mailboxes(dom: m.DomainFile, mailboxes: dict[str, m.Mailbox], **changes: Any) -> m.DomainFile:
+    return dom.model_copy(update={"mailboxes": mailboxes, **changes})
+
+
+def _write(dom: m.DomainFile | None, name: str, result: dict[str, Any], project: int | None, created: bool = False) -> Outcome:
+    return Outcome(result=result, change=Change(domains={name: dom}), target=name, project=project, created=created)
+
+
+def _domain_result(dom: m.DomainFile) -> dict[str, Any]:
+    return {"domain": dom.domain, "project_id": dom.project_id, "email_enabled": dom.email_enabled}
+
+
+# --- domains -----------------------------------------------------------------------------
+
+
+def link_domain(ctx: Context, req: m.LinkDomainRequest, _: Prepared) -> Outcome:
+    _require_admin(ctx)
+    dom = ctx.state.domains.get(req.domain)
+    if dom is None:
+        new = m.DomainFile(domain=req.domain, project_id=req.project_id)
+        return _write(new, req.domain, _domain_result(new), req.project_id, created=True)
+    if dom.project_id == req.project_id:
+        return Outcome(_domain_result(dom), target=req.domain, project=req.project_id)
+    if dom.project_id is not None:
+        raise Conflict(
+            f"Domain {req.domain} is linked to another project; unlink it first.",
+            code="domain_linked_elsewhere",
+            target=req.domain,
+        )
+    new = dom.model_copy(update={"project_id": req.project_id})
+    return _write(new, req.domain, _domain_result(new), req.project_id)
+
+
+def unlink_domain(ctx: Context, req: m.UnlinkDomainRequest, _: Prepared) -> Outcome:
+    _require_admin(ctx)
+    dom = _visible_domain(ctx, req.domain)
+    if dom.email_enabled:
+        raise Conflict(f"Email is still enabled for {req.domain}; disable it first.", code="email_enabled", target=req.domain)
+    if dom.project_id is None:
+        return Outcome({"domain": req.domain, "project_id": None}, target=req.domain)
+    return _write(None, req.domain, {"domain": req.domain, "project_id": None}, dom.project_id)
+
+
+def enable_email(ctx: Context, req: m.EnableEmailRequest, _: Prepared) -> Outcome:
+    dom = _visible_domain(ctx, req.domain)
+    if dom.email_enabled:
+        return Outcome(_domain_result(dom), target=req.domain, project=dom.project_id)
+    new = dom.model_copy(update={"email_enabled": True})
+    return _write(new, req.domain, _domain_result(new), dom.project_id)
+
+
+def _remove_mail(dom: m.DomainFile) -> None:
+    active = dom.active_count()
+    if active:
+        raise Conflict(
+            f"{dom.domain} still has {active} active mailbox(es); remove them first.",
+            code="active_mailboxes_remain",
+            target=dom.domain,
+        )
+
+
+def disable_email(ctx: Context, req: m.DisableEmailRequest, _: Prepared) -> Outcome:
+    dom = _visible_domain(ctx, req.domain)
+    if not dom.email_enabled and not dom.mailboxes:
+        return Outcome(_domain_result(dom), target=req.domain, project=dom.project_id)
+    _remove_mail(dom)
+    # Soft-deleted mailboxes go with the mail system: nothing may come back to life later.
+    new = _with_mailboxes(dom, {}, email_enabled=False)
+    return _write(new, req.domain, _domain_result(new), dom.project_id)
+
+
+def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcome:
+    if ctx.actor.is_admin:
+        names = sorted(ctx.state.domains)
+    else:
+        names = sorted(ctx.state.by_project.get(ctx.actor.project_id or 0, frozenset()))
+    out = []
+    for name in names:
+        dom = ctx.state.domains[name]
+        if not dom.email_enabled:
+            continue
+        active = dom.active_count()
+        out.append(
+            {
+                "domain": name,
+                "project_id": dom.project_id,
+                "mailboxes": len(dom.mailboxes),
+                "active_mailboxes": active,
+                "inactive_mailboxes": len(dom.mailboxes) - active,
+            }
+        )
+    return Outcome({"domains": out})
+
+
+def add_domain(ctx: Context, req: m.AddDomainRequest, _: Prepared) -> Outcome:
+    _require_admin(ctx)
+    if req.domain in ctx.state.domains:
+        raise Conflict(f"Domain {req.domain} is already registered.", code="domain_exists", target=req.domain)
+    new = m.DomainFile(domain=req.domain, project_id=req.project_id, email_enabled=True)
+    return _write(new, req.domain, _domain_result(new), req.project_id, created=True)
+
+
+def remove_domain(ctx: Context, req: m.RemoveDomainRequest, _: Prepared) -> Outcome:
+    _require_admin(ctx)
+    dom = _visible_domain(ctx, req.domain)
+    _remove_mail(dom)
+    return _write(None, req.domain, {"domain": req.domain, "removed": True}, dom.project_id)
+
+
+# --- mailboxes ---------------------------------------------------------------------------
+
+
+def _hash_prepare(req: Any, settings: m.Settings) -> Prepared:
+    return {"hash": hash_password(req.password, settings.bcrypt_cost)}
+
+
+def add_user(ctx: Context, req: m.AddUserRequest, prep: Prepared) -> Outcome:
+    local, _, name = req.email.partition("@")
+    dom = _mail_domain(ctx, name)
+    existing = dom.mailboxes.get(local)
+    if existing is not None:
+        # A soft-deleted mailbox still owns its mail on disk; handing the address to a new
+        # password would hand that mail to whoever holds it.
+        state = "exists" if existing.active else "exists (soft-deleted; hard-delete it first to reuse the address)"
+        raise Conflict(f"Mailbox {req.email} {state}.", code="mailbox_exists", target=req.email)
+    quota = req.quota_mb if req.quota_mb is not None else ctx.state.settings.default_quota_mb
+    box = m.Mailbox(password=prep["hash"], quota_mb=quota, active=True)
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box})
+    result = {"email": req.email, "domain": name, "quota_mb": quota, "active": True}
+    out = _write(new, name, result, dom.project_id, created=True)
+    out.target = req.email
+    return out
+
+
+def remove_user(ctx: Context, req: m.RemoveUserRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    result = {"email": req.email, "hard_delete": req.hard_delete, "active": False}
+    if req.hard_delete:
+        mailboxes = {k: b for k, b in dom.mailboxes.items() if k != local}
+    elif not box.active:
+        return Outcome(result, target=req.email, project=dom.project_id)
+    else:
+        mailboxes = {**dom.mailboxes, local: box.model_copy(update={"active": False})}
+    out = _write(_with_mailboxes(dom, mailboxes), dom.domain, result, dom.project_id)
+    out.target = req.email
+    return out
+
+
+def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
+    if req.domain is not None:
+        names = [_visible_domain(ctx, req.domain).domain]
+    elif ctx.actor.is_admin:
+        names = sorted(ctx.state.domains)
+    else:
+        names = sorted(ctx.state.by_project.get(ctx.actor.project_id or 0, frozenset()))
+    users = []
+    for name in names:
+        dom = ctx.state.domains[name]
+        if not dom.email_enabled:
+            continue
+        for local, box in sorted(dom.mailboxes.items()):
+            users.append({"email": f"{local}@{name}", "domain": name, "quota_mb": box.quota_mb, "active": box.active})
+    return Outcome({"users": users})
+
+
+def update_password(ctx: Context, req: m.UpdatePasswordRequest, prep: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    if not box.active:
+        raise Conflict(f"Mailbox {req.email} is soft-deleted; its password cannot change.", code="mailbox_inactive", target=req.email)
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"password": prep["hash"]})})
+    out = _write(new, dom.domain, {"email": req.email, "updated": True}, dom.project_id)
+    out.target = req.email
+    return out
+
+
+# --- nodes -------------------------------------------------------------------------------
+
+
+def _key_prepare(req: Any, settings: m.Settings) -> Prepared:
+    key, digest = new_sync_key()
+    return {"sync_key": key, "sha256": digest}
+
+
+def _nodes_outcome(ctx: Context, nodes: dict[str, m.Node], result: dict[str, Any], target: str, created: bool = False) -> Outcome:
+    return Outcome(result, change=Change(nodes=m.NodesFile(nodes=nodes)), target=target, created=created)
+
+
+def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
+    _require_admin(ctx)
+    out = []
+    for name, node in sorted(ctx.state.nodes.nodes.items()):
+        status = ctx.node_status(name) or {}
+        out.append(
+            {
+                "name": name,
+                "ip_address": node.ip_address,
+                "created_at": node.created_at.isoformat(),
+                "last_sync_at": status.get("last_sync_at"),
+                "applied_commit": status.get("applied_commit"),
+                "status": status.get("status", "never_synced"),
+                "error": status.get("error"),
+                "commits_behind": status.get("commits_behind"),
+            }
+        )
+    return Outcome({"nodes": out})
+
+
+def add_node(ctx: Context, req: m.AddNodeRequest, prep: Prepared) -> Outcome:
+    _require_admin(ctx)
+    if req.name in ctx.state.nodes.nodes:
+        raise Conflict(f"Node {req.name} already exists.", code="node_exists", target=req.name)
+    node = m.Node(ip_address=req.ip_address, sync_key_sha256=prep["sha256"], created_at=ctx.now)
+    result = {
+        "name": req.name,
+        "ip_address": req.ip_address,
+        "created_at": node.created_at.isoformat(),
+        "sync_key": prep["sync_key"],
+    }
+    return _nodes_outcome(ctx, {**ctx.state.nodes.nodes, req.name: node}, result, req.name, created=True)
+
+
+def remove_node(ctx: Context, req: m.NodeRequest, _: Prepared) -> Outcome:
+    _require_admin(ctx)
+    if req.name not in ctx.state.nodes.nodes:
+        raise NotFound(f"Node {req.name} does not exist.", code="node_not_found", target=req.name)
+    nodes = {k: n for k, n in ctx.state.nodes.nodes.items() if k != req.name}
+    return _nodes_outcome(ctx, nodes, {"name": req.name, "removed": True}, req.name)
+
+
+def rotate_node_key(ctx: Context, req: m.NodeRequest, prep: Prepared) -> Outcome:
+    _require_admin(ctx)
+    node = ctx.state.nodes.nodes.get(req.name)
+    if node is None:
+        raise NotFound(f"Node {req.name} does not exist.", code="node_not_found", target=req.name)
+    nodes = {**ctx.state.nodes.nodes, req.name: node.model_copy(update={"sync_key_sha256": prep["sha256"]})}
+    return _nodes_outcome(ctx, nodes, {"name": req.name, "sync_key": prep["sync_key"]}, req.name)
+
+
+# --- the registry --------------------------------------------------------------------------
+
+_SPEC = [
+    Operation("enable-email", m.EnableEmailRequest, enable_email, summary="Enable email for a domain linked to your project."),
+    Operation("disable-email", m.DisableEmailRequest, disable_email, summary="Disable email for a domain. Fails if active mailboxes still exist."),
+    Operation("list-domains", m.ListDomainsRequest, list_domains, method="GET", write=False, summary="List all email-enabled domains for your project, with mailbox counts."),
+    Operation("add-user", m.AddUserRequest, add_user, prepare=_hash_prepare, summary="Create a mailbox on one of your email-enabled domains."),
+    Operation("remove-user", m.RemoveUserRequest, remove_user, summary="Remove a mailbox (soft delete by default; hard_delete=true removes it entirely)."),
+    Operation("list-users", m.ListUsersRequest, list_users, method="GET", write=False, summary="List all mailboxes on your project's email-enabled domains, optionally for one domain."),
+    Operation("update-password", m.UpdatePasswordRequest, update_password, prepare=_hash_prepare, summary="Change the password of an existing mailbox."),
+    Operation("add-domain", m.AddDomainRequest, add_domain, admin=True, summary="[Admin] Register a mail domain without project scoping."),
+    Operation("remove-domain", m.RemoveDomainRequest, remove_domain, admin=True, summary="[Admin] Remove a mail domain. Fails if active users still exist."),
+    Operation("list-nodes", m.ListNodesRequest, list_nodes, method="GET", admin=True, write=False, summary="[Admin] List all registered Pi sync nodes with last sync status."),
+    Operation("add-node", m.AddNodeRequest, add_node, admin=True, prepare=_key_prepare, summary="[Admin] Register a new Pi sync node. Returns its sync key once."),
+]
+_EXTRA = [
+    Operation("link-domain", m.LinkDomainRequest, link_domain, admin=True, in_spec=False, summary="[Admin] Link a domain to a project (the dashboard's Domains tab)."),
+    Operation("unlink-domain", m.UnlinkDomainRequest, unlink_domain, admin=True, in_spec=False, summary="[Admin] Unlink a domain from its project; email must be disabled."),
+    Operation("remove-node", m.NodeRequest, remove_node, admin=True, in_spec=False, summary="[Admin] Remove a sync node; its key stops working."),
+    Operation("rotate-node-key", m.NodeRequest, rotate_node_key, admin=True, in_spec=False, prepare=_key_prepare, summary="[Admin] Give a node a new sync key, returned once; the old key stops working."),
+]
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA}
+SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

@@ -1,0 +1,103 @@
+"""The in-memory state the operations read, and the change an operation hands back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from state.models import DomainFile, Node, NodesFile, Settings
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is calling: a project token (project_id set) or an admin (project_id None)."""
+
+    name: str
+    project_id: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.project_id is None
+
+    @classmethod
+    def admin(cls, name: str = "admin") -> Actor:
+        return cls(name=name, project_id=None)
+
+    @classmethod
+    def project(cls, project_id: int, name: str | None = None) -> Actor:
+        return cls(name=name or f"project-{project_id}", project_id=project_id)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent, immutable view of the state at one commit."""
+
+    commit: str | None
+    settings: Settings
+    domains: Mapping[str, DomainFile]
+    nodes: NodesFile
+    by_project: Mapping[int, frozenset[str]]
+
+    @classmethod
+    def build(cls, commit: str | None, settings: Settings, domains: dict[str, DomainFile], nodes: NodesFile) -> Snapshot:
+        index: dict[int, set[str]] = {}
+        for name, dom in domains.items():
+            if dom.project_id is not None:
+                index.setdefault(dom.project_id, set()).add(name)
+        return cls(
+            commit=commit,
+            settings=settings,
+            domains=MappingProxyType(domains),
+            nodes=nodes,
+            by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
+        )
+
+    def with_change(self, commit: str, change: Change) -> Snapshot:
+        """A new snapshot with `change` applied; copies only the top-level mappings."""
+        domains = dict(self.domains)
+        index = dict(self.by_project)
+        for name, new in change.domains.items():
+            old = domains.get(name)
+            if old is not None and old.project_id is not None:
+                index[old.project_id] = index[old.project_id] - {name}
+            if new is None:
+                domains.pop(name, None)
+            else:
+                domains[name] = new
+                if new.project_id is not None:
+                    index[new.project_id] = index.get(new.project_id, frozenset()) | {name}
+        return Snapshot(
+            commit=commit,
+            settings=change.settings or self.settings,
+            domains=MappingProxyType(domains),
+            nodes=change.nodes or self.nodes,
+            by_project=MappingProxyType({k: v for k, v in index.items() if v}),
+        )
+
+    def node(self, name: str) -> Node | None:
+        return self.nodes.nodes.get(name)
+
+
+@dataclass
+class Change:
+    """What a write operation changes: new domain files (None deletes) and/or new nodes.yaml."""
+
+    domains: dict[str, DomainFile | None] = field(default_factory=dict)
+    nodes: NodesFile | None = None
+    settings: Settings | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.domains) or self.nodes is not None or self.settings is not None
+
+
+@dataclass
+class Outcome:
+    """An operation's answer: the result body, and the change to commit (None: nothing)."""
+
+    result: dict[str, Any]
+    change: Change | None = None
+    target: str = ""
+    project: int | None = None
+    created: bool = False

@@ -1,0 +1,153 @@
+"""Normalisers and validators for every value that ends up in a file, a path or a map.
+
+Each function returns the canonical form or raises `InvalidInput` with a specific code.
+They are deliberately conservative: a value that passes can be written, unquoted, into a
+Dovecot passwd-file line (fields split on `:`), a Postfix map (key and value split on
+whitespace) and a file name, without escaping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import idna
+
+from state.errors import InvalidInput
+
+MAX_DOMAIN_LENGTH = 253
+MAX_LOCAL_PART_LENGTH = 64
+MIN_PASSWORD_BYTES = 8
+# bcrypt only reads the first 72 bytes; a longer password would be silently truncated,
+# so two passwords sharing 72 bytes would both log in. Refuse instead.
+MAX_PASSWORD_BYTES = 72
+MAX_QUOTA_MB = 1_048_576  # 1 TiB
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# A conservative dot-atom: no `/` (path), `:` (passwd field), `%` or `!` (routing), quotes,
+# whitespace, or leading/trailing/double dots (`..` is a path component).
+_LOCAL = re.compile(r"^[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*$")
+_NODE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_ASCII_SAFE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def normalize_domain(value: object, *, field: str = "domain") -> str:
+    """Lowercase, IDN to punycode, RFC 1035 labels, at least two labels."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("A domain name is required.", code="invalid_domain", field=field)
+    if len(value) > 1000 or not value.isprintable() or any(c.isspace() for c in value):
+        raise InvalidInput(
+            "A domain name may not contain whitespace or control characters.",
+            code="invalid_domain",
+            field=field,
+        )
+    text = value.lower()
+    if not text.isascii():
+        try:
+            text = idna.encode(text, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise InvalidInput(
+                "The domain name is not a valid internationalised domain name.",
+                code="invalid_domain",
+                field=field,
+            ) from exc
+    labels = text.split(".")
+    if len(text) > MAX_DOMAIN_LENGTH or len(labels) < 2:
+        raise InvalidInput(
+            "A domain name needs at least two labels (like example.com) and at most 253 characters.",
+            code="invalid_domain",
+            field=field,
+        )
+    for label in labels:
+        if not _LABEL.match(label):
+            raise InvalidInput(
+                "Each part of a domain name must be 1-63 letters, digits or hyphens, "
+                "not starting or ending with a hyphen.",
+                code="invalid_domain",
+                field=field,
+            )
+    if labels[-1].isdigit():
+        raise InvalidInput("The top-level domain may not be all digits.", code="invalid_domain", field=field)
+    return text
+
+
+def normalize_email(value: object, *, field: str = "email") -> tuple[str, str]:
+    """Split and normalise an address into (local part, domain)."""
+    if not isinstance(value, str) or value.count("@") != 1:
+        raise InvalidInput(
+            "An email address needs exactly one @, like info@example.com.",
+            code="invalid_email",
+            field=field,
+        )
+    local, _, domain_part = value.partition("@")
+    local = local.lower()
+    if not local or len(local) > MAX_LOCAL_PART_LENGTH or not _LOCAL.match(local):
+        raise InvalidInput(
+            "The part before @ may use letters, digits, '.', '_', '+' and '-', must start with a "
+            "letter or digit, and may not hold '..', spaces, ':' or '/'.",
+            code="invalid_email",
+            field=field,
+        )
+    try:
+        domain = normalize_domain(domain_part, field=field)
+    except InvalidInput as exc:
+        raise InvalidInput(f"The address's domain is invalid: {exc.message}", code="invalid_email", field=field) from exc
+    return local, domain
+
+
+def validate_password(value: object, *, field: str = "password") -> str:
+    """8 to 72 UTF-8 bytes, no NUL. The value itself never appears in an error."""
+    if not isinstance(value, str):
+        raise InvalidInput("The password must be a string.", code="invalid_password", field=field)
+    size = len(value.encode("utf-8"))
+    if size < MIN_PASSWORD_BYTES:
+        raise InvalidInput(
+            f"The password must be at least {MIN_PASSWORD_BYTES} bytes long.", code="invalid_password", field=field
+        )
+    if size > MAX_PASSWORD_BYTES:
+        raise InvalidInput(
+            f"The password must be at most {MAX_PASSWORD_BYTES} bytes in UTF-8; bcrypt would silently cut it.",
+            code="invalid_password",
+            field=field,
+        )
+    if "\x00" in value:
+        raise InvalidInput("The password may not contain a NUL character.", code="invalid_password", field=field)
+    return value
+
+
+def validate_quota(value: object, *, field: str = "quota_mb") -> int:
+    """A positive whole number of megabytes, at most MAX_QUOTA_MB."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUOTA_MB:
+        raise InvalidInput(
+            f"quota_mb must be a whole number from 1 to {MAX_QUOTA_MB}.", code="invalid_quota", field=field
+        )
+    return value
+
+
+def validate_node_name(value: object, *, field: str = "name") -> str:
+    """Lowercase letters, digits and hyphens, 1-63 characters."""
+    if not isinstance(value, str) or not _NODE.match(value):
+        raise InvalidInput(
+            "A node name is 1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen.",
+            code="invalid_node_name",
+            field=field,
+        )
+    return value
+
+
+def normalize_ip(value: object, *, field: str = "ip_address") -> str:
+    """An IPv4 or IPv6 address in its canonical text form."""
+    if not isinstance(value, str) or not _ASCII_SAFE.match(value):
+        raise InvalidInput("ip_address must be an IPv4 or IPv6 address.", code="invalid_ip_address", field=field)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise InvalidInput(
+            "ip_address must be an IPv4 or IPv6 address.", code="invalid_ip_address", field=field
+        ) from exc
+
+
+def validate_project_id(value: object, *, field: str = "project_id") -> int:
+    """A positive integer project id."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 2**63 - 1:
+        raise InvalidInput("project_id must be a positive whole number.", code="invalid_project_id", field=field)
+    return value
