@@ -26,7 +26,7 @@ from typing import Any
 
 from compiler.render import domain_dir, render_domain
 from state import files
-from state.errors import Forbidden, StoreError
+from state.errors import Forbidden, InvalidInput, StoreError
 from state.gitrepo import GitRepo
 from state.load import ParseCache, load_commit
 from state.models import Request, parse
@@ -109,7 +109,9 @@ class Store:
 
     def execute(self, name: str, actor: Actor, data: Any = None, *, request_id: str | None = None) -> Outcome:
         """Run operation `name`; a write's result carries `"commit"` (None for a no-op)."""
-        op = OPERATIONS[name]
+        op = OPERATIONS.get(name)
+        if op is None:
+            raise InvalidInput(f"Unknown operation {name!r}.", code="unknown_operation")
         req = parse(op.request, data)
         if op.admin and not actor.is_admin:
             raise Forbidden("This operation needs an admin token.", code="admin_required")

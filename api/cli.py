@@ -1,0 +1,353 @@
+"""`mailstate`, the command line. Each command parses its arguments, calls one library
+function, and maps errors to an exit code and a one-line message on stderr:
+
+    0 ok · 1 check failed / problems found · 2 usage or invalid input · 3 not found,
+    conflict or not allowed · 4 store/git failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from state.errors import (
+    CompileError,
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    MailstateError,
+    NotFound,
+    StateInvalid,
+    StoreError,
+    Unauthenticated,
+)
+
+# One table: error class → exit code (most specific first).
+EXIT_CODES: list[tuple[type[MailstateError], int]] = [
+    (InvalidInput, 2),
+    (Unauthenticated, 3),
+    (Forbidden, 3),
+    (NotFound, 3),
+    (Conflict, 3),
+    (StateInvalid, 1),
+    (CompileError, 4),
+    (StoreError, 4),
+    (MailstateError, 4),
+]
+
+DEFAULT_DATA = "./data"
+
+
+def exit_code_for(exc: MailstateError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 4
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from state.datadir import init_data_dir
+    from state.models import Settings
+
+    from pydantic import ValidationError
+
+    from state.models import invalid_input_from
+
+    try:
+        settings = Settings(
+            mail_root=args.mail_root,
+            uid=args.uid,
+            gid=args.gid,
+            default_quota_mb=args.default_quota_mb,
+            bcrypt_cost=args.bcrypt_cost,
+        )
+    except ValidationError as exc:
+        raise invalid_input_from(exc) from None
+    dd = init_data_dir(Path(args.data), settings)
+    print(f"initialised {dd.root}")
+    print(f"  state repo:       {dd.repo}")
+    print(f"  allowed_signers:  {dd.allowed_signers}")
+    print(f"  signing key:      {dd.key} (keep it secret)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.server import serve
+
+    serve(
+        Path(args.data),
+        host=args.host,
+        port=args.port,
+        upstream=args.upstream,
+        bcrypt_cost=args.bcrypt_cost,
+    )
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from api.mcp_server import run_stdio
+
+    token = args.token or os.environ.get("MAILSTATE_TOKEN")
+    if not token:
+        raise InvalidInput("Give --token or set MAILSTATE_TOKEN.", code="missing_token")
+    run_stdio(Path(args.data), token)
+    return 0
+
+
+def _db(args: argparse.Namespace) -> Any:
+    from state.datadir import DataDir
+    from state.localdb import LocalDB
+
+    dd = DataDir(Path(args.data))
+    if not dd.is_initialised():
+        raise StoreError(f"{args.data} is not a mailstate data dir; run `mailstate init --data {args.data}`.")
+    return LocalDB(dd.db)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    db = _db(args)
+    info, secret = db.create_token(project_id=None if args.admin else args.project, name=args.name)
+    role = "admin" if info.project_id is None else f"project {info.project_id}"
+    print(f"token {info.name} (id {info.id}, {role}); shown once, store it now:")
+    print(secret)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    tokens = [t.as_dict() for t in _db(args).list_tokens()]
+    if args.json:
+        _print_json(tokens)
+    else:
+        for t in tokens:
+            scope = "admin" if t["project_id"] is None else f"project {t['project_id']}"
+            print(f"{t['id']}  {t['name']:<24} {scope:<16} {t['created_at']}{'  REVOKED' if t['revoked'] else ''}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    info = _db(args).revoke_token(args.token_id)
+    print(f"revoked token {info.name} ({info.id})")
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from state.datadir import open_store
+    from state.snapshot import Actor
+
+    user = os.environ.get("USER", "root")
+    actor = Actor.admin(f"cli:{user}") if args.project is None else Actor.project(args.project, f"cli:{user}")
+    data = json.loads(args.json) if args.json else {}
+    for item in args.fields:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"Expected key=value, got {item!r}.", code="invalid_request")
+        data[key] = _coerce(value)
+    store = open_store(Path(args.data))
+    outcome = store.execute(args.operation, actor, data)
+    _print_json(outcome.result)
+    return 0
+
+
+def _coerce(value: str) -> Any:
+    # key=value pairs arrive as text; numbers and booleans are what the models expect.
+    if value in ("true", "false"):
+        return value == "true"
+    if value.isdigit():
+        return int(value)
+    return value
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.render import compile_state, diff_rendered
+    from compiler.write import write_rendered
+    from state.load import load_checkout, read_rendered
+
+    root = Path(args.path)
+    loaded = load_checkout(root)
+    if loaded.problems or loaded.settings is None:
+        raise StateInvalid("The state does not validate; fix it first (see `mailstate check`).", problems=loaded.problems)
+    expected = compile_state(loaded.settings, loaded.domains.values())
+    if args.check:
+        problems = diff_rendered(expected, read_rendered(root))
+        for line in problems:
+            print(line)
+        if problems:
+            print(f"rendered/ is stale: {len(problems)} file(s) differ; run `mailstate compile {args.path}`", file=sys.stderr)
+            return 1
+        print("rendered/ is up to date")
+        return 0
+    changed = write_rendered(root, expected)
+    for path in changed:
+        print(f"wrote {path}")
+    print(f"{len(changed)} file(s) changed")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from state.load import check_checkout
+
+    problems = check_checkout(Path(args.path))
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"check failed: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("ok: state is valid and rendered/ is up to date")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from state.audit import filter_log, read_log
+
+    entries = filter_log(
+        read_log(Path(args.path), args.rev),
+        domain=args.domain,
+        mailbox=args.mailbox,
+        project=args.project,
+        action=args.action,
+    )
+    if args.limit:
+        entries = entries[: args.limit]
+    if args.json:
+        _print_json([e.as_dict() for e in entries])
+    else:
+        for e in entries:
+            print(f"{e.commit[:12]}  {e.date}  {e.action:<16} {e.target or e.subject:<36} project={e.project} actor={e.actor} request={e.request_id}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=os.environ.get("MAILSTATE_DATA", DEFAULT_DATA), help="data directory (default: $MAILSTATE_DATA or ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailstate",
+        description="GitOps for mailboxes: every change is one signed commit of YAML state plus compiled Postfix/Dovecot files.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a data dir: bare state repo (first commit signed), signing key, allowed_signers, local db")
+    _data_arg(p)
+    p.add_argument("--mail-root", default="/var/vmail", help="Maildir root on the nodes (default /var/vmail)")
+    p.add_argument("--uid", type=int, default=5000, help="uid owning the mail on the nodes (default 5000)")
+    p.add_argument("--gid", type=int, default=5000, help="gid owning the mail on the nodes (default 5000)")
+    p.add_argument("--default-quota-mb", type=int, default=1024, help="quota when add-user gives none (default 1024)")
+    p.add_argument("--bcrypt-cost", type=int, default=12, help="bcrypt cost for new passwords (default 12; 4 for tests)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("serve", help="serve the HTTP API, MCP at /mcp and the node endpoints (initialises an empty data dir)")
+    _data_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8025, help="port to listen on (default 8025)")
+    p.add_argument("--upstream", default=os.environ.get("MAILSTATE_UPSTREAM"), help="git URL of an upstream state repo to push every write to (default: none, local mode)")
+    p.add_argument("--bcrypt-cost", type=int, default=None, help="bcrypt cost when initialising an empty data dir")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("mcp", help="run the MCP server on stdio, acting with one token")
+    _data_arg(p)
+    p.add_argument("--token", help="bearer token to act as (default: $MAILSTATE_TOKEN)")
+    p.set_defaults(func=cmd_mcp)
+
+    p = sub.add_parser("token", help="create, list and revoke API tokens")
+    tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tc = tsub.add_parser("create", help="create a token; prints it once, as the last line")
+    _data_arg(tc)
+    who = tc.add_mutually_exclusive_group(required=True)
+    who.add_argument("--project", type=int, help="project id the token acts for")
+    who.add_argument("--admin", action="store_true", help="an admin token (needed for [Admin] endpoints)")
+    tc.add_argument("--name", help="name shown in commits' Actor trailer (default: generated)")
+    tc.set_defaults(func=cmd_token_create)
+    tl = tsub.add_parser("list", help="list tokens (never their secrets)")
+    _data_arg(tl)
+    tl.add_argument("--json", action="store_true", help="print JSON")
+    tl.set_defaults(func=cmd_token_list)
+    tr = tsub.add_parser("revoke", help="revoke a token by id or name")
+    _data_arg(tr)
+    tr.add_argument("token_id", help="token id or name")
+    tr.set_defaults(func=cmd_token_revoke)
+
+    p = sub.add_parser("call", help="run one operation directly on a data dir (as admin, or --project ID)")
+    _data_arg(p)
+    p.add_argument("operation", help="operation name, e.g. add-node")
+    p.add_argument("fields", nargs="*", help="request fields as key=value")
+    p.add_argument("--json", help="request body as JSON")
+    p.add_argument("--project", type=int, help="act as this project instead of admin")
+    p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("compile", help="render rendered/ from the state in a checkout (--check: fail if stale)")
+    p.add_argument("path", nargs="?", default=".", help="state checkout (default .)")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if rendered/ is stale")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="validate a state checkout: schema, invariants, rendered/ up to date")
+    p.add_argument("path", nargs="?", default=".", help="state checkout (default .)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("log", help="the audit log, from commit trailers")
+    p.add_argument("path", nargs="?", default=".", help="state repo, bare or checkout (default .)")
+    p.add_argument("--rev", default="main", help="revision to read from (default main)")
+    p.add_argument("--domain", help="only changes to this domain or its mailboxes")
+    p.add_argument("--mailbox", help="only changes to this mailbox (full address)")
+    p.add_argument("--project", help="only changes for this project id")
+    p.add_argument("--action", help="only this action, e.g. add-user")
+    p.add_argument("--limit", type=int, help="at most this many entries")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_log)
+
+    for extra in EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+# Other modules (node bundle, plan) register their sub-commands here.
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extras()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except StateInvalid as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exit_code_for(exc)
+    except MailstateError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load_extras() -> None:
+    import importlib
+
+    for module in ("api.cli_node", "api.cli_plan"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
