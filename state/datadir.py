@@ -53,8 +53,18 @@ class DataDir:
         return self.repo.exists() and self.key.exists()
 
 
-def init_data_dir(root: Path, settings: Settings | None = None, *, actor: Actor | None = None, clock: Clock = utcnow) -> DataDir:
-    """Create a data dir with a bare repo whose first commit is signed. Refuses a used dir."""
+def init_data_dir(
+    root: Path,
+    settings: Settings | None = None,
+    *,
+    actor: Actor | None = None,
+    clock: Clock = utcnow,
+    extra_files: dict[str, bytes] | None = None,
+) -> DataDir:
+    """Create a data dir with a bare repo whose first commit is signed. Refuses a used dir.
+
+    `extra_files` (repo path → bytes) go into the first commit too, e.g. a CI workflow.
+    """
     dd = DataDir(Path(root))
     if dd.repo.exists() or dd.key.exists():
         raise StoreError(f"{root} already holds a mailstate data dir.", code="already_initialised")
@@ -70,6 +80,7 @@ def init_data_dir(root: Path, settings: Settings | None = None, *, actor: Actor 
         {
             files.SETTINGS_PATH: files.dump_settings(settings),
             files.NODES_PATH: files.dump_nodes(NodesFile()),
+            **(extra_files or {}),
         },
     )
     who = actor or Actor.admin(f"cli:{os.environ.get('USER', 'root')}")
