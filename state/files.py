@@ -155,15 +155,22 @@ def _ruamel() -> YAML:
     return rt
 
 
+_RESOLVER = yaml.resolver.Resolver()
+
+
 def _key(text: str) -> Any:
     # A key that YAML 1.1 would read as something else than a string gets quoted.
-    return text if yaml.load(text, Loader=_Loader) == text else DoubleQuotedScalarString(text)
+    tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))
+    return text if tag == "tag:yaml.org,2002:str" else DoubleQuotedScalarString(text)
 
 
 def _merge(target: CommentedMap, data: dict[str, Any]) -> None:
     """Make `target` equal `data`, keeping the keys (and their comments) that stay."""
     for key in [k for k in target if k not in data]:
         del target[key]
+    # Collections (mailboxes, nodes) come sorted by name; records (a mailbox's fields) come
+    # in their canonical field order, which new keys must follow instead of the alphabet.
+    collection = list(data) == sorted(data)
     position = 0
     for key, value in data.items():
         if isinstance(value, dict):
@@ -173,20 +180,30 @@ def _merge(target: CommentedMap, data: dict[str, Any]) -> None:
                 if key in target:
                     target[key] = existing
                 else:
-                    target.insert(_insert_at(target, key, position), _key(key), existing)
+                    target.insert(_insert_at(target, key, position, collection), _key(key), existing)
             _merge(existing, value)
         elif key in target:
-            if target[key] != value or type(target[key]) is not type(value):
-                target[key] = value
+            current = target[key]
+            # True == 1, so compare types too; a quoted string loads as a str subclass,
+            # which is the same value and keeps its quotes.
+            same_type = type(current) is type(value) or (isinstance(current, str) and isinstance(value, str))
+            if current != value or not same_type:
+                target[key] = _scalar(value)
         else:
-            target.insert(_insert_at(target, key, position), _key(key), value)
+            target.insert(_insert_at(target, key, position, collection), _key(key), _scalar(value))
         position += 1
 
 
-def _insert_at(target: CommentedMap, key: str, position: int) -> int:
+def _scalar(value: Any) -> Any:
+    # ruamel writes YAML 1.2; a string such as the IPv6 address 1:2:3:4:5:6:7:8 is plain
+    # there but a (base-60) integer to the YAML 1.1 reader, so quote it like a key.
+    return _key(value) if isinstance(value, str) else value
+
+
+def _insert_at(target: CommentedMap, key: str, position: int, collection: bool) -> int:
     # New mailboxes go in sorted place among the existing ones so that files stay ordered.
     keys = list(target.keys())
-    if all(isinstance(k, str) for k in keys) and keys == sorted(keys):
+    if collection and all(isinstance(k, str) for k in keys) and keys == sorted(keys):
         return sum(1 for k in keys if k < key)
     return min(position, len(keys))
 
