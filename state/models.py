@@ -57,6 +57,15 @@ IpAddress = Annotated[
 ProjectId = Annotated[int, BeforeValidator(v.validate_project_id), Field(description="Project (WebSumo) id.")]
 
 
+def _file_value(check: Any, value: Any) -> Any:
+    """Run a request validator on a state-file value; its InvalidInput becomes a ValueError,
+    so that pydantic reports it with the value's location and `mailstate check` lists it."""
+    try:
+        return check(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+
+
 def _strict_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidInput("hard_delete must be true or false.", code="invalid_request", field="hard_delete")
@@ -71,7 +80,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal[1] = FORMAT_VERSION
+    format: Literal[1] = 1
     mail_root: str = Field(default="/var/vmail", description="Maildir root on the nodes; homes are <root>/<domain>/<user>.")
     uid: int = Field(default=5000, ge=1, le=2**31 - 1)
     gid: int = Field(default=5000, ge=1, le=2**31 - 1)
@@ -118,20 +127,24 @@ class DomainFile(BaseModel):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        if v.normalize_domain(value) != value:
+        if _file_value(v.normalize_domain, value) != value:
             raise ValueError("domain must be lowercase ASCII (punycode for IDN)")
         return value
 
     @field_validator("project_id")
     @classmethod
     def _project(cls, value: int | None) -> int | None:
-        return None if value is None else v.validate_project_id(value)
+        return None if value is None else _file_value(v.validate_project_id, value)
 
     @field_validator("mailboxes")
     @classmethod
     def _locals(cls, value: dict[str, Mailbox]) -> dict[str, Mailbox]:
         for local in value:
-            if not isinstance(local, str) or v.normalize_email(f"{local}@example.com")[0] != local:
+            try:
+                valid = isinstance(local, str) and v.normalize_email(f"{local}@example.com")[0] == local
+            except InvalidInput:
+                valid = False
+            if not valid:
                 raise ValueError(f"mailbox key {local!r} is not a valid lowercase local part")
         return value
 
@@ -151,7 +164,7 @@ class Node(BaseModel):
     @field_validator("ip_address")
     @classmethod
     def _ip(cls, value: str | None) -> str | None:
-        return None if value is None else v.normalize_ip(value)
+        return None if value is None else _file_value(v.normalize_ip, value)
 
     @field_validator("sync_key_sha256")
     @classmethod
@@ -172,7 +185,7 @@ class NodesFile(BaseModel):
     @classmethod
     def _names(cls, value: dict[str, Node]) -> dict[str, Node]:
         for name in value:
-            v.validate_node_name(name)
+            _file_value(v.validate_node_name, name)
         return value
 
 
