@@ -21,6 +21,7 @@ from state.models import NodesFile, Settings
 from state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
 from state.snapshot import Actor
 from state.store import Clock, Store, clean_request_id, commit_message, utcnow
+from state.upstream import Upstream
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,19 @@ def init_data_dir(
     return dd
 
 
-def open_store(root: Path, *, signer: Signer | None = None, clock: Clock = utcnow, db: LocalDB | None = None) -> Store:
-    """The store of an initialised data dir, signing with its own key by default."""
+def open_store(
+    root: Path,
+    *,
+    signer: Signer | None = None,
+    clock: Clock = utcnow,
+    db: LocalDB | None = None,
+    upstream: str | None = None,
+) -> Store:
+    """The store of an initialised data dir, signing with its own key by default.
+
+    With `upstream` (a git URL or path), every write is pushed there before it counts, and
+    commits from elsewhere are adopted only when signed by a key in `DIR/allowed_signers`.
+    """
     dd = DataDir(Path(root))
     if not dd.is_initialised():
         raise StoreError(f"{root} is not a mailstate data dir; run `mailstate init --data {root}`.", code="not_initialised")
@@ -101,4 +113,6 @@ def open_store(root: Path, *, signer: Signer | None = None, clock: Clock = utcno
         clock=clock,
         cache_path=dd.cache,
         status_source=db.node_status if db is not None else None,
+        upstream=Upstream(upstream, dd.repo) if upstream else None,
+        trusted_signers=dd.allowed_signers,
     )

@@ -141,11 +141,12 @@ class GitRepo:
         identity: tuple[str, str] = ("mailstate", "mailstate@localhost"),
     ) -> str:
         """Create a signed commit object (the branch does not move)."""
-        offset = int(when.utcoffset().total_seconds() // 60) if when.utcoffset() else 0
+        delta = when.utcoffset()
+        offset = int(delta.total_seconds() // 60) if delta is not None else 0
         person = pygit2.Signature(identity[0], identity[1], int(when.timestamp()), offset)
-        parents = [pygit2.Oid(hex=parent)] if parent else []
+        parents: list[str | pygit2.Oid] = [pygit2.Oid(hex=parent)] if parent else []
         try:
-            text = self.repo.create_commit_string(person, person, message, pygit2.Oid(hex=tree), parents)
+            text = str(self.repo.create_commit_string(person, person, message, pygit2.Oid(hex=tree), parents))
             signature = signer.sign(text.encode("utf-8"))
             return str(self.repo.create_commit_with_signature(text, signature))
         except pygit2.GitError as exc:
@@ -159,6 +160,11 @@ class GitRepo:
             self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
         except pygit2.GitError as exc:
             raise StoreError("git could not update the branch.") from exc
+
+    def is_root(self, commit: str) -> bool:
+        """True when `commit` has no parents."""
+        obj = self.repo[commit]
+        return isinstance(obj, pygit2.Commit) and not obj.parents
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         if ancestor == descendant:

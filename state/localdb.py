@@ -16,7 +16,7 @@ import secrets
 import sqlite3
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ class LocalDB:
                 "A token name is 1-64 letters, digits, '.', '_' or '-'.", code="invalid_token_name", field="name"
             )
         secret = secrets.token_urlsafe(32)
-        now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        now = datetime.now(UTC).replace(microsecond=0).isoformat()
         with self._lock:
             self._conn.execute(
                 "INSERT INTO tokens (id, name, project_id, secret_sha256, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -126,7 +126,7 @@ class LocalDB:
         return [TokenInfo(r[0], r[1], r[2], r[3], r[4] is not None) for r in rows]
 
     def revoke_token(self, token_id_or_name: str) -> TokenInfo:
-        now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        now = datetime.now(UTC).replace(microsecond=0).isoformat()
         with self._lock:
             cur = self._conn.execute(
                 "UPDATE tokens SET revoked_at = ? WHERE (id = ? OR name = ?) AND revoked_at IS NULL",

@@ -346,22 +346,96 @@ def rotate_node_key(ctx: Context, req: m.NodeRequest, prep: Prepared) -> Outcome
 
 _SPEC = [
     Operation("enable-email", m.EnableEmailRequest, enable_email, summary="Enable email for a domain linked to your project."),
-    Operation("disable-email", m.DisableEmailRequest, disable_email, summary="Disable email for a domain. Fails if active mailboxes still exist."),
-    Operation("list-domains", m.ListDomainsRequest, list_domains, method="GET", write=False, summary="List all email-enabled domains for your project, with mailbox counts."),
-    Operation("add-user", m.AddUserRequest, add_user, prepare=_hash_prepare, summary="Create a mailbox on one of your email-enabled domains."),
-    Operation("remove-user", m.RemoveUserRequest, remove_user, summary="Remove a mailbox (soft delete by default; hard_delete=true removes it entirely)."),
-    Operation("list-users", m.ListUsersRequest, list_users, method="GET", write=False, summary="List all mailboxes on your project's email-enabled domains, optionally for one domain."),
-    Operation("update-password", m.UpdatePasswordRequest, update_password, prepare=_hash_prepare, summary="Change the password of an existing mailbox."),
+    Operation(
+        "disable-email", m.DisableEmailRequest, disable_email, summary="Disable email for a domain. Fails if active mailboxes still exist."
+    ),
+    Operation(
+        "list-domains",
+        m.ListDomainsRequest,
+        list_domains,
+        method="GET",
+        write=False,
+        summary="List all email-enabled domains for your project, with mailbox counts.",
+    ),
+    Operation(
+        "add-user", m.AddUserRequest, add_user, prepare=_hash_prepare, summary="Create a mailbox on one of your email-enabled domains."
+    ),
+    Operation(
+        "remove-user",
+        m.RemoveUserRequest,
+        remove_user,
+        summary="Remove a mailbox (soft delete by default; hard_delete=true removes it entirely).",
+    ),
+    Operation(
+        "list-users",
+        m.ListUsersRequest,
+        list_users,
+        method="GET",
+        write=False,
+        summary="List all mailboxes on your project's email-enabled domains, optionally for one domain.",
+    ),
+    Operation(
+        "update-password",
+        m.UpdatePasswordRequest,
+        update_password,
+        prepare=_hash_prepare,
+        summary="Change the password of an existing mailbox.",
+    ),
     Operation("add-domain", m.AddDomainRequest, add_domain, admin=True, summary="[Admin] Register a mail domain without project scoping."),
-    Operation("remove-domain", m.RemoveDomainRequest, remove_domain, admin=True, summary="[Admin] Remove a mail domain. Fails if active users still exist."),
-    Operation("list-nodes", m.ListNodesRequest, list_nodes, method="GET", admin=True, write=False, summary="[Admin] List all registered Pi sync nodes with last sync status."),
-    Operation("add-node", m.AddNodeRequest, add_node, admin=True, prepare=_key_prepare, summary="[Admin] Register a new Pi sync node. Returns its sync key once."),
+    Operation(
+        "remove-domain",
+        m.RemoveDomainRequest,
+        remove_domain,
+        admin=True,
+        summary="[Admin] Remove a mail domain. Fails if active users still exist.",
+    ),
+    Operation(
+        "list-nodes",
+        m.ListNodesRequest,
+        list_nodes,
+        method="GET",
+        admin=True,
+        write=False,
+        summary="[Admin] List all registered Pi sync nodes with last sync status.",
+    ),
+    Operation(
+        "add-node",
+        m.AddNodeRequest,
+        add_node,
+        admin=True,
+        prepare=_key_prepare,
+        summary="[Admin] Register a new Pi sync node. Returns its sync key once.",
+    ),
 ]
 _EXTRA = [
-    Operation("link-domain", m.LinkDomainRequest, link_domain, admin=True, in_spec=False, summary="[Admin] Link a domain to a project (the dashboard's Domains tab)."),
-    Operation("unlink-domain", m.UnlinkDomainRequest, unlink_domain, admin=True, in_spec=False, summary="[Admin] Unlink a domain from its project; email must be disabled."),
-    Operation("remove-node", m.NodeRequest, remove_node, admin=True, in_spec=False, summary="[Admin] Remove a sync node; its key stops working."),
-    Operation("rotate-node-key", m.NodeRequest, rotate_node_key, admin=True, in_spec=False, prepare=_key_prepare, summary="[Admin] Give a node a new sync key, returned once; the old key stops working."),
+    Operation(
+        "link-domain",
+        m.LinkDomainRequest,
+        link_domain,
+        admin=True,
+        in_spec=False,
+        summary="[Admin] Link a domain to a project (the dashboard's Domains tab).",
+    ),
+    Operation(
+        "unlink-domain",
+        m.UnlinkDomainRequest,
+        unlink_domain,
+        admin=True,
+        in_spec=False,
+        summary="[Admin] Unlink a domain from its project; email must be disabled.",
+    ),
+    Operation(
+        "remove-node", m.NodeRequest, remove_node, admin=True, in_spec=False, summary="[Admin] Remove a sync node; its key stops working."
+    ),
+    Operation(
+        "rotate-node-key",
+        m.NodeRequest,
+        rotate_node_key,
+        admin=True,
+        in_spec=False,
+        prepare=_key_prepare,
+        summary="[Admin] Give a node a new sync key, returned once; the old key stops working.",
+    ),
 ]
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA}

@@ -16,23 +16,32 @@ were. The store takes its signer and its clock as arguments (seams for tests).
 
 from __future__ import annotations
 
+import logging
+import random
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pygit2
+
 from compiler.render import domain_dir, render_domain
 from state import files
-from state.errors import Forbidden, InvalidInput, StoreError
-from state.gitrepo import GitRepo
+from state.errors import Forbidden, InvalidInput, StoreError, UpstreamUnavailable
+from state.gitrepo import REF, GitRepo
 from state.load import ParseCache, load_commit
 from state.models import Request, parse
 from state.ops import OPERATIONS, Context, Operation, Outcome
 from state.signing import Signer
 from state.snapshot import Actor, Change, Snapshot
+from state.sync import Incoming, full_check, validate_incoming, verify_signature
+from state.upstream import REJECTED_PREFIX, Upstream
+
+log = logging.getLogger("mailstate.store")
 
 Clock = Callable[[], datetime]
 StatusSource = Callable[[str], "dict[str, Any] | None"]
@@ -46,7 +55,7 @@ _PLACEHOLDER = {
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def clean_request_id(value: str | None) -> str:
@@ -84,6 +93,10 @@ class Store:
         clock: Clock = utcnow,
         cache_path: Path | None = None,
         status_source: StatusSource | None = None,
+        upstream: Upstream | None = None,
+        trusted_signers: Path | None = None,
+        max_tries: int = 16,
+        rng: random.Random | None = None,
     ) -> None:
         self.git = GitRepo(repo_path)
         self.signer = signer
@@ -95,6 +108,15 @@ class Store:
             raise StoreError(f"{repo_path} has no commits; run `mailstate init` first.")
         self._cache = ParseCache.open(cache_path)
         self._snapshot = load_commit(self.git, head, self._cache)
+        self.upstream = upstream
+        self.trusted_signers = trusted_signers
+        self.max_tries = max_tries
+        self._rng = rng or random.Random()
+        self.upstream_problem: dict[str, Any] | None = None
+        self.upstream_error: str | None = None
+        if upstream is not None:
+            with self._lock:
+                self._sync_locked(joining=True)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -128,24 +150,121 @@ class Store:
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
-            outcome = op.apply(self._context(actor), req, prepared)
-            if not outcome.change:
-                outcome.result = {**outcome.result, "commit": None}
-                return outcome
-            message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
-            sha = self.commit_change(outcome.change, message)
-            outcome.result = {**outcome.result, "commit": sha}
-            return outcome
+            tries = 1 if self.upstream is None else self.max_tries
+            for attempt in range(tries):
+                outcome = op.apply(self._context(actor), req, prepared)
+                if not outcome.change:
+                    outcome.result = {**outcome.result, "commit": None}
+                    return outcome
+                message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
+                sha, snap = self._make_commit(outcome.change, message)
+                if self.upstream is None or self._publish(sha):
+                    self._adopt_own(sha, snap)
+                    outcome.result = {**outcome.result, "commit": sha}
+                    return outcome
+                # Someone else moved upstream: take their commit (if valid) and re-run the
+                # operation on the new state, which may now answer differently (e.g. 409).
+                time.sleep(self._rng.uniform(0, min(0.5, 0.005 * 2**attempt)))
+                self._sync_locked()
+        raise UpstreamUnavailable(
+            f"The upstream state repo kept moving; gave up after {tries} tries. Nothing was changed.",
+            code="upstream_busy",
+        )
 
     def commit_change(self, change: Change, message: str) -> str:
-        """Write `change` as one signed commit on top of HEAD and adopt it. Caller holds the lock."""
-        snap = self._snapshot
-        parent = snap.commit
-        tree = self.git.build_tree(parent, self.changed_files(snap, change))
-        sha = self.git.commit(tree, parent, message, self.signer, self.clock())
-        self.git.move_branch(sha, parent)
-        self._snapshot = snap.with_change(sha, change)
+        """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
+        sha, snap = self._make_commit(change, message)
+        self._adopt_own(sha, snap)
         return sha
+
+    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot]:
+        """The signed commit object for `change` on top of HEAD (the branch does not move)."""
+        snap = self._snapshot
+        tree = self.git.build_tree(snap.commit, self.changed_files(snap, change))
+        sha = self.git.commit(tree, snap.commit, message, self.signer, self.clock())
+        return sha, snap.with_change(sha, change)
+
+    def _adopt_own(self, sha: str, snap: Snapshot) -> None:
+        self.git.move_branch(sha, self._snapshot.commit)
+        self._snapshot = snap
+
+    # --- upstream mode -------------------------------------------------------------------
+
+    def _publish(self, sha: str) -> bool:
+        """Push `sha` upstream; False when upstream moved (the caller re-runs)."""
+        assert self.upstream is not None
+        refused = self.upstream_problem.get("commit") if self.upstream_problem else None
+        result = self.upstream.push(sha, expect=refused)
+        if result.ok and refused:
+            # The refused commit is replaced upstream; keep it locally for the admins to read.
+            self.git.repo.references.create(REJECTED_PREFIX + refused, pygit2.Oid(hex=refused), force=True)
+            log.warning("upstream commit %s was refused and is now replaced by %s", refused[:12], sha[:12])
+            self.upstream_problem = None
+        return result.ok
+
+    def sync(self) -> dict[str, Any] | None:
+        """Fetch upstream and adopt its tip if valid; returns the refused commit's report, if any."""
+        if self.upstream is None:
+            return None
+        with self._lock:
+            self._sync_locked()
+            return self.upstream_problem
+
+    def _sync_locked(self, *, joining: bool = False) -> None:
+        assert self.upstream is not None
+        try:
+            tip = self.upstream.fetch()
+            self.upstream_error = None
+        except UpstreamUnavailable as exc:
+            self.upstream_error = exc.message
+            log.error("%s", exc.message)
+            return
+        local = self.head
+        if tip is None:
+            # An empty upstream: publish what we have so that others can build on it.
+            if not self.upstream.push(local).ok:
+                self._sync_locked()
+            return
+        if tip == local or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
+            return
+        reason = verify_signature(self.git.path, tip, self.trusted_signers) if self.trusted_signers else None
+        fresh = joining and self.git.is_root(local) and not self._snapshot.domains
+        if reason is not None:
+            incoming = Incoming(commit=tip, problems=[reason])
+        elif self.git.is_ancestor(local, tip):
+            incoming = validate_incoming(self.git, self._snapshot, tip)
+        elif fresh:
+            incoming = full_check(self.git, tip)  # a new data dir joining an existing fleet
+        else:
+            incoming = Incoming(commit=tip, problems=[f"commit {tip[:12]} does not descend from {local[:12]} (rollback or rewritten history)"])
+        if incoming.ok and incoming.snapshot is not None:
+            self.git.repo.references.create(REF, pygit2.Oid(hex=tip), force=True)
+            self._snapshot = incoming.snapshot
+            self.upstream_problem = None
+            log.info("adopted upstream commit %s", tip[:12])
+            return
+        self.upstream_problem = {"commit": tip, "problems": incoming.problems}
+        log.error("REFUSED upstream commit %s: %s", tip[:12], "; ".join(incoming.problems))
+
+    def run_sync_loop(self, stop: threading.Event, interval: float) -> None:
+        """Poll upstream every `interval` seconds until `stop` is set (run it in a thread)."""
+        while not stop.wait(interval):
+            try:
+                self.sync()
+            except Exception:  # the loop must outlive one bad fetch; the error is in health()
+                log.exception("upstream sync failed")
+
+    def health(self) -> dict[str, Any]:
+        """The store's view for `/v1/health`: head, mode, upstream errors, a refused commit."""
+        body: dict[str, Any] = {"status": "ok", "head": self._snapshot.commit, "mode": "local"}
+        if self.upstream is not None:
+            body["mode"] = "upstream"
+            body["upstream"] = {"url": _redact(self.upstream.url), "error": self.upstream_error}
+            if self.upstream_problem or self.upstream_error:
+                body["status"] = "degraded"
+            if self.upstream_problem:
+                body["refused_commit"] = self.upstream_problem
+        return body
 
     def changed_files(self, snap: Snapshot, change: Change) -> dict[str, bytes | None]:
         """Repo path → new bytes (None deletes) for exactly the paths `change` touches."""
@@ -180,3 +299,8 @@ class Store:
         applied = status.get("applied_commit")
         behind = self.git.commits_between(applied, self.head) if applied else None
         return {**status, "commits_behind": behind}
+
+
+def _redact(url: str) -> str:
+    """A URL without any user:password part, for health output and logs."""
+    return re.sub(r"//[^/@]*@", "//***@", url)

@@ -1,0 +1,170 @@
+"""Adopting commits the server did not make: verify, validate, reload the changed files only.
+
+A commit from elsewhere (an admin's merged pull request, another API server) is adopted only
+when:
+
+1. its signature verifies against the server's trusted signers (`DIR/allowed_signers`:
+   the server keys of the fleet and the admins' keys), with real `git verify-commit`;
+2. it descends from the commit the server last validated (no rollback, no rewrite);
+3. every state file it changed validates (schema and invariants), and the rendered files
+   of every domain it touched equal `render_domain()` of that domain. When mailstate.yaml
+   changed, everything is recompiled and compared.
+
+The check walks only the paths that differ between the two trees (pygit2 skips identical
+subtrees by id), so adopting a one-mailbox change costs the same at 100 or 100k mailboxes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pygit2
+
+from compiler.render import FRAGMENTS, compile_state, diff_rendered, domain_dir, render_domain
+from state import files
+from state.errors import StateInvalid
+from state.gitrepo import GitRepo
+from state.models import DomainFile, NodesFile
+from state.snapshot import Change, Snapshot
+
+_KNOWN_TOP = {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR}
+
+
+@dataclass
+class Incoming:
+    """The verdict on a commit from elsewhere."""
+
+    commit: str
+    snapshot: Snapshot | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.snapshot is not None
+
+
+def verify_signature(repo_path: Path, commit: str, allowed_signers: Path) -> str | None:
+    """None when `commit` carries a good signature by a trusted key, else the reason."""
+    proc = subprocess.run(
+        ["git", "-C", str(repo_path), "-c", f"gpg.ssh.allowedSignersFile={allowed_signers}", "verify-commit", commit],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 0:
+        return None
+    detail = (proc.stderr or proc.stdout).strip().splitlines()
+    reason = detail[-1] if detail else "no signature"
+    return f"commit {commit[:12]} is not signed by a trusted key ({reason})"
+
+
+def changed_paths(repo: GitRepo, old: str, new: str) -> set[str]:
+    """Every file path that differs between two commits."""
+    diff = repo.tree(old).diff_to_tree(repo.tree(new))
+    paths: set[str] = set()
+    for delta in diff.deltas:
+        for path in (delta.old_file.path, delta.new_file.path):
+            if path:
+                paths.add(path)
+    return paths
+
+
+def _rendered_owner(path: str) -> str | None:
+    # rendered/domains/<bb>/<domain>/<fragment>
+    parts = path.split("/")
+    if len(parts) == 5 and parts[0] == files.RENDERED_DIR and parts[1] == "domains" and parts[4] in FRAGMENTS:
+        return parts[3]
+    return None
+
+
+def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
+    """Validate `commit` against the last validated snapshot `base` (its descendant)."""
+    result = Incoming(commit=commit)
+    assert base.commit is not None
+    if not repo.is_ancestor(base.commit, commit):
+        result.problems.append(f"commit {commit[:12]} does not descend from the last validated commit {base.commit[:12]} (rollback or rewritten history)")
+        return result
+    paths = changed_paths(repo, base.commit, commit)
+    change = Change()
+    touched: set[str] = set()
+    problems = result.problems
+    try:
+        if files.SETTINGS_PATH in paths:
+            raw = repo.read(commit, files.SETTINGS_PATH)
+            if raw is None:
+                raise StateInvalid(f"{files.SETTINGS_PATH}: deleted")
+            change.settings = files.parse_settings(raw)
+        if files.NODES_PATH in paths:
+            raw = repo.read(commit, files.NODES_PATH)
+            change.nodes = files.parse_nodes(raw) if raw is not None else NodesFile()
+    except StateInvalid as exc:
+        problems.extend(exc.problems)
+    for path in sorted(paths):
+        top = path.split("/", 1)[0]
+        if path in (files.SETTINGS_PATH, files.NODES_PATH):
+            continue
+        if top == files.DOMAINS_DIR:
+            name = files.domain_from_path(path)
+            if name is None:
+                problems.append(f"{path}: unexpected file (domain files live at domains/<bb>/<domain>.yaml)")
+                continue
+            raw = repo.read(commit, path)
+            if raw is None:
+                change.domains[name] = None
+            else:
+                try:
+                    dom = files.parse_domain(raw, path)
+                except StateInvalid as exc:
+                    problems.extend(exc.problems)
+                    continue
+                change.domains[dom.domain] = dom
+            touched.add(name)
+        elif top == files.RENDERED_DIR:
+            owner = _rendered_owner(path)
+            if owner is None:
+                problems.append(f"{path}: not a file the compiler produces")
+            else:
+                touched.add(owner)
+        elif top not in _KNOWN_TOP and not top.startswith(".") and top not in ("README.md", "LICENSE"):
+            problems.append(f"{path}: unexpected file at the top of the repo")
+    if problems:
+        return result
+    new = base.with_change(commit, change)
+    if change.settings is not None:
+        actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
+        problems.extend(diff_rendered(compile_state(new.settings, new.domains.values()), actual))
+    else:
+        for name in sorted(touched):
+            problems.extend(_check_domain_render(repo, commit, new, name))
+    if not problems:
+        result.snapshot = new
+    return result
+
+
+def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
+    dom: DomainFile | None = snap.domains.get(name)
+    expected = render_domain(dom, snap.settings) if dom is not None else {}
+    actual: dict[str, bytes] = {}
+    base = domain_dir(name)
+    try:
+        entry = repo.tree(commit)[base]
+    except KeyError:
+        entry = None
+    if entry is not None:
+        tree = repo.repo[entry.id]
+        if isinstance(tree, pygit2.Tree):
+            for item in tree:
+                actual[f"{base}/{item.name}"] = repo.blob(str(item.id)) if item.type_str == "blob" else b""
+    return diff_rendered(expected, actual)
+
+
+def full_check(repo: GitRepo, commit: str) -> Incoming:
+    """Validate a whole commit from scratch (used when joining an existing upstream)."""
+    from state.load import check_commit, load_commit
+
+    result = Incoming(commit=commit)
+    result.problems.extend(check_commit(repo, commit))
+    if not result.problems:
+        result.snapshot = load_commit(repo, commit)
+    return result

@@ -1,0 +1,92 @@
+"""The upstream remote: a bare repo on a git host (or a path) that several writers share.
+
+Pushing is the compare-and-swap: the server pushes a commit whose parent is the upstream tip
+it last saw, with a plain (non-forced) `git push`. If anyone else moved the branch, git
+rejects it as non-fast-forward; the store then fetches, validates and re-runs the operation.
+Credentials come from git's own configuration (ssh keys, credential helpers), never from
+mailstate.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from state.errors import UpstreamUnavailable
+from state.gitrepo import BRANCH, REF
+
+TRACKING_REF = "refs/mailstate/upstream"
+REJECTED_PREFIX = "refs/mailstate/rejected/"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ok: bool
+    rejected: bool
+    detail: str
+
+
+class Upstream:
+    """git fetch/push between the server's local bare repo and one upstream URL."""
+
+    def __init__(self, url: str, local: Path, *, timeout: float = 30.0) -> None:
+        self.url = url
+        self.local = Path(local)
+        self.timeout = timeout
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(self.local), *args],
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                # Never block on a password prompt: a server has nobody to answer it.
+                env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/local/bin:/usr/bin:/bin", **_passthrough_env()},
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UpstreamUnavailable("The upstream state repo could not be reached.", code="upstream_unavailable") from exc
+
+    def fetch(self) -> str | None:
+        """Fetch upstream `main` into a private ref; its sha, or None when upstream has no main yet."""
+        proc = self._git("fetch", "--quiet", "--no-tags", self.url, f"+{REF}:{TRACKING_REF}")
+        if proc.returncode != 0:
+            if "couldn't find remote ref" in proc.stderr.lower():
+                return None
+            raise UpstreamUnavailable(f"Fetching the upstream state repo failed: {_last_line(proc.stderr)}", code="upstream_unavailable")
+        rev = self._git("rev-parse", "--verify", "--quiet", TRACKING_REF)
+        return rev.stdout.strip() or None
+
+    def push(self, commit: str, *, expect: str | None = None) -> PushResult:
+        """Push `commit` to upstream main; non-fast-forward → rejected.
+
+        With `expect`, the push replaces exactly that upstream commit (force-with-lease): used
+        only to put a valid state back over a commit the fleet refused.
+        """
+        args = ["push", "--porcelain"]
+        if expect is not None:
+            args.append(f"--force-with-lease={REF}:{expect}")
+        proc = self._git(*args, self.url, f"{commit}:{REF}")
+        if proc.returncode == 0:
+            return PushResult(True, False, "")
+        text = proc.stdout + proc.stderr
+        rejected = any(marker in text for marker in ("[rejected]", "non-fast-forward", "fetch first", "stale info", "[remote rejected]"))
+        if rejected:
+            return PushResult(False, True, _last_line(text))
+        raise UpstreamUnavailable(f"Pushing to the upstream state repo failed: {_last_line(text)}", code="upstream_unavailable")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _passthrough_env() -> dict[str, str]:
+    import os
+
+    keep = ("HOME", "SSH_AUTH_SOCK", "GIT_SSH_COMMAND", "GIT_SSH", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_NOSYSTEM")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+__all__ = ["BRANCH", "REJECTED_PREFIX", "TRACKING_REF", "PushResult", "Upstream"]
