@@ -58,12 +58,10 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from state.datadir import init_data_dir
-    from state.models import Settings
-
     from pydantic import ValidationError
 
-    from state.models import invalid_input_from
+    from state.datadir import init_data_dir
+    from state.models import Settings, invalid_input_from
 
     try:
         settings = Settings(
@@ -255,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8025, help="port to listen on (default 8025)")
-    p.add_argument("--upstream", default=os.environ.get("MAILSTATE_UPSTREAM"), help="git URL of an upstream state repo to push every write to (default: none, local mode)")
+    p.add_argument(
+        "--upstream", default=os.environ.get("MAILSTATE_UPSTREAM"), help="git URL of an upstream state repo to push every write to (default: none, local mode)"
+    )
     p.add_argument("--bcrypt-cost", type=int, default=None, help="bcrypt cost when initialising an empty data dir")
     p.set_defaults(func=cmd_serve)
 
