@@ -1,0 +1,159 @@
+"""A mail node's provisioning bundle: pi-pull config, trusted keys, systemd units, service snippets.
+
+``render_node_bundle()`` is pure and deterministic: the same arguments give the same bytes.
+It returns relative file names mapped to contents; the caller (``mailstate node bundle``)
+writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
+
+    pi-pull.ini                        -> /etc/pi-pull/pi-pull.ini
+    allowed_signers                    -> /etc/pi-pull/allowed_signers
+    pi_pull.py                         -> /usr/local/lib/pi-pull/pi_pull.py
+    pi-pull.service, pi-pull.timer     -> /etc/systemd/system/
+    dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
+    postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
+
+The sync key is never part of the bundle: the operator writes it to ``/etc/pi-pull/sync_key``
+(mode 0600), which the generated ini points at.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NODE_TEMPLATES = REPO_ROOT / "templates" / "node"
+PI_PULL_SCRIPT = REPO_ROOT / "pi-pull" / "pi_pull.py"
+
+ETC_DIR = "/etc/pi-pull"
+SYNC_KEY_FILE = f"{ETC_DIR}/sync_key"
+ALLOWED_SIGNERS_FILE = f"{ETC_DIR}/allowed_signers"
+CONFIG_FILE = f"{ETC_DIR}/pi-pull.ini"
+DEFAULT_ROOT = "/var/lib/pi-pull"
+
+INSTALL_PATHS: dict[str, str] = {
+    "pi-pull.ini": CONFIG_FILE,
+    "allowed_signers": ALLOWED_SIGNERS_FILE,
+    "pi_pull.py": "/usr/local/lib/pi-pull/pi_pull.py",
+    "pi-pull.service": "/etc/systemd/system/pi-pull.service",
+    "pi-pull.timer": "/etc/systemd/system/pi-pull.timer",
+    "dovecot/conf.d/90-mailstate.conf": "/etc/dovecot/conf.d/90-mailstate.conf",
+    "postfix/main.cf.mailstate": "/etc/postfix/main.cf (append)",
+}
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_SIGNER_LINE = re.compile(r"^\S+(\s+\S+=\S+)*\s+(ssh-ed25519|ssh-rsa|ecdsa-sha2-\S+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
+_SAFE_VALUE = re.compile(r"^[^\n\r]*$")
+
+
+@lru_cache(maxsize=4)
+def _env(template_dir: str) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template_dir),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+
+
+def render_template(name: str, template_dir: Path | str = NODE_TEMPLATES, **variables: Any) -> str:
+    """Render one ``templates/node`` template with StrictUndefined (a missing variable is an error)."""
+    for key, value in variables.items():
+        if isinstance(value, str) and not _SAFE_VALUE.match(value):
+            raise ValueError(f"{key} must be a single line")
+    return _env(str(template_dir)).get_template(name).render(**variables)
+
+
+def dovecot_snippet(root: str = DEFAULT_ROOT, *, lmtp_address: str = "127.0.0.1", lmtp_port: int = 24, quota: bool = True) -> str:
+    """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener, quota."""
+    return render_template("dovecot-mailstate.conf.j2", root=root.rstrip("/"), lmtp_address=lmtp_address, lmtp_port=int(lmtp_port), quota=quota)
+
+
+def postfix_snippet(root: str = DEFAULT_ROOT, *, map_type: str = "hash", lmtp_address: str = "127.0.0.1", lmtp_port: int = 24) -> str:
+    """The main.cf lines: virtual maps under ``<root>/current`` and LMTP delivery to Dovecot."""
+    return render_template("postfix-main.cf.j2", root=root.rstrip("/"), map_type=map_type, lmtp_address=lmtp_address, lmtp_port=int(lmtp_port))
+
+
+def _normalise_signers(allowed_signers: str) -> str:
+    lines = [line.strip() for line in allowed_signers.splitlines()]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise ValueError("allowed_signers holds no key: a node must trust at least one signing key")
+    for line in keys:
+        if not _SIGNER_LINE.match(line):
+            raise ValueError(f"not an allowed_signers line: {line[:60]!r}")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def render_node_bundle(
+    node_name: str,
+    server_url: str,
+    allowed_signers: str,
+    root: str = DEFAULT_ROOT,
+    *,
+    remote_url: str | None = None,
+    report_url: str | None = None,
+    branch: str = "main",
+    map_type: str = "hash",
+    postfix_reload: str = "postfix reload",
+    dovecot_reload: str = "doveadm reload",
+    postmap: str = "postmap",
+    lmtp_address: str = "127.0.0.1",
+    lmtp_port: int = 24,
+    keep_releases: int = 5,
+    passwd_group: str = "dovecot",
+    interval: int = 60,
+    quota: bool = True,
+) -> dict[str, str]:
+    """Render node ``node_name``'s bundle: relative file name -> file content.
+
+    ``server_url`` is the mailstate server's base URL (``https://host[:port]``); the node fetches
+    ``<server_url>/v1/nodes/state.git`` and reports to ``<server_url>/v1/nodes/report`` unless
+    ``remote_url`` (any git URL, e.g. a git host) or ``report_url`` override them. With an empty
+    ``server_url`` there is no report URL unless one is given. ``allowed_signers`` is the text of
+    the allowed_signers file the node will trust (e.g. the server's ``DIR/allowed_signers``).
+    """
+    if not _NODE_NAME.match(node_name):
+        raise ValueError("node_name must be letters, digits, '.', '_' or '-'")
+    base = server_url.rstrip("/")
+    if base and not base.lower().startswith(("http://", "https://")):
+        raise ValueError("server_url must start with http:// or https://")
+    remote = remote_url or (f"{base}/v1/nodes/state.git" if base else "")
+    if not remote:
+        raise ValueError("either server_url or remote_url is needed")
+    report = report_url if report_url is not None else (f"{base}/v1/nodes/report" if base else "")
+    if not root.startswith("/"):
+        raise ValueError("root must be an absolute path")
+    root = root.rstrip("/") or "/"
+    is_http = remote.lower().startswith(("http://", "https://"))
+
+    ini = render_template(
+        "pi-pull.ini.j2",
+        node_name=node_name,
+        remote_url=remote,
+        branch=branch,
+        send_credentials=True if is_http else None,
+        sync_key_file=SYNC_KEY_FILE,
+        allowed_signers_file=ALLOWED_SIGNERS_FILE,
+        root=root,
+        keep_releases=int(keep_releases),
+        passwd_group=passwd_group,
+        report_url=report,
+        postfix_reload=postfix_reload,
+        dovecot_reload=dovecot_reload,
+        map_type=map_type,
+        postmap=postmap,
+        interval=int(interval),
+    )
+    return {
+        "pi-pull.ini": ini,
+        "allowed_signers": _normalise_signers(allowed_signers),
+        "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
+        "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
+        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota),
+        "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port),
+        "pi_pull.py": PI_PULL_SCRIPT.read_text(encoding="utf-8"),
+    }
