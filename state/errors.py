@@ -7,7 +7,7 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     ├── InvalidInput          400/422   invalid_domain, invalid_email, invalid_password,
     │                                   invalid_quota, invalid_node_name, invalid_ip_address,
     │                                   invalid_project_id, missing_field, unknown_field,
-    │                                   invalid_request
+    │                                   invalid_request, unknown_operation
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found
