@@ -147,7 +147,15 @@ class GitRepo:
         parents: list[str | pygit2.Oid] = [pygit2.Oid(hex=parent)] if parent else []
         try:
             text = str(self.repo.create_commit_string(person, person, message, pygit2.Oid(hex=tree), parents))
+        except pygit2.GitError as exc:
+            raise StoreError("git could not write the commit.") from exc
+        try:
             signature = signer.sign(text.encode("utf-8"))
+        except StoreError:
+            raise
+        except Exception as exc:  # any signer failure is a store failure; the branch stays put
+            raise StoreError("The commit could not be signed.") from exc
+        try:
             return str(self.repo.create_commit_with_signature(text, signature))
         except pygit2.GitError as exc:
             raise StoreError("git could not write the commit.") from exc
