@@ -1,0 +1,531 @@
+"""`mailstate plan`: what a change does to the state and to the compiled files.
+
+`plan(old, new)` compares two states (anything with `settings`, `domains` and `nodes`, such as a
+`Snapshot` or a valid `CheckoutState`) and returns a `Plan`: the domains, mailboxes, nodes and
+settings that were added, removed or changed, plus the effect on `rendered/`. Password changes
+are named, never shown: no hash (and no sync-key digest) ever reaches a plan.
+
+Cost follows the size of the change, not of the state:
+
+* only domains whose `DomainFile` differs are rendered (all of them only when the settings
+  changed, because settings reach every compiled line);
+* `plan_revisions` asks git which files differ between two commits and parses only those;
+* `plan_worktree` parses the working tree (it must validate it anyway) and, on the revision's
+  side, parses only the blobs whose content differs from the working tree's file.
+
+Sides are named by revision (`HEAD`, `HEAD~1`, `origin/main`, a branch, a sha) of a repository,
+bare or not, or by a working tree.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pygit2
+
+from compiler.render import render_domain
+from state import files
+from state.errors import InvalidInput, NotFound, StateInvalid
+from state.gitrepo import GitRepo
+from state.load import ParseCache, load_checkout, load_commit
+from state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+
+WORKTREE = "working tree"
+# Lines a rendered section shows before it says "... and N more" (as_dict keeps everything).
+DEFAULT_LIMIT = 200
+
+
+class StateLike(Protocol):
+    """What `plan` reads from each side: a Snapshot, a CheckoutState, or a `Side`."""
+
+    @property
+    def settings(self) -> Settings | None: ...
+
+    @property
+    def domains(self) -> Mapping[str, DomainFile]: ...
+
+    @property
+    def nodes(self) -> NodesFile | None: ...
+
+
+@dataclass(frozen=True)
+class Side:
+    """One loaded side of a plan: its state and a label such as `HEAD (1a2b3c4d5e6f)`."""
+
+    label: str
+    settings: Settings
+    domains: Mapping[str, DomainFile]
+    nodes: NodesFile
+    commit: str | None = None
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Entry:
+    """One line of a plan: `op` is `+`, `-` or `~`; `name` the domain, address, node, key or path."""
+
+    name: str
+    op: str
+    what: str = ""
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "name": self.name, "change": self.what, **self.detail}
+
+    def line(self) -> str:
+        text = f"{self.op} {self.name}"
+        if not self.what:
+            return text
+        # `~ info@example.com: password changed`, `+ bob@example.com (quota 1024 MB)`
+        return f"{text}: {self.what}" if self.op == "~" else f"{text} ({self.what})"
+
+
+SECTIONS = (
+    ("domains", "Domains"),
+    ("mailboxes", "Mailboxes"),
+    ("nodes", "Nodes"),
+    ("settings", "Settings (mailstate.yaml)"),
+    ("rendered", "Compiled files (rendered/)"),
+)
+_OP_ORDER = {"+": 0, "-": 1, "~": 2}
+
+
+@dataclass
+class Plan:
+    """The structured difference between two states. Never holds a hash or a key digest."""
+
+    base: str = "base"
+    head: str = "head"
+    domains: list[Entry] = field(default_factory=list)
+    mailboxes: list[Entry] = field(default_factory=list)
+    nodes: list[Entry] = field(default_factory=list)
+    settings: list[Entry] = field(default_factory=list)
+    rendered: list[Entry] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(self.section(key) for key, _ in SECTIONS)
+
+    @property
+    def empty(self) -> bool:
+        return not self
+
+    def section(self, key: str) -> list[Entry]:
+        entries: list[Entry] = getattr(self, key)
+        return entries
+
+    def sort(self) -> None:
+        for key, _ in SECTIONS:
+            self.section(key).sort(key=lambda e: (e.name, _OP_ORDER[e.op], e.what))
+
+    # Convenience views (used by tests and scripts): which names took which change.
+    def names(self, section: str, change: str) -> list[str]:
+        return [e.name for e in self.section(section) if e.detail.get("kind") == change]
+
+    def summary(self) -> dict[str, int]:
+        """Counts by change kind, e.g. {"mailbox_added": 2, "rendered_changed": 3}."""
+        counts: Counter[str] = Counter()
+        for key, _ in SECTIONS:
+            for e in self.section(key):
+                counts[str(e.detail.get("kind"))] += 1
+        return dict(sorted(counts.items()))
+
+    def summary_line(self) -> str:
+        if not self:
+            return "no changes"
+        parts = []
+        for key, title in SECTIONS:
+            entries = self.section(key)
+            if not entries:
+                continue
+            ops = Counter(e.op for e in entries)
+            noun = title.split(" (")[0].lower()
+            bits = [f"{ops[op]} {word}" for op, word in (("+", "added"), ("-", "removed"), ("~", "changed")) if ops[op]]
+            parts.append(f"{noun}: {', '.join(bits)}")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "head": self.head,
+            "changed": bool(self),
+            "summary": self.summary(),
+            **{key: [e.as_dict() for e in self.section(key)] for key, _ in SECTIONS},
+        }
+
+    def render_text(self, limit: int | None = DEFAULT_LIMIT) -> str:
+        """Readable, grouped plan; `+` added, `-` removed, `~` changed."""
+        lines = [f"mailstate plan: {self.base} -> {self.head}"]
+        if not self:
+            lines.append("no changes")
+            return "\n".join(lines) + "\n"
+        for key, title in SECTIONS:
+            entries = self.section(key)
+            if not entries:
+                continue
+            lines.append("")
+            lines.append(f"{title}:")
+            lines.extend(f"  {e.line()}" for e in _cap(entries, limit))
+            if limit is not None and len(entries) > limit:
+                lines.append(f"  ... and {len(entries) - limit} more")
+        lines.append("")
+        lines.append(f"Summary: {self.summary_line()}")
+        return "\n".join(lines) + "\n"
+
+    def render_markdown(self, limit: int | None = DEFAULT_LIMIT) -> str:
+        """The plan for a GitHub job summary: one heading, a summary, a diff block per section."""
+        lines = [f"### mailstate plan: `{self.base}` → `{self.head}`", ""]
+        if not self:
+            lines.append("**No changes** to the state or to the compiled files.")
+            return "\n".join(lines) + "\n"
+        lines.append(f"**Summary:** {self.summary_line()}")
+        for key, title in SECTIONS:
+            entries = self.section(key)
+            if not entries:
+                continue
+            lines.extend(["", f"#### {title}", "", "```diff"])
+            lines.extend(e.line() for e in _cap(entries, limit))
+            if limit is not None and len(entries) > limit:
+                lines.append(f"# ... and {len(entries) - limit} more")
+            lines.append("```")
+        lines.append("")
+        lines.append("_`+` added · `-` removed · `~` changed. Passwords are named, never shown._")
+        return "\n".join(lines) + "\n"
+
+
+def _cap(entries: list[Entry], limit: int | None) -> list[Entry]:
+    return entries if limit is None else entries[:limit]
+
+
+# --- computing a plan -------------------------------------------------------------------
+
+
+def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "head") -> Plan:
+    """The difference between two states, including the effect on the compiled files."""
+    old_settings, new_settings = _require(old, base), _require(new, head)
+    result = Plan(base=base, head=head)
+    old_domains, new_domains = old.domains, new.domains
+
+    changed: list[str] = []
+    for name in sorted(set(old_domains) | set(new_domains)):
+        a, b = old_domains.get(name), new_domains.get(name)
+        if a is b or a == b:
+            continue
+        changed.append(name)
+        _domain_changes(result, name, a, b)
+
+    _node_changes(result, old.nodes or NodesFile(), new.nodes or NodesFile())
+
+    settings_changed = old_settings != new_settings
+    if settings_changed:
+        for key in Settings.model_fields:
+            was, now = getattr(old_settings, key), getattr(new_settings, key)
+            if was != now:
+                result.settings.append(Entry(key, "~", f"{was} -> {now}", {"kind": "setting_changed", "old": was, "new": now}))
+
+    # Settings reach every compiled line (uid, gid, mail root), so a settings change means
+    # rendering everything; otherwise only the domains that differ.
+    render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else changed
+    for name in render_names:
+        a, b = old_domains.get(name), new_domains.get(name)
+        before = render_domain(a, old_settings) if a is not None else {}
+        after = render_domain(b, new_settings) if b is not None else {}
+        _rendered_changes(result, before, after)
+
+    result.sort()
+    return result
+
+
+def _require(side: StateLike, label: str) -> Settings:
+    problems = list(getattr(side, "problems", None) or [])
+    if problems or side.settings is None:
+        problems = problems or [f"{files.SETTINGS_PATH}: missing"]
+        raise StateInvalid(f"{label} is not a valid state ({len(problems)} problem(s)); fix it first (see `mailstate check`).", problems=problems)
+    return side.settings
+
+
+def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile | None) -> None:
+    if a is None and b is not None:
+        bits = [_project(b.project_id), "email enabled" if b.email_enabled else "email disabled", _count(b)]
+        result.domains.append(Entry(name, "+", ", ".join(bits), {"kind": "domain_added", "project_id": b.project_id}))
+        for local, box in b.mailboxes.items():
+            _mailbox_added(result, f"{local}@{name}", box)
+        return
+    if b is None and a is not None:
+        bits = [_project(a.project_id), "email was enabled" if a.email_enabled else "email was disabled", _count(a)]
+        result.domains.append(Entry(name, "-", ", ".join(bits), {"kind": "domain_removed", "project_id": a.project_id}))
+        for local in a.mailboxes:
+            result.mailboxes.append(Entry(f"{local}@{name}", "-", "", {"kind": "mailbox_removed"}))
+        return
+    assert a is not None and b is not None
+    if a.email_enabled != b.email_enabled:
+        kind = "email_enabled" if b.email_enabled else "email_disabled"
+        result.domains.append(Entry(name, "~", kind.replace("_", " "), {"kind": kind}))
+    if a.project_id != b.project_id:
+        result.domains.append(
+            Entry(
+                name,
+                "~",
+                f"project link {_project(a.project_id)} -> {_project(b.project_id)}",
+                {"kind": "project_changed", "old": a.project_id, "new": b.project_id},
+            )
+        )
+    for local in sorted(set(a.mailboxes) | set(b.mailboxes)):
+        _mailbox_changes(result, f"{local}@{name}", a.mailboxes.get(local), b.mailboxes.get(local))
+
+
+def _project(project_id: int | None) -> str:
+    return "unlinked" if project_id is None else f"project {project_id}"
+
+
+def _count(dom: DomainFile) -> str:
+    total, active = len(dom.mailboxes), dom.active_count()
+    return f"{total} mailbox{'es' if total != 1 else ''}" + (f" ({active} active)" if active != total else "")
+
+
+def _mailbox_added(result: Plan, email: str, box: Mailbox) -> None:
+    what = f"quota {box.quota_mb} MB" + ("" if box.active else ", inactive")
+    result.mailboxes.append(Entry(email, "+", what, {"kind": "mailbox_added", "quota_mb": box.quota_mb, "active": box.active}))
+
+
+def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | None) -> None:
+    if a == b:
+        return
+    if a is None:
+        assert b is not None
+        _mailbox_added(result, email, b)
+        return
+    if b is None:
+        result.mailboxes.append(Entry(email, "-", "", {"kind": "mailbox_removed"}))
+        return
+    if a.active != b.active:
+        kind = "mailbox_reactivated" if b.active else "mailbox_deactivated"
+        result.mailboxes.append(Entry(email, "~", "reactivated" if b.active else "deactivated (soft-deleted)", {"kind": kind}))
+    if a.quota_mb != b.quota_mb:
+        result.mailboxes.append(Entry(email, "~", f"quota {a.quota_mb} -> {b.quota_mb} MB", {"kind": "quota_changed", "old": a.quota_mb, "new": b.quota_mb}))
+    if a.password != b.password:
+        result.mailboxes.append(Entry(email, "~", "password changed", {"kind": "password_changed"}))
+
+
+def _node_changes(result: Plan, old: NodesFile, new: NodesFile) -> None:
+    for name in sorted(set(old.nodes) | set(new.nodes)):
+        a, b = old.nodes.get(name), new.nodes.get(name)
+        if a == b:
+            continue
+        if a is None:
+            assert b is not None
+            result.nodes.append(Entry(name, "+", f"ip {b.ip_address or 'any'}", {"kind": "node_added", "ip_address": b.ip_address}))
+        elif b is None:
+            result.nodes.append(Entry(name, "-", "", {"kind": "node_removed"}))
+        else:
+            _node_fields(result, name, a, b)
+
+
+def _node_fields(result: Plan, name: str, a: Node, b: Node) -> None:
+    if a.sync_key_sha256 != b.sync_key_sha256:
+        result.nodes.append(Entry(name, "~", "sync key rotated", {"kind": "node_key_rotated"}))
+    if a.ip_address != b.ip_address:
+        result.nodes.append(
+            Entry(
+                name,
+                "~",
+                f"ip {a.ip_address or 'any'} -> {b.ip_address or 'any'}",
+                {"kind": "node_ip_changed", "old": a.ip_address, "new": b.ip_address},
+            )
+        )
+    if a.created_at != b.created_at:
+        result.nodes.append(Entry(name, "~", "created_at changed", {"kind": "node_created_at_changed"}))
+
+
+def _rendered_changes(result: Plan, before: Mapping[str, bytes], after: Mapping[str, bytes]) -> None:
+    for path in sorted(set(before) | set(after)):
+        a, b = before.get(path), after.get(path)
+        if a == b:
+            continue
+        if a is None:
+            assert b is not None
+            n = _lines(b)
+            result.rendered.append(Entry(path, "+", f"{n} line{'s' if n != 1 else ''}", {"kind": "rendered_added", "lines": n}))
+        elif b is None:
+            result.rendered.append(Entry(path, "-", "", {"kind": "rendered_removed"}))
+        else:
+            # Line counts only: a passwd line carries a hash, so content is never shown.
+            old_lines, new_lines = Counter(a.splitlines()), Counter(b.splitlines())
+            plus, minus = sum((new_lines - old_lines).values()), sum((old_lines - new_lines).values())
+            result.rendered.append(Entry(path, "~", f"+{plus} -{minus} lines", {"kind": "rendered_changed", "lines_added": plus, "lines_removed": minus}))
+
+
+def _lines(data: bytes) -> int:
+    return len(data.splitlines())
+
+
+# --- loading sides ----------------------------------------------------------------------
+
+
+def open_repo(path: Path) -> GitRepo:
+    """The repository at or above `path` (bare or not)."""
+    found = pygit2.discover_repository(str(path))
+    if found is None:
+        raise NotFound(f"{path} is not inside a git repository.", code="repository_not_found")
+    return GitRepo(found)
+
+
+def resolve(repo: GitRepo, rev: str) -> str:
+    """A revision (`HEAD`, `HEAD~1`, `origin/main`, a branch, a tag, a sha) → commit sha."""
+    try:
+        obj = repo.repo.revparse_single(rev)
+        commit = obj.peel(pygit2.Commit)
+    except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError) as exc:
+        raise NotFound(f"Unknown revision {rev!r} in {repo.repo.workdir or repo.path}.", code="revision_not_found") from exc
+    return str(commit.id)
+
+
+def _label(rev: str, sha: str) -> str:
+    return rev if rev == sha else f"{rev} ({sha[:12]})"
+
+
+def _load_commit_side(repo: GitRepo, rev: str, sha: str, cache: ParseCache) -> Side:
+    try:
+        snap = load_commit(repo, sha, cache)
+    except StateInvalid as exc:
+        raise _side_invalid(f"revision {_label(rev, sha)}", exc.problems) from None
+    return Side(_label(rev, sha), snap.settings, snap.domains, snap.nodes, sha)
+
+
+def _side_invalid(label: str, problems: list[str]) -> StateInvalid:
+    return StateInvalid(
+        f"The {label} is not a valid state ({len(problems)} problem(s)); fix it first (see `mailstate check`).",
+        problems=problems,
+    )
+
+
+def load_revision(path: Path, rev: str) -> Side:
+    """One revision of the repository at `path`, fully loaded."""
+    repo = open_repo(path)
+    return _load_commit_side(repo, rev, resolve(repo, rev), ParseCache())
+
+
+def load_worktree(root: Path) -> Side:
+    """The state in a working tree; its problems are reported as one StateInvalid."""
+    loaded = load_checkout(root)
+    if loaded.problems or loaded.settings is None:
+        raise _side_invalid(f"{WORKTREE} at {root}", loaded.problems or [f"{files.SETTINGS_PATH}: missing"])
+    return Side(WORKTREE, loaded.settings, loaded.domains, loaded.nodes or NodesFile())
+
+
+def plan_revisions(path: Path, base: str, head: str) -> Plan:
+    """The plan from revision `base` to revision `head` of the repository at `path`.
+
+    Only the domain files git reports as different are parsed (plus mailstate.yaml and
+    nodes.yaml); when the settings differ both sides are loaded in full.
+    """
+    repo = open_repo(path)
+    base_sha, head_sha = resolve(repo, base), resolve(repo, head)
+    base_label, head_label = _label(base, base_sha), _label(head, head_sha)
+    cache = ParseCache()
+    settings = [_read_settings(repo, base_sha, base_label), _read_settings(repo, head_sha, head_label)]
+    if settings[0] != settings[1]:
+        old, new = _load_commit_side(repo, base, base_sha, cache), _load_commit_side(repo, head, head_sha, cache)
+        return plan(old, new, base=old.label, head=new.label)
+    changed = _changed_domain_paths(repo, base_sha, head_sha)
+    old = _partial_side(repo, base_sha, base_label, settings[0], changed)
+    new = _partial_side(repo, head_sha, head_label, settings[1], changed)
+    return plan(old, new, base=base_label, head=head_label)
+
+
+def _read_settings(repo: GitRepo, sha: str, label: str) -> Settings:
+    raw = repo.read(sha, files.SETTINGS_PATH)
+    try:
+        if raw is None:
+            raise StateInvalid(f"{files.SETTINGS_PATH}: missing")
+        return files.parse_settings(raw)
+    except StateInvalid as exc:
+        raise _side_invalid(f"revision {label}", exc.problems) from None
+
+
+def _changed_domain_paths(repo: GitRepo, a: str, b: str) -> list[str]:
+    diff = repo.tree(a).diff_to_tree(repo.tree(b))
+    paths: set[str] = set()
+    for delta in diff.deltas:
+        for path in (delta.old_file.path, delta.new_file.path):
+            if path and path.startswith(files.DOMAINS_DIR + "/"):
+                paths.add(path)
+    return sorted(paths)
+
+
+def _partial_side(repo: GitRepo, sha: str, label: str, settings: Settings, paths: Iterable[str]) -> Side:
+    problems: list[str] = []
+    domains: dict[str, DomainFile] = {}
+    nodes = NodesFile()
+    raw_nodes = repo.read(sha, files.NODES_PATH)
+    try:
+        if raw_nodes is not None:
+            nodes = files.parse_nodes(raw_nodes)
+    except StateInvalid as exc:
+        problems.extend(exc.problems)
+    for path in paths:
+        raw = repo.read(sha, path)
+        if raw is None:
+            continue
+        try:
+            dom = files.parse_domain(raw, path)
+        except StateInvalid as exc:
+            problems.extend(exc.problems)
+            continue
+        domains[dom.domain] = dom
+    if problems:
+        raise _side_invalid(f"revision {label}", problems)
+    return Side(label, settings, domains, nodes, sha)
+
+
+def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
+    """The plan from revision `base` of the repository holding `root` to the working tree at `root`.
+
+    The state must sit at the top of the repository. On the revision's side only blobs whose
+    content differs from the working tree's file are parsed.
+    """
+    repo = open_repo(root)
+    if repo.repo.is_bare or repo.repo.workdir is None:
+        raise InvalidInput(
+            f"{root} is a bare repository and has no working tree; give --head REV to compare two revisions.",
+            code="no_working_tree",
+        )
+    workdir = Path(repo.repo.workdir).resolve()
+    if workdir != root.resolve():
+        raise InvalidInput(
+            f"The state must sit at the top of its repository: run plan on {workdir}, not {root}.",
+            code="not_repository_root",
+        )
+    base_sha = resolve(repo, base)
+    new = load_worktree(root)
+    base_label = _label(base, base_sha)
+    settings = _read_settings(repo, base_sha, base_label)
+    if settings != new.settings:
+        old = _load_commit_side(repo, base, base_sha, ParseCache())
+        return plan(old, new, base=old.label, head=new.label)
+    # Domains whose file is byte-identical in the working tree reuse the working tree's parse.
+    by_path = {files.domain_path(name): dom for name, dom in new.domains.items()}
+    domains: dict[str, DomainFile] = {}
+    changed: list[str] = []
+    for path, oid in repo.walk_blobs(base_sha, files.DOMAINS_DIR):
+        dom = by_path.get(path)
+        if dom is not None and _same_blob(root / path, oid):
+            domains[dom.domain] = dom
+        else:
+            changed.append(path)
+    old_partial = _partial_side(repo, base_sha, base_label, settings, changed)
+    domains.update(old_partial.domains)
+    old = Side(base_label, settings, domains, old_partial.nodes, base_sha)
+    return plan(old, new, base=base_label, head=new.label)
+
+
+def _same_blob(path: Path, oid: str) -> bool:
+    try:
+        return str(pygit2.hash(path.read_bytes())) == oid
+    except OSError:
+        return False
