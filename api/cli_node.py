@@ -1,0 +1,67 @@
+"""`mailstate node bundle`: write a mail node's provisioning bundle into a folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from api.cli import EXTRA_COMMANDS
+from compiler.node_bundle import DEFAULT_ROOT, INSTALL_PATHS, render_node_bundle
+from state import validate
+from state.datadir import DataDir
+from state.errors import NotFound, StoreError
+
+
+def cmd_node_bundle(args: argparse.Namespace) -> int:
+    name = validate.validate_node_name(args.name)
+    dd = DataDir(Path(args.data))
+    if not dd.is_initialised():
+        raise StoreError(f"{args.data} is not a mailstate data dir; run `mailstate init --data {args.data}`.")
+    if not args.allow_unregistered:
+        from state.datadir import open_store
+
+        if open_store(dd.root).snapshot.node(name) is None:
+            raise NotFound(f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found")
+    bundle = render_node_bundle(
+        name,
+        args.server_url,
+        dd.allowed_signers.read_text(),
+        root=args.root,
+        remote_url=args.remote_url,
+        map_type=args.map_type,
+        lmtp_port=args.lmtp_port,
+    )
+    out = Path(args.out)
+    for rel, text in sorted(bundle.items()):
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o755 if rel.endswith(".py") else 0o644)
+        os.replace(tmp, target)
+        print(f"wrote {target}  ->  {INSTALL_PATHS.get(rel, '?')}")
+    print(f"Next: write node {name}'s sync key (from add-node) to /etc/pi-pull/sync_key with mode 0600; see README 'Deploying a node'.")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("node", help="mail node provisioning")
+    nsub = p.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    b = nsub.add_parser("bundle", help="write a node's bundle: pi-pull config, allowed_signers, systemd units, Postfix/Dovecot snippets")
+    b.add_argument("--data", default=os.environ.get("MAILSTATE_DATA", "./data"), help="data directory (default: $MAILSTATE_DATA or ./data)")
+    b.add_argument("--name", required=True, help="node name, as registered with add-node")
+    b.add_argument("--server-url", required=True, help="base URL of `mailstate serve` as the node reaches it, e.g. https://mail-api.example.net")
+    b.add_argument("--remote-url", help="fetch the state repo from this git URL instead of the server (e.g. a git host)")
+    b.add_argument("--root", default=DEFAULT_ROOT, help=f"release root on the node (default {DEFAULT_ROOT})")
+    b.add_argument("--map-type", default="hash", choices=["hash", "lmdb", "cdb", "texthash"], help="Postfix map type (default hash)")
+    b.add_argument("--lmtp-port", type=int, default=24, help="Dovecot LMTP port Postfix delivers to (default 24)")
+    b.add_argument("--out", required=True, help="folder to write the bundle into")
+    b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")
+    b.set_defaults(func=cmd_node_bundle)
+
+
+EXTRA_COMMANDS.append(register)
