@@ -39,6 +39,27 @@ except AttributeError:  # pragma: no cover
     _Loader = yaml.SafeLoader
     _Dumper = yaml.SafeDumper
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _UniqueKeyLoader(_Loader):
+    """The safe loader, refusing duplicate keys: YAML would silently keep the last one, so a
+    second `info:` block in a pull request would quietly replace the first mailbox."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        merged = any(key.tag == _MERGE for key, _ in node.value)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        if not merged and len(mapping) != len(node.value):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return mapping
+
 
 def bucket(domain: str) -> str:
     """The fan-out folder of a domain: its first two characters."""
@@ -61,7 +82,7 @@ def domain_from_path(path: str) -> str | None:
 def load_yaml(data: bytes | str, path: str) -> Any:
     """Parse YAML with the fast safe loader; a syntax error becomes StateInvalid."""
     try:
-        return yaml.load(data, Loader=_Loader)
+        return yaml.load(data, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise StateInvalid(f"{path}: not valid YAML: {exc}", problems=[f"{path}: not valid YAML: {exc}"]) from exc
 
