@@ -1,0 +1,217 @@
+"""The HTTP API: one route per operation at `/v1/email-account/<name>`, generated from OPERATIONS.
+
+Each route authenticates the bearer token, refuses a project token on an admin endpoint,
+reads its input (query parameters for GET, a JSON object for POST) and runs ONE operation
+with `Store.execute` in a worker thread, so that bcrypt (the operation's prepare step, which
+runs outside the store's write lock) never blocks the event loop and uses every core.
+
+Input is parsed here only as far as "is it a JSON object"; the fields are validated by the
+operation's pydantic request model, the same model the MCP tools and OpenAPI use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from api.http_errors import HTTPError
+from state.datadir import DataDir
+from state.errors import Forbidden, InvalidInput, Unauthenticated
+from state.localdb import LocalDB
+from state.ops import OPERATIONS, Operation
+from state.snapshot import Actor
+from state.store import Store, clean_request_id
+
+API_PREFIX = "/v1/email-account"
+MAX_BODY_BYTES = 64 * 1024
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerToken",
+    description="`Authorization: Bearer <token>` (`mailstate token create`). A project token acts for one project; [Admin] endpoints need an admin token.",
+)
+
+
+@dataclass
+class Services:
+    """What the routes and tools share: the data dir, its store and its local database."""
+
+    data: DataDir
+    store: Store
+    db: LocalDB
+
+    def authenticate(self, token: str | None) -> Actor:
+        return self.db.authenticate(token)
+
+
+# --- documentation models (OpenAPI only; requests are validated by state.models) ----------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="snake_case error code, e.g. mailbox_exists.", examples=["mailbox_exists"])
+    message: str = Field(description="A human sentence.", examples=["Mailbox info@mycompany.nl exists."])
+    field: str | None = Field(default=None, description="The request field at fault, if any.")
+    target: str | None = Field(default=None, description="The domain, mailbox or node concerned, if any.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse, "description": "Invalid input (malformed JSON, unknown or missing field, bad value)."},
+        401: {"model": ErrorResponse, "description": "No valid bearer token."},
+    }
+    if op.admin:
+        out[403] = {"model": ErrorResponse, "description": "An admin token is required."}
+    out[404] = {"model": ErrorResponse, "description": "No such domain, mailbox or node (another project's read as absent)."}
+    if op.write:
+        out[409] = {"model": ErrorResponse, "description": "Conflict with the current state (exists, still active, not enabled, ...)."}
+        out[503] = {"model": ErrorResponse, "description": "The upstream state repo is unavailable (upstream mode only)."}
+    return out
+
+
+def request_schema_components() -> dict[str, Any]:
+    """Every request model's JSON schema, keyed by model name, for OpenAPI components."""
+    out: dict[str, Any] = {}
+    for op in OPERATIONS.values():
+        schema = op.request.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[op.request.__name__] = schema
+    return out
+
+
+def _openapi_extra(op: Operation) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{op.request.__name__}"}
+    if op.method == "POST":
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    schema = op.request.model_json_schema()
+    required = set(schema.get("required", []))
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        params.append({"name": name, "in": "query", "required": name in required, "description": prop.pop("description", ""), "schema": prop})
+    return {"parameters": params} if params else {}
+
+
+# --- input ---------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, empty_ok: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object, or an error in the one shape."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, "request_too_large", f"The request body may be at most {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, "request_too_large", f"The request body may be at most {limit} bytes.")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        if empty_ok:
+            return {}
+        raise InvalidInput("The request body must be a JSON object.", code="invalid_request")
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
+        raise InvalidInput("The request body must be JSON, sent with Content-Type: application/json.", code="invalid_request")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidInput("The request body is not valid JSON.", code="invalid_request") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object.", code="invalid_request")
+    return data
+
+
+def query_object(request: Request) -> dict[str, Any]:
+    """Query parameters as a flat object; a repeated parameter is refused, not guessed at."""
+    out: dict[str, Any] = {}
+    for key, value in request.query_params.multi_items():
+        if key in out:
+            raise InvalidInput(f"The query parameter '{key}' is given more than once.", code="invalid_request", field=key)
+        out[key] = value
+    return out
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials:
+        raise Unauthenticated("A valid bearer token is required.", code="unauthenticated")
+    return credentials.credentials
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def _endpoint(op: Operation) -> Any:
+    async def endpoint(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+        services: Services = request.app.state.services
+        actor = services.authenticate(_token(credentials))
+        if op.admin and not actor.is_admin:
+            raise Forbidden("This operation needs an admin token.", code="admin_required")
+        data = query_object(request) if op.method == "GET" else await read_json_object(request)
+        request_id = clean_request_id(request.headers.get("x-request-id"))
+        outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
+        status = 201 if outcome.created else 200
+        return JSONResponse(outcome.result, status_code=status, headers={"X-Request-Id": request_id})
+
+    endpoint.__name__ = op.name.replace("-", "_")
+    return endpoint
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix=API_PREFIX)
+    for op in OPERATIONS.values():
+        tags: list[str | Enum] = ["admin" if op.admin else "email-account"]
+        if not op.in_spec:
+            tags.append("extension")
+        router.add_api_route(
+            f"/{op.name}",
+            _endpoint(op),
+            methods=[op.method],
+            summary=op.summary,
+            description=_description(op),
+            operation_id=op.name,
+            tags=tags,
+            responses=_error_responses(op),
+            openapi_extra=_openapi_extra(op),
+            response_class=JSONResponse,
+        )
+    return router
+
+
+def _description(op: Operation) -> str:
+    lines = [op.summary, ""]
+    if op.write:
+        lines.append('A write answers with `"commit": "<sha>"` (one signed commit), or `"commit": null` when nothing changed.')
+    else:
+        lines.append("A read; it never makes a commit.")
+    if op.in_spec:
+        lines.append(f"MCP tool: `{op.tool_name}`.")
+    return "\n".join(lines)
+
+
+def health_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/health", tags=["health"], summary="Liveness and the state repo's HEAD (no token needed).")
+    async def health(request: Request) -> JSONResponse:
+        services: Services = request.app.state.services
+        return JSONResponse(services.store.health())
+
+    return router

@@ -1,0 +1,194 @@
+"""The node endpoints: sync reports and a read-only git endpoint for the state repo.
+
+Both authenticate with HTTP Basic `name:sync_key` (a report may carry `name` and `sync_key`
+in its JSON body instead). A node with an `ip_address` on record is refused (403) from any
+other address.
+
+    POST /v1/nodes/report                                  → {"ok": true}
+    GET  /v1/nodes/state.git/info/refs?service=git-upload-pack
+    POST /v1/nodes/state.git/git-upload-pack               (git smart HTTP, fetch/clone only)
+
+The git endpoint runs `git http-backend` as a CGI in a worker thread, for exactly the two
+upload-pack URLs; anything that smells of receive-pack (push) is refused with 403, and
+REMOTE_USER is never set, so http-backend would refuse a push anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import subprocess
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from api.http import Services, read_json_object
+from api.http_errors import HTTPError, error_body
+from state.errors import Unauthenticated
+from state.nodes import NodeReport, authenticate_node, record_report
+
+GIT_PREFIX = "/v1/nodes/state.git"
+MAX_UPLOAD_PACK_BODY = 16 * 1024 * 1024
+GIT_TIMEOUT = 300.0
+_BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="mailstate nodes", charset="UTF-8"'}
+_CGI_HEADERS = {"content-type", "cache-control", "expires", "pragma", "last-modified"}
+
+
+def basic_credentials(request: Request) -> tuple[str, str] | None:
+    """(name, sync_key) from `Authorization: Basic ...`, or None when there is none."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _unauthenticated() from None
+    name, sep, key = decoded.partition(":")
+    if not sep:
+        raise _unauthenticated()
+    return name, key
+
+
+def _unauthenticated() -> HTTPError:
+    return HTTPError(401, "unauthenticated", "A valid node name and sync key are required.", _BASIC_CHALLENGE)
+
+
+def _peer(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+    @router.post(
+        "/report",
+        summary="A node reports its last pull (HTTP Basic name:sync_key).",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeReport"}}},
+            },
+            "security": [{"NodeBasic": []}],
+        },
+        responses={200: {"description": '`{"ok": true}`'}, 401: {"description": "Bad node name or sync key."}, 403: {"description": "Address not allowed."}},
+    )
+    async def report(request: Request) -> JSONResponse:
+        services: Services = request.app.state.services
+        creds = basic_credentials(request)
+        data = await read_json_object(request)
+        body_name, body_key = data.pop("name", None), data.pop("sync_key", None)
+        if creds is None:
+            if not isinstance(body_name, str) or not isinstance(body_key, str):
+                raise _unauthenticated()
+            creds = (body_name, body_key)
+        elif body_name is not None and body_name != creds[0]:
+            raise _unauthenticated()
+        name, key = creds
+        peer = _peer(request)
+
+        def run() -> None:
+            authenticate_node(services.store.snapshot, name, key, peer)
+            record_report(services.db, services.store.snapshot, name, data, peer, _now())
+
+        try:
+            await run_in_threadpool(run)
+        except Unauthenticated:
+            raise _unauthenticated() from None
+        return JSONResponse({"ok": True})
+
+    @router.api_route(
+        "/state.git/{path:path}",
+        methods=["GET", "POST"],
+        summary="Read-only git smart HTTP (clone/fetch) of the state repo (HTTP Basic name:sync_key).",
+        openapi_extra={"security": [{"NodeBasic": []}]},
+    )
+    async def git_endpoint(path: str, request: Request) -> Response:
+        services: Services = request.app.state.services
+        service = request.query_params.get("service", "")
+        if "receive-pack" in path or "receive-pack" in service:
+            return JSONResponse(error_body("read_only", "The state repo is read-only over HTTP; push is not allowed."), status_code=403)
+        if (request.method, path, service) not in (("GET", "info/refs", "git-upload-pack"), ("POST", "git-upload-pack", "")):
+            return JSONResponse(error_body("not_found", "Only git smart HTTP fetch (git-upload-pack) is served here."), status_code=404)
+        creds = basic_credentials(request)
+        if creds is None:
+            raise _unauthenticated()
+        try:
+            await run_in_threadpool(authenticate_node, services.store.snapshot, creds[0], creds[1], _peer(request))
+        except Unauthenticated:
+            raise _unauthenticated() from None
+        body = b""
+        if request.method == "POST":
+            body = await _read_limited(request, MAX_UPLOAD_PACK_BODY)
+        return await run_in_threadpool(_http_backend, services, request, path, body)
+
+    return router
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, "request_too_large", f"The request body may be at most {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _http_backend(services: Services, request: Request, path: str, body: bytes) -> Response:
+    """Run `git http-backend` for one request and turn its CGI answer into a Response."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_PROJECT_ROOT": str(services.data.root),
+        "GIT_HTTP_EXPORT_ALL": "1",
+        "PATH_INFO": f"/{services.data.repo.name}/{path}",
+        "QUERY_STRING": request.url.query,
+        "REQUEST_METHOD": request.method,
+        "CONTENT_TYPE": request.headers.get("content-type", ""),
+        "CONTENT_LENGTH": str(len(body)),
+        "REMOTE_ADDR": _peer(request) or "",
+        # REMOTE_USER is deliberately absent: http-backend only enables receive-pack with it.
+    }
+    if encoding := request.headers.get("content-encoding"):
+        env["HTTP_CONTENT_ENCODING"] = encoding
+    if protocol := request.headers.get("git-protocol"):
+        env["HTTP_GIT_PROTOCOL"] = protocol
+    try:
+        proc = subprocess.run(["git", "http-backend"], input=body, capture_output=True, env=env, timeout=GIT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HTTPError(500, "internal_error", "The git endpoint could not answer; the cause has been logged.") from exc
+    return _cgi_response(proc.stdout)
+
+
+def _cgi_response(out: bytes) -> Response:
+    head, sep, content = out.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, content = out.partition(b"\n\n")
+    if not sep:
+        raise HTTPError(500, "internal_error", "The git endpoint could not answer; the cause has been logged.")
+    status = 200
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "status":
+            status = int(value.split()[0]) if value.split() and value.split()[0].isdigit() else 500
+        elif key in _CGI_HEADERS:
+            headers[key] = value
+    media = headers.pop("content-type", None)
+    return Response(content=content, status_code=status, headers=headers, media_type=media)
+
+
+def node_report_schema() -> dict[str, Any]:
+    return NodeReport.model_json_schema()

@@ -1,0 +1,184 @@
+"""The server: one FastAPI app for the HTTP API, MCP at /mcp and the node endpoints.
+
+    create_app(data)   the ASGI app for an initialised data dir
+    serve(data, ...)   `mailstate serve`: initialise an empty dir (printing the admin token
+                       once), then run uvicorn
+
+Routes:
+    /v1/email-account/<operation>   the API (api.http), one route per state.ops operation
+    /v1/nodes/report, /v1/nodes/state.git/...   node sync (api.nodes_http)
+    /v1/health                      liveness and HEAD
+    /mcp                            MCP over streamable HTTP (api.mcp_server)
+    /openapi.json, /docs            documentation
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.routing import Route
+
+from api import http, http_errors, nodes_http
+from api.mcp_server import mcp_http_app
+from state.datadir import DataDir, init_data_dir, open_store
+from state.errors import InvalidInput
+from state.localdb import LocalDB
+from state.nodes import NodeReport
+from state.store import Store
+
+log = logging.getLogger("mailstate.server")
+
+SYNC_INTERVAL = float(os.environ.get("MAILSTATE_SYNC_INTERVAL", "30"))
+
+DESCRIPTION = """\
+GitOps for mailboxes. Every write is one validated, signed git commit of the YAML state plus the
+Postfix/Dovecot files compiled from it; mail nodes pull it within about a minute.
+
+Authenticate with `Authorization: Bearer <token>` (`mailstate token create`). Errors always have the
+shape `{"error": {"code": "<snake_case>", "message": "<human sentence>"}}`.
+
+MCP (streamable HTTP) is served at `/mcp` with the same bearer tokens.
+"""
+
+
+def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = None) -> FastAPI:
+    """The ASGI app for the initialised data dir `data` (pass `db`/`store` to share them)."""
+    dd = DataDir(Path(data))
+    own_db = db is None
+    if db is None:
+        if not dd.is_initialised():
+            store = store or open_store(dd.root)  # raises not_initialised, creating nothing
+        db = LocalDB(dd.db)
+    if store is None:
+        store = open_store(dd.root, db=db)
+    services = http.Services(data=dd, store=store, db=db)
+    mcp_app, mcp_manager = mcp_http_app(store, services.authenticate)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        syncer = None
+        if store.upstream is not None:
+            syncer = threading.Thread(target=store.run_sync_loop, args=(stop, SYNC_INTERVAL), name="mailstate-upstream-sync", daemon=True)
+            syncer.start()
+        try:
+            async with mcp_manager.run():
+                yield
+        finally:
+            stop.set()
+            if syncer is not None:
+                syncer.join(timeout=5)
+            if own_db:
+                db.close()
+
+    app = FastAPI(
+        title="mailstate",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.services = services
+    http_errors.install(app)
+    app.include_router(http.build_router())
+    app.include_router(nodes_http.build_router())
+    app.include_router(http.health_router())
+    app.router.routes.append(Route("/mcp", endpoint=mcp_app))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas.update(http.request_schema_components())
+    schemas["NodeReport"] = NodeReport.model_json_schema()
+    components.setdefault("securitySchemes", {})["NodeBasic"] = {
+        "type": "http",
+        "scheme": "basic",
+        "description": "A node's `name:sync_key` (from add-node or rotate-node-key).",
+    }
+    app.openapi_schema = schema
+    return schema
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mailstate")
+    except Exception:
+        return "0"
+
+
+def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
+    """Initialise `data` if it is not a data dir yet; the new admin token, or None if it was."""
+    from pydantic import ValidationError
+
+    from state.models import Settings, invalid_input_from
+
+    dd = DataDir(Path(data))
+    if dd.is_initialised():
+        return None
+    try:
+        settings = Settings(bcrypt_cost=bcrypt_cost) if bcrypt_cost is not None else Settings()
+    except ValidationError as exc:
+        raise invalid_input_from(exc) from None
+    init_data_dir(dd.root, settings)
+    db = LocalDB(dd.db)
+    try:
+        _info, secret = db.create_token(project_id=None, name="admin")
+    finally:
+        db.close()
+    return secret
+
+
+def serve(data: Path, host: str = "127.0.0.1", port: int = 8025, upstream: str | None = None, bcrypt_cost: int | None = None) -> None:
+    """`mailstate serve`: initialise an empty data dir (printing its admin token once), then serve."""
+    import uvicorn
+
+    if port < 0 or port > 65535:
+        raise InvalidInput("The port must be 0-65535.", code="invalid_request", field="port")
+    dd = DataDir(Path(data))
+    was_initialised = dd.is_initialised()
+    secret = prepare_data_dir(dd.root, bcrypt_cost)
+    if secret is not None:
+        print(f"mailstate: initialised a new data dir at {dd.root}")
+        print(f"  state repo: {dd.repo}   allowed_signers: {dd.allowed_signers}")
+        print("admin token (shown ONCE, it cannot be recovered; store it now):")
+        print(secret, flush=True)
+    elif bcrypt_cost is not None and was_initialised:
+        print("mailstate: --bcrypt-cost only applies when initialising; the data dir's mailstate.yaml decides.", file=sys.stderr)
+    db = LocalDB(dd.db)
+    store = open_store(dd.root, db=db, upstream=upstream)
+    app = create_app(dd.root, db=db, store=store)
+    # X-Forwarded-For is trusted only from the proxies named here (none by default), so a
+    # node's IP whitelist cannot be sidestepped with a header.
+    forwarded = os.environ.get("MAILSTATE_FORWARDED_ALLOW_IPS", "")
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            proxy_headers=bool(forwarded),
+            forwarded_allow_ips=forwarded or None,
+            timeout_graceful_shutdown=5,
+            log_level=os.environ.get("MAILSTATE_LOG_LEVEL", "info"),
+            server_header=False,
+        )
+    finally:
+        db.close()

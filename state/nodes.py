@@ -1,0 +1,115 @@
+"""Node sync: authenticating a node by its sync key, and recording what it reports.
+
+A node proves who it is with its name and sync key (HTTP Basic on the wire). nodes.yaml
+holds only the key's SHA-256, compared here in constant time. A node with an `ip_address`
+on record is refused from any other address. Reports land in the server's local database,
+never in git: a report every minute would drown the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from datetime import datetime
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from state.errors import Forbidden, InvalidInput, Unauthenticated
+from state.models import Node, invalid_input_from
+from state.snapshot import Snapshot
+
+MAX_ERROR_CHARS = 2000
+MAX_KEY_CHARS = 512
+_NO_SUCH_NODE = hashlib.sha256(b"no such node").hexdigest()
+
+
+def _commit(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _clip(value: object) -> object:
+    # A node's error text comes from git or the shell; a long one is cut, not refused, so that
+    # the report (and the status it carries) still gets through.
+    if isinstance(value, str) and len(value) > MAX_ERROR_CHARS:
+        return value[: MAX_ERROR_CHARS - 3] + "..."
+    return value
+
+
+class NodeReport(BaseModel):
+    """The body of `POST /v1/nodes/report` (credentials aside)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    applied_commit: Annotated[str | None, BeforeValidator(_commit)] = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$", description="The commit the node serves now (40 hex digits), or null before its first release."
+    )
+    status: Literal["ok", "error", "refused"] = Field(description="Outcome of the node's last pull.")
+    error: Annotated[str | None, BeforeValidator(_clip)] = Field(
+        default=None, max_length=MAX_ERROR_CHARS, description=f"What went wrong, if anything (cut at {MAX_ERROR_CHARS} characters)."
+    )
+
+
+class StatusSink(Protocol):
+    def record_node_status(self, name: str, *, applied_commit: str | None, status: str, error: str | None, remote_addr: str | None, at: datetime) -> None: ...
+
+
+def normalize_addr(addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer address as an ip_address; an IPv4-mapped IPv6 address becomes its IPv4 form."""
+    if not addr:
+        return None
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def authenticate_node(snapshot: Snapshot, name: object, sync_key: object, remote_addr: str | None) -> Node:
+    """The node `name` if `sync_key` is its key and it may connect from `remote_addr`.
+
+    Unknown node or wrong key: Unauthenticated (the two are indistinguishable, and the
+    comparison takes the same time either way). Right key from an address other than the
+    node's `ip_address`: Forbidden(ip_not_allowed).
+    """
+    node = snapshot.nodes.nodes.get(name) if isinstance(name, str) else None
+    expected = node.sync_key_sha256 if node is not None else _NO_SUCH_NODE
+    given = hashlib.sha256(sync_key.encode("utf-8", "replace")).hexdigest() if isinstance(sync_key, str) and len(sync_key) <= MAX_KEY_CHARS else ""
+    if not hmac.compare_digest(expected, given) or node is None:
+        raise Unauthenticated("A valid node name and sync key are required.", code="unauthenticated")
+    if node.ip_address is not None:
+        peer = normalize_addr(remote_addr)
+        if peer is None or peer != normalize_addr(node.ip_address):
+            where = f" from {peer}" if peer is not None else " from an unknown address"
+            raise Forbidden(f"Node {name} may not connect{where}.", code="ip_not_allowed")
+    return node
+
+
+def parse_report(body: Any) -> NodeReport:
+    """Validate a report body into NodeReport, raising InvalidInput."""
+    if not isinstance(body, dict):
+        raise InvalidInput("The request body must be a JSON object.", code="invalid_request")
+    try:
+        return NodeReport.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_input_from(exc) from None
+
+
+def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remote_addr: str | None, now: datetime) -> NodeReport:
+    """Validate a report from the (already authenticated) node `name` and store it as its last sync."""
+    if name not in snapshot.nodes.nodes:
+        raise Unauthenticated("A valid node name and sync key are required.", code="unauthenticated")
+    report = parse_report(body)
+    peer = normalize_addr(remote_addr)
+    db.record_node_status(
+        name,
+        applied_commit=report.applied_commit,
+        status=report.status,
+        error=report.error,
+        remote_addr=str(peer) if peer is not None else None,
+        at=now,
+    )
+    return report
