@@ -139,11 +139,18 @@ def normalize_ip(value: object, *, field: str = "ip_address") -> str:
     if not isinstance(value, str) or not _ASCII_SAFE.match(value):
         raise InvalidInput("ip_address must be an IPv4 or IPv6 address.", code="invalid_ip_address", field=field)
     try:
-        return str(ipaddress.ip_address(value))
+        ip = ipaddress.ip_address(value)
     except ValueError as exc:
         raise InvalidInput(
             "ip_address must be an IPv4 or IPv6 address.", code="invalid_ip_address", field=field
         ) from exc
+    if getattr(ip, "scope_id", None) is not None:
+        # `fe80::1%eth0`: a zone only means something on this host, and after the `%`
+        # ipaddress accepts any text at all (`::1%$(reboot)`, `::1%..`).
+        raise InvalidInput(
+            "ip_address may not carry a %zone suffix.", code="invalid_ip_address", field=field
+        )
+    return str(ip)
 
 
 def validate_project_id(value: object, *, field: str = "project_id") -> int:
