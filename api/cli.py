@@ -73,7 +73,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise invalid_input_from(exc) from None
-    dd = init_data_dir(Path(args.data), settings)
+    extra = None
+    if args.with_workflow:
+        from compiler.workflow import state_repo_workflow
+
+        extra = state_repo_workflow(args.with_workflow)
+    dd = init_data_dir(Path(args.data), settings, extra_files=extra)
     print(f"initialised {dd.root}")
     print(f"  state repo:       {dd.repo}")
     print(f"  allowed_signers:  {dd.allowed_signers}")
@@ -247,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gid", type=int, default=5000, help="gid owning the mail on the nodes (default 5000)")
     p.add_argument("--default-quota-mb", type=int, default=1024, help="quota when add-user gives none (default 1024)")
     p.add_argument("--bcrypt-cost", type=int, default=12, help="bcrypt cost for new passwords (default 12; 4 for tests)")
+    p.add_argument(
+        "--with-workflow",
+        metavar="USES",
+        help="also commit .github/workflows/mailstate.yml calling this reusable workflow, e.g. OWNER/mailstate/.github/workflows/state-check.yml@main",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", help="serve the HTTP API, MCP at /mcp and the node endpoints (initialises an empty data dir)")
@@ -350,4 +360,8 @@ def _load_extras() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so that sub-commands registered by api.cli_node and
+    # api.cli_plan land in the same EXTRA_COMMANDS list (not in a second copy, __main__).
+    from api.cli import main as _main
+
+    sys.exit(_main())
