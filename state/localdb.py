@@ -89,7 +89,7 @@ class LocalDB:
         """A new token for a project (or admin when project_id is None); the secret is returned once."""
         token_id = secrets.token_hex(6)
         name = name or (f"project-{project_id}" if project_id is not None else "admin") + f"-{token_id[:4]}"
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise InvalidInput(
                 "A token name is 1-64 letters, digits, '.', '_' or '-'.", code="invalid_token_name", field="name"
             )
@@ -104,7 +104,7 @@ class LocalDB:
 
     def authenticate(self, token: str | None) -> Actor:
         """The actor a bearer token stands for, or Unauthenticated."""
-        match = _TOKEN.match(token or "")
+        match = _TOKEN.fullmatch(token or "")
         row = None
         if match:
             with self._lock:

@@ -109,7 +109,7 @@ class Mailbox(BaseModel):
     @field_validator("password")
     @classmethod
     def _bcrypt(cls, value: str) -> str:
-        if not BCRYPT_HASH.match(value):
+        if not BCRYPT_HASH.fullmatch(value):
             raise ValueError("password must be a {BLF-CRYPT}$2b$... bcrypt hash, never plain text")
         return value
 
@@ -169,7 +169,7 @@ class Node(BaseModel):
     @field_validator("sync_key_sha256")
     @classmethod
     def _sha(cls, value: str) -> str:
-        if not SHA256_HEX.match(value):
+        if not SHA256_HEX.fullmatch(value):
             raise ValueError("sync_key_sha256 must be 64 lowercase hex digits")
         return value
 

@@ -58,7 +58,7 @@ def normalize_domain(value: object, *, field: str = "domain") -> str:
             field=field,
         )
     for label in labels:
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise InvalidInput(
                 "Each part of a domain name must be 1-63 letters, digits or hyphens, "
                 "not starting or ending with a hyphen.",
@@ -80,7 +80,7 @@ def normalize_email(value: object, *, field: str = "email") -> tuple[str, str]:
         )
     local, _, domain_part = value.partition("@")
     local = local.lower()
-    if not local or len(local) > MAX_LOCAL_PART_LENGTH or not _LOCAL.match(local):
+    if not local or len(local) > MAX_LOCAL_PART_LENGTH or not _LOCAL.fullmatch(local):
         raise InvalidInput(
             "The part before @ may use letters, digits, '.', '_', '+' and '-', must start with a "
             "letter or digit, and may not hold '..', spaces, ':' or '/'.",
@@ -125,7 +125,7 @@ def validate_quota(value: object, *, field: str = "quota_mb") -> int:
 
 def validate_node_name(value: object, *, field: str = "name") -> str:
     """Lowercase letters, digits and hyphens, 1-63 characters."""
-    if not isinstance(value, str) or not _NODE.match(value):
+    if not isinstance(value, str) or not _NODE.fullmatch(value):
         raise InvalidInput(
             "A node name is 1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen.",
             code="invalid_node_name",
@@ -136,7 +136,7 @@ def validate_node_name(value: object, *, field: str = "name") -> str:
 
 def normalize_ip(value: object, *, field: str = "ip_address") -> str:
     """An IPv4 or IPv6 address in its canonical text form."""
-    if not isinstance(value, str) or not _ASCII_SAFE.match(value):
+    if not isinstance(value, str) or not _ASCII_SAFE.fullmatch(value):
         raise InvalidInput("ip_address must be an IPv4 or IPv6 address.", code="invalid_ip_address", field=field)
     try:
         ip = ipaddress.ip_address(value)
