@@ -183,6 +183,8 @@ def test_emails_are_normalised(raw: str, local: str, domain: str) -> None:
         ("a" * 65) + "@example.com",
         "info@localhost",
         "info@exa mple.com",
+        "info\n@example.com",
+        "info@example.com\n",
     ],
 )
 def test_bad_emails_are_refused(raw: str) -> None:
@@ -231,7 +233,7 @@ def test_good_node_names(name: str) -> None:
     assert v.validate_node_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "MPI02", "-a", "a-", "a_b", "a.b", "a b", "a/b", "..", "a" * 64, "nöde"])
+@pytest.mark.parametrize("name", ["", "MPI02", "-a", "a-", "a_b", "a.b", "a b", "a/b", "..", "a" * 64, "nöde", "mpi02\n"])
 def test_bad_node_names(name: str) -> None:
     with pytest.raises(InvalidInput) as info:
         v.validate_node_name(name)
@@ -246,7 +248,9 @@ def test_ip_addresses_are_canonical(raw: str, canonical: str) -> None:
     assert v.normalize_ip(raw) == canonical
 
 
-@pytest.mark.parametrize("raw", ["", "999.1.1.1", "1.2.3", "example.com", " 192.0.2.1", "192.0.2.1\n", "10.0.0.0/8", "::1%eth0x y"])
+@pytest.mark.parametrize(
+    "raw", ["", "999.1.1.1", "1.2.3", "example.com", " 192.0.2.1", "192.0.2.1\n", "10.0.0.0/8", "::1%eth0x y", "fe80::1%eth0", "::1%.."]
+)
 def test_bad_ip_addresses(raw: str) -> None:
     with pytest.raises(InvalidInput) as info:
         v.normalize_ip(raw)
@@ -258,7 +262,7 @@ def test_bad_ip_addresses(raw: str) -> None:
 
 def test_mailbox_requires_a_bcrypt_hash() -> None:
     assert Mailbox(password=HASH, quota_mb=1).active is True
-    for bad in ["plaintext-password", "$2b$04$" + "a" * 53, "{BLF-CRYPT}$2b$04$" + "a" * 52, "{BLF-CRYPT}$2b$03$" + "a" * 53]:
+    for bad in ["plaintext-password", "$2b$04$" + "a" * 53, "{BLF-CRYPT}$2b$04$" + "a" * 52, "{BLF-CRYPT}$2b$03$" + "a" * 53, HASH + "\n"]:
         with pytest.raises(ValidationError):
             Mailbox(password=bad, quota_mb=1)
 
