@@ -105,12 +105,10 @@ def build_router() -> APIRouter:
             raise _unauthenticated() from None
         return JSONResponse({"ok": True})
 
-    @router.api_route(
-        "/state.git/{path:path}",
-        methods=["GET", "POST"],
-        summary="Read-only git smart HTTP (clone/fetch) of the state repo (HTTP Basic name:sync_key).",
-        openapi_extra={"security": [{"NodeBasic": []}]},
-    )
+    git_doc = "Read-only git smart HTTP (clone/fetch) of the state repo, HTTP Basic name:sync_key. Push is refused (403)."
+
+    @router.get("/state.git/{path:path}", summary=git_doc, operation_id="node_git_get", openapi_extra={"security": [{"NodeBasic": []}]})
+    @router.post("/state.git/{path:path}", summary=git_doc, operation_id="node_git_post", openapi_extra={"security": [{"NodeBasic": []}]})
     async def git_endpoint(path: str, request: Request) -> Response:
         services: Services = request.app.state.services
         service = request.query_params.get("service", "")
