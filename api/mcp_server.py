@@ -17,9 +17,10 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import mcp_types as types
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.http_errors import INTERNAL_MESSAGE, error_body, json_error, render
 from state.errors import MailstateError, StoreError, Unauthenticated
 from state.ops import OPERATIONS, Operation
-from state.snapshot import Actor
+from state.snapshot import Actor, Outcome
 from state.store import Store
 
 log = logging.getLogger("mailstate.mcp")
@@ -80,8 +81,12 @@ def error_result(body: dict[str, Any]) -> types.CallToolResult:
     return types.CallToolResult(content=_text(body), structured_content=body, is_error=True)
 
 
-def build_server(store: Store, actor_of: ActorOf) -> Server[Any]:
-    """The MCP server for `store`; `actor_of(ctx)` names the caller of each request."""
+class Executor(Protocol):
+    def execute(self, name: str, actor: Actor, data: Any = None, *, request_id: str | None = None) -> Outcome: ...
+
+
+def build_server(store: Executor, actor_of: ActorOf) -> Server[Any]:
+    """The MCP server running operations on `store`; `actor_of(ctx)` names each request's caller."""
 
     async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         return types.ListToolsResult(tools=tool_list())
@@ -171,6 +176,38 @@ def mcp_http_app(store: Store, authenticate: Callable[[str | None], Actor]) -> t
 # --- stdio ---------------------------------------------------------------------------------
 
 
+class ReopeningStore:
+    """A store for a process that does not own the data dir alone (`mailstate mcp` beside a
+    running `mailstate serve`, or the CLI): when the branch moved since the snapshot was
+    loaded, the store is reopened before the call, and a write that lost the race to another
+    process (the branch moved between check and commit; nothing was written) is re-run."""
+
+    def __init__(self, opener: Callable[[], Store], tries: int = 5) -> None:
+        self._open = opener
+        self._lock = threading.Lock()
+        self._tries = tries
+        self.store = opener()
+
+    def _current(self) -> Store:
+        with self._lock:
+            if self.store.git.head() != self.store.head:
+                self.store = self._open()
+            return self.store
+
+    def execute(self, name: str, actor: Actor, data: Any = None, *, request_id: str | None = None) -> Outcome:
+        for attempt in range(self._tries):
+            store = self._current()
+            try:
+                return store.execute(name, actor, data, request_id=request_id)
+            except StoreError:
+                if attempt == self._tries - 1 or store.git.head() == store.head:
+                    raise
+        raise AssertionError("unreachable")
+
+
+# --- stdio (run) ---------------------------------------------------------------------------------
+
+
 def run_stdio(data: Path, token: str) -> None:
     """Serve MCP on stdin/stdout for one token (`mailstate mcp`). The token is checked at
     start (a bad one fails before anything is served) and again on every call."""
@@ -185,7 +222,7 @@ def run_stdio(data: Path, token: str) -> None:
     db = LocalDB(dd.db)
     try:
         db.authenticate(token)
-        store = open_store(dd.root, db=db)
+        store = ReopeningStore(lambda: open_store(dd.root, db=db))
 
         def actor_of(ctx: ServerRequestContext[Any, Any]) -> Actor:
             return db.authenticate(token)
