@@ -10,6 +10,7 @@ import base64
 import hashlib
 import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import bcrypt
@@ -610,4 +611,4 @@ def test_every_documented_operation_code_is_exercised() -> None:
         "unknown_operation",
     ]:
         assert code in doc, code
-        assert f'"{code}"' in open(__file__).read(), code
+        assert f'"{code}"' in Path(__file__).read_text(), code
