@@ -194,6 +194,25 @@ def test_comments_in_nodes_yaml_survive(data_dir: DataDir, store: Store, tmp_pat
 
 # --- YAML 1.1's traps: local parts that are not strings to a naive reader -----------------------
 
+TRICKY_NODES = ["on", "no", "null", "true", "123", "0x1f", "1e3", "2026-01-01", "0o17"]
+
+
+def test_tricky_node_names_roundtrip_in_both_paths(data_dir: DataDir, store: Store, tmp_path: Path) -> None:
+    for name in TRICKY_NODES[:4]:
+        store.execute("add-node", ADMIN, {"name": name})
+    admin_edit(data_dir, tmp_path, "nodes.yaml", lambda t: "# nodes, see the wiki\n" + t)
+    store = open_store(data_dir.root)
+    for name in TRICKY_NODES[4:]:
+        store.execute("add-node", ADMIN, {"name": name})
+    store.execute("rotate-node-key", ADMIN, {"name": "on"})
+    text = head_text(store, "nodes.yaml")
+    assert text.startswith("# nodes, see the wiki\n")
+    assert sorted(yaml.safe_load(text)["nodes"]) == sorted(TRICKY_NODES)
+    restarted = Store(data_dir.repo, store.signer, cache_path=None)
+    assert sorted(restarted.snapshot.nodes.nodes) == sorted(TRICKY_NODES)
+    names = [n["name"] for n in restarted.execute("list-nodes", ADMIN, {}).result["nodes"]]
+    assert names == sorted(TRICKY_NODES)
+
 
 def _add_tricky(store: Store) -> None:
     for local in TRICKY_LOCALS:
