@@ -92,7 +92,7 @@ class Settings(BaseModel):
     def _absolute_plain_path(cls, value: str) -> str:
         # The root lands in every passwd line's home field; `:` would shift the fields and
         # whitespace or `..` would put mail somewhere else.
-        if not value.startswith("/") or any(c in value for c in ": \t\n\r") or "/../" in value + "/":
+        if not value.startswith("/") or not (value.isascii() and value.isprintable()) or any(c in value for c in ": ") or "/../" in value + "/":
             raise ValueError("mail_root must be an absolute path without ':', whitespace or '..'")
         return value.rstrip("/") or "/"
 
