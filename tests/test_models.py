@@ -292,7 +292,9 @@ def test_nodes_file_validates_names_and_hashes() -> None:
         NodesFile(nodes={"Bad Name": Node(sync_key_sha256="a" * 64, created_at=now)})
 
 
-@pytest.mark.parametrize("root", ["relative/path", "/var/v mail", "/var/vmail:x", "/var/../etc", "/var/vmail/.."])
+@pytest.mark.parametrize(
+    "root", ["relative/path", "/var/v mail", "/var/vmail:x", "/var/../etc", "/var/vmail/..", "/var/v\x0bmail", "/var/v\x00mail", "/var/vmäil"]
+)
 def test_settings_mail_root_must_be_safe(root: str) -> None:
     with pytest.raises(ValidationError):
         Settings(mail_root=root)
