@@ -55,8 +55,9 @@ def free_port() -> int:
 class LiveServer:
     """One `mailstate serve` process and helpers to drive it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, bcrypt_cost: int = 4) -> None:
         self.root = root
+        self.bcrypt_cost = bcrypt_cost
         self.data = DataDir(root / "data")
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,7 @@ class LiveServer:
         self.proc: subprocess.Popen[str] | None = None
         self.admin_token = ""
         self.stdout = ""
+        self.extra_args: list[str] = []
         self._log = (root / "server.log").open("w+")
 
     @property
@@ -76,7 +78,19 @@ class LiveServer:
             self.port = free_port()
             out = (self.root / "server.out").open("w+")
             self.proc = subprocess.Popen(
-                [*mailstate_cmd(), "serve", "--data", str(self.data.root), "--host", "127.0.0.1", "--port", str(self.port), "--bcrypt-cost", "4"],
+                [
+                    *mailstate_cmd(),
+                    "serve",
+                    "--data",
+                    str(self.data.root),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--bcrypt-cost",
+                    str(self.bcrypt_cost),
+                    *self.extra_args,
+                ],
                 stdout=out,
                 stderr=self._log,
                 env=self.env,
@@ -156,13 +170,13 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(root: Path | None = None) -> Iterator[LiveServer]:
+def live_server(root: Path | None = None, *, bcrypt_cost: int = 4) -> Iterator[LiveServer]:
     """A running server on a fresh, empty data dir; stopped (and its dir removed) afterwards."""
     tmp = None
     if root is None:
         tmp = tempfile.mkdtemp(prefix="mailstate-live-")
         root = Path(tmp)
-    server = LiveServer(root)
+    server = LiveServer(root, bcrypt_cost=bcrypt_cost)
     try:
         server.start()
         yield server
