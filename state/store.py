@@ -60,7 +60,7 @@ def utcnow() -> datetime:
 
 def clean_request_id(value: str | None) -> str:
     """The caller's request id if it is a safe token, else a fresh one."""
-    if value and _REQUEST_ID.match(value):
+    if value and _REQUEST_ID.fullmatch(value):
         return value
     return uuid.uuid4().hex
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,7 @@ class FakeClock:
     """A clock that advances one second per reading: commit times are distinct and stable."""
 
     def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         self.now += timedelta(seconds=1)
@@ -63,7 +63,7 @@ def data_dir(tmp_path: Path, test_settings: Settings) -> DataDir:
 @pytest.fixture
 def store(data_dir: DataDir) -> Iterator[Store]:
     db = LocalDB(data_dir.db)
-    yield open_store(data_dir.root, clock=FakeClock(datetime(2026, 2, 1, tzinfo=timezone.utc)), db=db)
+    yield open_store(data_dir.root, clock=FakeClock(datetime(2026, 2, 1, tzinfo=UTC)), db=db)
     db.close()
 
 
