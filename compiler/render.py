@@ -40,8 +40,20 @@ def _field(value: object) -> str:
     attacker's choosing. Validation keeps such values out; this is the last guard.
     """
     text = str(value)
-    if not text or _FORBIDDEN.intersection(text) or "/../" in f"/{text}/":
+    if not text or _FORBIDDEN.intersection(text):
         raise CompileError("A value would break a compiled file; refusing to render it.")
+    return text
+
+
+def _path(value: object) -> str:
+    """Jinja filter for a path field (a home or a Maildir): `_field`, and no `..` segment.
+
+    Only paths get this check: a bcrypt hash's alphabet includes `.` and `/`, so a valid
+    hash may well contain `/../`.
+    """
+    text = _field(value)
+    if "/../" in f"/{text}/":
+        raise CompileError("A path would climb out of the mail root; refusing to render it.")
     return text
 
 
@@ -55,6 +67,7 @@ def _env() -> jinja2.Environment:
         trim_blocks=False,
     )
     env.filters["field"] = _field
+    env.filters["path"] = _path
     return env
 
 

@@ -318,3 +318,14 @@ def test_check_reports_every_problem_not_just_the_first(tmp_path: Path, capsys: 
     out = capsys.readouterr().out
     assert "domains/ol/old.example.yaml" in out
     assert "domains/ne/new.example.yaml" in out
+
+
+def test_a_valid_hash_that_contains_slash_dot_dot_still_renders() -> None:
+    """bcrypt's alphabet has '.' and '/', so '/../' can appear in a real hash; only paths are checked for it."""
+    from compiler.render import render_domain
+    from state.models import DomainFile, Mailbox, Settings
+
+    pw = "{BLF-CRYPT}$2b$04$" + "abc/../" + "a" * 46
+    dom = DomainFile(domain="example.com", email_enabled=True, mailboxes={"x": Mailbox(password=pw, quota_mb=5)})
+    passwd = render_domain(dom, Settings())["rendered/domains/ex/example.com/passwd"].decode()
+    assert passwd.split(":")[1] + ":" not in ("",) and pw in passwd
