@@ -77,6 +77,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -368,10 +369,20 @@ class Runner:
                                                (f"{argv[0]}: timed out after {timeout}s").encode())
 
     def shell(self, command: str, *, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
-        try:
-            return subprocess.run(command, shell=True, capture_output=True, stdin=subprocess.DEVNULL, env=self._env(None), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess(command, 124, b"", (f"timed out after {timeout}s").encode())
+        """Run a configured shell command (reloads). Output goes to an unnamed temp file, not a
+        pipe, so a command that leaves a daemon behind cannot make us wait for it."""
+        with tempfile.TemporaryFile() as out:
+            try:
+                r = subprocess.run(command, shell=True, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   env=self._env(None), timeout=timeout)
+                code = r.returncode
+            except subprocess.TimeoutExpired:
+                code = 124
+            out.seek(0)
+            text = out.read(65536)
+        if code == 124 and not text:
+            text = f"timed out after {timeout}s".encode()
+        return subprocess.CompletedProcess(command, code, b"", text)
 
 
 def _short(out: bytes, limit: int = 300) -> str:

@@ -1,0 +1,617 @@
+"""Real mail-node helpers for tests: Postfix + Dovecot on loopback, pi-pull, signed state repos.
+
+Import what you need::
+
+    from tests.mailnode import MailNode, mailnode, run_pi_pull, StateRepo, make_signing_key
+
+* ``mailnode`` (fixture) starts REAL Dovecot (IMAP + LMTP) and REAL Postfix (SMTP) on free
+  loopback ports, configured from the ``templates/node`` snippets and pointed at a pi-pull
+  release root (``node.root``). Dovecot runs as root from ``dovecot -c <conf>`` with its own
+  base_dir/state_dir; Postfix from ``postfix -c <dir>`` with its own queue/data directories.
+  Mail is stored as the ``vmail`` system user (created with ``useradd --system`` if absent).
+  Loopback clients are *not* in mynetworks, so they are treated like the outside world
+  (unknown domains: 554 relay denied; unknown users: 550).
+* When postfix/dovecot/postmap/doveadm are missing the fixture fails under ``CI=true`` and
+  skips otherwise.
+* ``node.write_pi_pull_config(...)`` writes a pi-pull ini whose reload/postmap commands
+  drive this node's Postfix and Dovecot; ``run_pi_pull(config)`` runs one tick.
+* ``StateRepo`` builds a state repo (bare ``state.git`` + work tree) with the contract's
+  ``rendered/`` layout and SSH-signed commits, for tests that do not need ``mailstate serve``.
+
+The temp dirs are created under /tmp with mode 0755 (not pytest's 0700 tmp_path) because
+Dovecot's unprivileged processes (dovecot, dovenull, vmail) must traverse them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import imaplib
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from compiler.node_bundle import dovecot_snippet, postfix_snippet
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PI_PULL = REPO_ROOT / "pi-pull" / "pi_pull.py"
+MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def require_binaries(*names: str) -> None:
+    """Fail (CI=true) or skip when a required program is missing."""
+    missing = [n for n in names if shutil.which(n) is None and not Path("/usr/sbin", n).exists()]
+    if not missing:
+        return
+    msg = f"missing programs: {', '.join(missing)} (apt-get install postfix dovecot-imapd dovecot-lmtpd)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ensure_vmail() -> tuple[int, int]:
+    """uid/gid of the `vmail` system user, creating it if needed (tests run as root)."""
+    try:
+        pw = pwd.getpwnam("vmail")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        pass
+    if os.geteuid() == 0:
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", "vmail"],
+            capture_output=True,
+        )
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam("vmail")
+            return pw.pw_uid, pw.pw_gid
+    pw = pwd.getpwnam("mail")  # fallback: Debian's `mail` user; first_valid_uid is set to match
+    return pw.pw_uid, pw.pw_gid
+
+
+def age_file(path: Path, seconds: float = 60) -> None:
+    """Backdate a file's mtime. Postfix programs re-read a main.cf modified within the last
+    second until it "cools down" (~2 s per postmap/postfix run on a freshly written file)."""
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def make_public_tmpdir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def run_pi_pull(config: Path | str, *args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run one pi-pull tick (``--once``) as a subprocess; returns the completed process."""
+    return subprocess.run(
+        [python, str(PI_PULL), "--config", str(config), "--once", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --------------------------------------------------------------------------- the node
+
+
+@dataclass
+class MailNode:
+    """A running Postfix + Dovecot pair on loopback, serving ``root/current``."""
+
+    workdir: Path
+    root: Path
+    mail_root: Path
+    smtp_port: int
+    imap_port: int
+    lmtp_port: int
+    uid: int
+    gid: int
+    map_type: str = "hash"
+    postfix_dir: Path = field(init=False)
+    dovecot_conf: Path = field(init=False)
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        self.postfix_dir = self.workdir / "postfix" / "etc"
+        self.dovecot_conf = self.workdir / "dovecot" / "dovecot.conf"
+
+    # ---- commands pi-pull runs
+
+    @property
+    def postfix_reload(self) -> str:
+        return f"postfix -c {self.postfix_dir} reload"
+
+    @property
+    def dovecot_reload(self) -> str:
+        return f"doveadm -c {self.dovecot_conf} reload"
+
+    @property
+    def postmap(self) -> str:
+        return f"postmap -c {self.postfix_dir}"
+
+    def write_pi_pull_config(
+        self,
+        path: Path,
+        remote_url: str,
+        allowed_signers: Path,
+        *,
+        name: str = "node-test",
+        sync_key_file: Path | None = None,
+        report_url: str = "",
+        postfix_reload: str | None = None,
+        dovecot_reload: str | None = None,
+        keep_releases: int = 5,
+        extra: str = "",
+    ) -> Path:
+        """Write a pi-pull ini for this node (reloads and postmap drive this node's services)."""
+        lines = [
+            "[remote]",
+            f"url = {remote_url}",
+            "branch = main",
+            "[node]",
+            f"name = {name}",
+            f"allowed_signers = {allowed_signers}",
+        ]
+        if sync_key_file:
+            lines.append(f"sync_key_file = {sync_key_file}")
+        lines += [
+            "[paths]",
+            f"root = {self.root}",
+            f"keep_releases = {keep_releases}",
+            "passwd_group = dovecot",
+            "sync = no",
+            "[report]",
+            f"url = {report_url}",
+            "timeout = 5",
+            "[services]",
+            f"postfix_reload = {self.postfix_reload if postfix_reload is None else postfix_reload}",
+            f"dovecot_reload = {self.dovecot_reload if dovecot_reload is None else dovecot_reload}",
+            f"map_type = {self.map_type}",
+            f"postmap = {self.postmap}",
+        ]
+        path.write_text("\n".join(lines) + "\n" + extra)
+        return path
+
+    # ---- lifecycle
+
+    def configure(self) -> None:
+        w = self.workdir
+        (w / "postfix" / "queue").mkdir(parents=True)
+        (w / "postfix" / "data").mkdir(parents=True)
+        self.postfix_dir.mkdir(parents=True)
+        pf = pwd.getpwnam("postfix")
+        os.chown(w / "postfix" / "data", pf.pw_uid, pf.pw_gid)
+        self.mail_root.mkdir(parents=True)
+        os.chown(self.mail_root, self.uid, self.gid)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (w / "dovecot" / "run").mkdir(parents=True)
+        (w / "dovecot" / "state").mkdir(parents=True)
+
+        main_cf = f"""# test node: generated by tests/mailnode.py
+compatibility_level = 3.6
+queue_directory = {w}/postfix/queue
+data_directory = {w}/postfix/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mailnode.test
+mydomain = mailnode.test
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+relayhost =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+# loopback clients are treated like the outside world
+mynetworks = 192.0.2.1/32
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+biff = no
+smtputf8_enable = no
+maillog_file = {w}/postfix.log
+maillog_file_prefixes = {w}
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+delay_warning_time = 0
+
+"""
+        main_cf += postfix_snippet(str(self.root), map_type=self.map_type, lmtp_port=self.lmtp_port)
+        (self.postfix_dir / "main.cf").write_text(main_cf)
+        services = [
+            ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
+            ("cleanup", "unix", "n", "-", "n", "-", "0", "cleanup"),
+            ("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
+            ("rewrite", "unix", "-", "-", "n", "-", "-", "trivial-rewrite"),
+            ("bounce", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("defer", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("trace", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("verify", "unix", "-", "-", "n", "-", "1", "verify"),
+            ("flush", "unix", "n", "-", "n", "1000?", "0", "flush"),
+            ("proxymap", "unix", "-", "-", "n", "-", "-", "proxymap"),
+            ("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
+            ("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
+            ("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+            ("error", "unix", "-", "-", "n", "-", "-", "error"),
+            ("retry", "unix", "-", "-", "n", "-", "-", "error"),
+            ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
+            ("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
+            ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+            ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+            ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
+        ]
+        master = [f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd"]
+        master += ["  ".join(s) for s in services]
+        (self.postfix_dir / "master.cf").write_text("\n".join(master) + "\n")
+        for name in ("main.cf", "master.cf"):
+            age_file(self.postfix_dir / name)
+
+        dovecot = f"""# test node: generated by tests/mailnode.py
+base_dir = {w}/dovecot/run
+state_dir = {w}/dovecot/state
+instance_name = mailnode-{self.imap_port}
+log_path = {w}/dovecot.log
+protocols = imap lmtp
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+auth_verbose = yes
+first_valid_uid = {min(self.uid, 500)}
+first_valid_gid = {min(self.gid, 500)}
+default_internal_user = dovecot
+default_login_user = dovenull
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+
+"""
+        dovecot += dovecot_snippet(str(self.root), lmtp_port=self.lmtp_port)
+        self.dovecot_conf.write_text(dovecot)
+
+    def _daemon(self, *argv: str) -> None:
+        """Start a daemon. Its output goes to a file: a daemon would hold a pipe open forever."""
+        out = self.workdir / "start.log"
+        with open(out, "ab") as fh:
+            r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {out.read_text(errors='replace')}\n{self.dovecot_log()}{self.postfix_log()}")
+
+    def start(self) -> None:
+        self.configure()
+        self._daemon("dovecot", "-c", str(self.dovecot_conf))
+        self.started = True
+        self._daemon("postfix", "-c", str(self.postfix_dir), "start")
+        for port in (self.imap_port, self.lmtp_port, self.smtp_port):
+            wait_port(port)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.postfix_dir), "abort"], capture_output=True)
+        pidfile = self.workdir / "dovecot" / "run" / "master.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        pf_pid = self.workdir / "postfix" / "queue" / "pid" / "master.pid"
+        while time.monotonic() < deadline and (pidfile.exists() or _pid_alive(pf_pid)):
+            time.sleep(0.05)
+
+    # ---- clients
+
+    def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["doveadm", "-c", str(self.dovecot_conf), *args], capture_output=True, text=True)
+
+    def smtp(self) -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=15)
+        s.ehlo("client.test")
+        return s
+
+    def rcpt_code(self, address: str) -> tuple[int, str]:
+        """SMTP answer to RCPT TO:<address> (MAIL FROM a foreign sender)."""
+        with contextlib.closing(self.smtp()) as s:
+            s.mail("sender@client.test")
+            code, msg = s.rcpt(address)
+            s.rset()
+            s.quit()
+            return code, msg.decode(errors="replace")
+
+    def send(self, to: str, subject: str, body: str = "hello from the test\n") -> None:
+        msg = f"From: sender@client.test\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}"
+        with contextlib.closing(self.smtp()) as s:
+            s.sendmail("sender@client.test", [to], msg)
+            s.quit()
+
+    def imap(self, user: str, password: str) -> imaplib.IMAP4:
+        """Logged-in IMAP connection (raises imaplib.IMAP4.error on a failed login)."""
+        m = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=15)
+        try:
+            m.login(user, password)
+        except Exception:
+            with contextlib.suppress(Exception):
+                m.logout()
+            raise
+        return m
+
+    def can_login(self, user: str, password: str) -> bool:
+        try:
+            m = self.imap(user, password)
+        except imaplib.IMAP4.error:
+            return False
+        m.logout()
+        return True
+
+    def wait_for_message(self, user: str, password: str, subject: str, timeout: float = 20.0) -> bytes:
+        """Poll the INBOX until a message with ``subject`` arrives; returns the raw message."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.imap(user, password)
+            try:
+                m.select("INBOX")
+                typ, data = m.search(None, "SUBJECT", f'"{subject}"')
+                ids = data[0].split() if typ == "OK" and data and data[0] else []
+                if ids:
+                    typ, fetched = m.fetch(ids[-1], "(RFC822)")
+                    item = fetched[0]
+                    assert isinstance(item, tuple)
+                    return bytes(item[1])
+            finally:
+                with contextlib.suppress(Exception):
+                    m.logout()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no message {subject!r} for {user} after {timeout}s\n{self.postfix_log()[-3000:]}")
+            time.sleep(0.1)
+
+    def postfix_log(self) -> str:
+        p = self.workdir / "postfix.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def dovecot_log(self) -> str:
+        p = self.workdir / "dovecot.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def _pid_alive(pidfile: Path) -> bool:
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def running_mailnode(map_type: str = "hash") -> Iterator[MailNode]:
+    """Start Postfix + Dovecot for a fresh release root; stop and clean up afterwards."""
+    require_binaries(*MAIL_BINARIES)
+    if os.geteuid() != 0:
+        msg = "the real mail node needs root (Postfix/Dovecot run as root from temp configs)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    grp.getgrnam("dovecot")
+    uid, gid = ensure_vmail()
+    workdir = make_public_tmpdir("mailnode-")
+    smtp_port, imap_port, lmtp_port = free_ports(3)
+    node = MailNode(
+        workdir=workdir,
+        root=workdir / "node",
+        mail_root=workdir / "vmail",
+        smtp_port=smtp_port,
+        imap_port=imap_port,
+        lmtp_port=lmtp_port,
+        uid=uid,
+        gid=gid,
+        map_type=map_type,
+    )
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def mailnode() -> Iterator[MailNode]:
+    """A fresh real Postfix + Dovecot node (see module docstring)."""
+    with running_mailnode() as node:
+        yield node
+
+
+# --------------------------------------------------------------------------- signed state repos
+
+
+def git(cwd: Path, *args: str, input: str | None = None, check: bool = True) -> str:
+    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, input=input)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {r.stderr}")
+    return r.stdout.strip()
+
+
+@dataclass
+class SigningKey:
+    private: Path
+    public_line: str  # "ssh-ed25519 AAAA... comment"
+
+    def allowed_signers_line(self, principal: str = "mailstate") -> str:
+        return f'{principal} namespaces="git" {self.public_line}'
+
+
+def make_signing_key(directory: Path, name: str = "signing") -> SigningKey:
+    """A throwaway ed25519 key (``ssh-keygen -t ed25519 -N ''``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
+    return SigningKey(private=key, public_line=(directory / f"{name}.pub").read_text().strip())
+
+
+def write_allowed_signers(path: Path, keys: Sequence[SigningKey]) -> Path:
+    path.write_text("".join(k.allowed_signers_line() + "\n" for k in keys))
+    return path
+
+
+def bcrypt_hash(password: str, cost: int = 4) -> str:
+    import bcrypt
+
+    return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
+
+
+@dataclass
+class Mailbox:
+    password_hash: str
+    quota_mb: int = 1024
+    active: bool = True
+
+
+class StateRepo:
+    """A state repo (bare ``state.git`` + work tree) written by hand in the contract's layout.
+
+    Mutate ``domains`` (or use the helpers), then ``commit()``: it rewrites ``rendered/`` and the
+    YAML, makes one commit (SSH-signed with ``key`` unless ``sign=False``) and pushes it to
+    ``bare``'s ``main``.
+    """
+
+    def __init__(self, path: Path, key: SigningKey, *, mail_root: str = "/var/vmail", uid: int = 5000, gid: int = 5000) -> None:
+        self.path = path
+        self.bare = path / "state.git"
+        self.work = path / "work"
+        self.key = key
+        self.mail_root = mail_root.rstrip("/")
+        self.uid = uid
+        self.gid = gid
+        self.domains: dict[str, dict[str, Mailbox]] = {}
+        self.enabled: dict[str, bool] = {}
+        path.mkdir(parents=True, exist_ok=True)
+        git(path, "init", "--quiet", "--bare", "--initial-branch=main", str(self.bare))
+        git(path, "init", "--quiet", "--initial-branch=main", str(self.work))
+        git(self.work, "config", "user.name", "mailstate-test")
+        git(self.work, "config", "user.email", "test@example.invalid")
+
+    # ---- state edits
+
+    def set_mailbox(self, email: str, password: str | None = None, *, quota_mb: int = 1024, password_hash: str | None = None) -> None:
+        local, domain = email.split("@")
+        boxes = self.domains.setdefault(domain, {})
+        self.enabled.setdefault(domain, True)
+        if password_hash is None:
+            password_hash = bcrypt_hash(password or "secret-password") if password or local not in boxes else boxes[local].password_hash
+        boxes[local] = Mailbox(password_hash=password_hash, quota_mb=quota_mb)
+
+    def remove_mailbox(self, email: str) -> None:
+        local, domain = email.split("@")
+        del self.domains[domain][local]
+
+    def set_email_enabled(self, domain: str, enabled: bool) -> None:
+        self.domains.setdefault(domain, {})
+        self.enabled[domain] = enabled
+
+    # ---- files
+
+    def rendered_files(self) -> dict[str, str]:
+        files: dict[str, str] = {}
+        for domain in sorted(self.domains):
+            if not self.enabled.get(domain, True):
+                continue
+            base = f"rendered/domains/{domain[:2]}/{domain}"
+            boxes = sorted((local, b) for local, b in self.domains[domain].items() if b.active)
+            files[f"{base}/passwd"] = "".join(
+                f"{local}@{domain}:{b.password_hash}:{self.uid}:{self.gid}::{self.mail_root}/{domain}/{local}"
+                f"::userdb_quota_rule=*:storage={b.quota_mb}M\n"
+                for local, b in boxes
+            )
+            files[f"{base}/virtual_mailbox_maps"] = "".join(f"{local}@{domain} {domain}/{local}/\n" for local, _ in boxes)
+            files[f"{base}/virtual_mailbox_domains"] = f"{domain} OK\n"
+        return files
+
+    def write_tree(self) -> None:
+        for sub in ("rendered", "domains"):
+            shutil.rmtree(self.work / sub, ignore_errors=True)
+        (self.work / "mailstate.yaml").write_text(
+            f"format: 1\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n"
+        )
+        (self.work / "nodes.yaml").write_text("nodes: {}\n")
+        for domain in sorted(self.domains):
+            p = self.work / "domains" / domain[:2] / f"{domain}.yaml"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            boxes = "".join(
+                f"  {local}:\n    password: '{b.password_hash}'\n    quota_mb: {b.quota_mb}\n    active: {str(b.active).lower()}\n"
+                for local, b in sorted(self.domains[domain].items())
+            )
+            enabled = str(self.enabled.get(domain, True)).lower()
+            p.write_text(f"domain: {domain}\nemail_enabled: {enabled}\nmailboxes:\n{boxes or '  {}'}\n")
+        for rel, content in self.rendered_files().items():
+            p = self.work / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(content)
+
+    def commit(self, message: str = "update", *, sign: bool = True, key: SigningKey | None = None, write: bool = True, push: bool = True) -> str:
+        """Commit the work tree (signed by ``key``/``self.key`` unless ``sign=False``) and push to ``main``."""
+        if write:
+            self.write_tree()
+        git(self.work, "add", "-A")
+        args = ["commit", "--quiet", "--allow-empty", "-m", message]
+        if sign:
+            signer = key or self.key
+            args = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={signer.private}", "commit", "-S", *args[1:]]
+        git(self.work, *args)
+        sha = git(self.work, "rev-parse", "HEAD")
+        if push:
+            self.push(sha)
+        return sha
+
+    def push(self, sha: str, *, force: bool = True) -> None:
+        git(self.work, "push", "--quiet", *(["--force"] if force else []), str(self.bare), f"{sha}:refs/heads/main")
+
+    def tip(self) -> str:
+        return git(self.bare, "rev-parse", "main")
