@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import imaplib
+import itertools
 import os
 import pwd
 import shutil
@@ -373,8 +374,12 @@ service imap-login {{
             s.quit()
 
     def imap(self, user: str, password: str) -> imaplib.IMAP4:
-        """Logged-in IMAP connection (raises imaplib.IMAP4.error on a failed login)."""
-        m = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=15)
+        """Logged-in IMAP connection (raises imaplib.IMAP4.error on a failed login).
+
+        Each connection comes from a different loopback source address: Dovecot delays
+        further logins from an address that failed one (2 s, doubling up to 15 s), and the
+        tests fail logins on purpose."""
+        m = _IMAP4FromSource("127.0.0.1", self.imap_port, timeout=15)
         try:
             m.login(user, password)
         except Exception:
@@ -419,6 +424,18 @@ service imap-login {{
     def dovecot_log(self) -> str:
         p = self.workdir / "dovecot.log"
         return p.read_text(errors="replace") if p.exists() else ""
+
+
+_source_counter = itertools.count(1)
+
+
+class _IMAP4FromSource(imaplib.IMAP4):
+    """imaplib.IMAP4 that connects from a fresh 127.x.y.z address every time."""
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        n = next(_source_counter) % 65000 + 2
+        source = f"127.{n // 250 % 250 + 1}.{n % 250 + 1}.1"
+        return socket.create_connection((self.host, self.port), timeout, source_address=(source, 0))
 
 
 def _pid_alive(pidfile: Path) -> bool:

@@ -1,0 +1,176 @@
+"""The node bundle: deterministic, units valid, ini parses and points at the right files."""
+
+from __future__ import annotations
+
+import configparser
+import grp
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from compiler.node_bundle import INSTALL_PATHS, PI_PULL_SCRIPT, SYNC_KEY_FILE, render_node_bundle, render_template
+from tests.mailnode import age_file, require_binaries
+
+SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'
+EXPECTED_FILES = {
+    "pi-pull.ini",
+    "allowed_signers",
+    "pi-pull.service",
+    "pi-pull.timer",
+    "dovecot/conf.d/90-mailstate.conf",
+    "postfix/main.cf.mailstate",
+    "pi_pull.py",
+}
+
+
+def bundle(**kwargs: object) -> dict[str, str]:
+    args: dict[str, object] = {"node_name": "pi-01", "server_url": "https://mail.example.net", "allowed_signers": SIGNERS}
+    args.update(kwargs)
+    return render_node_bundle(**args)  # type: ignore[arg-type]
+
+
+def parse_unit(text: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(interpolation=None, strict=True)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    cp.read_string(text)
+    return cp
+
+
+def test_bundle_is_deterministic_and_complete() -> None:
+    a, b = bundle(), bundle()
+    assert a == b
+    assert set(a) == EXPECTED_FILES
+    assert set(INSTALL_PATHS) == EXPECTED_FILES
+    assert a["pi_pull.py"] == PI_PULL_SCRIPT.read_text()
+    assert a["allowed_signers"] == SIGNERS
+    assert bundle(node_name="pi-02") != a
+
+
+def test_sync_key_is_not_in_the_bundle() -> None:
+    b = bundle()
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.get("node", "sync_key_file") == SYNC_KEY_FILE == "/etc/pi-pull/sync_key"
+    assert not any(cp.has_option(s, "sync_key") for s in cp.sections())
+
+
+def test_ini_points_at_the_right_files() -> None:
+    b = bundle(root="/srv/pi-pull")
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.get("remote", "url") == "https://mail.example.net/v1/nodes/state.git"
+    assert cp.get("remote", "branch") == "main"
+    assert cp.getboolean("remote", "send_credentials") is True
+    assert cp.get("node", "name") == "pi-01"
+    assert cp.get("node", "allowed_signers") == INSTALL_PATHS["allowed_signers"]
+    assert cp.get("paths", "root") == "/srv/pi-pull"
+    assert cp.get("report", "url") == "https://mail.example.net/v1/nodes/report"
+    assert cp.get("services", "map_type") == "hash"
+    assert cp.get("services", "postfix_reload") == "postfix reload"
+    assert cp.get("services", "dovecot_reload") == "doveadm reload"
+    assert "/srv/pi-pull/current/dovecot/passwd.d/%d" in b["dovecot/conf.d/90-mailstate.conf"]
+    assert "hash:/srv/pi-pull/current/postfix/virtual_mailbox_maps" in b["postfix/main.cf.mailstate"]
+
+
+def test_ini_is_accepted_by_pi_pull(tmp_path: Path) -> None:
+    try:
+        grp.getgrnam("dovecot")
+    except KeyError:
+        pytest.skip("the bundle's passwd_group is dovecot, which is not installed here")
+    sys.path.insert(0, str(PI_PULL_SCRIPT.parent))
+    try:
+        import pi_pull
+    finally:
+        sys.path.remove(str(PI_PULL_SCRIPT.parent))
+    path = tmp_path / "pi-pull.ini"
+    path.write_text(bundle(map_type="lmdb")["pi-pull.ini"])
+    cfg = pi_pull.load_config(str(path))
+    assert cfg.remote_is_http and cfg.send_credentials and cfg.needs_key
+    assert cfg.sync_key_file == SYNC_KEY_FILE and cfg.allowed_signers == INSTALL_PATHS["allowed_signers"]
+    assert cfg.root == "/var/lib/pi-pull" and cfg.map_type == "lmdb" and cfg.passwd_group == "dovecot"
+
+
+def test_git_host_remote_without_server() -> None:
+    b = bundle(server_url="", remote_url="git@git.example.net:ops/mailstate.git")
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.get("remote", "url") == "git@git.example.net:ops/mailstate.git"
+    assert not cp.has_option("remote", "send_credentials")
+    assert cp.get("report", "url") == ""
+
+
+def test_service_unit() -> None:
+    unit = parse_unit(bundle()["pi-pull.service"])
+    svc = unit["Service"]
+    assert svc["Type"] == "oneshot"  # a oneshot unit never overlaps itself
+    assert svc["ExecStart"].split() == [
+        "/usr/bin/python3",
+        INSTALL_PATHS["pi_pull.py"],
+        "--config",
+        INSTALL_PATHS["pi-pull.ini"],
+        "--once",
+    ]
+    assert svc["SuccessExitStatus"] == "4"
+    assert "network-online.target" in unit["Unit"]["After"]
+
+
+def test_timer_unit() -> None:
+    unit = parse_unit(bundle()["pi-pull.timer"])
+    timer = unit["Timer"]
+    assert timer.get("OnCalendar") == "*-*-* *:*:00" or timer.get("OnUnitActiveSec") in ("60s", "1min")
+    assert timer["RandomizedDelaySec"].rstrip("s").isdigit() and int(timer["RandomizedDelaySec"].rstrip("s")) > 0
+    assert timer["Unit"] == "pi-pull.service"
+    assert unit["Install"]["WantedBy"] == "timers.target"
+
+
+def test_bad_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="allowed_signers"):
+        bundle(allowed_signers="# nothing here\n")
+    with pytest.raises(ValueError, match="allowed_signers"):
+        bundle(allowed_signers="not a key line\n")
+    with pytest.raises(ValueError, match="node_name"):
+        bundle(node_name="pi 01")
+    with pytest.raises(ValueError, match="server_url"):
+        bundle(server_url="ftp://x")
+    with pytest.raises(ValueError, match="single line"):
+        bundle(postfix_reload="postfix reload\n[node]\nname = evil")
+    with pytest.raises(ValueError, match="absolute"):
+        bundle(root="relative/dir")
+
+
+def test_templates_use_strict_undefined() -> None:
+    with pytest.raises(jinja2.UndefinedError):
+        render_template("postfix-main.cf.j2", root="/var/lib/pi-pull")
+
+
+def test_dovecot_snippet_is_valid_dovecot_config(tmp_path: Path) -> None:
+    require_binaries("doveconf")
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(
+        f"base_dir = {tmp_path}/run\nprotocols = imap lmtp\nssl = no\n"
+        + bundle(root="/srv/node", lmtp_port=2424)["dovecot/conf.d/90-mailstate.conf"]
+    )
+    r = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "args = scheme=BLF-CRYPT username_format=%u /srv/node/current/dovecot/passwd.d/%d" in r.stdout
+    assert "port = 2424" in r.stdout
+
+
+def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
+    require_binaries("postconf")
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + bundle(root="/srv/node", map_type="lmdb", lmtp_port=2424)["postfix/main.cf.mailstate"])
+    age_file(tmp_path / "main.cf")
+    r = subprocess.run(
+        ["postconf", "-c", str(tmp_path), "-n", "virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_transport"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "virtual_mailbox_domains = lmdb:/srv/node/current/postfix/virtual_mailbox_domains",
+        "virtual_mailbox_maps = lmdb:/srv/node/current/postfix/virtual_mailbox_maps",
+        "virtual_transport = lmtp:inet:127.0.0.1:2424",
+    ]
