@@ -12,6 +12,7 @@ operation's pydantic request model, the same model the MCP tools and OpenAPI use
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -166,9 +167,12 @@ def _endpoint(op: Operation) -> Any:
             raise Forbidden("This operation needs an admin token.", code="admin_required")
         data = query_object(request) if op.method == "GET" else await read_json_object(request)
         request_id = clean_request_id(request.headers.get("x-request-id"))
+        started = time.perf_counter()
         outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
+        took = (time.perf_counter() - started) * 1000
         status = 201 if outcome.created else 200
-        return JSONResponse(outcome.result, status_code=status, headers={"X-Request-Id": request_id})
+        headers = {"X-Request-Id": request_id, "Server-Timing": f"op;dur={took:.2f}"}
+        return JSONResponse(outcome.result, status_code=status, headers=headers)
 
     endpoint.__name__ = op.name.replace("-", "_")
     return endpoint
