@@ -171,7 +171,8 @@ def _endpoint(op: Operation) -> Any:
         outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
         took = (time.perf_counter() - started) * 1000
         status = 201 if outcome.created else 200
-        headers = {"X-Request-Id": request_id, "Server-Timing": f"op;dur={took:.2f}"}
+        # no-store: some answers carry a secret shown once (add-node's sync key).
+        headers = {"X-Request-Id": request_id, "Server-Timing": f"op;dur={took:.2f}", "Cache-Control": "no-store"}
         return JSONResponse(outcome.result, status_code=status, headers=headers)
 
     endpoint.__name__ = op.name.replace("-", "_")

@@ -157,6 +157,11 @@ def _http_backend(services: Services, request: Request, path: str, body: bytes) 
         "CONTENT_LENGTH": str(len(body)),
         "REMOTE_ADDR": _peer(request) or "",
         # REMOTE_USER is deliberately absent: http-backend only enables receive-pack with it.
+        # The server's private refs (refs/mailstate/*: upstream tracking, refused commits) are
+        # not advertised; nodes fetch main.
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "uploadpack.hideRefs",
+        "GIT_CONFIG_VALUE_0": "refs/mailstate/",
     }
     if encoding := request.headers.get("content-encoding"):
         env["HTTP_CONTENT_ENCODING"] = encoding

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from api import http, http_errors, nodes_http
 from api.mcp_server import mcp_http_app
 from state.datadir import DataDir, init_data_dir, open_store
-from state.errors import InvalidInput
+from state.errors import InvalidInput, StoreError
 from state.localdb import LocalDB
 from state.nodes import NodeReport
 from state.store import Store
@@ -126,7 +126,8 @@ def _version() -> str:
 
 
 def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
-    """Initialise `data` if it is not a data dir yet; the new admin token, or None if it was."""
+    """Initialise `data` if it does not exist or is empty; the new admin token, or None when it
+    already was a data dir. A non-empty directory that is not a data dir is refused, not taken over."""
     from pydantic import ValidationError
 
     from state.models import Settings, invalid_input_from
@@ -134,6 +135,11 @@ def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
     dd = DataDir(Path(data))
     if dd.is_initialised():
         return None
+    if dd.root.exists() and any(p.name != "lost+found" for p in dd.root.iterdir()):
+        raise StoreError(
+            f"{dd.root} is neither empty nor a mailstate data dir; give an empty or new directory (or run `mailstate init --data {dd.root}` on purpose).",
+            code="not_initialised",
+        )
     try:
         settings = Settings(bcrypt_cost=bcrypt_cost) if bcrypt_cost is not None else Settings()
     except ValidationError as exc:

@@ -83,7 +83,7 @@ def test_every_endpoint_success_path(world: World) -> None:
         data = r.json()
         assert isinstance(data["commit"], str) and SHA.match(data["commit"]), data
         assert data["commit"] == head(srv)
-        assert r.headers["x-request-id"]
+        assert r.headers["x-request-id"] and r.headers["cache-control"] == "no-store"
         writes.append(name)
         return data
 

@@ -226,6 +226,16 @@ def test_git_clone_refused(nodes: Nodes, tmp_path: Path, who: str) -> None:
     assert any(e in proc.stderr for e in ((expected,) if isinstance(expected, str) else expected)), proc.stderr
 
 
+def test_private_refs_are_not_advertised(nodes: Nodes) -> None:
+    srv = nodes.srv
+    srv.git("update-ref", "refs/mailstate/rejected/" + nodes.head(), nodes.head())
+    url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
+    proc = git(srv, "ls-remote", url, env=header_env("mpi02", nodes.key))
+    assert proc.returncode == 0, proc.stderr
+    refs = [line.split("\t")[1] for line in proc.stdout.splitlines()]
+    assert "refs/heads/main" in refs and not any(r.startswith("refs/mailstate/") for r in refs)
+
+
 def test_git_push_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"

@@ -299,3 +299,14 @@ def test_serve_again_prints_no_token_and_keeps_state(tmp_path: Path) -> None:
             assert [d["domain"] for d in c.get(f"{API}/list-domains").json()["domains"]] == ["kept.example"]
     finally:
         srv.stop()
+
+
+def test_serve_refuses_a_non_empty_directory_that_is_not_a_data_dir(tmp_path: Path) -> None:
+    srv = LiveServer(tmp_path)
+    srv.data.root.mkdir(parents=True)
+    (srv.data.root / "notes.txt").write_text("mine")
+    before = srv.data.root.stat().st_mode
+    proc = srv.cli("serve", "--data", str(srv.data.root), "--port", "1", check=False)
+    assert proc.returncode != 0 and "neither empty nor a mailstate data dir" in proc.stderr
+    assert sorted(p.name for p in srv.data.root.iterdir()) == ["notes.txt"]
+    assert srv.data.root.stat().st_mode == before
