@@ -128,7 +128,8 @@ async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, emp
         if empty_ok:
             return {}
         raise InvalidInput("The request body must be a JSON object.", code="invalid_request")
-    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    # No Content-Type at all is read as JSON (some clients send none); any other type is refused.
+    ctype = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
     if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
         raise InvalidInput("The request body must be JSON, sent with Content-Type: application/json.", code="invalid_request")
     try:

@@ -266,12 +266,18 @@ def raw(world: World, name: str, content: bytes, ctype: str | None = "applicatio
         (b"42", "application/json"),
         (b'{"email": "x@a.example", "password": "correct horse battery"}', "text/plain"),
         (b"email=x%40a.example&password=secret", "application/x-www-form-urlencoded"),
-        (b'{"email": "x@a.example"}', None),
+        (b'{"email": "x@a.example"}', "multipart/form-data; boundary=x"),
     ],
 )
 def test_400_malformed_body(world: World, content: bytes, ctype: str | None) -> None:
     err = assert_error(raw(world, "add-user", content, ctype), 400, "invalid_request")
     assert "correct horse" not in err["message"]
+
+
+def test_json_without_a_content_type_is_accepted(world: World) -> None:
+    r = raw(world, "add-user", b'{"email": "notype@a.example", "password": "correct horse battery"}', None)
+    assert r.status_code == 201, r.text
+    assert_error(raw(world, "add-user", b'{"email": "notype2@a.example"}', None), 400, "missing_field")
 
 
 def test_413_oversized_body(world: World) -> None:
