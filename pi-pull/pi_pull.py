@@ -112,6 +112,10 @@ DOMAIN_RE = re.compile(r"^(?=.{1,253}$)" + _LABEL + r"(?:\." + _LABEL + r")+$")
 LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_EXCEPT_NL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+WS_RE = re.compile(r"\s")
+# Bump when validation gets stricter: releases built by an older validator are then not reused.
+VALIDATOR_VERSION = 1
 
 
 # --------------------------------------------------------------------------- errors
@@ -404,9 +408,9 @@ def _write_file(path: str, data: bytes, mode: int = 0o644) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
+        os.fchmod(fd, mode)  # exact mode, whatever the umask
     finally:
         os.close(fd)
-    os.chmod(path, mode)
 
 
 def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -444,15 +448,6 @@ def _digest(items: Sequence[tuple[str, bytes]]) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-@dataclass
-class DomainFiles:
-    domain: str
-    passwd: bytes
-    maps: bytes
-    domains: bytes
-    mailboxes: int = 0
-
-
 def validate_domain(domain: str, passwd: bytes, vmm: bytes, vmd: bytes, mail_root: str = "") -> int:
     """Validate one domain's rendered fragments. Returns the mailbox count.
 
@@ -466,8 +461,8 @@ def validate_domain(domain: str, passwd: bytes, vmm: bytes, vmd: bytes, mail_roo
             s = data.decode("utf-8")
         except UnicodeDecodeError:
             raise Refused(f"{what} of {domain} is not UTF-8") from None
-        if "\r" in s or "\0" in s:
-            raise Refused(f"{what} of {domain} contains CR/NUL bytes")
+        if CONTROL_EXCEPT_NL_RE.search(s):
+            raise Refused(f"{what} of {domain} contains control characters")
         return [line for line in s.split("\n") if line != ""]
 
     vmd_lines = text(vmd, "virtual_mailbox_domains")
@@ -483,7 +478,7 @@ def validate_domain(domain: str, passwd: bytes, vmm: bytes, vmd: bytes, mail_roo
         key, value = parts
         if not key.endswith(suffix) or not LOCAL_RE.match(key[: -len(suffix)]):
             raise Refused(f"virtual_mailbox_maps of {domain}: bad address {key[:80]!r}")
-        if value.startswith("/") or ".." in value.split("/") or CONTROL_RE.search(value):
+        if value.startswith("/") or ".." in value.split("/"):
             raise Refused(f"virtual_mailbox_maps of {domain}: unsafe path {value[:80]!r}")
         if key in map_users:
             raise Refused(f"virtual_mailbox_maps of {domain}: duplicate {key}")
@@ -496,18 +491,16 @@ def validate_domain(domain: str, passwd: bytes, vmm: bytes, vmd: bytes, mail_roo
             raise Refused(f"passwd of {domain}: line has {len(fields)} fields, expected at least 7")
         user, password, uid, gid, gecos, home, shell = fields[:7]
         extra = fields[7] if len(fields) > 7 else ""
-        if CONTROL_RE.search(line):
-            raise Refused(f"passwd of {domain}: control characters in the line for {user[:80]!r}")
         if not user.endswith(suffix) or not LOCAL_RE.match(user[: -len(suffix)]):
             raise Refused(f"passwd of {domain}: bad user {user[:80]!r}")
         if user in pw_users:
             raise Refused(f"passwd of {domain}: duplicate user {user}")
-        if not password or any(c.isspace() for c in password):
+        if not password or WS_RE.search(password):
             raise Refused(f"passwd of {domain}: bad password field for {user}")
         if not (uid.isdigit() and gid.isdigit()) or int(uid) == 0 or int(gid) == 0:
             raise Refused(f"passwd of {domain}: uid/gid for {user} must be non-zero numbers")
         if (not home.startswith("/") or posixpath.normpath(home) != home or home == "/"
-                or ".." in home.split("/") or any(c.isspace() for c in home)):
+                or ".." in home.split("/") or WS_RE.search(home)):
             raise Refused(f"passwd of {domain}: unsafe home {home[:80]!r} for {user}")
         if mail_root and not home.startswith(mail_root.rstrip("/") + "/"):
             raise Refused(f"passwd of {domain}: home of {user} is outside mail_root {mail_root}")
@@ -699,7 +692,8 @@ class Agent:
 
     # ---- materialise
 
-    def read_rendered(self, sha: str) -> list[DomainFiles]:
+    def list_rendered(self, sha: str) -> dict[str, dict[str, str]]:
+        """Blob ids of each domain's rendered files: {domain: {file name: blob id}}."""
         r = self.git("ls-tree", "-r", "-z", sha, "--", "rendered/domains/")
         if r.returncode != 0:
             raise TickError(f"git ls-tree {sha[:12]} failed: {_short(r.stderr)}")
@@ -722,22 +716,11 @@ class Agent:
                 raise Refused("unsafe or misplaced domain directory {!r}".format("/".join(parts[:4])))
             if otype != "blob" or mode not in ("100644", "100755"):
                 raise Refused(f"{path} is not a regular file (mode {mode})")
-            if domain in wanted and fname in wanted[domain]:
-                raise Refused(f"duplicate rendered file for {domain}")
             wanted.setdefault(domain, {})[fname] = oid
-        blobs = self._cat_blobs(sorted({oid for files in wanted.values() for oid in files.values()}))
-        out = []
-        for domain in sorted(wanted):
-            files = wanted[domain]
+        for domain, files in wanted.items():
             if "virtual_mailbox_domains" not in files:
                 raise Refused(f"rendered/ for {domain} lacks virtual_mailbox_domains")
-            df = DomainFiles(domain=domain,
-                             passwd=blobs[files["passwd"]] if "passwd" in files else b"",
-                             maps=blobs[files["virtual_mailbox_maps"]] if "virtual_mailbox_maps" in files else b"",
-                             domains=blobs[files["virtual_mailbox_domains"]])
-            df.mailboxes = validate_domain(domain, df.passwd, df.maps, df.domains, self.cfg.mail_root)
-            out.append(df)
-        return out
+        return wanted
 
     def _cat_blobs(self, oids: list[str]) -> dict[str, bytes]:
         if not oids:
@@ -758,45 +741,99 @@ class Agent:
             pos = nl + 1 + size + 1
         return blobs
 
-    def build_release(self, sha: str) -> dict[str, Any]:
-        domains = self.read_rendered(sha)
+    def _reuse_key(self) -> str:
+        return json.dumps([VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root])
+
+    def build_release(self, sha: str, previous: str | None) -> dict[str, Any]:
+        """Materialise rendered/ of ``sha`` into releases/<sha> (validated, postmapped).
+
+        Domains whose three blobs are unchanged since ``previous`` (the live release) are not
+        re-read or re-validated: their passwd-file is hard-linked from it, so a one-mailbox
+        change costs little even with 100k mailboxes, and unchanged files keep their mtime.
+        """
+        tree = self.list_rendered(sha)
+        prev = self.manifest(previous)
+        prev_files: dict[str, list[Any]] = {}
+        if previous and prev.get("reuse_key") == self._reuse_key() and isinstance(prev.get("files"), dict):
+            prev_files = prev["files"]
+        prev_passwd_dir = os.path.join(self.releases, previous or "-", "dovecot", "passwd.d")
+
+        keys: dict[str, list[str]] = {}
+        reuse: set[str] = set()
+        need: set[str] = set()
+        for domain, files in tree.items():
+            key = [files.get("passwd", ""), files.get("virtual_mailbox_maps", ""), files["virtual_mailbox_domains"]]
+            keys[domain] = key
+            old = prev_files.get(domain)
+            if isinstance(old, list) and old[:3] == key and os.path.isfile(os.path.join(prev_passwd_dir, domain)):
+                reuse.add(domain)
+                need.update(key[1:])
+            else:
+                need.update(key)
+        need.discard("")
+        blobs = self._cat_blobs(sorted(need))
+        blobs[""] = b""
+        counts: dict[str, int] = {}
+        for domain in sorted(tree):  # validate everything new before writing anything
+            if domain in reuse:
+                counts[domain] = int(prev_files[domain][3])
+            else:
+                p_oid, m_oid, d_oid = keys[domain]
+                counts[domain] = validate_domain(domain, blobs[p_oid], blobs[m_oid], blobs[d_oid], self.cfg.mail_root)
+
         os.makedirs(self.releases, mode=0o755, exist_ok=True)
         final = os.path.join(self.releases, sha)
         tmp = os.path.join(self.releases, f".tmp-{sha[:12]}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
+            passwd_dir = os.path.join(tmp, "dovecot", "passwd.d")
             os.makedirs(os.path.join(tmp, "postfix"), mode=0o755)
-            os.makedirs(os.path.join(tmp, "dovecot", "passwd.d"), mode=0o755)
+            os.makedirs(passwd_dir, mode=0o755)
             gid = grp.getgrnam(self.cfg.passwd_group).gr_gid if self.cfg.passwd_group else -1
             pw_mode = 0o640 if self.cfg.passwd_group else 0o644
-            dovecot_items: list[tuple[str, bytes]] = []
+            files_manifest: dict[str, list[Any]] = {}
             vmd_parts: list[bytes] = []
             vmm_parts: list[bytes] = []
-            for d in domains:
-                p = os.path.join(tmp, "dovecot", "passwd.d", d.domain)
-                _write_file(p, d.passwd, pw_mode)
-                if gid >= 0:
-                    os.chown(p, 0 if os.geteuid() == 0 else -1, gid)
-                dovecot_items.append((d.domain, d.passwd))
-                for part, lst in ((d.domains, vmd_parts), (d.maps, vmm_parts)):
+            mailboxes = 0
+            for domain in sorted(tree):
+                p_oid, m_oid, d_oid = keys[domain]
+                target = os.path.join(passwd_dir, domain)
+                linked = False
+                if domain in reuse:
+                    try:
+                        os.link(os.path.join(prev_passwd_dir, domain), target)
+                        linked = True
+                    except OSError:
+                        pass
+                if not linked:
+                    if p_oid not in blobs:
+                        blobs.update(self._cat_blobs([p_oid]))
+                    _write_file(target, blobs[p_oid], pw_mode)
+                    if gid >= 0:
+                        os.chown(target, 0 if os.geteuid() == 0 else -1, gid)
+                mailboxes += counts[domain]
+                files_manifest[domain] = [p_oid, m_oid, d_oid, counts[domain]]
+                for part, lst in ((blobs[d_oid], vmd_parts), (blobs[m_oid], vmm_parts)):
                     if part and not part.endswith(b"\n"):
                         part += b"\n"
                     lst.append(part)
-            vmd, vmm = b"".join(vmd_parts), b"".join(vmm_parts)
-            _write_file(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), vmd)
-            _write_file(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), vmm)
+            _write_file(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), b"".join(vmd_parts))
+            _write_file(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), b"".join(vmm_parts))
             self.postmap(tmp)
             manifest = {
                 "commit": sha,
                 "built_at": _utcnow(),
                 "map_type": self.cfg.map_type,
-                "postfix_digest": _digest([("virtual_mailbox_domains", vmd), ("virtual_mailbox_maps", vmm),
-                                           ("map_type", self.cfg.map_type.encode())]),
-                "dovecot_digest": _digest(dovecot_items),
-                "domains": len(domains),
-                "mailboxes": sum(d.mailboxes for d in domains),
+                "reuse_key": self._reuse_key(),
+                "postfix_digest": _digest([(d, f"{v[1]} {v[2]}".encode()) for d, v in files_manifest.items()]
+                                          + [("\0map_type", self.cfg.map_type.encode())]),
+                "dovecot_digest": _digest([(d, v[0].encode()) for d, v in files_manifest.items()]),
+                "domains": len(files_manifest),
+                "mailboxes": mailboxes,
+                "reused_domains": len(reuse),
+                "files": files_manifest,
             }
-            _write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+            _write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, sort_keys=True) + "\n").encode())
             _write_file(os.path.join(tmp, "COMMIT"), (sha + "\n").encode())
             if os.path.lexists(final):
                 self._rmtree(final)
@@ -1006,7 +1043,7 @@ class Agent:
             fallback = applied if applied and applied != tip and os.path.isdir(
                 os.path.join(self.releases, applied)) else None
         else:
-            new = self.build_release(tip)
+            new = self.build_release(tip, current)
             old = self.manifest(current)
             changed = []
             if not old or old.get("postfix_digest") != new["postfix_digest"]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import PROJECT_A
 from tests.mailnode import (
     PI_PULL,
     MailNode,
@@ -31,8 +32,8 @@ from tests.mailnode import (
     age_file,
     free_ports,
     git,
-    make_signing_key,
     mailnode,  # noqa: F401  (pytest fixture)
+    make_signing_key,
     require_binaries,
     run_pi_pull,
     write_allowed_signers,
@@ -351,6 +352,29 @@ def test_only_changed_service_is_reloaded(setup: Setup) -> None:
     setup.repo.commit("no rendered change")  # YAML-only change: nothing to reload
     assert setup.tick().returncode == EXIT_OK
     assert sorted(setup.reloads()) == ["dovecot", "dovecot", "postfix"]
+
+
+def test_unchanged_domains_are_hardlinked_from_the_live_release(setup: Setup) -> None:
+    two_domains(setup.repo)
+    first = setup.repo.commit()
+    assert setup.tick().returncode == EXIT_OK
+    setup.repo.set_mailbox("new@example.com", "new-password")
+    second = setup.repo.commit("add new@example.com")
+    r = setup.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    old, new = setup.root / "releases" / first, setup.root / "releases" / second
+    same = (old / "dovecot/passwd.d/beta.org").stat(), (new / "dovecot/passwd.d/beta.org").stat()
+    assert same[0].st_ino == same[1].st_ino and same[1].st_nlink == 2
+    assert (old / "dovecot/passwd.d/example.com").stat().st_ino != (new / "dovecot/passwd.d/example.com").stat().st_ino
+    assert "new@example.com" in (new / "dovecot/passwd.d/example.com").read_text()
+    manifest = json.loads((new / "MANIFEST.json").read_text())
+    assert manifest["reused_domains"] == 1 and manifest["mailboxes"] == 4
+    # a config change that affects the files (group/mode) disables reuse
+    setup.repo.set_mailbox("third@example.com", "third-password")
+    third = setup.repo.commit("third")
+    assert setup.tick(setup.config(paths__passwd_group="root")).returncode == EXIT_OK
+    assert json.loads((setup.root / "releases" / third / "MANIFEST.json").read_text())["reused_domains"] == 0
+    assert (setup.root / "releases" / third / "dovecot/passwd.d/beta.org").stat().st_mode & 0o777 == 0o640
 
 
 # --------------------------------------------------------------------------- refusals
@@ -700,6 +724,27 @@ def test_example_config_parses() -> None:
     assert cfg.keep_releases == 5 and cfg.map_type == "hash" and cfg.report_url.endswith("/v1/nodes/report")
 
 
+def test_loop_mode_ticks_until_sigterm(setup: Setup) -> None:
+    two_domains(setup.repo)
+    first = setup.repo.commit()
+    cfg = setup.config(agent__interval="0.2")
+    proc = subprocess.Popen([sys.executable, str(PI_PULL), "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while setup.current() != first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        setup.repo.set_mailbox("next@example.com", "next-password")
+        second = setup.repo.commit("next")
+        while setup.current() != second and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert setup.current() == second
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_OK, err
+    assert f"applied {first[:12]}" in err and f"applied {second[:12]}" in err
+
+
 def test_runs_on_python_39_if_available(setup: Setup) -> None:
     py39 = next((p for p in ("/root/.pyenv/versions/3.9.18/bin/python", "/usr/bin/python3.9") if Path(p).exists()), None)
     if py39 is None:
@@ -851,3 +896,29 @@ def test_e2e_refused_and_failed_ticks_keep_serving(e2e: E2E) -> None:
     assert e2e.tick().returncode == EXIT_OK
     assert snapshot(node.root) == before
     assert node.rcpt_code("late@example.com")[0] == 250
+
+
+# --------------------------------------------------------------------------- the real store's commits
+
+
+def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_dir: Any) -> None:
+    """pi-pull accepts what `state/` + `compiler/` actually commit, verified with the data dir's
+    allowed_signers (conftest's `mail_store`: example.com with info@example.com)."""
+    cfg = setup.config(remote__url=str(data_dir.repo), node__allowed_signers=str(data_dir.allowed_signers))
+    r = setup.tick(cfg)
+    assert r.returncode == EXIT_OK, r.stderr
+    tip = git(data_dir.repo, "rev-parse", "main")
+    assert setup.current() == tip
+    passwd = (setup.root / "current/dovecot/passwd.d/example.com").read_text()
+    assert passwd.startswith("info@example.com:{BLF-CRYPT}$2b$")
+    assert (setup.root / "current/postfix/virtual_mailbox_maps").read_text() == "info@example.com example.com/info/\n"
+    # a further API write fast-forwards
+    mail_store.execute("add-user", PROJECT_A, {"email": "sales@example.com", "password": "another password"})
+    assert setup.tick(cfg).returncode == EXIT_OK
+    assert "sales@example.com" in (setup.root / "current/dovecot/passwd.d/example.com").read_text()
+    # the node trusts only its own allowed_signers, not the server's key it never installed
+    r = setup.tick(setup.config(remote__url=str(data_dir.repo)))
+    assert r.returncode == EXIT_OK  # nothing new: no verification needed
+    mail_store.execute("add-user", PROJECT_A, {"email": "third@example.com", "password": "yet another password"})
+    r = setup.tick(setup.config(remote__url=str(data_dir.repo)))  # allowed_signers = the test key only
+    assert r.returncode == EXIT_REFUSED and "not signed by a trusted key" in r.stderr
