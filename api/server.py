@@ -37,7 +37,17 @@ from state.store import Store
 
 log = logging.getLogger("mailstate.server")
 
-SYNC_INTERVAL = float(os.environ.get("MAILSTATE_SYNC_INTERVAL", "30"))
+DEFAULT_SYNC_INTERVAL = 30.0
+
+
+def sync_interval() -> float:
+    """Seconds between upstream fetches (upstream mode): $MAILSTATE_SYNC_INTERVAL, default 30."""
+    try:
+        value = float(os.environ.get("MAILSTATE_SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL))
+    except ValueError:
+        return DEFAULT_SYNC_INTERVAL
+    return value if 0.05 <= value <= 86400 else DEFAULT_SYNC_INTERVAL
+
 
 DESCRIPTION = """\
 GitOps for mailboxes. Every write is one validated, signed git commit of the YAML state plus the
@@ -68,7 +78,7 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
         stop = threading.Event()
         syncer = None
         if store.upstream is not None:
-            syncer = threading.Thread(target=store.run_sync_loop, args=(stop, SYNC_INTERVAL), name="mailstate-upstream-sync", daemon=True)
+            syncer = threading.Thread(target=store.run_sync_loop, args=(stop, sync_interval()), name="mailstate-upstream-sync", daemon=True)
             syncer.start()
         try:
             async with mcp_manager.run():
