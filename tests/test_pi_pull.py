@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import io
 import json
 import os
 import secrets
@@ -659,6 +660,44 @@ def test_fetch_over_http_sends_basic_auth_via_environment(setup: Setup) -> None:
         assert setup.current() == sha
     finally:
         http.close()
+
+
+def test_sync_key_never_on_a_command_line(setup: Setup) -> None:
+    """Through the runner seam: every subprocess pi-pull starts, with its argv and extra env."""
+    sys.path.insert(0, str(PI_PULL.parent))
+    try:
+        import pi_pull
+    finally:
+        sys.path.remove(str(PI_PULL.parent))
+
+    calls: list[tuple[list[str], dict[str, str]]] = []
+
+    class RecordingRunner(pi_pull.Runner):
+        def run(self, argv: Any, **kw: Any) -> Any:
+            calls.append(([str(a) for a in argv], dict(kw.get("env") or {})))
+            return super().run(argv, **kw)
+
+        def shell(self, command: str, **kw: Any) -> Any:
+            calls.append(([command], {}))
+            return super().shell(command, **kw)
+
+    two_domains(setup.repo)
+    sha = setup.repo.commit()
+    http = GitHttpServer(setup.repo.path, "pi-test", setup.sync_key)
+    report = ReportServer()
+    try:
+        cfg = pi_pull.load_config(str(setup.config(remote__url=http.url, report__url=report.url)))
+        result = pi_pull.Agent(cfg, runner=RecordingRunner(), log=pi_pull.Log(stream=io.StringIO())).tick()
+    finally:
+        http.close()
+        report.close()
+    assert result.exit_code == EXIT_OK and result.applied_commit == sha
+    token = base64.b64encode(f"pi-test:{setup.sync_key}".encode()).decode()
+    assert calls and all(setup.sync_key not in a and token not in a for argv, _ in calls for a in argv)
+    fetch_env = next(env for argv, env in calls if "fetch" in argv)
+    assert fetch_env["GIT_CONFIG_KEY_0"] == "http.extraHeader"
+    assert fetch_env["GIT_CONFIG_VALUE_0"] == f"Authorization: Basic {token}"
+    assert report.received[0][1]["sync_key"] == setup.sync_key
 
 
 def test_sync_key_never_in_output(setup: Setup) -> None:
