@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import grp
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,19 @@ def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
         "virtual_mailbox_maps = lmdb:/srv/node/current/postfix/virtual_mailbox_maps",
         "virtual_transport = lmtp:inet:127.0.0.1:2424",
     ]
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    b = bundle()
+    for name in ("pi-pull.service", "pi-pull.timer"):
+        (tmp_path / name).write_text(b[name])
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    complaints = [line for line in (r.stdout + r.stderr).splitlines() if "pi-pull." in line]
+    assert r.returncode == 0 and not complaints, r.stdout + r.stderr
