@@ -31,7 +31,7 @@ from state.errors import (
     StateInvalid,
     StoreError,
     Unauthenticated,
-    UpstreamUnavailable,
+    Unavailable,
 )
 
 log = logging.getLogger("mailstate.http")
@@ -44,7 +44,7 @@ STATUS: list[tuple[type[MailstateError], int]] = [
     (NotFound, 404),
     (Conflict, 409),
     (StateInvalid, 422),
-    (UpstreamUnavailable, 503),
+    (Unavailable, 503),
     (StoreError, 500),
     (CompileError, 500),
     (MailstateError, 500),
@@ -94,7 +94,7 @@ def _redact(text: str) -> str:
 def render(exc: MailstateError) -> tuple[int, dict[str, Any]]:
     """The status and body for a mailstate error (also used by MCP, so both say the same)."""
     status = status_for(exc)
-    if isinstance(exc, UpstreamUnavailable):
+    if isinstance(exc, Unavailable):
         return status, error_body(exc.code, _redact(exc.message))
     if status >= 500:
         log.error("internal error [%s]: %s", exc.code, exc.message, exc_info=exc)

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -176,35 +175,6 @@ def mcp_http_app(store: Store, authenticate: Callable[[str | None], Actor]) -> t
 # --- stdio ---------------------------------------------------------------------------------
 
 
-class ReopeningStore:
-    """A store for a process that does not own the data dir alone (`mailstate mcp` beside a
-    running `mailstate serve`, or the CLI): when the branch moved since the snapshot was
-    loaded, the store is reopened before the call, and a write that lost the race to another
-    process (the branch moved between check and commit; nothing was written) is re-run."""
-
-    def __init__(self, opener: Callable[[], Store], tries: int = 5) -> None:
-        self._open = opener
-        self._lock = threading.Lock()
-        self._tries = tries
-        self.store = opener()
-
-    def _current(self) -> Store:
-        with self._lock:
-            if self.store.git.head() != self.store.head:
-                self.store = self._open()
-            return self.store
-
-    def execute(self, name: str, actor: Actor, data: Any = None, *, request_id: str | None = None) -> Outcome:
-        for attempt in range(self._tries):
-            store = self._current()
-            try:
-                return store.execute(name, actor, data, request_id=request_id)
-            except StoreError:
-                if attempt == self._tries - 1 or store.git.head() == store.head:
-                    raise
-        raise AssertionError("unreachable")
-
-
 # --- stdio (run) ---------------------------------------------------------------------------------
 
 
@@ -222,7 +192,9 @@ def run_stdio(data: Path, token: str) -> None:
     db = LocalDB(dd.db)
     try:
         db.authenticate(token)
-        store = ReopeningStore(lambda: open_store(dd.root, db=db))
+        # The store adopts (after verifying) commits that `mailstate serve` or the CLI make on
+        # the same data dir, and re-runs a write that loses the race to one of them.
+        store = open_store(dd.root, db=db)
 
         def actor_of(ctx: ServerRequestContext[Any, Any]) -> Actor:
             return db.authenticate(token)

@@ -17,12 +17,18 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │                                   that breaks the schema, the invariants, or compile())
     ├── StoreError                500   store_error (git, signing, disk: wraps the foreign
-    │   │                               exception as __cause__)
-    │   └── UpstreamUnavailable   503   upstream_unavailable, upstream_rejected
+    │   │                               exception as __cause__), branch_moved (internal: another
+    │   │                               process moved the branch; the store re-runs the operation)
+    │   └── Unavailable           503   store_busy (the branch kept moving under other writers)
+    │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)
 
 Messages are human sentences and never contain a password, sync key or token.
+
+The HTTP edge adds codes of its own for what never reaches an operation: request_too_large
+(413), method_not_allowed (405), not_found for an unknown route (404), read_only (403, a push
+to the node git endpoint) and internal_error (500, the body of any StoreError/CompileError).
 """
 
 from __future__ import annotations
@@ -96,7 +102,19 @@ class StoreError(MailstateError):
     default_code = "store_error"
 
 
-class UpstreamUnavailable(StoreError):
+class BranchMoved(StoreError):
+    """The branch no longer points where the store expected; nothing was written."""
+
+    default_code = "branch_moved"
+
+
+class Unavailable(StoreError):
+    """Try again later: the write could not be made now, and nothing was changed."""
+
+    default_code = "store_busy"
+
+
+class UpstreamUnavailable(Unavailable):
     default_code = "upstream_unavailable"
 
 

@@ -8,14 +8,16 @@ and GitPython's index handling costs ~690 ms.
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import pygit2
 
-from state.errors import StoreError
+from state.errors import BranchMoved, StoreError
 from state.signing import Signer
 
 BRANCH = "main"
@@ -161,13 +163,35 @@ class GitRepo:
             raise StoreError("git could not write the commit.") from exc
 
     def move_branch(self, new: str, expected: str | None) -> None:
-        """Point `main` at `new` if it still points at `expected` (compare-and-swap)."""
-        if self.head() != expected:
-            raise StoreError("The branch moved underneath the store; the write was not applied.")
-        try:
-            self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
-        except pygit2.GitError as exc:
-            raise StoreError("git could not update the branch.") from exc
+        """Point `main` at `new` if it still points at `expected` (compare-and-swap).
+
+        The check and the update happen under an exclusive lock file in the repo, so two
+        processes writing one data dir (a server and `mailstate call`, say) cannot both win.
+        """
+        with self._ref_lock():
+            if self.head() != expected:
+                raise BranchMoved("The branch moved underneath the store; the write was not applied.")
+            try:
+                self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
+            except pygit2.GitError as exc:
+                raise StoreError("git could not update the branch.") from exc
+
+    def set_branch(self, new: str) -> None:
+        """Point `main` at `new` unconditionally (under the same lock as move_branch)."""
+        with self._ref_lock():
+            try:
+                self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
+            except pygit2.GitError as exc:
+                raise StoreError("git could not update the branch.") from exc
+
+    @contextmanager
+    def _ref_lock(self) -> Iterator[None]:
+        with open(self.path / "mailstate.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def is_root(self, commit: str) -> bool:
         """True when `commit` has no parents."""

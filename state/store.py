@@ -31,8 +31,8 @@ import pygit2
 
 from compiler.render import domain_dir, render_domain
 from state import files
-from state.errors import Forbidden, InvalidInput, StoreError, UpstreamUnavailable
-from state.gitrepo import REF, GitRepo
+from state.errors import BranchMoved, Forbidden, InvalidInput, StoreError, Unavailable, UpstreamUnavailable
+from state.gitrepo import GitRepo
 from state.load import ParseCache, load_commit
 from state.models import Request, parse
 from state.ops import OPERATIONS, Context, Operation, Outcome
@@ -137,6 +137,9 @@ class Store:
         req = parse(op.request, data)
         if op.admin and not actor.is_admin:
             raise Forbidden("This operation needs an admin token.", code="admin_required")
+        if self.upstream is None and self.git.head() != self._snapshot.commit:
+            with self._lock:
+                self._refresh_locked()
         if not op.write:
             return op.apply(self._context(actor), req, {})
         prepared: dict[str, Any] = {}
@@ -150,31 +153,45 @@ class Store:
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
-            tries = 1 if self.upstream is None else self.max_tries
+            tries = self.max_tries
             for attempt in range(tries):
+                if self.upstream is None:
+                    self._refresh_locked()
                 outcome = op.apply(self._context(actor), req, prepared)
                 if not outcome.change:
                     outcome.result = {**outcome.result, "commit": None}
                     return outcome
                 message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
                 sha, snap = self._make_commit(outcome.change, message)
-                if self.upstream is None or self._publish(sha):
-                    self._adopt_own(sha, snap)
-                    outcome.result = {**outcome.result, "commit": sha}
-                    return outcome
-                # Someone else moved upstream: take their commit (if valid) and re-run the
-                # operation on the new state, which may now answer differently (e.g. 409).
-                time.sleep(self._rng.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                self._sync_locked()
-        raise UpstreamUnavailable(
-            f"The upstream state repo kept moving; gave up after {tries} tries. Nothing was changed.",
-            code="upstream_busy",
+                try:
+                    if self.upstream is None:
+                        self.git.move_branch(sha, self._expected_head())
+                    elif self._publish(sha):
+                        self.git.set_branch(sha)  # upstream is the truth, and sha is its tip now
+                    else:
+                        # Someone else moved upstream: take their commit (if valid) and re-run
+                        # the operation on the new state, which may now answer differently.
+                        time.sleep(self._rng.uniform(0, min(0.5, 0.005 * 2**attempt)))
+                        self._sync_locked()
+                        continue
+                except BranchMoved:
+                    # Another process on this data dir won the race: re-run on its state.
+                    time.sleep(self._rng.uniform(0, min(0.2, 0.002 * 2**attempt)))
+                    continue
+                self._adopted(sha, snap)
+                outcome.result = {**outcome.result, "commit": sha}
+                return outcome
+        cls = Unavailable if self.upstream is None else UpstreamUnavailable
+        raise cls(
+            f"The state repo kept moving under other writers; gave up after {tries} tries. Nothing was changed.",
+            code="store_busy" if self.upstream is None else "upstream_busy",
         )
 
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
         sha, snap = self._make_commit(change, message)
-        self._adopt_own(sha, snap)
+        self.git.move_branch(sha, self._expected_head())
+        self._adopted(sha, snap)
         return sha
 
     def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot]:
@@ -184,9 +201,23 @@ class Store:
         sha = self.git.commit(tree, snap.commit, message, self.signer, self.clock())
         return sha, snap.with_change(sha, change)
 
-    def _adopt_own(self, sha: str, snap: Snapshot) -> None:
-        self.git.move_branch(sha, self._snapshot.commit)
+    def _expected_head(self) -> str | None:
+        """What the branch must point at for our commit to land: our snapshot's commit, or
+        the refused commit it is meant to replace."""
+        refused = self.upstream_problem.get("commit") if self.upstream_problem else None
+        return refused if refused and self.git.head() == refused else self._snapshot.commit
+
+    def _adopted(self, sha: str, snap: Snapshot) -> None:
+        refused = self.upstream_problem.get("commit") if self.upstream_problem else None
+        if refused and self.upstream is None:
+            self._keep_rejected(refused, sha)
         self._snapshot = snap
+
+    def _keep_rejected(self, refused: str, replacement: str) -> None:
+        # The refused commit is replaced; keep it in a ref for the admins to read.
+        self.git.repo.references.create(REJECTED_PREFIX + refused, pygit2.Oid(hex=refused), force=True)
+        log.warning("refused commit %s is now replaced by %s", refused[:12], replacement[:12])
+        self.upstream_problem = None
 
     # --- upstream mode -------------------------------------------------------------------
 
@@ -196,10 +227,7 @@ class Store:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
         result = self.upstream.push(sha, expect=refused)
         if result.ok and refused:
-            # The refused commit is replaced upstream; keep it locally for the admins to read.
-            self.git.repo.references.create(REJECTED_PREFIX + refused, pygit2.Oid(hex=refused), force=True)
-            log.warning("upstream commit %s was refused and is now replaced by %s", refused[:12], sha[:12])
-            self.upstream_problem = None
+            self._keep_rejected(refused, sha)
         return result.ok
 
     def sync(self) -> dict[str, Any] | None:
@@ -225,6 +253,21 @@ class Store:
             if not self.upstream.push(local).ok:
                 self._sync_locked()
             return
+        self._adopt_tip(tip, joining=joining, source="upstream")
+
+    def refresh(self) -> None:
+        """Local mode: adopt commits another process made on this data dir (validated)."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        tip = self.git.head()
+        if tip is not None:
+            self._adopt_tip(tip, source="local")
+
+    def _adopt_tip(self, tip: str, *, joining: bool = False, source: str) -> None:
+        """Verify and validate `tip`, then serve it; or record it as refused. Lock held."""
+        local = self.head
         if tip == local or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
             return
         reason = verify_signature(self.git.path, tip, self.trusted_signers) if self.trusted_signers else None
@@ -238,13 +281,14 @@ class Store:
         else:
             incoming = Incoming(commit=tip, problems=[f"commit {tip[:12]} does not descend from {local[:12]} (rollback or rewritten history)"])
         if incoming.ok and incoming.snapshot is not None:
-            self.git.repo.references.create(REF, pygit2.Oid(hex=tip), force=True)
+            if source == "upstream":
+                self.git.set_branch(tip)
             self._snapshot = incoming.snapshot
             self.upstream_problem = None
-            log.info("adopted upstream commit %s", tip[:12])
+            log.info("adopted %s commit %s", source, tip[:12])
             return
-        self.upstream_problem = {"commit": tip, "problems": incoming.problems}
-        log.error("REFUSED upstream commit %s: %s", tip[:12], "; ".join(incoming.problems))
+        self.upstream_problem = {"commit": tip, "problems": incoming.problems, "source": source}
+        log.error("REFUSED %s commit %s: %s", source, tip[:12], "; ".join(incoming.problems))
 
     def run_sync_loop(self, stop: threading.Event, interval: float) -> None:
         """Poll upstream every `interval` seconds until `stop` is set (run it in a thread)."""
@@ -260,10 +304,11 @@ class Store:
         if self.upstream is not None:
             body["mode"] = "upstream"
             body["upstream"] = {"url": _redact(self.upstream.url), "error": self.upstream_error}
-            if self.upstream_problem or self.upstream_error:
+            if self.upstream_error:
                 body["status"] = "degraded"
-            if self.upstream_problem:
-                body["refused_commit"] = self.upstream_problem
+        if self.upstream_problem:
+            body["status"] = "degraded"
+            body["refused_commit"] = self.upstream_problem
         return body
 
     def changed_files(self, snap: Snapshot, change: Change) -> dict[str, bytes | None]:

@@ -188,15 +188,16 @@ def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc
     assert verify_commit(data_dir).returncode == 0
 
 
-def test_branch_moved_underneath_is_refused(data_dir: DataDir) -> None:
-    """Two stores on one repo: the stale one must not overwrite the other's commit."""
+def test_branch_moved_underneath_is_rerun_on_top(data_dir: DataDir) -> None:
+    """Two stores on one repo: the stale one never overwrites the other's commit; it adopts
+    it (after verifying it) and re-runs its own operation on top."""
     first = open_store(data_dir.root, clock=FakeClock())
     second = open_store(data_dir.root, clock=FakeClock())
     winner = second.execute("add-domain", ADMIN, {"domain": "second.example"}).result["commit"]
-    with pytest.raises(StoreError):
-        first.execute("add-domain", ADMIN, {"domain": "first.example"})
-    assert git_out(data_dir.repo, "rev-parse", "main").strip() == winner
-    assert "second.example" in open_store(data_dir.root).snapshot.domains
+    mine = first.execute("add-domain", ADMIN, {"domain": "first.example"}).result["commit"]
+    assert git_out(data_dir.repo, "rev-parse", "main").strip() == mine
+    assert git_out(data_dir.repo, "rev-parse", "main^").strip() == winner
+    assert {"first.example", "second.example"} <= set(open_store(data_dir.root).snapshot.domains)
 
 
 def test_concurrent_writes_are_serialised(data_dir: DataDir, mail_store: Store) -> None:
