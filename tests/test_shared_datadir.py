@@ -95,7 +95,17 @@ def test_an_unsigned_commit_in_the_data_dir_is_refused_then_replaced(data_dir: D
 def test_the_cli_and_a_running_store_share_a_data_dir(data_dir: DataDir) -> None:
     x, _ = _setup(data_dir)
     proc = subprocess.run(
-        ["mailstate", "call", "--data", str(data_dir.root), "--project", str(PROJECT_A.project_id), "add-user", "email=cli@example.com", f"password={PASSWORD}"],
+        [
+            "mailstate",
+            "call",
+            "--data",
+            str(data_dir.root),
+            "--project",
+            str(PROJECT_A.project_id),
+            "add-user",
+            "email=cli@example.com",
+            f"password={PASSWORD}",
+        ],
         capture_output=True,
         text=True,
     )
