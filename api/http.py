@@ -111,8 +111,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, empty_ok: bool = True) -> dict[str, Any]:
-    """The request body as a JSON object, or an error in the one shape."""
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, "request_too_large", f"The request body may be at most {limit} bytes.")
@@ -123,7 +123,12 @@ async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, emp
         if size > limit:
             raise HTTPError(413, "request_too_large", f"The request body may be at most {limit} bytes.")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, empty_ok: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object, or an error in the one shape."""
+    body = await read_limited(request, limit)
     if not body.strip():
         if empty_ok:
             return {}

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from api.http import Services, read_json_object
+from api.http import Services, read_json_object, read_limited
 from api.http_errors import HTTPError, error_body
 from state.errors import Unauthenticated
 from state.nodes import NodeReport, authenticate_node, record_report
@@ -125,21 +125,10 @@ def build_router() -> APIRouter:
             raise _unauthenticated() from None
         body = b""
         if request.method == "POST":
-            body = await _read_limited(request, MAX_UPLOAD_PACK_BODY)
+            body = await read_limited(request, MAX_UPLOAD_PACK_BODY)
         return await run_in_threadpool(_http_backend, services, request, path, body)
 
     return router
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, "request_too_large", f"The request body may be at most {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _http_backend(services: Services, request: Request, path: str, body: bytes) -> Response:

@@ -175,13 +175,16 @@ def disable_email(ctx: Context, req: m.DisableEmailRequest, _: Prepared) -> Outc
     return _write(new, req.domain, _domain_result(new), dom.project_id)
 
 
-def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcome:
+def _actor_domains(ctx: Context) -> list[str]:
+    """Every domain the actor may see, sorted: all for an admin, its project's for a project."""
     if ctx.actor.is_admin:
-        names = sorted(ctx.state.domains)
-    else:
-        names = sorted(ctx.state.by_project.get(ctx.actor.project_id or 0, frozenset()))
+        return sorted(ctx.state.domains)
+    return sorted(ctx.state.by_project.get(ctx.actor.project_id or 0, frozenset()))
+
+
+def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcome:
     out = []
-    for name in names:
+    for name in _actor_domains(ctx):
         dom = ctx.state.domains[name]
         if not dom.email_enabled:
             continue
@@ -253,12 +256,7 @@ def remove_user(ctx: Context, req: m.RemoveUserRequest, _: Prepared) -> Outcome:
 
 
 def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
-    if req.domain is not None:
-        names = [_visible_domain(ctx, req.domain).domain]
-    elif ctx.actor.is_admin:
-        names = sorted(ctx.state.domains)
-    else:
-        names = sorted(ctx.state.by_project.get(ctx.actor.project_id or 0, frozenset()))
+    names = [_visible_domain(ctx, req.domain).domain] if req.domain is not None else _actor_domains(ctx)
     users = []
     for name in names:
         dom = ctx.state.domains[name]
