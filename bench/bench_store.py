@@ -55,6 +55,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from typing import Any  # noqa: E402
@@ -100,11 +101,13 @@ class SizeResult:
     start_warm: float = 0.0
     import_s: float = 0.0
     store: list[float] = field(default_factory=list)
+    store_cpu: list[float] = field(default_factory=list)
     by_op: dict[str, list[float]] = field(default_factory=dict)
     cli: list[float] = field(default_factory=list)
     irreducible: list[float] = field(default_factory=list)
     ssh_store: list[float] = field(default_factory=list)
     ed_store: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
     clone_s: float = 0.0
 
 
@@ -164,6 +167,7 @@ class StoreWrites:
         rng.shuffle(self.new_domains)
         self._ops = self._sequence()
         self.last_op = ""
+        self.last_cpu = 0.0
 
     def _sequence(self) -> Iterator[tuple[str, Actor, dict[str, Any]]]:
         i = 0
@@ -184,9 +188,10 @@ class StoreWrites:
         self.last_op = name
         if profile:
             profile.enable()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         outcome = self.store.execute(name, actor, data)
         dt = time.perf_counter() - t
+        self.last_cpu = time.process_time() - c
         if profile:
             profile.disable()
         if not outcome.result.get("commit"):
@@ -257,6 +262,48 @@ class Irreducible:
         return time.perf_counter() - t
 
 
+# --- phase breakdown (--phases) ------------------------------------------------------------
+
+# (owner, method, label): wrapped only if present, since store internals move.
+_PHASES = [
+    ("state.store:Store", "changed_files", "changed_files (YAML dump + render)"),
+    ("state.gitrepo:GitRepo", "build_tree", "build_tree (blobs + trees)"),
+    ("state.gitrepo:GitRepo", "commit", "commit (text + sign + object)"),
+    ("state.gitrepo:GitRepo", "move_branch", "move_branch (lock + ref)"),
+    ("state.snapshot:Snapshot", "with_change", "Snapshot.with_change"),
+    ("state.store:Store", "_adopted", "_adopted (swap snapshot)"),
+]
+
+
+@contextmanager
+def phase_timer(samples: dict[str, list[float]]) -> Iterator[None]:
+    """Wrap the store's internal steps with wall-clock timers while the block runs."""
+    import importlib
+
+    undo = []
+    for owner, attr, label in _PHASES:
+        module, _, name = owner.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        orig = cls.__dict__.get(attr)
+        if orig is None:
+            continue
+
+        def wrapped(*a: Any, _f: Any = orig, _label: str = label, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                samples.setdefault(_label, []).append(time.perf_counter() - t)
+
+        setattr(cls, attr, wrapped)
+        undo.append((cls, attr, orig))
+    try:
+        yield
+    finally:
+        for cls, attr, orig in undo:
+            setattr(cls, attr, orig)
+
+
 # --- driver --------------------------------------------------------------------------------
 
 
@@ -287,8 +334,10 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
     every = max(1, args.writes // max(1, args.cli_commits))
     prof = cProfile.Profile() if args.profile else None
     for n in range(args.writes):
-        dt = writes.step(prof)
+        with phase_timer(res.phases) if args.phases else nullcontext():
+            dt = writes.step(prof)
         res.store.append(dt)
+        res.store_cpu.append(writes.last_cpu)
         res.by_op.setdefault(writes.last_op, []).append(dt)
         res.irreducible.append(irreducible.step())
         if n % every == 0 and len(res.cli) < args.cli_commits:
@@ -314,22 +363,22 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
         store.signer = ed
         log(f"[{size}] alternating signers: Ed25519Signer p50 {ms(p50(res.ed_store))} ms, SshKeygenSigner p50 {ms(p50(res.ssh_store))} ms")
 
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+    # Nothing is deleted until the end: on ext4, creating files right after deleting many
+    # (a clone, a data dir) is slower (the inode allocator skips recently deleted inodes),
+    # and every loose git object is a new file.
     return res
 
 
 def table(results: list[SizeResult]) -> str:
     head = (
-        f"{'mailboxes':>9} {'domains':>7} {'store p50':>9} {'p90':>7} {'git CLI p50':>11} {'speedup':>7} "
+        f"{'mailboxes':>9} {'domains':>7} {'store p50':>9} {'p90':>7} {'cpu p50':>7} {'git CLI p50':>11} {'speedup':>7} "
         f"{'irreduc. p50':>12} {'store/irr':>9} {'start cold':>10} {'warm':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         s50, c50, i50 = p50(r.store), p50(r.cli), p50(r.irreducible)
         lines.append(
-            f"{r.size:>9} {r.domains:>7} {ms(s50):>6} ms {ms(p90(r.store)):>7} {ms(c50):>8} ms {c50 / s50:>6.1f}x "
+            f"{r.size:>9} {r.domains:>7} {ms(s50):>6} ms {ms(p90(r.store)):>7} {ms(p50(r.store_cpu)):>7} {ms(c50):>8} ms {c50 / s50:>6.1f}x "
             f"{ms(i50):>9} ms {s50 / i50:>8.1f}x {r.start_cold:>8.2f} s {r.start_warm:>4.2f} s"
         )
     lines.append("")
@@ -338,6 +387,13 @@ def table(results: list[SizeResult]) -> str:
     lines.append(f"{'mailboxes':>9} " + " ".join(f"{op:>13}" for op in ops))
     for r in results:
         lines.append(f"{r.size:>9} " + " ".join(f"{ms(p50(r.by_op.get(op, []))):>13}" for op in ops))
+    if any(r.phases for r in results):
+        labels = list(dict.fromkeys(label for r in results for label in r.phases))
+        lines.append("")
+        lines.append("store write phases, p50 per call (ms):")
+        lines.append(f"{'phase':<36} " + " ".join(f"{r.size:>9}" for r in results))
+        for label in labels:
+            lines.append(f"{label:<36} " + " ".join(f"{ms(p50(r.phases.get(label, []))):>9}" for r in results))
     for r in results:
         if r.ssh_store:
             s50, k50 = p50(r.ed_store), p50(r.ssh_store)
@@ -358,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli-commits", type=int, default=30, help="measured git CLI commits per size")
     parser.add_argument("--ssh-size", type=int, default=10000, help="size at which to also measure SshKeygenSigner (0: never)")
     parser.add_argument("--profile", action="store_true", help="cProfile the store writes; stats go to stderr")
+    parser.add_argument("--phases", action="store_true", help="time the store's internal steps per write (p50 table)")
     parser.add_argument("--keep", type=Path, default=None, help="keep data dirs and clones under this dir")
     args = parser.parse_args(argv)
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
