@@ -26,12 +26,15 @@ machine's git configuration cannot leak into either side.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 _HOME = tempfile.mkdtemp(prefix="mailstate-bench-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 
 def _isolate_env() -> None:
@@ -50,7 +53,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
 import random  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -433,7 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(_HOME, ignore_errors=True)
     print(
         f"mailstate store bench, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, pygit2 {pygit2.__version__} (libgit2 {pygit2.LIBGIT2_VERSION}), {git_version}"
