@@ -16,6 +16,7 @@ mode rewrites it so that the comments an admin wrote survive.
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import yaml
@@ -110,9 +111,52 @@ def parse_nodes(data: bytes | str) -> NodesFile:
     return result
 
 
+# The canonical form dump_domain writes, read without a YAML parser. Loading 20k domain files
+# with PyYAML takes ~2.8 s (most of a cold start at 100k mailboxes); these regexes take ~0.4 s.
+# Anything else (comments, other quoting or order, duplicates) goes to the YAML loader, and a
+# property test checks that both readers agree wherever the fast one answers.
+_RESOLVER = yaml.resolver.Resolver()
+_HEAD = re.compile(rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\nmailboxes:( \{\})?\n")
+_BOX = re.compile(
+    rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'):\n    password: '([^'\n]*)'\n    quota_mb: ([1-9][0-9]*)\n    active: (true|false)\n"
+)
+
+
+def _plain_str(raw: bytes) -> str | None:
+    if raw[:1] == b"'":
+        return raw[1:-1].decode()
+    text = raw.decode()
+    # A plain scalar is a string only if YAML 1.1 would not read it as a number, bool or null.
+    return text if _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str" else None
+
+
+def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
+    """The data of a domain file in exactly the canonical form, or None (use the YAML loader)."""
+    head = _HEAD.match(data)
+    name = head and _plain_str(head.group(1))
+    if not head or not name:
+        return None
+    pos, boxes = head.end(), {}
+    if head.group(4) is None:
+        while pos < len(data):
+            box = _BOX.match(data, pos)
+            local = box and _plain_str(box.group(1))
+            if not box or not local or local in boxes:
+                return None
+            boxes[local] = {"password": box.group(2).decode(), "quota_mb": int(box.group(3)), "active": box.group(4) == b"true"}
+            pos = box.end()
+        if not boxes:
+            return None
+    elif pos != len(data):
+        return None
+    pid = head.group(2)
+    return {"domain": name, "project_id": None if pid == b"null" else int(pid), "email_enabled": head.group(3) == b"true", "mailboxes": boxes}
+
+
 def parse_domain(data: bytes | str, path: str) -> DomainFile:
     """A domain file → DomainFile, checking that the file name matches the domain."""
-    domain: DomainFile = _validated(DomainFile, load_yaml(data, path), path)
+    raw = parse_canonical_domain(data if isinstance(data, bytes) else data.encode())
+    domain: DomainFile = _validated(DomainFile, raw if raw is not None else load_yaml(data, path), path)
     if domain_path(domain.domain) != path:
         raise StateInvalid(
             f"{path}: holds domain {domain.domain!r}, which belongs in {domain_path(domain.domain)}",

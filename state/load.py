@@ -145,10 +145,10 @@ def check_checkout(root: Path) -> list[str]:
     return problems
 
 
-def check_commit(repo: GitRepo, commit: str) -> list[str]:
+def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) -> list[str]:
     """All problems of a commit: schema, invariants, and rendered/ equal to compile()."""
     try:
-        snap = load_commit(repo, commit)
+        snap = load_commit(repo, commit, cache)
     except StateInvalid as exc:
         return exc.problems
     actual = {path: repo.blob(oid) for path, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}

@@ -140,11 +140,7 @@ class DomainFile(BaseModel):
     @classmethod
     def _locals(cls, value: dict[str, Mailbox]) -> dict[str, Mailbox]:
         for local in value:
-            try:
-                valid = isinstance(local, str) and v.normalize_email(f"{local}@example.com")[0] == local
-            except InvalidInput:
-                valid = False
-            if not valid:
+            if not v.is_local_part(local):
                 raise ValueError(f"mailbox key {local!r} is not a valid lowercase local part")
         return value
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ log = logging.getLogger("mailstate.store")
 
 Clock = Callable[[], datetime]
 StatusSource = Callable[[str], "dict[str, Any] | None"]
+GC_EVERY = 500  # writes between background repacks of the loose objects
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PLACEHOLDER = {
     # Shapes that pass model validation, used only by the preflight apply.
@@ -97,6 +99,7 @@ class Store:
         trusted_signers: Path | None = None,
         max_tries: int = 16,
         rng: random.Random | None = None,
+        gc_every: int = GC_EVERY,
     ) -> None:
         self.git = GitRepo(repo_path)
         self.signer = signer
@@ -114,6 +117,9 @@ class Store:
         self._rng = rng or random.Random()
         self.upstream_problem: dict[str, Any] | None = None
         self.upstream_error: str | None = None
+        self._writes = 0
+        self._gc_every = gc_every
+        self._gc: subprocess.Popen[bytes] | None = None
         if upstream is not None:
             with self._lock:
                 self._sync_locked(joining=True)
@@ -207,11 +213,28 @@ class Store:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
         return refused if refused and self.git.head() == refused else self._snapshot.commit
 
+    def _housekeeping(self) -> None:
+        """Every `gc_every` writes, let git pack the loose objects (~11 per write) in the background."""
+        self._writes += 1
+        if self._gc_every <= 0 or self._writes % self._gc_every or (self._gc is not None and self._gc.poll() is None):
+            return
+        try:
+            # repack -d packs just the loose objects (cheap, incremental); gc --auto then merges
+            # packs once there are too many of them.
+            self._gc = subprocess.Popen(
+                ["sh", "-c", 'git -C "$1" repack -d -q && git -C "$1" gc --auto --quiet', "gc", str(self.git.path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            log.warning("could not start git gc")
+
     def _adopted(self, sha: str, snap: Snapshot) -> None:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
         if refused and self.upstream is None:
             self._keep_rejected(refused, sha)
         self._snapshot = snap
+        self._housekeeping()
 
     def _keep_rejected(self, refused: str, replacement: str) -> None:
         # The refused commit is replaced; keep it in a ref for the admins to read.
@@ -277,7 +300,7 @@ class Store:
         elif self.git.is_ancestor(local, tip):
             incoming = validate_incoming(self.git, self._snapshot, tip)
         elif fresh:
-            incoming = full_check(self.git, tip)  # a new data dir joining an existing fleet
+            incoming = full_check(self.git, tip, self._cache)  # a new data dir joining an existing fleet
         else:
             incoming = Incoming(commit=tip, problems=[f"commit {tip[:12]} does not descend from {local[:12]} (rollback or rewritten history)"])
         if incoming.ok and incoming.snapshot is not None:

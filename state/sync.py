@@ -26,6 +26,7 @@ from compiler.render import FRAGMENTS, compile_state, diff_rendered, domain_dir,
 from state import files
 from state.errors import StateInvalid
 from state.gitrepo import GitRepo
+from state.load import ParseCache
 from state.models import DomainFile, NodesFile
 from state.snapshot import Change, Snapshot
 
@@ -159,12 +160,13 @@ def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) 
     return diff_rendered(expected, actual)
 
 
-def full_check(repo: GitRepo, commit: str) -> Incoming:
+def full_check(repo: GitRepo, commit: str, cache: ParseCache | None = None) -> Incoming:
     """Validate a whole commit from scratch (used when joining an existing upstream)."""
     from state.load import check_commit, load_commit
 
+    cache = cache or ParseCache()
     result = Incoming(commit=commit)
-    result.problems.extend(check_commit(repo, commit))
+    result.problems.extend(check_commit(repo, commit, cache))
     if not result.problems:
-        result.snapshot = load_commit(repo, commit)
+        result.snapshot = load_commit(repo, commit, cache)  # parses nothing twice: the cache is warm
     return result

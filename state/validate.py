@@ -70,6 +70,11 @@ def normalize_domain(value: object, *, field: str = "domain") -> str:
     return text
 
 
+def is_local_part(value: object) -> bool:
+    """True for a local part already in canonical (lowercase, valid) form."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_LOCAL_PART_LENGTH and _LOCAL.fullmatch(value) is not None
+
+
 def normalize_email(value: object, *, field: str = "email") -> tuple[str, str]:
     """Split and normalise an address into (local part, domain)."""
     if not isinstance(value, str) or value.count("@") != 1:

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from state import files
 from state.datadir import DataDir, open_store
 from state.errors import StateInvalid
+from state.files import load_yaml, parse_canonical_domain
 from state.gitrepo import GitRepo
 from state.load import check_commit
 from state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+from state.models import DomainFile as _DomainFile
+from state.models import Mailbox as _Mailbox
 from state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, git_out
 
@@ -275,3 +280,44 @@ def test_comment_preserving_rewrite_of_one_file_directly() -> None:
     assert files.parse_domain(out, "domains/ex/example.com.yaml") == changed
     # without a comment, the canonical form is used
     assert files.dump_domain(changed, files.dump_domain(dom)) == files.dump_domain(changed)
+
+
+# --- the fast reader of canonical domain files agrees with YAML ------------------------------
+
+_TRAPS = ["on", "off", "yes", "no", "y", "n", "true", "null", "123", "1_0", "0x1f", "1e3", "2026-01-01", "info", "a.b", "x+y", "a-b_c"]
+_locals = st.one_of(
+    st.sampled_from(_TRAPS),
+    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,20}", fullmatch=True).filter(lambda s: ".." not in s and not s.endswith(".")),
+)
+_hash = st.from_regex(r"[./A-Za-z0-9]{53}", fullmatch=True).map(lambda h: "{BLF-CRYPT}$2b$04$" + h)
+_box = st.builds(_Mailbox, password=_hash, quota_mb=st.integers(1, 1_048_576), active=st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    domain=st.sampled_from(["example.com", "xn--bcher-kva.de", "a-b.example.org", "on.example", "123.example"]),
+    project=st.one_of(st.none(), st.integers(1, 2**40)),
+    enabled=st.booleans(),
+    boxes=st.dictionaries(_locals, _box, max_size=6),
+)
+def test_fast_reader_equals_yaml_on_canonical_files(domain: str, project: int | None, enabled: bool, boxes: dict[str, _Mailbox]) -> None:
+    from state.files import dump_domain
+
+    boxes = {k: b for k, b in boxes.items() if ".." not in k}
+    data = dump_domain(_DomainFile(domain=domain, project_id=project, email_enabled=enabled, mailboxes=boxes))
+    fast = parse_canonical_domain(data)
+    assert fast is not None, data.decode()
+    assert fast == load_yaml(data, "x.yaml")
+
+
+@settings(max_examples=150, deadline=None)
+@given(position=st.integers(0, 400), insert=st.sampled_from(["#", " ", "\n", "'", "x", ": ", "  dup:\n", "-", "\t", "{}", "0"]))
+def test_fast_reader_never_disagrees_with_yaml_on_edited_files(position: int, insert: str) -> None:
+    from state.files import dump_domain
+
+    boxes = {"info": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "a" * 53, quota_mb=5), "on": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "b" * 53, quota_mb=9)}
+    text = dump_domain(_DomainFile(domain="example.com", project_id=3, email_enabled=True, mailboxes=boxes))
+    edited = text[: position % (len(text) + 1)] + insert.encode() + text[position % (len(text) + 1) :]
+    fast = parse_canonical_domain(edited)
+    if fast is not None:
+        assert fast == load_yaml(edited, "x.yaml")

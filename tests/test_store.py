@@ -432,3 +432,21 @@ def test_no_plaintext_secret_anywhere_in_the_repo(data_dir: DataDir, store: Stor
             data = path.read_bytes()
             for secret in secrets:
                 assert secret.encode() not in data, path
+
+
+def test_loose_objects_get_packed_in_the_background(data_dir: DataDir) -> None:
+    """Each write leaves ~11 loose objects; every `gc_every` writes the store packs them in the background."""
+    import time
+
+    from state.signing import Ed25519Signer
+    from state.store import Store
+
+    store = Store(data_dir.repo, Ed25519Signer(data_dir.key), gc_every=3)
+    for i in range(3):
+        store.execute("add-domain", ADMIN, {"domain": f"d{i}.example"})
+    deadline = time.monotonic() + 30
+    while "in-pack: 0" in git_out(data_dir.repo, "count-objects", "-v") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = dict(line.split(": ") for line in git_out(data_dir.repo, "count-objects", "-v").splitlines())
+    assert int(stats["in-pack"]) > 0
+    assert store.execute("list-domains", ADMIN).result["domains"][0]["domain"] == "d0.example"
