@@ -92,3 +92,15 @@ def verify_commit(data: DataDir, rev: str = "main") -> subprocess.CompletedProce
         capture_output=True,
         text=True,
     )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI=true nothing may skip: a skipped end-to-end test would hide a broken install."""
+    if os.environ.get("CI") != "true":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        names = ", ".join(getattr(r, "nodeid", "?") for r in skipped[:10])
+        print(f"\nCI=true forbids skipped tests; {len(skipped)} skipped: {names}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

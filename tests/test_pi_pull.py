@@ -784,10 +784,15 @@ def test_loop_mode_ticks_until_sigterm(setup: Setup) -> None:
     assert f"applied {first[:12]}" in err and f"applied {second[:12]}" in err
 
 
-def test_runs_on_python_39_if_available(setup: Setup) -> None:
+def test_runs_on_python_39(setup: Setup) -> None:
+    """A Raspberry Pi may only have Python 3.9. The source must parse as 3.9 grammar (checked
+    everywhere), and where a 3.9 interpreter exists, a real tick must run under it."""
+    import ast
+
+    ast.parse(PI_PULL.read_text(), feature_version=(3, 9))
     py39 = next((p for p in ("/root/.pyenv/versions/3.9.18/bin/python", "/usr/bin/python3.9") if Path(p).exists()), None)
     if py39 is None:
-        pytest.skip("no Python 3.9 interpreter here")
+        return  # the grammar check above is what this machine can do
     two_domains(setup.repo)
     sha = setup.repo.commit()
     r = run_pi_pull(setup.config(), python=py39)
