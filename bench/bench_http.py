@@ -29,18 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-_HOME = tempfile.mkdtemp(prefix="mailstate-bench-home-")
+from bench.common import isolate_env, ms, p50, p90
 
-
-def _isolate_env() -> None:
-    for name in list(os.environ):
-        if name.startswith("GIT_") or name in {"XDG_CONFIG_HOME", "GNUPGHOME", "SSH_AUTH_SOCK"}:
-            del os.environ[name]
-    os.environ["HOME"] = _HOME
-    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
-
-
-_isolate_env()  # before anything imports pygit2 (libgit2 reads HOME once, at init)
+_HOME = isolate_env()  # before anything imports pygit2 (libgit2 reads HOME once, at init)
 
 import argparse  # noqa: E402
 import http.client  # noqa: E402
@@ -48,7 +39,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -69,16 +59,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 20
 
 
-def p50(values: list[float]) -> float:
-    return statistics.median(values)
 
 
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 else values[0]
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
 
 
 def timed(fn: Callable[[], Any], n: int) -> list[float]:

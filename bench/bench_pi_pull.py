@@ -41,18 +41,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-_HOME = tempfile.mkdtemp(prefix="mailstate-bench-home-")
+from bench.common import isolate_env, ms, p50, p90
 
-
-def _isolate_env() -> None:
-    for name in list(os.environ):
-        if name.startswith("GIT_") or name in {"XDG_CONFIG_HOME", "GNUPGHOME", "SSH_AUTH_SOCK", "MAILSTATE_TOKEN", "MAILSTATE_UPSTREAM"}:
-            del os.environ[name]
-    os.environ["HOME"] = _HOME
-    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
-
-
-_isolate_env()  # before anything imports pygit2 (libgit2 reads HOME once, at init)
+_HOME = isolate_env()  # before anything imports pygit2 (libgit2 reads HOME once, at init)
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
@@ -63,7 +54,6 @@ import io  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import smtplib  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
@@ -89,16 +79,10 @@ def say(msg: str) -> None:
     print(f"[bench_pi_pull] {msg}", file=sys.stderr, flush=True)
 
 
-def p50(values: Sequence[float]) -> float:
-    return statistics.median(values)
 
 
-def p90(values: Sequence[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 else values[0]
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f}"
 
 
 # --- the node side ---------------------------------------------------------------------------

@@ -26,26 +26,15 @@ machine's git configuration cannot leak into either side.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-_HOME = tempfile.mkdtemp(prefix="mailstate-bench-home-")
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+from bench.common import isolate_env, ms, p50, p90
 
-
-def _isolate_env() -> None:
-    for name in list(os.environ):
-        if name.startswith("GIT_") or name in {"XDG_CONFIG_HOME", "GNUPGHOME", "SSH_AUTH_SOCK"}:
-            del os.environ[name]
-    os.environ["HOME"] = _HOME
-    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
-
-
-_isolate_env()  # before anything imports pygit2 (libgit2 reads HOME once, at init)
+_HOME = isolate_env()  # before anything imports pygit2 (libgit2 reads HOME once, at init)
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
@@ -53,7 +42,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
 import random  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -79,18 +67,10 @@ WARMUP = 5
 # --- figures -------------------------------------------------------------------------------
 
 
-def p50(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
-def p90(values: list[float]) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=10, method="inclusive")[8]
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
 
 
 @dataclass

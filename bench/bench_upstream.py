@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from state.datadir import DataDir, init_data_dir, open_store
-from state.models import Settings
-from state.snapshot import Actor
-from state.store import Store
+from bench.common import isolate_env, p50, p90
+
+isolate_env()  # before state (and so pygit2) is imported
+
+from state.datadir import DataDir, init_data_dir, open_store  # noqa: E402
+from state.models import Settings  # noqa: E402
+from state.snapshot import Actor  # noqa: E402
+from state.store import Store  # noqa: E402
 
 ADMIN = Actor.admin("bench")
 PASSWORD = "benchmark-password"
-
-
-def _clean_env(home: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("GIT_"):
-            del os.environ[name]
-    os.environ["HOME"] = str(home)
 
 
 def _seed(store: Store, domains: int) -> list[str]:
@@ -51,11 +46,11 @@ def _seed(store: Store, domains: int) -> list[str]:
 
 
 def _p50_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
+    return p50(samples) * 1000
 
 
 def _p90_ms(samples: list[float]) -> float:
-    return sorted(samples)[int(len(samples) * 0.9)] * 1000
+    return p90(samples) * 1000
 
 
 def _timed_removes(store: Store, addresses: list[str]) -> list[float]:
@@ -89,7 +84,6 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=200, help="seeded domains, 5 mailboxes each (default 200)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mailstate-bench-up-"))
-    _clean_env(tmp)
     settings = Settings(bcrypt_cost=4)
 
     # Local mode.

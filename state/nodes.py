@@ -14,10 +14,10 @@ import ipaddress
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from state.errors import Forbidden, InvalidInput, Unauthenticated
-from state.models import Node, invalid_input_from
+from state.errors import Forbidden, Unauthenticated
+from state.models import Node, parse
 from state.snapshot import Snapshot
 
 MAX_ERROR_CHARS = 2000
@@ -90,12 +90,7 @@ def authenticate_node(snapshot: Snapshot, name: object, sync_key: object, remote
 
 def parse_report(body: Any) -> NodeReport:
     """Validate a report body into NodeReport, raising InvalidInput."""
-    if not isinstance(body, dict):
-        raise InvalidInput("The request body must be a JSON object.", code="invalid_request")
-    try:
-        return NodeReport.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_input_from(exc) from None
+    return parse(NodeReport, body)
 
 
 def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remote_addr: str | None, now: datetime) -> NodeReport:
