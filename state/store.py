@@ -278,11 +278,6 @@ class Store:
             return
         self._adopt_tip(tip, joining=joining, source="upstream")
 
-    def refresh(self) -> None:
-        """Local mode: adopt commits another process made on this data dir (validated)."""
-        with self._lock:
-            self._refresh_locked()
-
     def _refresh_locked(self) -> None:
         tip = self.git.head()
         if tip is not None:
