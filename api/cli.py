@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from state.errors import (
+from mailstate.state.errors import (
     CompileError,
     Conflict,
     Forbidden,
@@ -60,8 +60,8 @@ def _print_json(data: Any) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from state.datadir import init_data_dir
-    from state.models import Settings, invalid_input_from
+    from mailstate.state.datadir import init_data_dir
+    from mailstate.state.models import Settings, invalid_input_from
 
     try:
         settings = Settings(
@@ -75,7 +75,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise invalid_input_from(exc) from None
     extra = None
     if args.with_workflow:
-        from compiler.workflow import state_repo_workflow
+        from mailstate.compiler.workflow import state_repo_workflow
 
         extra = state_repo_workflow(args.with_workflow)
     dd = init_data_dir(Path(args.data), settings, extra_files=extra)
@@ -87,7 +87,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from api.server import serve
+    from mailstate.api.server import serve
 
     serve(
         Path(args.data),
@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from api.mcp_server import run_stdio
+    from mailstate.api.mcp_server import run_stdio
 
     token = args.token or os.environ.get("MAILSTATE_TOKEN")
     if not token:
@@ -110,8 +110,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 
 
 def _db(args: argparse.Namespace) -> Any:
-    from state.datadir import DataDir
-    from state.localdb import LocalDB
+    from mailstate.state.datadir import DataDir
+    from mailstate.state.localdb import LocalDB
 
     dd = DataDir(Path(args.data))
     if not dd.is_initialised():
@@ -146,8 +146,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from state.datadir import open_store
-    from state.snapshot import Actor
+    from mailstate.state.datadir import open_store
+    from mailstate.state.snapshot import Actor
 
     user = os.environ.get("USER", "root")
     actor = Actor.admin(f"cli:{user}") if args.project is None else Actor.project(args.project, f"cli:{user}")
@@ -173,9 +173,9 @@ def _coerce(value: str) -> Any:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from compiler.render import compile_state, diff_rendered
-    from compiler.write import write_rendered
-    from state.load import load_checkout, read_rendered
+    from mailstate.compiler.render import compile_state, diff_rendered
+    from mailstate.compiler.write import write_rendered
+    from mailstate.state.load import load_checkout, read_rendered
 
     root = Path(args.path)
     loaded = load_checkout(root)
@@ -199,7 +199,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from state.load import check_checkout
+    from mailstate.state.load import check_checkout
 
     problems = check_checkout(Path(args.path))
     for line in problems:
@@ -212,7 +212,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from state.audit import filter_log, read_log
+    from mailstate.state.audit import filter_log, read_log
 
     entries = filter_log(
         read_log(Path(args.path), args.rev),
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_extras() -> None:
     import importlib
 
-    for module in ("api.cli_node", "api.cli_plan"):
+    for module in ("mailstate.api.cli_node", "mailstate.api.cli_plan"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -362,6 +362,6 @@ def _load_extras() -> None:
 if __name__ == "__main__":
     # Run through the imported module so that sub-commands registered by api.cli_node and
     # api.cli_plan land in the same EXTRA_COMMANDS list (not in a second copy, __main__).
-    from api.cli import main as _main
+    from mailstate.api.cli import main as _main
 
     sys.exit(_main())

@@ -8,11 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from api.cli import EXTRA_COMMANDS
-from compiler.node_bundle import DEFAULT_ROOT, INSTALL_PATHS, render_node_bundle
-from state import validate
-from state.datadir import DataDir
-from state.errors import NotFound, StoreError
+from mailstate.api.cli import EXTRA_COMMANDS
+from mailstate.compiler.node_bundle import DEFAULT_ROOT, INSTALL_PATHS, render_node_bundle
+from mailstate.state import validate
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import NotFound, StoreError
 
 
 def cmd_node_bundle(args: argparse.Namespace) -> int:
@@ -21,7 +21,7 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
     if not dd.is_initialised():
         raise StoreError(f"{args.data} is not a mailstate data dir; run `mailstate init --data {args.data}`.")
     if not args.allow_unregistered:
-        from state.datadir import open_store
+        from mailstate.state.datadir import open_store
 
         if open_store(dd.root).snapshot.node(name) is None:
             raise NotFound(f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from api import cli
+from mailstate.api import cli
 
 DESCRIPTION = """\
 Show what a change does: the domains, mailboxes and nodes added, removed or changed
@@ -32,7 +32,7 @@ changed ("no changes"); 1 if a side is not a valid state; 3 if a revision is unk
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from state.plan import plan_revisions, plan_worktree
+    from mailstate.state.plan import plan_revisions, plan_worktree
 
     root = Path(args.path)
     if args.head is not None:

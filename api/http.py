@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from api.http_errors import HTTPError
-from state.datadir import DataDir
-from state.errors import Forbidden, InvalidInput, Unauthenticated
-from state.localdb import LocalDB
-from state.ops import OPERATIONS, Operation
-from state.snapshot import Actor
-from state.store import Store, clean_request_id
+from mailstate.api.http_errors import HTTPError
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
+from mailstate.state.localdb import LocalDB
+from mailstate.state.ops import OPERATIONS, Operation
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import Store, clean_request_id
 
 API_PREFIX = "/v1/email-account"
 MAX_BODY_BYTES = 64 * 1024

@@ -31,11 +31,11 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.http_errors import INTERNAL_MESSAGE, error_body, json_error, render
-from state.errors import MailstateError, StoreError, Unauthenticated
-from state.ops import OPERATIONS, Operation
-from state.snapshot import Actor, Outcome
-from state.store import Store
+from mailstate.api.http_errors import INTERNAL_MESSAGE, error_body, json_error, render
+from mailstate.state.errors import MailstateError, StoreError, Unauthenticated
+from mailstate.state.ops import OPERATIONS, Operation
+from mailstate.state.snapshot import Actor, Outcome
+from mailstate.state.store import Store
 
 log = logging.getLogger("mailstate.mcp")
 
@@ -183,8 +183,8 @@ def run_stdio(data: Path, token: str) -> None:
     start (a bad one fails before anything is served) and again on every call."""
     from mcp.server.stdio import stdio_server
 
-    from state.datadir import DataDir, open_store
-    from state.localdb import LocalDB
+    from mailstate.state.datadir import DataDir, open_store
+    from mailstate.state.localdb import LocalDB
 
     dd = DataDir(Path(data))
     if not dd.is_initialised():

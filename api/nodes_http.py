@@ -26,10 +26,10 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from api.http import Services, read_json_object, read_limited
-from api.http_errors import HTTPError, error_body
-from state.errors import Unauthenticated
-from state.nodes import NodeReport, authenticate_node, record_report
+from mailstate.api.http import Services, read_json_object, read_limited
+from mailstate.api.http_errors import HTTPError, error_body
+from mailstate.state.errors import Unauthenticated
+from mailstate.state.nodes import NodeReport, authenticate_node, record_report
 
 GIT_PREFIX = "/v1/nodes/state.git"
 MAX_UPLOAD_PACK_BODY = 16 * 1024 * 1024

@@ -27,13 +27,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import Route
 
-from api import http, http_errors, nodes_http
-from api.mcp_server import mcp_http_app
-from state.datadir import DataDir, init_data_dir, open_store
-from state.errors import InvalidInput, StoreError
-from state.localdb import LocalDB
-from state.nodes import NodeReport
-from state.store import Store
+from mailstate.api import http, http_errors, nodes_http
+from mailstate.api.mcp_server import mcp_http_app
+from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.errors import InvalidInput, StoreError
+from mailstate.state.localdb import LocalDB
+from mailstate.state.nodes import NodeReport
+from mailstate.state.store import Store
 
 log = logging.getLogger("mailstate.server")
 
@@ -140,7 +140,7 @@ def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
     already was a data dir. A non-empty directory that is not a data dir is refused, not taken over."""
     from pydantic import ValidationError
 
-    from state.models import Settings, invalid_input_from
+    from mailstate.state.models import Settings, invalid_input_from
 
     dd = DataDir(Path(data))
     if dd.is_initialised():

@@ -49,10 +49,10 @@ import bcrypt  # noqa: E402
 import httpx  # noqa: E402
 
 from bench.seed import SeedInfo, pack, seed_state  # noqa: E402
-from state.datadir import open_store  # noqa: E402
-from state.localdb import LocalDB  # noqa: E402
-from state.snapshot import Actor, Change  # noqa: E402
-from state.store import clean_request_id, commit_message  # noqa: E402
+from mailstate.state.datadir import open_store  # noqa: E402
+from mailstate.state.localdb import LocalDB  # noqa: E402
+from mailstate.state.snapshot import Actor, Change  # noqa: E402
+from mailstate.state.store import clean_request_id, commit_message  # noqa: E402
 
 API = "/v1/email-account"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log.open("a")
         exe = shutil.which("mailstate")
-        cmd = [exe] if exe else [sys.executable, "-m", "api.cli"]
+        cmd = [exe] if exe else [sys.executable, "-m", "mailstate.api.cli"]
         self.proc = subprocess.Popen(
             [*cmd, "serve", "--data", str(root), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log,

@@ -53,11 +53,11 @@ from typing import Any  # noqa: E402
 import pygit2  # noqa: E402
 
 from bench.seed import SeedInfo, domain_names, seed_state  # noqa: E402
-from state import files  # noqa: E402
-from state.datadir import open_store  # noqa: E402
-from state.signing import SshKeygenSigner  # noqa: E402
-from state.snapshot import Actor  # noqa: E402
-from state.store import Store  # noqa: E402
+from mailstate.state import files  # noqa: E402
+from mailstate.state.datadir import open_store  # noqa: E402
+from mailstate.state.signing import SshKeygenSigner  # noqa: E402
+from mailstate.state.snapshot import Actor  # noqa: E402
+from mailstate.state.store import Store  # noqa: E402
 
 ADMIN = Actor.admin("bench:admin")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ class SizeResult:
 _START_SNIPPET = """
 import json, sys, time
 t0 = time.perf_counter()
-from state.datadir import open_store
+from mailstate.state.datadir import open_store
 t1 = time.perf_counter()
 store = open_store(sys.argv[1])
 t2 = time.perf_counter()
@@ -248,12 +248,12 @@ class Irreducible:
 
 # (owner, method, label): wrapped only if present, since store internals move.
 _PHASES = [
-    ("state.store:Store", "changed_files", "changed_files (YAML dump + render)"),
-    ("state.gitrepo:GitRepo", "build_tree", "build_tree (blobs + trees)"),
-    ("state.gitrepo:GitRepo", "commit", "commit (text + sign + object)"),
-    ("state.gitrepo:GitRepo", "move_branch", "move_branch (lock + ref)"),
-    ("state.snapshot:Snapshot", "with_change", "Snapshot.with_change"),
-    ("state.store:Store", "_adopted", "_adopted (swap snapshot)"),
+    ("mailstate.state.store:Store", "changed_files", "changed_files (YAML dump + render)"),
+    ("mailstate.state.gitrepo:GitRepo", "build_tree", "build_tree (blobs + trees)"),
+    ("mailstate.state.gitrepo:GitRepo", "commit", "commit (text + sign + object)"),
+    ("mailstate.state.gitrepo:GitRepo", "move_branch", "move_branch (lock + ref)"),
+    ("mailstate.state.snapshot:Snapshot", "with_change", "Snapshot.with_change"),
+    ("mailstate.state.store:Store", "_adopted", "_adopted (swap snapshot)"),
 ]
 
 

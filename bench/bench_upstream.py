@@ -24,10 +24,10 @@ from bench.common import isolate_env, p50, p90
 
 isolate_env()  # before state (and so pygit2) is imported
 
-from state.datadir import DataDir, init_data_dir, open_store  # noqa: E402
-from state.models import Settings  # noqa: E402
-from state.snapshot import Actor  # noqa: E402
-from state.store import Store  # noqa: E402
+from mailstate.state.datadir import DataDir, init_data_dir, open_store  # noqa: E402
+from mailstate.state.models import Settings  # noqa: E402
+from mailstate.state.snapshot import Actor  # noqa: E402
+from mailstate.state.store import Store  # noqa: E402
 
 ADMIN = Actor.admin("bench")
 PASSWORD = "benchmark-password"

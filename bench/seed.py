@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compiler.render import render_domain
-from state import files
-from state.datadir import DataDir, init_data_dir
-from state.gitrepo import GitRepo
-from state.models import DomainFile, Mailbox, Settings
-from state.signing import Ed25519Signer
-from state.snapshot import Actor
-from state.store import clean_request_id, commit_message, utcnow
+from mailstate.compiler.render import render_domain
+from mailstate.state import files
+from mailstate.state.datadir import DataDir, init_data_dir
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.models import DomainFile, Mailbox, Settings
+from mailstate.state.signing import Ed25519Signer
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import clean_request_id, commit_message, utcnow
 
 SEED_PASSWORD = "bench-password"
 # bcrypt cost 4 of SEED_PASSWORD, computed once; hashing 100k passwords would dominate the seed.

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import jinja2
 
-from state.errors import CompileError
-from state.files import RENDERED_DIR, bucket
-from state.models import DomainFile, Settings
+from mailstate.state.errors import CompileError
+from mailstate.state.files import RENDERED_DIR, bucket
+from mailstate.state.models import DomainFile, Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
 FRAGMENTS = ("passwd", "virtual_mailbox_domains", "virtual_mailbox_maps")

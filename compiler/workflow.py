@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jinja2
 
-from state.errors import InvalidInput
+from mailstate.state.errors import InvalidInput
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "github"
 WORKFLOW_PATH = ".github/workflows/mailstate.yml"

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from state.files import RENDERED_DIR
+from mailstate.state.files import RENDERED_DIR
 
 
 def write_rendered(root: Path, expected: Mapping[str, bytes]) -> list[str]:

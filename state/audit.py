@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from state.gitrepo import git
+from mailstate.state.gitrepo import git
 
 _FIELD = "\x1f"
 _RECORD = "\x1e"

@@ -13,15 +13,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from state import files
-from state.errors import StoreError
-from state.gitrepo import GitRepo
-from state.localdb import LocalDB
-from state.models import NodesFile, Settings
-from state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
-from state.snapshot import Actor
-from state.store import Clock, Store, clean_request_id, commit_message, utcnow
-from state.upstream import Upstream
+from mailstate.state import files
+from mailstate.state.errors import StoreError
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.localdb import LocalDB
+from mailstate.state.models import NodesFile, Settings
+from mailstate.state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import Clock, Store, clean_request_id, commit_message, utcnow
+from mailstate.state.upstream import Upstream
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from state.errors import StateInvalid, StoreError
-from state.models import DomainFile, NodesFile, Settings
+from mailstate.state.errors import StateInvalid, StoreError
+from mailstate.state.models import DomainFile, NodesFile, Settings
 
 SETTINGS_PATH = "mailstate.yaml"
 NODES_PATH = "nodes.yaml"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pygit2
 
-from state.errors import BranchMoved, StoreError
-from state.signing import Signer
+from mailstate.state.errors import BranchMoved, StoreError
+from mailstate.state.signing import Signer
 
 BRANCH = "main"
 REF = f"refs/heads/{BRANCH}"

@@ -13,12 +13,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compiler.render import compile_state, diff_rendered
-from state import files
-from state.errors import StateInvalid
-from state.gitrepo import GitRepo
-from state.models import DomainFile, NodesFile, Settings
-from state.snapshot import Snapshot
+from mailstate.compiler.render import compile_state, diff_rendered
+from mailstate.state import files
+from mailstate.state.errors import StateInvalid
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.models import DomainFile, NodesFile, Settings
+from mailstate.state.snapshot import Snapshot
 
 CACHE_VERSION = 1
 

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from state.errors import InvalidInput, NotFound, Unauthenticated
-from state.snapshot import Actor
+from mailstate.state.errors import InvalidInput, NotFound, Unauthenticated
+from mailstate.state.snapshot import Actor
 
 TOKEN_PREFIX = "mst_"
 _TOKEN = re.compile(r"^mst_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")

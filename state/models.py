@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from state import validate as v
-from state.errors import InvalidInput
+from mailstate.state import validate as v
+from mailstate.state.errors import InvalidInput
 
 FORMAT_VERSION = 1
 BCRYPT_HASH = re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from state.errors import Forbidden, Unauthenticated
-from state.models import Node, parse
-from state.snapshot import Snapshot
+from mailstate.state.errors import Forbidden, Unauthenticated
+from mailstate.state.models import Node, parse
+from mailstate.state.snapshot import Snapshot
 
 MAX_ERROR_CHARS = 2000
 MAX_KEY_CHARS = 512

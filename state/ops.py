@@ -19,9 +19,9 @@ from typing import Any
 
 import bcrypt
 
-from state import models as m
-from state.errors import Conflict, Forbidden, NotFound
-from state.snapshot import Actor, Change, Outcome, Snapshot
+from mailstate.state import models as m
+from mailstate.state.errors import Conflict, Forbidden, NotFound
+from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 
 SYNC_KEY_PREFIX = "mss_"
 NodeStatusLookup = Callable[[str], "dict[str, Any] | None"]

@@ -27,12 +27,12 @@ from typing import Any, Protocol
 
 import pygit2
 
-from compiler.render import render_domain
-from state import files
-from state.errors import InvalidInput, NotFound, StateInvalid
-from state.gitrepo import GitRepo
-from state.load import ParseCache, load_checkout, load_commit
-from state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+from mailstate.compiler.render import render_domain
+from mailstate.state import files
+from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.load import ParseCache, load_checkout, load_commit
+from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, Settings
 
 WORKTREE = "working tree"
 # Lines a rendered section shows before it says "... and N more" (as_dict keeps everything).

@@ -22,7 +22,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from state.errors import StoreError
+from mailstate.state.errors import StoreError
 
 NAMESPACE = "git"
 PRINCIPAL = "mailstate"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from state.models import DomainFile, Node, NodesFile, Settings
+from mailstate.state.models import DomainFile, Node, NodesFile, Settings
 
 
 @dataclass(frozen=True)

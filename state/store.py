@@ -30,17 +30,17 @@ from typing import Any
 
 import pygit2
 
-from compiler.render import domain_dir, render_domain
-from state import files
-from state.errors import BranchMoved, Forbidden, InvalidInput, StoreError, Unavailable, UpstreamUnavailable
-from state.gitrepo import GitRepo
-from state.load import ParseCache, load_commit
-from state.models import Request, parse
-from state.ops import OPERATIONS, Context, Operation, Outcome
-from state.signing import Signer
-from state.snapshot import Actor, Change, Snapshot
-from state.sync import Incoming, full_check, validate_incoming, verify_signature
-from state.upstream import REJECTED_PREFIX, Upstream
+from mailstate.compiler.render import domain_dir, render_domain
+from mailstate.state import files
+from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StoreError, Unavailable, UpstreamUnavailable
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.load import ParseCache, load_commit
+from mailstate.state.models import Request, parse
+from mailstate.state.ops import OPERATIONS, Context, Operation, Outcome
+from mailstate.state.signing import Signer
+from mailstate.state.snapshot import Actor, Change, Snapshot
+from mailstate.state.sync import Incoming, full_check, validate_incoming, verify_signature
+from mailstate.state.upstream import REJECTED_PREFIX, Upstream
 
 log = logging.getLogger("mailstate.store")
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pygit2
 
-from compiler.render import FRAGMENTS, compile_state, diff_rendered, domain_dir, render_domain
-from state import files
-from state.errors import StateInvalid
-from state.gitrepo import GitRepo
-from state.load import ParseCache
-from state.models import DomainFile, NodesFile
-from state.snapshot import Change, Snapshot
+from mailstate.compiler.render import FRAGMENTS, compile_state, diff_rendered, domain_dir, render_domain
+from mailstate.state import files
+from mailstate.state.errors import StateInvalid
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.load import ParseCache
+from mailstate.state.models import DomainFile, NodesFile
+from mailstate.state.snapshot import Change, Snapshot
 
 _KNOWN_TOP = {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR}
 
@@ -162,7 +162,7 @@ def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) 
 
 def full_check(repo: GitRepo, commit: str, cache: ParseCache | None = None) -> Incoming:
     """Validate a whole commit from scratch (used when joining an existing upstream)."""
-    from state.load import check_commit, load_commit
+    from mailstate.state.load import check_commit, load_commit
 
     cache = cache or ParseCache()
     result = Incoming(commit=commit)

@@ -13,8 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from state.errors import UpstreamUnavailable
-from state.gitrepo import BRANCH, REF
+from mailstate.state.errors import UpstreamUnavailable
+from mailstate.state.gitrepo import BRANCH, REF
 
 TRACKING_REF = "refs/mailstate/upstream"
 REJECTED_PREFIX = "refs/mailstate/rejected/"

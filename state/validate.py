@@ -13,7 +13,7 @@ import re
 
 import idna
 
-from state.errors import InvalidInput
+from mailstate.state.errors import InvalidInput
 
 MAX_DOMAIN_LENGTH = 253
 MAX_LOCAL_PART_LENGTH = 64

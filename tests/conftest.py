@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from state.datadir import DataDir, init_data_dir, open_store
-from state.localdb import LocalDB
-from state.models import Settings
-from state.snapshot import Actor
-from state.store import Store
+from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.localdb import LocalDB
+from mailstate.state.models import Settings
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import Store
 
 ADMIN = Actor.admin("token:test-admin")
 PROJECT_A = Actor.project(101, "token:project-a")

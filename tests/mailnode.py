@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.node_bundle import dovecot_snippet, postfix_snippet
+from mailstate.compiler.node_bundle import dovecot_snippet, postfix_snippet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PI_PULL = REPO_ROOT / "pi-pull" / "pi_pull.py"

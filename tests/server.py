@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from state.datadir import DataDir
+from mailstate.state.datadir import DataDir
 
 TOKEN_LINE = re.compile(r"^(mst_[a-z0-9]{12}_[A-Za-z0-9_-]{43})$", re.M)
 
@@ -27,7 +27,7 @@ TOKEN_LINE = re.compile(r"^(mst_[a-z0-9]{12}_[A-Za-z0-9_-]{43})$", re.M)
 def mailstate_cmd() -> list[str]:
     """The console script if installed, else the same entry point through python -m."""
     exe = shutil.which("mailstate")
-    return [exe] if exe else [sys.executable, "-m", "api.cli"]
+    return [exe] if exe else [sys.executable, "-m", "mailstate.api.cli"]
 
 
 def clean_env(home: Path) -> dict[str, str]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main
-from state.audit import filter_log, read_log
-from state.datadir import DataDir, open_store
-from state.snapshot import Actor
-from state.store import Store
+from mailstate.api.cli import main
+from mailstate.state.audit import filter_log, read_log
+from mailstate.state.datadir import DataDir, open_store
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B
 
 A, B = PROJECT_A.project_id, PROJECT_B.project_id

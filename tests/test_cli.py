@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.cli import _load_extras, build_parser, main
-from state.datadir import DataDir
-from state.errors import Unauthenticated
-from state.localdb import LocalDB
+from mailstate.api.cli import _load_extras, build_parser, main
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import Unauthenticated
+from mailstate.state.localdb import LocalDB
 from tests.conftest import commit_count, git_out, verify_commit
 
 
@@ -57,7 +57,7 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
 
 
 def test_console_script_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "api.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mailstate.api.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "init" in proc.stdout and "compile" in proc.stdout
 

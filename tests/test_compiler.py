@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main
-from compiler.render import compile_state, diff_rendered, render_domain
-from compiler.write import write_rendered
-from state.errors import CompileError
-from state.load import check_checkout, load_checkout, read_rendered
-from state.models import DomainFile, Mailbox, Settings
+from mailstate.api.cli import main
+from mailstate.compiler.render import compile_state, diff_rendered, render_domain
+from mailstate.compiler.write import write_rendered
+from mailstate.state.errors import CompileError
+from mailstate.state.load import check_checkout, load_checkout, read_rendered
+from mailstate.state.models import DomainFile, Mailbox, Settings
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "state").is_dir())
@@ -122,7 +122,7 @@ def test_render_is_deterministic_across_processes(tmp_path: Path) -> None:
     for seed in ["1", "2", "12345"]:
         root = checkout(tmp_path / seed, "many_domains", with_rendered=False)
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        subprocess.run([sys.executable, "-m", "api.cli", "compile", str(root)], check=True, env=env, capture_output=True)
+        subprocess.run([sys.executable, "-m", "mailstate.api.cli", "compile", str(root)], check=True, env=env, capture_output=True)
         outputs.append(read_rendered(root))
     assert outputs[0] == outputs[1] == outputs[2] == expected_of("many_domains")
 
@@ -322,8 +322,8 @@ def test_check_reports_every_problem_not_just_the_first(tmp_path: Path, capsys: 
 
 def test_a_valid_hash_that_contains_slash_dot_dot_still_renders() -> None:
     """bcrypt's alphabet has '.' and '/', so '/../' can appear in a real hash; only paths are checked for it."""
-    from compiler.render import render_domain
-    from state.models import DomainFile, Mailbox, Settings
+    from mailstate.compiler.render import render_domain
+    from mailstate.state.models import DomainFile, Mailbox, Settings
 
     pw = "{BLF-CRYPT}$2b$04$" + "abc/../" + "a" * 46
     dom = DomainFile(domain="example.com", email_enabled=True, mailboxes={"x": Mailbox(password=pw, quota_mb=5)})

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from state.signing import generate_key
+from mailstate.state.signing import generate_key
 from tests.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
 from tests.server import LiveServer
 

@@ -11,16 +11,16 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state import files
-from state.datadir import DataDir, open_store
-from state.errors import StateInvalid
-from state.files import load_yaml, parse_canonical_domain
-from state.gitrepo import GitRepo
-from state.load import check_commit
-from state.models import DomainFile, Mailbox, Node, NodesFile, Settings
-from state.models import DomainFile as _DomainFile
-from state.models import Mailbox as _Mailbox
-from state.store import Store
+from mailstate.state import files
+from mailstate.state.datadir import DataDir, open_store
+from mailstate.state.errors import StateInvalid
+from mailstate.state.files import load_yaml, parse_canonical_domain
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.load import check_commit
+from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+from mailstate.state.models import DomainFile as _DomainFile
+from mailstate.state.models import Mailbox as _Mailbox
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, git_out
 
 HASH_A = "{BLF-CRYPT}$2b$04$" + "a" * 53
@@ -128,7 +128,7 @@ def test_parse_domain_checks_file_name_and_syntax() -> None:
 
 def test_same_operations_give_same_state_bytes(tmp_path: Path) -> None:
     """Two servers doing the same hash-free writes produce byte-identical state files."""
-    from state.datadir import init_data_dir
+    from mailstate.state.datadir import init_data_dir
 
     blobs = []
     for name in ["one", "two"]:
@@ -301,7 +301,7 @@ _box = st.builds(_Mailbox, password=_hash, quota_mb=st.integers(1, 1_048_576), a
     boxes=st.dictionaries(_locals, _box, max_size=6),
 )
 def test_fast_reader_equals_yaml_on_canonical_files(domain: str, project: int | None, enabled: bool, boxes: dict[str, _Mailbox]) -> None:
-    from state.files import dump_domain
+    from mailstate.state.files import dump_domain
 
     boxes = {k: b for k, b in boxes.items() if ".." not in k}
     data = dump_domain(_DomainFile(domain=domain, project_id=project, email_enabled=enabled, mailboxes=boxes))
@@ -313,7 +313,7 @@ def test_fast_reader_equals_yaml_on_canonical_files(domain: str, project: int | 
 @settings(max_examples=150, deadline=None)
 @given(position=st.integers(0, 400), insert=st.sampled_from(["#", " ", "\n", "'", "x", ": ", "  dup:\n", "-", "\t", "{}", "0"]))
 def test_fast_reader_never_disagrees_with_yaml_on_edited_files(position: int, insert: str) -> None:
-    from state.files import dump_domain
+    from mailstate.state.files import dump_domain
 
     boxes = {"info": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "a" * 53, quota_mb=5), "on": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "b" * 53, quota_mb=9)}
     text = dump_domain(_DomainFile(domain="example.com", project_id=3, email_enabled=True, mailboxes=boxes))

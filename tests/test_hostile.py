@@ -14,12 +14,12 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from state import validate as v
-from state.datadir import DataDir, open_store
-from state.errors import InvalidInput, MailstateError
-from state.gitrepo import GitRepo
-from state.load import check_commit
-from state.store import Store
+from mailstate.state import validate as v
+from mailstate.state.datadir import DataDir, open_store
+from mailstate.state.errors import InvalidInput, MailstateError
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.load import check_commit
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, commit_count, git_out
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -213,7 +213,7 @@ def test_hostile_passwords_are_rejected_without_echo(data_dir: DataDir) -> None:
 @FEW
 @given(value=st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=10), st.booleans(), st.none(), st.lists(st.integers(), max_size=2)))
 def test_hostile_quota_values(value: object) -> None:
-    from state.models import AddUserRequest, parse
+    from mailstate.state.models import AddUserRequest, parse
 
     ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= v.MAX_QUOTA_MB
     try:
@@ -229,7 +229,7 @@ def test_hostile_quota_values(value: object) -> None:
 @FEW
 @given(value=st.one_of(st.integers(), st.floats(), st.text(max_size=10), st.booleans(), st.none()))
 def test_hostile_project_ids(value: object) -> None:
-    from state.models import LinkDomainRequest, parse
+    from mailstate.state.models import LinkDomainRequest, parse
 
     ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**63 - 1
     try:
@@ -245,8 +245,8 @@ def test_hostile_project_ids(value: object) -> None:
 @given(body=st.dictionaries(st.text(max_size=12), st.one_of(st.text(max_size=12), st.integers(), st.none(), st.booleans()), max_size=4))
 def test_arbitrary_bodies_never_escape_the_error_tree(body: dict[str, object]) -> None:
     """Whatever the JSON, parsing answers with an InvalidInput code, never a foreign exception."""
-    from state.models import parse
-    from state.ops import OPERATIONS
+    from mailstate.state.models import parse
+    from mailstate.state.ops import OPERATIONS
 
     for op in OPERATIONS.values():
         try:

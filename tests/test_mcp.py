@@ -17,8 +17,8 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from api.mcp_server import TOOLS, tool_list
-from state.ops import OPERATIONS
+from mailstate.api.mcp_server import TOOLS, tool_list
+from mailstate.state.ops import OPERATIONS
 from tests.server import LiveServer, assert_error, live_server, mailstate_cmd
 
 API = "/v1/email-account"

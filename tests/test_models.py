@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from state import validate as v
-from state.errors import InvalidInput
-from state.models import (
+from mailstate.state import validate as v
+from mailstate.state.errors import InvalidInput
+from mailstate.state.models import (
     AddDomainRequest,
     AddNodeRequest,
     AddUserRequest,

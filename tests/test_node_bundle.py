@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from compiler.node_bundle import INSTALL_PATHS, PI_PULL_SCRIPT, SYNC_KEY_FILE, render_node_bundle, render_template
+from mailstate.compiler.node_bundle import INSTALL_PATHS, PI_PULL_SCRIPT, SYNC_KEY_FILE, render_node_bundle, render_template
 from tests.mailnode import age_file, require_binaries
 
 SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'

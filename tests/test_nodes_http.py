@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from state.errors import Forbidden, InvalidInput, Unauthenticated
-from state.localdb import LocalDB
-from state.nodes import MAX_ERROR_CHARS, authenticate_node, normalize_addr, parse_report, record_report
-from state.store import Store
+from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
+from mailstate.state.localdb import LocalDB
+from mailstate.state.nodes import MAX_ERROR_CHARS, authenticate_node, normalize_addr, parse_report, record_report
+from mailstate.state.store import Store
 from tests.conftest import ADMIN
 from tests.server import LiveServer, assert_error, live_server
 

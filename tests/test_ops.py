@@ -17,13 +17,14 @@ import bcrypt
 import pytest
 import yaml
 
-from state import validate as v
-from state.datadir import DataDir
-from state.errors import Conflict, Forbidden, InvalidInput, MailstateError, NotFound
-from state.localdb import LocalDB
-from state.ops import OPERATIONS, SPEC_OPERATIONS
-from state.snapshot import Actor
-from state.store import Store
+from mailstate.state import errors as errors_module
+from mailstate.state import validate as v
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import Conflict, Forbidden, InvalidInput, MailstateError, NotFound
+from mailstate.state.localdb import LocalDB
+from mailstate.state.ops import OPERATIONS, SPEC_OPERATIONS
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, commit_count, git_out
 
 A = PROJECT_A.project_id
@@ -582,9 +583,8 @@ def test_node_exists(store: Store) -> None:
 
 def test_every_documented_operation_code_is_exercised() -> None:
     """The codes this file checks are the ones errors.py documents for operations and parse."""
-    import state.errors
 
-    doc = state.errors.__doc__ or ""
+    doc = errors_module.__doc__ or ""
     for code in [
         "invalid_domain",
         "invalid_email",

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from api.cli import main
-from state import files
-from state.datadir import DataDir
-from state.errors import InvalidInput, NotFound, StateInvalid
-from state.ops import hash_password
-from state.plan import load_revision, load_worktree, plan, plan_revisions, plan_worktree
-from state.store import Store
+from mailstate.api.cli import main
+from mailstate.state import files
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
+from mailstate.state.ops import hash_password
+from mailstate.state.plan import load_revision, load_worktree, plan, plan_revisions, plan_worktree
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PROJECT_A, PROJECT_B, git_out
 
 HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")

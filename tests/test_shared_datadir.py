@@ -10,8 +10,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-from state.datadir import DataDir, open_store
-from state.store import Store
+from mailstate.state.datadir import DataDir, open_store
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, commit_count, git_out
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from state.datadir import DataDir
-from state.errors import StoreError
-from state.gitrepo import GitRepo
-from state.signing import Ed25519Signer, SshKeygenSigner, allowed_signers_line, generate_key
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import StoreError
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.signing import Ed25519Signer, SshKeygenSigner, allowed_signers_line, generate_key
 
 SIGNERS = [Ed25519Signer, SshKeygenSigner]
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from state.datadir import DataDir, open_store
-from state.errors import MailstateError, StoreError
-from state.gitrepo import GitRepo
-from state.load import check_commit
-from state.signing import Ed25519Signer, SshKeygenSigner
-from state.snapshot import Actor
-from state.store import Store
+from mailstate.state.datadir import DataDir, open_store
+from mailstate.state.errors import MailstateError, StoreError
+from mailstate.state.gitrepo import GitRepo
+from mailstate.state.load import check_commit
+from mailstate.state.signing import Ed25519Signer, SshKeygenSigner
+from mailstate.state.snapshot import Actor
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, FakeClock, commit_count, git_out, verify_commit
 
 A = PROJECT_A.project_id
@@ -438,8 +438,8 @@ def test_loose_objects_get_packed_in_the_background(data_dir: DataDir) -> None:
     """Each write leaves ~11 loose objects; every `gc_every` writes the store packs them in the background."""
     import time
 
-    from state.signing import Ed25519Signer
-    from state.store import Store
+    from mailstate.state.signing import Ed25519Signer
+    from mailstate.state.store import Store
 
     store = Store(data_dir.repo, Ed25519Signer(data_dir.key), gc_every=3)
     for i in range(3):

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 
-import api.cli as cli
-from api.mcp_server import TOOLS, tool_list
-from api.server import create_app
-from state.datadir import DataDir
-from state.ops import OPERATIONS
+import mailstate.api.cli as cli
+from mailstate.api.mcp_server import TOOLS, tool_list
+from mailstate.api.server import create_app
+from mailstate.state.datadir import DataDir
+from mailstate.state.ops import OPERATIONS
 from tests.server import LiveServer, assert_error, live_server
 from tests.test_mcp import http_session
 

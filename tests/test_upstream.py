@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from state.datadir import DataDir, init_data_dir, open_store
-from state.errors import UpstreamUnavailable
-from state.models import Settings
-from state.ops import hash_password
-from state.signing import allowed_signers_line, generate_key
-from state.store import Store
+from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.errors import UpstreamUnavailable
+from mailstate.state.models import Settings
+from mailstate.state.ops import hash_password
+from mailstate.state.signing import allowed_signers_line, generate_key
+from mailstate.state.store import Store
 from tests.conftest import ADMIN, PROJECT_A, FakeClock, git_out
 
 PASSWORD = "correct horse battery"
@@ -80,7 +80,7 @@ def _mailbox_yaml(work: Path, local: str, password: str = PASSWORD, *, recompile
     text += f"  {local}:\n    password: '{hash_password(password, 4)}'\n    quota_mb: 100\n    active: true\n"
     path.write_text(text)
     if recompile:
-        from api.cli import main
+        from mailstate.api.cli import main
 
         assert main(["compile", str(work)]) == 0
 
@@ -135,7 +135,7 @@ def test_a_rejected_push_reruns_the_operation(fleet: dict[str, object]) -> None:
     a.execute("add-user", PROJECT_A, {"email": "x@example.com", "password": PASSWORD})
     # b has not seen a's commit: its push is rejected, it re-runs add-user on the new state,
     # which now answers with the conflict instead of overwriting a's mailbox.
-    from state.errors import Conflict
+    from mailstate.state.errors import Conflict
 
     with pytest.raises(Conflict) as err:
         b.execute("add-user", PROJECT_A, {"email": "x@example.com", "password": "another password"})
@@ -276,7 +276,7 @@ def test_settings_change_by_admin_is_fully_rechecked(fleet: dict[str, object]) -
     assert any("passwd" in p for p in problem["problems"])
 
     def recompile(work: Path) -> None:
-        from api.cli import main
+        from mailstate.api.cli import main
 
         assert main(["compile", str(work)]) == 0
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from state.ops import hash_password
-from state.signing import allowed_signers_line, generate_key
+from mailstate.state.ops import hash_password
+from mailstate.state.signing import allowed_signers_line, generate_key
 from tests.server import LiveServer, assert_error
 
 PASSWORD = "correct horse battery"

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from compiler.workflow import DEFAULT_USES, WORKFLOW_PATH, state_repo_workflow
-from state import files
-from state.datadir import DataDir
-from state.errors import InvalidInput
-from state.ops import hash_password
-from state.store import Store
+from mailstate.compiler.workflow import DEFAULT_USES, WORKFLOW_PATH, state_repo_workflow
+from mailstate.state import files
+from mailstate.state.datadir import DataDir
+from mailstate.state.errors import InvalidInput
+from mailstate.state.ops import hash_password
+from mailstate.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -217,7 +217,7 @@ def _run_state_check(repo: Path, tmp_path: Path, base_ref: str) -> str:
     """Run the state-check job's `run` steps (all but pip install) against `repo`, as GitHub would."""
     shim = tmp_path / "bin"
     shim.mkdir(exist_ok=True)
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from api.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from mailstate.api.cli import main; sys.exit(main(sys.argv[1:]))"
     (shim / "mailstate").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "$@"\n')
     (shim / "mailstate").chmod(0o755)
     summary = tmp_path / "summary.md"
@@ -243,7 +243,8 @@ def test_state_check_steps_on_a_pull_request_and_a_push(mail_store: Store, data_
     doc["mailboxes"]["bob"] = {"password": hash_password("bob's long password", 4), "quota_mb": 512, "active": True}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     # the admin recompiles rendered/ and commits
-    subprocess.run([sys.executable, "-c", "import sys; from api.cli import main; sys.exit(main(['compile', sys.argv[1]]))", str(repo)], check=True, cwd=ROOT)
+    compile_code = "import sys; from mailstate.api.cli import main; sys.exit(main(['compile', sys.argv[1]]))"
+    subprocess.run([sys.executable, "-c", compile_code, str(repo)], check=True, cwd=ROOT)
     subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
     subprocess.run(["git", "-C", str(repo), "commit", "-qm", "add bob"], check=True)
 
