@@ -5,6 +5,11 @@
     DIR/allowed_signers    who may sign state commits (nodes and `git verify-commit` use it)
     DIR/mailstate.db       tokens and node sync status (never in git)
     DIR/cache/             parse cache keyed by git blob id (safe to delete)
+
+Every path is made absolute once, when the DataDir is made: git runs with `-C <repo>` and
+resolves a relative path given to it (`gpg.ssh.allowedSignersFile=data/allowed_signers`, a
+relative upstream) from inside the repo, so `--data ./data` would otherwise break signature
+checks of other processes' commits and lose their writes.
 """
 
 from __future__ import annotations
@@ -26,9 +31,13 @@ from mailstate.state.upstream import Upstream
 
 @dataclass(frozen=True)
 class DataDir:
-    """Paths inside a data directory."""
+    """Paths inside a data directory; `root` (so every path below) is absolute."""
 
     root: Path
+
+    def __post_init__(self) -> None:
+        # Resolved against the cwd of the moment the dir is opened, and never again.
+        object.__setattr__(self, "root", absolute(self.root))
 
     @property
     def repo(self) -> Path:
@@ -52,6 +61,24 @@ class DataDir:
 
     def is_initialised(self) -> bool:
         return self.repo.exists() and self.key.exists()
+
+
+def absolute(path: Path | str) -> Path:
+    """`path` made absolute (and normalised) against the current directory; `~` expanded."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def local_git_url(url: str) -> str:
+    """`url` with a local path made absolute; URLs and scp-like `host:path` are left alone.
+
+    git tells a path from a remote the same way: a `scheme://`, or a `:` with no `/` before it.
+    """
+    if "://" in url:
+        return url
+    colon, slash = url.find(":"), url.find("/")
+    if colon > 0 and (slash < 0 or colon < slash):
+        return url
+    return str(absolute(url))
 
 
 def init_data_dir(
@@ -113,6 +140,6 @@ def open_store(
         clock=clock,
         cache_path=dd.cache,
         status_source=db.node_status if db is not None else None,
-        upstream=Upstream(upstream, dd.repo) if upstream else None,
+        upstream=Upstream(local_git_url(upstream), dd.repo) if upstream else None,
         trusted_signers=dd.allowed_signers,
     )

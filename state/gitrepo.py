@@ -9,6 +9,7 @@ and GitPython's index handling costs ~690 ms.
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,7 +29,9 @@ class GitRepo:
     """A bare (or non-bare) repository the store commits to."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
+        # Absolute: the path goes to `git -C` and into the lock file's name, and must not
+        # change meaning if the process changes directory.
+        self.path = Path(os.path.abspath(path))
         try:
             self.repo = pygit2.Repository(str(self.path))
         except (pygit2.GitError, KeyError) as exc:
@@ -183,6 +186,13 @@ class GitRepo:
                 self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
             except pygit2.GitError as exc:
                 raise StoreError("git could not update the branch.") from exc
+
+    @contextmanager
+    def ref_lock(self) -> Iterator[None]:
+        """The lock move_branch holds: hold it to read, check and update another ref as one
+        step across processes (the accepted-head statement's forward-only swap)."""
+        with self._ref_lock():
+            yield
 
     @contextmanager
     def _ref_lock(self) -> Iterator[None]:

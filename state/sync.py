@@ -16,6 +16,7 @@ subtrees by id), so adopting a one-mailbox change costs the same at 100 or 100k 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,8 @@ class Incoming:
 def verify_signature(repo_path: Path, commit: str, allowed_signers: Path) -> str | None:
     """None when `commit` carries a good signature by a trusted key, else the reason."""
     proc = subprocess.run(
-        ["git", "-C", str(repo_path), "-c", f"gpg.ssh.allowedSignersFile={allowed_signers}", "verify-commit", commit],
+        # Absolute: git resolves a relative allowedSignersFile from inside the repo (-C).
+        ["git", "-C", str(repo_path), "-c", f"gpg.ssh.allowedSignersFile={os.path.abspath(allowed_signers)}", "verify-commit", commit],
         capture_output=True,
         text=True,
     )

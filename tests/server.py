@@ -67,6 +67,10 @@ class LiveServer:
         self.admin_token = ""
         self.stdout = ""
         self.extra_args: list[str] = []
+        # `--data` as given on the command line, and the cwd the commands run in: a test of
+        # relative paths sets data_arg="./data" and cwd=root (default: the absolute path).
+        self.data_arg: str | None = None
+        self.cwd: Path | None = None
         self._log = (root / "server.log").open("w+")
 
     @property
@@ -82,7 +86,7 @@ class LiveServer:
                     *mailstate_cmd(),
                     "serve",
                     "--data",
-                    str(self.data.root),
+                    self.data_arg or str(self.data.root),
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -94,6 +98,7 @@ class LiveServer:
                 stdout=out,
                 stderr=self._log,
                 env=self.env,
+                cwd=self.cwd,
                 text=True,
             )
             if self._wait_healthy(timeout):
@@ -137,14 +142,14 @@ class LiveServer:
     # --- helpers ---------------------------------------------------------------------------
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*mailstate_cmd(), *args], capture_output=True, text=True, env=self.env, timeout=60)
+        proc = subprocess.run([*mailstate_cmd(), *args], capture_output=True, text=True, env=self.env, cwd=self.cwd, timeout=60)
         if check and proc.returncode != 0:
             raise AssertionError(f"mailstate {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
 
     def create_token(self, *, project: int | None = None, name: str | None = None) -> str:
         """A new token via `mailstate token create`; the token is its output's last line."""
-        args = ["token", "create", "--data", str(self.data.root)]
+        args = ["token", "create", "--data", self.data_arg or str(self.data.root)]
         args += ["--admin"] if project is None else ["--project", str(project)]
         if name:
             args += ["--name", name]
