@@ -35,17 +35,24 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         lmtp_port=args.lmtp_port,
     )
     out = Path(args.out)
-    for rel, text in sorted(bundle.items()):
+    try:
+        _write_bundle(out, bundle)
+    except OSError as exc:
+        raise StoreError(f"Cannot write the bundle into {out}: {exc.strerror or exc}.") from exc
+    print(f"Next: write node {name}'s sync key (from add-node) to /etc/pi-pull/sync_key with mode 0600; see README 'Deploying a node'.")
+    return 0
+
+
+def _write_bundle(out: Path, bundle: dict[str, str | bytes]) -> None:
+    for rel, content in sorted(bundle.items()):
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:  # pi_pull.py is a zipapp: bytes
+            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
         os.chmod(tmp, 0o755 if rel.endswith(".py") else 0o644)
         os.replace(tmp, target)
         print(f"wrote {target}  ->  {INSTALL_PATHS.get(rel, '?')}")
-    print(f"Next: write node {name}'s sync key (from add-node) to /etc/pi-pull/sync_key with mode 0600; see README 'Deploying a node'.")
-    return 0
 
 
 def register(sub: Any) -> None:

@@ -64,11 +64,11 @@ from typing import Any  # noqa: E402
 import httpx  # noqa: E402
 
 from bench.seed import SEED_PASSWORD, pack, seed_state  # noqa: E402
-from tests.mailnode import MAIL_BINARIES, MailNode, running_mailnode  # noqa: E402
+from tests.mailnode import AGENT_DIR, MAIL_BINARIES, PIPULL_MODULES, MailNode, pi_pull_script, running_mailnode  # noqa: E402
 from tests.server import LiveServer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PI_PULL = REPO_ROOT / "pi-pull" / "pi_pull.py"
+PI_PULL = pi_pull_script()  # the single file a bundle ships (zipapp built from pi-pull/pipull)
 TIMER = REPO_ROOT / "templates" / "node" / "pi-pull.timer"
 API = "/v1/email-account"
 TICK_LINE = re.compile(r"\((\d+\.\d+)s\)\s*$")
@@ -227,19 +227,19 @@ def bare_fetch_env(name: str, key: str) -> dict[str, str]:
 
 
 def load_pi_pull() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pi_pull_bench", PI_PULL)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The agent package ``pipull`` (from pi-pull/), with all its modules imported."""
+    if str(AGENT_DIR) not in sys.path:
+        sys.path.insert(0, str(AGENT_DIR))
+    for name in PIPULL_MODULES:
+        importlib.import_module(f"pipull.{name}")
+    return importlib.import_module("pipull")
 
 
 GIT_SUBCOMMANDS = ("fetch", "rev-parse", "verify-commit", "merge-base", "ls-tree", "cat-file", "gc", "init", "--version")
 
 
 class Instrumented:
-    """pi_pull.Agent with every subprocess, the report POST, os.sync and the agent's phases timed."""
+    """pipull's Agent with every subprocess, the report POST, os.sync and the agent's phases timed."""
 
     def __init__(self, pp: ModuleType) -> None:
         self.pp = pp
@@ -249,7 +249,7 @@ class Instrumented:
         def add(name: str, seconds: float) -> None:
             spans[name] = spans.get(name, 0.0) + seconds
 
-        class Runner(pp.Runner):  # type: ignore[name-defined,misc]
+        class Runner(pp.runner.Runner):  # type: ignore[name-defined,misc]
             def run(self, argv: Sequence[str], **kw: Any) -> Any:
                 name = os.path.basename(argv[0])
                 if name == "git":
@@ -277,13 +277,17 @@ class Instrumented:
 
             return wrapper
 
-        class Agent(pp.Agent):  # type: ignore[name-defined,misc]
-            _post = timed("report POST", pp.Agent._post)
-            build_release = timed("[build_release]", pp.Agent.build_release)
-            prune = timed("prune old release", pp.Agent.prune)
-            swap_to = timed("swap current", pp.Agent.swap_to)
-            save_state = timed("save state.json", pp.Agent.save_state)
-            tick = timed("[tick]", pp.Agent.tick)
+        class Agent(pp.agent.Agent):  # type: ignore[name-defined,misc]
+            tick = timed("[tick]", pp.agent.Agent.tick)
+
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                # The parts are attributes of the agent: wrap this instance's bound methods.
+                self.reporter.post = timed("report POST", self.reporter.post)
+                self.releases.build = timed("[build_release]", self.releases.build)
+                self.releases.prune = timed("prune old release", self.releases.prune)
+                self.releases.swap_to = timed("swap current", self.releases.swap_to)
+                self.state.save = timed("save state.json", self.state.save)
 
         self.runner_cls, self.agent_cls = Runner, Agent
         self._timed = timed
@@ -293,8 +297,8 @@ class Instrumented:
         real_sync = os.sync
         os.sync = self._timed("os.sync()", real_sync)
         try:
-            log = self.pp.Log(stream=io.StringIO())
-            agent = self.agent_cls(self.pp.load_config(str(cfg)), runner=self.runner_cls(), log=log)
+            log = self.pp.log.make_logger(stream=io.StringIO())
+            agent = self.agent_cls(self.pp.config.load_config(str(cfg)), runner=self.runner_cls(), log=log)
             result = agent.tick()
         finally:
             os.sync = real_sync
@@ -392,10 +396,10 @@ def phase_small(tmp: Path, node: NodeSide, python: str, ticks: int, propagations
         py_help: list[float] = []
         py_import: list[float] = []
         git_fetch: list[float] = []
-        # `import pi_pull` from a cached .pyc: start + imports, no compile (a copy, so no __pycache__ in the repo)
-        (tmp / "pyc").mkdir()
-        shutil.copy(PI_PULL, tmp / "pyc" / "pi_pull.py")
-        imp = [python, "-c", f"import sys; sys.path.insert(0, {str(tmp / 'pyc')!r}); import pi_pull"]
+        # `import pipull.cli` (every module a tick uses) from cached .pyc: start + imports, no compile
+        # (a copy, so no __pycache__ in the repo). The zipapp itself cannot cache: it compiles each run.
+        shutil.copytree(AGENT_DIR / "pipull", tmp / "pyc" / "pipull", ignore=shutil.ignore_patterns("__pycache__"))
+        imp = [python, "-c", f"import sys; sys.path.insert(0, {str(tmp / 'pyc')!r}); import pipull.cli"]
         timed_runs(imp, 2)
         for _ in range(ticks):  # interleaved, so load from elsewhere hits all rows alike
             tk = run_tick(python, cfg, "up to date")

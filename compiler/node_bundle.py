@@ -6,27 +6,48 @@ writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
 
     pi-pull.ini                        -> /etc/pi-pull/pi-pull.ini
     allowed_signers                    -> /etc/pi-pull/allowed_signers
-    pi_pull.py                         -> /usr/local/lib/pi-pull/pi_pull.py
+    pi_pull.py                         -> /usr/local/lib/pi-pull/pi_pull.py (a zipapp, see below)
     pi-pull.service, pi-pull.timer     -> /etc/systemd/system/
     dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
     postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
 
 The sync key is never part of the bundle: the operator writes it to ``/etc/pi-pull/sync_key``
 (mode 0600), which the generated ini points at.
+
+``pi_pull.py`` is built by ``build_pi_pull()`` from the agent package ``pi-pull/pipull/`` (shipped
+in the wheel as data under ``mailstate/node_agent/``): a zipapp, one file that ``python3
+pi_pull.py`` (also ``python3 -I -S``) runs, with fixed timestamps and order so the same sources
+give the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import zipapp
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NODE_TEMPLATES = REPO_ROOT / "templates" / "node"
-PI_PULL_SCRIPT = REPO_ROOT / "pi-pull" / "pi_pull.py"
+from mailstate.state.errors import InvalidInput, StoreError
+
+# The checkout's top level (state/, compiler/, templates/, pi-pull/ side by side), or, installed,
+# site-packages/mailstate (templates/ and node_agent/, the wheel's copy of pi-pull/).
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+NODE_TEMPLATES = PACKAGE_ROOT / "templates" / "node"
+AGENT_DIR = PACKAGE_ROOT / "pi-pull" if (PACKAGE_ROOT / "pi-pull").is_dir() else PACKAGE_ROOT / "node_agent"
+AGENT_PACKAGE = "pipull"
+# The zipapp's entry point (the package's own __main__ is for `python3 -m pipull` in pi-pull/).
+_ZIP_MAIN = b"""import sys
+
+from pipull.cli import main
+
+sys.exit(main())
+"""
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 ETC_DIR = "/etc/pi-pull"
 SYNC_KEY_FILE = f"{ETC_DIR}/sync_key"
@@ -63,7 +84,7 @@ def render_template(name: str, template_dir: Path | str = NODE_TEMPLATES, **vari
     """Render one ``templates/node`` template with StrictUndefined (a missing variable is an error)."""
     for key, value in variables.items():
         if isinstance(value, str) and not _SAFE_VALUE.match(value):
-            raise ValueError(f"{key} must be a single line")
+            raise InvalidInput(f"{key} must be a single line.", field=key)
     return _env(str(template_dir)).get_template(name).render(**variables)
 
 
@@ -77,14 +98,37 @@ def postfix_snippet(root: str = DEFAULT_ROOT, *, map_type: str = "hash", lmtp_ad
     return render_template("postfix-main.cf.j2", root=root.rstrip("/"), map_type=map_type, lmtp_address=lmtp_address, lmtp_port=int(lmtp_port))
 
 
+def build_pi_pull(agent_dir: Path | None = None) -> bytes:
+    """The single-file node agent: a zipapp of ``<agent_dir>/pipull/*.py`` with a ``python3`` shebang.
+
+    Deterministic: members are sorted, stored uncompressed, with a fixed timestamp and mode, so
+    the same sources give the same bytes (bundles can be compared and diffed by checksum).
+    """
+    src = (agent_dir or AGENT_DIR) / AGENT_PACKAGE
+    files = sorted(p for p in src.glob("*.py") if p.is_file())
+    if not files:
+        raise StoreError(f"the node agent's sources are missing ({src}); reinstall mailstate", code="store_error")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        members = [("__main__.py", _ZIP_MAIN)] + [(f"{AGENT_PACKAGE}/{p.name}", p.read_bytes()) for p in files]
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+    out = io.BytesIO()
+    buf.seek(0)
+    zipapp.create_archive(buf, out, interpreter="/usr/bin/env python3")
+    return out.getvalue()
+
+
 def _normalise_signers(allowed_signers: str) -> str:
     lines = [line.strip() for line in allowed_signers.splitlines()]
     keys = [line for line in lines if line and not line.startswith("#")]
     if not keys:
-        raise ValueError("allowed_signers holds no key: a node must trust at least one signing key")
+        raise InvalidInput("allowed_signers holds no key: a node must trust at least one signing key.", field="allowed_signers")
     for line in keys:
         if not _SIGNER_LINE.match(line):
-            raise ValueError(f"not an allowed_signers line: {line[:60]!r}")
+            raise InvalidInput(f"Not an allowed_signers line: {line[:60]!r}.", field="allowed_signers")
     return "\n".join(line for line in lines if line) + "\n"
 
 
@@ -107,26 +151,27 @@ def render_node_bundle(
     passwd_group: str = "dovecot",
     interval: int = 60,
     quota: bool = True,
-) -> dict[str, str]:
-    """Render node ``node_name``'s bundle: relative file name -> file content.
+) -> dict[str, str | bytes]:
+    """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
     ``server_url`` is the mailstate server's base URL (``https://host[:port]``); the node fetches
     ``<server_url>/v1/nodes/state.git`` and reports to ``<server_url>/v1/nodes/report`` unless
     ``remote_url`` (any git URL, e.g. a git host) or ``report_url`` override them. With an empty
     ``server_url`` there is no report URL unless one is given. ``allowed_signers`` is the text of
     the allowed_signers file the node will trust (e.g. the server's ``DIR/allowed_signers``).
+    Bad arguments raise InvalidInput.
     """
     if not _NODE_NAME.match(node_name):
-        raise ValueError("node_name must be letters, digits, '.', '_' or '-'")
+        raise InvalidInput("The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name")
     base = server_url.rstrip("/")
     if base and not base.lower().startswith(("http://", "https://")):
-        raise ValueError("server_url must start with http:// or https://")
+        raise InvalidInput("The server URL must start with http:// or https://.", field="server_url")
     remote = remote_url or (f"{base}/v1/nodes/state.git" if base else "")
     if not remote:
-        raise ValueError("either server_url or remote_url is needed")
+        raise InvalidInput("Either a server URL or a remote URL is needed.", field="server_url")
     report = report_url if report_url is not None else (f"{base}/v1/nodes/report" if base else "")
     if not root.startswith("/"):
-        raise ValueError("root must be an absolute path")
+        raise InvalidInput("The node's root must be an absolute path.", field="root")
     root = root.rstrip("/") or "/"
     is_http = remote.lower().startswith(("http://", "https://"))
 
@@ -155,5 +200,5 @@ def render_node_bundle(
         "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
         "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota),
         "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port),
-        "pi_pull.py": PI_PULL_SCRIPT.read_text(encoding="utf-8"),
+        "pi_pull.py": build_pi_pull(),
     }

@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -74,6 +75,27 @@ def mail_store(store: Store) -> Store:
     store.execute("enable-email", PROJECT_A, {"domain": "example.com"})
     store.execute("add-user", PROJECT_A, {"email": "info@example.com", "password": PASSWORD})
     return store
+
+
+@pytest.fixture(scope="session")
+def pi_pull() -> Path:
+    """The single-file node agent as a bundle ships it (a zipapp), built once per session."""
+    from tests.mailnode import pi_pull_script
+
+    return pi_pull_script()
+
+
+@pytest.fixture
+def pipull(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The node agent package ``pipull``, all modules imported; pi-pull/ is on sys.path for this test only."""
+    import importlib
+
+    from tests.mailnode import AGENT_DIR, PIPULL_MODULES
+
+    monkeypatch.syspath_prepend(str(AGENT_DIR))
+    for name in PIPULL_MODULES:
+        importlib.import_module(f"pipull.{name}")
+    return importlib.import_module("pipull")
 
 
 def git_out(repo: Path, *args: str) -> str:

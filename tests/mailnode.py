@@ -14,7 +14,10 @@ Import what you need::
 * When postfix/dovecot/postmap/doveadm are missing the fixture fails under ``CI=true`` and
   skips otherwise.
 * ``node.write_pi_pull_config(...)`` writes a pi-pull ini whose reload/postmap commands
-  drive this node's Postfix and Dovecot; ``run_pi_pull(config)`` runs one tick.
+  drive this node's Postfix and Dovecot; ``run_pi_pull(config)`` runs one tick of the
+  single-file agent (``pi_pull_script()``: the zipapp a bundle ships, built once per test
+  process from pi-pull/pipull). The conftest fixtures ``pi_pull`` (that file) and ``pipull``
+  (the package itself, pi-pull/ on sys.path for that test only) serve unit-level tests.
 * ``StateRepo`` builds a state repo (bare ``state.git`` + work tree) with the contract's
   ``rendered/`` layout and SSH-signed commits, for tests that do not need ``mailstate serve``.
 
@@ -24,7 +27,9 @@ Dovecot's unprivileged processes (dovecot, dovenull, vmail) must traverse them.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import grp
 import imaplib
 import itertools
@@ -44,10 +49,11 @@ from pathlib import Path
 
 import pytest
 
-from mailstate.compiler.node_bundle import dovecot_snippet, postfix_snippet
+from mailstate.compiler.node_bundle import build_pi_pull, dovecot_snippet, postfix_snippet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PI_PULL = REPO_ROOT / "pi-pull" / "pi_pull.py"
+AGENT_DIR = REPO_ROOT / "pi-pull"
+PIPULL_MODULES = ("errors", "log", "config", "runner", "fsutil", "mirror", "verify", "release", "report", "statefile", "agent", "cli")
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
 
 
@@ -123,10 +129,20 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+@functools.cache
+def pi_pull_script() -> Path:
+    """The single-file agent exactly as a bundle ships it (zipapp), built once per test process."""
+    out = Path(tempfile.mkdtemp(prefix="pi-pull-build-")) / "pi_pull.py"
+    out.write_bytes(build_pi_pull(AGENT_DIR))
+    out.chmod(0o755)
+    atexit.register(shutil.rmtree, str(out.parent), True)
+    return out
+
+
 def run_pi_pull(config: Path | str, *args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run one pi-pull tick (``--once``) as a subprocess; returns the completed process."""
+    """Run one pi-pull tick (``--once``) of the built single file as a subprocess; returns the completed process."""
     return subprocess.run(
-        [python, str(PI_PULL), "--config", str(config), "--once", *args],
+        [python, str(pi_pull_script()), "--config", str(config), "--once", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import configparser
 import grp
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
 
-from mailstate.compiler.node_bundle import INSTALL_PATHS, PI_PULL_SCRIPT, SYNC_KEY_FILE, render_node_bundle, render_template
-from tests.mailnode import age_file, require_binaries
+from mailstate.compiler.node_bundle import INSTALL_PATHS, SYNC_KEY_FILE, build_pi_pull, render_node_bundle, render_template
+from mailstate.state.errors import InvalidInput
+from tests.mailnode import AGENT_DIR, age_file, require_binaries
 
 SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'
 EXPECTED_FILES = {
@@ -27,7 +30,8 @@ EXPECTED_FILES = {
 }
 
 
-def bundle(**kwargs: object) -> dict[str, str]:
+def bundle(**kwargs: object) -> dict[str, Any]:
+    """The bundle for pi-01 (values are str, except pi_pull.py: bytes)."""
     args: dict[str, object] = {"node_name": "pi-01", "server_url": "https://mail.example.net", "allowed_signers": SIGNERS}
     args.update(kwargs)
     return render_node_bundle(**args)  # type: ignore[arg-type]
@@ -45,7 +49,7 @@ def test_bundle_is_deterministic_and_complete() -> None:
     assert a == b
     assert set(a) == EXPECTED_FILES
     assert set(INSTALL_PATHS) == EXPECTED_FILES
-    assert a["pi_pull.py"] == PI_PULL_SCRIPT.read_text()
+    assert a["pi_pull.py"] == build_pi_pull()
     assert a["allowed_signers"] == SIGNERS
     assert bundle(node_name="pi-02") != a
 
@@ -76,19 +80,47 @@ def test_ini_points_at_the_right_files() -> None:
     assert "hash:/srv/pi-pull/current/postfix/virtual_mailbox_maps" in b["postfix/main.cf.mailstate"]
 
 
-def test_ini_is_accepted_by_pi_pull(tmp_path: Path) -> None:
+def test_pi_pull_is_built_deterministically_from_the_package(tmp_path: Path, pi_pull: Path) -> None:
+    """Same sources, same bytes (fixed timestamps/order); a changed source changes the file."""
+    first = build_pi_pull(AGENT_DIR)
+    assert first == build_pi_pull(AGENT_DIR) == pi_pull.read_bytes()
+    copy = tmp_path / "agent"
+    shutil.copytree(AGENT_DIR / "pipull", copy / "pipull", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in (copy / "pipull").iterdir():
+        os.utime(f, (0, 0))
+    assert build_pi_pull(copy) == first
+    (copy / "pipull" / "errors.py").write_text((copy / "pipull" / "errors.py").read_text() + "\n# changed\n")
+    assert build_pi_pull(copy) != first
+    r = subprocess.run([sys.executable, "-I", "-S", str(pi_pull), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "exit codes:" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"node_name": "bad name"}, "node_name"),
+        ({"server_url": "ftp://x"}, "server_url"),
+        ({"server_url": ""}, "server_url"),
+        ({"root": "relative"}, "root"),
+        ({"allowed_signers": "# nothing\n"}, "allowed_signers"),
+        ({"allowed_signers": "not a key\n"}, "allowed_signers"),
+        ({"postfix_reload": "a\nb"}, "postfix_reload"),
+    ],
+)
+def test_bad_arguments_are_invalid_input(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        bundle(**kwargs)
+    assert exc.value.field == field and exc.value.message.endswith(".")
+
+
+def test_ini_is_accepted_by_pi_pull(tmp_path: Path, pipull: Any) -> None:
     try:
         grp.getgrnam("dovecot")
     except KeyError:
         pytest.skip("the bundle's passwd_group is dovecot, which is not installed here")
-    sys.path.insert(0, str(PI_PULL_SCRIPT.parent))
-    try:
-        import pi_pull
-    finally:
-        sys.path.remove(str(PI_PULL_SCRIPT.parent))
     path = tmp_path / "pi-pull.ini"
     path.write_text(bundle(map_type="lmdb")["pi-pull.ini"])
-    cfg = pi_pull.load_config(str(path))
+    cfg = pipull.config.load_config(str(path))
     assert cfg.remote_is_http and cfg.send_credentials and cfg.needs_key
     assert cfg.sync_key_file == SYNC_KEY_FILE and cfg.allowed_signers == INSTALL_PATHS["allowed_signers"]
     assert cfg.root == "/var/lib/pi-pull" and cfg.map_type == "lmdb" and cfg.passwd_group == "dovecot"
@@ -125,21 +157,6 @@ def test_timer_unit() -> None:
     assert timer["RandomizedDelaySec"].rstrip("s").isdigit() and int(timer["RandomizedDelaySec"].rstrip("s")) > 0
     assert timer["Unit"] == "pi-pull.service"
     assert unit["Install"]["WantedBy"] == "timers.target"
-
-
-def test_bad_inputs_are_rejected() -> None:
-    with pytest.raises(ValueError, match="allowed_signers"):
-        bundle(allowed_signers="# nothing here\n")
-    with pytest.raises(ValueError, match="allowed_signers"):
-        bundle(allowed_signers="not a key line\n")
-    with pytest.raises(ValueError, match="node_name"):
-        bundle(node_name="pi 01")
-    with pytest.raises(ValueError, match="server_url"):
-        bundle(server_url="ftp://x")
-    with pytest.raises(ValueError, match="single line"):
-        bundle(postfix_reload="postfix reload\n[node]\nname = evil")
-    with pytest.raises(ValueError, match="absolute"):
-        bundle(root="relative/dir")
 
 
 def test_templates_use_strict_undefined() -> None:

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import PROJECT_A
 from tests.mailnode import (
-    PI_PULL,
+    AGENT_DIR,
     MailNode,
     SigningKey,
     StateRepo,
@@ -662,17 +662,11 @@ def test_fetch_over_http_sends_basic_auth_via_environment(setup: Setup) -> None:
         http.close()
 
 
-def test_sync_key_never_on_a_command_line(setup: Setup) -> None:
+def test_sync_key_never_on_a_command_line(setup: Setup, pipull: Any) -> None:
     """Through the runner seam: every subprocess pi-pull starts, with its argv and extra env."""
-    sys.path.insert(0, str(PI_PULL.parent))
-    try:
-        import pi_pull
-    finally:
-        sys.path.remove(str(PI_PULL.parent))
-
     calls: list[tuple[list[str], dict[str, str]]] = []
 
-    class RecordingRunner(pi_pull.Runner):
+    class RecordingRunner(pipull.runner.Runner):  # type: ignore[misc,name-defined]
         def run(self, argv: Any, **kw: Any) -> Any:
             calls.append(([str(a) for a in argv], dict(kw.get("env") or {})))
             return super().run(argv, **kw)
@@ -686,8 +680,9 @@ def test_sync_key_never_on_a_command_line(setup: Setup) -> None:
     http = GitHttpServer(setup.repo.path, "pi-test", setup.sync_key)
     report = ReportServer()
     try:
-        cfg = pi_pull.load_config(str(setup.config(remote__url=http.url, report__url=report.url)))
-        result = pi_pull.Agent(cfg, runner=RecordingRunner(), log=pi_pull.Log(stream=io.StringIO())).tick()
+        cfg = pipull.config.load_config(str(setup.config(remote__url=http.url, report__url=report.url)))
+        log = io.StringIO()
+        result = pipull.agent.Agent(cfg, runner=RecordingRunner(), log=pipull.log.make_logger(stream=log, verbose=True)).tick()
     finally:
         http.close()
         report.close()
@@ -698,6 +693,7 @@ def test_sync_key_never_on_a_command_line(setup: Setup) -> None:
     assert fetch_env["GIT_CONFIG_KEY_0"] == "http.extraHeader"
     assert fetch_env["GIT_CONFIG_VALUE_0"] == f"Authorization: Basic {token}"
     assert report.received[0][1]["sync_key"] == setup.sync_key
+    assert f"applied {sha[:12]}" in log.getvalue() and setup.sync_key not in log.getvalue()
 
 
 def test_sync_key_never_in_output(setup: Setup) -> None:
@@ -733,15 +729,57 @@ def test_unsafe_sync_key_file_mode_is_a_config_error(setup: Setup) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_help_documents_exit_codes() -> None:
-    r = subprocess.run([sys.executable, str(PI_PULL), "--help"], capture_output=True, text=True)
+def test_log_filter_masks_secrets_in_every_line(pipull: Any) -> None:
+    """The redacting filter sits on the logger: args, multi-line messages and every level are masked."""
+    out = io.StringIO()
+    log = pipull.log.make_logger(stream=out, verbose=True)
+    pipull.log.add_secret(log, "s3cr3t-key")
+    log.debug("debug %s", "s3cr3t-key")
+    log.info("two\nlines with s3cr3t-key")
+    log.warning("Authorization: Basic %s", "s3cr3t-key")
+    log.error("s3cr3t-keys3cr3t-key")
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "pi-pull: debug: debug ***",
+        "pi-pull: two lines with ***",
+        "pi-pull: warning: Authorization: Basic ***",
+        "pi-pull: error: ******",
+    ]
+    quiet = io.StringIO()
+    pipull.log.make_logger(stream=quiet).debug("hidden")
+    assert quiet.getvalue() == ""
+
+
+def test_config_booleans_and_numbers_come_from_configparser(tmp_path: Path, pipull: Any) -> None:
+    ini = tmp_path / "c.ini"
+    ini.write_text("[remote]\nurl = /x\nsend_credentials = On\n[node]\nallowed_signers = s\n[paths]\nsync = 0\nkeep_releases = 7\n")
+    cfg = pipull.config.load_config(str(ini))
+    assert cfg.send_credentials is True and cfg.sync is False and cfg.keep_releases == 7
+    assert cfg.allowed_signers == str(tmp_path / "s")
+    for bad, words in (("sync = maybe", "expected yes/no"), ("keep_releases = 2.5", "must be a number")):
+        ini.write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = s\n[paths]\n{bad}\n")
+        with pytest.raises(pipull.errors.ConfigError, match=words):
+            pipull.config.load_config(str(ini))
+
+
+def test_single_file_is_a_zipapp_of_the_package(pi_pull: Path) -> None:
+    import zipfile
+
+    assert pi_pull.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    names = zipfile.ZipFile(pi_pull).namelist()
+    assert names[0] == "__main__.py"
+    assert {f"pipull/{m}.py" for m in ("agent", "cli", "config", "mirror", "release", "report", "verify")} <= set(names)
+
+
+def test_help_documents_exit_codes(pi_pull: Path) -> None:
+    r = subprocess.run([sys.executable, "-I", "-S", str(pi_pull), "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     for line in ("0  applied", "1  error", "2  usage", "3  refused", "4  another pi-pull run"):
         assert line in r.stdout
 
 
-def test_usage_and_config_errors(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(PI_PULL)], capture_output=True, text=True)
+def test_usage_and_config_errors(tmp_path: Path, pi_pull: Path) -> None:
+    r = subprocess.run([sys.executable, str(pi_pull)], capture_output=True, text=True)
     assert r.returncode == EXIT_USAGE
     r = run_pi_pull(tmp_path / "missing.ini")
     assert r.returncode == EXIT_USAGE and "cannot read config" in r.stderr
@@ -750,24 +788,19 @@ def test_usage_and_config_errors(tmp_path: Path) -> None:
     assert r.returncode == EXIT_USAGE and "map_type" in r.stderr
 
 
-def test_example_config_parses() -> None:
-    sys.path.insert(0, str(PI_PULL.parent))
-    try:
-        import pi_pull
-    finally:
-        sys.path.remove(str(PI_PULL.parent))
+def test_example_config_parses(pipull: Any) -> None:
     if not _group_exists("dovecot"):
         pytest.skip("the example config names the dovecot group")
-    cfg = pi_pull.load_config(str(PI_PULL.parent / "pi-pull.example.ini"))
+    cfg = pipull.config.load_config(str(AGENT_DIR / "pi-pull.example.ini"))
     assert cfg.remote_url.endswith("/v1/nodes/state.git") and cfg.send_credentials
     assert cfg.keep_releases == 5 and cfg.map_type == "hash" and cfg.report_url.endswith("/v1/nodes/report")
 
 
-def test_loop_mode_ticks_until_sigterm(setup: Setup) -> None:
+def test_loop_mode_ticks_until_sigterm(setup: Setup, pi_pull: Path) -> None:
     two_domains(setup.repo)
     first = setup.repo.commit()
     cfg = setup.config(agent__interval="0.2")
-    proc = subprocess.Popen([sys.executable, str(PI_PULL), "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(pi_pull), "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while setup.current() != first and time.monotonic() < deadline:
@@ -785,11 +818,15 @@ def test_loop_mode_ticks_until_sigterm(setup: Setup) -> None:
 
 
 def test_runs_on_python_39(setup: Setup) -> None:
-    """A Raspberry Pi may only have Python 3.9. The source must parse as 3.9 grammar (checked
-    everywhere), and where a 3.9 interpreter exists, a real tick must run under it."""
+    """A Raspberry Pi may only have Python 3.9. Every source of the package must parse as 3.9
+    grammar (checked everywhere), and where a 3.9 interpreter exists, a real tick of the built
+    single file must run under it."""
     import ast
 
-    ast.parse(PI_PULL.read_text(), feature_version=(3, 9))
+    sources = sorted((AGENT_DIR / "pipull").glob("*.py"))
+    assert len(sources) > 10
+    for src in sources:
+        ast.parse(src.read_text(), filename=str(src), feature_version=(3, 9))
     py39 = next((p for p in ("/root/.pyenv/versions/3.9.18/bin/python", "/usr/bin/python3.9") if Path(p).exists()), None)
     if py39 is None:
         return  # the grammar check above is what this machine can do

@@ -1,0 +1,64 @@
+"""pi-pull: the mailstate node agent.
+
+Pulls the signed mailstate "state repo", verifies it, and applies the compiled
+Postfix/Dovecot files under ``rendered/`` to this node atomically.
+
+Runs on small mail nodes (e.g. a Raspberry Pi): Python 3.9+ standard library
+only, plus ``git`` (>= 2.31 when sending credentials to an http(s) remote),
+``ssh-keygen`` and ``postmap``.
+
+Usage::
+
+    pi_pull.py --config /etc/pi-pull/pi-pull.ini --once   # one tick (systemd timer)
+    pi_pull.py --config /etc/pi-pull/pi-pull.ini          # loop every [agent] interval
+
+One tick:
+
+1. fetch ``<remote> <branch>`` into a local bare mirror (``<root>/mirror.git``);
+2. verify the tip's SSH signature against the node's *local* allowed_signers
+   (never keys from the repo), before anything is materialised;
+3. require the tip to descend from the last applied commit (a force-push to an
+   older or unrelated commit is refused as a rollback);
+4. materialise ``rendered/`` from git objects (no work tree) into
+   ``<root>/releases/<sha>/``, validate it, and postmap the maps;
+5. swap ``<root>/current`` atomically (rename of a temporary symlink);
+6. reload Postfix / Dovecot only if their files changed;
+7. if a reload fails: swap back, reload again, keep the last good release;
+8. prune old releases (keep ``keep_releases``; never ``current`` or the
+   previous good one);
+9. report ``{name, sync_key, applied_commit, status, error}`` to the server; a
+   report that cannot be delivered is stored and sent on the next tick.
+
+A tick with nothing new only talks to the remote (and the report URL): it
+writes nothing to disk.
+
+Release layout under ``root``::
+
+    mirror.git/                                  bare mirror (objects only)
+    releases/<sha>/postfix/virtual_mailbox_domains (+ .db)
+    releases/<sha>/postfix/virtual_mailbox_maps    (+ .db)
+    releases/<sha>/dovecot/passwd.d/<domain>
+    releases/<sha>/COMMIT
+    releases/<sha>/MANIFEST.json
+    current -> releases/<sha>
+    state.json
+    .lock
+
+Exit codes:
+
+    0  applied a new commit, or already up to date
+    1  error (fetch failed, postmap failed, reload failed and rolled back, ...)
+    2  usage or configuration error
+    3  refused: bad/missing/untrusted signature, rollback, or invalid content
+    4  another pi-pull run holds the lock
+
+Log lines go to stderr, one line per event, prefixed ``pi-pull:``. The sync key
+is read from its key file (mode 0600), passed to git only through the
+environment, and never logged.
+"""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "1"

@@ -1,0 +1,213 @@
+"""One tick: fetch, verify, forward-only check, build, swap, reload (roll back on failure), prune, report."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, read_sync_key
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, ConfigError, Refused, TickError
+from .fsutil import utcnow
+from .log import LOGGER_NAME, add_secret
+from .mirror import Mirror
+from .release import Releases
+from .report import Reporter
+from .runner import Runner
+from .statefile import Lock, StateFile
+from .verify import verify_commit
+
+HISTORY_MAX = 50
+
+
+@dataclass
+class TickResult:
+    status: str  # "ok" | "error" | "refused"
+    exit_code: int
+    applied_commit: str | None
+    message: str
+    error: str | None = None
+    changed: bool = False
+
+
+class Agent:
+    """One node's puller. ``tick()`` runs one fetch/verify/apply/report cycle.
+
+    The parts (mirror, releases, reporter, state file, lock) are attributes, so an embedder or a
+    bench can wrap any of them.
+    """
+
+    def __init__(self, cfg: Config, runner: Runner | None = None, log: logging.Logger | None = None,
+                 sync_key: str | None = None) -> None:
+        self.cfg = cfg
+        self.runner = runner or Runner()
+        self.log = log or logging.getLogger(LOGGER_NAME)
+        self.root = cfg.root
+        self.mirror = Mirror(cfg, self.runner, self.log)
+        self.releases = Releases(cfg, self.runner, self.log, self.mirror)
+        self.reporter = Reporter(cfg, self.log, self._credentials)
+        self.state = StateFile(cfg.root)
+        self.lock = Lock(cfg.root)
+        self._sync_key = sync_key
+        if sync_key is not None:
+            self._mask_key()
+
+    # ---- secrets
+
+    @property
+    def sync_key(self) -> str:
+        """The node's sync key, read from its file on first use; masked in the log from then on."""
+        if self._sync_key is None:
+            self._sync_key = read_sync_key(self.cfg.sync_key_file)
+            self._mask_key()
+        return self._sync_key
+
+    def _mask_key(self) -> None:
+        assert self._sync_key is not None
+        add_secret(self.log, self._sync_key)
+        add_secret(self.log, self.basic_token())
+
+    def basic_token(self) -> str:
+        key = self.sync_key
+        return base64.b64encode(f"{self.cfg.node_name}:{key}".encode()).decode()
+
+    def _credentials(self) -> tuple[str, str]:
+        return self.sync_key, self.basic_token()
+
+    def _fetch_env(self) -> dict[str, str]:
+        """The sync key reaches git only through the environment, never argv or the URL."""
+        if not (self.cfg.remote_is_http and self.cfg.send_credentials):
+            return {}
+        self.mirror.check_git_version()
+        return {
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": "http.extraHeader",
+            "GIT_CONFIG_VALUE_0": "Authorization: Basic " + self.basic_token(),
+        }
+
+    # ---- the tick
+
+    def tick(self) -> TickResult:
+        """Run one tick under the lock; never raises for a tick that failed (see TickResult)."""
+        t0 = time.monotonic()
+        self.lock.acquire()
+        try:
+            try:
+                st, original = self.state.load()
+            except TickError as e:
+                self.log.error(str(e))
+                return TickResult("error", EXIT_ERROR, None, str(e), error=str(e))
+            result = self._guarded_tick(st)
+            self._record_status(st, result)
+            self.reporter.send(st, result.status, result.error)
+            line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
+            if result.status == "ok":
+                self.log.info(line)
+            else:
+                self.log.error(line)
+            try:
+                self.state.save(st, original)
+            except OSError as e:
+                self.log.error(f"cannot write {self.state.path}: {e}")
+            return result
+        finally:
+            self.lock.release()
+
+    def _guarded_tick(self, st: dict[str, Any]) -> TickResult:
+        applied = st.get("applied_commit")
+        try:
+            return self._tick(st)
+        except Refused as e:
+            return TickResult("refused", EXIT_REFUSED, applied, f"refused: {e}", error=str(e))
+        except TickError as e:
+            return TickResult("error", EXIT_ERROR, applied, f"error: {e}", error=str(e))
+        except ConfigError:
+            raise
+        except Exception as e:  # keep serving; report what went wrong
+            msg = f"{type(e).__name__}: {e}"
+            return TickResult("error", EXIT_ERROR, applied, "error: " + msg, error=msg)
+
+    @staticmethod
+    def _record_status(st: dict[str, Any], result: TickResult) -> None:
+        """A no-op ok tick leaves state.json untouched unless it clears an earlier failure."""
+        if result.status != "ok" or result.changed:
+            st["last_status"] = result.status
+            st["last_error"] = result.error
+        elif st.get("last_status") not in (None, "ok"):
+            st["last_status"] = "ok"
+            st["last_error"] = None
+
+    def _tick(self, st: dict[str, Any]) -> TickResult:
+        self.mirror.ensure()
+        tip = self.mirror.fetch(self._fetch_env())
+        applied = st.get("applied_commit")
+        current = self.releases.current_commit()
+        if applied and tip == applied and current == applied:
+            return TickResult("ok", EXIT_OK, applied, f"up to date at {applied[:12]}")
+
+        verify_commit(self.mirror, self.cfg, tip)
+        if applied and tip != applied and not self.mirror.is_ancestor(applied, tip):
+            raise Refused(f"rollback: fetched {tip[:12]} does not descend from applied {applied[:12]} (force-push to an older or "
+                          "unrelated commit?)")
+
+        t_build = time.monotonic()
+        new, changed, fallback = self._stage(tip, applied, current)
+        build_s = time.monotonic() - t_build
+        self._reload_or_roll_back(tip, changed, fallback)
+        self._record_applied(st, tip, applied, fallback)
+        reloaded = ", ".join(changed) if changed else "nothing (no service files changed)"
+        return TickResult("ok", EXIT_OK, tip,
+                          f"applied {tip[:12]}: {new['domains']} domains, {new['mailboxes']} mailboxes, "
+                          f"build {build_s:.2f}s, reloaded {reloaded}", changed=True)
+
+    def _stage(self, tip: str, applied: str | None, current: str | None) -> tuple[dict[str, Any], list[str], str | None]:
+        """Make releases/<tip> live; return (its manifest, services to reload, release to fall back to)."""
+        if current == tip and self.releases.manifest(tip):
+            # A previous run swapped to tip but died before recording it: adopt the live
+            # release (never rebuild the directory `current` points at) and reload both.
+            fallback = applied if applied and applied != tip and self.releases.exists(applied) else None
+            return self.releases.manifest(tip), ["postfix", "dovecot"], fallback
+        new = self.releases.build(tip, current)
+        old = self.releases.manifest(current)
+        changed = []
+        if not old or old.get("postfix_digest") != new["postfix_digest"]:
+            changed.append("postfix")
+        if not old or old.get("dovecot_digest") != new["dovecot_digest"]:
+            changed.append("dovecot")
+        if self.cfg.sync:
+            os.sync()
+        self.releases.swap_to(tip)
+        return new, changed, current
+
+    def _reload_or_roll_back(self, tip: str, changed: list[str], fallback: str | None) -> None:
+        """Reload; if that fails, swap back to ``fallback``, reload again, drop the new release."""
+        failures = self.releases.reload(changed)
+        if not failures:
+            return
+        self.releases.swap_to(fallback)
+        again = self.releases.reload(changed)
+        if fallback != tip:
+            try:
+                self.releases.remove(tip)
+            except OSError:
+                pass
+        msg = "; ".join(failures)
+        if fallback:
+            msg += f"; rolled back to {fallback[:12]}"
+        else:
+            msg += "; no previous release to roll back to, removed current"
+        if again:
+            msg += "; reload after rollback failed too: " + "; ".join(again)
+        raise TickError(msg)
+
+    def _record_applied(self, st: dict[str, Any], tip: str, applied: str | None, fallback: str | None) -> None:
+        if applied != tip:
+            st["previous_commit"] = fallback if fallback and fallback != tip else applied
+        st["applied_commit"] = tip
+        st["applied_at"] = utcnow()
+        st["history"] = [tip, *[s for s in st.get("history", []) if s != tip][:HISTORY_MAX - 1]]
+        self.releases.prune(st)
+        self.mirror.gc_auto()

@@ -1,0 +1,82 @@
+"""Command line: ``pi_pull.py --config FILE [--once] [-v]``; exit codes in errors.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .agent import Agent
+from .config import Config, load_config
+from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, ConfigError, Locked
+from .log import make_logger
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pi_pull.py",
+        description="mailstate node agent: fetch the signed state repo, verify, and apply rendered/ "
+                    "Postfix/Dovecot files atomically.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="INI config file (see pi-pull.example.ini)")
+    p.add_argument("--once", action="store_true", help="run one tick and exit (what the systemd timer does)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log debug lines")
+    return p
+
+
+def run_once(agent: Agent, log: logging.Logger) -> int:
+    """One tick; the exceptions that escape a tick become their exit codes."""
+    try:
+        return agent.tick().exit_code
+    except Locked as e:
+        log.error(str(e))
+        return EXIT_LOCKED
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    except OSError as e:
+        log.error(f"tick failed: {e}")
+        return EXIT_ERROR
+
+
+def run_loop(agent: Agent, cfg: Config, log: logging.Logger) -> int:
+    """Tick every ``[agent] interval`` seconds until SIGTERM/SIGINT."""
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop["flag"]:
+        code = run_once(agent, log)
+        if code == EXIT_USAGE:
+            return code
+        deadline = time.monotonic() + cfg.interval
+        while not stop["flag"] and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+        return EXIT_USAGE if code not in (0,) else 0
+    log = make_logger(verbose=args.verbose)
+    try:
+        cfg = load_config(args.config)
+        agent = Agent(cfg, log=log)
+        if cfg.needs_key:
+            _ = agent.sync_key  # fail early on a missing/unsafe key file
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    return run_once(agent, log) if args.once else run_loop(agent, cfg, log)

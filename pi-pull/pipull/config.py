@@ -1,0 +1,197 @@
+"""The INI config (see pi-pull.example.ini) and the sync key file."""
+
+from __future__ import annotations
+
+import configparser
+import grp
+import os
+import re
+import shlex
+import stat
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+POSTMAP_TYPES = ("hash", "btree", "lmdb", "cdb", "dbm", "sdbm")
+MAP_TYPES = (*POSTMAP_TYPES, "texthash")
+
+
+@dataclass
+class Config:
+    """Every setting of one node; defaults are those of an empty config section."""
+
+    remote_url: str
+    branch: str = "main"
+    send_credentials: bool = False
+    node_name: str = ""
+    sync_key_file: str = ""
+    allowed_signers: str = ""
+    revoked_signers: str = ""
+    root: str = "/var/lib/pi-pull"
+    keep_releases: int = 5
+    passwd_group: str = ""
+    mail_root: str = ""
+    sync: bool = True
+    report_url: str = ""
+    report_timeout: float = 10.0
+    postfix_reload: str = ""
+    dovecot_reload: str = ""
+    reload_timeout: float = 120.0
+    map_type: str = "hash"
+    postmap: str = "postmap"
+    git: str = "git"
+    ssh_keygen: str = "ssh-keygen"
+    fetch_timeout: float = 300.0
+    interval: float = 60.0
+
+    @property
+    def remote_is_http(self) -> bool:
+        return self.remote_url.lower().startswith(("http://", "https://"))
+
+    @property
+    def needs_key(self) -> bool:
+        return bool(self.report_url) or (self.remote_is_http and self.send_credentials)
+
+
+class _Reader:
+    """Typed access to the parsed file; every failure is a ConfigError naming file and key."""
+
+    def __init__(self, cp: configparser.ConfigParser, path: str) -> None:
+        self.cp = cp
+        self.path = path
+        self.base = os.path.dirname(os.path.abspath(path))
+
+    def get_str(self, section: str, key: str, default: str | None = None) -> str:
+        if self.cp.has_option(section, key):
+            return self.cp.get(section, key).strip()
+        if default is None:
+            raise ConfigError(f"config {self.path}: missing [{section}] {key}")
+        return default
+
+    def get_path(self, section: str, key: str, default: str | None = None) -> str:
+        v = self.get_str(section, key, default)
+        if v and not os.path.isabs(v):
+            v = os.path.normpath(os.path.join(self.base, v))
+        return v
+
+    def get_bool(self, section: str, key: str, default: bool) -> bool:
+        try:
+            return self.cp.getboolean(section, key, fallback=default)
+        except ValueError:
+            raise ConfigError(f"[{section}] {key}: expected yes/no, got {self.cp.get(section, key)!r}") from None
+
+    def get_int(self, section: str, key: str, default: int) -> int:
+        try:
+            return self.cp.getint(section, key, fallback=default)
+        except ValueError:
+            raise ConfigError(self._not_a_number(section, key)) from None
+
+    def get_float(self, section: str, key: str, default: float) -> float:
+        try:
+            return self.cp.getfloat(section, key, fallback=default)
+        except ValueError:
+            raise ConfigError(self._not_a_number(section, key)) from None
+
+    def _not_a_number(self, section: str, key: str) -> str:
+        return f"config {self.path}: [{section}] {key} must be a number, got {self.cp.get(section, key).strip()!r}"
+
+
+def _parse(path: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cp.read_file(fh)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except configparser.Error as e:
+        raise ConfigError("cannot parse config {}: {}".format(path, " ".join(str(e).split()))) from None
+    return cp
+
+
+def _remote_url(r: _Reader) -> str:
+    url = r.get_str("remote", "url")
+    is_http = url.lower().startswith(("http://", "https://"))
+    if not is_http and "://" not in url and ":" not in url.split("/")[0] and not os.path.isabs(url):
+        url = os.path.normpath(os.path.join(r.base, url))  # relative local path
+    return url
+
+
+def load_config(path: str) -> Config:
+    """Parse and check the INI config file (see pi-pull.example.ini)."""
+    r = _Reader(_parse(path), path)
+    cfg = Config(remote_url=_remote_url(r))
+    cfg.branch = r.get_str("remote", "branch", "main")
+    cfg.send_credentials = r.get_bool("remote", "send_credentials", cfg.remote_is_http)
+    cfg.node_name = r.get_str("node", "name", "")
+    cfg.sync_key_file = r.get_path("node", "sync_key_file", "")
+    cfg.allowed_signers = r.get_path("node", "allowed_signers")
+    cfg.revoked_signers = r.get_path("node", "revoked_signers", "")
+    cfg.root = r.get_path("paths", "root", "/var/lib/pi-pull")
+    cfg.keep_releases = r.get_int("paths", "keep_releases", 5)
+    cfg.passwd_group = r.get_str("paths", "passwd_group", "")
+    cfg.mail_root = r.get_str("paths", "mail_root", "")
+    cfg.sync = r.get_bool("paths", "sync", True)
+    cfg.report_url = r.get_str("report", "url", "")
+    cfg.report_timeout = r.get_float("report", "timeout", 10.0)
+    cfg.postfix_reload = r.get_str("services", "postfix_reload", "")
+    cfg.dovecot_reload = r.get_str("services", "dovecot_reload", "")
+    cfg.reload_timeout = r.get_float("services", "reload_timeout", 120.0)
+    cfg.map_type = r.get_str("services", "map_type", "hash")
+    cfg.postmap = r.get_str("services", "postmap", "postmap")
+    cfg.git = r.get_str("agent", "git", "git")
+    cfg.ssh_keygen = r.get_str("agent", "ssh_keygen", "ssh-keygen")
+    cfg.fetch_timeout = r.get_float("agent", "fetch_timeout", 300.0)
+    cfg.interval = r.get_float("agent", "interval", 60.0)
+    check_config(cfg, path)
+    return cfg
+
+
+def check_config(cfg: Config, path: str) -> None:
+    """Reject values that would only fail later, mid-tick."""
+    if not re.match(r"^[A-Za-z0-9._/-]+$", cfg.branch) or ".." in cfg.branch:
+        raise ConfigError(f"config {path}: [remote] branch {cfg.branch!r} is not a plain branch name")
+    if cfg.map_type not in MAP_TYPES:
+        raise ConfigError("config {}: [services] map_type must be one of {}".format(path, ", ".join(MAP_TYPES)))
+    if cfg.keep_releases < 1:
+        raise ConfigError(f"config {path}: [paths] keep_releases must be >= 1")
+    if cfg.interval <= 0:
+        raise ConfigError(f"config {path}: [agent] interval must be > 0")
+    if cfg.mail_root and not os.path.isabs(cfg.mail_root):
+        raise ConfigError(f"config {path}: [paths] mail_root must be absolute")
+    if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"config {path}: [report] url must be http(s)")
+    if cfg.needs_key:
+        if not cfg.node_name or not re.match(r"^[A-Za-z0-9._-]+$", cfg.node_name):
+            raise ConfigError(f"config {path}: [node] name must be set (letters, digits, . _ -)")
+        if not cfg.sync_key_file:
+            raise ConfigError(f"config {path}: [node] sync_key_file must be set")
+    if cfg.passwd_group:
+        try:
+            grp.getgrnam(cfg.passwd_group)
+        except KeyError:
+            raise ConfigError(f"config {path}: [paths] passwd_group {cfg.passwd_group!r} does not exist") from None
+    for cmd_key in ("postfix_reload", "dovecot_reload", "postmap"):
+        try:
+            shlex.split(getattr(cfg, cmd_key))
+        except ValueError as e:
+            raise ConfigError(f"config {path}: [services] {cmd_key}: {e}") from None
+
+
+def read_sync_key(path: str) -> str:
+    """Read the sync key from its file; refuse group/world-readable files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ConfigError(f"cannot open sync key file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise ConfigError(f"sync key file {path} has mode {stat.S_IMODE(st.st_mode):o}; it must not be readable by group/others "
+                              "(chmod 600)")
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    key = data.decode("utf-8", "replace").strip()
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError(f"sync key file {path} must hold one non-empty key")
+    return key

@@ -1,0 +1,33 @@
+"""Exit codes and the four exceptions a tick can end in."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_LOCKED = 4
+
+EXIT_CODES_HELP = """exit codes:
+  0  applied a new commit, or already up to date
+  1  error (fetch/postmap/reload failed; on reload failure the previous release is kept)
+  2  usage or configuration error
+  3  refused (unsigned or untrusted signature, rollback, invalid rendered content)
+  4  another pi-pull run holds the lock
+"""
+
+
+class ConfigError(Exception):
+    """Bad configuration or usage (exit 2)."""
+
+
+class TickError(Exception):
+    """An operational failure; the node keeps its last good release (exit 1)."""
+
+
+class Refused(Exception):
+    """The fetched commit must not be applied (exit 3)."""
+
+
+class Locked(Exception):
+    """Another run holds the lock (exit 4)."""

@@ -1,0 +1,68 @@
+"""Status reports to the server: ``POST [report] url``, queued in state.json when undeliverable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config
+from .errors import TickError
+
+PENDING_MAX = 20
+
+
+class Reporter:
+    """Sends ``{name, sync_key, applied_commit, status, error}`` with HTTP Basic auth.
+
+    ``credentials()`` returns (sync key, Basic token); it is only called when a report is sent,
+    so a node without a report URL never reads its key file for reporting.
+    """
+
+    def __init__(self, cfg: Config, log: logging.Logger, credentials: Callable[[], tuple[str, str]]) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.credentials = credentials
+
+    def post(self, report: dict[str, Any]) -> None:
+        """Deliver one report; TickError (with a human reason) when it is not accepted."""
+        sync_key, token = self.credentials()
+        body = dict(report)
+        body["name"] = self.cfg.node_name
+        body["sync_key"] = sync_key
+        req = urllib.request.Request(self.cfg.report_url, data=json.dumps(body).encode(), method="POST", headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + token,
+            "User-Agent": "pi-pull",
+        })
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.report_timeout) as resp:
+                resp.read(65536)
+        except urllib.error.HTTPError as e:
+            reason = {401: "bad node name or sync key", 403: "address not on the node's whitelist"}.get(e.code, "")
+            raise TickError(f"report rejected: HTTP {e.code} {reason or e.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            why: object = e.reason if isinstance(e, urllib.error.URLError) else e
+            raise TickError(f"report to {self.cfg.report_url} failed: {why}") from None
+
+    def send(self, st: dict[str, Any], status: str, error: str | None) -> None:
+        """Send pending reports, then this tick's (unless it repeats the last pending one)."""
+        if not self.cfg.report_url:
+            return
+        current = {"applied_commit": st.get("applied_commit"), "status": status, "error": error}
+        pending = [r for r in st.get("pending_reports", []) if isinstance(r, dict)]
+        queue = pending + ([current] if not pending or pending[-1] != current else [])
+        sent = 0
+        for rep in queue:
+            try:
+                self.post(rep)
+            except TickError as e:
+                self.log.warning(f"{e}; keeping {len(queue) - sent} report(s) to send next tick")
+                break
+            sent += 1
+        st["pending_reports"] = queue[sent:][-PENDING_MAX:]
+        if pending and sent:
+            self.log.info(f"delivered {min(sent, len(pending))} pending report(s)")
