@@ -133,15 +133,17 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(tokens)
     else:
+        print(f"{'ID':<12}  {'NAME':<24} {'ROLE':<16} {'CREATED':<25} STATUS")
         for t in tokens:
             scope = "admin" if t["project_id"] is None else f"project {t['project_id']}"
-            print(f"{t['id']}  {t['name']:<24} {scope:<16} {t['created_at']}{'  REVOKED' if t['revoked'] else ''}")
+            print(f"{t['id']:<12}  {t['name']:<24} {scope:<16} {t['created_at']:<25} {'revoked' if t['revoked'] else 'active'}")
     return 0
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     info = _db(args).revoke_token(args.token_id)
-    print(f"revoked token {info.name} ({info.id})")
+    scope = "admin" if info.project_id is None else f"project {info.project_id}"
+    print(f"revoked token {info.id} (name {info.name}, {scope})")
     return 0
 
 
@@ -151,7 +153,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     user = os.environ.get("USER", "root")
     actor = Actor.admin(f"cli:{user}") if args.project is None else Actor.project(args.project, f"cli:{user}")
-    data = json.loads(args.json) if args.json else {}
+    data = _json_object(args.json) if args.json else {}
     for item in args.fields:
         key, sep, value = item.partition("=")
         if not sep:
@@ -161,6 +163,18 @@ def cmd_call(args: argparse.Namespace) -> int:
     outcome = store.execute(args.operation, actor, data)
     _print_json(outcome.result)
     return 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """`--json TEXT` as an object; anything else is a usage error, never a traceback."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InvalidInput(f"--json is not valid JSON{where}.", code="invalid_request", field="json") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("--json must be a JSON object, like '{\"domain\": \"example.com\"}'.", code="invalid_request", field="json")
+    return data
 
 
 def _coerce(value: str) -> Any:
@@ -287,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(tl)
     tl.add_argument("--json", action="store_true", help="print JSON")
     tl.set_defaults(func=cmd_token_list)
-    tr = tsub.add_parser("revoke", help="revoke a token by id or name")
+    tr = tsub.add_parser("revoke", help="revoke ONE token: by id, or by a name only one active token has")
     _data_arg(tr)
-    tr.add_argument("token_id", help="token id or name")
+    tr.add_argument("token_id", metavar="ID_OR_NAME", help="token id (see `token list`), or a name exactly one active token has")
     tr.set_defaults(func=cmd_token_revoke)
 
     p = sub.add_parser("call", help="run one operation directly on a data dir (as admin, or --project ID)")

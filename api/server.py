@@ -117,6 +117,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     schemas.update(http.request_schema_components())
     schemas["NodeReport"] = NodeReport.model_json_schema()
+    _node_route_docs(schema)
+    # Every route reads its own input, so FastAPI's 422 validation shapes never answer.
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
     components.setdefault("securitySchemes", {})["NodeBasic"] = {
         "type": "http",
         "scheme": "basic",
@@ -124,6 +128,50 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     }
     app.openapi_schema = schema
     return schema
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+def _node_route_docs(schema: dict[str, Any]) -> None:
+    """The node endpoints' responses as they really answer (api.nodes_http): FastAPI would list
+    a 422 for the git path parameter, which never answers, and none of the real errors."""
+    paths = schema.get("paths", {})
+    report = paths.get("/v1/nodes/report", {}).get("post")
+    if report is not None:
+        report["operationId"] = "node_report"
+        report["responses"] = {
+            "200": {
+                "description": "The report is recorded (list-nodes shows it).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeReportAck"}}},
+            },
+            "400": _error("The body is not a JSON object, or a report field is invalid."),
+            "401": _error("Bad or missing node name and sync key."),
+            "403": _error("The node has an ip_address on record and this request came from another address."),
+            "405": _error("Only POST is accepted."),
+            "413": _error("The request body is too large."),
+        }
+    git_path = paths.get("/v1/nodes/state.git/{path}", {})
+    for method, ctype in (("get", "application/x-git-upload-pack-advertisement"), ("post", "application/x-git-upload-pack-result")):
+        op = git_path.get(method)
+        if op is None:
+            continue
+        op["responses"] = {
+            "200": {"description": "git smart HTTP (upload-pack).", "content": {ctype: {"schema": {"type": "string", "format": "binary"}}}},
+            "401": _error("Bad or missing node name and sync key (HTTP Basic)."),
+            "403": _error("A push (receive-pack) is refused, or the address is not the node's ip_address."),
+            "404": _error("Anything but info/refs?service=git-upload-pack (GET) and git-upload-pack (POST)."),
+            "405": _error("Only GET and POST are accepted."),
+        }
+        if method == "post":
+            op["responses"]["413"] = _error("The upload-pack request is too large.")
+    schema.setdefault("components", {}).setdefault("schemas", {})["NodeReportAck"] = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean", "const": True}},
+        "required": ["ok"],
+        "title": "NodeReportAck",
+    }
 
 
 def _version() -> str:

@@ -13,7 +13,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
-    │                                   active_mailboxes_remain, node_exists
+    │                                   active_mailboxes_remain, node_exists, token_ambiguous
+    │                                   (`token revoke NAME` when several tokens share NAME)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │                                   that breaks the schema, the invariants, or compile())
     ├── StoreError                500   store_error (git, signing, disk: wraps the foreign

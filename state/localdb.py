@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mailstate.state.errors import InvalidInput, NotFound, Unauthenticated
+from mailstate.state.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from mailstate.state.snapshot import Actor
 
 TOKEN_PREFIX = "mst_"
@@ -126,15 +126,30 @@ class LocalDB:
         return [TokenInfo(r[0], r[1], r[2], r[3], r[4] is not None) for r in rows]
 
     def revoke_token(self, token_id_or_name: str) -> TokenInfo:
+        """Revoke ONE active token, named by its id or by a name that exactly one active token has.
+
+        A name several active tokens share (names are not unique, across projects either) is
+        refused with the candidates' ids, so that nothing is revoked by surprise."""
         now = datetime.now(UTC).replace(microsecond=0).isoformat()
         with self._lock:
-            cur = self._conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
-                (now, token_id_or_name, token_id_or_name),
-            )
-            if cur.rowcount == 0:
+            rows = self._conn.execute(
+                "SELECT id, name, project_id, created_at FROM tokens WHERE (id = ? OR name = ?) AND revoked_at IS NULL ORDER BY created_at, id",
+                (token_id_or_name, token_id_or_name),
+            ).fetchall()
+            by_id = [r for r in rows if r[0] == token_id_or_name]
+            if by_id:
+                rows = by_id  # an id is unique; it wins over a name that happens to equal it
+            if not rows:
                 raise NotFound(f"No active token with id or name {token_id_or_name!r}.", code="token_not_found")
-        return next(t for t in self.list_tokens() if token_id_or_name in (t.id, t.name))
+            if len(rows) > 1:
+                listed = ", ".join(f"{r[0]} ({'admin' if r[2] is None else f'project {r[2]}'})" for r in rows)
+                raise Conflict(
+                    f"{len(rows)} active tokens are named {token_id_or_name!r}: {listed}; revoke one by its id.",
+                    code="token_ambiguous",
+                )
+            token_id, name, project_id, created_at = rows[0]
+            self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE id = ?", (now, token_id))
+        return TokenInfo(token_id, name, project_id, created_at, True)
 
     # --- node status ------------------------------------------------------------------------
 

@@ -32,29 +32,73 @@ def _email(value: object) -> str:
     return f"{local}@{domain}"
 
 
+# The `json_schema_extra` constraints only document (for OpenAPI, MCP and generated clients)
+# what the BeforeValidators enforce; they are never looser than the validators... except where
+# JSON Schema cannot say it: it counts characters, not the UTF-8 bytes a password is limited to,
+# so the password's minLength/maxLength are the widest character bounds of 8-72 bytes.
 DomainName = Annotated[
     str,
     BeforeValidator(v.normalize_domain),
-    Field(description="Domain name, e.g. mycompany.nl. Lowercased; IDN is stored as punycode.", examples=["mycompany.nl"]),
+    Field(
+        description="Domain name, e.g. mycompany.nl: at least two labels, at most 253 characters. Lowercased; IDN is stored as punycode.",
+        examples=["mycompany.nl"],
+        json_schema_extra={"minLength": 3, "maxLength": v.MAX_DOMAIN_LENGTH, "pattern": r"^[^\s@/:]+\.[^\s@/:]+$"},
+    ),
 ]
 Email = Annotated[
-    str, BeforeValidator(_email), Field(description="Full email address.", examples=["info@mycompany.nl"])
+    str,
+    BeforeValidator(_email),
+    Field(
+        description="Full email address. The local part: letters, digits, '.', '_', '+', '-' (lowercased), at most 64 characters.",
+        examples=["info@mycompany.nl"],
+        json_schema_extra={
+            "minLength": 5,
+            "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
+            "pattern": r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}@[^\s@/:]+\.[^\s@/:]+$",
+        },
+    ),
 ]
 Password = Annotated[
     str,
     BeforeValidator(v.validate_password),
-    Field(description="Plain text password, 8-72 UTF-8 bytes; bcrypt-hashed before storage, never stored."),
+    Field(
+        description=f"Plain text password, {v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters), no NUL; "
+        "bcrypt-hashed before storage, never stored or logged.",
+        json_schema_extra={
+            "minLength": 2,
+            "maxLength": v.MAX_PASSWORD_BYTES,
+            "x-min-bytes": v.MIN_PASSWORD_BYTES,
+            "x-max-bytes": v.MAX_PASSWORD_BYTES,
+            "format": "password",
+            "writeOnly": True,
+        },
+    ),
 ]
 QuotaMb = Annotated[
-    int, BeforeValidator(v.validate_quota), Field(description=f"Mailbox quota in MB, 1-{v.MAX_QUOTA_MB}.")
+    int,
+    BeforeValidator(v.validate_quota),
+    Field(description=f"Mailbox quota in MB, 1-{v.MAX_QUOTA_MB}.", json_schema_extra={"minimum": 1, "maximum": v.MAX_QUOTA_MB}),
 ]
+NODE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NodeName = Annotated[
-    str, BeforeValidator(v.validate_node_name), Field(description="Node identifier.", examples=["mpi02"])
+    str,
+    BeforeValidator(v.validate_node_name),
+    Field(
+        description="Node identifier: 1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen.",
+        examples=["mpi02"],
+        json_schema_extra={"minLength": 1, "maxLength": 63, "pattern": NODE_NAME_PATTERN},
+    ),
 ]
 IpAddress = Annotated[
-    str, BeforeValidator(v.normalize_ip), Field(description="IPv4 or IPv6 address the node connects from.")
+    str,
+    BeforeValidator(v.normalize_ip),
+    Field(description="IPv4 or IPv6 address the node connects from (no %zone).", json_schema_extra={"minLength": 2, "maxLength": 45}),
 ]
-ProjectId = Annotated[int, BeforeValidator(v.validate_project_id), Field(description="Project (WebSumo) id.")]
+ProjectId = Annotated[
+    int,
+    BeforeValidator(v.validate_project_id),
+    Field(description="Project (WebSumo) id, a positive whole number.", json_schema_extra={"minimum": 1, "maximum": 2**63 - 1}),
+]
 
 
 def _file_value(check: Any, value: Any) -> Any:
@@ -216,14 +260,22 @@ class ListDomainsRequest(EmptyRequest):
 
 class AddUserRequest(Request):
     email: Email = Field(description='Full email address (e.g. "info@mycompany.nl"). Domain must be email-enabled on this project.')
-    password: Password = Field(description="Plain text password — will be bcrypt-hashed before storage.")
-    quota_mb: QuotaMb | None = Field(default=None, description="Mailbox quota in MB (default: 1024).")
+    password: Password = Field(
+        description=f"Plain text password, {v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 — will be bcrypt-hashed before storage."
+    )
+    quota_mb: QuotaMb | None = Field(
+        default=None,
+        description=f"Mailbox quota in MB, 1-{v.MAX_QUOTA_MB} (default: the state's default_quota_mb, 1024 unless configured).",
+    )
 
 
 class RemoveUserRequest(Request):
     email: Email = Field(description="Email address of the mailbox to remove.")
     hard_delete: Annotated[bool, BeforeValidator(_strict_bool)] = Field(
-        default=False, description="If true, deletes the mailbox entirely. If false (default), sets active=false."
+        default=False,
+        description="If true, deletes the mailbox entirely: the address is gone and can be added again as a new, empty mailbox. "
+        "If false (default), sets active=false: no login and no delivery, but the mailbox and its mail are kept "
+        "(and the address stays taken) until a hard delete, disable-email or remove-domain.",
     )
 
 
@@ -233,7 +285,9 @@ class ListUsersRequest(Request):
 
 class UpdatePasswordRequest(Request):
     email: Email = Field(description="Email address of the user.")
-    password: Password = Field(description="New plain text password — will be bcrypt-hashed.")
+    password: Password = Field(
+        description=f"New plain text password, {v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 — will be bcrypt-hashed; the old one stops working."
+    )
 
 
 class AddDomainRequest(Request):
@@ -265,6 +319,156 @@ class LinkDomainRequest(Request):
 
 class UnlinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to unlink from its project.")
+
+
+# --- responses ---------------------------------------------------------------------------
+# What each operation answers (the success body). OpenAPI's response schemas and the MCP
+# tools' outputSchema are derived from these; tests hold every real answer to its model.
+
+SHA_PATTERN = r"^[0-9a-f]{40}([0-9a-f]{24})?$"
+CommitSha = Annotated[
+    str | None,
+    Field(
+        description="The signed commit this write made, or null when nothing changed (a no-op).",
+        json_schema_extra={"pattern": SHA_PATTERN},
+    ),
+]
+
+
+class Response(BaseModel):
+    """Base of the operations' answers."""
+
+
+class WriteResponse(Response):
+    commit: CommitSha
+
+
+class DomainResponse(WriteResponse):
+    """enable-email, disable-email, add-domain and link-domain."""
+
+    domain: str = Field(description="The domain (lowercase; punycode for IDN).", examples=["mycompany.nl"])
+    project_id: int | None = Field(description="The project the domain is linked to, or null.")
+    email_enabled: bool = Field(description="Whether email is enabled for the domain.")
+
+
+class UnlinkDomainResponse(WriteResponse):
+    domain: str
+    project_id: None = Field(description="Always null: the domain is linked to no project.")
+
+
+class DomainSummary(BaseModel):
+    domain: str
+    project_id: int | None
+    mailboxes: int = Field(ge=0, description="Mailboxes, active and soft-deleted.")
+    active_mailboxes: int = Field(ge=0)
+    inactive_mailboxes: int = Field(ge=0, description="Soft-deleted mailboxes (active=false).")
+
+
+class LinkedDomain(BaseModel):
+    domain: str
+    project_id: int | None
+
+
+class ListDomainsResponse(Response):
+    domains: list[DomainSummary] = Field(description="The email-enabled domains, with mailbox counts.")
+    linked_not_enabled: list[LinkedDomain] = Field(description="Domains linked to the project whose email is not enabled yet (enable-email enables them).")
+
+
+class AddUserResponse(WriteResponse):
+    email: str
+    domain: str
+    quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
+    active: bool
+
+
+class RemoveUserResponse(WriteResponse):
+    email: str
+    hard_delete: bool
+    active: bool = Field(description="Always false after a remove.")
+
+
+class UserInfo(BaseModel):
+    email: str
+    domain: str
+    quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
+    active: bool = Field(description="false for a soft-deleted mailbox.")
+
+
+class ListUsersResponse(Response):
+    users: list[UserInfo] = Field(description="Mailboxes, never their password hashes.")
+
+
+class UpdatePasswordResponse(WriteResponse):
+    email: str
+    updated: bool
+
+
+class RemoveDomainResponse(WriteResponse):
+    domain: str
+    removed: bool
+
+
+class NodeInfo(BaseModel):
+    name: str
+    ip_address: str | None
+    created_at: str = Field(description="ISO 8601 time the node was added.")
+    last_sync_at: str | None = Field(description="ISO 8601 time of the node's last report, or null if it never reported.")
+    applied_commit: str | None = Field(description="The commit the node serves, as it last reported.")
+    status: str = Field(description="The node's last reported status (ok, error, ...), or never_synced.")
+    error: str | None = Field(description="The error of the node's last tick, if any.")
+    commits_behind: int | None = Field(description="Commits between the node's applied commit and the server's head, if known.")
+
+
+class ListNodesResponse(Response):
+    nodes: list[NodeInfo]
+
+
+class AddNodeResponse(WriteResponse):
+    name: str
+    ip_address: str | None
+    created_at: str
+    sync_key: str = Field(description="The node's sync key, shown this once; only its SHA-256 is stored.")
+
+
+class RemoveNodeResponse(WriteResponse):
+    name: str
+    removed: bool
+
+
+class RotateNodeKeyResponse(WriteResponse):
+    name: str
+    sync_key: str = Field(description="The node's new sync key, shown this once; the old key stops working.")
+
+
+class HealthResponse(BaseModel):
+    """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
+    also gets the head, the mode, the upstream's error and a refused commit's problems."""
+
+    status: str = Field(description="ok, or degraded (an upstream error or a refused commit).", examples=["ok"])
+    head: str | None = Field(default=None, description="[Admin] The accepted head commit.")
+    mode: str | None = Field(default=None, description="[Admin] local or upstream.")
+    upstream: dict[str, Any] | None = Field(default=None, description="[Admin] The upstream URL (redacted) and its last error.")
+    refused_commit: dict[str, Any] | None = Field(default=None, description="[Admin] A commit the server refused, and why.")
+
+
+# Operation name → its answer's model (state.ops.OPERATIONS has exactly these names).
+RESPONSES: dict[str, type[Response]] = {
+    "enable-email": DomainResponse,
+    "disable-email": DomainResponse,
+    "list-domains": ListDomainsResponse,
+    "add-user": AddUserResponse,
+    "remove-user": RemoveUserResponse,
+    "list-users": ListUsersResponse,
+    "update-password": UpdatePasswordResponse,
+    "add-domain": DomainResponse,
+    "remove-domain": RemoveDomainResponse,
+    "list-nodes": ListNodesResponse,
+    "add-node": AddNodeResponse,
+    "link-domain": DomainResponse,
+    "unlink-domain": UnlinkDomainResponse,
+    "remove-node": RemoveNodeResponse,
+    "rotate-node-key": RotateNodeKeyResponse,
+}
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -186,6 +186,52 @@ def test_token_admin_list_and_revoke(data_dir: DataDir, capsys: pytest.CaptureFi
     assert "token_not_found" in capsys.readouterr().err
 
 
+def test_token_revoke_is_unambiguous(data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(data_dir.root)
+    tokens = {}
+    for who in (["--project", "1"], ["--project", "2"], ["--admin"]):
+        assert main(["token", "create", "--data", d, *who, "--name", "shared"]) == 0
+        tokens[who[-1]] = capsys.readouterr().out.strip().splitlines()[-1]
+    ids = {k: t.split("_")[1] for k, t in tokens.items()}
+    # `token list` has a header row and shows the ids
+    assert main(["token", "list", "--data", d]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "ROLE", "CREATED", "STATUS"]
+    assert {line.split()[0] for line in lines[1:]} == set(ids.values())
+    # a name three active tokens share revokes nothing, and lists the candidates' ids
+    assert main(["token", "revoke", "--data", d, "shared"]) == 3
+    err = capsys.readouterr().err
+    assert "token_ambiguous" in err and all(i in err for i in ids.values())
+    db = LocalDB(data_dir.db)
+    try:
+        for token in tokens.values():
+            db.authenticate(token)
+        # by id: exactly that token
+        assert main(["token", "revoke", "--data", d, ids["1"]]) == 0
+        assert ids["1"] in capsys.readouterr().out
+        with pytest.raises(Unauthenticated):
+            db.authenticate(tokens["1"])
+        db.authenticate(tokens["2"])
+        assert main(["token", "revoke", "--data", d, ids["--admin"]]) == 0
+        capsys.readouterr()
+        # now one active token has the name: the name is enough
+        assert main(["token", "revoke", "--data", d, "shared"]) == 0
+        assert ids["2"] in capsys.readouterr().out
+        with pytest.raises(Unauthenticated):
+            db.authenticate(tokens["2"])
+    finally:
+        db.close()
+    assert main(["token", "revoke", "--data", d, "shared"]) == 3
+    assert "token_not_found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"text"', "NaN", "[" * 100000])
+def test_call_bad_json_is_a_usage_error_not_a_traceback(data_dir: DataDir, capsys: pytest.CaptureFixture[str], text: str) -> None:
+    assert main(["call", "--data", str(data_dir.root), "add-domain", "--json", text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [invalid_request]: --json") and "Traceback" not in err
+
+
 def test_token_create_needs_a_role_and_a_data_dir(tmp_path: Path, data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["token", "create", "--data", str(data_dir.root)])

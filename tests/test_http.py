@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -63,10 +65,39 @@ def test_serve_printed_the_admin_token_once(srv: LiveServer) -> None:
     assert '"role": "admin"' in tokens and srv.admin_token not in tokens
 
 
-def test_health(srv: LiveServer) -> None:
-    body = httpx.get(f"{srv.url}/v1/health").json()
-    assert body["status"] == "ok"
+def test_health(world: World) -> None:
+    srv = world.srv
+    assert httpx.get(f"{srv.url}/v1/health").json() == {"status": "ok"}
+    assert world.a.get("/v1/health").json() == {"status": "ok"}  # a project token: status only too
+    body = world.admin.get("/v1/health").json()
+    assert body["status"] == "ok" and body["mode"] == "local"
     assert body["head"] == head(srv)
+    assert_error(httpx.get(f"{srv.url}/v1/health", headers={"Authorization": "Bearer mst_nope"}), 401, "unauthenticated")
+
+
+def test_health_shows_a_refused_commit_to_admins_only(tmp_path: Path) -> None:
+    with live_server(tmp_path / "srv") as srv, srv.client(srv.admin_token) as admin:
+        assert admin.post(f"{API}/add-domain", json={"domain": "secret-customer.example"}).status_code == 201
+        work = tmp_path / "work"
+        srv.git("clone", "-q", str(srv.data.repo), str(work))
+        path = next(work.glob("domains/*/secret-customer.example.yaml"))
+        path.write_text(path.read_text() + "# sneaky\n")
+        for args in (("add", "-A"), ("-c", "user.name=x", "-c", "user.email=x@example.org", "commit", "-qm", "unsigned"), ("push", "-q", "origin", "main")):
+            subprocess.run(["git", "-C", str(work), *args], check=True, env=srv.env, capture_output=True)
+        admin.get(f"{API}/list-domains")  # any request notices the foreign commit
+
+        def degraded() -> bool:
+            return bool(httpx.get(f"{srv.url}/v1/health").json()["status"] == "degraded")
+
+        deadline = time.monotonic() + 10
+        while not degraded() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        anonymous = httpx.get(f"{srv.url}/v1/health")
+        assert anonymous.json() == {"status": "degraded"}
+        assert "secret-customer" not in anonymous.text and "domains/" not in anonymous.text
+        full = admin.get("/v1/health").json()
+        assert full["status"] == "degraded"
+        assert "not signed by a trusted key" in full["refused_commit"]["problems"][0]
 
 
 # --- success paths -------------------------------------------------------------------------

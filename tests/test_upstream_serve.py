@@ -137,7 +137,8 @@ def test_admin_commits_are_served_or_refused(pair: tuple[LiveServer, LiveServer,
     bad = _admin_push(tmp_path, up, _add_mailbox("sneaky"), None)
 
     def health() -> dict[str, object]:
-        return httpx.get(f"{a.url}/v1/health", timeout=5).json()  # type: ignore[no-any-return]
+        # An admin token sees the refused commit; anonymous callers get the status only.
+        return httpx.get(f"{a.url}/v1/health", headers={"Authorization": f"Bearer {a.admin_token}"}, timeout=5).json()  # type: ignore[no-any-return]
 
     _wait_for(lambda: health().get("status") == "degraded")
     refused = health()["refused_commit"]
