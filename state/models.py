@@ -417,6 +417,7 @@ class NodeInfo(BaseModel):
     status: str = Field(description="The node's last reported status (ok, error, ...), or never_synced.")
     error: str | None = Field(description="The error of the node's last tick, if any.")
     commits_behind: int | None = Field(description="Commits between the node's applied commit and the server's head, if known.")
+    diverged: bool | None = Field(default=None, description="true when the node's applied commit is not an ancestor of the server's head.")
 
 
 class ListNodesResponse(Response):
