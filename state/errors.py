@@ -3,23 +3,30 @@
 Every failure an operation, the store or the compiler can report is one of these classes.
 Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never invent codes.
 
-    MailstateError                      code, message, field, target
+    MailstateError                      code, message, field, target; error (the default,
+    │                                   never raised as such)
     ├── InvalidInput          400/422   invalid_domain, invalid_email, invalid_password,
     │                                   invalid_quota, invalid_node_name, invalid_ip_address,
     │                                   invalid_project_id, missing_field, unknown_field,
-    │                                   invalid_request, unknown_operation
+    │                                   invalid_request, unknown_operation, missing_token
+    │                                   (`mailstate mcp` without a token), invalid_token_name,
+    │                                   no_working_tree, not_repository_root (`mailstate plan`)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
-    ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found
+    ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
+    │                                   token_not_found, repository_not_found,
+    │                                   revision_not_found (`mailstate plan`), not_found (default)
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
-    │                                   active_mailboxes_remain, node_exists, token_ambiguous
-    │                                   (`token revoke NAME` when several tokens share NAME)
+    │                                   mailbox_active, conflict (default),
+    │                                   active_mailboxes_remain, node_exists
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │                                   that breaks the schema, the invariants, or compile())
     ├── StoreError                500   store_error (git, signing, disk: wraps the foreign
     │   │                               exception as __cause__), branch_moved (internal: another
-    │   │                               process moved the branch; the store re-runs the operation)
+    │   │                               process moved the branch; the store re-runs the operation),
+    │   │                               not_initialised (no data dir there), already_initialised
+    │   │                               (`mailstate init` on a used dir)
     │   └── Unavailable           503   store_busy (the branch kept moving under other writers)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
@@ -30,6 +37,8 @@ Messages are human sentences and never contain a password, sync key or token.
 The HTTP edge adds codes of its own for what never reaches an operation: request_too_large
 (413), method_not_allowed (405), not_found for an unknown route (404), read_only (403, a push
 to the node git endpoint) and internal_error (500, the body of any StoreError/CompileError).
+The MCP edge adds unknown_tool (a tool name that is not in the registry).
+tests/test_error_tree.py checks that every code raised anywhere in mailstate is drawn here.
 """
 
 from __future__ import annotations
