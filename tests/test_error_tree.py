@@ -35,10 +35,8 @@ def tree() -> tuple[dict[str, set[str]], set[str]]:
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("MailstateError"))
     blocks: dict[str, set[str]] = {}
     current = ""
-    end = start
-    for end, line in enumerate(lines[start:], start):
-        if not line.strip():
-            break
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    for line in lines[start:end]:
         header = re.match(r"^\s*(?:[│ ]*[├└]── )?([A-Z]\w+)\s+(?:\d{3}(?:/\d{3})?)?(.*)$", line)
         if header and (line.strip().startswith("MailstateError") or "── " in line):
             current, text = header.group(1), header.group(2)
