@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         ("  the tick as pi-pull logs it (10 ms resolution)", small.tick_logged),
         ("baseline: python3 -c pass", small.py_pass),
         ("baseline: python3 pi_pull.py --help (start+imports)", small.py_help),
-        ("baseline: python3 -c 'import pi_pull' (.pyc cached)", small.py_import),
+        ("baseline: python3 -c 'import pipull.cli' (.pyc)", small.py_import),
         ("baseline: bare `git fetch` of the same URL, nothing new", small.git_fetch),
     ]
     for label, values in rows:
