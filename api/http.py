@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from mailstate.api.http_errors import HTTPError
 from mailstate.state.datadir import DataDir
+from mailstate.state.describe import describe
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
 from mailstate.state.localdb import LocalDB
 from mailstate.state.models import RESPONSES, HealthResponse
@@ -239,11 +240,8 @@ def build_router() -> APIRouter:
 
 
 def _description(op: Operation) -> str:
-    lines = [op.summary, ""]
-    if op.write:
-        lines.append('A write answers with `"commit": "<sha>"` (one signed commit), or `"commit": null` when nothing changed.')
-    else:
-        lines.append("A read; it never makes a commit.")
+    # The same text as the MCP tool's (state.describe), with the default settings' values.
+    lines = [describe(op), ""]
     if op.in_spec:
         lines.append(f"MCP tool: `{op.tool_name}`.")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,13 +28,18 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailstate.api.http_errors import INTERNAL_MESSAGE, error_body, json_error, render
+from mailstate.state.describe import describe
 from mailstate.state.errors import MailstateError, StoreError, Unauthenticated
+from mailstate.state.models import RESPONSES, Settings
 from mailstate.state.ops import OPERATIONS, Operation
-from mailstate.state.snapshot import Actor, Outcome
+from mailstate.state.snapshot import Actor, Outcome, Snapshot
 from mailstate.state.store import Store
 
 log = logging.getLogger("mailstate.mcp")
@@ -52,19 +57,32 @@ TOOLS: dict[str, Operation] = {op.tool_name: op for op in OPERATIONS.values() if
 ActorOf = Callable[[ServerRequestContext[Any, Any]], Actor]
 
 
-def tool_list() -> list[types.Tool]:
+# Tools that destroy or overwrite something: a mailbox, a domain's mail, a credential.
+DESTRUCTIVE = frozenset({"remove-user", "remove-domain", "disable-email", "update-password"})
+IDEMPOTENT = frozenset({"enable-email", "disable-email", "remove-user"})
+
+
+def output_schema(op: Operation) -> dict[str, Any] | None:
+    """The tool's outputSchema: the JSON schema of the operation's answer (state.models.RESPONSES)."""
+    model = RESPONSES.get(op.name)
+    return model.model_json_schema() if model is not None else None
+
+
+def tool_list(settings: Settings | None = None) -> list[types.Tool]:
+    """The tools, described for `settings` (the data dir's; e.g. its real default quota)."""
     out = []
     for name, op in TOOLS.items():
         out.append(
             types.Tool(
                 name=name,
                 title=op.name,
-                description=op.summary,
+                description=describe(op, settings),
                 input_schema=op.request.model_json_schema(),
+                output_schema=output_schema(op),
                 annotations=types.ToolAnnotations(
                     read_only_hint=not op.write,
-                    destructive_hint=op.name in ("remove-user", "remove-domain", "disable-email"),
-                    idempotent_hint=not op.write or op.name in ("enable-email", "disable-email", "remove-user"),
+                    destructive_hint=op.write and op.name in DESTRUCTIVE,
+                    idempotent_hint=not op.write or op.name in IDEMPOTENT,
                     open_world_hint=False,
                 ),
             )
@@ -83,17 +101,21 @@ def error_result(body: dict[str, Any]) -> types.CallToolResult:
 class Executor(Protocol):
     def execute(self, name: str, actor: Actor, data: Any = None, *, request_id: str | None = None) -> Outcome: ...
 
+    @property
+    def snapshot(self) -> Snapshot: ...
+
 
 def build_server(store: Executor, actor_of: ActorOf) -> Server[Any]:
     """The MCP server running operations on `store`; `actor_of(ctx)` names each request's caller."""
 
     async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=tool_list())
+        return types.ListToolsResult(tools=tool_list(store.snapshot.settings))
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         op = TOOLS.get(params.name)
         if op is None:
-            return error_result(error_body("unknown_tool", f"There is no tool named {params.name[:100]!r}."))
+            # A protocol error, not a tool result: the spec's "Unknown tool" is JSON-RPC -32602.
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {params.name[:100]!r}.")
         try:
             actor = actor_of(ctx)
             call = functools.partial(store.execute, op.name, actor, params.arguments or {})
@@ -166,16 +188,78 @@ class BearerGate:
         await self.app(scope, receive, send)
 
 
-def mcp_http_app(store: Store, authenticate: Callable[[str | None], Actor]) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def security_settings(host: str | None = None, port: int | None = None, extra_hosts: Sequence[str] = ()) -> TransportSecuritySettings:
+    """DNS-rebinding protection for /mcp (the MCP spec requires it for streamable HTTP).
+
+    Allowed Host values: the address the server listens on with its port (all loopback names
+    for a loopback address; `host:*` when the port is not known), plus `extra_hosts`
+    ($MAILSTATE_ALLOWED_HOSTS: the names clients reach the server by, e.g. behind a proxy).
+    Allowed Origins: http(s):// + each allowed host. A server listening on every interface
+    (0.0.0.0, ::) cannot know its names: it checks Host only against `extra_hosts` when given,
+    and Origin always (a browser page on another origin is refused)."""
+    suffix = f":{port}" if port else ":*"
+    names: list[str] = []
+    if host is None or host in ("127.0.0.1", "localhost", "::1"):
+        names = [h + suffix for h in LOOPBACK_HOSTS]
+    elif host not in ("0.0.0.0", "::", ""):
+        names = [(f"[{host}]" if ":" in host else host) + suffix]
+    names += [h.strip() for h in extra_hosts if h.strip()]
+    wildcard_bind = host in ("0.0.0.0", "::", "")
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        # An empty list means "no Host check" (wildcard bind without names), see OriginGate.
+        allowed_hosts=[] if wildcard_bind and not extra_hosts else names,
+        allowed_origins=[f"{scheme}://{name}" for name in names for scheme in ("http", "https")],
+    )
+
+
+def _allowed(value: str, allowed: Sequence[str]) -> bool:
+    # The SDK's matching: exact, or `base:*` for any port.
+    return value in allowed or any(a.endswith(":*") and value.startswith(a[:-1]) and value[len(a) - 1 :].isdigit() for a in allowed)
+
+
+class OriginGate:
+    """ASGI wrapper: refuse (403) a request to /mcp whose Host or Origin is not allowed.
+
+    A request without Origin (every non-browser client) passes the Origin check; a browser
+    always sends one, so a page on another origin, even one whose name was rebound to this
+    server's address, is refused before it can use a token the browser holds."""
+
+    def __init__(self, app: ASGIApp, settings: TransportSecuritySettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host, origin = headers.get("host", ""), headers.get("origin")
+            problem = None
+            if self.settings.allowed_hosts and not _allowed(host, self.settings.allowed_hosts):
+                problem = ("host_not_allowed", "The Host header names a host this server does not serve MCP for.")
+            elif origin is not None and not _allowed(origin, self.settings.allowed_origins):
+                problem = ("origin_not_allowed", "Requests from this Origin are not allowed (DNS rebinding protection).")
+            if problem is not None:
+                log.warning("refused /mcp request: %s (host %r, origin %r)", problem[0], host[:100], (origin or "")[:100])
+                await json_error(403, error_body(*problem))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def mcp_http_app(
+    store: Store, authenticate: Callable[[str | None], Actor], settings: TransportSecuritySettings | None = None
+) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """The /mcp ASGI app and its session manager (run `manager.run()` in the app's lifespan)."""
-    manager = StreamableHTTPSessionManager(app=build_server(store, _http_actor))
-    return BearerGate(manager.handle_request, authenticate), manager
+    settings = settings or security_settings()
+    # The SDK checks the same settings again behind our gate (which answers in our error shape).
+    sdk_settings = settings if settings.allowed_hosts else TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    manager = StreamableHTTPSessionManager(app=build_server(store, _http_actor), security_settings=sdk_settings)
+    return OriginGate(BearerGate(manager.handle_request, authenticate), settings), manager
 
 
 # --- stdio ---------------------------------------------------------------------------------
-
-
-# --- stdio (run) ---------------------------------------------------------------------------------
 
 
 def run_stdio(data: Path, token: str) -> None:

@@ -28,7 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.routing import Route
 
 from mailstate.api import http, http_errors, nodes_http
-from mailstate.api.mcp_server import mcp_http_app
+from mailstate.api.mcp_server import mcp_http_app, security_settings
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
 from mailstate.state.errors import InvalidInput, StoreError
 from mailstate.state.localdb import LocalDB
@@ -60,8 +60,10 @@ MCP (streamable HTTP) is served at `/mcp` with the same bearer tokens.
 """
 
 
-def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = None) -> FastAPI:
-    """The ASGI app for the initialised data dir `data` (pass `db`/`store` to share them)."""
+def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = None, host: str | None = None, port: int | None = None) -> FastAPI:
+    """The ASGI app for the initialised data dir `data` (pass `db`/`store` to share them). `host`
+    and `port` are where it listens: /mcp accepts only those in Host and Origin (plus
+    $MAILSTATE_ALLOWED_HOSTS); without them, loopback names on any port."""
     dd = DataDir(Path(data))
     own_db = db is None
     if db is None:
@@ -71,7 +73,8 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
     if store is None:
         store = open_store(dd.root, db=db)
     services = http.Services(data=dd, store=store, db=db)
-    mcp_app, mcp_manager = mcp_http_app(store, services.authenticate)
+    allowed_hosts = [h for h in os.environ.get("MAILSTATE_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    mcp_app, mcp_manager = mcp_http_app(store, services.authenticate, security_settings(host, port, allowed_hosts))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -229,7 +232,7 @@ def serve(data: Path, host: str = "127.0.0.1", port: int = 8025, upstream: str |
         print("mailstate: --bcrypt-cost only applies when initialising; the data dir's mailstate.yaml decides.", file=sys.stderr)
     db = LocalDB(dd.db)
     store = open_store(dd.root, db=db, upstream=upstream)
-    app = create_app(dd.root, db=db, store=store)
+    app = create_app(dd.root, db=db, store=store, host=host, port=port)
     # X-Forwarded-For is trusted only from the proxies named here (none by default), so a
     # node's IP whitelist cannot be sidestepped with a header.
     forwarded = os.environ.get("MAILSTATE_FORWARDED_ALLOW_IPS", "")

@@ -383,7 +383,7 @@ _SPEC = [
         prepare=_hash_prepare,
         summary="Change the password of an existing mailbox.",
     ),
-    Operation("add-domain", m.AddDomainRequest, add_domain, admin=True, summary="[Admin] Register a mail domain without project scoping."),
+    Operation("add-domain", m.AddDomainRequest, add_domain, admin=True, summary="[Admin] Register a mail domain, optionally linked to a project."),
     Operation(
         "remove-domain",
         m.RemoveDomainRequest,

@@ -16,8 +16,11 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
-from mailstate.api.mcp_server import TOOLS, tool_list
+from mailstate.api.mcp_server import TOOLS, security_settings, tool_list
+from mailstate.state.models import RESPONSES
 from mailstate.state.ops import OPERATIONS
 from tests.server import LiveServer, assert_error, live_server, mailstate_cmd
 
@@ -133,6 +136,34 @@ def test_tool_registry_is_the_spec_table() -> None:
         op = TOOLS[tool.name]
         assert tool.input_schema == op.request.model_json_schema()
         assert tool.input_schema["type"] == "object"
+        assert tool.output_schema == RESPONSES[op.name].model_json_schema()
+        assert tool.output_schema["type"] == "object"
+
+
+def test_annotations_say_what_a_tool_destroys() -> None:
+    hints = {t.name: t.annotations for t in tool_list()}
+    assert hints["email_account_update_password"].destructive_hint is True  # it overwrites a credential
+    for name in ("email_account_remove_user", "email_account_remove_domain", "email_account_disable_email"):
+        assert hints[name].destructive_hint is True
+    for name in ("email_account_add_user", "email_account_enable_email", "email_account_add_domain", "email_account_add_node"):
+        assert hints[name].destructive_hint is False
+    for name in ("email_account_list_users", "email_account_list_domains", "email_account_list_nodes"):
+        assert hints[name].read_only_hint is True
+
+
+def test_descriptions_carry_the_data_dirs_real_default_quota(tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = LiveServer(tmp_path_factory.mktemp("mcp-quota"))
+    srv.cli("init", "--data", str(srv.data.root), "--bcrypt-cost", "4", "--default-quota-mb", "321")
+    token = srv.create_token(name="quota-admin")
+
+    async def main() -> dict[str, Any]:
+        async with stdio_session(srv, token) as s:
+            return {t.name: t for t in (await s.list_tools()).tools}
+
+    tools = run(main)
+    add_user = tools["email_account_add_user"].description or ""
+    assert "default 321 MB" in add_user and "1-1048576 MB" in add_user and "8-72 bytes" in add_user
+    assert "without project scoping" not in (tools["email_account_add_domain"].description or "")
 
 
 def test_list_tools_is_exactly_the_spec(env: Env) -> None:
@@ -242,13 +273,34 @@ def test_errors_match_http(env: Env, live_env: Env) -> None:
     assert srv.commit_count() == before
 
 
-def test_unknown_tool_is_a_tool_error(live_env: Env) -> None:
-    async def main() -> Any:
-        async with http_session(live_env.srv, live_env.project) as s:
-            return await s.call_tool("email_account_drop_everything", {})
+def test_unknown_tool_is_a_json_rpc_invalid_params_error(env: Env) -> None:
+    async def main() -> MCPError:
+        async with open_session(env, env.project) as s:
+            with pytest.raises(MCPError) as info:
+                await s.call_tool("email_account_drop_everything", {})
+            # the session still works after the error
+            assert (await s.call_tool("email_account_list_domains", {})).is_error is False
+            return info.value
 
-    result = run(main)
-    assert result.is_error is True and body_of(result)["error"]["code"] == "unknown_tool"
+    error = run(main)
+    assert error.code == INVALID_PARAMS == -32602
+    assert "email_account_drop_everything" in error.error.message
+
+
+def test_list_domains_shows_what_may_be_enabled(live_env: Env) -> None:
+    srv = live_env.srv
+    with srv.client(srv.admin_token) as admin:
+        assert admin.post(f"{API}/link-domain", json={"domain": "pending.example", "project_id": 303}).status_code == 201
+
+    async def main() -> dict[str, Any]:
+        async with http_session(srv, live_env.project) as s:
+            return body_of(await s.call_tool("email_account_list_domains", {}))
+
+    listed = run(main)
+    assert {"domain": "pending.example", "project_id": 303} in listed["linked_not_enabled"]
+    assert "pending.example" not in [d["domain"] for d in listed["domains"]]
+    with srv.client(live_env.project) as c:  # one operation: HTTP says the same
+        assert c.get(f"{API}/list-domains").json() == listed
 
 
 def test_modern_protocol_client_over_http(live_env: Env) -> None:
@@ -288,6 +340,35 @@ def test_mcp_http_needs_a_valid_bearer_token(live_env: Env, auth: str | None) ->
     r = httpx.post(f"{live_env.srv.url}/mcp", json=INIT, headers=headers)
     assert_error(r, 401, "unauthenticated")
     assert r.headers["www-authenticate"].lower().startswith("bearer")
+
+
+def test_mcp_refuses_foreign_origins_and_hosts(live_env: Env) -> None:
+    """DNS-rebinding protection: a browser page on another origin (or a rebound name) is refused
+    with 403 before its token is even looked at; clients without Origin and the server's own
+    origin pass."""
+    srv = live_env.srv
+    url = f"{srv.url}/mcp"
+    auth = {**MCP_HEADERS, "Authorization": f"Bearer {live_env.project}"}
+    for origin in ("http://evil.example", f"http://evil.example:{srv.port}", "null", f"http://127.0.0.1:{srv.port + 1}"):
+        assert_error(httpx.post(url, json=INIT, headers={**auth, "Origin": origin}), 403, "origin_not_allowed")
+    assert_error(httpx.post(url, json=INIT, headers={**MCP_HEADERS, "Origin": "http://evil.example"}), 403, "origin_not_allowed")
+    assert_error(httpx.post(url, json=INIT, headers={**auth, "Host": f"evil.example:{srv.port}"}), 403, "host_not_allowed")
+    for origin in (f"http://127.0.0.1:{srv.port}", f"http://localhost:{srv.port}"):
+        assert httpx.post(url, json=INIT, headers={**auth, "Origin": origin}).status_code == 200
+    assert httpx.post(url, json=INIT, headers={**auth, "Host": f"localhost:{srv.port}"}).status_code == 200
+    assert httpx.post(url, json=INIT, headers=auth).status_code == 200  # no Origin: not a browser
+
+
+def test_security_settings_for_each_kind_of_bind() -> None:
+    loop = security_settings("127.0.0.1", 8025)
+    assert "127.0.0.1:8025" in loop.allowed_hosts and "localhost:8025" in loop.allowed_hosts
+    assert "http://localhost:8025" in loop.allowed_origins
+    named = security_settings("10.1.2.3", 8025, ["mail-api.example.com"])
+    assert named.allowed_hosts == ["10.1.2.3:8025", "mail-api.example.com"]
+    assert "https://mail-api.example.com" in named.allowed_origins
+    # every interface, no names given: Host cannot be checked, Origin still is
+    anywhere = security_settings("0.0.0.0", 8025)
+    assert anywhere.allowed_hosts == [] and anywhere.allowed_origins == []
 
 
 def test_mcp_session_is_bound_to_its_token(live_env: Env) -> None:

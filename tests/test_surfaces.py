@@ -41,6 +41,76 @@ def test_every_operation_has_a_route_with_its_method(data_dir: DataDir) -> None:
     assert any(isinstance(r, Route) and r.path == "/mcp" for r in app.routes)
 
 
+def _resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    return _resolve(spec, spec["components"]["schemas"][ref.rsplit("/", 1)[1]]) if ref else schema
+
+
+def test_every_route_documents_a_non_empty_success_schema(data_dir: DataDir) -> None:
+    spec = create_app(data_dir.root).openapi()
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            success = {code: r for code, r in op["responses"].items() if code.startswith("2")}
+            assert success, (method, path)
+            for code, resp in success.items():
+                content = resp.get("content", {})
+                assert content, (method, path, code)
+                for media in content.values():
+                    schema = _resolve(spec, media["schema"])
+                    assert schema and (schema.get("properties") or schema.get("type") == "string"), (method, path, code, schema)
+            # every response, errors too, is documented with a schema; nothing answers 422
+            assert "422" not in op["responses"], (method, path)
+            for code, resp in op["responses"].items():
+                assert resp.get("content"), (method, path, code)
+    for name, op in OPERATIONS.items():
+        doc = spec["paths"][f"{API}/{name}"][op.method.lower()]
+        assert set(doc["responses"]) >= {"400", "401", "405"}, name
+        assert ("413" in doc["responses"]) == (op.method == "POST"), name
+        assert ("403" in doc["responses"]) == op.admin, name
+        assert _resolve(spec, next(iter(doc["responses"][min(c for c in doc["responses"] if c.startswith("2"))]["content"].values()))["schema"])["title"]
+        if op.write:
+            success = next(r for c, r in doc["responses"].items() if c.startswith("2"))
+            assert "commit" in _resolve(spec, success["content"]["application/json"]["schema"])["properties"], name
+
+
+def test_schemas_carry_the_input_constraints(data_dir: DataDir) -> None:
+    schemas = create_app(data_dir.root).openapi()["components"]["schemas"]
+    add_user = schemas["AddUserRequest"]["properties"]
+    assert (add_user["password"]["x-min-bytes"], add_user["password"]["x-max-bytes"], add_user["password"]["maxLength"]) == (8, 72, 72)
+    quota = next(s for s in add_user["quota_mb"]["anyOf"] if s.get("type") == "integer")
+    assert (quota["minimum"], quota["maximum"]) == (1, 1048576)
+    assert schemas["AddNodeRequest"]["properties"]["name"]["pattern"] == "^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+    for model, field in (("EnableEmailRequest", "domain"), ("AddUserRequest", "email"), ("NodeRequest", "name")):
+        assert schemas[model]["properties"][field]["minLength"] >= 1, (model, field)
+    assert schemas["LinkDomainRequest"]["properties"]["project_id"]["minimum"] == 1
+
+
+# What a tool's description must name, by the input fields it takes.
+LIMITS = {
+    "password": ["8-72 bytes"],
+    "quota_mb": ["1-1048576 MB", "default 1024 MB"],
+    "name": ["1-63"],
+    "hard_delete": ["Soft delete", "Hard delete"],
+}
+
+
+def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
+    for tool in tool_list():
+        op = TOOLS[tool.name]
+        assert tool.output_schema and tool.output_schema.get("properties"), tool.name
+        if op.write:
+            assert "commit" in tool.output_schema["properties"], tool.name
+        text = tool.description or ""
+        assert len(text) > len(op.summary) + 40, tool.name  # more than the one-line summary
+        for field in tool.input_schema.get("properties", {}):
+            for needle in LIMITS.get(field, []):
+                assert needle in text, (tool.name, field, needle)
+    text = {t.name: t.description or "" for t in tool_list()}
+    assert "PURGED" in text["email_account_disable_email"] and "PURGED" in text["email_account_remove_domain"]
+    assert "project_id" in text["email_account_add_domain"] and "without project scoping" not in text["email_account_add_domain"]
+    assert "linked_not_enabled" in text["email_account_list_domains"]
+
+
 def test_every_operation_answers_on_its_route_and_method_only(world: World) -> None:
     for op in OPERATIONS.values():
         right = world.c.request(op.method, f"{API}/{op.name}")

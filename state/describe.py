@@ -1,0 +1,96 @@
+"""What each operation does, in the words a caller (an AI assistant above all) needs.
+
+One text per operation, used by both edges: the MCP tool's description (with the data dir's
+real settings, e.g. its `default_quota_mb`) and the OpenAPI operation's description. Each
+names the limits of its inputs (tests/test_surfaces.py holds every text to them), what the
+call changes, and what it can refuse.
+"""
+
+from __future__ import annotations
+
+from mailstate.state import validate as v
+from mailstate.state.models import Settings
+from mailstate.state.ops import Operation
+
+PASSWORD_LIMITS = f"{v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters; bcrypt reads no more), no NUL"
+QUOTA_LIMITS = f"1-{v.MAX_QUOTA_MB} MB"
+NODE_NAME_LIMITS = "1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen"
+_WRITE = "One signed git commit; mail nodes apply it within about a minute. Answers `commit` (null when nothing changed)."
+
+_DETAILS: dict[str, str] = {
+    "enable-email": (
+        "Turns email on for a domain that is linked to your project (email_account_list_domains lists such domains "
+        "under `linked_not_enabled`). Calling it again changes nothing. " + _WRITE
+    ),
+    "disable-email": (
+        "Turns email off for a domain. Refused (409 active_mailboxes_remain) while the domain has active mailboxes: "
+        "remove them first. Soft-deleted mailboxes are PURGED with it: their entries are gone for good and cannot "
+        "be restored. The domain stays linked to the project. " + _WRITE
+    ),
+    "list-domains": (
+        "Answers `domains`: your project's email-enabled domains with mailbox counts (total, active, inactive = "
+        "soft-deleted), and `linked_not_enabled`: domains linked to your project whose email is not enabled yet, "
+        "which email_account_enable_email can enable. An admin token sees every project's domains. Reads only."
+    ),
+    "add-user": (
+        "Creates a mailbox on one of your project's email-enabled domains. `password`: "
+        + PASSWORD_LIMITS
+        + "; it is bcrypt-hashed and never stored or shown. `quota_mb`: "
+        + QUOTA_LIMITS
+        + "; default {default_quota_mb} MB (this server's default_quota_mb). The local part may use letters, digits, "
+        "'.', '_', '+' and '-' (stored lowercase). Refused (409 mailbox_exists) when the address exists, also when it "
+        "is soft-deleted (hard-delete it first). " + _WRITE
+    ),
+    "remove-user": (
+        "Removes a mailbox. Soft delete (the default, hard_delete=false): the mailbox is deactivated, no login and "
+        "no delivery, but its entry and mail are kept and the address stays taken; it is listed with active=false. "
+        "Hard delete (hard_delete=true): the mailbox is deleted from the state and the address is free to add again. "
+        "Soft-deleted mailboxes are also purged by disable-email and remove-domain. " + _WRITE
+    ),
+    "list-users": (
+        "Answers `users`: the mailboxes (email, domain, quota_mb, active) on your project's email-enabled domains, "
+        "or on one `domain`. Soft-deleted mailboxes have active=false. Never returns password hashes. Reads only."
+    ),
+    "update-password": (
+        "Overwrites the password of an active mailbox; the old password stops working once the nodes apply the "
+        "change. `password`: " + PASSWORD_LIMITS + ". Refused (409 mailbox_inactive) for a soft-deleted mailbox. " + _WRITE
+    ),
+    "add-domain": (
+        "[Admin] Registers a new mail domain with email enabled. `project_id` (optional, a positive whole number) "
+        "links it to that project at once; without it the domain is linked to no project, and only admin tokens "
+        "can manage it until link-domain links it. Refused (409 domain_exists) for a known domain. " + _WRITE
+    ),
+    "remove-domain": (
+        "[Admin] Removes a domain from the state, and with it its mail configuration. Refused (409 "
+        "active_mailboxes_remain) while it has active mailboxes; soft-deleted mailboxes are PURGED with it. " + _WRITE
+    ),
+    "list-nodes": (
+        "[Admin] Answers `nodes`: each sync node's name, ip_address, created_at and, from its last report, "
+        "last_sync_at, applied_commit, status (never_synced before its first report) and error, with commits_behind. "
+        "Reads only."
+    ),
+    "add-node": (
+        "[Admin] Registers a mail node. `name`: " + NODE_NAME_LIMITS + ". `ip_address` (optional): the only IPv4 or "
+        "IPv6 address the node may connect from. Answers the node's `sync_key` ONCE: store it, it cannot be shown "
+        "again (rotate-node-key makes a new one). " + _WRITE
+    ),
+    "link-domain": (
+        "[Admin] Links a domain to a project (the dashboard's Domains tab), creating it (201) if it is new. Refused "
+        "(409 domain_linked_elsewhere) when another project has it. " + _WRITE
+    ),
+    "unlink-domain": (
+        "[Admin] Unlinks a domain from its project and removes it from the state. Refused (409 email_enabled) while "
+        "its email is enabled. " + _WRITE
+    ),
+    "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. " + _WRITE,
+    "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. " + _WRITE,
+}
+
+
+def describe(op: Operation, settings: Settings | None = None) -> str:
+    """The operation's summary plus what a caller needs to know, for `settings` (defaults if None)."""
+    detail = _DETAILS.get(op.name)
+    if detail is None:
+        return op.summary
+    default_quota = (settings or Settings()).default_quota_mb
+    return f"{op.summary}\n\n{detail.format(default_quota_mb=default_quota)}"
