@@ -19,7 +19,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
     │                                   mailbox_active, conflict (default),
-    │                                   active_mailboxes_remain, node_exists
+    │                                   active_mailboxes_remain, node_exists, token_ambiguous
+    │                                   (`token revoke NAME` when several tokens share NAME)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │                                   that breaks the schema, the invariants, or compile())
     ├── StoreError                500   store_error (git, signing, disk: wraps the foreign
@@ -37,7 +38,9 @@ Messages are human sentences and never contain a password, sync key or token.
 The HTTP edge adds codes of its own for what never reaches an operation: request_too_large
 (413), method_not_allowed (405), not_found for an unknown route (404), read_only (403, a push
 to the node git endpoint) and internal_error (500, the body of any StoreError/CompileError).
-The MCP edge adds unknown_tool (a tool name that is not in the registry).
+The MCP edge answers an unknown tool with JSON-RPC error -32602 (unknown_tool is not used any
+more), and refuses a request to /mcp whose Host or Origin it does not serve with 403
+host_not_allowed or origin_not_allowed (DNS rebinding protection).
 tests/test_error_tree.py checks that every code raised anywhere in mailstate is drawn here.
 """
 
