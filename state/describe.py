@@ -47,6 +47,11 @@ _DETAILS: dict[str, str] = {
         "Hard delete (hard_delete=true): the mailbox is deleted from the state and the address is free to add again. "
         "Soft-deleted mailboxes are also purged by disable-email and remove-domain. " + _WRITE
     ),
+    "restore-user": (
+        "Reactivates a soft-deleted mailbox (remove-user without hard_delete): login and delivery work again with "
+        "its old password, quota and mail. Refused (409 mailbox_active) for an active mailbox; a hard-deleted "
+        "mailbox is gone (404) and cannot be restored. " + _WRITE
+    ),
     "list-users": (
         "Answers `users`: the mailboxes (email, domain, quota_mb, active) on your project's email-enabled domains, "
         "or on one `domain`. Soft-deleted mailboxes have active=false. Never returns password hashes. Reads only."

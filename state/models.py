@@ -362,6 +362,9 @@ class DomainSummary(BaseModel):
     mailboxes: int = Field(ge=0, description="Mailboxes, active and soft-deleted.")
     active_mailboxes: int = Field(ge=0)
     inactive_mailboxes: int = Field(ge=0, description="Soft-deleted mailboxes (active=false).")
+    used_mb: float | None = Field(default=None, description="Mail stored in the domain's mailboxes as the nodes measured it, in MB (null before any report).")
+    messages: int | None = Field(default=None, description="Messages stored, as the nodes measured them (null before any report).")
+    usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the newest usage report, or null.")
 
 
 class LinkedDomain(BaseModel):
@@ -379,6 +382,14 @@ class AddUserResponse(WriteResponse):
     domain: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool
+    id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
+
+
+class RestoreUserResponse(WriteResponse):
+    email: str
+    active: bool = Field(description="Always true after a restore.")
+    restored: bool
+    id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
 
 
 class RemoveUserResponse(WriteResponse):
@@ -392,6 +403,10 @@ class UserInfo(BaseModel):
     domain: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool = Field(description="false for a soft-deleted mailbox.")
+    id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
+    used_mb: float | None = Field(default=None, description="Mail stored, as a node measured it, in MB (null before any report).")
+    messages: int | None = Field(default=None, description="Messages stored, as a node measured them (null before any report).")
+    usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the usage report, or null.")
 
 
 class ListUsersResponse(Response):
@@ -459,6 +474,7 @@ RESPONSES: dict[str, type[Response]] = {
     "list-domains": ListDomainsResponse,
     "add-user": AddUserResponse,
     "remove-user": RemoveUserResponse,
+    "restore-user": RestoreUserResponse,
     "list-users": ListUsersResponse,
     "update-password": UpdatePasswordResponse,
     "add-domain": DomainResponse,
