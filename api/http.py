@@ -72,10 +72,10 @@ class ErrorResponse(BaseModel):
 # Which operations can answer 404 and 409, as the operations in state.ops raise them today
 # (the generated-client test drives them, so a change shows up there).
 _CAN_404 = {
-    "enable-email", "disable-email", "add-user", "remove-user", "list-users", "update-password",
+    "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
 }  # fmt: skip
-_CAN_409 = {"disable-email", "add-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain"}
+_CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain"}
 # Success statuses: 201 when the call created something (Outcome.created), else 200.
 CREATED: dict[str, tuple[int, ...]] = {"add-user": (201,), "add-domain": (201,), "add-node": (201,), "link-domain": (201, 200)}
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
 from mailstate.api import http, http_errors, nodes_http
@@ -93,7 +94,9 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
             if own_db:
                 db.close()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from the fastapi-offline package's
+    # own copy (under /docs/static), not from a CDN, so the docs work without internet.
+    app = FastAPIOffline(
         title="mailstate",
         version=_version(),
         description=DESCRIPTION,
@@ -101,6 +104,8 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,
+        static_url="/docs/static",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.state.services = services
     http_errors.install(app)
