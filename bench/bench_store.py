@@ -16,6 +16,10 @@ the same run and against the same repo:
   dir's own key (`-c gpg.format=ssh -c user.signingkey=DIR/signing_key`).
 * irreducible p50: with the store's own in-process signer, write one blob, one one-entry
   tree and one signed commit object with pygit2 (no ref update, no tree rebuild).
+* fsync on / off: the store's writes are durable (the default: the write's objects as one
+  fsynced pack, then the fsynced ref). To show what that costs, the same store then
+  alternates write by write between durable and not (`gitrepo.set_durable`), so both halves
+  see the same machine and state.
 
 With --ssh-size, the store p50 is measured again at that size with `SshKeygenSigner`
 (ssh-keygen per commit) to show what the in-process signer buys.
@@ -55,6 +59,7 @@ import pygit2  # noqa: E402
 from bench.seed import SeedInfo, domain_names, seed_state  # noqa: E402
 from mailstate.state import files  # noqa: E402
 from mailstate.state.datadir import open_store  # noqa: E402
+from mailstate.state.gitrepo import GitRepo, set_durable  # noqa: E402
 from mailstate.state.signing import SshKeygenSigner  # noqa: E402
 from mailstate.state.snapshot import Actor  # noqa: E402
 from mailstate.state.store import Store  # noqa: E402
@@ -65,12 +70,6 @@ WARMUP = 5
 
 
 # --- figures -------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 @dataclass
@@ -89,6 +88,8 @@ class SizeResult:
     irreducible: list[float] = field(default_factory=list)
     ssh_store: list[float] = field(default_factory=list)
     ed_store: list[float] = field(default_factory=list)
+    fsync_on: list[float] = field(default_factory=list)
+    fsync_off: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
     clone_s: float = 0.0
 
@@ -293,7 +294,11 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
     res = SizeResult(size=size)
     root = workdir / f"data-{size}"
     log(f"[{size}] seeding ...")
-    info = seed_state(root, size)
+    set_durable(False)  # seeding writes ~80k objects at 100k; durability is measured below, not here
+    try:
+        info = seed_state(root, size)
+    finally:
+        set_durable(True)
     res.seed_s, res.domains, res.buckets = info.seconds, len(info.domains), info.buckets
     log(f"[{size}] seeded {size} mailboxes / {res.domains} domains / {res.buckets} buckets in {info.seconds:.1f} s {info.stats}")
 
@@ -345,6 +350,22 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
         store.signer = ed
         log(f"[{size}] alternating signers: Ed25519Signer p50 {ms(p50(res.ed_store))} ms, SshKeygenSigner p50 {ms(p50(res.ssh_store))} ms")
 
+    if args.fsync_writes:
+        # Same store, same state: alternate write by write between its durable repo handle
+        # and one opened with set_durable(False) (no pack flush, no fsync of the ref).
+        durable = store.git
+        set_durable(False)
+        fast = GitRepo(durable.path)
+        set_durable(True)
+        try:
+            for n in range(2 * args.fsync_writes):
+                off = n % 2 == 1
+                store.git = fast if off else durable
+                (res.fsync_off if off else res.fsync_on).append(writes.step())
+        finally:
+            store.git = durable
+        log(f"[{size}] alternating fsync: on p50 {ms(p50(res.fsync_on))} ms, off p50 {ms(p50(res.fsync_off))} ms")
+
     # Nothing is deleted until the end: on ext4, creating files right after deleting many
     # (a clone, a data dir) is slower (the inode allocator skips recently deleted inodes),
     # and every loose git object is a new file.
@@ -376,6 +397,14 @@ def table(results: list[SizeResult]) -> str:
         lines.append(f"{'phase':<36} " + " ".join(f"{r.size:>9}" for r in results))
         for label in labels:
             lines.append(f"{label:<36} " + " ".join(f"{ms(p50(r.phases.get(label, []))):>9}" for r in results))
+    if any(r.fsync_on for r in results):
+        lines.append("")
+        lines.append("fsync, alternating write by write (ms): durable (the default) vs not")
+        lines.append(f"{'mailboxes':>9} {'on p50':>8} {'p90':>7} {'off p50':>8} {'p90':>7} {'cost p50':>9}")
+        for r in results:
+            if r.fsync_on:
+                on, off = p50(r.fsync_on), p50(r.fsync_off)
+                lines.append(f"{r.size:>9} {ms(on):>8} {ms(p90(r.fsync_on)):>7} {ms(off):>8} {ms(p90(r.fsync_off)):>7} {'+' + ms(on - off):>9}")
     for r in results:
         if r.ssh_store:
             s50, k50 = p50(r.ed_store), p50(r.ssh_store)
@@ -395,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=200, help="measured store writes per size")
     parser.add_argument("--cli-commits", type=int, default=30, help="measured git CLI commits per size")
     parser.add_argument("--ssh-size", type=int, default=10000, help="size at which to also measure SshKeygenSigner (0: never)")
+    parser.add_argument("--fsync-writes", type=int, default=60, help="write pairs alternating fsync on/off per size (0: skip)")
     parser.add_argument("--profile", action="store_true", help="cProfile the store writes; stats go to stderr")
     parser.add_argument("--phases", action="store_true", help="time the store's internal steps per write (p50 table)")
     parser.add_argument("--keep", type=Path, default=None, help="keep data dirs and clones under this dir")

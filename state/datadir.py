@@ -4,7 +4,7 @@
     DIR/signing_key(.pub)  the server's ed25519 commit-signing key (0600)
     DIR/allowed_signers    who may sign state commits (nodes and `git verify-commit` use it)
     DIR/mailstate.db       tokens and node sync status (never in git)
-    DIR/cache/             parse cache keyed by git blob id (safe to delete)
+    DIR/cache/             parse cache keyed by git blob id, HMAC-checked JSON (safe to delete)
 
 Every path is made absolute once, when the DataDir is made: git runs with `-C <repo>` and
 resolves a relative path given to it (`gpg.ssh.allowedSignersFile=data/allowed_signers`, a
@@ -14,19 +14,24 @@ checks of other processes' commits and lose their writes.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pygit2
+
 from mailstate.state import files
 from mailstate.state.errors import StoreError
-from mailstate.state.gitrepo import GitRepo
+from mailstate.state.gitrepo import GitRepo, fsync_path
 from mailstate.state.localdb import LocalDB
 from mailstate.state.models import NodesFile, Settings
 from mailstate.state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Clock, Store, clean_request_id, commit_message, utcnow
 from mailstate.state.upstream import Upstream
+
+log = logging.getLogger("mailstate.datadir")
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class DataDir:
 
     @property
     def cache(self) -> Path:
-        return self.root / "cache" / "domains.pickle"
+        return self.root / "cache" / "domains.json"
 
     def is_initialised(self) -> bool:
         return self.repo.exists() and self.key.exists()
@@ -102,6 +107,7 @@ def init_data_dir(
     dd.allowed_signers.write_text(allowed_signers_line(public))
     LocalDB(dd.db).close()
     repo = GitRepo.init_bare(dd.repo)
+    durable_git_config(repo)
     settings = settings or Settings()
     tree = repo.build_tree(
         None,
@@ -115,7 +121,23 @@ def init_data_dir(
     message = commit_message("init", "mailstate", None, who, clean_request_id(None))
     sha = repo.commit(tree, None, message, Ed25519Signer(dd.key), clock())
     repo.move_branch(sha, None)
+    for path in (dd.key, Path(f"{dd.key}.pub"), dd.allowed_signers, dd.root, dd.root.parent):
+        fsync_path(path)  # a power cut must not leave commits without the key that signed them
     return dd
+
+
+def durable_git_config(repo: GitRepo) -> None:
+    """Make git's own writes to the repo durable too (`core.fsync=all`, unless set).
+
+    The store's writes go through libgit2, which fsyncs by itself (gitrepo.set_durable). This
+    covers the git CLI on the same repo: the background repack, and an admin's push.
+    """
+    config = repo.repo.config
+    try:
+        if "core.fsync" not in config:
+            config["core.fsync"] = "all"
+    except pygit2.GitError as exc:  # e.g. another process holds config.lock: it sets it too
+        log.warning("could not set core.fsync in %s: %s", repo.path, exc)
 
 
 def open_store(
@@ -134,6 +156,7 @@ def open_store(
     dd = DataDir(Path(root))
     if not dd.is_initialised():
         raise StoreError(f"{root} is not a mailstate data dir; run `mailstate init --data {root}`.", code="not_initialised")
+    durable_git_config(GitRepo(dd.repo))
     return Store(
         dd.repo,
         signer or Ed25519Signer(dd.key),

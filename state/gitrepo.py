@@ -9,10 +9,13 @@ and GitPython's index handling costs ~690 ms.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +27,46 @@ from mailstate.state.signing import Signer
 BRANCH = "main"
 REF = f"refs/heads/{BRANCH}"
 
+# Durability: an answered write must survive a power cut. A write makes ~11 objects; fsyncing
+# each loose object and its fan-out folder (libgit2's fsync option) costs ~25 fsyncs a write.
+# Instead the objects are written loose without fsync, and before the branch moves,
+# flush_objects() writes them once more as ONE pack through libgit2's indexer with fsync on:
+# the pack, its index and objects/pack are fsynced (3 fsyncs), and only then does the ref
+# move, itself fsynced with its folder (the refdb reads the option when the repo is opened).
+# The loose copies are redundant; the background repack drops them. libgit2's option is
+# process-wide, so it is on only while a repo is opened or a pack is written, under a lock.
+_durable = True
+_fsync_option = threading.Lock()
+# git holds refs/heads/main.lock for milliseconds; one this old was left by a killed process.
+STALE_LOCK_S = 10.0
+log = logging.getLogger("mailstate.git")
+
+
+def set_durable(enabled: bool) -> None:
+    """Make the writes of repositories opened from now on durable (the default), or not
+    (benchmarks only: the cost of durability is measured against it)."""
+    global _durable
+    _durable = enabled
+
+
+@contextmanager
+def _libgit2_fsync() -> Iterator[None]:
+    with _fsync_option:
+        pygit2.settings.enable_fsync_gitdir(True)
+        try:
+            yield
+        finally:
+            pygit2.settings.enable_fsync_gitdir(False)
+
+
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 class GitRepo:
     """A bare (or non-bare) repository the store commits to."""
@@ -32,8 +75,12 @@ class GitRepo:
         # Absolute: the path goes to `git -C` and into the lock file's name, and must not
         # change meaning if the process changes directory.
         self.path = Path(os.path.abspath(path))
+        self.durable = _durable
+        self._pending: list[pygit2.Oid] = []  # objects written since the last flush_objects()
         try:
-            self.repo = pygit2.Repository(str(self.path))
+            with _libgit2_fsync() if self.durable else nullcontext():
+                self.repo = pygit2.Repository(str(self.path))
+                self.repo.references.get(REF)  # opens the refdb, which reads the option now
         except (pygit2.GitError, KeyError) as exc:
             raise StoreError(f"{self.path} is not a git repository.") from exc
 
@@ -103,6 +150,7 @@ class GitRepo:
         oid = self._build(base_tree, changes)
         if oid is None:
             oid = self.repo.TreeBuilder().write()
+            self._pending.append(oid)
         return str(oid)
 
     def _build(self, base: pygit2.Tree | None, changes: Mapping[str, bytes | None]) -> pygit2.Oid | None:
@@ -120,7 +168,9 @@ class GitRepo:
                 if builder.get(name) is not None:
                     builder.remove(name)
             else:
-                builder.insert(name, self.repo.create_blob(data), pygit2.GIT_FILEMODE_BLOB)
+                blob = self.repo.create_blob(data)
+                self._pending.append(blob)
+                builder.insert(name, blob, pygit2.GIT_FILEMODE_BLOB)
         for name, sub in nested.items():
             current = None
             if base is not None and name in base:
@@ -134,7 +184,9 @@ class GitRepo:
                 builder.insert(name, new, pygit2.GIT_FILEMODE_TREE)
         if len(builder) == 0:
             return None
-        return builder.write()
+        oid = builder.write()
+        self._pending.append(oid)
+        return oid
 
     def commit(
         self,
@@ -161,9 +213,32 @@ class GitRepo:
         except Exception as exc:  # any signer failure is a store failure; the branch stays put
             raise StoreError("The commit could not be signed.") from exc
         try:
-            return str(self.repo.create_commit_with_signature(text, signature))
+            oid = self.repo.create_commit_with_signature(text, signature)
         except pygit2.GitError as exc:
             raise StoreError("git could not write the commit.") from exc
+        self._pending.append(oid)
+        return str(oid)
+
+    def flush_objects(self, extra: Iterable[str] = ()) -> None:
+        """Make every object written through this GitRepo since the last flush (plus `extra`,
+        ids of objects written with pygit2 directly) durable, as one fsynced pack.
+
+        Called before a ref points at them. A no-op for a repo opened with set_durable(False).
+        """
+        pending = [*self._pending, *(pygit2.Oid(hex=oid) for oid in extra)]
+        if not self.durable or not pending:
+            self._pending.clear()
+            return
+        try:
+            builder = pygit2.PackBuilder(self.repo)
+            builder.set_threads(1)
+            for oid in dict.fromkeys(pending):
+                builder.add(oid)
+            with _libgit2_fsync():  # the indexer fsyncs the pack, its index and objects/pack
+                builder.write(str(self.path / "objects" / "pack"))
+        except (pygit2.GitError, OSError) as exc:
+            raise StoreError("git's objects could not be written to disk.") from exc
+        self._pending.clear()
 
     def move_branch(self, new: str, expected: str | None) -> None:
         """Point `main` at `new` if it still points at `expected` (compare-and-swap).
@@ -171,21 +246,40 @@ class GitRepo:
         The check and the update happen under an exclusive lock file in the repo, so two
         processes writing one data dir (a server and `mailstate call`, say) cannot both win.
         """
+        self.flush_objects()
         with self._ref_lock():
             if self.head() != expected:
                 raise BranchMoved("The branch moved underneath the store; the write was not applied.")
-            try:
-                self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
-            except pygit2.GitError as exc:
-                raise StoreError("git could not update the branch.") from exc
+            self._write_ref(new)
 
     def set_branch(self, new: str) -> None:
         """Point `main` at `new` unconditionally (under the same lock as move_branch)."""
+        self.flush_objects()
         with self._ref_lock():
+            self._write_ref(new)
+
+    def _write_ref(self, new: str) -> None:
+        """Write `main` (the ref lock is held). A `main.lock` that a killed process left
+        behind would refuse every later write, so one older than STALE_LOCK_S is removed."""
+        for attempt in (1, 2):
             try:
                 self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
-            except pygit2.GitError as exc:
-                raise StoreError("git could not update the branch.") from exc
+                return
+            except (pygit2.GitError, OSError) as exc:  # libgit2 reports a held lock as OSError
+                if attempt == 2 or not self._clear_stale_ref_lock():
+                    raise StoreError("git could not update the branch.") from exc
+
+    def _clear_stale_ref_lock(self) -> bool:
+        lock = self.path / f"{REF}.lock"
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return False
+        if age < STALE_LOCK_S:
+            return False  # maybe a live `git push` into the repo: let it finish
+        lock.unlink(missing_ok=True)
+        log.warning("removed %s, left %.0f s ago by a process that died while moving the branch", lock, age)
+        return True
 
     @contextmanager
     def ref_lock(self) -> Iterator[None]:

@@ -2,59 +2,187 @@
 
 Parsing 100k mailboxes of YAML takes seconds, so a commit is loaded through a cache keyed
 by git blob id: a blob's content never changes, so a cached parse is always right, and a
-restart (or a pull of someone else's commit) only parses the files that changed.
+restart (or a pull of someone else's commit) only parses the files that changed. The cache
+file is authenticated (HMAC) and is JSON, so a damaged or planted one is only a slower start.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
+import json
+import logging
 import os
-import pickle
+import secrets
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailstate.compiler.render import compile_state, diff_rendered
 from mailstate.state import files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.models import DomainFile, NodesFile, Settings
+from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
 from mailstate.state.snapshot import Snapshot
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_MAGIC = b"mailstate-parse-cache"
+MAX_CACHE_BYTES = 1 << 30  # far above 100k mailboxes (~25 MB); a bigger file is not ours
+_KEY_BYTES = 32
+
+log = logging.getLogger("mailstate.cache")
+
+
+@functools.cache
+def _schema_tag() -> str:
+    # A change to the models changes what an entry means: it invalidates every cache.
+    schema = json.dumps(DomainFile.model_json_schema(), sort_keys=True).encode()
+    return hashlib.sha256(schema + str(CACHE_VERSION).encode()).hexdigest()[:16]
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of `path` if it is a regular file (not a symlink, FIFO, folder) of at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise OSError(f"{path} is larger than {limit} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def _domain_from_json(raw: Any) -> DomainFile:
+    # Built without validation: the entry was validated when it was parsed, and its MAC
+    # proves it is the one this data dir wrote for that blob.
+    mailboxes = {local: Mailbox.model_construct(**box) for local, box in raw["mailboxes"].items()}
+    return DomainFile.model_construct(**{**raw, "mailboxes": mailboxes})
 
 
 @dataclass
 class ParseCache:
-    """blob id → parsed DomainFile, persisted as a pickle in the server's own data dir."""
+    """blob id → parsed DomainFile, persisted in the server's own data dir.
+
+    The file (`DIR/cache/domains.json`) is JSON, which cannot run code when it loads, behind a
+    header with an HMAC-SHA256 under a per-data-dir secret (`DIR/cache/key`, 0600, made on
+    first use). A file whose MAC does not match (hand-edited, torn, from another data dir or
+    another version of the models) is not used, so a poisoned entry is never served. Any
+    failure to read or write the cache (a file where the folder should be, a folder or
+    symlink where the file should be, no permission, a full disk) logs a warning and means
+    no cache: the state is parsed from git, and the cache is rebuilt when it can be.
+    """
 
     path: Path | None = None
     entries: dict[str, DomainFile] = field(default_factory=dict)
     dirty: bool = False
 
+    @property
+    def key_path(self) -> Path | None:
+        return None if self.path is None else self.path.parent / "key"
+
     @classmethod
     def open(cls, path: Path | None) -> ParseCache:
+        """The cache at `path` (None: in memory only); never raises, an unusable file is no cache."""
         cache = cls(path=path)
-        if path is not None and path.exists():
-            try:
-                with path.open("rb") as fh:
-                    version, entries = pickle.load(fh)  # our own file, written below
-                if version == CACHE_VERSION and isinstance(entries, dict):
-                    cache.entries = entries
-            except Exception:  # a stale or torn cache is only a slower start
-                cache.entries = {}
+        if path is None:
+            return cache
+        _drop_legacy_pickle(path)
+        try:
+            data = _read_regular(path, MAX_CACHE_BYTES)
+        except FileNotFoundError:
+            return cache
+        except OSError as exc:
+            log.warning("parse cache %s not used (%s); parsing the state from git", path, exc)
+            return cache
+        try:
+            cache.entries = cache._decode(data)
+        except Exception as exc:  # any damage at all is only a slower start
+            log.warning("parse cache %s not used (%s); parsing the state from git, it will be rebuilt", path, exc)
+            cache.entries = {}
+            cache.dirty = True  # rewrite it with what this load parses
         return cache
 
+    def _key(self, create: bool) -> bytes:
+        assert self.key_path is not None
+        try:
+            key = _read_regular(self.key_path, _KEY_BYTES)
+            if len(key) == _KEY_BYTES:
+                return key
+        except FileNotFoundError:
+            if not create:
+                raise
+        if not create:
+            raise ValueError(f"{self.key_path} is not a cache key")
+        # A new (or a broken) key: a cache signed with the old one simply stops matching.
+        self.key_path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(_KEY_BYTES)
+        fd, tmp = tempfile.mkstemp(dir=self.key_path.parent, prefix=".key-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key)
+            os.replace(tmp, self.key_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return key
+
+    def _decode(self, data: bytes) -> dict[str, DomainFile]:
+        header, sep, body = data.partition(b"\n")
+        parts = header.split(b" ")
+        if not sep or len(parts) != 3 or parts[0] != CACHE_MAGIC:
+            raise ValueError("not a mailstate parse cache")
+        if parts[1].decode("ascii") != _schema_tag():
+            raise ValueError("written for another version of the models")
+        mac = hmac.new(self._key(create=False), parts[1] + b"\n" + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(mac.encode(), parts[2]):
+            raise ValueError("its MAC does not match (edited, torn, or from another data dir)")
+        raw = json.loads(body)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return {str(oid): _domain_from_json(entry) for oid, entry in raw.items()}
+
     def save(self, keep: set[str] | None = None) -> None:
+        """Write the cache if it changed, keeping only `keep` (blob ids); never raises."""
         if self.path is None or not self.dirty:
             return
         if keep is not None:
             self.entries = {k: v for k, v in self.entries.items() if k in keep}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cache-")
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump((CACHE_VERSION, self.entries), fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self.path)
+        try:
+            key = self._key(create=True)
+            tag = _schema_tag().encode()
+            body = json.dumps({oid: dom.model_dump(mode="json") for oid, dom in self.entries.items()}, separators=(",", ":")).encode()
+            mac = hmac.new(key, tag + b"\n" + body, hashlib.sha256).hexdigest().encode()
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cache-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(b" ".join([CACHE_MAGIC, tag, mac]) + b"\n" + body)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except Exception as exc:  # e.g. cache/ is a file, domains.json a folder, a full disk
+            log.warning("parse cache %s not written (%s); the server runs without it", self.path, exc)
+            self.path = None  # don't retry on every load
         self.dirty = False
+
+
+def _drop_legacy_pickle(path: Path) -> None:
+    # Format 1 of the cache was a pickle; it is never read (a pickle can run code), only removed.
+    legacy = path.parent / "domains.pickle"
+    try:
+        if legacy.is_file() and not legacy.is_symlink():
+            legacy.unlink()
+    except OSError:
+        pass
 
 
 def load_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) -> Snapshot:
