@@ -19,11 +19,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from mailstate.api.http_errors import HTTPError
+from mailstate.api.metrics import Metrics
 from mailstate.state.datadir import DataDir
 from mailstate.state.describe import describe
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
@@ -50,6 +51,7 @@ class Services:
     data: DataDir
     store: Store
     db: LocalDB
+    metrics: Metrics | None = None
 
     def authenticate(self, token: str | None) -> Actor:
         return self.db.authenticate(token)
@@ -201,7 +203,14 @@ def _endpoint(op: Operation) -> Any:
         data = query_object(request) if op.method == "GET" else await read_json_object(request)
         request_id = clean_request_id(request.headers.get("x-request-id"))
         started = time.perf_counter()
-        outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
+        try:
+            outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
+        except Exception as exc:
+            if op.write and services.metrics is not None:
+                services.metrics.observe(op.name, started, error=exc)
+            raise
+        if op.write and services.metrics is not None:
+            services.metrics.observe(op.name, started, outcome.result)
         took = (time.perf_counter() - started) * 1000
         status = 201 if outcome.created else 200
         # no-store: some answers carry a secret shown once (add-node's sync key).
@@ -269,5 +278,33 @@ def health_router() -> APIRouter:
         if credentials is None or not credentials.credentials or not services.authenticate(credentials.credentials).is_admin:
             body = {"status": body["status"]}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    return router
+
+
+def metrics_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get(
+        "/metrics",
+        tags=["health"],
+        operation_id="metrics",
+        summary="[Admin] Prometheus metrics: writes and their latency by operation, refused commits, node lag and status.",
+        response_class=Response,
+        responses={
+            200: {"description": "The Prometheus text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            401: {"model": ErrorResponse, "description": "No valid bearer token."},
+            403: {"model": ErrorResponse, "description": "An admin token is required (the figures name every node)."},
+            405: {"model": ErrorResponse, "description": "Only GET is accepted."},
+        },
+    )
+    async def metrics(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
+        services: Services = request.app.state.services
+        if not services.authenticate(_token(credentials)).is_admin:
+            raise Forbidden("The metrics need an admin token.", code="admin_required")
+        if services.metrics is None:
+            raise HTTPError(404, "not_found", "There is no such endpoint.")
+        body, ctype = await run_in_threadpool(services.metrics.render)
+        return Response(body, media_type=ctype, headers={"Cache-Control": "no-store"})
 
     return router

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailstate.api.http_errors import INTERNAL_MESSAGE, error_body, json_error, render
+from mailstate.api.metrics import Metrics
 from mailstate.state.describe import describe
 from mailstate.state.errors import MailstateError, StoreError, Unauthenticated
 from mailstate.state.models import RESPONSES, Settings
@@ -105,8 +107,9 @@ class Executor(Protocol):
     def snapshot(self) -> Snapshot: ...
 
 
-def build_server(store: Executor, actor_of: ActorOf) -> Server[Any]:
-    """The MCP server running operations on `store`; `actor_of(ctx)` names each request's caller."""
+def build_server(store: Executor, actor_of: ActorOf, metrics: Metrics | None = None) -> Server[Any]:
+    """The MCP server running operations on `store`; `actor_of(ctx)` names each request's caller;
+    writes are counted in `metrics` (the HTTP server's) when given."""
 
     async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         return types.ListToolsResult(tools=tool_list(store.snapshot.settings))
@@ -116,16 +119,23 @@ def build_server(store: Executor, actor_of: ActorOf) -> Server[Any]:
         if op is None:
             # A protocol error, not a tool result: the spec's "Unknown tool" is JSON-RPC -32602.
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {params.name[:100]!r}.")
+        started = time.perf_counter()
         try:
             actor = actor_of(ctx)
             call = functools.partial(store.execute, op.name, actor, params.arguments or {})
             outcome = await anyio.to_thread.run_sync(call)
         except MailstateError as exc:
+            if op.write and metrics is not None:
+                metrics.observe(op.name, started, error=exc)
             _status, body = render(exc)
             return error_result(body)
-        except Exception:
+        except Exception as exc:
+            if op.write and metrics is not None:
+                metrics.observe(op.name, started, error=exc)
             log.exception("tool %s failed", params.name)
             return error_result(error_body("internal_error", INTERNAL_MESSAGE))
+        if op.write and metrics is not None:
+            metrics.observe(op.name, started, outcome.result)
         return types.CallToolResult(content=_text(outcome.result), structured_content=outcome.result)
 
     return Server(
@@ -249,13 +259,13 @@ class OriginGate:
 
 
 def mcp_http_app(
-    store: Store, authenticate: Callable[[str | None], Actor], settings: TransportSecuritySettings | None = None
+    store: Store, authenticate: Callable[[str | None], Actor], settings: TransportSecuritySettings | None = None, metrics: Metrics | None = None
 ) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """The /mcp ASGI app and its session manager (run `manager.run()` in the app's lifespan)."""
     settings = settings or security_settings()
     # The SDK checks the same settings again behind our gate (which answers in our error shape).
     sdk_settings = settings if settings.allowed_hosts else TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    manager = StreamableHTTPSessionManager(app=build_server(store, _http_actor), security_settings=sdk_settings)
+    manager = StreamableHTTPSessionManager(app=build_server(store, _http_actor, metrics), security_settings=sdk_settings)
     return OriginGate(BearerGate(manager.handle_request, authenticate), settings), manager
 
 

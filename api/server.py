@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from mailstate.api import http, http_errors, nodes_http
 from mailstate.api.mcp_server import mcp_http_app, security_settings
+from mailstate.api.metrics import Metrics
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
 from mailstate.state.errors import InvalidInput, StoreError
 from mailstate.state.localdb import LocalDB
@@ -73,9 +74,9 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
         db = LocalDB(dd.db)
     if store is None:
         store = open_store(dd.root, db=db)
-    services = http.Services(data=dd, store=store, db=db)
+    services = http.Services(data=dd, store=store, db=db, metrics=Metrics(store))
     allowed_hosts = [h for h in os.environ.get("MAILSTATE_ALLOWED_HOSTS", "").split(",") if h.strip()]
-    mcp_app, mcp_manager = mcp_http_app(store, services.authenticate, security_settings(host, port, allowed_hosts))
+    mcp_app, mcp_manager = mcp_http_app(store, services.authenticate, security_settings(host, port, allowed_hosts), services.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,6 +113,7 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
     app.include_router(http.build_router())
     app.include_router(nodes_http.build_router())
     app.include_router(http.health_router())
+    app.include_router(http.metrics_router())
     app.router.routes.append(Route("/mcp", endpoint=mcp_app))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -143,6 +143,9 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     full = _call(admin, "health", "health", 200, "HealthResponse")
     assert full.head == srv.git("rev-parse", "main").strip()
 
+    metrics = _mod("api.health.metrics").sync_detailed(client=admin)
+    assert metrics.status_code == 200 and isinstance(metrics.parsed, str) and "mailstate_writes_total" in metrics.parsed
+
     # Errors parse into the one documented error shape.
     err = _call(project, "email_account", "add-user", 404, "ErrorResponse", body=m.AddUserRequest(email="x@nowhere.example", password=PASSWORD))
     assert err.error.code == "domain_not_found"

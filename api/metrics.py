@@ -1,0 +1,128 @@
+"""`/metrics`: the server's figures in the Prometheus text format (prometheus_client).
+
+    mailstate_writes_total{operation,result}          writes by operation: committed, no_change
+                                                      (commit null), rejected (4xx), failed (5xx)
+    mailstate_write_duration_seconds{operation}       their latency (HTTP and MCP alike)
+    mailstate_refused_commit                          1 while a commit at the tip is refused
+    mailstate_refused_commits                         refused commits kept for the admins
+    mailstate_node_last_sync_age_seconds{node}        seconds since each node's last report
+    mailstate_node_commits_behind{node}               commits between its applied commit and HEAD
+    mailstate_node_status{node,status}                1 for the node's last reported status
+    mailstate_nodes_waiting                           0 until follow mode exists
+
+The node figures come from the node status database and the state repo at scrape time, so
+they are true even for reports another process recorded. Each app has its own registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mailstate.state.errors import MailstateError
+from mailstate.state.store import Store
+from mailstate.state.upstream import REJECTED_PREFIX
+
+# Write latency: bcrypt at cost 12 alone is ~0.25 s, an fsynced commit a few ms.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The app's registry and the write instruments the edges update."""
+
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.writes = Counter(
+            "mailstate_writes",
+            "Write operations (HTTP and MCP), by operation and result: committed, no_change (commit null), rejected (4xx), failed (5xx).",
+            ["operation", "result"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mailstate_write_duration_seconds",
+            "Time to run one write operation (validation, bcrypt, signed commit), by operation.",
+            ["operation"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(store))
+
+    def observe(self, operation: str, started: float, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
+        """Count one write that began at `started` (time.perf_counter()) and ended in `result` or `error`."""
+        self.latency.labels(operation).observe(time.perf_counter() - started)
+        if error is not None:
+            from mailstate.api.http_errors import status_for
+
+            failed = not isinstance(error, MailstateError) or status_for(error) >= 500
+            self.writes.labels(operation, "failed" if failed else "rejected").inc()
+        else:
+            self.writes.labels(operation, "committed" if result and result.get("commit") else "no_change").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector(Collector):
+    """Figures read at scrape time: refused commits and the nodes' last reports."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def describe(self) -> list[Metric]:
+        return []  # collected fresh on every scrape
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.store
+        pending = GaugeMetricFamily(
+            "mailstate_refused_commit", "1 while the server refuses a commit at the tip of its branch or upstream (see /v1/health with an admin token)."
+        )
+        pending.add_metric([], 1.0 if getattr(store, "upstream_problem", None) else 0.0)
+        yield pending
+        kept = GaugeMetricFamily("mailstate_refused_commits", "Refused commits the server replaced and keeps under refs/mailstate/rejected/ for the admins.")
+        kept.add_metric([], float(sum(1 for name in store.git.repo.references if name.startswith(REJECTED_PREFIX))))
+        yield kept
+
+        age = GaugeMetricFamily(
+            "mailstate_node_last_sync_age_seconds", "Seconds since the node last reported (absent for a node that never reported).", labels=["node"]
+        )
+        behind = GaugeMetricFamily(
+            "mailstate_node_commits_behind", "Commits between the node's applied commit and the server's head (absent when unknown).", labels=["node"]
+        )
+        status = GaugeMetricFamily(
+            "mailstate_node_status", "1 for the status of the node's last report (ok, error, refused, ...; never_synced before one).", labels=["node", "status"]
+        )
+        now = datetime.now(UTC)
+        for name in sorted(store.snapshot.nodes.nodes):
+            report = store.node_status(name) or {}
+            status.add_metric([name, str(report.get("status") or "never_synced")], 1.0)
+            last = _parse_time(report.get("last_sync_at"))
+            if last is not None:
+                age.add_metric([name], max(0.0, (now - last).total_seconds()))
+            if isinstance(report.get("commits_behind"), int):
+                behind.add_metric([name], float(report["commits_behind"]))
+        yield age
+        yield behind
+        yield status
+        waiting = GaugeMetricFamily(
+            "mailstate_nodes_waiting",
+            "Nodes waiting for the server to accept a commit they could follow. Always 0 for now: it counts only once follow mode exists.",
+        )
+        waiting.add_metric([], 0.0)
+        yield waiting
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
