@@ -33,6 +33,8 @@ from mailstate.state.nodes import NodeReport, authenticate_node, record_report
 
 GIT_PREFIX = "/v1/nodes/state.git"
 MAX_UPLOAD_PACK_BODY = 16 * 1024 * 1024
+# A report may carry every mailbox's usage (~90 bytes each): room for 200k mailboxes.
+MAX_REPORT_BODY = 24 * 1024 * 1024
 GIT_TIMEOUT = 300.0
 _BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="mailstate nodes", charset="UTF-8"'}
 _CGI_HEADERS = {"content-type", "cache-control", "expires", "pragma", "last-modified"}
@@ -84,7 +86,7 @@ def build_router() -> APIRouter:
     async def report(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
         creds = basic_credentials(request)
-        data = await read_json_object(request)
+        data = await read_json_object(request, limit=MAX_REPORT_BODY)
         body_name, body_key = data.pop("name", None), data.pop("sync_key", None)
         if creds is None:
             if not isinstance(body_name, str) or not isinstance(body_key, str):

@@ -5,13 +5,23 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/passwd                    Dovecot passwd-file
     rendered/domains/<bb>/<domain>/virtual_mailbox_maps      Postfix map fragment
     rendered/domains/<bb>/<domain>/virtual_mailbox_domains   Postfix map fragment
+    rendered/domains/<bb>/<domain>/mailboxes                 format 2: `<local> <id> <active|inactive>`
+    rendered/settings                                        format 2: node-wide `key value` lines
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
 postmap; the passwd-files are used as they are through Dovecot's `%d`. Per-domain fragments
 keep a commit's git work proportional to the domains it touches, not to the whole state.
 
 Disabled domains get no folder (Postfix then refuses them as not local) and inactive
-mailboxes get no line (no login, and a 550 "user unknown" on delivery).
+mailboxes get no line in passwd or the map (no login, and a 550 "user unknown" on delivery).
+
+State format 2 puts the mailbox id into the home, `<mail_root>/<domain>/<local>~<id>`, so
+that an address re-created after a hard delete never finds the old owner's Maildir. The
+`mailboxes` fragment lists every mailbox, active and inactive: it tells a node which
+Maildirs are owned (a soft-deleted mailbox keeps its mail; a Maildir no listed mailbox owns
+goes to the node's graveyard). `rendered/settings` carries what the node needs from
+mailstate.yaml (`purge_after_days`). Format 1 renders exactly as it always did: homes
+without ids, no `mailboxes` fragment and no `rendered/settings`.
 """
 
 from __future__ import annotations
@@ -22,12 +32,17 @@ from pathlib import Path
 
 import jinja2
 
+from mailstate.state import validate as v
 from mailstate.state.errors import CompileError
 from mailstate.state.files import RENDERED_DIR, bucket
-from mailstate.state.models import DomainFile, Settings
+from mailstate.state.models import DomainFile, Mailbox, Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
-FRAGMENTS = ("passwd", "virtual_mailbox_domains", "virtual_mailbox_maps")
+# Every per-domain file the compiler may write (format 1 writes all but `mailboxes`).
+FRAGMENTS = ("mailboxes", "passwd", "virtual_mailbox_domains", "virtual_mailbox_maps")
+SETTINGS_FILE = f"{RENDERED_DIR}/settings"
+# A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
+ID_SEPARATOR = "~"
 
 _FORBIDDEN = set(":\n\r\t \x00")
 
@@ -76,26 +91,51 @@ def domain_dir(domain: str) -> str:
     return f"{RENDERED_DIR}/domains/{bucket(domain)}/{domain}"
 
 
+def mailbox_dir(domain: str, local: str, box: Mailbox, settings: Settings) -> str:
+    """A mailbox's directory relative to the mail root: `<domain>/<local>~<id>` in format 2,
+    `<domain>/<local>` in format 1. Refuses a value that could leave its domain's folder."""
+    if not v.is_local_part(local) or "/" in domain or domain.startswith("."):
+        raise CompileError("A mailbox name would make an unsafe path; refusing to render it.")
+    if settings.format < 2:
+        return f"{domain}/{local}"
+    if box.id is None or not v.is_mailbox_id(box.id):
+        raise CompileError(f"Mailbox {local}@{domain} has no valid id, which state format {settings.format} requires.")
+    return f"{domain}/{local}{ID_SEPARATOR}{box.id}"
+
+
 def render_domain(domain: DomainFile, settings: Settings) -> dict[str, bytes]:
     """The rendered files of one domain, keyed by repo path; empty when email is disabled."""
     if not domain.email_enabled:
         return {}
-    mailboxes = [
-        {
-            "email": f"{local}@{domain.domain}",
-            "password": box.password,
-            "quota_mb": box.quota_mb,
-            "home": f"{settings.mail_root.rstrip('/')}/{domain.domain}/{local}",
-            "maildir": f"{domain.domain}/{local}/",
-        }
-        for local, box in sorted(domain.mailboxes.items())
-        if box.active
-    ]
-    context = {"domain": domain.domain, "mailboxes": mailboxes, "settings": settings}
+    root = settings.mail_root.rstrip("/")
+    boxes = sorted(domain.mailboxes.items())
+    mailboxes = []
+    for local, box in boxes:
+        if not box.active:
+            continue
+        where = mailbox_dir(domain.domain, local, box, settings)
+        mailboxes.append(
+            {
+                "email": f"{local}@{domain.domain}",
+                "password": box.password,
+                "quota_mb": box.quota_mb,
+                "home": f"{root}/{where}",
+                "maildir": f"{where}/",
+            }
+        )
+    fragments: tuple[str, ...] = FRAGMENTS
+    all_mailboxes: list[dict[str, object]] = []
+    if settings.format < 2:
+        fragments = tuple(name for name in FRAGMENTS if name != "mailboxes")
+    else:
+        for local, box in boxes:
+            mailbox_dir(domain.domain, local, box, settings)  # the same checks, for inactive ones too
+            all_mailboxes.append({"local": local, "id": box.id, "active": box.active})
+    context = {"domain": domain.domain, "mailboxes": mailboxes, "all_mailboxes": all_mailboxes, "settings": settings}
     base = domain_dir(domain.domain)
     out: dict[str, bytes] = {}
     try:
-        for name in FRAGMENTS:
+        for name in fragments:
             out[f"{base}/{name}"] = _env().get_template(f"{name}.j2").render(context).encode("utf-8")
     except CompileError:
         raise
@@ -104,9 +144,18 @@ def render_domain(domain: DomainFile, settings: Settings) -> dict[str, bytes]:
     return out
 
 
+def render_settings(settings: Settings) -> dict[str, bytes | None]:
+    """`rendered/settings` (format 2): what a node needs from mailstate.yaml, one `key value`
+    line each, in this order. Format 1 has no such file (the value None removes it)."""
+    if settings.format < 2:
+        return {SETTINGS_FILE: None}
+    text = f"format {settings.format}\npurge_after_days {settings.purge_after_days}\n"
+    return {SETTINGS_FILE: text.encode("ascii")}
+
+
 def compile_state(settings: Settings, domains: Iterable[DomainFile]) -> dict[str, bytes]:
     """The whole `rendered/` tree of a state, keyed by repo path."""
-    out: dict[str, bytes] = {}
+    out: dict[str, bytes] = {path: data for path, data in render_settings(settings).items() if data is not None}
     for domain in sorted(domains, key=lambda d: d.domain):
         out.update(render_domain(domain, settings))
     return out

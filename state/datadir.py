@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pygit2
 
+from mailstate.compiler.render import compile_state
 from mailstate.state import files
 from mailstate.state.errors import StoreError
 from mailstate.state.gitrepo import GitRepo, fsync_path
@@ -114,6 +115,7 @@ def init_data_dir(
         {
             files.SETTINGS_PATH: files.dump_settings(settings),
             files.NODES_PATH: files.dump_nodes(NodesFile()),
+            **compile_state(settings, []),  # rendered/settings (format 2)
             **(extra_files or {}),
         },
     )
@@ -147,8 +149,12 @@ def open_store(
     clock: Clock = utcnow,
     db: LocalDB | None = None,
     upstream: str | None = None,
+    upgrade: bool = True,
 ) -> Store:
     """The store of an initialised data dir, signing with its own key by default.
+
+    With `upgrade` (the default) a format-1 state is first upgraded to format 2 in one signed
+    commit (state.upgrade).
 
     With `upstream` (a git URL or path), every write is pushed there before it counts, and
     commits from elsewhere are adopted only when signed by a key in `DIR/allowed_signers`.
@@ -157,7 +163,7 @@ def open_store(
     if not dd.is_initialised():
         raise StoreError(f"{root} is not a mailstate data dir; run `mailstate init --data {root}`.", code="not_initialised")
     durable_git_config(GitRepo(dd.repo))
-    return Store(
+    store = Store(
         dd.repo,
         signer or Ed25519Signer(dd.key),
         clock=clock,
@@ -166,3 +172,11 @@ def open_store(
         upstream=Upstream(local_git_url(upstream), dd.repo) if upstream else None,
         trusted_signers=dd.allowed_signers,
     )
+    store.usage_source = db.usage_for if db is not None else None
+    # A format-1 state becomes format 2 in one signed commit the first time a store opens it
+    # (the server on start, any CLI command); a format-2 state is left alone.
+    if upgrade:
+        from mailstate.state.upgrade import upgrade_store
+
+        upgrade_store(store)
+    return store

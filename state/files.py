@@ -1,9 +1,14 @@
-"""The state repo's file layout (format 1) and its YAML reading and writing.
+"""The state repo's file layout and its YAML reading and writing.
 
-    mailstate.yaml                       Settings
+    mailstate.yaml                       Settings (`format: 1` or `2`)
     nodes.yaml                           NodesFile
     domains/<bb>/<domain>.yaml           DomainFile, bb = the domain's first two characters
     rendered/...                         compiler output (see compiler.render)
+
+Format 2 gives every mailbox an immutable `id` (`<yyyymmdd>-<6 hex>`); format 1 has none.
+A domain file does not name its format, so the loaders check it against mailstate.yaml
+(`format_problems`). A mailstate.yaml without a `format` key is format 1 (the first format;
+files written before the key existed are older than format 2).
 
 Domain files fan out into two-character folders so that a commit rewrites a few small git
 trees instead of one tree with an entry per domain.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -26,7 +32,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from mailstate.state.errors import StateInvalid, StoreError
-from mailstate.state.models import DomainFile, NodesFile, Settings
+from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
 
 SETTINGS_PATH = "mailstate.yaml"
 NODES_PATH = "nodes.yaml"
@@ -100,9 +106,31 @@ def _validated(model: Any, raw: Any, path: str) -> Any:
 
 
 def parse_settings(data: bytes | str) -> Settings:
-    """mailstate.yaml → Settings."""
-    result: Settings = _validated(Settings, load_yaml(data, SETTINGS_PATH), SETTINGS_PATH)
+    """mailstate.yaml → Settings (no `format` key: format 1)."""
+    raw = load_yaml(data, SETTINGS_PATH)
+    if isinstance(raw, dict) and "format" not in raw:
+        raw = {**raw, "format": 1}
+    result: Settings = _validated(Settings, raw, SETTINGS_PATH)
     return result
+
+
+def format_problems(fmt: int, domains: Iterable[DomainFile]) -> list[str]:
+    """What breaks the rule of format `fmt`: format 2 needs an id on every mailbox, format 1
+    allows none; ids are unique within a domain (two mailboxes may never share a home)."""
+    problems: list[str] = []
+    for dom in domains:
+        path = domain_path(dom.domain)
+        seen: set[str] = set()
+        for local, box in dom.mailboxes.items():
+            if fmt >= 2 and box.id is None:
+                problems.append(f"{path}: mailboxes.{local}.id: required in state format {fmt} (run `mailstate upgrade`)")
+            elif fmt < 2 and box.id is not None:
+                problems.append(f"{path}: mailboxes.{local}.id: not allowed in state format {fmt}; set `format: 2` in {SETTINGS_PATH}")
+            elif box.id is not None:
+                if box.id in seen:
+                    problems.append(f"{path}: mailboxes.{local}.id: {box.id} is used by another mailbox of {dom.domain}")
+                seen.add(box.id)
+    return problems
 
 
 def parse_nodes(data: bytes | str) -> NodesFile:
@@ -118,7 +146,8 @@ def parse_nodes(data: bytes | str) -> NodesFile:
 _RESOLVER = yaml.resolver.Resolver()
 _HEAD = re.compile(rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\nmailboxes:( \{\})?\n")
 _BOX = re.compile(
-    rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'):\n    password: '([^'\n]*)'\n    quota_mb: ([1-9][0-9]*)\n    active: (true|false)\n"
+    rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'):\n(?:    id: ([0-9]{8}-[0-9a-f]{6})\n)?"
+    rb"    password: '([^'\n]*)'\n    quota_mb: ([1-9][0-9]*)\n    active: (true|false)\n"
 )
 
 
@@ -143,7 +172,9 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
             local = box and _plain_str(box.group(1))
             if not box or not local or local in boxes:
                 return None
-            boxes[local] = {"password": box.group(2).decode(), "quota_mb": int(box.group(3)), "active": box.group(4) == b"true"}
+            entry: dict[str, Any] = {} if box.group(2) is None else {"id": box.group(2).decode()}
+            entry.update(password=box.group(3).decode(), quota_mb=int(box.group(4)), active=box.group(5) == b"true")
+            boxes[local] = entry
             pos = box.end()
         if not boxes:
             return None
@@ -153,14 +184,19 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
     return {"domain": name, "project_id": None if pid == b"null" else int(pid), "email_enabled": head.group(3) == b"true", "mailboxes": boxes}
 
 
-def parse_domain(data: bytes | str, path: str) -> DomainFile:
-    """A domain file → DomainFile, checking that the file name matches the domain."""
+def parse_domain(data: bytes | str, path: str, fmt: int | None = None) -> DomainFile:
+    """A domain file → DomainFile, checking that the file name matches the domain, and with
+    `fmt` given, that its mailboxes follow that state format (see `format_problems`)."""
     raw = parse_canonical_domain(data if isinstance(data, bytes) else data.encode())
     domain: DomainFile = _validated(DomainFile, raw if raw is not None else load_yaml(data, path), path)
     if domain_path(domain.domain) != path:
         raise StateInvalid(
             f"{path}: holds domain {domain.domain!r}, which belongs in {domain_path(domain.domain)}",
         )
+    if fmt is not None:
+        problems = format_problems(fmt, [domain])
+        if problems:
+            raise StateInvalid(problems[0], problems=problems)
     return domain
 
 
@@ -173,8 +209,11 @@ def _plain(data: Any) -> str:
 
 
 def dump_settings(settings: Settings) -> bytes:
-    """Settings → canonical mailstate.yaml."""
-    return _plain(settings.model_dump(mode="json")).encode()
+    """Settings → canonical mailstate.yaml (format 1 keeps its old keys: no purge_after_days)."""
+    data = settings.model_dump(mode="json")
+    if settings.format < 2:
+        data.pop("purge_after_days")
+    return _plain(data).encode()
 
 
 def dump_nodes(nodes: NodesFile, previous: bytes | None = None) -> bytes:
@@ -189,11 +228,15 @@ def domain_document(domain: DomainFile) -> dict[str, Any]:
         "domain": domain.domain,
         "project_id": domain.project_id,
         "email_enabled": domain.email_enabled,
-        "mailboxes": {
-            local: {"password": box.password, "quota_mb": box.quota_mb, "active": box.active}
-            for local, box in sorted(domain.mailboxes.items())
-        },
+        "mailboxes": {local: _box_document(box) for local, box in sorted(domain.mailboxes.items())},
     }
+
+
+def _box_document(box: Mailbox) -> dict[str, Any]:
+    # The id goes first (it names the mailbox); a format-1 mailbox has none and keeps its
+    # old three keys, so format-1 files stay byte-identical.
+    head: dict[str, Any] = {} if box.id is None else {"id": box.id}
+    return {**head, "password": box.password, "quota_mb": box.quota_mb, "active": box.active}
 
 
 def dump_domain(domain: DomainFile, previous: bytes | None = None) -> bytes:

@@ -205,6 +205,10 @@ def load_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) -> 
             cache.dirty = True
         domains[dom.domain] = dom
     cache.save(keep=seen)
+    # The cache is keyed by blob, not by format: the ids' rule is checked on every load.
+    problems = files.format_problems(settings.format, domains.values())
+    if problems:
+        raise StateInvalid(problems[0], problems=problems)
     return Snapshot.build(commit, settings, domains, nodes)
 
 
@@ -253,6 +257,8 @@ def load_checkout(root: Path) -> CheckoutState:
         if dom.domain in domains:
             problems.append(f"{rel}: duplicate domain {dom.domain}")
         domains[dom.domain] = dom
+    if settings is not None:
+        problems.extend(files.format_problems(settings.format, domains.values()))
     return CheckoutState(settings, domains, nodes, problems)
 
 

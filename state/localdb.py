@@ -36,6 +36,19 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at TEXT NOT NULL,
     revoked_at TEXT
 );
+-- Mailbox usage as the nodes measured it (never in git: it changes all the time). One row per
+-- mailbox identity; the most recent report wins, whichever node sent it. The key starts with
+-- the domain, so listing one domain's mailboxes reads only that domain's rows.
+CREATE TABLE IF NOT EXISTS mailbox_usage (
+    domain TEXT NOT NULL,
+    local TEXT NOT NULL,
+    mailbox_id TEXT NOT NULL,
+    used_bytes INTEGER NOT NULL,
+    messages INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    reported_at TEXT NOT NULL,
+    PRIMARY KEY (domain, local, mailbox_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS node_status (
     name TEXT PRIMARY KEY,
     last_sync_at TEXT NOT NULL,
@@ -164,6 +177,52 @@ class LocalDB:
                 " remote_addr=excluded.remote_addr",
                 (name, at.isoformat(), applied_commit, status, error, remote_addr),
             )
+
+    # --- mailbox usage ------------------------------------------------------------------------
+
+    def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None:
+        """Store `(domain, local, mailbox id, used_bytes, messages)` rows a node measured.
+
+        The latest report counts: a row is replaced by any report received at the same time or
+        later, from whichever node (nodes sharing a mail root measure the same Maildir; nodes
+        with their own copies converge on the same mail)."""
+        stamp = at.isoformat()
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO mailbox_usage (domain, local, mailbox_id, used_bytes, messages, node, reported_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(domain, local, mailbox_id) DO UPDATE SET"
+                    " used_bytes=excluded.used_bytes, messages=excluded.messages, node=excluded.node,"
+                    " reported_at=excluded.reported_at WHERE excluded.reported_at >= mailbox_usage.reported_at",
+                    [(d, lp, i, b, n, node, stamp) for d, lp, i, b, n in rows],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def usage_for(self, domains: list[str]) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+        """{domain: {(local, mailbox id): {"used_bytes", "messages", "reported_at", "node"}}} for
+        the given domains only (an index range per domain; a whole-table read only when asked
+        for so many domains that one pass is cheaper)."""
+        out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        wanted = set(domains)
+        query = "SELECT domain, local, mailbox_id, used_bytes, messages, reported_at, node FROM mailbox_usage"
+        with self._lock:
+            if len(wanted) > 2000:
+                batches = [self._conn.execute(query).fetchall()]
+            else:
+                names = sorted(wanted)
+                batches = [
+                    self._conn.execute(f"{query} WHERE domain IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                    for chunk in (names[i : i + 500] for i in range(0, len(names), 500))
+                ]
+        for rows in batches:
+            for domain, local, box_id, used, messages, at, node in rows:
+                if domain in wanted:
+                    out.setdefault(domain, {})[(local, box_id)] = {"used_bytes": used, "messages": messages, "reported_at": at, "node": node}
+        return out
 
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:

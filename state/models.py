@@ -22,7 +22,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
 
-FORMAT_VERSION = 1
+# The state format new data dirs get. Format 1 (no mailbox ids) still loads; `mailstate upgrade`
+# (or the server on start) turns it into format 2 in one signed commit (state.upgrade).
+FORMAT_VERSION: Literal[2] = 2
+MAX_PURGE_AFTER_DAYS = 3650
 BCRYPT_HASH = re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -124,12 +127,20 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal[1] = 1
-    mail_root: str = Field(default="/var/vmail", description="Maildir root on the nodes; homes are <root>/<domain>/<user>.")
+    format: Literal[1, 2] = FORMAT_VERSION
+    mail_root: str = Field(
+        default="/var/vmail", description="Maildir root on the nodes; homes are <root>/<domain>/<local>~<id> (format 1: <root>/<domain>/<local>)."
+    )
     uid: int = Field(default=5000, ge=1, le=2**31 - 1)
     gid: int = Field(default=5000, ge=1, le=2**31 - 1)
     default_quota_mb: int = Field(default=1024, ge=1, le=v.MAX_QUOTA_MB)
     bcrypt_cost: int = Field(default=12, ge=4, le=31)
+    purge_after_days: int = Field(
+        default=7,
+        ge=0,
+        le=MAX_PURGE_AFTER_DAYS,
+        description="Days a hard-deleted mailbox's Maildir stays in the nodes' graveyard before it is deleted (0: on the next tick).",
+    )
 
     @field_validator("mail_root")
     @classmethod
@@ -142,10 +153,18 @@ class Settings(BaseModel):
 
 
 class Mailbox(BaseModel):
-    """One mailbox in a domain file; the key is the local part."""
+    """One mailbox in a domain file; the key is the local part.
+
+    `id` is the mailbox's immutable identity (format 2), made when it is created and part of
+    its home, so that an address re-created after a hard delete gets a new, empty Maildir.
+    A domain file does not say which format it is in (mailstate.yaml does), so whether `id`
+    must be present (format 2) or absent (format 1) is enforced by the loader, per the
+    settings: `state.files.format_problems`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    id: str | None = None
     password: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool = True
@@ -155,6 +174,14 @@ class Mailbox(BaseModel):
     def _bcrypt(cls, value: str) -> str:
         if not BCRYPT_HASH.fullmatch(value):
             raise ValueError("password must be a {BLF-CRYPT}$2b$... bcrypt hash, never plain text")
+        return value
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        # The id lands in a path on every node: only digits, one hyphen and lowercase hex.
+        if value is not None and not v.is_mailbox_id(value):
+            raise ValueError("id must look like 20261201-3fa9c2 (<yyyymmdd>-<6 lowercase hex digits>)")
         return value
 
 
@@ -277,6 +304,10 @@ class RemoveUserRequest(Request):
         "If false (default), sets active=false: no login and no delivery, but the mailbox and its mail are kept "
         "(and the address stays taken) until a hard delete, disable-email or remove-domain.",
     )
+
+
+class RestoreUserRequest(Request):
+    email: Email = Field(description="Email address of the soft-deleted mailbox to reactivate.")
 
 
 class ListUsersRequest(Request):

@@ -19,9 +19,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from mailstate.state.errors import Forbidden, Unauthenticated
 from mailstate.state.models import Node, parse
 from mailstate.state.snapshot import Snapshot
+from mailstate.state.validate import MAILBOX_ID, normalize_email
 
 MAX_ERROR_CHARS = 2000
 MAX_KEY_CHARS = 512
+MAX_USAGE_ENTRIES = 200_000
+MAX_USED_BYTES = 2**53  # JSON-safe integers; far above any quota (1 TiB)
 _NO_SUCH_NODE = hashlib.sha256(b"no such node").hexdigest()
 
 
@@ -37,6 +40,24 @@ def _clip(value: object) -> object:
     return value
 
 
+def _usage_email(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    local, domain = normalize_email(value)
+    return f"{local}@{domain}"
+
+
+class UsageEntry(BaseModel):
+    """One mailbox's measured size, as a node reports it (see LIFECYCLE.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: Annotated[str, BeforeValidator(_usage_email)] = Field(description="The mailbox's address.")
+    id: str = Field(pattern=MAILBOX_ID.pattern, description="The mailbox id (the `~<id>` of its home).")
+    used_bytes: int = Field(ge=0, le=MAX_USED_BYTES, description="Bytes of mail in the Maildir.")
+    messages: int = Field(ge=0, le=MAX_USED_BYTES, description="Number of messages in the Maildir.")
+
+
 class NodeReport(BaseModel):
     """The body of `POST /v1/nodes/report` (credentials aside)."""
 
@@ -49,10 +70,17 @@ class NodeReport(BaseModel):
     error: Annotated[str | None, BeforeValidator(_clip)] = Field(
         default=None, max_length=MAX_ERROR_CHARS, description=f"What went wrong, if anything (cut at {MAX_ERROR_CHARS} characters)."
     )
+    usage: list[UsageEntry] | None = Field(
+        default=None,
+        max_length=MAX_USAGE_ENTRIES,
+        description="Optional: each mailbox's measured size, sent every usage_interval (not every pull). Stored on the server, never in git.",
+    )
 
 
 class StatusSink(Protocol):
     def record_node_status(self, name: str, *, applied_commit: str | None, status: str, error: str | None, remote_addr: str | None, at: datetime) -> None: ...
+
+    def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
 
 
 def normalize_addr(addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -107,4 +135,21 @@ def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remo
         remote_addr=str(peer) if peer is not None else None,
         at=now,
     )
+    if report.usage:
+        db.record_usage(name, usage_rows(snapshot, report.usage), now)
     return report
+
+
+def usage_rows(snapshot: Snapshot, usage: list[UsageEntry]) -> list[tuple[str, str, str, int, int]]:
+    """The entries that name a mailbox of the current state (address AND id), as db rows.
+
+    Anything else (a mailbox deleted since the node measured, a stray Maildir) is dropped, so
+    the table only ever holds figures of mailbox identities the state knows."""
+    rows = []
+    for entry in usage:
+        local, _, domain = entry.email.partition("@")
+        dom = snapshot.domains.get(domain)
+        box = dom.mailboxes.get(local) if dom is not None else None
+        if box is not None and box.id == entry.id:
+            rows.append((domain, local, entry.id, entry.used_bytes, entry.messages))
+    return rows

@@ -25,6 +25,8 @@ from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 
 SYNC_KEY_PREFIX = "mss_"
 NodeStatusLookup = Callable[[str], "dict[str, Any] | None"]
+# domain names → {domain: {(local, mailbox id): usage row}} (state.localdb.LocalDB.usage_for).
+UsageLookup = Callable[[list[str]], "dict[str, dict[tuple[str, str], dict[str, Any]]]"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Context:
     actor: Actor
     now: datetime
     node_status: NodeStatusLookup
+    usage: UsageLookup | None = None
 
 
 Prepared = dict[str, Any]
@@ -183,7 +186,7 @@ def _actor_domains(ctx: Context) -> list[str]:
 
 
 def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcome:
-    out = []
+    out: list[dict[str, Any]] = []
     # Linked but not enabled yet: listed apart (the spec's `domains` are the email-enabled
     # ones), so that a caller, an assistant above all, can find what it may enable-email.
     pending = []
@@ -202,7 +205,22 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
                 "inactive_mailboxes": len(dom.mailboxes) - active,
             }
         )
+    usage = _usage_of(ctx, [entry["domain"] for entry in out])
+    for entry in out:
+        entry.update(_domain_usage(ctx.state.domains[entry["domain"]], usage.get(entry["domain"], {})))
     return Outcome({"domains": out, "linked_not_enabled": pending})
+
+
+def _domain_usage(dom: m.DomainFile, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the domain's current mailboxes that a node has reported (null if none has)."""
+    found = [rows[(local, box.id)] for local, box in dom.mailboxes.items() if box.id is not None and (local, box.id) in rows]
+    if not found:
+        return {"used_mb": None, "messages": None, "usage_reported_at": None}
+    return {
+        "used_mb": bytes_to_mb(sum(r["used_bytes"] for r in found)),
+        "messages": sum(r["messages"] for r in found),
+        "usage_reported_at": max(r["reported_at"] for r in found),
+    }
 
 
 def add_domain(ctx: Context, req: m.AddDomainRequest, _: Prepared) -> Outcome:
@@ -227,6 +245,16 @@ def _hash_prepare(req: Any, settings: m.Settings) -> Prepared:
     return {"hash": hash_password(req.password, settings.bcrypt_cost)}
 
 
+def _add_user_prepare(req: Any, settings: m.Settings) -> Prepared:
+    # The random half of the new mailbox's id; the date half comes from ctx.now in apply.
+    return {**_hash_prepare(req, settings), "id_random": secrets.token_hex(3)}
+
+
+def new_mailbox_id(now: datetime, random_hex: str) -> str:
+    """A mailbox id, `<yyyymmdd>-<6 lowercase hex>`: the creation day and 24 random bits."""
+    return f"{now:%Y%m%d}-{random_hex}"
+
+
 def add_user(ctx: Context, req: m.AddUserRequest, prep: Prepared) -> Outcome:
     local, _, name = req.email.partition("@")
     dom = _mail_domain(ctx, name)
@@ -234,12 +262,21 @@ def add_user(ctx: Context, req: m.AddUserRequest, prep: Prepared) -> Outcome:
     if existing is not None:
         # A soft-deleted mailbox still owns its mail on disk; handing the address to a new
         # password would hand that mail to whoever holds it.
-        state = "exists" if existing.active else "exists (soft-deleted; hard-delete it first to reuse the address)"
+        state = (
+            "exists"
+            if existing.active
+            else "exists (soft-deleted, its mail kept; restore-user brings it back, or hard-delete it to reuse the address as a new, empty mailbox)"
+        )
         raise Conflict(f"Mailbox {req.email} {state}.", code="mailbox_exists", target=req.email)
     quota = req.quota_mb if req.quota_mb is not None else ctx.state.settings.default_quota_mb
-    box = m.Mailbox(password=prep["hash"], quota_mb=quota, active=True)
+    box_id = None
+    if ctx.state.settings.format >= 2:
+        # A fresh id for every creation, so a re-added address never meets the old Maildir.
+        # (The preflight apply runs before prepare, with placeholder values.)
+        box_id = new_mailbox_id(ctx.now, str(prep.get("id_random") or "000000"))
+    box = m.Mailbox(id=box_id, password=prep["hash"], quota_mb=quota, active=True)
     new = _with_mailboxes(dom, {**dom.mailboxes, local: box})
-    result = {"email": req.email, "domain": name, "quota_mb": quota, "active": True}
+    result = {"email": req.email, "domain": name, "quota_mb": quota, "active": True, "id": box_id}
     out = _write(new, name, result, dom.project_id, created=True)
     out.target = req.email
     return out
@@ -259,15 +296,47 @@ def remove_user(ctx: Context, req: m.RemoveUserRequest, _: Prepared) -> Outcome:
     return out
 
 
+def restore_user(ctx: Context, req: m.RestoreUserRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    if box.active:
+        raise Conflict(f"Mailbox {req.email} is active; only a soft-deleted mailbox can be restored.", code="mailbox_active", target=req.email)
+    # Same id, so the same home: the Maildir the nodes kept comes back with all its mail.
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"active": True})})
+    out = _write(new, dom.domain, {"email": req.email, "active": True, "restored": True, "id": box.id}, dom.project_id)
+    out.target = req.email
+    return out
+
+
+def _usage_of(ctx: Context, names: list[str]) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+    return ctx.usage(names) if ctx.usage is not None and names else {}
+
+
+def _usage_fields(row: dict[str, Any] | None) -> dict[str, Any]:
+    if row is None:
+        return {"used_mb": None, "messages": None, "usage_reported_at": None}
+    return {"used_mb": bytes_to_mb(row["used_bytes"]), "messages": row["messages"], "usage_reported_at": row["reported_at"]}
+
+
+def bytes_to_mb(used_bytes: int) -> float:
+    """Bytes as MB (MiB, like quota_mb), two decimals."""
+    return round(used_bytes / 1048576, 2)
+
+
 def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
     names = [_visible_domain(ctx, req.domain).domain] if req.domain is not None else _actor_domains(ctx)
+    names = [name for name in names if ctx.state.domains[name].email_enabled]
+    # One query for the listed domains only. Rows match on the address AND the mailbox id, so
+    # a mailbox re-created after a hard delete never shows the old one's figures.
+    usage = _usage_of(ctx, names)
     users = []
     for name in names:
         dom = ctx.state.domains[name]
-        if not dom.email_enabled:
-            continue
+        rows = usage.get(name, {})
         for local, box in sorted(dom.mailboxes.items()):
-            users.append({"email": f"{local}@{name}", "domain": name, "quota_mb": box.quota_mb, "active": box.active})
+            row = rows.get((local, box.id)) if box.id is not None else None
+            users.append(
+                {"email": f"{local}@{name}", "domain": name, "quota_mb": box.quota_mb, "active": box.active, "id": box.id, **_usage_fields(row)}
+            )
     return Outcome({"users": users})
 
 
@@ -360,13 +429,26 @@ _SPEC = [
         summary="List all email-enabled domains for your project, with mailbox counts.",
     ),
     Operation(
-        "add-user", m.AddUserRequest, add_user, prepare=_hash_prepare, summary="Create a mailbox on one of your email-enabled domains."
+        "add-user", m.AddUserRequest, add_user, prepare=_add_user_prepare, summary="Create a mailbox on one of your email-enabled domains."
     ),
     Operation(
         "remove-user",
         m.RemoveUserRequest,
         remove_user,
-        summary="Remove a mailbox (soft delete by default; hard_delete=true removes it entirely).",
+        summary=(
+            "Remove a mailbox. Soft delete (default): no login, 550 on delivery, the mail is kept and restore-user brings the "
+            "mailbox back. hard_delete=true: the address is removed at once, every node moves its Maildir to the graveyard "
+            "and deletes it after purge_after_days (mailstate.yaml, default 7); re-adding the address gives a new, empty mailbox."
+        ),
+    ),
+    Operation(
+        "restore-user",
+        m.RestoreUserRequest,
+        restore_user,
+        summary=(
+            "Reactivate a soft-deleted mailbox with all its mail (login and delivery work again, same password). "
+            "409 mailbox_active if it is active; 404 if there is none (a hard-deleted mailbox cannot be restored)."
+        ),
     ),
     Operation(
         "list-users",

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import pygit2
 
-from mailstate.compiler.render import render_domain
+from mailstate.compiler.render import render_domain, render_settings
 from mailstate.state import files
 from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.gitrepo import GitRepo
@@ -225,8 +225,16 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
     if settings_changed:
         for key in Settings.model_fields:
             was, now = getattr(old_settings, key), getattr(new_settings, key)
-            if was != now:
+            if key == "purge_after_days" and old_settings.format < 2:
+                was = None  # format 1 does not have the setting (it is not in its mailstate.yaml)
+            if was == now:
+                continue
+            if key == "format":
+                what = f"{was} -> {now} (state format upgrade: every mailbox gets an id, homes move to <local>~<id>)"
+                result.settings.append(Entry(key, "~", what, {"kind": "format_upgraded" if now > was else "format_changed", "old": was, "new": now}))
+            else:
                 result.settings.append(Entry(key, "~", f"{was} -> {now}", {"kind": "setting_changed", "old": was, "new": now}))
+        _rendered_changes(result, _present(render_settings(old_settings)), _present(render_settings(new_settings)))
 
     # Settings reach every compiled line (uid, gid, mail root), so a settings change means
     # rendering everything; otherwise only the domains that differ.
@@ -239,6 +247,10 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
 
     result.sort()
     return result
+
+
+def _present(rendered: Mapping[str, bytes | None]) -> dict[str, bytes]:
+    return {path: data for path, data in rendered.items() if data is not None}
 
 
 def _require(side: StateLike, label: str) -> Settings:
@@ -289,8 +301,8 @@ def _count(dom: DomainFile) -> str:
 
 
 def _mailbox_added(result: Plan, email: str, box: Mailbox) -> None:
-    what = f"quota {box.quota_mb} MB" + ("" if box.active else ", inactive")
-    result.mailboxes.append(Entry(email, "+", what, {"kind": "mailbox_added", "quota_mb": box.quota_mb, "active": box.active}))
+    what = f"quota {box.quota_mb} MB" + ("" if box.active else ", inactive") + (f", id {box.id}" if box.id else "")
+    result.mailboxes.append(Entry(email, "+", what, {"kind": "mailbox_added", "quota_mb": box.quota_mb, "active": box.active, "id": box.id}))
 
 
 def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | None) -> None:
@@ -303,6 +315,14 @@ def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | N
     if b is None:
         result.mailboxes.append(Entry(email, "-", "", {"kind": "mailbox_removed"}))
         return
+    if a.id != b.id:
+        # An id is immutable: it appears once (the format upgrade) and otherwise only changes
+        # when the mailbox was removed and made again, which a plan shows as a new mailbox.
+        if a.id is None:
+            result.mailboxes.append(Entry(email, "~", f"id {b.id} assigned (home moves to ~{b.id})", {"kind": "mailbox_id_assigned", "new": b.id}))
+        else:
+            what = f"id {a.id} -> {b.id} (a new mailbox: the old Maildir goes to the graveyard)"
+            result.mailboxes.append(Entry(email, "~", what, {"kind": "mailbox_id_changed", "old": a.id, "new": b.id}))
     if a.active != b.active:
         kind = "mailbox_reactivated" if b.active else "mailbox_deactivated"
         result.mailboxes.append(Entry(email, "~", "reactivated" if b.active else "deactivated (soft-deleted)", {"kind": kind}))
@@ -473,7 +493,7 @@ def _partial_side(repo: GitRepo, sha: str, label: str, settings: Settings, paths
         if raw is None:
             continue
         try:
-            dom = files.parse_domain(raw, path)
+            dom = files.parse_domain(raw, path, settings.format)
         except StateInvalid as exc:
             problems.extend(exc.problems)
             continue

@@ -30,13 +30,13 @@ from typing import Any
 
 import pygit2
 
-from mailstate.compiler.render import domain_dir, render_domain
+from mailstate.compiler.render import domain_dir, render_domain, render_settings
 from mailstate.state import files
 from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StoreError, Unavailable, UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
-from mailstate.state.ops import OPERATIONS, Context, Operation, Outcome
+from mailstate.state.ops import OPERATIONS, Context, Operation, Outcome, UsageLookup
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
 from mailstate.state.sync import Incoming, full_check, validate_incoming, verify_signature
@@ -86,6 +86,9 @@ def commit_message(action: str, target: str, project: int | None, actor: Actor, 
 
 class Store:
     """The state repo plus its in-memory snapshot; thread-safe, writes serialised."""
+
+    # Mailbox usage the nodes reported (state.localdb), handed to the operations; set by open_store.
+    usage_source: UsageLookup | None = None
 
     def __init__(
         self,
@@ -154,8 +157,13 @@ class Store:
             prepared = op.prepare(req, self._snapshot.settings)
         return self._write(op, actor, req, prepared, clean_request_id(request_id))
 
+    def execute_operation(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any]) -> Outcome:
+        """Run a write operation that is not an API operation (state.upgrade) through the
+        same write path: one signed commit, compare-and-swap, pushed upstream in upstream mode."""
+        return self._write(op, actor, req, prepared, clean_request_id(None))
+
     def _context(self, actor: Actor) -> Context:
-        return Context(state=self._snapshot, actor=actor, now=self.clock(), node_status=self.node_status)
+        return Context(state=self._snapshot, actor=actor, now=self.clock(), node_status=self.node_status, usage=self.usage_source)
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
@@ -348,6 +356,7 @@ class Store:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))
         if change.settings is not None:
             out[files.SETTINGS_PATH] = files.dump_settings(change.settings)
+            out.update(render_settings(change.settings))
         return out
 
     # --- node status ---------------------------------------------------------------------

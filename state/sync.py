@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pygit2
 
-from mailstate.compiler.render import FRAGMENTS, compile_state, diff_rendered, domain_dir, render_domain
+from mailstate.compiler.render import FRAGMENTS, SETTINGS_FILE, compile_state, diff_rendered, domain_dir, render_domain, render_settings
 from mailstate.state import files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
@@ -117,7 +117,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
                 change.domains[name] = None
             else:
                 try:
-                    dom = files.parse_domain(raw, path)
+                    # Mailbox ids must follow the (possibly new) format of mailstate.yaml.
+                    dom = files.parse_domain(raw, path, (change.settings or base.settings).format)
                 except StateInvalid as exc:
                     problems.extend(exc.problems)
                     continue
@@ -125,6 +126,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             touched.add(name)
         elif top == files.RENDERED_DIR:
             owner = _rendered_owner(path)
+            if path == SETTINGS_FILE:
+                continue  # compared with render_settings() below
             if owner is None:
                 problems.append(f"{path}: not a file the compiler produces")
             else:
@@ -135,11 +138,19 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
         return result
     new = base.with_change(commit, change)
     if change.settings is not None:
+        # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
+        problems.extend(files.format_problems(new.settings.format, new.domains.values()))
+        if problems:
+            return result
         actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
         problems.extend(diff_rendered(compile_state(new.settings, new.domains.values()), actual))
     else:
         for name in sorted(touched):
             problems.extend(_check_domain_render(repo, commit, new, name))
+        if SETTINGS_FILE in paths:
+            raw_settings = repo.read(commit, SETTINGS_FILE)
+            expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
+            problems.extend(diff_rendered(expected, {SETTINGS_FILE: raw_settings} if raw_settings is not None else {}))
     if not problems:
         result.snapshot = new
     return result

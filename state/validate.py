@@ -28,6 +28,10 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _LOCAL = re.compile(r"^[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*$")
 _NODE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _ASCII_SAFE = re.compile(r"^[\x21-\x7e]+$")
+# A mailbox id (state format 2): the creation date and 24 random bits, e.g. 20261201-3fa9c2.
+# Digits, one hyphen and lowercase hex: it can never hold `/`, `.`, `~`, `:` or whitespace,
+# so `<local>~<id>` is always one plain path segment.
+MAILBOX_ID = re.compile(r"^[0-9]{8}-[0-9a-f]{6}$")
 
 
 def normalize_domain(value: object, *, field: str = "domain") -> str:
@@ -73,6 +77,11 @@ def normalize_domain(value: object, *, field: str = "domain") -> str:
 def is_local_part(value: object) -> bool:
     """True for a local part already in canonical (lowercase, valid) form."""
     return isinstance(value, str) and 0 < len(value) <= MAX_LOCAL_PART_LENGTH and _LOCAL.fullmatch(value) is not None
+
+
+def is_mailbox_id(value: object) -> bool:
+    """True for a mailbox id of the form `<yyyymmdd>-<6 lowercase hex>`."""
+    return isinstance(value, str) and MAILBOX_ID.fullmatch(value) is not None
 
 
 def normalize_email(value: object, *, field: str = "email") -> tuple[str, str]:

@@ -7,6 +7,7 @@ Each `tests/golden/<case>/` holds `state/` (a checkout's mailstate.yaml and doma
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,14 +91,22 @@ def test_compiled_files_are_well_formed(case: str) -> None:
                 assert password.startswith("{BLF-CRYPT}$2")
                 assert uid.isdigit() and gid.isdigit()
                 assert gecos == "" and shell == ""
-                assert home.startswith("/") and home.endswith("/" + user.split("@")[1] + "/" + user.split("@")[0])
+                assert home.startswith("/")
+                local, domain = user.split("@")
+                tail = home.split(f"/{domain}/", 1)[1]  # format 2 adds ~<id>
+                assert tail == local or re.fullmatch(re.escape(local) + r"~[0-9]{8}-[0-9a-f]{6}", tail)
                 assert extra.startswith("userdb_quota_rule=*:storage=") and extra.endswith("M")
+            elif path.endswith("/mailboxes"):
+                local, box_id, state = line.split(" ")
+                assert re.fullmatch(r"[0-9]{8}-[0-9a-f]{6}", box_id) and state in ("active", "inactive")
+            elif path == "rendered/settings":
+                assert re.fullmatch(r"(format|purge_after_days) [0-9]+", line)
             else:
                 assert len(line.split()) == 2, line
 
 
 def test_disabled_domains_and_inactive_mailboxes_get_nothing() -> None:
-    settings = Settings()
+    settings = Settings(format=1)
     off = DomainFile(domain="off.example", email_enabled=False, mailboxes={"info": Mailbox(password=HASH, quota_mb=1)})
     assert render_domain(off, settings) == {}
     asleep = DomainFile(domain="on.example", email_enabled=True, mailboxes={"info": Mailbox(password=HASH, quota_mb=1, active=False)})
@@ -256,7 +265,7 @@ def _break(root: Path, kind: str) -> tuple[str, str]:
         (root / "domains/ex/notes.txt").write_text("hi\n")
         return "domains/ex/notes.txt", "unexpected"
     if kind == "bad_settings":
-        (root / "mailstate.yaml").write_text("format: 2\nuid: 0\n")
+        (root / "mailstate.yaml").write_text("format: 3\nuid: 0\n")
         return "mailstate.yaml", "format"
     if kind == "bad_node":
         (root / "nodes.yaml").write_text("nodes:\n  mpi02:\n    ip_address: not-an-ip\n    sync_key_sha256: 'abc'\n    created_at: '2026-01-01T00:00:00Z'\n")
@@ -327,5 +336,5 @@ def test_a_valid_hash_that_contains_slash_dot_dot_still_renders() -> None:
 
     pw = "{BLF-CRYPT}$2b$04$" + "abc/../" + "a" * 46
     dom = DomainFile(domain="example.com", email_enabled=True, mailboxes={"x": Mailbox(password=pw, quota_mb=5)})
-    passwd = render_domain(dom, Settings())["rendered/domains/ex/example.com/passwd"].decode()
+    passwd = render_domain(dom, Settings(format=1))["rendered/domains/ex/example.com/passwd"].decode()
     assert passwd.split(":")[1] == pw

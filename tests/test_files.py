@@ -171,7 +171,7 @@ def test_admin_comments_survive_api_writes(data_dir: DataDir, mail_store: Store,
     body = [ln.strip() for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     assert body.index("abc:") < body.index("info:") < body.index("zzz:")
     i = body.index("abc:")
-    assert [ln.split(":")[0] for ln in body[i + 1 : i + 4]] == ["password", "quota_mb", "active"]
+    assert [ln.split(":")[0] for ln in body[i + 1 : i + 5]] == ["id", "password", "quota_mb", "active"]
     # the data is what the operations said
     data = yaml.safe_load(text)
     assert data["mailboxes"]["abc"]["quota_mb"] == 5

@@ -404,6 +404,7 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "list-domains": "get",
         "add-user": "post",
         "remove-user": "post",
+        "restore-user": "post",
         "list-users": "get",
         "update-password": "post",
         "add-domain": "post",

@@ -34,6 +34,7 @@ SPEC_TOOLS = {
     "list-domains": "email_account_list_domains",
     "add-user": "email_account_add_user",
     "remove-user": "email_account_remove_user",
+    "restore-user": "email_account_restore_user",  # issue 10 (mailbox lifecycle)
     "list-users": "email_account_list_users",
     "update-password": "email_account_update_password",
     "add-domain": "email_account_add_domain",
@@ -198,6 +199,8 @@ def call_every_tool(domain: str, node: str, project_session: Any, admin_session:
             await call(p, "email_account_list_users", {"domain": domain})
             await call(p, "email_account_update_password", {"email": f"info@{domain}", "password": "a new password"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})
+            await call(p, "email_account_restore_user", {"email": f"info@{domain}"})
+            await call(p, "email_account_remove_user", {"email": f"info@{domain}"})  # again, for disable-email
             await call(p, "email_account_list_domains", {})
             await call(p, "email_account_disable_email", {"domain": domain})
             await call(a, "email_account_add_domain", {"domain": f"admin-{domain}"})
@@ -218,12 +221,13 @@ def test_call_each_tool_once(env: Env) -> None:
     assert out["email_account_add_user"]["email"] == f"info@{domain}"
     assert out["email_account_list_users"]["users"][0]["email"] == f"info@{domain}"
     assert out["email_account_remove_user"]["active"] is False
+    assert out["email_account_restore_user"]["restored"] is True
     assert [d["domain"] for d in out["email_account_list_domains"]["domains"]] == [domain]
     assert out["email_account_add_node"]["sync_key"].startswith("mss_")
     assert node in [n["name"] for n in out["email_account_list_nodes"]["nodes"]]
     writes = [t for t, op in TOOLS.items() if op.write]
     assert all(len(out[t]["commit"]) == 40 for t in writes)
-    assert srv.commit_count() == before + len(writes)
+    assert srv.commit_count() == before + len(writes) + 1  # remove-user ran twice
     # The same audit trail as HTTP: the Actor trailer names the token.
     log = srv.git("log", f"-{len(writes)}", "--format=%(trailers:key=Actor,valueonly)")
     assert set(log.split()) == {"token:mcp-project", "token:admin"}

@@ -302,9 +302,11 @@ def test_settings_mail_root_must_be_safe(root: str) -> None:
 
 def test_settings_defaults_and_bounds() -> None:
     s = Settings()
-    assert (s.format, s.mail_root, s.uid, s.gid, s.default_quota_mb, s.bcrypt_cost) == (1, "/var/vmail", 5000, 5000, 1024, 12)
+    assert (s.format, s.mail_root, s.uid, s.gid, s.default_quota_mb, s.bcrypt_cost, s.purge_after_days) == (2, "/var/vmail", 5000, 5000, 1024, 12, 7)
     assert Settings(mail_root="/srv/mail/").mail_root == "/srv/mail"
-    for bad in [{"bcrypt_cost": 3}, {"bcrypt_cost": 32}, {"uid": 0}, {"format": 2}, {"default_quota_mb": 0}, {"colour": 1}]:
+    bad_settings: list[dict[str, int]] = [{"bcrypt_cost": 3}, {"bcrypt_cost": 32}, {"uid": 0}, {"format": 3}, {"format": 0}, {"default_quota_mb": 0}]
+    bad_settings += [{"colour": 1}, {"purge_after_days": -1}, {"purge_after_days": 3651}]
+    for bad in bad_settings:
         with pytest.raises(ValidationError):
             Settings(**bad)
 

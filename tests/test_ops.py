@@ -75,6 +75,7 @@ def test_registry_names_all_operations() -> None:
         "list-domains",
         "add-user",
         "remove-user",
+        "restore-user",
         "list-users",
         "update-password",
         "add-domain",
@@ -83,7 +84,7 @@ def test_registry_names_all_operations() -> None:
         "add-node",
     }
     assert set(OPERATIONS) == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
-    assert len(OPERATIONS) == 15
+    assert len(OPERATIONS) == 16
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes"}
@@ -161,7 +162,16 @@ def test_list_domains(store: Store) -> None:
     out = store.execute("list-domains", PROJECT_A, {})
     assert out.result == {
         "domains": [
-            {"domain": "example.com", "project_id": A, "mailboxes": 2, "active_mailboxes": 1, "inactive_mailboxes": 1}
+            {
+                "domain": "example.com",
+                "project_id": A,
+                "mailboxes": 2,
+                "active_mailboxes": 1,
+                "inactive_mailboxes": 1,
+                "used_mb": None,
+                "messages": None,
+                "usage_reported_at": None,
+            }
         ],
         "linked_not_enabled": [{"domain": "other.org", "project_id": A}],
     }
@@ -182,10 +192,11 @@ def test_add_user(mail_store: Store) -> None:
     assert box["password"].startswith("{BLF-CRYPT}$2b$04$")
     assert bcrypt.checkpw(b"another secret", box["password"].removeprefix("{BLF-CRYPT}").encode())
     assert not bcrypt.checkpw(b"wrong password", box["password"].removeprefix("{BLF-CRYPT}").encode())
+    assert out.result["id"] == box["id"] and box["id"].startswith("20260201-")  # the store's clock
     line = next(ln for ln in passwd(mail_store, "example.com").splitlines() if ln.startswith("sales@"))
-    assert line == f"sales@example.com:{box['password']}:5000:5000::/var/vmail/example.com/sales::userdb_quota_rule=*:storage=50M"
+    assert line == f"sales@example.com:{box['password']}:5000:5000::/var/vmail/example.com/sales~{box['id']}::userdb_quota_rule=*:storage=50M"
     maps = show(mail_store, "rendered/domains/ex/example.com/virtual_mailbox_maps")
-    assert "sales@example.com example.com/sales/\n" in maps
+    assert f"sales@example.com example.com/sales~{box['id']}/\n" in maps
 
 
 def test_add_user_default_and_max_quota(mail_store: Store) -> None:
@@ -226,7 +237,18 @@ def test_remove_user_soft(mail_store: Store) -> None:
     assert passwd(mail_store, "example.com") == ""
     assert show(mail_store, "rendered/domains/ex/example.com/virtual_mailbox_maps") == ""
     users = mail_store.execute("list-users", PROJECT_A, {}).result["users"]
-    assert users == [{"email": "info@example.com", "domain": "example.com", "quota_mb": 1024, "active": False}]
+    assert users == [
+        {
+            "email": "info@example.com",
+            "domain": "example.com",
+            "quota_mb": 1024,
+            "active": False,
+            "id": box["id"],
+            "used_mb": None,
+            "messages": None,
+            "usage_reported_at": None,
+        }
+    ]
 
 
 def test_remove_user_hard(mail_store: Store) -> None:
@@ -255,11 +277,13 @@ def test_list_users(store: Store) -> None:
     users = store.execute("list-users", PROJECT_A, {}).result["users"]
     assert [u["email"] for u in users] == ["amy@example.com", "zed@example.com", "bob@second.org"]
     for u in users:
-        assert set(u) == {"email", "domain", "quota_mb", "active"}
+        assert set(u) == {"email", "domain", "quota_mb", "active", "id", "used_mb", "messages", "usage_reported_at"}
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
-    assert store.execute("list-users", PROJECT_B, {}).result["users"] == [
-        {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True}
+    b_users = store.execute("list-users", PROJECT_B, {}).result["users"]
+    assert b_users == [
+        {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True, "id": b_users[0]["id"]}
+        | {"used_mb": None, "messages": None, "usage_reported_at": None}
     ]
     assert len(store.execute("list-users", ADMIN, {}).result["users"]) == 4
     # hashes are never returned
@@ -488,6 +512,7 @@ def test_another_projects_domain_reads_as_not_found(mail_store: Store) -> None:
         ("remove-user", {"email": "info@example.com"}, "mailbox_not_found"),
         ("remove-user", {"email": "info@example.com", "hard_delete": True}, "mailbox_not_found"),
         ("update-password", {"email": "info@example.com", "password": PASSWORD}, "mailbox_not_found"),
+        ("restore-user", {"email": "info@example.com"}, "mailbox_not_found"),
     ]:
         e = err(mail_store, op, b, data)
         assert isinstance(e, NotFound), op

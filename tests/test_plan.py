@@ -82,7 +82,7 @@ def hand_edit(wt: Path) -> dict[str, str]:
     old_support = boxes["support"]["password"]
     new_hash = hash_password("a brand new secret", 4)
     bob_hash = hash_password("bob's long password", 4)
-    boxes["bob"] = {"password": bob_hash, "quota_mb": 256, "active": True}  # mailbox added
+    boxes["bob"] = {"id": "20261201-b0b000", "password": bob_hash, "quota_mb": 256, "active": True}  # mailbox added
     boxes["info"]["quota_mb"] = 2048  # quota changed
     boxes["sales"]["active"] = False  # soft-deleted
     boxes["support"]["password"] = new_hash  # password changed
@@ -98,7 +98,12 @@ def hand_edit(wt: Path) -> dict[str, str]:
     write_doc(
         wt,
         files.domain_path("new.net"),
-        {"domain": "new.net", "project_id": None, "email_enabled": True, "mailboxes": {"hi": {"password": bob_hash, "quota_mb": 100, "active": False}}},
+        {
+            "domain": "new.net",
+            "project_id": None,
+            "email_enabled": True,
+            "mailboxes": {"hi": {"id": "20261201-abcdef", "password": bob_hash, "quota_mb": 100, "active": False}},
+        },
     )
 
     nodes = read_doc(wt, files.NODES_PATH)
@@ -127,6 +132,10 @@ def test_plan_of_a_hand_edited_working_tree_names_every_change(worktree: Path, c
     assert result.settings == []
     rendered = {e.name: e.op for e in result.rendered}
     assert rendered == {
+        "rendered/domains/ex/example.com/mailboxes": "~",
+        "rendered/domains/go/gone.net/mailboxes": "-",
+        "rendered/domains/ne/new.net/mailboxes": "+",
+        "rendered/domains/ot/other.org/mailboxes": "-",
         "rendered/domains/ex/example.com/passwd": "~",
         "rendered/domains/ex/example.com/virtual_mailbox_maps": "~",
         "rendered/domains/go/gone.net/passwd": "-",
@@ -145,8 +154,8 @@ def test_plan_of_a_hand_edited_working_tree_names_every_change(worktree: Path, c
 
     text = result.render_text()
     for line in (
-        "+ bob@example.com (quota 256 MB)",
-        "+ hi@new.net (quota 100 MB, inactive)",
+        "+ bob@example.com (quota 256 MB, id 20261201-b0b000)",
+        "+ hi@new.net (quota 100 MB, inactive, id 20261201-abcdef)",
         "~ info@example.com: quota 1024 -> 2048 MB",
         "~ sales@example.com: deactivated (soft-deleted)",
         "~ support@example.com: password changed",
@@ -197,10 +206,11 @@ def test_reactivation_and_settings_change(worktree: Path) -> None:
     # uid is in every passwd line: every non-empty passwd-file changes (other.org has no
     # mailboxes); the reactivation puts sales back into the Postfix map
     assert [e.name for e in result.rendered] == [
+        "rendered/domains/ex/example.com/mailboxes",  # sales: inactive -> active
         "rendered/domains/ex/example.com/passwd",
         "rendered/domains/ex/example.com/virtual_mailbox_maps",
     ]
-    maps = result.rendered[1]
+    maps = result.rendered[2]
     assert (maps.detail["lines_added"], maps.detail["lines_removed"]) == (1, 0)
     assert "~ uid: 5000 -> 6000" in result.render_text()
     # and against HEAD~1 (before the deactivation) only the settings change remains for sales
@@ -249,7 +259,7 @@ def test_revision_to_revision_on_the_bare_repo_after_api_writes(rich_store: Stor
     code, out, err = run_cli(capsys, "plan", str(data_dir.repo), "--base", before, "--head", "main")
     assert code == 0 and err == ""
     for line in (
-        "+ new@example.com (quota 1024 MB)",
+        "+ new@example.com (quota 1024 MB, id 20260201-",  # the id's date is the store's clock
         "~ info@example.com: password changed",
         "~ sales@example.com: deactivated (soft-deleted)",
         "- support@example.com",

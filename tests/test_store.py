@@ -323,15 +323,18 @@ def test_rendered_files_follow_the_domain(data_dir: DataDir, mail_store: Store) 
         "domains/ex/example.com.yaml",
         "mailstate.yaml",
         "nodes.yaml",
+        "rendered/domains/ex/example.com/mailboxes",
         "rendered/domains/ex/example.com/passwd",
         "rendered/domains/ex/example.com/virtual_mailbox_domains",
         "rendered/domains/ex/example.com/virtual_mailbox_maps",
+        "rendered/settings",
     ]
     # one write changes only the touched domain's files
     mail_store.execute("add-domain", ADMIN, {"domain": "other.org"})
     changed = git_out(data_dir.repo, "diff", "--name-only", "main~1", "main").split()
     assert changed == [
         "domains/ot/other.org.yaml",
+        "rendered/domains/ot/other.org/mailboxes",
         "rendered/domains/ot/other.org/passwd",
         "rendered/domains/ot/other.org/virtual_mailbox_domains",
         "rendered/domains/ot/other.org/virtual_mailbox_maps",

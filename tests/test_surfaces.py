@@ -121,7 +121,7 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    assert len(spec_ops) == 11
+    assert len(spec_ops) == 12
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
@@ -194,6 +194,7 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "list-domains": [{}],
     "add-user": [{"email": "evil@b.example", "password": PASSWORD}, {"email": "evil@b-dark.example", "password": PASSWORD}],
     "remove-user": [{"email": "info@b.example"}, {"email": "info@b.example", "hard_delete": True}, {"email": "old@b.example", "hard_delete": True}],
+    "restore-user": [{"email": "old@b.example"}, {"email": "info@b.example"}],
     "list-users": [{}, {"domain": "b.example"}, {"domain": "b-dark.example"}],
     "update-password": [{"email": "info@b.example", "password": "attacker pass"}, {"email": "old@b.example", "password": "attacker pass"}],
     "add-domain": [{"domain": "b.example"}, {"domain": "new.example", "project_id": 202}],
@@ -255,6 +256,7 @@ def test_foreign_and_absent_look_the_same(world: World) -> None:
         ("add-user", {"email": "x@b.example", "password": PASSWORD}, {"email": "x@zz.example", "password": PASSWORD}),
         ("remove-user", {"email": "info@b.example"}, {"email": "info@zz.example"}),
         ("update-password", {"email": "info@b.example", "password": PASSWORD}, {"email": "info@zz.example", "password": PASSWORD}),
+        ("restore-user", {"email": "old@b.example"}, {"email": "old@zz.example"}),
         ("list-users", {"domain": "b.example"}, {"domain": "zz.example"}),
     ]
     for name, foreign, absent in pairs:

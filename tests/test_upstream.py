@@ -7,6 +7,7 @@ processes) lives in test_upstream_serve.py.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import threading
 from pathlib import Path
@@ -77,7 +78,8 @@ def _mailbox_yaml(work: Path, local: str, password: str = PASSWORD, *, recompile
     text = path.read_text()
     if "mailboxes: {}" in text:
         text = text.replace("mailboxes: {}", "mailboxes:")
-    text += f"  {local}:\n    password: '{hash_password(password, 4)}'\n    quota_mb: 100\n    active: true\n"
+    box_id = "20261201-" + hashlib.sha256(local.encode()).hexdigest()[:6]  # state format 2: every mailbox has an id
+    text += f"  {local}:\n    id: {box_id}\n    password: '{hash_password(password, 4)}'\n    quota_mb: 100\n    active: true\n"
     path.write_text(text)
     if recompile:
         from mailstate.api.cli import main

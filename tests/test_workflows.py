@@ -240,7 +240,7 @@ def test_state_check_steps_on_a_pull_request_and_a_push(mail_store: Store, data_
     subprocess.run(["git", "-C", str(repo), "checkout", "-qb", "add-bob"], check=True)
     path = repo / files.domain_path("example.com")
     doc = yaml.safe_load(path.read_text())
-    doc["mailboxes"]["bob"] = {"password": hash_password("bob's long password", 4), "quota_mb": 512, "active": True}
+    doc["mailboxes"]["bob"] = {"id": "20261201-b0b000", "password": hash_password("bob's long password", 4), "quota_mb": 512, "active": True}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     # the admin recompiles rendered/ and commits
     compile_code = "import sys; from mailstate.api.cli import main; sys.exit(main(['compile', sys.argv[1]]))"
@@ -250,7 +250,7 @@ def test_state_check_steps_on_a_pull_request_and_a_push(mail_store: Store, data_
 
     summary = _run_state_check(repo, tmp_path, base_ref="main")  # pull_request: against origin/main
     assert summary.startswith("### mailstate plan: `origin/main (")
-    assert "+ bob@example.com (quota 512 MB)" in summary
+    assert "+ bob@example.com (quota 512 MB, id 20261201-b0b000)" in summary
     assert "~ rendered/domains/ex/example.com/passwd: +1 -0 lines" in summary
     assert "$2b$" not in summary
 

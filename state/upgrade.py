@@ -1,0 +1,116 @@
+"""The state format upgrade: format 1 (no mailbox ids) → format 2, in exactly one signed commit.
+
+Format 2 gives every mailbox an immutable id, which the compiled homes carry
+(`<mail_root>/<domain>/<local>~<id>`), so that an address re-created after a hard delete never
+meets the old owner's Maildir. The upgrade commit:
+
+* sets `format: 2` in mailstate.yaml (with `purge_after_days`, default 7),
+* gives every mailbox (active or soft-deleted) an id `<yyyymmdd>-<6 hex>`: the day of the
+  upgrade (the creation day is not known) and 24 bits derived from a random seed drawn once
+  per upgrade (so the ids are random, and unique within a domain),
+* re-renders every email-enabled domain (new homes, the new `mailboxes` fragment) and writes
+  `rendered/settings`.
+
+Passwords, quotas and active flags are untouched, so every login keeps working. The nodes
+move each Maildir from `<local>` to `<local>~<id>` when they apply the commit (see
+LIFECYCLE.md: rename plus a symlink while the old config is still live).
+
+The upgrade runs through the store's normal write path, so it is signed by the server's key,
+compare-and-swapped against other writers and, in upstream mode, pushed before it counts.
+It is idempotent: a format-2 state makes no commit. `open_store` runs it (the server on start,
+any CLI command); `mailstate upgrade --data DIR` runs it on purpose and says what it did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+from typing import Any
+
+from mailstate.state import models as m
+from mailstate.state.ops import Context, Operation, Prepared, new_mailbox_id
+from mailstate.state.snapshot import Actor, Change, Outcome
+from mailstate.state.store import Store
+
+TARGET_FORMAT = m.FORMAT_VERSION
+ACTOR = Actor.admin("mailstate-upgrade")
+
+
+def _prepare(req: Any, settings: m.Settings) -> Prepared:
+    return {"seed": secrets.token_hex(16)}
+
+
+def _random_hex(seed: str, domain: str, local: str, attempt: int) -> str:
+    return hashlib.sha256(f"{seed}\0{domain}\0{local}\0{attempt}".encode()).hexdigest()[:6]
+
+
+def with_ids(dom: m.DomainFile, seed: str, now: Any) -> m.DomainFile:
+    """`dom` with an id on every mailbox that has none (ids stay unique within the domain)."""
+    taken = {box.id for box in dom.mailboxes.values() if box.id is not None}
+    boxes: dict[str, m.Mailbox] = {}
+    for local, box in sorted(dom.mailboxes.items()):
+        if box.id is None:
+            attempt = 0
+            new_id = new_mailbox_id(now, _random_hex(seed, dom.domain, local, attempt))
+            while new_id in taken:
+                attempt += 1
+                new_id = new_mailbox_id(now, _random_hex(seed, dom.domain, local, attempt))
+            taken.add(new_id)
+            box = box.model_copy(update={"id": new_id})
+        boxes[local] = box
+    return dom.model_copy(update={"mailboxes": boxes})
+
+
+def upgrade_change(ctx: Context, seed: str) -> Change | None:
+    """The change that turns the state of `ctx` into format 2, or None when it already is."""
+    state = ctx.state
+    if state.settings.format >= TARGET_FORMAT:
+        return None
+    change = Change(settings=state.settings.model_copy(update={"format": TARGET_FORMAT}))
+    for name, dom in state.domains.items():
+        # Enabled domains re-render (new homes, the mailboxes fragment) even without mailboxes;
+        # a disabled domain's file changes only if it holds mailboxes.
+        if dom.mailboxes or dom.email_enabled:
+            change.domains[name] = with_ids(dom, seed, ctx.now)
+    return change
+
+
+def _apply(ctx: Context, req: m.EmptyRequest, prep: Prepared) -> Outcome:
+    before = ctx.state.settings.format
+    change = upgrade_change(ctx, str(prep.get("seed") or secrets.token_hex(16)))
+    if change is None:
+        return Outcome({"upgraded": False, "format": before})
+    mailboxes = sum(len(dom.mailboxes) for dom in ctx.state.domains.values())
+    result = {"upgraded": True, "from_format": before, "format": TARGET_FORMAT, "mailboxes": mailboxes}
+    return Outcome(result, change=change, target=f"format {TARGET_FORMAT}")
+
+
+UPGRADE = Operation(
+    "upgrade",
+    m.EmptyRequest,
+    _apply,
+    admin=True,
+    in_spec=False,
+    prepare=_prepare,
+    summary="Upgrade the state to the current format in one signed commit (not an API route).",
+)
+
+
+def upgrade_store(store: Store) -> dict[str, Any]:
+    """Upgrade the store's state if it is older than the current format.
+
+    Returns the operation's result: `{"upgraded": False, "format": 2, "commit": None}` when
+    there was nothing to do, else `{"upgraded": True, "from_format": 1, "format": 2,
+    "mailboxes": N, "commit": sha}`."""
+    if store.snapshot.settings.format >= TARGET_FORMAT:
+        return {"upgraded": False, "format": store.snapshot.settings.format, "commit": None}
+    outcome = store.execute_operation(UPGRADE, ACTOR, m.EmptyRequest(), _prepare(None, store.snapshot.settings))
+    return outcome.result
+
+
+def upgrade_data_dir(root: Path) -> dict[str, Any]:
+    """`mailstate upgrade --data DIR`: upgrade the data dir's state repo (see upgrade_store)."""
+    from mailstate.state.datadir import open_store
+
+    return upgrade_store(open_store(root, upgrade=False))
