@@ -61,11 +61,35 @@ def _read_regular(path: Path, limit: int) -> bytes:
     return data
 
 
-def _domain_from_json(raw: Any) -> DomainFile:
+# Building 120k models with model_construct takes ~1 s at 100k mailboxes; setting the four
+# attributes model_construct sets, directly, takes a third of that. Only for plain models: no
+# private attributes, no extra fields (the cache test compares the result with parsed models).
+_new = object.__new__
+_set = object.__setattr__
+_DOMAIN_FIELDS = set(DomainFile.model_fields)
+_MAILBOX_FIELDS = set(Mailbox.model_fields)
+_FAST = all(not m.__private_attributes__ and m.model_config.get("extra") == "forbid" for m in (DomainFile, Mailbox))
+
+
+def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
+    if values.keys() != names:
+        raise ValueError(f"a cached {cls.__name__} has fields {sorted(values)}")
+    if not _FAST:
+        return cls.model_construct(**values)
+    obj = _new(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(names))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
+
+
+def _domain_from_json(raw: dict[str, Any]) -> DomainFile:
     # Built without validation: the entry was validated when it was parsed, and its MAC
     # proves it is the one this data dir wrote for that blob.
-    mailboxes = {local: Mailbox.model_construct(**box) for local, box in raw["mailboxes"].items()}
-    return DomainFile.model_construct(**{**raw, "mailboxes": mailboxes})
+    raw["mailboxes"] = {local: _built(Mailbox, box, _MAILBOX_FIELDS) for local, box in raw["mailboxes"].items()}
+    dom: DomainFile = _built(DomainFile, raw, _DOMAIN_FIELDS)
+    return dom
 
 
 @dataclass
