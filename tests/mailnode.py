@@ -53,7 +53,7 @@ from mailstate.compiler.node_bundle import build_pi_pull, dovecot_snippet, postf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = REPO_ROOT / "pi-pull"
-PIPULL_MODULES = ("errors", "log", "config", "runner", "fsutil", "mirror", "verify", "release", "report", "statefile", "agent", "cli")
+PIPULL_MODULES = ("errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "release", "report", "statefile", "agent", "cli")
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
 
 
@@ -215,6 +215,9 @@ class MailNode:
         lines += [
             "[paths]",
             f"root = {self.root}",
+            f"mail_root = {self.mail_root}",
+            f"mail_uid = {self.uid}",
+            f"mail_gid = {self.gid}",
             f"keep_releases = {keep_releases}",
             "passwd_group = dovecot",
             "sync = no",
@@ -545,24 +548,50 @@ class Mailbox:
     password_hash: str
     quota_mb: int = 1024
     active: bool = True
+    id: str = ""
+
+
+_mailbox_ids = itertools.count(1)
+
+
+def publish_statement(work: Path, bare: Path, sha: str, key: SigningKey, *, issued_at: int | None = None, ref: str = "refs/mailstate/accepted") -> str:
+    """Sign an accepted-head statement for ``sha`` with ``key`` (``git tag -s``, gpg.format=ssh, so
+    the tag object is exactly STATEMENT.md's format 1) and force it to ``ref`` in ``bare``; the tag id."""
+    t = int(time.time()) if issued_at is None else issued_at
+    message = f"mailstate accepted head {sha[:12]}\n\nAccepted-Head: {sha}\nIssued-At: {t}\n"
+    env = {**os.environ, "GIT_COMMITTER_DATE": f"{t} +0000"}
+    base = ["git", "-C", str(work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={key.private}", "-c", "user.name=mailstate", "-c", "user.email=mailstate@localhost"]
+    r = subprocess.run([*base, "tag", "-s", "-f", "-m", message, "mailstate-accepted", sha], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"git tag -s failed: {r.stderr}")
+    tag = git(work, "rev-parse", "refs/tags/mailstate-accepted")
+    git(work, "push", "--quiet", "--force", str(bare), f"{tag}:{ref}")
+    return tag
 
 
 class StateRepo:
     """A state repo (bare ``state.git`` + work tree) written by hand in the contract's layout.
 
     Mutate ``domains`` (or use the helpers), then ``commit()``: it rewrites ``rendered/`` and the
-    YAML, makes one commit (SSH-signed with ``key`` unless ``sign=False``) and pushes it to
-    ``bare``'s ``main``.
+    YAML, makes one commit (SSH-signed with ``key`` unless ``sign=False``), pushes it to
+    ``bare``'s ``main`` and publishes an accepted-head statement for it (signed by
+    ``statement_key``, default ``key``; ``statement=False`` publishes none), as a server would.
+    ``format=2`` gives mailboxes ids, homes ``<root>/<domain>/<local>~<id>`` and the
+    ``mailboxes`` fragment (state format 2, LIFECYCLE.md).
     """
 
-    def __init__(self, path: Path, key: SigningKey, *, mail_root: str = "/var/vmail", uid: int = 5000, gid: int = 5000) -> None:
+    def __init__(
+        self, path: Path, key: SigningKey, *, mail_root: str = "/var/vmail", uid: int = 5000, gid: int = 5000, format: int = 1, statement_key: SigningKey | None = None
+    ) -> None:
         self.path = path
         self.bare = path / "state.git"
         self.work = path / "work"
         self.key = key
+        self.statement_key = statement_key or key
         self.mail_root = mail_root.rstrip("/")
         self.uid = uid
         self.gid = gid
+        self.format = format
         self.domains: dict[str, dict[str, Mailbox]] = {}
         self.enabled: dict[str, bool] = {}
         path.mkdir(parents=True, exist_ok=True)
@@ -579,7 +608,8 @@ class StateRepo:
         self.enabled.setdefault(domain, True)
         if password_hash is None:
             password_hash = bcrypt_hash(password or "secret-password") if password or local not in boxes else boxes[local].password_hash
-        boxes[local] = Mailbox(password_hash=password_hash, quota_mb=quota_mb)
+        old_id = boxes[local].id if local in boxes else ""
+        boxes[local] = Mailbox(password_hash=password_hash, quota_mb=quota_mb, id=old_id or f"20261201-{next(_mailbox_ids):06x}")
 
     def remove_mailbox(self, email: str) -> None:
         local, domain = email.split("@")
@@ -591,34 +621,43 @@ class StateRepo:
 
     # ---- files
 
+    def mailbox_dir(self, local: str, box: Mailbox) -> str:
+        return f"{local}~{box.id}" if self.format >= 2 else local
+
     def rendered_files(self) -> dict[str, str]:
         files: dict[str, str] = {}
+        if self.format >= 2:
+            files["rendered/settings"] = f"format {self.format}\npurge_after_days 7\n"
         for domain in sorted(self.domains):
             if not self.enabled.get(domain, True):
                 continue
             base = f"rendered/domains/{domain[:2]}/{domain}"
             boxes = sorted((local, b) for local, b in self.domains[domain].items() if b.active)
             files[f"{base}/passwd"] = "".join(
-                f"{local}@{domain}:{b.password_hash}:{self.uid}:{self.gid}::{self.mail_root}/{domain}/{local}"
+                f"{local}@{domain}:{b.password_hash}:{self.uid}:{self.gid}::{self.mail_root}/{domain}/{self.mailbox_dir(local, b)}"
                 f"::userdb_quota_rule=*:storage={b.quota_mb}M\n"
                 for local, b in boxes
             )
-            files[f"{base}/virtual_mailbox_maps"] = "".join(f"{local}@{domain} {domain}/{local}/\n" for local, _ in boxes)
+            files[f"{base}/virtual_mailbox_maps"] = "".join(f"{local}@{domain} {domain}/{self.mailbox_dir(local, b)}/\n" for local, b in boxes)
             files[f"{base}/virtual_mailbox_domains"] = f"{domain} OK\n"
+            if self.format >= 2:
+                files[f"{base}/mailboxes"] = "".join(
+                    f"{local} {b.id} {'active' if b.active else 'inactive'}\n" for local, b in sorted(self.domains[domain].items())
+                )
         return files
 
     def write_tree(self) -> None:
         for sub in ("rendered", "domains"):
             shutil.rmtree(self.work / sub, ignore_errors=True)
         (self.work / "mailstate.yaml").write_text(
-            f"format: 1\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n"
+            f"format: {self.format}\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n"
         )
         (self.work / "nodes.yaml").write_text("nodes: {}\n")
         for domain in sorted(self.domains):
             p = self.work / "domains" / domain[:2] / f"{domain}.yaml"
             p.parent.mkdir(parents=True, exist_ok=True)
             boxes = "".join(
-                f"  {local}:\n    password: '{b.password_hash}'\n    quota_mb: {b.quota_mb}\n    active: {str(b.active).lower()}\n"
+                f"  {local}:\n" + (f"    id: {b.id}\n" if self.format >= 2 else "") + f"    password: '{b.password_hash}'\n    quota_mb: {b.quota_mb}\n    active: {str(b.active).lower()}\n"
                 for local, b in sorted(self.domains[domain].items())
             )
             enabled = str(self.enabled.get(domain, True)).lower()
@@ -628,8 +667,11 @@ class StateRepo:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(content)
 
-    def commit(self, message: str = "update", *, sign: bool = True, key: SigningKey | None = None, write: bool = True, push: bool = True) -> str:
-        """Commit the work tree (signed by ``key``/``self.key`` unless ``sign=False``) and push to ``main``."""
+    def commit(
+        self, message: str = "update", *, sign: bool = True, key: SigningKey | None = None, write: bool = True, push: bool = True, statement: bool = True
+    ) -> str:
+        """Commit the work tree (signed by ``key``/``self.key`` unless ``sign=False``), push to ``main``
+        and publish a statement for it (unless ``statement=False``)."""
         if write:
             self.write_tree()
         git(self.work, "add", "-A")
@@ -640,11 +682,18 @@ class StateRepo:
         git(self.work, *args)
         sha = git(self.work, "rev-parse", "HEAD")
         if push:
-            self.push(sha)
+            self.push(sha, statement=statement)
         return sha
 
-    def push(self, sha: str, *, force: bool = True) -> None:
+    def push(self, sha: str, *, force: bool = True, statement: bool = True, statement_key: SigningKey | None = None) -> None:
+        """Point ``main`` at ``sha`` and (unless ``statement=False``) state it accepted."""
         git(self.work, "push", "--quiet", *(["--force"] if force else []), str(self.bare), f"{sha}:refs/heads/main")
+        if statement:
+            self.publish_statement(sha, key=statement_key)
+
+    def publish_statement(self, sha: str, *, key: SigningKey | None = None, issued_at: int | None = None) -> str:
+        """Force ``refs/mailstate/accepted`` to a statement of ``sha``; the tag id."""
+        return publish_statement(self.work, self.bare, sha, key or self.statement_key, issued_at=issued_at)
 
     def tip(self) -> str:
         return git(self.bare, "rev-parse", "main")

@@ -11,6 +11,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -190,7 +191,7 @@ class Setup:
         values: dict[str, dict[str, str]] = {
             "remote": {"url": str(self.repo.bare), "branch": "main"},
             "node": {"name": "pi-test", "sync_key_file": str(self.sync_key_file), "allowed_signers": str(self.signers)},
-            "paths": {"root": str(self.root), "keep_releases": "5", "sync": "no"},
+            "paths": {"root": str(self.root), "keep_releases": "5", "sync": "no", "mail_root": "/var/vmail", "mail_uid": "5000", "mail_gid": "5000"},
             "report": {"url": "", "timeout": "2"},
             "services": {
                 "postfix_reload": f"echo postfix >> {self.reload_log}",
@@ -436,13 +437,19 @@ def test_key_in_repo_is_not_trusted(setup: Setup) -> None:
     _assert_refused(setup, good, "not signed by a trusted key")
 
 
-def test_force_push_to_older_signed_commit_refused_as_rollback(setup: Setup) -> None:
+def test_statement_of_an_older_commit_changes_nothing(setup: Setup) -> None:
+    """A statement naming an ancestor of the applied commit (a server behind, or main forced back)
+    is a no-op: exit 0, the node stays where it is (STATEMENT.md)."""
     first = _apply_first(setup)
     setup.repo.set_mailbox("new@example.com", "new-password")
     second = setup.repo.commit("second")
     assert setup.tick().returncode == EXIT_OK
-    setup.repo.push(first)  # force-push main back to the older, validly signed commit
-    _assert_refused(setup, second, "rollback")
+    setup.repo.push(first)  # main and the statement forced back to the older, validly signed commit
+    before = snapshot(setup.root / "releases")
+    r = setup.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert f"up to date at {second[:12]}" in r.stderr and "older" in r.stderr
+    assert setup.current() == second and snapshot(setup.root / "releases") == before
 
 
 def test_unrelated_signed_history_refused_as_rollback(setup: Setup) -> None:
@@ -752,12 +759,13 @@ def test_log_filter_masks_secrets_in_every_line(pipull: Any) -> None:
 
 def test_config_booleans_and_numbers_come_from_configparser(tmp_path: Path, pipull: Any) -> None:
     ini = tmp_path / "c.ini"
-    ini.write_text("[remote]\nurl = /x\nsend_credentials = On\n[node]\nallowed_signers = s\n[paths]\nsync = 0\nkeep_releases = 7\n")
+    mail = "mail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+    ini.write_text(f"[remote]\nurl = /x\nsend_credentials = On\n[node]\nallowed_signers = s\n[paths]\nsync = 0\nkeep_releases = 7\n{mail}")
     cfg = pipull.config.load_config(str(ini))
     assert cfg.send_credentials is True and cfg.sync is False and cfg.keep_releases == 7
     assert cfg.allowed_signers == str(tmp_path / "s")
     for bad, words in (("sync = maybe", "expected yes/no"), ("keep_releases = 2.5", "must be a number")):
-        ini.write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = s\n[paths]\n{bad}\n")
+        ini.write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = s\n[paths]\n{mail}{bad}\n")
         with pytest.raises(pipull.errors.ConfigError, match=words):
             pipull.config.load_config(str(ini))
 
@@ -783,9 +791,20 @@ def test_usage_and_config_errors(tmp_path: Path, pi_pull: Path) -> None:
     assert r.returncode == EXIT_USAGE
     r = run_pi_pull(tmp_path / "missing.ini")
     assert r.returncode == EXIT_USAGE and "cannot read config" in r.stderr
-    (tmp_path / "bad.ini").write_text("[remote]\nurl = /x\n[services]\nmap_type = nosuch\n[node]\nallowed_signers = /x\n")
+    mail = "[paths]\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+    (tmp_path / "bad.ini").write_text(f"[remote]\nurl = /x\n[services]\nmap_type = nosuch\n[node]\nallowed_signers = /x\n{mail}")
     r = run_pi_pull(tmp_path / "bad.ini")
     assert r.returncode == EXIT_USAGE and "map_type" in r.stderr
+    # mail_root/mail_uid/mail_gid pin what a passwd line may say: without them nothing is trusted
+    for missing, word in (("mail_root", "missing [paths] mail_root"), ("mail_uid", "mail_uid must be set"), ("mail_gid", "mail_gid must be set")):
+        text = "".join(line + "\n" for line in mail.splitlines() if not line.startswith(missing))
+        (tmp_path / "nomail.ini").write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = /x\n{text}")
+        r = run_pi_pull(tmp_path / "nomail.ini")
+        assert r.returncode == EXIT_USAGE and word in r.stderr, r.stderr
+    for root in ("/", "relative/path", "/var/../etc", "/var/v mail", "/var:vmail"):
+        (tmp_path / "badroot.ini").write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = /x\n{mail.replace('/var/vmail', root)}")
+        r = run_pi_pull(tmp_path / "badroot.ini")
+        assert r.returncode == EXIT_USAGE and "mail_root" in r.stderr, (root, r.stderr)
 
 
 def test_example_config_parses(pipull: Any) -> None:
@@ -992,7 +1011,8 @@ def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_d
     assert setup.current() == tip
     passwd = (setup.root / "current/dovecot/passwd.d/example.com").read_text()
     assert passwd.startswith("info@example.com:{BLF-CRYPT}$2b$")
-    assert (setup.root / "current/postfix/virtual_mailbox_maps").read_text() == "info@example.com example.com/info/\n"
+    # format 1 homes are <local>, format 2 homes <local>~<id>
+    assert re.fullmatch(r"info@example\.com example\.com/info(~[0-9]{8}-[0-9a-f]{6})?/\n", (setup.root / "current/postfix/virtual_mailbox_maps").read_text())
     # a further API write fast-forwards
     mail_store.execute("add-user", PROJECT_A, {"email": "sales@example.com", "password": "another password"})
     assert setup.tick(cfg).returncode == EXIT_OK
@@ -1002,4 +1022,4 @@ def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_d
     assert r.returncode == EXIT_OK  # nothing new: no verification needed
     mail_store.execute("add-user", PROJECT_A, {"email": "third@example.com", "password": "yet another password"})
     r = setup.tick(setup.config(remote__url=str(data_dir.repo)))  # allowed_signers = the test key only
-    assert r.returncode == EXIT_REFUSED and "not signed by a trusted key" in r.stderr
+    assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr

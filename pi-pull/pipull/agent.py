@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import time
@@ -13,12 +14,13 @@ from .config import Config, read_sync_key
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, ConfigError, Refused, TickError
 from .fsutil import utcnow
 from .log import LOGGER_NAME, add_secret
-from .mirror import Mirror
+from .mirror import ACCEPTED_REF, APPLIED_REF, Mirror, Quarantine, no_statement_message
 from .release import Releases
 from .report import Reporter
 from .runner import Runner
 from .statefile import Lock, StateFile
-from .verify import verify_commit
+from .statement import MAX_STATEMENT_BYTES, Statement, parse_statement, verify_statement
+from .verify import check_allowed_signers, verify_commit
 
 HISTORY_MAX = 50
 
@@ -142,26 +144,82 @@ class Agent:
 
     def _tick(self, st: dict[str, Any]) -> TickResult:
         self.mirror.ensure()
-        tip = self.mirror.fetch(self._fetch_env())
         applied = st.get("applied_commit")
         current = self.releases.current_commit()
-        if applied and tip == applied and current == applied:
+        self.mirror.adopt(applied)
+        env = self._fetch_env()
+        remote = self.mirror.ls_remote(env)
+        if remote is None:
+            raise Refused(no_statement_message(self.mirror.safe_url()))
+        known: dict[str, Any] = st["statement"] if isinstance(st.get("statement"), dict) else {}
+        if applied and current == applied and remote == known.get("tag"):
             return TickResult("ok", EXIT_OK, applied, f"up to date at {applied[:12]}")
+        trust = self._trust_key()
+        refused: dict[str, Any] = st["refused"] if isinstance(st.get("refused"), dict) else {}
+        if refused.get("tag") == remote and refused.get("trust") == trust and refused.get("error"):
+            # The same statement under the same trust gets the same verdict: nothing is downloaded again.
+            raise Refused(str(refused["error"]))
+        self._fetched: str | None = None
+        try:
+            with self.mirror.open_quarantine() as quarantine:
+                return self._apply(st, quarantine, env, applied, current)
+        except Refused as e:
+            st["refused"] = {"tag": self._fetched or remote, "trust": trust, "error": str(e)}
+            raise
 
-        verify_commit(self.mirror, self.cfg, tip)
-        if applied and tip != applied and not self.mirror.is_ancestor(applied, tip):
-            raise Refused(f"rollback: fetched {tip[:12]} does not descend from applied {applied[:12]} (force-push to an older or "
+    def _trust_key(self) -> str:
+        """What a verdict on a statement depends on besides the statement: the node's keys and limits."""
+        h = hashlib.sha256(self.releases.reuse_key().encode())
+        h.update(f"{self.cfg.max_fetch_mb} {self.cfg.max_file_mb}".encode())
+        for path in (self.cfg.allowed_signers, self.cfg.revoked_signers):
+            try:
+                with open(path, "rb") as fh:
+                    h.update(b"\0" + fh.read(1 << 20))
+            except OSError:
+                h.update(b"\0-")
+        return h.hexdigest()
+
+    def _apply(self, st: dict[str, Any], quarantine: Quarantine, env: dict[str, str], applied: str | None,
+               current: str | None) -> TickResult:
+        """Fetch and verify the statement, then apply its head (inside the quarantine)."""
+        tag = self.mirror.fetch(env)
+        self._fetched = tag
+        stmt = parse_statement(tag, self.mirror.read_object(tag, "tag", MAX_STATEMENT_BYTES))
+        check_allowed_signers(self.cfg)
+        verify_statement(self.runner, self.cfg, stmt)
+        head = stmt.head
+        if not self.mirror.has_commit(head):
+            raise Refused(f"the accepted-head statement names {head[:12]}, which the remote did not send")
+        target = head
+        if applied and (head == applied or self.mirror.is_ancestor(head, applied)):
+            target = applied  # a statement at or behind what is live changes nothing
+        if applied and current == applied and target == applied:
+            self._record_statement(st, stmt)
+            note = "" if head == applied else f" (the statement names the older {head[:12]})"
+            return TickResult("ok", EXIT_OK, applied, f"up to date at {applied[:12]}{note}")
+
+        verify_commit(self.mirror, self.cfg, target)
+        if applied and target != applied and not self.mirror.is_ancestor(applied, target):
+            raise Refused(f"rollback: fetched {target[:12]} does not descend from applied {applied[:12]} (force-push to an older or "
                           "unrelated commit?)")
 
         t_build = time.monotonic()
-        new, changed, fallback = self._stage(tip, applied, current)
+        new, changed, fallback = self._stage(target, applied, current)
         build_s = time.monotonic() - t_build
-        self._reload_or_roll_back(tip, changed, fallback)
-        self._record_applied(st, tip, applied, fallback)
+        self._reload_or_roll_back(target, changed, fallback)
+        quarantine.accept({ACCEPTED_REF: tag, APPLIED_REF: target})
+        self._record_applied(st, target, applied, fallback)
+        self._record_statement(st, stmt)
         reloaded = ", ".join(changed) if changed else "nothing (no service files changed)"
-        return TickResult("ok", EXIT_OK, tip,
-                          f"applied {tip[:12]}: {new['domains']} domains, {new['mailboxes']} mailboxes, "
+        return TickResult("ok", EXIT_OK, target,
+                          f"applied {target[:12]}: {new['domains']} domains, {new['mailboxes']} mailboxes, "
                           f"build {build_s:.2f}s, reloaded {reloaded}", changed=True)
+
+    @staticmethod
+    def _record_statement(st: dict[str, Any], stmt: Statement) -> None:
+        """The last verified statement (Issued-At: how fresh the node's view of the server is)."""
+        st["statement"] = {"tag": stmt.tag, "head": stmt.head, "issued_at": stmt.issued_at}
+        st.pop("refused", None)
 
     def _stage(self, tip: str, applied: str | None, current: str | None) -> tuple[dict[str, Any], list[str], str | None]:
         """Make releases/<tip> live; return (its manifest, services to reload, release to fall back to)."""

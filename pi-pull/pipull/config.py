@@ -21,7 +21,6 @@ class Config:
     """Every setting of one node; defaults are those of an empty config section."""
 
     remote_url: str
-    branch: str = "main"
     send_credentials: bool = False
     node_name: str = ""
     sync_key_file: str = ""
@@ -31,6 +30,8 @@ class Config:
     keep_releases: int = 5
     passwd_group: str = ""
     mail_root: str = ""
+    mail_uid: int = 0
+    mail_gid: int = 0
     sync: bool = True
     report_url: str = ""
     report_timeout: float = 10.0
@@ -43,6 +44,16 @@ class Config:
     ssh_keygen: str = "ssh-keygen"
     fetch_timeout: float = 300.0
     interval: float = 60.0
+    max_fetch_mb: int = 256
+    max_file_mb: int = 32
+
+    @property
+    def max_fetch_bytes(self) -> int:
+        return self.max_fetch_mb * 1024 * 1024
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
 
     @property
     def remote_is_http(self) -> bool:
@@ -120,7 +131,7 @@ def load_config(path: str) -> Config:
     """Parse and check the INI config file (see pi-pull.example.ini)."""
     r = _Reader(_parse(path), path)
     cfg = Config(remote_url=_remote_url(r))
-    cfg.branch = r.get_str("remote", "branch", "main")
+    # [remote] branch (older configs) is ignored: a node follows the accepted-head statement.
     cfg.send_credentials = r.get_bool("remote", "send_credentials", cfg.remote_is_http)
     cfg.node_name = r.get_str("node", "name", "")
     cfg.sync_key_file = r.get_path("node", "sync_key_file", "")
@@ -130,6 +141,8 @@ def load_config(path: str) -> Config:
     cfg.keep_releases = r.get_int("paths", "keep_releases", 5)
     cfg.passwd_group = r.get_str("paths", "passwd_group", "")
     cfg.mail_root = r.get_str("paths", "mail_root", "")
+    cfg.mail_uid = r.get_int("paths", "mail_uid", 0)
+    cfg.mail_gid = r.get_int("paths", "mail_gid", 0)
     cfg.sync = r.get_bool("paths", "sync", True)
     cfg.report_url = r.get_str("report", "url", "")
     cfg.report_timeout = r.get_float("report", "timeout", 10.0)
@@ -142,22 +155,23 @@ def load_config(path: str) -> Config:
     cfg.ssh_keygen = r.get_str("agent", "ssh_keygen", "ssh-keygen")
     cfg.fetch_timeout = r.get_float("agent", "fetch_timeout", 300.0)
     cfg.interval = r.get_float("agent", "interval", 60.0)
+    cfg.max_fetch_mb = r.get_int("limits", "max_fetch_mb", cfg.max_fetch_mb)
+    cfg.max_file_mb = r.get_int("limits", "max_file_mb", cfg.max_file_mb)
     check_config(cfg, path)
     return cfg
 
 
 def check_config(cfg: Config, path: str) -> None:
     """Reject values that would only fail later, mid-tick."""
-    if not re.match(r"^[A-Za-z0-9._/-]+$", cfg.branch) or ".." in cfg.branch:
-        raise ConfigError(f"config {path}: [remote] branch {cfg.branch!r} is not a plain branch name")
+    _check_mail(cfg, path)
+    if cfg.max_fetch_mb < 1 or cfg.max_file_mb < 1:
+        raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:
         raise ConfigError("config {}: [services] map_type must be one of {}".format(path, ", ".join(MAP_TYPES)))
     if cfg.keep_releases < 1:
         raise ConfigError(f"config {path}: [paths] keep_releases must be >= 1")
     if cfg.interval <= 0:
         raise ConfigError(f"config {path}: [agent] interval must be > 0")
-    if cfg.mail_root and not os.path.isabs(cfg.mail_root):
-        raise ConfigError(f"config {path}: [paths] mail_root must be absolute")
     if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [report] url must be http(s)")
     if cfg.needs_key:
@@ -175,6 +189,24 @@ def check_config(cfg: Config, path: str) -> None:
             shlex.split(getattr(cfg, cmd_key))
         except ValueError as e:
             raise ConfigError(f"config {path}: [services] {cmd_key}: {e}") from None
+
+
+_MAIL_ROOT_RE = re.compile(r"^/[\x21-\x7e]*$")
+
+
+def _check_mail(cfg: Config, path: str) -> None:
+    """mail_root, mail_uid and mail_gid pin what a passwd line may say: the node's own values,
+    never the repo's (`mailstate node bundle` writes the state's settings.mail_root/uid/gid)."""
+    hint = "(the state's settings; `mailstate node bundle` writes it)"
+    if not cfg.mail_root:
+        raise ConfigError(f"config {path}: missing [paths] mail_root, the Maildir root every home must be under {hint}")
+    root = cfg.mail_root.rstrip("/")
+    if not _MAIL_ROOT_RE.match(cfg.mail_root) or not root or ":" in root or "/../" in root + "/" or "/./" in root + "/" or "//" in root:
+        raise ConfigError(f"config {path}: [paths] mail_root must be an absolute plain path other than / (no ':', spaces, '..')")
+    cfg.mail_root = root
+    for key in ("mail_uid", "mail_gid"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config {path}: [paths] {key} must be set to the owner of the Maildirs (a number >= 1) {hint}")
 
 
 def read_sync_key(path: str) -> str:

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from typing import BinaryIO
 
 
 def utcnow() -> str:
@@ -23,6 +24,17 @@ def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
         os.fchmod(fd, mode)  # exact mode, whatever the umask
     finally:
         os.close(fd)
+
+
+def open_new(path: str, mode: int = 0o644) -> BinaryIO:
+    """A new file (never an existing one: O_EXCL) with exactly ``mode``, opened for binary writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:

@@ -8,33 +8,33 @@ import logging
 import os
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .config import POSTMAP_TYPES, Config
 from .errors import Refused, TickError
-from .fsutil import digest, fsync_dir, rmtree, utcnow, write_file
-from .mirror import SHA_RE, Mirror
+from .fsutil import digest, fsync_dir, open_new, rmtree, utcnow, write_file
+from .mirror import SHA_RE, BlobReader, Mirror
 from .runner import Runner, short
-from .verify import DOMAIN_RE, validate_domain
+from .verify import DomainCheck, feed, is_domain
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
-DOMAIN_FILES = ("passwd", *MAP_FILES)
+DOMAIN_FILES = ("passwd", *MAP_FILES, "mailboxes")
+REQUIRED_FILES = ("passwd", *MAP_FILES)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
-VALIDATOR_VERSION = 1
+VALIDATOR_VERSION = 2
 
 
 @dataclass
 class _Plan:
-    """What a build needs: each domain's (passwd, maps, domains) blob ids, what is reused, the blobs read."""
+    """What a build needs: each domain's blob ids (passwd, maps, domains, mailboxes), what is reused."""
 
     tree: dict[str, dict[str, str]]
     keys: dict[str, list[str]] = field(default_factory=dict)
     reuse: set[str] = field(default_factory=set)
     prev_files: dict[str, list[Any]] = field(default_factory=dict)
     prev_passwd_dir: str = ""
-    blobs: dict[str, bytes] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     gid: int = -1
 
@@ -54,8 +54,12 @@ class Releases:
     # ---- read rendered/ from git
 
     def list_rendered(self, sha: str) -> dict[str, dict[str, str]]:
-        """Blob ids of each domain's rendered files: {domain: {file name: blob id}}."""
-        r = self.mirror.git("ls-tree", "-r", "-z", sha, "--", "rendered/domains/")
+        """Blob ids of each domain's rendered files: {domain: {file name: blob id}}.
+
+        Sizes come with the listing (``ls-tree -l``): a file over ``[limits] max_file_mb`` is
+        refused before a byte of it is read.
+        """
+        r = self.mirror.git("ls-tree", "-r", "-l", "-z", sha, "--", "rendered/domains/")
         if r.returncode != 0:
             raise TickError(f"git ls-tree {sha[:12]} failed: {short(r.stderr)}")
         wanted: dict[str, dict[str, str]] = {}
@@ -63,14 +67,15 @@ class Releases:
             if entry:
                 self._add_tree_entry(wanted, entry)
         for domain, files in wanted.items():
-            if "virtual_mailbox_domains" not in files:
-                raise Refused(f"rendered/ for {domain} lacks virtual_mailbox_domains")
+            for name in REQUIRED_FILES:
+                if name not in files:
+                    raise Refused(f"rendered/ for {domain} lacks {name}")
         return wanted
 
     def _add_tree_entry(self, wanted: dict[str, dict[str, str]], entry: bytes) -> None:
         meta, _, pathb = entry.partition(b"\t")
         try:
-            mode, otype, oid = meta.decode("ascii").split(" ")
+            mode, otype, oid, size = meta.decode("ascii").split()
             path = pathb.decode("utf-8")
         except (UnicodeDecodeError, ValueError):
             raise Refused("undecodable tree entry under rendered/") from None
@@ -79,32 +84,39 @@ class Releases:
             self.log.debug(f"ignoring rendered path {path}")
             return
         bb, domain, fname = parts[2], parts[3], parts[4]
-        if not DOMAIN_RE.match(domain) or bb != domain[:2]:
+        if not is_domain(domain) or bb != domain[:2]:
             raise Refused("unsafe or misplaced domain directory {!r}".format("/".join(parts[:4])))
         if otype != "blob" or mode not in ("100644", "100755"):
             raise Refused(f"{path} is not a regular file (mode {mode})")
+        if size.isdigit() and int(size) > self.cfg.max_file_bytes:
+            raise Refused(f"{path} weighs {int(size) / 1048576:.1f} MiB, more than [limits] max_file_mb = {self.cfg.max_file_mb}")
         wanted.setdefault(domain, {})[fname] = oid
 
     def reuse_key(self) -> str:
-        return json.dumps([VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root])
+        return json.dumps([VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root, self.cfg.mail_uid, self.cfg.mail_gid])
 
     # ---- build
 
     def build(self, sha: str, previous: str | None) -> dict[str, Any]:
         """Materialise rendered/ of ``sha`` into releases/<sha> (validated, postmapped).
 
-        Domains whose three blobs are unchanged since ``previous`` (the live release) are not
-        re-read or re-validated: their passwd-file is hard-linked from it, so a one-mailbox
-        change costs little even with 100k mailboxes, and unchanged files keep their mtime.
+        Every file is streamed from git, validated line by line as it is written (constant
+        memory whatever its size), into a build directory beside releases/ that becomes
+        releases/<sha> only when everything passed: a refused commit leaves releases/ untouched.
+
+        Domains whose blobs are unchanged since ``previous`` (the live release) are not
+        re-validated: their passwd-file is hard-linked from it, so a one-mailbox change costs
+        little even with 100k mailboxes, and unchanged files keep their mtime.
         """
         plan = self._plan(sha, previous)
-        self._read_and_validate(plan)
-        os.makedirs(self.dir, mode=0o755, exist_ok=True)
         final = os.path.join(self.dir, sha)
-        tmp = os.path.join(self.dir, f".tmp-{sha[:12]}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = os.path.join(self.root, f".build-{sha[:12]}-{os.getpid()}")
+        for name in os.listdir(self.root):
+            if name.startswith(".build-"):  # left by a run that died mid-build
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         try:
             manifest = self._write(tmp, sha, plan)
+            os.makedirs(self.dir, mode=0o755, exist_ok=True)
             if os.path.lexists(final):
                 rmtree(final)
             os.replace(tmp, final)
@@ -120,41 +132,36 @@ class Releases:
             plan.prev_files = prev["files"]
         plan.prev_passwd_dir = os.path.join(self.dir, previous or "-", "dovecot", "passwd.d")
         for domain, files in plan.tree.items():
-            key = [files.get("passwd", ""), files.get("virtual_mailbox_maps", ""), files["virtual_mailbox_domains"]]
+            key = [files["passwd"], files["virtual_mailbox_maps"], files["virtual_mailbox_domains"], files.get("mailboxes", "")]
             plan.keys[domain] = key
             old = plan.prev_files.get(domain)
-            if isinstance(old, list) and old[:3] == key and os.path.isfile(os.path.join(plan.prev_passwd_dir, domain)):
+            if (isinstance(old, list) and len(old) >= 4 and old[:3] == key[:3] and (old[4:5] or [""]) == key[3:4]
+                    and os.path.isfile(os.path.join(plan.prev_passwd_dir, domain))):
                 plan.reuse.add(domain)
         return plan
 
-    def _read_and_validate(self, plan: _Plan) -> None:
-        """Read the blobs a build needs (not the passwd-files it links) and validate everything new
-        before anything is written."""
-        need: set[str] = set()
-        for domain, key in plan.keys.items():
-            need.update(key[1:] if domain in plan.reuse else key)
-        need.discard("")
-        plan.blobs = self.mirror.cat_blobs(sorted(need))
-        plan.blobs[""] = b""
-        for domain in sorted(plan.tree):
-            if domain in plan.reuse:
-                plan.counts[domain] = int(plan.prev_files[domain][3])
-            else:
-                p_oid, m_oid, d_oid = plan.keys[domain]
-                plan.counts[domain] = validate_domain(domain, plan.blobs[p_oid], plan.blobs[m_oid], plan.blobs[d_oid],
-                                                      self.cfg.mail_root)
+    def _stream(self, cat: BlobReader, check: DomainCheck | None, fname: str, oid: str, domain: str,
+                out: BinaryIO | None) -> None:
+        """Copy one blob into ``out`` (if any), validating its lines with ``check`` (if any)."""
+        what = f"rendered {fname} of {domain}"
+        chunks = cat.stream(oid, what, self.cfg.max_file_bytes)
+        if check is None:
+            for chunk in chunks:
+                if out is not None:
+                    out.write(chunk)
+            return
 
-    def _write_passwd(self, plan: _Plan, domain: str, target: str) -> None:
-        if domain in plan.reuse:
-            try:
-                os.link(os.path.join(plan.prev_passwd_dir, domain), target)
-                return
-            except OSError:
-                pass
-        p_oid = plan.keys[domain][0]
-        if p_oid not in plan.blobs:
-            plan.blobs.update(self.mirror.cat_blobs([p_oid]))
-        write_file(target, plan.blobs[p_oid], 0o640 if self.cfg.passwd_group else 0o644)
+        def tee() -> Iterator[bytes]:
+            for chunk in chunks:
+                if out is not None:
+                    out.write(chunk)
+                yield chunk
+
+        feed(check, fname, tee())
+
+    def _write_passwd(self, plan: _Plan, cat: BlobReader, check: DomainCheck | None, domain: str, target: str) -> None:
+        with open_new(target, 0o640 if self.cfg.passwd_group else 0o644) as out:
+            self._stream(cat, check, "passwd", plan.keys[domain][0], domain, out)
         if plan.gid >= 0:
             os.chown(target, 0 if os.geteuid() == 0 else -1, plan.gid)
 
@@ -164,18 +171,30 @@ class Releases:
         os.makedirs(passwd_dir, mode=0o755)
         plan.gid = grp.getgrnam(self.cfg.passwd_group).gr_gid if self.cfg.passwd_group else -1
         files_manifest: dict[str, list[Any]] = {}
-        vmd_parts: list[bytes] = []
-        vmm_parts: list[bytes] = []
-        for domain in sorted(plan.tree):
-            p_oid, m_oid, d_oid = plan.keys[domain]
-            self._write_passwd(plan, domain, os.path.join(passwd_dir, domain))
-            files_manifest[domain] = [p_oid, m_oid, d_oid, plan.counts[domain]]
-            for part, lst in ((plan.blobs[d_oid], vmd_parts), (plan.blobs[m_oid], vmm_parts)):
-                if part and not part.endswith(b"\n"):
-                    part += b"\n"
-                lst.append(part)
-        write_file(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), b"".join(vmd_parts))
-        write_file(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), b"".join(vmm_parts))
+        with self.mirror.batch() as cat, \
+                open_new(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), 0o644) as vmd, \
+                open_new(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), 0o644) as vmm:
+            links: list[str] = []
+            for domain in sorted(plan.tree):
+                p_oid, m_oid, d_oid, b_oid = plan.keys[domain]
+                check = None if domain in plan.reuse else DomainCheck(domain, self.cfg, format2=bool(b_oid))
+                if check is None:
+                    links.append(domain)  # linked once everything validated: a refused build touches no live file
+                else:
+                    self._write_passwd(plan, cat, check, domain, os.path.join(passwd_dir, domain))
+                self._stream(cat, check, "virtual_mailbox_maps", m_oid, domain, vmm)
+                self._stream(cat, check, "virtual_mailbox_domains", d_oid, domain, vmd)
+                if b_oid and check is not None:
+                    self._stream(cat, check, "mailboxes", b_oid, domain, None)
+                count = int(plan.prev_files[domain][3]) if check is None else check.finish()
+                plan.counts[domain] = count
+                files_manifest[domain] = [p_oid, m_oid, d_oid, count] + ([b_oid] if b_oid else [])
+            for domain in links:
+                target = os.path.join(passwd_dir, domain)
+                try:
+                    os.link(os.path.join(plan.prev_passwd_dir, domain), target)
+                except OSError:
+                    self._write_passwd(plan, cat, DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3])), domain, target)
         self.postmap(tmp)
         manifest = self._manifest_for(sha, files_manifest, len(plan.reuse))
         write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, sort_keys=True) + "\n").encode())

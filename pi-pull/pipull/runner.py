@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 _DROP_ENV_PREFIXES = ("GIT_",)
@@ -31,7 +33,12 @@ class Runner:
 
     def run(self, argv: Sequence[str], *, input: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
+            cwd: str | None = None, limit_dir: str | None = None,
+            limit_bytes: int = 0) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv``; with ``limit_dir``, kill it (rc 125) once that directory weighs more than
+        ``limit_bytes`` (a fetch from an untrusted remote must not fill the disk)."""
+        if limit_dir is not None:
+            return self._run_watched(list(argv), env, timeout, limit_dir, limit_bytes)
         try:
             return subprocess.run(list(argv), input=input, capture_output=True, env=self._env(env), timeout=timeout, cwd=cwd,
                                   stdin=None if input is not None else subprocess.DEVNULL)
@@ -40,6 +47,44 @@ class Runner:
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(list(argv), 124, b"",
                                                (f"{argv[0]}: timed out after {timeout}s").encode())
+
+    def _run_watched(self, argv: list[str], env: Mapping[str, str] | None, timeout: float | None,
+                     limit_dir: str, limit_bytes: int) -> subprocess.CompletedProcess[bytes]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                # Its own session: the kill reaches git's helpers (index-pack, remote-https) too.
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self._env(env),
+                                        start_new_session=True)
+            except FileNotFoundError:
+                return subprocess.CompletedProcess(argv, 127, b"", (f"{argv[0]}: command not found").encode())
+            code: int | None = None
+            reason = b""
+            while code is None:
+                try:
+                    code = proc.wait(timeout=0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if dir_size(limit_dir) > limit_bytes:
+                    code, reason = 125, f"{argv[0]}: stopped, it wrote more than {limit_bytes // (1024 * 1024)} MiB".encode()
+                elif deadline is not None and time.monotonic() > deadline:
+                    code, reason = 124, f"{argv[0]}: timed out after {timeout}s".encode()
+                else:
+                    continue
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait()
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(argv, code, out.read(1 << 20), reason or err.read(1 << 16))
+
+    def popen(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A long-lived child with pipes on stdin/stdout (``git cat-file --batch``); stderr is discarded."""
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=self._env(env))
 
     def shell(self, command: str, *, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run a configured shell command (reloads). Output goes to an unnamed temp file, not a
@@ -56,6 +101,18 @@ class Runner:
         if code == 124 and not text:
             text = f"timed out after {timeout}s".encode()
         return subprocess.CompletedProcess(command, code, b"", text)
+
+
+def dir_size(path: str) -> int:
+    """Bytes under ``path`` (files only, symlinks not followed); 0 when it does not exist."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def short(out: bytes, limit: int = 300) -> str:

@@ -1,27 +1,75 @@
-"""Trust checks: the commit's SSH signature (local allowed_signers only) and rendered content."""
+"""Trust checks: the commit's SSH signature (local allowed_signers only) and rendered content.
+
+A node applies only what the mailstate compiler can produce (compiler/render.py and
+templates/rendered/), checked line by line with the node's OWN mail_root, uid and gid:
+
+    passwd                   <local>@<domain>:{BLF-CRYPT}$2b$NN$<53>:<uid>:<gid>::<mail_root>/<domain>/<dir>::userdb_quota_rule=*:storage=<N>M
+    virtual_mailbox_maps     <local>@<domain> <domain>/<dir>/
+    virtual_mailbox_domains  <domain> OK
+    mailboxes (format 2)     <local> <yyyymmdd-xxxxxx> <active|inactive>
+
+``<dir>`` is ``<local>`` (format 1) or ``<local>~<id>`` (format 2: the domain has a
+``mailboxes`` fragment, whose active lines must be exactly the passwd and map entries). Each
+file is sorted by local part, every line ends in a newline, nothing else is allowed: no
+``{PLAIN}`` or scheme-less password, no ``nopassword``/``userdb_uid``/``userdb_home``/``proxy``
+field, no home outside the mail root. Local parts and domains follow the server's rules
+(state/validate.py); tests/vectors/ holds both to the same table.
+
+The checker is streaming: it keeps a running digest of each file's (local, dir) sequence
+instead of sets, so a domain of any size validates in constant memory.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import posixpath
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Config
 from .errors import Refused, TickError
 from .mirror import Mirror
 from .runner import short
 
+# The server's rules (state/validate.py): RFC 1035 labels, >= 2 labels, <= 253 characters,
+# a top-level label that is not all digits; local parts are a conservative lowercase dot-atom.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-DOMAIN_RE = re.compile(r"^(?=.{1,253}$)" + _LABEL + r"(?:\." + _LABEL + r")+$")
-LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
-CONTROL_EXCEPT_NL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-WS_RE = re.compile(r"\s")
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)" + _LABEL + r"(?:\." + _LABEL + r")*\.(?![0-9]+$)" + _LABEL + r"$")
+LOCAL_RE = re.compile(r"^(?=.{1,64}$)[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*$")
+MAILBOX_ID_RE = re.compile(r"^[0-9]{8}-[0-9a-f]{6}$")
+BCRYPT_RE = re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+QUOTA_RE = re.compile(r"^storage=([1-9][0-9]{0,6})M$")
+MAX_QUOTA_MB = 1_048_576  # the server's MAX_QUOTA_MB
+PRINTABLE_ASCII_RE = re.compile(rb"^[\x20-\x7e]*$")
+# No line the compiler writes comes near this; a longer one is refused before it is parsed.
+MAX_LINE_BYTES = 8192
+MAX_COMMIT_BYTES = 1024 * 1024
+ID_SEPARATOR = "~"
+
+
+def is_domain(name: str) -> bool:
+    """True for a domain in the server's canonical form (lowercase ASCII, punycode for IDN)."""
+    return bool(DOMAIN_RE.match(name))
+
+
+def is_local_part(local: str) -> bool:
+    """True for a local part the server accepts (state/validate.py is_local_part)."""
+    return bool(LOCAL_RE.match(local))
+
+
+def check_allowed_signers(cfg: Config) -> None:
+    if not os.path.isfile(cfg.allowed_signers) or os.path.getsize(cfg.allowed_signers) == 0:
+        raise TickError(f"allowed_signers {cfg.allowed_signers} is missing or empty; refusing to trust anything")
 
 
 def verify_commit(mirror: Mirror, cfg: Config, sha: str) -> None:
     """``git verify-commit`` against the node's own allowed_signers; Refused with the reason."""
-    if not os.path.isfile(cfg.allowed_signers) or os.path.getsize(cfg.allowed_signers) == 0:
-        raise TickError(f"allowed_signers {cfg.allowed_signers} is missing or empty; refusing to trust anything")
+    check_allowed_signers(cfg)
+    size = mirror.object_size(sha, "commit")
+    if size > MAX_COMMIT_BYTES:
+        raise Refused(f"commit {sha[:12]} is {size} bytes, over the {MAX_COMMIT_BYTES} a state commit may weigh")
     args = ["-c", "gpg.ssh.allowedSignersFile=" + cfg.allowed_signers,
             "-c", "gpg.ssh.program=" + cfg.ssh_keygen]
     if cfg.revoked_signers:
@@ -39,81 +87,182 @@ def verify_commit(mirror: Mirror, cfg: Config, sha: str) -> None:
     raise Refused(f"commit {sha[:12]} is not signed by a trusted key ({detail})")
 
 
-def _lines(domain: str, data: bytes, what: str) -> list[str]:
-    try:
-        s = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Refused(f"{what} of {domain} is not UTF-8") from None
-    if CONTROL_EXCEPT_NL_RE.search(s):
-        raise Refused(f"{what} of {domain} contains control characters")
-    return [line for line in s.split("\n") if line != ""]
+class LineSplitter:
+    """Cuts a stream of chunks into lines (without the newline), bounding each line's length."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.rest = b""
+        self.count = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self.rest + chunk
+        lines = data.split(b"\n")
+        self.rest = lines.pop()
+        if len(self.rest) > MAX_LINE_BYTES or any(len(line) > MAX_LINE_BYTES for line in lines):
+            raise Refused(f"{self.what}: a line is longer than {MAX_LINE_BYTES} bytes")
+        self.count += len(lines)
+        return lines
+
+    def close(self) -> None:
+        if self.rest:
+            raise Refused(f"{self.what}: the last line does not end with a newline")
 
 
-def _address_ok(address: str, suffix: str) -> bool:
-    return address.endswith(suffix) and bool(LOCAL_RE.match(address[: -len(suffix)]))
+@dataclass
+class _Seq:
+    """A file's (local, dir) sequence: strictly sorted by local part, kept as a digest."""
+
+    what: str
+    last: bytes = b""
+    count: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+
+    def add(self, local: str, value: str) -> None:
+        key = local.encode()
+        if self.count and key <= self.last:
+            raise Refused(f"{self.what}: {local} is out of order or listed twice (the compiler sorts by local part)")
+        self.last = key
+        self.count += 1
+        self.digest.update(key + b"\0" + value.encode() + b"\n")
 
 
-def _map_users(domain: str, vmm: bytes) -> set[str]:
-    suffix = "@" + domain
-    users: set[str] = set()
-    for line in _lines(domain, vmm, "virtual_mailbox_maps"):
-        parts = line.split()
+class DomainCheck:
+    """Validates one domain's rendered fragments line by line (feed the lines of each file, then
+    ``finish()``). Every failure is Refused with the file, the line number and the reason; a
+    password hash never appears in a message."""
+
+    def __init__(self, domain: str, cfg: Config, *, format2: bool) -> None:
+        if not is_domain(domain):
+            raise Refused(f"unsafe domain name {domain[:80]!r} in rendered/")
+        self.domain = domain
+        self.root = cfg.mail_root.rstrip("/")
+        self.uid = str(cfg.mail_uid)
+        self.gid = str(cfg.mail_gid)
+        self.format2 = format2
+        self.passwd = _Seq(f"passwd of {domain}")
+        self.maps = _Seq(f"virtual_mailbox_maps of {domain}")
+        self.active = _Seq(f"mailboxes of {domain}")
+        self.listed = _Seq(f"mailboxes of {domain}")
+        self.vmd_lines = 0
+
+    # ---- helpers
+
+    def _text(self, what: str, n: int, line: bytes) -> str:
+        if not PRINTABLE_ASCII_RE.match(line):
+            raise Refused(f"{what} of {self.domain}, line {n}: not printable ASCII (control or non-ASCII bytes)")
+        return line.decode("ascii")
+
+    def _address(self, what: str, n: int, address: str) -> str:
+        local, at, dom = address.rpartition("@")
+        if not at or dom != self.domain:
+            raise Refused(f"{what} of {self.domain}, line {n}: {address[:80]!r} is not an address in {self.domain}")
+        if not is_local_part(local):
+            raise Refused(f"{what} of {self.domain}, line {n}: bad local part {local[:80]!r} (the server allows a-z 0-9 . _ + -)")
+        return local
+
+    def _dir(self, what: str, n: int, local: str, d: str) -> None:
+        if self.format2:
+            mlocal, sep, mid = d.partition(ID_SEPARATOR)
+            if mlocal != local or not sep or not MAILBOX_ID_RE.match(mid):
+                raise Refused(f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}~<id>")
+        elif d != local:
+            raise Refused(f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}")
+
+    # ---- the four files
+
+    def passwd_line(self, n: int, raw: bytes) -> None:
+        what = "passwd"
+        text = self._text(what, n, raw)
+        fields = text.split(":")
+        if len(fields) < 7:
+            raise Refused(f"passwd of {self.domain}, line {n}: {len(fields)} fields, expected "
+                          "user:password:uid:gid::home::userdb_quota_rule=*:storage=<N>M")
+        user, password, uid, gid, gecos, home, shell = fields[:7]
+        local = self._address(what, n, user)
+        if not BCRYPT_RE.match(password):
+            raise Refused(f"passwd of {self.domain}, line {n} ({user}): the password is not a {{BLF-CRYPT}}$2b$ bcrypt hash "
+                          "(plain text and other schemes are refused)")
+        if uid != self.uid or gid != self.gid:
+            raise Refused(f"passwd of {self.domain}, line {n} ({user}): uid/gid {uid[:12]}:{gid[:12]} are not the configured "
+                          f"[paths] mail_uid/mail_gid {self.uid}:{self.gid}")
+        if gecos or shell:
+            raise Refused(f"passwd of {self.domain}, line {n} ({user}): gecos and shell must be empty")
+        prefix = f"{self.root}/{self.domain}/"
+        if not home.startswith(prefix) or "/" in home[len(prefix):]:
+            raise Refused(f"passwd of {self.domain}, line {n} ({user}): home {home[:120]!r} is not under "
+                          f"[paths] mail_root {self.root}/{self.domain}/")
+        self._dir(what, n, local, home[len(prefix):])
+        extra = fields[7:]
+        m = QUOTA_RE.match(extra[1]) if len(extra) == 2 and extra[0] == "userdb_quota_rule=*" else None
+        if m is None or int(m.group(1)) > MAX_QUOTA_MB:
+            raise Refused(f"passwd of {self.domain}, line {n} ({user}): extra fields must be exactly "
+                          "userdb_quota_rule=*:storage=<N>M (nopassword, userdb_uid, userdb_home, userdb_mail, proxy, host ... "
+                          "are refused)")
+        self.passwd.add(local, home[len(prefix):])
+
+    def map_line(self, n: int, raw: bytes) -> None:
+        what = "virtual_mailbox_maps"
+        text = self._text(what, n, raw)
+        parts = text.split(" ")
         if len(parts) != 2:
-            raise Refused(f"virtual_mailbox_maps of {domain}: malformed line {line[:80]!r}")
-        key, value = parts
-        if not _address_ok(key, suffix):
-            raise Refused(f"virtual_mailbox_maps of {domain}: bad address {key[:80]!r}")
-        if value.startswith("/") or ".." in value.split("/"):
-            raise Refused(f"virtual_mailbox_maps of {domain}: unsafe path {value[:80]!r}")
-        if key in users:
-            raise Refused(f"virtual_mailbox_maps of {domain}: duplicate {key}")
-        users.add(key)
-    return users
+            raise Refused(f"virtual_mailbox_maps of {self.domain}, line {n}: expected '<address> <domain>/<dir>/'")
+        local = self._address(what, n, parts[0])
+        value = parts[1]
+        prefix = self.domain + "/"
+        if not value.startswith(prefix) or not value.endswith("/") or "/" in value[len(prefix):-1]:
+            raise Refused(f"virtual_mailbox_maps of {self.domain}, line {n}: unsafe path {value[:80]!r} for {parts[0]}")
+        d = value[len(prefix):-1]
+        self._dir(what, n, local, d)
+        self.maps.add(local, d)
+
+    def domains_line(self, n: int, raw: bytes) -> None:
+        if raw != f"{self.domain} OK".encode() or n != 1:
+            raise Refused(f"virtual_mailbox_domains of {self.domain} must be exactly one line '{self.domain} OK'")
+        self.vmd_lines += 1
+
+    def mailboxes_line(self, n: int, raw: bytes) -> None:
+        what = "mailboxes"
+        text = self._text(what, n, raw)
+        parts = text.split(" ")
+        if len(parts) != 3 or not is_local_part(parts[0]) or not MAILBOX_ID_RE.match(parts[1]) or parts[2] not in ("active", "inactive"):
+            raise Refused(f"mailboxes of {self.domain}, line {n}: expected '<local> <yyyymmdd-xxxxxx> <active|inactive>'")
+        self.listed.add(parts[0], parts[1])
+        if parts[2] == "active":
+            self.active.add(parts[0], parts[0] + ID_SEPARATOR + parts[1])
+
+    def finish(self) -> int:
+        """Cross-file checks once every file was fed; returns the mailbox (login) count."""
+        if self.vmd_lines != 1:
+            raise Refused(f"virtual_mailbox_domains of {self.domain} must be exactly one line '{self.domain} OK'")
+        if (self.passwd.count, self.passwd.digest.digest()) != (self.maps.count, self.maps.digest.digest()):
+            raise Refused(f"{self.domain}: passwd and virtual_mailbox_maps disagree ({self.passwd.count} vs {self.maps.count} "
+                          "entries, or different mailboxes)")
+        if self.format2 and (self.passwd.count, self.passwd.digest.digest()) != (self.active.count, self.active.digest.digest()):
+            raise Refused(f"{self.domain}: passwd and the active lines of mailboxes disagree")
+        return self.passwd.count
 
 
-def _passwd_user(domain: str, line: str, mail_root: str, seen: set[str]) -> str:
-    """Check one passwd-file line; return its user (not yet in ``seen``)."""
-    fields = line.split(":", 7)
-    if len(fields) < 7:
-        raise Refused(f"passwd of {domain}: line has {len(fields)} fields, expected at least 7")
-    user, password, uid, gid, gecos, home, shell = fields[:7]
-    extra = fields[7] if len(fields) > 7 else ""
-    if not _address_ok(user, "@" + domain):
-        raise Refused(f"passwd of {domain}: bad user {user[:80]!r}")
-    if user in seen:
-        raise Refused(f"passwd of {domain}: duplicate user {user}")
-    if not password or WS_RE.search(password):
-        raise Refused(f"passwd of {domain}: bad password field for {user}")
-    if not (uid.isdigit() and gid.isdigit()) or int(uid) == 0 or int(gid) == 0:
-        raise Refused(f"passwd of {domain}: uid/gid for {user} must be non-zero numbers")
-    if (not home.startswith("/") or posixpath.normpath(home) != home or home == "/"
-            or ".." in home.split("/") or WS_RE.search(home)):
-        raise Refused(f"passwd of {domain}: unsafe home {home[:80]!r} for {user}")
-    if mail_root and not home.startswith(mail_root.rstrip("/") + "/"):
-        raise Refused(f"passwd of {domain}: home of {user} is outside mail_root {mail_root}")
-    if shell or gecos:
-        raise Refused(f"passwd of {domain}: gecos/shell must be empty for {user}")
-    for item in extra.split():
-        if "=" not in item:
-            raise Refused(f"passwd of {domain}: bad extra field {item[:80]!r} for {user}")
-    return user
+def feed(check: DomainCheck, fname: str, chunks: Iterable[bytes]) -> None:
+    """Feed one file's content (any chunking) to ``check``."""
+    method = {"passwd": check.passwd_line, "virtual_mailbox_maps": check.map_line,
+              "virtual_mailbox_domains": check.domains_line, "mailboxes": check.mailboxes_line}[fname]
+    splitter = LineSplitter(f"{fname} of {check.domain}")
+    for chunk in chunks:
+        start = splitter.count
+        for i, line in enumerate(splitter.feed(chunk)):
+            method(start + i + 1, line)
+    splitter.close()
 
 
-def validate_domain(domain: str, passwd: bytes, vmm: bytes, vmd: bytes, mail_root: str = "") -> int:
-    """Validate one domain's rendered fragments. Returns the mailbox count.
+def validate_domain(domain: str, cfg: Config, passwd: bytes, vmm: bytes, vmd: bytes, mailboxes: bytes | None = None) -> int:
+    """Validate one domain's rendered fragments given as bytes; returns the mailbox count.
 
-    Raises Refused with a one-line reason on anything unexpected.
+    Raises Refused with a one-line reason on anything the compiler would not have written.
     """
-    if not DOMAIN_RE.match(domain):
-        raise Refused(f"unsafe domain name {domain!r} in rendered/")
-    vmd_lines = _lines(domain, vmd, "virtual_mailbox_domains")
-    if len(vmd_lines) != 1 or len(vmd_lines[0].split()) != 2 or vmd_lines[0].split()[0] != domain:
-        raise Refused(f"virtual_mailbox_domains of {domain} must be exactly one line '{domain} OK'")
-    map_users = _map_users(domain, vmm)
-    pw_users: set[str] = set()
-    for line in _lines(domain, passwd, "passwd"):
-        pw_users.add(_passwd_user(domain, line, mail_root, pw_users))
-    if pw_users != map_users:
-        diff = sorted(pw_users ^ map_users)
-        raise Refused(f"{domain}: passwd and virtual_mailbox_maps disagree (e.g. {diff[0]})")
-    return len(pw_users)
+    check = DomainCheck(domain, cfg, format2=mailboxes is not None)
+    for fname, data in (("passwd", passwd), ("virtual_mailbox_maps", vmm), ("virtual_mailbox_domains", vmd),
+                        ("mailboxes", mailboxes)):
+        if data is not None:
+            feed(check, fname, [data])
+    return check.finish()
