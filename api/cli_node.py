@@ -20,11 +20,12 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
     dd = DataDir(Path(args.data))
     if not dd.is_initialised():
         raise StoreError(f"{args.data} is not a mailstate data dir; run `mailstate init --data {args.data}`.")
-    if not args.allow_unregistered:
-        from mailstate.state.datadir import open_store
+    from mailstate.state.datadir import open_store
 
-        if open_store(dd.root).snapshot.node(name) is None:
-            raise NotFound(f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found")
+    snapshot = open_store(dd.root).snapshot
+    if not args.allow_unregistered and snapshot.node(name) is None:
+        raise NotFound(f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found")
+    settings = snapshot.settings
     bundle = render_node_bundle(
         name,
         args.server_url,
@@ -33,13 +34,19 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         remote_url=args.remote_url,
         map_type=args.map_type,
         lmtp_port=args.lmtp_port,
+        mail_root=settings.mail_root,
+        mail_uid=settings.uid,
+        mail_gid=settings.gid,
     )
     out = Path(args.out)
     try:
         _write_bundle(out, bundle)
     except OSError as exc:
         raise StoreError(f"Cannot write the bundle into {out}: {exc.strerror or exc}.") from exc
-    print(f"Next: write node {name}'s sync key (from add-node) to /etc/pi-pull/sync_key with mode 0600; see README 'Deploying a node'.")
+    print(f"Next, on node {name} as root (paste the sync key from add-node, then Ctrl-D; it is not echoed):\n"
+          f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin --dry-run   # shows every action\n"
+          f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin\n"
+          "See README 'Deploying a node'.")
     return 0
 
 

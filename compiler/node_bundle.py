@@ -10,6 +10,12 @@ writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
     pi-pull.service, pi-pull.timer     -> /etc/systemd/system/
     dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
     postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
+    postfix/main.cf.base               -> /etc/postfix/main.cf, only if there is none ("No configuration")
+    bundle.json                        -> read by `pi_pull.py install` (``bundle_manifest()``)
+
+``python3 pi_pull.py install --bundle DIR`` (pi-pull/pipull/install.py) installs all of it from
+the manifest ``bundle.json``, which lists each file, its destination directory and mode, the
+mail root with its owner, and the files' SHA-256.
 
 The sync key is never part of the bundle: the operator writes it to ``/etc/pi-pull/sync_key``
 (mode 0600), which the generated ini points at.
@@ -22,7 +28,9 @@ give the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 import zipapp
 import zipfile
@@ -62,8 +70,29 @@ INSTALL_PATHS: dict[str, str] = {
     "pi-pull.service": "/etc/systemd/system/pi-pull.service",
     "pi-pull.timer": "/etc/systemd/system/pi-pull.timer",
     "dovecot/conf.d/90-mailstate.conf": "/etc/dovecot/conf.d/90-mailstate.conf",
-    "postfix/main.cf.mailstate": "/etc/postfix/main.cf (append)",
+    "postfix/main.cf.mailstate": "/etc/postfix/main.cf (postconf -e)",
+    "postfix/main.cf.base": "/etc/postfix/main.cf (only if missing)",
+    "bundle.json": "(read by pi_pull.py install)",
 }
+MANIFEST_NAME = "bundle.json"
+MANIFEST_FORMAT = 1
+# Where `pi_pull.py install` puts things by default; each is an option of install.
+INSTALL_DIRS: dict[str, str] = {
+    "etc_dir": ETC_DIR,
+    "lib_dir": "/usr/local/lib/pi-pull",
+    "systemd_dir": "/etc/systemd/system",
+    "postfix_dir": "/etc/postfix",
+    "dovecot_dir": "/etc/dovecot",
+}
+# (bundle file, install dir key, name under that dir, mode)
+_INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
+    ("pi-pull.ini", "etc_dir", "pi-pull.ini", 0o644),
+    ("allowed_signers", "etc_dir", "allowed_signers", 0o644),
+    ("pi_pull.py", "lib_dir", "pi_pull.py", 0o755),
+    ("pi-pull.service", "systemd_dir", "pi-pull.service", 0o644),
+    ("pi-pull.timer", "systemd_dir", "pi-pull.timer", 0o644),
+    ("dovecot/conf.d/90-mailstate.conf", "dovecot_dir", "conf.d/90-mailstate.conf", 0o644),
+)
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _SIGNER_LINE = re.compile(r"^\S+(\s+\S+=\S+)*\s+(ssh-ed25519|ssh-rsa|ecdsa-sha2-\S+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
@@ -151,6 +180,9 @@ def render_node_bundle(
     passwd_group: str = "dovecot",
     interval: int = 60,
     quota: bool = True,
+    mail_root: str = "/var/vmail",
+    mail_uid: int = 5000,
+    mail_gid: int = 5000,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -159,7 +191,8 @@ def render_node_bundle(
     ``remote_url`` (any git URL, e.g. a git host) or ``report_url`` override them. With an empty
     ``server_url`` there is no report URL unless one is given. ``allowed_signers`` is the text of
     the allowed_signers file the node will trust (e.g. the server's ``DIR/allowed_signers``).
-    Bad arguments raise InvalidInput.
+    ``mail_root``/``mail_uid``/``mail_gid`` are the state's settings (mailstate.yaml): install
+    creates the mail root owned by them. Bad arguments raise InvalidInput.
     """
     if not _NODE_NAME.match(node_name):
         raise InvalidInput("The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name")
@@ -174,6 +207,11 @@ def render_node_bundle(
         raise InvalidInput("The node's root must be an absolute path.", field="root")
     root = root.rstrip("/") or "/"
     is_http = remote.lower().startswith(("http://", "https://"))
+    if not mail_root.startswith("/") or not _SAFE_VALUE.match(mail_root):
+        raise InvalidInput("The mail root must be an absolute path.", field="mail_root")
+    for key, value in (("mail_uid", mail_uid), ("mail_gid", mail_gid)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidInput(f"{key} must be a positive number (never root).", field=key)
 
     ini = render_template(
         "pi-pull.ini.j2",
@@ -192,13 +230,47 @@ def render_node_bundle(
         map_type=map_type,
         postmap=postmap,
         interval=int(interval),
+        mail_root=mail_root.rstrip("/") or "/",
+        mail_uid=int(mail_uid),
+        mail_gid=int(mail_gid),
     )
-    return {
+    files: dict[str, str | bytes] = {
         "pi-pull.ini": ini,
         "allowed_signers": _normalise_signers(allowed_signers),
         "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
         "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
         "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota),
         "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port),
+        "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
     }
+    files[MANIFEST_NAME] = bundle_manifest(node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid,
+                                           mail_gid=mail_gid)
+    return files
+
+
+def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root: str, mail_uid: int, mail_gid: int) -> str:
+    """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
+
+    ``files``: each bundle file with its install directory (a key of ``dirs``, overridable by an
+    install option), its name under it and its mode. ``relocate``: files that name the default
+    directories and are rewritten when install is given other ones. ``sha256`` lets install
+    refuse a damaged or partly copied bundle.
+    """
+    def sha(content: str | bytes) -> str:
+        return hashlib.sha256(content.encode("utf-8") if isinstance(content, str) else content).hexdigest()
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "node": node_name,
+        "dirs": INSTALL_DIRS,
+        "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
+        "relocate": ["pi-pull.ini", "pi-pull.service"],
+        "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
+        "postfix": {"main_cf": "postfix/main.cf.mailstate", "main_cf_base": "postfix/main.cf.base"},
+        "dovecot": {"snippet": "conf.d/90-mailstate.conf", "disable_auth_system": True},
+        "mail_root": {"path": mail_root, "uid": mail_uid, "gid": mail_gid, "mode": "0750"},
+        "units": {"service": "pi-pull.service", "timer": "pi-pull.timer"},
+        "sha256": {name: sha(content) for name, content in sorted(files.items())},
+    }
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"

@@ -27,6 +27,8 @@ EXPECTED_FILES = {
     "dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate",
     "pi_pull.py",
+    "postfix/main.cf.base",
+    "bundle.json",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pi_pull.py",
         description="mailstate node agent: fetch the signed state repo, verify, and apply rendered/ "
-                    "Postfix/Dovecot files atomically.",
+                    "Postfix/Dovecot files atomically. To set up a node from its bundle: "
+                    "`pi_pull.py install --bundle DIR --sync-key-stdin [--dry-run]`; to undo it: "
+                    "`pi_pull.py uninstall` (each has its own --help).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,6 +67,11 @@ def run_loop(agent: Agent, cfg: Config, log: logging.Logger) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in ("install", "uninstall"):
+        from .install_cli import main as install_main
+
+        return install_main(args_list)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

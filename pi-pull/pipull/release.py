@@ -17,6 +17,7 @@ from .errors import Refused, TickError
 from .fsutil import digest, fsync_dir, open_new, rmtree, utcnow, write_file
 from .mirror import SHA_RE, BlobReader, Mirror
 from .runner import Runner, short
+from .services import explain_reload_failure
 from .verify import DomainCheck, feed, is_domain
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
@@ -284,7 +285,8 @@ class Releases:
                 continue
             r = self.runner.shell(cmd, timeout=self.cfg.reload_timeout)
             if r.returncode != 0:
-                failures.append(f"{svc} reload failed (rc={r.returncode}): {short(r.stderr + r.stdout, 200)}")
+                # postfix prints nothing when stderr is not a terminal: say what is wrong instead.
+                failures.append(explain_reload_failure(svc, cmd, r, self.runner))
         return failures
 
     # ---- prune

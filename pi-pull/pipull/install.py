@@ -1,0 +1,560 @@
+"""``pi_pull.py install`` and ``uninstall``: put a node bundle on this machine, and take it off.
+
+Install reads the bundle's manifest (``bundle.json``, written by ``mailstate node bundle``) and
+brings the machine to the state it describes, one step at a time. Each step first computes what
+the file or directory should be, compares it with what is there, and only then changes it:
+
+- the files (config, allowed_signers, the agent, the units, the Dovecot snippet), exact modes;
+- the sync key file, mode 0600 (the key is read from stdin or a file, never printed or logged,
+  never in a child's argv);
+- Postfix: main.cf gets the bundle's lines through ``postconf -e`` (on a temp copy, so a dry
+  run can show the result); a missing main.cf ("No configuration") starts from the bundle's
+  minimal one, a missing master.cf from Postfix's own master.cf.dist;
+- Dovecot: the snippet is included (conf.d/*.conf, or an added ``!include`` line) and
+  ``!include auth-system.conf.ext`` in conf.d/10-auth.conf is commented out with a marker;
+- the mail root, owned by the state's uid/gid;
+- systemd, when it runs: daemon-reload, (re)start Postfix and Dovecot, enable the timer;
+- a first tick.
+
+A dry run prints the same steps as "would ..." and writes nothing. A second install finds
+every step done and says "already installed". What install changed is recorded in
+``<etc_dir>/install.json`` with a copy of every host file it changed as it was before
+(``<etc_dir>/backup/``), so uninstall restores those files byte for byte. It keeps the mail
+root (the Maildirs) and the release root, and says so.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import json
+import os
+import shutil
+import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import hostconf
+from .errors import ConfigError, TickError
+from .fsutil import atomic_write
+from .runner import Runner, short
+from .services import systemd_running
+
+MANIFEST = "bundle.json"
+RECORD = "install.json"
+BACKUP_DIR = "backup"
+MASTER_CF_DIST = ("/usr/share/postfix/master.cf.dist",)
+DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir")
+
+
+class InstallError(TickError):
+    """An install or uninstall step failed (exit 1); the steps before it are done and recorded."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def file_mode(path: str) -> int | None:
+    try:
+        return stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class Bundle:
+    """A bundle folder and its checked manifest."""
+
+    path: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str) -> Bundle:
+        """Read ``<path>/bundle.json`` and check every listed file's SHA-256 (a damaged copy is refused)."""
+        raw = read_bytes(os.path.join(path, MANIFEST))
+        if raw is None:
+            raise ConfigError(f"{path} is not a node bundle: {MANIFEST} is missing (write one with `mailstate node bundle`)")
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{path}/{MANIFEST} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != 1:
+            raise ConfigError(f"{path}/{MANIFEST}: unsupported bundle format {manifest.get('format') if isinstance(manifest, dict) else '?'}; "
+                              "use the pi_pull.py from the same bundle")
+        bundle = cls(path, manifest)
+        for name, digest in sorted(manifest.get("sha256", {}).items()):
+            data = bundle.read(name)
+            if sha256(data) != digest:
+                raise ConfigError(f"bundle file {name} does not match {MANIFEST} (damaged or partly copied bundle?)")
+        return bundle
+
+    def read(self, name: str) -> bytes:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ConfigError(f"{MANIFEST} names an unsafe file {name!r}")
+        data = read_bytes(os.path.join(self.path, name))
+        if data is None:
+            raise ConfigError(f"bundle file {name} is missing from {self.path}")
+        return data
+
+
+@dataclass
+class Options:
+    """Where things go (every directory overridable, so tests run against temp dirs) and what to do."""
+
+    dirs: dict[str, str] = field(default_factory=dict)
+    mail_root: str = ""
+    dry_run: bool = False
+    start: bool = True
+    tick: bool = True
+    systemd: bool | None = None  # None: detect (systemd_running())
+    postconf: str = "postconf"
+    doveconf: str = "doveconf"
+    systemctl: str = "systemctl"
+
+
+class Record:
+    """``<etc_dir>/install.json``: what install changed, so uninstall can undo exactly that."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        raw = read_bytes(path)
+        self.data: dict[str, Any] = {"format": 1, "files": {}, "edits": {}, "dirs": []}
+        if raw is not None:
+            try:
+                loaded = json.loads(raw)
+            except ValueError:
+                raise ConfigError(f"{path} is damaged (not JSON): fix or remove it by hand") from None
+            if isinstance(loaded, dict):
+                self.data.update(loaded)
+        self.original = self.dump()
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def dump(self) -> bytes:
+        return (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode()
+
+    def save(self) -> bool:
+        """Write the record if it changed (atomically, 0600: it names backups); True if written."""
+        data = self.dump()
+        if data == self.original and self.exists:
+            return False
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        atomic_write(self.path, data, 0o600)
+        self.original = data
+        return True
+
+
+class Steps:
+    """Prints each step (``would ...`` in a dry run) and counts what changed."""
+
+    def __init__(self, dry_run: bool, out: Callable[[str], None]) -> None:
+        self.dry_run = dry_run
+        self.out = out
+        self.changes = 0
+
+    def change(self, what: str) -> bool:
+        """Announce a change; True if it should be made now (not a dry run)."""
+        self.changes += 1
+        self.out(("would " if self.dry_run else "") + what)
+        return not self.dry_run
+
+    def done(self, what: str) -> None:
+        self.out(f"already installed: {what}")
+
+    def note(self, what: str) -> None:
+        self.out(what)
+
+
+class Host:
+    """File operations shared by install and uninstall: backups, exact-mode writes, removals."""
+
+    def __init__(self, opts: Options, record: Record, steps: Steps) -> None:
+        self.opts = opts
+        self.record = record
+        self.steps = steps
+
+    def backup_path(self, dest: str) -> str:
+        return os.path.join(self.opts.dirs["etc_dir"], BACKUP_DIR, dest.lstrip("/"))
+
+    def keep_original(self, dest: str) -> str | None:
+        """Copy ``dest`` as it is before install first touches it; returns the backup path (None: no file)."""
+        if read_bytes(dest) is None:
+            return None
+        backup = self.backup_path(dest)
+        if not os.path.exists(backup):
+            os.makedirs(os.path.dirname(backup), mode=0o700, exist_ok=True)
+            shutil.copy2(dest, backup)
+        return backup
+
+    def write(self, dest: str, data: bytes, mode: int) -> None:
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        atomic_write(dest, data, mode)
+
+    def make_dir(self, path: str, mode: int = 0o755) -> None:
+        """Create ``path`` (and parents), recording the ones install created so uninstall removes them."""
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent and parent != path:
+            self.make_dir(parent, mode)
+        if self.steps.change(f"create directory {path} ({mode:04o})"):
+            os.mkdir(path, mode)
+            os.chmod(path, mode)
+            self.record.data["dirs"].append(path)
+
+    def put_file(self, dest: str, data: bytes, mode: int, label: str = "", secret: bool = False) -> bool:
+        """Install ``data`` at ``dest`` with ``mode``; returns True if something changed.
+
+        A ``secret`` (the sync key) gets no digest in the record: nothing that verifies it is kept."""
+        what = f"{dest} ({mode:04o}){label}"
+        old = read_bytes(dest)
+        if old == data and file_mode(dest) == mode:
+            self.steps.done(what)
+            return False
+        verb = "install" if old is None else ("replace" if old != data else "chmod")
+        if self.steps.change(f"{verb} {what}"):
+            entry = self.record.data["files"].get(dest)
+            if entry is None:
+                entry = {"backup": self.keep_original(dest)}
+                self.record.data["files"][dest] = entry
+            self.write(dest, data, mode)
+            entry["sha256"] = None if secret else sha256(data)
+        return True
+
+    def edit_file(self, dest: str, new: bytes, mode: int, what: str, extra: dict[str, Any] | None = None,
+                  done: str = "") -> bool:
+        """Change a host config file (main.cf, 10-auth.conf, ...) to ``new``, keeping the original once."""
+        old = read_bytes(dest)
+        if old == new:
+            self.steps.done(done or dest)
+            return False
+        if self.steps.change(what):
+            edit = self.record.data["edits"].get(dest)
+            if edit is None:
+                edit = {"backup": self.keep_original(dest)}
+                self.record.data["edits"][dest] = edit
+            for key, value in (extra or {}).items():
+                edit.setdefault(key, value)
+            self.write(dest, new, file_mode(dest) or mode)
+            edit["after"] = sha256(new)
+        return True
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def resolve_dirs(bundle: Bundle, overrides: dict[str, str]) -> dict[str, str]:
+    """The install directories: the bundle's defaults, each replaced by its option if given."""
+    defaults = bundle.manifest.get("dirs", {})
+    dirs = {}
+    for key in DIR_KEYS:
+        value = overrides.get(key) or defaults.get(key)
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"--{key.replace('_', '-')} must be an absolute path")
+        dirs[key] = value.rstrip("/") or "/"
+    return dirs
+
+
+def relocate(data: bytes, defaults: dict[str, str], dirs: dict[str, str]) -> bytes:
+    """Point a config/unit file at the chosen directories instead of the bundle's defaults."""
+    for key in ("etc_dir", "lib_dir"):
+        old, new = defaults.get(key, ""), dirs[key]
+        if old and old != new:
+            data = data.replace(old.rstrip("/").encode() + b"/", new.rstrip("/").encode() + b"/")
+    return data
+
+
+def read_sync_key_input(source: str | None, stdin_tty: bool | None = None) -> str | None:
+    """The sync key from ``source`` ("-" = stdin; a terminal gets a prompt that does not echo)."""
+    if source is None:
+        return None
+    if source == "-":
+        if stdin_tty if stdin_tty is not None else sys.stdin.isatty():
+            import getpass
+
+            text = getpass.getpass("sync key (from add-node; not echoed): ")
+        else:
+            text = sys.stdin.read(4096)
+    else:
+        data = read_bytes(source)
+        if data is None:
+            raise ConfigError(f"sync key file {source} does not exist")
+        text = data.decode("utf-8", "replace")
+    key = text.strip()
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError("the sync key must be one non-empty word (as printed by add-node)")
+    return key
+
+
+def run(runner: Runner, argv: list[str], timeout: float = 120) -> tuple[bool, str]:
+    """Run a command; (ok, its output shortened)."""
+    r = runner.run(argv, timeout=timeout)
+    return r.returncode == 0, short(r.stderr + r.stdout) or f"rc={r.returncode}"
+
+
+class Installer:
+    """One ``install`` run: ``run()`` goes through the steps in order and returns what changed."""
+
+    def __init__(self, bundle: Bundle, opts: Options, runner: Runner | None = None, sync_key: str | None = None,
+                 out: Callable[[str], None] = _say) -> None:
+        self.bundle = bundle
+        self.opts = opts
+        self.runner = runner or Runner()
+        self.sync_key = sync_key
+        self.steps = Steps(opts.dry_run, out)
+        self.record = Record(os.path.join(opts.dirs["etc_dir"], RECORD))
+        self.host = Host(opts, self.record, self.steps)
+        self.changed: set[str] = set()  # "postfix", "dovecot", "units"
+        self.m = bundle.manifest
+
+    def path(self, key: str, name: str) -> str:
+        return os.path.join(self.opts.dirs[key], name)
+
+    @property
+    def config_file(self) -> str:
+        return self.path("etc_dir", "pi-pull.ini")
+
+    def bundle_config(self) -> configparser.ConfigParser:
+        cp = configparser.ConfigParser(interpolation=None)
+        try:
+            cp.read_string(self.bundle.read("pi-pull.ini").decode("utf-8"))
+        except (configparser.Error, UnicodeDecodeError) as e:
+            raise ConfigError(f"the bundle's pi-pull.ini does not parse: {' '.join(str(e).split())}") from None
+        return cp
+
+    def release_root(self) -> str:
+        """The agent's ``[paths] root`` in the bundle's config (uninstall names it: it is kept)."""
+        return self.bundle_config().get("paths", "root", fallback="/var/lib/pi-pull").strip()
+
+    def needs_key(self) -> bool:
+        """The same rule as Config.needs_key: a report URL, or credentials sent to an http(s) remote."""
+        cp = self.bundle_config()
+        url = cp.get("remote", "url", fallback="").strip().lower()
+        is_http = url.startswith(("http://", "https://"))
+        try:
+            send = cp.getboolean("remote", "send_credentials", fallback=is_http)
+        except ValueError:
+            send = True
+        return bool(cp.get("report", "url", fallback="").strip()) or (is_http and send)
+
+    def run(self) -> int:
+        """Every step but the first tick; returns the number of changes (made, or in a dry run to make)."""
+        self.check_services_installed()
+        try:
+            for key in ("etc_dir", "lib_dir", "systemd_dir"):
+                self.host.make_dir(self.opts.dirs[key])
+            self.install_files()
+            self.install_sync_key()
+            self.configure_postfix()
+            self.configure_dovecot()
+            self.make_mail_root()
+        finally:
+            if not self.opts.dry_run:
+                self.record.data["node"] = self.m.get("node", "")
+                self.record.data["mail_root"] = self.mail_root
+                self.record.data["release_root"] = self.release_root()
+                self.record.save()
+        if not self.opts.dry_run:
+            self.check_configs()
+        self.systemd_steps()
+        return self.steps.changes
+
+    # ---- preconditions
+
+    def check_services_installed(self) -> None:
+        pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
+        if not os.path.isdir(pf):
+            raise InstallError(f"postfix is not installed ({pf} does not exist): apt-get install postfix")
+        if not os.path.isfile(os.path.join(dv, "dovecot.conf")):
+            raise InstallError(f"dovecot is not installed ({dv}/dovecot.conf does not exist): "
+                               "apt-get install dovecot-imapd dovecot-lmtpd")
+
+    # ---- files
+
+    def install_files(self) -> None:
+        defaults = self.m.get("dirs", {})
+        relocated = set(self.m.get("relocate", []))
+        for entry in self.m.get("files", []):
+            data = self.bundle.read(entry["file"])
+            if entry["file"] in relocated:
+                data = relocate(data, defaults, self.opts.dirs)
+            dest = self.path(entry["dir"], entry["name"])
+            if self.host.put_file(dest, data, int(entry["mode"], 8)):
+                if entry["dir"] == "systemd_dir":
+                    self.changed.add("units")
+                if entry["dir"] == "dovecot_dir":
+                    self.changed.add("dovecot")
+
+    def install_sync_key(self) -> None:
+        spec = self.m.get("sync_key", {"dir": "etc_dir", "name": "sync_key", "mode": "0600"})
+        dest = self.path(spec["dir"], spec["name"])
+        mode = int(spec["mode"], 8)
+        if self.sync_key is None:
+            if read_bytes(dest) is None and not self.needs_key():
+                self.steps.note("no sync key needed: this node sends no report and no credentials")
+                return
+            if read_bytes(dest) is None:
+                raise ConfigError(f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
+                                  "add-node printed, then Ctrl-D) or --sync-key-file FILE")
+            if file_mode(dest) == mode:
+                self.steps.done(f"{dest} ({mode:04o}, sync key)")
+            elif self.steps.change(f"chmod {dest} to {mode:04o} (sync key)"):
+                os.chmod(dest, mode)
+            return
+        self.host.put_file(dest, (self.sync_key + "\n").encode(), mode, ", sync key", secret=True)
+
+    # ---- postfix
+
+    def configure_postfix(self) -> None:
+        pf = self.opts.dirs["postfix_dir"]
+        main_cf = os.path.join(pf, "main.cf")
+        current = read_bytes(main_cf)
+        spec = self.m.get("postfix", {})
+        if current is None:
+            self.steps.note(f"postfix has no {main_cf} (installed with \"No configuration\"): starting from the bundle's "
+                            f"minimal {spec.get('main_cf_base')}")
+            base = self.bundle.read(spec["main_cf_base"])
+        else:
+            base = current
+        lines = hostconf.setting_lines(self.bundle.read(spec["main_cf"]).decode("utf-8"))
+        new = hostconf.set_main_cf(self.runner, base, lines)
+        before = hostconf.parse_main_cf(base.decode("utf-8", "replace"))
+        originals = {line.partition("=")[0].strip(): before.get(line.partition("=")[0].strip()) for line in lines}
+        if self.host.edit_file(main_cf, new, 0o644, f"set {len(lines)} mailstate lines in {main_cf} (postconf -e)",
+                               {"kind": "postfix-main", "keys": originals if current is not None else {}},
+                               done=f"{main_cf} has the {len(lines)} mailstate lines"):
+            self.changed.add("postfix")
+        self.ensure_master_cf(pf)
+
+    def ensure_master_cf(self, pf: str) -> None:
+        master_cf = os.path.join(pf, "master.cf")
+        if read_bytes(master_cf) is not None:
+            self.steps.done(f"{master_cf} (exists)")
+            return
+        dist = next((p for p in MASTER_CF_DIST if os.path.isfile(p)), None)
+        if dist is None:
+            raise InstallError(f"{master_cf} is missing and so is Postfix's {MASTER_CF_DIST[0]}: reinstall postfix")
+        data = read_bytes(dist) or b""
+        if self.host.edit_file(master_cf, data, 0o644, f"write {master_cf} from {dist} (Postfix had none)", {"kind": "copy"}):
+            self.changed.add("postfix")
+
+    # ---- dovecot
+
+    def configure_dovecot(self) -> None:
+        dv = self.opts.dirs["dovecot_dir"]
+        spec = self.m.get("dovecot", {})
+        conf = os.path.join(dv, "dovecot.conf")
+        text = read_bytes(conf) or b""
+        new = hostconf.include_snippet(text, spec.get("snippet", "conf.d/90-mailstate.conf"))
+        if new == text:
+            self.steps.done(f"{conf} includes {spec.get('snippet')}")
+        elif self.host.edit_file(conf, new, 0o644, f"add `!include {spec.get('snippet')}` to {conf}", {"kind": "dovecot-include"}):
+            self.changed.add("dovecot")
+        if not spec.get("disable_auth_system", True):
+            return
+        auth = os.path.join(dv, "conf.d", "10-auth.conf")
+        auth_text = read_bytes(auth)
+        if auth_text is None:
+            self.steps.note(f"no {auth}: make sure no system passdb (PAM, /etc/passwd) is configured")
+            return
+        new = hostconf.disable_auth_system(auth_text)
+        what = f"comment out `!include auth-system.conf.ext` in {auth} (system users are no passdb)"
+        if new == auth_text:
+            self.steps.done(f"{auth} (no `!include auth-system.conf.ext`)")
+        elif self.host.edit_file(auth, new, 0o644, what, {"kind": "dovecot-auth"}):
+            self.changed.add("dovecot")
+
+    # ---- mail root
+
+    @property
+    def mail_root(self) -> str:
+        return self.opts.mail_root or str(self.m.get("mail_root", {}).get("path", ""))
+
+    def make_mail_root(self) -> None:
+        spec = self.m.get("mail_root", {})
+        path, uid, gid = self.mail_root, int(spec.get("uid", 5000)), int(spec.get("gid", 5000))
+        if not path:
+            return
+        mode = int(spec.get("mode", "0750"), 8)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if self.steps.change(f"create mail root {path} ({mode:04o}, owner {uid}:{gid})"):
+                os.makedirs(os.path.dirname(path.rstrip("/")) or "/", mode=0o755, exist_ok=True)
+                os.mkdir(path, mode)
+                os.chmod(path, mode)
+                os.chown(path, uid, gid)
+            return
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            self.steps.done(f"mail root {path} (owner {uid}:{gid})")
+        elif self.steps.change(f"chown {path} to {uid}:{gid} (the mail root; the Maildirs inside are left as they are)"):
+            os.chown(path, uid, gid)
+
+    # ---- checks and services
+
+    def check_configs(self) -> None:
+        """The result must parse: ``postconf -n`` and ``doveconf -n`` on the installed config."""
+        ok, text = run(self.runner, [self.opts.postconf, "-c", self.opts.dirs["postfix_dir"], "-n"])
+        if not ok:
+            raise InstallError(f"postfix rejects its configuration after install: {text}")
+        conf = os.path.join(self.opts.dirs["dovecot_dir"], "dovecot.conf")
+        ok, text = run(self.runner, [self.opts.doveconf, "-c", conf, "-n"])
+        if not ok:
+            raise InstallError(f"dovecot rejects its configuration after install: {text}")
+        self.steps.note("checked: postconf -n and doveconf -n accept the configuration")
+
+    @property
+    def use_systemd(self) -> bool:
+        return systemd_running() if self.opts.systemd is None else self.opts.systemd
+
+    def systemd_steps(self) -> None:
+        timer = self.m.get("units", {}).get("timer", "pi-pull.timer")
+        if not self.opts.start:
+            self.steps.note("--no-start: not reloading systemd, not (re)starting postfix/dovecot, not enabling " + timer)
+            return
+        if not self.use_systemd:
+            self.steps.note(f"systemd is not running (a container?): skipped daemon-reload, enabling {timer} and "
+                            "(re)starting postfix and dovecot. Start them yourself (`postfix start`, `dovecot`) and run "
+                            f"the agent from cron or as `python3 {self.path('lib_dir', 'pi_pull.py')} --config "
+                            f"{self.config_file}` (loop mode)")
+            return
+        if "units" in self.changed and self.steps.change("systemctl daemon-reload"):
+            self.systemctl("daemon-reload")
+        for svc in ("postfix", "dovecot"):
+            self.service_running(svc)
+        enabled = self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", timer], timeout=30).returncode == 0
+        if enabled:
+            self.steps.done(f"{timer} enabled")
+        elif self.steps.change(f"systemctl enable --now {timer}"):
+            self.systemctl("enable", "--now", timer)
+
+    def service_running(self, svc: str) -> None:
+        active = self.runner.run([self.opts.systemctl, "is-active", "--quiet", svc], timeout=30).returncode == 0
+        if svc in self.changed:
+            verb = "restart" if active else "start"
+            if self.steps.change(f"systemctl {verb} {svc} (its configuration changed)"):
+                self.systemctl(verb, svc)
+        elif not active:
+            if self.steps.change(f"systemctl start {svc} (it is not running)"):
+                self.systemctl("start", svc)
+        else:
+            self.steps.done(f"{svc} running")
+
+    def systemctl(self, *args: str) -> None:
+        ok, text = run(self.runner, [self.opts.systemctl, *args], timeout=300)
+        if not ok:
+            raise InstallError(f"systemctl {' '.join(args)} failed: {text}")
