@@ -559,8 +559,20 @@ def publish_statement(work: Path, bare: Path, sha: str, key: SigningKey, *, issu
     the tag object is exactly STATEMENT.md's format 1) and force it to ``ref`` in ``bare``; the tag id."""
     t = int(time.time()) if issued_at is None else issued_at
     message = f"mailstate accepted head {sha[:12]}\n\nAccepted-Head: {sha}\nIssued-At: {t}\n"
-    env = {**os.environ, "GIT_COMMITTER_DATE": f"{t} +0000"}
-    base = ["git", "-C", str(work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={key.private}", "-c", "user.name=mailstate", "-c", "user.email=mailstate@localhost"]
+    env = {**os.environ, "GIT_COMMITTER_DATE": f"{t} +0000", "GIT_COMMITTER_NAME": "mailstate", "GIT_COMMITTER_EMAIL": "mailstate@localhost"}
+    base = [
+        "git",
+        "-C",
+        str(work),
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        f"user.signingkey={key.private}",
+        "-c",
+        "user.name=mailstate",
+        "-c",
+        "user.email=mailstate@localhost",
+    ]
     r = subprocess.run([*base, "tag", "-s", "-f", "-m", message, "mailstate-accepted", sha], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"git tag -s failed: {r.stderr}")
@@ -581,7 +593,15 @@ class StateRepo:
     """
 
     def __init__(
-        self, path: Path, key: SigningKey, *, mail_root: str = "/var/vmail", uid: int = 5000, gid: int = 5000, format: int = 1, statement_key: SigningKey | None = None
+        self,
+        path: Path,
+        key: SigningKey,
+        *,
+        mail_root: str = "/var/vmail",
+        uid: int = 5000,
+        gid: int = 5000,
+        format: int = 1,
+        statement_key: SigningKey | None = None,
     ) -> None:
         self.path = path
         self.bare = path / "state.git"
@@ -649,15 +669,15 @@ class StateRepo:
     def write_tree(self) -> None:
         for sub in ("rendered", "domains"):
             shutil.rmtree(self.work / sub, ignore_errors=True)
-        (self.work / "mailstate.yaml").write_text(
-            f"format: {self.format}\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n"
-        )
+        (self.work / "mailstate.yaml").write_text(f"format: {self.format}\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n")
         (self.work / "nodes.yaml").write_text("nodes: {}\n")
         for domain in sorted(self.domains):
             p = self.work / "domains" / domain[:2] / f"{domain}.yaml"
             p.parent.mkdir(parents=True, exist_ok=True)
             boxes = "".join(
-                f"  {local}:\n" + (f"    id: {b.id}\n" if self.format >= 2 else "") + f"    password: '{b.password_hash}'\n    quota_mb: {b.quota_mb}\n    active: {str(b.active).lower()}\n"
+                f"  {local}:\n"
+                + (f"    id: {b.id}\n" if self.format >= 2 else "")
+                + f"    password: '{b.password_hash}'\n    quota_mb: {b.quota_mb}\n    active: {str(b.active).lower()}\n"
                 for local, b in sorted(self.domains[domain].items())
             )
             enabled = str(self.enabled.get(domain, True)).lower()

@@ -201,7 +201,7 @@ def _check_mail(cfg: Config, path: str) -> None:
     if not cfg.mail_root:
         raise ConfigError(f"config {path}: missing [paths] mail_root, the Maildir root every home must be under {hint}")
     root = cfg.mail_root.rstrip("/")
-    if not _MAIL_ROOT_RE.match(cfg.mail_root) or not root or ":" in root or "/../" in root + "/" or "/./" in root + "/" or "//" in root:
+    if not _MAIL_ROOT_RE.fullmatch(cfg.mail_root) or not root or ":" in root or "/../" in root + "/" or "/./" in root + "/" or "//" in root:
         raise ConfigError(f"config {path}: [paths] mail_root must be an absolute plain path other than / (no ':', spaces, '..')")
     cfg.mail_root = root
     for key in ("mail_uid", "mail_gid"):

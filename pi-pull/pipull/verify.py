@@ -51,12 +51,12 @@ ID_SEPARATOR = "~"
 
 def is_domain(name: str) -> bool:
     """True for a domain in the server's canonical form (lowercase ASCII, punycode for IDN)."""
-    return bool(DOMAIN_RE.match(name))
+    return bool(DOMAIN_RE.fullmatch(name))
 
 
 def is_local_part(local: str) -> bool:
     """True for a local part the server accepts (state/validate.py is_local_part)."""
-    return bool(LOCAL_RE.match(local))
+    return bool(LOCAL_RE.fullmatch(local))
 
 
 def check_allowed_signers(cfg: Config) -> None:
@@ -149,7 +149,7 @@ class DomainCheck:
     # ---- helpers
 
     def _text(self, what: str, n: int, line: bytes) -> str:
-        if not PRINTABLE_ASCII_RE.match(line):
+        if not PRINTABLE_ASCII_RE.fullmatch(line):
             raise Refused(f"{what} of {self.domain}, line {n}: not printable ASCII (control or non-ASCII bytes)")
         return line.decode("ascii")
 
@@ -164,7 +164,7 @@ class DomainCheck:
     def _dir(self, what: str, n: int, local: str, d: str) -> None:
         if self.format2:
             mlocal, sep, mid = d.partition(ID_SEPARATOR)
-            if mlocal != local or not sep or not MAILBOX_ID_RE.match(mid):
+            if mlocal != local or not sep or not MAILBOX_ID_RE.fullmatch(mid):
                 raise Refused(f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}~<id>")
         elif d != local:
             raise Refused(f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}")
@@ -180,7 +180,7 @@ class DomainCheck:
                           "user:password:uid:gid::home::userdb_quota_rule=*:storage=<N>M")
         user, password, uid, gid, gecos, home, shell = fields[:7]
         local = self._address(what, n, user)
-        if not BCRYPT_RE.match(password):
+        if not BCRYPT_RE.fullmatch(password):
             raise Refused(f"passwd of {self.domain}, line {n} ({user}): the password is not a {{BLF-CRYPT}}$2b$ bcrypt hash "
                           "(plain text and other schemes are refused)")
         if uid != self.uid or gid != self.gid:
@@ -194,7 +194,7 @@ class DomainCheck:
                           f"[paths] mail_root {self.root}/{self.domain}/")
         self._dir(what, n, local, home[len(prefix):])
         extra = fields[7:]
-        m = QUOTA_RE.match(extra[1]) if len(extra) == 2 and extra[0] == "userdb_quota_rule=*" else None
+        m = QUOTA_RE.fullmatch(extra[1]) if len(extra) == 2 and extra[0] == "userdb_quota_rule=*" else None
         if m is None or int(m.group(1)) > MAX_QUOTA_MB:
             raise Refused(f"passwd of {self.domain}, line {n} ({user}): extra fields must be exactly "
                           "userdb_quota_rule=*:storage=<N>M (nopassword, userdb_uid, userdb_home, userdb_mail, proxy, host ... "
@@ -225,7 +225,7 @@ class DomainCheck:
         what = "mailboxes"
         text = self._text(what, n, raw)
         parts = text.split(" ")
-        if len(parts) != 3 or not is_local_part(parts[0]) or not MAILBOX_ID_RE.match(parts[1]) or parts[2] not in ("active", "inactive"):
+        if len(parts) != 3 or not is_local_part(parts[0]) or not MAILBOX_ID_RE.fullmatch(parts[1]) or parts[2] not in ("active", "inactive"):
             raise Refused(f"mailboxes of {self.domain}, line {n}: expected '<local> <yyyymmdd-xxxxxx> <active|inactive>'")
         self.listed.add(parts[0], parts[1])
         if parts[2] == "active":
