@@ -165,6 +165,20 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from mailstate.state.upgrade import upgrade_data_dir
+
+    result = upgrade_data_dir(Path(args.data))
+    if result["upgraded"]:
+        print(
+            f"upgraded the state from format {result['from_format']} to {result['format']} in one signed commit {result['commit']}"
+            f" ({result['mailboxes']} mailbox id(s) assigned)"
+        )
+    else:
+        print(f"the state is already at format {result['format']}; nothing to do")
+    return 0
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """`--json TEXT` as an object; anything else is a usage error, never a traceback."""
     try:
@@ -313,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="request body as JSON")
     p.add_argument("--project", type=int, help="act as this project instead of admin")
     p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("upgrade", help="upgrade a data dir's state to the current format in one signed commit (the server also does it on start)")
+    _data_arg(p)
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("compile", help="render rendered/ from the state in a checkout (--check: fail if stale)")
     p.add_argument("path", nargs="?", default=".", help="state checkout (default .)")

@@ -137,7 +137,9 @@ def seed_state(root: Path, mailboxes: int, per_domain: int = 5, *, projects: int
         left -= count
         boxes = {}
         for local in _local_parts(rng, count):
-            boxes[local] = quotas[q] if (q := rng.choice((0, 0, 0, 0, 0, 256, 512, 2048, 10240))) else box
+            template = quotas[q] if (q := rng.choice((0, 0, 0, 0, 0, 256, 512, 2048, 10240))) else box
+            # state format 2: every mailbox has its own id (unique: the running count in hex)
+            boxes[local] = template.model_copy(update={"id": f"20260101-{len(emails):06x}"})
             emails.append(f"{local}@{name}")
         dom = DomainFile.model_construct(domain=name, project_id=project_of[name], email_enabled=True, mailboxes=boxes)
         changes[files.domain_path(name)] = files.dump_domain(dom)

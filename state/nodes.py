@@ -48,9 +48,10 @@ def _usage_email(value: object) -> object:
 
 
 class UsageEntry(BaseModel):
-    """One mailbox's measured size, as a node reports it (see LIFECYCLE.md)."""
+    """One mailbox's measured size, as a node reports it (see LIFECYCLE.md). Strict: a number
+    sent as a string is a node bug, refused rather than guessed at."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     email: Annotated[str, BeforeValidator(_usage_email)] = Field(description="The mailbox's address.")
     id: str = Field(pattern=MAILBOX_ID.pattern, description="The mailbox id (the `~<id>` of its home).")

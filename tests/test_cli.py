@@ -85,7 +85,8 @@ def test_init_creates_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert commit_count(dd.repo) == 1
     assert verify_commit(dd).returncode == 0
     settings = yaml.safe_load(git_out(dd.repo, "show", "main:mailstate.yaml"))
-    assert settings == {"format": 1, "mail_root": "/srv/mail", "uid": 8, "gid": 9, "default_quota_mb": 300, "bcrypt_cost": 4}
+    assert settings == {"format": 2, "mail_root": "/srv/mail", "uid": 8, "gid": 9, "default_quota_mb": 300, "bcrypt_cost": 4, "purge_after_days": 7}
+    assert git_out(dd.repo, "show", "main:rendered/settings") == "format 2\npurge_after_days 7\n"  # new data dirs start at format 2
     assert yaml.safe_load(git_out(dd.repo, "show", "main:nodes.yaml")) == {"nodes": {}}
     # the private key is never printed
     assert Path(dd.key).read_text().splitlines()[1] not in out
