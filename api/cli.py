@@ -2,7 +2,10 @@
 function, and maps errors to an exit code and a one-line message on stderr:
 
     0 ok · 1 check failed / problems found · 2 usage or invalid input · 3 not found,
-    conflict or not allowed · 4 store/git failure
+    conflict or not allowed · 4 store/git failure · 130 interrupted
+
+Every command's --help ends with that table (EXIT_HELP), plus what the command itself means
+by a code (EXIT_NOTES).
 """
 
 from __future__ import annotations
@@ -41,6 +44,25 @@ EXIT_CODES: list[tuple[type[MailstateError], int]] = [
 ]
 
 DEFAULT_DATA = "./data"
+
+EXIT_HELP = """\
+exit codes:
+  0    ok
+  1    check failed / problems found (the problems are printed)
+  2    usage error or invalid input
+  3    not found, conflict, or not allowed (bad token, admin only, ...)
+  4    store, git or disk failure (or no data dir there)
+  130  interrupted"""
+
+# What a command means by a code, beyond the table.
+EXIT_NOTES = {
+    "compile": "1: with --check, rendered/ is stale.",
+    "check": "1: the checkout has problems (schema, invariants, or a stale rendered/).",
+    "plan": "0 whether or not anything changed; 1: a side is not a valid state; 3: a revision is unknown.",
+    "token revoke": "3: no active token has that id or name, or several share the name (token_ambiguous: give an id).",
+    "serve": "Runs until stopped (SIGINT/SIGTERM: 0). 2: bad --port or --log-format; 4: the data dir is not usable.",
+    "mcp": "Runs until stdin closes. 2: no token given; 3: the token is not valid; 4: no data dir there.",
+}
 
 
 def exit_code_for(exc: MailstateError) -> int:
@@ -83,7 +105,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  state repo:       {dd.repo}")
     print(f"  allowed_signers:  {dd.allowed_signers}")
     print(f"  signing key:      {dd.key} (keep it secret)")
+    if args.no_token:
+        print(f"no admin token made; make one with: mailstate token create --data {dd.root} --admin")
+        return 0
+    from mailstate.state.localdb import LocalDB
+
+    db = LocalDB(dd.db)
+    try:
+        info, secret = db.create_token(project_id=None, name="admin")
+    finally:
+        db.close()
+    # Like `serve` on an empty dir and `token create`: the token is the last line, shown once.
+    print(f"admin token {info.name} (id {info.id}; shown ONCE, it cannot be recovered; store it now,")
+    print(f"or make another with: mailstate token create --data {dd.root} --admin):")
+    print(secret)
     return 0
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    from mailstate.api.logs import log_format
+
+    try:
+        return log_format(args.log_format)
+    except ValueError as exc:
+        raise InvalidInput(f"MAILSTATE_LOG_FORMAT: {exc}.", code="invalid_request", field="log_format") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -95,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         upstream=args.upstream,
         bcrypt_cost=args.bcrypt_cost,
+        log_format=_log_format(args),
     )
     return 0
 
@@ -105,6 +151,10 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("MAILSTATE_TOKEN")
     if not token:
         raise InvalidInput("Give --token or set MAILSTATE_TOKEN.", code="missing_token")
+    if _log_format(args) == "json":
+        from mailstate.api.logs import configure
+
+        configure("json", os.environ.get("MAILSTATE_LOG_LEVEL", "warning"))
     run_stdio(Path(args.data), token)
     return 0
 
@@ -271,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mailstate",
         description="GitOps for mailboxes: every change is one signed commit of YAML state plus compiled Postfix/Dovecot files.",
     )
+    parser.add_argument("--version", action="version", version=f"mailstate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create a data dir: bare state repo (first commit signed), signing key, allowed_signers, local db")
@@ -280,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gid", type=int, default=5000, help="gid owning the mail on the nodes (default 5000)")
     p.add_argument("--default-quota-mb", type=int, default=1024, help="quota when add-user gives none (default 1024)")
     p.add_argument("--bcrypt-cost", type=int, default=12, help="bcrypt cost for new passwords (default 12; 4 for tests)")
+    p.add_argument("--no-token", action="store_true", help="make no admin token (default: make one and print it once, as the last line)")
     p.add_argument(
         "--with-workflow",
         metavar="USES",
@@ -295,11 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream", default=os.environ.get("MAILSTATE_UPSTREAM"), help="git URL of an upstream state repo to push every write to (default: none, local mode)"
     )
     p.add_argument("--bcrypt-cost", type=int, default=None, help="bcrypt cost when initialising an empty data dir")
+    _log_format_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("mcp", help="run the MCP server on stdio, acting with one token")
     _data_arg(p)
     p.add_argument("--token", help="bearer token to act as (default: $MAILSTATE_TOKEN)")
+    _log_format_arg(p)
     p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("token", help="create, list and revoke API tokens")
@@ -354,7 +408,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     for extra in EXTRA_COMMANDS:
         extra(sub)
+    _add_exit_help(parser, [])
     return parser
+
+
+def _log_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log lines as text, or one JSON object per line (default: $MAILSTATE_LOG_FORMAT or text)",
+    )
+
+
+def _add_exit_help(parser: argparse.ArgumentParser, path: list[str]) -> None:
+    """End every command's --help (the extras' too) with the exit codes."""
+    note = EXIT_NOTES.get(" ".join(path))
+    parts = [p for p in (parser.epilog, EXIT_HELP, note) if p]
+    parser.epilog = "\n\n".join(parts)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                _add_exit_help(sub, [*path, name])
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mailstate")
+    except Exception:  # a checkout that was never installed
+        return "0+unknown"
 
 
 # Other modules (node bundle, plan) register their sub-commands here.

@@ -29,6 +29,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
 from mailstate.api import http, http_errors, nodes_http
+from mailstate.api.logs import logging_config
 from mailstate.api.mcp_server import mcp_http_app, security_settings
 from mailstate.api.metrics import Metrics
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
@@ -126,7 +127,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas.update(http.request_schema_components())
-    schemas["NodeReport"] = NodeReport.model_json_schema()
+    report = NodeReport.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(report.pop("$defs", {}))  # e.g. UsageEntry, referenced from components
+    schemas["NodeReport"] = report
     _node_route_docs(schema)
     # Every route reads its own input, so FastAPI's 422 validation shapes never answer.
     for name in ("HTTPValidationError", "ValidationError"):
@@ -221,8 +224,16 @@ def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
     return secret
 
 
-def serve(data: Path, host: str = "127.0.0.1", port: int = 8025, upstream: str | None = None, bcrypt_cost: int | None = None) -> None:
-    """`mailstate serve`: initialise an empty data dir (printing its admin token once), then serve."""
+def serve(
+    data: Path,
+    host: str = "127.0.0.1",
+    port: int = 8025,
+    upstream: str | None = None,
+    bcrypt_cost: int | None = None,
+    log_format: str = "text",
+) -> None:
+    """`mailstate serve`: initialise an empty data dir (printing its admin token once), then serve.
+    `log_format` json writes one JSON object per log line (api.logs)."""
     import uvicorn
 
     if port < 0 or port > 65535:
@@ -243,6 +254,7 @@ def serve(data: Path, host: str = "127.0.0.1", port: int = 8025, upstream: str |
     # X-Forwarded-For is trusted only from the proxies named here (none by default), so a
     # node's IP whitelist cannot be sidestepped with a header.
     forwarded = os.environ.get("MAILSTATE_FORWARDED_ALLOW_IPS", "")
+    level = os.environ.get("MAILSTATE_LOG_LEVEL", "info")
     try:
         uvicorn.run(
             app,
@@ -251,8 +263,9 @@ def serve(data: Path, host: str = "127.0.0.1", port: int = 8025, upstream: str |
             proxy_headers=bool(forwarded),
             forwarded_allow_ips=forwarded or None,
             timeout_graceful_shutdown=5,
-            log_level=os.environ.get("MAILSTATE_LOG_LEVEL", "info"),
+            log_level=level,
             server_header=False,
+            log_config=logging_config("json", level) if log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         )
     finally:
         db.close()

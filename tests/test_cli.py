@@ -54,6 +54,41 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert out.startswith("usage: mailstate")
     assert " ".join(["mailstate", *command]) in out.splitlines()[0]
+    # every --help ends with the exit codes
+    assert "exit codes:" in out and "  2    usage error or invalid input" in out and "  4    store, git" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mailstate {version('mailstate')}"
+
+
+def test_serve_logs_json_lines(tmp_path: Path) -> None:
+    from tests.server import LiveServer
+
+    srv = LiveServer(tmp_path)
+    srv.env["MAILSTATE_LOG_LEVEL"] = "info"
+    srv.extra_args = ["--log-format", "json"]
+    srv.start()
+    try:
+        with srv.client(srv.admin_token) as c:
+            assert c.get("/v1/email-account/list-domains").status_code == 200
+    finally:
+        srv.stop()
+    lines = [json.loads(line) for line in srv.log_text().splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    assert any(a["path"] == "/v1/email-account/list-domains" and a["status"] == 200 and a["method"] == "GET" for a in access), access
+    assert srv.admin_token not in srv.log_text()
+    env_srv = subprocess.run(
+        [sys.executable, "-m", "mailstate.api.cli", "serve", "--data", str(tmp_path / "d2")],
+        capture_output=True, text=True, env={**srv.env, "MAILSTATE_LOG_FORMAT": "yaml"}, timeout=60,
+    )  # fmt: skip
+    assert env_srv.returncode == 2 and "log format must be one of text, json" in env_srv.stderr
 
 
 def test_console_script_runs() -> None:
@@ -90,6 +125,27 @@ def test_init_creates_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert yaml.safe_load(git_out(dd.repo, "show", "main:nodes.yaml")) == {"nodes": {}}
     # the private key is never printed
     assert Path(dd.key).read_text().splitlines()[1] not in out
+    # the admin token is: once, as the last line, and it works
+    token = out.strip().splitlines()[-1]
+    assert out.count(token) == 1 and "shown ONCE" in out
+    db = LocalDB(dd.db)
+    try:
+        assert db.authenticate(token).is_admin
+        assert [t.name for t in db.list_tokens()] == ["admin"]
+    finally:
+        db.close()
+
+
+def test_init_without_a_token_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    assert main(["init", "--data", str(root), "--bcrypt-cost", "4", "--no-token"]) == 0
+    out = capsys.readouterr().out
+    assert f"mailstate token create --data {root} --admin" in out
+    db = LocalDB(DataDir(root).db)
+    try:
+        assert db.list_tokens() == []
+    finally:
+        db.close()
 
 
 def test_init_refuses_a_used_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,6 +109,8 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     assert updated.updated is True
     soft = call(project, "email_account", "remove-user", 200, "RemoveUserResponse", body=m.RemoveUserRequest(email="tmp@gen.example"))
     assert soft.hard_delete is False and soft.active is False
+    restored = call(project, "email_account", "restore-user", 200, "RestoreUserResponse", body=m.RestoreUserRequest(email="tmp@gen.example"))
+    assert restored.active is True and restored.restored is True
     for email in ("tmp@gen.example", "info@gen.example"):
         call(project, "email_account", "remove-user", 200, "RemoveUserResponse", body=m.RemoveUserRequest(email=email, hard_delete=True))
     disabled = call(project, "email_account", "disable-email", 200, "DomainResponse", body=m.DisableEmailRequest(domain="gen.example"))
