@@ -26,7 +26,16 @@ from typing import Any
 import pytest
 
 from mailstate.compiler.node_bundle import render_node_bundle
-from tests.mailnode import StateRepo, make_public_tmpdir, make_signing_key, pi_pull_script, require_binaries, write_allowed_signers
+from tests.mailnode import (
+    MailNode,
+    StateRepo,
+    mailnode,  # noqa: F401  (pytest fixture)
+    make_public_tmpdir,
+    make_signing_key,
+    pi_pull_script,
+    require_binaries,
+    write_allowed_signers,
+)
 
 SYNC_KEY = "sk-node-install-8c1f0e5b2d7a4e96b3a1f0c2d4e6a8b0"
 SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'
@@ -471,3 +480,25 @@ def test_dovecot_auth_edit_is_exactly_reversible(pipull: Any) -> None:
     assert added.startswith(conf) and b"!include conf.d/90-mailstate.conf" in added
     assert hc.include_snippet(added, "conf.d/90-mailstate.conf") == added and hc.remove_include(added) == conf
     assert hc.include_snippet(b"!include conf.d/*.conf\n", "conf.d/90-mailstate.conf") == b"!include conf.d/*.conf\n"
+
+
+def test_failed_reload_of_a_running_postfix_shows_postfix_s_own_message(mailnode: MailNode) -> None:  # noqa: F811
+    """Configured and running, yet the reload fails: the message is postfix's own, read from a
+    terminal (without one, postfix prints nothing)."""
+    repo_dir = make_public_tmpdir("node-install-running-")
+    try:
+        key = make_signing_key(repo_dir / "keys")
+        repo = StateRepo(repo_dir / "state", key, mail_root=str(mailnode.mail_root), uid=mailnode.uid, gid=mailnode.gid)
+        repo.set_mailbox("info@example.com", "pw-123456")
+        repo.commit()
+        bad = f"postfix -c {mailnode.postfix_dir} relaod"  # a typo: postfix refuses it, on a terminal only
+        raw = subprocess.run(bad, shell=True, capture_output=True)
+        assert raw.returncode != 0 and raw.stdout + raw.stderr == b""
+        ini = mailnode.write_pi_pull_config(repo_dir / "pi-pull.ini", str(repo.bare),
+                                            write_allowed_signers(repo_dir / "allowed_signers", [key]), postfix_reload=bad)
+        r = subprocess.run([sys.executable, str(pi_pull_script()), "--config", str(ini), "--once"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == EXIT_ERROR, r.stderr
+        assert "postfix reload failed (rc=1): postfix" in r.stderr and "relaod" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)

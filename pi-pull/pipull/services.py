@@ -11,8 +11,12 @@ says what is wrong and what to do.
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shlex
 import subprocess
+import time
+from collections.abc import Mapping
 
 from .runner import Runner, short
 
@@ -72,9 +76,12 @@ def explain_reload_failure(service: str, command: str, result: subprocess.Comple
     if rc == 127:
         return f"{head}: {text or 'command not found'}; check [services] {service}_reload in the config"
     if service == "postfix" and _names(command, "postfix"):
-        found = _explain_postfix(command, runner or Runner())
+        runner = runner or Runner()
+        found = _explain_postfix(command, runner)
         if found:
             return f"{head}: {found}" + (f" ({text})" if text else "")
+        if not text:  # configured and running, yet failing: ask postfix itself, on a terminal
+            text = output_on_tty(command, runner.env)
     elif service == "dovecot" and (rc == 75 or "not running" in text.lower() or "not active" in text.lower()):
         return (f"{head}: dovecot is not running: start it with {start_hint('dovecot')}; the new release is used "
                 f"once it runs" + (f" ({text})" if text else ""))
@@ -82,6 +89,47 @@ def explain_reload_failure(service: str, command: str, result: subprocess.Comple
         return f"{head}: {text}"
     return (f"{head} and printed nothing: run `{command}` in a terminal to see why, and check the service's log "
             f"(`journalctl -u {service}`, /var/log/mail.log)")
+
+
+def output_on_tty(command: str, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> str:
+    """Run ``command`` (a shell command) with stdout and stderr on a pseudo-terminal; its output, shortened.
+
+    Postfix commands print their messages only to a terminal. Running the failed reload again
+    this way costs nothing (a reload is idempotent) and gives its own reason, e.g.
+    ``postfix: fatal: ...``. Empty if no terminal can be had.
+    """
+    try:
+        master, slave = pty.openpty()
+    except OSError:
+        return ""
+    try:
+        proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                env=dict(env) if env is not None else None, close_fds=True)
+    except OSError:
+        os.close(master)
+        return ""
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other side has closed it
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    return short(b"".join(chunks).replace(b"\r", b""), 200)
 
 
 def _names(command: str, program: str) -> bool:
