@@ -502,3 +502,41 @@ def test_failed_reload_of_a_running_postfix_shows_postfix_s_own_message(mailnode
         assert "postfix reload failed (rc=1): postfix" in r.stderr and "relaod" in r.stderr, r.stderr
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
+
+
+def _with_master_entries(bundle: Path, *lines: str) -> Path:
+    """Add master.cf entries to a bundle, as a bundle that has them lists them in bundle.json."""
+    (bundle / "postfix" / "master.cf.mailstate").write_text("# master.cf entries\n" + "".join(f"{line}\n" for line in lines))
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["postfix"]["master_cf"] = "postfix/master.cf.mailstate"
+    manifest["sha256"]["postfix/master.cf.mailstate"] = hashlib.sha256((bundle / "postfix" / "master.cf.mailstate").read_bytes()).hexdigest()
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return bundle
+
+
+def test_master_cf_entries_set_and_undone(site_host: Host) -> None:
+    host = site_host
+    original = host.tree()
+    entry = "submission/inet = submission inet n - y - - smtpd -o syslog_name=postfix/submission"
+    bundle = _with_master_entries(host.bundle(), entry)
+    r = host.install(bundle, "--no-tick")
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", "submission/inet"], capture_output=True, text=True)
+    assert m.returncode == 0 and m.stdout.split()[:8] == ["submission", "inet", "n", "-", "y", "-", "-", "smtpd"], m.stdout + m.stderr
+    again = host.install(bundle, "--no-tick")
+    assert "already installed: nothing changed" in again.stdout, again.stdout
+    u = host.uninstall()
+    assert u.returncode == EXIT_OK, u.stdout + u.stderr
+    assert host.tree(skip=[host.w / "var"]) == {k: v for k, v in original.items() if not k.startswith("var")}
+
+    # edited since install: the operator's edit stays, install's entry goes
+    r = host.install(bundle, "--no-tick")
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    with open(host.postfix / "master.cf", "a") as fh:
+        fh.write("# the operator was here\n")
+    u = host.uninstall()
+    assert u.returncode == EXIT_OK and "changed since install" in u.stdout, u.stdout + u.stderr
+    text = (host.postfix / "master.cf").read_text()
+    assert "# the operator was here" in text
+    m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", "submission/inet"], capture_output=True, text=True)
+    assert m.stdout.strip() == "", m.stdout

@@ -52,6 +52,13 @@ def parse_main_cf(text: str) -> dict[str, str]:
 def postconf_edit(runner: Runner, main_cf: bytes, argv_list: Sequence[Sequence[str]], master_cf: bytes | None = None,
                   *, postconf: str = "postconf") -> bytes:
     """Apply ``postconf -c TMP <argv>`` for each argv to a temp copy of main.cf; return the new main.cf."""
+    return _postconf(runner, main_cf, argv_list, master_cf, postconf=postconf)[0]
+
+
+def _postconf(runner: Runner, main_cf: bytes, argv_list: Sequence[Sequence[str]], master_cf: bytes | None = None,
+              *, postconf: str = "postconf") -> tuple[bytes, bytes, bytes]:
+    """(main.cf, master.cf, the last command's stdout) after ``postconf -c TMP <argv>`` on temp copies."""
+    out = b""
     with tempfile.TemporaryDirectory(prefix="pi-pull-postconf-") as tmp:
         path = os.path.join(tmp, "main.cf")
         with open(path, "wb") as fh:
@@ -63,9 +70,46 @@ def postconf_edit(runner: Runner, main_cf: bytes, argv_list: Sequence[Sequence[s
             r = runner.run([postconf, "-c", tmp, *argv], timeout=60)
             if r.returncode != 0:
                 detail = short(r.stderr) or f"rc={r.returncode}"
-                raise HostConfigError(f"postconf {' '.join(argv[:1])} failed: {detail}")
+                raise HostConfigError(f"postconf {' '.join(argv[:2])} failed: {detail}")
+            out = r.stdout
         with open(path, "rb") as fh:
-            return fh.read()
+            main = fh.read()
+        master = b""
+        if master_cf is not None:
+            with open(os.path.join(tmp, "master.cf"), "rb") as fh:
+                master = fh.read()
+        return main, master, out
+
+
+def master_names(lines: Sequence[str]) -> list[str]:
+    """The ``service/type`` names of master.cf entry lines (``service/type = service type ... command``)."""
+    return [line.partition("=")[0].strip() for line in lines]
+
+
+def set_master_cf(runner: Runner, main_cf: bytes, master_cf: bytes, lines: Sequence[str]) -> tuple[bytes, dict[str, str | None]]:
+    """master.cf with each entry of ``lines`` set (``postconf -M -e``), and the entries it had before
+    (None: absent), for uninstall."""
+    if not lines:
+        return master_cf, {}
+    originals: dict[str, str | None] = {}
+    for name in master_names(lines):
+        _, _, out = _postconf(runner, main_cf, [["-M", name]], master_cf)
+        text = " ".join(out.decode("utf-8", "replace").split())
+        originals[name] = text or None
+    _, master, _ = _postconf(runner, main_cf, [["-M", "-e", *lines]], master_cf)
+    return master, originals
+
+
+def revert_master_cf(runner: Runner, main_cf: bytes, master_cf: bytes, originals: dict[str, str | None]) -> bytes:
+    """Put master.cf entries back as they were (``postconf -M -e``), or remove them (``-M -X``)."""
+    argv: list[list[str]] = []
+    restore = [f"{k} = {v}" for k, v in sorted(originals.items()) if v is not None]
+    remove = sorted(k for k, v in originals.items() if v is None)
+    if restore:
+        argv.append(["-M", "-e", *restore])
+    if remove:
+        argv.append(["-M", "-X", *remove])
+    return _postconf(runner, main_cf, argv, master_cf)[1] if argv else master_cf
 
 
 def set_main_cf(runner: Runner, main_cf: bytes, lines: Sequence[str]) -> bytes:

@@ -438,18 +438,33 @@ class Installer:
                                {"kind": "postfix-main", "keys": originals if current is not None else {}},
                                done=f"{main_cf} has the {len(lines)} mailstate lines"):
             self.changed.add("postfix")
-        self.ensure_master_cf(pf)
+        master = self.ensure_master_cf(pf)
+        if spec.get("master_cf"):
+            self.configure_master_cf(pf, new, master, spec["master_cf"])
 
-    def ensure_master_cf(self, pf: str) -> None:
+    def ensure_master_cf(self, pf: str) -> bytes:
+        """master.cf as it is, or (none yet) as Postfix ships it; returns its content (a dry run writes nothing)."""
         master_cf = os.path.join(pf, "master.cf")
-        if read_bytes(master_cf) is not None:
+        current = read_bytes(master_cf)
+        if current is not None:
             self.steps.done(f"{master_cf} (exists)")
-            return
+            return current
         dist = next((p for p in MASTER_CF_DIST if os.path.isfile(p)), None)
         if dist is None:
             raise InstallError(f"{master_cf} is missing and so is Postfix's {MASTER_CF_DIST[0]}: reinstall postfix")
         data = read_bytes(dist) or b""
         if self.host.edit_file(master_cf, data, 0o644, f"write {master_cf} from {dist} (Postfix had none)", {"kind": "copy"}):
+            self.changed.add("postfix")
+        return data
+
+    def configure_master_cf(self, pf: str, main: bytes, master: bytes, bundle_file: str) -> None:
+        """The bundle's master.cf entries (``service/type = ...`` lines), set with ``postconf -M -e``."""
+        master_cf = os.path.join(pf, "master.cf")
+        lines = hostconf.setting_lines(self.bundle.read(bundle_file).decode("utf-8"))
+        new, originals = hostconf.set_master_cf(self.runner, main, master, lines)
+        names = ", ".join(hostconf.master_names(lines))
+        if self.host.edit_file(master_cf, new, 0o644, f"set master.cf entries {names} in {master_cf} (postconf -M -e)",
+                               {"kind": "postfix-master", "keys": originals}, done=f"{master_cf} has the entries {names}"):
             self.changed.add("postfix")
 
     # ---- dovecot

@@ -93,15 +93,18 @@ class Uninstaller:
             else:
                 self.restore(dest, backup)
             return
-        new = self.reverse(current, edit)
+        new = self.reverse(dest, current, edit)
         self.steps.note(f"{dest} changed since install: keeping those changes, undoing only install's")
         if new != current and self.steps.change(f"undo install's edit of {dest}"):
             self.host.write(dest, new, file_mode(dest) or 0o644)
 
-    def reverse(self, current: bytes, edit: dict[str, Any]) -> bytes:
+    def reverse(self, dest: str, current: bytes, edit: dict[str, Any]) -> bytes:
         kind = edit.get("kind")
         if kind == "postfix-main":
             return hostconf.revert_main_cf(self.runner, current, edit.get("keys", {}))
+        if kind == "postfix-master":
+            main = read_bytes(os.path.join(os.path.dirname(dest), "main.cf")) or b""
+            return hostconf.revert_master_cf(self.runner, main, current, edit.get("keys", {}))
         if kind == "dovecot-auth":
             return hostconf.restore_auth_system(current)
         if kind == "dovecot-include":
