@@ -119,6 +119,10 @@ def format_problems(fmt: int, domains: Iterable[DomainFile]) -> list[str]:
     allows none; ids are unique within a domain (two mailboxes may never share a home)."""
     problems: list[str] = []
     for dom in domains:
+        # The common case in one pass without building messages (100k mailboxes: a few ms).
+        ids = [box.id for box in dom.mailboxes.values()]
+        if (fmt >= 2 and None not in ids and len(set(ids)) == len(ids)) or (fmt < 2 and not any(ids)):
+            continue
         path = domain_path(dom.domain)
         seen: set[str] = set()
         for local, box in dom.mailboxes.items():
