@@ -11,6 +11,14 @@ other address.
 The git endpoint runs `git http-backend` as a CGI in a worker thread, for exactly the two
 upload-pack URLs; anything that smells of receive-pack (push) is refused with 403, and
 REMOTE_USER is never set, so http-backend would refuse a push anyway.
+
+It serves nodes only what the server accepted: the one ref it advertises is the accepted-head
+statement `refs/mailstate/accepted` (state/statement.py); main, HEAD and the server's private
+refs are hidden. It always speaks protocol v0 (the client's Git-Protocol header is not passed
+on): protocol v2's upload-pack hands out ANY object by sha, while v0 with the
+allow*SHA1InWant settings off serves only objects reachable from an advertised ref. So a commit
+the server refused (pushed into state.git by hand, or replaced by a correction) cannot be
+fetched here, by name or by sha.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from mailstate.api.http import Services, read_json_object, read_limited
 from mailstate.api.http_errors import HTTPError, error_body
 from mailstate.state.errors import Unauthenticated
 from mailstate.state.nodes import NodeReport, authenticate_node, record_report
+from mailstate.state.statement import REF as STATEMENT_REF
 
 GIT_PREFIX = "/v1/nodes/state.git"
 MAX_UPLOAD_PACK_BODY = 16 * 1024 * 1024
@@ -148,21 +157,39 @@ def _http_backend(services: Services, request: Request, path: str, body: bytes) 
         "CONTENT_LENGTH": str(len(body)),
         "REMOTE_ADDR": _peer(request) or "",
         # REMOTE_USER is deliberately absent: http-backend only enables receive-pack with it.
-        # The server's private refs (refs/mailstate/*: upstream tracking, refused commits) are
-        # not advertised; nodes fetch main.
-        "GIT_CONFIG_COUNT": "1",
-        "GIT_CONFIG_KEY_0": "uploadpack.hideRefs",
-        "GIT_CONFIG_VALUE_0": "refs/mailstate/",
+        # HTTP_GIT_PROTOCOL is deliberately absent too: it forces protocol v0 (see the module
+        # docstring). Config from the environment outranks the repo's own config.
+        **_git_config(UPLOAD_PACK_CONFIG),
     }
     if encoding := request.headers.get("content-encoding"):
         env["HTTP_CONTENT_ENCODING"] = encoding
-    if protocol := request.headers.get("git-protocol"):
-        env["HTTP_GIT_PROTOCOL"] = protocol
     try:
         proc = subprocess.run(["git", "http-backend"], input=body, capture_output=True, env=env, timeout=GIT_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HTTPError(500, "internal_error", "The git endpoint could not answer; the cause has been logged.") from exc
     return _cgi_response(proc.stdout)
+
+
+# Advertise only the statement: hide every ref, HEAD included (it names main), then un-hide
+# the statement. Never serve an object that is not reachable from it.
+UPLOAD_PACK_CONFIG: tuple[tuple[str, str], ...] = (
+    ("uploadpack.hideRefs", "refs/"),
+    ("uploadpack.hideRefs", "HEAD"),
+    ("uploadpack.hideRefs", f"!{STATEMENT_REF}"),
+    ("uploadpack.allowTipSHA1InWant", "false"),
+    ("uploadpack.allowReachableSHA1InWant", "false"),
+    ("uploadpack.allowAnySHA1InWant", "false"),
+    ("uploadpack.allowFilter", "false"),
+    ("protocol.version", "0"),
+)
+
+
+def _git_config(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    env = {"GIT_CONFIG_COUNT": str(len(pairs))}
+    for i, (key, value) in enumerate(pairs):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    return env
 
 
 def _cgi_response(out: bytes) -> Response:

@@ -52,6 +52,18 @@ def sync_interval() -> float:
     return value if 0.05 <= value <= 86400 else DEFAULT_SYNC_INTERVAL
 
 
+DEFAULT_STATEMENT_INTERVAL = 60.0
+
+
+def statement_interval() -> float:
+    """Seconds between re-signings of the accepted-head statement: $MAILSTATE_STATEMENT_INTERVAL, default 60."""
+    try:
+        value = float(os.environ.get("MAILSTATE_STATEMENT_INTERVAL", DEFAULT_STATEMENT_INTERVAL))
+    except ValueError:
+        return DEFAULT_STATEMENT_INTERVAL
+    return value if 0.05 <= value <= 86400 else DEFAULT_STATEMENT_INTERVAL
+
+
 DESCRIPTION = """\
 GitOps for mailboxes. Every write is one validated, signed git commit of the YAML state plus the
 Postfix/Dovecot files compiled from it; mail nodes pull it within about a minute.
@@ -82,17 +94,23 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
-        syncer = None
-        if store.upstream is not None:
-            syncer = threading.Thread(target=store.run_sync_loop, args=(stop, sync_interval()), name="mailstate-upstream-sync", daemon=True)
-            syncer.start()
+        # One background thread: the accepted-head statement's refresh (and upstream push),
+        # the upstream fetch (upstream mode), and in local mode the watch on main that adopts
+        # or refuses another process's commit without waiting for a request.
+        syncer = threading.Thread(
+            target=store.run_background,
+            args=(stop,),
+            kwargs={"statement_interval": statement_interval(), "sync_interval": sync_interval()},
+            name="mailstate-background",
+            daemon=True,
+        )
+        syncer.start()
         try:
             async with mcp_manager.run():
                 yield
         finally:
             stop.set()
-            if syncer is not None:
-                syncer.join(timeout=5)
+            syncer.join(timeout=5)
             if own_db:
                 db.close()
 

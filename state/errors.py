@@ -22,7 +22,10 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   active_mailboxes_remain, node_exists, token_ambiguous
     │                                   (`token revoke NAME` when several tokens share NAME)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
-    │                                   that breaks the schema, the invariants, or compile())
+    │   │                               that breaks the schema, the invariants, or compile())
+    │   └── StatementInvalid          invalid_statement (an accepted-head statement that is
+    │                                   malformed or not signed by a server key; internal,
+    │                                   state/statement.py: the store replaces it, a node refuses)
     ├── StoreError                500   store_error (git, signing, disk: wraps the foreign
     │   │                               exception as __cause__), branch_moved (internal: another
     │   │                               process moved the branch; the store re-runs the operation),
@@ -109,6 +112,15 @@ class StateInvalid(MailstateError):
     def __init__(self, message: str, *, problems: list[str] | None = None, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.problems = problems or [message]
+
+
+class StatementInvalid(StateInvalid):
+    """An accepted-head statement (state/statement.py) that is malformed or not signed by a server key."""
+
+    default_code = "invalid_statement"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=self.default_code)
 
 
 class StoreError(MailstateError):

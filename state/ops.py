@@ -377,6 +377,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "status": status.get("status", "never_synced"),
                 "error": status.get("error"),
                 "commits_behind": status.get("commits_behind"),
+                "diverged": status.get("diverged"),
             }
         )
     return Outcome({"nodes": out})

@@ -12,6 +12,15 @@
 
 A failure anywhere before the branch moves leaves the branch and the in-memory state as they
 were. The store takes its signer and its clock as arguments (seams for tests).
+
+The accepted-head statement (state/statement.py, `refs/mailstate/accepted`) names the last
+commit this store validated: it moves after every write the store makes and after it adopts a
+commit made elsewhere, never for a refused one, and only forward (a statement whose head is not
+an ancestor of ours is left alone when a server signed it). In local mode a restarted store
+starts from the statement's head and validates `main` against it, so a commit pushed while no
+server ran is checked like any other. `run_background` refreshes the statement on a schedule,
+pushes it upstream (upstream mode) and, in local mode, notices within a second that `main`
+moved without waiting for a request.
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ import pygit2
 
 from mailstate.compiler.render import domain_dir, render_domain, render_settings
 from mailstate.state import files
-from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StoreError, Unavailable, UpstreamUnavailable
+from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StatementInvalid, StoreError, Unavailable, UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
 from mailstate.state.ops import OPERATIONS, Context, Operation, Outcome, UsageLookup
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
+from mailstate.state.statement import REF as STATEMENT_REF
+from mailstate.state.statement import create_statement, parse_statement, read_statement, verify_statement
 from mailstate.state.sync import Incoming, full_check, validate_incoming, verify_signature
 from mailstate.state.upstream import REJECTED_PREFIX, Upstream
 
@@ -47,6 +58,8 @@ log = logging.getLogger("mailstate.store")
 Clock = Callable[[], datetime]
 StatusSource = Callable[[str], "dict[str, Any] | None"]
 GC_EVERY = 500  # writes between background repacks of the loose objects
+STATEMENT_INTERVAL = 60.0  # seconds between statement refreshes (freshness for the nodes)
+WATCH_INTERVAL = 1.0  # seconds between looks at main (local mode background thread)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PLACEHOLDER = {
     # Shapes that pass model validation, used only by the preflight apply.
@@ -113,9 +126,29 @@ class Store:
         if head is None:
             raise StoreError(f"{repo_path} has no commits; run `mailstate init` first.")
         self._cache = ParseCache.open(cache_path)
-        self._snapshot = load_commit(self.git, head, self._cache)
         self.upstream = upstream
         self.trusted_signers = trusted_signers
+        # The statement this store last wrote or verified: (tag id, head, issued_at).
+        self._stated: tuple[str, str, int] | None = None
+        self.statement_error: str | None = None
+        self._upstream_statement: str | None = None  # the tag id upstream's REF holds, as far as we know
+        self._statement_push_due = False
+        self._statement_replace = False
+        # Set while run_background runs: writes then leave the statement to that thread.
+        self._background = False
+        self._wake = threading.Event()
+        # The statement ref is written through a handle opened without libgit2's fsync option
+        # (see _publish_statement); the branch keeps its fsynced one in self.git.
+        try:
+            self._refs = pygit2.Repository(str(self.git.path))
+        except pygit2.GitError as exc:
+            raise StoreError(f"{repo_path} is not a git repository.") from exc
+        start = head
+        if upstream is None:
+            stated = self._verified_statement()
+            if stated is not None and stated[1] != head and self._is_commit(stated[1]):
+                start = stated[1]  # what was last accepted; main is validated against it below
+        self._snapshot = load_commit(self.git, start, self._cache)
         self.max_tries = max_tries
         self._rng = rng or random.Random()
         self.upstream_problem: dict[str, Any] | None = None
@@ -123,9 +156,13 @@ class Store:
         self._writes = 0
         self._gc_every = gc_every
         self._gc: subprocess.Popen[bytes] | None = None
-        if upstream is not None:
-            with self._lock:
+        with self._lock:
+            if upstream is not None:
                 self._sync_locked(joining=True)
+            elif start != head:
+                self._refresh_locked()
+            self._publish_statement()
+            self._push_statement()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -176,7 +213,7 @@ class Store:
                     outcome.result = {**outcome.result, "commit": None}
                     return outcome
                 message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
-                sha, snap = self._make_commit(outcome.change, message)
+                sha, snap, stated = self._make_commit(outcome.change, message)
                 try:
                     if self.upstream is None:
                         self.git.move_branch(sha, self._expected_head())
@@ -192,7 +229,7 @@ class Store:
                     # Another process on this data dir won the race: re-run on its state.
                     time.sleep(self._rng.uniform(0, min(0.2, 0.002 * 2**attempt)))
                     continue
-                self._adopted(sha, snap)
+                self._adopted(sha, snap, stated)
                 outcome.result = {**outcome.result, "commit": sha}
                 return outcome
         cls = Unavailable if self.upstream is None else UpstreamUnavailable
@@ -203,17 +240,24 @@ class Store:
 
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
-        sha, snap = self._make_commit(change, message)
+        sha, snap, stated = self._make_commit(change, message)
         self.git.move_branch(sha, self._expected_head())
-        self._adopted(sha, snap)
+        self._adopted(sha, snap, stated)
         return sha
 
-    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot]:
-        """The signed commit object for `change` on top of HEAD (the branch does not move)."""
+    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot, tuple[str, int]]:
+        """The signed commit object for `change` on top of HEAD (the branch does not move), and
+        the statement tag naming it, (tag id, issued_at). Both go to disk in the one fsynced
+        pack of the write, so the statement costs no fsync of its own; if the commit does not
+        land, the tag is an unreferenced object that gc drops."""
         snap = self._snapshot
         tree = self.git.build_tree(snap.commit, self.changed_files(snap, change))
-        sha = self.git.commit(tree, snap.commit, message, self.signer, self.clock())
-        return sha, snap.with_change(sha, change)
+        when = self.clock()
+        sha = self.git.commit(tree, snap.commit, message, self.signer, when)
+        issued = int(when.timestamp())
+        tag = create_statement(self.git.repo, self.signer, sha, issued)
+        self.git.flush_objects(extra=[tag])  # the branch's own flush then finds nothing left
+        return sha, snap.with_change(sha, change), (tag, issued)
 
     def _expected_head(self) -> str | None:
         """What the branch must point at for our commit to land: our snapshot's commit, or
@@ -237,11 +281,18 @@ class Store:
         except OSError:
             log.warning("could not start git gc")
 
-    def _adopted(self, sha: str, snap: Snapshot) -> None:
+    def _adopted(self, sha: str, snap: Snapshot, stated: tuple[str, int] | None = None) -> None:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
         if refused and self.upstream is None:
             self._keep_rejected(refused, sha)
         self._snapshot = snap
+        # The write has landed; a statement that fails from here on is logged and retried on
+        # the schedule, never turned into a failed write.
+        self._publish_statement(prepared=stated)  # one ref update: the tag is on disk already
+        if self._background:
+            self._wake.set()  # the upstream push (a `git push`) stays off the write path
+        else:
+            self._push_statement()
         self._housekeeping()
 
     def _keep_rejected(self, refused: str, replacement: str) -> None:
@@ -288,8 +339,12 @@ class Store:
 
     def _refresh_locked(self) -> None:
         tip = self.git.head()
-        if tip is not None:
-            self._adopt_tip(tip, source="local")
+        if tip is None:
+            return
+        if tip == self.head and self.upstream_problem and self.upstream_problem.get("source") == "local":
+            self.upstream_problem = None  # someone put main back on the accepted commit
+            return
+        self._adopt_tip(tip, source="local")
 
     def _adopt_tip(self, tip: str, *, joining: bool = False, source: str) -> None:
         """Verify and validate `tip`, then serve it; or record it as refused. Lock held."""
@@ -312,17 +367,252 @@ class Store:
             self._snapshot = incoming.snapshot
             self.upstream_problem = None
             log.info("adopted %s commit %s", source, tip[:12])
+            # A fresh data dir joining a fleet replaces its own root commit, which a statement
+            # written before it joined may name: that one is no ancestor, and must go.
+            self._statement_after_change(replace=fresh)
             return
         self.upstream_problem = {"commit": tip, "problems": incoming.problems, "source": source}
         log.error("REFUSED %s commit %s: %s", source, tip[:12], "; ".join(incoming.problems))
 
     def run_sync_loop(self, stop: threading.Event, interval: float) -> None:
         """Poll upstream every `interval` seconds until `stop` is set (run it in a thread)."""
-        while not stop.wait(interval):
-            try:
+        self.run_background(stop, sync_interval=interval)
+
+    def run_background(
+        self,
+        stop: threading.Event,
+        *,
+        statement_interval: float = STATEMENT_INTERVAL,
+        sync_interval: float = 30.0,
+        watch_interval: float = WATCH_INTERVAL,
+    ) -> None:
+        """The server's background duties until `stop` is set (run it in one thread).
+
+        Local mode: every `watch_interval` seconds, look whether main moved (another process,
+        an admin push) and adopt or refuse it, so a refused commit shows in health() and a good
+        one gets a statement without waiting for a request. Upstream mode: fetch every
+        `sync_interval` seconds and retry a statement push that failed. Both: refresh the
+        statement every `statement_interval` seconds even when nothing changed.
+        """
+        now = time.monotonic()
+        next_sync, next_statement = now + sync_interval, now + statement_interval
+        # Never wait longer than a second, so that `stop` is seen promptly.
+        tick = min(watch_interval if self.upstream is None else sync_interval, statement_interval, 1.0)
+        self._background = True
+        try:
+            while not stop.is_set():
+                woke = self._wake.wait(tick)
+                if stop.is_set():
+                    break
+                now = time.monotonic()
+                sync = self.upstream is not None and now >= next_sync
+                refresh = now >= next_statement
+                if sync:
+                    next_sync = now + sync_interval
+                if refresh:
+                    next_statement = now + statement_interval
+                self._background_round(woke=woke, sync=sync, refresh=refresh)
+        finally:
+            self._background = False
+
+    def _background_round(self, *, woke: bool, sync: bool, refresh: bool) -> None:
+        """One round of run_background; a failure is logged (health() shows its effect)."""
+        try:
+            if woke:
+                # A write or an adoption asked for a statement: write (and push) it now.
+                self._wake.clear()
+                with self._lock:
+                    replace, self._statement_replace = self._statement_replace, False
+                    self._publish_statement(replace=replace)
+                    self._push_statement()
+            if self.upstream is None:
+                self.watch()
+            elif sync:
                 self.sync()
-            except Exception:  # the loop must outlive one bad fetch; the error is in health()
-                log.exception("upstream sync failed")
+                if self._statement_push_due:
+                    with self._lock:
+                        self._push_statement()
+            if refresh:
+                self.refresh_statement()
+        except Exception:  # the loop must outlive one bad round
+            log.exception("background round failed")
+
+    def watch(self) -> bool:
+        """Local mode: adopt or refuse a main that moved under the store; True when it looked closer.
+
+        Costs one ref read when nothing moved."""
+        if self.upstream is not None:
+            return False
+        tip = self.git.head()
+        refused = self.upstream_problem.get("commit") if self.upstream_problem else None
+        if tip is None or (tip == self._snapshot.commit and not refused) or tip == refused:
+            return False
+        with self._lock:
+            self._refresh_locked()
+        return True
+
+    # --- the accepted-head statement -------------------------------------------------------
+
+    @property
+    def statement(self) -> dict[str, Any] | None:
+        """The statement this store last wrote or verified: {"tag", "head", "issued_at"}."""
+        if self._stated is None:
+            return None
+        tag, head, issued = self._stated
+        return {"tag": tag, "head": head, "issued_at": issued}
+
+    def refresh_statement(self) -> bool:
+        """Re-sign the statement of the accepted head now (freshness), and push it upstream."""
+        with self._lock:
+            moved = self._publish_statement(refresh=True)
+            self._push_statement()
+            return moved
+
+    def _statement_after_change(self, *, replace: bool = False) -> None:
+        """The accepted head moved (lock held): state it. A server's background thread does it
+        right away off the write path; without one (`mailstate call`, a library user) it is
+        done here. A write has landed by now, so a statement that fails is logged and retried
+        on the schedule, never turned into a failed write."""
+        if self._background:
+            self._statement_replace = self._statement_replace or replace
+            self._wake.set()
+            return
+        self._publish_statement(replace=replace)
+        self._push_statement()
+
+    def _is_commit(self, sha: str) -> bool:
+        try:
+            return isinstance(self.git.repo[sha], pygit2.Commit)
+        except (KeyError, ValueError):
+            return False
+
+    def _server_signed(self, raw: bytes) -> bool:
+        """True when `raw` is a statement a server key signed (or nothing can be checked)."""
+        try:
+            if self.trusted_signers is None:
+                parse_statement(raw)
+            else:
+                verify_statement(raw, self.trusted_signers)
+        except StatementInvalid as exc:
+            log.warning("ignoring an accepted-head statement: %s", exc.message)
+            return False
+        return True
+
+    def _verified_statement(self) -> tuple[str, str, int] | None:
+        """The statement at REF when a server signed it (remembered as known), else None."""
+        found = read_statement(self._refs)
+        if found is None or not self._server_signed(found[1]):
+            return None
+        st = parse_statement(found[1])
+        self._stated = (found[0], st.head, st.issued_at)
+        return self._stated
+
+    def _publish_statement(self, *, refresh: bool = False, replace: bool = False, prepared: tuple[str, int] | None = None) -> bool:
+        """Point REF at a statement of our head, forward only; True when it moved. Lock held.
+
+        Forward only: a statement at REF whose head is not an ancestor of ours (another process
+        stated a newer commit) stays, if a server signed it. With `refresh`, a statement of the
+        same head is re-issued with a new Issued-At; with `replace`, whatever is there goes.
+        `prepared` is a (tag id, issued_at) already on disk that states our head (the write's).
+
+        The ref itself is written without fsync: after a power cut it names either the old or
+        the new statement, and both tags were on disk before the ref moved.
+        """
+        head = self.head
+        try:
+            with self.git.ref_lock():
+                ref = self._refs.references.get(STATEMENT_REF)
+                current = str(ref.target) if ref is not None else None
+                known = self._stated
+                if known is not None and current == known[0]:
+                    if known[1] == head and not refresh:
+                        return False
+                    theirs: tuple[str, int] | None = (known[1], known[2])
+                else:
+                    theirs = self._foreign_statement(head, refresh=refresh, replace=replace)
+                    if theirs is None and self._stated is not None and self._stated[0] == current:
+                        return False  # adopted as it is
+                if prepared is not None:
+                    tag, issued = prepared
+                else:
+                    issued = int(self.clock().timestamp())
+                    if theirs is not None and theirs[0] == head:
+                        issued = max(issued, theirs[1])  # Issued-At never goes back either
+                    tag = create_statement(self.git.repo, self.signer, head, issued)
+                    self.git.flush_objects(extra=[tag])  # on disk before the ref names it
+                try:
+                    self._refs.references.create(STATEMENT_REF, pygit2.Oid(hex=tag), force=True)
+                except pygit2.GitError as exc:
+                    raise StoreError("git could not update the accepted-head statement.") from exc
+        except _Keep:
+            return False
+        except (StoreError, OSError) as exc:
+            self.statement_error = exc.message if isinstance(exc, StoreError) else "the accepted-head statement could not be written"
+            log.error("accepted-head statement for %s not written: %s", head[:12], self.statement_error)
+            return False
+        self._stated = (tag, head, issued)
+        self.statement_error = None
+        self._statement_push_due = self.upstream is not None
+        return True
+
+    def _foreign_statement(self, head: str, *, refresh: bool, replace: bool) -> tuple[str, int] | None:
+        """Decide about a statement at REF that this store did not write (ref lock held).
+
+        Returns its (head, issued_at) when ours may replace it, None when there is none (or
+        when it states our head and is adopted as it is, `self._stated` then names it);
+        raises _Keep when it must stay (a server stated a head ours does not descend from).
+        """
+        found = read_statement(self._refs)
+        if found is None:
+            return None
+        try:
+            theirs = parse_statement(found[1])
+        except StatementInvalid as exc:
+            log.warning("replacing a malformed accepted-head statement: %s", exc.message)
+            return None
+        if replace:
+            return None
+        if theirs.head == head and not refresh:
+            # Another process stated our head already: nothing to add (the scheduled refresh
+            # re-signs it, so even a forged one lives one interval at most).
+            self._stated = (found[0], theirs.head, theirs.issued_at)
+            return None
+        if self._is_commit(theirs.head) and not self.git.is_ancestor(theirs.head, head) and self._server_signed(found[1]):
+            log.info("accepted-head statement left at %s (not an ancestor of %s)", theirs.head[:12], head[:12])
+            raise _Keep
+        return (theirs.head, theirs.issued_at)
+
+    def _push_statement(self) -> None:
+        """Upstream mode: force-push our statement to upstream REF with a lease on what upstream
+        held; leave a newer one (another server's) in place. Failures are logged, retried later."""
+        if self.upstream is None or self._stated is None or not self._statement_push_due:
+            return
+        tag, head, _issued = self._stated
+        for _attempt in range(3):
+            try:
+                result = self.upstream.push_statement(tag, expect=self._upstream_statement)
+                if result.ok:
+                    self._upstream_statement = tag
+                    self._statement_push_due = False
+                    self.statement_error = None
+                    return
+                found = self.upstream.fetch_statement()  # someone else pushed one: look at it
+            except UpstreamUnavailable as exc:
+                self.statement_error = f"statement push: {exc.message}"
+                log.warning("accepted-head statement not pushed upstream (retried later): %s", exc.message)
+                return
+            self._upstream_statement = found[0] if found else None
+            if found is None:
+                continue
+            try:
+                theirs = parse_statement(found[1]).head
+            except StatementInvalid:
+                continue
+            if self._is_commit(theirs) and not self.git.is_ancestor(theirs, head) and self._server_signed(found[1]):
+                self._statement_push_due = False  # upstream states a head ours does not descend from
+                return
+        self.statement_error = "statement push: upstream's statement kept changing"
+        log.warning("accepted-head statement not pushed upstream: it kept changing (retried later)")
 
     def health(self) -> dict[str, Any]:
         """The store's view for `/v1/health`: head, mode, upstream errors, a refused commit."""
@@ -335,6 +625,14 @@ class Store:
         if self.upstream_problem:
             body["status"] = "degraded"
             body["refused_commit"] = self.upstream_problem
+        stated = self.statement
+        body["statement"] = {
+            "head": stated["head"] if stated else None,
+            "issued_at": stated["issued_at"] if stated else None,
+            "error": self.statement_error,
+        }
+        if self.statement_error:
+            body["status"] = "degraded"
         return body
 
     def changed_files(self, snap: Snapshot, change: Change) -> dict[str, bytes | None]:
@@ -362,15 +660,29 @@ class Store:
     # --- node status ---------------------------------------------------------------------
 
     def node_status(self, name: str) -> dict[str, Any] | None:
-        """A node's last report (from the status source) plus how far behind HEAD it is."""
+        """A node's last report (from the status source) plus where it stands against the accepted head.
+
+        `diverged` is true when the node's applied commit is not an ancestor of the accepted
+        head (a commit the server never accepted, or one it replaced, or unknown here); then
+        `commits_behind` is None, since "behind" would hide that the histories split.
+        Otherwise `diverged` is false and `commits_behind` counts the commits the node lacks.
+        """
         if self._status_source is None:
             return None
         status = self._status_source(name)
         if not status:
             return status
         applied = status.get("applied_commit")
-        behind = self.git.commits_between(applied, self.head) if applied else None
-        return {**status, "commits_behind": behind}
+        head = self.head
+        if not applied:
+            return {**status, "commits_behind": None, "diverged": False}
+        if not self.git.is_ancestor(applied, head):
+            return {**status, "commits_behind": None, "diverged": True}
+        return {**status, "commits_behind": self.git.commits_between(applied, head), "diverged": False}
+
+
+class _Keep(Exception):
+    """Internal: the statement at REF must stay as it is."""
 
 
 def _redact(url: str) -> str:

@@ -5,6 +5,11 @@ it last saw, with a plain (non-forced) `git push`. If anyone else moved the bran
 rejects it as non-fast-forward; the store then fetches, validates and re-runs the operation.
 Credentials come from git's own configuration (ssh keys, credential helpers), never from
 mailstate.
+
+The accepted-head statement (state/statement.py) travels at the same ref on upstream,
+`refs/mailstate/accepted`, so that nodes following the git host get it there. Its push is forced
+(a new tag object is never a fast-forward of the old one) but leased: it replaces only the
+statement the server last saw there, and the store looks before it replaces another one.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pygit2
+
 from mailstate.state.errors import UpstreamUnavailable
 from mailstate.state.gitrepo import BRANCH, REF
+from mailstate.state.statement import REF as STATEMENT_REF
+from mailstate.state.statement import read_statement
 
 TRACKING_REF = "refs/mailstate/upstream"
+STATEMENT_TRACKING_REF = "refs/mailstate/upstream-accepted"
 REJECTED_PREFIX = "refs/mailstate/rejected/"
 
 
@@ -77,6 +87,27 @@ class Upstream:
         raise UpstreamUnavailable(f"Pushing to the upstream state repo failed: {_last_line(text)}", code="upstream_unavailable")
 
 
+    def push_statement(self, tag: str, *, expect: str | None) -> PushResult:
+        """Force-push the statement tag object `tag` to upstream's statement ref, leased: it
+        lands only while that ref holds `expect` (None: while it does not exist)."""
+        proc = self._git("push", "--porcelain", f"--force-with-lease={STATEMENT_REF}:{expect or ''}", self.url, f"{tag}:{STATEMENT_REF}")
+        if proc.returncode == 0:
+            return PushResult(True, False, "")
+        text = proc.stdout + proc.stderr
+        if "stale info" in text:  # the lease failed: another statement is there now
+            return PushResult(False, True, _last_line(text))
+        raise UpstreamUnavailable(f"Pushing the accepted-head statement upstream failed: {_last_line(text)}", code="upstream_unavailable")
+
+    def fetch_statement(self) -> tuple[str, bytes] | None:
+        """Fetch upstream's statement into a private ref: (tag id, raw tag), or None when absent."""
+        proc = self._git("fetch", "--quiet", "--no-tags", self.url, f"+{STATEMENT_REF}:{STATEMENT_TRACKING_REF}")
+        if proc.returncode != 0:
+            if "couldn't find remote ref" in proc.stderr.lower():
+                return None
+            raise UpstreamUnavailable(f"Fetching the upstream accepted-head statement failed: {_last_line(proc.stderr)}", code="upstream_unavailable")
+        return read_statement(pygit2.Repository(str(self.local)), STATEMENT_TRACKING_REF)
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no output"
@@ -89,4 +120,4 @@ def _passthrough_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in keep}
 
 
-__all__ = ["BRANCH", "REJECTED_PREFIX", "TRACKING_REF", "PushResult", "Upstream"]
+__all__ = ["BRANCH", "REJECTED_PREFIX", "STATEMENT_TRACKING_REF", "TRACKING_REF", "PushResult", "Upstream"]

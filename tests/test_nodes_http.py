@@ -1,11 +1,14 @@
 """Node endpoints against a real server: reports (HTTP Basic name:sync_key, IP whitelist) and
-the read-only git smart HTTP endpoint, exercised with real `git clone`/`fetch`/`push`. Plus the
-node logic of state/nodes.py on its own."""
+the read-only git smart HTTP endpoint, exercised with real `git fetch`/`ls-remote`/`push`: it
+serves only the accepted-head statement (refs/mailstate/accepted), never main. Plus the node
+logic of state/nodes.py on its own. The refused-commit cases (fetch by sha over protocol v2)
+are in test_refused_commits.py."""
 
 from __future__ import annotations
 
 import base64
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -187,30 +190,58 @@ def header_env(name: str, key: str) -> dict[str, str]:
     return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader", "GIT_CONFIG_VALUE_0": f"Authorization: Basic {token}"}
 
 
-def test_git_clone_with_the_key_in_the_url(nodes: Nodes, tmp_path: Path) -> None:
+STATEMENT = "refs/mailstate/accepted"
+
+
+def node_repo(srv: LiveServer, path: Path) -> Path:
+    """An empty bare repo, as a node's mirror starts."""
+    assert git(srv, "init", "--quiet", "--bare", str(path)).returncode == 0
+    return path
+
+
+def stated_commit(srv: LiveServer, repo: Path) -> str:
+    return git(srv, "-C", str(repo), "rev-parse", "refs/pi-pull/accepted^{commit}").stdout.strip()
+
+
+def wait_stated(nodes: Nodes) -> str:
+    """main, once the server's statement names it (the server writes it just after a write)."""
+    head = nodes.head()
+    deadline = time.monotonic() + 5
+    while nodes.srv.git("rev-parse", f"{STATEMENT}^{{commit}}").strip() != head:
+        assert time.monotonic() < deadline, "the statement did not follow main"
+        time.sleep(0.05)
+    return head
+
+
+def test_git_fetch_with_the_key_in_the_url(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://mpi02:{nodes.key}@127.0.0.1:{srv.port}/v1/nodes/state.git"
-    proc = git(srv, "clone", "--quiet", url, str(tmp_path / "c"))
+    repo = node_repo(srv, tmp_path / "n.git")
+    proc = git(srv, "-C", str(repo), "fetch", "--quiet", url, f"+{STATEMENT}:refs/pi-pull/accepted")
     assert proc.returncode == 0, proc.stderr
-    assert git(srv, "-C", str(tmp_path / "c"), "rev-parse", "HEAD").stdout.strip() == nodes.head()
-    assert (tmp_path / "c" / "mailstate.yaml").exists()
+    assert stated_commit(srv, repo) == wait_stated(nodes)
+    assert git(srv, "-C", str(repo), "cat-file", "-e", f"{nodes.head()}:mailstate.yaml").returncode == 0
 
 
-def test_git_clone_and_fetch_the_way_the_node_does(nodes: Nodes, tmp_path: Path) -> None:
+def test_git_fetch_the_way_the_node_does(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
     env = header_env("mpi02", nodes.key)
-    proc = git(srv, "clone", "--quiet", "--bare", url, str(tmp_path / "n.git"), env=env)
-    assert proc.returncode == 0, proc.stderr
+    repo = node_repo(srv, tmp_path / "n.git")
     assert nodes.admin.post(f"{API}/add-domain", json={"domain": "fetched.example"}).status_code == 201
-    for protocol in ("2", "0"):
-        proc = git(srv, "-c", f"protocol.version={protocol}", "-C", str(tmp_path / "n.git"), "fetch", "--quiet", url, "+main:main", env=env)
+    head = wait_stated(nodes)
+    for protocol in ("2", "0"):  # a client asking for v2 gets v0 (see api.nodes_http)
+        proc = git(srv, "-c", f"protocol.version={protocol}", "-C", str(repo), "fetch", "--quiet", url, f"+{STATEMENT}:refs/pi-pull/accepted", env=env)
         assert proc.returncode == 0, proc.stderr
-    assert git(srv, "-C", str(tmp_path / "n.git"), "rev-parse", "main").stdout.strip() == nodes.head()
+        assert stated_commit(srv, repo) == head
+    # main is not served, under any name
+    for ref in ("main", "refs/heads/main", "HEAD"):
+        proc = git(srv, "-C", str(repo), "fetch", "--quiet", url, f"+{ref}:refs/x", env=env)
+        assert proc.returncode != 0, ref
 
 
 @pytest.mark.parametrize("who", ["no-key", "wrong-key", "unknown-node", "off-whitelist"])
-def test_git_clone_refused(nodes: Nodes, tmp_path: Path, who: str) -> None:
+def test_git_fetch_refused(nodes: Nodes, tmp_path: Path, who: str) -> None:
     srv = nodes.srv
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
     env = {
@@ -219,33 +250,36 @@ def test_git_clone_refused(nodes: Nodes, tmp_path: Path, who: str) -> None:
         "unknown-node": header_env("ghost", nodes.key),
         "off-whitelist": header_env("locked", nodes.locked_key),
     }[who]
-    proc = git(srv, "clone", "--quiet", url, str(tmp_path / "c"), env=env)
+    repo = node_repo(srv, tmp_path / "n.git")
+    proc = git(srv, "-C", str(repo), "fetch", "--quiet", url, f"+{STATEMENT}:refs/pi-pull/accepted", env=env)
     assert proc.returncode != 0
-    assert not (tmp_path / "c" / "mailstate.yaml").exists()
+    assert git(srv, "-C", str(repo), "rev-parse", "--verify", "--quiet", "refs/pi-pull/accepted").returncode != 0
     expected = "403" if who == "off-whitelist" else ("401", "Authentication failed", "could not read Username")
     assert any(e in proc.stderr for e in ((expected,) if isinstance(expected, str) else expected)), proc.stderr
 
 
-def test_private_refs_are_not_advertised(nodes: Nodes) -> None:
+@pytest.mark.parametrize("protocol", ["0", "2"])
+def test_only_the_statement_is_advertised(nodes: Nodes, protocol: str) -> None:
     srv = nodes.srv
     srv.git("update-ref", "refs/mailstate/rejected/" + nodes.head(), nodes.head())
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
-    proc = git(srv, "ls-remote", url, env=header_env("mpi02", nodes.key))
+    proc = git(srv, "-c", f"protocol.version={protocol}", "ls-remote", url, env=header_env("mpi02", nodes.key))
     assert proc.returncode == 0, proc.stderr
     refs = [line.split("\t")[1] for line in proc.stdout.splitlines()]
-    assert "refs/heads/main" in refs and not any(r.startswith("refs/mailstate/") for r in refs)
+    assert refs == [STATEMENT, STATEMENT + "^{}"]
 
 
 def test_git_push_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
     env = header_env("mpi02", nodes.key)
-    assert git(srv, "clone", "--quiet", url, str(tmp_path / "c"), env=env).returncode == 0
-    before = nodes.head()
     work = tmp_path / "c"
+    assert git(srv, "init", "--quiet", "-b", "main", str(work)).returncode == 0
+    before = nodes.head()
     git(srv, "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@x", "commit", "--quiet", "--allow-empty", "-m", "evil")
-    proc = git(srv, "-C", str(work), "push", url, "HEAD:main", env=env)
-    assert proc.returncode != 0 and "403" in proc.stderr, proc.stderr
+    for ref in ("HEAD:main", f"HEAD:{STATEMENT}"):
+        proc = git(srv, "-C", str(work), "push", url, ref, env=env)
+        assert proc.returncode != 0 and "403" in proc.stderr, proc.stderr
     assert nodes.head() == before
 
 
