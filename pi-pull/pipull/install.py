@@ -352,7 +352,8 @@ class Installer:
         return bool(cp.get("report", "url", fallback="").strip()) or (is_http and send)
 
     def run(self) -> int:
-        """Every step but the first tick; returns the number of changes (made, or in a dry run to make)."""
+        """Every step but the first tick and the timer (``enable_timer()``, after the tick); returns the
+        number of changes (made, or in a dry run to make)."""
         self.check_services_installed()
         try:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
@@ -551,6 +552,13 @@ class Installer:
             self.systemctl("daemon-reload")
         for svc in ("postfix", "dovecot"):
             self.service_running(svc)
+
+    def enable_timer(self) -> None:
+        """``systemctl enable --now`` the timer: after the first tick, so that tick never meets a timer's run
+        (it would find the lock taken)."""
+        timer = self.m.get("units", {}).get("timer", "pi-pull.timer")
+        if not self.opts.start or not self.use_systemd:
+            return
         enabled = self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", timer], timeout=30).returncode == 0
         if enabled:
             self.steps.done(f"{timer} enabled")

@@ -116,14 +116,20 @@ def _install(args: argparse.Namespace) -> int:
     print(f"pi-pull install: node {node} from {bundle.path}" + (" (dry run: nothing is changed)" if opts.dry_run else ""))
     installer = Installer(bundle, opts, sync_key=key)
     changes = installer.run()
+    code = EXIT_OK
+    if opts.dry_run:
+        print("would run a first tick" if opts.tick else "--no-tick: no first tick")
+    elif opts.tick:
+        code = _first_tick(installer, log)
+    else:
+        print("--no-tick: the first tick is left to the timer")
+    installer.enable_timer()
+    changes = installer.steps.changes
     if opts.dry_run:
         print(f"dry run: {changes} change(s) would be made" if changes else "already installed: nothing would change")
-        return EXIT_OK
-    print(f"installed node {node}: {changes} change(s)" if changes else "already installed: nothing changed")
-    if not opts.tick:
-        print("--no-tick: the first tick is left to the timer")
-        return EXIT_OK
-    return _first_tick(installer, log)
+    else:
+        print(f"installed node {node}: {changes} change(s)" if changes else "already installed: nothing changed")
+    return code
 
 
 def _first_tick(installer: Installer, log: logging.Logger) -> int:
