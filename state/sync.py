@@ -74,9 +74,10 @@ def changed_paths(repo: GitRepo, old: str, new: str) -> set[str]:
 
 
 def _rendered_owner(path: str) -> str | None:
-    # rendered/domains/<bb>/<domain>/<fragment>
+    # rendered/domains/<bb>/<domain>/<fragment>, in the domain's own bucket: a copy under another
+    # bucket would never be compared with render_domain() (it reads the domain's own folder).
     parts = path.split("/")
-    if len(parts) == 5 and parts[0] == files.RENDERED_DIR and parts[1] == "domains" and parts[4] in FRAGMENTS:
+    if len(parts) == 5 and parts[0] == files.RENDERED_DIR and parts[1] == "domains" and parts[4] in FRAGMENTS and parts[2] == files.bucket(parts[3]):
         return parts[3]
     return None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import posixpath
 import re
+import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -278,3 +279,36 @@ def test_the_compiler_refuses_values_that_bypassed_validation(local: str, the_id
         render_domain(dom, Settings())
     with pytest.raises(CompileError):
         mailbox_dir(domain, local, box, Settings())
+
+
+# --- incoming commits: the new files are validated like the others -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        # a soft-deleted mailbox marked active, a line dropped, a stranger's Maildir claimed
+        ("rendered/domains/ex/example.com/mailboxes", lambda t: t.replace(" inactive", " active")),
+        ("rendered/domains/ex/example.com/mailboxes", lambda t: t.split("\n", 1)[1]),
+        ("rendered/domains/ex/example.com/mailboxes", lambda t: t + "stranger 20260101-000000 active\n"),
+        ("rendered/settings", lambda t: t.replace("purge_after_days 7", "purge_after_days 0")),
+        ("rendered/settings", None),
+        # a copy in another bucket would never be compared with render_domain()
+        ("rendered/domains/zz/example.com/passwd", lambda t: "x@example.com:y:1:1::/etc::\n"),
+    ],
+)
+def test_an_incoming_commit_with_a_forged_lifecycle_file_is_refused(mail_store: Store, path: str, content: Any) -> None:
+    from mailstate.state.sync import validate_incoming
+
+    mail_store.execute("add-user", PROJECT_A, {"email": "zed@example.com", "password": PASSWORD})
+    mail_store.execute("remove-user", PROJECT_A, {"email": "zed@example.com"})
+    try:
+        current = show(mail_store, path)
+    except subprocess.CalledProcessError:
+        current = ""
+    data = None if content is None else content(current).encode()
+    tree = mail_store.git.build_tree(mail_store.head, {path: data})
+    sha = mail_store.git.commit(tree, mail_store.head, "forged\n", mail_store.signer, datetime(2026, 3, 1, tzinfo=UTC))
+    verdict = validate_incoming(mail_store.git, mail_store.snapshot, sha)
+    assert not verdict.ok and verdict.problems, path
+    assert any(path in p for p in verdict.problems), verdict.problems
