@@ -180,7 +180,7 @@ def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc
     assert git_out(data_dir.repo, "rev-parse", "main").strip() == head
     assert commit_count(data_dir.repo) == count
     assert snapshot_view(bad) == before
-    assert bad.execute("list-domains", PROJECT_A, {}).result == {"domains": [], "linked_not_enabled": []}
+    assert bad.execute("list-domains", PROJECT_A, {}).result == {"domains": [], "linked_not_enabled": [{"domain": "example.com", "project_id": A}]}
     # the same store works again once its signer does; the new commit's parent is the old head
     bad.signer = Ed25519Signer(data_dir.key)
     sha = bad.execute("enable-email", PROJECT_A, {"domain": "example.com"}).result["commit"]
