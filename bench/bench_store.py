@@ -90,6 +90,8 @@ class SizeResult:
     ed_store: list[float] = field(default_factory=list)
     fsync_on: list[float] = field(default_factory=list)
     fsync_off: list[float] = field(default_factory=list)
+    fsync_loose: list[float] = field(default_factory=list)
+    fsync_probe: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
     clone_s: float = 0.0
 
@@ -245,6 +247,23 @@ class Irreducible:
         return time.perf_counter() - t
 
 
+def fsync_probe(folder: Path, n: int) -> float:
+    """Seconds to create a 300-byte file and fsync it and its folder: the disk's fsync latency."""
+    t = time.perf_counter()
+    fd = os.open(folder / f"probe-{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"x" * 300)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return time.perf_counter() - t
+
+
 # --- phase breakdown (--phases) ------------------------------------------------------------
 
 # (owner, method, label): wrapped only if present, since store internals move.
@@ -252,7 +271,8 @@ _PHASES = [
     ("mailstate.state.store:Store", "changed_files", "changed_files (YAML dump + render)"),
     ("mailstate.state.gitrepo:GitRepo", "build_tree", "build_tree (blobs + trees)"),
     ("mailstate.state.gitrepo:GitRepo", "commit", "commit (text + sign + object)"),
-    ("mailstate.state.gitrepo:GitRepo", "move_branch", "move_branch (lock + ref)"),
+    ("mailstate.state.gitrepo:GitRepo", "flush_objects", "flush_objects (one pack, fsynced)"),
+    ("mailstate.state.gitrepo:GitRepo", "move_branch", "move_branch (flush + lock + ref)"),
     ("mailstate.state.snapshot:Snapshot", "with_change", "Snapshot.with_change"),
     ("mailstate.state.store:Store", "_adopted", "_adopted (swap snapshot)"),
 ]
@@ -351,20 +371,42 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
         log(f"[{size}] alternating signers: Ed25519Signer p50 {ms(p50(res.ed_store))} ms, SshKeygenSigner p50 {ms(p50(res.ssh_store))} ms")
 
     if args.fsync_writes:
-        # Same store, same state: alternate write by write between its durable repo handle
-        # and one opened with set_durable(False) (no pack flush, no fsync of the ref).
+        # Same store, same state, round-robin write by write between three repo handles:
+        # - on: the store's own, durable one (one fsynced pack per write, then the fsynced ref);
+        # - off: opened with set_durable(False) (no pack, nothing fsynced), the old behaviour;
+        # - loose: the simple alternative, libgit2's fsync option on for the whole write (each
+        #   loose object and its folder fsynced, then the ref), no pack.
+        # Beside them, one bare fsync (create, write 300 bytes, fsync file and folder): on a
+        # shared disk its latency decides what durability costs.
         durable = store.git
         set_durable(False)
         fast = GitRepo(durable.path)
+        pygit2.settings.enable_fsync_gitdir(True)
+        loose = GitRepo(durable.path)
+        loose.repo.references.get("refs/heads/main")  # opens its refdb with fsync on
+        pygit2.settings.enable_fsync_gitdir(False)
         set_durable(True)
+        probe_dir = Path(tempfile.mkdtemp(dir=info.root, prefix="fsync-probe-"))
         try:
-            for n in range(2 * args.fsync_writes):
-                off = n % 2 == 1
-                store.git = fast if off else durable
-                (res.fsync_off if off else res.fsync_on).append(writes.step())
+            for n in range(3 * args.fsync_writes):
+                arm = n % 3
+                store.git = (durable, fast, loose)[arm]
+                if arm == 2:
+                    pygit2.settings.enable_fsync_gitdir(True)
+                try:
+                    dt = writes.step()
+                finally:
+                    pygit2.settings.enable_fsync_gitdir(False)
+                (res.fsync_on, res.fsync_off, res.fsync_loose)[arm].append(dt)
+                if arm == 0:
+                    res.fsync_probe.append(fsync_probe(probe_dir, n))
         finally:
             store.git = durable
-        log(f"[{size}] alternating fsync: on p50 {ms(p50(res.fsync_on))} ms, off p50 {ms(p50(res.fsync_off))} ms")
+            shutil.rmtree(probe_dir, ignore_errors=True)
+        log(
+            f"[{size}] round-robin: durable p50 {ms(p50(res.fsync_on))} ms, off {ms(p50(res.fsync_off))} ms, "
+            f"loose-fsync {ms(p50(res.fsync_loose))} ms; one fsync {ms(p50(res.fsync_probe))} ms"
+        )
 
     # Nothing is deleted until the end: on ext4, creating files right after deleting many
     # (a clone, a data dir) is slower (the inode allocator skips recently deleted inodes),
@@ -399,12 +441,17 @@ def table(results: list[SizeResult]) -> str:
             lines.append(f"{label:<36} " + " ".join(f"{ms(p50(r.phases.get(label, []))):>9}" for r in results))
     if any(r.fsync_on for r in results):
         lines.append("")
-        lines.append("fsync, alternating write by write (ms): durable (the default) vs not")
-        lines.append(f"{'mailboxes':>9} {'on p50':>8} {'p90':>7} {'off p50':>8} {'p90':>7} {'cost p50':>9}")
+        lines.append("durability, round-robin write by write (ms): on = one fsynced pack + fsynced ref (the default),")
+        lines.append("off = nothing fsynced (the old behaviour), loose = every loose object fsynced; one fsync = file + folder")
+        head = f"{'mailboxes':>9} {'on p50':>8} {'p90':>7} {'off p50':>8} {'p90':>7} {'cost p50':>9} {'loose p50':>10} {'p90':>7} {'one fsync p50':>14}"
+        lines.append(head)
         for r in results:
             if r.fsync_on:
                 on, off = p50(r.fsync_on), p50(r.fsync_off)
-                lines.append(f"{r.size:>9} {ms(on):>8} {ms(p90(r.fsync_on)):>7} {ms(off):>8} {ms(p90(r.fsync_off)):>7} {'+' + ms(on - off):>9}")
+                lines.append(
+                    f"{r.size:>9} {ms(on):>8} {ms(p90(r.fsync_on)):>7} {ms(off):>8} {ms(p90(r.fsync_off)):>7} {'+' + ms(on - off):>9} "
+                    f"{ms(p50(r.fsync_loose)):>10} {ms(p90(r.fsync_loose)):>7} {ms(p50(r.fsync_probe)):>14}"
+                )
     for r in results:
         if r.ssh_store:
             s50, k50 = p50(r.ed_store), p50(r.ssh_store)
@@ -424,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=200, help="measured store writes per size")
     parser.add_argument("--cli-commits", type=int, default=30, help="measured git CLI commits per size")
     parser.add_argument("--ssh-size", type=int, default=10000, help="size at which to also measure SshKeygenSigner (0: never)")
-    parser.add_argument("--fsync-writes", type=int, default=60, help="write pairs alternating fsync on/off per size (0: skip)")
+    parser.add_argument("--fsync-writes", type=int, default=60, help="writes per arm of the durability round-robin (on/off/loose) per size (0: skip)")
     parser.add_argument("--profile", action="store_true", help="cProfile the store writes; stats go to stderr")
     parser.add_argument("--phases", action="store_true", help="time the store's internal steps per write (p50 table)")
     parser.add_argument("--keep", type=Path, default=None, help="keep data dirs and clones under this dir")

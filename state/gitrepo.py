@@ -37,6 +37,8 @@ REF = f"refs/heads/{BRANCH}"
 # process-wide, so it is on only while a repo is opened or a pack is written, under a lock.
 _durable = True
 _fsync_option = threading.Lock()
+# Writes between background roll-ups of the per-write packs (see _roll_up_packs).
+ROLL_UP_EVERY = 32
 # git holds refs/heads/main.lock for milliseconds; one this old was left by a killed process.
 STALE_LOCK_S = 10.0
 log = logging.getLogger("mailstate.git")
@@ -77,6 +79,8 @@ class GitRepo:
         self.path = Path(os.path.abspath(path))
         self.durable = _durable
         self._pending: list[pygit2.Oid] = []  # objects written since the last flush_objects()
+        self._packs_written = 0
+        self._roll_up: subprocess.Popen[bytes] | None = None
         try:
             with _libgit2_fsync() if self.durable else nullcontext():
                 self.repo = pygit2.Repository(str(self.path))
@@ -239,6 +243,25 @@ class GitRepo:
         except (pygit2.GitError, OSError) as exc:
             raise StoreError("git's objects could not be written to disk.") from exc
         self._pending.clear()
+        self._packs_written += 1
+        if self._packs_written % ROLL_UP_EVERY == 0:
+            self._roll_up_packs()
+
+    def _roll_up_packs(self) -> None:
+        """Merge the small per-write packs in the background: a lookup of a new object tries
+        every pack (~2 µs each), so hundreds of packs would slow every write."""
+        if self._roll_up is not None and self._roll_up.poll() is None:
+            return
+        try:
+            # --geometric merges the small packs (and the loose copies) into one and leaves the
+            # big ones alone; git's own writes are fsynced (core.fsync, set in the repo config).
+            self._roll_up = subprocess.Popen(
+                ["git", "-C", str(self.path), "repack", "-d", "-q", "--geometric=2"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            log.warning("could not start git repack in %s", self.path)
 
     def move_branch(self, new: str, expected: str | None) -> None:
         """Point `main` at `new` if it still points at `expected` (compare-and-swap).

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -209,3 +210,26 @@ def test_kill_9_during_writes_loses_nothing_that_was_answered(tmp_path: Path) ->
             assert c.post("/v1/email-account/link-domain", json={"domain": "after.example", "project_id": 1}).status_code in (200, 201)
     finally:
         srv.stop()
+
+
+# --- one pack per write, rolled up in the background -----------------------------------------
+
+
+def test_the_per_write_packs_are_rolled_up(data_dir: DataDir) -> None:
+    from mailstate.state.gitrepo import ROLL_UP_EVERY, GitRepo
+    from mailstate.state.signing import Ed25519Signer
+
+    repo = GitRepo(data_dir.repo)
+    signer = Ed25519Signer(data_dir.key)
+    packs = data_dir.repo / "objects" / "pack"
+    head = repo.head()
+    for n in range(2 * ROLL_UP_EVERY + 3):
+        tree = repo.build_tree(head, {f"extra/{n}.txt": f"{n}\n".encode()})
+        new = repo.commit(tree, head, f"write {n}\n", signer, datetime(2026, 3, 1, tzinfo=UTC))
+        repo.move_branch(new, head)
+        head = new
+    assert repo._roll_up is not None
+    assert repo._roll_up.wait(timeout=60) == 0
+    assert len(list(packs.glob("*.pack"))) < ROLL_UP_EVERY  # not one per write any more
+    assert subprocess.run(["git", "-C", str(data_dir.repo), "fsck", "--no-dangling"], capture_output=True).returncode == 0
+    assert git_out(data_dir.repo, "show", f"{head}:extra/{2 * ROLL_UP_EVERY + 2}.txt") == f"{2 * ROLL_UP_EVERY + 2}\n"
