@@ -44,7 +44,7 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise StoreError(f"Cannot write the bundle into {out}: {exc.strerror or exc}.") from exc
     print(f"Next, on node {name} as root (paste the sync key from add-node, then Ctrl-D; it is not echoed):\n"
-          f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin --dry-run   # shows every action\n"
+          f"  python3 {out}/pi_pull.py install --bundle {out} --dry-run   # shows every action, changes nothing\n"
           f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin\n"
           "See README 'Deploying a node'.")
     return 0

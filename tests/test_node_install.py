@@ -209,6 +209,9 @@ def test_dry_run_changes_nothing(host: Host) -> None:
         assert action in out, out
     assert "No configuration" in out and "dry run:" in out
     _no_key(r)
+    r = host.install(bundle, "--dry-run", key=None)  # a dry run needs no key: it says the real run does
+    assert r.returncode == EXIT_OK and "the real run needs --sync-key-stdin" in r.stdout, r.stdout + r.stderr
+    assert host.tree() == before
 
 
 def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) -> None:
@@ -412,11 +415,13 @@ class SystemdRunner:
         self.real = runner
         self.env = runner.env
         self.calls: list[list[str]] = []
+        self.argvs: list[list[str]] = []  # every command, to check that no argv carries the key
         self.active: set[str] = set()
         self.enabled: set[str] = set()
 
     def run(self, argv: Sequence[str], *, input: bytes | None = None, env: Mapping[str, str] | None = None,
             timeout: float | None = None, cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        self.argvs.append(list(argv))
         if argv[0] != "systemctl":
             return self.real.run(argv, input=input, env=env, timeout=timeout, cwd=cwd)
         args = list(argv[1:])
@@ -468,7 +473,8 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     un.Uninstaller(inst.Options(dirs={"etc_dir": str(host.etc)}, systemd=True), runner=runner, out=lines.append).run()
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
     assert changes == [["disable", "--now", "pi-pull.timer"], ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"]]
-    assert json.loads(json.dumps(lines))  # printable
+    assert runner.argvs and not any(SYNC_KEY in " ".join(argv) for argv in runner.argvs)  # never in a child's argv
+    assert SYNC_KEY not in "\n".join(lines)
 
 
 def test_dovecot_auth_edit_is_exactly_reversible(pipull: Any) -> None:

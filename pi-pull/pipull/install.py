@@ -408,6 +408,10 @@ class Installer:
             if read_bytes(dest) is None and not self.needs_key():
                 self.steps.note("no sync key needed: this node sends no report and no credentials")
                 return
+            if read_bytes(dest) is None and self.opts.dry_run:
+                self.steps.change(f"install {dest} ({mode:04o}, sync key): the real run needs --sync-key-stdin or "
+                                  "--sync-key-file")
+                return
             if read_bytes(dest) is None:
                 raise ConfigError(f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
                                   "add-node printed, then Ctrl-D) or --sync-key-file FILE")
