@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 
@@ -343,8 +343,12 @@ def test_no_input_makes_a_5xx(world: World, name: str, body: Any, who: str) -> N
     path=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"), max_size=40),
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
 )
+@example(path="/::", method="GET")
+@example(path="docs/static/../../etc/passwd", method="GET")
 def test_no_path_makes_a_5xx(world: World, path: str, method: str) -> None:
-    r = world.a.request(method, f"/{path}")
+    # An absolute URL: relative to the client's base, a path starting with "//" would be read
+    # as a host and port (httpx.InvalidURL for "//::"), never reaching the server.
+    r = world.a.request(method, httpx.URL(f"{world.srv.url}/{path}"))
     assert r.status_code < 500, (method, path, r.text)
     if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
         assert "detail" not in r.json()
