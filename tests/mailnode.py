@@ -53,7 +53,10 @@ from mailstate.compiler.node_bundle import build_pi_pull, dovecot_snippet, postf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = REPO_ROOT / "pi-pull"
-PIPULL_MODULES = ("errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "release", "report", "statefile", "agent", "cli")
+PIPULL_MODULES = (
+    "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "release", "report", "statefile", "usage", "lifecycle",
+    "agent", "cli",
+)  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
 
 

@@ -7,12 +7,14 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, read_sync_key
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, ConfigError, Refused, TickError
 from .fsutil import utcnow
+from .lifecycle import Lifecycle
 from .log import LOGGER_NAME, add_secret
 from .mirror import ACCEPTED_REF, APPLIED_REF, Mirror, Quarantine, no_statement_message
 from .release import Releases
@@ -43,7 +45,7 @@ class Agent:
     """
 
     def __init__(self, cfg: Config, runner: Runner | None = None, log: logging.Logger | None = None,
-                 sync_key: str | None = None) -> None:
+                 sync_key: str | None = None, clock: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
         self.runner = runner or Runner()
         self.log = log or logging.getLogger(LOGGER_NAME)
@@ -51,6 +53,8 @@ class Agent:
         self.mirror = Mirror(cfg, self.runner, self.log)
         self.releases = Releases(cfg, self.runner, self.log, self.mirror)
         self.reporter = Reporter(cfg, self.log, self._credentials)
+        # Graveyard, purge, upgrade move, usage; ``clock`` (epoch seconds) is the tests' seam.
+        self.lifecycle = Lifecycle(cfg, self.mirror, self.releases, self.log, clock or time.time)
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
         self._sync_key = sync_key
@@ -102,9 +106,10 @@ class Agent:
             except TickError as e:
                 self.log.error(str(e))
                 return TickResult("error", EXIT_ERROR, None, str(e), error=str(e))
+            self.lifecycle.housekeeping(st)
             result = self._guarded_tick(st)
             self._record_status(st, result)
-            self.reporter.send(st, result.status, result.error)
+            self.reporter.send(st, result.status, result.error, usage=self.lifecycle.usage(st))
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":
                 self.log.info(line)
@@ -207,6 +212,7 @@ class Agent:
         new, changed, fallback = self._stage(target, applied, current)
         build_s = time.monotonic() - t_build
         self._reload_or_roll_back(target, changed, fallback)
+        self.lifecycle.after_reload(st, target, current if current and current != target else applied)
         quarantine.accept({ACCEPTED_REF: tag, APPLIED_REF: target})
         self._record_applied(st, target, applied, fallback)
         self._record_statement(st, stmt)
@@ -235,6 +241,7 @@ class Agent:
             changed.append("postfix")
         if not old or old.get("dovecot_digest") != new["dovecot_digest"]:
             changed.append("dovecot")
+        self.lifecycle.before_swap(tip, current)
         if self.cfg.sync:
             os.sync()
         self.releases.swap_to(tip)

@@ -46,6 +46,9 @@ class Config:
     interval: float = 60.0
     max_fetch_mb: int = 256
     max_file_mb: int = 32
+    # [lifecycle] (pipull/lifecycle.py): graveyard moves and purge on this node; usage every N seconds.
+    purge: bool = True
+    usage_interval: float = 900.0
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -157,6 +160,8 @@ def load_config(path: str) -> Config:
     cfg.interval = r.get_float("agent", "interval", 60.0)
     cfg.max_fetch_mb = r.get_int("limits", "max_fetch_mb", cfg.max_fetch_mb)
     cfg.max_file_mb = r.get_int("limits", "max_file_mb", cfg.max_file_mb)
+    cfg.purge = r.get_bool("lifecycle", "purge", True)
+    cfg.usage_interval = r.get_float("lifecycle", "usage_interval", 900.0)
     check_config(cfg, path)
     return cfg
 
@@ -172,6 +177,8 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [paths] keep_releases must be >= 1")
     if cfg.interval <= 0:
         raise ConfigError(f"config {path}: [agent] interval must be > 0")
+    if cfg.usage_interval < 0:
+        raise ConfigError(f"config {path}: [lifecycle] usage_interval must be >= 0 (seconds; 0 = never measure)")
     if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [report] url must be http(s)")
     if cfg.needs_key:

@@ -16,7 +16,7 @@ PENDING_MAX = 20
 
 
 class Reporter:
-    """Sends ``{name, sync_key, applied_commit, status, error}`` with HTTP Basic auth.
+    """Sends ``{name, sync_key, applied_commit, status, error[, usage]}`` with HTTP Basic auth.
 
     ``credentials()`` returns (sync key, Basic token); it is only called when a report is sent,
     so a node without a report URL never reads its key file for reporting.
@@ -48,17 +48,21 @@ class Reporter:
             why: object = e.reason if isinstance(e, urllib.error.URLError) else e
             raise TickError(f"report to {self.cfg.report_url} failed: {why}") from None
 
-    def send(self, st: dict[str, Any], status: str, error: str | None) -> None:
-        """Send pending reports, then this tick's (unless it repeats the last pending one)."""
+    def send(self, st: dict[str, Any], status: str, error: str | None, usage: list[dict[str, object]] | None = None) -> None:
+        """Send pending reports, then this tick's (unless it repeats the last pending one).
+
+        ``usage`` (lifecycle.py, every ``usage_interval``) rides on the last report sent this
+        tick only; it is never queued in state.json (100k mailboxes weigh ~9 MB): a report that
+        cannot be delivered drops it, and the next measurement comes one interval later."""
         if not self.cfg.report_url:
             return
         current = {"applied_commit": st.get("applied_commit"), "status": status, "error": error}
         pending = [r for r in st.get("pending_reports", []) if isinstance(r, dict)]
         queue = pending + ([current] if not pending or pending[-1] != current else [])
         sent = 0
-        for rep in queue:
+        for i, rep in enumerate(queue):
             try:
-                self.post(rep)
+                self.post({**rep, "usage": usage} if usage is not None and i == len(queue) - 1 else rep)
             except TickError as e:
                 self.log.warning(f"{e}; keeping {len(queue) - sent} report(s) to send next tick")
                 break
