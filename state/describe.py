@@ -43,7 +43,8 @@ _DETAILS: dict[str, str] = {
     ),
     "remove-user": (
         "Removes a mailbox. Soft delete (the default, hard_delete=false): the mailbox is deactivated, no login and "
-        "no delivery, but its entry and mail are kept and the address stays taken; it is listed with active=false. "
+        "no delivery, but its entry and mail are kept and the address stays taken; it is listed with active=false, and "
+        "email_account_restore_user brings it back. "
         "Hard delete (hard_delete=true): the mailbox is deleted from the state and the address is free to add again. "
         "Soft-deleted mailboxes are also purged by disable-email and remove-domain. " + _WRITE
     ),
