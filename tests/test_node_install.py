@@ -316,8 +316,10 @@ def test_units_pass_systemd_analyze_verify(host: Host) -> None:
 
 def test_damaged_bundle_missing_key_and_help(host: Host) -> None:
     bundle = host.bundle()
+    before = host.tree()
     r = host.install(bundle, key=None)
     assert r.returncode == EXIT_USAGE and "--sync-key-stdin" in r.stderr, r.stderr
+    assert host.tree() == before  # refused before anything changed
     (bundle / "pi-pull.ini").write_text((bundle / "pi-pull.ini").read_text() + "# edited\n")
     before = host.tree()
     r = host.install(bundle)

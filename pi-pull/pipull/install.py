@@ -29,6 +29,7 @@ import configparser
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -92,6 +93,11 @@ class Bundle:
         if not isinstance(manifest, dict) or manifest.get("format") != 1:
             raise ConfigError(f"{path}/{MANIFEST}: unsupported bundle format {manifest.get('format') if isinstance(manifest, dict) else '?'}; "
                               "use the pi_pull.py from the same bundle")
+        for entry in manifest.get("files", []):
+            if (not isinstance(entry, dict) or entry.get("dir") not in DIR_KEYS or not isinstance(entry.get("name"), str)
+                    or entry["name"].startswith("/") or ".." in entry["name"].split("/")
+                    or not re.fullmatch(r"0[0-7]{3}", str(entry.get("mode", "")))):
+                raise ConfigError(f"{path}/{MANIFEST}: a bad files entry {entry!r}")
         bundle = cls(path, manifest)
         for name, digest in sorted(manifest.get("sha256", {}).items()):
             data = bundle.read(name)
@@ -355,6 +361,7 @@ class Installer:
         """Every step but the first tick and the timer (``enable_timer()``, after the tick); returns the
         number of changes (made, or in a dry run to make)."""
         self.check_services_installed()
+        self.check_sync_key()
         try:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
                 self.host.make_dir(self.opts.dirs[key])
@@ -374,7 +381,14 @@ class Installer:
         self.systemd_steps()
         return self.steps.changes
 
-    # ---- preconditions
+    # ---- preconditions (checked before anything changes)
+
+    def check_sync_key(self) -> None:
+        spec = self.m.get("sync_key", {"dir": "etc_dir", "name": "sync_key"})
+        dest = self.path(spec["dir"], spec["name"])
+        if self.sync_key is None and not self.opts.dry_run and read_bytes(dest) is None and self.needs_key():
+            raise ConfigError(f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
+                              "add-node printed, then Ctrl-D) or --sync-key-file FILE")
 
     def check_services_installed(self) -> None:
         pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
@@ -412,9 +426,6 @@ class Installer:
                 self.steps.change(f"install {dest} ({mode:04o}, sync key): the real run needs --sync-key-stdin or "
                                   "--sync-key-file")
                 return
-            if read_bytes(dest) is None:
-                raise ConfigError(f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
-                                  "add-node printed, then Ctrl-D) or --sync-key-file FILE")
             if file_mode(dest) == mode:
                 self.steps.done(f"{dest} ({mode:04o}, sync key)")
             elif self.steps.change(f"chmod {dest} to {mode:04o} (sync key)"):
