@@ -551,3 +551,16 @@ def test_master_cf_entries_set_and_undone(site_host: Host) -> None:
     assert "# the operator was here" in text
     m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", "submission/inet"], capture_output=True, text=True)
     assert m.stdout.strip() == "", m.stdout
+
+
+def test_a_failed_step_is_recorded_and_uninstall_undoes_it(site_host: Host) -> None:
+    host = site_host
+    conf = host.dovecot / "dovecot.conf"
+    conf.write_text(conf.read_text() + "no_such_dovecot_setting = 1\n")  # the host's own mistake
+    original = host.tree()
+    r = host.install(host.bundle(), "--no-tick")
+    assert r.returncode == EXIT_ERROR, r.stdout + r.stderr
+    assert "dovecot rejects its configuration after install" in r.stderr and "no_such_dovecot_setting" in r.stderr
+    u = host.uninstall()
+    assert u.returncode == EXIT_OK, u.stdout + u.stderr
+    assert host.tree(skip=[host.w / "var"]) == {k: v for k, v in original.items() if not k.startswith("var")}

@@ -53,6 +53,8 @@ class Uninstaller:
             self.restart_services()
         elif self.opts.start:
             self.steps.note("systemd is not running: restart postfix and dovecot yourself so they drop the mailstate settings")
+        else:
+            self.steps.note("--no-start: stop the timer and restart postfix and dovecot yourself")
         self.keep_notes(data)
         return self.steps.changes
 
