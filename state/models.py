@@ -462,7 +462,9 @@ class NodeInfo(BaseModel):
     applied_commit: str | None = Field(description="The commit the node serves, as it last reported.")
     status: str = Field(description="The node's last reported status (ok, error, ...), or never_synced.")
     error: str | None = Field(description="The error of the node's last tick, if any.")
-    commits_behind: int | None = Field(description="Commits between the node's applied commit and the server's head, if known.")
+    commits_behind: int | None = Field(
+        description="Commits the node lacks to reach the server's accepted head; null when diverged or before its first report."
+    )
     diverged: bool | None = Field(default=None, description="true when the node's applied commit is not an ancestor of the server's head.")
 
 
@@ -491,11 +493,16 @@ class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
 
-    status: str = Field(description="ok, or degraded (an upstream error or a refused commit).", examples=["ok"])
+    status: str = Field(description="ok, or degraded (an upstream error, a refused commit, or a statement that could not be written or pushed).", examples=["ok"])
     head: str | None = Field(default=None, description="[Admin] The accepted head commit.")
     mode: str | None = Field(default=None, description="[Admin] local or upstream.")
     upstream: dict[str, Any] | None = Field(default=None, description="[Admin] The upstream URL (redacted) and its last error.")
     refused_commit: dict[str, Any] | None = Field(default=None, description="[Admin] A commit the server refused, and why.")
+    statement: dict[str, Any] | None = Field(
+        default=None,
+        description="[Admin] The accepted-head statement (refs/mailstate/accepted) this server last wrote or verified: "
+        "head, issued_at (unix seconds), and the last error writing or pushing it (degraded while set).",
+    )
 
 
 # Operation name → its answer's model (state.ops.OPERATIONS has exactly these names).
