@@ -24,6 +24,7 @@ from mailstate.state.errors import Conflict, InvalidInput, NotFound, Unauthentic
 from mailstate.state.snapshot import Actor
 
 TOKEN_PREFIX = "mst_"
+USAGE_BATCH = 2000  # usage rows written per transaction (and per hold of the lock)
 _TOKEN = re.compile(r"^mst_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -187,20 +188,24 @@ class LocalDB:
         later, from whichever node (nodes sharing a mail root measure the same Maildir; nodes
         with their own copies converge on the same mail)."""
         stamp = at.isoformat()
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    "INSERT INTO mailbox_usage (domain, local, mailbox_id, used_bytes, messages, node, reported_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(domain, local, mailbox_id) DO UPDATE SET"
-                    " used_bytes=excluded.used_bytes, messages=excluded.messages, node=excluded.node,"
-                    " reported_at=excluded.reported_at WHERE excluded.reported_at >= mailbox_usage.reported_at",
-                    [(d, lp, i, b, n, node, stamp) for d, lp, i, b, n in rows],
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        # In batches, each its own transaction: 100k rows take ~1 s, and the lock also guards
+        # every token lookup, so one report may not hold it for more than a few ms at a time.
+        for start in range(0, len(rows), USAGE_BATCH):
+            batch = [(d, lp, i, b, n, node, stamp) for d, lp, i, b, n in rows[start : start + USAGE_BATCH]]
+            with self._lock:
+                self._conn.execute("BEGIN")
+                try:
+                    self._conn.executemany(
+                        "INSERT INTO mailbox_usage (domain, local, mailbox_id, used_bytes, messages, node, reported_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(domain, local, mailbox_id) DO UPDATE SET"
+                        " used_bytes=excluded.used_bytes, messages=excluded.messages, node=excluded.node,"
+                        " reported_at=excluded.reported_at WHERE excluded.reported_at >= mailbox_usage.reported_at",
+                        batch,
+                    )
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
 
     def usage_for(self, domains: list[str]) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
         """{domain: {(local, mailbox id): {"used_bytes", "messages", "reported_at", "node"}}} for
