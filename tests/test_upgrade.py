@@ -260,3 +260,44 @@ def test_a_store_refuses_an_incoming_commit_that_drops_an_id(data_dir: DataDir, 
     verdict = validate_incoming(mail_store.git, mail_store.snapshot, sha)
     assert not verdict.ok
     assert any("id: required in state format 2" in p for p in verdict.problems), verdict.problems
+
+
+def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_path: Path) -> None:
+    """Two servers share an upstream holding a format-1 state. The first to start with the new
+    code pushes the one upgrade commit; the other (still running) validates and adopts it, and
+    starting it later makes no second upgrade."""
+    from mailstate.state.upstream import Upstream
+
+    up = tmp_path / "upstream.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(up)], check=True)
+    a = init_data_dir(tmp_path / "a", Settings(format=1, bcrypt_cost=4), clock=FakeClock())
+    b = init_data_dir(tmp_path / "b", Settings(format=1, bcrypt_cost=4), clock=FakeClock())
+    trusted = a.allowed_signers.read_text() + b.allowed_signers.read_text()
+    for dd in (a, b):
+        dd.allowed_signers.write_text(trusted)
+
+    def old_server(dd: DataDir) -> Store:  # the format-1 code: a Store that does not upgrade
+        return Store(dd.repo, Ed25519Signer(dd.key), cache_path=None, upstream=Upstream(str(up), dd.repo), trusted_signers=dd.allowed_signers)
+
+    a_old = old_server(a)
+    a_old.execute("add-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})
+    a_old.execute("add-user", PROJECT_A, {"email": "info@example.com", "password": PASSWORD})
+    b_old = old_server(b)  # joins the fleet
+    assert b_old.snapshot.domains["example.com"].mailboxes["info"].id is None
+    count = int(git_out(up, "rev-list", "--count", "main").strip())
+
+    a_new = open_store(a.root, upstream=str(up))  # restart with the new code: upgrade, pushed
+    assert a_new.snapshot.settings.format == 2
+    assert int(git_out(up, "rev-list", "--count", "main").strip()) == count + 1
+    tip = git_out(up, "rev-parse", "main").strip()
+    assert a_new.head == tip and git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
+    verified = subprocess.run(
+        ["git", "-C", str(up), "-c", f"gpg.ssh.allowedSignersFile={a.allowed_signers}", "verify-commit", tip], capture_output=True, text=True
+    )
+    assert verified.returncode == 0, verified.stderr
+
+    assert b_old.sync() is None  # validated (signature, ids under the new format, every rendered file)
+    assert b_old.head == tip and b_old.snapshot.settings.format == 2
+    assert b_old.snapshot.domains["example.com"].mailboxes["info"].id == a_new.snapshot.domains["example.com"].mailboxes["info"].id
+    b_new = open_store(b.root, upstream=str(up))
+    assert b_new.head == tip and int(git_out(up, "rev-list", "--count", "main").strip()) == count + 1
