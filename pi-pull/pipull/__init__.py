@@ -29,6 +29,13 @@ One tick:
 9. report ``{name, sync_key, applied_commit, status, error}`` to the server; a
    report that cannot be delivered is stored and sent on the next tick.
 
+The mailbox lifecycle (lifecycle.py, state format 2) hooks in: every tick starts by
+purging ``<mail_root>/.graveyard/`` entries older than ``purge_after_days``; just
+before the swap ``rendered/settings`` is checked and, on the upgrade to format 2,
+each Maildir moves to ``<local>~<id>`` (with a symlink at the old path); after the
+reload the Maildirs no listed mailbox owns go to the graveyard; every
+``usage_interval`` the report carries each mailbox's usage (usage.py).
+
 A tick with nothing new only talks to the remote (and the report URL): it
 writes nothing to disk.
 
