@@ -62,6 +62,7 @@ from types import ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
+import yaml  # noqa: E402
 
 from bench.seed import SEED_PASSWORD, pack, seed_state  # noqa: E402
 from tests.mailnode import AGENT_DIR, MAIL_BINARIES, PIPULL_MODULES, MailNode, pi_pull_script, running_mailnode  # noqa: E402
@@ -151,19 +152,23 @@ def provision(server: LiveServer, admin: httpx.Client, node: NodeSide, etc: Path
     key_file.chmod(0o600)
     signers = etc / "allowed_signers"
     shutil.copy(server.data.allowed_signers, signers)
+    # The node's mail_root/uid/gid are the state's settings (what `mailstate node bundle` writes).
+    settings = yaml.safe_load(server.git("show", "main:mailstate.yaml"))
     cfg = etc / "pi-pull.ini"
     cfg.write_text(
         "\n".join(
             [
                 "[remote]",
                 f"url = {server.url}/v1/nodes/state.git",
-                "branch = main",
                 "[node]",
                 f"name = {name}",
                 f"sync_key_file = {key_file}",
                 f"allowed_signers = {signers}",
                 "[paths]",
                 f"root = {node.root}",
+                f"mail_root = {settings['mail_root']}",
+                f"mail_uid = {settings['uid']}",
+                f"mail_gid = {settings['gid']}",
                 f"keep_releases = {keep_releases}",
                 f"passwd_group = {node.passwd_group}",
                 "sync = yes",
@@ -235,7 +240,7 @@ def load_pi_pull() -> ModuleType:
     return importlib.import_module("pipull")
 
 
-GIT_SUBCOMMANDS = ("fetch", "rev-parse", "verify-commit", "merge-base", "ls-tree", "cat-file", "gc", "init", "--version")
+GIT_SUBCOMMANDS = ("ls-remote", "fetch", "rev-parse", "verify-commit", "merge-base", "ls-tree", "cat-file", "update-ref", "gc", "init", "--version")
 
 
 class Instrumented:
@@ -314,7 +319,7 @@ def breakdown(samples: list[dict[str, float]], build: bool) -> list[tuple[str, f
     rows: list[tuple[str, float]] = []
     inside_build = ("git ls-tree", "git cat-file", "postmap")
     if build:
-        rows.append(("build_release in Python (link, maps, MANIFEST)", med.get("[build_release]", 0.0) - sum(med.get(k, 0.0) for k in inside_build)))
+        rows.append(("build_release in Python (stream+validate, link, maps)", med.get("[build_release]", 0.0) - sum(med.get(k, 0.0) for k in inside_build)))
     named = [k for k in keys if not k.startswith("[")]
     rows += [(k, med[k]) for k in named]
     rows.append(("rest (state, lock, digests, python)", med["[tick]"] - sum(v for _, v in rows)))
@@ -386,7 +391,7 @@ def phase_small(tmp: Path, node: NodeSide, python: str, ticks: int, propagations
         url = f"{server.url}/v1/nodes/state.git"
         mirror = tmp / "small" / "baseline.git"
         subprocess.run(["git", "init", "-q", "--bare", str(mirror)], check=True)
-        fetch = ["git", "--git-dir", str(mirror), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", url, "+refs/heads/main:refs/bench/tip"]
+        fetch = ["git", "--git-dir", str(mirror), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", url, "+refs/mailstate/accepted:refs/bench/accepted"]
         env = bare_fetch_env("bench-small", key)
         subprocess.run(fetch, check=True, capture_output=True, env=env)
 

@@ -280,3 +280,21 @@ def test_publish_statement_helper_forces_the_ref(tmp_path: Path) -> None:
     raw = subprocess.run(["git", "-C", str(repo.bare), "cat-file", "tag", "refs/mailstate/accepted"], capture_output=True, check=True).stdout
     assert git(repo.bare, "rev-parse", "refs/mailstate/accepted") == tag
     assert server_verify_statement(raw, signers).head == a != b
+
+
+def test_an_older_agents_mirror_loses_its_fetched_tip(setup: Setup) -> None:
+    """An agent before statements kept whatever it fetched at refs/pi-pull/tip, refused or not:
+    the first tick of this one drops that ref and the objects only it reached."""
+    two_domains(setup.repo)
+    setup.repo.commit("good")
+    assert setup.tick().returncode == EXIT_OK
+    setup.repo.set_mailbox("evil@example.com", "evil-password")
+    bad = setup.repo.commit("unsigned, never stated", sign=False, statement=False)
+    mirror = setup.root / "mirror.git"
+    subprocess.run(["git", "--git-dir", str(mirror), "fetch", "-q", str(setup.repo.bare), "+refs/heads/main:refs/pi-pull/tip"], check=True)
+    assert bad in _objects(setup.root)
+    r = setup.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert bad not in _objects(setup.root)
+    refs = subprocess.run(["git", "--git-dir", str(mirror), "for-each-ref", "--format=%(refname)"], capture_output=True, text=True, check=True).stdout.split()
+    assert refs == ["refs/pi-pull/accepted", "refs/pi-pull/applied"]

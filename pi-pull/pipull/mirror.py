@@ -86,15 +86,24 @@ class Mirror:
 
     # ---- refs
 
-    def ref(self, name: str) -> str | None:
-        r = self.git("rev-parse", "--verify", "--quiet", name)
-        sha = r.stdout.decode().strip()
-        return sha if r.returncode == 0 and SHA_RE.match(sha) else None
-
-    def set_ref(self, name: str, sha: str) -> None:
-        r = self.git("update-ref", name, sha)
+    def set_refs(self, refs: Mapping[str, str]) -> None:
+        """Point each ref at its object, all in one ``git update-ref --stdin`` transaction."""
+        if not refs:
+            return
+        lines = "".join(f"update {name} {sha}\n" for name, sha in refs.items())
+        r = self.git("update-ref", "--stdin", input=lines.encode())
         if r.returncode != 0:
-            raise TickError(f"git update-ref {name} failed: {short(r.stderr)}")
+            raise TickError("git update-ref {} failed: {}".format(" ".join(refs), short(r.stderr)))
+
+    def refs(self) -> dict[str, str]:
+        """Every ``refs/pi-pull/*`` ref and the object it names (one git call)."""
+        r = self.git("for-each-ref", "--format=%(refname) %(objectname)", "refs/pi-pull/")
+        out: dict[str, str] = {}
+        for line in r.stdout.decode("ascii", "replace").splitlines():
+            name, _, oid = line.partition(" ")
+            if SHA_RE.match(oid):
+                out[name] = oid
+        return out
 
     def adopt(self, applied: str | None) -> None:
         """Bring a mirror from before statements (or after a crash) into shape: no quarantine
@@ -102,9 +111,10 @@ class Mirror:
         unreachable objects it held gone."""
         if os.path.isdir(self.quarantine_dir):
             shutil.rmtree(self.quarantine_dir, ignore_errors=True)
-        if applied and self.ref(APPLIED_REF) != applied and self.has_commit(applied):
-            self.set_ref(APPLIED_REF, applied)
-        if self.ref(LEGACY_TIP_REF):
+        refs = self.refs()
+        if applied and refs.get(APPLIED_REF) != applied and self.has_commit(applied):
+            self.set_refs({APPLIED_REF: applied})
+        if LEGACY_TIP_REF in refs:
             self.git("update-ref", "-d", LEGACY_TIP_REF)
             self.prune()
 
@@ -254,8 +264,7 @@ class Quarantine:
                 os.makedirs(os.path.join(objects, sub), exist_ok=True)
                 for name in os.listdir(src):
                     _move(os.path.join(src, name), os.path.join(objects, sub, name))
-        for name, sha in refs.items():
-            self.mirror.set_ref(name, sha)
+        self.mirror.set_refs(refs)
         self.accepted = True
 
 
