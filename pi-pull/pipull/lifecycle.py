@@ -38,7 +38,6 @@ on a later tick (state.json ``lifecycle``), and never fails the tick, whose rele
 
 from __future__ import annotations
 
-import calendar
 import errno
 import hashlib
 import logging
@@ -560,6 +559,8 @@ class Lifecycle:
                 m = _ENTRY_RE.match(name)
                 if m is None:
                     continue  # not ours: left alone
+                import calendar  # here, not at the top: a no-op tick with an empty graveyard never needs it
+
                 try:
                     moved_at = calendar.timegm(time.strptime(m.group(1), STAMP_FORMAT))
                 except ValueError:
