@@ -178,5 +178,5 @@ def open_store(
     if upgrade:
         from mailstate.state.upgrade import upgrade_store
 
-        upgrade_store(store)
+        upgrade_store(store, strict=False)
     return store

@@ -24,15 +24,18 @@ any CLI command); `mailstate upgrade --data DIR` runs it on purpose and says wha
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
 
 from mailstate.state import models as m
+from mailstate.state.errors import Unavailable, UpstreamUnavailable
 from mailstate.state.ops import Context, Operation, Prepared, new_mailbox_id
 from mailstate.state.snapshot import Actor, Change, Outcome
 from mailstate.state.store import Store
 
+log = logging.getLogger("mailstate.upgrade")
 TARGET_FORMAT = m.FORMAT_VERSION
 ACTOR = Actor.admin("mailstate-upgrade")
 
@@ -97,15 +100,24 @@ UPGRADE = Operation(
 )
 
 
-def upgrade_store(store: Store) -> dict[str, Any]:
+def upgrade_store(store: Store, *, strict: bool = True) -> dict[str, Any]:
     """Upgrade the store's state if it is older than the current format.
 
     Returns the operation's result: `{"upgraded": False, "format": 2, "commit": None}` when
     there was nothing to do, else `{"upgraded": True, "from_format": 1, "format": 2,
-    "mailboxes": N, "commit": sha}`."""
+    "mailboxes": N, "commit": sha}`. With `strict=False` (a server starting) an upgrade that
+    cannot be committed now (upstream unreachable, other writers) is logged and skipped: the
+    store goes on serving the format-1 state, and the next start tries again."""
     if store.snapshot.settings.format >= TARGET_FORMAT:
         return {"upgraded": False, "format": store.snapshot.settings.format, "commit": None}
-    outcome = store.execute_operation(UPGRADE, ACTOR, m.EmptyRequest(), _prepare(None, store.snapshot.settings))
+    try:
+        outcome = store.execute_operation(UPGRADE, ACTOR, m.EmptyRequest(), _prepare(None, store.snapshot.settings))
+    except (Unavailable, UpstreamUnavailable) as exc:
+        if strict:
+            raise
+        log.warning("state format upgrade postponed: %s", exc.message)
+        return {"upgraded": False, "format": store.snapshot.settings.format, "commit": None, "postponed": exc.message}
+    log.info("upgraded the state to format %s in commit %s", TARGET_FORMAT, outcome.result.get("commit"))
     return outcome.result
 
 

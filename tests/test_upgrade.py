@@ -19,6 +19,7 @@ import yaml
 from mailstate.api.cli import main
 from mailstate.state import files
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.errors import UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import check_checkout, check_commit, load_checkout
 from mailstate.state.models import Settings
@@ -301,3 +302,18 @@ def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_pa
     assert b_old.snapshot.domains["example.com"].mailboxes["info"].id == a_new.snapshot.domains["example.com"].mailboxes["info"].id
     b_new = open_store(b.root, upstream=str(up))
     assert b_new.head == tip and int(git_out(up, "rev-list", "--count", "main").strip()) == count + 1
+
+
+def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Path) -> None:
+    dd = format1_data_dir(tmp_path / "data")
+    up = tmp_path / "upstream.git"
+    down = open_store(dd.root, upstream=str(up))  # no upstream yet: the upgrade waits, serving goes on
+    assert down.snapshot.settings.format == 1
+    assert down.execute("list-users", PROJECT_A, {}).result["users"][0]["id"] is None
+    with pytest.raises(UpstreamUnavailable):
+        upgrade_store(down)  # strict, as `mailstate upgrade` runs it: says so instead
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(up)], check=True)
+    subprocess.run(["git", "-C", str(dd.repo), "push", "-q", str(up), "main"], check=True)
+    up_again = open_store(dd.root, upstream=str(up))
+    assert up_again.snapshot.settings.format == 2
+    assert git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
