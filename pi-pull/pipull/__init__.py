@@ -14,13 +14,18 @@ Usage::
 
 One tick:
 
-1. fetch ``<remote> <branch>`` into a local bare mirror (``<root>/mirror.git``);
-2. verify the tip's SSH signature against the node's *local* allowed_signers
-   (never keys from the repo), before anything is materialised;
-3. require the tip to descend from the last applied commit (a force-push to an
-   older or unrelated commit is refused as a rollback);
+1. fetch the server-signed accepted-head statement ``refs/mailstate/accepted`` (and
+   the history of the commit it names; never a branch) into a quarantine next to the
+   local bare mirror (``<root>/mirror.git``), bounded by ``[limits] max_fetch_mb``;
+2. verify the statement (``ssh-keygen -Y verify -I mailstate``: a SERVER key) and the
+   stated commit's SSH signature against the node's *local* allowed_signers (never
+   keys from the repo), before anything is materialised;
+3. require the commit to descend from the last applied commit (unrelated history is
+   refused as a rollback; a statement of an older commit changes nothing);
 4. materialise ``rendered/`` from git objects (no work tree) into
-   ``<root>/releases/<sha>/``, validate it, and postmap the maps;
+   ``<root>/releases/<sha>/``, streaming and validating every line against what the
+   compiler writes with the node's own mail_root/mail_uid/mail_gid, and postmap the
+   maps; only then do the quarantined objects enter the mirror;
 5. swap ``<root>/current`` atomically (rename of a temporary symlink);
 6. reload Postfix / Dovecot only if their files changed;
 7. if a reload fails: swap back, reload again, keep the last good release;
@@ -56,7 +61,8 @@ Exit codes:
     0  applied a new commit, or already up to date
     1  error (fetch failed, postmap failed, reload failed and rolled back, ...)
     2  usage or configuration error
-    3  refused: bad/missing/untrusted signature, rollback, or invalid content
+    3  refused: no/bad statement, bad/missing/untrusted signature, rollback, invalid
+       content, or over a limit
     4  another pi-pull run holds the lock
 
 Log lines go to stderr, one line per event, prefixed ``pi-pull:``. The sync key

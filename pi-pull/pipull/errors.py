@@ -12,7 +12,8 @@ EXIT_CODES_HELP = """exit codes:
   0  applied a new commit, or already up to date
   1  error (fetch/postmap/reload failed; on reload failure the previous release is kept)
   2  usage or configuration error
-  3  refused (unsigned or untrusted signature, rollback, invalid rendered content)
+  3  refused (no or bad accepted-head statement, unsigned or untrusted commit, rollback,
+     invalid rendered content, over a [limits] size)
   4  another pi-pull run holds the lock
 """
 
