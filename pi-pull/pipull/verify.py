@@ -239,7 +239,8 @@ class DomainCheck:
             raise Refused(f"{self.domain}: passwd and virtual_mailbox_maps disagree ({self.passwd.count} vs {self.maps.count} "
                           "entries, or different mailboxes)")
         if self.format2 and (self.passwd.count, self.passwd.digest.digest()) != (self.active.count, self.active.digest.digest()):
-            raise Refused(f"{self.domain}: passwd and the active lines of mailboxes disagree")
+            raise Refused(f"mailboxes of {self.domain}: its active lines disagree with passwd ({self.active.count} vs "
+                          f"{self.passwd.count} entries, or other ids)")
         return self.passwd.count
 
 
