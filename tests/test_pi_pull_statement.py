@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mailstate.state.signing import SshKeygenSigner
 from mailstate.state.statement import parse_statement as server_parse_statement
+from mailstate.state.statement import statement_payload as server_statement_payload
 from mailstate.state.statement import verify_statement as server_verify_statement
 from tests.mailnode import StateRepo, git, make_signing_key, pi_pull_script, publish_statement, write_allowed_signers
 from tests.test_pi_pull import Setup, _isolated_env, setup, snapshot, two_domains  # noqa: F401  (fixtures)
@@ -47,6 +49,16 @@ def test_statement_is_the_servers_format(setup: Setup, tmp_path: Path) -> None:
     raw = subprocess.run(["git", "-C", str(setup.repo.bare), "cat-file", "tag", "refs/mailstate/accepted"], capture_output=True, check=True).stdout
     st = server_verify_statement(raw, setup.signers)
     assert st.head == sha and server_parse_statement(raw).issued_at == st.issued_at
+
+
+def test_git_tag_s_and_the_server_write_the_same_bytes(setup: Setup) -> None:
+    """ed25519 signatures are deterministic: the server's statement for (head, time, key) is
+    byte for byte the tag `git tag -s` makes, so either can stand in for the other."""
+    sha = setup.repo.commit("first", statement=False)
+    tag = setup.repo.publish_statement(sha, issued_at=1767225600)
+    raw = subprocess.run(["git", "-C", str(setup.repo.bare), "cat-file", "tag", tag], capture_output=True, check=True).stdout
+    payload = server_statement_payload(sha, 1767225600)
+    assert raw == payload + SshKeygenSigner(setup.key.private).sign(payload).encode()
 
 
 def test_no_statement_is_refused(setup: Setup) -> None:
