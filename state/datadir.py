@@ -123,8 +123,12 @@ def init_data_dir(
     message = commit_message("init", "mailstate", None, who, clean_request_id(None))
     sha = repo.commit(tree, None, message, Ed25519Signer(dd.key), clock())
     repo.move_branch(sha, None)
-    for path in (dd.key, Path(f"{dd.key}.pub"), dd.allowed_signers, dd.root, dd.root.parent):
+    for path in (dd.key, Path(f"{dd.key}.pub"), dd.allowed_signers, dd.root):
         fsync_path(path)  # a power cut must not leave commits without the key that signed them
+    try:
+        fsync_path(dd.root.parent)  # the data dir's own name; its parent may not be ours to read
+    except OSError:
+        log.warning("could not fsync %s, the folder holding the new data dir", dd.root.parent)
     return dd
 
 
