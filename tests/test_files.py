@@ -46,8 +46,20 @@ def run(cwd: Path, *args: str) -> str:
     return subprocess.run(list(args), cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+def _admin_key(data: DataDir, tmp_path: Path) -> Path:
+    """An admin's ed25519 key, trusted by the data dir (as the README's "Adding an admin key" says)."""
+    key = tmp_path / "admin_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin", "-f", str(key)], check=True)
+        keytype, b64 = Path(f"{key}.pub").read_text().split()[:2]
+        with data.allowed_signers.open("a") as fh:
+            fh.write(f'admin@example.org namespaces="git" {keytype} {b64}\n')
+    return key
+
+
 def admin_edit(data: DataDir, tmp_path: Path, path: str, edit) -> None:
-    """What an admin does: clone the state repo, edit a file, commit, push back."""
+    """What an admin does: clone the state repo, edit a file, commit (signed), push back."""
+    key = _admin_key(data, tmp_path)
     clone = tmp_path / "clone"
     if clone.exists():
         run(clone, "git", "pull", "-q", "origin", "main")
@@ -55,7 +67,7 @@ def admin_edit(data: DataDir, tmp_path: Path, path: str, edit) -> None:
         run(tmp_path, "git", "clone", "-q", str(data.repo), str(clone))
     target = clone / path
     target.write_text(edit(target.read_text()))
-    run(clone, "git", "commit", "-q", "-am", "admin: annotate")
+    run(clone, "git", "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S", "-q", "-am", "admin: annotate")
     run(clone, "git", "push", "-q", "origin", "HEAD:main")
 
 
