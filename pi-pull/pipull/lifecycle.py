@@ -495,8 +495,9 @@ class Lifecycle:
         Record the settings, settle an upgrade, move what no mailbox owns. Never raises."""
         try:
             self._after_reload(st, tip, previous)
-        except (OSError, Refused, TickError) as e:
-            self.log.warning(f"mailbox lifecycle after applying {tip[:12]}: {e}; retrying next tick")
+        except (OSError, Refused, TickError, ValueError, TypeError) as e:
+            # The release is live either way; what did not move waits for the domain's next change.
+            self.log.warning(f"mailbox lifecycle after applying {tip[:12]}: {e}; unowned Maildirs left in place")
 
     def _after_reload(self, st: dict[str, Any], tip: str, previous: str | None) -> None:
         ls = self._state(st)
@@ -535,7 +536,7 @@ class Lifecycle:
                 watch = ls.get("upgrade")
                 if isinstance(watch, dict) and self.clock() >= float(watch.get("until", 0)):
                     self._settle_all(st, applied, unlink=True)
-        except (OSError, Refused, TickError) as e:
+        except (OSError, Refused, TickError, ValueError, TypeError) as e:
             self.log.warning(f"mailbox lifecycle: {e}; retrying next tick")
 
     def purge(self, st: dict[str, Any]) -> int:
