@@ -493,7 +493,9 @@ class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
 
-    status: str = Field(description="ok, or degraded (an upstream error, a refused commit, or a statement that could not be written or pushed).", examples=["ok"])
+    status: str = Field(
+        description="ok, or degraded (an upstream error, a refused commit, or a statement that could not be written or pushed).", examples=["ok"]
+    )
     head: str | None = Field(default=None, description="[Admin] The accepted head commit.")
     mode: str | None = Field(default=None, description="[Admin] local or upstream.")
     upstream: dict[str, Any] | None = Field(default=None, description="[Admin] The upstream URL (redacted) and its last error.")

@@ -112,7 +112,7 @@ def create_statement(repo: pygit2.Repository, signer: Signer, head: str, issued_
         raise StoreError("The accepted-head statement could not be signed.") from exc
     try:
         return str(repo.odb.write(pygit2.GIT_OBJECT_TAG, payload + signature.encode()))
-    except pygit2.GitError as exc:
+    except (pygit2.GitError, OSError) as exc:  # libgit2 reports file system failures as OSError
         raise StoreError("git could not write the accepted-head statement.") from exc
 
 

@@ -217,7 +217,7 @@ class Store:
                 try:
                     if self.upstream is None:
                         self.git.move_branch(sha, self._expected_head())
-                    elif self._publish(sha):
+                    elif self._publish(sha, stated):
                         self.git.set_branch(sha)  # upstream is the truth, and sha is its tip now
                     else:
                         # Someone else moved upstream: take their commit (if valid) and re-run
@@ -245,7 +245,7 @@ class Store:
         self._adopted(sha, snap, stated)
         return sha
 
-    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot, tuple[str, int]]:
+    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot, tuple[str, int] | None]:
         """The signed commit object for `change` on top of HEAD (the branch does not move), and
         the statement tag naming it, (tag id, issued_at). Both go to disk in the one fsynced
         pack of the write, so the statement costs no fsync of its own; if the commit does not
@@ -255,9 +255,13 @@ class Store:
         when = self.clock()
         sha = self.git.commit(tree, snap.commit, message, self.signer, when)
         issued = int(when.timestamp())
-        tag = create_statement(self.git.repo, self.signer, sha, issued)
-        self.git.flush_objects(extra=[tag])  # the branch's own flush then finds nothing left
-        return sha, snap.with_change(sha, change), (tag, issued)
+        stated: tuple[str, int] | None = None
+        try:
+            stated = (create_statement(self.git.repo, self.signer, sha, issued), issued)
+        except StoreError as exc:  # never fails the write: _publish_statement tries again after it
+            log.warning("accepted-head statement for %s not prepared: %s", sha[:12], exc.message)
+        self.git.flush_objects(extra=[stated[0]] if stated else [])  # the branch's own flush then finds nothing left
+        return sha, snap.with_change(sha, change), stated
 
     def _expected_head(self) -> str | None:
         """What the branch must point at for our commit to land: our snapshot's commit, or
@@ -303,13 +307,16 @@ class Store:
 
     # --- upstream mode -------------------------------------------------------------------
 
-    def _publish(self, sha: str) -> bool:
-        """Push `sha` upstream; False when upstream moved (the caller re-runs)."""
+    def _publish(self, sha: str, stated: tuple[str, int] | None = None) -> bool:
+        """Push `sha` upstream, with its statement in the same atomic push when there is one;
+        False when upstream moved (the caller re-runs)."""
         assert self.upstream is not None
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
-        result = self.upstream.push(sha, expect=refused)
+        result = self.upstream.push(sha, expect=refused, statement=stated[0] if stated else None)
         if result.ok and refused:
             self._keep_rejected(refused, sha)
+        if result.ok and result.statement and stated:
+            self._upstream_statement = stated[0]  # _push_statement then has nothing to do
         return result.ok
 
     def sync(self) -> dict[str, Any] | None:
@@ -588,6 +595,10 @@ class Store:
         if self.upstream is None or self._stated is None or not self._statement_push_due:
             return
         tag, head, _issued = self._stated
+        if tag == self._upstream_statement:
+            self._statement_push_due = False  # it went up with the write
+            self.statement_error = None
+            return
         for _attempt in range(3):
             try:
                 result = self.upstream.push_statement(tag, expect=self._upstream_statement)

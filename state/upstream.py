@@ -35,6 +35,7 @@ class PushResult:
     ok: bool
     rejected: bool
     detail: str
+    statement: bool = False  # the statement went up with the commit (push(..., statement=))
 
 
 class Upstream:
@@ -68,18 +69,30 @@ class Upstream:
         rev = self._git("rev-parse", "--verify", "--quiet", TRACKING_REF)
         return rev.stdout.strip() or None
 
-    def push(self, commit: str, *, expect: str | None = None) -> PushResult:
+    def push(self, commit: str, *, expect: str | None = None, statement: str | None = None) -> PushResult:
         """Push `commit` to upstream main; non-fast-forward → rejected.
 
         With `expect`, the push replaces exactly that upstream commit (force-with-lease): used
         only to put a valid state back over a commit the fleet refused.
+
+        With `statement` (the tag stating `commit`), both go in ONE atomic push: main moves and
+        the statement follows it, or neither moves. The statement is forced without a lease:
+        when main fast-forwards to `commit`, a statement of `commit` is the newest there can be.
+        If only the statement sank the push (a hook refusing refs/mailstate/*, say), main is
+        pushed alone, and `statement` in the result is False (the caller pushes it later).
         """
         args = ["push", "--porcelain"]
         if expect is not None:
             args.append(f"--force-with-lease={REF}:{expect}")
-        proc = self._git(*args, self.url, f"{commit}:{REF}")
+        refspecs = [f"{commit}:{REF}"]
+        if statement is not None:
+            args.append("--atomic")
+            refspecs.append(f"+{statement}:{STATEMENT_REF}")
+        proc = self._git(*args, self.url, *refspecs)
         if proc.returncode == 0:
-            return PushResult(True, False, "")
+            return PushResult(True, False, "", statement=statement is not None)
+        if statement is not None and _statement_sank(proc.stdout):
+            return self.push(commit, expect=expect)
         text = proc.stdout + proc.stderr
         rejected = any(marker in text for marker in ("[rejected]", "non-fast-forward", "fetch first", "stale info", "[remote rejected]"))
         if rejected:
@@ -106,6 +119,15 @@ class Upstream:
                 return None
             raise UpstreamUnavailable(f"Fetching the upstream accepted-head statement failed: {_last_line(proc.stderr)}", code="upstream_unavailable")
         return read_statement(pygit2.Repository(str(self.local)), STATEMENT_TRACKING_REF)
+
+
+def _statement_sank(porcelain: str) -> bool:
+    """True when an atomic push failed because of the statement's ref, not main's."""
+    for line in porcelain.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[1].endswith(f":{REF}"):
+            return "atomic push fail" in parts[2]
+    return False
 
 
 def _last_line(text: str) -> str:

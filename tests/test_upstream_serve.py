@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -111,7 +112,8 @@ def _add_mailbox(local: str):  # type: ignore[no-untyped-def]
     def edit(work: Path) -> None:
         path = work / "domains/ad/admin.example.yaml"
         text = path.read_text().replace("mailboxes: {}", "mailboxes:")
-        text += f"  {local}:\n    password: '{hash_password(PASSWORD, 4)}'\n    quota_mb: 100\n    active: true\n"
+        box_id = "20261201-" + hashlib.sha256(local.encode()).hexdigest()[:6]  # state format 2: every mailbox has an id
+        text += f"  {local}:\n    id: {box_id}\n    password: '{hash_password(PASSWORD, 4)}'\n    quota_mb: 100\n    active: true\n"
         path.write_text(text)
         subprocess.run(["mailstate", "compile", str(work)], check=True, capture_output=True)
 
