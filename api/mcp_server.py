@@ -60,7 +60,10 @@ ActorOf = Callable[[ServerRequestContext[Any, Any]], Actor]
 
 
 # Tools that destroy or overwrite something: a mailbox, a domain's mail, a credential.
-DESTRUCTIVE = frozenset({"remove-user", "remove-domain", "disable-email", "update-password"})
+# update-alias and set-forwarding replace where mail goes; the removes take an address away.
+DESTRUCTIVE = frozenset(
+    {"remove-user", "remove-domain", "disable-email", "update-password", "update-alias", "remove-alias", "set-forwarding", "remove-alias-domain"}
+)
 IDEMPOTENT = frozenset({"enable-email", "disable-email", "remove-user"})
 
 

@@ -6,6 +6,8 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/virtual_mailbox_maps      Postfix map fragment
     rendered/domains/<bb>/<domain>/virtual_mailbox_domains   Postfix map fragment
     rendered/domains/<bb>/<domain>/mailboxes                 format 2: `<local> <id> <active|inactive>`
+    rendered/domains/<bb>/<domain>/virtual_alias_maps        only with aliases, forwarding or alias_of:
+                                                             `<key> <result>[,<result>...]` (state.aliases)
     rendered/settings                                        format 2: node-wide `key value` lines
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
@@ -33,13 +35,16 @@ from pathlib import Path
 import jinja2
 
 from mailstate.state import validate as v
+from mailstate.state.aliases import alias_lines
 from mailstate.state.errors import CompileError
 from mailstate.state.files import RENDERED_DIR, bucket
 from mailstate.state.models import DomainFile, Mailbox, Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
-# Every per-domain file the compiler may write (format 1 writes all but `mailboxes`).
-FRAGMENTS = ("mailboxes", "passwd", "virtual_mailbox_domains", "virtual_mailbox_maps")
+# Every per-domain file the compiler may write (format 1 writes all but `mailboxes`;
+# virtual_alias_maps only for a domain with aliases, forwarding or alias_of: state.aliases).
+FRAGMENTS = ("mailboxes", "passwd", "virtual_alias_maps", "virtual_mailbox_domains", "virtual_mailbox_maps")
+ALIAS_FRAGMENT = "virtual_alias_maps"
 SETTINGS_FILE = f"{RENDERED_DIR}/settings"
 # A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
 ID_SEPARATOR = "~"
@@ -123,15 +128,16 @@ def render_domain(domain: DomainFile, settings: Settings) -> dict[str, bytes]:
                 "maildir": f"{where}/",
             }
         )
-    fragments: tuple[str, ...] = FRAGMENTS
+    aliases = [{"key": key, "results": results} for key, results in alias_lines(domain)]
+    fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if name != ALIAS_FRAGMENT or aliases)
     all_mailboxes: list[dict[str, object]] = []
     if settings.format < 2:
-        fragments = tuple(name for name in FRAGMENTS if name != "mailboxes")
+        fragments = tuple(name for name in fragments if name != "mailboxes")
     else:
         for local, box in boxes:
             mailbox_dir(domain.domain, local, box, settings)  # the same checks, for inactive ones too
             all_mailboxes.append({"local": local, "id": box.id, "active": box.active})
-    context = {"domain": domain.domain, "mailboxes": mailboxes, "all_mailboxes": all_mailboxes, "settings": settings}
+    context = {"domain": domain.domain, "mailboxes": mailboxes, "all_mailboxes": all_mailboxes, "aliases": aliases, "settings": settings}
     base = domain_dir(domain.domain)
     out: dict[str, bytes] = {}
     try:

@@ -8,6 +8,7 @@ call changes, and what it can refuse.
 
 from __future__ import annotations
 
+from mailstate.state import aliases as al
 from mailstate.state import validate as v
 from mailstate.state.models import Settings
 from mailstate.state.ops import Operation
@@ -15,6 +16,15 @@ from mailstate.state.ops import Operation
 PASSWORD_LIMITS = f"{v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters; bcrypt reads no more), no NUL"
 QUOTA_LIMITS = f"1-{v.MAX_QUOTA_MB} MB"
 NODE_NAME_LIMITS = "1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen"
+DESTINATION_LIMITS = (
+    f"1-{al.MAX_DESTINATIONS} email addresses (on this platform or external; no duplicates; at most "
+    f"{al.MAX_DESTINATIONS_CHARS} characters together)"
+)
+CHAIN_LIMITS = (
+    f"Refused (409 alias_loop) when mail would come back to an address already on its way (a -> b -> a, across "
+    f"domains and alias domains too), and (409 alias_chain_too_long) when a chain would be longer than "
+    f"{al.MAX_ALIAS_DEPTH} steps or expand to more than {al.MAX_EXPANSION} addresses."
+)
 _WRITE = "One signed git commit; mail nodes apply it within about a minute. Answers `commit` (null when nothing changed)."
 
 _DETAILS: dict[str, str] = {
@@ -24,12 +34,14 @@ _DETAILS: dict[str, str] = {
     ),
     "disable-email": (
         "Turns email off for a domain. Refused (409 active_mailboxes_remain) while the domain has active mailboxes: "
-        "remove them first. Soft-deleted mailboxes are PURGED with it: their entries are gone for good and cannot "
+        "remove them first; and (409 alias_domains_remain) while alias domains point at it. Its aliases and catch-all "
+        "go with it. Soft-deleted mailboxes are PURGED with it: their entries are gone for good and cannot "
         "be restored. The domain stays linked to the project. " + _WRITE
     ),
     "list-domains": (
         "Answers `domains`: your project's email-enabled domains with mailbox counts (total, active, inactive = "
-        "soft-deleted), and `linked_not_enabled`: domains linked to your project whose email is not enabled yet, "
+        "soft-deleted), their number of aliases and `alias_of` (the target of an alias domain, else null), "
+        "and `linked_not_enabled`: domains linked to your project whose email is not enabled yet, "
         "which email_account_enable_email can enable. An admin token sees every project's domains. Reads only."
     ),
     "add-user": (
@@ -54,7 +66,7 @@ _DETAILS: dict[str, str] = {
         "mailbox is gone (404) and cannot be restored. " + _WRITE
     ),
     "list-users": (
-        "Answers `users`: the mailboxes (email, domain, quota_mb, active) on your project's email-enabled domains, "
+        "Answers `users`: the mailboxes (email, domain, quota_mb, active, forward_to, keep_copy) on your project's email-enabled domains, "
         "or on one `domain`. Soft-deleted mailboxes have active=false. Never returns password hashes. Reads only."
     ),
     "update-password": (
@@ -67,8 +79,9 @@ _DETAILS: dict[str, str] = {
         "can manage it until link-domain links it. Refused (409 domain_exists) for a known domain. " + _WRITE
     ),
     "remove-domain": (
-        "[Admin] Removes a domain from the state, and with it its mail configuration. Refused (409 "
-        "active_mailboxes_remain) while it has active mailboxes; soft-deleted mailboxes are PURGED with it. " + _WRITE
+        "[Admin] Removes a domain from the state, and with it its mail configuration and aliases. Refused (409 "
+        "active_mailboxes_remain) while it has active mailboxes, and (409 alias_domains_remain) while alias domains "
+        "point at it; soft-deleted mailboxes are PURGED with it. " + _WRITE
     ),
     "list-nodes": (
         "[Admin] Answers `nodes`: each sync node's name, ip_address, created_at and, from its last report, "
@@ -87,6 +100,45 @@ _DETAILS: dict[str, str] = {
     "unlink-domain": (
         "[Admin] Unlinks a domain from its project and removes it from the state. Refused (409 email_enabled) while "
         "its email is enabled. " + _WRITE
+    ),
+    "add-alias": (
+        "Creates an alias: mail to `address` is delivered to every one of `destinations` instead. `address` is "
+        "local@domain (letters, digits, '.', '_', '+', '-') or @domain, the domain's catch-all, which gets mail for "
+        "addresses that are neither a mailbox nor an alias (a catch-all never takes mail from an existing mailbox or "
+        "alias). The domain must be an email-enabled domain of your project. `destinations`: " + DESTINATION_LIMITS + ". "
+        "Refused: 409 address_in_use (the address is a mailbox, active or soft-deleted), 409 alias_exists "
+        "(update-alias changes it), 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
+    ),
+    "update-alias": (
+        "Replaces ALL destinations of an existing alias or catch-all (the old list is gone). `destinations`: "
+        + DESTINATION_LIMITS + ". Refused: 404 alias_not_found, 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
+    ),
+    "remove-alias": (
+        "Deletes an alias or catch-all; its mail is then refused (550), or goes to the catch-all if the domain has one. "
+        "Refused: 404 alias_not_found; 409 alias_loop if falling through to the catch-all would loop. " + _WRITE
+    ),
+    "list-aliases": (
+        "Answers `aliases`: each alias (address, domain, catch_all, destinations) of your project's email-enabled "
+        "domains, or of one `domain`. Mailbox forwarding is listed by list-users (forward_to, keep_copy). Reads only."
+    ),
+    "set-forwarding": (
+        "Forwards an active mailbox: its mail goes to `destinations` (" + DESTINATION_LIMITS.replace("1-", "0-", 1) + "); "
+        "keep_copy=true (default) also keeps a copy in the mailbox, keep_copy=false delivers ONLY to the destinations. "
+        "An empty `destinations` list turns forwarding off. A soft-deleted mailbox forwards nothing (refused here "
+        "with 409 mailbox_inactive). Refused: 404 mailbox_not_found, 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
+    ),
+    "add-alias-domain": (
+        "Makes `domain` an alias domain: mail to x@domain is delivered to x@target (the domain's own mailboxes and "
+        "aliases, if any, still get their own mail first). Both must be email-enabled domains of your project. Refused "
+        "(409 alias_domain_target_invalid) when the target is not email-enabled, belongs to another project, is the "
+        "domain itself, is itself an alias domain, or when other alias domains point at `domain`. " + CHAIN_LIMITS + " "
+        "disable-email and remove-domain of a target are refused (409 alias_domains_remain) until its alias domains are "
+        "removed. " + _WRITE
+    ),
+    "remove-alias-domain": (
+        "Turns an alias domain back into an ordinary domain: x@domain is no longer sent to the target (addresses "
+        "without a mailbox or alias are then refused). Refused: 404 alias_not_found if the domain is not an alias domain. "
+        + _WRITE
     ),
     "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. " + _WRITE,
     "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. " + _WRITE,

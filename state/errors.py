@@ -10,17 +10,22 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_project_id, missing_field, unknown_field,
     │                                   invalid_request, unknown_operation, missing_token
     │                                   (`mailstate mcp` without a token), invalid_token_name,
-    │                                   no_working_tree, not_repository_root (`mailstate plan`)
+    │                                   no_working_tree, not_repository_root (`mailstate plan`),
+    │                                   invalid_destinations, too_many_destinations (aliases)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
     │                                   token_not_found, repository_not_found,
-    │                                   revision_not_found (`mailstate plan`), not_found (default)
+    │                                   revision_not_found (`mailstate plan`), not_found (default),
+    │                                   alias_not_found
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
     │                                   mailbox_active, conflict (default),
     │                                   active_mailboxes_remain, node_exists, token_ambiguous
-    │                                   (`token revoke NAME` when several tokens share NAME)
+    │                                   (`token revoke NAME` when several tokens share NAME),
+    │                                   address_in_use, alias_exists, alias_loop,
+    │                                   alias_chain_too_long, alias_domain_target_invalid,
+    │                                   alias_domains_remain (state/aliases.py)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is

@@ -228,19 +228,25 @@ def dump_nodes(nodes: NodesFile, previous: bytes | None = None) -> bytes:
 
 def domain_document(domain: DomainFile) -> dict[str, Any]:
     """The plain data of a domain file, in the canonical key order."""
-    return {
-        "domain": domain.domain,
-        "project_id": domain.project_id,
-        "email_enabled": domain.email_enabled,
-        "mailboxes": {local: _box_document(box) for local, box in sorted(domain.mailboxes.items())},
-    }
+    doc: dict[str, Any] = {"domain": domain.domain, "project_id": domain.project_id, "email_enabled": domain.email_enabled}
+    # The alias keys are optional (state.aliases): a file without them stays byte-identical.
+    if domain.alias_of is not None:
+        doc["alias_of"] = domain.alias_of
+    doc["mailboxes"] = {local: _box_document(box) for local, box in sorted(domain.mailboxes.items())}
+    if domain.aliases:
+        # One alias per block, sorted ('@', the catch-all, first); destinations keep their order.
+        doc["aliases"] = {key: list(dests) for key, dests in sorted(domain.aliases.items())}
+    return doc
 
 
 def _box_document(box: Mailbox) -> dict[str, Any]:
     # The id goes first (it names the mailbox); a format-1 mailbox has none and keeps its
     # old three keys, so format-1 files stay byte-identical.
     head: dict[str, Any] = {} if box.id is None else {"id": box.id}
-    return {**head, "password": box.password, "quota_mb": box.quota_mb, "active": box.active}
+    doc = {**head, "password": box.password, "quota_mb": box.quota_mb, "active": box.active}
+    if box.forward_to is not None:
+        doc.update(forward_to=list(box.forward_to), keep_copy=box.keep_copy)
+    return doc
 
 
 def dump_domain(domain: DomainFile, previous: bytes | None = None) -> bytes:
@@ -294,6 +300,9 @@ def _merge(target: CommentedMap, data: dict[str, Any]) -> None:
                 else:
                     target.insert(_insert_at(target, key, position, collection), _key(key), existing)
             _merge(existing, value)
+        elif key in target and isinstance(value, list) and isinstance(target[key], list):
+            # A list (an alias's destinations) is changed in place: comments attached to it stay.
+            _merge_list(target[key], value)
         elif key in target:
             current = target[key]
             # True == 1, so compare types too; a quoted string loads as a str subclass,
@@ -304,6 +313,20 @@ def _merge(target: CommentedMap, data: dict[str, Any]) -> None:
         else:
             target.insert(_insert_at(target, key, position, collection), _key(key), _scalar(value))
         position += 1
+
+
+def _merge_list(current: list[Any], value: list[Any]) -> None:
+    """Make `current` equal `value` by deleting and inserting items, so the items that stay keep their comments."""
+    for i in reversed(range(len(current))):
+        if current[i] not in value:
+            del current[i]
+    for i, item in enumerate(value):
+        if i < len(current) and current[i] == item:
+            continue
+        if item in current:
+            del current[current.index(item)]
+        current.insert(i, _scalar(item))
+    del current[len(value) :]
 
 
 def _scalar(value: Any) -> Any:

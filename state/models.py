@@ -17,8 +17,9 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mailstate.state import aliases as al
 from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
 
@@ -168,6 +169,21 @@ class Mailbox(BaseModel):
     password: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool = True
+    # Forwarding (optional; absent = none): mail is delivered to these addresses, and to the
+    # mailbox as well while keep_copy is true. A soft-deleted mailbox forwards nothing.
+    forward_to: list[str] | None = None
+    keep_copy: bool = True
+
+    @field_validator("forward_to")
+    @classmethod
+    def _forward(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _file_value(al.normalize_destinations, value)
+
+    @model_validator(mode="after")
+    def _keep_copy_needs_forwarding(self) -> Mailbox:
+        if self.forward_to is None and not self.keep_copy:
+            raise ValueError("keep_copy: false needs forward_to (without forwarding the mailbox keeps its mail)")
+        return self
 
     @field_validator("password")
     @classmethod
@@ -193,7 +209,34 @@ class DomainFile(BaseModel):
     domain: str
     project_id: int | None = None
     email_enabled: bool = False
+    # Optional (state.aliases): an alias domain's target, and the aliases (`"@"` = catch-all).
+    alias_of: str | None = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
+    aliases: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("alias_of")
+    @classmethod
+    def _alias_of(cls, value: str | None) -> str | None:
+        if value is not None and _file_value(v.normalize_domain, value) != value:
+            raise ValueError("alias_of must be a lowercase ASCII domain (punycode for IDN)")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, dests in value.items():
+            if key != al.CATCH_ALL and not v.is_local_part(key):
+                raise ValueError(f"alias key {key!r} is not a valid lowercase local part (or '@' for the catch-all)")
+            if _file_value(al.normalize_destinations, dests) != dests:
+                raise ValueError(f"aliases.{key}: destinations must be lowercase addresses (punycode for IDN)")
+        return value
+
+    @model_validator(mode="after")
+    def _alias_rules(self) -> DomainFile:
+        problems = al.file_problems(self)
+        if problems:
+            raise ValueError(problems[0])
+        return self
 
     @field_validator("domain")
     @classmethod
@@ -343,6 +386,79 @@ class NodeRequest(Request):
     name: NodeName = Field(description="Node identifier.")
 
 
+def _strict_keep_copy(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput("keep_copy must be true or false.", code="invalid_request", field="keep_copy")
+    return value
+
+
+AliasAddress = Annotated[
+    str,
+    BeforeValidator(al.normalize_alias_address),
+    Field(
+        description="The alias address, local@domain (the rules of a mailbox address), or @domain for the domain's catch-all.",
+        examples=["sales@mycompany.nl", "@mycompany.nl"],
+        json_schema_extra={"minLength": 4, "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH},
+    ),
+]
+_DESTINATIONS_DOC = (
+    f"1-{al.MAX_DESTINATIONS} email addresses, on this platform or external, no duplicates, "
+    f"at most {al.MAX_DESTINATIONS_CHARS} characters together."
+)
+Destinations = Annotated[
+    list[str],
+    BeforeValidator(al.normalize_destinations),
+    Field(
+        description=_DESTINATIONS_DOC,
+        examples=[["anna@mycompany.nl", "bob@example.org"]],
+        json_schema_extra={"minItems": 1, "maxItems": al.MAX_DESTINATIONS, "items": {"type": "string", "format": "email"}},
+    ),
+]
+ForwardDestinations = Annotated[
+    list[str],
+    BeforeValidator(lambda value: al.normalize_destinations(value, allow_empty=True)),
+    Field(
+        description=f"0-{al.MAX_DESTINATIONS} email addresses to forward to, no duplicates; an empty list turns forwarding off.",
+        json_schema_extra={"minItems": 0, "maxItems": al.MAX_DESTINATIONS, "items": {"type": "string", "format": "email"}},
+    ),
+]
+
+
+class AddAliasRequest(Request):
+    address: AliasAddress = Field(description="New alias: local@domain or @domain (catch-all), on an email-enabled domain of this project.")
+    destinations: Destinations
+
+
+class UpdateAliasRequest(Request):
+    address: AliasAddress = Field(description="The existing alias (local@domain or @domain) whose destinations are replaced.")
+    destinations: Destinations
+
+
+class RemoveAliasRequest(Request):
+    address: AliasAddress = Field(description="The alias to remove (local@domain or @domain).")
+
+
+class ListAliasesRequest(Request):
+    domain: DomainName | None = Field(default=None, description="Only this domain's aliases.")
+
+
+class SetForwardingRequest(Request):
+    email: Email = Field(description="The mailbox to forward (an active mailbox of this project).")
+    destinations: ForwardDestinations
+    keep_copy: Annotated[bool, BeforeValidator(_strict_keep_copy)] = Field(
+        default=True, description="true (default): the mailbox keeps a copy; false: mail goes only to the destinations."
+    )
+
+
+class AddAliasDomainRequest(Request):
+    domain: DomainName = Field(description="The alias domain (email-enabled, this project's): mail to x@domain goes to x@target.")
+    target: DomainName = Field(description="The target domain: email-enabled, this project's, and not an alias domain itself.")
+
+
+class RemoveAliasDomainRequest(Request):
+    domain: DomainName = Field(description="The alias domain to turn back into an ordinary domain.")
+
+
 class LinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to link to a project (the dashboard's Domains tab).")
     project_id: ProjectId = Field(description="Project (WebSumo) id.")
@@ -393,9 +509,47 @@ class DomainSummary(BaseModel):
     mailboxes: int = Field(ge=0, description="Mailboxes, active and soft-deleted.")
     active_mailboxes: int = Field(ge=0)
     inactive_mailboxes: int = Field(ge=0, description="Soft-deleted mailboxes (active=false).")
+    aliases: int = Field(default=0, ge=0, description="Aliases, the catch-all included.")
+    alias_of: str | None = Field(default=None, description="For an alias domain: the domain its mail goes to; else null.")
     used_mb: float | None = Field(default=None, description="Mail stored in the domain's mailboxes as the nodes measured it, in MB (null before any report).")
     messages: int | None = Field(default=None, description="Messages stored, as the nodes measured them (null before any report).")
     usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the newest usage report, or null.")
+
+
+class AliasResponse(WriteResponse):
+    """add-alias and update-alias."""
+
+    address: str = Field(description="The alias (local@domain, or @domain for a catch-all).")
+    destinations: list[str]
+
+
+class RemoveAliasResponse(WriteResponse):
+    address: str
+    removed: bool
+
+
+class AliasInfo(BaseModel):
+    address: str = Field(description="local@domain, or @domain for the domain's catch-all.")
+    domain: str
+    catch_all: bool = Field(description="true for the domain's catch-all (@domain).")
+    destinations: list[str]
+
+
+class ListAliasesResponse(Response):
+    aliases: list[AliasInfo] = Field(description="The aliases of your project's email-enabled domains, sorted by domain and address.")
+
+
+class SetForwardingResponse(WriteResponse):
+    email: str
+    destinations: list[str] = Field(description="Where the mailbox forwards to; empty when forwarding is off.")
+    keep_copy: bool
+
+
+class AliasDomainResponse(WriteResponse):
+    """add-alias-domain and remove-alias-domain."""
+
+    domain: str
+    alias_of: str | None = Field(description="The target domain, or null (remove-alias-domain).")
 
 
 class LinkedDomain(BaseModel):
@@ -435,6 +589,8 @@ class UserInfo(BaseModel):
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool = Field(description="false for a soft-deleted mailbox.")
     id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
+    forward_to: list[str] = Field(default_factory=list, description="Where the mailbox forwards to (set-forwarding); empty when it does not.")
+    keep_copy: bool = Field(default=True, description="Whether the mailbox keeps a copy of forwarded mail.")
     used_mb: float | None = Field(default=None, description="Mail stored, as a node measured it, in MB (null before any report).")
     messages: int | None = Field(default=None, description="Messages stored, as a node measured them (null before any report).")
     usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the usage report, or null.")
@@ -525,6 +681,13 @@ RESPONSES: dict[str, type[Response]] = {
     "unlink-domain": UnlinkDomainResponse,
     "remove-node": RemoveNodeResponse,
     "rotate-node-key": RotateNodeKeyResponse,
+    "add-alias": AliasResponse,
+    "update-alias": AliasResponse,
+    "remove-alias": RemoveAliasResponse,
+    "list-aliases": ListAliasesResponse,
+    "set-forwarding": SetForwardingResponse,
+    "add-alias-domain": AliasDomainResponse,
+    "remove-alias-domain": AliasDomainResponse,
 }
 
 
@@ -540,6 +703,9 @@ _FIELD_CODES = {
     "name": "invalid_node_name",
     "ip_address": "invalid_ip_address",
     "project_id": "invalid_project_id",
+    "address": "invalid_email",
+    "destinations": "invalid_destinations",
+    "target": "invalid_domain",
 }
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import bcrypt
 
+from mailstate.state import aliases as al
 from mailstate.state import models as m
 from mailstate.state.errors import Conflict, Forbidden, NotFound
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
@@ -173,8 +175,10 @@ def disable_email(ctx: Context, req: m.DisableEmailRequest, _: Prepared) -> Outc
     if not dom.email_enabled and not dom.mailboxes:
         return Outcome(_domain_result(dom), target=req.domain, project=dom.project_id)
     _remove_mail(dom)
+    _no_alias_domains_of(ctx, dom.domain)
     # Soft-deleted mailboxes go with the mail system: nothing may come back to life later.
-    new = _with_mailboxes(dom, {}, email_enabled=False)
+    # So do the domain's aliases, its catch-all and its alias-domain setting.
+    new = _with_mailboxes(dom, {}, email_enabled=False, aliases={}, alias_of=None)
     return _write(new, req.domain, _domain_result(new), dom.project_id)
 
 
@@ -203,6 +207,8 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
                 "mailboxes": len(dom.mailboxes),
                 "active_mailboxes": active,
                 "inactive_mailboxes": len(dom.mailboxes) - active,
+                "aliases": len(dom.aliases),
+                "alias_of": dom.alias_of,
             }
         )
     usage = _usage_of(ctx, [entry["domain"] for entry in out])
@@ -235,6 +241,7 @@ def remove_domain(ctx: Context, req: m.RemoveDomainRequest, _: Prepared) -> Outc
     _require_admin(ctx)
     dom = _visible_domain(ctx, req.domain)
     _remove_mail(dom)
+    _no_alias_domains_of(ctx, dom.domain)
     return _write(None, req.domain, {"domain": req.domain, "removed": True}, dom.project_id)
 
 
@@ -268,6 +275,8 @@ def add_user(ctx: Context, req: m.AddUserRequest, prep: Prepared) -> Outcome:
             else "exists (soft-deleted, its mail kept; restore-user brings it back, or hard-delete it to reuse the address as a new, empty mailbox)"
         )
         raise Conflict(f"Mailbox {req.email} {state}.", code="mailbox_exists", target=req.email)
+    if local in dom.aliases:
+        raise Conflict(f"{req.email} is an alias; remove the alias first.", code="address_in_use", target=req.email)
     quota = req.quota_mb if req.quota_mb is not None else ctx.state.settings.default_quota_mb
     box_id = None
     if ctx.state.settings.format >= 2:
@@ -291,7 +300,10 @@ def remove_user(ctx: Context, req: m.RemoveUserRequest, _: Prepared) -> Outcome:
         return Outcome(result, target=req.email, project=dom.project_id)
     else:
         mailboxes = {**dom.mailboxes, local: box.model_copy(update={"active": False})}
-    out = _write(_with_mailboxes(dom, mailboxes), dom.domain, result, dom.project_id)
+    new = _with_mailboxes(dom, mailboxes)
+    if req.hard_delete:
+        _checked(ctx, new, _catch_all_start(new))  # its mail now falls to the catch-all, if any
+    out = _write(new, dom.domain, result, dom.project_id)
     out.target = req.email
     return out
 
@@ -335,7 +347,16 @@ def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
         for local, box in sorted(dom.mailboxes.items()):
             row = rows.get((local, box.id)) if box.id is not None else None
             users.append(
-                {"email": f"{local}@{name}", "domain": name, "quota_mb": box.quota_mb, "active": box.active, "id": box.id, **_usage_fields(row)}
+                {
+                    "email": f"{local}@{name}",
+                    "domain": name,
+                    "quota_mb": box.quota_mb,
+                    "active": box.active,
+                    "id": box.id,
+                    "forward_to": list(box.forward_to or []),
+                    "keep_copy": box.keep_copy,
+                    **_usage_fields(row),
+                }
             )
     return Outcome({"users": users})
 
@@ -348,6 +369,167 @@ def update_password(ctx: Context, req: m.UpdatePasswordRequest, prep: Prepared) 
     out = _write(new, dom.domain, {"email": req.email, "updated": True}, dom.project_id)
     out.target = req.email
     return out
+
+
+# --- aliases, forwarding, catch-all, alias domains (rules in state.aliases) ----------------
+
+
+def _no_alias_domains_of(ctx: Context, name: str) -> None:
+    """Refuse to take the mail away from a domain while alias domains send their mail to it."""
+    # A scan of the domains (attribute reads only): disable-email and remove-domain are rare.
+    users = sorted(d for d, dom in ctx.state.domains.items() if dom.alias_of == name)
+    if users:
+        raise Conflict(
+            f"{name} is the target of alias domain(s) {', '.join(users[:5])}; remove-alias-domain them first.",
+            code="alias_domains_remain",
+            target=name,
+        )
+
+
+def _alias_domain_of(ctx: Context, address: str) -> tuple[m.DomainFile, str]:
+    """(domain, key) of an alias address on an email-enabled domain the actor may manage."""
+    key, name = al.split_address(address)
+    return _mail_domain(ctx, name), key
+
+
+def _checked(ctx: Context, new: m.DomainFile, starts: list[str]) -> None:
+    """Refuse a write whose state would hold a loop or a chain that grows too long."""
+    if starts:
+        # An overlay, not a copy: the walk reads only the domains a chain reaches.
+        al.check_chains(_overlay(ctx, new), starts)
+
+
+def _overlay(ctx: Context, new: m.DomainFile) -> Mapping[str, m.DomainFile]:
+    return ChainMap({new.domain: new}, ctx.state.domains)  # type: ignore[arg-type]
+
+
+def _catch_all_start(dom: m.DomainFile) -> list[str]:
+    # Removing an address lets its mail fall through to the catch-all: a loop can then only
+    # run through the catch-all, so the walk starts there.
+    return [f"@{dom.domain}"] if al.CATCH_ALL in dom.aliases else []
+
+
+def _alias_result(address: str, dests: list[str]) -> dict[str, Any]:
+    return {"address": address, "destinations": dests}
+
+
+def add_alias(ctx: Context, req: m.AddAliasRequest, _: Prepared) -> Outcome:
+    dom, key = _alias_domain_of(ctx, req.address)
+    if key != al.CATCH_ALL and key in dom.mailboxes:
+        raise Conflict(f"{req.address} is a mailbox; an address is either a mailbox or an alias.", code="address_in_use", target=req.address)
+    if key == al.CATCH_ALL and dom.alias_of is not None:
+        raise Conflict(
+            f"{dom.domain} is an alias domain of {dom.alias_of}: its other addresses already go there.", code="address_in_use", target=req.address
+        )
+    if key in dom.aliases:
+        raise Conflict(f"The alias {req.address} exists; update-alias changes its destinations.", code="alias_exists", target=req.address)
+    if req.address in req.destinations:
+        raise Conflict(f"{req.address} cannot deliver to itself.", code="alias_loop", target=req.address)
+    new = dom.model_copy(update={"aliases": {**dom.aliases, key: list(req.destinations)}})
+    _checked(ctx, new, [req.address])
+    out = _write(new, dom.domain, _alias_result(req.address, list(req.destinations)), dom.project_id, created=True)
+    out.target = req.address
+    return out
+
+
+def _existing_alias(ctx: Context, address: str) -> tuple[m.DomainFile, str]:
+    key, name = al.split_address(address)
+    dom = ctx.state.domains.get(name)
+    visible = dom is not None and (ctx.actor.is_admin or dom.project_id == ctx.actor.project_id)
+    if dom is None or not visible or key not in dom.aliases:
+        raise NotFound(f"Alias {address} does not exist.", code="alias_not_found", target=address)
+    return dom, key
+
+
+def update_alias(ctx: Context, req: m.UpdateAliasRequest, _: Prepared) -> Outcome:
+    dom, key = _existing_alias(ctx, req.address)
+    result = _alias_result(req.address, list(req.destinations))
+    if dom.aliases[key] == req.destinations:
+        return Outcome(result, target=req.address, project=dom.project_id)
+    if req.address in req.destinations:
+        raise Conflict(f"{req.address} cannot deliver to itself.", code="alias_loop", target=req.address)
+    new = dom.model_copy(update={"aliases": {**dom.aliases, key: list(req.destinations)}})
+    _checked(ctx, new, [req.address])
+    out = _write(new, dom.domain, result, dom.project_id)
+    out.target = req.address
+    return out
+
+
+def remove_alias(ctx: Context, req: m.RemoveAliasRequest, _: Prepared) -> Outcome:
+    dom, key = _existing_alias(ctx, req.address)
+    new = dom.model_copy(update={"aliases": {k: d for k, d in dom.aliases.items() if k != key}})
+    _checked(ctx, new, _catch_all_start(new))
+    out = _write(new, dom.domain, {"address": req.address, "removed": True}, dom.project_id)
+    out.target = req.address
+    return out
+
+
+def list_aliases(ctx: Context, req: m.ListAliasesRequest, _: Prepared) -> Outcome:
+    names = [_visible_domain(ctx, req.domain).domain] if req.domain is not None else _actor_domains(ctx)
+    out = []
+    for name in names:
+        dom = ctx.state.domains[name]
+        if not dom.email_enabled:
+            continue
+        for key, dests in sorted(dom.aliases.items()):
+            out.append({"address": al.join_address(key, name), "domain": name, "catch_all": key == al.CATCH_ALL, "destinations": list(dests)})
+    return Outcome({"aliases": out})
+
+
+def set_forwarding(ctx: Context, req: m.SetForwardingRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    if not box.active:
+        raise Conflict(f"Mailbox {req.email} is soft-deleted; it cannot forward.", code="mailbox_inactive", target=req.email)
+    if req.email in req.destinations:
+        raise Conflict(f"{req.email} cannot forward to itself; keep_copy=true keeps a copy.", code="alias_loop", target=req.email)
+    forward = list(req.destinations) or None
+    keep = req.keep_copy if forward else True
+    result = {"email": req.email, "destinations": list(req.destinations), "keep_copy": keep}
+    if box.forward_to == forward and box.keep_copy == keep:
+        return Outcome(result, target=req.email, project=dom.project_id)
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"forward_to": forward, "keep_copy": keep})})
+    _checked(ctx, new, [req.email] if forward else _catch_all_start(new))
+    out = _write(new, dom.domain, result, dom.project_id)
+    out.target = req.email
+    return out
+
+
+def add_alias_domain(ctx: Context, req: m.AddAliasDomainRequest, _: Prepared) -> Outcome:
+    dom = _mail_domain(ctx, req.domain)
+    target = ctx.state.domains.get(req.target)
+    mine = target is not None and target.project_id == dom.project_id  # both domains belong to one project
+    if target is None or not mine or not target.email_enabled or req.target == req.domain:
+        raise Conflict(
+            f"{req.target} is not another email-enabled domain of this project; an alias domain needs one as its target.",
+            code="alias_domain_target_invalid",
+            target=req.domain,
+        )
+    if target.alias_of is not None:
+        raise Conflict(f"{req.target} is itself an alias domain (of {target.alias_of}).", code="alias_domain_target_invalid", target=req.domain)
+    result = {"domain": req.domain, "alias_of": req.target}
+    if dom.alias_of == req.target:
+        return Outcome(result, target=req.domain, project=dom.project_id)
+    users = sorted(d for d, other in ctx.state.domains.items() if other.alias_of == req.domain)
+    if users:
+        raise Conflict(
+            f"{req.domain} is the target of alias domain(s) {', '.join(users[:5])}; chains of alias domains are not allowed.",
+            code="alias_domain_target_invalid",
+            target=req.domain,
+        )
+    if al.CATCH_ALL in dom.aliases:
+        raise Conflict(f"{req.domain} has a catch-all; remove it before making the domain an alias domain.", code="address_in_use", target=req.domain)
+    new = dom.model_copy(update={"alias_of": req.target})
+    domains = _overlay(ctx, new)
+    al.check_chains(domains, al.alias_domain_starts(domains, req.domain, req.target) + _catch_all_start(new))
+    return _write(new, req.domain, result, dom.project_id)
+
+
+def remove_alias_domain(ctx: Context, req: m.RemoveAliasDomainRequest, _: Prepared) -> Outcome:
+    dom = _visible_domain(ctx, req.domain)
+    if dom.alias_of is None:
+        raise NotFound(f"{req.domain} is not an alias domain.", code="alias_not_found", target=req.domain)
+    new = dom.model_copy(update={"alias_of": None})
+    return _write(new, req.domain, {"domain": req.domain, "alias_of": None}, dom.project_id)
 
 
 # --- nodes -------------------------------------------------------------------------------
@@ -523,5 +705,32 @@ _EXTRA = [
     ),
 ]
 
-OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA}
+_ALIASES = [
+    Operation(
+        "add-alias",
+        m.AddAliasRequest,
+        add_alias,
+        summary="Create an alias (local@domain) or a catch-all (@domain) on one of your email-enabled domains.",
+    ),
+    Operation("update-alias", m.UpdateAliasRequest, update_alias, summary="Replace the destinations of an existing alias or catch-all."),
+    Operation("remove-alias", m.RemoveAliasRequest, remove_alias, summary="Remove an alias or catch-all."),
+    Operation(
+        "list-aliases",
+        m.ListAliasesRequest,
+        list_aliases,
+        method="GET",
+        write=False,
+        summary="List the aliases and catch-alls of your project's email-enabled domains, optionally for one domain.",
+    ),
+    Operation("set-forwarding", m.SetForwardingRequest, set_forwarding, summary="Forward a mailbox to other addresses, with or without a copy."),
+    Operation(
+        "add-alias-domain",
+        m.AddAliasDomainRequest,
+        add_alias_domain,
+        summary="Make a domain an alias domain: mail to x@domain goes to x@target.",
+    ),
+    Operation("remove-alias-domain", m.RemoveAliasDomainRequest, remove_alias_domain, summary="Turn an alias domain back into an ordinary domain."),
+]
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES}
 SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

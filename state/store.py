@@ -39,7 +39,7 @@ from typing import Any
 
 import pygit2
 
-from mailstate.compiler.render import domain_dir, render_domain, render_settings
+from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
 from mailstate.state import files
 from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StatementInvalid, StoreError, Unavailable, UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
@@ -660,6 +660,8 @@ class Store:
             rendered = render_domain(dom, settings)
             if rendered:
                 del out[domain_dir(name)]
+                # A fragment the domain no longer has (virtual_alias_maps without aliases) goes.
+                out.update({f"{domain_dir(name)}/{frag}": None for frag in FRAGMENTS})
                 out.update(rendered)
         if change.nodes is not None:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))

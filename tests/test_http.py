@@ -415,6 +415,13 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "unlink-domain": "post",
         "remove-node": "post",
         "rotate-node-key": "post",
+        "add-alias": "post",
+        "update-alias": "post",
+        "remove-alias": "post",
+        "list-aliases": "get",
+        "set-forwarding": "post",
+        "add-alias-domain": "post",
+        "remove-alias-domain": "post",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]

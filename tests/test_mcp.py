@@ -41,6 +41,14 @@ SPEC_TOOLS = {
     "remove-domain": "email_account_remove_domain",
     "list-nodes": "email_account_list_nodes",
     "add-node": "email_account_add_node",
+    # issue 11: aliases, forwarding, catch-all, alias domains
+    "add-alias": "email_account_add_alias",
+    "update-alias": "email_account_update_alias",
+    "remove-alias": "email_account_remove_alias",
+    "list-aliases": "email_account_list_aliases",
+    "set-forwarding": "email_account_set_forwarding",
+    "add-alias-domain": "email_account_add_alias_domain",
+    "remove-alias-domain": "email_account_remove_alias_domain",
 }
 
 
@@ -148,8 +156,12 @@ def test_annotations_say_what_a_tool_destroys() -> None:
         assert hints[name].destructive_hint is True
     for name in ("email_account_add_user", "email_account_enable_email", "email_account_add_domain", "email_account_add_node"):
         assert hints[name].destructive_hint is False
-    for name in ("email_account_list_users", "email_account_list_domains", "email_account_list_nodes"):
+    for name in ("email_account_list_users", "email_account_list_domains", "email_account_list_nodes", "email_account_list_aliases"):
         assert hints[name].read_only_hint is True
+    for name in ("email_account_update_alias", "email_account_remove_alias", "email_account_set_forwarding", "email_account_remove_alias_domain"):
+        assert hints[name].destructive_hint is True
+    for name in ("email_account_add_alias", "email_account_add_alias_domain"):
+        assert hints[name].destructive_hint is False
 
 
 def test_descriptions_carry_the_data_dirs_real_default_quota(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -200,10 +212,19 @@ def call_every_tool(domain: str, node: str, project_session: Any, admin_session:
             await call(p, "email_account_update_password", {"email": f"info@{domain}", "password": "a new password"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})
             await call(p, "email_account_restore_user", {"email": f"info@{domain}"})
+            await call(p, "email_account_add_alias", {"address": f"sales@{domain}", "destinations": [f"info@{domain}"]})
+            await call(p, "email_account_update_alias", {"address": f"sales@{domain}", "destinations": ["x@ext.example"]})
+            await call(p, "email_account_list_aliases", {"domain": domain})
+            await call(p, "email_account_set_forwarding", {"email": f"info@{domain}", "destinations": ["y@ext.example"], "keep_copy": False})
+            await call(p, "email_account_remove_alias", {"address": f"sales@{domain}"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})  # again, for disable-email
             await call(p, "email_account_list_domains", {})
             await call(p, "email_account_disable_email", {"domain": domain})
             await call(a, "email_account_add_domain", {"domain": f"admin-{domain}"})
+            await call(a, "email_account_add_domain", {"domain": f"old-admin-{domain}"})
+            await call(a, "email_account_add_alias_domain", {"domain": f"old-admin-{domain}", "target": f"admin-{domain}"})
+            await call(a, "email_account_remove_alias_domain", {"domain": f"old-admin-{domain}"})
+            await call(a, "email_account_remove_domain", {"domain": f"old-admin-{domain}"})
             await call(a, "email_account_remove_domain", {"domain": f"admin-{domain}"})
             await call(a, "email_account_add_node", {"name": node})
             await call(a, "email_account_list_nodes", {})
@@ -227,7 +248,10 @@ def test_call_each_tool_once(env: Env) -> None:
     assert node in [n["name"] for n in out["email_account_list_nodes"]["nodes"]]
     writes = [t for t, op in TOOLS.items() if op.write]
     assert all(len(out[t]["commit"]) == 40 for t in writes)
-    assert srv.commit_count() == before + len(writes) + 1  # remove-user ran twice
+    assert srv.commit_count() == before + len(writes) + 3  # remove-user, add-domain and remove-domain ran twice
+    assert out["email_account_list_aliases"]["aliases"][0]["destinations"] == ["x@ext.example"]
+    assert out["email_account_set_forwarding"]["keep_copy"] is False
+    assert out["email_account_add_alias_domain"]["alias_of"] == f"admin-{domain}"
     # The same audit trail as HTTP: the Actor trailer names the token.
     log = srv.git("log", f"-{len(writes)}", "--format=%(trailers:key=Actor,valueonly)")
     assert set(log.split()) == {"token:mcp-project", "token:admin"}
@@ -247,6 +271,12 @@ ERROR_CASES = [
     ("project", "email_account_add_user", {"email": "x@mcp.example"}),  # 400 missing field
     ("other", "email_account_add_user", {"email": "info@other.example", "password": PASSWORD}),  # 409 exists
     ("other", "email_account_disable_email", {"domain": "other.example"}),  # 409 active remain
+    ("project", "email_account_add_alias", {"address": "a@other.example", "destinations": ["x@y.org"]}),  # 404 another project's
+    ("project", "email_account_remove_alias", {"address": "nope@mcp.example"}),  # 404 alias_not_found
+    ("project", "email_account_add_alias", {"address": "a@mcp.example", "destinations": []}),  # 400
+    ("project", "email_account_add_alias", {"address": "a@mcp.example", "destinations": [f"u{i}@y.org" for i in range(51)]}),  # 400
+    ("project", "email_account_add_alias", {"address": "a@mcp.example", "destinations": ["a@mcp.example"]}),  # 409 alias_loop
+    ("project", "email_account_add_alias_domain", {"domain": "mcp.example", "target": "other.example"}),  # 409 target invalid
 ]
 
 

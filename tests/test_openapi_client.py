@@ -111,6 +111,31 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     assert soft.hard_delete is False and soft.active is False
     restored = call(project, "email_account", "restore-user", 200, "RestoreUserResponse", body=m.RestoreUserRequest(email="tmp@gen.example"))
     assert restored.active is True and restored.restored is True
+    # Aliases, forwarding, a catch-all and an alias domain.
+    ea = "email_account"
+    alias = call(project, ea, "add-alias", 201, "AliasResponse", body=m.AddAliasRequest(address="sales@gen.example", destinations=["info@gen.example"]))
+    assert alias.destinations == ["info@gen.example"] and len(alias.commit) == 40
+    alias = call(project, ea, "update-alias", 200, "AliasResponse", body=m.UpdateAliasRequest(address="sales@gen.example", destinations=["x@ext.example"]))
+    assert alias.destinations == ["x@ext.example"]
+    call(project, ea, "add-alias", 201, "AliasResponse", body=m.AddAliasRequest(address="@gen.example", destinations=["info@gen.example"]))
+    aliases = call(project, ea, "list-aliases", 200, "ListAliasesResponse", domain="gen.example")
+    assert [(a.address, a.catch_all) for a in aliases.aliases] == [("@gen.example", True), ("sales@gen.example", False)]
+    forward = m.SetForwardingRequest(email="info@gen.example", destinations=["y@ext.example"], keep_copy=False)
+    fwd = call(project, ea, "set-forwarding", 200, "SetForwardingResponse", body=forward)
+    assert fwd.keep_copy is False and fwd.destinations == ["y@ext.example"]
+    users = call(project, ea, "list-users", 200, "ListUsersResponse", domain="gen.example")
+    assert users.users[0].forward_to == ["y@ext.example"]
+    for address in ("sales@gen.example", "@gen.example"):
+        assert call(project, ea, "remove-alias", 200, "RemoveAliasResponse", body=m.RemoveAliasRequest(address=address)).removed is True
+    call(admin, "admin", "link-domain", 201, "DomainResponse", body=m.LinkDomainRequest(domain="gen-old.example", project_id=7))
+    call(project, ea, "enable-email", 200, "DomainResponse", body=m.EnableEmailRequest(domain="gen-old.example"))
+    ad = call(project, ea, "add-alias-domain", 200, "AliasDomainResponse", body=m.AddAliasDomainRequest(domain="gen-old.example", target="gen.example"))
+    assert ad.alias_of == "gen.example"
+    domains = call(project, ea, "list-domains", 200, "ListDomainsResponse")
+    assert {d.domain: d.alias_of for d in domains.domains}["gen-old.example"] == "gen.example"
+    ad = call(project, ea, "remove-alias-domain", 200, "AliasDomainResponse", body=m.RemoveAliasDomainRequest(domain="gen-old.example"))
+    assert ad.alias_of is None
+    call(project, ea, "disable-email", 200, "DomainResponse", body=m.DisableEmailRequest(domain="gen-old.example"))
     for email in ("tmp@gen.example", "info@gen.example"):
         call(project, "email_account", "remove-user", 200, "RemoveUserResponse", body=m.RemoveUserRequest(email=email, hard_delete=True))
     disabled = call(project, "email_account", "disable-email", 200, "DomainResponse", body=m.DisableEmailRequest(domain="gen.example"))

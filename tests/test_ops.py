@@ -83,11 +83,12 @@ def test_registry_names_all_operations() -> None:
         "list-nodes",
         "add-node",
     }
-    assert set(OPERATIONS) == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
-    assert len(OPERATIONS) == 16
+    aliases = {"add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain"}
+    assert set(OPERATIONS) == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases
+    assert len(OPERATIONS) == 23
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
-    assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes"}
-    assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes"}
+    assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes", "list-aliases"}
+    assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes", "list-aliases"}
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
         "remove-domain",
@@ -168,6 +169,8 @@ def test_list_domains(store: Store) -> None:
                 "mailboxes": 2,
                 "active_mailboxes": 1,
                 "inactive_mailboxes": 1,
+                "aliases": 0,
+                "alias_of": None,
                 "used_mb": None,
                 "messages": None,
                 "usage_reported_at": None,
@@ -244,6 +247,8 @@ def test_remove_user_soft(mail_store: Store) -> None:
             "quota_mb": 1024,
             "active": False,
             "id": box["id"],
+            "forward_to": [],
+            "keep_copy": True,
             "used_mb": None,
             "messages": None,
             "usage_reported_at": None,
@@ -277,13 +282,13 @@ def test_list_users(store: Store) -> None:
     users = store.execute("list-users", PROJECT_A, {}).result["users"]
     assert [u["email"] for u in users] == ["amy@example.com", "zed@example.com", "bob@second.org"]
     for u in users:
-        assert set(u) == {"email", "domain", "quota_mb", "active", "id", "used_mb", "messages", "usage_reported_at"}
+        assert set(u) == {"email", "domain", "quota_mb", "active", "id", "forward_to", "keep_copy", "used_mb", "messages", "usage_reported_at"}
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
     b_users = store.execute("list-users", PROJECT_B, {}).result["users"]
     assert b_users == [
         {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True, "id": b_users[0]["id"]}
-        | {"used_mb": None, "messages": None, "usage_reported_at": None}
+        | {"forward_to": [], "keep_copy": True, "used_mb": None, "messages": None, "usage_reported_at": None}
     ]
     assert len(store.execute("list-users", ADMIN, {}).result["users"]) == 4
     # hashes are never returned

@@ -121,7 +121,7 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    assert len(spec_ops) == 12
+    assert len(spec_ops) == 12 + 7  # the spec's 11, restore-user, and the 7 alias operations (every extension is a tool)
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
@@ -167,12 +167,16 @@ class World:
         assert self.admin.post(f"{API}/link-domain", json={"domain": "b-dark.example", "project_id": 202}).status_code == 201
         assert self.b.post(f"{API}/add-user", json={"email": "old@b.example", "password": PASSWORD}).status_code == 201
         assert self.b.post(f"{API}/remove-user", json={"email": "old@b.example"}).status_code == 200
+        # b has an alias and a catch-all for a's attacks to aim at.
+        for address in ("sales@b.example", "@b.example"):
+            assert self.b.post(f"{API}/add-alias", json={"address": address, "destinations": ["info@b.example"]}).status_code == 201
         assert self.admin.post(f"{API}/add-node", json={"name": "iso-node"}).status_code == 201
 
     def b_view(self) -> tuple[Any, ...]:
         return (
             self.b.get(f"{API}/list-domains").json(),
             self.b.get(f"{API}/list-users").json(),
+            self.b.get(f"{API}/list-aliases").json(),
             self.admin.get(f"{API}/list-users", params={"domain": "b-dark.example"}).json(),
             self.srv.git("rev-parse", "main").strip(),
         )
@@ -205,6 +209,13 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "unlink-domain": [{"domain": "b-dark.example"}],
     "remove-node": [{"name": "iso-node"}],
     "rotate-node-key": [{"name": "iso-node"}],
+    "add-alias": [{"address": "evil@b.example", "destinations": ["x@a.example"]}, {"address": "@b-dark.example", "destinations": ["x@a.example"]}],
+    "update-alias": [{"address": "sales@b.example", "destinations": ["x@a.example"]}],
+    "remove-alias": [{"address": "sales@b.example"}, {"address": "@b.example"}],
+    "list-aliases": [{}, {"domain": "b.example"}],
+    "set-forwarding": [{"email": "info@b.example", "destinations": ["x@a.example"]}, {"email": "old@b.example", "destinations": []}],
+    "add-alias-domain": [{"domain": "b.example", "target": "a.example"}, {"domain": "b-dark.example", "target": "b.example"}],
+    "remove-alias-domain": [{"domain": "b.example"}],
 }
 
 
@@ -242,7 +253,7 @@ def test_project_isolation_over_every_http_endpoint(world: World) -> None:
                 assert_error(r, 403, "admin_required")
             elif expected == "not_found":
                 # Says only that what was asked for is not there (see test_foreign_and_absent_look_the_same).
-                assert assert_error(r, 404)["code"] in ("domain_not_found", "mailbox_not_found")
+                assert assert_error(r, 404)["code"] in ("domain_not_found", "mailbox_not_found", "alias_not_found")
             else:
                 assert r.status_code == 200, (name, r.text)
                 assert not any(n in r.text for n in B_NAMES), (name, r.text)
@@ -289,7 +300,7 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
         else:
             assert result.is_error is True, (name, text)
             code = json.loads(text)["error"]["code"]
-            assert code in ("admin_required", "domain_not_found", "mailbox_not_found", "node_not_found"), (name, code)
+            assert code in ("admin_required", "domain_not_found", "mailbox_not_found", "node_not_found", "alias_not_found"), (name, code)
     assert world.b_view() == before
 
 
