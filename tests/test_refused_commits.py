@@ -18,6 +18,7 @@ Real git, real SSH signatures (ssh-keygen keys), real HTTP; no mocks.
 from __future__ import annotations
 
 import base64
+import itertools
 import subprocess
 import threading
 import time
@@ -459,3 +460,43 @@ def test_a_good_commit_by_another_process_is_stated_promptly(served: tuple[LiveS
     wait_for(lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == ok, 4.0, "the admin commit's statement")
     body = httpx.get(f"{srv.url}/v1/health", headers={"Authorization": f"Bearer {srv.admin_token}"}).json()
     assert body["status"] == "ok" and body["head"] == ok
+
+
+def test_two_writers_upstream_statement_names_only_main_and_moves_forward(fleet: dict[str, Path | DataDir]) -> None:
+    """Every update of upstream's statement (logged by a reference-transaction hook) names a commit on
+    upstream main, and each names a descendant of the one before: a rejected push never
+    carries its statement up, and a stale server never moves it back."""
+    up, a_dd, b_dd = _path(fleet, "up"), _dd(fleet, "a"), _dd(fleet, "b")
+    a = open_store(a_dd.root, upstream=str(up))
+    setup_domain(a)
+    b = open_store(b_dd.root, upstream=str(up))
+    log = up / "updates.log"
+    hook = up / "hooks" / "reference-transaction"  # sees only updates that really happen
+    hook.write_text(f'#!/bin/sh\n[ "$1" = committed ] || exit 0\nwhile read old new ref; do echo "$ref $new" >> {log}; done\n')
+    hook.chmod(0o755)
+    errors: list[BaseException] = []
+
+    def work(store: Store, prefix: str) -> None:
+        try:
+            for i in range(4):
+                store.execute("add-user", PROJECT_A, {"email": f"{prefix}{i}@example.com", "password": PASSWORD})
+                store.refresh_statement()  # what the schedule does, racing the other writer
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s, p)) for s, p in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    main = run(up, "rev-parse", "main").stdout.strip()
+    stated = [new for ref, new in (line.split() for line in log.read_text().splitlines()) if ref == REF]
+    heads = [run(up, "rev-parse", f"{tag}^{{commit}}").stdout.strip() for tag in stated]
+    assert heads, "no statement was pushed"
+    for older, newer in itertools.pairwise(heads):
+        assert run(up, "merge-base", "--is-ancestor", older, newer, check=False).returncode == 0, (older, newer)
+    assert all(run(up, "merge-base", "--is-ancestor", h, main, check=False).returncode == 0 for h in heads)
+    a.sync()
+    a.refresh_statement()
+    assert statement_at(up, a_dd.allowed_signers)[1].head == main
