@@ -43,6 +43,15 @@ BCRYPT_RE = re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./
 QUOTA_RE = re.compile(r"^storage=([1-9][0-9]{0,6})M$")
 MAX_QUOTA_MB = 1_048_576  # the server's MAX_QUOTA_MB
 PRINTABLE_ASCII_RE = re.compile(rb"^[\x20-\x7e]*$")
+# One match for a line exactly as the compiler writes it (the common case, ~4x faster than the
+# field-by-field checks, which then run only to say what is wrong with a line that failed it).
+_LOCAL = r"(?=[a-z0-9._+-]{1,64}[:@ ])[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*"
+_PASSWD_FAST = re.compile(
+    r"(" + _LOCAL + r")@([a-z0-9.-]+):\{BLF-CRYPT\}\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}"
+    r":([0-9]+):([0-9]+)::([!-9;-~]+)::userdb_quota_rule=\*:storage=([1-9][0-9]{0,6})M"
+)
+_MAP_FAST = re.compile(r"(" + _LOCAL + r")@([a-z0-9.-]+) ([a-z0-9.-]+)/([!-.0-~]+)/")
+_MAILBOXES_FAST = re.compile(r"(" + _LOCAL + r") ([0-9]{8}-[0-9a-f]{6}) (active|inactive)")
 # No line the compiler writes comes near this; a longer one is refused before it is parsed.
 MAX_LINE_BYTES = 8192
 MAX_COMMIT_BYTES = 1024 * 1024
@@ -145,6 +154,7 @@ class DomainCheck:
         self.active = _Seq(f"mailboxes of {domain}")
         self.listed = _Seq(f"mailboxes of {domain}")
         self.vmd_lines = 0
+        self.passwd_prefix = f"{self.root}/{domain}/"
 
     # ---- helpers
 
@@ -171,7 +181,28 @@ class DomainCheck:
 
     # ---- the four files
 
+    def _fast_dir(self, local: str, d: str) -> bool:
+        if self.format2:
+            return d[:len(local) + 1] == local + ID_SEPARATOR and MAILBOX_ID_RE.fullmatch(d[len(local) + 1:]) is not None
+        return d == local
+
     def passwd_line(self, n: int, raw: bytes) -> None:
+        try:
+            m = _PASSWD_FAST.fullmatch(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            m = None
+        if m is not None:
+            local, dom, uid, gid, home, quota = m.groups()
+            prefix = self.passwd_prefix
+            d = home[len(prefix):]
+            if (dom == self.domain and uid == self.uid and gid == self.gid and home.startswith(prefix)
+                    and self._fast_dir(local, d) and int(quota) <= MAX_QUOTA_MB):
+                self.passwd.add(local, d)
+                return
+        self._passwd_line_slow(n, raw)
+        raise Refused(f"passwd of {self.domain}, line {n}: not a line the compiler writes")  # pragma: no cover
+
+    def _passwd_line_slow(self, n: int, raw: bytes) -> None:
         what = "passwd"
         text = self._text(what, n, raw)
         fields = text.split(":")
@@ -202,6 +233,19 @@ class DomainCheck:
         self.passwd.add(local, home[len(prefix):])
 
     def map_line(self, n: int, raw: bytes) -> None:
+        try:
+            m = _MAP_FAST.fullmatch(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            m = None
+        if m is not None:
+            local, dom, vdom, d = m.groups()
+            if dom == self.domain and vdom == self.domain and self._fast_dir(local, d):
+                self.maps.add(local, d)
+                return
+        self._map_line_slow(n, raw)
+        raise Refused(f"virtual_mailbox_maps of {self.domain}, line {n}: not a line the compiler writes")  # pragma: no cover
+
+    def _map_line_slow(self, n: int, raw: bytes) -> None:
         what = "virtual_mailbox_maps"
         text = self._text(what, n, raw)
         parts = text.split(" ")
@@ -222,6 +266,19 @@ class DomainCheck:
         self.vmd_lines += 1
 
     def mailboxes_line(self, n: int, raw: bytes) -> None:
+        try:
+            m = _MAILBOXES_FAST.fullmatch(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            m = None
+        if m is None:
+            self._mailboxes_line_slow(n, raw)
+            raise Refused(f"mailboxes of {self.domain}, line {n}: not a line the compiler writes")  # pragma: no cover
+        local, mid, state = m.groups()
+        self.listed.add(local, mid)
+        if state == "active":
+            self.active.add(local, local + ID_SEPARATOR + mid)
+
+    def _mailboxes_line_slow(self, n: int, raw: bytes) -> None:
         what = "mailboxes"
         text = self._text(what, n, raw)
         parts = text.split(" ")
