@@ -49,6 +49,9 @@ def test_the_golden_cases_exist() -> None:
         "idn_domain",
         "custom_settings",
         "empty_enabled_domain",
+        "aliases_and_forwarding",
+        "catch_all_beside_mailboxes",
+        "alias_domain",
     } <= set(CASES)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from .aliasmap import ALIAS_MAP, write_alias_maps
 from .config import POSTMAP_TYPES, Config
 from .errors import Refused, TickError
 from .fsutil import digest, fsync_dir, open_new, rmtree, utcnow, write_file
@@ -21,7 +22,7 @@ from .services import explain_reload_failure
 from .verify import DomainCheck, feed, is_domain
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
-DOMAIN_FILES = ("passwd", *MAP_FILES, "mailboxes")
+DOMAIN_FILES = ("passwd", *MAP_FILES, "mailboxes", ALIAS_MAP)
 REQUIRED_FILES = ("passwd", *MAP_FILES)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
 VALIDATOR_VERSION = 2
@@ -200,33 +201,38 @@ class Releases:
                     os.link(os.path.join(plan.prev_passwd_dir, domain), target)
                 except OSError:
                     self._write_passwd(plan, cat, DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3])), domain, target)
+            # Last, so the blobs read above keep their order; always validated (the fragments are small).
+            alias_maps = write_alias_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
         self.postmap(tmp)
-        manifest = self._manifest_for(sha, files_manifest, len(plan.reuse))
+        manifest = self._manifest_for(sha, files_manifest, len(plan.reuse), alias_maps)
         write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, sort_keys=True) + "\n").encode())
         write_file(os.path.join(tmp, "COMMIT"), (sha + "\n").encode())
         return manifest
 
-    def _manifest_for(self, sha: str, files: dict[str, list[Any]], reused: int) -> dict[str, Any]:
+    def _manifest_for(self, sha: str, files: dict[str, list[Any]], reused: int, alias_maps: dict[str, str] | None = None) -> dict[str, Any]:
         """MANIFEST.json: per-service digests decide which services a swap reloads."""
+        alias_maps = alias_maps or {}
         return {
             "commit": sha,
             "built_at": utcnow(),
             "map_type": self.cfg.map_type,
             "reuse_key": self.reuse_key(),
             "postfix_digest": digest([(d, f"{v[1]} {v[2]}".encode()) for d, v in files.items()]
-                                     + [("\0map_type", self.cfg.map_type.encode())]),
+                                     + [("\0map_type", self.cfg.map_type.encode())]
+                                     + [("\0alias " + d, oid.encode()) for d, oid in sorted(alias_maps.items())]),
             "dovecot_digest": digest([(d, v[0].encode()) for d, v in files.items()]),
             "domains": len(files),
             "mailboxes": sum(int(v[3]) for v in files.values()),
             "reused_domains": reused,
             "files": files,
+            "alias_maps": alias_maps,
         }
 
     def postmap(self, release: str) -> None:
         if self.cfg.map_type not in POSTMAP_TYPES:
             return
         base = shlex.split(self.cfg.postmap)
-        for name in MAP_FILES:
+        for name in (*MAP_FILES, ALIAS_MAP):
             target = "{}:{}".format(self.cfg.map_type, os.path.join(release, "postfix", name))
             r = self.runner.run([*base, target], timeout=600)
             if r.returncode != 0:
@@ -245,8 +251,22 @@ class Releases:
             return None
         name = os.path.basename(target.rstrip("/"))
         if SHA_RE.match(name) and os.path.isdir(os.path.join(self.dir, name)):
+            self._ensure_alias_map(name)
             return name
         return None
+
+    def _ensure_alias_map(self, sha: str) -> None:
+        """A release built by a pi-pull without alias maps gets an empty one (what that pi-pull
+        applied), so the main.cf line ``virtual_alias_maps`` never names a missing table."""
+        path = os.path.join(self.dir, sha, "postfix", ALIAS_MAP)
+        if os.path.lexists(path):
+            return
+        try:
+            write_file(path, b"")
+            if self.cfg.map_type in POSTMAP_TYPES:
+                self.runner.run([*shlex.split(self.cfg.postmap), f"{self.cfg.map_type}:{path}"], timeout=600)
+        except OSError as e:
+            self.log.warning(f"could not add an empty {ALIAS_MAP} to release {sha[:12]}: {e}")
 
     def exists(self, sha: str) -> bool:
         return os.path.isdir(os.path.join(self.dir, sha))
