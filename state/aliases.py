@@ -196,3 +196,31 @@ def check_chains(domains: Mapping[str, DomainFile], starts: Sequence[str]) -> No
     for start in starts:
         expanded = 0
         walk(start, ())
+
+
+def state_problems(domains: Mapping[str, DomainFile], names: Sequence[str]) -> list[str]:
+    """What the domains `names` break across the state (a pull request, an incoming commit):
+    an alias_of that is not another enabled, non-alias domain of the same project, and chains
+    from their aliases, catch-all and forwarding that loop or grow too long."""
+    from mailstate.state.files import domain_path
+
+    problems: list[str] = []
+    for name in sorted(names):
+        dom = domains.get(name)
+        if dom is None or not dom.email_enabled:
+            continue
+        if dom.alias_of is not None:
+            target = domains.get(dom.alias_of)
+            if target is None or not target.email_enabled or target.alias_of is not None or target.project_id != dom.project_id:
+                problems.append(
+                    f"{domain_path(name)}: alias_of: {dom.alias_of} is not an email-enabled domain of the same project that is not an alias domain itself"
+                )
+        starts = [join_address(key, name) for key in dom.aliases]
+        starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to]
+        if dom.alias_of is not None:
+            starts += alias_domain_starts(domains, name, dom.alias_of)
+        try:
+            check_chains(domains, starts)
+        except Conflict as exc:
+            problems.append(f"{domain_path(name)}: {exc.message}")
+    return problems

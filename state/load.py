@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mailstate.compiler.render import compile_state, diff_rendered
-from mailstate.state import files
+from mailstate.state import aliases, files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
@@ -299,6 +299,7 @@ def check_checkout(root: Path) -> list[str]:
     loaded = load_checkout(root)
     problems = list(loaded.problems)
     if loaded.settings is not None and not loaded.problems:
+        problems.extend(aliases.state_problems(loaded.domains, list(loaded.domains)))
         problems.extend(diff_rendered(compile_state(loaded.settings, loaded.domains.values()), read_rendered(root)))
     return problems
 
@@ -317,6 +318,7 @@ def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) ->
         and not path.startswith(".")
         and path not in {"README.md", "LICENSE"}
     ]
+    problems.extend(aliases.state_problems(snap.domains, list(snap.domains)))
     problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values()), actual))
     return problems
 

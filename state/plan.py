@@ -89,6 +89,7 @@ class Entry:
 SECTIONS = (
     ("domains", "Domains"),
     ("mailboxes", "Mailboxes"),
+    ("aliases", "Aliases, catch-alls, forwarding and alias domains"),
     ("nodes", "Nodes"),
     ("settings", "Settings (mailstate.yaml)"),
     ("rendered", "Compiled files (rendered/)"),
@@ -104,6 +105,7 @@ class Plan:
     head: str = "head"
     domains: list[Entry] = field(default_factory=list)
     mailboxes: list[Entry] = field(default_factory=list)
+    aliases: list[Entry] = field(default_factory=list)
     nodes: list[Entry] = field(default_factory=list)
     settings: list[Entry] = field(default_factory=list)
     rendered: list[Entry] = field(default_factory=list)
@@ -261,7 +263,49 @@ def _require(side: StateLike, label: str) -> Settings:
     return side.settings
 
 
+def _alias_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile | None) -> None:
+    """Aliases (the catch-all as @domain), alias_of and mailbox forwarding, each named."""
+    old_aliases, new_aliases = (a.aliases if a else {}), (b.aliases if b else {})
+    for key in sorted(set(old_aliases) | set(new_aliases)):
+        address = f"@{name}" if key == "@" else f"{key}@{name}"
+        label = "catch-all" if key == "@" else "alias"
+        before, after = old_aliases.get(key), new_aliases.get(key)
+        if before == after:
+            continue
+        if before is None:
+            result.aliases.append(Entry(address, "+", f"{label} -> {', '.join(after or [])}", {"kind": "alias_added", "destinations": after}))
+        elif after is None:
+            result.aliases.append(Entry(address, "-", label, {"kind": "alias_removed"}))
+        else:
+            what = f"{label} -> {', '.join(after)} (was {', '.join(before)})"
+            result.aliases.append(Entry(address, "~", what, {"kind": "alias_changed", "old": before, "new": after}))
+    old_of, new_of = (a.alias_of if a else None), (b.alias_of if b else None)
+    if old_of != new_of:
+        what = f"alias domain of {new_of}" if new_of else f"no longer an alias domain of {old_of}"
+        result.aliases.append(
+            Entry(
+                f"@{name}",
+                "+" if new_of and not old_of else "-" if old_of and not new_of else "~",
+                what,
+                {"kind": "alias_domain_changed", "old": old_of, "new": new_of},
+            )
+        )
+    for local in sorted(set(a.mailboxes if a else {}) | set(b.mailboxes if b else {})):
+        x = a.mailboxes.get(local) if a else None
+        y = b.mailboxes.get(local) if b else None
+        fx = (x.forward_to, x.keep_copy) if x and x.forward_to else None
+        fy = (y.forward_to, y.keep_copy) if y and y.forward_to else None
+        if fx == fy:
+            continue
+        if fy is None:
+            what = "forwarding off"
+        else:
+            what = f"forwards to {', '.join(fy[0] or [])}" + (" (keeps a copy)" if fy[1] else " (no copy kept)")
+        result.aliases.append(Entry(f"{local}@{name}", "~", what, {"kind": "forwarding_changed", "forward_to": fy[0] if fy else None}))
+
+
 def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile | None) -> None:
+    _alias_changes(result, name, a, b)
     if a is None and b is not None:
         bits = [_project(b.project_id), "email enabled" if b.email_enabled else "email disabled", _count(b)]
         result.domains.append(Entry(name, "+", ", ".join(bits), {"kind": "domain_added", "project_id": b.project_id}))

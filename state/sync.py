@@ -24,7 +24,7 @@ from pathlib import Path
 import pygit2
 
 from mailstate.compiler.render import FRAGMENTS, SETTINGS_FILE, compile_state, diff_rendered, domain_dir, render_domain, render_settings
-from mailstate.state import files
+from mailstate.state import aliases, files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache
@@ -138,6 +138,10 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     if problems:
         return result
     new = base.with_change(commit, change)
+    # Across domains (state.aliases): loops and alias_of targets, from the domains the commit
+    # changed and from the alias domains that point at one of them.
+    changed = set(change.domains)
+    problems.extend(aliases.state_problems(new.domains, sorted(changed | {d for d, dom in new.domains.items() if dom.alias_of in changed})))
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))

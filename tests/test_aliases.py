@@ -260,3 +260,51 @@ def test_admin_may_manage_any_projects_aliases(world: Store) -> None:
     world.execute("add-alias", ADMIN, {"address": "ops@b.example", "destinations": ["eve@b.example"]})
     assert "Project: 202" in trailers(world)
     assert world.execute("list-aliases", Actor.admin(), {"domain": "b.example"}).result["aliases"][0]["address"] == "ops@b.example"
+
+
+def test_plan_names_alias_changes(world: Store) -> None:
+    from mailstate.state.plan import plan
+
+    before = world.snapshot
+    world.execute("add-alias", A, {"address": "sales@example.com", "destinations": ["info@example.com"]})
+    world.execute("add-alias", A, {"address": "@example.com", "destinations": ["info@example.com"]})
+    world.execute("set-forwarding", A, {"email": "bob@other.com", "destinations": ["x@gmail.com"], "keep_copy": False})
+    linked(world, "old.example", A.project_id)
+    world.execute("add-alias-domain", A, {"domain": "old.example", "target": "example.com"})
+    result = plan(before, world.snapshot)
+    lines = [e.line() for e in result.aliases]
+    assert "+ sales@example.com (alias -> info@example.com)" in lines
+    assert "+ @example.com (catch-all -> info@example.com)" in lines
+    assert "~ bob@other.com: forwards to x@gmail.com (no copy kept)" in lines
+    assert "+ @old.example (alias domain of example.com)" in lines
+    assert "virtual_alias_maps" in result.render_text()
+    middle = world.snapshot
+    world.execute("update-alias", A, {"address": "sales@example.com", "destinations": ["bob@other.com"]})
+    world.execute("remove-alias", A, {"address": "@example.com"})
+    lines = [e.line() for e in plan(middle, world.snapshot).aliases]
+    assert lines == ["- @example.com (catch-all)", "~ sales@example.com: alias -> bob@other.com (was info@example.com)"]
+
+
+def test_an_incoming_commit_with_a_loop_across_domains_is_refused(world: Store, data_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pull request may not sneak in what the API refuses: a loop over two domain files, each
+    fine on its own, with rendered/ recompiled so that only the loop is wrong."""
+    import yaml
+
+    from mailstate.api.cli import main
+    from mailstate.state.sync import validate_incoming
+
+    world.execute("add-alias", A, {"address": "a@example.com", "destinations": ["b@other.com"]})
+    work = tmp_path / "work"
+    subprocess.run(["git", "clone", "-q", str(data_dir.repo), str(work)], check=True)
+    path = work / "domains/ot/other.com.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["aliases"] = {"b": ["a@example.com"]}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main(["compile", str(work)]) == 0
+    git = ["git", "-C", str(work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={data_dir.key}"]
+    subprocess.run([*git, "commit", "-q", "-S", "-am", "loop"], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD:refs/pr/1"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    verdict = validate_incoming(world.git, world.snapshot, sha)
+    assert not verdict.ok and any("loop" in p and "other.com" in p for p in verdict.problems), verdict.problems
+    assert main(["check", str(work)]) == 1
