@@ -106,7 +106,7 @@ def _local_parts(rng: random.Random, count: int) -> list[str]:
     return out
 
 
-def seed_state(root: Path, mailboxes: int, per_domain: int = 5, *, projects: int = 50, seed: int = 1) -> SeedInfo:
+def seed_state(root: Path, mailboxes: int, per_domain: int = 5, *, projects: int = 50, seed: int = 1, mail_root: str = "/var/vmail") -> SeedInfo:
     """Create the data dir `root` holding `mailboxes` mailboxes in ONE signed commit.
 
     Domains hold `per_domain` mailboxes each (the last one takes the remainder). bcrypt cost
@@ -114,7 +114,7 @@ def seed_state(root: Path, mailboxes: int, per_domain: int = 5, *, projects: int
     """
     t0 = time.perf_counter()
     stats: dict[str, float] = {}
-    settings = Settings(bcrypt_cost=4, mail_root="/var/vmail")
+    settings = Settings(bcrypt_cost=4, mail_root=mail_root)
     dd = init_data_dir(Path(root), settings)
     repo = GitRepo(dd.repo)
     base = repo.head()
