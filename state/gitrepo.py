@@ -14,10 +14,11 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pygit2
 
@@ -59,6 +60,26 @@ def _libgit2_fsync() -> Iterator[None]:
             yield
         finally:
             pygit2.settings.enable_fsync_gitdir(False)
+
+
+_T = TypeVar("_T")
+
+
+def _retry_write(fn: Callable[..., _T], *args: Any) -> _T:
+    """Write one loose object, trying again if a concurrent `git repack -d` raced us.
+
+    repack's prune-packed step removes fan-out folders (objects/13/) that it emptied; libgit2
+    creates the folder, then its temp file in it, so a removal in between fails the write with
+    "No such file or directory". The next attempt recreates the folder.
+    """
+    for attempt in range(4):
+        try:
+            return fn(*args)
+        except (pygit2.GitError, OSError):
+            if attempt == 3:
+                raise
+            time.sleep(0.001 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def fsync_path(path: Path | str) -> None:
@@ -151,10 +172,13 @@ class GitRepo:
         A None for a folder removes the whole folder; folders left empty disappear.
         """
         base_tree = self.tree(base) if base else None
-        oid = self._build(base_tree, changes)
-        if oid is None:
-            oid = self.repo.TreeBuilder().write()
-            self._pending.append(oid)
+        try:
+            oid = self._build(base_tree, changes)
+            if oid is None:
+                oid = _retry_write(self.repo.TreeBuilder().write)
+                self._pending.append(oid)
+        except (pygit2.GitError, OSError) as exc:
+            raise StoreError("git could not write the tree.") from exc
         return str(oid)
 
     def _build(self, base: pygit2.Tree | None, changes: Mapping[str, bytes | None]) -> pygit2.Oid | None:
@@ -172,7 +196,7 @@ class GitRepo:
                 if builder.get(name) is not None:
                     builder.remove(name)
             else:
-                blob = self.repo.create_blob(data)
+                blob = _retry_write(self.repo.create_blob, data)
                 self._pending.append(blob)
                 builder.insert(name, blob, pygit2.GIT_FILEMODE_BLOB)
         for name, sub in nested.items():
@@ -188,7 +212,7 @@ class GitRepo:
                 builder.insert(name, new, pygit2.GIT_FILEMODE_TREE)
         if len(builder) == 0:
             return None
-        oid = builder.write()
+        oid = _retry_write(builder.write)
         self._pending.append(oid)
         return oid
 
@@ -217,8 +241,8 @@ class GitRepo:
         except Exception as exc:  # any signer failure is a store failure; the branch stays put
             raise StoreError("The commit could not be signed.") from exc
         try:
-            oid = self.repo.create_commit_with_signature(text, signature)
-        except pygit2.GitError as exc:
+            oid = _retry_write(self.repo.create_commit_with_signature, text, signature)
+        except (pygit2.GitError, OSError) as exc:
             raise StoreError("git could not write the commit.") from exc
         self._pending.append(oid)
         return str(oid)

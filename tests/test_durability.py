@@ -233,3 +233,29 @@ def test_the_per_write_packs_are_rolled_up(data_dir: DataDir) -> None:
     assert len(list(packs.glob("*.pack"))) < ROLL_UP_EVERY  # not one per write any more
     assert subprocess.run(["git", "-C", str(data_dir.repo), "fsck", "--no-dangling"], capture_output=True).returncode == 0
     assert git_out(data_dir.repo, "show", f"{head}:extra/{2 * ROLL_UP_EVERY + 2}.txt") == f"{2 * ROLL_UP_EVERY + 2}\n"
+
+
+def test_writes_survive_a_concurrent_repack(store: Store, data_dir: DataDir) -> None:
+    """git's repack -d (run in the background every few writes) removes the fan-out folders it
+    empties; a write whose loose object lands in a folder being removed must still succeed."""
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def repack_forever() -> None:
+        while not stop.is_set():
+            proc = subprocess.run(["git", "-C", str(data_dir.repo), "repack", "-d", "-q"], capture_output=True, text=True)
+            if proc.returncode != 0 and "lock" not in proc.stderr:
+                errors.append(proc.stderr)
+
+    worker = threading.Thread(target=repack_forever, daemon=True)
+    worker.start()
+    try:
+        for i in range(60):
+            store.execute("add-domain", ADMIN, {"domain": f"race{i}.example"})
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not errors
+    assert len(store.snapshot.domains) >= 60
+    fsck = subprocess.run(["git", "-C", str(data_dir.repo), "fsck", "--no-progress"], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stderr
