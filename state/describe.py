@@ -110,11 +110,11 @@ _DETAILS: dict[str, str] = {
         "(update-alias changes it), 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
     ),
     "update-alias": (
-        "Replaces ALL destinations of an existing alias or catch-all (the old list is gone). `destinations`: "
+        "Replaces ALL destinations of an existing alias (local@domain) or catch-all (@domain) (the old list is gone). `destinations`: "
         + DESTINATION_LIMITS + ". Refused: 404 alias_not_found, 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
     ),
     "remove-alias": (
-        "Deletes an alias or catch-all; its mail is then refused (550), or goes to the catch-all if the domain has one. "
+        "Deletes an alias (local@domain) or catch-all (@domain); its mail is then refused (550), or goes to the catch-all if the domain has one. "
         "Refused: 404 alias_not_found; 409 alias_loop if falling through to the catch-all would loop. " + _WRITE
     ),
     "list-aliases": (

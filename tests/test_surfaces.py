@@ -91,6 +91,10 @@ LIMITS = {
     "quota_mb": ["1-1048576 MB", "default 1024 MB"],
     "name": ["1-63"],
     "hard_delete": ["Soft delete", "Hard delete"],
+    "destinations": ["50 email addresses", "alias_loop", "too_many_destinations"],
+    "address": ["@domain"],
+    "keep_copy": ["keep_copy=false"],
+    "target": ["alias_domain_target_invalid"],
 }
 
 
