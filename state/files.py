@@ -148,11 +148,23 @@ def parse_nodes(data: bytes | str) -> NodesFile:
 # Anything else (comments, other quoting or order, duplicates) goes to the YAML loader, and a
 # property test checks that both readers agree wherever the fast one answers.
 _RESOLVER = yaml.resolver.Resolver()
-_HEAD = re.compile(rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\nmailboxes:( \{\})?\n")
+_HEAD = re.compile(
+    rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\n"
+    rb"(?:alias_of: ([a-z0-9][a-z0-9.-]*)\n)?mailboxes:( \{\})?\n"
+)
+# An address in a block list (aliases, forward_to): `<local>@<domain>`, which YAML always reads
+# as a string (it holds an `@`); the optional keys of state.aliases.
+_ADDRESSES = rb"(?:- [a-z0-9][a-z0-9._+-]*@[a-z0-9][a-z0-9.-]*\n)+"
 _BOX = re.compile(
     rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'):\n(?:    id: ([0-9]{8}-[0-9a-f]{6})\n)?"
     rb"    password: '([^'\n]*)'\n    quota_mb: ([1-9][0-9]*)\n    active: (true|false)\n"
+    rb"(?:    forward_to:\n((?:    - [a-z0-9][a-z0-9._+-]*@[a-z0-9][a-z0-9.-]*\n)+)    keep_copy: (true|false)\n)?"
 )
+_ALIAS = re.compile(rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'|'@'):\n(" + _ADDRESSES.replace(rb"(?:- ", rb"(?:  - ") + rb")")
+
+
+def _address_list(block: bytes, indent: int) -> list[str]:
+    return [line[indent + 2 :].decode() for line in block.split(b"\n") if line]
 
 
 def _plain_str(raw: bytes) -> str | None:
@@ -170,22 +182,45 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
     if not head or not name:
         return None
     pos, boxes = head.end(), {}
-    if head.group(4) is None:
-        while pos < len(data):
+    if head.group(5) is None:
+        while pos < len(data) and not data.startswith(b"aliases:\n", pos):
             box = _BOX.match(data, pos)
             local = box and _plain_str(box.group(1))
             if not box or not local or local in boxes:
                 return None
             entry: dict[str, Any] = {} if box.group(2) is None else {"id": box.group(2).decode()}
             entry.update(password=box.group(3).decode(), quota_mb=int(box.group(4)), active=box.group(5) == b"true")
+            if box.group(6) is not None:
+                entry.update(forward_to=_address_list(box.group(6), 4), keep_copy=box.group(7) == b"true")
             boxes[local] = entry
             pos = box.end()
         if not boxes:
             return None
-    elif pos != len(data):
+    aliases: dict[str, list[str]] = {}
+    if data.startswith(b"aliases:\n", pos):
+        pos += len(b"aliases:\n")
+        while pos < len(data):
+            alias = _ALIAS.match(data, pos)
+            key = alias and ("@" if alias.group(1) == b"'@'" else _plain_str(alias.group(1)))
+            if not alias or not key or key in aliases:
+                return None
+            aliases[key] = _address_list(alias.group(2), 2)
+            pos = alias.end()
+        if not aliases:
+            return None
+    if pos != len(data):
         return None
     pid = head.group(2)
-    return {"domain": name, "project_id": None if pid == b"null" else int(pid), "email_enabled": head.group(3) == b"true", "mailboxes": boxes}
+    out: dict[str, Any] = {"domain": name, "project_id": None if pid == b"null" else int(pid), "email_enabled": head.group(3) == b"true"}
+    if head.group(4) is not None:
+        alias_of = _plain_str(head.group(4))
+        if not alias_of:
+            return None
+        out["alias_of"] = alias_of
+    out["mailboxes"] = boxes
+    if aliases:
+        out["aliases"] = aliases
+    return out
 
 
 def parse_domain(data: bytes | str, path: str, fmt: int | None = None) -> DomainFile:

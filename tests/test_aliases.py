@@ -311,3 +311,35 @@ def test_an_incoming_commit_with_a_loop_across_domains_is_refused(world: Store, 
     verdict = validate_incoming(world.git, world.snapshot, sha)
     assert not verdict.ok and any("loop" in p and "other.com" in p for p in verdict.problems), verdict.problems
     assert main(["check", str(work)]) == 1
+
+
+_LOCALS = st.one_of(
+    st.sampled_from(["on", "off", "yes", "no", "y", "n", "true", "null", "123", "1e3", "2026-01-01", "info", "a.b", "x+y"]),
+    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,12}", fullmatch=True).filter(lambda s: ".." not in s and not s.endswith(".")),
+)
+_ADDRESS = st.builds(lambda local, dom: f"{local}@{dom}", _LOCALS, st.sampled_from(["on.example", "123.example", "x.y.org"]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    boxes=st.dictionaries(_LOCALS, st.one_of(st.none(), st.tuples(st.lists(_ADDRESS, min_size=1, max_size=3, unique=True), st.booleans())), max_size=4),
+    aliases=st.dictionaries(st.one_of(_LOCALS, st.just("@")), st.lists(_ADDRESS, min_size=1, max_size=3, unique=True), max_size=4),
+    alias_of=st.one_of(st.none(), st.sampled_from(["old.example", "on.example"])),
+)
+def test_fast_reader_equals_yaml_with_aliases(boxes: dict[str, Any], aliases: dict[str, list[str]], alias_of: str | None) -> None:
+    """The fast reader of canonical domain files (the cold start) reads aliases, forwarding and
+    alias_of exactly as the YAML loader does, YAML 1.1's traps included."""
+    from mailstate.state.files import dump_domain, load_yaml, parse_canonical_domain
+    from mailstate.state.models import DomainFile, Mailbox
+
+    hsh = "{BLF-CRYPT}$2b$04$" + "a" * 53
+    mailboxes = {
+        local: Mailbox(id=f"20261201-{i:06x}", password=hsh, quota_mb=5, forward_to=fwd[0] if fwd else None, keep_copy=fwd[1] if fwd else True)
+        for i, (local, fwd) in enumerate(boxes.items())
+        if ".." not in local
+    }
+    aliases = {k: d for k, d in aliases.items() if k not in mailboxes and ".." not in k and not (k == "@" and alias_of)}
+    data = dump_domain(DomainFile(domain="example.com", project_id=3, email_enabled=True, alias_of=alias_of, mailboxes=mailboxes, aliases=aliases))
+    fast = parse_canonical_domain(data)
+    assert fast is not None, data.decode()
+    assert fast == load_yaml(data, "x.yaml")
