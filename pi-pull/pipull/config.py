@@ -49,6 +49,7 @@ class Config:
     # [lifecycle] (pipull/lifecycle.py): graveyard moves and purge on this node; usage every N seconds.
     purge: bool = True
     usage_interval: float = 900.0
+    usage_budget_s: float = 2.0  # seconds of usage measurement per tick at most (usage.Scanner)
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -162,6 +163,7 @@ def load_config(path: str) -> Config:
     cfg.max_file_mb = r.get_int("limits", "max_file_mb", cfg.max_file_mb)
     cfg.purge = r.get_bool("lifecycle", "purge", True)
     cfg.usage_interval = r.get_float("lifecycle", "usage_interval", 900.0)
+    cfg.usage_budget_s = r.get_float("lifecycle", "usage_budget_s", 2.0)
     check_config(cfg, path)
     return cfg
 
@@ -179,6 +181,8 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [agent] interval must be > 0")
     if cfg.usage_interval < 0:
         raise ConfigError(f"config {path}: [lifecycle] usage_interval must be >= 0 (seconds; 0 = never measure)")
+    if not cfg.usage_budget_s > 0:
+        raise ConfigError(f"config {path}: [lifecycle] usage_budget_s must be > 0 (seconds of usage measurement per tick)")
     if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [report] url must be http(s)")
     if cfg.needs_key:

@@ -55,7 +55,7 @@ from .errors import Refused, TickError
 from .mirror import Mirror
 from .release import Releases
 from .runner import short
-from .usage import measure
+from .usage import PASS_STATE, USAGE_CACHE_DIR, Scanner
 from .verify import MAILBOX_ID_RE, PRINTABLE_ASCII_RE, LineSplitter, is_domain, is_local_part
 
 GRAVEYARD = ".graveyard"
@@ -581,8 +581,10 @@ class Lifecycle:
         return purged
 
     def usage(self, st: dict[str, Any]) -> list[dict[str, object]] | None:
-        """Each listed mailbox's usage when ``usage_interval`` has passed since the last run
-        (None otherwise, or when this node does not report); the run time goes to state.json."""
+        """The usage entries this tick measured (None when none is due, or this node does not
+        report). A pass over every listed mailbox starts every ``usage_interval`` (its start
+        time goes to state.json); each tick spends at most ``usage_budget_s`` on it and the next
+        one continues where it stopped (usage.Scanner; ``usage_pass`` in state.json)."""
         if not self.cfg.report_url or self.cfg.usage_interval <= 0:
             return None
         ls = self._peek(st)
@@ -591,18 +593,28 @@ class Lifecycle:
         last = ls.get("usage_at")
         if not isinstance(applied, str) or "purge_after_days" not in ls:
             return None  # nothing applied yet, or format 1 (no ids to report under)
-        if isinstance(last, (int, float)) and 0 <= now - last < self.cfg.usage_interval:
+        in_pass = isinstance(ls.get(PASS_STATE), dict)
+        if not in_pass and isinstance(last, (int, float)) and 0 <= now - last < self.cfg.usage_interval:
             return None
-        ls["usage_at"] = now
-        try:
+        if not in_pass:
+            ls["usage_at"] = now
+
+        def listed() -> list[tuple[str, str, str]]:
             tree = self._tree(applied)
             boxes = self._mailboxes(tree, sorted(tree))
             if isinstance(ls.get("upgrade"), dict):
                 self._settle_all(st, applied, unlink=False)
+            return [(d, local, box_id) for d in boxes for local, box_id in boxes[d]]
+
+        t0 = time.monotonic()
+        scanner = Scanner(self.mail_root, os.path.join(self.cfg.root, USAGE_CACHE_DIR), self.cfg.usage_budget_s)
+        try:
+            out = scanner.step(ls, applied, listed)
         except (OSError, Refused, TickError) as e:
+            ls.pop(PASS_STATE, None)
             self.log.warning(f"usage: cannot list the mailboxes of {applied[:12]}: {e}")
             return None
-        t0 = time.monotonic()
-        out = list(measure(self.mail_root, ((d, local, box_id) for d in sorted(boxes) for local, box_id in boxes[d])))
-        self.log.info(f"usage: measured {len(out)} mailbox(es) in {time.monotonic() - t0:.2f}s")
+        left = "; pass continues next tick" if PASS_STATE in ls else ""
+        self.log.info(f"usage: measured {len(out)} mailbox(es) in {time.monotonic() - t0:.2f}s"
+                      f" ({scanner.listed} listing(s), {scanner.hits} folder(s) unchanged){left}")
         return out
