@@ -76,6 +76,8 @@ def build_mail_root(root: Path, n: int, per_domain: int = 5) -> list[tuple[str, 
         (md / "new" / f"1700000100.M{i}P9.bench").write_bytes(body)  # no S=: measured with lstat
         (md / ".Sent" / "cur" / f"1700000200.M{i}P7.bench,S=2000,W=2040:2,S").write_bytes(body)
         (md / "dovecot.index.log").write_bytes(b"i" * 100)
+        for sub in ("cur", "new", ".Sent/cur", ".Sent/new", ".Sent", ""):  # the last change was long ago
+            os.utime(md / sub, (1_700_000_000, 1_700_000_000))
         if i and i % 20000 == 0:
             log(f"  ... {i} homes")
     return boxes
@@ -119,7 +121,15 @@ def naive_walk(root: Path) -> tuple[int, int]:
     return used, count
 
 
-def bench_usage(pipull: ModuleType, n: int, repeat: int, tmp: Path) -> dict[str, float]:
+def deliver(mail_root: Path, boxes: list[tuple[str, str, str]], picks: range, tag: str) -> int:
+    """One new message (``,S=1000``) in new/ of every picked mailbox; the bytes added."""
+    for i in picks:
+        domain, local, bid = boxes[i]
+        (mail_root / domain / f"{local}~{bid}" / "Maildir" / "new" / f"1700000300.M{i}P{tag}.bench,S=1000").write_bytes(b"")
+    return 1000 * len(picks)
+
+
+def bench_usage(pipull: ModuleType, n: int, repeat: int, tmp: Path, budget: float) -> dict[str, float]:
     work = tmp / f"usage-{n}"
     mail_root = work / "vmail"
     t0 = time.monotonic()
@@ -131,6 +141,7 @@ def bench_usage(pipull: ModuleType, n: int, repeat: int, tmp: Path) -> dict[str,
     log(f"  built in {time.monotonic() - t0:.1f}s")
     cfg = pipull.config.Config(remote_url="/unused", root=str(node_root), mail_root=str(mail_root), mail_uid=1, mail_gid=1,
                                report_url="http://127.0.0.1:9/unused")
+    cfg.usage_budget_s = budget
     quiet = logging.getLogger("bench-usage")
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
@@ -139,25 +150,80 @@ def bench_usage(pipull: ModuleType, n: int, repeat: int, tmp: Path) -> dict[str,
     releases = pipull.release.Releases(cfg, runner, quiet, mirror)
     clock = [1_800_000_000.0]
     life = pipull.lifecycle.Lifecycle(cfg, mirror, releases, quiet, clock=lambda: clock[0])
-    runs, lists, walks = [], [], []
-    expected = (n * 4 * 2000, n * 4)
-    for _ in range(repeat + 1):  # the first run warms the page cache and is not counted
+    usage = pipull.usage
+    cache = node_root / usage.USAGE_CACHE_DIR
+    total = [n * 4 * 2000, n * 4]
+    r: dict[str, float] = {}
+
+    def totals(out: list[dict[str, object]]) -> list[int]:
+        return [sum(int(e["used_bytes"]) for e in out), sum(int(e["messages"]) for e in out)]  # type: ignore[call-overload]
+
+    # The old way (before the cache): every folder of every mailbox listed, one run = one tick.
+    # The first run warms the page cache and is not counted.
+    olds = []
+    for _ in range(repeat + 1):
+        t = time.monotonic()
+        out = list(usage.measure(str(mail_root), boxes))
+        olds.append(time.monotonic() - t)
+        assert totals(out) == total
+    r["old"] = p50(olds[1:])
+    t = time.monotonic()
+    tree = releases.list_rendered(sha)
+    life._mailboxes(tree, sorted(tree))
+    r["git"] = time.monotonic() - t
+
+    def one_pass() -> tuple[float, int, int]:
+        sc = usage.Scanner(str(mail_root), str(cache), float("inf"))
+        ls: dict[str, object] = {}
+        t = time.monotonic()
+        out = sc.step(ls, sha, lambda: boxes)
+        dt = time.monotonic() - t
+        assert usage.PASS_STATE not in ls and totals(out) == total, (totals(out), total)
+        return dt, sc.listed, sc.hits
+
+    # First full pass: an empty cache (a new node, or a lost cache).
+    firsts = []
+    for _ in range(repeat):
+        shutil.rmtree(cache, ignore_errors=True)
+        firsts.append(one_pass()[0])
+    r["first"] = p50(firsts)
+    # Incremental pass: 1% of the mailboxes got a message in new/ since the last pass.
+    one = max(1, n // 100)
+    incs, listed = [], 0
+    for k in range(repeat):
+        total[0] += deliver(mail_root, boxes, range(k * one, (k + 1) * one), str(k))
+        total[1] += one
+        dt, listed, _hits = one_pass()
+        incs.append(dt)
+    r["inc"], r["inc_listed"] = p50(incs), listed
+
+    # Per tick under the budget, as a tick calls it (Lifecycle.usage: git once per pass, then
+    # slices of at most usage_budget_s): a first pass from an empty cache, then an incremental one.
+    def ticks() -> list[float]:
         st: dict[str, object] = {"applied_commit": sha, "lifecycle": {"purge_after_days": 7}}
         clock[0] += USAGE_INTERVAL
-        t = time.monotonic()
-        out = life.usage(st)
-        runs.append(time.monotonic() - t)
-        assert out is not None and len(out) == n
-        assert (sum(int(e["used_bytes"]) for e in out), sum(int(e["messages"]) for e in out)) == expected
-        t = time.monotonic()
-        tree = releases.list_rendered(sha)
-        life._mailboxes(tree, sorted(tree))
-        lists.append(time.monotonic() - t)
-        t = time.monotonic()
-        assert naive_walk(mail_root) == expected
-        walks.append(time.monotonic() - t)
+        got, out_all = [], []
+        while True:
+            t = time.monotonic()
+            out = life.usage(st)
+            got.append(time.monotonic() - t)
+            assert out is not None
+            out_all += out
+            if usage.PASS_STATE not in st["lifecycle"]:  # type: ignore[operator]
+                break
+            clock[0] += INTERVAL
+        assert totals(out_all) == total and len(out_all) == n
+        return got
+
+    shutil.rmtree(cache, ignore_errors=True)
+    cold = ticks()
+    total[0] += deliver(mail_root, boxes, range(n - one, n), "t")
+    total[1] += one
+    warm = ticks()
+    r.update(tick_first_max=max(cold), tick_first_n=len(cold), tick_inc_max=max(warm), tick_inc_n=len(warm),
+             cache_bytes=sum(p.stat().st_size for p in cache.iterdir()))
     shutil.rmtree(work, ignore_errors=True)
-    return {"run": p50(runs[1:]), "run_p90": p90(runs[1:]), "list": p50(lists[1:]), "walk": p50(walks[1:])}
+    return r
 
 
 def timed(argv: list[str], runs: int) -> list[float]:
@@ -209,6 +275,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ticks", type=int, default=15)
+    ap.add_argument("--budget", type=float, default=2.0, help="[lifecycle] usage_budget_s for the per-tick figures")
     ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
     args = ap.parse_args()
     pipull = import_pipull()
@@ -216,7 +283,7 @@ def main() -> int:
     try:
         noop = bench_noop(args.ticks, tmp, args.python)
         sizes = [int(s) for s in args.sizes.split(",") if s]
-        usage = {n: bench_usage(pipull, n, args.repeat, tmp) for n in sizes}
+        usage = {n: bench_usage(pipull, n, args.repeat, tmp, args.budget) for n in sizes}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -228,11 +295,16 @@ def main() -> int:
     tick = p50(noop["tick"])
     print(f"  no-op tick - python3 -c pass: {ms(tick - p50(noop['py_pass']), 1)} ms; budget 200 ms: {'OK' if tick <= 0.2 else 'OVER'}")
     print()
-    print(f"usage measurement (median of {args.repeat}, warm page cache; per tick = per run x {INTERVAL:.0f}/{USAGE_INTERVAL:.0f}):")
-    print(f"  {'mailboxes':>10} {'per run':>10} {'p90':>10} {'per tick':>10} {'of which git':>13} {'baseline walk+lstat':>20} {'ratio':>7}")
+    print(f"usage measurement (median of {args.repeat}, page cache warm after the first old walk; budget {args.budget:g} s per tick):")
+    print("  old = the previous code: every cur/new folder of every mailbox listed in one tick (usage.measure)")
     for n, r in usage.items():
-        print(f"  {n:>10} {ms(r['run'], 0):>7} ms {ms(r['run_p90'], 0):>7} ms {ms(r['run'] * INTERVAL / USAGE_INTERVAL, 1):>7} ms"
-              f" {ms(r['list'], 0):>10} ms {ms(r['walk'], 0):>17} ms {r['run'] / r['walk']:>6.2f}x")
+        old = r["old"]
+        print(f"  {n} mailboxes: old full walk {ms(old, 0)} ms (git listing of the mailboxes {ms(r['git'], 0)} ms, once per pass)")
+        print(f"    first full pass (empty cache)      {ms(r['first'], 0):>8} ms  {r['first'] / old:>6.2f}x old")
+        print(f"    incremental pass, 1% changed       {ms(r['inc'], 0):>8} ms  {r['inc'] / old:>6.2f}x old  ({r['inc_listed']:.0f} listings)")
+        print(f"    per tick, first pass, max{ms(r['tick_first_max'], 0):>17} ms  {r['tick_first_max'] / old:>6.2f}x old  ({r['tick_first_n']:.0f} ticks)")
+        print(f"    per tick, incr. pass, max{ms(r['tick_inc_max'], 0):>17} ms  {r['tick_inc_max'] / old:>6.2f}x old  ({r['tick_inc_n']:.0f} ticks)")
+        print(f"    cache on disk                      {r['cache_bytes'] / 1e6:>8.1f} MB")
     return 0
 
 

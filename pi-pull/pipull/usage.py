@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .fsutil import atomic_write
+from .fsutil import write_file
 
 _SIZE_RE = re.compile(r",S=([0-9]{1,15})(?:[,:]|$)")
 MESSAGE_DIRS = ("cur", "new")
@@ -202,9 +202,19 @@ class Scanner:
         return os.path.join(self.cache_dir, name)
 
     def _write(self, name: str, data: bytes) -> None:
+        # Atomic (a temp file renamed over the old one) but not fsynced: a file that a crash
+        # leaves empty or half written is damage, which costs one pass its listings, never a
+        # wrong figure.
+        path = self._path(name)
+        tmp = f"{path}.tmp-{os.getpid()}"
         try:
             os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
-            atomic_write(self._path(name), data, 0o600)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            write_file(tmp, data, 0o600)
+            os.replace(tmp, path)
         except OSError:
             pass  # a cache that cannot be written only costs the next pass its listings
 
@@ -264,7 +274,9 @@ class Scanner:
         boxes: dict[str, Any] = doc["boxes"]
         return boxes
 
-    def _save_shard(self, shard: str, entries: dict[str, Any]) -> None:
+    def _save_shard(self, shard: str, old: dict[str, Any], entries: dict[str, Any]) -> None:
+        if entries == old:
+            return  # nothing changed in this shard: no write (the usual case of an incremental pass)
         doc = {"v": CACHE_VERSION, "root": self.mail_root, "boxes": entries}
         self._write(f"c{shard}.json", json.dumps(doc, separators=(",", ":")).encode())
 
@@ -315,7 +327,7 @@ class Scanner:
         hsig, is_dir = self._sig(home, t)
         if not is_dir:
             return (0, 0), None
-        root, kind = os.path.join(home, "Maildir"), "M"
+        root, kind = home + "/Maildir", "M"
         rsig, is_dir = self._sig(root, t)
         if not is_dir:
             root, kind, rsig = home, "H", hsig
@@ -338,7 +350,7 @@ class Scanner:
             prev = old.get(sub)
             row: Folder = [sub]
             for i, name in enumerate(MESSAGE_DIRS):
-                path = os.path.join(root, sub, name) if sub else os.path.join(root, name)
+                path = f"{root}/{sub}/{name}" if sub else f"{root}/{name}"
                 sig, is_dir = self._sig(path, t)
                 b = n = 0
                 if is_dir:
@@ -385,10 +397,10 @@ class Scanner:
             key = keys[pos]
             if key[:2] != shard:
                 if shard:
-                    self._save_shard(shard, self._merge(kept, entries, keys, shard))
+                    self._save_shard(shard, kept, self._merge(kept, entries, keys, shard))
                 shard, kept, entries = key[:2], self._load_shard(key[:2]), {}
             domain, local, box_id = blist[pos]
-            (used, count), entry = self.measure_home(os.path.join(self.mail_root, domain, f"{local}~{box_id}"), kept.get(key))
+            (used, count), entry = self.measure_home(f"{self.mail_root}/{domain}/{local}~{box_id}", kept.get(key))
             if entry is not None:
                 entries[key] = entry
             out.append({"email": f"{local}@{domain}", "id": box_id, "used_bytes": used, "messages": count})
@@ -396,7 +408,7 @@ class Scanner:
             if self.monotonic() - t0 >= self.budget_s or len(out) >= MAX_ENTRIES_PER_STEP:
                 break
         if shard:
-            self._save_shard(shard, self._merge(kept, entries, keys, shard))
+            self._save_shard(shard, kept, self._merge(kept, entries, keys, shard))
         if pos >= len(keys):
             ls.pop(PASS_STATE, None)
         else:
