@@ -813,6 +813,7 @@ def test_example_config_parses(pipull: Any) -> None:
     cfg = pipull.config.load_config(str(AGENT_DIR / "pi-pull.example.ini"))
     assert cfg.remote_url.endswith("/v1/nodes/state.git") and cfg.send_credentials
     assert cfg.keep_releases == 5 and cfg.map_type == "hash" and cfg.report_url.endswith("/v1/nodes/report")
+    assert cfg.usage_interval == 900 and cfg.usage_budget_s == 2.0
 
 
 def test_loop_mode_ticks_until_sigterm(setup: Setup, pi_pull: Path) -> None:

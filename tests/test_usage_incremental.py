@@ -206,3 +206,16 @@ def test_the_cache_holds_only_the_pass_mailboxes(env: Any) -> None:
 
     keys = [k for p in cache.iterdir() if p.name.startswith("c") for k in json.loads(p.read_text())["boxes"]]
     assert sorted(k.split("/", 1)[1] for k in keys) == sorted(f"{d}/{lo}~{b}" for d, lo, b in BOXES[:2])
+
+
+def test_usage_budget_s_is_read_from_the_config_and_must_be_positive(pipull: ModuleType, tmp_path: Path) -> None:
+    ini = tmp_path / "c.ini"
+    base = "[remote]\nurl = /x\n[node]\nallowed_signers = s\n[paths]\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+    ini.write_text(base)
+    assert pipull.config.load_config(str(ini)).usage_budget_s == 2.0
+    ini.write_text(base + "[lifecycle]\nusage_budget_s = 0.5\n")
+    assert pipull.config.load_config(str(ini)).usage_budget_s == 0.5
+    for bad in ("0", "-1", "nan"):
+        ini.write_text(base + f"[lifecycle]\nusage_budget_s = {bad}\n")
+        with pytest.raises(pipull.errors.ConfigError, match="usage_budget_s"):
+            pipull.config.load_config(str(ini))

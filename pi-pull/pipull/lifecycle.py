@@ -29,8 +29,10 @@ home; what is left of the old one is dealt with here:
   ``UPGRADE_GRACE`` seconds (IMAP sessions opened before the swap still use the old path;
   without the link Dovecot would re-create it and save there), during which every usage run
   merges any such directory again; then they are removed and merged one last time.
-* **Usage** (usage.py): every ``[lifecycle] usage_interval`` seconds each listed mailbox's
-  bytes and message count go into the report, as ``usage: [{email, id, used_bytes, messages}]``.
+* **Usage** (usage.py): every ``[lifecycle] usage_interval`` seconds a pass over the listed
+  mailboxes starts; each tick spends at most ``usage_budget_s`` on it (only folders whose
+  mtime changed are listed again) and the mailboxes it measured go into that tick's report,
+  as ``usage: [{email, id, used_bytes, messages}]``.
 
 Everything that happens here after the swap is best effort: a failure is logged and retried
 on a later tick (state.json ``lifecycle``), and never fails the tick, whose release is live.
