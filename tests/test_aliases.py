@@ -343,3 +343,31 @@ def test_fast_reader_equals_yaml_with_aliases(boxes: dict[str, Any], aliases: di
     fast = parse_canonical_domain(data)
     assert fast is not None, data.decode()
     assert fast == load_yaml(data, "x.yaml")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    email=st.one_of(st.text(max_size=30), st.sampled_from(["info@example.com", "INFO@example.com\n", "info@example.com "])),
+    dests=st.one_of(st.text(max_size=20), st.lists(st.one_of(st.text(max_size=25), st.sampled_from(["|/bin/sh", "/etc/passwd", "a@b.org "])), max_size=3)),
+    keep=st.one_of(st.booleans(), st.sampled_from([0, 1, "yes", None])),
+    target=st.one_of(st.text(max_size=25), st.sampled_from(["other.com", "example.com", "b.example", "x y.org"])),
+)
+def test_hostile_forwarding_and_alias_domains_are_refused_or_clean(world: Store, pipull: Any, email: Any, dests: Any, keep: Any, target: Any) -> None:
+    head = world.head
+    for op, body in (
+        ("set-forwarding", {"email": email, "destinations": dests, "keep_copy": keep}),
+        ("add-alias-domain", {"domain": "example.com", "target": target}),
+    ):
+        before = world.head
+        try:
+            world.execute(op, A, body)
+        except MailstateError as exc:
+            assert exc.code and world.head == before
+    for name in ("example.com", "other.com"):
+        text = amap(world, name) or ""
+        if text:
+            assert pipull.aliasmap.check_bytes(name, text.encode()) == len(text.splitlines())
+    if world.head != head:  # a valid call went through: undo it for the next example
+        world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": []})
+        if world.snapshot.domains["example.com"].alias_of:
+            world.execute("remove-alias-domain", A, {"domain": "example.com"})
