@@ -219,3 +219,45 @@ def test_usage_budget_s_is_read_from_the_config_and_must_be_positive(pipull: Mod
         ini.write_text(base + f"[lifecycle]\nusage_budget_s = {bad}\n")
         with pytest.raises(pipull.errors.ConfigError, match="usage_budget_s"):
             pipull.config.load_config(str(ini))
+
+
+def test_lifecycle_continues_a_pass_on_the_next_ticks_whatever_the_interval(pipull: ModuleType, env: Any, tmp_path: Path) -> None:
+    """Lifecycle.usage (what a tick calls): a pass starts every usage_interval, and a pass the
+    budget cut short goes on at the next tick although the interval has not passed."""
+    import logging
+    import subprocess
+
+    mail, _cache, _seams, _scanner = env
+    node = tmp_path / "node"
+    node.mkdir(exist_ok=True)
+    mirror_dir = node / "mirror.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(mirror_dir)], check=True)
+    lines = "".join(sorted(f"{lo} {bid} active\n" for _d, lo, bid in BOXES)).encode()
+    settings = b"format 2\npurge_after_days 7\n"
+    base = "rendered/domains/a./a.example"
+    stream = (b"commit refs/heads/main\ncommitter t <t@example.invalid> 1700000000 +0000\ndata 1\nt\n"
+              + b"M 100644 inline rendered/settings\ndata %d\n%s\n" % (len(settings), settings)
+              + b"".join(b"M 100644 inline %s/%s\ndata 0\n\n" % (base.encode(), f) for f in (b"passwd", b"virtual_mailbox_maps", b"virtual_mailbox_domains"))
+              + b"M 100644 inline %s/mailboxes\ndata %d\n%s\n\n" % (base.encode(), len(lines), lines))
+    subprocess.run(["git", "--git-dir", str(mirror_dir), "fast-import", "--quiet"], input=stream, check=True)
+    sha = subprocess.run(["git", "--git-dir", str(mirror_dir), "rev-parse", "main"], check=True, capture_output=True, text=True).stdout.strip()
+    cfg = pipull.config.Config(remote_url="/unused", root=str(node), mail_root=str(mail), mail_uid=1, mail_gid=1,
+                               report_url="http://127.0.0.1:9/unused")
+    cfg.usage_budget_s = 1e-9  # one mailbox per tick
+    log = logging.getLogger("test-usage")
+    runner = pipull.runner.Runner()
+    mirror = pipull.mirror.Mirror(cfg, runner, log)
+    clock = [NOW]
+    life = pipull.lifecycle.Lifecycle(cfg, mirror, pipull.release.Releases(cfg, runner, log, mirror), log, clock=lambda: clock[0])
+    st: dict[str, Any] = {"applied_commit": sha, "lifecycle": {"purge_after_days": 7}}
+    seen = []
+    for _ in range(len(BOXES)):
+        out = life.usage(st)
+        assert out is not None and len(out) == 1
+        seen += [e["email"] for e in out]
+        clock[0] += 60  # one tick later: far less than usage_interval
+    assert sorted(seen) == sorted(f"{lo}@{d}" for d, lo, _ in BOXES)
+    assert "usage_pass" not in st["lifecycle"] and st["lifecycle"]["usage_at"] == NOW
+    assert life.usage(st) is None, "the pass is complete: the next one waits for usage_interval"
+    clock[0] = NOW + cfg.usage_interval
+    assert life.usage(st) is not None and st["lifecycle"]["usage_at"] == clock[0]
