@@ -71,7 +71,7 @@ def env(pipull: ModuleType, tmp_path: Path) -> tuple[Path, Path, Seams, Any]:
 def full_pass(scanner: Any, ls: dict[str, Any]) -> dict[str, tuple[int, int]]:
     out = scanner.step(ls, "c" * 40, lambda: list(BOXES))
     assert "usage_pass" not in ls, "one step with a large budget completes the pass"
-    return {str(e["email"]): (int(e["used_bytes"]), int(e["messages"])) for e in out}  # type: ignore[call-overload]
+    return {str(e["email"]): (int(e["used_bytes"]), int(e["messages"])) for e in out}
 
 
 def expected(i: int) -> tuple[int, int]:
