@@ -261,3 +261,25 @@ def test_lifecycle_continues_a_pass_on_the_next_ticks_whatever_the_interval(pipu
     assert life.usage(st) is None, "the pass is complete: the next one waits for usage_interval"
     clock[0] = NOW + cfg.usage_interval
     assert life.usage(st) is not None and st["lifecycle"]["usage_at"] == clock[0]
+
+
+def test_a_forged_cache_cannot_make_the_scanner_read_outside_the_home(env: Any, tmp_path: Path) -> None:
+    """Folder names come from the cache: a name with ``..`` or ``/`` is damage, not a path."""
+    import json
+
+    _mail, cache, seams, scanner = env
+    ls: dict[str, Any] = {}
+    first = full_pass(scanner(), ls)
+    outside = tmp_path / "outside"
+    (outside / "cur").mkdir(parents=True)
+    (outside / "cur" / "secret,S=999999").write_text("")
+    for p in cache.iterdir():
+        if p.name.startswith("c"):
+            doc = json.loads(p.read_text())
+            for entry in doc["boxes"].values():
+                entry[2].append(["/../../../outside", "-", 0, 0, "-", 0, 0])
+                entry[2].append(["../../../../outside", "-", 0, 0, "-", 0, 0])
+            p.write_text(json.dumps(doc))
+    seams.listed.clear()
+    assert full_pass(scanner(), ls) == first
+    assert not any("outside" in p for p in seams.listed)

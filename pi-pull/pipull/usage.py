@@ -167,6 +167,13 @@ def box_key(domain: str, local: str, box_id: str) -> str:
     return f"{zlib.crc32(domain.encode()) % SHARDS:02x}/{domain}/{local}~{box_id}"
 
 
+def _is_folder_name(name: object) -> bool:
+    """"" (the INBOX) or a Maildir++ ``.<name>``: a path is made of it, so a damaged cache must
+    not be able to name anything outside the home (``..``, ``/``)."""
+    return isinstance(name, str) and (name == "" or (name.startswith(".") and name not in (".", "..")
+                                                     and "/" not in name and "\0" not in name))
+
+
 def _read_limited(path: str) -> bytes | None:
     try:
         with open(path, "rb") as fh:
@@ -336,7 +343,7 @@ class Scanner:
         try:
             if isinstance(cached, list) and len(cached) == 3 and cached[0] == kind and isinstance(cached[2], list):
                 for f in cached[2]:
-                    if isinstance(f, list) and len(f) == 7 and isinstance(f[0], str):
+                    if isinstance(f, list) and len(f) == 7 and _is_folder_name(f[0]):
                         old[f[0]] = f
                 if rsig and cached[1] == rsig:
                     subs = [s for s in old if s]
@@ -380,6 +387,8 @@ class Scanner:
         state = ls.get(PASS_STATE)
         after = state.get("after") if isinstance(state, dict) else None
         loaded = self._load_pass() if isinstance(after, str) else None
+        if loaded is not None and isinstance(state, dict) and loaded[0] != state.get("commit"):
+            loaded = None  # not this pass's file (state.json and the cache disagree): list again
         if loaded is None:
             boxes = sorted((box_key(d, lo, i), (d, lo, i)) for d, lo, i in list_boxes())
             keys, blist = [k for k, _ in boxes], [b for _, b in boxes]
