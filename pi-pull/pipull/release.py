@@ -26,6 +26,7 @@ DOMAIN_FILES = ("passwd", *MAP_FILES, "mailboxes", ALIAS_MAP)
 REQUIRED_FILES = ("passwd", *MAP_FILES)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
 VALIDATOR_VERSION = 2
+LISTINGS_KEPT = 4  # tip + live release per tick, with room to spare
 
 
 @dataclass
@@ -52,6 +53,10 @@ class Releases:
         self.root = cfg.root
         self.dir = os.path.join(cfg.root, "releases")
         self.current = os.path.join(cfg.root, "current")
+        # Listings by commit id: a commit's tree never changes, and one apply asks for the tip's
+        # and the live release's up to three times each (build, before_swap, after_reload and
+        # its sweep); the four repeats cost ~1 s of ls-tree + parsing at 100k mailboxes.
+        self._listings: dict[str, dict[str, dict[str, str]]] = {}
 
     # ---- read rendered/ from git
 
@@ -61,7 +66,20 @@ class Releases:
         Sizes are checked when a blob is read (the ``cat-file --batch`` header comes first): a
         file over ``[limits] max_file_mb`` is refused before a byte of it is read. (``ls-tree -l``
         would measure them here, but costs ~20x the listing at 100k mailboxes.)
+
+        A listing is validated once and remembered for the life of this object (one tick):
+        the result is shared, callers must not modify it. Only listings that passed are kept.
         """
+        cached = self._listings.get(sha)
+        if cached is not None:
+            return cached
+        wanted = self._list_rendered(sha)
+        if len(self._listings) >= LISTINGS_KEPT:
+            self._listings.pop(next(iter(self._listings)))
+        self._listings[sha] = wanted
+        return wanted
+
+    def _list_rendered(self, sha: str) -> dict[str, dict[str, str]]:
         r = self.mirror.git("ls-tree", "-r", "-z", sha, "--", "rendered/domains/")
         if r.returncode != 0:
             raise TickError(f"git ls-tree {sha[:12]} failed: {short(r.stderr)}")
