@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from mailstate.state.signing import generate_key
+from tests.fleet import provision_node, start_server_for
 from tests.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
 from tests.server import LiveServer
 
@@ -67,34 +68,9 @@ class Fleet:
 
 @pytest.fixture
 def fleet(mailnode: MailNode, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
-    server = LiveServer(tmp_path / "server")
-    server.cli(
-        "init", "--data", str(server.data.root), "--bcrypt-cost", "4",
-        "--mail-root", str(mailnode.mail_root), "--uid", str(mailnode.uid), "--gid", str(mailnode.gid),
-    )  # fmt: skip
-    server.admin_token = server.create_token(name="admin")
-    project_token = server.create_token(project=42, name="dashboard")
-    server.start()
-    admin, project = server.client(server.admin_token), server.client(project_token)
+    server, admin, project = start_server_for(mailnode, tmp_path / "server")
     try:
-        added = admin.post("/v1/email-account/add-node", json={"name": "mpi01", "ip_address": "127.0.0.1"})
-        assert added.status_code == 201, added.text
-        etc = tmp_path / "etc"
-        etc.mkdir()
-        key_file = etc / "sync_key"
-        key_file.write_text(added.json()["sync_key"] + "\n")
-        key_file.chmod(0o600)
-        # The node trusts the keys installed at provisioning: a copy, not the server's live file.
-        signers = etc / "allowed_signers"
-        shutil.copy(server.data.allowed_signers, signers)
-        cfg = mailnode.write_pi_pull_config(
-            etc / "pi-pull.ini",
-            f"{server.url}/v1/nodes/state.git",
-            signers,
-            name="mpi01",
-            sync_key_file=key_file,
-            report_url=f"{server.url}/v1/nodes/report",
-        )
+        cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
         yield Fleet(server=server, node=mailnode, cfg=cfg, admin=admin, project=project, tmp=tmp_path)
     finally:
         admin.close()
@@ -268,17 +244,7 @@ def test_a_node_following_a_git_host_never_applies_a_refused_commit(mailnode: Ma
     never applied; after the correction the node converges to the server's head."""
     up = tmp_path / "upstream.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(up)], check=True)
-    server = LiveServer(tmp_path / "server")
-    server.cli(
-        "init", "--data", str(server.data.root), "--bcrypt-cost", "4",
-        "--mail-root", str(mailnode.mail_root), "--uid", str(mailnode.uid), "--gid", str(mailnode.gid),
-    )  # fmt: skip
-    server.admin_token = server.create_token(name="admin")
-    project_token = server.create_token(project=42, name="dashboard")
-    server.env["MAILSTATE_SYNC_INTERVAL"] = "0.3"
-    server.extra_args = ["--upstream", str(up)]
-    server.start()
-    admin, project = server.client(server.admin_token), server.client(project_token)
+    server, admin, project = start_server_for(mailnode, tmp_path / "server", extra_args=["--upstream", str(up)], env={"MAILSTATE_SYNC_INTERVAL": "0.3"})
     try:
         signers = tmp_path / "allowed_signers"
         shutil.copy(server.data.allowed_signers, signers)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from mailstate.state.signing import Ed25519Signer
 from mailstate.state.store import Store
 from mailstate.state.upgrade import upgrade_store
 from tests.conftest import ADMIN, PROJECT_A, FakeClock
+from tests.fleet import provision_node, start_server_for
 from tests.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
 from tests.server import LiveServer
 
@@ -121,29 +121,9 @@ class Fleet:
 
 @pytest.fixture
 def fleet(mailnode: MailNode, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
-    server = LiveServer(tmp_path / "server")
-    server.cli(
-        "init", "--data", str(server.data.root), "--bcrypt-cost", "4",
-        "--mail-root", str(mailnode.mail_root), "--uid", str(mailnode.uid), "--gid", str(mailnode.gid),
-    )  # fmt: skip
-    server.admin_token = server.create_token(name="admin")
-    project_token = server.create_token(project=42, name="dashboard")
-    server.start()
-    admin, project = server.client(server.admin_token), server.client(project_token)
+    server, admin, project = start_server_for(mailnode, tmp_path / "server")
     try:
-        added = admin.post("/v1/email-account/add-node", json={"name": "mpi01", "ip_address": "127.0.0.1"})
-        assert added.status_code == 201, added.text
-        etc = tmp_path / "etc"
-        etc.mkdir()
-        key_file = etc / "sync_key"
-        key_file.write_text(added.json()["sync_key"] + "\n")
-        key_file.chmod(0o600)
-        signers = etc / "allowed_signers"
-        shutil.copy(server.data.allowed_signers, signers)
-        cfg = mailnode.write_pi_pull_config(
-            etc / "pi-pull.ini", f"{server.url}/v1/nodes/state.git", signers, name="mpi01",
-            sync_key_file=key_file, report_url=f"{server.url}/v1/nodes/report",
-        )  # fmt: skip
+        cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
         fleet = Fleet(server=server, node=mailnode, cfg=cfg, admin=admin, project=project)
         for domain in ("alpha.example", "beta.example"):
             fleet.call("link-domain", {"domain": domain, "project_id": 42}, 201, admin=True)
