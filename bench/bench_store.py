@@ -16,8 +16,8 @@ the same run and against the same repo:
   dir's own key (`-c gpg.format=ssh -c user.signingkey=DIR/signing_key`).
 * irreducible p50: with the store's own in-process signer, write one blob, one one-entry
   tree and one signed commit object with pygit2 (no ref update, no tree rebuild).
-* fsync on / off: the store's writes are durable (the default: the write's objects as one
-  fsynced pack, then the fsynced ref). To show what that costs, the same store then
+* fsync on / off: the store's writes are durable (the default: one syncfs of the repo's
+  filesystem for the write's loose objects, then the fsynced ref). To show what that costs, the same store then
   alternates write by write between durable and not (`gitrepo.set_durable`), so both halves
   see the same machine and state.
 
@@ -271,7 +271,7 @@ _PHASES = [
     ("mailstate.state.store:Store", "changed_files", "changed_files (YAML dump + render)"),
     ("mailstate.state.gitrepo:GitRepo", "build_tree", "build_tree (blobs + trees)"),
     ("mailstate.state.gitrepo:GitRepo", "commit", "commit (text + sign + object)"),
-    ("mailstate.state.gitrepo:GitRepo", "flush_objects", "flush_objects (one pack, fsynced)"),
+    ("mailstate.state.gitrepo:GitRepo", "flush_objects", "flush_objects (one syncfs)"),
     ("mailstate.state.gitrepo:GitRepo", "move_branch", "move_branch (flush + lock + ref)"),
     ("mailstate.state.snapshot:Snapshot", "with_change", "Snapshot.with_change"),
     ("mailstate.state.store:Store", "_adopted", "_adopted (swap snapshot)"),
@@ -372,7 +372,7 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
 
     if args.fsync_writes:
         # Same store, same state, round-robin write by write between three repo handles:
-        # - on: the store's own, durable one (one fsynced pack per write, then the fsynced ref);
+        # - on: the store's own, durable one (one syncfs of the objects per write, then the fsynced ref);
         # - off: opened with set_durable(False) (no pack, nothing fsynced), the old behaviour;
         # - loose: the simple alternative, libgit2's fsync option on for the whole write (each
         #   loose object and its folder fsynced, then the ref), no pack.
@@ -441,7 +441,7 @@ def table(results: list[SizeResult]) -> str:
             lines.append(f"{label:<36} " + " ".join(f"{ms(p50(r.phases.get(label, []))):>9}" for r in results))
     if any(r.fsync_on for r in results):
         lines.append("")
-        lines.append("durability, round-robin write by write (ms): on = one fsynced pack + fsynced ref (the default),")
+        lines.append("durability, round-robin write by write (ms): on = one syncfs of the objects + fsynced ref (the default),")
         lines.append("off = nothing fsynced (the old behaviour), loose = every loose object fsynced; one fsync = file + folder")
         head = f"{'mailboxes':>9} {'on p50':>8} {'p90':>7} {'off p50':>8} {'p90':>7} {'cost p50':>9} {'loose p50':>10} {'p90':>7} {'one fsync p50':>14}"
         lines.append(head)

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -56,7 +55,7 @@ def _trace_one_write(data: DataDir, domain: str, tmp_path: Path) -> tuple[str, l
     proc = subprocess.run(
         [
             "strace", "-f", "-qq", "-y", "-o", str(trace),
-            "-e", "trace=fsync,fdatasync,link,linkat,rename,renameat,renameat2,mkdir,mkdirat,write",
+            "-e", "trace=fsync,fdatasync,syncfs,link,linkat,rename,renameat,renameat2,mkdir,mkdirat,write",
             sys.executable, "-c", _WRITE, str(data.root), domain,
         ],
         capture_output=True,
@@ -76,7 +75,7 @@ def _trace_one_write(data: DataDir, domain: str, tmp_path: Path) -> tuple[str, l
         if not inside or match is None or (match.group(3) != "0" and match.group(1) != "write"):
             continue
         name, args = match.group(1), match.group(2)
-        if name in ("fsync", "fdatasync"):
+        if name in ("fsync", "fdatasync", "syncfs"):
             fd = _FD_PATH.match(args)
             events.append((name, [fd.group(1)] if fd else []))
         elif name != "write":
@@ -101,22 +100,20 @@ def test_every_file_of_a_write_is_fsynced_before_the_answer(data_dir: DataDir, t
     assert synced(f"{repo}/refs/heads/main.lock", before=move), "the ref was renamed into place before its content was on disk"
     assert synced(f"{repo}/refs/heads", after=move), "the ref's folder was not fsynced after the rename"
 
-    # The write's objects: one pack and its index, each fsynced before it is linked into
-    # place, then objects/pack fsynced, all before the branch moves.
-    packed: dict[str, int] = {}
-    for i, (name, paths) in enumerate(events[:move]):  # what the store writes after (statements) is not the write
-        if (name.startswith("link") or name.startswith("rename")) and len(paths) == 2 and (m := _PACK.search(paths[1])):
-            packed[m.group(2)] = i
-            assert synced(paths[0], before=i), f"{paths[1]} was linked into place before it was on disk"
-            assert synced(f"{repo}/objects/pack", after=i, before=move), f"objects/pack was not fsynced after {paths[1]}"
-            if m.group(2) == "idx":
-                index = Path(paths[1])
-    assert set(packed) == {"pack", "idx"}, events
-    shown = subprocess.run(["git", "show-index"], stdin=index.open("rb"), capture_output=True, text=True, check=True).stdout
-    in_pack = {line.split()[1] for line in shown.splitlines()}
+    # The write's objects: every loose object of the commit is linked into place, then ONE
+    # syncfs of the repo's filesystem flushes them (files and folder entries), all before the
+    # branch moves.
+    loose = re.compile(r"/objects/([0-9a-f]{2})/([0-9a-f]{38})$")
+    linked = {
+        m.group(1) + m.group(2): i
+        for i, (name, paths) in enumerate(events[:move])
+        if (name.startswith("link") or name.startswith("rename")) and len(paths) == 2 and (m := loose.search(paths[1]))
+    }
+    flushes = [i for i, (name, paths) in enumerate(events[:move]) if name == "syncfs" and paths and paths[0].startswith(f"{repo}/objects")]
     new_objects = {line.split()[0] for line in git_out(data_dir.repo, "rev-list", "--objects", commit, f"^{commit}^").splitlines()}
-    assert commit in in_pack and new_objects <= in_pack, new_objects - in_pack
-    assert len(new_objects) >= 3  # at least a blob, a tree and the commit
+    assert commit in new_objects and len(new_objects) >= 3  # at least a blob, a tree and the commit
+    assert new_objects <= set(linked), new_objects - set(linked)
+    assert flushes and all(any(linked[o] < f for f in flushes) for o in new_objects), "an object was not flushed before the ref moved"
     assert git_out(data_dir.repo, "config", "core.fsync").strip() == "all"  # git's own writes (repack, pushes)
 
 
@@ -213,26 +210,6 @@ def test_kill_9_during_writes_loses_nothing_that_was_answered(tmp_path: Path) ->
 
 
 # --- one pack per write, rolled up in the background -----------------------------------------
-
-
-def test_the_per_write_packs_are_rolled_up(data_dir: DataDir) -> None:
-    from mailstate.state.gitrepo import ROLL_UP_EVERY, GitRepo
-    from mailstate.state.signing import Ed25519Signer
-
-    repo = GitRepo(data_dir.repo)
-    signer = Ed25519Signer(data_dir.key)
-    packs = data_dir.repo / "objects" / "pack"
-    head = repo.head()
-    for n in range(2 * ROLL_UP_EVERY + 3):
-        tree = repo.build_tree(head, {f"extra/{n}.txt": f"{n}\n".encode()})
-        new = repo.commit(tree, head, f"write {n}\n", signer, datetime(2026, 3, 1, tzinfo=UTC))
-        repo.move_branch(new, head)
-        head = new
-    assert repo._roll_up is not None
-    assert repo._roll_up.wait(timeout=60) == 0
-    assert len(list(packs.glob("*.pack"))) < ROLL_UP_EVERY  # not one per write any more
-    assert subprocess.run(["git", "-C", str(data_dir.repo), "fsck", "--no-dangling"], capture_output=True).returncode == 0
-    assert git_out(data_dir.repo, "show", f"{head}:extra/{2 * ROLL_UP_EVERY + 2}.txt") == f"{2 * ROLL_UP_EVERY + 2}\n"
 
 
 def test_writes_survive_a_concurrent_repack(store: Store, data_dir: DataDir) -> None:
