@@ -64,9 +64,18 @@ class NodeReport(BaseModel):
     applied_commit: Annotated[str | None, BeforeValidator(_commit)] = Field(
         default=None, pattern=r"^[0-9a-f]{40}$", description="The commit the node serves now (40 hex digits), or null before its first release."
     )
-    status: Literal["ok", "error", "refused"] = Field(description="Outcome of the node's last pull.")
+    status: Literal["ok", "error", "refused", "stale"] = Field(
+        description="Outcome of the node's last pull; `stale`: its newest verified accepted-head statement is older than its max_staleness (it keeps serving)."
+    )
     error: Annotated[str | None, BeforeValidator(_clip)] = Field(
         default=None, max_length=MAX_ERROR_CHARS, description=f"What went wrong, if anything (cut at {MAX_ERROR_CHARS} characters)."
+    )
+    statement_issued_at: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**40,
+        strict=True,
+        description="Issued-At (unix seconds) of the newest verified accepted-head statement the node holds, or null before its first.",
     )
     usage: list[UsageEntry] | None = Field(
         default=None,
