@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .chain import ChainVerifier
 from .config import Config, read_sync_key
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, ConfigError, Refused, TickError
+from .dkim import Dkim
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STALE, ConfigError, Refused, Stale, TickError
 from .fsutil import utcnow
 from .lifecycle import Lifecycle
 from .log import LOGGER_NAME, add_secret
@@ -22,14 +24,15 @@ from .report import Reporter
 from .runner import Runner
 from .statefile import Lock, StateFile
 from .statement import MAX_STATEMENT_BYTES, Statement, parse_statement, verify_statement
-from .verify import check_allowed_signers, verify_commit
+from .trust import Trust
+from .verify import check_allowed_signers
 
 HISTORY_MAX = 50
 
 
 @dataclass
 class TickResult:
-    status: str  # "ok" | "error" | "refused"
+    status: str  # "ok" | "error" | "refused" | "stale"
     exit_code: int
     applied_commit: str | None
     message: str
@@ -55,8 +58,13 @@ class Agent:
         self.reporter = Reporter(cfg, self.log, self._credentials)
         # Graveyard, purge, upgrade move, usage; ``clock`` (epoch seconds) is the tests' seam.
         self.lifecycle = Lifecycle(cfg, self.mirror, self.releases, self.log, clock or time.time)
+        # This node's DKIM keys and OpenDKIM's tables (off unless [dkim] enabled = yes).
+        self.dkim = Dkim(cfg, self.runner, self.log, clock or time.time)
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
+        self.clock = clock or time.time
+        # Server keys learned from endorsements (server key rotation), kept in <root>/trust.json.
+        self.trust = Trust(cfg, self.runner, self.log)
         self._sync_key = sync_key
         if sync_key is not None:
             self._mask_key()
@@ -109,7 +117,9 @@ class Agent:
             self.lifecycle.housekeeping(st)
             result = self._guarded_tick(st)
             self._record_status(st, result)
-            self.reporter.send(st, result.status, result.error, usage=self.lifecycle.usage(st))
+            dkim_keys = self.dkim.step()  # after the tick: the tables follow the release that is live now
+            if self.reporter.send(st, result.status, result.error, usage=self.lifecycle.usage(st), dkim_keys=dkim_keys) and dkim_keys:
+                self.dkim.reported(dkim_keys)
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":
                 self.log.info(line)
@@ -129,7 +139,13 @@ class Agent:
             return self._tick(st)
         except Refused as e:
             return TickResult("refused", EXIT_REFUSED, applied, f"refused: {e}", error=str(e))
+        except Stale as e:
+            return TickResult("stale", EXIT_STALE, applied, f"stale: {e}", error=str(e))
         except TickError as e:
+            # A fetch that failed leaves the statement kept from an earlier tick as the newest one.
+            stale = self._staleness(st, str(e))
+            if stale is not None:
+                return TickResult("stale", EXIT_STALE, applied, f"stale: {stale}", error=stale)
             return TickResult("error", EXIT_ERROR, applied, f"error: {e}", error=str(e))
         except ConfigError:
             raise
@@ -158,6 +174,7 @@ class Agent:
             raise Refused(no_statement_message(self.mirror.safe_url()))
         known: dict[str, Any] = st["statement"] if isinstance(st.get("statement"), dict) else {}
         if applied and current == applied and remote == known.get("tag"):
+            self._check_fresh(st)  # a host that keeps serving the same old statement
             return TickResult("ok", EXIT_OK, applied, f"up to date at {applied[:12]}")
         trust = self._trust_key()
         refused: dict[str, Any] = st["refused"] if isinstance(st.get("refused"), dict) else {}
@@ -176,7 +193,7 @@ class Agent:
         """What a verdict on a statement depends on besides the statement: the node's keys and limits."""
         h = hashlib.sha256(self.releases.reuse_key().encode())
         h.update(f"{self.cfg.max_fetch_mb} {self.cfg.max_file_mb}".encode())
-        for path in (self.cfg.allowed_signers, self.cfg.revoked_signers):
+        for path in (self.cfg.allowed_signers, self.cfg.revoked_signers, self.trust.path):
             try:
                 with open(path, "rb") as fh:
                     h.update(b"\0" + fh.read(1 << 20))
@@ -191,7 +208,16 @@ class Agent:
         self._fetched = tag
         stmt = parse_statement(tag, self.mirror.read_object(tag, "tag", MAX_STATEMENT_BYTES))
         check_allowed_signers(self.cfg)
-        verify_statement(self.runner, self.cfg, stmt)
+        now = self.clock()
+        if stmt.issued_at > now + self.cfg.clock_skew:
+            raise Refused(f"the accepted-head statement {tag[:12]} is issued {stmt.issued_at - int(now)} s in the future "
+                          f"(over [freshness] clock_skew = {self.cfg.clock_skew:g} s; is this node's clock right?)")
+        learned = self.trust.follow(stmt, now, self.cfg.clock_skew)  # server key rotation
+        signers = self.trust.signers_file() if learned is None else self.trust.candidate(learned)
+        verify_statement(self.runner, self.cfg, stmt, signers)
+        if learned is not None:
+            self.trust.save(learned)
+            signers = self.trust.signers_file(learned)
         head = stmt.head
         if not self.mirror.has_commit(head):
             raise Refused(f"the accepted-head statement names {head[:12]}, which the remote did not send")
@@ -199,14 +225,22 @@ class Agent:
         if applied and (head == applied or self.mirror.is_ancestor(head, applied)):
             target = applied  # a statement at or behind what is live changes nothing
         if applied and current == applied and target == applied:
-            self._record_statement(st, stmt)
+            if self._newer(st, stmt):
+                self._record_statement(st, stmt)
+            self._check_fresh(st)
             note = "" if head == applied else f" (the statement names the older {head[:12]})"
             return TickResult("ok", EXIT_OK, applied, f"up to date at {applied[:12]}{note}")
+        if self._is_stale(stmt.issued_at):
+            # A frozen feed (TUF's freeze attack): an old statement never brings a commit live.
+            raise Stale(self._stale_message(stmt.issued_at, f"statement {tag[:12]} names {head[:12]}, not applied"))
 
-        verify_commit(self.mirror, self.cfg, target)
         if applied and target != applied and not self.mirror.is_ancestor(applied, target):
             raise Refused(f"rollback: fetched {target[:12]} does not descend from applied {applied[:12]} (force-push to an older or "
                           "unrelated commit?)")
+        # Every commit of applied..target, not only the tip (pipull/chain.py; the first apply: the tip).
+        checked = ChainVerifier(self.mirror, self.cfg, self.runner, signers, now=now, clock_skew=self.cfg.clock_skew).verify(
+            applied if applied and target != applied else None, target)
+        self.log.debug(f"verified {checked} commit signature(s) up to {target[:12]}")
 
         t_build = time.monotonic()
         new, changed, fallback = self._stage(target, applied, current)
@@ -220,6 +254,35 @@ class Agent:
         return TickResult("ok", EXIT_OK, target,
                           f"applied {target[:12]}: {new['domains']} domains, {new['mailboxes']} mailboxes, "
                           f"build {build_s:.2f}s, reloaded {reloaded}", changed=True)
+
+    # ---- freshness
+
+    @staticmethod
+    def _newer(st: dict[str, Any], stmt: Statement) -> bool:
+        """A statement older than the one kept (a replay) never replaces it."""
+        known = st.get("statement")
+        return not isinstance(known, dict) or not isinstance(known.get("issued_at"), int) or stmt.issued_at >= known["issued_at"]
+
+    def _is_stale(self, issued_at: int) -> bool:
+        return bool(self.cfg.max_staleness) and self.clock() - issued_at > self.cfg.max_staleness
+
+    def _stale_message(self, issued_at: int, why: str) -> str:
+        age = int(self.clock() - issued_at)
+        return (f"the newest verified accepted-head statement was issued {age} s ago, over [freshness] max_staleness = "
+                f"{self.cfg.max_staleness:g} s ({why}); keeping the last good release")
+
+    def _staleness(self, st: dict[str, Any], why: str) -> str | None:
+        """The stale message when the statement kept in state.json is too old, else None."""
+        known = st.get("statement")
+        issued = known.get("issued_at") if isinstance(known, dict) else None
+        if not isinstance(issued, int) or not self._is_stale(issued):
+            return None
+        return self._stale_message(issued, why)
+
+    def _check_fresh(self, st: dict[str, Any]) -> None:
+        stale = self._staleness(st, "the remote serves nothing newer")
+        if stale is not None:
+            raise Stale(stale)
 
     @staticmethod
     def _record_statement(st: dict[str, Any], stmt: Statement) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .agent import Agent
 from .config import Config, load_config
-from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, ConfigError, Locked
+from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, ConfigError, Locked, TickError
 from .log import make_logger
 
 
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="mailstate node agent: fetch the signed state repo, verify, and apply rendered/ "
                     "Postfix/Dovecot files atomically. To set up a node from its bundle: "
                     "`pi_pull.py install --bundle DIR --sync-key-stdin [--dry-run]`; to undo it: "
-                    "`pi_pull.py uninstall` (each has its own --help).",
+                    "`pi_pull.py uninstall` (each has its own --help). To rotate this node's DKIM key: "
+                    "`pi_pull.py dkim-rotate --config FILE`.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,12 +67,48 @@ def run_loop(agent: Agent, cfg: Config, log: logging.Logger) -> int:
     return EXIT_OK
 
 
+def dkim_rotate(argv: Sequence[str]) -> int:
+    """``pi_pull.py dkim-rotate --config FILE``: a new pending key on the idle selector (dkim.py)."""
+    p = argparse.ArgumentParser(prog="pi_pull.py dkim-rotate",
+                                description="Make a new DKIM key on this node's idle selector. It is reported as pending on the "
+                                            "next tick and signs only once the server accepted that report and [dkim] "
+                                            "publish_wait has passed; the old key stays published until the next rotation.")
+    p.add_argument("--config", required=True, metavar="FILE", help="INI config file")
+    try:
+        args = p.parse_args(list(argv))
+    except SystemExit as e:
+        return 0 if e.code == 0 else EXIT_USAGE
+    log = make_logger()
+    try:
+        cfg = load_config(args.config)
+        if not cfg.dkim:
+            raise ConfigError(f"config {args.config}: [dkim] enabled is not yes on this node")
+        agent = Agent(cfg, log=log)
+        agent.lock.acquire()
+        try:
+            log.info("dkim: " + agent.dkim.rotate())
+        finally:
+            agent.lock.release()
+    except Locked as e:
+        log.error(str(e))
+        return EXIT_LOCKED
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    except (OSError, TickError) as e:
+        log.error(f"dkim-rotate failed: {e}")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("install", "uninstall"):
         from .install_cli import main as install_main
 
         return install_main(args_list)
+    if args_list and args_list[0] == "dkim-rotate":
+        return dkim_rotate(args_list[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

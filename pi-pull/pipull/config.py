@@ -50,6 +50,20 @@ class Config:
     purge: bool = True
     usage_interval: float = 900.0
     usage_budget_s: float = 2.0  # seconds of usage measurement per tick at most (usage.Scanner)
+    # [freshness]: a tick whose newest verified statement is older than max_staleness seconds is
+    # "stale" (exit 5, keeps serving; 0 = never). clock_skew: how far in the future an Issued-At,
+    # a committer time or an endorsement may lie before it is refused.
+    max_staleness: float = 600.0
+    clock_skew: float = 300.0
+    # [dkim] (pipull/dkim.py): this node's signing keys and OpenDKIM's tables; off unless enabled.
+    dkim: bool = False
+    dkim_key_dir: str = "/etc/pi-pull/dkim"
+    dkim_key_owner: str = "opendkim"
+    dkim_selector_label: str = ""
+    dkim_publish_wait: float = 86400.0
+    dkim_rotate_days: float = 0.0
+    dkim_reload: str = "systemctl reload opendkim"
+    dkim_openssl: str = "openssl"
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -164,13 +178,46 @@ def load_config(path: str) -> Config:
     cfg.purge = r.get_bool("lifecycle", "purge", True)
     cfg.usage_interval = r.get_float("lifecycle", "usage_interval", 900.0)
     cfg.usage_budget_s = r.get_float("lifecycle", "usage_budget_s", 2.0)
+    cfg.max_staleness = r.get_float("freshness", "max_staleness", cfg.max_staleness)
+    cfg.clock_skew = r.get_float("freshness", "clock_skew", cfg.clock_skew)
+    _load_dkim(r, cfg)
     check_config(cfg, path)
     return cfg
+
+
+def _load_dkim(r: _Reader, cfg: Config) -> None:
+    cfg.dkim = r.get_bool("dkim", "enabled", False)
+    cfg.dkim_key_dir = r.get_path("dkim", "key_dir", cfg.dkim_key_dir)
+    cfg.dkim_key_owner = r.get_str("dkim", "key_owner", cfg.dkim_key_owner)
+    cfg.dkim_selector_label = r.get_str("dkim", "selector_label", "")
+    cfg.dkim_publish_wait = r.get_float("dkim", "publish_wait", cfg.dkim_publish_wait)
+    cfg.dkim_rotate_days = r.get_float("dkim", "rotate_days", cfg.dkim_rotate_days)
+    cfg.dkim_reload = r.get_str("dkim", "reload", cfg.dkim_reload)
+    cfg.dkim_openssl = r.get_str("dkim", "openssl", cfg.dkim_openssl)
+
+
+def _check_dkim(cfg: Config, path: str) -> None:
+    if not cfg.dkim:
+        return
+    label = cfg.dkim_selector_label or re.sub(r"[._]+", "-", cfg.node_name.lower()).strip("-")
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?", label):
+        raise ConfigError(f"config {path}: [dkim] selector_label (default: [node] name) must be 1-57 lowercase letters, digits or "
+                          f"hyphens: the selectors are ms1-<label> and ms2-<label>")
+    if cfg.dkim_publish_wait < 0 or cfg.dkim_rotate_days < 0:
+        raise ConfigError(f"config {path}: [dkim] publish_wait and rotate_days must be >= 0")
+    if not cfg.dkim_key_dir.startswith("/"):
+        raise ConfigError(f"config {path}: [dkim] key_dir must be an absolute path")
+    for key in ("dkim_reload", "dkim_openssl"):
+        try:
+            shlex.split(getattr(cfg, key))
+        except ValueError as e:
+            raise ConfigError(f"config {path}: [dkim] {key[5:]}: {e}") from None
 
 
 def check_config(cfg: Config, path: str) -> None:
     """Reject values that would only fail later, mid-tick."""
     _check_mail(cfg, path)
+    _check_dkim(cfg, path)
     if cfg.max_fetch_mb < 1 or cfg.max_file_mb < 1:
         raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:
@@ -183,6 +230,10 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [lifecycle] usage_interval must be >= 0 (seconds; 0 = never measure)")
     if not cfg.usage_budget_s > 0:
         raise ConfigError(f"config {path}: [lifecycle] usage_budget_s must be > 0 (seconds of usage measurement per tick)")
+    if not cfg.max_staleness >= 0:
+        raise ConfigError(f"config {path}: [freshness] max_staleness must be >= 0 (seconds; 0 = never stale)")
+    if not 0 <= cfg.clock_skew <= 86400:
+        raise ConfigError(f"config {path}: [freshness] clock_skew must be between 0 and 86400 seconds")
     if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [report] url must be http(s)")
     if cfg.needs_key:

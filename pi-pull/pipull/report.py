@@ -16,7 +16,9 @@ PENDING_MAX = 20
 
 
 class Reporter:
-    """Sends ``{name, sync_key, applied_commit, status, error[, usage]}`` with HTTP Basic auth.
+    """Sends ``{name, sync_key, applied_commit, status, error, statement_issued_at[, usage]}`` with HTTP
+    Basic auth (``statement_issued_at``: Issued-At of the newest verified statement kept; status
+    ``stale`` when it is older than [freshness] max_staleness).
 
     ``credentials()`` returns (sync key, Basic token); it is only called when a report is sent,
     so a node without a report URL never reads its key file for reporting.
@@ -48,21 +50,32 @@ class Reporter:
             why: object = e.reason if isinstance(e, urllib.error.URLError) else e
             raise TickError(f"report to {self.cfg.report_url} failed: {why}") from None
 
-    def send(self, st: dict[str, Any], status: str, error: str | None, usage: list[dict[str, object]] | None = None) -> None:
+    def send(self, st: dict[str, Any], status: str, error: str | None, usage: list[dict[str, object]] | None = None,
+             dkim_keys: list[dict[str, Any]] | None = None) -> bool:
         """Send pending reports, then this tick's (unless it repeats the last pending one).
+        True when the last report of the queue (the one carrying this tick's extras) was delivered.
 
         ``usage`` (lifecycle.py, every ``usage_interval``) rides on the last report sent this
         tick only; it is never queued in state.json (100k mailboxes weigh ~9 MB): a report that
-        cannot be delivered drops it, and the next measurement comes one interval later."""
+        cannot be delivered drops it, and the next measurement comes one interval later.
+        ``dkim_keys`` (dkim.py: public keys only) rides the same way, every tick."""
         if not self.cfg.report_url:
-            return
-        current = {"applied_commit": st.get("applied_commit"), "status": status, "error": error}
+            return False
+        known = st.get("statement")
+        issued = known.get("issued_at") if isinstance(known, dict) else None
+        current = {"applied_commit": st.get("applied_commit"), "status": status, "error": error,
+                   "statement_issued_at": issued if isinstance(issued, int) else None}
         pending = [r for r in st.get("pending_reports", []) if isinstance(r, dict)]
         queue = pending + ([current] if not pending or pending[-1] != current else [])
         sent = 0
+        extras: dict[str, Any] = {}
+        if usage is not None:
+            extras["usage"] = usage
+        if dkim_keys is not None:
+            extras["dkim_keys"] = dkim_keys
         for i, rep in enumerate(queue):
             try:
-                self.post({**rep, "usage": usage} if usage is not None and i == len(queue) - 1 else rep)
+                self.post({**rep, **extras} if extras and i == len(queue) - 1 else rep)
             except TickError as e:
                 self.log.warning(f"{e}; keeping {len(queue) - sent} report(s) to send next tick")
                 break
@@ -70,3 +83,4 @@ class Reporter:
         st["pending_reports"] = queue[sent:][-PENDING_MAX:]
         if pending and sent:
             self.log.info(f"delivered {min(sent, len(pending))} pending report(s)")
+        return sent == len(queue)

@@ -1,0 +1,320 @@
+"""DKIM on the node: this node's own signing keys, two alternating selectors, OpenDKIM's tables.
+
+Why on the node: the private key never leaves the machine that signs with it. It is made
+here (``openssl genpkey``, RSA 2048, through the Runner seam), written 0600 under
+``[dkim] key_dir`` (default /etc/pi-pull/dkim) and never read by anything but OpenDKIM: it
+is not in git, in a report, or in a log line. The node reports only the public half
+(``p=``, the base64 of the DER SubjectPublicKeyInfo) with its selector, and the server's
+``dns-records`` turns it into the TXT record the domain publishes.
+
+Signer: OpenDKIM as a milter on the submission services only (the bundle's opendkim.conf;
+Postfix's ``smtpd_milters`` on 587/465). pi-pull renders its two tables from the live
+release's domain list (``current/postfix/virtual_mailbox_domains``: every email-enabled
+domain, alias domains included) and reloads OpenDKIM (``[dkim] reload``) only when a table
+changed::
+
+    KeyTable       <domain> <domain>:<selector>:<key_dir>/<selector>.private
+    SigningTable   *@<domain> <domain>            (refile: one pattern per domain)
+
+Selectors: ``ms1-<label>`` and ``ms2-<label>`` (``label``: ``[dkim] selector_label``, default
+the node name), the two-selector pattern of the big senders. A key is in one of three states:
+
+* ``pending``: made, not used yet. It is in every report from now on; once a report that
+  carried it was accepted by the server (HTTP 200) and ``publish_wait`` seconds have passed
+  since (the time for the platform's DNS code to publish it and for caches to expire), it
+  becomes
+* ``active``: the one key OpenDKIM signs with; the key it replaces becomes
+* ``retired``: still reported and published, so mail signed just before the switch verifies
+  until the next rotation, which makes a new pending key on that selector and drops it.
+
+Rotation: ``pi_pull.py dkim-rotate --config FILE`` (operator), or automatically when the active
+key is older than ``[dkim] rotate_days`` (0: never). A node without any key makes its first one
+pending on its first tick: nothing is signed with a key the server has not heard of.
+
+Metadata (selector, state, created_at, reported_at, activated_at, public key) lives next to
+the keys in ``<key_dir>/keys.json``, so it goes wherever the keys go. Nothing here fails a
+tick: a DKIM problem is logged and retried next tick while mail keeps flowing (OpenDKIM
+keeps its last tables).
+"""
+
+from __future__ import annotations
+
+import base64
+import grp
+import hashlib
+import json
+import logging
+import os
+import pwd
+import re
+import shlex
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config
+from .errors import TickError
+from .fsutil import atomic_write
+from .runner import Runner, short
+from .verify import is_domain
+
+KEY_BITS = 2048
+KEYS_FILE = "keys.json"
+KEY_TABLE = "KeyTable"
+SIGNING_TABLE = "SigningTable"
+STATES = ("pending", "active", "retired")
+LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?$")  # ms1- + label stays one DNS label
+PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{300,800}={0,2}$")
+DOMAINS_FILE = os.path.join("postfix", "virtual_mailbox_domains")
+MAX_DOMAINS_BYTES = 64 * 1024 * 1024
+
+
+def selector_label(name: str) -> str:
+    """The DNS-label form of a node name (lowercase; '.' and '_' become '-')."""
+    label = re.sub(r"[._]+", "-", name.lower()).strip("-")
+    return label[:56].strip("-")
+
+
+class Dkim:
+    """One node's DKIM keys and OpenDKIM tables (see the module docstring).
+
+    ``clock`` (epoch seconds) is the tests' seam: creation, report and publish-wait times read it.
+    """
+
+    def __init__(self, cfg: Config, runner: Runner, log: logging.Logger, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.runner = runner
+        self.log = log
+        self.clock = clock
+        self.dir = cfg.dkim_key_dir
+        self.path = os.path.join(self.dir, KEYS_FILE)
+        label = cfg.dkim_selector_label or selector_label(cfg.node_name)
+        self.selectors = (f"ms1-{label}", f"ms2-{label}")
+
+    # ---- keys.json
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """{selector: metadata} of this node's two selectors (anything else in the file is ignored)."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise TickError(f"cannot read {self.path}: {e}") from None
+        keys = data.get("keys") if isinstance(data, dict) else None
+        out: dict[str, dict[str, Any]] = {}
+        for sel, meta in (keys or {}).items() if isinstance(keys, dict) else ():
+            if sel in self.selectors and isinstance(meta, dict) and meta.get("state") in STATES \
+                    and isinstance(meta.get("public_key"), str) and os.path.isfile(self.key_path(sel)):
+                out[sel] = meta
+        return out
+
+    def _save(self, keys: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        body = {"keys": keys, **(extra or {})}
+        atomic_write(self.path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+
+    def _tables_digest(self) -> str:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            return str(data.get("tables_digest", "")) if isinstance(data, dict) else ""
+        except (OSError, ValueError):
+            return ""
+
+    def key_path(self, selector: str) -> str:
+        return os.path.join(self.dir, f"{selector}.private")
+
+    # ---- key generation
+
+    def _ensure_dir(self) -> None:
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        gid = self._group()
+        if os.geteuid() == 0 and gid >= 0:
+            os.chown(self.dir, 0, gid)  # OpenDKIM (its group) reads the tables and keys here
+
+    def _group(self) -> int:
+        if not self.cfg.dkim_key_owner:
+            return -1
+        try:
+            return pwd.getpwnam(self.cfg.dkim_key_owner).pw_gid
+        except KeyError:
+            try:
+                return grp.getgrnam(self.cfg.dkim_key_owner).gr_gid
+            except KeyError:
+                return -1
+
+    def generate(self, selector: str) -> dict[str, Any]:
+        """A new RSA key for ``selector`` (replacing what that selector had); its metadata, state pending."""
+        self._ensure_dir()
+        final = self.key_path(selector)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        # Created 0600 by us first: openssl then writes into it and the key is never readable by others.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            openssl = shlex.split(self.cfg.dkim_openssl)
+            r = self.runner.run([*openssl, "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{KEY_BITS}", "-out", tmp],
+                                timeout=120)
+            if r.returncode != 0:
+                raise TickError(f"openssl genpkey failed: {short(r.stderr) or f'rc={r.returncode}'}")
+            public = self.public_key(tmp)
+            if self.cfg.dkim_key_owner and os.geteuid() == 0:
+                try:
+                    pw = pwd.getpwnam(self.cfg.dkim_key_owner)
+                    os.chown(tmp, pw.pw_uid, pw.pw_gid)
+                except KeyError:
+                    pass
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        now = int(self.clock())
+        self.log.info(f"dkim: new key on selector {selector} (pending until reported and publish_wait has passed)")
+        return {"state": "pending", "created_at": now, "public_key": public, "reported_at": None}
+
+    def public_key(self, private_path: str) -> str:
+        """The ``p=`` value of a private key: base64 of its DER SubjectPublicKeyInfo."""
+        openssl = shlex.split(self.cfg.dkim_openssl)
+        r = self.runner.run([*openssl, "pkey", "-in", private_path, "-pubout", "-outform", "DER"], timeout=60)
+        if r.returncode != 0 or not r.stdout:
+            raise TickError(f"openssl pkey -pubout failed: {short(r.stderr) or f'rc={r.returncode}'}")
+        return base64.b64encode(r.stdout).decode("ascii")
+
+    # ---- the tick's steps
+
+    def step(self) -> list[dict[str, Any]] | None:
+        """Make the first key, rotate when due, activate a reported pending key once
+        publish_wait passed, render the tables and reload OpenDKIM on a change. Returns the
+        ``dkim_keys`` entries for this tick's report (None when DKIM is off or failed)."""
+        if not self.cfg.dkim:
+            return None
+        try:
+            return self._step()
+        except (OSError, TickError, ValueError) as e:
+            self.log.warning(f"dkim: {e}; retrying next tick (OpenDKIM keeps its last tables)")
+            return None
+
+    def _step(self) -> list[dict[str, Any]]:
+        keys = self.load()
+        now = self.clock()
+        changed = False
+        if not keys:
+            keys[self.selectors[0]] = self.generate(self.selectors[0])
+            changed = True
+        active = self._active(keys)
+        pending = next((s for s, m in keys.items() if m["state"] == "pending"), None)
+        if active and not pending and self.cfg.dkim_rotate_days > 0 \
+                and now - float(keys[active].get("activated_at") or keys[active]["created_at"]) >= self.cfg.dkim_rotate_days * 86400:
+            self.log.info(f"dkim: the active key {active} is older than rotate_days = {self.cfg.dkim_rotate_days}; rotating")
+            idle = self._idle(active)
+            keys[idle] = self.generate(idle)
+            pending, changed = idle, True
+        if pending:
+            reported = keys[pending].get("reported_at")
+            if isinstance(reported, (int, float)) and now - reported >= self.cfg.dkim_publish_wait:
+                for meta in keys.values():
+                    if meta["state"] == "active":
+                        meta["state"] = "retired"
+                keys[pending]["state"] = "active"
+                keys[pending]["activated_at"] = int(now)
+                self.log.info(f"dkim: signing with {pending} from now on (reported {int(now - reported)}s ago)")
+                changed = True
+        if changed:
+            self._save(keys, {"tables_digest": self._tables_digest()})
+        self.render(keys)
+        return self.report_entries(keys)
+
+    def _active(self, keys: dict[str, dict[str, Any]]) -> str | None:
+        return next((s for s, m in keys.items() if m["state"] == "active"), None)
+
+    def _idle(self, active: str | None) -> str:
+        return self.selectors[1] if active == self.selectors[0] else self.selectors[0]
+
+    @staticmethod
+    def report_entries(keys: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"selector": s, "public_key": m["public_key"], "state": m["state"], "created_at": int(m["created_at"])}
+                for s, m in sorted(keys.items())]
+
+    def reported(self, entries: list[dict[str, Any]]) -> None:
+        """A report carrying ``entries`` was accepted: start the publish wait of its pending key."""
+        try:
+            keys = self.load()
+            sent = {e["selector"]: e["public_key"] for e in entries}
+            touched = False
+            for sel, meta in keys.items():
+                if meta["state"] == "pending" and meta.get("reported_at") is None and sent.get(sel) == meta["public_key"]:
+                    meta["reported_at"] = int(self.clock())
+                    touched = True
+                    self.log.info(f"dkim: pending key {sel} reported; it signs after publish_wait = {self.cfg.dkim_publish_wait:g}s")
+            if touched:
+                self._save(keys, {"tables_digest": self._tables_digest()})
+        except (OSError, TickError, ValueError, KeyError) as e:
+            self.log.warning(f"dkim: cannot record the report of the pending key: {e}")
+
+    def rotate(self) -> str:
+        """Make a new pending key on the idle selector (``dkim-rotate``); a sentence saying what happened."""
+        keys = self.load()
+        pending = next((s for s, m in keys.items() if m["state"] == "pending"), None)
+        if pending:
+            return f"{pending} already holds a pending key; it becomes active once reported and publish_wait has passed"
+        active = self._active(keys)
+        idle = self._idle(active)
+        keys[idle] = self.generate(idle)
+        self._save(keys, {"tables_digest": self._tables_digest()})
+        return f"new pending key on {idle}; {active or 'no key'} keeps signing until it has been reported and publish_wait has passed"
+
+    # ---- OpenDKIM's tables
+
+    def domains(self) -> list[str]:
+        """The live release's domains (``current/postfix/virtual_mailbox_domains``), sorted."""
+        path = os.path.join(self.cfg.root, "current", DOMAINS_FILE)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_DOMAINS_BYTES)
+        except FileNotFoundError:
+            return []
+        out = set()
+        for raw in data.split(b"\n"):
+            name = raw.split(b" ", 1)[0].decode("ascii", "replace")
+            if name and is_domain(name):  # validated by the build already; a path is made of it here too
+                out.add(name)
+        return sorted(out)
+
+    def tables(self, keys: dict[str, dict[str, Any]]) -> tuple[bytes, bytes]:
+        """(KeyTable, SigningTable) bytes: every domain signs with the active key; empty without one."""
+        active = self._active(keys)
+        if active is None:
+            return b"", b""
+        key = self.key_path(active)
+        kt, st = [], []
+        for domain in self.domains():
+            kt.append(f"{domain} {domain}:{active}:{key}\n")
+            st.append(f"*@{domain} {domain}\n")
+        return "".join(kt).encode(), "".join(st).encode()
+
+    def render(self, keys: dict[str, dict[str, Any]]) -> bool:
+        """Write the tables when they changed and reload OpenDKIM; True when they changed."""
+        kt, st = self.tables(keys)
+        digest = hashlib.sha256(kt + b"\0" + st).hexdigest()
+        have = all(os.path.isfile(os.path.join(self.dir, n)) for n in (KEY_TABLE, SIGNING_TABLE))
+        if have and self._tables_digest() == digest:
+            return False
+        self._ensure_dir()
+        atomic_write(os.path.join(self.dir, KEY_TABLE), kt, 0o644)
+        atomic_write(os.path.join(self.dir, SIGNING_TABLE), st, 0o644)
+        if self.cfg.dkim_reload:
+            r = self.runner.shell(self.cfg.dkim_reload, timeout=self.cfg.reload_timeout)
+            if r.returncode != 0:
+                # The digest is not recorded: the next tick writes and reloads again.
+                raise TickError(f"opendkim reload failed (rc={r.returncode}): {short(r.stderr + r.stdout) or 'no output'}")
+        self._save(self.load(), {"tables_digest": digest})
+        count = kt.count(b"\n")
+        self.log.info(f"dkim: tables for {count} domain(s), signing with {self._active(keys) or 'no key yet'}")
+        return True
