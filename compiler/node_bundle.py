@@ -10,6 +10,7 @@ writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
     pi-pull.service, pi-pull.timer     -> /etc/systemd/system/
     dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
     postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
+    postfix/master.cf.mailstate        -> submission entries for /etc/postfix/master.cf (postconf -M -e)
     postfix/main.cf.base               -> /etc/postfix/main.cf, only if there is none ("No configuration")
     bundle.json                        -> read by `pi_pull.py install` (``bundle_manifest()``)
 
@@ -62,6 +63,12 @@ SYNC_KEY_FILE = f"{ETC_DIR}/sync_key"
 ALLOWED_SIGNERS_FILE = f"{ETC_DIR}/allowed_signers"
 CONFIG_FILE = f"{ETC_DIR}/pi-pull.ini"
 DEFAULT_ROOT = "/var/lib/pi-pull"
+# Sending (README "Deploying a node"): one certificate for Postfix and Dovecot. Link the
+# ACME/Let's Encrypt files there (fullchain + key of the node's mail host name).
+TLS_CERT = f"{ETC_DIR}/tls/fullchain.pem"
+TLS_KEY = f"{ETC_DIR}/tls/privkey.pem"
+POSTFIX_QUEUE_DIR = "/var/spool/postfix"
+DKIM_MILTER = "inet:127.0.0.1:8891"
 
 INSTALL_PATHS: dict[str, str] = {
     "pi-pull.ini": CONFIG_FILE,
@@ -71,6 +78,7 @@ INSTALL_PATHS: dict[str, str] = {
     "pi-pull.timer": "/etc/systemd/system/pi-pull.timer",
     "dovecot/conf.d/90-mailstate.conf": "/etc/dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate": "/etc/postfix/main.cf (postconf -e)",
+    "postfix/master.cf.mailstate": "/etc/postfix/master.cf (postconf -M -e)",
     "postfix/main.cf.base": "/etc/postfix/main.cf (only if missing)",
     "bundle.json": "(read by pi_pull.py install)",
 }
@@ -97,6 +105,9 @@ _INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
 _NODE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _SIGNER_LINE = re.compile(r"^\S+(\s+\S+=\S+)*\s+(ssh-ed25519|ssh-rsa|ecdsa-sha2-\S+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
 _SAFE_VALUE = re.compile(r"^[^\n\r]*$")
+# A master.cf service name (`submission`, `465`, `127.0.0.1:10587`) and a milter address.
+_SERVICE = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
+_MILTER = re.compile(r"^((inet|unix):)?[A-Za-z0-9._:/\[\]-]+$")
 
 
 @lru_cache(maxsize=4)
@@ -117,14 +128,74 @@ def render_template(name: str, template_dir: Path | str = NODE_TEMPLATES, **vari
     return _env(str(template_dir)).get_template(name).render(**variables)
 
 
-def dovecot_snippet(root: str = DEFAULT_ROOT, *, lmtp_address: str = "127.0.0.1", lmtp_port: int = 24, quota: bool = True) -> str:
-    """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener, quota."""
-    return render_template("dovecot-mailstate.conf.j2", root=root.rstrip("/"), lmtp_address=lmtp_address, lmtp_port=int(lmtp_port), quota=quota)
+def _tls_path(name: str, value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise InvalidInput(f"{name} must be an absolute path without spaces.", field=name)
+    return value
 
 
-def postfix_snippet(root: str = DEFAULT_ROOT, *, map_type: str = "hash", lmtp_address: str = "127.0.0.1", lmtp_port: int = 24) -> str:
-    """The main.cf lines: virtual maps under ``<root>/current`` and LMTP delivery to Dovecot."""
-    return render_template("postfix-main.cf.j2", root=root.rstrip("/"), map_type=map_type, lmtp_address=lmtp_address, lmtp_port=int(lmtp_port))
+def dovecot_snippet(
+    root: str = DEFAULT_ROOT,
+    *,
+    lmtp_address: str = "127.0.0.1",
+    lmtp_port: int = 24,
+    quota: bool = True,
+    tls_cert: str = TLS_CERT,
+    tls_key: str = TLS_KEY,
+    imaps_port: int = 993,
+    postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
+) -> str:
+    """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
+    quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
+    (``<postfix_queue_dir>/private/auth``)."""
+    return render_template(
+        "dovecot-mailstate.conf.j2",
+        root=root.rstrip("/"),
+        lmtp_address=lmtp_address,
+        lmtp_port=int(lmtp_port),
+        quota=quota,
+        tls_cert=_tls_path("tls_cert", tls_cert),
+        tls_key=_tls_path("tls_key", tls_key),
+        imaps_port=int(imaps_port),
+        postfix_queue_dir=_tls_path("postfix_queue_dir", postfix_queue_dir).rstrip("/"),
+    )
+
+
+def postfix_snippet(
+    root: str = DEFAULT_ROOT,
+    *,
+    map_type: str = "hash",
+    lmtp_address: str = "127.0.0.1",
+    lmtp_port: int = 24,
+    tls_cert: str = TLS_CERT,
+    tls_key: str = TLS_KEY,
+) -> str:
+    """The main.cf lines: virtual maps under ``<root>/current``, LMTP delivery to Dovecot, TLS,
+    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map."""
+    return render_template(
+        "postfix-main.cf.j2",
+        root=root.rstrip("/"),
+        map_type=map_type,
+        lmtp_address=lmtp_address,
+        lmtp_port=int(lmtp_port),
+        tls_cert=_tls_path("tls_cert", tls_cert),
+        tls_key=_tls_path("tls_key", tls_key),
+    )
+
+
+def postfix_master_snippet(
+    *, submission_listen: str = "submission", smtps_listen: str = "submissions", dkim_milter: str = DKIM_MILTER
+) -> str:
+    """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): submission (587,
+    STARTTLS required) and submissions (465, implicit TLS), SASL-authenticated clients only, the
+    sender checked against the sender-login map, and the DKIM milter (``dkim_milter``; "" for none)
+    on these services only, so inbound port 25 never depends on it."""
+    for key, value in (("submission_listen", submission_listen), ("smtps_listen", smtps_listen)):
+        if not _SERVICE.match(value):
+            raise InvalidInput(f"{key} must be a master.cf service name such as submission or 127.0.0.1:10587.", field=key)
+    if dkim_milter and not _MILTER.match(dkim_milter):
+        raise InvalidInput("dkim_milter must be a milter address such as inet:127.0.0.1:8891.", field="dkim_milter")
+    return render_template("postfix-master.cf.j2", submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter)
 
 
 def build_pi_pull(agent_dir: Path | None = None) -> bytes:
@@ -183,6 +254,13 @@ def render_node_bundle(
     mail_root: str = "/var/vmail",
     mail_uid: int = 5000,
     mail_gid: int = 5000,
+    tls_cert: str = TLS_CERT,
+    tls_key: str = TLS_KEY,
+    submission_listen: str = "submission",
+    smtps_listen: str = "submissions",
+    imaps_port: int = 993,
+    postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
+    dkim_milter: str = DKIM_MILTER,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -192,7 +270,10 @@ def render_node_bundle(
     ``server_url`` there is no report URL unless one is given. ``allowed_signers`` is the text of
     the allowed_signers file the node will trust (e.g. the server's ``DIR/allowed_signers``).
     ``mail_root``/``mail_uid``/``mail_gid`` are the state's settings (mailstate.yaml): install
-    creates the mail root owned by them. Bad arguments raise InvalidInput.
+    creates the mail root owned by them. ``tls_cert``/``tls_key`` (Postfix and Dovecot),
+    ``submission_listen``/``smtps_listen`` (master.cf service names), ``imaps_port``,
+    ``postfix_queue_dir`` (where Dovecot puts the auth socket) and ``dkim_milter`` configure
+    sending. Bad arguments raise InvalidInput.
     """
     if not _NODE_NAME.match(node_name):
         raise InvalidInput("The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name")
@@ -239,8 +320,13 @@ def render_node_bundle(
         "allowed_signers": _normalise_signers(allowed_signers),
         "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
         "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
-        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota),
-        "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port),
+        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota,
+                                                            tls_cert=tls_cert, tls_key=tls_key, imaps_port=imaps_port,
+                                                            postfix_queue_dir=postfix_queue_dir),
+        "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port,
+                                                     tls_cert=tls_cert, tls_key=tls_key),
+        "postfix/master.cf.mailstate": postfix_master_snippet(submission_listen=submission_listen, smtps_listen=smtps_listen,
+                                                              dkim_milter=dkim_milter),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
     }
@@ -267,7 +353,7 @@ def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root:
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
         "relocate": ["pi-pull.ini", "pi-pull.service"],
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
-        "postfix": {"main_cf": "postfix/main.cf.mailstate", "main_cf_base": "postfix/main.cf.base"},
+        "postfix": {"main_cf": "postfix/main.cf.mailstate", "main_cf_base": "postfix/main.cf.base", "master_cf": "postfix/master.cf.mailstate"},
         "dovecot": {"snippet": "conf.d/90-mailstate.conf", "disable_auth_system": True},
         "mail_root": {"path": mail_root, "uid": mail_uid, "gid": mail_gid, "mode": "0750"},
         "units": {"service": "pi-pull.service", "timer": "pi-pull.timer"},

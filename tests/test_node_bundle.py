@@ -26,6 +26,7 @@ EXPECTED_FILES = {
     "pi-pull.timer",
     "dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate",
+    "postfix/master.cf.mailstate",
     "pi_pull.py",
     "postfix/main.cf.base",
     "bundle.json",
@@ -210,3 +211,62 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     complaints = [line for line in (r.stdout + r.stderr).splitlines() if "pi-pull." in line]
     assert r.returncode == 0 and not complaints, r.stdout + r.stderr
+
+
+def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
+    """main.cf + master.cf.mailstate through the real postconf (as `postconf -M -e` sets them),
+    the Dovecot snippet through doveconf: TLS paths, SASL via Dovecot, no AUTH on port 25, the
+    submission services' restrictions, and IMAP only over TLS."""
+    require_binaries("postconf", "doveconf")
+    b = bundle(root="/srv/node", tls_cert="/srv/tls/cert.pem", tls_key="/srv/tls/key.pem", imaps_port=1993,
+               postfix_queue_dir="/srv/spool/postfix")
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
+    (tmp_path / "master.cf").write_text("smtp inet n - y - - smtpd\n")
+    entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
+    assert [e.split(" = ")[0] for e in entries] == ["submission/inet", "submissions/inet"]
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    age_file(tmp_path / "main.cf")
+    age_file(tmp_path / "master.cf")
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-n"], capture_output=True, text=True)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    conf = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in r.stdout.splitlines())}
+    assert conf["smtpd_tls_cert_file"] == "/srv/tls/cert.pem" and conf["smtpd_tls_key_file"] == "/srv/tls/key.pem"
+    assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_sasl_path"] == "private/auth"
+    assert conf["smtpd_sasl_auth_enable"] == "no" and conf["smtpd_tls_auth_only"] == "yes"
+    assert conf["smtpd_sender_login_maps"] == "hash:/srv/node/current/postfix/sender_login_maps"
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-P"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    params = set(r.stdout.splitlines())
+    for svc in ("submission/inet", "submissions/inet"):
+        assert f"{svc}/smtpd_sasl_auth_enable = yes" in params
+        assert f"{svc}/smtpd_relay_restrictions = permit_sasl_authenticated,reject" in params
+        assert f"{svc}/smtpd_sender_restrictions = reject_sender_login_mismatch,permit_sasl_authenticated,reject" in params
+        assert f"{svc}/smtpd_milters = inet:127.0.0.1:8891" in params and f"{svc}/milter_default_action = tempfail" in params
+    assert "submission/inet/smtpd_tls_security_level = encrypt" in params
+    assert "submissions/inet/smtpd_tls_wrappermode = yes" in params
+    assert not any(p.startswith("smtp/inet/") for p in params)  # port 25: no milter, no SASL
+    m = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "submission/inet"], capture_output=True, text=True)
+    assert m.stdout.split()[:8] == ["submission", "inet", "n", "-", "n", "-", "-", "smtpd"], m.stdout  # chroot n
+
+    conf_d = tmp_path / "dovecot.conf"
+    conf_d.write_text(f"base_dir = {tmp_path}/run\nprotocols = imap lmtp\n" + b["dovecot/conf.d/90-mailstate.conf"])
+    r = subprocess.run(["doveconf", "-c", str(conf_d), "-n"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    dv = r.stdout
+    assert "ssl = required" in dv and "ssl_cert = </srv/tls/cert.pem" in dv
+    assert "unix_listener /srv/spool/postfix/private/auth {" in dv and "port = 1993" in dv
+    for key in ("ssl", "disable_plaintext_auth"):
+        one = subprocess.run(["doveconf", "-c", str(conf_d), "-h", key], capture_output=True, text=True)
+        assert one.stdout.strip() in ("required", "yes"), (key, one.stdout)
+
+
+def test_sending_options_refuse_bad_values() -> None:
+    with pytest.raises(InvalidInput):
+        bundle(tls_cert="relative/cert.pem")
+    with pytest.raises(InvalidInput):
+        bundle(submission_listen="587 inet")
+    with pytest.raises(InvalidInput):
+        bundle(dkim_milter="inet:127.0.0.1:8891 -o x=y")
+    no_milter = bundle(dkim_milter="")["postfix/master.cf.mailstate"]
+    assert "smtpd_milters" not in no_milter and "ORIGINATING" in no_milter

@@ -204,7 +204,7 @@ def test_dry_run_changes_nothing(host: Host) -> None:
     out = r.stdout
     for action in (f"would install {host.etc}/pi-pull.ini (0644)", f"would install {host.etc}/sync_key (0600)",
                    f"would install {host.lib}/pi_pull.py (0755)", f"would install {host.systemd}/pi-pull.timer",
-                   f"would set 5 mailstate lines in {host.postfix}/main.cf", f"would write {host.postfix}/master.cf",
+                   f"would set 15 mailstate lines in {host.postfix}/main.cf", f"would write {host.postfix}/master.cf",
                    "would comment out `!include auth-system.conf.ext`", f"would create mail root {host.mail_root}"):
         assert action in out, out
     assert "No configuration" in out and "dry run:" in out
@@ -227,7 +227,13 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     assert conf["virtual_mailbox_domains"] == f"hash:{host.root}/current/postfix/virtual_mailbox_domains"
     assert conf["virtual_transport"] == "lmtp:inet:127.0.0.1:24"
     assert conf["compatibility_level"] == "3.6"
-    assert (host.postfix / "master.cf").read_bytes() == Path("/usr/share/postfix/master.cf.dist").read_bytes()
+    # master.cf: Postfix's own dist plus the bundle's submission entries (587, 465)
+    master = (host.postfix / "master.cf").read_bytes()
+    assert master.startswith(Path("/usr/share/postfix/master.cf.dist").read_bytes().rstrip(b"\n").rsplit(b"\n#submission", 1)[0][:200])
+    for svc in ("submission/inet", "submissions/inet"):
+        m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", svc], capture_output=True, text=True)
+        assert m.stdout.split()[7:8] == ["smtpd"] and "smtpd_sasl_auth_enable=yes" in m.stdout, m.stdout
+    assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_tls_cert_file"] == "/etc/pi-pull/tls/fullchain.pem"
     # Dovecot: the snippet is in, the system users are not a passdb any more
     dv = _doveconf(host)
     assert f"args = scheme=BLF-CRYPT username_format=%u {host.root}/current/dovecot/passwd.d/%d" in dv
