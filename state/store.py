@@ -41,6 +41,7 @@ import pygit2
 
 from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
 from mailstate.state import files
+from mailstate.state.chain import range_problems
 from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StatementInvalid, StoreError, Unavailable, UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
@@ -50,7 +51,7 @@ from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.statement import create_statement, parse_statement, read_statement, verify_statement
-from mailstate.state.sync import Incoming, full_check, validate_incoming, verify_signature
+from mailstate.state.sync import Incoming, full_check, validate_incoming
 from mailstate.state.upstream import REJECTED_PREFIX, Upstream
 
 log = logging.getLogger("mailstate.store")
@@ -253,6 +254,12 @@ class Store:
         snap = self._snapshot
         tree = self.git.build_tree(snap.commit, self.changed_files(snap, change))
         when = self.clock()
+        if snap.commit is not None:
+            # Never dated before the parent (a server whose clock is behind an admin's): nodes and
+            # other servers refuse committer times that go backwards (state/chain.py).
+            parent_time = self.git.repo[snap.commit].peel(pygit2.Commit).commit_time
+            if when.timestamp() < parent_time:
+                when = datetime.fromtimestamp(parent_time, UTC)
         sha = self.git.commit(tree, snap.commit, message, self.signer, when)
         issued = int(when.timestamp())
         stated: tuple[str, int] | None = None
@@ -358,8 +365,13 @@ class Store:
         local = self.head
         if tip == local or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
             return
-        reason = verify_signature(self.git.path, tip, self.trusted_signers) if self.trusted_signers else None
         fresh = joining and self.git.is_root(local) and not self._snapshot.domains
+        reason = None
+        if self.trusted_signers:
+            # Every commit of local..tip, not only the tip (state/chain.py); a fresh data dir
+            # joining a fleet, or a tip that does not descend, checks the tip alone.
+            base = local if self.git.is_ancestor(local, tip) else None
+            reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
         if reason is not None:
             incoming = Incoming(commit=tip, problems=[reason])
         elif self.git.is_ancestor(local, tip):

@@ -602,7 +602,9 @@ def test_report_sent(setup: Setup) -> None:
         sha = _apply_first_with(setup, setup.config(report__url=server.url))
         assert len(server.received) == 1
         headers, body = server.received[0]
-        assert body == {"name": "pi-test", "sync_key": setup.sync_key, "applied_commit": sha, "status": "ok", "error": None}
+        issued = setup.state()["statement"]["issued_at"]
+        assert body == {"name": "pi-test", "sync_key": setup.sync_key, "applied_commit": sha, "status": "ok", "error": None,
+                        "statement_issued_at": issued}
         assert headers["Authorization"] == "Basic " + base64.b64encode(f"pi-test:{setup.sync_key}".encode()).decode()
         # a refused tick reports the refusal with the still-applied commit
         setup.repo.commit("unsigned", sign=False)
@@ -627,7 +629,8 @@ def test_report_failure_is_delivered_next_tick(setup: Setup) -> None:
     sha = _apply_first_with(setup, cfg)  # server down: still applied, exit 0
     assert "report to" in setup.outputs[-1] and "failed" in setup.outputs[-1]
     assert setup.current() == sha
-    assert setup.state()["pending_reports"] == [{"applied_commit": sha, "status": "ok", "error": None}]
+    issued = setup.state()["statement"]["issued_at"]
+    assert setup.state()["pending_reports"] == [{"applied_commit": sha, "status": "ok", "error": None, "statement_issued_at": issued}]
     server = ReportServer(port=port)
     try:
         r = setup.tick(cfg)
@@ -969,7 +972,9 @@ def test_e2e_refused_and_failed_ticks_keep_serving(e2e: E2E) -> None:
     assert e2e.tick().returncode == EXIT_REFUSED
     still_serving()
     # main and the statement forced back to an older, validly signed commit: nothing changes
+    # (the refused commits leave the history: every commit under a tip is verified, not only the tip)
     repo.push(good)
+    git(repo.work, "reset", "--quiet", "--hard", good)
     repo.set_mailbox("info@example.com", "info-password")
     newer = repo.commit("newer")
     assert e2e.tick().returncode == EXIT_OK
@@ -1004,8 +1009,9 @@ def test_e2e_refused_and_failed_ticks_keep_serving(e2e: E2E) -> None:
 
 def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_dir: Any) -> None:
     """pi-pull accepts what `state/` + `compiler/` actually commit, verified with the data dir's
-    allowed_signers (conftest's `mail_store`: example.com with info@example.com)."""
-    cfg = setup.config(remote__url=str(data_dir.repo), node__allowed_signers=str(data_dir.allowed_signers))
+    allowed_signers (conftest's `mail_store`: example.com with info@example.com). The store runs
+    on conftest's frozen clock, so its statements are months old: freshness is off here."""
+    cfg = setup.config(remote__url=str(data_dir.repo), node__allowed_signers=str(data_dir.allowed_signers), freshness__max_staleness="0")
     r = setup.tick(cfg)
     assert r.returncode == EXIT_OK, r.stderr
     tip = git(data_dir.repo, "rev-parse", "main")
@@ -1019,8 +1025,8 @@ def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_d
     assert setup.tick(cfg).returncode == EXIT_OK
     assert "sales@example.com" in (setup.root / "current/dovecot/passwd.d/example.com").read_text()
     # the node trusts only its own allowed_signers, not the server's key it never installed
-    r = setup.tick(setup.config(remote__url=str(data_dir.repo)))
+    r = setup.tick(setup.config(remote__url=str(data_dir.repo), freshness__max_staleness="0"))
     assert r.returncode == EXIT_OK  # nothing new: no verification needed
     mail_store.execute("add-user", PROJECT_A, {"email": "third@example.com", "password": "yet another password"})
-    r = setup.tick(setup.config(remote__url=str(data_dir.repo)))  # allowed_signers = the test key only
+    r = setup.tick(setup.config(remote__url=str(data_dir.repo), freshness__max_staleness="0"))  # allowed_signers = the test key only
     assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr

@@ -14,6 +14,7 @@ state/statement.py)::
 
     Accepted-Head: <sha>
     Issued-At: <unix-seconds>
+    Key-Endorsement: <base64>        (0 to 8 lines, after a server key rotation: pipull/trust.py)
     -----BEGIN SSH SIGNATURE-----
     ...
 
@@ -24,6 +25,8 @@ sign commits cannot sign a statement.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tempfile
@@ -51,6 +54,7 @@ _PAYLOAD = re.compile(
     rb"\n"
     rb"Accepted-Head: (?P<head>[0-9a-f]{40})\n"
     rb"Issued-At: (?P<issued>0|[1-9][0-9]{0,11})\n"
+    rb"(?P<endorsements>(?:Key-Endorsement: [A-Za-z0-9+/]{4,4096}={0,2}\n){0,8})"
 )
 _ARMOR = re.compile(rb"-----BEGIN SSH SIGNATURE-----\n[A-Za-z0-9+/=\n]+-----END SSH SIGNATURE-----\n")
 
@@ -64,6 +68,8 @@ class Statement:
     issued_at: int
     payload: bytes
     signature: bytes
+    # Server key rotation: each an old server key's signed word for its successor (pipull/trust.py).
+    endorsements: tuple[bytes, ...] = ()
 
 
 def parse_statement(tag: str, raw: bytes) -> Statement:
@@ -82,17 +88,22 @@ def parse_statement(tag: str, raw: bytes) -> Statement:
     head = m.group("head").decode()
     if m.group("object").decode() != head or not head.startswith(m.group("short").decode()) or m.group("tagged") != m.group("issued"):
         raise Refused(f"the accepted-head statement {tag[:12]}: its fields disagree (object, Accepted-Head, Issued-At)")
-    return Statement(tag=tag, head=head, issued_at=int(m.group("issued")), payload=payload, signature=signature)
+    try:
+        endorsements = tuple(base64.b64decode(line.split(b": ", 1)[1], validate=True) for line in m.group("endorsements").splitlines())
+    except (binascii.Error, ValueError):
+        raise Refused(f"the accepted-head statement {tag[:12]} carries a malformed Key-Endorsement") from None
+    return Statement(tag=tag, head=head, issued_at=int(m.group("issued")), payload=payload, signature=signature,
+                     endorsements=endorsements)
 
 
-def verify_statement(runner: Runner, cfg: Config, st: Statement) -> None:
-    """``ssh-keygen -Y verify -I mailstate`` against the node's allowed_signers; Refused unless a
-    server key signed it."""
+def verify_statement(runner: Runner, cfg: Config, st: Statement, signers: str | None = None) -> None:
+    """``ssh-keygen -Y verify -I mailstate`` against the node's allowed_signers (or ``signers``,
+    the file with the keys learned from endorsements); Refused unless a server key signed it."""
     with tempfile.TemporaryDirectory(prefix="pi-pull-statement-") as tmp:
         sig = os.path.join(tmp, "statement.sig")
         with open(sig, "wb") as fh:
             fh.write(st.signature)
-        argv = [cfg.ssh_keygen, "-Y", "verify", "-f", cfg.allowed_signers, "-I", PRINCIPAL, "-n", NAMESPACE, "-s", sig]
+        argv = [cfg.ssh_keygen, "-Y", "verify", "-f", signers or cfg.allowed_signers, "-I", PRINCIPAL, "-n", NAMESPACE, "-s", sig]
         if cfg.revoked_signers:
             argv += ["-r", cfg.revoked_signers]
         r = runner.run(argv, input=st.payload, timeout=60)
