@@ -83,7 +83,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from mailstate.state.datadir import init_data_dir
-    from mailstate.state.models import Settings, invalid_input_from
+    from mailstate.state.models import DnsSettings, Settings, invalid_input_from
 
     try:
         settings = Settings(
@@ -92,6 +92,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             gid=args.gid,
             default_quota_mb=args.default_quota_mb,
             bcrypt_cost=args.bcrypt_cost,
+            dns=DnsSettings(mx_hosts=args.mx_host, dkim_cname_zone=args.dkim_cname_zone) if args.mx_host else None,
         )
     except ValidationError as exc:
         raise invalid_input_from(exc) from None
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gid", type=int, default=5000, help="gid owning the mail on the nodes (default 5000)")
     p.add_argument("--default-quota-mb", type=int, default=1024, help="quota when add-user gives none (default 1024)")
     p.add_argument("--bcrypt-cost", type=int, default=12, help="bcrypt cost for new passwords (default 12; 4 for tests)")
+    p.add_argument("--mx-host", action="append", metavar="HOST", help="the platform's mail host for dns-records' MX (repeat in preference order; "
+                   "writes mailstate.yaml's dns: block, which has more keys: see README)")
+    p.add_argument("--dkim-cname-zone", metavar="ZONE", help="with --mx-host: DKIM records as CNAMEs to <selector>.ZONE")
     p.add_argument("--no-token", action="store_true", help="make no admin token (default: make one and print it once, as the last line)")
     p.add_argument(
         "--with-workflow",

@@ -77,9 +77,10 @@ _CAN_404 = {
     "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
+    "dns-records",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
-            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user"}  # fmt: skip
+            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records"}  # fmt: skip
 # Success statuses: 201 when the call created something (Outcome.created), else 200.
 CREATED: dict[str, tuple[int, ...]] = {"add-user": (201,), "add-domain": (201,), "add-node": (201,), "link-domain": (201, 200), "add-alias": (201,)}
 

@@ -140,6 +140,16 @@ _DETAILS: dict[str, str] = {
         "without a mailbox or alias are then refused). Refused: 404 alias_not_found if the domain is not an alias domain. "
         + _WRITE
     ),
+    "dns-records": (
+        "Answers `records`: every DNS record `domain` (an email-enabled domain of your project) needs, each with its "
+        "type, name, value and purpose: MX to the platform's mail hosts, the SPF TXT, one DKIM record per node and "
+        "selector (a TXT `v=DKIM1; k=rsa; p=...`, or, when the platform has a DKIM zone, a CNAME to it plus the zone's "
+        "TXT), the DMARC TXT, and the autoconfig/autodiscover names and SRV records mail clients look up. Publish "
+        "every DKIM record, pending and retired ones too: a node signs with a new key only after it was reported "
+        "here and its publish wait passed, and keeps the old one published until its next rotation. Refused: 404 "
+        "domain_not_found, 409 email_not_enabled, 409 dns_not_configured (the server's mailstate.yaml has no `dns:` "
+        "block). Reads only."
+    ),
     "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. " + _WRITE,
     "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. " + _WRITE,
 }

@@ -11,7 +11,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_request, unknown_operation, missing_token
     │                                   (`mailstate mcp` without a token), invalid_token_name,
     │                                   no_working_tree, not_repository_root (`mailstate plan`),
-    │                                   invalid_destinations, too_many_destinations (aliases)
+    │                                   invalid_destinations, too_many_destinations (aliases),
+    │                                   invalid_dkim_key (a node report's dkim_keys)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
@@ -25,7 +26,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   (`token revoke NAME` when several tokens share NAME),
     │                                   address_in_use, alias_exists, alias_loop,
     │                                   alias_chain_too_long, alias_domain_target_invalid,
-    │                                   alias_domains_remain (state/aliases.py)
+    │                                   alias_domains_remain (state/aliases.py),
+    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is

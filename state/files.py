@@ -248,10 +248,13 @@ def _plain(data: Any) -> str:
 
 
 def dump_settings(settings: Settings) -> bytes:
-    """Settings → canonical mailstate.yaml (format 1 keeps its old keys: no purge_after_days)."""
-    data = settings.model_dump(mode="json")
+    """Settings → canonical mailstate.yaml (format 1 keeps its old keys: no purge_after_days; no
+    `dns:` block unless one is set, so repos without one keep their bytes)."""
+    data = settings.model_dump(mode="json", exclude_none=True)
     if settings.format < 2:
         data.pop("purge_after_days")
+    if settings.dns is not None:
+        data["dns"] = settings.dns.model_dump(mode="json", exclude_none=True)
     return _plain(data).encode()
 
 

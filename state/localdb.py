@@ -1,4 +1,4 @@
-"""The server's local database (SQLite): API tokens and node sync status.
+"""The server's local database (SQLite): API tokens, node sync status, usage, DKIM public keys.
 
 Neither belongs in git: tokens are secrets (only their SHA-256 is stored here), and a node
 reporting every minute would drown the audit log.
@@ -49,6 +49,17 @@ CREATE TABLE IF NOT EXISTS mailbox_usage (
     node TEXT NOT NULL,
     reported_at TEXT NOT NULL,
     PRIMARY KEY (domain, local, mailbox_id)
+) WITHOUT ROWID;
+-- The nodes' DKIM public keys (pi-pull/pipull/dkim.py), as each last reported them; the
+-- private keys never leave the nodes. dns-records reads them.
+CREATE TABLE IF NOT EXISTS dkim_keys (
+    node TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    reported_at TEXT NOT NULL,
+    PRIMARY KEY (node, selector)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS node_status (
     name TEXT PRIMARY KEY,
@@ -228,6 +239,32 @@ class LocalDB:
                 if domain in wanted:
                     out.setdefault(domain, {})[(local, box_id)] = {"used_bytes": used, "messages": messages, "reported_at": at, "node": node}
         return out
+
+    # --- DKIM public keys -----------------------------------------------------------------------
+
+    def record_dkim_keys(self, node: str, keys: list[tuple[str, str, str, int]], at: datetime) -> None:
+        """Replace node `node`'s `(selector, public_key, state, created_at)` rows with what it reported."""
+        stamp = at.isoformat()
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.execute("DELETE FROM dkim_keys WHERE node = ?", (node,))
+                self._conn.executemany(
+                    "INSERT INTO dkim_keys (node, selector, public_key, state, created_at, reported_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(node, sel, key, state, created, stamp) for sel, key, state, created in keys],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def dkim_keys(self) -> list[dict[str, Any]]:
+        """Every node's reported DKIM keys, sorted by node and selector."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT node, selector, public_key, state, created_at, reported_at FROM dkim_keys ORDER BY node, selector"
+            ).fetchall()
+        return [{"node": r[0], "selector": r[1], "public_key": r[2], "state": r[3], "created_at": r[4], "reported_at": r[5]} for r in rows]
 
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:

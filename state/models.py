@@ -123,6 +123,38 @@ def _strict_bool(value: object) -> bool:
 # --- state repo files --------------------------------------------------------------------
 
 
+HOSTNAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"
+DNS_VALUE_PATTERN = r"^[\x20-\x7e]{1,2000}$"  # printable ASCII: it is pasted into DNS zone files
+
+
+DnsHost = Annotated[str, Field(pattern=HOSTNAME_PATTERN, max_length=253)]
+
+
+class DnsSettings(BaseModel):
+    """mailstate.yaml's optional `dns:` block: the platform's values for `dns-records`.
+
+    Absent (format-1/2 repos written before it): dns-records answers 409 dns_not_configured,
+    since there is no MX host to name. Every other key has a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mx_hosts: list[DnsHost] = Field(
+        min_length=1, max_length=10, description="The platform's mail hosts, in MX preference order (10, 20, ...)."
+    )
+    spf: str = Field(default="v=spf1 mx -all", pattern=DNS_VALUE_PATTERN, description="The SPF TXT value (default: the MX hosts send).")
+    dmarc: str = Field(default="v=DMARC1; p=none", pattern=DNS_VALUE_PATTERN, description="The _dmarc TXT value.")
+    dkim_cname_zone: DnsHost | None = Field(
+        default=None,
+        description="A platform zone for DKIM keys: customers publish CNAMEs <selector>._domainkey.<domain> -> <selector>.<zone> "
+        "once, and the platform publishes the keys' TXT records in its zone (rotation needs no customer DNS change).",
+    )
+    autoconfig_host: DnsHost | None = Field(
+        default=None, description="Host serving autoconfig/autodiscover (default: the first MX host)."
+    )
+    submission_host: DnsHost | None = Field(default=None, description="Host for SMTP submission (default: the first MX host).")
+    imap_host: DnsHost | None = Field(default=None, description="Host for IMAP (default: the first MX host).")
+
+
 class Settings(BaseModel):
     """mailstate.yaml: the format version and settings shared by every node."""
 
@@ -142,6 +174,7 @@ class Settings(BaseModel):
         le=MAX_PURGE_AFTER_DAYS,
         description="Days a hard-deleted mailbox's Maildir stays in the nodes' graveyard before it is deleted (0: on the next tick).",
     )
+    dns: DnsSettings | None = Field(default=None, description="The platform's DNS values for dns-records (optional; see DnsSettings).")
 
     @field_validator("mail_root")
     @classmethod
@@ -459,6 +492,10 @@ class RemoveAliasDomainRequest(Request):
     domain: DomainName = Field(description="The alias domain to turn back into an ordinary domain.")
 
 
+class DnsRecordsRequest(Request):
+    domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
+
+
 class LinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to link to a project (the dashboard's Domains tab).")
     project_id: ProjectId = Field(description="Project (WebSumo) id.")
@@ -645,6 +682,24 @@ class RotateNodeKeyResponse(WriteResponse):
     sync_key: str = Field(description="The node's new sync key, shown this once; the old key stops working.")
 
 
+class DnsRecord(BaseModel):
+    type: Literal["MX", "TXT", "CNAME", "SRV"] = Field(description="The record type.")
+    name: str = Field(description="The fully qualified owner name, without the trailing dot.", examples=["ms1-mpi01._domainkey.mycompany.nl"])
+    value: str = Field(
+        description="The record's value as a zone file writes it, without quotes (MX: `<preference> <host>`, SRV: `<priority> <weight> "
+        "<port> <host>`; a TXT longer than 255 characters is split into 255-character strings by the DNS provider or the zone file)."
+    )
+    purpose: str = Field(description="What the record is for, in one sentence.")
+    node: str | None = Field(default=None, description="DKIM records: the node whose key it is; else null.")
+    selector: str | None = Field(default=None, description="DKIM records: the selector; else null.")
+    state: str | None = Field(default=None, description="DKIM records: pending (published, not signing yet), active, or retired; else null.")
+
+
+class DnsRecordsResponse(Response):
+    domain: str
+    records: list[DnsRecord] = Field(description="Every record the domain needs: MX, SPF, DKIM per node and selector, DMARC, autoconfig.")
+
+
 class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
@@ -688,6 +743,7 @@ RESPONSES: dict[str, type[Response]] = {
     "set-forwarding": SetForwardingResponse,
     "add-alias-domain": AliasDomainResponse,
     "remove-alias-domain": AliasDomainResponse,
+    "dns-records": DnsRecordsResponse,
 }
 
 

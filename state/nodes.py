@@ -14,9 +14,9 @@ import ipaddress
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from mailstate.state.errors import Forbidden, Unauthenticated
+from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
 from mailstate.state.models import Node, parse
 from mailstate.state.snapshot import Snapshot
 from mailstate.state.validate import MAILBOX_ID
@@ -56,6 +56,26 @@ class UsageEntry(BaseModel):
     messages: int = Field(ge=0, le=MAX_USED_BYTES, description="Number of messages in the Maildir.")
 
 
+DKIM_SELECTOR = r"^ms[12]-[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?$"
+# RSA 1024-4096 as base64 DER SubjectPublicKeyInfo: 216-736 characters; a little room either side.
+DKIM_PUBLIC_KEY = r"^[A-Za-z0-9+/]{200,1000}={0,2}$"
+MAX_DKIM_KEYS = 2  # two selectors per node (pi-pull/pipull/dkim.py)
+
+
+class DkimKeyEntry(BaseModel):
+    """One of the node's DKIM public keys (pi-pull/pipull/dkim.py). Only the public half ever
+    leaves the node; the server keeps it in its local database for `dns-records`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    selector: str = Field(pattern=DKIM_SELECTOR, description="`ms1-<node>` or `ms2-<node>`: the node's two alternating selectors.")
+    public_key: str = Field(pattern=DKIM_PUBLIC_KEY, description="The `p=` value: base64 of the DER SubjectPublicKeyInfo of an RSA key.")
+    state: Literal["pending", "active", "retired"] = Field(
+        description="pending: published, not signing yet; active: signing; retired: the previous key, published until the next rotation."
+    )
+    created_at: int = Field(ge=0, le=2**40, description="When the node made the key (unix seconds).")
+
+
 class NodeReport(BaseModel):
     """The body of `POST /v1/nodes/report` (credentials aside)."""
 
@@ -82,12 +102,28 @@ class NodeReport(BaseModel):
         max_length=MAX_USAGE_ENTRIES,
         description="Optional: each mailbox's measured size, sent every usage_interval (not every pull). Stored on the server, never in git.",
     )
+    dkim_keys: list[DkimKeyEntry] | None = Field(
+        default=None,
+        max_length=MAX_DKIM_KEYS,
+        description="Optional: the node's DKIM public keys (at most one per selector). Stored on the server (never in git); dns-records lists them.",
+    )
+
+    @model_validator(mode="after")
+    def _one_key_per_selector(self) -> NodeReport:
+        keys = self.dkim_keys or []
+        if len({k.selector for k in keys}) != len(keys):
+            raise InvalidInput("dkim_keys lists a selector twice.", code="invalid_dkim_key", field="dkim_keys")
+        if sum(1 for k in keys if k.state == "active") > 1:
+            raise InvalidInput("dkim_keys has more than one active key.", code="invalid_dkim_key", field="dkim_keys")
+        return self
 
 
 class StatusSink(Protocol):
     def record_node_status(self, name: str, *, applied_commit: str | None, status: str, error: str | None, remote_addr: str | None, at: datetime) -> None: ...
 
     def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
+
+    def record_dkim_keys(self, node: str, keys: list[tuple[str, str, str, int]], at: datetime) -> None: ...
 
 
 def normalize_addr(addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -125,6 +161,14 @@ def authenticate_node(snapshot: Snapshot, name: object, sync_key: object, remote
 
 def parse_report(body: Any) -> NodeReport:
     """Validate a report body into NodeReport, raising InvalidInput."""
+    if isinstance(body, dict) and "dkim_keys" in body:
+        try:
+            NodeReport.model_validate({"status": "ok", "dkim_keys": body["dkim_keys"]})
+        except ValidationError as exc:
+            # Name the entry and the key at fault (the generic message names only the field).
+            err = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            raise InvalidInput(f"Invalid {where}: {err.get('msg', 'invalid value')}.", code="invalid_dkim_key", field="dkim_keys") from None
     return parse(NodeReport, body)
 
 
@@ -133,6 +177,11 @@ def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remo
     if name not in snapshot.nodes.nodes:
         raise Unauthenticated("A valid node name and sync key are required.", code="unauthenticated")
     report = parse_report(body)
+    for key in report.dkim_keys or []:
+        # A node publishes under its own two selectors only: no node can take over another's DNS names.
+        if key.selector not in (f"ms1-{name}", f"ms2-{name}"):
+            why = f"DKIM selector {key.selector} is not one of node {name}'s (ms1-{name}, ms2-{name})."
+            raise InvalidInput(why, code="invalid_dkim_key", field="dkim_keys")
     peer = normalize_addr(remote_addr)
     db.record_node_status(
         name,
@@ -144,6 +193,9 @@ def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remo
     )
     if report.usage:
         db.record_usage(name, usage_rows(snapshot, report.usage), now)
+    if report.dkim_keys is not None:
+        # Every report carries the node's whole set: what it no longer lists is no longer published.
+        db.record_dkim_keys(name, [(k.selector, k.public_key, k.state, k.created_at) for k in report.dkim_keys], now)
     return report
 
 

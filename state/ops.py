@@ -29,6 +29,8 @@ SYNC_KEY_PREFIX = "mss_"
 NodeStatusLookup = Callable[[str], "dict[str, Any] | None"]
 # domain names → {domain: {(local, mailbox id): usage row}} (state.localdb.LocalDB.usage_for).
 UsageLookup = Callable[[list[str]], "dict[str, dict[tuple[str, str], dict[str, Any]]]"]
+# () → every node's reported DKIM keys (state.localdb.LocalDB.dkim_keys).
+DkimLookup = Callable[[], "list[dict[str, Any]]"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Context:
     now: datetime
     node_status: NodeStatusLookup
     usage: UsageLookup | None = None
+    dkim_keys: DkimLookup | None = None
 
 
 Prepared = dict[str, Any]
@@ -532,6 +535,22 @@ def remove_alias_domain(ctx: Context, req: m.RemoveAliasDomainRequest, _: Prepar
     return _write(new, req.domain, {"domain": req.domain, "alias_of": None}, dom.project_id)
 
 
+# --- DNS (rules in state.dns) ----------------------------------------------------------------
+
+
+def dns_records(ctx: Context, req: m.DnsRecordsRequest, _: Prepared) -> Outcome:
+    dom = _mail_domain(ctx, req.domain)
+    settings = ctx.state.settings.dns
+    if settings is None:
+        raise Conflict(
+            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml.", code="dns_not_configured", target=req.domain
+        )
+    from mailstate.state.dns import records_for  # here: the other operations never need it
+
+    keys = ctx.dkim_keys() if ctx.dkim_keys is not None else []
+    return Outcome({"domain": dom.domain, "records": records_for(dom.domain, settings, keys, ctx.state.nodes.nodes)})
+
+
 # --- nodes -------------------------------------------------------------------------------
 
 
@@ -732,5 +751,16 @@ _ALIASES = [
     Operation("remove-alias-domain", m.RemoveAliasDomainRequest, remove_alias_domain, summary="Turn an alias domain back into an ordinary domain."),
 ]
 
-OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES}
+_DNS = [
+    Operation(
+        "dns-records",
+        m.DnsRecordsRequest,
+        dns_records,
+        method="GET",
+        write=False,
+        summary="List the DNS records one of your email-enabled domains needs: MX, SPF, DKIM of every node, DMARC, autoconfig.",
+    ),
+]
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS}
 SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

@@ -46,7 +46,7 @@ from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, Stateme
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
-from mailstate.state.ops import OPERATIONS, Context, Operation, Outcome, UsageLookup
+from mailstate.state.ops import OPERATIONS, Context, DkimLookup, Operation, Outcome, UsageLookup
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
@@ -103,6 +103,8 @@ class Store:
 
     # Mailbox usage the nodes reported (state.localdb), handed to the operations; set by open_store.
     usage_source: UsageLookup | None = None
+    # The nodes' DKIM public keys (state.localdb), for dns-records; set by open_store.
+    dkim_source: DkimLookup | None = None
 
     def __init__(
         self,
@@ -201,7 +203,7 @@ class Store:
         return self._write(op, actor, req, prepared, clean_request_id(None))
 
     def _context(self, actor: Actor) -> Context:
-        return Context(state=self._snapshot, actor=actor, now=self.clock(), node_status=self.node_status, usage=self.usage_source)
+        return Context(state=self._snapshot, actor=actor, now=self.clock(), node_status=self.node_status, usage=self.usage_source, dkim_keys=self.dkim_source)
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:

@@ -167,13 +167,16 @@ def test_off_unless_enabled_and_config_checks(node: dict[str, Any], pipull: Modu
     errors = importlib.import_module("pipull.errors")
     signers = tmp_path / "allowed_signers"
     signers.write_text("")
-    base = f"[remote]\nurl = /x\n[node]\nname = Node_1\nallowed_signers = {signers}\n[paths]\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+    base = f"[remote]\nurl = /x\n[node]\nname = node-1\nallowed_signers = {signers}\n[paths]\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
     ini = tmp_path / "pi-pull.ini"
+    ini.write_text(base.replace("node-1", "Node_1") + "[dkim]\nenabled = yes\n")
+    with pytest.raises(errors.ConfigError, match="lowercase"):
+        config.load_config(str(ini))
     ini.write_text(base + "[dkim]\nenabled = yes\nkey_dir = /etc/pi-pull/dkim\npublish_wait = 60\nrotate_days = 90\n")
     cfg = config.load_config(str(ini))
     assert (cfg.dkim, cfg.dkim_publish_wait, cfg.dkim_rotate_days) == (True, 60.0, 90.0)
     assert importlib.import_module("pipull.dkim").Dkim(cfg, None, logging.getLogger("x")).selectors == ("ms1-node-1", "ms2-node-1")
-    for bad, needle in (("selector_label = Not_A_Label\n", "selector_label"), ("publish_wait = -1\n", "publish_wait")):
+    for bad, needle in (("publish_wait = -1\n", "publish_wait"), ("rotate_days = -2\n", "rotate_days")):
         ini.write_text(base + "[dkim]\nenabled = yes\n" + bad)
         with pytest.raises(errors.ConfigError) as exc:
             config.load_config(str(ini))

@@ -135,6 +135,9 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     assert {d.domain: d.alias_of for d in domains.domains}["gen-old.example"] == "gen.example"
     ad = call(project, ea, "remove-alias-domain", 200, "AliasDomainResponse", body=m.RemoveAliasDomainRequest(domain="gen-old.example"))
     assert ad.alias_of is None
+    # dns-records: this server's mailstate.yaml has no dns: block (tests/test_dns_records.py has one).
+    err = call(project, ea, "dns-records", 409, "ErrorResponse", domain="gen.example")
+    assert err.error.code == "dns_not_configured"
     call(project, ea, "disable-email", 200, "DomainResponse", body=m.DisableEmailRequest(domain="gen-old.example"))
     for email in ("tmp@gen.example", "info@gen.example"):
         call(project, "email_account", "remove-user", 200, "RemoveUserResponse", body=m.RemoveUserRequest(email=email, hard_delete=True))

@@ -125,7 +125,7 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    assert len(spec_ops) == 12 + 7  # the spec's 11, restore-user, and the 7 alias operations (every extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1  # the spec's 11, restore-user, the 7 alias operations and dns-records (every extension is a tool)
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
@@ -220,6 +220,7 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "set-forwarding": [{"email": "info@b.example", "destinations": ["x@a.example"]}, {"email": "old@b.example", "destinations": []}],
     "add-alias-domain": [{"domain": "b.example", "target": "a.example"}, {"domain": "b-dark.example", "target": "b.example"}],
     "remove-alias-domain": [{"domain": "b.example"}],
+    "dns-records": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
 }
 
 

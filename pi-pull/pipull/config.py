@@ -59,7 +59,6 @@ class Config:
     dkim: bool = False
     dkim_key_dir: str = "/etc/pi-pull/dkim"
     dkim_key_owner: str = "opendkim"
-    dkim_selector_label: str = ""
     dkim_publish_wait: float = 86400.0
     dkim_rotate_days: float = 0.0
     dkim_reload: str = "systemctl reload opendkim"
@@ -189,7 +188,6 @@ def _load_dkim(r: _Reader, cfg: Config) -> None:
     cfg.dkim = r.get_bool("dkim", "enabled", False)
     cfg.dkim_key_dir = r.get_path("dkim", "key_dir", cfg.dkim_key_dir)
     cfg.dkim_key_owner = r.get_str("dkim", "key_owner", cfg.dkim_key_owner)
-    cfg.dkim_selector_label = r.get_str("dkim", "selector_label", "")
     cfg.dkim_publish_wait = r.get_float("dkim", "publish_wait", cfg.dkim_publish_wait)
     cfg.dkim_rotate_days = r.get_float("dkim", "rotate_days", cfg.dkim_rotate_days)
     cfg.dkim_reload = r.get_str("dkim", "reload", cfg.dkim_reload)
@@ -199,10 +197,9 @@ def _load_dkim(r: _Reader, cfg: Config) -> None:
 def _check_dkim(cfg: Config, path: str) -> None:
     if not cfg.dkim:
         return
-    label = cfg.dkim_selector_label or re.sub(r"[._]+", "-", cfg.node_name.lower()).strip("-")
-    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?", label):
-        raise ConfigError(f"config {path}: [dkim] selector_label (default: [node] name) must be 1-57 lowercase letters, digits or "
-                          f"hyphens: the selectors are ms1-<label> and ms2-<label>")
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?", cfg.node_name):
+        raise ConfigError(f"config {path}: [dkim] needs a [node] name of 1-57 lowercase letters, digits or hyphens (the server's "
+                          f"node names): the selectors are ms1-<name> and ms2-<name>")
     if cfg.dkim_publish_wait < 0 or cfg.dkim_rotate_days < 0:
         raise ConfigError(f"config {path}: [dkim] publish_wait and rotate_days must be >= 0")
     if not cfg.dkim_key_dir.startswith("/"):

@@ -16,8 +16,8 @@ changed::
     KeyTable       <domain> <domain>:<selector>:<key_dir>/<selector>.private
     SigningTable   *@<domain> <domain>            (refile: one pattern per domain)
 
-Selectors: ``ms1-<label>`` and ``ms2-<label>`` (``label``: ``[dkim] selector_label``, default
-the node name), the two-selector pattern of the big senders. A key is in one of three states:
+Selectors: ``ms1-<node name>`` and ``ms2-<node name>``, the two-selector pattern of the big
+senders (the server accepts no other selector from a node). A key is in one of three states:
 
 * ``pending``: made, not used yet. It is in every report from now on; once a report that
   carried it was accepted by the server (HTTP 200) and ``publish_wait`` seconds have passed
@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import pwd
-import re
 import shlex
 import time
 from collections.abc import Callable
@@ -63,16 +62,8 @@ KEYS_FILE = "keys.json"
 KEY_TABLE = "KeyTable"
 SIGNING_TABLE = "SigningTable"
 STATES = ("pending", "active", "retired")
-LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?$")  # ms1- + label stays one DNS label
-PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{300,800}={0,2}$")
 DOMAINS_FILE = os.path.join("postfix", "virtual_mailbox_domains")
 MAX_DOMAINS_BYTES = 64 * 1024 * 1024
-
-
-def selector_label(name: str) -> str:
-    """The DNS-label form of a node name (lowercase; '.' and '_' become '-')."""
-    label = re.sub(r"[._]+", "-", name.lower()).strip("-")
-    return label[:56].strip("-")
 
 
 class Dkim:
@@ -88,8 +79,9 @@ class Dkim:
         self.clock = clock
         self.dir = cfg.dkim_key_dir
         self.path = os.path.join(self.dir, KEYS_FILE)
-        label = cfg.dkim_selector_label or selector_label(cfg.node_name)
-        self.selectors = (f"ms1-{label}", f"ms2-{label}")
+        # The server accepts exactly these two for this node (state/nodes.py), so no node can
+        # publish under another's DNS names.
+        self.selectors = (f"ms1-{cfg.node_name}", f"ms2-{cfg.node_name}")
 
     # ---- keys.json
 
