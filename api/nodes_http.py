@@ -5,6 +5,7 @@ in its JSON body instead). A node with an `ip_address` on record is refused (403
 other address.
 
     POST /v1/nodes/report                                  → {"ok": true}
+    GET  /v1/nodes/wait?head=<sha>&timeout=<s>             → {"changed", "head", "issued_at"}
     GET  /v1/nodes/state.git/info/refs?service=git-upload-pack
     POST /v1/nodes/state.git/git-upload-pack               (git smart HTTP, fetch/clone only)
 
@@ -19,13 +20,23 @@ on): protocol v2's upload-pack hands out ANY object by sha, while v0 with the
 allow*SHA1InWant settings off serves only objects reachable from an advertised ref. So a commit
 the server refused (pushed into state.git by hand, or replaced by a correction) cannot be
 fetched here, by name or by sha.
+
+The wait endpoint is a long poll for follow mode (`pi_pull.py --follow`): it answers as soon as
+the accepted head (the statement's) differs from `head`, or after `timeout` seconds with
+`"changed": false`. A waiting node costs one small coroutine and no thread: all waiters share
+one asyncio future per statement, which the store's statement listener (state/store.py
+add_statement_listener, called after REF moved) resolves through `loop.call_soon_threadsafe`;
+the write path pays one such call, whatever the number of waiters. See WaitHub.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import math
 import os
+import re
 import subprocess
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +50,7 @@ from mailstate.api.http_errors import HTTPError, error_body
 from mailstate.state.errors import Unauthenticated
 from mailstate.state.nodes import NodeReport, authenticate_node, record_report
 from mailstate.state.statement import REF as STATEMENT_REF
+from mailstate.state.store import Store
 
 GIT_PREFIX = "/v1/nodes/state.git"
 MAX_UPLOAD_PACK_BODY = 16 * 1024 * 1024
@@ -47,6 +59,129 @@ MAX_REPORT_BODY = 24 * 1024 * 1024
 GIT_TIMEOUT = 300.0
 _BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="mailstate nodes", charset="UTF-8"'}
 _CGI_HEADERS = {"content-type", "cache-control", "expires", "pragma", "last-modified"}
+
+
+WAIT_DEFAULT_S = 25.0
+# Below the read timeout of common reverse proxies (nginx: 60 s) with room to spare.
+WAIT_MAX_S = 55.0
+MAX_WAITERS_PER_NODE = 4  # a node runs one follower; a few more cover reconnects
+MAX_WAITERS = 20_000  # all nodes together (each costs a few KB)
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_WAIT_PARAMS = {"head", "timeout"}
+
+
+class WaitHub:
+    """The long-poll waiters of one app: who waits, and one future per statement to wake them.
+
+    Lives on the event loop (only `_moved` is ever called from another thread, and only through
+    `call_soon_threadsafe`). A waiter reads the stated head, and when it equals the one it
+    knows, awaits the current generation's future; the store's listener resolves that future
+    once per new stated head, waking every waiter in one pass of the loop.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.waiting: dict[str, int] = {}
+        self.total = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._future: asyncio.Future[None] | None = None
+
+    def head(self) -> str:
+        """The accepted head nodes can fetch now (the statement's), or "" when there is none."""
+        stated = self.store.statement
+        return str(stated["head"]) if stated else ""
+
+    def attach(self) -> None:
+        """Listen to the store from the running loop (again after a loop change, e.g. in tests)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None:
+            self.store.remove_statement_listener(self._listener)
+        self._loop, self._future = loop, loop.create_future()
+        self.store.add_statement_listener(self._listener)
+
+    def detach(self) -> None:
+        if self._loop is not None:
+            self.store.remove_statement_listener(self._listener)
+            self._loop = None
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)  # wake everyone (shutdown): they answer "unchanged"
+
+    def _listener(self, _head: str) -> None:
+        # Runs in the thread that moved the statement, maybe under the write lock: one cheap
+        # hand-over to the loop, never a wait.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._moved)
+
+    def _moved(self) -> None:
+        old, self._future = self._future, asyncio.get_running_loop().create_future()
+        if old is not None and not old.done():
+            old.set_result(None)
+
+    async def wait(self, node: str, head: str, timeout: float, disconnected: asyncio.Future[Any]) -> str:
+        """The stated head once it differs from `head`, or at `timeout`, or when the client left."""
+        self.attach()
+        current = self.head()
+        if current != head or timeout <= 0:
+            return current
+        if self.waiting.get(node, 0) >= MAX_WAITERS_PER_NODE:
+            raise HTTPError(429, "too_many_waiters", f"Node {node} already has {MAX_WAITERS_PER_NODE} waits open; close one first.", {"Retry-After": "5"})
+        if self.total >= MAX_WAITERS:
+            raise HTTPError(503, "too_many_waiters", "The server holds as many waiting nodes as it may; retry in a minute.", {"Retry-After": "60"})
+        self.waiting[node] = self.waiting.get(node, 0) + 1
+        self.total += 1
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while current == head:
+                left = deadline - asyncio.get_running_loop().time()
+                fut = self._future
+                if left <= 0 or fut is None or disconnected.done():
+                    break
+                # One future shared by every waiter: asyncio.wait never cancels it (a waiter
+                # that times out only drops its own callback), and adds no task per waiter.
+                await asyncio.wait((fut, disconnected), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                current = self.head()
+            return current
+        finally:
+            self.total -= 1
+            if self.waiting[node] <= 1:
+                del self.waiting[node]
+            else:
+                self.waiting[node] -= 1
+
+
+def _wait_query(request: Request) -> tuple[str, float]:
+    """(head, timeout) from the query, or a 400 that names the parameter."""
+    seen: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in _WAIT_PARAMS:
+            raise HTTPError(400, "invalid_request", f"Unknown query parameter '{key}'; only head and timeout are accepted.")
+        if key in seen:
+            raise HTTPError(400, "invalid_request", f"The query parameter '{key}' is given more than once.")
+        seen[key] = value
+    head = seen.get("head", "").strip().lower()
+    if head and not _SHA.match(head):
+        raise HTTPError(400, "invalid_request", "head must be a full commit sha (40 hex digits), or empty for the current head at once.")
+    raw = seen.get("timeout", "").strip()
+    timeout = WAIT_DEFAULT_S
+    if raw:
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = math.nan
+        if not math.isfinite(timeout) or not 0 <= timeout <= WAIT_MAX_S:
+            raise HTTPError(400, "invalid_request", f"timeout must be a number of seconds from 0 to {WAIT_MAX_S:g}.")
+    return head, timeout
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client goes away (its connection closed): the waiter then leaves."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -115,6 +250,51 @@ def build_router() -> APIRouter:
         except Unauthenticated:
             raise _unauthenticated() from None
         return JSONResponse({"ok": True})
+
+    @router.get(
+        "/wait",
+        summary="Follow mode: wait until the accepted head differs from `head` (long poll, HTTP Basic name:sync_key).",
+        operation_id="node_wait",
+        openapi_extra={
+            "security": [{"NodeBasic": []}],
+            "parameters": [
+                {
+                    "name": "head",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^([0-9a-f]{40})?$", "default": ""},
+                    "description": "The accepted head the node knows (the statement's). Empty or absent: answer at once.",
+                },
+                {
+                    "name": "timeout",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX_S, "default": WAIT_DEFAULT_S},
+                    "description": f"Seconds to wait at most (0 to {WAIT_MAX_S:g}); then the answer is `changed: false`.",
+                },
+            ],
+        },
+    )
+    async def wait(request: Request) -> JSONResponse:
+        services: Services = request.app.state.services
+        hub: WaitHub = request.app.state.wait_hub
+        head, timeout = _wait_query(request)
+        creds = basic_credentials(request)
+        if creds is None:
+            raise _unauthenticated()
+        try:
+            # In a thread like the report's: the key check hashes, and the loop stays free.
+            await run_in_threadpool(authenticate_node, services.store.snapshot, creds[0], creds[1], _peer(request))
+        except Unauthenticated:
+            raise _unauthenticated() from None
+        disconnected = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            current = await hub.wait(creds[0], head, timeout, disconnected)
+        finally:
+            disconnected.cancel()
+        stated = services.store.statement
+        issued = stated["issued_at"] if stated and stated["head"] == current else None
+        return JSONResponse({"changed": current != head, "head": current or None, "issued_at": issued}, headers={"Cache-Control": "no-store"})
 
     git_doc = "Read-only git smart HTTP (clone/fetch) of the state repo, HTTP Basic name:sync_key. Push is refused (403)."
 

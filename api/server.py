@@ -6,7 +6,7 @@
 
 Routes:
     /v1/email-account/<operation>   the API (api.http), one route per state.ops operation
-    /v1/nodes/report, /v1/nodes/state.git/...   node sync (api.nodes_http)
+    /v1/nodes/report, /v1/nodes/wait, /v1/nodes/state.git/...   node sync (api.nodes_http)
     /v1/health                      liveness and HEAD
     /mcp                            MCP over streamable HTTP (api.mcp_server)
     /openapi.json, /docs            documentation
@@ -88,6 +88,7 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
     if store is None:
         store = open_store(dd.root, db=db)
     services = http.Services(data=dd, store=store, db=db, metrics=Metrics(store))
+    wait_hub = nodes_http.WaitHub(store)  # the long-poll waiters of /v1/nodes/wait
     allowed_hosts = [h for h in os.environ.get("MAILSTATE_ALLOWED_HOSTS", "").split(",") if h.strip()]
     mcp_app, mcp_manager = mcp_http_app(store, services.authenticate, security_settings(host, port, allowed_hosts), services.metrics)
 
@@ -109,6 +110,7 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
             async with mcp_manager.run():
                 yield
         finally:
+            wait_hub.detach()
             stop.set()
             syncer.join(timeout=5)
             if own_db:
@@ -128,6 +130,7 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.state.services = services
+    app.state.wait_hub = wait_hub
     http_errors.install(app)
     app.include_router(http.build_router())
     app.include_router(nodes_http.build_router())
@@ -197,6 +200,36 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
         }
         if method == "post":
             op["responses"]["413"] = _error("The upload-pack request is too large.")
+    wait = paths.get("/v1/nodes/wait", {}).get("get")
+    if wait is not None:
+        wait["responses"] = {
+            "200": {
+                "description": "The accepted head moved away from `head` (changed: true), or the timeout passed (changed: false).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeWaitResponse"}}},
+            },
+            "400": _error("An unknown or repeated query parameter, a head that is not a full sha, or a timeout out of range."),
+            "401": _error("Bad or missing node name and sync key (HTTP Basic)."),
+            "403": _error("The node has an ip_address on record and this request came from another address."),
+            "405": _error("Only GET is accepted."),
+            "429": _error("This node already has the most waits open at once (see Retry-After)."),
+            "503": _error("The server holds the most waiting nodes it may (see Retry-After)."),
+        }
+    schema.setdefault("components", {}).setdefault("schemas", {})["NodeWaitResponse"] = {
+        "type": "object",
+        "properties": {
+            "changed": {"type": "boolean", "description": "true when the accepted head differs from the `head` asked about."},
+            "head": {
+                "anyOf": [{"type": "string", "pattern": "^[0-9a-f]{40}$"}, {"type": "null"}],
+                "description": "The server's accepted head now (the statement's), null when it has none yet.",
+            },
+            "issued_at": {
+                "anyOf": [{"type": "integer"}, {"type": "null"}],
+                "description": "Unix seconds the statement of that head was issued, null without one.",
+            },
+        },
+        "required": ["changed", "head", "issued_at"],
+        "title": "NodeWaitResponse",
+    }
     schema.setdefault("components", {}).setdefault("schemas", {})["NodeReportAck"] = {
         "type": "object",
         "properties": {"ok": {"type": "boolean", "const": True}},

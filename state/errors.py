@@ -47,7 +47,9 @@ Messages are human sentences and never contain a password, sync key or token.
 
 The HTTP edge adds codes of its own for what never reaches an operation: request_too_large
 (413), method_not_allowed (405), not_found for an unknown route (404), read_only (403, a push
-to the node git endpoint) and internal_error (500, the body of any StoreError/CompileError).
+to the node git endpoint), too_many_waiters (429 for one node, 503 for the server: the
+follow-mode long poll /v1/nodes/wait holds a bounded number of waits) and internal_error (500,
+the body of any StoreError/CompileError).
 The MCP edge answers an unknown tool with JSON-RPC error -32602 (unknown_tool is not used any
 more), and refuses a request to /mcp whose Host or Origin it does not serve with 403
 host_not_allowed or origin_not_allowed (DNS rebinding protection).

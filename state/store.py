@@ -103,6 +103,7 @@ class Store:
 
     # Mailbox usage the nodes reported (state.localdb), handed to the operations; set by open_store.
     usage_source: UsageLookup | None = None
+    _stated_value: tuple[str, str, int] | None = None  # behind the _stated property
     # The nodes' DKIM public keys (state.localdb), for dns-records; set by open_store.
     dkim_source: DkimLookup | None = None
 
@@ -131,8 +132,10 @@ class Store:
         self._cache = ParseCache.open(cache_path)
         self.upstream = upstream
         self.trusted_signers = trusted_signers
+        # Called with the new head whenever the stated head changes (add_statement_listener).
+        self._statement_listeners: list[Callable[[str], None]] = []
         # The statement this store last wrote or verified: (tag id, head, issued_at).
-        self._stated: tuple[str, str, int] | None = None
+        self._stated = None
         self.statement_error: str | None = None
         self._upstream_statement: str | None = None  # the tag id upstream's REF holds, as far as we know
         self._statement_push_due = False
@@ -473,6 +476,39 @@ class Store:
         return True
 
     # --- the accepted-head statement -------------------------------------------------------
+
+    @property
+    def _stated(self) -> tuple[str, str, int] | None:
+        """The statement this store last wrote or verified: (tag id, head, issued_at)."""
+        return self._stated_value
+
+    @_stated.setter
+    def _stated(self, value: tuple[str, str, int] | None) -> None:
+        # Every assignment goes through here, so a listener learns of each new stated head
+        # wherever it came from (a write, an adoption, another process's statement).
+        old = self._stated_value
+        self._stated_value = value
+        if value is not None and (old is None or old[1] != value[1]):
+            for listener in list(self._statement_listeners):
+                try:
+                    listener(value[1])
+                except Exception:  # a listener must never fail a write
+                    log.exception("statement listener failed")
+
+    def add_statement_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(head)` each time the stated head changes (after REF moved).
+
+        It runs in the thread that moved the statement (a write's, or the background thread),
+        often with the write lock held: it must be quick and must not block, e.g. hand over to
+        an event loop with `loop.call_soon_threadsafe` (api/nodes_http.py's long-poll does)."""
+        self._statement_listeners.append(listener)
+
+    def remove_statement_listener(self, listener: Callable[[str], None]) -> None:
+        """Undo add_statement_listener (a no-op when it is not registered)."""
+        try:
+            self._statement_listeners.remove(listener)
+        except ValueError:
+            pass
 
     @property
     def statement(self) -> dict[str, Any] | None:
