@@ -164,6 +164,11 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     head = srv.git("rev-parse", "main").strip()
     ack = _call(node_client, "nodes", "node_report", 200, "NodeReportAck", body=m.NodeReport(applied_commit=head, status=m.NodeReportStatus("ok")))
     assert ack.ok is True
+    # Follow mode's long poll: a head the node does not know answers at once with the current one.
+    waited = _call(node_client, "nodes", "node_wait", 200, "NodeWaitResponse", head="0" * 40, timeout=0.0)
+    assert waited.changed is True and waited.head == head and isinstance(waited.issued_at, int)
+    waited = _call(node_client, "nodes", "node_wait", 200, "NodeWaitResponse", head=head, timeout=0.0)
+    assert waited.changed is False and waited.head == head
     nodes = call(admin, "admin", "list-nodes", 200, "ListNodesResponse")
     assert nodes.nodes[0].status == "ok" and nodes.nodes[0].applied_commit == head
     gone = call(admin, "admin", "remove-node", 200, "RemoveNodeResponse", body=m.NodeRequest(name="gen01"))
