@@ -12,8 +12,10 @@ the same bare repo read-only over http://.
   http:// and apply only the stated (accepted) head: a commit the server refused, pushed to
   the host by a trusted admin key, never goes live.
 
-Staleness through a host (the host keeps serving an old statement -> exit 5, `stale`) lives
-in tests/test_githost_stale.py.
+* staleness through a host: a host that keeps serving an old statement (its statement ref
+  frozen by a hook while main moves on, or the servers stopped) makes the node's tick exit 5
+  and report `stale` while it keeps serving; recovery gives ok (TRUST's `[freshness]
+  max_staleness` in pi-pull).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from tests.test_refused_commits import BAD_LINE, admin_push, plain_password_line
 from tests.test_upstream_serve import _add_mailbox
 
 API = "/v1/email-account"
-EXIT_OK = 0
+EXIT_OK, EXIT_STALE = 0, 5
+MAX_STALENESS = 4  # seconds; the servers here re-sign every 0.5 s
 
 
 def client_env(host: GitHost) -> dict[str, str]:
@@ -316,9 +319,14 @@ class HostedFleet:
 
     def follow(self, transport: str) -> None:
         """Point the node at the host over `transport` ("ssh" or "http") instead of the server."""
-        url = self.host.ssh_url() if transport == "ssh" else self.host.http_url()
+        self.follow_url(self.host.ssh_url() if transport == "ssh" else self.host.http_url())
+
+    def follow_url(self, url: str) -> None:
+        """Rewrite the ini's [remote] url (the first `url = ` line)."""
         lines = self.cfg.read_text().splitlines()
-        self.cfg.write_text("\n".join(f"url = {url}" if line.startswith("url = ") and "/v1/nodes/state.git" in line else line for line in lines) + "\n")
+        i = next(n for n, line in enumerate(lines) if line.startswith("url = "))
+        lines[i] = f"url = {url}"
+        self.cfg.write_text("\n".join(lines) + "\n")
 
     def tick(self) -> subprocess.CompletedProcess[str]:
         return run_pi_pull(self.cfg)
@@ -397,3 +405,86 @@ def test_a_node_following_the_host_applies_only_accepted_commits(hosted: HostedF
     assert f.applied() == fixed
     assert node.can_login("sales@example.com", PASSWORD)
     assert not node.can_login(address, "anything at all")
+
+
+# --------------------------------------------------------------------------- staleness through the host
+
+
+@pytest.fixture
+def fresh_hosted(githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostedFleet]:  # noqa: F811
+    """`hosted`, with the statement re-signed every 0.5 s and the node's max_staleness at 4 s."""
+    githost.create_repo()
+    monkeypatch.setenv("GIT_SSH_COMMAND", githost.ssh_command)
+    env = {**githost.ssh_env, "MAILSTATE_SYNC_INTERVAL": "0.3", "MAILSTATE_STATEMENT_INTERVAL": "0.5"}
+    server, admin, project = start_server_for(mailnode, tmp_path / "server", extra_args=["--upstream", githost.ssh_url()], env=env)
+    try:
+        cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
+        cfg.write_text(cfg.read_text() + f"[freshness]\nmax_staleness = {MAX_STALENESS}\n")
+        yield HostedFleet(server, admin, project, mailnode, githost, cfg, tmp_path)
+    finally:
+        admin.close()
+        project.close()
+        server.stop()
+
+
+def statement_age(host: GitHost) -> float:
+    body = host.git("state.git", "cat-file", "tag", STATEMENT_REF)
+    issued = next(int(line.split(": ", 1)[1]) for line in body.splitlines() if line.startswith("Issued-At: "))
+    return time.time() - issued
+
+
+def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(fresh_hosted: HostedFleet) -> None:
+    f, node, host = fresh_hosted, fresh_hosted.node, fresh_hosted.host
+    f.follow("ssh")
+    f.call(f.admin, "link-domain", {"domain": "example.com", "project_id": 42}, status=201)
+    f.call(f.project, "enable-email", {"domain": "example.com"})
+    f.call(f.project, "add-user", {"email": "info@example.com", "password": PASSWORD}, status=201)
+    first = f.head()
+    r = f.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert f.applied() == first
+    # The server keeps the host's statement fresh while nothing changes.
+    time.sleep(MAX_STALENESS + 1)
+    assert statement_age(host) < MAX_STALENESS
+    assert f.tick().returncode == EXIT_OK
+
+    # 1. The host freezes refs/mailstate/accepted (a hook; a lagging mirror or an attacker would
+    #    do the same): writes still land on main, but the statement there grows old.
+    host.freeze_refs("state.git", STATEMENT_REF)
+    f.call(f.project, "add-user", {"email": "new@example.com", "password": PASSWORD}, status=201)
+    second = f.head()
+    assert host.rev("state.git", "main") == second and stated_head(host) == first
+    wait_for(lambda: statement_age(host) > MAX_STALENESS + 1, timeout=MAX_STALENESS + 10, what="the frozen statement ages")
+    r = f.tick()
+    assert r.returncode == EXIT_STALE, (r.returncode, r.stderr)
+    assert "stale" in r.stderr and "max_staleness" in r.stderr
+    assert f.applied() == first  # keeps serving the last good release ...
+    assert node.can_login("info@example.com", PASSWORD)
+    assert not node.can_login("new@example.com", PASSWORD)  # ... and nothing the host did not state
+    row = next(x for x in f.admin.get(f"{API}/list-nodes").json()["nodes"] if x["name"] == "mpi01")
+    assert row["status"] == "stale", row
+
+    # Recovery: the host takes statements again, the server's next refresh lands, the node applies.
+    host.thaw("state.git")
+    wait_for(lambda: stated_head(host) == second and statement_age(host) < MAX_STALENESS, what="the statement is refreshed on the host")
+    r = f.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert f.applied() == second
+    assert node.can_login("new@example.com", PASSWORD)
+    row = next(x for x in f.admin.get(f"{API}/list-nodes").json()["nodes"] if x["name"] == "mpi01")
+    assert row["status"] == "ok", row
+
+    # 2. The servers stop: the host (now over http) keeps serving the last statement, which ages.
+    f.follow_url(host.http_url())
+    f.server.stop()
+    wait_for(lambda: statement_age(host) > MAX_STALENESS + 1, timeout=MAX_STALENESS + 10, what="the statement ages with no server")
+    r = f.tick()
+    assert r.returncode == EXIT_STALE, (r.returncode, r.stderr)
+    assert "stale" in r.stderr
+    assert f.applied() == second and node.can_login("new@example.com", PASSWORD)
+    # A server comes back (on another port): it re-signs, pushes, and the node is fresh again.
+    f.server.start()
+    wait_for(lambda: statement_age(host) < MAX_STALENESS, what="a restarted server refreshes the host's statement")
+    r = f.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert f.applied() == second
