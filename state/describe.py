@@ -9,8 +9,9 @@ call changes, and what it can refuse.
 from __future__ import annotations
 
 from mailstate.state import aliases as al
+from mailstate.state import paging
 from mailstate.state import validate as v
-from mailstate.state.models import Settings
+from mailstate.state.models import PageRequest, Settings
 from mailstate.state.ops import Operation
 
 PASSWORD_LIMITS = f"{v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters; bcrypt reads no more), no NUL"
@@ -24,6 +25,12 @@ CHAIN_LIMITS = (
     f"Refused (409 alias_loop) when mail would come back to an address already on its way (a -> b -> a, across "
     f"domains and alias domains too), and (409 alias_chain_too_long) when a chain would be longer than "
     f"{al.MAX_ALIAS_DEPTH} steps or expand to more than {al.MAX_EXPANSION} addresses."
+)
+PAGING = (
+    f"Pages for large projects: `limit` (1-{paging.PAGE_MAX}) lists at most that many entries and the answer then "
+    "carries `next_cursor`; pass it back as `cursor` for the next page, until `next_cursor` is null. Writes between "
+    "pages never make an entry that exists throughout appear twice or go missing. Without limit and cursor, "
+    "everything is listed."
 )
 _WRITE = "One signed git commit; mail nodes apply it within about a minute. Answers `commit` (null when nothing changed)."
 
@@ -161,4 +168,7 @@ def describe(op: Operation, settings: Settings | None = None) -> str:
     if detail is None:
         return op.summary
     default_quota = (settings or Settings()).default_quota_mb
-    return f"{op.summary}\n\n{detail.format(default_quota_mb=default_quota)}"
+    text = detail.format(default_quota_mb=default_quota)
+    if issubclass(op.request, PageRequest):
+        text += " " + PAGING
+    return f"{op.summary}\n\n{text}"

@@ -12,6 +12,7 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   (`mailstate mcp` without a token), invalid_token_name,
     │                                   no_working_tree, not_repository_root (`mailstate plan`),
     │                                   invalid_destinations, too_many_destinations (aliases),
+    │                                   invalid_limit, invalid_cursor (state/paging.py),
     │                                   invalid_dkim_key (a node report's dkim_keys)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mailstate.state import aliases as al
+from mailstate.state import paging
 from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
 
@@ -345,6 +346,24 @@ class EmptyRequest(Request):
     pass
 
 
+class PageRequest(Request):
+    """A list request that can page (state.paging): without `limit` and `cursor` it lists
+    everything, as the spec says; with either, the answer carries `next_cursor`."""
+
+    limit: Annotated[int | None, BeforeValidator(paging.check_limit)] = Field(
+        default=None,
+        description=f"Optional: at most this many entries (1-{paging.PAGE_MAX}); the answer then carries `next_cursor`. "
+        "Without limit and cursor, everything is listed.",
+        json_schema_extra={"minimum": 1, "maximum": paging.PAGE_MAX},
+    )
+    cursor: Annotated[str | None, BeforeValidator(paging.check_cursor_text)] = Field(
+        default=None,
+        description="Optional: the `next_cursor` of the previous page, to list what comes after it. Opaque; "
+        "stable under concurrent writes (an entry that exists throughout is listed exactly once).",
+        json_schema_extra={"minLength": 1, "maxLength": paging.MAX_CURSOR_CHARS, "pattern": "^[A-Za-z0-9_-]+$"},
+    )
+
+
 class DomainRequest(Request):
     domain: DomainName = Field(description="Domain name.")
 
@@ -357,7 +376,7 @@ class DisableEmailRequest(Request):
     domain: DomainName = Field(description="Domain name to disable email for.")
 
 
-class ListDomainsRequest(EmptyRequest):
+class ListDomainsRequest(PageRequest):
     pass
 
 
@@ -386,7 +405,7 @@ class RestoreUserRequest(Request):
     email: Email = Field(description="Email address of the soft-deleted mailbox to reactivate.")
 
 
-class ListUsersRequest(Request):
+class ListUsersRequest(PageRequest):
     domain: DomainName | None = Field(default=None, description='Filter users by domain (e.g. "mycompany.nl").')
 
 
@@ -406,7 +425,7 @@ class RemoveDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to remove.")
 
 
-class ListNodesRequest(EmptyRequest):
+class ListNodesRequest(PageRequest):
     pass
 
 
@@ -471,7 +490,7 @@ class RemoveAliasRequest(Request):
     address: AliasAddress = Field(description="The alias to remove (local@domain or @domain).")
 
 
-class ListAliasesRequest(Request):
+class ListAliasesRequest(PageRequest):
     domain: DomainName | None = Field(default=None, description="Only this domain's aliases.")
 
 
@@ -574,6 +593,10 @@ class AliasInfo(BaseModel):
 
 class ListAliasesResponse(Response):
     aliases: list[AliasInfo] = Field(description="The aliases of your project's email-enabled domains, sorted by domain and address.")
+    next_cursor: str | None = Field(
+        default=None,
+        description="Only when `limit` or `cursor` was given: the cursor of the next page, or null on the last page.",
+    )
 
 
 class SetForwardingResponse(WriteResponse):
@@ -597,6 +620,10 @@ class LinkedDomain(BaseModel):
 class ListDomainsResponse(Response):
     domains: list[DomainSummary] = Field(description="The email-enabled domains, with mailbox counts.")
     linked_not_enabled: list[LinkedDomain] = Field(description="Domains linked to the project whose email is not enabled yet (enable-email enables them).")
+    next_cursor: str | None = Field(
+        default=None,
+        description="Only when `limit` or `cursor` was given: the cursor of the next page, or null on the last page.",
+    )
 
 
 class AddUserResponse(WriteResponse):
@@ -635,6 +662,10 @@ class UserInfo(BaseModel):
 
 class ListUsersResponse(Response):
     users: list[UserInfo] = Field(description="Mailboxes, never their password hashes.")
+    next_cursor: str | None = Field(
+        default=None,
+        description="Only when `limit` or `cursor` was given: the cursor of the next page, or null on the last page.",
+    )
 
 
 class UpdatePasswordResponse(WriteResponse):
@@ -663,6 +694,10 @@ class NodeInfo(BaseModel):
 
 class ListNodesResponse(Response):
     nodes: list[NodeInfo]
+    next_cursor: str | None = Field(
+        default=None,
+        description="Only when `limit` or `cursor` was given: the cursor of the next page, or null on the last page.",
+    )
 
 
 class AddNodeResponse(WriteResponse):
@@ -762,6 +797,8 @@ _FIELD_CODES = {
     "address": "invalid_email",
     "destinations": "invalid_destinations",
     "target": "invalid_domain",
+    "limit": "invalid_limit",
+    "cursor": "invalid_cursor",
 }
 
 

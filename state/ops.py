@@ -11,7 +11,9 @@ endpoint, its MCP tool, its HTTP method, its request model and whether it needs 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
+from bisect import bisect_left, bisect_right
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import bcrypt
 
 from mailstate.state import aliases as al
 from mailstate.state import models as m
+from mailstate.state import paging
 from mailstate.state.errors import Conflict, Forbidden, NotFound
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 
@@ -188,16 +191,35 @@ def disable_email(ctx: Context, req: m.DisableEmailRequest, _: Prepared) -> Outc
 def _actor_domains(ctx: Context) -> list[str]:
     """Every domain the actor may see, sorted: all for an admin, its project's for a project."""
     if ctx.actor.is_admin:
-        return sorted(ctx.state.domains)
+        return ctx.state.sorted_domains  # sorted once per snapshot: 200k names take ~0.1 s
     return sorted(ctx.state.by_project.get(ctx.actor.project_id or 0, frozenset()))
 
 
+def _listed_domains(ctx: Context, domain: str | None, page: paging.Page) -> list[str]:
+    """The sorted domain names a listing walks: the one `domain` (checked visible) or every
+    domain of the actor, from the cursor's domain on (its first entries may still be skipped)."""
+    names = [_visible_domain(ctx, domain).domain] if domain is not None else _actor_domains(ctx)
+    return names[bisect_left(names, page.after[0]) :] if page.after else names
+
+
+def _entries_after(page: paging.Page, keys: list[str], name: str) -> list[str]:
+    """`keys` (sorted) of domain `name` that come after the cursor's (domain, key)."""
+    if page.after and page.after[0] == name:
+        return keys[bisect_right(keys, page.after[1]) :]
+    return keys
+
+
 def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcome:
+    page = paging.Page.of(req, "list-domains")
+    names = _actor_domains(ctx)
+    start = bisect_right(names, page.after[0]) if page.after else 0
+    stop = len(names) if page.limit is None else start + page.limit
     out: list[dict[str, Any]] = []
     # Linked but not enabled yet: listed apart (the spec's `domains` are the email-enabled
     # ones), so that a caller, an assistant above all, can find what it may enable-email.
+    # A page counts the domains of both lists.
     pending = []
-    for name in _actor_domains(ctx):
+    for name in names[start:stop]:
         dom = ctx.state.domains[name]
         if not dom.email_enabled:
             pending.append({"domain": name, "project_id": dom.project_id})
@@ -217,7 +239,8 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
     usage = _usage_of(ctx, [entry["domain"] for entry in out])
     for entry in out:
         entry.update(_domain_usage(ctx.state.domains[entry["domain"]], usage.get(entry["domain"], {})))
-    return Outcome({"domains": out, "linked_not_enabled": pending})
+    last = names[min(stop, len(names)) - 1] if start < len(names) else None
+    return Outcome(page.finish({"domains": out, "linked_not_enabled": pending}, (last,) if last else None, stop < len(names)))
 
 
 def _domain_usage(dom: m.DomainFile, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
@@ -338,30 +361,40 @@ def bytes_to_mb(used_bytes: int) -> float:
 
 
 def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
-    names = [_visible_domain(ctx, req.domain).domain] if req.domain is not None else _actor_domains(ctx)
-    names = [name for name in names if ctx.state.domains[name].email_enabled]
+    page = paging.Page.of(req, "list-users", req.domain or "", parts=2)
+    # (domain, local part) in listing order, from the cursor on; one more than the page, to
+    # know whether another page follows. Lazy, so a page reads only the domains it lists.
+    keys = (
+        (name, local)
+        for name in _listed_domains(ctx, req.domain, page)
+        if ctx.state.domains[name].email_enabled
+        for local in _entries_after(page, sorted(ctx.state.domains[name].mailboxes), name)
+    )
+    chosen = list(keys if page.limit is None else itertools.islice(keys, page.limit + 1))
+    more = page.limit is not None and len(chosen) > page.limit
+    chosen = chosen[: page.limit] if more else chosen
     # One query for the listed domains only. Rows match on the address AND the mailbox id, so
     # a mailbox re-created after a hard delete never shows the old one's figures.
-    usage = _usage_of(ctx, names)
+    usage = _usage_of(ctx, list(dict.fromkeys(name for name, _ in chosen)))
     users = []
-    for name in names:
+    for name, local in chosen:
         dom = ctx.state.domains[name]
         rows = usage.get(name, {})
-        for local, box in sorted(dom.mailboxes.items()):
-            row = rows.get((local, box.id)) if box.id is not None else None
-            users.append(
-                {
-                    "email": f"{local}@{name}",
-                    "domain": name,
-                    "quota_mb": box.quota_mb,
-                    "active": box.active,
-                    "id": box.id,
-                    "forward_to": list(box.forward_to or []),
-                    "keep_copy": box.keep_copy,
-                    **_usage_fields(row),
-                }
-            )
-    return Outcome({"users": users})
+        box = dom.mailboxes[local]
+        row = rows.get((local, box.id)) if box.id is not None else None
+        users.append(
+            {
+                "email": f"{local}@{name}",
+                "domain": name,
+                "quota_mb": box.quota_mb,
+                "active": box.active,
+                "id": box.id,
+                "forward_to": list(box.forward_to or []),
+                "keep_copy": box.keep_copy,
+                **_usage_fields(row),
+            }
+        )
+    return Outcome(page.finish({"users": users}, chosen[-1] if chosen else None, more))
 
 
 def update_password(ctx: Context, req: m.UpdatePasswordRequest, prep: Prepared) -> Outcome:
@@ -468,15 +501,21 @@ def remove_alias(ctx: Context, req: m.RemoveAliasRequest, _: Prepared) -> Outcom
 
 
 def list_aliases(ctx: Context, req: m.ListAliasesRequest, _: Prepared) -> Outcome:
-    names = [_visible_domain(ctx, req.domain).domain] if req.domain is not None else _actor_domains(ctx)
+    page = paging.Page.of(req, "list-aliases", req.domain or "", parts=2)
+    keys = (
+        (name, key)
+        for name in _listed_domains(ctx, req.domain, page)
+        if ctx.state.domains[name].email_enabled and ctx.state.domains[name].aliases
+        for key in _entries_after(page, sorted(ctx.state.domains[name].aliases), name)
+    )
+    chosen = list(keys if page.limit is None else itertools.islice(keys, page.limit + 1))
+    more = page.limit is not None and len(chosen) > page.limit
+    chosen = chosen[: page.limit] if more else chosen
     out = []
-    for name in names:
-        dom = ctx.state.domains[name]
-        if not dom.email_enabled:
-            continue
-        for key, dests in sorted(dom.aliases.items()):
-            out.append({"address": al.join_address(key, name), "domain": name, "catch_all": key == al.CATCH_ALL, "destinations": list(dests)})
-    return Outcome({"aliases": out})
+    for name, key in chosen:
+        dests = ctx.state.domains[name].aliases[key]
+        out.append({"address": al.join_address(key, name), "domain": name, "catch_all": key == al.CATCH_ALL, "destinations": list(dests)})
+    return Outcome(page.finish({"aliases": out}, chosen[-1] if chosen else None, more))
 
 
 def set_forwarding(ctx: Context, req: m.SetForwardingRequest, _: Prepared) -> Outcome:
@@ -565,8 +604,13 @@ def _nodes_outcome(ctx: Context, nodes: dict[str, m.Node], result: dict[str, Any
 
 def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
     _require_admin(ctx)
+    page = paging.Page.of(req, "list-nodes")
+    names = sorted(ctx.state.nodes.nodes)
+    start = bisect_right(names, page.after[0]) if page.after else 0
+    stop = len(names) if page.limit is None else start + page.limit
     out = []
-    for name, node in sorted(ctx.state.nodes.nodes.items()):
+    for name in names[start:stop]:
+        node = ctx.state.nodes.nodes[name]
         status = ctx.node_status(name) or {}
         out.append(
             {
@@ -581,7 +625,8 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "diverged": status.get("diverged"),
             }
         )
-    return Outcome({"nodes": out})
+    last = names[min(stop, len(names)) - 1] if start < len(names) else None
+    return Outcome(page.finish({"nodes": out}, (last,) if last else None, stop < len(names)))
 
 
 def add_node(ctx: Context, req: m.AddNodeRequest, prep: Prepared) -> Outcome:

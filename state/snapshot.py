@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -77,6 +78,12 @@ class Snapshot:
             nodes=change.nodes or self.nodes,
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
         )
+
+    @functools.cached_property
+    def sorted_domains(self) -> list[str]:
+        """Every domain name, sorted (what an admin's listing pages through); computed once
+        per snapshot, on the first listing that needs it. Callers must not mutate it."""
+        return sorted(self.domains)
 
     def node(self, name: str) -> Node | None:
         return self.nodes.nodes.get(name)

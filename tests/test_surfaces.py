@@ -95,6 +95,8 @@ LIMITS = {
     "address": ["@domain"],
     "keep_copy": ["keep_copy=false"],
     "target": ["alias_domain_target_invalid"],
+    "limit": ["1-1000", "next_cursor"],
+    "cursor": ["`next_cursor` is null", "appear twice or go missing"],
 }
 
 
