@@ -198,6 +198,31 @@ def postfix_master_snippet(
     return render_template("postfix-master.cf.j2", submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter)
 
 
+DKIM_KEY_DIR = f"{ETC_DIR}/dkim"
+
+
+def opendkim_snippet(
+    *, dkim_milter: str = DKIM_MILTER, key_dir: str = DKIM_KEY_DIR, pid_file: str = "/run/opendkim/opendkim.pid", user: str = "opendkim",
+    syslog: bool = True, require_safe_keys: bool = True,
+) -> str:
+    """The bundle's opendkim.conf: a signing-only milter on ``dkim_milter`` (Postfix's form,
+    ``inet:HOST:PORT`` or ``unix:PATH``) whose KeyTable and SigningTable pi-pull writes under
+    ``key_dir`` (pi-pull/pipull/dkim.py). ``require_safe_keys=False`` only for keys under a
+    world-writable directory such as /tmp (tests): OpenDKIM refuses those keys otherwise."""
+    kind, _, where = dkim_milter.partition(":")
+    if kind == "inet" and where.rpartition(":")[2].isdigit():
+        host, _, port = where.rpartition(":")
+        socket = f"inet:{port}@{host}"  # OpenDKIM spells it port@host
+    elif kind == "unix" and where.startswith("/"):
+        socket = f"local:{where}"
+    else:
+        raise InvalidInput("dkim_milter must be inet:HOST:PORT or unix:/PATH for OpenDKIM.", field="dkim_milter")
+    if not key_dir.startswith("/"):
+        raise InvalidInput("The DKIM key directory must be an absolute path.", field="key_dir")
+    return render_template("opendkim.conf.j2", socket=socket, key_dir=key_dir.rstrip("/"), pid_file=pid_file, user=user,
+                           syslog="yes" if syslog else "no", require_safe_keys=require_safe_keys)
+
+
 def build_pi_pull(agent_dir: Path | None = None) -> bytes:
     """The single-file node agent: a zipapp of ``<agent_dir>/pipull/*.py`` with a ``python3`` shebang.
 
