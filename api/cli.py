@@ -472,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_extras() -> None:
     import importlib
 
-    for module in ("mailstate.api.cli_node", "mailstate.api.cli_plan"):
+    for module in ("mailstate.api.cli_node", "mailstate.api.cli_plan", "mailstate.api.cli_key"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -25,6 +25,7 @@ from mailstate.compiler.render import compile_state
 from mailstate.state import files
 from mailstate.state.errors import StoreError
 from mailstate.state.gitrepo import GitRepo, fsync_path
+from mailstate.state.keyrotation import DataDirSigner
 from mailstate.state.localdb import LocalDB
 from mailstate.state.models import NodesFile, Settings
 from mailstate.state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
@@ -169,7 +170,8 @@ def open_store(
     durable_git_config(GitRepo(dd.repo))
     store = Store(
         dd.repo,
-        signer or Ed25519Signer(dd.key),
+        # Re-reads DIR/signing_key after a rotation and carries its endorsements (state/keyrotation.py).
+        signer or DataDirSigner(dd.root),
         clock=clock,
         cache_path=dd.cache,
         status_source=db.node_status if db is not None else None,

@@ -15,6 +15,7 @@ annotated tag object in exactly the form `git tag -s` writes with gpg.format=ssh
 
     Accepted-Head: <full sha, same as object>
     Issued-At: <unix seconds>
+    Key-Endorsement: <base64>   (0 to 8 lines: server key rotation, state/keyrotation.py)
     -----BEGIN SSH SIGNATURE-----
     ...
     -----END SSH SIGNATURE-----
@@ -34,6 +35,8 @@ a statement; admin keys sign commits, never statements. The statement lives at R
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import subprocess
@@ -64,7 +67,9 @@ _PAYLOAD = re.compile(
     rb"\n"
     rb"Accepted-Head: (?P<head>[0-9a-f]{40})\n"
     rb"Issued-At: (?P<issued>0|[1-9][0-9]{0,11})\n"
+    rb"(?P<endorsements>(?:Key-Endorsement: [A-Za-z0-9+/]{4,4096}={0,2}\n){0,8})"
 )
+MAX_ENDORSEMENTS = 8
 _ARMOR = re.compile(rb"-----BEGIN SSH SIGNATURE-----\n[A-Za-z0-9+/=\n]+-----END SSH SIGNATURE-----\n")
 
 
@@ -76,14 +81,18 @@ class Statement:
     issued_at: int
     payload: bytes
     signature: bytes
+    # Server key rotation: each an old server key's signed word for its successor (state/keyrotation.py).
+    endorsements: tuple[bytes, ...] = ()
 
 
-def statement_payload(head: str, issued_at: int) -> bytes:
-    """The exact text a server signs to state that `head` (a full commit sha) is accepted."""
+def statement_payload(head: str, issued_at: int, endorsements: tuple[bytes, ...] = ()) -> bytes:
+    """The exact text a server signs to state that `head` (a full commit sha) is accepted;
+    `endorsements` (raw, oldest first, the last MAX_ENDORSEMENTS) ride along as base64 lines."""
     if not re.fullmatch(r"[0-9a-f]{40}", head):
         raise StatementInvalid(f"{head!r} is not a full commit sha.")
     if issued_at < 0:
         raise StatementInvalid("Issued-At must not be negative.")
+    lines = "".join(f"Key-Endorsement: {base64.b64encode(e).decode()}\n" for e in endorsements[-MAX_ENDORSEMENTS:])
     return (
         f"object {head}\n"
         "type commit\n"
@@ -94,6 +103,7 @@ def statement_payload(head: str, issued_at: int) -> bytes:
         "\n"
         f"Accepted-Head: {head}\n"
         f"Issued-At: {issued_at}\n"
+        f"{lines}"
     ).encode()
 
 
@@ -103,7 +113,10 @@ def create_statement(repo: pygit2.Repository, signer: Signer, head: str, issued_
     No ref moves. `issued_at` defaults to now (unix seconds). `signer` is any state/signing.py
     signer (Ed25519Signer, SshKeygenSigner); it must be a SERVER key for nodes to accept it.
     """
-    payload = statement_payload(head, int(time.time()) if issued_at is None else issued_at)
+    # A data dir's signer (state/keyrotation.py DataDirSigner) carries the key endorsements.
+    endorsements_of = getattr(signer, "endorsements", None)
+    endorsements: tuple[bytes, ...] = endorsements_of() if callable(endorsements_of) else ()
+    payload = statement_payload(head, int(time.time()) if issued_at is None else issued_at, endorsements)
     try:
         signature = signer.sign(payload)
     except StoreError:
@@ -141,7 +154,11 @@ def parse_statement(raw: bytes) -> Statement:
     head = m["head"].decode()
     if m["object"].decode() != head or not head.startswith(m["short"].decode()) or m["tagged"] != m["issued"]:
         raise StatementInvalid("The accepted-head statement's fields disagree.")
-    return Statement(head=head, issued_at=int(m["issued"]), payload=payload, signature=signature)
+    try:
+        endorsements = tuple(base64.b64decode(line.split(b": ", 1)[1], validate=True) for line in m["endorsements"].splitlines())
+    except (binascii.Error, ValueError) as exc:
+        raise StatementInvalid("The accepted-head statement carries a malformed Key-Endorsement.") from exc
+    return Statement(head=head, issued_at=int(m["issued"]), payload=payload, signature=signature, endorsements=endorsements)
 
 
 def verify_statement(raw: bytes, allowed_signers: Path) -> Statement:
