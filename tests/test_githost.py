@@ -164,6 +164,13 @@ def test_store_writes_go_to_the_ssh_host_with_their_statement(
     later = store.execute("add-user", PROJECT_A, {"email": "later@example.com", "password": PASSWORD})
     assert later.result["commit"] == host.rev("state.git", "main")
 
+    # The other seam: core.sshCommand in the data dir's state.git/config (git reads the local
+    # repo's config for the push), with nothing in the environment.
+    monkeypatch.delenv("GIT_SSH_COMMAND")
+    git_out(data_dir.repo, "config", "core.sshCommand", host.ssh_command)
+    again = store.execute("add-user", PROJECT_A, {"email": "again@example.com", "password": PASSWORD})
+    assert again.result["commit"] == host.rev("state.git", "main") and stated_head(host) == again.result["commit"]
+
 
 # --------------------------------------------------------------------------- two servers, one ssh host
 
@@ -323,9 +330,12 @@ class HostedFleet:
 
     def follow_url(self, url: str) -> None:
         """Rewrite the ini's [remote] url (the first `url = ` line)."""
-        lines = self.cfg.read_text().splitlines()
+        lines = [line for line in self.cfg.read_text().splitlines() if not line.startswith("send_credentials")]
         i = next(n for n, line in enumerate(lines) if line.startswith("url = "))
         lines[i] = f"url = {url}"
+        if url.startswith("http"):
+            # A node's sync key is for the server: never send it to a git host.
+            lines.insert(i + 1, "send_credentials = no")
         self.cfg.write_text("\n".join(lines) + "\n")
 
     def tick(self) -> subprocess.CompletedProcess[str]:
