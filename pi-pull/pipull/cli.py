@@ -1,4 +1,4 @@
-"""Command line: ``pi_pull.py --config FILE [--once] [-v]``; exit codes in errors.py."""
+"""Command line: ``pi_pull.py --config FILE [--once | --follow] [-v]``; exit codes in errors.py."""
 
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="INI config file (see pi-pull.example.ini)")
-    p.add_argument("--once", action="store_true", help="run one tick and exit (what the systemd timer does)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="run one tick and exit (what the systemd timer does)")
+    mode.add_argument("--follow", action="store_true",
+                      help="run until stopped, ticking within about a second of a change on the server (long poll, or "
+                           "ls-remote polling for a git host) and at least every [agent] interval (pi-pull-follow.service)")
     p.add_argument("-v", "--verbose", action="store_true", help="also log debug lines")
     return p
 
@@ -124,4 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         log.error(str(e))
         return EXIT_USAGE
+    if args.follow:
+        from .follow import follow
+
+        return follow(agent, cfg, log, lambda: run_once(agent, log))
     return run_once(agent, log) if args.once else run_loop(agent, cfg, log)
