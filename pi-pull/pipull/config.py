@@ -22,8 +22,6 @@ class Config:
 
     remote_url: str
     send_credentials: bool = False
-    # Follow mode (pipull/follow.py): the server's long poll, when [remote] url is not the server.
-    wake_url: str = ""
     node_name: str = ""
     sync_key_file: str = ""
     allowed_signers: str = ""
@@ -42,11 +40,13 @@ class Config:
     reload_timeout: float = 120.0
     map_type: str = "hash"
     postmap: str = "postmap"
+    # 0: one table per map and a flat passwd.d (older bundles); N: N tables per map and
+    # passwd.d/<bb>/ (pipull/buckets.py; main.cf and Dovecot's args must match).
+    map_buckets: int = 0
     git: str = "git"
     ssh_keygen: str = "ssh-keygen"
     fetch_timeout: float = 300.0
     interval: float = 60.0
-    poll_interval: float = 5.0  # follow mode without a long poll: seconds between ls-remote looks
     max_fetch_mb: int = 256
     max_file_mb: int = 32
     # [lifecycle] (pipull/lifecycle.py): graveyard moves and purge on this node; usage every N seconds.
@@ -81,7 +81,7 @@ class Config:
 
     @property
     def needs_key(self) -> bool:
-        return bool(self.report_url) or bool(self.wake_url) or (self.remote_is_http and self.send_credentials)
+        return bool(self.report_url) or (self.remote_is_http and self.send_credentials)
 
 
 class _Reader:
@@ -171,12 +171,11 @@ def load_config(path: str) -> Config:
     cfg.reload_timeout = r.get_float("services", "reload_timeout", 120.0)
     cfg.map_type = r.get_str("services", "map_type", "hash")
     cfg.postmap = r.get_str("services", "postmap", "postmap")
+    cfg.map_buckets = r.get_int("services", "map_buckets", 0)
     cfg.git = r.get_str("agent", "git", "git")
     cfg.ssh_keygen = r.get_str("agent", "ssh_keygen", "ssh-keygen")
     cfg.fetch_timeout = r.get_float("agent", "fetch_timeout", 300.0)
     cfg.interval = r.get_float("agent", "interval", 60.0)
-    cfg.poll_interval = r.get_float("agent", "poll_interval", 5.0)
-    cfg.wake_url = r.get_str("remote", "wake_url", "")
     cfg.max_fetch_mb = r.get_int("limits", "max_fetch_mb", cfg.max_fetch_mb)
     cfg.max_file_mb = r.get_int("limits", "max_file_mb", cfg.max_file_mb)
     cfg.purge = r.get_bool("lifecycle", "purge", True)
@@ -224,14 +223,15 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:
         raise ConfigError("config {}: [services] map_type must be one of {}".format(path, ", ".join(MAP_TYPES)))
+    if not 0 <= cfg.map_buckets <= 256:
+        raise ConfigError(f"config {path}: [services] map_buckets must be between 0 and 256")
+    if cfg.map_buckets and cfg.map_type not in ("hash", "btree", "lmdb"):
+        raise ConfigError(f"config {path}: [services] map_buckets needs a map_type that postmap -i updates in place "
+                          f"(hash, btree or lmdb), not {cfg.map_type}")
     if cfg.keep_releases < 1:
         raise ConfigError(f"config {path}: [paths] keep_releases must be >= 1")
     if cfg.interval <= 0:
         raise ConfigError(f"config {path}: [agent] interval must be > 0")
-    if not 0.5 <= cfg.poll_interval <= 3600:
-        raise ConfigError(f"config {path}: [agent] poll_interval must be 0.5 to 3600 seconds")
-    if cfg.wake_url and not cfg.wake_url.lower().startswith(("http://", "https://")):
-        raise ConfigError(f"config {path}: [remote] wake_url must be http(s) (the server's /v1/nodes/wait)")
     if cfg.usage_interval < 0:
         raise ConfigError(f"config {path}: [lifecycle] usage_interval must be >= 0 (seconds; 0 = never measure)")
     if not cfg.usage_budget_s > 0:

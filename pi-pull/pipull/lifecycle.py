@@ -181,10 +181,19 @@ class Lifecycle:
             raise Refused(f"{SETTINGS_PATH} is not a regular file")
         return parse_settings(self.mirror.read_object(meta[2], "blob", MAX_SETTINGS_BYTES))
 
-    def _tree(self, sha: str | None) -> dict[str, dict[str, str]]:
+    def _tree(self, sha: str | None, domains: list[str]) -> dict[str, dict[str, str]]:
+        """{domain: {file: blob id}} of ``domains`` in ``sha`` (only those: O(domains asked for))."""
         if not sha:
             return {}
-        return self.releases.list_rendered(sha)
+        return self.releases.domain_files(sha, domains)
+
+    def _diff(self, old: str, new: str) -> tuple[list[str], list[str]]:
+        """(domains whose rendered files differ, those upgraded from format 1 to 2) between two commits,
+        from ``git diff-tree`` (what changed, not the whole state)."""
+        changes = self.releases.changes(old, new)
+        upgraded = [d for d, ch in changes.items()
+                    if ch.get("mailboxes", ("", ""))[1] and not ch["mailboxes"][0] and (ch.get("passwd") or ("x", ""))[0]]
+        return sorted(changes), sorted(upgraded)
 
     def _mailboxes(self, tree: dict[str, dict[str, str]], domains: list[str]) -> dict[str, list[tuple[str, str]]]:
         """{domain: [(local, id)]} of the given format-2 domains (one ``cat-file --batch``)."""
@@ -291,7 +300,7 @@ class Lifecycle:
     def _sweep(self, st: dict[str, Any], sha: str, domains: list[str]) -> None:
         """Sweep ``domains`` against the tree of ``sha``; what fails is kept for the next tick."""
         ls = self._state(st)
-        tree = self._tree(sha)
+        tree = self._tree(sha, domains)
         boxes = self._mailboxes(tree, domains)
         watched = set(ls.get("upgrade", {}).get("domains", [])) if isinstance(ls.get("upgrade"), dict) else set()
         left: list[str] = []
@@ -317,21 +326,16 @@ class Lifecycle:
 
     # ---- upgrade move
 
-    @staticmethod
-    def _upgraded(old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]) -> list[str]:
-        """Domains that were format 1 in the old release and are format 2 in the new one."""
-        return sorted(d for d, files in new.items() if "mailboxes" in files and d in old and "mailboxes" not in old[d])
-
     def before_swap(self, tip: str, live: str | None) -> None:
         """Check ``rendered/settings`` (Refused before anything goes live), then, for an upgrade
         to format 2, rename each Maildir to its new home and leave a symlink at the old path."""
         settings = self.settings(tip)
         if settings is None or not live:
             return
-        old, new = self._tree(live), self._tree(tip)
-        upgraded = self._upgraded(old, new)
+        upgraded = self._diff(live, tip)[1]
         if not upgraded:
             return
+        new = self._tree(tip, upgraded)
         moved = 0
         rfd = self._open_root()
         if rfd is None:
@@ -470,7 +474,7 @@ class Lifecycle:
         if not isinstance(watch, dict):
             return
         domains = [d for d in watch.get("domains", []) if isinstance(d, str)]
-        tree = self._tree(sha)
+        tree = self._tree(sha, domains)
         rfd = self._open_root()
         if rfd is None:
             if unlink:
@@ -510,8 +514,7 @@ class Lifecycle:
         ls["purge_after_days"] = settings.purge_after_days
         if not previous or previous == tip:
             return  # the first release on this node: nothing was live, nothing to compare with
-        old, new = self._tree(previous), self._tree(tip)
-        upgraded = self._upgraded(old, new)
+        changed, upgraded = self._diff(previous, tip)
         if upgraded:
             watch = ls.get("upgrade")
             earlier = watch.get("domains", []) if isinstance(watch, dict) else []
@@ -519,8 +522,7 @@ class Lifecycle:
             ls["upgrade"] = {"domains": domains, "until": self.clock() + UPGRADE_GRACE}
             self._settle_all(st, tip, unlink=False)
         if self.cfg.purge:
-            changed = sorted(d for d in set(old) | set(new) if old.get(d) != new.get(d))
-            changed = sorted(set(changed) | set(ls.get("sweep", [])))
+            changed = sorted(set(changed) | {d for d in ls.get("sweep", []) if isinstance(d, str)})
             if changed:
                 self._sweep(st, tip, changed)
 
@@ -602,7 +604,7 @@ class Lifecycle:
             ls["usage_at"] = now
 
         def listed() -> list[tuple[str, str, str]]:
-            tree = self._tree(applied)
+            tree = self.releases.list_rendered(applied)  # once per usage pass: every mailbox
             boxes = self._mailboxes(tree, sorted(tree))
             if isinstance(ls.get("upgrade"), dict):
                 self._settle_all(st, applied, unlink=False)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from . import buckets
 from .aliasmap import ALIAS_MAP, write_alias_maps
 from .config import POSTMAP_TYPES, Config
 from .errors import Refused, TickError
@@ -22,7 +23,7 @@ from .services import explain_reload_failure
 from .verify import DomainCheck, feed, is_domain
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
-DOMAIN_FILES = ("passwd", *MAP_FILES, "mailboxes", ALIAS_MAP)
+DOMAIN_FILES = ("passwd", "mailboxes", *buckets.FRAGMENT_MAPS)
 REQUIRED_FILES = ("passwd", *MAP_FILES)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
 VALIDATOR_VERSION = 2
@@ -57,6 +58,11 @@ class Releases:
         # and the live release's up to three times each (build, before_swap, after_reload and
         # its sweep); the four repeats cost ~1 s of ls-tree + parsing at 100k mailboxes.
         self._listings: dict[str, dict[str, dict[str, str]]] = {}
+        # Per tick: MANIFEST.json by commit (the build and the agent both ask for the live one),
+        # diff-tree results by (old, new), and per-domain listings (build and lifecycle share them).
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._changes: dict[tuple[str, str], dict[str, dict[str, tuple[str, str]]]] = {}
+        self._domain_files: dict[str, dict[str, dict[str, str]]] = {}
 
     # ---- read rendered/ from git
 
@@ -100,16 +106,86 @@ class Releases:
             path = pathb.decode("utf-8")
         except (UnicodeDecodeError, ValueError):
             raise Refused("undecodable tree entry under rendered/") from None
+        place = self._rendered_path(path)
+        if place is None:
+            return
+        if otype != "blob" or mode not in ("100644", "100755"):
+            raise Refused(f"{path} is not a regular file (mode {mode})")
+        wanted.setdefault(place[0], {})[place[1]] = oid
+
+    def _rendered_path(self, path: str) -> tuple[str, str] | None:
+        """(domain, file name) of ``rendered/domains/<bb>/<domain>/<file>``; None for a path pi-pull ignores."""
         parts = path.split("/")
         if len(parts) != 5 or parts[4] not in DOMAIN_FILES:
             self.log.debug(f"ignoring rendered path {path}")
-            return
+            return None
         bb, domain, fname = parts[2], parts[3], parts[4]
         if not is_domain(domain) or bb != domain[:2]:
             raise Refused("unsafe or misplaced domain directory {!r}".format("/".join(parts[:4])))
-        if otype != "blob" or mode not in ("100644", "100755"):
-            raise Refused(f"{path} is not a regular file (mode {mode})")
-        wanted.setdefault(domain, {})[fname] = oid
+        return domain, fname
+
+    def changes(self, old: str, new: str) -> dict[str, dict[str, tuple[str, str]]]:
+        """{domain: {file name: (old blob id or "", new blob id or "")}} of the rendered files that differ.
+
+        ``git diff-tree -r`` compares the two trees and skips every subtree whose id is equal, so
+        this costs what changed, not the size of the state. Cached for the tick (shared, read-only).
+        """
+        key = (old, new)
+        cached = self._changes.get(key)
+        if cached is not None:
+            return cached
+        r = self.mirror.git("diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", old, new, "--", "rendered/domains/")
+        if r.returncode != 0:
+            raise TickError(f"git diff-tree {old[:12]} {new[:12]} failed: {short(r.stderr)}")
+        out: dict[str, dict[str, tuple[str, str]]] = {}
+        fields = r.stdout.split(b"\0")
+        zero = "0" * 40
+        for i in range(0, len(fields) - 1, 2):
+            try:
+                meta, path = fields[i].decode("ascii"), fields[i + 1].decode("utf-8")
+                _mode_a, mode_b, oid_a, oid_b, _status = meta.lstrip(":").split()
+            except (UnicodeDecodeError, ValueError):
+                raise Refused("undecodable diff entry under rendered/") from None
+            place = self._rendered_path(path)
+            if place is None:
+                continue
+            if oid_b.strip("0") and mode_b not in ("100644", "100755"):
+                raise Refused(f"{path} is not a regular file (mode {mode_b})")
+            out.setdefault(place[0], {})[place[1]] = ("" if oid_a == zero[:len(oid_a)] else oid_a,
+                                                      "" if oid_b == zero[:len(oid_b)] else oid_b)
+        self._changes[key] = out
+        return out
+
+    def domain_files(self, sha: str, domains: Sequence[str]) -> dict[str, dict[str, str]]:
+        """{domain: {file name: blob id}} for the given domains of ``sha`` (absent: not in that commit).
+
+        One ``ls-tree`` with a pathspec per domain: O(the domains asked for). Above a few thousand
+        domains the whole listing is cheaper and is used instead.
+        """
+        if sha in self._listings:
+            full = self._listings[sha]
+            return {d: full[d] for d in domains if d in full}
+        cache = self._domain_files.setdefault(sha, {})
+        missing = [d for d in domains if d not in cache]
+        if len(missing) > buckets.PATHSPECS_PER_CALL:
+            full = self.list_rendered(sha)
+            return {d: full[d] for d in domains if d in full}
+        if missing:
+            specs = [f"rendered/domains/{d[:2]}/{d}/" for d in missing if is_domain(d)]
+            r = self.mirror.git("ls-tree", "-r", "-z", sha, "--", *specs)
+            if r.returncode != 0:
+                raise TickError(f"git ls-tree {sha[:12]} failed: {short(r.stderr)}")
+            found: dict[str, dict[str, str]] = {}
+            for entry in r.stdout.split(b"\0"):
+                if entry:
+                    self._add_tree_entry(found, entry)
+            for domain, files in found.items():
+                for name in REQUIRED_FILES:
+                    if name not in files:
+                        raise Refused(f"rendered/ for {domain} lacks {name}")
+            for d in missing:
+                cache[d] = found.get(d, {})
+        return {d: cache[d] for d in domains if cache.get(d)}
 
     def reuse_key(self) -> str:
         return json.dumps([VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root, self.cfg.mail_uid, self.cfg.mail_gid])
@@ -127,14 +203,18 @@ class Releases:
         re-validated: their passwd-file is hard-linked from it, so a one-mailbox change costs
         little even with 100k mailboxes, and unchanged files keep their mtime.
         """
-        plan = self._plan(sha, previous)
         final = os.path.join(self.dir, sha)
         tmp = os.path.join(self.root, f".build-{sha[:12]}-{os.getpid()}")
-        for name in os.listdir(self.root):
-            if name.startswith(".build-"):  # left by a run that died mid-build
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        for top in (self.root, os.path.join(self.root, buckets.STORE)):
+            for name in os.listdir(top) if os.path.isdir(top) else ():
+                if name.startswith(".build-"):  # left by a run that died mid-build
+                    shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+        self._manifests.pop(sha, None)
         try:
-            manifest = self._write(tmp, sha, plan)
+            if self.cfg.map_buckets > 0:
+                manifest = self._write_bucketed(tmp, sha, previous)
+            else:
+                manifest = self._write(tmp, sha, self._plan(sha, previous))
             os.makedirs(self.dir, mode=0o755, exist_ok=True)
             if os.path.lexists(final):
                 rmtree(final)
@@ -142,6 +222,14 @@ class Releases:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return manifest
+
+    def _write_bucketed(self, tmp: str, sha: str, previous: str | None) -> dict[str, Any]:
+        """The bucketed layout (pipull/buckets.py): cost follows the change."""
+        gid = grp.getgrnam(self.cfg.passwd_group).gr_gid if self.cfg.passwd_group else -1
+        manifest = buckets.BucketBuild(self, sha, previous, tmp).run(gid)
+        write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, sort_keys=True) + "\n").encode())
+        write_file(os.path.join(tmp, "COMMIT"), (sha + "\n").encode())
         return manifest
 
     def _plan(self, sha: str, previous: str | None) -> _Plan:
@@ -258,6 +346,7 @@ class Releases:
                 raise TickError(f"postmap {name} failed: {detail}")
 
     def remove(self, sha: str) -> None:
+        self._manifests.pop(sha, None)
         rmtree(os.path.join(self.dir, sha))
 
     # ---- current / swap
@@ -277,8 +366,8 @@ class Releases:
         """A release built by a pi-pull without alias maps gets an empty one (what that pi-pull
         applied), so the main.cf line ``virtual_alias_maps`` never names a missing table."""
         path = os.path.join(self.dir, sha, "postfix", ALIAS_MAP)
-        if os.path.lexists(path):
-            return
+        if os.path.lexists(path) or any(os.path.lexists(f"{path}.00{s}") for s in (".db", ".lmdb")):
+            return  # a bucketed release (its alias tables always exist)
         try:
             write_file(path, b"")
             if self.cfg.map_type in POSTMAP_TYPES:
@@ -308,14 +397,20 @@ class Releases:
         fsync_dir(self.root)
 
     def manifest(self, sha: str | None) -> dict[str, Any]:
+        """releases/<sha>/MANIFEST.json ({} if missing or unreadable); read once per tick (shared, read-only)."""
         if not sha:
             return {}
+        cached = self._manifests.get(sha)
+        if cached is not None:
+            return cached
         try:
             with open(os.path.join(self.dir, sha, "MANIFEST.json"), encoding="utf-8") as fh:
                 m = json.load(fh)
-                return m if isinstance(m, dict) else {}
         except (OSError, ValueError):
             return {}
+        m = m if isinstance(m, dict) else {}
+        self._manifests[sha] = m
+        return m
 
     def reload(self, which: Sequence[str]) -> list[str]:
         """Run the reload commands for ``which``; return failure messages."""
@@ -348,8 +443,13 @@ class Releases:
                 continue
             path = os.path.join(self.dir, name)
             try:
+                self._manifests.pop(name, None)
                 rmtree(path)
                 self.log.debug(f"pruned release {name}")
             except OSError as e:
                 self.log.warning(f"cannot prune {path}: {e}")
         st["history"] = [s for s in st["history"] if s in keep or os.path.isdir(os.path.join(self.dir, s))]
+        try:
+            buckets.collect_garbage(self.root, self.dir)
+        except OSError as e:
+            self.log.warning(f"cannot delete unused passwd buckets in {buckets.PASSWD_STORE}: {e}")

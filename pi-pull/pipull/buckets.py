@@ -1,0 +1,435 @@
+"""The bucketed release layout (``[services] map_buckets = N``, N >= 1): an apply costs what changed.
+
+With ``map_buckets = 0`` (configs from before it) a release holds one table per map, the
+concatenation of every domain's fragment, postmapped whole, and a flat ``passwd.d/<domain>``
+that is hard-linked file by file: both O(domains) on every apply (release.py). With N >= 1:
+
+* **Postfix**: each map built from per-domain fragments (``FRAGMENT_MAPS``: virtual_mailbox_domains,
+  virtual_mailbox_maps, virtual_alias_maps, and sender_login_maps where the commit carries it) is
+  N tables ``postfix/<map>.<kk>`` (``kk`` two hex digits), and domain ``d`` lives in table
+  ``bucket_of(d, N)``. main.cf lists the N tables of a map (``postfix_map_list``); Postfix
+  searches them in order and takes the first match, and every key is in at most one table, so
+  the N tables answer exactly what the one concatenated table answered. A table whose domains did not change is hard-linked
+  from the live release. A changed one is copied (a new inode: the live file is never written) and
+  updated in place with ``postmap -d -`` (keys that went away) then ``postmap -i -r`` (lines that
+  are new or changed), computed from the old and the new fragment of each changed domain.
+  Only map types that ``postmap -i`` updates in place qualify (``INCREMENTAL_TYPES``). There is no
+  text source beside the tables (it would have to be rewritten whole): ``postmap -s`` dumps one.
+* **Dovecot**: ``dovecot/passwd.d/<bb>/<domain>`` where ``bb`` is the domain's first two
+  characters (as in ``rendered/domains/<bb>/``; Dovecot's ``passwd.d/%2d/%d``). ``passwd.d/<bb>``
+  is a symlink to an immutable directory ``<root>/store/passwd/<bb>.<id>``, shared by every
+  release whose passwd-files of that bucket are the same. A change rebuilds only the buckets
+  of the domains whose passwd changed (hard links for the bucket's other domains).
+* **What changed** comes from ``git diff-tree -r`` between the live commit and the tip
+  (git skips equal subtrees: O(change)), and only the changed domains are listed, read and
+  validated. ``MANIFEST.json`` stays small: totals and one id per table and per passwd bucket.
+
+Swap and rollback are as before: the release is built beside ``releases/``, new store
+directories are moved in only once everything validated and postmapped, ``current`` moves by
+one rename, and no file a live release uses is ever modified, so swapping back serves the
+exact previous maps. Store directories no kept release points at are deleted after a prune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from .aliasmap import ALIAS_MAP, check_bytes
+from .errors import Refused, TickError
+from .fsutil import open_new, rmtree
+from .mirror import BlobReader
+from .runner import short
+from .verify import DomainCheck, feed
+
+if TYPE_CHECKING:
+    from .release import Releases
+
+# Postfix maps assembled from one fragment per domain, in main.cf order. The first two are
+# validated together with passwd (DomainCheck); the others alone (FRAGMENT_CHECKS).
+FRAGMENT_MAPS: tuple[str, ...] = ("virtual_mailbox_domains", "virtual_mailbox_maps", ALIAS_MAP)
+DOMAIN_CHECKED = ("passwd", "virtual_mailbox_maps", "virtual_mailbox_domains", "mailboxes")
+INCREMENTAL_TYPES = ("hash", "btree", "lmdb")
+SUFFIXES = {"hash": (".db",), "btree": (".db",), "lmdb": (".lmdb",)}
+LAYOUT = 2
+STORE = "store"
+PASSWD_STORE = os.path.join(STORE, "passwd")
+MAX_BUCKETS = 256
+PATHSPECS_PER_CALL = 2000
+
+
+def check_fragment(mapname: str, domain: str, data: bytes) -> None:
+    """Validate a fragment that is not part of DomainCheck (Refused on anything the compiler would not write)."""
+    if mapname == ALIAS_MAP:
+        check_bytes(domain, data)
+        return
+    raise Refused(f"internal: no validator for {mapname}")  # pragma: no cover
+
+
+def bucket_of(domain: str, n: int) -> int:
+    """The table (0..n-1) that holds ``domain``'s lines: stable across runs, machines and Pythons."""
+    return int.from_bytes(hashlib.sha256(domain.encode()).digest()[:4], "big") % n if n > 1 else 0
+
+
+def table_name(mapname: str, k: int) -> str:
+    return f"{mapname}.{k:02x}"
+
+
+def postfix_map_list(map_type: str, root: str, mapname: str, n: int) -> str:
+    """The main.cf value that names the tables of ``mapname`` (what the bundle writes)."""
+    base = f"{map_type}:{root.rstrip('/')}/current/postfix/"
+    if n <= 0:
+        return base + mapname
+    return ", ".join(base + table_name(mapname, k) for k in range(n))
+
+
+def fragment_keys(data: bytes) -> dict[bytes, bytes]:
+    """{key: whole line} of a validated fragment (one ``key value`` per line)."""
+    out: dict[bytes, bytes] = {}
+    for line in data.split(b"\n"):
+        if line:
+            out[line.split(b" ", 1)[0]] = line
+    return out
+
+
+class _TableChange:
+    __slots__ = ("deletes", "upserts")
+
+    def __init__(self) -> None:
+        self.deletes: list[bytes] = []
+        self.upserts: list[bytes] = []
+
+
+class BucketBuild:
+    """Builds one release in the bucketed layout into ``tmp`` (see the module docstring)."""
+
+    def __init__(self, rel: Releases, sha: str, live: str | None, tmp: str) -> None:
+        self.rel = rel
+        self.cfg = rel.cfg
+        self.n = rel.cfg.map_buckets
+        self.sha = sha
+        self.live = live
+        self.tmp = tmp
+        self.store = os.path.join(rel.root, PASSWD_STORE)
+        self.build_store = os.path.join(rel.root, STORE, f".build-{sha[:12]}-{os.getpid()}")
+        self.tag = f"{sha[:12]}.{os.urandom(3).hex()}"
+        self.mode = 0o640 if self.cfg.passwd_group else 0o644
+        self.gid = -1
+        self.maps = self._maps()
+        self.tables: dict[str, str] = {}
+        self.passwd_dirs: dict[str, str] = {}
+        self.domains = 0
+        self.mailboxes = 0
+        self.changed_domains = 0
+        self.reloads: set[str] = set()
+        self._fresh: set[str] = set()  # passwd buckets that get a new directory in this build
+
+    def _maps(self) -> tuple[str, ...]:
+        return FRAGMENT_MAPS
+
+    # ---- entry point
+
+    def run(self, gid: int) -> dict[str, Any]:
+        self.gid = gid
+        os.makedirs(os.path.join(self.tmp, "postfix"), mode=0o755)
+        os.makedirs(os.path.join(self.tmp, "dovecot", "passwd.d"), mode=0o755)
+        shutil.rmtree(self.build_store, ignore_errors=True)
+        os.makedirs(self.build_store, mode=0o755)
+        try:
+            prev = self.rel.manifest(self.live)
+            if self._can_follow(prev):
+                self._incremental(prev)
+            else:
+                self._full()
+            self._link_passwd_dirs()
+            self._publish_store()
+        finally:
+            shutil.rmtree(self.build_store, ignore_errors=True)
+        return self._manifest(prev)
+
+    def _can_follow(self, prev: dict[str, Any]) -> bool:
+        """Can this build start from the live release (same layout, validator and settings, every table there)?"""
+        if not self.live or prev.get("layout") != LAYOUT or prev.get("reuse_key") != self.rel.reuse_key():
+            return False
+        tables, dirs = prev.get("tables"), prev.get("passwd_dirs")
+        if not isinstance(tables, dict) or not isinstance(dirs, dict):
+            return False
+        live_dir = os.path.join(self.rel.dir, self.live)
+        for mapname in self.maps:
+            for k in range(self.n):
+                name = table_name(mapname, k)
+                if name not in tables or not self._table_files_exist(os.path.join(live_dir, "postfix", name)):
+                    return False
+        return all(isinstance(v, str) and os.path.isdir(os.path.join(self.store, v)) for v in dirs.values())
+
+    def _table_files_exist(self, base: str) -> bool:
+        return all(os.path.isfile(base + s) for s in SUFFIXES[self.cfg.map_type])
+
+    # ---- first build (or after a layout / settings change): every domain, every table
+
+    def _full(self) -> None:
+        tree = self.rel.list_rendered(self.sha)
+        texts: dict[str, BinaryIO] = {}
+        order: list[str] = []
+        domains = sorted(tree)
+        for domain in domains:
+            files = tree[domain]
+            order += [files[f] for f in DOMAIN_CHECKED if f in files] + [files[m] for m in self.maps if m in files and m not in DOMAIN_CHECKED]
+        try:
+            for mapname in self.maps:
+                for k in range(self.n):
+                    name = table_name(mapname, k)
+                    texts[name] = open_new(os.path.join(self.tmp, "postfix", name), 0o644)
+            with self.rel.mirror.batch(order) as cat:
+                for domain in domains:
+                    files = tree[domain]
+                    k = bucket_of(domain, self.n)
+                    outs = {m: texts[table_name(m, k)] for m in self.maps}
+                    bb_dir = self._new_bucket_dir(domain[:2])
+                    self.mailboxes += self._check_domain(cat, domain, files, os.path.join(bb_dir, domain), outs)
+                    for mapname in self.maps:
+                        if mapname not in DOMAIN_CHECKED and mapname in files:
+                            data = self._read(cat, domain, mapname, files[mapname])
+                            check_fragment(mapname, domain, data)
+                            outs[mapname].write(data)
+        finally:
+            for fh in texts.values():
+                fh.close()
+        self.domains = len(domains)
+        base = shlex.split(self.cfg.postmap)
+        for name in texts:
+            path = os.path.join(self.tmp, "postfix", name)
+            self._postmap([*base, f"{self.cfg.map_type}:{path}"], name, None)
+            os.unlink(path)  # no text source: an incremental update would leave it stale (postmap -s dumps a table)
+            self.tables[name] = self.tag
+        self.reloads = {"postfix", "dovecot"}
+
+    # ---- incremental build: only what differs between the live commit and the tip
+
+    def _incremental(self, prev: dict[str, Any]) -> None:
+        assert self.live is not None
+        changes = self.rel.changes(self.live, self.sha)
+        self.tables = {str(k): str(v) for k, v in prev["tables"].items()}
+        self.passwd_dirs = {str(k): str(v) for k, v in prev["passwd_dirs"].items()}
+        self.domains = int(prev.get("domains", 0))
+        self.mailboxes = int(prev.get("mailboxes", 0))
+        self.changed_domains = len(changes)
+        now = self.rel.domain_files(self.sha, sorted(changes))
+        edits: dict[str, _TableChange] = {}
+        passwd_changed: dict[str, set[str]] = {}  # bb -> domains whose passwd-file changed or went away
+        with self.rel.mirror.batch() as cat:
+            for domain in sorted(changes):
+                change, files = changes[domain], now.get(domain)
+                was_there = any(old for old, _ in change.values()) or "passwd" not in change
+                if files is None and not was_there:
+                    continue
+                self.domains += (files is not None) - was_there
+                k = bucket_of(domain, self.n)
+                if "passwd" in change:
+                    passwd_changed.setdefault(domain[:2], set()).add(domain)
+                new_data: dict[str, bytes] = {}
+                if files is not None and any(f in change for f in DOMAIN_CHECKED):
+                    target = None
+                    if "passwd" in change:
+                        target = os.path.join(self._new_bucket_dir(domain[:2]), domain)
+                    captured: dict[str, Any] = {m: _Capture() for m in ("virtual_mailbox_domains", "virtual_mailbox_maps") if m in change}
+                    self._check_domain(cat, domain, files, target, captured)
+                    new_data.update({m: c.value() for m, c in captured.items()})
+                for mapname in self.maps:
+                    if mapname not in change:
+                        continue
+                    old_oid, new_oid = change[mapname]
+                    if mapname not in new_data:
+                        new_data[mapname] = b"" if not new_oid else self._read(cat, domain, mapname, new_oid)
+                        if new_oid and mapname not in DOMAIN_CHECKED:
+                            check_fragment(mapname, domain, new_data[mapname])
+                    old = fragment_keys(self._read(cat, domain, mapname, old_oid, limit=False)) if old_oid else {}
+                    new = fragment_keys(new_data[mapname])
+                    if mapname == "virtual_mailbox_maps":
+                        self.mailboxes += len(new) - len(old)
+                    edit = edits.setdefault(table_name(mapname, k), _TableChange())
+                    edit.deletes += [key for key in old if key not in new]
+                    edit.upserts += [line for key, line in new.items() if old.get(key) != line]
+        for bb, gone in passwd_changed.items():
+            self._finish_bucket_dir(bb, gone)
+        live_dir = os.path.join(self.rel.dir, self.live)
+        for mapname in self.maps:
+            for k in range(self.n):
+                name = table_name(mapname, k)
+                found = edits.get(name)
+                src, dst = os.path.join(live_dir, "postfix", name), os.path.join(self.tmp, "postfix", name)
+                if found is None or not (found.deletes or found.upserts):
+                    for s in SUFFIXES[self.cfg.map_type]:
+                        os.link(src + s, dst + s)
+                    continue
+                self._update_table(src, dst, name, found)
+                self.tables[name] = self.tag
+                self.reloads.add("postfix")
+
+    def _update_table(self, src: str, dst: str, name: str, edit: _TableChange) -> None:
+        """A private copy of the live table, then postmap -d (gone keys) and -i -r (new or changed lines)."""
+        for s in SUFFIXES[self.cfg.map_type]:
+            with open(src + s, "rb") as fin, open_new(dst + s, 0o644) as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        base = shlex.split(self.cfg.postmap)
+        target = f"{self.cfg.map_type}:{dst}"
+        if edit.deletes:
+            self._postmap([*base, "-d", "-", target], name, b"".join(k + b"\n" for k in edit.deletes))
+        if edit.upserts:
+            self._postmap([*base, "-i", "-r", target], name, b"".join(line + b"\n" for line in edit.upserts))
+
+    def _postmap(self, argv: list[str], name: str, data: bytes | None) -> None:
+        r = self.rel.runner.run(argv, input=data, timeout=600)
+        # postmap -d exits 1 when a key was not found (cannot happen here, but it is not a failure).
+        if r.returncode != 0 and not (argv[-3:-1] == ["-d", "-"] and r.returncode == 1 and not r.stderr.strip()):
+            detail = short(r.stderr) or f"rc={r.returncode}"
+            raise TickError(f"postmap {name} failed: {detail}")
+
+    # ---- domains
+
+    def _read(self, cat: BlobReader, domain: str, fname: str, oid: str, limit: bool = True) -> bytes:
+        what = f"rendered/domains/{domain[:2]}/{domain}/{fname}"
+        # An old blob was validated when it went live; the limit still bounds what is read.
+        return b"".join(cat.stream(oid, what, self.cfg.max_file_bytes if limit else max(self.cfg.max_file_bytes, 1 << 30)))
+
+    def _check_domain(self, cat: BlobReader, domain: str, files: dict[str, str], passwd_target: str | None,
+                      outs: dict[str, Any]) -> int:
+        """Stream and validate passwd, the two mailbox maps and mailboxes; write passwd to ``passwd_target``
+        and each map into ``outs[map]`` (if given). Returns the mailbox count."""
+        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
+        for fname in DOMAIN_CHECKED:
+            oid = files.get(fname)
+            if not oid:
+                continue
+            out: Any = outs.get(fname)
+            fh: BinaryIO | None = None
+            if fname == "passwd" and passwd_target:
+                fh = open_new(passwd_target, self.mode)
+                out = fh
+            try:
+                feed(check, fname, _tee(cat.stream(oid, f"rendered/domains/{domain[:2]}/{domain}/{fname}", self.cfg.max_file_bytes), out))
+            finally:
+                if fh is not None:
+                    fh.close()
+                    if self.gid >= 0 and passwd_target:
+                        os.chown(passwd_target, 0 if os.geteuid() == 0 else -1, self.gid)
+        return check.finish()
+
+    # ---- passwd buckets
+
+    def _new_bucket_dir(self, bb: str) -> str:
+        path = os.path.join(self.build_store, f"{bb}.{self.tag}")
+        if bb not in self._fresh:
+            os.mkdir(path, 0o755)
+            self._fresh.add(bb)
+        return path
+
+    def _finish_bucket_dir(self, bb: str, changed: set[str]) -> None:
+        """Hard-link the bucket's unchanged passwd-files from its live directory into the new one."""
+        new = self._new_bucket_dir(bb)
+        old_name = self.passwd_dirs.get(bb)
+        if old_name:
+            with os.scandir(os.path.join(self.store, old_name)) as it:
+                for entry in it:
+                    if entry.name not in changed:
+                        os.link(entry.path, os.path.join(new, entry.name))
+
+    def _link_passwd_dirs(self) -> None:
+        """Record the new bucket directories (empty ones are dropped), then symlink every bucket in the release."""
+        for bb in sorted(self._fresh):
+            path = os.path.join(self.build_store, f"{bb}.{self.tag}")
+            if os.listdir(path):
+                self.passwd_dirs[bb] = f"{bb}.{self.tag}"
+                self.reloads.add("dovecot")
+            else:
+                os.rmdir(path)
+                if self.passwd_dirs.pop(bb, None):
+                    self.reloads.add("dovecot")
+        pdir = os.path.join(self.tmp, "dovecot", "passwd.d")
+        for bb, name in self.passwd_dirs.items():
+            os.symlink(os.path.join("..", "..", "..", "..", PASSWD_STORE, name), os.path.join(pdir, bb))
+
+    def _publish_store(self) -> None:
+        """Move the new bucket directories into the store (the release is complete and valid)."""
+        os.makedirs(self.store, mode=0o755, exist_ok=True)
+        for bb in sorted(self._fresh):
+            name = f"{bb}.{self.tag}"
+            src = os.path.join(self.build_store, name)
+            if os.path.isdir(src):
+                os.replace(src, os.path.join(self.store, name))
+
+    # ---- manifest
+
+    def _manifest(self, prev: dict[str, Any]) -> dict[str, Any]:
+        from .fsutil import digest, utcnow
+
+        return {
+            "commit": self.sha,
+            "built_at": utcnow(),
+            "layout": LAYOUT,
+            "map_type": self.cfg.map_type,
+            "map_buckets": self.n,
+            "reuse_key": self.rel.reuse_key(),
+            "postfix_digest": digest([(n, v.encode()) for n, v in self.tables.items()] + [("\0map_type", self.cfg.map_type.encode())]),
+            "dovecot_digest": digest([(bb, v.encode()) for bb, v in self.passwd_dirs.items()]),
+            "domains": self.domains,
+            "mailboxes": self.mailboxes,
+            "changed_domains": self.changed_domains,
+            "reused_domains": self.domains - self.changed_domains if prev.get("layout") == LAYOUT else 0,
+            "tables": self.tables,
+            "passwd_dirs": self.passwd_dirs,
+        }
+
+
+class _Capture:
+    """Collects a validated fragment's bytes (a file-like ``write``)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(data)
+        return len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _tee(chunks: Iterable[bytes], out: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        if out is not None:
+            out.write(chunk)
+        yield chunk
+
+
+def collect_garbage(root: str, releases_dir: str) -> int:
+    """Delete the store's passwd bucket directories that no release under ``releases_dir`` links to."""
+    store = os.path.join(root, PASSWD_STORE)
+    try:
+        names = os.listdir(store)
+    except FileNotFoundError:
+        return 0
+    used: set[str] = set()
+    try:
+        releases = os.listdir(releases_dir)
+    except FileNotFoundError:
+        releases = []
+    for rel in releases:
+        pdir = os.path.join(releases_dir, rel, "dovecot", "passwd.d")
+        try:
+            with os.scandir(pdir) as it:
+                for entry in it:
+                    if entry.is_symlink():
+                        used.add(os.path.basename(os.readlink(entry.path)))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    removed = 0
+    for name in names:
+        if name not in used:
+            rmtree(os.path.join(store, name))
+            removed += 1
+    return removed
