@@ -3,8 +3,8 @@
 `mailstate key rotate --data DIR` (rotate_key below):
 
 1. makes a new ed25519 key (DIR/signing_key.next, then DIR/signing_key);
-2. has the OLD key sign an endorsement of it (SSHSIG, namespace `mailstate-key`, which no
-   commit or statement check accepts):
+2. has the OLD key sign an endorsement of it (SSHSIG, namespace `git`; its text is neither a
+   commit nor a tag, so its signature passes for neither):
 
        mailstate key endorsement 1
        Old-Key: ssh-ed25519 <base64>
@@ -39,7 +39,10 @@ from mailstate.state.errors import StoreError
 from mailstate.state.signing import PRINCIPAL, Ed25519Signer, allowed_signers_line, generate_key
 from mailstate.state.statement import MAX_ENDORSEMENTS
 
-NAMESPACE = "mailstate-key"
+# The "git" namespace: allowed_signers lines say namespaces="git", so any other namespace fails
+# them. The payload keeps it apart: it parses as neither a commit nor a tag, so its signature
+# can never pass for one.
+NAMESPACE = "git"
 ENDORSEMENTS_FILE = "key_endorsements"
 RETIRED_DIR = "retired_keys"
 
@@ -53,7 +56,7 @@ def endorsement_payload(old_key: str, new_key: str, issued_at: int) -> bytes:
 
 
 def sign_endorsement(old_private: Path, payload: bytes) -> bytes:
-    """`payload` plus the old key's SSHSIG signature in namespace `mailstate-key` (ssh-keygen -Y sign)."""
+    """`payload` plus the old key's SSHSIG signature in namespace `git` (ssh-keygen -Y sign)."""
     with tempfile.TemporaryDirectory(prefix="mailstate-endorse-") as tmp:
         data = Path(tmp) / "endorsement"
         data.write_bytes(payload)
@@ -91,9 +94,9 @@ def retire_in_signers(text: str, key_b64: str, ts: int) -> str:
     out = []
     for line in text.splitlines():
         fields = split_signers_line(line)
-        if len(fields) >= 3:
-            has_options = not is_key_type(fields[1])
-            if (fields[2] if has_options else fields[1]) == key_b64:
+        has_options = len(fields) >= 2 and not is_key_type(fields[1])
+        if len(fields) >= (4 if has_options else 3):
+            if (fields[3] if has_options else fields[2]) == key_b64:
                 option = f'valid-before="{valid_before(ts)}"'
                 if not has_options:
                     fields = [fields[0], option, *fields[1:]]

@@ -3,7 +3,7 @@
 When a server rotates its key (``mailstate key rotate``), the OLD key signs an endorsement of
 the new one, and every statement the server writes from then on carries the endorsements
 (oldest first, ``Key-Endorsement:`` lines, see statement.py), so a node that was offline at
-the moment still follows the chain A -> B -> C. An endorsement (namespace ``mailstate-key``,
+the moment still follows the chain A -> B -> C. An endorsement (SSHSIG, namespace ``git``:
 never valid as a commit or statement signature) is::
 
     mailstate key endorsement 1
@@ -42,7 +42,10 @@ from .fsutil import atomic_write
 from .runner import Runner, short
 from .statement import PRINCIPAL, Statement
 
-NAMESPACE = "mailstate-key"
+# The "git" namespace: allowed_signers lines say namespaces="git", so any other namespace fails
+# them. The payload keeps it apart: it parses as neither a commit nor a tag, so its signature
+# can never pass for one.
+NAMESPACE = "git"
 TRUST_FORMAT = 1
 _ENDORSEMENT = re.compile(
     rb"mailstate key endorsement 1\n"
@@ -94,11 +97,11 @@ def effective_signers(provisioned: str, data: dict[str, Any]) -> str:
     out: list[str] = []
     for line in provisioned.splitlines():
         fields = _split_signers_line(line)
-        if len(fields) < 3:
+        has_options = len(fields) >= 2 and not _is_key_type(fields[1])
+        if len(fields) < (4 if has_options else 3):
             out.append(line)
             continue
-        has_options = not _is_key_type(fields[1])
-        key = fields[2] if has_options else fields[1]
+        key = fields[3] if has_options else fields[2]
         if key in retired:
             fields = _retire(fields, has_options, retired[key])
         out.append(" ".join(fields))
