@@ -22,6 +22,8 @@ class Config:
 
     remote_url: str
     send_credentials: bool = False
+    # Follow mode (pipull/follow.py): the server's long poll, when [remote] url is not the server.
+    wake_url: str = ""
     node_name: str = ""
     sync_key_file: str = ""
     allowed_signers: str = ""
@@ -47,6 +49,7 @@ class Config:
     ssh_keygen: str = "ssh-keygen"
     fetch_timeout: float = 300.0
     interval: float = 60.0
+    poll_interval: float = 5.0  # follow mode without a long poll: seconds between ls-remote looks
     max_fetch_mb: int = 256
     max_file_mb: int = 32
     # [lifecycle] (pipull/lifecycle.py): graveyard moves and purge on this node; usage every N seconds.
@@ -81,7 +84,7 @@ class Config:
 
     @property
     def needs_key(self) -> bool:
-        return bool(self.report_url) or (self.remote_is_http and self.send_credentials)
+        return bool(self.report_url) or bool(self.wake_url) or (self.remote_is_http and self.send_credentials)
 
 
 class _Reader:
@@ -176,6 +179,8 @@ def load_config(path: str) -> Config:
     cfg.ssh_keygen = r.get_str("agent", "ssh_keygen", "ssh-keygen")
     cfg.fetch_timeout = r.get_float("agent", "fetch_timeout", 300.0)
     cfg.interval = r.get_float("agent", "interval", 60.0)
+    cfg.poll_interval = r.get_float("agent", "poll_interval", 5.0)
+    cfg.wake_url = r.get_str("remote", "wake_url", "")
     cfg.max_fetch_mb = r.get_int("limits", "max_fetch_mb", cfg.max_fetch_mb)
     cfg.max_file_mb = r.get_int("limits", "max_file_mb", cfg.max_file_mb)
     cfg.purge = r.get_bool("lifecycle", "purge", True)
@@ -232,6 +237,10 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [paths] keep_releases must be >= 1")
     if cfg.interval <= 0:
         raise ConfigError(f"config {path}: [agent] interval must be > 0")
+    if not 0.5 <= cfg.poll_interval <= 3600:
+        raise ConfigError(f"config {path}: [agent] poll_interval must be 0.5 to 3600 seconds")
+    if cfg.wake_url and not cfg.wake_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"config {path}: [remote] wake_url must be http(s) (the server's /v1/nodes/wait)")
     if cfg.usage_interval < 0:
         raise ConfigError(f"config {path}: [lifecycle] usage_interval must be >= 0 (seconds; 0 = never measure)")
     if not cfg.usage_budget_s > 0:
