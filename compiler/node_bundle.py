@@ -80,6 +80,7 @@ INSTALL_PATHS: dict[str, str] = {
     "postfix/main.cf.mailstate": "/etc/postfix/main.cf (postconf -e)",
     "postfix/master.cf.mailstate": "/etc/postfix/master.cf (postconf -M -e)",
     "postfix/main.cf.base": "/etc/postfix/main.cf (only if missing)",
+    "opendkim/opendkim.conf": "/etc/opendkim.conf (with a dkim milter; the original kept)",
     "bundle.json": "(read by pi_pull.py install)",
 }
 MANIFEST_NAME = "bundle.json"
@@ -199,6 +200,7 @@ def postfix_master_snippet(
 
 
 DKIM_KEY_DIR = f"{ETC_DIR}/dkim"
+OPENDKIM_CONF = "opendkim/opendkim.conf"
 
 
 def opendkim_snippet(
@@ -286,6 +288,9 @@ def render_node_bundle(
     imaps_port: int = 993,
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
     dkim_milter: str = DKIM_MILTER,
+    dkim_key_dir: str = "",
+    dkim_publish_wait: int = 86400,
+    dkim_rotate_days: int = 0,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -298,7 +303,10 @@ def render_node_bundle(
     creates the mail root owned by them. ``tls_cert``/``tls_key`` (Postfix and Dovecot),
     ``submission_listen``/``smtps_listen`` (master.cf service names), ``imaps_port``,
     ``postfix_queue_dir`` (where Dovecot puts the auth socket) and ``dkim_milter`` configure
-    sending. Bad arguments raise InvalidInput.
+    sending; with a ``dkim_milter`` the bundle also ships ``opendkim/opendkim.conf`` and turns on
+    pi-pull's ``[dkim]`` (keys under ``dkim_key_dir``, default /etc/pi-pull/dkim; a new key signs
+    ``dkim_publish_wait`` seconds after it was reported; ``dkim_rotate_days``: 0 = rotate by hand).
+    Bad arguments raise InvalidInput.
     """
     if not _NODE_NAME.match(node_name):
         raise InvalidInput("The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name")
@@ -340,6 +348,12 @@ def render_node_bundle(
         mail_uid=int(mail_uid),
         mail_gid=int(mail_gid),
     )
+    if dkim_milter:
+        # pi-pull.ini's [dkim]: this node's keys and OpenDKIM's tables (pi-pull/pipull/dkim.py).
+        if int(dkim_publish_wait) < 0 or int(dkim_rotate_days) < 0:
+            raise InvalidInput("dkim_publish_wait and dkim_rotate_days must be >= 0.", field="dkim_publish_wait")
+        ini += render_template("pi-pull-dkim.ini.j2", key_dir=(dkim_key_dir or DKIM_KEY_DIR).rstrip("/"),
+                               publish_wait=int(dkim_publish_wait), rotate_days=int(dkim_rotate_days))
     files: dict[str, str | bytes] = {
         "pi-pull.ini": ini,
         "allowed_signers": _normalise_signers(allowed_signers),
@@ -355,6 +369,8 @@ def render_node_bundle(
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
     }
+    if dkim_milter:
+        files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
     files[MANIFEST_NAME] = bundle_manifest(node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid,
                                            mail_gid=mail_gid)
     return files
@@ -384,4 +400,7 @@ def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root:
         "units": {"service": "pi-pull.service", "timer": "pi-pull.timer"},
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
+    if OPENDKIM_CONF in files:
+        # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept.
+        manifest["opendkim"] = {"conf": OPENDKIM_CONF, "name": "opendkim.conf"}
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"

@@ -27,6 +27,7 @@ EXPECTED_FILES = {
     "dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate",
     "postfix/master.cf.mailstate",
+    "opendkim/opendkim.conf",  # the DKIM signer (pi-pull/pipull/dkim.py writes its tables)
     "pi_pull.py",
     "postfix/main.cf.base",
     "bundle.json",
@@ -270,3 +271,30 @@ def test_sending_options_refuse_bad_values() -> None:
         bundle(dkim_milter="inet:127.0.0.1:8891 -o x=y")
     no_milter = bundle(dkim_milter="")["postfix/master.cf.mailstate"]
     assert "smtpd_milters" not in no_milter and "ORIGINATING" in no_milter
+
+
+def test_bundle_ships_opendkim_conf_that_opendkim_accepts_and_turns_on_dkim(tmp_path: Path) -> None:
+    """The DKIM signer: opendkim.conf checked by the real `opendkim -n`; pi-pull.ini's [dkim] is on."""
+    import json
+
+    files = bundle()
+    conf = str(files["opendkim/opendkim.conf"])
+    assert "Socket\t\t\tinet:8891@127.0.0.1" in conf and "Mode\t\t\ts" in conf
+    assert "KeyTable\t\tfile:/etc/pi-pull/dkim/KeyTable" in conf and "RequireSafeKeys" not in conf
+    assert json.loads(str(files["bundle.json"]))["opendkim"] == {"conf": "opendkim/opendkim.conf", "name": "opendkim.conf"}
+    ini = str(files["pi-pull.ini"])
+    assert "\nenabled = yes\nkey_dir = /etc/pi-pull/dkim\n" in ini and "[dkim]" in ini and "publish_wait = 86400" in ini
+    if shutil.which("opendkim") is None and not Path("/usr/sbin/opendkim").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("opendkim is missing (apt-get install opendkim opendkim-tools)")
+        pytest.skip("opendkim is missing")
+    keys = tmp_path / "dkim"
+    keys.mkdir()
+    (keys / "KeyTable").write_text("")
+    (keys / "SigningTable").write_text("")
+    (tmp_path / "opendkim.conf").write_text(conf.replace("/etc/pi-pull/dkim", str(keys)))
+    r = subprocess.run(["opendkim", "-n", "-x", str(tmp_path / "opendkim.conf")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # Without a dkim milter there is no signer and no [dkim].
+    plain = bundle(dkim_milter="")
+    assert "opendkim/opendkim.conf" not in plain and "[dkim]" not in str(plain["pi-pull.ini"])

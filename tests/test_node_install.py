@@ -468,7 +468,9 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
 
     assert once() > 0
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
-    assert changes == [["daemon-reload"], ["start", "postfix"], ["start", "dovecot"], ["enable", "--now", "pi-pull.timer"]]
+    # opendkim: the bundle's opendkim.conf went in beside the postfix dir (the DKIM signer).
+    assert changes == [["daemon-reload"], ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"], ["enable", "--now", "pi-pull.timer"]]
+    assert (host.postfix.parent / "opendkim.conf").read_bytes() == (host.bundle() / "opendkim" / "opendkim.conf").read_bytes()
     runner.calls.clear()
     lines.clear()
     assert once() == 0  # everything is in place: no systemctl call changes anything

@@ -369,6 +369,7 @@ class Installer:
             self.install_sync_key()
             self.configure_postfix()
             self.configure_dovecot()
+            self.configure_opendkim()
             self.make_mail_root()
         finally:
             if not self.opts.dry_run:
@@ -485,6 +486,16 @@ class Installer:
 
     # ---- dovecot
 
+    def configure_opendkim(self) -> None:
+        """The bundle's opendkim.conf (signing-only milter; pi-pull writes its tables) beside the
+        postfix dir, i.e. /etc/opendkim.conf; the original is kept and uninstall puts it back."""
+        spec = self.m.get("opendkim")
+        if not isinstance(spec, dict):
+            return
+        dest = os.path.join(os.path.dirname(self.opts.dirs["postfix_dir"].rstrip("/")), str(spec.get("name", "opendkim.conf")))
+        if self.host.put_file(dest, self.bundle.read(str(spec["conf"])), 0o644, " (OpenDKIM, the DKIM signer)"):
+            self.changed.add("opendkim")
+
     def configure_dovecot(self) -> None:
         dv = self.opts.dirs["dovecot_dir"]
         spec = self.m.get("dovecot", {})
@@ -567,6 +578,8 @@ class Installer:
             self.systemctl("daemon-reload")
         for svc in ("postfix", "dovecot"):
             self.service_running(svc)
+        if isinstance(self.m.get("opendkim"), dict):
+            self.service_running("opendkim")  # the milter of the submission services (milter_default_action=tempfail)
 
     def enable_timer(self) -> None:
         """``systemctl enable --now`` the timer: after the first tick, so that tick never meets a timer's run
