@@ -817,6 +817,7 @@ def test_example_config_parses(pipull: Any) -> None:
     assert cfg.remote_url.endswith("/v1/nodes/state.git") and cfg.send_credentials
     assert cfg.keep_releases == 5 and cfg.map_type == "hash" and cfg.report_url.endswith("/v1/nodes/report")
     assert cfg.usage_interval == 900 and cfg.usage_budget_s == 2.0
+    assert cfg.max_staleness == 600 and cfg.clock_skew == 300
 
 
 def test_loop_mode_ticks_until_sigterm(setup: Setup, pi_pull: Path) -> None:

@@ -296,3 +296,9 @@ def _backdated(data_dir: Any, tmp_path: Path, admin: SigningKey, when: int) -> s
                     "-c", f"user.signingkey={admin.private}", "commit", "-S", "-qm", "backdated"], check=True, env=env)  # fmt: skip
     subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "HEAD:refs/heads/side"], check=True)
     return git(work, "rev-parse", "HEAD")
+
+
+def test_freshness_config_is_checked(setup: Setup) -> None:
+    for key, value in (("max_staleness", "-1"), ("clock_skew", "100000"), ("max_staleness", "soon")):
+        r = setup.tick(setup.config(**{f"freshness__{key}": value}))
+        assert r.returncode == 2 and f"[freshness] {key}" in r.stderr, r.stderr
