@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS node_status (
     remote_addr TEXT
 );
 """
+# Columns added to node_status after its first release (list-nodes: freshness and the last
+# error); an older database gets them on open (ALTER TABLE ... ADD COLUMN keeps every row).
+NODE_STATUS_COLUMNS = {
+    "statement_issued_at": "INTEGER",  # Issued-At of the newest statement the node verified
+    "last_error": "TEXT",  # the last non-null error reported, kept after later ok reports
+    "last_error_at": "TEXT",
+}
 
 
 def _sha256(text: str) -> str:
@@ -104,6 +111,10 @@ class LocalDB:
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(SCHEMA)
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(node_status)")}
+        for column, kind in NODE_STATUS_COLUMNS.items():
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE node_status ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._conn.close()
@@ -179,15 +190,29 @@ class LocalDB:
     # --- node status ------------------------------------------------------------------------
 
     def record_node_status(
-        self, name: str, *, applied_commit: str | None, status: str, error: str | None, remote_addr: str | None, at: datetime
+        self,
+        name: str,
+        *,
+        applied_commit: str | None,
+        status: str,
+        error: str | None,
+        remote_addr: str | None,
+        at: datetime,
+        statement_issued_at: int | None = None,
     ) -> None:
+        """The node's last report. `last_error` keeps the last non-null error (and its time)
+        after later reports without one, so list-nodes shows what last went wrong."""
+        stamp = at.isoformat()
         with self._lock:
             self._conn.execute(
-                "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
+                "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr,"
+                " statement_issued_at, last_error, last_error_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
                 " applied_commit=excluded.applied_commit, status=excluded.status, error=excluded.error,"
-                " remote_addr=excluded.remote_addr",
-                (name, at.isoformat(), applied_commit, status, error, remote_addr),
+                " remote_addr=excluded.remote_addr, statement_issued_at=excluded.statement_issued_at,"
+                " last_error=COALESCE(excluded.last_error, node_status.last_error),"
+                " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at)",
+                (name, stamp, applied_commit, status, error, remote_addr, statement_issued_at, error, stamp if error else None),
             )
 
     # --- mailbox usage ------------------------------------------------------------------------
@@ -269,8 +294,18 @@ class LocalDB:
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT last_sync_at, applied_commit, status, error FROM node_status WHERE name = ?", (name,)
+                "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at"
+                " FROM node_status WHERE name = ?",
+                (name,),
             ).fetchone()
         if row is None:
             return None
-        return {"last_sync_at": row[0], "applied_commit": row[1], "status": row[2], "error": row[3]}
+        return {
+            "last_sync_at": row[0],
+            "applied_commit": row[1],
+            "status": row[2],
+            "error": row[3],
+            "statement_issued_at": row[4],
+            "last_error": row[5],
+            "last_error_at": row[6],
+        }

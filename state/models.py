@@ -690,6 +690,25 @@ class NodeInfo(BaseModel):
         description="Commits the node lacks to reach the server's accepted head; null when diverged or before its first report."
     )
     diverged: bool | None = Field(default=None, description="true when the node's applied commit is not an ancestor of the server's head.")
+    lag_s: int | None = Field(
+        default=None,
+        description="Seconds the node is behind: now minus the commit time of the oldest accepted commit it lacks; 0 when up to "
+        "date; null before its first applied commit or when diverged.",
+    )
+    stale: bool | None = Field(
+        default=None,
+        description="true when the node reported `stale` (its newest verified statement is older than its max_staleness), or "
+        "when its last report is older than the server's threshold ($MAILSTATE_NODE_STALE_AFTER, 600 s); null before a report.",
+    )
+    statement_age_s: int | None = Field(
+        default=None, description="Seconds since the newest statement the node verified was issued (as it last reported), or null."
+    )
+    last_report_at: str | None = Field(default=None, description="ISO 8601 time of the node's last report (the same as last_sync_at).")
+    last_report_age_s: int | None = Field(default=None, description="Seconds since the node's last report, or null.")
+    last_error: str | None = Field(
+        default=None, description="The last error the node reported, kept after later reports without one (`error` is the last tick's)."
+    )
+    last_error_at: str | None = Field(default=None, description="ISO 8601 time of the report that carried last_error.")
 
 
 class ListNodesResponse(Response):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol
 
@@ -27,6 +28,20 @@ MAX_USAGE_ENTRIES = 200_000
 MAX_USED_BYTES = 2**53  # JSON-safe integers; far above any quota (1 TiB)
 USAGE_EMAIL = r"^[a-z0-9][a-z0-9._+-]{0,63}@[a-z0-9][a-z0-9.-]{0,252}$"
 _NO_SUCH_NODE = hashlib.sha256(b"no such node").hexdigest()
+# list-nodes shows a node `stale` when its last report is older than this (seconds;
+# $MAILSTATE_NODE_STALE_AFTER): a node reports every tick, at least every [agent] interval
+# (60 s), so ten minutes of silence means it is not ticking or cannot reach the server. The
+# same default as the node's own [freshness] max_staleness.
+REPORT_STALE_AFTER_S = 600
+
+
+def report_stale_after() -> int:
+    """Seconds after which a node's silence makes it `stale` in list-nodes (see REPORT_STALE_AFTER_S)."""
+    try:
+        value = int(os.environ.get("MAILSTATE_NODE_STALE_AFTER", REPORT_STALE_AFTER_S))
+    except ValueError:
+        return REPORT_STALE_AFTER_S
+    return value if 1 <= value <= 10 * 365 * 86400 else REPORT_STALE_AFTER_S
 
 
 def _commit(value: object) -> object:
@@ -119,7 +134,17 @@ class NodeReport(BaseModel):
 
 
 class StatusSink(Protocol):
-    def record_node_status(self, name: str, *, applied_commit: str | None, status: str, error: str | None, remote_addr: str | None, at: datetime) -> None: ...
+    def record_node_status(
+        self,
+        name: str,
+        *,
+        applied_commit: str | None,
+        status: str,
+        error: str | None,
+        remote_addr: str | None,
+        at: datetime,
+        statement_issued_at: int | None = None,
+    ) -> None: ...
 
     def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
 
@@ -190,6 +215,7 @@ def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remo
         error=report.error,
         remote_addr=str(peer) if peer is not None else None,
         at=now,
+        statement_issued_at=report.statement_issued_at,
     )
     if report.usage:
         db.record_usage(name, usage_rows(snapshot, report.usage), now)

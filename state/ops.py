@@ -26,6 +26,7 @@ from mailstate.state import aliases as al
 from mailstate.state import models as m
 from mailstate.state import paging
 from mailstate.state.errors import Conflict, Forbidden, NotFound
+from mailstate.state.nodes import report_stale_after
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 
 SYNC_KEY_PREFIX = "mss_"
@@ -602,6 +603,41 @@ def _nodes_outcome(ctx: Context, nodes: dict[str, m.Node], result: dict[str, Any
     return Outcome(result, change=Change(nodes=m.NodesFile(nodes=nodes)), target=target, created=created)
 
 
+def _unix(iso: object) -> int | None:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp()) if isinstance(iso, str) else None
+    except ValueError:
+        return None
+
+
+def _freshness(status: Mapping[str, Any], now: int) -> dict[str, Any]:
+    """list-nodes' lag_s, stale, statement_age_s, last report and last error for one node's status
+    (state.store node_status): see NodeInfo for what each means."""
+    if not status:
+        return {"lag_s": None, "stale": None, "statement_age_s": None, "last_report_at": None, "last_report_age_s": None,
+                "last_error": None, "last_error_at": None}  # fmt: skip
+    reported = _unix(status.get("last_sync_at"))
+    report_age = max(0, now - reported) if reported is not None else None
+    issued = status.get("statement_issued_at")
+    behind, since = status.get("commits_behind"), status.get("behind_since")
+    if status.get("diverged") or not status.get("applied_commit") or behind is None:
+        lag = None
+    elif behind == 0:
+        lag = 0
+    else:
+        lag = max(0, now - since) if isinstance(since, int) else None
+    silent = report_age is not None and report_age > report_stale_after()
+    return {
+        "lag_s": lag,
+        "stale": status.get("status") == "stale" or silent,
+        "statement_age_s": max(0, now - issued) if isinstance(issued, int) else None,
+        "last_report_at": status.get("last_sync_at"),
+        "last_report_age_s": report_age,
+        "last_error": status.get("last_error"),
+        "last_error_at": status.get("last_error_at"),
+    }
+
+
 def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
     _require_admin(ctx)
     page = paging.Page.of(req, "list-nodes")
@@ -623,6 +659,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "error": status.get("error"),
                 "commits_behind": status.get("commits_behind"),
                 "diverged": status.get("diverged"),
+                **_freshness(status, int(ctx.now.timestamp())),
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None

@@ -728,7 +728,9 @@ class Store:
         `diverged` is true when the node's applied commit is not an ancestor of the accepted
         head (a commit the server never accepted, or one it replaced, or unknown here); then
         `commits_behind` is None, since "behind" would hide that the histories split.
-        Otherwise `diverged` is false and `commits_behind` counts the commits the node lacks.
+        Otherwise `diverged` is false and `commits_behind` counts the commits the node lacks,
+        and `behind_since` is the commit time (unix seconds) of the oldest of them (None when
+        it lacks none): list-nodes turns it into `lag_s`.
         """
         if self._status_source is None:
             return None
@@ -741,7 +743,22 @@ class Store:
             return {**status, "commits_behind": None, "diverged": False}
         if not self.git.is_ancestor(applied, head):
             return {**status, "commits_behind": None, "diverged": True}
-        return {**status, "commits_behind": self.git.commits_between(applied, head), "diverged": False}
+        behind = self.git.commits_between(applied, head)
+        return {**status, "commits_behind": behind, "diverged": False, "behind_since": self._oldest_after(applied, head) if behind else None}
+
+    def _oldest_after(self, ancestor: str, head: str, limit: int = 10_000) -> int | None:
+        """Commit time of the first commit after `ancestor` on head's first-parent line (the
+        store writes a straight line); bounded, so a node far behind costs `limit` steps at most
+        (the time found there is then a lower bound of its lag)."""
+        try:
+            commit = self.git.repo[head].peel(pygit2.Commit)
+            for _ in range(limit):
+                if not commit.parents or str(commit.parents[0].id) == ancestor:
+                    break
+                commit = commit.parents[0]
+            return int(commit.commit_time)
+        except (KeyError, ValueError, pygit2.GitError):
+            return None
 
 
 class _Keep(Exception):

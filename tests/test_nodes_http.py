@@ -351,7 +351,10 @@ def test_record_report_and_parse(node_store: tuple[Store, str, str], data_dir) -
         head = store.head
         report = record_report(db, store.snapshot, "free", {"applied_commit": head.upper(), "status": "ok"}, "::ffff:10.0.0.1", now)
         assert report.applied_commit == head
-        assert db.node_status("free") == {"last_sync_at": now.isoformat(), "applied_commit": head, "status": "ok", "error": None}
+        assert db.node_status("free") == {
+            "last_sync_at": now.isoformat(), "applied_commit": head, "status": "ok", "error": None,
+            "statement_issued_at": None, "last_error": None, "last_error_at": None,
+        }  # fmt: skip
         with pytest.raises(Unauthenticated):
             record_report(db, store.snapshot, "ghost", {"status": "ok"}, None, now)
         for body in ([], "x", None, {"status": "ok", "name": "free"}, {"status": "unknown"}):
