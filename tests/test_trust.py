@@ -302,3 +302,68 @@ def test_freshness_config_is_checked(setup: Setup) -> None:
     for key, value in (("max_staleness", "-1"), ("clock_skew", "100000"), ("max_staleness", "soon")):
         r = setup.tick(setup.config(**{f"freshness__{key}": value}))
         assert r.returncode == 2 and f"[freshness] {key}" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- server key rotation (node, a chain of them)
+
+
+def _pub(key: SigningKey) -> str:
+    return " ".join(key.public_line.split()[:2])
+
+
+def _state_with_endorsements(setup: Setup, sha: str, signer: SigningKey, endorsements: tuple[bytes, ...]) -> str:
+    """Write a statement of `sha` carrying `endorsements`, signed by `signer`, at the remote's statement ref."""
+    payload = statement_payload(sha, int(time.time()), endorsements)
+    raw = payload + Ed25519Signer(signer.private).sign(payload).encode()
+    tag = subprocess.run(["git", "-C", str(setup.repo.bare), "hash-object", "-t", "tag", "-w", "--stdin"], input=raw, capture_output=True, check=True).stdout.decode().strip()
+    git(setup.repo.bare, "update-ref", "refs/mailstate/accepted", tag)
+    return tag
+
+
+def test_a_node_offline_through_two_rotations_follows_the_chain(setup: Setup, tmp_path: Path) -> None:
+    a = setup.key  # provisioned
+    b = make_signing_key(tmp_path / "rot", "b")
+    c = make_signing_key(tmp_path / "rot", "c")
+    x = make_signing_key(tmp_path / "rot", "x")
+    now = int(time.time())
+    two_domains(setup.repo)
+    first = _commit_at(setup, "signed by A", a, now - 30)
+    assert setup.tick().returncode == EXIT_OK
+    provisioned = setup.signers.read_text()
+    a_to_b = sign_endorsement(a.private, endorsement_payload(_pub(a), _pub(b), now - 20))
+    b_to_c = sign_endorsement(b.private, endorsement_payload(_pub(b), _pub(c), now - 10))
+    # commits by B then C (dated after their rotation), stated by C with both endorsements
+    setup.repo.set_mailbox("b@example.com", "pw")
+    _commit_at(setup, "signed by B", b, now - 15, statement=False)
+    setup.repo.set_mailbox("c@example.com", "pw")
+    tip = _commit_at(setup, "signed by C", c, now, statement=False)
+    # without the endorsements C is a stranger
+    _state_with_endorsements(setup, tip, c, ())
+    r = setup.tick()
+    assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr and setup.current() == first
+    # an endorsement by a key the node never trusted teaches nothing
+    x_to_c = sign_endorsement(x.private, endorsement_payload(_pub(x), _pub(c), now - 5))
+    _state_with_endorsements(setup, tip, c, (x_to_c,))
+    r = setup.tick()
+    assert r.returncode == EXIT_REFUSED and setup.current() == first and not (setup.root / "trust.json").exists()
+    # the chain A -> B -> C: learned in order, and the range signed by B and C applies
+    _state_with_endorsements(setup, tip, c, (a_to_b, b_to_c))
+    r = setup.tick()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert setup.current() == tip and r.stderr.count("learned server key") == 2
+    trust = __import__("json").loads((setup.root / "trust.json").read_text())
+    assert [e["key"] for e in trust["learned"]] == [_pub(b), _pub(c)]
+    assert set(trust["retired"]) == {_pub(a).split()[1], _pub(b).split()[1]}
+    assert setup.signers.read_text() == provisioned
+    effective = (setup.root / "allowed_signers.effective").read_text()
+    assert f'valid-before="{_stamp(now - 20)}"' in effective and f'valid-before="{_stamp(now - 10)}"' in effective
+    # the retired A can neither sign a statement nor endorse another key any more
+    a_to_x = sign_endorsement(a.private, endorsement_payload(_pub(a), _pub(x), now - 1))
+    setup.repo.set_mailbox("x@example.com", "pw")
+    forged = setup.repo.commit("signed by X", key=x, statement=False)
+    _state_with_endorsements(setup, forged, x, (a_to_b, b_to_c, a_to_x))
+    r = setup.tick()
+    assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr and setup.current() == tip
+    _state_with_endorsements(setup, forged, a, ())
+    r = setup.tick()
+    assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr and setup.current() == tip
