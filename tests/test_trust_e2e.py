@@ -158,3 +158,34 @@ def test_server_key_rotation_reaches_the_node_without_reprovisioning(world: Worl
     r = w.tick()
     assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr, r.stderr
     assert w.node.can_login("restart@example.com", "restart password")
+
+
+def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_nodes(mailnode: MailNode, tmp_path: Path) -> None:  # noqa: F811
+    """The server up but its statement old (here: refreshed only hourly; on a git host: a host
+    that keeps serving an old tip): exit 5, and list-nodes shows the node stale with the age."""
+    server, admin, project = start_server_for(mailnode, tmp_path / "server", env={"MAILSTATE_STATEMENT_INTERVAL": "3600"})
+    try:
+        provision_node(mailnode, server, admin, tmp_path / "etc")
+        w = World(server=server, node=mailnode, admin=admin, project=project, etc=tmp_path / "etc")
+        assert admin.post("/v1/email-account/link-domain", json={"domain": "example.com", "project_id": 42}).status_code == 201
+        assert project.post("/v1/email-account/enable-email", json={"domain": "example.com"}).status_code == 200
+        w.add_user("info@example.com", "info password")
+        assert w.tick().returncode == EXIT_OK
+        time.sleep(MAX_STALENESS + 1)
+        r = w.tick()
+        assert r.returncode == EXIT_STALE, r.stderr
+        row = next(n for n in admin.get("/v1/email-account/list-nodes").json()["nodes"] if n["name"] == "mpi01")
+        assert row["status"] == "stale" and row["stale"] is True
+        assert row["statement_age_s"] is not None and row["statement_age_s"] > MAX_STALENESS
+        assert w.node.can_login("info@example.com", "info password")
+        # a write states a new head: fresh again, applied, ok
+        w.add_user("next@example.com", "next password")
+        r = w.tick()
+        assert r.returncode == EXIT_OK, r.stderr
+        assert w.node.can_login("next@example.com", "next password")
+        row = next(n for n in admin.get("/v1/email-account/list-nodes").json()["nodes"] if n["name"] == "mpi01")
+        assert row["status"] == "ok" and row["stale"] is False
+    finally:
+        admin.close()
+        project.close()
+        server.stop()
