@@ -287,10 +287,12 @@ def test_incremental_equals_full_rebuild(pipull: ModuleType, tmp_path: Path, pos
         assert node.lookup(key) == value
     assert node.lookup("nobody@nowhere.example") == ""
     # only the live release's passwd buckets (and those of the kept releases) stay in the store
-    store = tmp_path / "inc" / "store" / "passwd"
-    used = {os.readlink(p).rsplit("/", 1)[1] for r in (tmp_path / "inc" / "releases").iterdir()
-            for p in (r / "dovecot" / "passwd.d").iterdir()}
-    assert set(os.listdir(store)) == used
+    store = tmp_path / "inc" / "store"
+    index = {os.readlink(p).rsplit("/", 1)[1] for r in (tmp_path / "inc" / "releases").iterdir()
+             for p in (r / "dovecot" / "passwd.d").iterdir()}
+    assert set(os.listdir(store / "index")) == index
+    used = {os.readlink(p).rsplit("/", 1)[1] for name in index for p in (store / "index" / name).iterdir()}
+    assert set(os.listdir(store / "passwd")) == used
 
 
 def test_one_change_touches_one_table_and_one_passwd_bucket(pipull: ModuleType, tmp_path: Path, postfix_etc: Path) -> None:
@@ -312,7 +314,11 @@ def test_one_change_touches_one_table_and_one_passwd_bucket(pipull: ModuleType, 
     k = pipull.buckets.bucket_of(d, 8)
     assert fresh == [f"virtual_mailbox_maps.{k:02x}.db"]
     changed = [p.name for p in (b / "dovecot" / "passwd.d").iterdir() if os.readlink(p) != os.readlink(a / "dovecot" / "passwd.d" / p.name)]
+    assert changed == [d[0]]
+    new_index, old_index = b / "dovecot" / "passwd.d" / d[0], a / "dovecot" / "passwd.d" / d[0]
+    changed = [p.name for p in new_index.iterdir() if os.readlink(p) != os.readlink(old_index / p.name)]
     assert changed == [d[:2]]
+    assert (new_index / d[:2] / d).read_text().count("\n") == (old_index / d[:2] / d).read_text().count("\n") + 1
 
 
 # --------------------------------------------------------------------------- rollback after a failed reload

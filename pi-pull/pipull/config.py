@@ -43,7 +43,7 @@ class Config:
     map_type: str = "hash"
     postmap: str = "postmap"
     # 0: one table per map and a flat passwd.d (older bundles); N: N tables per map and
-    # passwd.d/<bb>/ (pipull/buckets.py; main.cf and Dovecot's args must match).
+    # passwd.d/<c>/<bb>/ (pipull/buckets.py; main.cf and Dovecot's args must match).
     map_buckets: int = 0
     git: str = "git"
     ssh_keygen: str = "ssh-keygen"

@@ -366,8 +366,8 @@ class Releases:
         """A release built by a pi-pull without alias maps gets an empty one (what that pi-pull
         applied), so the main.cf line ``virtual_alias_maps`` never names a missing table."""
         path = os.path.join(self.dir, sha, "postfix", ALIAS_MAP)
-        if os.path.lexists(path) or any(os.path.lexists(f"{path}.00{s}") for s in (".db", ".lmdb")):
-            return  # a bucketed release (its alias tables always exist)
+        if os.path.lexists(path) or self.manifest(sha).get("layout") == buckets.LAYOUT:
+            return  # a bucketed release has every table of every map (pipull/buckets.py)
         try:
             write_file(path, b"")
             if self.cfg.map_type in POSTMAP_TYPES:
