@@ -190,3 +190,50 @@ class DataDirSigner:
         """The endorsements to carry in statements (oldest first)."""
         self._reload()
         return self._endorsements
+
+
+_ENDORSEMENT = re.compile(
+    rb"mailstate key endorsement 1\n"
+    rb"Old-Key: (?P<old>ssh-ed25519 [A-Za-z0-9+/]{4,200}={0,2})\n"
+    rb"New-Key: (?P<new>ssh-ed25519 [A-Za-z0-9+/]{4,200}={0,2})\n"
+    rb"Issued-At: (?P<issued>0|[1-9][0-9]{0,11})\n"
+)
+
+
+def learn_endorsements(allowed_signers: Path, endorsements: tuple[bytes, ...]) -> list[str]:
+    """Another server rotated its key: follow its endorsements into `allowed_signers`, as a node does.
+
+    An endorsement counts only when its Old-Key is a server key (principal `mailstate`) that
+    `allowed_signers` trusts NOW and that signed it (`ssh-keygen -Y verify` at the current time,
+    so a key already retired with valid-before endorses nothing) and its New-Key is not trusted
+    yet. Then New-Key is added and Old-Key retired at the endorsement's Issued-At. Returns the
+    keys learned (their `ssh-ed25519 <base64>`)."""
+    from mailstate.state.chain import signature_key, signers_by_key
+
+    learned: list[str] = []
+    for raw in endorsements:
+        cut = raw.find(b"-----BEGIN SSH SIGNATURE-----\n")
+        m = _ENDORSEMENT.fullmatch(raw[:cut]) if cut > 0 else None
+        if m is None:
+            continue
+        old, new, issued = m["old"].decode(), m["new"].decode(), int(m["issued"])
+        known = signers_by_key(allowed_signers)
+        if any(PRINCIPAL in f.split(",") for f in known.get(new.split()[1], [])) or signature_key(raw[cut:]) != old.split()[1]:
+            continue
+        with tempfile.TemporaryDirectory(prefix="mailstate-endorsement-") as tmp:
+            sig = Path(tmp) / "endorsement.sig"
+            sig.write_bytes(raw[cut:])
+            try:
+                proc = subprocess.run(
+                    ["ssh-keygen", "-Y", "verify", "-f", os.path.abspath(allowed_signers), "-I", PRINCIPAL, "-n", NAMESPACE, "-s", str(sig)],
+                    input=raw[:cut], capture_output=True, timeout=30,
+                )  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise StoreError("ssh-keygen could not check a key endorsement.") from exc
+        if proc.returncode != 0:
+            continue
+        text = allowed_signers.read_text()
+        _write(allowed_signers, text.rstrip("\n") + "\n" + allowed_signers_line(new, PRINCIPAL))
+        _write(allowed_signers, retire_in_signers(allowed_signers.read_text(), old.split()[1], issued))
+        learned.append(new)
+    return learned

@@ -377,6 +377,8 @@ class Store:
             # joining a fleet, or a tip that does not descend, checks the tip alone.
             base = local if self.git.is_ancestor(local, tip) else None
             reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
+            if reason and source == "upstream" and "not signed by a trusted key" in reason and self._follow_key_rotation():
+                reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
         if reason is not None:
             incoming = Incoming(commit=tip, problems=[reason])
         elif self.git.is_ancestor(local, tip):
@@ -397,6 +399,26 @@ class Store:
             return
         self.upstream_problem = {"commit": tip, "problems": incoming.problems, "source": source}
         log.error("REFUSED %s commit %s: %s", source, tip[:12], "; ".join(incoming.problems))
+
+    def _follow_key_rotation(self) -> bool:
+        """Upstream mode: another server may have rotated its key (state/keyrotation.py). Learn
+        the endorsements its statement on upstream carries into our allowed_signers; True when a
+        key was learned (only looked at when a commit failed the signature check)."""
+        from mailstate.state.keyrotation import learn_endorsements
+
+        if self.upstream is None or self.trusted_signers is None:
+            return False
+        try:
+            found = self.upstream.fetch_statement()
+            if found is None:
+                return False
+            learned = learn_endorsements(self.trusted_signers, parse_statement(found[1]).endorsements)
+        except (UpstreamUnavailable, StatementInvalid, StoreError) as exc:
+            log.warning("could not follow a key rotation upstream: %s", exc.message)
+            return False
+        for key in learned:
+            log.warning("learned server key %s... from its endorsement on upstream (added to %s)", key[:40], self.trusted_signers)
+        return bool(learned)
 
     def run_sync_loop(self, stop: threading.Event, interval: float) -> None:
         """Poll upstream every `interval` seconds until `stop` is set (run it in a thread)."""

@@ -367,3 +367,42 @@ def test_a_node_offline_through_two_rotations_follows_the_chain(setup: Setup, tm
     _state_with_endorsements(setup, forged, a, ())
     r = setup.tick()
     assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr and setup.current() == tip
+
+
+def test_another_server_follows_a_key_rotation_through_upstream(tmp_path: Path) -> None:
+    """Upstream mode: server A rotates its key; B refuses nothing, learns A's new key from the
+    endorsement in A's statement on upstream, and retires A's old key in its allowed_signers."""
+    from mailstate.state.datadir import init_data_dir, open_store
+    from mailstate.state.keyrotation import rotate_key
+    from mailstate.state.models import Settings
+    from tests.conftest import ADMIN, FakeClock
+
+    up = tmp_path / "upstream.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(up)], check=True)
+    a = init_data_dir(tmp_path / "a", Settings(bcrypt_cost=4), clock=FakeClock())
+    b = init_data_dir(tmp_path / "b", Settings(bcrypt_cost=4), clock=FakeClock())
+    trusted = a.allowed_signers.read_text() + b.allowed_signers.read_text()
+    for dd in (a, b):
+        dd.allowed_signers.write_text(trusted)
+    sa = open_store(a.root, upstream=str(up))
+    sb = open_store(b.root, upstream=str(up))
+    sa.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})
+    assert sb.sync() is None and sb.head == sa.head
+    old, new = rotate_key(a.root)
+    sa.execute("enable-email", PROJECT_A, {"domain": "example.com"})  # signed by A's new key
+    assert sb.sync() is None, sb.upstream_problem
+    assert sb.head == sa.head
+    signers = b.allowed_signers.read_text()
+    assert new.split()[1] in signers
+    assert "valid-before=" in next(line for line in signers.splitlines() if old.split()[1] in line)
+    # a key nobody endorsed is still refused
+    stranger = make_signing_key(tmp_path / "s", "stranger")
+    work = tmp_path / "work"
+    subprocess.run(["git", "clone", "-q", str(up), str(work)], check=True)
+    (work / "README.md").write_text("stranger\n")
+    subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org", "-c", "gpg.format=ssh",
+                    "-c", f"user.signingkey={stranger.private}", "commit", "-S", "-qm", "stranger"], check=True)  # fmt: skip
+    subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True)
+    problem = sb.sync()
+    assert problem is not None and "not signed by a trusted key" in problem["problems"][0]
