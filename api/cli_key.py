@@ -21,8 +21,8 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
     print(f"retired (valid-before now in {dd.allowed_signers}): {old}")
     print(f"new server key: {new}")
     print("The old key's endorsement rides in every accepted-head statement from now on: nodes learn the new key at their next tick.")
-    print("A running `mailstate serve` signs with the new key from its next write or statement refresh. Other servers of the fleet")
-    print(f"(upstream mode) need the new line of {dd.allowed_signers} in theirs (README 'Rotating keys').")
+    print("A running `mailstate serve` signs with the new key from its next write or statement refresh; other servers of the")
+    print("fleet (upstream mode) learn it from the same endorsement (README 'Rotating keys').")
     return 0
 
 
