@@ -17,11 +17,14 @@ One tick:
 1. fetch the server-signed accepted-head statement ``refs/mailstate/accepted`` (and
    the history of the commit it names; never a branch) into a quarantine next to the
    local bare mirror (``<root>/mirror.git``), bounded by ``[limits] max_fetch_mb``;
-2. verify the statement (``ssh-keygen -Y verify -I mailstate``: a SERVER key) and the
-   stated commit's SSH signature against the node's *local* allowed_signers (never
-   keys from the repo), before anything is materialised;
+2. verify the statement (``ssh-keygen -Y verify -I mailstate``: a SERVER key, or one
+   learned from its predecessor's endorsement, trust.py) against the node's *local*
+   allowed_signers (never keys from the repo); refuse an Issued-At in the future; a
+   statement older than ``[freshness] max_staleness`` brings nothing live (exit 5, stale);
 3. require the commit to descend from the last applied commit (unrelated history is
-   refused as a rollback; a statement of an older commit changes nothing);
+   refused as a rollback; a statement of an older commit changes nothing), and EVERY
+   commit since the applied one to be signed by a trusted key at its committer time
+   (chain.py), before anything is materialised;
 4. materialise ``rendered/`` from git objects (no work tree) into
    ``<root>/releases/<sha>/``, streaming and validating every line against what the
    compiler writes with the node's own mail_root/mail_uid/mail_gid, and postmap the
@@ -31,7 +34,7 @@ One tick:
 7. if a reload fails: swap back, reload again, keep the last good release;
 8. prune old releases (keep ``keep_releases``; never ``current`` or the
    previous good one);
-9. report ``{name, sync_key, applied_commit, status, error}`` to the server; a
+9. report ``{name, sync_key, applied_commit, status, error, statement_issued_at}`` to the server; a
    report that cannot be delivered is stored and sent on the next tick.
 
 The mailbox lifecycle (lifecycle.py, state format 2) hooks in: every tick starts by
