@@ -246,6 +246,8 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
 
 def _domain_usage(dom: m.DomainFile, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     """Totals over the domain's current mailboxes that a node has reported (null if none has)."""
+    if not rows:  # no report for the domain: skip the walk over its mailboxes (list-domains of 1k domains)
+        return {"used_mb": None, "messages": None, "usage_reported_at": None}
     found = [rows[(local, box.id)] for local, box in dom.mailboxes.items() if box.id is not None and (local, box.id) in rows]
     if not found:
         return {"used_mb": None, "messages": None, "usage_reported_at": None}
