@@ -8,6 +8,7 @@ writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
     allowed_signers                    -> /etc/pi-pull/allowed_signers
     pi_pull.py                         -> /usr/local/lib/pi-pull/pi_pull.py (a zipapp, see below)
     pi-pull.service, pi-pull.timer     -> /etc/systemd/system/
+    pi-pull-follow.service             -> /etc/systemd/system/ (follow mode; the timer stays as fallback)
     dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
     postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
     postfix/master.cf.mailstate        -> submission entries for /etc/postfix/master.cf (postconf -M -e)
@@ -76,6 +77,7 @@ INSTALL_PATHS: dict[str, str] = {
     "pi_pull.py": "/usr/local/lib/pi-pull/pi_pull.py",
     "pi-pull.service": "/etc/systemd/system/pi-pull.service",
     "pi-pull.timer": "/etc/systemd/system/pi-pull.timer",
+    "pi-pull-follow.service": "/etc/systemd/system/pi-pull-follow.service",
     "dovecot/conf.d/90-mailstate.conf": "/etc/dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate": "/etc/postfix/main.cf (postconf -e)",
     "postfix/master.cf.mailstate": "/etc/postfix/master.cf (postconf -M -e)",
@@ -100,6 +102,7 @@ _INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
     ("pi_pull.py", "lib_dir", "pi_pull.py", 0o755),
     ("pi-pull.service", "systemd_dir", "pi-pull.service", 0o644),
     ("pi-pull.timer", "systemd_dir", "pi-pull.timer", 0o644),
+    ("pi-pull-follow.service", "systemd_dir", "pi-pull-follow.service", 0o644),
     ("dovecot/conf.d/90-mailstate.conf", "dovecot_dir", "conf.d/90-mailstate.conf", 0o644),
 )
 
@@ -359,6 +362,7 @@ def render_node_bundle(
         "allowed_signers": _normalise_signers(allowed_signers),
         "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
         "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
+        "pi-pull-follow.service": (NODE_TEMPLATES / "pi-pull-follow.service").read_text(encoding="utf-8"),
         "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota,
                                                             tls_cert=tls_cert, tls_key=tls_key, imaps_port=imaps_port,
                                                             postfix_queue_dir=postfix_queue_dir),
@@ -392,12 +396,12 @@ def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root:
         "node": node_name,
         "dirs": INSTALL_DIRS,
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
-        "relocate": ["pi-pull.ini", "pi-pull.service"],
+        "relocate": ["pi-pull.ini", "pi-pull.service", "pi-pull-follow.service"],
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
         "postfix": {"main_cf": "postfix/main.cf.mailstate", "main_cf_base": "postfix/main.cf.base", "master_cf": "postfix/master.cf.mailstate"},
         "dovecot": {"snippet": "conf.d/90-mailstate.conf", "disable_auth_system": True},
         "mail_root": {"path": mail_root, "uid": mail_uid, "gid": mail_gid, "mode": "0750"},
-        "units": {"service": "pi-pull.service", "timer": "pi-pull.timer"},
+        "units": {"service": "pi-pull.service", "timer": "pi-pull.timer", "follow": "pi-pull-follow.service"},
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
     if OPENDKIM_CONF in files:

@@ -24,6 +24,7 @@ EXPECTED_FILES = {
     "allowed_signers",
     "pi-pull.service",
     "pi-pull.timer",
+    "pi-pull-follow.service",  # follow mode, the timer beside it as the fallback
     "dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate",
     "postfix/master.cf.mailstate",
@@ -202,10 +203,10 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     b = bundle()
-    for name in ("pi-pull.service", "pi-pull.timer"):
+    for name in ("pi-pull.service", "pi-pull.timer", "pi-pull-follow.service"):
         (tmp_path / name).write_text(b[name])
     r = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer"],
+        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

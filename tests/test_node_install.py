@@ -314,7 +314,7 @@ def test_units_pass_systemd_analyze_verify(host: Host) -> None:
     require_binaries("systemd-analyze")
     r = host.install(host.bundle(), "--no-tick")
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
-    v = subprocess.run(["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer"],
+    v = subprocess.run(["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
                        capture_output=True, text=True, cwd=host.systemd)
     complaints = [line for line in (v.stdout + v.stderr).splitlines() if "pi-pull." in line]
     assert v.returncode == 0 and not complaints, v.stdout + v.stderr
@@ -469,20 +469,27 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     assert once() > 0
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
     # opendkim: the bundle's opendkim.conf went in beside the postfix dir (the DKIM signer).
-    assert changes == [["daemon-reload"], ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"], ["enable", "--now", "pi-pull.timer"]]
+    assert changes == [
+        ["daemon-reload"], ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"],
+        ["enable", "--now", "pi-pull-follow.service"], ["enable", "--now", "pi-pull.timer"],
+    ]  # fmt: skip
     assert (host.postfix.parent / "opendkim.conf").read_bytes() == (host.bundle() / "opendkim" / "opendkim.conf").read_bytes()
     runner.calls.clear()
     lines.clear()
     assert once() == 0  # everything is in place: no systemctl call changes anything
     assert all(c[0] in ("is-active", "is-enabled") for c in runner.calls), runner.calls
     assert "already installed: pi-pull.timer enabled" in lines and "already installed: postfix running" in lines
+    assert "already installed: pi-pull-follow.service enabled" in lines
     assert SYNC_KEY not in "\n".join(lines)
 
     un = importlib.import_module("pipull.uninstall")
     runner.calls.clear()
     un.Uninstaller(inst.Options(dirs={"etc_dir": str(host.etc)}, systemd=True), runner=runner, out=lines.append).run()
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
-    assert changes == [["disable", "--now", "pi-pull.timer"], ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"]]
+    assert changes == [
+        ["disable", "--now", "pi-pull-follow.service"], ["disable", "--now", "pi-pull.timer"],
+        ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"],
+    ]  # fmt: skip
     assert runner.argvs and not any(SYNC_KEY in " ".join(argv) for argv in runner.argvs)  # never in a child's argv
     assert SYNC_KEY not in "\n".join(lines)
 

@@ -582,16 +582,20 @@ class Installer:
             self.service_running("opendkim")  # the milter of the submission services (milter_default_action=tempfail)
 
     def enable_timer(self) -> None:
-        """``systemctl enable --now`` the timer: after the first tick, so that tick never meets a timer's run
-        (it would find the lock taken)."""
-        timer = self.m.get("units", {}).get("timer", "pi-pull.timer")
+        """``systemctl enable --now`` the follow service and the timer: after the first tick, so that tick
+        never meets their runs (it would find the lock taken)."""
+        units = self.m.get("units", {})
+        timer = units.get("timer", "pi-pull.timer")
         if not self.opts.start or not self.use_systemd:
             return
-        enabled = self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", timer], timeout=30).returncode == 0
-        if enabled:
-            self.steps.done(f"{timer} enabled")
-        elif self.steps.change(f"systemctl enable --now {timer}"):
-            self.systemctl("enable", "--now", timer)
+        # Follow mode (a bundle that ships it) and the timer beside it as the fallback; they take
+        # turns on pi-pull's flock, so neither ever runs a tick beside the other.
+        for unit in [u for u in (units.get("follow"), timer) if u]:
+            enabled = self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", unit], timeout=30).returncode == 0
+            if enabled:
+                self.steps.done(f"{unit} enabled")
+            elif self.steps.change(f"systemctl enable --now {unit}"):
+                self.systemctl("enable", "--now", unit)
 
     def service_running(self, svc: str) -> None:
         active = self.runner.run([self.opts.systemctl, "is-active", "--quiet", svc], timeout=30).returncode == 0

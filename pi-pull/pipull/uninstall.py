@@ -21,6 +21,7 @@ from .services import systemd_running
 
 TIMER = "pi-pull.timer"
 SERVICE = "pi-pull.service"
+FOLLOW = "pi-pull-follow.service"
 
 
 class Uninstaller:
@@ -61,9 +62,10 @@ class Uninstaller:
     # ---- systemd
 
     def stop_units(self) -> None:
-        if self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", TIMER], timeout=30).returncode == 0:
-            if self.steps.change(f"systemctl disable --now {TIMER}"):
-                run(self.runner, [self.opts.systemctl, "disable", "--now", TIMER])
+        for unit in (FOLLOW, TIMER):
+            if self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", unit], timeout=30).returncode == 0:
+                if self.steps.change(f"systemctl disable --now {unit}"):
+                    run(self.runner, [self.opts.systemctl, "disable", "--now", unit])
         if self.runner.run([self.opts.systemctl, "is-active", "--quiet", SERVICE], timeout=30).returncode == 0:
             if self.steps.change(f"systemctl stop {SERVICE}"):
                 run(self.runner, [self.opts.systemctl, "stop", SERVICE])
