@@ -406,3 +406,15 @@ def test_another_server_follows_a_key_rotation_through_upstream(tmp_path: Path) 
     subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True)
     problem = sb.sync()
     assert problem is not None and "not signed by a trusted key" in problem["problems"][0]
+
+
+def test_the_server_never_dates_a_commit_before_its_parent(mail_store: Any, data_dir: Any, tmp_path: Path) -> None:
+    """conftest's store runs on a clock months behind; on top of a commit dated now (an admin's),
+    its next commit takes the parent's time, so nodes never see a time going backwards."""
+    later = int(time.time()) + 60  # within the skew nodes allow
+    (admin_commit,) = _push_on_top(data_dir, tmp_path, [("signed now", data_dir.key, later)])
+    assert mail_store.watch() and mail_store.head == admin_commit
+    mail_store.execute("add-user", PROJECT_A, {"email": "after@example.com", "password": "another password"})
+    times = git(data_dir.repo, "log", "-2", "--format=%ct", "main").split()
+    assert times == [str(later), str(later)]
+    assert range_problems(data_dir.repo, admin_commit, mail_store.head, data_dir.allowed_signers) == []
