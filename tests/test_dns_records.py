@@ -173,3 +173,60 @@ def test_cname_form_and_defaults() -> None:
     dkim = [(r["type"], r["name"], r["value"]) for r in out if r["selector"]]
     assert dkim == [("CNAME", "ms1-mpi01._domainkey.shop.example", "ms1-mpi01.dkim.p.test"), ("TXT", "ms1-mpi01.dkim.p.test", "v=DKIM1; k=rsa; p=KEY")]
     assert ("CNAME", "autoconfig.shop.example", "setup.p.test") in [(r["type"], r["name"], r["value"]) for r in out]
+
+
+def test_two_real_pi_pull_nodes_report_their_own_keys(tmp_path: Path) -> None:
+    """Two nodes running the real pi-pull single file (DKIM on, services stubbed) against a real
+    serve: each makes its key and reports it; dns-records lists both, pending, then active."""
+    from tests.mailnode import pi_pull_script, run_pi_pull
+
+    server = LiveServer(tmp_path / "srv")
+    server.cli("init", "--data", str(server.data.root), "--bcrypt-cost", "4", "--mx-host", "mx1.platform.test")
+    server.admin_token = server.create_token(name="admin")
+    project = server.create_token(project=42, name="p42")
+    server.start()
+    admin, p42 = server.client(server.admin_token), server.client(project)
+    try:
+        assert admin.post(f"{API}/link-domain", json={"domain": "shop.example", "project_id": 42}).status_code == 201
+        assert p42.post(f"{API}/enable-email", json={"domain": "shop.example"}).status_code == 200
+        inis = []
+        for name in ("mpi01", "mpi02"):
+            key = admin.post(f"{API}/add-node", json={"name": name}).json()["sync_key"]
+            etc = tmp_path / name
+            etc.mkdir()
+            (etc / "sync_key").write_text(key + "\n")
+            (etc / "sync_key").chmod(0o600)
+            (etc / "allowed_signers").write_bytes(server.data.allowed_signers.read_bytes())
+            ini = etc / "pi-pull.ini"
+            ini.write_text(
+                f"[remote]\nurl = {server.url}/v1/nodes/state.git\n[node]\nname = {name}\nsync_key_file = {etc / 'sync_key'}\n"
+                f"allowed_signers = {etc / 'allowed_signers'}\n[paths]\nroot = {etc / 'root'}\nmail_root = /var/vmail\nmail_uid = 5000\n"
+                f"mail_gid = 5000\nsync = no\n[report]\nurl = {server.url}/v1/nodes/report\n[services]\npostfix_reload = true\n"
+                f"dovecot_reload = true\nmap_type = texthash\n[dkim]\nenabled = yes\nkey_dir = {etc / 'dkim'}\nkey_owner =\n"
+                "publish_wait = 0\nreload = true\n"
+            )
+            inis.append(ini)
+        assert pi_pull_script().exists()
+        for ini in inis:
+            r = run_pi_pull(ini)
+            assert r.returncode == 0, r.stderr
+        listed = [(r["type"], r["name"], r["state"]) for r in p42.get(f"{API}/dns-records", params={"domain": "shop.example"}).json()["records"]
+                  if r["selector"]]
+        assert listed == [("TXT", "ms1-mpi01._domainkey.shop.example", "pending"), ("TXT", "ms1-mpi02._domainkey.shop.example", "pending")]
+        for ini in inis:
+            assert run_pi_pull(ini).returncode == 0  # reported: active now (publish_wait 0), and reported as such
+            assert run_pi_pull(ini).returncode == 0
+        body = p42.get(f"{API}/dns-records", params={"domain": "shop.example"}).json()
+        dkim_recs = {r["node"]: r for r in body["records"] if r["selector"]}
+        assert {n: r["state"] for n, r in dkim_recs.items()} == {"mpi01": "active", "mpi02": "active"}
+        for name in ("mpi01", "mpi02"):
+            # The listed value is the node's own key: its public half, as openssl derives it from the private key on disk.
+            der = subprocess.run(["openssl", "pkey", "-in", str(tmp_path / name / "dkim" / f"ms1-{name}.private"), "-pubout", "-outform", "DER"],
+                                 check=True, capture_output=True).stdout
+            assert dkim_recs[name]["value"] == "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+            kt = (tmp_path / name / "dkim" / "KeyTable").read_text()
+            assert kt == f"shop.example shop.example:ms1-{name}:{tmp_path / name / 'dkim' / f'ms1-{name}.private'}\n"
+    finally:
+        admin.close()
+        p42.close()
+        server.stop()
