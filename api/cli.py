@@ -220,7 +220,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     from mailstate.state.upgrade import upgrade_data_dir
 
     result = upgrade_data_dir(Path(args.data))
-    if result["upgraded"]:
+    if result.get("sender_maps"):
+        print(f"rendered the sender_login_maps fragments (format {result['format']}) in one signed commit {result['commit']}")
+    elif result["upgraded"]:
         print(
             f"upgraded the state from format {result['from_format']} to {result['format']} in one signed commit {result['commit']}"
             f" ({result['mailboxes']} mailbox id(s) assigned)"

@@ -8,6 +8,10 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/mailboxes                 format 2: `<local> <id> <active|inactive>`
     rendered/domains/<bb>/<domain>/virtual_alias_maps        only with aliases, forwarding or alias_of:
                                                              `<key> <result>[,<result>...]` (state.aliases)
+    rendered/domains/<bb>/<domain>/sender_login_maps         `<address> <login>[,<login>...]`: who may send
+                                                             as the address (state.senders), alias domains'
+                                                             addresses included; absent when no address has
+                                                             one, and in format 1
     rendered/settings                                        format 2: node-wide `key value` lines
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
@@ -39,11 +43,12 @@ from mailstate.state.aliases import alias_lines
 from mailstate.state.errors import CompileError
 from mailstate.state.files import RENDERED_DIR, bucket
 from mailstate.state.models import DomainFile, Mailbox, Settings
+from mailstate.state.senders import SENDER_FRAGMENT, alias_index, sender_lines
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
 # Every per-domain file the compiler may write (format 1 writes all but `mailboxes`;
 # virtual_alias_maps only for a domain with aliases, forwarding or alias_of: state.aliases).
-FRAGMENTS = ("mailboxes", "passwd", "virtual_alias_maps", "virtual_mailbox_domains", "virtual_mailbox_maps")
+FRAGMENTS = ("mailboxes", "passwd", SENDER_FRAGMENT, "virtual_alias_maps", "virtual_mailbox_domains", "virtual_mailbox_maps")
 ALIAS_FRAGMENT = "virtual_alias_maps"
 SETTINGS_FILE = f"{RENDERED_DIR}/settings"
 # A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
@@ -108,8 +113,12 @@ def mailbox_dir(domain: str, local: str, box: Mailbox, settings: Settings) -> st
     return f"{domain}/{local}{ID_SEPARATOR}{box.id}"
 
 
-def render_domain(domain: DomainFile, settings: Settings) -> dict[str, bytes]:
-    """The rendered files of one domain, keyed by repo path; empty when email is disabled."""
+def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterable[DomainFile] = ()) -> dict[str, bytes]:
+    """The rendered files of one domain, keyed by repo path; empty when email is disabled.
+
+    ``alias_domains``: the email-enabled domains whose ``alias_of`` is this one
+    (``state.senders.alias_domains_of``): their addresses' sender lines are in this domain's
+    sender_login_maps (state.senders)."""
     if not domain.email_enabled:
         return {}
     root = settings.mail_root.rstrip("/")
@@ -129,15 +138,20 @@ def render_domain(domain: DomainFile, settings: Settings) -> dict[str, bytes]:
             }
         )
     aliases = [{"key": key, "results": results} for key, results in alias_lines(domain)]
-    fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if name != ALIAS_FRAGMENT or aliases)
+    senders = [{"key": key, "owners": owners} for key, owners in sender_lines(domain, alias_domains)]
+    fragments: tuple[str, ...] = tuple(
+        name for name in FRAGMENTS if (name != ALIAS_FRAGMENT or aliases) and (name != SENDER_FRAGMENT or senders)
+    )
     all_mailboxes: list[dict[str, object]] = []
     if settings.format < 2:
-        fragments = tuple(name for name in fragments if name != "mailboxes")
+        # Format 1 renders exactly as it always did (the upgrade to 2 adds these).
+        fragments = tuple(name for name in fragments if name not in ("mailboxes", SENDER_FRAGMENT))
     else:
         for local, box in boxes:
             mailbox_dir(domain.domain, local, box, settings)  # the same checks, for inactive ones too
             all_mailboxes.append({"local": local, "id": box.id, "active": box.active})
-    context = {"domain": domain.domain, "mailboxes": mailboxes, "all_mailboxes": all_mailboxes, "aliases": aliases, "settings": settings}
+    context = {"domain": domain.domain, "mailboxes": mailboxes, "all_mailboxes": all_mailboxes, "aliases": aliases, "senders": senders,
+               "settings": settings}
     base = domain_dir(domain.domain)
     out: dict[str, bytes] = {}
     try:
@@ -162,8 +176,10 @@ def render_settings(settings: Settings) -> dict[str, bytes | None]:
 def compile_state(settings: Settings, domains: Iterable[DomainFile]) -> dict[str, bytes]:
     """The whole `rendered/` tree of a state, keyed by repo path."""
     out: dict[str, bytes] = {path: data for path, data in render_settings(settings).items() if data is not None}
-    for domain in sorted(domains, key=lambda d: d.domain):
-        out.update(render_domain(domain, settings))
+    everything = {d.domain: d for d in domains}
+    users = alias_index(everything.values())  # in one pass, not one scan of every domain a domain
+    for name in sorted(everything):
+        out.update(render_domain(everything[name], settings, users.get(name, ())))
     return out
 
 

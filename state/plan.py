@@ -28,11 +28,12 @@ from typing import Any, Protocol
 import pygit2
 
 from mailstate.compiler.render import render_domain, render_settings
-from mailstate.state import files
+from mailstate.state import files, worktree
 from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_checkout, load_commit
 from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+from mailstate.state.senders import alias_index
 
 WORKTREE = "working tree"
 # Lines a rendered section shows before it says "... and N more" (as_dict keeps everything).
@@ -240,11 +241,14 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
 
     # Settings reach every compiled line (uid, gid, mail root), so a settings change means
     # rendering everything; otherwise only the domains that differ.
-    render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else changed
+    # An alias domain's sender lines are in its target's fragment (state.senders).
+    targets = {d.alias_of for n in changed for d in (old_domains.get(n), new_domains.get(n)) if d is not None and d.alias_of}
+    render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets)
+    old_users, new_users = alias_index(old_domains.values()), alias_index(new_domains.values())
     for name in render_names:
         a, b = old_domains.get(name), new_domains.get(name)
-        before = render_domain(a, old_settings) if a is not None else {}
-        after = render_domain(b, new_settings) if b is not None else {}
+        before = render_domain(a, old_settings, old_users.get(name, ())) if a is not None else {}
+        after = render_domain(b, new_settings, new_users.get(name, ())) if b is not None else {}
         _rendered_changes(result, before, after)
 
     result.sort()
@@ -550,8 +554,10 @@ def _partial_side(repo: GitRepo, sha: str, label: str, settings: Settings, paths
 def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
     """The plan from revision `base` of the repository holding `root` to the working tree at `root`.
 
-    The state must sit at the top of the repository. On the revision's side only blobs whose
-    content differs from the working tree's file are parsed.
+    The state must sit at the top of the repository. When git can name the files that differ
+    (state.worktree: its index's stat data), only those are parsed on both sides, so the cost
+    follows the change; otherwise the whole working tree is read, and on the revision's side
+    only blobs whose content differs from the working tree's file are parsed.
     """
     repo = open_repo(root)
     if repo.repo.is_bare or repo.repo.workdir is None:
@@ -566,9 +572,12 @@ def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
             code="not_repository_root",
         )
     base_sha = resolve(repo, base)
-    new = load_worktree(root)
     base_label = _label(base, base_sha)
     settings = _read_settings(repo, base_sha, base_label)
+    sides = _changed_worktree_sides(repo, root, base_sha, base_label, settings)
+    if sides is not None:
+        return plan(sides[0], sides[1], base=base_label, head=sides[1].label)
+    new = load_worktree(root)
     if settings != new.settings:
         old = _load_commit_side(repo, base, base_sha, ParseCache())
         return plan(old, new, base=old.label, head=new.label)
@@ -586,6 +595,51 @@ def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
     domains.update(old_partial.domains)
     old = Side(base_label, settings, domains, old_partial.nodes, base_sha)
     return plan(old, new, base=base_label, head=new.label)
+
+
+def _changed_worktree_sides(repo: GitRepo, root: Path, base_sha: str, base_label: str, settings: Settings) -> tuple[Side, Side] | None:
+    """(revision side, working-tree side), each holding only the domains whose files git
+    reports as changed (plus their alias targets, which carry their sender lines); None when
+    the settings differ or cannot be read, or git cannot tell: then everything is read."""
+    try:
+        if files.parse_settings((root / files.SETTINGS_PATH).read_bytes()) != settings:
+            return None
+    except (OSError, StateInvalid):
+        return None  # the full read reports it
+    paths = worktree.changed_domain_paths(root, base_sha)
+    if paths is None:
+        return None
+    problems: list[str] = []
+    nodes = NodesFile()
+    if (root / files.NODES_PATH).exists():
+        try:
+            nodes = files.parse_nodes((root / files.NODES_PATH).read_bytes())
+        except StateInvalid as exc:
+            problems.extend(exc.problems)
+    domains: dict[str, DomainFile] = {}
+    for rel in paths:
+        path = root / rel
+        if not path.is_file():
+            continue  # deleted
+        if files.domain_from_path(rel) is None:
+            problems.append(f"{rel}: unexpected file (domain files live at domains/<bb>/<domain>.yaml)")
+            continue
+        try:
+            dom = files.parse_domain(path.read_bytes(), rel, settings.format)
+        except StateInvalid as exc:
+            problems.extend(exc.problems)
+            continue
+        domains[dom.domain] = dom
+    if problems:
+        raise _side_invalid(f"{WORKTREE} at {root}", problems)
+    old = _partial_side(repo, base_sha, base_label, settings, paths)
+    targets = {d.alias_of for side in (old.domains, domains) for d in side.values() if d.alias_of} - set(old.domains) - set(domains)
+    if targets:
+        # Unchanged files (git says so): the revision's parse serves both sides.
+        extra = _partial_side(repo, base_sha, base_label, settings, sorted(files.domain_path(t) for t in targets if t))
+        old = Side(old.label, settings, {**old.domains, **extra.domains}, old.nodes, base_sha)
+        domains.update(extra.domains)
+    return old, Side(WORKTREE, settings, domains, nodes)
 
 
 def _same_blob(path: Path, oid: str) -> bool:

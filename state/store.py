@@ -40,7 +40,7 @@ from typing import Any
 import pygit2
 
 from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
-from mailstate.state import files
+from mailstate.state import files, senders
 from mailstate.state.chain import range_problems
 from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StatementInvalid, StoreError, Unavailable, UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
@@ -722,6 +722,14 @@ class Store:
         """Repo path → new bytes (None deletes) for exactly the paths `change` touches."""
         settings = change.settings or snap.settings
         out: dict[str, bytes | None] = {}
+        # An alias domain's sender lines live in its target's sender_login_maps (state.senders):
+        # the targets of every changed alias domain (before and after) get that fragment anew.
+        targets = {d.alias_of for n, new in change.domains.items() for d in (snap.domains.get(n), new) if d is not None and d.alias_of}
+        # Each rendered domain's alias domains after the change: one pass over the state.
+        names = {n for n, d in change.domains.items() if d is not None} | targets
+        after = [d for n, d in snap.domains.items() if d.alias_of in names and n not in change.domains]
+        after += [d for d in change.domains.values() if d is not None and d.alias_of in names]
+        users = senders.alias_index(after)
         for name, dom in change.domains.items():
             path = files.domain_path(name)
             out[domain_dir(name)] = None
@@ -729,12 +737,17 @@ class Store:
                 out[path] = None
                 continue
             out[path] = files.dump_domain(dom, self.git.read(snap.commit, path))
-            rendered = render_domain(dom, settings)
+            rendered = render_domain(dom, settings, users.get(name, ()))
             if rendered:
                 del out[domain_dir(name)]
                 # A fragment the domain no longer has (virtual_alias_maps without aliases) goes.
                 out.update({f"{domain_dir(name)}/{frag}": None for frag in FRAGMENTS})
                 out.update(rendered)
+        for name in sorted(targets - set(change.domains)):
+            target = snap.domains.get(name)
+            if target is not None and target.email_enabled:
+                sender_path = f"{domain_dir(name)}/{senders.SENDER_FRAGMENT}"
+                out[sender_path] = render_domain(target, settings, users.get(name, ())).get(sender_path)
         if change.nodes is not None:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))
         if change.settings is not None:

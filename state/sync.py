@@ -29,6 +29,7 @@ from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache
 from mailstate.state.models import DomainFile, NodesFile
+from mailstate.state.senders import alias_domains_of
 from mailstate.state.snapshot import Change, Snapshot
 
 _KNOWN_TOP = {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR}
@@ -150,6 +151,12 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
         actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
         problems.extend(diff_rendered(compile_state(new.settings, new.domains.values()), actual))
     else:
+        # An alias domain's addresses are in its target's sender_login_maps (state.senders): a
+        # changed alias domain (or one that stopped being one) means its targets are checked too.
+        for name in changed:
+            for side in (base.domains.get(name), new.domains.get(name)):
+                if side is not None and side.alias_of is not None:
+                    touched.add(side.alias_of)
         for name in sorted(touched):
             problems.extend(_check_domain_render(repo, commit, new, name))
         if SETTINGS_FILE in paths:
@@ -163,7 +170,7 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
 
 def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
     dom: DomainFile | None = snap.domains.get(name)
-    expected = render_domain(dom, snap.settings) if dom is not None else {}
+    expected = render_domain(dom, snap.settings, alias_domains_of(snap.domains, name)) if dom is not None else {}
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:

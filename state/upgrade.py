@@ -19,6 +19,12 @@ The upgrade runs through the store's normal write path, so it is signed by the s
 compare-and-swapped against other writers and, in upstream mode, pushed before it counts.
 It is idempotent: a format-2 state makes no commit. `open_store` runs it (the server on start,
 any CLI command); `mailstate upgrade --data DIR` runs it on purpose and says what it did.
+
+The sending issue added a rendered fragment, `sender_login_maps` (state/senders.py), in format
+2. A format-2 state committed before it gets the fragments in one signed commit too (the same
+operation: the domain files stay as they are, every email-enabled domain is rendered again).
+Whether that is due is read from one domain, the first (by name) that must have a fragment:
+every commit since renders it, and the upgrade renders all at once.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from mailstate.compiler.render import domain_dir
 from mailstate.state import models as m
+from mailstate.state import senders
 from mailstate.state.errors import Unavailable, UpstreamUnavailable
 from mailstate.state.ops import Context, Operation, Prepared, new_mailbox_id
 from mailstate.state.snapshot import Actor, Change, Outcome
@@ -65,11 +73,26 @@ def with_ids(dom: m.DomainFile, seed: str, now: Any) -> m.DomainFile:
     return dom.model_copy(update={"mailboxes": boxes})
 
 
-def upgrade_change(ctx: Context, seed: str) -> Change | None:
-    """The change that turns the state of `ctx` into format 2, or None when it already is."""
+def senders_missing(store: Store) -> bool:
+    """Whether a format-2 state predates the sender_login_maps fragments (see the module docstring)."""
+    snap = store.snapshot
+    if snap.settings.format < 2 or snap.commit is None:
+        return False
+    for name in sorted(snap.domains):
+        dom = snap.domains[name]
+        if dom.email_enabled and senders.sender_lines(dom):
+            return store.git.read(snap.commit, f"{domain_dir(name)}/{senders.SENDER_FRAGMENT}") is None
+    return False
+
+
+def upgrade_change(ctx: Context, seed: str, *, render_senders: bool = False) -> Change | None:
+    """The change that turns the state of `ctx` into format 2, or None when it already is.
+    With ``render_senders``, a format-2 state is rendered again (its sender_login_maps)."""
     state = ctx.state
     if state.settings.format >= TARGET_FORMAT:
-        return None
+        if not render_senders:
+            return None
+        return Change(domains={name: dom for name, dom in state.domains.items() if dom.email_enabled})
     change = Change(settings=state.settings.model_copy(update={"format": TARGET_FORMAT}))
     for name, dom in state.domains.items():
         # Enabled domains re-render (new homes, the mailboxes fragment) even without mailboxes;
@@ -81,9 +104,13 @@ def upgrade_change(ctx: Context, seed: str) -> Change | None:
 
 def _apply(ctx: Context, req: m.EmptyRequest, prep: Prepared) -> Outcome:
     before = ctx.state.settings.format
-    change = upgrade_change(ctx, str(prep.get("seed") or secrets.token_hex(16)))
+    render_senders = bool(prep.get("senders"))
+    change = upgrade_change(ctx, str(prep.get("seed") or secrets.token_hex(16)), render_senders=render_senders)
     if change is None:
         return Outcome({"upgraded": False, "format": before})
+    if before >= TARGET_FORMAT:
+        return Outcome({"upgraded": True, "from_format": before, "format": before, "sender_maps": True, "mailboxes": 0},
+                       change=change, target="sender_login_maps")
     mailboxes = sum(len(dom.mailboxes) for dom in ctx.state.domains.values())
     result = {"upgraded": True, "from_format": before, "format": TARGET_FORMAT, "mailboxes": mailboxes}
     return Outcome(result, change=change, target=f"format {TARGET_FORMAT}")
@@ -108,16 +135,20 @@ def upgrade_store(store: Store, *, strict: bool = True) -> dict[str, Any]:
     "mailboxes": N, "commit": sha}`. With `strict=False` (a server starting) an upgrade that
     cannot be committed now (upstream unreachable, other writers) is logged and skipped: the
     store goes on serving the format-1 state, and the next start tries again."""
-    if store.snapshot.settings.format >= TARGET_FORMAT:
+    render_senders = senders_missing(store)
+    if store.snapshot.settings.format >= TARGET_FORMAT and not render_senders:
         return {"upgraded": False, "format": store.snapshot.settings.format, "commit": None}
     try:
-        outcome = store.execute_operation(UPGRADE, ACTOR, m.EmptyRequest(), _prepare(None, store.snapshot.settings))
+        outcome = store.execute_operation(UPGRADE, ACTOR, m.EmptyRequest(), {**_prepare(None, store.snapshot.settings), "senders": render_senders})
     except (Unavailable, UpstreamUnavailable) as exc:
         if strict:
             raise
         log.warning("state format upgrade postponed: %s", exc.message)
         return {"upgraded": False, "format": store.snapshot.settings.format, "commit": None, "postponed": exc.message}
-    log.info("upgraded the state to format %s in commit %s", TARGET_FORMAT, outcome.result.get("commit"))
+    if outcome.result.get("sender_maps"):
+        log.info("rendered the sender_login_maps fragments in commit %s", outcome.result.get("commit"))
+    else:
+        log.info("upgraded the state to format %s in commit %s", TARGET_FORMAT, outcome.result.get("commit"))
     return outcome.result
 
 

@@ -64,7 +64,7 @@ from tests.smtpsink import Received, SmtpSink
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
-    "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "release", "report", "statefile",
+    "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")

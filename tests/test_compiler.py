@@ -52,6 +52,7 @@ def test_the_golden_cases_exist() -> None:
         "aliases_and_forwarding",
         "catch_all_beside_mailboxes",
         "alias_domain",
+        "sender_ownership",
     } <= set(CASES)
 
 

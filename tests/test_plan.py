@@ -137,6 +137,7 @@ def test_plan_of_a_hand_edited_working_tree_names_every_change(worktree: Path, c
         "rendered/domains/ne/new.net/mailboxes": "+",
         "rendered/domains/ot/other.org/mailboxes": "-",
         "rendered/domains/ex/example.com/passwd": "~",
+        "rendered/domains/ex/example.com/sender_login_maps": "~",
         "rendered/domains/ex/example.com/virtual_mailbox_maps": "~",
         "rendered/domains/go/gone.net/passwd": "-",
         "rendered/domains/go/gone.net/virtual_mailbox_domains": "-",
@@ -208,9 +209,10 @@ def test_reactivation_and_settings_change(worktree: Path) -> None:
     assert [e.name for e in result.rendered] == [
         "rendered/domains/ex/example.com/mailboxes",  # sales: inactive -> active
         "rendered/domains/ex/example.com/passwd",
+        "rendered/domains/ex/example.com/sender_login_maps",  # sales may send again
         "rendered/domains/ex/example.com/virtual_mailbox_maps",
     ]
-    maps = result.rendered[2]
+    maps = result.rendered[3]
     assert (maps.detail["lines_added"], maps.detail["lines_removed"]) == (1, 0)
     assert "~ uid: 5000 -> 6000" in result.render_text()
     # and against HEAD~1 (before the deactivation) only the settings change remains for sales

@@ -25,6 +25,7 @@ from mailstate.state.load import check_checkout, check_commit, load_checkout
 from mailstate.state.models import Settings
 from mailstate.state.plan import plan_revisions
 from mailstate.state.signing import Ed25519Signer
+from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.store import Store
 from mailstate.state.upgrade import upgrade_data_dir, upgrade_store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock, commit_count, git_out, verify_commit
@@ -317,3 +318,43 @@ def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Pat
     up_again = open_store(dd.root, upstream=str(up))
     assert up_again.snapshot.settings.format == 2
     assert git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
+
+
+def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed_commit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A format-2 data dir whose commits predate sender_login_maps (the fragments removed by a
+    signed commit, as the old code left it): `mailstate upgrade` adds every fragment in one
+    signed commit, touches no domain file, and a second run does nothing."""
+    dd = init_data_dir(tmp_path / "data", Settings(bcrypt_cost=4), clock=FakeClock())
+    store = Store(dd.repo, Ed25519Signer(dd.key), clock=FakeClock(), cache_path=None)
+    for name, project in (("example.com", PROJECT_A.project_id), ("old.example", PROJECT_A.project_id)):
+        store.execute("link-domain", ADMIN, {"domain": name, "project_id": project})
+        store.execute("enable-email", PROJECT_A, {"domain": name})
+    store.execute("add-user", PROJECT_A, {"email": "info@example.com", "password": PASSWORD})
+    store.execute("add-alias", PROJECT_A, {"address": "sales@example.com", "destinations": ["info@example.com"]})
+    store.execute("add-alias-domain", PROJECT_A, {"domain": "old.example", "target": "example.com"})
+    path = "rendered/domains/ex/example.com/sender_login_maps"
+    assert git_out(dd.repo, "show", f"main:{path}") == (
+        "info@example.com info@example.com\ninfo@old.example info@example.com\n"
+        "sales@example.com info@example.com\nsales@old.example info@example.com\n"
+    )
+    work = tmp_path / "work"
+    subprocess.run(["git", "clone", "-q", str(dd.repo), str(work)], check=True)
+    subprocess.run(["git", "-C", str(work), "rm", "-q", path], check=True)
+    git = ["git", "-C", str(work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={dd.key}", "-c", "user.name=old", "-c", "user.email=old@x"]
+    subprocess.run([*git, "commit", "-q", "-S", "-m", "as the code before sending left it"], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD:main"], check=True)
+    # and a statement of that head (the old server accepted it): here, none, so the store starts at main
+    subprocess.run(["git", "-C", str(dd.repo), "update-ref", "-d", STATEMENT_REF], check=True)
+    before = commit_count(dd.repo)
+    old_tree = git_out(dd.repo, "ls-tree", "-r", "main", "domains")
+    assert check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) != []  # stale: the fragment is missing
+
+    assert main(["upgrade", "--data", str(dd.root)]) == 0
+    assert "rendered the sender_login_maps fragments (format 2) in one signed commit" in capsys.readouterr().out
+    assert commit_count(dd.repo) == before + 1
+    assert verify_commit(dd).returncode == 0
+    assert git_out(dd.repo, "ls-tree", "-r", "main", "domains") == old_tree  # no domain file changed
+    assert git_out(dd.repo, "show", f"main:{path}").startswith("info@example.com info@example.com\n")
+    assert check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) == []
+    assert main(["upgrade", "--data", str(dd.root)]) == 0
+    assert "nothing to do" in capsys.readouterr().out and commit_count(dd.repo) == before + 1

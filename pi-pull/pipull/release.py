@@ -19,12 +19,15 @@ from .errors import Refused, TickError
 from .fsutil import digest, fsync_dir, open_new, rmtree, utcnow, write_file
 from .mirror import SHA_RE, BlobReader, Mirror
 from .runner import Runner, short
+from .sendermap import SENDER_MAP, write_sender_maps
 from .services import explain_reload_failure
 from .verify import DomainCheck, feed, is_domain
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
 DOMAIN_FILES = ("passwd", "mailboxes", *buckets.FRAGMENT_MAPS)
 REQUIRED_FILES = ("passwd", *MAP_FILES)
+if SENDER_MAP not in DOMAIN_FILES:  # the sending issue's fragment (pipull/sendermap.py)
+    DOMAIN_FILES = (*DOMAIN_FILES, SENDER_MAP)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
 VALIDATOR_VERSION = 2
 LISTINGS_KEPT = 4  # tip + live release per tick, with room to spare
@@ -309,15 +312,18 @@ class Releases:
                     self._write_passwd(plan, cat, DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3])), domain, target)
             # Last, so the blobs read above keep their order; always validated (the fragments are small).
             alias_maps = write_alias_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
+            sender_maps = write_sender_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
         self.postmap(tmp)
-        manifest = self._manifest_for(sha, files_manifest, len(plan.reuse), alias_maps)
+        manifest = self._manifest_for(sha, files_manifest, len(plan.reuse), alias_maps, sender_maps)
         write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, sort_keys=True) + "\n").encode())
         write_file(os.path.join(tmp, "COMMIT"), (sha + "\n").encode())
         return manifest
 
-    def _manifest_for(self, sha: str, files: dict[str, list[Any]], reused: int, alias_maps: dict[str, str] | None = None) -> dict[str, Any]:
+    def _manifest_for(self, sha: str, files: dict[str, list[Any]], reused: int, alias_maps: dict[str, str] | None = None,
+                      sender_maps: dict[str, str] | None = None) -> dict[str, Any]:
         """MANIFEST.json: per-service digests decide which services a swap reloads."""
         alias_maps = alias_maps or {}
+        sender_maps = sender_maps or {}
         return {
             "commit": sha,
             "built_at": utcnow(),
@@ -325,20 +331,22 @@ class Releases:
             "reuse_key": self.reuse_key(),
             "postfix_digest": digest([(d, f"{v[1]} {v[2]}".encode()) for d, v in files.items()]
                                      + [("\0map_type", self.cfg.map_type.encode())]
-                                     + [("\0alias " + d, oid.encode()) for d, oid in sorted(alias_maps.items())]),
+                                     + [("\0alias " + d, oid.encode()) for d, oid in sorted(alias_maps.items())]
+                                     + [("\0sender " + d, oid.encode()) for d, oid in sorted(sender_maps.items())]),
             "dovecot_digest": digest([(d, v[0].encode()) for d, v in files.items()]),
             "domains": len(files),
             "mailboxes": sum(int(v[3]) for v in files.values()),
             "reused_domains": reused,
             "files": files,
             "alias_maps": alias_maps,
+            "sender_maps": sender_maps,
         }
 
     def postmap(self, release: str) -> None:
         if self.cfg.map_type not in POSTMAP_TYPES:
             return
         base = shlex.split(self.cfg.postmap)
-        for name in (*MAP_FILES, ALIAS_MAP):
+        for name in (*MAP_FILES, ALIAS_MAP, SENDER_MAP):
             target = "{}:{}".format(self.cfg.map_type, os.path.join(release, "postfix", name))
             r = self.runner.run([*base, target], timeout=600)
             if r.returncode != 0:
@@ -359,13 +367,15 @@ class Releases:
         name = os.path.basename(target.rstrip("/"))
         if SHA_RE.match(name) and os.path.isdir(os.path.join(self.dir, name)):
             self._ensure_alias_map(name)
+            self._ensure_alias_map(name, SENDER_MAP)
             return name
         return None
 
-    def _ensure_alias_map(self, sha: str) -> None:
-        """A release built by a pi-pull without alias maps gets an empty one (what that pi-pull
-        applied), so the main.cf line ``virtual_alias_maps`` never names a missing table."""
-        path = os.path.join(self.dir, sha, "postfix", ALIAS_MAP)
+    def _ensure_alias_map(self, sha: str, mapname: str = ALIAS_MAP) -> None:
+        """A release built by a pi-pull without alias (or sender-login) maps gets an empty one
+        (what that pi-pull applied), so the main.cf line ``virtual_alias_maps`` (or
+        ``smtpd_sender_login_maps``) never names a missing table."""
+        path = os.path.join(self.dir, sha, "postfix", mapname)
         if os.path.lexists(path) or self.manifest(sha).get("layout") == buckets.LAYOUT:
             return  # a bucketed release has every table of every map (pipull/buckets.py)
         try:
@@ -373,7 +383,7 @@ class Releases:
             if self.cfg.map_type in POSTMAP_TYPES:
                 self.runner.run([*shlex.split(self.cfg.postmap), f"{self.cfg.map_type}:{path}"], timeout=600)
         except OSError as e:
-            self.log.warning(f"could not add an empty {ALIAS_MAP} to release {sha[:12]}: {e}")
+            self.log.warning(f"could not add an empty {mapname} to release {sha[:12]}: {e}")
 
     def exists(self, sha: str) -> bool:
         return os.path.isdir(os.path.join(self.dir, sha))
