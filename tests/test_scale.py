@@ -7,10 +7,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from bench.seed import SeedInfo, seed_state
-from mailstate.state import files
+from mailstate.state import files, worktree
+from mailstate.state.errors import StateInvalid
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Mailbox
+from mailstate.state.plan import load_revision, load_worktree, plan, plan_worktree
 from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A
 
@@ -64,3 +68,70 @@ def test_the_fast_seed_builds_the_same_signed_tree(tmp_path: Path) -> None:
     )
     assert verify.returncode == 0, verify.stderr
     assert files.domain_path(fast.domains[0]) in git(fast, "ls-tree", "-r", "--name-only", "main")
+
+
+def _clone(store: Store, dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(store.git.path), str(dest)], check=True, capture_output=True)
+    return dest
+
+
+def _full_plan(wt: Path) -> dict[str, object]:
+    return plan(load_revision(wt, "HEAD"), load_worktree(wt), base="b", head="h").as_dict()
+
+
+def test_worktree_plan_parses_only_what_git_reports_and_agrees_with_the_full_read(store: Store, tmp_path: Path) -> None:
+    for name in ("main.example", "alias.example", "other.example"):
+        store.execute("link-domain", ADMIN, {"domain": name, "project_id": PROJECT_A.project_id})
+        store.execute("enable-email", PROJECT_A, {"domain": name})
+    store.execute("add-user", PROJECT_A, {"email": "info@main.example", "password": PASSWORD})
+    store.execute("add-user", PROJECT_A, {"email": "x@other.example", "password": PASSWORD})
+    store.execute("add-alias-domain", PROJECT_A, {"domain": "alias.example", "target": "main.example"})
+    wt = _clone(store, tmp_path / "wt")
+    assert worktree.changed_domain_paths(wt, "HEAD") == []
+    # Touched but unchanged: git re-reads it and reports nothing.
+    other = wt / files.domain_path("other.example")
+    other.write_bytes(other.read_bytes())
+    assert worktree.changed_domain_paths(wt, "HEAD") == []
+    assert not plan_worktree(wt)
+
+    # An alias domain's change reaches its (unchanged) target's sender lines.
+    alias = wt / files.domain_path("alias.example")
+    alias.write_text(alias.read_text().replace("alias_of: main.example\n", ""))
+    assert worktree.changed_domain_paths(wt, "HEAD") == [files.domain_path("alias.example")]
+    fast = plan_worktree(wt)
+    assert {**fast.as_dict(), "base": "b", "head": "h"} == _full_plan(wt)
+    assert any("main.example" in e.name for e in fast.rendered), fast.rendered
+
+    # A new untracked domain file and a deleted one.
+    (wt / files.domain_path("other.example")).unlink()
+    new = wt / files.domain_path("new.example")
+    new.parent.mkdir(parents=True, exist_ok=True)
+    new.write_text("domain: new.example\nproject_id: null\nemail_enabled: false\nmailboxes: {}\n")
+    assert worktree.changed_domain_paths(wt, "HEAD") == sorted(
+        files.domain_path(n) for n in ("alias.example", "other.example", "new.example")
+    )
+    fast = plan_worktree(wt)
+    assert {**fast.as_dict(), "base": "b", "head": "h"} == _full_plan(wt)
+    assert fast.names("domains", "domain_added") == ["new.example"] and fast.names("domains", "domain_removed") == ["other.example"]
+
+    # A stray untracked file under domains/ is refused, as the full read refuses it.
+    (wt / "domains" / "notes.txt").write_text("hello")
+    with pytest.raises(StateInvalid) as caught:
+        plan_worktree(wt)
+    assert caught.value.problems == ["domains/notes.txt: unexpected file (domain files live at domains/<bb>/<domain>.yaml)"]
+
+
+def test_the_cache_writes_entries_exactly_as_model_dump(store: Store) -> None:
+    from mailstate.state.load import _JSON_NATIVE, _domain_to_json
+
+    assert _JSON_NATIVE  # else the fast path is off and this test checks model_dump against itself
+    for name in ("a.example", "b.example"):
+        store.execute("link-domain", ADMIN, {"domain": name, "project_id": PROJECT_A.project_id})
+        store.execute("enable-email", PROJECT_A, {"domain": name})
+    store.execute("add-user", PROJECT_A, {"email": "x@a.example", "password": PASSWORD})
+    store.execute("add-user", PROJECT_A, {"email": "y@a.example", "password": PASSWORD, "quota_mb": 7})
+    store.execute("set-forwarding", PROJECT_A, {"email": "x@a.example", "destinations": ["z@example.org"], "keep_copy": False})
+    store.execute("add-alias", PROJECT_A, {"address": "@a.example", "destinations": ["y@a.example"]})
+    store.execute("add-alias-domain", PROJECT_A, {"domain": "b.example", "target": "a.example"})
+    for dom in store.snapshot.domains.values():
+        assert _domain_to_json(dom) == dom.model_dump(mode="json")
