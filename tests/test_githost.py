@@ -15,14 +15,18 @@ the same bare repo read-only over http://.
 * staleness through a host: a host that keeps serving an old statement (its statement ref
   frozen by a hook while main moves on, or the servers stopped) makes the node's tick exit 5
   and report `stale` while it keeps serving; recovery gives ok (TRUST's `[freshness]
-  max_staleness` in pi-pull).
+  max_staleness` in pi-pull);
+* follow mode through the host: `--follow` polls the host's statement ref with ls-remote, or is
+  woken by the server's /v1/nodes/wait (`[remote] wake_url`) while still fetching from the host.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +44,7 @@ from mailstate.state.statement import REF as STATEMENT_REF
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
 from tests.fleet import provision_node, start_server_for
 from tests.githost import GitHost, githost, ssh_githost  # noqa: F401  (pytest fixtures)
-from tests.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
+from tests.mailnode import MailNode, mailnode, pi_pull_script, run_pi_pull  # noqa: F401  (pytest fixture)
 from tests.server import LiveServer, assert_error
 from tests.test_refused_commits import BAD_LINE, admin_push, plain_password_line, trust_admin
 from tests.test_upstream_serve import _add_mailbox
@@ -342,7 +346,10 @@ class HostedFleet:
         return run_pi_pull(self.cfg)
 
     def applied(self) -> str | None:
-        return json.loads((self.node.root / "state.json").read_text()).get("applied_commit")  # type: ignore[no-any-return]
+        path = self.node.root / "state.json"
+        if not path.exists():  # no tick has finished yet
+            return None
+        return json.loads(path.read_text()).get("applied_commit")  # type: ignore[no-any-return]
 
     def head(self) -> str:
         return self.server.git("rev-parse", "main").strip()
@@ -498,3 +505,45 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
     r = f.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert f.applied() == second
+
+
+# --------------------------------------------------------------------------- follow mode through the host
+
+FOLLOW_BOUND = 15.0  # seconds: generous on a loaded machine; bench/bench_follow.py has the figures
+
+
+@pytest.mark.parametrize("wake", ["poll", "wake_url"])
+def test_follow_mode_through_the_host(hosted: HostedFleet, wake: str) -> None:
+    """`pi_pull.py --follow` fetching from the sshd host: it polls the statement ref with
+    ls-remote, or, with `[remote] wake_url` = the server's /v1/nodes/wait, is woken by the
+    server and still fetches from the host; either way a change goes live within the bound."""
+    f, node = hosted, hosted.node
+    f.follow("ssh")
+    text = f.cfg.read_text()
+    if wake == "wake_url":
+        text = text.replace(f"url = {f.host.ssh_url()}\n", f"url = {f.host.ssh_url()}\nwake_url = {f.server.url}/v1/nodes/wait\n", 1)
+    f.cfg.write_text(text + "[agent]\ninterval = 60\npoll_interval = 1\n")
+    f.call(f.admin, "link-domain", {"domain": "example.com", "project_id": 42}, status=201)
+    f.call(f.project, "enable-email", {"domain": "example.com"})
+    log = f.tmp / "follow.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(pi_pull_script()), "--config", str(f.cfg), "--follow", "-v"],
+        stdout=subprocess.DEVNULL, stderr=log.open("a"), text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: f.applied() == f.head(), timeout=FOLLOW_BOUND, what=f"the first tick; log: {log.read_text()[-2000:]}")
+        expected = "long poll on" if wake == "wake_url" else "polling the statement ref"
+        assert expected in log.read_text(), log.read_text()[-2000:]
+        for i in range(2):
+            f.call(f.project, "add-user", {"email": f"u{i}@example.com", "password": PASSWORD}, status=201)
+            t0 = time.monotonic()
+            wait_for(lambda i=i: node.can_login(f"u{i}@example.com", PASSWORD), timeout=FOLLOW_BOUND, what=f"u{i} live; log: {log.read_text()[-2000:]}")  # type: ignore[misc]
+            assert time.monotonic() - t0 < FOLLOW_BOUND
+            assert f.applied() == f.host.rev("state.git", "main")
+        assert proc.poll() is None, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
