@@ -33,6 +33,7 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         root=args.root,
         remote_url=args.remote_url,
         map_type=args.map_type,
+        map_buckets=args.map_buckets,
         lmtp_port=args.lmtp_port,
         mail_root=settings.mail_root,
         mail_uid=settings.uid,
@@ -72,6 +73,9 @@ def register(sub: Any) -> None:
     b.add_argument("--remote-url", help="fetch the state repo from this git URL instead of the server (e.g. a git host)")
     b.add_argument("--root", default=DEFAULT_ROOT, help=f"release root on the node (default {DEFAULT_ROOT})")
     b.add_argument("--map-type", default="hash", choices=["hash", "lmdb", "cdb", "texthash"], help="Postfix map type (default hash)")
+    b.add_argument("--map-buckets", type=int, default=0, metavar="N",
+                   help="N Postfix tables per map and passwd.d/<c>/<bb>/ (pi-pull's bucketed layout: an apply costs what changed; "
+                        "16 for large states); 0 = one table per map (default)")
     b.add_argument("--lmtp-port", type=int, default=24, help="Dovecot LMTP port Postfix delivers to (default 24)")
     b.add_argument("--out", required=True, help="folder to write the bundle into")
     b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")

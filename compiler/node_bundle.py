@@ -148,12 +148,15 @@ def dovecot_snippet(
     tls_key: str = TLS_KEY,
     imaps_port: int = 993,
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
+    map_buckets: int = 0,
 ) -> str:
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
-    (``<postfix_queue_dir>/private/auth``)."""
+    (``<postfix_queue_dir>/private/auth``). With ``map_buckets`` > 0 the passwd-files are
+    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py)."""
     return render_template(
         "dovecot-mailstate.conf.j2",
+        passwd_path="passwd.d/%1d/%2d/%d" if int(map_buckets) > 0 else "passwd.d/%d",
         root=root.rstrip("/"),
         lmtp_address=lmtp_address,
         lmtp_port=int(lmtp_port),
@@ -173,6 +176,7 @@ def postfix_snippet(
     lmtp_port: int = 24,
     tls_cert: str = TLS_CERT,
     tls_key: str = TLS_KEY,
+    map_buckets: int = 0,
 ) -> str:
     """The main.cf lines: virtual maps under ``<root>/current``, LMTP delivery to Dovecot, TLS,
     SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map."""
@@ -180,6 +184,7 @@ def postfix_snippet(
         "postfix-main.cf.j2",
         root=root.rstrip("/"),
         map_type=map_type,
+        map_buckets=int(map_buckets),
         lmtp_address=lmtp_address,
         lmtp_port=int(lmtp_port),
         tls_cert=_tls_path("tls_cert", tls_cert),
@@ -294,6 +299,7 @@ def render_node_bundle(
     dkim_key_dir: str = "",
     dkim_publish_wait: int = 86400,
     dkim_rotate_days: int = 0,
+    map_buckets: int = 0,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -330,8 +336,13 @@ def render_node_bundle(
         if not isinstance(value, int) or value < 1:
             raise InvalidInput(f"{key} must be a positive number (never root).", field=key)
 
+    if not 0 <= int(map_buckets) <= 256:
+        raise InvalidInput("map_buckets must be between 0 and 256.", field="map_buckets")
+    if int(map_buckets) and map_type not in ("hash", "btree", "lmdb"):
+        raise InvalidInput("map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets")
     ini = render_template(
         "pi-pull.ini.j2",
+        map_buckets=int(map_buckets),
         node_name=node_name,
         remote_url=remote,
         branch=branch,
@@ -365,9 +376,9 @@ def render_node_bundle(
         "pi-pull-follow.service": (NODE_TEMPLATES / "pi-pull-follow.service").read_text(encoding="utf-8"),
         "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota,
                                                             tls_cert=tls_cert, tls_key=tls_key, imaps_port=imaps_port,
-                                                            postfix_queue_dir=postfix_queue_dir),
+                                                            postfix_queue_dir=postfix_queue_dir, map_buckets=map_buckets),
         "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port,
-                                                     tls_cert=tls_cert, tls_key=tls_key),
+                                                     tls_cert=tls_cert, tls_key=tls_key, map_buckets=map_buckets),
         "postfix/master.cf.mailstate": postfix_master_snippet(submission_listen=submission_listen, smtps_listen=smtps_listen,
                                                               dkim_milter=dkim_milter),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),

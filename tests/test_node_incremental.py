@@ -376,3 +376,35 @@ def test_rollback_after_failed_reload_restores_exact_maps(tmp_path: Path, postfi
     assert q.stdout.startswith("d1.example/new~")
     q = subprocess.run(["postmap", "-c", str(postfix_etc), "-q", "u2@d2.example", *tables], capture_output=True, text=True)
     assert q.returncode == 1 and not q.stdout
+
+
+# --------------------------------------------------------------------------- the bundle's side of the layout
+
+
+def test_bundle_with_map_buckets_names_every_table(tmp_path: Path, postfix_etc: Path, pipull: ModuleType) -> None:
+    """`mailstate node bundle --map-buckets N`: main.cf lists the N tables of each map, Dovecot reads
+    passwd.d/%1d/%2d/%d, the ini says map_buckets = N, and real postconf takes the lines."""
+    from mailstate.compiler.node_bundle import render_node_bundle
+    from mailstate.state.errors import InvalidInput
+
+    signers = "mailstate ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIr8bOWhvrCaFv4cl4hI6YyCpJ8Mf1HvuDhlDW7A1jYN\n"
+    files = render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=16)
+    main_cf = str(files["postfix/main.cf.mailstate"])
+    for mapname in MAPS:
+        line = next(v for v in main_cf.splitlines() if v.startswith(mapname + " = "))
+        tables = line.split(" = ", 1)[1].split(", ")
+        assert tables == [f"hash:/var/lib/pi-pull/current/postfix/{mapname}.{k:02x}" for k in range(16)]
+    dovecot = str(files["dovecot/conf.d/90-mailstate.conf"])
+    assert dovecot.count("/var/lib/pi-pull/current/dovecot/passwd.d/%1d/%2d/%d") == 2
+    ini = tmp_path / "pi-pull.ini"
+    ini.write_text(str(files["pi-pull.ini"]).replace("passwd_group = dovecot", "passwd_group ="))
+    assert pipull.config.load_config(str(ini)).map_buckets == 16
+    (postfix_etc / "main.cf").write_text("compatibility_level = 3.6\n" + main_cf)
+    r = subprocess.run(["postconf", "-c", str(postfix_etc), "-h", "virtual_mailbox_maps"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("hash:") == 16, r.stderr
+    # the default stays one table per map (older nodes' main.cf), and a bucketed layout needs an updatable map type
+    plain = render_node_bundle("pi-1", "https://mail.example.net", signers)
+    assert "virtual_mailbox_maps = hash:/var/lib/pi-pull/current/postfix/virtual_mailbox_maps\n" in str(plain["postfix/main.cf.mailstate"])
+    assert "map_buckets = 0" in str(plain["pi-pull.ini"])
+    with pytest.raises(InvalidInput):
+        render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=16, map_type="texthash")
