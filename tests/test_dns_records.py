@@ -230,3 +230,20 @@ def test_two_real_pi_pull_nodes_report_their_own_keys(tmp_path: Path) -> None:
         admin.close()
         p42.close()
         server.stop()
+
+
+def test_the_node_logs_what_the_server_refused(world: dict[str, Any], pipull: Any) -> None:
+    """A refused dkim_keys report: pi-pull's TickError carries the server's sentence, not just "Bad Request"."""
+    import importlib
+    import logging
+
+    config = importlib.import_module("pipull.config")
+    report_mod = importlib.import_module("pipull.report")
+    errors = importlib.import_module("pipull.errors")
+    cfg = config.Config(remote_url="/x", node_name="mpi01", report_url=f"{world['server'].url}/v1/nodes/report", report_timeout=10)
+    token = base64.b64encode(f"mpi01:{world['keys']['mpi01']}".encode()).decode()
+    rep = report_mod.Reporter(cfg, logging.getLogger("t"), lambda: (world["keys"]["mpi01"], token))
+    bad = [{"selector": "ms1-mpi02", "public_key": "A" * 392, "state": "active", "created_at": 1}]
+    with pytest.raises(errors.TickError) as exc:
+        rep.post({"status": "ok", "dkim_keys": bad})
+    assert "HTTP 400" in str(exc.value) and "not one of node mpi01's" in str(exc.value)

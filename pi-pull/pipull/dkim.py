@@ -121,6 +121,7 @@ class Dkim:
 
     def _ensure_dir(self) -> None:
         os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        os.chmod(self.dir, 0o750)  # whatever the umask or an earlier mode: the keys' directory is not for others
         gid = self._group()
         if os.geteuid() == 0 and gid >= 0:
             os.chown(self.dir, 0, gid)  # OpenDKIM (its group) reads the tables and keys here

@@ -45,6 +45,8 @@ class Reporter:
                 resp.read(65536)
         except urllib.error.HTTPError as e:
             reason = {401: "bad node name or sync key", 403: "address not on the node's whitelist"}.get(e.code, "")
+            if e.code == 400:  # the server says what it refused (e.g. a dkim_keys entry), in its one error shape
+                reason = _server_message(e)
             raise TickError(f"report rejected: HTTP {e.code} {reason or e.reason}") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             why: object = e.reason if isinstance(e, urllib.error.URLError) else e
@@ -84,3 +86,13 @@ class Reporter:
         if pending and sent:
             self.log.info(f"delivered {min(sent, len(pending))} pending report(s)")
         return sent == len(queue)
+
+
+def _server_message(err: urllib.error.HTTPError) -> str:
+    """The ``error.message`` of the server's JSON error body, shortened; "" when there is none."""
+    try:
+        body = json.loads(err.read(16384) or b"{}")
+        message = body.get("error", {}).get("message", "") if isinstance(body, dict) else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return " ".join(str(message).split())[:300]
