@@ -291,6 +291,8 @@ LogLevel VERBOSE
             [str(FCGIWRAP), "-c", "4", "-s", f"unix:{sock}"],
             user=self.uid, group=self.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(GIT_HOME)}, cwd="/",
+            # Its own process group: `-c 4` forks workers that outlive a SIGTERM to the parent.
+            start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -356,13 +358,19 @@ http {{
     def stop_front(self, name: str) -> None:
         """Stop one front end ("sshd", "nginx", "fcgiwrap"): the host goes unreachable over it."""
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)  # nginx: fast shutdown; sshd: the listener only
+        if name == "fcgiwrap":
+            # The whole group (the parent and its forked workers), even if the parent is gone.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        elif proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # nginx: fast shutdown; sshd: the listener only
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL) if name == "fcgiwrap" else proc.kill()
             proc.wait()
 
     def stop(self) -> None:
