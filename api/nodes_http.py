@@ -23,10 +23,11 @@ fetched here, by name or by sha.
 
 The wait endpoint is a long poll for follow mode (`pi_pull.py --follow`): it answers as soon as
 the accepted head (the statement's) differs from `head`, or after `timeout` seconds with
-`"changed": false`. A waiting node costs one small coroutine and no thread: all waiters share
-one asyncio future per statement, which the store's statement listener (state/store.py
-add_statement_listener, called after REF moved) resolves through `loop.call_soon_threadsafe`;
-the write path pays one such call, whatever the number of waiters. See WaitHub.
+`"changed": false`. A waiting node costs one small coroutine and one future, no thread. The
+store's statement listener (state/store.py add_statement_listener, called after REF moved)
+hands over to the event loop with one `loop.call_soon_threadsafe`, whatever the number of
+waiters; the loop then wakes them WAKE_CHUNK at a time, one chunk per pass, so that other
+requests (the write's own answer first) are served between chunks. See WaitHub.
 """
 
 from __future__ import annotations
@@ -66,17 +67,21 @@ WAIT_DEFAULT_S = 25.0
 WAIT_MAX_S = 55.0
 MAX_WAITERS_PER_NODE = 4  # a node runs one follower; a few more cover reconnects
 MAX_WAITERS = 20_000  # all nodes together (each costs a few KB)
+# Waiters woken per pass of the event loop: 500 answers at once would hold the loop for ~0.5 s
+# and make the write that moved the statement wait that long for its own answer.
+WAKE_CHUNK = 32
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _WAIT_PARAMS = {"head", "timeout"}
 
 
 class WaitHub:
-    """The long-poll waiters of one app: who waits, and one future per statement to wake them.
+    """The long-poll waiters of one app: who waits, and the futures that wake them.
 
     Lives on the event loop (only `_moved` is ever called from another thread, and only through
-    `call_soon_threadsafe`). A waiter reads the stated head, and when it equals the one it
-    knows, awaits the current generation's future; the store's listener resolves that future
-    once per new stated head, waking every waiter in one pass of the loop.
+    `call_soon_threadsafe`). A waiter reads the stated head and, when it equals the one it
+    knows, registers a future in the same step (nothing can run in between on the loop), then
+    awaits it. The store's listener, once per new stated head, has `_moved` take every
+    registered future and resolve them in chunks of WAKE_CHUNK, one chunk per loop pass.
     """
 
     def __init__(self, store: Store) -> None:
@@ -84,7 +89,7 @@ class WaitHub:
         self.waiting: dict[str, int] = {}
         self.total = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._future: asyncio.Future[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def head(self) -> str:
         """The accepted head nodes can fetch now (the statement's), or "" when there is none."""
@@ -98,15 +103,16 @@ class WaitHub:
             return
         if self._loop is not None:
             self.store.remove_statement_listener(self._listener)
-        self._loop, self._future = loop, loop.create_future()
+        self._loop = loop
+        self._waiters = set()
         self.store.add_statement_listener(self._listener)
 
     def detach(self) -> None:
         if self._loop is not None:
             self.store.remove_statement_listener(self._listener)
             self._loop = None
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)  # wake everyone (shutdown): they answer "unchanged"
+        pending, self._waiters = list(self._waiters), set()
+        self._wake(pending, 0)  # shutdown: everyone answers now (the head as it is)
 
     def _listener(self, _head: str) -> None:
         # Runs in the thread that moved the statement, maybe under the write lock: one cheap
@@ -116,9 +122,16 @@ class WaitHub:
             loop.call_soon_threadsafe(self._moved)
 
     def _moved(self) -> None:
-        old, self._future = self._future, asyncio.get_running_loop().create_future()
-        if old is not None and not old.done():
-            old.set_result(None)
+        pending, self._waiters = list(self._waiters), set()
+        self._wake(pending, 0)
+
+    def _wake(self, pending: list[asyncio.Future[None]], start: int) -> None:
+        for fut in pending[start : start + WAKE_CHUNK]:
+            if not fut.done():
+                fut.set_result(None)
+        if start + WAKE_CHUNK < len(pending):
+            # The next chunk on the next pass: what became ready meanwhile runs in between.
+            asyncio.get_running_loop().call_soon(self._wake, pending, start + WAKE_CHUNK)
 
     async def wait(self, node: str, head: str, timeout: float, disconnected: asyncio.Future[Any]) -> str:
         """The stated head once it differs from `head`, or at `timeout`, or when the client left."""
@@ -133,15 +146,18 @@ class WaitHub:
         self.waiting[node] = self.waiting.get(node, 0) + 1
         self.total += 1
         try:
-            deadline = asyncio.get_running_loop().time() + timeout
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
             while current == head:
-                left = deadline - asyncio.get_running_loop().time()
-                fut = self._future
-                if left <= 0 or fut is None or disconnected.done():
+                left = deadline - loop.time()
+                if left <= 0 or disconnected.done():
                     break
-                # One future shared by every waiter: asyncio.wait never cancels it (a waiter
-                # that times out only drops its own callback), and adds no task per waiter.
-                await asyncio.wait((fut, disconnected), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.add(fut)  # right after reading the head: no move can slip between
+                try:
+                    await asyncio.wait((fut, disconnected), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiters.discard(fut)
                 current = self.head()
             return current
         finally:
