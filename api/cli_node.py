@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mailstate.api.cli import EXTRA_COMMANDS
-from mailstate.compiler.node_bundle import DEFAULT_ROOT, INSTALL_PATHS, render_node_bundle
+from mailstate.compiler.node_bundle import DEFAULT_ROOT, INSTALL_PATHS, TLS_CERT, TLS_KEY, render_node_bundle
 from mailstate.state import validate
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import NotFound, StoreError
@@ -38,6 +38,8 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         mail_root=settings.mail_root,
         mail_uid=settings.uid,
         mail_gid=settings.gid,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     out = Path(args.out)
     try:
@@ -77,6 +79,8 @@ def register(sub: Any) -> None:
                    help="N Postfix tables per map and passwd.d/<c>/<bb>/ (pi-pull's bucketed layout: an apply costs what changed; "
                         "16 for large states); 0 = one table per map (default)")
     b.add_argument("--lmtp-port", type=int, default=24, help="Dovecot LMTP port Postfix delivers to (default 24)")
+    b.add_argument("--tls-cert", default=TLS_CERT, help=f"TLS certificate (full chain) for Postfix and Dovecot on the node (default {TLS_CERT})")
+    b.add_argument("--tls-key", default=TLS_KEY, help=f"its private key on the node (default {TLS_KEY})")
     b.add_argument("--out", required=True, help="folder to write the bundle into")
     b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")
     b.set_defaults(func=cmd_node_bundle)

@@ -299,3 +299,15 @@ def test_bundle_ships_opendkim_conf_that_opendkim_accepts_and_turns_on_dkim(tmp_
     # Without a dkim milter there is no signer and no [dkim].
     plain = bundle(dkim_milter="")
     assert "opendkim/opendkim.conf" not in plain and "[dkim]" not in str(plain["pi-pull.ini"])
+
+
+def test_cli_bundle_takes_the_tls_paths(data_dir: Any, tmp_path: Path) -> None:
+    from mailstate.api.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["node", "bundle", "--data", str(data_dir.root), "--name", "pi-09", "--allow-unregistered", "--server-url",
+                 "https://mail.example.net", "--tls-cert", "/srv/tls/c.pem", "--tls-key", "/srv/tls/k.pem", "--out", str(out)]) == 0
+    main_cf = (out / "postfix/main.cf.mailstate").read_text()
+    assert "smtpd_tls_cert_file = /srv/tls/c.pem" in main_cf and "smtpd_tls_key_file = /srv/tls/k.pem" in main_cf
+    assert "ssl_cert = </srv/tls/c.pem" in (out / "dovecot/conf.d/90-mailstate.conf").read_text()
+    assert "submission/inet = submission inet n - n - - smtpd" in (out / "postfix/master.cf.mailstate").read_text()
