@@ -33,7 +33,7 @@ from tests.mailnode import (
 )
 
 EXIT_OK, EXIT_ERROR = 0, 1
-MAPS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps")
+MAPS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps")
 HASH = "{BLF-CRYPT}$2b$04$" + "a" * 53
 ROOT = "/var/vmail"
 
@@ -129,6 +129,14 @@ class State:
                 lines.append(f"{local}@{d} {','.join(dom['aliases'][local])}")
             if lines:
                 out[f"{base}/virtual_alias_maps"] = "".join(line + "\n" for line in lines)
+            # who may send as what: each active mailbox itself, and x@A for each enabled alias domain A -> d
+            senders = {f"{loc}@{d}": f"{loc}@{d}" for loc, _b in active}
+            for a, adom in self.domains.items():
+                if adom["enabled"] and adom["alias_of"] == d:
+                    own = {loc for loc, b in adom["boxes"].items() if b[2]}
+                    senders.update({f"{loc}@{a}": f"{loc}@{d}" for loc, _b in active if loc not in own})
+            if senders:
+                out[f"{base}/sender_login_maps"] = "".join(f"{k} {senders[k]}\n" for k in sorted(senders))
         return out
 
 
@@ -312,13 +320,34 @@ def test_one_change_touches_one_table_and_one_passwd_bucket(pipull: ModuleType, 
     a, b = tmp_path / "n" / "releases" / first, tmp_path / "n" / "releases" / second
     fresh = sorted(p.name for p in (b / "postfix").iterdir() if p.stat().st_ino != (a / "postfix" / p.name).stat().st_ino)
     k = pipull.buckets.bucket_of(d, 8)
-    assert fresh == [f"virtual_mailbox_maps.{k:02x}.db"]
+    assert fresh == [f"sender_login_maps.{k:02x}.db", f"virtual_mailbox_maps.{k:02x}.db"]
     changed = [p.name for p in (b / "dovecot" / "passwd.d").iterdir() if os.readlink(p) != os.readlink(a / "dovecot" / "passwd.d" / p.name)]
     assert changed == [d[0]]
     new_index, old_index = b / "dovecot" / "passwd.d" / d[0], a / "dovecot" / "passwd.d" / d[0]
     changed = [p.name for p in new_index.iterdir() if os.readlink(p) != os.readlink(old_index / p.name)]
     assert changed == [d[:2]]
     assert (new_index / d[:2] / d).read_text().count("\n") == (old_index / d[:2] / d).read_text().count("\n") + 1
+
+
+def test_incremental_build_checks_sender_claims_across_domains(pipull: ModuleType, tmp_path: Path, postfix_etc: Path) -> None:
+    """x@A in T's sender-login fragment is taken only while A's alias map says @A @T, also when
+    only A's alias map changes (T's fragment stays as it was)."""
+    state = State(random.Random(3))
+    t, a = state.new_domain(), state.new_domain()
+    state.domains[t]["boxes"]["boss"] = ("20261201-aaaaaa", 100, True)
+    state.domains[a]["alias_of"] = t
+    work = make_repo(tmp_path)
+    node = Node(pipull, tmp_path / "n", tmp_path / "mirror.git", postfix_etc, buckets=4)
+    files = state.files()
+    assert f"boss@{a} boss@{t}" in files[f"rendered/domains/{t[:2]}/{t}/sender_login_maps"]
+    node.apply(commit(work, files, "alias domain"))
+    # A stops being an alias domain of T, but T's fragment still claims boss@A: refused, nothing changes
+    del files[f"rendered/domains/{a[:2]}/{a}/virtual_alias_maps"]
+    bad = commit(work, files, "hostile: a claim without the alias domain")
+    with pytest.raises(pipull.errors.Refused, match="not an alias domain"):
+        node.apply(bad)
+    assert node.live != bad and os.readlink(tmp_path / "n" / "current") != f"releases/{bad}"
+    assert not (tmp_path / "n" / "releases" / bad).exists()
 
 
 # --------------------------------------------------------------------------- rollback after a failed reload
@@ -391,7 +420,8 @@ def test_bundle_with_map_buckets_names_every_table(tmp_path: Path, postfix_etc: 
     files = render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=16)
     main_cf = str(files["postfix/main.cf.mailstate"])
     for mapname in MAPS:
-        line = next(v for v in main_cf.splitlines() if v.startswith(mapname + " = "))
+        param = "smtpd_sender_login_maps" if mapname == "sender_login_maps" else mapname
+        line = next(v for v in main_cf.splitlines() if v.startswith(param + " = "))
         tables = line.split(" = ", 1)[1].split(", ")
         assert tables == [f"hash:/var/lib/pi-pull/current/postfix/{mapname}.{k:02x}" for k in range(16)]
     dovecot = str(files["dovecot/conf.d/90-mailstate.conf"])

@@ -46,6 +46,8 @@ from .errors import Refused, TickError
 from .fsutil import open_new, rmtree
 from .mirror import BlobReader
 from .runner import short
+from .sendermap import SENDER_MAP, SenderCheck, alias_target, check_claims
+from .sendermap import check_bytes as sender_check_bytes
 from .verify import DomainCheck, feed
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 
 # Postfix maps assembled from one fragment per domain, in main.cf order. The first two are
 # validated together with passwd (DomainCheck); the others alone (FRAGMENT_CHECKS).
-FRAGMENT_MAPS: tuple[str, ...] = ("virtual_mailbox_domains", "virtual_mailbox_maps", ALIAS_MAP)
+FRAGMENT_MAPS: tuple[str, ...] = ("virtual_mailbox_domains", "virtual_mailbox_maps", ALIAS_MAP, SENDER_MAP)
 DOMAIN_CHECKED = ("passwd", "virtual_mailbox_maps", "virtual_mailbox_domains", "mailboxes")
 INCREMENTAL_TYPES = ("hash", "btree", "lmdb")
 SUFFIXES = {"hash": (".db",), "btree": (".db",), "lmdb": (".lmdb",)}
@@ -65,11 +67,14 @@ MAX_BUCKETS = 256
 PATHSPECS_PER_CALL = 2000
 
 
-def check_fragment(mapname: str, domain: str, data: bytes) -> None:
-    """Validate a fragment that is not part of DomainCheck (Refused on anything the compiler would not write)."""
+def check_fragment(mapname: str, domain: str, data: bytes) -> SenderCheck | None:
+    """Validate a fragment that is not part of DomainCheck (Refused on anything the compiler would not
+    write); a sender-login fragment's check is returned (its claims on alias domains are checked later)."""
     if mapname == ALIAS_MAP:
         check_bytes(domain, data)
-        return
+        return None
+    if mapname == SENDER_MAP:
+        return sender_check_bytes(domain, data)
     raise Refused(f"internal: no validator for {mapname}")  # pragma: no cover
 
 
@@ -183,6 +188,7 @@ class BucketBuild:
         # stdin): no text file to write and delete (new inodes are what cost on a busy disk), and
         # postmap reads it as fast. ~70 bytes a mailbox: ~70 MB at 1M mailboxes, once, at a first apply.
         texts: dict[str, _Capture] = {}
+        senders: dict[str, SenderCheck] = {}
         order: list[str] = []
         domains = sorted(tree)
         for domain in domains:
@@ -201,8 +207,18 @@ class BucketBuild:
                 for mapname in self.maps:
                     if mapname not in DOMAIN_CHECKED and mapname in files:
                         data = self._read(cat, domain, mapname, files[mapname])
-                        check_fragment(mapname, domain, data)
+                        checked = check_fragment(mapname, domain, data)
+                        if checked is not None:
+                            senders[domain] = checked
                         outs[mapname].write(data)
+            # x@A in T's sender-login fragment only when A's alias map says @A @T (as sendermap.write_sender_maps).
+            targets: dict[str, str] = {}
+            for other in sorted({o for c in senders.values() for o in c.claims}):
+                alias_oid = tree.get(other, {}).get(ALIAS_MAP)
+                found = alias_target(cat, other, alias_oid, self.cfg.max_file_bytes) if alias_oid else None
+                if found:
+                    targets[other] = found
+            check_claims(senders, targets)
         self.domains = len(domains)
         base = shlex.split(self.cfg.postmap)
         for name, text in texts.items():
@@ -225,6 +241,7 @@ class BucketBuild:
         self.changed_domains = len(changes)
         now = self.rel.domain_files(self.sha, sorted(changes))
         edits: dict[str, _TableChange] = {}
+        senders: dict[str, SenderCheck] = {}
         passwd_changed: dict[str, set[str]] = {}  # bb -> domains whose passwd-file changed or went away
         with self.rel.mirror.batch() as cat:
             for domain in sorted(changes):
@@ -251,7 +268,9 @@ class BucketBuild:
                     if mapname not in new_data:
                         new_data[mapname] = b"" if not new_oid else self._read(cat, domain, mapname, new_oid)
                         if new_oid and mapname not in DOMAIN_CHECKED:
-                            check_fragment(mapname, domain, new_data[mapname])
+                            checked = check_fragment(mapname, domain, new_data[mapname])
+                            if checked is not None:
+                                senders[domain] = checked
                     old = fragment_keys(self._read(cat, domain, mapname, old_oid, limit=False)) if old_oid else {}
                     new = fragment_keys(new_data[mapname])
                     if mapname == "virtual_mailbox_maps":
@@ -259,6 +278,7 @@ class BucketBuild:
                     edit = edits.setdefault(table_name(mapname, k), _TableChange())
                     edit.deletes += [key for key in old if key not in new]
                     edit.upserts += [line for key, line in new.items() if old.get(key) != line]
+            self._check_sender_claims(cat, changes, senders)
         for bb, gone in passwd_changed.items():
             self._finish_bucket_dir(bb, gone)
         live_dir = os.path.join(self.rel.dir, self.live)
@@ -274,6 +294,47 @@ class BucketBuild:
                 self._update_table(src, dst, name, found)
                 self.tables[name] = self.tag
                 self.reloads.add("postfix")
+
+    def _check_sender_claims(self, cat: BlobReader, changes: dict[str, dict[str, tuple[str, str]]],
+                             senders: dict[str, SenderCheck]) -> None:
+        """The sender-login rules that span domains (sendermap.check_claims), for what this change can affect.
+
+        A key ``x@A`` in T's fragment needs A's alias map to say ``@A @T``, and A's own fragment
+        must not list ``x@A`` too. So T is checked again when T's fragment changed, when A's alias
+        map changed (its old and its new target), and when A's own fragment changed (A's target).
+        """
+        limit = self.cfg.max_file_bytes
+        claimants: set[str] = set(senders)
+        touched_targets = [d for d, ch in changes.items() if ALIAS_MAP in ch or SENDER_MAP in ch]
+        for d in touched_targets:
+            ch = changes[d]
+            oids = [ch[ALIAS_MAP][0]] if ALIAS_MAP in ch else []
+            tip_alias = self.rel.domain_files(self.sha, [d]).get(d, {}).get(ALIAS_MAP)
+            oids.append(tip_alias or "")
+            for oid in oids:
+                found = alias_target(cat, d, oid, limit) if oid else None
+                if found:
+                    claimants.add(found)
+        files = self.rel.domain_files(self.sha, sorted(claimants))
+        checks: dict[str, SenderCheck] = {}
+        for t in sorted(claimants):
+            if t in senders:
+                checks[t] = senders[t]
+            elif SENDER_MAP in files.get(t, {}):
+                checks[t] = sender_check_bytes(t, self._read(cat, t, SENDER_MAP, files[t][SENDER_MAP]))
+        claimed = sorted({o for c in checks.values() for o in c.claims})
+        others = self.rel.domain_files(self.sha, claimed)
+        targets: dict[str, str] = {}
+        for other in claimed:
+            alias_oid = others.get(other, {}).get(ALIAS_MAP)
+            found = alias_target(cat, other, alias_oid, limit) if alias_oid else None
+            if found:
+                targets[other] = found
+            if other not in checks and SENDER_MAP in others.get(other, {}):
+                own = sender_check_bytes(other, self._read(cat, other, SENDER_MAP, others[other][SENDER_MAP]))
+                own.claims = {}  # only its own keys matter here; its claims are checked when it changes
+                checks[other] = own
+        check_claims(checks, targets)
 
     def _update_table(self, src: str, dst: str, name: str, edit: _TableChange) -> None:
         """A private copy of the live table, then postmap -d (gone keys) and -i -r (new or changed lines)."""
