@@ -488,8 +488,9 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
     assert changes == [
         ["disable", "--now", "pi-pull-follow.service"], ["disable", "--now", "pi-pull.timer"],
-        ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"],
+        ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"], ["restart", "opendkim"],
     ]  # fmt: skip
+    assert not (host.postfix.parent / "opendkim.conf").exists()  # there was none before install: the dkim config is gone
     assert runner.argvs and not any(SYNC_KEY in " ".join(argv) for argv in runner.argvs)  # never in a child's argv
     assert SYNC_KEY not in "\n".join(lines)
 

@@ -73,7 +73,9 @@ class Uninstaller:
     def restart_services(self) -> None:
         if self.steps.change("systemctl daemon-reload"):
             run(self.runner, [self.opts.systemctl, "daemon-reload"])
-        for svc in ("postfix", "dovecot"):
+        # OpenDKIM too when install put the bundle's opendkim.conf in place (now the original again).
+        dkim = any(dest.endswith("/opendkim.conf") for dest in self.record.data.get("files", {}))
+        for svc in ("postfix", "dovecot", *(("opendkim",) if dkim else ())):
             if self.runner.run([self.opts.systemctl, "is-active", "--quiet", svc], timeout=30).returncode != 0:
                 continue
             if self.steps.change(f"systemctl restart {svc} (back to its own configuration)"):
