@@ -56,7 +56,7 @@ def add_aliases(store: Store, info: SeedInfo) -> tuple[int, int]:
         actor = Actor.project(info.project_of[name], "bench")
         boxes = sorted(store.snapshot.domains[name].mailboxes)
         if i % 10 == 0 and len(boxes) >= 2:
-            store.execute("add-alias", actor, {"address": f"team@{name}", "destinations": [f"{boxes[0]}@{name}", f"{boxes[1]}@{name}"]})
+            store.execute("add-alias", actor, {"address": f"ms-team@{name}", "destinations": [f"{boxes[0]}@{name}", f"{boxes[1]}@{name}"]})
             aliases += 1
         if i % 50 == 0:
             alias = f"alias-{i}.example"
@@ -71,8 +71,7 @@ def sender_part(store: Store, name: str) -> float:
     """The sender-map work of one write of domain ``name``, alone (see the module docstring)."""
     snap = store.snapshot
     t = time.perf_counter()
-    names = {name}
-    after = [d for n, d in snap.domains.items() if d.alias_of in names and n != name]
+    after = [snap.domains[u] for u in snap.alias_users.get(name, ()) if u != name]  # as changed_files does
     users = senders.alias_index(after)
     lines = senders.sender_lines(snap.domains[name], users.get(name, ()))
     render_env().get_template("sender_login_maps.j2").render({"senders": [{"key": k, "owners": o} for k, o in lines]})
@@ -96,8 +95,8 @@ def measure_writes(store: Store, info: SeedInfo, n: int, start: int = 0) -> tupl
             t = time.perf_counter()
             store.execute("restore-user", actor, {"email": f"{first}@{name}"})
         else:
-            address = f"bench@{name}"
-            op = "update-alias" if "bench" in dom.aliases else "add-alias"
+            address = f"ms-bench@{name}"
+            op = "update-alias" if "ms-bench" in dom.aliases else "add-alias"
             store.execute(op, actor, {"address": address, "destinations": [f"{first}@{name}", f"x{i}@partner.example"]})
         writes.append(time.perf_counter() - t)
         parts.append(sender_part(store, name))
@@ -128,7 +127,7 @@ def node_part(info: SeedInfo, tmp: Path, n: int) -> None:
             name = with_alias[(i * 31) % len(with_alias)]
             user = next(e for e in info.emails if e.endswith(f"@{name}"))
             boxes = sorted(e for e in info.emails if e.endswith(f"@{name}"))
-            sender = f"team@{name}" if user in boxes[:2] else user
+            sender = f"ms-team@{name}" if user in boxes[:2] else user
             subject = f"bench-{i}"
             msg = f"From: {sender}\r\nTo: someone@internet.test\r\nSubject: {subject}\r\n\r\nhello\r\n"
             t0 = time.perf_counter()

@@ -40,19 +40,26 @@ class Snapshot:
     domains: Mapping[str, DomainFile]
     nodes: NodesFile
     by_project: Mapping[int, frozenset[str]]
+    # target domain -> the domains whose alias_of names it (state.senders: a target's
+    # sender_login_maps carries its alias domains' addresses), kept like by_project.
+    alias_users: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(cls, commit: str | None, settings: Settings, domains: dict[str, DomainFile], nodes: NodesFile) -> Snapshot:
         index: dict[int, set[str]] = {}
+        users: dict[str, set[str]] = {}
         for name, dom in domains.items():
             if dom.project_id is not None:
                 index.setdefault(dom.project_id, set()).add(name)
+            if dom.alias_of is not None:
+                users.setdefault(dom.alias_of, set()).add(name)
         return cls(
             commit=commit,
             settings=settings,
             domains=MappingProxyType(domains),
             nodes=nodes,
             by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
+            alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
@@ -61,10 +68,15 @@ class Snapshot:
         # steps and was half of a write's time at 20k domains.
         domains: dict[str, DomainFile] = self.domains.copy()  # type: ignore[attr-defined]
         index = dict(self.by_project)
+        users = dict(self.alias_users)
         for name, new in change.domains.items():
             old = domains.get(name)
             if old is not None and old.project_id is not None:
                 index[old.project_id] = index[old.project_id] - {name}
+            if old is not None and old.alias_of is not None:
+                users[old.alias_of] = users.get(old.alias_of, frozenset()) - {name}
+            if new is not None and new.alias_of is not None:
+                users[new.alias_of] = users.get(new.alias_of, frozenset()) | {name}
             if new is None:
                 domains.pop(name, None)
             else:
@@ -77,6 +89,7 @@ class Snapshot:
             domains=MappingProxyType(domains),
             nodes=change.nodes or self.nodes,
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
+            alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
         )
 
     @functools.cached_property

@@ -725,9 +725,9 @@ class Store:
         # An alias domain's sender lines live in its target's sender_login_maps (state.senders):
         # the targets of every changed alias domain (before and after) get that fragment anew.
         targets = {d.alias_of for n, new in change.domains.items() for d in (snap.domains.get(n), new) if d is not None and d.alias_of}
-        # Each rendered domain's alias domains after the change: one pass over the state.
+        # Each rendered domain's alias domains after the change (the snapshot's index: no scan).
         names = {n for n, d in change.domains.items() if d is not None} | targets
-        after = [d for n, d in snap.domains.items() if d.alias_of in names and n not in change.domains]
+        after = [snap.domains[u] for n in names for u in snap.alias_users.get(n, ()) if u not in change.domains]
         after += [d for d in change.domains.values() if d is not None and d.alias_of in names]
         users = senders.alias_index(after)
         for name, dom in change.domains.items():

@@ -170,7 +170,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
 
 def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
     dom: DomainFile | None = snap.domains.get(name)
-    expected = render_domain(dom, snap.settings, alias_domains_of(snap.domains, name)) if dom is not None else {}
+    users = {u: snap.domains[u] for u in snap.alias_users.get(name, ()) if u in snap.domains}
+    expected = render_domain(dom, snap.settings, alias_domains_of(users, name)) if dom is not None else {}
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:

@@ -325,6 +325,7 @@ def test_rendered_files_follow_the_domain(data_dir: DataDir, mail_store: Store) 
         "nodes.yaml",
         "rendered/domains/ex/example.com/mailboxes",
         "rendered/domains/ex/example.com/passwd",
+        "rendered/domains/ex/example.com/sender_login_maps",
         "rendered/domains/ex/example.com/virtual_mailbox_domains",
         "rendered/domains/ex/example.com/virtual_mailbox_maps",
         "rendered/settings",
