@@ -62,7 +62,9 @@ class Agent:
         self.dkim = Dkim(cfg, self.runner, self.log, clock or time.time)
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
-        self.clock = clock or time.time
+        # Freshness compares with the server's Issued-At: always the wall clock (``clock``
+        # fast-forwards the lifecycle's purge in tests, which must not make statements stale).
+        self.clock: Callable[[], float] = time.time
         # Server keys learned from endorsements (server key rotation), kept in <root>/trust.json.
         self.trust = Trust(cfg, self.runner, self.log)
         self._sync_key = sync_key
