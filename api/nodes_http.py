@@ -26,8 +26,9 @@ the accepted head (the statement's) differs from `head`, or after `timeout` seco
 `"changed": false`. A waiting node costs one small coroutine and one future, no thread. The
 store's statement listener (state/store.py add_statement_listener, called after REF moved)
 hands over to the event loop with one `loop.call_soon_threadsafe`, whatever the number of
-waiters; the loop then wakes them WAKE_CHUNK at a time, one chunk per pass, so that other
-requests (the write's own answer first) are served between chunks. See WaitHub.
+waiters; WAKE_DELAY_S (50 ms) later the loop wakes them WAKE_CHUNK at a time, one chunk per
+pass, so that the write's own answer goes first and other requests are served between chunks.
+See WaitHub.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ MAX_WAITERS = 20_000  # all nodes together (each costs a few KB)
 # Waiters woken per pass of the event loop: 500 answers at once would hold the loop for ~0.5 s
 # and make the write that moved the statement wait that long for its own answer.
 WAKE_CHUNK = 32
+# The wake-up waits this long after the statement moved: the write that moved it is then (almost
+# always) answered before the fan-out competes with it for the GIL, and a burst of writes wakes
+# the fleet once. Nothing next to a node's tick (about a second).
+WAKE_DELAY_S = 0.05
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _WAIT_PARAMS = {"head", "timeout"}
 
@@ -90,6 +95,7 @@ class WaitHub:
         self.total = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: set[asyncio.Future[None]] = set()
+        self._wake_due = False
 
     def head(self) -> str:
         """The accepted head nodes can fetch now (the statement's), or "" when there is none."""
@@ -119,9 +125,15 @@ class WaitHub:
         # hand-over to the loop, never a wait.
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._moved)
+            loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        if not self._wake_due:
+            self._wake_due = True
+            asyncio.get_running_loop().call_later(WAKE_DELAY_S, self._moved)
 
     def _moved(self) -> None:
+        self._wake_due = False
         pending, self._waiters = list(self._waiters), set()
         self._wake(pending, 0)
 
@@ -299,8 +311,10 @@ def build_router() -> APIRouter:
         if creds is None:
             raise _unauthenticated()
         try:
-            # In a thread like the report's: the key check hashes, and the loop stays free.
-            await run_in_threadpool(authenticate_node, services.store.snapshot, creds[0], creds[1], _peer(request))
+            # On the loop, not in a worker thread like the report (which writes the database):
+            # one SHA-256 of at most 512 characters and a dict lookup cost microseconds, less
+            # than the thread hop, and a fleet re-arming after a wake-up comes all at once.
+            authenticate_node(services.store.snapshot, creds[0], creds[1], _peer(request))
         except Unauthenticated:
             raise _unauthenticated() from None
         disconnected = asyncio.ensure_future(_until_disconnect(request))

@@ -92,8 +92,10 @@ _DETAILS: dict[str, str] = {
     ),
     "list-nodes": (
         "[Admin] Answers `nodes`: each sync node's name, ip_address, created_at and, from its last report, "
-        "last_sync_at, applied_commit, status (never_synced before its first report) and error, with commits_behind. "
-        "Reads only."
+        "last_sync_at, applied_commit, status (never_synced before its first report; stale when its newest statement "
+        "expired) and error, with commits_behind, diverged, lag_s (seconds behind the oldest accepted commit it lacks), "
+        "stale (reported stale, or no report for MAILSTATE_NODE_STALE_AFTER = 600 s) with statement_age_s, "
+        "last_error/last_error_at (kept after a later ok) and last_report_at/last_report_age_s. Reads only."
     ),
     "add-node": (
         "[Admin] Registers a mail node. `name`: " + NODE_NAME_LIMITS + ". `ip_address` (optional): the only IPv4 or "
