@@ -554,10 +554,10 @@ def _partial_side(repo: GitRepo, sha: str, label: str, settings: Settings, paths
 def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
     """The plan from revision `base` of the repository holding `root` to the working tree at `root`.
 
-    The state must sit at the top of the repository. When git can name the files that differ
-    (state.worktree: its index's stat data), only those are parsed on both sides, so the cost
-    follows the change; otherwise the whole working tree is read, and on the revision's side
-    only blobs whose content differs from the working tree's file are parsed.
+    The state must sit at the top of the repository. When the settings are unchanged, only
+    the domain files whose content differs from the revision's blobs (state.worktree) are
+    parsed, on both sides, so the parse follows the change; otherwise the whole working tree
+    is read, and on the revision's side only blobs that differ from its files are parsed.
     """
     repo = open_repo(root)
     if repo.repo.is_bare or repo.repo.workdir is None:
@@ -598,17 +598,15 @@ def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
 
 
 def _changed_worktree_sides(repo: GitRepo, root: Path, base_sha: str, base_label: str, settings: Settings) -> tuple[Side, Side] | None:
-    """(revision side, working-tree side), each holding only the domains whose files git
-    reports as changed (plus their alias targets, which carry their sender lines); None when
-    the settings differ or cannot be read, or git cannot tell: then everything is read."""
+    """(revision side, working-tree side), each holding only the domains whose files differ
+    (state.worktree; plus their alias targets, which carry their sender lines); None when the
+    settings differ or cannot be read: then everything is read."""
     try:
         if files.parse_settings((root / files.SETTINGS_PATH).read_bytes()) != settings:
             return None
     except (OSError, StateInvalid):
         return None  # the full read reports it
-    paths = worktree.changed_domain_paths(root, base_sha)
-    if paths is None:
-        return None
+    paths = worktree.changed_domain_paths(repo, root, base_sha)
     problems: list[str] = []
     nodes = NodesFile()
     if (root / files.NODES_PATH).exists():

@@ -79,7 +79,7 @@ def _full_plan(wt: Path) -> dict[str, object]:
     return plan(load_revision(wt, "HEAD"), load_worktree(wt), base="b", head="h").as_dict()
 
 
-def test_worktree_plan_parses_only_what_git_reports_and_agrees_with_the_full_read(store: Store, tmp_path: Path) -> None:
+def test_worktree_plan_parses_only_changed_files_and_agrees_with_the_full_read(store: Store, tmp_path: Path) -> None:
     for name in ("main.example", "alias.example", "other.example"):
         store.execute("link-domain", ADMIN, {"domain": name, "project_id": PROJECT_A.project_id})
         store.execute("enable-email", PROJECT_A, {"domain": name})
@@ -87,17 +87,17 @@ def test_worktree_plan_parses_only_what_git_reports_and_agrees_with_the_full_rea
     store.execute("add-user", PROJECT_A, {"email": "x@other.example", "password": PASSWORD})
     store.execute("add-alias-domain", PROJECT_A, {"domain": "alias.example", "target": "main.example"})
     wt = _clone(store, tmp_path / "wt")
-    assert worktree.changed_domain_paths(wt, "HEAD") == []
-    # Touched but unchanged: git re-reads it and reports nothing.
+    assert worktree.changed_domain_paths(store.git, wt, store.head) == []
+    # Touched but unchanged: same content, nothing to report.
     other = wt / files.domain_path("other.example")
     other.write_bytes(other.read_bytes())
-    assert worktree.changed_domain_paths(wt, "HEAD") == []
+    assert worktree.changed_domain_paths(store.git, wt, store.head) == []
     assert not plan_worktree(wt)
 
     # An alias domain's change reaches its (unchanged) target's sender lines.
     alias = wt / files.domain_path("alias.example")
     alias.write_text(alias.read_text().replace("alias_of: main.example\n", ""))
-    assert worktree.changed_domain_paths(wt, "HEAD") == [files.domain_path("alias.example")]
+    assert worktree.changed_domain_paths(store.git, wt, store.head) == [files.domain_path("alias.example")]
     fast = plan_worktree(wt)
     assert {**fast.as_dict(), "base": "b", "head": "h"} == _full_plan(wt)
     assert any("main.example" in e.name for e in fast.rendered), fast.rendered
@@ -107,7 +107,7 @@ def test_worktree_plan_parses_only_what_git_reports_and_agrees_with_the_full_rea
     new = wt / files.domain_path("new.example")
     new.parent.mkdir(parents=True, exist_ok=True)
     new.write_text("domain: new.example\nproject_id: null\nemail_enabled: false\nmailboxes: {}\n")
-    assert worktree.changed_domain_paths(wt, "HEAD") == sorted(
+    assert worktree.changed_domain_paths(store.git, wt, store.head) == sorted(
         files.domain_path(n) for n in ("alias.example", "other.example", "new.example")
     )
     fast = plan_worktree(wt)
