@@ -539,7 +539,9 @@ def test_follow_mode_through_the_host(hosted: HostedFleet, wake: str) -> None:
             t0 = time.monotonic()
             wait_for(lambda i=i: node.can_login(f"u{i}@example.com", PASSWORD), timeout=FOLLOW_BOUND, what=f"u{i} live; log: {log.read_text()[-2000:]}")  # type: ignore[misc]
             assert time.monotonic() - t0 < FOLLOW_BOUND
-            assert f.applied() == f.host.rev("state.git", "main")
+            # state.json is saved at the end of the tick (after the report), a moment after the
+            # release went live and the login above worked.
+            wait_for(lambda: f.applied() == f.host.rev("state.git", "main"), timeout=FOLLOW_BOUND, what="the node at the host's tip")
         assert proc.poll() is None, log.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
