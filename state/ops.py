@@ -415,8 +415,8 @@ def update_password(ctx: Context, req: m.UpdatePasswordRequest, prep: Prepared) 
 
 def _no_alias_domains_of(ctx: Context, name: str) -> None:
     """Refuse to take the mail away from a domain while alias domains send their mail to it."""
-    # A scan of the domains (attribute reads only): disable-email and remove-domain are rare.
-    users = sorted(d for d, dom in ctx.state.domains.items() if dom.alias_of == name)
+    # The snapshot's index of alias domains by target: a scan of 200k domains took ~0.3 s.
+    users = sorted(ctx.state.alias_users.get(name, ()))
     if users:
         raise Conflict(
             f"{name} is the target of alias domain(s) {', '.join(users[:5])}; remove-alias-domain them first.",
@@ -554,7 +554,7 @@ def add_alias_domain(ctx: Context, req: m.AddAliasDomainRequest, _: Prepared) ->
     result = {"domain": req.domain, "alias_of": req.target}
     if dom.alias_of == req.target:
         return Outcome(result, target=req.domain, project=dom.project_id)
-    users = sorted(d for d, other in ctx.state.domains.items() if other.alias_of == req.domain)
+    users = sorted(ctx.state.alias_users.get(req.domain, ()))
     if users:
         raise Conflict(
             f"{req.domain} is the target of alias domain(s) {', '.join(users[:5])}; chains of alias domains are not allowed.",
