@@ -315,7 +315,8 @@ def _state_with_endorsements(setup: Setup, sha: str, signer: SigningKey, endorse
     """Write a statement of `sha` carrying `endorsements`, signed by `signer`, at the remote's statement ref."""
     payload = statement_payload(sha, int(time.time()), endorsements)
     raw = payload + Ed25519Signer(signer.private).sign(payload).encode()
-    tag = subprocess.run(["git", "-C", str(setup.repo.bare), "hash-object", "-t", "tag", "-w", "--stdin"], input=raw, capture_output=True, check=True).stdout.decode().strip()
+    argv = ["git", "-C", str(setup.repo.bare), "hash-object", "-t", "tag", "-w", "--stdin"]
+    tag = subprocess.run(argv, input=raw, capture_output=True, check=True).stdout.decode().strip()
     git(setup.repo.bare, "update-ref", "refs/mailstate/accepted", tag)
     return tag
 
