@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class Snapshot:
                 domains[name] = new
                 if new.project_id is not None:
                     index[new.project_id] = index.get(new.project_id, frozenset()) | {name}
-        return Snapshot(
+        snap = Snapshot(
             commit=commit,
             settings=change.settings or self.settings,
             domains=MappingProxyType(domains),
@@ -91,6 +92,20 @@ class Snapshot:
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
         )
+        previous = self.__dict__.get("sorted_domains")
+        if previous is not None:
+            # Carried over instead of sorted again by the next admin listing: a list copy
+            # (~1 ms at 200k names) against a sort (~0.1 s).
+            names = list(previous)
+            for name in change.domains:
+                at = bisect.bisect_left(names, name)
+                present = at < len(names) and names[at] == name
+                if name in domains and not present:
+                    names.insert(at, name)
+                elif name not in domains and present:
+                    del names[at]
+            snap.__dict__["sorted_domains"] = names
+        return snap
 
     @functools.cached_property
     def sorted_domains(self) -> list[str]:

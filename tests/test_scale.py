@@ -135,3 +135,23 @@ def test_the_cache_writes_entries_exactly_as_model_dump(store: Store) -> None:
     store.execute("add-alias-domain", PROJECT_A, {"domain": "b.example", "target": "a.example"})
     for dom in store.snapshot.domains.values():
         assert _domain_to_json(dom) == dom.model_dump(mode="json")
+
+
+def test_the_sorted_domain_list_is_carried_across_writes_exactly(store: Store) -> None:
+    for i in range(6):
+        store.execute("link-domain", ADMIN, {"domain": f"d{i}.example", "project_id": PROJECT_A.project_id})
+    store.execute("list-domains", ADMIN, {"limit": 2})  # builds the list once
+    for body in (
+        ("link-domain", {"domain": "a0.example", "project_id": 5}),
+        ("unlink-domain", {"domain": "d3.example"}),
+        ("add-domain", {"domain": "zz.example"}),
+        ("link-domain", {"domain": "d3.example", "project_id": 5}),
+        ("remove-domain", {"domain": "zz.example"}),
+        ("add-node", {"name": "n1"}),
+    ):
+        store.execute(body[0], ADMIN, body[1])
+        snap = store.snapshot
+        assert "sorted_domains" in snap.__dict__  # carried over, not rebuilt
+        assert snap.sorted_domains == sorted(snap.domains), body
+    names = [d["domain"] for d in store.execute("list-domains", ADMIN, {"limit": 1000}).result["linked_not_enabled"]]
+    assert names == sorted(store.snapshot.domains)
