@@ -234,11 +234,6 @@ def main() -> int:
                 applies = [run_apply(args.python, agent_dir, root, c, buckets, mail_root, etc) for c in commits[2:]]
                 say(f"{size} {variant}: one-mailbox apply p50 {p50([a['wall'] for a in applies]):.3f} s")
                 rows.append((variant, first, applies, du(root)))
-            if not args.keep:
-                # Only now: on this ext4, creating inodes right after deleting many is several times
-                # slower (the kernel's recently-deleted inode scan), which would penalise later variants.
-                for variant in args.variants.split(","):
-                    shutil.rmtree(tmp / f"node-{size}-{variant}", ignore_errors=True)
             base = next((r for r in rows if r[0] == "old"), rows[0])
             print(f"\n## {size} mailboxes ({size // 5} domains), {args.changes} one-mailbox applies per variant, python {args.python}")
             print(f"{'variant':<11}{'first apply':>12}{'(in-proc)':>11}{'apply p50':>11}{'p90':>8}{'in-proc p50':>13}{'vs old':>8}"
@@ -249,7 +244,12 @@ def main() -> int:
                 print(f"{variant:<11}{first['wall']:>10.2f} s{first['inproc']:>9.2f} s{wall * 1000:>8.0f} ms"
                       f"{p90([a['wall'] for a in applies]) * 1000:>6.0f} ms{p50([a['inproc'] for a in applies]) * 1000:>10.0f} ms"
                       f"{ratio:>7.2f}x{p50([a['imports'] for a in applies]) * 1000:>6.0f} ms{disk / 1e6:>7.0f} MB")
+            sys.stdout.flush()
             if not args.keep:
+                # Only now: on this ext4, creating inodes right after deleting many is several times
+                # slower (the kernel's recently-deleted inode scan), which would penalise later variants.
+                for variant in args.variants.split(","):
+                    shutil.rmtree(tmp / f"node-{size}-{variant}", ignore_errors=True)
                 shutil.rmtree(repo, ignore_errors=True)
     finally:
         if not args.keep:
