@@ -124,6 +124,9 @@ def test_a_change_through_the_api_goes_live_within_the_bound(followed: Followed)
     f.until(lambda: f.row()["applied_commit"] == head, message="the report of the applied commit")
     row = f.row()
     assert row["commits_behind"] == 0 and row["lag_s"] == 0 and row["diverged"] is False
+    # The node's own report carries the Issued-At of its newest statement: fresh, not stale.
+    assert isinstance(row["statement_age_s"], int) and 0 <= row["statement_age_s"] < 120
+    assert row["stale"] is False and row["last_report_at"] and row["last_error"] is None
     # SIGTERM: a clean stop, exit 0.
     assert f.stop() == 0
     assert "follow mode stopped" in f.log_text()
