@@ -572,7 +572,8 @@ class Installer:
             self.steps.note(f"systemd is not running (a container?): skipped daemon-reload, enabling {timer} and "
                             "(re)starting postfix and dovecot. Start them yourself (`postfix start`, `dovecot`) and run "
                             f"the agent from cron or as `python3 {self.path('lib_dir', 'pi_pull.py')} --config "
-                            f"{self.config_file}` (loop mode)")
+                            f"{self.config_file} --follow` (follow mode: a tick within seconds of a change, and at "
+                            "least every [agent] interval)")
             return
         if "units" in self.changed and self.steps.change("systemctl daemon-reload"):
             self.systemctl("daemon-reload")
