@@ -178,6 +178,7 @@ class MailNode:
     uid: int
     gid: int
     map_type: str = "hash"
+    map_buckets: int = 0  # pi-pull's bucketed layout (pipull/buckets.py): main.cf, Dovecot and the ini follow it
     submission_port: int = 0
     smtps_port: int = 0
     imaps_port: int = 0
@@ -250,6 +251,7 @@ class MailNode:
             f"postfix_reload = {self.postfix_reload if postfix_reload is None else postfix_reload}",
             f"dovecot_reload = {self.dovecot_reload if dovecot_reload is None else dovecot_reload}",
             f"map_type = {self.map_type}",
+            f"map_buckets = {self.map_buckets}",
             f"postmap = {self.postmap}",
         ]
         path.write_text("\n".join(lines) + "\n" + extra)
@@ -312,7 +314,7 @@ smtp_host_lookup = native
 
 """
         main_cf += postfix_snippet(str(self.root), map_type=self.map_type, lmtp_port=self.lmtp_port, tls_cert=str(self.tls_cert),
-                                   tls_key=str(self.tls_key))
+                                   tls_key=str(self.tls_key), map_buckets=self.map_buckets)
         (self.postfix_dir / "main.cf").write_text(main_cf)
         services = [
             ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
@@ -370,8 +372,10 @@ service imap-login {{
 
 """
         dovecot += dovecot_snippet(str(self.root), lmtp_port=self.lmtp_port, tls_cert=str(self.tls_cert), tls_key=str(self.tls_key),
-                                   imaps_port=self.imaps_port, postfix_queue_dir=str(w / "postfix" / "queue"))
+                                   imaps_port=self.imaps_port, postfix_queue_dir=str(w / "postfix" / "queue"), map_buckets=self.map_buckets)
         self.dovecot_conf.write_text(dovecot)
+        if self.map_buckets:
+            self._placeholder_tables()
 
     def _daemon(self, *argv: str) -> None:
         """Start a daemon. Its output goes to a file: a daemon would hold a pipe open forever."""
@@ -380,6 +384,20 @@ service imap-login {{
             r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, timeout=60)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed: {out.read_text(errors='replace')}\n{self.dovecot_log()}{self.postfix_log()}")
+
+    def _placeholder_tables(self) -> None:
+        """Empty tables under ``current`` until the first tick: an smtpd that cannot open 64 tables
+        dies at startup ("too many errors"), and the master then throttles smtpd for a minute (the
+        single-table layout only logs its three missing maps). ``current`` is not a release name,
+        so pi-pull builds its first release from nothing and swaps over it."""
+        empty = self.root / "placeholder"
+        (empty / "postfix").mkdir(parents=True)
+        (empty / "dovecot" / "passwd.d").mkdir(parents=True)
+        for name in ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps"):
+            for k in range(self.map_buckets):
+                subprocess.run(["postmap", "-c", str(self.postfix_dir), "-i", f"{self.map_type}:{empty / 'postfix' / f'{name}.{k:02x}'}"],
+                               input=b"", check=True, capture_output=True)
+        (self.root / "current").symlink_to("placeholder")
 
     def start(self) -> None:
         self.configure()
@@ -564,7 +582,7 @@ def _pid_alive(pidfile: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_mailnode(map_type: str = "hash", *, dkim_milter: str = "") -> Iterator[MailNode]:
+def running_mailnode(map_type: str = "hash", *, dkim_milter: str = "", map_buckets: int = 0) -> Iterator[MailNode]:
     """Start Postfix + Dovecot (and the SMTP sink) for a fresh release root; stop and clean up
     afterwards. ``dkim_milter``: a milter for the submission services (none by default)."""
     require_binaries(*MAIL_BINARIES, "openssl")
@@ -588,6 +606,7 @@ def running_mailnode(map_type: str = "hash", *, dkim_milter: str = "") -> Iterat
         uid=uid,
         gid=gid,
         map_type=map_type,
+        map_buckets=map_buckets,
         submission_port=submission_port,
         smtps_port=smtps_port,
         imaps_port=imaps_port,
