@@ -102,6 +102,11 @@ def assert_rendered_well_formed(data: DataDir) -> None:
                 assert re.fullmatch(r"[0-9]{8}-[0-9a-f]{6}", box_id) and state in ("active", "inactive"), line
                 assert local not in homes, line
                 homes[local] = box_id
+            elif path.endswith("/sender_login_maps"):
+                key, owners = line.split(" ")
+                assert key.endswith("@" + domain) and key.count("@") == 1, line  # no alias domains here
+                for owner in owners.split(","):
+                    assert re.fullmatch(r"[a-z0-9._+-]+@[a-z0-9.-]+", owner), line
             else:
                 assert line == f"{domain} OK"
     assert check_commit(repo, commit) == []
