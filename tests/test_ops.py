@@ -84,10 +84,12 @@ def test_registry_names_all_operations() -> None:
         "add-node",
     }
     aliases = {"add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain"}
-    assert set(OPERATIONS) == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases
-    assert len(OPERATIONS) == 23
+    sending = {"dns-records"}
+    assert set(OPERATIONS) == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases | sending
+    assert len(OPERATIONS) == 24
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
-    assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes", "list-aliases"}
+    assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
+    assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes", "list-aliases", "dns-records"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes", "list-aliases"}
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
