@@ -90,7 +90,7 @@ def test_registry_names_all_operations() -> None:
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes", "list-aliases", "dns-records"}
-    assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes", "list-aliases"}
+    assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes", "list-aliases", "dns-records"}
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
         "remove-domain",
