@@ -422,6 +422,7 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "set-forwarding": "post",
         "add-alias-domain": "post",
         "remove-alias-domain": "post",
+        "dns-records": "get",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]
@@ -429,7 +430,10 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
     schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(schema["properties"]) == {"email", "password", "quota_mb"} and schema["required"] == ["email", "password"]
     params = spec["paths"][f"{API}/list-users"]["get"]["parameters"]
-    assert [(p["name"], p["in"], p["required"]) for p in params] == [("domain", "query", False)]
+    # domain filters; limit and cursor page (issue 14), all optional so the spec's call stays valid
+    assert sorted((p["name"], p["in"], p["required"]) for p in params) == [
+        ("cursor", "query", False), ("domain", "query", False), ("limit", "query", False),
+    ]
     assert "422" not in add_user["responses"]
     assert set(add_user["responses"]) >= {"201", "405", "413"} and "200" not in add_user["responses"]
 

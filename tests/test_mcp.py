@@ -49,6 +49,7 @@ SPEC_TOOLS = {
     "set-forwarding": "email_account_set_forwarding",
     "add-alias-domain": "email_account_add_alias_domain",
     "remove-alias-domain": "email_account_remove_alias_domain",
+    "dns-records": "email_account_dns_records",
 }
 
 
@@ -215,6 +216,10 @@ def call_every_tool(domain: str, node: str, project_session: Any, admin_session:
             await call(p, "email_account_add_alias", {"address": f"sales@{domain}", "destinations": [f"info@{domain}"]})
             await call(p, "email_account_update_alias", {"address": f"sales@{domain}", "destinations": ["x@ext.example"]})
             await call(p, "email_account_list_aliases", {"domain": domain})
+            # This server's mailstate.yaml has no dns: block: the tool answers the 409 in words.
+            dns = await p.call_tool("email_account_dns_records", {"domain": domain})
+            assert dns.is_error is True and "dns_not_configured" in str(dns.content), dns
+            out["email_account_dns_records"] = dns
             await call(p, "email_account_set_forwarding", {"email": f"info@{domain}", "destinations": ["y@ext.example"], "keep_copy": False})
             await call(p, "email_account_remove_alias", {"address": f"sales@{domain}"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})  # again, for disable-email
