@@ -199,6 +199,30 @@ def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
     ]
 
 
+def test_dovecot_user_unknown_during_a_swap_is_a_retry_not_a_bounce(tmp_path: Path) -> None:
+    """The snippet's lmtp_delivery_status_filter, through the real postconf and postmap: Dovecot's
+    550 5.1.1 "User doesn't exist" (only ever the moment before it re-reads a swapped passwd-file)
+    becomes 4.1.1, so Postfix queues the mail instead of bouncing it; other 5xx stay 5xx."""
+    require_binaries("postconf", "postmap")
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + bundle(root="/srv/node")["postfix/main.cf.mailstate"])
+    age_file(tmp_path / "main.cf")
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-x", "-h", "lmtp_delivery_status_filter"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.strip()
+    assert table.startswith("regexp:{")
+
+    def filtered(status: str) -> str | None:
+        q = subprocess.run(["postmap", "-c", str(tmp_path), "-q", status, table], capture_output=True, text=True)
+        assert q.returncode in (0, 1), q.stderr
+        return q.stdout.strip() if q.returncode == 0 else None
+
+    race = ("5.1.1 host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <new@example.com> User doesn't exist: new@example.com"
+            " (in reply to RCPT TO command)")
+    assert filtered(race) == "4" + race[1:]
+    assert filtered("5.2.2 host 127.0.0.1[127.0.0.1] said: 552 5.2.2 <a@example.com> Quota exceeded (mailbox for user is full)") is None
+    assert filtered("4.1.1 host 127.0.0.1[127.0.0.1] said: 451 4.3.0 Temporary internal error") is None
+
+
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")

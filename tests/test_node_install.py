@@ -204,7 +204,7 @@ def test_dry_run_changes_nothing(host: Host) -> None:
     out = r.stdout
     for action in (f"would install {host.etc}/pi-pull.ini (0644)", f"would install {host.etc}/sync_key (0600)",
                    f"would install {host.lib}/pi_pull.py (0755)", f"would install {host.systemd}/pi-pull.timer",
-                   f"would set 15 mailstate lines in {host.postfix}/main.cf", f"would write {host.postfix}/master.cf",
+                   f"would set 16 mailstate lines in {host.postfix}/main.cf", f"would write {host.postfix}/master.cf",
                    "would comment out `!include auth-system.conf.ext`", f"would create mail root {host.mail_root}"):
         assert action in out, out
     assert "No configuration" in out and "dry run:" in out
