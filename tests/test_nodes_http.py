@@ -36,8 +36,11 @@ class Nodes:
     locked_key: str  # locked, ip_address 10.9.9.9
 
     def status(self, name: str) -> dict[str, object]:
+        """The node's list-nodes entry without the fields that are ages (``*_age_s``, ``lag_s``):
+        they grow with the clock, so two reads a second apart differ with nothing changed."""
         nodes = self.admin.get(f"{API}/list-nodes").json()["nodes"]
-        return next(n for n in nodes if n["name"] == name)
+        entry = next(n for n in nodes if n["name"] == name)
+        return {k: v for k, v in entry.items() if not (k.endswith("_age_s") or k == "lag_s")}
 
     def head(self) -> str:
         return self.srv.git("rev-parse", "main").strip()
