@@ -134,7 +134,8 @@ def signers_by_key(path: str) -> dict[str, list[str]]:
 
 
 def _is_key_type(field: str) -> bool:
-    return field.startswith(("ssh-", "ecdsa-", "sk-", "rsa-")) or field in ("ssh-ed25519", "ssh-rsa")
+    # The same rule as state/chain.py is_key_type (the agent cannot import mailstate).
+    return field.startswith(("ssh-", "ecdsa-", "sk-", "rsa-"))
 
 
 def _split_signers_line(line: str) -> list[str]:
