@@ -245,9 +245,19 @@ def test_two_servers_through_sshd_lose_nothing(pair: Pair) -> None:
         assert users == {f"u{i}@shared.example" for i in range(WRITES)}
     # The statement on the host names the tip, signed by a fleet key.
     wait_for(lambda: stated_head(host) == tip, what="the host's statement names the tip")
-    tag = host.rev("state.git", STATEMENT_REF) or ""
+    # The tag may have been made by B and not be in A's repo yet (A fetches statements on its own
+    # schedule), so verify the host's exact tag object in a scratch repo with the fleet's trust.
+    stated = host.rev("state.git", STATEMENT_REF) or ""
+    tag_object = host.git("state.git", "cat-file", "tag", stated) + "\n"  # host.git strips the last newline
+    scratch = pair.tmp / "verify.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(scratch)], check=True)
+    tag = subprocess.run(
+        ["git", "-C", str(scratch), "hash-object", "-t", "tag", "-w", "--stdin", "--literally"],
+        input=tag_object, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert tag == stated
     verify = subprocess.run(
-        ["git", "-C", str(a.data.repo), "-c", f"gpg.ssh.allowedSignersFile={a.data.allowed_signers}", "verify-tag", tag],
+        ["git", "-C", str(scratch), "-c", f"gpg.ssh.allowedSignersFile={a.data.allowed_signers}", "verify-tag", tag],
         capture_output=True,
         text=True,
         env=a.env,
