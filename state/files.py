@@ -114,14 +114,33 @@ def parse_settings(data: bytes | str) -> Settings:
     return result
 
 
+FITS_FORMAT_1 = 1  # no mailbox has an id
+FITS_FORMAT_2 = 2  # every mailbox has an id, and no two share one
+
+
+def format_fits(dom: DomainFile) -> int:
+    """Which formats' mailbox-id rule `dom` keeps, as FITS_FORMAT_* bits (an empty domain
+    keeps both). The parse cache stores it, so a start checks the rule without parsing."""
+    ids = [box.id for box in dom.mailboxes.values()]
+    fits = 0 if any(ids) else FITS_FORMAT_1
+    if None not in ids and len(set(ids)) == len(ids):
+        fits |= FITS_FORMAT_2
+    return fits
+
+
+def format_bit(fmt: int) -> int:
+    """The FITS_FORMAT_* bit a domain needs under state format `fmt`."""
+    return FITS_FORMAT_2 if fmt >= 2 else FITS_FORMAT_1
+
+
 def format_problems(fmt: int, domains: Iterable[DomainFile]) -> list[str]:
     """What breaks the rule of format `fmt`: format 2 needs an id on every mailbox, format 1
     allows none; ids are unique within a domain (two mailboxes may never share a home)."""
     problems: list[str] = []
+    bit = format_bit(fmt)
     for dom in domains:
         # The common case in one pass without building messages (100k mailboxes: a few ms).
-        ids = [box.id for box in dom.mailboxes.values()]
-        if (fmt >= 2 and None not in ids and len(set(ids)) == len(ids)) or (fmt < 2 and not any(ids)):
+        if format_fits(dom) & bit:
             continue
         path = domain_path(dom.domain)
         seen: set[str] = set()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from mailstate.state.domainmap import DomainMap
 from mailstate.state.models import DomainFile, Node, NodesFile, Settings
 
 
@@ -46,48 +47,46 @@ class Snapshot:
     alias_users: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def build(cls, commit: str | None, settings: Settings, domains: dict[str, DomainFile], nodes: NodesFile) -> Snapshot:
+    def build(cls, commit: str | None, settings: Settings, domains: Mapping[str, DomainFile] | DomainMap, nodes: NodesFile) -> Snapshot:
+        """A snapshot of `domains` (a DomainMap, possibly of unparsed entries, or any mapping)."""
+        dmap = DomainMap.of(domains)
         index: dict[int, set[str]] = {}
         users: dict[str, set[str]] = {}
-        for name, dom in domains.items():
-            if dom.project_id is not None:
-                index.setdefault(dom.project_id, set()).add(name)
-            if dom.alias_of is not None:
-                users.setdefault(dom.alias_of, set()).add(name)
+        for name, project_id, alias_of in dmap.meta_items():
+            if project_id is not None:
+                index.setdefault(project_id, set()).add(name)
+            if alias_of is not None:
+                users.setdefault(alias_of, set()).add(name)
         return cls(
             commit=commit,
             settings=settings,
-            domains=MappingProxyType(domains),
+            domains=dmap,
             nodes=nodes,
             by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
             alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
-        """A new snapshot with `change` applied; copies only the top-level mappings."""
-        # MappingProxyType.copy() is the C dict copy; dict(proxy) iterates it in Python-visible
-        # steps and was half of a write's time at 20k domains.
-        domains: dict[str, DomainFile] = self.domains.copy()  # type: ignore[attr-defined]
+        """A new snapshot with `change` applied; copies only the buckets and index entries it touches."""
+        old_map = DomainMap.of(self.domains)
+        domains = old_map.evolve(change.domains)
         index = dict(self.by_project)
         users = dict(self.alias_users)
         for name, new in change.domains.items():
-            old = domains.get(name)
-            if old is not None and old.project_id is not None:
-                index[old.project_id] = index[old.project_id] - {name}
-            if old is not None and old.alias_of is not None:
-                users[old.alias_of] = users.get(old.alias_of, frozenset()) - {name}
+            # The old value's project and alias target without parsing it (it may be unparsed).
+            old_project, old_alias = old_map.meta(name) if name in old_map else (None, None)
+            if old_project is not None:
+                index[old_project] = index[old_project] - {name}
+            if old_alias is not None:
+                users[old_alias] = users.get(old_alias, frozenset()) - {name}
             if new is not None and new.alias_of is not None:
                 users[new.alias_of] = users.get(new.alias_of, frozenset()) | {name}
-            if new is None:
-                domains.pop(name, None)
-            else:
-                domains[name] = new
-                if new.project_id is not None:
-                    index[new.project_id] = index.get(new.project_id, frozenset()) | {name}
+            if new is not None and new.project_id is not None:
+                index[new.project_id] = index.get(new.project_id, frozenset()) | {name}
         snap = Snapshot(
             commit=commit,
             settings=change.settings or self.settings,
-            domains=MappingProxyType(domains),
+            domains=domains,
             nodes=change.nodes or self.nodes,
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),

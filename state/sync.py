@@ -142,7 +142,9 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     # Across domains (state.aliases): loops and alias_of targets, from the domains the commit
     # changed and from the alias domains that point at one of them.
     changed = set(change.domains)
-    problems.extend(aliases.state_problems(new.domains, sorted(changed | {d for d, dom in new.domains.items() if dom.alias_of in changed})))
+    # (The snapshot's alias index names those, without reading every domain.)
+    pointing = {u for name in changed for u in new.alias_users.get(name, ())}
+    problems.extend(aliases.state_problems(new.domains, sorted(changed | pointing)))
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))

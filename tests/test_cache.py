@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.domainmap import DomainMap, Lazy
 from mailstate.state.load import CACHE_MAGIC, ParseCache
 from mailstate.state.store import Store
 from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock
@@ -45,28 +46,62 @@ def warm(data_dir: DataDir, mail_store: Store) -> tuple[Any, ...]:
     return view
 
 
-def _cache_json(data_dir: DataDir) -> tuple[bytes, dict[str, Any]]:
-    header, _, body = data_dir.cache.read_bytes().partition(b"\n")
-    return header, json.loads(body)
+class CacheFile:
+    """The parts of a cache file: header fields, index rows, entry bytes by blob id."""
+
+    def __init__(self, data: bytes) -> None:
+        header, _, rest = data.partition(b"\n")
+        self.magic, self.tag, length, self.mac = header.split(b" ")
+        self.index = rest[: int(length)]
+        self.body = rest[int(length) :]
+        self.rows: list[list[Any]] = json.loads(self.index)
+        self.entries = {row[0]: json.loads(self.body[row[5] : row[5] + row[6]]) for row in self.rows}
+
+    @staticmethod
+    def assemble(tag: bytes, rows: list[list[Any]], body: bytes, key: bytes) -> bytes:
+        index = json.dumps(rows).encode()
+        mac = hmac.new(key, tag + b"\n" + index, hashlib.sha256).hexdigest().encode()
+        return b" ".join([CACHE_MAGIC, tag, str(len(index)).encode(), mac]) + b"\n" + index + body
+
+
+def _cache_file(data_dir: DataDir) -> CacheFile:
+    return CacheFile(data_dir.cache.read_bytes())
 
 
 def test_the_cache_is_authenticated_json_and_is_used(data_dir: DataDir, warm: tuple[Any, ...]) -> None:
-    header, entries = _cache_json(data_dir)
-    magic, _tag, mac = header.split(b" ")
-    assert magic == CACHE_MAGIC and len(mac) == 64
+    parts = _cache_file(data_dir)
+    assert parts.magic == CACHE_MAGIC and len(parts.mac) == 64
+    entries = parts.entries
     assert len(entries) == 2 and all(e["domain"] in ("example.com", "other.org") for e in entries.values())
+    assert {row[1] for row in parts.rows} == {"example.com", "other.org"} and all(len(row[7]) == 32 for row in parts.rows)
     assert b"BLF-CRYPT" in data_dir.cache.read_bytes()  # hashes only, as in git; never a password
     assert PASSWORD.encode() not in data_dir.cache.read_bytes()
     key = data_dir.cache.parent / "key"
     assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
     cache = ParseCache.open(data_dir.cache)
     assert set(cache.entries) == set(entries) and not cache.dirty
+    assert all(isinstance(e, Lazy) for e in cache.entries.values())  # nothing parsed at open
     restarted = open_store(data_dir.root)
+    # A start parses at most the one domain the upgrade check reads (state.upgrade.senders_missing).
+    assert isinstance(restarted.snapshot.domains, DomainMap) and restarted.snapshot.domains.parsed_count() <= 1
     assert _view(restarted) == warm
     # the entries built from the cache are the parsed ones
     fresh = open_store(data_dir.root)
     shutil.rmtree(data_dir.cache.parent)
     assert open_store(data_dir.root).snapshot.domains == fresh.snapshot.domains
+
+
+def test_a_restart_after_writes_re_encodes_only_what_changed(data_dir: DataDir, warm: tuple[Any, ...]) -> None:
+    before = _cache_file(data_dir)
+    store = open_store(data_dir.root)
+    store.execute("add-user", PROJECT_A, {"email": "three@other.org", "password": PASSWORD})
+    open_store(data_dir.root)  # parses other.org's new blob; example.com's entry is copied as bytes
+    after = _cache_file(data_dir)
+    unchanged = {row[0] for row in before.rows} & {row[0] for row in after.rows}
+    assert len(unchanged) == 1 and len(after.rows) == 2
+    (oid,) = unchanged
+    assert after.entries[oid] == before.entries[oid] and after.entries[oid]["domain"] == "example.com"
+    assert "three" in next(e for e in after.entries.values() if e["domain"] == "other.org")["mailboxes"]
 
 
 # --- damage: every kind means no cache, a warning, a working store ---------------------------
@@ -148,36 +183,58 @@ def test_a_damaged_cache_is_no_cache(data_dir: DataDir, warm: tuple[Any, ...], k
 # --- a poisoned entry is never served ---------------------------------------------------------
 
 
-def _poison(entries: dict[str, Any]) -> dict[str, Any]:
+def _poison(entry: dict[str, Any]) -> dict[str, Any]:
     """The example.com entry with a planted mailbox and a bigger quota."""
-    for entry in entries.values():
-        if entry["domain"] == "example.com":
-            box = dict(next(iter(entry["mailboxes"].values())))
-            entry["mailboxes"]["planted"] = {**box, "quota_mb": 999999 if box["quota_mb"] < 999999 else 1}
-            for other in entry["mailboxes"].values():
-                other["quota_mb"] = 4242
-    return entries
+    box = dict(next(iter(entry["mailboxes"].values())))
+    entry["mailboxes"]["planted"] = {**box, "quota_mb": 999999 if box["quota_mb"] < 999999 else 1}
+    for other in entry["mailboxes"].values():
+        other["quota_mb"] = 4242
+    return entry
 
 
-@pytest.mark.parametrize("forgery", ["old_mac", "guessed_key", "other_data_dir_key", "swapped_entries"])
+FORGERIES = ["old_mac", "guessed_key", "other_data_dir_key", "swapped_entries", "entry_edited_in_place", "entry_remaced_under_real_key"]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
 def test_a_poisoned_entry_is_never_served(data_dir: DataDir, warm: tuple[Any, ...], tmp_path: Path, forgery: str) -> None:
-    header, entries = _cache_json(data_dir)
-    magic, tag, mac = header.split(b" ")
+    parts = _cache_file(data_dir)
+    real_key = (data_dir.cache.parent / "key").read_bytes()
+    rows = [list(r) for r in parts.rows]
+    target = next(r for r in rows if r[1] == "example.com")
     if forgery == "swapped_entries":
-        # Each entry is real, but filed under the other one's blob id.
-        a, b = list(entries)
-        body = json.dumps({a: entries[b], b: entries[a]}).encode()
+        # Each entry is real, but filed under the other one's blob id (index re-MACed with the
+        # real key, as a bug in the writer would): each entry's own MAC binds it to its blob.
+        a, b = rows
+        a[5:8], b[5:8] = b[5:8], a[5:8]
+        data = CacheFile.assemble(parts.tag, rows, parts.body, real_key)
+    elif forgery == "entry_edited_in_place":
+        # Same length, index untouched: only the entry's MAC can tell.
+        start, length = target[5], target[6]
+        entry = parts.body[start : start + length]
+        edited = entry.replace(b'"quota_mb":1024', b'"quota_mb":4242')
+        assert edited != entry and len(edited) == len(entry)
+        body = parts.body[:start] + edited + parts.body[start + length :]
+        data = b" ".join([parts.magic, parts.tag, str(len(parts.index)).encode(), parts.mac]) + b"\n" + parts.index + body
     else:
-        body = json.dumps(_poison(entries)).encode()
-    if forgery == "guessed_key":
-        mac = hmac.new(os.urandom(32), tag + b"\n" + body, hashlib.sha256).hexdigest().encode()
-    elif forgery == "other_data_dir_key":
-        other = init_data_dir(tmp_path / "other", None, clock=FakeClock())
-        open_store(other.root).execute("add-domain", ADMIN, {"domain": "x.org"})
-        open_store(other.root)  # parses x.org: writes its cache and makes its key
-        key = (other.cache.parent / "key").read_bytes()
-        mac = hmac.new(key, tag + b"\n" + body, hashlib.sha256).hexdigest().encode()
-    data_dir.cache.write_bytes(b" ".join([magic, tag, mac]) + b"\n" + body)
+        poisoned = json.dumps(_poison(parts.entries[target[0]])).encode()
+        body = b""
+        for row in rows:
+            chunk = poisoned if row is target else parts.body[row[5] : row[5] + row[6]]
+            row[5], row[6] = len(body), len(chunk)
+            body += chunk
+        if forgery == "old_mac":
+            index = json.dumps(rows).encode()
+            data = b" ".join([parts.magic, parts.tag, str(len(index)).encode(), parts.mac]) + b"\n" + index + body
+        elif forgery == "guessed_key":
+            data = CacheFile.assemble(parts.tag, rows, body, os.urandom(32))
+        elif forgery == "other_data_dir_key":
+            other = init_data_dir(tmp_path / "other", None, clock=FakeClock())
+            open_store(other.root).execute("add-domain", ADMIN, {"domain": "x.org"})
+            open_store(other.root)  # parses x.org: writes its cache and makes its key
+            data = CacheFile.assemble(parts.tag, rows, body, (other.cache.parent / "key").read_bytes())
+        else:  # entry_remaced_under_real_key: the index is fine, the entry's MAC is the old one
+            data = CacheFile.assemble(parts.tag, rows, body, real_key)
+    data_dir.cache.write_bytes(data)
     restarted = open_store(data_dir.root)
     assert _view(restarted) == warm
     users = restarted.execute("list-users", PROJECT_A, {"domain": "example.com"}).result["users"]
