@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,45 @@ def test_the_sorted_domain_list_is_carried_across_writes_exactly(store: Store) -
         assert snap.sorted_domains == sorted(snap.domains), body
     names = [d["domain"] for d in store.execute("list-domains", ADMIN, {"limit": 1000}).result["linked_not_enabled"]]
     assert names == sorted(store.snapshot.domains)
+
+
+def _many_domains(store: Store, count: int) -> None:
+    for i in range(count):
+        store.execute("link-domain", ADMIN, {"domain": f"w{i}.example", "project_id": PROJECT_A.project_id})
+        store.execute("enable-email", PROJECT_A, {"domain": f"w{i}.example"})
+        store.execute("add-user", PROJECT_A, {"email": f"u{i}@w{i}.example", "password": PASSWORD})
+
+
+def test_a_cold_start_parsed_by_worker_processes_equals_one_parsed_here(store: Store, tmp_path: Path) -> None:
+    _many_domains(store, 6)
+    serial = load_commit(store.git, store.head, ParseCache(), parallel_min=10**9)
+    cache_path = tmp_path / "cache" / "domains.json"
+    cache_path.parent.mkdir()
+    cache = ParseCache.open(cache_path)
+    parallel = load_commit(store.git, store.head, cache, parallel_min=1)
+    assert parallel.domains.parsed_count() == 0  # type: ignore[attr-defined]  # the workers' entries stay unparsed
+    assert dict(parallel.domains.items()) == dict(serial.domains.items()) and len(serial.domains) == 6
+    assert parallel.by_project == serial.by_project and parallel.alias_users == serial.alias_users
+    # What the workers parsed was written to the cache, and serves a warm start.
+    warm = load_commit(store.git, store.head, ParseCache.open(cache_path))
+    assert dict(warm.domains.items()) == dict(serial.domains.items())
+
+
+def test_workers_report_the_first_bad_file_as_a_serial_parse_does(store: Store) -> None:
+    _many_domains(store, 4)
+    bad = "domains/" + files.domain_path("w2.example").split("/", 1)[1]
+    broken = store.git.read(store.head, bad)
+    assert broken is not None
+    tree = store.git.build_tree(store.head, {bad: broken.replace(b"quota_mb: ", b"quota_mb: -", 1)})
+    commit = str(store.git.repo.create_commit(None, _sig(), _sig(), "bad", tree, [store.head]))
+    with pytest.raises(StateInvalid) as serial:
+        load_commit(store.git, commit, ParseCache(), parallel_min=10**9)
+    with pytest.raises(StateInvalid) as parallel:
+        load_commit(store.git, commit, ParseCache(), parallel_min=1)
+    assert parallel.value.problems == serial.value.problems and bad in serial.value.problems[0]
+
+
+def _sig() -> Any:
+    import pygit2
+
+    return pygit2.Signature("t", "t@example.org", 0, 0)
