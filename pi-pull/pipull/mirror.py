@@ -331,8 +331,32 @@ class BlobReader:
             p.kill()
             p.wait()
 
+    def read(self, oid: str, what: str, max_bytes: int) -> bytes:
+        """The blob's whole content (one read: for the many small blobs of a first apply); Refused
+        like ``stream()``."""
+        size = self._header(oid, what, max_bytes)
+        assert self.proc.stdout is not None
+        data = self.proc.stdout.read(size)
+        if len(data) != size:
+            raise TickError(f"git cat-file: {what} ended early")
+        self.proc.stdout.read(1)  # the newline after each object
+        return data
+
     def stream(self, oid: str, what: str, max_bytes: int) -> Iterator[bytes]:
         """Yield the blob's content in chunks; Refused when it is not a blob or is over ``max_bytes``."""
+        left = self._header(oid, what, max_bytes)
+        p = self.proc
+        assert p.stdout is not None
+        while left:
+            chunk = p.stdout.read(min(CHUNK, left))
+            if not chunk:
+                raise TickError(f"git cat-file: {what} ended early")
+            left -= len(chunk)
+            yield chunk
+        p.stdout.read(1)  # the newline after each object
+
+    def _header(self, oid: str, what: str, max_bytes: int) -> int:
+        """Ask for ``oid`` (unless ``order`` already did) and read its header: the content's size."""
         p = self.proc
         assert p.stdin is not None and p.stdout is not None
         if self.pending:
@@ -357,11 +381,4 @@ class BlobReader:
         if size > max_bytes:
             # The reader is left mid-object: the caller must stop using it (the build is refused).
             raise Refused(f"{what} weighs {size / 1048576:.1f} MiB, more than [limits] max_file_mb = {max_bytes // 1048576}")
-        left = size
-        while left:
-            chunk = p.stdout.read(min(CHUNK, left))
-            if not chunk:
-                raise TickError(f"git cat-file: {what} ended early")
-            left -= len(chunk)
-            yield chunk
-        p.stdout.read(1)  # the newline after each object
+        return size

@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from typing import BinaryIO
 
 _DROP_ENV_PREFIXES = ("GIT_",)
 _KEEP_ENV = ("GIT_SSH", "GIT_SSH_COMMAND", "GIT_SSL_CAINFO", "GIT_SSL_CAPATH", "GIT_PROXY_COMMAND")
@@ -34,14 +35,15 @@ class Runner:
     def run(self, argv: Sequence[str], *, input: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
             cwd: str | None = None, limit_dir: str | None = None,
-            limit_bytes: int = 0) -> subprocess.CompletedProcess[bytes]:
+            limit_bytes: int = 0, stdin_file: BinaryIO | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv``; with ``limit_dir``, kill it (rc 125) once that directory weighs more than
-        ``limit_bytes`` (a fetch from an untrusted remote must not fill the disk)."""
+        ``limit_bytes`` (a fetch from an untrusted remote must not fill the disk). ``stdin_file``: an
+        open file as its stdin (large input: ``input`` goes through a pipe 512 bytes per poll)."""
         if limit_dir is not None:
             return self._run_watched(list(argv), env, timeout, limit_dir, limit_bytes)
         try:
             return subprocess.run(list(argv), input=input, capture_output=True, env=self._env(env), timeout=timeout, cwd=cwd,
-                                  stdin=None if input is not None else subprocess.DEVNULL)
+                                  stdin=stdin_file if stdin_file is not None else None if input is not None else subprocess.DEVNULL)
         except FileNotFoundError:
             return subprocess.CompletedProcess(list(argv), 127, b"", (f"{argv[0]}: command not found").encode())
         except subprocess.TimeoutExpired:
