@@ -15,6 +15,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
@@ -79,6 +80,10 @@ def _retry_write(fn: Callable[..., _T], *args: Any) -> _T:
     raise AssertionError("unreachable")
 
 
+# Tree builders kept for the next write (GitRepo._take_builder): the ~6 trees a write rewrites
+# plus the buckets recent writes touched; ~100 KB each for an 800-entry bucket.
+BUILDERS_KEPT = 128
+
 _libc_syncfs: Any = None
 
 
@@ -123,6 +128,9 @@ class GitRepo:
         self.path = Path(os.path.abspath(path))
         self.durable = _durable
         self._pending: list[pygit2.Oid] = []  # objects written since the last flush_objects()
+        # tree id -> a TreeBuilder holding exactly that tree (see _take_builder), newest last.
+        self._builders: OrderedDict[str, pygit2.TreeBuilder] = OrderedDict()
+        self._builders_lock = threading.Lock()
         try:
             with _libgit2_fsync() if self.durable else nullcontext():
                 self.repo = pygit2.Repository(str(self.path))
@@ -192,17 +200,41 @@ class GitRepo:
 
         A None for a folder removes the whole folder; folders left empty disappear.
         """
-        base_tree = self.tree(base) if base else None
-        try:
-            oid = self._build(base_tree, changes)
-            if oid is None:
-                oid = _retry_write(self.repo.TreeBuilder().write)
-                self._pending.append(oid)
-        except (pygit2.GitError, OSError) as exc:
-            raise StoreError("git could not write the tree.") from exc
+        with self._builders_lock:
+            try:
+                oid = self._build(self.tree(base).id if base else None, changes)
+                if oid is None:
+                    oid = _retry_write(self.repo.TreeBuilder().write)
+                    self._pending.append(oid)
+            except (pygit2.GitError, OSError) as exc:
+                self._builders.clear()  # a builder may be half-changed
+                raise StoreError("git could not write the tree.") from exc
         return str(oid)
 
-    def _build(self, base: pygit2.Tree | None, changes: Mapping[str, bytes | None]) -> pygit2.Oid | None:
+    def _take_builder(self, base: pygit2.Oid | None) -> pygit2.TreeBuilder:
+        """A TreeBuilder holding tree `base`, to change and write.
+
+        The trees a write rewrites (the root, `domains/`, `domains/<bb>/` with ~800 entries at
+        200k domains, the same under `rendered/`) are the next write's bases. Reading such a
+        tree back and loading it into a new builder cost ~0.3 ms a tree at 1M mailboxes, so the
+        builder that wrote a tree is kept under the tree's id and taken again; it holds exactly
+        that tree, since a builder is only ever filed under the id its last write returned.
+        """
+        if base is None:
+            return self.repo.TreeBuilder()
+        kept = self._builders.pop(str(base), None)
+        if kept is not None:
+            return kept
+        tree = self.repo[base]
+        assert isinstance(tree, pygit2.Tree)
+        return self.repo.TreeBuilder(tree)
+
+    def _keep_builder(self, oid: pygit2.Oid, builder: pygit2.TreeBuilder) -> None:
+        self._builders[str(oid)] = builder
+        while len(self._builders) > BUILDERS_KEPT:
+            self._builders.popitem(last=False)
+
+    def _build(self, base: pygit2.Oid | None, changes: Mapping[str, bytes | None]) -> pygit2.Oid | None:
         direct: dict[str, bytes | None] = {}
         nested: dict[str, dict[str, bytes | None]] = {}
         for path, data in changes.items():
@@ -211,7 +243,7 @@ class GitRepo:
                 nested.setdefault(head, {})[rest] = data
             else:
                 direct[head] = data
-        builder = self.repo.TreeBuilder(base) if base is not None else self.repo.TreeBuilder()
+        builder = self._take_builder(base)
         for name, data in direct.items():
             if data is None:
                 if builder.get(name) is not None:
@@ -221,10 +253,8 @@ class GitRepo:
                 self._pending.append(blob)
                 builder.insert(name, blob, pygit2.GIT_FILEMODE_BLOB)
         for name, sub in nested.items():
-            current = None
-            if base is not None and name in base:
-                obj = self.repo[base[name].id]
-                current = obj if isinstance(obj, pygit2.Tree) else None
+            entry = builder.get(name)
+            current = entry.id if entry is not None and entry.filemode == pygit2.GIT_FILEMODE_TREE else None
             new = self._build(current, sub)
             if new is None:
                 if builder.get(name) is not None:
@@ -235,6 +265,7 @@ class GitRepo:
             return None
         oid = _retry_write(builder.write)
         self._pending.append(oid)
+        self._keep_builder(oid, builder)
         return oid
 
     def commit(
