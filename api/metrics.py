@@ -8,7 +8,11 @@
     mailstate_node_last_sync_age_seconds{node}        seconds since each node's last report
     mailstate_node_commits_behind{node}               commits between its applied commit and HEAD
     mailstate_node_status{node,status}                1 for the node's last reported status
-    mailstate_nodes_waiting                           0 until follow mode exists
+    mailstate_node_lag_seconds{node}                  list-nodes' lag_s: seconds behind the oldest
+                                                      accepted commit it lacks (absent when unknown)
+    mailstate_node_stale{node}                        1 when list-nodes says stale (its statement is
+                                                      too old, or it has been silent too long)
+    mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
 
 The node figures come from the node status database and the state repo at scrape time, so
 they are true even for reports another process recorded. Each app has its own registry.
@@ -17,7 +21,7 @@ they are true even for reports another process recorded. Each app has its own re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mailstate.state.errors import MailstateError
+from mailstate.state.ops import node_freshness
 from mailstate.state.store import Store
 from mailstate.state.upstream import REJECTED_PREFIX
 
@@ -38,6 +43,7 @@ class Metrics:
 
     def __init__(self, store: Store) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.collector = _StateCollector(store)
         self.writes = Counter(
             "mailstate_writes",
             "Write operations (HTTP and MCP), by operation and result: committed, no_change (commit null), rejected (4xx), failed (5xx).",
@@ -51,7 +57,11 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(store))
+        self.registry.register(self.collector)
+
+    def count_waiting(self, waiting: Callable[[], int]) -> None:
+        """Where mailstate_nodes_waiting reads the open long polls (api.nodes_http.WaitHub)."""
+        self.collector.waiting = waiting
 
     def observe(self, operation: str, started: float, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
         """Count one write that began at `started` (time.perf_counter()) and ended in `result` or `error`."""
@@ -74,6 +84,7 @@ class _StateCollector(Collector):
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.waiting: Callable[[], int] = lambda: 0
 
     def describe(self) -> list[Metric]:
         return []  # collected fresh on every scrape
@@ -98,6 +109,14 @@ class _StateCollector(Collector):
         status = GaugeMetricFamily(
             "mailstate_node_status", "1 for the status of the node's last report (ok, error, refused, ...; never_synced before one).", labels=["node", "status"]
         )
+        lag = GaugeMetricFamily(
+            "mailstate_node_lag_seconds",
+            "Seconds the node is behind: since the oldest accepted commit it lacks was stated (0 when current; absent when unknown), as list-nodes' lag_s.",
+            labels=["node"],
+        )
+        stale = GaugeMetricFamily(
+            "mailstate_node_stale", "1 when list-nodes shows the node stale (its newest statement too old, or silent too long), else 0.", labels=["node"]
+        )
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -107,14 +126,17 @@ class _StateCollector(Collector):
                 age.add_metric([name], max(0.0, (now - last).total_seconds()))
             if isinstance(report.get("commits_behind"), int):
                 behind.add_metric([name], float(report["commits_behind"]))
+            fresh = node_freshness(report, int(now.timestamp()))  # the same rule list-nodes uses
+            if isinstance(fresh["lag_s"], int):
+                lag.add_metric([name], float(fresh["lag_s"]))
+            stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
         yield age
         yield behind
         yield status
-        waiting = GaugeMetricFamily(
-            "mailstate_nodes_waiting",
-            "Nodes waiting for the server to accept a commit they could follow. Always 0 for now: it counts only once follow mode exists.",
-        )
-        waiting.add_metric([], 0.0)
+        yield lag
+        yield stale
+        waiting = GaugeMetricFamily("mailstate_nodes_waiting", "Follow-mode nodes holding a long poll (GET /v1/nodes/wait) right now.")
+        waiting.add_metric([], float(self.waiting()))
         yield waiting
 
 

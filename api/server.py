@@ -89,6 +89,8 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
         store = open_store(dd.root, db=db)
     services = http.Services(data=dd, store=store, db=db, metrics=Metrics(store))
     wait_hub = nodes_http.WaitHub(store)  # the long-poll waiters of /v1/nodes/wait
+    if services.metrics is not None:
+        services.metrics.count_waiting(lambda: wait_hub.total)
     allowed_hosts = [h for h in os.environ.get("MAILSTATE_ALLOWED_HOSTS", "").split(",") if h.strip()]
     mcp_app, mcp_manager = mcp_http_app(store, services.authenticate, security_settings(host, port, allowed_hosts), services.metrics)
 

@@ -612,7 +612,7 @@ def _unix(iso: object) -> int | None:
         return None
 
 
-def _freshness(status: Mapping[str, Any], now: int) -> dict[str, Any]:
+def node_freshness(status: Mapping[str, Any], now: int) -> dict[str, Any]:
     """list-nodes' lag_s, stale, statement_age_s, last report and last error for one node's status
     (state.store node_status): see NodeInfo for what each means."""
     if not status:
@@ -661,7 +661,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "error": status.get("error"),
                 "commits_behind": status.get("commits_behind"),
                 "diverged": status.get("diverged"),
-                **_freshness(status, int(ctx.now.timestamp())),
+                **node_freshness(status, int(ctx.now.timestamp())),
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None

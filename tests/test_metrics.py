@@ -5,6 +5,7 @@ status from real node reports, and the waiting-nodes gauge."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,33 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
     age = value(after, "mailstate_node_last_sync_age_seconds", node="mx1")
     assert age is not None and 0 <= age < 120
     assert value(after, "mailstate_node_last_sync_age_seconds", node="mx2") is None
+    # list-nodes' lag_s and stale, by the same rule: mx1 reported, is behind and not stale;
+    # mx2 never reported (no lag known).
+    lag = value(after, "mailstate_node_lag_seconds", node="mx1")
+    assert lag is not None and 0 <= lag < 120
+    assert value(after, "mailstate_node_lag_seconds", node="mx2") is None
+    assert value(after, "mailstate_node_stale", node="mx1") == 0 and value(after, "mailstate_node_stale", node="mx2") == 0
+
+    # A follow-mode node in a long poll is counted while it waits, and not once it answered.
+    with srv.client(srv.admin_token) as admin:
+        head = admin.get("/v1/health").json()["statement"]["head"]
+    answered: list[int] = []
+
+    def wait() -> None:
+        r = httpx.get(f"{srv.url}/v1/nodes/wait", params={"head": head, "timeout": 20}, auth=("mx1", node["sync_key"]), timeout=30)
+        answered.append(r.status_code)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while value(scrape(srv), "mailstate_nodes_waiting") != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert value(scrape(srv), "mailstate_nodes_waiting") == 1
+    with srv.client(srv.admin_token) as admin:
+        assert admin.post(f"{API}/add-domain", json={"domain": "wake.example"}).status_code == 201  # moves the statement
+    waiter.join(timeout=15)
+    assert answered == [200]
+    assert value(scrape(srv), "mailstate_nodes_waiting") == 0
 
     # A hand-pushed unsigned commit is refused: the gauge shows it; the next write replaces it
     # and the refused commit is kept (and counted).
