@@ -96,6 +96,7 @@ class WaitHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: set[asyncio.Future[None]] = set()
         self._wake_due = False
+        self.closing = False  # the server is shutting down: every wait answers at once
 
     def head(self) -> str:
         """The accepted head nodes can fetch now (the statement's), or "" when there is none."""
@@ -113,7 +114,17 @@ class WaitHub:
         self._waiters = set()
         self.store.add_statement_listener(self._listener)
 
+    def close(self) -> None:
+        """Shutdown: every open wait answers now with the head as it is (a node then simply
+        polls again, elsewhere or after the restart), and new ones answer at once. Called on
+        the loop when the server starts shutting down, before it drains its connections:
+        otherwise each long poll held the shutdown until uvicorn's graceful timeout cut it."""
+        self.closing = True
+        pending, self._waiters = list(self._waiters), set()
+        self._wake(pending, 0)
+
     def detach(self) -> None:
+        self.closing = True
         if self._loop is not None:
             self.store.remove_statement_listener(self._listener)
             self._loop = None
@@ -149,7 +160,7 @@ class WaitHub:
         """The stated head once it differs from `head`, or at `timeout`, or when the client left."""
         self.attach()
         current = self.head()
-        if current != head or timeout <= 0:
+        if current != head or timeout <= 0 or self.closing:
             return current
         if self.waiting.get(node, 0) >= MAX_WAITERS_PER_NODE:
             raise HTTPError(429, "too_many_waiters", f"Node {node} already has {MAX_WAITERS_PER_NODE} waits open; close one first.", {"Retry-After": "5"})
@@ -162,7 +173,7 @@ class WaitHub:
             deadline = loop.time() + timeout
             while current == head:
                 left = deadline - loop.time()
-                if left <= 0 or disconnected.done():
+                if left <= 0 or disconnected.done() or self.closing:
                     break
                 fut: asyncio.Future[None] = loop.create_future()
                 self._waiters.add(fut)  # right after reading the head: no move can slip between

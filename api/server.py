@@ -308,8 +308,14 @@ def serve(
     # node's IP whitelist cannot be sidestepped with a header.
     forwarded = os.environ.get("MAILSTATE_FORWARDED_ALLOW_IPS", "")
     level = os.environ.get("MAILSTATE_LOG_LEVEL", "info")
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            app.state.wait_hub.close()  # long polls answer first, then the connections drain
+            await super().shutdown(sockets)
+
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=host,
             port=port,
@@ -320,5 +326,12 @@ def serve(
             server_header=False,
             log_config=logging_config("json", level) if log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         )
+        server = Server(config)
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass
     finally:
         db.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn.run's STARTUP_FAILURE (e.g. the port is taken)

@@ -211,3 +211,26 @@ def test_a_failing_listener_never_fails_a_write(store: Store) -> None:
     store.add_statement_listener(boom)
     out = store.execute("add-domain", ADMIN, {"domain": "boom.example"})
     assert out.result["commit"] and store.statement and store.statement["head"] == out.result["commit"]
+
+
+def test_a_shutdown_answers_the_open_waits(tmp_path: Path) -> None:
+    """SIGTERM to a server holding long polls: each gets its answer (the head as it is, unchanged)
+    before the connections drain, instead of being cut off when uvicorn's graceful shutdown
+    timeout expires, and the server exits cleanly."""
+    with live_server(tmp_path) as srv, srv.client(srv.admin_token) as admin:
+        key = admin.post(f"{API}/add-node", json={"name": "fw01"}).json()["sync_key"]
+        head = admin.get("/v1/health").json()["statement"]["head"]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waits = [
+                pool.submit(httpx.get, f"{srv.url}{WAIT}", params={"head": head, "timeout": "50"}, headers=basic("fw01", key), timeout=60)
+                for _ in range(2)
+            ]
+            time.sleep(0.5)
+            assert not any(w.done() for w in waits)
+            assert srv.proc is not None
+            proc = srv.proc
+            srv.stop()
+            answers = [w.result(timeout=30) for w in waits]
+        assert [(a.status_code, a.json()["changed"], a.json()["head"]) for a in answers] == [(200, False, head)] * 2
+        assert proc.returncode in (0, -15)  # uvicorn re-raises the SIGTERM it handled, once it is done
+        assert "timeout graceful shutdown exceeded" not in srv.log_text()
