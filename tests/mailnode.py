@@ -65,7 +65,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
-    "usage", "lifecycle", "agent", "cli",
+    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
 
@@ -149,6 +149,11 @@ def pi_pull_script() -> Path:
     out.write_bytes(build_pi_pull(AGENT_DIR))
     out.chmod(0o755)
     atexit.register(shutil.rmtree, str(out.parent), True)
+    # Its code cache (compiler/node_bundle.py) in this process's own directory (0700, root's when
+    # run as root), not the machine's /var/cache/pi-pull: an uninstall test removes the cache, and
+    # must not take modules away from another run's agents on this machine.
+    if "PI_PULL_CODE_CACHE" not in os.environ:
+        os.environ["PI_PULL_CODE_CACHE"] = str(out.parent / "code-cache")
     return out
 
 

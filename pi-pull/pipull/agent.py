@@ -9,11 +9,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .chain import ChainVerifier
 from .config import Config, read_sync_key
-from .dkim import Dkim
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STALE, ConfigError, Refused, Stale, TickError
 from .fsutil import utcnow
 from .lifecycle import Lifecycle
@@ -23,9 +21,16 @@ from .release import Releases
 from .report import Reporter
 from .runner import Runner
 from .statefile import Lock, StateFile
-from .statement import MAX_STATEMENT_BYTES, Statement, parse_statement, verify_statement
-from .trust import Trust
-from .verify import check_allowed_signers
+
+if TYPE_CHECKING:
+    from .dkim import Dkim
+    from .statement import Statement
+    from .trust import Trust
+
+# Why chain, dkim, statement, trust and verify are imported where they are used, not here: a
+# no-op tick (the timer's every minute) needs none of them, and ``pi_pull.py`` is a zipapp,
+# whose modules Python compiles again on every run (zipimport writes no .pyc): importing them
+# cost ~35 ms of a ~160 ms no-op tick (issue 14: <= 150 ms at 100k mailboxes).
 
 HISTORY_MAX = 50
 
@@ -58,18 +63,35 @@ class Agent:
         self.reporter = Reporter(cfg, self.log, self._credentials)
         # Graveyard, purge, upgrade move, usage; ``clock`` (epoch seconds) is the tests' seam.
         self.lifecycle = Lifecycle(cfg, self.mirror, self.releases, self.log, clock or time.time)
-        # This node's DKIM keys and OpenDKIM's tables (off unless [dkim] enabled = yes).
-        self.dkim = Dkim(cfg, self.runner, self.log, clock or time.time)
+        self._clock_arg = clock
+        self._dkim: Dkim | None = None
+        self._trust: Trust | None = None
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
         # Freshness compares with the server's Issued-At: always the wall clock (``clock``
         # fast-forwards the lifecycle's purge in tests, which must not make statements stale).
         self.clock: Callable[[], float] = time.time
-        # Server keys learned from endorsements (server key rotation), kept in <root>/trust.json.
-        self.trust = Trust(cfg, self.runner, self.log)
         self._sync_key = sync_key
         if sync_key is not None:
             self._mask_key()
+
+    @property
+    def dkim(self) -> Dkim:
+        """This node's DKIM keys and OpenDKIM's tables (off unless [dkim] enabled = yes)."""
+        if self._dkim is None:
+            from .dkim import Dkim
+
+            self._dkim = Dkim(self.cfg, self.runner, self.log, self._clock_arg or time.time)
+        return self._dkim
+
+    @property
+    def trust(self) -> Trust:
+        """Server keys learned from endorsements (server key rotation), kept in <root>/trust.json."""
+        if self._trust is None:
+            from .trust import Trust
+
+            self._trust = Trust(self.cfg, self.runner, self.log)
+        return self._trust
 
     # ---- secrets
 
@@ -119,7 +141,7 @@ class Agent:
             self.lifecycle.housekeeping(st)
             result = self._guarded_tick(st)
             self._record_status(st, result)
-            dkim_keys = self.dkim.step()  # after the tick: the tables follow the release that is live now
+            dkim_keys = self.dkim.step() if self.cfg.dkim else None  # after the tick: the tables follow the release that is live now
             if self.reporter.send(st, result.status, result.error, usage=self.lifecycle.usage(st), dkim_keys=dkim_keys) and dkim_keys:
                 self.dkim.reported(dkim_keys)
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
@@ -206,6 +228,10 @@ class Agent:
     def _apply(self, st: dict[str, Any], quarantine: Quarantine, env: dict[str, str], applied: str | None,
                current: str | None) -> TickResult:
         """Fetch and verify the statement, then apply its head (inside the quarantine)."""
+        from .chain import ChainVerifier
+        from .statement import MAX_STATEMENT_BYTES, parse_statement, verify_statement
+        from .verify import check_allowed_signers
+
         tag = self.mirror.fetch(env)
         self._fetched = tag
         stmt = parse_statement(tag, self.mirror.read_object(tag, "tag", MAX_STATEMENT_BYTES))

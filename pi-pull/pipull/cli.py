@@ -129,7 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(str(e))
         return EXIT_USAGE
     if args.follow:
+        import importlib
+
         from .follow import follow
+
+        # Everything a tick may import later, now: a long-lived process must not depend on the
+        # code cache (pi_pull.py's __main__) keeping an old version's files.
+        for name in ("bulkwrite", "buckets", "chain", "dkim", "services", "statement", "trust", "usage", "verify"):
+            importlib.import_module(f"{__package__}.{name}")
 
         return follow(agent, cfg, log, lambda: run_once(agent, log))
     return run_once(agent, log) if args.once else run_loop(agent, cfg, log)

@@ -47,6 +47,11 @@ MANIFEST = "bundle.json"
 RECORD = "install.json"
 BACKUP_DIR = "backup"
 MASTER_CF_DIST = ("/usr/share/postfix/master.cf.dist",)
+# pi_pull.py's code cache (its __main__, written by compiler/node_bundle.py): one directory per
+# version of pi_pull.py, named by the first 32 hex digits of its SHA-256. Install leaves older
+# versions' directories (~1 MB each) in place: a tick of the old version may be running and
+# import a module from it; uninstall removes the cache.
+CODE_CACHE = "/var/cache/pi-pull/code"
 DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir")
 
 
@@ -257,6 +262,12 @@ class Host:
             self.write(dest, new, file_mode(dest) or mode)
             edit["after"] = sha256(new)
         return True
+
+
+def code_cache_dir() -> str:
+    """pi_pull.py's code cache (PI_PULL_CODE_CACHE as its __main__ reads it); "" when off."""
+    where = os.environ.get("PI_PULL_CODE_CACHE", CODE_CACHE)
+    return where if where.startswith("/") and where != "/" else ""
 
 
 def _say(line: str) -> None:

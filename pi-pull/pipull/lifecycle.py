@@ -57,7 +57,6 @@ from .errors import Refused, TickError
 from .mirror import Mirror
 from .release import Releases
 from .runner import short
-from .usage import PASS_STATE, USAGE_CACHE_DIR, Scanner
 from .verify import MAILBOX_ID_RE, PRINTABLE_ASCII_RE, LineSplitter, is_domain, is_local_part
 
 GRAVEYARD = ".graveyard"
@@ -597,9 +596,11 @@ class Lifecycle:
         last = ls.get("usage_at")
         if not isinstance(applied, str) or "purge_after_days" not in ls:
             return None  # nothing applied yet, or format 1 (no ids to report under)
-        in_pass = isinstance(ls.get(PASS_STATE), dict)
+        in_pass = isinstance(ls.get("usage_pass"), dict)  # usage.PASS_STATE (not imported for a tick with no usage due)
         if not in_pass and isinstance(last, (int, float)) and 0 <= now - last < self.cfg.usage_interval:
             return None
+        from .usage import PASS_STATE, USAGE_CACHE_DIR, Scanner
+
         if not in_pass:
             ls["usage_at"] = now
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import hostconf
-from .install import BACKUP_DIR, RECORD, Host, Options, Record, Steps, _say, file_mode, read_bytes, run, sha256
+from .install import BACKUP_DIR, RECORD, Host, Options, Record, Steps, _say, code_cache_dir, file_mode, read_bytes, run, sha256
 from .runner import Runner
 from .services import systemd_running
 
@@ -48,6 +48,7 @@ class Uninstaller:
         for dest, entry in sorted(data.get("files", {}).items()):
             self.undo_file(dest, entry)
         self.remove_own_files()
+        self.remove_code_cache()
         for path in reversed(data.get("dirs", [])):
             self.remove_dir(path)
         if use_systemd:
@@ -137,6 +138,16 @@ class Uninstaller:
         changed = " (changed since install)" if digest and sha256(read_bytes(dest) or b"") != digest else ""
         if self.steps.change(f"remove {dest}{changed}"):
             os.unlink(dest)
+
+    def remove_code_cache(self) -> None:
+        """pi_pull.py's unpacked sources and bytecode (its __main__ made them; nothing else uses them)."""
+        where = code_cache_dir()
+        if where and os.path.isdir(where) and self.steps.change(f"remove {where} (pi_pull.py's code cache)"):
+            shutil.rmtree(where, ignore_errors=True)
+            try:
+                os.rmdir(os.path.dirname(where))  # /var/cache/pi-pull, if nothing else is in it
+            except OSError:
+                pass
 
     def remove_own_files(self) -> None:
         """The record and the backups (after they served), last."""
