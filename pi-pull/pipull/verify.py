@@ -305,6 +305,18 @@ def feed(check: DomainCheck, fname: str, chunks: Iterable[bytes]) -> None:
     """Feed one file's content (any chunking) to ``check``."""
     method = {"passwd": check.passwd_line, "virtual_mailbox_maps": check.map_line,
               "virtual_mailbox_domains": check.domains_line, "mailboxes": check.mailboxes_line}[fname]
+    if isinstance(chunks, tuple) and len(chunks) == 1:
+        # The whole file at once (a first apply's many small blobs): the same checks in the same
+        # order as LineSplitter's (over-long lines, then each line, then the final newline).
+        lines = chunks[0].split(b"\n")
+        rest = lines.pop()
+        if len(rest) > MAX_LINE_BYTES or any(len(line) > MAX_LINE_BYTES for line in lines):
+            raise Refused(f"{fname} of {check.domain}: a line is longer than {MAX_LINE_BYTES} bytes")
+        for i, line in enumerate(lines, 1):
+            method(i, line)
+        if rest:
+            raise Refused(f"{fname} of {check.domain}: the last line does not end with a newline")
+        return
     splitter = LineSplitter(f"{fname} of {check.domain}")
     for chunk in chunks:
         start = splitter.count
@@ -322,5 +334,5 @@ def validate_domain(domain: str, cfg: Config, passwd: bytes, vmm: bytes, vmd: by
     for fname, data in (("passwd", passwd), ("virtual_mailbox_maps", vmm), ("virtual_mailbox_domains", vmd),
                         ("mailboxes", mailboxes)):
         if data is not None:
-            feed(check, fname, [data])
+            feed(check, fname, (data,))
     return check.finish()
