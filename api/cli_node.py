@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mailstate.api.cli import EXTRA_COMMANDS
-from mailstate.compiler.node_bundle import DEFAULT_ROOT, INSTALL_PATHS, TLS_CERT, TLS_KEY, render_node_bundle
+from mailstate.compiler.node_bundle import DEFAULT_MAP_BUCKETS, DEFAULT_ROOT, INSTALL_PATHS, TLS_CERT, TLS_KEY, render_node_bundle
 from mailstate.state import validate
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import NotFound, StoreError
@@ -75,9 +75,10 @@ def register(sub: Any) -> None:
     b.add_argument("--remote-url", help="fetch the state repo from this git URL instead of the server (e.g. a git host)")
     b.add_argument("--root", default=DEFAULT_ROOT, help=f"release root on the node (default {DEFAULT_ROOT})")
     b.add_argument("--map-type", default="hash", choices=["hash", "lmdb", "cdb", "texthash"], help="Postfix map type (default hash)")
-    b.add_argument("--map-buckets", type=int, default=0, metavar="N",
-                   help="N Postfix tables per map and passwd.d/<c>/<bb>/ (pi-pull's bucketed layout: an apply costs what changed; "
-                        "16 for large states); 0 = one table per map (default)")
+    b.add_argument("--map-buckets", type=int, default=None, metavar="N",
+                   help=f"N Postfix tables per map and passwd.d/<c>/<bb>/ (pi-pull's bucketed layout: an apply costs what changed); "
+                        f"0 = one table per map (the layout of bundles from before; cdb and texthash); default {DEFAULT_MAP_BUCKETS} "
+                        "for hash, btree and lmdb")
     b.add_argument("--lmtp-port", type=int, default=24, help="Dovecot LMTP port Postfix delivers to (default 24)")
     b.add_argument("--tls-cert", default=TLS_CERT, help=f"TLS certificate (full chain) for Postfix and Dovecot on the node (default {TLS_CERT})")
     b.add_argument("--tls-key", default=TLS_KEY, help=f"its private key on the node (default {TLS_KEY})")

@@ -124,6 +124,17 @@ sys.exit(main())
 """ % {b"cache": CODE_CACHE.encode()}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
+# The bucketed layout (pi-pull/pipull/buckets.py) for every new bundle whose map type postmap
+# updates in place. Why 16 tables a map (bench/README.md, bench_node_apply, issue 14): a change
+# copies and postmaps only its domain's table, 1/N of the map; at 1M mailboxes a table of 1/16
+# is ~62k lines (~10 MB), copied in < 10 ms and updated with postmap -d/-i in ~0.04 s each, so a
+# one-mailbox apply is ~0.3 s (quiet) where one whole table would be a 20 s postmap. More tables
+# buy little more (the copy is already small) and cost Postfix a lookup in each of them in turn
+# (every process opens 4N tables) and a first apply 4N postmap runs; 8 would double the copy.
+# A config without map_buckets (a bundle from before) keeps pi-pull's one-table layout (0).
+DEFAULT_MAP_BUCKETS = 16
+BUCKETED_MAP_TYPES = ("hash", "btree", "lmdb")
+
 ETC_DIR = "/etc/pi-pull"
 SYNC_KEY_FILE = f"{ETC_DIR}/sync_key"
 ALLOWED_SIGNERS_FILE = f"{ETC_DIR}/allowed_signers"
@@ -364,7 +375,7 @@ def render_node_bundle(
     dkim_key_dir: str = "",
     dkim_publish_wait: int = 86400,
     dkim_rotate_days: int = 0,
-    map_buckets: int = 0,
+    map_buckets: int | None = None,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -401,9 +412,11 @@ def render_node_bundle(
         if not isinstance(value, int) or value < 1:
             raise InvalidInput(f"{key} must be a positive number (never root).", field=key)
 
+    if map_buckets is None:
+        map_buckets = DEFAULT_MAP_BUCKETS if map_type in BUCKETED_MAP_TYPES else 0
     if not 0 <= int(map_buckets) <= 256:
         raise InvalidInput("map_buckets must be between 0 and 256.", field="map_buckets")
-    if int(map_buckets) and map_type not in ("hash", "btree", "lmdb"):
+    if int(map_buckets) and map_type not in BUCKETED_MAP_TYPES:
         raise InvalidInput("map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets")
     ini = render_template(
         "pi-pull.ini.j2",

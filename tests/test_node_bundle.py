@@ -81,8 +81,22 @@ def test_ini_points_at_the_right_files() -> None:
     assert cp.get("services", "map_type") == "hash"
     assert cp.get("services", "postfix_reload") == "postfix reload"
     assert cp.get("services", "dovecot_reload") == "doveadm reload"
-    assert "/srv/pi-pull/current/dovecot/passwd.d/%d" in b["dovecot/conf.d/90-mailstate.conf"]
-    assert "hash:/srv/pi-pull/current/postfix/virtual_mailbox_maps" in b["postfix/main.cf.mailstate"]
+    # a new bundle has the bucketed layout (16 tables a map, passwd.d/<c>/<bb>/<domain>: pipull/buckets.py)
+    assert cp.get("services", "map_buckets") == "16"
+    assert "/srv/pi-pull/current/dovecot/passwd.d/%1d/%2d/%d\n" in b["dovecot/conf.d/90-mailstate.conf"]
+    tables = ", ".join(f"hash:/srv/pi-pull/current/postfix/virtual_mailbox_maps.{k:02x}" for k in range(16))
+    assert f"virtual_mailbox_maps = {tables}\n" in b["postfix/main.cf.mailstate"]
+
+
+def test_one_table_layout_on_request_and_for_types_postmap_cannot_update() -> None:
+    for b, map_type in ((bundle(root="/srv/pi-pull", map_buckets=0), "hash"), (bundle(root="/srv/pi-pull", map_type="cdb"), "cdb")):
+        cp = configparser.ConfigParser(interpolation=None)
+        cp.read_string(b["pi-pull.ini"])
+        assert cp.get("services", "map_buckets") == "0" and cp.get("services", "map_type") == map_type
+        assert "/srv/pi-pull/current/dovecot/passwd.d/%d\n" in b["dovecot/conf.d/90-mailstate.conf"]
+        assert f"virtual_mailbox_maps = {map_type}:/srv/pi-pull/current/postfix/virtual_mailbox_maps\n" in b["postfix/main.cf.mailstate"]
+    with pytest.raises(InvalidInput, match="map_buckets needs"):
+        bundle(map_type="cdb", map_buckets=16)
 
 
 def test_pi_pull_is_built_deterministically_from_the_package(tmp_path: Path, pi_pull: Path) -> None:
@@ -178,7 +192,7 @@ def test_dovecot_snippet_is_valid_dovecot_config(tmp_path: Path) -> None:
     )
     r = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "args = scheme=BLF-CRYPT username_format=%u /srv/node/current/dovecot/passwd.d/%d" in r.stdout
+    assert "args = scheme=BLF-CRYPT username_format=%u /srv/node/current/dovecot/passwd.d/%1d/%2d/%d\n" in r.stdout
     assert "port = 2424" in r.stdout
 
 
@@ -193,8 +207,8 @@ def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "virtual_mailbox_domains = lmdb:/srv/node/current/postfix/virtual_mailbox_domains",
-        "virtual_mailbox_maps = lmdb:/srv/node/current/postfix/virtual_mailbox_maps",
+        "virtual_mailbox_domains = " + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_domains.{k:02x}" for k in range(16)),
+        "virtual_mailbox_maps = " + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_maps.{k:02x}" for k in range(16)),
         "virtual_transport = lmtp:inet:127.0.0.1:2424",
     ]
 
@@ -260,7 +274,7 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     assert conf["smtpd_tls_cert_file"] == "/srv/tls/cert.pem" and conf["smtpd_tls_key_file"] == "/srv/tls/key.pem"
     assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_sasl_path"] == "private/auth"
     assert conf["smtpd_sasl_auth_enable"] == "no" and conf["smtpd_tls_auth_only"] == "yes"
-    assert conf["smtpd_sender_login_maps"] == "hash:/srv/node/current/postfix/sender_login_maps"
+    assert conf["smtpd_sender_login_maps"] == ", ".join(f"hash:/srv/node/current/postfix/sender_login_maps.{k:02x}" for k in range(16))
     r = subprocess.run(["postconf", "-c", str(tmp_path), "-P"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     params = set(r.stdout.splitlines())

@@ -473,3 +473,33 @@ def test_real_postfix_and_dovecot_serve_the_bucketed_layout(tmp_path: Path) -> N
         assert node.can_login("new@d2.example", "pw-secret-2") and not node.can_login("u3@d3.example", "pw-secret-1")
         assert node.rcpt_code("new@d2.example")[0] == 250 and node.rcpt_code("u3@d3.example")[0] == 550
         assert "open database" not in node.postfix_log()  # every table main.cf names exists
+
+
+def test_a_node_configured_before_buckets_keeps_its_one_table_layout(tmp_path: Path) -> None:
+    """New bundles are bucketed (compiler/node_bundle.py DEFAULT_MAP_BUCKETS); a node whose pi-pull.ini
+    has no map_buckets (a bundle from before) keeps one table per map and passwd.d/<domain>, which its
+    main.cf and Dovecot config name, through this pi-pull's applies: real Postfix and Dovecot."""
+    from tests.mailnode import running_mailnode
+
+    key = make_signing_key(tmp_path / "keys", "k")
+    signers = write_allowed_signers(tmp_path / "allowed_signers", [key])
+    with running_mailnode() as node:
+        repo = StateRepo(tmp_path / "repo", key, mail_root=str(node.mail_root), uid=node.uid, gid=node.gid, format=2)
+        for i in range(6):
+            repo.set_mailbox(f"u{i}@d{i % 3}.example", "pw-secret-1")
+        repo.commit("first")
+        ini = node.write_pi_pull_config(tmp_path / "pi.ini", str(repo.bare), signers)
+        text = ini.read_text()
+        assert "map_buckets = 0\n" in text
+        ini.write_text(text.replace("map_buckets = 0\n", ""))  # as an older bundle wrote it
+        for step in range(2):
+            r = run_pi_pull(ini, "--once")
+            assert r.returncode == EXIT_OK, r.stderr
+            live = node.root / "current"
+            assert (live / "postfix" / "virtual_mailbox_maps.db").is_file() and not (live / "postfix" / "virtual_mailbox_maps.00.db").exists()
+            assert (live / "dovecot" / "passwd.d" / "d1.example").is_file()
+            assert node.can_login("u1@d1.example", "pw-secret-1") and node.rcpt_code("u1@d1.example")[0] == 250
+            if step == 0:
+                repo.set_mailbox("new@d2.example", "pw-secret-2")
+                repo.commit("second")
+        assert node.can_login("new@d2.example", "pw-secret-2") and node.rcpt_code("new@d2.example")[0] == 250

@@ -223,8 +223,20 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
 
     # Postfix: a minimal main.cf with the mailstate lines, master.cf from Postfix's own dist
     conf = _postconf(host)
-    assert conf["virtual_mailbox_maps"] == f"hash:{host.root}/current/postfix/virtual_mailbox_maps"
-    assert conf["virtual_mailbox_domains"] == f"hash:{host.root}/current/postfix/virtual_mailbox_domains"
+    for name in ("virtual_mailbox_maps", "virtual_mailbox_domains", "virtual_alias_maps", "smtpd_sender_login_maps"):
+        table = name.removeprefix("smtpd_")
+        assert conf[name] == ", ".join(f"hash:{host.root}/current/postfix/{table}.{k:02x}" for k in range(16))
+    # the bucketed layout's 64 tables exist, empty, before the first tick (current -> placeholder)
+    assert os.readlink(host.root / "current") == "placeholder"
+    for name in ("virtual_mailbox_maps", "virtual_mailbox_domains", "virtual_alias_maps", "sender_login_maps"):
+        for k in (0, 7, 15):
+            table = f"hash:{host.root}/current/postfix/{name}.{k:02x}"
+            q = subprocess.run(["postmap", "-c", str(host.postfix), "-s", table], capture_output=True, text=True)
+            assert q.returncode == 0 and q.stdout == "", q.stderr
+    assert sorted(os.listdir(host.root / "placeholder" / "postfix")) == sorted(
+        f"{n}.{k:02x}.db" for n in ("virtual_mailbox_maps", "virtual_mailbox_domains", "virtual_alias_maps", "sender_login_maps")
+        for k in range(16))
+    assert os.listdir(host.root / "current" / "dovecot" / "passwd.d") == []
     assert conf["virtual_transport"] == "lmtp:inet:127.0.0.1:24"
     assert conf["compatibility_level"] == "3.6"
     # master.cf: Postfix's own dist plus the bundle's submission entries (587, 465)
@@ -236,7 +248,7 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_tls_cert_file"] == "/etc/pi-pull/tls/fullchain.pem"
     # Dovecot: the snippet is in, the system users are not a passdb any more
     dv = _doveconf(host)
-    assert f"args = scheme=BLF-CRYPT username_format=%u {host.root}/current/dovecot/passwd.d/%d" in dv
+    assert f"args = scheme=BLF-CRYPT username_format=%u {host.root}/current/dovecot/passwd.d/%1d/%2d/%d\n" in dv
     assert "driver = pam" not in dv and "driver = passwd-file" in dv
     # files, modes, the key, the mail root
     for path, mode in ((host.etc / "pi-pull.ini", 0o644), (host.etc / "allowed_signers", 0o644), (host.lib / "pi_pull.py", 0o755),

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -52,6 +53,9 @@ MASTER_CF_DIST = ("/usr/share/postfix/master.cf.dist",)
 # versions' directories (~1 MB each) in place: a tick of the old version may be running and
 # import a module from it; uninstall removes the cache.
 CODE_CACHE = "/var/cache/pi-pull/code"
+# Empty tables until the first tick (Installer.make_empty_tables): the maps main.cf lists per bucket.
+PLACEHOLDER = "placeholder"
+PLACEHOLDER_MAPS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps")
 DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir")
 
 
@@ -382,6 +386,7 @@ class Installer:
             self.configure_dovecot()
             self.configure_opendkim()
             self.make_mail_root()
+            self.make_empty_tables()
         finally:
             if not self.opts.dry_run:
                 self.record.data["node"] = self.m.get("node", "")
@@ -556,6 +561,62 @@ class Installer:
             self.steps.done(f"mail root {path} (owner {uid}:{gid})")
         elif self.steps.change(f"chown {path} to {uid}:{gid} (the mail root; the Maildirs inside are left as they are)"):
             os.chown(path, uid, gid)
+
+    # ---- empty tables until the first tick (bucketed layout)
+
+    def make_empty_tables(self) -> None:
+        """With ``[services] map_buckets`` > 0, main.cf names 4 x N tables under ``<root>/current``. Until
+        the first tick made a release, ``current`` points at ``<root>/placeholder``: empty tables and
+        an empty passwd.d. Without them every smtpd would die at its start ("too many errors": it
+        cannot open the tables) and the master would throttle smtpd for a minute; with them Postfix
+        answers "unknown recipient" for everything until the first release swaps in over the link
+        (``placeholder`` is no release name: pi-pull builds the first release from nothing). Nothing
+        is done once ``current`` exists (a release is live, whatever its layout)."""
+        cp = self.bundle_config()
+        try:
+            n = int(cp.get("services", "map_buckets", fallback="0").strip() or "0")
+        except ValueError:
+            return  # the agent's config check says what is wrong
+        root = self.release_root()
+        current = os.path.join(root, "current")
+        if n <= 0 or not root.startswith("/"):
+            return
+        if os.path.lexists(current):
+            self.steps.done(f"{current} (a release or the empty tables are live)")
+            return
+        map_type = cp.get("services", "map_type", fallback="hash").strip() or "hash"
+        postmap = shlex.split(cp.get("services", "postmap", fallback="postmap").strip() or "postmap")
+        if "-c" not in postmap:
+            postmap += ["-c", self.opts.dirs["postfix_dir"]]
+        if not self.steps.change(f"create {root}/{PLACEHOLDER} ({4 * n} empty {map_type} tables, an empty passwd.d) and "
+                                 f"{current} -> {PLACEHOLDER}, until the first tick applies a release"):
+            return
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        final = os.path.join(root, PLACEHOLDER)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "postfix"), mode=0o755)
+        os.makedirs(os.path.join(tmp, "dovecot", "passwd.d"), mode=0o755)
+        first = os.path.join(tmp, "postfix", f"{PLACEHOLDER_MAPS[0]}.00")
+        r = self.runner.run([*postmap, "-i", f"{map_type}:{first}"], input=b"", timeout=120)
+        made = sorted(f for f in os.listdir(os.path.join(tmp, "postfix")))
+        if r.returncode != 0 or not made:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InstallError(f"postmap cannot make an empty {map_type} table: {short(r.stderr + r.stdout) or f'rc={r.returncode}'}")
+        for name in PLACEHOLDER_MAPS:
+            for k in range(n):
+                for made_file in made:  # the table's files (hash: <name>.db), copied under each table's name
+                    dest = os.path.join(tmp, "postfix", f"{name}.{k:02x}{made_file[len(PLACEHOLDER_MAPS[0]) + 3:]}")
+                    if not os.path.exists(dest):
+                        shutil.copyfile(os.path.join(tmp, "postfix", made_file), dest)
+                        os.chmod(dest, 0o644)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        link = f"{current}.tmp-{os.getpid()}"
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(PLACEHOLDER, link)
+        os.replace(link, current)
 
     # ---- checks and services
 
