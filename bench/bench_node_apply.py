@@ -1,6 +1,6 @@
 """The node's apply path (issue 14): first apply and one-mailbox applies, old code against new, one run.
 
-    python -m bench.bench_node_apply [--sizes 100000] [--changes 5] [--variants old,flat,buckets16]
+    python -m bench.bench_node_apply [--sizes 100000] [--changes 5] [--variants old,flat,buckets16,before16] [--before REV]
                                      [--python /usr/bin/python3] [--keep DIR]
 
 A state of N mailboxes (5 per domain, bench.seed.domain_names, format 2: passwd,
@@ -22,6 +22,8 @@ Variants:
   ``git archive`` into a temp dir: the baseline, measured in the same run on the same commits.
 - ``flat``: this tree, ``map_buckets = 0`` (one table per map, flat passwd.d: older bundles).
 - ``bucketsN``: this tree, ``map_buckets = N`` (pipull/buckets.py).
+- ``beforeN``: the agent package of ``--before`` (a revision, e.g. the one before a change to the
+  bucketed layout), ``map_buckets = N``: a same-run baseline for the bucketed layout itself.
 
 Prints, per size and variant: first apply (process wall, and the in-process part), the
 one-mailbox applies (p50/p90 process wall, p50 in-process), ratios against ``old``, and the
@@ -189,6 +191,7 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--variants", default="old,flat,buckets16")
     ap.add_argument("--baseline", default="2d94ef7")
+    ap.add_argument("--before", default="", help="revision whose agent the beforeN variants run")
     ap.add_argument("--python", default="/usr/bin/python3")
     ap.add_argument("--keep", default="")
     args = ap.parse_args()
@@ -202,11 +205,16 @@ def main() -> int:
     mail_root = tmp / "vmail"
     mail_root.mkdir(exist_ok=True)
     baseline_dir = tmp / "baseline-agent"
-    if "old" in args.variants.split(","):
-        shutil.rmtree(baseline_dir, ignore_errors=True)
-        baseline_dir.mkdir()
-        arch = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", args.baseline, "pi-pull/pipull"], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(baseline_dir), "--strip-components=1"], input=arch.stdout, check=True)
+    before_dir = tmp / "before-agent"
+    for wanted, rev, where in (("old", args.baseline, baseline_dir), ("before", args.before, before_dir)):
+        if not any(v.startswith(wanted) for v in args.variants.split(",")):
+            continue
+        if not rev:
+            ap.error(f"the {wanted} variants need --{'baseline' if wanted == 'old' else 'before'} REV")
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir()
+        arch = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", rev, "pi-pull/pipull"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(where), "--strip-components=1"], input=arch.stdout, check=True)
     t_all = time.perf_counter()
     try:
         for size in (int(s) for s in args.sizes.split(",")):
@@ -221,8 +229,8 @@ def main() -> int:
             say(f"seeded {size} mailboxes ({len(seeder.domains)} domains) + {args.changes + 1} changes in {time.perf_counter() - t:.1f} s")
             rows = []
             for variant in args.variants.split(","):
-                buckets = 0 if variant in ("old", "flat") else int(variant.removeprefix("buckets"))
-                agent_dir = baseline_dir if variant == "old" else REPO_ROOT / "pi-pull"
+                buckets = 0 if variant in ("old", "flat") else int(variant.removeprefix("buckets").removeprefix("before"))
+                agent_dir = baseline_dir if variant == "old" else before_dir if variant.startswith("before") else REPO_ROOT / "pi-pull"
                 root = tmp / f"node-{size}-{variant}"
                 shutil.rmtree(root, ignore_errors=True)
                 root.mkdir()

@@ -100,6 +100,7 @@ class NodeSide:
     map_type: str
     passwd_group: str
     mail: MailNode | None = None
+    map_buckets: int = 0
 
     @property
     def label(self) -> str:
@@ -127,11 +128,12 @@ def mail_node_available() -> str:
 
 
 @contextlib.contextmanager
-def node_side(tmp: Path) -> Iterator[NodeSide]:
+def node_side(tmp: Path, map_buckets: int) -> Iterator[NodeSide]:
     why = mail_node_available()
     if not why:
-        with running_mailnode() as node:
-            yield NodeSide(node.root, node.postmap, node.postfix_reload, node.dovecot_reload, node.map_type, "dovecot", node)
+        with running_mailnode(map_buckets=map_buckets) as node:
+            yield NodeSide(node.root, node.postmap, node.postfix_reload, node.dovecot_reload, node.map_type, "dovecot", node,
+                           map_buckets)
         return
     say(f"no real mail node ({why}); reloads are `true`")
     have_postmap = shutil.which("postmap") or Path("/usr/sbin/postmap").exists()
@@ -139,7 +141,8 @@ def node_side(tmp: Path) -> Iterator[NodeSide]:
         group = "dovecot" if grp.getgrnam("dovecot") else ""
     except KeyError:
         group = ""
-    yield NodeSide(tmp / "node", "postmap", "true", "true", "hash" if have_postmap else "texthash", group)
+    yield NodeSide(tmp / "node", "postmap", "true", "true", "hash" if have_postmap else "texthash", group, None,
+                   map_buckets if have_postmap else 0)
 
 
 def provision(server: LiveServer, admin: httpx.Client, node: NodeSide, etc: Path, name: str, keep_releases: int) -> Path:
@@ -180,6 +183,7 @@ def provision(server: LiveServer, admin: httpx.Client, node: NodeSide, etc: Path
                 f"dovecot_reload = {node.dovecot_reload}",
                 f"map_type = {node.map_type}",
                 f"postmap = {node.postmap}",
+                f"map_buckets = {node.map_buckets}",
             ]
         )
         + "\n"
@@ -569,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--propagations", type=int, default=5, help="add-user -> mail readable runs (default 5)")
     default_py = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     ap.add_argument("--python", default=default_py, help=f"interpreter for pi-pull, as the systemd unit (default {default_py})")
+    ap.add_argument("--map-buckets", type=int, default=0, metavar="N",
+                    help="the node's [services] map_buckets (pipull/buckets.py; 0: one table per map)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
@@ -578,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     py_version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True).stdout.strip()
     git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
     try:
-        with node_side(tmp) as node:
+        with node_side(tmp, args.map_buckets) as node:
             small = phase_small(tmp, node, args.python, args.ticks, args.propagations)
             per_size = [phase_size(tmp, node, args.python, n, args.ticks, args.changes) for n in sizes]
     finally:
