@@ -432,8 +432,9 @@ def test_bundle_with_map_buckets_names_every_table(tmp_path: Path, postfix_etc: 
     (postfix_etc / "main.cf").write_text("compatibility_level = 3.6\n" + main_cf)
     r = subprocess.run(["postconf", "-c", str(postfix_etc), "-h", "virtual_mailbox_maps"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("hash:") == 16, r.stderr
-    # the default stays one table per map (older nodes' main.cf), and a bucketed layout needs an updatable map type
-    plain = render_node_bundle("pi-1", "https://mail.example.net", signers)
+    # the default is 16 tables; 0 asks for one table per map (older nodes' main.cf); a bucketed layout needs an updatable map type
+    assert render_node_bundle("pi-1", "https://mail.example.net", signers) == files
+    plain = render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=0)
     assert "virtual_mailbox_maps = hash:/var/lib/pi-pull/current/postfix/virtual_mailbox_maps\n" in str(plain["postfix/main.cf.mailstate"])
     assert "map_buckets = 0" in str(plain["pi-pull.ini"])
     with pytest.raises(InvalidInput):
