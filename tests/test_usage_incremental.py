@@ -283,3 +283,31 @@ def test_a_forged_cache_cannot_make_the_scanner_read_outside_the_home(env: Any, 
     seams.listed.clear()
     assert full_pass(scanner(), ls) == first
     assert not any("outside" in p for p in seams.listed)
+
+
+def test_a_pass_file_larger_than_a_shard_may_be_is_still_read(pipull: ModuleType, env: Any) -> None:
+    """The pass file lists every mailbox and outgrows the shard limit on a big node (82.6 MB at
+    1M against 64 MiB): it has its own limit, or each tick would list all mailboxes from git
+    again. Here the shard limit is 1 byte (every shard unreadable: a full rescan, figures still
+    right) and the pass file must still be read on the next ticks."""
+    mail, cache, seams, _scanner = env
+    seams.per_call = 1.0
+    calls: list[int] = []
+
+    def listing() -> list[tuple[str, str, str]]:
+        calls.append(1)
+        return list(BOXES)
+
+    def scanner() -> Any:
+        return pipull.usage.Scanner(str(mail), str(cache), 2.0, now=lambda: NOW, monotonic=seams.monotonic,
+                                    scandir=seams.scandir, max_file_bytes=1)
+
+    ls: dict[str, Any] = {}
+    seen: list[tuple[str, int, int]] = []
+    for _ in range(20):
+        seen += [(str(e["email"]), int(e["used_bytes"]), int(e["messages"])) for e in scanner().step(ls, "c" * 40, listing)]
+        if "usage_pass" not in ls:
+            break
+    assert (cache / "pass").stat().st_size > 1
+    assert calls == [1], "the pass file was read back, not listed again from git on every tick"
+    assert sorted(seen) == sorted((f"{lo}@{d}", *expected(i)) for i, (d, lo, _) in enumerate(BOXES))

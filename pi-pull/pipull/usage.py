@@ -152,7 +152,11 @@ def measure(mail_root: str, mailboxes: Iterable[tuple[str, str, str]]) -> Iterat
 SHARDS = 64
 DIRTY_WINDOW_S = 2.0
 MAX_CACHED_FOLDERS = 1000  # a mailbox with more subfolders is listed in full every pass, not cached
-MAX_CACHE_FILE_BYTES = 64 * 1024 * 1024
+MAX_CACHE_FILE_BYTES = 64 * 1024 * 1024  # a shard file: 1/256 of the mailboxes
+# The pass file lists every mailbox (~85 bytes each: 82.6 MB at 1M). Under the shards' 64 MiB
+# limit it was "lost" on every tick at 1M, so each tick listed all mailboxes from git again and
+# rewrote the file (~20 s and ~880 MB a tick, for the length of a pass).
+MAX_PASS_FILE_BYTES = 1024 * 1024 * 1024
 MAX_ENTRIES_PER_STEP = 100_000  # the server takes up to 200k per report
 CACHE_VERSION = 1
 USAGE_CACHE_DIR = "usage-cache"  # under [paths] root, next to state.json
@@ -174,13 +178,13 @@ def _is_folder_name(name: object) -> bool:
                                                      and "/" not in name and "\0" not in name))
 
 
-def _read_limited(path: str) -> bytes | None:
+def _read_limited(path: str, limit: int = MAX_CACHE_FILE_BYTES) -> bytes | None:
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_CACHE_FILE_BYTES + 1)
+            data = fh.read(limit + 1)
     except OSError:
         return None
-    return data if len(data) <= MAX_CACHE_FILE_BYTES else None
+    return data if len(data) <= limit else None
 
 
 class Scanner:
@@ -188,13 +192,16 @@ class Scanner:
 
     ``step()`` continues the pass recorded in ``ls`` (state.json's lifecycle object) for at most
     ``budget_s`` and returns the entries it measured. Seams for the tests: ``now`` (epoch seconds,
-    compared with the folders' mtimes), ``monotonic`` (the budget) and ``scandir`` (every
-    directory listing goes through it)."""
+    compared with the folders' mtimes), ``monotonic`` (the budget), ``scandir`` (every
+    directory listing goes through it) and the size limits of a shard file and of the pass file."""
 
     def __init__(self, mail_root: str, cache_dir: str, budget_s: float, *,
                  now: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 scandir: Callable[[str], Any] = os.scandir) -> None:
+                 scandir: Callable[[str], Any] = os.scandir, max_file_bytes: int = MAX_CACHE_FILE_BYTES,
+                 max_pass_bytes: int = MAX_PASS_FILE_BYTES) -> None:
         self.mail_root = mail_root
+        self.max_file_bytes = max_file_bytes  # a shard file
+        self.max_pass_bytes = max_pass_bytes  # the pass file (grows with the node: its own limit)
         self.cache_dir = cache_dir
         self.budget_s = budget_s
         self.now = now
@@ -226,7 +233,7 @@ class Scanner:
             pass  # a cache that cannot be written only costs the next pass its listings
 
     def _load_pass(self) -> tuple[str, list[str], list[Box]] | None:
-        data = _read_limited(self._path("pass"))
+        data = _read_limited(self._path("pass"), self.max_pass_bytes)
         if data is None:
             return None
         try:
@@ -268,7 +275,7 @@ class Scanner:
                     pass
 
     def _load_shard(self, shard: str) -> dict[str, Any]:
-        data = _read_limited(self._path(f"c{shard}.json"))
+        data = _read_limited(self._path(f"c{shard}.json"), self.max_file_bytes)
         if data is None:
             return {}
         try:
