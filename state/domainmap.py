@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
+from mailstate.state.files import format_fits
 from mailstate.state.models import DomainFile
 
 BUCKETS = 256
@@ -133,8 +134,6 @@ class DomainMap(Mapping[str, DomainFile]):
 
     def unfit(self, bit: int) -> list[str]:
         """Names whose `fits` (state.files.format_fits) lacks `bit`, parsing none."""
-        from mailstate.state.files import format_fits
-
         out: list[str] = []
         for bucket in self._buckets:
             for name, value in list(bucket.items()):

@@ -144,11 +144,16 @@ class _CacheFile:
         self.key = key
         self.repo: GitRepo | None = None  # set by load_commit: where a bad entry is parsed from instead
 
-    def raw(self, entry: Lazy) -> bytes | None:
-        """The entry's JSON bytes if its MAC verifies, else None."""
+    def bytes_of(self, entry: Lazy) -> bytes | None:
+        """The entry's bytes, unverified (None when the file is too short for them)."""
         start = self.body_start + entry.offset
         data = self.data[start : start + entry.length]
-        if len(data) != entry.length:
+        return data if len(data) == entry.length else None
+
+    def raw(self, entry: Lazy) -> bytes | None:
+        """The entry's JSON bytes if its MAC verifies, else None."""
+        data = self.bytes_of(entry)
+        if data is None:
             return None
         if self.key is not None and not hmac.compare_digest(_entry_mac(self.key, entry.oid, data), entry.mac):
             return None
@@ -308,18 +313,21 @@ class ParseCache:
             chunks: list[bytes] = []
             offset = 0
             for oid, entry in self.entries.items():
-                data = entry.source.raw(entry) if isinstance(entry, Lazy) and isinstance(entry.source, _CacheFile) else None
                 if isinstance(entry, Lazy):
-                    source_key = entry.source.key if isinstance(entry.source, _CacheFile) else b""
-                    if data is None or (source_key is not None and source_key != key):
-                        data, mac = _encode_entry(key, oid, entry.source.load(entry))
-                    elif source_key is None:  # parsed by this process's workers: bytes, no MAC yet
-                        mac = _entry_mac(key, oid, data)
-                    else:
+                    source = entry.source
+                    data = source.bytes_of(entry) if isinstance(source, _CacheFile) else None
+                    if data is not None and isinstance(source, _CacheFile) and source.key == key:
+                        # Copied with its MAC, unverified: the MAC is checked when it is read.
                         mac = entry.mac
+                    elif data is not None and isinstance(source, _CacheFile) and source.key is None:
+                        mac = _entry_mac(key, oid, data)  # this process's workers' parse: no MAC yet
+                    else:  # another key's file, or a short entry
+                        data = entry_json(source.load(entry))
+                        mac = _entry_mac(key, oid, data)
                     meta = [entry.project_id, entry.alias_of, entry.fits]
                 else:
-                    data, mac = _encode_entry(key, oid, entry)
+                    data = entry_json(entry)
+                    mac = _entry_mac(key, oid, data)
                     meta = [entry.project_id, entry.alias_of, files.format_fits(entry)]
                 rows.append([oid, entry.domain, *meta, offset, len(data), mac])
                 chunks.append(data)
@@ -342,9 +350,9 @@ class ParseCache:
         self.dirty = False
 
 
-def _encode_entry(key: bytes, oid: str, dom: DomainFile) -> tuple[bytes, str]:
-    data = json.dumps(_domain_to_json(dom), separators=(",", ":")).encode()
-    return data, _entry_mac(key, oid, data)
+def entry_json(dom: DomainFile) -> bytes:
+    """A cache entry's bytes for `dom` (also what state.parseworker hands back)."""
+    return json.dumps(_domain_to_json(dom), separators=(",", ":")).encode()
 
 
 def _drop_legacy_pickle(path: Path) -> None:

@@ -18,7 +18,7 @@ import sys
 from mailstate.state import files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.load import _domain_to_json
+from mailstate.state.load import entry_json
 
 
 def main(argv: list[str]) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         except StateInvalid as exc:
             out.write(json.dumps({"index": int(index), "problems": exc.problems or [exc.message]}).encode() + b"\n")
             break
-        data = json.dumps(_domain_to_json(dom), separators=(",", ":")).encode()
+        data = entry_json(dom)
         project = "" if dom.project_id is None else str(dom.project_id)
         meta = [index, oid, dom.domain, project, dom.alias_of or "", str(files.format_fits(dom)), str(len(data))]
         out.write("\t".join(meta).encode() + b"\n")
