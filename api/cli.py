@@ -187,7 +187,9 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         print(f"{'ID':<12}  {'NAME':<24} {'ROLE':<16} {'CREATED':<25} STATUS")
         for t in tokens:
             scope = "admin" if t["project_id"] is None else f"project {t['project_id']}"
-            print(f"{t['id']:<12}  {t['name']:<24} {scope:<16} {t['created_at']:<25} {'revoked' if t['revoked'] else 'active'}")
+            print(
+                f"{t['id']:<12}  {t['name']:<24} {scope:<16} {t['created_at']:<25} {'revoked' if t['revoked'] else 'active'}"
+            )
     return 0
 
 
@@ -221,7 +223,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     result = upgrade_data_dir(Path(args.data))
     if result.get("sender_maps"):
-        print(f"rendered the sender_login_maps fragments (format {result['format']}) in one signed commit {result['commit']}")
+        print(
+            f"rendered the sender_login_maps fragments (format {result['format']}) in one signed commit {result['commit']}"
+        )
     elif result["upgraded"]:
         print(
             f"upgraded the state from format {result['from_format']} to {result['format']} in one signed commit {result['commit']}"
@@ -240,7 +244,9 @@ def _json_object(text: str) -> dict[str, Any]:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidInput(f"--json is not valid JSON{where}.", code="invalid_request", field="json") from None
     if not isinstance(data, dict):
-        raise InvalidInput("--json must be a JSON object, like '{\"domain\": \"example.com\"}'.", code="invalid_request", field="json")
+        raise InvalidInput(
+            '--json must be a JSON object, like \'{"domain": "example.com"}\'.', code="invalid_request", field="json"
+        )
     return data
 
 
@@ -261,14 +267,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     root = Path(args.path)
     loaded = load_checkout(root)
     if loaded.problems or loaded.settings is None:
-        raise StateInvalid("The state does not validate; fix it first (see `mailstate check`).", problems=loaded.problems)
+        raise StateInvalid(
+            "The state does not validate; fix it first (see `mailstate check`).", problems=loaded.problems
+        )
     expected = compile_state(loaded.settings, loaded.domains.values())
     if args.check:
         problems = diff_rendered(expected, read_rendered(root))
         for line in problems:
             print(line)
         if problems:
-            print(f"rendered/ is stale: {len(problems)} file(s) differ; run `mailstate compile {args.path}`", file=sys.stderr)
+            print(
+                f"rendered/ is stale: {len(problems)} file(s) differ; run `mailstate compile {args.path}`",
+                file=sys.stderr,
+            )
             return 1
         print("rendered/ is up to date")
         return 0
@@ -308,7 +319,9 @@ def cmd_log(args: argparse.Namespace) -> int:
         _print_json([e.as_dict() for e in entries])
     else:
         for e in entries:
-            print(f"{e.commit[:12]}  {e.date}  {e.action:<16} {e.target or e.subject:<36} project={e.project} actor={e.actor} request={e.request_id}")
+            print(
+                f"{e.commit[:12]}  {e.date}  {e.action:<16} {e.target or e.subject:<36} project={e.project} actor={e.actor} request={e.request_id}"
+            )
     return 0
 
 
@@ -316,7 +329,11 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=os.environ.get("MAILSTATE_DATA", DEFAULT_DATA), help="data directory (default: $MAILSTATE_DATA or ./data)")
+    p.add_argument(
+        "--data",
+        default=os.environ.get("MAILSTATE_DATA", DEFAULT_DATA),
+        help="data directory (default: $MAILSTATE_DATA or ./data)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,17 +344,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mailstate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", help="create a data dir: bare state repo (first commit signed), signing key, allowed_signers, local db")
+    p = sub.add_parser(
+        "init", help="create a data dir: bare state repo (first commit signed), signing key, allowed_signers, local db"
+    )
     _data_arg(p)
     p.add_argument("--mail-root", default="/var/vmail", help="Maildir root on the nodes (default /var/vmail)")
     p.add_argument("--uid", type=int, default=5000, help="uid owning the mail on the nodes (default 5000)")
     p.add_argument("--gid", type=int, default=5000, help="gid owning the mail on the nodes (default 5000)")
     p.add_argument("--default-quota-mb", type=int, default=1024, help="quota when add-user gives none (default 1024)")
-    p.add_argument("--bcrypt-cost", type=int, default=12, help="bcrypt cost for new passwords (default 12; 4 for tests)")
-    p.add_argument("--mx-host", action="append", metavar="HOST", help="the platform's mail host for dns-records' MX (repeat in preference order; "
-                   "writes mailstate.yaml's dns: block, which has more keys: see README)")
-    p.add_argument("--dkim-cname-zone", metavar="ZONE", help="with --mx-host: DKIM records as CNAMEs to <selector>.ZONE")
-    p.add_argument("--no-token", action="store_true", help="make no admin token (default: make one and print it once, as the last line)")
+    p.add_argument(
+        "--bcrypt-cost", type=int, default=12, help="bcrypt cost for new passwords (default 12; 4 for tests)"
+    )
+    p.add_argument(
+        "--mx-host",
+        action="append",
+        metavar="HOST",
+        help="the platform's mail host for dns-records' MX (repeat in preference order; "
+        "writes mailstate.yaml's dns: block, which has more keys: see README)",
+    )
+    p.add_argument(
+        "--dkim-cname-zone", metavar="ZONE", help="with --mx-host: DKIM records as CNAMEs to <selector>.ZONE"
+    )
+    p.add_argument(
+        "--no-token",
+        action="store_true",
+        help="make no admin token (default: make one and print it once, as the last line)",
+    )
     p.add_argument(
         "--with-workflow",
         metavar="USES",
@@ -345,12 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("serve", help="serve the HTTP API, MCP at /mcp and the node endpoints (initialises an empty data dir)")
+    p = sub.add_parser(
+        "serve", help="serve the HTTP API, MCP at /mcp and the node endpoints (initialises an empty data dir)"
+    )
     _data_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8025, help="port to listen on (default 8025)")
     p.add_argument(
-        "--upstream", default=os.environ.get("MAILSTATE_UPSTREAM"), help="git URL of an upstream state repo to push every write to (default: none, local mode)"
+        "--upstream",
+        default=os.environ.get("MAILSTATE_UPSTREAM"),
+        help="git URL of an upstream state repo to push every write to (default: none, local mode)",
     )
     p.add_argument("--bcrypt-cost", type=int, default=None, help="bcrypt cost when initialising an empty data dir")
     _log_format_arg(p)
@@ -377,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.set_defaults(func=cmd_token_list)
     tr = tsub.add_parser("revoke", help="revoke ONE token: by id, or by a name only one active token has")
     _data_arg(tr)
-    tr.add_argument("token_id", metavar="ID_OR_NAME", help="token id (see `token list`), or a name exactly one active token has")
+    tr.add_argument(
+        "token_id", metavar="ID_OR_NAME", help="token id (see `token list`), or a name exactly one active token has"
+    )
     tr.set_defaults(func=cmd_token_revoke)
 
     p = sub.add_parser("call", help="run one operation directly on a data dir (as admin, or --project ID)")
@@ -388,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=int, help="act as this project instead of admin")
     p.set_defaults(func=cmd_call)
 
-    p = sub.add_parser("upgrade", help="upgrade a data dir's state to the current format in one signed commit (the server also does it on start)")
+    p = sub.add_parser(
+        "upgrade",
+        help="upgrade a data dir's state to the current format in one signed commit (the server also does it on start)",
+    )
     _data_arg(p)
     p.set_defaults(func=cmd_upgrade)
 

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from mailstate.api.cli import EXTRA_COMMANDS
-from mailstate.compiler.node_bundle import DEFAULT_MAP_BUCKETS, DEFAULT_ROOT, INSTALL_PATHS, TLS_CERT, TLS_KEY, render_node_bundle
+from mailstate.compiler.node_bundle import (
+    DEFAULT_MAP_BUCKETS,
+    DEFAULT_ROOT,
+    INSTALL_PATHS,
+    TLS_CERT,
+    TLS_KEY,
+    render_node_bundle,
+)
 from mailstate.state import validate
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import NotFound, StoreError
@@ -24,7 +31,9 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
 
     snapshot = open_store(dd.root).snapshot
     if not args.allow_unregistered and snapshot.node(name) is None:
-        raise NotFound(f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found")
+        raise NotFound(
+            f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found"
+        )
     settings = snapshot.settings
     bundle = render_node_bundle(
         name,
@@ -46,10 +55,12 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         _write_bundle(out, bundle)
     except OSError as exc:
         raise StoreError(f"Cannot write the bundle into {out}: {exc.strerror or exc}.") from exc
-    print(f"Next, on node {name} as root (paste the sync key from add-node, then Ctrl-D; it is not echoed):\n"
-          f"  python3 {out}/pi_pull.py install --bundle {out} --dry-run   # shows every action, changes nothing\n"
-          f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin\n"
-          "See README 'Deploying a node'.")
+    print(
+        f"Next, on node {name} as root (paste the sync key from add-node, then Ctrl-D; it is not echoed):\n"
+        f"  python3 {out}/pi_pull.py install --bundle {out} --dry-run   # shows every action, changes nothing\n"
+        f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin\n"
+        "See README 'Deploying a node'."
+    )
     return 0
 
 
@@ -68,19 +79,45 @@ def _write_bundle(out: Path, bundle: dict[str, str | bytes]) -> None:
 def register(sub: Any) -> None:
     p = sub.add_parser("node", help="mail node provisioning")
     nsub = p.add_subparsers(dest="node_command", required=True, metavar="ACTION")
-    b = nsub.add_parser("bundle", help="write a node's bundle: pi-pull config, allowed_signers, systemd units, Postfix/Dovecot snippets")
-    b.add_argument("--data", default=os.environ.get("MAILSTATE_DATA", "./data"), help="data directory (default: $MAILSTATE_DATA or ./data)")
+    b = nsub.add_parser(
+        "bundle", help="write a node's bundle: pi-pull config, allowed_signers, systemd units, Postfix/Dovecot snippets"
+    )
+    b.add_argument(
+        "--data",
+        default=os.environ.get("MAILSTATE_DATA", "./data"),
+        help="data directory (default: $MAILSTATE_DATA or ./data)",
+    )
     b.add_argument("--name", required=True, help="node name, as registered with add-node")
-    b.add_argument("--server-url", required=True, help="base URL of `mailstate serve` as the node reaches it, e.g. https://mail-api.example.net")
-    b.add_argument("--remote-url", help="fetch the state repo from this git URL instead of the server (e.g. a git host)")
+    b.add_argument(
+        "--server-url",
+        required=True,
+        help="base URL of `mailstate serve` as the node reaches it, e.g. https://mail-api.example.net",
+    )
+    b.add_argument(
+        "--remote-url", help="fetch the state repo from this git URL instead of the server (e.g. a git host)"
+    )
     b.add_argument("--root", default=DEFAULT_ROOT, help=f"release root on the node (default {DEFAULT_ROOT})")
-    b.add_argument("--map-type", default="hash", choices=["hash", "lmdb", "cdb", "texthash"], help="Postfix map type (default hash)")
-    b.add_argument("--map-buckets", type=int, default=None, metavar="N",
-                   help=f"N Postfix tables per map and passwd.d/<c>/<bb>/ (pi-pull's bucketed layout: an apply costs what changed); "
-                        f"0 = one table per map (the layout of bundles from before; cdb and texthash); default {DEFAULT_MAP_BUCKETS} "
-                        "for hash, btree and lmdb")
+    b.add_argument(
+        "--map-type",
+        default="hash",
+        choices=["hash", "lmdb", "cdb", "texthash"],
+        help="Postfix map type (default hash)",
+    )
+    b.add_argument(
+        "--map-buckets",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"N Postfix tables per map and passwd.d/<c>/<bb>/ (pi-pull's bucketed layout: an apply costs what changed); "
+        f"0 = one table per map (the layout of bundles from before; cdb and texthash); default {DEFAULT_MAP_BUCKETS} "
+        "for hash, btree and lmdb",
+    )
     b.add_argument("--lmtp-port", type=int, default=24, help="Dovecot LMTP port Postfix delivers to (default 24)")
-    b.add_argument("--tls-cert", default=TLS_CERT, help=f"TLS certificate (full chain) for Postfix and Dovecot on the node (default {TLS_CERT})")
+    b.add_argument(
+        "--tls-cert",
+        default=TLS_CERT,
+        help=f"TLS certificate (full chain) for Postfix and Dovecot on the node (default {TLS_CERT})",
+    )
     b.add_argument("--tls-key", default=TLS_KEY, help=f"its private key on the node (default {TLS_KEY})")
     b.add_argument("--out", required=True, help="folder to write the bundle into")
     b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")

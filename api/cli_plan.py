@@ -60,13 +60,17 @@ def register(sub: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", nargs="?", default=".", help="state repository: a working tree, or a bare repo with --head (default .)")
+    p.add_argument(
+        "path", nargs="?", default=".", help="state repository: a working tree, or a bare repo with --head (default .)"
+    )
     p.add_argument("--base", metavar="REV", help="the revision to compare from (default HEAD)")
     p.add_argument("--head", metavar="REV", help="the revision to compare to (default: the working tree at PATH)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="print Markdown, e.g. for $GITHUB_STEP_SUMMARY")
     fmt.add_argument("--json", action="store_true", help="print JSON (every entry, no truncation)")
-    p.add_argument("--full", action="store_true", help="list every entry (text and Markdown stop at 200 per section by default)")
+    p.add_argument(
+        "--full", action="store_true", help="list every entry (text and Markdown stop at 200 per section by default)"
+    )
     p.set_defaults(func=cmd_plan)
 
 

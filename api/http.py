@@ -82,7 +82,13 @@ _CAN_404 = {
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
             "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records"}  # fmt: skip
 # Success statuses: 201 when the call created something (Outcome.created), else 200.
-CREATED: dict[str, tuple[int, ...]] = {"add-user": (201,), "add-domain": (201,), "add-node": (201,), "link-domain": (201, 200), "add-alias": (201,)}
+CREATED: dict[str, tuple[int, ...]] = {
+    "add-user": (201,),
+    "add-domain": (201,),
+    "add-node": (201,),
+    "link-domain": (201, 200),
+    "add-alias": (201,),
+}
 
 
 def success_statuses(op: Operation) -> tuple[int, ...]:
@@ -97,19 +103,31 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
             "model": RESPONSES[op.name],
             "description": "Nothing was created: the domain was already linked to this project (commit null), or existed unlinked and is linked now.",
         }
-    out[400] = {"model": ErrorResponse, "description": "Invalid input (malformed JSON, unknown or missing field, bad value)."}
+    out[400] = {
+        "model": ErrorResponse,
+        "description": "Invalid input (malformed JSON, unknown or missing field, bad value).",
+    }
     out[401] = {"model": ErrorResponse, "description": "No valid bearer token."}
     if op.admin:
         out[403] = {"model": ErrorResponse, "description": "An admin token is required."}
     if op.name in _CAN_404:
-        out[404] = {"model": ErrorResponse, "description": "No such domain, mailbox or node (another project's reads as absent)."}
+        out[404] = {
+            "model": ErrorResponse,
+            "description": "No such domain, mailbox or node (another project's reads as absent).",
+        }
     out[405] = {"model": ErrorResponse, "description": f"Only {op.method} is accepted."}
     if op.name in _CAN_409:
-        out[409] = {"model": ErrorResponse, "description": "Conflict with the current state (exists, still active, not enabled, ...)."}
+        out[409] = {
+            "model": ErrorResponse,
+            "description": "Conflict with the current state (exists, still active, not enabled, ...).",
+        }
     if op.method == "POST":
         out[413] = {"model": ErrorResponse, "description": f"The request body is larger than {MAX_BODY_BYTES} bytes."}
     if op.write:
-        out[503] = {"model": ErrorResponse, "description": "The state repo kept moving under other writers, or the upstream is unavailable; nothing changed."}
+        out[503] = {
+            "model": ErrorResponse,
+            "description": "The state repo kept moving under other writers, or the upstream is unavailable; nothing changed.",
+        }
     return out
 
 
@@ -132,7 +150,15 @@ def _openapi_extra(op: Operation) -> dict[str, Any]:
     params = []
     for name, prop in schema.get("properties", {}).items():
         prop = dict(prop)
-        params.append({"name": name, "in": "query", "required": name in required, "description": prop.pop("description", ""), "schema": prop})
+        params.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": name in required,
+                "description": prop.pop("description", ""),
+                "schema": prop,
+            }
+        )
     return {"parameters": params} if params else {}
 
 
@@ -168,7 +194,9 @@ async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, emp
     # No Content-Type at all is read as JSON (some clients send none); any other type is refused.
     ctype = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
     if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
-        raise InvalidInput("The request body must be JSON, sent with Content-Type: application/json.", code="invalid_request")
+        raise InvalidInput(
+            "The request body must be JSON, sent with Content-Type: application/json.", code="invalid_request"
+        )
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -183,7 +211,9 @@ def query_object(request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in request.query_params.multi_items():
         if key in out:
-            raise InvalidInput(f"The query parameter '{key}' is given more than once.", code="invalid_request", field=key)
+            raise InvalidInput(
+                f"The query parameter '{key}' is given more than once.", code="invalid_request", field=key
+            )
         out[key] = value
     return out
 
@@ -198,7 +228,9 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def _endpoint(op: Operation) -> Any:
-    async def endpoint(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+    async def endpoint(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> JSONResponse:
         services: Services = request.app.state.services
         actor = services.authenticate(_token(credentials))
         if op.admin and not actor.is_admin:
@@ -270,15 +302,24 @@ def health_router() -> APIRouter:
         response_model=HealthResponse,
         response_model_exclude_none=True,
         responses={
-            401: {"model": ErrorResponse, "description": "A bearer token was given and is not valid (give none for the status only)."},
+            401: {
+                "model": ErrorResponse,
+                "description": "A bearer token was given and is not valid (give none for the status only).",
+            },
             405: {"model": ErrorResponse, "description": "Only GET is accepted."},
         },
     )
-    async def health(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+    async def health(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> JSONResponse:
         services: Services = request.app.state.services
         body = services.store.health()
         # A refused commit's problems name files, domains and mailboxes: only admins see them.
-        if credentials is None or not credentials.credentials or not services.authenticate(credentials.credentials).is_admin:
+        if (
+            credentials is None
+            or not credentials.credentials
+            or not services.authenticate(credentials.credentials).is_admin
+        ):
             body = {"status": body["status"]}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
@@ -295,7 +336,10 @@ def metrics_router() -> APIRouter:
         summary="[Admin] Prometheus metrics: writes and their latency by operation, refused commits, node lag and status.",
         response_class=Response,
         responses={
-            200: {"description": "The Prometheus text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            200: {
+                "description": "The Prometheus text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
             401: {"model": ErrorResponse, "description": "No valid bearer token."},
             403: {"model": ErrorResponse, "description": "An admin token is required (the figures name every node)."},
             405: {"model": ErrorResponse, "description": "Only GET is accepted."},

@@ -133,11 +133,18 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         loc = [str(p) for p in errors[0].get("loc", ())] if errors else []
         field = loc[-1] if loc else None
-        return json_error(400, error_body("invalid_request", f"Invalid value for '{field}'." if field else "The request is invalid.", field=field))
+        return json_error(
+            400,
+            error_body(
+                "invalid_request", f"Invalid value for '{field}'." if field else "The request is invalid.", field=field
+            ),
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _router(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code, message = _ROUTER_CODES.get(exc.status_code, ("http_error" if exc.status_code < 500 else "internal_error", "The request failed."))
+        code, message = _ROUTER_CODES.get(
+            exc.status_code, ("http_error" if exc.status_code < 500 else "internal_error", "The request failed.")
+        )
         headers = dict(exc.headers or {}) or _headers(exc.status_code)
         return json_error(exc.status_code, error_body(code, message), headers)
 

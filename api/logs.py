@@ -57,7 +57,10 @@ def logging_config(fmt: str, level: str = "info") -> dict[str, Any]:
         "formatters": {"default": formatter},
         "handlers": {"default": handler},
         "root": {"handlers": ["default"], "level": lvl},
-        "loggers": {name: {"handlers": [], "level": lvl, "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "mailstate")},
+        "loggers": {
+            name: {"handlers": [], "level": lvl, "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "mailstate")
+        },
     }
 
 

@@ -62,7 +62,16 @@ ActorOf = Callable[[ServerRequestContext[Any, Any]], Actor]
 # Tools that destroy or overwrite something: a mailbox, a domain's mail, a credential.
 # update-alias and set-forwarding replace where mail goes; the removes take an address away.
 DESTRUCTIVE = frozenset(
-    {"remove-user", "remove-domain", "disable-email", "update-password", "update-alias", "remove-alias", "set-forwarding", "remove-alias-domain"}
+    {
+        "remove-user",
+        "remove-domain",
+        "disable-email",
+        "update-password",
+        "update-alias",
+        "remove-alias",
+        "set-forwarding",
+        "remove-alias-domain",
+    }
 )
 IDEMPOTENT = frozenset({"enable-email", "disable-email", "remove-user"})
 
@@ -114,10 +123,14 @@ def build_server(store: Executor, actor_of: ActorOf, metrics: Metrics | None = N
     """The MCP server running operations on `store`; `actor_of(ctx)` names each request's caller;
     writes are counted in `metrics` (the HTTP server's) when given."""
 
-    async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
         return types.ListToolsResult(tools=tool_list(store.snapshot.settings))
 
-    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def call_tool(
+        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
         op = TOOLS.get(params.name)
         if op is None:
             # A protocol error, not a tool result: the spec's "Unknown tool" is JSON-RPC -32602.
@@ -197,14 +210,18 @@ class BearerGate:
             return
         digest = hashlib.sha256(token.strip().encode()).hexdigest()
         scope[ACTOR_KEY] = actor
-        scope["user"] = AuthenticatedUser(AccessToken(token=f"sha256:{digest}", client_id=f"sha256:{digest}", scopes=[]))
+        scope["user"] = AuthenticatedUser(
+            AccessToken(token=f"sha256:{digest}", client_id=f"sha256:{digest}", scopes=[])
+        )
         await self.app(scope, receive, send)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
-def security_settings(host: str | None = None, port: int | None = None, extra_hosts: Sequence[str] = ()) -> TransportSecuritySettings:
+def security_settings(
+    host: str | None = None, port: int | None = None, extra_hosts: Sequence[str] = ()
+) -> TransportSecuritySettings:
     """DNS-rebinding protection for /mcp (the MCP spec requires it for streamable HTTP).
 
     Allowed Host values: the address the server listens on with its port (all loopback names
@@ -231,7 +248,9 @@ def security_settings(host: str | None = None, port: int | None = None, extra_ho
 
 def _allowed(value: str, allowed: Sequence[str]) -> bool:
     # The SDK's matching: exact, or `base:*` for any port.
-    return value in allowed or any(a.endswith(":*") and value.startswith(a[:-1]) and value[len(a) - 1 :].isdigit() for a in allowed)
+    return value in allowed or any(
+        a.endswith(":*") and value.startswith(a[:-1]) and value[len(a) - 1 :].isdigit() for a in allowed
+    )
 
 
 class OriginGate:
@@ -253,22 +272,34 @@ class OriginGate:
             if self.settings.allowed_hosts and not _allowed(host, self.settings.allowed_hosts):
                 problem = ("host_not_allowed", "The Host header names a host this server does not serve MCP for.")
             elif origin is not None and not _allowed(origin, self.settings.allowed_origins):
-                problem = ("origin_not_allowed", "Requests from this Origin are not allowed (DNS rebinding protection).")
+                problem = (
+                    "origin_not_allowed",
+                    "Requests from this Origin are not allowed (DNS rebinding protection).",
+                )
             if problem is not None:
-                log.warning("refused /mcp request: %s (host %r, origin %r)", problem[0], host[:100], (origin or "")[:100])
+                log.warning(
+                    "refused /mcp request: %s (host %r, origin %r)", problem[0], host[:100], (origin or "")[:100]
+                )
                 await json_error(403, error_body(*problem))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 def mcp_http_app(
-    store: Store, authenticate: Callable[[str | None], Actor], settings: TransportSecuritySettings | None = None, metrics: Metrics | None = None
+    store: Store,
+    authenticate: Callable[[str | None], Actor],
+    settings: TransportSecuritySettings | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """The /mcp ASGI app and its session manager (run `manager.run()` in the app's lifespan)."""
     settings = settings or security_settings()
     # The SDK checks the same settings again behind our gate (which answers in our error shape).
-    sdk_settings = settings if settings.allowed_hosts else TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    manager = StreamableHTTPSessionManager(app=build_server(store, _http_actor, metrics), security_settings=sdk_settings)
+    sdk_settings = (
+        settings if settings.allowed_hosts else TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    )
+    manager = StreamableHTTPSessionManager(
+        app=build_server(store, _http_actor, metrics), security_settings=sdk_settings
+    )
     return OriginGate(BearerGate(manager.handle_request, authenticate), settings), manager
 
 
@@ -285,7 +316,9 @@ def run_stdio(data: Path, token: str) -> None:
 
     dd = DataDir(Path(data))
     if not dd.is_initialised():
-        raise StoreError(f"{data} is not a mailstate data dir; run `mailstate init --data {data}`.", code="not_initialised")
+        raise StoreError(
+            f"{data} is not a mailstate data dir; run `mailstate init --data {data}`.", code="not_initialised"
+        )
     db = LocalDB(dd.db)
     try:
         db.authenticate(token)

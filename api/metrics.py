@@ -63,7 +63,9 @@ class Metrics:
         """Where mailstate_nodes_waiting reads the open long polls (api.nodes_http.WaitHub)."""
         self.collector.waiting = waiting
 
-    def observe(self, operation: str, started: float, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
+    def observe(
+        self, operation: str, started: float, result: dict[str, Any] | None = None, error: BaseException | None = None
+    ) -> None:
         """Count one write that began at `started` (time.perf_counter()) and ended in `result` or `error`."""
         self.latency.labels(operation).observe(time.perf_counter() - started)
         if error is not None:
@@ -92,22 +94,32 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         store = self.store
         pending = GaugeMetricFamily(
-            "mailstate_refused_commit", "1 while the server refuses a commit at the tip of its branch or upstream (see /v1/health with an admin token)."
+            "mailstate_refused_commit",
+            "1 while the server refuses a commit at the tip of its branch or upstream (see /v1/health with an admin token).",
         )
         pending.add_metric([], 1.0 if getattr(store, "upstream_problem", None) else 0.0)
         yield pending
-        kept = GaugeMetricFamily("mailstate_refused_commits", "Refused commits the server replaced and keeps under refs/mailstate/rejected/ for the admins.")
+        kept = GaugeMetricFamily(
+            "mailstate_refused_commits",
+            "Refused commits the server replaced and keeps under refs/mailstate/rejected/ for the admins.",
+        )
         kept.add_metric([], float(sum(1 for name in store.git.repo.references if name.startswith(REJECTED_PREFIX))))
         yield kept
 
         age = GaugeMetricFamily(
-            "mailstate_node_last_sync_age_seconds", "Seconds since the node last reported (absent for a node that never reported).", labels=["node"]
+            "mailstate_node_last_sync_age_seconds",
+            "Seconds since the node last reported (absent for a node that never reported).",
+            labels=["node"],
         )
         behind = GaugeMetricFamily(
-            "mailstate_node_commits_behind", "Commits between the node's applied commit and the server's head (absent when unknown).", labels=["node"]
+            "mailstate_node_commits_behind",
+            "Commits between the node's applied commit and the server's head (absent when unknown).",
+            labels=["node"],
         )
         status = GaugeMetricFamily(
-            "mailstate_node_status", "1 for the status of the node's last report (ok, error, refused, ...; never_synced before one).", labels=["node", "status"]
+            "mailstate_node_status",
+            "1 for the status of the node's last report (ok, error, refused, ...; never_synced before one).",
+            labels=["node", "status"],
         )
         lag = GaugeMetricFamily(
             "mailstate_node_lag_seconds",
@@ -115,7 +127,9 @@ class _StateCollector(Collector):
             labels=["node"],
         )
         stale = GaugeMetricFamily(
-            "mailstate_node_stale", "1 when list-nodes shows the node stale (its newest statement too old, or silent too long), else 0.", labels=["node"]
+            "mailstate_node_stale",
+            "1 when list-nodes shows the node stale (its newest statement too old, or silent too long), else 0.",
+            labels=["node"],
         )
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
@@ -135,7 +149,9 @@ class _StateCollector(Collector):
         yield status
         yield lag
         yield stale
-        waiting = GaugeMetricFamily("mailstate_nodes_waiting", "Follow-mode nodes holding a long poll (GET /v1/nodes/wait) right now.")
+        waiting = GaugeMetricFamily(
+            "mailstate_nodes_waiting", "Follow-mode nodes holding a long poll (GET /v1/nodes/wait) right now."
+        )
         waiting.add_metric([], float(self.waiting()))
         yield waiting
 

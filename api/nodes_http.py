@@ -163,9 +163,19 @@ class WaitHub:
         if current != head or timeout <= 0 or self.closing:
             return current
         if self.waiting.get(node, 0) >= MAX_WAITERS_PER_NODE:
-            raise HTTPError(429, "too_many_waiters", f"Node {node} already has {MAX_WAITERS_PER_NODE} waits open; close one first.", {"Retry-After": "5"})
+            raise HTTPError(
+                429,
+                "too_many_waiters",
+                f"Node {node} already has {MAX_WAITERS_PER_NODE} waits open; close one first.",
+                {"Retry-After": "5"},
+            )
         if self.total >= MAX_WAITERS:
-            raise HTTPError(503, "too_many_waiters", "The server holds as many waiting nodes as it may; retry in a minute.", {"Retry-After": "60"})
+            raise HTTPError(
+                503,
+                "too_many_waiters",
+                "The server holds as many waiting nodes as it may; retry in a minute.",
+                {"Retry-After": "60"},
+            )
         self.waiting[node] = self.waiting.get(node, 0) + 1
         self.total += 1
         try:
@@ -196,13 +206,19 @@ def _wait_query(request: Request) -> tuple[str, float]:
     seen: dict[str, str] = {}
     for key, value in request.query_params.multi_items():
         if key not in _WAIT_PARAMS:
-            raise HTTPError(400, "invalid_request", f"Unknown query parameter '{key}'; only head and timeout are accepted.")
+            raise HTTPError(
+                400, "invalid_request", f"Unknown query parameter '{key}'; only head and timeout are accepted."
+            )
         if key in seen:
             raise HTTPError(400, "invalid_request", f"The query parameter '{key}' is given more than once.")
         seen[key] = value
     head = seen.get("head", "").strip().lower()
     if head and not _SHA.match(head):
-        raise HTTPError(400, "invalid_request", "head must be a full commit sha (40 hex digits), or empty for the current head at once.")
+        raise HTTPError(
+            400,
+            "invalid_request",
+            "head must be a full commit sha (40 hex digits), or empty for the current head at once.",
+        )
     raw = seen.get("timeout", "").strip()
     timeout = WAIT_DEFAULT_S
     if raw:
@@ -264,7 +280,11 @@ def build_router() -> APIRouter:
             },
             "security": [{"NodeBasic": []}],
         },
-        responses={200: {"description": '`{"ok": true}`'}, 401: {"description": "Bad node name or sync key."}, 403: {"description": "Address not allowed."}},
+        responses={
+            200: {"description": '`{"ok": true}`'},
+            401: {"description": "Bad node name or sync key."},
+            403: {"description": "Address not allowed."},
+        },
     )
     async def report(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
@@ -335,19 +355,41 @@ def build_router() -> APIRouter:
             disconnected.cancel()
         stated = services.store.statement
         issued = stated["issued_at"] if stated and stated["head"] == current else None
-        return JSONResponse({"changed": current != head, "head": current or None, "issued_at": issued}, headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            {"changed": current != head, "head": current or None, "issued_at": issued},
+            headers={"Cache-Control": "no-store"},
+        )
 
-    git_doc = "Read-only git smart HTTP (clone/fetch) of the state repo, HTTP Basic name:sync_key. Push is refused (403)."
+    git_doc = (
+        "Read-only git smart HTTP (clone/fetch) of the state repo, HTTP Basic name:sync_key. Push is refused (403)."
+    )
 
-    @router.get("/state.git/{path:path}", summary=git_doc, operation_id="node_git_get", openapi_extra={"security": [{"NodeBasic": []}]})
-    @router.post("/state.git/{path:path}", summary=git_doc, operation_id="node_git_post", openapi_extra={"security": [{"NodeBasic": []}]})
+    @router.get(
+        "/state.git/{path:path}",
+        summary=git_doc,
+        operation_id="node_git_get",
+        openapi_extra={"security": [{"NodeBasic": []}]},
+    )
+    @router.post(
+        "/state.git/{path:path}",
+        summary=git_doc,
+        operation_id="node_git_post",
+        openapi_extra={"security": [{"NodeBasic": []}]},
+    )
     async def git_endpoint(path: str, request: Request) -> Response:
         services: Services = request.app.state.services
         service = request.query_params.get("service", "")
         if "receive-pack" in path or "receive-pack" in service:
-            return JSONResponse(error_body("read_only", "The state repo is read-only over HTTP; push is not allowed."), status_code=403)
-        if (request.method, path, service) not in (("GET", "info/refs", "git-upload-pack"), ("POST", "git-upload-pack", "")):
-            return JSONResponse(error_body("not_found", "Only git smart HTTP fetch (git-upload-pack) is served here."), status_code=404)
+            return JSONResponse(
+                error_body("read_only", "The state repo is read-only over HTTP; push is not allowed."), status_code=403
+            )
+        if (request.method, path, service) not in (
+            ("GET", "info/refs", "git-upload-pack"),
+            ("POST", "git-upload-pack", ""),
+        ):
+            return JSONResponse(
+                error_body("not_found", "Only git smart HTTP fetch (git-upload-pack) is served here."), status_code=404
+            )
         creds = basic_credentials(request)
         if creds is None:
             raise _unauthenticated()
@@ -385,7 +427,9 @@ def _http_backend(services: Services, request: Request, path: str, body: bytes) 
     if encoding := request.headers.get("content-encoding"):
         env["HTTP_CONTENT_ENCODING"] = encoding
     try:
-        proc = subprocess.run(["git", "http-backend"], input=body, capture_output=True, env=env, timeout=GIT_TIMEOUT, check=False)
+        proc = subprocess.run(
+            ["git", "http-backend"], input=body, capture_output=True, env=env, timeout=GIT_TIMEOUT, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HTTPError(500, "internal_error", "The git endpoint could not answer; the cause has been logged.") from exc
     return _cgi_response(proc.stdout)

@@ -75,7 +75,14 @@ MCP (streamable HTTP) is served at `/mcp` with the same bearer tokens.
 """
 
 
-def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = None, host: str | None = None, port: int | None = None) -> FastAPI:
+def create_app(
+    data: Path,
+    *,
+    db: LocalDB | None = None,
+    store: Store | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> FastAPI:
     """The ASGI app for the initialised data dir `data` (pass `db`/`store` to share them). `host`
     and `port` are where it listens: /mcp accepts only those in Host and Origin (plus
     $MAILSTATE_ALLOWED_HOSTS); without them, loopback names on any port."""
@@ -92,7 +99,9 @@ def create_app(data: Path, *, db: LocalDB | None = None, store: Store | None = N
     if services.metrics is not None:
         services.metrics.count_waiting(lambda: wait_hub.total)
     allowed_hosts = [h for h in os.environ.get("MAILSTATE_ALLOWED_HOSTS", "").split(",") if h.strip()]
-    mcp_app, mcp_manager = mcp_http_app(store, services.authenticate, security_settings(host, port, allowed_hosts), services.metrics)
+    mcp_app, mcp_manager = mcp_http_app(
+        store, services.authenticate, security_settings(host, port, allowed_hosts), services.metrics
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -167,7 +176,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
 
 
 def _node_route_docs(schema: dict[str, Any]) -> None:
@@ -189,12 +201,18 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
             "413": _error("The request body is too large."),
         }
     git_path = paths.get("/v1/nodes/state.git/{path}", {})
-    for method, ctype in (("get", "application/x-git-upload-pack-advertisement"), ("post", "application/x-git-upload-pack-result")):
+    for method, ctype in (
+        ("get", "application/x-git-upload-pack-advertisement"),
+        ("post", "application/x-git-upload-pack-result"),
+    ):
         op = git_path.get(method)
         if op is None:
             continue
         op["responses"] = {
-            "200": {"description": "git smart HTTP (upload-pack).", "content": {ctype: {"schema": {"type": "string", "format": "binary"}}}},
+            "200": {
+                "description": "git smart HTTP (upload-pack).",
+                "content": {ctype: {"schema": {"type": "string", "format": "binary"}}},
+            },
             "401": _error("Bad or missing node name and sync key (HTTP Basic)."),
             "403": _error("A push (receive-pack) is refused, or the address is not the node's ip_address."),
             "404": _error("Anything but info/refs?service=git-upload-pack (GET) and git-upload-pack (POST)."),
@@ -209,7 +227,9 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
                 "description": "The accepted head moved away from `head` (changed: true), or the timeout passed (changed: false).",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeWaitResponse"}}},
             },
-            "400": _error("An unknown or repeated query parameter, a head that is not a full sha, or a timeout out of range."),
+            "400": _error(
+                "An unknown or repeated query parameter, a head that is not a full sha, or a timeout out of range."
+            ),
             "401": _error("Bad or missing node name and sync key (HTTP Basic)."),
             "403": _error("The node has an ip_address on record and this request came from another address."),
             "405": _error("Only GET is accepted."),
@@ -219,7 +239,10 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
     schema.setdefault("components", {}).setdefault("schemas", {})["NodeWaitResponse"] = {
         "type": "object",
         "properties": {
-            "changed": {"type": "boolean", "description": "true when the accepted head differs from the `head` asked about."},
+            "changed": {
+                "type": "boolean",
+                "description": "true when the accepted head differs from the `head` asked about.",
+            },
             "head": {
                 "anyOf": [{"type": "string", "pattern": "^[0-9a-f]{40}$"}, {"type": "null"}],
                 "description": "The server's accepted head now (the statement's), null when it has none yet.",
@@ -300,7 +323,10 @@ def serve(
         print("admin token (shown ONCE, it cannot be recovered; store it now):")
         print(secret, flush=True)
     elif bcrypt_cost is not None and was_initialised:
-        print("mailstate: --bcrypt-cost only applies when initialising; the data dir's mailstate.yaml decides.", file=sys.stderr)
+        print(
+            "mailstate: --bcrypt-cost only applies when initialising; the data dir's mailstate.yaml decides.",
+            file=sys.stderr,
+        )
     db = LocalDB(dd.db)
     store = open_store(dd.root, db=db, upstream=upstream)
     app = create_app(dd.root, db=db, store=store, host=host, port=port)

@@ -85,7 +85,12 @@ def seed_aliases(info: SeedInfo, count: int) -> tuple[str, float]:
 def measure_writes(store: Store, info: SeedInfo, n: int, start: int = 0) -> dict[str, list[float]]:
     """Alias writes and the mailbox baseline, interleaved write by write (`start` offsets the
     names and values, so that warm-up writes never make a measured write a no-op)."""
-    out: dict[str, list[float]] = {"update-alias": [], "add+remove-alias": [], "set-forwarding": [], "baseline remove/restore-user": []}
+    out: dict[str, list[float]] = {
+        "update-alias": [],
+        "add+remove-alias": [],
+        "set-forwarding": [],
+        "baseline remove/restore-user": [],
+    }
     names = info.domains
     for i in range(start, start + n):
         name = names[(i * 7919) % len(names)]
@@ -97,7 +102,9 @@ def measure_writes(store: Store, info: SeedInfo, n: int, start: int = 0) -> dict
         if kind == "update-alias":
             dests = [f"{first}@{name}"] if i % 8 else [f"{first}@{name}", f"other{i}@partner.example"]
             if "alias0" in dom.aliases:
-                store.execute("update-alias", actor, {"address": f"alias0@{name}", "destinations": [*dests, f"u{i}@x.example"]})
+                store.execute(
+                    "update-alias", actor, {"address": f"alias0@{name}", "destinations": [*dests, f"u{i}@x.example"]}
+                )
             else:
                 store.execute("add-alias", actor, {"address": f"alias0@{name}", "destinations": dests})
         elif kind == "add+remove-alias":
@@ -107,7 +114,11 @@ def measure_writes(store: Store, info: SeedInfo, n: int, start: int = 0) -> dict
             t = time.perf_counter()
             store.execute("remove-alias", actor, {"address": address})
         elif kind == "set-forwarding":
-            store.execute("set-forwarding", actor, {"email": f"{first}@{name}", "destinations": [f"fwd{i}@partner.example"], "keep_copy": i % 2 == 0})
+            store.execute(
+                "set-forwarding",
+                actor,
+                {"email": f"{first}@{name}", "destinations": [f"fwd{i}@partner.example"], "keep_copy": i % 2 == 0},
+            )
         else:
             email = f"{first}@{name}"
             store.execute("remove-user", actor, {"email": email})
@@ -134,7 +145,9 @@ def node_config(tmp: Path, info: SeedInfo, mail_root: str) -> Path:
 
 def tick(script: Path, cfg: Path) -> float:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, str(script), "--config", str(cfg), "--once"], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [sys.executable, str(script), "--config", str(cfg), "--once"], capture_output=True, text=True, timeout=1800
+    )
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"pi-pull tick failed (rc {r.returncode}): {r.stderr[-2000:]}")
@@ -165,17 +178,23 @@ def main(argv: list[str] | None = None) -> int:
         cold = time.perf_counter() - t
         t = time.perf_counter()
         store = open_store(info.root)
-        print(f"store start (open_store, in process): cold {cold:.2f} s (no parse cache), warm {time.perf_counter() - t:.2f} s")
+        print(
+            f"store start (open_store, in process): cold {cold:.2f} s (no parse cache), warm {time.perf_counter() - t:.2f} s"
+        )
         measure_writes(store, info, 8, start=1_000_000)
         samples = measure_writes(store, info, args.writes)
-        print(f"\nstore writes at {args.mailboxes} mailboxes + {args.aliases} aliases ({len(info.domains)} domains), interleaved, ms:")
+        print(
+            f"\nstore writes at {args.mailboxes} mailboxes + {args.aliases} aliases ({len(info.domains)} domains), interleaved, ms:"
+        )
         print(f"{'write':32} {'n':>4} {'p50':>7} {'p90':>7}")
         for kind, xs in samples.items():
             print(f"{kind:32} {len(xs):4d} {p50(xs) * 1e3:7.2f} {p90(xs) * 1e3:7.2f}")
         alias_all = [x for k, xs in samples.items() if not k.startswith("baseline") for x in xs]
         base = samples["baseline remove/restore-user"]
-        print(f"{'all alias writes':32} {len(alias_all):4d} {p50(alias_all) * 1e3:7.2f} {p90(alias_all) * 1e3:7.2f}"
-              f"   ratio to baseline p50: {p50(alias_all) / p50(base):.2f}   target p50 <= 15 ms")
+        print(
+            f"{'all alias writes':32} {len(alias_all):4d} {p50(alias_all) * 1e3:7.2f} {p90(alias_all) * 1e3:7.2f}"
+            f"   ratio to baseline p50: {p50(alias_all) / p50(base):.2f}   target p50 <= 15 ms"
+        )
 
         script = tmp / "pi_pull.py"
         script.write_bytes(build_pi_pull(AGENT_DIR))
@@ -189,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         first_box = sorted(store.snapshot.domains[name].mailboxes)[0]
         for i in range(args.changes):
             if i % 2 == 0:
-                store.execute("update-alias", actor, {"address": f"alias0@{name}", "destinations": [f"n{i}@partner.example"]})
+                store.execute(
+                    "update-alias", actor, {"address": f"alias0@{name}", "destinations": [f"n{i}@partner.example"]}
+                )
                 alias_ticks.append(tick(script, cfg))
             else:
                 op = "remove-user" if i % 4 == 1 else "restore-user"
@@ -197,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                 base_ticks.append(tick(script, cfg))
         alias_map = tmp / "node" / "current" / "postfix" / "virtual_alias_maps"
         lines = sum(1 for _ in alias_map.open("rb"))
-        print(f"\nnode (pi_pull.py --once, whole process), {args.mailboxes} mailboxes + {args.aliases} aliases, "
-              f"virtual_alias_maps {lines} lines, {alias_map.stat().st_size / 1e6:.1f} MB:")
+        print(
+            f"\nnode (pi_pull.py --once, whole process), {args.mailboxes} mailboxes + {args.aliases} aliases, "
+            f"virtual_alias_maps {lines} lines, {alias_map.stat().st_size / 1e6:.1f} MB:"
+        )
         print(f"first full apply {first:.2f} s; no-op tick {noop * 1e3:.0f} ms")
-        print(f"apply of one alias change (update-alias)  p50 {p50(alias_ticks):.2f} s  (n={len(alias_ticks)}, {', '.join(f'{x:.2f}' for x in alias_ticks)})")
-        print(f"apply of one mailbox change (baseline)    p50 {p50(base_ticks):.2f} s  (n={len(base_ticks)}, {', '.join(f'{x:.2f}' for x in base_ticks)})")
+        print(
+            f"apply of one alias change (update-alias)  p50 {p50(alias_ticks):.2f} s  (n={len(alias_ticks)}, {', '.join(f'{x:.2f}' for x in alias_ticks)})"
+        )
+        print(
+            f"apply of one mailbox change (baseline)    p50 {p50(base_ticks):.2f} s  (n={len(base_ticks)}, {', '.join(f'{x:.2f}' for x in base_ticks)})"
+        )
         print(f"ratio alias / baseline: {p50(alias_ticks) / p50(base_ticks):.2f}")
         print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         _ = head

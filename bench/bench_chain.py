@@ -37,12 +37,26 @@ def build(work: Path, n: int) -> tuple[Path, Path, list[str]]:
     repo = work / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     # fast-import writes unsigned commits; the signed ones need git commit -S: ~10 ms each.
-    base = ["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@x", "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}"]
+    base = [
+        "git",
+        "-C",
+        str(repo),
+        "-c",
+        "user.name=b",
+        "-c",
+        "user.email=b@x",
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        f"user.signingkey={key}",
+    ]
     t0 = int(time.time()) - n
     for i in range(n):
         env = {**os.environ, "GIT_COMMITTER_DATE": f"{t0 + i} +0000", "GIT_AUTHOR_DATE": f"{t0 + i} +0000"}
         subprocess.run([*base, "commit", "-q", "-S", "--allow-empty", "-m", f"c{i}"], check=True, env=env)
-    shas = subprocess.run(["git", "-C", str(repo), "rev-list", "--reverse", "HEAD"], capture_output=True, text=True, check=True).stdout.split()
+    shas = subprocess.run(
+        ["git", "-C", str(repo), "rev-list", "--reverse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.split()
     return repo, signers, shas
 
 
@@ -82,13 +96,19 @@ def main() -> None:
         sample = shas[1 : 1 + min(n, 200)]
         t = time.perf_counter()
         for sha in sample:
-            subprocess.run(["git", "-C", str(repo), "-c", f"gpg.ssh.allowedSignersFile={signers}", "verify-commit", sha], check=True, capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(repo), "-c", f"gpg.ssh.allowedSignersFile={signers}", "verify-commit", sha],
+                check=True,
+                capture_output=True,
+            )
         per = (time.perf_counter() - t) / len(sample)
         base_s = per * n
         print(f"{n} commits, {os.cpu_count()} cores")
         print(f"  node   ChainVerifier.verify     {node_s:6.2f} s  ({node_s / n * 1000:5.2f} ms/commit)")
         print(f"  server range_problems          {server_s:6.2f} s  ({server_s / n * 1000:5.2f} ms/commit)")
-        print(f"  baseline git verify-commit x N {base_s:6.2f} s  ({per * 1000:5.2f} ms/commit, measured on {len(sample)})")
+        print(
+            f"  baseline git verify-commit x N {base_s:6.2f} s  ({per * 1000:5.2f} ms/commit, measured on {len(sample)})"
+        )
         print(f"  node/baseline {node_s / base_s:.2f}x, server/baseline {server_s / base_s:.2f}x")
 
 

@@ -60,7 +60,9 @@ def say(text: str) -> None:
 
 def submit_timed(node: MailNode, subject: str) -> tuple[float, float]:
     """(connect to 250-after-DATA, DATA phase alone) in seconds for one authenticated submission."""
-    msg = f"From: {ADDRESS}\r\nTo: someone@faraway.example\r\nSubject: {subject}\r\n\r\n" + "a line of the body\r\n" * 40
+    msg = (
+        f"From: {ADDRESS}\r\nTo: someone@faraway.example\r\nSubject: {subject}\r\n\r\n" + "a line of the body\r\n" * 40
+    )
     t0 = time.perf_counter()
     s = node.submission()
     try:
@@ -95,8 +97,12 @@ def measure(node: MailNode, label: str, n: int) -> tuple[list[float], list[float
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=40, help="measured submissions per configuration (default 40)")
-    ap.add_argument("--socket", choices=("inet", "unix"), default="inet",
-                    help="OpenDKIM's socket: inet:127.0.0.1:PORT (the bundle's default) or a unix socket")
+    ap.add_argument(
+        "--socket",
+        choices=("inet", "unix"),
+        default="inet",
+        help="OpenDKIM's socket: inet:127.0.0.1:PORT (the bundle's default) or a unix socket",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0 or (shutil.which("opendkim") is None and not Path("/usr/sbin/opendkim").exists()):
         print("needs root and opendkim (apt-get install opendkim opendkim-tools)", file=sys.stderr)
@@ -111,24 +117,41 @@ def main() -> int:
             key_dir = node.workdir / "dkim"
             pid = node.workdir / "opendkim.pid"
             conf = node.workdir / "opendkim.conf"
-            conf.write_text(opendkim_snippet(dkim_milter=milter, key_dir=str(key_dir), pid_file=str(pid),
-                                             user="", syslog=False, require_safe_keys=False))  # keys under /tmp
+            conf.write_text(
+                opendkim_snippet(
+                    dkim_milter=milter,
+                    key_dir=str(key_dir),
+                    pid_file=str(pid),
+                    user="",
+                    syslog=False,
+                    require_safe_keys=False,
+                )
+            )  # keys under /tmp
             signing = make_signing_key(tmp / "keys")
             repo = StateRepo(tmp / "repo", signing, mail_root=str(node.mail_root), uid=node.uid, gid=node.gid, format=2)
             repo.set_mailbox(ADDRESS, password_hash=bcrypt_hash(PASSWORD))
             repo.commit("bench")
             signers = write_allowed_signers(tmp / "allowed_signers", [signing])
             reload = f"[ ! -f {pid} ] || kill -USR1 $(cat {pid})"
-            ini = node.write_pi_pull_config(tmp / "pi-pull.ini", str(repo.bare), signers, name="bench01",
-                                            extra=f"[dkim]\nenabled = yes\nkey_dir = {key_dir}\nkey_owner =\npublish_wait = 0\nreload = {reload}\n")
+            ini = node.write_pi_pull_config(
+                tmp / "pi-pull.ini",
+                str(repo.bare),
+                signers,
+                name="bench01",
+                extra=f"[dkim]\nenabled = yes\nkey_dir = {key_dir}\nkey_owner =\npublish_wait = 0\nreload = {reload}\n",
+            )
             r = run_pi_pull(ini)
             assert r.returncode == 0, r.stderr
             sender_map = node.root / "current" / "postfix" / "sender_login_maps"
-            if not sender_map.exists() or ADDRESS not in sender_map.read_text():  # tests.mailnode.StateRepo renders no sender map
+            if (
+                not sender_map.exists() or ADDRESS not in sender_map.read_text()
+            ):  # tests.mailnode.StateRepo renders no sender map
                 own = tmp / "sender_login_maps"
                 own.write_text(f"{ADDRESS} {ADDRESS}\n")
                 subprocess.run(["postmap", "-c", str(node.postfix_dir), f"hash:{own}"], check=True)
-                subprocess.run(["postconf", "-c", str(node.postfix_dir), "-e", f"smtpd_sender_login_maps = hash:{own}"], check=True)
+                subprocess.run(
+                    ["postconf", "-c", str(node.postfix_dir), "-e", f"smtpd_sender_login_maps = hash:{own}"], check=True
+                )
             subprocess.run(["opendkim", "-x", str(conf)], check=True)
             if args.socket == "inet":
                 wait_port(milter_port)
@@ -169,14 +192,18 @@ def main() -> int:
                 os.kill(od_pid, signal.SIGTERM)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"one authenticated submission over STARTTLS on a real node, {args.n} per configuration (ms); milter socket {args.socket}")
+    print(
+        f"one authenticated submission over STARTTLS on a real node, {args.n} per configuration (ms); milter socket {args.socket}"
+    )
     print(f"{'configuration':34} {'total p50':>10} {'total p90':>10} {'DATA p50':>9} {'DATA p90':>9}")
     for name, (total, data) in results.items():
         print(f"{name:34} {ms(p50(total)):>10} {ms(p90(total)):>10} {ms(p50(data)):>9} {ms(p90(data)):>9}")
     a_t, b_t, c_t = (p50(results[k][0]) for k in results)
     a_d, b_d, c_d = (p50(results[k][1]) for k in results)
-    print(f"signing share (C-B, p50): total {ms(c_t - b_t)} ms, DATA {ms(c_d - b_d)} ms; whole milter (C-A): total {ms(c_t - a_t)} ms, "
-          f"DATA {ms(c_d - a_d)} ms; C/A total {c_t / a_t:.2f}x")
+    print(
+        f"signing share (C-B, p50): total {ms(c_t - b_t)} ms, DATA {ms(c_d - b_d)} ms; whole milter (C-A): total {ms(c_t - a_t)} ms, "
+        f"DATA {ms(c_d - a_d)} ms; C/A total {c_t / a_t:.2f}x"
+    )
     return 0
 
 

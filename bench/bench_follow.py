@@ -108,17 +108,26 @@ def _measure(out: list[float], node: MailNode, email: str, subject: str, t_api: 
 
 
 @contextlib.contextmanager
-def followers(nodes: list[MailNode], tmp: Path) -> Iterator[tuple[LiveServer, httpx.Client, httpx.Client, list[subprocess.Popen[bytes]]]]:
+def followers(
+    nodes: list[MailNode], tmp: Path
+) -> Iterator[tuple[LiveServer, httpx.Client, httpx.Client, list[subprocess.Popen[bytes]]]]:
     server, admin, project = start_server_for(nodes[0], tmp / "server")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, node in enumerate(nodes):
             cfg = provision_node(node, server, admin, tmp / f"etc{i}", name=f"follow{i}")
             text = cfg.read_text().replace(f"mail_root = {node.mail_root}", f"mail_root = {nodes[0].mail_root}")
-            cfg.write_text(text + "[agent]\ninterval = 60\n[lifecycle]\n" + ("purge = yes\n" if i == 0 else "purge = no\n"))
+            cfg.write_text(
+                text + "[agent]\ninterval = 60\n[lifecycle]\n" + ("purge = yes\n" if i == 0 else "purge = no\n")
+            )
             log = (tmp / f"follow{i}.log").open("w")
-            procs.append(subprocess.Popen([sys.executable, str(pi_pull_script()), "--config", str(cfg), "--follow"],
-                                          stdout=subprocess.DEVNULL, stderr=log))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(pi_pull_script()), "--config", str(cfg), "--follow"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            )
         yield server, admin, project, procs
     finally:
         for p in procs:
@@ -145,7 +154,10 @@ def bench_nodes(changes: int, tmp: Path) -> dict[str, float]:
             assert project.post("/v1/email-account/enable-email", json={"domain": "follow.example"}).status_code == 200
             # Warm-up: every node applied the domain once (first release, page cache).
             warm = "warm@follow.example"
-            assert project.post("/v1/email-account/add-user", json={"email": warm, "password": PASSWORD}).status_code == 201
+            assert (
+                project.post("/v1/email-account/add-user", json={"email": warm, "password": PASSWORD}).status_code
+                == 201
+            )
             t = time.perf_counter()
             for node in nodes:
                 readable(node, warm, "warm", t, t + 60)
@@ -156,7 +168,10 @@ def bench_nodes(changes: int, tmp: Path) -> dict[str, float]:
                 t_api = time.perf_counter()
                 assert r.status_code == 201, r.text
                 out: list[float] = []
-                threads = [threading.Thread(target=_measure, args=(out, n, email, f"change {i} node {k}", t_api)) for k, n in enumerate(nodes)]
+                threads = [
+                    threading.Thread(target=_measure, args=(out, n, email, f"change {i} node {k}", t_api))
+                    for k, n in enumerate(nodes)
+                ]
                 for th in threads:
                     th.start()
                 for th in threads:
@@ -258,8 +273,10 @@ def waiter_child(port: int, head: str) -> None:
                 await asyncio.sleep(0.5)
                 continue
             try:
-                writer.write(f"GET /v1/nodes/wait?head={head}&timeout=55 HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
-                             "Connection: close\r\n\r\n".encode())
+                writer.write(
+                    f"GET /v1/nodes/wait?head={head}&timeout=55 HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
                 await writer.drain()
                 armed += 1
                 out(f"armed {armed}")
@@ -287,7 +304,9 @@ def statement_head(admin: httpx.Client) -> str:
     return str(admin.get("/v1/health").json()["statement"]["head"])
 
 
-def timed_writes(admin: httpx.Client, n: int, tag: str, waiters: Waiters | None = None) -> tuple[list[float], list[float], list[float]]:
+def timed_writes(
+    admin: httpx.Client, n: int, tag: str, waiters: Waiters | None = None
+) -> tuple[list[float], list[float], list[float]]:
     """n add-domain writes: their latencies, and (with waiters) the fan-out from answer / from send to the last woken."""
     lat: list[float] = []
     fan: list[float] = []
@@ -370,20 +389,32 @@ def main() -> None:
         if not args.skip_nodes:
             say(f"phase 1: three follow-mode nodes, {args.changes} changes")
             r = bench_nodes(args.changes, tmp)
-            print(f"follow mode, API answer -> mail readable over IMAP, 3 nodes x {args.changes} changes ({r['samples']:.0f} samples):")
-            print(f"  p50 {r['p50']:.2f} s   p99 {r['p99']:.2f} s   max {r['max']:.2f} s   mean {r['mean']:.2f} s   (targets p50 <= 2 s, p99 <= 5 s)")
-            print(f"  timer only (every {TIMER_INTERVAL:.0f} s, computed): mean {r['timer_mean']:.1f} s, worst {r['timer_worst']:.1f} s "
-                  f"(interval/2 resp. interval + the p50 above); follow mode's p50 is {r['timer_mean'] / r['p50']:.0f}x faster on average")
+            print(
+                f"follow mode, API answer -> mail readable over IMAP, 3 nodes x {args.changes} changes ({r['samples']:.0f} samples):"
+            )
+            print(
+                f"  p50 {r['p50']:.2f} s   p99 {r['p99']:.2f} s   max {r['max']:.2f} s   mean {r['mean']:.2f} s   (targets p50 <= 2 s, p99 <= 5 s)"
+            )
+            print(
+                f"  timer only (every {TIMER_INTERVAL:.0f} s, computed): mean {r['timer_mean']:.1f} s, worst {r['timer_worst']:.1f} s "
+                f"(interval/2 resp. interval + the p50 above); follow mode's p50 is {r['timer_mean'] / r['p50']:.0f}x faster on average"
+            )
         if not args.skip_waiters:
             say(f"phase 2: a server holding {args.waiters} waiting nodes")
             w = bench_waiters(args.waiters, args.writes, tmp)
             print(f"server with {w['waiters']:.0f} waiting nodes (raw-socket long polls, this machine):")
-            print(f"  RSS {w['rss0_mb']:.1f} MB without waiters, {w['rss1_mb']:.1f} MB with them (+{w['rss1_mb'] - w['rss0_mb']:.1f} MB, "
-                  f"{(w['rss1_mb'] - w['rss0_mb']) * 1024 / w['waiters']:.1f} KB each), {w['rss2_mb']:.1f} MB after {args.writes} wake-ups")
-            print(f"  write p50 {ms(w['write_p50_none'])} ms without waiters, {ms(w['write_p50_many'])} ms with {w['waiters']:.0f} "
-                  f"({w['write_p50_many'] / w['write_p50_none']:.2f}x)")
-            print(f"  fan-out, API answer -> last waiter answered: p50 {ms(w['fan_p50'])} ms, max {ms(w['fan_max'])} ms "
-                  f"(from the request sent: p50 {ms(w['fan_send_p50'])} ms); waiter errors: {w['errors']:.0f}")
+            print(
+                f"  RSS {w['rss0_mb']:.1f} MB without waiters, {w['rss1_mb']:.1f} MB with them (+{w['rss1_mb'] - w['rss0_mb']:.1f} MB, "
+                f"{(w['rss1_mb'] - w['rss0_mb']) * 1024 / w['waiters']:.1f} KB each), {w['rss2_mb']:.1f} MB after {args.writes} wake-ups"
+            )
+            print(
+                f"  write p50 {ms(w['write_p50_none'])} ms without waiters, {ms(w['write_p50_many'])} ms with {w['waiters']:.0f} "
+                f"({w['write_p50_many'] / w['write_p50_none']:.2f}x)"
+            )
+            print(
+                f"  fan-out, API answer -> last waiter answered: p50 {ms(w['fan_p50'])} ms, max {ms(w['fan_max'])} ms "
+                f"(from the request sent: p50 {ms(w['fan_send_p50'])} ms); waiter errors: {w['errors']:.0f}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

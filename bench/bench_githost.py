@@ -77,7 +77,9 @@ def postfix_dir(tmp: Path) -> Path:
     return d
 
 
-def write_config(path: Path, root: Path, url: str, signers: Path, settings: dict[str, object], *, name: str, key_file: Path | None) -> Path:
+def write_config(
+    path: Path, root: Path, url: str, signers: Path, settings: dict[str, object], *, name: str, key_file: Path | None
+) -> Path:
     root.mkdir(parents=True, mode=0o755)
     try:
         group = "dovecot" if grp.getgrnam("dovecot") else ""
@@ -102,7 +104,12 @@ def write_config(path: Path, root: Path, url: str, signers: Path, settings: dict
 
 def tick(node: Node) -> float:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, str(pi_pull_script()), "--config", str(node.cfg), "--once"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(pi_pull_script()), "--config", str(node.cfg), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     took = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{node.name} tick exited {r.returncode}: {r.stderr[-2000:]}")
@@ -111,14 +118,26 @@ def tick(node: Node) -> float:
 
 def ls_remote(node: Node) -> float:
     t = time.perf_counter()
-    r = subprocess.run(["git", "ls-remote", node.url, "refs/mailstate/accepted"], capture_output=True, text=True, env=node.env, timeout=60)
+    r = subprocess.run(
+        ["git", "ls-remote", node.url, "refs/mailstate/accepted"],
+        capture_output=True,
+        text=True,
+        env=node.env,
+        timeout=60,
+    )
     took = time.perf_counter() - t
     if r.returncode != 0 or "refs/mailstate/accepted" not in r.stdout:
         raise RuntimeError(f"{node.name} ls-remote: {r.stderr[-1000:]}")
     return took
 
 
-def rounds(nodes: list[Node], n: int, each: Callable[[Node], float], into: Callable[[Node], list[float]], before: Callable[[], None] | None = None) -> None:
+def rounds(
+    nodes: list[Node],
+    n: int,
+    each: Callable[[Node], float],
+    into: Callable[[Node], list[float]],
+    before: Callable[[], None] | None = None,
+) -> None:
     """n rounds; each round runs `each` once per node, starting with a different node each time."""
     for i in range(n):
         if before is not None:
@@ -155,7 +174,11 @@ def run(args: argparse.Namespace, tmp: Path, host: GitHost) -> list[Node]:
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
         auth = base64.b64encode(f"bench-srv:{key}".encode()).decode()
-        basic = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader", "GIT_CONFIG_VALUE_0": f"Authorization: Basic {auth}"}
+        basic = {
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": "http.extraHeader",
+            "GIT_CONFIG_VALUE_0": f"Authorization: Basic {auth}",
+        }
         urls = {"server": f"{server.url}/v1/nodes/state.git", "ssh": host.ssh_url(), "http": host.http_url()}
         nodes = []
         for name in TRANSPORTS:
@@ -187,9 +210,13 @@ def run(args: argparse.Namespace, tmp: Path, host: GitHost) -> list[Node]:
 def report(args: argparse.Namespace, nodes: list[Node]) -> None:
     base = nodes[0]
     print(f"bench_githost: {args.mailboxes} mailboxes; node tick (`pi_pull.py --once`, whole process) per transport")
-    print("  server = mailstate's /v1/nodes/state.git (sync key); ssh = sshd + git-shell; http = nginx + fcgiwrap + git http-backend")
+    print(
+        "  server = mailstate's /v1/nodes/state.git (sync key); ssh = sshd + git-shell; http = nginx + fcgiwrap + git http-backend"
+    )
     print()
-    print("| transport | first apply | no-op tick p50 / p90 | one-mailbox apply p50 / p90 | ls-remote p50 | no-op vs server | apply vs server |")
+    print(
+        "| transport | first apply | no-op tick p50 / p90 | one-mailbox apply p50 / p90 | ls-remote p50 | no-op vs server | apply vs server |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in nodes:
         print(

@@ -59,12 +59,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 20
 
 
-
-
-
-
-
-
 def timed(fn: Callable[[], Any], n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -170,12 +164,16 @@ class Remote:
 def interleaved(bare: Bare, remote: Remote, info: SeedInfo, writes: int, reads: int) -> dict[str, list[float]]:
     """Alternate bare and HTTP calls of the same operation on identical states, so that load
     from anything else on the machine hits both sides alike."""
-    out: dict[str, list[float]] = {k: [] for k in ("bare_write", "http_write", "server_write", "bare_read", "http_read", "server_read")}
+    out: dict[str, list[float]] = {
+        k: [] for k in ("bare_write", "http_write", "server_write", "bare_read", "http_read", "server_read")
+    }
     emails = iter(info.emails)
     domains = info.domains
     for i in range(WARMUP + writes):
         email = next(emails)
-        for side, fn in (("bare", bare.write), ("http", remote.write)) if i % 2 else (("http", remote.write), ("bare", bare.write)):
+        for side, fn in (
+            (("bare", bare.write), ("http", remote.write)) if i % 2 else (("http", remote.write), ("bare", bare.write))
+        ):
             t = time.perf_counter()
             fn(email)
             took = time.perf_counter() - t
@@ -185,7 +183,9 @@ def interleaved(bare: Bare, remote: Remote, info: SeedInfo, writes: int, reads: 
                     out["server_write"].append(remote.server_s)
     for i in range(WARMUP + reads):
         domain = domains[(i * 7919) % len(domains)]
-        for side, get in (("bare", bare.read), ("http", remote.read)) if i % 2 else (("http", remote.read), ("bare", bare.read)):
+        for side, get in (
+            (("bare", bare.read), ("http", remote.read)) if i % 2 else (("http", remote.read), ("bare", bare.read))
+        ):
             t = time.perf_counter()
             get(domain)
             took = time.perf_counter() - t
@@ -213,7 +213,10 @@ def parallel_bcrypt_rate(cost: int, threads: int, per_thread: int = 4) -> float:
     """Hashes per second with `threads` threads hashing flat out: what the machine gives now
     (bcrypt releases the GIL), for reading the ratio on a machine with other load."""
     salt = bcrypt.gensalt(rounds=cost, prefix=b"2b")
-    workers = [threading.Thread(target=lambda: [bcrypt.hashpw(b"bench password 1", salt) for _ in range(per_thread)]) for _ in range(threads)]
+    workers = [
+        threading.Thread(target=lambda: [bcrypt.hashpw(b"bench password 1", salt) for _ in range(per_thread)])
+        for _ in range(threads)
+    ]
     t = time.perf_counter()
     for w in workers:
         w.start()
@@ -233,7 +236,9 @@ def throughput(server: Server, token: str, info: SeedInfo, clients: int, adds: i
 
     def worker(k: int) -> None:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
-            r = c.post(f"{API}/add-user", json={"email": warm[k], "password": "bench password 1"})  # warm the connection
+            r = c.post(
+                f"{API}/add-user", json={"email": warm[k], "password": "bench password 1"}
+            )  # warm the connection
             if r.status_code != 201:
                 errors.append(r.text)
             start.wait()
@@ -278,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mailstate-bench-http-")) / "data"
     log = root.parent / "bench_http.server.log"
     cores = os.cpu_count() or 1
-    print(f"# bench_http: {args.mailboxes} mailboxes ({args.per_domain}/domain), {cores} cores, {platform.python_implementation()} {platform.python_version()}")
+    print(
+        f"# bench_http: {args.mailboxes} mailboxes ({args.per_domain}/domain), {cores} cores, {platform.python_implementation()} {platform.python_version()}"
+    )
     try:
         info = seed_state(root, args.mailboxes, args.per_domain)
         need = args.writes + WARMUP
@@ -321,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         fig[f"http_{kind}_p50_ms"] = p50(r[f"http_{kind}"]) * 1000
         fig[f"{kind}_overhead_p50_ms"] = fig[f"http_{kind}_p50_ms"] - fig[f"bare_{kind}_p50_ms"]
         fig[f"server_{kind}_op_p50_ms"] = p50(r[f"server_{kind}"]) * 1000
-        fig[f"{kind}_http_minus_server_op_p50_ms"] = p50([a - o for a, o in zip(r[f"http_{kind}"], r[f"server_{kind}"], strict=True)]) * 1000
+        fig[f"{kind}_http_minus_server_op_p50_ms"] = (
+            p50([a - o for a, o in zip(r[f"http_{kind}"], r[f"server_{kind}"], strict=True)]) * 1000
+        )
     figures: dict[str, Any] = {
         "mailboxes": info.mailboxes,
         "domains": len(info.domains),
@@ -342,21 +351,31 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_parallel_bcrypt": rate / machine_rate,
     }
     print()
-    print(f"{'':28}{'bare p50':>9}{'bare p90':>9}{'HTTP p50':>9}{'HTTP p90':>9}{'overhead':>10}{'in-server op':>14}{'HTTP-op':>9}")
+    print(
+        f"{'':28}{'bare p50':>9}{'bare p90':>9}{'HTTP p50':>9}{'HTTP p90':>9}{'overhead':>10}{'in-server op':>14}{'HTTP-op':>9}"
+    )
     for kind, label in (("write", "write: remove-user (soft)"), ("read", "read: list-users?domain=")):
         b, h = r[f"bare_{kind}"], r[f"http_{kind}"]
         row = f"{ms(p50(b)):>9}{ms(p90(b)):>9}{ms(p50(h)):>9}{ms(p90(h)):>9}"
         row += f"{fig[f'{kind}_overhead_p50_ms']:>10.2f}{fig[f'server_{kind}_op_p50_ms']:>14.2f}{fig[f'{kind}_http_minus_server_op_p50_ms']:>9.2f}"
         print(f"{label:28}{row}")
-    print(f"(ms; {args.writes} writes / {args.reads} reads per side after {WARMUP} warm-up calls, bare and HTTP calls alternating)")
+    print(
+        f"(ms; {args.writes} writes / {args.reads} reads per side after {WARMUP} warm-up calls, bare and HTTP calls alternating)"
+    )
     print("overhead = HTTP p50 - bare p50 (target <= 2 ms). bare runs on a copy of the data dir in this process;")
     print("in-server op = Store.execute inside the server incl. the thread hop (Server-Timing); HTTP-op = per request,")
     print("client round trip minus that: what the HTTP edge alone adds.")
     print()
-    print(f"add-user throughput, {args.clients} clients, bcrypt cost {args.cost}: {args.adds} calls in {wall:.2f}s = {rate:.2f}/s")
-    print(f"bcrypt time (1 thread, median of 5): {ms(bt)} ms before, {ms(bt_after)} ms after; limit = {cores} cores / {ms(bt)} ms = {limit:.2f}/s")
+    print(
+        f"add-user throughput, {args.clients} clients, bcrypt cost {args.cost}: {args.adds} calls in {wall:.2f}s = {rate:.2f}/s"
+    )
+    print(
+        f"bcrypt time (1 thread, median of 5): {ms(bt)} ms before, {ms(bt_after)} ms after; limit = {cores} cores / {ms(bt)} ms = {limit:.2f}/s"
+    )
     print(f"ratio = {rate:.2f} / {limit:.2f} = {rate / limit:.2f}   (target >= 0.8)")
-    print(f"(for reference: {cores} threads doing nothing but bcrypt reach {machine_rate:.2f}/s on this machine right now;")
+    print(
+        f"(for reference: {cores} threads doing nothing but bcrypt reach {machine_rate:.2f}/s on this machine right now;"
+    )
     print(f" add-user throughput is {rate / machine_rate:.2f} of that)")
     if args.json:
         print(json.dumps(figures, indent=2))

@@ -52,7 +52,7 @@ from bench.seed import domain_names  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HASH = "{BLF-CRYPT}$2b$04$" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0"
 
-DRIVER = r'''
+DRIVER = r"""
 import io, json, os, sys, time
 t0 = time.perf_counter()
 agent_dir, root, tip, buckets, mail_root = sys.argv[1:6]
@@ -80,7 +80,7 @@ rel.prune(st)
 t2 = time.perf_counter()
 json.dump(st, open(stf, "w"))
 print(json.dumps({"inproc": t2 - t1, "imports": t1 - t0, "domains": manifest["domains"], "mailboxes": manifest["mailboxes"]}))
-'''
+"""
 
 
 def say(msg: str) -> None:
@@ -118,8 +118,13 @@ class Seeder:
         base = f"rendered/domains/{d[:2]}/{d}"
         boxes = sorted(self.boxes[d])
         out = [
-            blob(f"{base}/passwd", "".join(
-                f"{loc}@{d}:{HASH}:5000:5000::{self.root}/{d}/{loc}~{i}::userdb_quota_rule=*:storage=1024M\n" for loc, i in boxes)),
+            blob(
+                f"{base}/passwd",
+                "".join(
+                    f"{loc}@{d}:{HASH}:5000:5000::{self.root}/{d}/{loc}~{i}::userdb_quota_rule=*:storage=1024M\n"
+                    for loc, i in boxes
+                ),
+            ),
             blob(f"{base}/virtual_mailbox_maps", "".join(f"{loc}@{d} {d}/{loc}~{i}/\n" for loc, i in boxes)),
             blob(f"{base}/mailboxes", "".join(f"{loc} {i} active\n" for loc, i in boxes)),
         ]
@@ -127,9 +132,12 @@ class Seeder:
 
     def commit(self, body: list[bytes], message: str) -> str:
         self.mark += 1
-        head = [b"commit refs/heads/main\n", f"mark :{self.mark}\n".encode(),
-                b"committer bench <bench@example.invalid> 1764547200 +0000\n",
-                f"data {len(message)}\n{message}\n".encode()]
+        head = [
+            b"commit refs/heads/main\n",
+            f"mark :{self.mark}\n".encode(),
+            b"committer bench <bench@example.invalid> 1764547200 +0000\n",
+            f"data {len(message)}\n{message}\n".encode(),
+        ]
         if self.mark > 1:
             head.append(f"from :{self.mark - 1}\n".encode())
         return self._run(b"".join(head) + b"".join(body) + b"\n")
@@ -142,8 +150,11 @@ class Seeder:
 
     def __enter__(self) -> Seeder:
         subprocess.run(["git", "init", "--quiet", "--bare", str(self.repo)], check=True)
-        self._proc = subprocess.Popen(["git", "--git-dir", str(self.repo), "fast-import", "--quiet", "--done"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._proc = subprocess.Popen(
+            ["git", "--git-dir", str(self.repo), "fast-import", "--quiet", "--done"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,8 +168,12 @@ class Seeder:
             body += self.files(d)
             body.append(blob(f"rendered/domains/{d[:2]}/{d}/virtual_mailbox_domains", f"{d} OK\n"))
             if k % 10 == 0:
-                body.append(blob(f"rendered/domains/{d[:2]}/{d}/virtual_alias_maps",
-                                 f"info@{d} user0@{d},someone@elsewhere.example\n"))
+                body.append(
+                    blob(
+                        f"rendered/domains/{d[:2]}/{d}/virtual_alias_maps",
+                        f"info@{d} user0@{d},someone@elsewhere.example\n",
+                    )
+                )
         return self.commit(body, "seed")
 
     def one_mailbox(self, rng: random.Random, k: int) -> str:
@@ -168,10 +183,17 @@ class Seeder:
         return self.commit(self.files(d), f"add bench{k}@{d}")
 
 
-def run_apply(python: str, agent_dir: Path, root: Path, tip: str, buckets: int, mail_root: Path, etc: Path) -> dict[str, float]:
+def run_apply(
+    python: str, agent_dir: Path, root: Path, tip: str, buckets: int, mail_root: Path, etc: Path
+) -> dict[str, float]:
     t = time.perf_counter()
-    r = subprocess.run([python, "-c", DRIVER, str(agent_dir), str(root), tip, str(buckets), str(mail_root)], capture_output=True,
-                       text=True, env=os.environ | {"BENCH_POSTFIX_ETC": str(etc)}, timeout=3600)
+    r = subprocess.run(
+        [python, "-c", DRIVER, str(agent_dir), str(root), tip, str(buckets), str(mail_root)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"BENCH_POSTFIX_ETC": str(etc)},
+        timeout=3600,
+    )
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"apply failed ({root.name}):\n{r.stderr[-3000:]}")
@@ -213,7 +235,9 @@ def main() -> int:
             ap.error(f"the {wanted} variants need --{'baseline' if wanted == 'old' else 'before'} REV")
         shutil.rmtree(where, ignore_errors=True)
         where.mkdir()
-        arch = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", rev, "pi-pull/pipull"], capture_output=True, check=True)
+        arch = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", rev, "pi-pull/pipull"], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(where), "--strip-components=1"], input=arch.stdout, check=True)
     t_all = time.perf_counter()
     try:
@@ -226,11 +250,21 @@ def main() -> int:
                 commits = [seeder.seed()]
                 commits += [seeder.one_mailbox(rng, k) for k in range(args.changes + 1)]
             subprocess.run(["git", "--git-dir", str(repo), "repack", "-adq"], check=True)
-            say(f"seeded {size} mailboxes ({len(seeder.domains)} domains) + {args.changes + 1} changes in {time.perf_counter() - t:.1f} s")
+            say(
+                f"seeded {size} mailboxes ({len(seeder.domains)} domains) + {args.changes + 1} changes in {time.perf_counter() - t:.1f} s"
+            )
             rows = []
             for variant in args.variants.split(","):
-                buckets = 0 if variant in ("old", "flat") else int(variant.removeprefix("buckets").removeprefix("before"))
-                agent_dir = baseline_dir if variant == "old" else before_dir if variant.startswith("before") else REPO_ROOT / "pi-pull"
+                buckets = (
+                    0 if variant in ("old", "flat") else int(variant.removeprefix("buckets").removeprefix("before"))
+                )
+                agent_dir = (
+                    baseline_dir
+                    if variant == "old"
+                    else before_dir
+                    if variant.startswith("before")
+                    else REPO_ROOT / "pi-pull"
+                )
                 root = tmp / f"node-{size}-{variant}"
                 shutil.rmtree(root, ignore_errors=True)
                 root.mkdir()
@@ -243,15 +277,21 @@ def main() -> int:
                 say(f"{size} {variant}: one-mailbox apply p50 {p50([a['wall'] for a in applies]):.3f} s")
                 rows.append((variant, first, applies, du(root)))
             base = next((r for r in rows if r[0] == "old"), rows[0])
-            print(f"\n## {size} mailboxes ({size // 5} domains), {args.changes} one-mailbox applies per variant, python {args.python}")
-            print(f"{'variant':<11}{'first apply':>12}{'(in-proc)':>11}{'apply p50':>11}{'p90':>8}{'in-proc p50':>13}{'vs old':>8}"
-                  f"{'imports':>9}{'disk':>9}")
+            print(
+                f"\n## {size} mailboxes ({size // 5} domains), {args.changes} one-mailbox applies per variant, python {args.python}"
+            )
+            print(
+                f"{'variant':<11}{'first apply':>12}{'(in-proc)':>11}{'apply p50':>11}{'p90':>8}{'in-proc p50':>13}{'vs old':>8}"
+                f"{'imports':>9}{'disk':>9}"
+            )
             for variant, first, applies, disk in rows:
                 wall = p50([a["wall"] for a in applies])
                 ratio = wall / p50([a["wall"] for a in base[2]])
-                print(f"{variant:<11}{first['wall']:>10.2f} s{first['inproc']:>9.2f} s{wall * 1000:>8.0f} ms"
-                      f"{p90([a['wall'] for a in applies]) * 1000:>6.0f} ms{p50([a['inproc'] for a in applies]) * 1000:>10.0f} ms"
-                      f"{ratio:>7.2f}x{p50([a['imports'] for a in applies]) * 1000:>6.0f} ms{disk / 1e6:>7.0f} MB")
+                print(
+                    f"{variant:<11}{first['wall']:>10.2f} s{first['inproc']:>9.2f} s{wall * 1000:>8.0f} ms"
+                    f"{p90([a['wall'] for a in applies]) * 1000:>6.0f} ms{p50([a['inproc'] for a in applies]) * 1000:>10.0f} ms"
+                    f"{ratio:>7.2f}x{p50([a['imports'] for a in applies]) * 1000:>6.0f} ms{disk / 1e6:>7.0f} MB"
+                )
             sys.stdout.flush()
             if not args.keep:
                 # Only now: on this ext4, creating inodes right after deleting many is several times

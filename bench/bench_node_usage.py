@@ -107,7 +107,9 @@ def build_mirror(mirror: Path, boxes: list[tuple[str, str, str]]) -> str:
         out.append(b"M 100644 :%d %s/mailboxes\n" % (m, base))
     out.append(b"\n")
     subprocess.run(["git", "--git-dir", str(mirror), "fast-import", "--quiet"], input=b"".join(out), check=True)
-    return subprocess.run(["git", "--git-dir", str(mirror), "rev-parse", "main"], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "--git-dir", str(mirror), "rev-parse", "main"], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def naive_walk(root: Path) -> tuple[int, int]:
@@ -125,7 +127,9 @@ def deliver(mail_root: Path, boxes: list[tuple[str, str, str]], picks: range, ta
     """One new message (``,S=1000``) in new/ of every picked mailbox; the bytes added."""
     for i in picks:
         domain, local, bid = boxes[i]
-        (mail_root / domain / f"{local}~{bid}" / "Maildir" / "new" / f"1700000300.M{i}P{tag}.bench,S=1000").write_bytes(b"")
+        (mail_root / domain / f"{local}~{bid}" / "Maildir" / "new" / f"1700000300.M{i}P{tag}.bench,S=1000").write_bytes(
+            b""
+        )
     return 1000 * len(picks)
 
 
@@ -139,8 +143,14 @@ def bench_usage(pipull: ModuleType, n: int, repeat: int, tmp: Path, budget: floa
     node_root.mkdir()
     sha = build_mirror(node_root / "mirror.git", boxes)
     log(f"  built in {time.monotonic() - t0:.1f}s")
-    cfg = pipull.config.Config(remote_url="/unused", root=str(node_root), mail_root=str(mail_root), mail_uid=1, mail_gid=1,
-                               report_url="http://127.0.0.1:9/unused")
+    cfg = pipull.config.Config(
+        remote_url="/unused",
+        root=str(node_root),
+        mail_root=str(mail_root),
+        mail_uid=1,
+        mail_gid=1,
+        report_url="http://127.0.0.1:9/unused",
+    )
     cfg.usage_budget_s = budget
     quiet = logging.getLogger("bench-usage")
     quiet.addHandler(logging.NullHandler())
@@ -220,8 +230,13 @@ def bench_usage(pipull: ModuleType, n: int, repeat: int, tmp: Path, budget: floa
     total[0] += deliver(mail_root, boxes, range(n - one, n), "t")
     total[1] += one
     warm = ticks()
-    r.update(tick_first_max=max(cold), tick_first_n=len(cold), tick_inc_max=max(warm), tick_inc_n=len(warm),
-             cache_bytes=sum(p.stat().st_size for p in cache.iterdir()))
+    r.update(
+        tick_first_max=max(cold),
+        tick_first_n=len(cold),
+        tick_inc_max=max(warm),
+        tick_inc_n=len(warm),
+        cache_bytes=sum(p.stat().st_size for p in cache.iterdir()),
+    )
     shutil.rmtree(work, ignore_errors=True)
     return r
 
@@ -287,23 +302,40 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"no-op tick, whole process (median / p90 of {args.ticks}; lifecycle on, 50 graveyard entries listed, none due):")
-    rows = [("python3 pi_pull.py --once (no-op)", noop["tick"]), ("baseline: python3 -c pass", noop["py_pass"]),
-            ("baseline: python3 pi_pull.py --help", noop["py_help"])]
+    print(
+        f"no-op tick, whole process (median / p90 of {args.ticks}; lifecycle on, 50 graveyard entries listed, none due):"
+    )
+    rows = [
+        ("python3 pi_pull.py --once (no-op)", noop["tick"]),
+        ("baseline: python3 -c pass", noop["py_pass"]),
+        ("baseline: python3 pi_pull.py --help", noop["py_help"]),
+    ]
     for name, values in rows:
         print(f"  {name:<42} {ms(p50(values), 1):>8} ms  {ms(p90(values), 1):>8} ms")
     tick = p50(noop["tick"])
-    print(f"  no-op tick - python3 -c pass: {ms(tick - p50(noop['py_pass']), 1)} ms; budget 200 ms: {'OK' if tick <= 0.2 else 'OVER'}")
+    print(
+        f"  no-op tick - python3 -c pass: {ms(tick - p50(noop['py_pass']), 1)} ms; budget 200 ms: {'OK' if tick <= 0.2 else 'OVER'}"
+    )
     print()
-    print(f"usage measurement (median of {args.repeat}, page cache warm after the first old walk; budget {args.budget:g} s per tick):")
+    print(
+        f"usage measurement (median of {args.repeat}, page cache warm after the first old walk; budget {args.budget:g} s per tick):"
+    )
     print("  old = the previous code: every cur/new folder of every mailbox listed in one tick (usage.measure)")
     for n, r in usage.items():
         old = r["old"]
-        print(f"  {n} mailboxes: old full walk {ms(old, 0)} ms (git listing of the mailboxes {ms(r['git'], 0)} ms, once per pass)")
+        print(
+            f"  {n} mailboxes: old full walk {ms(old, 0)} ms (git listing of the mailboxes {ms(r['git'], 0)} ms, once per pass)"
+        )
         print(f"    first full pass (empty cache)      {ms(r['first'], 0):>8} ms  {r['first'] / old:>6.2f}x old")
-        print(f"    incremental pass, 1% changed       {ms(r['inc'], 0):>8} ms  {r['inc'] / old:>6.2f}x old  ({r['inc_listed']:.0f} listings)")
-        print(f"    per tick, first pass, max{ms(r['tick_first_max'], 0):>17} ms  {r['tick_first_max'] / old:>6.2f}x old  ({r['tick_first_n']:.0f} ticks)")
-        print(f"    per tick, incr. pass, max{ms(r['tick_inc_max'], 0):>17} ms  {r['tick_inc_max'] / old:>6.2f}x old  ({r['tick_inc_n']:.0f} ticks)")
+        print(
+            f"    incremental pass, 1% changed       {ms(r['inc'], 0):>8} ms  {r['inc'] / old:>6.2f}x old  ({r['inc_listed']:.0f} listings)"
+        )
+        print(
+            f"    per tick, first pass, max{ms(r['tick_first_max'], 0):>17} ms  {r['tick_first_max'] / old:>6.2f}x old  ({r['tick_first_n']:.0f} ticks)"
+        )
+        print(
+            f"    per tick, incr. pass, max{ms(r['tick_inc_max'], 0):>17} ms  {r['tick_inc_max'] / old:>6.2f}x old  ({r['tick_inc_n']:.0f} ticks)"
+        )
         print(f"    cache on disk                      {r['cache_bytes'] / 1e6:>8.1f} MB")
     return 0
 

@@ -80,12 +80,6 @@ def say(msg: str) -> None:
     print(f"[bench_pi_pull] {msg}", file=sys.stderr, flush=True)
 
 
-
-
-
-
-
-
 # --- the node side ---------------------------------------------------------------------------
 
 
@@ -132,8 +126,16 @@ def node_side(tmp: Path, map_buckets: int) -> Iterator[NodeSide]:
     why = mail_node_available()
     if not why:
         with running_mailnode(map_buckets=map_buckets) as node:
-            yield NodeSide(node.root, node.postmap, node.postfix_reload, node.dovecot_reload, node.map_type, "dovecot", node,
-                           map_buckets)
+            yield NodeSide(
+                node.root,
+                node.postmap,
+                node.postfix_reload,
+                node.dovecot_reload,
+                node.map_type,
+                "dovecot",
+                node,
+                map_buckets,
+            )
         return
     say(f"no real mail node ({why}); reloads are `true`")
     have_postmap = shutil.which("postmap") or Path("/usr/sbin/postmap").exists()
@@ -141,11 +143,21 @@ def node_side(tmp: Path, map_buckets: int) -> Iterator[NodeSide]:
         group = "dovecot" if grp.getgrnam("dovecot") else ""
     except KeyError:
         group = ""
-    yield NodeSide(tmp / "node", "postmap", "true", "true", "hash" if have_postmap else "texthash", group, None,
-                   map_buckets if have_postmap else 0)
+    yield NodeSide(
+        tmp / "node",
+        "postmap",
+        "true",
+        "true",
+        "hash" if have_postmap else "texthash",
+        group,
+        None,
+        map_buckets if have_postmap else 0,
+    )
 
 
-def provision(server: LiveServer, admin: httpx.Client, node: NodeSide, etc: Path, name: str, keep_releases: int) -> Path:
+def provision(
+    server: LiveServer, admin: httpx.Client, node: NodeSide, etc: Path, name: str, keep_releases: int
+) -> Path:
     """add-node -> key file 0600 -> a copy of allowed_signers -> pi-pull.ini (as tests/test_e2e_serve.py)."""
     r = admin.post(f"{API}/add-node", json={"name": name, "ip_address": "127.0.0.1"})
     assert r.status_code == 201, r.text
@@ -204,7 +216,9 @@ class Tick:
 
 def run_tick(python: str, cfg: Path, expect: str = "") -> Tick:
     t = time.perf_counter()
-    r = subprocess.run([python, str(PI_PULL), "--config", str(cfg), "--once"], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [python, str(PI_PULL), "--config", str(cfg), "--once"], capture_output=True, text=True, timeout=1800
+    )
     wall = time.perf_counter() - t
     last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
     if r.returncode != 0 or expect not in last:
@@ -244,7 +258,19 @@ def load_pi_pull() -> ModuleType:
     return importlib.import_module("pipull")
 
 
-GIT_SUBCOMMANDS = ("ls-remote", "fetch", "rev-parse", "verify-commit", "merge-base", "ls-tree", "cat-file", "update-ref", "gc", "init", "--version")
+GIT_SUBCOMMANDS = (
+    "ls-remote",
+    "fetch",
+    "rev-parse",
+    "verify-commit",
+    "merge-base",
+    "ls-tree",
+    "cat-file",
+    "update-ref",
+    "gc",
+    "init",
+    "--version",
+)
 
 
 class Instrumented:
@@ -323,7 +349,12 @@ def breakdown(samples: list[dict[str, float]], build: bool) -> list[tuple[str, f
     rows: list[tuple[str, float]] = []
     inside_build = ("git ls-tree", "git cat-file", "postmap")
     if build:
-        rows.append(("build_release in Python (stream+validate, link, maps)", med.get("[build_release]", 0.0) - sum(med.get(k, 0.0) for k in inside_build)))
+        rows.append(
+            (
+                "build_release in Python (stream+validate, link, maps)",
+                med.get("[build_release]", 0.0) - sum(med.get(k, 0.0) for k in inside_build),
+            )
+        )
     named = [k for k in keys if not k.startswith("[")]
     rows += [(k, med[k]) for k in named]
     rows.append(("rest (state, lock, digests, python)", med["[tick]"] - sum(v for _, v in rows)))
@@ -395,7 +426,17 @@ def phase_small(tmp: Path, node: NodeSide, python: str, ticks: int, propagations
         url = f"{server.url}/v1/nodes/state.git"
         mirror = tmp / "small" / "baseline.git"
         subprocess.run(["git", "init", "-q", "--bare", str(mirror)], check=True)
-        fetch = ["git", "--git-dir", str(mirror), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", url, "+refs/mailstate/accepted:refs/bench/accepted"]
+        fetch = [
+            "git",
+            "--git-dir",
+            str(mirror),
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            url,
+            "+refs/mailstate/accepted:refs/bench/accepted",
+        ]
         env = bare_fetch_env("bench-small", key)
         subprocess.run(fetch, check=True, capture_output=True, env=env)
 
@@ -422,7 +463,9 @@ def phase_small(tmp: Path, node: NodeSide, python: str, ticks: int, propagations
         pp = load_pi_pull()
         inst = Instrumented(pp)
         samples = [inst.tick(cfg) for _ in range(ticks)]
-        res = SmallResults(first, walls, logged, py_pass, py_help, py_import, git_fetch, breakdown(samples, build=False))
+        res = SmallResults(
+            first, walls, logged, py_pass, py_help, py_import, git_fetch, breakdown(samples, build=False)
+        )
 
         if node.mail:
             say("phase 3: propagation")
@@ -535,7 +578,19 @@ def phase_size(tmp: Path, node: NodeSide, python: str, size: int, ticks: int, ch
         for _ in range(2):
             call(admin, "remove-user", {"email": next(emails)})
             samples.append(inst.tick(cfg))
-        return SizeResults(size, len(info.domains), info.seconds, pack_s, start_s, first, noop, api, applied, breakdown(samples, build=True), release_files)
+        return SizeResults(
+            size,
+            len(info.domains),
+            info.seconds,
+            pack_s,
+            start_s,
+            first,
+            noop,
+            api,
+            applied,
+            breakdown(samples, build=True),
+            release_files,
+        )
     finally:
         admin.close()
         server.stop()
@@ -572,16 +627,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--changes", type=int, default=5, help="measured one-mailbox changes per size (default 5)")
     ap.add_argument("--propagations", type=int, default=5, help="add-user -> mail readable runs (default 5)")
     default_py = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-    ap.add_argument("--python", default=default_py, help=f"interpreter for pi-pull, as the systemd unit (default {default_py})")
-    ap.add_argument("--map-buckets", type=int, default=0, metavar="N",
-                    help="the node's [services] map_buckets (pipull/buckets.py; 0: one table per map)")
+    ap.add_argument(
+        "--python", default=default_py, help=f"interpreter for pi-pull, as the systemd unit (default {default_py})"
+    )
+    ap.add_argument(
+        "--map-buckets",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the node's [services] map_buckets (pipull/buckets.py; 0: one table per map)",
+    )
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="mailstate-bench-pipull-", dir="/tmp"))
     tmp.chmod(0o755)
-    py_version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True).stdout.strip()
+    py_version = subprocess.run(
+        [args.python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True
+    ).stdout.strip()
     git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
     try:
         with node_side(tmp, args.map_buckets) as node:
@@ -594,9 +658,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# bench_pi_pull: pi-pull {args.python} (Python {py_version}), {git_version}, {os.cpu_count()} cores")
     print(f"# node: {node.label}")
-    print("# server: `mailstate serve` subprocess on 127.0.0.1; node authenticated by name:sync_key; every tick reports")
+    print(
+        "# server: `mailstate serve` subprocess on 127.0.0.1; node authenticated by name:sync_key; every tick reports"
+    )
     print()
-    print(f"1. no-op tick (small state: 1 domain, 3 mailboxes), {args.ticks} ticks after a first apply   target <= 200 ms")
+    print(
+        f"1. no-op tick (small state: 1 domain, 3 mailboxes), {args.ticks} ticks after a first apply   target <= 200 ms"
+    )
     print(f"   {'':52}{'p50 ms':>8}{'p90 ms':>8}")
     rows = [
         ("pi_pull.py --once, whole process", small.tick_wall),
@@ -609,13 +677,30 @@ def main(argv: list[str] | None = None) -> int:
     for label, values in rows:
         print(f"   {label:<52}{ms(p50(values)):>8}{ms(p90(values)):>8}")
     rest = p50(small.tick_wall) - p50(small.py_help) - p50(small.git_fetch)
-    print(f"   whole process minus (start+imports) minus bare fetch, p50: {ms(rest)} ms (report POST, rev-parse, lock, state)")
-    print(f"   first apply of that state: {ms(small.first_apply.wall)} ms process, {small.first_apply.logged:.2f}s logged")
+    print(
+        f"   whole process minus (start+imports) minus bare fetch, p50: {ms(rest)} ms (report POST, rev-parse, lock, state)"
+    )
+    print(
+        f"   first apply of that state: {ms(small.first_apply.wall)} ms process, {small.first_apply.logged:.2f}s logged"
+    )
     print_breakdown(f"the same no-op tick in this process, median of {args.ticks}, by phase:", small.inproc)
 
     print()
-    print(f"2. apply of a one-mailbox change (remove-user, soft), median of {args.changes} changes, one `--once` tick each")
-    hdr = ("mailboxes", "domains", "files", "first apply s", "no-op p50 ms", "API call ms", "apply p50 ms", "apply p90 ms", "logged p50 ms", "build p50 ms")
+    print(
+        f"2. apply of a one-mailbox change (remove-user, soft), median of {args.changes} changes, one `--once` tick each"
+    )
+    hdr = (
+        "mailboxes",
+        "domains",
+        "files",
+        "first apply s",
+        "no-op p50 ms",
+        "API call ms",
+        "apply p50 ms",
+        "apply p90 ms",
+        "logged p50 ms",
+        "build p50 ms",
+    )
     print("   " + "".join(f"{h:>14}" for h in hdr))
     for r in per_size:
         builds = [t.build for t in r.apply if t.build is not None]
@@ -636,9 +721,13 @@ def main(argv: list[str] | None = None) -> int:
     print("   fsck, verify, write every file, postmap, sync, reloads, report). apply = whole process for one change,")
     print("   incl. fetch, verify, postmap of the full maps, os.sync(), both reloads, pruning one old release, report.")
     for r in per_size:
-        print(f"   setup at {r.mailboxes}: seed {r.seed_s:.1f}s, repack {r.pack_s:.1f}s, server start {r.server_start_s:.1f}s (not timed above)")
+        print(
+            f"   setup at {r.mailboxes}: seed {r.seed_s:.1f}s, repack {r.pack_s:.1f}s, server start {r.server_start_s:.1f}s (not timed above)"
+        )
     for r in per_size:
-        print_breakdown(f"one-mailbox apply at {r.mailboxes} mailboxes in this process, median of 2, by phase:", r.inproc)
+        print_breakdown(
+            f"one-mailbox apply at {r.mailboxes} mailboxes in this process, median of 2, by phase:", r.inproc
+        )
 
     print()
     t = read_timer()
@@ -660,27 +749,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {label:<57}{ms(p50(pr[key])):>8}{ms(max(pr[key])):>8}")
         pipeline = p50(pr["total"])
     else:
-        print(f"   measured: {small.prop_note}; the pipeline below is the small state's apply tick alone (no SMTP/IMAP)")
+        print(
+            f"   measured: {small.prop_note}; the pipeline below is the small state's apply tick alone (no SMTP/IMAP)"
+        )
         pipeline = small.first_apply.wall
-    print(f"   timer as shipped ({TIMER.relative_to(REPO_ROOT)}): OnCalendar={t.get('OnCalendar')} (every {period:.0f} s),")
-    print(f"   RandomizedDelaySec={t.get('RandomizedDelaySec')}, FixedRandomDelay={t.get('FixedRandomDelay', 'no')}, AccuracySec={t.get('AccuracySec')}")
+    print(
+        f"   timer as shipped ({TIMER.relative_to(REPO_ROOT)}): OnCalendar={t.get('OnCalendar')} (every {period:.0f} s),"
+    )
+    print(
+        f"   RandomizedDelaySec={t.get('RandomizedDelaySec')}, FixedRandomDelay={t.get('FixedRandomDelay', 'no')}, AccuracySec={t.get('AccuracySec')}"
+    )
     tick_small = p50(small.prop["tick"]) if small.prop else pipeline
-    print(f"   worst case with the brief's formula, small state: {period:.0f} s period + {delay:.0f} s delay spread + {accuracy:.0f} s accuracy")
+    print(
+        f"   worst case with the brief's formula, small state: {period:.0f} s period + {delay:.0f} s delay spread + {accuracy:.0f} s accuracy"
+    )
     print(f"     + {pipeline:.1f} s pipeline = {period + delay + accuracy + pipeline:.1f} s")
     if fixed:
-        print(f"     FixedRandomDelay=yes keeps each node's offset fixed, so its ticks stay {period:.0f} s apart: for any one node")
+        print(
+            f"     FixedRandomDelay=yes keeps each node's offset fixed, so its ticks stay {period:.0f} s apart: for any one node"
+        )
         bound = period + accuracy + pipeline
-        print(f"     the bound is {period:.0f} s + {accuracy:.0f} s + {pipeline:.1f} s = {bound:.1f} s (the spread only shifts when in the minute)")
+        print(
+            f"     the bound is {period:.0f} s + {accuracy:.0f} s + {pipeline:.1f} s = {bound:.1f} s (the spread only shifts when in the minute)"
+        )
     for r in per_size:
         apply_s = p50([x.wall for x in r.apply])
         at_size = pipeline - tick_small + apply_s
-        worst = f"{period + delay + accuracy + at_size:.1f} s" + (f" ({period + accuracy + at_size:.1f} s with the fixed offset)" if fixed else "")
-        print(f"   at {r.mailboxes} mailboxes the apply tick is {apply_s:.2f} s: pipeline ~{at_size:.1f} s, worst {worst}")
+        worst = f"{period + delay + accuracy + at_size:.1f} s" + (
+            f" ({period + accuracy + at_size:.1f} s with the fixed offset)" if fixed else ""
+        )
+        print(
+            f"   at {r.mailboxes} mailboxes the apply tick is {apply_s:.2f} s: pipeline ~{at_size:.1f} s, worst {worst}"
+        )
     print(f"   average wait on the timer: {period / 2:.0f} s + pipeline")
-    print("   push: the server pokes the node after each commit (`systemctl start pi-pull.service` over SSH, or an HTTP poke")
-    print(f"   the node turns into that): latency becomes the measured pipeline, ~{pipeline:.1f} s + the poke's round trip. Safe at")
-    print("   any time: the unit is Type=oneshot and pi-pull takes a flock (exit 4), a no-op tick is cheap. A poke that lands")
-    print("   while a tick is already past its fetch is absorbed by that run (systemd merges the start job / flock), so the")
+    print(
+        "   push: the server pokes the node after each commit (`systemctl start pi-pull.service` over SSH, or an HTTP poke"
+    )
+    print(
+        f"   the node turns into that): latency becomes the measured pipeline, ~{pipeline:.1f} s + the poke's round trip. Safe at"
+    )
+    print(
+        "   any time: the unit is Type=oneshot and pi-pull takes a flock (exit 4), a no-op tick is cheap. A poke that lands"
+    )
+    print(
+        "   while a tick is already past its fetch is absorbed by that run (systemd merges the start job / flock), so the"
+    )
     print("   server should poke again when the node's report still shows it behind (list-nodes commits_behind > 0).")
     print()
     print(f"# whole bench: {total:.0f} s")

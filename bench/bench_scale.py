@@ -165,7 +165,9 @@ def info_of(root: Path, mailboxes: int) -> SeedInfo:
     names = sorted(snap.domains)
     project_of = {n: snap.domains[n].project_id or 0 for n in names}
     emails = [f"{local}@{n}" for n in names for local in sorted(snap.domains[n].mailboxes)]
-    return SeedInfo(root, DataDir(root), store.head, names, project_of, emails, len(emails), len(set(project_of.values())))
+    return SeedInfo(
+        root, DataDir(root), store.head, names, project_of, emails, len(emails), len(set(project_of.values()))
+    )
 
 
 def bench_size(size: int, args: argparse.Namespace, work: Path, reuse: Path | None, log: Any) -> Row:
@@ -178,7 +180,9 @@ def bench_size(size: int, args: argparse.Namespace, work: Path, reuse: Path | No
         log(f"[{size}] seeding ({projects} projects) ...")
         info = seed_state(work / f"data-{size}", size, projects=projects, fast=True)
     row.domains, row.seed_s = len(info.domains), info.seconds
-    row.disk_mb = int(subprocess.run(["du", "-sb", str(info.root)], capture_output=True, text=True).stdout.split()[0]) / 1e6
+    row.disk_mb = (
+        int(subprocess.run(["du", "-sb", str(info.root)], capture_output=True, text=True).stdout.split()[0]) / 1e6
+    )
     log(f"[{size}] {row.domains} domains; seed {row.seed_s:.1f} s {info.stats}; {row.disk_mb:.0f} MB")
 
     row.cold, row.warm, mem = start(info)
@@ -217,7 +221,9 @@ def bench_size(size: int, args: argparse.Namespace, work: Path, reuse: Path | No
         first = store.execute("list-users", ADMIN, {"limit": 1000}).result
         row.admin_first_page.append(time.perf_counter() - t)
         middle["cursor"] = first["next_cursor"]
-        row.admin_next_page.append(timed(store.execute, "list-users", ADMIN, {"limit": 1000, "cursor": middle["cursor"]}))
+        row.admin_next_page.append(
+            timed(store.execute, "list-users", ADMIN, {"limit": 1000, "cursor": middle["cursor"]})
+        )
     log(
         f"[{size}] list-users one domain {ms(p50(row.list_users_one), 3)} ms; list-domains ({row.project_domains} domains) "
         f"{ms(p50(row.list_domains_1k))} ms; admin page 1 {ms(p50(row.admin_first_page))} ms, page 2 {ms(p50(row.admin_next_page))} ms"
@@ -245,7 +251,10 @@ def bench_size(size: int, args: argparse.Namespace, work: Path, reuse: Path | No
         # A sparse checkout of what plan reads with the settings unchanged (domains/ and the
         # two top files): at 1M a full checkout is 1.2M files and minutes of disk.
         subprocess.run(["git", "clone", "-q", "--no-checkout", str(repo), str(clone)], check=True, capture_output=True)
-        for args in (["sparse-checkout", "set", "--no-cone", "/domains/", "/mailstate.yaml", "/nodes.yaml"], ["checkout", "-q", "main"]):
+        for args in (
+            ["sparse-checkout", "set", "--no-cone", "/domains/", "/mailstate.yaml", "/nodes.yaml"],
+            ["checkout", "-q", "main"],
+        ):
             subprocess.run(["git", "-C", str(clone), *args], check=True, capture_output=True)
         target = clone / files.domain_path(info.domains[len(info.domains) // 2])
         target.write_text(target.read_text().replace("active: true", "active: false", 1))
@@ -253,7 +262,9 @@ def bench_size(size: int, args: argparse.Namespace, work: Path, reuse: Path | No
         runs = []
         for _ in range(2):
             t = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+            )
             runs.append(time.perf_counter() - t)
             assert out.returncode in (0, 2), out.stderr
         row.plan_s = min(runs)
@@ -269,7 +280,22 @@ def report(rows: list[Row]) -> None:
         return f"{a / b:.1f}x" if b else "-"
 
     print(f"\nbaseline for the ratios: the {base.size} row of this run\n")
-    head = ["mailboxes", "domains", "seed s", "disk MB", "cold s", "warm s", "RSS MB", "B/mbox", "RSS all", "B/mb all", "write p50", "p90", "irr p50", "ratio"]
+    head = [
+        "mailboxes",
+        "domains",
+        "seed s",
+        "disk MB",
+        "cold s",
+        "warm s",
+        "RSS MB",
+        "B/mbox",
+        "RSS all",
+        "B/mb all",
+        "write p50",
+        "p90",
+        "irr p50",
+        "ratio",
+    ]
     print(" ".join(f"{h:>9}" for h in head))
     for r in rows:
         cells = [r.size, r.domains, f"{r.seed_s:.0f}", f"{r.disk_mb:.0f}", f"{r.cold:.2f}", f"{r.warm:.2f}", f"{r.rss_mb:.0f}",
@@ -277,7 +303,19 @@ def report(rows: list[Row]) -> None:
                  ms(p50(r.writes)), ms(p90(r.writes)), ms(p50(r.irreducible)), ratio(p50(r.writes), p50(base.writes))]  # fmt: skip
         print(" ".join(f"{c:>9}" for c in cells))
     print()
-    head = ["mailboxes", "users/dom ms", "ratio", "domains/prj", "list-dom ms", "ratio", "admin p1 ms", "p2 ms", "B/wr inc gc", "B/wr full gc", "plan s"]
+    head = [
+        "mailboxes",
+        "users/dom ms",
+        "ratio",
+        "domains/prj",
+        "list-dom ms",
+        "ratio",
+        "admin p1 ms",
+        "p2 ms",
+        "B/wr inc gc",
+        "B/wr full gc",
+        "plan s",
+    ]
     print(" ".join(f"{h:>12}" for h in head))
     for r in rows:
         cells = [r.size, ms(p50(r.list_users_one), 3), ratio(p50(r.list_users_one), p50(base.list_users_one)), r.project_domains,
@@ -293,8 +331,15 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=100)
     parser.add_argument("--reads", type=int, default=200)
     parser.add_argument("--growth-writes", type=int, default=200)
-    parser.add_argument("--plan-max", type=int, default=1_000_000, help="measure plan up to this size (the sparse checkout is 0.2 files per mailbox)")
-    parser.add_argument("--data", type=Path, action="append", default=[], help="a data dir seeded earlier, one per size in order")
+    parser.add_argument(
+        "--plan-max",
+        type=int,
+        default=1_000_000,
+        help="measure plan up to this size (the sparse checkout is 0.2 files per mailbox)",
+    )
+    parser.add_argument(
+        "--data", type=Path, action="append", default=[], help="a data dir seeded earlier, one per size in order"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data dirs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

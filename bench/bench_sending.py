@@ -56,7 +56,11 @@ def add_aliases(store: Store, info: SeedInfo) -> tuple[int, int]:
         actor = Actor.project(info.project_of[name], "bench")
         boxes = sorted(store.snapshot.domains[name].mailboxes)
         if i % 10 == 0 and len(boxes) >= 2:
-            store.execute("add-alias", actor, {"address": f"ms-team@{name}", "destinations": [f"{boxes[0]}@{name}", f"{boxes[1]}@{name}"]})
+            store.execute(
+                "add-alias",
+                actor,
+                {"address": f"ms-team@{name}", "destinations": [f"{boxes[0]}@{name}", f"{boxes[1]}@{name}"]},
+            )
             aliases += 1
         if i % 50 == 0:
             alias = f"alias-{i}.example"
@@ -107,17 +111,30 @@ def node_part(info: SeedInfo, tmp: Path, n: int) -> None:
     from tests.mailnode import pi_pull_script, running_mailnode
 
     with running_mailnode() as node:
-        cfg = node.write_pi_pull_config(tmp / "pi-pull.ini", str(info.data_dir.repo), info.data_dir.allowed_signers, name="bench")
+        cfg = node.write_pi_pull_config(
+            tmp / "pi-pull.ini", str(info.data_dir.repo), info.data_dir.allowed_signers, name="bench"
+        )
         # The seed's uid/gid (5000) are the state's; the node must expect those.
-        text = cfg.read_text().replace(f"mail_uid = {node.uid}", "mail_uid = 5000").replace(f"mail_gid = {node.gid}", "mail_gid = 5000")
+        text = (
+            cfg.read_text()
+            .replace(f"mail_uid = {node.uid}", "mail_uid = 5000")
+            .replace(f"mail_gid = {node.gid}", "mail_gid = 5000")
+        )
         text = text.replace(f"mail_root = {node.mail_root}", f"mail_root = {info.data_dir.root.parent / 'vmail'}")
         cfg.write_text(text + "[lifecycle]\npurge = no\nusage_interval = 0\n")
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, str(pi_pull_script()), "--config", str(cfg), "--once"], capture_output=True, text=True, timeout=1800)
+        r = subprocess.run(
+            [sys.executable, str(pi_pull_script()), "--config", str(cfg), "--once"],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if r.returncode != 0:
             raise SystemExit(f"pi-pull tick failed (rc {r.returncode}): {r.stderr[-2000:]}")
-        print(f"\nnode: first apply of {info.mailboxes} mailboxes {time.perf_counter() - t:.1f} s "
-              f"(sender_login_maps {(node.root / 'current/postfix/sender_login_maps').stat().st_size} bytes)")
+        print(
+            f"\nnode: first apply of {info.mailboxes} mailboxes {time.perf_counter() - t:.1f} s "
+            f"(sender_login_maps {(node.root / 'current/postfix/sender_login_maps').stat().st_size} bytes)"
+        )
         with_alias = [d for i, d in enumerate(info.domains) if i % 10 == 0]
         auth: list[float] = []
         total: list[float] = []
@@ -164,12 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(info.root)
         t = time.perf_counter()
         aliases, alias_domains = add_aliases(store, info)
-        print(f"seed: {args.mailboxes} mailboxes in {len(info.domains)} domains ({info.seconds:.1f} s); "
-              f"+{aliases} aliases, +{alias_domains} alias domains ({time.perf_counter() - t:.1f} s)")
+        print(
+            f"seed: {args.mailboxes} mailboxes in {len(info.domains)} domains ({info.seconds:.1f} s); "
+            f"+{aliases} aliases, +{alias_domains} alias domains ({time.perf_counter() - t:.1f} s)"
+        )
         measure_writes(store, info, 8, start=1_000_000)
         writes, parts = measure_writes(store, info, args.writes)
-        print(f"store writes at {args.mailboxes} mailboxes, n={len(writes)}: write p50 {p50(writes) * 1e3:.2f} ms (p90 {p90(writes) * 1e3:.2f}); "
-              f"its sender-map part p50 {p50(parts) * 1e3:.3f} ms (p90 {p90(parts) * 1e3:.3f}); ratio {p50(parts) / p50(writes):.3f}")
+        print(
+            f"store writes at {args.mailboxes} mailboxes, n={len(writes)}: write p50 {p50(writes) * 1e3:.2f} ms (p90 {p90(writes) * 1e3:.2f}); "
+            f"its sender-map part p50 {p50(parts) * 1e3:.3f} ms (p90 {p90(parts) * 1e3:.3f}); ratio {p50(parts) / p50(writes):.3f}"
+        )
         if not args.no_node:
             node_part(info, tmp, args.submissions)
     return 0

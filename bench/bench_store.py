@@ -164,7 +164,11 @@ class StoreWrites:
             yield "remove-user", owner, {"email": email}
             yield "link-domain", ADMIN, {"domain": domain, "project_id": project}
             yield "enable-email", owner, {"domain": domain}
-            yield "add-node", ADMIN, {"name": f"bench-node-{i}", "ip_address": f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"}
+            yield (
+                "add-node",
+                ADMIN,
+                {"name": f"bench-node-{i}", "ip_address": f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"},
+            )
             yield "disable-email", owner, {"domain": domain}
             i += 1
 
@@ -216,7 +220,9 @@ class GitCliCommits:
         return time.perf_counter() - t
 
     def check_signed(self) -> None:
-        raw = subprocess.run(["git", "cat-file", "commit", "HEAD"], cwd=self.work, capture_output=True, text=True).stdout
+        raw = subprocess.run(
+            ["git", "cat-file", "commit", "HEAD"], cwd=self.work, capture_output=True, text=True
+        ).stdout
         assert "-----BEGIN SSH SIGNATURE-----" in raw, "the git CLI baseline did not sign"
 
 
@@ -320,10 +326,14 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
     finally:
         set_durable(True)
     res.seed_s, res.domains, res.buckets = info.seconds, len(info.domains), info.buckets
-    log(f"[{size}] seeded {size} mailboxes / {res.domains} domains / {res.buckets} buckets in {info.seconds:.1f} s {info.stats}")
+    log(
+        f"[{size}] seeded {size} mailboxes / {res.domains} domains / {res.buckets} buckets in {info.seconds:.1f} s {info.stats}"
+    )
 
     res.start_cold, res.start_warm, res.import_s = measure_start(info)
-    log(f"[{size}] open_store best of 2: cold {res.start_cold:.2f} s, warm {res.start_warm:.2f} s (imports {res.import_s:.2f} s)")
+    log(
+        f"[{size}] open_store best of 2: cold {res.start_cold:.2f} s, warm {res.start_warm:.2f} s (imports {res.import_s:.2f} s)"
+    )
 
     store = open_store(root)
     writes = StoreWrites(store, info)
@@ -331,7 +341,9 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
     work = workdir / f"clone-{size}"
     cli = GitCliCommits(info, work)
     res.clone_s = cli.clone_s
-    log(f"[{size}] cloned in {cli.clone_s:.1f} s; measuring {args.writes} store writes, interleaved with the baselines ...")
+    log(
+        f"[{size}] cloned in {cli.clone_s:.1f} s; measuring {args.writes} store writes, interleaved with the baselines ..."
+    )
 
     for _ in range(WARMUP):
         writes.step()
@@ -368,7 +380,9 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
             store.signer = ssh if n % 2 else ed
             (res.ssh_store if n % 2 else res.ed_store).append(writes.step())
         store.signer = ed
-        log(f"[{size}] alternating signers: Ed25519Signer p50 {ms(p50(res.ed_store))} ms, SshKeygenSigner p50 {ms(p50(res.ssh_store))} ms")
+        log(
+            f"[{size}] alternating signers: Ed25519Signer p50 {ms(p50(res.ed_store))} ms, SshKeygenSigner p50 {ms(p50(res.ssh_store))} ms"
+        )
 
     if args.fsync_writes:
         # Same store, same state, round-robin write by write between three repo handles:
@@ -441,8 +455,12 @@ def table(results: list[SizeResult]) -> str:
             lines.append(f"{label:<36} " + " ".join(f"{ms(p50(r.phases.get(label, []))):>9}" for r in results))
     if any(r.fsync_on for r in results):
         lines.append("")
-        lines.append("durability, round-robin write by write (ms): on = one syncfs of the objects + fsynced ref (the default),")
-        lines.append("off = nothing fsynced (the old behaviour), loose = every loose object fsynced; one fsync = file + folder")
+        lines.append(
+            "durability, round-robin write by write (ms): on = one syncfs of the objects + fsynced ref (the default),"
+        )
+        lines.append(
+            "off = nothing fsynced (the old behaviour), loose = every loose object fsynced; one fsync = file + folder"
+        )
         head = f"{'mailboxes':>9} {'on p50':>8} {'p90':>7} {'off p50':>8} {'p90':>7} {'cost p50':>9} {'loose p50':>10} {'p90':>7} {'one fsync p50':>14}"
         lines.append(head)
         for r in results:
@@ -461,17 +479,29 @@ def table(results: list[SizeResult]) -> str:
                 f"SshKeygenSigner p50 {ms(k50)} ms (+{ms(k50 - s50)} ms, {k50 / s50:.1f}x)"
             )
     lines.append("")
-    lines.append("seed / clone (s): " + ", ".join(f"{r.size}: seed {r.seed_s:.1f}, clone {r.clone_s:.1f}, {r.buckets} buckets" for r in results))
+    lines.append(
+        "seed / clone (s): "
+        + ", ".join(f"{r.size}: seed {r.seed_s:.1f}, clone {r.clone_s:.1f}, {r.buckets} buckets" for r in results)
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="1000,10000,100000", help="mailbox counts, comma-separated")
     parser.add_argument("--writes", type=int, default=200, help="measured store writes per size")
     parser.add_argument("--cli-commits", type=int, default=30, help="measured git CLI commits per size")
-    parser.add_argument("--ssh-size", type=int, default=10000, help="size at which to also measure SshKeygenSigner (0: never)")
-    parser.add_argument("--fsync-writes", type=int, default=60, help="writes per arm of the durability round-robin (on/off/loose) per size (0: skip)")
+    parser.add_argument(
+        "--ssh-size", type=int, default=10000, help="size at which to also measure SshKeygenSigner (0: never)"
+    )
+    parser.add_argument(
+        "--fsync-writes",
+        type=int,
+        default=60,
+        help="writes per arm of the durability round-robin (on/off/loose) per size (0: skip)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the store writes; stats go to stderr")
     parser.add_argument("--phases", action="store_true", help="time the store's internal steps per write (p50 table)")
     parser.add_argument("--keep", type=Path, default=None, help="keep data dirs and clones under this dir")

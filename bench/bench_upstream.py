@@ -120,23 +120,36 @@ def main() -> None:
     solo.join()
     solo_rate = n / queue.get()
     start = time.time() + 3
-    procs = [ctx.Process(target=_writer, args=(str(d.root), str(up), p, n, start, queue)) for d, p in ((a_dir, "pa"), (b_dir, "pb"))]
+    procs = [
+        ctx.Process(target=_writer, args=(str(d.root), str(up), p, n, start, queue))
+        for d, p in ((a_dir, "pa"), (b_dir, "pb"))
+    ]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
     durations = [queue.get(), queue.get()]
     pair_rate = 2 * n / max(durations)
-    total = int(subprocess.run(["git", "-C", str(up), "rev-list", "--count", "main"], capture_output=True, text=True).stdout)
+    total = int(
+        subprocess.run(["git", "-C", str(up), "rev-list", "--count", "main"], capture_output=True, text=True).stdout
+    )
 
-    print(f"upstream-mode benchmark: {args.domains * 5} mailboxes, {args.writes} writes per mode, loopback bare upstream")
+    print(
+        f"upstream-mode benchmark: {args.domains * 5} mailboxes, {args.writes} writes per mode, loopback bare upstream"
+    )
     print(f"{'mode':<34}{'p50 ms':>10}{'p90 ms':>10}")
     print(f"{'local (no upstream)':<34}{_p50_ms(local_samples):>10.2f}{_p90_ms(local_samples):>10.2f}")
     print(f"{'upstream (commit + push)':<34}{_p50_ms(up_samples):>10.2f}{_p90_ms(up_samples):>10.2f}")
     print(f"{'upstream, first push rejected':<34}{_p50_ms(retry_samples):>10.2f}{_p90_ms(retry_samples):>10.2f}")
-    print(f"push overhead vs local: {_p50_ms(up_samples) - _p50_ms(local_samples):.2f} ms; ratio {_p50_ms(up_samples) / _p50_ms(local_samples):.1f}x")
-    print(f"cost of one retry (fetch + validate + re-run + push): {_p50_ms(retry_samples) - _p50_ms(up_samples):.2f} ms")
-    print(f"throughput: one server {solo_rate:.1f} writes/s; two servers together {pair_rate:.1f} writes/s ({pair_rate / solo_rate:.2f}x)")
+    print(
+        f"push overhead vs local: {_p50_ms(up_samples) - _p50_ms(local_samples):.2f} ms; ratio {_p50_ms(up_samples) / _p50_ms(local_samples):.1f}x"
+    )
+    print(
+        f"cost of one retry (fetch + validate + re-run + push): {_p50_ms(retry_samples) - _p50_ms(up_samples):.2f} ms"
+    )
+    print(
+        f"throughput: one server {solo_rate:.1f} writes/s; two servers together {pair_rate:.1f} writes/s ({pair_rate / solo_rate:.2f}x)"
+    )
     print(f"upstream commits after the run: {total} (seed + measured writes; nothing lost if it equals the sum)")
 
 

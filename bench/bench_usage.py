@@ -40,10 +40,14 @@ def state(mailboxes: int, per_domain: int = 5, projects: int = 50) -> Snapshot:
     for d in range(-(-mailboxes // per_domain)):
         name = f"d{d:06d}.example"
         boxes = {
-            f"user{i}": Mailbox.model_construct(id=f"20261201-{d * per_domain + i:06x}", password=HASH, quota_mb=1024, active=True)
+            f"user{i}": Mailbox.model_construct(
+                id=f"20261201-{d * per_domain + i:06x}", password=HASH, quota_mb=1024, active=True
+            )
             for i in range(min(per_domain, mailboxes - d * per_domain))
         }
-        domains[name] = DomainFile.model_construct(domain=name, project_id=1 + d % projects, email_enabled=True, mailboxes=boxes)
+        domains[name] = DomainFile.model_construct(
+            domain=name, project_id=1 + d % projects, email_enabled=True, mailboxes=boxes
+        )
     nodes = NodesFile(nodes={"n1": Node(sync_key_sha256="0" * 64, created_at=NOW)})
     return Snapshot.build("0" * 40, Settings(), domains, nodes)
 
@@ -51,7 +55,9 @@ def state(mailboxes: int, per_domain: int = 5, projects: int = 50) -> Snapshot:
 def usage_body(snap: Snapshot) -> str:
     entries = [
         {"email": f"{local}@{dom.domain}", "id": box.id, "used_bytes": 1000 + i, "messages": i % 50}
-        for i, (dom, local, box) in enumerate((dom, local, box) for dom in snap.domains.values() for local, box in dom.mailboxes.items())
+        for i, (dom, local, box) in enumerate(
+            (dom, local, box) for dom in snap.domains.values() for local, box in dom.mailboxes.items()
+        )
     ]
     return json.dumps({"applied_commit": None, "status": "ok", "error": None, "usage": entries})
 
@@ -79,7 +85,13 @@ def run(size: int, repeat: int) -> None:
             project = Actor.project(1)
 
             def listing(usage: bool, request: object, op: object = ops.list_users) -> None:
-                ctx = ops.Context(state=snap, actor=project, now=NOW, node_status=lambda _n: None, usage=db.usage_for if usage else None)
+                ctx = ops.Context(
+                    state=snap,
+                    actor=project,
+                    now=NOW,
+                    node_status=lambda _n: None,
+                    usage=db.usage_for if usage else None,
+                )
                 op(ctx, request, {})  # type: ignore[operator]
 
             one = ops.m.ListUsersRequest(domain="d000000.example")
@@ -93,15 +105,27 @@ def run(size: int, repeat: int) -> None:
         finally:
             db.close()
     project_boxes = sum(len(snap.domains[n].mailboxes) for n in snap.by_project[1])
-    print(f"\n{size} mailboxes ({len(body) / 1e6:.1f} MB report body; project 1 has {project_boxes} mailboxes in {len(snap.by_project[1])} domains)")
+    print(
+        f"\n{size} mailboxes ({len(body) / 1e6:.1f} MB report body; project 1 has {project_boxes} mailboxes in {len(snap.by_project[1])} domains)"
+    )
     print(f"  report, status only (baseline)        p50 {ms(p50(status_only))} ms")
     print(f"  report with usage: parse + validate   p50 {ms(p50(parse))} ms")
-    print(f"  report with usage: first (inserts)    {ms(first[0])} ms   x{first[0] / p50(status_only):.0f} the baseline")
-    print(f"  report with usage: again (updates)    p50 {ms(p50(again))} ms   x{p50(again) / p50(status_only):.0f} the baseline")
+    print(
+        f"  report with usage: first (inserts)    {ms(first[0])} ms   x{first[0] / p50(status_only):.0f} the baseline"
+    )
+    print(
+        f"  report with usage: again (updates)    p50 {ms(p50(again))} ms   x{p50(again) / p50(status_only):.0f} the baseline"
+    )
     ratio = p50(lu_one) / p50(lu_one_base)
-    print(f"  list-users one domain                 p50 {ms(p50(lu_one), 3)} ms   (no usage: {ms(p50(lu_one_base), 3)} ms, x{ratio:.1f})")
-    print(f"  list-users whole project              p50 {ms(p50(lu_all))} ms   (no usage: {ms(p50(lu_all_base))} ms, x{p50(lu_all) / p50(lu_all_base):.1f})")
-    print(f"  list-domains whole project            p50 {ms(p50(ld))} ms   (no usage: {ms(p50(ld_base))} ms, x{p50(ld) / p50(ld_base):.1f})")
+    print(
+        f"  list-users one domain                 p50 {ms(p50(lu_one), 3)} ms   (no usage: {ms(p50(lu_one_base), 3)} ms, x{ratio:.1f})"
+    )
+    print(
+        f"  list-users whole project              p50 {ms(p50(lu_all))} ms   (no usage: {ms(p50(lu_all_base))} ms, x{p50(lu_all) / p50(lu_all_base):.1f})"
+    )
+    print(
+        f"  list-domains whole project            p50 {ms(p50(ld))} ms   (no usage: {ms(p50(ld_base))} ms, x{p50(ld) / p50(ld_base):.1f})"
+    )
 
 
 def main() -> None:

@@ -46,7 +46,12 @@ SEED_HASH = "{BLF-CRYPT}$2b$04$eD2YH1/jiNwdLvnPKDJJdOGYHFz/JWTnqcjiWELOKVYukGo9h
 _ONSETS = "b c d f g h j k l m n p r s t v w z br cr dr fl gr kl pl pr sch sh st tr ch th".split()
 _VOWELS = "a e i o u a e o ai ee oo ei".split()
 _CODAS = ["", "", "", "n", "r", "s", "l", "x", "nd", "rt", "st", "m", "ck"]
-_TLDS = ["com"] * 8 + ["nl"] * 5 + ["de"] * 3 + ["net", "org", "eu", "be", "io", "co.uk", "fr", "shop", "dev", "info", "online"]
+_TLDS = (
+    ["com"] * 8
+    + ["nl"] * 5
+    + ["de"] * 3
+    + ["net", "org", "eu", "be", "io", "co.uk", "fr", "shop", "dev", "info", "online"]
+)
 _FIRST = "anna bas chris daan emma fleur gijs hanna ivo jan kim lars lisa mark noah olga piet rosa sam tess vera wout yara zoe".split()
 _ROLES = "info admin sales support contact office billing hr jobs hello noreply press team finance".split()
 
@@ -213,12 +218,16 @@ def _canonical(dom: DomainFile) -> bytes | None:
     YAML would quote), written directly; None for anything else."""
     if dom.aliases or dom.alias_of is not None or not _plain_key(dom.domain):
         return None
-    out = [f"domain: {dom.domain}\nproject_id: {dom.project_id}\nemail_enabled: {'true' if dom.email_enabled else 'false'}\nmailboxes:\n"]
+    out = [
+        f"domain: {dom.domain}\nproject_id: {dom.project_id}\nemail_enabled: {'true' if dom.email_enabled else 'false'}\nmailboxes:\n"
+    ]
     for local, box in sorted(dom.mailboxes.items()):
         if box.forward_to is not None or box.id is None or "'" in box.password or not _plain_key(local):
             return None
         active = "true" if box.active else "false"
-        out.append(f"  {local}:\n    id: {box.id}\n    password: '{box.password}'\n    quota_mb: {box.quota_mb}\n    active: {active}\n")
+        out.append(
+            f"  {local}:\n    id: {box.id}\n    password: '{box.password}'\n    quota_mb: {box.quota_mb}\n    active: {active}\n"
+        )
     return "".join(out).encode()
 
 
@@ -251,7 +260,9 @@ class _FastImport:
         if self.proc.wait() != 0:
             raise RuntimeError("git fast-import failed")
         git = ["git", "-C", str(self.repo)]
-        tree = subprocess.run([*git, "rev-parse", f"{self.REF}^{{tree}}"], check=True, capture_output=True, text=True).stdout.strip()
+        tree = subprocess.run(
+            [*git, "rev-parse", f"{self.REF}^{{tree}}"], check=True, capture_output=True, text=True
+        ).stdout.strip()
         subprocess.run([*git, "update-ref", "-d", self.REF], check=True)
         return tree
 
@@ -277,7 +288,9 @@ def main() -> None:
     info = seed_state(args.out, args.mailboxes, args.per_domain, projects=args.projects, fast=not args.loose)
     du = subprocess.run(["du", "-sb", str(args.out)], capture_output=True, text=True).stdout.split()[0]
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in info.stats.items())
-    print(f"{info.mailboxes} mailboxes, {len(info.domains)} domains, {info.buckets} buckets: {info.seconds:.1f} s ({phases}); {int(du) / 1e6:.0f} MB on disk")
+    print(
+        f"{info.mailboxes} mailboxes, {len(info.domains)} domains, {info.buckets} buckets: {info.seconds:.1f} s ({phases}); {int(du) / 1e6:.0f} MB on disk"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,13 @@ print(json.dumps({"open": time.perf_counter() - t, "domains": len(store.snapshot
 
 
 def open_seconds(tree: Path, data: Path) -> float:
-    out = subprocess.run([sys.executable, "-c", _SNIPPET, str(data)], cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _SNIPPET, str(data)],
+        cwd=tree,
+        env=os.environ | {"PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise SystemExit(f"open_store failed under {tree}:\n{out.stderr[-2000:]}")
     result: float = json.loads(out.stdout.strip().splitlines()[-1])["open"]
@@ -52,7 +58,9 @@ def export(rev: str, into: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.start_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.start_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--before", required=True, help="git revision of the 'before' side")
     parser.add_argument("--after", default=None, help="git revision of the 'after' side (default: this working tree)")
     parser.add_argument("--size", type=int, default=100000, help="mailboxes (5 per domain)")
@@ -64,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         after = export(args.after, work / "after") if args.after else REPO_ROOT
         data = work / "data"
         seed = f"from bench.seed import seed_state; seed_state(__import__('pathlib').Path({str(data)!r}), {args.size})"
-        subprocess.run([sys.executable, "-c", seed], cwd=before, env=os.environ | {"PYTHONPATH": str(before)}, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", seed],
+            cwd=before,
+            env=os.environ | {"PYTHONPATH": str(before)},
+            check=True,
+            capture_output=True,
+        )
         subprocess.run(["git", "-C", str(data / "state.git"), "repack", "-adq"], check=True)
         sides = {f"before ({args.before})": before, f"after ({args.after or 'this tree'})": after}
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}

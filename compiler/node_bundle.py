@@ -277,10 +277,14 @@ def postfix_master_snippet(
     on these services only, so inbound port 25 never depends on it."""
     for key, value in (("submission_listen", submission_listen), ("smtps_listen", smtps_listen)):
         if not _SERVICE.match(value):
-            raise InvalidInput(f"{key} must be a master.cf service name such as submission or 127.0.0.1:10587.", field=key)
+            raise InvalidInput(
+                f"{key} must be a master.cf service name such as submission or 127.0.0.1:10587.", field=key
+            )
     if dkim_milter and not _MILTER.match(dkim_milter):
         raise InvalidInput("dkim_milter must be a milter address such as inet:127.0.0.1:8891.", field="dkim_milter")
-    return render_template("postfix-master.cf.j2", submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter)
+    return render_template(
+        "postfix-master.cf.j2", submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter
+    )
 
 
 DKIM_KEY_DIR = f"{ETC_DIR}/dkim"
@@ -288,8 +292,13 @@ OPENDKIM_CONF = "opendkim/opendkim.conf"
 
 
 def opendkim_snippet(
-    *, dkim_milter: str = DKIM_MILTER, key_dir: str = DKIM_KEY_DIR, pid_file: str = "/run/opendkim/opendkim.pid", user: str = "opendkim",
-    syslog: bool = True, require_safe_keys: bool = True,
+    *,
+    dkim_milter: str = DKIM_MILTER,
+    key_dir: str = DKIM_KEY_DIR,
+    pid_file: str = "/run/opendkim/opendkim.pid",
+    user: str = "opendkim",
+    syslog: bool = True,
+    require_safe_keys: bool = True,
 ) -> str:
     """The bundle's opendkim.conf: a signing-only milter on ``dkim_milter`` (Postfix's form,
     ``inet:HOST:PORT`` or ``unix:PATH``) whose KeyTable and SigningTable pi-pull writes under
@@ -305,8 +314,15 @@ def opendkim_snippet(
         raise InvalidInput("dkim_milter must be inet:HOST:PORT or unix:/PATH for OpenDKIM.", field="dkim_milter")
     if not key_dir.startswith("/"):
         raise InvalidInput("The DKIM key directory must be an absolute path.", field="key_dir")
-    return render_template("opendkim.conf.j2", socket=socket, key_dir=key_dir.rstrip("/"), pid_file=pid_file, user=user,
-                           syslog="yes" if syslog else "no", require_safe_keys=require_safe_keys)
+    return render_template(
+        "opendkim.conf.j2",
+        socket=socket,
+        key_dir=key_dir.rstrip("/"),
+        pid_file=pid_file,
+        user=user,
+        syslog="yes" if syslog else "no",
+        require_safe_keys=require_safe_keys,
+    )
 
 
 def build_pi_pull(agent_dir: Path | None = None) -> bytes:
@@ -336,7 +352,9 @@ def _normalise_signers(allowed_signers: str) -> str:
     lines = [line.strip() for line in allowed_signers.splitlines()]
     keys = [line for line in lines if line and not line.startswith("#")]
     if not keys:
-        raise InvalidInput("allowed_signers holds no key: a node must trust at least one signing key.", field="allowed_signers")
+        raise InvalidInput(
+            "allowed_signers holds no key: a node must trust at least one signing key.", field="allowed_signers"
+        )
     for line in keys:
         if not _SIGNER_LINE.match(line):
             raise InvalidInput(f"Not an allowed_signers line: {line[:60]!r}.", field="allowed_signers")
@@ -394,7 +412,9 @@ def render_node_bundle(
     Bad arguments raise InvalidInput.
     """
     if not _NODE_NAME.match(node_name):
-        raise InvalidInput("The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name")
+        raise InvalidInput(
+            "The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name"
+        )
     base = server_url.rstrip("/")
     if base and not base.lower().startswith(("http://", "https://")):
         raise InvalidInput("The server URL must start with http:// or https://.", field="server_url")
@@ -417,7 +437,9 @@ def render_node_bundle(
     if not 0 <= int(map_buckets) <= 256:
         raise InvalidInput("map_buckets must be between 0 and 256.", field="map_buckets")
     if int(map_buckets) and map_type not in BUCKETED_MAP_TYPES:
-        raise InvalidInput("map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets")
+        raise InvalidInput(
+            "map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets"
+        )
     ini = render_template(
         "pi-pull.ini.j2",
         map_buckets=int(map_buckets),
@@ -444,32 +466,55 @@ def render_node_bundle(
         # pi-pull.ini's [dkim]: this node's keys and OpenDKIM's tables (pi-pull/pipull/dkim.py).
         if int(dkim_publish_wait) < 0 or int(dkim_rotate_days) < 0:
             raise InvalidInput("dkim_publish_wait and dkim_rotate_days must be >= 0.", field="dkim_publish_wait")
-        ini += render_template("pi-pull-dkim.ini.j2", key_dir=(dkim_key_dir or DKIM_KEY_DIR).rstrip("/"),
-                               publish_wait=int(dkim_publish_wait), rotate_days=int(dkim_rotate_days))
+        ini += render_template(
+            "pi-pull-dkim.ini.j2",
+            key_dir=(dkim_key_dir or DKIM_KEY_DIR).rstrip("/"),
+            publish_wait=int(dkim_publish_wait),
+            rotate_days=int(dkim_rotate_days),
+        )
     files: dict[str, str | bytes] = {
         "pi-pull.ini": ini,
         "allowed_signers": _normalise_signers(allowed_signers),
         "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
         "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
         "pi-pull-follow.service": (NODE_TEMPLATES / "pi-pull-follow.service").read_text(encoding="utf-8"),
-        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(root, lmtp_address=lmtp_address, lmtp_port=lmtp_port, quota=quota,
-                                                            tls_cert=tls_cert, tls_key=tls_key, imaps_port=imaps_port,
-                                                            postfix_queue_dir=postfix_queue_dir, map_buckets=map_buckets),
-        "postfix/main.cf.mailstate": postfix_snippet(root, map_type=map_type, lmtp_address=lmtp_address, lmtp_port=lmtp_port,
-                                                     tls_cert=tls_cert, tls_key=tls_key, map_buckets=map_buckets),
-        "postfix/master.cf.mailstate": postfix_master_snippet(submission_listen=submission_listen, smtps_listen=smtps_listen,
-                                                              dkim_milter=dkim_milter),
+        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(
+            root,
+            lmtp_address=lmtp_address,
+            lmtp_port=lmtp_port,
+            quota=quota,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            imaps_port=imaps_port,
+            postfix_queue_dir=postfix_queue_dir,
+            map_buckets=map_buckets,
+        ),
+        "postfix/main.cf.mailstate": postfix_snippet(
+            root,
+            map_type=map_type,
+            lmtp_address=lmtp_address,
+            lmtp_port=lmtp_port,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            map_buckets=map_buckets,
+        ),
+        "postfix/master.cf.mailstate": postfix_master_snippet(
+            submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter
+        ),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
     }
     if dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
-    files[MANIFEST_NAME] = bundle_manifest(node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid,
-                                           mail_gid=mail_gid)
+    files[MANIFEST_NAME] = bundle_manifest(
+        node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid, mail_gid=mail_gid
+    )
     return files
 
 
-def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root: str, mail_uid: int, mail_gid: int) -> str:
+def bundle_manifest(
+    node_name: str, files: dict[str, str | bytes], *, mail_root: str, mail_uid: int, mail_gid: int
+) -> str:
     """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
 
     ``files``: each bundle file with its install directory (a key of ``dirs``, overridable by an
@@ -477,6 +522,7 @@ def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root:
     directories and are rewritten when install is given other ones. ``sha256`` lets install
     refuse a damaged or partly copied bundle.
     """
+
     def sha(content: str | bytes) -> str:
         return hashlib.sha256(content.encode("utf-8") if isinstance(content, str) else content).hexdigest()
 
@@ -487,7 +533,11 @@ def bundle_manifest(node_name: str, files: dict[str, str | bytes], *, mail_root:
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
         "relocate": ["pi-pull.ini", "pi-pull.service", "pi-pull-follow.service"],
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
-        "postfix": {"main_cf": "postfix/main.cf.mailstate", "main_cf_base": "postfix/main.cf.base", "master_cf": "postfix/master.cf.mailstate"},
+        "postfix": {
+            "main_cf": "postfix/main.cf.mailstate",
+            "main_cf_base": "postfix/main.cf.base",
+            "master_cf": "postfix/master.cf.mailstate",
+        },
         "dovecot": {"snippet": "conf.d/90-mailstate.conf", "disable_auth_system": True},
         "mail_root": {"path": mail_root, "uid": mail_uid, "gid": mail_gid, "mode": "0750"},
         "units": {"service": "pi-pull.service", "timer": "pi-pull.timer", "follow": "pi-pull-follow.service"},

@@ -48,7 +48,14 @@ from mailstate.state.senders import SENDER_FRAGMENT, alias_index, sender_lines
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
 # Every per-domain file the compiler may write (format 1 writes all but `mailboxes`;
 # virtual_alias_maps only for a domain with aliases, forwarding or alias_of: state.aliases).
-FRAGMENTS = ("mailboxes", "passwd", SENDER_FRAGMENT, "virtual_alias_maps", "virtual_mailbox_domains", "virtual_mailbox_maps")
+FRAGMENTS = (
+    "mailboxes",
+    "passwd",
+    SENDER_FRAGMENT,
+    "virtual_alias_maps",
+    "virtual_mailbox_domains",
+    "virtual_mailbox_maps",
+)
 ALIAS_FRAGMENT = "virtual_alias_maps"
 SETTINGS_FILE = f"{RENDERED_DIR}/settings"
 # A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
@@ -150,8 +157,14 @@ def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterabl
         for local, box in boxes:
             mailbox_dir(domain.domain, local, box, settings)  # the same checks, for inactive ones too
             all_mailboxes.append({"local": local, "id": box.id, "active": box.active})
-    context = {"domain": domain.domain, "mailboxes": mailboxes, "all_mailboxes": all_mailboxes, "aliases": aliases, "senders": senders,
-               "settings": settings}
+    context = {
+        "domain": domain.domain,
+        "mailboxes": mailboxes,
+        "all_mailboxes": all_mailboxes,
+        "aliases": aliases,
+        "senders": senders,
+        "settings": settings,
+    }
     base = domain_dir(domain.domain)
     out: dict[str, bytes] = {}
     try:

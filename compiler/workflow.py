@@ -24,7 +24,9 @@ WORKFLOW_PATH = ".github/workflows/mailstate.yml"
 DEFAULT_USES = "OWNER/mailstate/.github/workflows/state-check.yml@main"
 
 # owner/repo/path/to/workflow.yml@ref, or a workflow of the same repo (./.github/workflows/x.yml).
-_USES = re.compile(r"^(?:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+/|\./)\.github/workflows/[A-Za-z0-9_.-]+\.ya?ml(?:@[A-Za-z0-9_./-]+)?$")
+_USES = re.compile(
+    r"^(?:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+/|\./)\.github/workflows/[A-Za-z0-9_.-]+\.ya?ml(?:@[A-Za-z0-9_./-]+)?$"
+)
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 _SAFE_TEXT = re.compile(r"^[^\x00-\x1f]*$")
 
@@ -63,5 +65,9 @@ def state_repo_workflow(
     for name, value in (("mailstate_spec", mailstate_spec), ("python_version", python_version)):
         if value is not None and (not value.strip() or not _SAFE_TEXT.match(value)):
             raise InvalidInput(f"{name} must be one line of text.", code="invalid_request", field=name)
-    text = _env().get_template("state-repo-workflow.yml.j2").render(uses=uses, branch=branch, mailstate_spec=mailstate_spec, python_version=python_version)
+    text = (
+        _env()
+        .get_template("state-repo-workflow.yml.j2")
+        .render(uses=uses, branch=branch, mailstate_spec=mailstate_spec, python_version=python_version)
+    )
     return {WORKFLOW_PATH: text.encode("utf-8")}

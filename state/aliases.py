@@ -52,7 +52,9 @@ def normalize_alias_address(value: object, field: str = "address") -> str:
         try:
             return "@" + v.normalize_domain(value[1:], field=field)
         except InvalidInput as exc:
-            raise InvalidInput(f"The catch-all's domain is invalid: {exc.message}", code="invalid_email", field=field) from exc
+            raise InvalidInput(
+                f"The catch-all's domain is invalid: {exc.message}", code="invalid_email", field=field
+            ) from exc
     local, domain = v.normalize_email(value, field=field)
     return f"{local}@{domain}"
 
@@ -65,7 +67,9 @@ def normalize_destinations(value: object, field: str = "destinations", *, allow_
         raise InvalidInput("destinations needs at least one email address.", code="invalid_destinations", field=field)
     if len(value) > MAX_DESTINATIONS:
         raise InvalidInput(
-            f"At most {MAX_DESTINATIONS} destinations are allowed; got {len(value)}.", code="too_many_destinations", field=field
+            f"At most {MAX_DESTINATIONS} destinations are allowed; got {len(value)}.",
+            code="too_many_destinations",
+            field=field,
         )
     out: list[str] = []
     for item in value:
@@ -76,7 +80,9 @@ def normalize_destinations(value: object, field: str = "destinations", *, allow_
         out.append(address)
     if sum(len(a) + 1 for a in out) > MAX_DESTINATIONS_CHARS:
         raise InvalidInput(
-            f"The destinations together are longer than {MAX_DESTINATIONS_CHARS} characters.", code="too_many_destinations", field=field
+            f"The destinations together are longer than {MAX_DESTINATIONS_CHARS} characters.",
+            code="too_many_destinations",
+            field=field,
         )
     return out
 
@@ -86,16 +92,22 @@ def file_problems(dom: DomainFile) -> list[str]:
     problems: list[str] = []
     for key, dests in dom.aliases.items():
         if key != CATCH_ALL and key in dom.mailboxes:
-            problems.append(f"aliases.{key}: {key}@{dom.domain} is a mailbox; an address is either a mailbox or an alias")
+            problems.append(
+                f"aliases.{key}: {key}@{dom.domain} is a mailbox; an address is either a mailbox or an alias"
+            )
         if join_address(key, dom.domain) in dests:
             problems.append(f"aliases.{key}: an alias may not deliver to itself")
     for local, box in dom.mailboxes.items():
         if box.forward_to is not None and f"{local}@{dom.domain}" in box.forward_to:
-            problems.append(f"mailboxes.{local}.forward_to: a mailbox may not forward to itself (keep_copy keeps a copy)")
+            problems.append(
+                f"mailboxes.{local}.forward_to: a mailbox may not forward to itself (keep_copy keeps a copy)"
+            )
     if dom.alias_of is not None and dom.alias_of == dom.domain:
         problems.append("alias_of: a domain cannot be an alias of itself")
     if dom.alias_of is not None and CATCH_ALL in dom.aliases:
-        problems.append("aliases.@: an alias domain sends every other address to its target; it cannot have a catch-all too")
+        problems.append(
+            "aliases.@: an alias domain sends every other address to its target; it cannot have a catch-all too"
+        )
     return problems
 
 
@@ -181,7 +193,9 @@ def check_chains(domains: Mapping[str, DomainFile], starts: Sequence[str]) -> No
             raise Conflict(f"This would make a loop of aliases: {chain}.", code="alias_loop", target=key)
         if len(path) >= MAX_ALIAS_DEPTH:
             raise Conflict(
-                f"A chain of aliases from {path[0]} would be longer than {MAX_ALIAS_DEPTH} steps.", code="alias_chain_too_long", target=path[0]
+                f"A chain of aliases from {path[0]} would be longer than {MAX_ALIAS_DEPTH} steps.",
+                code="alias_chain_too_long",
+                target=path[0],
             )
         for result in results:
             expanded += 1
@@ -211,7 +225,12 @@ def state_problems(domains: Mapping[str, DomainFile], names: Sequence[str]) -> l
             continue
         if dom.alias_of is not None:
             target = domains.get(dom.alias_of)
-            if target is None or not target.email_enabled or target.alias_of is not None or target.project_id != dom.project_id:
+            if (
+                target is None
+                or not target.email_enabled
+                or target.alias_of is not None
+                or target.project_id != dom.project_id
+            ):
                 problems.append(
                     f"{domain_path(name)}: alias_of: {dom.alias_of} is not an email-enabled domain of the same project that is not an alias domain itself"
                 )

@@ -119,10 +119,18 @@ def _read(repo: pygit2.Repository, sha: str) -> _Commit:
     if not isinstance(obj, pygit2.Commit):
         raise StoreError(f"{sha[:12]} is not a commit.")
     signature, payload = obj.gpg_signature
-    return _Commit(sha=sha, time=int(obj.commit_time), parents=tuple(str(p) for p in obj.parent_ids), signature=signature, payload=payload or b"")
+    return _Commit(
+        sha=sha,
+        time=int(obj.commit_time),
+        parents=tuple(str(p) for p in obj.parent_ids),
+        signature=signature,
+        payload=payload or b"",
+    )
 
 
-def range_problems(repo_path: Path, base: str | None, tip: str, allowed_signers: Path, *, now: float | None = None) -> list[str]:
+def range_problems(
+    repo_path: Path, base: str | None, tip: str, allowed_signers: Path, *, now: float | None = None
+) -> list[str]:
     """Why `base..tip` (just `tip` without a base) may not be adopted; [] when every commit is
     signed by a trusted key at its own time, with times that never go backwards."""
     repo = pygit2.Repository(str(repo_path))
@@ -140,13 +148,17 @@ def range_problems(repo_path: Path, base: str | None, tip: str, allowed_signers:
         if c.signature is None:
             return [f"commit {sha[:12]}{where} is not signed by a trusted key (it carries no signature)"]
         if _SIG_BEGIN not in c.signature:
-            return [f"commit {sha[:12]}{where} is not signed by a trusted key (not an SSH signature; only those are trusted)"]
+            return [
+                f"commit {sha[:12]}{where} is not signed by a trusted key (not an SSH signature; only those are trusted)"
+            ]
         if c.time > limit:
             return [f"commit {sha[:12]}{where} is dated in the future (over {CLOCK_SKEW} s ahead)"]
         for p in c.parents:
             parent = commits.get(p) or _read(repo, p)
             if c.time < parent.time:
-                return [f"commit {sha[:12]}{where} is dated before its parent {p[:12]}: committer times may not go backwards (a retired key could backdate)"]
+                return [
+                    f"commit {sha[:12]}{where} is dated before its parent {p[:12]}: committer times may not go backwards (a retired key could backdate)"
+                ]
     keys = signers_by_key(allowed_signers)
     order = [commits[s] for s in shas]
     with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(order)))) as pool:
@@ -180,7 +192,20 @@ def _check(c: _Commit, allowed_signers: Path, keys: dict[str, list[str]]) -> str
             if principal is None:
                 return "its key is not in allowed_signers"
             proc = subprocess.run(
-                ["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principal, "-n", "git", "-s", str(sig), f"-Overify-time={verify_time(c.time)}"],
+                [
+                    "ssh-keygen",
+                    "-Y",
+                    "verify",
+                    "-f",
+                    signers,
+                    "-I",
+                    principal,
+                    "-n",
+                    "git",
+                    "-s",
+                    str(sig),
+                    f"-Overify-time={verify_time(c.time)}",
+                ],
                 input=c.payload,
                 capture_output=True,
                 timeout=60,

@@ -166,7 +166,9 @@ def open_store(
     """
     dd = DataDir(Path(root))
     if not dd.is_initialised():
-        raise StoreError(f"{root} is not a mailstate data dir; run `mailstate init --data {root}`.", code="not_initialised")
+        raise StoreError(
+            f"{root} is not a mailstate data dir; run `mailstate init --data {root}`.", code="not_initialised"
+        )
     durable_git_config(GitRepo(dd.repo))
     store = Store(
         dd.repo,

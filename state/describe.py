@@ -32,7 +32,9 @@ PAGING = (
     "pages never make an entry that exists throughout appear twice or go missing. Without limit and cursor, "
     "everything is listed."
 )
-_WRITE = "One signed git commit; mail nodes apply it within about a minute. Answers `commit` (null when nothing changed)."
+_WRITE = (
+    "One signed git commit; mail nodes apply it within about a minute. Answers `commit` (null when nothing changed)."
+)
 
 _DETAILS: dict[str, str] = {
     "enable-email": (
@@ -78,7 +80,10 @@ _DETAILS: dict[str, str] = {
     ),
     "update-password": (
         "Overwrites the password of an active mailbox; the old password stops working once the nodes apply the "
-        "change. `password`: " + PASSWORD_LIMITS + ". Refused (409 mailbox_inactive) for a soft-deleted mailbox. " + _WRITE
+        "change. `password`: "
+        + PASSWORD_LIMITS
+        + ". Refused (409 mailbox_inactive) for a soft-deleted mailbox. "
+        + _WRITE
     ),
     "add-domain": (
         "[Admin] Registers a new mail domain with email enabled. `project_id` (optional, a positive whole number) "
@@ -114,13 +119,19 @@ _DETAILS: dict[str, str] = {
         "Creates an alias: mail to `address` is delivered to every one of `destinations` instead. `address` is "
         "local@domain (letters, digits, '.', '_', '+', '-') or @domain, the domain's catch-all, which gets mail for "
         "addresses that are neither a mailbox nor an alias (a catch-all never takes mail from an existing mailbox or "
-        "alias). The domain must be an email-enabled domain of your project. `destinations`: " + DESTINATION_LIMITS + ". "
+        "alias). The domain must be an email-enabled domain of your project. `destinations`: "
+        + DESTINATION_LIMITS
+        + ". "
         "Refused: 409 address_in_use (the address is a mailbox, active or soft-deleted), 409 alias_exists "
         "(update-alias changes it), 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
     ),
     "update-alias": (
         "Replaces ALL destinations of an existing alias (local@domain) or catch-all (@domain) (the old list is gone). `destinations`: "
-        + DESTINATION_LIMITS + ". Refused: 404 alias_not_found, 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
+        + DESTINATION_LIMITS
+        + ". Refused: 404 alias_not_found, 400 too_many_destinations. "
+        + CHAIN_LIMITS
+        + " "
+        + _WRITE
     ),
     "remove-alias": (
         "Deletes an alias (local@domain) or catch-all (@domain); its mail is then refused (550), or goes to the catch-all if the domain has one. "
@@ -131,10 +142,15 @@ _DETAILS: dict[str, str] = {
         "domains, or of one `domain`. Mailbox forwarding is listed by list-users (forward_to, keep_copy). Reads only."
     ),
     "set-forwarding": (
-        "Forwards an active mailbox: its mail goes to `destinations` (" + DESTINATION_LIMITS.replace("1-", "0-", 1) + "); "
+        "Forwards an active mailbox: its mail goes to `destinations` ("
+        + DESTINATION_LIMITS.replace("1-", "0-", 1)
+        + "); "
         "keep_copy=true (default) also keeps a copy in the mailbox, keep_copy=false delivers ONLY to the destinations. "
         "An empty `destinations` list turns forwarding off. A soft-deleted mailbox forwards nothing (refused here "
-        "with 409 mailbox_inactive). Refused: 404 mailbox_not_found, 400 too_many_destinations. " + CHAIN_LIMITS + " " + _WRITE
+        "with 409 mailbox_inactive). Refused: 404 mailbox_not_found, 400 too_many_destinations. "
+        + CHAIN_LIMITS
+        + " "
+        + _WRITE
     ),
     "add-alias-domain": (
         "Makes `domain` an alias domain: mail to x@domain is delivered to x@target (the domain's own mailboxes and "
@@ -160,7 +176,8 @@ _DETAILS: dict[str, str] = {
         "block). Reads only."
     ),
     "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. " + _WRITE,
-    "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. " + _WRITE,
+    "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. "
+    + _WRITE,
 }
 
 

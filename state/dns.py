@@ -41,16 +41,30 @@ def dkim_txt(public_key: str) -> str:
 
 
 def _record(rtype: str, name: str, value: str, purpose: str, **extra: Any) -> dict[str, Any]:
-    return {"type": rtype, "name": name, "value": value, "purpose": purpose, "node": None, "selector": None, "state": None, **extra}
+    return {
+        "type": rtype,
+        "name": name,
+        "value": value,
+        "purpose": purpose,
+        "node": None,
+        "selector": None,
+        "state": None,
+        **extra,
+    }
 
 
-def records_for(domain: str, dns: DnsSettings, keys: Iterable[Mapping[str, Any]], nodes: Iterable[str]) -> list[dict[str, Any]]:
+def records_for(
+    domain: str, dns: DnsSettings, keys: Iterable[Mapping[str, Any]], nodes: Iterable[str]
+) -> list[dict[str, Any]]:
     """Every record `domain` needs (see the module docstring), in a stable order.
 
     `keys`: the nodes' reported DKIM keys (`node`, `selector`, `public_key`, `state`), `nodes`:
     the registered node names (keys of other nodes are left out)."""
     first = dns.mx_hosts[0]
-    out = [_record("MX", domain, f"{10 * (i + 1)} {host}", f"Mail for {domain} is delivered to {host}.") for i, host in enumerate(dns.mx_hosts)]
+    out = [
+        _record("MX", domain, f"{10 * (i + 1)} {host}", f"Mail for {domain} is delivered to {host}.")
+        for i, host in enumerate(dns.mx_hosts)
+    ]
     out.append(_record("TXT", domain, dns.spf, f"SPF: the hosts allowed to send mail as {domain}."))
     known = set(nodes)
     for key in sorted(keys, key=lambda k: (k["node"], k["selector"])):
@@ -63,16 +77,57 @@ def records_for(domain: str, dns: DnsSettings, keys: Iterable[Mapping[str, Any]]
         tags = {"node": node, "selector": selector, "state": state}
         if dns.dkim_cname_zone:
             target = f"{selector}.{dns.dkim_cname_zone}"
-            out.append(_record("CNAME", name, target, f"{what}: points to the platform's zone, so keys rotate without a change here.", **tags))
-            out.append(_record("TXT", target, txt, f"{what}, in the platform's zone (published once for every domain).", **tags))
+            out.append(
+                _record(
+                    "CNAME",
+                    name,
+                    target,
+                    f"{what}: points to the platform's zone, so keys rotate without a change here.",
+                    **tags,
+                )
+            )
+            out.append(
+                _record(
+                    "TXT", target, txt, f"{what}, in the platform's zone (published once for every domain).", **tags
+                )
+            )
         else:
-            out.append(_record("TXT", name, txt, f"{what}: receivers verify the signatures of mail from {domain} with it.", **tags))
-    out.append(_record("TXT", f"_dmarc.{domain}", dns.dmarc, f"DMARC: what receivers do with mail from {domain} that fails SPF and DKIM."))
-    client = dns.autoconfig_host or first
-    out.append(_record("CNAME", f"autoconfig.{domain}", client, "Mail clients (Thunderbird and others) look up their settings here."))
-    out.append(_record("CNAME", f"autodiscover.{domain}", client, "Outlook and other clients look up their settings here."))
+            out.append(
+                _record(
+                    "TXT", name, txt, f"{what}: receivers verify the signatures of mail from {domain} with it.", **tags
+                )
+            )
     out.append(
-        _record("SRV", f"_submission._tcp.{domain}", f"0 1 {SUBMISSION_PORT} {dns.submission_host or first}", "Mail submission (RFC 6186).")
+        _record(
+            "TXT",
+            f"_dmarc.{domain}",
+            dns.dmarc,
+            f"DMARC: what receivers do with mail from {domain} that fails SPF and DKIM.",
+        )
     )
-    out.append(_record("SRV", f"_imaps._tcp.{domain}", f"0 1 {IMAPS_PORT} {dns.imap_host or first}", "IMAP over TLS (RFC 6186)."))
+    client = dns.autoconfig_host or first
+    out.append(
+        _record(
+            "CNAME",
+            f"autoconfig.{domain}",
+            client,
+            "Mail clients (Thunderbird and others) look up their settings here.",
+        )
+    )
+    out.append(
+        _record("CNAME", f"autodiscover.{domain}", client, "Outlook and other clients look up their settings here.")
+    )
+    out.append(
+        _record(
+            "SRV",
+            f"_submission._tcp.{domain}",
+            f"0 1 {SUBMISSION_PORT} {dns.submission_host or first}",
+            "Mail submission (RFC 6186).",
+        )
+    )
+    out.append(
+        _record(
+            "SRV", f"_imaps._tcp.{domain}", f"0 1 {IMAPS_PORT} {dns.imap_host or first}", "IMAP over TLS (RFC 6186)."
+        )
+    )
     return out

@@ -62,7 +62,10 @@ class _UniqueKeyLoader(_Loader):
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
                     )
                 seen.add(key)
         return mapping
@@ -146,12 +149,18 @@ def format_problems(fmt: int, domains: Iterable[DomainFile]) -> list[str]:
         seen: set[str] = set()
         for local, box in dom.mailboxes.items():
             if fmt >= 2 and box.id is None:
-                problems.append(f"{path}: mailboxes.{local}.id: required in state format {fmt} (run `mailstate upgrade`)")
+                problems.append(
+                    f"{path}: mailboxes.{local}.id: required in state format {fmt} (run `mailstate upgrade`)"
+                )
             elif fmt < 2 and box.id is not None:
-                problems.append(f"{path}: mailboxes.{local}.id: not allowed in state format {fmt}; set `format: 2` in {SETTINGS_PATH}")
+                problems.append(
+                    f"{path}: mailboxes.{local}.id: not allowed in state format {fmt}; set `format: 2` in {SETTINGS_PATH}"
+                )
             elif box.id is not None:
                 if box.id in seen:
-                    problems.append(f"{path}: mailboxes.{local}.id: {box.id} is used by another mailbox of {dom.domain}")
+                    problems.append(
+                        f"{path}: mailboxes.{local}.id: {box.id} is used by another mailbox of {dom.domain}"
+                    )
                 seen.add(box.id)
     return problems
 
@@ -179,7 +188,9 @@ _BOX = re.compile(
     rb"    password: '([^'\n]*)'\n    quota_mb: ([1-9][0-9]*)\n    active: (true|false)\n"
     rb"(?:    forward_to:\n((?:    - [a-z0-9][a-z0-9._+-]*@[a-z0-9][a-z0-9.-]*\n)+)    keep_copy: (true|false)\n)?"
 )
-_ALIAS = re.compile(rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'|'@'):\n(" + _ADDRESSES.replace(rb"(?:- ", rb"(?:  - ") + rb")")
+_ALIAS = re.compile(
+    rb"  ([a-z0-9][a-z0-9._+-]*|'[a-z0-9][a-z0-9._+-]*'|'@'):\n(" + _ADDRESSES.replace(rb"(?:- ", rb"(?:  - ") + rb")"
+)
 
 
 def _address_list(block: bytes, indent: int) -> list[str]:
@@ -230,7 +241,11 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
     if pos != len(data):
         return None
     pid = head.group(2)
-    out: dict[str, Any] = {"domain": name, "project_id": None if pid == b"null" else int(pid), "email_enabled": head.group(3) == b"true"}
+    out: dict[str, Any] = {
+        "domain": name,
+        "project_id": None if pid == b"null" else int(pid),
+        "email_enabled": head.group(3) == b"true",
+    }
     if head.group(4) is not None:
         alias_of = _plain_str(head.group(4))
         if not alias_of:
@@ -262,7 +277,9 @@ def parse_domain(data: bytes | str, path: str, fmt: int | None = None) -> Domain
 
 
 def _plain(data: Any) -> str:
-    out: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=False, width=1000)
+    out: str = yaml.dump(
+        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=False, width=1000
+    )
     return out
 
 
@@ -285,7 +302,11 @@ def dump_nodes(nodes: NodesFile, previous: bytes | None = None) -> bytes:
 
 def domain_document(domain: DomainFile) -> dict[str, Any]:
     """The plain data of a domain file, in the canonical key order."""
-    doc: dict[str, Any] = {"domain": domain.domain, "project_id": domain.project_id, "email_enabled": domain.email_enabled}
+    doc: dict[str, Any] = {
+        "domain": domain.domain,
+        "project_id": domain.project_id,
+        "email_enabled": domain.email_enabled,
+    }
     # The alias keys are optional (state.aliases): a file without them stays byte-identical.
     if domain.alias_of is not None:
         doc["alias_of"] = domain.alias_of

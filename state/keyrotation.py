@@ -61,7 +61,11 @@ def sign_endorsement(old_private: Path, payload: bytes) -> bytes:
         data = Path(tmp) / "endorsement"
         data.write_bytes(payload)
         try:
-            subprocess.run(["ssh-keygen", "-Y", "sign", "-n", NAMESPACE, "-f", str(old_private), str(data)], check=True, capture_output=True)
+            subprocess.run(
+                ["ssh-keygen", "-Y", "sign", "-n", NAMESPACE, "-f", str(old_private), str(data)],
+                check=True,
+                capture_output=True,
+            )
         except (OSError, subprocess.CalledProcessError) as exc:
             raise StoreError("ssh-keygen could not sign the key endorsement.") from exc
         return payload + (Path(tmp) / "endorsement.sig").read_bytes()
@@ -218,7 +222,10 @@ def learn_endorsements(allowed_signers: Path, endorsements: tuple[bytes, ...]) -
             continue
         old, new, issued = m["old"].decode(), m["new"].decode(), int(m["issued"])
         known = signers_by_key(allowed_signers)
-        if any(PRINCIPAL in f.split(",") for f in known.get(new.split()[1], [])) or signature_key(raw[cut:]) != old.split()[1]:
+        if (
+            any(PRINCIPAL in f.split(",") for f in known.get(new.split()[1], []))
+            or signature_key(raw[cut:]) != old.split()[1]
+        ):
             continue
         with tempfile.TemporaryDirectory(prefix="mailstate-endorsement-") as tmp:
             sig = Path(tmp) / "endorsement.sig"

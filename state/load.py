@@ -170,7 +170,9 @@ class _CacheFile:
                 pass
         log.warning("parse cache entry for %s not used (damaged); parsing it from git", entry.domain)
         if self.repo is None:
-            raise StateInvalid(f"The parse cache entry for {entry.domain} is damaged and no repository is at hand to parse it from.")
+            raise StateInvalid(
+                f"The parse cache entry for {entry.domain} is damaged and no repository is at hand to parse it from."
+            )
         path = files.domain_path(entry.domain)
         return _share_fields_set(files.parse_domain(self.repo.blob(entry.oid), path))
 
@@ -406,7 +408,9 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
             pass
 
     indexed = [(i, path, oid) for i, (path, oid) in enumerate(todo)]
-    feeders = [threading.Thread(target=feed, args=(proc, indexed[n::workers]), daemon=True) for n, proc in enumerate(procs)]
+    feeders = [
+        threading.Thread(target=feed, args=(proc, indexed[n::workers]), daemon=True) for n, proc in enumerate(procs)
+    ]
     for thread in feeders:
         thread.start()
     found: dict[int, tuple[str, str, int | None, str | None, int, bytes]] = {}
@@ -449,7 +453,9 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
     return out
 
 
-def load_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None, *, parallel_min: int = PARALLEL_MIN) -> Snapshot:
+def load_commit(
+    repo: GitRepo, commit: str, cache: ParseCache | None = None, *, parallel_min: int = PARALLEL_MIN
+) -> Snapshot:
     """The snapshot at `commit`, validated file by file (cached entries were validated when
     they were parsed; they stay unparsed until first read, state.domainmap). From
     `parallel_min` uncached files on, they are parsed in one worker process per core."""

@@ -212,7 +212,17 @@ class LocalDB:
                 " remote_addr=excluded.remote_addr, statement_issued_at=excluded.statement_issued_at,"
                 " last_error=COALESCE(excluded.last_error, node_status.last_error),"
                 " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at)",
-                (name, stamp, applied_commit, status, error, remote_addr, statement_issued_at, error, stamp if error else None),
+                (
+                    name,
+                    stamp,
+                    applied_commit,
+                    status,
+                    error,
+                    remote_addr,
+                    statement_issued_at,
+                    error,
+                    stamp if error else None,
+                ),
             )
 
     # --- mailbox usage ------------------------------------------------------------------------
@@ -262,7 +272,12 @@ class LocalDB:
         for rows in batches:
             for domain, local, box_id, used, messages, at, node in rows:
                 if domain in wanted:
-                    out.setdefault(domain, {})[(local, box_id)] = {"used_bytes": used, "messages": messages, "reported_at": at, "node": node}
+                    out.setdefault(domain, {})[(local, box_id)] = {
+                        "used_bytes": used,
+                        "messages": messages,
+                        "reported_at": at,
+                        "node": node,
+                    }
         return out
 
     # --- DKIM public keys -----------------------------------------------------------------------
@@ -289,7 +304,10 @@ class LocalDB:
             rows = self._conn.execute(
                 "SELECT node, selector, public_key, state, created_at, reported_at FROM dkim_keys ORDER BY node, selector"
             ).fetchall()
-        return [{"node": r[0], "selector": r[1], "public_key": r[2], "state": r[3], "created_at": r[4], "reported_at": r[5]} for r in rows]
+        return [
+            {"node": r[0], "selector": r[1], "public_key": r[2], "state": r[3], "created_at": r[4], "reported_at": r[5]}
+            for r in rows
+        ]
 
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:

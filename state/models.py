@@ -82,7 +82,10 @@ Password = Annotated[
 QuotaMb = Annotated[
     int,
     BeforeValidator(v.validate_quota),
-    Field(description=f"Mailbox quota in MB, 1-{v.MAX_QUOTA_MB}.", json_schema_extra={"minimum": 1, "maximum": v.MAX_QUOTA_MB}),
+    Field(
+        description=f"Mailbox quota in MB, 1-{v.MAX_QUOTA_MB}.",
+        json_schema_extra={"minimum": 1, "maximum": v.MAX_QUOTA_MB},
+    ),
 ]
 NODE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NodeName = Annotated[
@@ -97,12 +100,18 @@ NodeName = Annotated[
 IpAddress = Annotated[
     str,
     BeforeValidator(v.normalize_ip),
-    Field(description="IPv4 or IPv6 address the node connects from (no %zone).", json_schema_extra={"minLength": 2, "maxLength": 45}),
+    Field(
+        description="IPv4 or IPv6 address the node connects from (no %zone).",
+        json_schema_extra={"minLength": 2, "maxLength": 45},
+    ),
 ]
 ProjectId = Annotated[
     int,
     BeforeValidator(v.validate_project_id),
-    Field(description="Project (WebSumo) id, a positive whole number.", json_schema_extra={"minimum": 1, "maximum": 2**63 - 1}),
+    Field(
+        description="Project (WebSumo) id, a positive whole number.",
+        json_schema_extra={"minimum": 1, "maximum": 2**63 - 1},
+    ),
 ]
 
 
@@ -142,7 +151,11 @@ class DnsSettings(BaseModel):
     mx_hosts: list[DnsHost] = Field(
         min_length=1, max_length=10, description="The platform's mail hosts, in MX preference order (10, 20, ...)."
     )
-    spf: str = Field(default="v=spf1 mx -all", pattern=DNS_VALUE_PATTERN, description="The SPF TXT value (default: the MX hosts send).")
+    spf: str = Field(
+        default="v=spf1 mx -all",
+        pattern=DNS_VALUE_PATTERN,
+        description="The SPF TXT value (default: the MX hosts send).",
+    )
     dmarc: str = Field(default="v=DMARC1; p=none", pattern=DNS_VALUE_PATTERN, description="The _dmarc TXT value.")
     dkim_cname_zone: DnsHost | None = Field(
         default=None,
@@ -152,7 +165,9 @@ class DnsSettings(BaseModel):
     autoconfig_host: DnsHost | None = Field(
         default=None, description="Host serving autoconfig/autodiscover (default: the first MX host)."
     )
-    submission_host: DnsHost | None = Field(default=None, description="Host for SMTP submission (default: the first MX host).")
+    submission_host: DnsHost | None = Field(
+        default=None, description="Host for SMTP submission (default: the first MX host)."
+    )
     imap_host: DnsHost | None = Field(default=None, description="Host for IMAP (default: the first MX host).")
 
 
@@ -163,7 +178,8 @@ class Settings(BaseModel):
 
     format: Literal[1, 2] = FORMAT_VERSION
     mail_root: str = Field(
-        default="/var/vmail", description="Maildir root on the nodes; homes are <root>/<domain>/<local>~<id> (format 1: <root>/<domain>/<local>)."
+        default="/var/vmail",
+        description="Maildir root on the nodes; homes are <root>/<domain>/<local>~<id> (format 1: <root>/<domain>/<local>).",
     )
     uid: int = Field(default=5000, ge=1, le=2**31 - 1)
     gid: int = Field(default=5000, ge=1, le=2**31 - 1)
@@ -175,14 +191,21 @@ class Settings(BaseModel):
         le=MAX_PURGE_AFTER_DAYS,
         description="Days a hard-deleted mailbox's Maildir stays in the nodes' graveyard before it is deleted (0: on the next tick).",
     )
-    dns: DnsSettings | None = Field(default=None, description="The platform's DNS values for dns-records (optional; see DnsSettings).")
+    dns: DnsSettings | None = Field(
+        default=None, description="The platform's DNS values for dns-records (optional; see DnsSettings)."
+    )
 
     @field_validator("mail_root")
     @classmethod
     def _absolute_plain_path(cls, value: str) -> str:
         # The root lands in every passwd line's home field; `:` would shift the fields and
         # whitespace or `..` would put mail somewhere else.
-        if not value.startswith("/") or not (value.isascii() and value.isprintable()) or any(c in value for c in ": ") or "/../" in value + "/":
+        if (
+            not value.startswith("/")
+            or not (value.isascii() and value.isprintable())
+            or any(c in value for c in ": ")
+            or "/../" in value + "/"
+        ):
             raise ValueError("mail_root must be an absolute path without ':', whitespace or '..'")
         return value.rstrip("/") or "/"
 
@@ -369,7 +392,9 @@ class DomainRequest(Request):
 
 
 class EnableEmailRequest(Request):
-    domain: DomainName = Field(description='Domain name to enable email for (e.g. "mycompany.nl"). Must be linked to this project.')
+    domain: DomainName = Field(
+        description='Domain name to enable email for (e.g. "mycompany.nl"). Must be linked to this project.'
+    )
 
 
 class DisableEmailRequest(Request):
@@ -381,7 +406,9 @@ class ListDomainsRequest(PageRequest):
 
 
 class AddUserRequest(Request):
-    email: Email = Field(description='Full email address (e.g. "info@mycompany.nl"). Domain must be email-enabled on this project.')
+    email: Email = Field(
+        description='Full email address (e.g. "info@mycompany.nl"). Domain must be email-enabled on this project.'
+    )
     password: Password = Field(
         description=f"Plain text password, {v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 — will be bcrypt-hashed before storage."
     )
@@ -418,7 +445,9 @@ class UpdatePasswordRequest(Request):
 
 class AddDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to register.")
-    project_id: ProjectId | None = Field(default=None, description="Optional: assign domain to a specific project (WebSumo ID).")
+    project_id: ProjectId | None = Field(
+        default=None, description="Optional: assign domain to a specific project (WebSumo ID)."
+    )
 
 
 class RemoveDomainRequest(Request):
@@ -463,7 +492,11 @@ Destinations = Annotated[
     Field(
         description=_DESTINATIONS_DOC,
         examples=[["anna@mycompany.nl", "bob@example.org"]],
-        json_schema_extra={"minItems": 1, "maxItems": al.MAX_DESTINATIONS, "items": {"type": "string", "format": "email"}},
+        json_schema_extra={
+            "minItems": 1,
+            "maxItems": al.MAX_DESTINATIONS,
+            "items": {"type": "string", "format": "email"},
+        },
     ),
 ]
 ForwardDestinations = Annotated[
@@ -471,18 +504,26 @@ ForwardDestinations = Annotated[
     BeforeValidator(lambda value: al.normalize_destinations(value, allow_empty=True)),
     Field(
         description=f"0-{al.MAX_DESTINATIONS} email addresses to forward to, no duplicates; an empty list turns forwarding off.",
-        json_schema_extra={"minItems": 0, "maxItems": al.MAX_DESTINATIONS, "items": {"type": "string", "format": "email"}},
+        json_schema_extra={
+            "minItems": 0,
+            "maxItems": al.MAX_DESTINATIONS,
+            "items": {"type": "string", "format": "email"},
+        },
     ),
 ]
 
 
 class AddAliasRequest(Request):
-    address: AliasAddress = Field(description="New alias: local@domain or @domain (catch-all), on an email-enabled domain of this project.")
+    address: AliasAddress = Field(
+        description="New alias: local@domain or @domain (catch-all), on an email-enabled domain of this project."
+    )
     destinations: Destinations
 
 
 class UpdateAliasRequest(Request):
-    address: AliasAddress = Field(description="The existing alias (local@domain or @domain) whose destinations are replaced.")
+    address: AliasAddress = Field(
+        description="The existing alias (local@domain or @domain) whose destinations are replaced."
+    )
     destinations: Destinations
 
 
@@ -503,8 +544,12 @@ class SetForwardingRequest(Request):
 
 
 class AddAliasDomainRequest(Request):
-    domain: DomainName = Field(description="The alias domain (email-enabled, this project's): mail to x@domain goes to x@target.")
-    target: DomainName = Field(description="The target domain: email-enabled, this project's, and not an alias domain itself.")
+    domain: DomainName = Field(
+        description="The alias domain (email-enabled, this project's): mail to x@domain goes to x@target."
+    )
+    target: DomainName = Field(
+        description="The target domain: email-enabled, this project's, and not an alias domain itself."
+    )
 
 
 class RemoveAliasDomainRequest(Request):
@@ -566,10 +611,19 @@ class DomainSummary(BaseModel):
     active_mailboxes: int = Field(ge=0)
     inactive_mailboxes: int = Field(ge=0, description="Soft-deleted mailboxes (active=false).")
     aliases: int = Field(default=0, ge=0, description="Aliases, the catch-all included.")
-    alias_of: str | None = Field(default=None, description="For an alias domain: the domain its mail goes to; else null.")
-    used_mb: float | None = Field(default=None, description="Mail stored in the domain's mailboxes as the nodes measured it, in MB (null before any report).")
-    messages: int | None = Field(default=None, description="Messages stored, as the nodes measured them (null before any report).")
-    usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the newest usage report, or null.")
+    alias_of: str | None = Field(
+        default=None, description="For an alias domain: the domain its mail goes to; else null."
+    )
+    used_mb: float | None = Field(
+        default=None,
+        description="Mail stored in the domain's mailboxes as the nodes measured it, in MB (null before any report).",
+    )
+    messages: int | None = Field(
+        default=None, description="Messages stored, as the nodes measured them (null before any report)."
+    )
+    usage_reported_at: str | None = Field(
+        default=None, description="ISO 8601 time of the newest usage report, or null."
+    )
 
 
 class AliasResponse(WriteResponse):
@@ -592,7 +646,9 @@ class AliasInfo(BaseModel):
 
 
 class ListAliasesResponse(Response):
-    aliases: list[AliasInfo] = Field(description="The aliases of your project's email-enabled domains, sorted by domain and address.")
+    aliases: list[AliasInfo] = Field(
+        description="The aliases of your project's email-enabled domains, sorted by domain and address."
+    )
     next_cursor: str | None = Field(
         default=None,
         description="Only when `limit` or `cursor` was given: the cursor of the next page, or null on the last page.",
@@ -619,7 +675,9 @@ class LinkedDomain(BaseModel):
 
 class ListDomainsResponse(Response):
     domains: list[DomainSummary] = Field(description="The email-enabled domains, with mailbox counts.")
-    linked_not_enabled: list[LinkedDomain] = Field(description="Domains linked to the project whose email is not enabled yet (enable-email enables them).")
+    linked_not_enabled: list[LinkedDomain] = Field(
+        description="Domains linked to the project whose email is not enabled yet (enable-email enables them)."
+    )
     next_cursor: str | None = Field(
         default=None,
         description="Only when `limit` or `cursor` was given: the cursor of the next page, or null on the last page.",
@@ -631,14 +689,18 @@ class AddUserResponse(WriteResponse):
     domain: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool
-    id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
+    id: str | None = Field(
+        default=None, description="The mailbox's immutable identity (state format 2), or null (format 1)."
+    )
 
 
 class RestoreUserResponse(WriteResponse):
     email: str
     active: bool = Field(description="Always true after a restore.")
     restored: bool
-    id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
+    id: str | None = Field(
+        default=None, description="The mailbox's immutable identity (state format 2), or null (format 1)."
+    )
 
 
 class RemoveUserResponse(WriteResponse):
@@ -652,11 +714,19 @@ class UserInfo(BaseModel):
     domain: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
     active: bool = Field(description="false for a soft-deleted mailbox.")
-    id: str | None = Field(default=None, description="The mailbox's immutable identity (state format 2), or null (format 1).")
-    forward_to: list[str] = Field(default_factory=list, description="Where the mailbox forwards to (set-forwarding); empty when it does not.")
+    id: str | None = Field(
+        default=None, description="The mailbox's immutable identity (state format 2), or null (format 1)."
+    )
+    forward_to: list[str] = Field(
+        default_factory=list, description="Where the mailbox forwards to (set-forwarding); empty when it does not."
+    )
     keep_copy: bool = Field(default=True, description="Whether the mailbox keeps a copy of forwarded mail.")
-    used_mb: float | None = Field(default=None, description="Mail stored, as a node measured it, in MB (null before any report).")
-    messages: int | None = Field(default=None, description="Messages stored, as a node measured them (null before any report).")
+    used_mb: float | None = Field(
+        default=None, description="Mail stored, as a node measured it, in MB (null before any report)."
+    )
+    messages: int | None = Field(
+        default=None, description="Messages stored, as a node measured them (null before any report)."
+    )
     usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the usage report, or null.")
 
 
@@ -682,14 +752,18 @@ class NodeInfo(BaseModel):
     name: str
     ip_address: str | None
     created_at: str = Field(description="ISO 8601 time the node was added.")
-    last_sync_at: str | None = Field(description="ISO 8601 time of the node's last report, or null if it never reported.")
+    last_sync_at: str | None = Field(
+        description="ISO 8601 time of the node's last report, or null if it never reported."
+    )
     applied_commit: str | None = Field(description="The commit the node serves, as it last reported.")
     status: str = Field(description="The node's last reported status (ok, error, ...), or never_synced.")
     error: str | None = Field(description="The error of the node's last tick, if any.")
     commits_behind: int | None = Field(
         description="Commits the node lacks to reach the server's accepted head; null when diverged or before its first report."
     )
-    diverged: bool | None = Field(default=None, description="true when the node's applied commit is not an ancestor of the server's head.")
+    diverged: bool | None = Field(
+        default=None, description="true when the node's applied commit is not an ancestor of the server's head."
+    )
     lag_s: int | None = Field(
         default=None,
         description="Seconds the node is behind: now minus the commit time of the oldest accepted commit it lacks; 0 when up to "
@@ -701,12 +775,16 @@ class NodeInfo(BaseModel):
         "when its last report is older than the server's threshold ($MAILSTATE_NODE_STALE_AFTER, 600 s); null before a report.",
     )
     statement_age_s: int | None = Field(
-        default=None, description="Seconds since the newest statement the node verified was issued (as it last reported), or null."
+        default=None,
+        description="Seconds since the newest statement the node verified was issued (as it last reported), or null.",
     )
-    last_report_at: str | None = Field(default=None, description="ISO 8601 time of the node's last report (the same as last_sync_at).")
+    last_report_at: str | None = Field(
+        default=None, description="ISO 8601 time of the node's last report (the same as last_sync_at)."
+    )
     last_report_age_s: int | None = Field(default=None, description="Seconds since the node's last report, or null.")
     last_error: str | None = Field(
-        default=None, description="The last error the node reported, kept after later reports without one (`error` is the last tick's)."
+        default=None,
+        description="The last error the node reported, kept after later reports without one (`error` is the last tick's).",
     )
     last_error_at: str | None = Field(default=None, description="ISO 8601 time of the report that carried last_error.")
 
@@ -738,7 +816,10 @@ class RotateNodeKeyResponse(WriteResponse):
 
 class DnsRecord(BaseModel):
     type: Literal["MX", "TXT", "CNAME", "SRV"] = Field(description="The record type.")
-    name: str = Field(description="The fully qualified owner name, without the trailing dot.", examples=["ms1-mpi01._domainkey.mycompany.nl"])
+    name: str = Field(
+        description="The fully qualified owner name, without the trailing dot.",
+        examples=["ms1-mpi01._domainkey.mycompany.nl"],
+    )
     value: str = Field(
         description="The record's value as a zone file writes it, without quotes (MX: `<preference> <host>`, SRV: `<priority> <weight> "
         "<port> <host>`; a TXT longer than 255 characters is split into 255-character strings by the DNS provider or the zone file)."
@@ -746,12 +827,16 @@ class DnsRecord(BaseModel):
     purpose: str = Field(description="What the record is for, in one sentence.")
     node: str | None = Field(default=None, description="DKIM records: the node whose key it is; else null.")
     selector: str | None = Field(default=None, description="DKIM records: the selector; else null.")
-    state: str | None = Field(default=None, description="DKIM records: pending (published, not signing yet), active, or retired; else null.")
+    state: str | None = Field(
+        default=None, description="DKIM records: pending (published, not signing yet), active, or retired; else null."
+    )
 
 
 class DnsRecordsResponse(Response):
     domain: str
-    records: list[DnsRecord] = Field(description="Every record the domain needs: MX, SPF, DKIM per node and selector, DMARC, autoconfig.")
+    records: list[DnsRecord] = Field(
+        description="Every record the domain needs: MX, SPF, DKIM per node and selector, DMARC, autoconfig."
+    )
 
 
 class HealthResponse(BaseModel):
@@ -759,12 +844,17 @@ class HealthResponse(BaseModel):
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
 
     status: str = Field(
-        description="ok, or degraded (an upstream error, a refused commit, or a statement that could not be written or pushed).", examples=["ok"]
+        description="ok, or degraded (an upstream error, a refused commit, or a statement that could not be written or pushed).",
+        examples=["ok"],
     )
     head: str | None = Field(default=None, description="[Admin] The accepted head commit.")
     mode: str | None = Field(default=None, description="[Admin] local or upstream.")
-    upstream: dict[str, Any] | None = Field(default=None, description="[Admin] The upstream URL (redacted) and its last error.")
-    refused_commit: dict[str, Any] | None = Field(default=None, description="[Admin] A commit the server refused, and why.")
+    upstream: dict[str, Any] | None = Field(
+        default=None, description="[Admin] The upstream URL (redacted) and its last error."
+    )
+    refused_commit: dict[str, Any] | None = Field(
+        default=None, description="[Admin] A commit the server refused, and why."
+    )
     statement: dict[str, Any] | None = Field(
         default=None,
         description="[Admin] The accepted-head statement (refs/mailstate/accepted) this server last wrote or verified: "

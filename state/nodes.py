@@ -65,7 +65,11 @@ class UsageEntry(BaseModel):
     # The canonical address as the release's files spell it (lowercase, punycode): checked by
     # shape here and matched against the state in usage_rows. (Full normalisation of 100k
     # addresses took ~1.8 s a report; a lookup in the snapshot proves more, for less.)
-    email: str = Field(pattern=USAGE_EMAIL, max_length=320, description="The mailbox's address, `<local>@<domain>` as in the rendered files.")
+    email: str = Field(
+        pattern=USAGE_EMAIL,
+        max_length=320,
+        description="The mailbox's address, `<local>@<domain>` as in the rendered files.",
+    )
     id: str = Field(pattern=MAILBOX_ID.pattern, description="The mailbox id (the `~<id>` of its home).")
     used_bytes: int = Field(ge=0, le=MAX_USED_BYTES, description="Bytes of mail in the Maildir.")
     messages: int = Field(ge=0, le=MAX_USED_BYTES, description="Number of messages in the Maildir.")
@@ -83,8 +87,12 @@ class DkimKeyEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    selector: str = Field(pattern=DKIM_SELECTOR, description="`ms1-<node>` or `ms2-<node>`: the node's two alternating selectors.")
-    public_key: str = Field(pattern=DKIM_PUBLIC_KEY, description="The `p=` value: base64 of the DER SubjectPublicKeyInfo of an RSA key.")
+    selector: str = Field(
+        pattern=DKIM_SELECTOR, description="`ms1-<node>` or `ms2-<node>`: the node's two alternating selectors."
+    )
+    public_key: str = Field(
+        pattern=DKIM_PUBLIC_KEY, description="The `p=` value: base64 of the DER SubjectPublicKeyInfo of an RSA key."
+    )
     state: Literal["pending", "active", "retired"] = Field(
         description="pending: published, not signing yet; active: signing; retired: the previous key, published until the next rotation."
     )
@@ -97,13 +105,17 @@ class NodeReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     applied_commit: Annotated[str | None, BeforeValidator(_commit)] = Field(
-        default=None, pattern=r"^[0-9a-f]{40}$", description="The commit the node serves now (40 hex digits), or null before its first release."
+        default=None,
+        pattern=r"^[0-9a-f]{40}$",
+        description="The commit the node serves now (40 hex digits), or null before its first release.",
     )
     status: Literal["ok", "error", "refused", "stale"] = Field(
         description="Outcome of the node's last pull; `stale`: its newest verified accepted-head statement is older than its max_staleness (it keeps serving)."
     )
     error: Annotated[str | None, BeforeValidator(_clip)] = Field(
-        default=None, max_length=MAX_ERROR_CHARS, description=f"What went wrong, if anything (cut at {MAX_ERROR_CHARS} characters)."
+        default=None,
+        max_length=MAX_ERROR_CHARS,
+        description=f"What went wrong, if anything (cut at {MAX_ERROR_CHARS} characters).",
     )
     statement_issued_at: int | None = Field(
         default=None,
@@ -173,7 +185,11 @@ def authenticate_node(snapshot: Snapshot, name: object, sync_key: object, remote
     """
     node = snapshot.nodes.nodes.get(name) if isinstance(name, str) else None
     expected = node.sync_key_sha256 if node is not None else _NO_SUCH_NODE
-    given = hashlib.sha256(sync_key.encode("utf-8", "replace")).hexdigest() if isinstance(sync_key, str) and len(sync_key) <= MAX_KEY_CHARS else ""
+    given = (
+        hashlib.sha256(sync_key.encode("utf-8", "replace")).hexdigest()
+        if isinstance(sync_key, str) and len(sync_key) <= MAX_KEY_CHARS
+        else ""
+    )
     if not hmac.compare_digest(expected, given) or node is None:
         raise Unauthenticated("A valid node name and sync key are required.", code="unauthenticated")
     if node.ip_address is not None:
@@ -193,11 +209,15 @@ def parse_report(body: Any) -> NodeReport:
             # Name the entry and the key at fault (the generic message names only the field).
             err = exc.errors(include_input=False, include_url=False)[0]
             where = ".".join(str(p) for p in err.get("loc", ()))
-            raise InvalidInput(f"Invalid {where}: {err.get('msg', 'invalid value')}.", code="invalid_dkim_key", field="dkim_keys") from None
+            raise InvalidInput(
+                f"Invalid {where}: {err.get('msg', 'invalid value')}.", code="invalid_dkim_key", field="dkim_keys"
+            ) from None
     return parse(NodeReport, body)
 
 
-def record_report(db: StatusSink, snapshot: Snapshot, name: str, body: Any, remote_addr: str | None, now: datetime) -> NodeReport:
+def record_report(
+    db: StatusSink, snapshot: Snapshot, name: str, body: Any, remote_addr: str | None, now: datetime
+) -> NodeReport:
     """Validate a report from the (already authenticated) node `name` and store it as its last sync."""
     if name not in snapshot.nodes.nodes:
         raise Unauthenticated("A valid node name and sync key are required.", code="unauthenticated")

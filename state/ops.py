@@ -102,7 +102,9 @@ def _visible_domain(ctx: Context, name: str) -> m.DomainFile:
 def _mail_domain(ctx: Context, name: str) -> m.DomainFile:
     dom = _visible_domain(ctx, name)
     if not dom.email_enabled:
-        raise Conflict(f"Email is not enabled for {name}; call enable-email first.", code="email_not_enabled", target=name)
+        raise Conflict(
+            f"Email is not enabled for {name}; call enable-email first.", code="email_not_enabled", target=name
+        )
     return dom
 
 
@@ -120,7 +122,9 @@ def _with_mailboxes(dom: m.DomainFile, mailboxes: dict[str, m.Mailbox], **change
     return dom.model_copy(update={"mailboxes": mailboxes, **changes})
 
 
-def _write(dom: m.DomainFile | None, name: str, result: dict[str, Any], project: int | None, created: bool = False) -> Outcome:
+def _write(
+    dom: m.DomainFile | None, name: str, result: dict[str, Any], project: int | None, created: bool = False
+) -> Outcome:
     return Outcome(result=result, change=Change(domains={name: dom}), target=name, project=project, created=created)
 
 
@@ -153,7 +157,9 @@ def unlink_domain(ctx: Context, req: m.UnlinkDomainRequest, _: Prepared) -> Outc
     _require_admin(ctx)
     dom = _visible_domain(ctx, req.domain)
     if dom.email_enabled:
-        raise Conflict(f"Email is still enabled for {req.domain}; disable it first.", code="email_enabled", target=req.domain)
+        raise Conflict(
+            f"Email is still enabled for {req.domain}; disable it first.", code="email_enabled", target=req.domain
+        )
     if dom.project_id is None:
         return Outcome({"domain": req.domain, "project_id": None}, target=req.domain)
     return _write(None, req.domain, {"domain": req.domain, "project_id": None}, dom.project_id)
@@ -241,14 +247,18 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
     for entry in out:
         entry.update(_domain_usage(ctx.state.domains[entry["domain"]], usage.get(entry["domain"], {})))
     last = names[min(stop, len(names)) - 1] if start < len(names) else None
-    return Outcome(page.finish({"domains": out, "linked_not_enabled": pending}, (last,) if last else None, stop < len(names)))
+    return Outcome(
+        page.finish({"domains": out, "linked_not_enabled": pending}, (last,) if last else None, stop < len(names))
+    )
 
 
 def _domain_usage(dom: m.DomainFile, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     """Totals over the domain's current mailboxes that a node has reported (null if none has)."""
     if not rows:  # no report for the domain: skip the walk over its mailboxes (list-domains of 1k domains)
         return {"used_mb": None, "messages": None, "usage_reported_at": None}
-    found = [rows[(local, box.id)] for local, box in dom.mailboxes.items() if box.id is not None and (local, box.id) in rows]
+    found = [
+        rows[(local, box.id)] for local, box in dom.mailboxes.items() if box.id is not None and (local, box.id) in rows
+    ]
     if not found:
         return {"used_mb": None, "messages": None, "usage_reported_at": None}
     return {
@@ -340,7 +350,11 @@ def remove_user(ctx: Context, req: m.RemoveUserRequest, _: Prepared) -> Outcome:
 def restore_user(ctx: Context, req: m.RestoreUserRequest, _: Prepared) -> Outcome:
     dom, local, box = _mailbox(ctx, req.email)
     if box.active:
-        raise Conflict(f"Mailbox {req.email} is active; only a soft-deleted mailbox can be restored.", code="mailbox_active", target=req.email)
+        raise Conflict(
+            f"Mailbox {req.email} is active; only a soft-deleted mailbox can be restored.",
+            code="mailbox_active",
+            target=req.email,
+        )
     # Same id, so the same home: the Maildir the nodes kept comes back with all its mail.
     new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"active": True})})
     out = _write(new, dom.domain, {"email": req.email, "active": True, "restored": True, "id": box.id}, dom.project_id)
@@ -355,7 +369,11 @@ def _usage_of(ctx: Context, names: list[str]) -> dict[str, dict[tuple[str, str],
 def _usage_fields(row: dict[str, Any] | None) -> dict[str, Any]:
     if row is None:
         return {"used_mb": None, "messages": None, "usage_reported_at": None}
-    return {"used_mb": bytes_to_mb(row["used_bytes"]), "messages": row["messages"], "usage_reported_at": row["reported_at"]}
+    return {
+        "used_mb": bytes_to_mb(row["used_bytes"]),
+        "messages": row["messages"],
+        "usage_reported_at": row["reported_at"],
+    }
 
 
 def bytes_to_mb(used_bytes: int) -> float:
@@ -403,7 +421,11 @@ def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
 def update_password(ctx: Context, req: m.UpdatePasswordRequest, prep: Prepared) -> Outcome:
     dom, local, box = _mailbox(ctx, req.email)
     if not box.active:
-        raise Conflict(f"Mailbox {req.email} is soft-deleted; its password cannot change.", code="mailbox_inactive", target=req.email)
+        raise Conflict(
+            f"Mailbox {req.email} is soft-deleted; its password cannot change.",
+            code="mailbox_inactive",
+            target=req.email,
+        )
     new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"password": prep["hash"]})})
     out = _write(new, dom.domain, {"email": req.email, "updated": True}, dom.project_id)
     out.target = req.email
@@ -455,13 +477,23 @@ def _alias_result(address: str, dests: list[str]) -> dict[str, Any]:
 def add_alias(ctx: Context, req: m.AddAliasRequest, _: Prepared) -> Outcome:
     dom, key = _alias_domain_of(ctx, req.address)
     if key != al.CATCH_ALL and key in dom.mailboxes:
-        raise Conflict(f"{req.address} is a mailbox; an address is either a mailbox or an alias.", code="address_in_use", target=req.address)
+        raise Conflict(
+            f"{req.address} is a mailbox; an address is either a mailbox or an alias.",
+            code="address_in_use",
+            target=req.address,
+        )
     if key == al.CATCH_ALL and dom.alias_of is not None:
         raise Conflict(
-            f"{dom.domain} is an alias domain of {dom.alias_of}: its other addresses already go there.", code="address_in_use", target=req.address
+            f"{dom.domain} is an alias domain of {dom.alias_of}: its other addresses already go there.",
+            code="address_in_use",
+            target=req.address,
         )
     if key in dom.aliases:
-        raise Conflict(f"The alias {req.address} exists; update-alias changes its destinations.", code="alias_exists", target=req.address)
+        raise Conflict(
+            f"The alias {req.address} exists; update-alias changes its destinations.",
+            code="alias_exists",
+            target=req.address,
+        )
     if req.address in req.destinations:
         raise Conflict(f"{req.address} cannot deliver to itself.", code="alias_loop", target=req.address)
     new = dom.model_copy(update={"aliases": {**dom.aliases, key: list(req.destinations)}})
@@ -517,22 +549,35 @@ def list_aliases(ctx: Context, req: m.ListAliasesRequest, _: Prepared) -> Outcom
     out = []
     for name, key in chosen:
         dests = ctx.state.domains[name].aliases[key]
-        out.append({"address": al.join_address(key, name), "domain": name, "catch_all": key == al.CATCH_ALL, "destinations": list(dests)})
+        out.append(
+            {
+                "address": al.join_address(key, name),
+                "domain": name,
+                "catch_all": key == al.CATCH_ALL,
+                "destinations": list(dests),
+            }
+        )
     return Outcome(page.finish({"aliases": out}, chosen[-1] if chosen else None, more))
 
 
 def set_forwarding(ctx: Context, req: m.SetForwardingRequest, _: Prepared) -> Outcome:
     dom, local, box = _mailbox(ctx, req.email)
     if not box.active:
-        raise Conflict(f"Mailbox {req.email} is soft-deleted; it cannot forward.", code="mailbox_inactive", target=req.email)
+        raise Conflict(
+            f"Mailbox {req.email} is soft-deleted; it cannot forward.", code="mailbox_inactive", target=req.email
+        )
     if req.email in req.destinations:
-        raise Conflict(f"{req.email} cannot forward to itself; keep_copy=true keeps a copy.", code="alias_loop", target=req.email)
+        raise Conflict(
+            f"{req.email} cannot forward to itself; keep_copy=true keeps a copy.", code="alias_loop", target=req.email
+        )
     forward = list(req.destinations) or None
     keep = req.keep_copy if forward else True
     result = {"email": req.email, "destinations": list(req.destinations), "keep_copy": keep}
     if box.forward_to == forward and box.keep_copy == keep:
         return Outcome(result, target=req.email, project=dom.project_id)
-    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"forward_to": forward, "keep_copy": keep})})
+    new = _with_mailboxes(
+        dom, {**dom.mailboxes, local: box.model_copy(update={"forward_to": forward, "keep_copy": keep})}
+    )
     _checked(ctx, new, [req.email] if forward else _catch_all_start(new))
     out = _write(new, dom.domain, result, dom.project_id)
     out.target = req.email
@@ -550,7 +595,11 @@ def add_alias_domain(ctx: Context, req: m.AddAliasDomainRequest, _: Prepared) ->
             target=req.domain,
         )
     if target.alias_of is not None:
-        raise Conflict(f"{req.target} is itself an alias domain (of {target.alias_of}).", code="alias_domain_target_invalid", target=req.domain)
+        raise Conflict(
+            f"{req.target} is itself an alias domain (of {target.alias_of}).",
+            code="alias_domain_target_invalid",
+            target=req.domain,
+        )
     result = {"domain": req.domain, "alias_of": req.target}
     if dom.alias_of == req.target:
         return Outcome(result, target=req.domain, project=dom.project_id)
@@ -562,7 +611,11 @@ def add_alias_domain(ctx: Context, req: m.AddAliasDomainRequest, _: Prepared) ->
             target=req.domain,
         )
     if al.CATCH_ALL in dom.aliases:
-        raise Conflict(f"{req.domain} has a catch-all; remove it before making the domain an alias domain.", code="address_in_use", target=req.domain)
+        raise Conflict(
+            f"{req.domain} has a catch-all; remove it before making the domain an alias domain.",
+            code="address_in_use",
+            target=req.domain,
+        )
     new = dom.model_copy(update={"alias_of": req.target})
     domains = _overlay(ctx, new)
     al.check_chains(domains, al.alias_domain_starts(domains, req.domain, req.target) + _catch_all_start(new))
@@ -585,7 +638,9 @@ def dns_records(ctx: Context, req: m.DnsRecordsRequest, _: Prepared) -> Outcome:
     settings = ctx.state.settings.dns
     if settings is None:
         raise Conflict(
-            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml.", code="dns_not_configured", target=req.domain
+            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml.",
+            code="dns_not_configured",
+            target=req.domain,
         )
     from mailstate.state.dns import records_for  # here: the other operations never need it
 
@@ -601,7 +656,9 @@ def _key_prepare(req: Any, settings: m.Settings) -> Prepared:
     return {"sync_key": key, "sha256": digest}
 
 
-def _nodes_outcome(ctx: Context, nodes: dict[str, m.Node], result: dict[str, Any], target: str, created: bool = False) -> Outcome:
+def _nodes_outcome(
+    ctx: Context, nodes: dict[str, m.Node], result: dict[str, Any], target: str, created: bool = False
+) -> Outcome:
     return Outcome(result, change=Change(nodes=m.NodesFile(nodes=nodes)), target=target, created=created)
 
 
@@ -702,9 +759,14 @@ def rotate_node_key(ctx: Context, req: m.NodeRequest, prep: Prepared) -> Outcome
 # --- the registry --------------------------------------------------------------------------
 
 _SPEC = [
-    Operation("enable-email", m.EnableEmailRequest, enable_email, summary="Enable email for a domain linked to your project."),
     Operation(
-        "disable-email", m.DisableEmailRequest, disable_email, summary="Disable email for a domain. Fails if active mailboxes still exist."
+        "enable-email", m.EnableEmailRequest, enable_email, summary="Enable email for a domain linked to your project."
+    ),
+    Operation(
+        "disable-email",
+        m.DisableEmailRequest,
+        disable_email,
+        summary="Disable email for a domain. Fails if active mailboxes still exist.",
     ),
     Operation(
         "list-domains",
@@ -715,7 +777,11 @@ _SPEC = [
         summary="List all email-enabled domains for your project, with mailbox counts.",
     ),
     Operation(
-        "add-user", m.AddUserRequest, add_user, prepare=_add_user_prepare, summary="Create a mailbox on one of your email-enabled domains."
+        "add-user",
+        m.AddUserRequest,
+        add_user,
+        prepare=_add_user_prepare,
+        summary="Create a mailbox on one of your email-enabled domains.",
     ),
     Operation(
         "remove-user",
@@ -751,7 +817,13 @@ _SPEC = [
         prepare=_hash_prepare,
         summary="Change the password of an existing mailbox.",
     ),
-    Operation("add-domain", m.AddDomainRequest, add_domain, admin=True, summary="[Admin] Register a mail domain, optionally linked to a project."),
+    Operation(
+        "add-domain",
+        m.AddDomainRequest,
+        add_domain,
+        admin=True,
+        summary="[Admin] Register a mail domain, optionally linked to a project.",
+    ),
     Operation(
         "remove-domain",
         m.RemoveDomainRequest,
@@ -795,7 +867,12 @@ _EXTRA = [
         summary="[Admin] Unlink a domain from its project; email must be disabled.",
     ),
     Operation(
-        "remove-node", m.NodeRequest, remove_node, admin=True, in_spec=False, summary="[Admin] Remove a sync node; its key stops working."
+        "remove-node",
+        m.NodeRequest,
+        remove_node,
+        admin=True,
+        in_spec=False,
+        summary="[Admin] Remove a sync node; its key stops working.",
     ),
     Operation(
         "rotate-node-key",
@@ -815,7 +892,12 @@ _ALIASES = [
         add_alias,
         summary="Create an alias (local@domain) or a catch-all (@domain) on one of your email-enabled domains.",
     ),
-    Operation("update-alias", m.UpdateAliasRequest, update_alias, summary="Replace the destinations of an existing alias or catch-all."),
+    Operation(
+        "update-alias",
+        m.UpdateAliasRequest,
+        update_alias,
+        summary="Replace the destinations of an existing alias or catch-all.",
+    ),
     Operation("remove-alias", m.RemoveAliasRequest, remove_alias, summary="Remove an alias or catch-all."),
     Operation(
         "list-aliases",
@@ -825,14 +907,24 @@ _ALIASES = [
         write=False,
         summary="List the aliases and catch-alls of your project's email-enabled domains, optionally for one domain.",
     ),
-    Operation("set-forwarding", m.SetForwardingRequest, set_forwarding, summary="Forward a mailbox to other addresses, with or without a copy."),
+    Operation(
+        "set-forwarding",
+        m.SetForwardingRequest,
+        set_forwarding,
+        summary="Forward a mailbox to other addresses, with or without a copy.",
+    ),
     Operation(
         "add-alias-domain",
         m.AddAliasDomainRequest,
         add_alias_domain,
         summary="Make a domain an alias domain: mail to x@domain goes to x@target.",
     ),
-    Operation("remove-alias-domain", m.RemoveAliasDomainRequest, remove_alias_domain, summary="Turn an alias domain back into an ordinary domain."),
+    Operation(
+        "remove-alias-domain",
+        m.RemoveAliasDomainRequest,
+        remove_alias_domain,
+        summary="Turn an alias domain back into an ordinary domain.",
+    ),
 ]
 
 _DNS = [

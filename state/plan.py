@@ -234,15 +234,26 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
                 continue
             if key == "format":
                 what = f"{was} -> {now} (state format upgrade: every mailbox gets an id, homes move to <local>~<id>)"
-                result.settings.append(Entry(key, "~", what, {"kind": "format_upgraded" if now > was else "format_changed", "old": was, "new": now}))
+                result.settings.append(
+                    Entry(
+                        key,
+                        "~",
+                        what,
+                        {"kind": "format_upgraded" if now > was else "format_changed", "old": was, "new": now},
+                    )
+                )
             else:
-                result.settings.append(Entry(key, "~", f"{was} -> {now}", {"kind": "setting_changed", "old": was, "new": now}))
+                result.settings.append(
+                    Entry(key, "~", f"{was} -> {now}", {"kind": "setting_changed", "old": was, "new": now})
+                )
         _rendered_changes(result, _present(render_settings(old_settings)), _present(render_settings(new_settings)))
 
     # Settings reach every compiled line (uid, gid, mail root), so a settings change means
     # rendering everything; otherwise only the domains that differ.
     # An alias domain's sender lines are in its target's fragment (state.senders).
-    targets = {d.alias_of for n in changed for d in (old_domains.get(n), new_domains.get(n)) if d is not None and d.alias_of}
+    targets = {
+        d.alias_of for n in changed for d in (old_domains.get(n), new_domains.get(n)) if d is not None and d.alias_of
+    }
     render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets)
     old_users, new_users = alias_index(old_domains.values()), alias_index(new_domains.values())
     for name in render_names:
@@ -263,7 +274,10 @@ def _require(side: StateLike, label: str) -> Settings:
     problems = list(getattr(side, "problems", None) or [])
     if problems or side.settings is None:
         problems = problems or [f"{files.SETTINGS_PATH}: missing"]
-        raise StateInvalid(f"{label} is not a valid state ({len(problems)} problem(s)); fix it first (see `mailstate check`).", problems=problems)
+        raise StateInvalid(
+            f"{label} is not a valid state ({len(problems)} problem(s)); fix it first (see `mailstate check`).",
+            problems=problems,
+        )
     return side.settings
 
 
@@ -277,7 +291,11 @@ def _alias_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile 
         if before == after:
             continue
         if before is None:
-            result.aliases.append(Entry(address, "+", f"{label} -> {', '.join(after or [])}", {"kind": "alias_added", "destinations": after}))
+            result.aliases.append(
+                Entry(
+                    address, "+", f"{label} -> {', '.join(after or [])}", {"kind": "alias_added", "destinations": after}
+                )
+            )
         elif after is None:
             result.aliases.append(Entry(address, "-", label, {"kind": "alias_removed"}))
         else:
@@ -305,7 +323,9 @@ def _alias_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile 
             what = "forwarding off"
         else:
             what = f"forwards to {', '.join(fy[0] or [])}" + (" (keeps a copy)" if fy[1] else " (no copy kept)")
-        result.aliases.append(Entry(f"{local}@{name}", "~", what, {"kind": "forwarding_changed", "forward_to": fy[0] if fy else None}))
+        result.aliases.append(
+            Entry(f"{local}@{name}", "~", what, {"kind": "forwarding_changed", "forward_to": fy[0] if fy else None})
+        )
 
 
 def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile | None) -> None:
@@ -350,7 +370,9 @@ def _count(dom: DomainFile) -> str:
 
 def _mailbox_added(result: Plan, email: str, box: Mailbox) -> None:
     what = f"quota {box.quota_mb} MB" + ("" if box.active else ", inactive") + (f", id {box.id}" if box.id else "")
-    result.mailboxes.append(Entry(email, "+", what, {"kind": "mailbox_added", "quota_mb": box.quota_mb, "active": box.active, "id": box.id}))
+    result.mailboxes.append(
+        Entry(email, "+", what, {"kind": "mailbox_added", "quota_mb": box.quota_mb, "active": box.active, "id": box.id})
+    )
 
 
 def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | None) -> None:
@@ -367,15 +389,31 @@ def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | N
         # An id is immutable: it appears once (the format upgrade) and otherwise only changes
         # when the mailbox was removed and made again, which a plan shows as a new mailbox.
         if a.id is None:
-            result.mailboxes.append(Entry(email, "~", f"id {b.id} assigned (home moves to ~{b.id})", {"kind": "mailbox_id_assigned", "new": b.id}))
+            result.mailboxes.append(
+                Entry(
+                    email,
+                    "~",
+                    f"id {b.id} assigned (home moves to ~{b.id})",
+                    {"kind": "mailbox_id_assigned", "new": b.id},
+                )
+            )
         else:
             what = f"id {a.id} -> {b.id} (a new mailbox: the old Maildir goes to the graveyard)"
             result.mailboxes.append(Entry(email, "~", what, {"kind": "mailbox_id_changed", "old": a.id, "new": b.id}))
     if a.active != b.active:
         kind = "mailbox_reactivated" if b.active else "mailbox_deactivated"
-        result.mailboxes.append(Entry(email, "~", "reactivated" if b.active else "deactivated (soft-deleted)", {"kind": kind}))
+        result.mailboxes.append(
+            Entry(email, "~", "reactivated" if b.active else "deactivated (soft-deleted)", {"kind": kind})
+        )
     if a.quota_mb != b.quota_mb:
-        result.mailboxes.append(Entry(email, "~", f"quota {a.quota_mb} -> {b.quota_mb} MB", {"kind": "quota_changed", "old": a.quota_mb, "new": b.quota_mb}))
+        result.mailboxes.append(
+            Entry(
+                email,
+                "~",
+                f"quota {a.quota_mb} -> {b.quota_mb} MB",
+                {"kind": "quota_changed", "old": a.quota_mb, "new": b.quota_mb},
+            )
+        )
     if a.password != b.password:
         result.mailboxes.append(Entry(email, "~", "password changed", {"kind": "password_changed"}))
 
@@ -387,7 +425,9 @@ def _node_changes(result: Plan, old: NodesFile, new: NodesFile) -> None:
             continue
         if a is None:
             assert b is not None
-            result.nodes.append(Entry(name, "+", f"ip {b.ip_address or 'any'}", {"kind": "node_added", "ip_address": b.ip_address}))
+            result.nodes.append(
+                Entry(name, "+", f"ip {b.ip_address or 'any'}", {"kind": "node_added", "ip_address": b.ip_address})
+            )
         elif b is None:
             result.nodes.append(Entry(name, "-", "", {"kind": "node_removed"}))
         else:
@@ -418,14 +458,23 @@ def _rendered_changes(result: Plan, before: Mapping[str, bytes], after: Mapping[
         if a is None:
             assert b is not None
             n = _lines(b)
-            result.rendered.append(Entry(path, "+", f"{n} line{'s' if n != 1 else ''}", {"kind": "rendered_added", "lines": n}))
+            result.rendered.append(
+                Entry(path, "+", f"{n} line{'s' if n != 1 else ''}", {"kind": "rendered_added", "lines": n})
+            )
         elif b is None:
             result.rendered.append(Entry(path, "-", "", {"kind": "rendered_removed"}))
         else:
             # Line counts only: a passwd line carries a hash, so content is never shown.
             old_lines, new_lines = Counter(a.splitlines()), Counter(b.splitlines())
             plus, minus = sum((new_lines - old_lines).values()), sum((old_lines - new_lines).values())
-            result.rendered.append(Entry(path, "~", f"+{plus} -{minus} lines", {"kind": "rendered_changed", "lines_added": plus, "lines_removed": minus}))
+            result.rendered.append(
+                Entry(
+                    path,
+                    "~",
+                    f"+{plus} -{minus} lines",
+                    {"kind": "rendered_changed", "lines_added": plus, "lines_removed": minus},
+                )
+            )
 
 
 def _lines(data: bytes) -> int:
@@ -449,7 +498,9 @@ def resolve(repo: GitRepo, rev: str) -> str:
         obj = repo.repo.revparse_single(rev)
         commit = obj.peel(pygit2.Commit)
     except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError) as exc:
-        raise NotFound(f"Unknown revision {rev!r} in {repo.repo.workdir or repo.path}.", code="revision_not_found") from exc
+        raise NotFound(
+            f"Unknown revision {rev!r} in {repo.repo.workdir or repo.path}.", code="revision_not_found"
+        ) from exc
     return str(commit.id)
 
 
@@ -597,7 +648,9 @@ def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
     return plan(old, new, base=base_label, head=new.label)
 
 
-def _changed_worktree_sides(repo: GitRepo, root: Path, base_sha: str, base_label: str, settings: Settings) -> tuple[Side, Side] | None:
+def _changed_worktree_sides(
+    repo: GitRepo, root: Path, base_sha: str, base_label: str, settings: Settings
+) -> tuple[Side, Side] | None:
     """(revision side, working-tree side), each holding only the domains whose files differ
     (state.worktree; plus their alias targets, which carry their sender lines); None when the
     settings differ or cannot be read: then everything is read."""
@@ -631,7 +684,11 @@ def _changed_worktree_sides(repo: GitRepo, root: Path, base_sha: str, base_label
     if problems:
         raise _side_invalid(f"{WORKTREE} at {root}", problems)
     old = _partial_side(repo, base_sha, base_label, settings, paths)
-    targets = {d.alias_of for side in (old.domains, domains) for d in side.values() if d.alias_of} - set(old.domains) - set(domains)
+    targets = (
+        {d.alias_of for side in (old.domains, domains) for d in side.values() if d.alias_of}
+        - set(old.domains)
+        - set(domains)
+    )
     if targets:
         # Unchanged files (git says so): the revision's parse serves both sides.
         extra = _partial_side(repo, base_sha, base_label, settings, sorted(files.domain_path(t) for t in targets if t))

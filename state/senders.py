@@ -105,7 +105,10 @@ def sender_lines(dom: DomainFile, alias_domains: Iterable[DomainFile] = ()) -> l
 
 def alias_domains_of(domains: Mapping[str, DomainFile], name: str) -> list[DomainFile]:
     """The email-enabled domains of ``domains`` that are alias domains of ``name``, by name."""
-    return sorted((d for d in domains.values() if d.alias_of == name and d.email_enabled and d.domain != name), key=lambda d: d.domain)
+    return sorted(
+        (d for d in domains.values() if d.alias_of == name and d.email_enabled and d.domain != name),
+        key=lambda d: d.domain,
+    )
 
 
 def alias_index(domains: Iterable[DomainFile]) -> dict[str, list[DomainFile]]:

@@ -47,7 +47,9 @@ class Snapshot:
     alias_users: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def build(cls, commit: str | None, settings: Settings, domains: Mapping[str, DomainFile] | DomainMap, nodes: NodesFile) -> Snapshot:
+    def build(
+        cls, commit: str | None, settings: Settings, domains: Mapping[str, DomainFile] | DomainMap, nodes: NodesFile
+    ) -> Snapshot:
         """A snapshot of `domains` (a DomainMap, possibly of unparsed entries, or any mapping)."""
         dmap = DomainMap.of(domains)
         index: dict[int, set[str]] = {}

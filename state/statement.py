@@ -129,7 +129,9 @@ def create_statement(repo: pygit2.Repository, signer: Signer, head: str, issued_
         raise StoreError("git could not write the accepted-head statement.") from exc
 
 
-def write_statement(repo: pygit2.Repository | Path | str, signer: Signer, head: str, issued_at: int | None = None, *, ref: str = REF) -> str:
+def write_statement(
+    repo: pygit2.Repository | Path | str, signer: Signer, head: str, issued_at: int | None = None, *, ref: str = REF
+) -> str:
     """create_statement, then point `ref` at it unconditionally; the tag id (for tests and tools;
     the store moves the ref with its forward-only compare-and-swap instead)."""
     r = repo if isinstance(repo, pygit2.Repository) else pygit2.Repository(str(repo))
@@ -155,10 +157,14 @@ def parse_statement(raw: bytes) -> Statement:
     if m["object"].decode() != head or not head.startswith(m["short"].decode()) or m["tagged"] != m["issued"]:
         raise StatementInvalid("The accepted-head statement's fields disagree.")
     try:
-        endorsements = tuple(base64.b64decode(line.split(b": ", 1)[1], validate=True) for line in m["endorsements"].splitlines())
+        endorsements = tuple(
+            base64.b64decode(line.split(b": ", 1)[1], validate=True) for line in m["endorsements"].splitlines()
+        )
     except (binascii.Error, ValueError) as exc:
         raise StatementInvalid("The accepted-head statement carries a malformed Key-Endorsement.") from exc
-    return Statement(head=head, issued_at=int(m["issued"]), payload=payload, signature=signature, endorsements=endorsements)
+    return Statement(
+        head=head, issued_at=int(m["issued"]), payload=payload, signature=signature, endorsements=endorsements
+    )
 
 
 def verify_statement(raw: bytes, allowed_signers: Path) -> Statement:
@@ -173,7 +179,19 @@ def verify_statement(raw: bytes, allowed_signers: Path) -> Statement:
         sig.write_bytes(st.signature)
         try:
             proc = subprocess.run(
-                ["ssh-keygen", "-Y", "verify", "-f", os.path.abspath(allowed_signers), "-I", PRINCIPAL, "-n", NAMESPACE, "-s", str(sig)],
+                [
+                    "ssh-keygen",
+                    "-Y",
+                    "verify",
+                    "-f",
+                    os.path.abspath(allowed_signers),
+                    "-I",
+                    PRINCIPAL,
+                    "-n",
+                    NAMESPACE,
+                    "-s",
+                    str(sig),
+                ],
                 input=st.payload,
                 capture_output=True,
                 timeout=30,

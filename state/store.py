@@ -42,7 +42,15 @@ import pygit2
 from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
 from mailstate.state import files, senders
 from mailstate.state.chain import range_problems
-from mailstate.state.errors import BranchMoved, Forbidden, InvalidInput, StatementInvalid, StoreError, Unavailable, UpstreamUnavailable
+from mailstate.state.errors import (
+    BranchMoved,
+    Forbidden,
+    InvalidInput,
+    StatementInvalid,
+    StoreError,
+    Unavailable,
+    UpstreamUnavailable,
+)
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
@@ -206,7 +214,14 @@ class Store:
         return self._write(op, actor, req, prepared, clean_request_id(None))
 
     def _context(self, actor: Actor) -> Context:
-        return Context(state=self._snapshot, actor=actor, now=self.clock(), node_status=self.node_status, usage=self.usage_source, dkim_keys=self.dkim_source)
+        return Context(
+            state=self._snapshot,
+            actor=actor,
+            now=self.clock(),
+            node_status=self.node_status,
+            usage=self.usage_source,
+            dkim_keys=self.dkim_source,
+        )
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
@@ -377,7 +392,12 @@ class Store:
             # joining a fleet, or a tip that does not descend, checks the tip alone.
             base = local if self.git.is_ancestor(local, tip) else None
             reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
-            if reason and source == "upstream" and "not signed by a trusted key" in reason and self._follow_key_rotation():
+            if (
+                reason
+                and source == "upstream"
+                and "not signed by a trusted key" in reason
+                and self._follow_key_rotation()
+            ):
                 reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
         if reason is not None:
             incoming = Incoming(commit=tip, problems=[reason])
@@ -386,7 +406,10 @@ class Store:
         elif fresh:
             incoming = full_check(self.git, tip, self._cache)  # a new data dir joining an existing fleet
         else:
-            incoming = Incoming(commit=tip, problems=[f"commit {tip[:12]} does not descend from {local[:12]} (rollback or rewritten history)"])
+            incoming = Incoming(
+                commit=tip,
+                problems=[f"commit {tip[:12]} does not descend from {local[:12]} (rollback or rewritten history)"],
+            )
         if incoming.ok and incoming.snapshot is not None:
             if source == "upstream":
                 self.git.set_branch(tip)
@@ -417,7 +440,11 @@ class Store:
             log.warning("could not follow a key rotation upstream: %s", exc.message)
             return False
         for key in learned:
-            log.warning("learned server key %s... from its endorsement on upstream (added to %s)", key[:40], self.trusted_signers)
+            log.warning(
+                "learned server key %s... from its endorsement on upstream (added to %s)",
+                key[:40],
+                self.trusted_signers,
+            )
         return bool(learned)
 
     def run_sync_loop(self, stop: threading.Event, interval: float) -> None:
@@ -586,7 +613,9 @@ class Store:
         self._stated = (found[0], st.head, st.issued_at)
         return self._stated
 
-    def _publish_statement(self, *, refresh: bool = False, replace: bool = False, prepared: tuple[str, int] | None = None) -> bool:
+    def _publish_statement(
+        self, *, refresh: bool = False, replace: bool = False, prepared: tuple[str, int] | None = None
+    ) -> bool:
         """Point REF at a statement of our head, forward only; True when it moved. Lock held.
 
         Forward only: a statement at REF whose head is not an ancestor of ours (another process
@@ -626,7 +655,9 @@ class Store:
         except _Keep:
             return False
         except (StoreError, OSError) as exc:
-            self.statement_error = exc.message if isinstance(exc, StoreError) else "the accepted-head statement could not be written"
+            self.statement_error = (
+                exc.message if isinstance(exc, StoreError) else "the accepted-head statement could not be written"
+            )
             log.error("accepted-head statement for %s not written: %s", head[:12], self.statement_error)
             return False
         self._stated = (tag, head, issued)
@@ -656,7 +687,11 @@ class Store:
             # re-signs it, so even a forged one lives one interval at most).
             self._stated = (found[0], theirs.head, theirs.issued_at)
             return None
-        if self._is_commit(theirs.head) and not self.git.is_ancestor(theirs.head, head) and self._server_signed(found[1]):
+        if (
+            self._is_commit(theirs.head)
+            and not self.git.is_ancestor(theirs.head, head)
+            and self._server_signed(found[1])
+        ):
             log.info("accepted-head statement left at %s (not an ancestor of %s)", theirs.head[:12], head[:12])
             raise _Keep
         return (theirs.head, theirs.issued_at)
@@ -724,7 +759,12 @@ class Store:
         out: dict[str, bytes | None] = {}
         # An alias domain's sender lines live in its target's sender_login_maps (state.senders):
         # the targets of every changed alias domain (before and after) get that fragment anew.
-        targets = {d.alias_of for n, new in change.domains.items() for d in (snap.domains.get(n), new) if d is not None and d.alias_of}
+        targets = {
+            d.alias_of
+            for n, new in change.domains.items()
+            for d in (snap.domains.get(n), new)
+            if d is not None and d.alias_of
+        }
         # Each rendered domain's alias domains after the change (the snapshot's index: no scan).
         names = {n for n, d in change.domains.items() if d is not None} | targets
         after = [snap.domains[u] for n in names for u in snap.alias_users.get(n, ()) if u not in change.domains]
@@ -779,7 +819,12 @@ class Store:
         if not self.git.is_ancestor(applied, head):
             return {**status, "commits_behind": None, "diverged": True}
         behind = self.git.commits_between(applied, head)
-        return {**status, "commits_behind": behind, "diverged": False, "behind_since": self._oldest_after(applied, head) if behind else None}
+        return {
+            **status,
+            "commits_behind": behind,
+            "diverged": False,
+            "behind_since": self._oldest_after(applied, head) if behind else None,
+        }
 
     def _oldest_after(self, ancestor: str, head: str, limit: int = 10_000) -> int | None:
         """Commit time of the first commit after `ancestor` on head's first-parent line (the

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pygit2
 
-from mailstate.compiler.render import FRAGMENTS, SETTINGS_FILE, compile_state, diff_rendered, domain_dir, render_domain, render_settings
+from mailstate.compiler.render import (
+    FRAGMENTS,
+    SETTINGS_FILE,
+    compile_state,
+    diff_rendered,
+    domain_dir,
+    render_domain,
+    render_settings,
+)
 from mailstate.state import aliases, files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
@@ -52,7 +60,15 @@ def verify_signature(repo_path: Path, commit: str, allowed_signers: Path) -> str
     """None when `commit` carries a good signature by a trusted key, else the reason."""
     proc = subprocess.run(
         # Absolute: git resolves a relative allowedSignersFile from inside the repo (-C).
-        ["git", "-C", str(repo_path), "-c", f"gpg.ssh.allowedSignersFile={os.path.abspath(allowed_signers)}", "verify-commit", commit],
+        [
+            "git",
+            "-C",
+            str(repo_path),
+            "-c",
+            f"gpg.ssh.allowedSignersFile={os.path.abspath(allowed_signers)}",
+            "verify-commit",
+            commit,
+        ],
         capture_output=True,
         text=True,
     )
@@ -78,7 +94,13 @@ def _rendered_owner(path: str) -> str | None:
     # rendered/domains/<bb>/<domain>/<fragment>, in the domain's own bucket: a copy under another
     # bucket would never be compared with render_domain() (it reads the domain's own folder).
     parts = path.split("/")
-    if len(parts) == 5 and parts[0] == files.RENDERED_DIR and parts[1] == "domains" and parts[4] in FRAGMENTS and parts[2] == files.bucket(parts[3]):
+    if (
+        len(parts) == 5
+        and parts[0] == files.RENDERED_DIR
+        and parts[1] == "domains"
+        and parts[4] in FRAGMENTS
+        and parts[2] == files.bucket(parts[3])
+    ):
         return parts[3]
     return None
 
@@ -88,7 +110,9 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     result = Incoming(commit=commit)
     assert base.commit is not None
     if not repo.is_ancestor(base.commit, commit):
-        result.problems.append(f"commit {commit[:12]} does not descend from the last validated commit {base.commit[:12]} (rollback or rewritten history)")
+        result.problems.append(
+            f"commit {commit[:12]} does not descend from the last validated commit {base.commit[:12]} (rollback or rewritten history)"
+        )
         return result
     paths = changed_paths(repo, base.commit, commit)
     change = Change()

@@ -111,8 +111,11 @@ def _apply(ctx: Context, req: m.EmptyRequest, prep: Prepared) -> Outcome:
     if change is None:
         return Outcome({"upgraded": False, "format": before})
     if before >= TARGET_FORMAT:
-        return Outcome({"upgraded": True, "from_format": before, "format": before, "sender_maps": True, "mailboxes": 0},
-                       change=change, target="sender_login_maps")
+        return Outcome(
+            {"upgraded": True, "from_format": before, "format": before, "sender_maps": True, "mailboxes": 0},
+            change=change,
+            target="sender_login_maps",
+        )
     mailboxes = sum(len(dom.mailboxes) for dom in ctx.state.domains.values())
     result = {"upgraded": True, "from_format": before, "format": TARGET_FORMAT, "mailboxes": mailboxes}
     return Outcome(result, change=change, target=f"format {TARGET_FORMAT}")
@@ -141,7 +144,9 @@ def upgrade_store(store: Store, *, strict: bool = True) -> dict[str, Any]:
     if store.snapshot.settings.format >= TARGET_FORMAT and not render_senders:
         return {"upgraded": False, "format": store.snapshot.settings.format, "commit": None}
     try:
-        outcome = store.execute_operation(UPGRADE, ACTOR, m.EmptyRequest(), {**_prepare(None, store.snapshot.settings), "senders": render_senders})
+        outcome = store.execute_operation(
+            UPGRADE, ACTOR, m.EmptyRequest(), {**_prepare(None, store.snapshot.settings), "senders": render_senders}
+        )
     except (Unavailable, UpstreamUnavailable) as exc:
         if strict:
             raise

@@ -57,7 +57,9 @@ class Upstream:
                 env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/local/bin:/usr/bin:/bin", **_passthrough_env()},
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise UpstreamUnavailable("The upstream state repo could not be reached.", code="upstream_unavailable") from exc
+            raise UpstreamUnavailable(
+                "The upstream state repo could not be reached.", code="upstream_unavailable"
+            ) from exc
 
     def fetch(self) -> str | None:
         """Fetch upstream `main` into a private ref; its sha, or None when upstream has no main yet."""
@@ -65,7 +67,9 @@ class Upstream:
         if proc.returncode != 0:
             if "couldn't find remote ref" in proc.stderr.lower():
                 return None
-            raise UpstreamUnavailable(f"Fetching the upstream state repo failed: {_last_line(proc.stderr)}", code="upstream_unavailable")
+            raise UpstreamUnavailable(
+                f"Fetching the upstream state repo failed: {_last_line(proc.stderr)}", code="upstream_unavailable"
+            )
         rev = self._git("rev-parse", "--verify", "--quiet", TRACKING_REF)
         return rev.stdout.strip() or None
 
@@ -94,22 +98,34 @@ class Upstream:
         if statement is not None and _statement_sank(proc.stdout):
             return self.push(commit, expect=expect)
         text = proc.stdout + proc.stderr
-        rejected = any(marker in text for marker in ("[rejected]", "non-fast-forward", "fetch first", "stale info", "[remote rejected]"))
+        rejected = any(
+            marker in text
+            for marker in ("[rejected]", "non-fast-forward", "fetch first", "stale info", "[remote rejected]")
+        )
         if rejected:
             return PushResult(False, True, _last_line(text))
-        raise UpstreamUnavailable(f"Pushing to the upstream state repo failed: {_last_line(text)}", code="upstream_unavailable")
-
+        raise UpstreamUnavailable(
+            f"Pushing to the upstream state repo failed: {_last_line(text)}", code="upstream_unavailable"
+        )
 
     def push_statement(self, tag: str, *, expect: str | None) -> PushResult:
         """Force-push the statement tag object `tag` to upstream's statement ref, leased: it
         lands only while that ref holds `expect` (None: while it does not exist)."""
-        proc = self._git("push", "--porcelain", f"--force-with-lease={STATEMENT_REF}:{expect or ''}", self.url, f"{tag}:{STATEMENT_REF}")
+        proc = self._git(
+            "push",
+            "--porcelain",
+            f"--force-with-lease={STATEMENT_REF}:{expect or ''}",
+            self.url,
+            f"{tag}:{STATEMENT_REF}",
+        )
         if proc.returncode == 0:
             return PushResult(True, False, "")
         text = proc.stdout + proc.stderr
         if "stale info" in text:  # the lease failed: another statement is there now
             return PushResult(False, True, _last_line(text))
-        raise UpstreamUnavailable(f"Pushing the accepted-head statement upstream failed: {_last_line(text)}", code="upstream_unavailable")
+        raise UpstreamUnavailable(
+            f"Pushing the accepted-head statement upstream failed: {_last_line(text)}", code="upstream_unavailable"
+        )
 
     def fetch_statement(self) -> tuple[str, bytes] | None:
         """Fetch upstream's statement into a private ref: (tag id, raw tag), or None when absent."""
@@ -117,7 +133,10 @@ class Upstream:
         if proc.returncode != 0:
             if "couldn't find remote ref" in proc.stderr.lower():
                 return None
-            raise UpstreamUnavailable(f"Fetching the upstream accepted-head statement failed: {_last_line(proc.stderr)}", code="upstream_unavailable")
+            raise UpstreamUnavailable(
+                f"Fetching the upstream accepted-head statement failed: {_last_line(proc.stderr)}",
+                code="upstream_unavailable",
+            )
         return read_statement(pygit2.Repository(str(self.local)), STATEMENT_TRACKING_REF)
 
 

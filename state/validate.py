@@ -104,7 +104,9 @@ def normalize_email(value: object, *, field: str = "email") -> tuple[str, str]:
     try:
         domain = normalize_domain(domain_part, field=field)
     except InvalidInput as exc:
-        raise InvalidInput(f"The address's domain is invalid: {exc.message}", code="invalid_email", field=field) from exc
+        raise InvalidInput(
+            f"The address's domain is invalid: {exc.message}", code="invalid_email", field=field
+        ) from exc
     return local, domain
 
 
@@ -161,9 +163,7 @@ def normalize_ip(value: object, *, field: str = "ip_address") -> str:
     if getattr(ip, "scope_id", None) is not None:
         # `fe80::1%eth0`: a zone only means something on this host, and after the `%`
         # ipaddress accepts any text at all (`::1%$(reboot)`, `::1%..`).
-        raise InvalidInput(
-            "ip_address may not carry a %zone suffix.", code="invalid_ip_address", field=field
-        )
+        raise InvalidInput("ip_address may not carry a %zone suffix.", code="invalid_ip_address", field=field)
     return str(ip)
 
 

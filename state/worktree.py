@@ -56,7 +56,11 @@ def _scan(root: str, rel: str, committed: dict[str, str]) -> tuple[list[str], li
     """(files present, files changed) below `root/rel` (one bucket folder, or one stray file)."""
     present: list[str] = []
     changed: list[str] = []
-    entries = _walk(root, rel) if os.path.isdir(os.path.join(root, rel)) and not os.path.islink(os.path.join(root, rel)) else [(rel, False)]
+    entries = (
+        _walk(root, rel)
+        if os.path.isdir(os.path.join(root, rel)) and not os.path.islink(os.path.join(root, rel))
+        else [(rel, False)]
+    )
     for path, plain in entries:
         present.append(path)
         if not plain or committed.get(path) is None or _blob_id(os.path.join(root, path)) != committed[path]:

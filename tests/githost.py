@@ -106,7 +106,17 @@ def ensure_git_user() -> pwd.struct_passwd:
         pw = pwd.getpwnam(GIT_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--user-group", "--create-home", "--home-dir", str(GIT_HOME), "--shell", str(shell), GIT_USER],
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--create-home",
+                "--home-dir",
+                str(GIT_HOME),
+                "--shell",
+                str(shell),
+                GIT_USER,
+            ],
             capture_output=True,
         )  # another test process may win the race: look it up again either way
         pw = pwd.getpwnam(GIT_USER)
@@ -185,9 +195,22 @@ class GitHost:
 
     # ---- repos
 
-    def _as_git_user(self, argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _as_git_user(
+        self, argv: list[str], *, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(GIT_HOME), "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
-        proc = subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=[], env=env, capture_output=True, text=True, input=input, cwd="/", timeout=60)
+        proc = subprocess.run(
+            argv,
+            user=self.uid,
+            group=self.gid,
+            extra_groups=[],
+            env=env,
+            capture_output=True,
+            text=True,
+            input=input,
+            cwd="/",
+            timeout=60,
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} (as {GIT_USER}) failed: {proc.stderr}")
         return proc
@@ -215,7 +238,9 @@ class GitHost:
         # ref fails as a whole ("atomic push failure" for the others), a push without one passes.
         hook = path / "hooks" / "update"
         cases = "|".join(shlex.quote(r) for r in refs)
-        hook.write_text(f'#!/bin/sh\n# tests/githost.py: frozen refs\ncase "$1" in {cases}) echo "frozen: $1" >&2; exit 1;; esac\nexit 0\n')
+        hook.write_text(
+            f'#!/bin/sh\n# tests/githost.py: frozen refs\ncase "$1" in {cases}) echo "frozen: $1" >&2; exit 1;; esac\nexit 0\n'
+        )
         hook.chmod(0o755)
         os.chown(hook, self.uid, self.gid)
 
@@ -227,8 +252,13 @@ class GitHost:
 
     def start_ssh(self) -> None:
         w = self.workdir
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "githost-host", "-f", str(w / "host_key")], check=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "githost-client", "-f", str(self.client_key)], check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "githost-host", "-f", str(w / "host_key")], check=True
+        )
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "githost-client", "-f", str(self.client_key)],
+            check=True,
+        )
         # `restrict`: no pty, no forwarding, no agent, no X11; git-shell (the login shell) runs the command.
         (w / "authorized_keys").write_text("restrict " + (w / "client_key.pub").read_text())
         (w / "authorized_keys").chmod(0o644)
@@ -270,7 +300,9 @@ LogLevel VERBOSE
         if check.returncode != 0:
             raise RuntimeError(f"sshd -t: {check.stderr}")
         log = (w / "sshd.log").open("ab")
-        self.procs["sshd"] = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(w / "sshd_config")], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.procs["sshd"] = subprocess.Popen(
+            [str(SSHD), "-D", "-e", "-f", str(w / "sshd_config")], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
         wait_port(self.ssh_port)
 
     # ---- nginx + fcgiwrap + git http-backend

@@ -157,7 +157,9 @@ def pi_pull_script() -> Path:
     return out
 
 
-def run_pi_pull(config: Path | str, *args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_pi_pull(
+    config: Path | str, *args: str, python: str = sys.executable, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run one pi-pull tick (``--once``) of the built single file as a subprocess; returns the completed process."""
     return subprocess.run(
         [python, str(pi_pull_script()), "--config", str(config), "--once", *args],
@@ -318,8 +320,14 @@ smtpd_peername_lookup = no
 smtp_host_lookup = native
 
 """
-        main_cf += postfix_snippet(str(self.root), map_type=self.map_type, lmtp_port=self.lmtp_port, tls_cert=str(self.tls_cert),
-                                   tls_key=str(self.tls_key), map_buckets=self.map_buckets)
+        main_cf += postfix_snippet(
+            str(self.root),
+            map_type=self.map_type,
+            lmtp_port=self.lmtp_port,
+            tls_cert=str(self.tls_cert),
+            tls_key=str(self.tls_key),
+            map_buckets=self.map_buckets,
+        )
         (self.postfix_dir / "main.cf").write_text(main_cf)
         services = [
             ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
@@ -347,9 +355,14 @@ smtp_host_lookup = native
         master = [f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd"]
         master += ["  ".join(s) for s in services]
         # The bundle's submission entries (`service/type = <master.cf line>`), on loopback ports.
-        snippet = postfix_master_snippet(submission_listen=f"127.0.0.1:{self.submission_port}", smtps_listen=f"127.0.0.1:{self.smtps_port}",
-                                         dkim_milter=self.dkim_milter)
-        master += [line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")]
+        snippet = postfix_master_snippet(
+            submission_listen=f"127.0.0.1:{self.submission_port}",
+            smtps_listen=f"127.0.0.1:{self.smtps_port}",
+            dkim_milter=self.dkim_milter,
+        )
+        master += [
+            line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
+        ]
         (self.postfix_dir / "master.cf").write_text("\n".join(master) + "\n")
         for name in ("main.cf", "master.cf"):
             age_file(self.postfix_dir / name)
@@ -376,8 +389,15 @@ service imap-login {{
 }}
 
 """
-        dovecot += dovecot_snippet(str(self.root), lmtp_port=self.lmtp_port, tls_cert=str(self.tls_cert), tls_key=str(self.tls_key),
-                                   imaps_port=self.imaps_port, postfix_queue_dir=str(w / "postfix" / "queue"), map_buckets=self.map_buckets)
+        dovecot += dovecot_snippet(
+            str(self.root),
+            lmtp_port=self.lmtp_port,
+            tls_cert=str(self.tls_cert),
+            tls_key=str(self.tls_key),
+            imaps_port=self.imaps_port,
+            postfix_queue_dir=str(w / "postfix" / "queue"),
+            map_buckets=self.map_buckets,
+        )
         self.dovecot_conf.write_text(dovecot)
         if self.map_buckets:
             self._placeholder_tables()
@@ -388,7 +408,9 @@ service imap-login {{
         with open(out, "ab") as fh:
             r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, timeout=60)
         if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed: {out.read_text(errors='replace')}\n{self.dovecot_log()}{self.postfix_log()}")
+            raise RuntimeError(
+                f"{' '.join(argv)} failed: {out.read_text(errors='replace')}\n{self.dovecot_log()}{self.postfix_log()}"
+            )
 
     def _placeholder_tables(self) -> None:
         """Empty tables under ``current`` until the first tick: an smtpd that cannot open 64 tables
@@ -400,8 +422,18 @@ service imap-login {{
         (empty / "dovecot" / "passwd.d").mkdir(parents=True)
         for name in ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps"):
             for k in range(self.map_buckets):
-                subprocess.run(["postmap", "-c", str(self.postfix_dir), "-i", f"{self.map_type}:{empty / 'postfix' / f'{name}.{k:02x}'}"],
-                               input=b"", check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        "postmap",
+                        "-c",
+                        str(self.postfix_dir),
+                        "-i",
+                        f"{self.map_type}:{empty / 'postfix' / f'{name}.{k:02x}'}",
+                    ],
+                    input=b"",
+                    check=True,
+                    capture_output=True,
+                )
         (self.root / "current").symlink_to("placeholder")
 
     def start(self) -> None:
@@ -409,7 +441,14 @@ service imap-login {{
         self._daemon("dovecot", "-c", str(self.dovecot_conf))
         self.started = True
         self._daemon("postfix", "-c", str(self.postfix_dir), "start")
-        for port in (self.imap_port, self.imaps_port, self.lmtp_port, self.smtp_port, self.submission_port, self.smtps_port):
+        for port in (
+            self.imap_port,
+            self.imaps_port,
+            self.lmtp_port,
+            self.smtp_port,
+            self.submission_port,
+            self.smtps_port,
+        ):
             wait_port(port)
 
     def stop(self) -> None:
@@ -444,7 +483,9 @@ service imap-login {{
         source = (next_source_address(), 0)
         s: smtplib.SMTP
         if implicit_tls:
-            s = smtplib.SMTP_SSL("127.0.0.1", self.smtps_port, timeout=15, source_address=source, context=self.tls_context())
+            s = smtplib.SMTP_SSL(
+                "127.0.0.1", self.smtps_port, timeout=15, source_address=source, context=self.tls_context()
+            )
         else:
             s = smtplib.SMTP("127.0.0.1", self.submission_port, timeout=15, source_address=source)
         s.ehlo("client.test")
@@ -453,12 +494,24 @@ service imap-login {{
             s.ehlo("client.test")
         return s
 
-    def submit(self, user: str, password: str, mail_from: str, to: Sequence[str], subject: str, *, implicit_tls: bool = False,
-               body: str = "sent by the test\r\n", headers: str = "") -> dict[str, tuple[int, bytes]]:
+    def submit(
+        self,
+        user: str,
+        password: str,
+        mail_from: str,
+        to: Sequence[str],
+        subject: str,
+        *,
+        implicit_tls: bool = False,
+        body: str = "sent by the test\r\n",
+        headers: str = "",
+    ) -> dict[str, tuple[int, bytes]]:
         """Log in as ``user`` and send one message (From: and envelope ``mail_from``); returns
         sendmail's refused recipients (raises smtplib.SMTPException on a refusal of the whole message)."""
-        msg = (f"From: {mail_from}\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\nMessage-ID: <{subject.replace(' ', '.')}@client.test>\r\n"
-               f"{headers}\r\n{body}")
+        msg = (
+            f"From: {mail_from}\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\nMessage-ID: <{subject.replace(' ', '.')}@client.test>\r\n"
+            f"{headers}\r\n{body}"
+        )
         with contextlib.closing(self.submission(implicit_tls=implicit_tls)) as s:
             s.login(user, password)
             refused = s.sendmail(mail_from, list(to), msg.encode("utf-8"))
@@ -530,7 +583,9 @@ service imap-login {{
                 with contextlib.suppress(Exception):
                     m.logout()
             if time.monotonic() > deadline:
-                raise AssertionError(f"no message {subject!r} for {user} after {timeout}s\n{self.postfix_log()[-3000:]}")
+                raise AssertionError(
+                    f"no message {subject!r} for {user} after {timeout}s\n{self.postfix_log()[-3000:]}"
+                )
             time.sleep(0.1)
 
     def postfix_log(self) -> str:
@@ -683,12 +738,25 @@ class Mailbox:
 _mailbox_ids = itertools.count(1)
 
 
-def publish_statement(work: Path, bare: Path, sha: str, key: SigningKey, *, issued_at: int | None = None, ref: str = "refs/mailstate/accepted") -> str:
+def publish_statement(
+    work: Path,
+    bare: Path,
+    sha: str,
+    key: SigningKey,
+    *,
+    issued_at: int | None = None,
+    ref: str = "refs/mailstate/accepted",
+) -> str:
     """Sign an accepted-head statement for ``sha`` with ``key`` (``git tag -s``, gpg.format=ssh, so
     the tag object is exactly STATEMENT.md's format 1) and force it to ``ref`` in ``bare``; the tag id."""
     t = int(time.time()) if issued_at is None else issued_at
     message = f"mailstate accepted head {sha[:12]}\n\nAccepted-Head: {sha}\nIssued-At: {t}\n"
-    env = {**os.environ, "GIT_COMMITTER_DATE": f"{t} +0000", "GIT_COMMITTER_NAME": "mailstate", "GIT_COMMITTER_EMAIL": "mailstate@localhost"}
+    env = {
+        **os.environ,
+        "GIT_COMMITTER_DATE": f"{t} +0000",
+        "GIT_COMMITTER_NAME": "mailstate",
+        "GIT_COMMITTER_EMAIL": "mailstate@localhost",
+    }
     base = [
         "git",
         "-C",
@@ -702,7 +770,9 @@ def publish_statement(work: Path, bare: Path, sha: str, key: SigningKey, *, issu
         "-c",
         "user.email=mailstate@localhost",
     ]
-    r = subprocess.run([*base, "tag", "-s", "-f", "-m", message, "mailstate-accepted", sha], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [*base, "tag", "-s", "-f", "-m", message, "mailstate-accepted", sha], capture_output=True, text=True, env=env
+    )
     if r.returncode != 0:
         raise RuntimeError(f"git tag -s failed: {r.stderr}")
     tag = git(work, "rev-parse", "refs/tags/mailstate-accepted")
@@ -751,14 +821,22 @@ class StateRepo:
 
     # ---- state edits
 
-    def set_mailbox(self, email: str, password: str | None = None, *, quota_mb: int = 1024, password_hash: str | None = None) -> None:
+    def set_mailbox(
+        self, email: str, password: str | None = None, *, quota_mb: int = 1024, password_hash: str | None = None
+    ) -> None:
         local, domain = email.split("@")
         boxes = self.domains.setdefault(domain, {})
         self.enabled.setdefault(domain, True)
         if password_hash is None:
-            password_hash = bcrypt_hash(password or "secret-password") if password or local not in boxes else boxes[local].password_hash
+            password_hash = (
+                bcrypt_hash(password or "secret-password")
+                if password or local not in boxes
+                else boxes[local].password_hash
+            )
         old_id = boxes[local].id if local in boxes else ""
-        boxes[local] = Mailbox(password_hash=password_hash, quota_mb=quota_mb, id=old_id or f"20261201-{next(_mailbox_ids):06x}")
+        boxes[local] = Mailbox(
+            password_hash=password_hash, quota_mb=quota_mb, id=old_id or f"20261201-{next(_mailbox_ids):06x}"
+        )
 
     def remove_mailbox(self, email: str) -> None:
         local, domain = email.split("@")
@@ -787,18 +865,23 @@ class StateRepo:
                 f"::userdb_quota_rule=*:storage={b.quota_mb}M\n"
                 for local, b in boxes
             )
-            files[f"{base}/virtual_mailbox_maps"] = "".join(f"{local}@{domain} {domain}/{self.mailbox_dir(local, b)}/\n" for local, b in boxes)
+            files[f"{base}/virtual_mailbox_maps"] = "".join(
+                f"{local}@{domain} {domain}/{self.mailbox_dir(local, b)}/\n" for local, b in boxes
+            )
             files[f"{base}/virtual_mailbox_domains"] = f"{domain} OK\n"
             if self.format >= 2:
                 files[f"{base}/mailboxes"] = "".join(
-                    f"{local} {b.id} {'active' if b.active else 'inactive'}\n" for local, b in sorted(self.domains[domain].items())
+                    f"{local} {b.id} {'active' if b.active else 'inactive'}\n"
+                    for local, b in sorted(self.domains[domain].items())
                 )
         return files
 
     def write_tree(self) -> None:
         for sub in ("rendered", "domains"):
             shutil.rmtree(self.work / sub, ignore_errors=True)
-        (self.work / "mailstate.yaml").write_text(f"format: {self.format}\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n")
+        (self.work / "mailstate.yaml").write_text(
+            f"format: {self.format}\nsettings:\n  mail_root: {self.mail_root}\n  uid: {self.uid}\n  gid: {self.gid}\n"
+        )
         (self.work / "nodes.yaml").write_text("nodes: {}\n")
         for domain in sorted(self.domains):
             p = self.work / "domains" / domain[:2] / f"{domain}.yaml"
@@ -817,7 +900,14 @@ class StateRepo:
             p.write_text(content)
 
     def commit(
-        self, message: str = "update", *, sign: bool = True, key: SigningKey | None = None, write: bool = True, push: bool = True, statement: bool = True
+        self,
+        message: str = "update",
+        *,
+        sign: bool = True,
+        key: SigningKey | None = None,
+        write: bool = True,
+        push: bool = True,
+        statement: bool = True,
     ) -> str:
         """Commit the work tree (signed by ``key``/``self.key`` unless ``sign=False``), push to ``main``
         and publish a statement for it (unless ``statement=False``)."""
@@ -834,7 +924,9 @@ class StateRepo:
             self.push(sha, statement=statement)
         return sha
 
-    def push(self, sha: str, *, force: bool = True, statement: bool = True, statement_key: SigningKey | None = None) -> None:
+    def push(
+        self, sha: str, *, force: bool = True, statement: bool = True, statement_key: SigningKey | None = None
+    ) -> None:
         """Point ``main`` at ``sha`` and (unless ``statement=False``) state it accepted."""
         git(self.work, "push", "--quiet", *(["--force"] if force else []), str(self.bare), f"{sha}:refs/heads/main")
         if statement:

@@ -32,7 +32,11 @@ def mailstate_cmd() -> list[str]:
 
 def clean_env(home: Path) -> dict[str, str]:
     """The environment a test server runs in: no GIT_* from the machine, a private HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") and k not in ("GNUPGHOME", "MAILSTATE_TOKEN", "MAILSTATE_UPSTREAM")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GIT_") and k not in ("GNUPGHOME", "MAILSTATE_TOKEN", "MAILSTATE_UPSTREAM")
+    }
     env.update(
         HOME=str(home),
         GIT_CONFIG_NOSYSTEM="1",
@@ -142,7 +146,9 @@ class LiveServer:
     # --- helpers ---------------------------------------------------------------------------
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*mailstate_cmd(), *args], capture_output=True, text=True, env=self.env, cwd=self.cwd, timeout=60)
+        proc = subprocess.run(
+            [*mailstate_cmd(), *args], capture_output=True, text=True, env=self.env, cwd=self.cwd, timeout=60
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"mailstate {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
@@ -160,14 +166,24 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
 
     def git(self, *args: str) -> str:
-        return subprocess.run(["git", "-C", str(self.data.repo), *args], check=True, capture_output=True, text=True, env=self.env).stdout
+        return subprocess.run(
+            ["git", "-C", str(self.data.repo), *args], check=True, capture_output=True, text=True, env=self.env
+        ).stdout
 
     def commit_count(self) -> int:
         return int(self.git("rev-list", "--count", "main").strip())
 
     def verify_commit(self, rev: str = "main") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["git", "-C", str(self.data.repo), "-c", f"gpg.ssh.allowedSignersFile={self.data.allowed_signers}", "verify-commit", rev],
+            [
+                "git",
+                "-C",
+                str(self.data.repo),
+                "-c",
+                f"gpg.ssh.allowedSignersFile={self.data.allowed_signers}",
+                "verify-commit",
+                rev,
+            ],
             capture_output=True,
             text=True,
             env=self.env,

@@ -117,7 +117,9 @@ class SmtpSink:
         with self._lock:
             self.messages.append(message)
 
-    def wait_for(self, pred: Callable[[Received], bool], timeout: float = 20.0, on_timeout: Callable[[], str] | None = None) -> Received:
+    def wait_for(
+        self, pred: Callable[[Received], bool], timeout: float = 20.0, on_timeout: Callable[[], str] | None = None
+    ) -> Received:
         """The first message ``pred`` accepts, waiting up to ``timeout`` seconds for it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -127,10 +129,14 @@ class SmtpSink:
                         return m
             if time.monotonic() > deadline:
                 extra = on_timeout() if on_timeout else ""
-                raise AssertionError(f"no matching message at the sink after {timeout}s ({len(self.messages)} received)\n{extra}")
+                raise AssertionError(
+                    f"no matching message at the sink after {timeout}s ({len(self.messages)} received)\n{extra}"
+                )
             time.sleep(0.05)
 
-    def wait_subject(self, subject: str, timeout: float = 20.0, on_timeout: Callable[[], str] | None = None) -> Received:
+    def wait_subject(
+        self, subject: str, timeout: float = 20.0, on_timeout: Callable[[], str] | None = None
+    ) -> Received:
         return self.wait_for(lambda m: m.header("Subject") == subject, timeout, on_timeout)
 
     def close(self) -> None:

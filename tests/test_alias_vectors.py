@@ -40,7 +40,11 @@ def test_every_hostile_fragment_is_refused_by_pi_pull(tmp_path: Path) -> None:
         (repo.work / REL).write_bytes(text_of(vec).encode("utf-8"))
         repo.commit(vec["name"], write=False)
         r = node.tick()
-        if r.returncode != EXIT_REFUSED or node.current() != good or "virtual_alias_maps of example.com" not in r.stderr:
+        if (
+            r.returncode != EXIT_REFUSED
+            or node.current() != good
+            or "virtual_alias_maps of example.com" not in r.stderr
+        ):
             wrong.append(f"{vec['name']}: rc={r.returncode} {r.stderr.strip()[-300:]}")
     assert not wrong, "\n".join(wrong)
     # A valid fragment is applied, concatenated and postmapped.

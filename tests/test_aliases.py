@@ -39,12 +39,18 @@ def world(mail_store: Store) -> Store:
 
 
 def trailers(store: Store) -> str:
-    return subprocess.run(["git", "-C", str(store.git.path), "log", "-1", "--format=%s%n%(trailers)"], capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-C", str(store.git.path), "log", "-1", "--format=%s%n%(trailers)"], capture_output=True, text=True
+    ).stdout
 
 
 def test_add_update_remove_list_alias(world: Store) -> None:
     before = commit_count(world.git.path)
-    out = world.execute("add-alias", A, {"address": "Sales@Example.com", "destinations": ["info@example.com", "Bob@other.com", "x@gmail.com"]})
+    out = world.execute(
+        "add-alias",
+        A,
+        {"address": "Sales@Example.com", "destinations": ["info@example.com", "Bob@other.com", "x@gmail.com"]},
+    )
     assert (
         out.created
         and out.result["commit"]
@@ -54,19 +60,25 @@ def test_add_update_remove_list_alias(world: Store) -> None:
     assert commit_count(world.git.path) == before + 1
     log = trailers(world)
     assert "add-alias sales@example.com" in log and "Action: add-alias" in log and "Project: 101" in log
-    assert domain_yaml(world, "example.com")["aliases"] == {"sales": ["info@example.com", "bob@other.com", "x@gmail.com"]}
+    assert domain_yaml(world, "example.com")["aliases"] == {
+        "sales": ["info@example.com", "bob@other.com", "x@gmail.com"]
+    }
     assert amap(world, "example.com") == "sales@example.com info@example.com,bob@other.com,x@gmail.com\n"
     # A no-op update makes no commit; a real one replaces every destination.
     assert (
-        world.execute("update-alias", A, {"address": "sales@example.com", "destinations": ["info@example.com", "bob@other.com", "x@gmail.com"]}).result[
-            "commit"
-        ]
+        world.execute(
+            "update-alias",
+            A,
+            {"address": "sales@example.com", "destinations": ["info@example.com", "bob@other.com", "x@gmail.com"]},
+        ).result["commit"]
         is None
     )
     world.execute("update-alias", A, {"address": "sales@example.com", "destinations": ["bob@other.com"]})
     assert amap(world, "example.com") == "sales@example.com bob@other.com\n"
     listed = world.execute("list-aliases", A, {}).result["aliases"]
-    assert listed == [{"address": "sales@example.com", "domain": "example.com", "catch_all": False, "destinations": ["bob@other.com"]}]
+    assert listed == [
+        {"address": "sales@example.com", "domain": "example.com", "catch_all": False, "destinations": ["bob@other.com"]}
+    ]
     assert world.execute("list-aliases", B, {}).result == {"aliases": []}
     assert world.execute("list-aliases", A, {"domain": "other.com"}).result == {"aliases": []}
     world.execute("remove-alias", A, {"address": "sales@example.com"})
@@ -93,22 +105,31 @@ def test_catch_all_maps_every_mailbox_and_alias_to_itself(world: Store) -> None:
 
 
 def test_forwarding_with_and_without_copy_and_soft_delete(world: Store) -> None:
-    out = world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com", "x@gmail.com"]})
+    out = world.execute(
+        "set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com", "x@gmail.com"]}
+    )
     assert out.result["destinations"] == ["bob@other.com", "x@gmail.com"] and out.result["keep_copy"] is True
     assert amap(world, "example.com") == "info@example.com info@example.com,bob@other.com,x@gmail.com\n"
-    world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com"], "keep_copy": False})
+    world.execute(
+        "set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com"], "keep_copy": False}
+    )
     assert amap(world, "example.com") == "info@example.com bob@other.com\n"
     user = world.execute("list-users", A, {"domain": "example.com"}).result["users"][0]
     assert (user["forward_to"], user["keep_copy"]) == (["bob@other.com"], False)
     # A soft-deleted mailbox loses its forwarding in the compiled maps; restore brings it back.
     world.execute("remove-user", A, {"email": "info@example.com"})
     assert amap(world, "example.com") is None
-    assert err(world, "set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com"]}).code == "mailbox_inactive"
+    assert (
+        err(world, "set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com"]}).code
+        == "mailbox_inactive"
+    )
     world.execute("restore-user", A, {"email": "info@example.com"})
     assert amap(world, "example.com") == "info@example.com bob@other.com\n"
     world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": []})
     assert amap(world, "example.com") is None
-    assert world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": []}).result["commit"] is None
+    assert (
+        world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": []}).result["commit"] is None
+    )
 
 
 def test_alias_domain(world: Store) -> None:
@@ -118,7 +139,10 @@ def test_alias_domain(world: Store) -> None:
     assert amap(world, "old.example") == "@old.example @example.com\n"
     domains = {d["domain"]: d for d in world.execute("list-domains", A, {}).result["domains"]}
     assert domains["old.example"]["alias_of"] == "example.com" and domains["example.com"]["alias_of"] is None
-    assert err(world, "disable-email", A, {"domain": "example.com"}).code in ("alias_domains_remain", "active_mailboxes_remain")
+    assert err(world, "disable-email", A, {"domain": "example.com"}).code in (
+        "alias_domains_remain",
+        "active_mailboxes_remain",
+    )
     world.execute("remove-user", A, {"email": "info@example.com", "hard_delete": True})
     assert err(world, "disable-email", A, {"domain": "example.com"}).code == "alias_domains_remain"
     assert err(world, "remove-domain", ADMIN, {"domain": "example.com"}).code == "alias_domains_remain"
@@ -132,27 +156,55 @@ def test_alias_domain_target_invalid(world: Store) -> None:
     linked(world, "old.example", A.project_id)
     linked(world, "dark.example", A.project_id, enable=False)
     for target in ("b.example", "dark.example", "old.example", "nowhere.example"):
-        assert err(world, "add-alias-domain", A, {"domain": "old.example", "target": target}).code == "alias_domain_target_invalid"
+        assert (
+            err(world, "add-alias-domain", A, {"domain": "old.example", "target": target}).code
+            == "alias_domain_target_invalid"
+        )
     world.execute("add-alias-domain", A, {"domain": "old.example", "target": "example.com"})
     linked(world, "older.example", A.project_id)
     # The target is itself an alias domain; and a chain the other way round.
-    assert err(world, "add-alias-domain", A, {"domain": "older.example", "target": "old.example"}).code == "alias_domain_target_invalid"
-    assert err(world, "add-alias-domain", A, {"domain": "example.com", "target": "other.com"}).code == "alias_domain_target_invalid"
-    assert err(world, "add-alias-domain", B, {"domain": "old.example", "target": "example.com"}).code == "domain_not_found"
-    assert err(world, "add-alias", A, {"address": "@old.example", "destinations": ["info@example.com"]}).code == "address_in_use"
+    assert (
+        err(world, "add-alias-domain", A, {"domain": "older.example", "target": "old.example"}).code
+        == "alias_domain_target_invalid"
+    )
+    assert (
+        err(world, "add-alias-domain", A, {"domain": "example.com", "target": "other.com"}).code
+        == "alias_domain_target_invalid"
+    )
+    assert (
+        err(world, "add-alias-domain", B, {"domain": "old.example", "target": "example.com"}).code == "domain_not_found"
+    )
+    assert (
+        err(world, "add-alias", A, {"address": "@old.example", "destinations": ["info@example.com"]}).code
+        == "address_in_use"
+    )
 
 
 def test_error_codes(world: Store) -> None:
     add = {"address": "sales@example.com", "destinations": ["info@example.com"]}
     world.execute("add-alias", A, add)
     assert err(world, "add-alias", A, add).code == "alias_exists"
-    assert err(world, "add-alias", A, {"address": "info@example.com", "destinations": ["bob@other.com"]}).code == "address_in_use"
+    assert (
+        err(world, "add-alias", A, {"address": "info@example.com", "destinations": ["bob@other.com"]}).code
+        == "address_in_use"
+    )
     assert err(world, "add-user", A, {"email": "sales@example.com", "password": PASSWORD}).code == "address_in_use"
-    assert err(world, "update-alias", A, {"address": "nope@example.com", "destinations": ["info@example.com"]}).code == "alias_not_found"
+    assert (
+        err(world, "update-alias", A, {"address": "nope@example.com", "destinations": ["info@example.com"]}).code
+        == "alias_not_found"
+    )
     assert err(world, "remove-alias", A, {"address": "nope@example.com"}).code == "alias_not_found"
     many = {"address": "many@example.com", "destinations": [f"u{i}@gmail.com" for i in range(51)]}
     assert err(world, "add-alias", A, many).code == "too_many_destinations"
-    assert err(world, "set-forwarding", A, {"email": "info@example.com", "destinations": [f"u{i}@x.org" for i in range(51)]}).code == "too_many_destinations"
+    assert (
+        err(
+            world,
+            "set-forwarding",
+            A,
+            {"email": "info@example.com", "destinations": [f"u{i}@x.org" for i in range(51)]},
+        ).code
+        == "too_many_destinations"
+    )
     fifty = {"address": "fifty@example.com", "destinations": [f"u{i}@gmail.com" for i in range(50)]}
     assert world.execute("add-alias", A, fifty).created
     for bad in (
@@ -162,8 +214,14 @@ def test_error_codes(world: Store) -> None:
         {"address": "a b@example.com", "destinations": ["x@y.org"]},
     ):
         assert err(world, "add-alias", A, bad).code in ("invalid_destinations", "invalid_email")
-    assert err(world, "add-alias", A, {"address": "x@dark-nothing.example", "destinations": ["a@b.org"]}).code == "domain_not_found"
-    assert err(world, "set-forwarding", A, {"email": "nobody@example.com", "destinations": ["a@b.org"]}).code == "mailbox_not_found"
+    assert (
+        err(world, "add-alias", A, {"address": "x@dark-nothing.example", "destinations": ["a@b.org"]}).code
+        == "domain_not_found"
+    )
+    assert (
+        err(world, "set-forwarding", A, {"email": "nobody@example.com", "destinations": ["a@b.org"]}).code
+        == "mailbox_not_found"
+    )
 
 
 def test_loops_are_refused_across_domains(world: Store) -> None:
@@ -171,13 +229,22 @@ def test_loops_are_refused_across_domains(world: Store) -> None:
     world.execute("add-alias", A, {"address": "b@other.com", "destinations": ["c@example.com"]})
     e = err(world, "add-alias", A, {"address": "c@example.com", "destinations": ["a@example.com"]})
     assert e.code == "alias_loop" and "a@example.com" in e.message
-    assert err(world, "add-alias", A, {"address": "self@example.com", "destinations": ["self@example.com"]}).code == "alias_loop"
+    assert (
+        err(world, "add-alias", A, {"address": "self@example.com", "destinations": ["self@example.com"]}).code
+        == "alias_loop"
+    )
     # Forwarding into the chain and back.
     world.execute("add-alias", A, {"address": "x@example.com", "destinations": ["info@example.com"]})
     world.execute("set-forwarding", A, {"email": "info@example.com", "destinations": ["bob@other.com"]})
-    assert err(world, "set-forwarding", A, {"email": "bob@other.com", "destinations": ["x@example.com"]}).code == "alias_loop"
+    assert (
+        err(world, "set-forwarding", A, {"email": "bob@other.com", "destinations": ["x@example.com"]}).code
+        == "alias_loop"
+    )
     # A catch-all whose target is unknown falls back to itself.
-    assert err(world, "add-alias", A, {"address": "@example.com", "destinations": ["nobody@example.com"]}).code == "alias_loop"
+    assert (
+        err(world, "add-alias", A, {"address": "@example.com", "destinations": ["nobody@example.com"]}).code
+        == "alias_loop"
+    )
     # Through an alias domain: x@old -> x@example.com -> (alias) -> x@old.
     linked(world, "old.example", A.project_id)
     world.execute("add-alias", A, {"address": "loop@example.com", "destinations": ["loop@old.example"]})
@@ -190,10 +257,15 @@ def test_loops_are_refused_across_domains(world: Store) -> None:
 
 
 def test_depth_cap(world: Store) -> None:
-    world.execute("add-alias", A, {"address": f"h{al.MAX_ALIAS_DEPTH - 1}@example.com", "destinations": ["info@example.com"]})
+    world.execute(
+        "add-alias", A, {"address": f"h{al.MAX_ALIAS_DEPTH - 1}@example.com", "destinations": ["info@example.com"]}
+    )
     for i in range(al.MAX_ALIAS_DEPTH - 2, -1, -1):
         world.execute("add-alias", A, {"address": f"h{i}@example.com", "destinations": [f"h{i + 1}@example.com"]})
-    assert err(world, "add-alias", A, {"address": "top@example.com", "destinations": ["h0@example.com"]}).code == "alias_chain_too_long"
+    assert (
+        err(world, "add-alias", A, {"address": "top@example.com", "destinations": ["h0@example.com"]}).code
+        == "alias_chain_too_long"
+    )
 
 
 def test_isolation_between_projects(world: Store) -> None:
@@ -211,7 +283,10 @@ def test_isolation_between_projects(world: Store) -> None:
         ("remove-alias", {"address": "sales@b.example"}),
     ):
         assert err(world, op, A, body).code == "alias_not_found", op
-    assert err(world, "set-forwarding", A, {"email": "eve@b.example", "destinations": ["x@y.org"]}).code == "mailbox_not_found"
+    assert (
+        err(world, "set-forwarding", A, {"email": "eve@b.example", "destinations": ["x@y.org"]}).code
+        == "mailbox_not_found"
+    )
     # A destination may be any address, another project's too (like an external one).
     world.execute("add-alias", A, {"address": "to-b@example.com", "destinations": ["sales@b.example"]})
     assert "to-b" not in str(world.execute("list-aliases", B, {}).result)
@@ -231,7 +306,9 @@ def test_admin_comments_survive_an_alias_write(world: Store) -> None:
     from mailstate.state import files as f
 
     snap = world.snapshot
-    dom = snap.domains["example.com"].model_copy(update={"aliases": {"sales": ["info@example.com"], "zz": ["bob@other.com"]}})
+    dom = snap.domains["example.com"].model_copy(
+        update={"aliases": {"sales": ["info@example.com"], "zz": ["bob@other.com"]}}
+    )
     out = f.dump_domain(dom, ("# reviewed by ops\n" + text).encode()).decode()
     assert "# reviewed by ops" in out and "# the sales team" in out and "  zz:" in out
 
@@ -241,8 +318,16 @@ LINE = re.compile(r"^(@|[a-z0-9][a-z0-9._+-]*@)[a-z0-9.-]+ [^\s,:]+(,[^\s,:]+)*$
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    address=st.one_of(st.text(max_size=40), st.sampled_from(["a\n@example.com", "@", "@@example.com", "a:b@example.com", "x@example.com\n"])),
-    dests=st.lists(st.one_of(st.text(max_size=30), st.sampled_from(["a@b.org\nx", "a b@c.org", "a@b.org,c@d.org", "@b.org", "a@b:c.org"])), max_size=4),
+    address=st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(["a\n@example.com", "@", "@@example.com", "a:b@example.com", "x@example.com\n"]),
+    ),
+    dests=st.lists(
+        st.one_of(
+            st.text(max_size=30), st.sampled_from(["a@b.org\nx", "a b@c.org", "a@b.org,c@d.org", "@b.org", "a@b:c.org"])
+        ),
+        max_size=4,
+    ),
 )
 def test_hostile_values_never_break_a_map(world: Store, pipull: Any, address: str, dests: list[str]) -> None:
     head = world.head
@@ -256,13 +341,20 @@ def test_hostile_values_never_break_a_map(world: Store, pipull: Any, address: st
     if text:  # and the node's own validator takes the compiled fragment as it is
         assert pipull.aliasmap.check_bytes("example.com", text.encode()) == len(text.splitlines())
     if world.head != head:
-        world.execute("remove-alias", A, {"address": world.execute("list-aliases", A, {"domain": "example.com"}).result["aliases"][0]["address"]})
+        world.execute(
+            "remove-alias",
+            A,
+            {"address": world.execute("list-aliases", A, {"domain": "example.com"}).result["aliases"][0]["address"]},
+        )
 
 
 def test_admin_may_manage_any_projects_aliases(world: Store) -> None:
     world.execute("add-alias", ADMIN, {"address": "ops@b.example", "destinations": ["eve@b.example"]})
     assert "Project: 202" in trailers(world)
-    assert world.execute("list-aliases", Actor.admin(), {"domain": "b.example"}).result["aliases"][0]["address"] == "ops@b.example"
+    assert (
+        world.execute("list-aliases", Actor.admin(), {"domain": "b.example"}).result["aliases"][0]["address"]
+        == "ops@b.example"
+    )
 
 
 def test_plan_names_alias_changes(world: Store) -> None:
@@ -314,19 +406,33 @@ def test_an_incoming_commit_with_a_loop_across_domains_is_refused(world: Store, 
 
 
 _LOCALS = st.one_of(
-    st.sampled_from(["on", "off", "yes", "no", "y", "n", "true", "null", "123", "1e3", "2026-01-01", "info", "a.b", "x+y"]),
-    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,12}", fullmatch=True).filter(lambda s: ".." not in s and not s.endswith(".")),
+    st.sampled_from(
+        ["on", "off", "yes", "no", "y", "n", "true", "null", "123", "1e3", "2026-01-01", "info", "a.b", "x+y"]
+    ),
+    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,12}", fullmatch=True).filter(
+        lambda s: ".." not in s and not s.endswith(".")
+    ),
 )
-_ADDRESS = st.builds(lambda local, dom: f"{local}@{dom}", _LOCALS, st.sampled_from(["on.example", "123.example", "x.y.org"]))
+_ADDRESS = st.builds(
+    lambda local, dom: f"{local}@{dom}", _LOCALS, st.sampled_from(["on.example", "123.example", "x.y.org"])
+)
 
 
 @settings(max_examples=80, deadline=None)
 @given(
-    boxes=st.dictionaries(_LOCALS, st.one_of(st.none(), st.tuples(st.lists(_ADDRESS, min_size=1, max_size=3, unique=True), st.booleans())), max_size=4),
-    aliases=st.dictionaries(st.one_of(_LOCALS, st.just("@")), st.lists(_ADDRESS, min_size=1, max_size=3, unique=True), max_size=4),
+    boxes=st.dictionaries(
+        _LOCALS,
+        st.one_of(st.none(), st.tuples(st.lists(_ADDRESS, min_size=1, max_size=3, unique=True), st.booleans())),
+        max_size=4,
+    ),
+    aliases=st.dictionaries(
+        st.one_of(_LOCALS, st.just("@")), st.lists(_ADDRESS, min_size=1, max_size=3, unique=True), max_size=4
+    ),
     alias_of=st.one_of(st.none(), st.sampled_from(["old.example", "on.example"])),
 )
-def test_fast_reader_equals_yaml_with_aliases(boxes: dict[str, Any], aliases: dict[str, list[str]], alias_of: str | None) -> None:
+def test_fast_reader_equals_yaml_with_aliases(
+    boxes: dict[str, Any], aliases: dict[str, list[str]], alias_of: str | None
+) -> None:
     """The fast reader of canonical domain files (the cold start) reads aliases, forwarding and
     alias_of exactly as the YAML loader does, YAML 1.1's traps included."""
     from mailstate.state.files import dump_domain, load_yaml, parse_canonical_domain
@@ -334,12 +440,27 @@ def test_fast_reader_equals_yaml_with_aliases(boxes: dict[str, Any], aliases: di
 
     hsh = "{BLF-CRYPT}$2b$04$" + "a" * 53
     mailboxes = {
-        local: Mailbox(id=f"20261201-{i:06x}", password=hsh, quota_mb=5, forward_to=fwd[0] if fwd else None, keep_copy=fwd[1] if fwd else True)
+        local: Mailbox(
+            id=f"20261201-{i:06x}",
+            password=hsh,
+            quota_mb=5,
+            forward_to=fwd[0] if fwd else None,
+            keep_copy=fwd[1] if fwd else True,
+        )
         for i, (local, fwd) in enumerate(boxes.items())
         if ".." not in local
     }
     aliases = {k: d for k, d in aliases.items() if k not in mailboxes and ".." not in k and not (k == "@" and alias_of)}
-    data = dump_domain(DomainFile(domain="example.com", project_id=3, email_enabled=True, alias_of=alias_of, mailboxes=mailboxes, aliases=aliases))
+    data = dump_domain(
+        DomainFile(
+            domain="example.com",
+            project_id=3,
+            email_enabled=True,
+            alias_of=alias_of,
+            mailboxes=mailboxes,
+            aliases=aliases,
+        )
+    )
     fast = parse_canonical_domain(data)
     assert fast is not None, data.decode()
     assert fast == load_yaml(data, "x.yaml")
@@ -347,12 +468,19 @@ def test_fast_reader_equals_yaml_with_aliases(boxes: dict[str, Any], aliases: di
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    email=st.one_of(st.text(max_size=30), st.sampled_from(["info@example.com", "INFO@example.com\n", "info@example.com "])),
-    dests=st.one_of(st.text(max_size=20), st.lists(st.one_of(st.text(max_size=25), st.sampled_from(["|/bin/sh", "/etc/passwd", "a@b.org "])), max_size=3)),
+    email=st.one_of(
+        st.text(max_size=30), st.sampled_from(["info@example.com", "INFO@example.com\n", "info@example.com "])
+    ),
+    dests=st.one_of(
+        st.text(max_size=20),
+        st.lists(st.one_of(st.text(max_size=25), st.sampled_from(["|/bin/sh", "/etc/passwd", "a@b.org "])), max_size=3),
+    ),
     keep=st.one_of(st.booleans(), st.sampled_from([0, 1, "yes", None])),
     target=st.one_of(st.text(max_size=25), st.sampled_from(["other.com", "example.com", "b.example", "x y.org"])),
 )
-def test_hostile_forwarding_and_alias_domains_are_refused_or_clean(world: Store, pipull: Any, email: Any, dests: Any, keep: Any, target: Any) -> None:
+def test_hostile_forwarding_and_alias_domains_are_refused_or_clean(
+    world: Store, pipull: Any, email: Any, dests: Any, keep: Any, target: Any
+) -> None:
     head = world.head
     for op, body in (
         ("set-forwarding", {"email": email, "destinations": dests, "keep_copy": keep}),

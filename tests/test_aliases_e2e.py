@@ -39,7 +39,9 @@ class Sink:
 
     def received(self, rcpt: str, subject: str) -> int:
         with self.lock:
-            return sum(1 for _, rcpts, data in self.messages if rcpt in rcpts and f"Subject: {subject}".encode() in data)
+            return sum(
+                1 for _, rcpts, data in self.messages if rcpt in rcpts and f"Subject: {subject}".encode() in data
+            )
 
     def wait(self, rcpt: str, subject: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -97,7 +99,9 @@ def internet(node: MailNode) -> Iterator[Sink]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     conf = ["-c", str(node.postfix_dir)]
-    subprocess.run(["postconf", *conf, "-e", f"relayhost = [127.0.0.1]:{sink.port}", "smtp_tls_security_level = none"], check=True)
+    subprocess.run(
+        ["postconf", *conf, "-e", f"relayhost = [127.0.0.1]:{sink.port}", "smtp_tls_security_level = none"], check=True
+    )
     subprocess.run(["postfix", *conf, "reload"], check=True, capture_output=True)
     try:
         yield sink
@@ -152,8 +156,18 @@ def test_aliases_catch_all_alias_domain_through_real_postfix(fleet: Fleet) -> No
     mailboxes(f, "example.com", "info", "anna", "bob")
     with internet(node) as sink:
         # An alias to two mailboxes: both get the message. And one to the internet.
-        f.call(f.project, "add-alias", {"address": "team@example.com", "destinations": ["info@example.com", "anna@example.com"]}, status=201)
-        f.call(f.project, "add-alias", {"address": "ext@example.com", "destinations": ["someone@internet.test"]}, status=201)
+        f.call(
+            f.project,
+            "add-alias",
+            {"address": "team@example.com", "destinations": ["info@example.com", "anna@example.com"]},
+            status=201,
+        )
+        f.call(
+            f.project,
+            "add-alias",
+            {"address": "ext@example.com", "destinations": ["someone@internet.test"]},
+            status=201,
+        )
         apply(f)
         node.send("team@example.com", "to-the-team")
         node.wait_for_message("info@example.com", P1, "to-the-team")
@@ -188,7 +202,11 @@ def test_aliases_catch_all_alias_domain_through_real_postfix(fleet: Fleet) -> No
         node.send("bob@example.com", "forward-with-copy")
         sink.wait("bob@internet.test", "forward-with-copy")
         node.wait_for_message("bob@example.com", P1, "forward-with-copy")
-        f.call(f.project, "set-forwarding", {"email": "bob@example.com", "destinations": ["bob@internet.test"], "keep_copy": False})
+        f.call(
+            f.project,
+            "set-forwarding",
+            {"email": "bob@example.com", "destinations": ["bob@internet.test"], "keep_copy": False},
+        )
         apply(f)
         node.send("bob@example.com", "forward-only")
         sink.wait("bob@internet.test", "forward-only")
@@ -217,7 +235,11 @@ def test_aliases_catch_all_alias_domain_through_real_postfix(fleet: Fleet) -> No
         assert node.rcpt_code("info@example.com")[0] == 250
 
         # A soft-deleted mailbox loses its forwarding: 550, and nothing leaves the node.
-        f.call(f.project, "set-forwarding", {"email": "anna@example.com", "destinations": ["anna@internet.test"], "keep_copy": False})
+        f.call(
+            f.project,
+            "set-forwarding",
+            {"email": "anna@example.com", "destinations": ["anna@internet.test"], "keep_copy": False},
+        )
         f.call(f.project, "remove-user", {"email": "anna@example.com"})
         apply(f)
         assert node.rcpt_code("anna@example.com")[0] == 550

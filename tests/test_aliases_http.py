@@ -29,11 +29,24 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, 
             for c, domain in ((ca, "a.example"), (ca, "a-old.example"), (cb, "b.example")):
                 assert c.post(f"{API}/enable-email", json={"domain": domain}).status_code == 200
             assert ca.post(f"{API}/add-user", json={"email": "info@a.example", "password": PASSWORD}).status_code == 201
-            assert ca.post(f"{API}/add-alias", json={"address": "sales@a.example", "destinations": ["info@a.example"]}).status_code == 201
+            assert (
+                ca.post(
+                    f"{API}/add-alias", json={"address": "sales@a.example", "destinations": ["info@a.example"]}
+                ).status_code
+                == 201
+            )
             for i in range(7, -1, -1):  # a chain of 8 steps: one more is too long
                 nxt = "info@a.example" if i == 7 else f"h{i + 1}@a.example"
-                assert ca.post(f"{API}/add-alias", json={"address": f"h{i}@a.example", "destinations": [nxt]}).status_code == 201
-            assert cb.post(f"{API}/add-alias", json={"address": "x@b.example", "destinations": ["y@ext.example"]}).status_code == 201
+                assert (
+                    ca.post(f"{API}/add-alias", json={"address": f"h{i}@a.example", "destinations": [nxt]}).status_code
+                    == 201
+                )
+            assert (
+                cb.post(
+                    f"{API}/add-alias", json={"address": "x@b.example", "destinations": ["y@ext.example"]}
+                ).status_code
+                == 201
+            )
         admin.close()
         yield s, a, b
 
@@ -44,7 +57,12 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("add-alias", {"address": "loop@a.example", "destinations": ["loop@a.example"]}, 409, "alias_loop"),
     ("update-alias", {"address": "h7@a.example", "destinations": ["h0@a.example"]}, 409, "alias_loop"),
     ("add-alias", {"address": "top@a.example", "destinations": ["h0@a.example"]}, 409, "alias_chain_too_long"),
-    ("add-alias", {"address": "many@a.example", "destinations": [f"u{i}@ext.example" for i in range(51)]}, 400, "too_many_destinations"),
+    (
+        "add-alias",
+        {"address": "many@a.example", "destinations": [f"u{i}@ext.example" for i in range(51)]},
+        400,
+        "too_many_destinations",
+    ),
     ("add-alias", {"address": "e@a.example", "destinations": []}, 400, "invalid_destinations"),
     ("add-alias", {"address": "e\n@a.example", "destinations": ["x@ext.example"]}, 400, "invalid_email"),
     ("add-alias", {"address": "e@b.example", "destinations": ["x@ext.example"]}, 404, "domain_not_found"),
@@ -53,7 +71,12 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("list-aliases", {"domain": "b.example"}, 404, "domain_not_found"),
     ("set-forwarding", {"email": "info@a.example", "destinations": ["info@a.example"]}, 409, "alias_loop"),
     ("set-forwarding", {"email": "nope@a.example", "destinations": ["x@ext.example"]}, 404, "mailbox_not_found"),
-    ("set-forwarding", {"email": "info@a.example", "destinations": ["x@ext.example"], "keep_copy": "no"}, 400, "invalid_request"),
+    (
+        "set-forwarding",
+        {"email": "info@a.example", "destinations": ["x@ext.example"], "keep_copy": "no"},
+        400,
+        "invalid_request",
+    ),
     ("add-alias-domain", {"domain": "a-old.example", "target": "b.example"}, 409, "alias_domain_target_invalid"),
     ("add-alias-domain", {"domain": "a-old.example", "target": "a-dark.example"}, 409, "alias_domain_target_invalid"),
     ("add-alias-domain", {"domain": "a-old.example", "target": "a-old.example"}, 409, "alias_domain_target_invalid"),
@@ -68,7 +91,11 @@ def test_every_alias_error_over_http_and_mcp(srv: tuple[LiveServer, str, str]) -
     http_bodies = []
     with s.client(token) as c:
         for op, body, status, code in CASES:
-            r = c.get(f"{API}/{op}", params=body) if OPERATIONS[op].method == "GET" else c.post(f"{API}/{op}", json=body)
+            r = (
+                c.get(f"{API}/{op}", params=body)
+                if OPERATIONS[op].method == "GET"
+                else c.post(f"{API}/{op}", json=body)
+            )
             assert assert_error(r, status, code)["code"] == code, (op, body, r.text)
             http_bodies.append(r.json())
 
@@ -92,8 +119,19 @@ def test_alias_domain_chains_and_the_blocked_target(srv: tuple[LiveServer, str, 
         r = c.post(f"{API}/add-alias-domain", json={"domain": "a-old.example", "target": "a.example"})
         assert assert_error(r, 409, "alias_chain_too_long")["target"] == "h0@a-old.example"
         assert c.post(f"{API}/remove-alias", json={"address": "h0@a.example"}).json()["removed"] is True
-        assert c.post(f"{API}/add-alias-domain", json={"domain": "a-old.example", "target": "a.example"}).status_code == 200
+        assert (
+            c.post(f"{API}/add-alias-domain", json={"domain": "a-old.example", "target": "a.example"}).status_code
+            == 200
+        )
         assert_error(c.post(f"{API}/disable-email", json={"domain": "a.example"}), 409, "active_mailboxes_remain")
-        assert_error(c.post(f"{API}/add-alias", json={"address": "@a-old.example", "destinations": ["info@a.example"]}), 409, "address_in_use")
-        assert_error(c.post(f"{API}/add-alias-domain", json={"domain": "a.example", "target": "a-old.example"}), 409, "alias_domain_target_invalid")
+        assert_error(
+            c.post(f"{API}/add-alias", json={"address": "@a-old.example", "destinations": ["info@a.example"]}),
+            409,
+            "address_in_use",
+        )
+        assert_error(
+            c.post(f"{API}/add-alias-domain", json={"domain": "a.example", "target": "a-old.example"}),
+            409,
+            "alias_domain_target_invalid",
+        )
         assert c.post(f"{API}/remove-alias-domain", json={"domain": "a-old.example"}).json()["alias_of"] is None

@@ -61,7 +61,12 @@ def test_read_log_parses_every_commit(data_dir: DataDir, history: Store) -> None
     init = entries[-1]
     assert (init.action, init.target, init.project) == ("init", "mailstate", "none")
     node = entries[0]
-    assert (node.action, node.target, node.project, node.actor) == ("rotate-node-key", "mpi02", "none", "token:test-admin")
+    assert (node.action, node.target, node.project, node.actor) == (
+        "rotate-node-key",
+        "mpi02",
+        "none",
+        "token:test-admin",
+    )
 
 
 def test_filter_by_domain_includes_its_mailboxes_but_not_subdomains(data_dir: DataDir, history: Store) -> None:
@@ -121,23 +126,38 @@ def cli_log(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, st
 
 def test_cli_log_filters(data_dir: DataDir, history: Store, capsys: pytest.CaptureFixture[str]) -> None:
     repo = str(data_dir.repo)
-    assert [e["request_id"] for e in cli_log(capsys, repo, "--domain", "example.com")] == ["r11", "r10", "r07", "r06", "r02", "r01"]
+    assert [e["request_id"] for e in cli_log(capsys, repo, "--domain", "example.com")] == [
+        "r11",
+        "r10",
+        "r07",
+        "r06",
+        "r02",
+        "r01",
+    ]
     assert [e["request_id"] for e in cli_log(capsys, repo, "--mailbox", "info@example.com")] == ["r10", "r06"]
     assert [e["request_id"] for e in cli_log(capsys, repo, "--project", str(B))] == ["r09", "r05"]
     assert [e["request_id"] for e in cli_log(capsys, repo, "--action", "add-node")] == ["r12"]
     assert [e["request_id"] for e in cli_log(capsys, repo, "--action", "add-user", "--limit", "2")] == ["r09", "r08"]
     entry = cli_log(capsys, repo, "--mailbox", "info@bee.org")[0]
     assert set(entry) >= {"commit", "date", "subject", "action", "target", "project", "actor", "request_id"}
-    assert entry["commit"] == subprocess.run(
-        ["git", "-C", repo, "log", "-1", "--format=%H", "--grep", "Request-Id: r09"], capture_output=True, text=True
-    ).stdout.strip()
+    assert (
+        entry["commit"]
+        == subprocess.run(
+            ["git", "-C", repo, "log", "-1", "--format=%H", "--grep", "Request-Id: r09"], capture_output=True, text=True
+        ).stdout.strip()
+    )
 
 
 def test_cli_log_text_output(data_dir: DataDir, history: Store, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["log", str(data_dir.repo), "--domain", "bee.org"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
-    assert "add-user" in lines[0] and "info@bee.org" in lines[0] and f"project={B}" in lines[0] and "request=r09" in lines[0]
+    assert (
+        "add-user" in lines[0]
+        and "info@bee.org" in lines[0]
+        and f"project={B}" in lines[0]
+        and "request=r09" in lines[0]
+    )
     assert "add-domain" in lines[1] and "bee.org" in lines[1] and "request=r05" in lines[1]
     # no match: no output, still success
     assert main(["log", str(data_dir.repo), "--mailbox", "ghost@example.com"]) == 0
@@ -153,7 +173,13 @@ def test_cli_log_on_a_path_that_is_not_a_repo(tmp_path: Path, capsys: pytest.Cap
 def test_git_log_trailers_is_itself_an_audit_log(data_dir: DataDir, history: Store) -> None:
     """DESIGN.md: `git log --format='%(trailers)'` is an audit log, without mailstate installed."""
     out = subprocess.run(
-        ["git", "-C", str(data_dir.repo), "log", "--format=%(trailers:key=Action,valueonly)%(trailers:key=Request-Id,valueonly)"],
+        [
+            "git",
+            "-C",
+            str(data_dir.repo),
+            "log",
+            "--format=%(trailers:key=Action,valueonly)%(trailers:key=Request-Id,valueonly)",
+        ],
         capture_output=True,
         text=True,
         check=True,

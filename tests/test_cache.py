@@ -73,7 +73,9 @@ def test_the_cache_is_authenticated_json_and_is_used(data_dir: DataDir, warm: tu
     assert parts.magic == CACHE_MAGIC and len(parts.mac) == 64
     entries = parts.entries
     assert len(entries) == 2 and all(e["domain"] in ("example.com", "other.org") for e in entries.values())
-    assert {row[1] for row in parts.rows} == {"example.com", "other.org"} and all(len(row[7]) == 32 for row in parts.rows)
+    assert {row[1] for row in parts.rows} == {"example.com", "other.org"} and all(
+        len(row[7]) == 32 for row in parts.rows
+    )
     assert b"BLF-CRYPT" in data_dir.cache.read_bytes()  # hashes only, as in git; never a password
     assert PASSWORD.encode() not in data_dir.cache.read_bytes()
     key = data_dir.cache.parent / "key"
@@ -164,7 +166,9 @@ DAMAGE = [
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_a_damaged_cache_is_no_cache(data_dir: DataDir, warm: tuple[Any, ...], kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_cache_is_no_cache(
+    data_dir: DataDir, warm: tuple[Any, ...], kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _damage(data_dir, kind, tmp_path)
     with caplog.at_level(logging.WARNING, logger="mailstate.cache"):
         restarted = open_store(data_dir.root)
@@ -192,11 +196,20 @@ def _poison(entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-FORGERIES = ["old_mac", "guessed_key", "other_data_dir_key", "swapped_entries", "entry_edited_in_place", "entry_remaced_under_real_key"]
+FORGERIES = [
+    "old_mac",
+    "guessed_key",
+    "other_data_dir_key",
+    "swapped_entries",
+    "entry_edited_in_place",
+    "entry_remaced_under_real_key",
+]
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
-def test_a_poisoned_entry_is_never_served(data_dir: DataDir, warm: tuple[Any, ...], tmp_path: Path, forgery: str) -> None:
+def test_a_poisoned_entry_is_never_served(
+    data_dir: DataDir, warm: tuple[Any, ...], tmp_path: Path, forgery: str
+) -> None:
     parts = _cache_file(data_dir)
     real_key = (data_dir.cache.parent / "key").read_bytes()
     rows = [list(r) for r in parts.rows]
@@ -214,7 +227,9 @@ def test_a_poisoned_entry_is_never_served(data_dir: DataDir, warm: tuple[Any, ..
         edited = entry.replace(b'"quota_mb":1024', b'"quota_mb":4242')
         assert edited != entry and len(edited) == len(entry)
         body = parts.body[:start] + edited + parts.body[start + length :]
-        data = b" ".join([parts.magic, parts.tag, str(len(parts.index)).encode(), parts.mac]) + b"\n" + parts.index + body
+        data = (
+            b" ".join([parts.magic, parts.tag, str(len(parts.index)).encode(), parts.mac]) + b"\n" + parts.index + body
+        )
     else:
         poisoned = json.dumps(_poison(parts.entries[target[0]])).encode()
         body = b""
@@ -265,7 +280,10 @@ def test_mailstate_serve_starts_with_a_broken_cache(tmp_path: Path) -> None:
     srv.start()
     try:
         with srv.client(srv.admin_token) as c:
-            assert c.post("/v1/email-account/add-domain", json={"domain": "example.com", "project_id": 5}).status_code == 201
+            assert (
+                c.post("/v1/email-account/add-domain", json={"domain": "example.com", "project_id": 5}).status_code
+                == 201
+            )
         cache = srv.data.cache
         folder = cache.parent
         for kind in ("cache_dir_is_a_file", "cache_file_is_a_folder", "dangling_symlink"):

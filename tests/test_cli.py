@@ -43,7 +43,19 @@ COMMANDS = all_commands()
 
 def test_core_commands_exist() -> None:
     names = {" ".join(c) for c in COMMANDS}
-    assert {"init", "serve", "mcp", "token", "token create", "token list", "token revoke", "call", "compile", "check", "log"} <= names
+    assert {
+        "init",
+        "serve",
+        "mcp",
+        "token",
+        "token create",
+        "token list",
+        "token revoke",
+        "call",
+        "compile",
+        "check",
+        "log",
+    } <= names
 
 
 @pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda c: " ".join(c) or "mailstate")
@@ -82,7 +94,9 @@ def test_serve_logs_json_lines(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in srv.log_text().splitlines() if line.strip()]
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     access = [line for line in lines if line["logger"] == "uvicorn.access"]
-    assert any(a["path"] == "/v1/email-account/list-domains" and a["status"] == 200 and a["method"] == "GET" for a in access), access
+    assert any(
+        a["path"] == "/v1/email-account/list-domains" and a["status"] == 200 and a["method"] == "GET" for a in access
+    ), access
     assert srv.admin_token not in srv.log_text()
     env_srv = subprocess.run(
         [sys.executable, "-m", "mailstate.api.cli", "serve", "--data", str(tmp_path / "d2")],
@@ -108,7 +122,23 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_init_creates_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
-    code = main(["init", "--data", str(root), "--bcrypt-cost", "4", "--mail-root", "/srv/mail", "--uid", "8", "--gid", "9", "--default-quota-mb", "300"])
+    code = main(
+        [
+            "init",
+            "--data",
+            str(root),
+            "--bcrypt-cost",
+            "4",
+            "--mail-root",
+            "/srv/mail",
+            "--uid",
+            "8",
+            "--gid",
+            "9",
+            "--default-quota-mb",
+            "300",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert str(root) in out
@@ -120,8 +150,18 @@ def test_init_creates_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert commit_count(dd.repo) == 1
     assert verify_commit(dd).returncode == 0
     settings = yaml.safe_load(git_out(dd.repo, "show", "main:mailstate.yaml"))
-    assert settings == {"format": 2, "mail_root": "/srv/mail", "uid": 8, "gid": 9, "default_quota_mb": 300, "bcrypt_cost": 4, "purge_after_days": 7}
-    assert git_out(dd.repo, "show", "main:rendered/settings") == "format 2\npurge_after_days 7\n"  # new data dirs start at format 2
+    assert settings == {
+        "format": 2,
+        "mail_root": "/srv/mail",
+        "uid": 8,
+        "gid": 9,
+        "default_quota_mb": 300,
+        "bcrypt_cost": 4,
+        "purge_after_days": 7,
+    }
+    assert (
+        git_out(dd.repo, "show", "main:rendered/settings") == "format 2\npurge_after_days 7\n"
+    )  # new data dirs start at format 2
     assert yaml.safe_load(git_out(dd.repo, "show", "main:nodes.yaml")) == {"nodes": {}}
     # the private key is never printed
     assert Path(dd.key).read_text().splitlines()[1] not in out
@@ -189,7 +229,9 @@ def test_init_non_numeric_cost_is_a_usage_error(tmp_path: Path) -> None:
 # --- tokens --------------------------------------------------------------------------------------
 
 
-def test_token_create_prints_the_token_last_and_stores_only_its_hash(data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_create_prints_the_token_last_and_stores_only_its_hash(
+    data_dir: DataDir, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["token", "create", "--data", str(data_dir.root), "--project", "101", "--name", "dashboard"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     token = lines[-1]
@@ -283,13 +325,17 @@ def test_token_revoke_is_unambiguous(data_dir: DataDir, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"text"', "NaN", "[" * 100000])
-def test_call_bad_json_is_a_usage_error_not_a_traceback(data_dir: DataDir, capsys: pytest.CaptureFixture[str], text: str) -> None:
+def test_call_bad_json_is_a_usage_error_not_a_traceback(
+    data_dir: DataDir, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
     assert main(["call", "--data", str(data_dir.root), "add-domain", "--json", text]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error [invalid_request]: --json") and "Traceback" not in err
 
 
-def test_token_create_needs_a_role_and_a_data_dir(tmp_path: Path, data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_create_needs_a_role_and_a_data_dir(
+    tmp_path: Path, data_dir: DataDir, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         main(["token", "create", "--data", str(data_dir.root)])
     assert info.value.code == 2
@@ -331,7 +377,10 @@ def test_call_runs_operations_and_maps_errors(data_dir: DataDir, capsys: pytest.
     assert main(["call", "--data", d, "add-domain", "justtext"]) == 2
     capsys.readouterr()
     # a failing password never reaches the terminal
-    assert main(["call", "--data", d, "--project", "7", "update-password", "email=info@example.com", "password=short"]) == 2
+    assert (
+        main(["call", "--data", d, "--project", "7", "update-password", "email=info@example.com", "password=short"])
+        == 2
+    )
     assert "short" not in capsys.readouterr().err.replace("shorter", "")
     # reads print JSON and commit nothing
     before = commit_count(data_dir.repo)
@@ -354,7 +403,9 @@ def test_compile_and_check_on_a_missing_checkout(tmp_path: Path, capsys: pytest.
     assert "mailstate.yaml: missing" in capsys.readouterr().err
 
 
-def test_check_a_checkout_of_a_real_state_repo(data_dir: DataDir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_a_checkout_of_a_real_state_repo(
+    data_dir: DataDir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """What CI does on a pull request: clone, check."""
     d = str(data_dir.root)
     main(["call", "--data", d, "add-domain", "domain=example.com", "project_id=3"])

@@ -29,7 +29,9 @@ HASH = "{BLF-CRYPT}$2b$04$" + "a" * 53
 
 def expected_of(case: str) -> dict[str, bytes]:
     base = GOLDEN / case / "expected"
-    return {"rendered/" + p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+    return {
+        "rendered/" + p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()
+    }
 
 
 def checkout(tmp_path: Path, case: str, with_rendered: bool = True) -> Path:
@@ -69,7 +71,9 @@ def test_golden(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden_cli_compile_writes_expected_and_check_passes(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_golden_cli_compile_writes_expected_and_check_passes(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = checkout(tmp_path, case, with_rendered=False)
     assert main(["compile", str(root)]) == 0
     assert read_rendered(root) == expected_of(case)
@@ -113,7 +117,9 @@ def test_disabled_domains_and_inactive_mailboxes_get_nothing() -> None:
     settings = Settings(format=1)
     off = DomainFile(domain="off.example", email_enabled=False, mailboxes={"info": Mailbox(password=HASH, quota_mb=1)})
     assert render_domain(off, settings) == {}
-    asleep = DomainFile(domain="on.example", email_enabled=True, mailboxes={"info": Mailbox(password=HASH, quota_mb=1, active=False)})
+    asleep = DomainFile(
+        domain="on.example", email_enabled=True, mailboxes={"info": Mailbox(password=HASH, quota_mb=1, active=False)}
+    )
     out = render_domain(asleep, settings)
     assert out["rendered/domains/on/on.example/passwd"] == b""
     assert out["rendered/domains/on/on.example/virtual_mailbox_maps"] == b""
@@ -135,7 +141,9 @@ def test_render_is_deterministic_across_processes(tmp_path: Path) -> None:
     for seed in ["1", "2", "12345"]:
         root = checkout(tmp_path / seed, "many_domains", with_rendered=False)
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        subprocess.run([sys.executable, "-m", "mailstate.api.cli", "compile", str(root)], check=True, env=env, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "mailstate.api.cli", "compile", str(root)], check=True, env=env, capture_output=True
+        )
         outputs.append(read_rendered(root))
     assert outputs[0] == outputs[1] == outputs[2] == expected_of("many_domains")
 
@@ -227,7 +235,11 @@ def _break(root: Path, kind: str) -> tuple[str, str]:
         dom.write_text(text.replace("$2b$12$abcdefghij", "$2b$12$abc", 1))
         return "domains/ex/example.com.yaml", "bcrypt"
     if kind == "plain_text_password":
-        dom.write_text(text.replace("'{BLF-CRYPT}$2b$12$abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0'", "hunter2hunter2", 1))
+        dom.write_text(
+            text.replace(
+                "'{BLF-CRYPT}$2b$12$abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0'", "hunter2hunter2", 1
+            )
+        )
         return "domains/ex/example.com.yaml", "plain text"
     if kind == "unknown_key":
         dom.write_text(text.replace("project_id: 101\n", "project_id: 101\nowner: alice\n"))
@@ -272,7 +284,9 @@ def _break(root: Path, kind: str) -> tuple[str, str]:
         (root / "mailstate.yaml").write_text("format: 3\nuid: 0\n")
         return "mailstate.yaml", "format"
     if kind == "bad_node":
-        (root / "nodes.yaml").write_text("nodes:\n  mpi02:\n    ip_address: not-an-ip\n    sync_key_sha256: 'abc'\n    created_at: '2026-01-01T00:00:00Z'\n")
+        (root / "nodes.yaml").write_text(
+            "nodes:\n  mpi02:\n    ip_address: not-an-ip\n    sync_key_sha256: 'abc'\n    created_at: '2026-01-01T00:00:00Z'\n"
+        )
         return "nodes.yaml", "ip_address"
     if kind == "missing_settings":
         (root / "mailstate.yaml").unlink()

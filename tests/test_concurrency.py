@@ -40,7 +40,11 @@ def test_twenty_concurrent_writes_make_twenty_commits(srv: LiveServer) -> None:
         domain = "burst.example" if i % 2 else "side.example"
         with srv.client(token) as c:
             start.wait()
-            return c.post(f"{API}/add-user", json={"email": f"u{i}@{domain}", "password": PASSWORD}, headers={"X-Request-Id": f"burst-{i}"})
+            return c.post(
+                f"{API}/add-user",
+                json={"email": f"u{i}@{domain}", "password": PASSWORD},
+                headers={"X-Request-Id": f"burst-{i}"},
+            )
 
     with ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(add, range(20)))

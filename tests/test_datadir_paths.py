@@ -56,12 +56,16 @@ def test_a_relative_git_repo_path_is_absolute(tmp_path: Path, monkeypatch: pytes
         ("host:state.git", False),
     ],
 )
-def test_local_upstream_paths_are_made_absolute(url: str, absolute_path: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_upstream_paths_are_made_absolute(
+    url: str, absolute_path: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert local_git_url(url) == (str(absolute(url)) if absolute_path else url)
 
 
-def test_two_stores_on_a_relative_data_dir_keep_each_others_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_stores_on_a_relative_data_dir_keep_each_others_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     init_data_dir(Path("data"), None, clock=FakeClock())
     x = open_store(Path("data"))
@@ -93,12 +97,19 @@ def _commits(srv: LiveServer) -> list[str]:
 
 
 def _is_ancestor(srv: LiveServer, old: str, new: str) -> bool:
-    return subprocess.run(["git", "-C", str(srv.data.repo), "merge-base", "--is-ancestor", old, new], env=srv.env).returncode == 0
+    return (
+        subprocess.run(
+            ["git", "-C", str(srv.data.repo), "merge-base", "--is-ancestor", old, new], env=srv.env
+        ).returncode
+        == 0
+    )
 
 
 def _mcp_add_user(srv: LiveServer, token: str, email: str) -> dict[str, Any]:
     cmd = mailstate_cmd()
-    params = StdioServerParameters(command=cmd[0], args=[*cmd[1:], "mcp", "--data", "./data", "--token", token], env=srv.env, cwd=str(srv.cwd))
+    params = StdioServerParameters(
+        command=cmd[0], args=[*cmd[1:], "mcp", "--data", "./data", "--token", token], env=srv.env, cwd=str(srv.cwd)
+    )
 
     async def main() -> dict[str, Any]:
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
@@ -165,15 +176,27 @@ def test_the_readme_session_with_a_relative_data_dir_keeps_every_write(tmp_path:
                 return {u["email"]: u["quota_mb"] for u in resp.json()["users"]}
 
             # The README's first session.
-            assert a.post("/v1/email-account/link-domain", json={"domain": "mycompany.nl", "project_id": 42}).status_code in (200, 201)
+            assert a.post(
+                "/v1/email-account/link-domain", json={"domain": "mycompany.nl", "project_id": 42}
+            ).status_code in (200, 201)
             assert p.post("/v1/email-account/enable-email", json={"domain": "mycompany.nl"}).status_code in (200, 201)
-            first = p.post("/v1/email-account/add-user", json={"email": "info@mycompany.nl", "password": "s3cret-enough"})
+            first = p.post(
+                "/v1/email-account/add-user", json={"email": "info@mycompany.nl", "password": "s3cret-enough"}
+            )
             assert first.status_code == 201, first.text
             assert users() == {"info@mycompany.nl": 1024}
             log = srv.cli("log", "data/state.git")
             assert "add-user" in log.stdout
             verified = subprocess.run(
-                ["git", "-C", "data/state.git", "-c", f"gpg.ssh.allowedSignersFile={tmp_path}/data/allowed_signers", "verify-commit", "main"],
+                [
+                    "git",
+                    "-C",
+                    "data/state.git",
+                    "-c",
+                    f"gpg.ssh.allowedSignersFile={tmp_path}/data/allowed_signers",
+                    "verify-commit",
+                    "main",
+                ],
                 cwd=tmp_path,
                 env=srv.env,
                 capture_output=True,
@@ -181,7 +204,16 @@ def test_the_readme_session_with_a_relative_data_dir_keeps_every_write(tmp_path:
             assert verified.returncode == 0, verified.stderr
 
             # `mailstate call --data ./data`, a second process on the same dir.
-            call = srv.cli("call", "--data", "./data", "--project", "42", "add-user", "email=cli@mycompany.nl", f"password={PASSWORD}")
+            call = srv.cli(
+                "call",
+                "--data",
+                "./data",
+                "--project",
+                "42",
+                "add-user",
+                "email=cli@mycompany.nl",
+                f"password={PASSWORD}",
+            )
             cli_commit = json.loads(call.stdout)["commit"]
             assert "cli@mycompany.nl" in users()
             health_ok()
@@ -218,4 +250,8 @@ def test_the_readme_session_with_a_relative_data_dir_keeps_every_write(tmp_path:
 
 def users_at_head(srv: LiveServer) -> set[str]:
     text = srv.git("show", "main:domains/my/mycompany.nl.yaml")
-    return {f"{line.strip().rstrip(':')}@mycompany.nl" for line in text.splitlines() if line.startswith("  ") and not line.startswith("    ")}
+    return {
+        f"{line.strip().rstrip(':')}@mycompany.nl"
+        for line in text.splitlines()
+        if line.startswith("  ") and not line.startswith("    ")
+    }

@@ -38,7 +38,9 @@ def node(pipull: ModuleType, tmp_path: Path) -> dict[str, Any]:
     (root / "releases" / "r1" / "postfix" / "virtual_mailbox_domains").write_text("one.example OK\ntwo.example OK\n")
     (root / "current").symlink_to("releases/r1")
     reloads = tmp_path / "reloads"
-    cfg = config.Config(remote_url="/nowhere", node_name="mpi01", root=str(root), mail_root="/var/vmail", mail_uid=5000, mail_gid=5000)
+    cfg = config.Config(
+        remote_url="/nowhere", node_name="mpi01", root=str(root), mail_root="/var/vmail", mail_uid=5000, mail_gid=5000
+    )
     cfg.dkim = True
     cfg.dkim_key_dir = str(tmp_path / "dkim")
     cfg.dkim_key_owner = ""
@@ -50,7 +52,16 @@ def node(pipull: ModuleType, tmp_path: Path) -> dict[str, Any]:
     log.setLevel(logging.DEBUG)
     clock = Clock()
     d = mod.Dkim(cfg, runner.Runner(), log, clock)
-    return {"mod": mod, "dkim": d, "clock": clock, "cfg": cfg, "reloads": reloads, "log": buf, "dir": Path(cfg.dkim_key_dir), "root": root}
+    return {
+        "mod": mod,
+        "dkim": d,
+        "clock": clock,
+        "cfg": cfg,
+        "reloads": reloads,
+        "log": buf,
+        "dir": Path(cfg.dkim_key_dir),
+        "root": root,
+    }
 
 
 def _reloads(n: dict[str, Any]) -> int:
@@ -93,7 +104,9 @@ def test_first_key_is_pending_and_signs_nothing_until_reported_and_published(nod
     assert kt == f"one.example one.example:ms1-mpi01:{key}\ntwo.example two.example:ms1-mpi01:{key}\n"
     assert (node["dir"] / "SigningTable").read_text() == "*@one.example one.example\n*@two.example two.example\n"
     # The private key never reaches the log.
-    assert "BEGIN PRIVATE" not in node["log"].getvalue() and key.read_text().splitlines()[1] not in node["log"].getvalue()
+    assert (
+        "BEGIN PRIVATE" not in node["log"].getvalue() and key.read_text().splitlines()[1] not in node["log"].getvalue()
+    )
 
 
 def test_reload_only_when_the_tables_change(node: dict[str, Any]) -> None:
@@ -105,7 +118,9 @@ def test_reload_only_when_the_tables_change(node: dict[str, Any]) -> None:
     d.step()
     d.step()
     assert _reloads(node) == n  # nothing changed: no reload
-    (node["root"] / "releases" / "r1" / "postfix" / "virtual_mailbox_domains").write_text("one.example OK\nthree.example OK\n")
+    (node["root"] / "releases" / "r1" / "postfix" / "virtual_mailbox_domains").write_text(
+        "one.example OK\nthree.example OK\n"
+    )
     d.step()
     assert _reloads(node) == n + 1
     assert "three.example three.example:ms1-mpi01:" in (node["dir"] / "KeyTable").read_text()
@@ -175,7 +190,10 @@ def test_off_unless_enabled_and_config_checks(node: dict[str, Any], pipull: Modu
     ini.write_text(base + "[dkim]\nenabled = yes\nkey_dir = /etc/pi-pull/dkim\npublish_wait = 60\nrotate_days = 90\n")
     cfg = config.load_config(str(ini))
     assert (cfg.dkim, cfg.dkim_publish_wait, cfg.dkim_rotate_days) == (True, 60.0, 90.0)
-    assert importlib.import_module("pipull.dkim").Dkim(cfg, None, logging.getLogger("x")).selectors == ("ms1-node-1", "ms2-node-1")
+    assert importlib.import_module("pipull.dkim").Dkim(cfg, None, logging.getLogger("x")).selectors == (
+        "ms1-node-1",
+        "ms2-node-1",
+    )
     for bad, needle in (("publish_wait = -1\n", "publish_wait"), ("rotate_days = -2\n", "rotate_days")):
         ini.write_text(base + "[dkim]\nenabled = yes\n" + bad)
         with pytest.raises(errors.ConfigError) as exc:

@@ -26,7 +26,15 @@ import pytest
 
 from mailstate.compiler.node_bundle import opendkim_snippet
 from tests.fleet import provision_node
-from tests.mailnode import MailNode, free_ports, pi_pull_script, require_binaries, run_pi_pull, running_mailnode, wait_port
+from tests.mailnode import (
+    MailNode,
+    free_ports,
+    pi_pull_script,
+    require_binaries,
+    run_pi_pull,
+    running_mailnode,
+    wait_port,
+)
 from tests.server import LiveServer
 from tests.smtpsink import Received
 
@@ -41,8 +49,14 @@ class OpenDkim:
     def __init__(self, workdir: Path, port: int, key_dir: Path) -> None:
         self.conf = workdir / "opendkim.conf"
         self.pid = workdir / "opendkim.pid"
-        snippet = opendkim_snippet(dkim_milter=f"inet:127.0.0.1:{port}", key_dir=str(key_dir), pid_file=str(self.pid), user="", syslog=False,
-                                    require_safe_keys=False)  # the keys are under /tmp (world-writable)
+        snippet = opendkim_snippet(
+            dkim_milter=f"inet:127.0.0.1:{port}",
+            key_dir=str(key_dir),
+            pid_file=str(self.pid),
+            user="",
+            syslog=False,
+            require_safe_keys=False,
+        )  # the keys are under /tmp (world-writable)
         self.conf.write_text(snippet)
         self.port = port
 
@@ -80,10 +94,17 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
         try:
             ini = provision_node(node, server, admin, node.workdir / "etc", name="mpi01")
             with open(ini, "a") as fh:
-                fh.write(f"[dkim]\nenabled = yes\nkey_dir = {key_dir}\nkey_owner =\npublish_wait = 0\nreload = {od.reload}\n")
-            assert admin.post(f"{API}/link-domain", json={"domain": "shop.example", "project_id": 42}).status_code == 201
+                fh.write(
+                    f"[dkim]\nenabled = yes\nkey_dir = {key_dir}\nkey_owner =\npublish_wait = 0\nreload = {od.reload}\n"
+                )
+            assert (
+                admin.post(f"{API}/link-domain", json={"domain": "shop.example", "project_id": 42}).status_code == 201
+            )
             assert p42.post(f"{API}/enable-email", json={"domain": "shop.example"}).status_code == 200
-            assert p42.post(f"{API}/add-user", json={"email": "anna@shop.example", "password": PASSWORD}).status_code == 201
+            assert (
+                p42.post(f"{API}/add-user", json={"email": "anna@shop.example", "password": PASSWORD}).status_code
+                == 201
+            )
             yield {"node": node, "server": server, "p42": p42, "ini": ini, "od": od, "key_dir": key_dir}
         finally:
             od.stop()
@@ -102,7 +123,11 @@ def dkim_records(w: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """{selector: (state, TXT value)} of node mpi01, as dns-records gives them."""
     r = w["p42"].get(f"{API}/dns-records", params={"domain": "shop.example"})
     assert r.status_code == 200, r.text
-    return {rec["selector"]: (rec["state"], rec["value"]) for rec in r.json()["records"] if rec["node"] == "mpi01" and rec["type"] == "TXT"}
+    return {
+        rec["selector"]: (rec["state"], rec["value"])
+        for rec in r.json()["records"]
+        if rec["node"] == "mpi01" and rec["type"] == "TXT"
+    }
 
 
 def send(w: dict[str, Any], subject: str) -> Received:
@@ -150,7 +175,9 @@ def _sender_map_until_pi_pull_builds_it(w: dict[str, Any]) -> None:
     path = node.workdir / "sender_login_maps"
     path.write_text("anna@shop.example anna@shop.example\n")
     subprocess.run(["postmap", "-c", str(node.postfix_dir), f"hash:{path}"], check=True)
-    subprocess.run(["postconf", "-c", str(node.postfix_dir), "-e", f"smtpd_sender_login_maps = hash:{path}"], check=True)
+    subprocess.run(
+        ["postconf", "-c", str(node.postfix_dir), "-e", f"smtpd_sender_login_maps = hash:{path}"], check=True
+    )
     subprocess.run(["postfix", "-c", str(node.postfix_dir), "reload"], check=True, capture_output=True)
     time.sleep(1)
 
@@ -179,11 +206,17 @@ def test_submitted_mail_is_signed_with_the_published_key_and_rotation_publishes_
     assert (tags["d"], tags["s"], tags["a"]) == ("shop.example", "ms1-mpi01", "rsa-sha256")
     assert verifies(first, records)
     # A tampered message fails against the same record: the check can fail.
-    assert not verifies(Received(first.mail_from, first.rcpt_to, first.data.replace(b"sent by the test", b"sent by a forger")), records)
+    assert not verifies(
+        Received(first.mail_from, first.rcpt_to, first.data.replace(b"sent by the test", b"sent by a forger")), records
+    )
 
     # Rotation: the new key is reported (and listed) while the old one still signs.
-    r = subprocess.run([shutil.which("python3") or "python3", str(pi_pull_script()), "dkim-rotate", "--config", str(w["ini"])],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [shutil.which("python3") or "python3", str(pi_pull_script()), "dkim-rotate", "--config", str(w["ini"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "new pending key on ms2-mpi01" in r.stderr, r.stderr
     tick(w)
     records = dkim_records(w)

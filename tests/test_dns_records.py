@@ -24,8 +24,14 @@ API = "/v1/email-account"
 def real_public_key(tmp: Path, name: str) -> str:
     """A fresh RSA-2048 key's p= value, made with openssl as a node makes it (pipull/dkim.py)."""
     key = tmp / f"{name}.pem"
-    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)], check=True, capture_output=True)
-    der = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"], check=True, capture_output=True).stdout
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)],
+        check=True,
+        capture_output=True,
+    )
+    der = subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"], check=True, capture_output=True
+    ).stdout
     return base64.b64encode(der).decode()
 
 
@@ -33,7 +39,17 @@ def real_public_key(tmp: Path, name: str) -> str:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("dns")
     server = LiveServer(root / "srv")
-    server.cli("init", "--data", str(server.data.root), "--bcrypt-cost", "4", "--mx-host", "mx1.platform.test", "--mx-host", "mx2.platform.test")
+    server.cli(
+        "init",
+        "--data",
+        str(server.data.root),
+        "--bcrypt-cost",
+        "4",
+        "--mx-host",
+        "mx1.platform.test",
+        "--mx-host",
+        "mx2.platform.test",
+    )
     server.admin_token = server.create_token(name="admin")
     project = server.create_token(project=42, name="p42")
     other = server.create_token(project=7, name="p7")
@@ -72,9 +88,25 @@ def dkim_of(resp: httpx.Response) -> list[tuple[str, str, str, str | None]]:
 
 def test_two_nodes_report_keys_and_dns_records_lists_both(world: dict[str, Any]) -> None:
     w, pub = world, world["pub"]
-    assert report(w, "mpi01", [{"selector": "ms1-mpi01", "public_key": pub["a1"], "state": "active", "created_at": 1_800_000_000},
-                               {"selector": "ms2-mpi01", "public_key": pub["a2"], "state": "pending", "created_at": 1_800_100_000}]).status_code == 200
-    assert report(w, "mpi02", [{"selector": "ms1-mpi02", "public_key": pub["b1"], "state": "active", "created_at": 1_800_000_000}]).status_code == 200
+    assert (
+        report(
+            w,
+            "mpi01",
+            [
+                {"selector": "ms1-mpi01", "public_key": pub["a1"], "state": "active", "created_at": 1_800_000_000},
+                {"selector": "ms2-mpi01", "public_key": pub["a2"], "state": "pending", "created_at": 1_800_100_000},
+            ],
+        ).status_code
+        == 200
+    )
+    assert (
+        report(
+            w,
+            "mpi02",
+            [{"selector": "ms1-mpi02", "public_key": pub["b1"], "state": "active", "created_at": 1_800_000_000}],
+        ).status_code
+        == 200
+    )
     r = records(w)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -89,9 +121,18 @@ def test_two_nodes_report_keys_and_dns_records_lists_both(world: dict[str, Any])
         assert rec["purpose"] and set(rec) == {"type", "name", "value", "purpose", "node", "selector", "state"}
         by_type.setdefault(rec["type"], []).append((rec["name"], rec["value"]))
     assert by_type["MX"] == [("shop.example", "10 mx1.platform.test"), ("shop.example", "20 mx2.platform.test")]
-    assert ("shop.example", "v=spf1 mx -all") in by_type["TXT"] and ("_dmarc.shop.example", "v=DMARC1; p=none") in by_type["TXT"]
-    assert ("autoconfig.shop.example", "mx1.platform.test") in by_type["CNAME"] and ("autodiscover.shop.example", "mx1.platform.test") in by_type["CNAME"]
-    assert by_type["SRV"] == [("_submission._tcp.shop.example", "0 1 587 mx1.platform.test"), ("_imaps._tcp.shop.example", "0 1 993 mx1.platform.test")]
+    assert ("shop.example", "v=spf1 mx -all") in by_type["TXT"] and (
+        "_dmarc.shop.example",
+        "v=DMARC1; p=none",
+    ) in by_type["TXT"]
+    assert ("autoconfig.shop.example", "mx1.platform.test") in by_type["CNAME"] and (
+        "autodiscover.shop.example",
+        "mx1.platform.test",
+    ) in by_type["CNAME"]
+    assert by_type["SRV"] == [
+        ("_submission._tcp.shop.example", "0 1 587 mx1.platform.test"),
+        ("_imaps._tcp.shop.example", "0 1 993 mx1.platform.test"),
+    ]
     # An admin sees it too; the MCP tool gives the same answer.
     assert records(w, "admin").json() == body
 
@@ -114,29 +155,71 @@ def test_the_mcp_tool_gives_the_same_records(world: dict[str, Any]) -> None:
 
 def test_a_new_report_replaces_the_nodes_keys_and_the_old_ones_go(world: dict[str, Any]) -> None:
     w, pub = world, world["pub"]
-    assert report(w, "mpi01", [{"selector": "ms1-mpi01", "public_key": pub["a1"], "state": "retired", "created_at": 1_800_000_000},
-                               {"selector": "ms2-mpi01", "public_key": pub["a2"], "state": "active", "created_at": 1_800_100_000}]).status_code == 200
+    assert (
+        report(
+            w,
+            "mpi01",
+            [
+                {"selector": "ms1-mpi01", "public_key": pub["a1"], "state": "retired", "created_at": 1_800_000_000},
+                {"selector": "ms2-mpi01", "public_key": pub["a2"], "state": "active", "created_at": 1_800_100_000},
+            ],
+        ).status_code
+        == 200
+    )
     states = {name: state for _t, name, _v, state in dkim_of(records(w))}
-    assert states["ms1-mpi01._domainkey.shop.example"] == "retired" and states["ms2-mpi01._domainkey.shop.example"] == "active"
+    assert (
+        states["ms1-mpi01._domainkey.shop.example"] == "retired"
+        and states["ms2-mpi01._domainkey.shop.example"] == "active"
+    )
     # A report without dkim_keys (an older pi-pull, DKIM off) leaves the keys alone.
-    assert httpx.post(f"{w['server'].url}/v1/nodes/report", json={"status": "ok"}, auth=("mpi01", w["keys"]["mpi01"])).status_code == 200
+    assert (
+        httpx.post(
+            f"{w['server'].url}/v1/nodes/report", json={"status": "ok"}, auth=("mpi01", w["keys"]["mpi01"])
+        ).status_code
+        == 200
+    )
     assert len(dkim_of(records(w))) == 3
 
 
 @pytest.mark.parametrize(
     ("keys", "needle"),
     [
-        ([{"selector": "ms1-mpi02", "public_key": "A" * 392, "state": "active", "created_at": 1}], "not one of node mpi01's"),
+        (
+            [{"selector": "ms1-mpi02", "public_key": "A" * 392, "state": "active", "created_at": 1}],
+            "not one of node mpi01's",
+        ),
         ([{"selector": "s1-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1}], "selector"),
         ([{"selector": "ms1-mpi01", "public_key": "not base64!", "state": "active", "created_at": 1}], "public_key"),
         ([{"selector": "ms1-mpi01", "public_key": "A" * 5000, "state": "active", "created_at": 1}], "public_key"),
         ([{"selector": "ms1-mpi01", "public_key": "A" * 392, "state": "signing", "created_at": 1}], "state"),
         ([{"selector": "ms1-mpi01", "public_key": "A" * 392, "state": "active", "created_at": "1"}], "created_at"),
-        ([{"selector": "ms1-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1, "private_key": "x"}], "private_key"),
+        (
+            [
+                {
+                    "selector": "ms1-mpi01",
+                    "public_key": "A" * 392,
+                    "state": "active",
+                    "created_at": 1,
+                    "private_key": "x",
+                }
+            ],
+            "private_key",
+        ),
         ([{"selector": "ms1-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1}] * 2, "twice"),
-        ([{"selector": "ms1-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1},
-          {"selector": "ms2-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1}], "more than one active"),
-        ([{"selector": f"ms{i}-mpi01", "public_key": "A" * 392, "state": "pending", "created_at": 1} for i in (1, 2, 1)], "at most 2"),
+        (
+            [
+                {"selector": "ms1-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1},
+                {"selector": "ms2-mpi01", "public_key": "A" * 392, "state": "active", "created_at": 1},
+            ],
+            "more than one active",
+        ),
+        (
+            [
+                {"selector": f"ms{i}-mpi01", "public_key": "A" * 392, "state": "pending", "created_at": 1}
+                for i in (1, 2, 1)
+            ],
+            "at most 2",
+        ),
         ("ms1-mpi01", "dkim_keys"),
     ],
 )
@@ -155,7 +238,9 @@ def test_scoping_and_refusals(world: dict[str, Any]) -> None:
         r = records(w, client)
         assert r.status_code == 404 and r.json()["error"]["code"] == "domain_not_found"
         absent = records(w, client, "nowhere.example")
-        assert absent.status_code == 404 and absent.text.replace("nowhere.example", "D") == r.text.replace("shop.example", "D")
+        assert absent.status_code == 404 and absent.text.replace("nowhere.example", "D") == r.text.replace(
+            "shop.example", "D"
+        )
     r = records(w, "p42", "dark.example")
     assert r.status_code == 409 and r.json()["error"]["code"] == "email_not_enabled"
     r = w["p42"].get(f"{API}/dns-records")
@@ -167,11 +252,16 @@ def test_scoping_and_refusals(world: dict[str, Any]) -> None:
 
 def test_cname_form_and_defaults() -> None:
     settings = DnsSettings(mx_hosts=["mx.p.test"], dkim_cname_zone="dkim.p.test", autoconfig_host="setup.p.test")
-    keys = [{"node": "mpi01", "selector": "ms1-mpi01", "public_key": "KEY", "state": "active"},
-            {"node": "gone", "selector": "ms1-gone", "public_key": "OLD", "state": "active"}]
+    keys = [
+        {"node": "mpi01", "selector": "ms1-mpi01", "public_key": "KEY", "state": "active"},
+        {"node": "gone", "selector": "ms1-gone", "public_key": "OLD", "state": "active"},
+    ]
     out = dns.records_for("shop.example", settings, keys, ["mpi01"])
     dkim = [(r["type"], r["name"], r["value"]) for r in out if r["selector"]]
-    assert dkim == [("CNAME", "ms1-mpi01._domainkey.shop.example", "ms1-mpi01.dkim.p.test"), ("TXT", "ms1-mpi01.dkim.p.test", "v=DKIM1; k=rsa; p=KEY")]
+    assert dkim == [
+        ("CNAME", "ms1-mpi01._domainkey.shop.example", "ms1-mpi01.dkim.p.test"),
+        ("TXT", "ms1-mpi01.dkim.p.test", "v=DKIM1; k=rsa; p=KEY"),
+    ]
     assert ("CNAME", "autoconfig.shop.example", "setup.p.test") in [(r["type"], r["name"], r["value"]) for r in out]
 
 
@@ -210,9 +300,15 @@ def test_two_real_pi_pull_nodes_report_their_own_keys(tmp_path: Path) -> None:
         for ini in inis:
             r = run_pi_pull(ini)
             assert r.returncode == 0, r.stderr
-        listed = [(r["type"], r["name"], r["state"]) for r in p42.get(f"{API}/dns-records", params={"domain": "shop.example"}).json()["records"]
-                  if r["selector"]]
-        assert listed == [("TXT", "ms1-mpi01._domainkey.shop.example", "pending"), ("TXT", "ms1-mpi02._domainkey.shop.example", "pending")]
+        listed = [
+            (r["type"], r["name"], r["state"])
+            for r in p42.get(f"{API}/dns-records", params={"domain": "shop.example"}).json()["records"]
+            if r["selector"]
+        ]
+        assert listed == [
+            ("TXT", "ms1-mpi01._domainkey.shop.example", "pending"),
+            ("TXT", "ms1-mpi02._domainkey.shop.example", "pending"),
+        ]
         for ini in inis:
             assert run_pi_pull(ini).returncode == 0  # reported: active now (publish_wait 0), and reported as such
             assert run_pi_pull(ini).returncode == 0
@@ -221,8 +317,19 @@ def test_two_real_pi_pull_nodes_report_their_own_keys(tmp_path: Path) -> None:
         assert {n: r["state"] for n, r in dkim_recs.items()} == {"mpi01": "active", "mpi02": "active"}
         for name in ("mpi01", "mpi02"):
             # The listed value is the node's own key: its public half, as openssl derives it from the private key on disk.
-            der = subprocess.run(["openssl", "pkey", "-in", str(tmp_path / name / "dkim" / f"ms1-{name}.private"), "-pubout", "-outform", "DER"],
-                                 check=True, capture_output=True).stdout
+            der = subprocess.run(
+                [
+                    "openssl",
+                    "pkey",
+                    "-in",
+                    str(tmp_path / name / "dkim" / f"ms1-{name}.private"),
+                    "-pubout",
+                    "-outform",
+                    "DER",
+                ],
+                check=True,
+                capture_output=True,
+            ).stdout
             assert dkim_recs[name]["value"] == "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
             kt = (tmp_path / name / "dkim" / "KeyTable").read_text()
             assert kt == f"shop.example shop.example:ms1-{name}:{tmp_path / name / 'dkim' / f'ms1-{name}.private'}\n"
@@ -240,7 +347,9 @@ def test_the_node_logs_what_the_server_refused(world: dict[str, Any], pipull: An
     config = importlib.import_module("pipull.config")
     report_mod = importlib.import_module("pipull.report")
     errors = importlib.import_module("pipull.errors")
-    cfg = config.Config(remote_url="/x", node_name="mpi01", report_url=f"{world['server'].url}/v1/nodes/report", report_timeout=10)
+    cfg = config.Config(
+        remote_url="/x", node_name="mpi01", report_url=f"{world['server'].url}/v1/nodes/report", report_timeout=10
+    )
     token = base64.b64encode(f"mpi01:{world['keys']['mpi01']}".encode()).decode()
     rep = report_mod.Reporter(cfg, logging.getLogger("t"), lambda: (world["keys"]["mpi01"], token))
     bad = [{"selector": "ms1-mpi02", "public_key": "A" * 392, "state": "active", "created_at": 1}]

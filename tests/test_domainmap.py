@@ -29,7 +29,9 @@ changes = st.lists(
 
 @given(start=st.dictionaries(st.sampled_from(NAMES), st.integers(1, 5)), steps=changes)
 @settings(max_examples=150, deadline=None)
-def test_evolve_is_a_dict_update_and_never_touches_earlier_maps(start: dict[str, int], steps: list[dict[str, int | None]]) -> None:
+def test_evolve_is_a_dict_update_and_never_touches_earlier_maps(
+    start: dict[str, int], steps: list[dict[str, int | None]]
+) -> None:
     plain = {n: _dom(n, p) for n, p in start.items()}
     current = DomainMap.of(plain)
     history = [(current, dict(plain))]
@@ -61,9 +63,15 @@ class CountingSource:
 
 
 def test_a_lazy_value_is_parsed_once_on_first_read_and_its_index_fields_need_no_parse() -> None:
-    doms = {"a.example": DomainFile(domain="a.example", project_id=3), "b.example": DomainFile(domain="b.example", alias_of="a.example", project_id=3)}
+    doms = {
+        "a.example": DomainFile(domain="a.example", project_id=3),
+        "b.example": DomainFile(domain="b.example", alias_of="a.example", project_id=3),
+    }
     source = CountingSource(doms)
-    lazy = {n: Lazy(source, n, "0" * 40, 0, 0, "", d.project_id, d.alias_of, FITS_FORMAT_1 | FITS_FORMAT_2) for n, d in doms.items()}
+    lazy = {
+        n: Lazy(source, n, "0" * 40, 0, 0, "", d.project_id, d.alias_of, FITS_FORMAT_1 | FITS_FORMAT_2)
+        for n, d in doms.items()
+    }
     dmap = DomainMap.of(lazy)
     assert dmap.meta("b.example") == (3, "a.example") and list(dmap.meta_items())
     assert dmap.unfit(FITS_FORMAT_2) == [] and dmap.parsed_count() == 0 and source.loads == []
@@ -78,7 +86,9 @@ def test_unfit_names_the_domains_that_break_a_format() -> None:
     from mailstate.state.models import Mailbox
 
     hashed = "{BLF-CRYPT}$2b$04$" + "a" * 53
-    with_ids = DomainFile(domain="ids.example", mailboxes={"x": Mailbox(id="20261201-3fa9c2", password=hashed, quota_mb=10)})
+    with_ids = DomainFile(
+        domain="ids.example", mailboxes={"x": Mailbox(id="20261201-3fa9c2", password=hashed, quota_mb=10)}
+    )
     without = DomainFile(domain="none.example", mailboxes={"x": Mailbox(password=hashed, quota_mb=10)})
     dmap = DomainMap.of({d.domain: d for d in (with_ids, without)})
     assert dmap.unfit(FITS_FORMAT_2) == ["none.example"]

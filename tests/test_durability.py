@@ -94,10 +94,16 @@ def test_every_file_of_a_write_is_fsynced_before_the_answer(data_dir: DataDir, t
     def synced(path: str, after: int = -1, before: int = len(events)) -> bool:
         return any(after < i < before for i in synced_at.get(path.rstrip("/"), []))
 
-    ref_moves = [i for i, (name, paths) in enumerate(events) if name.startswith("rename") and paths[-1:] == [f"{repo}/refs/heads/main"]]
+    ref_moves = [
+        i
+        for i, (name, paths) in enumerate(events)
+        if name.startswith("rename") and paths[-1:] == [f"{repo}/refs/heads/main"]
+    ]
     assert len(ref_moves) == 1, events
     move = ref_moves[0]
-    assert synced(f"{repo}/refs/heads/main.lock", before=move), "the ref was renamed into place before its content was on disk"
+    assert synced(f"{repo}/refs/heads/main.lock", before=move), (
+        "the ref was renamed into place before its content was on disk"
+    )
     assert synced(f"{repo}/refs/heads", after=move), "the ref's folder was not fsynced after the rename"
 
     # The write's objects: every loose object of the commit is linked into place, then ONE
@@ -109,11 +115,19 @@ def test_every_file_of_a_write_is_fsynced_before_the_answer(data_dir: DataDir, t
         for i, (name, paths) in enumerate(events[:move])
         if (name.startswith("link") or name.startswith("rename")) and len(paths) == 2 and (m := loose.search(paths[1]))
     }
-    flushes = [i for i, (name, paths) in enumerate(events[:move]) if name == "syncfs" and paths and paths[0].startswith(f"{repo}/objects")]
-    new_objects = {line.split()[0] for line in git_out(data_dir.repo, "rev-list", "--objects", commit, f"^{commit}^").splitlines()}
+    flushes = [
+        i
+        for i, (name, paths) in enumerate(events[:move])
+        if name == "syncfs" and paths and paths[0].startswith(f"{repo}/objects")
+    ]
+    new_objects = {
+        line.split()[0] for line in git_out(data_dir.repo, "rev-list", "--objects", commit, f"^{commit}^").splitlines()
+    }
     assert commit in new_objects and len(new_objects) >= 3  # at least a blob, a tree and the commit
     assert new_objects <= set(linked), new_objects - set(linked)
-    assert flushes and all(any(linked[o] < f for f in flushes) for o in new_objects), "an object was not flushed before the ref moved"
+    assert flushes and all(any(linked[o] < f for f in flushes) for o in new_objects), (
+        "an object was not flushed before the ref moved"
+    )
     assert git_out(data_dir.repo, "config", "core.fsync").strip() == "all"  # git's own writes (repack, pushes)
 
 
@@ -199,12 +213,21 @@ def test_kill_9_during_writes_loses_nothing_that_was_answered(tmp_path: Path) ->
             assert not missing, f"round {round_}: answered writes lost after kill -9: {sorted(missing)[:5]}"
             head = srv.git("rev-parse", "main").strip()
             for commit in answered.values():
-                assert subprocess.run(["git", "-C", str(srv.data.repo), "merge-base", "--is-ancestor", commit, head]).returncode == 0
+                assert (
+                    subprocess.run(
+                        ["git", "-C", str(srv.data.repo), "merge-base", "--is-ancestor", commit, head]
+                    ).returncode
+                    == 0
+                )
         assert len(answered) >= 30
-        fsck = subprocess.run(["git", "-C", str(srv.data.repo), "fsck", "--no-dangling"], capture_output=True, text=True)
+        fsck = subprocess.run(
+            ["git", "-C", str(srv.data.repo), "fsck", "--no-dangling"], capture_output=True, text=True
+        )
         assert fsck.returncode == 0, fsck.stderr
         with srv.client(srv.admin_token) as c:  # and it still takes writes
-            assert c.post("/v1/email-account/link-domain", json={"domain": "after.example", "project_id": 1}).status_code in (200, 201)
+            assert c.post(
+                "/v1/email-account/link-domain", json={"domain": "after.example", "project_id": 1}
+            ).status_code in (200, 201)
     finally:
         srv.stop()
 
@@ -220,7 +243,9 @@ def test_writes_survive_a_concurrent_repack(store: Store, data_dir: DataDir) -> 
 
     def repack_forever() -> None:
         while not stop.is_set():
-            proc = subprocess.run(["git", "-C", str(data_dir.repo), "repack", "-d", "-q"], capture_output=True, text=True)
+            proc = subprocess.run(
+                ["git", "-C", str(data_dir.repo), "repack", "-d", "-q"], capture_output=True, text=True
+            )
             if proc.returncode != 0 and "lock" not in proc.stderr:
                 errors.append(proc.stderr)
 

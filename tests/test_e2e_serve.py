@@ -37,8 +37,14 @@ class Fleet:
     project: httpx.Client
     tmp: Path
 
-    def call(self, client: httpx.Client, op: str, body: dict[str, object] | None = None, status: int = 200) -> dict[str, object]:
-        r = client.get(f"/v1/email-account/{op}", params=body) if op.startswith("list-") else client.post(f"/v1/email-account/{op}", json=body or {})
+    def call(
+        self, client: httpx.Client, op: str, body: dict[str, object] | None = None, status: int = 200
+    ) -> dict[str, object]:
+        r = (
+            client.get(f"/v1/email-account/{op}", params=body)
+            if op.startswith("list-")
+            else client.post(f"/v1/email-account/{op}", json=body or {})
+        )
         assert r.status_code == status, r.text
         return r.json()  # type: ignore[no-any-return]
 
@@ -155,7 +161,11 @@ def test_refused_commits_never_reach_the_node(fleet: Fleet) -> None:
 
     stranger = f.tmp / "stranger_key"
     generate_key(stranger, "stranger@example.org")
-    for label, key in (("unsigned", None), ("untrusted key", stranger), ("trusted key, invalid content", f.server.data.key)):
+    for label, key in (
+        ("unsigned", None),
+        ("untrusted key", stranger),
+        ("trusted key, invalid content", f.server.data.key),
+    ):
         bad = f.push_into_server(add_evil, key=key)
         r = f.tick()
         assert r.returncode == EXIT_OK and f"up to date at {good[:12]}" in r.stderr, (label, r.stderr)
@@ -222,14 +232,23 @@ def test_a_trusted_signed_invalid_commit_never_goes_live_and_the_node_converges(
     assert not node.can_login("info@example.com", "any password at all")
     assert node.can_login("info@example.com", P1) and node.can_login("sales@example.com", P2)
     row = f.node_row()
-    assert row["status"] == "ok" and row["applied_commit"] == head and row["commits_behind"] == 0 and row["diverged"] is False
+    assert (
+        row["status"] == "ok"
+        and row["applied_commit"] == head
+        and row["commits_behind"] == 0
+        and row["diverged"] is False
+    )
 
     # A node that reports a commit off the accepted history (e.g. applied by an old agent) is
     # "diverged", never "N commits behind".
     tree = f.server.git("rev-parse", f"{good}^{{tree}}").strip()
     stray = f.server.git("commit-tree", tree, "-p", good, "-m", "never accepted").strip()
     key = (f.tmp / "etc" / "sync_key").read_text().strip()
-    resp = httpx.post(f"{f.server.url}/v1/nodes/report", auth=("mpi01", key), json={"applied_commit": stray, "status": "ok", "error": None})
+    resp = httpx.post(
+        f"{f.server.url}/v1/nodes/report",
+        auth=("mpi01", key),
+        json={"applied_commit": stray, "status": "ok", "error": None},
+    )
     assert resp.status_code == 200, resp.text
     row = f.node_row()
     assert row["diverged"] is True and row["commits_behind"] is None
@@ -244,16 +263,26 @@ def test_a_node_following_a_git_host_never_applies_a_refused_commit(mailnode: Ma
     never applied; after the correction the node converges to the server's head."""
     up = tmp_path / "upstream.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(up)], check=True)
-    server, admin, project = start_server_for(mailnode, tmp_path / "server", extra_args=["--upstream", str(up)], env={"MAILSTATE_SYNC_INTERVAL": "0.3"})
+    server, admin, project = start_server_for(
+        mailnode, tmp_path / "server", extra_args=["--upstream", str(up)], env={"MAILSTATE_SYNC_INTERVAL": "0.3"}
+    )
     try:
         signers = tmp_path / "allowed_signers"
         shutil.copy(server.data.allowed_signers, signers)
         cfg = mailnode.write_pi_pull_config(tmp_path / "pi-pull.ini", str(up), signers, name="mpi01")
-        assert admin.post("/v1/email-account/add-domain", json={"domain": "example.com", "project_id": 42}).status_code == 201
-        assert project.post("/v1/email-account/add-user", json={"email": "info@example.com", "password": P1}).status_code == 201
+        assert (
+            admin.post("/v1/email-account/add-domain", json={"domain": "example.com", "project_id": 42}).status_code
+            == 201
+        )
+        assert (
+            project.post("/v1/email-account/add-user", json={"email": "info@example.com", "password": P1}).status_code
+            == 201
+        )
         r = run_pi_pull(cfg)
         assert r.returncode == EXIT_OK, r.stderr
-        good = subprocess.run(["git", "-C", str(up), "rev-parse", "main"], check=True, capture_output=True, text=True).stdout.strip()
+        good = subprocess.run(
+            ["git", "-C", str(up), "rev-parse", "main"], check=True, capture_output=True, text=True
+        ).stdout.strip()
         assert mailnode.can_login("info@example.com", P1)
 
         # An admin with a trusted key pushes a hand-edited commit to the git host.
@@ -262,7 +291,21 @@ def test_a_node_following_a_git_host_never_applies_a_refused_commit(mailnode: Ma
         _plain_nopassword(work)
         base = ["git", "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org"]
         subprocess.run([*base, "add", "-A"], check=True, env=server.env)
-        subprocess.run([*base, "-c", "gpg.format=ssh", "-c", f"user.signingkey={server.data.key}", "commit", "-S", "-qm", "bypass"], check=True, env=server.env)
+        subprocess.run(
+            [
+                *base,
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                f"user.signingkey={server.data.key}",
+                "commit",
+                "-S",
+                "-qm",
+                "bypass",
+            ],
+            check=True,
+            env=server.env,
+        )
         subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True, env=server.env)
         for _ in range(2):
             r = run_pi_pull(cfg)
@@ -271,7 +314,10 @@ def test_a_node_following_a_git_host_never_applies_a_refused_commit(mailnode: Ma
             time.sleep(0.5)  # let the server sync and refuse it
 
         # The correction: the next API write, pushed to the host with its statement.
-        assert project.post("/v1/email-account/add-user", json={"email": "sales@example.com", "password": P2}).status_code == 201
+        assert (
+            project.post("/v1/email-account/add-user", json={"email": "sales@example.com", "password": P2}).status_code
+            == 201
+        )
         head = server.git("rev-parse", "main").strip()
         r = run_pi_pull(cfg)
         assert r.returncode == EXIT_OK, r.stderr

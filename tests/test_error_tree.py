@@ -17,7 +17,9 @@ from mailstate.state import errors
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = [REPO / "state", REPO / "api", REPO / "compiler"]  # pi-pull has its own exit codes
-ERROR_CLASSES = {c.__name__: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.MailstateError)}
+ERROR_CLASSES = {
+    c.__name__: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.MailstateError)
+}
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,13 @@ def raised_codes() -> list[Raised]:
                             cls = name if name in ERROR_CLASSES and isinstance(kw.value, ast.Constant) else None
                             found += [Raised(code, cls, f"{rel}:{node.lineno}") for code in _strings(kw.value)]
                     if name == "error_body" and node.args:
-                        found += [Raised(code, None, f"{rel}:{node.lineno}", edge=True) for code in _strings(node.args[0])]
+                        found += [
+                            Raised(code, None, f"{rel}:{node.lineno}", edge=True) for code in _strings(node.args[0])
+                        ]
                     if name == "HTTPError" and len(node.args) >= 2:
-                        found += [Raised(code, None, f"{rel}:{node.lineno}", edge=True) for code in _strings(node.args[1])]
+                        found += [
+                            Raised(code, None, f"{rel}:{node.lineno}", edge=True) for code in _strings(node.args[1])
+                        ]
                 elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
                     if any(isinstance(t, ast.Name) and t.id.endswith("_CODES") for t in node.targets):
                         for value in node.value.values:

@@ -26,7 +26,24 @@ from tests.conftest import ADMIN, PASSWORD, PROJECT_A, git_out
 HASH_A = "{BLF-CRYPT}$2b$04$" + "a" * 53
 HASH_B = "{BLF-CRYPT}$2b$04$" + "B" * 53
 # Local parts that YAML 1.1 (PyYAML) reads as booleans, null, numbers or dates when unquoted.
-TRICKY_LOCALS = ["on", "off", "yes", "no", "y", "n", "null", "true", "false", "123", "0x1f", "1_0", "1.5", "0o17", "2026-01-01", "1e3"]
+TRICKY_LOCALS = [
+    "on",
+    "off",
+    "yes",
+    "no",
+    "y",
+    "n",
+    "null",
+    "true",
+    "false",
+    "123",
+    "0x1f",
+    "1_0",
+    "1.5",
+    "0o17",
+    "2026-01-01",
+    "1e3",
+]
 
 
 def sample_domain() -> DomainFile:
@@ -67,7 +84,19 @@ def admin_edit(data: DataDir, tmp_path: Path, path: str, edit) -> None:
         run(tmp_path, "git", "clone", "-q", str(data.repo), str(clone))
     target = clone / path
     target.write_text(edit(target.read_text()))
-    run(clone, "git", "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S", "-q", "-am", "admin: annotate")
+    run(
+        clone,
+        "git",
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        f"user.signingkey={key}",
+        "commit",
+        "-S",
+        "-q",
+        "-am",
+        "admin: annotate",
+    )
     run(clone, "git", "push", "-q", "origin", "HEAD:main")
 
 
@@ -95,7 +124,11 @@ def test_canonical_domain_yaml_is_stable_and_ordered() -> None:
     text = first.decode()
     assert text.splitlines()[:4] == ["domain: example.com", "project_id: 7", "email_enabled: true", "mailboxes:"]
     # one mailbox per block, sorted, fields in a fixed order
-    assert [ln for ln in text.splitlines() if ln.startswith("  ") and not ln.startswith("    ")] == ["  a.b+c:", "  info:", "  zed:"]
+    assert [ln for ln in text.splitlines() if ln.startswith("  ") and not ln.startswith("    ")] == [
+        "  a.b+c:",
+        "  info:",
+        "  zed:",
+    ]
     assert "  zed:\n    password: '" + HASH_A + "'\n    quota_mb: 10\n    active: false\n" in text
     assert "{" not in text.replace("{BLF-CRYPT}", "")  # block style only, no flow mappings
 
@@ -271,7 +304,9 @@ def test_tricky_local_parts_roundtrip_with_comments(data_dir: DataDir, mail_stor
     _assert_tricky_roundtrip(data_dir, store, inactive=frozenset({"on"}))
 
 
-def test_an_admin_edit_that_keeps_tricky_keys_quoted_survives(data_dir: DataDir, mail_store: Store, tmp_path: Path) -> None:
+def test_an_admin_edit_that_keeps_tricky_keys_quoted_survives(
+    data_dir: DataDir, mail_store: Store, tmp_path: Path
+) -> None:
     """Existing quoted keys stay quoted when ruamel rewrites the file around them."""
     _add_tricky(mail_store)
     admin_edit(data_dir, tmp_path, "domains/ex/example.com.yaml", lambda t: t + "# trailing note\n")
@@ -296,10 +331,30 @@ def test_comment_preserving_rewrite_of_one_file_directly() -> None:
 
 # --- the fast reader of canonical domain files agrees with YAML ------------------------------
 
-_TRAPS = ["on", "off", "yes", "no", "y", "n", "true", "null", "123", "1_0", "0x1f", "1e3", "2026-01-01", "info", "a.b", "x+y", "a-b_c"]
+_TRAPS = [
+    "on",
+    "off",
+    "yes",
+    "no",
+    "y",
+    "n",
+    "true",
+    "null",
+    "123",
+    "1_0",
+    "0x1f",
+    "1e3",
+    "2026-01-01",
+    "info",
+    "a.b",
+    "x+y",
+    "a-b_c",
+]
 _locals = st.one_of(
     st.sampled_from(_TRAPS),
-    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,20}", fullmatch=True).filter(lambda s: ".." not in s and not s.endswith(".")),
+    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,20}", fullmatch=True).filter(
+        lambda s: ".." not in s and not s.endswith(".")
+    ),
 )
 _hash = st.from_regex(r"[./A-Za-z0-9]{53}", fullmatch=True).map(lambda h: "{BLF-CRYPT}$2b$04$" + h)
 _box = st.builds(_Mailbox, password=_hash, quota_mb=st.integers(1, 1_048_576), active=st.booleans())
@@ -312,7 +367,9 @@ _box = st.builds(_Mailbox, password=_hash, quota_mb=st.integers(1, 1_048_576), a
     enabled=st.booleans(),
     boxes=st.dictionaries(_locals, _box, max_size=6),
 )
-def test_fast_reader_equals_yaml_on_canonical_files(domain: str, project: int | None, enabled: bool, boxes: dict[str, _Mailbox]) -> None:
+def test_fast_reader_equals_yaml_on_canonical_files(
+    domain: str, project: int | None, enabled: bool, boxes: dict[str, _Mailbox]
+) -> None:
     from mailstate.state.files import dump_domain
 
     boxes = {k: b for k, b in boxes.items() if ".." not in k}
@@ -323,11 +380,17 @@ def test_fast_reader_equals_yaml_on_canonical_files(domain: str, project: int | 
 
 
 @settings(max_examples=150, deadline=None)
-@given(position=st.integers(0, 400), insert=st.sampled_from(["#", " ", "\n", "'", "x", ": ", "  dup:\n", "-", "\t", "{}", "0"]))
+@given(
+    position=st.integers(0, 400),
+    insert=st.sampled_from(["#", " ", "\n", "'", "x", ": ", "  dup:\n", "-", "\t", "{}", "0"]),
+)
 def test_fast_reader_never_disagrees_with_yaml_on_edited_files(position: int, insert: str) -> None:
     from mailstate.state.files import dump_domain
 
-    boxes = {"info": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "a" * 53, quota_mb=5), "on": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "b" * 53, quota_mb=9)}
+    boxes = {
+        "info": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "a" * 53, quota_mb=5),
+        "on": _Mailbox(password="{BLF-CRYPT}$2b$04$" + "b" * 53, quota_mb=9),
+    }
     text = dump_domain(_DomainFile(domain="example.com", project_id=3, email_enabled=True, mailboxes=boxes))
     edited = text[: position % (len(text) + 1)] + insert.encode() + text[position % (len(text) + 1) :]
     fast = parse_canonical_domain(edited)

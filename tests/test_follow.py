@@ -65,7 +65,9 @@ class Followed:
         t0 = time.monotonic()
         while not what():
             assert self.proc is None or self.proc.poll() is None, f"the follower exited: {self.log_text()[-2000:]}"
-            assert time.monotonic() - t0 < bound, f"{message or 'condition'} not met in {bound}s; log:\n{self.log_text()[-3000:]}"
+            assert time.monotonic() - t0 < bound, (
+                f"{message or 'condition'} not met in {bound}s; log:\n{self.log_text()[-3000:]}"
+            )
             time.sleep(0.1)
         return time.monotonic() - t0
 
@@ -79,16 +81,23 @@ class Followed:
 
 
 @contextlib.contextmanager
-def _fleet(node: MailNode, tmp: Path, extra: str = "", remote: str | None = None, interval: int = 60) -> Iterator[Followed]:
+def _fleet(
+    node: MailNode, tmp: Path, extra: str = "", remote: str | None = None, interval: int = 60
+) -> Iterator[Followed]:
     server, admin, project = start_server_for(node, tmp / "server")
     f = None
     try:
         cfg = provision_node(node, server, admin, tmp / "etc")
         text = cfg.read_text() + f"[agent]\ninterval = {interval}\n" + extra
         if remote is not None:
-            text = text.replace(f"url = {server.url}/v1/nodes/state.git", f"url = {remote.format(repo=server.data.repo)}")
+            text = text.replace(
+                f"url = {server.url}/v1/nodes/state.git", f"url = {remote.format(repo=server.data.repo)}"
+            )
         cfg.write_text(text)
-        assert admin.post("/v1/email-account/link-domain", json={"domain": "follow.example", "project_id": 42}).status_code == 201
+        assert (
+            admin.post("/v1/email-account/link-domain", json={"domain": "follow.example", "project_id": 42}).status_code
+            == 201
+        )
         assert project.post("/v1/email-account/enable-email", json={"domain": "follow.example"}).status_code == 200
         f = Followed(server, node, cfg, admin, project, tmp / "follow.log")
         yield f
@@ -142,11 +151,17 @@ def test_server_unreachable_falls_back_to_the_timer_then_recovers(mailnode: Mail
         # Waits fail and back off; ticks keep coming every [agent] interval (and fail: no server).
         f.until(lambda: "retrying in" in f.log_text(), message="a failed wait with its backoff")
         mark = len(f.log_text())
-        f.until(lambda: f.log_text()[mark:].count("error:") >= 2, bound=20, message="two timer ticks while the server is down")
+        f.until(
+            lambda: f.log_text()[mark:].count("error:") >= 2,
+            bound=20,
+            message="two timer ticks while the server is down",
+        )
         # The server comes back on the same address: waits resume, changes go live again.
         _start_on(f.server, port)
         f.add_user("back@follow.example")
-        f.until(lambda: f.node.can_login("back@follow.example", PASSWORD), bound=20, message="the change after recovery")
+        f.until(
+            lambda: f.node.can_login("back@follow.example", PASSWORD), bound=20, message="the change after recovery"
+        )
         f.until(lambda: "wait works again" in f.log_text(), bound=20, message="the wait recovering")
         assert f.stop() == 0
 

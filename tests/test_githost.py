@@ -87,7 +87,19 @@ def test_the_hosts_serve_git_and_nothing_else(githost: GitHost, tmp_path: Path) 
     host.create_repo()
     work = tmp_path / "work"
     run_git("init", "-q", "-b", "main", str(work))
-    run_git("-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "--allow-empty", "-m", "one")
+    run_git(
+        "-C",
+        str(work),
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "one",
+    )
     sha = git_out(work, "rev-parse", "HEAD").strip()
 
     # ssh: push and fetch as the git-shell user.
@@ -114,7 +126,19 @@ def test_the_hosts_serve_git_and_nothing_else(githost: GitHost, tmp_path: Path) 
     clone = tmp_path / "clone"
     run_git("clone", "-q", host.http_url(), str(clone))
     assert git_out(clone, "rev-parse", "HEAD").strip() == sha
-    run_git("-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "--allow-empty", "-m", "two")
+    run_git(
+        "-C",
+        str(work),
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "two",
+    )
     r = run_git("-C", str(work), "push", host.http_url(), "main", check=False)
     assert r.returncode != 0 and "403" in r.stderr
     assert host.rev("state.git", "main") == sha
@@ -145,7 +169,15 @@ def test_store_writes_go_to_the_ssh_host_with_their_statement(
     assert stated_head(host) == head  # the statement went up in the same push
     tag = host.rev("state.git", STATEMENT_REF) or ""
     verify = subprocess.run(
-        ["git", "-C", str(data_dir.repo), "-c", f"gpg.ssh.allowedSignersFile={data_dir.allowed_signers}", "verify-tag", tag],
+        [
+            "git",
+            "-C",
+            str(data_dir.repo),
+            "-c",
+            f"gpg.ssh.allowedSignersFile={data_dir.allowed_signers}",
+            "verify-tag",
+            tag,
+        ],
         capture_output=True,
         text=True,
     )  # the tag object is in the local repo too: it was made there
@@ -156,7 +188,9 @@ def test_store_writes_go_to_the_ssh_host_with_their_statement(
     other = tmp_path / "other_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     saved = host.known_hosts.read_text()
-    host.known_hosts.write_text(f"[127.0.0.1]:{host.ssh_port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
+    host.known_hosts.write_text(
+        f"[127.0.0.1]:{host.ssh_port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n"
+    )
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable) as err:
         store.execute("add-user", PROJECT_A, {"email": "later@example.com", "password": PASSWORD})
@@ -241,7 +275,9 @@ def test_two_servers_through_sshd_lose_nothing(pair: Pair) -> None:
     for server in (a, b):
         wait_for(lambda s=server: s.git("rev-parse", "main").strip() == tip, what="both servers at the host's tip")  # type: ignore[misc]
         with server.client(server.admin_token) as c:
-            users = {u["email"] for u in c.get(f"{API}/list-users", params={"domain": "shared.example"}).json()["users"]}
+            users = {
+                u["email"] for u in c.get(f"{API}/list-users", params={"domain": "shared.example"}).json()["users"]
+            }
         assert users == {f"u{i}@shared.example" for i in range(WRITES)}
     # The statement on the host names the tip, signed by a fleet key.
     wait_for(lambda: stated_head(host) == tip, what="the host's statement names the tip")
@@ -253,7 +289,10 @@ def test_two_servers_through_sshd_lose_nothing(pair: Pair) -> None:
     subprocess.run(["git", "init", "-q", "--bare", str(scratch)], check=True)
     tag = subprocess.run(
         ["git", "-C", str(scratch), "hash-object", "-t", "tag", "-w", "--stdin", "--literally"],
-        input=tag_object, capture_output=True, text=True, check=True,
+        input=tag_object,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert tag == stated
     verify = subprocess.run(
@@ -366,13 +405,18 @@ class HostedFleet:
 
 
 @pytest.fixture
-def hosted(githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostedFleet]:  # noqa: F811
+def hosted(
+    githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[HostedFleet]:  # noqa: F811
     """A server in upstream mode on the sshd host, and a real node provisioned against it."""
     githost.create_repo()
     # The node's git reads the same ssh settings (pi-pull keeps GIT_SSH_COMMAND from its environment).
     monkeypatch.setenv("GIT_SSH_COMMAND", githost.ssh_command)
     server, admin, project = start_server_for(
-        mailnode, tmp_path / "server", extra_args=["--upstream", githost.ssh_url()], env={**githost.ssh_env, "MAILSTATE_SYNC_INTERVAL": "0.3"}
+        mailnode,
+        tmp_path / "server",
+        extra_args=["--upstream", githost.ssh_url()],
+        env={**githost.ssh_env, "MAILSTATE_SYNC_INTERVAL": "0.3"},
     )
     try:
         cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
@@ -438,12 +482,16 @@ def test_a_node_following_the_host_applies_only_accepted_commits(hosted: HostedF
 
 
 @pytest.fixture
-def fresh_hosted(githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostedFleet]:  # noqa: F811
+def fresh_hosted(
+    githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[HostedFleet]:  # noqa: F811
     """`hosted`, with the statement re-signed every 0.5 s and the node's max_staleness at 4 s."""
     githost.create_repo()
     monkeypatch.setenv("GIT_SSH_COMMAND", githost.ssh_command)
     env = {**githost.ssh_env, "MAILSTATE_SYNC_INTERVAL": "0.3", "MAILSTATE_STATEMENT_INTERVAL": "0.5"}
-    server, admin, project = start_server_for(mailnode, tmp_path / "server", extra_args=["--upstream", githost.ssh_url()], env=env)
+    server, admin, project = start_server_for(
+        mailnode, tmp_path / "server", extra_args=["--upstream", githost.ssh_url()], env=env
+    )
     try:
         cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
         cfg.write_text(cfg.read_text() + f"[freshness]\nmax_staleness = {MAX_STALENESS}\n")
@@ -481,7 +529,9 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
     f.call(f.project, "add-user", {"email": "new@example.com", "password": PASSWORD}, status=201)
     second = f.head()
     assert host.rev("state.git", "main") == second and stated_head(host) == first
-    wait_for(lambda: statement_age(host) > MAX_STALENESS + 1, timeout=MAX_STALENESS + 10, what="the frozen statement ages")
+    wait_for(
+        lambda: statement_age(host) > MAX_STALENESS + 1, timeout=MAX_STALENESS + 10, what="the frozen statement ages"
+    )
     r = f.tick()
     assert r.returncode == EXIT_STALE, (r.returncode, r.stderr)
     assert "stale" in r.stderr and "max_staleness" in r.stderr
@@ -493,7 +543,10 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
 
     # Recovery: the host takes statements again, the server's next refresh lands, the node applies.
     host.thaw("state.git")
-    wait_for(lambda: stated_head(host) == second and statement_age(host) < MAX_STALENESS, what="the statement is refreshed on the host")
+    wait_for(
+        lambda: stated_head(host) == second and statement_age(host) < MAX_STALENESS,
+        what="the statement is refreshed on the host",
+    )
     r = f.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert f.applied() == second
@@ -504,7 +557,11 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
     # 2. The servers stop: the host (now over http) keeps serving the last statement, which ages.
     f.follow_url(host.http_url())
     f.server.stop()
-    wait_for(lambda: statement_age(host) > MAX_STALENESS + 1, timeout=MAX_STALENESS + 10, what="the statement ages with no server")
+    wait_for(
+        lambda: statement_age(host) > MAX_STALENESS + 1,
+        timeout=MAX_STALENESS + 10,
+        what="the statement ages with no server",
+    )
     r = f.tick()
     assert r.returncode == EXIT_STALE, (r.returncode, r.stderr)
     assert "stale" in r.stderr
@@ -531,7 +588,9 @@ def test_follow_mode_through_the_host(hosted: HostedFleet, wake: str) -> None:
     f.follow("ssh")
     text = f.cfg.read_text()
     if wake == "wake_url":
-        text = text.replace(f"url = {f.host.ssh_url()}\n", f"url = {f.host.ssh_url()}\nwake_url = {f.server.url}/v1/nodes/wait\n", 1)
+        text = text.replace(
+            f"url = {f.host.ssh_url()}\n", f"url = {f.host.ssh_url()}\nwake_url = {f.server.url}/v1/nodes/wait\n", 1
+        )
     f.cfg.write_text(text + "[agent]\ninterval = 60\npoll_interval = 1\n")
     f.call(f.admin, "link-domain", {"domain": "example.com", "project_id": 42}, status=201)
     f.call(f.project, "enable-email", {"domain": "example.com"})
@@ -541,17 +600,29 @@ def test_follow_mode_through_the_host(hosted: HostedFleet, wake: str) -> None:
         stdout=subprocess.DEVNULL, stderr=log.open("a"), text=True,
     )  # fmt: skip
     try:
-        wait_for(lambda: f.applied() == f.head(), timeout=FOLLOW_BOUND, what=f"the first tick; log: {log.read_text()[-2000:]}")
+        wait_for(
+            lambda: f.applied() == f.head(),
+            timeout=FOLLOW_BOUND,
+            what=f"the first tick; log: {log.read_text()[-2000:]}",
+        )
         expected = "long poll on" if wake == "wake_url" else "polling the statement ref"
         assert expected in log.read_text(), log.read_text()[-2000:]
         for i in range(2):
             f.call(f.project, "add-user", {"email": f"u{i}@example.com", "password": PASSWORD}, status=201)
             t0 = time.monotonic()
-            wait_for(lambda i=i: node.can_login(f"u{i}@example.com", PASSWORD), timeout=FOLLOW_BOUND, what=f"u{i} live; log: {log.read_text()[-2000:]}")  # type: ignore[misc]
+            wait_for(
+                lambda i=i: node.can_login(f"u{i}@example.com", PASSWORD),
+                timeout=FOLLOW_BOUND,
+                what=f"u{i} live; log: {log.read_text()[-2000:]}",
+            )  # type: ignore[misc]
             assert time.monotonic() - t0 < FOLLOW_BOUND
             # state.json is saved at the end of the tick (after the report), a moment after the
             # release went live and the login above worked.
-            wait_for(lambda: f.applied() == f.host.rev("state.git", "main"), timeout=FOLLOW_BOUND, what="the node at the host's tip")
+            wait_for(
+                lambda: f.applied() == f.host.rev("state.git", "main"),
+                timeout=FOLLOW_BOUND,
+                what="the node at the host's tip",
+            )
         assert proc.poll() is None, log.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -27,12 +27,16 @@ step = step.filter(lambda d: bool(d) and not any(a != b and b.startswith(a + "/"
 
 def _commit(repo: GitRepo, tree: str, parent: str | None) -> str:
     sig = pygit2.Signature("t", "t@example.org", 0, 0)
-    return str(repo.repo.create_commit(None, sig, sig, "t", pygit2.Oid(hex=tree), [pygit2.Oid(hex=parent)] if parent else []))
+    return str(
+        repo.repo.create_commit(None, sig, sig, "t", pygit2.Oid(hex=tree), [pygit2.Oid(hex=parent)] if parent else [])
+    )
 
 
 @given(steps=st.lists(step, min_size=1, max_size=10))
 @settings(max_examples=60, deadline=None)
-def test_kept_builders_give_the_trees_a_fresh_build_gives(tmp_path_factory: object, steps: list[dict[str, bytes | None]]) -> None:
+def test_kept_builders_give_the_trees_a_fresh_build_gives(
+    tmp_path_factory: object, steps: list[dict[str, bytes | None]]
+) -> None:
     path = Path(tmp_path_factory.mktemp("repo"))  # type: ignore[attr-defined]
     pygit2.init_repository(str(path), bare=True)
     kept = GitRepo(path)

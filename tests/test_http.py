@@ -43,7 +43,13 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def world(srv: LiveServer) -> Iterator[World]:
     tok_a = srv.create_token(project=101, name="project-a")
     tok_b = srv.create_token(project=202, name="project-b")
-    w = World(srv, srv.client(srv.admin_token), srv.client(tok_a), srv.client(tok_b), [srv.admin_token, tok_a, tok_b, PASSWORD])
+    w = World(
+        srv,
+        srv.client(srv.admin_token),
+        srv.client(tok_a),
+        srv.client(tok_b),
+        [srv.admin_token, tok_a, tok_b, PASSWORD],
+    )
     for client, domain, project in ((w.a, "a.example", 101), (w.b, "b.example", 202)):
         assert w.post(w.admin, "link-domain", {"domain": domain, "project_id": project}).status_code == 201
         assert w.post(client, "enable-email", {"domain": domain}).status_code == 200
@@ -72,7 +78,9 @@ def test_health(world: World) -> None:
     body = world.admin.get("/v1/health").json()
     assert body["status"] == "ok" and body["mode"] == "local"
     assert body["head"] == head(srv)
-    assert_error(httpx.get(f"{srv.url}/v1/health", headers={"Authorization": "Bearer mst_nope"}), 401, "unauthenticated")
+    assert_error(
+        httpx.get(f"{srv.url}/v1/health", headers={"Authorization": "Bearer mst_nope"}), 401, "unauthenticated"
+    )
 
 
 def test_health_shows_a_refused_commit_to_admins_only(tmp_path: Path) -> None:
@@ -82,7 +90,11 @@ def test_health_shows_a_refused_commit_to_admins_only(tmp_path: Path) -> None:
         srv.git("clone", "-q", str(srv.data.repo), str(work))
         path = next(work.glob("domains/*/secret-customer.example.yaml"))
         path.write_text(path.read_text() + "# sneaky\n")
-        for args in (("add", "-A"), ("-c", "user.name=x", "-c", "user.email=x@example.org", "commit", "-qm", "unsigned"), ("push", "-q", "origin", "main")):
+        for args in (
+            ("add", "-A"),
+            ("-c", "user.name=x", "-c", "user.email=x@example.org", "commit", "-qm", "unsigned"),
+            ("push", "-q", "origin", "main"),
+        ):
             subprocess.run(["git", "-C", str(work), *args], check=True, env=srv.env, capture_output=True)
         admin.get(f"{API}/list-domains")  # any request notices the foreign commit
 
@@ -136,7 +148,9 @@ def test_every_endpoint_success_path(world: World) -> None:
     shop = next(d for d in domains if d["domain"] == "shop.example")
     assert shop["active_mailboxes"] == 2 and shop["mailboxes"] == 2
 
-    assert write(a, "update-password", {"email": "sales@shop.example", "password": "another password"})["updated"] is True
+    assert (
+        write(a, "update-password", {"email": "sales@shop.example", "password": "another password"})["updated"] is True
+    )
     soft = write(a, "remove-user", {"email": "tmp@shop.example"})
     assert soft["active"] is False and soft["hard_delete"] is False
     hard = write(a, "remove-user", {"email": "tmp@shop.example", "hard_delete": True})
@@ -176,10 +190,14 @@ def test_reads_and_noops_make_no_commit(world: World) -> None:
 
 
 def test_request_id_is_the_callers_when_safe(world: World) -> None:
-    r = world.a.post(f"{API}/add-user", json={"email": "rid@a.example", "password": PASSWORD}, headers={"X-Request-Id": "req-42.abc"})
+    r = world.a.post(
+        f"{API}/add-user", json={"email": "rid@a.example", "password": PASSWORD}, headers={"X-Request-Id": "req-42.abc"}
+    )
     assert r.status_code == 201 and r.headers["x-request-id"] == "req-42.abc"
     assert "Request-Id: req-42.abc" in world.srv.git("log", "-1", "--format=%B")
-    r = world.a.post(f"{API}/remove-user", json={"email": "rid@a.example"}, headers={"X-Request-Id": "bad id; Action: forged"})
+    r = world.a.post(
+        f"{API}/remove-user", json={"email": "rid@a.example"}, headers={"X-Request-Id": "bad id; Action: forged"}
+    )
     assert r.status_code == 200 and re.match(r"^[0-9a-f]{32}$", r.headers["x-request-id"])
     assert "forged" not in world.srv.git("log", "-1", "--format=%B")
 
@@ -200,7 +218,10 @@ def test_request_id_is_the_callers_when_safe(world: World) -> None:
 )
 def test_401_without_a_valid_token(srv: LiveServer, headers: dict[str, str]) -> None:
     with httpx.Client(base_url=srv.url, headers=headers) as c:
-        for r in (c.get(f"{API}/list-users"), c.post(f"{API}/add-user", json={"email": "x@a.example", "password": PASSWORD})):
+        for r in (
+            c.get(f"{API}/list-users"),
+            c.post(f"{API}/add-user", json={"email": "x@a.example", "password": PASSWORD}),
+        ):
             assert_error(r, 401, "unauthenticated")
             assert r.headers["www-authenticate"].lower().startswith("bearer")
 
@@ -248,7 +269,9 @@ def test_404_for_another_projects_domain_and_mailbox(world: World) -> None:
     assert_error(world.post(a, "enable-email", {"domain": "b.example"}), 404, "domain_not_found")
     assert_error(world.post(a, "disable-email", {"domain": "b.example"}), 404, "domain_not_found")
     assert_error(world.post(a, "add-user", {"email": "x@b.example", "password": PASSWORD}), 404, "domain_not_found")
-    assert_error(world.post(a, "update-password", {"email": "info@b.example", "password": PASSWORD}), 404, "mailbox_not_found")
+    assert_error(
+        world.post(a, "update-password", {"email": "info@b.example", "password": PASSWORD}), 404, "mailbox_not_found"
+    )
     assert_error(world.post(a, "remove-user", {"email": "info@b.example"}), 404, "mailbox_not_found")
     # Absent and foreign read the same.
     foreign = world.post(a, "remove-user", {"email": "info@b.example"}).json()["error"]["message"]
@@ -263,15 +286,21 @@ def test_409_conflicts(world: World) -> None:
     assert_error(world.post(a, "disable-email", {"domain": "a.example"}), 409, "active_mailboxes_remain")
     assert_error(world.post(admin, "remove-domain", {"domain": "a.example"}), 409, "active_mailboxes_remain")
     assert_error(world.post(admin, "add-domain", {"domain": "a.example"}), 409, "domain_exists")
-    assert_error(world.post(admin, "link-domain", {"domain": "a.example", "project_id": 202}), 409, "domain_linked_elsewhere")
+    assert_error(
+        world.post(admin, "link-domain", {"domain": "a.example", "project_id": 202}), 409, "domain_linked_elsewhere"
+    )
     assert_error(world.post(admin, "unlink-domain", {"domain": "a.example"}), 409, "email_enabled")
     assert world.post(admin, "link-domain", {"domain": "later.example", "project_id": 101}).status_code == 201
-    assert_error(world.post(a, "add-user", {"email": "x@later.example", "password": PASSWORD}), 409, "email_not_enabled")
+    assert_error(
+        world.post(a, "add-user", {"email": "x@later.example", "password": PASSWORD}), 409, "email_not_enabled"
+    )
     assert world.post(admin, "add-node", {"name": "dup"}).status_code == 201
     assert_error(world.post(admin, "add-node", {"name": "dup"}), 409, "node_exists")
     assert world.post(a, "add-user", {"email": "gone@a.example", "password": PASSWORD}).status_code == 201
     assert world.post(a, "remove-user", {"email": "gone@a.example"}).status_code == 200
-    assert_error(world.post(a, "update-password", {"email": "gone@a.example", "password": PASSWORD}), 409, "mailbox_inactive")
+    assert_error(
+        world.post(a, "update-password", {"email": "gone@a.example", "password": PASSWORD}), 409, "mailbox_inactive"
+    )
     assert_error(world.post(a, "add-user", {"email": "gone@a.example", "password": PASSWORD}), 409, "mailbox_exists")
 
 
@@ -428,11 +457,16 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
     add_user = spec["paths"][f"{API}/add-user"]["post"]
     ref = add_user["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
-    assert set(schema["properties"]) == {"email", "password", "quota_mb"} and schema["required"] == ["email", "password"]
+    assert set(schema["properties"]) == {"email", "password", "quota_mb"} and schema["required"] == [
+        "email",
+        "password",
+    ]
     params = spec["paths"][f"{API}/list-users"]["get"]["parameters"]
     # domain filters; limit and cursor page (issue 14), all optional so the spec's call stays valid
     assert sorted((p["name"], p["in"], p["required"]) for p in params) == [
-        ("cursor", "query", False), ("domain", "query", False), ("limit", "query", False),
+        ("cursor", "query", False),
+        ("domain", "query", False),
+        ("limit", "query", False),
     ]
     assert "422" not in add_user["responses"]
     assert set(add_user["responses"]) >= {"201", "405", "413"} and "200" not in add_user["responses"]
@@ -464,7 +498,10 @@ def test_commits_are_signed_and_audited_by_token_name(world: World) -> None:
     sha = r.json()["commit"]
     msg = srv.git("log", "-1", "--format=%B", sha)
     assert msg.splitlines()[0] == "add-user audit@a.example"
-    trailers = dict(line.split(": ", 1) for line in srv.git("log", "-1", "--format=%(trailers:only,unfold)", sha).strip().splitlines())
+    trailers = dict(
+        line.split(": ", 1)
+        for line in srv.git("log", "-1", "--format=%(trailers:only,unfold)", sha).strip().splitlines()
+    )
     assert trailers["Action"] == "add-user"
     assert trailers["Project"] == "101"
     assert trailers["Actor"] == "token:project-a"
@@ -487,7 +524,10 @@ def test_no_secret_anywhere_in_the_repo(world: World) -> None:
     assert tok_part not in history
     # Nor in any object at all (a blob that no commit references would not show in log -p).
     objects = subprocess.run(
-        ["git", "-C", str(srv.data.repo), "cat-file", "--batch-all-objects", "--batch"], capture_output=True, env=srv.env, check=True
+        ["git", "-C", str(srv.data.repo), "cat-file", "--batch-all-objects", "--batch"],
+        capture_output=True,
+        env=srv.env,
+        check=True,
     ).stdout
     for s in world.secrets:
         assert s.encode() not in objects

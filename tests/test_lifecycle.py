@@ -67,7 +67,9 @@ def test_hard_delete_then_re_add_is_a_new_mailbox(mail_store: Store) -> None:
     assert show(mail_store, "rendered/domains/ex/example.com/mailboxes") == ""
     with pytest.raises(NotFound):
         mail_store.execute("restore-user", PROJECT_A, {"email": "info@example.com"})
-    new = mail_store.execute("add-user", PROJECT_A, {"email": "info@example.com", "password": "a new owner's pw"}).result["id"]
+    new = mail_store.execute(
+        "add-user", PROJECT_A, {"email": "info@example.com", "password": "a new owner's pw"}
+    ).result["id"]
     assert new != old and ID.fullmatch(new)
     passwd = show(mail_store, "rendered/domains/ex/example.com/passwd")
     assert f"/var/vmail/example.com/info~{new}::" in passwd and old not in passwd
@@ -141,7 +143,10 @@ def test_usage_reports_reach_list_users_and_list_domains(mail_store: Store, data
         users = mail_store.execute("list-users", PROJECT_A, {}).result["users"]
         assert [(u["used_mb"], u["messages"], u["usage_reported_at"]) for u in users] == [(None, None, None)] * 2
         t0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-        body = {"status": "ok", "usage": [_usage("info@example.com", info, 3 * 1048576, 7), _usage("sales@example.com", sales, 0, 0)]}
+        body = {
+            "status": "ok",
+            "usage": [_usage("info@example.com", info, 3 * 1048576, 7), _usage("sales@example.com", sales, 0, 0)],
+        }
         record_report(db, mail_store.snapshot, "mpi01", body, None, t0)
         by = {u["email"]: u for u in mail_store.execute("list-users", PROJECT_A, {}).result["users"]}
         assert (by["info@example.com"]["used_mb"], by["info@example.com"]["messages"]) == (3.0, 7)
@@ -149,12 +154,33 @@ def test_usage_reports_reach_list_users_and_list_domains(mail_store: Store, data
         assert (by["sales@example.com"]["used_mb"], by["sales@example.com"]["messages"]) == (0.0, 0)
         # several nodes: the latest report counts, whichever node sent it
         t1 = t0 + timedelta(minutes=15)
-        record_report(db, mail_store.snapshot, "mpi02", {"status": "ok", "usage": [_usage("info@example.com", info, 1048576 // 2, 8)]}, None, t1)
-        record_report(db, mail_store.snapshot, "mpi01", {"status": "ok", "usage": [_usage("info@example.com", info, 99, 99)]}, None, t0)  # late, older
-        by = {u["email"]: u for u in mail_store.execute("list-users", PROJECT_A, {"domain": "example.com"}).result["users"]}
+        record_report(
+            db,
+            mail_store.snapshot,
+            "mpi02",
+            {"status": "ok", "usage": [_usage("info@example.com", info, 1048576 // 2, 8)]},
+            None,
+            t1,
+        )
+        record_report(
+            db,
+            mail_store.snapshot,
+            "mpi01",
+            {"status": "ok", "usage": [_usage("info@example.com", info, 99, 99)]},
+            None,
+            t0,
+        )  # late, older
+        by = {
+            u["email"]: u
+            for u in mail_store.execute("list-users", PROJECT_A, {"domain": "example.com"}).result["users"]
+        }
         assert (by["info@example.com"]["used_mb"], by["info@example.com"]["messages"]) == (0.5, 8)
         domains = mail_store.execute("list-domains", PROJECT_A, {}).result["domains"]
-        assert (domains[0]["used_mb"], domains[0]["messages"], domains[0]["usage_reported_at"]) == (0.5, 8, t1.isoformat())
+        assert (domains[0]["used_mb"], domains[0]["messages"], domains[0]["usage_reported_at"]) == (
+            0.5,
+            8,
+            t1.isoformat(),
+        )
         # a mailbox re-created after a hard delete never inherits the old figures (matched by id)
         mail_store.execute("remove-user", PROJECT_A, {"email": "info@example.com", "hard_delete": True})
         mail_store.execute("add-user", PROJECT_A, {"email": "info@example.com", "password": PASSWORD})
@@ -180,7 +206,9 @@ def test_usage_reports_reach_list_users_and_list_domains(mail_store: Store, data
         {"email": "info@example.com", "id": "20261201-abcdef", "used_bytes": "1", "messages": 1},
     ],
 )
-def test_a_bad_usage_entry_is_refused_with_a_clear_error(mail_store: Store, data_dir: DataDir, entry: dict[str, Any]) -> None:
+def test_a_bad_usage_entry_is_refused_with_a_clear_error(
+    mail_store: Store, data_dir: DataDir, entry: dict[str, Any]
+) -> None:
     mail_store.execute("add-node", ADMIN, {"name": "mpi01"})
     db = LocalDB(data_dir.db)
     try:
@@ -204,7 +232,11 @@ def test_usage_over_the_node_endpoint_of_a_real_server(tmp_path_factory: pytest.
         assert r.status_code == 200, r.text
         users = admin.get(f"{API}/list-users", params={"domain": "usage.example"}).json()["users"]
         assert (users[0]["used_mb"], users[0]["messages"]) == (2.0, 3) and users[0]["usage_reported_at"]
-        bad = httpx.post(f"{srv.url}/v1/nodes/report", json={"status": "ok", "usage": [{"email": "info@usage.example"}]}, headers=auth)
+        bad = httpx.post(
+            f"{srv.url}/v1/nodes/report",
+            json={"status": "ok", "usage": [{"email": "info@usage.example"}]},
+            headers=auth,
+        )
         assert bad.status_code == 400 and bad.json()["error"]["code"] in ("missing_field", "invalid_request")
         # restore-user over HTTP: 409 active, 404 none
         assert admin.post(f"{API}/restore-user", json={"email": "info@usage.example"}).status_code == 409
@@ -227,7 +259,9 @@ FEW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 @given(root=ROOTS, domain=DOMAINS, local=LOCALS, the_id=IDS)
 def test_no_rendered_home_leaves_the_mail_root(root: str, domain: str, local: str, the_id: str) -> None:
     settings_ = Settings(mail_root=root)
-    dom = DomainFile(domain=domain, email_enabled=True, mailboxes={local: Mailbox(id=the_id, password=HASH, quota_mb=1)})
+    dom = DomainFile(
+        domain=domain, email_enabled=True, mailboxes={local: Mailbox(id=the_id, password=HASH, quota_mb=1)}
+    )
     files = render_domain(dom, settings_)
     home = files[f"rendered/domains/{domain[:2]}/{domain}/passwd"].decode().split(":")[5]
     base = root.rstrip("/")
@@ -241,7 +275,10 @@ def test_no_rendered_home_leaves_the_mail_root(root: str, domain: str, local: st
 
 
 @FEW
-@given(st.text(min_size=1, max_size=40) | st.sampled_from([".graveyard", ".graveyard.example", "..example.com", ".example.com", "a/b.com", "x..y.com"]))
+@given(
+    st.text(min_size=1, max_size=40)
+    | st.sampled_from([".graveyard", ".graveyard.example", "..example.com", ".example.com", "a/b.com", "x..y.com"])
+)
 def test_graveyard_like_names_are_never_domains(name: str) -> None:
     try:
         domain = v.normalize_domain(name)

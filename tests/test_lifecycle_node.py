@@ -107,9 +107,15 @@ class Fleet:
     admin: httpx.Client
     project: httpx.Client
 
-    def call(self, op: str, body: dict[str, object] | None = None, status: int = 200, *, admin: bool = False) -> dict[str, Any]:
+    def call(
+        self, op: str, body: dict[str, object] | None = None, status: int = 200, *, admin: bool = False
+    ) -> dict[str, Any]:
         client = self.admin if admin else self.project
-        r = client.get(f"/v1/email-account/{op}", params=body) if op.startswith("list-") else client.post(f"/v1/email-account/{op}", json=body or {})
+        r = (
+            client.get(f"/v1/email-account/{op}", params=body)
+            if op.startswith("list-")
+            else client.post(f"/v1/email-account/{op}", json=body or {})
+        )
         assert r.status_code == status, r.text
         return r.json()  # type: ignore[no-any-return]
 
@@ -138,7 +144,9 @@ def fleet(mailnode: MailNode, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
 # --------------------------------------------------------------------------- real node, real server
 
 
-def test_hard_delete_then_re_add_starts_empty_and_the_old_maildir_is_purged_later(fleet: Fleet, pipull: ModuleType) -> None:
+def test_hard_delete_then_re_add_starts_empty_and_the_old_maildir_is_purged_later(
+    fleet: Fleet, pipull: ModuleType
+) -> None:
     f, node = fleet, fleet.node
     f.call("add-user", {"email": "reuse@alpha.example", "password": P1}, 201)
     f.call("add-user", {"email": "stays@alpha.example", "password": P1}, 201)
@@ -201,12 +209,17 @@ def test_hard_delete_then_re_add_starts_empty_and_the_old_maildir_is_purged_late
     assert sorted(homes(node, "alpha.example")) == sorted([stays_home, new_home])
 
 
-def test_soft_delete_keeps_the_maildir_restore_brings_it_back_and_usage_reaches_list_users(fleet: Fleet, pipull: ModuleType) -> None:
+def test_soft_delete_keeps_the_maildir_restore_brings_it_back_and_usage_reaches_list_users(
+    fleet: Fleet, pipull: ModuleType
+) -> None:
     f, node = fleet, fleet.node
     f.call("add-user", {"email": "keep@alpha.example", "password": P1}, 201)
     f.tick()
     rows = f.call("list-users", {"domain": "alpha.example"})["users"]
-    assert [(r["used_mb"], r["messages"], r["usage_reported_at"]) for r in rows] in ([(None, None, None)], [(0.0, 0, rows[0]["usage_reported_at"])])
+    assert [(r["used_mb"], r["messages"], r["usage_reported_at"]) for r in rows] in (
+        [(None, None, None)],
+        [(0.0, 0, rows[0]["usage_reported_at"])],
+    )
     body = "x" * 20000 + "\n"
     node.send("keep@alpha.example", "kept-message", body)
     node.wait_for_message("keep@alpha.example", P1, "kept-message")
@@ -243,11 +256,15 @@ def test_soft_delete_keeps_the_maildir_restore_brings_it_back_and_usage_reaches_
 # --------------------------------------------------------------------------- the format 1 -> 2 upgrade
 
 
-def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(mailnode: MailNode, tmp_path: Path, pipull: ModuleType) -> None:  # noqa: F811
+def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(
+    mailnode: MailNode, tmp_path: Path, pipull: ModuleType
+) -> None:  # noqa: F811
     node = mailnode
     # The data dir exactly as the format-1 code left it (a Store opened directly never upgrades).
     dd = init_data_dir(
-        tmp_path / "data", Settings(format=1, bcrypt_cost=4, mail_root=str(node.mail_root), uid=node.uid, gid=node.gid), clock=FakeClock()
+        tmp_path / "data",
+        Settings(format=1, bcrypt_cost=4, mail_root=str(node.mail_root), uid=node.uid, gid=node.gid),
+        clock=FakeClock(),
     )
     store = Store(dd.repo, Ed25519Signer(dd.key), clock=FakeClock(), cache_path=None)
     store.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})
@@ -255,10 +272,16 @@ def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(mailnode: MailNod
     for email in ("info@example.com", "sales@example.com", "quiet@example.com", "gone@example.com"):
         store.execute("add-user", PROJECT_A, {"email": email, "password": P1})
     # The store runs on FakeClock, so its statements are dated months back: freshness off here.
-    cfg = node.write_pi_pull_config(tmp_path / "pi-pull.ini", str(dd.repo), dd.allowed_signers, extra="[freshness]\nmax_staleness = 0\n")
+    cfg = node.write_pi_pull_config(
+        tmp_path / "pi-pull.ini", str(dd.repo), dd.allowed_signers, extra="[freshness]\nmax_staleness = 0\n"
+    )
     assert run_pi_pull(cfg).returncode == EXIT_OK
-    for to, subject in (("info@example.com", "info-1"), ("info@example.com", "info-2"), ("sales@example.com", "sales-1"),
-                        ("gone@example.com", "gone-1")):
+    for to, subject in (
+        ("info@example.com", "info-1"),
+        ("info@example.com", "info-2"),
+        ("sales@example.com", "sales-1"),
+        ("gone@example.com", "gone-1"),
+    ):
         node.send(to, subject)
         node.wait_for_message(to, P1, subject)
     assert homes(node, "example.com") == ["gone", "info", "sales"]  # format 1: <local>; quiet never got mail
@@ -316,7 +339,9 @@ def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(mailnode: MailNod
 
     # After the grace period the symlinks go; everything still there. Then the purge.
     assert in_process_tick(pipull, cfg, now + 2 * DAY).status == "ok"
-    assert homes(node, "example.com") == sorted(new_home[x] for x in ("info", "quiet", "sales"))  # quiet's: Dovecot, at its login
+    assert homes(node, "example.com") == sorted(
+        new_home[x] for x in ("info", "quiet", "sales")
+    )  # quiet's: Dovecot, at its login
     assert subjects(node, "info@example.com", P1) == ["info-1", "info-2", "info-after", "info-during-move"]
     assert subjects(node, "sales@example.com", P1) == ["sales-1", "sales-raced"]
     assert in_process_tick(pipull, cfg, now + 8 * DAY).status == "ok"
@@ -331,9 +356,19 @@ def test_settings_are_parsed_strictly(pipull: ModuleType) -> None:
     lc = pipull.lifecycle
     assert lc.parse_settings(b"format 2\npurge_after_days 0\n") == lc.NodeSettings(format=2, purge_after_days=0)
     assert lc.parse_settings(b"format 2\npurge_after_days 3650\n").purge_after_days == 3650
-    for bad in (b"", b"format 2\n", b"format 2\npurge_after_days 7", b"format 3\npurge_after_days 7\n", b"format 2\npurge_after_days -1\n",
-                b"format 2\npurge_after_days 3651\n", b"purge_after_days 7\nformat 2\n", b"format 2\npurge_after_days 7\nextra 1\n",
-                b"format 2\npurge_after_days 7 \n", b"format 2\npurge_after_days \xff\n", b"format  2\npurge_after_days 7\n"):
+    for bad in (
+        b"",
+        b"format 2\n",
+        b"format 2\npurge_after_days 7",
+        b"format 3\npurge_after_days 7\n",
+        b"format 2\npurge_after_days -1\n",
+        b"format 2\npurge_after_days 3651\n",
+        b"purge_after_days 7\nformat 2\n",
+        b"format 2\npurge_after_days 7\nextra 1\n",
+        b"format 2\npurge_after_days 7 \n",
+        b"format 2\npurge_after_days \xff\n",
+        b"format  2\npurge_after_days 7\n",
+    ):
         with pytest.raises(pipull.errors.Refused):
             lc.parse_settings(bad)
 
@@ -342,7 +377,20 @@ def test_hostile_names_never_steer_a_path(pipull: ModuleType, tmp_path: Path) ->
     lc = pipull.lifecycle
     for name in ("info", "info~20261201-3fa9c2", "a.b+c_d-e", "x~20250101-000000"):
         assert lc.is_mailbox_dir_name(name)
-    for name in ("..", ".", ".graveyard", "../x", "a/b", "info~", "info~../../etc", "info~20261201-3FA9C2", "Info", "", "a~b~c", "info\n"):
+    for name in (
+        "..",
+        ".",
+        ".graveyard",
+        "../x",
+        "a/b",
+        "info~",
+        "info~../../etc",
+        "info~20261201-3FA9C2",
+        "Info",
+        "",
+        "a~b~c",
+        "info\n",
+    ):
         assert not lc.is_mailbox_dir_name(name)
     long_domain = ".".join(["a" * 63] * 3) + ".example"
     entry = lc.graveyard_name("20261201T000000Z", long_domain, "x" * 64 + "~20261201-3fa9c2")
@@ -376,7 +424,12 @@ def test_hostile_names_never_steer_a_path(pipull: ModuleType, tmp_path: Path) ->
             life._sweep_domain(rfd, "../outside", None, keep_bare=False)
     finally:
         os.close(rfd)
-    assert sorted(os.listdir(d)) == ["Not A Mailbox", "file~20261201-000005", "link~20261201-000004", "owned~20261201-000002"]
+    assert sorted(os.listdir(d)) == [
+        "Not A Mailbox",
+        "file~20261201-000005",
+        "link~20261201-000004",
+        "owned~20261201-000002",
+    ]
     assert os.listdir(root / ".graveyard") == ["20260528T202640Z_example.com_unowned~20261201-000003"]
     assert (outside / "victim~20261201-000001").is_dir()
     # The purge deletes the entry, not what a symlink inside it points at; foreign names stay.
@@ -409,8 +462,16 @@ def test_usage_reads_sizes_from_maildir_names_and_stats_the_rest(pipull: ModuleT
         (direct / sub).mkdir(parents=True)
     (direct / "new" / "1.M1.h,S=3").write_text("")
     (tmp_path / "example.com" / "linked~20261201-000002").symlink_to(home)
-    got = list(usage.measure(str(tmp_path), [("example.com", "direct", "20261201-000001"), ("example.com", "missing", "20261201-000003"),
-                                              ("example.com", "linked", "20261201-000002")]))
+    got = list(
+        usage.measure(
+            str(tmp_path),
+            [
+                ("example.com", "direct", "20261201-000001"),
+                ("example.com", "missing", "20261201-000003"),
+                ("example.com", "linked", "20261201-000002"),
+            ],
+        )
+    )
     assert got == [
         {"email": "direct@example.com", "id": "20261201-000001", "used_bytes": 3, "messages": 1},
         {"email": "missing@example.com", "id": "20261201-000003", "used_bytes": 0, "messages": 0},

@@ -55,9 +55,9 @@ def test_before_any_report_everything_is_null(env: Any) -> None:
     store, _db, _clock = env
     r = row(store)
     assert r["status"] == "never_synced"
-    assert {k: r[k] for k in ("lag_s", "stale", "statement_age_s", "last_report_at", "last_report_age_s", "last_error")} == dict.fromkeys(
-        ("lag_s", "stale", "statement_age_s", "last_report_at", "last_report_age_s", "last_error")
-    )
+    assert {
+        k: r[k] for k in ("lag_s", "stale", "statement_age_s", "last_report_at", "last_report_age_s", "last_error")
+    } == dict.fromkeys(("lag_s", "stale", "statement_age_s", "last_report_at", "last_report_age_s", "last_error"))
 
 
 def test_up_to_date_then_behind_with_its_lag(env: Any) -> None:
@@ -92,7 +92,9 @@ def test_the_last_error_stays_after_a_later_ok(env: Any) -> None:
     store, db, _clock = env
     report(db, store, T0, status="error", error="fetch from https://x failed: timeout", applied_commit=store.head)
     r = row(store)
-    assert r["error"] == r["last_error"] == "fetch from https://x failed: timeout" and r["last_error_at"] == T0.isoformat()
+    assert (
+        r["error"] == r["last_error"] == "fetch from https://x failed: timeout" and r["last_error_at"] == T0.isoformat()
+    )
     report(db, store, T0 + timedelta(seconds=60), applied_commit=store.head)
     r = row(store)
     assert r["status"] == "ok" and r["error"] is None
@@ -133,8 +135,12 @@ def test_an_older_database_gains_the_columns(tmp_path: Path) -> None:
     db = LocalDB(path)
     try:
         st = db.node_status("old")
-        assert st is not None and st["error"] == "boom" and st["last_error"] is None and st["statement_issued_at"] is None
-        db.record_node_status("old", applied_commit=None, status="ok", error=None, remote_addr=None, at=T0, statement_issued_at=5)
+        assert (
+            st is not None and st["error"] == "boom" and st["last_error"] is None and st["statement_issued_at"] is None
+        )
+        db.record_node_status(
+            "old", applied_commit=None, status="ok", error=None, remote_addr=None, at=T0, statement_issued_at=5
+        )
         st = db.node_status("old")
         assert st is not None and st["statement_issued_at"] == 5 and st["status"] == "ok"
     finally:

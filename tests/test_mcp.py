@@ -71,14 +71,31 @@ class Env:
         if live:
             with srv.client(srv.admin_token) as admin, srv.client(self.other) as other:
                 for domain, project in LINKS:
-                    assert admin.post(f"{API}/link-domain", json={"domain": domain, "project_id": project}).status_code == 201
+                    assert (
+                        admin.post(f"{API}/link-domain", json={"domain": domain, "project_id": project}).status_code
+                        == 201
+                    )
                 assert other.post(f"{API}/enable-email", json={"domain": "other.example"}).status_code == 200
-                assert other.post(f"{API}/add-user", json={"email": "info@other.example", "password": PASSWORD}).status_code == 201
+                assert (
+                    other.post(
+                        f"{API}/add-user", json={"email": "info@other.example", "password": PASSWORD}
+                    ).status_code
+                    == 201
+                )
         else:
             for domain, project in LINKS:
                 srv.cli("call", "--data", data, "link-domain", f"domain={domain}", f"project_id={project}")
             srv.cli("call", "--data", data, "--project", "404", "enable-email", "domain=other.example")
-            srv.cli("call", "--data", data, "--project", "404", "add-user", "email=info@other.example", f"password={PASSWORD}")
+            srv.cli(
+                "call",
+                "--data",
+                data,
+                "--project",
+                "404",
+                "add-user",
+                "email=info@other.example",
+                f"password={PASSWORD}",
+            )
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +135,9 @@ async def http_session(srv: LiveServer, token: str) -> AsyncIterator[ClientSessi
 @asynccontextmanager
 async def stdio_session(srv: LiveServer, token: str) -> AsyncIterator[ClientSession]:
     cmd = mailstate_cmd()
-    params = StdioServerParameters(command=cmd[0], args=[*cmd[1:], "mcp", "--data", str(srv.data.root), "--token", token], env=srv.env)
+    params = StdioServerParameters(
+        command=cmd[0], args=[*cmd[1:], "mcp", "--data", str(srv.data.root), "--token", token], env=srv.env
+    )
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         yield session
@@ -155,11 +174,26 @@ def test_annotations_say_what_a_tool_destroys() -> None:
     assert hints["email_account_update_password"].destructive_hint is True  # it overwrites a credential
     for name in ("email_account_remove_user", "email_account_remove_domain", "email_account_disable_email"):
         assert hints[name].destructive_hint is True
-    for name in ("email_account_add_user", "email_account_enable_email", "email_account_add_domain", "email_account_add_node"):
+    for name in (
+        "email_account_add_user",
+        "email_account_enable_email",
+        "email_account_add_domain",
+        "email_account_add_node",
+    ):
         assert hints[name].destructive_hint is False
-    for name in ("email_account_list_users", "email_account_list_domains", "email_account_list_nodes", "email_account_list_aliases"):
+    for name in (
+        "email_account_list_users",
+        "email_account_list_domains",
+        "email_account_list_nodes",
+        "email_account_list_aliases",
+    ):
         assert hints[name].read_only_hint is True
-    for name in ("email_account_update_alias", "email_account_remove_alias", "email_account_set_forwarding", "email_account_remove_alias_domain"):
+    for name in (
+        "email_account_update_alias",
+        "email_account_remove_alias",
+        "email_account_set_forwarding",
+        "email_account_remove_alias_domain",
+    ):
         assert hints[name].destructive_hint is True
     for name in ("email_account_add_alias", "email_account_add_alias_domain"):
         assert hints[name].destructive_hint is False
@@ -196,7 +230,9 @@ def test_list_tools_is_exactly_the_spec(env: Env) -> None:
 # --- calling every tool ------------------------------------------------------------------------
 
 
-def call_every_tool(domain: str, node: str, project_session: Any, admin_session: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+def call_every_tool(
+    domain: str, node: str, project_session: Any, admin_session: Any
+) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {}
         async with project_session as p, admin_session as a:
@@ -214,20 +250,28 @@ def call_every_tool(domain: str, node: str, project_session: Any, admin_session:
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})
             await call(p, "email_account_restore_user", {"email": f"info@{domain}"})
             await call(p, "email_account_add_alias", {"address": f"sales@{domain}", "destinations": [f"info@{domain}"]})
-            await call(p, "email_account_update_alias", {"address": f"sales@{domain}", "destinations": ["x@ext.example"]})
+            await call(
+                p, "email_account_update_alias", {"address": f"sales@{domain}", "destinations": ["x@ext.example"]}
+            )
             await call(p, "email_account_list_aliases", {"domain": domain})
             # This server's mailstate.yaml has no dns: block: the tool answers the 409 in words.
             dns = await p.call_tool("email_account_dns_records", {"domain": domain})
             assert dns.is_error is True and "dns_not_configured" in str(dns.content), dns
             out["email_account_dns_records"] = dns
-            await call(p, "email_account_set_forwarding", {"email": f"info@{domain}", "destinations": ["y@ext.example"], "keep_copy": False})
+            await call(
+                p,
+                "email_account_set_forwarding",
+                {"email": f"info@{domain}", "destinations": ["y@ext.example"], "keep_copy": False},
+            )
             await call(p, "email_account_remove_alias", {"address": f"sales@{domain}"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})  # again, for disable-email
             await call(p, "email_account_list_domains", {})
             await call(p, "email_account_disable_email", {"domain": domain})
             await call(a, "email_account_add_domain", {"domain": f"admin-{domain}"})
             await call(a, "email_account_add_domain", {"domain": f"old-admin-{domain}"})
-            await call(a, "email_account_add_alias_domain", {"domain": f"old-admin-{domain}", "target": f"admin-{domain}"})
+            await call(
+                a, "email_account_add_alias_domain", {"domain": f"old-admin-{domain}", "target": f"admin-{domain}"}
+            )
             await call(a, "email_account_remove_alias_domain", {"domain": f"old-admin-{domain}"})
             await call(a, "email_account_remove_domain", {"domain": f"old-admin-{domain}"})
             await call(a, "email_account_remove_domain", {"domain": f"admin-{domain}"})
@@ -272,16 +316,36 @@ ERROR_CASES = [
     ("project", "email_account_list_nodes", {}),  # 403
     ("project", "email_account_add_user", {"email": "x@mcp.example", "password": "p" * 73}),  # 400 > 72 bytes
     ("project", "email_account_add_user", {"email": "x:y@mcp.example", "password": PASSWORD}),  # 400
-    ("project", "email_account_add_user", {"email": "x@mcp.example", "password": PASSWORD, "admin": True}),  # 400 unknown field
+    (
+        "project",
+        "email_account_add_user",
+        {"email": "x@mcp.example", "password": PASSWORD, "admin": True},
+    ),  # 400 unknown field
     ("project", "email_account_add_user", {"email": "x@mcp.example"}),  # 400 missing field
     ("other", "email_account_add_user", {"email": "info@other.example", "password": PASSWORD}),  # 409 exists
     ("other", "email_account_disable_email", {"domain": "other.example"}),  # 409 active remain
-    ("project", "email_account_add_alias", {"address": "a@other.example", "destinations": ["x@y.org"]}),  # 404 another project's
+    (
+        "project",
+        "email_account_add_alias",
+        {"address": "a@other.example", "destinations": ["x@y.org"]},
+    ),  # 404 another project's
     ("project", "email_account_remove_alias", {"address": "nope@mcp.example"}),  # 404 alias_not_found
     ("project", "email_account_add_alias", {"address": "a@mcp.example", "destinations": []}),  # 400
-    ("project", "email_account_add_alias", {"address": "a@mcp.example", "destinations": [f"u{i}@y.org" for i in range(51)]}),  # 400
-    ("project", "email_account_add_alias", {"address": "a@mcp.example", "destinations": ["a@mcp.example"]}),  # 409 alias_loop
-    ("project", "email_account_add_alias_domain", {"domain": "mcp.example", "target": "other.example"}),  # 409 target invalid
+    (
+        "project",
+        "email_account_add_alias",
+        {"address": "a@mcp.example", "destinations": [f"u{i}@y.org" for i in range(51)]},
+    ),  # 400
+    (
+        "project",
+        "email_account_add_alias",
+        {"address": "a@mcp.example", "destinations": ["a@mcp.example"]},
+    ),  # 409 alias_loop
+    (
+        "project",
+        "email_account_add_alias_domain",
+        {"domain": "mcp.example", "target": "other.example"},
+    ),  # 409 target invalid
 ]
 
 
@@ -301,7 +365,11 @@ def test_errors_match_http(env: Env, live_env: Env) -> None:
                 assert result.is_error is True, (tool, args, result)
                 op = TOOLS[tool]
                 with live_env.srv.client(http_tokens[who]) as c:
-                    resp = c.get(f"{API}/{op.name}", params=args) if op.method == "GET" else c.post(f"{API}/{op.name}", json=args)
+                    resp = (
+                        c.get(f"{API}/{op.name}", params=args)
+                        if op.method == "GET"
+                        else c.post(f"{API}/{op.name}", json=args)
+                    )
                 assert_error(resp, (400, 403, 404, 409))
                 pairs.append((body_of(result), resp.json()))
         return pairs
@@ -329,7 +397,9 @@ def test_unknown_tool_is_a_json_rpc_invalid_params_error(env: Env) -> None:
 def test_list_domains_shows_what_may_be_enabled(live_env: Env) -> None:
     srv = live_env.srv
     with srv.client(srv.admin_token) as admin:
-        assert admin.post(f"{API}/link-domain", json={"domain": "pending.example", "project_id": 303}).status_code == 201
+        assert (
+            admin.post(f"{API}/link-domain", json={"domain": "pending.example", "project_id": 303}).status_code == 201
+        )
 
     async def main() -> dict[str, Any]:
         async with http_session(srv, live_env.project) as s:
@@ -388,10 +458,19 @@ def test_mcp_refuses_foreign_origins_and_hosts(live_env: Env) -> None:
     srv = live_env.srv
     url = f"{srv.url}/mcp"
     auth = {**MCP_HEADERS, "Authorization": f"Bearer {live_env.project}"}
-    for origin in ("http://evil.example", f"http://evil.example:{srv.port}", "null", f"http://127.0.0.1:{srv.port + 1}"):
+    for origin in (
+        "http://evil.example",
+        f"http://evil.example:{srv.port}",
+        "null",
+        f"http://127.0.0.1:{srv.port + 1}",
+    ):
         assert_error(httpx.post(url, json=INIT, headers={**auth, "Origin": origin}), 403, "origin_not_allowed")
-    assert_error(httpx.post(url, json=INIT, headers={**MCP_HEADERS, "Origin": "http://evil.example"}), 403, "origin_not_allowed")
-    assert_error(httpx.post(url, json=INIT, headers={**auth, "Host": f"evil.example:{srv.port}"}), 403, "host_not_allowed")
+    assert_error(
+        httpx.post(url, json=INIT, headers={**MCP_HEADERS, "Origin": "http://evil.example"}), 403, "origin_not_allowed"
+    )
+    assert_error(
+        httpx.post(url, json=INIT, headers={**auth, "Host": f"evil.example:{srv.port}"}), 403, "host_not_allowed"
+    )
     for origin in (f"http://127.0.0.1:{srv.port}", f"http://localhost:{srv.port}"):
         assert httpx.post(url, json=INIT, headers={**auth, "Origin": origin}).status_code == 200
     assert httpx.post(url, json=INIT, headers={**auth, "Host": f"localhost:{srv.port}"}).status_code == 200
@@ -416,7 +495,9 @@ def test_mcp_session_is_bound_to_its_token(live_env: Env) -> None:
     assert r.status_code == 200
     sid = r.headers["mcp-session-id"]
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
-    hijack = httpx.post(url, json=listing, headers={**MCP_HEADERS, "Authorization": f"Bearer {live_env.other}", "Mcp-Session-Id": sid})
+    hijack = httpx.post(
+        url, json=listing, headers={**MCP_HEADERS, "Authorization": f"Bearer {live_env.other}", "Mcp-Session-Id": sid}
+    )
     assert hijack.status_code == 404
 
 
@@ -441,9 +522,13 @@ def test_revoked_token_stops_working_mid_session(live_env: Env) -> None:
 
 
 def test_stdio_refuses_a_bad_token(live_env: Env) -> None:
-    proc = live_env.srv.cli("mcp", "--data", str(live_env.srv.data.root), "--token", "mst_000000000000_" + "A" * 43, check=False)
+    proc = live_env.srv.cli(
+        "mcp", "--data", str(live_env.srv.data.root), "--token", "mst_000000000000_" + "A" * 43, check=False
+    )
     assert proc.returncode == 3 and "unauthenticated" in proc.stderr
-    proc = live_env.srv.cli("mcp", "--data", str(live_env.srv.root / "nowhere"), "--token", live_env.project, check=False)
+    proc = live_env.srv.cli(
+        "mcp", "--data", str(live_env.srv.root / "nowhere"), "--token", live_env.project, check=False
+    )
     assert proc.returncode != 0 and "not a mailstate data dir" in proc.stderr
     assert not (live_env.srv.root / "nowhere").exists()
 
@@ -469,6 +554,10 @@ def test_stdio_picks_up_commits_made_by_another_process(tmp_path_factory: pytest
     one, two, listed = run(main)
     assert len(one["commit"]) == 40 and len(two["commit"]) == 40
     assert [n["name"] for n in listed["nodes"]] == ["beside"]
-    assert srv.git("log", "--format=%s", "main").split("\n")[:3] == ["add-domain two.example", "add-node beside", "add-domain one.example"]
+    assert srv.git("log", "--format=%s", "main").split("\n")[:3] == [
+        "add-domain two.example",
+        "add-node beside",
+        "add-domain one.example",
+    ]
     for rev in srv.git("rev-list", "main").split():
         assert srv.verify_commit(rev).returncode == 0

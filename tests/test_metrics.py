@@ -55,17 +55,26 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
         assert value(before, "mailstate_nodes_waiting") == 0
         assert value(before, "mailstate_refused_commit") == 0
         assert admin.post(f"{API}/link-domain", json={"domain": "m.example", "project_id": 5}).status_code == 201
-        assert admin.post(f"{API}/link-domain", json={"domain": "m.example", "project_id": 5}).status_code == 200  # no change
+        assert (
+            admin.post(f"{API}/link-domain", json={"domain": "m.example", "project_id": 5}).status_code == 200
+        )  # no change
         assert admin.post(f"{API}/enable-email", json={"domain": "m.example"}).status_code == 200
         for local in ("a", "b"):
-            assert admin.post(f"{API}/add-user", json={"email": f"{local}@m.example", "password": PASSWORD}).status_code == 201
+            assert (
+                admin.post(f"{API}/add-user", json={"email": f"{local}@m.example", "password": PASSWORD}).status_code
+                == 201
+            )
         assert admin.post(f"{API}/add-user", json={"email": "a@m.example", "password": PASSWORD}).status_code == 409
         assert admin.get(f"{API}/list-users").status_code == 200  # a read is not a write
         node = admin.post(f"{API}/add-node", json={"name": "mx1"}).json()
         assert admin.post(f"{API}/add-node", json={"name": "mx2"}).status_code == 201
         # mx1 reports that it serves the commit before the newest: 1 behind
         behind_commit = srv.git("rev-parse", "main^").strip()
-        r = httpx.post(f"{srv.url}/v1/nodes/report", json={"applied_commit": behind_commit, "status": "ok"}, auth=("mx1", node["sync_key"]))
+        r = httpx.post(
+            f"{srv.url}/v1/nodes/report",
+            json={"applied_commit": behind_commit, "status": "ok"},
+            auth=("mx1", node["sync_key"]),
+        )
         assert r.status_code == 200, r.text
 
     async def mcp_write() -> None:
@@ -97,7 +106,9 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
     lag = value(after, "mailstate_node_lag_seconds", node="mx1")
     assert lag is not None and 0 <= lag < 120
     assert value(after, "mailstate_node_lag_seconds", node="mx2") is None
-    assert value(after, "mailstate_node_stale", node="mx1") == 0 and value(after, "mailstate_node_stale", node="mx2") == 0
+    assert (
+        value(after, "mailstate_node_stale", node="mx1") == 0 and value(after, "mailstate_node_stale", node="mx2") == 0
+    )
 
     # A follow-mode node in a long poll is counted while it waits, and not once it answered.
     with srv.client(srv.admin_token) as admin:
@@ -105,7 +116,9 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
     answered: list[int] = []
 
     def wait() -> None:
-        r = httpx.get(f"{srv.url}/v1/nodes/wait", params={"head": head, "timeout": 20}, auth=("mx1", node["sync_key"]), timeout=30)
+        r = httpx.get(
+            f"{srv.url}/v1/nodes/wait", params={"head": head, "timeout": 20}, auth=("mx1", node["sync_key"]), timeout=30
+        )
         answered.append(r.status_code)
 
     waiter = threading.Thread(target=wait)
@@ -115,7 +128,9 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
         time.sleep(0.05)
     assert value(scrape(srv), "mailstate_nodes_waiting") == 1
     with srv.client(srv.admin_token) as admin:
-        assert admin.post(f"{API}/add-domain", json={"domain": "wake.example"}).status_code == 201  # moves the statement
+        assert (
+            admin.post(f"{API}/add-domain", json={"domain": "wake.example"}).status_code == 201
+        )  # moves the statement
     waiter.join(timeout=15)
     assert answered == [200]
     assert value(scrape(srv), "mailstate_nodes_waiting") == 0
@@ -125,7 +140,11 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(srv.data.repo), str(work)], check=True, env=srv.env, capture_output=True)
     (work / "sneaky.txt").write_text("x\n")
-    for args in (("add", "-A"), ("-c", "user.name=x", "-c", "user.email=x@example.org", "commit", "-qm", "unsigned"), ("push", "-q", "origin", "main")):
+    for args in (
+        ("add", "-A"),
+        ("-c", "user.name=x", "-c", "user.email=x@example.org", "commit", "-qm", "unsigned"),
+        ("push", "-q", "origin", "main"),
+    ):
         subprocess.run(["git", "-C", str(work), *args], check=True, env=srv.env, capture_output=True)
     with srv.client(srv.admin_token) as admin:
         deadline = time.monotonic() + 15

@@ -233,7 +233,9 @@ def test_good_node_names(name: str) -> None:
     assert v.validate_node_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "MPI02", "-a", "a-", "a_b", "a.b", "a b", "a/b", "..", "a" * 64, "nöde", "mpi02\n"])
+@pytest.mark.parametrize(
+    "name", ["", "MPI02", "-a", "a-", "a_b", "a.b", "a b", "a/b", "..", "a" * 64, "nöde", "mpi02\n"]
+)
 def test_bad_node_names(name: str) -> None:
     with pytest.raises(InvalidInput) as info:
         v.validate_node_name(name)
@@ -242,14 +244,31 @@ def test_bad_node_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "canonical"),
-    [("192.0.2.1", "192.0.2.1"), ("::1", "::1"), ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"), ("1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8")],
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("::1", "::1"),
+        ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"),
+        ("1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8"),
+    ],
 )
 def test_ip_addresses_are_canonical(raw: str, canonical: str) -> None:
     assert v.normalize_ip(raw) == canonical
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "999.1.1.1", "1.2.3", "example.com", " 192.0.2.1", "192.0.2.1\n", "10.0.0.0/8", "::1%eth0x y", "fe80::1%eth0", "::1%.."]
+    "raw",
+    [
+        "",
+        "999.1.1.1",
+        "1.2.3",
+        "example.com",
+        " 192.0.2.1",
+        "192.0.2.1\n",
+        "10.0.0.0/8",
+        "::1%eth0x y",
+        "fe80::1%eth0",
+        "::1%..",
+    ],
 )
 def test_bad_ip_addresses(raw: str) -> None:
     with pytest.raises(InvalidInput) as info:
@@ -262,7 +281,13 @@ def test_bad_ip_addresses(raw: str) -> None:
 
 def test_mailbox_requires_a_bcrypt_hash() -> None:
     assert Mailbox(password=HASH, quota_mb=1).active is True
-    for bad in ["plaintext-password", "$2b$04$" + "a" * 53, "{BLF-CRYPT}$2b$04$" + "a" * 52, "{BLF-CRYPT}$2b$03$" + "a" * 53, HASH + "\n"]:
+    for bad in [
+        "plaintext-password",
+        "$2b$04$" + "a" * 53,
+        "{BLF-CRYPT}$2b$04$" + "a" * 52,
+        "{BLF-CRYPT}$2b$03$" + "a" * 53,
+        HASH + "\n",
+    ]:
         with pytest.raises(ValidationError):
             Mailbox(password=bad, quota_mb=1)
 
@@ -293,7 +318,17 @@ def test_nodes_file_validates_names_and_hashes() -> None:
 
 
 @pytest.mark.parametrize(
-    "root", ["relative/path", "/var/v mail", "/var/vmail:x", "/var/../etc", "/var/vmail/..", "/var/v\x0bmail", "/var/v\x00mail", "/var/vmäil"]
+    "root",
+    [
+        "relative/path",
+        "/var/v mail",
+        "/var/vmail:x",
+        "/var/../etc",
+        "/var/vmail/..",
+        "/var/v\x0bmail",
+        "/var/v\x00mail",
+        "/var/vmäil",
+    ],
 )
 def test_settings_mail_root_must_be_safe(root: str) -> None:
     with pytest.raises(ValidationError):
@@ -302,9 +337,24 @@ def test_settings_mail_root_must_be_safe(root: str) -> None:
 
 def test_settings_defaults_and_bounds() -> None:
     s = Settings()
-    assert (s.format, s.mail_root, s.uid, s.gid, s.default_quota_mb, s.bcrypt_cost, s.purge_after_days) == (2, "/var/vmail", 5000, 5000, 1024, 12, 7)
+    assert (s.format, s.mail_root, s.uid, s.gid, s.default_quota_mb, s.bcrypt_cost, s.purge_after_days) == (
+        2,
+        "/var/vmail",
+        5000,
+        5000,
+        1024,
+        12,
+        7,
+    )
     assert Settings(mail_root="/srv/mail/").mail_root == "/srv/mail"
-    bad_settings: list[dict[str, int]] = [{"bcrypt_cost": 3}, {"bcrypt_cost": 32}, {"uid": 0}, {"format": 3}, {"format": 0}, {"default_quota_mb": 0}]
+    bad_settings: list[dict[str, int]] = [
+        {"bcrypt_cost": 3},
+        {"bcrypt_cost": 32},
+        {"uid": 0},
+        {"format": 3},
+        {"format": 0},
+        {"default_quota_mb": 0},
+    ]
     bad_settings += [{"colour": 1}, {"purge_after_days": -1}, {"purge_after_days": 3651}]
     for bad in bad_settings:
         with pytest.raises(ValidationError):

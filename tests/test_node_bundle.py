@@ -14,7 +14,13 @@ from typing import Any
 import jinja2
 import pytest
 
-from mailstate.compiler.node_bundle import INSTALL_PATHS, SYNC_KEY_FILE, build_pi_pull, render_node_bundle, render_template
+from mailstate.compiler.node_bundle import (
+    INSTALL_PATHS,
+    SYNC_KEY_FILE,
+    build_pi_pull,
+    render_node_bundle,
+    render_template,
+)
 from mailstate.state.errors import InvalidInput
 from tests.mailnode import AGENT_DIR, age_file, require_binaries
 
@@ -37,7 +43,11 @@ EXPECTED_FILES = {
 
 def bundle(**kwargs: object) -> dict[str, Any]:
     """The bundle for pi-01 (values are str, except pi_pull.py: bytes)."""
-    args: dict[str, object] = {"node_name": "pi-01", "server_url": "https://mail.example.net", "allowed_signers": SIGNERS}
+    args: dict[str, object] = {
+        "node_name": "pi-01",
+        "server_url": "https://mail.example.net",
+        "allowed_signers": SIGNERS,
+    }
     args.update(kwargs)
     return render_node_bundle(**args)  # type: ignore[arg-type]
 
@@ -89,12 +99,18 @@ def test_ini_points_at_the_right_files() -> None:
 
 
 def test_one_table_layout_on_request_and_for_types_postmap_cannot_update() -> None:
-    for b, map_type in ((bundle(root="/srv/pi-pull", map_buckets=0), "hash"), (bundle(root="/srv/pi-pull", map_type="cdb"), "cdb")):
+    for b, map_type in (
+        (bundle(root="/srv/pi-pull", map_buckets=0), "hash"),
+        (bundle(root="/srv/pi-pull", map_type="cdb"), "cdb"),
+    ):
         cp = configparser.ConfigParser(interpolation=None)
         cp.read_string(b["pi-pull.ini"])
         assert cp.get("services", "map_buckets") == "0" and cp.get("services", "map_type") == map_type
         assert "/srv/pi-pull/current/dovecot/passwd.d/%d\n" in b["dovecot/conf.d/90-mailstate.conf"]
-        assert f"virtual_mailbox_maps = {map_type}:/srv/pi-pull/current/postfix/virtual_mailbox_maps\n" in b["postfix/main.cf.mailstate"]
+        assert (
+            f"virtual_mailbox_maps = {map_type}:/srv/pi-pull/current/postfix/virtual_mailbox_maps\n"
+            in b["postfix/main.cf.mailstate"]
+        )
     with pytest.raises(InvalidInput, match="map_buckets needs"):
         bundle(map_type="cdb", map_buckets=16)
 
@@ -198,7 +214,10 @@ def test_dovecot_snippet_is_valid_dovecot_config(tmp_path: Path) -> None:
 
 def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
     require_binaries("postconf")
-    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + bundle(root="/srv/node", map_type="lmdb", lmtp_port=2424)["postfix/main.cf.mailstate"])
+    (tmp_path / "main.cf").write_text(
+        "compatibility_level = 3.6\n"
+        + bundle(root="/srv/node", map_type="lmdb", lmtp_port=2424)["postfix/main.cf.mailstate"]
+    )
     age_file(tmp_path / "main.cf")
     r = subprocess.run(
         ["postconf", "-c", str(tmp_path), "-n", "virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_transport"],
@@ -207,8 +226,10 @@ def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "virtual_mailbox_domains = " + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_domains.{k:02x}" for k in range(16)),
-        "virtual_mailbox_maps = " + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_maps.{k:02x}" for k in range(16)),
+        "virtual_mailbox_domains = "
+        + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_domains.{k:02x}" for k in range(16)),
+        "virtual_mailbox_maps = "
+        + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_maps.{k:02x}" for k in range(16)),
         "virtual_transport = lmtp:inet:127.0.0.1:2424",
     ]
 
@@ -218,9 +239,13 @@ def test_dovecot_user_unknown_during_a_swap_is_a_retry_not_a_bounce(tmp_path: Pa
     550 5.1.1 "User doesn't exist" (only ever the moment before it re-reads a swapped passwd-file)
     becomes 4.1.1, so Postfix queues the mail instead of bouncing it; other 5xx stay 5xx."""
     require_binaries("postconf", "postmap")
-    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + bundle(root="/srv/node")["postfix/main.cf.mailstate"])
+    (tmp_path / "main.cf").write_text(
+        "compatibility_level = 3.6\n" + bundle(root="/srv/node")["postfix/main.cf.mailstate"]
+    )
     age_file(tmp_path / "main.cf")
-    r = subprocess.run(["postconf", "-c", str(tmp_path), "-x", "-h", "lmtp_delivery_status_filter"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["postconf", "-c", str(tmp_path), "-x", "-h", "lmtp_delivery_status_filter"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     table = r.stdout.strip()
     assert table.startswith("regexp:{")
@@ -230,10 +255,17 @@ def test_dovecot_user_unknown_during_a_swap_is_a_retry_not_a_bounce(tmp_path: Pa
         assert q.returncode in (0, 1), q.stderr
         return q.stdout.strip() if q.returncode == 0 else None
 
-    race = ("5.1.1 host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <new@example.com> User doesn't exist: new@example.com"
-            " (in reply to RCPT TO command)")
+    race = (
+        "5.1.1 host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <new@example.com> User doesn't exist: new@example.com"
+        " (in reply to RCPT TO command)"
+    )
     assert filtered(race) == "4" + race[1:]
-    assert filtered("5.2.2 host 127.0.0.1[127.0.0.1] said: 552 5.2.2 <a@example.com> Quota exceeded (mailbox for user is full)") is None
+    assert (
+        filtered(
+            "5.2.2 host 127.0.0.1[127.0.0.1] said: 552 5.2.2 <a@example.com> Quota exceeded (mailbox for user is full)"
+        )
+        is None
+    )
     assert filtered("4.1.1 host 127.0.0.1[127.0.0.1] said: 451 4.3.0 Temporary internal error") is None
 
 
@@ -258,8 +290,13 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     the Dovecot snippet through doveconf: TLS paths, SASL via Dovecot, no AUTH on port 25, the
     submission services' restrictions, and IMAP only over TLS."""
     require_binaries("postconf", "doveconf")
-    b = bundle(root="/srv/node", tls_cert="/srv/tls/cert.pem", tls_key="/srv/tls/key.pem", imaps_port=1993,
-               postfix_queue_dir="/srv/spool/postfix")
+    b = bundle(
+        root="/srv/node",
+        tls_cert="/srv/tls/cert.pem",
+        tls_key="/srv/tls/key.pem",
+        imaps_port=1993,
+        postfix_queue_dir="/srv/spool/postfix",
+    )
     (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
     (tmp_path / "master.cf").write_text("smtp inet n - y - - smtpd\n")
     entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
@@ -274,15 +311,22 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     assert conf["smtpd_tls_cert_file"] == "/srv/tls/cert.pem" and conf["smtpd_tls_key_file"] == "/srv/tls/key.pem"
     assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_sasl_path"] == "private/auth"
     assert conf["smtpd_sasl_auth_enable"] == "no" and conf["smtpd_tls_auth_only"] == "yes"
-    assert conf["smtpd_sender_login_maps"] == ", ".join(f"hash:/srv/node/current/postfix/sender_login_maps.{k:02x}" for k in range(16))
+    assert conf["smtpd_sender_login_maps"] == ", ".join(
+        f"hash:/srv/node/current/postfix/sender_login_maps.{k:02x}" for k in range(16)
+    )
     r = subprocess.run(["postconf", "-c", str(tmp_path), "-P"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     params = set(r.stdout.splitlines())
     for svc in ("submission/inet", "submissions/inet"):
         assert f"{svc}/smtpd_sasl_auth_enable = yes" in params
         assert f"{svc}/smtpd_relay_restrictions = permit_sasl_authenticated,reject" in params
-        assert f"{svc}/smtpd_sender_restrictions = reject_sender_login_mismatch,permit_sasl_authenticated,reject" in params
-        assert f"{svc}/smtpd_milters = inet:127.0.0.1:8891" in params and f"{svc}/milter_default_action = tempfail" in params
+        assert (
+            f"{svc}/smtpd_sender_restrictions = reject_sender_login_mismatch,permit_sasl_authenticated,reject" in params
+        )
+        assert (
+            f"{svc}/smtpd_milters = inet:127.0.0.1:8891" in params
+            and f"{svc}/milter_default_action = tempfail" in params
+        )
     assert "submission/inet/smtpd_tls_security_level = encrypt" in params
     assert "submissions/inet/smtpd_tls_wrappermode = yes" in params
     assert not any(p.startswith("smtp/inet/") for p in params)  # port 25: no milter, no SASL
@@ -320,7 +364,10 @@ def test_bundle_ships_opendkim_conf_that_opendkim_accepts_and_turns_on_dkim(tmp_
     conf = str(files["opendkim/opendkim.conf"])
     assert "Socket\t\t\tinet:8891@127.0.0.1" in conf and "Mode\t\t\ts" in conf
     assert "KeyTable\t\tfile:/etc/pi-pull/dkim/KeyTable" in conf and "RequireSafeKeys" not in conf
-    assert json.loads(str(files["bundle.json"]))["opendkim"] == {"conf": "opendkim/opendkim.conf", "name": "opendkim.conf"}
+    assert json.loads(str(files["bundle.json"]))["opendkim"] == {
+        "conf": "opendkim/opendkim.conf",
+        "name": "opendkim.conf",
+    }
     ini = str(files["pi-pull.ini"])
     assert "\nenabled = yes\nkey_dir = /etc/pi-pull/dkim\n" in ini and "[dkim]" in ini and "publish_wait = 86400" in ini
     if shutil.which("opendkim") is None and not Path("/usr/sbin/opendkim").exists():
@@ -343,8 +390,28 @@ def test_cli_bundle_takes_the_tls_paths(data_dir: Any, tmp_path: Path) -> None:
     from mailstate.api.cli import main
 
     out = tmp_path / "bundle"
-    assert main(["node", "bundle", "--data", str(data_dir.root), "--name", "pi-09", "--allow-unregistered", "--server-url",
-                 "https://mail.example.net", "--tls-cert", "/srv/tls/c.pem", "--tls-key", "/srv/tls/k.pem", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "node",
+                "bundle",
+                "--data",
+                str(data_dir.root),
+                "--name",
+                "pi-09",
+                "--allow-unregistered",
+                "--server-url",
+                "https://mail.example.net",
+                "--tls-cert",
+                "/srv/tls/c.pem",
+                "--tls-key",
+                "/srv/tls/k.pem",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     main_cf = (out / "postfix/main.cf.mailstate").read_text()
     assert "smtpd_tls_cert_file = /srv/tls/c.pem" in main_cf and "smtpd_tls_key_file = /srv/tls/k.pem" in main_cf
     assert "ssl_cert = </srv/tls/c.pem" in (out / "dovecot/conf.d/90-mailstate.conf").read_text()

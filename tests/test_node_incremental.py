@@ -68,8 +68,23 @@ class State:
     def step(self) -> str:
         """One random change; returns what it did."""
         rng, live = self.rng, [d for d, v in self.domains.items() if v["enabled"]]
-        what = rng.choice(("add_box", "add_box", "remove_box", "quota", "deactivate", "new_domain", "disable", "enable", "alias",
-                           "unalias", "catchall", "alias_domain", "many"))
+        what = rng.choice(
+            (
+                "add_box",
+                "add_box",
+                "remove_box",
+                "quota",
+                "deactivate",
+                "new_domain",
+                "disable",
+                "enable",
+                "alias",
+                "unalias",
+                "catchall",
+                "alias_domain",
+                "many",
+            )
+        )
         if what == "new_domain" or not live:
             return "new domain " + self.new_domain()
         d = rng.choice(live)
@@ -115,11 +130,14 @@ class State:
             base = f"rendered/domains/{d[:2]}/{d}"
             active = sorted((loc, b) for loc, b in dom["boxes"].items() if b[2])
             out[f"{base}/passwd"] = "".join(
-                f"{loc}@{d}:{HASH}:5000:5000::{ROOT}/{d}/{loc}~{b[0]}::userdb_quota_rule=*:storage={b[1]}M\n" for loc, b in active)
+                f"{loc}@{d}:{HASH}:5000:5000::{ROOT}/{d}/{loc}~{b[0]}::userdb_quota_rule=*:storage={b[1]}M\n"
+                for loc, b in active
+            )
             out[f"{base}/virtual_mailbox_maps"] = "".join(f"{loc}@{d} {d}/{loc}~{b[0]}/\n" for loc, b in active)
             out[f"{base}/virtual_mailbox_domains"] = f"{d} OK\n"
             out[f"{base}/mailboxes"] = "".join(
-                f"{loc} {b[0]} {'active' if b[2] else 'inactive'}\n" for loc, b in sorted(dom["boxes"].items()))
+                f"{loc} {b[0]} {'active' if b[2] else 'inactive'}\n" for loc, b in sorted(dom["boxes"].items())
+            )
             lines = []
             if dom["alias_of"]:
                 lines.append(f"@{d} @{dom['alias_of']}")
@@ -166,8 +184,17 @@ class Node:
         root.mkdir(parents=True)
         if not (root / "mirror.git").exists():
             (root / "mirror.git").symlink_to(mirror)
-        cfg = pp.config.Config(remote_url=str(mirror), root=str(root), mail_root=ROOT, mail_uid=5000, mail_gid=5000, sync=False,
-                               map_type="hash", postmap=f"postmap -c {postfix_etc}", map_buckets=buckets)
+        cfg = pp.config.Config(
+            remote_url=str(mirror),
+            root=str(root),
+            mail_root=ROOT,
+            mail_uid=5000,
+            mail_gid=5000,
+            sync=False,
+            map_type="hash",
+            postmap=f"postmap -c {postfix_etc}",
+            map_buckets=buckets,
+        )
         self.cfg = cfg
         self.postfix_etc = postfix_etc
         self.root = root
@@ -202,8 +229,12 @@ class Node:
         for mapname in MAPS:
             lines: list[str] = []
             for table in self.tables(mapname):
-                r = subprocess.run(["postmap", "-c", str(self.postfix_etc), "-s", f"hash:{table}"], capture_output=True, text=True,
-                                   check=True)
+                r = subprocess.run(
+                    ["postmap", "-c", str(self.postfix_etc), "-s", f"hash:{table}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 lines += [" ".join(line.split(None, 1)) for line in r.stdout.splitlines()]
             out[mapname] = sorted(lines)
         return out
@@ -218,8 +249,18 @@ class Node:
 
     def lookup(self, key: str) -> str:
         """What Postfix answers for ``key`` from the list of tables of virtual_mailbox_maps (first match)."""
-        r = subprocess.run(["postmap", "-c", str(self.postfix_etc), "-q", key, *(f"hash:{t}" for t in self.tables("virtual_mailbox_maps"))],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                "postmap",
+                "-c",
+                str(self.postfix_etc),
+                "-q",
+                key,
+                *(f"hash:{t}" for t in self.tables("virtual_mailbox_maps")),
+            ],
+            capture_output=True,
+            text=True,
+        )
         return r.stdout.strip()
 
 
@@ -296,14 +337,19 @@ def test_incremental_equals_full_rebuild(pipull: ModuleType, tmp_path: Path, pos
     assert node.lookup("nobody@nowhere.example") == ""
     # only the live release's passwd buckets (and those of the kept releases) stay in the store
     store = tmp_path / "inc" / "store"
-    index = {os.readlink(p).rsplit("/", 1)[1] for r in (tmp_path / "inc" / "releases").iterdir()
-             for p in (r / "dovecot" / "passwd.d").iterdir()}
+    index = {
+        os.readlink(p).rsplit("/", 1)[1]
+        for r in (tmp_path / "inc" / "releases").iterdir()
+        for p in (r / "dovecot" / "passwd.d").iterdir()
+    }
     assert set(os.listdir(store / "index")) == index
     used = {os.readlink(p).rsplit("/", 1)[1] for name in index for p in (store / "index" / name).iterdir()}
     assert set(os.listdir(store / "passwd")) == used
 
 
-def test_one_change_touches_one_table_and_one_passwd_bucket(pipull: ModuleType, tmp_path: Path, postfix_etc: Path) -> None:
+def test_one_change_touches_one_table_and_one_passwd_bucket(
+    pipull: ModuleType, tmp_path: Path, postfix_etc: Path
+) -> None:
     """A one-mailbox change copies one table per changed map and one passwd bucket; the rest are hard links."""
     state = State(random.Random(7))
     for _ in range(20):
@@ -318,10 +364,16 @@ def test_one_change_touches_one_table_and_one_passwd_bucket(pipull: ModuleType, 
     m = node.apply(second)
     assert m["changed_domains"] == 1
     a, b = tmp_path / "n" / "releases" / first, tmp_path / "n" / "releases" / second
-    fresh = sorted(p.name for p in (b / "postfix").iterdir() if p.stat().st_ino != (a / "postfix" / p.name).stat().st_ino)
+    fresh = sorted(
+        p.name for p in (b / "postfix").iterdir() if p.stat().st_ino != (a / "postfix" / p.name).stat().st_ino
+    )
     k = pipull.buckets.bucket_of(d, 8)
     assert fresh == [f"sender_login_maps.{k:02x}.db", f"virtual_mailbox_maps.{k:02x}.db"]
-    changed = [p.name for p in (b / "dovecot" / "passwd.d").iterdir() if os.readlink(p) != os.readlink(a / "dovecot" / "passwd.d" / p.name)]
+    changed = [
+        p.name
+        for p in (b / "dovecot" / "passwd.d").iterdir()
+        if os.readlink(p) != os.readlink(a / "dovecot" / "passwd.d" / p.name)
+    ]
     assert changed == [d[0]]
     new_index, old_index = b / "dovecot" / "passwd.d" / d[0], a / "dovecot" / "passwd.d" / d[0]
     changed = [p.name for p in new_index.iterdir() if os.readlink(p) != os.readlink(old_index / p.name)]
@@ -329,7 +381,9 @@ def test_one_change_touches_one_table_and_one_passwd_bucket(pipull: ModuleType, 
     assert (new_index / d[:2] / d).read_text().count("\n") == (old_index / d[:2] / d).read_text().count("\n") + 1
 
 
-def test_incremental_build_checks_sender_claims_across_domains(pipull: ModuleType, tmp_path: Path, postfix_etc: Path) -> None:
+def test_incremental_build_checks_sender_claims_across_domains(
+    pipull: ModuleType, tmp_path: Path, postfix_etc: Path
+) -> None:
     """x@A in T's sender-login fragment is taken only while A's alias map says @A @T, also when
     only A's alias map changes (T's fragment stays as it was)."""
     state = State(random.Random(3))
@@ -378,7 +432,8 @@ def test_rollback_after_failed_reload_restores_exact_maps(tmp_path: Path, postfi
         f"[remote]\nurl = {repo.bare}\n[node]\nname = pi-test\nallowed_signers = {signers}\n"
         f"[paths]\nroot = {root}\nsync = no\nkeep_releases = 2\nmail_root = {ROOT}\nmail_uid = 5000\nmail_gid = 5000\n"
         f"[services]\npostfix_reload = test ! -e {flag}\ndovecot_reload = true\nmap_type = hash\n"
-        f"postmap = postmap -c {postfix_etc}\nmap_buckets = {buckets}\n[lifecycle]\npurge = no\nusage_interval = 0\n")
+        f"postmap = postmap -c {postfix_etc}\nmap_buckets = {buckets}\n[lifecycle]\npurge = no\nusage_interval = 0\n"
+    )
     first = repo.commit("first")
     assert run_pi_pull(ini, "--once").returncode == EXIT_OK
     before = digest_tree(root / "current")
@@ -400,10 +455,17 @@ def test_rollback_after_failed_reload_restores_exact_maps(tmp_path: Path, postfi
     assert os.readlink(root / "current") == f"releases/{second}"
     passwd = digest_tree(root / "current" / "dovecot" / "passwd.d")
     assert any(p.endswith("d1.example") for p in passwd)
-    tables = [f"hash:{root}/current/postfix/virtual_mailbox_maps" + (f".{k:02x}" if buckets else "") for k in range(max(buckets, 1))]
-    q = subprocess.run(["postmap", "-c", str(postfix_etc), "-q", "new@d1.example", *tables], capture_output=True, text=True)
+    tables = [
+        f"hash:{root}/current/postfix/virtual_mailbox_maps" + (f".{k:02x}" if buckets else "")
+        for k in range(max(buckets, 1))
+    ]
+    q = subprocess.run(
+        ["postmap", "-c", str(postfix_etc), "-q", "new@d1.example", *tables], capture_output=True, text=True
+    )
     assert q.stdout.startswith("d1.example/new~")
-    q = subprocess.run(["postmap", "-c", str(postfix_etc), "-q", "u2@d2.example", *tables], capture_output=True, text=True)
+    q = subprocess.run(
+        ["postmap", "-c", str(postfix_etc), "-q", "u2@d2.example", *tables], capture_output=True, text=True
+    )
     assert q.returncode == 1 and not q.stdout
 
 
@@ -430,12 +492,16 @@ def test_bundle_with_map_buckets_names_every_table(tmp_path: Path, postfix_etc: 
     ini.write_text(str(files["pi-pull.ini"]).replace("passwd_group = dovecot", "passwd_group ="))
     assert pipull.config.load_config(str(ini)).map_buckets == 16
     (postfix_etc / "main.cf").write_text("compatibility_level = 3.6\n" + main_cf)
-    r = subprocess.run(["postconf", "-c", str(postfix_etc), "-h", "virtual_mailbox_maps"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["postconf", "-c", str(postfix_etc), "-h", "virtual_mailbox_maps"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and r.stdout.count("hash:") == 16, r.stderr
     # the default is 16 tables; 0 asks for one table per map (older nodes' main.cf); a bucketed layout needs an updatable map type
     assert render_node_bundle("pi-1", "https://mail.example.net", signers) == files
     plain = render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=0)
-    assert "virtual_mailbox_maps = hash:/var/lib/pi-pull/current/postfix/virtual_mailbox_maps\n" in str(plain["postfix/main.cf.mailstate"])
+    assert "virtual_mailbox_maps = hash:/var/lib/pi-pull/current/postfix/virtual_mailbox_maps\n" in str(
+        plain["postfix/main.cf.mailstate"]
+    )
     assert "map_buckets = 0" in str(plain["pi-pull.ini"])
     with pytest.raises(InvalidInput):
         render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=16, map_type="texthash")
@@ -497,7 +563,9 @@ def test_a_node_configured_before_buckets_keeps_its_one_table_layout(tmp_path: P
             r = run_pi_pull(ini, "--once")
             assert r.returncode == EXIT_OK, r.stderr
             live = node.root / "current"
-            assert (live / "postfix" / "virtual_mailbox_maps.db").is_file() and not (live / "postfix" / "virtual_mailbox_maps.00.db").exists()
+            assert (live / "postfix" / "virtual_mailbox_maps.db").is_file() and not (
+                live / "postfix" / "virtual_mailbox_maps.00.db"
+            ).exists()
             assert (live / "dovecot" / "passwd.d" / "d1.example").is_file()
             assert node.can_login("u1@d1.example", "pw-secret-1") and node.rcpt_code("u1@d1.example")[0] == 250
             if step == 0:

@@ -96,14 +96,29 @@ class Host:
         return self.w / "var" / "lib" / "pi-pull"
 
     def dir_args(self) -> list[str]:
-        return ["--etc-dir", str(self.etc), "--lib-dir", str(self.lib), "--systemd-dir", str(self.systemd),
-                "--postfix-dir", str(self.postfix), "--dovecot-dir", str(self.dovecot)]
+        return [
+            "--etc-dir",
+            str(self.etc),
+            "--lib-dir",
+            str(self.lib),
+            "--systemd-dir",
+            str(self.systemd),
+            "--postfix-dir",
+            str(self.postfix),
+            "--dovecot-dir",
+            str(self.dovecot),
+        ]
 
     def bundle(self, name: str = "bundle", **kwargs: Any) -> Path:
         """Write a bundle (as `mailstate node bundle` does) whose services are this host's."""
         args: dict[str, Any] = {
-            "node_name": "pi-01", "server_url": "https://mail.example.net", "allowed_signers": SIGNERS,
-            "root": str(self.root), "mail_root": str(self.mail_root), "mail_uid": MAIL_UID, "mail_gid": MAIL_GID,
+            "node_name": "pi-01",
+            "server_url": "https://mail.example.net",
+            "allowed_signers": SIGNERS,
+            "root": str(self.root),
+            "mail_root": str(self.mail_root),
+            "mail_uid": MAIL_UID,
+            "mail_gid": MAIL_GID,
             "postmap": f"postmap -c {self.postfix}",
             "postfix_reload": f"postfix -c {self.postfix} reload",
             "dovecot_reload": f"doveadm -c {self.dovecot}/dovecot.conf reload",
@@ -116,13 +131,15 @@ class Host:
         return out
 
     def pi_pull(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(pi_pull_script()), *args], input=stdin, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, str(pi_pull_script()), *args], input=stdin, capture_output=True, text=True, timeout=300
+        )
 
     def install(self, bundle: Path, *args: str, key: str | None = SYNC_KEY) -> subprocess.CompletedProcess[str]:
         key_args = ["--sync-key-stdin"] if key is not None else []
-        return self.pi_pull("install", "--bundle", str(bundle), *key_args, *self.dir_args(), "--no-start", *args,
-                            stdin=key)
+        return self.pi_pull(
+            "install", "--bundle", str(bundle), *key_args, *self.dir_args(), "--no-start", *args, stdin=key
+        )
 
     def uninstall(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.pi_pull("uninstall", "--etc-dir", str(self.etc), "--no-start", *args)
@@ -138,8 +155,19 @@ class Host:
                 for name in ["", *filenames]:
                     p = Path(dirpath, name) if name else Path(dirpath)
                     st = p.lstat()
-                    data = p.read_bytes() if p.is_file() and not p.is_symlink() else os.fsencode(str(p.readlink())) if p.is_symlink() else b""
-                    out[str(p.relative_to(self.w))] = (hashlib.sha256(data).hexdigest(), st.st_mode, st.st_uid, st.st_gid)
+                    data = (
+                        p.read_bytes()
+                        if p.is_file() and not p.is_symlink()
+                        else os.fsencode(str(p.readlink()))
+                        if p.is_symlink()
+                        else b""
+                    )
+                    out[str(p.relative_to(self.w))] = (
+                        hashlib.sha256(data).hexdigest(),
+                        st.st_mode,
+                        st.st_uid,
+                        st.st_gid,
+                    )
         return out
 
 
@@ -150,7 +178,9 @@ def _make_host(postfix: str) -> Iterator[Host]:
         pytest.fail("Dovecot's packaged /etc/dovecot is missing (apt-get install dovecot-imapd dovecot-lmtpd)")
     host = Host(make_public_tmpdir("node-install-"))
     shutil.copytree("/etc/dovecot", host.dovecot, symlinks=True)
-    assert b"pi_pull.py install" not in (host.dovecot / "conf.d" / "10-auth.conf").read_bytes(), "the machine's dovecot is edited"
+    assert b"pi_pull.py install" not in (host.dovecot / "conf.d" / "10-auth.conf").read_bytes(), (
+        "the machine's dovecot is edited"
+    )
     host.postfix.mkdir(parents=True)
     if postfix == "internet-site":
         shutil.copy("/usr/share/postfix/main.cf.debian", host.postfix / "main.cf")
@@ -202,10 +232,16 @@ def test_dry_run_changes_nothing(host: Host) -> None:
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     assert host.tree() == before
     out = r.stdout
-    for action in (f"would install {host.etc}/pi-pull.ini (0644)", f"would install {host.etc}/sync_key (0600)",
-                   f"would install {host.lib}/pi_pull.py (0755)", f"would install {host.systemd}/pi-pull.timer",
-                   f"would set 16 mailstate lines in {host.postfix}/main.cf", f"would write {host.postfix}/master.cf",
-                   "would comment out `!include auth-system.conf.ext`", f"would create mail root {host.mail_root}"):
+    for action in (
+        f"would install {host.etc}/pi-pull.ini (0644)",
+        f"would install {host.etc}/sync_key (0600)",
+        f"would install {host.lib}/pi_pull.py (0755)",
+        f"would install {host.systemd}/pi-pull.timer",
+        f"would set 16 mailstate lines in {host.postfix}/main.cf",
+        f"would write {host.postfix}/master.cf",
+        "would comment out `!include auth-system.conf.ext`",
+        f"would create mail root {host.mail_root}",
+    ):
         assert action in out, out
     assert "No configuration" in out and "dry run:" in out
     _no_key(r)
@@ -234,14 +270,18 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
             q = subprocess.run(["postmap", "-c", str(host.postfix), "-s", table], capture_output=True, text=True)
             assert q.returncode == 0 and q.stdout == "", q.stderr
     assert sorted(os.listdir(host.root / "placeholder" / "postfix")) == sorted(
-        f"{n}.{k:02x}.db" for n in ("virtual_mailbox_maps", "virtual_mailbox_domains", "virtual_alias_maps", "sender_login_maps")
-        for k in range(16))
+        f"{n}.{k:02x}.db"
+        for n in ("virtual_mailbox_maps", "virtual_mailbox_domains", "virtual_alias_maps", "sender_login_maps")
+        for k in range(16)
+    )
     assert os.listdir(host.root / "current" / "dovecot" / "passwd.d") == []
     assert conf["virtual_transport"] == "lmtp:inet:127.0.0.1:24"
     assert conf["compatibility_level"] == "3.6"
     # master.cf: Postfix's own dist plus the bundle's submission entries (587, 465)
     master = (host.postfix / "master.cf").read_bytes()
-    assert master.startswith(Path("/usr/share/postfix/master.cf.dist").read_bytes().rstrip(b"\n").rsplit(b"\n#submission", 1)[0][:200])
+    assert master.startswith(
+        Path("/usr/share/postfix/master.cf.dist").read_bytes().rstrip(b"\n").rsplit(b"\n#submission", 1)[0][:200]
+    )
     for svc in ("submission/inet", "submissions/inet"):
         m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", svc], capture_output=True, text=True)
         assert m.stdout.split()[7:8] == ["smtpd"] and "smtpd_sasl_auth_enable=yes" in m.stdout, m.stdout
@@ -251,13 +291,20 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     assert f"args = scheme=BLF-CRYPT username_format=%u {host.root}/current/dovecot/passwd.d/%1d/%2d/%d\n" in dv
     assert "driver = pam" not in dv and "driver = passwd-file" in dv
     # files, modes, the key, the mail root
-    for path, mode in ((host.etc / "pi-pull.ini", 0o644), (host.etc / "allowed_signers", 0o644), (host.lib / "pi_pull.py", 0o755),
-                       (host.systemd / "pi-pull.service", 0o644), (host.etc / "sync_key", 0o600)):
+    for path, mode in (
+        (host.etc / "pi-pull.ini", 0o644),
+        (host.etc / "allowed_signers", 0o644),
+        (host.lib / "pi_pull.py", 0o755),
+        (host.systemd / "pi-pull.service", 0o644),
+        (host.etc / "sync_key", 0o600),
+    ):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     assert (host.etc / "sync_key").read_text() == SYNC_KEY + "\n"
     assert SYNC_KEY not in (host.etc / "install.json").read_text()
-    assert f"ExecStart=/usr/bin/python3 {host.lib}/pi_pull.py --config {host.etc}/pi-pull.ini --once" in (
-        host.systemd / "pi-pull.service").read_text()
+    assert (
+        f"ExecStart=/usr/bin/python3 {host.lib}/pi_pull.py --config {host.etc}/pi-pull.ini --once"
+        in (host.systemd / "pi-pull.service").read_text()
+    )
     ini = (host.etc / "pi-pull.ini").read_text()
     assert f"sync_key_file = {host.etc}/sync_key" in ini and f"allowed_signers = {host.etc}/allowed_signers" in ini
     st = host.mail_root.stat()
@@ -287,8 +334,16 @@ def test_internet_site_main_cf_restored_byte_for_byte(site_host: Host) -> None:
     original = host.tree()
     key_file = host.w / "key.txt"
     key_file.write_text(SYNC_KEY + "\n")
-    r = host.pi_pull("install", "--bundle", str(host.bundle()), "--sync-key-file", str(key_file), *host.dir_args(),
-                     "--no-start", "--no-tick")
+    r = host.pi_pull(
+        "install",
+        "--bundle",
+        str(host.bundle()),
+        "--sync-key-file",
+        str(key_file),
+        *host.dir_args(),
+        "--no-start",
+        "--no-tick",
+    )
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     conf = _postconf(host)
     assert conf["virtual_transport"] == "lmtp:inet:127.0.0.1:24"  # replaced in place
@@ -319,15 +374,23 @@ def test_uninstall_keeps_the_operators_later_edits(site_host: Host) -> None:
     assert conf["virtual_transport"] == "virtual"  # the original value is back
     assert "virtual_mailbox_maps" not in conf  # install's own lines are gone
     text = auth.read_text()
-    assert "auth_verbose = yes" in text and "\n!include auth-system.conf.ext\n" in text and "pi_pull.py install" not in text
+    assert (
+        "auth_verbose = yes" in text
+        and "\n!include auth-system.conf.ext\n" in text
+        and "pi_pull.py install" not in text
+    )
 
 
 def test_units_pass_systemd_analyze_verify(host: Host) -> None:
     require_binaries("systemd-analyze")
     r = host.install(host.bundle(), "--no-tick")
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
-    v = subprocess.run(["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
-                       capture_output=True, text=True, cwd=host.systemd)
+    v = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
+        capture_output=True,
+        text=True,
+        cwd=host.systemd,
+    )
     complaints = [line for line in (v.stdout + v.stderr).splitlines() if "pi-pull." in line]
     assert v.returncode == 0 and not complaints, v.stdout + v.stderr
 
@@ -366,8 +429,14 @@ def _local_state(host: Host) -> tuple[StateRepo, Path]:
 
 def test_first_tick_runs_and_applies(host: Host) -> None:
     repo, signers = _local_state(host)
-    bundle = host.bundle(server_url="", remote_url=str(repo.bare), report_url="", allowed_signers=signers.read_text(),
-                         postfix_reload="true", dovecot_reload="true")
+    bundle = host.bundle(
+        server_url="",
+        remote_url=str(repo.bare),
+        report_url="",
+        allowed_signers=signers.read_text(),
+        postfix_reload="true",
+        dovecot_reload="true",
+    )
     r = host.install(bundle, key=None)
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     assert "no sync key needed" in r.stdout and "first tick:" in r.stdout
@@ -382,8 +451,9 @@ def test_first_tick_with_postfix_and_dovecot_not_running_says_what_to_do(host: H
     """Postfix installed with "No configuration" and never started, Dovecot not running: the
     tick fails, and its error names the problem and the fix (it used to be empty)."""
     repo, signers = _local_state(host)
-    (host.dovecot / "dovecot.conf").write_text((host.dovecot / "dovecot.conf").read_text()
-                                               + f"\nbase_dir = {host.w}/dovecot-run\n")
+    (host.dovecot / "dovecot.conf").write_text(
+        (host.dovecot / "dovecot.conf").read_text() + f"\nbase_dir = {host.w}/dovecot-run\n"
+    )
     bundle = host.bundle(server_url="", remote_url=str(repo.bare), report_url="", allowed_signers=signers.read_text())
     r = host.install(bundle, "--no-tick", key=None)
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
@@ -411,12 +481,18 @@ def test_reload_of_an_unconfigured_postfix_is_explained(tmp_path: Path) -> None:
         raw = subprocess.run(["postfix", "-c", str(empty), "reload"], capture_output=True)
         assert raw.returncode != 0 and raw.stdout + raw.stderr == b""  # what the tick used to report
         ini = repo_dir / "pi-pull.ini"
-        ini.write_text(f"[remote]\nurl = {repo.bare}\n[node]\nallowed_signers = "
-                       f"{write_allowed_signers(repo_dir / 'allowed_signers', [key])}\n[paths]\nroot = {repo_dir}/root\nsync = no\n"
-                       "mail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
-                       f"[services]\nmap_type = texthash\npostfix_reload = postfix -c {empty} reload\ndovecot_reload = true\n")
-        r = subprocess.run([sys.executable, str(pi_pull_script()), "--config", str(ini), "--once"], capture_output=True,
-                           text=True, timeout=120)
+        ini.write_text(
+            f"[remote]\nurl = {repo.bare}\n[node]\nallowed_signers = "
+            f"{write_allowed_signers(repo_dir / 'allowed_signers', [key])}\n[paths]\nroot = {repo_dir}/root\nsync = no\n"
+            "mail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+            f"[services]\nmap_type = texthash\npostfix_reload = postfix -c {empty} reload\ndovecot_reload = true\n"
+        )
+        r = subprocess.run(
+            [sys.executable, str(pi_pull_script()), "--config", str(ini), "--once"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == EXIT_ERROR, r.stderr
         assert f"postfix is not configured: {empty}/main.cf does not exist" in r.stderr, r.stderr
         assert "pi_pull.py install --bundle DIR" in r.stderr
@@ -439,8 +515,15 @@ class SystemdRunner:
         self.active: set[str] = set()
         self.enabled: set[str] = set()
 
-    def run(self, argv: Sequence[str], *, input: bytes | None = None, env: Mapping[str, str] | None = None,
-            timeout: float | None = None, cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        cwd: str | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         self.argvs.append(list(argv))
         if argv[0] != "systemctl":
             return self.real.run(argv, input=input, env=env, timeout=timeout, cwd=cwd)
@@ -467,8 +550,13 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     inst = importlib.import_module("pipull.install")
     runner = SystemdRunner(pipull.runner.Runner())
     bundle = inst.Bundle.load(str(host.bundle()))
-    overrides = {"etc_dir": str(host.etc), "lib_dir": str(host.lib), "systemd_dir": str(host.systemd),
-                 "postfix_dir": str(host.postfix), "dovecot_dir": str(host.dovecot)}
+    overrides = {
+        "etc_dir": str(host.etc),
+        "lib_dir": str(host.lib),
+        "systemd_dir": str(host.systemd),
+        "postfix_dir": str(host.postfix),
+        "dovecot_dir": str(host.dovecot),
+    }
     lines: list[str] = []
 
     def once() -> int:
@@ -485,7 +573,9 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
         ["daemon-reload"], ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"],
         ["enable", "--now", "pi-pull-follow.service"], ["enable", "--now", "pi-pull.timer"],
     ]  # fmt: skip
-    assert (host.postfix.parent / "opendkim.conf").read_bytes() == (host.bundle() / "opendkim" / "opendkim.conf").read_bytes()
+    assert (host.postfix.parent / "opendkim.conf").read_bytes() == (
+        host.bundle() / "opendkim" / "opendkim.conf"
+    ).read_bytes()
     runner.calls.clear()
     lines.clear()
     assert once() == 0  # everything is in place: no systemctl call changes anything
@@ -502,7 +592,9 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
         ["disable", "--now", "pi-pull-follow.service"], ["disable", "--now", "pi-pull.timer"],
         ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"], ["restart", "opendkim"],
     ]  # fmt: skip
-    assert not (host.postfix.parent / "opendkim.conf").exists()  # there was none before install: the dkim config is gone
+    assert not (
+        host.postfix.parent / "opendkim.conf"
+    ).exists()  # there was none before install: the dkim config is gone
     assert runner.argvs and not any(SYNC_KEY in " ".join(argv) for argv in runner.argvs)  # never in a child's argv
     assert SYNC_KEY not in "\n".join(lines)
 
@@ -533,10 +625,18 @@ def test_failed_reload_of_a_running_postfix_shows_postfix_s_own_message(mailnode
         bad = f"postfix -c {mailnode.postfix_dir} relaod"  # a typo: postfix refuses it, on a terminal only
         raw = subprocess.run(bad, shell=True, capture_output=True)
         assert raw.returncode != 0 and raw.stdout + raw.stderr == b""
-        ini = mailnode.write_pi_pull_config(repo_dir / "pi-pull.ini", str(repo.bare),
-                                            write_allowed_signers(repo_dir / "allowed_signers", [key]), postfix_reload=bad)
-        r = subprocess.run([sys.executable, str(pi_pull_script()), "--config", str(ini), "--once"], capture_output=True,
-                           text=True, timeout=120)
+        ini = mailnode.write_pi_pull_config(
+            repo_dir / "pi-pull.ini",
+            str(repo.bare),
+            write_allowed_signers(repo_dir / "allowed_signers", [key]),
+            postfix_reload=bad,
+        )
+        r = subprocess.run(
+            [sys.executable, str(pi_pull_script()), "--config", str(ini), "--once"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == EXIT_ERROR, r.stderr
         assert "postfix reload failed (rc=1): postfix" in r.stderr and "relaod" in r.stderr, r.stderr
     finally:
@@ -545,10 +645,14 @@ def test_failed_reload_of_a_running_postfix_shows_postfix_s_own_message(mailnode
 
 def _with_master_entries(bundle: Path, *lines: str) -> Path:
     """Add master.cf entries to a bundle, as a bundle that has them lists them in bundle.json."""
-    (bundle / "postfix" / "master.cf.mailstate").write_text("# master.cf entries\n" + "".join(f"{line}\n" for line in lines))
+    (bundle / "postfix" / "master.cf.mailstate").write_text(
+        "# master.cf entries\n" + "".join(f"{line}\n" for line in lines)
+    )
     manifest = json.loads((bundle / "bundle.json").read_text())
     manifest["postfix"]["master_cf"] = "postfix/master.cf.mailstate"
-    manifest["sha256"]["postfix/master.cf.mailstate"] = hashlib.sha256((bundle / "postfix" / "master.cf.mailstate").read_bytes()).hexdigest()
+    manifest["sha256"]["postfix/master.cf.mailstate"] = hashlib.sha256(
+        (bundle / "postfix" / "master.cf.mailstate").read_bytes()
+    ).hexdigest()
     (bundle / "bundle.json").write_text(json.dumps(manifest))
     return bundle
 
@@ -561,7 +665,9 @@ def test_master_cf_entries_set_and_undone(site_host: Host) -> None:
     r = host.install(bundle, "--no-tick")
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", "submission/inet"], capture_output=True, text=True)
-    assert m.returncode == 0 and m.stdout.split()[:8] == ["submission", "inet", "n", "-", "y", "-", "-", "smtpd"], m.stdout + m.stderr
+    assert m.returncode == 0 and m.stdout.split()[:8] == ["submission", "inet", "n", "-", "y", "-", "-", "smtpd"], (
+        m.stdout + m.stderr
+    )
     again = host.install(bundle, "--no-tick")
     assert "already installed: nothing changed" in again.stdout, again.stdout
     u = host.uninstall()

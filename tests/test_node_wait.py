@@ -35,9 +35,13 @@ class Srv:
     def head(self) -> str:
         return self.admin.get("/v1/health").json()["statement"]["head"]
 
-    def wait(self, head: str, timeout: float | str = 5, *, name: str = "fw01", key: str | None = None, **params: str) -> httpx.Response:
+    def wait(
+        self, head: str, timeout: float | str = 5, *, name: str = "fw01", key: str | None = None, **params: str
+    ) -> httpx.Response:
         auth = basic(name, key if key is not None else self.key)
-        return httpx.get(f"{self.srv.url}{WAIT}", params={"head": head, "timeout": str(timeout), **params}, headers=auth, timeout=30)
+        return httpx.get(
+            f"{self.srv.url}{WAIT}", params={"head": head, "timeout": str(timeout), **params}, headers=auth, timeout=30
+        )
 
 
 def basic(name: str, key: str) -> dict[str, str]:
@@ -86,7 +90,9 @@ def test_a_write_wakes_the_waiters(s: Srv) -> None:
         assert added.status_code == 201, added.text
         answers = [w.result(timeout=20) for w in waits]
         woke = time.monotonic() - t0
-    assert {(a.status_code, a.json()["changed"], a.json()["head"]) for a in answers} == {(200, True, added.json()["commit"])}
+    assert {(a.status_code, a.json()["changed"], a.json()["head"]) for a in answers} == {
+        (200, True, added.json()["commit"])
+    }
     assert woke < 20  # woken by the write, not by the 50 s timeout
 
 
@@ -151,7 +157,9 @@ def test_only_get(s: Srv) -> None:
 
 def test_waiters_per_node_are_capped_and_freed_when_clients_leave(s: Srv) -> None:
     head = s.head()
-    clients = [httpx.Client(base_url=s.srv.url, headers=basic("fw01", s.key), timeout=60) for _ in range(MAX_WAITERS_PER_NODE)]
+    clients = [
+        httpx.Client(base_url=s.srv.url, headers=basic("fw01", s.key), timeout=60) for _ in range(MAX_WAITERS_PER_NODE)
+    ]
     try:
         with concurrent.futures.ThreadPoolExecutor(MAX_WAITERS_PER_NODE) as pool:
             held = [pool.submit(c.get, WAIT, params={"head": head, "timeout": "3"}) for c in clients]
@@ -171,7 +179,10 @@ def test_waiters_per_node_are_capped_and_freed_when_clients_leave(s: Srv) -> Non
             c.close()
     # Clients that hang up free their places long before their timeout.
     for _ in range(MAX_WAITERS_PER_NODE):
-        with httpx.Client(base_url=s.srv.url, headers=basic("fw01", s.key), timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        with (
+            httpx.Client(base_url=s.srv.url, headers=basic("fw01", s.key), timeout=0.3) as c,
+            pytest.raises(httpx.ReadTimeout),
+        ):
             c.get(WAIT, params={"head": head, "timeout": "50"})
     deadline = time.monotonic() + 10
     while s.wait(head, 0.1).status_code == 429:
@@ -222,7 +233,13 @@ def test_a_shutdown_answers_the_open_waits(tmp_path: Path) -> None:
         head = admin.get("/v1/health").json()["statement"]["head"]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             waits = [
-                pool.submit(httpx.get, f"{srv.url}{WAIT}", params={"head": head, "timeout": "50"}, headers=basic("fw01", key), timeout=60)
+                pool.submit(
+                    httpx.get,
+                    f"{srv.url}{WAIT}",
+                    params={"head": head, "timeout": "50"},
+                    headers=basic("fw01", key),
+                    timeout=60,
+                )
                 for _ in range(2)
             ]
             time.sleep(0.5)

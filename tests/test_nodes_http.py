@@ -65,7 +65,11 @@ def test_report_is_recorded_and_listed(nodes: Nodes) -> None:
     srv = nodes.srv
     before = srv.commit_count()
     head = nodes.head()
-    r = httpx.post(f"{srv.url}{REPORT}", json={"applied_commit": head, "status": "ok", "error": None}, headers=basic("mpi02", nodes.key))
+    r = httpx.post(
+        f"{srv.url}{REPORT}",
+        json={"applied_commit": head, "status": "ok", "error": None},
+        headers=basic("mpi02", nodes.key),
+    )
     assert r.status_code == 200 and r.json() == {"ok": True}
     st = nodes.status("mpi02")
     assert st["applied_commit"] == head and st["status"] == "ok" and st["error"] is None
@@ -82,14 +86,21 @@ def test_report_with_credentials_in_the_body(nodes: Nodes) -> None:
     r = httpx.post(f"{nodes.srv.url}{REPORT}", json=body)
     assert r.status_code == 200
     st = nodes.status("mpi02")
-    assert (st["status"], st["error"], st["applied_commit"], st["commits_behind"]) == ("error", "fetch failed", None, None)
+    assert (st["status"], st["error"], st["applied_commit"], st["commits_behind"]) == (
+        "error",
+        "fetch failed",
+        None,
+        None,
+    )
 
 
 def test_report_like_pi_pull_sends_it(nodes: Nodes) -> None:
     """pi-pull sends Basic AND name/sync_key in the body."""
     head = nodes.head()
     body = {"applied_commit": head, "status": "refused", "error": "signature", "name": "mpi02", "sync_key": nodes.key}
-    r = httpx.post(f"{nodes.srv.url}{REPORT}", json=body, headers={**basic("mpi02", nodes.key), "User-Agent": "pi-pull"})
+    r = httpx.post(
+        f"{nodes.srv.url}{REPORT}", json=body, headers={**basic("mpi02", nodes.key), "User-Agent": "pi-pull"}
+    )
     assert r.status_code == 200
     assert nodes.status("mpi02")["status"] == "refused"
 
@@ -132,7 +143,9 @@ def test_report_from_an_address_off_the_whitelist_is_refused(nodes: Nodes) -> No
     r = httpx.post(url, json={"status": "ok"}, headers=basic("locked", nodes.locked_key))
     assert_error(r, 403, "ip_not_allowed")
     # X-Forwarded-For is not trusted (no proxy is configured).
-    r = httpx.post(url, json={"status": "ok"}, headers={**basic("locked", nodes.locked_key), "X-Forwarded-For": "10.9.9.9"})
+    r = httpx.post(
+        url, json={"status": "ok"}, headers={**basic("locked", nodes.locked_key), "X-Forwarded-For": "10.9.9.9"}
+    )
     assert_error(r, 403, "ip_not_allowed")
     st = nodes.status("locked")
     assert st["last_sync_at"] is None and st["status"] == "never_synced"
@@ -158,12 +171,18 @@ def test_report_with_an_invalid_body_is_400(nodes: Nodes, body: dict[str, object
 
 
 def test_report_malformed_json_is_400(nodes: Nodes) -> None:
-    r = httpx.post(f"{nodes.srv.url}{REPORT}", content=b"{oops", headers={**basic("mpi02", nodes.key), "content-type": "application/json"})
+    r = httpx.post(
+        f"{nodes.srv.url}{REPORT}",
+        content=b"{oops",
+        headers={**basic("mpi02", nodes.key), "content-type": "application/json"},
+    )
     assert_error(r, 400, "invalid_request")
 
 
 def test_a_long_error_is_cut_not_refused(nodes: Nodes) -> None:
-    r = httpx.post(f"{nodes.srv.url}{REPORT}", json={"status": "error", "error": "x" * 5000}, headers=basic("mpi02", nodes.key))
+    r = httpx.post(
+        f"{nodes.srv.url}{REPORT}", json={"status": "error", "error": "x" * 5000}, headers=basic("mpi02", nodes.key)
+    )
     assert r.status_code == 200
     assert len(str(nodes.status("mpi02")["error"])) == MAX_ERROR_CHARS
 
@@ -182,7 +201,9 @@ def test_rotated_and_removed_keys_stop_working(nodes: Nodes) -> None:
 # --- git smart HTTP --------------------------------------------------------------------------
 
 
-def git(srv: LiveServer, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def git(
+    srv: LiveServer, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     full = {**srv.env, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
     return subprocess.run(["git", *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=60)
 
@@ -190,7 +211,11 @@ def git(srv: LiveServer, *args: str, cwd: Path | None = None, env: dict[str, str
 def header_env(name: str, key: str) -> dict[str, str]:
     """How pi-pull passes its key: an http.extraHeader from the environment, never argv or a URL."""
     token = base64.b64encode(f"{name}:{key}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader", "GIT_CONFIG_VALUE_0": f"Authorization: Basic {token}"}
+    return {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "http.extraHeader",
+        "GIT_CONFIG_VALUE_0": f"Authorization: Basic {token}",
+    }
 
 
 STATEMENT = "refs/mailstate/accepted"
@@ -234,7 +259,18 @@ def test_git_fetch_the_way_the_node_does(nodes: Nodes, tmp_path: Path) -> None:
     assert nodes.admin.post(f"{API}/add-domain", json={"domain": "fetched.example"}).status_code == 201
     head = wait_stated(nodes)
     for protocol in ("2", "0"):  # a client asking for v2 gets v0 (see api.nodes_http)
-        proc = git(srv, "-c", f"protocol.version={protocol}", "-C", str(repo), "fetch", "--quiet", url, f"+{STATEMENT}:refs/pi-pull/accepted", env=env)
+        proc = git(
+            srv,
+            "-c",
+            f"protocol.version={protocol}",
+            "-C",
+            str(repo),
+            "fetch",
+            "--quiet",
+            url,
+            f"+{STATEMENT}:refs/pi-pull/accepted",
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
         assert stated_commit(srv, repo) == head
     # main is not served, under any name
@@ -279,7 +315,20 @@ def test_git_push_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     work = tmp_path / "c"
     assert git(srv, "init", "--quiet", "-b", "main", str(work)).returncode == 0
     before = nodes.head()
-    git(srv, "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@x", "commit", "--quiet", "--allow-empty", "-m", "evil")
+    git(
+        srv,
+        "-C",
+        str(work),
+        "-c",
+        "user.name=x",
+        "-c",
+        "user.email=x@x",
+        "commit",
+        "--quiet",
+        "--allow-empty",
+        "-m",
+        "evil",
+    )
     for ref in ("HEAD:main", f"HEAD:{STATEMENT}"):
         proc = git(srv, "-C", str(work), "push", url, ref, env=env)
         assert proc.returncode != 0 and "403" in proc.stderr, proc.stderr
@@ -352,7 +401,9 @@ def test_record_report_and_parse(node_store: tuple[Store, str, str], data_dir) -
     try:
         now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
         head = store.head
-        report = record_report(db, store.snapshot, "free", {"applied_commit": head.upper(), "status": "ok"}, "::ffff:10.0.0.1", now)
+        report = record_report(
+            db, store.snapshot, "free", {"applied_commit": head.upper(), "status": "ok"}, "::ffff:10.0.0.1", now
+        )
         assert report.applied_commit == head
         assert db.node_status("free") == {
             "last_sync_at": now.isoformat(), "applied_commit": head, "status": "ok", "error": None,

@@ -83,14 +83,37 @@ def test_registry_names_all_operations() -> None:
         "list-nodes",
         "add-node",
     }
-    aliases = {"add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain"}
+    aliases = {
+        "add-alias",
+        "update-alias",
+        "remove-alias",
+        "list-aliases",
+        "set-forwarding",
+        "add-alias-domain",
+        "remove-alias-domain",
+    }
     sending = {"dns-records"}
-    assert set(OPERATIONS) == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases | sending
+    assert (
+        set(OPERATIONS)
+        == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases | sending
+    )
     assert len(OPERATIONS) == 24
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
-    assert {n for n, op in OPERATIONS.items() if not op.write} == {"list-domains", "list-users", "list-nodes", "list-aliases", "dns-records"}
-    assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {"list-domains", "list-users", "list-nodes", "list-aliases", "dns-records"}
+    assert {n for n, op in OPERATIONS.items() if not op.write} == {
+        "list-domains",
+        "list-users",
+        "list-nodes",
+        "list-aliases",
+        "dns-records",
+    }
+    assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
+        "list-domains",
+        "list-users",
+        "list-nodes",
+        "list-aliases",
+        "dns-records",
+    }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
         "remove-domain",
@@ -113,7 +136,12 @@ def test_link_domain(store: Store) -> None:
     assert out.result["project_id"] == A
     assert out.result["email_enabled"] is False
     assert len(out.result["commit"]) == 40
-    assert domain_yaml(store, "example.com") == {"domain": "example.com", "project_id": A, "email_enabled": False, "mailboxes": {}}
+    assert domain_yaml(store, "example.com") == {
+        "domain": "example.com",
+        "project_id": A,
+        "email_enabled": False,
+        "mailboxes": {},
+    }
     # a linked but not enabled domain renders nothing
     assert passwd(store, "example.com") is None
 
@@ -150,7 +178,12 @@ def test_disable_email(mail_store: Store) -> None:
     out = mail_store.execute("disable-email", PROJECT_A, {"domain": "example.com"})
     assert out.result["email_enabled"] is False
     assert out.result["commit"] is not None
-    assert domain_yaml(mail_store, "example.com") == {"domain": "example.com", "project_id": A, "email_enabled": False, "mailboxes": {}}
+    assert domain_yaml(mail_store, "example.com") == {
+        "domain": "example.com",
+        "project_id": A,
+        "email_enabled": False,
+        "mailboxes": {},
+    }
     assert show(mail_store, "rendered/domains/ex/example.com/virtual_mailbox_domains") is None
     assert "example.com" not in git_out(mail_store.git.path, "ls-tree", "-r", "--name-only", "main", "rendered")
 
@@ -186,7 +219,9 @@ def test_list_domains(store: Store) -> None:
 
 
 def test_add_user(mail_store: Store) -> None:
-    out = mail_store.execute("add-user", PROJECT_A, {"email": "Sales@Example.COM", "password": "another secret", "quota_mb": 50})
+    out = mail_store.execute(
+        "add-user", PROJECT_A, {"email": "Sales@Example.COM", "password": "another secret", "quota_mb": 50}
+    )
     assert out.created is True
     assert out.result["email"] == "sales@example.com"
     assert out.result["quota_mb"] == 50
@@ -199,7 +234,10 @@ def test_add_user(mail_store: Store) -> None:
     assert not bcrypt.checkpw(b"wrong password", box["password"].removeprefix("{BLF-CRYPT}").encode())
     assert out.result["id"] == box["id"] and box["id"].startswith("20260201-")  # the store's clock
     line = next(ln for ln in passwd(mail_store, "example.com").splitlines() if ln.startswith("sales@"))
-    assert line == f"sales@example.com:{box['password']}:5000:5000::/var/vmail/example.com/sales~{box['id']}::userdb_quota_rule=*:storage=50M"
+    assert (
+        line
+        == f"sales@example.com:{box['password']}:5000:5000::/var/vmail/example.com/sales~{box['id']}::userdb_quota_rule=*:storage=50M"
+    )
     maps = show(mail_store, "rendered/domains/ex/example.com/virtual_mailbox_maps")
     assert f"sales@example.com example.com/sales~{box['id']}/\n" in maps
 
@@ -207,13 +245,26 @@ def test_add_user(mail_store: Store) -> None:
 def test_add_user_default_and_max_quota(mail_store: Store) -> None:
     out = mail_store.execute("add-user", PROJECT_A, {"email": "default@example.com", "password": PASSWORD})
     assert out.result["quota_mb"] == 1024
-    out = mail_store.execute("add-user", PROJECT_A, {"email": "big@example.com", "password": PASSWORD, "quota_mb": v.MAX_QUOTA_MB})
+    out = mail_store.execute(
+        "add-user", PROJECT_A, {"email": "big@example.com", "password": PASSWORD, "quota_mb": v.MAX_QUOTA_MB}
+    )
     assert out.result["quota_mb"] == v.MAX_QUOTA_MB
     boxes = domain_yaml(mail_store, "example.com")["mailboxes"]
     assert boxes["default"]["quota_mb"] == 1024
     assert boxes["big"]["quota_mb"] == v.MAX_QUOTA_MB
-    assert err(mail_store, "add-user", PROJECT_A, {"email": "x@example.com", "password": PASSWORD, "quota_mb": v.MAX_QUOTA_MB + 1}).code == "invalid_quota"
-    assert err(mail_store, "add-user", PROJECT_A, {"email": "x@example.com", "password": PASSWORD, "quota_mb": 0}).code == "invalid_quota"
+    assert (
+        err(
+            mail_store,
+            "add-user",
+            PROJECT_A,
+            {"email": "x@example.com", "password": PASSWORD, "quota_mb": v.MAX_QUOTA_MB + 1},
+        ).code
+        == "invalid_quota"
+    )
+    assert (
+        err(mail_store, "add-user", PROJECT_A, {"email": "x@example.com", "password": PASSWORD, "quota_mb": 0}).code
+        == "invalid_quota"
+    )
 
 
 def test_admin_may_add_users_on_any_domain(mail_store: Store) -> None:
@@ -284,7 +335,18 @@ def test_list_users(store: Store) -> None:
     users = store.execute("list-users", PROJECT_A, {}).result["users"]
     assert [u["email"] for u in users] == ["amy@example.com", "zed@example.com", "bob@second.org"]
     for u in users:
-        assert set(u) == {"email", "domain", "quota_mb", "active", "id", "forward_to", "keep_copy", "used_mb", "messages", "usage_reported_at"}
+        assert set(u) == {
+            "email",
+            "domain",
+            "quota_mb",
+            "active",
+            "id",
+            "forward_to",
+            "keep_copy",
+            "used_mb",
+            "messages",
+            "usage_reported_at",
+        }
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
     b_users = store.execute("list-users", PROJECT_B, {}).result["users"]
@@ -299,7 +361,9 @@ def test_list_users(store: Store) -> None:
 
 def test_update_password(mail_store: Store) -> None:
     old = domain_yaml(mail_store, "example.com")["mailboxes"]["info"]["password"]
-    out = mail_store.execute("update-password", PROJECT_A, {"email": "info@example.com", "password": "brand new password"})
+    out = mail_store.execute(
+        "update-password", PROJECT_A, {"email": "info@example.com", "password": "brand new password"}
+    )
     assert out.result == {"email": "info@example.com", "updated": True, "commit": out.result["commit"]}
     new = domain_yaml(mail_store, "example.com")["mailboxes"]["info"]["password"]
     assert new != old
@@ -314,7 +378,12 @@ def test_add_domain(store: Store) -> None:
     assert out.result["domain"] == "new.example.org"
     assert out.result["project_id"] is None
     assert out.result["email_enabled"] is True
-    assert domain_yaml(store, "new.example.org") == {"domain": "new.example.org", "project_id": None, "email_enabled": True, "mailboxes": {}}
+    assert domain_yaml(store, "new.example.org") == {
+        "domain": "new.example.org",
+        "project_id": None,
+        "email_enabled": True,
+        "mailboxes": {},
+    }
     out = store.execute("add-domain", ADMIN, {"domain": "owned.example", "project_id": B})
     assert out.result["project_id"] == B
     # the project sees (and can use) a domain an admin registered for it
@@ -416,7 +485,9 @@ def test_rotate_node_key(store: Store) -> None:
 
 
 def test_request_id_lands_in_the_commit(mail_store: Store) -> None:
-    mail_store.execute("add-user", PROJECT_A, {"email": "r@example.com", "password": PASSWORD}, request_id="req-123.abc")
+    mail_store.execute(
+        "add-user", PROJECT_A, {"email": "r@example.com", "password": PASSWORD}, request_id="req-123.abc"
+    )
     assert "Request-Id: req-123.abc" in git_out(mail_store.git.path, "log", "-1", "--format=%B")
     # an unsafe request id is replaced, never copied into the message
     mail_store.execute("remove-user", PROJECT_A, {"email": "r@example.com"}, request_id="x\nAction: forged")

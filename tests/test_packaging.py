@@ -26,7 +26,9 @@ import pytest
 from tests.server import clean_env, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_SKIP_COPY = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "data", "out")
+_SKIP_COPY = shutil.ignore_patterns(
+    ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "data", "out"
+)
 
 
 @dataclass
@@ -39,7 +41,9 @@ class Installed:
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run one command of the venv's bin/ (e.g. ``mailstate``) from the temp cwd."""
         exe = self.venv / "bin" / args[0]
-        return subprocess.run([str(exe), *args[1:]], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(exe), *args[1:]], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +55,32 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     (base / "home").mkdir()
     env.pop("PYTHONPATH", None)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    r = subprocess.run([*pip, "wheel", "--no-deps", "-w", str(base / "wheels"), str(src)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(base / "wheels"), str(src)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (base / "wheels").glob("mailstate-*.whl")
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env, timeout=300
+    )
     # --force-reinstall: the checkout's editable install is visible through the system site.
     r = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--quiet", "install", "--no-deps", "--force-reinstall", str(wheel)],
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "--quiet",
+            "install",
+            "--no-deps",
+            "--force-reinstall",
+            str(wheel),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -83,7 +105,9 @@ def test_wheel_installs_under_one_namespace(installed: Installed) -> None:
 
 
 def test_installed_package_is_the_one_imported(installed: Installed) -> None:
-    r = installed.run("python", "-c", "import mailstate.compiler.node_bundle as b; print(b.__file__); print(b.AGENT_DIR)")
+    r = installed.run(
+        "python", "-c", "import mailstate.compiler.node_bundle as b; print(b.__file__); print(b.AGENT_DIR)"
+    )
     assert r.returncode == 0, r.stderr
     module, agent = r.stdout.split()
     assert module.startswith(str(installed.venv)) and agent.startswith(str(installed.venv)), r.stdout
@@ -103,17 +127,40 @@ def test_help_serve_init_call_and_bundle_from_outside_the_checkout(installed: In
     assert "sync_key" in r.stdout
 
     out = installed.cwd / "bundle"
-    r = installed.run("mailstate", "node", "bundle", "--data", str(data), "--name", "pi-01", "--server-url", "https://mail.example.net", "--out", str(out))
+    r = installed.run(
+        "mailstate",
+        "node",
+        "bundle",
+        "--data",
+        str(data),
+        "--name",
+        "pi-01",
+        "--server-url",
+        "https://mail.example.net",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     agent = out / "pi_pull.py"
     assert agent.read_bytes().startswith(b"#!/usr/bin/env python3\n") and os.access(agent, os.X_OK)
     assert "sync_key_file = /etc/pi-pull/sync_key" in (out / "pi-pull.ini").read_text()
 
     # The node's way to run it: isolated, no site-packages (so nothing but the file itself).
-    r = subprocess.run([sys.executable, "-I", "-S", str(agent), "--help"], cwd=installed.cwd, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", str(agent), "--help"],
+        cwd=installed.cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "exit codes:" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, "-I", "-S", str(agent), "--config", str(installed.cwd / "nope.ini"), "--once"],
-                       cwd=installed.cwd, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", str(agent), "--config", str(installed.cwd / "nope.ini"), "--once"],
+        cwd=installed.cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("pi-pull: error: cannot read config") and "Traceback" not in r.stderr
 
@@ -121,20 +168,52 @@ def test_help_serve_init_call_and_bundle_from_outside_the_checkout(installed: In
 def test_bad_bundle_arguments_are_clear_errors(installed: Installed) -> None:
     data = installed.cwd / "data-bad"
     assert installed.run("mailstate", "init", "--data", str(data), "--bcrypt-cost", "4").returncode == 0
-    common = ["mailstate", "node", "bundle", "--data", str(data), "--name", "pi-02", "--allow-unregistered", "--out", str(installed.cwd / "b2")]
+    common = [
+        "mailstate",
+        "node",
+        "bundle",
+        "--data",
+        str(data),
+        "--name",
+        "pi-02",
+        "--allow-unregistered",
+        "--out",
+        str(installed.cwd / "b2"),
+    ]
     r = installed.run(*common, "--server-url", "ftp://mail.example.net")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "error [invalid_request]" in r.stderr and "http:// or https://" in r.stderr
     (installed.cwd / "a-file").write_text("")
-    r = installed.run("mailstate", "node", "bundle", "--data", str(data), "--name", "pi-02", "--allow-unregistered",
-                      "--server-url", "https://x.example", "--out", str(installed.cwd / "a-file"))
+    r = installed.run(
+        "mailstate",
+        "node",
+        "bundle",
+        "--data",
+        str(data),
+        "--name",
+        "pi-02",
+        "--allow-unregistered",
+        "--server-url",
+        "https://x.example",
+        "--out",
+        str(installed.cwd / "a-file"),
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr and "Cannot write the bundle" in r.stderr
 
 
 def _serve_briefly(installed: Installed) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [str(installed.venv / "bin" / "mailstate"), "serve", "--data", str(installed.cwd / "served"), "--port", str(port), "--bcrypt-cost", "4"],
+        [
+            str(installed.venv / "bin" / "mailstate"),
+            "serve",
+            "--data",
+            str(installed.cwd / "served"),
+            "--port",
+            str(port),
+            "--bcrypt-cost",
+            "4",
+        ],
         cwd=installed.cwd,
         env=installed.env,
         stdout=subprocess.PIPE,

@@ -64,23 +64,34 @@ def _project_world(store: Store, domains: int, boxes: int, aliases: int) -> tupl
         for j in range(boxes):
             store.execute("add-user", actor, {"email": f"u{j:02d}@{name}", "password": PASSWORD})
         for j in range(aliases):
-            store.execute("add-alias", actor, {"address": f"a{j:02d}@{name}" if j else f"@{name}", "destinations": ["x@example.org"]})
+            store.execute(
+                "add-alias",
+                actor,
+                {"address": f"a{j:02d}@{name}" if j else f"@{name}", "destinations": ["x@example.org"]},
+            )
     return actor, names
 
 
 # One real write between two pages: what it adds is new (never listed before), what it removes
 # existed from the start; so "existed throughout" is the start's entries minus the removed ones.
-WRITES = st.lists(st.sampled_from(["add-user", "remove-user", "add-alias", "remove-alias", "link-domain", "unlink-domain"]), max_size=12)
+WRITES = st.lists(
+    st.sampled_from(["add-user", "remove-user", "add-alias", "remove-alias", "link-domain", "unlink-domain"]),
+    max_size=12,
+)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     listing=st.sampled_from(["list-users", "list-aliases", "list-domains"]),
     limit=st.integers(min_value=1, max_value=7),
     writes=WRITES,
     data=st.data(),
 )
-def test_pages_stay_stable_under_concurrent_writes(store: Store, listing: str, limit: int, writes: list[str], data: st.DataObject) -> None:
+def test_pages_stay_stable_under_concurrent_writes(
+    store: Store, listing: str, limit: int, writes: list[str], data: st.DataObject
+) -> None:
     actor, names = _project_world(store, domains=4, boxes=3, aliases=2)
     enabled = [n for i, n in enumerate(names) if i % 4 != 3]
     start = _all(store, listing, actor)
@@ -112,7 +123,9 @@ def test_pages_stay_stable_under_concurrent_writes(store: Store, listing: str, l
                     store.execute("remove-user", actor, {"email": f"{victim[1]}@{victim[0]}", "hard_delete": True})
                     removed.add(victim)
             elif kind == "add-alias":
-                store.execute("add-alias", actor, {"address": f"new{next(fresh)}@{dom}", "destinations": ["y@example.org"]})
+                store.execute(
+                    "add-alias", actor, {"address": f"new{next(fresh)}@{dom}", "destinations": ["y@example.org"]}
+                )
             elif kind == "remove-alias":
                 left = [k for k in start if listing == "list-aliases" and k not in removed and k[1] != "@"]
                 victim = data.draw(st.sampled_from(left)) if left else None
@@ -120,7 +133,9 @@ def test_pages_stay_stable_under_concurrent_writes(store: Store, listing: str, l
                     store.execute("remove-alias", actor, {"address": f"{victim[1]}@{victim[0]}"})
                     removed.add(victim)
             elif kind == "link-domain":
-                store.execute("link-domain", ADMIN, {"domain": f"new{next(fresh)}-{names[0]}", "project_id": actor.project_id})
+                store.execute(
+                    "link-domain", ADMIN, {"domain": f"new{next(fresh)}-{names[0]}", "project_id": actor.project_id}
+                )
             else:
                 left = [k for k in start if listing == "list-domains" and k not in removed and k not in enabled]
                 victim = data.draw(st.sampled_from(left)) if left else None
@@ -140,13 +155,20 @@ def test_pages_stay_stable_under_concurrent_writes(store: Store, listing: str, l
 
 def test_pages_concatenate_to_the_unpaged_answer(store: Store) -> None:
     actor, names = _project_world(store, domains=6, boxes=4, aliases=3)
-    for listing, extra in (("list-users", {}), ("list-users", {"domain": names[1]}), ("list-aliases", {}), ("list-domains", {})):
+    for listing, extra in (
+        ("list-users", {}),
+        ("list-users", {"domain": names[1]}),
+        ("list-aliases", {}),
+        ("list-domains", {}),
+    ):
         whole = store.execute(listing, actor, extra).result
         for limit in (1, 2, 5, paging.PAGE_MAX):
             merged: dict[str, list[Any]] = {}
             cursor = None
             while True:
-                body = store.execute(listing, actor, {**extra, "limit": limit, **({"cursor": cursor} if cursor else {})}).result
+                body = store.execute(
+                    listing, actor, {**extra, "limit": limit, **({"cursor": cursor} if cursor else {})}
+                ).result
                 for key, value in body.items():
                     if key != "next_cursor":
                         merged.setdefault(key, []).extend(value)
@@ -209,7 +231,11 @@ def test_bad_limits_and_cursors_are_invalid_input(store: Store) -> None:
             store.execute("list-users", actor, {"cursor": cursor})
         assert (exc.value.code, exc.value.field) == ("invalid_cursor", "cursor"), cursor
     # A cursor belongs to its listing and filter.
-    for name, req in (("list-users", {"cursor": good}), ("list-users", {"cursor": good, "domain": names[1]}), ("list-aliases", {"cursor": good})):
+    for name, req in (
+        ("list-users", {"cursor": good}),
+        ("list-users", {"cursor": good, "domain": names[1]}),
+        ("list-aliases", {"cursor": good}),
+    ):
         with pytest.raises(InvalidInput) as exc:
             store.execute(name, actor, req)
         assert exc.value.code == "invalid_cursor"
@@ -227,7 +253,10 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
             for name in ("p1.example", "p2.example"):
                 assert admin.post(f"{API}/add-domain", json={"domain": name, "project_id": 7}).status_code == 201
                 for i in range(3):
-                    assert admin.post(f"{API}/add-user", json={"email": f"u{i}@{name}", "password": PASSWORD}).status_code == 201
+                    assert (
+                        admin.post(f"{API}/add-user", json={"email": f"u{i}@{name}", "password": PASSWORD}).status_code
+                        == 201
+                    )
         yield server
 
 
@@ -288,7 +317,9 @@ def test_the_generated_client_pages(srv: LiveServer, request: pytest.FixtureRequ
     """A client generated from the live OpenAPI (tests/test_openapi_client.py's fixture) sends
     limit and cursor as typed query parameters and reads next_cursor as a documented field."""
     pkg: ModuleType = request.getfixturevalue("client_pkg")
-    project = pkg.AuthenticatedClient(base_url=srv.url, token=srv.create_token(project=7), raise_on_unexpected_status=True)
+    project = pkg.AuthenticatedClient(
+        base_url=srv.url, token=srv.create_token(project=7), raise_on_unexpected_status=True
+    )
     emails: list[str] = []
     cursor: Any = _mod("types").UNSET
     while True:

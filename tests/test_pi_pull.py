@@ -122,7 +122,7 @@ class GitHttpServer:
                     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                     "GIT_PROJECT_ROOT": str(project_root),
                     "GIT_HTTP_EXPORT_ALL": "1",
-                    "PATH_INFO": "/state.git" + path[len(prefix):],
+                    "PATH_INFO": "/state.git" + path[len(prefix) :],
                     "QUERY_STRING": query,
                     "REQUEST_METHOD": self.command,
                     "CONTENT_TYPE": self.headers.get("Content-Type", ""),
@@ -191,7 +191,14 @@ class Setup:
         values: dict[str, dict[str, str]] = {
             "remote": {"url": str(self.repo.bare), "branch": "main"},
             "node": {"name": "pi-test", "sync_key_file": str(self.sync_key_file), "allowed_signers": str(self.signers)},
-            "paths": {"root": str(self.root), "keep_releases": "5", "sync": "no", "mail_root": "/var/vmail", "mail_uid": "5000", "mail_gid": "5000"},
+            "paths": {
+                "root": str(self.root),
+                "keep_releases": "5",
+                "sync": "no",
+                "mail_root": "/var/vmail",
+                "mail_uid": "5000",
+                "mail_gid": "5000",
+            },
             "report": {"url": "", "timeout": "2"},
             "services": {
                 "postfix_reload": f"echo postfix >> {self.reload_log}",
@@ -204,7 +211,9 @@ class Setup:
             section, _, option = key.partition("__")
             values.setdefault(section, {})[option] = value
         path = self.tmp / "pi-pull.ini"
-        path.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in opts.items()) for s, opts in values.items()))
+        path.write_text(
+            "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in opts.items()) for s, opts in values.items())
+        )
         return path
 
     def tick(self, config: Path | None = None, *args: str) -> subprocess.CompletedProcess[str]:
@@ -293,7 +302,14 @@ def test_apply_signed_commit_builds_release(setup: Setup) -> None:
     for name in ("virtual_mailbox_domains", "virtual_mailbox_maps"):
         assert (rel / "postfix" / f"{name}.db").stat().st_size > 0
     q = subprocess.run(
-        ["postmap", "-c", str(setup.postfix_etc), "-q", "sales@example.com", f"hash:{setup.root}/current/postfix/virtual_mailbox_maps"],
+        [
+            "postmap",
+            "-c",
+            str(setup.postfix_etc),
+            "-q",
+            "sales@example.com",
+            f"hash:{setup.root}/current/postfix/virtual_mailbox_maps",
+        ],
         capture_output=True,
         text=True,
     )
@@ -603,8 +619,14 @@ def test_report_sent(setup: Setup) -> None:
         assert len(server.received) == 1
         headers, body = server.received[0]
         issued = setup.state()["statement"]["issued_at"]
-        assert body == {"name": "pi-test", "sync_key": setup.sync_key, "applied_commit": sha, "status": "ok", "error": None,
-                        "statement_issued_at": issued}
+        assert body == {
+            "name": "pi-test",
+            "sync_key": setup.sync_key,
+            "applied_commit": sha,
+            "status": "ok",
+            "error": None,
+            "statement_issued_at": issued,
+        }
         assert headers["Authorization"] == "Basic " + base64.b64encode(f"pi-test:{setup.sync_key}".encode()).decode()
         # a refused tick reports the refusal with the still-applied commit
         setup.repo.commit("unsigned", sign=False)
@@ -630,7 +652,9 @@ def test_report_failure_is_delivered_next_tick(setup: Setup) -> None:
     assert "report to" in setup.outputs[-1] and "failed" in setup.outputs[-1]
     assert setup.current() == sha
     issued = setup.state()["statement"]["issued_at"]
-    assert setup.state()["pending_reports"] == [{"applied_commit": sha, "status": "ok", "error": None, "statement_issued_at": issued}]
+    assert setup.state()["pending_reports"] == [
+        {"applied_commit": sha, "status": "ok", "error": None, "statement_issued_at": issued}
+    ]
     server = ReportServer(port=port)
     try:
         r = setup.tick(cfg)
@@ -692,7 +716,9 @@ def test_sync_key_never_on_a_command_line(setup: Setup, pipull: Any) -> None:
     try:
         cfg = pipull.config.load_config(str(setup.config(remote__url=http.url, report__url=report.url)))
         log = io.StringIO()
-        result = pipull.agent.Agent(cfg, runner=RecordingRunner(), log=pipull.log.make_logger(stream=log, verbose=True)).tick()
+        result = pipull.agent.Agent(
+            cfg, runner=RecordingRunner(), log=pipull.log.make_logger(stream=log, verbose=True)
+        ).tick()
     finally:
         http.close()
         report.close()
@@ -716,7 +742,9 @@ def test_sync_key_never_in_output(setup: Setup) -> None:
         setup.repo.commit()
         setup.tick(setup.config(remote__url=http.url, report__url=good_report.url), "--verbose")
         setup.tick(setup.config(remote__url=http.url, report__url=bad_report.url), "--verbose")
-        setup.tick(setup.config(remote__url=f"http://127.0.0.1:{closed}/v1/nodes/state.git", report__url=good_report.url), "-v")
+        setup.tick(
+            setup.config(remote__url=f"http://127.0.0.1:{closed}/v1/nodes/state.git", report__url=good_report.url), "-v"
+        )
         setup.repo.commit("unsigned", sign=False)
         setup.tick(setup.config(remote__url=http.url, report__url=f"http://127.0.0.1:{closed}/r"), "-v")
     finally:
@@ -763,7 +791,9 @@ def test_log_filter_masks_secrets_in_every_line(pipull: Any) -> None:
 def test_config_booleans_and_numbers_come_from_configparser(tmp_path: Path, pipull: Any) -> None:
     ini = tmp_path / "c.ini"
     mail = "mail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
-    ini.write_text(f"[remote]\nurl = /x\nsend_credentials = On\n[node]\nallowed_signers = s\n[paths]\nsync = 0\nkeep_releases = 7\n{mail}")
+    ini.write_text(
+        f"[remote]\nurl = /x\nsend_credentials = On\n[node]\nallowed_signers = s\n[paths]\nsync = 0\nkeep_releases = 7\n{mail}"
+    )
     cfg = pipull.config.load_config(str(ini))
     assert cfg.send_credentials is True and cfg.sync is False and cfg.keep_releases == 7
     assert cfg.allowed_signers == str(tmp_path / "s")
@@ -795,17 +825,25 @@ def test_usage_and_config_errors(tmp_path: Path, pi_pull: Path) -> None:
     r = run_pi_pull(tmp_path / "missing.ini")
     assert r.returncode == EXIT_USAGE and "cannot read config" in r.stderr
     mail = "[paths]\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
-    (tmp_path / "bad.ini").write_text(f"[remote]\nurl = /x\n[services]\nmap_type = nosuch\n[node]\nallowed_signers = /x\n{mail}")
+    (tmp_path / "bad.ini").write_text(
+        f"[remote]\nurl = /x\n[services]\nmap_type = nosuch\n[node]\nallowed_signers = /x\n{mail}"
+    )
     r = run_pi_pull(tmp_path / "bad.ini")
     assert r.returncode == EXIT_USAGE and "map_type" in r.stderr
     # mail_root/mail_uid/mail_gid pin what a passwd line may say: without them nothing is trusted
-    for missing, word in (("mail_root", "missing [paths] mail_root"), ("mail_uid", "mail_uid must be set"), ("mail_gid", "mail_gid must be set")):
+    for missing, word in (
+        ("mail_root", "missing [paths] mail_root"),
+        ("mail_uid", "mail_uid must be set"),
+        ("mail_gid", "mail_gid must be set"),
+    ):
         text = "".join(line + "\n" for line in mail.splitlines() if not line.startswith(missing))
         (tmp_path / "nomail.ini").write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = /x\n{text}")
         r = run_pi_pull(tmp_path / "nomail.ini")
         assert r.returncode == EXIT_USAGE and word in r.stderr, r.stderr
     for root in ("/", "relative/path", "/var/../etc", "/var/v mail", "/var:vmail"):
-        (tmp_path / "badroot.ini").write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = /x\n{mail.replace('/var/vmail', root)}")
+        (tmp_path / "badroot.ini").write_text(
+            f"[remote]\nurl = /x\n[node]\nallowed_signers = /x\n{mail.replace('/var/vmail', root)}"
+        )
         r = run_pi_pull(tmp_path / "badroot.ini")
         assert r.returncode == EXIT_USAGE and "mail_root" in r.stderr, (root, r.stderr)
 
@@ -851,7 +889,9 @@ def test_runs_on_python_39(setup: Setup) -> None:
     assert len(sources) > 10
     for src in sources:
         ast.parse(src.read_text(), filename=str(src), feature_version=(3, 9))
-    py39 = next((p for p in ("/root/.pyenv/versions/3.9.18/bin/python", "/usr/bin/python3.9") if Path(p).exists()), None)
+    py39 = next(
+        (p for p in ("/root/.pyenv/versions/3.9.18/bin/python", "/usr/bin/python3.9") if Path(p).exists()), None
+    )
     if py39 is None:
         return  # the grammar check above is what this machine can do
     two_domains(setup.repo)
@@ -881,7 +921,9 @@ class E2E:
 
 @pytest.fixture
 def e2e(mailnode: MailNode, setup: Setup) -> Iterator[E2E]:  # noqa: F811
-    repo = StateRepo(setup.tmp / "e2e-repo", setup.key, mail_root=str(mailnode.mail_root), uid=mailnode.uid, gid=mailnode.gid)
+    repo = StateRepo(
+        setup.tmp / "e2e-repo", setup.key, mail_root=str(mailnode.mail_root), uid=mailnode.uid, gid=mailnode.gid
+    )
     cfg = mailnode.write_pi_pull_config(setup.tmp / "node.ini", str(repo.bare), setup.signers)
     yield E2E(node=mailnode, setup=setup, repo=repo, cfg=cfg)
 
@@ -1012,7 +1054,11 @@ def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_d
     """pi-pull accepts what `state/` + `compiler/` actually commit, verified with the data dir's
     allowed_signers (conftest's `mail_store`: example.com with info@example.com). The store runs
     on conftest's frozen clock, so its statements are months old: freshness is off here."""
-    cfg = setup.config(remote__url=str(data_dir.repo), node__allowed_signers=str(data_dir.allowed_signers), freshness__max_staleness="0")
+    cfg = setup.config(
+        remote__url=str(data_dir.repo),
+        node__allowed_signers=str(data_dir.allowed_signers),
+        freshness__max_staleness="0",
+    )
     r = setup.tick(cfg)
     assert r.returncode == EXIT_OK, r.stderr
     tip = git(data_dir.repo, "rev-parse", "main")
@@ -1020,7 +1066,10 @@ def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_d
     passwd = (setup.root / "current/dovecot/passwd.d/example.com").read_text()
     assert passwd.startswith("info@example.com:{BLF-CRYPT}$2b$")
     # format 1 homes are <local>, format 2 homes <local>~<id>
-    assert re.fullmatch(r"info@example\.com example\.com/info(~[0-9]{8}-[0-9a-f]{6})?/\n", (setup.root / "current/postfix/virtual_mailbox_maps").read_text())
+    assert re.fullmatch(
+        r"info@example\.com example\.com/info(~[0-9]{8}-[0-9a-f]{6})?/\n",
+        (setup.root / "current/postfix/virtual_mailbox_maps").read_text(),
+    )
     # a further API write fast-forwards
     mail_store.execute("add-user", PROJECT_A, {"email": "sales@example.com", "password": "another password"})
     assert setup.tick(cfg).returncode == EXIT_OK
@@ -1029,5 +1078,7 @@ def test_commits_from_the_real_store_apply(setup: Setup, mail_store: Any, data_d
     r = setup.tick(setup.config(remote__url=str(data_dir.repo), freshness__max_staleness="0"))
     assert r.returncode == EXIT_OK  # nothing new: no verification needed
     mail_store.execute("add-user", PROJECT_A, {"email": "third@example.com", "password": "yet another password"})
-    r = setup.tick(setup.config(remote__url=str(data_dir.repo), freshness__max_staleness="0"))  # allowed_signers = the test key only
+    r = setup.tick(
+        setup.config(remote__url=str(data_dir.repo), freshness__max_staleness="0")
+    )  # allowed_signers = the test key only
     assert r.returncode == EXIT_REFUSED and "not signed by a server key" in r.stderr

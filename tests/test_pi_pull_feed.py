@@ -36,7 +36,15 @@ def test_whole_and_chunked_agree(pipull: ModuleType) -> None:
     for fname, data in cases:
         whole = verdict(pipull, fname, data, (data,))
         assert verdict(pipull, fname, data, [data]) == whole, (fname, data[:40])  # the same message, too
-        for cut in (1, len(data) // 2, max(0, len(data) - 1)):  # (which error of several comes first follows the chunks)
-            assert verdict(pipull, fname, data, [data[:cut], data[cut:]]).split(":")[0] == whole.split(":")[0], (fname, data[:40], cut)
+        for cut in (
+            1,
+            len(data) // 2,
+            max(0, len(data) - 1),
+        ):  # (which error of several comes first follows the chunks)
+            assert verdict(pipull, fname, data, [data[:cut], data[cut:]]).split(":")[0] == whole.split(":")[0], (
+                fname,
+                data[:40],
+                cut,
+            )
         seen.add(whole.split(":")[0])
     assert seen == {"ok 1 0 0", "refused", "ok 0 1 0", "ok 0 0 1", "ok 0 0 0"}

@@ -46,7 +46,11 @@ def _du(path: Path) -> int:
 def test_statement_is_the_servers_format(setup: Setup, tmp_path: Path) -> None:
     """StateRepo's `git tag -s` statement is what state/statement.py parses and verifies."""
     sha = setup.repo.commit("first")
-    raw = subprocess.run(["git", "-C", str(setup.repo.bare), "cat-file", "tag", "refs/mailstate/accepted"], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        ["git", "-C", str(setup.repo.bare), "cat-file", "tag", "refs/mailstate/accepted"],
+        capture_output=True,
+        check=True,
+    ).stdout
     st = server_verify_statement(raw, setup.signers)
     assert st.head == sha and server_parse_statement(raw).issued_at == st.issued_at
 
@@ -56,7 +60,9 @@ def test_git_tag_s_and_the_server_write_the_same_bytes(setup: Setup) -> None:
     byte for byte the tag `git tag -s` makes, so either can stand in for the other."""
     sha = setup.repo.commit("first", statement=False)
     tag = setup.repo.publish_statement(sha, issued_at=1767225600)
-    raw = subprocess.run(["git", "-C", str(setup.repo.bare), "cat-file", "tag", tag], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        ["git", "-C", str(setup.repo.bare), "cat-file", "tag", tag], capture_output=True, check=True
+    ).stdout
     payload = server_statement_payload(sha, 1767225600)
     assert raw == payload + SshKeygenSigner(setup.key.private).sign(payload).encode()
 
@@ -85,7 +91,9 @@ def test_a_commit_on_main_without_a_statement_is_never_downloaded(setup: Setup) 
 def test_statement_by_an_admin_key_is_refused(setup: Setup, tmp_path: Path) -> None:
     """An admin key may sign commits, never statements: only principal `mailstate` states."""
     admin = make_signing_key(tmp_path / "keys", "admin")
-    (setup.signers).write_text(setup.key.allowed_signers_line() + "\n" + admin.allowed_signers_line("admin@example.org") + "\n")
+    (setup.signers).write_text(
+        setup.key.allowed_signers_line() + "\n" + admin.allowed_signers_line("admin@example.org") + "\n"
+    )
     two_domains(setup.repo)
     good = setup.repo.commit("first")
     assert setup.tick().returncode == EXIT_OK
@@ -118,11 +126,25 @@ def test_statement_whose_fields_disagree_is_refused(setup: Setup) -> None:
     two_domains(setup.repo)
     sha = setup.repo.commit("first", statement=False)
     other = setup.repo.commit("second", statement=False)
-    env = {**os.environ, "GIT_COMMITTER_NAME": "mailstate", "GIT_COMMITTER_EMAIL": "mailstate@localhost", "GIT_COMMITTER_DATE": "1700000000 +0000"}
+    env = {
+        **os.environ,
+        "GIT_COMMITTER_NAME": "mailstate",
+        "GIT_COMMITTER_EMAIL": "mailstate@localhost",
+        "GIT_COMMITTER_DATE": "1700000000 +0000",
+    }
     message = f"mailstate accepted head {sha[:12]}\n\nAccepted-Head: {other}\nIssued-At: 1700000000\n"  # object is sha
     base = ["git", "-C", str(setup.repo.work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={setup.key.private}"]
-    subprocess.run([*base, "tag", "-s", "-f", "-m", message, "mailstate-accepted", sha], check=True, env=env, capture_output=True)
-    git(setup.repo.work, "push", "-q", "-f", str(setup.repo.bare), "refs/tags/mailstate-accepted:refs/mailstate/accepted")
+    subprocess.run(
+        [*base, "tag", "-s", "-f", "-m", message, "mailstate-accepted", sha], check=True, env=env, capture_output=True
+    )
+    git(
+        setup.repo.work,
+        "push",
+        "-q",
+        "-f",
+        str(setup.repo.bare),
+        "refs/tags/mailstate-accepted:refs/mailstate/accepted",
+    )
     r = setup.tick()
     assert r.returncode == EXIT_REFUSED and "fields disagree" in r.stderr
 
@@ -216,7 +238,9 @@ def _big_state(repo: StateRepo, n: int, hash_: str) -> None:
     locals_ = [f"u{i:07d}" for i in range(n)]
     with open(base / "passwd", "w") as fh:
         for local in locals_:
-            fh.write(f"{local}@big.example:{hash_}:5000:5000::/var/vmail/big.example/{local}::userdb_quota_rule=*:storage=1024M\n")
+            fh.write(
+                f"{local}@big.example:{hash_}:5000:5000::/var/vmail/big.example/{local}::userdb_quota_rule=*:storage=1024M\n"
+            )
     with open(base / "virtual_mailbox_maps", "w") as fh:
         for local in locals_:
             fh.write(f"{local}@big.example big.example/{local}/\n")
@@ -228,7 +252,9 @@ def test_a_64_mib_passwd_file_is_validated_in_bounded_memory(setup: Setup, tmp_p
     setup.repo.set_mailbox("info@example.com", "info-password")
     hash_ = setup.repo.domains["example.com"]["info"].password_hash
     setup.repo.write_tree()
-    line = f"u0000000@big.example:{hash_}:5000:5000::/var/vmail/big.example/u0000000::userdb_quota_rule=*:storage=1024M\n"
+    line = (
+        f"u0000000@big.example:{hash_}:5000:5000::/var/vmail/big.example/u0000000::userdb_quota_rule=*:storage=1024M\n"
+    )
     n = 64 * MiB // len(line) + 1  # a 64 MiB passwd-file
     _big_state(setup.repo, n, hash_)
     sha = setup.repo.commit("64 MiB passwd", write=False)
@@ -256,7 +282,9 @@ def test_a_64_mib_passwd_file_is_validated_in_bounded_memory(setup: Setup, tmp_p
         "print('peak-rss-kib', os.read(r, 64).decode(), file=sys.stderr)\n"
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
     )
-    r = subprocess.run([sys.executable, "-c", wrapper, str(pi_pull_script()), str(cfg)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", wrapper, str(pi_pull_script()), str(cfg)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == EXIT_OK, r.stderr
     assert setup.current() == sha
     peak_mib = int(r.stderr.split("peak-rss-kib")[1].split()[0]) / 1024
@@ -289,7 +317,9 @@ def test_publish_statement_helper_forces_the_ref(tmp_path: Path) -> None:
     a = repo.commit("a")
     b = repo.commit("b")
     tag = publish_statement(repo.work, repo.bare, a, key)
-    raw = subprocess.run(["git", "-C", str(repo.bare), "cat-file", "tag", "refs/mailstate/accepted"], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        ["git", "-C", str(repo.bare), "cat-file", "tag", "refs/mailstate/accepted"], capture_output=True, check=True
+    ).stdout
     assert git(repo.bare, "rev-parse", "refs/mailstate/accepted") == tag
     assert server_verify_statement(raw, signers).head == a != b
 
@@ -303,10 +333,18 @@ def test_an_older_agents_mirror_loses_its_fetched_tip(setup: Setup) -> None:
     setup.repo.set_mailbox("evil@example.com", "evil-password")
     bad = setup.repo.commit("unsigned, never stated", sign=False, statement=False)
     mirror = setup.root / "mirror.git"
-    subprocess.run(["git", "--git-dir", str(mirror), "fetch", "-q", str(setup.repo.bare), "+refs/heads/main:refs/pi-pull/tip"], check=True)
+    subprocess.run(
+        ["git", "--git-dir", str(mirror), "fetch", "-q", str(setup.repo.bare), "+refs/heads/main:refs/pi-pull/tip"],
+        check=True,
+    )
     assert bad in _objects(setup.root)
     r = setup.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert bad not in _objects(setup.root)
-    refs = subprocess.run(["git", "--git-dir", str(mirror), "for-each-ref", "--format=%(refname)"], capture_output=True, text=True, check=True).stdout.split()
+    refs = subprocess.run(
+        ["git", "--git-dir", str(mirror), "for-each-ref", "--format=%(refname)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert refs == ["refs/pi-pull/accepted", "refs/pi-pull/applied"]

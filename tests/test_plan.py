@@ -60,7 +60,11 @@ def rich_store(mail_store: Store) -> Store:
     gone.net registered (project B, add-domain enables email); node mpi01 with an ip."""
     s = mail_store
     for local in ("sales", "support"):
-        s.execute("add-user", PROJECT_A, {"email": f"{local}@example.com", "password": "correct horse battery", "quota_mb": 512})
+        s.execute(
+            "add-user",
+            PROJECT_A,
+            {"email": f"{local}@example.com", "password": "correct horse battery", "quota_mb": 512},
+        )
     s.execute("link-domain", ADMIN, {"domain": "other.org", "project_id": PROJECT_A.project_id})
     s.execute("enable-email", PROJECT_A, {"domain": "other.org"})
     s.execute("add-domain", ADMIN, {"domain": "gone.net", "project_id": PROJECT_B.project_id})
@@ -113,7 +117,9 @@ def hand_edit(wt: Path) -> dict[str, str]:
     return {"old_support": old_support, "new": new_hash, "bob": bob_hash}
 
 
-def test_plan_of_a_hand_edited_working_tree_names_every_change(worktree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_of_a_hand_edited_working_tree_names_every_change(
+    worktree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hashes = hand_edit(worktree)
     result = plan_worktree(worktree)
 
@@ -179,11 +185,18 @@ def test_plan_of_a_hand_edited_working_tree_names_every_change(worktree: Path, c
     assert code == 0 and err == ""
     assert out == text
     code, md, _ = run_cli(capsys, "plan", str(worktree), "--markdown")
-    assert code == 0 and md.startswith("### mailstate plan: `HEAD (") and "```diff" in md and "~ support@example.com: password changed" in md
+    assert (
+        code == 0
+        and md.startswith("### mailstate plan: `HEAD (")
+        and "```diff" in md
+        and "~ support@example.com: password changed" in md
+    )
     code, js, _ = run_cli(capsys, "plan", str(worktree), "--json")
     data = json.loads(js)
     assert data["changed"] is True and data["summary"]["password_changed"] == 1
-    assert {"op": "~", "name": "support@example.com", "change": "password changed", "kind": "password_changed"} in data["mailboxes"]
+    assert {"op": "~", "name": "support@example.com", "change": "password changed", "kind": "password_changed"} in data[
+        "mailboxes"
+    ]
     for output in (text, md, js):
         assert_no_secrets(output, *hashes.values())
 
@@ -235,7 +248,9 @@ def test_fast_paths_agree_with_full_loads(worktree: Path, data_dir: DataDir) -> 
     assert fast.names("mailboxes", "password_changed") == ["support@example.com"]
 
 
-def test_revision_to_revision_on_the_bare_repo_after_api_writes(rich_store: Store, data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
+def test_revision_to_revision_on_the_bare_repo_after_api_writes(
+    rich_store: Store, data_dir: DataDir, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = git_out(data_dir.repo, "rev-parse", "main").strip()
     rich_store.execute("add-user", PROJECT_A, {"email": "new@example.com", "password": "correct horse battery"})
     rich_store.execute("update-password", PROJECT_A, {"email": "info@example.com", "password": "another good one"})

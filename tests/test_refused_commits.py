@@ -47,8 +47,12 @@ BAD_LINE = "x@example.com:{PLAIN}pw:5000:5000::/var/vmail/example.com/x::nopassw
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def run(cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env, check=check, timeout=60)
+def run(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env, check=check, timeout=60
+    )
 
 
 def trust_admin(allowed_signers: Path, tmp: Path) -> Path:
@@ -61,13 +65,30 @@ def trust_admin(allowed_signers: Path, tmp: Path) -> Path:
     return key
 
 
-def admin_push(remote: Path | str, tmp: Path, key: Path, edit: Callable[[Path], None], *, env: dict[str, str] | None = None, force: bool = False) -> str:
+def admin_push(
+    remote: Path | str,
+    tmp: Path,
+    key: Path,
+    edit: Callable[[Path], None],
+    *,
+    env: dict[str, str] | None = None,
+    force: bool = False,
+) -> str:
     """Clone `remote`, `edit(worktree)`, commit signed by `key` (git commit -S), push to main."""
     work = tmp / f"admin-work-{len(list(tmp.glob('admin-work-*')))}"
     subprocess.run(["git", "clone", "-q", str(remote), str(work)], check=True, capture_output=True, env=env)
     edit(work)
     run(work, "add", "-A", env=env)
-    ident = ["-c", "user.name=Admin", "-c", "user.email=admin@example.org", "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}"]
+    ident = [
+        "-c",
+        "user.name=Admin",
+        "-c",
+        "user.email=admin@example.org",
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        f"user.signingkey={key}",
+    ]
     run(work, *ident, "commit", "-q", "-S", "-m", "admin change", env=env)
     run(work, "push", "-q", *(["--force"] if force else []), "origin", "HEAD:main", env=env)
     return run(work, "rev-parse", "HEAD", env=env).stdout.strip()
@@ -220,16 +241,27 @@ def test_the_background_thread_notices_pushes_without_requests(data_dir: DataDir
     x = open_store(data_dir.root)
     setup_domain(x)
     stop = threading.Event()
-    thread = threading.Thread(target=x.run_background, args=(stop,), kwargs={"statement_interval": 0.3, "watch_interval": 0.1}, daemon=True)
+    thread = threading.Thread(
+        target=x.run_background, args=(stop,), kwargs={"statement_interval": 0.3, "watch_interval": 0.1}, daemon=True
+    )
     thread.start()
     try:
         first = statement_at(data_dir.repo, data_dir.allowed_signers)[1]
-        wait_for(lambda: statement_at(data_dir.repo, data_dir.allowed_signers)[1].issued_at > first.issued_at, what="a refreshed statement")
+        wait_for(
+            lambda: statement_at(data_dir.repo, data_dir.allowed_signers)[1].issued_at > first.issued_at,
+            what="a refreshed statement",
+        )
         ok = admin_push(data_dir.repo, tmp_path, key, quota_bump)
-        wait_for(lambda: statement_at(data_dir.repo, data_dir.allowed_signers)[1].head == ok, 2.5, "the good admin commit's statement")
+        wait_for(
+            lambda: statement_at(data_dir.repo, data_dir.allowed_signers)[1].head == ok,
+            2.5,
+            "the good admin commit's statement",
+        )
         # With the thread running, a write leaves its statement to it (off the write path).
         mine = x.execute("add-user", PROJECT_A, {"email": "bg@example.com", "password": PASSWORD}).result["commit"]
-        wait_for(lambda: statement_at(data_dir.repo, data_dir.allowed_signers)[1].head == mine, 2.5, "the write's statement")
+        wait_for(
+            lambda: statement_at(data_dir.repo, data_dir.allowed_signers)[1].head == mine, 2.5, "the write's statement"
+        )
         ok = mine
         bad = admin_push(data_dir.repo, tmp_path, key, plain_password_line)
         wait_for(lambda: x.health()["status"] == "degraded", 2.5, "health to show the refused commit")
@@ -257,7 +289,9 @@ def test_list_nodes_tells_diverged_from_behind(data_dir: DataDir, tmp_path: Path
         x.execute("add-user", PROJECT_A, {"email": "three@example.com", "password": PASSWORD})  # the correction
 
         def node(applied: str | None) -> dict[str, object]:
-            db.record_node_status("n1", applied_commit=applied, status="ok", error=None, remote_addr=None, at=datetime.now(UTC))
+            db.record_node_status(
+                "n1", applied_commit=applied, status="ok", error=None, remote_addr=None, at=datetime.now(UTC)
+            )
             entry: dict[str, object] = x.execute("list-nodes", ADMIN).result["nodes"][0]
             return entry
 
@@ -265,7 +299,10 @@ def test_list_nodes_tells_diverged_from_behind(data_dir: DataDir, tmp_path: Path
         assert {k: node(good)[k] for k in ("diverged", "commits_behind")} == {"diverged": False, "commits_behind": 1}
         assert {k: node(x.head)[k] for k in ("diverged", "commits_behind")} == {"diverged": False, "commits_behind": 0}
         assert {k: node(bad)[k] for k in ("diverged", "commits_behind")} == {"diverged": True, "commits_behind": None}
-        assert {k: node("ab" * 20)[k] for k in ("diverged", "commits_behind")} == {"diverged": True, "commits_behind": None}
+        assert {k: node("ab" * 20)[k] for k in ("diverged", "commits_behind")} == {
+            "diverged": True,
+            "commits_behind": None,
+        }
         assert {k: node(None)[k] for k in ("diverged", "commits_behind")} == {"diverged": False, "commits_behind": None}
     finally:
         db.close()
@@ -335,7 +372,9 @@ def test_a_failed_statement_push_does_not_fail_the_write(fleet: dict[str, Path |
     a = open_store(a_dd.root, upstream=str(up))
     setup_domain(a)
     hook = up / "hooks" / "update"
-    hook.write_text('#!/bin/sh\ncase "$1" in refs/mailstate/*) echo "statements refused here" >&2; exit 1;; esac\nexit 0\n')
+    hook.write_text(
+        '#!/bin/sh\ncase "$1" in refs/mailstate/*) echo "statements refused here" >&2; exit 1;; esac\nexit 0\n'
+    )
     hook.chmod(0o755)
     out = a.execute("add-user", PROJECT_A, {"email": "kept@example.com", "password": PASSWORD})
     assert run(up, "rev-parse", "main").stdout.strip() == out.result["commit"]  # the write landed
@@ -370,7 +409,12 @@ def test_a_stale_server_never_moves_the_upstream_statement_back(fleet: dict[str,
 
 def _basic_env(name: str, key: str) -> dict[str, str]:
     token = base64.b64encode(f"{name}:{key}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader", "GIT_CONFIG_VALUE_0": f"Authorization: Basic {token}", "GIT_TERMINAL_PROMPT": "0"}
+    return {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "http.extraHeader",
+        "GIT_CONFIG_VALUE_0": f"Authorization: Basic {token}",
+        "GIT_TERMINAL_PROMPT": "0",
+    }
 
 
 @pytest.fixture
@@ -382,10 +426,15 @@ def served(tmp_path: Path) -> Iterator[tuple[LiveServer, str]]:
     try:
         with srv.client(srv.admin_token) as admin:
             project = srv.create_token(project=PROJECT_A.project_id)
-            assert admin.post(f"{API}/link-domain", json={"domain": "example.com", "project_id": PROJECT_A.project_id}).status_code in (200, 201)
+            assert admin.post(
+                f"{API}/link-domain", json={"domain": "example.com", "project_id": PROJECT_A.project_id}
+            ).status_code in (200, 201)
             with srv.client(project) as p:
                 assert p.post(f"{API}/enable-email", json={"domain": "example.com"}).status_code in (200, 201)
-                assert p.post(f"{API}/add-user", json={"email": "info@example.com", "password": PASSWORD}).status_code == 201
+                assert (
+                    p.post(f"{API}/add-user", json={"email": "info@example.com", "password": PASSWORD}).status_code
+                    == 201
+                )
             key = admin.post(f"{API}/add-node", json={"name": "n1"}).json()["sync_key"]
         srv.project_token = project  # type: ignore[attr-defined]
         yield srv, key
@@ -404,7 +453,9 @@ def test_the_node_endpoint_serves_only_what_the_server_accepted(served: tuple[Li
         refs = run(node, "-c", f"protocol.version={version}", "ls-remote", url, env=env).stdout.split()
         assert refs[1::2] == [REF, REF + "^{}"], refs  # no HEAD, no main, no private refs
     good = srv.git("rev-parse", "main").strip()
-    wait_for(lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == good, 4.0, "the last write's statement")
+    wait_for(
+        lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == good, 4.0, "the last write's statement"
+    )
     run(node, "fetch", "-q", url, f"+{REF}:refs/pi-pull/accepted", env=env)
     assert run(node, "rev-parse", "refs/pi-pull/accepted^{commit}").stdout.strip() == good
     assert run(node, "fetch", "-q", url, "+refs/heads/main:refs/x", env=env, check=False).returncode != 0
@@ -415,7 +466,9 @@ def test_the_node_endpoint_serves_only_what_the_server_accepted(served: tuple[Li
 
     # The background thread refuses it within about a second, with no request to the store.
     def health() -> dict[str, object]:
-        body: dict[str, object] = httpx.get(f"{srv.url}/v1/health", headers={"Authorization": f"Bearer {srv.admin_token}"}).json()
+        body: dict[str, object] = httpx.get(
+            f"{srv.url}/v1/health", headers={"Authorization": f"Bearer {srv.admin_token}"}
+        ).json()
         return body
 
     wait_for(lambda: health()["status"] == "degraded", 4.0, "health to show the refused commit")
@@ -434,7 +487,9 @@ def test_the_node_endpoint_serves_only_what_the_server_accepted(served: tuple[Li
     with srv.client(srv.project_token) as p:  # type: ignore[attr-defined]
         fix = p.post(f"{API}/add-user", json={"email": "after@example.com", "password": PASSWORD}).json()["commit"]
     assert parent(srv.data.repo, fix) == good
-    wait_for(lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == fix, 4.0, "the correction's statement")
+    wait_for(
+        lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == fix, 4.0, "the correction's statement"
+    )
     run(node, "fetch", "-q", url, f"+{REF}:refs/pi-pull/accepted", env=env)
     assert run(node, "rev-parse", "refs/pi-pull/accepted^{commit}").stdout.strip() == fix
     assert run(node, "merge-base", "--is-ancestor", good, "refs/pi-pull/accepted^{commit}", check=False).returncode == 0
@@ -446,9 +501,15 @@ def test_the_node_endpoint_serves_only_what_the_server_accepted(served: tuple[Li
 def test_the_server_refreshes_the_statement_on_its_own(served: tuple[LiveServer, str]) -> None:
     srv, _key = served
     head = srv.git("rev-parse", "main").strip()
-    wait_for(lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == head, 4.0, "the last write's statement")
+    wait_for(
+        lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == head, 4.0, "the last write's statement"
+    )
     first = statement_at(srv.data.repo, srv.data.allowed_signers)[1]
-    wait_for(lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].issued_at > first.issued_at, 5.0, "a refreshed statement")
+    wait_for(
+        lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].issued_at > first.issued_at,
+        5.0,
+        "a refreshed statement",
+    )
 
 
 def test_a_good_commit_by_another_process_is_stated_promptly(served: tuple[LiveServer, str], tmp_path: Path) -> None:
@@ -457,7 +518,9 @@ def test_a_good_commit_by_another_process_is_stated_promptly(served: tuple[LiveS
     srv, _key = served
     admin_key = trust_admin(srv.data.allowed_signers, tmp_path)
     ok = admin_push(srv.data.repo, tmp_path, admin_key, quota_bump, env=srv.env)
-    wait_for(lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == ok, 4.0, "the admin commit's statement")
+    wait_for(
+        lambda: statement_at(srv.data.repo, srv.data.allowed_signers)[1].head == ok, 4.0, "the admin commit's statement"
+    )
     body = httpx.get(f"{srv.url}/v1/health", headers={"Authorization": f"Bearer {srv.admin_token}"}).json()
     assert body["status"] == "ok" and body["head"] == ok
 
@@ -472,7 +535,9 @@ def test_two_writers_upstream_statement_names_only_main_and_moves_forward(fleet:
     b = open_store(b_dd.root, upstream=str(up))
     log = up / "updates.log"
     hook = up / "hooks" / "reference-transaction"  # sees only updates that really happen
-    hook.write_text(f'#!/bin/sh\n[ "$1" = committed ] || exit 0\nwhile read old new ref; do echo "$ref $new" >> {log}; done\n')
+    hook.write_text(
+        f'#!/bin/sh\n[ "$1" = committed ] || exit 0\nwhile read old new ref; do echo "$ref $new" >> {log}; done\n'
+    )
     hook.chmod(0o755)
     errors: list[BaseException] = []
 

@@ -57,13 +57,23 @@ def test_the_fast_seed_builds_the_same_signed_tree(tmp_path: Path) -> None:
 
     def git(info: SeedInfo, *args: str) -> str:
         repo = info.data_dir.repo
-        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     assert git(loose, "rev-parse", "main^{tree}") == git(fast, "rev-parse", "main^{tree}")
     assert git(fast, "rev-list", "--count", "main") == "2"  # init + the one seed commit
     assert git(fast, "for-each-ref", "refs/bench") == ""  # fast-import's throwaway ref is gone
     verify = subprocess.run(
-        ["git", "-C", str(fast.data_dir.repo), "-c", f"gpg.ssh.allowedSignersFile={fast.data_dir.allowed_signers}", "verify-commit", "main"],
+        [
+            "git",
+            "-C",
+            str(fast.data_dir.repo),
+            "-c",
+            f"gpg.ssh.allowedSignersFile={fast.data_dir.allowed_signers}",
+            "verify-commit",
+            "main",
+        ],
         capture_output=True,
         text=True,
     )
@@ -113,13 +123,17 @@ def test_worktree_plan_parses_only_changed_files_and_agrees_with_the_full_read(s
     )
     fast = plan_worktree(wt)
     assert {**fast.as_dict(), "base": "b", "head": "h"} == _full_plan(wt)
-    assert fast.names("domains", "domain_added") == ["new.example"] and fast.names("domains", "domain_removed") == ["other.example"]
+    assert fast.names("domains", "domain_added") == ["new.example"] and fast.names("domains", "domain_removed") == [
+        "other.example"
+    ]
 
     # A stray untracked file under domains/ is refused, as the full read refuses it.
     (wt / "domains" / "notes.txt").write_text("hello")
     with pytest.raises(StateInvalid) as caught:
         plan_worktree(wt)
-    assert caught.value.problems == ["domains/notes.txt: unexpected file (domain files live at domains/<bb>/<domain>.yaml)"]
+    assert caught.value.problems == [
+        "domains/notes.txt: unexpected file (domain files live at domains/<bb>/<domain>.yaml)"
+    ]
 
 
 def test_the_cache_writes_entries_exactly_as_model_dump(store: Store) -> None:
@@ -131,7 +145,9 @@ def test_the_cache_writes_entries_exactly_as_model_dump(store: Store) -> None:
         store.execute("enable-email", PROJECT_A, {"domain": name})
     store.execute("add-user", PROJECT_A, {"email": "x@a.example", "password": PASSWORD})
     store.execute("add-user", PROJECT_A, {"email": "y@a.example", "password": PASSWORD, "quota_mb": 7})
-    store.execute("set-forwarding", PROJECT_A, {"email": "x@a.example", "destinations": ["z@example.org"], "keep_copy": False})
+    store.execute(
+        "set-forwarding", PROJECT_A, {"email": "x@a.example", "destinations": ["z@example.org"], "keep_copy": False}
+    )
     store.execute("add-alias", PROJECT_A, {"address": "@a.example", "destinations": ["y@a.example"]})
     store.execute("add-alias-domain", PROJECT_A, {"domain": "b.example", "target": "a.example"})
     for dom in store.snapshot.domains.values():

@@ -20,8 +20,11 @@ REL = "rendered/domains/ex/example.com/sender_login_maps"
 
 
 def text_of(vec: dict[str, Any]) -> str:
-    return (str(vec["text"]).replace("OWNERS501", ",".join(f"u{i}@example.com" for i in range(501)))
-            .replace("LONGLINE", ",".join(f"user{i:05d}@example.com" for i in range(400))))
+    return (
+        str(vec["text"])
+        .replace("OWNERS501", ",".join(f"u{i}@example.com" for i in range(501)))
+        .replace("LONGLINE", ",".join(f"user{i:05d}@example.com" for i in range(400)))
+    )
 
 
 def test_the_node_validator_agrees_with_the_table(pipull: Any) -> None:
@@ -35,7 +38,9 @@ def test_the_node_validator_agrees_with_the_table(pipull: Any) -> None:
 
 
 def test_claims_need_the_alias_domain(pipull: Any) -> None:
-    check = pipull.sendermap.check_bytes("example.com", b"info@example.com info@example.com\ninfo@old.example info@example.com\n")
+    check = pipull.sendermap.check_bytes(
+        "example.com", b"info@example.com info@example.com\ninfo@old.example info@example.com\n"
+    )
     pipull.sendermap.check_claims({"example.com": check}, {"old.example": "example.com"})
     with pytest.raises(pipull.errors.Refused, match="not an alias domain"):
         pipull.sendermap.check_claims({"example.com": check}, {"old.example": "elsewhere.example"})

@@ -31,7 +31,11 @@ def test_sender_lines_follow_every_write(mail_store: Store, pipull: Any) -> None
     s = mail_store  # example.com (project A) with info@
     assert smap(s, "example.com") == "info@example.com info@example.com\n"
     s.execute("add-user", A, {"email": "bob@example.com", "password": PASSWORD})
-    s.execute("add-alias", A, {"address": "team@example.com", "destinations": ["info@example.com", "bob@example.com", "x@gmail.com"]})
+    s.execute(
+        "add-alias",
+        A,
+        {"address": "team@example.com", "destinations": ["info@example.com", "bob@example.com", "x@gmail.com"]},
+    )
     s.execute("add-alias", A, {"address": "@example.com", "destinations": ["info@example.com"]})  # no sender rights
     s.execute("set-forwarding", A, {"email": "bob@example.com", "destinations": ["bob@gmail.com"]})  # none either
     assert smap(s, "example.com") == (
@@ -43,7 +47,10 @@ def test_sender_lines_follow_every_write(mail_store: Store, pipull: Any) -> None
     linked(s, "old.example", A.project_id)
     s.execute("add-alias-domain", A, {"domain": "old.example", "target": "example.com"})
     text = smap(s, "example.com") or ""
-    assert "team@old.example bob@example.com,info@example.com,x@gmail.com\n" in text and "info@old.example info@example.com\n" in text
+    assert (
+        "team@old.example bob@example.com,info@example.com,x@gmail.com\n" in text
+        and "info@old.example info@example.com\n" in text
+    )
     assert smap(s, "old.example") is None
     clean(s)
     check = pipull.sendermap.check_bytes("example.com", text.encode())
@@ -64,7 +71,9 @@ def test_sender_lines_follow_every_write(mail_store: Store, pipull: Any) -> None
     clean(s)
 
 
-def test_an_incoming_alias_domain_without_the_targets_lines_is_refused(mail_store: Store, data_dir: Any, tmp_path: Any) -> None:
+def test_an_incoming_alias_domain_without_the_targets_lines_is_refused(
+    mail_store: Store, data_dir: Any, tmp_path: Any
+) -> None:
     from mailstate.api.cli import main
 
     linked(mail_store, "old.example", A.project_id)

@@ -116,7 +116,9 @@ def test_the_cli_and_a_running_store_share_a_data_dir(data_dir: DataDir) -> None
     # The CLI process stated its own commit before it exited (no server needed for that).
     found = read_statement(pygit2.Repository(str(data_dir.repo)))
     assert found is not None
-    assert verify_statement(found[1], data_dir.allowed_signers).head == git_out(data_dir.repo, "rev-parse", "main").strip()
+    assert (
+        verify_statement(found[1], data_dir.allowed_signers).head == git_out(data_dir.repo, "rev-parse", "main").strip()
+    )
     assert "cli@example.com" in _users(x)
     x.execute("add-user", PROJECT_A, {"email": "api@example.com", "password": PASSWORD})
     assert _users(open_store(data_dir.root)) == {"cli@example.com", "api@example.com"}

@@ -30,7 +30,9 @@ def allowed(tmp_path: Path, key: Path) -> Path:
     return path
 
 
-def ssh_verify(allowed: Path, signature: str, payload: bytes, tmp_path: Path, namespace: str = "git") -> subprocess.CompletedProcess[bytes]:
+def ssh_verify(
+    allowed: Path, signature: str, payload: bytes, tmp_path: Path, namespace: str = "git"
+) -> subprocess.CompletedProcess[bytes]:
     sig = tmp_path / "payload.sig"
     sig.write_text(signature)
     return subprocess.run(
@@ -52,7 +54,9 @@ def test_signature_verifies_with_ssh_keygen(signer_cls: type, key: Path, allowed
 
 
 @pytest.mark.parametrize("signer_cls", SIGNERS)
-def test_signature_does_not_verify_for_other_data_namespace_or_key(signer_cls: type, key: Path, allowed: Path, tmp_path: Path) -> None:
+def test_signature_does_not_verify_for_other_data_namespace_or_key(
+    signer_cls: type, key: Path, allowed: Path, tmp_path: Path
+) -> None:
     payload = b"the commit\n"
     signature = signer_cls(key).sign(payload)
     assert ssh_verify(allowed, signature, payload + b"x", tmp_path).returncode != 0
@@ -106,7 +110,8 @@ def test_unsigned_commit_fails_verify_commit(tmp_path: Path, allowed: Path) -> N
     subprocess.run(["git", "-C", str(work), "add", "f"], check=True)
     subprocess.run(["git", "-C", str(work), "commit", "-qm", "unsigned"], check=True)
     proc = subprocess.run(
-        ["git", "-C", str(work), "-c", f"gpg.ssh.allowedSignersFile={allowed}", "verify-commit", "HEAD"], capture_output=True
+        ["git", "-C", str(work), "-c", f"gpg.ssh.allowedSignersFile={allowed}", "verify-commit", "HEAD"],
+        capture_output=True,
     )
     assert proc.returncode != 0
 
@@ -117,12 +122,25 @@ def test_init_data_dir_first_commit_and_allowed_signers(data_dir: DataDir) -> No
     assert line.split()[-1] == Path(f"{data_dir.key}.pub").read_text().split()[1]
     assert oct(data_dir.key.stat().st_mode & 0o777) == "0o600"
     proc = subprocess.run(
-        ["git", "-C", str(data_dir.repo), "-c", f"gpg.ssh.allowedSignersFile={data_dir.allowed_signers}", "verify-commit", "main"],
+        [
+            "git",
+            "-C",
+            str(data_dir.repo),
+            "-c",
+            f"gpg.ssh.allowedSignersFile={data_dir.allowed_signers}",
+            "verify-commit",
+            "main",
+        ],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert subprocess.run(["git", "-C", str(data_dir.repo), "rev-list", "--count", "main"], capture_output=True, text=True).stdout.strip() == "1"
+    assert (
+        subprocess.run(
+            ["git", "-C", str(data_dir.repo), "rev-list", "--count", "main"], capture_output=True, text=True
+        ).stdout.strip()
+        == "1"
+    )
 
 
 def test_allowed_signers_line_format() -> None:
@@ -144,4 +162,3 @@ def test_bad_keys_are_store_errors(tmp_path: Path) -> None:
     assert "ed25519" in info.value.message
     with pytest.raises(StoreError):
         SshKeygenSigner(tmp_path / "missing").sign(b"payload")
-

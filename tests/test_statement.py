@@ -75,13 +75,17 @@ def test_the_tag_object_is_exactly_format_1(data_dir: DataDir, repo: pygit2.Repo
     )
     assert text.startswith(expected_head)
     assert raw[: len(expected_head)] == statement_payload(head, ISSUED)
-    assert re.fullmatch(r"-----BEGIN SSH SIGNATURE-----\n[A-Za-z0-9+/=\n]+-----END SSH SIGNATURE-----\n", text[len(expected_head) :])
+    assert re.fullmatch(
+        r"-----BEGIN SSH SIGNATURE-----\n[A-Za-z0-9+/=\n]+-----END SSH SIGNATURE-----\n", text[len(expected_head) :]
+    )
     st = parse_statement(raw)
     assert (st.head, st.issued_at) == (head, ISSUED)
 
 
 @pytest.mark.parametrize("signer_cls", [Ed25519Signer, SshKeygenSigner])
-def test_git_verify_tag_and_the_node_check_accept_a_server_statement(data_dir: DataDir, repo: pygit2.Repository, tmp_path: Path, signer_cls: type) -> None:
+def test_git_verify_tag_and_the_node_check_accept_a_server_statement(
+    data_dir: DataDir, repo: pygit2.Repository, tmp_path: Path, signer_cls: type
+) -> None:
     head = head_of(repo)
     tag = write_statement(repo, signer_cls(data_dir.key), head, ISSUED)
     assert str(repo.references[REF].target) == tag
@@ -89,7 +93,12 @@ def test_git_verify_tag_and_the_node_check_accept_a_server_statement(data_dir: D
     proc = subprocess.run([*git, "verify-tag", tag], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert 'Good "git" signature for mailstate' in proc.stderr
-    assert subprocess.run(["git", "-C", str(data_dir.repo), "fsck", "--strict", "--no-dangling"], capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            ["git", "-C", str(data_dir.repo), "fsck", "--strict", "--no-dangling"], capture_output=True
+        ).returncode
+        == 0
+    )
     raw = raw_object(repo, tag)
     assert node_verify(data_dir.allowed_signers, raw, tmp_path).returncode == 0
     st = verify_statement(raw, data_dir.allowed_signers)
@@ -97,12 +106,22 @@ def test_git_verify_tag_and_the_node_check_accept_a_server_statement(data_dir: D
     assert read_statement(repo) == (tag, raw)
 
 
-def test_an_admin_key_cannot_sign_a_statement(data_dir: DataDir, repo: pygit2.Repository, admin_key: Path, tmp_path: Path) -> None:
+def test_an_admin_key_cannot_sign_a_statement(
+    data_dir: DataDir, repo: pygit2.Repository, admin_key: Path, tmp_path: Path
+) -> None:
     tag = write_statement(repo, SshKeygenSigner(admin_key), head_of(repo), ISSUED)
     raw = raw_object(repo, tag)
     # git itself trusts the admin key (it may sign commits), which is why the principal matters:
     proc = subprocess.run(
-        ["git", "-C", str(data_dir.repo), "-c", f"gpg.ssh.allowedSignersFile={data_dir.allowed_signers}", "verify-tag", tag],
+        [
+            "git",
+            "-C",
+            str(data_dir.repo),
+            "-c",
+            f"gpg.ssh.allowedSignersFile={data_dir.allowed_signers}",
+            "verify-tag",
+            tag,
+        ],
         capture_output=True,
         text=True,
     )
@@ -148,7 +167,18 @@ def _tampered(raw: bytes, how: str, other: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "how", ["object-differs", "head-differs", "short-differs", "time-differs", "extra-line", "other-tag-name", "unsigned", "trailing", "bad-armor"]
+    "how",
+    [
+        "object-differs",
+        "head-differs",
+        "short-differs",
+        "time-differs",
+        "extra-line",
+        "other-tag-name",
+        "unsigned",
+        "trailing",
+        "bad-armor",
+    ],
 )
 def test_malformed_statements_are_refused(data_dir: DataDir, repo: pygit2.Repository, how: str) -> None:
     raw = raw_object(repo, create_statement(repo, Ed25519Signer(data_dir.key), head_of(repo), ISSUED))

@@ -118,7 +118,9 @@ def test_reads_make_no_commit(data_dir: DataDir, mail_store: Store) -> None:
         ("remove-user", PROJECT_A, {"email": "gone@example.com"}),
     ],
 )
-def test_no_ops_make_no_commit(data_dir: DataDir, mail_store: Store, op: str, actor: Actor, data: dict[str, Any]) -> None:
+def test_no_ops_make_no_commit(
+    data_dir: DataDir, mail_store: Store, op: str, actor: Actor, data: dict[str, Any]
+) -> None:
     mail_store.execute("add-user", PROJECT_A, {"email": "gone@example.com", "password": PASSWORD})
     mail_store.execute("remove-user", PROJECT_A, {"email": "gone@example.com"})
     head = git_out(data_dir.repo, "rev-parse", "main")
@@ -180,7 +182,10 @@ def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc
     assert git_out(data_dir.repo, "rev-parse", "main").strip() == head
     assert commit_count(data_dir.repo) == count
     assert snapshot_view(bad) == before
-    assert bad.execute("list-domains", PROJECT_A, {}).result == {"domains": [], "linked_not_enabled": [{"domain": "example.com", "project_id": A}]}
+    assert bad.execute("list-domains", PROJECT_A, {}).result == {
+        "domains": [],
+        "linked_not_enabled": [{"domain": "example.com", "project_id": A}],
+    }
     # the same store works again once its signer does; the new commit's parent is the old head
     bad.signer = Ed25519Signer(data_dir.key)
     sha = bad.execute("enable-email", PROJECT_A, {"domain": "example.com"}).result["commit"]
@@ -284,7 +289,9 @@ def test_commit_message_subject_and_trailers(data_dir: DataDir, store: Store) ->
     for fields in parsed:
         assert set(fields) == {"Action", "Project", "Actor", "Request-Id"}
     # the author is the store itself; the commit time is the store's clock
-    assert git_out(data_dir.repo, "log", "-1", "--format=%an <%ae>", "main").strip() == "mailstate <mailstate@localhost>"
+    assert (
+        git_out(data_dir.repo, "log", "-1", "--format=%an <%ae>", "main").strip() == "mailstate <mailstate@localhost>"
+    )
     assert git_out(data_dir.repo, "log", "-1", "--format=%cI", "main").strip().startswith("2026-02-01T00:00:")
 
 

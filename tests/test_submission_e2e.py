@@ -29,7 +29,9 @@ def apply(f: Fleet) -> None:
     assert r.returncode == EXIT_OK, r.stderr
 
 
-def mail_from_code(node: MailNode, user: str, password: str, sender: str, *, implicit_tls: bool = False) -> tuple[int, str]:
+def mail_from_code(
+    node: MailNode, user: str, password: str, sender: str, *, implicit_tls: bool = False
+) -> tuple[int, str]:
     """The answer to MAIL FROM:<sender> after logging in as ``user`` (then RCPT to the internet)."""
     with contextlib.closing(node.submission(implicit_tls=implicit_tls)) as s:
         s.login(user, password)

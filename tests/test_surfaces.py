@@ -57,7 +57,12 @@ def test_every_route_documents_a_non_empty_success_schema(data_dir: DataDir) -> 
                 assert content, (method, path, code)
                 for media in content.values():
                     schema = _resolve(spec, media["schema"])
-                    assert schema and (schema.get("properties") or schema.get("type") == "string"), (method, path, code, schema)
+                    assert schema and (schema.get("properties") or schema.get("type") == "string"), (
+                        method,
+                        path,
+                        code,
+                        schema,
+                    )
             # every response, errors too, is documented with a schema; nothing answers 422
             assert "422" not in op["responses"], (method, path)
             for code, resp in op["responses"].items():
@@ -67,7 +72,12 @@ def test_every_route_documents_a_non_empty_success_schema(data_dir: DataDir) -> 
         assert set(doc["responses"]) >= {"400", "401", "405"}, name
         assert ("413" in doc["responses"]) == (op.method == "POST"), name
         assert ("403" in doc["responses"]) == op.admin, name
-        assert _resolve(spec, next(iter(doc["responses"][min(c for c in doc["responses"] if c.startswith("2"))]["content"].values()))["schema"])["title"]
+        assert _resolve(
+            spec,
+            next(iter(doc["responses"][min(c for c in doc["responses"] if c.startswith("2"))]["content"].values()))[
+                "schema"
+            ],
+        )["title"]
         if op.write:
             success = next(r for c, r in doc["responses"].items() if c.startswith("2"))
             assert "commit" in _resolve(spec, success["content"]["application/json"]["schema"])["properties"], name
@@ -76,7 +86,11 @@ def test_every_route_documents_a_non_empty_success_schema(data_dir: DataDir) -> 
 def test_schemas_carry_the_input_constraints(data_dir: DataDir) -> None:
     schemas = create_app(data_dir.root).openapi()["components"]["schemas"]
     add_user = schemas["AddUserRequest"]["properties"]
-    assert (add_user["password"]["x-min-bytes"], add_user["password"]["x-max-bytes"], add_user["password"]["maxLength"]) == (8, 72, 72)
+    assert (
+        add_user["password"]["x-min-bytes"],
+        add_user["password"]["x-max-bytes"],
+        add_user["password"]["maxLength"],
+    ) == (8, 72, 72)
     quota = next(s for s in add_user["quota_mb"]["anyOf"] if s.get("type") == "integer")
     assert (quota["minimum"], quota["maximum"]) == (1, 1048576)
     assert schemas["AddNodeRequest"]["properties"]["name"]["pattern"] == "^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
@@ -113,21 +127,29 @@ def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
                 assert needle in text, (tool.name, field, needle)
     text = {t.name: t.description or "" for t in tool_list()}
     assert "PURGED" in text["email_account_disable_email"] and "PURGED" in text["email_account_remove_domain"]
-    assert "project_id" in text["email_account_add_domain"] and "without project scoping" not in text["email_account_add_domain"]
+    assert (
+        "project_id" in text["email_account_add_domain"]
+        and "without project scoping" not in text["email_account_add_domain"]
+    )
     assert "linked_not_enabled" in text["email_account_list_domains"]
 
 
 def test_every_operation_answers_on_its_route_and_method_only(world: World) -> None:
     for op in OPERATIONS.values():
         right = world.c.request(op.method, f"{API}/{op.name}")
-        assert right.status_code not in (404, 405) or right.json()["error"]["code"] not in ("not_found", "method_not_allowed"), op.name
+        assert right.status_code not in (404, 405) or right.json()["error"]["code"] not in (
+            "not_found",
+            "method_not_allowed",
+        ), op.name
         wrong = world.c.request("POST" if op.method == "GET" else "GET", f"{API}/{op.name}")
         assert_error(wrong, 405, "method_not_allowed")
 
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    assert len(spec_ops) == 12 + 7 + 1  # the spec's 11, restore-user, the 7 alias operations and dns-records (every extension is a tool)
+    assert (
+        len(spec_ops) == 12 + 7 + 1
+    )  # the spec's 11, restore-user, the 7 alias operations and dns-records (every extension is a tool)
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
@@ -166,16 +188,29 @@ class World:
         self.b = srv.client(self.tok_b)
         self.c = srv.client(self.tok_c)
         for client, domain, project in ((self.a, "a.example", 101), (self.b, "b.example", 202)):
-            assert self.admin.post(f"{API}/link-domain", json={"domain": domain, "project_id": project}).status_code == 201
+            assert (
+                self.admin.post(f"{API}/link-domain", json={"domain": domain, "project_id": project}).status_code == 201
+            )
             assert client.post(f"{API}/enable-email", json={"domain": domain}).status_code == 200
-            assert client.post(f"{API}/add-user", json={"email": f"info@{domain}", "password": PASSWORD}).status_code == 201
+            assert (
+                client.post(f"{API}/add-user", json={"email": f"info@{domain}", "password": PASSWORD}).status_code
+                == 201
+            )
         # b also has a linked domain without email, and a soft-deleted mailbox.
-        assert self.admin.post(f"{API}/link-domain", json={"domain": "b-dark.example", "project_id": 202}).status_code == 201
+        assert (
+            self.admin.post(f"{API}/link-domain", json={"domain": "b-dark.example", "project_id": 202}).status_code
+            == 201
+        )
         assert self.b.post(f"{API}/add-user", json={"email": "old@b.example", "password": PASSWORD}).status_code == 201
         assert self.b.post(f"{API}/remove-user", json={"email": "old@b.example"}).status_code == 200
         # b has an alias and a catch-all for a's attacks to aim at.
         for address in ("sales@b.example", "@b.example"):
-            assert self.b.post(f"{API}/add-alias", json={"address": address, "destinations": ["info@b.example"]}).status_code == 201
+            assert (
+                self.b.post(
+                    f"{API}/add-alias", json={"address": address, "destinations": ["info@b.example"]}
+                ).status_code
+                == 201
+            )
         assert self.admin.post(f"{API}/add-node", json={"name": "iso-node"}).status_code == 201
 
     def b_view(self) -> tuple[Any, ...]:
@@ -202,11 +237,21 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "enable-email": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
     "disable-email": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
     "list-domains": [{}],
-    "add-user": [{"email": "evil@b.example", "password": PASSWORD}, {"email": "evil@b-dark.example", "password": PASSWORD}],
-    "remove-user": [{"email": "info@b.example"}, {"email": "info@b.example", "hard_delete": True}, {"email": "old@b.example", "hard_delete": True}],
+    "add-user": [
+        {"email": "evil@b.example", "password": PASSWORD},
+        {"email": "evil@b-dark.example", "password": PASSWORD},
+    ],
+    "remove-user": [
+        {"email": "info@b.example"},
+        {"email": "info@b.example", "hard_delete": True},
+        {"email": "old@b.example", "hard_delete": True},
+    ],
     "restore-user": [{"email": "old@b.example"}, {"email": "info@b.example"}],
     "list-users": [{}, {"domain": "b.example"}, {"domain": "b-dark.example"}],
-    "update-password": [{"email": "info@b.example", "password": "attacker pass"}, {"email": "old@b.example", "password": "attacker pass"}],
+    "update-password": [
+        {"email": "info@b.example", "password": "attacker pass"},
+        {"email": "old@b.example", "password": "attacker pass"},
+    ],
     "add-domain": [{"domain": "b.example"}, {"domain": "new.example", "project_id": 202}],
     "remove-domain": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
     "list-nodes": [{}],
@@ -215,12 +260,21 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "unlink-domain": [{"domain": "b-dark.example"}],
     "remove-node": [{"name": "iso-node"}],
     "rotate-node-key": [{"name": "iso-node"}],
-    "add-alias": [{"address": "evil@b.example", "destinations": ["x@a.example"]}, {"address": "@b-dark.example", "destinations": ["x@a.example"]}],
+    "add-alias": [
+        {"address": "evil@b.example", "destinations": ["x@a.example"]},
+        {"address": "@b-dark.example", "destinations": ["x@a.example"]},
+    ],
     "update-alias": [{"address": "sales@b.example", "destinations": ["x@a.example"]}],
     "remove-alias": [{"address": "sales@b.example"}, {"address": "@b.example"}],
     "list-aliases": [{}, {"domain": "b.example"}],
-    "set-forwarding": [{"email": "info@b.example", "destinations": ["x@a.example"]}, {"email": "old@b.example", "destinations": []}],
-    "add-alias-domain": [{"domain": "b.example", "target": "a.example"}, {"domain": "b-dark.example", "target": "b.example"}],
+    "set-forwarding": [
+        {"email": "info@b.example", "destinations": ["x@a.example"]},
+        {"email": "old@b.example", "destinations": []},
+    ],
+    "add-alias-domain": [
+        {"domain": "b.example", "target": "a.example"},
+        {"domain": "b-dark.example", "target": "b.example"},
+    ],
     "remove-alias-domain": [{"domain": "b.example"}],
     "dns-records": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
 }
@@ -273,7 +327,11 @@ def test_foreign_and_absent_look_the_same(world: World) -> None:
         ("enable-email", {"domain": "b.example"}, {"domain": "zz.example"}),
         ("add-user", {"email": "x@b.example", "password": PASSWORD}, {"email": "x@zz.example", "password": PASSWORD}),
         ("remove-user", {"email": "info@b.example"}, {"email": "info@zz.example"}),
-        ("update-password", {"email": "info@b.example", "password": PASSWORD}, {"email": "info@zz.example", "password": PASSWORD}),
+        (
+            "update-password",
+            {"email": "info@b.example", "password": PASSWORD},
+            {"email": "info@zz.example", "password": PASSWORD},
+        ),
         ("restore-user", {"email": "old@b.example"}, {"email": "old@zz.example"}),
         ("list-users", {"domain": "b.example"}, {"domain": "zz.example"}),
     ]
@@ -307,7 +365,13 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
         else:
             assert result.is_error is True, (name, text)
             code = json.loads(text)["error"]["code"]
-            assert code in ("admin_required", "domain_not_found", "mailbox_not_found", "node_not_found", "alias_not_found"), (name, code)
+            assert code in (
+                "admin_required",
+                "domain_not_found",
+                "mailbox_not_found",
+                "node_not_found",
+                "alias_not_found",
+            ), (name, code)
     assert world.b_view() == before
 
 
@@ -327,28 +391,56 @@ def test_admin_endpoints_are_admin_only(world: World) -> None:
 # --- no input makes a 5xx -------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False) | st.text(max_size=80),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=80),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = st.sampled_from(["domain", "email", "password", "quota_mb", "hard_delete", "project_id", "name", "ip_address", "x"])
+FIELDS = st.sampled_from(
+    ["domain", "email", "password", "quota_mb", "hard_delete", "project_id", "name", "ip_address", "x"]
+)
 FIELD_VALUES = st.one_of(
     JSON,
-    st.sampled_from(["a.example", "info@a.example", "x@b.example", "../x", "a:b@c.de", "é@ü.example", "\x00", "x" * 300, PASSWORD, "mpi02", "::1"]),
+    st.sampled_from(
+        [
+            "a.example",
+            "info@a.example",
+            "x@b.example",
+            "../x",
+            "a:b@c.de",
+            "é@ü.example",
+            "\x00",
+            "x" * 300,
+            PASSWORD,
+            "mpi02",
+            "::1",
+        ]
+    ),
 )
 BODIES = st.one_of(JSON, st.dictionaries(FIELDS, FIELD_VALUES, max_size=4))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(name=st.sampled_from(sorted(OPERATIONS)), body=BODIES, who=st.sampled_from(["c", "a", "admin"]))
 def test_no_input_makes_a_5xx(world: World, name: str, body: Any, who: str) -> None:
     client = {"a": world.a, "c": world.c, "admin": world.admin}[who]
     op = OPERATIONS[name]
     if op.method == "GET":
-        params = {str(k): json.dumps(v) if not isinstance(v, str) else v for k, v in body.items()} if isinstance(body, dict) else {"q": json.dumps(body)}
+        params = (
+            {str(k): json.dumps(v) if not isinstance(v, str) else v for k, v in body.items()}
+            if isinstance(body, dict)
+            else {"q": json.dumps(body)}
+        )
         r = client.get(f"{API}/{name}", params=params)
     else:
-        r = client.post(f"{API}/{name}", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        r = client.post(
+            f"{API}/{name}", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
     assert r.status_code < 500, (name, body, r.text)
     if r.status_code >= 400:
         err = assert_error(r, r.status_code)

@@ -71,7 +71,11 @@ def test_an_untrusted_commit_under_a_trusted_tip_is_refused(setup: Setup) -> Non
     hidden = setup.repo.commit("untrusted key, in the middle", key=setup.untrusted, statement=False)
     setup.repo.commit("trusted tip on top")
     r = setup.tick()
-    assert r.returncode == EXIT_REFUSED and f"commit {hidden[:12]}" in r.stderr and "not signed by a trusted key" in r.stderr
+    assert (
+        r.returncode == EXIT_REFUSED
+        and f"commit {hidden[:12]}" in r.stderr
+        and "not signed by a trusted key" in r.stderr
+    )
     assert setup.current() == good
 
 
@@ -97,7 +101,9 @@ def test_a_signed_range_applies_and_a_first_apply_checks_the_tip(setup: Setup) -
 def _admin_setup(setup: Setup, tmp_path: Path, admin_options: str = "") -> SigningKey:
     admin = make_signing_key(tmp_path / "admin-keys", "admin")
     opts = f'namespaces="git"{admin_options}'
-    setup.signers.write_text(setup.key.allowed_signers_line() + "\n" + f"admin@example.org {opts} {admin.public_line}\n")
+    setup.signers.write_text(
+        setup.key.allowed_signers_line() + "\n" + f"admin@example.org {opts} {admin.public_line}\n"
+    )
     return admin
 
 
@@ -116,7 +122,9 @@ def test_an_admin_key_removed_from_allowed_signers_signs_nothing_after(setup: Se
     setup.repo.set_mailbox("s@example.com", "pw")
     setup.repo.commit("server commit on top")
     r = setup.tick()
-    assert r.returncode == EXIT_REFUSED and f"commit {a2[:12]}" in r.stderr and "not signed by a trusted key" in r.stderr
+    assert (
+        r.returncode == EXIT_REFUSED and f"commit {a2[:12]}" in r.stderr and "not signed by a trusted key" in r.stderr
+    )
     assert setup.current() == a1
     # the server's own history, without the removed key's new commit, applies
     git(setup.repo.work, "reset", "--quiet", "--hard", a1)
@@ -125,7 +133,9 @@ def test_an_admin_key_removed_from_allowed_signers_signs_nothing_after(setup: Se
     assert setup.tick().returncode == EXIT_OK and setup.current() == fixed
 
 
-def test_an_admin_key_with_valid_before_signs_nothing_dated_after_and_cannot_backdate(setup: Setup, tmp_path: Path) -> None:
+def test_an_admin_key_with_valid_before_signs_nothing_dated_after_and_cannot_backdate(
+    setup: Setup, tmp_path: Path
+) -> None:
     now = int(time.time())
     retired_at = now - 3600
     admin = _admin_setup(setup, tmp_path, f',valid-before="{_stamp(retired_at)}"')
@@ -152,7 +162,9 @@ def test_an_admin_key_with_valid_before_signs_nothing_dated_after_and_cannot_bac
     setup.repo.set_mailbox("sneaky@example.com", "pw")
     sneaky = _commit_at(setup, "retired admin, backdated", admin, retired_at - 30)
     r = setup.tick()
-    assert r.returncode == EXIT_REFUSED and f"commit {sneaky[:12]}" in r.stderr and "dated before its parent" in r.stderr, r.stderr
+    assert (
+        r.returncode == EXIT_REFUSED and f"commit {sneaky[:12]}" in r.stderr and "dated before its parent" in r.stderr
+    ), r.stderr
     assert setup.current() == early
 
 
@@ -183,7 +195,9 @@ def test_a_stale_statement_keeps_serving_and_exits_5_then_recovers(setup: Setup)
     new = setup.repo.commit("new, but stated with an old Issued-At", statement=False)
     setup.repo.publish_statement(new, issued_at=int(time.time()) - 600)
     r = setup.tick(cfg)
-    assert r.returncode == EXIT_STALE and setup.current() == good, r.stderr  # an old statement never brings a commit live
+    assert r.returncode == EXIT_STALE and setup.current() == good, (
+        r.stderr
+    )  # an old statement never brings a commit live
     # now the kept statement itself grows old
     st = setup.state()
     st["statement"]["issued_at"] = int(time.time()) - 120
@@ -222,12 +236,20 @@ def test_a_statement_issued_in_the_future_is_refused(setup: Setup) -> None:
 def test_node_and_server_parse_the_same_statement_with_endorsements(pipull: Any, tmp_path: Path) -> None:
     old = make_signing_key(tmp_path, "old")
     new = make_signing_key(tmp_path, "new")
-    e1 = sign_endorsement(old.private, endorsement_payload(" ".join(old.public_line.split()[:2]), " ".join(new.public_line.split()[:2]), 1767225600))
+    e1 = sign_endorsement(
+        old.private,
+        endorsement_payload(" ".join(old.public_line.split()[:2]), " ".join(new.public_line.split()[:2]), 1767225600),
+    )
     payload = statement_payload("a" * 40, 1767225700, (e1,))
     raw = payload + Ed25519Signer(new.private).sign(payload).encode()
     server = server_parse_statement(raw)
     node = pipull.statement.parse_statement("t" * 40, raw)
-    assert (server.head, server.issued_at, server.payload, server.endorsements) == (node.head, node.issued_at, node.payload, node.endorsements)
+    assert (server.head, server.issued_at, server.payload, server.endorsements) == (
+        node.head,
+        node.issued_at,
+        node.payload,
+        node.endorsements,
+    )
     assert node.endorsements == (e1,)
     parsed = pipull.trust.parse_endorsement(e1)
     assert parsed.issued_at == 1767225600 and parsed.new_key == " ".join(new.public_line.split()[:2])
@@ -247,15 +269,23 @@ def _push_on_top(data_dir: Any, tmp_path: Path, commits: list[tuple[str, Path | 
         subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
         env = {**os.environ, **({"GIT_COMMITTER_DATE": f"{when} +0000"} if when else {})}
         signing = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S"] if key else ["commit"]
-        subprocess.run(["git", "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org", *signing, "-qm", message], check=True, env=env)
+        subprocess.run(
+            ["git", "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org", *signing, "-qm", message],
+            check=True,
+            env=env,
+        )
         shas.append(git(work, "rev-parse", "HEAD"))
     subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "HEAD:main"], check=True)
     return shas
 
 
-def test_the_server_refuses_an_unsigned_commit_under_a_signed_tip(mail_store: Any, data_dir: Any, tmp_path: Path) -> None:
+def test_the_server_refuses_an_unsigned_commit_under_a_signed_tip(
+    mail_store: Any, data_dir: Any, tmp_path: Path
+) -> None:
     good = mail_store.head
-    hidden, tip = _push_on_top(data_dir, tmp_path, [("unsigned, in the middle", None, None), ("signed by the server key", data_dir.key, None)])
+    hidden, tip = _push_on_top(
+        data_dir, tmp_path, [("unsigned, in the middle", None, None), ("signed by the server key", data_dir.key, None)]
+    )
     assert mail_store.watch()
     assert mail_store.head == good
     problem = mail_store.upstream_problem
@@ -266,29 +296,51 @@ def test_the_server_refuses_an_unsigned_commit_under_a_signed_tip(mail_store: An
     assert git(data_dir.repo, "rev-parse", "main^") == good
 
 
-def test_the_server_adopts_a_signed_range_and_honours_admin_valid_before(mail_store: Any, data_dir: Any, tmp_path: Path) -> None:
+def test_the_server_adopts_a_signed_range_and_honours_admin_valid_before(
+    mail_store: Any, data_dir: Any, tmp_path: Path
+) -> None:
     admin = make_signing_key(tmp_path / "admin", "admin")
     now = int(time.time())
     retired_at = now - 3600
     with open(data_dir.allowed_signers, "a") as fh:
         fh.write(f'admin@example.org namespaces="git",valid-before="{_stamp(retired_at)}" {admin.public_line}\n')
-    parent_time = int(subprocess.run(["git", "-C", str(data_dir.repo), "log", "-1", "--format=%ct", "main"], capture_output=True, text=True, check=True).stdout)
+    parent_time = int(
+        subprocess.run(
+            ["git", "-C", str(data_dir.repo), "log", "-1", "--format=%ct", "main"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     before = max(parent_time, retired_at - 1800)
-    shas = _push_on_top(data_dir, tmp_path, [("admin, before retirement", admin.private, before), ("server", data_dir.key, before + 1)])
+    shas = _push_on_top(
+        data_dir, tmp_path, [("admin, before retirement", admin.private, before), ("server", data_dir.key, before + 1)]
+    )
     assert mail_store.watch() and mail_store.upstream_problem is None and mail_store.head == shas[-1]
     # after valid-before: refused
     (late,) = _push_on_top(data_dir, tmp_path, [("admin, after retirement", admin.private, now)])
     assert mail_store.watch()
     problem = mail_store.upstream_problem
-    assert problem is not None and f"commit {late[:12]}" in problem["problems"][0] and "not signed by a trusted key" in problem["problems"][0]
+    assert (
+        problem is not None
+        and f"commit {late[:12]}" in problem["problems"][0]
+        and "not signed by a trusted key" in problem["problems"][0]
+    )
     assert mail_store.head == shas[-1]
     # and the range check says the same for a backdated one on top of a later commit
-    assert "dated before its parent" in range_problems(data_dir.repo, shas[-1], _backdated(data_dir, tmp_path, admin, before - 5), data_dir.allowed_signers)[0]
+    assert (
+        "dated before its parent"
+        in range_problems(
+            data_dir.repo, shas[-1], _backdated(data_dir, tmp_path, admin, before - 5), data_dir.allowed_signers
+        )[0]
+    )
 
 
 def _backdated(data_dir: Any, tmp_path: Path, admin: SigningKey, when: int) -> str:
     work = tmp_path / "work"
-    subprocess.run(["git", "-C", str(work), "reset", "-q", "--hard", git(data_dir.repo, "rev-parse", "main")], check=True)
+    subprocess.run(
+        ["git", "-C", str(work), "reset", "-q", "--hard", git(data_dir.repo, "rev-parse", "main")], check=True
+    )
     (work / "README.md").write_text("backdated\n")
     subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
     env = {**os.environ, "GIT_COMMITTER_DATE": f"{when} +0000"}

@@ -70,7 +70,9 @@ class World:
 
 @pytest.fixture
 def world(mailnode: MailNode, tmp_path: Path) -> Iterator[World]:  # noqa: F811
-    server, admin, project = start_server_for(mailnode, tmp_path / "server", env={"MAILSTATE_STATEMENT_INTERVAL": "0.5"})
+    server, admin, project = start_server_for(
+        mailnode, tmp_path / "server", env={"MAILSTATE_STATEMENT_INTERVAL": "0.5"}
+    )
     try:
         provision_node(mailnode, server, admin, tmp_path / "etc")
         w = World(server=server, node=mailnode, admin=admin, project=project, etc=tmp_path / "etc")
@@ -124,7 +126,9 @@ def test_server_key_rotation_reaches_the_node_without_reprovisioning(world: Worl
     new_pub = " ".join(Path(f"{w.server.data.key}.pub").read_text().split()[:2])
     assert new_pub != old_pub and new_pub in out
     signers = w.server.data.allowed_signers.read_text()
-    assert new_pub.split()[1] in signers and "valid-before=" in next(line for line in signers.splitlines() if old_pub.split()[1] in line)
+    assert new_pub.split()[1] in signers and "valid-before=" in next(
+        line for line in signers.splitlines() if old_pub.split()[1] in line
+    )
     retired = next((w.server.data.root / "retired_keys").glob("signing_key-*[!b]"))
 
     # a write through the running server: signed by the new key, stated with the endorsement
@@ -160,14 +164,21 @@ def test_server_key_rotation_reaches_the_node_without_reprovisioning(world: Worl
     assert w.node.can_login("restart@example.com", "restart password")
 
 
-def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_nodes(mailnode: MailNode, tmp_path: Path) -> None:  # noqa: F811
+def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_nodes(
+    mailnode: MailNode, tmp_path: Path
+) -> None:  # noqa: F811
     """The server up but its statement old (here: refreshed only hourly; on a git host: a host
     that keeps serving an old tip): exit 5, and list-nodes shows the node stale with the age."""
-    server, admin, project = start_server_for(mailnode, tmp_path / "server", env={"MAILSTATE_STATEMENT_INTERVAL": "3600"})
+    server, admin, project = start_server_for(
+        mailnode, tmp_path / "server", env={"MAILSTATE_STATEMENT_INTERVAL": "3600"}
+    )
     try:
         provision_node(mailnode, server, admin, tmp_path / "etc")
         w = World(server=server, node=mailnode, admin=admin, project=project, etc=tmp_path / "etc")
-        assert admin.post("/v1/email-account/link-domain", json={"domain": "example.com", "project_id": 42}).status_code == 201
+        assert (
+            admin.post("/v1/email-account/link-domain", json={"domain": "example.com", "project_id": 42}).status_code
+            == 201
+        )
         assert project.post("/v1/email-account/enable-email", json={"domain": "example.com"}).status_code == 200
         w.add_user("info@example.com", "info password")
         assert w.tick().returncode == EXIT_OK

@@ -68,7 +68,9 @@ def mailboxes_at(dd: DataDir, rev: str) -> dict[str, Any]:
     return dict(doc["mailboxes"])
 
 
-def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dd = format1_data_dir(tmp_path / "data")
     before_count = commit_count(dd.repo)
     before = mailboxes_at(dd, "main")
@@ -82,7 +84,10 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(tmp_pat
 
     assert commit_count(dd.repo) == before_count + 1
     assert verify_commit(dd).returncode == 0, verify_commit(dd).stderr
-    assert git_out(dd.repo, "log", "-1", "--format=%s%n%(trailers:key=Action,valueonly)", "main").split("\n")[:2] == ["upgrade format 2", "upgrade"]
+    assert git_out(dd.repo, "log", "-1", "--format=%s%n%(trailers:key=Action,valueonly)", "main").split("\n")[:2] == [
+        "upgrade format 2",
+        "upgrade",
+    ]
     settings = files.parse_settings(git_out(dd.repo, "show", "main:mailstate.yaml"))
     assert (settings.format, settings.purge_after_days, settings.bcrypt_cost) == (2, 7, 4)
 
@@ -98,7 +103,8 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(tmp_pat
     # passwd: the same lines, but each home now carries the mailbox's id
     new_passwd = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/passwd")
     expected = "".join(
-        line.replace(f"/var/vmail/example.com/{local}::", f"/var/vmail/example.com/{local}~{after[local]['id']}::") + "\n"
+        line.replace(f"/var/vmail/example.com/{local}::", f"/var/vmail/example.com/{local}~{after[local]['id']}::")
+        + "\n"
         for line in old_passwd.splitlines()
         for local in [line.split("@", 1)[0]]
     )
@@ -106,10 +112,15 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(tmp_pat
     maps = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/virtual_mailbox_maps")
     assert f"info@example.com example.com/info~{after['info']['id']}/\n" in maps
     listing = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/mailboxes")
-    assert listing == "".join(f"{local} {after[local]['id']} {'active' if after[local]['active'] else 'inactive'}\n" for local in sorted(after))
+    assert listing == "".join(
+        f"{local} {after[local]['id']} {'active' if after[local]['active'] else 'inactive'}\n"
+        for local in sorted(after)
+    )
     assert git_out(dd.repo, "show", "main:rendered/domains/em/empty.org/mailboxes") == ""
     assert git_out(dd.repo, "show", "main:rendered/settings") == "format 2\npurge_after_days 7\n"
-    assert "rendered/domains/of" not in git_out(dd.repo, "ls-tree", "-r", "--name-only", "main")  # disabled: still nothing
+    assert "rendered/domains/of" not in git_out(
+        dd.repo, "ls-tree", "-r", "--name-only", "main"
+    )  # disabled: still nothing
 
     # `mailstate check` passes after, on a checkout and on the commit
     assert main(["check", str(checked_out(dd, tmp_path / "after"))]) == 0
@@ -138,7 +149,9 @@ def test_the_server_upgrades_on_start_and_serves_format_2(tmp_path: Path) -> Non
         app = create_app(dd.root, db=db)
         assert commit_count(dd.repo) == count + 1  # the upgrade, before the first request
         with TestClient(app) as client:
-            users = client.get("/v1/email-account/list-users", headers={"Authorization": f"Bearer {token}"}).json()["users"]
+            users = client.get("/v1/email-account/list-users", headers={"Authorization": f"Bearer {token}"}).json()[
+                "users"
+            ]
     finally:
         db.close()
     assert {u["email"]: bool(ID.fullmatch(u["id"])) for u in users} == {
@@ -211,7 +224,9 @@ def _checkout(tmp_path: Path, settings: str, boxes: str) -> Path:
     root = tmp_path / "co"
     (root / "domains/ex").mkdir(parents=True)
     (root / "mailstate.yaml").write_text(settings)
-    (root / "domains/ex/example.com.yaml").write_text(f"domain: example.com\nproject_id: 1\nemail_enabled: true\nmailboxes:\n{boxes}")
+    (root / "domains/ex/example.com.yaml").write_text(
+        f"domain: example.com\nproject_id: 1\nemail_enabled: true\nmailboxes:\n{boxes}"
+    )
     return root
 
 
@@ -229,7 +244,11 @@ def _box(local: str, box_id: str | None = None) -> str:
         ("format: 2\n", _box("info"), "mailboxes.info.id: required in state format 2"),
         ("format: 1\n", _box("info", "20261201-abcdef"), "mailboxes.info.id: not allowed in state format 1"),
         ("{}\n", _box("info", "20261201-abcdef"), "not allowed in state format 1"),  # no format key: format 1
-        ("format: 2\n", _box("info", "20261201-abcdef") + _box("sales", "20261201-abcdef"), "is used by another mailbox"),
+        (
+            "format: 2\n",
+            _box("info", "20261201-abcdef") + _box("sales", "20261201-abcdef"),
+            "is used by another mailbox",
+        ),
         ("format: 2\n", _box("info", "2026-12-01"), "Input should be a valid string"),  # YAML reads a date
         ("format: 2\n", _box("info", "'2026-12-01'"), "id must look like 20261201-3fa9c2"),
         ("format: 2\n", _box("info", "'../../etc'"), "id must look like"),
@@ -248,7 +267,9 @@ def test_the_loader_enforces_ids_per_the_format(tmp_path: Path, settings: str, b
         files.parse_domain(raw, "domains/ex/example.com.yaml", fmt)
 
 
-def test_a_store_refuses_an_incoming_commit_that_drops_an_id(data_dir: DataDir, mail_store: Store, tmp_path: Path) -> None:
+def test_a_store_refuses_an_incoming_commit_that_drops_an_id(
+    data_dir: DataDir, mail_store: Store, tmp_path: Path
+) -> None:
     """A hand-made commit (signed by the server key, so only validation can stop it) that removes
     a mailbox id in a format-2 state is refused; the store keeps serving the last good state."""
     from mailstate.state.sync import validate_incoming
@@ -279,7 +300,13 @@ def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_pa
         dd.allowed_signers.write_text(trusted)
 
     def old_server(dd: DataDir) -> Store:  # the format-1 code: a Store that does not upgrade
-        return Store(dd.repo, Ed25519Signer(dd.key), cache_path=None, upstream=Upstream(str(up), dd.repo), trusted_signers=dd.allowed_signers)
+        return Store(
+            dd.repo,
+            Ed25519Signer(dd.key),
+            cache_path=None,
+            upstream=Upstream(str(up), dd.repo),
+            trusted_signers=dd.allowed_signers,
+        )
 
     a_old = old_server(a)
     a_old.execute("add-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})
@@ -294,13 +321,18 @@ def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_pa
     tip = git_out(up, "rev-parse", "main").strip()
     assert a_new.head == tip and git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
     verified = subprocess.run(
-        ["git", "-C", str(up), "-c", f"gpg.ssh.allowedSignersFile={a.allowed_signers}", "verify-commit", tip], capture_output=True, text=True
+        ["git", "-C", str(up), "-c", f"gpg.ssh.allowedSignersFile={a.allowed_signers}", "verify-commit", tip],
+        capture_output=True,
+        text=True,
     )
     assert verified.returncode == 0, verified.stderr
 
     assert b_old.sync() is None  # validated (signature, ids under the new format, every rendered file)
     assert b_old.head == tip and b_old.snapshot.settings.format == 2
-    assert b_old.snapshot.domains["example.com"].mailboxes["info"].id == a_new.snapshot.domains["example.com"].mailboxes["info"].id
+    assert (
+        b_old.snapshot.domains["example.com"].mailboxes["info"].id
+        == a_new.snapshot.domains["example.com"].mailboxes["info"].id
+    )
     b_new = open_store(b.root, upstream=str(up))
     assert b_new.head == tip and int(git_out(up, "rev-list", "--count", "main").strip()) == count + 1
 
@@ -320,7 +352,9 @@ def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Pat
     assert git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
 
 
-def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed_commit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed_commit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A format-2 data dir whose commits predate sender_login_maps (the fragments removed by a
     signed commit, as the old code left it): `mailstate upgrade` adds every fragment in one
     signed commit, touches no domain file, and a second run does nothing."""
@@ -340,14 +374,28 @@ def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(dd.repo), str(work)], check=True)
     subprocess.run(["git", "-C", str(work), "rm", "-q", path], check=True)
-    git = ["git", "-C", str(work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={dd.key}", "-c", "user.name=old", "-c", "user.email=old@x"]
+    git = [
+        "git",
+        "-C",
+        str(work),
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        f"user.signingkey={dd.key}",
+        "-c",
+        "user.name=old",
+        "-c",
+        "user.email=old@x",
+    ]
     subprocess.run([*git, "commit", "-q", "-S", "-m", "as the code before sending left it"], check=True)
     subprocess.run([*git, "push", "-q", "origin", "HEAD:main"], check=True)
     # and a statement of that head (the old server accepted it): here, none, so the store starts at main
     subprocess.run(["git", "-C", str(dd.repo), "update-ref", "-d", STATEMENT_REF], check=True)
     before = commit_count(dd.repo)
     old_tree = git_out(dd.repo, "ls-tree", "-r", "main", "domains")
-    assert check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) != []  # stale: the fragment is missing
+    assert (
+        check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) != []
+    )  # stale: the fragment is missing
 
     assert main(["upgrade", "--data", str(dd.root)]) == 0
     assert "rendered the sender_login_maps fragments (format 2) in one signed commit" in capsys.readouterr().out

@@ -38,7 +38,11 @@ def fleet(tmp_path: Path) -> dict[str, object]:
     b = init_data_dir(tmp_path / "b", Settings(bcrypt_cost=4), clock=FakeClock())
     admin_key = tmp_path / "admin_key"
     admin_pub = generate_key(admin_key, "admin@example.org")
-    trusted = a.allowed_signers.read_text() + b.allowed_signers.read_text() + allowed_signers_line(admin_pub, "admin@example.org")
+    trusted = (
+        a.allowed_signers.read_text()
+        + b.allowed_signers.read_text()
+        + allowed_signers_line(admin_pub, "admin@example.org")
+    )
     for dd in (a, b):
         dd.allowed_signers.write_text(trusted)
     return {"up": up, "a": a, "b": b, "admin_key": admin_key, "tmp": tmp_path}
@@ -123,7 +127,15 @@ def test_two_writers_lose_nothing(fleet: dict[str, object]) -> None:
     # Every upstream commit is signed by one of the fleet's keys.
     for sha in git(up, "rev-list", "main").split():  # type: ignore[arg-type]
         subprocess.run(
-            ["git", "-C", str(up), "-c", f"gpg.ssh.allowedSignersFile={fleet['a'].allowed_signers}", "verify-commit", sha],  # type: ignore[attr-defined]
+            [
+                "git",
+                "-C",
+                str(up),
+                "-c",
+                f"gpg.ssh.allowedSignersFile={fleet['a'].allowed_signers}",
+                "verify-commit",
+                sha,
+            ],  # type: ignore[attr-defined]
             check=True,
             capture_output=True,
         )
@@ -250,7 +262,9 @@ def test_admin_comment_survives_the_next_api_write(fleet: dict[str, object]) -> 
 
     def comment(work: Path) -> None:
         path = work / "domains/ex/example.com.yaml"
-        text = path.read_text().replace("mailboxes:\n", "mailboxes:\n  # info@ is read by the sales team (ticket 4711)\n")
+        text = path.read_text().replace(
+            "mailboxes:\n", "mailboxes:\n  # info@ is read by the sales team (ticket 4711)\n"
+        )
         path.write_text("# Customer: ACME, contract until 2027\n" + text)
 
     _admin_commit(fleet, comment)

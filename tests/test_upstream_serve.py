@@ -62,7 +62,10 @@ def test_two_servers_200_concurrent_writes_nothing_lost(pair: tuple[LiveServer, 
     a, b, up, _ = pair
     assert a.git("rev-parse", "main") == b.git("rev-parse", "main")
     with a.client(a.admin_token) as c:
-        assert c.post("/v1/email-account/add-domain", json={"domain": "shared.example", "project_id": 5}).status_code == 201
+        assert (
+            c.post("/v1/email-account/add-domain", json={"domain": "shared.example", "project_id": 5}).status_code
+            == 201
+        )
     _wait_for(lambda: b.git("rev-parse", "main") == a.git("rev-parse", "main"))
     before = int(git(up, "rev-list", "--count", "main"))
     tokens = {"a": a.create_token(project=5, name="proj-a"), "b": b.create_token(project=5, name="proj-b")}
@@ -83,7 +86,10 @@ def test_two_servers_200_concurrent_writes_nothing_lost(pair: tuple[LiveServer, 
     for server in (a, b):
         _wait_for(lambda s=server: s.git("rev-parse", "main") == git(up, "rev-parse", "main"))
         with server.client(server.admin_token) as c:
-            users = {u["email"] for u in c.get("/v1/email-account/list-users", params={"domain": "shared.example"}).json()["users"]}
+            users = {
+                u["email"]
+                for u in c.get("/v1/email-account/list-users", params={"domain": "shared.example"}).json()["users"]
+            }
         assert users == {f"u{i}@shared.example" for i in range(WRITES)}
     # Every upstream commit is signed by a fleet key.
     for sha in commits[:20]:
@@ -101,7 +107,18 @@ def _admin_push(tmp: Path, up: Path, edit, key: Path | None) -> str:  # type: ig
     git(work, "add", "-A")
     base = ["-c", "user.name=Admin", "-c", "user.email=admin@example.org"]
     if key is not None:
-        git(work, *base, "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S", "-qm", "admin: hand edit")
+        git(
+            work,
+            *base,
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            f"user.signingkey={key}",
+            "commit",
+            "-S",
+            "-qm",
+            "admin: hand edit",
+        )
     else:
         git(work, *base, "commit", "-qm", "admin: unsigned hand edit")
     git(work, "push", "-q", "origin", "main")
@@ -123,14 +140,19 @@ def _add_mailbox(local: str):  # type: ignore[no-untyped-def]
 def test_admin_commits_are_served_or_refused(pair: tuple[LiveServer, LiveServer, Path, Path], tmp_path: Path) -> None:
     a, _b, up, admin_key = pair
     with a.client(a.admin_token) as c:
-        assert c.post("/v1/email-account/add-domain", json={"domain": "admin.example", "project_id": 9}).status_code == 201
+        assert (
+            c.post("/v1/email-account/add-domain", json={"domain": "admin.example", "project_id": 9}).status_code == 201
+        )
 
     # Signed by a trusted admin key: picked up and served by list-users.
     good = _admin_push(tmp_path, up, _add_mailbox("fromadmin"), admin_key)
 
     def listed() -> set[str]:
         with a.client(a.admin_token) as c:
-            return {u["email"] for u in c.get("/v1/email-account/list-users", params={"domain": "admin.example"}).json()["users"]}
+            return {
+                u["email"]
+                for u in c.get("/v1/email-account/list-users", params={"domain": "admin.example"}).json()["users"]
+            }
 
     _wait_for(lambda: "fromadmin@admin.example" in listed())
     assert a.git("rev-parse", "main").strip() == good

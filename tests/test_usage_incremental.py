@@ -62,8 +62,14 @@ def env(pipull: ModuleType, tmp_path: Path) -> tuple[Path, Path, Seams, Any]:
     seams = Seams()
 
     def scanner(budget: float = 10.0) -> Any:
-        return pipull.usage.Scanner(str(mail), str(tmp_path / "node" / "usage-cache"), budget,
-                                    now=lambda: NOW, monotonic=seams.monotonic, scandir=seams.scandir)
+        return pipull.usage.Scanner(
+            str(mail),
+            str(tmp_path / "node" / "usage-cache"),
+            budget,
+            now=lambda: NOW,
+            monotonic=seams.monotonic,
+            scandir=seams.scandir,
+        )
 
     return mail, tmp_path / "node" / "usage-cache", seams, scanner
 
@@ -221,7 +227,9 @@ def test_usage_budget_s_is_read_from_the_config_and_must_be_positive(pipull: Mod
             pipull.config.load_config(str(ini))
 
 
-def test_lifecycle_continues_a_pass_on_the_next_ticks_whatever_the_interval(pipull: ModuleType, env: Any, tmp_path: Path) -> None:
+def test_lifecycle_continues_a_pass_on_the_next_ticks_whatever_the_interval(
+    pipull: ModuleType, env: Any, tmp_path: Path
+) -> None:
     """Lifecycle.usage (what a tick calls): a pass starts every usage_interval, and a pass the
     budget cut short goes on at the next tick although the interval has not passed."""
     import logging
@@ -235,20 +243,35 @@ def test_lifecycle_continues_a_pass_on_the_next_ticks_whatever_the_interval(pipu
     lines = "".join(sorted(f"{lo} {bid} active\n" for _d, lo, bid in BOXES)).encode()
     settings = b"format 2\npurge_after_days 7\n"
     base = "rendered/domains/a./a.example"
-    stream = (b"commit refs/heads/main\ncommitter t <t@example.invalid> 1700000000 +0000\ndata 1\nt\n"
-              + b"M 100644 inline rendered/settings\ndata %d\n%s\n" % (len(settings), settings)
-              + b"".join(b"M 100644 inline %s/%s\ndata 0\n\n" % (base.encode(), f) for f in (b"passwd", b"virtual_mailbox_maps", b"virtual_mailbox_domains"))
-              + b"M 100644 inline %s/mailboxes\ndata %d\n%s\n\n" % (base.encode(), len(lines), lines))
+    stream = (
+        b"commit refs/heads/main\ncommitter t <t@example.invalid> 1700000000 +0000\ndata 1\nt\n"
+        + b"M 100644 inline rendered/settings\ndata %d\n%s\n" % (len(settings), settings)
+        + b"".join(
+            b"M 100644 inline %s/%s\ndata 0\n\n" % (base.encode(), f)
+            for f in (b"passwd", b"virtual_mailbox_maps", b"virtual_mailbox_domains")
+        )
+        + b"M 100644 inline %s/mailboxes\ndata %d\n%s\n\n" % (base.encode(), len(lines), lines)
+    )
     subprocess.run(["git", "--git-dir", str(mirror_dir), "fast-import", "--quiet"], input=stream, check=True)
-    sha = subprocess.run(["git", "--git-dir", str(mirror_dir), "rev-parse", "main"], check=True, capture_output=True, text=True).stdout.strip()
-    cfg = pipull.config.Config(remote_url="/unused", root=str(node), mail_root=str(mail), mail_uid=1, mail_gid=1,
-                               report_url="http://127.0.0.1:9/unused")
+    sha = subprocess.run(
+        ["git", "--git-dir", str(mirror_dir), "rev-parse", "main"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    cfg = pipull.config.Config(
+        remote_url="/unused",
+        root=str(node),
+        mail_root=str(mail),
+        mail_uid=1,
+        mail_gid=1,
+        report_url="http://127.0.0.1:9/unused",
+    )
     cfg.usage_budget_s = 1e-9  # one mailbox per tick
     log = logging.getLogger("test-usage")
     runner = pipull.runner.Runner()
     mirror = pipull.mirror.Mirror(cfg, runner, log)
     clock = [NOW]
-    life = pipull.lifecycle.Lifecycle(cfg, mirror, pipull.release.Releases(cfg, runner, log, mirror), log, clock=lambda: clock[0])
+    life = pipull.lifecycle.Lifecycle(
+        cfg, mirror, pipull.release.Releases(cfg, runner, log, mirror), log, clock=lambda: clock[0]
+    )
     st: dict[str, Any] = {"applied_commit": sha, "lifecycle": {"purge_after_days": 7}}
     seen = []
     for _ in range(len(BOXES)):
@@ -299,13 +322,22 @@ def test_a_pass_file_larger_than_a_shard_may_be_is_still_read(pipull: ModuleType
         return list(BOXES)
 
     def scanner() -> Any:
-        return pipull.usage.Scanner(str(mail), str(cache), 2.0, now=lambda: NOW, monotonic=seams.monotonic,
-                                    scandir=seams.scandir, max_file_bytes=1)
+        return pipull.usage.Scanner(
+            str(mail),
+            str(cache),
+            2.0,
+            now=lambda: NOW,
+            monotonic=seams.monotonic,
+            scandir=seams.scandir,
+            max_file_bytes=1,
+        )
 
     ls: dict[str, Any] = {}
     seen: list[tuple[str, int, int]] = []
     for _ in range(20):
-        seen += [(str(e["email"]), int(e["used_bytes"]), int(e["messages"])) for e in scanner().step(ls, "c" * 40, listing)]
+        seen += [
+            (str(e["email"]), int(e["used_bytes"]), int(e["messages"])) for e in scanner().step(ls, "c" * 40, listing)
+        ]
         if "usage_pass" not in ls:
             break
     assert (cache / "pass").stat().st_size > 1

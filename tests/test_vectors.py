@@ -97,7 +97,13 @@ def test_every_hostile_line_is_refused_by_pi_pull(tmp_path: Path, fmt: int) -> N
     r = node.tick()
     assert r.returncode == EXIT_OK, r.stderr
     info = repo.domains["example.com"]["info"]
-    values = {"root": repo.mail_root, "uid": repo.uid, "gid": repo.gid, "dir": repo.mailbox_dir("info", info), "id": info.id}
+    values = {
+        "root": repo.mail_root,
+        "uid": repo.uid,
+        "gid": repo.gid,
+        "dir": repo.mailbox_dir("info", info),
+        "id": info.id,
+    }
     base = {name: (repo.work / rel).read_text() for name, rel in FILES.items() if (repo.work / rel).exists()}
     wrong: list[str] = []
     for vec in LINES["hostile"]:
@@ -127,7 +133,14 @@ def test_valid_vector_lines_are_what_pi_pull_applies(tmp_path: Path, fmt: int) -
     assert node.current() == sha
     boxes = repo.domains["example.com"]
     expected = sorted(
-        fill(LINES["valid_passwd"], root=repo.mail_root, uid=repo.uid, gid=repo.gid, dir=repo.mailbox_dir(v["local"], boxes[v["local"]]), **v)
+        fill(
+            LINES["valid_passwd"],
+            root=repo.mail_root,
+            uid=repo.uid,
+            gid=repo.gid,
+            dir=repo.mailbox_dir(v["local"], boxes[v["local"]]),
+            **v,
+        )
         for v in LINES["valid"]
     )
     assert (node.root / "current/dovecot/passwd.d/example.com").read_text().splitlines() == expected
@@ -144,7 +157,13 @@ def test_every_hostile_line_is_refused_by_the_server(mail_store: Any, data_dir: 
     home = info_line.split(":")[5]
     settings = mail_store.snapshot.settings
     folder = home.rsplit("/", 1)[1]
-    values = {"root": settings.mail_root, "uid": settings.uid, "gid": settings.gid, "dir": folder, "id": folder.partition("~")[2]}
+    values = {
+        "root": settings.mail_root,
+        "uid": settings.uid,
+        "gid": settings.gid,
+        "dir": folder,
+        "id": folder.partition("~")[2],
+    }
     git = ["git", "-C", str(work), "-c", "gpg.format=ssh", "-c", f"user.signingkey={data_dir.key}"]
     accepted: list[str] = []
     for i, vec in enumerate(LINES["hostile"]):
@@ -163,14 +182,19 @@ def test_every_hostile_line_is_refused_by_the_server(mail_store: Any, data_dir: 
 def test_valid_vector_lines_are_what_the_compiler_writes(fmt: int) -> None:
     settings = Settings(format=fmt, mail_root="/var/vmail", uid=5000, gid=5000)
     ids = {v["local"]: f"20261201-{i:06x}" for i, v in enumerate(LINES["valid"])}
-    boxes = {v["local"]: Mailbox(id=ids[v["local"]] if fmt == 2 else None, password=HASH, quota_mb=v["quota_mb"]) for v in LINES["valid"]}
+    boxes = {
+        v["local"]: Mailbox(id=ids[v["local"]] if fmt == 2 else None, password=HASH, quota_mb=v["quota_mb"])
+        for v in LINES["valid"]
+    }
     out = render_domain(DomainFile(domain="example.com", email_enabled=True, mailboxes=boxes), settings)
 
     def dir_of(local: str) -> str:
         return f"{local}~{ids[local]}" if fmt == 2 else local
 
     for key, rel in (("valid_passwd", FILES["passwd"]), ("valid_map", FILES["virtual_mailbox_maps"])):
-        expected = sorted(fill(LINES[key], root="/var/vmail", uid=5000, gid=5000, dir=dir_of(v["local"]), **v) for v in LINES["valid"])
+        expected = sorted(
+            fill(LINES[key], root="/var/vmail", uid=5000, gid=5000, dir=dir_of(v["local"]), **v) for v in LINES["valid"]
+        )
         assert out[rel].decode().splitlines() == expected
 
 

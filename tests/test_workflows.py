@@ -31,7 +31,19 @@ JOB_KEYS = {
     "name", "needs", "permissions", "if", "runs-on", "environment", "concurrency", "outputs", "env", "defaults",
     "steps", "timeout-minutes", "strategy", "continue-on-error", "container", "services", "uses", "with", "secrets",
 }  # fmt: skip
-STEP_KEYS = {"id", "if", "name", "uses", "run", "shell", "with", "env", "continue-on-error", "timeout-minutes", "working-directory"}
+STEP_KEYS = {
+    "id",
+    "if",
+    "name",
+    "uses",
+    "run",
+    "shell",
+    "with",
+    "env",
+    "continue-on-error",
+    "timeout-minutes",
+    "working-directory",
+}
 
 
 def load(text: str | bytes) -> dict[str, Any]:
@@ -62,7 +74,9 @@ def check_workflow(doc: dict[str, Any], where: str) -> None:
     assert isinstance(jobs, dict) and jobs, f"{where}: no jobs"
     for job_id, job in jobs.items():
         assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", job_id), f"{where}: bad job id {job_id}"
-        assert isinstance(job, dict) and set(job) <= JOB_KEYS, f"{where}: job {job_id} has unknown keys {set(job) - JOB_KEYS}"
+        assert isinstance(job, dict) and set(job) <= JOB_KEYS, (
+            f"{where}: job {job_id} has unknown keys {set(job) - JOB_KEYS}"
+        )
         assert ("runs-on" in job) != ("uses" in job), f"{where}: job {job_id} needs exactly one of runs-on / uses"
         if "uses" in job:
             assert "steps" not in job
@@ -127,7 +141,10 @@ def test_the_rendered_state_repo_workflow() -> None:
     check_workflow(custom, WORKFLOW_PATH)
     (job,) = custom["jobs"].values()
     assert job["uses"] == "acme/mailstate/.github/workflows/state-check.yml@v1.2"
-    assert job["with"] == {"mailstate-spec": "mailstate @ git+https://example.invalid/acme/mailstate@v1.2", "python-version": "3.12"}
+    assert job["with"] == {
+        "mailstate-spec": "mailstate @ git+https://example.invalid/acme/mailstate@v1.2",
+        "python-version": "3.12",
+    }
     assert triggers(custom)["push"] == {"branches": ["trunk"]}
     inputs = triggers(load((WORKFLOWS / "state-check.yml").read_bytes()))["workflow_call"]["inputs"]
     assert set(job["with"]) <= set(inputs)
@@ -136,7 +153,13 @@ def test_the_rendered_state_repo_workflow() -> None:
 
 @pytest.mark.parametrize(
     "uses",
-    ["", "state-check.yml", "acme/mailstate/state-check.yml@main", "acme/m/.github/workflows/x.yml@main\non: push", "a/b/.github/workflows/x.yml@$(id)"],
+    [
+        "",
+        "state-check.yml",
+        "acme/mailstate/state-check.yml@main",
+        "acme/m/.github/workflows/x.yml@main\non: push",
+        "a/b/.github/workflows/x.yml@$(id)",
+    ],
 )
 def test_state_repo_workflow_refuses_a_bad_uses(uses: str) -> None:
     with pytest.raises(InvalidInput):
@@ -171,7 +194,12 @@ def test_reusable_workflow_declares_typed_inputs() -> None:
     checkout = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout@"))
     assert checkout["with"]["fetch-depth"] == 0
     runs = "\n".join(s.get("run", "") for s in job["steps"])
-    for command in ("mailstate check .", "mailstate plan . --base", '--markdown >> "$GITHUB_STEP_SUMMARY"', "mailstate compile --check ."):
+    for command in (
+        "mailstate check .",
+        "mailstate plan . --base",
+        '--markdown >> "$GITHUB_STEP_SUMMARY"',
+        "mailstate compile --check .",
+    ):
         assert command in runs
 
 
@@ -229,7 +257,9 @@ def _run_state_check(repo: Path, tmp_path: Path, base_ref: str) -> str:
             continue
         env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "GITHUB_STEP_SUMMARY": str(summary)}
         env.update({k: _evaluate(str(v), context) for k, v in step.get("env", {}).items()})
-        proc = subprocess.run(["bash", "-e", "-c", _evaluate(step["run"], context)], cwd=repo, env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            ["bash", "-e", "-c", _evaluate(step["run"], context)], cwd=repo, env=env, capture_output=True, text=True
+        )
         assert proc.returncode == 0, f"step {step.get('name')!r} failed:\n{proc.stdout}\n{proc.stderr}"
     return summary.read_text()
 
@@ -240,7 +270,12 @@ def test_state_check_steps_on_a_pull_request_and_a_push(mail_store: Store, data_
     subprocess.run(["git", "-C", str(repo), "checkout", "-qb", "add-bob"], check=True)
     path = repo / files.domain_path("example.com")
     doc = yaml.safe_load(path.read_text())
-    doc["mailboxes"]["bob"] = {"id": "20261201-b0b000", "password": hash_password("bob's long password", 4), "quota_mb": 512, "active": True}
+    doc["mailboxes"]["bob"] = {
+        "id": "20261201-b0b000",
+        "password": hash_password("bob's long password", 4),
+        "quota_mb": 512,
+        "active": True,
+    }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     # the admin recompiles rendered/ and commits
     compile_code = "import sys; from mailstate.api.cli import main; sys.exit(main(['compile', sys.argv[1]]))"

@@ -52,8 +52,14 @@ class Agent:
     bench can wrap any of them.
     """
 
-    def __init__(self, cfg: Config, runner: Runner | None = None, log: logging.Logger | None = None,
-                 sync_key: str | None = None, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        runner: Runner | None = None,
+        log: logging.Logger | None = None,
+        sync_key: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.runner = runner or Runner()
         self.log = log or logging.getLogger(LOGGER_NAME)
@@ -142,7 +148,9 @@ class Agent:
             first = not st.get("applied_commit")
             result = self._guarded_tick(st)
             self._record_status(st, result)
-            dkim_keys = self.dkim.step() if self.cfg.dkim else None  # after the tick: the tables follow the release that is live now
+            dkim_keys = (
+                self.dkim.step() if self.cfg.dkim else None
+            )  # after the tick: the tables follow the release that is live now
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
@@ -229,8 +237,9 @@ class Agent:
                 h.update(b"\0-")
         return h.hexdigest()
 
-    def _apply(self, st: dict[str, Any], quarantine: Quarantine, env: dict[str, str], applied: str | None,
-               current: str | None) -> TickResult:
+    def _apply(
+        self, st: dict[str, Any], quarantine: Quarantine, env: dict[str, str], applied: str | None, current: str | None
+    ) -> TickResult:
         """Fetch and verify the statement, then apply its head (inside the quarantine)."""
         from .chain import ChainVerifier
         from .statement import MAX_STATEMENT_BYTES, parse_statement, verify_statement
@@ -242,8 +251,10 @@ class Agent:
         check_allowed_signers(self.cfg)
         now = self.clock()
         if stmt.issued_at > now + self.cfg.clock_skew:
-            raise Refused(f"the accepted-head statement {tag[:12]} is issued {stmt.issued_at - int(now)} s in the future "
-                          f"(over [freshness] clock_skew = {self.cfg.clock_skew:g} s; is this node's clock right?)")
+            raise Refused(
+                f"the accepted-head statement {tag[:12]} is issued {stmt.issued_at - int(now)} s in the future "
+                f"(over [freshness] clock_skew = {self.cfg.clock_skew:g} s; is this node's clock right?)"
+            )
         learned = self.trust.follow(stmt, now, self.cfg.clock_skew)  # server key rotation
         signers = self.trust.signers_file() if learned is None else self.trust.candidate(learned)
         verify_statement(self.runner, self.cfg, stmt, signers)
@@ -267,11 +278,14 @@ class Agent:
             raise Stale(self._stale_message(stmt.issued_at, f"statement {tag[:12]} names {head[:12]}, not applied"))
 
         if applied and target != applied and not self.mirror.is_ancestor(applied, target):
-            raise Refused(f"rollback: fetched {target[:12]} does not descend from applied {applied[:12]} (force-push to an older or "
-                          "unrelated commit?)")
+            raise Refused(
+                f"rollback: fetched {target[:12]} does not descend from applied {applied[:12]} (force-push to an older or "
+                "unrelated commit?)"
+            )
         # Every commit of applied..target, not only the tip (pipull/chain.py; the first apply: the tip).
-        checked = ChainVerifier(self.mirror, self.cfg, self.runner, signers, now=now, clock_skew=self.cfg.clock_skew).verify(
-            applied if applied and target != applied else None, target)
+        checked = ChainVerifier(
+            self.mirror, self.cfg, self.runner, signers, now=now, clock_skew=self.cfg.clock_skew
+        ).verify(applied if applied and target != applied else None, target)
         self.log.debug(f"verified {checked} commit signature(s) up to {target[:12]}")
 
         t_build = time.monotonic()
@@ -283,9 +297,14 @@ class Agent:
         self._record_applied(st, target, applied, fallback)
         self._record_statement(st, stmt)
         reloaded = ", ".join(changed) if changed else "nothing (no service files changed)"
-        return TickResult("ok", EXIT_OK, target,
-                          f"applied {target[:12]}: {new['domains']} domains, {new['mailboxes']} mailboxes, "
-                          f"build {build_s:.2f}s, reloaded {reloaded}", changed=True)
+        return TickResult(
+            "ok",
+            EXIT_OK,
+            target,
+            f"applied {target[:12]}: {new['domains']} domains, {new['mailboxes']} mailboxes, "
+            f"build {build_s:.2f}s, reloaded {reloaded}",
+            changed=True,
+        )
 
     # ---- freshness
 
@@ -293,15 +312,21 @@ class Agent:
     def _newer(st: dict[str, Any], stmt: Statement) -> bool:
         """A statement older than the one kept (a replay) never replaces it."""
         known = st.get("statement")
-        return not isinstance(known, dict) or not isinstance(known.get("issued_at"), int) or stmt.issued_at >= known["issued_at"]
+        return (
+            not isinstance(known, dict)
+            or not isinstance(known.get("issued_at"), int)
+            or stmt.issued_at >= known["issued_at"]
+        )
 
     def _is_stale(self, issued_at: int) -> bool:
         return bool(self.cfg.max_staleness) and self.clock() - issued_at > self.cfg.max_staleness
 
     def _stale_message(self, issued_at: int, why: str) -> str:
         age = int(self.clock() - issued_at)
-        return (f"the newest verified accepted-head statement was issued {age} s ago, over [freshness] max_staleness = "
-                f"{self.cfg.max_staleness:g} s ({why}); keeping the last good release")
+        return (
+            f"the newest verified accepted-head statement was issued {age} s ago, over [freshness] max_staleness = "
+            f"{self.cfg.max_staleness:g} s ({why}); keeping the last good release"
+        )
 
     def _staleness(self, st: dict[str, Any], why: str) -> str | None:
         """The stale message when the statement kept in state.json is too old, else None."""
@@ -322,7 +347,9 @@ class Agent:
         st["statement"] = {"tag": stmt.tag, "head": stmt.head, "issued_at": stmt.issued_at}
         st.pop("refused", None)
 
-    def _stage(self, tip: str, applied: str | None, current: str | None) -> tuple[dict[str, Any], list[str], str | None]:
+    def _stage(
+        self, tip: str, applied: str | None, current: str | None
+    ) -> tuple[dict[str, Any], list[str], str | None]:
         """Make releases/<tip> live; return (its manifest, services to reload, release to fall back to)."""
         if current == tip and self.releases.manifest(tip):
             # A previous run swapped to tip but died before recording it: adopt the live
@@ -368,6 +395,6 @@ class Agent:
             st["previous_commit"] = fallback if fallback and fallback != tip else applied
         st["applied_commit"] = tip
         st["applied_at"] = utcnow()
-        st["history"] = [tip, *[s for s in st.get("history", []) if s != tip][:HISTORY_MAX - 1]]
+        st["history"] = [tip, *[s for s in st.get("history", []) if s != tip][: HISTORY_MAX - 1]]
         self.releases.prune(st)
         self.mirror.gc_auto()

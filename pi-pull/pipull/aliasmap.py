@@ -86,7 +86,9 @@ class AliasCheck:
 
     def _count(self, local: bytes) -> None:
         if self.last is not None and local <= self.last:
-            raise Refused(f"{ALIAS_MAP} of {self.domain}: {local.decode() or '@' + self.domain} is out of order or listed twice")
+            raise Refused(
+                f"{ALIAS_MAP} of {self.domain}: {local.decode() or '@' + self.domain} is out of order or listed twice"
+            )
         self.last = local
         self.count += 1
 

@@ -168,7 +168,9 @@ class BucketBuild:
         tables, dirs, index = prev.get("tables"), prev.get("passwd_dirs"), prev.get("index_dirs")
         if not isinstance(tables, dict) or not isinstance(dirs, dict) or not isinstance(index, dict):
             return False
-        if not all(isinstance(v, str) and os.path.isdir(os.path.join(self.rel.root, INDEX_STORE, v)) for v in index.values()):
+        if not all(
+            isinstance(v, str) and os.path.isdir(os.path.join(self.rel.root, INDEX_STORE, v)) for v in index.values()
+        ):
             return False
         live_dir = os.path.join(self.rel.dir, self.live)
         for mapname in self.maps:
@@ -200,7 +202,9 @@ class BucketBuild:
         for group in groups:
             for domain in group:
                 files = tree[domain]
-                order += [files[f] for f in DOMAIN_CHECKED if f in files] + [files[m] for m in self.maps if m in files and m not in DOMAIN_CHECKED]
+                order += [files[f] for f in DOMAIN_CHECKED if f in files] + [
+                    files[m] for m in self.maps if m in files and m not in DOMAIN_CHECKED
+                ]
         senders: dict[str, SenderCheck] = {}
         writer = FileWriter(self.mode, self.gid)
         postmaps = _Postmaps(self)
@@ -211,7 +215,9 @@ class BucketBuild:
                     for domain in group:
                         files = tree[domain]
                         bb_dir = self._new_bucket_dir(domain[:2])
-                        self.mailboxes += self._check_domain_whole(cat, domain, files, os.path.join(bb_dir, domain), texts, writer)
+                        self.mailboxes += self._check_domain_whole(
+                            cat, domain, files, os.path.join(bb_dir, domain), texts, writer
+                        )
                         for mapname in self.maps:
                             if mapname not in DOMAIN_CHECKED and mapname in files:
                                 data = self._read(cat, domain, mapname, files[mapname])
@@ -240,8 +246,15 @@ class BucketBuild:
                 self.tables[table_name(mapname, k)] = self.tag
         self.reloads = {"postfix", "dovecot"}
 
-    def _check_domain_whole(self, cat: BlobReader, domain: str, files: dict[str, str], passwd_target: str,
-                            texts: dict[str, list[bytes]], writer: FileWriter) -> int:
+    def _check_domain_whole(
+        self,
+        cat: BlobReader,
+        domain: str,
+        files: dict[str, str],
+        passwd_target: str,
+        texts: dict[str, list[bytes]],
+        writer: FileWriter,
+    ) -> int:
         """``_check_domain`` for a first apply: each blob read whole (they are small), its passwd-file
         written by ``writer`` once it validated, the two mailbox maps' lines kept in ``texts``."""
         check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
@@ -287,7 +300,9 @@ class BucketBuild:
                     target = None
                     if "passwd" in change:
                         target = os.path.join(self._new_bucket_dir(domain[:2]), domain)
-                    captured: dict[str, Any] = {m: _Capture() for m in ("virtual_mailbox_domains", "virtual_mailbox_maps") if m in change}
+                    captured: dict[str, Any] = {
+                        m: _Capture() for m in ("virtual_mailbox_domains", "virtual_mailbox_maps") if m in change
+                    }
                     self._check_domain(cat, domain, files, target, captured)
                     new_data.update({m: c.value() for m, c in captured.items()})
                 for mapname in self.maps:
@@ -324,8 +339,9 @@ class BucketBuild:
                 self.tables[name] = self.tag
                 self.reloads.add("postfix")
 
-    def _check_sender_claims(self, cat: BlobReader, changes: dict[str, dict[str, tuple[str, str]]],
-                             senders: dict[str, SenderCheck]) -> None:
+    def _check_sender_claims(
+        self, cat: BlobReader, changes: dict[str, dict[str, tuple[str, str]]], senders: dict[str, SenderCheck]
+    ) -> None:
         """The sender-login rules that span domains (sendermap.check_claims), for what this change can affect.
 
         A key ``x@A`` in T's fragment needs A's alias map to say ``@A @T``, and A's own fragment
@@ -391,8 +407,9 @@ class BucketBuild:
         # An old blob was validated when it went live; the limit still bounds what is read.
         return cat.read(oid, what, self.cfg.max_file_bytes if limit else max(self.cfg.max_file_bytes, 1 << 30))
 
-    def _check_domain(self, cat: BlobReader, domain: str, files: dict[str, str], passwd_target: str | None,
-                      outs: dict[str, Any]) -> int:
+    def _check_domain(
+        self, cat: BlobReader, domain: str, files: dict[str, str], passwd_target: str | None, outs: dict[str, Any]
+    ) -> int:
         """Stream and validate passwd, the two mailbox maps and mailboxes; write passwd to ``passwd_target``
         and each map into ``outs[map]`` (if given). Returns the mailbox count."""
         check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
@@ -406,7 +423,13 @@ class BucketBuild:
                 fh = open_new(passwd_target, self.mode)
                 out = fh
             try:
-                feed(check, fname, _tee(cat.stream(oid, f"rendered/domains/{domain[:2]}/{domain}/{fname}", self.cfg.max_file_bytes), out))
+                feed(
+                    check,
+                    fname,
+                    _tee(
+                        cat.stream(oid, f"rendered/domains/{domain[:2]}/{domain}/{fname}", self.cfg.max_file_bytes), out
+                    ),
+                )
             finally:
                 if fh is not None:
                     fh.close()
@@ -490,7 +513,9 @@ class BucketBuild:
             "map_type": self.cfg.map_type,
             "map_buckets": self.n,
             "reuse_key": self.rel.reuse_key(),
-            "postfix_digest": digest([(n, v.encode()) for n, v in self.tables.items()] + [("\0map_type", self.cfg.map_type.encode())]),
+            "postfix_digest": digest(
+                [(n, v.encode()) for n, v in self.tables.items()] + [("\0map_type", self.cfg.map_type.encode())]
+            ),
             "dovecot_digest": digest([(bb, v.encode()) for bb, v in self.passwd_dirs.items()]),
             "index_dirs": self.index_dirs,
             "domains": self.domains,

@@ -64,9 +64,13 @@ class FileWriter:
 
             self._err = tempfile.TemporaryFile()
             try:
-                self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER, f"{mode:o}", str(self.uid), str(gid)],
-                                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err,
-                                              env={"LC_ALL": "C"})
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _HELPER, f"{mode:o}", str(self.uid), str(gid)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=self._err,
+                    env={"LC_ALL": "C"},
+                )
             except OSError:
                 self._proc = None
 
@@ -92,7 +96,7 @@ class FileWriter:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fchmod(fd, self.mode)
             if self.gid >= 0:
                 os.fchown(fd, self.uid, self.gid)
@@ -104,7 +108,9 @@ class FileWriter:
         self._proc.wait()
         self._err.seek(0)
         lines = self._err.read().decode("utf-8", "replace").strip().splitlines()
-        raise OSError(f"writing passwd-files failed: {lines[-1] if lines else f'helper exited {self._proc.returncode}'}")
+        raise OSError(
+            f"writing passwd-files failed: {lines[-1] if lines else f'helper exited {self._proc.returncode}'}"
+        )
 
     def close(self) -> None:
         """Every file written (raises OSError if one was not)."""

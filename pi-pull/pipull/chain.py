@@ -80,7 +80,7 @@ def parse_commit(sha: str, raw: bytes) -> Commit:
         if line.startswith(b"gpgsig "):
             if sig is not None:
                 raise Refused(f"commit {sha[:12]} carries two signatures")
-            sig, in_sig = [line[len(b"gpgsig "):]], True
+            sig, in_sig = [line[len(b"gpgsig ") :]], True
             continue
         kept.append(line)
         if line.startswith(b"parent "):
@@ -103,13 +103,13 @@ def signature_key(signature: bytes) -> str | None:
     if not text.startswith(_SIG_BEGIN) or not text.endswith(_SIG_END):
         return None
     try:
-        blob = base64.b64decode(b"".join(text[len(_SIG_BEGIN):-len(_SIG_END)].split()), validate=True)
+        blob = base64.b64decode(b"".join(text[len(_SIG_BEGIN) : -len(_SIG_END)].split()), validate=True)
     except ValueError:
         return None
     if blob[:6] != b"SSHSIG" or len(blob) < 14:
         return None
     n = int.from_bytes(blob[10:14], "big")
-    key = blob[14:14 + n]
+    key = blob[14 : 14 + n]
     return base64.b64encode(key).decode() if len(key) == n and n else None
 
 
@@ -168,7 +168,9 @@ def verify_time(ts: int) -> str:
 class ChainVerifier:
     """Checks every commit of a range against the node's allowed_signers (see the module docstring)."""
 
-    def __init__(self, mirror: Mirror, cfg: Config, runner: Runner, signers: str, *, now: float, clock_skew: float) -> None:
+    def __init__(
+        self, mirror: Mirror, cfg: Config, runner: Runner, signers: str, *, now: float, clock_skew: float
+    ) -> None:
         self.mirror = mirror
         self.cfg = cfg
         self.runner = runner
@@ -190,7 +192,7 @@ class ChainVerifier:
         """Read and parse commits with one ``git cat-file --batch`` per BATCH of them."""
         out: dict[str, Commit] = {}
         for i in range(0, len(shas), BATCH):
-            chunk = shas[i:i + BATCH]
+            chunk = shas[i : i + BATCH]
             r = self.mirror.git("cat-file", "--batch", input="".join(s + "\n" for s in chunk).encode(), timeout=600)
             if r.returncode != 0:
                 raise TickError(f"git cat-file --batch failed: {short(r.stderr)}")
@@ -204,8 +206,10 @@ class ChainVerifier:
                 if header[1] != "commit":
                     raise Refused(f"{sha[:12]} is a {header[1][:20]}, not a commit")
                 if size > MAX_COMMIT_BYTES:
-                    raise Refused(f"commit {sha[:12]} is {size} bytes, over the {MAX_COMMIT_BYTES} a state commit may weigh")
-                out[sha] = parse_commit(sha, data[nl + 1:nl + 1 + size])
+                    raise Refused(
+                        f"commit {sha[:12]} is {size} bytes, over the {MAX_COMMIT_BYTES} a state commit may weigh"
+                    )
+                out[sha] = parse_commit(sha, data[nl + 1 : nl + 1 + size])
                 pos = nl + 1 + size + 1
         return out
 
@@ -230,14 +234,18 @@ class ChainVerifier:
             if _SIG_BEGIN not in c.signature:
                 raise Refused(f"commit {sha[:12]}{where} is not SSH-signed (only ssh signatures are trusted)")
             if c.committer_time > limit:
-                raise Refused(f"commit {sha[:12]}{where} is dated {c.committer_time - int(self.now)} s in the future "
-                              f"(over [freshness] clock_skew = {self.clock_skew:g} s)")
+                raise Refused(
+                    f"commit {sha[:12]}{where} is dated {c.committer_time - int(self.now)} s in the future "
+                    f"(over [freshness] clock_skew = {self.clock_skew:g} s)"
+                )
             for p in c.parents:
                 parent = commits.get(p)
                 if parent is not None and c.committer_time < parent.committer_time:
-                    raise Refused(f"commit {sha[:12]}{where} is dated before its parent {p[:12]} "
-                                  f"({c.committer_time} < {parent.committer_time}): committer times may not go backwards "
-                                  "(a retired key could backdate a commit)")
+                    raise Refused(
+                        f"commit {sha[:12]}{where} is dated before its parent {p[:12]} "
+                        f"({c.committer_time} < {parent.committer_time}): committer times may not go backwards "
+                        "(a retired key could backdate a commit)"
+                    )
         order = [commits[s] for s in shas]
         if len(order) == 1:
             failures = [self._check(order[0])]
@@ -258,8 +266,19 @@ class ChainVerifier:
                 return first
         if key is None or key not in self._keys:
             return None
-        r = self.runner.run([self.cfg.ssh_keygen, "-Y", "find-principals", "-f", self.signers, "-s", sigfile,
-                             "-Overify-time=" + verify_time(c.committer_time)], timeout=60)
+        r = self.runner.run(
+            [
+                self.cfg.ssh_keygen,
+                "-Y",
+                "find-principals",
+                "-f",
+                self.signers,
+                "-s",
+                sigfile,
+                "-Overify-time=" + verify_time(c.committer_time),
+            ],
+            timeout=60,
+        )
         found = r.stdout.decode("utf-8", "replace").split()
         return found[0] if r.returncode == 0 and found else None
 
@@ -273,8 +292,20 @@ class ChainVerifier:
             principal = self._principal(c, sigfile)
             if principal is None:
                 return "its key is not in allowed_signers"
-            argv = [self.cfg.ssh_keygen, "-Y", "verify", "-f", self.signers, "-I", principal, "-n", "git", "-s", sigfile,
-                    "-Overify-time=" + verify_time(c.committer_time)]
+            argv = [
+                self.cfg.ssh_keygen,
+                "-Y",
+                "verify",
+                "-f",
+                self.signers,
+                "-I",
+                principal,
+                "-n",
+                "git",
+                "-s",
+                sigfile,
+                "-Overify-time=" + verify_time(c.committer_time),
+            ]
             if self.cfg.revoked_signers:
                 argv += ["-r", self.cfg.revoked_signers]
             r = self.runner.run(argv, input=c.payload, timeout=60)

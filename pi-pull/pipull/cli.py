@@ -20,19 +20,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pi_pull.py",
         description="mailstate node agent: fetch the signed state repo, verify, and apply rendered/ "
-                    "Postfix/Dovecot files atomically. To set up a node from its bundle: "
-                    "`pi_pull.py install --bundle DIR --sync-key-stdin [--dry-run]`; to undo it: "
-                    "`pi_pull.py uninstall` (each has its own --help). To rotate this node's DKIM key: "
-                    "`pi_pull.py dkim-rotate --config FILE`.",
+        "Postfix/Dovecot files atomically. To set up a node from its bundle: "
+        "`pi_pull.py install --bundle DIR --sync-key-stdin [--dry-run]`; to undo it: "
+        "`pi_pull.py uninstall` (each has its own --help). To rotate this node's DKIM key: "
+        "`pi_pull.py dkim-rotate --config FILE`.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="INI config file (see pi-pull.example.ini)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="run one tick and exit (what the systemd timer does)")
-    mode.add_argument("--follow", action="store_true",
-                      help="run until stopped, ticking within about a second of a change on the server (long poll, or "
-                           "ls-remote polling for a git host) and at least every [agent] interval (pi-pull-follow.service)")
+    mode.add_argument(
+        "--follow",
+        action="store_true",
+        help="run until stopped, ticking within about a second of a change on the server (long poll, or "
+        "ls-remote polling for a git host) and at least every [agent] interval (pi-pull-follow.service)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also log debug lines")
     return p
 
@@ -73,10 +76,12 @@ def run_loop(agent: Agent, cfg: Config, log: logging.Logger) -> int:
 
 def dkim_rotate(argv: Sequence[str]) -> int:
     """``pi_pull.py dkim-rotate --config FILE``: a new pending key on the idle selector (dkim.py)."""
-    p = argparse.ArgumentParser(prog="pi_pull.py dkim-rotate",
-                                description="Make a new DKIM key on this node's idle selector. It is reported as pending on the "
-                                            "next tick and signs only once the server accepted that report and [dkim] "
-                                            "publish_wait has passed; the old key stays published until the next rotation.")
+    p = argparse.ArgumentParser(
+        prog="pi_pull.py dkim-rotate",
+        description="Make a new DKIM key on this node's idle selector. It is reported as pending on the "
+        "next tick and signs only once the server accepted that report and [dkim] "
+        "publish_wait has passed; the old key stays published until the next rotation.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="INI config file")
     try:
         args = p.parse_args(list(argv))

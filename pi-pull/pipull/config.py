@@ -207,8 +207,10 @@ def _check_dkim(cfg: Config, path: str) -> None:
     if not cfg.dkim:
         return
     if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?", cfg.node_name):
-        raise ConfigError(f"config {path}: [dkim] needs a [node] name of 1-57 lowercase letters, digits or hyphens (the server's "
-                          f"node names): the selectors are ms1-<name> and ms2-<name>")
+        raise ConfigError(
+            f"config {path}: [dkim] needs a [node] name of 1-57 lowercase letters, digits or hyphens (the server's "
+            f"node names): the selectors are ms1-<name> and ms2-<name>"
+        )
     if cfg.dkim_publish_wait < 0 or cfg.dkim_rotate_days < 0:
         raise ConfigError(f"config {path}: [dkim] publish_wait and rotate_days must be >= 0")
     if not cfg.dkim_key_dir.startswith("/"):
@@ -231,8 +233,10 @@ def check_config(cfg: Config, path: str) -> None:
     if not 0 <= cfg.map_buckets <= 256:
         raise ConfigError(f"config {path}: [services] map_buckets must be between 0 and 256")
     if cfg.map_buckets and cfg.map_type not in ("hash", "btree", "lmdb"):
-        raise ConfigError(f"config {path}: [services] map_buckets needs a map_type that postmap -i updates in place "
-                          f"(hash, btree or lmdb), not {cfg.map_type}")
+        raise ConfigError(
+            f"config {path}: [services] map_buckets needs a map_type that postmap -i updates in place "
+            f"(hash, btree or lmdb), not {cfg.map_type}"
+        )
     if cfg.keep_releases < 1:
         raise ConfigError(f"config {path}: [paths] keep_releases must be >= 1")
     if cfg.interval <= 0:
@@ -244,7 +248,9 @@ def check_config(cfg: Config, path: str) -> None:
     if cfg.usage_interval < 0:
         raise ConfigError(f"config {path}: [lifecycle] usage_interval must be >= 0 (seconds; 0 = never measure)")
     if not cfg.usage_budget_s > 0:
-        raise ConfigError(f"config {path}: [lifecycle] usage_budget_s must be > 0 (seconds of usage measurement per tick)")
+        raise ConfigError(
+            f"config {path}: [lifecycle] usage_budget_s must be > 0 (seconds of usage measurement per tick)"
+        )
     if not cfg.max_staleness >= 0:
         raise ConfigError(f"config {path}: [freshness] max_staleness must be >= 0 (seconds; 0 = never stale)")
     if not 0 <= cfg.clock_skew <= 86400:
@@ -278,12 +284,23 @@ def _check_mail(cfg: Config, path: str) -> None:
     if not cfg.mail_root:
         raise ConfigError(f"config {path}: missing [paths] mail_root, the Maildir root every home must be under {hint}")
     root = cfg.mail_root.rstrip("/")
-    if not _MAIL_ROOT_RE.fullmatch(cfg.mail_root) or not root or ":" in root or "/../" in root + "/" or "/./" in root + "/" or "//" in root:
-        raise ConfigError(f"config {path}: [paths] mail_root must be an absolute plain path other than / (no ':', spaces, '..')")
+    if (
+        not _MAIL_ROOT_RE.fullmatch(cfg.mail_root)
+        or not root
+        or ":" in root
+        or "/../" in root + "/"
+        or "/./" in root + "/"
+        or "//" in root
+    ):
+        raise ConfigError(
+            f"config {path}: [paths] mail_root must be an absolute plain path other than / (no ':', spaces, '..')"
+        )
     cfg.mail_root = root
     for key in ("mail_uid", "mail_gid"):
         if getattr(cfg, key) < 1:
-            raise ConfigError(f"config {path}: [paths] {key} must be set to the owner of the Maildirs (a number >= 1) {hint}")
+            raise ConfigError(
+                f"config {path}: [paths] {key} must be set to the owner of the Maildirs (a number >= 1) {hint}"
+            )
 
 
 def read_sync_key(path: str) -> str:
@@ -295,8 +312,10 @@ def read_sync_key(path: str) -> str:
     try:
         st = os.fstat(fd)
         if st.st_mode & 0o077:
-            raise ConfigError(f"sync key file {path} has mode {stat.S_IMODE(st.st_mode):o}; it must not be readable by group/others "
-                              "(chmod 600)")
+            raise ConfigError(
+                f"sync key file {path} has mode {stat.S_IMODE(st.st_mode):o}; it must not be readable by group/others "
+                "(chmod 600)"
+            )
         data = os.read(fd, 4096)
     finally:
         os.close(fd)

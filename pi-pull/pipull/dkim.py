@@ -72,7 +72,9 @@ class Dkim:
     ``clock`` (epoch seconds) is the tests' seam: creation, report and publish-wait times read it.
     """
 
-    def __init__(self, cfg: Config, runner: Runner, log: logging.Logger, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cfg: Config, runner: Runner, log: logging.Logger, clock: Callable[[], float] = time.time
+    ) -> None:
         self.cfg = cfg
         self.runner = runner
         self.log = log
@@ -97,8 +99,13 @@ class Dkim:
         keys = data.get("keys") if isinstance(data, dict) else None
         out: dict[str, dict[str, Any]] = {}
         for sel, meta in (keys or {}).items() if isinstance(keys, dict) else ():
-            if sel in self.selectors and isinstance(meta, dict) and meta.get("state") in STATES \
-                    and isinstance(meta.get("public_key"), str) and os.path.isfile(self.key_path(sel)):
+            if (
+                sel in self.selectors
+                and isinstance(meta, dict)
+                and meta.get("state") in STATES
+                and isinstance(meta.get("public_key"), str)
+                and os.path.isfile(self.key_path(sel))
+            ):
                 out[sel] = meta
         return out
 
@@ -150,8 +157,10 @@ class Dkim:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             openssl = shlex.split(self.cfg.dkim_openssl)
-            r = self.runner.run([*openssl, "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{KEY_BITS}", "-out", tmp],
-                                timeout=120)
+            r = self.runner.run(
+                [*openssl, "genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{KEY_BITS}", "-out", tmp],
+                timeout=120,
+            )
             if r.returncode != 0:
                 raise TickError(f"openssl genpkey failed: {short(r.stderr) or f'rc={r.returncode}'}")
             public = self.public_key(tmp)
@@ -203,9 +212,16 @@ class Dkim:
             changed = True
         active = self._active(keys)
         pending = next((s for s, m in keys.items() if m["state"] == "pending"), None)
-        if active and not pending and self.cfg.dkim_rotate_days > 0 \
-                and now - float(keys[active].get("activated_at") or keys[active]["created_at"]) >= self.cfg.dkim_rotate_days * 86400:
-            self.log.info(f"dkim: the active key {active} is older than rotate_days = {self.cfg.dkim_rotate_days}; rotating")
+        if (
+            active
+            and not pending
+            and self.cfg.dkim_rotate_days > 0
+            and now - float(keys[active].get("activated_at") or keys[active]["created_at"])
+            >= self.cfg.dkim_rotate_days * 86400
+        ):
+            self.log.info(
+                f"dkim: the active key {active} is older than rotate_days = {self.cfg.dkim_rotate_days}; rotating"
+            )
             idle = self._idle(active)
             keys[idle] = self.generate(idle)
             pending, changed = idle, True
@@ -232,8 +248,10 @@ class Dkim:
 
     @staticmethod
     def report_entries(keys: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"selector": s, "public_key": m["public_key"], "state": m["state"], "created_at": int(m["created_at"])}
-                for s, m in sorted(keys.items())]
+        return [
+            {"selector": s, "public_key": m["public_key"], "state": m["state"], "created_at": int(m["created_at"])}
+            for s, m in sorted(keys.items())
+        ]
 
     def reported(self, entries: list[dict[str, Any]]) -> None:
         """A report carrying ``entries`` was accepted: start the publish wait of its pending key."""
@@ -242,10 +260,16 @@ class Dkim:
             sent = {e["selector"]: e["public_key"] for e in entries}
             touched = False
             for sel, meta in keys.items():
-                if meta["state"] == "pending" and meta.get("reported_at") is None and sent.get(sel) == meta["public_key"]:
+                if (
+                    meta["state"] == "pending"
+                    and meta.get("reported_at") is None
+                    and sent.get(sel) == meta["public_key"]
+                ):
                     meta["reported_at"] = int(self.clock())
                     touched = True
-                    self.log.info(f"dkim: pending key {sel} reported; it signs after publish_wait = {self.cfg.dkim_publish_wait:g}s")
+                    self.log.info(
+                        f"dkim: pending key {sel} reported; it signs after publish_wait = {self.cfg.dkim_publish_wait:g}s"
+                    )
             if touched:
                 self._save(keys, {"tables_digest": self._tables_digest()})
         except (OSError, TickError, ValueError, KeyError) as e:
@@ -306,7 +330,9 @@ class Dkim:
             r = self.runner.shell(self.cfg.dkim_reload, timeout=self.cfg.reload_timeout)
             if r.returncode != 0:
                 # The digest is not recorded: the next tick writes and reloads again.
-                raise TickError(f"opendkim reload failed (rc={r.returncode}): {short(r.stderr + r.stdout) or 'no output'}")
+                raise TickError(
+                    f"opendkim reload failed (rc={r.returncode}): {short(r.stderr + r.stdout) or 'no output'}"
+                )
         self._save(self.load(), {"tables_digest": digest})
         count = kt.count(b"\n")
         self.log.info(f"dkim: tables for {count} domain(s), signing with {self._active(keys) or 'no key yet'}")

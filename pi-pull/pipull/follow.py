@@ -93,15 +93,21 @@ class LongPoll:
         hold = self.timeout if timeout is None else max(0.0, min(timeout, self.timeout))
         query = urllib.parse.urlencode({"head": head, "timeout": f"{hold:.1f}"})
         sep = "&" if "?" in self.url else "?"
-        req = urllib.request.Request(self.url + sep + query, headers={
-            "Authorization": "Basic " + self.token(), "User-Agent": "pi-pull", "Accept": "application/json"})
+        req = urllib.request.Request(
+            self.url + sep + query,
+            headers={"Authorization": "Basic " + self.token(), "User-Agent": "pi-pull", "Accept": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=hold + 15) as resp:
                 body = resp.read(65536)
         except urllib.error.HTTPError as e:
             retry = _retry_after(e.headers.get("Retry-After") if e.headers else None)
-            reason = {401: "bad node name or sync key", 403: "address not on the node's whitelist",
-                      404: "the server has no wait endpoint (older server?)", 429: "too many waits open for this node"}
+            reason = {
+                401: "bad node name or sync key",
+                403: "address not on the node's whitelist",
+                404: "the server has no wait endpoint (older server?)",
+                429: "too many waits open for this node",
+            }
             raise WaitFailed(f"wait: HTTP {e.code} {reason.get(e.code, e.reason)}", retry) from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             why: object = e.reason if isinstance(e, urllib.error.URLError) else e
@@ -146,8 +152,16 @@ class Follower:
     ``tick`` runs one tick (cli.run_once); the clock, sleep and random source are seams for tests.
     """
 
-    def __init__(self, agent: Agent, cfg: Config, log: logging.Logger, tick: Callable[[], int], *,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        cfg: Config,
+        log: logging.Logger,
+        tick: Callable[[], int],
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.agent = agent
         self.cfg = cfg
         self.log = log
@@ -162,8 +176,10 @@ class Follower:
             self.mode = f"long poll on {_safe(url)}"
         else:
             self.source = RefPoll(agent, cfg.poll_interval, self.stop.wait)
-            self.mode = (f"polling the statement ref with git ls-remote every {cfg.poll_interval:g}s (the remote is not a "
-                         "mailstate server; set [remote] wake_url to the server's /v1/nodes/wait to be woken instead)")
+            self.mode = (
+                f"polling the statement ref with git ls-remote every {cfg.poll_interval:g}s (the remote is not a "
+                "mailstate server; set [remote] wake_url to the server's /v1/nodes/wait to be woken instead)"
+            )
         self.failures = 0
         self.last_tick = float("-inf")
 
@@ -231,8 +247,10 @@ class Follower:
                 delay = e.retry_after if e.retry_after is not None else backoff(self.failures, self.rng)
                 # The first failure and then every 10th, not one line per retry.
                 if self.failures == 1 or self.failures % 10 == 0:
-                    self.log.warning(f"{e}; retrying in {delay:.1f}s (failure {self.failures}), a tick every "
-                                     f"{self.cfg.interval:g}s meanwhile")
+                    self.log.warning(
+                        f"{e}; retrying in {delay:.1f}s (failure {self.failures}), a tick every "
+                        f"{self.cfg.interval:g}s meanwhile"
+                    )
                 self.stop.wait(max(0.0, min(delay, due - self.clock())))
                 continue
             if answer is None:

@@ -49,14 +49,26 @@ def parse_main_cf(text: str) -> dict[str, str]:
     return params
 
 
-def postconf_edit(runner: Runner, main_cf: bytes, argv_list: Sequence[Sequence[str]], master_cf: bytes | None = None,
-                  *, postconf: str = "postconf") -> bytes:
+def postconf_edit(
+    runner: Runner,
+    main_cf: bytes,
+    argv_list: Sequence[Sequence[str]],
+    master_cf: bytes | None = None,
+    *,
+    postconf: str = "postconf",
+) -> bytes:
     """Apply ``postconf -c TMP <argv>`` for each argv to a temp copy of main.cf; return the new main.cf."""
     return _postconf(runner, main_cf, argv_list, master_cf, postconf=postconf)[0]
 
 
-def _postconf(runner: Runner, main_cf: bytes, argv_list: Sequence[Sequence[str]], master_cf: bytes | None = None,
-              *, postconf: str = "postconf") -> tuple[bytes, bytes, bytes]:
+def _postconf(
+    runner: Runner,
+    main_cf: bytes,
+    argv_list: Sequence[Sequence[str]],
+    master_cf: bytes | None = None,
+    *,
+    postconf: str = "postconf",
+) -> tuple[bytes, bytes, bytes]:
     """(main.cf, master.cf, the last command's stdout) after ``postconf -c TMP <argv>`` on temp copies."""
     out = b""
     with tempfile.TemporaryDirectory(prefix="pi-pull-postconf-") as tmp:
@@ -86,7 +98,9 @@ def master_names(lines: Sequence[str]) -> list[str]:
     return [line.partition("=")[0].strip() for line in lines]
 
 
-def set_master_cf(runner: Runner, main_cf: bytes, master_cf: bytes, lines: Sequence[str]) -> tuple[bytes, dict[str, str | None]]:
+def set_master_cf(
+    runner: Runner, main_cf: bytes, master_cf: bytes, lines: Sequence[str]
+) -> tuple[bytes, dict[str, str | None]]:
     """master.cf with each entry of ``lines`` set (``postconf -M -e``), and the entries it had before
     (None: absent), for uninstall."""
     if not lines:
@@ -139,7 +153,7 @@ def disable_auth_system(text: bytes) -> bytes:
     for line in _lines(text):
         body = line.rstrip(b"\r\n")
         if _AUTH_SYSTEM.match(body.decode("utf-8", "replace")):
-            line = b"#" + body + b"  " + MARKER.encode() + line[len(body):]
+            line = b"#" + body + b"  " + MARKER.encode() + line[len(body) :]
         out.append(line)
     return b"".join(out)
 
@@ -151,7 +165,7 @@ def restore_auth_system(text: bytes) -> bytes:
     for line in _lines(text):
         body = line.rstrip(b"\r\n")
         if body.startswith(b"#") and body.endswith(suffix):
-            line = body[1:-len(suffix)] + line[len(body):]
+            line = body[1 : -len(suffix)] + line[len(body) :]
         out.append(line)
     return b"".join(out)
 

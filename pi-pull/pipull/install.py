@@ -94,18 +94,27 @@ class Bundle:
         """Read ``<path>/bundle.json`` and check every listed file's SHA-256 (a damaged copy is refused)."""
         raw = read_bytes(os.path.join(path, MANIFEST))
         if raw is None:
-            raise ConfigError(f"{path} is not a node bundle: {MANIFEST} is missing (write one with `mailstate node bundle`)")
+            raise ConfigError(
+                f"{path} is not a node bundle: {MANIFEST} is missing (write one with `mailstate node bundle`)"
+            )
         try:
             manifest = json.loads(raw)
         except ValueError as e:
             raise ConfigError(f"{path}/{MANIFEST} is not valid JSON: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != 1:
-            raise ConfigError(f"{path}/{MANIFEST}: unsupported bundle format {manifest.get('format') if isinstance(manifest, dict) else '?'}; "
-                              "use the pi_pull.py from the same bundle")
+            raise ConfigError(
+                f"{path}/{MANIFEST}: unsupported bundle format {manifest.get('format') if isinstance(manifest, dict) else '?'}; "
+                "use the pi_pull.py from the same bundle"
+            )
         for entry in manifest.get("files", []):
-            if (not isinstance(entry, dict) or entry.get("dir") not in DIR_KEYS or not isinstance(entry.get("name"), str)
-                    or entry["name"].startswith("/") or ".." in entry["name"].split("/")
-                    or not re.fullmatch(r"0[0-7]{3}", str(entry.get("mode", "")))):
+            if (
+                not isinstance(entry, dict)
+                or entry.get("dir") not in DIR_KEYS
+                or not isinstance(entry.get("name"), str)
+                or entry["name"].startswith("/")
+                or ".." in entry["name"].split("/")
+                or not re.fullmatch(r"0[0-7]{3}", str(entry.get("mode", "")))
+            ):
                 raise ConfigError(f"{path}/{MANIFEST}: a bad files entry {entry!r}")
         bundle = cls(path, manifest)
         for name, digest in sorted(manifest.get("sha256", {}).items()):
@@ -249,8 +258,9 @@ class Host:
             entry["sha256"] = None if secret else sha256(data)
         return True
 
-    def edit_file(self, dest: str, new: bytes, mode: int, what: str, extra: dict[str, Any] | None = None,
-                  done: str = "") -> bool:
+    def edit_file(
+        self, dest: str, new: bytes, mode: int, what: str, extra: dict[str, Any] | None = None, done: str = ""
+    ) -> bool:
         """Change a host config file (main.cf, 10-auth.conf, ...) to ``new``, keeping the original once."""
         old = read_bytes(dest)
         if old == new:
@@ -330,8 +340,14 @@ def run(runner: Runner, argv: list[str], timeout: float = 120) -> tuple[bool, st
 class Installer:
     """One ``install`` run: ``run()`` goes through the steps in order and returns what changed."""
 
-    def __init__(self, bundle: Bundle, opts: Options, runner: Runner | None = None, sync_key: str | None = None,
-                 out: Callable[[str], None] = _say) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        opts: Options,
+        runner: Runner | None = None,
+        sync_key: str | None = None,
+        out: Callable[[str], None] = _say,
+    ) -> None:
         self.bundle = bundle
         self.opts = opts
         self.runner = runner or Runner()
@@ -404,16 +420,20 @@ class Installer:
         spec = self.m.get("sync_key", {"dir": "etc_dir", "name": "sync_key"})
         dest = self.path(spec["dir"], spec["name"])
         if self.sync_key is None and not self.opts.dry_run and read_bytes(dest) is None and self.needs_key():
-            raise ConfigError(f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
-                              "add-node printed, then Ctrl-D) or --sync-key-file FILE")
+            raise ConfigError(
+                f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
+                "add-node printed, then Ctrl-D) or --sync-key-file FILE"
+            )
 
     def check_services_installed(self) -> None:
         pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
         if not os.path.isdir(pf):
             raise InstallError(f"postfix is not installed ({pf} does not exist): apt-get install postfix")
         if not os.path.isfile(os.path.join(dv, "dovecot.conf")):
-            raise InstallError(f"dovecot is not installed ({dv}/dovecot.conf does not exist): "
-                               "apt-get install dovecot-imapd dovecot-lmtpd")
+            raise InstallError(
+                f"dovecot is not installed ({dv}/dovecot.conf does not exist): "
+                "apt-get install dovecot-imapd dovecot-lmtpd"
+            )
 
     # ---- files
 
@@ -440,8 +460,9 @@ class Installer:
                 self.steps.note("no sync key needed: this node sends no report and no credentials")
                 return
             if read_bytes(dest) is None and self.opts.dry_run:
-                self.steps.change(f"install {dest} ({mode:04o}, sync key): the real run needs --sync-key-stdin or "
-                                  "--sync-key-file")
+                self.steps.change(
+                    f"install {dest} ({mode:04o}, sync key): the real run needs --sync-key-stdin or --sync-key-file"
+                )
                 return
             if file_mode(dest) == mode:
                 self.steps.done(f"{dest} ({mode:04o}, sync key)")
@@ -458,8 +479,10 @@ class Installer:
         current = read_bytes(main_cf)
         spec = self.m.get("postfix", {})
         if current is None:
-            self.steps.note(f"postfix has no {main_cf} (installed with \"No configuration\"): starting from the bundle's "
-                            f"minimal {spec.get('main_cf_base')}")
+            self.steps.note(
+                f'postfix has no {main_cf} (installed with "No configuration"): starting from the bundle\'s '
+                f"minimal {spec.get('main_cf_base')}"
+            )
             base = self.bundle.read(spec["main_cf_base"])
         else:
             base = current
@@ -467,9 +490,14 @@ class Installer:
         new = hostconf.set_main_cf(self.runner, base, lines)
         before = hostconf.parse_main_cf(base.decode("utf-8", "replace"))
         originals = {line.partition("=")[0].strip(): before.get(line.partition("=")[0].strip()) for line in lines}
-        if self.host.edit_file(main_cf, new, 0o644, f"set {len(lines)} mailstate lines in {main_cf} (postconf -e)",
-                               {"kind": "postfix-main", "keys": originals if current is not None else {}},
-                               done=f"{main_cf} has the {len(lines)} mailstate lines"):
+        if self.host.edit_file(
+            main_cf,
+            new,
+            0o644,
+            f"set {len(lines)} mailstate lines in {main_cf} (postconf -e)",
+            {"kind": "postfix-main", "keys": originals if current is not None else {}},
+            done=f"{main_cf} has the {len(lines)} mailstate lines",
+        ):
             self.changed.add("postfix")
         master = self.ensure_master_cf(pf)
         if spec.get("master_cf"):
@@ -486,7 +514,9 @@ class Installer:
         if dist is None:
             raise InstallError(f"{master_cf} is missing and so is Postfix's {MASTER_CF_DIST[0]}: reinstall postfix")
         data = read_bytes(dist) or b""
-        if self.host.edit_file(master_cf, data, 0o644, f"write {master_cf} from {dist} (Postfix had none)", {"kind": "copy"}):
+        if self.host.edit_file(
+            master_cf, data, 0o644, f"write {master_cf} from {dist} (Postfix had none)", {"kind": "copy"}
+        ):
             self.changed.add("postfix")
         return data
 
@@ -496,8 +526,14 @@ class Installer:
         lines = hostconf.setting_lines(self.bundle.read(bundle_file).decode("utf-8"))
         new, originals = hostconf.set_master_cf(self.runner, main, master, lines)
         names = ", ".join(hostconf.master_names(lines))
-        if self.host.edit_file(master_cf, new, 0o644, f"set master.cf entries {names} in {master_cf} (postconf -M -e)",
-                               {"kind": "postfix-master", "keys": originals}, done=f"{master_cf} has the entries {names}"):
+        if self.host.edit_file(
+            master_cf,
+            new,
+            0o644,
+            f"set master.cf entries {names} in {master_cf} (postconf -M -e)",
+            {"kind": "postfix-master", "keys": originals},
+            done=f"{master_cf} has the entries {names}",
+        ):
             self.changed.add("postfix")
 
     # ---- dovecot
@@ -508,7 +544,9 @@ class Installer:
         spec = self.m.get("opendkim")
         if not isinstance(spec, dict):
             return
-        dest = os.path.join(os.path.dirname(self.opts.dirs["postfix_dir"].rstrip("/")), str(spec.get("name", "opendkim.conf")))
+        dest = os.path.join(
+            os.path.dirname(self.opts.dirs["postfix_dir"].rstrip("/")), str(spec.get("name", "opendkim.conf"))
+        )
         if self.host.put_file(dest, self.bundle.read(str(spec["conf"])), 0o644, " (OpenDKIM, the DKIM signer)"):
             self.changed.add("opendkim")
 
@@ -520,7 +558,9 @@ class Installer:
         new = hostconf.include_snippet(text, spec.get("snippet", "conf.d/90-mailstate.conf"))
         if new == text:
             self.steps.done(f"{conf} includes {spec.get('snippet')}")
-        elif self.host.edit_file(conf, new, 0o644, f"add `!include {spec.get('snippet')}` to {conf}", {"kind": "dovecot-include"}):
+        elif self.host.edit_file(
+            conf, new, 0o644, f"add `!include {spec.get('snippet')}` to {conf}", {"kind": "dovecot-include"}
+        ):
             self.changed.add("dovecot")
         if not spec.get("disable_auth_system", True):
             return
@@ -559,7 +599,9 @@ class Installer:
             return
         if (st.st_uid, st.st_gid) == (uid, gid):
             self.steps.done(f"mail root {path} (owner {uid}:{gid})")
-        elif self.steps.change(f"chown {path} to {uid}:{gid} (the mail root; the Maildirs inside are left as they are)"):
+        elif self.steps.change(
+            f"chown {path} to {uid}:{gid} (the mail root; the Maildirs inside are left as they are)"
+        ):
             os.chown(path, uid, gid)
 
     # ---- empty tables until the first tick (bucketed layout)
@@ -588,8 +630,10 @@ class Installer:
         postmap = shlex.split(cp.get("services", "postmap", fallback="postmap").strip() or "postmap")
         if "-c" not in postmap:
             postmap += ["-c", self.opts.dirs["postfix_dir"]]
-        if not self.steps.change(f"create {root}/{PLACEHOLDER} ({4 * n} empty {map_type} tables, an empty passwd.d) and "
-                                 f"{current} -> {PLACEHOLDER}, until the first tick applies a release"):
+        if not self.steps.change(
+            f"create {root}/{PLACEHOLDER} ({4 * n} empty {map_type} tables, an empty passwd.d) and "
+            f"{current} -> {PLACEHOLDER}, until the first tick applies a release"
+        ):
             return
         os.makedirs(root, mode=0o755, exist_ok=True)
         final = os.path.join(root, PLACEHOLDER)
@@ -602,11 +646,13 @@ class Installer:
         made = sorted(f for f in os.listdir(os.path.join(tmp, "postfix")))
         if r.returncode != 0 or not made:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise InstallError(f"postmap cannot make an empty {map_type} table: {short(r.stderr + r.stdout) or f'rc={r.returncode}'}")
+            raise InstallError(
+                f"postmap cannot make an empty {map_type} table: {short(r.stderr + r.stdout) or f'rc={r.returncode}'}"
+            )
         for name in PLACEHOLDER_MAPS:
             for k in range(n):
                 for made_file in made:  # the table's files (hash: <name>.db), copied under each table's name
-                    dest = os.path.join(tmp, "postfix", f"{name}.{k:02x}{made_file[len(PLACEHOLDER_MAPS[0]) + 3:]}")
+                    dest = os.path.join(tmp, "postfix", f"{name}.{k:02x}{made_file[len(PLACEHOLDER_MAPS[0]) + 3 :]}")
                     if not os.path.exists(dest):
                         shutil.copyfile(os.path.join(tmp, "postfix", made_file), dest)
                         os.chmod(dest, 0o644)
@@ -638,14 +684,18 @@ class Installer:
     def systemd_steps(self) -> None:
         timer = self.m.get("units", {}).get("timer", "pi-pull.timer")
         if not self.opts.start:
-            self.steps.note("--no-start: not reloading systemd, not (re)starting postfix/dovecot, not enabling " + timer)
+            self.steps.note(
+                "--no-start: not reloading systemd, not (re)starting postfix/dovecot, not enabling " + timer
+            )
             return
         if not self.use_systemd:
-            self.steps.note(f"systemd is not running (a container?): skipped daemon-reload, enabling {timer} and "
-                            "(re)starting postfix and dovecot. Start them yourself (`postfix start`, `dovecot`) and run "
-                            f"the agent from cron or as `python3 {self.path('lib_dir', 'pi_pull.py')} --config "
-                            f"{self.config_file} --follow` (follow mode: a tick within seconds of a change, and at "
-                            "least every [agent] interval)")
+            self.steps.note(
+                f"systemd is not running (a container?): skipped daemon-reload, enabling {timer} and "
+                "(re)starting postfix and dovecot. Start them yourself (`postfix start`, `dovecot`) and run "
+                f"the agent from cron or as `python3 {self.path('lib_dir', 'pi_pull.py')} --config "
+                f"{self.config_file} --follow` (follow mode: a tick within seconds of a change, and at "
+                "least every [agent] interval)"
+            )
             return
         if "units" in self.changed and self.steps.change("systemctl daemon-reload"):
             self.systemctl("daemon-reload")

@@ -33,8 +33,13 @@ UNINSTALL_EXIT_CODES = """exit codes:
 
 
 def _dir_options(p: argparse.ArgumentParser) -> None:
-    defaults = {"etc_dir": DEFAULT_ETC_DIR, "lib_dir": "/usr/local/lib/pi-pull", "systemd_dir": "/etc/systemd/system",
-                "postfix_dir": "/etc/postfix", "dovecot_dir": "/etc/dovecot"}
+    defaults = {
+        "etc_dir": DEFAULT_ETC_DIR,
+        "lib_dir": "/usr/local/lib/pi-pull",
+        "systemd_dir": "/etc/systemd/system",
+        "postfix_dir": "/etc/postfix",
+        "dovecot_dir": "/etc/dovecot",
+    }
     for key in DIR_KEYS:
         p.add_argument("--" + key.replace("_", "-"), dest=key, metavar="DIR", help=f"default {defaults[key]}")
 
@@ -44,13 +49,18 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
             prog="pi_pull.py install",
             description="Install a node bundle (from `mailstate node bundle`) on this machine: files, sync key (0600), "
-                        "Postfix main.cf lines, Dovecot snippet and auth, mail root, systemd units and timer, then a "
-                        "first tick. Idempotent: a second run changes nothing. Undo with `pi_pull.py uninstall`.",
-            epilog=INSTALL_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+            "Postfix main.cf lines, Dovecot snippet and auth, mail root, systemd units and timer, then a "
+            "first tick. Idempotent: a second run changes nothing. Undo with `pi_pull.py uninstall`.",
+            epilog=INSTALL_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--bundle", required=True, metavar="DIR", help="the bundle folder (holds bundle.json)")
         key = p.add_mutually_exclusive_group()
-        key.add_argument("--sync-key-stdin", action="store_true",
-                         help="read the sync key from stdin (a terminal prompts without echo)")
+        key.add_argument(
+            "--sync-key-stdin",
+            action="store_true",
+            help="read the sync key from stdin (a terminal prompts without echo)",
+        )
         key.add_argument("--sync-key-file", metavar="FILE", help="read the sync key from FILE")
         _dir_options(p)
         p.add_argument("--mail-root", metavar="DIR", help="create this mail root instead of the state's (tests)")
@@ -59,13 +69,23 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
             prog="pi_pull.py uninstall",
             description="Undo `pi_pull.py install` as recorded in <etc-dir>/install.json: restores the Postfix and Dovecot "
-                        "files byte for byte, removes the installed files, units and sync key. Keeps the mail root "
-                        "(Maildirs) and the release root.",
-            epilog=UNINSTALL_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--etc-dir", dest="etc_dir", metavar="DIR", help=f"where install put pi-pull.ini (default {DEFAULT_ETC_DIR})")
+            "files byte for byte, removes the installed files, units and sync key. Keeps the mail root "
+            "(Maildirs) and the release root.",
+            epilog=UNINSTALL_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--etc-dir",
+            dest="etc_dir",
+            metavar="DIR",
+            help=f"where install put pi-pull.ini (default {DEFAULT_ETC_DIR})",
+        )
     p.add_argument("--dry-run", action="store_true", help="print every action and change nothing")
-    p.add_argument("--no-start", action="store_true",
-                   help="do not call systemctl (no daemon-reload, no service (re)start, no timer enable/disable)")
+    p.add_argument(
+        "--no-start",
+        action="store_true",
+        help="do not call systemctl (no daemon-reload, no service (re)start, no timer enable/disable)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also log the first tick's debug lines")
     return p
 
@@ -98,8 +118,13 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _options(args: argparse.Namespace, dirs: dict[str, str]) -> Options:
-    return Options(dirs=dirs, mail_root=getattr(args, "mail_root", None) or "", dry_run=args.dry_run,
-                   start=not args.no_start, tick=not getattr(args, "no_tick", True))
+    return Options(
+        dirs=dirs,
+        mail_root=getattr(args, "mail_root", None) or "",
+        dry_run=args.dry_run,
+        start=not args.no_start,
+        tick=not getattr(args, "no_tick", True),
+    )
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -113,7 +138,9 @@ def _install(args: argparse.Namespace) -> int:
     if key:
         add_secret(log, key)
     node = bundle.manifest.get("node", "?")
-    print(f"pi-pull install: node {node} from {bundle.path}" + (" (dry run: nothing is changed)" if opts.dry_run else ""))
+    print(
+        f"pi-pull install: node {node} from {bundle.path}" + (" (dry run: nothing is changed)" if opts.dry_run else "")
+    )
     installer = Installer(bundle, opts, sync_key=key)
     changes = installer.run()
     code = EXIT_OK
@@ -141,8 +168,10 @@ def _first_tick(installer: Installer, log: logging.Logger) -> int:
     cfg = load_config(installer.config_file)
     code = run_once(Agent(cfg, runner=installer.runner, log=log), log)
     if code != EXIT_OK:
-        print(f"installed, but the first tick failed (exit {code}): see the error above; the timer retries every minute",
-              file=sys.stderr)
+        print(
+            f"installed, but the first tick failed (exit {code}): see the error above; the timer retries every minute",
+            file=sys.stderr,
+        )
     return code
 
 

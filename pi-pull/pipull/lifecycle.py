@@ -93,13 +93,17 @@ def parse_settings(data: bytes) -> NodeSettings:
         key = parts[0].decode("ascii") if len(parts) == 2 else ""
         expected = ("format", "purge_after_days")[n - 1] if n <= 2 else ""
         if key != expected or not parts[1].isdigit() or len(parts[1]) > 5:
-            raise Refused(f"{SETTINGS_PATH}, line {n}: expected '{expected or 'nothing'} <number>' (the compiler writes "
-                          "'format 2' and 'purge_after_days <0..3650>')")
+            raise Refused(
+                f"{SETTINGS_PATH}, line {n}: expected '{expected or 'nothing'} <number>' (the compiler writes "
+                "'format 2' and 'purge_after_days <0..3650>')"
+            )
         values[key] = int(parts[1])
     if len(values) != 2:
         raise Refused(f"{SETTINGS_PATH}: expected the two lines 'format 2' and 'purge_after_days <days>'")
     if values["format"] != 2:
-        raise Refused(f"{SETTINGS_PATH}: state format {values['format']} is not one this node knows (2); update pi-pull")
+        raise Refused(
+            f"{SETTINGS_PATH}: state format {values['format']} is not one this node knows (2); update pi-pull"
+        )
     if values["purge_after_days"] > MAX_PURGE_DAYS:
         raise Refused(f"{SETTINGS_PATH}: purge_after_days {values['purge_after_days']} is over {MAX_PURGE_DAYS}")
     return NodeSettings(format=values["format"], purge_after_days=values["purge_after_days"])
@@ -118,7 +122,7 @@ def graveyard_name(stamp: str, domain: str, name: str) -> str:
         return entry
     tag = hashlib.sha256(domain.encode()).hexdigest()[:12]
     room = NAME_MAX - 8 - len(stamp) - len(name) - len(tag) - 4
-    return f"{stamp}_{domain[:max(room, 1)]}-{tag}_{name}"
+    return f"{stamp}_{domain[: max(room, 1)]}-{tag}_{name}"
 
 
 def parse_mailboxes(data: bytes, domain: str) -> Iterator[tuple[str, str]]:
@@ -140,8 +144,14 @@ class Lifecycle:
     age, the upgrade grace period and the usage interval all read it, nothing sleeps.
     """
 
-    def __init__(self, cfg: Config, mirror: Mirror, releases: Releases, log: logging.Logger,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        mirror: Mirror,
+        releases: Releases,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg = cfg
         self.mirror = mirror
         self.releases = releases
@@ -190,8 +200,11 @@ class Lifecycle:
         """(domains whose rendered files differ, those upgraded from format 1 to 2) between two commits,
         from ``git diff-tree`` (what changed, not the whole state)."""
         changes = self.releases.changes(old, new)
-        upgraded = [d for d, ch in changes.items()
-                    if ch.get("mailboxes", ("", ""))[1] and not ch["mailboxes"][0] and (ch.get("passwd") or ("x", ""))[0]]
+        upgraded = [
+            d
+            for d, ch in changes.items()
+            if ch.get("mailboxes", ("", ""))[1] and not ch["mailboxes"][0] and (ch.get("passwd") or ("x", ""))[0]
+        ]
         return sorted(changes), sorted(upgraded)
 
     def _mailboxes(self, tree: dict[str, dict[str, str]], domains: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -202,7 +215,9 @@ class Lifecycle:
             return out
         with self.mirror.batch() as cat:
             for domain in wanted:
-                data = b"".join(cat.stream(tree[domain]["mailboxes"], f"mailboxes of {domain}", self.cfg.max_file_bytes))
+                data = b"".join(
+                    cat.stream(tree[domain]["mailboxes"], f"mailboxes of {domain}", self.cfg.max_file_bytes)
+                )
                 out[domain] = list(parse_mailboxes(data, domain))
         return out
 
@@ -225,7 +240,9 @@ class Lifecycle:
             return None
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                self.log.warning(f"{self.mail_root}/{domain} is not a directory (a symlink?); its Maildirs are left alone")
+                self.log.warning(
+                    f"{self.mail_root}/{domain} is not a directory (a symlink?); its Maildirs are left alone"
+                )
                 return None
             raise
 
@@ -314,7 +331,9 @@ class Lifecycle:
                 try:
                     self._sweep_domain(rfd, domain, boxes.get(domain), keep_bare=domain in watched)
                 except (OSError, Refused, TickError) as e:
-                    self.log.warning(f"cannot move the unowned Maildirs of {domain} to the graveyard: {e}; retrying next tick")
+                    self.log.warning(
+                        f"cannot move the unowned Maildirs of {domain} to the graveyard: {e}; retrying next tick"
+                    )
                     left.append(domain)
         finally:
             os.close(rfd)
@@ -355,7 +374,9 @@ class Lifecycle:
         finally:
             os.close(rfd)
         if moved:
-            self.log.info(f"format 2: moved {moved} Maildir(s) to <local>~<id> (symlinks at the old paths until the reload)")
+            self.log.info(
+                f"format 2: moved {moved} Maildir(s) to <local>~<id> (symlinks at the old paths until the reload)"
+            )
 
     @staticmethod
     def _premove(dfd: int, old: str, new: str) -> int:
@@ -426,7 +447,9 @@ class Lifecycle:
                 os.rename(src, os.path.join(target, self._free_name(target, name)))
                 moved += 1
         if moved:
-            self.log.info(f"format 2: merged {moved} message(s) delivered to {domain}/{old} during the move into {domain}/{new}")
+            self.log.info(
+                f"format 2: merged {moved} message(s) delivered to {domain}/{old} during the move into {domain}/{new}"
+            )
         if waiting:
             self.log.info(f"format 2: {domain}/{old}/.../tmp holds a delivery in progress; merging again next time")
             return False
@@ -620,6 +643,8 @@ class Lifecycle:
             self.log.warning(f"usage: cannot list the mailboxes of {applied[:12]}: {e}")
             return None
         left = "; pass continues next tick" if PASS_STATE in ls else ""
-        self.log.info(f"usage: measured {len(out)} mailbox(es) in {time.monotonic() - t0:.2f}s"
-                      f" ({scanner.listed} listing(s), {scanner.hits} folder(s) unchanged){left}")
+        self.log.info(
+            f"usage: measured {len(out)} mailbox(es) in {time.monotonic() - t0:.2f}s"
+            f" ({scanner.listed} listing(s), {scanner.hits} folder(s) unchanged){left}"
+        )
         return out

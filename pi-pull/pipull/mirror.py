@@ -50,15 +50,22 @@ class Mirror:
         self._quarantine_env: dict[str, str] = {}
         self._git_version_checked = False
 
-    def git(self, *args: str, input: bytes | None = None, env: Mapping[str, str] | None = None,
-            timeout: float | None = 120.0, limit_bytes: int = 0) -> subprocess.CompletedProcess[bytes]:
+    def git(
+        self,
+        *args: str,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = 120.0,
+        limit_bytes: int = 0,
+    ) -> subprocess.CompletedProcess[bytes]:
         """Run ``git --git-dir <mirror> ARGS`` through the runner (inside the quarantine while one is open)."""
         argv = [self.cfg.git, "--git-dir", self.path, "-c", "gc.auto=0", "-c", "maintenance.auto=false"]
         argv.extend(args)
         full = {**self._quarantine_env, **(env or {})}
         if limit_bytes:
-            return self.runner.run(argv, input=input, env=full, timeout=timeout, limit_dir=self.quarantine_dir,
-                                   limit_bytes=limit_bytes)
+            return self.runner.run(
+                argv, input=input, env=full, timeout=timeout, limit_dir=self.quarantine_dir, limit_bytes=limit_bytes
+            )
         return self.runner.run(argv, input=input, env=full or None, timeout=timeout)
 
     def ensure(self) -> None:
@@ -83,8 +90,10 @@ class Mirror:
         r = self.runner.run([self.cfg.git, "--version"], timeout=30)
         m = re.search(rb"(\d+)\.(\d+)", r.stdout)
         if m and (int(m.group(1)), int(m.group(2))) < (2, 31):
-            raise TickError(f"git {m.group(1).decode()}.{m.group(2).decode()} is too old to pass the sync key via GIT_CONFIG_COUNT "
-                            "(need >= 2.31); upgrade git or use a non-http remote")
+            raise TickError(
+                f"git {m.group(1).decode()}.{m.group(2).decode()} is too old to pass the sync key via GIT_CONFIG_COUNT "
+                "(need >= 2.31); upgrade git or use a non-http remote"
+            )
 
     # ---- refs
 
@@ -131,8 +140,20 @@ class Mirror:
 
     def ls_remote(self, env: Mapping[str, str]) -> str | None:
         """The object id the remote's statement ref names, or None when it has none (nothing is downloaded)."""
-        r = self.git("-c", "credential.helper=", "-c", "http.lowSpeedLimit=1", "-c", "http.lowSpeedTime=60",
-                     "ls-remote", "--refs", self.cfg.remote_url, REMOTE_REF, env=env, timeout=self.cfg.fetch_timeout)
+        r = self.git(
+            "-c",
+            "credential.helper=",
+            "-c",
+            "http.lowSpeedLimit=1",
+            "-c",
+            "http.lowSpeedTime=60",
+            "ls-remote",
+            "--refs",
+            self.cfg.remote_url,
+            REMOTE_REF,
+            env=env,
+            timeout=self.cfg.fetch_timeout,
+        )
         if r.returncode != 0:
             detail = short(r.stderr) or f"rc={r.returncode}"
             raise TickError(f"fetch from {self.safe_url()} failed: {detail}")
@@ -153,13 +174,32 @@ class Mirror:
         """
         if not self._quarantine_env:
             raise TickError("internal: fetch outside a quarantine")
-        r = self.git("-c", "credential.helper=", "-c", "fetch.fsckObjects=true", "-c", "http.lowSpeedLimit=1",
-                     "-c", "http.lowSpeedTime=60", "-c", "fetch.unpackLimit=1", "fetch", "--quiet", "--no-tags",
-                     "--no-recurse-submodules", self.cfg.remote_url, REMOTE_REF,
-                     env=env, timeout=self.cfg.fetch_timeout, limit_bytes=self.cfg.max_fetch_bytes)
+        r = self.git(
+            "-c",
+            "credential.helper=",
+            "-c",
+            "fetch.fsckObjects=true",
+            "-c",
+            "http.lowSpeedLimit=1",
+            "-c",
+            "http.lowSpeedTime=60",
+            "-c",
+            "fetch.unpackLimit=1",
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-recurse-submodules",
+            self.cfg.remote_url,
+            REMOTE_REF,
+            env=env,
+            timeout=self.cfg.fetch_timeout,
+            limit_bytes=self.cfg.max_fetch_bytes,
+        )
         if r.returncode == 125:
-            raise Refused(f"the fetch from {self.safe_url()} weighed more than [limits] max_fetch_mb = {self.cfg.max_fetch_mb} MiB; "
-                          "stopped, nothing of it kept")
+            raise Refused(
+                f"the fetch from {self.safe_url()} weighed more than [limits] max_fetch_mb = {self.cfg.max_fetch_mb} MiB; "
+                "stopped, nothing of it kept"
+            )
         if r.returncode != 0:
             detail = short(r.stderr) or f"rc={r.returncode}"
             if "couldn't find remote ref" in detail:
@@ -221,8 +261,10 @@ class Mirror:
 
 
 def no_statement_message(url: str) -> str:
-    return (f"no accepted-head statement ({REMOTE_REF}) at {url}: the server has accepted nothing yet, or the remote is "
-            "not a mailstate server or a git host it pushes to; nothing applied")
+    return (
+        f"no accepted-head statement ({REMOTE_REF}) at {url}: the server has accepted nothing yet, or the remote is "
+        "not a mailstate server or a git host it pushes to; nothing applied"
+    )
 
 
 class Quarantine:
@@ -306,7 +348,7 @@ class BlobReader:
         try:
             with self._lock:
                 for i in range(0, len(ids), 512):
-                    p.stdin.write("".join(oid + "\n" for oid in ids[i:i + 512]).encode())
+                    p.stdin.write("".join(oid + "\n" for oid in ids[i : i + 512]).encode())
                 p.stdin.flush()
         except (OSError, ValueError):
             pass  # the reader stopped early (a refusal) and closed the pipes
@@ -380,5 +422,7 @@ class BlobReader:
         size = int(header[2])
         if size > max_bytes:
             # The reader is left mid-object: the caller must stop using it (the build is refused).
-            raise Refused(f"{what} weighs {size / 1048576:.1f} MiB, more than [limits] max_file_mb = {max_bytes // 1048576}")
+            raise Refused(
+                f"{what} weighs {size / 1048576:.1f} MiB, more than [limits] max_file_mb = {max_bytes // 1048576}"
+            )
         return size

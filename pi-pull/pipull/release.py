@@ -140,7 +140,9 @@ class Releases:
         cached = self._changes.get(key)
         if cached is not None:
             return cached
-        r = self.mirror.git("diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", old, new, "--", "rendered/domains/")
+        r = self.mirror.git(
+            "diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", old, new, "--", "rendered/domains/"
+        )
         if r.returncode != 0:
             raise TickError(f"git diff-tree {old[:12]} {new[:12]} failed: {short(r.stderr)}")
         out: dict[str, dict[str, tuple[str, str]]] = {}
@@ -157,8 +159,10 @@ class Releases:
                 continue
             if oid_b.strip("0") and mode_b not in ("100644", "100755"):
                 raise Refused(f"{path} is not a regular file (mode {mode_b})")
-            out.setdefault(place[0], {})[place[1]] = ("" if oid_a == zero[:len(oid_a)] else oid_a,
-                                                      "" if oid_b == zero[:len(oid_b)] else oid_b)
+            out.setdefault(place[0], {})[place[1]] = (
+                "" if oid_a == zero[: len(oid_a)] else oid_a,
+                "" if oid_b == zero[: len(oid_b)] else oid_b,
+            )
         self._changes[key] = out
         return out
 
@@ -194,7 +198,9 @@ class Releases:
         return {d: cache[d] for d in domains if cache.get(d)}
 
     def reuse_key(self) -> str:
-        return json.dumps([VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root, self.cfg.mail_uid, self.cfg.mail_gid])
+        return json.dumps(
+            [VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root, self.cfg.mail_uid, self.cfg.mail_gid]
+        )
 
     # ---- build
 
@@ -245,16 +251,27 @@ class Releases:
             plan.prev_files = prev["files"]
         plan.prev_passwd_dir = os.path.join(self.dir, previous or "-", "dovecot", "passwd.d")
         for domain, files in plan.tree.items():
-            key = [files["passwd"], files["virtual_mailbox_maps"], files["virtual_mailbox_domains"], files.get("mailboxes", "")]
+            key = [
+                files["passwd"],
+                files["virtual_mailbox_maps"],
+                files["virtual_mailbox_domains"],
+                files.get("mailboxes", ""),
+            ]
             plan.keys[domain] = key
             old = plan.prev_files.get(domain)
-            if (isinstance(old, list) and len(old) >= 4 and old[:3] == key[:3] and (old[4:5] or [""]) == key[3:4]
-                    and os.path.isfile(os.path.join(plan.prev_passwd_dir, domain))):
+            if (
+                isinstance(old, list)
+                and len(old) >= 4
+                and old[:3] == key[:3]
+                and (old[4:5] or [""]) == key[3:4]
+                and os.path.isfile(os.path.join(plan.prev_passwd_dir, domain))
+            ):
                 plan.reuse.add(domain)
         return plan
 
-    def _stream(self, cat: BlobReader, check: DomainCheck | None, fname: str, oid: str, domain: str,
-                out: BinaryIO | None) -> None:
+    def _stream(
+        self, cat: BlobReader, check: DomainCheck | None, fname: str, oid: str, domain: str, out: BinaryIO | None
+    ) -> None:
         """Copy one blob into ``out`` (if any), validating its lines with ``check`` (if any)."""
         what = f"rendered/domains/{domain[:2]}/{domain}/{fname}"
         chunks = cat.stream(oid, what, self.cfg.max_file_bytes)
@@ -289,9 +306,11 @@ class Releases:
             p_oid, m_oid, d_oid, b_oid = plan.keys[domain]
             fresh = domain not in plan.reuse
             order += ([p_oid] if fresh else []) + [m_oid, d_oid] + ([b_oid] if fresh and b_oid else [])
-        with self.mirror.batch(order) as cat, \
-                open_new(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), 0o644) as vmd, \
-                open_new(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), 0o644) as vmm:
+        with (
+            self.mirror.batch(order) as cat,
+            open_new(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), 0o644) as vmd,
+            open_new(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), 0o644) as vmm,
+        ):
             links: list[str] = []
             for domain in sorted(plan.tree):
                 p_oid, m_oid, d_oid, b_oid = plan.keys[domain]
@@ -312,7 +331,9 @@ class Releases:
                 try:
                     os.link(os.path.join(plan.prev_passwd_dir, domain), target)
                 except OSError:
-                    self._write_passwd(plan, cat, DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3])), domain, target)
+                    self._write_passwd(
+                        plan, cat, DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3])), domain, target
+                    )
             # Last, so the blobs read above keep their order; always validated (the fragments are small).
             alias_maps = write_alias_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
             sender_maps = write_sender_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
@@ -322,8 +343,14 @@ class Releases:
         write_file(os.path.join(tmp, "COMMIT"), (sha + "\n").encode())
         return manifest
 
-    def _manifest_for(self, sha: str, files: dict[str, list[Any]], reused: int, alias_maps: dict[str, str] | None = None,
-                      sender_maps: dict[str, str] | None = None) -> dict[str, Any]:
+    def _manifest_for(
+        self,
+        sha: str,
+        files: dict[str, list[Any]],
+        reused: int,
+        alias_maps: dict[str, str] | None = None,
+        sender_maps: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """MANIFEST.json: per-service digests decide which services a swap reloads."""
         alias_maps = alias_maps or {}
         sender_maps = sender_maps or {}
@@ -332,10 +359,12 @@ class Releases:
             "built_at": utcnow(),
             "map_type": self.cfg.map_type,
             "reuse_key": self.reuse_key(),
-            "postfix_digest": digest([(d, f"{v[1]} {v[2]}".encode()) for d, v in files.items()]
-                                     + [("\0map_type", self.cfg.map_type.encode())]
-                                     + [("\0alias " + d, oid.encode()) for d, oid in sorted(alias_maps.items())]
-                                     + [("\0sender " + d, oid.encode()) for d, oid in sorted(sender_maps.items())]),
+            "postfix_digest": digest(
+                [(d, f"{v[1]} {v[2]}".encode()) for d, v in files.items()]
+                + [("\0map_type", self.cfg.map_type.encode())]
+                + [("\0alias " + d, oid.encode()) for d, oid in sorted(alias_maps.items())]
+                + [("\0sender " + d, oid.encode()) for d, oid in sorted(sender_maps.items())]
+            ),
             "dovecot_digest": digest([(d, v[0].encode()) for d, v in files.items()]),
             "domains": len(files),
             "mailboxes": sum(int(v[3]) for v in files.values()),

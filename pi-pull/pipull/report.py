@@ -35,11 +35,16 @@ class Reporter:
         body = dict(report)
         body["name"] = self.cfg.node_name
         body["sync_key"] = sync_key
-        req = urllib.request.Request(self.cfg.report_url, data=json.dumps(body).encode(), method="POST", headers={
-            "Content-Type": "application/json",
-            "Authorization": "Basic " + token,
-            "User-Agent": "pi-pull",
-        })
+        req = urllib.request.Request(
+            self.cfg.report_url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Basic " + token,
+                "User-Agent": "pi-pull",
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.cfg.report_timeout) as resp:
                 resp.read(65536)
@@ -52,8 +57,14 @@ class Reporter:
             why: object = e.reason if isinstance(e, urllib.error.URLError) else e
             raise TickError(f"report to {self.cfg.report_url} failed: {why}") from None
 
-    def send(self, st: dict[str, Any], status: str, error: str | None, usage: list[dict[str, object]] | None = None,
-             dkim_keys: list[dict[str, Any]] | None = None) -> bool:
+    def send(
+        self,
+        st: dict[str, Any],
+        status: str,
+        error: str | None,
+        usage: list[dict[str, object]] | None = None,
+        dkim_keys: list[dict[str, Any]] | None = None,
+    ) -> bool:
         """Send pending reports, then this tick's (unless it repeats the last pending one).
         True when the last report of the queue (the one carrying this tick's extras) was delivered.
 
@@ -65,8 +76,12 @@ class Reporter:
             return False
         known = st.get("statement")
         issued = known.get("issued_at") if isinstance(known, dict) else None
-        current = {"applied_commit": st.get("applied_commit"), "status": status, "error": error,
-                   "statement_issued_at": issued if isinstance(issued, int) else None}
+        current = {
+            "applied_commit": st.get("applied_commit"),
+            "status": status,
+            "error": error,
+            "statement_issued_at": issued if isinstance(issued, int) else None,
+        }
         pending = [r for r in st.get("pending_reports", []) if isinstance(r, dict)]
         queue = pending + ([current] if not pending or pending[-1] != current else [])
         sent = 0

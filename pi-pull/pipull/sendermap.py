@@ -105,7 +105,9 @@ def check_claims(checks: dict[str, SenderCheck], alias_targets: dict[str, str]) 
     for domain in sorted(checks):
         for other, locals_ in sorted(checks[domain].claims.items()):
             if alias_targets.get(other) != domain:
-                raise Refused(f"{SENDER_MAP} of {domain}: lists addresses of {other[:80]}, which is not an alias domain of {domain}")
+                raise Refused(
+                    f"{SENDER_MAP} of {domain}: lists addresses of {other[:80]}, which is not an alias domain of {domain}"
+                )
             own = checks.get(other)
             twice = sorted(locals_ & own.keys) if own is not None else []
             if twice:

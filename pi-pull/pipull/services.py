@@ -67,8 +67,9 @@ def postfix_running(runner: Runner, config_dir: str) -> bool | None:
     return True
 
 
-def explain_reload_failure(service: str, command: str, result: subprocess.CompletedProcess[bytes],
-                           runner: Runner | None = None) -> str:
+def explain_reload_failure(
+    service: str, command: str, result: subprocess.CompletedProcess[bytes], runner: Runner | None = None
+) -> str:
     """One sentence for a failed reload of ``service``: what is wrong and what to do. Never empty."""
     text = short(result.stderr + result.stdout, 200)
     rc = result.returncode
@@ -83,12 +84,16 @@ def explain_reload_failure(service: str, command: str, result: subprocess.Comple
         if not text:  # configured and running, yet failing: ask postfix itself, on a terminal
             text = output_on_tty(command, runner.env)
     elif service == "dovecot" and (rc == 75 or "not running" in text.lower() or "not active" in text.lower()):
-        return (f"{head}: dovecot is not running: start it with {start_hint('dovecot')}; the new release is used "
-                f"once it runs" + (f" ({text})" if text else ""))
+        return (
+            f"{head}: dovecot is not running: start it with {start_hint('dovecot')}; the new release is used "
+            f"once it runs" + (f" ({text})" if text else "")
+        )
     if text:
         return f"{head}: {text}"
-    return (f"{head} and printed nothing: run `{command}` in a terminal to see why, and check the service's log "
-            f"(`journalctl -u {service}`, /var/log/mail.log)")
+    return (
+        f"{head} and printed nothing: run `{command}` in a terminal to see why, and check the service's log "
+        f"(`journalctl -u {service}`, /var/log/mail.log)"
+    )
 
 
 def output_on_tty(command: str, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> str:
@@ -103,8 +108,15 @@ def output_on_tty(command: str, env: Mapping[str, str] | None = None, timeout: f
     except OSError:
         return ""
     try:
-        proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                                env=dict(env) if env is not None else None, close_fds=True)
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env=dict(env) if env is not None else None,
+            close_fds=True,
+        )
     except OSError:
         os.close(master)
         return ""
@@ -144,9 +156,11 @@ def _names(command: str, program: str) -> bool:
 def _explain_postfix(command: str, runner: Runner) -> str:
     config_dir = postfix_config_dir(command)
     if not os.path.isfile(os.path.join(config_dir, "main.cf")):
-        return (f"postfix is not configured: {config_dir}/main.cf does not exist (installed with \"No configuration\"?); "
-                "run `pi_pull.py install --bundle DIR` (it writes a minimal main.cf) or write main.cf yourself, then start "
-                f"postfix with {start_hint('postfix')}")
+        return (
+            f'postfix is not configured: {config_dir}/main.cf does not exist (installed with "No configuration"?); '
+            "run `pi_pull.py install --bundle DIR` (it writes a minimal main.cf) or write main.cf yourself, then start "
+            f"postfix with {start_hint('postfix')}"
+        )
     if postfix_running(runner, config_dir) is False:
         return f"postfix is not running: start it with {start_hint('postfix')}; the new release is used once it runs"
     return ""

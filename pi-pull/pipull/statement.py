@@ -77,7 +77,7 @@ def parse_statement(tag: str, raw: bytes) -> Statement:
     if len(raw) > MAX_STATEMENT_BYTES:
         raise Refused(f"the accepted-head statement {tag[:12]} is larger than {MAX_STATEMENT_BYTES} bytes")
     cut = raw.rfind(SIG_BEGIN)
-    if cut <= 0 or raw[cut - 1:cut] != b"\n":
+    if cut <= 0 or raw[cut - 1 : cut] != b"\n":
         raise Refused(f"the accepted-head statement {tag[:12]} carries no SSH signature")
     payload, signature = raw[:cut], raw[cut:]
     m = _PAYLOAD.fullmatch(payload)
@@ -86,14 +86,26 @@ def parse_statement(tag: str, raw: bytes) -> Statement:
     if not _ARMOR.fullmatch(signature):
         raise Refused(f"the accepted-head statement {tag[:12]} has a malformed signature")
     head = m.group("head").decode()
-    if m.group("object").decode() != head or not head.startswith(m.group("short").decode()) or m.group("tagged") != m.group("issued"):
+    if (
+        m.group("object").decode() != head
+        or not head.startswith(m.group("short").decode())
+        or m.group("tagged") != m.group("issued")
+    ):
         raise Refused(f"the accepted-head statement {tag[:12]}: its fields disagree (object, Accepted-Head, Issued-At)")
     try:
-        endorsements = tuple(base64.b64decode(line.split(b": ", 1)[1], validate=True) for line in m.group("endorsements").splitlines())
+        endorsements = tuple(
+            base64.b64decode(line.split(b": ", 1)[1], validate=True) for line in m.group("endorsements").splitlines()
+        )
     except (binascii.Error, ValueError):
         raise Refused(f"the accepted-head statement {tag[:12]} carries a malformed Key-Endorsement") from None
-    return Statement(tag=tag, head=head, issued_at=int(m.group("issued")), payload=payload, signature=signature,
-                     endorsements=endorsements)
+    return Statement(
+        tag=tag,
+        head=head,
+        issued_at=int(m.group("issued")),
+        payload=payload,
+        signature=signature,
+        endorsements=endorsements,
+    )
 
 
 def verify_statement(runner: Runner, cfg: Config, st: Statement, signers: str | None = None) -> None:
@@ -103,7 +115,19 @@ def verify_statement(runner: Runner, cfg: Config, st: Statement, signers: str | 
         sig = os.path.join(tmp, "statement.sig")
         with open(sig, "wb") as fh:
             fh.write(st.signature)
-        argv = [cfg.ssh_keygen, "-Y", "verify", "-f", signers or cfg.allowed_signers, "-I", PRINCIPAL, "-n", NAMESPACE, "-s", sig]
+        argv = [
+            cfg.ssh_keygen,
+            "-Y",
+            "verify",
+            "-f",
+            signers or cfg.allowed_signers,
+            "-I",
+            PRINCIPAL,
+            "-n",
+            NAMESPACE,
+            "-s",
+            sig,
+        ]
         if cfg.revoked_signers:
             argv += ["-r", cfg.revoked_signers]
         r = runner.run(argv, input=st.payload, timeout=60)
@@ -111,5 +135,7 @@ def verify_statement(runner: Runner, cfg: Config, st: Statement, signers: str | 
         raise TickError(f"cannot check the accepted-head statement: {short(r.stderr)}")
     if r.returncode != 0:
         detail = short(r.stderr + r.stdout, 200) or f"rc={r.returncode}"
-        raise Refused(f"the accepted-head statement {st.tag[:12]} is not signed by a server key "
-                      f"(principal {PRINCIPAL} in allowed_signers): {detail}")
+        raise Refused(
+            f"the accepted-head statement {st.tag[:12]} is not signed by a server key "
+            f"(principal {PRINCIPAL} in allowed_signers): {detail}"
+        )

@@ -82,8 +82,13 @@ def parse_endorsement(raw: bytes) -> Endorsement:
     m = _ENDORSEMENT.fullmatch(payload)
     if m is None or not _ARMOR.fullmatch(signature):
         raise Refused("a Key-Endorsement of the accepted-head statement is not in format 1")
-    return Endorsement(old_key=m.group("old").decode(), new_key=m.group("new").decode(), issued_at=int(m.group("issued")),
-                       payload=payload, signature=signature)
+    return Endorsement(
+        old_key=m.group("old").decode(),
+        new_key=m.group("new").decode(),
+        issued_at=int(m.group("issued")),
+        payload=payload,
+        signature=signature,
+    )
 
 
 def valid_before(ts: int) -> str:
@@ -141,7 +146,11 @@ class Trust:
             return {"format": TRUST_FORMAT, "learned": [], "retired": {}}
         except (OSError, ValueError) as e:
             raise TickError(f"cannot read {self.path}: {e} (remove it to trust only the provisioned keys)") from None
-        if not isinstance(data, dict) or not isinstance(data.get("learned"), list) or not isinstance(data.get("retired"), dict):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("learned"), list)
+            or not isinstance(data.get("retired"), dict)
+        ):
             raise TickError(f"{self.path} is not a pi-pull trust file (remove it to trust only the provisioned keys)")
         return data
 
@@ -199,8 +208,10 @@ class Trust:
             data["learned"].append({"key": e.new_key, "endorsed_by": e.old_key, "issued_at": e.issued_at})
             data["retired"][e.old_b64] = e.issued_at
             changed = True
-            self.log.info(f"learned server key {e.new_key[:40]}... (endorsed by the retiring {e.old_key[:40]}..., "
-                          f"valid until {valid_before(e.issued_at)})")
+            self.log.info(
+                f"learned server key {e.new_key[:40]}... (endorsed by the retiring {e.old_key[:40]}..., "
+                f"valid until {valid_before(e.issued_at)})"
+            )
         return data if changed else None
 
     def _verify(self, e: Endorsement, signers: str) -> str | None:

@@ -15,7 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 from . import hostconf
-from .install import BACKUP_DIR, RECORD, Host, Options, Record, Steps, _say, code_cache_dir, file_mode, read_bytes, run, sha256
+from .install import (
+    BACKUP_DIR,
+    RECORD,
+    Host,
+    Options,
+    Record,
+    Steps,
+    _say,
+    code_cache_dir,
+    file_mode,
+    read_bytes,
+    run,
+    sha256,
+)
 from .runner import Runner
 from .services import systemd_running
 
@@ -54,7 +67,9 @@ class Uninstaller:
         if use_systemd:
             self.restart_services()
         elif self.opts.start:
-            self.steps.note("systemd is not running: restart postfix and dovecot yourself so they drop the mailstate settings")
+            self.steps.note(
+                "systemd is not running: restart postfix and dovecot yourself so they drop the mailstate settings"
+            )
         else:
             self.steps.note("--no-start: stop the timer and restart postfix and dovecot yourself")
         self.keep_notes(data)
@@ -173,8 +188,11 @@ class Uninstaller:
     def keep_notes(self, data: dict[str, Any]) -> None:
         mail_root = data.get("mail_root")
         if mail_root:
-            self.steps.note(f"kept the mail root {mail_root} and the Maildirs in it (remove them by hand if they are not needed)")
+            self.steps.note(
+                f"kept the mail root {mail_root} and the Maildirs in it (remove them by hand if they are not needed)"
+            )
         root = data.get("release_root")
         if root and os.path.isdir(root):
-            self.steps.note(f"kept the release root {root} (mirror, releases, state.json): `rm -rf {root}` when it is "
-                            "not needed")
+            self.steps.note(
+                f"kept the release root {root} (mirror, releases, state.json): `rm -rf {root}` when it is not needed"
+            )

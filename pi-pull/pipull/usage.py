@@ -172,10 +172,11 @@ def box_key(domain: str, local: str, box_id: str) -> str:
 
 
 def _is_folder_name(name: object) -> bool:
-    """"" (the INBOX) or a Maildir++ ``.<name>``: a path is made of it, so a damaged cache must
+    """ "" (the INBOX) or a Maildir++ ``.<name>``: a path is made of it, so a damaged cache must
     not be able to name anything outside the home (``..``, ``/``)."""
-    return isinstance(name, str) and (name == "" or (name.startswith(".") and name not in (".", "..")
-                                                     and "/" not in name and "\0" not in name))
+    return isinstance(name, str) and (
+        name == "" or (name.startswith(".") and name not in (".", "..") and "/" not in name and "\0" not in name)
+    )
 
 
 def _read_limited(path: str, limit: int = MAX_CACHE_FILE_BYTES) -> bytes | None:
@@ -195,10 +196,18 @@ class Scanner:
     compared with the folders' mtimes), ``monotonic`` (the budget), ``scandir`` (every
     directory listing goes through it) and the size limits of a shard file and of the pass file."""
 
-    def __init__(self, mail_root: str, cache_dir: str, budget_s: float, *,
-                 now: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 scandir: Callable[[str], Any] = os.scandir, max_file_bytes: int = MAX_CACHE_FILE_BYTES,
-                 max_pass_bytes: int = MAX_PASS_FILE_BYTES) -> None:
+    def __init__(
+        self,
+        mail_root: str,
+        cache_dir: str,
+        budget_s: float,
+        *,
+        now: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        scandir: Callable[[str], Any] = os.scandir,
+        max_file_bytes: int = MAX_CACHE_FILE_BYTES,
+        max_pass_bytes: int = MAX_PASS_FILE_BYTES,
+    ) -> None:
         self.mail_root = mail_root
         self.max_file_bytes = max_file_bytes  # a shard file
         self.max_pass_bytes = max_pass_bytes  # the pass file (grows with the node: its own limit)
@@ -240,8 +249,13 @@ class Scanner:
             head, _, body = data.partition(b"\n")
             meta = json.loads(head)
             lines = body.decode("utf-8").splitlines()
-            if not (isinstance(meta, dict) and meta.get("v") == CACHE_VERSION and meta.get("root") == self.mail_root
-                    and isinstance(meta.get("commit"), str) and meta.get("n") == len(lines)):
+            if not (
+                isinstance(meta, dict)
+                and meta.get("v") == CACHE_VERSION
+                and meta.get("root") == self.mail_root
+                and isinstance(meta.get("commit"), str)
+                and meta.get("n") == len(lines)
+            ):
                 return None
             keys: list[str] = []
             boxes: list[Box] = []
@@ -257,7 +271,7 @@ class Scanner:
 
     def _save_pass(self, commit: str, keys: list[str], boxes: list[Box]) -> None:
         head = json.dumps({"v": CACHE_VERSION, "root": self.mail_root, "commit": commit, "n": len(keys)})
-        body = "".join(f"{k} {d} {lo} {i}\n" for k, (d, lo, i) in zip(keys, boxes))  # noqa: B905 (strict= is 3.10+; the node runs 3.9)
+        body = "".join(f"{k} {d} {lo} {i}\n" for k, (d, lo, i) in zip(keys, boxes))
         self._write("pass", (head + "\n" + body).encode("utf-8"))
 
     def _drop_shards(self, used: set[str]) -> None:
@@ -282,8 +296,12 @@ class Scanner:
             doc = json.loads(data)
         except ValueError:
             return {}
-        if not (isinstance(doc, dict) and doc.get("v") == CACHE_VERSION and doc.get("root") == self.mail_root
-                and isinstance(doc.get("boxes"), dict)):
+        if not (
+            isinstance(doc, dict)
+            and doc.get("v") == CACHE_VERSION
+            and doc.get("root") == self.mail_root
+            and isinstance(doc.get("boxes"), dict)
+        ):
             return {}
         boxes: dict[str, Any] = doc["boxes"]
         return boxes

@@ -79,8 +79,7 @@ def verify_commit(mirror: Mirror, cfg: Config, sha: str) -> None:
     size = mirror.object_size(sha, "commit")
     if size > MAX_COMMIT_BYTES:
         raise Refused(f"commit {sha[:12]} is {size} bytes, over the {MAX_COMMIT_BYTES} a state commit may weigh")
-    args = ["-c", "gpg.ssh.allowedSignersFile=" + cfg.allowed_signers,
-            "-c", "gpg.ssh.program=" + cfg.ssh_keygen]
+    args = ["-c", "gpg.ssh.allowedSignersFile=" + cfg.allowed_signers, "-c", "gpg.ssh.program=" + cfg.ssh_keygen]
     if cfg.revoked_signers:
         args += ["-c", "gpg.ssh.revocationFile=" + cfg.revoked_signers]
     r = mirror.git(*args, "verify-commit", sha)
@@ -168,14 +167,18 @@ class DomainCheck:
         if not at or dom != self.domain:
             raise Refused(f"{what} of {self.domain}, line {n}: {address[:80]!r} is not an address in {self.domain}")
         if not is_local_part(local):
-            raise Refused(f"{what} of {self.domain}, line {n}: bad local part {local[:80]!r} (the server allows a-z 0-9 . _ + -)")
+            raise Refused(
+                f"{what} of {self.domain}, line {n}: bad local part {local[:80]!r} (the server allows a-z 0-9 . _ + -)"
+            )
         return local
 
     def _dir(self, what: str, n: int, local: str, d: str) -> None:
         if self.format2:
             mlocal, sep, mid = d.partition(ID_SEPARATOR)
             if mlocal != local or not sep or not MAILBOX_ID_RE.fullmatch(mid):
-                raise Refused(f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}~<id>")
+                raise Refused(
+                    f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}~<id>"
+                )
         elif d != local:
             raise Refused(f"{what} of {self.domain}, line {n}: mailbox directory {d[:80]!r} of {local} is not {local}")
 
@@ -183,7 +186,9 @@ class DomainCheck:
 
     def _fast_dir(self, local: str, d: str) -> bool:
         if self.format2:
-            return d[:len(local) + 1] == local + ID_SEPARATOR and MAILBOX_ID_RE.fullmatch(d[len(local) + 1:]) is not None
+            return (
+                d[: len(local) + 1] == local + ID_SEPARATOR and MAILBOX_ID_RE.fullmatch(d[len(local) + 1 :]) is not None
+            )
         return d == local
 
     def passwd_line(self, n: int, raw: bytes) -> None:
@@ -194,9 +199,15 @@ class DomainCheck:
         if m is not None:
             local, dom, uid, gid, home, quota = m.groups()
             prefix = self.passwd_prefix
-            d = home[len(prefix):]
-            if (dom == self.domain and uid == self.uid and gid == self.gid and home.startswith(prefix)
-                    and self._fast_dir(local, d) and int(quota) <= MAX_QUOTA_MB):
+            d = home[len(prefix) :]
+            if (
+                dom == self.domain
+                and uid == self.uid
+                and gid == self.gid
+                and home.startswith(prefix)
+                and self._fast_dir(local, d)
+                and int(quota) <= MAX_QUOTA_MB
+            ):
                 self.passwd.add(local, d)
                 return
         self._passwd_line_slow(n, raw)
@@ -207,30 +218,40 @@ class DomainCheck:
         text = self._text(what, n, raw)
         fields = text.split(":")
         if len(fields) < 7:
-            raise Refused(f"passwd of {self.domain}, line {n}: {len(fields)} fields, expected "
-                          "user:password:uid:gid::home::userdb_quota_rule=*:storage=<N>M")
+            raise Refused(
+                f"passwd of {self.domain}, line {n}: {len(fields)} fields, expected "
+                "user:password:uid:gid::home::userdb_quota_rule=*:storage=<N>M"
+            )
         user, password, uid, gid, gecos, home, shell = fields[:7]
         local = self._address(what, n, user)
         if not BCRYPT_RE.fullmatch(password):
-            raise Refused(f"passwd of {self.domain}, line {n} ({user}): the password is not a {{BLF-CRYPT}}$2b$ bcrypt hash "
-                          "(plain text and other schemes are refused)")
+            raise Refused(
+                f"passwd of {self.domain}, line {n} ({user}): the password is not a {{BLF-CRYPT}}$2b$ bcrypt hash "
+                "(plain text and other schemes are refused)"
+            )
         if uid != self.uid or gid != self.gid:
-            raise Refused(f"passwd of {self.domain}, line {n} ({user}): uid/gid {uid[:12]}:{gid[:12]} are not the configured "
-                          f"[paths] mail_uid/mail_gid {self.uid}:{self.gid}")
+            raise Refused(
+                f"passwd of {self.domain}, line {n} ({user}): uid/gid {uid[:12]}:{gid[:12]} are not the configured "
+                f"[paths] mail_uid/mail_gid {self.uid}:{self.gid}"
+            )
         if gecos or shell:
             raise Refused(f"passwd of {self.domain}, line {n} ({user}): gecos and shell must be empty")
         prefix = f"{self.root}/{self.domain}/"
-        if not home.startswith(prefix) or "/" in home[len(prefix):]:
-            raise Refused(f"passwd of {self.domain}, line {n} ({user}): home {home[:120]!r} is not under "
-                          f"[paths] mail_root {self.root}/{self.domain}/")
-        self._dir(what, n, local, home[len(prefix):])
+        if not home.startswith(prefix) or "/" in home[len(prefix) :]:
+            raise Refused(
+                f"passwd of {self.domain}, line {n} ({user}): home {home[:120]!r} is not under "
+                f"[paths] mail_root {self.root}/{self.domain}/"
+            )
+        self._dir(what, n, local, home[len(prefix) :])
         extra = fields[7:]
         m = QUOTA_RE.fullmatch(extra[1]) if len(extra) == 2 and extra[0] == "userdb_quota_rule=*" else None
         if m is None or int(m.group(1)) > MAX_QUOTA_MB:
-            raise Refused(f"passwd of {self.domain}, line {n} ({user}): extra fields must be exactly "
-                          "userdb_quota_rule=*:storage=<N>M (nopassword, userdb_uid, userdb_home, userdb_mail, proxy, host ... "
-                          "are refused)")
-        self.passwd.add(local, home[len(prefix):])
+            raise Refused(
+                f"passwd of {self.domain}, line {n} ({user}): extra fields must be exactly "
+                "userdb_quota_rule=*:storage=<N>M (nopassword, userdb_uid, userdb_home, userdb_mail, proxy, host ... "
+                "are refused)"
+            )
+        self.passwd.add(local, home[len(prefix) :])
 
     def map_line(self, n: int, raw: bytes) -> None:
         try:
@@ -243,7 +264,9 @@ class DomainCheck:
                 self.maps.add(local, d)
                 return
         self._map_line_slow(n, raw)
-        raise Refused(f"virtual_mailbox_maps of {self.domain}, line {n}: not a line the compiler writes")  # pragma: no cover
+        raise Refused(
+            f"virtual_mailbox_maps of {self.domain}, line {n}: not a line the compiler writes"
+        )  # pragma: no cover
 
     def _map_line_slow(self, n: int, raw: bytes) -> None:
         what = "virtual_mailbox_maps"
@@ -254,9 +277,9 @@ class DomainCheck:
         local = self._address(what, n, parts[0])
         value = parts[1]
         prefix = self.domain + "/"
-        if not value.startswith(prefix) or not value.endswith("/") or "/" in value[len(prefix):-1]:
+        if not value.startswith(prefix) or not value.endswith("/") or "/" in value[len(prefix) : -1]:
             raise Refused(f"virtual_mailbox_maps of {self.domain}, line {n}: unsafe path {value[:80]!r} for {parts[0]}")
-        d = value[len(prefix):-1]
+        d = value[len(prefix) : -1]
         self._dir(what, n, local, d)
         self.maps.add(local, d)
 
@@ -282,8 +305,15 @@ class DomainCheck:
         what = "mailboxes"
         text = self._text(what, n, raw)
         parts = text.split(" ")
-        if len(parts) != 3 or not is_local_part(parts[0]) or not MAILBOX_ID_RE.fullmatch(parts[1]) or parts[2] not in ("active", "inactive"):
-            raise Refused(f"mailboxes of {self.domain}, line {n}: expected '<local> <yyyymmdd-xxxxxx> <active|inactive>'")
+        if (
+            len(parts) != 3
+            or not is_local_part(parts[0])
+            or not MAILBOX_ID_RE.fullmatch(parts[1])
+            or parts[2] not in ("active", "inactive")
+        ):
+            raise Refused(
+                f"mailboxes of {self.domain}, line {n}: expected '<local> <yyyymmdd-xxxxxx> <active|inactive>'"
+            )
         self.listed.add(parts[0], parts[1])
         if parts[2] == "active":
             self.active.add(parts[0], parts[0] + ID_SEPARATOR + parts[1])
@@ -293,18 +323,29 @@ class DomainCheck:
         if self.vmd_lines != 1:
             raise Refused(f"virtual_mailbox_domains of {self.domain} must be exactly one line '{self.domain} OK'")
         if (self.passwd.count, self.passwd.digest.digest()) != (self.maps.count, self.maps.digest.digest()):
-            raise Refused(f"{self.domain}: passwd and virtual_mailbox_maps disagree ({self.passwd.count} vs {self.maps.count} "
-                          "entries, or different mailboxes)")
-        if self.format2 and (self.passwd.count, self.passwd.digest.digest()) != (self.active.count, self.active.digest.digest()):
-            raise Refused(f"mailboxes of {self.domain}: its active lines disagree with passwd ({self.active.count} vs "
-                          f"{self.passwd.count} entries, or other ids)")
+            raise Refused(
+                f"{self.domain}: passwd and virtual_mailbox_maps disagree ({self.passwd.count} vs {self.maps.count} "
+                "entries, or different mailboxes)"
+            )
+        if self.format2 and (self.passwd.count, self.passwd.digest.digest()) != (
+            self.active.count,
+            self.active.digest.digest(),
+        ):
+            raise Refused(
+                f"mailboxes of {self.domain}: its active lines disagree with passwd ({self.active.count} vs "
+                f"{self.passwd.count} entries, or other ids)"
+            )
         return self.passwd.count
 
 
 def feed(check: DomainCheck, fname: str, chunks: Iterable[bytes]) -> None:
     """Feed one file's content (any chunking) to ``check``."""
-    method = {"passwd": check.passwd_line, "virtual_mailbox_maps": check.map_line,
-              "virtual_mailbox_domains": check.domains_line, "mailboxes": check.mailboxes_line}[fname]
+    method = {
+        "passwd": check.passwd_line,
+        "virtual_mailbox_maps": check.map_line,
+        "virtual_mailbox_domains": check.domains_line,
+        "mailboxes": check.mailboxes_line,
+    }[fname]
     if isinstance(chunks, tuple) and len(chunks) == 1:
         # The whole file at once (a first apply's many small blobs): the same checks in the same
         # order as LineSplitter's (over-long lines, then each line, then the final newline).
@@ -325,14 +366,20 @@ def feed(check: DomainCheck, fname: str, chunks: Iterable[bytes]) -> None:
     splitter.close()
 
 
-def validate_domain(domain: str, cfg: Config, passwd: bytes, vmm: bytes, vmd: bytes, mailboxes: bytes | None = None) -> int:
+def validate_domain(
+    domain: str, cfg: Config, passwd: bytes, vmm: bytes, vmd: bytes, mailboxes: bytes | None = None
+) -> int:
     """Validate one domain's rendered fragments given as bytes; returns the mailbox count.
 
     Raises Refused with a one-line reason on anything the compiler would not have written.
     """
     check = DomainCheck(domain, cfg, format2=mailboxes is not None)
-    for fname, data in (("passwd", passwd), ("virtual_mailbox_maps", vmm), ("virtual_mailbox_domains", vmd),
-                        ("mailboxes", mailboxes)):
+    for fname, data in (
+        ("passwd", passwd),
+        ("virtual_mailbox_maps", vmm),
+        ("virtual_mailbox_domains", vmd),
+        ("mailboxes", mailboxes),
+    ):
         if data is not None:
             feed(check, fname, (data,))
     return check.finish()
