@@ -80,7 +80,7 @@ def mail_store(store: Store) -> Store:
 @pytest.fixture(scope="session")
 def pi_pull() -> Path:
     """The single-file node agent as a bundle ships it (a zipapp), built once per session."""
-    from tests.mailnode import pi_pull_script
+    from tests.helpers.mailnode import pi_pull_script
 
     return pi_pull_script()
 
@@ -90,7 +90,7 @@ def pipull(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The node agent package ``pipull``, all modules imported; pi-pull/ is on sys.path for this test only."""
     import importlib
 
-    from tests.mailnode import AGENT_DIR, PIPULL_MODULES
+    from tests.helpers.mailnode import AGENT_DIR, PIPULL_MODULES
 
     monkeypatch.syspath_prepend(str(AGENT_DIR))
     for name in PIPULL_MODULES:
