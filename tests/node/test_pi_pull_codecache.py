@@ -33,9 +33,7 @@ def test_first_run_unpacks_sources_and_bytecode_root_owned(pi_pull: Path, tmp_pa
     here = cache / key(pi_pull) / "pipull"
     names = {p.name for p in here.glob("*.py")}
     assert {"agent.py", "cli.py", "buckets.py", "bulkwrite.py"} <= names
-    assert (here / "cli.py").read_bytes() == (
-        Path(__file__).parents[2] / "pi-pull" / "pipull" / "cli.py"
-    ).read_bytes()
+    assert (here / "cli.py").read_bytes() == (Path(__file__).parents[2] / "pi-pull" / "pipull" / "cli.py").read_bytes()
     pycs = {p.name.split(".")[0] for p in (here / "__pycache__").glob("*.pyc")}
     assert names == {f"{n}.py" for n in pycs}
     for p in (cache, here.parent, here, here / "__pycache__", here / "cli.py"):
