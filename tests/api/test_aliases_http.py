@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from mailstate.state.ops import OPERATIONS
-from tests.api.test_mcp import http_session
+from tests.helpers.mcp import http_session
 from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"

@@ -20,7 +20,7 @@ from mailstate.api.cli import _load_extras, build_parser, main
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import Unauthenticated
 from mailstate.state.localdb import LocalDB
-from tests.conftest import commit_count, git_out, verify_commit
+from tests.helpers.common import commit_count, git_out, verify_commit
 
 
 def all_commands() -> list[list[str]]:

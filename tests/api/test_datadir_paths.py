@@ -19,7 +19,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from mailstate.state.datadir import DataDir, absolute, init_data_dir, local_git_url, open_store
 from mailstate.state.gitrepo import GitRepo
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out, make_key
 from tests.helpers.server import LiveServer, mailstate_cmd
 
 # --- the library: paths are resolved once, when the data dir is opened ---------------------
@@ -67,7 +67,7 @@ def test_two_stores_on_a_relative_data_dir_keep_each_others_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    init_data_dir(Path("data"), None, clock=FakeClock())
+    init_data_dir(Path("data"), None, clock=FakeClock(), keygen=make_key)
     x = open_store(Path("data"))
     x.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})
     y = open_store(Path("./data"))
@@ -82,7 +82,7 @@ def test_two_stores_on_a_relative_data_dir_keep_each_others_writes(
 def test_a_relative_upstream_path_is_the_one_next_to_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", "up.git"], check=True)
-    init_data_dir(Path("data"), None, clock=FakeClock())
+    init_data_dir(Path("data"), None, clock=FakeClock(), keygen=make_key)
     store = open_store(Path("data"), upstream="up.git")
     assert store.health()["upstream"]["error"] is None
     out = store.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})

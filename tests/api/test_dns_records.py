@@ -140,7 +140,7 @@ def test_two_nodes_report_keys_and_dns_records_lists_both(world: dict[str, Any])
 def test_the_mcp_tool_gives_the_same_records(world: dict[str, Any]) -> None:
     import anyio
 
-    from tests.api.test_mcp import http_session
+    from tests.helpers.mcp import http_session
 
     token = world["server"].create_token(project=42, name="p42-mcp")
 

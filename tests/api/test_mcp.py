@@ -5,15 +5,14 @@ is a tool error carrying the same code and message as the HTTP body."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
 import httpx
 import httpx2
 import pytest
-from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp import ClientSession
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -22,7 +21,8 @@ from mcp_types import INVALID_PARAMS
 from mailstate.api.mcp_server import TOOLS, security_settings, tool_list
 from mailstate.state.models import RESPONSES
 from mailstate.state.ops import OPERATIONS
-from tests.helpers.server import LiveServer, assert_error, live_server, mailstate_cmd
+from tests.helpers.mcp import body_of, http_session, stdio_session
+from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
@@ -119,36 +119,6 @@ def open_session(env: Env, token: str) -> Any:
 
 
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
-
-
-@asynccontextmanager
-async def http_session(srv: LiveServer, token: str) -> AsyncIterator[ClientSession]:
-    async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client,
-        streamable_http_client(f"{srv.url}/mcp", http_client=client) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-@asynccontextmanager
-async def stdio_session(srv: LiveServer, token: str) -> AsyncIterator[ClientSession]:
-    cmd = mailstate_cmd()
-    params = StdioServerParameters(
-        command=cmd[0], args=[*cmd[1:], "mcp", "--data", str(srv.data.root), "--token", token], env=srv.env
-    )
-    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
-        await session.initialize()
-        yield session
-
-
-def body_of(result: Any) -> dict[str, Any]:
-    """A tool result's JSON (the text content), checked against its structured content."""
-    assert len(result.content) == 1 and result.content[0].type == "text"
-    data = json.loads(result.content[0].text)
-    assert result.structured_content == data
-    return data
 
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.test_mcp import http_session
+from tests.helpers.mcp import http_session
 from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"

@@ -18,7 +18,7 @@ import pytest
 
 from mailstate.api.nodes_http import MAX_WAITERS_PER_NODE, WAIT_MAX_S
 from mailstate.state.store import Store
-from tests.conftest import ADMIN
+from tests.helpers.common import ADMIN
 from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"

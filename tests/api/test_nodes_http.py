@@ -21,7 +21,7 @@ from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
 from mailstate.state.localdb import LocalDB
 from mailstate.state.nodes import MAX_ERROR_CHARS, authenticate_node, normalize_addr, parse_report, record_report
 from mailstate.state.store import Store
-from tests.conftest import ADMIN
+from tests.helpers.common import ADMIN
 from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"

@@ -9,10 +9,6 @@ UnexpectedStatus), and no answer may carry a field the schema does not name.
 from __future__ import annotations
 
 import base64
-import importlib
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -21,15 +17,10 @@ import httpx
 import pytest
 
 from mailstate.state.ops import OPERATIONS
+from tests.helpers.openapi import call_endpoint, client_module
 from tests.helpers.server import LiveServer, live_server
 
 PASSWORD = "correct horse battery"
-PACKAGE = "mailstate_generated_client"
-
-
-def _generator() -> list[str]:
-    exe = shutil.which("openapi-python-client")
-    return [exe] if exe else [sys.executable, "-m", "openapi_python_client"]
 
 
 @pytest.fixture(scope="module")
@@ -38,45 +29,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def client_pkg(srv: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    root = tmp_path_factory.mktemp("generated")
-    spec = root / "openapi.json"
-    spec.write_bytes(httpx.get(f"{srv.url}/openapi.json").content)
-    proc = subprocess.run(
-        [*_generator(), "generate", "--path", str(spec), "--output-path", str(root / PACKAGE), "--meta", "none"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    sys.path.insert(0, str(root))
-    try:
-        yield importlib.import_module(PACKAGE)
-    finally:
-        sys.path.remove(str(root))
-        for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-            del sys.modules[name]
-
-
-def _mod(name: str) -> Any:
-    return importlib.import_module(f"{PACKAGE}.{name}")
-
-
-def _call(client: Any, api: str, op: str, status: int, model: str, **kwargs: Any) -> Any:
-    """Call one generated endpoint; its answer must be `status` and parse into `model` exactly."""
-    module = _mod(f"api.{api}.{op.replace('-', '_')}")
-    resp = module.sync_detailed(client=client, **kwargs)
-    assert resp.status_code == status, (op, resp.status_code, resp.content)
-    parsed = resp.parsed
-    assert type(parsed).__name__ == model, (op, type(parsed), resp.content)
-    # Every field the server sent is one the schema names (nothing undocumented).
-    assert getattr(parsed, "additional_properties", {}) == {}, (op, parsed.additional_properties)
-    return parsed
-
-
 def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg: ModuleType) -> None:
-    m = _mod("models")
+    m = client_module("models")
     mk = client_pkg.AuthenticatedClient
     admin = mk(base_url=srv.url, token=srv.admin_token, raise_on_unexpected_status=True)
     project = mk(base_url=srv.url, token=srv.create_token(project=7, name="generated"), raise_on_unexpected_status=True)
@@ -85,7 +39,7 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
 
     def call(c: Any, api: str, op: str, status: int, model: str, **kwargs: Any) -> Any:
         called.add(op)
-        return _call(c, api, op, status, model, **kwargs)
+        return call_endpoint(c, api, op, status, model, **kwargs)
 
     linked = call(
         admin,
@@ -273,7 +227,7 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         base_url=srv.url, headers={"Authorization": f"Basic {basic}"}, raise_on_unexpected_status=True
     )
     head = srv.git("rev-parse", "main").strip()
-    ack = _call(
+    ack = call_endpoint(
         node_client,
         "nodes",
         "node_report",
@@ -283,24 +237,24 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     )
     assert ack.ok is True
     # Follow mode's long poll: a head the node does not know answers at once with the current one.
-    waited = _call(node_client, "nodes", "node_wait", 200, "NodeWaitResponse", head="0" * 40, timeout=0.0)
+    waited = call_endpoint(node_client, "nodes", "node_wait", 200, "NodeWaitResponse", head="0" * 40, timeout=0.0)
     assert waited.changed is True and waited.head == head and isinstance(waited.issued_at, int)
-    waited = _call(node_client, "nodes", "node_wait", 200, "NodeWaitResponse", head=head, timeout=0.0)
+    waited = call_endpoint(node_client, "nodes", "node_wait", 200, "NodeWaitResponse", head=head, timeout=0.0)
     assert waited.changed is False and waited.head == head
     nodes = call(admin, "admin", "list-nodes", 200, "ListNodesResponse")
     assert nodes.nodes[0].status == "ok" and nodes.nodes[0].applied_commit == head
     gone = call(admin, "admin", "remove-node", 200, "RemoveNodeResponse", body=m.NodeRequest(name="gen01"))
     assert gone.removed is True
 
-    assert _call(anonymous, "health", "health", 200, "HealthResponse").status == "ok"
-    full = _call(admin, "health", "health", 200, "HealthResponse")
+    assert call_endpoint(anonymous, "health", "health", 200, "HealthResponse").status == "ok"
+    full = call_endpoint(admin, "health", "health", 200, "HealthResponse")
     assert full.head == srv.git("rev-parse", "main").strip()
 
-    metrics = _mod("api.health.metrics").sync_detailed(client=admin)
+    metrics = client_module("api.health.metrics").sync_detailed(client=admin)
     assert metrics.status_code == 200 and isinstance(metrics.parsed, str) and "mailstate_writes_total" in metrics.parsed
 
     # Errors parse into the one documented error shape.
-    err = _call(
+    err = call_endpoint(
         project,
         "email_account",
         "add-user",
@@ -309,7 +263,7 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         body=m.AddUserRequest(email="x@nowhere.example", password=PASSWORD),
     )
     assert err.error.code == "domain_not_found"
-    err = _call(project, "admin", "add-node", 403, "ErrorResponse", body=m.AddNodeRequest(name="nope"))
+    err = call_endpoint(project, "admin", "add-node", 403, "ErrorResponse", body=m.AddNodeRequest(name="nope"))
     assert err.error.code == "admin_required"
 
     assert called == set(OPERATIONS), set(OPERATIONS) - called

@@ -21,13 +21,9 @@ from mailstate.state.errors import InvalidInput
 from mailstate.state.models import RESPONSES
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
-from tests.api.test_mcp import body_of, http_session
-from tests.api.test_openapi_client import (
-    _call,
-    _mod,
-    client_pkg,  # noqa: F401 (a fixture, read with getfixturevalue)
-)
-from tests.conftest import ADMIN, PASSWORD, commit_count
+from tests.helpers.common import ADMIN, PASSWORD, commit_count
+from tests.helpers.mcp import body_of, http_session
+from tests.helpers.openapi import call_endpoint, client_module
 from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"
@@ -314,22 +310,22 @@ def test_mcp_tools_page_too(srv: LiveServer) -> None:
 
 
 def test_the_generated_client_pages(srv: LiveServer, request: pytest.FixtureRequest) -> None:
-    """A client generated from the live OpenAPI (tests/api/test_openapi_client.py's fixture) sends
+    """A client generated from the live OpenAPI (tests/api/conftest.py's fixture) sends
     limit and cursor as typed query parameters and reads next_cursor as a documented field."""
     pkg: ModuleType = request.getfixturevalue("client_pkg")
     project = pkg.AuthenticatedClient(
         base_url=srv.url, token=srv.create_token(project=7), raise_on_unexpected_status=True
     )
     emails: list[str] = []
-    cursor: Any = _mod("types").UNSET
+    cursor: Any = client_module("types").UNSET
     while True:
-        page = _call(project, "email_account", "list-users", 200, "ListUsersResponse", limit=4, cursor=cursor)
+        page = call_endpoint(project, "email_account", "list-users", 200, "ListUsersResponse", limit=4, cursor=cursor)
         emails += [u.email for u in page.users]
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
     assert len(emails) == 6 and emails == sorted(emails, key=lambda e: e.split("@")[::-1])
-    domains = _call(project, "email_account", "list-domains", 200, "ListDomainsResponse", limit=1)
+    domains = call_endpoint(project, "email_account", "list-domains", 200, "ListDomainsResponse", limit=1)
     assert [d.domain for d in domains.domains] == ["p1.example"] and isinstance(domains.next_cursor, str)
-    err = _call(project, "email_account", "list-users", 400, "ErrorResponse", limit=1, cursor="not-a-cursor")
+    err = call_endpoint(project, "email_account", "list-users", 400, "ErrorResponse", limit=1, cursor="not-a-cursor")
     assert err.error.code == "invalid_cursor"

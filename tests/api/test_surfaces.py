@@ -21,7 +21,7 @@ from mailstate.api.mcp_server import TOOLS, tool_list
 from mailstate.api.server import create_app
 from mailstate.state.datadir import DataDir
 from mailstate.state.ops import OPERATIONS
-from tests.api.test_mcp import http_session
+from tests.helpers.mcp import http_session
 from tests.helpers.server import LiveServer, assert_error, live_server
 
 API = "/v1/email-account"

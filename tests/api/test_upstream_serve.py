@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mailstate.state.ops import hash_password
 from mailstate.state.signing import allowed_signers_line, generate_key
+from tests.helpers.admin import add_mailbox_edit
 from tests.helpers.server import LiveServer, assert_error
 
 PASSWORD = "correct horse battery"
@@ -125,18 +124,6 @@ def _admin_push(tmp: Path, up: Path, edit, key: Path | None) -> str:  # type: ig
     return git(work, "rev-parse", "HEAD").strip()
 
 
-def _add_mailbox(local: str):  # type: ignore[no-untyped-def]
-    def edit(work: Path) -> None:
-        path = work / "domains/ad/admin.example.yaml"
-        text = path.read_text().replace("mailboxes: {}", "mailboxes:")
-        box_id = "20261201-" + hashlib.sha256(local.encode()).hexdigest()[:6]  # state format 2: every mailbox has an id
-        text += f"  {local}:\n    id: {box_id}\n    password: '{hash_password(PASSWORD, 4)}'\n    quota_mb: 100\n    active: true\n"
-        path.write_text(text)
-        subprocess.run(["mailstate", "compile", str(work)], check=True, capture_output=True)
-
-    return edit
-
-
 def test_admin_commits_are_served_or_refused(pair: tuple[LiveServer, LiveServer, Path, Path], tmp_path: Path) -> None:
     a, _b, up, admin_key = pair
     with a.client(a.admin_token) as c:
@@ -145,7 +132,7 @@ def test_admin_commits_are_served_or_refused(pair: tuple[LiveServer, LiveServer,
         )
 
     # Signed by a trusted admin key: picked up and served by list-users.
-    good = _admin_push(tmp_path, up, _add_mailbox("fromadmin"), admin_key)
+    good = _admin_push(tmp_path, up, add_mailbox_edit("fromadmin"), admin_key)
 
     def listed() -> set[str]:
         with a.client(a.admin_token) as c:
@@ -158,7 +145,7 @@ def test_admin_commits_are_served_or_refused(pair: tuple[LiveServer, LiveServer,
     assert a.git("rev-parse", "main").strip() == good
 
     # Unsigned: refused loudly in /v1/health; never served.
-    bad = _admin_push(tmp_path, up, _add_mailbox("sneaky"), None)
+    bad = _admin_push(tmp_path, up, add_mailbox_edit("sneaky"), None)
 
     def health() -> dict[str, object]:
         # An admin token sees the refused commit; anonymous callers get the status only.

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.e2e.test_e2e_serve import EXIT_OK, P1, Fleet, fleet  # noqa: F401  (pytest fixture)
-from tests.helpers.mailnode import MailNode, free_ports, mailnode  # noqa: F401  (pytest fixture)
+from tests.helpers.fleet import P1, Fleet
+from tests.helpers.mailnode import MailNode, free_ports
+from tests.helpers.pipull import EXIT_OK
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +152,7 @@ def mailboxes(f: Fleet, domain: str, *locals_: str) -> None:
 # --------------------------------------------------------------------------- the tests
 
 
-def test_aliases_catch_all_alias_domain_through_real_postfix(fleet: Fleet) -> None:  # noqa: F811
+def test_aliases_catch_all_alias_domain_through_real_postfix(fleet: Fleet) -> None:
     f, node = fleet, fleet.node
     mailboxes(f, "example.com", "info", "anna", "bob")
     with internet(node) as sink:

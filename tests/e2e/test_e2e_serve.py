@@ -10,78 +10,18 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mailstate.state.signing import generate_key
-from tests.helpers.fleet import provision_node, start_server_for
-from tests.helpers.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
-from tests.helpers.server import LiveServer
+from tests.helpers.fleet import P1, P2, Fleet, start_server_for
+from tests.helpers.mailnode import MailNode, run_pi_pull
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 3
-P1, P2 = "first password", "second password"
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Fleet:
-    server: LiveServer
-    node: MailNode
-    cfg: Path
-    admin: httpx.Client
-    project: httpx.Client
-    tmp: Path
-
-    def call(
-        self, client: httpx.Client, op: str, body: dict[str, object] | None = None, status: int = 200
-    ) -> dict[str, object]:
-        r = (
-            client.get(f"/v1/email-account/{op}", params=body)
-            if op.startswith("list-")
-            else client.post(f"/v1/email-account/{op}", json=body or {})
-        )
-        assert r.status_code == status, r.text
-        return r.json()  # type: ignore[no-any-return]
-
-    def tick(self) -> subprocess.CompletedProcess[str]:
-        return run_pi_pull(self.cfg, "--once")
-
-    def node_row(self) -> dict[str, object]:
-        rows = self.call(self.admin, "list-nodes")["nodes"]
-        assert isinstance(rows, list)
-        return next(r for r in rows if r["name"] == "mpi01")
-
-    def head(self) -> str:
-        return self.server.git("rev-parse", "main").strip()
-
-    def push_into_server(self, edit, *, key: Path | None) -> str:  # type: ignore[no-untyped-def]
-        """Someone bypasses the API and pushes straight into the server's repo."""
-        work = self.tmp / f"work-{len(list(self.tmp.glob('work-*')))}"
-        subprocess.run(["git", "clone", "-q", str(self.server.data.repo), str(work)], check=True, env=self.server.env)
-        edit(work)
-        base = ["git", "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org"]
-        subprocess.run([*base, "add", "-A"], check=True, env=self.server.env)
-        sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S"] if key else ["commit"]
-        subprocess.run([*base, *sign, "-qm", "bypass"], check=True, env=self.server.env, capture_output=True)
-        subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True, env=self.server.env)
-        return self.head()
-
-
-@pytest.fixture
-def fleet(mailnode: MailNode, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
-    server, admin, project = start_server_for(mailnode, tmp_path / "server")
-    try:
-        cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
-        yield Fleet(server=server, node=mailnode, cfg=cfg, admin=admin, project=project, tmp=tmp_path)
-    finally:
-        admin.close()
-        project.close()
-        server.stop()
 
 
 def test_mailboxes_made_through_the_api_receive_mail_and_log_in(fleet: Fleet) -> None:
@@ -257,7 +197,7 @@ def test_a_trusted_signed_invalid_commit_never_goes_live_and_the_node_converges(
     assert row["diverged"] is False and row["commits_behind"] == 0
 
 
-def test_a_node_following_a_git_host_never_applies_a_refused_commit(mailnode: MailNode, tmp_path: Path) -> None:  # noqa: F811
+def test_a_node_following_a_git_host_never_applies_a_refused_commit(mailnode: MailNode, tmp_path: Path) -> None:
     """Upstream mode: the server pushes main and the statement to a bare repo (the "git host");
     the node follows that repo directly. A trusted-signed invalid commit pushed to the host is
     never applied; after the correction the node converges to the server's head."""

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.helpers.fleet import provision_node, start_server_for
-from tests.helpers.mailnode import MailNode, mailnode, pi_pull_script  # noqa: F401  (pytest fixture)
+from tests.helpers.mailnode import MailNode, pi_pull_script
 from tests.helpers.server import LiveServer, mailstate_cmd
 
 pytestmark = pytest.mark.e2e
@@ -111,7 +111,7 @@ def _fleet(
 
 
 @pytest.fixture
-def followed(mailnode: MailNode, tmp_path: Path) -> Iterator[Followed]:  # noqa: F811
+def followed(mailnode: MailNode, tmp_path: Path) -> Iterator[Followed]:
     with _fleet(mailnode, tmp_path) as f:
         yield f
 
@@ -142,7 +142,7 @@ def test_a_change_through_the_api_goes_live_within_the_bound(followed: Followed)
     assert "mss_" not in f.log_text()  # the sync key never reaches the log
 
 
-def test_server_unreachable_falls_back_to_the_timer_then_recovers(mailnode: MailNode, tmp_path: Path) -> None:  # noqa: F811
+def test_server_unreachable_falls_back_to_the_timer_then_recovers(mailnode: MailNode, tmp_path: Path) -> None:
     with _fleet(mailnode, tmp_path, interval=2) as f:
         f.start()
         f.until(lambda: f.row()["status"] == "ok", message="the first tick")
@@ -182,7 +182,7 @@ def test_ticks_take_turns_with_a_timer_run_on_the_lock(followed: Followed, pipul
     assert f.stop() == 0
 
 
-def test_a_node_on_a_plain_git_remote_polls_the_statement_ref(mailnode: MailNode, tmp_path: Path) -> None:  # noqa: F811
+def test_a_node_on_a_plain_git_remote_polls_the_statement_ref(mailnode: MailNode, tmp_path: Path) -> None:
     # The node fetches straight from a git repo (here the server's state.git by path, as from a
     # git host): no long poll there, so it polls the statement ref and says so.
     with _fleet(mailnode, tmp_path, extra="poll_interval = 1\n", remote="{repo}") as f:

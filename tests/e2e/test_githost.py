@@ -41,13 +41,12 @@ from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.errors import UpstreamUnavailable
 from mailstate.state.signing import allowed_signers_line, generate_key
 from mailstate.state.statement import REF as STATEMENT_REF
-from tests.api.test_upstream_serve import _add_mailbox
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
+from tests.helpers.admin import BAD_LINE, add_mailbox_edit, admin_push, plain_password_line, trust_admin
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
 from tests.helpers.fleet import provision_node, start_server_for
-from tests.helpers.githost import GitHost, githost, ssh_githost  # noqa: F401  (pytest fixtures)
-from tests.helpers.mailnode import MailNode, mailnode, pi_pull_script, run_pi_pull  # noqa: F401  (pytest fixture)
+from tests.helpers.githost import GitHost
+from tests.helpers.mailnode import MailNode, pi_pull_script, run_pi_pull
 from tests.helpers.server import LiveServer, assert_error
-from tests.state.test_refused_commits import BAD_LINE, admin_push, plain_password_line, trust_admin
 
 API = "/v1/email-account"
 EXIT_OK, EXIT_STALE = 0, 5
@@ -82,7 +81,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
 # --------------------------------------------------------------------------- the hosts
 
 
-def test_the_hosts_serve_git_and_nothing_else(githost: GitHost, tmp_path: Path) -> None:  # noqa: F811
+def test_the_hosts_serve_git_and_nothing_else(githost: GitHost, tmp_path: Path) -> None:
     host = githost
     host.create_repo()
     work = tmp_path / "work"
@@ -150,7 +149,7 @@ def test_the_hosts_serve_git_and_nothing_else(githost: GitHost, tmp_path: Path) 
 
 
 def test_store_writes_go_to_the_ssh_host_with_their_statement(
-    ssh_githost: GitHost,  # noqa: F811
+    ssh_githost: GitHost,
     data_dir: DataDir,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -223,7 +222,7 @@ class Pair:
 
 
 @pytest.fixture
-def pair(ssh_githost: GitHost, tmp_path: Path) -> Iterator[Pair]:  # noqa: F811
+def pair(ssh_githost: GitHost, tmp_path: Path) -> Iterator[Pair]:
     """Servers A and B on one upstream on the sshd host (ssh://), trusting each other and an admin key."""
     host = ssh_githost
     host.create_repo()
@@ -315,7 +314,7 @@ def test_admin_commits_over_ssh_are_served_or_refused(pair: Pair) -> None:
             return {u["email"] for u in c.get(f"{API}/list-users", params={"domain": "admin.example"}).json()["users"]}
 
     # Signed by a trusted admin key, pushed to the host over ssh: adopted, served and stated.
-    good = admin_push(host.ssh_url(), pair.tmp, pair.admin_key, _add_mailbox("fromadmin"), env=env)
+    good = admin_push(host.ssh_url(), pair.tmp, pair.admin_key, add_mailbox_edit("fromadmin"), env=env)
     wait_for(lambda: "fromadmin@admin.example" in listed(), what="the admin's commit is served")
     assert a.git("rev-parse", "main").strip() == good
     wait_for(lambda: stated_head(host) == good, what="the statement names the admin's commit")
@@ -323,7 +322,7 @@ def test_admin_commits_over_ssh_are_served_or_refused(pair: Pair) -> None:
     # Unsigned: refused loudly; the statement stays on the last accepted commit.
     work = pair.tmp / "unsigned"
     run_git("clone", "-q", host.ssh_url(), str(work), env=env)
-    _add_mailbox("sneaky")(work)
+    add_mailbox_edit("sneaky")(work)
     run_git("-C", str(work), "add", "-A")
     run_git("-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org", "commit", "-qm", "unsigned")
     run_git("-C", str(work), "push", "-q", "origin", "main", env=env)
@@ -407,7 +406,7 @@ class HostedFleet:
 @pytest.fixture
 def hosted(
     githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[HostedFleet]:  # noqa: F811
+) -> Iterator[HostedFleet]:
     """A server in upstream mode on the sshd host, and a real node provisioned against it."""
     githost.create_repo()
     # The node's git reads the same ssh settings (pi-pull keeps GIT_SSH_COMMAND from its environment).
@@ -484,7 +483,7 @@ def test_a_node_following_the_host_applies_only_accepted_commits(hosted: HostedF
 @pytest.fixture
 def fresh_hosted(
     githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[HostedFleet]:  # noqa: F811
+) -> Iterator[HostedFleet]:
     """`hosted`, with the statement re-signed every 0.5 s and the node's max_staleness at 4 s."""
     githost.create_repo()
     monkeypatch.setenv("GIT_SSH_COMMAND", githost.ssh_command)

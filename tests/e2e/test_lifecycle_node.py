@@ -36,9 +36,9 @@ from mailstate.state.models import Settings
 from mailstate.state.signing import Ed25519Signer
 from mailstate.state.store import Store
 from mailstate.state.upgrade import upgrade_store
-from tests.conftest import ADMIN, PROJECT_A, FakeClock
+from tests.helpers.common import ADMIN, PROJECT_A, FakeClock
 from tests.helpers.fleet import provision_node, start_server_for
-from tests.helpers.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
+from tests.helpers.mailnode import MailNode, run_pi_pull
 from tests.helpers.server import LiveServer
 
 EXIT_OK = 0
@@ -126,7 +126,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(mailnode: MailNode, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
+def fleet(mailnode: MailNode, tmp_path: Path) -> Iterator[Fleet]:
     server, admin, project = start_server_for(mailnode, tmp_path / "server")
     try:
         cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
@@ -258,7 +258,7 @@ def test_soft_delete_keeps_the_maildir_restore_brings_it_back_and_usage_reaches_
 
 def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(
     mailnode: MailNode, tmp_path: Path, pipull: ModuleType
-) -> None:  # noqa: F811
+) -> None:
     node = mailnode
     # The data dir exactly as the format-1 code left it (a Store opened directly never upgrades).
     dd = init_data_dir(

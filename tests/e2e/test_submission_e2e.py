@@ -16,8 +16,9 @@ import smtplib
 
 import pytest
 
-from tests.e2e.test_e2e_serve import EXIT_OK, P1, Fleet, fleet  # noqa: F401  (pytest fixture)
-from tests.helpers.mailnode import MailNode, mailnode  # noqa: F401  (pytest fixture)
+from tests.helpers.fleet import P1, Fleet
+from tests.helpers.mailnode import MailNode
+from tests.helpers.pipull import EXIT_OK
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +45,7 @@ def mail_from_code(
 
 
 @pytest.fixture
-def sending(fleet: Fleet) -> Fleet:  # noqa: F811
+def sending(fleet: Fleet) -> Fleet:
     f = fleet
     f.call(f.admin, "link-domain", {"domain": "example.com", "project_id": 42}, status=201)
     f.call(f.project, "enable-email", {"domain": "example.com"})

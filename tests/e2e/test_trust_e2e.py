@@ -22,7 +22,7 @@ import pytest
 from mailstate.state.signing import Ed25519Signer
 from mailstate.state.statement import write_statement
 from tests.helpers.fleet import provision_node, start_server_for
-from tests.helpers.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
+from tests.helpers.mailnode import MailNode, run_pi_pull
 from tests.helpers.server import LiveServer
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +69,7 @@ class World:
 
 
 @pytest.fixture
-def world(mailnode: MailNode, tmp_path: Path) -> Iterator[World]:  # noqa: F811
+def world(mailnode: MailNode, tmp_path: Path) -> Iterator[World]:
     server, admin, project = start_server_for(
         mailnode, tmp_path / "server", env={"MAILSTATE_STATEMENT_INTERVAL": "0.5"}
     )
@@ -166,7 +166,7 @@ def test_server_key_rotation_reaches_the_node_without_reprovisioning(world: Worl
 
 def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_nodes(
     mailnode: MailNode, tmp_path: Path
-) -> None:  # noqa: F811
+) -> None:
     """The server up but its statement old (here: refreshed only hourly; on a git host: a host
     that keeps serving an old tip): exit 5, and list-nodes shows the node stale with the age."""
     server, admin, project = start_server_for(

@@ -8,13 +8,17 @@ node is registered through the API like an operator would (add-node, whitelisted
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.helpers.mailnode import MailNode
+from tests.helpers.mailnode import MailNode, run_pi_pull
 from tests.helpers.server import LiveServer
+
+P1, P2 = "first password", "second password"
 
 
 def start_server_for(
@@ -53,3 +57,47 @@ def provision_node(node: MailNode, server: LiveServer, admin: httpx.Client, etc:
         sync_key_file=key_file,
         report_url=f"{server.url}/v1/nodes/report",
     )
+
+
+@dataclass
+class Fleet:
+    server: LiveServer
+    node: MailNode
+    cfg: Path
+    admin: httpx.Client
+    project: httpx.Client
+    tmp: Path
+
+    def call(
+        self, client: httpx.Client, op: str, body: dict[str, object] | None = None, status: int = 200
+    ) -> dict[str, object]:
+        r = (
+            client.get(f"/v1/email-account/{op}", params=body)
+            if op.startswith("list-")
+            else client.post(f"/v1/email-account/{op}", json=body or {})
+        )
+        assert r.status_code == status, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def tick(self) -> subprocess.CompletedProcess[str]:
+        return run_pi_pull(self.cfg, "--once")
+
+    def node_row(self) -> dict[str, object]:
+        rows = self.call(self.admin, "list-nodes")["nodes"]
+        assert isinstance(rows, list)
+        return next(r for r in rows if r["name"] == "mpi01")
+
+    def head(self) -> str:
+        return self.server.git("rev-parse", "main").strip()
+
+    def push_into_server(self, edit, *, key: Path | None) -> str:  # type: ignore[no-untyped-def]
+        """Someone bypasses the API and pushes straight into the server's repo."""
+        work = self.tmp / f"work-{len(list(self.tmp.glob('work-*')))}"
+        subprocess.run(["git", "clone", "-q", str(self.server.data.repo), str(work)], check=True, env=self.server.env)
+        edit(work)
+        base = ["git", "-C", str(work), "-c", "user.name=x", "-c", "user.email=x@example.org"]
+        subprocess.run([*base, "add", "-A"], check=True, env=self.server.env)
+        sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S"] if key else ["commit"]
+        subprocess.run([*base, *sign, "-qm", "bypass"], check=True, env=self.server.env, capture_output=True)
+        subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True, env=self.server.env)
+        return self.head()

@@ -29,7 +29,6 @@ from mailstate.compiler.node_bundle import render_node_bundle
 from tests.helpers.mailnode import (
     MailNode,
     StateRepo,
-    mailnode,  # noqa: F401  (pytest fixture)
     make_public_tmpdir,
     make_signing_key,
     pi_pull_script,
@@ -613,7 +612,7 @@ def test_dovecot_auth_edit_is_exactly_reversible(pipull: Any) -> None:
     assert hc.include_snippet(b"!include conf.d/*.conf\n", "conf.d/90-mailstate.conf") == b"!include conf.d/*.conf\n"
 
 
-def test_failed_reload_of_a_running_postfix_shows_postfix_s_own_message(mailnode: MailNode) -> None:  # noqa: F811
+def test_failed_reload_of_a_running_postfix_shows_postfix_s_own_message(mailnode: MailNode) -> None:
     """Configured and running, yet the reload fails: the message is postfix's own, read from a
     terminal (without one, postfix prints nothing)."""
     repo_dir = make_public_tmpdir("node-install-running-")

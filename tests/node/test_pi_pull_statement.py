@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the `setup` fixture is imported from tests.node.test_pi_pull)
 """pi-pull and the accepted-head statement; what a remote may make a node download, store and read.
 
 Real git repos, real ssh-keygen signatures (StateRepo publishes statements with `git tag -s`),
@@ -13,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mailstate.state.signing import SshKeygenSigner
 from mailstate.state.statement import parse_statement as server_parse_statement
 from mailstate.state.statement import statement_payload as server_statement_payload
@@ -25,9 +26,11 @@ from tests.helpers.mailnode import (
     publish_statement,
     write_allowed_signers,
 )
-from tests.node.test_pi_pull import Setup, _isolated_env, setup, snapshot, two_domains  # noqa: F401  (fixtures)
+from tests.helpers.pipull import Setup, snapshot, two_domains
 
 EXIT_OK, EXIT_REFUSED = 0, 3
+
+pytestmark = pytest.mark.usefixtures("isolated_env")
 MiB = 1024 * 1024
 
 

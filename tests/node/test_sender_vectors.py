@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from mailstate.state.sync import validate_incoming
-from tests.node.test_vectors import EXIT_OK, EXIT_REFUSED, HASH, VECTORS, _node_repo
+from tests.helpers.pipull import EXIT_OK, EXIT_REFUSED
+from tests.helpers.vectors import HASH, VECTORS, node_repo
 
 TABLE: dict[str, Any] = json.loads((VECTORS / "sender_lines.json").read_text())
 REL = "rendered/domains/ex/example.com/sender_login_maps"
@@ -50,7 +51,7 @@ def test_claims_need_the_alias_domain(pipull: Any) -> None:
 
 
 def test_every_hostile_fragment_is_refused_by_pi_pull(tmp_path: Path) -> None:
-    repo, node = _node_repo(tmp_path, 2)
+    repo, node = node_repo(tmp_path, 2)
     repo.set_mailbox("info@example.com", password_hash=HASH)
     good = repo.commit("good")
     assert node.tick().returncode == EXIT_OK

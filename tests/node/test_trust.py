@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the `setup` fixture is imported from tests.node.test_pi_pull)
 """Every commit verified, admin key rotation and freshness on the node (issue 13), and on server adoption.
 
 Real git repos, real ssh-keygen signatures, the built pi_pull.py as a subprocess; the server
@@ -18,9 +17,9 @@ from mailstate.state.keyrotation import endorsement_payload, sign_endorsement
 from mailstate.state.signing import Ed25519Signer
 from mailstate.state.statement import parse_statement as server_parse_statement
 from mailstate.state.statement import statement_payload
-from tests.conftest import PROJECT_A
+from tests.helpers.common import PROJECT_A
 from tests.helpers.mailnode import SigningKey, git, make_signing_key
-from tests.node.test_pi_pull import Setup, setup, two_domains  # noqa: F401  (fixtures)
+from tests.helpers.pipull import Setup, two_domains
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_STALE = 0, 1, 3, 5
 
@@ -428,7 +427,7 @@ def test_another_server_follows_a_key_rotation_through_upstream(tmp_path: Path) 
     from mailstate.state.datadir import init_data_dir, open_store
     from mailstate.state.keyrotation import rotate_key
     from mailstate.state.models import Settings
-    from tests.conftest import ADMIN, FakeClock
+    from tests.helpers.common import ADMIN, FakeClock
 
     up = tmp_path / "upstream.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(up)], check=True)

@@ -23,20 +23,10 @@ from mailstate.state import validate
 from mailstate.state.errors import InvalidInput
 from mailstate.state.models import DomainFile, Mailbox, Settings
 from mailstate.state.sync import validate_incoming
-from tests.helpers.mailnode import (
-    StateRepo,
-    age_file,
-    make_signing_key,
-    require_binaries,
-    run_pi_pull,
-    write_allowed_signers,
-)
+from tests.helpers.vectors import HASH, LINES, VECTORS, node_repo
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
-LINES: dict[str, Any] = json.loads((VECTORS / "rendered_lines.json").read_text())
 LOCAL_PARTS: dict[str, Any] = json.loads((VECTORS / "local_parts.json").read_text())
 DOMAINS: dict[str, Any] = json.loads((VECTORS / "domains.json").read_text())
-HASH = LINES["hash"]
 FILES = {
     "passwd": "rendered/domains/ex/example.com/passwd",
     "virtual_mailbox_maps": "rendered/domains/ex/example.com/virtual_mailbox_maps",
@@ -63,41 +53,9 @@ def replace_line(path: Path, base: str, prefix: str, line: str) -> None:
 # --------------------------------------------------------------------------- the node
 
 
-class Node:
-    """A pi-pull node (release root, config) following a StateRepo."""
-
-    def __init__(self, tmp: Path, repo: StateRepo, signers: Path) -> None:
-        self.root = tmp / "node"
-        etc = tmp / "postfix-etc"
-        etc.mkdir(exist_ok=True)
-        (etc / "main.cf").write_text("compatibility_level = 3.6\nmyhostname = vectors.test\n")
-        age_file(etc / "main.cf")
-        self.cfg = tmp / "pi-pull.ini"
-        self.cfg.write_text(
-            f"[remote]\nurl = {repo.bare}\n[node]\nname = vectors\nallowed_signers = {signers}\n"
-            f"[paths]\nroot = {self.root}\nsync = no\nmail_root = {repo.mail_root}\nmail_uid = {repo.uid}\nmail_gid = {repo.gid}\n"
-            f"[services]\npostfix_reload = true\ndovecot_reload = true\nmap_type = hash\npostmap = postmap -c {etc}\n"
-        )
-
-    def tick(self) -> subprocess.CompletedProcess[str]:
-        return run_pi_pull(self.cfg)
-
-    def current(self) -> str | None:
-        link = self.root / "current"
-        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
-
-
-def _node_repo(tmp: Path, fmt: int) -> tuple[StateRepo, Node]:
-    require_binaries("git", "ssh-keygen", "postmap")
-    key = make_signing_key(tmp / "keys", "trusted")
-    signers = write_allowed_signers(tmp / "allowed_signers", [key])
-    repo = StateRepo(tmp / "repo", key, format=fmt)
-    return repo, Node(tmp, repo, signers)
-
-
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_every_hostile_line_is_refused_by_pi_pull(tmp_path: Path, fmt: int) -> None:
-    repo, node = _node_repo(tmp_path, fmt)
+    repo, node = node_repo(tmp_path, fmt)
     repo.set_mailbox("info@example.com", password_hash=HASH)
     repo.set_mailbox("sales@example.com", password_hash=HASH)
     good = repo.commit("good")
@@ -131,7 +89,7 @@ def test_every_hostile_line_is_refused_by_pi_pull(tmp_path: Path, fmt: int) -> N
 
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_valid_vector_lines_are_what_pi_pull_applies(tmp_path: Path, fmt: int) -> None:
-    repo, node = _node_repo(tmp_path, fmt)
+    repo, node = node_repo(tmp_path, fmt)
     for v in LINES["valid"]:
         repo.set_mailbox(f"{v['local']}@example.com", password_hash=HASH, quota_mb=v["quota_mb"])
     sha = repo.commit("valid")

@@ -17,8 +17,8 @@ from mailstate.state import aliases as al
 from mailstate.state.errors import MailstateError
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, commit_count
-from tests.state.test_ops import domain_yaml, err, linked, show
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, commit_count, commit_message
+from tests.helpers.store import domain_yaml, err, linked, show
 
 A, B = PROJECT_A, PROJECT_B
 
@@ -39,9 +39,8 @@ def world(mail_store: Store) -> Store:
 
 
 def trailers(store: Store) -> str:
-    return subprocess.run(
-        ["git", "-C", str(store.git.path), "log", "-1", "--format=%s%n%(trailers)"], capture_output=True, text=True
-    ).stdout
+    """The last commit's message: its subject and trailers."""
+    return commit_message(store.git.path)
 
 
 def test_add_update_remove_list_alias(world: Store) -> None:

@@ -14,7 +14,7 @@ from mailstate.state.audit import filter_log, read_log
 from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, PROJECT_B
 
 A, B = PROJECT_A.project_id, PROJECT_B.project_id
 

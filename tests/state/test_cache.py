@@ -23,7 +23,7 @@ from mailstate.state.datadir import DataDir, init_data_dir, open_store
 from mailstate.state.domainmap import DomainMap, Lazy
 from mailstate.state.load import CACHE_MAGIC, ParseCache
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock
 from tests.helpers.server import LiveServer
 
 

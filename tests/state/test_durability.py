@@ -25,7 +25,7 @@ import pytest
 from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.errors import StoreError
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, git_out
+from tests.helpers.common import ADMIN, git_out
 from tests.helpers.server import LiveServer
 
 # --- the system calls of one write -----------------------------------------------------------

@@ -21,7 +21,7 @@ from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, Setting
 from mailstate.state.models import DomainFile as _DomainFile
 from mailstate.state.models import Mailbox as _Mailbox
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, git_out
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, make_key, read_file, tree_id
 
 HASH_A = "{BLF-CRYPT}$2b$04$" + "a" * 53
 HASH_B = "{BLF-CRYPT}$2b$04$" + "B" * 53
@@ -101,7 +101,7 @@ def admin_edit(data: DataDir, tmp_path: Path, path: str, edit) -> None:
 
 
 def head_text(store: Store, path: str) -> str:
-    return git_out(store.git.path, "show", f"main:{path}")
+    return read_file(store.git.path, path)
 
 
 # --- canonical YAML ----------------------------------------------------------------------------
@@ -177,13 +177,13 @@ def test_same_operations_give_same_state_bytes(tmp_path: Path) -> None:
 
     blobs = []
     for name in ["one", "two"]:
-        dd = init_data_dir(tmp_path / name, Settings(bcrypt_cost=4))
+        dd = init_data_dir(tmp_path / name, Settings(bcrypt_cost=4), keygen=make_key)
         store = open_store(dd.root)
         store.execute("add-domain", ADMIN, {"domain": "b.example", "project_id": 5})
         store.execute("link-domain", ADMIN, {"domain": "a.example", "project_id": 5})
         store.execute("disable-email", ADMIN, {"domain": "b.example"})
         store.execute("enable-email", ADMIN, {"domain": "a.example"})
-        tree = git_out(dd.repo, "ls-tree", "-r", "main")
+        tree = tree_id(dd.repo)
         blobs.append(tree)
     assert blobs[0] == blobs[1]
 

@@ -20,7 +20,7 @@ from mailstate.state.errors import InvalidInput, MailstateError
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import check_commit
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, commit_count, git_out
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, commit_count, read_file, rev_parse
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +69,7 @@ def spliced(base: st.SearchStrategy[str], bad: list[str]) -> st.SearchStrategy[s
 
 
 def head(data: DataDir) -> tuple[str, int]:
-    return git_out(data.repo, "rev-parse", "main").strip(), commit_count(data.repo)
+    return rev_parse(data.repo), commit_count(data.repo)
 
 
 def rejected(store: Store, data: DataDir, op: str, body: object, code: str) -> InvalidInput:
@@ -408,12 +408,12 @@ def test_any_accepted_password_is_hashed_and_checks(data_dir: DataDir) -> None:
     @example("x" * 72)
     @example("é" * 36)
     def check(password: str) -> None:
-        before = git_out(data_dir.repo, "show", "main:domains/ex/example.com.yaml")
+        before = read_file(data_dir.repo, "domains/ex/example.com.yaml")
         # What the file holds whatever the password: its keys, the id, the hash's fixed prefix.
         # (Hypothesis draws strings from the code's constants too, such as "{BLF-CRYPT}".)
         skeleton = before.replace(yaml.safe_load(before)["mailboxes"]["info"]["password"], "{BLF-CRYPT}$2b$04$")
         store.execute("update-password", PROJECT_A, {"email": "info@example.com", "password": password})
-        text = git_out(data_dir.repo, "show", "main:domains/ex/example.com.yaml")
+        text = read_file(data_dir.repo, "domains/ex/example.com.yaml")
         stored = yaml.safe_load(text)["mailboxes"]["info"]["password"]
         assert bcrypt.checkpw(password.encode(), stored.removeprefix("{BLF-CRYPT}").encode())
         assert password not in text or password in skeleton or len(password) < 4
@@ -437,7 +437,7 @@ def test_any_accepted_node_and_ip_round_trip(data_dir: DataDir) -> None:
         out = store.execute("add-node", ADMIN, {"name": name, "ip_address": ip})
         canonical = str(ipaddress.ip_address(ip))
         assert out.result["ip_address"] == canonical
-        loaded = yaml.safe_load(git_out(data_dir.repo, "show", "main:nodes.yaml"))  # the YAML 1.1 reader
+        loaded = yaml.safe_load(read_file(data_dir.repo, "nodes.yaml"))  # the YAML 1.1 reader
         assert loaded["nodes"][name]["ip_address"] == canonical
 
     check()

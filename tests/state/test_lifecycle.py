@@ -24,7 +24,7 @@ from mailstate.state.localdb import LocalDB
 from mailstate.state.models import DomainFile, Mailbox, Settings
 from mailstate.state.nodes import record_report
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, git_out
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, history_text, read_file, tree_paths
 from tests.helpers.server import live_server
 
 ID = re.compile(r"^[0-9]{8}-[0-9a-f]{6}$")
@@ -33,7 +33,7 @@ HASH = "{BLF-CRYPT}$2b$04$" + "a" * 53
 
 
 def show(store: Store, path: str) -> str:
-    return git_out(store.git.path, "show", f"main:{path}")
+    return read_file(store.git.path, path)
 
 
 def box_id(store: Store, email: str) -> str | None:
@@ -107,7 +107,7 @@ def test_disable_email_and_remove_domain_drop_soft_deleted_mailboxes(mail_store:
     mail_store.execute("remove-user", PROJECT_A, {"email": "info@example.com"})
     mail_store.execute("disable-email", PROJECT_A, {"domain": "example.com"})
     assert mail_store.snapshot.domains["example.com"].mailboxes == {}
-    assert "rendered/domains/ex" not in git_out(mail_store.git.path, "ls-tree", "-r", "--name-only", "main")
+    assert "rendered/domains/ex" not in "\n".join(tree_paths(mail_store.git.path))
     mail_store.execute("enable-email", PROJECT_A, {"domain": "example.com"})
     with pytest.raises(NotFound):
         mail_store.execute("restore-user", PROJECT_A, {"email": "info@example.com"})
@@ -191,7 +191,7 @@ def test_usage_reports_reach_list_users_and_list_domains(mail_store: Store, data
         record_report(db, mail_store.snapshot, "mpi01", {"status": "ok", "usage": stray}, None, t1)
         assert db.usage_for(["nowhere.example"]) == {}
         # the figures never go into git
-        assert "used_bytes" not in git_out(mail_store.git.path, "log", "-p", "--all")
+        assert "used_bytes" not in history_text(mail_store.git.path)
     finally:
         db.close()
 

@@ -17,7 +17,7 @@ from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.localdb import LocalDB
 from mailstate.state.nodes import REPORT_STALE_AFTER_S, record_report
 from mailstate.state.store import Store
-from tests.conftest import ADMIN
+from tests.helpers.common import ADMIN
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 

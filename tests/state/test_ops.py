@@ -8,61 +8,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import pytest
-import yaml
 
 from mailstate.state import errors as errors_module
 from mailstate.state import validate as v
 from mailstate.state.datadir import DataDir
-from mailstate.state.errors import Conflict, Forbidden, InvalidInput, MailstateError, NotFound
+from mailstate.state.errors import Conflict, Forbidden, InvalidInput, NotFound
 from mailstate.state.localdb import LocalDB
 from mailstate.state.ops import OPERATIONS, SPEC_OPERATIONS
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, commit_count, git_out
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, commit_message, tree_paths
+from tests.helpers.store import domain_yaml, err, linked, nodes_yaml, passwd, show
 
 A = PROJECT_A.project_id
 B = PROJECT_B.project_id
-
-
-def show(store: Store, path: str) -> str | None:
-    """A file at the tip of `main`, read with the git CLI (None if absent)."""
-    proc = subprocess.run(["git", "-C", str(store.git.path), "show", f"main:{path}"], capture_output=True, text=True)
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def domain_yaml(store: Store, domain: str) -> dict[str, Any] | None:
-    text = show(store, f"domains/{domain[:2]}/{domain}.yaml")
-    return None if text is None else yaml.safe_load(text)
-
-
-def nodes_yaml(store: Store) -> dict[str, Any]:
-    return yaml.safe_load(show(store, "nodes.yaml") or "") or {}
-
-
-def passwd(store: Store, domain: str) -> str | None:
-    return show(store, f"rendered/domains/{domain[:2]}/{domain}/passwd")
-
-
-def err(store: Store, op: str, actor: Actor, data: Any) -> MailstateError:
-    """Run an operation that must fail; return the error (and check nothing was committed)."""
-    before = commit_count(store.git.path)
-    with pytest.raises(MailstateError) as info:
-        store.execute(op, actor, data)
-    assert commit_count(store.git.path) == before
-    return info.value
-
-
-def linked(store: Store, domain: str = "example.com", project: int | None = A, enable: bool = True) -> None:
-    store.execute("link-domain", ADMIN, {"domain": domain, "project_id": project})
-    if enable:
-        store.execute("enable-email", Actor.project(project) if project else ADMIN, {"domain": domain})
 
 
 # --- the registry ----------------------------------------------------------------------------
@@ -185,7 +150,7 @@ def test_disable_email(mail_store: Store) -> None:
         "mailboxes": {},
     }
     assert show(mail_store, "rendered/domains/ex/example.com/virtual_mailbox_domains") is None
-    assert "example.com" not in git_out(mail_store.git.path, "ls-tree", "-r", "--name-only", "main", "rendered")
+    assert "example.com" not in "\n".join(tree_paths(mail_store.git.path, "main", "rendered"))
 
 
 def test_list_domains(store: Store) -> None:
@@ -404,7 +369,7 @@ def test_remove_domain_takes_soft_deleted_mailboxes_with_it(mail_store: Store) -
     assert out.result["removed"] is True
     assert out.result["commit"] is not None
     assert domain_yaml(mail_store, "example.com") is None
-    files = git_out(mail_store.git.path, "ls-tree", "-r", "--name-only", "main")
+    files = "\n".join(tree_paths(mail_store.git.path))
     assert "example.com" not in files
     # re-adding the domain starts from nothing: the soft-deleted mailbox does not come back
     linked(mail_store)
@@ -488,10 +453,10 @@ def test_request_id_lands_in_the_commit(mail_store: Store) -> None:
     mail_store.execute(
         "add-user", PROJECT_A, {"email": "r@example.com", "password": PASSWORD}, request_id="req-123.abc"
     )
-    assert "Request-Id: req-123.abc" in git_out(mail_store.git.path, "log", "-1", "--format=%B")
+    assert "Request-Id: req-123.abc" in commit_message(mail_store.git.path)
     # an unsafe request id is replaced, never copied into the message
     mail_store.execute("remove-user", PROJECT_A, {"email": "r@example.com"}, request_id="x\nAction: forged")
-    body = git_out(mail_store.git.path, "log", "-1", "--format=%B")
+    body = commit_message(mail_store.git.path)
     assert "forged" not in body
     assert body.count("Action:") == 1
 

@@ -18,7 +18,7 @@ from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.ops import hash_password
 from mailstate.state.plan import load_revision, load_worktree, plan, plan_revisions, plan_worktree
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PROJECT_A, PROJECT_B, git_out
+from tests.helpers.common import ADMIN, PROJECT_A, PROJECT_B, git_out
 
 HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 DIGEST = re.compile(r"\b[0-9a-f]{64}\b")

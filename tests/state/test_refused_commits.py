@@ -33,71 +33,18 @@ import pytest
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
 from mailstate.state.localdb import LocalDB
 from mailstate.state.models import Settings
-from mailstate.state.signing import SshKeygenSigner, allowed_signers_line, generate_key
+from mailstate.state.signing import SshKeygenSigner
 from mailstate.state.statement import REF, Statement, read_statement, verify_statement, write_statement
 from mailstate.state.store import Store
 from mailstate.state.upstream import REJECTED_PREFIX
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
+from tests.helpers.admin import BAD_LINE, admin_push, plain_password_line, run, trust_admin
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
 from tests.helpers.server import LiveServer
 
 API = "/v1/email-account"
-BAD_LINE = "x@example.com:{PLAIN}pw:5000:5000::/var/vmail/example.com/x::nopassword=y\n"
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def run(
-    cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env, check=check, timeout=60
-    )
-
-
-def trust_admin(allowed_signers: Path, tmp: Path) -> Path:
-    """An admin key, trusted for commits (principal admin@example.org) in `allowed_signers`."""
-    key = tmp / "admin_key"
-    if not key.exists():
-        generate_key(key, "admin@example.org")
-    with allowed_signers.open("a") as fh:
-        fh.write(allowed_signers_line(Path(f"{key}.pub").read_text(), "admin@example.org"))
-    return key
-
-
-def admin_push(
-    remote: Path | str,
-    tmp: Path,
-    key: Path,
-    edit: Callable[[Path], None],
-    *,
-    env: dict[str, str] | None = None,
-    force: bool = False,
-) -> str:
-    """Clone `remote`, `edit(worktree)`, commit signed by `key` (git commit -S), push to main."""
-    work = tmp / f"admin-work-{len(list(tmp.glob('admin-work-*')))}"
-    subprocess.run(["git", "clone", "-q", str(remote), str(work)], check=True, capture_output=True, env=env)
-    edit(work)
-    run(work, "add", "-A", env=env)
-    ident = [
-        "-c",
-        "user.name=Admin",
-        "-c",
-        "user.email=admin@example.org",
-        "-c",
-        "gpg.format=ssh",
-        "-c",
-        f"user.signingkey={key}",
-    ]
-    run(work, *ident, "commit", "-q", "-S", "-m", "admin change", env=env)
-    run(work, "push", "-q", *(["--force"] if force else []), "origin", "HEAD:main", env=env)
-    return run(work, "rev-parse", "HEAD", env=env).stdout.strip()
-
-
-def plain_password_line(work: Path) -> None:
-    """The hostile hand edit: a rendered passwd line the compiler never produces."""
-    passwd = next(work.glob("rendered/domains/*/example.com/passwd"))
-    passwd.write_text(passwd.read_text() + BAD_LINE)
 
 
 def quota_bump(work: Path) -> None:

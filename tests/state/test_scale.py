@@ -17,7 +17,7 @@ from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Mailbox
 from mailstate.state.plan import load_revision, load_worktree, plan, plan_worktree
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A
 
 
 def _boxes(store: Store, domain: str) -> dict[str, Mailbox]:

@@ -13,8 +13,8 @@ from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import check_commit
 from mailstate.state.store import Store
 from mailstate.state.sync import validate_incoming
-from tests.conftest import PASSWORD, PROJECT_A
-from tests.state.test_ops import linked, show
+from tests.helpers.common import PASSWORD, PROJECT_A
+from tests.helpers.store import linked, show
 
 A = PROJECT_A
 

@@ -15,7 +15,7 @@ import pygit2
 from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.statement import read_statement, verify_statement
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, commit_count, git_out
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, commit_count, git_out
 
 
 def _users(store: Store) -> set[str]:

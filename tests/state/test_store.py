@@ -21,7 +21,21 @@ from mailstate.state.load import check_commit
 from mailstate.state.signing import Ed25519Signer, SshKeygenSigner
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, PROJECT_B, FakeClock, commit_count, git_out, verify_commit
+from tests.helpers.common import (
+    ADMIN,
+    PASSWORD,
+    PROJECT_A,
+    PROJECT_B,
+    FakeClock,
+    changed_paths,
+    commit_count,
+    commit_ids,
+    git_out,
+    parent_ids,
+    rev_parse,
+    tree_paths,
+    verify_commit,
+)
 
 A = PROJECT_A.project_id
 
@@ -54,7 +68,7 @@ def run_series(store: Store) -> list[str]:
 
 
 def all_commits(repo: Path) -> list[str]:
-    return git_out(repo, "rev-list", "main").split()
+    return commit_ids(repo)
 
 
 def snapshot_view(store: Store) -> tuple[Any, ...]:
@@ -88,16 +102,16 @@ def test_each_successful_write_is_exactly_one_commit(data_dir: DataDir, store: S
     for i, (op, actor, data) in enumerate(SERIES, start=1):
         out = store.execute(op, actor, data)
         assert commit_count(data_dir.repo) == start + i, op
-        assert out.result["commit"] == git_out(data_dir.repo, "rev-parse", "main").strip(), op
+        assert out.result["commit"] == rev_parse(data_dir.repo), op
         assert store.head == out.result["commit"]
     # history is a straight line: every commit has exactly one parent, the one before it
     for sha in all_commits(data_dir.repo)[:-1]:
-        assert len(git_out(data_dir.repo, "rev-list", "--parents", "-n1", sha).split()) == 2
+        assert len(parent_ids(data_dir.repo, sha)) == 1
 
 
 def test_reads_make_no_commit(data_dir: DataDir, mail_store: Store) -> None:
     mail_store.execute("add-node", ADMIN, {"name": "mpi02"})
-    head = git_out(data_dir.repo, "rev-parse", "main")
+    head = rev_parse(data_dir.repo)
     for op, actor, data in [
         ("list-domains", PROJECT_A, {}),
         ("list-domains", ADMIN, {}),
@@ -107,7 +121,7 @@ def test_reads_make_no_commit(data_dir: DataDir, mail_store: Store) -> None:
     ]:
         out = mail_store.execute(op, actor, data)
         assert "commit" not in out.result
-    assert git_out(data_dir.repo, "rev-parse", "main") == head
+    assert rev_parse(data_dir.repo) == head
 
 
 @pytest.mark.parametrize(
@@ -123,26 +137,26 @@ def test_no_ops_make_no_commit(
 ) -> None:
     mail_store.execute("add-user", PROJECT_A, {"email": "gone@example.com", "password": PASSWORD})
     mail_store.execute("remove-user", PROJECT_A, {"email": "gone@example.com"})
-    head = git_out(data_dir.repo, "rev-parse", "main")
+    head = rev_parse(data_dir.repo)
     out = mail_store.execute(op, actor, data)
     assert out.result["commit"] is None
-    assert git_out(data_dir.repo, "rev-parse", "main") == head
+    assert rev_parse(data_dir.repo) == head
     # and once more: still nothing
     assert mail_store.execute(op, actor, data).result["commit"] is None
-    assert git_out(data_dir.repo, "rev-parse", "main") == head
+    assert rev_parse(data_dir.repo) == head
 
 
 def test_more_no_ops(data_dir: DataDir, store: Store) -> None:
     store.execute("add-domain", ADMIN, {"domain": "admin.example"})
     store.execute("disable-email", ADMIN, {"domain": "admin.example"})
-    head = git_out(data_dir.repo, "rev-parse", "main")
+    head = rev_parse(data_dir.repo)
     assert store.execute("disable-email", ADMIN, {"domain": "admin.example"}).result["commit"] is None
     assert store.execute("unlink-domain", ADMIN, {"domain": "admin.example"}).result["commit"] is None
-    assert git_out(data_dir.repo, "rev-parse", "main") == head
+    assert rev_parse(data_dir.repo) == head
 
 
 def test_failed_writes_make_no_commit(data_dir: DataDir, mail_store: Store) -> None:
-    head = git_out(data_dir.repo, "rev-parse", "main")
+    head = rev_parse(data_dir.repo)
     snap = snapshot_view(mail_store)
     failures: list[tuple[str, Actor, Any]] = [
         ("add-user", PROJECT_A, {"email": "info@example.com", "password": PASSWORD}),  # conflict
@@ -157,7 +171,7 @@ def test_failed_writes_make_no_commit(data_dir: DataDir, mail_store: Store) -> N
     for op, actor, data in failures:
         with pytest.raises(MailstateError):
             mail_store.execute(op, actor, data)
-    assert git_out(data_dir.repo, "rev-parse", "main") == head
+    assert rev_parse(data_dir.repo) == head
     assert snapshot_view(mail_store) == snap
 
 
@@ -165,7 +179,7 @@ def test_failed_writes_make_no_commit(data_dir: DataDir, mail_store: Store) -> N
 def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc: Exception) -> None:
     good = open_store(data_dir.root, clock=FakeClock())
     good.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": A})
-    head = git_out(data_dir.repo, "rev-parse", "main").strip()
+    head = rev_parse(data_dir.repo)
     count = commit_count(data_dir.repo)
     signer = RaisingSigner(exc)
     bad = open_store(data_dir.root, signer=signer, clock=FakeClock())
@@ -179,7 +193,7 @@ def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc
             bad.execute(op, actor, data)
         assert info.value.code == "store_error"
     assert signer.calls == 3
-    assert git_out(data_dir.repo, "rev-parse", "main").strip() == head
+    assert rev_parse(data_dir.repo) == head
     assert commit_count(data_dir.repo) == count
     assert snapshot_view(bad) == before
     assert bad.execute("list-domains", PROJECT_A, {}).result == {
@@ -189,7 +203,7 @@ def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc
     # the same store works again once its signer does; the new commit's parent is the old head
     bad.signer = Ed25519Signer(data_dir.key)
     sha = bad.execute("enable-email", PROJECT_A, {"domain": "example.com"}).result["commit"]
-    assert git_out(data_dir.repo, "rev-parse", f"{sha}^").strip() == head
+    assert rev_parse(data_dir.repo, f"{sha}^") == head
     assert verify_commit(data_dir).returncode == 0
 
 
@@ -200,8 +214,8 @@ def test_branch_moved_underneath_is_rerun_on_top(data_dir: DataDir) -> None:
     second = open_store(data_dir.root, clock=FakeClock())
     winner = second.execute("add-domain", ADMIN, {"domain": "second.example"}).result["commit"]
     mine = first.execute("add-domain", ADMIN, {"domain": "first.example"}).result["commit"]
-    assert git_out(data_dir.repo, "rev-parse", "main").strip() == mine
-    assert git_out(data_dir.repo, "rev-parse", "main^").strip() == winner
+    assert rev_parse(data_dir.repo) == mine
+    assert rev_parse(data_dir.repo, "main^") == winner
     assert {"first.example", "second.example"} <= set(open_store(data_dir.root).snapshot.domains)
 
 
@@ -325,7 +339,7 @@ def test_check_commit_catches_a_tampered_rendered_file(data_dir: DataDir, mail_s
 
 
 def test_rendered_files_follow_the_domain(data_dir: DataDir, mail_store: Store) -> None:
-    listing = git_out(data_dir.repo, "ls-tree", "-r", "--name-only", "main").split()
+    listing = tree_paths(data_dir.repo)
     assert sorted(listing) == [
         "domains/ex/example.com.yaml",
         "mailstate.yaml",
@@ -339,7 +353,7 @@ def test_rendered_files_follow_the_domain(data_dir: DataDir, mail_store: Store) 
     ]
     # one write changes only the touched domain's files
     mail_store.execute("add-domain", ADMIN, {"domain": "other.org"})
-    changed = git_out(data_dir.repo, "diff", "--name-only", "main~1", "main").split()
+    changed = changed_paths(data_dir.repo, "main~1", "main")
     assert changed == [
         "domains/ot/other.org.yaml",
         "rendered/domains/ot/other.org/mailboxes",
@@ -365,7 +379,7 @@ def test_restart_sees_the_same_state(data_dir: DataDir, store: Store) -> None:
     assert snapshot_view(without_cache) == expected
     # a restarted store keeps working from where the old one stopped
     out = with_cache.execute("add-user", PROJECT_A, {"email": "after@example.com", "password": PASSWORD})
-    assert git_out(data_dir.repo, "rev-parse", f"{out.result['commit']}^").strip() == expected[0]
+    assert rev_parse(data_dir.repo, f"{out.result['commit']}^") == expected[0]
     assert with_cache.execute("list-users", PROJECT_A, {}).result["users"][0]["email"] == "after@example.com"
 
 

@@ -28,7 +28,20 @@ from mailstate.state.signing import Ed25519Signer
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.store import Store
 from mailstate.state.upgrade import upgrade_data_dir, upgrade_store
-from tests.conftest import ADMIN, PASSWORD, PROJECT_A, FakeClock, commit_count, git_out, verify_commit
+from tests.helpers.common import (
+    ADMIN,
+    PASSWORD,
+    PROJECT_A,
+    FakeClock,
+    commit_count,
+    commit_message,
+    git_out,
+    make_key,
+    read_file,
+    rev_parse,
+    tree_paths,
+    verify_commit,
+)
 
 ID = re.compile(r"^[0-9]{8}-[0-9a-f]{6}$")
 OLD_SETTINGS = b"format: 1\nmail_root: /var/vmail\nuid: 5000\ngid: 5000\ndefault_quota_mb: 1024\nbcrypt_cost: 4\n"
@@ -36,8 +49,8 @@ OLD_SETTINGS = b"format: 1\nmail_root: /var/vmail\nuid: 5000\ngid: 5000\ndefault
 
 def format1_data_dir(root: Path) -> DataDir:
     """A data dir as the format-1 code left it, with active, soft-deleted and unusual mailboxes."""
-    dd = init_data_dir(root, Settings(format=1, bcrypt_cost=4), clock=FakeClock())
-    assert git_out(dd.repo, "show", "main:mailstate.yaml").encode() == OLD_SETTINGS  # the old file, byte for byte
+    dd = init_data_dir(root, Settings(format=1, bcrypt_cost=4), clock=FakeClock(), keygen=make_key)
+    assert read_file(dd.repo, "mailstate.yaml").encode() == OLD_SETTINGS  # the old file, byte for byte
     # A Store opened directly does not upgrade (open_store does): this is the old server at work.
     store = Store(dd.repo, Ed25519Signer(dd.key), clock=FakeClock(), cache_path=None)
     store.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": PROJECT_A.project_id})
@@ -50,7 +63,7 @@ def format1_data_dir(root: Path) -> DataDir:
     store.execute("add-node", ADMIN, {"name": "mpi01"})
     assert store.snapshot.settings.format == 1
     assert all(box.id is None for dom in store.snapshot.domains.values() for box in dom.mailboxes.values())
-    assert git_out(dd.repo, "ls-tree", "-r", "--name-only", "main", "rendered").split() == [
+    assert tree_paths(dd.repo, "main", "rendered") == [
         f"rendered/domains/{b}/{d}/{f}"
         for b, d in (("em", "empty.org"), ("ex", "example.com"))
         for f in ("passwd", "virtual_mailbox_domains", "virtual_mailbox_maps")
@@ -64,7 +77,7 @@ def checked_out(dd: DataDir, dest: Path) -> Path:
 
 
 def mailboxes_at(dd: DataDir, rev: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(git_out(dd.repo, "show", f"{rev}:domains/ex/example.com.yaml"))
+    doc: dict[str, Any] = yaml.safe_load(read_file(dd.repo, "domains/ex/example.com.yaml", f"{rev}"))
     return dict(doc["mailboxes"])
 
 
@@ -74,7 +87,7 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
     dd = format1_data_dir(tmp_path / "data")
     before_count = commit_count(dd.repo)
     before = mailboxes_at(dd, "main")
-    old_passwd = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/passwd")
+    old_passwd = read_file(dd.repo, "rendered/domains/ex/example.com/passwd")
     # `mailstate check` passes on the format-1 state
     assert main(["check", str(checked_out(dd, tmp_path / "before"))]) == 0
 
@@ -88,7 +101,7 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
         "upgrade format 2",
         "upgrade",
     ]
-    settings = files.parse_settings(git_out(dd.repo, "show", "main:mailstate.yaml"))
+    settings = files.parse_settings(read_file(dd.repo, "mailstate.yaml"))
     assert (settings.format, settings.purge_after_days, settings.bcrypt_cost) == (2, 7, 4)
 
     after = mailboxes_at(dd, "main")
@@ -101,7 +114,7 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
     assert after["gone"]["active"] is False  # a soft-deleted mailbox keeps its identity and mail
 
     # passwd: the same lines, but each home now carries the mailbox's id
-    new_passwd = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/passwd")
+    new_passwd = read_file(dd.repo, "rendered/domains/ex/example.com/passwd")
     expected = "".join(
         line.replace(f"/var/vmail/example.com/{local}::", f"/var/vmail/example.com/{local}~{after[local]['id']}::")
         + "\n"
@@ -109,22 +122,22 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
         for local in [line.split("@", 1)[0]]
     )
     assert new_passwd == expected
-    maps = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/virtual_mailbox_maps")
+    maps = read_file(dd.repo, "rendered/domains/ex/example.com/virtual_mailbox_maps")
     assert f"info@example.com example.com/info~{after['info']['id']}/\n" in maps
-    listing = git_out(dd.repo, "show", "main:rendered/domains/ex/example.com/mailboxes")
+    listing = read_file(dd.repo, "rendered/domains/ex/example.com/mailboxes")
     assert listing == "".join(
         f"{local} {after[local]['id']} {'active' if after[local]['active'] else 'inactive'}\n"
         for local in sorted(after)
     )
-    assert git_out(dd.repo, "show", "main:rendered/domains/em/empty.org/mailboxes") == ""
-    assert git_out(dd.repo, "show", "main:rendered/settings") == "format 2\npurge_after_days 7\n"
+    assert read_file(dd.repo, "rendered/domains/em/empty.org/mailboxes") == ""
+    assert read_file(dd.repo, "rendered/settings") == "format 2\npurge_after_days 7\n"
     assert "rendered/domains/of" not in git_out(
         dd.repo, "ls-tree", "-r", "--name-only", "main"
     )  # disabled: still nothing
 
     # `mailstate check` passes after, on a checkout and on the commit
     assert main(["check", str(checked_out(dd, tmp_path / "after"))]) == 0
-    assert check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) == []
+    assert check_commit(GitRepo(dd.repo), rev_parse(dd.repo)) == []
 
     # idempotent: nothing more to do, no commit, by the command or by opening the store
     capsys.readouterr()
@@ -210,9 +223,9 @@ def test_hand_edited_comments_survive_the_upgrade(tmp_path: Path) -> None:
     subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "HEAD:main"], check=True)
     # The admin's commit is unsigned; a store without trusted signers (as in a test repo) takes it.
     old = Store(dd.repo, Ed25519Signer(dd.key), cache_path=None)
-    assert old.snapshot.commit == git_out(dd.repo, "rev-parse", "main").strip()
+    assert old.snapshot.commit == rev_parse(dd.repo)
     upgrade_store(old)
-    text = git_out(dd.repo, "show", "main:domains/ex/example.com.yaml")
+    text = read_file(dd.repo, "domains/ex/example.com.yaml")
     assert text.startswith("# ACME's domain, ticket OPS-7\n")
     assert all(ID.fullmatch(box["id"]) for box in yaml.safe_load(text)["mailboxes"].values())
 
@@ -275,7 +288,7 @@ def test_a_store_refuses_an_incoming_commit_that_drops_an_id(
     from mailstate.state.sync import validate_incoming
 
     path = "domains/ex/example.com.yaml"
-    text = git_out(data_dir.repo, "show", f"main:{path}")
+    text = read_file(data_dir.repo, path)
     broken = re.sub(r"    id: [0-9a-f-]+\n", "", text).encode()
     change = {path: broken}
     tree = mail_store.git.build_tree(mail_store.head, change)
@@ -313,13 +326,13 @@ def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_pa
     a_old.execute("add-user", PROJECT_A, {"email": "info@example.com", "password": PASSWORD})
     b_old = old_server(b)  # joins the fleet
     assert b_old.snapshot.domains["example.com"].mailboxes["info"].id is None
-    count = int(git_out(up, "rev-list", "--count", "main").strip())
+    count = commit_count(up)
 
     a_new = open_store(a.root, upstream=str(up))  # restart with the new code: upgrade, pushed
     assert a_new.snapshot.settings.format == 2
-    assert int(git_out(up, "rev-list", "--count", "main").strip()) == count + 1
-    tip = git_out(up, "rev-parse", "main").strip()
-    assert a_new.head == tip and git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
+    assert commit_count(up) == count + 1
+    tip = rev_parse(up)
+    assert a_new.head == tip and commit_message(up).splitlines()[0] == "upgrade format 2"
     verified = subprocess.run(
         ["git", "-C", str(up), "-c", f"gpg.ssh.allowedSignersFile={a.allowed_signers}", "verify-commit", tip],
         capture_output=True,
@@ -334,7 +347,7 @@ def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_pa
         == a_new.snapshot.domains["example.com"].mailboxes["info"].id
     )
     b_new = open_store(b.root, upstream=str(up))
-    assert b_new.head == tip and int(git_out(up, "rev-list", "--count", "main").strip()) == count + 1
+    assert b_new.head == tip and commit_count(up) == count + 1
 
 
 def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Path) -> None:
@@ -349,7 +362,7 @@ def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Pat
     subprocess.run(["git", "-C", str(dd.repo), "push", "-q", str(up), "main"], check=True)
     up_again = open_store(dd.root, upstream=str(up))
     assert up_again.snapshot.settings.format == 2
-    assert git_out(up, "log", "-1", "--format=%s", "main").strip() == "upgrade format 2"
+    assert commit_message(up).splitlines()[0] == "upgrade format 2"
 
 
 def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed_commit(
@@ -358,7 +371,7 @@ def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed
     """A format-2 data dir whose commits predate sender_login_maps (the fragments removed by a
     signed commit, as the old code left it): `mailstate upgrade` adds every fragment in one
     signed commit, touches no domain file, and a second run does nothing."""
-    dd = init_data_dir(tmp_path / "data", Settings(bcrypt_cost=4), clock=FakeClock())
+    dd = init_data_dir(tmp_path / "data", Settings(bcrypt_cost=4), clock=FakeClock(), keygen=make_key)
     store = Store(dd.repo, Ed25519Signer(dd.key), clock=FakeClock(), cache_path=None)
     for name, project in (("example.com", PROJECT_A.project_id), ("old.example", PROJECT_A.project_id)):
         store.execute("link-domain", ADMIN, {"domain": name, "project_id": project})
@@ -367,7 +380,7 @@ def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed
     store.execute("add-alias", PROJECT_A, {"address": "sales@example.com", "destinations": ["info@example.com"]})
     store.execute("add-alias-domain", PROJECT_A, {"domain": "old.example", "target": "example.com"})
     path = "rendered/domains/ex/example.com/sender_login_maps"
-    assert git_out(dd.repo, "show", f"main:{path}") == (
+    assert read_file(dd.repo, path) == (
         "info@example.com info@example.com\ninfo@old.example info@example.com\n"
         "sales@example.com info@example.com\nsales@old.example info@example.com\n"
     )
@@ -393,16 +406,14 @@ def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed
     subprocess.run(["git", "-C", str(dd.repo), "update-ref", "-d", STATEMENT_REF], check=True)
     before = commit_count(dd.repo)
     old_tree = git_out(dd.repo, "ls-tree", "-r", "main", "domains")
-    assert (
-        check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) != []
-    )  # stale: the fragment is missing
+    assert check_commit(GitRepo(dd.repo), rev_parse(dd.repo)) != []  # stale: the fragment is missing
 
     assert main(["upgrade", "--data", str(dd.root)]) == 0
     assert "rendered the sender_login_maps fragments (format 2) in one signed commit" in capsys.readouterr().out
     assert commit_count(dd.repo) == before + 1
     assert verify_commit(dd).returncode == 0
     assert git_out(dd.repo, "ls-tree", "-r", "main", "domains") == old_tree  # no domain file changed
-    assert git_out(dd.repo, "show", f"main:{path}").startswith("info@example.com info@example.com\n")
-    assert check_commit(GitRepo(dd.repo), git_out(dd.repo, "rev-parse", "main").strip()) == []
+    assert read_file(dd.repo, path).startswith("info@example.com info@example.com\n")
+    assert check_commit(GitRepo(dd.repo), rev_parse(dd.repo)) == []
     assert main(["upgrade", "--data", str(dd.root)]) == 0
     assert "nothing to do" in capsys.readouterr().out and commit_count(dd.repo) == before + 1

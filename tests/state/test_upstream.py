@@ -20,7 +20,7 @@ from mailstate.state.models import Settings
 from mailstate.state.ops import hash_password
 from mailstate.state.signing import allowed_signers_line, generate_key
 from mailstate.state.store import Store
-from tests.conftest import ADMIN, PROJECT_A, FakeClock, git_out
+from tests.helpers.common import ADMIN, PROJECT_A, FakeClock, git_out
 
 PASSWORD = "correct horse battery"
 
