@@ -26,7 +26,7 @@ from mailstate.state.store import Store  # noqa: E402
 from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock, make_key  # noqa: E402
 from tests.helpers.mailnode import AGENT_DIR, PIPULL_MODULES, pi_pull_script  # noqa: E402
 
-pytest_plugins = ["tests.helpers.mailnode", "tests.helpers.githost"]
+pytest_plugins = ["pytester", "tests.helpers.spawnwatch", "tests.helpers.mailnode", "tests.helpers.githost"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,16 @@
 """The test suite's own rules (tests/README.md): no test module imports another test module, a
-conftest or a fixture."""
+conftest or a fixture; and a test that starts a process without the e2e marker fails."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
 from pathlib import Path
+
+import pytest
+
+from tests.helpers.spawnwatch import SpawnWatch
 
 TESTS = Path(__file__).resolve().parent
 
@@ -86,3 +91,41 @@ def test_the_rule_sees_every_form_of_importing_a_test_module() -> None:
         "tests.conftest",
         "tests.e2e.test_githost",
     ]
+
+
+def test_the_spawn_watch_fails_an_armed_test_and_names_the_program() -> None:
+    watch = SpawnWatch()
+    watch("subprocess.Popen", ("git", ["git", "-C", "/repo", "status"], None, None))
+    watch.check("the test")  # not armed: an e2e test may start anything
+    watch.armed = "tests/state/test_x.py::test_y"
+    watch("open", ("/etc/hosts", "r", 0))
+    watch.check("the test")  # no process: fine
+    watch("subprocess.Popen", ("git", ["git", "-C", "/repo", "status"], None, None))
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)test_y started 1 process.*git -C /repo status"):
+        watch.check("the test")
+
+
+@pytest.mark.e2e
+def test_a_process_started_by_an_unmarked_test_fails_it(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nmarkers =\n    e2e: end to end\n")
+    pytester.makepyfile(
+        test_spawns="""
+        import subprocess
+
+        import pytest
+
+        def test_unmarked():
+            subprocess.run(["true"], check=True)
+
+        @pytest.mark.e2e
+        def test_marked():
+            subprocess.run(["true"], check=True)
+
+        def test_no_process():
+            assert True
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "tests.helpers.spawnwatch")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_unmarked started 1 process(es) in the test but is not marked e2e*"])
+    assert subprocess.run(["true"]).returncode == 0  # and this e2e test itself may start one

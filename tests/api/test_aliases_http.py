@@ -14,6 +14,8 @@ from mailstate.state.ops import OPERATIONS
 from tests.helpers.mcp import http_session
 from tests.helpers.server import LiveServer, assert_error, live_server
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 

@@ -79,6 +79,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"mailstate {version('mailstate')}"
 
 
+@pytest.mark.e2e
 def test_serve_logs_json_lines(tmp_path: Path) -> None:
     from tests.helpers.server import LiveServer
 
@@ -105,6 +106,7 @@ def test_serve_logs_json_lines(tmp_path: Path) -> None:
     assert env_srv.returncode == 2 and "log format must be one of text, json" in env_srv.stderr
 
 
+@pytest.mark.e2e
 def test_console_script_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "mailstate.api.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
@@ -120,6 +122,7 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 # --- init ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_init_creates_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
     code = main(
@@ -176,6 +179,7 @@ def test_init_creates_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[s
         db.close()
 
 
+@pytest.mark.e2e
 def test_init_without_a_token_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
     assert main(["init", "--data", str(root), "--bcrypt-cost", "4", "--no-token"]) == 0
@@ -188,6 +192,7 @@ def test_init_without_a_token_says_how_to_make_one(tmp_path: Path, capsys: pytes
         db.close()
 
 
+@pytest.mark.e2e
 def test_init_refuses_a_used_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
     assert main(["init", "--data", str(root), "--bcrypt-cost", "4"]) == 0
@@ -350,6 +355,7 @@ def test_token_create_needs_a_role_and_a_data_dir(
 # --- call ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_call_runs_operations_and_maps_errors(data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
     d = str(data_dir.root)
     assert main(["call", "--data", d, "link-domain", "domain=example.com", "project_id=7"]) == 0
@@ -403,6 +409,7 @@ def test_compile_and_check_on_a_missing_checkout(tmp_path: Path, capsys: pytest.
     assert "mailstate.yaml: missing" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_check_a_checkout_of_a_real_state_repo(
     data_dir: DataDir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers.server import LiveServer, live_server
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 

@@ -63,6 +63,7 @@ def test_local_upstream_paths_are_made_absolute(
     assert local_git_url(url) == (str(absolute(url)) if absolute_path else url)
 
 
+@pytest.mark.e2e
 def test_two_stores_on_a_relative_data_dir_keep_each_others_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,6 +80,7 @@ def test_two_stores_on_a_relative_data_dir_keep_each_others_writes(
     assert x.health()["status"] == "ok"
 
 
+@pytest.mark.e2e
 def test_a_relative_upstream_path_is_the_one_next_to_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", "up.git"], check=True)
@@ -156,6 +158,7 @@ def _admin_push(srv: LiveServer, work: Path, key: Path) -> str:
     return run("git", "rev-parse", "HEAD").strip()
 
 
+@pytest.mark.e2e
 def test_the_readme_session_with_a_relative_data_dir_keeps_every_write(tmp_path: Path) -> None:
     srv = LiveServer(tmp_path)
     srv.data_arg, srv.cwd = "./data", tmp_path  # exactly `mailstate serve --data ./data`

@@ -18,6 +18,8 @@ from mailstate.state import dns
 from mailstate.state.models import DnsSettings
 from tests.helpers.server import LiveServer
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 
 

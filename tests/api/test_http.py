@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers.server import LiveServer, assert_error, live_server
 
+pytestmark = pytest.mark.e2e
+
 PASSWORD = "correct horse battery"
 SHA = re.compile(r"^[0-9a-f]{40}$")
 API = "/v1/email-account"

@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers.mcp import http_session
 from tests.helpers.server import LiveServer, assert_error, live_server
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 

@@ -21,6 +21,8 @@ from mailstate.state.store import Store
 from tests.helpers.common import ADMIN
 from tests.helpers.server import LiveServer, assert_error, live_server
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 WAIT = "/v1/nodes/wait"
 

@@ -61,6 +61,7 @@ def basic(name: str, key: str) -> dict[str, str]:
 # --- reports ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_report_is_recorded_and_listed(nodes: Nodes) -> None:
     srv = nodes.srv
     before = srv.commit_count()
@@ -81,6 +82,7 @@ def test_report_is_recorded_and_listed(nodes: Nodes) -> None:
     assert nodes.status("mpi02")["commits_behind"] == 1
 
 
+@pytest.mark.e2e
 def test_report_with_credentials_in_the_body(nodes: Nodes) -> None:
     body = {"name": "mpi02", "sync_key": nodes.key, "applied_commit": None, "status": "error", "error": "fetch failed"}
     r = httpx.post(f"{nodes.srv.url}{REPORT}", json=body)
@@ -94,6 +96,7 @@ def test_report_with_credentials_in_the_body(nodes: Nodes) -> None:
     )
 
 
+@pytest.mark.e2e
 def test_report_like_pi_pull_sends_it(nodes: Nodes) -> None:
     """pi-pull sends Basic AND name/sync_key in the body."""
     head = nodes.head()
@@ -105,6 +108,7 @@ def test_report_like_pi_pull_sends_it(nodes: Nodes) -> None:
     assert nodes.status("mpi02")["status"] == "refused"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "headers_body",
     [
@@ -138,6 +142,7 @@ def test_report_401(nodes: Nodes, headers_body: tuple[object, dict[str, object]]
     assert nodes.status("mpi02") == before
 
 
+@pytest.mark.e2e
 def test_report_from_an_address_off_the_whitelist_is_refused(nodes: Nodes) -> None:
     url = f"{nodes.srv.url}{REPORT}"
     r = httpx.post(url, json={"status": "ok"}, headers=basic("locked", nodes.locked_key))
@@ -151,6 +156,7 @@ def test_report_from_an_address_off_the_whitelist_is_refused(nodes: Nodes) -> No
     assert st["last_sync_at"] is None and st["status"] == "never_synced"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -170,6 +176,7 @@ def test_report_with_an_invalid_body_is_400(nodes: Nodes, body: dict[str, object
     assert nodes.status("mpi02") == before
 
 
+@pytest.mark.e2e
 def test_report_malformed_json_is_400(nodes: Nodes) -> None:
     r = httpx.post(
         f"{nodes.srv.url}{REPORT}",
@@ -179,6 +186,7 @@ def test_report_malformed_json_is_400(nodes: Nodes) -> None:
     assert_error(r, 400, "invalid_request")
 
 
+@pytest.mark.e2e
 def test_a_long_error_is_cut_not_refused(nodes: Nodes) -> None:
     r = httpx.post(
         f"{nodes.srv.url}{REPORT}", json={"status": "error", "error": "x" * 5000}, headers=basic("mpi02", nodes.key)
@@ -187,6 +195,7 @@ def test_a_long_error_is_cut_not_refused(nodes: Nodes) -> None:
     assert len(str(nodes.status("mpi02")["error"])) == MAX_ERROR_CHARS
 
 
+@pytest.mark.e2e
 def test_rotated_and_removed_keys_stop_working(nodes: Nodes) -> None:
     admin, url = nodes.admin, f"{nodes.srv.url}{REPORT}"
     old = admin.post(f"{API}/add-node", json={"name": "rotor"}).json()["sync_key"]
@@ -241,6 +250,7 @@ def wait_stated(nodes: Nodes) -> str:
     return head
 
 
+@pytest.mark.e2e
 def test_git_fetch_with_the_key_in_the_url(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://mpi02:{nodes.key}@127.0.0.1:{srv.port}/v1/nodes/state.git"
@@ -251,6 +261,7 @@ def test_git_fetch_with_the_key_in_the_url(nodes: Nodes, tmp_path: Path) -> None
     assert git(srv, "-C", str(repo), "cat-file", "-e", f"{nodes.head()}:mailstate.yaml").returncode == 0
 
 
+@pytest.mark.e2e
 def test_git_fetch_the_way_the_node_does(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
@@ -279,6 +290,7 @@ def test_git_fetch_the_way_the_node_does(nodes: Nodes, tmp_path: Path) -> None:
         assert proc.returncode != 0, ref
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("who", ["no-key", "wrong-key", "unknown-node", "off-whitelist"])
 def test_git_fetch_refused(nodes: Nodes, tmp_path: Path, who: str) -> None:
     srv = nodes.srv
@@ -297,6 +309,7 @@ def test_git_fetch_refused(nodes: Nodes, tmp_path: Path, who: str) -> None:
     assert any(e in proc.stderr for e in ((expected,) if isinstance(expected, str) else expected)), proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["0", "2"])
 def test_only_the_statement_is_advertised(nodes: Nodes, protocol: str) -> None:
     srv = nodes.srv
@@ -308,6 +321,7 @@ def test_only_the_statement_is_advertised(nodes: Nodes, protocol: str) -> None:
     assert refs == [STATEMENT, STATEMENT + "^{}"]
 
 
+@pytest.mark.e2e
 def test_git_push_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     srv = nodes.srv
     url = f"http://127.0.0.1:{srv.port}/v1/nodes/state.git"
@@ -335,6 +349,7 @@ def test_git_push_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     assert nodes.head() == before
 
 
+@pytest.mark.e2e
 def test_git_endpoint_serves_only_upload_pack(nodes: Nodes) -> None:
     base = f"{nodes.srv.url}/v1/nodes/state.git"
     auth = basic("mpi02", nodes.key)

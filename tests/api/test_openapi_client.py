@@ -20,6 +20,8 @@ from mailstate.state.ops import OPERATIONS
 from tests.helpers.openapi import call_endpoint, client_module
 from tests.helpers.server import LiveServer, live_server
 
+pytestmark = pytest.mark.e2e
+
 PASSWORD = "correct horse battery"
 
 

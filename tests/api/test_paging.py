@@ -26,6 +26,8 @@ from tests.helpers.mcp import body_of, http_session
 from tests.helpers.openapi import call_endpoint, client_module
 from tests.helpers.server import LiveServer, assert_error, live_server
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 _projects = itertools.count(1000)
 

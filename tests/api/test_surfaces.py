@@ -134,6 +134,7 @@ def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
     assert "linked_not_enabled" in text["email_account_list_domains"]
 
 
+@pytest.mark.e2e
 def test_every_operation_answers_on_its_route_and_method_only(world: World) -> None:
     for op in OPERATIONS.values():
         right = world.c.request(op.method, f"{API}/{op.name}")
@@ -304,6 +305,7 @@ def _expect_refused(name: str, body: dict[str, Any]) -> str | None:
     return None
 
 
+@pytest.mark.e2e
 def test_project_isolation_over_every_http_endpoint(world: World) -> None:
     before = world.b_view()
     for name, bodies in ATTACKS.items():
@@ -321,6 +323,7 @@ def test_project_isolation_over_every_http_endpoint(world: World) -> None:
     assert world.b_view() == before
 
 
+@pytest.mark.e2e
 def test_foreign_and_absent_look_the_same(world: World) -> None:
     """A 404 for another project's domain says exactly what a 404 for a domain that does not exist says."""
     pairs = [
@@ -342,6 +345,7 @@ def test_foreign_and_absent_look_the_same(world: World) -> None:
         assert norm[0] == norm[1], (name, norm)
 
 
+@pytest.mark.e2e
 def test_project_isolation_over_every_mcp_tool(world: World) -> None:
     before = world.b_view()
 
@@ -375,6 +379,7 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
     assert world.b_view() == before
 
 
+@pytest.mark.e2e
 def test_admin_endpoints_are_admin_only(world: World) -> None:
     admin_ops = {n for n, op in OPERATIONS.items() if op.admin}
     assert admin_ops == SPEC_ADMIN | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
@@ -423,6 +428,7 @@ FIELD_VALUES = st.one_of(
 BODIES = st.one_of(JSON, st.dictionaries(FIELDS, FIELD_VALUES, max_size=4))
 
 
+@pytest.mark.e2e
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
@@ -448,6 +454,7 @@ def test_no_input_makes_a_5xx(world: World, name: str, body: Any, who: str) -> N
             assert body["password"] not in err["message"]
 
 
+@pytest.mark.e2e
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     path=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"), max_size=40),
@@ -467,6 +474,7 @@ def test_no_path_makes_a_5xx(world: World, path: str, method: str) -> None:
 # --- serve on an initialised dir -------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_serve_again_prints_no_token_and_keeps_state(tmp_path: Path) -> None:
     srv = LiveServer(tmp_path)
     srv.start()
@@ -487,6 +495,7 @@ def test_serve_again_prints_no_token_and_keeps_state(tmp_path: Path) -> None:
         srv.stop()
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_non_empty_directory_that_is_not_a_data_dir(tmp_path: Path) -> None:
     srv = LiveServer(tmp_path)
     srv.data.root.mkdir(parents=True)

@@ -15,6 +15,8 @@ from mailstate.state.signing import allowed_signers_line, generate_key
 from tests.helpers.admin import add_mailbox_edit
 from tests.helpers.server import LiveServer, assert_error
 
+pytestmark = pytest.mark.e2e
+
 PASSWORD = "correct horse battery"
 WRITES = 200
 

@@ -219,6 +219,7 @@ def test_project_ci_runs_the_ci_script() -> None:
     assert (ROOT / ".ci" / "run").exists()
 
 
+@pytest.mark.e2e
 def test_run_scripts_are_valid_bash() -> None:
     for path in workflow_files():
         for job in load(path.read_bytes())["jobs"].values():
@@ -264,6 +265,7 @@ def _run_state_check(repo: Path, tmp_path: Path, base_ref: str) -> str:
     return summary.read_text()
 
 
+@pytest.mark.e2e
 def test_state_check_steps_on_a_pull_request_and_a_push(mail_store: Store, data_dir: DataDir, tmp_path: Path) -> None:
     repo = tmp_path / "state"
     subprocess.run(["git", "clone", "-q", str(data_dir.repo), str(repo)], check=True)
@@ -298,6 +300,7 @@ def test_state_check_steps_on_a_pull_request_and_a_push(mail_store: Store, data_
         _run_state_check(repo, tmp_path, base_ref="main")
 
 
+@pytest.mark.e2e
 def test_state_check_on_the_first_commit(data_dir: DataDir, tmp_path: Path) -> None:
     repo = tmp_path / "state"
     subprocess.run(["git", "clone", "-q", str(data_dir.repo), str(repo)], check=True)

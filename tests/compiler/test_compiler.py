@@ -135,6 +135,7 @@ def test_render_is_deterministic_in_process() -> None:
     assert list(first) == sorted(first)
 
 
+@pytest.mark.e2e
 def test_render_is_deterministic_across_processes(tmp_path: Path) -> None:
     """Different hash seeds (set/dict iteration) must not change a byte."""
     outputs = []

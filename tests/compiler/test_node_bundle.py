@@ -115,6 +115,7 @@ def test_one_table_layout_on_request_and_for_types_postmap_cannot_update() -> No
         bundle(map_type="cdb", map_buckets=16)
 
 
+@pytest.mark.e2e
 def test_pi_pull_is_built_deterministically_from_the_package(tmp_path: Path, pi_pull: Path) -> None:
     """Same sources, same bytes (fixed timestamps/order); a changed source changes the file."""
     first = build_pi_pull(AGENT_DIR)
@@ -199,6 +200,7 @@ def test_templates_use_strict_undefined() -> None:
         render_template("postfix-main.cf.j2", root="/var/lib/pi-pull")
 
 
+@pytest.mark.e2e
 def test_dovecot_snippet_is_valid_dovecot_config(tmp_path: Path) -> None:
     require_binaries("doveconf")
     conf = tmp_path / "dovecot.conf"
@@ -212,6 +214,7 @@ def test_dovecot_snippet_is_valid_dovecot_config(tmp_path: Path) -> None:
     assert "port = 2424" in r.stdout
 
 
+@pytest.mark.e2e
 def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
     require_binaries("postconf")
     (tmp_path / "main.cf").write_text(
@@ -234,6 +237,7 @@ def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.e2e
 def test_dovecot_user_unknown_during_a_swap_is_a_retry_not_a_bounce(tmp_path: Path) -> None:
     """The snippet's lmtp_delivery_status_filter, through the real postconf and postmap: Dovecot's
     550 5.1.1 "User doesn't exist" (only ever the moment before it re-reads a swapped passwd-file)
@@ -269,6 +273,7 @@ def test_dovecot_user_unknown_during_a_swap_is_a_retry_not_a_bounce(tmp_path: Pa
     assert filtered("4.1.1 host 127.0.0.1[127.0.0.1] said: 451 4.3.0 Temporary internal error") is None
 
 
+@pytest.mark.e2e
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
@@ -285,6 +290,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert r.returncode == 0 and not complaints, r.stdout + r.stderr
 
 
+@pytest.mark.e2e
 def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     """main.cf + master.cf.mailstate through the real postconf (as `postconf -M -e` sets them),
     the Dovecot snippet through doveconf: TLS paths, SASL via Dovecot, no AUTH on port 25, the
@@ -356,6 +362,7 @@ def test_sending_options_refuse_bad_values() -> None:
     assert "smtpd_milters" not in no_milter and "ORIGINATING" in no_milter
 
 
+@pytest.mark.e2e
 def test_bundle_ships_opendkim_conf_that_opendkim_accepts_and_turns_on_dkim(tmp_path: Path) -> None:
     """The DKIM signer: opendkim.conf checked by the real `opendkim -n`; pi-pull.ini's [dkim] is on."""
     import json

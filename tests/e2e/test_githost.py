@@ -48,6 +48,8 @@ from tests.helpers.githost import GitHost
 from tests.helpers.mailnode import MailNode, pi_pull_script, run_pi_pull
 from tests.helpers.server import LiveServer, assert_error
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 EXIT_OK, EXIT_STALE = 0, 5
 MAX_STALENESS = 4  # seconds; the servers here re-sign every 0.5 s

@@ -41,6 +41,8 @@ from tests.helpers.fleet import provision_node, start_server_for
 from tests.helpers.mailnode import MailNode, run_pi_pull
 from tests.helpers.server import LiveServer
 
+pytestmark = pytest.mark.e2e
+
 EXIT_OK = 0
 P1, P2 = "first password", "second password"
 DAY = 86400.0

@@ -25,6 +25,8 @@ import pytest
 
 from tests.helpers.server import clean_env, free_port
 
+pytestmark = pytest.mark.e2e
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _SKIP_COPY = shutil.ignore_patterns(
     ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "data", "out"

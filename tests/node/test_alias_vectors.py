@@ -31,6 +31,7 @@ def test_the_node_validator_agrees_with_the_table(pipull: Any) -> None:
             pipull.aliasmap.check_bytes("example.com", text_of(vec).encode("utf-8"))
 
 
+@pytest.mark.e2e
 def test_every_hostile_fragment_is_refused_by_pi_pull(tmp_path: Path) -> None:
     repo, node = node_repo(tmp_path, 2)
     repo.set_mailbox("info@example.com", password_hash=HASH)
@@ -58,6 +59,7 @@ def test_every_hostile_fragment_is_refused_by_pi_pull(tmp_path: Path) -> None:
     assert (node.root / "current/postfix/virtual_alias_maps.db").exists()
 
 
+@pytest.mark.e2e
 def test_every_hostile_fragment_is_refused_by_the_server(mail_store: Any, data_dir: Any, tmp_path: Path) -> None:
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(data_dir.repo), str(work)], check=True)

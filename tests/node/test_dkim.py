@@ -17,6 +17,8 @@ from typing import Any
 import dkim
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 MESSAGE = b"From: anna@one.example\r\nTo: x@ext.example\r\nSubject: hi\r\n\r\nhello\r\n"
 
 

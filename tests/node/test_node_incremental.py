@@ -32,6 +32,8 @@ from tests.helpers.mailnode import (
     write_allowed_signers,
 )
 
+pytestmark = pytest.mark.e2e
+
 EXIT_OK, EXIT_ERROR = 0, 1
 MAPS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps")
 HASH = "{BLF-CRYPT}$2b$04$" + "a" * 53

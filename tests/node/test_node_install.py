@@ -36,6 +36,8 @@ from tests.helpers.mailnode import (
     write_allowed_signers,
 )
 
+pytestmark = pytest.mark.e2e
+
 SYNC_KEY = "sk-node-install-8c1f0e5b2d7a4e96b3a1f0c2d4e6a8b0"
 SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'
 MAIL_UID = MAIL_GID = 5000

@@ -37,7 +37,7 @@ from tests.helpers.pipull import Setup, snapshot, two_domains
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4
 
-pytestmark = pytest.mark.usefixtures("isolated_env")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_env")]
 
 
 # --------------------------------------------------------------------------- HTTP stand-ins

@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def test_files_have_their_content_mode_and_group(pipull: ModuleType, tmp_path: Path) -> None:
     gid = os.getegid()

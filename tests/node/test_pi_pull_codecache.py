@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the code cache is for root runs")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(os.geteuid() != 0, reason="the code cache is for root runs")]
 
 POISON = 'import sys\nprint("POISONED")\nsys.exit(0)\n'
 

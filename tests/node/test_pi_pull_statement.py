@@ -30,7 +30,7 @@ from tests.helpers.pipull import Setup, snapshot, two_domains
 
 EXIT_OK, EXIT_REFUSED = 0, 3
 
-pytestmark = pytest.mark.usefixtures("isolated_env")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_env")]
 MiB = 1024 * 1024
 
 

@@ -50,6 +50,7 @@ def test_claims_need_the_alias_domain(pipull: Any) -> None:
         pipull.sendermap.check_claims({"example.com": check, "old.example": own}, {"old.example": "example.com"})
 
 
+@pytest.mark.e2e
 def test_every_hostile_fragment_is_refused_by_pi_pull(tmp_path: Path) -> None:
     repo, node = node_repo(tmp_path, 2)
     repo.set_mailbox("info@example.com", password_hash=HASH)
@@ -73,6 +74,7 @@ def test_every_hostile_fragment_is_refused_by_pi_pull(tmp_path: Path) -> None:
     assert (node.root / "current/postfix/sender_login_maps.db").exists()
 
 
+@pytest.mark.e2e
 def test_every_hostile_fragment_is_refused_by_the_server(mail_store: Any, data_dir: Any, tmp_path: Path) -> None:
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(data_dir.repo), str(work)], check=True)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailstate.state.chain import range_problems
 from mailstate.state.keyrotation import endorsement_payload, sign_endorsement
 from mailstate.state.signing import Ed25519Signer
@@ -20,6 +22,8 @@ from mailstate.state.statement import statement_payload
 from tests.helpers.common import PROJECT_A
 from tests.helpers.mailnode import SigningKey, git, make_signing_key
 from tests.helpers.pipull import Setup, two_domains
+
+pytestmark = pytest.mark.e2e
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_STALE = 0, 1, 3, 5
 

@@ -227,6 +227,7 @@ def test_usage_budget_s_is_read_from_the_config_and_must_be_positive(pipull: Mod
             pipull.config.load_config(str(ini))
 
 
+@pytest.mark.e2e
 def test_lifecycle_continues_a_pass_on_the_next_ticks_whatever_the_interval(
     pipull: ModuleType, env: Any, tmp_path: Path
 ) -> None:

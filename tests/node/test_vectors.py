@@ -53,6 +53,7 @@ def replace_line(path: Path, base: str, prefix: str, line: str) -> None:
 # --------------------------------------------------------------------------- the node
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_every_hostile_line_is_refused_by_pi_pull(tmp_path: Path, fmt: int) -> None:
     repo, node = node_repo(tmp_path, fmt)
@@ -87,6 +88,7 @@ def test_every_hostile_line_is_refused_by_pi_pull(tmp_path: Path, fmt: int) -> N
     assert json.loads((node.root / "state.json").read_text())["applied_commit"] == good
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_valid_vector_lines_are_what_pi_pull_applies(tmp_path: Path, fmt: int) -> None:
     repo, node = node_repo(tmp_path, fmt)
@@ -114,6 +116,7 @@ def test_valid_vector_lines_are_what_pi_pull_applies(tmp_path: Path, fmt: int) -
 # --------------------------------------------------------------------------- the server
 
 
+@pytest.mark.e2e
 def test_every_hostile_line_is_refused_by_the_server(mail_store: Any, data_dir: Any, tmp_path: Path) -> None:
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(data_dir.repo), str(work)], check=True)

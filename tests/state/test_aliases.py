@@ -379,6 +379,7 @@ def test_plan_names_alias_changes(world: Store) -> None:
     assert lines == ["- @example.com (catch-all)", "~ sales@example.com: alias -> bob@other.com (was info@example.com)"]
 
 
+@pytest.mark.e2e
 def test_an_incoming_commit_with_a_loop_across_domains_is_refused(world: Store, data_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A pull request may not sneak in what the API refuses: a loop over two domain files, each
     fine on its own, with rendered/ recompiled so that only the loop is wrong."""

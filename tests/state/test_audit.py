@@ -16,6 +16,8 @@ from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
 from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, PROJECT_B
 
+pytestmark = pytest.mark.e2e
+
 A, B = PROJECT_A.project_id, PROJECT_B.project_id
 
 

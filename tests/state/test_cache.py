@@ -26,6 +26,8 @@ from mailstate.state.store import Store
 from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock
 from tests.helpers.server import LiveServer
 
+pytestmark = pytest.mark.e2e
+
 
 def _users(store: Store) -> list[tuple[str, int, bool]]:
     return sorted((u["email"], u["quota_mb"], u["active"]) for u in store.execute("list-users", ADMIN).result["users"])

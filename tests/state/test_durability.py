@@ -28,6 +28,8 @@ from mailstate.state.store import Store
 from tests.helpers.common import ADMIN, git_out
 from tests.helpers.server import LiveServer
 
+pytestmark = pytest.mark.e2e
+
 # --- the system calls of one write -----------------------------------------------------------
 
 _WRITE = """

@@ -191,6 +191,7 @@ def test_same_operations_give_same_state_bytes(tmp_path: Path) -> None:
 # --- comments that admins wrote ----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_admin_comments_survive_api_writes(data_dir: DataDir, mail_store: Store, tmp_path: Path) -> None:
     path = "domains/ex/example.com.yaml"
 
@@ -227,6 +228,7 @@ def test_admin_comments_survive_api_writes(data_dir: DataDir, mail_store: Store,
     assert open_store(data_dir.root).snapshot.domains["example.com"] == store.snapshot.domains["example.com"]
 
 
+@pytest.mark.e2e
 def test_comments_in_nodes_yaml_survive(data_dir: DataDir, store: Store, tmp_path: Path) -> None:
     store.execute("add-node", ADMIN, {"name": "mpi02", "ip_address": "192.0.2.1"})
     admin_edit(data_dir, tmp_path, "nodes.yaml", lambda t: "# rack 3, shelf 2\n" + t)
@@ -247,6 +249,7 @@ def test_comments_in_nodes_yaml_survive(data_dir: DataDir, store: Store, tmp_pat
 TRICKY_NODES = ["on", "no", "null", "true", "123", "0x1f", "1e3", "2026-01-01", "0o17"]
 
 
+@pytest.mark.e2e
 def test_tricky_node_names_roundtrip_in_both_paths(data_dir: DataDir, store: Store, tmp_path: Path) -> None:
     for name in TRICKY_NODES[:4]:
         store.execute("add-node", ADMIN, {"name": name})
@@ -285,12 +288,14 @@ def _assert_tricky_roundtrip(data_dir: DataDir, store: Store, inactive: frozense
     assert check_commit(GitRepo(data_dir.repo), store.head) == []
 
 
+@pytest.mark.e2e
 def test_tricky_local_parts_roundtrip_canonical(data_dir: DataDir, mail_store: Store) -> None:
     _add_tricky(mail_store)
     assert "#" not in head_text(mail_store, "domains/ex/example.com.yaml")
     _assert_tricky_roundtrip(data_dir, mail_store)
 
 
+@pytest.mark.e2e
 def test_tricky_local_parts_roundtrip_with_comments(data_dir: DataDir, mail_store: Store, tmp_path: Path) -> None:
     admin_edit(data_dir, tmp_path, "domains/ex/example.com.yaml", lambda t: "# keep me\n" + t)
     store = open_store(data_dir.root)
@@ -304,6 +309,7 @@ def test_tricky_local_parts_roundtrip_with_comments(data_dir: DataDir, mail_stor
     _assert_tricky_roundtrip(data_dir, store, inactive=frozenset({"on"}))
 
 
+@pytest.mark.e2e
 def test_an_admin_edit_that_keeps_tricky_keys_quoted_survives(
     data_dir: DataDir, mail_store: Store, tmp_path: Path
 ) -> None:

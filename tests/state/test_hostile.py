@@ -10,6 +10,7 @@ import ipaddress
 import re
 
 import bcrypt
+import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -336,6 +337,7 @@ def test_arbitrary_bodies_never_escape_the_error_tree(body: dict[str, object]) -
 # --- accepted values keep every compiled file well-formed ---------------------------------------
 
 
+@pytest.mark.e2e
 def test_any_accepted_email_keeps_compiled_files_well_formed(data_dir: DataDir) -> None:
     store = fresh(data_dir)
     alphabet = "abcXYZ019._+-:/ @%!é\n"
@@ -371,6 +373,7 @@ def test_any_accepted_email_keeps_compiled_files_well_formed(data_dir: DataDir) 
     assert open_store(data_dir.root).snapshot.domains == store.snapshot.domains
 
 
+@pytest.mark.e2e
 def test_any_accepted_domain_keeps_compiled_files_well_formed(data_dir: DataDir) -> None:
     store = open_store(data_dir.root)
     labels = st.text(alphabet="abcXYZ09-_é☃ü.:/ ", min_size=1, max_size=14)
@@ -422,6 +425,7 @@ def test_any_accepted_password_is_hashed_and_checks(data_dir: DataDir) -> None:
     check()
 
 
+@pytest.mark.e2e
 def test_any_accepted_node_and_ip_round_trip(data_dir: DataDir) -> None:
     store = open_store(data_dir.root)
     counter = iter(range(10_000))

@@ -219,6 +219,7 @@ def test_a_bad_usage_entry_is_refused_with_a_clear_error(
         db.close()
 
 
+@pytest.mark.e2e
 def test_usage_over_the_node_endpoint_of_a_real_server(tmp_path_factory: pytest.TempPathFactory) -> None:
     with live_server(tmp_path_factory.mktemp("usage")) as srv, srv.client(srv.admin_token) as admin:
         assert admin.post(f"{API}/add-domain", json={"domain": "usage.example"}).status_code == 201

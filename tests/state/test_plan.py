@@ -20,6 +20,8 @@ from mailstate.state.plan import load_revision, load_worktree, plan, plan_revisi
 from mailstate.state.store import Store
 from tests.helpers.common import ADMIN, PROJECT_A, PROJECT_B, git_out
 
+pytestmark = pytest.mark.e2e
+
 HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 DIGEST = re.compile(r"\b[0-9a-f]{64}\b")
 

@@ -41,6 +41,8 @@ from tests.helpers.admin import BAD_LINE, admin_push, plain_password_line, run, 
 from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
 from tests.helpers.server import LiveServer
 
+pytestmark = pytest.mark.e2e
+
 API = "/v1/email-account"
 
 

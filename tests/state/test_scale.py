@@ -51,6 +51,7 @@ def test_loaded_models_share_a_fields_set_and_copies_do_not_leak(store: Store, t
     assert [after[k].active for k in ("a", "b", "c")] == [True, False, True]
 
 
+@pytest.mark.e2e
 def test_the_fast_seed_builds_the_same_signed_tree(tmp_path: Path) -> None:
     loose = seed_state(tmp_path / "loose", 600, fast=False)
     fast = seed_state(tmp_path / "fast", 600, fast=True)
@@ -90,6 +91,7 @@ def _full_plan(wt: Path) -> dict[str, object]:
     return plan(load_revision(wt, "HEAD"), load_worktree(wt), base="b", head="h").as_dict()
 
 
+@pytest.mark.e2e
 def test_worktree_plan_parses_only_changed_files_and_agrees_with_the_full_read(store: Store, tmp_path: Path) -> None:
     for name in ("main.example", "alias.example", "other.example"):
         store.execute("link-domain", ADMIN, {"domain": name, "project_id": PROJECT_A.project_id})
@@ -181,6 +183,7 @@ def _many_domains(store: Store, count: int) -> None:
         store.execute("add-user", PROJECT_A, {"email": f"u{i}@w{i}.example", "password": PASSWORD})
 
 
+@pytest.mark.e2e
 def test_a_cold_start_parsed_by_worker_processes_equals_one_parsed_here(store: Store, tmp_path: Path) -> None:
     _many_domains(store, 6)
     serial = load_commit(store.git, store.head, ParseCache(), parallel_min=10**9)
@@ -196,6 +199,7 @@ def test_a_cold_start_parsed_by_worker_processes_equals_one_parsed_here(store: S
     assert dict(warm.domains.items()) == dict(serial.domains.items())
 
 
+@pytest.mark.e2e
 def test_workers_report_the_first_bad_file_as_a_serial_parse_does(store: Store) -> None:
     _many_domains(store, 4)
     bad = "domains/" + files.domain_path("w2.example").split("/", 1)[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
 
 from mailstate.state.gitrepo import GitRepo
@@ -71,6 +72,7 @@ def test_sender_lines_follow_every_write(mail_store: Store, pipull: Any) -> None
     clean(s)
 
 
+@pytest.mark.e2e
 def test_an_incoming_alias_domain_without_the_targets_lines_is_refused(
     mail_store: Store, data_dir: Any, tmp_path: Any
 ) -> None:

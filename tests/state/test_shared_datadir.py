@@ -11,11 +11,14 @@ import threading
 from pathlib import Path
 
 import pygit2
+import pytest
 
 from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.statement import read_statement, verify_statement
 from mailstate.state.store import Store
 from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, commit_count, git_out
+
+pytestmark = pytest.mark.e2e
 
 
 def _users(store: Store) -> set[str]:

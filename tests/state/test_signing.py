@@ -13,6 +13,8 @@ from mailstate.state.errors import StoreError
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.signing import Ed25519Signer, SshKeygenSigner, allowed_signers_line, generate_key
 
+pytestmark = pytest.mark.e2e
+
 SIGNERS = [Ed25519Signer, SshKeygenSigner]
 
 

@@ -82,6 +82,7 @@ def test_the_tag_object_is_exactly_format_1(data_dir: DataDir, repo: pygit2.Repo
     assert (st.head, st.issued_at) == (head, ISSUED)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signer_cls", [Ed25519Signer, SshKeygenSigner])
 def test_git_verify_tag_and_the_node_check_accept_a_server_statement(
     data_dir: DataDir, repo: pygit2.Repository, tmp_path: Path, signer_cls: type
@@ -106,6 +107,7 @@ def test_git_verify_tag_and_the_node_check_accept_a_server_statement(
     assert read_statement(repo) == (tag, raw)
 
 
+@pytest.mark.e2e
 def test_an_admin_key_cannot_sign_a_statement(
     data_dir: DataDir, repo: pygit2.Repository, admin_key: Path, tmp_path: Path
 ) -> None:
@@ -131,6 +133,7 @@ def test_an_admin_key_cannot_sign_a_statement(
         verify_statement(raw, data_dir.allowed_signers)
 
 
+@pytest.mark.e2e
 def test_an_unknown_key_cannot_sign_a_statement(data_dir: DataDir, repo: pygit2.Repository, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
     generate_key(stranger, "mailstate")  # claims the server principal, but is not in allowed_signers
@@ -189,6 +192,7 @@ def test_malformed_statements_are_refused(data_dir: DataDir, repo: pygit2.Reposi
         verify_statement(bad, data_dir.allowed_signers)
 
 
+@pytest.mark.e2e
 def test_a_resigned_payload_for_another_head_fails_the_signature(data_dir: DataDir, repo: pygit2.Repository) -> None:
     """Consistent fields but a signature over a different payload: only ssh-keygen catches it."""
     head = head_of(repo)

@@ -175,6 +175,7 @@ def test_failed_writes_make_no_commit(data_dir: DataDir, mail_store: Store) -> N
     assert snapshot_view(mail_store) == snap
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("exc", [StoreError("agent gone"), OSError("key unreadable"), RuntimeError("boom")])
 def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc: Exception) -> None:
     good = open_store(data_dir.root, clock=FakeClock())
@@ -207,6 +208,7 @@ def test_signer_failure_leaves_branch_and_state_unchanged(data_dir: DataDir, exc
     assert verify_commit(data_dir).returncode == 0
 
 
+@pytest.mark.e2e
 def test_branch_moved_underneath_is_rerun_on_top(data_dir: DataDir) -> None:
     """Two stores on one repo: the stale one never overwrites the other's commit; it adopts
     it (after verifying it) and re-runs its own operation on top."""
@@ -219,6 +221,7 @@ def test_branch_moved_underneath_is_rerun_on_top(data_dir: DataDir) -> None:
     assert {"first.example", "second.example"} <= set(open_store(data_dir.root).snapshot.domains)
 
 
+@pytest.mark.e2e
 def test_concurrent_writes_are_serialised(data_dir: DataDir, mail_store: Store) -> None:
     start = commit_count(data_dir.repo)
     errors: list[BaseException] = []
@@ -246,6 +249,7 @@ def test_concurrent_writes_are_serialised(data_dir: DataDir, mail_store: Store) 
 # --- signatures, messages, trees ---------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signer_cls", [Ed25519Signer, SshKeygenSigner])
 def test_every_commit_verifies_with_git_verify_commit(data_dir: DataDir, signer_cls: type) -> None:
     store = open_store(data_dir.root, signer=signer_cls(data_dir.key), clock=FakeClock())
@@ -263,6 +267,7 @@ def test_every_commit_verifies_with_git_verify_commit(data_dir: DataDir, signer_
     assert verdicts == ["G"] * len(commits)
 
 
+@pytest.mark.e2e
 def test_a_commit_signed_by_another_key_does_not_verify(data_dir: DataDir, tmp_path: Path) -> None:
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
@@ -273,6 +278,7 @@ def test_a_commit_signed_by_another_key_does_not_verify(data_dir: DataDir, tmp_p
     assert verify_commit(data_dir, "main~1").returncode == 0
 
 
+@pytest.mark.e2e
 def test_commit_message_subject_and_trailers(data_dir: DataDir, store: Store) -> None:
     store.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": A}, request_id="req-1")
     store.execute("enable-email", PROJECT_A, {"domain": "example.com"}, request_id="req-2")
@@ -309,6 +315,7 @@ def test_commit_message_subject_and_trailers(data_dir: DataDir, store: Store) ->
     assert git_out(data_dir.repo, "log", "-1", "--format=%cI", "main").strip().startswith("2026-02-01T00:00:")
 
 
+@pytest.mark.e2e
 def test_actor_name_cannot_forge_trailers(data_dir: DataDir, store: Store) -> None:
     sneaky = Actor.admin("evil\nAction: remove-domain\nProject: 1")
     store.execute("add-domain", ADMIN, {"domain": "example.com"})
@@ -366,6 +373,7 @@ def test_rendered_files_follow_the_domain(data_dir: DataDir, mail_store: Store) 
 # --- restarts and the parse cache -------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_restart_sees_the_same_state(data_dir: DataDir, store: Store) -> None:
     run_series(store)
     store.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": A})
@@ -383,6 +391,7 @@ def test_restart_sees_the_same_state(data_dir: DataDir, store: Store) -> None:
     assert with_cache.execute("list-users", PROJECT_A, {}).result["users"][0]["email"] == "after@example.com"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", ["delete", "garbage", "truncate", "wrong_version"])
 def test_cache_survives_a_damaged_cache_file(data_dir: DataDir, mail_store: Store, damage: str) -> None:
     mail_store.execute("add-domain", ADMIN, {"domain": "other.org"})
@@ -418,6 +427,7 @@ def test_store_refuses_a_repo_without_commits(tmp_path: Path, data_dir: DataDir)
 # --- secrets ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_no_plaintext_secret_anywhere_in_the_repo(data_dir: DataDir, store: Store) -> None:
     passwords = ["first Secret pw 1", "second Secret pw 2", "third Secret pw 3"]
     store.execute("link-domain", ADMIN, {"domain": "example.com", "project_id": A})
@@ -459,6 +469,7 @@ def test_no_plaintext_secret_anywhere_in_the_repo(data_dir: DataDir, store: Stor
                 assert secret.encode() not in data, path
 
 
+@pytest.mark.e2e
 def test_loose_objects_get_packed_in_the_background(data_dir: DataDir) -> None:
     """Each write leaves ~11 loose objects; every `gc_every` writes the store packs them in the background."""
     import time

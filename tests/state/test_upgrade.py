@@ -81,6 +81,7 @@ def mailboxes_at(dd: DataDir, rev: str) -> dict[str, Any]:
     return dict(doc["mailboxes"])
 
 
+@pytest.mark.e2e
 def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -148,6 +149,7 @@ def test_mailstate_upgrade_makes_one_signed_commit_and_keeps_every_login(
     assert commit_count(dd.repo) == before_count + 1
 
 
+@pytest.mark.e2e
 def test_the_server_upgrades_on_start_and_serves_format_2(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
@@ -176,6 +178,7 @@ def test_the_server_upgrades_on_start_and_serves_format_2(tmp_path: Path) -> Non
     assert verify_commit(dd).returncode == 0
 
 
+@pytest.mark.e2e
 def test_an_upgrade_made_by_another_process_is_validated_and_adopted(tmp_path: Path) -> None:
     """An old-format store running on the same data dir adopts the upgrade commit through the
     incoming-commit validation (signature, ids under the new format, every rendered file)."""
@@ -192,6 +195,7 @@ def test_an_upgrade_made_by_another_process_is_validated_and_adopted(tmp_path: P
     assert check_commit(GitRepo(dd.repo), old.head) == []
 
 
+@pytest.mark.e2e
 def test_plan_names_the_upgrade(tmp_path: Path) -> None:
     dd = format1_data_dir(tmp_path / "data")
     upgrade_data_dir(dd.root)
@@ -214,6 +218,7 @@ def test_plan_names_the_upgrade(tmp_path: Path) -> None:
     assert "BLF-CRYPT" not in text
 
 
+@pytest.mark.e2e
 def test_hand_edited_comments_survive_the_upgrade(tmp_path: Path) -> None:
     dd = format1_data_dir(tmp_path / "data")
     work = checked_out(dd, tmp_path / "work")
@@ -298,6 +303,7 @@ def test_a_store_refuses_an_incoming_commit_that_drops_an_id(
     assert any("id: required in state format 2" in p for p in verdict.problems), verdict.problems
 
 
+@pytest.mark.e2e
 def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_path: Path) -> None:
     """Two servers share an upstream holding a format-1 state. The first to start with the new
     code pushes the one upgrade commit; the other (still running) validates and adopts it, and
@@ -350,6 +356,7 @@ def test_upgrade_in_upstream_mode_is_pushed_once_and_adopted_by_the_fleet(tmp_pa
     assert b_new.head == tip and commit_count(up) == count + 1
 
 
+@pytest.mark.e2e
 def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Path) -> None:
     dd = format1_data_dir(tmp_path / "data")
     up = tmp_path / "upstream.git"
@@ -365,6 +372,7 @@ def test_a_server_whose_upstream_is_down_starts_and_upgrades_later(tmp_path: Pat
     assert commit_message(up).splitlines()[0] == "upgrade format 2"
 
 
+@pytest.mark.e2e
 def test_a_format_2_state_from_before_sending_gets_its_sender_maps_in_one_signed_commit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,6 +22,8 @@ from mailstate.state.signing import allowed_signers_line, generate_key
 from mailstate.state.store import Store
 from tests.helpers.common import ADMIN, PROJECT_A, FakeClock, git_out
 
+pytestmark = pytest.mark.e2e
+
 PASSWORD = "correct horse battery"
 
 
