@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
@@ -46,6 +47,7 @@ from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, FakeClock, git_out
 from tests.helpers.fleet import provision_node, start_server_for
 from tests.helpers.githost import GitHost
 from tests.helpers.mailnode import MailNode, pi_pull_script, run_pi_pull
+from tests.helpers.pipull import tick_in_process
 from tests.helpers.server import LiveServer, assert_error
 
 pytestmark = pytest.mark.e2e
@@ -503,13 +505,21 @@ def fresh_hosted(
         server.stop()
 
 
-def statement_age(host: GitHost) -> float:
+def statement_issued_at(host: GitHost) -> int:
+    """Issued-At of the statement the host serves."""
     body = host.git("state.git", "cat-file", "tag", STATEMENT_REF)
-    issued = next(int(line.split(": ", 1)[1]) for line in body.splitlines() if line.startswith("Issued-At: "))
-    return time.time() - issued
+    return next(int(line.split(": ", 1)[1]) for line in body.splitlines() if line.startswith("Issued-At: "))
 
 
-def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(fresh_hosted: HostedFleet) -> None:
+def statement_age(host: GitHost) -> float:
+    return time.time() - statement_issued_at(host)
+
+
+def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
+    fresh_hosted: HostedFleet, pipull: ModuleType
+) -> None:
+    """The node's ticks that must find the statement old run in this process with a clock
+    MAX_STALENESS + 1 s ahead (tick_in_process): no test sleeps while a statement ages."""
     f, node, host = fresh_hosted, fresh_hosted.node, fresh_hosted.host
     f.follow("ssh")
     f.call(f.admin, "link-domain", {"domain": "example.com", "project_id": 42}, status=201)
@@ -519,8 +529,9 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
     r = f.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert f.applied() == first
-    # The server keeps the host's statement fresh while nothing changes.
-    time.sleep(MAX_STALENESS + 1)
+    # The server keeps the host's statement fresh while nothing changes: it re-signs it.
+    signed = statement_issued_at(host)
+    wait_for(lambda: statement_issued_at(host) > signed, what="the server re-signs the host's statement")
     assert statement_age(host) < MAX_STALENESS
     assert f.tick().returncode == EXIT_OK
 
@@ -530,10 +541,9 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
     f.call(f.project, "add-user", {"email": "new@example.com", "password": PASSWORD}, status=201)
     second = f.head()
     assert host.rev("state.git", "main") == second and stated_head(host) == first
-    wait_for(
-        lambda: statement_age(host) > MAX_STALENESS + 1, timeout=MAX_STALENESS + 10, what="the frozen statement ages"
-    )
-    r = f.tick()
+    frozen = statement_issued_at(host)
+    r = tick_in_process(pipull, f.cfg, later_by=MAX_STALENESS + 1)
+    assert statement_issued_at(host) == frozen  # the server's re-signing did not reach the host
     assert r.returncode == EXIT_STALE, (r.returncode, r.stderr)
     assert "stale" in r.stderr and "max_staleness" in r.stderr
     assert f.applied() == first  # keeps serving the last good release ...
@@ -558,18 +568,14 @@ def test_a_host_serving_an_old_statement_makes_the_node_stale_until_it_recovers(
     # 2. The servers stop: the host (now over http) keeps serving the last statement, which ages.
     f.follow_url(host.http_url())
     f.server.stop()
-    wait_for(
-        lambda: statement_age(host) > MAX_STALENESS + 1,
-        timeout=MAX_STALENESS + 10,
-        what="the statement ages with no server",
-    )
-    r = f.tick()
+    last_signed = statement_issued_at(host)
+    r = tick_in_process(pipull, f.cfg, later_by=MAX_STALENESS + 1)
     assert r.returncode == EXIT_STALE, (r.returncode, r.stderr)
     assert "stale" in r.stderr
     assert f.applied() == second and node.can_login("new@example.com", PASSWORD)
     # A server comes back (on another port): it re-signs, pushes, and the node is fresh again.
     f.server.start()
-    wait_for(lambda: statement_age(host) < MAX_STALENESS, what="a restarted server refreshes the host's statement")
+    wait_for(lambda: statement_issued_at(host) > last_signed, what="a restarted server refreshes the host's statement")
     r = f.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert f.applied() == second

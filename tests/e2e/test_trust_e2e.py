@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import httpx
+import pygit2
 import pytest
 
 from mailstate.state.signing import Ed25519Signer
-from mailstate.state.statement import write_statement
+from mailstate.state.statement import parse_statement, read_statement, write_statement
 from tests.helpers.fleet import provision_node, start_server_for
 from tests.helpers.mailnode import MailNode, run_pi_pull
+from tests.helpers.pipull import tick_in_process
 from tests.helpers.server import LiveServer
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +71,20 @@ class World:
     project_token: str = ""
 
 
+def statement_issued_at(server: LiveServer) -> int:
+    """Issued-At of the statement in the server's repo (refs/mailstate/accepted)."""
+    found = read_statement(pygit2.Repository(str(server.data.repo)))
+    assert found is not None, "no statement in the server's repo"
+    return parse_statement(found[1]).issued_at
+
+
+def wait_until(predicate: Callable[[], bool], *, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def world(mailnode: MailNode, tmp_path: Path) -> Iterator[World]:
     server, admin, project = start_server_for(
@@ -87,15 +104,16 @@ def world(mailnode: MailNode, tmp_path: Path) -> Iterator[World]:
         server.stop()
 
 
-def test_a_stopped_server_makes_the_node_stale_and_its_return_makes_it_ok(world: World) -> None:
+def test_a_stopped_server_makes_the_node_stale_and_its_return_makes_it_ok(world: World, pipull: ModuleType) -> None:
     w = world
     w.add_user("info@example.com", "info password")
     r = w.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert w.node.can_login("info@example.com", "info password")
     w.server.stop()
-    time.sleep(MAX_STALENESS + 1)
-    r = w.tick()
+    last_signed = statement_issued_at(w.server)
+    # The node's next tick, MAX_STALENESS + 1 s on by its clock: no server, no newer statement.
+    r = tick_in_process(pipull, w.config(), later_by=MAX_STALENESS + 1)
     assert r.returncode == EXIT_STALE, r.stderr
     assert "stale:" in r.stderr and f"max_staleness = {MAX_STALENESS}" in r.stderr
     assert w.node.can_login("info@example.com", "info password")  # keeps serving
@@ -106,7 +124,7 @@ def test_a_stopped_server_makes_the_node_stale_and_its_return_makes_it_ok(world:
     # recovery: the server back, its statement refreshed: ok, the queued stale report delivered
     w.server.start()
     w.clients()
-    time.sleep(1.0)
+    wait_until(lambda: statement_issued_at(w.server) > last_signed, what="the restarted server refreshes its statement")
     r = w.tick()
     assert r.returncode == EXIT_OK, r.stderr
     assert "delivered" in r.stderr
@@ -165,7 +183,7 @@ def test_server_key_rotation_reaches_the_node_without_reprovisioning(world: Worl
 
 
 def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_nodes(
-    mailnode: MailNode, tmp_path: Path
+    mailnode: MailNode, tmp_path: Path, pipull: ModuleType
 ) -> None:
     """The server up but its statement old (here: refreshed only hourly; on a git host: a host
     that keeps serving an old tip): exit 5, and list-nodes shows the node stale with the age."""
@@ -182,12 +200,15 @@ def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_
         assert project.post("/v1/email-account/enable-email", json={"domain": "example.com"}).status_code == 200
         w.add_user("info@example.com", "info password")
         assert w.tick().returncode == EXIT_OK
-        time.sleep(MAX_STALENESS + 1)
-        r = w.tick()
+        kept = json.loads((w.node.root / "state.json").read_text())["statement"]["issued_at"]
+        # MAX_STALENESS + 1 s on by the node's clock; the server re-signs hourly, so nothing newer.
+        r = tick_in_process(pipull, w.config(), later_by=MAX_STALENESS + 1)
         assert r.returncode == EXIT_STALE, r.stderr
+        assert statement_issued_at(server) == kept
         row = next(n for n in admin.get("/v1/email-account/list-nodes").json()["nodes"] if n["name"] == "mpi01")
         assert row["status"] == "stale" and row["stale"] is True
-        assert row["statement_age_s"] is not None and row["statement_age_s"] > MAX_STALENESS
+        # The server's age of the statement the node reported (the server's clock did not move).
+        assert row["statement_age_s"] is not None and abs(row["statement_age_s"] - (time.time() - kept)) <= 2
         assert w.node.can_login("info@example.com", "info password")
         # a write states a new head: fresh again, applied, ok
         w.add_user("next@example.com", "next password")

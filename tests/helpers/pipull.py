@@ -4,12 +4,15 @@ against as a subprocess (``Setup``), and the agent's exit codes. The ``setup`` f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -26,6 +29,27 @@ from tests.helpers.mailnode import (
 
 # pi_pull.py's exit codes (pi-pull/README.md).
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_LOCKED, EXIT_STALE = 0, 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class Tick:
+    """An in-process tick's exit code and log, named like a finished ``pi_pull.py`` process's."""
+
+    returncode: int
+    stderr: str
+
+
+def tick_in_process(pipull: ModuleType, config: Path, *, later_by: float) -> Tick:
+    """One ``pi_pull.py --once`` tick run by the agent package in this process (the ``pipull``
+    fixture), its freshness judged `later_by` seconds from now: what the node decides once that
+    much time has passed with no newer statement, without a test sleeping through it."""
+    stream = io.StringIO()
+    log = pipull.log.make_logger(stream=stream)
+    agent = pipull.agent.Agent(
+        pipull.config.load_config(str(config)), log=log, freshness_clock=lambda: time.time() + later_by
+    )
+    code = pipull.cli.run_once(agent, log)
+    return Tick(code, stream.getvalue())
 
 
 def isolate_env(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
