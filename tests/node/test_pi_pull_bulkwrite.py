@@ -44,9 +44,32 @@ def test_an_existing_file_is_an_error_not_overwritten(pipull: ModuleType, tmp_pa
     assert not (tmp_path / "c.example").exists()  # the helper stopped at the first failure
 
 
+def children() -> dict[int, bytes]:
+    """This process's child processes: {pid: command line}."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+        if int(stat_line.rsplit(b")", 1)[1].split()[1]) == os.getpid():
+            found[int(entry)] = cmdline
+    return found
+
+
 def test_abort_stops_the_helper(pipull: ModuleType, tmp_path: Path) -> None:
+    before = children()
     w = pipull.bulkwrite.FileWriter(0o644, -1)
-    w.put(str(tmp_path / "a.example"), b"x\n")
+    helpers = [pid for pid, cmd in children().items() if pid not in before and b"\0-I\0-S\0-c\0" in cmd]
+    assert len(helpers) == 1, children()
+    (helper,) = helpers
+    w.put(str(tmp_path / "a.example"), b"x\n")  # still pending in this process
     w.abort()
+    # The helper has exited and was reaped: no process (not even a zombie) has its pid.
+    assert helper not in children()
+    with pytest.raises(ProcessLookupError):
+        os.kill(helper, 0)
     w.abort()  # twice is fine (the build's finally after a close)
-    w.close()
+    w.close()  # a no-op now: it writes nothing and raises nothing
+    assert os.listdir(tmp_path) == []  # what was pending when the build was refused is never written
