@@ -106,26 +106,47 @@ def test_the_spawn_watch_fails_an_armed_test_and_names_the_program() -> None:
 
 
 @pytest.mark.e2e
-def test_a_process_started_by_an_unmarked_test_fails_it(pytester: pytest.Pytester) -> None:
+def test_a_process_or_server_started_for_an_unmarked_test_fails_it(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nmarkers =\n    e2e: end to end\n")
     pytester.makepyfile(
         test_spawns="""
+        import socket
         import subprocess
 
         import pytest
 
+        @pytest.fixture(scope="module")
+        def server():
+            subprocess.run(["true"], check=True)
+            return "up"
+
         def test_unmarked():
             subprocess.run(["true"], check=True)
 
+        def test_unmarked_binds():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+
         @pytest.mark.e2e
-        def test_marked():
+        def test_marked(server):
             subprocess.run(["true"], check=True)
+
+        def test_unmarked_uses_a_fixture_that_started_one(server):
+            assert server == "up"
 
         def test_no_process():
             assert True
         """
     )
     result = pytester.runpytest_inprocess("-p", "tests.helpers.spawnwatch")
-    result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*test_unmarked started 1 process(es) in the test but is not marked e2e*"])
+    result.assert_outcomes(passed=2, failed=2, errors=1)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*::test_unmarked started 1 process(es) or server(s) in the test but is not marked e2e*",
+            "*subprocess.Popen: true*",
+            "*::test_unmarked_binds started 1 process(es) or server(s) in the test*",
+            "*socket.bind: ('127.0.0.1', 0)*",
+            "*::test_unmarked_uses_a_fixture_that_started_one uses fixtures that started processes or servers*",
+        ]
+    )
     assert subprocess.run(["true"]).returncode == 0  # and this e2e test itself may start one
