@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,32 @@ def test_the_spawn_watch_fails_an_armed_test_and_names_the_program() -> None:
     watch.check("the test")  # no process: fine
     watch("subprocess.Popen", ("git", ["git", "-C", "/repo", "status"], None, None))
     with pytest.raises(pytest.fail.Exception, match=r"(?s)test_y started 1 process.*git -C /repo status"):
+        watch.check("the test")
+
+
+def test_the_spawn_watch_ignores_threads_that_ran_before_the_test() -> None:
+    """An earlier test's background thread (a store's sync, a server's publisher) is not held
+    against the next test; a thread the test starts itself is."""
+    watch = SpawnWatch()
+
+    def spawn_in_a_thread(started: threading.Event) -> threading.Thread:
+        def run() -> None:
+            started.wait()
+            watch("subprocess.Popen", ("git", ["git", "fetch"], None, None))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    go = threading.Event()
+    older = spawn_in_a_thread(go)
+    watch.begin("tests/state/test_x.py::test_y")
+    go.set()
+    older.join()
+    watch.check("the test")  # nothing held against test_y
+    newer = spawn_in_a_thread(go)
+    newer.join()
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)test_y started 1 .*git fetch"):
         watch.check("the test")
 
 

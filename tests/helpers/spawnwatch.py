@@ -6,8 +6,9 @@ port. An audit hook (``sys.addaudithook``, PEP 578) sees every process Python st
 (subprocess, os.system, os.posix_spawn, os.exec*, os.fork) and every bind of an internet
 socket. While a test without the marker runs, its fixtures included, each one is recorded and
 the test fails naming them. A test that uses a fixture which started one (a module-scoped
-server that an earlier test brought up, say) fails the same way. Processes a C library starts
-behind Python's back are not seen.
+server that an earlier test brought up, say) fails the same way. Threads that were already
+running when a test began (an earlier test's background work) are not held against it, and
+processes a C library starts behind Python's back are not seen.
 
 Registered as a plugin by tests/conftest.py.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 from collections.abc import Generator
 from typing import Any
 
@@ -29,20 +31,31 @@ MARKER = "e2e"
 
 
 class SpawnWatch:
-    """Every process start and server socket seen (``seen``); what the running non-e2e test
-    started (``started``; ``armed`` is its node id while it runs)."""
+    """Every process start and server socket seen (``seen``) outside the ``background``
+    threads; what the running non-e2e test started (``started``; ``armed`` is its node id)."""
 
     def __init__(self) -> None:
         self.armed: str | None = None
         self.started: list[str] = []
         self.seen = 0
+        self.background: frozenset[threading.Thread] = frozenset()
 
     def __call__(self, event: str, args: tuple[Any, ...]) -> None:
         # Called for every audit event of the process: return fast for the others.
         if event in SPAWN_EVENTS or (event == "socket.bind" and getattr(args[0], "family", None) in INET):
+            if threading.current_thread() in self.background:
+                return
             self.seen += 1
             if self.armed is not None:
                 self.started.append(describe(event, args))
+
+    def begin(self, nodeid: str | None) -> None:
+        """A test starts: watch for it if `nodeid` (unmarked), ignoring the threads running now."""
+        # Thread objects, not idents: a new thread may get the ident of one that has ended.
+        me = threading.current_thread()
+        self.background = frozenset(t for t in threading.enumerate() if t is not me)
+        self.armed = nodeid
+        self.started = []
 
     def check(self, phase: str) -> None:
         if self.started:
@@ -98,8 +111,7 @@ def spawning_fixtures_of(item: pytest.Item) -> list[str]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
-    WATCH.started = []
-    WATCH.armed = None if item.get_closest_marker(MARKER) else item.nodeid
+    WATCH.begin(None if item.get_closest_marker(MARKER) else item.nodeid)
     result = yield
     WATCH.check("setup")
     if WATCH.armed is not None and (names := spawning_fixtures_of(item)):
