@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST",
         help="the platform's mail host for dns-records' MX (repeat in preference order; "
-        "writes mailstate.yaml's dns: block, which has more keys: see README)",
+        "writes mailstate.yaml's dns: block, which has more keys: see docs/node-guide.md)",
     )
     p.add_argument(
         "--dkim-cname-zone", metavar="ZONE", help="with --mx-host: DKIM records as CNAMEs to <selector>.ZONE"
