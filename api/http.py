@@ -71,7 +71,7 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# Which operations can answer 404 and 409, as the operations in state.ops raise them today
+# Which operations can answer 404 and 409, as the operations in state.ops raise them
 # (the generated-client test drives them, so a change shows up there).
 _CAN_404 = {
     "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",

@@ -53,13 +53,13 @@ AGENT_PACKAGE = "pipull"
 # The zipapp's entry point (the package's own __main__ is for `python3 -m pipull` in pi-pull/).
 #
 # Why the code cache: zipimport compiles every module of a zipapp on every run (it writes no
-# .pyc), ~40 ms of a no-op tick on a 2-core node whose whole budget is 150 ms (issue 14). So a
+# .pyc), ~40 ms of a no-op tick on a 2-core node whose whole budget is 150 ms. So a
 # root run unpacks the archive's sources once into CODE_CACHE/<sha256 of the archive>/ (root-owned
 # 0755 directories, renamed into place complete) and imports from there, where Python keeps its
 # __pycache__ as for any installed package. Another version of pi_pull.py gets its own directory;
 # nothing is deleted while agents may run (a tick imports some modules only when it applies a
 # commit): ``pi_pull.py uninstall`` removes the cache. Anything unexpected (not root, a directory not owned by root or
-# writable by others, no space): the archive itself is imported, as before.
+# writable by others, no space): the archive itself is imported.
 # PI_PULL_CODE_CACHE=<absolute dir> moves the cache, PI_PULL_CODE_CACHE=off turns it off.
 CODE_CACHE = "/var/cache/pi-pull/code"
 _ZIP_MAIN = b"""import sys
@@ -125,13 +125,13 @@ sys.exit(main())
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 # The bucketed layout (pi-pull/pipull/buckets.py) for every new bundle whose map type postmap
-# updates in place. Why 16 tables a map (bench/README.md, bench_node_apply, issue 14): a change
+# updates in place. Why 16 tables a map (docs/benchmarks.md, bench_node_apply): a change
 # copies and postmaps only its domain's table, 1/N of the map; at 1M mailboxes a table of 1/16
 # is ~62k lines (~10 MB), copied in < 10 ms and updated with postmap -d/-i in ~0.04 s each, so a
 # one-mailbox apply is ~0.3 s (quiet) where one whole table would be a 20 s postmap. More tables
 # buy little more (the copy is already small) and cost Postfix a lookup in each of them in turn
 # (every process opens 4N tables) and a first apply 4N postmap runs; 8 would double the copy.
-# A config without map_buckets (a bundle from before) keeps pi-pull's one-table layout (0).
+# A config without map_buckets keeps pi-pull's one-table layout (0).
 DEFAULT_MAP_BUCKETS = 16
 BUCKETED_MAP_TYPES = ("hash", "btree", "lmdb")
 
@@ -140,7 +140,7 @@ SYNC_KEY_FILE = f"{ETC_DIR}/sync_key"
 ALLOWED_SIGNERS_FILE = f"{ETC_DIR}/allowed_signers"
 CONFIG_FILE = f"{ETC_DIR}/pi-pull.ini"
 DEFAULT_ROOT = "/var/lib/pi-pull"
-# Sending (README "Deploying a node"): one certificate for Postfix and Dovecot. Link the
+# Sending (docs/node-guide.md, "TLS"): one certificate for Postfix and Dovecot. Link the
 # ACME/Let's Encrypt files there (fullchain + key of the node's mail host name).
 TLS_CERT = f"{ETC_DIR}/tls/fullchain.pem"
 TLS_KEY = f"{ETC_DIR}/tls/privkey.pem"

@@ -26,7 +26,7 @@ from .verify import DomainCheck, feed, is_domain
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
 DOMAIN_FILES = ("passwd", "mailboxes", *buckets.FRAGMENT_MAPS)
 REQUIRED_FILES = ("passwd", *MAP_FILES)
-if SENDER_MAP not in DOMAIN_FILES:  # the sending issue's fragment (pipull/sendermap.py)
+if SENDER_MAP not in DOMAIN_FILES:  # the sender-login fragment (pipull/sendermap.py)
     DOMAIN_FILES = (*DOMAIN_FILES, SENDER_MAP)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
 VALIDATOR_VERSION = 2
