@@ -11,7 +11,7 @@ Import what you need::
   Mail is stored as the ``vmail`` system user (created with ``useradd --system`` if absent).
   Loopback clients are *not* in mynetworks, so they are treated like the outside world
   (unknown domains: 554 relay denied; unknown users: 550).
-* Sending (issue 12): each node has a self-signed certificate (``node.tls_cert``, openssl), the
+* Sending: each node has a self-signed certificate (``node.tls_cert``, openssl), the
   bundle's master.cf submission entries on loopback ports (``submission_port``: 587 with
   STARTTLS required; ``smtps_port``: 465 implicit TLS), Dovecot's auth socket for Postfix's SASL,
   IMAP over TLS (``imaps_port``; ``imap()``/``can_login()`` use it, ``imap_plain()`` is the
@@ -748,7 +748,7 @@ def publish_statement(
     ref: str = "refs/mailstate/accepted",
 ) -> str:
     """Sign an accepted-head statement for ``sha`` with ``key`` (``git tag -s``, gpg.format=ssh, so
-    the tag object is exactly STATEMENT.md's format 1) and force it to ``ref`` in ``bare``; the tag id."""
+    the tag object is exactly the statement's format 1, state/statement.py) and force it to ``ref`` in ``bare``; the tag id."""
     t = int(time.time()) if issued_at is None else issued_at
     message = f"mailstate accepted head {sha[:12]}\n\nAccepted-Head: {sha}\nIssued-At: {t}\n"
     env = {
@@ -788,7 +788,7 @@ class StateRepo:
     ``bare``'s ``main`` and publishes an accepted-head statement for it (signed by
     ``statement_key``, default ``key``; ``statement=False`` publishes none), as a server would.
     ``format=2`` gives mailboxes ids, homes ``<root>/<domain>/<local>~<id>`` and the
-    ``mailboxes`` fragment (state format 2, LIFECYCLE.md).
+    ``mailboxes`` fragment (state format 2).
     """
 
     def __init__(

@@ -166,8 +166,8 @@ def verifies(msg: Received, records: dict[str, tuple[str, str]]) -> bool:
 
 
 def _sender_map_until_pi_pull_builds_it(w: dict[str, Any]) -> None:
-    """The sender-login map is the SUBMIT part of issue 12; while pi-pull does not build it yet,
-    the test node gets a one-line map of its own (the release's map is used as soon as it exists)."""
+    """The release's sender-login map when it lists the sender; otherwise the test node gets a
+    one-line map of its own."""
     node: MailNode = w["node"]
     live = node.root / "current" / "postfix" / "sender_login_maps"
     if live.exists() and "anna@shop.example" in live.read_text():

@@ -34,14 +34,14 @@ SPEC_TOOLS = {
     "list-domains": "email_account_list_domains",
     "add-user": "email_account_add_user",
     "remove-user": "email_account_remove_user",
-    "restore-user": "email_account_restore_user",  # issue 10 (mailbox lifecycle)
+    "restore-user": "email_account_restore_user",  # mailbox lifecycle
     "list-users": "email_account_list_users",
     "update-password": "email_account_update_password",
     "add-domain": "email_account_add_domain",
     "remove-domain": "email_account_remove_domain",
     "list-nodes": "email_account_list_nodes",
     "add-node": "email_account_add_node",
-    # issue 11: aliases, forwarding, catch-all, alias domains
+    # aliases, forwarding, catch-all, alias domains
     "add-alias": "email_account_add_alias",
     "update-alias": "email_account_update_alias",
     "remove-alias": "email_account_remove_alias",

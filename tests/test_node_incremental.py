@@ -1,4 +1,4 @@
-"""The node's incremental apply (issue 14, pi-pull/pipull/buckets.py) against a full rebuild.
+"""The node's incremental apply (pi-pull/pipull/buckets.py) against a full rebuild.
 
 Real git, real ``postmap`` (hash). A seeded random generator makes sequences of changes
 (mailboxes added, removed, changed; domains added, disabled, re-enabled; aliases, catch-alls and

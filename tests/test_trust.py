@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (the `setup` fixture is imported from tests.test_pi_pull)
-"""Every commit verified, admin key rotation and freshness on the node (issue 13), and on server adoption.
+"""Every commit verified, admin key rotation and freshness on the node, and on server adoption.
 
 Real git repos, real ssh-keygen signatures, the built pi_pull.py as a subprocess; the server
 side through a real data dir's store (conftest's `mail_store`).
