@@ -37,29 +37,45 @@ def _email(value: object) -> str:
     return f"{local}@{domain}"
 
 
-# The `json_schema_extra` constraints only document (for OpenAPI, MCP and generated clients)
-# what the BeforeValidators enforce; they are never looser than the validators... except where
-# JSON Schema cannot say it: it counts characters, not the UTF-8 bytes a password is limited to,
-# so the password's minLength/maxLength are the widest character bounds of 8-72 bytes.
+# The `json_schema_extra` constraints document (for OpenAPI, MCP and generated clients) what
+# the BeforeValidators enforce, and are never looser: a request that obeys the schema (patterns
+# and formats included) never gets a 400 (tests/test_contract.py generates requests from the
+# published schema against a live server). Where JSON Schema cannot say a rule exactly they are
+# stricter: an IDN is described in its punycode (A-label) form only, though the server also
+# takes the Unicode form; a password is counted in characters, not the UTF-8 bytes it is
+# limited to. `idn-hostname` / `idn-email` (RFC 5890/6531) say that an xn-- label must be valid
+# punycode of an allowed name, which no pattern can.
 DomainName = Annotated[
     str,
     BeforeValidator(v.normalize_domain),
     Field(
-        description="Domain name, e.g. mycompany.nl: at least two labels, at most 253 characters. Lowercased; IDN is stored as punycode.",
+        description="Domain name, e.g. mycompany.nl: at least two labels of 1-63 letters, digits or hyphens (no hyphen at either "
+        "end, not an all-digit top-level label), at most 253 characters. Lowercased. An IDN is stored as punycode: send the "
+        "xn-- form (valid IDNA 2008 punycode) or the Unicode form.",
         examples=["mycompany.nl"],
-        json_schema_extra={"minLength": 3, "maxLength": v.MAX_DOMAIN_LENGTH, "pattern": r"^[^\s@/:]+\.[^\s@/:]+$"},
+        json_schema_extra={
+            "minLength": 3,
+            "maxLength": v.MAX_DOMAIN_LENGTH,
+            "pattern": v.DOMAIN_PATTERN,
+            "format": "idn-hostname",
+        },
     ),
 ]
+_EMAIL_DOC = (
+    "The local part: ASCII letters, digits, '.', '_', '+', '-' (lowercased; no '..', no '.' at either end), at most 64 "
+    "characters; the domain as for a domain name."
+)
 Email = Annotated[
     str,
     BeforeValidator(_email),
     Field(
-        description="Full email address. The local part: letters, digits, '.', '_', '+', '-' (lowercased), at most 64 characters.",
+        description=f"Full email address. {_EMAIL_DOC}",
         examples=["info@mycompany.nl"],
         json_schema_extra={
             "minLength": 5,
             "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
-            "pattern": r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}@[^\s@/:]+\.[^\s@/:]+$",
+            "pattern": v.EMAIL_PATTERN,
+            "format": "idn-email",
         },
     ),
 ]
@@ -70,8 +86,9 @@ Password = Annotated[
         description=f"Plain text password, {v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters), no NUL; "
         "bcrypt-hashed before storage, never stored or logged.",
         json_schema_extra={
-            "minLength": 2,
+            "minLength": v.MIN_PASSWORD_BYTES,
             "maxLength": v.MAX_PASSWORD_BYTES,
+            "pattern": v.PASSWORD_PATTERN,
             "x-min-bytes": v.MIN_PASSWORD_BYTES,
             "x-max-bytes": v.MAX_PASSWORD_BYTES,
             "format": "password",
@@ -102,7 +119,12 @@ IpAddress = Annotated[
     BeforeValidator(v.normalize_ip),
     Field(
         description="IPv4 or IPv6 address the node connects from (no %zone).",
-        json_schema_extra={"minLength": 2, "maxLength": 45},
+        json_schema_extra={
+            "minLength": 2,
+            "maxLength": 45,
+            "pattern": v.IP_PATTERN,
+            "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+        },
     ),
 ]
 ProjectId = Annotated[
@@ -479,13 +501,28 @@ AliasAddress = Annotated[
     Field(
         description="The alias address, local@domain (the rules of a mailbox address), or @domain for the domain's catch-all.",
         examples=["sales@mycompany.nl", "@mycompany.nl"],
-        json_schema_extra={"minLength": 4, "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH},
+        json_schema_extra={
+            "minLength": 4,
+            "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
+            "pattern": v.ALIAS_ADDRESS_PATTERN,
+        },
     ),
 ]
 _DESTINATIONS_DOC = (
     f"1-{al.MAX_DESTINATIONS} email addresses, on this platform or external, no duplicates, "
-    f"at most {al.MAX_DESTINATIONS_CHARS} characters together."
+    f"at most {al.MAX_DESTINATIONS_CHARS} characters together (the schema: lowercase addresses of at most "
+    f"{al.MAX_DESTINATIONS_CHARS // al.MAX_DESTINATIONS - 1} characters each; the server lowercases and counts the total)."
 )
+# A destination as the schema admits it: the canonical (lowercase) text, since duplicates are
+# found after lowercasing and uniqueItems compares the text as sent; and short enough that
+# MAX_DESTINATIONS of them always fit MAX_DESTINATIONS_CHARS (each counts its length + 1).
+DESTINATION_ITEM = {
+    "type": "string",
+    "minLength": 5,
+    "maxLength": al.MAX_DESTINATIONS_CHARS // al.MAX_DESTINATIONS - 1,
+    "pattern": v.CANONICAL_EMAIL_PATTERN,
+    "format": "idn-email",
+}
 Destinations = Annotated[
     list[str],
     BeforeValidator(al.normalize_destinations),
@@ -495,7 +532,8 @@ Destinations = Annotated[
         json_schema_extra={
             "minItems": 1,
             "maxItems": al.MAX_DESTINATIONS,
-            "items": {"type": "string", "format": "email"},
+            "uniqueItems": True,
+            "items": DESTINATION_ITEM,
         },
     ),
 ]
@@ -507,7 +545,8 @@ ForwardDestinations = Annotated[
         json_schema_extra={
             "minItems": 0,
             "maxItems": al.MAX_DESTINATIONS,
-            "items": {"type": "string", "format": "email"},
+            "uniqueItems": True,
+            "items": DESTINATION_ITEM,
         },
     ),
 ]
@@ -937,4 +976,16 @@ def invalid_input_from(exc: ValidationError) -> InvalidInput:
         return InvalidInput(f"Unknown field '{field}'.", code="unknown_field", field=field)
     code = _FIELD_CODES.get(field or "", "invalid_request")
     where = f"'{field}'" if field else "the request"
+    if not _safe_message(err):
+        return InvalidInput(f"Invalid value for {where}.", code=code, field=field)
     return InvalidInput(f"Invalid value for {where}: {err.get('msg', 'invalid value')}.", code=code, field=field)
+
+
+# Context keys whose text comes from the input or from a foreign exception: a message built
+# with them could echo a password's characters or a codec's internals (`'utf-8' codec can't
+# encode character '\udc80' in position 3`), so such an error is reported by its field only.
+_UNSAFE_CONTEXT = frozenset({"error", "tag", "discriminator", "class", "class_name", "attribute", "method_name"})
+
+
+def _safe_message(err: Any) -> bool:
+    return not (_UNSAFE_CONTEXT & set(err.get("ctx") or {}))
