@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mailstate.api import strict_json
 from mailstate.state.errors import (
     CompileError,
     Conflict,
@@ -207,10 +208,13 @@ def cmd_call(args: argparse.Namespace) -> int:
     user = os.environ.get("USER", "root")
     actor = Actor.admin(f"cli:{user}") if args.project is None else Actor.project(args.project, f"cli:{user}")
     data = _json_object(args.json) if args.json else {}
-    for item in args.fields:
+    for n, item in enumerate(args.fields, start=1):
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidInput(f"Expected key=value, got {item!r}.", code="invalid_request")
+            # Not echoed: a password typed without its `password=` would land in the message.
+            raise InvalidInput(f"Field argument {n} is not key=value.", code="invalid_request")
+        if key in data:
+            raise strict_json.duplicate_key_error(key)
         data[key] = _coerce(value)
     store = open_store(Path(args.data))
     outcome = store.execute(args.operation, actor, data)
@@ -239,7 +243,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 def _json_object(text: str) -> dict[str, Any]:
     """`--json TEXT` as an object; anything else is a usage error, never a traceback."""
     try:
-        data = json.loads(text)
+        data = strict_json.loads(text)
+    except strict_json.DuplicateKey as exc:
+        raise strict_json.duplicate_key_error(exc.key) from None
     except (ValueError, RecursionError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidInput(f"--json is not valid JSON{where}.", code="invalid_request", field="json") from None

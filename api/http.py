@@ -11,7 +11,6 @@ operation's pydantic request model, the same model the MCP tools and OpenAPI use
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -23,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from mailstate.api import strict_json
 from mailstate.api.http_errors import HTTPError
 from mailstate.api.metrics import Metrics
 from mailstate.state.datadir import DataDir
@@ -105,7 +105,7 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
         }
     out[400] = {
         "model": ErrorResponse,
-        "description": "Invalid input (malformed JSON, unknown or missing field, bad value).",
+        "description": "Invalid input (malformed JSON, a key given twice, unknown or missing field, bad value).",
     }
     out[401] = {"model": ErrorResponse, "description": "No valid bearer token."}
     if op.admin:
@@ -165,10 +165,6 @@ def _openapi_extra(op: Operation) -> dict[str, Any]:
 # --- input ---------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_limited(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
@@ -198,7 +194,9 @@ async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, emp
             "The request body must be JSON, sent with Content-Type: application/json.", code="invalid_request"
         )
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = strict_json.loads(body)
+    except strict_json.DuplicateKey as exc:
+        raise strict_json.duplicate_key_error(exc.key) from None
     except (ValueError, RecursionError):
         raise InvalidInput("The request body is not valid JSON.", code="invalid_request") from None
     if not isinstance(data, dict):

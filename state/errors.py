@@ -13,7 +13,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   no_working_tree, not_repository_root (`mailstate plan`),
     │                                   invalid_destinations, too_many_destinations (aliases),
     │                                   invalid_limit, invalid_cursor (state/paging.py),
-    │                                   invalid_dkim_key (a node report's dkim_keys)
+    │                                   invalid_dkim_key (a node report's dkim_keys),
+    │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
