@@ -499,12 +499,14 @@ AliasAddress = Annotated[
     str,
     BeforeValidator(al.normalize_alias_address),
     Field(
-        description="The alias address, local@domain (the rules of a mailbox address), or @domain for the domain's catch-all.",
+        description="The alias address, local@domain (the rules of a mailbox address), or @domain for the domain's catch-all "
+        "(the schema admits a catch-all of an IDN domain in no form; the server takes it as for a domain name).",
         examples=["sales@mycompany.nl", "@mycompany.nl"],
         json_schema_extra={
             "minLength": 4,
             "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
-            "pattern": v.ALIAS_ADDRESS_PATTERN,
+            # local@domain as an Email; @domain without A-labels (see CATCH_ALL_PATTERN).
+            "anyOf": [{"pattern": v.EMAIL_PATTERN, "format": "idn-email"}, {"pattern": v.CATCH_ALL_PATTERN}],
         },
     ),
 ]

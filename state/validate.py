@@ -35,16 +35,18 @@ _ASCII_SAFE = re.compile(r"^[\x21-\x7e]+$")
 # functions: every string that matches (and passes the `format` beside it, see state/models.py)
 # is accepted; tests/test_contract.py generates requests from the published schema to hold
 # that. They use negative lookaheads only (for the length bounds), no positive ones.
-def _label_pattern(alpha: str) -> str:
+def _label_pattern(alpha: str, a_labels: bool = True) -> str:
     """A DNS label: 1-63 letters, digits or hyphens, no hyphen at either end, and `--` in
-    positions 3-4 only as an A-label's `xn--` (whose punycode the idn-hostname format checks)."""
+    positions 3-4 only as an A-label's `xn--` (whose punycode the idn-hostname format checks;
+    without `a_labels`, where no format can check it, none)."""
     an, ldh = f"[{alpha}0-9]", f"[{alpha}0-9-]"
     xn = "xn" if alpha == "a-z" else "[Xx][Nn]"
-    return f"(?:{xn}--{an}(?:{ldh}{{0,57}}{an})?|(?!{an}{{2}}--){an}(?:{ldh}{{0,61}}{an})?)"
+    ldh_label = f"(?!{an}{{2}}--){an}(?:{ldh}{{0,61}}{an})?"
+    return f"(?:{xn}--{an}(?:{ldh}{{0,57}}{an})?|{ldh_label})" if a_labels else f"(?:{ldh_label})"
 
 
-def _domain_body(alpha: str) -> str:
-    label = _label_pattern(alpha)
+def _domain_body(alpha: str, a_labels: bool = True) -> str:
+    label = _label_pattern(alpha, a_labels)
     return f"(?:{label}\\.)+(?![0-9]+$){label}"
 
 
@@ -57,7 +59,8 @@ def _local_body(alpha: str) -> str:
 DOMAIN_PATTERN = f"^{_domain_body('A-Za-z')}$"
 EMAIL_PATTERN = f"^{_local_body('A-Za-z')}@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('A-Za-z')}$"
 CANONICAL_EMAIL_PATTERN = f"^{_local_body('a-z')}@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('a-z')}$"
-ALIAS_ADDRESS_PATTERN = f"^(?:{_local_body('A-Za-z')})?@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('A-Za-z')}$"
+# A catch-all `@domain` has no JSON Schema format to check an A-label with: its pattern has none.
+CATCH_ALL_PATTERN = f"^@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('A-Za-z', a_labels=False)}$"
 IP_PATTERN = "^[0-9A-Fa-f:.]+$"
 # 8-72 UTF-8 bytes without NUL or a lone surrogate, as characters: 8-72 ASCII characters, or
 # 8-18 of any (18 four-byte characters are 72 bytes). A longer non-ASCII password may still
