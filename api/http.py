@@ -296,7 +296,12 @@ def health_router() -> APIRouter:
         "/v1/health",
         tags=["health"],
         operation_id="health",
-        summary="Liveness: the status for anyone; with an admin token also the head, mode and a refused commit's problems.",
+        summary="Liveness: the status for anyone, no token needed; with an admin token also the head, mode and a refused commit's problems.",
+        description="No token is needed: without one (or with a project token) the answer is `status` only, which names "
+        "no project, domain or mailbox. An admin token adds the details. A token that is given must be valid (401).",
+        # Anonymous or bearer (`{}` is OpenAPI's "no authentication"): the dependency alone would
+        # make FastAPI document the bearer token as required.
+        openapi_extra={"security": [{}]},
         response_model=HealthResponse,
         response_model_exclude_none=True,
         responses={

@@ -200,14 +200,27 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
             "405": _error("Only POST is accepted."),
             "413": _error("The request body is too large."),
         }
-    git_path = paths.get("/v1/nodes/state.git/{path}", {})
+    git_path = paths.setdefault("/v1/nodes/state.git/{path}", {})
     for method, ctype in (
         ("get", "application/x-git-upload-pack-advertisement"),
         ("post", "application/x-git-upload-pack-result"),
     ):
-        op = git_path.get(method)
-        if op is None:
-            continue
+        op = git_path.setdefault(method, {})
+        op.update(
+            tags=["nodes"],
+            summary="Read-only git smart HTTP (clone/fetch) of the state repo, HTTP Basic name:sync_key. Push is refused (403).",
+            operationId=f"node_git_{method}",
+            security=[{"NodeBasic": []}],
+            parameters=[
+                {
+                    "name": "path",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "info/refs (GET, with ?service=git-upload-pack) or git-upload-pack (POST).",
+                }
+            ],
+        )
         op["responses"] = {
             "200": {
                 "description": "git smart HTTP (upload-pack).",
