@@ -9,7 +9,7 @@
 - Every operation's security requirement is true: a required token is required (401 without
   one), and /v1/health, documented as open, answers without one.
 - A 405 (OPTIONS included) names in `Allow` exactly the methods the path serves.
-- The README's MCP tool list is the server's.
+- The MCP tool list in docs/api.md (the README links there) is the server's.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tests.server import LiveServer, assert_error, live_server
 from tests.test_mcp import http_session
 
 API = "/v1/email-account"
-README = Path(__file__).resolve().parent.parent / "README.md"
+API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 # Concrete URLs for the templated paths (a request must reach the route's own checks).
 CONCRETE = {"/v1/nodes/state.git/{path}": {"get": "/v1/nodes/state.git/info/refs?service=git-upload-pack",
                                            "post": "/v1/nodes/state.git/git-upload-pack"}}  # fmt: skip
@@ -310,13 +310,13 @@ def test_a_405_names_every_method_the_path_serves(srv: LiveServer, spec: dict[st
             assert allowed == documented, (method, path, r.headers["allow"])
 
 
-# --- the README -------------------------------------------------------------------------------------
+# --- the docs -------------------------------------------------------------------------------------
 
 
-def test_the_readme_lists_the_mcp_tools_the_server_lists() -> None:
-    text = README.read_text()
-    match = re.search(r"\*\*MCP\*\*: the (\d+) tools \(([^)]*)\)", text)
-    assert match, "the README's MCP paragraph starts '**MCP**: the N tools (...)'"
+def test_the_docs_list_the_mcp_tools_the_server_lists() -> None:
+    text = API_DOC.read_text()
+    match = re.search(r"The (\d+) tools \(([^)]*)\)", text)
+    assert match, "docs/api.md's MCP section starts 'The N tools (...)'"
     assert int(match.group(1)) == len(TOOLS)
     named = re.findall(r"`(email_account_[a-z_]+)`", match.group(2))
-    assert named == list(TOOLS), "the README names every tool, in the server's order"
+    assert named == list(TOOLS), "docs/api.md names every tool, in the server's order"
