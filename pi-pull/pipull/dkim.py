@@ -67,6 +67,28 @@ STATES = ("pending", "active", "retired")
 TABLE_STATE = ("tables_digest", "tables_source")
 
 
+def ensure_key_dir(path: str, owner: str) -> None:
+    """The keys' directory: 0750 whatever the umask or an earlier mode (it is not for others), owned by
+    root and, when run as root, the group of ``owner`` (OpenDKIM reads the tables and keys here)."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    os.chmod(path, 0o750)
+    gid = _group_of(owner)
+    if os.geteuid() == 0 and gid >= 0:
+        os.chown(path, 0, gid)
+
+
+def _group_of(owner: str) -> int:
+    if not owner:
+        return -1
+    try:
+        return pwd.getpwnam(owner).pw_gid
+    except KeyError:
+        try:
+            return grp.getgrnam(owner).gr_gid
+        except KeyError:
+            return -1
+
+
 class Dkim:
     """One node's DKIM keys and OpenDKIM tables (see the module docstring).
 
@@ -129,22 +151,7 @@ class Dkim:
     # ---- key generation
 
     def _ensure_dir(self) -> None:
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
-        os.chmod(self.dir, 0o750)  # whatever the umask or an earlier mode: the keys' directory is not for others
-        gid = self._group()
-        if os.geteuid() == 0 and gid >= 0:
-            os.chown(self.dir, 0, gid)  # OpenDKIM (its group) reads the tables and keys here
-
-    def _group(self) -> int:
-        if not self.cfg.dkim_key_owner:
-            return -1
-        try:
-            return pwd.getpwnam(self.cfg.dkim_key_owner).pw_gid
-        except KeyError:
-            try:
-                return grp.getgrnam(self.cfg.dkim_key_owner).gr_gid
-            except KeyError:
-                return -1
+        ensure_key_dir(self.dir, self.cfg.dkim_key_owner)
 
     def generate(self, selector: str) -> dict[str, Any]:
         """A new RSA key for ``selector`` (replacing what that selector had); its metadata, state pending."""
