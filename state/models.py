@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -160,6 +160,9 @@ DNS_VALUE_PATTERN = r"^[\x20-\x7e]{1,2000}$"  # printable ASCII: it is pasted in
 
 
 DnsHost = Annotated[str, Field(pattern=HOSTNAME_PATTERN, max_length=253)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+_RUA_URI = r"(?:mailto:[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+|https://[\x21-\x2b\x2d-\x3a\x3c-\x7e]+)"
+TLS_RPT_RUA_PATTERN = rf"^{_RUA_URI}(?:,{_RUA_URI})*$"
 
 
 class DnsSettings(BaseModel):
@@ -191,6 +194,31 @@ class DnsSettings(BaseModel):
         default=None, description="Host for SMTP submission (default: the first MX host)."
     )
     imap_host: DnsHost | None = Field(default=None, description="Host for IMAP (default: the first MX host).")
+    imaps_port: Port = Field(default=993, description="IMAP over TLS (implicit TLS), as the nodes listen.")
+    submissions_port: Port = Field(default=465, description="SMTP submission over implicit TLS, as the nodes listen.")
+    submission_port: Port = Field(default=587, description="SMTP submission with STARTTLS, as the nodes listen.")
+    mta_sts_mode: Literal["testing", "enforce", "none"] = Field(
+        default="testing",
+        description="The MTA-STS policy's mode (RFC 8461): testing (report only), enforce, or none (withdraw).",
+    )
+    tls_rpt_rua: str | None = Field(
+        default=None,
+        pattern=TLS_RPT_RUA_PATTERN,
+        max_length=500,
+        description="Where TLS reports go (RFC 8460 rua: mailto: or https: URIs, comma-separated); "
+        "default mailto:postmaster@<domain>.",
+    )
+
+    # Keys written to mailstate.yaml only when an admin set them: a `dns:` block written before
+    # they existed is dumped again (an upgrade) with exactly its old keys.
+    WRITTEN_WHEN_SET: ClassVar[frozenset[str]] = frozenset(
+        {"imaps_port", "submissions_port", "submission_port", "mta_sts_mode", "tls_rpt_rua"}
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The block as mailstate.yaml holds it (see WRITTEN_WHEN_SET)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return {k: v for k, v in data.items() if k not in self.WRITTEN_WHEN_SET or k in self.model_fields_set}
 
 
 class Settings(BaseModel):

@@ -934,7 +934,7 @@ _DNS = [
         dns_records,
         method="GET",
         write=False,
-        summary="List the DNS records one of your email-enabled domains needs: MX, SPF, DKIM of every node, DMARC, autoconfig.",
+        summary="List the DNS records one of your email-enabled domains needs: MX, SPF, DKIM of every node, DMARC, autoconfig, MTA-STS, TLS-RPT.",
     ),
 ]
 
