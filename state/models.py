@@ -629,6 +629,17 @@ class DnsRecordsRequest(Request):
     domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
 
 
+class CheckDnsRequest(Request):
+    domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
+
+
+class MobileconfigRequest(Request):
+    email: Email = Field(
+        description='The address to set up (e.g. "info@mycompany.nl"). Any address of an email-enabled domain gets the '
+        "same profile: whether the mailbox exists is never told."
+    )
+
+
 class LinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to link to a project (the dashboard's Domains tab).")
     project_id: ProjectId = Field(description="Project (WebSumo) id.")
@@ -693,6 +704,12 @@ class DomainSummary(BaseModel):
     usage_reported_at: str | None = Field(
         default=None, description="ISO 8601 time of the newest usage report, or null."
     )
+    dns_ok: bool | None = Field(
+        default=None,
+        description="Whether every record of dns-records was found as it should be at the last check (the background "
+        "check, at most once an hour, or a check-dns call); null before the first check.",
+    )
+    dns_checked_at: str | None = Field(default=None, description="ISO 8601 time of that check, or null.")
 
 
 class AliasResponse(WriteResponse):
@@ -908,6 +925,53 @@ class DnsRecordsResponse(Response):
     )
 
 
+class DnsCheckResult(DnsRecord):
+    status: Literal["ok", "missing", "wrong", "error"] = Field(
+        description="ok: published as it should be; missing: no such record (or no such name); wrong: the name has "
+        "records of that kind, but not this one (see `found`); error: the lookup failed (see `error`)."
+    )
+    found: list[str] = Field(
+        description="What DNS answered for the record's name and type, in the form of `value` (TXT at the domain "
+        "itself: only the records of the same kind, e.g. v=spf1); empty when nothing was found."
+    )
+    error: Literal["timeout", "servfail", "refused", "no_answer_from_servers"] | None = Field(
+        default=None,
+        description="With status error: timeout (no answer in time), servfail (the name's server failed), refused, "
+        "or no_answer_from_servers (every server failed otherwise); else null.",
+    )
+
+
+class CheckDnsResponse(Response):
+    domain: str
+    ok: bool = Field(description="true when every record's status is ok.")
+    checked_at: str = Field(description="ISO 8601 time of this check.")
+    resolver: str = Field(
+        description="The resolver asked: `system` or the servers of $MAILSTATE_DNS_RESOLVER (e.g. 127.0.0.1:5353)."
+    )
+    records: list[DnsCheckResult] = Field(description="Every record of dns-records, in its order, with what DNS holds.")
+
+
+class MailServer(BaseModel):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    security: Literal["tls", "starttls"] = Field(description="tls: implicit TLS from the start; starttls: STARTTLS.")
+
+
+class MobileconfigResponse(Response):
+    """The JSON twin of the profile (the HTTP route answers the profile itself)."""
+
+    email: str
+    domain: str
+    username: str = Field(description="The login for IMAP and SMTP: the full address.")
+    imap: MailServer
+    smtp: list[MailServer] = Field(description="Submission servers, the preferred one first.")
+    filename: str = Field(description="The profile's file name, e.g. mycompany.nl.mobileconfig.")
+    content_type: str = Field(description="application/x-apple-aspen-config")
+    profile: str = Field(
+        description="The Apple configuration profile (XML plist) with no password in it: the device asks for it."
+    )
+
+
 class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
@@ -957,6 +1021,8 @@ RESPONSES: dict[str, type[Response]] = {
     "add-alias-domain": AliasDomainResponse,
     "remove-alias-domain": AliasDomainResponse,
     "dns-records": DnsRecordsResponse,
+    "check-dns": CheckDnsResponse,
+    "mobileconfig": MobileconfigResponse,
 }
 
 

@@ -108,6 +108,8 @@ def test_invalid_punycode_is_refused_on_every_path_that_takes_a_domain(world: Wo
         ("p", "list-users", {"domain": domain}, ("invalid_domain",)),
         ("p", "list-aliases", {"domain": domain}, ("invalid_domain",)),
         ("p", "dns-records", {"domain": domain}, ("invalid_domain",)),
+        ("p", "check-dns", {"domain": domain}, ("invalid_domain",)),
+        ("p", "mobileconfig", {"email": f"info@{domain}"}, ("invalid_email",)),
     ]
     assert {name for _who, name, _body, _codes in calls} >= {n for n, op in OPERATIONS.items() if _takes_domain(n)}
     for who, name, body, codes in calls:
