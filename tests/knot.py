@@ -102,7 +102,7 @@ zone:
     def start(self) -> None:
         for zone in self.zones:
             if not (self.w / "zones" / f"{zone}.zone").exists():
-                self._write_zone(zone, [])
+                self.write_zone(zone, [])
         for _attempt in range(3):
             self.port = free_udp_tcp_port()
             self._write_conf()
@@ -132,7 +132,8 @@ zone:
 
     # ---- zones
 
-    def _write_zone(self, zone: str, records: list[str]) -> None:
+    def write_zone(self, zone: str, records: list[str]) -> None:
+        """Write `zone`'s file (the next serial) without reloading: before `start`, or with `set_zone`."""
         self.serials[zone] += 1
         text = (
             f"$ORIGIN {zone}.\n$TTL 60\n"
@@ -143,7 +144,7 @@ zone:
 
     def set_zone(self, zone: str, records: list[str]) -> None:
         """Serve `zone` with `records` (zone-file lines relative to the zone) from now on."""
-        self._write_zone(zone, records)
+        self.write_zone(zone, records)
         self._reload(zone)
         if not self._wait_serving(zone, self.serials[zone], 10):
             raise RuntimeError(f"knot does not serve serial {self.serials[zone]} of {zone}")

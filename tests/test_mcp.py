@@ -50,7 +50,7 @@ SPEC_TOOLS = {
     "add-alias-domain": "email_account_add_alias_domain",
     "remove-alias-domain": "email_account_remove_alias_domain",
     "dns-records": "email_account_dns_records",
-    # issue 26: onboarding
+    # onboarding: the live DNS check and the Apple profile
     "check-dns": "email_account_check_dns",
     "mobileconfig": "email_account_mobileconfig",
 }
