@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mailstate.api import strict_json
 from mailstate.state.errors import (
     CompileError,
     Conflict,
@@ -201,19 +202,29 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from mailstate.state.datadir import open_store
+    from mailstate.state.datadir import DataDir, open_store
+    from mailstate.state.localdb import LocalDB
     from mailstate.state.snapshot import Actor
 
     user = os.environ.get("USER", "root")
     actor = Actor.admin(f"cli:{user}") if args.project is None else Actor.project(args.project, f"cli:{user}")
     data = _json_object(args.json) if args.json else {}
-    for item in args.fields:
+    for n, item in enumerate(args.fields, start=1):
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidInput(f"Expected key=value, got {item!r}.", code="invalid_request")
+            # Not echoed: a password typed without its `password=` would land in the message.
+            raise InvalidInput(f"Field argument {n} is not key=value.", code="invalid_request")
+        if key in data:
+            raise strict_json.duplicate_key_error(key)
         data[key] = _coerce(value)
-    store = open_store(Path(args.data))
-    outcome = store.execute(args.operation, actor, data)
+    dd = DataDir(Path(args.data))
+    # The data dir's database too: dns-records lists the nodes' DKIM keys, check-dns keeps its verdict.
+    db = LocalDB(dd.db) if dd.is_initialised() else None
+    try:
+        outcome = open_store(dd.root, db=db).execute(args.operation, actor, data)
+    finally:
+        if db is not None:
+            db.close()
     _print_json(outcome.result)
     return 0
 
@@ -239,7 +250,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 def _json_object(text: str) -> dict[str, Any]:
     """`--json TEXT` as an object; anything else is a usage error, never a traceback."""
     try:
-        data = json.loads(text)
+        data = strict_json.loads(text)
+    except strict_json.DuplicateKey as exc:
+        raise strict_json.duplicate_key_error(exc.key) from None
     except (ValueError, RecursionError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidInput(f"--json is not valid JSON{where}.", code="invalid_request", field="json") from None
@@ -360,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST",
         help="the platform's mail host for dns-records' MX (repeat in preference order; "
-        "writes mailstate.yaml's dns: block, which has more keys: see README)",
+        "writes mailstate.yaml's dns: block, which has more keys: see docs/node-guide.md)",
     )
     p.add_argument(
         "--dkim-cname-zone", metavar="ZONE", help="with --mx-host: DKIM records as CNAMEs to <selector>.ZONE"

@@ -28,7 +28,7 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
     print(
         "A running `mailstate serve` signs with the new key from its next write or statement refresh; other servers of the"
     )
-    print("fleet (upstream mode) learn it from the same endorsement (README 'Rotating keys').")
+    print("fleet (upstream mode) learn it from the same endorsement (docs/operator-guide.md, 'Rotating keys').")
     return 0
 
 

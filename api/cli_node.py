@@ -59,7 +59,7 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         f"Next, on node {name} as root (paste the sync key from add-node, then Ctrl-D; it is not echoed):\n"
         f"  python3 {out}/pi_pull.py install --bundle {out} --dry-run   # shows every action, changes nothing\n"
         f"  python3 {out}/pi_pull.py install --bundle {out} --sync-key-stdin\n"
-        "See README 'Deploying a node'."
+        "See docs/node-guide.md."
     )
     return 0
 

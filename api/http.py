@@ -11,7 +11,6 @@ operation's pydantic request model, the same model the MCP tools and OpenAPI use
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -23,8 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from mailstate.api import strict_json
 from mailstate.api.http_errors import HTTPError
 from mailstate.api.metrics import Metrics
+from mailstate.state.autoconfig import PROFILE_CONTENT_TYPE
 from mailstate.state.datadir import DataDir
 from mailstate.state.describe import describe
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
@@ -71,16 +72,24 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# Which operations can answer 404 and 409, as the operations in state.ops raise them today
+# Which operations can answer 404 and 409, as the operations in state.ops raise them
 # (the generated-client test drives them, so a change shows up there).
 _CAN_404 = {
     "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
-    "dns-records",
+    "dns-records", "check-dns", "mobileconfig",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
-            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records"}  # fmt: skip
+            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
+            "check-dns", "mobileconfig"}  # fmt: skip
+# Reads that answer 503 when a service they need is not there (check-dns: no usable resolver).
+_CAN_503 = {"check-dns"}
+# Operations whose HTTP answer is a file, not their JSON (the MCP tool answers the JSON):
+# name -> (media type, the result field holding the file, the result field naming it).
+FILE_ANSWERS: dict[str, tuple[str, str, str]] = {
+    "mobileconfig": (PROFILE_CONTENT_TYPE, "profile", "filename"),
+}
 # Success statuses: 201 when the call created something (Outcome.created), else 200.
 CREATED: dict[str, tuple[int, ...]] = {
     "add-user": (201,),
@@ -105,9 +114,10 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
         }
     out[400] = {
         "model": ErrorResponse,
-        "description": "Invalid input (malformed JSON, unknown or missing field, bad value).",
+        "description": "Invalid input (malformed JSON, a key given twice, unknown or missing field, bad value).",
     }
-    out[401] = {"model": ErrorResponse, "description": "No valid bearer token."}
+    if not op.public:
+        out[401] = {"model": ErrorResponse, "description": "No valid bearer token."}
     if op.admin:
         out[403] = {"model": ErrorResponse, "description": "An admin token is required."}
     if op.name in _CAN_404:
@@ -128,6 +138,14 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
             "model": ErrorResponse,
             "description": "The state repo kept moving under other writers, or the upstream is unavailable; nothing changed.",
         }
+    if op.name in _CAN_503:
+        out[503] = {"model": ErrorResponse, "description": "No usable DNS resolver ($MAILSTATE_DNS_RESOLVER)."}
+    if op.name in FILE_ANSWERS:
+        media = FILE_ANSWERS[op.name][0]
+        out[200] = {
+            "description": "The file itself (attachment); the MCP tool answers it inside JSON.",
+            "content": {media: {"schema": {"type": "string", "title": f"{op.request.__name__[:-7]}File"}}},
+        }
     return out
 
 
@@ -142,6 +160,13 @@ def request_schema_components() -> dict[str, Any]:
 
 
 def _openapi_extra(op: Operation) -> dict[str, Any]:
+    extra = _request_doc(op)
+    if op.public:
+        extra["security"] = [{}]  # no credentials: mail clients call it
+    return extra
+
+
+def _request_doc(op: Operation) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{op.request.__name__}"}
     if op.method == "POST":
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
@@ -163,10 +188,6 @@ def _openapi_extra(op: Operation) -> dict[str, Any]:
 
 
 # --- input ---------------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -198,7 +219,9 @@ async def read_json_object(request: Request, *, limit: int = MAX_BODY_BYTES, emp
             "The request body must be JSON, sent with Content-Type: application/json.", code="invalid_request"
         )
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = strict_json.loads(body)
+    except strict_json.DuplicateKey as exc:
+        raise strict_json.duplicate_key_error(exc.key) from None
     except (ValueError, RecursionError):
         raise InvalidInput("The request body is not valid JSON.", code="invalid_request") from None
     if not isinstance(data, dict):
@@ -228,6 +251,9 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def _endpoint(op: Operation) -> Any:
+    if op.public:
+        return _public_endpoint(op)
+
     async def endpoint(
         request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> JSONResponse:
@@ -256,6 +282,23 @@ def _endpoint(op: Operation) -> Any:
     return endpoint
 
 
+def _public_endpoint(op: Operation) -> Any:
+    """An operation answered without a token (Operation.public): it runs as Actor.anonymous()."""
+
+    async def endpoint(request: Request) -> Response:
+        services: Services = request.app.state.services
+        data = query_object(request) if op.method == "GET" else await read_json_object(request)
+        outcome = await run_in_threadpool(services.store.execute, op.name, Actor.anonymous(), data)
+        if op.name in FILE_ANSWERS:
+            media, body, name = FILE_ANSWERS[op.name]
+            disposition = f'attachment; filename="{outcome.result[name]}"'
+            return Response(outcome.result[body], media_type=media, headers={"Content-Disposition": disposition})
+        return JSONResponse(outcome.result)
+
+    endpoint.__name__ = op.name.replace("-", "_")
+    return endpoint
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
     for op in OPERATIONS.values():
@@ -263,6 +306,7 @@ def build_router() -> APIRouter:
         if not op.in_spec:
             tags.append("extension")
         statuses = success_statuses(op)
+        file_answer = op.name in FILE_ANSWERS
         router.add_api_route(
             f"/{op.name}",
             _endpoint(op),
@@ -273,12 +317,12 @@ def build_router() -> APIRouter:
             tags=tags,
             # Documentation only: the endpoint answers a JSONResponse itself, so FastAPI does
             # not re-serialise; tests hold every real answer to this model.
-            response_model=RESPONSES.get(op.name),
+            response_model=None if file_answer else RESPONSES.get(op.name),
             status_code=statuses[0],
             response_description="Success (201: created)." if statuses[0] == 201 else "Success.",
             responses=_error_responses(op),
             openapi_extra=_openapi_extra(op),
-            response_class=JSONResponse,
+            response_class=Response if file_answer else JSONResponse,
         )
     return router
 
@@ -286,6 +330,8 @@ def build_router() -> APIRouter:
 def _description(op: Operation) -> str:
     # The same text as the MCP tool's (state.describe), with the default settings' values.
     lines = [describe(op), ""]
+    if op.public:
+        lines += ["No token needed: mail clients call it.", ""]
     if op.in_spec:
         lines.append(f"MCP tool: `{op.tool_name}`.")
     return "\n".join(lines)
@@ -298,7 +344,12 @@ def health_router() -> APIRouter:
         "/v1/health",
         tags=["health"],
         operation_id="health",
-        summary="Liveness: the status for anyone; with an admin token also the head, mode and a refused commit's problems.",
+        summary="Liveness: the status for anyone, no token needed; with an admin token also the head, mode and a refused commit's problems.",
+        description="No token is needed: without one (or with a project token) the answer is `status` only, which names "
+        "no project, domain or mailbox. An admin token adds the details. A token that is given must be valid (401).",
+        # Anonymous or bearer (`{}` is OpenAPI's "no authentication"): the dependency alone would
+        # make FastAPI document the bearer token as required.
+        openapi_extra={"security": [{}]},
         response_model=HealthResponse,
         response_model_exclude_none=True,
         responses={

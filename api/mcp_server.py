@@ -9,6 +9,15 @@ surfaces say the same code and message.
 Transports:
 - streamable HTTP at `/mcp` on the API server, behind the same bearer tokens (`mcp_http_app`);
 - stdio, `mailstate mcp --data DIR --token T` (`run_stdio`).
+
+A repeated key (api/strict_json.py): the SDK parses each message with pydantic, which keeps the
+last value of a key given twice, before any handler sees it. So both transports read the raw
+message first: on /mcp an ASGI gate reads the POST body, on stdio a filter reads each line. A
+tools/call holding a repeated key anywhere is flagged (in the request's ASGI scope, or by its
+JSON-RPC id on stdio), and the tool answers the error its HTTP twin answers with status 400,
+`{"error": {"code": "duplicate_key", ...}}`, without running. Any other message with a repeated
+key is refused on /mcp with HTTP 400 and JSON-RPC error -32600; on stdio it goes on as the SDK
+reads it (initialize, tools/list and ping carry no operation's input).
 """
 
 from __future__ import annotations
@@ -17,8 +26,10 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +46,7 @@ from mcp_types import INVALID_PARAMS
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mailstate.api import strict_json
 from mailstate.api.http_errors import INTERNAL_MESSAGE, error_body, json_error, render
 from mailstate.api.metrics import Metrics
 from mailstate.state.describe import describe
@@ -48,6 +60,9 @@ log = logging.getLogger("mailstate.mcp")
 
 SERVER_NAME = "mailstate"
 ACTOR_KEY = "mailstate.actor"
+DUPLICATE_KEY = "mailstate.duplicate_key"  # ASGI scope: the key a tools/call repeated
+# A POST to /mcp is one JSON-RPC message; ours are small (destinations: 6000 characters).
+MAX_MCP_BODY = 1024 * 1024
 INSTRUCTIONS = (
     "Email account management: enable email on a domain linked to your project, then add, list and remove "
     "mailboxes. Every change is one signed git commit; mail nodes apply it within about a minute."
@@ -57,6 +72,14 @@ INSTRUCTIONS = (
 TOOLS: dict[str, Operation] = {op.tool_name: op for op in OPERATIONS.values() if op.in_spec}
 
 ActorOf = Callable[[ServerRequestContext[Any, Any]], Actor]
+DuplicateOf = Callable[[ServerRequestContext[Any, Any]], str | None]
+
+
+def scope_duplicate(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """The key a tools/call over /mcp repeated (StrictJsonGate put it in the request's scope)."""
+    scope = getattr(ctx.request, "scope", None)
+    found = scope.get(DUPLICATE_KEY) if isinstance(scope, dict) else None
+    return found if isinstance(found, str) else None
 
 
 # Tools that destroy or overwrite something: a mailbox, a domain's mail, a credential.
@@ -119,9 +142,15 @@ class Executor(Protocol):
     def snapshot(self) -> Snapshot: ...
 
 
-def build_server(store: Executor, actor_of: ActorOf, metrics: Metrics | None = None) -> Server[Any]:
+def build_server(
+    store: Executor,
+    actor_of: ActorOf,
+    metrics: Metrics | None = None,
+    duplicate_of: DuplicateOf = scope_duplicate,
+) -> Server[Any]:
     """The MCP server running operations on `store`; `actor_of(ctx)` names each request's caller;
-    writes are counted in `metrics` (the HTTP server's) when given."""
+    writes are counted in `metrics` (the HTTP server's) when given; `duplicate_of(ctx)` names the
+    key a tools/call repeated (the transport saw it in the raw message), refused before it runs."""
 
     async def list_tools(
         ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -138,6 +167,9 @@ def build_server(store: Executor, actor_of: ActorOf, metrics: Metrics | None = N
         started = time.perf_counter()
         try:
             actor = actor_of(ctx)
+            repeated = duplicate_of(ctx)
+            if repeated is not None:
+                raise strict_json.duplicate_key_error(repeated)
             call = functools.partial(store.execute, op.name, actor, params.arguments or {})
             outcome = await anyio.to_thread.run_sync(call)
         except MailstateError as exc:
@@ -214,6 +246,75 @@ class BearerGate:
             AccessToken(token=f"sha256:{digest}", client_id=f"sha256:{digest}", scopes=[])
         )
         await self.app(scope, receive, send)
+
+
+def _is_tool_call(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("method") == "tools/call" and "id" in message
+
+
+def _jsonrpc_refusal(key: str) -> bytes:
+    text = strict_json.duplicate_key_error(key).message
+    return json.dumps(
+        {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": f"Invalid Request: {text}"}}
+    ).encode()
+
+
+class StrictJsonGate:
+    """ASGI wrapper: read a POST's JSON-RPC message before the SDK does, to see repeated keys
+    (the module docstring says what happens then). The body is then handed on unchanged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = await self._body(receive)
+        if body is None:
+            too_large = error_body("request_too_large", f"The request body may be at most {MAX_MCP_BODY} bytes.")
+            await json_error(413, too_large)(scope, receive, send)
+            return
+        duplicate = strict_json.find_duplicate(body)
+        if duplicate is not None:
+            if not _is_tool_call(duplicate.root):
+                refusal = _jsonrpc_refusal(duplicate.key)
+                await send(
+                    {"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]}
+                )
+                await send({"type": "http.response.body", "body": refusal})
+                return
+            scope[DUPLICATE_KEY] = duplicate.key
+        await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    async def _body(receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":
+                return b"".join(chunks)
+            chunk = event.get("body", b"")
+            size += len(chunk)
+            if size > MAX_MCP_BODY:
+                return None
+            chunks.append(chunk)
+            if not event.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: the disconnect, when it comes
+
+    return replay
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -300,7 +401,7 @@ def mcp_http_app(
     manager = StreamableHTTPSessionManager(
         app=build_server(store, _http_actor, metrics), security_settings=sdk_settings
     )
-    return OriginGate(BearerGate(manager.handle_request, authenticate), settings), manager
+    return OriginGate(BearerGate(StrictJsonGate(manager.handle_request), authenticate), settings), manager
 
 
 # --- stdio ---------------------------------------------------------------------------------
@@ -329,12 +430,57 @@ def run_stdio(data: Path, token: str) -> None:
         def actor_of(ctx: ServerRequestContext[Any, Any]) -> Actor:
             return db.authenticate(token)
 
-        server = build_server(store, actor_of)
+        lines = StrictLines()
+        server = build_server(store, actor_of, duplicate_of=lines.duplicate_of)
 
         async def main() -> None:
-            async with stdio_server() as (read_stream, write_stream):
-                await server.run(read_stream, write_stream, server.create_initialization_options())
+            with lines.claim_stdin():
+                async with stdio_server(stdin=lines) as (read_stream, write_stream):  # type: ignore[arg-type]
+                    await server.run(read_stream, write_stream, server.create_initialization_options())
 
         anyio.run(main)
     finally:
         db.close()
+
+
+class StrictLines:
+    """stdin for the SDK's stdio transport (`stdio_server(stdin=...)` only iterates its lines),
+    each line read for repeated keys before the SDK parses it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.flagged: dict[Any, str] = {}
+        self._file: Any = None
+
+    @contextmanager
+    def claim_stdin(self) -> Iterator[None]:
+        """Read the wire from a private copy of fd 0 and point fd 0 at /dev/null meanwhile, as the
+        SDK does for the stdin it opens itself: a child process must never read MCP messages."""
+        import io
+
+        private = os.dup(0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        raw = os.fdopen(private, "rb", closefd=True)
+        self._file = anyio.wrap_file(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
+        try:
+            yield
+        finally:
+            os.dup2(private, 0)
+            raw.close()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for line in self._file:
+            duplicate = strict_json.find_duplicate(line)
+            if duplicate is not None and _is_tool_call(duplicate.root):
+                self.flagged[_id_key(duplicate.root["id"])] = duplicate.key
+            yield line
+
+    def duplicate_of(self, ctx: ServerRequestContext[Any, Any]) -> str | None:
+        return self.flagged.pop(_id_key(ctx.request_id), None)
+
+
+def _id_key(request_id: Any) -> tuple[str, Any]:
+    return (
+        (type(request_id).__name__, request_id) if isinstance(request_id, (int, str)) else ("other", repr(request_id))
+    )

@@ -360,22 +360,11 @@ def build_router() -> APIRouter:
             headers={"Cache-Control": "no-store"},
         )
 
-    git_doc = (
-        "Read-only git smart HTTP (clone/fetch) of the state repo, HTTP Basic name:sync_key. Push is refused (403)."
-    )
-
-    @router.get(
-        "/state.git/{path:path}",
-        summary=git_doc,
-        operation_id="node_git_get",
-        openapi_extra={"security": [{"NodeBasic": []}]},
-    )
-    @router.post(
-        "/state.git/{path:path}",
-        summary=git_doc,
-        operation_id="node_git_post",
-        openapi_extra={"security": [{"NodeBasic": []}]},
-    )
+    # ONE route for both methods: with a route per method, a request in neither (OPTIONS, PUT)
+    # met the first route only, and its 405 said `Allow: POST` though GET is served too. Its
+    # OpenAPI entry (one operation per method, each with its own id) is written by
+    # api/server.py's _node_route_docs.
+    @router.api_route("/state.git/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def git_endpoint(path: str, request: Request) -> Response:
         services: Services = request.app.state.services
         service = request.query_params.get("service", "")

@@ -1,4 +1,4 @@
-"""Aliases at scale (issue 11): store writes that touch aliases, and a node's apply of one alias change.
+"""Aliases at scale: store writes that touch aliases, and a node's apply of one alias change.
 
     python -m bench.bench_aliases                                   # 100k mailboxes + 50k aliases
     python -m bench.bench_aliases --mailboxes 10000 --aliases 5000  # quicker

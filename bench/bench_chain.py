@@ -1,4 +1,4 @@
-"""Every commit verified: the cost of checking a range of N signed commits (issue 13).
+"""Every commit verified: the cost of checking a range of N signed commits.
 
     python3 -m bench.bench_chain [--commits 1000]
 

@@ -1,4 +1,4 @@
-"""The node's apply path (issue 14): first apply and one-mailbox applies, old code against new, one run.
+"""The node's apply path: first apply and one-mailbox applies, old code against new, one run.
 
     python -m bench.bench_node_apply [--sizes 100000] [--changes 5] [--variants old,flat,buckets16,before16] [--before REV]
                                      [--python /usr/bin/python3] [--keep DIR]
@@ -18,7 +18,7 @@ deletes one old release, as on a node that has run a while). Not included, the s
 variant: fetch + signature checks (~0.1 s), the reloads (~50 ms on the real node), the report.
 
 Variants:
-- ``old``: the agent package of ``--baseline`` (default 2d94ef7, before this issue), taken with
+- ``old``: the agent package of ``--baseline`` (default 2d94ef7, the agent before the bucketed layout), taken with
   ``git archive`` into a temp dir: the baseline, measured in the same run on the same commits.
 - ``flat``: this tree, ``map_buckets = 0`` (one table per map, flat passwd.d: older bundles).
 - ``bucketsN``: this tree, ``map_buckets = N`` (pipull/buckets.py).

@@ -1,4 +1,4 @@
-"""What the node's mailbox lifecycle costs (issue 10): the usage measurement at 10k and 100k
+"""What the node's mailbox lifecycle costs: the usage measurement at 10k and 100k
 mailboxes, per run and per tick, and the whole-process no-op tick with the lifecycle on.
 
     python3 -m bench.bench_node_usage [--sizes 10000,100000] [--repeat 3] [--ticks 15] [--python /usr/bin/python3]

@@ -1,4 +1,4 @@
-"""The server at scale (issue 14): 1M mailboxes / 200k domains against the same figures at a
+"""The server at scale: 1M mailboxes / 200k domains against the same figures at a
 small baseline size, all in one run.
 
     python -m bench.bench_scale [--sizes 10000,100000,1000000] [--writes 100] [--plan-max 1000000]

@@ -1,4 +1,4 @@
-"""Sending (issue 12): what sender-map rendering adds to a write, and one submission through a real node.
+"""Sending: what sender-map rendering adds to a write, and one submission through a real node.
 
     python -m bench.bench_sending                        # 10k mailboxes (5 a domain)
     python -m bench.bench_sending --mailboxes 100000     # the sender-map part at 100k

@@ -1,4 +1,4 @@
-"""What mailbox usage figures cost the server (issue 10): a node's report carrying every
+"""What mailbox usage figures cost the server: a node's report carrying every
 mailbox's usage, and list-users / list-domains reading the figures back.
 
     python3 bench/bench_usage.py [--sizes 10000,100000] [--repeat 5]

@@ -53,13 +53,13 @@ AGENT_PACKAGE = "pipull"
 # The zipapp's entry point (the package's own __main__ is for `python3 -m pipull` in pi-pull/).
 #
 # Why the code cache: zipimport compiles every module of a zipapp on every run (it writes no
-# .pyc), ~40 ms of a no-op tick on a 2-core node whose whole budget is 150 ms (issue 14). So a
+# .pyc), ~40 ms of a no-op tick on a 2-core node whose whole budget is 150 ms. So a
 # root run unpacks the archive's sources once into CODE_CACHE/<sha256 of the archive>/ (root-owned
 # 0755 directories, renamed into place complete) and imports from there, where Python keeps its
 # __pycache__ as for any installed package. Another version of pi_pull.py gets its own directory;
 # nothing is deleted while agents may run (a tick imports some modules only when it applies a
 # commit): ``pi_pull.py uninstall`` removes the cache. Anything unexpected (not root, a directory not owned by root or
-# writable by others, no space): the archive itself is imported, as before.
+# writable by others, no space): the archive itself is imported.
 # PI_PULL_CODE_CACHE=<absolute dir> moves the cache, PI_PULL_CODE_CACHE=off turns it off.
 CODE_CACHE = "/var/cache/pi-pull/code"
 _ZIP_MAIN = b"""import sys
@@ -125,13 +125,13 @@ sys.exit(main())
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 # The bucketed layout (pi-pull/pipull/buckets.py) for every new bundle whose map type postmap
-# updates in place. Why 16 tables a map (bench/README.md, bench_node_apply, issue 14): a change
+# updates in place. Why 16 tables a map (docs/benchmarks.md, bench_node_apply): a change
 # copies and postmaps only its domain's table, 1/N of the map; at 1M mailboxes a table of 1/16
 # is ~62k lines (~10 MB), copied in < 10 ms and updated with postmap -d/-i in ~0.04 s each, so a
 # one-mailbox apply is ~0.3 s (quiet) where one whole table would be a 20 s postmap. More tables
 # buy little more (the copy is already small) and cost Postfix a lookup in each of them in turn
 # (every process opens 4N tables) and a first apply 4N postmap runs; 8 would double the copy.
-# A config without map_buckets (a bundle from before) keeps pi-pull's one-table layout (0).
+# A config without map_buckets keeps pi-pull's one-table layout (0).
 DEFAULT_MAP_BUCKETS = 16
 BUCKETED_MAP_TYPES = ("hash", "btree", "lmdb")
 
@@ -140,7 +140,7 @@ SYNC_KEY_FILE = f"{ETC_DIR}/sync_key"
 ALLOWED_SIGNERS_FILE = f"{ETC_DIR}/allowed_signers"
 CONFIG_FILE = f"{ETC_DIR}/pi-pull.ini"
 DEFAULT_ROOT = "/var/lib/pi-pull"
-# Sending (README "Deploying a node"): one certificate for Postfix and Dovecot. Link the
+# Sending (docs/node-guide.md, "TLS"): one certificate for Postfix and Dovecot. Link the
 # ACME/Let's Encrypt files there (fullchain + key of the node's mail host name).
 TLS_CERT = f"{ETC_DIR}/tls/fullchain.pem"
 TLS_KEY = f"{ETC_DIR}/tls/privkey.pem"
@@ -162,6 +162,15 @@ INSTALL_PATHS: dict[str, str] = {
     "bundle.json": "(read by pi_pull.py install)",
 }
 MANIFEST_NAME = "bundle.json"
+# Bundle files that name the default install directories (install rewrites them for other ones);
+# the Postfix and Dovecot snippets name the TLS files, which live under the etc dir by default.
+RELOCATED = (
+    "pi-pull.ini",
+    "pi-pull.service",
+    "pi-pull-follow.service",
+    "postfix/main.cf.mailstate",
+    "dovecot/conf.d/90-mailstate.conf",
+)
 MANIFEST_FORMAT = 1
 # Where `pi_pull.py install` puts things by default; each is an option of install.
 INSTALL_DIRS: dict[str, str] = {
@@ -507,20 +516,33 @@ def render_node_bundle(
     if dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
     files[MANIFEST_NAME] = bundle_manifest(
-        node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid, mail_gid=mail_gid
+        node_name,
+        files,
+        mail_root=mail_root.rstrip("/") or "/",
+        mail_uid=mail_uid,
+        mail_gid=mail_gid,
+        tls=(_tls_path("tls_cert", tls_cert), _tls_path("tls_key", tls_key)),
     )
     return files
 
 
 def bundle_manifest(
-    node_name: str, files: dict[str, str | bytes], *, mail_root: str, mail_uid: int, mail_gid: int
+    node_name: str,
+    files: dict[str, str | bytes],
+    *,
+    mail_root: str,
+    mail_uid: int,
+    mail_gid: int,
+    tls: tuple[str, str] = (TLS_CERT, TLS_KEY),
 ) -> str:
     """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
 
     ``files``: each bundle file with its install directory (a key of ``dirs``, overridable by an
     install option), its name under it and its mode. ``relocate``: files that name the default
-    directories and are rewritten when install is given other ones. ``sha256`` lets install
-    refuse a damaged or partly copied bundle.
+    directories and are rewritten when install is given other ones (the Postfix and Dovecot
+    snippets name the TLS files, which live under the etc directory by default). ``tls``: where
+    install puts the node's certificate and key (ACME or self-signed, pi-pull/pipull/certs.py).
+    ``sha256`` lets install refuse a damaged or partly copied bundle.
     """
 
     def sha(content: str | bytes) -> str:
@@ -531,7 +553,8 @@ def bundle_manifest(
         "node": node_name,
         "dirs": INSTALL_DIRS,
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
-        "relocate": ["pi-pull.ini", "pi-pull.service", "pi-pull-follow.service"],
+        "relocate": list(RELOCATED),
+        "tls": {"cert": tls[0], "key": tls[1]},
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
         "postfix": {
             "main_cf": "postfix/main.cf.mailstate",
@@ -544,6 +567,8 @@ def bundle_manifest(
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
     if OPENDKIM_CONF in files:
-        # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept.
+        # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
+        # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.
         manifest["opendkim"] = {"conf": OPENDKIM_CONF, "name": "opendkim.conf"}
+        manifest["relocate"] = [*RELOCATED, OPENDKIM_CONF]
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mailstate.state import validate as v
 from mailstate.state.gitrepo import git
 
 _FIELD = "\x1f"
@@ -71,11 +72,15 @@ def filter_log(
     action: str | None = None,
 ) -> list[AuditEntry]:
     """Entries matching every filter given (None: any)."""
+    # The operations' own normalisers: a filter matches what a write with the same text would
+    # touch (IDN as punycode), and a look-alike is refused instead of folded into another address.
+    domain = v.normalize_domain(domain, field="domain") if domain else None
+    mailbox = "@".join(v.normalize_email(mailbox, field="mailbox")) if mailbox else None
     result = []
     for e in entries:
-        if domain and not e.touches_domain(domain.lower()):
+        if domain and not e.touches_domain(domain):
             continue
-        if mailbox and e.target != mailbox.lower():
+        if mailbox and e.target != mailbox:
             continue
         if project and e.project != str(project):
             continue

@@ -1,13 +1,13 @@
 """The domains of a snapshot: an immutable mapping that a write copies one bucket of, and whose
 values may still be unparsed entries of the parse cache.
 
-Two costs grew with the state before this (issue 14, 200k domains / 1M mailboxes):
+Two costs would otherwise grow with the state (200k domains / 1M mailboxes):
 
-* Every write copied the whole name → domain dict for the new snapshot (~4 ms at 200k
-  domains) and freed the old one when the snapshot was replaced (~3.6 ms more). Here the names
-  are spread over `BUCKETS` dicts by their hash; a write copies the tuple of buckets and the
-  buckets its change touches (~800 entries each at 200k domains), and snapshots share the rest.
-* A start built 1.2M pydantic models from the cache (most of a 10 s warm start at 1M), where
+* A write would copy the whole name → domain dict for the new snapshot and free the old one
+  when the snapshot is replaced, milliseconds each at 200k domains. Here the names are spread
+  over `BUCKETS` dicts by their hash; a write copies the tuple of buckets and the buckets its
+  change touches (~800 entries each at 200k domains), and snapshots share the rest.
+* A start would build 1.2M pydantic models from the cache, most of a warm start at 1M, where
   a request reads a handful of domains. A value here may be a `Lazy`: where its bytes are in
   the parse cache, plus the fields the snapshot's indexes need (project, alias target) and
   whether it fits each state format. It becomes a `DomainFile` on first read, through its

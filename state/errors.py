@@ -13,7 +13,9 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   no_working_tree, not_repository_root (`mailstate plan`),
     │                                   invalid_destinations, too_many_destinations (aliases),
     │                                   invalid_limit, invalid_cursor (state/paging.py),
-    │                                   invalid_dkim_key (a node report's dkim_keys)
+    │                                   invalid_dkim_key (a node report's dkim_keys),
+    │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py),
+    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
@@ -39,7 +41,9 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               process moved the branch; the store re-runs the operation),
     │   │                               not_initialised (no data dir there), already_initialised
     │   │                               (`mailstate init` on a used dir)
-    │   └── Unavailable           503   store_busy (the branch kept moving under other writers)
+    │   └── Unavailable           503   store_busy (the branch kept moving under other writers),
+    │       │                           dns_resolver_invalid, dns_check_unavailable (check-dns
+    │       │                           without a usable resolver, state/dnscheck.py)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)

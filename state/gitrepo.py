@@ -216,7 +216,7 @@ class GitRepo:
 
         The trees a write rewrites (the root, `domains/`, `domains/<bb>/` with ~800 entries at
         200k domains, the same under `rendered/`) are the next write's bases. Reading such a
-        tree back and loading it into a new builder cost ~0.3 ms a tree at 1M mailboxes, so the
+        tree back and loading it into a new builder costs ~0.3 ms a tree at 1M mailboxes, so the
         builder that wrote a tree is kept under the tree's id and taken again; it holds exactly
         that tree, since a builder is only ever filed under the id its last write returned.
         """
@@ -308,9 +308,9 @@ class GitRepo:
         available, each object file and its fan-out folder is fsynced instead. A no-op for a
         repo opened with set_durable(False).
 
-        (An earlier design wrote each write's objects again as an fsynced pack: the packs
-        piled up between roll-ups and every object lookup, which tries each pack, made writes
-        at 100k mailboxes ~4x slower; see bench/README.md.)
+        (Not an fsynced pack per write: the packs pile up between roll-ups and every object
+        lookup tries each pack, which makes writes at 100k mailboxes several times slower;
+        see docs/benchmarks.md.)
         """
         pending = [*self._pending, *(pygit2.Oid(hex=oid) for oid in extra)]
         self._pending.clear()

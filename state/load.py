@@ -71,8 +71,8 @@ _DOMAIN_FIELDS = set(DomainFile.model_fields)
 _MAILBOX_FIELDS = set(Mailbox.model_fields)
 _FAST = all(not m.__private_attributes__ and m.model_config.get("extra") == "forbid" for m in (DomainFile, Mailbox))
 # One `__pydantic_fields_set__` shared by every loaded model of a class, instead of a set per
-# model: a 6-name set is 472 bytes, 40% of what a mailbox costs in memory (issue 14: ~470 MB at
-# 1M mailboxes). Sharing is safe because the models are frozen (nothing sets an attribute, so
+# model: a 6-name set is 472 bytes, 40% of what a mailbox costs in memory (~470 MB at 1M
+# mailboxes). Sharing is safe because the models are frozen (nothing sets an attribute, so
 # nothing adds to the set in place), model_copy copies the set before it updates the copy, and
 # the set already holds every field name. Nothing in mailstate reads it (no exclude_unset).
 _SHARED_FIELDS_SET: dict[type[Any], set[str]] = {DomainFile: set(_DOMAIN_FIELDS), Mailbox: set(_MAILBOX_FIELDS)}
@@ -102,8 +102,8 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 
 
 # The fields whose values are JSON already (str, int, bool, None, lists and dicts of them), so
-# an entry can be written from the models' __dict__ without pydantic's serializer (~half of a
-# cache write: 0.56 s of 1.2 s at 100k mailboxes). A model with any other field uses model_dump.
+# an entry can be written from the models' __dict__ without pydantic's serializer (about half of
+# a cache write). A model with any other field uses model_dump.
 _JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
     "id", "password", "quota_mb", "active", "forward_to", "keep_copy"
 }  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,29 +37,45 @@ def _email(value: object) -> str:
     return f"{local}@{domain}"
 
 
-# The `json_schema_extra` constraints only document (for OpenAPI, MCP and generated clients)
-# what the BeforeValidators enforce; they are never looser than the validators... except where
-# JSON Schema cannot say it: it counts characters, not the UTF-8 bytes a password is limited to,
-# so the password's minLength/maxLength are the widest character bounds of 8-72 bytes.
+# The `json_schema_extra` constraints document (for OpenAPI, MCP and generated clients) what
+# the BeforeValidators enforce, and are never looser: a request that obeys the schema (patterns
+# and formats included) never gets a 400 (tests/api/test_contract.py generates requests from the
+# published schema against a live server). Where JSON Schema cannot say a rule exactly they are
+# stricter: an IDN is described in its punycode (A-label) form only, though the server also
+# takes the Unicode form; a password is counted in characters, not the UTF-8 bytes it is
+# limited to. `idn-hostname` / `idn-email` (RFC 5890/6531) say that an xn-- label must be valid
+# punycode of an allowed name, which no pattern can.
 DomainName = Annotated[
     str,
     BeforeValidator(v.normalize_domain),
     Field(
-        description="Domain name, e.g. mycompany.nl: at least two labels, at most 253 characters. Lowercased; IDN is stored as punycode.",
+        description="Domain name, e.g. mycompany.nl: at least two labels of 1-63 letters, digits or hyphens (no hyphen at either "
+        "end, not an all-digit top-level label), at most 253 characters. Lowercased. An IDN is stored as punycode: send the "
+        "xn-- form (valid IDNA 2008 punycode) or the Unicode form.",
         examples=["mycompany.nl"],
-        json_schema_extra={"minLength": 3, "maxLength": v.MAX_DOMAIN_LENGTH, "pattern": r"^[^\s@/:]+\.[^\s@/:]+$"},
+        json_schema_extra={
+            "minLength": 3,
+            "maxLength": v.MAX_DOMAIN_LENGTH,
+            "pattern": v.DOMAIN_PATTERN,
+            "format": "idn-hostname",
+        },
     ),
 ]
+_EMAIL_DOC = (
+    "The local part: ASCII letters, digits, '.', '_', '+', '-' (lowercased; no '..', no '.' at either end), at most 64 "
+    "characters; the domain as for a domain name."
+)
 Email = Annotated[
     str,
     BeforeValidator(_email),
     Field(
-        description="Full email address. The local part: letters, digits, '.', '_', '+', '-' (lowercased), at most 64 characters.",
+        description=f"Full email address. {_EMAIL_DOC}",
         examples=["info@mycompany.nl"],
         json_schema_extra={
             "minLength": 5,
             "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
-            "pattern": r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}@[^\s@/:]+\.[^\s@/:]+$",
+            "pattern": v.EMAIL_PATTERN,
+            "format": "idn-email",
         },
     ),
 ]
@@ -70,8 +86,9 @@ Password = Annotated[
         description=f"Plain text password, {v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters), no NUL; "
         "bcrypt-hashed before storage, never stored or logged.",
         json_schema_extra={
-            "minLength": 2,
+            "minLength": v.MIN_PASSWORD_BYTES,
             "maxLength": v.MAX_PASSWORD_BYTES,
+            "pattern": v.PASSWORD_PATTERN,
             "x-min-bytes": v.MIN_PASSWORD_BYTES,
             "x-max-bytes": v.MAX_PASSWORD_BYTES,
             "format": "password",
@@ -102,7 +119,12 @@ IpAddress = Annotated[
     BeforeValidator(v.normalize_ip),
     Field(
         description="IPv4 or IPv6 address the node connects from (no %zone).",
-        json_schema_extra={"minLength": 2, "maxLength": 45},
+        json_schema_extra={
+            "minLength": 2,
+            "maxLength": 45,
+            "pattern": v.IP_PATTERN,
+            "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+        },
     ),
 ]
 ProjectId = Annotated[
@@ -138,6 +160,9 @@ DNS_VALUE_PATTERN = r"^[\x20-\x7e]{1,2000}$"  # printable ASCII: it is pasted in
 
 
 DnsHost = Annotated[str, Field(pattern=HOSTNAME_PATTERN, max_length=253)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+_RUA_URI = r"(?:mailto:[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+|https://[\x21-\x2b\x2d-\x3a\x3c-\x7e]+)"
+TLS_RPT_RUA_PATTERN = rf"^{_RUA_URI}(?:,{_RUA_URI})*$"
 
 
 class DnsSettings(BaseModel):
@@ -169,6 +194,31 @@ class DnsSettings(BaseModel):
         default=None, description="Host for SMTP submission (default: the first MX host)."
     )
     imap_host: DnsHost | None = Field(default=None, description="Host for IMAP (default: the first MX host).")
+    imaps_port: Port = Field(default=993, description="IMAP over TLS (implicit TLS), as the nodes listen.")
+    submissions_port: Port = Field(default=465, description="SMTP submission over implicit TLS, as the nodes listen.")
+    submission_port: Port = Field(default=587, description="SMTP submission with STARTTLS, as the nodes listen.")
+    mta_sts_mode: Literal["testing", "enforce", "none"] = Field(
+        default="testing",
+        description="The MTA-STS policy's mode (RFC 8461): testing (report only), enforce, or none (withdraw).",
+    )
+    tls_rpt_rua: str | None = Field(
+        default=None,
+        pattern=TLS_RPT_RUA_PATTERN,
+        max_length=500,
+        description="Where TLS reports go (RFC 8460 rua: mailto: or https: URIs, comma-separated); "
+        "default mailto:postmaster@<domain>.",
+    )
+
+    # Keys written to mailstate.yaml only when an admin set them: a `dns:` block written before
+    # they existed is dumped again (an upgrade) with exactly its old keys.
+    WRITTEN_WHEN_SET: ClassVar[frozenset[str]] = frozenset(
+        {"imaps_port", "submissions_port", "submission_port", "mta_sts_mode", "tls_rpt_rua"}
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The block as mailstate.yaml holds it (see WRITTEN_WHEN_SET)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return {k: v for k, v in data.items() if k not in self.WRITTEN_WHEN_SET or k in self.model_fields_set}
 
 
 class Settings(BaseModel):
@@ -477,15 +527,32 @@ AliasAddress = Annotated[
     str,
     BeforeValidator(al.normalize_alias_address),
     Field(
-        description="The alias address, local@domain (the rules of a mailbox address), or @domain for the domain's catch-all.",
+        description="The alias address, local@domain (the rules of a mailbox address), or @domain for the domain's catch-all "
+        "(the schema admits a catch-all of an IDN domain in no form; the server takes it as for a domain name).",
         examples=["sales@mycompany.nl", "@mycompany.nl"],
-        json_schema_extra={"minLength": 4, "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH},
+        json_schema_extra={
+            "minLength": 4,
+            "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
+            # local@domain as an Email; @domain without A-labels (see CATCH_ALL_PATTERN).
+            "anyOf": [{"pattern": v.EMAIL_PATTERN, "format": "idn-email"}, {"pattern": v.CATCH_ALL_PATTERN}],
+        },
     ),
 ]
 _DESTINATIONS_DOC = (
     f"1-{al.MAX_DESTINATIONS} email addresses, on this platform or external, no duplicates, "
-    f"at most {al.MAX_DESTINATIONS_CHARS} characters together."
+    f"at most {al.MAX_DESTINATIONS_CHARS} characters together (the schema: lowercase addresses of at most "
+    f"{al.MAX_DESTINATIONS_CHARS // al.MAX_DESTINATIONS - 1} characters each; the server lowercases and counts the total)."
 )
+# A destination as the schema admits it: the canonical (lowercase) text, since duplicates are
+# found after lowercasing and uniqueItems compares the text as sent; and short enough that
+# MAX_DESTINATIONS of them always fit MAX_DESTINATIONS_CHARS (each counts its length + 1).
+DESTINATION_ITEM = {
+    "type": "string",
+    "minLength": 5,
+    "maxLength": al.MAX_DESTINATIONS_CHARS // al.MAX_DESTINATIONS - 1,
+    "pattern": v.CANONICAL_EMAIL_PATTERN,
+    "format": "idn-email",
+}
 Destinations = Annotated[
     list[str],
     BeforeValidator(al.normalize_destinations),
@@ -495,7 +562,8 @@ Destinations = Annotated[
         json_schema_extra={
             "minItems": 1,
             "maxItems": al.MAX_DESTINATIONS,
-            "items": {"type": "string", "format": "email"},
+            "uniqueItems": True,
+            "items": DESTINATION_ITEM,
         },
     ),
 ]
@@ -507,7 +575,8 @@ ForwardDestinations = Annotated[
         json_schema_extra={
             "minItems": 0,
             "maxItems": al.MAX_DESTINATIONS,
-            "items": {"type": "string", "format": "email"},
+            "uniqueItems": True,
+            "items": DESTINATION_ITEM,
         },
     ),
 ]
@@ -558,6 +627,17 @@ class RemoveAliasDomainRequest(Request):
 
 class DnsRecordsRequest(Request):
     domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
+
+
+class CheckDnsRequest(Request):
+    domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
+
+
+class MobileconfigRequest(Request):
+    email: Email = Field(
+        description='The address to set up (e.g. "info@mycompany.nl"). Any address of an email-enabled domain gets the '
+        "same profile: whether the mailbox exists is never told."
+    )
 
 
 class LinkDomainRequest(Request):
@@ -624,6 +704,12 @@ class DomainSummary(BaseModel):
     usage_reported_at: str | None = Field(
         default=None, description="ISO 8601 time of the newest usage report, or null."
     )
+    dns_ok: bool | None = Field(
+        default=None,
+        description="Whether every record of dns-records was found as it should be at the last check (the background "
+        "check, at most once an hour, or a check-dns call); null before the first check.",
+    )
+    dns_checked_at: str | None = Field(default=None, description="ISO 8601 time of that check, or null.")
 
 
 class AliasResponse(WriteResponse):
@@ -839,6 +925,53 @@ class DnsRecordsResponse(Response):
     )
 
 
+class DnsCheckResult(DnsRecord):
+    status: Literal["ok", "missing", "wrong", "error"] = Field(
+        description="ok: published as it should be; missing: no such record (or no such name); wrong: the name has "
+        "records of that kind, but not this one (see `found`); error: the lookup failed (see `error`)."
+    )
+    found: list[str] = Field(
+        description="What DNS answered for the record's name and type, in the form of `value` (TXT at the domain "
+        "itself: only the records of the same kind, e.g. v=spf1); empty when nothing was found."
+    )
+    error: Literal["timeout", "servfail", "refused", "no_answer_from_servers"] | None = Field(
+        default=None,
+        description="With status error: timeout (no answer in time), servfail (the name's server failed), refused, "
+        "or no_answer_from_servers (every server failed otherwise); else null.",
+    )
+
+
+class CheckDnsResponse(Response):
+    domain: str
+    ok: bool = Field(description="true when every record's status is ok.")
+    checked_at: str = Field(description="ISO 8601 time of this check.")
+    resolver: str = Field(
+        description="The resolver asked: `system` or the servers of $MAILSTATE_DNS_RESOLVER (e.g. 127.0.0.1:5353)."
+    )
+    records: list[DnsCheckResult] = Field(description="Every record of dns-records, in its order, with what DNS holds.")
+
+
+class MailServer(BaseModel):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    security: Literal["tls", "starttls"] = Field(description="tls: implicit TLS from the start; starttls: STARTTLS.")
+
+
+class MobileconfigResponse(Response):
+    """The JSON twin of the profile (the HTTP route answers the profile itself)."""
+
+    email: str
+    domain: str
+    username: str = Field(description="The login for IMAP and SMTP: the full address.")
+    imap: MailServer
+    smtp: list[MailServer] = Field(description="Submission servers, the preferred one first.")
+    filename: str = Field(description="The profile's file name, e.g. mycompany.nl.mobileconfig.")
+    content_type: str = Field(description="application/x-apple-aspen-config")
+    profile: str = Field(
+        description="The Apple configuration profile (XML plist) with no password in it: the device asks for it."
+    )
+
+
 class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
@@ -888,6 +1021,8 @@ RESPONSES: dict[str, type[Response]] = {
     "add-alias-domain": AliasDomainResponse,
     "remove-alias-domain": AliasDomainResponse,
     "dns-records": DnsRecordsResponse,
+    "check-dns": CheckDnsResponse,
+    "mobileconfig": MobileconfigResponse,
 }
 
 
@@ -937,4 +1072,16 @@ def invalid_input_from(exc: ValidationError) -> InvalidInput:
         return InvalidInput(f"Unknown field '{field}'.", code="unknown_field", field=field)
     code = _FIELD_CODES.get(field or "", "invalid_request")
     where = f"'{field}'" if field else "the request"
+    if not _safe_message(err):
+        return InvalidInput(f"Invalid value for {where}.", code=code, field=field)
     return InvalidInput(f"Invalid value for {where}: {err.get('msg', 'invalid value')}.", code=code, field=field)
+
+
+# Context keys whose text comes from the input or from a foreign exception: a message built
+# with them could echo a password's characters or a codec's internals (`'utf-8' codec can't
+# encode character '\udc80' in position 3`), so such an error is reported by its field only.
+_UNSAFE_CONTEXT = frozenset({"error", "tag", "discriminator", "class", "class_name", "attribute", "method_name"})
+
+
+def _safe_message(err: Any) -> bool:
+    return not (_UNSAFE_CONTEXT & set(err.get("ctx") or {}))

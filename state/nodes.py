@@ -57,14 +57,14 @@ def _clip(value: object) -> object:
 
 
 class UsageEntry(BaseModel):
-    """One mailbox's measured size, as a node reports it (see LIFECYCLE.md). Strict: a number
+    """One mailbox's measured size, as a node reports it (docs/api.md, "Usage figures"). Strict: a number
     sent as a string is a node bug, refused rather than guessed at."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     # The canonical address as the release's files spell it (lowercase, punycode): checked by
     # shape here and matched against the state in usage_rows. (Full normalisation of 100k
-    # addresses took ~1.8 s a report; a lookup in the snapshot proves more, for less.)
+    # addresses costs seconds a report; a lookup in the snapshot proves more, for less.)
     email: str = Field(
         pattern=USAGE_EMAIL,
         max_length=320,

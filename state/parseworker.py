@@ -5,7 +5,8 @@
 Parses and validates each domain file and writes, per file, a tab-separated line `index oid
 domain project_id alias_of fits length` (an empty field for None; validated names and ids
 hold no tab or newline) followed by `length` bytes of the entry's JSON (state.load's cache
-entry form). Not JSON lines: decoding 200k of them cost the waiting parent 1.6 s. At the first file that fails it writes `{"index": i,
+entry form). Not JSON lines: decoding 200k of them would cost the waiting parent seconds. At the
+first file that fails it writes `{"index": i,
 "problems": [...]}` and stops. A separate interpreter rather than multiprocessing: the
 server may run threads (no fork), and spawn re-runs the caller's `__main__`.
 """

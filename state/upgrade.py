@@ -12,16 +12,16 @@ meets the old owner's Maildir. The upgrade commit:
   `rendered/settings`.
 
 Passwords, quotas and active flags are untouched, so every login keeps working. The nodes
-move each Maildir from `<local>` to `<local>~<id>` when they apply the commit (see
-LIFECYCLE.md: rename plus a symlink while the old config is still live).
+move each Maildir from `<local>` to `<local>~<id>` when they apply the commit (rename plus a
+symlink while the old config is still live; docs/node-guide.md, "Mailbox lifecycle").
 
 The upgrade runs through the store's normal write path, so it is signed by the server's key,
 compare-and-swapped against other writers and, in upstream mode, pushed before it counts.
 It is idempotent: a format-2 state makes no commit. `open_store` runs it (the server on start,
 any CLI command); `mailstate upgrade --data DIR` runs it on purpose and says what it did.
 
-The sending issue added a rendered fragment, `sender_login_maps` (state/senders.py), in format
-2. A format-2 state committed before it gets the fragments in one signed commit too (the same
+Format 2 also renders a `sender_login_maps` fragment per domain (state/senders.py). A format-2
+state committed without those fragments gets them in one signed commit too (the same
 operation: the domain files stay as they are, every email-enabled domain is rendered again).
 Whether that is due is read from one domain, the first (by name) that must have a fragment:
 every commit since renders it, and the upgrade renders all at once.

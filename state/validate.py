@@ -28,6 +28,45 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _LOCAL = re.compile(r"^[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*$")
 _NODE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _ASCII_SAFE = re.compile(r"^[\x21-\x7e]+$")
+
+
+# JSON Schema patterns (ECMA 262, and Python's `re` reads them the same) for the inputs above,
+# published in OpenAPI and the MCP tools' input schemas. They are never looser than the
+# functions: every string that matches (and passes the `format` beside it, see state/models.py)
+# is accepted; tests/api/test_contract.py generates requests from the published schema to hold
+# that. They use negative lookaheads only (for the length bounds), no positive ones.
+def _label_pattern(alpha: str, a_labels: bool = True) -> str:
+    """A DNS label: 1-63 letters, digits or hyphens, no hyphen at either end, and `--` in
+    positions 3-4 only as an A-label's `xn--` (whose punycode the idn-hostname format checks;
+    without `a_labels`, where no format can check it, none)."""
+    an, ldh = f"[{alpha}0-9]", f"[{alpha}0-9-]"
+    xn = "xn" if alpha == "a-z" else "[Xx][Nn]"
+    ldh_label = f"(?!{an}{{2}}--){an}(?:{ldh}{{0,61}}{an})?"
+    return f"(?:{xn}--{an}(?:{ldh}{{0,57}}{an})?|{ldh_label})" if a_labels else f"(?:{ldh_label})"
+
+
+def _domain_body(alpha: str, a_labels: bool = True) -> str:
+    label = _label_pattern(alpha, a_labels)
+    return f"(?:{label}\\.)+(?![0-9]+$){label}"
+
+
+def _local_body(alpha: str) -> str:
+    return f"(?![^@]{{{MAX_LOCAL_PART_LENGTH + 1}}})[{alpha}0-9](?:[{alpha}0-9_+-]|\\.[{alpha}0-9_+-])*"
+
+
+# Case-insensitive where the server lowercases (a domain, an address); lowercase only where
+# the canonical text itself is compared (destinations: uniqueItems sees the text as sent).
+DOMAIN_PATTERN = f"^{_domain_body('A-Za-z')}$"
+EMAIL_PATTERN = f"^{_local_body('A-Za-z')}@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('A-Za-z')}$"
+CANONICAL_EMAIL_PATTERN = f"^{_local_body('a-z')}@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('a-z')}$"
+# A catch-all `@domain` has no JSON Schema format to check an A-label with: its pattern has none.
+CATCH_ALL_PATTERN = f"^@(?![^@]{{{MAX_DOMAIN_LENGTH + 1}}}){_domain_body('A-Za-z', a_labels=False)}$"
+IP_PATTERN = "^[0-9A-Fa-f:.]+$"
+# 8-72 UTF-8 bytes without NUL or a lone surrogate, as characters: 8-72 ASCII characters, or
+# 8-18 of any (18 four-byte characters are 72 bytes). A longer non-ASCII password may still
+# fit 72 bytes (the server counts bytes: x-max-bytes); the schema cannot count bytes.
+PASSWORD_PATTERN = "^(?:[\\x01-\\x7f]{8,72}|[^\\x00\\ud800-\\udfff]{8,18})$"
+
 # A mailbox id (state format 2): the creation date and 24 random bits, e.g. 20261201-3fa9c2.
 # Digits, one hyphen and lowercase hex: it can never hold `/`, `.`, `~`, `:` or whitespace,
 # so `<local>~<id>` is always one plain path segment.
@@ -71,7 +110,31 @@ def normalize_domain(value: object, *, field: str = "domain") -> str:
             )
     if labels[-1].isdigit():
         raise InvalidInput("The top-level domain may not be all digits.", code="invalid_domain", field=field)
+    if "--" in text:
+        _check_idna(text, field)
     return text
+
+
+def _check_idna(text: str, field: str) -> None:
+    """Refuse what IDNA 2008 (the `idna` package) cannot decode, and an A-label that is not the
+    canonical encoding of its own decoding: `xn--a` (punycode for U+0080, not allowed in a
+    name), `xn--zz-zzzzz` (symbols), or a reserved `ab--c` label (`--` in positions 3-4 is for
+    A-labels only). Only a label holding `--` can fail here once the LDH rules above passed."""
+    try:
+        canonical = idna.encode(idna.decode(text)).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise InvalidInput(
+            "The domain name is not a valid internationalised domain name: a label with '--' in the third "
+            "and fourth position must be valid punycode (an xn-- A-label) of an allowed name.",
+            code="invalid_domain",
+            field=field,
+        ) from exc
+    if canonical != text:
+        raise InvalidInput(
+            f"The domain name's punycode is not in canonical form; send {canonical}.",
+            code="invalid_domain",
+            field=field,
+        )
 
 
 def is_local_part(value: object) -> bool:
@@ -93,11 +156,13 @@ def normalize_email(value: object, *, field: str = "email") -> tuple[str, str]:
             field=field,
         )
     local, _, domain_part = value.partition("@")
-    local = local.lower()
+    # ASCII first, lowercase after: str.lower() folds some non-ASCII look-alikes into ASCII
+    # (KELVIN SIGN U+212A -> "k"), which would turn one address into another.
+    local = local.lower() if local.isascii() else local
     if not local or len(local) > MAX_LOCAL_PART_LENGTH or not _LOCAL.fullmatch(local):
         raise InvalidInput(
-            "The part before @ may use letters, digits, '.', '_', '+' and '-', must start with a "
-            "letter or digit, and may not hold '..', spaces, ':' or '/'.",
+            "The part before @ may use ASCII letters, digits, '.', '_', '+' and '-' (no look-alike letters "
+            "from other scripts), must start with a letter or digit, and may not hold '..', spaces, ':' or '/'.",
             code="invalid_email",
             field=field,
         )
@@ -114,7 +179,16 @@ def validate_password(value: object, *, field: str = "password") -> str:
     """8 to 72 UTF-8 bytes, no NUL. The value itself never appears in an error."""
     if not isinstance(value, str):
         raise InvalidInput("The password must be a string.", code="invalid_password", field=field)
-    size = len(value.encode("utf-8"))
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON "\\udc80", or undecodable bytes on a command line): not text.
+        # The codec's own message would name the character and its position: never echo it.
+        raise InvalidInput(
+            "The password must be valid Unicode text; it holds an unpaired surrogate (\\ud800-\\udfff).",
+            code="invalid_password",
+            field=field,
+        ) from None
     if size < MIN_PASSWORD_BYTES:
         raise InvalidInput(
             f"The password must be at least {MIN_PASSWORD_BYTES} bytes long.", code="invalid_password", field=field

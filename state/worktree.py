@@ -1,15 +1,15 @@
 """Which domain files of a working tree differ from a revision, by content.
 
-`mailstate plan` on a working tree used to parse and validate every domain file of the
-checkout to find the few that changed: O(state), ~6 s at 100k mailboxes, most of it YAML and
-pydantic. Telling whether a file changed needs no parse: its git blob id (`pygit2.hash` of
+`mailstate plan` on a working tree must find the few domain files that changed without
+parsing and validating every one (O(state): seconds at 100k mailboxes, most of it YAML and
+pydantic). Telling whether a file changed needs no parse: its git blob id (`pygit2.hash` of
 its bytes, in C) either equals the revision's blob at that path or not. So the checkout is
 read and hashed (~15 MB at 100k mailboxes) and only the files that differ are parsed
 (state.plan).
 
 Why not ask git (`git diff --name-only REV`)? It answers from the index's stat data, which is
-fast when the index is fresh, but on a fresh clone of a large state, on this machine, it took
-minutes (every entry re-checked); the content hash costs the same every time and needs no
+fast when the index is fresh, but on a fresh clone of a large state it takes minutes (every
+entry re-checked); the content hash costs the same every time and needs no
 index at all (a checkout without one, or a CI cache, works the same).
 
 The files that hash the same are byte-identical to REV's blobs; they are REV's state, which
@@ -74,7 +74,7 @@ def changed_domain_paths(repo: GitRepo, root: Path, base: str) -> list[str]:
     revision's bytes counts as changed, so the caller's parse reports it).
 
     The bucket folders are hashed by a few threads: pygit2.hashfile releases the GIL, and at
-    1M mailboxes (200k files) hashing is most of a plan (2.2 s of 4.2 on one thread)."""
+    1M mailboxes (200k files) hashing is most of a plan."""
     from concurrent.futures import ThreadPoolExecutor
 
     committed = dict(repo.walk_blobs(base, files.DOMAINS_DIR))

@@ -13,6 +13,9 @@ the file or directory should be, compares it with what is there, and only then c
 - Dovecot: the snippet is included (conf.d/*.conf, or an added ``!include`` line) and
   ``!include auth-system.conf.ext`` in conf.d/10-auth.conf is commented out with a marker;
 - the mail root, owned by the state's uid/gid;
+- the node's certificate at the bundle's TLS paths (certs.py): from an ACME server with certbot
+  (``--acme-email``, renewed by certbot, whose deploy hook reloads Postfix and Dovecot), or
+  self-signed when there is none, so that both start;
 - systemd, when it runs: daemon-reload, (re)start Postfix and Dovecot, enable the timer;
 - a first tick.
 
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import hostconf
+from . import certs, hostconf
 from .errors import ConfigError, TickError
 from .fsutil import atomic_write
 from .runner import Runner, short
@@ -144,7 +147,13 @@ class Options:
     systemd: bool | None = None  # None: detect (systemd_running())
     postconf: str = "postconf"
     doveconf: str = "doveconf"
+    opendkim: str = "opendkim"
     systemctl: str = "systemctl"
+    # The node's certificate (certs.py): from ACME when `acme` is set, else self-signed for mail_host.
+    acme: certs.Acme | None = None
+    mail_host: str = ""
+    certbot: str = "certbot"
+    openssl: str = "openssl"
 
 
 class Record:
@@ -309,6 +318,23 @@ def relocate(data: bytes, defaults: dict[str, str], dirs: dict[str, str]) -> byt
     return data
 
 
+def opendkim_tables(conf: bytes) -> list[str]:
+    """The files an opendkim.conf names as its KeyTable and SigningTable (``file:``/``refile:`` or a plain path)."""
+    out = []
+    for line in conf.decode("utf-8", "replace").splitlines():
+        parts = line.split(None, 1)
+        if len(parts) != 2 or parts[0].lower() not in ("keytable", "signingtable"):
+            continue
+        kind, colon, path = parts[1].strip().partition(":")
+        if not colon:
+            path = kind
+        elif kind not in ("file", "refile"):
+            continue  # another dataset type (a database, an inline list): no file to make
+        if path.startswith("/"):
+            out.append(path)
+    return out
+
+
 def read_sync_key_input(source: str | None, stdin_tty: bool | None = None) -> str | None:
     """The sync key from ``source`` ("-" = stdin; a terminal gets a prompt that does not echo)."""
     if source is None:
@@ -392,6 +418,7 @@ class Installer:
         """Every step but the first tick and the timer (``enable_timer()``, after the tick); returns the
         number of changes (made, or in a dry run to make)."""
         self.check_services_installed()
+        self.check_certbot()
         self.check_sync_key()
         try:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
@@ -403,6 +430,7 @@ class Installer:
             self.configure_opendkim()
             self.make_mail_root()
             self.make_empty_tables()
+            self.install_certificate()
         finally:
             if not self.opts.dry_run:
                 self.record.data["node"] = self.m.get("node", "")
@@ -425,8 +453,17 @@ class Installer:
                 "add-node printed, then Ctrl-D) or --sync-key-file FILE"
             )
 
+    def check_certbot(self) -> None:
+        if self.opts.acme is not None and shutil.which(self.opts.certbot) is None:
+            raise InstallError("--acme-email needs certbot, which is not installed: apt-get install certbot")
+
     def check_services_installed(self) -> None:
         pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
+        if self.opendkim_conf() is not None and shutil.which(self.opts.opendkim) is None:
+            raise InstallError(
+                f"opendkim is not installed ({self.opts.opendkim} is not on PATH), and this bundle signs outgoing "
+                "mail with it: apt-get install opendkim opendkim-tools"
+            )
         if not os.path.isdir(pf):
             raise InstallError(f"postfix is not installed ({pf} does not exist): apt-get install postfix")
         if not os.path.isfile(os.path.join(dv, "dovecot.conf")):
@@ -437,13 +474,16 @@ class Installer:
 
     # ---- files
 
+    def bundle_file(self, name: str) -> bytes:
+        """A bundle file as installed: pointed at the chosen directories when the manifest says it names them."""
+        data = self.bundle.read(name)
+        if name in self.m.get("relocate", []):
+            data = relocate(data, self.m.get("dirs", {}), self.opts.dirs)
+        return data
+
     def install_files(self) -> None:
-        defaults = self.m.get("dirs", {})
-        relocated = set(self.m.get("relocate", []))
         for entry in self.m.get("files", []):
-            data = self.bundle.read(entry["file"])
-            if entry["file"] in relocated:
-                data = relocate(data, defaults, self.opts.dirs)
+            data = self.bundle_file(entry["file"])
             dest = self.path(entry["dir"], entry["name"])
             if self.host.put_file(dest, data, int(entry["mode"], 8)):
                 if entry["dir"] == "systemd_dir":
@@ -486,7 +526,7 @@ class Installer:
             base = self.bundle.read(spec["main_cf_base"])
         else:
             base = current
-        lines = hostconf.setting_lines(self.bundle.read(spec["main_cf"]).decode("utf-8"))
+        lines = hostconf.setting_lines(self.bundle_file(spec["main_cf"]).decode("utf-8"))
         new = hostconf.set_main_cf(self.runner, base, lines)
         before = hostconf.parse_main_cf(base.decode("utf-8", "replace"))
         originals = {line.partition("=")[0].strip(): before.get(line.partition("=")[0].strip()) for line in lines}
@@ -538,17 +578,52 @@ class Installer:
 
     # ---- dovecot
 
-    def configure_opendkim(self) -> None:
-        """The bundle's opendkim.conf (signing-only milter; pi-pull writes its tables) beside the
-        postfix dir, i.e. /etc/opendkim.conf; the original is kept and uninstall puts it back."""
+    def opendkim_conf(self) -> str | None:
+        """Where the bundle's opendkim.conf goes (beside the postfix dir: /etc/opendkim.conf); None without one."""
         spec = self.m.get("opendkim")
         if not isinstance(spec, dict):
-            return
-        dest = os.path.join(
+            return None
+        return os.path.join(
             os.path.dirname(self.opts.dirs["postfix_dir"].rstrip("/")), str(spec.get("name", "opendkim.conf"))
         )
-        if self.host.put_file(dest, self.bundle.read(str(spec["conf"])), 0o644, " (OpenDKIM, the DKIM signer)"):
+
+    def configure_opendkim(self) -> None:
+        """The bundle's opendkim.conf (signing-only milter; pi-pull writes its tables) beside the
+        postfix dir, i.e. /etc/opendkim.conf; the original is kept and uninstall puts it back. It
+        names the tables under the etc dir, so it follows ``--etc-dir`` like pi-pull.ini."""
+        dest = self.opendkim_conf()
+        if dest is None:
+            return
+        conf = str(self.m["opendkim"]["conf"])
+        data = self.bundle.read(conf)
+        if conf in self.m.get("relocate", []):
+            data = relocate(data, self.m.get("dirs", {}), self.opts.dirs)
+        if self.host.put_file(dest, data, 0o644, " (OpenDKIM, the DKIM signer)"):
             self.changed.add("opendkim")
+        self.make_dkim_tables(data)
+
+    def make_dkim_tables(self, conf: bytes) -> None:
+        """Empty KeyTable and SigningTable where the config names them and there are none yet.
+
+        OpenDKIM refuses a config whose tables are missing (``opendkim -n`` exits 78, EX_CONFIG, and
+        so does its start), and pi-pull writes them only on a tick, after install has (re)started
+        OpenDKIM. Empty tables sign nothing, which is also what pi-pull writes until a key has been
+        reported and published. Tables that exist (pi-pull's) are never touched; uninstall removes
+        the ones install made."""
+        from .dkim import ensure_key_dir
+
+        owner = self.bundle_config().get("dkim", "key_owner", fallback="opendkim").strip()
+        for path in opendkim_tables(conf):
+            if os.path.exists(path):
+                self.steps.done(f"{path} (OpenDKIM's table)")
+                continue
+            key_dir = os.path.dirname(path)
+            self.host.make_dir(key_dir, 0o750)
+            if not self.steps.change(f"create {path} (0644, empty: nothing is signed until pi-pull writes it)"):
+                continue
+            ensure_key_dir(key_dir, owner)
+            atomic_write(path, b"", 0o644)
+            self.record.data["files"][path] = {"backup": None, "sha256": sha256(b"")}
 
     def configure_dovecot(self) -> None:
         dv = self.opts.dirs["dovecot_dir"]
@@ -664,6 +739,40 @@ class Installer:
         os.symlink(PLACEHOLDER, link)
         os.replace(link, current)
 
+    # ---- the certificate (certs.py)
+
+    def install_certificate(self) -> None:
+        """The node's certificate at the bundle's TLS paths: ACME (--acme-email) or self-signed."""
+        spec = self.m.get("tls")
+        if not isinstance(spec, dict):
+            self.steps.note("the bundle names no TLS files: put the node's certificate where its main.cf says")
+            return
+        defaults = self.m.get("dirs", {})
+        cert, key = (relocate(str(spec[k]).encode(), defaults, self.opts.dirs).decode() for k in ("cert", "key"))
+        services = self.bundle_config()
+        hook = certs.deploy_hook(
+            cert,
+            key,
+            services.get("services", "postfix_reload", fallback="postfix reload"),
+            services.get("services", "dovecot_reload", fallback="doveadm reload"),
+        )
+        step = certs.TlsStep(
+            cert=cert,
+            key=key,
+            host=self.opts.mail_host or "localhost",
+            acme=self.opts.acme,
+            hook_path=self.path("lib_dir", certs.HOOK_NAME),
+            hook=hook,
+            files=self.host,
+            say=self.steps,
+            record=self.record.data,
+            runner=self.runner,
+            certbot=self.opts.certbot,
+            openssl=self.opts.openssl,
+        )
+        if step.run():
+            self.changed.update({"postfix", "dovecot"})  # they read the certificate when they start
+
     # ---- checks and services
 
     def check_configs(self) -> None:
@@ -676,6 +785,12 @@ class Installer:
         if not ok:
             raise InstallError(f"dovecot rejects its configuration after install: {text}")
         self.steps.note("checked: postconf -n and doveconf -n accept the configuration")
+        dkim_conf = self.opendkim_conf()
+        if dkim_conf is not None:
+            ok, text = run(self.runner, [self.opts.opendkim, "-n", "-x", dkim_conf])
+            if not ok:
+                raise InstallError(f"opendkim rejects its configuration after install: {text}")
+            self.steps.note(f"checked: opendkim -n accepts {dkim_conf}")
 
     @property
     def use_systemd(self) -> bool:

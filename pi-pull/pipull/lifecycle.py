@@ -1,6 +1,6 @@
 """Mailbox lifecycle on the node: the graveyard, the purge, the format 1 -> 2 Maildir move, usage.
 
-State format 2 (LIFECYCLE.md) gives every mailbox an immutable id, and its home is
+State format 2 (docs/state-repo.md) gives every mailbox an immutable id, and its home is
 ``<mail_root>/<domain>/<local>~<id>``. A re-added address gets a new id, hence a new, empty
 home; what is left of the old one is dealt with here:
 

@@ -2,8 +2,8 @@
 
 A node applies only commits a server validated. The server says which with an annotated tag
 object at ``refs/mailstate/accepted``, SSH-signed (namespace ``git``) by a SERVER key, in
-exactly the form ``git tag -s`` writes with gpg.format=ssh (see STATEMENT.md and the server's
-state/statement.py)::
+exactly the form ``git tag -s`` writes with gpg.format=ssh (the server's state/statement.py
+writes it; docs/security.md)::
 
     object <sha>
     type commit

@@ -153,9 +153,9 @@ SHARDS = 64
 DIRTY_WINDOW_S = 2.0
 MAX_CACHED_FOLDERS = 1000  # a mailbox with more subfolders is listed in full every pass, not cached
 MAX_CACHE_FILE_BYTES = 64 * 1024 * 1024  # a shard file: 1/256 of the mailboxes
-# The pass file lists every mailbox (~85 bytes each: 82.6 MB at 1M). Under the shards' 64 MiB
-# limit it was "lost" on every tick at 1M, so each tick listed all mailboxes from git again and
-# rewrote the file (~20 s and ~880 MB a tick, for the length of a pass).
+# The pass file lists every mailbox (~85 bytes each: 82.6 MB at 1M), so it has its own limit: under
+# the shards' 64 MiB it would count as lost on every tick at 1M, and each tick would list all
+# mailboxes from git again and rewrite the file (~20 s a tick, for the length of a pass).
 MAX_PASS_FILE_BYTES = 1024 * 1024 * 1024
 MAX_ENTRIES_PER_STEP = 100_000  # the server takes up to 200k per report
 CACHE_VERSION = 1

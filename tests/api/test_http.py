@@ -454,6 +454,8 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "add-alias-domain": "post",
         "remove-alias-domain": "post",
         "dns-records": "get",
+        "check-dns": "get",
+        "mobileconfig": "get",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]
@@ -464,7 +466,7 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "password",
     ]
     params = spec["paths"][f"{API}/list-users"]["get"]["parameters"]
-    # domain filters; limit and cursor page (issue 14), all optional so the spec's call stays valid
+    # domain filters; limit and cursor page, all optional so the spec's call stays valid
     assert sorted((p["name"], p["in"], p["required"]) for p in params) == [
         ("cursor", "query", False),
         ("domain", "query", False),

@@ -36,14 +36,14 @@ SPEC_TOOLS = {
     "list-domains": "email_account_list_domains",
     "add-user": "email_account_add_user",
     "remove-user": "email_account_remove_user",
-    "restore-user": "email_account_restore_user",  # issue 10 (mailbox lifecycle)
+    "restore-user": "email_account_restore_user",  # mailbox lifecycle
     "list-users": "email_account_list_users",
     "update-password": "email_account_update_password",
     "add-domain": "email_account_add_domain",
     "remove-domain": "email_account_remove_domain",
     "list-nodes": "email_account_list_nodes",
     "add-node": "email_account_add_node",
-    # issue 11: aliases, forwarding, catch-all, alias domains
+    # aliases, forwarding, catch-all, alias domains
     "add-alias": "email_account_add_alias",
     "update-alias": "email_account_update_alias",
     "remove-alias": "email_account_remove_alias",
@@ -52,6 +52,9 @@ SPEC_TOOLS = {
     "add-alias-domain": "email_account_add_alias_domain",
     "remove-alias-domain": "email_account_remove_alias_domain",
     "dns-records": "email_account_dns_records",
+    # onboarding: the live DNS check and the Apple profile
+    "check-dns": "email_account_check_dns",
+    "mobileconfig": "email_account_mobileconfig",
 }
 
 
@@ -230,6 +233,13 @@ def call_every_tool(
             dns = await p.call_tool("email_account_dns_records", {"domain": domain})
             assert dns.is_error is True and "dns_not_configured" in str(dns.content), dns
             out["email_account_dns_records"] = dns
+            for tool, args in (
+                ("email_account_check_dns", {"domain": domain}),
+                ("email_account_mobileconfig", {"email": f"info@{domain}"}),
+            ):
+                result = await p.call_tool(tool, args)
+                assert result.is_error is True and "dns_not_configured" in str(result.content), result
+                out[tool] = result
             await call(
                 p,
                 "email_account_set_forwarding",

@@ -141,7 +141,7 @@ def _plain_nopassword(work: Path) -> None:
 
 
 def test_a_trusted_signed_invalid_commit_never_goes_live_and_the_node_converges(fleet: Fleet) -> None:
-    """Issue 8: a commit signed by a trusted key but with a hand-edited {PLAIN} nopassword=y line,
+    """A commit signed by a trusted key but with a hand-edited {PLAIN} nopassword=y line,
     pushed into the running server's state.git, never goes live on the node; after the correction
     (the next API write) the node converges to the server's head with exit 0; list-nodes tells
     "behind" from "diverged"."""

@@ -466,7 +466,7 @@ def test_a_node_following_the_host_applies_only_accepted_commits(hosted: HostedF
     assert f.applied() == accepted  # nothing newer was stated
     address = BAD_LINE.split(":", 1)[0]
     assert not node.can_login(address, "anything at all")
-    passwd = node.root / "current" / "dovecot" / "passwd.d" / "example.com"
+    passwd = node.passwd_file("example.com")
     assert "info@example.com:" in passwd.read_text() and "nopassword" not in passwd.read_text()
 
     # The next API write replaces the refused commit on the host; the node follows it.

@@ -1,4 +1,4 @@
-"""The node side of the mailbox lifecycle (issue 10, LIFECYCLE.md), with real Postfix and Dovecot.
+"""The node side of the mailbox lifecycle, with real Postfix and Dovecot.
 
 A real `mailstate serve` (tests/helpers/server.py) makes the commits through its HTTP API; the node
 pulls them through /v1/nodes/state.git with the single-file agent (`run_pi_pull`) or, where
@@ -259,7 +259,9 @@ def test_soft_delete_keeps_the_maildir_restore_brings_it_back_and_usage_reaches_
 
 
 def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(
-    mailnode: MailNode, tmp_path: Path, pipull: ModuleType
+    mailnode: MailNode,
+    tmp_path: Path,
+    pipull: ModuleType,
 ) -> None:
     node = mailnode
     # The data dir exactly as the format-1 code left it (a Store opened directly never upgrades).
@@ -287,7 +289,7 @@ def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(
         node.send(to, subject)
         node.wait_for_message(to, P1, subject)
     assert homes(node, "example.com") == ["gone", "info", "sales"]  # format 1: <local>; quiet never got mail
-    # The old code's hard delete left the Maildir in place (the bug issue 10 is about).
+    # A hard delete must not leave the Maildir in place for the next owner of the address.
     store.execute("remove-user", PROJECT_A, {"email": "gone@example.com", "hard_delete": True})
     assert run_pi_pull(cfg).returncode == EXIT_OK
 

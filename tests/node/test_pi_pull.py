@@ -333,7 +333,7 @@ def test_key_in_repo_is_not_trusted(setup: Setup) -> None:
 
 def test_statement_of_an_older_commit_changes_nothing(setup: Setup) -> None:
     """A statement naming an ancestor of the applied commit (a server behind, or main forced back)
-    is a no-op: exit 0, the node stays where it is (STATEMENT.md)."""
+    is a no-op: exit 0, the node stays where it is."""
     first = _apply_first(setup)
     setup.repo.set_mailbox("new@example.com", "new-password")
     second = setup.repo.commit("second")

@@ -1,4 +1,4 @@
-"""pipull/bulkwrite.py: a first apply's passwd-files, written by a helper process (issue 14)."""
+"""pipull/bulkwrite.py: a first apply's passwd-files, written by a helper process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pi_pull.py's code cache (compiler/node_bundle.py's zipapp __main__, issue 14): a root run unpacks
+"""pi_pull.py's code cache (compiler/node_bundle.py's zipapp __main__): a root run unpacks
 the archive's sources once and imports them with bytecode; anything it cannot trust is not used."""
 
 from __future__ import annotations

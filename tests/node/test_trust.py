@@ -1,4 +1,4 @@
-"""Every commit verified, admin key rotation and freshness on the node (issue 13), and on server adoption.
+"""Every commit verified, admin key rotation and freshness on the node, and on server adoption.
 
 Real git repos, real ssh-keygen signatures, the built pi_pull.py as a subprocess; the server
 side through a real data dir's store (conftest's `mail_store`).

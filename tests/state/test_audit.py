@@ -173,7 +173,7 @@ def test_cli_log_on_a_path_that_is_not_a_repo(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_git_log_trailers_is_itself_an_audit_log(data_dir: DataDir, history: Store) -> None:
-    """DESIGN.md: `git log --format='%(trailers)'` is an audit log, without mailstate installed."""
+    """The design's promise: `git log --format='%(trailers)'` is an audit log, without mailstate installed."""
     out = subprocess.run(
         [
             "git",

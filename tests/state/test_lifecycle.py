@@ -1,4 +1,4 @@
-"""Mailbox lifecycle, server side (issue 10): ids, hard and soft delete, restore, usage figures,
+"""Mailbox lifecycle, server side: ids, hard and soft delete, restore, usage figures,
 and the paths the compiler renders from hostile values. The node side (graveyard, purge, the
 Maildir move) is tested with real Postfix/Dovecot in the pi-pull tests."""
 

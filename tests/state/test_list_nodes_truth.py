@@ -1,4 +1,4 @@
-"""list-nodes tells the truth (issue 13): lag_s, commits_behind, diverged, stale with the
+"""list-nodes tells the truth: lag_s, commits_behind, diverged, stale with the
 statement's age, the last error kept after a later ok, and the time and age of the last report;
 the server marks a node stale when its last report is too old (MAILSTATE_NODE_STALE_AFTER).
 A real store and local database, reports recorded as the HTTP edge records them

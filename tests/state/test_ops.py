@@ -58,19 +58,27 @@ def test_registry_names_all_operations() -> None:
         "remove-alias-domain",
     }
     sending = {"dns-records"}
+    onboarding = {"check-dns", "mobileconfig"}
     assert (
         set(OPERATIONS)
-        == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases | sending
+        == set(SPEC_OPERATIONS)
+        | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
+        | aliases
+        | sending
+        | onboarding
     )
-    assert len(OPERATIONS) == 24
+    assert len(OPERATIONS) == 26
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
+    assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
     assert {n for n, op in OPERATIONS.items() if not op.write} == {
         "list-domains",
         "list-users",
         "list-nodes",
         "list-aliases",
         "dns-records",
+        "check-dns",
+        "mobileconfig",
     }
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
         "list-domains",
@@ -78,6 +86,8 @@ def test_registry_names_all_operations() -> None:
         "list-nodes",
         "list-aliases",
         "dns-records",
+        "check-dns",
+        "mobileconfig",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
@@ -174,6 +184,8 @@ def test_list_domains(store: Store) -> None:
                 "used_mb": None,
                 "messages": None,
                 "usage_reported_at": None,
+                "dns_ok": None,
+                "dns_checked_at": None,
             }
         ],
         "linked_not_enabled": [{"domain": "other.org", "project_id": A}],

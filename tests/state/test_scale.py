@@ -1,4 +1,4 @@
-"""What the scale work (issue 14) changed on the server, checked for correctness (the timings
+"""What the scale work changed on the server, checked for correctness (the timings
 live in bench/bench_scale.py): loaded models share one fields set without any write leaking
 through it, and the bench's fast seed builds exactly the tree the store's own path builds."""
 

@@ -1,4 +1,4 @@
-"""The state format upgrade (issue 10): a format-1 data dir becomes format 2 in exactly one
+"""The state format upgrade: a format-1 data dir becomes format 2 in exactly one
 signed commit, by `mailstate upgrade` or by the server on start; logins never change.
 
 The format-1 data dirs here are built the way the old code built them: a `format: 1`
