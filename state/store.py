@@ -67,7 +67,7 @@ from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.statement import create_statement, parse_statement, read_statement, verify_statement
-from mailstate.state.sync import Incoming, full_check, validate_incoming
+from mailstate.state.sync import Incoming, change_problems, full_check, validate_incoming
 from mailstate.state.upstream import REJECTED_PREFIX, Upstream
 
 log = logging.getLogger("mailstate.store")
@@ -252,8 +252,9 @@ class Store:
                 if not outcome.change:
                     outcome.result = {**outcome.result, "commit": None}
                     return outcome
+                after = self._after(outcome.change)
                 message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
-                sha, snap, stated = self._make_commit(outcome.change, message)
+                sha, snap, stated = self._make_commit(outcome.change, message, after)
                 try:
                     if self.upstream is None:
                         self.git.move_branch(sha, self._expected_head())
@@ -280,16 +281,28 @@ class Store:
 
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
-        sha, snap, stated = self._make_commit(change, message)
+        sha, snap, stated = self._make_commit(change, message, self._after(change))
         self.git.move_branch(sha, self._expected_head())
         self._adopted(sha, snap, stated)
         return sha
 
-    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot, tuple[str, int] | None]:
+    def _after(self, change: Change) -> Snapshot:
+        """The state after `change` (its commit still unset), once it passed the rules an incoming
+        commit with the same change must pass across domains (state.sync.change_problems); the
+        first one it breaks is raised (409)."""
+        after = self._snapshot.with_change("", change)
+        found = change_problems(self._snapshot, after, change)
+        if found:
+            raise found[0].error()
+        return after
+
+    def _make_commit(
+        self, change: Change, message: str, after: Snapshot
+    ) -> tuple[str, Snapshot, tuple[str, int] | None]:
         """The signed commit object for `change` on top of HEAD (the branch does not move), and
         the statement tag naming it, (tag id, issued_at). Both go to disk in the one fsynced
         pack of the write, so the statement costs no fsync of its own; if the commit does not
-        land, the tag is an unreferenced object that gc drops."""
+        land, the tag is an unreferenced object that gc drops. `after` is _after(change)."""
         snap = self._snapshot
         tree = self.git.build_tree(snap.commit, self.changed_files(snap, change))
         when = self.clock()
@@ -307,7 +320,7 @@ class Store:
         except StoreError as exc:  # never fails the write: _publish_statement tries again after it
             log.warning("accepted-head statement for %s not prepared: %s", sha[:12], exc.message)
         self.git.flush_objects(extra=[stated[0]] if stated else [])  # the branch's own flush then finds nothing left
-        return sha, snap.with_change(sha, change), stated
+        return sha, after.at(sha), stated
 
     def _expected_head(self) -> str | None:
         """What the branch must point at for our commit to land: our snapshot's commit, or
