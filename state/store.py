@@ -168,15 +168,19 @@ class Store:
             self._refs = pygit2.Repository(str(self.git.path))
         except pygit2.GitError as exc:
             raise StoreError(f"{repo_path} is not a git repository.") from exc
-        start = head
-        if upstream is None:
-            stated = self._verified_statement()
-            if stated is not None and stated[1] != head and self._is_commit(stated[1]):
-                start = stated[1]  # what was last accepted; main is validated against it below
-        self._snapshot = load_commit(self.git, start, self._cache)
         self.max_tries = max_tries
         self._rng = rng or random.Random()
         self.upstream_problem: dict[str, Any] | None = None
+        # True while the snapshot is a commit validated the way an incoming commit is (or
+        # stated by a server, which did): only then is it stated, and only then written on.
+        self._validated = False
+        stated = self._verified_statement()
+        if stated is not None and self._is_commit(stated[1]):
+            # What was last accepted; main is validated against it below.
+            self._snapshot = load_commit(self.git, stated[1], self._cache)
+            self._validated = True
+        else:
+            self._snapshot = self._first_check(head)
         self.upstream_error: str | None = None
         self._writes = 0
         self._gc_every = gc_every
@@ -184,10 +188,27 @@ class Store:
         with self._lock:
             if upstream is not None:
                 self._sync_locked(joining=True)
-            elif start != head:
+            elif self.head != head:
                 self._refresh_locked()
             self._publish_statement()
             self._push_statement()
+
+    def _first_check(self, head: str) -> Snapshot:
+        """No statement to start from (a new data dir, or its statement is gone or not a server's):
+        check main in full, as a data dir joining a fleet checks upstream's tip, before it is
+        stated or written on. A main that fails is refused (health shows it) and only read."""
+        reason = None
+        if self.trusted_signers is not None:
+            reason = "; ".join(range_problems(self.git.path, None, head, self.trusted_signers)) or None
+        incoming = Incoming(commit=head, problems=[reason]) if reason else full_check(self.git, head, self._cache)
+        if incoming.ok and incoming.snapshot is not None:
+            self._validated = True
+            return incoming.snapshot
+        self.upstream_problem = {"commit": head, "problems": incoming.problems, "source": "local"}
+        log.error(
+            "REFUSED main %s (no accepted-head statement to start from): %s", head[:12], "; ".join(incoming.problems)
+        )
+        return load_commit(self.git, head, self._cache)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -289,12 +310,24 @@ class Store:
     def _after(self, change: Change) -> Snapshot:
         """The state after `change` (its commit still unset), once it passed the rules an incoming
         commit with the same change must pass across domains (state.sync.change_problems); the
-        first one it breaks is raised (409)."""
+        first one it breaks is raised (409). The snapshot it applies to is a validated one
+        (_writable), so the commit is valid exactly when a server would accept it from elsewhere."""
+        self._writable()
         after = self._snapshot.with_change("", change)
         found = change_problems(self._snapshot, after, change)
         if found:
             raise found[0].error()
         return after
+
+    def _writable(self) -> None:
+        """Refuse to write (503 state_needs_repair, nothing changed) while the only way to write would
+        build on a commit nobody validated."""
+        if not self._validated:
+            raise Unavailable(
+                "The state repo's main does not validate and no accepted commit is known to build on "
+                "(see /v1/health); nothing was changed. An admin must repair main first.",
+                code="state_needs_repair",
+            )
 
     def _make_commit(
         self, change: Change, message: str, after: Snapshot
@@ -407,7 +440,12 @@ class Store:
         tip = self.git.head()
         if tip is None:
             return
-        if tip == self.head and self.upstream_problem and self.upstream_problem.get("source") == "local":
+        if (
+            tip == self.head
+            and self._validated
+            and self.upstream_problem
+            and self.upstream_problem.get("source") == "local"
+        ):
             self.upstream_problem = None  # someone put main back on the accepted commit
             return
         self._adopt_tip(tip, source="local")
@@ -415,7 +453,7 @@ class Store:
     def _adopt_tip(self, tip: str, *, joining: bool = False, source: str) -> None:
         """Verify and validate `tip`, then serve it; or record it as refused. Lock held."""
         local = self.head
-        if tip == local or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
+        if (tip == local and self._validated) or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
             return
         fresh = joining and self.git.is_root(local) and not self._snapshot.domains
         reason = None
@@ -433,6 +471,8 @@ class Store:
                 reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
         if reason is not None:
             incoming = Incoming(commit=tip, problems=[reason])
+        elif not self._validated:
+            incoming = full_check(self.git, tip, self._cache)  # nothing validated to check it against
         elif self.git.is_ancestor(local, tip):
             incoming = validate_incoming(self.git, self._snapshot, tip)
         elif fresh:
@@ -446,6 +486,7 @@ class Store:
             if source == "upstream":
                 self.git.set_branch(tip)
             self._snapshot = incoming.snapshot
+            self._validated = True
             self.upstream_problem = None
             log.info("adopted %s commit %s", source, tip[:12])
             # A fresh data dir joining a fleet replaces its own root commit, which a statement
@@ -658,6 +699,8 @@ class Store:
         The ref itself is written without fsync: after a power cut it names either the old or
         the new statement, and both tags were on disk before the ref moved.
         """
+        if not self._validated:
+            return False  # never a statement for a commit nobody validated
         head = self.head
         try:
             with self.git.ref_lock():
