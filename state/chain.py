@@ -33,6 +33,7 @@ import pygit2
 
 from mailstate.state.errors import StoreError
 from mailstate.state.signers import parse_signers_line
+from mailstate.state.signing import PRINCIPAL
 
 CLOCK_SKEW = 300  # seconds a committer time may lie in the future
 WORKERS = 4
@@ -142,48 +143,73 @@ def range_problems(
 
 def _check(c: _Commit, allowed_signers: Path, keys: dict[str, list[str]]) -> str | None:
     assert c.signature is not None
-    with tempfile.TemporaryDirectory(prefix="mailstate-commit-") as tmp:
-        sig = Path(tmp) / "commit.sig"
-        sig.write_bytes(c.signature)
-        signers = os.path.abspath(allowed_signers)
-        principal = None
-        for field in keys.get(signature_key(c.signature) or "", []):
-            first = field.split(",")[0]
-            if first and not (_PATTERN_CHARS & set(first)):
-                principal = first
-                break
-        try:
-            if principal is None and (signature_key(c.signature) or "") in keys:
+    signers = os.path.abspath(allowed_signers)
+    principal = None
+    for field in keys.get(signature_key(c.signature) or "", []):
+        first = field.split(",")[0]
+        if first and not (_PATTERN_CHARS & set(first)):
+            principal = first
+            break
+    if principal is None and (signature_key(c.signature) or "") in keys:
+        with tempfile.TemporaryDirectory(prefix="mailstate-commit-") as tmp:
+            sig = Path(tmp) / "commit.sig"
+            sig.write_bytes(c.signature)
+            try:
                 found = subprocess.run(
                     ["ssh-keygen", "-Y", "find-principals", "-f", signers, "-s", str(sig), f"-Overify-time={verify_time(c.time)}"],
                     capture_output=True, timeout=60,
                 )  # fmt: skip
-                names = found.stdout.decode(errors="replace").split()
-                principal = names[0] if found.returncode == 0 and names else None
-            if principal is None:
-                return "its key is not in allowed_signers"
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise StoreError("ssh-keygen could not check a commit signature.") from exc
+        names = found.stdout.decode(errors="replace").split()
+        principal = names[0] if found.returncode == 0 and names else None
+    if principal is None:
+        return "its key is not in allowed_signers"
+    return _verify(c, allowed_signers, principal)
+
+
+def _verify(c: _Commit, allowed_signers: Path, principal: str) -> str | None:
+    """None when `c`'s signature verifies for `principal` at its committer time, else why not."""
+    assert c.signature is not None
+    with tempfile.TemporaryDirectory(prefix="mailstate-commit-") as tmp:
+        sig = Path(tmp) / "commit.sig"
+        sig.write_bytes(c.signature)
+        try:
             proc = subprocess.run(
-                [
-                    "ssh-keygen",
-                    "-Y",
-                    "verify",
-                    "-f",
-                    signers,
-                    "-I",
-                    principal,
-                    "-n",
-                    "git",
-                    "-s",
-                    str(sig),
-                    f"-Overify-time={verify_time(c.time)}",
-                ],
-                input=c.payload,
-                capture_output=True,
-                timeout=60,
-            )
+                ["ssh-keygen", "-Y", "verify", "-f", os.path.abspath(allowed_signers), "-I", principal, "-n", "git",
+                 "-s", str(sig), f"-Overify-time={verify_time(c.time)}"],
+                input=c.payload, capture_output=True, timeout=60,
+            )  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise StoreError("ssh-keygen could not check a commit signature.") from exc
     if proc.returncode == 0:
         return None
     lines = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip().splitlines()
     return lines[-1][:200] if lines else f"rc={proc.returncode}"
+
+
+def server_signed(repo_path: Path, base: str | None, tip: str, allowed_signers: Path, *, limit: int = 10) -> list[str]:
+    """The commits reachable from `tip` but not from `base` that a server key signed (principal
+    `mailstate` in allowed_signers, verified at their own time), newest first, at most `limit`.
+
+    Every commit a mailstate process makes (a write `mailstate serve`, `mailstate call` or
+    `mailstate mcp` answered, an upgrade) is signed by a server key, and nothing else is: these
+    are the answered writes a branch may never be moved back past (state.store). Cheap when
+    there are none: a walk of the range, and ssh-keygen only for commits a server key signed."""
+    repo = pygit2.Repository(str(repo_path))
+    walker = repo.walk(pygit2.Oid(hex=tip), pygit2.enums.SortMode.TOPOLOGICAL)
+    if base is not None:
+        walker.hide(pygit2.Oid(hex=base))
+    servers = {key for key, fields in signers_by_key(allowed_signers).items() if any(
+        PRINCIPAL in field.split(",") for field in fields
+    )}  # fmt: skip
+    found: list[str] = []
+    for commit in walker:
+        c = _read(repo, str(commit.id))
+        if c.signature is None or signature_key(c.signature) not in servers:
+            continue
+        if _verify(c, allowed_signers, PRINCIPAL) is None:
+            found.append(c.sha)
+            if len(found) >= limit:
+                break
+    return found

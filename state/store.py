@@ -41,7 +41,7 @@ import pygit2
 
 from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
 from mailstate.state import files, senders
-from mailstate.state.chain import range_problems
+from mailstate.state.chain import range_problems, server_signed
 from mailstate.state.errors import (
     BranchMoved,
     Forbidden,
@@ -321,11 +321,18 @@ class Store:
 
     def _writable(self) -> None:
         """Refuse to write (503 state_needs_repair, nothing changed) while the only way to write would
-        build on a commit nobody validated."""
+        build on a commit nobody validated, or move the branch back past commits that were answered."""
         if not self._validated:
             raise Unavailable(
                 "The state repo's main does not validate and no accepted commit is known to build on "
                 "(see /v1/health); nothing was changed. An admin must repair main first.",
+                code="state_needs_repair",
+            )
+        if self.upstream_problem and self.upstream_problem.get("answered"):
+            raise Unavailable(
+                "The state repo's main holds answered writes on top of a commit this server refuses "
+                "(see /v1/health); they are kept, so nothing can be written until an admin repairs main "
+                "with a commit on top of it that validates. Nothing was changed.",
                 code="state_needs_repair",
             )
 
@@ -494,7 +501,24 @@ class Store:
             self._statement_after_change(replace=fresh)
             return
         self.upstream_problem = {"commit": tip, "problems": incoming.problems, "source": source}
+        answered = self._answered(tip)
+        if answered:
+            # Replacing `tip` would move the branch back past writes that were answered: they
+            # stay, and writes wait for an admin's repair (_writable).
+            self.upstream_problem["answered"] = answered
         log.error("REFUSED %s commit %s: %s", source, tip[:12], "; ".join(incoming.problems))
+
+    def _answered(self, tip: str) -> list[str]:
+        """The commits a server answered (signed by a server key) that replacing `tip` with a commit
+        on our head would drop: reachable from `tip`, not from our head."""
+        if self.trusted_signers is None or not self._validated:
+            return []
+        try:
+            return server_signed(self.git.path, self.head, tip, self.trusted_signers)
+        except (StoreError, pygit2.GitError, KeyError, ValueError) as exc:
+            # Unknown is answered: never drop what might have been.
+            log.error("could not tell whether %s holds answered writes: %s", tip[:12], exc)
+            return [tip]
 
     def _follow_key_rotation(self) -> bool:
         """Upstream mode: another server may have rotated its key (state/keyrotation.py). Learn

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import anyio
 import httpx
 import pygit2
 import pytest
+import yaml
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from mailstate.state.errors import StatementInvalid
@@ -254,3 +256,92 @@ def test_no_process_states_a_commit_it_did_not_validate(offline: LiveServer, pro
     _open_with(server, process)
     assert _stated(server) != bad
     assert server.git("rev-parse", "main").strip() == bad  # nothing was written over it either
+
+
+# --- main, the statement and the validation disagree: the answered writes stay ----------------------
+
+
+def set_aliases(aliases: dict[str, list[str]]) -> Callable[[Path], None]:
+    """An edit: example.com's aliases become `aliases`, rendered/ recompiled (as `mailstate compile`)."""
+
+    def edit(work: Path) -> None:
+        path = next(work.glob("domains/*/example.com.yaml"))
+        doc = yaml.safe_load(path.read_text())
+        if aliases:
+            doc["aliases"] = aliases
+        else:
+            doc.pop("aliases", None)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        proc = subprocess.run([*mailstate_cmd(), "compile", str(work)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+    return edit
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_answered_commits_the_server_refuses_are_kept_reported_and_never_rewound(offline: LiveServer) -> None:
+    """Two commits a server answered (signed by the server key, as an older mailstate that
+    checked less would have written them) land on main, and this server refuses the first: a
+    loop of aliases. It keeps serving the last commit it accepted, reports both in /v1/health,
+    refuses writes rather than replace them, and does the same after a restart; an admin's
+    repair on top of them brings writes back, with both still in main's history."""
+    server = offline
+    server.start()
+    try:
+        good = server.git("rev-parse", "main").strip()
+        admin = server.client(server.admin_token)
+        server_key = server.data.key
+        loop = push_signed(
+            server, server_key, set_aliases({"a": ["b@example.com"], "b": ["a@example.com"]}), who="mailstate"
+        )
+        more = {"a": ["b@example.com"], "b": ["a@example.com"], "c": ["info@example.com"]}
+        on_top = push_signed(server, server_key, set_aliases(more), who="mailstate")
+
+        def refused() -> dict[str, Any] | None:
+            found: dict[str, Any] | None = admin.get("/v1/health").json().get("refused_commit")
+            return found if found and found["commit"] == on_top else None
+
+        wait_for(refused, "health to report the refused commit")
+        health = admin.get("/v1/health").json()
+        assert health["status"] == "degraded" and set(health["refused_commit"]["answered"]) == {loop, on_top}
+        assert any("loop" in p for p in health["refused_commit"]["problems"]), health
+        assert health["head"] == good and _stated(server) == good
+
+        for attempt in ("http", "cli", "restart"):
+            if attempt == "http":
+                r = admin.post(f"{API}/add-user", json={"email": "w@example.com", "password": PASSWORD})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "state_needs_repair", r.text
+            elif attempt == "cli":
+                proc = server.cli("call", "--data", str(server.data.root), "--project", "42", "add-user",
+                                  "email=c@example.com", f"password={PASSWORD}", check=False)  # fmt: skip
+                assert proc.returncode != 0 and "state_needs_repair" in proc.stdout + proc.stderr
+            else:
+                server.stop()
+                server.start()
+                admin.close()
+                admin = server.client(server.admin_token)
+                assert admin.get("/v1/health").json()["refused_commit"]["commit"] == on_top
+                r = admin.post(f"{API}/add-user", json={"email": "w@example.com", "password": PASSWORD})
+                assert r.status_code == 503, r.text
+            assert server.git("rev-parse", "main").strip() == on_top, attempt
+            assert _stated(server) == good, attempt
+
+        # The repair: an admin's commit on top of both, without the loop.
+        fix = push_signed(server, server.root / "admin_key", set_aliases({"c": ["info@example.com"]}))
+        wait_for(lambda: admin.get("/v1/health").json()["status"] == "ok", "the repair to be accepted")
+        r = admin.post(f"{API}/add-user", json={"email": "w@example.com", "password": PASSWORD})
+        assert r.status_code == 201, r.text
+        assert server.git("rev-parse", "main^").strip() == fix
+        for commit in (loop, on_top, fix):
+            assert server.git("merge-base", "--is-ancestor", commit, "main") == ""
+        wait_for(lambda: _stated(server) == r.json()["commit"], "the statement to name the new write")
+        admin.close()
+    finally:
+        server.stop()
