@@ -194,7 +194,7 @@ def resolve(domains: Mapping[str, DomainFile], address: str, scope: int | None) 
     when the chain ends there for the check: a mailbox without forwarding, an unknown or
     external address, or an address of a domain outside `scope` (the project the chain started
     in). Another project's data never decides a verdict on this project's chains; what mail
-    does on a loop that two projects build together is Postfix's to end (README, aliases)."""
+    does on a loop that two projects build together is Postfix's to end (docs/state-repo.md)."""
     local, domain = split_address(address)
     known, project = project_of(domains, domain)
     if not known or project != scope:
