@@ -25,6 +25,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,14 +189,22 @@ def _verify(c: _Commit, allowed_signers: Path, principal: str) -> str | None:
     return lines[-1][:200] if lines else f"rc={proc.returncode}"
 
 
-def server_signed(repo_path: Path, base: str | None, tip: str, allowed_signers: Path, *, limit: int = 10) -> list[str]:
-    """The commits reachable from `tip` but not from `base` that a server key signed (principal
-    `mailstate` in allowed_signers, verified at their own time), newest first, at most `limit`.
-
-    Every commit a mailstate process makes (a write `mailstate serve`, `mailstate call` or
-    `mailstate mcp` answered, an upgrade) is signed by a server key, and nothing else is: these
-    are the answered writes a branch may never be moved back past (state.store). Cheap when
-    there are none: a walk of the range, and ssh-keygen only for commits a server key signed."""
+def server_signed(
+    repo_path: Path,
+    base: str | None,
+    tip: str,
+    allowed_signers: Path,
+    written_by_a_store: Callable[[str], bool],
+    *,
+    limit: int = 10,
+) -> list[str]:
+    """The commits reachable from `tip` but not from `base` whose message `written_by_a_store`
+    accepts (state.store.is_answer: the audit trailers every store write carries) and that a
+    server key signed (principal `mailstate` in allowed_signers, verified at their own time),
+    newest first, at most `limit`: the writes a mailstate process answered (`mailstate serve`,
+    `call`, `mcp`, an upgrade), which a branch may never be moved back past (state.store). A
+    commit made by hand, even signed with the server key, is not one. Cheap when there are
+    none: a walk of the range, and ssh-keygen only for the commits that qualify otherwise."""
     repo = pygit2.Repository(str(repo_path))
     walker = repo.walk(pygit2.Oid(hex=tip), pygit2.enums.SortMode.TOPOLOGICAL)
     if base is not None:
@@ -205,6 +214,8 @@ def server_signed(repo_path: Path, base: str | None, tip: str, allowed_signers: 
     )}  # fmt: skip
     found: list[str] = []
     for commit in walker:
+        if not written_by_a_store(commit.message):
+            continue
         c = _read(repo, str(commit.id))
         if c.signature is None or signature_key(c.signature) not in servers:
             continue

@@ -114,6 +114,14 @@ def commit_message(action: str, target: str, project: int | None, actor: Actor, 
     )
 
 
+_ANSWER_TRAILERS = re.compile(r"^Action: \S.*\nProject: \S+\nActor: .+\nRequest-Id: [A-Za-z0-9._-]{1,64}$", re.M)
+
+
+def is_answer(message: str) -> bool:
+    """True for a commit message commit_message wrote: the trailers of a write a store answered."""
+    return _ANSWER_TRAILERS.search(message) is not None
+
+
 class Store:
     """The state repo plus its in-memory snapshot; thread-safe, writes serialised."""
 
@@ -500,21 +508,22 @@ class Store:
             # written before it joined may name: that one is no ancestor, and must go.
             self._statement_after_change(replace=fresh)
             return
-        self.upstream_problem = {"commit": tip, "problems": incoming.problems, "source": source}
+        problem: dict[str, Any] = {"commit": tip, "problems": incoming.problems, "source": source}
         answered = self._answered(tip)
         if answered:
             # Replacing `tip` would move the branch back past writes that were answered: they
             # stay, and writes wait for an admin's repair (_writable).
-            self.upstream_problem["answered"] = answered
+            problem["answered"] = answered
+        self.upstream_problem = problem  # whole, at once: health() reads it without the lock
         log.error("REFUSED %s commit %s: %s", source, tip[:12], "; ".join(incoming.problems))
 
     def _answered(self, tip: str) -> list[str]:
-        """The commits a server answered (signed by a server key) that replacing `tip` with a commit
-        on our head would drop: reachable from `tip`, not from our head."""
+        """The writes a server answered (signed by a server key, with a store's audit trailers) that
+        replacing `tip` with a commit on our head would drop: reachable from `tip`, not from our head."""
         if self.trusted_signers is None or not self._validated:
             return []
         try:
-            return server_signed(self.git.path, self.head, tip, self.trusted_signers)
+            return server_signed(self.git.path, self.head, tip, self.trusted_signers, is_answer)
         except (StoreError, pygit2.GitError, KeyError, ValueError) as exc:
             # Unknown is answered: never drop what might have been.
             log.error("could not tell whether %s holds answered writes: %s", tip[:12], exc)

@@ -27,7 +27,9 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from mailstate.state.errors import StatementInvalid
 from mailstate.state.signing import SshKeygenSigner, allowed_signers_line, generate_key
+from mailstate.state.snapshot import Actor
 from mailstate.state.statement import read_statement, verify_statement, write_statement
+from mailstate.state.store import commit_message
 from tests.server import LiveServer, mailstate_cmd
 
 API = "/v1/email-account"
@@ -158,7 +160,9 @@ def _git(repo: Path, *args: str, env: dict[str, str]) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env).stdout
 
 
-def push_signed(server: LiveServer, key: Path, edit: Callable[[Path], None], *, who: str = "admin") -> str:
+def push_signed(
+    server: LiveServer, key: Path, edit: Callable[[Path], None], *, who: str = "admin", message: str = ""
+) -> str:
     """Clone the data dir's repo, `edit` the work tree, commit signed with `key` (git commit -S),
     push to main; the new main."""
     work = server.root / f"work-{len(list(server.root.glob('work-*')))}"
@@ -167,7 +171,7 @@ def push_signed(server: LiveServer, key: Path, edit: Callable[[Path], None], *, 
     edit(work)
     _git(work, "add", "-A", env=env)
     ident = ["-c", f"user.name={who}", "-c", f"user.email={who}@example.org", "-c", "gpg.format=ssh"]
-    _git(work, *ident, "-c", f"user.signingkey={key}", "commit", "-q", "-S", "-m", f"{who} change", env=env)
+    _git(work, *ident, "-c", f"user.signingkey={key}", "commit", "-q", "-S", "-m", message or f"{who} change", env=env)
     _git(work, "push", "-q", "origin", "HEAD:main", env=env)
     return _git(work, "rev-parse", "HEAD", env=env).strip()
 
@@ -298,11 +302,15 @@ def test_answered_commits_the_server_refuses_are_kept_reported_and_never_rewound
         good = server.git("rev-parse", "main").strip()
         admin = server.client(server.admin_token)
         server_key = server.data.key
+        # As a store writes them: signed by the server key, with the audit trailers.
+        older = Actor.project(42, "token:older-mailstate")
+        answer = commit_message("add-alias", "b@example.com", 42, older, "older-1")
         loop = push_signed(
-            server, server_key, set_aliases({"a": ["b@example.com"], "b": ["a@example.com"]}), who="mailstate"
+            server, server_key, set_aliases({"a": ["b@example.com"], "b": ["a@example.com"]}), message=answer
         )
         more = {"a": ["b@example.com"], "b": ["a@example.com"], "c": ["info@example.com"]}
-        on_top = push_signed(server, server_key, set_aliases(more), who="mailstate")
+        answer = commit_message("add-alias", "c@example.com", 42, older, "older-2")
+        on_top = push_signed(server, server_key, set_aliases(more), message=answer)
 
         def refused() -> dict[str, Any] | None:
             found: dict[str, Any] | None = admin.get("/v1/health").json().get("refused_commit")
