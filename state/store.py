@@ -204,7 +204,8 @@ class Store:
     def _first_check(self, head: str) -> Snapshot:
         """No statement to start from (a new data dir, or its statement is gone or not a server's):
         check main in full, as a data dir joining a fleet checks upstream's tip, before it is
-        stated or written on. A main that fails is refused (health shows it) and only read."""
+        stated. A main that fails is refused (health shows it), read, and written on only by a
+        write whose whole commit validates (_whole_check)."""
         reason = None
         if self.trusted_signers is not None:
             reason = "; ".join(range_problems(self.git.path, None, head, self.trusted_signers)) or None
@@ -213,8 +214,11 @@ class Store:
             self._validated = True
             return incoming.snapshot
         self.upstream_problem = {"commit": head, "problems": incoming.problems, "source": "local"}
-        log.error(
-            "REFUSED main %s (no accepted-head statement to start from): %s", head[:12], "; ".join(incoming.problems)
+        log.warning(
+            "main %s is not stated: there is no accepted-head statement to start from and it does not validate "
+            "(a write, e.g. an upgrade's re-render, states it once the whole commit validates): %s",
+            head[:12],
+            "; ".join(incoming.problems),
         )
         return load_commit(self.git, head, self._cache)
 
@@ -284,6 +288,7 @@ class Store:
                 after = self._after(outcome.change)
                 message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
                 sha, snap, stated = self._make_commit(outcome.change, message, after)
+                self._whole_check(sha)
                 try:
                     if self.upstream is None:
                         self.git.move_branch(sha, self._expected_head())
@@ -311,6 +316,7 @@ class Store:
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
         sha, snap, stated = self._make_commit(change, message, self._after(change))
+        self._whole_check(sha)
         self.git.move_branch(sha, self._expected_head())
         self._adopted(sha, snap, stated)
         return sha
@@ -318,8 +324,9 @@ class Store:
     def _after(self, change: Change) -> Snapshot:
         """The state after `change` (its commit still unset), once it passed the rules an incoming
         commit with the same change must pass across domains (state.sync.change_problems); the
-        first one it breaks is raised (409). The snapshot it applies to is a validated one
-        (_writable), so the commit is valid exactly when a server would accept it from elsewhere."""
+        first one it breaks is raised (409). On a validated snapshot that makes the commit valid
+        exactly when a server would accept it from elsewhere; on one nobody validated, the commit
+        is checked in full before it lands (_whole_check)."""
         self._writable()
         after = self._snapshot.with_change("", change)
         found = change_problems(self._snapshot, after, change)
@@ -327,15 +334,24 @@ class Store:
             raise found[0].error()
         return after
 
-    def _writable(self) -> None:
-        """Refuse to write (503 state_needs_repair, nothing changed) while the only way to write would
-        build on a commit nobody validated, or move the branch back past commits that were answered."""
-        if not self._validated:
+    def _whole_check(self, sha: str) -> None:
+        """A write on a snapshot nobody validated (main had no server's statement and did not
+        validate, e.g. rendered by an older mailstate) lands only when the whole commit it makes
+        validates, as a data dir joining a fleet checks a tip: an upgrade's re-render passes,
+        a write that leaves main's problems in place does not (503 state_needs_repair)."""
+        if self._validated:
+            return
+        problems = full_check(self.git, sha, self._cache).problems
+        if problems:
             raise Unavailable(
-                "The state repo's main does not validate and no accepted commit is known to build on "
-                "(see /v1/health); nothing was changed. An admin must repair main first.",
+                f"The state repo's main does not validate ({problems[0]}) and no accepted commit is known to "
+                "build on (see /v1/health); nothing was changed. An admin must repair main first.",
                 code="state_needs_repair",
             )
+
+    def _writable(self) -> None:
+        """Refuse to write (503 state_needs_repair, nothing changed) while writing would move the
+        branch back past writes that were answered."""
         if self.upstream_problem and self.upstream_problem.get("answered"):
             raise Unavailable(
                 "The state repo's main holds answered writes on top of a commit this server refuses "
@@ -394,8 +410,11 @@ class Store:
 
     def _adopted(self, sha: str, snap: Snapshot, stated: tuple[str, int] | None = None) -> None:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
-        if refused and self.upstream is None:
+        if refused and self.upstream is None and self._validated:
             self._keep_rejected(refused, sha)
+        elif not self._validated:
+            self.upstream_problem = None  # the write built on main, and the whole commit validated
+        self._validated = True
         self._snapshot = snap
         # The write has landed; a statement that fails from here on is logged and retried on
         # the schedule, never turned into a failed write.

@@ -239,7 +239,9 @@ def _open_with(server: LiveServer, process: str) -> None:
                     health["status"] == "degraded"
                     and health["refused_commit"]["commit"] == server.git("rev-parse", "main").strip()
                 ), health
-                r = admin.post(f"{API}/add-user", json={"email": "new@example.com", "password": PASSWORD})
+                # A write elsewhere would build on the unchecked commit and keep its problem: refused.
+                # (One that re-renders example.com would make the whole commit valid, and land.)
+                r = admin.post(f"{API}/link-domain", json={"domain": "other.example", "project_id": 42})
                 assert r.status_code == 503 and r.json()["error"]["code"] == "state_needs_repair", r.text
         finally:
             server.stop()
