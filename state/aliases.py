@@ -19,7 +19,7 @@ it, as an external address would. The verdict on a project's write then depends 
 project's data and the addresses the caller sent, never on another project's aliases (which
 would leak them, and let one project block another's writes). A loop that two projects build
 together is ended by Postfix's own limits (a 4.6.0 at SMTP time, never a circling message;
-tests/test_alias_scope.py runs it through real Postfix).
+tests/e2e/test_alias_loop_postfix.py runs it through real Postfix).
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def affected(
     closure follows back. A domain that left a project (deleted, disabled, linked elsewhere)
     only cuts the chains that reached it short, and a shorter chain breaks no rule the longer
     one kept. So on a state that was valid, the state after a change is valid exactly when
-    domain_problems finds nothing in these domains (tests/test_alias_scope.py checks it)."""
+    domain_problems finds nothing in these domains (tests/state/test_alias_scope.py checks it)."""
     todo = [name for name in changed if name in domains]
     seen = set(todo)
     while todo:

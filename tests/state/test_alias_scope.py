@@ -1,59 +1,45 @@
-"""The rule on alias chains: one rule for a write, an incoming commit and `mailstate check`, and
-a rule that looks at the writer's own project only.
+"""The rule on alias chains, at the library level (a real store: real git, signed commits): one
+rule for a write, an incoming commit and `mailstate check`, looking at the writer's project only.
 
-* Library level, a real store (real git, real signed commits): random sequences of alias,
-  mailbox and domain operations by several projects, where every write is accepted exactly
-  when the full check of the state it leads to finds nothing (hypothesis); the chain that a
-  write lengthens in its middle; a commit from elsewhere gets the verdict a write gets.
-* Real `mailstate serve` over HTTP and MCP (the official client): another project's aliases
-  never decide a verdict and never appear in an error, for loops and for depth.
-* Real Postfix and Dovecot (the bundle's default map layout): what mail does on a loop that
-  two projects build together on purpose.
+* random sequences of alias, mailbox and domain operations by several projects, through a
+  store: every write is accepted exactly when the full check of the state it leads to finds
+  nothing (hypothesis);
+* the rule itself on random states: the incremental check a write and an incoming commit run
+  refuses a change exactly when the full check refuses its result, and names only addresses
+  of the project it is about (hypothesis);
+* a write that lengthens a chain in its middle; a commit from elsewhere gets a write's verdict.
+
+HTTP and MCP: tests/api/test_alias_scope_http.py; real Postfix: tests/e2e/test_alias_loop_postfix.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import shutil
-import smtplib
 import subprocess
 import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
-import httpx
-import httpx2
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mcp import ClientSession
-from mcp.client.streamable_http import streamable_http_client
 
-from mailstate.compiler.node_bundle import DEFAULT_MAP_BUCKETS
 from mailstate.state import aliases as al
 from mailstate.state.datadir import init_data_dir, open_store
 from mailstate.state.errors import MailstateError
 from mailstate.state.load import check_commit
 from mailstate.state.models import Settings, parse
 from mailstate.state.ops import OPERATIONS, Context
+from mailstate.state.signing import Ed25519Signer
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store
 from mailstate.state.sync import validate_incoming
-from tests.conftest import ADMIN, PASSWORD, FakeClock
-from tests.fleet import provision_node, start_server_for
-from tests.mailnode import MailNode, run_pi_pull, running_mailnode
-from tests.server import LiveServer
+from tests.helpers.common import ADMIN, PASSWORD, FakeClock, make_key
 
-API = "/v1/email-account"
 RULE_CODES = {"alias_loop", "alias_chain_too_long", "alias_domain_target_invalid"}
 
 
@@ -140,7 +126,7 @@ def _link(store: Store, project: int, hops: list[str]) -> None:
 
 
 def _world(root: Path, chain: bool) -> Store:
-    dd = init_data_dir(root / "data", Settings(bcrypt_cost=4), clock=FakeClock())
+    dd = init_data_dir(root / "data", Settings(bcrypt_cost=4), clock=FakeClock(), keygen=make_key)
     store = open_store(dd.root, clock=FakeClock(datetime(2026, 2, 1, tzinfo=UTC)))
     for domain, project in DOMAINS.items():
         store.execute("link-domain", ADMIN, {"domain": domain, "project_id": project})
@@ -190,8 +176,12 @@ def test_a_write_is_accepted_exactly_when_the_full_check_accepts_its_result(
     worlds: dict[bool, Path], chain: bool, steps: int, data: st.DataObject
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="alias-scope-") as tmp:
-        shutil.copytree(worlds[chain], Path(tmp) / "data", symlinks=True)
-        store = open_store(Path(tmp) / "data", clock=FakeClock(datetime(2026, 3, 1, tzinfo=UTC)))
+        root = Path(tmp) / "data"
+        shutil.copytree(worlds[chain], root, symlinks=True)
+        # In process: the store as open_store makes it, minus the ssh-keygen checks of what it reads.
+        store = Store(
+            root / "state.git", Ed25519Signer(root / "signing_key"), clock=FakeClock(datetime(2026, 3, 1, tzinfo=UTC))
+        )
         for _ in range(steps):
             op, domain, body = data.draw(_op(_chain_keys(store)))
             actor = actor_for(store, domain)
@@ -434,6 +424,7 @@ def _pull_request(store: Store, tmp: Path, edit: dict[str, dict[str, list[str]]]
     return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
 
+@pytest.mark.e2e  # git clone / commit -S / push, as an admin's pull request is made
 def test_an_incoming_commit_gets_the_verdict_of_a_write(tmp_path: Path) -> None:
     from mailstate.api.cli import main
 
@@ -457,209 +448,3 @@ def test_an_incoming_commit_gets_the_verdict_of_a_write(tmp_path: Path) -> None:
     assert info.value.code == "alias_loop"
     assert not verdict.ok and any(info.value.message in p for p in verdict.problems), verdict.problems
     assert main(["check", str(tmp_path / "pr-1")]) == 1
-
-
-# --- through the API: another project's aliases never decide a verdict, never show --------------
-
-
-@dataclass
-class Projects:
-    """A live `mailstate serve` with clients for projects 42 and 43 and their admin."""
-
-    server: LiveServer
-    admin: httpx.Client
-    p42: httpx.Client
-    p43: httpx.Client
-    tokens: dict[int, str]
-
-    def domains(self, prefix: str) -> tuple[str, str]:
-        """(project 42's domain, project 43's domain), linked and email-enabled, 43's with a mailbox."""
-        mine, theirs = f"{prefix}.p42.example", f"{prefix}.p43.example"
-        for domain, project, client in ((mine, 42, self.p42), (theirs, 43, self.p43)):
-            r = self.admin.post(f"{API}/link-domain", json={"domain": domain, "project_id": project})
-            assert r.status_code == 201, r.text
-            assert client.post(f"{API}/enable-email", json={"domain": domain}).status_code == 200
-        r = self.p43.post(f"{API}/add-user", json={"email": f"info@{theirs}", "password": PASSWORD})
-        assert r.status_code == 201, r.text
-        return mine, theirs
-
-    def alias(self, client: httpx.Client, address: str, destinations: list[str]) -> httpx.Response:
-        return client.post(f"{API}/add-alias", json={"address": address, "destinations": destinations})
-
-
-@pytest.fixture(scope="module")
-def projects(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Projects]:
-    server = LiveServer(tmp_path_factory.mktemp("scope"))
-    server.start()
-    tokens = {p: server.create_token(project=p, name=f"p{p}") for p in (42, 43)}
-    with server.client(server.admin_token) as admin, server.client(tokens[42]) as p42, server.client(tokens[43]) as p43:
-        try:
-            yield Projects(server, admin, p42, p43, tokens)
-        finally:
-            server.stop()
-
-
-def test_another_projects_loop_is_not_a_verdict_nor_shown_over_http(projects: Projects) -> None:
-    s = projects
-    mine, theirs = s.domains("loop")
-    # Project 43's half of a loop, and project 42's: 42's chain ends where it enters 43's domain.
-    assert s.alias(s.p43, f"loop@{theirs}", [f"back@{mine}"]).status_code == 201
-    r = s.alias(s.p42, f"back@{mine}", [f"loop@{theirs}"])
-    assert r.status_code == 201, r.text
-    # The same answer as for an address of 43's that leads nowhere: nothing to learn from it.
-    assert s.alias(s.p42, f"back2@{mine}", [f"nothing@{theirs}"]).status_code == 201
-    # 42's own loop is refused still, and its message names 42's addresses only.
-    assert s.alias(s.p42, f"a@{mine}", [f"loop@{theirs}", f"b@{mine}"]).status_code == 201
-    r = s.alias(s.p42, f"b@{mine}", [f"a@{mine}"])
-    assert r.status_code == 409 and r.json()["error"]["code"] == "alias_loop", r.text
-    assert f"a@{mine}" in r.text and theirs not in r.text, r.text
-    # Project 43 closing a loop through 42's aliases gets the same: 42's data decides nothing.
-    assert s.alias(s.p43, f"back@{theirs}", [f"a@{mine}"]).status_code == 201
-
-
-def test_another_projects_chain_depth_is_not_a_verdict_nor_shown_over_http(projects: Projects) -> None:
-    s = projects
-    mine, theirs = s.domains("depth")
-    # Eight steps in 43's domain, the most a chain may have.
-    for i in range(8, 0, -1):
-        target = f"y{i + 1}@{theirs}" if i < 8 else f"info@{theirs}"
-        assert s.alias(s.p43, f"y{i}@{theirs}", [target]).status_code == 201
-    r = s.alias(s.p42, f"z@{mine}", [f"y1@{theirs}"])
-    assert r.status_code == 201, r.text  # 42's chain is one step long: it ends at 43's domain
-    # 42's own chain of eight through the hop into 43, then a ninth step of its own: refused,
-    # with a message about 42's address only.
-    for i in range(8, 0, -1):
-        target = f"w{i + 1}@{mine}" if i < 8 else f"y1@{theirs}"
-        assert s.alias(s.p42, f"w{i}@{mine}", [target]).status_code == 201
-    r = s.alias(s.p42, f"top@{mine}", [f"w1@{mine}"])
-    assert r.status_code == 409 and r.json()["error"]["code"] == "alias_chain_too_long", r.text
-    assert f"top@{mine}" in r.text and theirs not in r.text, r.text
-
-
-@asynccontextmanager
-async def _mcp(server: LiveServer, token: str) -> AsyncIterator[ClientSession]:
-    """The official MCP client over streamable HTTP at /mcp, as project `token`."""
-    async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client,
-        streamable_http_client(f"{server.url}/mcp", http_client=client) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-def test_mcp_tools_get_the_same_verdicts(projects: Projects) -> None:
-    """The tools call the same operation: loop and depth through another project are no verdict,
-    and the project's own loop is refused with its own addresses only."""
-    s = projects
-    mine, theirs = s.domains("mcp")
-    assert s.alias(s.p43, f"loop@{theirs}", [f"back@{mine}"]).status_code == 201
-    for i in range(8, 0, -1):
-        target = f"y{i + 1}@{theirs}" if i < 8 else f"info@{theirs}"
-        assert s.alias(s.p43, f"y{i}@{theirs}", [target]).status_code == 201
-
-    async def calls() -> list[tuple[bool, dict[str, Any]]]:
-        out = []
-        async with _mcp(s.server, s.tokens[42]) as session:
-            for address, dests in (
-                (f"back@{mine}", [f"loop@{theirs}"]),
-                (f"z@{mine}", [f"y1@{theirs}"]),
-                (f"a@{mine}", [f"back@{mine}"]),
-                (f"loop2@{mine}", [f"a@{mine}"]),
-            ):
-                result = await session.call_tool("email_account_add_alias", {"address": address, "destinations": dests})
-                out.append((bool(result.is_error), json.loads(result.content[0].text)))  # type: ignore[union-attr]
-            # a -> back -> (43's loop@, where 42's chain ends): fine; now close 42's own loop.
-            result = await session.call_tool(
-                "email_account_update_alias", {"address": f"back@{mine}", "destinations": [f"loop2@{mine}"]}
-            )
-            out.append((bool(result.is_error), json.loads(result.content[0].text)))  # type: ignore[union-attr]
-        return out
-
-    results = anyio.run(calls)
-    assert [error for error, _ in results] == [False, False, False, False, True], results
-    body = results[-1][1]
-    assert body["error"]["code"] == "alias_loop" and theirs not in json.dumps(body), body
-
-
-# --- real Postfix: a loop that two projects build together on purpose -----------------------------
-
-
-def _queue_empty(node: MailNode) -> bool:
-    out = subprocess.run(["postqueue", "-c", str(node.postfix_dir), "-p"], capture_output=True, text=True).stdout
-    return "Mail queue is empty" in out
-
-
-def _send(node: MailNode, to: str, subject: str, *, hops: int = 0) -> tuple[int, str]:
-    """Send one message from outside (port 25); (250, ...) when queued, else the refusal."""
-    received = "".join(
-        f"Received: from hop{i}.example by hop{i + 1}.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n" for i in range(hops)
-    )
-    msg = f"{received}From: sender@client.test\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nhello\r\n"
-    with contextlib.closing(node.smtp()) as s:
-        try:
-            s.sendmail("sender@client.test", [to], msg)
-        except smtplib.SMTPDataError as exc:
-            return exc.smtp_code, exc.smtp_error.decode(errors="replace")
-        return 250, "queued"
-
-
-@pytest.mark.e2e
-def test_a_loop_two_projects_build_ends_at_once_and_never_circles(tmp_path: Path) -> None:
-    """Real Postfix and Dovecot with the bundle's default map layout (16 tables a map), fed by
-    `mailstate serve` and pi-pull. Project 42's back@ goes to project 43's loop@, which goes
-    back: each half was accepted (each project's own chain ends at the other's domain).
-
-    Postfix expands virtual aliases in cleanup, before a message is queued: at its recursion
-    limit (virtual_alias_recursion_limit, 1000) it gives up with 451 4.6.0 "Alias expansion
-    error" in the same SMTP session. The message is never queued, delivered or relayed, so it
-    cannot circle on the node; the sending server bounces it after its own retries (Postfix has
-    no setting that makes this error permanent). A loop that leaves the node and comes back
-    through other servers ends at Postfix's hop count (hopcount_limit, 50 Received: headers)
-    with a 5xx, which the sender bounces at once. The defaults do both: main.cf sets neither."""
-    with running_mailnode(map_buckets=DEFAULT_MAP_BUCKETS) as node:
-        server, admin, p42 = start_server_for(node, tmp_path / "server")
-        p43 = server.client(server.create_token(project=43, name="p43"))
-        try:
-            cfg = provision_node(node, server, admin, tmp_path / "etc")
-            for domain, project, client in (("a.example", 42, p42), ("b.example", 43, p43)):
-                assert (
-                    admin.post(f"{API}/link-domain", json={"domain": domain, "project_id": project}).status_code == 201
-                )
-                assert client.post(f"{API}/enable-email", json={"domain": domain}).status_code == 200
-            r = p42.post(f"{API}/add-user", json={"email": "keep@a.example", "password": PASSWORD})
-            assert r.status_code == 201, r.text
-            for client, address, dest in (
-                (p42, "back@a.example", "loop@b.example"),
-                (p43, "loop@b.example", "back@a.example"),
-            ):
-                r = client.post(f"{API}/add-alias", json={"address": address, "destinations": [dest]})
-                assert r.status_code == 201, r.text
-            tick = run_pi_pull(cfg, "--once")
-            assert tick.returncode == 0, tick.stderr
-
-            code, text = _send(node, "back@a.example", "round-and-round")
-            assert code == 451 and "4.6.0" in text, (code, text)
-            assert "unreasonable virtual_alias_maps map nesting for back@a.example" in node.postfix_log()
-            assert _queue_empty(node)
-            time.sleep(2)  # a queue run or two later, still nothing anywhere
-            assert _queue_empty(node) and node.sink is not None and node.sink.messages == []
-
-            # Mail to the mailbox beside the loop is delivered as ever.
-            assert _send(node, "keep@a.example", "beside-the-loop")[0] == 250
-            node.wait_for_message("keep@a.example", PASSWORD, "beside-the-loop")
-
-            # A loop that leaves the node (an alias to an outside address that sends it back) adds
-            # a Received: header a pass: at the 51st, Postfix answers 5xx and the sender bounces it.
-            r = p42.post(f"{API}/add-alias", json={"address": "away@a.example", "destinations": ["far@internet.test"]})
-            assert r.status_code == 201, r.text
-            assert run_pi_pull(cfg, "--once").returncode == 0
-            assert _send(node, "away@a.example", "first-pass")[0] == 250
-            node.wait_sink("first-pass")
-            code, text = _send(node, "away@a.example", "fifty-passes-later", hops=50)
-            assert code // 100 == 5 and "hops" in text, (code, text)
-            assert _queue_empty(node)
-        finally:
-            for client in (admin, p42, p43):
-                client.close()
-            server.stop()

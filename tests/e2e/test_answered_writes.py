@@ -30,7 +30,9 @@ from mailstate.state.signing import SshKeygenSigner, allowed_signers_line, gener
 from mailstate.state.snapshot import Actor
 from mailstate.state.statement import read_statement, verify_statement, write_statement
 from mailstate.state.store import commit_message
-from tests.server import LiveServer, mailstate_cmd
+from tests.helpers.server import LiveServer, mailstate_cmd
+
+pytestmark = pytest.mark.e2e
 
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
