@@ -9,17 +9,23 @@ Where they live (all optional keys of a domain file, so a file without them is u
 
 How Postfix resolves an address (virtual(5)): the most specific key wins (`local@domain`,
 then `@domain`), and the result is looked up again, recursively, until an address maps to
-itself or to nothing. `resolve()` follows exactly that order; `check_chains()` walks it from
-the addresses a write touches and refuses a chain that comes back to an address already on it
-(`alias_loop`), one deeper than MAX_ALIAS_DEPTH hops, or one that fans out to more than
-MAX_EXPANSION addresses (Postfix's own virtual_alias_expansion_limit is 1000 and its
-recursion limit 1000: we stay far below both, so Postfix never bounces a chain we accepted).
-The walk only reads the domains a chain reaches, never the whole state.
+itself or to nothing. `resolve()` follows exactly that order. The rule on chains
+(`domain_problems`, the one function write time, incoming commits and `mailstate check` use)
+refuses a chain that comes back to an address already on it (`alias_loop`), one deeper than
+MAX_ALIAS_DEPTH hops, or one that fans out to more than MAX_EXPANSION addresses.
+
+A chain is walked inside the project it starts in: a hop into another project's domain ends
+it, as an external address would. The verdict on a project's write then depends only on that
+project's data and the addresses the caller sent, never on another project's aliases (which
+would leak them, and let one project block another's writes). A loop that two projects build
+together is ended by Postfix's own limits (a 4.6.0 at SMTP time, never a circling message;
+tests/e2e/test_alias_loop_postfix.py runs it through real Postfix).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailstate.state import validate as v
@@ -140,13 +146,62 @@ def alias_lines(dom: DomainFile) -> list[tuple[str, list[str]]]:
     return lines
 
 
-def resolve(domains: Mapping[str, DomainFile], address: str) -> tuple[str, list[str]] | None:
+# --- the cross-domain rule: chains and alias_of, one function for every path -----------------
+
+_NO_LINKS: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A chain or alias_of that breaks the rules, reported against the domain file it starts in."""
+
+    domain: str
+    code: str
+    message: str
+    target: str
+
+    def error(self) -> Conflict:
+        return Conflict(self.message, code=self.code, target=self.target)
+
+
+def links(dom: DomainFile) -> frozenset[str]:
+    """The other domains `dom` hands mail to: those of its aliases', catch-all's and forwardings'
+    destinations, and its alias_of target. A chain can only leave `dom` into one of them, so
+    these are the edges the snapshot's `referrers` index (state.snapshot) is built from."""
+    out = {split_address(d)[1] for dests in dom.aliases.values() for d in dests}
+    out.update(split_address(d)[1] for box in dom.mailboxes.values() if box.forward_to for d in box.forward_to)
+    if dom.alias_of is not None:
+        out.add(dom.alias_of)
+    out.discard(dom.domain)
+    return frozenset(out) if out else _NO_LINKS
+
+
+def project_of(domains: Mapping[str, DomainFile], name: str) -> tuple[bool, int | None]:
+    """(whether `name` is a domain of the state, its project), without parsing the domain when
+    `domains` can tell (a snapshot's DomainMap has `meta`)."""
+    meta = getattr(domains, "meta", None)
+    if meta is not None:
+        try:
+            return True, meta(name)[0]
+        except KeyError:
+            return False, None
+    dom = domains.get(name)
+    return dom is not None, (dom.project_id if dom is not None else None)
+
+
+def resolve(domains: Mapping[str, DomainFile], address: str, scope: int | None) -> tuple[str, list[str]] | None:
     """What Postfix does with `address`, one step: (the key that matched, its results), or None
-    when the address is final (a mailbox without forwarding, external, or unknown)."""
+    when the chain ends there for the check: a mailbox without forwarding, an unknown or
+    external address, or an address of a domain outside `scope` (the project the chain started
+    in). Another project's data never decides a verdict on this project's chains; what mail
+    does on a loop that two projects build together is Postfix's to end (docs/state-repo.md)."""
     local, domain = split_address(address)
-    dom = domains.get(domain)
-    if dom is None or not dom.email_enabled:
-        return None  # external (or a disabled domain, which Postfix relays like an external one)
+    known, project = project_of(domains, domain)
+    if not known or project != scope:
+        return None
+    dom = domains[domain]
+    if not dom.email_enabled:
+        return None  # a disabled domain: Postfix relays it like an external one
     if local != CATCH_ALL:
         if local in dom.aliases:
             return address, list(dom.aliases[local])
@@ -177,22 +232,38 @@ def alias_domain_starts(domains: Mapping[str, DomainFile], domain: str, target: 
     return starts
 
 
-def check_chains(domains: Mapping[str, DomainFile], starts: Sequence[str]) -> None:
-    """Refuse (409 alias_loop, alias_chain_too_long) any chain from `starts` that loops or grows
-    past MAX_ALIAS_DEPTH / MAX_EXPANSION in the state `domains` (the state after the write)."""
+def chain_starts(domains: Mapping[str, DomainFile], name: str) -> list[str]:
+    """Every address of domain `name` a chain can start at: its aliases and catch-all, its
+    forwarding mailboxes and, for an alias domain, the addresses its target's aliases give it."""
+    dom = domains.get(name)
+    if dom is None or not dom.email_enabled:
+        return []
+    starts = [join_address(key, name) for key in dom.aliases]
+    starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to]
+    if dom.alias_of is not None and project_of(domains, dom.alias_of) == (True, dom.project_id):
+        starts += alias_domain_starts(domains, name, dom.alias_of)
+    return starts
+
+
+def chain_problem(domains: Mapping[str, DomainFile], start: str, scope: int | None) -> Conflict | None:
+    """The first loop (alias_loop), chain deeper than MAX_ALIAS_DEPTH steps or expansion past
+    MAX_EXPANSION addresses (alias_chain_too_long) on the chains from `start`, walked inside
+    the project `scope` only; None when there is none. Postfix's own virtual_alias_recursion_limit
+    and virtual_alias_expansion_limit are 1000: far above both, so Postfix never defers mail
+    on a chain that was accepted."""
     expanded = 0
 
-    def walk(address: str, path: tuple[str, ...]) -> None:
+    def walk(address: str, path: tuple[str, ...]) -> Conflict | None:
         nonlocal expanded
-        step = resolve(domains, address)
+        step = resolve(domains, address, scope)
         if step is None:
-            return
+            return None
         key, results = step
         if key in path:
             chain = " → ".join([*path[path.index(key) :], key])
-            raise Conflict(f"This would make a loop of aliases: {chain}.", code="alias_loop", target=key)
+            return Conflict(f"This would make a loop of aliases: {chain}.", code="alias_loop", target=key)
         if len(path) >= MAX_ALIAS_DEPTH:
-            raise Conflict(
+            return Conflict(
                 f"A chain of aliases from {path[0]} would be longer than {MAX_ALIAS_DEPTH} steps.",
                 code="alias_chain_too_long",
                 target=path[0],
@@ -200,46 +271,80 @@ def check_chains(domains: Mapping[str, DomainFile], starts: Sequence[str]) -> No
         for result in results:
             expanded += 1
             if expanded > MAX_EXPANSION:
-                raise Conflict(
-                    f"Mail to {path[0] if path else key} would expand to more than {MAX_EXPANSION} addresses.",
+                first = path[0] if path else key
+                return Conflict(
+                    f"Mail to {first} would expand to more than {MAX_EXPANSION} addresses.",
                     code="alias_chain_too_long",
-                    target=path[0] if path else key,
+                    target=first,
                 )
-            walk(result, (*path, key))
+            found = walk(result, (*path, key))
+            if found is not None:
+                return found
+        return None
 
-    for start in starts:
-        expanded = 0
-        walk(start, ())
+    return walk(start, ())
 
 
-def state_problems(domains: Mapping[str, DomainFile], names: Sequence[str]) -> list[str]:
-    """What the domains `names` break across the state (a pull request, an incoming commit):
-    an alias_of that is not another enabled, non-alias domain of the same project, and chains
-    from their aliases, catch-all and forwarding that loop or grow too long."""
-    from mailstate.state.files import domain_path
+def _alias_target_ok(domains: Mapping[str, DomainFile], dom: DomainFile) -> bool:
+    assert dom.alias_of is not None
+    if project_of(domains, dom.alias_of) != (True, dom.project_id):
+        return False  # absent, or another project's (read no further)
+    target = domains[dom.alias_of]
+    return target.email_enabled and target.alias_of is None
 
-    problems: list[str] = []
-    for name in sorted(names):
-        dom = domains.get(name)
-        if dom is None or not dom.email_enabled:
-            continue
-        if dom.alias_of is not None:
-            target = domains.get(dom.alias_of)
-            if (
-                target is None
-                or not target.email_enabled
-                or target.alias_of is not None
-                or target.project_id != dom.project_id
-            ):
-                problems.append(
-                    f"{domain_path(name)}: alias_of: {dom.alias_of} is not an email-enabled domain of the same project that is not an alias domain itself"
-                )
-        starts = [join_address(key, name) for key in dom.aliases]
-        starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to]
-        if dom.alias_of is not None:
-            starts += alias_domain_starts(domains, name, dom.alias_of)
-        try:
-            check_chains(domains, starts)
-        except Conflict as exc:
-            problems.append(f"{domain_path(name)}: {exc.message}")
-    return problems
+
+def domain_problems(domains: Mapping[str, DomainFile], name: str) -> list[Problem]:
+    """THE cross-domain rule for domain `name` in the state `domains`: its alias_of names an
+    email-enabled, non-alias domain of its own project, and no chain from its addresses loops,
+    goes deeper than MAX_ALIAS_DEPTH or fans out past MAX_EXPANSION inside its project. Write
+    time, incoming commits and `mailstate check` all apply exactly this (state.sync
+    change_problems picks the domains a change can affect; a full check takes them all)."""
+    dom = domains.get(name)
+    if dom is None or not dom.email_enabled:
+        return []
+    out: list[Problem] = []
+    if dom.alias_of is not None and not _alias_target_ok(domains, dom):
+        message = (
+            f"alias_of: {dom.alias_of} is not an email-enabled domain of the same project "
+            "that is not an alias domain itself"
+        )
+        out.append(Problem(name, "alias_domain_target_invalid", message, name))
+    for start in chain_starts(domains, name):
+        found = chain_problem(domains, start, dom.project_id)
+        if found is not None:
+            out.append(Problem(name, found.code, found.message, found.target or name))
+            break
+    return out
+
+
+def problems(domains: Mapping[str, DomainFile], names: Iterable[str]) -> list[Problem]:
+    """domain_problems of each of `names`, in name order."""
+    return [p for name in sorted(names) for p in domain_problems(domains, name)]
+
+
+def affected(
+    domains: Mapping[str, DomainFile], referrers: Mapping[str, frozenset[str]], changed: Iterable[str]
+) -> set[str]:
+    """The domains whose verdict a change to the domains `changed` can alter, in the state after
+    the change: those still present, and every domain of the same project that hands mail to
+    one of them, directly or through others of that project (`referrers`: domain → the domains
+    whose `links` name it).
+
+    Why this is enough: a chain's walk reads only the domains it reaches, and leaves its
+    project's domains never (resolve ends it there). A walk that reaches no changed domain is
+    the walk it was before the change, so its verdict stands; one that reaches a changed
+    domain starts in a domain of that domain's project with a path of links to it, which this
+    closure follows back. A domain that left a project (deleted, disabled, linked elsewhere)
+    only cuts the chains that reached it short, and a shorter chain breaks no rule the longer
+    one kept. So on a state that was valid, the state after a change is valid exactly when
+    domain_problems finds nothing in these domains (tests/state/test_alias_scope.py checks it)."""
+    todo = [name for name in changed if name in domains]
+    seen = set(todo)
+    while todo:
+        name = todo.pop()
+        scope = project_of(domains, name)
+        for ref in referrers.get(name, ()):
+            if ref not in seen and project_of(domains, ref) == scope:
+                seen.add(ref)
+                todo.append(ref)
+    return seen

@@ -25,6 +25,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import pygit2
 
 from mailstate.state.errors import StoreError
 from mailstate.state.signers import parse_signers_line
+from mailstate.state.signing import PRINCIPAL
 
 CLOCK_SKEW = 300  # seconds a committer time may lie in the future
 WORKERS = 4
@@ -142,48 +144,83 @@ def range_problems(
 
 def _check(c: _Commit, allowed_signers: Path, keys: dict[str, list[str]]) -> str | None:
     assert c.signature is not None
-    with tempfile.TemporaryDirectory(prefix="mailstate-commit-") as tmp:
-        sig = Path(tmp) / "commit.sig"
-        sig.write_bytes(c.signature)
-        signers = os.path.abspath(allowed_signers)
-        principal = None
-        for field in keys.get(signature_key(c.signature) or "", []):
-            first = field.split(",")[0]
-            if first and not (_PATTERN_CHARS & set(first)):
-                principal = first
-                break
-        try:
-            if principal is None and (signature_key(c.signature) or "") in keys:
+    signers = os.path.abspath(allowed_signers)
+    principal = None
+    for field in keys.get(signature_key(c.signature) or "", []):
+        first = field.split(",")[0]
+        if first and not (_PATTERN_CHARS & set(first)):
+            principal = first
+            break
+    if principal is None and (signature_key(c.signature) or "") in keys:
+        with tempfile.TemporaryDirectory(prefix="mailstate-commit-") as tmp:
+            sig = Path(tmp) / "commit.sig"
+            sig.write_bytes(c.signature)
+            try:
                 found = subprocess.run(
                     ["ssh-keygen", "-Y", "find-principals", "-f", signers, "-s", str(sig), f"-Overify-time={verify_time(c.time)}"],
                     capture_output=True, timeout=60,
                 )  # fmt: skip
-                names = found.stdout.decode(errors="replace").split()
-                principal = names[0] if found.returncode == 0 and names else None
-            if principal is None:
-                return "its key is not in allowed_signers"
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise StoreError("ssh-keygen could not check a commit signature.") from exc
+        names = found.stdout.decode(errors="replace").split()
+        principal = names[0] if found.returncode == 0 and names else None
+    if principal is None:
+        return "its key is not in allowed_signers"
+    return _verify(c, allowed_signers, principal)
+
+
+def _verify(c: _Commit, allowed_signers: Path, principal: str) -> str | None:
+    """None when `c`'s signature verifies for `principal` at its committer time, else why not."""
+    assert c.signature is not None
+    with tempfile.TemporaryDirectory(prefix="mailstate-commit-") as tmp:
+        sig = Path(tmp) / "commit.sig"
+        sig.write_bytes(c.signature)
+        try:
             proc = subprocess.run(
-                [
-                    "ssh-keygen",
-                    "-Y",
-                    "verify",
-                    "-f",
-                    signers,
-                    "-I",
-                    principal,
-                    "-n",
-                    "git",
-                    "-s",
-                    str(sig),
-                    f"-Overify-time={verify_time(c.time)}",
-                ],
-                input=c.payload,
-                capture_output=True,
-                timeout=60,
-            )
+                ["ssh-keygen", "-Y", "verify", "-f", os.path.abspath(allowed_signers), "-I", principal, "-n", "git",
+                 "-s", str(sig), f"-Overify-time={verify_time(c.time)}"],
+                input=c.payload, capture_output=True, timeout=60,
+            )  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise StoreError("ssh-keygen could not check a commit signature.") from exc
     if proc.returncode == 0:
         return None
     lines = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip().splitlines()
     return lines[-1][:200] if lines else f"rc={proc.returncode}"
+
+
+def server_signed(
+    repo_path: Path,
+    base: str | None,
+    tip: str,
+    allowed_signers: Path,
+    written_by_a_store: Callable[[str], bool],
+    *,
+    limit: int = 10,
+) -> list[str]:
+    """The commits reachable from `tip` but not from `base` whose message `written_by_a_store`
+    accepts (state.store.is_answer: the audit trailers every store write carries) and that a
+    server key signed (principal `mailstate` in allowed_signers, verified at their own time),
+    newest first, at most `limit`: the writes a mailstate process answered (`mailstate serve`,
+    `call`, `mcp`, an upgrade), which a branch may never be moved back past (state.store). A
+    commit made by hand, even signed with the server key, is not one. Cheap when there are
+    none: a walk of the range, and ssh-keygen only for the commits that qualify otherwise."""
+    repo = pygit2.Repository(str(repo_path))
+    walker = repo.walk(pygit2.Oid(hex=tip), pygit2.enums.SortMode.TOPOLOGICAL)
+    if base is not None:
+        walker.hide(pygit2.Oid(hex=base))
+    servers = {key for key, fields in signers_by_key(allowed_signers).items() if any(
+        PRINCIPAL in field.split(",") for field in fields
+    )}  # fmt: skip
+    found: list[str] = []
+    for commit in walker:
+        if not written_by_a_store(commit.message):
+            continue
+        c = _read(repo, str(commit.id))
+        if c.signature is None or signature_key(c.signature) not in servers:
+            continue
+        if _verify(c, allowed_signers, PRINCIPAL) is None:
+            found.append(c.sha)
+            if len(found) >= limit:
+                break
+    return found

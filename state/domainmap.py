@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
+from mailstate.state.aliases import links
 from mailstate.state.files import format_fits
 from mailstate.state.models import DomainFile
 
@@ -39,7 +40,7 @@ class LazySource(Protocol):
 class Lazy:
     """A domain not parsed yet: its cache entry's place, and what the indexes need to know."""
 
-    __slots__ = ("alias_of", "domain", "fits", "length", "mac", "offset", "oid", "project_id", "source")
+    __slots__ = ("alias_of", "domain", "fits", "length", "links", "mac", "offset", "oid", "project_id", "source")
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class Lazy:
         project_id: int | None,
         alias_of: str | None,
         fits: int,
+        links: frozenset[str] = frozenset(),
     ) -> None:
         self.source = source
         self.domain = domain  # the same attribute name as DomainFile's
@@ -62,6 +64,7 @@ class Lazy:
         self.project_id = project_id
         self.alias_of = alias_of
         self.fits = fits  # state.files.format_fits of the domain
+        self.links = links  # state.aliases.links of the domain: the domains it hands mail to
 
     def __repr__(self) -> str:
         return f"Lazy({self.domain}, {self.oid[:12]})"
@@ -131,6 +134,19 @@ class DomainMap(Mapping[str, DomainFile]):
         for bucket in self._buckets:
             for name, value in list(bucket.items()):
                 yield name, value.project_id, value.alias_of
+
+    def links_of(self, name: str) -> frozenset[str]:
+        """state.aliases.links of `name` without parsing it; KeyError if absent."""
+        value = self._buckets[hash(name) & _MASK][name]
+        return value.links if isinstance(value, Lazy) else links(value)
+
+    def link_items(self) -> Iterator[tuple[str, frozenset[str]]]:
+        """(name, links) of every domain that hands mail to another, parsing none."""
+        for bucket in self._buckets:
+            for name, value in list(bucket.items()):
+                found = value.links if isinstance(value, Lazy) else links(value)
+                if found:
+                    yield name, found
 
     def unfit(self, bit: int) -> list[str]:
         """Names whose `fits` (state.files.format_fits) lacks `bit`, parsing none."""

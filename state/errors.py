@@ -43,7 +43,9 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               (`mailstate init` on a used dir)
     │   └── Unavailable           503   store_busy (the branch kept moving under other writers),
     │       │                           dns_resolver_invalid, dns_check_unavailable (check-dns
-    │       │                           without a usable resolver, state/dnscheck.py)
+    │       │                           without a usable resolver, state/dnscheck.py),
+    │       │                           state_needs_repair (main holds a commit the server refuses,
+    │       │                           and a write would build on it or drop answered writes)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)

@@ -29,8 +29,8 @@ from mailstate.state.gitrepo import GitRepo
 from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
 from mailstate.state.snapshot import Snapshot
 
-CACHE_VERSION = 3
-CACHE_MAGIC = b"mailstate-parse-cache-3"
+CACHE_VERSION = 4
+CACHE_MAGIC = b"mailstate-parse-cache-4"
 MAX_CACHE_BYTES = 1 << 30  # far above 100k mailboxes (~25 MB); a bigger file is not ours
 _KEY_BYTES = 32
 
@@ -188,7 +188,8 @@ class ParseCache:
     """blob id → parsed DomainFile (or a `Lazy` entry of the file), persisted in the data dir.
 
     The file (`DIR/cache/domains.json`) is a header line, an index (JSON: per blob id the
-    domain, its project, alias target, format fit, and its entry's place and MAC), then the
+    domain, its project, alias target, format fit, the domains it hands mail to (state.aliases
+    links), and its entry's place and MAC), then the
     entries (each the JSON of one DomainFile). The header carries an HMAC-SHA256 of the index
     under a per-data-dir secret (`DIR/cache/key`, 0600, made on first use) and each entry a
     keyed BLAKE2b of its blob id and bytes, so a start reads the index alone (~0.3 s at 200k
@@ -279,7 +280,9 @@ class ParseCache:
             raise ValueError("its index is not a JSON list")
         source = _CacheFile(data, nl + 1 + index_len, key)
         entries: dict[str, DomainFile | Lazy] = {}
-        for oid, domain, project_id, alias_of, fits, offset, length, entry_mac in rows:
+        for oid, domain, project_id, alias_of, fits, offset, length, entry_mac, links in rows:
+            if type(links) is not list or any(type(name) is not str for name in links):
+                raise ValueError("a cache index field is not a list of domain names")
             entries[_row(oid, str)] = Lazy(
                 source,
                 _row(domain, str),
@@ -290,6 +293,7 @@ class ParseCache:
                 _row(project_id, int, nullable=True),
                 _row(alias_of, str, nullable=True),
                 _row(fits, int),
+                frozenset(links),
             )
         self.file = source
         return entries
@@ -327,11 +331,13 @@ class ParseCache:
                         data = entry_json(source.load(entry))
                         mac = _entry_mac(key, oid, data)
                     meta = [entry.project_id, entry.alias_of, entry.fits]
+                    links = sorted(entry.links)
                 else:
                     data = entry_json(entry)
                     mac = _entry_mac(key, oid, data)
                     meta = [entry.project_id, entry.alias_of, files.format_fits(entry)]
-                rows.append([oid, entry.domain, *meta, offset, len(data), mac])
+                    links = sorted(aliases.links(entry))
+                rows.append([oid, entry.domain, *meta, offset, len(data), mac, links])
                 chunks.append(data)
                 offset += len(data)
             index = json.dumps(rows, separators=(",", ":")).encode()
@@ -413,7 +419,7 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
     ]
     for thread in feeders:
         thread.start()
-    found: dict[int, tuple[str, str, int | None, str | None, int, bytes]] = {}
+    found: dict[int, tuple[str, str, int | None, str | None, int, frozenset[str], bytes]] = {}
     failures: list[tuple[int, list[str]]] = []
 
     def drain(proc: subprocess.Popen[bytes]) -> None:
@@ -425,9 +431,10 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
                 meta = json.loads(line)
                 failures.append((int(meta["index"]), [str(p) for p in meta["problems"]]))
                 break
-            index, oid, domain, project, alias_of, fits, length = line.decode().rstrip("\n").split("\t")
+            index, oid, domain, project, alias_of, fits, links, length = line.decode().rstrip("\n").split("\t")
             data = proc.stdout.read(int(length))
-            found[int(index)] = (oid, domain, int(project) if project else None, alias_of or None, int(fits), data)
+            meta = (int(project) if project else None, alias_of or None, int(fits), frozenset(links.split()))
+            found[int(index)] = (oid, domain, *meta, data)
         proc.stdout.close()
 
     readers = [threading.Thread(target=drain, args=(proc,), daemon=True) for proc in procs]
@@ -444,11 +451,11 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
         log.warning("parse workers failed (exit %s); parsing in this process", codes)
         return None
     rows = [found[i] for i in range(len(todo))]
-    source = _CacheFile(b"".join(row[5] for row in rows), 0, None)
+    source = _CacheFile(b"".join(row[6] for row in rows), 0, None)
     out: list[Lazy] = []
     offset = 0
-    for oid, domain, project_id, alias_of, fits, data in rows:
-        out.append(Lazy(source, domain, oid, offset, len(data), "", project_id, alias_of, fits))
+    for oid, domain, project_id, alias_of, fits, links, data in rows:
+        out.append(Lazy(source, domain, oid, offset, len(data), "", project_id, alias_of, fits, links))
         offset += len(data)
     return out
 
@@ -562,7 +569,7 @@ def check_checkout(root: Path) -> list[str]:
     loaded = load_checkout(root)
     problems = list(loaded.problems)
     if loaded.settings is not None and not loaded.problems:
-        problems.extend(aliases.state_problems(loaded.domains, list(loaded.domains)))
+        problems.extend(problem_lines(aliases.problems(loaded.domains, loaded.domains)))
         problems.extend(diff_rendered(compile_state(loaded.settings, loaded.domains.values()), read_rendered(root)))
     return problems
 
@@ -581,9 +588,14 @@ def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) ->
         and not path.startswith(".")
         and path not in {"README.md", "LICENSE"}
     ]
-    problems.extend(aliases.state_problems(snap.domains, list(snap.domains)))
+    problems.extend(problem_lines(aliases.problems(snap.domains, snap.domains)))
     problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values()), actual))
     return problems
+
+
+def problem_lines(found: list[aliases.Problem]) -> list[str]:
+    """Cross-domain problems as `mailstate check` prints them: `<domain file>: <message>`."""
+    return [f"{files.domain_path(p.domain)}: {p.message}" for p in found]
 
 
 def _top_level(repo: GitRepo, commit: str) -> list[str]:

@@ -985,7 +985,9 @@ class HealthResponse(BaseModel):
         default=None, description="[Admin] The upstream URL (redacted) and its last error."
     )
     refused_commit: dict[str, Any] | None = Field(
-        default=None, description="[Admin] A commit the server refused, and why."
+        default=None,
+        description="[Admin] A commit the server refused, and why; `answered`: the commits a server answered in "
+        "it, which are kept (writes answer 503 state_needs_repair until main is repaired).",
     )
     statement: dict[str, Any] | None = Field(
         default=None,

@@ -1,8 +1,11 @@
 """The operations: (snapshot, actor, request) → Outcome, or an error from state.errors.
 
-Every rule of the API lives here and nowhere else. Operations are pure: they read the
-snapshot and return the change; the store commits it. The work that must run outside the
-write lock (bcrypt, key generation) happens in an operation's `prepare` step.
+Every rule of the API lives here and nowhere else, but the one across domains (alias chains,
+alias_of targets): the store checks every write's change with state.sync.change_problems, the
+function that checks commits from elsewhere, so a write and an incoming commit get one verdict.
+Operations are pure: they read the snapshot and return the change; the store commits it. The
+work that must run outside the write lock (bcrypt, key generation) happens in an operation's
+`prepare` step.
 
 `OPERATIONS` is the registry the edges are generated from: each entry names its spec
 endpoint, its MCP tool, its HTTP method, its request model and whether it needs an admin.
@@ -14,7 +17,6 @@ import hashlib
 import itertools
 import secrets
 from bisect import bisect_left, bisect_right
-from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -354,8 +356,6 @@ def remove_user(ctx: Context, req: m.RemoveUserRequest, _: Prepared) -> Outcome:
     else:
         mailboxes = {**dom.mailboxes, local: box.model_copy(update={"active": False})}
     new = _with_mailboxes(dom, mailboxes)
-    if req.hard_delete:
-        _checked(ctx, new, _catch_all_start(new))  # its mail now falls to the catch-all, if any
     out = _write(new, dom.domain, result, dom.project_id)
     out.target = req.email
     return out
@@ -467,23 +467,6 @@ def _alias_domain_of(ctx: Context, address: str) -> tuple[m.DomainFile, str]:
     return _mail_domain(ctx, name), key
 
 
-def _checked(ctx: Context, new: m.DomainFile, starts: list[str]) -> None:
-    """Refuse a write whose state would hold a loop or a chain that grows too long."""
-    if starts:
-        # An overlay, not a copy: the walk reads only the domains a chain reaches.
-        al.check_chains(_overlay(ctx, new), starts)
-
-
-def _overlay(ctx: Context, new: m.DomainFile) -> Mapping[str, m.DomainFile]:
-    return ChainMap({new.domain: new}, ctx.state.domains)  # type: ignore[arg-type]
-
-
-def _catch_all_start(dom: m.DomainFile) -> list[str]:
-    # Removing an address lets its mail fall through to the catch-all: a loop can then only
-    # run through the catch-all, so the walk starts there.
-    return [f"@{dom.domain}"] if al.CATCH_ALL in dom.aliases else []
-
-
 def _alias_result(address: str, dests: list[str]) -> dict[str, Any]:
     return {"address": address, "destinations": dests}
 
@@ -511,7 +494,6 @@ def add_alias(ctx: Context, req: m.AddAliasRequest, _: Prepared) -> Outcome:
     if req.address in req.destinations:
         raise Conflict(f"{req.address} cannot deliver to itself.", code="alias_loop", target=req.address)
     new = dom.model_copy(update={"aliases": {**dom.aliases, key: list(req.destinations)}})
-    _checked(ctx, new, [req.address])
     out = _write(new, dom.domain, _alias_result(req.address, list(req.destinations)), dom.project_id, created=True)
     out.target = req.address
     return out
@@ -534,7 +516,6 @@ def update_alias(ctx: Context, req: m.UpdateAliasRequest, _: Prepared) -> Outcom
     if req.address in req.destinations:
         raise Conflict(f"{req.address} cannot deliver to itself.", code="alias_loop", target=req.address)
     new = dom.model_copy(update={"aliases": {**dom.aliases, key: list(req.destinations)}})
-    _checked(ctx, new, [req.address])
     out = _write(new, dom.domain, result, dom.project_id)
     out.target = req.address
     return out
@@ -543,7 +524,6 @@ def update_alias(ctx: Context, req: m.UpdateAliasRequest, _: Prepared) -> Outcom
 def remove_alias(ctx: Context, req: m.RemoveAliasRequest, _: Prepared) -> Outcome:
     dom, key = _existing_alias(ctx, req.address)
     new = dom.model_copy(update={"aliases": {k: d for k, d in dom.aliases.items() if k != key}})
-    _checked(ctx, new, _catch_all_start(new))
     out = _write(new, dom.domain, {"address": req.address, "removed": True}, dom.project_id)
     out.target = req.address
     return out
@@ -592,7 +572,6 @@ def set_forwarding(ctx: Context, req: m.SetForwardingRequest, _: Prepared) -> Ou
     new = _with_mailboxes(
         dom, {**dom.mailboxes, local: box.model_copy(update={"forward_to": forward, "keep_copy": keep})}
     )
-    _checked(ctx, new, [req.email] if forward else _catch_all_start(new))
     out = _write(new, dom.domain, result, dom.project_id)
     out.target = req.email
     return out
@@ -631,8 +610,6 @@ def add_alias_domain(ctx: Context, req: m.AddAliasDomainRequest, _: Prepared) ->
             target=req.domain,
         )
     new = dom.model_copy(update={"alias_of": req.target})
-    domains = _overlay(ctx, new)
-    al.check_chains(domains, al.alias_domain_starts(domains, req.domain, req.target) + _catch_all_start(new))
     return _write(new, req.domain, result, dom.project_id)
 
 

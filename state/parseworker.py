@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mailstate.state import files
+from mailstate.state import aliases, files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import entry_json
@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
             break
         data = entry_json(dom)
         project = "" if dom.project_id is None else str(dom.project_id)
-        meta = [index, oid, dom.domain, project, dom.alias_of or "", str(files.format_fits(dom)), str(len(data))]
+        links = " ".join(sorted(aliases.links(dom)))
+        meta = [index, oid, dom.domain, project, dom.alias_of or "", str(files.format_fits(dom)), links, str(len(data))]
         out.write("\t".join(meta).encode() + b"\n")
         out.write(data)
     out.flush()

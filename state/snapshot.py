@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from mailstate.state.aliases import links
 from mailstate.state.domainmap import DomainMap
 from mailstate.state.models import DomainFile, Node, NodesFile, Settings
 
@@ -51,6 +53,9 @@ class Snapshot:
     # target domain -> the domains whose alias_of names it (state.senders: a target's
     # sender_login_maps carries its alias domains' addresses), kept like by_project.
     alias_users: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    # domain -> the domains that hand mail to it (state.aliases.links), kept the same way: the
+    # domains whose alias chains a change to it can alter (state.aliases.affected).
+    referrers: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -65,6 +70,10 @@ class Snapshot:
                 index.setdefault(project_id, set()).add(name)
             if alias_of is not None:
                 users.setdefault(alias_of, set()).add(name)
+        refs: dict[str, set[str]] = {}
+        for name, targets in dmap.link_items():
+            for target in targets:
+                refs.setdefault(target, set()).add(name)
         return cls(
             commit=commit,
             settings=settings,
@@ -72,6 +81,7 @@ class Snapshot:
             nodes=nodes,
             by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
             alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
+            referrers=MappingProxyType({k: frozenset(v) for k, v in refs.items()}),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
@@ -80,7 +90,14 @@ class Snapshot:
         domains = old_map.evolve(change.domains)
         index = dict(self.by_project)
         users = dict(self.alias_users)
+        refs = dict(self.referrers)
         for name, new in change.domains.items():
+            old_links = old_map.links_of(name) if name in old_map else frozenset()
+            new_links = links(new) if new is not None else frozenset()
+            for target in old_links - new_links:
+                refs[target] = refs.get(target, frozenset()) - {name}
+            for target in new_links - old_links:
+                refs[target] = refs.get(target, frozenset()) | {name}
             # The old value's project and alias target without parsing it (it may be unparsed).
             old_project, old_alias = old_map.meta(name) if name in old_map else (None, None)
             if old_project is not None:
@@ -98,6 +115,7 @@ class Snapshot:
             nodes=change.nodes or self.nodes,
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
+            referrers=MappingProxyType({k: v for k, v in refs.items() if v}),
         )
         previous = self.__dict__.get("sorted_domains")
         if previous is not None:
@@ -112,6 +130,13 @@ class Snapshot:
                 elif name not in domains and present:
                     del names[at]
             snap.__dict__["sorted_domains"] = names
+        return snap
+
+    def at(self, commit: str) -> Snapshot:
+        """The same state, at `commit` (a write's snapshot made before its commit existed)."""
+        snap = dataclasses.replace(self, commit=commit)
+        if "sorted_domains" in self.__dict__:
+            snap.__dict__["sorted_domains"] = self.__dict__["sorted_domains"]
         return snap
 
     @functools.cached_property

@@ -41,7 +41,7 @@ import pygit2
 
 from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
 from mailstate.state import files, senders
-from mailstate.state.chain import range_problems
+from mailstate.state.chain import range_problems, server_signed
 from mailstate.state.errors import (
     BranchMoved,
     Forbidden,
@@ -67,7 +67,7 @@ from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.statement import create_statement, parse_statement, read_statement, verify_statement
-from mailstate.state.sync import Incoming, full_check, validate_incoming
+from mailstate.state.sync import Incoming, change_problems, full_check, validate_incoming
 from mailstate.state.upstream import REJECTED_PREFIX, Upstream
 
 log = logging.getLogger("mailstate.store")
@@ -112,6 +112,14 @@ def commit_message(action: str, target: str, project: int | None, actor: Actor, 
         f"Actor: {_trailer_value(actor.name)}\n"
         f"Request-Id: {request_id}\n"
     )
+
+
+_ANSWER_TRAILERS = re.compile(r"^Action: \S.*\nProject: \S+\nActor: .+\nRequest-Id: [A-Za-z0-9._-]{1,64}$", re.M)
+
+
+def is_answer(message: str) -> bool:
+    """True for a commit message commit_message wrote: the trailers of a write a store answered."""
+    return _ANSWER_TRAILERS.search(message) is not None
 
 
 class Store:
@@ -168,15 +176,19 @@ class Store:
             self._refs = pygit2.Repository(str(self.git.path))
         except pygit2.GitError as exc:
             raise StoreError(f"{repo_path} is not a git repository.") from exc
-        start = head
-        if upstream is None:
-            stated = self._verified_statement()
-            if stated is not None and stated[1] != head and self._is_commit(stated[1]):
-                start = stated[1]  # what was last accepted; main is validated against it below
-        self._snapshot = load_commit(self.git, start, self._cache)
         self.max_tries = max_tries
         self._rng = rng or random.Random()
         self.upstream_problem: dict[str, Any] | None = None
+        # True while the snapshot is a commit validated the way an incoming commit is (or
+        # stated by a server, which did): only then is it stated, and only then written on.
+        self._validated = False
+        stated = self._verified_statement()
+        if stated is not None and self._is_commit(stated[1]):
+            # What was last accepted; main is validated against it below.
+            self._snapshot = load_commit(self.git, stated[1], self._cache)
+            self._validated = True
+        else:
+            self._snapshot = self._first_check(head)
         self.upstream_error: str | None = None
         self._writes = 0
         self._gc_every = gc_every
@@ -184,10 +196,41 @@ class Store:
         with self._lock:
             if upstream is not None:
                 self._sync_locked(joining=True)
-            elif start != head:
+            elif self.head != head:
                 self._refresh_locked()
             self._publish_statement()
             self._push_statement()
+
+    def _first_check(self, head: str) -> Snapshot:
+        """No statement to start from (a new data dir, or its statement is gone or not a server's):
+        check main in full, as a data dir joining a fleet checks upstream's tip, before it is
+        stated. A main that fails is refused (health shows it), read, and written on only by a
+        write whose whole commit validates (_whole_check)."""
+        reason = None
+        if self.trusted_signers is not None and not self._signed_by_us(head):
+            reason = "; ".join(range_problems(self.git.path, None, head, self.trusted_signers)) or None
+        incoming = Incoming(commit=head, problems=[reason]) if reason else full_check(self.git, head, self._cache)
+        if incoming.ok and incoming.snapshot is not None:
+            self._validated = True
+            return incoming.snapshot
+        self.upstream_problem = {"commit": head, "problems": incoming.problems, "source": "local"}
+        log.warning(
+            "main %s is not stated: there is no accepted-head statement to start from and it does not validate "
+            "(a write, e.g. an upgrade's re-render, states it once the whole commit validates): %s",
+            head[:12],
+            "; ".join(incoming.problems),
+        )
+        return load_commit(self.git, head, self._cache)
+
+    def _signed_by_us(self, sha: str) -> bool:
+        """True when `sha` carries the signature this store's own key makes of it. Ed25519 signs
+        deterministically, so signing the commit's payload again tells it in process, without
+        ssh-keygen (a new data dir's first commit, which `mailstate init` signed with this key)."""
+        try:
+            signature, payload = self.git.repo[sha].peel(pygit2.Commit).gpg_signature
+            return signature is not None and self.signer.sign(payload).strip() == signature.decode().strip()
+        except (StoreError, KeyError, ValueError, UnicodeDecodeError, pygit2.GitError):
+            return False
 
     @property
     def snapshot(self) -> Snapshot:
@@ -252,8 +295,10 @@ class Store:
                 if not outcome.change:
                     outcome.result = {**outcome.result, "commit": None}
                     return outcome
+                after = self._after(outcome.change)
                 message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
-                sha, snap, stated = self._make_commit(outcome.change, message)
+                sha, snap, stated = self._make_commit(outcome.change, message, after)
+                self._whole_check(sha)
                 try:
                     if self.upstream is None:
                         self.git.move_branch(sha, self._expected_head())
@@ -280,16 +325,58 @@ class Store:
 
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
-        sha, snap, stated = self._make_commit(change, message)
+        sha, snap, stated = self._make_commit(change, message, self._after(change))
+        self._whole_check(sha)
         self.git.move_branch(sha, self._expected_head())
         self._adopted(sha, snap, stated)
         return sha
 
-    def _make_commit(self, change: Change, message: str) -> tuple[str, Snapshot, tuple[str, int] | None]:
+    def _after(self, change: Change) -> Snapshot:
+        """The state after `change` (its commit still unset), once it passed the rules an incoming
+        commit with the same change must pass across domains (state.sync.change_problems); the
+        first one it breaks is raised (409). On a validated snapshot that makes the commit valid
+        exactly when a server would accept it from elsewhere; on one nobody validated, the commit
+        is checked in full before it lands (_whole_check)."""
+        self._writable()
+        after = self._snapshot.with_change("", change)
+        found = change_problems(self._snapshot, after, change)
+        if found:
+            raise found[0].error()
+        return after
+
+    def _whole_check(self, sha: str) -> None:
+        """A write on a snapshot nobody validated (main had no server's statement and did not
+        validate, e.g. rendered by an older mailstate) lands only when the whole commit it makes
+        validates, as a data dir joining a fleet checks a tip: an upgrade's re-render passes,
+        a write that leaves main's problems in place does not (503 state_needs_repair)."""
+        if self._validated:
+            return
+        problems = full_check(self.git, sha, self._cache).problems
+        if problems:
+            raise Unavailable(
+                f"The state repo's main does not validate ({problems[0]}) and no accepted commit is known to "
+                "build on (see /v1/health); nothing was changed. An admin must repair main first.",
+                code="state_needs_repair",
+            )
+
+    def _writable(self) -> None:
+        """Refuse to write (503 state_needs_repair, nothing changed) while writing would move the
+        branch back past writes that were answered."""
+        if self.upstream_problem and self.upstream_problem.get("answered"):
+            raise Unavailable(
+                "The state repo's main holds answered writes on top of a commit this server refuses "
+                "(see /v1/health); they are kept, so nothing can be written until an admin repairs main "
+                "with a commit on top of it that validates. Nothing was changed.",
+                code="state_needs_repair",
+            )
+
+    def _make_commit(
+        self, change: Change, message: str, after: Snapshot
+    ) -> tuple[str, Snapshot, tuple[str, int] | None]:
         """The signed commit object for `change` on top of HEAD (the branch does not move), and
         the statement tag naming it, (tag id, issued_at). Both go to disk in the one fsynced
         pack of the write, so the statement costs no fsync of its own; if the commit does not
-        land, the tag is an unreferenced object that gc drops."""
+        land, the tag is an unreferenced object that gc drops. `after` is _after(change)."""
         snap = self._snapshot
         tree = self.git.build_tree(snap.commit, self.changed_files(snap, change))
         when = self.clock()
@@ -307,7 +394,7 @@ class Store:
         except StoreError as exc:  # never fails the write: _publish_statement tries again after it
             log.warning("accepted-head statement for %s not prepared: %s", sha[:12], exc.message)
         self.git.flush_objects(extra=[stated[0]] if stated else [])  # the branch's own flush then finds nothing left
-        return sha, snap.with_change(sha, change), stated
+        return sha, after.at(sha), stated
 
     def _expected_head(self) -> str | None:
         """What the branch must point at for our commit to land: our snapshot's commit, or
@@ -333,8 +420,11 @@ class Store:
 
     def _adopted(self, sha: str, snap: Snapshot, stated: tuple[str, int] | None = None) -> None:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
-        if refused and self.upstream is None:
+        if refused and self.upstream is None and self._validated:
             self._keep_rejected(refused, sha)
+        elif not self._validated:
+            self.upstream_problem = None  # the write built on main, and the whole commit validated
+        self._validated = True
         self._snapshot = snap
         # The write has landed; a statement that fails from here on is logged and retried on
         # the schedule, never turned into a failed write.
@@ -394,7 +484,12 @@ class Store:
         tip = self.git.head()
         if tip is None:
             return
-        if tip == self.head and self.upstream_problem and self.upstream_problem.get("source") == "local":
+        if (
+            tip == self.head
+            and self._validated
+            and self.upstream_problem
+            and self.upstream_problem.get("source") == "local"
+        ):
             self.upstream_problem = None  # someone put main back on the accepted commit
             return
         self._adopt_tip(tip, source="local")
@@ -402,7 +497,7 @@ class Store:
     def _adopt_tip(self, tip: str, *, joining: bool = False, source: str) -> None:
         """Verify and validate `tip`, then serve it; or record it as refused. Lock held."""
         local = self.head
-        if tip == local or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
+        if (tip == local and self._validated) or (self.upstream_problem and self.upstream_problem.get("commit") == tip):
             return
         fresh = joining and self.git.is_root(local) and not self._snapshot.domains
         reason = None
@@ -420,6 +515,8 @@ class Store:
                 reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
         if reason is not None:
             incoming = Incoming(commit=tip, problems=[reason])
+        elif not self._validated:
+            incoming = full_check(self.git, tip, self._cache)  # nothing validated to check it against
         elif self.git.is_ancestor(local, tip):
             incoming = validate_incoming(self.git, self._snapshot, tip)
         elif fresh:
@@ -433,14 +530,33 @@ class Store:
             if source == "upstream":
                 self.git.set_branch(tip)
             self._snapshot = incoming.snapshot
+            self._validated = True
             self.upstream_problem = None
             log.info("adopted %s commit %s", source, tip[:12])
             # A fresh data dir joining a fleet replaces its own root commit, which a statement
             # written before it joined may name: that one is no ancestor, and must go.
             self._statement_after_change(replace=fresh)
             return
-        self.upstream_problem = {"commit": tip, "problems": incoming.problems, "source": source}
+        problem: dict[str, Any] = {"commit": tip, "problems": incoming.problems, "source": source}
+        answered = self._answered(tip)
+        if answered:
+            # Replacing `tip` would move the branch back past writes that were answered: they
+            # stay, and writes wait for an admin's repair (_writable).
+            problem["answered"] = answered
+        self.upstream_problem = problem  # whole, at once: health() reads it without the lock
         log.error("REFUSED %s commit %s: %s", source, tip[:12], "; ".join(incoming.problems))
+
+    def _answered(self, tip: str) -> list[str]:
+        """The writes a server answered (signed by a server key, with a store's audit trailers) that
+        replacing `tip` with a commit on our head would drop: reachable from `tip`, not from our head."""
+        if self.trusted_signers is None or not self._validated:
+            return []
+        try:
+            return server_signed(self.git.path, self.head, tip, self.trusted_signers, is_answer)
+        except (StoreError, pygit2.GitError, KeyError, ValueError) as exc:
+            # Unknown is answered: never drop what might have been.
+            log.error("could not tell whether %s holds answered writes: %s", tip[:12], exc)
+            return [tip]
 
     def _follow_key_rotation(self) -> bool:
         """Upstream mode: another server may have rotated its key (state/keyrotation.py). Learn
@@ -645,6 +761,8 @@ class Store:
         The ref itself is written without fsync: after a power cut it names either the old or
         the new statement, and both tags were on disk before the ref moved.
         """
+        if not self._validated:
+            return False  # never a statement for a commit nobody validated
         head = self.head
         try:
             with self.git.ref_lock():

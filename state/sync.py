@@ -35,7 +35,7 @@ from mailstate.compiler.render import (
 from mailstate.state import aliases, files
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.load import ParseCache
+from mailstate.state.load import ParseCache, problem_lines
 from mailstate.state.models import DomainFile, NodesFile
 from mailstate.state.senders import alias_domains_of
 from mailstate.state.snapshot import Change, Snapshot
@@ -163,12 +163,9 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     if problems:
         return result
     new = base.with_change(commit, change)
-    # Across domains (state.aliases): loops and alias_of targets, from the domains the commit
-    # changed and from the alias domains that point at one of them.
+    # Across domains: the same rule, on the same domains, as a write (change_problems).
     changed = set(change.domains)
-    # (The snapshot's alias index names those, without reading every domain.)
-    pointing = {u for name in changed for u in new.alias_users.get(name, ())}
-    problems.extend(aliases.state_problems(new.domains, sorted(changed | pointing)))
+    problems.extend(problem_lines(change_problems(base, new, change)))
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))
@@ -192,6 +189,24 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     if not problems:
         result.snapshot = new
     return result
+
+
+def change_problems(base: Snapshot, new: Snapshot, change: Change) -> list[aliases.Problem]:
+    """What `change` (from `base` to `new`) breaks across domains: state.aliases.domain_problems
+    of every domain whose verdict it can alter. The store runs this on every write before it
+    commits, and validate_incoming on every commit from elsewhere: one rule, one set of
+    domains. On a valid `base` it finds a problem exactly when a full check of `new` would
+    (state.aliases.affected says why).
+
+    Beside the chains (state.aliases.affected), the alias_of rule of each alias domain of a
+    changed domain's project (old or new) that points at it: the target's state decides it."""
+    changed = set(change.domains)
+    names = aliases.affected(new.domains, new.referrers, changed)
+    for name in changed:
+        scopes = {aliases.project_of(side, name) for side in (base.domains, new.domains)}
+        users = new.alias_users.get(name, frozenset()) | base.alias_users.get(name, frozenset())
+        names.update(u for u in users if aliases.project_of(new.domains, u) in scopes)
+    return aliases.problems(new.domains, names)
 
 
 def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
