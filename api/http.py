@@ -78,9 +78,11 @@ _CAN_404 = {
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
     "dns-records",
+    "set-vacation", "set-filters", "list-filters", "add-app-password", "list-app-passwords", "remove-app-password",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
-            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records"}  # fmt: skip
+            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
+            "set-vacation", "set-filters", "add-app-password"}  # fmt: skip
 # Success statuses: 201 when the call created something (Outcome.created), else 200.
 CREATED: dict[str, tuple[int, ...]] = {
     "add-user": (201,),
@@ -88,6 +90,7 @@ CREATED: dict[str, tuple[int, ...]] = {
     "add-node": (201,),
     "link-domain": (201, 200),
     "add-alias": (201,),
+    "add-app-password": (201,),
 }
 
 

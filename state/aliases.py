@@ -26,7 +26,7 @@ from mailstate.state import validate as v
 from mailstate.state.errors import Conflict, InvalidInput
 
 if TYPE_CHECKING:  # models imports this module for its validators
-    from mailstate.state.models import DomainFile
+    from mailstate.state.models import DomainFile, Mailbox
 
 CATCH_ALL = "@"
 MAX_DESTINATIONS = 50
@@ -87,6 +87,20 @@ def normalize_destinations(value: object, field: str = "destinations", *, allow_
     return out
 
 
+def onward(forward_to: Sequence[str] | None, redirects: Sequence[str]) -> list[str]:
+    """Where a mailbox passes mail on: its forwarding, then its filters' redirects, each once."""
+    out = list(forward_to or [])
+    out += [r for r in redirects if r not in out]
+    return out
+
+
+def box_onward(box: Mailbox) -> list[str]:
+    """A mailbox's onward addresses (`onward`): a Sieve redirect obeys the forwarding rules, so
+    the loop and depth checks follow it like a forwarding that keeps a copy (state/owners.py)."""
+    redirects = [f.target for f in box.filters or () if f.action == "redirect" and f.target]
+    return onward(box.forward_to, redirects) if redirects else list(box.forward_to or [])
+
+
 def file_problems(dom: DomainFile) -> list[str]:
     """The rules one domain file must follow on its own (the loaders and `mailstate check`)."""
     problems: list[str] = []
@@ -101,6 +115,12 @@ def file_problems(dom: DomainFile) -> list[str]:
         if box.forward_to is not None and f"{local}@{dom.domain}" in box.forward_to:
             problems.append(
                 f"mailboxes.{local}.forward_to: a mailbox may not forward to itself (keep_copy keeps a copy)"
+            )
+        if box.filters and f"{local}@{dom.domain}" in box_onward(box)[len(box.forward_to or []) :]:
+            problems.append(f"mailboxes.{local}.filters: a filter may not redirect to the mailbox itself")
+        if len(box_onward(box)) > MAX_DESTINATIONS:
+            problems.append(
+                f"mailboxes.{local}: forwarding and filter redirects together name more than {MAX_DESTINATIONS} addresses"
             )
     if dom.alias_of is not None and dom.alias_of == dom.domain:
         problems.append("alias_of: a domain cannot be an alias of itself")
@@ -152,10 +172,12 @@ def resolve(domains: Mapping[str, DomainFile], address: str) -> tuple[str, list[
             return address, list(dom.aliases[local])
         box = dom.mailboxes.get(local)
         if box is not None:
-            if not box.active or not box.forward_to:
+            passed_on = box_onward(box) if box.active else []
+            if not passed_on:
                 return None
             # keep_copy: the mailbox maps to itself too, which ends Postfix's recursion there.
-            return address, list(box.forward_to)
+            # A filter's redirect passes a copy on after delivery, like forwarding does.
+            return address, passed_on
     if CATCH_ALL in dom.aliases:
         return f"@{domain}", list(dom.aliases[CATCH_ALL])
     if dom.alias_of is not None:
@@ -171,7 +193,7 @@ def alias_domain_starts(domains: Mapping[str, DomainFile], domain: str, target: 
     if dom is None:
         return []
     starts = [f"{key}@{domain}" for key in dom.aliases if key != CATCH_ALL]
-    starts += [f"{local}@{domain}" for local, box in dom.mailboxes.items() if box.forward_to]
+    starts += [f"{local}@{domain}" for local, box in dom.mailboxes.items() if box.forward_to or box.filters]
     if CATCH_ALL in dom.aliases:
         starts.append(f"@{target}")
     return starts
@@ -235,7 +257,7 @@ def state_problems(domains: Mapping[str, DomainFile], names: Sequence[str]) -> l
                     f"{domain_path(name)}: alias_of: {dom.alias_of} is not an email-enabled domain of the same project that is not an alias domain itself"
                 )
         starts = [join_address(key, name) for key in dom.aliases]
-        starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to]
+        starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to or box.filters]
         if dom.alias_of is not None:
             starts += alias_domain_starts(domains, name, dom.alias_of)
         try:

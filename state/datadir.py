@@ -182,6 +182,7 @@ def open_store(
     )
     store.usage_source = db.usage_for if db is not None else None
     store.dkim_source = db.dkim_keys if db is not None else None
+    store.app_use_source = db.app_password_uses if db is not None else None
     # A format-1 state becomes format 2 in one signed commit the first time a store opens it
     # (the server on start, any CLI command); a format-2 state is left alone.
     if upgrade:

@@ -54,7 +54,7 @@ from mailstate.state.errors import (
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
-from mailstate.state.ops import OPERATIONS, Context, DkimLookup, Operation, Outcome, UsageLookup
+from mailstate.state.ops import OPERATIONS, AppUseLookup, Context, DkimLookup, Operation, Outcome, UsageLookup
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
@@ -114,6 +114,8 @@ class Store:
     _stated_value: tuple[str, str, int] | None = None  # behind the _stated property
     # The nodes' DKIM public keys (state.localdb), for dns-records; set by open_store.
     dkim_source: DkimLookup | None = None
+    # When the nodes last saw each app password log in (state.localdb), for list-app-passwords.
+    app_use_source: AppUseLookup | None = None
 
     def __init__(
         self,
@@ -221,6 +223,7 @@ class Store:
             node_status=self.node_status,
             usage=self.usage_source,
             dkim_keys=self.dkim_source,
+            app_uses=self.app_use_source,
         )
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:

@@ -93,11 +93,23 @@ def test_registry_names_all_operations() -> None:
         "remove-alias-domain",
     }
     sending = {"dns-records"}
+    owners = {
+        "set-vacation",
+        "set-filters",
+        "list-filters",
+        "add-app-password",
+        "list-app-passwords",
+        "remove-app-password",
+    }
     assert (
         set(OPERATIONS)
-        == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases | sending
+        == set(SPEC_OPERATIONS)
+        | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
+        | aliases
+        | sending
+        | owners
     )
-    assert len(OPERATIONS) == 24
+    assert len(OPERATIONS) == 30
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if not op.write} == {
@@ -106,6 +118,8 @@ def test_registry_names_all_operations() -> None:
         "list-nodes",
         "list-aliases",
         "dns-records",
+        "list-filters",
+        "list-app-passwords",
     }
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
         "list-domains",
@@ -113,6 +127,8 @@ def test_registry_names_all_operations() -> None:
         "list-nodes",
         "list-aliases",
         "dns-records",
+        "list-filters",
+        "list-app-passwords",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
@@ -305,6 +321,7 @@ def test_remove_user_soft(mail_store: Store) -> None:
             "used_mb": None,
             "messages": None,
             "usage_reported_at": None,
+            "vacation": None,
         }
     ]
 
@@ -346,6 +363,7 @@ def test_list_users(store: Store) -> None:
             "used_mb",
             "messages",
             "usage_reported_at",
+            "vacation",
         }
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
@@ -353,6 +371,7 @@ def test_list_users(store: Store) -> None:
     assert b_users == [
         {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True, "id": b_users[0]["id"]}
         | {"forward_to": [], "keep_copy": True, "used_mb": None, "messages": None, "usage_reported_at": None}
+        | {"vacation": None}
     ]
     assert len(store.execute("list-users", ADMIN, {}).result["users"]) == 4
     # hashes are never returned
