@@ -43,6 +43,7 @@ from typing import Any
 import jinja2
 
 from mailstate.state.errors import InvalidInput, StoreError
+from mailstate.state.owners import MAX_APP_PASSWORDS
 
 # The checkout's top level (state/, compiler/, templates/, pi-pull/ side by side), or, installed,
 # site-packages/mailstate (templates/ and node_agent/, the wheel's copy of pi-pull/).
@@ -227,11 +228,17 @@ def dovecot_snippet(
     imaps_port: int = 993,
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
     map_buckets: int = 0,
+    sendmail_path: str = "",
 ) -> str:
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
     (``<postfix_queue_dir>/private/auth``). With ``map_buckets`` > 0 the passwd-files are
-    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py)."""
+    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py). Mailbox owners'
+    settings (docs/owners.md): the app-password passdbs (``<root>/app-passwords``) before the
+    mailbox's own, each mailbox's Sieve script from ``<root>/sieve``; ``sendmail_path``: how Sieve
+    sends a reply or a redirect (empty: Dovecot's default, /usr/sbin/sendmail)."""
+    if sendmail_path and not sendmail_path.startswith("/"):
+        raise InvalidInput("sendmail_path must be an absolute path (with arguments).", field="sendmail_path")
     return render_template(
         "dovecot-mailstate.conf.j2",
         passwd_path="passwd.d/%1d/%2d/%d" if int(map_buckets) > 0 else "passwd.d/%d",
@@ -243,6 +250,8 @@ def dovecot_snippet(
         tls_key=_tls_path("tls_key", tls_key),
         imaps_port=int(imaps_port),
         postfix_queue_dir=_tls_path("postfix_queue_dir", postfix_queue_dir).rstrip("/"),
+        app_password_slots=MAX_APP_PASSWORDS,
+        sendmail_path=sendmail_path,
     )
 
 
@@ -255,9 +264,14 @@ def postfix_snippet(
     tls_cert: str = TLS_CERT,
     tls_key: str = TLS_KEY,
     map_buckets: int = 0,
+    dkim_milter: str = "",
 ) -> str:
     """The main.cf lines: virtual maps under ``<root>/current``, LMTP delivery to Dovecot, TLS,
-    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map."""
+    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map;
+    with a ``dkim_milter``, the mail that does not come through smtpd (a Sieve vacation reply) is
+    signed by it too (``non_smtpd_milters``)."""
+    if dkim_milter and not _MILTER.match(dkim_milter):
+        raise InvalidInput("dkim_milter must be a milter address such as inet:127.0.0.1:8891.", field="dkim_milter")
     return render_template(
         "postfix-main.cf.j2",
         root=root.rstrip("/"),
@@ -267,6 +281,7 @@ def postfix_snippet(
         lmtp_port=int(lmtp_port),
         tls_cert=_tls_path("tls_cert", tls_cert),
         tls_key=_tls_path("tls_key", tls_key),
+        dkim_milter=dkim_milter,
     )
 
 
@@ -499,6 +514,7 @@ def render_node_bundle(
             tls_cert=tls_cert,
             tls_key=tls_key,
             map_buckets=map_buckets,
+            dkim_milter=dkim_milter,
         ),
         "postfix/master.cf.mailstate": postfix_master_snippet(
             submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter

@@ -74,9 +74,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
-    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim",
+    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
 )  # fmt: skip
-MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
+MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")
 
 
 # --------------------------------------------------------------------------- environment
@@ -87,7 +87,7 @@ def require_binaries(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None and not Path("/usr/sbin", n).exists()]
     if not missing:
         return
-    msg = f"missing programs: {', '.join(missing)} (apt-get install postfix dovecot-imapd dovecot-lmtpd)"
+    msg = f"missing programs: {', '.join(missing)} (apt-get install postfix dovecot-imapd dovecot-lmtpd dovecot-sieve)"
     if os.environ.get("CI") == "true":
         pytest.fail(msg)
     pytest.skip(msg)
@@ -297,6 +297,9 @@ class MailNode:
             f"map_type = {self.map_type}",
             f"map_buckets = {self.map_buckets}",
             f"postmap = {self.postmap}",
+            "[owners]",
+            f"sievec = sievec -c {self.dovecot_conf}",
+            f"doveadm = doveadm -c {self.dovecot_conf}",
         ]
         path.write_text("\n".join(lines) + "\n" + extra)
         return path
@@ -364,6 +367,7 @@ smtp_host_lookup = native
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
             map_buckets=self.map_buckets,
+            dkim_milter=self.dkim_milter,
         )
         (self.postfix_dir / "main.cf").write_text(main_cf)
         services = [
@@ -434,6 +438,8 @@ service imap-login {{
             imaps_port=self.imaps_port,
             postfix_queue_dir=str(w / "postfix" / "queue"),
             map_buckets=self.map_buckets,
+            # Sieve's replies and redirects go through this node's Postfix, not the machine's.
+            sendmail_path=f"/usr/sbin/sendmail -C {self.postfix_dir}",
         )
         self.dovecot_conf.write_text(dovecot)
         if self.map_buckets:
