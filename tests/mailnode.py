@@ -221,6 +221,7 @@ class MailNode:
     submission_port: int = 0
     smtps_port: int = 0
     imaps_port: int = 0
+    sieve_port: int = 0  # where Dovecot's Sieve hands in replies and redirects (the bundle's 10026)
     dkim_milter: str = ""
     sink: SmtpSink | None = None
     postfix_dir: Path = field(init=False)
@@ -367,7 +368,6 @@ smtp_host_lookup = native
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
             map_buckets=self.map_buckets,
-            dkim_milter=self.dkim_milter,
         )
         (self.postfix_dir / "main.cf").write_text(main_cf)
         services = [
@@ -400,6 +400,7 @@ smtp_host_lookup = native
             submission_listen=f"127.0.0.1:{self.submission_port}",
             smtps_listen=f"127.0.0.1:{self.smtps_port}",
             dkim_milter=self.dkim_milter,
+            sieve_listen=f"127.0.0.1:{self.sieve_port}",
         )
         master += [
             line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
@@ -438,8 +439,7 @@ service imap-login {{
             imaps_port=self.imaps_port,
             postfix_queue_dir=str(w / "postfix" / "queue"),
             map_buckets=self.map_buckets,
-            # Sieve's replies and redirects go through this node's Postfix, not the machine's.
-            sendmail_path=f"/usr/sbin/sendmail -C {self.postfix_dir}",
+            sieve_submission=f"127.0.0.1:{self.sieve_port}",
         )
         self.dovecot_conf.write_text(dovecot)
         if self.map_buckets:
@@ -491,6 +491,7 @@ service imap-login {{
             self.smtp_port,
             self.submission_port,
             self.smtps_port,
+            self.sieve_port,
         ):
             wait_port(port)
 
@@ -701,7 +702,7 @@ def running_mailnode(
     grp.getgrnam("dovecot")
     uid, gid = ensure_vmail()
     workdir = make_public_tmpdir("mailnode-")
-    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port = free_ports(6)
+    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, sieve_port = free_ports(7)
     sink = SmtpSink()
     node = MailNode(
         workdir=workdir,
@@ -717,6 +718,7 @@ def running_mailnode(
         submission_port=submission_port,
         smtps_port=smtps_port,
         imaps_port=imaps_port,
+        sieve_port=sieve_port,
         dkim_milter=dkim_milter,
         sink=sink,
     )

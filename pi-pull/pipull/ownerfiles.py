@@ -18,9 +18,10 @@ apppass.py; a refusal refuses the whole commit, nothing is written) and writes t
 release is live (``apply``), so a rollback never meets them. Only what changed between the
 commit in owners.json and the new one is read (``git diff-tree``); without a usable owners.json
 (a node's first apply, an upgrade of pi-pull) every domain is read and the directories are made
-to match. Each file is replaced by rename; a script gets an mtime after its old binary's and
-its new binary the script's, so Dovecot never takes an old binary for a new script. A tick
-whose owners.json lags behind the applied commit (a failure after the swap) catches up.
+to match. Each file is replaced by rename; a script gets an mtime not before its old binary's and
+its new binary a second more (Pigeonhole runs a binary only when it is strictly newer than its
+script), so Dovecot never takes an old binary for a new script and never compiles one itself.
+A tick whose owners.json lags behind the applied commit (a failure after the swap) catches up.
 """
 
 from __future__ import annotations
@@ -262,16 +263,20 @@ class OwnerFiles:
     def _install_script(self, script: str, data: bytes) -> None:
         binary = script[: -len(".sieve")] + ".svbin"
         tmp = f"{script}.tmp-{os.getpid()}"
+        _unlink(tmp)
         atomic_write(tmp, data, 0o644)
-        # Later than the old binary (whole seconds), so Dovecot never runs the old one for the new script.
-        when = _later_than(tmp, _mtime(binary))
+        # Pigeonhole runs a binary only when it is strictly newer than its script: the new script is
+        # not older than the old binary (which Dovecot then never runs for it), the new binary a
+        # second newer than the new script.
+        when = float(max(int(os.stat(tmp).st_mtime), int(_mtime(binary))))
+        os.utime(tmp, (when, when))
         os.replace(tmp, script)
         argv = [*shlex.split(self.cfg.sievec), "-x", " ".join(sieve.EXTENSIONS), script]
         r = self.runner.run(argv, timeout=120)
         if r.returncode != 0 or not os.path.isfile(binary):
             raise TickError(f"sievec {script} failed: {short(r.stderr + r.stdout) or f'rc={r.returncode}'}")
         os.chmod(binary, 0o644)
-        os.utime(binary, (when, when))  # as new as its script: up to date for Dovecot
+        os.utime(binary, (when + 1, when + 1))
 
     # ---- app password use (for the report)
 
