@@ -178,16 +178,18 @@ _DETAILS: dict[str, str] = {
     ),
     "set-vacation": (
         "Sets the out-of-office reply of an active mailbox of your project (Sieve vacation on the mail nodes). "
-        "enabled=true needs `body`: the reply's text, at most 16 KiB (16384 bytes in UTF-8; newlines and tabs "
-        f"allowed); `subject` (optional): one line of at most {ow.MAX_SUBJECT_CHARS} characters. At most one reply "
+        "`body`: the reply's text, at most 16 KiB (16384 bytes in UTF-8; newlines and tabs allowed; an enabled "
+        f"reply needs one, 409 vacation_text_missing); `subject`: one line of at most {ow.MAX_SUBJECT_CHARS} "
+        "characters (null: 'Auto: ' and the message's subject). A field left out keeps its stored value, so "
+        "`email` and `enabled` alone switch a stored reply on or off; null clears a field. At most one reply "
         f"per sender per `interval_days` ({ow.MIN_INTERVAL_DAYS}-{ow.MAX_INTERVAL_DAYS}, default "
         f"{ow.DEFAULT_INTERVAL_DAYS}); none to mailing lists, bulk mail, automatic replies or the mailbox itself; only "
         "from `start` to `end` (ISO dates such as 2026-07-01, days in UTC, both optional). The reply is DKIM-signed "
         "like other outgoing mail. It runs after the mailbox's filters (a filter with stop, or a discard, means no "
-        "reply). enabled=false stops the replies (a text given with it is kept for next time; without one nothing "
-        "is kept). list-users shows `vacation` (enabled, start, end). Refused: 400 invalid_vacation (a limit above), "
-        "400 missing_field (no body), 409 vacation_ends_before_start, 409 mailbox_inactive, 404 mailbox_not_found. "
-        + _WRITE
+        "reply). enabled=false stops the replies and keeps the text for next time (with every text field null, "
+        "nothing is kept). list-users shows `vacation` (enabled, start, end). Refused: 400 invalid_vacation (a limit "
+        "above), 409 vacation_text_missing, 409 vacation_ends_before_start, 409 mailbox_inactive, 404 "
+        "mailbox_not_found. " + _WRITE
     ),
     "set-filters": (
         f"Replaces ALL filter rules of an active mailbox of your project with `filters` (0-{ow.MAX_FILTERS}, in the "

@@ -33,7 +33,7 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   alias_chain_too_long, alias_domain_target_invalid,
     │                                   alias_domains_remain (state/aliases.py),
     │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
-    │                                   vacation_ends_before_start (set-vacation)
+    │                                   vacation_ends_before_start, vacation_text_missing (set-vacation)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is

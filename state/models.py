@@ -801,35 +801,20 @@ def _filter_item_schema() -> dict[str, Any]:
 
 
 class SetVacationRequest(Request):
-    model_config = ConfigDict(
-        extra="forbid",
-        # enabled: true needs a body (the reply's text); the schema says so with one branch per case.
-        json_schema_extra=lambda schema: schema.update(
-            anyOf=[
-                {
-                    **schema,
-                    "properties": {**schema["properties"], "enabled": {"type": "boolean", "const": True}},
-                    "required": [*schema["required"], "body"],
-                },
-                {**schema, "properties": {**schema["properties"], "enabled": {"type": "boolean", "const": False}}},
-            ]
-        ),
-    )
-
     email: Email = Field(description="The mailbox (an active mailbox of this project).")
     enabled: Annotated[bool, BeforeValidator(_strict_flag("enabled"))] = Field(
-        description="true: reply while the dates allow; false: no replies (the text is kept when given)."
+        description="true: reply while the dates allow; false: no replies (the text and dates are kept)."
     )
     subject: Annotated[str | None, BeforeValidator(_optional(ow.check_subject))] = Field(
         default=None,
-        description=f"The reply's subject, one line of at most {ow.MAX_SUBJECT_CHARS} characters (default: "
-        "'Auto: ' and the message's subject).",
+        description=f"The reply's subject, one line of at most {ow.MAX_SUBJECT_CHARS} characters (null: 'Auto: ' and "
+        "the message's subject). Left out: the stored one is kept.",
         json_schema_extra={"minLength": 1, "maxLength": ow.MAX_SUBJECT_CHARS, "pattern": ONE_LINE_PATTERN},
     )
     body: Annotated[str | None, BeforeValidator(_optional(ow.check_body))] = Field(
         default=None,
-        description=f"The reply's text (required when enabled), at most {ow.MAX_BODY_BYTES} bytes (16 KiB) in UTF-8; "
-        "newlines and tabs allowed.",
+        description=f"The reply's text, at most {ow.MAX_BODY_BYTES} bytes (16 KiB) in UTF-8; newlines and tabs allowed. "
+        "Left out: the stored one is kept (an enabled vacation needs one).",
         json_schema_extra={
             "minLength": 1,
             "maxLength": ow.MAX_BODY_BYTES // 4,
@@ -841,7 +826,10 @@ class SetVacationRequest(Request):
         date | None,
         BeforeValidator(_optional(lambda x: ow.check_date(x, "start"))),
         WithJsonSchema({"anyOf": [{"type": "string", "pattern": DATE_PATTERN}, {"type": "null"}]}),
-    ] = Field(default=None, description="First day of replies, an ISO date (UTC), e.g. 2026-07-01; none: from now.")
+    ] = Field(
+        default=None,
+        description="First day of replies, an ISO date (UTC), e.g. 2026-07-01; null: from now. Left out: kept.",
+    )
     end: Annotated[
         date | None,
         BeforeValidator(_optional(lambda x: ow.check_date(x, "end"))),
@@ -852,7 +840,7 @@ class SetVacationRequest(Request):
     interval_days: Annotated[int, BeforeValidator(ow.check_interval)] = Field(
         default=ow.DEFAULT_INTERVAL_DAYS,
         description=f"At most one reply per sender in this many days, {ow.MIN_INTERVAL_DAYS}-{ow.MAX_INTERVAL_DAYS} "
-        f"(default {ow.DEFAULT_INTERVAL_DAYS}).",
+        f"(default {ow.DEFAULT_INTERVAL_DAYS}). Left out: kept.",
         json_schema_extra={"minimum": ow.MIN_INTERVAL_DAYS, "maximum": ow.MAX_INTERVAL_DAYS},
     )
 

@@ -666,29 +666,30 @@ def _vacation_info(vacation: m.Vacation | None) -> dict[str, Any] | None:
     return None if vacation is None else vacation.model_dump(mode="json")
 
 
+_VACATION_FIELDS = ("subject", "body", "start", "end", "interval_days")
+
+
 def set_vacation(ctx: Context, req: m.SetVacationRequest, _: Prepared) -> Outcome:
     dom, local, box = _active_mailbox(ctx, req.email, "it cannot reply")
-    if req.enabled and req.body is None:
-        raise InvalidInput("An enabled vacation needs a body (the reply's text).", code="missing_field", field="body")
-    if req.start is not None and req.end is not None and req.end < req.start:
-        # Two fields that contradict each other, like an alias that names itself (409 alias_loop).
-        raise Conflict(
-            f"The vacation would end ({req.end}) before it starts ({req.start}).",
-            code="vacation_ends_before_start",
-            target=req.email,
-        )
-    texts = (req.subject, req.body, req.start, req.end)
+    # A field left out keeps what is stored (so a dashboard can switch the reply on and off);
+    # one given, null included, replaces it.
+    stored = box.vacation.model_dump() if box.vacation is not None else {}
+    given = {f: getattr(req, f) for f in _VACATION_FIELDS if f in req.model_fields_set}
+    merged = {**stored, **given, "enabled": req.enabled}
+    texts = [merged.get(f) for f in ("subject", "body", "start", "end")]
     vacation = None
     if req.enabled or any(t is not None for t in texts):
-        # Turned off with its text: kept (not compiled) for the next time it is turned on.
-        vacation = m.Vacation(
-            enabled=req.enabled,
-            subject=req.subject,
-            body=req.body,
-            start=req.start,
-            end=req.end,
-            interval_days=req.interval_days,
-        )
+        if req.enabled and merged.get("body") is None:
+            raise Conflict(
+                f"{req.email} has no vacation text to send: set `body`.", code="vacation_text_missing", target=req.email
+            )
+        if merged.get("start") and merged.get("end") and merged["end"] < merged["start"]:
+            raise Conflict(
+                f"The vacation would end ({merged['end']}) before it starts ({merged['start']}).",
+                code="vacation_ends_before_start",
+                target=req.email,
+            )
+        vacation = m.Vacation(**merged)
     result = {"email": req.email, "vacation": _vacation_info(vacation)}
     if box.vacation == vacation:
         return Outcome(result, target=req.email, project=dom.project_id)

@@ -452,6 +452,12 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "add-alias-domain": "post",
         "remove-alias-domain": "post",
         "dns-records": "get",
+        "set-vacation": "post",
+        "set-filters": "post",
+        "list-filters": "get",
+        "add-app-password": "post",
+        "list-app-passwords": "get",
+        "remove-app-password": "post",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]
