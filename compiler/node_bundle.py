@@ -167,8 +167,15 @@ INSTALL_PATHS: dict[str, str] = {
     "bundle.json": "(read by pi_pull.py install)",
 }
 MANIFEST_NAME = "bundle.json"
-# Bundle files that name the default install directories (install rewrites them for other ones).
-RELOCATED = ("pi-pull.ini", "pi-pull.service", "pi-pull-follow.service")
+# Bundle files that name the default install directories (install rewrites them for other ones);
+# the Postfix and Dovecot snippets name the TLS files, which live under the etc dir by default.
+RELOCATED = (
+    "pi-pull.ini",
+    "pi-pull.service",
+    "pi-pull-follow.service",
+    "postfix/main.cf.mailstate",
+    "dovecot/conf.d/90-mailstate.conf",
+)
 MANIFEST_FORMAT = 1
 # Where `pi_pull.py install` puts things by default; each is an option of install.
 INSTALL_DIRS: dict[str, str] = {
@@ -540,20 +547,33 @@ def render_node_bundle(
     if dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
     files[MANIFEST_NAME] = bundle_manifest(
-        node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid, mail_gid=mail_gid
+        node_name,
+        files,
+        mail_root=mail_root.rstrip("/") or "/",
+        mail_uid=mail_uid,
+        mail_gid=mail_gid,
+        tls=(_tls_path("tls_cert", tls_cert), _tls_path("tls_key", tls_key)),
     )
     return files
 
 
 def bundle_manifest(
-    node_name: str, files: dict[str, str | bytes], *, mail_root: str, mail_uid: int, mail_gid: int
+    node_name: str,
+    files: dict[str, str | bytes],
+    *,
+    mail_root: str,
+    mail_uid: int,
+    mail_gid: int,
+    tls: tuple[str, str] = (TLS_CERT, TLS_KEY),
 ) -> str:
     """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
 
     ``files``: each bundle file with its install directory (a key of ``dirs``, overridable by an
     install option), its name under it and its mode. ``relocate``: files that name the default
-    directories and are rewritten when install is given other ones. ``sha256`` lets install
-    refuse a damaged or partly copied bundle.
+    directories and are rewritten when install is given other ones (the Postfix and Dovecot
+    snippets name the TLS files, which live under the etc directory by default). ``tls``: where
+    install puts the node's certificate and key (ACME or self-signed, pi-pull/pipull/certs.py).
+    ``sha256`` lets install refuse a damaged or partly copied bundle.
     """
 
     def sha(content: str | bytes) -> str:
@@ -565,6 +585,7 @@ def bundle_manifest(
         "dirs": INSTALL_DIRS,
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
         "relocate": list(RELOCATED),
+        "tls": {"cert": tls[0], "key": tls[1]},
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
         "postfix": {
             "main_cf": "postfix/main.cf.mailstate",

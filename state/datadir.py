@@ -23,6 +23,7 @@ import pygit2
 
 from mailstate.compiler.render import compile_state
 from mailstate.state import files
+from mailstate.state.dnscheck import DnsChecker
 from mailstate.state.errors import StoreError
 from mailstate.state.gitrepo import GitRepo, fsync_path
 from mailstate.state.keyrotation import DataDirSigner
@@ -183,6 +184,10 @@ def open_store(
     store.usage_source = db.usage_for if db is not None else None
     store.dkim_source = db.dkim_keys if db is not None else None
     store.app_use_source = db.app_password_uses if db is not None else None
+    if db is not None:
+        # The resolver of $MAILSTATE_DNS_RESOLVER (a bad value makes check-dns answer 503, not the start fail).
+        store.dns_check_source = DnsChecker.from_env(db).check
+        store.dns_status_source = db.dns_status
     # A format-1 state becomes format 2 in one signed commit the first time a store opens it
     # (the server on start, any CLI command); a format-2 state is left alone.
     if upgrade:

@@ -17,7 +17,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py),
     │                                   invalid_vacation, invalid_filter, invalid_folder, too_many_filters,
     │                                   invalid_app_password, invalid_scopes, app_password_name_taken,
-    │                                   too_many_app_passwords (state/owners.py)
+    │                                   too_many_app_passwords (state/owners.py),
+    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
@@ -44,7 +45,9 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               process moved the branch; the store re-runs the operation),
     │   │                               not_initialised (no data dir there), already_initialised
     │   │                               (`mailstate init` on a used dir)
-    │   └── Unavailable           503   store_busy (the branch kept moving under other writers)
+    │   └── Unavailable           503   store_busy (the branch kept moving under other writers),
+    │       │                           dns_resolver_invalid, dns_check_unavailable (check-dns
+    │       │                           without a usable resolver, state/dnscheck.py)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)

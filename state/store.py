@@ -54,7 +54,17 @@ from mailstate.state.errors import (
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
-from mailstate.state.ops import OPERATIONS, AppUseLookup, Context, DkimLookup, Operation, Outcome, UsageLookup
+from mailstate.state.ops import (
+    OPERATIONS,
+    AppUseLookup,
+    Context,
+    DkimLookup,
+    DnsCheck,
+    DnsStatusLookup,
+    Operation,
+    Outcome,
+    UsageLookup,
+)
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
@@ -116,6 +126,9 @@ class Store:
     dkim_source: DkimLookup | None = None
     # When the nodes last saw each app password log in (state.localdb), for list-app-passwords.
     app_use_source: AppUseLookup | None = None
+    # check-dns's lookups (state.dnscheck) and the kept verdicts (state.localdb); set by open_store.
+    dns_check_source: DnsCheck | None = None
+    dns_status_source: DnsStatusLookup | None = None
 
     def __init__(
         self,
@@ -199,9 +212,7 @@ class Store:
         req = parse(op.request, data)
         if op.admin and not actor.is_admin:
             raise Forbidden("This operation needs an admin token.", code="admin_required")
-        if self.upstream is None and self.git.head() != self._snapshot.commit:
-            with self._lock:
-                self._refresh_locked()
+        self.current()
         if not op.write:
             return op.apply(self._context(actor), req, {})
         prepared: dict[str, Any] = {}
@@ -209,6 +220,14 @@ class Store:
             op.apply(self._context(actor), req, _PLACEHOLDER)
             prepared = op.prepare(req, self._snapshot.settings)
         return self._write(op, actor, req, prepared, clean_request_id(request_id))
+
+    def current(self) -> Snapshot:
+        """The snapshot of main as it is now: local mode adopts (or refuses) a commit another
+        process made since, as every operation does before it runs."""
+        if self.upstream is None and self.git.head() != self._snapshot.commit:
+            with self._lock:
+                self._refresh_locked()
+        return self._snapshot
 
     def execute_operation(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any]) -> Outcome:
         """Run a write operation that is not an API operation (state.upgrade) through the
@@ -224,6 +243,8 @@ class Store:
             usage=self.usage_source,
             dkim_keys=self.dkim_source,
             app_uses=self.app_use_source,
+            dns_check=self.dns_check_source,
+            dns_status=self.dns_status_source,
         )
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:

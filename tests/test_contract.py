@@ -7,7 +7,8 @@
   skipped silently; every generated request is also checked with jsonschema's validator.
   (hypothesis-jsonschema would do, but its last release does not run on today's Hypothesis.)
 - Every operation's security requirement is true: a required token is required (401 without
-  one), and /v1/health, documented as open, answers without one.
+  one), and /v1/health and the mail-client pages (autoconfig, autodiscover, the Apple profile,
+  the MTA-STS policy), documented as open, answer without one.
 - A 405 (OPTIONS included) names in `Allow` exactly the methods the path serves.
 - The MCP tool list in docs/api.md (the README links there) is the server's.
 """
@@ -31,19 +32,47 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from mailstate.api.mcp_server import TOOLS
 from mailstate.state.ops import OPERATIONS
-from tests.server import LiveServer, assert_error, live_server
+from tests.server import LiveServer, assert_error
 from tests.test_mcp import http_session
 
 API = "/v1/email-account"
 API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
-# Concrete URLs for the templated paths (a request must reach the route's own checks).
+# Concrete URLs for the templated paths (a request must reach the route's own checks), and for
+# the open pages, whose answer needs an address.
+AUTOCONFIG = "emailaddress=info@mycompany.nl"
 CONCRETE = {"/v1/nodes/state.git/{path}": {"get": "/v1/nodes/state.git/info/refs?service=git-upload-pack",
-                                           "post": "/v1/nodes/state.git/git-upload-pack"}}  # fmt: skip
+                                           "post": "/v1/nodes/state.git/git-upload-pack"},
+            f"{API}/mobileconfig": {"get": f"{API}/mobileconfig?email=info@mycompany.nl"},
+            "/mail/config-v1.1.xml": {"get": f"/mail/config-v1.1.xml?{AUTOCONFIG}"},
+            "/.well-known/autoconfig/mail/config-v1.1.xml": {
+                "get": f"/.well-known/autoconfig/mail/config-v1.1.xml?{AUTOCONFIG}"}}  # fmt: skip
+OUTLOOK = (
+    b'<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006">'
+    b"<Request><EMailAddress>info@mycompany.nl</EMailAddress></Request></Autodiscover>"
+)
+# What else a request to an open page carries: Outlook's body, the MTA-STS policy's Host.
+EXTRAS: dict[str, dict[str, Any]] = {
+    "/autodiscover/autodiscover.xml": {"content": OUTLOOK},
+    "/Autodiscover/Autodiscover.xml": {"content": OUTLOOK},
+    "/.well-known/mta-sts.txt": {"headers": {"Host": "mta-sts.mycompany.nl"}},
+}
+OPEN = {"/v1/health", f"{API}/mobileconfig", "/.well-known/mta-sts.txt", *CONCRETE, *EXTRAS} - {
+    "/v1/nodes/state.git/{path}"
+}
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with live_server(tmp_path_factory.mktemp("contract")) as server:
+    server = LiveServer(tmp_path_factory.mktemp("contract"))
+    # A dns: block, so the open pages answer; check-dns's lookups go to a closed port and give up
+    # fast (what DNS holds is tests/test_check_dns.py's business), and no background check runs.
+    server.cli("init", "--data", str(server.data.root), "--bcrypt-cost", "4", "--mx-host", "mx1.mycompany.nl")
+    server.admin_token = server.create_token(name="admin")
+    server.env.update(
+        MAILSTATE_DNS_RESOLVER="127.0.0.1:9", MAILSTATE_DNS_TIMEOUT="0.05", MAILSTATE_DNS_CHECK_INTERVAL="0"
+    )
+    server.start()
+    try:
         admin = server.client(server.admin_token)
         # Some state for generated requests to meet (most still name things that do not exist).
         for domain in ("mycompany.nl", "xn--bcher-kva.example"):
@@ -52,6 +81,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         admin.post(f"{API}/add-user", json={"email": "info@mycompany.nl", "password": "12345678"}).raise_for_status()
         admin.close()
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +307,13 @@ def test_every_operation_needs_exactly_the_credentials_it_documents(srv: LiveSer
         url = CONCRETE.get(path, {}).get(method, path)
         security = op.get("security", [])
         assert security, (method, path)
-        r = httpx.request(method.upper(), f"{srv.url}{url}", timeout=30)
+        r = httpx.request(method.upper(), f"{srv.url}{url}", timeout=30, **EXTRAS.get(path, {}))
         if {} in security:
             open_ops.append(path)
             assert r.status_code == 200, (method, path, r.text)
         else:
             assert_error(r, 401, "unauthenticated")
-    assert open_ops == ["/v1/health"]
+    assert set(open_ops) == OPEN and len(open_ops) == len(OPEN)
 
 
 def test_health_answers_without_a_token_and_says_only_its_status(srv: LiveServer, spec: dict[str, Any]) -> None:

@@ -452,6 +452,8 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "add-alias-domain": "post",
         "remove-alias-domain": "post",
         "dns-records": "get",
+        "check-dns": "get",
+        "mobileconfig": "get",
         "set-vacation": "post",
         "set-filters": "post",
         "list-filters": "get",

@@ -108,6 +108,8 @@ def test_invalid_punycode_is_refused_on_every_path_that_takes_a_domain(world: Wo
         ("p", "list-users", {"domain": domain}, ("invalid_domain",)),
         ("p", "list-aliases", {"domain": domain}, ("invalid_domain",)),
         ("p", "dns-records", {"domain": domain}, ("invalid_domain",)),
+        ("p", "check-dns", {"domain": domain}, ("invalid_domain",)),
+        ("p", "mobileconfig", {"email": f"info@{domain}"}, ("invalid_email",)),
         ("p", "set-vacation", {"email": f"info@{domain}", "enabled": False}, ("invalid_email",)),
         ("p", "set-filters", {"email": f"info@{domain}", "filters": []}, ("invalid_email",)),
         ("p", "set-filters", {"email": "kelvin@k.example", "filters": [

@@ -50,6 +50,9 @@ SPEC_TOOLS = {
     "add-alias-domain": "email_account_add_alias_domain",
     "remove-alias-domain": "email_account_remove_alias_domain",
     "dns-records": "email_account_dns_records",
+    # onboarding: the live DNS check and the Apple profile
+    "check-dns": "email_account_check_dns",
+    "mobileconfig": "email_account_mobileconfig",
     # what mailbox owners ask for
     "set-vacation": "email_account_set_vacation",
     "set-filters": "email_account_set_filters",
@@ -265,6 +268,13 @@ def call_every_tool(
             dns = await p.call_tool("email_account_dns_records", {"domain": domain})
             assert dns.is_error is True and "dns_not_configured" in str(dns.content), dns
             out["email_account_dns_records"] = dns
+            for tool, args in (
+                ("email_account_check_dns", {"domain": domain}),
+                ("email_account_mobileconfig", {"email": f"info@{domain}"}),
+            ):
+                result = await p.call_tool(tool, args)
+                assert result.is_error is True and "dns_not_configured" in str(result.content), result
+                out[tool] = result
             await call(
                 p,
                 "email_account_set_forwarding",

@@ -290,7 +290,8 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     for svc in ("submission/inet", "submissions/inet"):
         m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", svc], capture_output=True, text=True)
         assert m.stdout.split()[7:8] == ["smtpd"] and "smtpd_sasl_auth_enable=yes" in m.stdout, m.stdout
-    assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_tls_cert_file"] == "/etc/pi-pull/tls/fullchain.pem"
+    # the TLS files live under the etc dir, which this install moved (install made a self-signed pair there)
+    assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_tls_cert_file"] == f"{host.etc}/tls/fullchain.pem"
     # Dovecot: the snippet is in, the system users are not a passdb any more
     dv = _doveconf(host)
     assert f"args = scheme=BLF-CRYPT username_format=%u {host.root}/current/dovecot/passwd.d/%1d/%2d/%d\n" in dv

@@ -252,6 +252,13 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     # dns-records: this server's mailstate.yaml has no dns: block (tests/test_dns_records.py has one).
     err = call(project, ea, "dns-records", 409, "ErrorResponse", domain="gen.example")
     assert err.error.code == "dns_not_configured"
+    err = call(project, ea, "check-dns", 409, "ErrorResponse", domain="gen.example")
+    assert err.error.code == "dns_not_configured"
+    # mobileconfig takes no token (mail clients call it); tests/test_autoconfig.py has the profile itself.
+    err = call(anonymous, ea, "mobileconfig", 409, "ErrorResponse", email="info@gen.example")
+    assert err.error.code == "dns_not_configured"
+    err = call(anonymous, ea, "mobileconfig", 404, "ErrorResponse", email="info@nowhere.example")
+    assert err.error.code == "domain_not_found"
     call(project, ea, "disable-email", 200, "DomainResponse", body=m.DisableEmailRequest(domain="gen-old.example"))
     for email in ("tmp@gen.example", "info@gen.example"):
         call(

@@ -93,6 +93,7 @@ def test_registry_names_all_operations() -> None:
         "remove-alias-domain",
     }
     sending = {"dns-records"}
+    onboarding = {"check-dns", "mobileconfig"}
     owners = {
         "set-vacation",
         "set-filters",
@@ -107,17 +108,21 @@ def test_registry_names_all_operations() -> None:
         | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
         | aliases
         | sending
+        | onboarding
         | owners
     )
-    assert len(OPERATIONS) == 30
+    assert len(OPERATIONS) == 32
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
+    assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
     assert {n for n, op in OPERATIONS.items() if not op.write} == {
         "list-domains",
         "list-users",
         "list-nodes",
         "list-aliases",
         "dns-records",
+        "check-dns",
+        "mobileconfig",
         "list-filters",
         "list-app-passwords",
     }
@@ -127,6 +132,8 @@ def test_registry_names_all_operations() -> None:
         "list-nodes",
         "list-aliases",
         "dns-records",
+        "check-dns",
+        "mobileconfig",
         "list-filters",
         "list-app-passwords",
     }
@@ -225,6 +232,8 @@ def test_list_domains(store: Store) -> None:
                 "used_mb": None,
                 "messages": None,
                 "usage_reported_at": None,
+                "dns_ok": None,
+                "dns_checked_at": None,
             }
         ],
         "linked_not_enabled": [{"domain": "other.org", "project_id": A}],

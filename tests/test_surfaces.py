@@ -69,7 +69,8 @@ def test_every_route_documents_a_non_empty_success_schema(data_dir: DataDir) -> 
                 assert resp.get("content"), (method, path, code)
     for name, op in OPERATIONS.items():
         doc = spec["paths"][f"{API}/{name}"][op.method.lower()]
-        assert set(doc["responses"]) >= {"400", "401", "405"}, name
+        assert set(doc["responses"]) >= {"400", "405"} | (set() if op.public else {"401"}), name
+        assert ("401" in doc["responses"]) != op.public, name  # a public operation takes no token
         assert ("413" in doc["responses"]) == (op.method == "POST"), name
         assert ("403" in doc["responses"]) == op.admin, name
         assert _resolve(
@@ -159,8 +160,9 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    # The spec's 11, restore-user, the 7 alias operations, dns-records and the owners' 6 (every extension is a tool).
-    assert len(spec_ops) == 12 + 7 + 1 + 6
+    # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns and mobileconfig,
+    # and the owners' 6 (every extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
@@ -288,6 +290,10 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     ],
     "remove-alias-domain": [{"domain": "b.example"}],
     "dns-records": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
+    "check-dns": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
+    # Public by design for every email-enabled domain (tests/test_autoconfig.py): the attack is
+    # on b's domain without email, which must read as absent.
+    "mobileconfig": [{"email": "info@b-dark.example"}],
     "set-vacation": [{"email": "info@b.example", "enabled": True, "body": "hijacked"}],
     "set-filters": [
         {
@@ -324,7 +330,7 @@ def _expect_refused(name: str, body: dict[str, Any]) -> str | None:
     op = OPERATIONS[name]
     if op.admin:
         return "admin_required"
-    if op.write or "domain" in body or "email" in body:
+    if op.write or "domain" in body or "email" in body or op.public:
         return "not_found"
     return None
 

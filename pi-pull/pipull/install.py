@@ -13,6 +13,9 @@ the file or directory should be, compares it with what is there, and only then c
 - Dovecot: the snippet is included (conf.d/*.conf, or an added ``!include`` line) and
   ``!include auth-system.conf.ext`` in conf.d/10-auth.conf is commented out with a marker;
 - the mail root, owned by the state's uid/gid;
+- the node's certificate at the bundle's TLS paths (certs.py): from an ACME server with certbot
+  (``--acme-email``, renewed by certbot, whose deploy hook reloads Postfix and Dovecot), or
+  self-signed when there is none, so that both start;
 - systemd, when it runs: daemon-reload, (re)start Postfix and Dovecot, enable the timer;
 - a first tick.
 
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import hostconf
+from . import certs, hostconf
 from .errors import ConfigError, TickError
 from .fsutil import atomic_write
 from .runner import Runner, short
@@ -146,6 +149,11 @@ class Options:
     doveconf: str = "doveconf"
     opendkim: str = "opendkim"
     systemctl: str = "systemctl"
+    # The node's certificate (certs.py): from ACME when `acme` is set, else self-signed for mail_host.
+    acme: certs.Acme | None = None
+    mail_host: str = ""
+    certbot: str = "certbot"
+    openssl: str = "openssl"
 
 
 class Record:
@@ -410,6 +418,7 @@ class Installer:
         """Every step but the first tick and the timer (``enable_timer()``, after the tick); returns the
         number of changes (made, or in a dry run to make)."""
         self.check_services_installed()
+        self.check_certbot()
         self.check_sync_key()
         try:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
@@ -421,6 +430,7 @@ class Installer:
             self.configure_opendkim()
             self.make_mail_root()
             self.make_empty_tables()
+            self.install_certificate()
         finally:
             if not self.opts.dry_run:
                 self.record.data["node"] = self.m.get("node", "")
@@ -443,6 +453,10 @@ class Installer:
                 "add-node printed, then Ctrl-D) or --sync-key-file FILE"
             )
 
+    def check_certbot(self) -> None:
+        if self.opts.acme is not None and shutil.which(self.opts.certbot) is None:
+            raise InstallError("--acme-email needs certbot, which is not installed: apt-get install certbot")
+
     def check_services_installed(self) -> None:
         pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
         if self.opendkim_conf() is not None and shutil.which(self.opts.opendkim) is None:
@@ -460,13 +474,16 @@ class Installer:
 
     # ---- files
 
+    def bundle_file(self, name: str) -> bytes:
+        """A bundle file as installed: pointed at the chosen directories when the manifest says it names them."""
+        data = self.bundle.read(name)
+        if name in self.m.get("relocate", []):
+            data = relocate(data, self.m.get("dirs", {}), self.opts.dirs)
+        return data
+
     def install_files(self) -> None:
-        defaults = self.m.get("dirs", {})
-        relocated = set(self.m.get("relocate", []))
         for entry in self.m.get("files", []):
-            data = self.bundle.read(entry["file"])
-            if entry["file"] in relocated:
-                data = relocate(data, defaults, self.opts.dirs)
+            data = self.bundle_file(entry["file"])
             dest = self.path(entry["dir"], entry["name"])
             if self.host.put_file(dest, data, int(entry["mode"], 8)):
                 if entry["dir"] == "systemd_dir":
@@ -509,7 +526,7 @@ class Installer:
             base = self.bundle.read(spec["main_cf_base"])
         else:
             base = current
-        lines = hostconf.setting_lines(self.bundle.read(spec["main_cf"]).decode("utf-8"))
+        lines = hostconf.setting_lines(self.bundle_file(spec["main_cf"]).decode("utf-8"))
         new = hostconf.set_main_cf(self.runner, base, lines)
         before = hostconf.parse_main_cf(base.decode("utf-8", "replace"))
         originals = {line.partition("=")[0].strip(): before.get(line.partition("=")[0].strip()) for line in lines}
@@ -721,6 +738,40 @@ class Installer:
             os.unlink(link)
         os.symlink(PLACEHOLDER, link)
         os.replace(link, current)
+
+    # ---- the certificate (certs.py)
+
+    def install_certificate(self) -> None:
+        """The node's certificate at the bundle's TLS paths: ACME (--acme-email) or self-signed."""
+        spec = self.m.get("tls")
+        if not isinstance(spec, dict):
+            self.steps.note("the bundle names no TLS files: put the node's certificate where its main.cf says")
+            return
+        defaults = self.m.get("dirs", {})
+        cert, key = (relocate(str(spec[k]).encode(), defaults, self.opts.dirs).decode() for k in ("cert", "key"))
+        services = self.bundle_config()
+        hook = certs.deploy_hook(
+            cert,
+            key,
+            services.get("services", "postfix_reload", fallback="postfix reload"),
+            services.get("services", "dovecot_reload", fallback="doveadm reload"),
+        )
+        step = certs.TlsStep(
+            cert=cert,
+            key=key,
+            host=self.opts.mail_host or "localhost",
+            acme=self.opts.acme,
+            hook_path=self.path("lib_dir", certs.HOOK_NAME),
+            hook=hook,
+            files=self.host,
+            say=self.steps,
+            record=self.record.data,
+            runner=self.runner,
+            certbot=self.opts.certbot,
+            openssl=self.opts.openssl,
+        )
+        if step.run():
+            self.changed.update({"postfix", "dovecot"})  # they read the certificate when they start
 
     # ---- checks and services
 
