@@ -862,6 +862,8 @@ class StateRepo:
         self.format = format
         self.domains: dict[str, dict[str, Mailbox]] = {}
         self.enabled: dict[str, bool] = {}
+        # More rendered files, written as they are (e.g. a domain's sieve_scripts or app_passwords).
+        self.extra_files: dict[str, bytes] = {}
         path.mkdir(parents=True, exist_ok=True)
         git(path, "init", "--quiet", "--bare", "--initial-branch=main", str(self.bare))
         git(path, "init", "--quiet", "--initial-branch=main", str(self.work))
@@ -947,6 +949,10 @@ class StateRepo:
             p = self.work / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(content)
+        for rel, data in self.extra_files.items():
+            p = self.work / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
 
     def commit(
         self,

@@ -342,10 +342,13 @@ class Agent:
 
     def _apply_owners(self, staged: Staged) -> None:
         """Write the owners' files once the release is live (a later tick retries a failure: owners.json lags)."""
-        if staged.domains or staged.full:
-            self.log.info(self.owners.apply(staged))
-        elif self.owners.behind(staged.commit):
-            self.owners.apply(staged)  # nothing of theirs changed: owners.json follows the commit
+        try:
+            if staged.domains or staged.full:
+                self.log.info(self.owners.apply(staged))
+            elif self.owners.behind(staged.commit):
+                self.owners.apply(staged)  # nothing of theirs changed: owners.json follows the commit
+        except (TickError, OSError) as e:
+            raise TickError(f"owners: {e} (the release is live; the next tick tries again)") from None
 
     # ---- freshness
 

@@ -103,7 +103,7 @@ class _Script:
 
     def refuse(self, why: str) -> Refused:
         return Refused(
-            f"{SIEVE_FRAGMENT} of {self.address.partition('@')[2]}: script of {self.address}, line {self.i + 1}: {why}"
+            f"{SIEVE_FRAGMENT} of {self.address.partition('@')[2]}: script of {self.address}, line {self.i}: {why}"
         )
 
     def next(self) -> str:
