@@ -76,7 +76,7 @@ PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
 )  # fmt: skip
-MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")
+MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
 
 # --------------------------------------------------------------------------- environment
@@ -299,7 +299,6 @@ class MailNode:
             f"map_buckets = {self.map_buckets}",
             f"postmap = {self.postmap}",
             "[owners]",
-            f"sievec = sievec -c {self.dovecot_conf}",
             f"doveadm = doveadm -c {self.dovecot_conf}",
         ]
         path.write_text("\n".join(lines) + "\n" + extra)

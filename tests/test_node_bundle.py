@@ -354,7 +354,10 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
         "args = scheme=BLF-CRYPT username_format=%u /srv/node/current"
     )
     assert "username_format=%u/%s/00/%{sha256;truncate=16:password} /srv/node/app-passwords/%d" in dv
-    assert "override_fields = sieve=file:/srv/node/sieve/%d/%n.sieve sieve_user_log=~/.mailstate-sieve.log" in dv
+    assert (
+        "override_fields = sieve=file:/srv/node/sieve/%d/%n.sieve;bindir=~/.mailstate-sieve sieve_user_log=~/.mailstate-sieve.log"
+        in dv
+    )
     assert "sieve_extensions = fileinto mailbox imap4flags vacation date relational envelope" in dv
     assert "submission_host = 127.0.0.1:10026" in dv and 'mail_plugins = " quota sieve"' in dv  # LMTP: quota and Sieve
     loop = "127.0.0.1:10026/inet"

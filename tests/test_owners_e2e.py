@@ -204,6 +204,9 @@ def test_a_vacation_reply_reaches_a_sender_once_signed_and_never_a_list(world: W
     # Through the node's signing path: OpenDKIM signed it for shop.example, and it verifies.
     assert "d=shop.example" in (reply.header("DKIM-Signature") or ""), reply.data[:1500]
     assert dkim_verifies(w, reply)
+    # Dovecot compiled the script once and keeps the binary in the mailbox's home.
+    assert list(node.mail_root.glob("shop.example/anna~*/.mailstate-sieve/anna.svbin"))
+    assert "sieve: binary" not in node.dovecot_log() and "failed to open" not in node.dovecot_log()
 
     # Again within the interval: delivered, no second reply. A list, bulk mail, an automatic
     # reply and the mailbox itself get none.

@@ -69,8 +69,7 @@ class Config:
     dkim_rotate_days: float = 0.0
     dkim_reload: str = "systemctl reload opendkim"
     dkim_openssl: str = "openssl"
-    # [owners] (pipull/ownerfiles.py): Sieve scripts compiled with sievec; app passwords' use from doveadm.
-    sievec: str = "sievec"
+    # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
     doveadm: str = "doveadm"
 
     @property
@@ -192,7 +191,6 @@ def load_config(path: str) -> Config:
     cfg.max_staleness = r.get_float("freshness", "max_staleness", cfg.max_staleness)
     cfg.clock_skew = r.get_float("freshness", "clock_skew", cfg.clock_skew)
     _load_dkim(r, cfg)
-    cfg.sievec = r.get_str("owners", "sievec", cfg.sievec)
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     check_config(cfg, path)
     return cfg
@@ -277,12 +275,11 @@ def check_config(cfg: Config, path: str) -> None:
             shlex.split(getattr(cfg, cmd_key))
         except ValueError as e:
             raise ConfigError(f"config {path}: [services] {cmd_key}: {e}") from None
-    for cmd_key in ("sievec", "doveadm"):
-        try:
-            if not shlex.split(getattr(cfg, cmd_key)):
-                raise ValueError("empty")
-        except ValueError as e:
-            raise ConfigError(f"config {path}: [owners] {cmd_key}: {e}") from None
+    try:
+        if not shlex.split(cfg.doveadm):
+            raise ValueError("empty")
+    except ValueError as e:
+        raise ConfigError(f"config {path}: [owners] doveadm: {e}") from None
 
 
 _MAIL_ROOT_RE = re.compile(r"^/[\x21-\x7e]*$")

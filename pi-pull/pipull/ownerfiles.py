@@ -1,26 +1,26 @@
 """Mailbox owners' files on the node: Sieve scripts and app passwords, beside the releases.
 
-    <root>/sieve/<domain>/<local>.sieve, .svbin    each mailbox's script (Dovecot's per-user
-                                                    `sieve`, the bundle's userdb override_fields)
-                                                    and its binary, compiled here with sievec
+    <root>/sieve/<domain>/<local>.sieve            each mailbox's script (Dovecot's per-user
+                                                    `sieve`, the bundle's userdb override_fields;
+                                                    Dovecot keeps its compiled binary in the
+                                                    mailbox's home, ~/.mailstate-sieve)
     <root>/app-passwords/<domain>                  the domain's app passwords (the passdbs'
                                                     passwd-file); an empty file for every other
                                                     enabled domain (Dovecot logs a missing one on
                                                     every login)
-    <root>/owners.json                             the commit these files follow, and the sievec
-                                                    the binaries were made with
+    <root>/owners.json                             the commit these files follow
 
-Why beside the releases, not in them: a change to one mailbox's filters then costs one file and
-one sievec, whatever the size of the state (a release would have to link every script).
+Why beside the releases, not in them: a change to one mailbox's filters then costs one file,
+whatever the size of the state (a release would have to link every script).
 
 A tick validates the commit's fragments before the swap (``stage``: pipull/sieve.py and
 apppass.py; a refusal refuses the whole commit, nothing is written) and writes them once the
 release is live (``apply``), so a rollback never meets them. Only what changed between the
 commit in owners.json and the new one is read (``git diff-tree``); without a usable owners.json
 (a node's first apply, an upgrade of pi-pull) every domain is read and the directories are made
-to match. Each file is replaced by rename; a script gets an mtime not before its old binary's and
-its new binary a second more (Pigeonhole runs a binary only when it is strictly newer than its
-script), so Dovecot never takes an old binary for a new script and never compiles one itself.
+to match. Each file is replaced by rename. A script gets an mtime a little in the future
+(SCRIPT_AHEAD_S): Pigeonhole runs a binary only when it is newer than its script, so a binary that
+a delivery compiled from the old script while the new one was written is never taken for it.
 A tick whose owners.json lags behind the applied commit (a failure after the swap) catches up.
 """
 
@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import shlex
-import shutil
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ EMPTY = ".empty"  # the placeholder every enabled domain without app passwords l
 VMD = "virtual_mailbox_domains"  # every enabled domain has one: a domain's presence
 _WATCHED = (VMD, sieve.SIEVE_FRAGMENT, apppass.APP_FRAGMENT)
 APP_USES_KEPT = 1000
+SCRIPT_AHEAD_S = 2  # a new script's mtime is this far ahead of now (see the module docstring)
 
 
 @dataclass
@@ -88,27 +89,13 @@ class OwnerFiles:
         return data if isinstance(data, dict) else {}
 
     def behind(self, applied: str | None) -> bool:
-        """True when the files do not follow ``applied`` yet (or sievec changed since they were compiled)."""
-        m = self.marker()
-        return bool(applied) and (m.get("commit") != applied or m.get("sievec") != self._sievec_id())
-
-    def _sievec_id(self) -> str:
-        """Which sievec made the binaries (its path, size and mtime): a new Pigeonhole recompiles them all."""
-        argv = shlex.split(self.cfg.sievec)
-        path = shutil.which(argv[0]) if argv else None
-        try:
-            st = os.stat(path or "")
-        except OSError:
-            return "missing"
-        return f"{path} {st.st_size} {int(st.st_mtime)}"
+        """True when the files do not follow ``applied`` yet."""
+        return bool(applied) and self.marker().get("commit") != applied
 
     # ---- stage: read and validate what changed (before the swap)
 
     def stage(self, tip: str) -> Staged:
-        m = self.marker()
-        base = m.get("commit")
-        if m.get("sievec") != self._sievec_id():
-            base = None  # recompile everything with the new sievec
+        base = self.marker().get("commit")
         if isinstance(base, str) and base == tip:
             return Staged(tip)
         if isinstance(base, str) and self.mirror.has_commit(base) and self.mirror.is_ancestor(base, tip):
@@ -197,7 +184,7 @@ class OwnerFiles:
                 scripts += self._write_scripts(domain, entry.scripts)
         if staged.full:
             self._sweep(staged.domains)
-        marker = {"commit": staged.commit, "sievec": self._sievec_id(), "app_domains": max(0, count)}
+        marker = {"commit": staged.commit, "app_domains": max(0, count)}
         atomic_write(self.marker_path, (json.dumps(marker, sort_keys=True) + "\n").encode(), 0o644)
         return f"owners: {scripts} sieve script(s) and {apps} app password file(s) written"
 
@@ -247,36 +234,23 @@ class OwnerFiles:
         os.makedirs(where, mode=0o755, exist_ok=True)
         for name in os.listdir(where):
             local, dot, ext = name.rpartition(".")
-            if not dot or local not in scripts or ext not in ("sieve", "svbin"):
+            if not dot or local not in scripts or ext != "sieve":
                 os.unlink(os.path.join(where, name))
         written = 0
         for local, data in sorted(scripts.items()):
             if not is_local_part(local):  # checked by sieve.parse_fragment; the name becomes a path
                 raise Refused(f"unsafe local part {local[:64]!r}")
             script = os.path.join(where, f"{local}.sieve")
-            if _read_or_none(script) == data and os.path.isfile(os.path.join(where, f"{local}.svbin")):
+            if _read_or_none(script) == data:
                 continue
-            self._install_script(script, data)
+            tmp = f"{script}.tmp-{os.getpid()}"
+            _unlink(tmp)
+            atomic_write(tmp, data, 0o644)
+            ahead = time.time() + SCRIPT_AHEAD_S
+            os.utime(tmp, (ahead, ahead))
+            os.replace(tmp, script)
             written += 1
         return written
-
-    def _install_script(self, script: str, data: bytes) -> None:
-        binary = script[: -len(".sieve")] + ".svbin"
-        tmp = f"{script}.tmp-{os.getpid()}"
-        _unlink(tmp)
-        atomic_write(tmp, data, 0o644)
-        # Pigeonhole runs a binary only when it is strictly newer than its script: the new script is
-        # not older than the old binary (which Dovecot then never runs for it), the new binary a
-        # second newer than the new script.
-        when = float(max(int(os.stat(tmp).st_mtime), int(_mtime(binary))))
-        os.utime(tmp, (when, when))
-        os.replace(tmp, script)
-        argv = [*shlex.split(self.cfg.sievec), "-x", " ".join(sieve.EXTENSIONS), script]
-        r = self.runner.run(argv, timeout=120)
-        if r.returncode != 0 or not os.path.isfile(binary):
-            raise TickError(f"sievec {script} failed: {short(r.stderr + r.stdout) or f'rc={r.returncode}'}")
-        os.chmod(binary, 0o644)
-        os.utime(binary, (when + 1, when + 1))
 
     # ---- app password use (for the report)
 
