@@ -322,6 +322,7 @@ class Agent:
 
         t_build = time.monotonic()
         owners = self.owners.stage(target)  # refused here, the commit goes nowhere
+        owners.seconds = time.monotonic() - t_build
         new, changed, fallback = self._stage(target, applied, current)
         build_s = time.monotonic() - t_build
         self._reload_or_roll_back(target, changed, fallback)
@@ -344,7 +345,9 @@ class Agent:
         """Write the owners' files once the release is live (a later tick retries a failure: owners.json lags)."""
         try:
             if staged.domains or staged.full:
-                self.log.info(self.owners.apply(staged))
+                t = time.monotonic()
+                done = self.owners.apply(staged)
+                self.log.info(f"{done} (read {staged.seconds:.3f}s, write {time.monotonic() - t:.3f}s)")
             elif self.owners.behind(staged.commit):
                 self.owners.apply(staged)  # nothing of theirs changed: owners.json follows the commit
         except (TickError, OSError) as e:

@@ -66,6 +66,7 @@ class Staged:
     commit: str
     full: bool = False
     domains: dict[str, DomainFiles] = field(default_factory=dict)
+    seconds: float = 0.0  # what reading and validating took (for the log)
 
 
 class OwnerFiles:
