@@ -189,3 +189,12 @@ def test_owner_files_are_not_written_for_a_refused_first_commit(tmp_path: Path, 
     r = node.tick()
     assert r.returncode == EXIT_REFUSED, r.stderr
     assert not (node.root / "sieve").exists() and not (node.root / "owners.json").exists()
+
+
+def test_the_node_and_its_validators_name_the_fragments_alike(pipull: ModuleType) -> None:
+    from pipull import apppass, ownerfiles, sieve
+
+    from mailstate.compiler import sieve as compiler_sieve
+
+    assert ownerfiles.SIEVE_FRAGMENT == sieve.SIEVE_FRAGMENT == compiler_sieve.SIEVE_FRAGMENT
+    assert ownerfiles.APP_FRAGMENT == apppass.APP_FRAGMENT == compiler_sieve.APP_FRAGMENT

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import apppass, sieve
 from .config import Config
 from .errors import Refused, TickError
 from .fsutil import atomic_write, rmtree
@@ -47,7 +46,9 @@ APP_DIR = "app-passwords"
 MARKER = "owners.json"
 EMPTY = ".empty"  # the placeholder every enabled domain without app passwords links to
 VMD = "virtual_mailbox_domains"  # every enabled domain has one: a domain's presence
-_WATCHED = (VMD, sieve.SIEVE_FRAGMENT, apppass.APP_FRAGMENT)
+SIEVE_FRAGMENT = "sieve_scripts"  # pipull/sieve.py
+APP_FRAGMENT = "app_passwords"  # pipull/apppass.py
+_WATCHED = (VMD, SIEVE_FRAGMENT, APP_FRAGMENT)
 APP_USES_KEPT = 1000
 SCRIPT_AHEAD_S = 2  # a new script's mtime is this far ahead of now (see the module docstring)
 
@@ -141,22 +142,25 @@ class OwnerFiles:
         return parts[3], parts[4]
 
     def _read(self, staged: Staged, changes: dict[str, dict[str, str]]) -> Staged:
+        # Imported here: a tick without a commit to apply (every minute) needs neither.
+        from . import apppass, sieve
+
         limit = self.cfg.max_file_bytes
         with self.mirror.batch() as cat:
             for domain, files in sorted(changes.items()):
                 present = bool(files.get(VMD)) if (staged.full or VMD in files) else True
                 entry = DomainFiles(present)
-                oid = files.get(sieve.SIEVE_FRAGMENT)
+                oid = files.get(SIEVE_FRAGMENT)
                 where = f"rendered/domains/{domain[:2]}/{domain}/"
                 if oid:
-                    entry.scripts = sieve.parse_fragment(domain, cat.read(oid, where + sieve.SIEVE_FRAGMENT, limit))
-                elif staged.full or sieve.SIEVE_FRAGMENT in files:
+                    entry.scripts = sieve.parse_fragment(domain, cat.read(oid, where + SIEVE_FRAGMENT, limit))
+                elif staged.full or SIEVE_FRAGMENT in files:
                     entry.scripts = {}
-                oid = files.get(apppass.APP_FRAGMENT)
+                oid = files.get(APP_FRAGMENT)
                 if oid:
-                    entry.app = cat.read(oid, where + apppass.APP_FRAGMENT, limit)
+                    entry.app = cat.read(oid, where + APP_FRAGMENT, limit)
                     apppass.check_fragment(domain, entry.app)
-                elif staged.full or apppass.APP_FRAGMENT in files:
+                elif staged.full or APP_FRAGMENT in files:
                     entry.app = b""
                 staged.domains[domain] = entry
         return staged
@@ -265,10 +269,12 @@ class OwnerFiles:
         if r.returncode != 0:
             self.log.warning(f"doveadm stats dump failed: {short(r.stderr) or f'rc={r.returncode}'}")
             return pending or None
-        counts = apppass.logins(r.stdout)
+        from .apppass import logins, new_uses
+
+        counts = logins(r.stdout)
         kept = st.get("app_logins")
         before: dict[str, int] = kept if isinstance(kept, dict) else {}
-        for user, slot in apppass.new_uses(before, counts):
+        for user, slot in new_uses(before, counts):
             pending.append({"email": user, "slot": slot, "used_at": int(now)})
         if counts != before:
             st["app_logins"] = counts
