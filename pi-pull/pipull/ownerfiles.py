@@ -36,7 +36,7 @@ from typing import Any
 
 from .config import Config
 from .errors import Refused, TickError
-from .fsutil import atomic_write, rmtree
+from .fsutil import atomic_write, rmtree, write_file
 from .mirror import Mirror
 from .runner import Runner, short
 from .verify import is_domain, is_local_part
@@ -51,6 +51,7 @@ APP_FRAGMENT = "app_passwords"  # pipull/apppass.py
 _WATCHED = (VMD, SIEVE_FRAGMENT, APP_FRAGMENT)
 APP_USES_KEPT = 1000
 SCRIPT_AHEAD_S = 2  # a new script's mtime is this far ahead of now (see the module docstring)
+FSYNC_EACH = 16  # up to this many new scripts are fsynced one by one; more: one os.sync()
 
 
 @dataclass
@@ -79,6 +80,7 @@ class OwnerFiles:
         self.sieve_dir = os.path.join(cfg.root, SIEVE_DIR)
         self.app_dir = os.path.join(cfg.root, APP_DIR)
         self.marker_path = os.path.join(cfg.root, MARKER)
+        self._unsynced: list[str] = []  # scripts written by this apply, not yet fsynced
 
     # ---- owners.json
 
@@ -175,6 +177,7 @@ class OwnerFiles:
         if not os.path.isfile(empty):
             atomic_write(empty, b"", 0o644)
         scripts = apps = 0
+        self._unsynced = []
         # How many domains have app passwords (a node without any never asks Dovecot's stats).
         count = 0 if staged.full else int(self.marker().get("app_domains") or 0)
         for domain, entry in sorted(staged.domains.items()):
@@ -189,9 +192,26 @@ class OwnerFiles:
                 scripts += self._write_scripts(domain, entry.scripts)
         if staged.full:
             self._sweep(staged.domains)
+        self._flush()
         marker = {"commit": staged.commit, "app_domains": max(0, count)}
         atomic_write(self.marker_path, (json.dumps(marker, sort_keys=True) + "\n").encode(), 0o644)
         return f"owners: {scripts} sieve script(s) and {apps} app password file(s) written"
+
+    def _flush(self) -> None:
+        """Make the new scripts durable before the marker says this commit is applied: a few
+        are fsynced one by one, a whole first apply (thousands) with one os.sync()."""
+        unsynced, self._unsynced = self._unsynced, []
+        if not self.cfg.sync or not unsynced:
+            return
+        if len(unsynced) > FSYNC_EACH:
+            os.sync()
+            return
+        for path in unsynced:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _remove(self, domain: str) -> None:
         for path in (os.path.join(self.sieve_dir, domain), os.path.join(self.app_dir, domain)):
@@ -211,7 +231,9 @@ class OwnerFiles:
         path = os.path.join(self.app_dir, domain)
         if not data:
             # None: unchanged, but a domain enabled just now still needs its empty file.
-            if (data is None and not os.path.exists(path)) or (data == b"" and _read_or_none(path) != b""):
+            if data is None and not os.path.exists(path):
+                os.link(os.path.join(self.app_dir, EMPTY), path)
+            elif data == b"" and _read_or_none(path) != b"":
                 tmp = f"{path}.tmp-{os.getpid()}"
                 _unlink(tmp)
                 os.link(os.path.join(self.app_dir, EMPTY), tmp)
@@ -250,7 +272,8 @@ class OwnerFiles:
                 continue
             tmp = f"{script}.tmp-{os.getpid()}"
             _unlink(tmp)
-            atomic_write(tmp, data, 0o644)
+            write_file(tmp, data, 0o644)  # made durable by _flush, before the marker moves
+            self._unsynced.append(script)
             ahead = time.time() + SCRIPT_AHEAD_S
             os.utime(tmp, (ahead, ahead))
             os.replace(tmp, script)
