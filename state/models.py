@@ -49,7 +49,7 @@ def _email(value: object) -> str:
 
 # The `json_schema_extra` constraints document (for OpenAPI, MCP and generated clients) what
 # the BeforeValidators enforce, and are never looser: a request that obeys the schema (patterns
-# and formats included) never gets a 400 (tests/test_contract.py generates requests from the
+# and formats included) never gets a 400 (tests/api/test_contract.py generates requests from the
 # published schema against a live server). Where JSON Schema cannot say a rule exactly they are
 # stricter: an IDN is described in its punycode (A-label) form only, though the server also
 # takes the Unicode form; a password is counted in characters, not the UTF-8 bytes it is
@@ -114,14 +114,13 @@ QuotaMb = Annotated[
         json_schema_extra={"minimum": 1, "maximum": v.MAX_QUOTA_MB},
     ),
 ]
-NODE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NodeName = Annotated[
     str,
     BeforeValidator(v.validate_node_name),
     Field(
-        description="Node identifier: 1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen.",
+        description=f"Node identifier: {v.NODE_NAME_RULE}.",
         examples=["mpi02"],
-        json_schema_extra={"minLength": 1, "maxLength": 63, "pattern": NODE_NAME_PATTERN},
+        json_schema_extra={"minLength": 1, "maxLength": v.NODE_NAME_MAX, "pattern": v.NODE_NAME_PATTERN},
     ),
 ]
 IpAddress = Annotated[
@@ -303,7 +302,7 @@ class Vacation(BaseModel):
     @field_validator("interval_days")
     @classmethod
     def _interval(cls, value: int) -> int:
-        return _file_value(ow.check_interval, value)
+        return int(_file_value(ow.check_interval, value))
 
     @model_validator(mode="after")
     def _consistent(self) -> Vacation:
@@ -768,7 +767,7 @@ class MobileconfigRequest(Request):
 
 
 # --- what owners ask for (rules in state/owners.py) -------------------------------------------
-# The published schemas are never looser than the checks (tests/test_contract.py): where a
+# The published schemas are never looser than the checks (tests/api/test_contract.py): where a
 # check counts UTF-8 bytes or looks across fields, the schema is stricter or spells the cases.
 _NO_CONTROL = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029"
 ONE_LINE_PATTERN = f"^[^{_NO_CONTROL}]+$"

@@ -23,7 +23,8 @@ import re
 from collections.abc import Mapping
 
 from .errors import Refused
-from .verify import BCRYPT_RE, PRINTABLE_ASCII_RE, is_domain, is_local_part
+from .rules import BCRYPT_RE, is_domain, is_local_part
+from .verify import PRINTABLE_ASCII_RE
 
 APP_FRAGMENT = "app_passwords"
 SERVICES = ("imap", "smtp")

@@ -38,8 +38,8 @@ from .config import Config
 from .errors import Refused, TickError
 from .fsutil import atomic_write, rmtree, write_file
 from .mirror import Mirror
+from .rules import is_domain, is_local_part
 from .runner import Runner, short
-from .verify import is_domain, is_local_part
 
 SIEVE_DIR = "sieve"
 APP_DIR = "app-passwords"

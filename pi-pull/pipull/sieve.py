@@ -32,7 +32,7 @@ import re
 from datetime import date
 
 from .errors import Refused
-from .verify import is_domain, is_local_part
+from .rules import is_domain, is_local_part
 
 SIEVE_FRAGMENT = "sieve_scripts"
 MAX_FILTERS = 50
