@@ -79,10 +79,11 @@ _CAN_404 = {
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
     "dns-records", "check-dns", "mobileconfig",
+    "set-vacation", "set-filters", "list-filters", "add-app-password", "list-app-passwords", "remove-app-password",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
             "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
-            "check-dns", "mobileconfig"}  # fmt: skip
+            "check-dns", "mobileconfig", "set-vacation", "set-filters", "add-app-password"}  # fmt: skip
 # Reads that answer 503 when a service they need is not there (check-dns: no usable resolver).
 _CAN_503 = {"check-dns"}
 # Operations whose HTTP answer is a file, not their JSON (the MCP tool answers the JSON):
@@ -97,6 +98,7 @@ CREATED: dict[str, tuple[int, ...]] = {
     "add-node": (201,),
     "link-domain": (201, 200),
     "add-alias": (201,),
+    "add-app-password": (201,),
 }
 
 

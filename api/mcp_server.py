@@ -94,6 +94,9 @@ DESTRUCTIVE = frozenset(
         "remove-alias",
         "set-forwarding",
         "remove-alias-domain",
+        "set-vacation",
+        "set-filters",
+        "remove-app-password",
     }
 )
 IDEMPOTENT = frozenset({"enable-email", "disable-email", "remove-user"})

@@ -43,6 +43,7 @@ from typing import Any
 import jinja2
 
 from mailstate.state.errors import InvalidInput, StoreError
+from mailstate.state.owners import MAX_APP_PASSWORDS
 from mailstate.state.signers import parse_signers_line
 from mailstate.state.validate import validate_node_name
 
@@ -148,6 +149,10 @@ TLS_CERT = f"{ETC_DIR}/tls/fullchain.pem"
 TLS_KEY = f"{ETC_DIR}/tls/privkey.pem"
 POSTFIX_QUEUE_DIR = "/var/spool/postfix"
 DKIM_MILTER = "inet:127.0.0.1:8891"
+# Where Dovecot's Sieve hands in vacation replies and redirects: a Postfix service on loopback
+# with the DKIM milter (postfix-master.cf.j2), so they are signed like submitted mail.
+SIEVE_LISTEN = "127.0.0.1:10026"
+_HOST_PORT = re.compile(r"^(?:[0-9.]+|\[[0-9a-fA-F:]+\]):[0-9]{1,5}$")
 
 INSTALL_PATHS: dict[str, str] = {
     "pi-pull.ini": CONFIG_FILE,
@@ -234,11 +239,18 @@ def dovecot_snippet(
     imaps_port: int = 993,
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
     map_buckets: int = 0,
+    sieve_submission: str = SIEVE_LISTEN,
 ) -> str:
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
     (``<postfix_queue_dir>/private/auth``). With ``map_buckets`` > 0 the passwd-files are
-    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py)."""
+    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py). Mailbox owners'
+    settings (docs/owners.md): the app-password passdbs (``<root>/app-passwords``) before the
+    mailbox's own, each mailbox's Sieve script from ``<root>/sieve``; ``sieve_submission``
+    (``host:port``): where Sieve sends a vacation reply or a redirect, Postfix's loopback service
+    with the DKIM milter (``postfix_master_snippet(sieve_listen=...)``)."""
+    if not _HOST_PORT.match(sieve_submission):
+        raise InvalidInput("sieve_submission must be HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_submission")
     return render_template(
         "dovecot-mailstate.conf.j2",
         passwd_path="passwd.d/%1d/%2d/%d" if int(map_buckets) > 0 else "passwd.d/%d",
@@ -250,6 +262,8 @@ def dovecot_snippet(
         tls_key=_tls_path("tls_key", tls_key),
         imaps_port=int(imaps_port),
         postfix_queue_dir=_tls_path("postfix_queue_dir", postfix_queue_dir).rstrip("/"),
+        app_password_slots=MAX_APP_PASSWORDS,
+        sieve_submission=sieve_submission,
     )
 
 
@@ -278,12 +292,20 @@ def postfix_snippet(
 
 
 def postfix_master_snippet(
-    *, submission_listen: str = "submission", smtps_listen: str = "submissions", dkim_milter: str = DKIM_MILTER
+    *,
+    submission_listen: str = "submission",
+    smtps_listen: str = "submissions",
+    dkim_milter: str = DKIM_MILTER,
+    sieve_listen: str = SIEVE_LISTEN,
 ) -> str:
     """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): submission (587,
     STARTTLS required) and submissions (465, implicit TLS), SASL-authenticated clients only, the
     sender checked against the sender-login map, and the DKIM milter (``dkim_milter``; "" for none)
-    on these services only, so inbound port 25 never depends on it."""
+    on these services only, so inbound port 25 never depends on it. ``sieve_listen``: a loopback
+    service, loopback clients only, where Dovecot's Sieve hands in vacation replies and redirects,
+    with the DKIM milter too (docs/owners.md)."""
+    if not _HOST_PORT.match(sieve_listen) or not sieve_listen.startswith(("127.", "[::1]")):
+        raise InvalidInput("sieve_listen must be a loopback HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_listen")
     for key, value in (("submission_listen", submission_listen), ("smtps_listen", smtps_listen)):
         if not _SERVICE.match(value):
             raise InvalidInput(
@@ -292,7 +314,11 @@ def postfix_master_snippet(
     if dkim_milter and not _MILTER.match(dkim_milter):
         raise InvalidInput("dkim_milter must be a milter address such as inet:127.0.0.1:8891.", field="dkim_milter")
     return render_template(
-        "postfix-master.cf.j2", submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter
+        "postfix-master.cf.j2",
+        submission_listen=submission_listen,
+        smtps_listen=smtps_listen,
+        dkim_milter=dkim_milter,
+        sieve_listen=sieve_listen,
     )
 
 
@@ -399,6 +425,7 @@ def render_node_bundle(
     imaps_port: int = 993,
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
     dkim_milter: str = DKIM_MILTER,
+    sieve_listen: str = SIEVE_LISTEN,
     dkim_key_dir: str = "",
     dkim_publish_wait: int = 86400,
     dkim_rotate_days: int = 0,
@@ -494,6 +521,7 @@ def render_node_bundle(
             imaps_port=imaps_port,
             postfix_queue_dir=postfix_queue_dir,
             map_buckets=map_buckets,
+            sieve_submission=sieve_listen,
         ),
         "postfix/main.cf.mailstate": postfix_snippet(
             root,
@@ -505,7 +533,10 @@ def render_node_bundle(
             map_buckets=map_buckets,
         ),
         "postfix/master.cf.mailstate": postfix_master_snippet(
-            submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter
+            submission_listen=submission_listen,
+            smtps_listen=smtps_listen,
+            dkim_milter=dkim_milter,
+            sieve_listen=sieve_listen,
         ),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),

@@ -12,6 +12,10 @@ For every email-enabled domain the compiler writes one folder:
                                                              as the address (state.senders), alias domains'
                                                              addresses included; absent when no address has
                                                              one, and in format 1
+    rendered/domains/<bb>/<domain>/sieve_scripts             one Sieve script per mailbox with filters or a
+                                                             vacation reply (compiler/sieve.py); absent without
+    rendered/domains/<bb>/<domain>/app_passwords             the app passwords' passdb lines (compiler/sieve.py);
+                                                             absent without
     rendered/settings                                        format 2: node-wide `key value` lines
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import jinja2
 
+from mailstate.compiler import sieve
 from mailstate.state import validate as v
 from mailstate.state.aliases import alias_lines
 from mailstate.state.errors import CompileError
@@ -49,9 +54,11 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
 # Every per-domain file the compiler may write (format 1 writes all but `mailboxes`;
 # virtual_alias_maps only for a domain with aliases, forwarding or alias_of: state.aliases).
 FRAGMENTS = (
+    sieve.APP_FRAGMENT,
     "mailboxes",
     "passwd",
     SENDER_FRAGMENT,
+    sieve.SIEVE_FRAGMENT,
     "virtual_alias_maps",
     "virtual_mailbox_domains",
     "virtual_mailbox_maps",
@@ -103,6 +110,45 @@ def _env() -> jinja2.Environment:
     return env
 
 
+@lru_cache(maxsize=1)
+def _sieve_env() -> jinja2.Environment:
+    """The Sieve script's environment: its own filters, and block tags that leave no blank lines."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["sieve"] = sieve.sieve_string
+    env.filters["sieve_text"] = sieve.sieve_text
+    return env
+
+
+def mailbox_script(address: str, box: Mailbox) -> bytes | None:
+    """The Sieve script of one mailbox (compiler/sieve.py), or None when it has none."""
+    context = sieve.script_context(address, box)
+    if context is None:
+        return None
+    try:
+        return _sieve_env().get_template("sieve_script.j2").render(context).encode("utf-8")
+    except CompileError:
+        raise
+    except jinja2.TemplateError as exc:
+        raise CompileError(f"Template sieve_script.j2 failed: {exc}") from exc
+
+
+def sieve_fragment(domain: DomainFile) -> bytes:
+    """The domain's `sieve_scripts` fragment (b"" when no mailbox has a script)."""
+    parts: list[bytes] = []
+    for local, box in sorted(domain.mailboxes.items()):
+        script = mailbox_script(f"{local}@{domain.domain}", box)
+        if script is not None:
+            parts.append(sieve.container_header(local, script) + script)
+    return b"".join(parts)
+
+
 def domain_dir(domain: str) -> str:
     """Repo path of a domain's rendered folder."""
     return f"{RENDERED_DIR}/domains/{bucket(domain)}/{domain}"
@@ -146,9 +192,16 @@ def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterabl
         )
     aliases = [{"key": key, "results": results} for key, results in alias_lines(domain)]
     senders = [{"key": key, "owners": owners} for key, owners in sender_lines(domain, alias_domains)]
-    fragments: tuple[str, ...] = tuple(
-        name for name in FRAGMENTS if (name != ALIAS_FRAGMENT or aliases) and (name != SENDER_FRAGMENT or senders)
-    )
+    app_lines = sieve.app_password_lines(domain)
+    scripts = sieve_fragment(domain)
+    # These four are written only for a domain that has any (absent: none).
+    present = {
+        ALIAS_FRAGMENT: bool(aliases),
+        SENDER_FRAGMENT: bool(senders),
+        sieve.APP_FRAGMENT: bool(app_lines),
+        sieve.SIEVE_FRAGMENT: bool(scripts),
+    }
+    fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if present.get(name, True))
     all_mailboxes: list[dict[str, object]] = []
     if settings.format < 2:
         # Format 1 renders exactly as it always did (the upgrade to 2 adds these).
@@ -163,12 +216,16 @@ def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterabl
         "all_mailboxes": all_mailboxes,
         "aliases": aliases,
         "senders": senders,
+        "lines": app_lines,
         "settings": settings,
     }
     base = domain_dir(domain.domain)
     out: dict[str, bytes] = {}
     try:
         for name in fragments:
+            if name == sieve.SIEVE_FRAGMENT:
+                out[f"{base}/{name}"] = scripts
+                continue
             out[f"{base}/{name}"] = _env().get_template(f"{name}.j2").render(context).encode("utf-8")
     except CompileError:
         raise

@@ -32,7 +32,7 @@ from mailstate.state import validate as v
 from mailstate.state.errors import Conflict, InvalidInput
 
 if TYPE_CHECKING:  # models imports this module for its validators
-    from mailstate.state.models import DomainFile
+    from mailstate.state.models import DomainFile, Mailbox
 
 CATCH_ALL = "@"
 MAX_DESTINATIONS = 50
@@ -93,6 +93,20 @@ def normalize_destinations(value: object, field: str = "destinations", *, allow_
     return out
 
 
+def onward(forward_to: Sequence[str] | None, redirects: Sequence[str]) -> list[str]:
+    """Where a mailbox passes mail on: its forwarding, then its filters' redirects, each once."""
+    out = list(forward_to or [])
+    out += [r for r in redirects if r not in out]
+    return out
+
+
+def box_onward(box: Mailbox) -> list[str]:
+    """A mailbox's onward addresses (`onward`): a Sieve redirect obeys the forwarding rules, so
+    the loop and depth checks follow it like a forwarding that keeps a copy (state/owners.py)."""
+    redirects = [f.target for f in box.filters or () if f.action == "redirect" and f.target]
+    return onward(box.forward_to, redirects) if redirects else list(box.forward_to or [])
+
+
 def file_problems(dom: DomainFile) -> list[str]:
     """The rules one domain file must follow on its own (the loaders and `mailstate check`)."""
     problems: list[str] = []
@@ -107,6 +121,12 @@ def file_problems(dom: DomainFile) -> list[str]:
         if box.forward_to is not None and f"{local}@{dom.domain}" in box.forward_to:
             problems.append(
                 f"mailboxes.{local}.forward_to: a mailbox may not forward to itself (keep_copy keeps a copy)"
+            )
+        if box.filters and f"{local}@{dom.domain}" in box_onward(box)[len(box.forward_to or []) :]:
+            problems.append(f"mailboxes.{local}.filters: a filter may not redirect to the mailbox itself")
+        if len(box_onward(box)) > MAX_DESTINATIONS:
+            problems.append(
+                f"mailboxes.{local}: forwarding and filter redirects together name more than {MAX_DESTINATIONS} addresses"
             )
     if dom.alias_of is not None and dom.alias_of == dom.domain:
         problems.append("alias_of: a domain cannot be an alias of itself")
@@ -165,11 +185,13 @@ class Problem:
 
 
 def links(dom: DomainFile) -> frozenset[str]:
-    """The other domains `dom` hands mail to: those of its aliases', catch-all's and forwardings'
-    destinations, and its alias_of target. A chain can only leave `dom` into one of them, so
+    """The other domains `dom` hands mail to: those of its aliases', catch-all's, forwardings' and
+    filter redirects' destinations, and its alias_of target. A chain can only leave `dom` into one of them, so
     these are the edges the snapshot's `referrers` index (state.snapshot) is built from."""
     out = {split_address(d)[1] for dests in dom.aliases.values() for d in dests}
-    out.update(split_address(d)[1] for box in dom.mailboxes.values() if box.forward_to for d in box.forward_to)
+    out.update(
+        split_address(d)[1] for box in dom.mailboxes.values() if box.forward_to or box.filters for d in box_onward(box)
+    )
     if dom.alias_of is not None:
         out.add(dom.alias_of)
     out.discard(dom.domain)
@@ -207,10 +229,12 @@ def resolve(domains: Mapping[str, DomainFile], address: str, scope: int | None) 
             return address, list(dom.aliases[local])
         box = dom.mailboxes.get(local)
         if box is not None:
-            if not box.active or not box.forward_to:
+            passed_on = box_onward(box) if box.active else []
+            if not passed_on:
                 return None
             # keep_copy: the mailbox maps to itself too, which ends Postfix's recursion there.
-            return address, list(box.forward_to)
+            # A filter's redirect passes a copy on after delivery, like forwarding does.
+            return address, passed_on
     if CATCH_ALL in dom.aliases:
         return f"@{domain}", list(dom.aliases[CATCH_ALL])
     if dom.alias_of is not None:
@@ -226,7 +250,7 @@ def alias_domain_starts(domains: Mapping[str, DomainFile], domain: str, target: 
     if dom is None:
         return []
     starts = [f"{key}@{domain}" for key in dom.aliases if key != CATCH_ALL]
-    starts += [f"{local}@{domain}" for local, box in dom.mailboxes.items() if box.forward_to]
+    starts += [f"{local}@{domain}" for local, box in dom.mailboxes.items() if box.forward_to or box.filters]
     if CATCH_ALL in dom.aliases:
         starts.append(f"@{target}")
     return starts
@@ -239,7 +263,7 @@ def chain_starts(domains: Mapping[str, DomainFile], name: str) -> list[str]:
     if dom is None or not dom.email_enabled:
         return []
     starts = [join_address(key, name) for key in dom.aliases]
-    starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to]
+    starts += [f"{local}@{name}" for local, box in dom.mailboxes.items() if box.forward_to or box.filters]
     if dom.alias_of is not None and project_of(domains, dom.alias_of) == (True, dom.project_id):
         starts += alias_domain_starts(domains, name, dom.alias_of)
     return starts

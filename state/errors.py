@@ -15,13 +15,16 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_limit, invalid_cursor (state/paging.py),
     │                                   invalid_dkim_key (a node report's dkim_keys),
     │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py),
+    │                                   invalid_vacation, invalid_filter, invalid_folder, too_many_filters,
+    │                                   invalid_app_password, invalid_scopes, app_password_name_taken,
+    │                                   too_many_app_passwords (state/owners.py),
     │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
     │                                   token_not_found, repository_not_found,
     │                                   revision_not_found (`mailstate plan`), not_found (default),
-    │                                   alias_not_found
+    │                                   alias_not_found, app_password_not_found
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
     │                                   mailbox_active, conflict (default),
@@ -30,7 +33,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   address_in_use, alias_exists, alias_loop,
     │                                   alias_chain_too_long, alias_domain_target_invalid,
     │                                   alias_domains_remain (state/aliases.py),
-    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml)
+    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
+    │                                   vacation_ends_before_start, vacation_text_missing (set-vacation)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is

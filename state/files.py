@@ -32,7 +32,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from mailstate.state.errors import StateInvalid, StoreError
-from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
+from mailstate.state.models import DomainFile, Filter, Mailbox, NodesFile, Settings
 
 SETTINGS_PATH = "mailstate.yaml"
 NODES_PATH = "nodes.yaml"
@@ -284,9 +284,23 @@ def parse_domain(data: bytes | str, path: str, fmt: int | None = None) -> Domain
 # --- writing -----------------------------------------------------------------------------
 
 
+class _TextDumper(_Dumper):  # type: ignore[misc]  # the C dumper when libyaml is there
+    """The canonical dumper, writing a multi-line text (a vacation reply) as a `|` block, which
+    people read and edit like the text itself (PyYAML falls back to quotes where a block cannot
+    hold the text exactly, e.g. trailing spaces). No other value holds a newline."""
+
+
+def _represent_str(dumper: Any, value: str) -> Any:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_TextDumper.add_representer(str, _represent_str)
+
+
 def _plain(data: Any) -> str:
     out: str = yaml.dump(
-        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=False, width=1000
+        data, Dumper=_TextDumper, sort_keys=False, default_flow_style=False, allow_unicode=False, width=1000
     )
     return out
 
@@ -332,6 +346,22 @@ def _box_document(box: Mailbox) -> dict[str, Any]:
     doc = {**head, "password": box.password, "quota_mb": box.quota_mb, "active": box.active}
     if box.forward_to is not None:
         doc.update(forward_to=list(box.forward_to), keep_copy=box.keep_copy)
+    # What owners ask for (state/owners.py): optional, so a mailbox without them keeps its bytes.
+    if box.vacation is not None:
+        doc["vacation"] = box.vacation.model_dump(mode="json", exclude_none=True)
+    if box.filters is not None:
+        doc["filters"] = [_filter_document(f) for f in box.filters]
+    if box.app_passwords is not None:
+        doc["app_passwords"] = {
+            name: entry.model_dump(mode="json") for name, entry in sorted(box.app_passwords.items())
+        }
+    return doc
+
+
+def _filter_document(rule: Filter) -> dict[str, Any]:
+    doc = rule.model_dump(mode="json", exclude_none=True)
+    if not rule.stop:
+        del doc["stop"]
     return doc
 
 

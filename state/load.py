@@ -104,24 +104,45 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # The fields whose values are JSON already (str, int, bool, None, lists and dicts of them), so
 # an entry can be written from the models' __dict__ without pydantic's serializer (about half of
 # a cache write). A model with any other field uses model_dump.
+# A mailbox's owner settings (state/owners.py: vacation, filters, app passwords) are models, not
+# JSON: a mailbox that has any is dumped and validated by pydantic (few mailboxes have them).
+_OWNER_FIELDS = ("vacation", "filters", "app_passwords")
 _JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
-    "id", "password", "quota_mb", "active", "forward_to", "keep_copy"
+    "id", "password", "quota_mb", "active", "forward_to", "keep_copy", *_OWNER_FIELDS
 }  # fmt: skip
+
+
+def _plain_box(box: dict[str, Any]) -> bool:
+    return box.get("vacation") is None and box.get("filters") is None and box.get("app_passwords") is None
 
 
 def _domain_to_json(dom: DomainFile) -> dict[str, Any]:
     """`dom.model_dump(mode="json")`, faster for the JSON-native models (tests compare the two)."""
     if not _JSON_NATIVE:
         return dom.model_dump(mode="json")
-    return {**dom.__dict__, "mailboxes": {local: box.__dict__ for local, box in dom.mailboxes.items()}}
+    boxes = {
+        local: box.__dict__ if _plain_box(box.__dict__) else box.model_dump(mode="json")
+        for local, box in dom.mailboxes.items()
+    }
+    return {**dom.__dict__, "mailboxes": boxes}
 
 
 def _domain_from_json(raw: dict[str, Any]) -> DomainFile:
     # Built without validation: the entry was validated when it was parsed, and its MAC
-    # proves it is the one this data dir wrote for that blob.
-    raw["mailboxes"] = {local: _built(Mailbox, box, _MAILBOX_FIELDS) for local, box in raw["mailboxes"].items()}
+    # proves it is the one this data dir wrote for that blob (a mailbox with owner settings is
+    # validated again, to build its nested models).
+    raw["mailboxes"] = {
+        local: _built(Mailbox, box, _MAILBOX_FIELDS) if _plain_box(box) else _share_box(Mailbox.model_validate(box))
+        for local, box in raw["mailboxes"].items()
+    }
     dom: DomainFile = _built(DomainFile, raw, _DOMAIN_FIELDS)
     return dom
+
+
+def _share_box(box: Mailbox) -> Mailbox:
+    if _FAST:
+        _set(box, "__pydantic_fields_set__", _SHARED_FIELDS_SET[Mailbox])
+    return box
 
 
 def _entry_mac(key: bytes, oid: str, data: bytes) -> str:

@@ -61,6 +61,17 @@ CREATE TABLE IF NOT EXISTS dkim_keys (
     reported_at TEXT NOT NULL,
     PRIMARY KEY (node, selector)
 ) WITHOUT ROWID;
+-- When a node last saw an app password log in (pi-pull/pipull/apppass.py): one row per app password
+-- identity (its mailbox, name and creation time, so a new password of the same name starts afresh).
+CREATE TABLE IF NOT EXISTS app_password_use (
+    domain TEXT NOT NULL,
+    local TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    last_used_at TEXT NOT NULL,
+    node TEXT NOT NULL,
+    PRIMARY KEY (domain, local, name, created_at)
+) WITHOUT ROWID;
 -- The last DNS check of each domain (state/dnscheck.py): list-domains' dns_ok and dns_checked_at,
 -- and when the background check may look at the domain again.
 CREATE TABLE IF NOT EXISTS dns_checks (
@@ -360,6 +371,36 @@ class LocalDB:
             {"node": r[0], "selector": r[1], "public_key": r[2], "state": r[3], "created_at": r[4], "reported_at": r[5]}
             for r in rows
         ]
+
+    # --- app password use ------------------------------------------------------------------------
+
+    def record_app_uses(self, node: str, rows: list[tuple[str, str, str, str, str]]) -> None:
+        """Store `(domain, local, name, created_at, used_at)` rows a node saw; the latest use wins."""
+        if not rows:
+            return
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO app_password_use (domain, local, name, created_at, last_used_at, node)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(domain, local, name, created_at) DO UPDATE SET"
+                    " last_used_at=excluded.last_used_at, node=excluded.node"
+                    " WHERE excluded.last_used_at > app_password_use.last_used_at",
+                    [(d, lp, n, c, u, node) for d, lp, n, c, u in rows],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def app_password_uses(self, domain: str, local: str) -> dict[tuple[str, str], str]:
+        """{(name, created_at): last_used_at} of one mailbox's app passwords."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT name, created_at, last_used_at FROM app_password_use WHERE domain = ? AND local = ?",
+                (domain, local),
+            ).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
 
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:

@@ -14,12 +14,22 @@ pydantic's own errors (missing field, wrong type, unknown field) into the same e
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from mailstate.state import aliases as al
+from mailstate.state import owners as ow
 from mailstate.state import paging
 from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
@@ -259,6 +269,97 @@ class Settings(BaseModel):
         return value.rstrip("/") or "/"
 
 
+class Vacation(BaseModel):
+    """A mailbox's autoreply (state/owners.py): Sieve vacation on the nodes, compiled only while
+    `enabled`; at most one reply per sender per `interval_days`, between `start` and `end` (UTC days)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool
+    subject: str | None = None
+    body: str | None = None
+    start: date | None = None
+    end: date | None = None
+    interval_days: int = ow.DEFAULT_INTERVAL_DAYS
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        return None if value is None else _file_value(ow.check_subject, value)
+
+    @field_validator("body")
+    @classmethod
+    def _body(cls, value: str | None) -> str | None:
+        if value is not None and _file_value(ow.check_body, value) != value:
+            raise ValueError("body must use \\n line ends")
+        return value
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _date(cls, value: object, info: Any) -> date | None:
+        return None if value is None else _file_value(lambda x: ow.check_date(x, info.field_name), value)
+
+    @field_validator("interval_days")
+    @classmethod
+    def _interval(cls, value: int) -> int:
+        return int(_file_value(ow.check_interval, value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Vacation:
+        if self.enabled and self.body is None:
+            raise ValueError("an enabled vacation needs a body")
+        _file_value(lambda _: ow.check_dates(self.start, self.end), None)
+        return self
+
+
+class Filter(BaseModel):
+    """One filter rule of a mailbox (state/owners.py: normalize_filter is the one check)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    field: str
+    op: Literal["contains", "is"]
+    value: str
+    action: Literal["fileinto", "discard", "redirect", "mark_read"]
+    target: str | None = None
+    stop: bool = False
+
+    @model_validator(mode="after")
+    def _rule(self) -> Filter:
+        data = self.model_dump()
+        if _file_value(lambda d: ow.normalize_filter(d, 0), data) != data:
+            raise ValueError("a filter must be in canonical form (lowercase field and address; discard stops)")
+        return self
+
+
+class AppPassword(BaseModel):
+    """An app password of a mailbox: its bcrypt hash only (the password is shown once, at creation),
+    the protocols it may log in to, its passdb slot on the nodes and its lookup tag (owners.password_tag)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash: str
+    scopes: list[str]
+    slot: int = Field(ge=0, lt=ow.MAX_APP_PASSWORDS)
+    tag: str = Field(pattern=r"^[0-9a-f]{4}$")
+    created_at: datetime
+
+    @field_validator("hash")
+    @classmethod
+    def _bcrypt(cls, value: str) -> str:
+        if not BCRYPT_HASH.fullmatch(value):
+            raise ValueError("hash must be a {BLF-CRYPT}$2b$... bcrypt hash, never plain text")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        if _file_value(ow.normalize_scopes, value) != value:
+            raise ValueError(f"scopes must be a sorted, non-empty subset of {', '.join(ow.SCOPES)}")
+        return value
+
+
 class Mailbox(BaseModel):
     """One mailbox in a domain file; the key is the local part.
 
@@ -279,6 +380,32 @@ class Mailbox(BaseModel):
     # mailbox as well while keep_copy is true. A soft-deleted mailbox forwards nothing.
     forward_to: list[str] | None = None
     keep_copy: bool = True
+    # What owners ask for (state/owners.py; absent = none): an autoreply, filter rules, app passwords.
+    vacation: Vacation | None = None
+    filters: list[Filter] | None = None
+    app_passwords: dict[str, AppPassword] | None = None
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: list[Filter] | None) -> list[Filter] | None:
+        if value is not None and not 1 <= len(value) <= ow.MAX_FILTERS:
+            raise ValueError(f"filters must list 1-{ow.MAX_FILTERS} rules (absent: none)")
+        return value
+
+    @field_validator("app_passwords")
+    @classmethod
+    def _app_passwords(cls, value: dict[str, AppPassword] | None) -> dict[str, AppPassword] | None:
+        if value is None:
+            return None
+        if not 1 <= len(value) <= ow.MAX_APP_PASSWORDS:
+            raise ValueError(f"app_passwords must hold 1-{ow.MAX_APP_PASSWORDS} entries (absent: none)")
+        for name in value:
+            _file_value(ow.check_app_password_name, name)
+        if len({n.casefold() for n in value}) != len(value):
+            raise ValueError("app_passwords: two names differ only in case")
+        if len({p.slot for p in value.values()}) != len(value):
+            raise ValueError("app_passwords: two entries share a slot")
+        return value
 
     @field_validator("forward_to")
     @classmethod
@@ -639,6 +766,171 @@ class MobileconfigRequest(Request):
     )
 
 
+# --- what owners ask for (rules in state/owners.py) -------------------------------------------
+# The published schemas are never looser than the checks (tests/api/test_contract.py): where a
+# check counts UTF-8 bytes or looks across fields, the schema is stricter or spells the cases.
+_NO_CONTROL = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029"
+ONE_LINE_PATTERN = f"^[^{_NO_CONTROL}]+$"
+# A body: no control character but newline and tab, and at least one visible character.
+BODY_PATTERN = f"^[\\t\\n ]*[^\\s{_NO_CONTROL}][^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+DATE_PATTERN = "^[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])$"
+_SEGMENT = "[A-Za-z0-9_-](?:[A-Za-z0-9 _.-]{0,198}[A-Za-z0-9_-])?"
+FOLDER_PATTERN = f"^(?![^\\n]*\\.\\.){_SEGMENT}(?:/{_SEGMENT})*$"
+FIELD_PATTERN = "^(?:from|to|subject|header:[A-Za-z0-9][A-Za-z0-9-]{0,63})$"
+APP_PASSWORD_NAME_PATTERN = ow.APP_PASSWORD_NAME.pattern
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: None if value is None else check(value)
+
+
+def _strict_flag(name: str) -> Any:
+    def check(value: object) -> bool:
+        if not isinstance(value, bool):
+            raise InvalidInput(f"{name} must be true or false.", code="invalid_request", field=name)
+        return value
+
+    return check
+
+
+def _filter_item_schema() -> dict[str, Any]:
+    """A filter rule's JSON schema: one branch per action, so that `target` is required exactly
+    where the server requires it (fileinto: a folder, redirect: an address, else none)."""
+    common: dict[str, Any] = {
+        "name": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": ow.MAX_FILTER_NAME_CHARS,
+            "pattern": ONE_LINE_PATTERN,
+            "description": "A name for the rule (shown by list-filters).",
+        },
+        "field": {
+            "type": "string",
+            "pattern": FIELD_PATTERN,
+            "description": "What the rule looks at: from, to, subject, or header:<Name>.",
+        },
+        "op": {"type": "string", "pattern": "^(?:contains|is)$", "description": "contains or is (case-insensitive)."},
+        "value": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": ow.MAX_VALUE_CHARS,
+            "pattern": ONE_LINE_PATTERN,
+            "description": f"The text to look for, one line of at most {ow.MAX_VALUE_CHARS} characters.",
+        },
+        "stop": {"type": "boolean", "description": "Stop after this rule when it matches (default false)."},
+    }
+    folder = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": ow.MAX_FOLDER_CHARS,
+        "pattern": FOLDER_PATTERN,
+        "description": "The folder; '/' separates levels (Work/Projects). Created if needed.",
+    }
+    address = {**DESTINATION_ITEM, "description": "The address to redirect to (the forwarding rules apply)."}
+    branches = []
+    for action, target in (("fileinto", folder), ("redirect", address), ("discard", None), ("mark_read", None)):
+        props = {**common, "action": {"type": "string", "pattern": f"^{action}$"}}
+        required = ["name", "field", "op", "value", "action"]
+        if target is not None:
+            props["target"] = target
+            required.append("target")
+        branches.append({"type": "object", "properties": props, "required": required, "additionalProperties": False})
+    return {"anyOf": branches}
+
+
+class SetVacationRequest(Request):
+    email: Email = Field(description="The mailbox (an active mailbox of this project).")
+    enabled: Annotated[bool, BeforeValidator(_strict_flag("enabled"))] = Field(
+        description="true: reply while the dates allow; false: no replies (the text and dates are kept)."
+    )
+    subject: Annotated[str | None, BeforeValidator(_optional(ow.check_subject))] = Field(
+        default=None,
+        description=f"The reply's subject, one line of at most {ow.MAX_SUBJECT_CHARS} characters (null: 'Auto: ' and "
+        "the message's subject). Left out: the stored one is kept.",
+        json_schema_extra={"minLength": 1, "maxLength": ow.MAX_SUBJECT_CHARS, "pattern": ONE_LINE_PATTERN},
+    )
+    body: Annotated[str | None, BeforeValidator(_optional(ow.check_body))] = Field(
+        default=None,
+        description=f"The reply's text, at most {ow.MAX_BODY_BYTES} bytes (16 KiB) in UTF-8; newlines and tabs allowed. "
+        "Left out: the stored one is kept (an enabled vacation needs one).",
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": ow.MAX_BODY_BYTES // 4,
+            "x-max-bytes": ow.MAX_BODY_BYTES,
+            "pattern": BODY_PATTERN,
+        },
+    )
+    start: Annotated[
+        date | None,
+        BeforeValidator(_optional(lambda x: ow.check_date(x, "start"))),
+        WithJsonSchema({"anyOf": [{"type": "string", "pattern": DATE_PATTERN}, {"type": "null"}]}),
+    ] = Field(
+        default=None,
+        description="First day of replies, an ISO date (UTC), e.g. 2026-07-01; null: from now. Left out: kept.",
+    )
+    end: Annotated[
+        date | None,
+        BeforeValidator(_optional(lambda x: ow.check_date(x, "end"))),
+        WithJsonSchema({"anyOf": [{"type": "string", "pattern": DATE_PATTERN}, {"type": "null"}]}),
+    ] = Field(
+        default=None, description="Last day of replies, an ISO date (UTC), not before start; none: until turned off."
+    )
+    interval_days: Annotated[int, BeforeValidator(ow.check_interval)] = Field(
+        default=ow.DEFAULT_INTERVAL_DAYS,
+        description=f"At most one reply per sender in this many days, {ow.MIN_INTERVAL_DAYS}-{ow.MAX_INTERVAL_DAYS} "
+        f"(default {ow.DEFAULT_INTERVAL_DAYS}). Left out: kept.",
+        json_schema_extra={"minimum": ow.MIN_INTERVAL_DAYS, "maximum": ow.MAX_INTERVAL_DAYS},
+    )
+
+
+class SetFiltersRequest(Request):
+    email: Email = Field(description="The mailbox (an active mailbox of this project).")
+    filters: Annotated[list[dict[str, Any]], BeforeValidator(ow.normalize_filters)] = Field(
+        description=f"The rules, in order (0-{ow.MAX_FILTERS}; [] removes every rule). Each: name, field (from, to, "
+        "subject, header:<Name>), op (contains, is), value, action (fileinto, discard, redirect, mark_read), target "
+        "(a folder for fileinto, an address for redirect), stop.",
+        json_schema_extra={"minItems": 0, "maxItems": ow.MAX_FILTERS, "items": _filter_item_schema()},
+    )
+
+
+class MailboxRequest(Request):
+    email: Email = Field(description="The mailbox.")
+
+
+class AddAppPasswordRequest(Request):
+    email: Email = Field(description="The mailbox (an active mailbox of this project); also the login.")
+    name: Annotated[str, BeforeValidator(ow.check_app_password_name)] = Field(
+        description="What the password is for, e.g. 'iPhone Anna': 1-64 letters, digits, spaces or . @ ( ) + ' _ -; "
+        "unique in the mailbox (case-insensitive).",
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": ow.MAX_APP_PASSWORD_NAME_CHARS,
+            "pattern": APP_PASSWORD_NAME_PATTERN,
+        },
+    )
+    scopes: Annotated[list[str], BeforeValidator(ow.normalize_scopes)] = Field(
+        description="Where it may log in: imap (reading mail), smtp (sending), or both.",
+        json_schema_extra={
+            "minItems": 1,
+            "maxItems": len(ow.SCOPES),
+            "uniqueItems": True,
+            "items": {"type": "string", "pattern": "^(?:imap|smtp)$"},
+        },
+    )
+
+
+class RemoveAppPasswordRequest(Request):
+    email: Email = Field(description="The mailbox.")
+    name: Annotated[str, BeforeValidator(ow.check_app_password_name)] = Field(
+        description="The app password's name.",
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": ow.MAX_APP_PASSWORD_NAME_CHARS,
+            "pattern": APP_PASSWORD_NAME_PATTERN,
+        },
+    )
+
+
 class LinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to link to a project (the dashboard's Domains tab).")
     project_id: ProjectId = Field(description="Project (WebSumo) id.")
@@ -753,6 +1045,70 @@ class AliasDomainResponse(WriteResponse):
     alias_of: str | None = Field(description="The target domain, or null (remove-alias-domain).")
 
 
+class VacationInfo(BaseModel):
+    enabled: bool
+    subject: str | None = None
+    body: str | None = None
+    start: str | None = Field(default=None, description="ISO date, or null.")
+    end: str | None = Field(default=None, description="ISO date, or null.")
+    interval_days: int
+
+
+class VacationSummary(BaseModel):
+    enabled: bool
+    start: str | None = Field(default=None, description="ISO date (UTC) of the first day of replies, or null.")
+    end: str | None = Field(default=None, description="ISO date (UTC) of the last day of replies, or null.")
+
+
+class SetVacationResponse(WriteResponse):
+    email: str
+    vacation: VacationInfo | None = Field(description="What is set now; null when no vacation is kept.")
+
+
+class FilterInfo(BaseModel):
+    name: str
+    field: str
+    op: str
+    value: str
+    action: str
+    target: str | None = None
+    stop: bool
+
+
+class SetFiltersResponse(WriteResponse):
+    email: str
+    filters: list[FilterInfo]
+
+
+class ListFiltersResponse(Response):
+    filters: list[FilterInfo] = Field(description="The mailbox's rules, in the order they run.")
+
+
+class AddAppPasswordResponse(WriteResponse):
+    name: str
+    scopes: list[str]
+    password: str = Field(
+        description="The app password, shown this once (only its bcrypt hash is stored). Log in with the mailbox "
+        "address and this password."
+    )
+
+
+class AppPasswordInfo(BaseModel):
+    name: str
+    scopes: list[str]
+    created_at: str = Field(description="ISO 8601 time the password was made.")
+    last_used_at: str | None = Field(description="ISO 8601 time a node last saw it log in, or null.")
+
+
+class ListAppPasswordsResponse(Response):
+    app_passwords: list[AppPasswordInfo]
+
+
+class RemoveAppPasswordResponse(WriteResponse):
+    name: str
+    removed: bool
+
+
 class LinkedDomain(BaseModel):
     domain: str
     project_id: int | None
@@ -813,6 +1169,9 @@ class UserInfo(BaseModel):
         default=None, description="Messages stored, as a node measured them (null before any report)."
     )
     usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the usage report, or null.")
+    vacation: VacationSummary | None = Field(
+        default=None, description="The autoreply (set-vacation): enabled and its dates, or null when none is set."
+    )
 
 
 class ListUsersResponse(Response):
@@ -1022,6 +1381,12 @@ RESPONSES: dict[str, type[Response]] = {
     "add-alias-domain": AliasDomainResponse,
     "remove-alias-domain": AliasDomainResponse,
     "dns-records": DnsRecordsResponse,
+    "set-vacation": SetVacationResponse,
+    "set-filters": SetFiltersResponse,
+    "list-filters": ListFiltersResponse,
+    "add-app-password": AddAppPasswordResponse,
+    "list-app-passwords": ListAppPasswordsResponse,
+    "remove-app-password": RemoveAppPasswordResponse,
     "check-dns": CheckDnsResponse,
     "mobileconfig": MobileconfigResponse,
 }
@@ -1044,6 +1409,14 @@ _FIELD_CODES = {
     "target": "invalid_domain",
     "limit": "invalid_limit",
     "cursor": "invalid_cursor",
+    "filters": "invalid_filter",
+    "scopes": "invalid_scopes",
+    "enabled": "invalid_vacation",
+    "subject": "invalid_vacation",
+    "body": "invalid_vacation",
+    "start": "invalid_vacation",
+    "end": "invalid_vacation",
+    "interval_days": "invalid_vacation",
 }
 
 

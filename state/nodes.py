@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -99,6 +99,20 @@ class DkimKeyEntry(BaseModel):
     created_at: int = Field(ge=0, le=2**40, description="When the node made the key (unix seconds).")
 
 
+MAX_APP_USES = 10_000
+
+
+class AppPasswordUse(BaseModel):
+    """An app password a node saw log in (pi-pull/pipull/apppass.py): the mailbox, the passdb slot
+    it sits in on the nodes, and when (the server maps the slot to the password holding it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    email: str = Field(pattern=USAGE_EMAIL, max_length=320, description="The mailbox address (the login).")
+    slot: int = Field(ge=0, le=99, description="The app password's slot (its passdb on the nodes).")
+    used_at: int = Field(ge=0, le=2**40, description="When the node saw the login (unix seconds, within a tick).")
+
+
 class NodeReport(BaseModel):
     """The body of `POST /v1/nodes/report` (credentials aside)."""
 
@@ -135,6 +149,13 @@ class NodeReport(BaseModel):
         description="Optional: the node's DKIM public keys (at most one per selector). Stored on the server (never in git); dns-records lists them.",
     )
 
+    app_passwords_used: list[AppPasswordUse] | None = Field(
+        default=None,
+        max_length=MAX_APP_USES,
+        description="Optional: app passwords that logged in since the last report. Stored on the server (never in "
+        "git); list-app-passwords shows them as last_used_at.",
+    )
+
     @model_validator(mode="after")
     def _one_key_per_selector(self) -> NodeReport:
         keys = self.dkim_keys or []
@@ -161,6 +182,8 @@ class StatusSink(Protocol):
     def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
 
     def record_dkim_keys(self, node: str, keys: list[tuple[str, str, str, int]], at: datetime) -> None: ...
+
+    def record_app_uses(self, node: str, rows: list[tuple[str, str, str, str, str]]) -> None: ...
 
 
 def normalize_addr(addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -242,7 +265,25 @@ def record_report(
     if report.dkim_keys is not None:
         # Every report carries the node's whole set: what it no longer lists is no longer published.
         db.record_dkim_keys(name, [(k.selector, k.public_key, k.state, k.created_at) for k in report.dkim_keys], now)
+    if report.app_passwords_used:
+        db.record_app_uses(name, app_use_rows(snapshot, report.app_passwords_used, now))
     return report
+
+
+def app_use_rows(snapshot: Snapshot, uses: list[AppPasswordUse], now: datetime) -> list[tuple[str, str, str, str, str]]:
+    """`(domain, local, name, created_at, used_at)` for the uses that name an app password of the
+    current state: the one in that slot, made before the use (a password made since, in a freed
+    slot, never inherits the old one's use). A time in the future is the server's now."""
+    rows = []
+    for use in uses:
+        local, _, domain = use.email.partition("@")
+        dom = snapshot.domains.get(domain)
+        box = dom.mailboxes.get(local) if dom is not None else None
+        for name, entry in (box.app_passwords or {}).items() if box is not None else ():
+            used = min(datetime.fromtimestamp(use.used_at, UTC), now)
+            if entry.slot == use.slot and used >= entry.created_at:
+                rows.append((domain, local, name, entry.created_at.isoformat(), used.isoformat()))
+    return rows
 
 
 def usage_rows(snapshot: Snapshot, usage: list[UsageEntry]) -> list[tuple[str, str, str, int, int]]:

@@ -27,9 +27,10 @@ import bcrypt
 from mailstate.state import aliases as al
 from mailstate.state import autoconfig as ac
 from mailstate.state import models as m
+from mailstate.state import owners as ow
 from mailstate.state import paging
 from mailstate.state.dns import records_for
-from mailstate.state.errors import Conflict, Forbidden, NotFound, Unavailable
+from mailstate.state.errors import Conflict, Forbidden, InvalidInput, NotFound, Unavailable
 from mailstate.state.nodes import report_stale_after
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 
@@ -39,6 +40,8 @@ NodeStatusLookup = Callable[[str], "dict[str, Any] | None"]
 UsageLookup = Callable[[list[str]], "dict[str, dict[tuple[str, str], dict[str, Any]]]"]
 # () → every node's reported DKIM keys (state.localdb.LocalDB.dkim_keys).
 DkimLookup = Callable[[], "list[dict[str, Any]]"]
+# (domain, local) → {(app password name, created_at ISO): last_used_at ISO} (LocalDB.app_password_uses).
+AppUseLookup = Callable[[str, str], "dict[tuple[str, str], str]"]
 # (domain, its dns-records) → check-dns's answer, the check recorded (state.dnscheck.DnsChecker.check).
 DnsCheck = Callable[[str, "list[dict[str, Any]]"], "dict[str, Any]"]
 # domain names → {domain: {"ok", "checked_at"}} of their last checks (state.localdb.LocalDB.dns_status).
@@ -55,6 +58,7 @@ class Context:
     node_status: NodeStatusLookup
     usage: UsageLookup | None = None
     dkim_keys: DkimLookup | None = None
+    app_uses: AppUseLookup | None = None
     dns_check: DnsCheck | None = None
     dns_status: DnsStatusLookup | None = None
 
@@ -427,9 +431,20 @@ def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
                 "forward_to": list(box.forward_to or []),
                 "keep_copy": box.keep_copy,
                 **_usage_fields(row),
+                "vacation": _vacation_summary(box.vacation),
             }
         )
     return Outcome(page.finish({"users": users}, chosen[-1] if chosen else None, more))
+
+
+def _vacation_summary(vacation: m.Vacation | None) -> dict[str, Any] | None:
+    if vacation is None:
+        return None
+    return {
+        "enabled": vacation.enabled,
+        "start": vacation.start.isoformat() if vacation.start else None,
+        "end": vacation.end.isoformat() if vacation.end else None,
+    }
 
 
 def update_password(ctx: Context, req: m.UpdatePasswordRequest, prep: Prepared) -> Outcome:
@@ -565,6 +580,7 @@ def set_forwarding(ctx: Context, req: m.SetForwardingRequest, _: Prepared) -> Ou
             f"{req.email} cannot forward to itself; keep_copy=true keeps a copy.", code="alias_loop", target=req.email
         )
     forward = list(req.destinations) or None
+    ow.check_onward(forward, al.box_onward(box)[len(box.forward_to or []) :], field="destinations")
     keep = req.keep_copy if forward else True
     result = {"email": req.email, "destinations": list(req.destinations), "keep_copy": keep}
     if box.forward_to == forward and box.keep_copy == keep:
@@ -619,6 +635,148 @@ def remove_alias_domain(ctx: Context, req: m.RemoveAliasDomainRequest, _: Prepar
         raise NotFound(f"{req.domain} is not an alias domain.", code="alias_not_found", target=req.domain)
     new = dom.model_copy(update={"alias_of": None})
     return _write(new, req.domain, {"domain": req.domain, "alias_of": None}, dom.project_id)
+
+
+# --- what mailbox owners ask for: vacation, filters, app passwords (rules in state.owners) ----
+
+
+def _active_mailbox(ctx: Context, email: str, what: str) -> tuple[m.DomainFile, str, m.Mailbox]:
+    dom, local, box = _mailbox(ctx, email)
+    if not box.active:
+        raise Conflict(f"Mailbox {email} is soft-deleted; {what}.", code="mailbox_inactive", target=email)
+    return dom, local, box
+
+
+def _box_write(dom: m.DomainFile, local: str, box: m.Mailbox, result: dict[str, Any], email: str) -> Outcome:
+    out = _write(_with_mailboxes(dom, {**dom.mailboxes, local: box}), dom.domain, result, dom.project_id)
+    out.target = email
+    return out
+
+
+def _vacation_info(vacation: m.Vacation | None) -> dict[str, Any] | None:
+    return None if vacation is None else vacation.model_dump(mode="json")
+
+
+_VACATION_FIELDS = ("subject", "body", "start", "end", "interval_days")
+
+
+def set_vacation(ctx: Context, req: m.SetVacationRequest, _: Prepared) -> Outcome:
+    dom, local, box = _active_mailbox(ctx, req.email, "it cannot reply")
+    # A field left out keeps what is stored (so a dashboard can switch the reply on and off);
+    # one given, null included, replaces it.
+    stored = box.vacation.model_dump() if box.vacation is not None else {}
+    given = {f: getattr(req, f) for f in _VACATION_FIELDS if f in req.model_fields_set}
+    merged = {**stored, **given, "enabled": req.enabled}
+    texts = [merged.get(f) for f in ("subject", "body", "start", "end")]
+    vacation = None
+    if req.enabled or any(t is not None for t in texts):
+        if req.enabled and merged.get("body") is None:
+            raise Conflict(
+                f"{req.email} has no vacation text to send: set `body`.", code="vacation_text_missing", target=req.email
+            )
+        if merged.get("start") and merged.get("end") and merged["end"] < merged["start"]:
+            raise Conflict(
+                f"The vacation would end ({merged['end']}) before it starts ({merged['start']}).",
+                code="vacation_ends_before_start",
+                target=req.email,
+            )
+        vacation = m.Vacation(**merged)
+    result = {"email": req.email, "vacation": _vacation_info(vacation)}
+    if box.vacation == vacation:
+        return Outcome(result, target=req.email, project=dom.project_id)
+    return _box_write(dom, local, box.model_copy(update={"vacation": vacation}), result, req.email)
+
+
+def _filter_infos(filters: list[m.Filter] | None) -> list[dict[str, Any]]:
+    return [f.model_dump(mode="json") for f in filters or ()]
+
+
+def set_filters(ctx: Context, req: m.SetFiltersRequest, _: Prepared) -> Outcome:
+    dom, local, box = _active_mailbox(ctx, req.email, "it has no filters")
+    rules = [m.Filter(**raw) for raw in req.filters]
+    redirects = ow.redirect_targets(req.filters)
+    if req.email in redirects:
+        raise Conflict(f"{req.email} cannot redirect to itself.", code="alias_loop", target=req.email)
+    ow.check_onward(box.forward_to, redirects)
+    result = {"email": req.email, "filters": _filter_infos(rules)}
+    filters = rules or None
+    if box.filters == filters:
+        return Outcome(result, target=req.email, project=dom.project_id)
+    new_box = box.model_copy(update={"filters": filters})
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: new_box})
+    # A redirect is checked like forwarding: no loop, no chain too long.
+    _checked(ctx, new, [req.email] if al.box_onward(new_box) else _catch_all_start(new))
+    return _box_write(dom, local, new_box, result, req.email)
+
+
+def list_filters(ctx: Context, req: m.MailboxRequest, _: Prepared) -> Outcome:
+    _dom, _local, box = _mailbox(ctx, req.email)
+    return Outcome({"filters": _filter_infos(box.filters)})
+
+
+def _app_password_prepare(req: Any, settings: m.Settings) -> Prepared:
+    # Made and hashed outside the write lock (bcrypt); the password is answered once, never stored.
+    password = ow.new_app_password()
+    return {
+        "password": password,
+        "hash": hash_password(password, settings.bcrypt_cost),
+        "tag": ow.password_tag(password),
+    }
+
+
+def add_app_password(ctx: Context, req: m.AddAppPasswordRequest, prep: Prepared) -> Outcome:
+    dom, local, box = _active_mailbox(ctx, req.email, "it cannot log in")
+    entries = dict(box.app_passwords or {})
+    if any(name.casefold() == req.name.casefold() for name in entries):
+        raise InvalidInput(
+            f"The mailbox has an app password named {req.name!r} already; names are unique (case-insensitive).",
+            code="app_password_name_taken",
+            field="name",
+        )
+    slot = ow.free_slot(entry.slot for entry in entries.values())
+    if slot is None:
+        raise InvalidInput(
+            f"A mailbox may have at most {ow.MAX_APP_PASSWORDS} app passwords; remove one first.",
+            code="too_many_app_passwords",
+            field="name",
+        )
+    tag = str(prep.get("tag") or "0000")  # the preflight apply runs before prepare, with placeholders
+    entries[req.name] = m.AppPassword(hash=prep["hash"], scopes=req.scopes, slot=slot, tag=tag, created_at=ctx.now)
+    result = {"name": req.name, "scopes": list(req.scopes), "password": str(prep.get("password", ""))}
+    out = _box_write(dom, local, box.model_copy(update={"app_passwords": entries}), result, req.email)
+    out.created = True
+    return out
+
+
+def list_app_passwords(ctx: Context, req: m.MailboxRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    uses = ctx.app_uses(dom.domain, local) if ctx.app_uses is not None and box.app_passwords else {}
+    out = []
+    for name, entry in sorted((box.app_passwords or {}).items(), key=lambda item: item[0].casefold()):
+        created = entry.created_at.isoformat()
+        out.append(
+            {
+                "name": name,
+                "scopes": list(entry.scopes),
+                "created_at": created,
+                "last_used_at": uses.get((name, created)),
+            }
+        )
+    return Outcome({"app_passwords": out})
+
+
+def remove_app_password(ctx: Context, req: m.RemoveAppPasswordRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    entries = dict(box.app_passwords or {})
+    if req.name not in entries:
+        raise NotFound(
+            f"Mailbox {req.email} has no app password named {req.name!r}.",
+            code="app_password_not_found",
+            target=req.email,
+        )
+    del entries[req.name]
+    result = {"name": req.name, "removed": True}
+    return _box_write(dom, local, box.model_copy(update={"app_passwords": entries or None}), result, req.email)
 
 
 # --- DNS (rules in state.dns) ----------------------------------------------------------------
@@ -976,5 +1134,49 @@ _ONBOARDING = [
     ),
 ]
 
-OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING}
+_OWNERS = [
+    Operation(
+        "set-vacation",
+        m.SetVacationRequest,
+        set_vacation,
+        summary="Set a mailbox's out-of-office reply (Sieve vacation on the nodes): on or off, text, dates, interval.",
+    ),
+    Operation(
+        "set-filters",
+        m.SetFiltersRequest,
+        set_filters,
+        summary="Replace a mailbox's filter rules (at most 50, in order): file into a folder, discard, redirect or mark read.",
+    ),
+    Operation(
+        "list-filters",
+        m.MailboxRequest,
+        list_filters,
+        method="GET",
+        write=False,
+        summary="List a mailbox's filter rules, in the order they run.",
+    ),
+    Operation(
+        "add-app-password",
+        m.AddAppPasswordRequest,
+        add_app_password,
+        prepare=_app_password_prepare,
+        summary="Make an app password for a mailbox (IMAP and/or SMTP); the password is answered once.",
+    ),
+    Operation(
+        "list-app-passwords",
+        m.MailboxRequest,
+        list_app_passwords,
+        method="GET",
+        write=False,
+        summary="List a mailbox's app passwords (never the passwords): scopes, when made, when last used.",
+    ),
+    Operation(
+        "remove-app-password",
+        m.RemoveAppPasswordRequest,
+        remove_app_password,
+        summary="Remove an app password; it stops working when the nodes apply the change.",
+    ),
+]
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING + _OWNERS}
 SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

@@ -416,6 +416,27 @@ def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | N
         )
     if a.password != b.password:
         result.mailboxes.append(Entry(email, "~", "password changed", {"kind": "password_changed"}))
+    _owner_changes(result, email, a, b)
+
+
+def _owner_changes(result: Plan, email: str, a: Mailbox, b: Mailbox) -> None:
+    """Vacation, filters and app passwords (state/owners.py): what changed, never a hash."""
+    if a.vacation != b.vacation:
+        state = "removed" if b.vacation is None else "on" if b.vacation.enabled else "off"
+        what = f"vacation reply {state}"
+        result.mailboxes.append(Entry(email, "~", what, {"kind": "vacation_changed", "state": state}))
+    if a.filters != b.filters:
+        n = len(b.filters or [])
+        what = f"filters: {n} rule{'s' if n != 1 else ''}"
+        result.mailboxes.append(Entry(email, "~", what, {"kind": "filters_changed", "rules": n}))
+    old, new = a.app_passwords or {}, b.app_passwords or {}
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) == new.get(name):
+            continue
+        change = "added" if name not in old else "removed" if name not in new else "changed"
+        result.mailboxes.append(
+            Entry(email, "~", f"app password {name!r} {change}", {"kind": f"app_password_{change}", "name": name})
+        )
 
 
 def _node_changes(result: Plan, old: NodesFile, new: NodesFile) -> None:

@@ -56,6 +56,7 @@ from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
 from mailstate.state.ops import (
     OPERATIONS,
+    AppUseLookup,
     Context,
     DkimLookup,
     DnsCheck,
@@ -130,6 +131,8 @@ class Store:
     _stated_value: tuple[str, str, int] | None = None  # behind the _stated property
     # The nodes' DKIM public keys (state.localdb), for dns-records; set by open_store.
     dkim_source: DkimLookup | None = None
+    # When the nodes last saw each app password log in (state.localdb), for list-app-passwords.
+    app_use_source: AppUseLookup | None = None
     # check-dns's lookups (state.dnscheck) and the kept verdicts (state.localdb); set by open_store.
     dns_check_source: DnsCheck | None = None
     dns_status_source: DnsStatusLookup | None = None
@@ -281,6 +284,7 @@ class Store:
             node_status=self.node_status,
             usage=self.usage_source,
             dkim_keys=self.dkim_source,
+            app_uses=self.app_use_source,
             dns_check=self.dns_check_source,
             dns_status=self.dns_status_source,
         )

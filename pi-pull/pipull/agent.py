@@ -24,6 +24,7 @@ from .statefile import Lock, StateFile
 
 if TYPE_CHECKING:
     from .dkim import Dkim
+    from .ownerfiles import OwnerFiles, Staged
     from .statement import Statement
     from .trust import Trust
 
@@ -73,6 +74,7 @@ class Agent:
         self._clock_arg = clock
         self._dkim: Dkim | None = None
         self._trust: Trust | None = None
+        self._owners: OwnerFiles | None = None
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
         # Freshness compares with the server's Issued-At: the wall clock, never ``clock`` (it
@@ -91,6 +93,15 @@ class Agent:
 
             self._dkim = Dkim(self.cfg, self.runner, self.log, self._clock_arg or time.time)
         return self._dkim
+
+    @property
+    def owners(self) -> OwnerFiles:
+        """Mailbox owners' Sieve scripts and app passwords beside the releases (pipull/ownerfiles.py)."""
+        if self._owners is None:
+            from .ownerfiles import OwnerFiles
+
+            self._owners = OwnerFiles(self.cfg, self.mirror, self.runner, self.log)
+        return self._owners
 
     @property
     def trust(self) -> Trust:
@@ -148,7 +159,11 @@ class Agent:
                 return TickResult("error", EXIT_ERROR, None, str(e), error=str(e))
             self.lifecycle.housekeeping(st)
             first = not st.get("applied_commit")
+            # Before this tick can reload Dovecot (which forgets its login counts).
+            app_uses = self.owners.app_password_uses(st, self.clock())
             result = self._guarded_tick(st)
+            if result.status == "ok":
+                result = self._owners_caught_up(st, result)
             self._record_status(st, result)
             dkim_keys = (
                 self.dkim.step() if self.cfg.dkim else None
@@ -156,8 +171,13 @@ class Agent:
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
-            if self.reporter.send(st, result.status, result.error, usage=usage, dkim_keys=dkim_keys) and dkim_keys:
+            sent = self.reporter.send(
+                st, result.status, result.error, usage=usage, dkim_keys=dkim_keys, app_uses=app_uses
+            )
+            if sent and dkim_keys:
                 self.dkim.reported(dkim_keys)
+            if sent and app_uses:
+                st["app_uses_pending"] = []
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":
                 self.log.info(line)
@@ -170,6 +190,18 @@ class Agent:
             return result
         finally:
             self.lock.release()
+
+    def _owners_caught_up(self, st: dict[str, Any], result: TickResult) -> TickResult:
+        """Owners' files that lag behind the applied commit (a failure after a swap, a new pi-pull)
+        are brought up to it; a failure here makes the tick an error (the release stays live)."""
+        applied = st.get("applied_commit")
+        try:
+            if isinstance(applied, str) and self.owners.behind(applied):
+                self.log.info(self.owners.apply(self.owners.stage(applied)))
+        except (Refused, TickError, OSError) as e:
+            msg = f"owners: {e}"
+            return TickResult("error", EXIT_ERROR, applied, f"error: {msg}", error=msg, changed=result.changed)
+        return result
 
     def _guarded_tick(self, st: dict[str, Any]) -> TickResult:
         applied = st.get("applied_commit")
@@ -291,6 +323,8 @@ class Agent:
         self.log.debug(f"verified {checked} commit signature(s) up to {target[:12]}")
 
         t_build = time.monotonic()
+        owners = self.owners.stage(target)  # refused here, the commit goes nowhere
+        owners.seconds = time.monotonic() - t_build
         new, changed, fallback = self._stage(target, applied, current)
         build_s = time.monotonic() - t_build
         self._reload_or_roll_back(target, changed, fallback)
@@ -298,6 +332,7 @@ class Agent:
         quarantine.accept({ACCEPTED_REF: tag, APPLIED_REF: target})
         self._record_applied(st, target, applied, fallback)
         self._record_statement(st, stmt)
+        self._apply_owners(owners)
         reloaded = ", ".join(changed) if changed else "nothing (no service files changed)"
         return TickResult(
             "ok",
@@ -307,6 +342,18 @@ class Agent:
             f"build {build_s:.2f}s, reloaded {reloaded}",
             changed=True,
         )
+
+    def _apply_owners(self, staged: Staged) -> None:
+        """Write the owners' files once the release is live (a later tick retries a failure: owners.json lags)."""
+        try:
+            if staged.domains or staged.full:
+                t = time.monotonic()
+                done = self.owners.apply(staged)
+                self.log.info(f"{done} (read {staged.seconds:.3f}s, write {time.monotonic() - t:.3f}s)")
+            elif self.owners.behind(staged.commit):
+                self.owners.apply(staged)  # nothing of theirs changed: owners.json follows the commit
+        except (TickError, OSError) as e:
+            raise TickError(f"owners: {e} (the release is live; the next tick tries again)") from None
 
     # ---- freshness
 

@@ -140,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Everything a tick may import later, now: a long-lived process must not depend on the
         # code cache (pi_pull.py's __main__) keeping an old version's files.
-        for name in ("bulkwrite", "buckets", "chain", "dkim", "services", "statement", "trust", "usage", "verify"):
+        for name in (
+            "apppass", "bulkwrite", "buckets", "chain", "dkim", "ownerfiles", "services", "sieve", "statement", "trust",
+            "usage", "verify",
+        ):  # fmt: skip
             importlib.import_module(f"{__package__}.{name}")
 
         return follow(agent, cfg, log, lambda: run_once(agent, log))

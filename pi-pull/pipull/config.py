@@ -70,6 +70,8 @@ class Config:
     dkim_rotate_days: float = 0.0
     dkim_reload: str = "systemctl reload opendkim"
     dkim_openssl: str = "openssl"
+    # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
+    doveadm: str = "doveadm"
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -190,6 +192,7 @@ def load_config(path: str) -> Config:
     cfg.max_staleness = r.get_float("freshness", "max_staleness", cfg.max_staleness)
     cfg.clock_skew = r.get_float("freshness", "clock_skew", cfg.clock_skew)
     _load_dkim(r, cfg)
+    cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     check_config(cfg, path)
     return cfg
 
@@ -272,6 +275,11 @@ def check_config(cfg: Config, path: str) -> None:
             shlex.split(getattr(cfg, cmd_key))
         except ValueError as e:
             raise ConfigError(f"config {path}: [services] {cmd_key}: {e}") from None
+    try:
+        if not shlex.split(cfg.doveadm):
+            raise ValueError("empty")
+    except ValueError as e:
+        raise ConfigError(f"config {path}: [owners] doveadm: {e}") from None
 
 
 _MAIL_ROOT_RE = re.compile(r"^/[\x21-\x7e]*$")

@@ -148,6 +148,7 @@ class Options:
     postconf: str = "postconf"
     doveconf: str = "doveconf"
     opendkim: str = "opendkim"
+    sievec: str = "sievec"  # Pigeonhole (dovecot-sieve): the bundle's Dovecot runs Sieve on delivery
     systemctl: str = "systemctl"
     # The node's certificate (certs.py): from ACME when `acme` is set, else self-signed for mail_host.
     acme: certs.Acme | None = None
@@ -470,6 +471,12 @@ class Installer:
             raise InstallError(
                 f"dovecot is not installed ({dv}/dovecot.conf does not exist): "
                 "apt-get install dovecot-imapd dovecot-lmtpd"
+            )
+        if shutil.which(self.opts.sievec) is None:
+            # LMTP loads the sieve plugin (filters, vacation replies): without it no mail is delivered.
+            raise InstallError(
+                f"Pigeonhole (Dovecot's Sieve) is not installed ({self.opts.sievec} is not on PATH), and the bundle's "
+                "Dovecot runs mailbox filters and vacation replies with it: apt-get install dovecot-sieve"
             )
 
     # ---- files

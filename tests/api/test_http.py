@@ -456,6 +456,12 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "dns-records": "get",
         "check-dns": "get",
         "mobileconfig": "get",
+        "set-vacation": "post",
+        "set-filters": "post",
+        "list-filters": "get",
+        "add-app-password": "post",
+        "list-app-passwords": "get",
+        "remove-app-password": "post",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]

@@ -111,7 +111,16 @@ def test_invalid_punycode_is_refused_on_every_path_that_takes_a_domain(world: Wo
         ("p", "dns-records", {"domain": domain}, ("invalid_domain",)),
         ("p", "check-dns", {"domain": domain}, ("invalid_domain",)),
         ("p", "mobileconfig", {"email": f"info@{domain}"}, ("invalid_email",)),
-    ]
+        ("p", "set-vacation", {"email": f"info@{domain}", "enabled": False}, ("invalid_email",)),
+        ("p", "set-filters", {"email": f"info@{domain}", "filters": []}, ("invalid_email",)),
+        ("p", "set-filters", {"email": "kelvin@k.example", "filters": [
+            {"name": "n", "field": "to", "op": "is", "value": "v", "action": "redirect", "target": f"out@{domain}"}
+        ]}, ("invalid_email",)),
+        ("p", "list-filters", {"email": f"info@{domain}"}, ("invalid_email",)),
+        ("p", "add-app-password", {"email": f"info@{domain}", "name": "n", "scopes": ["imap"]}, ("invalid_email",)),
+        ("p", "list-app-passwords", {"email": f"info@{domain}"}, ("invalid_email",)),
+        ("p", "remove-app-password", {"email": f"info@{domain}", "name": "n"}, ("invalid_email",)),
+    ]  # fmt: skip
     assert {name for _who, name, _body, _codes in calls} >= {n for n, op in OPERATIONS.items() if _takes_domain(n)}
     for who, name, body, codes in calls:
         client = world.admin if who == "admin" else world.p

@@ -55,6 +55,13 @@ SPEC_TOOLS = {
     # onboarding: the live DNS check and the Apple profile
     "check-dns": "email_account_check_dns",
     "mobileconfig": "email_account_mobileconfig",
+    # what mailbox owners ask for
+    "set-vacation": "email_account_set_vacation",
+    "set-filters": "email_account_set_filters",
+    "list-filters": "email_account_list_filters",
+    "add-app-password": "email_account_add_app_password",
+    "list-app-passwords": "email_account_list_app_passwords",
+    "remove-app-password": "email_account_remove_app_password",
 }
 
 
@@ -246,6 +253,14 @@ def call_every_tool(
                 {"email": f"info@{domain}", "destinations": ["y@ext.example"], "keep_copy": False},
             )
             await call(p, "email_account_remove_alias", {"address": f"sales@{domain}"})
+            box = f"info@{domain}"
+            await call(p, "email_account_set_vacation", {"email": box, "enabled": True, "body": "Away."})
+            rules = [{"name": "n", "field": "subject", "op": "is", "value": "x", "action": "discard"}]
+            await call(p, "email_account_set_filters", {"email": box, "filters": rules})
+            await call(p, "email_account_list_filters", {"email": box})
+            await call(p, "email_account_add_app_password", {"email": box, "name": "phone", "scopes": ["imap"]})
+            await call(p, "email_account_list_app_passwords", {"email": box})
+            await call(p, "email_account_remove_app_password", {"email": box, "name": "phone"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})  # again, for disable-email
             await call(p, "email_account_list_domains", {})
             await call(p, "email_account_disable_email", {"domain": domain})

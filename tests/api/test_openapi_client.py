@@ -182,6 +182,29 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         body=m.RemoveAliasDomainRequest(domain="gen-old.example"),
     )
     assert ad.alias_of is None
+    # What owners ask for: the generated models take the published (anyOf) shapes.
+    box = "info@gen.example"
+    vac = m.SetVacationRequest.from_dict({"email": box, "enabled": True, "body": "Away.", "start": "2026-07-01"})
+    assert call(project, ea, "set-vacation", 200, "SetVacationResponse", body=vac).vacation.enabled is True
+    rule = {
+        "name": "bills",
+        "field": "subject",
+        "op": "contains",
+        "value": 'a "b"',
+        "action": "fileinto",
+        "target": "Bills",
+    }
+    rules = m.SetFiltersRequest.from_dict({"email": box, "filters": [rule]})
+    assert call(project, ea, "set-filters", 200, "SetFiltersResponse", body=rules).commit
+    listed = call(project, ea, "list-filters", 200, "ListFiltersResponse", email=box)
+    assert listed.to_dict()["filters"] == [{**rule, "stop": False}]
+    app = m.AddAppPasswordRequest.from_dict({"email": box, "name": "phone", "scopes": ["imap"]})
+    made = call(project, ea, "add-app-password", 201, "AddAppPasswordResponse", body=app)
+    assert len(made.password) == 29
+    apps = call(project, ea, "list-app-passwords", 200, "ListAppPasswordsResponse", email=box)
+    assert [a.name for a in apps.app_passwords] == ["phone"]
+    gone = m.RemoveAppPasswordRequest.from_dict({"email": box, "name": "phone"})
+    assert call(project, ea, "remove-app-password", 200, "RemoveAppPasswordResponse", body=gone).removed is True
     # dns-records: this server's mailstate.yaml has no dns: block (tests/api/test_dns_records.py has one).
     err = call(project, ea, "dns-records", 409, "ErrorResponse", domain="gen.example")
     assert err.error.code == "dns_not_configured"

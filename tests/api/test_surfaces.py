@@ -112,6 +112,18 @@ LIMITS = {
     "target": ["alias_domain_target_invalid"],
     "limit": ["1-1000", "next_cursor"],
     "cursor": ["`next_cursor` is null", "appear twice or go missing"],
+    "filters": ["0-50", "too_many_filters", "invalid_folder", "no '..'", "500 characters", "alias_loop"],
+    "subject": ["200 characters"],
+    "body": ["16 KiB", "16384 bytes"],
+    "interval_days": ["1-365", "default 7"],
+    "start": ["ISO dates"],
+    "end": ["ISO dates", "vacation_ends_before_start"],
+    "scopes": ["imap", "smtp", "cannot send"],
+}
+# Where a field name means something else in one tool (an app password's name is not a node's).
+TOOL_LIMITS = {
+    ("email_account_add_app_password", "name"): ["1-64", "app_password_name_taken", "shown ONCE", "At most 20"],
+    ("email_account_remove_app_password", "name"): ["app_password_not_found"],
 }
 
 
@@ -124,7 +136,7 @@ def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
         text = tool.description or ""
         assert len(text) > len(op.summary) + 40, tool.name  # more than the one-line summary
         for field in tool.input_schema.get("properties", {}):
-            for needle in LIMITS.get(field, []):
+            for needle in TOOL_LIMITS.get((tool.name, field), LIMITS.get(field, [])):
                 assert needle in text, (tool.name, field, needle)
     text = {t.name: t.description or "" for t in tool_list()}
     assert "PURGED" in text["email_account_disable_email"] and "PURGED" in text["email_account_remove_domain"]
@@ -149,9 +161,9 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns and mobileconfig
-    # (every extension is a tool)
-    assert len(spec_ops) == 12 + 7 + 1 + 2
+    # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns and mobileconfig,
+    # and the owners' 6 (every extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
@@ -283,6 +295,20 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     # Public by design for every email-enabled domain (tests/api/test_autoconfig.py): the attack is
     # on b's domain without email, which must read as absent.
     "mobileconfig": [{"email": "info@b-dark.example"}],
+    "set-vacation": [{"email": "info@b.example", "enabled": True, "body": "hijacked"}],
+    "set-filters": [
+        {
+            "email": "info@b.example",
+            "filters": [
+                {"name": "x", "field": "to", "op": "is", "value": "v", "action": "redirect", "target": "x@a.example"}
+            ],
+        },
+        {"email": "old@b.example", "filters": []},
+    ],
+    "list-filters": [{"email": "info@b.example"}],
+    "add-app-password": [{"email": "info@b.example", "name": "attacker", "scopes": ["imap", "smtp"]}],
+    "list-app-passwords": [{"email": "info@b.example"}],
+    "remove-app-password": [{"email": "info@b.example", "name": "phone"}],
 }
 
 
@@ -305,7 +331,7 @@ def _expect_refused(name: str, body: dict[str, Any]) -> str | None:
     op = OPERATIONS[name]
     if op.admin:
         return "admin_required"
-    if op.write or "domain" in body or op.public:
+    if op.write or "domain" in body or "email" in body or op.public:
         return "not_found"
     return None
 

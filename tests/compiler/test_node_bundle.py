@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import grp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -306,7 +307,7 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
     (tmp_path / "master.cf").write_text("smtp inet n - y - - smtpd\n")
     entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
-    assert [e.split(" = ")[0] for e in entries] == ["submission/inet", "submissions/inet"]
+    assert [e.split(" = ")[0] for e in entries] == ["submission/inet", "submissions/inet", "127.0.0.1:10026/inet"]
     r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     age_file(tmp_path / "main.cf")
@@ -349,6 +350,30 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     for key in ("ssl", "disable_plaintext_auth"):
         one = subprocess.run(["doveconf", "-c", str(conf_d), "-h", key], capture_output=True, text=True)
         assert one.stdout.strip() in ("required", "yes"), (key, one.stdout)
+    # Owners (docs/owners.md): 20 app-password passdbs before the mailbox's own, each mailbox's
+    # script from the node's sieve/ dir, Sieve on delivery with our extensions only, and replies
+    # handed to the loopback service below.
+    passdbs = re.findall(r"passdb \{\n(.*?)\n\}", dv, re.S)
+    assert len(passdbs) == 21 and sum("/srv/node/current/dovecot/passwd.d/" in p for p in passdbs) == 1
+    raw = b["dovecot/conf.d/90-mailstate.conf"]  # the order Dovecot tries them (doveconf -n sorts names)
+    assert raw.index("name = mailstate-app-19") < raw.index(
+        "args = scheme=BLF-CRYPT username_format=%u /srv/node/current"
+    )
+    assert "username_format=%u/%s/00/%{sha256;truncate=16:password} /srv/node/app-passwords/%d" in dv
+    assert (
+        "override_fields = sieve=file:/srv/node/sieve/%d/%n.sieve;bindir=~/.mailstate-sieve sieve_user_log=~/.mailstate-sieve.log"
+        in dv
+    )
+    assert "sieve_extensions = fileinto mailbox imap4flags vacation date relational envelope" in dv
+    assert "submission_host = 127.0.0.1:10026" in dv and 'mail_plugins = " quota sieve"' in dv  # LMTP: quota and Sieve
+    loop = "127.0.0.1:10026/inet"
+    for param in (
+        "smtpd_milters = inet:127.0.0.1:8891",
+        "smtpd_sasl_auth_enable = no",
+        "smtpd_relay_restrictions = permit_mynetworks,reject",
+        "mynetworks = 127.0.0.0/8,[::1]/128",
+    ):
+        assert f"{loop}/{param}" in params, param  # fmt: skip
 
 
 def test_sending_options_refuse_bad_values() -> None:

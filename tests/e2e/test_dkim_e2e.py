@@ -14,10 +14,7 @@ table), so it is an extra case: a message signed and verified there too.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,7 +25,6 @@ import dkim
 import httpx
 import pytest
 
-from mailstate.compiler.node_bundle import opendkim_snippet
 from tests.helpers.fleet import provision_node
 from tests.helpers.mailnode import (
     MailNode,
@@ -38,46 +34,14 @@ from tests.helpers.mailnode import (
     require_binaries,
     run_pi_pull,
     running_mailnode,
-    wait_port,
 )
+from tests.helpers.opendkim import OpenDkim
 from tests.helpers.server import LiveServer
 from tests.helpers.smtpsink import Received
 
 pytestmark = pytest.mark.e2e
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
-
-
-class OpenDkim:
-    """opendkim in the background from the bundle's opendkim.conf (socket, pid file and key dir on test paths)."""
-
-    def __init__(self, workdir: Path, port: int, key_dir: Path) -> None:
-        self.conf = workdir / "opendkim.conf"
-        self.pid = workdir / "opendkim.pid"
-        snippet = opendkim_snippet(
-            dkim_milter=f"inet:127.0.0.1:{port}",
-            key_dir=str(key_dir),
-            pid_file=str(self.pid),
-            user="",
-            syslog=False,
-            require_safe_keys=False,
-        )  # the keys are under /tmp (world-writable)
-        self.conf.write_text(snippet)
-        self.port = port
-
-    @property
-    def reload(self) -> str:
-        # What systemd's ExecReload does (SIGUSR1); nothing to reload before it runs.
-        return f"[ ! -f {self.pid} ] || kill -USR1 $(cat {self.pid})"
-
-    def start(self) -> None:
-        r = subprocess.run(["opendkim", "-x", str(self.conf)], capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr + r.stdout
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(self.pid.read_text().split()[0]), signal.SIGTERM)
 
 
 @pytest.fixture

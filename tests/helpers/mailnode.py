@@ -74,9 +74,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
-    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim",
+    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
 )  # fmt: skip
-MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
+MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
 
 # --------------------------------------------------------------------------- environment
@@ -87,7 +87,7 @@ def require_binaries(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None and not Path("/usr/sbin", n).exists()]
     if not missing:
         return
-    msg = f"missing programs: {', '.join(missing)} (apt-get install postfix dovecot-imapd dovecot-lmtpd)"
+    msg = f"missing programs: {', '.join(missing)} (apt-get install postfix dovecot-imapd dovecot-lmtpd dovecot-sieve)"
     if os.environ.get("CI") == "true":
         pytest.fail(msg)
     pytest.skip(msg)
@@ -221,6 +221,7 @@ class MailNode:
     submission_port: int = 0
     smtps_port: int = 0
     imaps_port: int = 0
+    sieve_port: int = 0  # where Dovecot's Sieve hands in replies and redirects (the bundle's 10026)
     dkim_milter: str = ""
     sink: SmtpSink | None = None
     postfix_dir: Path = field(init=False)
@@ -297,6 +298,8 @@ class MailNode:
             f"map_type = {self.map_type}",
             f"map_buckets = {self.map_buckets}",
             f"postmap = {self.postmap}",
+            "[owners]",
+            f"doveadm = doveadm -c {self.dovecot_conf}",
         ]
         path.write_text("\n".join(lines) + "\n" + extra)
         return path
@@ -396,6 +399,7 @@ smtp_host_lookup = native
             submission_listen=f"127.0.0.1:{self.submission_port}",
             smtps_listen=f"127.0.0.1:{self.smtps_port}",
             dkim_milter=self.dkim_milter,
+            sieve_listen=f"127.0.0.1:{self.sieve_port}",
         )
         master += [
             line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
@@ -434,6 +438,7 @@ service imap-login {{
             imaps_port=self.imaps_port,
             postfix_queue_dir=str(w / "postfix" / "queue"),
             map_buckets=self.map_buckets,
+            sieve_submission=f"127.0.0.1:{self.sieve_port}",
         )
         self.dovecot_conf.write_text(dovecot)
         if self.map_buckets:
@@ -485,6 +490,7 @@ service imap-login {{
             self.smtp_port,
             self.submission_port,
             self.smtps_port,
+            self.sieve_port,
         ):
             wait_port(port)
 
@@ -695,7 +701,7 @@ def running_mailnode(
     grp.getgrnam("dovecot")
     uid, gid = ensure_vmail()
     workdir = make_public_tmpdir("mailnode-")
-    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port = free_ports(6)
+    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, sieve_port = free_ports(7)
     sink = SmtpSink()
     node = MailNode(
         workdir=workdir,
@@ -711,6 +717,7 @@ def running_mailnode(
         submission_port=submission_port,
         smtps_port=smtps_port,
         imaps_port=imaps_port,
+        sieve_port=sieve_port,
         dkim_milter=dkim_milter,
         sink=sink,
     )
@@ -854,6 +861,8 @@ class StateRepo:
         self.format = format
         self.domains: dict[str, dict[str, Mailbox]] = {}
         self.enabled: dict[str, bool] = {}
+        # More rendered files, written as they are (e.g. a domain's sieve_scripts or app_passwords).
+        self.extra_files: dict[str, bytes] = {}
         path.mkdir(parents=True, exist_ok=True)
         git(path, "init", "--quiet", "--bare", "--initial-branch=main", str(self.bare))
         git(path, "init", "--quiet", "--initial-branch=main", str(self.work))
@@ -939,6 +948,10 @@ class StateRepo:
             p = self.work / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(content)
+        for rel, data in self.extra_files.items():
+            p = self.work / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
 
     def commit(
         self,

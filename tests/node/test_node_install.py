@@ -754,3 +754,16 @@ def test_a_failed_step_is_recorded_and_uninstall_undoes_it(site_host: Host) -> N
     u = host.uninstall()
     assert u.returncode == EXIT_OK, u.stdout + u.stderr
     assert host.tree(skip=[host.w / "var"]) == {k: v for k, v in original.items() if not k.startswith("var")}
+
+
+def test_install_refuses_a_dovecot_without_pigeonhole(host: Host, pipull: Any) -> None:
+    """The bundle's LMTP loads the sieve plugin (filters, vacation replies): without Pigeonhole
+    Dovecot would deliver nothing, so install stops first and names the package."""
+    from pipull.install import Bundle, Installer, InstallError, Options
+
+    dirs = {"etc_dir": str(host.etc), "lib_dir": str(host.lib), "systemd_dir": str(host.systemd),
+            "postfix_dir": str(host.postfix), "dovecot_dir": str(host.dovecot)}  # fmt: skip
+    bundle = Bundle.load(str(host.bundle()))
+    Installer(bundle, Options(dirs=dirs)).check_services_installed()  # sievec is there
+    with pytest.raises(InstallError, match="apt-get install dovecot-sieve"):
+        Installer(bundle, Options(dirs=dirs, sievec="/nonexistent/sievec")).check_services_installed()

@@ -59,6 +59,14 @@ def test_registry_names_all_operations() -> None:
     }
     sending = {"dns-records"}
     onboarding = {"check-dns", "mobileconfig"}
+    owners = {
+        "set-vacation",
+        "set-filters",
+        "list-filters",
+        "add-app-password",
+        "list-app-passwords",
+        "remove-app-password",
+    }
     assert (
         set(OPERATIONS)
         == set(SPEC_OPERATIONS)
@@ -66,8 +74,9 @@ def test_registry_names_all_operations() -> None:
         | aliases
         | sending
         | onboarding
+        | owners
     )
-    assert len(OPERATIONS) == 26
+    assert len(OPERATIONS) == 32
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -79,6 +88,8 @@ def test_registry_names_all_operations() -> None:
         "dns-records",
         "check-dns",
         "mobileconfig",
+        "list-filters",
+        "list-app-passwords",
     }
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
         "list-domains",
@@ -88,6 +99,8 @@ def test_registry_names_all_operations() -> None:
         "dns-records",
         "check-dns",
         "mobileconfig",
+        "list-filters",
+        "list-app-passwords",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
@@ -282,6 +295,7 @@ def test_remove_user_soft(mail_store: Store) -> None:
             "used_mb": None,
             "messages": None,
             "usage_reported_at": None,
+            "vacation": None,
         }
     ]
 
@@ -323,6 +337,7 @@ def test_list_users(store: Store) -> None:
             "used_mb",
             "messages",
             "usage_reported_at",
+            "vacation",
         }
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
@@ -330,6 +345,7 @@ def test_list_users(store: Store) -> None:
     assert b_users == [
         {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True, "id": b_users[0]["id"]}
         | {"forward_to": [], "keep_copy": True, "used_mb": None, "messages": None, "usage_reported_at": None}
+        | {"vacation": None}
     ]
     assert len(store.execute("list-users", ADMIN, {}).result["users"]) == 4
     # hashes are never returned

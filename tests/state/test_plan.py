@@ -368,3 +368,28 @@ def test_render_limits_and_help(worktree: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     for word in ("--base", "--head", "--markdown", "--json", "working tree", "HEAD~1", "never shown"):
         assert word in out
+
+
+def test_plan_names_vacation_filter_and_app_password_changes_without_a_secret(
+    rich_store: Store, data_dir: DataDir
+) -> None:
+    before = git_out(data_dir.repo, "rev-parse", "main").strip()
+    box = {"email": "info@example.com"}
+    rich_store.execute("set-vacation", PROJECT_A, {**box, "enabled": True, "body": "Away."})
+    rule = {"name": "n", "field": "subject", "op": "is", "value": "x", "action": "mark_read"}
+    rich_store.execute("set-filters", PROJECT_A, {**box, "filters": [rule, rule]})
+    made = rich_store.execute("add-app-password", PROJECT_A, {**box, "name": "phone", "scopes": ["imap"]})
+    result = plan_revisions(data_dir.repo, before, "main")
+    lines = sorted(e.line() for e in result.mailboxes)
+    assert lines == [
+        "~ info@example.com: app password 'phone' added",
+        "~ info@example.com: filters: 2 rules",
+        "~ info@example.com: vacation reply on",
+    ]
+    text = result.render_text()
+    assert made.result["password"] not in text and "BLF-CRYPT" not in text
+    after = git_out(data_dir.repo, "rev-parse", "main").strip()
+    rich_store.execute("remove-app-password", PROJECT_A, {**box, "name": "phone"})
+    rich_store.execute("set-vacation", PROJECT_A, {**box, "enabled": False})
+    kinds = {e.detail["kind"] for e in plan_revisions(data_dir.repo, after, "main").mailboxes}
+    assert kinds == {"app_password_removed", "vacation_changed"}
