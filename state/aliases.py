@@ -24,7 +24,7 @@ tests/e2e/test_alias_loop_postfix.py runs it through real Postfix).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -703,9 +703,6 @@ def set_filters(ctx: Context, req: m.SetFiltersRequest, _: Prepared) -> Outcome:
     if box.filters == filters:
         return Outcome(result, target=req.email, project=dom.project_id)
     new_box = box.model_copy(update={"filters": filters})
-    new = _with_mailboxes(dom, {**dom.mailboxes, local: new_box})
-    # A redirect is checked like forwarding: no loop, no chain too long.
-    _checked(ctx, new, [req.email] if al.box_onward(new_box) else _catch_all_start(new))
     return _box_write(dom, local, new_box, result, req.email)
 
 

@@ -90,7 +90,7 @@ def _op(draw: st.DrawFn, keys: list[str]) -> tuple[str, str, dict[str, Any]]:
         st.sampled_from(
             ["add-alias", "add-alias", "update-alias", "update-alias", "update-alias", "remove-alias", "add-user",
              "remove-user", "set-forwarding", "add-alias-domain", "remove-alias-domain", "disable-email",
-             "enable-email", "link-domain", "unlink-domain", "add-domain"]
+             "enable-email", "link-domain", "unlink-domain", "add-domain", "set-filters"]
         )
     )  # fmt: skip
     if kind in ("add-alias", "update-alias", "remove-alias"):
@@ -110,6 +110,13 @@ def _op(draw: st.DrawFn, keys: list[str]) -> tuple[str, str, dict[str, Any]]:
     if kind == "set-forwarding":
         forward = draw(st.lists(address, max_size=2, unique=True))
         return kind, domain, {"email": email, "destinations": forward, "keep_copy": draw(st.booleans())}
+    if kind == "set-filters":  # a filter's redirect is a forwarding that keeps a copy
+        targets = draw(st.lists(address, max_size=2, unique=True))
+        rules = [
+            {"name": f"r{i}", "field": "subject", "op": "contains", "value": "x", "action": "redirect", "target": t}
+            for i, t in enumerate(targets)
+        ]
+        return kind, domain, {"email": email, "filters": rules}
     if kind == "add-alias-domain":
         return kind, domain, {"domain": domain, "target": draw(st.sampled_from(ALL_DOMAINS))}
     if kind == "link-domain":
