@@ -183,6 +183,7 @@ def open_store(
     )
     store.usage_source = db.usage_for if db is not None else None
     store.dkim_source = db.dkim_keys if db is not None else None
+    store.sending_source = db.sending_for if db is not None else None
     if db is not None:
         # The resolver of $MAILSTATE_DNS_RESOLVER (a bad value makes check-dns answer 503, not the start fail).
         store.dns_check_source = DnsChecker.from_env(db).check

@@ -15,13 +15,17 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_limit, invalid_cursor (state/paging.py),
     │                                   invalid_dkim_key (a node report's dkim_keys),
     │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py),
-    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py)
+    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py),
+    │                                   invalid_limits, invalid_scope (set-limits), invalid_reason
+    │                                   (suspend-sending), invalid_webhook_url, invalid_webhook_secret,
+    │                                   invalid_events, invalid_webhook_id (state/webhooks.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
     │                                   token_not_found, repository_not_found,
     │                                   revision_not_found (`mailstate plan`), not_found (default),
-    │                                   alias_not_found
+    │                                   alias_not_found, project_not_found (list-limits),
+    │                                   webhook_not_found
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
     │                                   mailbox_active, conflict (default),
@@ -30,7 +34,10 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   address_in_use, alias_exists, alias_loop,
     │                                   alias_chain_too_long, alias_domain_target_invalid,
     │                                   alias_domains_remain (state/aliases.py),
-    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml)
+    │   │                               dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
+    │   │                               too_many_webhooks (state/webhooks.py)
+    │   └── LimitReached              limit_reached, limit_below_use (state/limits.py: carries the
+    │                                   limit, its value and the use)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is
@@ -43,7 +50,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               (`mailstate init` on a used dir)
     │   └── Unavailable           503   store_busy (the branch kept moving under other writers),
     │       │                           dns_resolver_invalid, dns_check_unavailable (check-dns
-    │       │                           without a usable resolver, state/dnscheck.py)
+    │       │                           without a usable resolver, state/dnscheck.py),
+    │       │                           webhooks_unavailable (a process without a local database)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)
@@ -116,6 +124,24 @@ class NotFound(MailstateError):
 
 class Conflict(MailstateError):
     default_code = "conflict"
+
+
+class LimitReached(Conflict):
+    """A write that would pass a plan limit (state/limits.py): the body names the limit, its
+    value (`max`) and the use."""
+
+    default_code = "limit_reached"
+
+    def __init__(self, message: str, *, code: str, limit: str, value: int, use: int, scope: str) -> None:
+        super().__init__(message, code=code, field=limit, target=scope)
+        self.limit = limit
+        self.value = value
+        self.use = use
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body.update(limit=self.limit, max=self.value, use=self.use)
+        return body
 
 
 class StateInvalid(MailstateError):

@@ -23,10 +23,11 @@ from typing import Any
 
 from mailstate.compiler.render import compile_state, diff_rendered
 from mailstate.state import aliases, files
+from mailstate.state import limits as lim
 from mailstate.state.domainmap import DomainMap, Lazy
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
+from mailstate.state.models import DomainFile, Limits, Mailbox, MailboxSending, NodesFile, ProjectFile, Settings
 from mailstate.state.snapshot import Snapshot
 
 CACHE_VERSION = 3
@@ -104,22 +105,41 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # The fields whose values are JSON already (str, int, bool, None, lists and dicts of them), so
 # an entry can be written from the models' __dict__ without pydantic's serializer (about half of
 # a cache write). A model with any other field uses model_dump.
-_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
-    "id", "password", "quota_mb", "active", "forward_to", "keep_copy"
+# (`limits` and a mailbox's `sending` are models, rare: they are dumped and rebuilt one by one.)
+_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
+    "id", "password", "quota_mb", "active", "forward_to", "keep_copy", "sending"
 }  # fmt: skip
+
+
+def _box_to_json(box: Mailbox) -> dict[str, Any]:
+    if box.sending is None:
+        return box.__dict__
+    return {**box.__dict__, "sending": box.sending.model_dump(mode="json")}
 
 
 def _domain_to_json(dom: DomainFile) -> dict[str, Any]:
     """`dom.model_dump(mode="json")`, faster for the JSON-native models (tests compare the two)."""
     if not _JSON_NATIVE:
         return dom.model_dump(mode="json")
-    return {**dom.__dict__, "mailboxes": {local: box.__dict__ for local, box in dom.mailboxes.items()}}
+    out = {**dom.__dict__, "mailboxes": {local: _box_to_json(box) for local, box in dom.mailboxes.items()}}
+    if dom.limits is not None:
+        out["limits"] = dom.limits.model_dump(mode="json")
+    return out
+
+
+def _box_from_json(box: dict[str, Any]) -> Mailbox:
+    if box.get("sending") is not None:
+        box["sending"] = MailboxSending.model_validate(box["sending"])
+    built: Mailbox = _built(Mailbox, box, _MAILBOX_FIELDS)
+    return built
 
 
 def _domain_from_json(raw: dict[str, Any]) -> DomainFile:
     # Built without validation: the entry was validated when it was parsed, and its MAC
     # proves it is the one this data dir wrote for that blob.
-    raw["mailboxes"] = {local: _built(Mailbox, box, _MAILBOX_FIELDS) for local, box in raw["mailboxes"].items()}
+    raw["mailboxes"] = {local: _box_from_json(box) for local, box in raw["mailboxes"].items()}
+    if raw.get("limits") is not None:
+        raw["limits"] = Limits.model_validate(raw["limits"])
     dom: DomainFile = _built(DomainFile, raw, _DOMAIN_FIELDS)
     return dom
 
@@ -496,7 +516,18 @@ def load_commit(
     if unfit:
         problems = files.format_problems(settings.format, [dmap[name] for name in sorted(unfit)])
         raise StateInvalid(problems[0], problems=problems)
-    return Snapshot.build(commit, settings, dmap, nodes)
+    return Snapshot.build(commit, settings, dmap, nodes, load_projects(repo, commit))
+
+
+def load_projects(repo: GitRepo, commit: str) -> dict[int, ProjectFile]:
+    """Every project file of `commit` (only projects with limits have one: few, small, parsed each time)."""
+    out: dict[int, ProjectFile] = {}
+    for path, oid in repo.walk_blobs(commit, files.PROJECTS_DIR):
+        if files.project_from_path(path) is None:
+            raise StateInvalid(f"{path}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+        project = files.parse_project(repo.blob(oid), path)
+        out[project.project_id] = project
+    return out
 
 
 @dataclass
@@ -507,6 +538,14 @@ class CheckoutState:
     domains: dict[str, DomainFile]
     nodes: NodesFile | None
     problems: list[str]
+    projects: dict[int, ProjectFile] = field(default_factory=dict)
+
+    def limits_state(self) -> lim.State:
+        by_project: dict[int, set[str]] = {}
+        for dom in self.domains.values():
+            if dom.project_id is not None:
+                by_project.setdefault(dom.project_id, set()).add(dom.domain)
+        return lim.State(self.domains, by_project, self.projects)
 
 
 def load_checkout(root: Path) -> CheckoutState:
@@ -546,7 +585,22 @@ def load_checkout(root: Path) -> CheckoutState:
         domains[dom.domain] = dom
     if settings is not None:
         problems.extend(files.format_problems(settings.format, domains.values()))
-    return CheckoutState(settings, domains, nodes, problems)
+    projects: dict[int, ProjectFile] = {}
+    pbase = root / files.PROJECTS_DIR
+    for path in sorted(pbase.rglob("*")) if pbase.exists() else []:
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root).as_posix()
+        if files.project_from_path(rel) is None:
+            problems.append(f"{rel}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+            continue
+        try:
+            project = files.parse_project(path.read_bytes(), rel)
+        except StateInvalid as exc:
+            problems.extend(exc.problems)
+            continue
+        projects[project.project_id] = project
+    return CheckoutState(settings, domains, nodes, problems, projects)
 
 
 def read_rendered(root: Path) -> dict[str, bytes]:
@@ -563,7 +617,10 @@ def check_checkout(root: Path) -> list[str]:
     problems = list(loaded.problems)
     if loaded.settings is not None and not loaded.problems:
         problems.extend(aliases.state_problems(loaded.domains, list(loaded.domains)))
-        problems.extend(diff_rendered(compile_state(loaded.settings, loaded.domains.values()), read_rendered(root)))
+        problems.extend(lim.state_problems(loaded.limits_state()))
+        problems.extend(
+            diff_rendered(compile_state(loaded.settings, loaded.domains.values(), loaded.projects), read_rendered(root))
+        )
     return problems
 
 
@@ -577,12 +634,14 @@ def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) ->
     problems = [
         f"{path}: unexpected file at the top of the repo"
         for path in _top_level(repo, commit)
-        if path not in {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR}
+        if path
+        not in {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR, files.PROJECTS_DIR}
         and not path.startswith(".")
         and path not in {"README.md", "LICENSE"}
     ]
     problems.extend(aliases.state_problems(snap.domains, list(snap.domains)))
-    problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values()), actual))
+    problems.extend(lim.state_problems(lim.State(snap.domains, snap.by_project, snap.projects)))
+    problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values(), snap.projects), actual))
     return problems
 
 

@@ -32,7 +32,7 @@ from mailstate.state import files, worktree
 from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_checkout, load_commit
-from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, ProjectFile, Settings
 from mailstate.state.senders import alias_index
 
 WORKTREE = "working tree"
@@ -62,6 +62,7 @@ class Side:
     domains: Mapping[str, DomainFile]
     nodes: NodesFile
     commit: str | None = None
+    projects: Mapping[int, ProjectFile] = field(default_factory=dict)
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -256,10 +257,14 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
     }
     render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets)
     old_users, new_users = alias_index(old_domains.values()), alias_index(new_domains.values())
+    old_projects: Mapping[int, ProjectFile] = getattr(old, "projects", None) or {}
+    new_projects: Mapping[int, ProjectFile] = getattr(new, "projects", None) or {}
     for name in render_names:
         a, b = old_domains.get(name), new_domains.get(name)
-        before = render_domain(a, old_settings, old_users.get(name, ())) if a is not None else {}
-        after = render_domain(b, new_settings, new_users.get(name, ())) if b is not None else {}
+        pa = old_projects.get(a.project_id) if a is not None and a.project_id is not None else None
+        pb = new_projects.get(b.project_id) if b is not None and b.project_id is not None else None
+        before = render_domain(a, old_settings, old_users.get(name, ()), pa) if a is not None else {}
+        after = render_domain(b, new_settings, new_users.get(name, ()), pb) if b is not None else {}
         _rendered_changes(result, before, after)
 
     result.sort()
@@ -513,7 +518,7 @@ def _load_commit_side(repo: GitRepo, rev: str, sha: str, cache: ParseCache) -> S
         snap = load_commit(repo, sha, cache)
     except StateInvalid as exc:
         raise _side_invalid(f"revision {_label(rev, sha)}", exc.problems) from None
-    return Side(_label(rev, sha), snap.settings, snap.domains, snap.nodes, sha)
+    return Side(_label(rev, sha), snap.settings, snap.domains, snap.nodes, sha, snap.projects)
 
 
 def _side_invalid(label: str, problems: list[str]) -> StateInvalid:
@@ -534,7 +539,7 @@ def load_worktree(root: Path) -> Side:
     loaded = load_checkout(root)
     if loaded.problems or loaded.settings is None:
         raise _side_invalid(f"{WORKTREE} at {root}", loaded.problems or [f"{files.SETTINGS_PATH}: missing"])
-    return Side(WORKTREE, loaded.settings, loaded.domains, loaded.nodes or NodesFile())
+    return Side(WORKTREE, loaded.settings, loaded.domains, loaded.nodes or NodesFile(), None, loaded.projects)
 
 
 def plan_revisions(path: Path, base: str, head: str) -> Plan:

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mailstate.state.domainmap import DomainMap
-from mailstate.state.models import DomainFile, Node, NodesFile, Settings
+from mailstate.state.models import DomainFile, Node, NodesFile, ProjectFile, Settings
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,17 @@ class Snapshot:
     # target domain -> the domains whose alias_of names it (state.senders: a target's
     # sender_login_maps carries its alias domains' addresses), kept like by_project.
     alias_users: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    # project id -> its projects/<pp>/<id>.yaml (plan limits, state.limits); projects without limits have none.
+    projects: Mapping[int, ProjectFile] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
-        cls, commit: str | None, settings: Settings, domains: Mapping[str, DomainFile] | DomainMap, nodes: NodesFile
+        cls,
+        commit: str | None,
+        settings: Settings,
+        domains: Mapping[str, DomainFile] | DomainMap,
+        nodes: NodesFile,
+        projects: Mapping[int, ProjectFile] | None = None,
     ) -> Snapshot:
         """A snapshot of `domains` (a DomainMap, possibly of unparsed entries, or any mapping)."""
         dmap = DomainMap.of(domains)
@@ -72,6 +79,7 @@ class Snapshot:
             nodes=nodes,
             by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
             alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
+            projects=MappingProxyType(dict(projects or {})),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
@@ -98,6 +106,7 @@ class Snapshot:
             nodes=change.nodes or self.nodes,
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
+            projects=self.projects if not change.projects else _projects_after(self.projects, change.projects),
         )
         previous = self.__dict__.get("sorted_domains")
         if previous is not None:
@@ -124,16 +133,30 @@ class Snapshot:
         return self.nodes.nodes.get(name)
 
 
+def _projects_after(
+    projects: Mapping[int, ProjectFile], changed: Mapping[int, ProjectFile | None]
+) -> Mapping[int, ProjectFile]:
+    out = dict(projects)
+    for project_id, new in changed.items():
+        if new is None:
+            out.pop(project_id, None)
+        else:
+            out[project_id] = new
+    return MappingProxyType(out)
+
+
 @dataclass
 class Change:
-    """What a write operation changes: new domain files (None deletes) and/or new nodes.yaml."""
+    """What a write operation changes: new domain files (None deletes), new nodes.yaml, new
+    mailstate.yaml, and/or new project files (None deletes)."""
 
     domains: dict[str, DomainFile | None] = field(default_factory=dict)
     nodes: NodesFile | None = None
     settings: Settings | None = None
+    projects: dict[int, ProjectFile | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.domains) or self.nodes is not None or self.settings is not None
+        return bool(self.domains) or self.nodes is not None or self.settings is not None or bool(self.projects)
 
 
 @dataclass

@@ -94,6 +94,16 @@ def test_registry_names_all_operations() -> None:
     }
     sending = {"dns-records"}
     onboarding = {"check-dns", "mobileconfig"}
+    controls = {
+        "set-limits",
+        "list-limits",
+        "set-quota",
+        "suspend-sending",
+        "resume-sending",
+        "add-webhook",
+        "list-webhooks",
+        "remove-webhook",
+    }
     assert (
         set(OPERATIONS)
         == set(SPEC_OPERATIONS)
@@ -101,8 +111,9 @@ def test_registry_names_all_operations() -> None:
         | aliases
         | sending
         | onboarding
+        | controls
     )
-    assert len(OPERATIONS) == 26
+    assert len(OPERATIONS) == 34
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -114,7 +125,12 @@ def test_registry_names_all_operations() -> None:
         "dns-records",
         "check-dns",
         "mobileconfig",
+        "list-limits",
+        "add-webhook",
+        "list-webhooks",
+        "remove-webhook",
     }
+    assert {n for n, op in OPERATIONS.items() if op.local} == {"add-webhook", "remove-webhook"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
         "list-domains",
         "list-users",
@@ -123,6 +139,8 @@ def test_registry_names_all_operations() -> None:
         "dns-records",
         "check-dns",
         "mobileconfig",
+        "list-limits",
+        "list-webhooks",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
@@ -133,6 +151,7 @@ def test_registry_names_all_operations() -> None:
         "unlink-domain",
         "remove-node",
         "rotate-node-key",
+        "set-limits",
     }
 
 
@@ -317,6 +336,9 @@ def test_remove_user_soft(mail_store: Store) -> None:
             "used_mb": None,
             "messages": None,
             "usage_reported_at": None,
+            "sending": "ok",
+            "sending_reason": None,
+            "sent": None,
         }
     ]
 
@@ -358,6 +380,9 @@ def test_list_users(store: Store) -> None:
             "used_mb",
             "messages",
             "usage_reported_at",
+            "sending",
+            "sending_reason",
+            "sent",
         }
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
@@ -365,6 +390,7 @@ def test_list_users(store: Store) -> None:
     assert b_users == [
         {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True, "id": b_users[0]["id"]}
         | {"forward_to": [], "keep_copy": True, "used_mb": None, "messages": None, "usage_reported_at": None}
+        | {"sending": "ok", "sending_reason": None, "sent": None}
     ]
     assert len(store.execute("list-users", ADMIN, {}).result["users"]) == 4
     # hashes are never returned
