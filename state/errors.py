@@ -18,7 +18,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py),
     │                                   invalid_limits, invalid_scope (set-limits), invalid_reason
     │                                   (suspend-sending), invalid_webhook_url, invalid_webhook_secret,
-    │                                   invalid_events, invalid_webhook_id (state/webhooks.py)
+    │                                   invalid_events, invalid_webhook_id, webhook_url_not_public
+    │                                   (state/webhooks.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
@@ -27,13 +28,13 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   alias_not_found, project_not_found (list-limits),
     │                                   webhook_not_found
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
-    │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
-    │                                   mailbox_active, conflict (default),
-    │                                   active_mailboxes_remain, node_exists, token_ambiguous
-    │                                   (`token revoke NAME` when several tokens share NAME),
-    │                                   address_in_use, alias_exists, alias_loop,
-    │                                   alias_chain_too_long, alias_domain_target_invalid,
-    │                                   alias_domains_remain (state/aliases.py),
+    │   │                               email_not_enabled, mailbox_exists, mailbox_inactive,
+    │   │                               mailbox_active, conflict (default),
+    │   │                               active_mailboxes_remain, node_exists, token_ambiguous
+    │   │                               (`token revoke NAME` when several tokens share NAME),
+    │   │                               address_in_use, alias_exists, alias_loop,
+    │   │                               alias_chain_too_long, alias_domain_target_invalid,
+    │   │                               alias_domains_remain (state/aliases.py),
     │   │                               dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
     │   │                               too_many_webhooks (state/webhooks.py)
     │   └── LimitReached              limit_reached, limit_below_use (state/limits.py: carries the

@@ -815,13 +815,28 @@ def _limit_request_field(name: str) -> Any:
     ]
 
 
+def _scope_schema(schema: dict[str, Any]) -> None:
+    # project_id or domain (or both: the domain, checked to be the project's); never null.
+    props = schema.get("properties", {})
+    for name in ("project_id", "domain"):
+        branches = props.get(name, {}).pop("anyOf", None)
+        if branches:
+            described = props[name].get("description")
+            props[name].update(next(b for b in branches if b.get("type") != "null"))
+            props[name].pop("default", None)
+            if described:
+                props[name]["description"] = described
+    schema["anyOf"] = [{"required": ["project_id"]}, {"required": ["domain"]}]
+
+
 class SetLimitsRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_schema)
+
     project_id: ProjectId | None = Field(
-        default=None, description="The project whose limits to set (give project_id or domain, not both)."
+        default=None,
+        description="The project whose limits to set; with `domain` too, the domain's, which must be this project's.",
     )
-    domain: DomainName | None = Field(
-        default=None, description="The domain whose limits to set (give project_id or domain, not both)."
-    )
+    domain: DomainName | None = Field(default=None, description="The domain whose limits to set.")
     max_mailboxes: _limit_request_field("max_mailboxes")  # type: ignore[valid-type]
     max_aliases: _limit_request_field("max_aliases")  # type: ignore[valid-type]
     max_quota_mb: _limit_request_field("max_quota_mb")  # type: ignore[valid-type]
@@ -830,13 +845,9 @@ class SetLimitsRequest(Request):
     send_per_day: _limit_request_field("send_per_day")  # type: ignore[valid-type]
 
     @model_validator(mode="after")
-    def _one_scope(self) -> SetLimitsRequest:
-        if (self.project_id is None) == (self.domain is None):
-            raise InvalidInput("Give either project_id or domain (exactly one).", code="invalid_scope")
-        if not set(LIMIT_NAMES) & self.model_fields_set:
-            raise InvalidInput(
-                f"Name at least one limit to set or remove: {', '.join(LIMIT_NAMES)}.", code="invalid_limits"
-            )
+    def _a_scope(self) -> SetLimitsRequest:
+        if self.project_id is None and self.domain is None:
+            raise InvalidInput("Give project_id or domain: whose limits to set.", code="invalid_scope")
         return self
 
     def changes(self) -> dict[str, int | None]:
@@ -844,8 +855,26 @@ class SetLimitsRequest(Request):
         return {name: getattr(self, name) for name in LIMIT_NAMES if name in self.model_fields_set}
 
 
+def _query_project_id(value: object) -> object:
+    # A query string carries text: "42" is project 42 (a JSON body's 42 is taken as it is).
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,18}", value):
+        return int(value)
+    return value
+
+
+QueryProjectId = Annotated[
+    int,
+    BeforeValidator(v.validate_project_id),
+    BeforeValidator(_query_project_id),
+    Field(
+        description="Project (WebSumo) id, a positive whole number.",
+        json_schema_extra={"minimum": 1, "maximum": 2**63 - 1},
+    ),
+]
+
+
 class ListLimitsRequest(Request):
-    project_id: ProjectId | None = Field(default=None, description="Only this project and its domains.")
+    project_id: QueryProjectId | None = Field(default=None, description="Only this project and its domains.")
     domain: DomainName | None = Field(default=None, description="Only this domain (and its project's limits).")
 
 
@@ -897,7 +926,15 @@ WebhookEvent = Literal[
     "dns.check_failed",
 ]
 WEBHOOK_ID_PATTERN = r"^wh_[0-9a-f]{16}$"
-WEBHOOK_SECRET_PATTERN = r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$"
+_URL_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_URL_PORT = r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+# What state/webhooks.py's parse_url takes, a little stricter (https only, a lowercase host).
+WEBHOOK_URL_PATTERN = rf"^https://{_URL_LABEL}(?:\.{_URL_LABEL})*{_URL_PORT}(?:/[\x21-\x7e]*)?$"
+# whsec_ + the base64 of 24-64 bytes (a little stricter: at most 63, canonical padding).
+_B64 = "[A-Za-z0-9+/]"
+WEBHOOK_SECRET_PATTERN = (
+    rf"^whsec_(?:(?:{_B64}{{4}}){{8,21}}|(?:{_B64}{{4}}){{8,20}}(?:{_B64}[AQgw]==|{_B64}{{2}}[AEIMQUYcgkosw048]=))$"
+)
 MAX_WEBHOOK_URL = 2000
 
 
@@ -905,9 +942,10 @@ class AddWebhookRequest(Request):
     url: str = Field(
         min_length=9,
         max_length=MAX_WEBHOOK_URL,
-        pattern=r"^[hH][tT][tT][pP][sS]?://[\x21-\x7e]+$",
+        pattern=WEBHOOK_URL_PATTERN,
         description="Where events are POSTed: https:// to a public address (http and private or loopback addresses only "
-        "when the server runs with MAILSTATE_WEBHOOK_ALLOW_PRIVATE=1). No user:password@ part.",
+        "when the server runs with MAILSTATE_WEBHOOK_ALLOW_PRIVATE=1; the schema cannot say which addresses are "
+        "public, and says https only). A host name or IPv4 address, an optional port, no user:password@ part.",
         examples=["https://hooks.example.net/mailstate"],
     )
     events: list[WebhookEvent] = Field(

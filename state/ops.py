@@ -50,13 +50,13 @@ SendingLookup = Callable[[list[str]], "dict[str, dict[str, dict[str, Any]]]"]
 class WebhookRegistry(Protocol):
     """The server's webhooks (state.webhooks.Webhooks): kept in its local database, never in git."""
 
-    def add(
+    def add_hook(
         self, project_id: int | None, url: str, events: list[str], secret: str | None, now: datetime
     ) -> dict[str, Any]: ...
 
-    def list(self, project_id: int | None) -> list[dict[str, Any]]: ...
+    def list_hooks(self, project_id: int | None) -> list[dict[str, Any]]: ...
 
-    def remove(self, webhook_id: str, project_id: int | None) -> bool: ...
+    def remove_hook(self, webhook_id: str, project_id: int | None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -832,7 +832,7 @@ def set_limits(ctx: Context, req: m.SetLimitsRequest, _: Prepared) -> Outcome:
     below what the scope uses (409 limit_below_use), state.limits."""
     _require_admin(ctx)
     changes = req.changes()
-    if req.project_id is not None:
+    if req.domain is None and req.project_id is not None:
         pid = req.project_id
         old = ctx.state.projects.get(pid)
         before = lim.limits_of(old.limits if old is not None else None)
@@ -845,6 +845,8 @@ def set_limits(ctx: Context, req: m.SetLimitsRequest, _: Prepared) -> Outcome:
         return Outcome(result, change=Change(projects={pid: new}), target=target, project=pid)
     assert req.domain is not None
     dom = _visible_domain(ctx, req.domain)
+    if req.project_id is not None and dom.project_id != req.project_id:
+        raise NotFound(f"Domain {req.domain} is not linked to project {req.project_id}.", code="domain_not_found")
     before = lim.limits_of(dom.limits)
     after = {k: val for k, val in {**before, **changes}.items() if val is not None}
     result = {"project_id": dom.project_id, "domain": dom.domain, "limits": lim.scope_limits(m.Limits(**after))}
@@ -961,16 +963,16 @@ def add_webhook(ctx: Context, req: m.AddWebhookRequest, _: Prepared) -> Outcome:
         raise Forbidden(
             f"{', '.join(admin_only)} are platform events: they need an admin token.", code="admin_required"
         )
-    found = _webhooks(ctx).add(ctx.actor.project_id, req.url, list(req.events), req.secret, ctx.now)
+    found = _webhooks(ctx).add_hook(ctx.actor.project_id, req.url, list(req.events), req.secret, ctx.now)
     return Outcome(found, target=found["id"], project=ctx.actor.project_id, created=True)
 
 
 def list_webhooks(ctx: Context, req: m.ListWebhooksRequest, _: Prepared) -> Outcome:
-    return Outcome({"webhooks": _webhooks(ctx).list(ctx.actor.project_id)})
+    return Outcome({"webhooks": _webhooks(ctx).list_hooks(ctx.actor.project_id)})
 
 
 def remove_webhook(ctx: Context, req: m.RemoveWebhookRequest, _: Prepared) -> Outcome:
-    if not _webhooks(ctx).remove(req.id, ctx.actor.project_id):
+    if not _webhooks(ctx).remove_hook(req.id, ctx.actor.project_id):
         raise NotFound(f"Webhook {req.id} does not exist.", code="webhook_not_found", target=req.id)
     return Outcome({"id": req.id, "removed": True}, target=req.id, project=ctx.actor.project_id)
 

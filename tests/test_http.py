@@ -454,6 +454,14 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "dns-records": "get",
         "check-dns": "get",
         "mobileconfig": "get",
+        "set-limits": "post",
+        "list-limits": "get",
+        "set-quota": "post",
+        "suspend-sending": "post",
+        "resume-sending": "post",
+        "add-webhook": "post",
+        "list-webhooks": "get",
+        "remove-webhook": "post",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]

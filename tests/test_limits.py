@@ -118,9 +118,8 @@ def test_set_limits_refuses_a_limit_below_use_and_null_removes(mail_store: Store
 @pytest.mark.parametrize(
     ("body", "code"),
     [
-        ({"project_id": P}, "invalid_limits"),
         ({"max_mailboxes": 3}, "invalid_scope"),
-        ({"project_id": P, "domain": "example.com", "max_mailboxes": 3}, "invalid_scope"),
+        ({"project_id": None, "max_mailboxes": 3}, "invalid_scope"),
         ({"project_id": P, "max_mailboxes": -1}, "invalid_limits"),
         ({"project_id": P, "max_mailboxes": True}, "invalid_limits"),
         ({"project_id": P, "max_mailboxes": "3"}, "invalid_limits"),
@@ -145,6 +144,10 @@ def test_who_may_set_and_see_limits(mail_store: Store) -> None:
         s.execute("set-limits", PROJECT_A, {"project_id": P, "max_mailboxes": 9})
     with pytest.raises(NotFound):
         s.execute("set-limits", ADMIN, {"domain": "nowhere.org", "max_mailboxes": 9})
+    with pytest.raises(NotFound):  # both: the domain, which must be that project's
+        s.execute("set-limits", ADMIN, {"project_id": 999, "domain": "example.com", "max_mailboxes": 9})
+    # Naming no limit changes nothing.
+    assert s.execute("set-limits", ADMIN, {"project_id": P}).result["commit"] is None
     s.execute("set-limits", ADMIN, {"project_id": P, "max_mailboxes": 9, "send_per_day": 500})
     s.execute("set-limits", ADMIN, {"domain": "example.com", "max_aliases": 4, "send_per_hour": 20})
     mine = s.execute("list-limits", PROJECT_A, {}).result["limits"]
