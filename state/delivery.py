@@ -10,8 +10,9 @@
   min, 30 min, 1 h, 2 h, 4 h, then every 8 h; each +-20 %), until 24 hours after the event,
   when it is dropped and counted as given up. The outbox is a table, so a restart loses nothing.
 - A receiver that hangs or fails harms nothing else: tries run in a bounded pool (`workers`),
-  at most `per_hook` at a time for one webhook, each bounded by `timeout`; writes never wait
-  for any of it (the events are queued off the write path, state/events.py).
+  one at a time for one webhook (`per_hook`: so a receiver that keeps up gets its events in
+  order), each bounded by `timeout`; writes never wait for any of it (the events are queued off
+  the write path, state/events.py).
 - Every try resolves the host again and connects only to public addresses (unless
   MAILSTATE_WEBHOOK_ALLOW_PRIVATE=1), to the address it checked: a name that turns private
   later (DNS rebinding) is refused, not followed. Redirects are not followed.
@@ -135,7 +136,7 @@ class Dispatcher:
     hooks: Webhooks
     post: Post | None = None
     workers: int = 8
-    per_hook: int = 2
+    per_hook: int = 1
     timeout: float = TIMEOUT
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)

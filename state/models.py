@@ -938,15 +938,35 @@ WEBHOOK_SECRET_PATTERN = (
 MAX_WEBHOOK_URL = 2000
 
 
+def _webhook_url(value: object) -> object:
+    # Its syntax and address are checked by state/webhooks.py (the rule depends on the server's
+    # MAILSTATE_WEBHOOK_ALLOW_PRIVATE); here only that it is text of a sane length.
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_WEBHOOK_URL:
+        raise InvalidInput(
+            f"url must be an https:// URL of at most {MAX_WEBHOOK_URL} characters.",
+            code="invalid_webhook_url",
+            field="url",
+        )
+    return value
+
+
+def _webhook_secret(value: object) -> object:
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"whsec_[A-Za-z0-9+/]{32,88}={0,2}", value)):
+        raise InvalidInput(
+            "secret must be whsec_ followed by the base64 of 24-64 random bytes.",
+            code="invalid_webhook_secret",
+            field="secret",
+        )
+    return value
+
+
 class AddWebhookRequest(Request):
-    url: str = Field(
-        min_length=9,
-        max_length=MAX_WEBHOOK_URL,
-        pattern=WEBHOOK_URL_PATTERN,
+    url: Annotated[str, BeforeValidator(_webhook_url)] = Field(
         description="Where events are POSTed: https:// to a public address (http and private or loopback addresses only "
         "when the server runs with MAILSTATE_WEBHOOK_ALLOW_PRIVATE=1; the schema cannot say which addresses are "
         "public, and says https only). A host name or IPv4 address, an optional port, no user:password@ part.",
         examples=["https://hooks.example.net/mailstate"],
+        json_schema_extra={"minLength": 9, "maxLength": MAX_WEBHOOK_URL, "pattern": WEBHOOK_URL_PATTERN},
     )
     events: list[WebhookEvent] = Field(
         min_length=1,
@@ -954,12 +974,11 @@ class AddWebhookRequest(Request):
         json_schema_extra={"uniqueItems": True},
         description="The events to deliver (node.stale and node.recovered need an admin token).",
     )
-    secret: str | None = Field(
+    secret: Annotated[str | None, BeforeValidator(_webhook_secret)] = Field(
         default=None,
-        pattern=WEBHOOK_SECRET_PATTERN,
         description="Optional: your own signing secret, `whsec_` + base64 of 24-64 random bytes; default: a new one. "
         "Answered once, never listed.",
-        json_schema_extra={"writeOnly": True},
+        json_schema_extra={"writeOnly": True, "pattern": WEBHOOK_SECRET_PATTERN},
     )
 
     @field_validator("events")
