@@ -69,6 +69,14 @@ class ErrorDetail(BaseModel):
     message: str = Field(description="A human sentence.", examples=["Mailbox info@mycompany.nl exists."])
     field: str | None = Field(default=None, description="The request field at fault, if any.")
     target: str | None = Field(default=None, description="The domain, mailbox or node concerned, if any.")
+    limit: str | None = Field(
+        default=None, description="409 limit_reached / limit_below_use: the plan limit, e.g. max_mailboxes."
+    )
+    max: int | None = Field(default=None, description="409 limit_reached / limit_below_use: the limit's value.")
+    use: int | None = Field(
+        default=None,
+        description="409 limit_reached: what the scope would use after the write; limit_below_use: what it uses now.",
+    )
 
 
 class ErrorResponse(BaseModel):
