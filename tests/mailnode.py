@@ -223,6 +223,10 @@ class MailNode:
     imaps_port: int = 0
     dkim_milter: str = ""
     sink: SmtpSink | None = None
+    # pi-pull's outbound policy service (`pi_pull.py policy`), which the bundle's submission
+    # services ask: started with the node, on this port (0: none, and no policy in master.cf).
+    policy_port: int = 0
+    policy: subprocess.Popen[bytes] | None = None
     postfix_dir: Path = field(init=False)
     dovecot_conf: Path = field(init=False)
     tls_cert: Path = field(init=False)
@@ -280,6 +284,8 @@ class MailNode:
         if sync_key_file:
             lines.append(f"sync_key_file = {sync_key_file}")
         lines += [
+            "[policy]",
+            f"listen = 127.0.0.1:{self.policy_port or 10040}",
             "[paths]",
             f"root = {self.root}",
             f"mail_root = {self.mail_root}",
@@ -396,6 +402,7 @@ smtp_host_lookup = native
             submission_listen=f"127.0.0.1:{self.submission_port}",
             smtps_listen=f"127.0.0.1:{self.smtps_port}",
             dkim_milter=self.dkim_milter,
+            policy_service=f"inet:127.0.0.1:{self.policy_port}" if self.policy_port else "",
         )
         master += [
             line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
@@ -473,8 +480,39 @@ service imap-login {{
                 )
         (self.root / "current").symlink_to("placeholder")
 
+    def start_policy(self) -> None:
+        """The bundle's policy service for this node: its own minimal ini (the counts and the
+        limits live under ``root``, where the ticks' ini points too)."""
+        if not self.policy_port:
+            return
+        ini = self.workdir / "policy.ini"
+        ini.write_text(
+            f"[remote]\nurl = {self.workdir / 'none.git'}\n[node]\nallowed_signers = /dev/null\n"
+            f"[paths]\nroot = {self.root}\nmail_root = {self.mail_root}\nmail_uid = {self.uid}\nmail_gid = {self.gid}\n"
+            f"[policy]\nlisten = 127.0.0.1:{self.policy_port}\n"
+        )
+        with open(self.workdir / "policy.log", "ab") as log:
+            self.policy = subprocess.Popen(
+                [sys.executable, str(pi_pull_script()), "policy", "--config", str(ini)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        wait_port(self.policy_port)
+
+    def stop_policy(self) -> None:
+        if self.policy is not None and self.policy.poll() is None:
+            self.policy.terminate()
+            try:
+                self.policy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.policy.kill()
+                self.policy.wait()
+        self.policy = None
+
     def start(self) -> None:
         self.configure()
+        self.start_policy()
         self._daemon("dovecot", "-c", str(self.dovecot_conf))
         self.started = True
         self._daemon("postfix", "-c", str(self.postfix_dir), "start")
@@ -489,6 +527,7 @@ service imap-login {{
             wait_port(port)
 
     def stop(self) -> None:
+        self.stop_policy()
         subprocess.run(["postfix", "-c", str(self.postfix_dir), "abort"], capture_output=True)
         pidfile = self.workdir / "dovecot" / "run" / "master.pid"
         with contextlib.suppress(OSError, ValueError):
@@ -695,7 +734,7 @@ def running_mailnode(
     grp.getgrnam("dovecot")
     uid, gid = ensure_vmail()
     workdir = make_public_tmpdir("mailnode-")
-    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port = free_ports(6)
+    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, policy_port = free_ports(7)
     sink = SmtpSink()
     node = MailNode(
         workdir=workdir,
@@ -713,6 +752,7 @@ def running_mailnode(
         imaps_port=imaps_port,
         dkim_milter=dkim_milter,
         sink=sink,
+        policy_port=policy_port,
     )
     try:
         node.start()

@@ -24,6 +24,7 @@ from .statefile import Lock, StateFile
 
 if TYPE_CHECKING:
     from .dkim import Dkim
+    from .sending import Sync
     from .statement import Statement
     from .trust import Trust
 
@@ -71,6 +72,7 @@ class Agent:
         self.lifecycle = Lifecycle(cfg, self.mirror, self.releases, self.log, clock or time.time)
         self._clock_arg = clock
         self._dkim: Dkim | None = None
+        self._sending: Sync | None = None
         self._trust: Trust | None = None
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
@@ -89,6 +91,29 @@ class Agent:
 
             self._dkim = Dkim(self.cfg, self.runner, self.log, self._clock_arg or time.time)
         return self._dkim
+
+    @property
+    def sending(self) -> Sync:
+        """The outbound limits the policy service reads (<root>/policy, pipull/sending.py)."""
+        if self._sending is None:
+            from .sending import Sync
+
+            self._sending = Sync(self.cfg, self.mirror, self.log)
+        return self._sending
+
+    def _sending_report(self) -> tuple[list[dict[str, Any]] | None, Any]:
+        """What the policy service counted since the last report (None: nothing new)."""
+        if not os.path.exists(self.cfg.policy_db):
+            return None, None
+        from .policy import Counter, PolicyFiles
+
+        try:
+            counter = Counter(self.cfg.policy_db)
+            entries = counter.report_entries(PolicyFiles(self.sending.dir))
+        except Exception as e:  # the report goes without them; the next tick tries again
+            self.log.error(f"sending figures not read: {type(e).__name__}: {e}")
+            return None, None
+        return entries or None, counter
 
     @property
     def trust(self) -> Trust:
@@ -151,11 +176,20 @@ class Agent:
             dkim_keys = (
                 self.dkim.step() if self.cfg.dkim else None
             )  # after the tick: the tables follow the release that is live now
+            self.sending.step(st.get("applied_commit"))  # the same: the limits of the live release
+            sending, counter = self._sending_report()
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
-            if self.reporter.send(st, result.status, result.error, usage=usage, dkim_keys=dkim_keys) and dkim_keys:
+            sent = self.reporter.send(
+                st, result.status, result.error, usage=usage, dkim_keys=dkim_keys, sending=sending
+            )
+            if sent and dkim_keys:
                 self.dkim.reported(dkim_keys)
+            if counter is not None:
+                if sent and sending:
+                    counter.reported(sending)
+                counter.close()
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":
                 self.log.info(line)
@@ -364,6 +398,7 @@ class Agent:
         if not old or old.get("dovecot_digest") != new["dovecot_digest"]:
             changed.append("dovecot")
         self.lifecycle.before_swap(tip, current)
+        self.sending.check(current, tip)  # the sending files, like every rendered line: before anything goes live
         if self.cfg.sync:
             os.sync()
         self.releases.swap_to(tip)
