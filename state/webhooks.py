@@ -48,6 +48,7 @@ SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 MAX_PER_PROJECT = 20
 MAX_ADMIN = 50
+HOOKS_TTL = 2.0  # seconds a process trusts its copy of the webhook list
 _HOST = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 SCHEMA = """
@@ -281,6 +282,7 @@ class Webhooks:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
         self._hooks: list[Hook] | None = None
+        self._hooks_at = 0.0
         # Told after rows were added to the outbox (the dispatcher wakes up).
         self.on_enqueue: Callable[[], None] = lambda: None
 
@@ -379,10 +381,14 @@ class Webhooks:
         return bool(gone)
 
     def hooks(self) -> list[Hook]:
+        """Every webhook; read again after this process changed one, or every HOOKS_TTL seconds
+        (another process, `mailstate call add-webhook`, may have)."""
         with self._lock:
-            if self._hooks is None:
+            now = time.monotonic()
+            if self._hooks is None or now - self._hooks_at > HOOKS_TTL:
                 rows = self._conn.execute("SELECT id, project_id, url, events FROM webhooks").fetchall()
                 self._hooks = [Hook(r[0], r[1], r[2], frozenset(json.loads(r[3]))) for r in rows]
+                self._hooks_at = now
             return self._hooks
 
     # --- the outbox ---------------------------------------------------------------------------

@@ -267,3 +267,107 @@ def test_the_poster_refuses_a_name_that_turns_private(tmp_path: Path) -> None:
     assert d.attempt(delivery) is False and calls == ["hooks.example.net"]
     assert "not public" in (hooks.list_hooks(None)[0]["last_error"] or "")
     assert RETRY_DELAYS[0] <= 60
+
+
+# --- the other event sources ---------------------------------------------------------------------------
+
+
+def _outbox(hooks: Webhooks) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(d.body) for d in hooks.due(1e12, 1000)]
+
+
+def test_reports_make_quota_and_sending_events_once_per_crossing(mail_store: Store) -> None:
+    from mailstate.state.events import ReportEvents
+    from mailstate.state.localdb import LocalDB
+    from mailstate.state.nodes import record_report
+
+    s = mail_store
+    s.execute("add-node", ADMIN, {"name": "n1"})
+    s.execute("set-quota", PROJECT_A, {"email": "info@example.com", "quota_mb": 10})
+    hooks, _ = _hooks(s, "https://93.184.215.14/x", ["quota.threshold", "sending.limited", "sending.suspended"])
+    listener = ReportEvents(s, hooks)
+    db = LocalDB(s.git.path.parent / "mailstate.db")
+    box = s.snapshot.domains["example.com"].mailboxes["info"]
+
+    def report(used_mb: float, state: str = "ok", token: str = "") -> None:
+        usage = [{"email": "info@example.com", "id": box.id, "used_bytes": int(used_mb * 1048576), "messages": 1}]
+        figures = dict.fromkeys(
+            ("messages_hour", "recipients_hour", "messages_day", "recipients_day", "refused_hour"), 1
+        )
+        sending = [{"login": "info@example.com", "state": state, "token": token, **figures}]
+        record_report(db, s.snapshot, "n1", {"status": "ok", "usage": usage, "sending": sending}, None, NOW, listener)
+
+    for used in (1, 8.5, 9, 10.5, 10.6, 2, 8.1):
+        report(used)
+    got = [(e["type"], e["data"].get("percent")) for e in _outbox(hooks)]
+    # 80 %, 100 %, back under 80 % (no event), 80 % again.
+    assert got == [("quota.threshold", 80), ("quota.threshold", 100), ("quota.threshold", 80)]
+    assert all(e["data"]["project_id"] == PROJECT_A.project_id for e in _outbox(hooks))
+    report(8.1, state="limited")
+    report(8.1, state="limited")
+    assert [e["type"] for e in _outbox(hooks)][-1:] == ["sending.limited"]
+    assert len([e for e in _outbox(hooks) if e["type"] == "sending.limited"]) == 1
+    # A node's own suspension is recorded in the state by the system, which makes sending.suspended.
+    head = s.head
+    report(8.1, state="suspended")
+    assert s.head != head
+    box = s.snapshot.domains["example.com"].mailboxes["info"]
+    assert box.sending is not None and box.sending.suspended and (box.sending.reason or "").startswith("automatic:")
+    # A late report under the old token (a resume crossed it) suspends nothing again.
+    s.execute("resume-sending", PROJECT_A, {"email": "info@example.com"})
+    head = s.head
+    report(8.1, state="ok")
+    report(8.1, state="suspended", token="")
+    assert s.head == head
+    db.close()
+
+
+def test_node_stale_and_recovered_by_the_list_nodes_rule(mail_store: Store) -> None:
+    from mailstate.state.events import NodeEvents
+    from mailstate.state.localdb import LocalDB
+    from mailstate.state.nodes import record_report
+
+    s = mail_store
+    s.execute("add-node", ADMIN, {"name": "n1"})
+    s.execute("add-node", ADMIN, {"name": "quiet"})  # never reported: no event either way
+    hooks, _ = _hooks(s, "https://93.184.215.14/x", ["node.stale", "node.recovered"])
+    db = LocalDB(s.git.path.parent / "mailstate.db")
+    now = [datetime(2026, 3, 1, 12, 0, tzinfo=UTC)]
+    events = NodeEvents(s, hooks, clock=lambda: now[0])
+    record_report(db, s.snapshot, "n1", {"status": "ok"}, None, now[0])
+    assert events.round() == 0  # fresh at first sight: nothing to say
+    now[0] = now[0].replace(minute=15)  # 15 minutes of silence: past the 600 s rule
+    assert events.round() == 1 and events.round() == 0
+    record_report(db, s.snapshot, "n1", {"status": "ok"}, None, now[0])
+    assert events.round() == 1
+    record_report(db, s.snapshot, "n1", {"status": "stale", "error": "old statement"}, None, now[0])
+    assert events.round() == 1  # a node reporting stale is stale too
+    assert [(e["type"], e["data"]["node"]) for e in _outbox(hooks)] == [
+        ("node.stale", "n1"),
+        ("node.recovered", "n1"),
+        ("node.stale", "n1"),
+    ]
+    assert all(e["data"]["project_id"] is None for e in _outbox(hooks))
+    # Kept across a restart: a new watcher does not repeat the last event.
+    assert NodeEvents(s, hooks, clock=lambda: now[0]).round() == 0
+    db.close()
+
+
+def test_the_dns_check_seam_fires_dns_check_failed_on_the_way_down_only(mail_store: Store) -> None:
+    from mailstate.state.dnscheck import DnsChecker
+
+    s = mail_store
+    hooks, _ = _hooks(s, "https://93.184.215.14/x", ["dns.check_failed"], PROJECT_A.project_id)
+    check = s.dns_check_source
+    checker = getattr(check, "__self__", None)
+    assert isinstance(checker, DnsChecker)  # open_store wired the checker's failure hook
+    records = [{"type": "MX", "name": "example.com", "status": "missing"}, {"type": "TXT", "name": "x", "status": "ok"}]
+    checker.on_failure("example.com", records, None)  # the first check, failing
+    checker.on_failure("example.com", records, False)  # still failing an hour later: no event
+    checker.on_failure("example.com", records, True)  # ok before, failing now
+    got = _outbox(hooks)
+    assert [e["type"] for e in got] == ["dns.check_failed"] * 2
+    assert got[0]["data"]["records"] == [{"type": "MX", "name": "example.com", "status": "missing", "purpose": None}]
+    assert got[0]["data"]["project_id"] == PROJECT_A.project_id
