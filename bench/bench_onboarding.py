@@ -4,7 +4,7 @@
                                      [--checks 100] [--writes 200] [--keep DIR] [--json]
 
 In ONE run, on ONE seeded data dir (bench.seed, one commit, plus a commit adding a `dns:` block)
-and ONE real authoritative DNS server (knotd on loopback, tests/knot.py) that serves every
+and ONE real authoritative DNS server (knotd on loopback, tests/helpers/knot.py) that serves every
 domain's zone exactly as dns-records lists it:
 
 1. two `mailstate serve` processes on byte-for-byte copies of the data dir, both resolving
@@ -49,7 +49,7 @@ from mailstate.state.localdb import LocalDB  # noqa: E402
 from mailstate.state.models import DnsSettings  # noqa: E402
 from mailstate.state.snapshot import Actor, Change  # noqa: E402
 from mailstate.state.store import clean_request_id, commit_message  # noqa: E402
-from tests.knot import KnotServer  # noqa: E402
+from tests.helpers.knot import KnotServer  # noqa: E402
 
 API = "/v1/email-account"
 REPO_ROOT = Path(__file__).resolve().parent.parent

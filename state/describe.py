@@ -2,7 +2,7 @@
 
 One text per operation, used by both edges: the MCP tool's description (with the data dir's
 real settings, e.g. its `default_quota_mb`) and the OpenAPI operation's description. Each
-names the limits of its inputs (tests/test_surfaces.py holds every text to them), what the
+names the limits of its inputs (tests/api/test_surfaces.py holds every text to them), what the
 call changes, and what it can refuse.
 """
 

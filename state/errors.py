@@ -67,7 +67,7 @@ the body of any StoreError/CompileError).
 The MCP edge answers an unknown tool with JSON-RPC error -32602 (unknown_tool is not used any
 more), and refuses a request to /mcp whose Host or Origin it does not serve with 403
 host_not_allowed or origin_not_allowed (DNS rebinding protection).
-tests/test_error_tree.py checks that every code raised anywhere in mailstate is drawn here.
+tests/state/test_error_tree.py checks that every code raised anywhere in mailstate is drawn here.
 """
 
 from __future__ import annotations

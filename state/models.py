@@ -39,7 +39,7 @@ def _email(value: object) -> str:
 
 # The `json_schema_extra` constraints document (for OpenAPI, MCP and generated clients) what
 # the BeforeValidators enforce, and are never looser: a request that obeys the schema (patterns
-# and formats included) never gets a 400 (tests/test_contract.py generates requests from the
+# and formats included) never gets a 400 (tests/api/test_contract.py generates requests from the
 # published schema against a live server). Where JSON Schema cannot say a rule exactly they are
 # stricter: an IDN is described in its punycode (A-label) form only, though the server also
 # takes the Unicode form; a password is counted in characters, not the UTF-8 bytes it is
