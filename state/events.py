@@ -42,6 +42,7 @@ from mailstate.state.webhooks import Event, Webhooks
 log = logging.getLogger("mailstate.events")
 
 CURSOR_KEY = "commit"
+GATHER_S = 0.1  # seconds CommitEvents waits after a write for more, to batch them
 QUOTA_LEVELS = (100, 80)  # percent of quota_mb, highest first
 
 
@@ -140,32 +141,54 @@ class CommitEvents:
         except Exception:
             return False
 
-    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+    def run(self, stop: threading.Event, interval: float = 1.0, gather: float = GATHER_S) -> None:
+        """Until `stop`: a round when a write wakes it (after `gather` seconds, so the writes of
+        a busy moment make one batch: one transaction, one wake-up of the dispatcher), and at
+        least every `interval` seconds (commits from elsewhere)."""
         while not stop.is_set():
-            self._wake.wait(interval)
+            if self._wake.wait(interval):
+                stop.wait(gather)
             self._wake.clear()
             try:
                 self.round()
             except Exception:  # the loop must outlive one bad round
-                log.exception("turning commits into events failed")
+                log.exception("turning commits into events failed; trying again from the last commit kept")
+                with self._lock:
+                    # What was not kept is made again from git: the next round catches up from here.
+                    self.cursor = self.hooks.get_state(CURSOR_KEY) or self.cursor
 
     def round(self) -> int:
         """Everything up to the store's head; returns the commits done."""
         with self._lock:
+            git = self.store.git
+            # The head first: the store tells its listeners of a write before the write becomes
+            # the head, so every write up to this head is in the queue by now.
+            head = self.store.head
             done = 0
+            batch: list[Event] = []
+            state: dict[str, str] = {}
             while self._queue:
                 item = self._queue.popleft()
                 if item.before.commit == self.cursor:
-                    self._emit(item.commit, *self._from_change(item))
+                    events, changes = self._from_change(item)
+                    batch += events
+                    state.update(changes)
+                    self.cursor = item.commit  # kept with the batch's rows, in one transaction below
                     done += 1
-                elif self.cursor is not None and self.store.git.is_ancestor(item.commit, self.cursor):
+                    continue
+                self._flush(batch, state)
+                batch, state = [], {}
+                if self.cursor is not None and git.is_ancestor(item.commit, self.cursor):
                     continue  # done already (through git)
-                else:
-                    done += self._catch_up(item.commit)
-            head = self.store.head
-            if head != self.cursor and not self._queue:
-                done += self._catch_up(head)
+                done += self._catch_up(item.commit)
+            self._flush(batch, state)
+            if self.cursor is not None and not git.is_ancestor(head, self.cursor):
+                done += self._catch_up(head)  # commits the store adopted from elsewhere
             return done
+
+    def _flush(self, events: list[Event], state: dict[str, str]) -> None:
+        if (events or state) and self.cursor is not None:
+            self.hooks.enqueue(events, state={**state, CURSOR_KEY: self.cursor})
 
     def _emit(self, commit: str, events: list[Event], state: dict[str, str] | None = None) -> None:
         self.hooks.enqueue(events, state={**(state or {}), CURSOR_KEY: commit})

@@ -309,9 +309,11 @@ class Store:
                     # Another process on this data dir won the race: re-run on its state.
                     time.sleep(self._rng.uniform(0, min(0.2, 0.002 * 2**attempt)))
                     continue
+                # The listeners first: a listener that reads the head later then finds this write
+                # queued already (state/events.py relies on it).
+                self._committed(Committed(sha, op.name, actor, outcome.project, before, snap, outcome.change))
                 self._adopted(sha, snap, stated)
                 outcome.result = {**outcome.result, "commit": sha}
-                self._committed(Committed(sha, op.name, actor, outcome.project, before, snap, outcome.change))
                 return outcome
         cls = Unavailable if self.upstream is None else UpstreamUnavailable
         raise cls(

@@ -55,6 +55,9 @@ class WebhookSink:
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True  # a small answer: no Nagle wait (as a real server sets)
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with sink._lock:
@@ -69,6 +72,14 @@ class WebhookSink:
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+
+            def do_GET(self) -> None:  # how many it got (a sink in another process, bench/bench_controls.py)
+                with sink._lock:
+                    body = json.dumps({"received": len(sink.received)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -109,3 +120,10 @@ def webhook_sink(**kwargs: Any) -> Iterator[WebhookSink]:
         yield sink
     finally:
         sink.stop()
+
+
+if __name__ == "__main__":  # `python -m tests.helpers.webhooksink PORT`: a sink in its own process
+    import sys
+
+    server = WebhookSink(port=int(sys.argv[1])).start()
+    threading.Event().wait()
