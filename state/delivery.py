@@ -89,13 +89,19 @@ def _socket(ip: str, port: int, timeout: float | None) -> socket.socket:
 Post = Callable[[Delivery, dict[str, str], float], int]
 
 
+_Key = tuple[str, str, int, str]  # scheme, host, port, the address connected to
+
+
 @dataclass
 class Poster:
-    """One try: resolve, check, POST; the HTTP status, or TryFailed."""
+    """One try: resolve, check, POST; the HTTP status, or TryFailed. A connection the receiver
+    keeps open is used again for the next try to the same checked address (no new handshake)."""
 
     private_ok: bool
     resolver: Resolver = resolve
     tls: ssl.SSLContext | None = None  # default: the system's CAs (made once: loading them costs ~50 ms)
+    _idle: dict[_Key, http.client.HTTPConnection] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __call__(self, delivery: Delivery, headers: dict[str, str], timeout: float) -> int:
         try:
@@ -105,23 +111,20 @@ class Poster:
         addresses = [target.host] if target.ip_literal else self.resolver(target.host, target.port)
         if not addresses:
             raise TryFailed("the host does not resolve")
-        ip = addresses[0]
         if not self.private_ok and not all(is_public(ipaddress.ip_address(a.split("%", 1)[0])) for a in addresses):
             raise TryFailed("the host resolves to an address that is not public")
         parts = urllib.parse.urlsplit(delivery.url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn: http.client.HTTPConnection
-        if target.scheme == "https":
-            if self.tls is None:
-                self.tls = ssl.create_default_context()
-            conn = _Tls(target.host, target.port, ip, timeout, self.tls)
-        else:
-            conn = _Plain(target.host, target.port, ip, timeout)
+        key = (target.scheme, target.host, target.port, addresses[0])
+        with self._lock:
+            kept = self._idle.pop(key, None)
         try:
-            conn.request("POST", path, body=delivery.body, headers=headers)
-            resp = conn.getresponse()
-            resp.read(65536)
-            return int(resp.status)
+            if kept is not None:
+                try:
+                    return self._post(kept, key, path, delivery.body, headers, timeout)
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                    pass  # the receiver closed the kept connection meanwhile: a new one
+            return self._post(self._connect(key, timeout), key, path, delivery.body, headers, timeout)
         except TimeoutError:
             raise TryFailed("timed out") from None
         except ConnectionRefusedError:
@@ -130,8 +133,42 @@ class Poster:
             raise TryFailed(f"TLS failed ({type(exc).__name__})") from None
         except (OSError, http.client.HTTPException) as exc:
             raise TryFailed(f"connection failed ({type(exc).__name__})") from None
+
+    def _connect(self, key: _Key, timeout: float) -> http.client.HTTPConnection:
+        scheme, host, port, ip = key
+        if scheme != "https":
+            return _Plain(host, port, ip, timeout)
+        if self.tls is None:
+            self.tls = ssl.create_default_context()
+        return _Tls(host, port, ip, timeout, self.tls)
+
+    def _post(
+        self,
+        conn: http.client.HTTPConnection,
+        key: _Key,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float,
+    ) -> int:
+        keep = False
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read(65536)
+            keep = not resp.will_close and resp.isclosed()
+            return int(resp.status)
         finally:
-            conn.close()
+            if keep:
+                with self._lock:
+                    old = self._idle.pop(key, None)
+                    self._idle[key] = conn
+                if old is not None:
+                    old.close()
+            else:
+                conn.close()
 
 
 @dataclass
@@ -189,6 +226,11 @@ class Dispatcher:
                     self._wake.clear()
 
     def _idle(self) -> float:
+        """How long to wait when nothing could start: until a try ends (it wakes us) while one
+        runs, else until the next try is due; never over a second."""
+        with self._lock:
+            if self._busy:
+                return 1.0
         due = self.hooks.next_due()
         if due is None:
             return 1.0

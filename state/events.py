@@ -120,7 +120,7 @@ class CommitEvents:
         self.store = store
         self.hooks = hooks
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._queue: deque[Committed] = deque()
+        self._queue: deque[tuple[Committed, datetime]] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one round at a time (the thread, or a test calling round())
         self.cursor = hooks.get_state(CURSOR_KEY)
@@ -132,7 +132,7 @@ class CommitEvents:
 
     def committed(self, item: Committed) -> None:
         """The store's commit listener: O(1), under the write lock."""
-        self._queue.append(item)
+        self._queue.append((item, self.clock()))  # when it happened: webhooks made later do not get it
         self._wake.set()
 
     def _known(self, sha: str) -> bool:
@@ -168,9 +168,9 @@ class CommitEvents:
             batch: list[Event] = []
             state: dict[str, str] = {}
             while self._queue:
-                item = self._queue.popleft()
+                item, at = self._queue.popleft()
                 if item.before.commit == self.cursor:
-                    events, changes = self._from_change(item)
+                    events, changes = self._from_change(item, at)
                     batch += events
                     state.update(changes)
                     self.cursor = item.commit  # kept with the batch's rows, in one transaction below
@@ -194,8 +194,7 @@ class CommitEvents:
         self.hooks.enqueue(events, state={**(state or {}), CURSOR_KEY: commit})
         self.cursor = commit
 
-    def _from_change(self, item: Committed) -> tuple[list[Event], dict[str, str]]:
-        at = self.clock()
+    def _from_change(self, item: Committed, at: datetime) -> tuple[list[Event], dict[str, str]]:
         out: list[Event] = []
         state: dict[str, str] = {}
         for name, new in sorted(item.change.domains.items()):
@@ -216,13 +215,13 @@ class CommitEvents:
         while str(commit.id) != self.cursor and commit.parents:
             chain.append(commit)
             commit = commit.parents[0]
+        at = self.clock()  # when this server learned of them (a committer's clock may be anything)
         for c in reversed(chain):
-            self._emit(str(c.id), *self._from_git(str(c.parents[0].id), str(c.id)))
+            self._emit(str(c.id), *self._from_git(str(c.parents[0].id), str(c.id), at))
         return len(chain)
 
-    def _from_git(self, old: str, new: str) -> tuple[list[Event], dict[str, str]]:
+    def _from_git(self, old: str, new: str, at: datetime) -> tuple[list[Event], dict[str, str]]:
         git = self.store.git
-        at = self.clock()
         out: list[Event] = []
         state: dict[str, str] = {}
         diff = git.tree(old).diff_to_tree(git.tree(new))
@@ -296,7 +295,7 @@ class ReportEvents:
                 at,
             )
             for change in changes
-            if change.after == "limited"
+            if change.after == "limited" and change.before != "limited"
         ]
         if events:
             self.hooks.enqueue(events)

@@ -585,6 +585,12 @@ def load_checkout(root: Path) -> CheckoutState:
         domains[dom.domain] = dom
     if settings is not None:
         problems.extend(files.format_problems(settings.format, domains.values()))
+    projects = load_checkout_projects(root, problems)
+    return CheckoutState(settings, domains, nodes, problems, projects)
+
+
+def load_checkout_projects(root: Path, problems: list[str] | None = None) -> dict[int, ProjectFile]:
+    """The project files of a checkout; what does not parse goes to `problems` (or is left out)."""
     projects: dict[int, ProjectFile] = {}
     pbase = root / files.PROJECTS_DIR
     for path in sorted(pbase.rglob("*")) if pbase.exists() else []:
@@ -592,15 +598,17 @@ def load_checkout(root: Path) -> CheckoutState:
             continue
         rel = path.relative_to(root).as_posix()
         if files.project_from_path(rel) is None:
-            problems.append(f"{rel}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+            if problems is not None:
+                problems.append(f"{rel}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
             continue
         try:
             project = files.parse_project(path.read_bytes(), rel)
         except StateInvalid as exc:
-            problems.extend(exc.problems)
+            if problems is not None:
+                problems.extend(exc.problems)
             continue
         projects[project.project_id] = project
-    return CheckoutState(settings, domains, nodes, problems, projects)
+    return projects
 
 
 def read_rendered(root: Path) -> dict[str, bytes]:

@@ -311,7 +311,8 @@ class LocalDB:
 
     def record_sending(self, node: str, rows: list[tuple[Any, ...]], at: datetime) -> list[SendingChange]:
         """Store a node's `(domain, local, state, token, mh, rh, md, rd, refused)` rows; returns the
-        logins whose state (ok, limited, suspended) changed for that node."""
+        logins whose state (ok, limited, suspended) changed for that node, and every suspended one
+        (so a suspension the server could not record yet is tried again with the next report)."""
         stamp = at.isoformat()
         changes: list[SendingChange] = []
         for start in range(0, len(rows), USAGE_BATCH):
@@ -324,7 +325,7 @@ class LocalDB:
                             "SELECT state FROM sending_reports WHERE domain = ? AND local = ? AND node = ?",
                             (row[0], row[1], node),
                         ).fetchone()
-                        if old is None or old[0] != row[2]:
+                        if old is None or old[0] != row[2] or row[2] == "suspended":
                             figures = dict(zip(_SENT_FIGURES, row[4:], strict=True))
                             changes.append(
                                 SendingChange(row[0], row[1], old[0] if old else None, row[2], row[3], figures)

@@ -245,10 +245,11 @@ class Hook:
     project_id: int | None
     url: str
     events: frozenset[str]
+    created_at: datetime
 
     def wants(self, event: Event) -> bool:
-        if event.type not in self.events:
-            return False
+        if event.type not in self.events or event.at < self.created_at:
+            return False  # not its type, or it happened before the webhook was made
         if self.project_id is None:
             return True  # an admin's: every project, and the platform's events
         return event.type not in ADMIN_EVENTS and event.project_id == self.project_id
@@ -300,7 +301,8 @@ class Webhooks:
             secret_key(secret)
         secret = secret or new_secret()
         hook_id = "wh_" + secrets.token_hex(8)
-        created = now.astimezone(UTC).isoformat()
+        # To the microsecond: an event of a write made just before is not this webhook's.
+        created = max(now, datetime.now(UTC)).astimezone(UTC).isoformat()
         cap = MAX_ADMIN if project_id is None else MAX_PER_PROJECT
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -386,8 +388,10 @@ class Webhooks:
         with self._lock:
             now = time.monotonic()
             if self._hooks is None or now - self._hooks_at > HOOKS_TTL:
-                rows = self._conn.execute("SELECT id, project_id, url, events FROM webhooks").fetchall()
-                self._hooks = [Hook(r[0], r[1], r[2], frozenset(json.loads(r[3]))) for r in rows]
+                rows = self._conn.execute("SELECT id, project_id, url, events, created_at FROM webhooks").fetchall()
+                self._hooks = [
+                    Hook(r[0], r[1], r[2], frozenset(json.loads(r[3])), datetime.fromisoformat(r[4])) for r in rows
+                ]
                 self._hooks_at = now
             return self._hooks
 

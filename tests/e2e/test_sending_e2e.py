@@ -92,6 +92,7 @@ def test_limit_then_suspension_then_resume_through_real_postfix(limited: Fleet) 
     row = user_row(f, "info@example.com")
     sent = row["sent"]
     assert row["sending"] == "limited" and isinstance(sent, dict), row
+    assert 'mailstate_mailboxes_sending{state="limited"} 1.0' in f.admin.get("/metrics").text
     assert (sent["recipients_hour"], sent["messages_hour"], sent["refused_hour"]) == (3, 2, 1), sent
     # Keep hammering: past 3 x 3 recipients tried in the hour, the node suspends the mailbox.
     codes = [code for code, _ in rcpts(node, "info@example.com", P1, [f"x{i}@internet.test" for i in range(6)])]
@@ -106,6 +107,11 @@ def test_limit_then_suspension_then_resume_through_real_postfix(limited: Fleet) 
     assert f.head() != before
     log = f.server.git("log", "-1", "--format=%s%n%(trailers:key=Actor,valueonly)")
     assert log.splitlines()[0] == "suspend-sending info@example.com" and "system:sending" in log
+    # /metrics counts it (the events thread keeps the suspended ones from the commits).
+    deadline = time.monotonic() + 10
+    while 'mailstate_mailboxes_sending{state="suspended"} 1.0' not in f.admin.get("/metrics").text:
+        assert time.monotonic() < deadline, f.admin.get("/metrics").text[-1500:]
+        time.sleep(0.1)
     apply(f)  # the suspension goes live from the state now
     assert rcpts(node, "info@example.com", P1, OUT[:1])[0][0] == 554
     # Still receives, still logs in (IMAP, and SMTP AUTH: the 5xx is at RCPT TO, not at login).

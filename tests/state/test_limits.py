@@ -202,3 +202,20 @@ def test_a_refused_change_leaves_the_state_as_it_was(mail_store: Store) -> None:
     with pytest.raises(Conflict):
         add(s, "x@example.com")
     assert s.head == head and "x" not in s.snapshot.domains["example.com"].mailboxes
+
+
+def test_plan_names_limit_and_sending_changes(mail_store: Store) -> None:
+    from mailstate.state.plan import plan_revisions
+
+    s = mail_store
+    base = s.head
+    s.execute("set-limits", ADMIN, {"project_id": P, "send_per_hour": 5, "max_mailboxes": 3})
+    s.execute("set-limits", ADMIN, {"domain": "example.com", "max_aliases": 3})
+    s.execute("suspend-sending", PROJECT_A, {"email": "info@example.com", "reason": "spam run"})
+    pl = plan_revisions(s.git.path, base, s.head)
+    assert [e.line() for e in pl.domains] == [
+        "~ example.com: limits: max_aliases none -> 3",
+        "~ project 101: limits: max_mailboxes none -> 3, send_per_hour none -> 5",
+    ]
+    assert [e.line() for e in pl.mailboxes] == ["~ info@example.com: sending suspended: spam run"]
+    assert [e.name for e in pl.rendered] == ["rendered/domains/ex/example.com/sending"]

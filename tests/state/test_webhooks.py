@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +189,7 @@ def test_retries_keep_the_id_back_off_and_give_up_after_24_hours(tmp_path: Path)
     with webhook_sink(answer=lambda n: 500) as sink:
         hooks = Webhooks(tmp_path / "db.sqlite", private_ok=True)
         hooks.add_hook(None, sink.url, ["node.stale"], None, NOW)
-        hooks.enqueue([Event("node.stale", None, {"node": "n1"}, NOW)], now=clock.t)
+        hooks.enqueue([Event("node.stale", None, {"node": "n1"})], now=clock.t)
         d = Dispatcher(hooks, clock=clock, rng=random.Random(1))
         waits = []
         while hooks.backlog():
@@ -216,7 +216,7 @@ def test_a_pending_delivery_survives_a_restart_of_the_dispatcher(tmp_path: Path)
         db = tmp_path / "db.sqlite"
         hooks = Webhooks(db, private_ok=True)
         secret = hooks.add_hook(None, sink.url, ["node.recovered"], None, NOW)["secret"]
-        hooks.enqueue([Event("node.recovered", None, {"node": "n1"}, NOW)])
+        hooks.enqueue([Event("node.recovered", None, {"node": "n1"})])
         clock = Clock()
         clock.t = hooks.next_due() or 0
         first = Dispatcher(hooks, clock=clock)
@@ -244,7 +244,7 @@ def test_a_hanging_receiver_holds_up_nothing_else(tmp_path: Path) -> None:
         runner = threading.Thread(target=d.run, args=(stop,), daemon=True)
         runner.start()
         try:
-            hooks.enqueue([Event("node.stale", None, {"node": f"n{i}"}, NOW) for i in range(10)])
+            hooks.enqueue([Event("node.stale", None, {"node": f"n{i}"}) for i in range(10)])
             got = fast.wait(lambda r: len(r) == 10, timeout=20)
             assert {r.event["data"]["node"] for r in got} == {f"n{i}" for i in range(10)}
             # The hanging one holds one worker at a time, each try cut off by the timeout.
@@ -259,7 +259,7 @@ def test_a_hanging_receiver_holds_up_nothing_else(tmp_path: Path) -> None:
 def test_the_poster_refuses_a_name_that_turns_private(tmp_path: Path) -> None:
     hooks = Webhooks(tmp_path / "db.sqlite", private_ok=False, resolver=lambda h, p: ["93.184.215.14"])
     hooks.add_hook(None, "https://hooks.example.net/x", ["node.stale"], None, NOW)
-    hooks.enqueue([Event("node.stale", None, {"node": "n"}, NOW)])
+    hooks.enqueue([Event("node.stale", None, {"node": "n"})])
     (delivery,) = hooks.due(1e12, 10)
     calls: list[Any] = []
     rebound = Poster(private_ok=False, resolver=lambda h, p: calls.append(h) or ["127.0.0.1"])
@@ -297,7 +297,8 @@ def test_reports_make_quota_and_sending_events_once_per_crossing(mail_store: Sto
             ("messages_hour", "recipients_hour", "messages_day", "recipients_day", "refused_hour"), 1
         )
         sending = [{"login": "info@example.com", "state": state, "token": token, **figures}]
-        record_report(db, s.snapshot, "n1", {"status": "ok", "usage": usage, "sending": sending}, None, NOW, listener)
+        body = {"status": "ok", "usage": usage, "sending": sending}
+        record_report(db, s.snapshot, "n1", body, None, datetime.now(UTC), listener)
 
     for used in (1, 8.5, 9, 10.5, 10.6, 2, 8.1):
         report(used)
@@ -334,11 +335,11 @@ def test_node_stale_and_recovered_by_the_list_nodes_rule(mail_store: Store) -> N
     s.execute("add-node", ADMIN, {"name": "quiet"})  # never reported: no event either way
     hooks, _ = _hooks(s, "https://93.184.215.14/x", ["node.stale", "node.recovered"])
     db = LocalDB(s.git.path.parent / "mailstate.db")
-    now = [datetime(2026, 3, 1, 12, 0, tzinfo=UTC)]
+    now = [datetime.now(UTC).replace(microsecond=0)]
     events = NodeEvents(s, hooks, clock=lambda: now[0])
     record_report(db, s.snapshot, "n1", {"status": "ok"}, None, now[0])
     assert events.round() == 0  # fresh at first sight: nothing to say
-    now[0] = now[0].replace(minute=15)  # 15 minutes of silence: past the 600 s rule
+    now[0] += timedelta(minutes=15)  # 15 minutes of silence: past the 600 s rule
     assert events.round() == 1 and events.round() == 0
     record_report(db, s.snapshot, "n1", {"status": "ok"}, None, now[0])
     assert events.round() == 1
