@@ -46,7 +46,7 @@ from typing import Any
 from .config import Config
 from .errors import Refused
 from .sending import Defaults, DomainSending, parse_defaults, parse_domain
-from .verify import is_domain, is_local_part
+from .rules import is_domain, is_local_part
 
 DUNNO = "DUNNO"
 MAX_REQUEST_BYTES = 64 * 1024

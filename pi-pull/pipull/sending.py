@@ -29,7 +29,8 @@ from .errors import Refused, TickError
 from .fsutil import atomic_write
 from .mirror import Mirror
 from .runner import short
-from .verify import MAX_LINE_BYTES, PRINTABLE_ASCII_RE, is_domain, is_local_part
+from .rules import is_domain, is_local_part
+from .verify import MAX_LINE_BYTES, PRINTABLE_ASCII_RE
 
 SETTINGS_PATH = "rendered/sending"
 FRAGMENT = "sending"
