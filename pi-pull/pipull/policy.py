@@ -45,8 +45,8 @@ from typing import Any
 
 from .config import Config
 from .errors import Refused
-from .sending import Defaults, DomainSending, parse_defaults, parse_domain
 from .rules import is_domain, is_local_part
+from .sending import Defaults, DomainSending, parse_defaults, parse_domain
 
 DUNNO = "DUNNO"
 MAX_REQUEST_BYTES = 64 * 1024

@@ -28,8 +28,8 @@ from .config import Config
 from .errors import Refused, TickError
 from .fsutil import atomic_write
 from .mirror import Mirror
-from .runner import short
 from .rules import is_domain, is_local_part
+from .runner import short
 from .verify import MAX_LINE_BYTES, PRINTABLE_ASCII_RE
 
 SETTINGS_PATH = "rendered/sending"
