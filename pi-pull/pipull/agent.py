@@ -103,19 +103,24 @@ class Agent:
             self._sending = Sync(self.cfg, self.mirror, self.log)
         return self._sending
 
-    def _sending_report(self) -> tuple[list[dict[str, Any]] | None, Any]:
-        """What the policy service counted since the last report (None: nothing new)."""
-        if not os.path.exists(self.cfg.policy_db):
+    def _sending_report(self) -> tuple[list[dict[str, Any]] | None, int | None]:
+        """What the policy service published for the next report (policy.py Publisher): its
+        entries and their sequence number; (None, None) when there is nothing to send."""
+        from .policy import PENDING, read_pending
+
+        found = read_pending(os.path.join(self.sending.dir, PENDING))
+        if found is None or not found["entries"]:
             return None, None
-        from .policy import Counter, PolicyFiles
+        return found["entries"], int(found["seq"])
+
+    def _sending_acked(self, seq: int) -> None:
+        from .fsutil import atomic_write
+        from .policy import ACKED
 
         try:
-            counter = Counter(self.cfg.policy_db)
-            entries = counter.report_entries(PolicyFiles(self.sending.dir))
-        except Exception as e:  # the report goes without them; the next tick tries again
-            self.log.error(f"sending figures not read: {type(e).__name__}: {e}")
-            return None, None
-        return entries or None, counter
+            atomic_write(os.path.join(self.sending.dir, ACKED), f"{seq}\n".encode())
+        except OSError as e:  # sent again with the next report
+            self.log.error(f"could not note the sending figures as reported: {e}")
 
     @property
     def trust(self) -> Trust:
@@ -179,7 +184,7 @@ class Agent:
                 self.dkim.step() if self.cfg.dkim else None
             )  # after the tick: the tables follow the release that is live now
             self.sending.step(st.get("applied_commit"))  # the same: the limits of the live release
-            sending, counter = self._sending_report()
+            sending, seq = self._sending_report()
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
@@ -188,10 +193,8 @@ class Agent:
             )
             if sent and dkim_keys:
                 self.dkim.reported(dkim_keys)
-            if counter is not None:
-                if sent and sending:
-                    counter.reported(sending)
-                counter.close()
+            if sent and seq is not None:
+                self._sending_acked(seq)
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":
                 self.log.info(line)

@@ -18,7 +18,8 @@ the message (smtpd_end_of_data_restrictions). Per SASL login (the mailbox addres
   counted, in the login's current minute.
 
 The counts are in SQLite (``[policy] db``, WAL), per login and minute, so they survive a restart
-of the service. A mailbox's limits and token come from ``<root>/policy`` (pipull/sending.py); a
+of the service; what the next report should carry is published in ``pending.json`` (Publisher),
+so a tick never opens the counts. A mailbox's limits and token come from ``<root>/policy`` (pipull/sending.py); a
 new token (a suspend or a resume in the state) starts the login's counts afresh and ends a
 suspension of this node's own. Why not Debian's policyd-rate-limit: it counts but cannot
 suspend, answers every refusal the same way (no 4xx/5xx split, no sentence per limit), takes
@@ -45,10 +46,13 @@ from typing import Any
 
 from .config import Config
 from .errors import Refused
+from .fsutil import atomic_write
 from .rules import is_domain, is_local_part
 from .sending import Defaults, DomainSending, parse_defaults, parse_domain
 
 DUNNO = "DUNNO"
+PENDING = "pending.json"
+ACKED = "acked"
 MAX_REQUEST_BYTES = 64 * 1024
 REPORT_MAX = 5000
 HOUR, DAY = 60, 1440  # minutes
@@ -153,6 +157,8 @@ class Counter:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
         self._pruned = 0
+        # Told after a count or a suspension changed (the Publisher wakes up).
+        self.on_change: Callable[[], None] = lambda: None
 
     def close(self) -> None:
         with self._lock:
@@ -207,6 +213,7 @@ class Counter:
             if over is None:
                 return DUNNO
             self._add(login, minute, 0, 0, 1)
+            self.on_change()
             if _past_factor(
                 policy, w.recipients_hour + w.refused_hour + pending + 1, w.recipients_day + w.refused_day + pending + 1
             ):
@@ -223,6 +230,7 @@ class Counter:
         with self._lock:
             self._login(login, policy.token, minute)
             self._add(login, minute, 1, max(0, recipients), 0)
+            self.on_change()
             if minute - self._pruned > 60:
                 self._conn.execute("DELETE FROM counts WHERE minute <= ?", (minute - DAY,))
                 self._pruned = minute
@@ -274,6 +282,68 @@ class Counter:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+
+
+class Publisher:
+    """What the next report should carry, kept in ``<policy dir>/pending.json`` by the service,
+    so a tick reads one small file and never opens the counts (a no-op tick writes nothing):
+
+        pending.json   {"seq": N, "entries": [...]}: the logins whose figures changed since the
+                       server last accepted them (Counter.report_entries); rewritten soon after a
+                       count changes, and every `interval` seconds (the windows move)
+        acked          N, written by a tick whose report carrying pending.json N was accepted;
+                       the service then marks those entries reported and publishes again"""
+
+    def __init__(self, counter: Counter, files: PolicyFiles, directory: str, log: logging.Logger) -> None:
+        self.counter = counter
+        self.files = files
+        self.path = os.path.join(directory, PENDING)
+        self.acked = os.path.join(directory, ACKED)
+        self.log = log
+        self.wake = threading.Event()
+        counter.on_change = self.wake.set
+
+    def run(self, stop: threading.Event, interval: float = 30.0, settle: float = 0.05) -> None:
+        while not stop.is_set():
+            if self.wake.wait(interval):
+                stop.wait(settle)  # a message's requests come together: publish once for them
+            self.wake.clear()
+            try:
+                self.round()
+            except Exception as e:  # the next change or interval tries again
+                self.log.error(f"policy: could not publish the figures to report: {type(e).__name__}: {e}")
+
+    def round(self) -> bool:
+        """Take an acknowledgement, then publish what is to report; True when the file changed."""
+        current = read_pending(self.path)
+        if current is not None and _read_int(self.acked) == current["seq"] and current["entries"]:
+            self.counter.reported(current["entries"])
+        entries = self.counter.report_entries(self.files)
+        if (current["entries"] if current is not None else []) == entries:
+            return False  # nothing new (and no file while there never was anything to report)
+        seq = (current["seq"] if current is not None else 0) + 1
+        atomic_write(self.path, json.dumps({"seq": seq, "entries": entries}, sort_keys=True).encode())
+        return True
+
+
+def read_pending(path: str) -> dict[str, Any] | None:
+    """pending.json as the Publisher wrote it, or None (missing or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.loads(fh.read(64 << 20))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("seq"), int) or not isinstance(data.get("entries"), list):
+        return None
+    return data
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return int(fh.read(32).strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _over(policy: LoginPolicy, hour: int, day: int) -> str | None:
@@ -391,16 +461,24 @@ def open_policy(cfg: Config, log: logging.Logger) -> Policy:
 
 
 def serve(cfg: Config, log: logging.Logger, stop: threading.Event | None = None) -> int:
-    """Run the policy service until SIGTERM (or ``stop``)."""
+    """Run the policy service, and its Publisher, until SIGTERM (or ``stop``)."""
+    stop = stop or threading.Event()
     policy = open_policy(cfg, log)
+    publisher = Publisher(policy.counter, policy.files, policy.files.dir, log)
     server = PolicyServer(listen_address(cfg.policy_listen), policy)
     log.info(f"policy: listening on {cfg.policy_listen} (counts in {cfg.policy_db})")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True),
+        threading.Thread(target=publisher.run, args=(stop,), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
     try:
-        (stop or threading.Event()).wait()
+        stop.wait()
     finally:
         server.shutdown()
         server.server_close()
+        publisher.wake.set()
+        threads[1].join(timeout=5)
         policy.counter.close()
     return 0

@@ -148,12 +148,19 @@ def test_limits_count_recipients_then_suspend_past_the_factor(pipull: ModuleType
         if a == "DUNNO":
             counter.sent("info@example.com", policy, 1)
     assert answers == ["DUN"] * 3 + ["450"] * 6 + ["554"] * 11, answers
-    entries = counter.report_entries(files_)
-    (mine,) = [e for e in entries if e["login"] == "info@example.com"]
+    # The service publishes what to report (pending.json); a tick that reported it acknowledges
+    # it (acked), and the next publication has only what changed since.
+    publisher = p.Publisher(counter, files_, str(d), pipull.log.make_logger())
+    assert publisher.round() is True and publisher.round() is False
+    pending = p.read_pending(str(d / "pending.json"))
+    (mine,) = [e for e in pending["entries"] if e["login"] == "info@example.com"]
     assert mine["state"] == "suspended" and mine["recipients_day"] == 9 and mine["token"] == ""
     assert (mine["recipients_hour"], mine["messages_hour"]) == (3, 3)
-    counter.reported(entries)
-    assert not [e for e in counter.report_entries(files_) if e["login"] == "info@example.com"]
+    (d / "acked").write_text(f"{pending['seq']}\n")
+    assert publisher.round() is True
+    after = p.read_pending(str(d / "pending.json"))
+    assert after["seq"] == pending["seq"] + 1
+    assert not [e for e in after["entries"] if e["login"] == "info@example.com"]
     # The state resumes it (a new token): the counts start afresh, the suspension is gone.
     (d / "domains" / "example.com").write_text("@limits 3 10\ninfo ok 20260301T000000Z\n")
     policy = files_.lookup("info@example.com")
