@@ -29,8 +29,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailstate.state import limits as lim
-from mailstate.state.models import SEND_LIMITS, USE_LIMITS, DomainFile, Limits, Mailbox, MailboxSending, ProjectFile
-from mailstate.state.models import Settings as StateSettings
+from mailstate.state.models import (
+    SEND_LIMITS,
+    USE_LIMITS,
+    DomainFile,
+    Limits,
+    Mailbox,
+    MailboxSending,
+    ProjectFile,
+    Settings,
+)
 
 SENDING_FRAGMENT = "sending"
 SENDING_FILE = "rendered/sending"
@@ -82,7 +90,7 @@ def _number(value: float | int | None, none: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def settings_text(settings: StateSettings) -> bytes | None:
+def settings_text(settings: Settings) -> bytes | None:
     """`rendered/sending` (None: no `sending:` block, no file)."""
     block = settings.sending
     if block is None:
@@ -238,7 +246,7 @@ def _peak(doms: Iterable[DomainFile], sent: Mapping[str, Mapping[str, Mapping[st
 
 
 def limits_entry(
-    settings: StateSettings,
+    settings: Settings,
     project_id: int | None,
     domain: str | None,
     limits: Limits | None,
