@@ -84,9 +84,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from mailstate.state.datadir import init_data_dir
-    from mailstate.state.models import DnsSettings, Settings, invalid_input_from
+    from mailstate.state.models import DnsSettings, SendingSettings, Settings, invalid_input_from
 
     try:
+        sending = None
+        if args.send_per_hour is not None or args.send_per_day is not None:
+            sending = SendingSettings(
+                send_per_hour=args.send_per_hour,
+                send_per_day=args.send_per_day,
+                auto_suspend_factor=args.auto_suspend_factor,
+            )
         settings = Settings(
             mail_root=args.mail_root,
             uid=args.uid,
@@ -94,6 +101,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             default_quota_mb=args.default_quota_mb,
             bcrypt_cost=args.bcrypt_cost,
             dns=DnsSettings(mx_hosts=args.mx_host, dkim_cname_zone=args.dkim_cname_zone) if args.mx_host else None,
+            sending=sending,
         )
     except ValidationError as exc:
         raise invalid_input_from(exc) from None
@@ -283,7 +291,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise StateInvalid(
             "The state does not validate; fix it first (see `mailstate check`).", problems=loaded.problems
         )
-    expected = compile_state(loaded.settings, loaded.domains.values())
+    expected = compile_state(loaded.settings, loaded.domains.values(), loaded.projects)
     if args.check:
         problems = diff_rendered(expected, read_rendered(root))
         for line in problems:
@@ -377,6 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dkim-cname-zone", metavar="ZONE", help="with --mx-host: DKIM records as CNAMEs to <selector>.ZONE"
+    )
+    p.add_argument(
+        "--send-per-hour",
+        type=int,
+        metavar="N",
+        help="recipients every mailbox may send to in an hour unless set-limits says otherwise "
+        "(writes mailstate.yaml's sending: block; docs/controls.md)",
+    )
+    p.add_argument("--send-per-day", type=int, metavar="N", help="the same over 24 hours")
+    p.add_argument(
+        "--auto-suspend-factor",
+        type=float,
+        default=3.0,
+        metavar="X",
+        help="with --send-per-*: a node suspends a mailbox past X times its limit (default 3)",
     )
     p.add_argument(
         "--no-token",

@@ -31,6 +31,7 @@ from mailstate.state.describe import describe
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
 from mailstate.state.localdb import LocalDB
 from mailstate.state.models import RESPONSES, HealthResponse
+from mailstate.state.nodes import ReportListener
 from mailstate.state.ops import OPERATIONS, Operation
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Store, clean_request_id
@@ -53,6 +54,8 @@ class Services:
     store: Store
     db: LocalDB
     metrics: Metrics | None = None
+    # Hears what node reports change (state/events.py ReportEvents: webhooks, auto-suspensions).
+    report_listener: ReportListener | None = None
 
     def authenticate(self, token: str | None) -> Actor:
         return self.db.authenticate(token)
@@ -66,6 +69,14 @@ class ErrorDetail(BaseModel):
     message: str = Field(description="A human sentence.", examples=["Mailbox info@mycompany.nl exists."])
     field: str | None = Field(default=None, description="The request field at fault, if any.")
     target: str | None = Field(default=None, description="The domain, mailbox or node concerned, if any.")
+    limit: str | None = Field(
+        default=None, description="409 limit_reached / limit_below_use: the plan limit, e.g. max_mailboxes."
+    )
+    max: int | None = Field(default=None, description="409 limit_reached / limit_below_use: the limit's value.")
+    use: int | None = Field(
+        default=None,
+        description="409 limit_reached: what the scope would use after the write; limit_below_use: what it uses now.",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -80,12 +91,14 @@ _CAN_404 = {
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
     "dns-records", "check-dns", "mobileconfig",
     "set-vacation", "set-filters", "list-filters", "add-app-password", "list-app-passwords", "remove-app-password",
+    "set-limits", "list-limits", "set-quota", "suspend-sending", "resume-sending", "remove-webhook",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
             "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
-            "check-dns", "mobileconfig", "set-vacation", "set-filters", "add-app-password"}  # fmt: skip
+            "check-dns", "mobileconfig", "set-vacation", "set-filters", "add-app-password",
+            "set-limits", "set-quota", "enable-email", "add-webhook"}  # fmt: skip
 # Reads that answer 503 when a service they need is not there (check-dns: no usable resolver).
-_CAN_503 = {"check-dns"}
+_CAN_503 = {"check-dns", "add-webhook", "list-webhooks", "remove-webhook"}
 # Operations whose HTTP answer is a file, not their JSON (the MCP tool answers the JSON):
 # name -> (media type, the result field holding the file, the result field naming it).
 FILE_ANSWERS: dict[str, tuple[str, str, str]] = {
@@ -99,6 +112,7 @@ CREATED: dict[str, tuple[int, ...]] = {
     "link-domain": (201, 200),
     "add-alias": (201,),
     "add-app-password": (201,),
+    "add-webhook": (201,),
 }
 
 
@@ -131,7 +145,8 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
     if op.name in _CAN_409:
         out[409] = {
             "model": ErrorResponse,
-            "description": "Conflict with the current state (exists, still active, not enabled, ...).",
+            "description": "Conflict with the current state (exists, still active, not enabled, a plan limit "
+            "reached: limit_reached / limit_below_use, naming the limit, its max and the use, ...).",
         }
     if op.method == "POST":
         out[413] = {"model": ErrorResponse, "description": f"The request body is larger than {MAX_BODY_BYTES} bytes."}
@@ -141,7 +156,8 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
             "description": "The state repo kept moving under other writers, or the upstream is unavailable; nothing changed.",
         }
     if op.name in _CAN_503:
-        out[503] = {"model": ErrorResponse, "description": "No usable DNS resolver ($MAILSTATE_DNS_RESOLVER)."}
+        why = "No usable DNS resolver ($MAILSTATE_DNS_RESOLVER)." if op.name == "check-dns" else "No local database."
+        out[503] = {"model": ErrorResponse, "description": why}
     if op.name in FILE_ANSWERS:
         media = FILE_ANSWERS[op.name][0]
         out[200] = {

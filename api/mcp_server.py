@@ -97,9 +97,15 @@ DESTRUCTIVE = frozenset(
         "set-vacation",
         "set-filters",
         "remove-app-password",
+        "set-limits",
+        "set-quota",
+        "suspend-sending",
+        "remove-webhook",
     }
 )
-IDEMPOTENT = frozenset({"enable-email", "disable-email", "remove-user"})
+IDEMPOTENT = frozenset(
+    {"enable-email", "disable-email", "remove-user", "set-limits", "set-quota", "suspend-sending", "resume-sending"}
+)
 
 
 def output_schema(op: Operation) -> dict[str, Any] | None:
@@ -120,10 +126,11 @@ def tool_list(settings: Settings | None = None) -> list[types.Tool]:
                 input_schema=op.request.model_json_schema(),
                 output_schema=output_schema(op),
                 annotations=types.ToolAnnotations(
-                    read_only_hint=not op.write,
-                    destructive_hint=op.write and op.name in DESTRUCTIVE,
-                    idempotent_hint=not op.write or op.name in IDEMPOTENT,
-                    open_world_hint=False,
+                    read_only_hint=not (op.write or op.local),
+                    destructive_hint=(op.write or op.local) and op.name in DESTRUCTIVE,
+                    idempotent_hint=not (op.write or op.local) or op.name in IDEMPOTENT,
+                    # add-webhook makes the server call out to an address the caller names.
+                    open_world_hint=op.name == "add-webhook",
                 ),
             )
         )

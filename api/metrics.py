@@ -13,6 +13,12 @@
     mailstate_node_stale{node}                        1 when list-nodes says stale (its statement is
                                                       too old, or it has been silent too long)
     mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
+    mailstate_webhook_deliveries_total{result}        webhook tries since start: delivered, failed (a
+                                                      try that will be retried or was the last), given_up
+    mailstate_webhook_backlog                         deliveries waiting in the outbox (first try or retry)
+    mailstate_mailboxes_sending{state}                limited: mailboxes the nodes last reported refusing
+                                                      for a limit (reports of the last day); suspended:
+                                                      mailboxes the state suspends (state/events.py keeps count)
 
 The node figures come from the node status database and the state repo at scrape time, so
 they are true even for reports another process recorded. Each app has its own registry.
@@ -22,13 +28,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mailstate.state.delivery import Counters
 from mailstate.state.errors import MailstateError
 from mailstate.state.ops import node_freshness
 from mailstate.state.store import Store
@@ -63,6 +71,16 @@ class Metrics:
         """Where mailstate_nodes_waiting reads the open long polls (api.nodes_http.WaitHub)."""
         self.collector.waiting = waiting
 
+    def count_controls(
+        self,
+        counters: Counters,
+        backlog: Callable[[], int],
+        sending: Callable[[datetime], dict[str, int]],
+        suspended: Callable[[], int],
+    ) -> None:
+        """Where the webhook and sending figures come from (state/delivery.py, state/webhooks.py, state/localdb.py)."""
+        self.collector.controls = Controls(counters, backlog, sending, suspended)
+
     def observe(
         self, operation: str, started: float, result: dict[str, Any] | None = None, error: BaseException | None = None
     ) -> None:
@@ -81,12 +99,21 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+@dataclass(frozen=True)
+class Controls:
+    counters: Counters
+    backlog: Callable[[], int]
+    sending: Callable[[datetime], dict[str, int]]
+    suspended: Callable[[], int]
+
+
 class _StateCollector(Collector):
     """Figures read at scrape time: refused commits and the nodes' last reports."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.waiting: Callable[[], int] = lambda: 0
+        self.controls: Controls | None = None
 
     def describe(self) -> list[Metric]:
         return []  # collected fresh on every scrape
@@ -154,6 +181,34 @@ class _StateCollector(Collector):
         )
         waiting.add_metric([], float(self.waiting()))
         yield waiting
+        if self.controls is not None:
+            yield from self._controls(self.controls, now)
+
+    @staticmethod
+    def _controls(c: Controls, now: datetime) -> Iterator[Metric]:
+        tries = CounterMetricFamily(
+            "mailstate_webhook_deliveries",
+            "Webhook delivery tries since the server started, by result: delivered (2xx), failed (will be retried, or "
+            "was the last try), given_up (24 hours of retries passed).",
+            labels=["result"],
+        )
+        for result in ("delivered", "failed", "given_up"):
+            tries.add_metric([result], float(getattr(c.counters, result)))
+        yield tries
+        waiting = GaugeMetricFamily(
+            "mailstate_webhook_backlog", "Webhook deliveries waiting in the outbox (a first try or a retry)."
+        )
+        waiting.add_metric([], float(c.backlog()))
+        yield waiting
+        boxes = GaugeMetricFamily(
+            "mailstate_mailboxes_sending",
+            "Mailboxes that may not send: limited (a node refuses their submissions for a limit, in reports of the "
+            "last day) and suspended (suspend-sending, or a node past auto_suspend_factor).",
+            labels=["state"],
+        )
+        boxes.add_metric(["limited"], float(c.sending(now - timedelta(days=1)).get("limited", 0)))
+        boxes.add_metric(["suspended"], float(c.suspended()))
+        yield boxes
 
 
 def _parse_time(value: object) -> datetime | None:

@@ -302,7 +302,7 @@ def build_router() -> APIRouter:
 
         def run() -> None:
             authenticate_node(services.store.snapshot, name, key, peer)
-            record_report(services.db, services.store.snapshot, name, data, peer, _now())
+            record_report(services.db, services.store.snapshot, name, data, peer, _now(), services.report_listener)
 
         try:
             await run_in_threadpool(run)

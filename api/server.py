@@ -16,6 +16,7 @@ Routes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -35,11 +36,14 @@ from mailstate.api.logs import logging_config
 from mailstate.api.mcp_server import mcp_http_app, security_settings
 from mailstate.api.metrics import Metrics
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.delivery import Dispatcher
 from mailstate.state.dnscheck import BackgroundDnsCheck, check_interval
 from mailstate.state.errors import InvalidInput, StoreError
+from mailstate.state.events import SUSPENDED_PREFIX, CommitEvents, NodeEvents, ReportEvents
 from mailstate.state.localdb import LocalDB
 from mailstate.state.nodes import NodeReport
 from mailstate.state.store import Store
+from mailstate.state.webhooks import Webhooks
 
 log = logging.getLogger("mailstate.server")
 
@@ -98,6 +102,7 @@ def create_app(
     if store is None:
         store = open_store(dd.root, db=db)
     services = http.Services(data=dd, store=store, db=db, metrics=Metrics(store))
+    controls = _controls(store, db, services)
     wait_hub = nodes_http.WaitHub(store)  # the long-poll waiters of /v1/nodes/wait
     if services.metrics is not None:
         services.metrics.count_waiting(lambda: wait_hub.total)
@@ -121,6 +126,9 @@ def create_app(
         )
         syncer.start()
         checker = _dns_check_thread(store, db, stop)
+        # Webhooks (state/events.py, state/delivery.py): commits and node freshness into events,
+        # and the outbox's deliveries, each in its own thread, none of them on a write's path.
+        workers = [_thread(target, stop, name) for target, name in controls]
         try:
             async with mcp_manager.run():
                 yield
@@ -130,6 +138,8 @@ def create_app(
             syncer.join(timeout=5)
             if checker is not None:
                 checker.join(timeout=5)
+            for worker in workers:
+                worker.join(timeout=12)
             if own_db:
                 db.close()
 
@@ -157,6 +167,32 @@ def create_app(
     app.router.routes.append(Route("/mcp", endpoint=mcp_app))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _controls(store: Store, db: LocalDB, services: http.Services) -> list[tuple[Any, str]]:
+    """The webhook machinery of a server (the registry itself is open_store's): what turns commits,
+    reports and node freshness into events, and the dispatcher; their loops, to run in threads."""
+    hooks = store.webhooks
+    if not isinstance(hooks, Webhooks):
+        return []
+    commits = CommitEvents(store, hooks)
+    nodes = NodeEvents(store, hooks)
+    dispatcher = Dispatcher(hooks)
+    services.report_listener = ReportEvents(store, hooks)
+    if services.metrics is not None:
+        suspended = functools.partial(hooks.count_state, SUSPENDED_PREFIX, "1")
+        services.metrics.count_controls(dispatcher.counters, hooks.backlog, db.sending_counts, suspended)
+    return [
+        (commits.run, "mailstate-events"),
+        (nodes.run, "mailstate-node-events"),
+        (dispatcher.run, "mailstate-webhooks"),
+    ]
+
+
+def _thread(target: Any, stop: threading.Event, name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def _dns_check_thread(store: Store, db: LocalDB, stop: threading.Event) -> threading.Thread | None:

@@ -9,6 +9,7 @@ writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
     pi_pull.py                         -> /usr/local/lib/pi-pull/pi_pull.py (a zipapp, see below)
     pi-pull.service, pi-pull.timer     -> /etc/systemd/system/
     pi-pull-follow.service             -> /etc/systemd/system/ (follow mode; the timer stays as fallback)
+    pi-pull-policy.service             -> /etc/systemd/system/ (the outbound policy service of the submission ports)
     dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
     postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
     postfix/master.cf.mailstate        -> submission entries for /etc/postfix/master.cf (postconf -M -e)
@@ -153,6 +154,8 @@ DKIM_MILTER = "inet:127.0.0.1:8891"
 # with the DKIM milter (postfix-master.cf.j2), so they are signed like submitted mail.
 SIEVE_LISTEN = "127.0.0.1:10026"
 _HOST_PORT = re.compile(r"^(?:[0-9.]+|\[[0-9a-fA-F:]+\]):[0-9]{1,5}$")
+# pi-pull's outbound policy service (pipull/policy.py): Postfix's form, and the ini's [policy] listen.
+POLICY_SERVICE = "inet:127.0.0.1:10040"
 
 INSTALL_PATHS: dict[str, str] = {
     "pi-pull.ini": CONFIG_FILE,
@@ -161,6 +164,7 @@ INSTALL_PATHS: dict[str, str] = {
     "pi-pull.service": "/etc/systemd/system/pi-pull.service",
     "pi-pull.timer": "/etc/systemd/system/pi-pull.timer",
     "pi-pull-follow.service": "/etc/systemd/system/pi-pull-follow.service",
+    "pi-pull-policy.service": "/etc/systemd/system/pi-pull-policy.service",
     "dovecot/conf.d/90-mailstate.conf": "/etc/dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate": "/etc/postfix/main.cf (postconf -e)",
     "postfix/master.cf.mailstate": "/etc/postfix/master.cf (postconf -M -e)",
@@ -175,6 +179,7 @@ RELOCATED = (
     "pi-pull.ini",
     "pi-pull.service",
     "pi-pull-follow.service",
+    "pi-pull-policy.service",
     "postfix/main.cf.mailstate",
     "dovecot/conf.d/90-mailstate.conf",
 )
@@ -195,6 +200,7 @@ _INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
     ("pi-pull.service", "systemd_dir", "pi-pull.service", 0o644),
     ("pi-pull.timer", "systemd_dir", "pi-pull.timer", 0o644),
     ("pi-pull-follow.service", "systemd_dir", "pi-pull-follow.service", 0o644),
+    ("pi-pull-policy.service", "systemd_dir", "pi-pull-policy.service", 0o644),
     ("dovecot/conf.d/90-mailstate.conf", "dovecot_dir", "conf.d/90-mailstate.conf", 0o644),
 )
 
@@ -202,6 +208,7 @@ _SAFE_VALUE = re.compile(r"^[^\n\r]*$")
 # A master.cf service name (`submission`, `465`, `127.0.0.1:10587`) and a milter address.
 _SERVICE = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
 _MILTER = re.compile(r"^((inet|unix):)?[A-Za-z0-9._:/\[\]-]+$")
+_POLICY = re.compile(r"^inet:[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}$")
 
 
 @lru_cache(maxsize=4)
@@ -297,11 +304,13 @@ def postfix_master_snippet(
     smtps_listen: str = "submissions",
     dkim_milter: str = DKIM_MILTER,
     sieve_listen: str = SIEVE_LISTEN,
+    policy_service: str = POLICY_SERVICE,
 ) -> str:
     """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): submission (587,
     STARTTLS required) and submissions (465, implicit TLS), SASL-authenticated clients only, the
-    sender checked against the sender-login map, and the DKIM milter (``dkim_milter``; "" for none)
-    on these services only, so inbound port 25 never depends on it. ``sieve_listen``: a loopback
+    sender checked against the sender-login map, the DKIM milter (``dkim_milter``; "" for none)
+    and the outbound policy service (``policy_service``, ``inet:HOST:PORT``; "" for none) on these
+    services only, so inbound port 25 never depends on either. ``sieve_listen``: a loopback
     service, loopback clients only, where Dovecot's Sieve hands in vacation replies and redirects,
     with the DKIM milter too (docs/owners.md)."""
     if not _HOST_PORT.match(sieve_listen) or not sieve_listen.startswith(("127.", "[::1]")):
@@ -313,13 +322,23 @@ def postfix_master_snippet(
             )
     if dkim_milter and not _MILTER.match(dkim_milter):
         raise InvalidInput("dkim_milter must be a milter address such as inet:127.0.0.1:8891.", field="dkim_milter")
+    if policy_service and not _POLICY.match(policy_service):
+        raise InvalidInput(
+            "policy_service must be inet:HOST:PORT, such as inet:127.0.0.1:10040.", field="policy_service"
+        )
     return render_template(
         "postfix-master.cf.j2",
         submission_listen=submission_listen,
         smtps_listen=smtps_listen,
         dkim_milter=dkim_milter,
         sieve_listen=sieve_listen,
+        policy_service=policy_service,
     )
+
+
+def policy_listen(policy_service: str) -> str:
+    """The ini's ``[policy] listen`` for Postfix's ``inet:HOST:PORT``."""
+    return policy_service.partition(":")[2]
 
 
 DKIM_KEY_DIR = f"{ETC_DIR}/dkim"
@@ -430,6 +449,7 @@ def render_node_bundle(
     dkim_publish_wait: int = 86400,
     dkim_rotate_days: int = 0,
     map_buckets: int | None = None,
+    policy_service: str = POLICY_SERVICE,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -494,6 +514,7 @@ def render_node_bundle(
         mail_root=mail_root.rstrip("/") or "/",
         mail_uid=int(mail_uid),
         mail_gid=int(mail_gid),
+        policy_listen=policy_listen(policy_service) if policy_service else policy_listen(POLICY_SERVICE),
     )
     if dkim_milter:
         # pi-pull.ini's [dkim]: this node's keys and OpenDKIM's tables (pi-pull/pipull/dkim.py).
@@ -511,6 +532,7 @@ def render_node_bundle(
         "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
         "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
         "pi-pull-follow.service": (NODE_TEMPLATES / "pi-pull-follow.service").read_text(encoding="utf-8"),
+        "pi-pull-policy.service": (NODE_TEMPLATES / "pi-pull-policy.service").read_text(encoding="utf-8"),
         "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(
             root,
             lmtp_address=lmtp_address,
@@ -537,6 +559,7 @@ def render_node_bundle(
             smtps_listen=smtps_listen,
             dkim_milter=dkim_milter,
             sieve_listen=sieve_listen,
+            policy_service=policy_service,
         ),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
@@ -591,7 +614,12 @@ def bundle_manifest(
         },
         "dovecot": {"snippet": "conf.d/90-mailstate.conf", "disable_auth_system": True},
         "mail_root": {"path": mail_root, "uid": mail_uid, "gid": mail_gid, "mode": "0750"},
-        "units": {"service": "pi-pull.service", "timer": "pi-pull.timer", "follow": "pi-pull-follow.service"},
+        "units": {
+            "service": "pi-pull.service",
+            "timer": "pi-pull.timer",
+            "follow": "pi-pull-follow.service",
+            "policy": "pi-pull-policy.service",
+        },
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
     if OPENDKIM_CONF in files:

@@ -16,7 +16,12 @@ For every email-enabled domain the compiler writes one folder:
                                                              vacation reply (compiler/sieve.py); absent without
     rendered/domains/<bb>/<domain>/app_passwords             the app passwords' passdb lines (compiler/sieve.py);
                                                              absent without
+    rendered/domains/<bb>/<domain>/sending                   format 2, only with something to say: the domain's
+                                                             (or its project's) send limits and its mailboxes'
+                                                             sending states (state.sending)
     rendered/settings                                        format 2: node-wide `key value` lines
+    rendered/sending                                         format 2, with mailstate.yaml's `sending:` block:
+                                                             every mailbox's default send limits (state.sending)
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
 postmap; the passwd-files are used as they are through Dovecot's `%d`. Per-domain fragments
@@ -47,8 +52,9 @@ from mailstate.state import validate as v
 from mailstate.state.aliases import alias_lines
 from mailstate.state.errors import CompileError
 from mailstate.state.files import RENDERED_DIR, bucket
-from mailstate.state.models import DomainFile, Mailbox, Settings
+from mailstate.state.models import DomainFile, Mailbox, ProjectFile, Settings
 from mailstate.state.senders import SENDER_FRAGMENT, alias_index, sender_lines
+from mailstate.state.sending import SENDING_FILE, SENDING_FRAGMENT, domain_lines, settings_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
 # Every per-domain file the compiler may write (format 1 writes all but `mailboxes`;
@@ -59,6 +65,7 @@ FRAGMENTS = (
     "passwd",
     SENDER_FRAGMENT,
     sieve.SIEVE_FRAGMENT,
+    SENDING_FRAGMENT,
     "virtual_alias_maps",
     "virtual_mailbox_domains",
     "virtual_mailbox_maps",
@@ -166,12 +173,18 @@ def mailbox_dir(domain: str, local: str, box: Mailbox, settings: Settings) -> st
     return f"{domain}/{local}{ID_SEPARATOR}{box.id}"
 
 
-def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterable[DomainFile] = ()) -> dict[str, bytes]:
+def render_domain(
+    domain: DomainFile,
+    settings: Settings,
+    alias_domains: Iterable[DomainFile] = (),
+    project: ProjectFile | None = None,
+) -> dict[str, bytes]:
     """The rendered files of one domain, keyed by repo path; empty when email is disabled.
 
     ``alias_domains``: the email-enabled domains whose ``alias_of`` is this one
     (``state.senders.alias_domains_of``): their addresses' sender lines are in this domain's
-    sender_login_maps (state.senders)."""
+    sender_login_maps (state.senders). ``project``: the domain's project file, whose send limits
+    the domain's ``sending`` fragment carries unless the domain has its own (state.sending)."""
     if not domain.email_enabled:
         return {}
     root = settings.mail_root.rstrip("/")
@@ -194,18 +207,20 @@ def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterabl
     senders = [{"key": key, "owners": owners} for key, owners in sender_lines(domain, alias_domains)]
     app_lines = sieve.app_password_lines(domain)
     scripts = sieve_fragment(domain)
-    # These four are written only for a domain that has any (absent: none).
+    sending = [line.split(" ") for line in domain_lines(domain, project)]
+    # These five are written only for a domain that has any (absent: none).
     present = {
         ALIAS_FRAGMENT: bool(aliases),
         SENDER_FRAGMENT: bool(senders),
         sieve.APP_FRAGMENT: bool(app_lines),
         sieve.SIEVE_FRAGMENT: bool(scripts),
+        SENDING_FRAGMENT: bool(sending),
     }
     fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if present.get(name, True))
     all_mailboxes: list[dict[str, object]] = []
     if settings.format < 2:
         # Format 1 renders exactly as it always did (the upgrade to 2 adds these).
-        fragments = tuple(name for name in fragments if name not in ("mailboxes", SENDER_FRAGMENT))
+        fragments = tuple(name for name in fragments if name not in ("mailboxes", SENDER_FRAGMENT, SENDING_FRAGMENT))
     else:
         for local, box in boxes:
             mailbox_dir(domain.domain, local, box, settings)  # the same checks, for inactive ones too
@@ -217,6 +232,7 @@ def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterabl
         "aliases": aliases,
         "senders": senders,
         "lines": app_lines,
+        "sending": sending,
         "settings": settings,
     }
     base = domain_dir(domain.domain)
@@ -234,22 +250,31 @@ def render_domain(domain: DomainFile, settings: Settings, alias_domains: Iterabl
     return out
 
 
+SETTINGS_FILES = (SETTINGS_FILE, SENDING_FILE)
+
+
 def render_settings(settings: Settings) -> dict[str, bytes | None]:
-    """`rendered/settings` (format 2): what a node needs from mailstate.yaml, one `key value`
-    line each, in this order. Format 1 has no such file (the value None removes it)."""
+    """The node-wide files made from mailstate.yaml (format 2; the value None removes a file):
+    `rendered/settings`, one `key value` line each, in this order, and `rendered/sending` (only
+    with a `sending:` block, state.sending). Format 1 has neither."""
     if settings.format < 2:
-        return {SETTINGS_FILE: None}
+        return {SETTINGS_FILE: None, SENDING_FILE: None}
     text = f"format {settings.format}\npurge_after_days {settings.purge_after_days}\n"
-    return {SETTINGS_FILE: text.encode("ascii")}
+    return {SETTINGS_FILE: text.encode("ascii"), SENDING_FILE: settings_text(settings)}
 
 
-def compile_state(settings: Settings, domains: Iterable[DomainFile]) -> dict[str, bytes]:
+def compile_state(
+    settings: Settings, domains: Iterable[DomainFile], projects: Mapping[int, ProjectFile] | None = None
+) -> dict[str, bytes]:
     """The whole `rendered/` tree of a state, keyed by repo path."""
     out: dict[str, bytes] = {path: data for path, data in render_settings(settings).items() if data is not None}
     everything = {d.domain: d for d in domains}
     users = alias_index(everything.values())  # in one pass, not one scan of every domain a domain
+    projects = projects or {}
     for name in sorted(everything):
-        out.update(render_domain(everything[name], settings, users.get(name, ())))
+        dom = everything[name]
+        project = projects.get(dom.project_id) if dom.project_id is not None else None
+        out.update(render_domain(dom, settings, users.get(name, ()), project))
     return out
 
 

@@ -26,6 +26,7 @@ from mailstate.compiler.render import compile_state
 from mailstate.state import files
 from mailstate.state.dnscheck import DnsChecker
 from mailstate.state.errors import StoreError
+from mailstate.state.events import dns_check_failed, project_of
 from mailstate.state.gitrepo import GitRepo, fsync_path
 from mailstate.state.keyrotation import DataDirSigner
 from mailstate.state.localdb import LocalDB
@@ -34,6 +35,7 @@ from mailstate.state.signing import Ed25519Signer, Signer, allowed_signers_line,
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Clock, Store, clean_request_id, commit_message, utcnow
 from mailstate.state.upstream import Upstream
+from mailstate.state.webhooks import Webhooks
 
 # Writes an ed25519 key pair at the path (and path.pub); returns the public key line.
 KeyGen = Callable[[Path], str]
@@ -191,9 +193,16 @@ def open_store(
     store.usage_source = db.usage_for if db is not None else None
     store.dkim_source = db.dkim_keys if db is not None else None
     store.app_use_source = db.app_password_uses if db is not None else None
+    store.sending_source = db.sending_for if db is not None else None
     if db is not None:
+        # Webhooks and their outbox live in the same database (state/webhooks.py); delivering them
+        # is the server's (api/server.py), but any process may register one or queue an event.
+        hooks = Webhooks(dd.db)
+        store.webhooks = hooks
         # The resolver of $MAILSTATE_DNS_RESOLVER (a bad value makes check-dns answer 503, not the start fail).
-        store.dns_check_source = DnsChecker.from_env(db).check
+        checker = DnsChecker.from_env(db)
+        checker.on_failure = dns_check_failed(hooks, project_of(store))
+        store.dns_check_source = checker.check
         store.dns_status_source = db.dns_status
     # A format-1 state becomes format 2 in one signed commit the first time a store opens it
     # (the server on start, any CLI command); a format-2 state is left alone.

@@ -248,6 +248,60 @@ _DETAILS: dict[str, str] = {
         "with the servers as `imap` and `smtp`. Refused: 404 domain_not_found (unknown or no email), 409 "
         "dns_not_configured. Reads only."
     ),
+    "set-limits": (
+        "[Admin] Sets a project's (`project_id`) or a domain's (`domain`; give exactly one) plan limits; a limit "
+        "left out stays as it is, null removes it. max_mailboxes (active mailboxes; soft-deleted ones do not "
+        "count), max_aliases (the catch-all included), max_quota_mb (the largest quota one mailbox may have, "
+        "1-1048576 MB), storage_mb (the sum of the quotas) count over the scope's email-enabled domains; both "
+        "the domain's and its project's limits apply. send_per_hour and send_per_day are recipients EACH mailbox "
+        "may send to in an hour and in 24 hours (a message to three counts three), enforced by the mail nodes "
+        "(4xx past the limit); a domain's overrides its project's, which overrides mailstate.yaml's sending "
+        "default. Refused (409 limit_below_use) when the scope already uses more than the new limit. Afterwards "
+        "every write that would pass a limit (add-user, restore-user, set-quota, add-alias, enable-email, ...) is "
+        "refused with 409 limit_reached, naming the limit, its max and the use, and nothing is committed. " + _WRITE
+    ),
+    "list-limits": (
+        "Answers `limits`: your project (domain null) and its email-enabled domains, each limit with `limit` (set "
+        "on that scope, or null), `use` (what the scope uses now; for send_* the most recipients one mailbox sent "
+        "to in the window, as the nodes last reported) and, for send_*, `effective` (what each mailbox gets after "
+        "the domain > project > default order). `project_id` or `domain` narrows it down. An admin token sees "
+        "every project and domain that has limits. Reads only."
+    ),
+    "set-quota": (
+        "Changes an active mailbox's quota, 1-1048576 MB (new mailboxes get default {default_quota_mb} MB). Held to "
+        "the plan limits (409 limit_reached for max_quota_mb and storage_mb); 409 mailbox_inactive for a "
+        "soft-deleted mailbox. " + _WRITE
+    ),
+    "suspend-sending": (
+        "Stops a mailbox from sending: every submission (587/465) gets a 5xx, while it still receives mail and "
+        "logs in (IMAP and SMTP AUTH). `reason` (1-200 characters, one line) is kept in the state and shown by "
+        "list-users, never to mail clients. The mail nodes also suspend a mailbox by themselves when its "
+        "recipients pass auto_suspend_factor x its send limit; that too shows here and fires sending.suspended. "
+        + _WRITE
+    ),
+    "resume-sending": (
+        "Lets a suspended mailbox send again; the nodes count it afresh from now. Nothing changes (commit null) "
+        "when it is not suspended. " + _WRITE
+    ),
+    "add-webhook": (
+        "Registers a URL that gets events as signed POSTs (Standard Webhooks: webhook-id, webhook-timestamp, "
+        "webhook-signature `v1,<base64 HMAC-SHA256 of id.timestamp.body>`). `events` (1-11 of mailbox.created, "
+        "mailbox.deleted, mailbox.restored, domain.enabled, domain.disabled, quota.threshold, sending.limited, "
+        "sending.suspended, dns.check_failed; node.stale and node.recovered for admin tokens): a project token's "
+        "webhook gets its project's events only, an admin's every project's. `url`: https to a public address "
+        "(400 invalid_webhook_url, webhook_url_not_public). Answers `secret` (whsec_...) ONCE; it is never listed. "
+        "Delivery is at least once (the same webhook-id on a retry), retried with backoff for 24 hours, and kept "
+        "across server restarts. At most 20 webhooks a project (409 too_many_webhooks). Kept in the server's "
+        "local database, not in git: no commit."
+    ),
+    "list-webhooks": (
+        "Answers `webhooks`: yours (an admin's token: all), with their events, pending deliveries and the last "
+        "success and failure. Never the secrets. Reads only."
+    ),
+    "remove-webhook": (
+        "Removes a webhook by its `id`; its pending deliveries are dropped. 404 webhook_not_found for an unknown "
+        "or another project's webhook. No commit (webhooks are not in git)."
+    ),
     "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. " + _WRITE,
     "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. "
     + _WRITE,

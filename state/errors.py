@@ -18,23 +18,31 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_vacation, invalid_filter, invalid_folder, too_many_filters,
     │                                   invalid_app_password, invalid_scopes, app_password_name_taken,
     │                                   too_many_app_passwords (state/owners.py),
-    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py)
+    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py),
+    │                                   invalid_limits, invalid_scope (set-limits), invalid_reason
+    │                                   (suspend-sending), invalid_webhook_url, invalid_webhook_secret,
+    │                                   invalid_events, invalid_webhook_id, webhook_url_not_public
+    │                                   (state/webhooks.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
     │                                   token_not_found, repository_not_found,
     │                                   revision_not_found (`mailstate plan`), not_found (default),
-    │                                   alias_not_found, app_password_not_found
+    │                                   alias_not_found, app_password_not_found,
+    │                                   project_not_found (list-limits), webhook_not_found
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
-    │                                   email_not_enabled, mailbox_exists, mailbox_inactive,
-    │                                   mailbox_active, conflict (default),
-    │                                   active_mailboxes_remain, node_exists, token_ambiguous
-    │                                   (`token revoke NAME` when several tokens share NAME),
-    │                                   address_in_use, alias_exists, alias_loop,
-    │                                   alias_chain_too_long, alias_domain_target_invalid,
-    │                                   alias_domains_remain (state/aliases.py),
-    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
-    │                                   vacation_ends_before_start, vacation_text_missing (set-vacation)
+    │   │                               email_not_enabled, mailbox_exists, mailbox_inactive,
+    │   │                               mailbox_active, conflict (default),
+    │   │                               active_mailboxes_remain, node_exists, token_ambiguous
+    │   │                               (`token revoke NAME` when several tokens share NAME),
+    │   │                               address_in_use, alias_exists, alias_loop,
+    │   │                               alias_chain_too_long, alias_domain_target_invalid,
+    │   │                               alias_domains_remain (state/aliases.py),
+    │   │                               dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
+    │   │                               vacation_ends_before_start, vacation_text_missing (set-vacation),
+    │   │                               too_many_webhooks (state/webhooks.py)
+    │   └── LimitReached              limit_reached, limit_below_use (state/limits.py: carries the
+    │                                   limit, its value and the use)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is
@@ -49,7 +57,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │       │                           dns_resolver_invalid, dns_check_unavailable (check-dns
     │       │                           without a usable resolver, state/dnscheck.py),
     │       │                           state_needs_repair (main holds a commit the server refuses,
-    │       │                           and a write would build on it or drop answered writes)
+    │       │                           and a write would build on it or drop answered writes),
+    │       │                           webhooks_unavailable (a process without a local database)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)
@@ -122,6 +131,24 @@ class NotFound(MailstateError):
 
 class Conflict(MailstateError):
     default_code = "conflict"
+
+
+class LimitReached(Conflict):
+    """A write that would pass a plan limit (state/limits.py): the body names the limit, its
+    value (`max`) and the use."""
+
+    default_code = "limit_reached"
+
+    def __init__(self, message: str, *, code: str, limit: str, value: int, use: int, scope: str) -> None:
+        super().__init__(message, code=code, field=limit, target=scope)
+        self.limit = limit
+        self.value = value
+        self.use = use
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body.update(limit=self.limit, max=self.value, use=self.use)
+        return body
 
 
 class StateInvalid(MailstateError):

@@ -3,6 +3,7 @@
     mailstate.yaml                       Settings (`format: 1` or `2`)
     nodes.yaml                           NodesFile
     domains/<bb>/<domain>.yaml           DomainFile, bb = the domain's first two characters
+    projects/<pp>/<project_id>.yaml      ProjectFile (a project's plan limits), pp = the id's first two digits
     rendered/...                         compiler output (see compiler.render)
 
 Format 2 gives every mailbox an immutable `id` (`<yyyymmdd>-<6 hex>`); format 1 has none.
@@ -32,11 +33,12 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from mailstate.state.errors import StateInvalid, StoreError
-from mailstate.state.models import DomainFile, Filter, Mailbox, NodesFile, Settings
+from mailstate.state.models import DomainFile, Filter, Mailbox, NodesFile, ProjectFile, Settings
 
 SETTINGS_PATH = "mailstate.yaml"
 NODES_PATH = "nodes.yaml"
 DOMAINS_DIR = "domains"
+PROJECTS_DIR = "projects"
 RENDERED_DIR = "rendered"
 
 try:  # the C loader is ~10x faster; fall back so a machine without libyaml still works
@@ -87,6 +89,38 @@ def domain_from_path(path: str) -> str | None:
     if len(parts) != 3 or parts[0] != DOMAINS_DIR or not parts[2].endswith(".yaml"):
         return None
     return parts[2][: -len(".yaml")]
+
+
+def project_path(project_id: int) -> str:
+    """Repo path of a project's file (its plan limits), fanned out like the domains."""
+    return f"{PROJECTS_DIR}/{str(project_id)[:2]}/{project_id}.yaml"
+
+
+def project_from_path(path: str) -> int | None:
+    """The project id a `projects/<pp>/<id>.yaml` path names, or None for any other path."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != PROJECTS_DIR or not parts[2].endswith(".yaml"):
+        return None
+    text = parts[2][: -len(".yaml")]
+    if not text.isdigit() or text.startswith("0") or len(text) > 19:
+        return None
+    return int(text)
+
+
+def parse_project(data: bytes | str, path: str) -> ProjectFile:
+    """A project file → ProjectFile, checking that the file name matches its project_id."""
+    project: ProjectFile = _validated(ProjectFile, load_yaml(data, path), path)
+    if project_path(project.project_id) != path:
+        raise StateInvalid(
+            f"{path}: holds project {project.project_id}, which belongs in {project_path(project.project_id)}"
+        )
+    return project
+
+
+def dump_project(project: ProjectFile, previous: bytes | None = None) -> bytes:
+    """ProjectFile → YAML (the limits that are set, in their canonical order), keeping comments."""
+    data = {"project_id": project.project_id, "limits": project.limits.values()}
+    return _dump_preserving(data, previous, project_path(project.project_id))
 
 
 def load_yaml(data: bytes | str, path: str) -> Any:
@@ -313,6 +347,8 @@ def dump_settings(settings: Settings) -> bytes:
         data.pop("purge_after_days")
     if settings.dns is not None:
         data["dns"] = settings.dns.dump()
+    if settings.sending is not None:
+        data["sending"] = settings.sending.model_dump(mode="json")  # null values stay: null means "no limit"
     return _plain(data).encode()
 
 
@@ -332,6 +368,8 @@ def domain_document(domain: DomainFile) -> dict[str, Any]:
     # The alias keys are optional (state.aliases): a file without them stays byte-identical.
     if domain.alias_of is not None:
         doc["alias_of"] = domain.alias_of
+    if domain.limits:
+        doc["limits"] = domain.limits.values()
     doc["mailboxes"] = {local: _box_document(box) for local, box in sorted(domain.mailboxes.items())}
     if domain.aliases:
         # One alias per block, sorted ('@', the catch-all, first); destinations keep their order.
@@ -355,6 +393,8 @@ def _box_document(box: Mailbox) -> dict[str, Any]:
         doc["app_passwords"] = {
             name: entry.model_dump(mode="json") for name, entry in sorted(box.app_passwords.items())
         }
+    if box.sending is not None:
+        doc["sending"] = box.sending.model_dump(mode="json", exclude_none=True)
     return doc
 
 

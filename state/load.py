@@ -23,10 +23,11 @@ from typing import Any
 
 from mailstate.compiler.render import compile_state, diff_rendered
 from mailstate.state import aliases, files
+from mailstate.state import limits as lim
 from mailstate.state.domainmap import DomainMap, Lazy
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
+from mailstate.state.models import DomainFile, Limits, Mailbox, NodesFile, ProjectFile, Settings
 from mailstate.state.snapshot import Snapshot
 
 CACHE_VERSION = 4
@@ -104,16 +105,17 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # The fields whose values are JSON already (str, int, bool, None, lists and dicts of them), so
 # an entry can be written from the models' __dict__ without pydantic's serializer (about half of
 # a cache write). A model with any other field uses model_dump.
-# A mailbox's owner settings (state/owners.py: vacation, filters, app passwords) are models, not
-# JSON: a mailbox that has any is dumped and validated by pydantic (few mailboxes have them).
-_OWNER_FIELDS = ("vacation", "filters", "app_passwords")
-_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
-    "id", "password", "quota_mb", "active", "forward_to", "keep_copy", *_OWNER_FIELDS
+# A mailbox's owner settings (state/owners.py: vacation, filters, app passwords) and its
+# `sending` (state.sending), and a domain's `limits`, are models, not JSON: a mailbox or domain
+# that has any is dumped and validated by pydantic (few have them).
+_MODEL_FIELDS = ("vacation", "filters", "app_passwords", "sending")
+_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
+    "id", "password", "quota_mb", "active", "forward_to", "keep_copy", *_MODEL_FIELDS
 }  # fmt: skip
 
 
 def _plain_box(box: dict[str, Any]) -> bool:
-    return box.get("vacation") is None and box.get("filters") is None and box.get("app_passwords") is None
+    return all(box.get(name) is None for name in _MODEL_FIELDS)
 
 
 def _domain_to_json(dom: DomainFile) -> dict[str, Any]:
@@ -124,17 +126,22 @@ def _domain_to_json(dom: DomainFile) -> dict[str, Any]:
         local: box.__dict__ if _plain_box(box.__dict__) else box.model_dump(mode="json")
         for local, box in dom.mailboxes.items()
     }
-    return {**dom.__dict__, "mailboxes": boxes}
+    out = {**dom.__dict__, "mailboxes": boxes}
+    if dom.limits is not None:
+        out["limits"] = dom.limits.model_dump(mode="json")
+    return out
 
 
 def _domain_from_json(raw: dict[str, Any]) -> DomainFile:
     # Built without validation: the entry was validated when it was parsed, and its MAC
-    # proves it is the one this data dir wrote for that blob (a mailbox with owner settings is
+    # proves it is the one this data dir wrote for that blob (a mailbox with model fields is
     # validated again, to build its nested models).
     raw["mailboxes"] = {
         local: _built(Mailbox, box, _MAILBOX_FIELDS) if _plain_box(box) else _share_box(Mailbox.model_validate(box))
         for local, box in raw["mailboxes"].items()
     }
+    if raw.get("limits") is not None:
+        raw["limits"] = Limits.model_validate(raw["limits"])
     dom: DomainFile = _built(DomainFile, raw, _DOMAIN_FIELDS)
     return dom
 
@@ -524,7 +531,18 @@ def load_commit(
     if unfit:
         problems = files.format_problems(settings.format, [dmap[name] for name in sorted(unfit)])
         raise StateInvalid(problems[0], problems=problems)
-    return Snapshot.build(commit, settings, dmap, nodes)
+    return Snapshot.build(commit, settings, dmap, nodes, load_projects(repo, commit))
+
+
+def load_projects(repo: GitRepo, commit: str) -> dict[int, ProjectFile]:
+    """Every project file of `commit` (only projects with limits have one: few, small, parsed each time)."""
+    out: dict[int, ProjectFile] = {}
+    for path, oid in repo.walk_blobs(commit, files.PROJECTS_DIR):
+        if files.project_from_path(path) is None:
+            raise StateInvalid(f"{path}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+        project = files.parse_project(repo.blob(oid), path)
+        out[project.project_id] = project
+    return out
 
 
 @dataclass
@@ -535,6 +553,14 @@ class CheckoutState:
     domains: dict[str, DomainFile]
     nodes: NodesFile | None
     problems: list[str]
+    projects: dict[int, ProjectFile] = field(default_factory=dict)
+
+    def limits_state(self) -> lim.State:
+        by_project: dict[int, set[str]] = {}
+        for dom in self.domains.values():
+            if dom.project_id is not None:
+                by_project.setdefault(dom.project_id, set()).add(dom.domain)
+        return lim.State(self.domains, by_project, self.projects)
 
 
 def load_checkout(root: Path) -> CheckoutState:
@@ -574,7 +600,30 @@ def load_checkout(root: Path) -> CheckoutState:
         domains[dom.domain] = dom
     if settings is not None:
         problems.extend(files.format_problems(settings.format, domains.values()))
-    return CheckoutState(settings, domains, nodes, problems)
+    projects = load_checkout_projects(root, problems)
+    return CheckoutState(settings, domains, nodes, problems, projects)
+
+
+def load_checkout_projects(root: Path, problems: list[str] | None = None) -> dict[int, ProjectFile]:
+    """The project files of a checkout; what does not parse goes to `problems` (or is left out)."""
+    projects: dict[int, ProjectFile] = {}
+    pbase = root / files.PROJECTS_DIR
+    for path in sorted(pbase.rglob("*")) if pbase.exists() else []:
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root).as_posix()
+        if files.project_from_path(rel) is None:
+            if problems is not None:
+                problems.append(f"{rel}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+            continue
+        try:
+            project = files.parse_project(path.read_bytes(), rel)
+        except StateInvalid as exc:
+            if problems is not None:
+                problems.extend(exc.problems)
+            continue
+        projects[project.project_id] = project
+    return projects
 
 
 def read_rendered(root: Path) -> dict[str, bytes]:
@@ -591,7 +640,10 @@ def check_checkout(root: Path) -> list[str]:
     problems = list(loaded.problems)
     if loaded.settings is not None and not loaded.problems:
         problems.extend(problem_lines(aliases.problems(loaded.domains, loaded.domains)))
-        problems.extend(diff_rendered(compile_state(loaded.settings, loaded.domains.values()), read_rendered(root)))
+        problems.extend(lim.state_problems(loaded.limits_state()))
+        problems.extend(
+            diff_rendered(compile_state(loaded.settings, loaded.domains.values(), loaded.projects), read_rendered(root))
+        )
     return problems
 
 
@@ -605,12 +657,14 @@ def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) ->
     problems = [
         f"{path}: unexpected file at the top of the repo"
         for path in _top_level(repo, commit)
-        if path not in {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR}
+        if path
+        not in {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR, files.PROJECTS_DIR}
         and not path.startswith(".")
         and path not in {"README.md", "LICENSE"}
     ]
     problems.extend(problem_lines(aliases.problems(snap.domains, snap.domains)))
-    problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values()), actual))
+    problems.extend(lim.state_problems(lim.State(snap.domains, snap.by_project, snap.projects)))
+    problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values(), snap.projects), actual))
     return problems
 
 

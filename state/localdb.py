@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from mailstate.state.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from mailstate.state.sending import SendingChange
 from mailstate.state.snapshot import Actor
 
 TOKEN_PREFIX = "mst_"
 USAGE_BATCH = 2000  # usage rows written per transaction (and per hold of the lock)
 _TOKEN = re.compile(r"^mst_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SENT_FIGURES = ("messages_hour", "recipients_hour", "messages_day", "recipients_day", "refused_hour")
+_WORST = {"ok": 0, "limited": 1, "suspended": 2}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -79,6 +82,22 @@ CREATE TABLE IF NOT EXISTS dns_checks (
     ok INTEGER NOT NULL,
     checked_at TEXT NOT NULL,
     checked_unix INTEGER NOT NULL
+) WITHOUT ROWID;
+-- What each node's policy service counted per login (pi-pull/pipull/policy.py, state/sending.py):
+-- list-users' `sending` and `sent`, list-limits' send use. One row per login and node.
+CREATE TABLE IF NOT EXISTS sending_reports (
+    domain TEXT NOT NULL,
+    local TEXT NOT NULL,
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    token TEXT NOT NULL,
+    messages_hour INTEGER NOT NULL,
+    recipients_hour INTEGER NOT NULL,
+    messages_day INTEGER NOT NULL,
+    recipients_day INTEGER NOT NULL,
+    refused_hour INTEGER NOT NULL,
+    reported_at TEXT NOT NULL,
+    PRIMARY KEY (domain, local, node)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS node_status (
     name TEXT PRIMARY KEY,
@@ -298,6 +317,81 @@ class LocalDB:
                         "node": node,
                     }
         return out
+
+    # --- sending figures ---------------------------------------------------------------------------
+
+    def record_sending(self, node: str, rows: list[tuple[Any, ...]], at: datetime) -> list[SendingChange]:
+        """Store a node's `(domain, local, state, token, mh, rh, md, rd, refused)` rows; returns the
+        logins whose state (ok, limited, suspended) changed for that node, and every suspended one
+        (so a suspension the server could not record yet is tried again with the next report)."""
+        stamp = at.isoformat()
+        changes: list[SendingChange] = []
+        for start in range(0, len(rows), USAGE_BATCH):
+            batch = rows[start : start + USAGE_BATCH]
+            with self._lock:
+                self._conn.execute("BEGIN")
+                try:
+                    for row in batch:
+                        old = self._conn.execute(
+                            "SELECT state FROM sending_reports WHERE domain = ? AND local = ? AND node = ?",
+                            (row[0], row[1], node),
+                        ).fetchone()
+                        if old is None or old[0] != row[2] or row[2] == "suspended":
+                            figures = dict(zip(_SENT_FIGURES, row[4:], strict=True))
+                            changes.append(
+                                SendingChange(row[0], row[1], old[0] if old else None, row[2], row[3], figures)
+                            )
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO sending_reports (domain, local, node, state, token, messages_hour,"
+                        " recipients_hour, messages_day, recipients_day, refused_hour, reported_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(r[0], r[1], node, *r[2:], stamp) for r in batch],
+                    )
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+        return changes
+
+    def sending_for(self, domains: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """{domain: {local: figures}} for the given domains: each login's figures summed over the
+        nodes that reported it, its worst state (suspended, limited, ok) and that report's token."""
+        names = sorted(set(domains))
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        with self._lock:
+            rows = []
+            for i in range(0, len(names), 500):
+                chunk = names[i : i + 500]
+                rows += self._conn.execute(
+                    "SELECT domain, local, state, token, messages_hour, recipients_hour, messages_day, recipients_day,"
+                    f" refused_hour, reported_at FROM sending_reports WHERE domain IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+        for domain, local, state, token, *figures, at in rows:
+            entry = out.setdefault(domain, {}).get(local)
+            if entry is None:
+                entry = out[domain][local] = {
+                    "state": state,
+                    "token": token,
+                    "reported_at": at,
+                    **dict.fromkeys(_SENT_FIGURES, 0),
+                }
+            elif _WORST[state] > _WORST[entry["state"]]:
+                entry.update(state=state, token=token)
+            entry["reported_at"] = max(entry["reported_at"], at)
+            for name, value in zip(_SENT_FIGURES, figures, strict=True):
+                entry[name] += value
+        return out
+
+    def sending_counts(self, since: datetime) -> dict[str, int]:
+        """How many logins each state has in reports at or after `since` (for /metrics)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT state, COUNT(DISTINCT domain || ' ' || local) FROM sending_reports WHERE reported_at >= ?"
+                " GROUP BY state",
+                (since.isoformat(),),
+            ).fetchall()
+        return {state: int(count) for state, count in rows}
 
     # --- DNS checks -----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ pydantic's own errors (missing field, wrong type, unknown field) into the same e
 from __future__ import annotations
 
 import re
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -230,6 +230,118 @@ class DnsSettings(BaseModel):
         return {k: v for k, v in data.items() if k not in self.WRITTEN_WHEN_SET or k in self.model_fields_set}
 
 
+# --- platform controls (state.limits, state.sending) -------------------------------------
+
+LIMIT_NAMES: tuple[str, ...] = (
+    "max_mailboxes",
+    "max_aliases",
+    "max_quota_mb",
+    "storage_mb",
+    "send_per_hour",
+    "send_per_day",
+)
+# The plan limits a write can pass (counted over the scope's email-enabled domains, state.limits)
+# and the outbound limits, which apply to each mailbox on its own and are enforced by the nodes.
+USE_LIMITS: tuple[str, ...] = ("max_mailboxes", "max_aliases", "max_quota_mb", "storage_mb")
+SEND_LIMITS: tuple[str, ...] = ("send_per_hour", "send_per_day")
+MAX_COUNT_LIMIT = 10_000_000
+MAX_STORAGE_MB = 2**40
+MAX_SEND_PER_HOUR = 1_000_000
+MAX_SEND_PER_DAY = 24_000_000
+LIMIT_RANGES: dict[str, tuple[int, int]] = {
+    "max_mailboxes": (0, MAX_COUNT_LIMIT),
+    "max_aliases": (0, MAX_COUNT_LIMIT),
+    "max_quota_mb": (1, v.MAX_QUOTA_MB),
+    "storage_mb": (0, MAX_STORAGE_MB),
+    "send_per_hour": (0, MAX_SEND_PER_HOUR),
+    "send_per_day": (0, MAX_SEND_PER_DAY),
+}
+LIMIT_DOCS: dict[str, str] = {
+    "max_mailboxes": "Active mailboxes, at most (soft-deleted ones do not count).",
+    "max_aliases": "Aliases (the catch-all included), at most.",
+    "max_quota_mb": "The largest quota_mb one mailbox may have.",
+    "storage_mb": "The sum of the active mailboxes' quota_mb, at most.",
+    "send_per_hour": "Recipients each mailbox may send to in the last hour (a message to three counts three); the nodes "
+    "enforce it. A domain's value overrides its project's, which overrides mailstate.yaml's sending default.",
+    "send_per_day": "Recipients each mailbox may send to in the last 24 hours; as send_per_hour.",
+}
+
+
+def _limit_field(name: str) -> Any:
+    low, high = LIMIT_RANGES[name]
+    return Field(default=None, ge=low, le=high, description=f"{LIMIT_DOCS[name]} {low}-{high}; null: no limit.")
+
+
+class Limits(BaseModel):
+    """A project's or a domain's plan limits (set-limits). Every key is optional; absent or null is no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    max_mailboxes: int | None = _limit_field("max_mailboxes")
+    max_aliases: int | None = _limit_field("max_aliases")
+    max_quota_mb: int | None = _limit_field("max_quota_mb")
+    storage_mb: int | None = _limit_field("storage_mb")
+    send_per_hour: int | None = _limit_field("send_per_hour")
+    send_per_day: int | None = _limit_field("send_per_day")
+
+    def values(self) -> dict[str, int]:
+        """The limits that are set, in LIMIT_NAMES order."""
+        return {name: value for name in LIMIT_NAMES if (value := getattr(self, name)) is not None}
+
+    def __bool__(self) -> bool:
+        return bool(self.values())
+
+
+class SendingSettings(BaseModel):
+    """mailstate.yaml's optional `sending:` block: every mailbox's outbound limits unless its domain
+    or project sets its own (set-limits), and when a node suspends a mailbox by itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    send_per_hour: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEND_PER_HOUR,
+        description="Recipients a mailbox may send to in an hour; null: no limit.",
+    )
+    send_per_day: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEND_PER_DAY,
+        description="Recipients a mailbox may send to in 24 hours; null: no limit.",
+    )
+    auto_suspend_factor: float | None = Field(
+        default=3.0,
+        ge=1.0,
+        le=1000.0,
+        description="A node suspends a mailbox whose recipients (refused ones included) pass this many times its limit "
+        "in the limit's window; null: never by itself.",
+    )
+
+
+SUSPEND_REASON_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"  # one line, no control characters
+
+
+class MailboxSending(BaseModel):
+    """A mailbox's sending state (suspend-sending, resume-sending, or a node's own suspension).
+
+    `changed_at` is when it last changed: the nodes start counting the mailbox afresh from each
+    change they see, so a resumed mailbox can send again at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suspended: bool
+    reason: str | None = Field(default=None, pattern=SUSPEND_REASON_PATTERN)
+    changed_at: datetime
+
+    @field_validator("changed_at")
+    @classmethod
+    def _utc_second(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() != timedelta(0) or value.microsecond:
+            raise ValueError("changed_at must be a UTC time in whole seconds (like 2026-12-01T10:00:00Z)")
+        return value
+
+
 class Settings(BaseModel):
     """mailstate.yaml: the format version and settings shared by every node."""
 
@@ -252,6 +364,9 @@ class Settings(BaseModel):
     )
     dns: DnsSettings | None = Field(
         default=None, description="The platform's DNS values for dns-records (optional; see DnsSettings)."
+    )
+    sending: SendingSettings | None = Field(
+        default=None, description="Outbound limits every mailbox gets unless set-limits says otherwise (optional)."
     )
 
     @field_validator("mail_root")
@@ -407,6 +522,9 @@ class Mailbox(BaseModel):
             raise ValueError("app_passwords: two entries share a slot")
         return value
 
+    # Optional (state.sending): suspend-sending / resume-sending, or a node's own suspension.
+    sending: MailboxSending | None = None
+
     @field_validator("forward_to")
     @classmethod
     def _forward(cls, value: list[str] | None) -> list[str] | None:
@@ -444,8 +562,15 @@ class DomainFile(BaseModel):
     email_enabled: bool = False
     # Optional (state.aliases): an alias domain's target, and the aliases (`"@"` = catch-all).
     alias_of: str | None = None
+    # Optional (state.limits): the domain's own plan limits (set-limits {domain}).
+    limits: Limits | None = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, value: Limits | None) -> Limits | None:
+        return value if value else None  # `limits: {}` is no limit at all
 
     @field_validator("alias_of")
     @classmethod
@@ -515,6 +640,21 @@ class Node(BaseModel):
         if not SHA256_HEX.fullmatch(value):
             raise ValueError("sync_key_sha256 must be 64 lowercase hex digits")
         return value
+
+
+class ProjectFile(BaseModel):
+    """projects/<pp>/<project_id>.yaml: a project's plan limits (set-limits {project_id})."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    project_id: int
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("project_id")
+    @classmethod
+    def _project(cls, value: int) -> int:
+        checked: int = _file_value(v.validate_project_id, value)
+        return checked
 
 
 class NodesFile(BaseModel):
@@ -940,6 +1080,216 @@ class UnlinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to unlink from its project.")
 
 
+def _limit_value(name: str) -> Any:
+    low, high = LIMIT_RANGES[name]
+
+    def check(value: object) -> object:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise InvalidInput(
+                f"{name} must be a whole number from {low} to {high}, or null to remove the limit.",
+                code="invalid_limits",
+                field=name,
+            )
+        return value
+
+    return check
+
+
+def _limit_request_field(name: str) -> Any:
+    low, high = LIMIT_RANGES[name]
+    return Annotated[
+        int | None,
+        BeforeValidator(_limit_value(name)),
+        Field(
+            default=None,
+            description=f"{LIMIT_DOCS[name]} {low}-{high}; null removes the limit; leave it out to keep it as it is.",
+            json_schema_extra={"minimum": low, "maximum": high},
+        ),
+    ]
+
+
+def _scope_schema(schema: dict[str, Any]) -> None:
+    # project_id or domain (or both: the domain, checked to be the project's); never null.
+    props = schema.get("properties", {})
+    for name in ("project_id", "domain"):
+        branches = props.get(name, {}).pop("anyOf", None)
+        if branches:
+            described = props[name].get("description")
+            props[name].update(next(b for b in branches if b.get("type") != "null"))
+            props[name].pop("default", None)
+            if described:
+                props[name]["description"] = described
+    schema["anyOf"] = [{"required": ["project_id"]}, {"required": ["domain"]}]
+
+
+class SetLimitsRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_schema)
+
+    project_id: ProjectId | None = Field(
+        default=None,
+        description="The project whose limits to set; with `domain` too, the domain's, which must be this project's.",
+    )
+    domain: DomainName | None = Field(default=None, description="The domain whose limits to set.")
+    max_mailboxes: _limit_request_field("max_mailboxes")  # type: ignore[valid-type]
+    max_aliases: _limit_request_field("max_aliases")  # type: ignore[valid-type]
+    max_quota_mb: _limit_request_field("max_quota_mb")  # type: ignore[valid-type]
+    storage_mb: _limit_request_field("storage_mb")  # type: ignore[valid-type]
+    send_per_hour: _limit_request_field("send_per_hour")  # type: ignore[valid-type]
+    send_per_day: _limit_request_field("send_per_day")  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _a_scope(self) -> SetLimitsRequest:
+        if self.project_id is None and self.domain is None:
+            raise InvalidInput("Give project_id or domain: whose limits to set.", code="invalid_scope")
+        return self
+
+    def changes(self) -> dict[str, int | None]:
+        """The limits the request names (null: remove), in LIMIT_NAMES order."""
+        return {name: getattr(self, name) for name in LIMIT_NAMES if name in self.model_fields_set}
+
+
+def _query_project_id(value: object) -> object:
+    # A query string carries text: "42" is project 42 (a JSON body's 42 is taken as it is).
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,18}", value):
+        return int(value)
+    return value
+
+
+QueryProjectId = Annotated[
+    int,
+    BeforeValidator(v.validate_project_id),
+    BeforeValidator(_query_project_id),
+    Field(
+        description="Project (WebSumo) id, a positive whole number.",
+        json_schema_extra={"minimum": 1, "maximum": 2**63 - 1},
+    ),
+]
+
+
+class ListLimitsRequest(Request):
+    project_id: QueryProjectId | None = Field(default=None, description="Only this project and its domains.")
+    domain: DomainName | None = Field(default=None, description="Only this domain (and its project's limits).")
+
+
+class SetQuotaRequest(Request):
+    email: Email = Field(description="The active mailbox whose quota changes.")
+    quota_mb: QuotaMb = Field(description=f"The new quota in MB, 1-{v.MAX_QUOTA_MB}.")
+
+
+class SuspendSendingRequest(Request):
+    email: Email = Field(description="The mailbox that may no longer send (it still receives and logs in).")
+    reason: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=SUSPEND_REASON_PATTERN,
+        description="Why, for the audit log and list-users (1-200 characters, one line); never shown to mail clients.",
+    )
+
+
+class ResumeSendingRequest(Request):
+    email: Email = Field(description="The suspended mailbox that may send again.")
+
+
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "mailbox.created",
+    "mailbox.deleted",
+    "mailbox.restored",
+    "domain.enabled",
+    "domain.disabled",
+    "quota.threshold",
+    "sending.limited",
+    "sending.suspended",
+    "node.stale",
+    "node.recovered",
+    "dns.check_failed",
+)
+# Events about the platform, not a project: only admin webhooks get them.
+ADMIN_EVENTS: frozenset[str] = frozenset({"node.stale", "node.recovered"})
+WebhookEvent = Literal[
+    "mailbox.created",
+    "mailbox.deleted",
+    "mailbox.restored",
+    "domain.enabled",
+    "domain.disabled",
+    "quota.threshold",
+    "sending.limited",
+    "sending.suspended",
+    "node.stale",
+    "node.recovered",
+    "dns.check_failed",
+]
+WEBHOOK_ID_PATTERN = r"^wh_[0-9a-f]{16}$"
+_URL_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_URL_PORT = r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+# What state/webhooks.py's parse_url takes, a little stricter (https only, a lowercase host).
+WEBHOOK_URL_PATTERN = rf"^https://{_URL_LABEL}(?:\.{_URL_LABEL})*{_URL_PORT}(?:/[\x21-\x7e]*)?$"
+# whsec_ + the base64 of 24-64 bytes (a little stricter: at most 63, canonical padding).
+_B64 = "[A-Za-z0-9+/]"
+WEBHOOK_SECRET_PATTERN = (
+    rf"^whsec_(?:(?:{_B64}{{4}}){{8,21}}|(?:{_B64}{{4}}){{8,20}}(?:{_B64}[AQgw]==|{_B64}{{2}}[AEIMQUYcgkosw048]=))$"
+)
+MAX_WEBHOOK_URL = 2000
+
+
+def _webhook_url(value: object) -> object:
+    # Its syntax and address are checked by state/webhooks.py (the rule depends on the server's
+    # MAILSTATE_WEBHOOK_ALLOW_PRIVATE); here only that it is text of a sane length.
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_WEBHOOK_URL:
+        raise InvalidInput(
+            f"url must be an https:// URL of at most {MAX_WEBHOOK_URL} characters.",
+            code="invalid_webhook_url",
+            field="url",
+        )
+    return value
+
+
+def _webhook_secret(value: object) -> object:
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"whsec_[A-Za-z0-9+/]{32,88}={0,2}", value)):
+        raise InvalidInput(
+            "secret must be whsec_ followed by the base64 of 24-64 random bytes.",
+            code="invalid_webhook_secret",
+            field="secret",
+        )
+    return value
+
+
+class AddWebhookRequest(Request):
+    url: Annotated[str, BeforeValidator(_webhook_url)] = Field(
+        description="Where events are POSTed: https:// to a public address (http and private or loopback addresses only "
+        "when the server runs with MAILSTATE_WEBHOOK_ALLOW_PRIVATE=1; the schema cannot say which addresses are "
+        "public, and says https only). A host name or IPv4 address, an optional port, no user:password@ part.",
+        examples=["https://hooks.example.net/mailstate"],
+        json_schema_extra={"minLength": 9, "maxLength": MAX_WEBHOOK_URL, "pattern": WEBHOOK_URL_PATTERN},
+    )
+    events: list[WebhookEvent] = Field(
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        json_schema_extra={"uniqueItems": True},
+        description="The events to deliver (node.stale and node.recovered need an admin token).",
+    )
+    secret: Annotated[str | None, BeforeValidator(_webhook_secret)] = Field(
+        default=None,
+        description="Optional: your own signing secret, `whsec_` + base64 of 24-64 random bytes; default: a new one. "
+        "Answered once, never listed.",
+        json_schema_extra={"writeOnly": True, "pattern": WEBHOOK_SECRET_PATTERN},
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise InvalidInput("events lists an event twice.", code="invalid_events", field="events")
+        return value
+
+
+class ListWebhooksRequest(Request):
+    pass
+
+
+class RemoveWebhookRequest(Request):
+    id: str = Field(pattern=WEBHOOK_ID_PATTERN, description="The webhook's id (from add-webhook or list-webhooks).")
+
+
 # --- responses ---------------------------------------------------------------------------
 # What each operation answers (the success body). OpenAPI's response schemas and the MCP
 # tools' outputSchema are derived from these; tests hold every real answer to its model.
@@ -1150,6 +1500,15 @@ class RemoveUserResponse(WriteResponse):
     active: bool = Field(description="Always false after a remove.")
 
 
+class SentCounts(BaseModel):
+    messages_hour: int = Field(ge=0, description="Messages sent in the last hour.")
+    recipients_hour: int = Field(ge=0, description="Recipients of those messages (what send_per_hour counts).")
+    messages_day: int = Field(ge=0, description="Messages sent in the last 24 hours.")
+    recipients_day: int = Field(ge=0, description="Recipients of those (what send_per_day counts).")
+    refused_hour: int = Field(ge=0, description="Recipients refused in the last hour for passing a limit.")
+    reported_at: str = Field(description="ISO 8601 time of the node's report.")
+
+
 class UserInfo(BaseModel):
     email: str
     domain: str
@@ -1171,6 +1530,15 @@ class UserInfo(BaseModel):
     usage_reported_at: str | None = Field(default=None, description="ISO 8601 time of the usage report, or null.")
     vacation: VacationSummary | None = Field(
         default=None, description="The autoreply (set-vacation): enabled and its dates, or null when none is set."
+    )
+    sending: Literal["ok", "limited", "suspended"] = Field(
+        default="ok",
+        description="ok; limited: the node refuses its submissions (4xx) until the window frees up; suspended: every "
+        "submission gets a 5xx (suspend-sending, or a node past auto_suspend_factor x the limit), until resume-sending.",
+    )
+    sending_reason: str | None = Field(default=None, description="Why sending is suspended, or null.")
+    sent: SentCounts | None = Field(
+        default=None, description="What the mailbox sent, as the nodes last reported (null before any report)."
     )
 
 
@@ -1330,6 +1698,88 @@ class MobileconfigResponse(Response):
     )
 
 
+class LimitUse(BaseModel):
+    limit: int | None = Field(description="The limit set on this project or domain, or null (none).")
+    use: int | None = Field(
+        description="What the scope uses now (max_quota_mb: the largest quota; send_*: the most recipients one "
+        "mailbox sent to in the window, as the nodes last reported; null before a report)."
+    )
+    effective: int | None = Field(
+        default=None,
+        description="send_* only: what each mailbox of the scope gets (the domain's, else the project's, else "
+        "mailstate.yaml's sending default); null: no limit.",
+    )
+
+
+class LimitsInfo(BaseModel):
+    project_id: int | None = Field(description="The project (for a domain: the project it is linked to).")
+    domain: str | None = Field(description="The domain, or null for a project's own limits.")
+    max_mailboxes: LimitUse
+    max_aliases: LimitUse
+    max_quota_mb: LimitUse
+    storage_mb: LimitUse
+    send_per_hour: LimitUse
+    send_per_day: LimitUse
+
+
+class ListLimitsResponse(Response):
+    limits: list[LimitsInfo] = Field(
+        description="Each project (domain null) and domain in view with its limits and what it uses; projects first."
+    )
+
+
+class SetLimitsResponse(WriteResponse):
+    project_id: int | None
+    domain: str | None
+    limits: dict[str, int | None] = Field(description="Every limit of the scope as it is now (null: none).")
+
+
+class SetQuotaResponse(WriteResponse):
+    email: str
+    quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
+
+
+class SendingResponse(WriteResponse):
+    """suspend-sending and resume-sending."""
+
+    email: str
+    sending: Literal["ok", "suspended"] = Field(description="The mailbox's sending state in the state repo now.")
+    reason: str | None = Field(default=None, description="Why it is suspended, or null.")
+
+
+class WebhookInfo(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    project_id: int | None = Field(description="The project whose events it gets; null: an admin's (every project).")
+    created_at: str
+    pending: int = Field(ge=0, description="Deliveries waiting (first try or a retry).")
+    last_success_at: str | None = Field(default=None, description="ISO 8601 time of the last delivery answered 2xx.")
+    last_failure_at: str | None = Field(default=None)
+    last_error: str | None = Field(default=None, description="Why the last failed try failed (a status or a timeout).")
+
+
+class AddWebhookResponse(Response):
+    id: str
+    url: str
+    events: list[str]
+    project_id: int | None
+    created_at: str
+    secret: str = Field(
+        description="The signing secret (whsec_...), shown this once: receivers verify each delivery's "
+        "webhook-signature with it (Standard Webhooks, HMAC-SHA256)."
+    )
+
+
+class ListWebhooksResponse(Response):
+    webhooks: list[WebhookInfo]
+
+
+class RemoveWebhookResponse(Response):
+    id: str
+    removed: bool
+
+
 class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
@@ -1389,6 +1839,14 @@ RESPONSES: dict[str, type[Response]] = {
     "remove-app-password": RemoveAppPasswordResponse,
     "check-dns": CheckDnsResponse,
     "mobileconfig": MobileconfigResponse,
+    "set-limits": SetLimitsResponse,
+    "list-limits": ListLimitsResponse,
+    "set-quota": SetQuotaResponse,
+    "suspend-sending": SendingResponse,
+    "resume-sending": SendingResponse,
+    "add-webhook": AddWebhookResponse,
+    "list-webhooks": ListWebhooksResponse,
+    "remove-webhook": RemoveWebhookResponse,
 }
 
 
@@ -1417,6 +1875,12 @@ _FIELD_CODES = {
     "start": "invalid_vacation",
     "end": "invalid_vacation",
     "interval_days": "invalid_vacation",
+    **dict.fromkeys(LIMIT_NAMES, "invalid_limits"),
+    "reason": "invalid_reason",
+    "url": "invalid_webhook_url",
+    "events": "invalid_events",
+    "secret": "invalid_webhook_secret",
+    "id": "invalid_webhook_id",
 }
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
 from mailstate.state.models import Node, parse
+from mailstate.state.sending import MAX_SENDING_ENTRIES, SendingChange, SendingEntry, report_rows
 from mailstate.state.snapshot import Snapshot
 from mailstate.state.validate import MAILBOX_ID
 
@@ -155,6 +156,12 @@ class NodeReport(BaseModel):
         description="Optional: app passwords that logged in since the last report. Stored on the server (never in "
         "git); list-app-passwords shows them as last_used_at.",
     )
+    sending: list[SendingEntry] | None = Field(
+        default=None,
+        max_length=MAX_SENDING_ENTRIES,
+        description="Optional: what the node's policy service counted per login (the logins whose figures changed "
+        "since its last report). Stored on the server, never in git; list-users shows it.",
+    )
 
     @model_validator(mode="after")
     def _one_key_per_selector(self) -> NodeReport:
@@ -184,6 +191,16 @@ class StatusSink(Protocol):
     def record_dkim_keys(self, node: str, keys: list[tuple[str, str, str, int]], at: datetime) -> None: ...
 
     def record_app_uses(self, node: str, rows: list[tuple[str, str, str, str, str]]) -> None: ...
+
+    def record_sending(self, node: str, rows: list[tuple[Any, ...]], at: datetime) -> list[SendingChange]: ...
+
+
+class ReportListener(Protocol):
+    """Who hears what a report changed (the server's webhooks, state.webhooks.Hub)."""
+
+    def usage_reported(self, snapshot: Snapshot, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
+
+    def sending_changed(self, node: str, changes: list[SendingChange], at: datetime) -> None: ...
 
 
 def normalize_addr(addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -239,9 +256,16 @@ def parse_report(body: Any) -> NodeReport:
 
 
 def record_report(
-    db: StatusSink, snapshot: Snapshot, name: str, body: Any, remote_addr: str | None, now: datetime
+    db: StatusSink,
+    snapshot: Snapshot,
+    name: str,
+    body: Any,
+    remote_addr: str | None,
+    now: datetime,
+    listener: ReportListener | None = None,
 ) -> NodeReport:
-    """Validate a report from the (already authenticated) node `name` and store it as its last sync."""
+    """Validate a report from the (already authenticated) node `name` and store it as its last sync;
+    `listener` hears the usage figures and the sending states that changed."""
     if name not in snapshot.nodes.nodes:
         raise Unauthenticated("A valid node name and sync key are required.", code="unauthenticated")
     report = parse_report(body)
@@ -261,7 +285,14 @@ def record_report(
         statement_issued_at=report.statement_issued_at,
     )
     if report.usage:
-        db.record_usage(name, usage_rows(snapshot, report.usage), now)
+        rows = usage_rows(snapshot, report.usage)
+        db.record_usage(name, rows, now)
+        if listener is not None:
+            listener.usage_reported(snapshot, rows, now)
+    if report.sending:
+        changes = db.record_sending(name, report_rows(snapshot.domains, report.sending), now)
+        if listener is not None and changes:
+            listener.sending_changed(name, changes, now)
     if report.dkim_keys is not None:
         # Every report carries the node's whole set: what it no longer lists is no longer published.
         db.record_dkim_keys(name, [(k.selector, k.public_key, k.state, k.created_at) for k in report.dkim_keys], now)

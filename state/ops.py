@@ -20,15 +20,17 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import bcrypt
 
 from mailstate.state import aliases as al
 from mailstate.state import autoconfig as ac
+from mailstate.state import limits as lim
 from mailstate.state import models as m
 from mailstate.state import owners as ow
 from mailstate.state import paging
+from mailstate.state import sending as snd
 from mailstate.state.dns import records_for
 from mailstate.state.errors import Conflict, Forbidden, InvalidInput, NotFound, Unavailable
 from mailstate.state.nodes import report_stale_after
@@ -46,6 +48,20 @@ AppUseLookup = Callable[[str, str], "dict[tuple[str, str], str]"]
 DnsCheck = Callable[[str, "list[dict[str, Any]]"], "dict[str, Any]"]
 # domain names → {domain: {"ok", "checked_at"}} of their last checks (state.localdb.LocalDB.dns_status).
 DnsStatusLookup = Callable[[list[str]], "dict[str, dict[str, Any]]"]
+# domain names → {domain: {local: the nodes' latest sending figures}} (state.localdb.LocalDB.sending_for).
+SendingLookup = Callable[[list[str]], "dict[str, dict[str, dict[str, Any]]]"]
+
+
+class WebhookRegistry(Protocol):
+    """The server's webhooks (state.webhooks.Webhooks): kept in its local database, never in git."""
+
+    def add_hook(
+        self, project_id: int | None, url: str, events: list[str], secret: str | None, now: datetime
+    ) -> dict[str, Any]: ...
+
+    def list_hooks(self, project_id: int | None) -> list[dict[str, Any]]: ...
+
+    def remove_hook(self, webhook_id: str, project_id: int | None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class Context:
     app_uses: AppUseLookup | None = None
     dns_check: DnsCheck | None = None
     dns_status: DnsStatusLookup | None = None
+    sending: SendingLookup | None = None
+    webhooks: WebhookRegistry | None = None
 
 
 Prepared = dict[str, Any]
@@ -81,6 +99,8 @@ class Operation:
     summary: str = ""
     # Answered without a token (mail-client setup); the operation then sees Actor.anonymous().
     public: bool = False
+    # Changes the server's local database, not the state repo (webhooks): no commit, not read-only.
+    local: bool = False
 
     @property
     def tool_name(self) -> str:
@@ -414,7 +434,9 @@ def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
     chosen = chosen[: page.limit] if more else chosen
     # One query for the listed domains only. Rows match on the address AND the mailbox id, so
     # a mailbox re-created after a hard delete never shows the old one's figures.
-    usage = _usage_of(ctx, list(dict.fromkeys(name for name, _ in chosen)))
+    listed = list(dict.fromkeys(name for name, _ in chosen))
+    usage = _usage_of(ctx, listed)
+    sent = ctx.sending(listed) if ctx.sending is not None and listed else {}
     users = []
     for name, local in chosen:
         dom = ctx.state.domains[name]
@@ -432,6 +454,7 @@ def list_users(ctx: Context, req: m.ListUsersRequest, _: Prepared) -> Outcome:
                 "keep_copy": box.keep_copy,
                 **_usage_fields(row),
                 "vacation": _vacation_summary(box.vacation),
+                **snd.user_fields(box, sent.get(name, {}).get(local), ctx.now),
             }
         )
     return Outcome(page.finish({"users": users}, chosen[-1] if chosen else None, more))
@@ -929,6 +952,163 @@ def rotate_node_key(ctx: Context, req: m.NodeRequest, prep: Prepared) -> Outcome
     return _nodes_outcome(ctx, nodes, {"name": req.name, "sync_key": prep["sync_key"]}, req.name)
 
 
+# --- platform controls: plan limits (rules in state.limits), sending (state.sending), webhooks ----
+
+
+def _limits_state(ctx: Context) -> lim.State:
+    return lim.State(ctx.state.domains, ctx.state.by_project, ctx.state.projects)
+
+
+def set_limits(ctx: Context, req: m.SetLimitsRequest, _: Prepared) -> Outcome:
+    """[Admin] Set or remove (null) a project's or a domain's limits; the store refuses a limit
+    below what the scope uses (409 limit_below_use), state.limits."""
+    _require_admin(ctx)
+    changes = req.changes()
+    if req.domain is None and req.project_id is not None:
+        pid = req.project_id
+        old = ctx.state.projects.get(pid)
+        before = lim.limits_of(old.limits if old is not None else None)
+        after = {k: val for k, val in {**before, **changes}.items() if val is not None}
+        result: dict[str, Any] = {"project_id": pid, "domain": None, "limits": lim.scope_limits(m.Limits(**after))}
+        target = f"project {pid}"
+        if after == before:
+            return Outcome(result, target=target, project=pid)
+        new = m.ProjectFile(project_id=pid, limits=m.Limits(**after)) if after else None
+        return Outcome(result, change=Change(projects={pid: new}), target=target, project=pid)
+    assert req.domain is not None
+    dom = _visible_domain(ctx, req.domain)
+    if req.project_id is not None and dom.project_id != req.project_id:
+        raise NotFound(f"Domain {req.domain} is not linked to project {req.project_id}.", code="domain_not_found")
+    before = lim.limits_of(dom.limits)
+    after = {k: val for k, val in {**before, **changes}.items() if val is not None}
+    result = {"project_id": dom.project_id, "domain": dom.domain, "limits": lim.scope_limits(m.Limits(**after))}
+    if after == before:
+        return Outcome(result, target=dom.domain, project=dom.project_id)
+    new_dom = dom.model_copy(update={"limits": m.Limits(**after) if after else None})
+    return _write(new_dom, dom.domain, result, dom.project_id)
+
+
+def _scopes_in_view(ctx: Context, req: m.ListLimitsRequest) -> tuple[list[int], list[str]]:
+    """(projects, domains) list-limits answers for: what the filters name, within what the actor sees."""
+    if req.domain is not None:
+        dom = _visible_domain(ctx, req.domain)
+        if req.project_id is not None and dom.project_id != req.project_id:
+            raise NotFound(f"Domain {req.domain} is not linked to project {req.project_id}.", code="domain_not_found")
+        return ([dom.project_id] if dom.project_id is not None else []), [dom.domain]
+    if req.project_id is not None:
+        if not ctx.actor.is_admin and req.project_id != ctx.actor.project_id:
+            raise NotFound(f"Project {req.project_id} is not yours.", code="project_not_found")
+        projects = [req.project_id]
+    elif ctx.actor.is_admin:
+        projects = sorted(ctx.state.projects)
+    else:
+        projects = [ctx.actor.project_id or 0]
+    if not ctx.actor.is_admin or req.project_id is not None:
+        names = [n for p in projects for n in sorted(ctx.state.by_project.get(p, ()))]
+    else:
+        names = [n for n in ctx.state.sorted_domains if ctx.state.domains[n].limits]
+    return projects, [n for n in names if ctx.state.domains[n].email_enabled or ctx.state.domains[n].limits]
+
+
+def list_limits(ctx: Context, req: m.ListLimitsRequest, _: Prepared) -> Outcome:
+    projects, names = _scopes_in_view(ctx, req)
+    view = _limits_state(ctx)
+    sent = (
+        ctx.sending(sorted(set(names) | {n for p in projects for n in view.project_domains(p)})) if ctx.sending else {}
+    )
+    out = []
+    for pid in projects:
+        members = view.project_domains(pid)
+        found = ctx.state.projects.get(pid)
+        out.append(
+            snd.limits_entry(
+                ctx.state.settings,
+                pid,
+                None,
+                found.limits if found is not None else None,
+                view.project_use(pid),
+                [ctx.state.domains[n] for n in members],
+                sent,
+                None,
+            )
+        )
+    for name in names:
+        dom = ctx.state.domains[name]
+        project = ctx.state.projects.get(dom.project_id) if dom.project_id is not None else None
+        out.append(
+            snd.limits_entry(
+                ctx.state.settings, dom.project_id, name, dom.limits, lim.domain_use(dom), [dom], sent, project
+            )
+        )
+    return Outcome({"limits": out})
+
+
+def set_quota(ctx: Context, req: m.SetQuotaRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    if not box.active:
+        raise Conflict(
+            f"Mailbox {req.email} is soft-deleted; its quota cannot change.", code="mailbox_inactive", target=req.email
+        )
+    result = {"email": req.email, "quota_mb": req.quota_mb}
+    if box.quota_mb == req.quota_mb:
+        return Outcome(result, target=req.email, project=dom.project_id)
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"quota_mb": req.quota_mb})})
+    out = _write(new, dom.domain, result, dom.project_id)
+    out.target = req.email
+    return out
+
+
+def suspend_sending(ctx: Context, req: m.SuspendSendingRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    result = {"email": req.email, "sending": "suspended", "reason": req.reason}
+    new_state = snd.suspended(box.sending, req.reason, ctx.now)
+    if new_state == box.sending:
+        return Outcome(result, target=req.email, project=dom.project_id)
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"sending": new_state})})
+    out = _write(new, dom.domain, result, dom.project_id)
+    out.target = req.email
+    return out
+
+
+def resume_sending(ctx: Context, req: m.ResumeSendingRequest, _: Prepared) -> Outcome:
+    dom, local, box = _mailbox(ctx, req.email)
+    result = {"email": req.email, "sending": "ok", "reason": None}
+    report = ctx.sending([dom.domain]).get(dom.domain, {}).get(local) if ctx.sending is not None else None
+    if not snd.needs_resume(box, report):
+        return Outcome(result, target=req.email, project=dom.project_id)
+    new_state = m.MailboxSending(suspended=False, changed_at=snd.next_change(box.sending, ctx.now))
+    new = _with_mailboxes(dom, {**dom.mailboxes, local: box.model_copy(update={"sending": new_state})})
+    out = _write(new, dom.domain, result, dom.project_id)
+    out.target = req.email
+    return out
+
+
+def _webhooks(ctx: Context) -> WebhookRegistry:
+    if ctx.webhooks is None:
+        raise Unavailable("This process keeps no webhooks (no local database).", code="webhooks_unavailable")
+    return ctx.webhooks
+
+
+def add_webhook(ctx: Context, req: m.AddWebhookRequest, _: Prepared) -> Outcome:
+    admin_only = sorted(set(req.events) & m.ADMIN_EVENTS)
+    if admin_only and not ctx.actor.is_admin:
+        raise Forbidden(
+            f"{', '.join(admin_only)} are platform events: they need an admin token.", code="admin_required"
+        )
+    found = _webhooks(ctx).add_hook(ctx.actor.project_id, req.url, list(req.events), req.secret, ctx.now)
+    return Outcome(found, target=found["id"], project=ctx.actor.project_id, created=True)
+
+
+def list_webhooks(ctx: Context, req: m.ListWebhooksRequest, _: Prepared) -> Outcome:
+    return Outcome({"webhooks": _webhooks(ctx).list_hooks(ctx.actor.project_id)})
+
+
+def remove_webhook(ctx: Context, req: m.RemoveWebhookRequest, _: Prepared) -> Outcome:
+    if not _webhooks(ctx).remove_hook(req.id, ctx.actor.project_id):
+        raise NotFound(f"Webhook {req.id} does not exist.", code="webhook_not_found", target=req.id)
+    return Outcome({"id": req.id, "removed": True}, target=req.id, project=ctx.actor.project_id)
+
+
 # --- the registry --------------------------------------------------------------------------
 
 _SPEC = [
@@ -1175,5 +1355,62 @@ _OWNERS = [
     ),
 ]
 
-OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING + _OWNERS}
+_CONTROLS = [
+    Operation(
+        "set-limits",
+        m.SetLimitsRequest,
+        set_limits,
+        admin=True,
+        summary="[Admin] Set or remove (null) a project's or a domain's plan limits: mailboxes, aliases, quotas, sending.",
+    ),
+    Operation(
+        "list-limits",
+        m.ListLimitsRequest,
+        list_limits,
+        method="GET",
+        write=False,
+        summary="List the plan limits of your project and its domains, each with what it uses now.",
+    ),
+    Operation("set-quota", m.SetQuotaRequest, set_quota, summary="Change the quota of an active mailbox."),
+    Operation(
+        "suspend-sending",
+        m.SuspendSendingRequest,
+        suspend_sending,
+        summary="Stop a mailbox from sending (every submission gets a 5xx); it still receives mail and logs in.",
+    ),
+    Operation(
+        "resume-sending",
+        m.ResumeSendingRequest,
+        resume_sending,
+        summary="Let a suspended mailbox send again, with its counts started afresh.",
+    ),
+    Operation(
+        "add-webhook",
+        m.AddWebhookRequest,
+        add_webhook,
+        write=False,
+        local=True,
+        summary="Have events POSTed to a URL, signed (Standard Webhooks); the signing secret is answered once.",
+    ),
+    Operation(
+        "list-webhooks",
+        m.ListWebhooksRequest,
+        list_webhooks,
+        method="GET",
+        write=False,
+        summary="List your webhooks and how their deliveries fare (never their secrets).",
+    ),
+    Operation(
+        "remove-webhook",
+        m.RemoveWebhookRequest,
+        remove_webhook,
+        write=False,
+        local=True,
+        summary="Remove a webhook; its pending deliveries are dropped.",
+    ),
+]
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING + _OWNERS + _CONTROLS
+}
 SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

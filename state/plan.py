@@ -31,8 +31,8 @@ from mailstate.compiler.render import render_domain, render_settings
 from mailstate.state import files, worktree
 from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.load import ParseCache, load_checkout, load_commit
-from mailstate.state.models import DomainFile, Mailbox, Node, NodesFile, Settings
+from mailstate.state.load import ParseCache, load_checkout, load_checkout_projects, load_commit, load_projects
+from mailstate.state.models import LIMIT_NAMES, DomainFile, Limits, Mailbox, Node, NodesFile, ProjectFile, Settings
 from mailstate.state.senders import alias_index
 
 WORKTREE = "working tree"
@@ -62,6 +62,7 @@ class Side:
     domains: Mapping[str, DomainFile]
     nodes: NodesFile
     commit: str | None = None
+    projects: Mapping[int, ProjectFile] = field(default_factory=dict)
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -223,6 +224,7 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
         _domain_changes(result, name, a, b)
 
     _node_changes(result, old.nodes or NodesFile(), new.nodes or NodesFile())
+    _project_changes(result, getattr(old, "projects", None) or {}, getattr(new, "projects", None) or {})
 
     settings_changed = old_settings != new_settings
     if settings_changed:
@@ -256,10 +258,14 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
     }
     render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets)
     old_users, new_users = alias_index(old_domains.values()), alias_index(new_domains.values())
+    old_projects: Mapping[int, ProjectFile] = getattr(old, "projects", None) or {}
+    new_projects: Mapping[int, ProjectFile] = getattr(new, "projects", None) or {}
     for name in render_names:
         a, b = old_domains.get(name), new_domains.get(name)
-        before = render_domain(a, old_settings, old_users.get(name, ())) if a is not None else {}
-        after = render_domain(b, new_settings, new_users.get(name, ())) if b is not None else {}
+        pa = old_projects.get(a.project_id) if a is not None and a.project_id is not None else None
+        pb = new_projects.get(b.project_id) if b is not None and b.project_id is not None else None
+        before = render_domain(a, old_settings, old_users.get(name, ()), pa) if a is not None else {}
+        after = render_domain(b, new_settings, new_users.get(name, ()), pb) if b is not None else {}
         _rendered_changes(result, before, after)
 
     result.sort()
@@ -355,8 +361,29 @@ def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile
                 {"kind": "project_changed", "old": a.project_id, "new": b.project_id},
             )
         )
+    text = _limits_text(a.limits, b.limits)
+    if text:
+        result.domains.append(Entry(name, "~", f"limits: {text}", {"kind": "domain_limits_changed"}))
     for local in sorted(set(a.mailboxes) | set(b.mailboxes)):
         _mailbox_changes(result, f"{local}@{name}", a.mailboxes.get(local), b.mailboxes.get(local))
+
+
+def _limits_text(a: Limits | None, b: Limits | None) -> str:
+    was, now = (a.values() if a else {}), (b.values() if b else {})
+    return ", ".join(
+        f"{name} {was.get(name, 'none')} -> {now.get(name, 'none')}"
+        for name in LIMIT_NAMES
+        if was.get(name) != now.get(name)
+    )
+
+
+def _project_changes(result: Plan, old: Mapping[int, ProjectFile], new: Mapping[int, ProjectFile]) -> None:
+    """A project's plan limits (projects/<pp>/<id>.yaml) that changed, in the domains section."""
+    for pid in sorted(set(old) | set(new)):
+        a, b = old.get(pid), new.get(pid)
+        text = _limits_text(a.limits if a else None, b.limits if b else None)
+        if text:
+            result.domains.append(Entry(f"project {pid}", "~", f"limits: {text}", {"kind": "project_limits_changed"}))
 
 
 def _project(project_id: int | None) -> str:
@@ -416,6 +443,11 @@ def _mailbox_changes(result: Plan, email: str, a: Mailbox | None, b: Mailbox | N
         )
     if a.password != b.password:
         result.mailboxes.append(Entry(email, "~", "password changed", {"kind": "password_changed"}))
+    was = a.sending is not None and a.sending.suspended
+    now = b.sending is not None and b.sending.suspended
+    if was != now and b.sending is not None:
+        what = f"sending suspended: {b.sending.reason}" if now else "sending resumed"
+        result.mailboxes.append(Entry(email, "~", what, {"kind": "sending_suspended" if now else "sending_resumed"}))
     _owner_changes(result, email, a, b)
 
 
@@ -534,7 +566,7 @@ def _load_commit_side(repo: GitRepo, rev: str, sha: str, cache: ParseCache) -> S
         snap = load_commit(repo, sha, cache)
     except StateInvalid as exc:
         raise _side_invalid(f"revision {_label(rev, sha)}", exc.problems) from None
-    return Side(_label(rev, sha), snap.settings, snap.domains, snap.nodes, sha)
+    return Side(_label(rev, sha), snap.settings, snap.domains, snap.nodes, sha, snap.projects)
 
 
 def _side_invalid(label: str, problems: list[str]) -> StateInvalid:
@@ -555,7 +587,7 @@ def load_worktree(root: Path) -> Side:
     loaded = load_checkout(root)
     if loaded.problems or loaded.settings is None:
         raise _side_invalid(f"{WORKTREE} at {root}", loaded.problems or [f"{files.SETTINGS_PATH}: missing"])
-    return Side(WORKTREE, loaded.settings, loaded.domains, loaded.nodes or NodesFile())
+    return Side(WORKTREE, loaded.settings, loaded.domains, loaded.nodes or NodesFile(), None, loaded.projects)
 
 
 def plan_revisions(path: Path, base: str, head: str) -> Plan:
@@ -569,7 +601,10 @@ def plan_revisions(path: Path, base: str, head: str) -> Plan:
     base_label, head_label = _label(base, base_sha), _label(head, head_sha)
     cache = ParseCache()
     settings = [_read_settings(repo, base_sha, base_label), _read_settings(repo, head_sha, head_label)]
-    if settings[0] != settings[1]:
+    # A project's send limits are in each of its domains' fragment: a changed project file (like
+    # changed settings) means loading both sides whole.
+    projects_changed = any(p.startswith(files.PROJECTS_DIR + "/") for p in _changed_paths(repo, base_sha, head_sha))
+    if settings[0] != settings[1] or projects_changed:
         old, new = _load_commit_side(repo, base, base_sha, cache), _load_commit_side(repo, head, head_sha, cache)
         return plan(old, new, base=old.label, head=new.label)
     changed = _changed_domain_paths(repo, base_sha, head_sha)
@@ -588,14 +623,13 @@ def _read_settings(repo: GitRepo, sha: str, label: str) -> Settings:
         raise _side_invalid(f"revision {label}", exc.problems) from None
 
 
-def _changed_domain_paths(repo: GitRepo, a: str, b: str) -> list[str]:
+def _changed_paths(repo: GitRepo, a: str, b: str) -> set[str]:
     diff = repo.tree(a).diff_to_tree(repo.tree(b))
-    paths: set[str] = set()
-    for delta in diff.deltas:
-        for path in (delta.old_file.path, delta.new_file.path):
-            if path and path.startswith(files.DOMAINS_DIR + "/"):
-                paths.add(path)
-    return sorted(paths)
+    return {path for delta in diff.deltas for path in (delta.old_file.path, delta.new_file.path) if path}
+
+
+def _changed_domain_paths(repo: GitRepo, a: str, b: str) -> list[str]:
+    return sorted(p for p in _changed_paths(repo, a, b) if p.startswith(files.DOMAINS_DIR + "/"))
 
 
 def _partial_side(repo: GitRepo, sha: str, label: str, settings: Settings, paths: Iterable[str]) -> Side:
@@ -620,7 +654,11 @@ def _partial_side(repo: GitRepo, sha: str, label: str, settings: Settings, paths
         domains[dom.domain] = dom
     if problems:
         raise _side_invalid(f"revision {label}", problems)
-    return Side(label, settings, domains, nodes, sha)
+    try:
+        projects = load_projects(repo, sha)
+    except StateInvalid as exc:
+        raise _side_invalid(f"revision {label}", exc.problems) from None
+    return Side(label, settings, domains, nodes, sha, projects)
 
 
 def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
@@ -665,7 +703,7 @@ def plan_worktree(root: Path, base: str = "HEAD") -> Plan:
             changed.append(path)
     old_partial = _partial_side(repo, base_sha, base_label, settings, changed)
     domains.update(old_partial.domains)
-    old = Side(base_label, settings, domains, old_partial.nodes, base_sha)
+    old = Side(base_label, settings, domains, old_partial.nodes, base_sha, old_partial.projects)
     return plan(old, new, base=base_label, head=new.label)
 
 
@@ -705,6 +743,8 @@ def _changed_worktree_sides(
     if problems:
         raise _side_invalid(f"{WORKTREE} at {root}", problems)
     old = _partial_side(repo, base_sha, base_label, settings, paths)
+    if load_checkout_projects(root) != dict(old.projects):
+        return None  # a project's limits reach its every domain: everything is read
     targets = (
         {d.alias_of for side in (old.domains, domains) for d in side.values() if d.alias_of}
         - set(old.domains)
@@ -713,9 +753,9 @@ def _changed_worktree_sides(
     if targets:
         # Unchanged files (git says so): the revision's parse serves both sides.
         extra = _partial_side(repo, base_sha, base_label, settings, sorted(files.domain_path(t) for t in targets if t))
-        old = Side(old.label, settings, {**old.domains, **extra.domains}, old.nodes, base_sha)
+        old = Side(old.label, settings, {**old.domains, **extra.domains}, old.nodes, base_sha, old.projects)
         domains.update(extra.domains)
-    return old, Side(WORKTREE, settings, domains, nodes)
+    return old, Side(WORKTREE, settings, domains, nodes, None, old.projects)
 
 
 def _same_blob(path: Path, oid: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 from mailstate.state.aliases import links
 from mailstate.state.domainmap import DomainMap
-from mailstate.state.models import DomainFile, Node, NodesFile, Settings
+from mailstate.state.models import DomainFile, Node, NodesFile, ProjectFile, Settings
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,17 @@ class Snapshot:
     # domain -> the domains that hand mail to it (state.aliases.links), kept the same way: the
     # domains whose alias chains a change to it can alter (state.aliases.affected).
     referrers: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    # project id -> its projects/<pp>/<id>.yaml (plan limits, state.limits); projects without limits have none.
+    projects: Mapping[int, ProjectFile] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
-        cls, commit: str | None, settings: Settings, domains: Mapping[str, DomainFile] | DomainMap, nodes: NodesFile
+        cls,
+        commit: str | None,
+        settings: Settings,
+        domains: Mapping[str, DomainFile] | DomainMap,
+        nodes: NodesFile,
+        projects: Mapping[int, ProjectFile] | None = None,
     ) -> Snapshot:
         """A snapshot of `domains` (a DomainMap, possibly of unparsed entries, or any mapping)."""
         dmap = DomainMap.of(domains)
@@ -82,6 +89,7 @@ class Snapshot:
             by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
             alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
             referrers=MappingProxyType({k: frozenset(v) for k, v in refs.items()}),
+            projects=MappingProxyType(dict(projects or {})),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
@@ -116,6 +124,7 @@ class Snapshot:
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
             referrers=MappingProxyType({k: v for k, v in refs.items() if v}),
+            projects=self.projects if not change.projects else _projects_after(self.projects, change.projects),
         )
         previous = self.__dict__.get("sorted_domains")
         if previous is not None:
@@ -149,16 +158,30 @@ class Snapshot:
         return self.nodes.nodes.get(name)
 
 
+def _projects_after(
+    projects: Mapping[int, ProjectFile], changed: Mapping[int, ProjectFile | None]
+) -> Mapping[int, ProjectFile]:
+    out = dict(projects)
+    for project_id, new in changed.items():
+        if new is None:
+            out.pop(project_id, None)
+        else:
+            out[project_id] = new
+    return MappingProxyType(out)
+
+
 @dataclass
 class Change:
-    """What a write operation changes: new domain files (None deletes) and/or new nodes.yaml."""
+    """What a write operation changes: new domain files (None deletes), new nodes.yaml, new
+    mailstate.yaml, and/or new project files (None deletes)."""
 
     domains: dict[str, DomainFile | None] = field(default_factory=dict)
     nodes: NodesFile | None = None
     settings: Settings | None = None
+    projects: dict[int, ProjectFile | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.domains) or self.nodes is not None or self.settings is not None
+        return bool(self.domains) or self.nodes is not None or self.settings is not None or bool(self.projects)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ import pygit2
 
 from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
 from mailstate.state import files, senders
+from mailstate.state import limits as lim
 from mailstate.state.chain import range_problems, server_signed
 from mailstate.state.errors import (
     BranchMoved,
@@ -62,8 +64,11 @@ from mailstate.state.ops import (
     DnsCheck,
     DnsStatusLookup,
     Operation,
+    SendingLookup,
     UsageLookup,
+    WebhookRegistry,
 )
+from mailstate.state.sending import SENDING_FRAGMENT
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
@@ -123,6 +128,19 @@ def is_answer(message: str) -> bool:
     return _ANSWER_TRAILERS.search(message) is not None
 
 
+@dataclass(frozen=True)
+class Committed:
+    """A write this store committed: what the commit listeners (state.events) are told."""
+
+    commit: str
+    operation: str
+    actor: Actor
+    project: int | None
+    before: Snapshot
+    after: Snapshot
+    change: Change
+
+
 class Store:
     """The state repo plus its in-memory snapshot; thread-safe, writes serialised."""
 
@@ -136,6 +154,9 @@ class Store:
     # check-dns's lookups (state.dnscheck) and the kept verdicts (state.localdb); set by open_store.
     dns_check_source: DnsCheck | None = None
     dns_status_source: DnsStatusLookup | None = None
+    # The nodes' sending figures (state.localdb) and the webhooks (state.webhooks); set by open_store.
+    sending_source: SendingLookup | None = None
+    webhooks: WebhookRegistry | None = None
 
     def __init__(
         self,
@@ -164,6 +185,8 @@ class Store:
         self.trusted_signers = trusted_signers
         # Called with the new head whenever the stated head changes (add_statement_listener).
         self._statement_listeners: list[Callable[[str], None]] = []
+        # Called after each write this store commits (add_commit_listener): state.events.
+        self._commit_listeners: list[Callable[[Committed], None]] = []
         # The statement this store last wrote or verified: (tag id, head, issued_at).
         self._stated = None
         self.statement_error: str | None = None
@@ -259,7 +282,7 @@ class Store:
             return op.apply(self._context(actor), req, {})
         prepared: dict[str, Any] = {}
         if op.prepare is not None:
-            op.apply(self._context(actor), req, _PLACEHOLDER)
+            self._apply(op, self._context(actor), req, _PLACEHOLDER)  # the rules (limits too) before bcrypt
             prepared = op.prepare(req, self._snapshot.settings)
         return self._write(op, actor, req, prepared, clean_request_id(request_id))
 
@@ -287,7 +310,22 @@ class Store:
             app_uses=self.app_use_source,
             dns_check=self.dns_check_source,
             dns_status=self.dns_status_source,
+            sending=self.sending_source,
+            webhooks=self.webhooks,
         )
+
+    def _apply(self, op: Operation, ctx: Context, req: Request, prepared: dict[str, Any]) -> Outcome:
+        """The operation, then the plan limits on what it changes (state.limits: one rule for every
+        write; 409 limit_reached or limit_below_use, and nothing is committed)."""
+        outcome = op.apply(ctx, req, prepared)
+        if outcome.change:
+            snap = ctx.state
+            lim.enforce(
+                lim.State(snap.domains, snap.by_project, snap.projects),
+                outcome.change.domains,
+                outcome.change.projects,
+            )
+        return outcome
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
@@ -295,7 +333,8 @@ class Store:
             for attempt in range(tries):
                 if self.upstream is None:
                     self._refresh_locked()
-                outcome = op.apply(self._context(actor), req, prepared)
+                before = self._snapshot
+                outcome = self._apply(op, self._context(actor), req, prepared)
                 if not outcome.change:
                     outcome.result = {**outcome.result, "commit": None}
                     return outcome
@@ -318,6 +357,9 @@ class Store:
                     # Another process on this data dir won the race: re-run on its state.
                     time.sleep(self._rng.uniform(0, min(0.2, 0.002 * 2**attempt)))
                     continue
+                # The listeners first: a listener that reads the head later then finds this write
+                # queued already (state/events.py relies on it).
+                self._committed(Committed(sha, op.name, actor, outcome.project, before, snap, outcome.change))
                 self._adopted(sha, snap, stated)
                 outcome.result = {**outcome.result, "commit": sha}
                 return outcome
@@ -326,6 +368,18 @@ class Store:
             f"The state repo kept moving under other writers; gave up after {tries} tries. Nothing was changed.",
             code="store_busy" if self.upstream is None else "upstream_busy",
         )
+
+    def add_commit_listener(self, listener: Callable[[Committed], None]) -> None:
+        """Call `listener(committed)` after each write this store commits, in the writer's thread
+        with the write lock held: it must only hand the work over (state.events queues it)."""
+        self._commit_listeners.append(listener)
+
+    def _committed(self, committed: Committed) -> None:
+        for listener in list(self._commit_listeners):
+            try:
+                listener(committed)
+            except Exception:  # a listener must never fail a write that has landed
+                log.exception("commit listener failed")
 
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
@@ -911,6 +965,7 @@ class Store:
         after = [snap.domains[u] for n in names for u in snap.alias_users.get(n, ()) if u not in change.domains]
         after += [d for d in change.domains.values() if d is not None and d.alias_of in names]
         users = senders.alias_index(after)
+        projects = {**snap.projects, **change.projects}
         for name, dom in change.domains.items():
             path = files.domain_path(name)
             out[domain_dir(name)] = None
@@ -918,7 +973,8 @@ class Store:
                 out[path] = None
                 continue
             out[path] = files.dump_domain(dom, self.git.read(snap.commit, path))
-            rendered = render_domain(dom, settings, users.get(name, ()))
+            project = projects.get(dom.project_id) if dom.project_id is not None else None
+            rendered = render_domain(dom, settings, users.get(name, ()), project)
             if rendered:
                 del out[domain_dir(name)]
                 # A fragment the domain no longer has (virtual_alias_maps without aliases) goes.
@@ -929,6 +985,18 @@ class Store:
             if target is not None and target.email_enabled:
                 sender_path = f"{domain_dir(name)}/{senders.SENDER_FRAGMENT}"
                 out[sender_path] = render_domain(target, settings, users.get(name, ())).get(sender_path)
+        for project_id, project_file in change.projects.items():
+            ppath = files.project_path(project_id)
+            out[ppath] = (
+                None if project_file is None else files.dump_project(project_file, self.git.read(snap.commit, ppath))
+            )
+            # The project's send limits are in each of its domains' sending fragment (state.sending).
+            for name in sorted(snap.by_project.get(project_id, ())):
+                target = snap.domains.get(name)
+                if name in change.domains or target is None or not target.email_enabled:
+                    continue
+                sending_path = f"{domain_dir(name)}/{SENDING_FRAGMENT}"
+                out[sending_path] = render_domain(target, settings, users.get(name, ()), project_file).get(sending_path)
         if change.nodes is not None:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))
         if change.settings is not None:

@@ -25,7 +25,7 @@ import pygit2
 
 from mailstate.compiler.render import (
     FRAGMENTS,
-    SETTINGS_FILE,
+    SETTINGS_FILES,
     compile_state,
     diff_rendered,
     domain_dir,
@@ -33,6 +33,7 @@ from mailstate.compiler.render import (
     render_settings,
 )
 from mailstate.state import aliases, files
+from mailstate.state import limits as lim
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, problem_lines
@@ -40,7 +41,7 @@ from mailstate.state.models import DomainFile, NodesFile
 from mailstate.state.senders import alias_domains_of
 from mailstate.state.snapshot import Change, Snapshot
 
-_KNOWN_TOP = {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR}
+_KNOWN_TOP = {files.SETTINGS_PATH, files.NODES_PATH, files.DOMAINS_DIR, files.RENDERED_DIR, files.PROJECTS_DIR}
 
 
 @dataclass
@@ -150,9 +151,19 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
                     continue
                 change.domains[dom.domain] = dom
             touched.add(name)
+        elif top == files.PROJECTS_DIR:
+            project_id = files.project_from_path(path)
+            if project_id is None:
+                problems.append(f"{path}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+                continue
+            raw = repo.read(commit, path)
+            try:
+                change.projects[project_id] = None if raw is None else files.parse_project(raw, path)
+            except StateInvalid as exc:
+                problems.extend(exc.problems)
         elif top == files.RENDERED_DIR:
             owner = _rendered_owner(path)
-            if path == SETTINGS_FILE:
+            if path in SETTINGS_FILES:
                 continue  # compared with render_settings() below
             if owner is None:
                 problems.append(f"{path}: not a file the compiler produces")
@@ -166,13 +177,19 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     # Across domains: the same rule, on the same domains, as a write (change_problems).
     changed = set(change.domains)
     problems.extend(problem_lines(change_problems(base, new, change)))
+    # The plan limits (state.limits), by the rule every write follows.
+    before = lim.State(base.domains, base.by_project, base.projects)
+    problems.extend(found.text() for found in lim.change_violations(before, change.domains, change.projects))
+    # A project's send limits are rendered into each of its domains' sending fragment.
+    for project_id in change.projects:
+        touched.update(new.by_project.get(project_id, ()))
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))
         if problems:
             return result
         actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
-        problems.extend(diff_rendered(compile_state(new.settings, new.domains.values()), actual))
+        problems.extend(diff_rendered(compile_state(new.settings, new.domains.values(), new.projects), actual))
     else:
         # An alias domain's addresses are in its target's sender_login_maps (state.senders): a
         # changed alias domain (or one that stopped being one) means its targets are checked too.
@@ -182,10 +199,10 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
                     touched.add(side.alias_of)
         for name in sorted(touched):
             problems.extend(_check_domain_render(repo, commit, new, name))
-        if SETTINGS_FILE in paths:
-            raw_settings = repo.read(commit, SETTINGS_FILE)
+        if paths & set(SETTINGS_FILES):
             expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
-            problems.extend(diff_rendered(expected, {SETTINGS_FILE: raw_settings} if raw_settings is not None else {}))
+            actual_files = {name: repo.read(commit, name) for name in SETTINGS_FILES}
+            problems.extend(diff_rendered(expected, {k: data for k, data in actual_files.items() if data is not None}))
     if not problems:
         result.snapshot = new
     return result
@@ -212,7 +229,8 @@ def change_problems(base: Snapshot, new: Snapshot, change: Change) -> list[alias
 def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
     dom: DomainFile | None = snap.domains.get(name)
     users = {u: snap.domains[u] for u in snap.alias_users.get(name, ()) if u in snap.domains}
-    expected = render_domain(dom, snap.settings, alias_domains_of(users, name)) if dom is not None else {}
+    project = snap.projects.get(dom.project_id) if dom is not None and dom.project_id is not None else None
+    expected = render_domain(dom, snap.settings, alias_domains_of(users, name), project) if dom is not None else {}
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:

@@ -25,6 +25,7 @@ from .statefile import Lock, StateFile
 if TYPE_CHECKING:
     from .dkim import Dkim
     from .ownerfiles import OwnerFiles, Staged
+    from .sending import Sync
     from .statement import Statement
     from .trust import Trust
 
@@ -73,6 +74,7 @@ class Agent:
         self.lifecycle = Lifecycle(cfg, self.mirror, self.releases, self.log, clock or time.time)
         self._clock_arg = clock
         self._dkim: Dkim | None = None
+        self._sending: Sync | None = None
         self._trust: Trust | None = None
         self._owners: OwnerFiles | None = None
         self.state = StateFile(cfg.root)
@@ -102,6 +104,34 @@ class Agent:
 
             self._owners = OwnerFiles(self.cfg, self.mirror, self.runner, self.log)
         return self._owners
+
+    @property
+    def sending(self) -> Sync:
+        """The outbound limits the policy service reads (<root>/policy, pipull/sending.py)."""
+        if self._sending is None:
+            from .sending import Sync
+
+            self._sending = Sync(self.cfg, self.mirror, self.log)
+        return self._sending
+
+    def _sending_report(self) -> tuple[list[dict[str, Any]] | None, int | None]:
+        """What the policy service published for the next report (policy.py Publisher): its
+        entries and their sequence number; (None, None) when there is nothing to send."""
+        from .policy import PENDING, read_pending
+
+        found = read_pending(os.path.join(self.sending.dir, PENDING))
+        if found is None or not found["entries"]:
+            return None, None
+        return found["entries"], int(found["seq"])
+
+    def _sending_acked(self, seq: int) -> None:
+        from .fsutil import atomic_write
+        from .policy import ACKED
+
+        try:
+            atomic_write(os.path.join(self.sending.dir, ACKED), f"{seq}\n".encode())
+        except OSError as e:  # sent again with the next report
+            self.log.error(f"could not note the sending figures as reported: {e}")
 
     @property
     def trust(self) -> Trust:
@@ -168,16 +198,20 @@ class Agent:
             dkim_keys = (
                 self.dkim.step() if self.cfg.dkim else None
             )  # after the tick: the tables follow the release that is live now
+            self.sending.step(st.get("applied_commit"))  # the same: the limits of the live release
+            sending, seq = self._sending_report()
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
             sent = self.reporter.send(
-                st, result.status, result.error, usage=usage, dkim_keys=dkim_keys, app_uses=app_uses
+                st, result.status, result.error, usage=usage, dkim_keys=dkim_keys, app_uses=app_uses, sending=sending
             )
             if sent and dkim_keys:
                 self.dkim.reported(dkim_keys)
             if sent and app_uses:
                 st["app_uses_pending"] = []
+            if sent and seq is not None:
+                self._sending_acked(seq)
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":
                 self.log.info(line)
@@ -413,6 +447,7 @@ class Agent:
         if not old or old.get("dovecot_digest") != new["dovecot_digest"]:
             changed.append("dovecot")
         self.lifecycle.before_swap(tip, current)
+        self.sending.check(current, tip)  # the sending files, like every rendered line: before anything goes live
         if self.cfg.sync:
             os.sync()
         self.releases.swap_to(tip)

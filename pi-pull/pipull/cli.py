@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Postfix/Dovecot files atomically. To set up a node from its bundle: "
         "`pi_pull.py install --bundle DIR --sync-key-stdin [--dry-run]`; to undo it: "
         "`pi_pull.py uninstall` (each has its own --help). To rotate this node's DKIM key: "
-        "`pi_pull.py dkim-rotate --config FILE`.",
+        "`pi_pull.py dkim-rotate --config FILE`. The outbound policy service: `pi_pull.py policy --config FILE`.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -110,8 +110,46 @@ def dkim_rotate(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def policy(argv: Sequence[str]) -> int:
+    """``pi_pull.py policy --config FILE``: the outbound policy service (policy.py), until SIGTERM."""
+    p = argparse.ArgumentParser(
+        prog="pi_pull.py policy",
+        description="Run the outbound policy service Postfix's submission services ask (check_policy_service): "
+        "the state's sending limits and suspensions, counted per login. Listens on [policy] listen.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="INI config file")
+    try:
+        args = p.parse_args(list(argv))
+    except SystemExit as e:
+        return 0 if e.code == 0 else EXIT_USAGE
+    log = make_logger()
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    import threading
+
+    from .policy import serve
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return serve(cfg, log, stop)
+    except (OSError, ValueError) as e:
+        log.error(f"policy service failed: {e}")
+        return EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "policy":
+        return policy(args_list[1:])
     if args_list and args_list[0] in ("install", "uninstall"):
         from .install_cli import main as install_main
 

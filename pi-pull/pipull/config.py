@@ -72,6 +72,9 @@ class Config:
     dkim_openssl: str = "openssl"
     # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
     doveadm: str = "doveadm"
+    # [policy] (pipull/policy.py): the submission ports' outbound limits (Postfix check_policy_service).
+    policy_listen: str = "127.0.0.1:10040"
+    policy_db: str = ""  # default <root>/policy/counts.sqlite
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -193,6 +196,8 @@ def load_config(path: str) -> Config:
     cfg.clock_skew = r.get_float("freshness", "clock_skew", cfg.clock_skew)
     _load_dkim(r, cfg)
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
+    cfg.policy_listen = r.get_str("policy", "listen", cfg.policy_listen)
+    cfg.policy_db = r.get_path("policy", "db", os.path.join(cfg.root, "policy", "counts.sqlite"))
     check_config(cfg, path)
     return cfg
 
@@ -256,6 +261,9 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [freshness] max_staleness must be >= 0 (seconds; 0 = never stale)")
     if not 0 <= cfg.clock_skew <= 86400:
         raise ConfigError(f"config {path}: [freshness] clock_skew must be between 0 and 86400 seconds")
+    host, _, port = cfg.policy_listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"config {path}: [policy] listen must be HOST:PORT, e.g. 127.0.0.1:10040")
     if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [report] url must be http(s)")
     if cfg.node_name and not is_node_name(cfg.node_name):

@@ -382,7 +382,7 @@ class Installer:
         self.steps = Steps(opts.dry_run, out)
         self.record = Record(os.path.join(opts.dirs["etc_dir"], RECORD))
         self.host = Host(opts, self.record, self.steps)
-        self.changed: set[str] = set()  # "postfix", "dovecot", "units"
+        self.changed: set[str] = set()  # "postfix", "dovecot", "units", "agent"
         self.m = bundle.manifest
 
     def path(self, key: str, name: str) -> str:
@@ -495,6 +495,8 @@ class Installer:
             if self.host.put_file(dest, data, int(entry["mode"], 8)):
                 if entry["dir"] == "systemd_dir":
                     self.changed.add("units")
+                if entry["file"] == "pi_pull.py":
+                    self.changed.add("agent")
                 if entry["dir"] == "dovecot_dir":
                     self.changed.add("dovecot")
 
@@ -821,10 +823,28 @@ class Installer:
             return
         if "units" in self.changed and self.steps.change("systemctl daemon-reload"):
             self.systemctl("daemon-reload")
+        self.policy_running()
         for svc in ("postfix", "dovecot"):
             self.service_running(svc)
         if isinstance(self.m.get("opendkim"), dict):
             self.service_running("opendkim")  # the milter of the submission services (milter_default_action=tempfail)
+
+    def policy_running(self) -> None:
+        """The outbound policy service (a bundle that ships it) runs before Postfix asks it: the
+        submission services tempfail (451) while it does not answer. Restarted when its unit or
+        the agent changed."""
+        unit = self.m.get("units", {}).get("policy")
+        if not unit:
+            return
+        enabled = self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", unit], timeout=30).returncode == 0
+        if not enabled:
+            if self.steps.change(f"systemctl enable --now {unit}"):
+                self.systemctl("enable", "--now", unit)
+        elif "units" in self.changed or "agent" in self.changed:
+            if self.steps.change(f"systemctl restart {unit} (its unit or the agent changed)"):
+                self.systemctl("restart", unit)
+        else:
+            self.steps.done(f"{unit} enabled")
 
     def enable_timer(self) -> None:
         """``systemctl enable --now`` the follow service and the timer: after the first tick, so that tick

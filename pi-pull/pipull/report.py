@@ -65,6 +65,7 @@ class Reporter:
         usage: list[dict[str, object]] | None = None,
         dkim_keys: list[dict[str, Any]] | None = None,
         app_uses: list[dict[str, Any]] | None = None,
+        sending: list[dict[str, Any]] | None = None,
     ) -> bool:
         """Send pending reports, then this tick's (unless it repeats the last pending one).
         True when the last report of the queue (the one carrying this tick's extras) was delivered.
@@ -72,9 +73,10 @@ class Reporter:
         ``usage`` (lifecycle.py, every ``usage_interval``) rides on the last report sent this
         tick only; it is never queued in state.json (100k mailboxes weigh ~9 MB): a report that
         cannot be delivered drops it, and the next measurement comes one interval later.
-        ``dkim_keys`` (dkim.py: public keys only) rides the same way, every tick; so does
-        ``app_uses`` (ownerfiles.py: app passwords that logged in), which the caller keeps queued
-        in state.json until a report that carried it was delivered."""
+        ``dkim_keys`` (dkim.py: public keys only) rides the same way, every tick, and so do the
+        ``sending`` figures of the logins whose figures changed (policy.py); so does ``app_uses``
+        (ownerfiles.py: app passwords that logged in), which the caller keeps queued in
+        state.json until a report that carried it was delivered."""
         if not self.cfg.report_url:
             return False
         known = st.get("statement")
@@ -95,6 +97,8 @@ class Reporter:
             extras["dkim_keys"] = dkim_keys
         if app_uses:
             extras["app_passwords_used"] = app_uses
+        if sending:
+            extras["sending"] = sending  # the policy service's figures (policy.py); never queued either
         for i, rep in enumerate(queue):
             try:
                 self.post({**rep, **extras} if extras and i == len(queue) - 1 else rep)

@@ -36,6 +36,7 @@ from .services import systemd_running
 TIMER = "pi-pull.timer"
 SERVICE = "pi-pull.service"
 FOLLOW = "pi-pull-follow.service"
+POLICY = "pi-pull-policy.service"
 
 
 class Uninstaller:
@@ -80,7 +81,7 @@ class Uninstaller:
     # ---- systemd
 
     def stop_units(self) -> None:
-        for unit in (FOLLOW, TIMER):
+        for unit in (FOLLOW, TIMER, POLICY):
             if self.runner.run([self.opts.systemctl, "is-enabled", "--quiet", unit], timeout=30).returncode == 0:
                 if self.steps.change(f"systemctl disable --now {unit}"):
                     run(self.runner, [self.opts.systemctl, "disable", "--now", unit])

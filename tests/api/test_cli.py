@@ -20,7 +20,7 @@ from mailstate.api.cli import _load_extras, build_parser, main
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import Unauthenticated
 from mailstate.state.localdb import LocalDB
-from tests.helpers.common import commit_count, git_out, verify_commit
+from tests.helpers.common import commit_count, git_out, read_file, verify_commit
 
 
 def all_commands() -> list[list[str]]:
@@ -215,6 +215,8 @@ def test_init_refuses_a_used_dir(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ["--mail-root", "/var/../etc"],
         ["--uid", "0"],
         ["--default-quota-mb", "0"],
+        ["--send-per-hour", "-1"],
+        ["--send-per-day", "10", "--auto-suspend-factor", "0.5"],
     ],
 )
 def test_init_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
@@ -223,6 +225,19 @@ def test_init_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.startswith("error [")
     assert not (root / "state.git").exists()
+
+
+@pytest.mark.e2e
+def test_init_writes_the_sending_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    assert main(["init", "--data", str(root), "--no-token", "--send-per-hour", "100", "--send-per-day", "500"]) == 0
+    assert "sending:\n  send_per_hour: 100\n  send_per_day: 500\n  auto_suspend_factor: 3.0\n" in (
+        read_file(root / "state.git", "mailstate.yaml") or ""
+    )
+    assert (
+        read_file(root / "state.git", "rendered/sending")
+        == "send_per_hour 100\nsend_per_day 500\nauto_suspend_factor 3\n"
+    )
 
 
 def test_init_non_numeric_cost_is_a_usage_error(tmp_path: Path) -> None:

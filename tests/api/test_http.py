@@ -462,6 +462,14 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "add-app-password": "post",
         "list-app-passwords": "get",
         "remove-app-password": "post",
+        "set-limits": "post",
+        "list-limits": "get",
+        "set-quota": "post",
+        "suspend-sending": "post",
+        "resume-sending": "post",
+        "add-webhook": "post",
+        "list-webhooks": "get",
+        "remove-webhook": "post",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]

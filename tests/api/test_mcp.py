@@ -62,6 +62,15 @@ SPEC_TOOLS = {
     "add-app-password": "email_account_add_app_password",
     "list-app-passwords": "email_account_list_app_passwords",
     "remove-app-password": "email_account_remove_app_password",
+    # platform controls: plan limits, sending, webhooks
+    "set-limits": "email_account_set_limits",
+    "list-limits": "email_account_list_limits",
+    "set-quota": "email_account_set_quota",
+    "suspend-sending": "email_account_suspend_sending",
+    "resume-sending": "email_account_resume_sending",
+    "add-webhook": "email_account_add_webhook",
+    "list-webhooks": "email_account_list_webhooks",
+    "remove-webhook": "email_account_remove_webhook",
 }
 
 
@@ -231,6 +240,16 @@ def call_every_tool(
             await call(p, "email_account_update_password", {"email": f"info@{domain}", "password": "a new password"})
             await call(p, "email_account_remove_user", {"email": f"info@{domain}"})
             await call(p, "email_account_restore_user", {"email": f"info@{domain}"})
+            await call(a, "email_account_set_limits", {"project_id": 303, "max_mailboxes": 5, "send_per_hour": 40})
+            await call(p, "email_account_list_limits", {})
+            await call(p, "email_account_set_quota", {"email": f"info@{domain}", "quota_mb": 100})
+            await call(p, "email_account_suspend_sending", {"email": f"info@{domain}", "reason": "mcp test"})
+            await call(p, "email_account_resume_sending", {"email": f"info@{domain}"})
+            hook = await call(
+                p, "email_account_add_webhook", {"url": "https://93.184.215.14/mcp", "events": ["dns.check_failed"]}
+            )
+            await call(p, "email_account_list_webhooks", {})
+            await call(p, "email_account_remove_webhook", {"id": hook["id"]})
             await call(p, "email_account_add_alias", {"address": f"sales@{domain}", "destinations": [f"info@{domain}"]})
             await call(
                 p, "email_account_update_alias", {"address": f"sales@{domain}", "destinations": ["x@ext.example"]}
@@ -298,6 +317,14 @@ def test_call_each_tool_once(env: Env) -> None:
     assert out["email_account_list_aliases"]["aliases"][0]["destinations"] == ["x@ext.example"]
     assert out["email_account_set_forwarding"]["keep_copy"] is False
     assert out["email_account_add_alias_domain"]["alias_of"] == f"admin-{domain}"
+    limits = out["email_account_list_limits"]["limits"][0]
+    assert limits["project_id"] == 303 and limits["max_mailboxes"] == {"limit": 5, "use": 1}
+    assert limits["send_per_hour"]["effective"] == 40
+    assert out["email_account_suspend_sending"]["sending"] == "suspended"
+    assert out["email_account_add_webhook"]["secret"].startswith("whsec_")
+    assert out["email_account_list_webhooks"]["webhooks"][0]["id"] == out["email_account_add_webhook"]["id"]
+    assert "secret" not in out["email_account_list_webhooks"]["webhooks"][0]
+    assert out["email_account_add_webhook"]["secret"] not in srv.git("log", "-p", "--all")
     # The same audit trail as HTTP: the Actor trailer names the token.
     log = srv.git("log", f"-{len(writes)}", "--format=%(trailers:key=Actor,valueonly)")
     assert set(log.split()) == {"token:mcp-project", "token:admin"}

@@ -111,6 +111,44 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         body=m.RestoreUserRequest(email="tmp@gen.example"),
     )
     assert restored.active is True and restored.restored is True
+    # Plan limits, sending and webhooks (their rules: tests/test_limits.py, test_sending_policy.py, test_webhooks.py).
+    ea = "email_account"
+    limits = call(
+        admin,
+        "admin",
+        "set-limits",
+        200,
+        "SetLimitsResponse",
+        # A schema with anyOf (project_id or domain) is a plain JSON body to the generator.
+        body={"project_id": 7, "max_mailboxes": 10, "send_per_hour": 40},
+    )
+    assert limits.limits["max_mailboxes"] == 10 and len(limits.commit) == 40
+    listed_limits = call(project, ea, "list-limits", 200, "ListLimitsResponse")
+    assert listed_limits.limits[0].max_mailboxes.limit == 10 and listed_limits.limits[0].send_per_hour.effective == 40
+    quota = call(
+        project, ea, "set-quota", 200, "SetQuotaResponse", body=m.SetQuotaRequest(email="tmp@gen.example", quota_mb=9)
+    )
+    assert quota.quota_mb == 9
+    body = m.SuspendSendingRequest(email="tmp@gen.example", reason="generated client")
+    assert call(project, ea, "suspend-sending", 200, "SendingResponse", body=body).sending.value == "suspended"
+    body = m.ResumeSendingRequest(email="tmp@gen.example")
+    assert call(project, ea, "resume-sending", 200, "SendingResponse", body=body).sending.value == "ok"
+    event = next(getattr(m, n) for n in dir(m) if n.startswith("AddWebhookRequestEvents"))
+    hook = call(
+        project,
+        ea,
+        "add-webhook",
+        201,
+        "AddWebhookResponse",
+        body=m.AddWebhookRequest(url="https://93.184.215.14/gen", events=[event("dns.check_failed")]),
+    )
+    assert hook.secret.startswith("whsec_")
+    hooks = call(project, ea, "list-webhooks", 200, "ListWebhooksResponse")
+    assert [h.id for h in hooks.webhooks] == [hook.id]
+    gone_hook = call(
+        project, ea, "remove-webhook", 200, "RemoveWebhookResponse", body=m.RemoveWebhookRequest(id=hook.id)
+    )
+    assert gone_hook.removed is True
     # Aliases, forwarding, a catch-all and an alias domain.
     ea = "email_account"
     alias = call(

@@ -161,12 +161,12 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
-    # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns and mobileconfig,
-    # and the owners' 6 (every extension is a tool)
-    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6
+    # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns, mobileconfig,
+    # the owners' 6 and the 8 platform controls (every extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
-    assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
+    assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN | {"set-limits"}
 
 
 def _commands(parser: Any, prefix: list[str]) -> Iterator[list[str]]:
@@ -226,6 +226,12 @@ class World:
                 == 201
             )
         assert self.admin.post(f"{API}/add-node", json={"name": "iso-node"}).status_code == 201
+        # b has a webhook (to a public address literal; its event never fires here) for a's attacks.
+        hook = self.b.post(
+            f"{API}/add-webhook", json={"url": "https://93.184.215.14/h", "events": ["dns.check_failed"]}
+        )
+        assert hook.status_code == 201, hook.text
+        self.b_hook = hook.json()["id"]
 
     def b_view(self) -> tuple[Any, ...]:
         return (
@@ -233,6 +239,8 @@ class World:
             self.b.get(f"{API}/list-users").json(),
             self.b.get(f"{API}/list-aliases").json(),
             self.admin.get(f"{API}/list-users", params={"domain": "b-dark.example"}).json(),
+            self.b.get(f"{API}/list-limits").json(),
+            self.b.get(f"{API}/list-webhooks").json(),
             self.srv.git("rev-parse", "main").strip(),
         )
 
@@ -309,6 +317,16 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "add-app-password": [{"email": "info@b.example", "name": "attacker", "scopes": ["imap", "smtp"]}],
     "list-app-passwords": [{"email": "info@b.example"}],
     "remove-app-password": [{"email": "info@b.example", "name": "phone"}],
+    "set-limits": [{"project_id": 202, "max_mailboxes": 0}, {"domain": "b.example", "send_per_hour": 0}],
+    "list-limits": [{}, {"project_id": 202}, {"domain": "b.example"}],
+    "set-quota": [{"email": "info@b.example", "quota_mb": 1}, {"email": "old@b.example", "quota_mb": 1}],
+    "suspend-sending": [{"email": "info@b.example", "reason": "taken over"}],
+    "resume-sending": [{"email": "info@b.example"}],
+    # A project's webhook gets its own project's events only (tests/test_webhooks_e2e.py); the platform's
+    # node events are for admins.
+    "add-webhook": [{"url": "https://93.184.215.14/h", "events": ["node.stale"]}],
+    "list-webhooks": [{}],
+    "remove-webhook": [{"id": "B_HOOK"}],
 }
 
 
@@ -329,25 +347,38 @@ B_NAMES = ("b.example", "b-dark", "info@b", "old@b")
 def _expect_refused(name: str, body: dict[str, Any]) -> str | None:
     """The error code project A must get for this attack, or None when it is a plain read."""
     op = OPERATIONS[name]
-    if op.admin:
+    if op.admin or name == "add-webhook":
         return "admin_required"
-    if op.write or "domain" in body or "email" in body or op.public:
+    if op.write or op.local or "domain" in body or "email" in body or "project_id" in body or op.public:
         return "not_found"
     return None
+
+
+def _bodies(world: World, name: str) -> list[dict[str, Any]]:
+    return [{k: world.b_hook if v == "B_HOOK" else v for k, v in body.items()} for body in ATTACKS[name]]
+
+
+NOT_FOUND_CODES = (
+    "domain_not_found",
+    "mailbox_not_found",
+    "alias_not_found",
+    "project_not_found",
+    "webhook_not_found",
+)
 
 
 @pytest.mark.e2e
 def test_project_isolation_over_every_http_endpoint(world: World) -> None:
     before = world.b_view()
-    for name, bodies in ATTACKS.items():
-        for body in bodies:
+    for name in ATTACKS:
+        for body in _bodies(world, name):
             r = _call(world.a, name, body)
             expected = _expect_refused(name, body)
             if expected == "admin_required":
                 assert_error(r, 403, "admin_required")
             elif expected == "not_found":
                 # Says only that what was asked for is not there (see test_foreign_and_absent_look_the_same).
-                assert assert_error(r, 404)["code"] in ("domain_not_found", "mailbox_not_found", "alias_not_found")
+                assert assert_error(r, 404)["code"] in NOT_FOUND_CODES
             else:
                 assert r.status_code == 200, (name, r.text)
                 assert not any(n in r.text for n in B_NAMES), (name, r.text)
@@ -383,11 +414,11 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
     async def main() -> list[tuple[str, dict[str, Any], Any]]:
         out = []
         async with http_session(world.srv, world.tok_a) as s:
-            for name, bodies in ATTACKS.items():
+            for name in ATTACKS:
                 op = OPERATIONS[name]
                 if not op.in_spec:
                     continue
-                for body in bodies:
+                for body in _bodies(world, name):
                     out.append((name, body, await s.call_tool(op.tool_name, body)))
         return out
 
@@ -400,20 +431,14 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
         else:
             assert result.is_error is True, (name, text)
             code = json.loads(text)["error"]["code"]
-            assert code in (
-                "admin_required",
-                "domain_not_found",
-                "mailbox_not_found",
-                "node_not_found",
-                "alias_not_found",
-            ), (name, code)
+            assert code in ("admin_required", "node_not_found", *NOT_FOUND_CODES), (name, code)
     assert world.b_view() == before
 
 
 @pytest.mark.e2e
 def test_admin_endpoints_are_admin_only(world: World) -> None:
     admin_ops = {n for n, op in OPERATIONS.items() if op.admin}
-    assert admin_ops == SPEC_ADMIN | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
+    assert admin_ops == SPEC_ADMIN | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key", "set-limits"}
     before = world.srv.git("rev-parse", "main").strip()
     for name in sorted(admin_ops):
         for client in (world.a, world.b, world.c):

@@ -32,6 +32,7 @@ EXPECTED_FILES = {
     "pi-pull.service",
     "pi-pull.timer",
     "pi-pull-follow.service",  # follow mode, the timer beside it as the fallback
+    "pi-pull-policy.service",  # the outbound policy service the submission services ask
     "dovecot/conf.d/90-mailstate.conf",
     "postfix/main.cf.mailstate",
     "postfix/master.cf.mailstate",
@@ -279,10 +280,11 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     b = bundle()
-    for name in ("pi-pull.service", "pi-pull.timer", "pi-pull-follow.service"):
+    units = ("pi-pull.service", "pi-pull.timer", "pi-pull-follow.service", "pi-pull-policy.service")
+    for name in units:
         (tmp_path / name).write_text(b[name])
     r = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
+        ["systemd-analyze", "verify", "--man=no", *(f"./{name}" for name in units)],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -75,6 +75,7 @@ AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
+    "sending", "policy",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
@@ -224,6 +225,10 @@ class MailNode:
     sieve_port: int = 0  # where Dovecot's Sieve hands in replies and redirects (the bundle's 10026)
     dkim_milter: str = ""
     sink: SmtpSink | None = None
+    # pi-pull's outbound policy service (`pi_pull.py policy`), which the bundle's submission
+    # services ask: started with the node, on this port (0: none, and no policy in master.cf).
+    policy_port: int = 0
+    policy: subprocess.Popen[bytes] | None = None
     postfix_dir: Path = field(init=False)
     dovecot_conf: Path = field(init=False)
     tls_cert: Path = field(init=False)
@@ -281,6 +286,8 @@ class MailNode:
         if sync_key_file:
             lines.append(f"sync_key_file = {sync_key_file}")
         lines += [
+            "[policy]",
+            f"listen = 127.0.0.1:{self.policy_port or 10040}",
             "[paths]",
             f"root = {self.root}",
             f"mail_root = {self.mail_root}",
@@ -400,6 +407,7 @@ smtp_host_lookup = native
             smtps_listen=f"127.0.0.1:{self.smtps_port}",
             dkim_milter=self.dkim_milter,
             sieve_listen=f"127.0.0.1:{self.sieve_port}",
+            policy_service=f"inet:127.0.0.1:{self.policy_port}" if self.policy_port else "",
         )
         master += [
             line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
@@ -478,8 +486,39 @@ service imap-login {{
                 )
         (self.root / "current").symlink_to("placeholder")
 
+    def start_policy(self) -> None:
+        """The bundle's policy service for this node: its own minimal ini (the counts and the
+        limits live under ``root``, where the ticks' ini points too)."""
+        if not self.policy_port:
+            return
+        ini = self.workdir / "policy.ini"
+        ini.write_text(
+            f"[remote]\nurl = {self.workdir / 'none.git'}\n[node]\nallowed_signers = /dev/null\n"
+            f"[paths]\nroot = {self.root}\nmail_root = {self.mail_root}\nmail_uid = {self.uid}\nmail_gid = {self.gid}\n"
+            f"[policy]\nlisten = 127.0.0.1:{self.policy_port}\n"
+        )
+        with open(self.workdir / "policy.log", "ab") as log:
+            self.policy = subprocess.Popen(
+                [sys.executable, str(pi_pull_script()), "policy", "--config", str(ini)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        wait_port(self.policy_port)
+
+    def stop_policy(self) -> None:
+        if self.policy is not None and self.policy.poll() is None:
+            self.policy.terminate()
+            try:
+                self.policy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.policy.kill()
+                self.policy.wait()
+        self.policy = None
+
     def start(self) -> None:
         self.configure()
+        self.start_policy()
         self._daemon("dovecot", "-c", str(self.dovecot_conf))
         self.started = True
         self._daemon("postfix", "-c", str(self.postfix_dir), "start")
@@ -495,6 +534,7 @@ service imap-login {{
             wait_port(port)
 
     def stop(self) -> None:
+        self.stop_policy()
         subprocess.run(["postfix", "-c", str(self.postfix_dir), "abort"], capture_output=True)
         pidfile = self.workdir / "dovecot" / "run" / "master.pid"
         with contextlib.suppress(OSError, ValueError):
@@ -701,7 +741,7 @@ def running_mailnode(
     grp.getgrnam("dovecot")
     uid, gid = ensure_vmail()
     workdir = make_public_tmpdir("mailnode-")
-    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, sieve_port = free_ports(7)
+    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, sieve_port, policy_port = free_ports(8)
     sink = SmtpSink()
     node = MailNode(
         workdir=workdir,
@@ -720,6 +760,7 @@ def running_mailnode(
         sieve_port=sieve_port,
         dkim_milter=dkim_milter,
         sink=sink,
+        policy_port=policy_port,
     )
     try:
         node.start()

@@ -219,7 +219,7 @@ def assert_error(resp: httpx.Response, status: int | tuple[int, ...], code: str 
     err = body["error"]
     assert SNAKE.match(err["code"]), err
     assert isinstance(err["message"], str) and err["message"], err
-    assert set(err) <= {"code", "message", "field", "target", "problems"}, err
+    assert set(err) <= {"code", "message", "field", "target", "problems", "limit", "max", "use"}, err
     if code is not None:
         assert err["code"] == code, err
     return err

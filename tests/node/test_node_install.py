@@ -393,7 +393,15 @@ def test_units_pass_systemd_analyze_verify(host: Host) -> None:
     r = host.install(host.bundle(), "--no-tick")
     assert r.returncode == EXIT_OK, r.stdout + r.stderr
     v = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "./pi-pull.service",
+            "./pi-pull.timer",
+            "./pi-pull-follow.service",
+            "./pi-pull-policy.service",
+        ],
         capture_output=True,
         text=True,
         cwd=host.systemd,
@@ -626,7 +634,8 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
     # opendkim: the bundle's opendkim.conf went in beside the postfix dir (the DKIM signer).
     assert changes == [
-        ["daemon-reload"], ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"],
+        ["daemon-reload"], ["enable", "--now", "pi-pull-policy.service"],
+        ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"],
         ["enable", "--now", "pi-pull-follow.service"], ["enable", "--now", "pi-pull.timer"],
     ]  # fmt: skip
     assert (host.postfix.parent / "opendkim.conf").read_bytes() == (
@@ -638,6 +647,7 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     assert all(c[0] in ("is-active", "is-enabled") for c in runner.calls), runner.calls
     assert "already installed: pi-pull.timer enabled" in lines and "already installed: postfix running" in lines
     assert "already installed: pi-pull-follow.service enabled" in lines
+    assert "already installed: pi-pull-policy.service enabled" in lines
     assert SYNC_KEY not in "\n".join(lines)
 
     un = importlib.import_module("pipull.uninstall")
@@ -646,7 +656,7 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
     assert changes == [
         ["disable", "--now", "pi-pull-follow.service"], ["disable", "--now", "pi-pull.timer"],
-        ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"], ["restart", "opendkim"],
+        ["disable", "--now", "pi-pull-policy.service"], ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"], ["restart", "opendkim"],
     ]  # fmt: skip
     assert not (
         host.postfix.parent / "opendkim.conf"

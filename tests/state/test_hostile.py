@@ -330,6 +330,13 @@ def test_arbitrary_bodies_never_escape_the_error_tree(body: dict[str, object]) -
                 "missing_field",
                 "unknown_field",
                 "invalid_request",
+                "invalid_scope",  # the platform controls' own (state/models.py)
+                "invalid_limits",
+                "invalid_reason",
+                "invalid_webhook_url",
+                "invalid_webhook_secret",
+                "invalid_events",
+                "invalid_webhook_id",
             }
             assert exc.message
 

@@ -67,6 +67,16 @@ def test_registry_names_all_operations() -> None:
         "list-app-passwords",
         "remove-app-password",
     }
+    controls = {
+        "set-limits",
+        "list-limits",
+        "set-quota",
+        "suspend-sending",
+        "resume-sending",
+        "add-webhook",
+        "list-webhooks",
+        "remove-webhook",
+    }
     assert (
         set(OPERATIONS)
         == set(SPEC_OPERATIONS)
@@ -75,8 +85,9 @@ def test_registry_names_all_operations() -> None:
         | sending
         | onboarding
         | owners
+        | controls
     )
-    assert len(OPERATIONS) == 32
+    assert len(OPERATIONS) == 40
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -90,7 +101,12 @@ def test_registry_names_all_operations() -> None:
         "mobileconfig",
         "list-filters",
         "list-app-passwords",
+        "list-limits",
+        "add-webhook",
+        "list-webhooks",
+        "remove-webhook",
     }
+    assert {n for n, op in OPERATIONS.items() if op.local} == {"add-webhook", "remove-webhook"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
         "list-domains",
         "list-users",
@@ -101,6 +117,8 @@ def test_registry_names_all_operations() -> None:
         "mobileconfig",
         "list-filters",
         "list-app-passwords",
+        "list-limits",
+        "list-webhooks",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",
@@ -111,6 +129,7 @@ def test_registry_names_all_operations() -> None:
         "unlink-domain",
         "remove-node",
         "rotate-node-key",
+        "set-limits",
     }
 
 
@@ -296,6 +315,9 @@ def test_remove_user_soft(mail_store: Store) -> None:
             "messages": None,
             "usage_reported_at": None,
             "vacation": None,
+            "sending": "ok",
+            "sending_reason": None,
+            "sent": None,
         }
     ]
 
@@ -338,6 +360,9 @@ def test_list_users(store: Store) -> None:
             "messages",
             "usage_reported_at",
             "vacation",
+            "sending",
+            "sending_reason",
+            "sent",
         }
     only = store.execute("list-users", PROJECT_A, {"domain": "Second.ORG"}).result["users"]
     assert [u["email"] for u in only] == ["bob@second.org"]
@@ -346,6 +371,7 @@ def test_list_users(store: Store) -> None:
         {"email": "b@bee.net", "domain": "bee.net", "quota_mb": 7, "active": True, "id": b_users[0]["id"]}
         | {"forward_to": [], "keep_copy": True, "used_mb": None, "messages": None, "usage_reported_at": None}
         | {"vacation": None}
+        | {"sending": "ok", "sending_reason": None, "sent": None}
     ]
     assert len(store.execute("list-users", ADMIN, {}).result["users"]) == 4
     # hashes are never returned
