@@ -77,17 +77,20 @@ _CAN_404 = {
     "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
-    "dns-records",
+    "dns-records", "move-domain", "set-node-address",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
-            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records"}  # fmt: skip
-# Success statuses: 201 when the call created something (Outcome.created), else 200.
+            "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
+            "enable-email", "move-domain", "remove-node", "set-node-address"}  # fmt: skip
+# Success statuses: 201 when the call created something (Outcome.created), 202 when it started
+# work the nodes finish (move-domain), else 200.
 CREATED: dict[str, tuple[int, ...]] = {
     "add-user": (201,),
     "add-domain": (201,),
     "add-node": (201,),
     "link-domain": (201, 200),
     "add-alias": (201,),
+    "move-domain": (202,),
 }
 
 
@@ -245,7 +248,7 @@ def _endpoint(op: Operation) -> Any:
         if op.write and services.metrics is not None:
             services.metrics.observe(op.name, started, outcome.result)
         took = (time.perf_counter() - started) * 1000
-        status = 201 if outcome.created else 200
+        status = 201 if outcome.created else 202 if success_statuses(op)[0] == 202 else 200
         # no-store: some answers carry a secret shown once (add-node's sync key).
         headers = {"X-Request-Id": request_id, "Server-Timing": f"op;dur={took:.2f}", "Cache-Control": "no-store"}
         return JSONResponse(outcome.result, status_code=status, headers=headers)
@@ -273,7 +276,9 @@ def build_router() -> APIRouter:
             # not re-serialise; tests hold every real answer to this model.
             response_model=RESPONSES.get(op.name),
             status_code=statuses[0],
-            response_description="Success (201: created)." if statuses[0] == 201 else "Success.",
+            response_description={201: "Success (201: created).", 202: "Accepted: the nodes carry it out."}.get(
+                statuses[0], "Success."
+            ),
             responses=_error_responses(op),
             openapi_extra=_openapi_extra(op),
             response_class=JSONResponse,

@@ -17,20 +17,21 @@ import os
 import secrets
 import stat
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mailstate.compiler.render import compile_state, diff_rendered
-from mailstate.state import aliases, files
-from mailstate.state.domainmap import DomainMap, Lazy
+from mailstate.state import aliases, files, placement
+from mailstate.state.domainmap import DomainMap, Lazy, Placement, placement_of
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.models import DomainFile, Mailbox, NodesFile, Settings
 from mailstate.state.snapshot import Snapshot
 
-CACHE_VERSION = 3
-CACHE_MAGIC = b"mailstate-parse-cache-3"
+CACHE_VERSION = 4
+CACHE_MAGIC = b"mailstate-parse-cache-4"
 MAX_CACHE_BYTES = 1 << 30  # far above 100k mailboxes (~25 MB); a bigger file is not ours
 _KEY_BYTES = 32
 
@@ -104,7 +105,9 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # The fields whose values are JSON already (str, int, bool, None, lists and dicts of them), so
 # an entry can be written from the models' __dict__ without pydantic's serializer (about half of
 # a cache write). A model with any other field uses model_dump.
-_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
+_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {
+    "domain", "project_id", "email_enabled", "alias_of", "home", "moving_to", "moved_from", "mailboxes", "aliases"
+} and _MAILBOX_FIELDS == {
     "id", "password", "quota_mb", "active", "forward_to", "keep_copy"
 }  # fmt: skip
 
@@ -188,7 +191,8 @@ class ParseCache:
     """blob id → parsed DomainFile (or a `Lazy` entry of the file), persisted in the data dir.
 
     The file (`DIR/cache/domains.json`) is a header line, an index (JSON: per blob id the
-    domain, its project, alias target, format fit, and its entry's place and MAC), then the
+    domain, its project, alias target, format fit, its entry's place and MAC, then the fields of
+    the placement index: home, moving_to, moved_from, mailbox count), then the
     entries (each the JSON of one DomainFile). The header carries an HMAC-SHA256 of the index
     under a per-data-dir secret (`DIR/cache/key`, 0600, made on first use) and each entry a
     keyed BLAKE2b of its blob id and bytes, so a start reads the index alone (~0.3 s at 200k
@@ -279,7 +283,26 @@ class ParseCache:
             raise ValueError("its index is not a JSON list")
         source = _CacheFile(data, nl + 1 + index_len, key)
         entries: dict[str, DomainFile | Lazy] = {}
-        for oid, domain, project_id, alias_of, fits, offset, length, entry_mac in rows:
+        for (
+            oid,
+            domain,
+            project_id,
+            alias_of,
+            fits,
+            offset,
+            length,
+            entry_mac,
+            home,
+            moving_to,
+            moved_from,
+            boxes,
+        ) in rows:
+            where = (
+                _row(home, str, nullable=True),
+                _row(moving_to, str, nullable=True),
+                _row(moved_from, str, nullable=True),
+                _row(boxes, int),
+            )
             entries[_row(oid, str)] = Lazy(
                 source,
                 _row(domain, str),
@@ -290,6 +313,7 @@ class ParseCache:
                 _row(project_id, int, nullable=True),
                 _row(alias_of, str, nullable=True),
                 _row(fits, int),
+                where,
             )
         self.file = source
         return entries
@@ -326,12 +350,13 @@ class ParseCache:
                     else:  # another key's file, or a short entry
                         data = entry_json(source.load(entry))
                         mac = _entry_mac(key, oid, data)
-                    meta = [entry.project_id, entry.alias_of, entry.fits]
+                    meta = [entry.project_id, entry.alias_of, entry.fits, *placement_of(entry)]
                 else:
                     data = entry_json(entry)
                     mac = _entry_mac(key, oid, data)
-                    meta = [entry.project_id, entry.alias_of, files.format_fits(entry)]
-                rows.append([oid, entry.domain, *meta, offset, len(data), mac])
+                    meta = [entry.project_id, entry.alias_of, files.format_fits(entry), *placement_of(entry)]
+                # The placement fields go last, after the entry's place and MAC.
+                rows.append([oid, entry.domain, *meta[:3], offset, len(data), mac, *meta[3:]])
                 chunks.append(data)
                 offset += len(data)
             index = json.dumps(rows, separators=(",", ":")).encode()
@@ -413,7 +438,7 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
     ]
     for thread in feeders:
         thread.start()
-    found: dict[int, tuple[str, str, int | None, str | None, int, bytes]] = {}
+    found: dict[int, tuple[str, str, int | None, str | None, int, Placement, bytes]] = {}
     failures: list[tuple[int, list[str]]] = []
 
     def drain(proc: subprocess.Popen[bytes]) -> None:
@@ -425,9 +450,20 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
                 meta = json.loads(line)
                 failures.append((int(meta["index"]), [str(p) for p in meta["problems"]]))
                 break
-            index, oid, domain, project, alias_of, fits, length = line.decode().rstrip("\n").split("\t")
+            index, oid, domain, project, alias_of, fits, home, moving_to, moved_from, boxes, length = (
+                line.decode().rstrip("\n").split("\t")
+            )
             data = proc.stdout.read(int(length))
-            found[int(index)] = (oid, domain, int(project) if project else None, alias_of or None, int(fits), data)
+            where = (home or None, moving_to or None, moved_from or None, int(boxes))
+            found[int(index)] = (
+                oid,
+                domain,
+                int(project) if project else None,
+                alias_of or None,
+                int(fits),
+                where,
+                data,
+            )
         proc.stdout.close()
 
     readers = [threading.Thread(target=drain, args=(proc,), daemon=True) for proc in procs]
@@ -444,11 +480,11 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
         log.warning("parse workers failed (exit %s); parsing in this process", codes)
         return None
     rows = [found[i] for i in range(len(todo))]
-    source = _CacheFile(b"".join(row[5] for row in rows), 0, None)
+    source = _CacheFile(b"".join(row[6] for row in rows), 0, None)
     out: list[Lazy] = []
     offset = 0
-    for oid, domain, project_id, alias_of, fits, data in rows:
-        out.append(Lazy(source, domain, oid, offset, len(data), "", project_id, alias_of, fits))
+    for oid, domain, project_id, alias_of, fits, where, data in rows:
+        out.append(Lazy(source, domain, oid, offset, len(data), "", project_id, alias_of, fits, where))
         offset += len(data)
     return out
 
@@ -563,7 +599,10 @@ def check_checkout(root: Path) -> list[str]:
     problems = list(loaded.problems)
     if loaded.settings is not None and not loaded.problems:
         problems.extend(aliases.state_problems(loaded.domains, list(loaded.domains)))
-        problems.extend(diff_rendered(compile_state(loaded.settings, loaded.domains.values()), read_rendered(root)))
+        problems.extend(_placement_problems(loaded.settings, loaded.domains, loaded.nodes or NodesFile()))
+        if not problems:
+            expected = compile_state(loaded.settings, loaded.domains.values(), loaded.nodes)
+            problems.extend(diff_rendered(expected, read_rendered(root)))
     return problems
 
 
@@ -582,8 +621,19 @@ def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) ->
         and path not in {"README.md", "LICENSE"}
     ]
     problems.extend(aliases.state_problems(snap.domains, list(snap.domains)))
-    problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values()), actual))
+    problems.extend(_placement_problems(snap.settings, snap.domains, snap.nodes))
+    if not problems:
+        problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values(), snap.nodes), actual))
     return problems
+
+
+def _placement_problems(settings: Settings, domains: Mapping[str, DomainFile], nodes: NodesFile) -> list[str]:
+    """state.placement's rules across domain files and nodes.yaml, for a whole state."""
+    homed = [name for name, dom in domains.items() if dom.home is not None]
+    found = placement.problems(domains, nodes, homed)
+    if homed and settings.format < 2:
+        found.append(f"{files.SETTINGS_PATH}: format: placing domains on nodes (home:) needs state format 2")
+    return found
 
 
 def _top_level(repo: GitRepo, commit: str) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import pygit2
 
-from mailstate.compiler.render import render_domain, render_settings
+from mailstate.compiler.render import render_domain, render_nodes, render_settings
 from mailstate.state import files, worktree
 from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.gitrepo import GitRepo
@@ -254,16 +254,31 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
     targets = {
         d.alias_of for n in changed for d in (old_domains.get(n), new_domains.get(n)) if d is not None and d.alias_of
     }
-    render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets)
+    old_nodes, new_nodes = _nodes(old), _nodes(new)
+    _rendered_changes(result, _present(render_nodes(old_nodes)), _present(render_nodes(new_nodes)))
+    # A node's address is in the passwd lines of the domains it is home to.
+    readdressed = {
+        n
+        for n in set(old_nodes.nodes) | set(new_nodes.nodes)
+        if getattr(old_nodes.nodes.get(n), "address", None) != getattr(new_nodes.nodes.get(n), "address", None)
+    }
+    homed = {name for name, dom in new_domains.items() if dom.home in readdressed} if readdressed else set()
+    render_names = (
+        sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets | homed)
+    )
     old_users, new_users = alias_index(old_domains.values()), alias_index(new_domains.values())
     for name in render_names:
         a, b = old_domains.get(name), new_domains.get(name)
-        before = render_domain(a, old_settings, old_users.get(name, ())) if a is not None else {}
-        after = render_domain(b, new_settings, new_users.get(name, ())) if b is not None else {}
+        before = render_domain(a, old_settings, old_users.get(name, ()), _nodes(old)) if a is not None else {}
+        after = render_domain(b, new_settings, new_users.get(name, ()), _nodes(new)) if b is not None else {}
         _rendered_changes(result, before, after)
 
     result.sort()
     return result
+
+
+def _nodes(side: StateLike) -> NodesFile:
+    return side.nodes or NodesFile()
 
 
 def _present(rendered: Mapping[str, bytes | None]) -> dict[str, bytes]:
@@ -355,6 +370,17 @@ def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile
                 {"kind": "project_changed", "old": a.project_id, "new": b.project_id},
             )
         )
+    for key in ("home", "moving_to", "moved_from"):
+        was, now = getattr(a, key), getattr(b, key)
+        if was != now:
+            result.domains.append(
+                Entry(
+                    name,
+                    "~",
+                    f"{key} {was or 'none'} -> {now or 'none'}",
+                    {"kind": f"{key}_changed", "old": was, "new": now},
+                )
+            )
     for local in sorted(set(a.mailboxes) | set(b.mailboxes)):
         _mailbox_changes(result, f"{local}@{name}", a.mailboxes.get(local), b.mailboxes.get(local))
 
@@ -448,6 +474,17 @@ def _node_fields(result: Plan, name: str, a: Node, b: Node) -> None:
         )
     if a.created_at != b.created_at:
         result.nodes.append(Entry(name, "~", "created_at changed", {"kind": "node_created_at_changed"}))
+    if a.address != b.address:
+        result.nodes.append(
+            Entry(
+                name,
+                "~",
+                f"address {a.address or 'none'} -> {b.address or 'none'}",
+                {"kind": "node_address_changed", "old": a.address, "new": b.address},
+            )
+        )
+    if a.tls_certificate != b.tls_certificate:
+        result.nodes.append(Entry(name, "~", "TLS certificate changed", {"kind": "node_certificate_changed"}))
 
 
 def _rendered_changes(result: Plan, before: Mapping[str, bytes], after: Mapping[str, bytes]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from mailstate.state.domainmap import DomainMap
+from mailstate.state.domainmap import NO_PLACEMENT, DomainMap, Placement, placement_of
 from mailstate.state.models import DomainFile, Node, NodesFile, Settings
 
 
@@ -45,6 +45,12 @@ class Snapshot:
     # target domain -> the domains whose alias_of names it (state.senders: a target's
     # sender_login_maps carries its alias domains' addresses), kept like by_project.
     alias_users: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    # Placement (docs/fleet.md), kept like by_project: node -> the domains it is home to, node ->
+    # their mailbox count (enable-email's choice, list-nodes), and the domains in a move
+    # (moving_to or moved_from set) -> (home, moving_to, moved_from).
+    homes: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    home_boxes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    moves: Mapping[str, tuple[str, str | None, str | None]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -59,6 +65,9 @@ class Snapshot:
                 index.setdefault(project_id, set()).add(name)
             if alias_of is not None:
                 users.setdefault(alias_of, set()).add(name)
+        places = _PlacementIndex({}, {}, {})
+        for name, placement in dmap.placement_items():
+            places.add(name, placement)
         return cls(
             commit=commit,
             settings=settings,
@@ -66,6 +75,7 @@ class Snapshot:
             nodes=nodes,
             by_project=MappingProxyType({k: frozenset(v) for k, v in index.items()}),
             alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
+            **places.frozen(),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
@@ -74,7 +84,11 @@ class Snapshot:
         domains = old_map.evolve(change.domains)
         index = dict(self.by_project)
         users = dict(self.alias_users)
+        places = _PlacementIndex(dict(self.homes), dict(self.home_boxes), dict(self.moves))
         for name, new in change.domains.items():
+            places.remove(name, old_map.placement(name) if name in old_map else NO_PLACEMENT)
+            if new is not None:
+                places.add(name, placement_of(new))
             # The old value's project and alias target without parsing it (it may be unparsed).
             old_project, old_alias = old_map.meta(name) if name in old_map else (None, None)
             if old_project is not None:
@@ -92,6 +106,7 @@ class Snapshot:
             nodes=change.nodes or self.nodes,
             by_project=MappingProxyType({k: v for k, v in index.items() if v}),
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
+            **places.frozen(),
         )
         previous = self.__dict__.get("sorted_domains")
         if previous is not None:
@@ -116,6 +131,39 @@ class Snapshot:
 
     def node(self, name: str) -> Node | None:
         return self.nodes.nodes.get(name)
+
+
+@dataclass
+class _PlacementIndex:
+    """The placement index being built or updated (Snapshot.homes, home_boxes, moves)."""
+
+    homes: dict[str, frozenset[str]]
+    boxes: dict[str, int]
+    moves: dict[str, tuple[str, str | None, str | None]]
+
+    def add(self, name: str, placement: Placement) -> None:
+        home, moving_to, moved_from, count = placement
+        if home is None:
+            return
+        self.homes[home] = self.homes.get(home, frozenset()) | {name}
+        self.boxes[home] = self.boxes.get(home, 0) + count
+        if moving_to is not None or moved_from is not None:
+            self.moves[name] = (home, moving_to, moved_from)
+
+    def remove(self, name: str, placement: Placement) -> None:
+        home, _, _, count = placement
+        if home is None:
+            return
+        self.homes[home] = self.homes.get(home, frozenset()) - {name}
+        self.boxes[home] = self.boxes.get(home, 0) - count
+        self.moves.pop(name, None)
+
+    def frozen(self) -> dict[str, Any]:
+        return {
+            "homes": MappingProxyType({k: v for k, v in self.homes.items() if v}),
+            "home_boxes": MappingProxyType({k: v for k, v in self.boxes.items() if self.homes.get(k)}),
+            "moves": MappingProxyType(dict(self.moves)),
+        }
 
 
 @dataclass

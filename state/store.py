@@ -39,7 +39,7 @@ from typing import Any
 
 import pygit2
 
-from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
+from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_nodes, render_settings
 from mailstate.state import files, senders
 from mailstate.state.chain import range_problems
 from mailstate.state.errors import (
@@ -756,7 +756,10 @@ class Store:
     def changed_files(self, snap: Snapshot, change: Change) -> dict[str, bytes | None]:
         """Repo path → new bytes (None deletes) for exactly the paths `change` touches."""
         settings = change.settings or snap.settings
+        nodes = change.nodes or snap.nodes
         out: dict[str, bytes | None] = {}
+        if change.nodes is not None:
+            change = _with_readdressed(snap, change)
         # An alias domain's sender lines live in its target's sender_login_maps (state.senders):
         # the targets of every changed alias domain (before and after) get that fragment anew.
         targets = {
@@ -777,7 +780,7 @@ class Store:
                 out[path] = None
                 continue
             out[path] = files.dump_domain(dom, self.git.read(snap.commit, path))
-            rendered = render_domain(dom, settings, users.get(name, ()))
+            rendered = render_domain(dom, settings, users.get(name, ()), nodes)
             if rendered:
                 del out[domain_dir(name)]
                 # A fragment the domain no longer has (virtual_alias_maps without aliases) goes.
@@ -787,9 +790,10 @@ class Store:
             target = snap.domains.get(name)
             if target is not None and target.email_enabled:
                 sender_path = f"{domain_dir(name)}/{senders.SENDER_FRAGMENT}"
-                out[sender_path] = render_domain(target, settings, users.get(name, ())).get(sender_path)
+                out[sender_path] = render_domain(target, settings, users.get(name, ()), nodes).get(sender_path)
         if change.nodes is not None:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))
+            out.update(render_nodes(change.nodes))
         if change.settings is not None:
             out[files.SETTINGS_PATH] = files.dump_settings(change.settings)
             out.update(render_settings(change.settings))
@@ -839,6 +843,22 @@ class Store:
             return int(commit.commit_time)
         except (KeyError, ValueError, pygit2.GitError):
             return None
+
+
+def _with_readdressed(snap: Snapshot, change: Change) -> Change:
+    """`change` plus, unchanged, every domain homed on a node whose address it changes: their
+    passwd lines and home fragments name the address, so they are rendered again."""
+    assert change.nodes is not None
+    moved = {
+        name
+        for name in set(snap.nodes.nodes) | set(change.nodes.nodes)
+        if (snap.nodes.nodes[name].address if name in snap.nodes.nodes else None)
+        != (change.nodes.nodes[name].address if name in change.nodes.nodes else None)
+    }
+    extra = {d: snap.domains[d] for node in moved for d in snap.homes.get(node, ()) if d not in change.domains}
+    if not extra:
+        return change
+    return Change(domains={**change.domains, **extra}, nodes=change.nodes, settings=change.settings)
 
 
 class _Keep(Exception):

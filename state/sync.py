@@ -25,15 +25,18 @@ import pygit2
 
 from mailstate.compiler.render import (
     FRAGMENTS,
+    NODES_FILE,
+    NODES_PEM,
     SETTINGS_FILE,
     compile_state,
     diff_rendered,
     domain_dir,
     render_domain,
+    render_nodes,
     render_settings,
 )
-from mailstate.state import aliases, files
-from mailstate.state.errors import StateInvalid
+from mailstate.state import aliases, files, placement
+from mailstate.state.errors import CompileError, StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache
 from mailstate.state.models import DomainFile, NodesFile
@@ -152,8 +155,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             touched.add(name)
         elif top == files.RENDERED_DIR:
             owner = _rendered_owner(path)
-            if path == SETTINGS_FILE:
-                continue  # compared with render_settings() below
+            if path in (SETTINGS_FILE, NODES_FILE, NODES_PEM):
+                continue  # compared with render_settings() / render_nodes() below
             if owner is None:
                 problems.append(f"{path}: not a file the compiler produces")
             else:
@@ -169,13 +172,18 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     # (The snapshot's alias index names those, without reading every domain.)
     pointing = {u for name in changed for u in new.alias_users.get(name, ())}
     problems.extend(aliases.state_problems(new.domains, sorted(changed | pointing)))
+    problems.extend(placement.problems(new.domains, new.nodes, changed))
+    if change.nodes is not None:
+        problems.extend(placement.nodes_problems(new.nodes, new.homes, new.moves))
+    if any(new.domains[n].home for n in changed if n in new.domains) and new.settings.format < 2:
+        problems.append(f"{files.SETTINGS_PATH}: format: placing domains on nodes (home:) needs state format 2")
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))
         if problems:
             return result
         actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
-        problems.extend(diff_rendered(compile_state(new.settings, new.domains.values()), actual))
+        problems.extend(diff_rendered(compile_state(new.settings, new.domains.values(), new.nodes), actual))
     else:
         # An alias domain's addresses are in its target's sender_login_maps (state.senders): a
         # changed alias domain (or one that stopped being one) means its targets are checked too.
@@ -183,8 +191,16 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             for side in (base.domains.get(name), new.domains.get(name)):
                 if side is not None and side.alias_of is not None:
                     touched.add(side.alias_of)
+        if change.nodes is not None:
+            # A node's address is in the passwd lines and home fragments of the domains it is home to.
+            for name in _readdressed(base, new):
+                touched.update(new.homes.get(name, ()))
         for name in sorted(touched):
             problems.extend(_check_domain_render(repo, commit, new, name))
+        if change.nodes is not None or NODES_FILE in paths or NODES_PEM in paths:
+            expected = {k: data for k, data in render_nodes(new.nodes).items() if data is not None}
+            found = {p: repo.read(commit, p) for p in (NODES_FILE, NODES_PEM)}
+            problems.extend(diff_rendered(expected, {p: data for p, data in found.items() if data is not None}))
         if SETTINGS_FILE in paths:
             raw_settings = repo.read(commit, SETTINGS_FILE)
             expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
@@ -194,10 +210,25 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     return result
 
 
+def _readdressed(old: Snapshot, new: Snapshot) -> set[str]:
+    """The nodes whose address differs between two snapshots."""
+    names = set(old.nodes.nodes) | set(new.nodes.nodes)
+    return {
+        n
+        for n in names
+        if getattr(old.nodes.nodes.get(n), "address", None) != getattr(new.nodes.nodes.get(n), "address", None)
+    }
+
+
 def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
     dom: DomainFile | None = snap.domains.get(name)
     users = {u: snap.domains[u] for u in snap.alias_users.get(name, ()) if u in snap.domains}
-    expected = render_domain(dom, snap.settings, alias_domains_of(users, name)) if dom is not None else {}
+    try:
+        expected = (
+            render_domain(dom, snap.settings, alias_domains_of(users, name), snap.nodes) if dom is not None else {}
+        )
+    except CompileError as exc:
+        return [f"{domain_dir(name)}: {exc.message}"]
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:

@@ -452,6 +452,8 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "add-alias-domain": "post",
         "remove-alias-domain": "post",
         "dns-records": "get",
+        "move-domain": "post",
+        "set-node-address": "post",
     }
     assert paths == {f"{API}/{name}": {method} for name, method in expected.items()}
     add_user = spec["paths"][f"{API}/add-user"]["post"]

@@ -108,6 +108,9 @@ def test_invalid_punycode_is_refused_on_every_path_that_takes_a_domain(world: Wo
         ("p", "list-users", {"domain": domain}, ("invalid_domain",)),
         ("p", "list-aliases", {"domain": domain}, ("invalid_domain",)),
         ("p", "dns-records", {"domain": domain}, ("invalid_domain",)),
+        ("admin", "add-node", {"name": "edge", "address": f"mx.{domain}"}, ("invalid_address",)),
+        ("admin", "set-node-address", {"name": "edge", "address": domain}, ("invalid_address",)),
+        ("admin", "move-domain", {"domain": domain, "node": "edge"}, ("invalid_domain",)),
     ]
     assert {name for _who, name, _body, _codes in calls} >= {n for n, op in OPERATIONS.items() if _takes_domain(n)}
     for who, name, body, codes in calls:

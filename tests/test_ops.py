@@ -93,11 +93,16 @@ def test_registry_names_all_operations() -> None:
         "remove-alias-domain",
     }
     sending = {"dns-records"}
+    fleet = {"move-domain", "set-node-address"}
     assert (
         set(OPERATIONS)
-        == set(SPEC_OPERATIONS) | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"} | aliases | sending
+        == set(SPEC_OPERATIONS)
+        | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
+        | aliases
+        | sending
+        | fleet
     )
-    assert len(OPERATIONS) == 24
+    assert len(OPERATIONS) == 26
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if not op.write} == {
@@ -209,6 +214,8 @@ def test_list_domains(store: Store) -> None:
                 "used_mb": None,
                 "messages": None,
                 "usage_reported_at": None,
+                "home": None,
+                "moving_to": None,
             }
         ],
         "linked_not_enabled": [{"domain": "other.org", "project_id": A}],

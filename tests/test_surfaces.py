@@ -114,6 +114,13 @@ LIMITS = {
 }
 
 
+# A field name that means something else on some tools: a node's address, not an alias.
+TOOL_LIMITS = {
+    ("email_account_add_node", "address"): ["host name", "IPv4/IPv6"],
+    ("email_account_set_node_address", "address"): ["host name", "IPv4/IPv6"],
+}
+
+
 def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
     for tool in tool_list():
         op = TOOLS[tool.name]
@@ -123,7 +130,7 @@ def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
         text = tool.description or ""
         assert len(text) > len(op.summary) + 40, tool.name  # more than the one-line summary
         for field in tool.input_schema.get("properties", {}):
-            for needle in LIMITS.get(field, []):
+            for needle in TOOL_LIMITS.get((tool.name, field), LIMITS.get(field, [])):
                 assert needle in text, (tool.name, field, needle)
     text = {t.name: t.description or "" for t in tool_list()}
     assert "PURGED" in text["email_account_disable_email"] and "PURGED" in text["email_account_remove_domain"]
@@ -277,6 +284,8 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     ],
     "remove-alias-domain": [{"domain": "b.example"}],
     "dns-records": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
+    "move-domain": [{"domain": "b.example", "node": "iso-node"}],
+    "set-node-address": [{"name": "iso-node", "address": "evil.example"}],
 }
 
 
@@ -377,7 +386,14 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
 
 def test_admin_endpoints_are_admin_only(world: World) -> None:
     admin_ops = {n for n, op in OPERATIONS.items() if op.admin}
-    assert admin_ops == SPEC_ADMIN | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
+    assert admin_ops == SPEC_ADMIN | {
+        "link-domain",
+        "unlink-domain",
+        "remove-node",
+        "rotate-node-key",
+        "move-domain",
+        "set-node-address",
+    }
     before = world.srv.git("rev-parse", "main").strip()
     for name in sorted(admin_ops):
         for client in (world.a, world.b, world.c):
