@@ -162,6 +162,8 @@ INSTALL_PATHS: dict[str, str] = {
     "bundle.json": "(read by pi_pull.py install)",
 }
 MANIFEST_NAME = "bundle.json"
+# Bundle files that name the default install directories (install rewrites them for other ones).
+RELOCATED = ("pi-pull.ini", "pi-pull.service", "pi-pull-follow.service")
 MANIFEST_FORMAT = 1
 # Where `pi_pull.py install` puts things by default; each is an option of install.
 INSTALL_DIRS: dict[str, str] = {
@@ -531,7 +533,7 @@ def bundle_manifest(
         "node": node_name,
         "dirs": INSTALL_DIRS,
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
-        "relocate": ["pi-pull.ini", "pi-pull.service", "pi-pull-follow.service"],
+        "relocate": list(RELOCATED),
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
         "postfix": {
             "main_cf": "postfix/main.cf.mailstate",
@@ -544,6 +546,8 @@ def bundle_manifest(
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
     if OPENDKIM_CONF in files:
-        # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept.
+        # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
+        # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.
         manifest["opendkim"] = {"conf": OPENDKIM_CONF, "name": "opendkim.conf"}
+        manifest["relocate"] = [*RELOCATED, OPENDKIM_CONF]
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"

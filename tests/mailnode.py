@@ -6,7 +6,9 @@ Import what you need::
 
 * ``mailnode`` (fixture) starts REAL Dovecot (IMAP + LMTP) and REAL Postfix (SMTP) on free
   loopback ports, configured from the ``templates/node`` snippets and pointed at a pi-pull
-  release root (``node.root``). Dovecot runs as root from ``dovecot -c <conf>`` with its own
+  release root (``node.root``), in the map layout a new user's bundle has (``bundle_layout()``:
+  what ``mailstate node bundle`` writes without a layout option, 16 hash tables a map); pass
+  ``map_type``/``map_buckets`` to ``running_mailnode`` only for a test of another layout. Dovecot runs as root from ``dovecot -c <conf>`` with its own
   base_dir/state_dir; Postfix from ``postfix -c <dir>`` with its own queue/data directories.
   Mail is stored as the ``vmail`` system user (created with ``useradd --system`` if absent).
   Loopback clients are *not* in mynetworks, so they are treated like the outside world
@@ -36,6 +38,7 @@ Dovecot's unprivileged processes (dovecot, dovenull, vmail) must traverse them.
 from __future__ import annotations
 
 import atexit
+import configparser
 import contextlib
 import functools
 import grp
@@ -58,7 +61,13 @@ from pathlib import Path
 
 import pytest
 
-from mailstate.compiler.node_bundle import build_pi_pull, dovecot_snippet, postfix_master_snippet, postfix_snippet
+from mailstate.compiler.node_bundle import (
+    build_pi_pull,
+    dovecot_snippet,
+    postfix_master_snippet,
+    postfix_snippet,
+    render_node_bundle,
+)
 from tests.smtpsink import Received, SmtpSink
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +178,28 @@ def run_pi_pull(
     )
 
 
+@dataclass(frozen=True)
+class Layout:
+    map_type: str
+    map_buckets: int
+
+
+@functools.cache
+def bundle_layout() -> Layout:
+    """The map layout of the bundle ``mailstate node bundle`` writes when given no layout option:
+    its own argument defaults, through ``render_node_bundle`` as the command calls it, read back
+    from the bundle's pi-pull.ini. The real-mail tests run what a new user's node runs."""
+    import mailstate.api.cli_node  # noqa: F401  (registers `node bundle` with the CLI's parser)
+    from mailstate.api.cli import build_parser
+
+    args = build_parser().parse_args(["node", "bundle", "--name", "n", "--server-url", "https://x.test", "--out", "-"])
+    signer = "mailstate ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4"
+    ini = render_node_bundle("n", args.server_url, signer, map_type=args.map_type, map_buckets=args.map_buckets)
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(str(ini["pi-pull.ini"]))
+    return Layout(cp.get("services", "map_type"), cp.getint("services", "map_buckets"))
+
+
 # --------------------------------------------------------------------------- the node
 
 
@@ -184,8 +215,9 @@ class MailNode:
     lmtp_port: int
     uid: int
     gid: int
-    map_type: str = "hash"
-    map_buckets: int = 0  # pi-pull's bucketed layout (pipull/buckets.py): main.cf, Dovecot and the ini follow it
+    # The map layout (pipull/buckets.py): main.cf, Dovecot and the ini follow it. The bundle's by default.
+    map_type: str = field(default_factory=lambda: bundle_layout().map_type)
+    map_buckets: int = field(default_factory=lambda: bundle_layout().map_buckets)
     submission_port: int = 0
     smtps_port: int = 0
     imaps_port: int = 0
@@ -202,6 +234,11 @@ class MailNode:
         self.dovecot_conf = self.workdir / "dovecot" / "dovecot.conf"
         self.tls_cert = self.workdir / "tls" / "fullchain.pem"
         self.tls_key = self.workdir / "tls" / "privkey.pem"
+
+    def passwd_file(self, domain: str) -> Path:
+        """The live passwd-file of ``domain``, where this node's Dovecot config looks for it."""
+        base = self.root / "current" / "dovecot" / "passwd.d"
+        return base / domain[:1] / domain[:2] / domain if self.map_buckets else base / domain
 
     # ---- commands pi-pull runs
 
@@ -642,9 +679,13 @@ def _pid_alive(pidfile: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_mailnode(map_type: str = "hash", *, dkim_milter: str = "", map_buckets: int = 0) -> Iterator[MailNode]:
+def running_mailnode(
+    map_type: str | None = None, *, dkim_milter: str = "", map_buckets: int | None = None
+) -> Iterator[MailNode]:
     """Start Postfix + Dovecot (and the SMTP sink) for a fresh release root; stop and clean up
-    afterwards. ``dkim_milter``: a milter for the submission services (none by default)."""
+    afterwards. ``map_type``/``map_buckets``: the bundle's (``bundle_layout()``) unless given.
+    ``dkim_milter``: a milter for the submission services (none by default)."""
+    layout = bundle_layout()
     require_binaries(*MAIL_BINARIES, "openssl")
     if os.geteuid() != 0:
         msg = "the real mail node needs root (Postfix/Dovecot run as root from temp configs)"
@@ -665,8 +706,8 @@ def running_mailnode(map_type: str = "hash", *, dkim_milter: str = "", map_bucke
         lmtp_port=lmtp_port,
         uid=uid,
         gid=gid,
-        map_type=map_type,
-        map_buckets=map_buckets,
+        map_type=layout.map_type if map_type is None else map_type,
+        map_buckets=layout.map_buckets if map_buckets is None else map_buckets,
         submission_port=submission_port,
         smtps_port=smtps_port,
         imaps_port=imaps_port,

@@ -1,7 +1,11 @@
 """pi-pull's DKIM keys (pipull/dkim.py) with the real openssl: generation, the pending ->
 active -> retired cycle on two selectors, OpenDKIM's tables, and that the private key stays
 on the node. The keys are checked with dkimpy: a message signed with the node's private key
-verifies against the reported ``p=``."""
+verifies against the reported ``p=``.
+
+The tables list the live release's domains in every map layout (the bundle's default of 16
+bucketed tables a map, one table a map, other map types): releases built by a real pi-pull
+tick from a signed state repo, read back with the real ``postmap -s``."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any
 
 import dkim
 import pytest
+
+from tests.mailnode import StateRepo, age_file, make_signing_key, require_binaries, run_pi_pull, write_allowed_signers
 
 MESSAGE = b"From: anna@one.example\r\nTo: x@ext.example\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -118,9 +124,13 @@ def test_reload_only_when_the_tables_change(node: dict[str, Any]) -> None:
     d.step()
     d.step()
     assert _reloads(node) == n  # nothing changed: no reload
-    (node["root"] / "releases" / "r1" / "postfix" / "virtual_mailbox_domains").write_text(
+    # A new release with other domains goes live (as a swap does: releases are never edited).
+    (node["root"] / "releases" / "r2" / "postfix").mkdir(parents=True)
+    (node["root"] / "releases" / "r2" / "postfix" / "virtual_mailbox_domains").write_text(
         "one.example OK\nthree.example OK\n"
     )
+    (node["root"] / "current.tmp").symlink_to("releases/r2")
+    (node["root"] / "current.tmp").replace(node["root"] / "current")
     d.step()
     assert _reloads(node) == n + 1
     assert "three.example three.example:ms1-mpi01:" in (node["dir"] / "KeyTable").read_text()
@@ -206,3 +216,150 @@ def test_openssl_failure_is_a_clear_message(node: dict[str, Any]) -> None:
     assert node["dkim"].step() is None
     assert "openssl genpkey failed" in node["log"].getvalue()
     assert not [p for p in os.listdir(node["dir"]) if p.endswith(".private") or ".tmp-" in p]
+
+
+# --------------------------------------------------------------------------- every map layout
+
+# (map_type, map_buckets): the bundle's default first (compiler/node_bundle.py), then the others.
+LAYOUTS = [("hash", 16), ("hash", 0), ("btree", 4), ("texthash", 0)]
+HASH = "{BLF-CRYPT}$2b$04$" + "a" * 53
+
+
+class CountingRunner:
+    """pipull's Runner (the agent's seam), recording every argv it runs."""
+
+    def __init__(self, runner: Any) -> None:
+        self.inner = runner
+        self.argvs: list[list[str]] = []
+
+    def run(self, argv: list[str], **kw: Any) -> Any:
+        self.argvs.append(list(argv))
+        return self.inner.run(argv, **kw)
+
+    def shell(self, command: str, **kw: Any) -> Any:
+        return self.inner.shell(command, **kw)
+
+    def postmap_dumps(self) -> int:
+        return sum(1 for a in self.argvs if "-s" in a and a[0].endswith("postmap"))
+
+
+@pytest.fixture
+def built(tmp_path: Path, pipull: ModuleType, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A node root whose releases the real pi-pull single file builds from a signed state repo, in
+    the layout ``request.param``; ``apply()`` commits the repo and runs one tick."""
+    require_binaries("git", "ssh-keygen", "postmap", "openssl")
+    map_type, buckets = request.param
+    key = make_signing_key(tmp_path / "keys", "trusted")
+    signers = write_allowed_signers(tmp_path / "allowed_signers", [key])
+    etc = tmp_path / "postfix-etc"
+    etc.mkdir()
+    (etc / "main.cf").write_text("compatibility_level = 3.6\nmyhostname = pi-pull.test\n")
+    age_file(etc / "main.cf")  # else each postmap waits ~2 s for a "hot" main.cf
+    repo = StateRepo(tmp_path / "repo", key, format=2)
+    root = tmp_path / "node"
+    ini = tmp_path / "pi-pull.ini"
+    ini.write_text(
+        f"[remote]\nurl = {repo.bare}\n[node]\nname = mpi01\nallowed_signers = {signers}\n"
+        f"[paths]\nroot = {root}\nsync = no\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+        f"[services]\npostfix_reload = true\ndovecot_reload = true\nmap_type = {map_type}\n"
+        f"postmap = postmap -c {etc}\nmap_buckets = {buckets}\n[lifecycle]\npurge = no\nusage_interval = 0\n"
+    )
+
+    def apply() -> None:
+        repo.commit()
+        r = run_pi_pull(ini)
+        assert r.returncode == 0, r.stderr
+
+    config = importlib.import_module("pipull.config")
+    cfg = config.load_config(str(ini))
+    cfg.dkim = True
+    cfg.dkim_key_dir = str(tmp_path / "dkim")
+    cfg.dkim_key_owner = ""
+    cfg.dkim_publish_wait = 0
+    cfg.dkim_reload = "true"
+    return {"repo": repo, "root": root, "cfg": cfg, "apply": apply, "buckets": buckets}
+
+
+def _dkim(pipull: ModuleType, cfg: Any) -> tuple[Any, CountingRunner, io.StringIO]:
+    runner = CountingRunner(importlib.import_module("pipull.runner").Runner())
+    buf = io.StringIO()
+    log = logging.getLogger(f"test-dkim-layout-{id(cfg)}")
+    log.handlers = [logging.StreamHandler(buf)]
+    log.setLevel(logging.DEBUG)
+    return importlib.import_module("pipull.dkim").Dkim(cfg, runner, log, Clock()), runner, buf
+
+
+@pytest.mark.parametrize("built", LAYOUTS, ids=[f"{t}-{n}" for t, n in LAYOUTS], indirect=True)
+def test_the_release_domains_are_listed_in_every_layout(built: dict[str, Any], pipull: ModuleType) -> None:
+    release = importlib.import_module("pipull.release")
+    runner = importlib.import_module("pipull.runner").Runner()
+    repo, cfg, current = built["repo"], built["cfg"], str(built["root"] / "current")
+    assert release.release_domains(current, cfg, runner) == []  # nothing applied yet
+    for i in range(40):
+        repo.set_mailbox(f"u{i}@d{i % 13}.example", password_hash=HASH)
+    built["apply"]()
+    assert release.release_domains(current, cfg, runner) == sorted(repo.domains)
+    version = release.domain_list_version(current)
+
+    repo.set_mailbox("another@d1.example", password_hash=HASH)  # the same domains
+    built["apply"]()
+    assert release.release_domains(current, cfg, runner) == sorted(repo.domains)
+    if built["buckets"]:  # bucketed: only a changed virtual_mailbox_domains table gives a new version
+        assert release.domain_list_version(current) == version
+    repo.set_mailbox("x@new.example", password_hash=HASH)
+    repo.set_email_enabled("d2.example", False)
+    built["apply"]()
+    assert release.release_domains(current, cfg, runner) == sorted(d for d in repo.domains if d != "d2.example")
+    assert release.domain_list_version(current) != version
+
+
+@pytest.mark.parametrize("built", LAYOUTS[:2], ids=[f"{t}-{n}" for t, n in LAYOUTS[:2]], indirect=True)
+def test_opendkim_tables_list_the_live_domains_and_are_listed_again_only_on_change(
+    built: dict[str, Any], pipull: ModuleType
+) -> None:
+    repo, cfg = built["repo"], built["cfg"]
+    for name in ("shop.example", "b.example", "c.example"):
+        repo.set_mailbox(f"anna@{name}", password_hash=HASH)
+    built["apply"]()
+    d, runner, log = _dkim(pipull, cfg)
+    d.reported(d.step())
+    d.clock.now += 1
+    d.step()
+    key = Path(cfg.dkim_key_dir) / "ms1-mpi01.private"
+    assert (Path(cfg.dkim_key_dir) / "KeyTable").read_text() == "".join(
+        f"{n} {n}:ms1-mpi01:{key}\n" for n in ("b.example", "c.example", "shop.example")
+    )
+    assert (
+        Path(cfg.dkim_key_dir) / "SigningTable"
+    ).read_text() == "*@b.example b.example\n*@c.example c.example\n*@shop.example shop.example\n"
+    assert "dkim: signing the mail of 3 domain(s) with ms1-mpi01" in log.getvalue()
+
+    # A tick with nothing new lists nothing; in the bucketed layout neither does a new mailbox.
+    dumps = runner.postmap_dumps()
+    d.step()
+    repo.set_mailbox("bob@shop.example", password_hash=HASH)
+    built["apply"]()
+    d.step()
+    assert runner.postmap_dumps() == dumps
+    repo.set_mailbox("anna@d.example", password_hash=HASH)
+    built["apply"]()
+    d.step()
+    assert "d.example d.example:ms1-mpi01:" in (Path(cfg.dkim_key_dir) / "KeyTable").read_text()
+    assert runner.postmap_dumps() == dumps + (16 if built["buckets"] else 0)
+
+
+@pytest.mark.parametrize("built", LAYOUTS[:1], ids=["hash-16"], indirect=True)
+def test_the_log_never_says_it_signs_when_the_tables_are_empty(built: dict[str, Any], pipull: ModuleType) -> None:
+    repo, cfg = built["repo"], built["cfg"]
+    repo.set_email_enabled("empty.example", True)
+    repo.set_email_enabled("empty.example", False)  # a commit, but no email-enabled domain
+    built["apply"]()
+    d, _runner, log = _dkim(pipull, cfg)
+    d.reported(d.step())
+    assert "nothing is signed: no key is active yet" in log.getvalue()
+    d.clock.now += 1
+    assert [e["state"] for e in d.step()] == ["active"]
+    assert (Path(cfg.dkim_key_dir) / "KeyTable").read_bytes() == b""
+    text = log.getvalue()
+    assert "ms1-mpi01 is active but the live release lists no domain: tables empty, nothing is signed" in text
+    assert "signing with" not in text and "signing the mail" not in text

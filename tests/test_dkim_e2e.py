@@ -6,6 +6,10 @@ next tick; a message submitted by an authenticated user reaches the SMTP sink wi
 DKIM-Signature that dkimpy verifies against the TXT value `dns-records` gives for that node
 and selector. Then `pi_pull.py dkim-rotate`: the new key is reported and listed before it
 signs, the old one keeps signing until then, and stays listed (retired) after the switch.
+
+The node runs the map layout of a new user's bundle (tests/mailnode.py `bundle_layout()`: 16
+bucketed tables a map). The one-table layout keeps its domains elsewhere (a text file beside the
+table), so it is an extra case: a message signed and verified there too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mailstate.compiler.node_bundle import opendkim_snippet
 from tests.fleet import provision_node
 from tests.mailnode import (
     MailNode,
+    bundle_layout,
     free_ports,
     pi_pull_script,
     require_binaries,
@@ -76,10 +81,12 @@ class OpenDkim:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A serve and a DKIM-signing node; ``request.param`` (indirect): the node's map_buckets, else the bundle's."""
     require_binaries("opendkim", "openssl")
     (milter_port,) = free_ports(1)
-    with running_mailnode(dkim_milter=f"inet:127.0.0.1:{milter_port}") as node:
+    buckets = getattr(request, "param", None)
+    with running_mailnode(dkim_milter=f"inet:127.0.0.1:{milter_port}", map_buckets=buckets) as node:
         key_dir = node.workdir / "dkim"
         od = OpenDkim(node.workdir, milter_port, key_dir)
         server = LiveServer(tmp_path / "srv")
@@ -165,30 +172,13 @@ def verifies(msg: Received, records: dict[str, tuple[str, str]]) -> bool:
     return bool(dkim.verify(msg.data, dnsfunc=dnsfunc))
 
 
-def _sender_map_until_pi_pull_builds_it(w: dict[str, Any]) -> None:
-    """The release's sender-login map when it lists the sender; otherwise the test node gets a
-    one-line map of its own."""
-    node: MailNode = w["node"]
-    live = node.root / "current" / "postfix" / "sender_login_maps"
-    if live.exists() and "anna@shop.example" in live.read_text():
-        return
-    path = node.workdir / "sender_login_maps"
-    path.write_text("anna@shop.example anna@shop.example\n")
-    subprocess.run(["postmap", "-c", str(node.postfix_dir), f"hash:{path}"], check=True)
-    subprocess.run(
-        ["postconf", "-c", str(node.postfix_dir), "-e", f"smtpd_sender_login_maps = hash:{path}"], check=True
-    )
-    subprocess.run(["postfix", "-c", str(node.postfix_dir), "reload"], check=True, capture_output=True)
-    time.sleep(1)
-
-
 def test_submitted_mail_is_signed_with_the_published_key_and_rotation_publishes_first(world: dict[str, Any]) -> None:
     w = world
+    assert w["node"].map_buckets == bundle_layout().map_buckets > 0  # bucketed, as a new user's node
     log = tick(w)  # applies the release, makes ms1 pending, reports it
     assert "new key on selector ms1-mpi01" in log and "BEGIN PRIVATE" not in log
     key = w["key_dir"] / "ms1-mpi01.private"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    _sender_map_until_pi_pull_builds_it(w)
     w["od"].start()
     records = dkim_records(w)
     assert [(s, st) for s, (st, _v) in records.items()] == [("ms1-mpi01", "pending")]
@@ -197,7 +187,7 @@ def test_submitted_mail_is_signed_with_the_published_key_and_rotation_publishes_
     unsigned = send(w, "before the key is live")
     assert unsigned.header("DKIM-Signature") is None
 
-    tick(w)  # publish_wait 0: active now; tables rendered, OpenDKIM reloaded
+    log = tick(w)  # publish_wait 0: active now; tables rendered, OpenDKIM reloaded
     tick(w)  # reports the active state
     records = dkim_records(w)
     assert records["ms1-mpi01"][0] == "active"
@@ -205,6 +195,9 @@ def test_submitted_mail_is_signed_with_the_published_key_and_rotation_publishes_
     tags = signature_tags(first)
     assert (tags["d"], tags["s"], tags["a"]) == ("shop.example", "ms1-mpi01", "rsa-sha256")
     assert verifies(first, records)
+    # The log said so when it began, and names what the tables sign.
+    assert "dkim: signing the mail of 1 domain(s) with ms1-mpi01" in log, log
+    assert (w["key_dir"] / "SigningTable").read_text() == "*@shop.example shop.example\n"
     # A tampered message fails against the same record: the check can fail.
     assert not verifies(
         Received(first.mail_from, first.rcpt_to, first.data.replace(b"sent by the test", b"sent by a forger")), records
@@ -236,3 +229,19 @@ def test_submitted_mail_is_signed_with_the_published_key_and_rotation_publishes_
     db = (w["server"].data.root / "mailstate.db").read_bytes()
     assert b"PRIVATE" not in db and key.read_text().splitlines()[1].encode() not in db
     assert httpx.get(f"{w['server'].url}/v1/health").status_code == 200
+
+
+@pytest.mark.parametrize("world", [0], ids=["one-table"], indirect=True)
+def test_the_one_table_layout_signs_too(world: dict[str, Any]) -> None:
+    w = world
+    assert w["node"].map_buckets == 0
+    tick(w)
+    w["od"].start()
+    assert send(w, "not yet").header("DKIM-Signature") is None  # pending: nothing signed
+    log = tick(w)
+    tick(w)
+    records = dkim_records(w)
+    assert records["ms1-mpi01"][0] == "active"
+    msg = send_signed_by(w, "signed, one table a map", "ms1-mpi01")
+    assert signature_tags(msg)["d"] == "shop.example" and verifies(msg, records)
+    assert "dkim: signing the mail of 1 domain(s) with ms1-mpi01" in log, log

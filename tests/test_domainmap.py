@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailstate.state.domainmap import DomainMap, Lazy
+from mailstate.state.domainmap import BUCKETS, DomainMap, Lazy
 from mailstate.state.files import FITS_FORMAT_1, FITS_FORMAT_2
 from mailstate.state.models import DomainFile
 
@@ -62,7 +62,21 @@ class CountingSource:
         return self.doms[entry.domain]
 
 
-def test_a_lazy_value_is_parsed_once_on_first_read_and_its_index_fields_need_no_parse() -> None:
+def _name(*, shares_bucket_with: str, same: bool) -> str:
+    """A domain name whose bucket is (``same``) or is not ``shares_bucket_with``'s in this process.
+
+    Buckets come from ``hash(name)``, which Python salts per process (PYTHONHASHSEED): a fixed
+    pair such as a.example and c.example shares a bucket in about 1 run in 256 (with
+    PYTHONHASHSEED=231 it does). A test that depends on the arrangement picks its names here."""
+    target = hash(shares_bucket_with) & (BUCKETS - 1)
+    for i in range(100 * BUCKETS):
+        name = f"c{i}.example"
+        if ((hash(name) & (BUCKETS - 1)) == target) == same:
+            return name
+    raise AssertionError("no name found")  # pragma: no cover (1 in 256 a try: never in 25600 tries)
+
+
+def _lazy_pair() -> tuple[dict[str, DomainFile], CountingSource, DomainMap]:
     doms = {
         "a.example": DomainFile(domain="a.example", project_id=3),
         "b.example": DomainFile(domain="b.example", alias_of="a.example", project_id=3),
@@ -72,14 +86,38 @@ def test_a_lazy_value_is_parsed_once_on_first_read_and_its_index_fields_need_no_
         n: Lazy(source, n, "0" * 40, 0, 0, "", d.project_id, d.alias_of, FITS_FORMAT_1 | FITS_FORMAT_2)
         for n, d in doms.items()
     }
-    dmap = DomainMap.of(lazy)
+    return doms, source, DomainMap.of(lazy)
+
+
+def test_a_lazy_value_is_parsed_once_on_first_read_and_its_index_fields_need_no_parse() -> None:
+    doms, source, dmap = _lazy_pair()
     assert dmap.meta("b.example") == (3, "a.example") and list(dmap.meta_items())
     assert dmap.unfit(FITS_FORMAT_2) == [] and dmap.parsed_count() == 0 and source.loads == []
-    later = dmap.evolve({"c.example": DomainFile(domain="c.example")})
+    other = _name(shares_bucket_with="a.example", same=False)
+    later = dmap.evolve({other: DomainFile(domain=other)})
     assert dmap["a.example"] == doms["a.example"] and later["a.example"] == doms["a.example"]
     assert source.loads == ["a.example"]  # the shared bucket keeps the parsed model
     assert dmap.get("zzz.example") is None and "zzz.example" not in dmap and 42 not in dmap  # type: ignore[operator]
     assert dmap.parsed_count() == 1 and later.parsed_count() == 2
+
+
+def test_a_write_into_a_lazy_value_s_bucket_copies_it_and_both_maps_stay_right() -> None:
+    """The arrangement the test above avoids: the new name lands in a.example's bucket, so the
+    write copies that bucket. Both maps hold the same Lazy; each parses it on its own first read
+    (the old map is dropped after a write, so in practice it is read once), and a model parsed
+    before the write is shared by the copy."""
+    doms, source, dmap = _lazy_pair()
+    same = _name(shares_bucket_with="a.example", same=True)
+    later = dmap.evolve({same: DomainFile(domain=same)})
+    assert dmap["a.example"] == doms["a.example"] and later["a.example"] == doms["a.example"]
+    assert source.loads == ["a.example", "a.example"]
+    assert same not in dmap and later[same] == DomainFile(domain=same) and len(later) == len(dmap) + 1
+    assert dmap.parsed_count() == 1 and later.parsed_count() == 2
+
+    doms, source, dmap = _lazy_pair()
+    assert dmap["a.example"] == doms["a.example"]
+    later = dmap.evolve({same: DomainFile(domain=same)})
+    assert later["a.example"] is dmap["a.example"] and source.loads == ["a.example"]
 
 
 def test_unfit_names_the_domains_that_break_a_format() -> None:

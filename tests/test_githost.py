@@ -406,8 +406,11 @@ class HostedFleet:
 
 @pytest.fixture
 def hosted(
-    githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[HostedFleet]:  # noqa: F811
+    githost: GitHost,  # noqa: F811  (pytest fixture)
+    mailnode: MailNode,  # noqa: F811  (pytest fixture)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[HostedFleet]:
     """A server in upstream mode on the sshd host, and a real node provisioned against it."""
     githost.create_repo()
     # The node's git reads the same ssh settings (pi-pull keeps GIT_SSH_COMMAND from its environment).
@@ -463,7 +466,7 @@ def test_a_node_following_the_host_applies_only_accepted_commits(hosted: HostedF
     assert f.applied() == accepted  # nothing newer was stated
     address = BAD_LINE.split(":", 1)[0]
     assert not node.can_login(address, "anything at all")
-    passwd = node.root / "current" / "dovecot" / "passwd.d" / "example.com"
+    passwd = node.passwd_file("example.com")
     assert "info@example.com:" in passwd.read_text() and "nopassword" not in passwd.read_text()
 
     # The next API write replaces the refused commit on the host; the node follows it.
@@ -483,8 +486,11 @@ def test_a_node_following_the_host_applies_only_accepted_commits(hosted: HostedF
 
 @pytest.fixture
 def fresh_hosted(
-    githost: GitHost, mailnode: MailNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[HostedFleet]:  # noqa: F811
+    githost: GitHost,  # noqa: F811  (pytest fixture)
+    mailnode: MailNode,  # noqa: F811  (pytest fixture)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[HostedFleet]:
     """`hosted`, with the statement re-signed every 0.5 s and the node's max_staleness at 4 s."""
     githost.create_repo()
     monkeypatch.setenv("GIT_SSH_COMMAND", githost.ssh_command)

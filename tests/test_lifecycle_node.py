@@ -257,8 +257,10 @@ def test_soft_delete_keeps_the_maildir_restore_brings_it_back_and_usage_reaches_
 
 
 def test_upgrade_of_a_format_1_node_with_mail_loses_no_message(
-    mailnode: MailNode, tmp_path: Path, pipull: ModuleType
-) -> None:  # noqa: F811
+    mailnode: MailNode,  # noqa: F811  (pytest fixture)
+    tmp_path: Path,
+    pipull: ModuleType,
+) -> None:
     node = mailnode
     # The data dir exactly as the format-1 code left it (a Store opened directly never upgrades).
     dd = init_data_dir(

@@ -550,7 +550,7 @@ def test_a_node_configured_before_buckets_keeps_its_one_table_layout(tmp_path: P
 
     key = make_signing_key(tmp_path / "keys", "k")
     signers = write_allowed_signers(tmp_path / "allowed_signers", [key])
-    with running_mailnode() as node:
+    with running_mailnode(map_buckets=0) as node:
         repo = StateRepo(tmp_path / "repo", key, mail_root=str(node.mail_root), uid=node.uid, gid=node.gid, format=2)
         for i in range(6):
             repo.set_mailbox(f"u{i}@d{i % 3}.example", "pw-secret-1")

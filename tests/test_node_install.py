@@ -10,6 +10,7 @@ running systemd in a test container, and a test must never restart the machine's
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import importlib
 import json
@@ -29,11 +30,13 @@ from mailstate.compiler.node_bundle import render_node_bundle
 from tests.mailnode import (
     MailNode,
     StateRepo,
+    free_ports,
     mailnode,  # noqa: F401  (pytest fixture)
     make_public_tmpdir,
     make_signing_key,
     pi_pull_script,
     require_binaries,
+    wait_port,
     write_allowed_signers,
 )
 
@@ -241,6 +244,8 @@ def test_dry_run_changes_nothing(host: Host) -> None:
         f"would write {host.postfix}/master.cf",
         "would comment out `!include auth-system.conf.ext`",
         f"would create mail root {host.mail_root}",
+        f"would create {host.etc}/dkim/KeyTable (0644, empty",
+        f"would create {host.etc}/dkim/SigningTable (0644, empty",
     ):
         assert action in out, out
     assert "No configuration" in out and "dry run:" in out
@@ -415,6 +420,55 @@ def test_damaged_bundle_missing_key_and_help(host: Host) -> None:
     assert h.returncode == 0 and "pi_pull.py install --bundle DIR" in h.stdout
 
 
+def test_a_fresh_install_gives_opendkim_tables_it_starts_with(host: Host) -> None:
+    """OpenDKIM refuses a config whose KeyTable or SigningTable is missing (`opendkim -n` exits 78,
+    and so does its start), and install (re)starts it before pi-pull's first tick writes them. So
+    install makes them, empty (nothing is signed before a key is published), never over pi-pull's.
+    The real opendkim on the installed config: `opendkim -n` accepts it, and OpenDKIM starts and
+    listens. Only its socket and pid file come from the command line (which overrides the config:
+    the machine's port 8891 and /run are not the test's); the rest is the installed config,
+    UserID opendkim included."""
+    require_binaries("opendkim")
+    r = host.install(host.bundle(), "--no-tick")
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    conf = host.postfix.parent / "opendkim.conf"
+    key_dir = host.etc / "dkim"
+    assert f"checked: opendkim -n accepts {conf}" in r.stdout, r.stdout
+    text = conf.read_text()  # follows --etc-dir, as pi-pull.ini's [dkim] key_dir does
+    assert f"file:{key_dir}/KeyTable" in text and f"refile:{key_dir}/SigningTable" in text
+    assert ":/etc/pi-pull/" not in text and f"key_dir = {key_dir}\n" in (host.etc / "pi-pull.ini").read_text()
+    for name in ("KeyTable", "SigningTable"):
+        assert (key_dir / name).read_bytes() == b"" and stat.S_IMODE((key_dir / name).stat().st_mode) == 0o644
+    st = key_dir.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o750 and (st.st_uid, st.st_gid) == (0, grp.getgrnam("opendkim").gr_gid)
+    n = subprocess.run(["opendkim", "-n", "-x", str(conf)], capture_output=True, text=True, timeout=30)
+    assert n.returncode == 0, n.stderr
+
+    (port,) = free_ports(1)
+    log = host.w / "opendkim.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["opendkim", "-f", "-x", str(conf), "-p", f"inet:{port}@127.0.0.1", "-P", str(host.w / "opendkim.pid")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        try:
+            wait_port(port, timeout=20)
+        except OSError:
+            raise AssertionError(f"opendkim did not start (rc={proc.poll()}): {log.read_text()}") from None
+        assert proc.poll() is None, log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    # pi-pull's tables are its own from the first tick on: a later install leaves them alone.
+    (key_dir / "KeyTable").write_text("x.example x.example:ms1-pi-01:/nowhere\n")
+    again = host.install(host.bundle(), "--no-tick")
+    assert again.returncode == EXIT_OK and "already installed: nothing changed" in again.stdout, again.stdout
+    assert (key_dir / "KeyTable").read_text() == "x.example x.example:ms1-pi-01:/nowhere\n"
+
+
 # --------------------------------------------------------------------------- the first tick
 
 
@@ -575,7 +629,7 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     ]  # fmt: skip
     assert (host.postfix.parent / "opendkim.conf").read_bytes() == (
         host.bundle() / "opendkim" / "opendkim.conf"
-    ).read_bytes()
+    ).read_bytes().replace(b"/etc/pi-pull/", f"{host.etc}/".encode())  # the tables under --etc-dir
     runner.calls.clear()
     lines.clear()
     assert once() == 0  # everything is in place: no systemctl call changes anything

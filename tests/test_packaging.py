@@ -1,10 +1,13 @@
 """The product as people install it: a built wheel in a fresh venv, used from outside the checkout.
 
 Builds the wheel from a copy of the checkout (`pip wheel --no-deps`, so the shared tree gets no
-build/ folder), installs it with `--no-deps` into a venv made with `--system-site-packages`
-(the dependencies come from this machine, no network), and from a temp cwd runs `mailstate
---help`, `serve`, `init`, `call add-node` and `node bundle`, then the bundled pi_pull.py under
-`python3 -I -S`. Every command must import mailstate from the venv, not from the checkout.
+build/ folder), installs it with its dependencies into a fresh venv of its own (no
+`--system-site-packages`: CI's system Python has none of them, and a user's venv starts empty),
+and from a temp cwd runs `mailstate --help`, `serve`, `init`, `call add-node` and `node bundle`,
+then the bundled pi_pull.py under `python3 -I -S`. Every command must import mailstate from the
+venv, not from the checkout. pip resolves the dependencies as configured on the machine (the
+package registry); its download cache is the one the test run's own install filled, so they are
+not fetched again.
 """
 
 from __future__ import annotations
@@ -65,26 +68,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (base / "wheels").glob("mailstate-*.whl")
     venv = base / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env, timeout=300
-    )
-    # --force-reinstall: the checkout's editable install is visible through the system site.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=300)
+    # HOME is a temp dir here: keep pip's cache where the test run's own install left it.
+    env.setdefault("PIP_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"))
     r = subprocess.run(
-        [
-            str(venv / "bin" / "python"),
-            "-m",
-            "pip",
-            "--disable-pip-version-check",
-            "--quiet",
-            "install",
-            "--no-deps",
-            "--force-reinstall",
-            str(wheel),
-        ],
+        [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--quiet", "install", str(wheel)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=900,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     cwd = base / "cwd"
@@ -106,11 +98,17 @@ def test_wheel_installs_under_one_namespace(installed: Installed) -> None:
 
 def test_installed_package_is_the_one_imported(installed: Installed) -> None:
     r = installed.run(
-        "python", "-c", "import mailstate.compiler.node_bundle as b; print(b.__file__); print(b.AGENT_DIR)"
+        "python",
+        "-c",
+        "import mailstate.compiler.node_bundle as b, ruamel.yaml, pydantic; "
+        "print(b.__file__); print(b.AGENT_DIR); print(ruamel.yaml.__file__); print(pydantic.__file__)",
     )
     assert r.returncode == 0, r.stderr
-    module, agent = r.stdout.split()
+    module, agent, *deps = r.stdout.split()
     assert module.startswith(str(installed.venv)) and agent.startswith(str(installed.venv)), r.stdout
+    # The dependencies too: the venv is self-contained, nothing comes from the base interpreter.
+    assert all(dep.startswith(str(installed.venv)) for dep in deps), r.stdout
+    assert "include-system-site-packages = false" in (installed.venv / "pyvenv.cfg").read_text()
 
 
 def test_help_serve_init_call_and_bundle_from_outside_the_checkout(installed: Installed) -> None:

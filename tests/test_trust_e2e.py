@@ -165,8 +165,9 @@ def test_server_key_rotation_reaches_the_node_without_reprovisioning(world: Worl
 
 
 def test_a_server_whose_statement_is_not_refreshed_makes_the_node_stale_in_list_nodes(
-    mailnode: MailNode, tmp_path: Path
-) -> None:  # noqa: F811
+    mailnode: MailNode,  # noqa: F811  (pytest fixture)
+    tmp_path: Path,
+) -> None:
     """The server up but its statement old (here: refreshed only hourly; on a git host: a host
     that keeps serving an old tip): exit 5, and list-nodes shows the node stale with the age."""
     server, admin, project = start_server_for(

@@ -9,9 +9,10 @@ is not in git, in a report, or in a log line. The node reports only the public h
 
 Signer: OpenDKIM as a milter on the submission services only (the bundle's opendkim.conf;
 Postfix's ``smtpd_milters`` on 587/465). pi-pull renders its two tables from the live
-release's domain list (``current/postfix/virtual_mailbox_domains``: every email-enabled
-domain, alias domains included) and reloads OpenDKIM (``[dkim] reload``) only when a table
-changed::
+release's domains (``release.release_domains``, which knows every map layout: every
+email-enabled domain, alias domains included) and reloads OpenDKIM (``[dkim] reload``) only
+when a table changed. The domains are listed again only when the live release's domain list
+can have changed (``release.domain_list_version``) or the active key did::
 
     KeyTable       <domain> <domain>:<selector>:<key_dir>/<selector>.private
     SigningTable   *@<domain> <domain>            (refile: one pattern per domain)
@@ -54,16 +55,38 @@ from typing import Any
 from .config import Config
 from .errors import TickError
 from .fsutil import atomic_write
+from .release import domain_list_version, release_domains
 from .runner import Runner, short
-from .verify import is_domain
 
 KEY_BITS = 2048
 KEYS_FILE = "keys.json"
 KEY_TABLE = "KeyTable"
 SIGNING_TABLE = "SigningTable"
 STATES = ("pending", "active", "retired")
-DOMAINS_FILE = os.path.join("postfix", "virtual_mailbox_domains")
-MAX_DOMAINS_BYTES = 64 * 1024 * 1024
+# What keys.json records about the tables written last: their digest and what they were made from.
+TABLE_STATE = ("tables_digest", "tables_source")
+
+
+def ensure_key_dir(path: str, owner: str) -> None:
+    """The keys' directory: 0750 whatever the umask or an earlier mode (it is not for others), owned by
+    root and, when run as root, the group of ``owner`` (OpenDKIM reads the tables and keys here)."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    os.chmod(path, 0o750)
+    gid = _group_of(owner)
+    if os.geteuid() == 0 and gid >= 0:
+        os.chown(path, 0, gid)
+
+
+def _group_of(owner: str) -> int:
+    if not owner:
+        return -1
+    try:
+        return pwd.getpwnam(owner).pw_gid
+    except KeyError:
+        try:
+            return grp.getgrnam(owner).gr_gid
+        except KeyError:
+            return -1
 
 
 class Dkim:
@@ -113,13 +136,14 @@ class Dkim:
         body = {"keys": keys, **(extra or {})}
         atomic_write(self.path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode(), 0o644)
 
-    def _tables_digest(self) -> str:
+    def _table_state(self) -> dict[str, str]:
+        """keys.json's ``TABLE_STATE`` entries ("" where missing), kept by every save of the keys."""
         try:
             with open(self.path, encoding="utf-8") as fh:
                 data = json.load(fh)
-            return str(data.get("tables_digest", "")) if isinstance(data, dict) else ""
         except (OSError, ValueError):
-            return ""
+            data = None
+        return {k: str(data.get(k, "")) if isinstance(data, dict) else "" for k in TABLE_STATE}
 
     def key_path(self, selector: str) -> str:
         return os.path.join(self.dir, f"{selector}.private")
@@ -127,22 +151,7 @@ class Dkim:
     # ---- key generation
 
     def _ensure_dir(self) -> None:
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
-        os.chmod(self.dir, 0o750)  # whatever the umask or an earlier mode: the keys' directory is not for others
-        gid = self._group()
-        if os.geteuid() == 0 and gid >= 0:
-            os.chown(self.dir, 0, gid)  # OpenDKIM (its group) reads the tables and keys here
-
-    def _group(self) -> int:
-        if not self.cfg.dkim_key_owner:
-            return -1
-        try:
-            return pwd.getpwnam(self.cfg.dkim_key_owner).pw_gid
-        except KeyError:
-            try:
-                return grp.getgrnam(self.cfg.dkim_key_owner).gr_gid
-            except KeyError:
-                return -1
+        ensure_key_dir(self.dir, self.cfg.dkim_key_owner)
 
     def generate(self, selector: str) -> dict[str, Any]:
         """A new RSA key for ``selector`` (replacing what that selector had); its metadata, state pending."""
@@ -233,10 +242,10 @@ class Dkim:
                         meta["state"] = "retired"
                 keys[pending]["state"] = "active"
                 keys[pending]["activated_at"] = int(now)
-                self.log.info(f"dkim: signing with {pending} from now on (reported {int(now - reported)}s ago)")
+                self.log.info(f"dkim: {pending} is the active key from now on (reported {int(now - reported)}s ago)")
                 changed = True
         if changed:
-            self._save(keys, {"tables_digest": self._tables_digest()})
+            self._save(keys, self._table_state())
         self.render(keys)
         return self.report_entries(keys)
 
@@ -271,7 +280,7 @@ class Dkim:
                         f"dkim: pending key {sel} reported; it signs after publish_wait = {self.cfg.dkim_publish_wait:g}s"
                     )
             if touched:
-                self._save(keys, {"tables_digest": self._tables_digest()})
+                self._save(keys, self._table_state())
         except (OSError, TickError, ValueError, KeyError) as e:
             self.log.warning(f"dkim: cannot record the report of the pending key: {e}")
 
@@ -284,25 +293,17 @@ class Dkim:
         active = self._active(keys)
         idle = self._idle(active)
         keys[idle] = self.generate(idle)
-        self._save(keys, {"tables_digest": self._tables_digest()})
+        self._save(keys, self._table_state())
         return f"new pending key on {idle}; {active or 'no key'} keeps signing until it has been reported and publish_wait has passed"
 
     # ---- OpenDKIM's tables
 
+    def _release(self) -> str:
+        return os.path.join(self.cfg.root, "current")
+
     def domains(self) -> list[str]:
-        """The live release's domains (``current/postfix/virtual_mailbox_domains``), sorted."""
-        path = os.path.join(self.cfg.root, "current", DOMAINS_FILE)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(MAX_DOMAINS_BYTES)
-        except FileNotFoundError:
-            return []
-        out = set()
-        for raw in data.split(b"\n"):
-            name = raw.split(b" ", 1)[0].decode("ascii", "replace")
-            if name and is_domain(name):  # validated by the build already; a path is made of it here too
-                out.add(name)
-        return sorted(out)
+        """The live release's domains, sorted (``release.release_domains``: every layout)."""
+        return release_domains(self._release(), self.cfg, self.runner)
 
     def tables(self, keys: dict[str, dict[str, Any]]) -> tuple[bytes, bytes]:
         """(KeyTable, SigningTable) bytes: every domain signs with the active key; empty without one."""
@@ -318,10 +319,18 @@ class Dkim:
 
     def render(self, keys: dict[str, dict[str, Any]]) -> bool:
         """Write the tables when they changed and reload OpenDKIM; True when they changed."""
+        active = self._active(keys)
+        source = json.dumps([active and self.key_path(active), domain_list_version(self._release())])
+        have = all(os.path.isfile(os.path.join(self.dir, n)) for n in (KEY_TABLE, SIGNING_TABLE))
+        state = self._table_state()
+        if have and state["tables_source"] == source:
+            return False  # same key, same domain list: nothing to list or compare
         kt, st = self.tables(keys)
         digest = hashlib.sha256(kt + b"\0" + st).hexdigest()
-        have = all(os.path.isfile(os.path.join(self.dir, n)) for n in (KEY_TABLE, SIGNING_TABLE))
-        if have and self._tables_digest() == digest:
+        if have and state["tables_digest"] == digest:
+            self._save(self.load(), {"tables_digest": digest, "tables_source": source})
+            if active and not kt:  # a key became active, or the domains changed, and still nothing is signed
+                self._log_tables(active, 0)
             return False
         self._ensure_dir()
         atomic_write(os.path.join(self.dir, KEY_TABLE), kt, 0o644)
@@ -329,11 +338,21 @@ class Dkim:
         if self.cfg.dkim_reload:
             r = self.runner.shell(self.cfg.dkim_reload, timeout=self.cfg.reload_timeout)
             if r.returncode != 0:
-                # The digest is not recorded: the next tick writes and reloads again.
+                # Nothing is recorded: the next tick writes and reloads again.
                 raise TickError(
                     f"opendkim reload failed (rc={r.returncode}): {short(r.stderr + r.stdout) or 'no output'}"
                 )
-        self._save(self.load(), {"tables_digest": digest})
-        count = kt.count(b"\n")
-        self.log.info(f"dkim: tables for {count} domain(s), signing with {self._active(keys) or 'no key yet'}")
+        self._save(self.load(), {"tables_digest": digest, "tables_source": source})
+        self._log_tables(active, kt.count(b"\n"))
         return True
+
+    def _log_tables(self, active: str | None, count: int) -> None:
+        """What OpenDKIM signs from now on, as the tables just written say (never more)."""
+        if active is None:
+            self.log.info("dkim: tables empty, nothing is signed: no key is active yet")
+        elif count == 0:
+            self.log.warning(
+                f"dkim: {active} is active but the live release lists no domain: tables empty, nothing is signed"
+            )
+        else:
+            self.log.info(f"dkim: signing the mail of {count} domain(s) with {active}")

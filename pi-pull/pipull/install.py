@@ -144,6 +144,7 @@ class Options:
     systemd: bool | None = None  # None: detect (systemd_running())
     postconf: str = "postconf"
     doveconf: str = "doveconf"
+    opendkim: str = "opendkim"
     systemctl: str = "systemctl"
 
 
@@ -309,6 +310,23 @@ def relocate(data: bytes, defaults: dict[str, str], dirs: dict[str, str]) -> byt
     return data
 
 
+def opendkim_tables(conf: bytes) -> list[str]:
+    """The files an opendkim.conf names as its KeyTable and SigningTable (``file:``/``refile:`` or a plain path)."""
+    out = []
+    for line in conf.decode("utf-8", "replace").splitlines():
+        parts = line.split(None, 1)
+        if len(parts) != 2 or parts[0].lower() not in ("keytable", "signingtable"):
+            continue
+        kind, colon, path = parts[1].strip().partition(":")
+        if not colon:
+            path = kind
+        elif kind not in ("file", "refile"):
+            continue  # another dataset type (a database, an inline list): no file to make
+        if path.startswith("/"):
+            out.append(path)
+    return out
+
+
 def read_sync_key_input(source: str | None, stdin_tty: bool | None = None) -> str | None:
     """The sync key from ``source`` ("-" = stdin; a terminal gets a prompt that does not echo)."""
     if source is None:
@@ -427,6 +445,11 @@ class Installer:
 
     def check_services_installed(self) -> None:
         pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
+        if self.opendkim_conf() is not None and shutil.which(self.opts.opendkim) is None:
+            raise InstallError(
+                f"opendkim is not installed ({self.opts.opendkim} is not on PATH), and this bundle signs outgoing "
+                "mail with it: apt-get install opendkim opendkim-tools"
+            )
         if not os.path.isdir(pf):
             raise InstallError(f"postfix is not installed ({pf} does not exist): apt-get install postfix")
         if not os.path.isfile(os.path.join(dv, "dovecot.conf")):
@@ -538,17 +561,52 @@ class Installer:
 
     # ---- dovecot
 
-    def configure_opendkim(self) -> None:
-        """The bundle's opendkim.conf (signing-only milter; pi-pull writes its tables) beside the
-        postfix dir, i.e. /etc/opendkim.conf; the original is kept and uninstall puts it back."""
+    def opendkim_conf(self) -> str | None:
+        """Where the bundle's opendkim.conf goes (beside the postfix dir: /etc/opendkim.conf); None without one."""
         spec = self.m.get("opendkim")
         if not isinstance(spec, dict):
-            return
-        dest = os.path.join(
+            return None
+        return os.path.join(
             os.path.dirname(self.opts.dirs["postfix_dir"].rstrip("/")), str(spec.get("name", "opendkim.conf"))
         )
-        if self.host.put_file(dest, self.bundle.read(str(spec["conf"])), 0o644, " (OpenDKIM, the DKIM signer)"):
+
+    def configure_opendkim(self) -> None:
+        """The bundle's opendkim.conf (signing-only milter; pi-pull writes its tables) beside the
+        postfix dir, i.e. /etc/opendkim.conf; the original is kept and uninstall puts it back. It
+        names the tables under the etc dir, so it follows ``--etc-dir`` like pi-pull.ini."""
+        dest = self.opendkim_conf()
+        if dest is None:
+            return
+        conf = str(self.m["opendkim"]["conf"])
+        data = self.bundle.read(conf)
+        if conf in self.m.get("relocate", []):
+            data = relocate(data, self.m.get("dirs", {}), self.opts.dirs)
+        if self.host.put_file(dest, data, 0o644, " (OpenDKIM, the DKIM signer)"):
             self.changed.add("opendkim")
+        self.make_dkim_tables(data)
+
+    def make_dkim_tables(self, conf: bytes) -> None:
+        """Empty KeyTable and SigningTable where the config names them and there are none yet.
+
+        OpenDKIM refuses a config whose tables are missing (``opendkim -n`` exits 78, EX_CONFIG, and
+        so does its start), and pi-pull writes them only on a tick, after install has (re)started
+        OpenDKIM. Empty tables sign nothing, which is also what pi-pull writes until a key has been
+        reported and published. Tables that exist (pi-pull's) are never touched; uninstall removes
+        the ones install made."""
+        from .dkim import ensure_key_dir
+
+        owner = self.bundle_config().get("dkim", "key_owner", fallback="opendkim").strip()
+        for path in opendkim_tables(conf):
+            if os.path.exists(path):
+                self.steps.done(f"{path} (OpenDKIM's table)")
+                continue
+            key_dir = os.path.dirname(path)
+            self.host.make_dir(key_dir, 0o750)
+            if not self.steps.change(f"create {path} (0644, empty: nothing is signed until pi-pull writes it)"):
+                continue
+            ensure_key_dir(key_dir, owner)
+            atomic_write(path, b"", 0o644)
+            self.record.data["files"][path] = {"backup": None, "sha256": sha256(b"")}
 
     def configure_dovecot(self) -> None:
         dv = self.opts.dirs["dovecot_dir"]
@@ -676,6 +734,12 @@ class Installer:
         if not ok:
             raise InstallError(f"dovecot rejects its configuration after install: {text}")
         self.steps.note("checked: postconf -n and doveconf -n accept the configuration")
+        dkim_conf = self.opendkim_conf()
+        if dkim_conf is not None:
+            ok, text = run(self.runner, [self.opts.opendkim, "-n", "-x", dkim_conf])
+            if not ok:
+                raise InstallError(f"opendkim rejects its configuration after install: {text}")
+            self.steps.note(f"checked: opendkim -n accepts {dkim_conf}")
 
     @property
     def use_systemd(self) -> bool:

@@ -33,6 +33,71 @@ VALIDATOR_VERSION = 2
 LISTINGS_KEPT = 4  # tip + live release per tick, with room to spare
 
 
+DOMAINS_MAP = "virtual_mailbox_domains"
+MAX_DOMAINS_BYTES = 64 * 1024 * 1024
+
+
+def domain_list_version(release: str) -> str:
+    """A value that changes whenever ``release_domains(release)`` may answer differently; cheap.
+
+    One table a map: the release itself (a commit's domains never change). Bucketed: the ids of
+    its ``virtual_mailbox_domains`` tables in MANIFEST.json, which change only when a table's
+    domains did, so an apply that adds a mailbox costs the caller no listing."""
+    if os.path.isfile(os.path.join(release, "postfix", DOMAINS_MAP)):
+        return "release " + os.path.basename(os.path.realpath(release))
+    manifest = _read_manifest(release)
+    if manifest.get("layout") != buckets.LAYOUT:
+        return "none"
+    tables = manifest.get("tables")
+    ids = (
+        sorted(f"{k}={v}" for k, v in tables.items() if k.startswith(DOMAINS_MAP + "."))
+        if isinstance(tables, dict)
+        else []
+    )
+    return "tables " + " ".join(ids)
+
+
+def release_domains(release: str, cfg: Config, runner: Runner) -> list[str]:
+    """Every domain of the release at ``release`` (e.g. ``<root>/current``), sorted: the domains
+    Postfix takes as its own (``virtual_mailbox_domains``: every email-enabled domain, alias domains
+    included), whatever the layout. The one place that knows where a release keeps them:
+
+    * one table a map (``map_buckets = 0``, any map type): the text ``postfix/virtual_mailbox_domains``;
+    * bucketed (``buckets.py``): no text source, so ``postmap -s`` of each of its N tables;
+    * anything else (no release yet, or install's empty placeholder tables): no domain.
+
+    Raises TickError when a table cannot be read."""
+    text = os.path.join(release, "postfix", DOMAINS_MAP)
+    manifest = {} if os.path.isfile(text) else _read_manifest(release)
+    if manifest.get("layout") == buckets.LAYOUT:
+        map_type = str(manifest.get("map_type") or cfg.map_type)
+        dumps = []
+        for k in range(int(manifest.get("map_buckets") or 0)):
+            table = os.path.join(release, "postfix", buckets.table_name(DOMAINS_MAP, k))
+            r = runner.run([*shlex.split(cfg.postmap), "-s", f"{map_type}:{table}"], timeout=600)
+            if r.returncode != 0:
+                raise TickError(f"postmap -s {table} failed: {short(r.stderr) or f'rc={r.returncode}'}")
+            dumps.append(r.stdout)
+        data = b"".join(dumps)
+    else:
+        try:
+            with open(text, "rb") as fh:
+                data = fh.read(MAX_DOMAINS_BYTES)
+        except FileNotFoundError:
+            return []
+    names = (line.split(None, 1)[0].decode("ascii", "replace") for line in data.splitlines() if line.strip())
+    return sorted({name for name in names if is_domain(name)})  # validated when built; a path is made of it too
+
+
+def _read_manifest(release: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(release, "MANIFEST.json"), encoding="utf-8") as fh:
+            m = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
 @dataclass
 class _Plan:
     """What a build needs: each domain's blob ids (passwd, maps, domains, mailboxes), what is reused."""
