@@ -19,6 +19,8 @@ For every email-enabled domain the compiler writes one folder:
     rendered/nodes                                           only in a fleet with addressed nodes: one line
                                                              `<node> <address> <sha256 of its certificate|->`
     rendered/nodes.pem                                       their reported certificates, in the same order
+    rendered/moves                                           only while domains move: one line
+                                                             `<domain> <home> <moving_to|-> <moved_from|->`
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
 postmap; the passwd-files are used as they are through Dovecot's `%d`. Per-domain fragments
@@ -74,6 +76,7 @@ ALIAS_FRAGMENT = "virtual_alias_maps"
 SETTINGS_FILE = f"{RENDERED_DIR}/settings"
 NODES_FILE = f"{RENDERED_DIR}/nodes"
 NODES_PEM = f"{RENDERED_DIR}/nodes.pem"
+MOVES_FILE = f"{RENDERED_DIR}/moves"
 HOME_FRAGMENT = "home"
 # A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
 ID_SEPARATOR = "~"
@@ -257,6 +260,16 @@ def render_settings(settings: Settings) -> dict[str, bytes | None]:
     return {SETTINGS_FILE: text.encode("ascii")}
 
 
+def render_moves(moves: Mapping[str, tuple[str, str | None, str | None]]) -> dict[str, bytes | None]:
+    """`rendered/moves`: the domains a move is under way for (state.snapshot's `moves`), so that a
+    node finds the work a move gives it in one small file (absent, None, when nothing moves)."""
+    lines = [
+        f"{_field(dom)} {_field(home)} {_field(to or '-')} {_field(frm or '-')}\n"
+        for dom, (home, to, frm) in sorted(moves.items())
+    ]
+    return {MOVES_FILE: "".join(lines).encode("ascii") if lines else None}
+
+
 def compile_state(
     settings: Settings, domains: Iterable[DomainFile], nodes: NodesFile | None = None
 ) -> dict[str, bytes]:
@@ -265,6 +278,12 @@ def compile_state(
     if nodes is not None:
         out.update({path: data for path, data in render_nodes(nodes).items() if data is not None})
     everything = {d.domain: d for d in domains}
+    moves = {
+        d.domain: (d.home, d.moving_to, d.moved_from)
+        for d in everything.values()
+        if d.home is not None and (d.moving_to or d.moved_from)
+    }
+    out.update({path: data for path, data in render_moves(moves).items() if data is not None})
     users = alias_index(everything.values())  # in one pass, not one scan of every domain a domain
     for name in sorted(everything):
         out.update(render_domain(everything[name], settings, users.get(name, ()), nodes))

@@ -32,14 +32,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pygit2
 
-from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_nodes, render_settings
+from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_moves, render_nodes, render_settings
 from mailstate.state import files, senders
 from mailstate.state.chain import range_problems
 from mailstate.state.errors import (
@@ -794,6 +794,9 @@ class Store:
         if change.nodes is not None:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))
             out.update(render_nodes(change.nodes))
+        moves = moves_after(snap.moves, change)
+        if moves != snap.moves:
+            out.update(render_moves(moves))
         if change.settings is not None:
             out[files.SETTINGS_PATH] = files.dump_settings(change.settings)
             out.update(render_settings(change.settings))
@@ -843,6 +846,18 @@ class Store:
             return int(commit.commit_time)
         except (KeyError, ValueError, pygit2.GitError):
             return None
+
+
+def moves_after(
+    moves: Mapping[str, tuple[str, str | None, str | None]], change: Change
+) -> Mapping[str, tuple[str, str | None, str | None]]:
+    """The snapshot's `moves` index once `change` is applied (only its domains can differ)."""
+    out = dict(moves)
+    for name, dom in change.domains.items():
+        out.pop(name, None)
+        if dom is not None and dom.home is not None and (dom.moving_to or dom.moved_from):
+            out[name] = (dom.home, dom.moving_to, dom.moved_from)
+    return out
 
 
 def _with_readdressed(snap: Snapshot, change: Change) -> Change:

@@ -25,6 +25,7 @@ import pygit2
 
 from mailstate.compiler.render import (
     FRAGMENTS,
+    MOVES_FILE,
     NODES_FILE,
     NODES_PEM,
     SETTINGS_FILE,
@@ -32,6 +33,7 @@ from mailstate.compiler.render import (
     diff_rendered,
     domain_dir,
     render_domain,
+    render_moves,
     render_nodes,
     render_settings,
 )
@@ -155,8 +157,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             touched.add(name)
         elif top == files.RENDERED_DIR:
             owner = _rendered_owner(path)
-            if path in (SETTINGS_FILE, NODES_FILE, NODES_PEM):
-                continue  # compared with render_settings() / render_nodes() below
+            if path in (SETTINGS_FILE, NODES_FILE, NODES_PEM, MOVES_FILE):
+                continue  # compared with render_settings() / render_nodes() / render_moves() below
             if owner is None:
                 problems.append(f"{path}: not a file the compiler produces")
             else:
@@ -201,6 +203,10 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             expected = {k: data for k, data in render_nodes(new.nodes).items() if data is not None}
             found = {p: repo.read(commit, p) for p in (NODES_FILE, NODES_PEM)}
             problems.extend(diff_rendered(expected, {p: data for p, data in found.items() if data is not None}))
+        if dict(new.moves) != dict(base.moves) or MOVES_FILE in paths:
+            expected = {k: data for k, data in render_moves(new.moves).items() if data is not None}
+            raw_moves = repo.read(commit, MOVES_FILE)
+            problems.extend(diff_rendered(expected, {MOVES_FILE: raw_moves} if raw_moves is not None else {}))
         if SETTINGS_FILE in paths:
             raw_settings = repo.read(commit, SETTINGS_FILE)
             expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}

@@ -74,7 +74,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
-    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim",
+    "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "fleetfiles", "fleet",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm")
 

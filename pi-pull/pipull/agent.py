@@ -24,6 +24,7 @@ from .statefile import Lock, StateFile
 
 if TYPE_CHECKING:
     from .dkim import Dkim
+    from .fleet import Fleet
     from .statement import Statement
     from .trust import Trust
 
@@ -71,6 +72,7 @@ class Agent:
         self.lifecycle = Lifecycle(cfg, self.mirror, self.releases, self.log, clock or time.time)
         self._clock_arg = clock
         self._dkim: Dkim | None = None
+        self._fleet: Fleet | None = None
         self._trust: Trust | None = None
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
@@ -89,6 +91,22 @@ class Agent:
 
             self._dkim = Dkim(self.cfg, self.runner, self.log, self._clock_arg or time.time)
         return self._dkim
+
+    @property
+    def fleet(self) -> Fleet:
+        """This node's part in the fleet: trust in the other nodes, credentials, move-domain's work."""
+        if self._fleet is None:
+            from .fleet import Fleet
+
+            self._fleet = Fleet(
+                self.cfg, self.runner, self.log, self.mirror, self.releases, self.lifecycle, self.basic_token
+            )
+        return self._fleet
+
+    @property
+    def more_work(self) -> bool:
+        """Whether the last tick left move work that did not fit its budget (follow mode ticks again)."""
+        return self._fleet is not None and self._fleet.more
 
     @property
     def trust(self) -> Trust:
@@ -154,7 +172,9 @@ class Agent:
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
-            if self.reporter.send(st, result.status, result.error, usage=usage, dkim_keys=dkim_keys) and dkim_keys:
+            fleet = self.fleet.step(st)
+            sent = self.reporter.send(st, result.status, result.error, usage=usage, dkim_keys=dkim_keys, extras=fleet)
+            if sent and dkim_keys:
                 self.dkim.reported(dkim_keys)
             line = f"{result.message} ({time.monotonic() - t0:.2f}s)"
             if result.status == "ok":

@@ -41,6 +41,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from . import fleetfiles
 from .aliasmap import ALIAS_MAP, check_bytes
 from .bulkwrite import FileWriter
 from .errors import Refused, TickError
@@ -139,7 +140,12 @@ class BucketBuild:
         self._fresh: set[str] = set()  # passwd buckets that get a new directory in this build
 
     def _maps(self) -> tuple[str, ...]:
-        return FRAGMENT_MAPS
+        # The fleet's transport and defer maps are derived on the node from each domain's home
+        # fragment (pipull/fleetfiles.py): bucketed like the fragment maps, by domain.
+        return (*FRAGMENT_MAPS, *fleetfiles.DERIVED_MAPS)
+
+    def _derived(self, domain: str, home: tuple[str, str] | None) -> dict[str, bytes]:
+        return fleetfiles.derived_lines(domain, home, self.cfg.node_name, self.cfg.fleet_relay_port)
 
     # ---- entry point
 
@@ -202,6 +208,7 @@ class BucketBuild:
         for group in groups:
             for domain in group:
                 files = tree[domain]
+                order += [files[fleetfiles.HOME]] if fleetfiles.HOME in files else []
                 order += [files[f] for f in DOMAIN_CHECKED if f in files] + [
                     files[m] for m in self.maps if m in files and m not in DOMAIN_CHECKED
                 ]
@@ -215,10 +222,15 @@ class BucketBuild:
                     for domain in group:
                         files = tree[domain]
                         bb_dir = self._new_bucket_dir(domain[:2])
+                        home = self.rel.home_of(cat, domain, files)
                         self.mailboxes += self._check_domain_whole(
-                            cat, domain, files, os.path.join(bb_dir, domain), texts, writer
+                            cat, domain, files, os.path.join(bb_dir, domain), texts, writer, home
                         )
+                        for mapname, data in self._derived(domain, home).items():
+                            texts[mapname].append(data)
                         for mapname in self.maps:
+                            if mapname in fleetfiles.DERIVED_MAPS:
+                                continue
                             if mapname not in DOMAIN_CHECKED and mapname in files:
                                 data = self._read(cat, domain, mapname, files[mapname])
                                 checked = check_fragment(mapname, domain, data)
@@ -254,10 +266,11 @@ class BucketBuild:
         passwd_target: str,
         texts: dict[str, list[bytes]],
         writer: FileWriter,
+        home: tuple[str, str] | None,
     ) -> int:
         """``_check_domain`` for a first apply: each blob read whole (they are small), its passwd-file
         written by ``writer`` once it validated, the two mailbox maps' lines kept in ``texts``."""
-        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
+        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files, home=home)
         for fname in DOMAIN_CHECKED:
             oid = files.get(fname)
             if not oid:
@@ -296,16 +309,35 @@ class BucketBuild:
                 if "passwd" in change:
                     passwd_changed.setdefault(domain[:2], set()).add(domain)
                 new_data: dict[str, bytes] = {}
-                if files is not None and any(f in change for f in DOMAIN_CHECKED):
+                home = self.rel.home_of(cat, domain, files) if files is not None else None
+                if files is not None and any(f in change for f in (*DOMAIN_CHECKED, fleetfiles.HOME)):
                     target = None
                     if "passwd" in change:
                         target = os.path.join(self._new_bucket_dir(domain[:2]), domain)
                     captured: dict[str, Any] = {
                         m: _Capture() for m in ("virtual_mailbox_domains", "virtual_mailbox_maps") if m in change
                     }
-                    self._check_domain(cat, domain, files, target, captured)
+                    self._check_domain(cat, domain, files, target, captured, home)
                     new_data.update({m: c.value() for m, c in captured.items()})
+                old_derived: dict[str, bytes] = {}
+                if fleetfiles.HOME in change:
+                    old_home_oid = change[fleetfiles.HOME][0]
+                    old_home = (
+                        fleetfiles.parse_home_lenient(
+                            self._read(cat, domain, fleetfiles.HOME, old_home_oid, limit=False)
+                        )
+                        if old_home_oid
+                        else None
+                    )
+                    old_derived = self._derived(domain, old_home)
+                    new_data.update(self._derived(domain, home))
                 for mapname in self.maps:
+                    if mapname in fleetfiles.DERIVED_MAPS:
+                        if fleetfiles.HOME in change:
+                            self._edit(
+                                edits, domain, mapname, k, fragment_keys(old_derived[mapname]), new_data[mapname]
+                            )
+                        continue
                     if mapname not in change:
                         continue
                     old_oid, new_oid = change[mapname]
@@ -316,12 +348,7 @@ class BucketBuild:
                             if checked is not None:
                                 senders[domain] = checked
                     old = fragment_keys(self._read(cat, domain, mapname, old_oid, limit=False)) if old_oid else {}
-                    new = fragment_keys(new_data[mapname])
-                    if mapname == "virtual_mailbox_maps":
-                        self.mailboxes += len(new) - len(old)
-                    edit = edits.setdefault(table_name(mapname, k), _TableChange())
-                    edit.deletes += [key for key in old if key not in new]
-                    edit.upserts += [line for key, line in new.items() if old.get(key) != line]
+                    self._edit(edits, domain, mapname, k, old, new_data[mapname])
             self._check_sender_claims(cat, changes, senders)
         for bb, gone in passwd_changed.items():
             self._finish_bucket_dir(bb, gone)
@@ -338,6 +365,17 @@ class BucketBuild:
                 self._update_table(src, dst, name, found)
                 self.tables[name] = self.tag
                 self.reloads.add("postfix")
+
+    def _edit(
+        self, edits: dict[str, _TableChange], domain: str, mapname: str, k: int, old: dict[bytes, bytes], data: bytes
+    ) -> None:
+        """Queue the key deletes and upserts that turn a domain's ``old`` lines of ``mapname`` into ``data``."""
+        new = fragment_keys(data)
+        if mapname == "virtual_mailbox_maps":
+            self.mailboxes += len(new) - len(old)
+        edit = edits.setdefault(table_name(mapname, k), _TableChange())
+        edit.deletes += [key for key in old if key not in new]
+        edit.upserts += [line for key, line in new.items() if old.get(key) != line]
 
     def _check_sender_claims(
         self, cat: BlobReader, changes: dict[str, dict[str, tuple[str, str]]], senders: dict[str, SenderCheck]
@@ -408,11 +446,18 @@ class BucketBuild:
         return cat.read(oid, what, self.cfg.max_file_bytes if limit else max(self.cfg.max_file_bytes, 1 << 30))
 
     def _check_domain(
-        self, cat: BlobReader, domain: str, files: dict[str, str], passwd_target: str | None, outs: dict[str, Any]
+        self,
+        cat: BlobReader,
+        domain: str,
+        files: dict[str, str],
+        passwd_target: str | None,
+        outs: dict[str, Any],
+        home: tuple[str, str] | None = None,
     ) -> int:
-        """Stream and validate passwd, the two mailbox maps and mailboxes; write passwd to ``passwd_target``
-        and each map into ``outs[map]`` (if given). Returns the mailbox count."""
-        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
+        """Stream and validate passwd, the two mailbox maps and mailboxes (against the validated
+        ``home``); write passwd to ``passwd_target`` and each map into ``outs[map]`` (if given).
+        Returns the mailbox count."""
+        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files, home=home)
         for fname in DOMAIN_CHECKED:
             oid = files.get(fname)
             if not oid:

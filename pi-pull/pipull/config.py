@@ -69,6 +69,19 @@ class Config:
     dkim_rotate_days: float = 0.0
     dkim_reload: str = "systemctl reload opendkim"
     dkim_openssl: str = "openssl"
+    # [fleet] (pipull/fleet.py): how this node relays, proxies and syncs to the other nodes of a
+    # fleet whose nodes have addresses. Every node of a fleet uses the same ports.
+    fleet_dir: str = ""  # default <root>/fleet: Dovecot include, TLS tables, credentials (0700)
+    fleet_relay_port: int = 2525
+    fleet_doveadm_port: int = 12345
+    fleet_tls_cert: str = "/etc/pi-pull/tls/fullchain.pem"
+    fleet_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    fleet_dovecot_config: str = "/etc/dovecot/dovecot.conf"
+    fleet_doveadm: str = "doveadm"
+    fleet_postqueue: str = "postqueue"
+    fleet_postmap: str = ""  # default: [services] postmap
+    fleet_url: str = ""  # default: [report] url with /fleet for /report
+    fleet_sync_budget_s: float = 20.0
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -189,8 +202,39 @@ def load_config(path: str) -> Config:
     cfg.max_staleness = r.get_float("freshness", "max_staleness", cfg.max_staleness)
     cfg.clock_skew = r.get_float("freshness", "clock_skew", cfg.clock_skew)
     _load_dkim(r, cfg)
+    _load_fleet(r, cfg)
     check_config(cfg, path)
     return cfg
+
+
+def _load_fleet(r: _Reader, cfg: Config) -> None:
+    cfg.fleet_dir = r.get_path("fleet", "dir", os.path.join(cfg.root, "fleet"))
+    cfg.fleet_relay_port = r.get_int("fleet", "relay_port", cfg.fleet_relay_port)
+    cfg.fleet_doveadm_port = r.get_int("fleet", "doveadm_port", cfg.fleet_doveadm_port)
+    cfg.fleet_tls_cert = r.get_path("fleet", "tls_cert", cfg.fleet_tls_cert)
+    cfg.fleet_ca_bundle = r.get_path("fleet", "ca_bundle", cfg.fleet_ca_bundle)
+    cfg.fleet_dovecot_config = r.get_path("fleet", "dovecot_config", cfg.fleet_dovecot_config)
+    cfg.fleet_doveadm = r.get_str("fleet", "doveadm", cfg.fleet_doveadm)
+    cfg.fleet_postqueue = r.get_str("fleet", "postqueue", cfg.fleet_postqueue)
+    cfg.fleet_postmap = r.get_str("fleet", "postmap", cfg.postmap)
+    default_url = cfg.report_url[: -len("/report")] + "/fleet" if cfg.report_url.endswith("/report") else ""
+    cfg.fleet_url = r.get_str("fleet", "url", default_url)
+    cfg.fleet_sync_budget_s = r.get_float("fleet", "sync_budget_s", cfg.fleet_sync_budget_s)
+
+
+def _check_fleet(cfg: Config, path: str) -> None:
+    for key in ("fleet_relay_port", "fleet_doveadm_port"):
+        if not 1 <= getattr(cfg, key) <= 65535:
+            raise ConfigError(f"config {path}: [fleet] {key[6:]} must be a port number (1-65535)")
+    if cfg.fleet_url and not cfg.fleet_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"config {path}: [fleet] url must be http(s) (the server's /v1/nodes/fleet)")
+    if not cfg.fleet_sync_budget_s > 0:
+        raise ConfigError(f"config {path}: [fleet] sync_budget_s must be > 0 (seconds of doveadm sync per tick)")
+    for key in ("fleet_doveadm", "fleet_postqueue", "fleet_postmap"):
+        try:
+            shlex.split(getattr(cfg, key))
+        except ValueError as e:
+            raise ConfigError(f"config {path}: [fleet] {key[6:]}: {e}") from None
 
 
 def _load_dkim(r: _Reader, cfg: Config) -> None:
@@ -226,6 +270,7 @@ def check_config(cfg: Config, path: str) -> None:
     """Reject values that would only fail later, mid-tick."""
     _check_mail(cfg, path)
     _check_dkim(cfg, path)
+    _check_fleet(cfg, path)
     if cfg.max_fetch_mb < 1 or cfg.max_file_mb < 1:
         raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:

@@ -196,14 +196,17 @@ class Follower:
         return value if isinstance(value, str) else ""
 
     def _tick(self) -> int:
-        """One tick, taking turns with the timer's ``--once`` on the lock; EXIT_USAGE ends the loop."""
+        """One tick, taking turns with the timer's ``--once`` on the lock; EXIT_USAGE ends the loop.
+        A tick that left move work over (its budget ran out: Agent.more_work) is followed by another."""
         while not self.stop.is_set():
             code = self.tick()
-            if code != EXIT_LOCKED:
-                self.last_tick = self.clock()
+            if code == EXIT_LOCKED:
+                self.log.info("another pi-pull run holds the lock; trying again in a second")
+                self.stop.wait(LOCKED_RETRY)
+                continue
+            self.last_tick = self.clock()
+            if code == EXIT_USAGE or not self.agent.more_work:
                 return code
-            self.log.info("another pi-pull run holds the lock; trying again in a second")
-            self.stop.wait(LOCKED_RETRY)
         return EXIT_OK
 
     def _wait(self, head: str, timeout: float) -> Answer | None:

@@ -64,6 +64,7 @@ class Reporter:
         error: str | None,
         usage: list[dict[str, object]] | None = None,
         dkim_keys: list[dict[str, Any]] | None = None,
+        extras: dict[str, Any] | None = None,
     ) -> bool:
         """Send pending reports, then this tick's (unless it repeats the last pending one).
         True when the last report of the queue (the one carrying this tick's extras) was delivered.
@@ -71,7 +72,8 @@ class Reporter:
         ``usage`` (lifecycle.py, every ``usage_interval``) rides on the last report sent this
         tick only; it is never queued in state.json (100k mailboxes weigh ~9 MB): a report that
         cannot be delivered drops it, and the next measurement comes one interval later.
-        ``dkim_keys`` (dkim.py: public keys only) rides the same way, every tick."""
+        ``dkim_keys`` (dkim.py: public keys only) rides the same way, every tick, and so do
+        ``extras`` (fleet.py: a new TLS certificate, move-domain steps)."""
         if not self.cfg.report_url:
             return False
         known = st.get("statement")
@@ -85,7 +87,7 @@ class Reporter:
         pending = [r for r in st.get("pending_reports", []) if isinstance(r, dict)]
         queue = pending + ([current] if not pending or pending[-1] != current else [])
         sent = 0
-        extras: dict[str, Any] = {}
+        extras = dict(extras or {})
         if usage is not None:
             extras["usage"] = usage
         if dkim_keys is not None:
