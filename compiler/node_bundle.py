@@ -146,6 +146,15 @@ TLS_CERT = f"{ETC_DIR}/tls/fullchain.pem"
 TLS_KEY = f"{ETC_DIR}/tls/privkey.pem"
 POSTFIX_QUEUE_DIR = "/var/spool/postfix"
 DKIM_MILTER = "inet:127.0.0.1:8891"
+# The fleet (docs/fleet.md): the ports every node of a fleet opens to the others (the same on
+# every node: a node reaches its peers there) and where pi-pull keeps its fleet files.
+FLEET_RELAY_PORT = 2525
+FLEET_DOVEADM_PORT = 12345
+
+
+def fleet_dir(root: str) -> str:
+    return f"{root.rstrip('/')}/fleet"
+
 
 INSTALL_PATHS: dict[str, str] = {
     "pi-pull.ini": CONFIG_FILE,
@@ -231,9 +240,11 @@ def dovecot_snippet(
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
     (``<postfix_queue_dir>/private/auth``). With ``map_buckets`` > 0 the passwd-files are
-    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py)."""
+    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py). The fleet's
+    proxy defaults (the home's ``imaps_port``, TLS) and pi-pull's ``<root>/fleet/dovecot.conf``."""
     return render_template(
         "dovecot-mailstate.conf.j2",
+        fleet_dir=fleet_dir(root),
         passwd_path="passwd.d/%1d/%2d/%d" if int(map_buckets) > 0 else "passwd.d/%d",
         root=root.rstrip("/"),
         lmtp_address=lmtp_address,
@@ -271,12 +282,22 @@ def postfix_snippet(
 
 
 def postfix_master_snippet(
-    *, submission_listen: str = "submission", smtps_listen: str = "submissions", dkim_milter: str = DKIM_MILTER
+    *,
+    submission_listen: str = "submission",
+    smtps_listen: str = "submissions",
+    dkim_milter: str = DKIM_MILTER,
+    relay_listen: str = str(FLEET_RELAY_PORT),
+    root: str = DEFAULT_ROOT,
+    map_type: str = "hash",
+    tls_cert: str = TLS_CERT,
+    tls_key: str = TLS_KEY,
 ) -> str:
     """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): submission (587,
     STARTTLS required) and submissions (465, implicit TLS), SASL-authenticated clients only, the
     sender checked against the sender-login map, and the DKIM milter (``dkim_milter``; "" for none)
-    on these services only, so inbound port 25 never depends on it."""
+    on these services only, so inbound port 25 never depends on it. The fleet: the ``fleet``
+    transport that relays to a domain's home and the relay listener (``relay_listen``; "" for none)
+    that takes the other nodes' mail, both over TLS checked against ``<root>/fleet``'s tables."""
     for key, value in (("submission_listen", submission_listen), ("smtps_listen", smtps_listen)):
         if not _SERVICE.match(value):
             raise InvalidInput(
@@ -284,8 +305,19 @@ def postfix_master_snippet(
             )
     if dkim_milter and not _MILTER.match(dkim_milter):
         raise InvalidInput("dkim_milter must be a milter address such as inet:127.0.0.1:8891.", field="dkim_milter")
+    for key, value in (("relay_listen", relay_listen),):
+        if value and not _SERVICE.match(value):
+            raise InvalidInput(f"{key} must be a master.cf service name such as 2525 or 127.0.0.1:2525.", field=key)
     return render_template(
-        "postfix-master.cf.j2", submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter
+        "postfix-master.cf.j2",
+        submission_listen=submission_listen,
+        smtps_listen=smtps_listen,
+        dkim_milter=dkim_milter,
+        relay_listen=relay_listen,
+        map_type=map_type,
+        fleet_dir=fleet_dir(root),
+        tls_cert=_tls_path("tls_cert", tls_cert),
+        tls_key=_tls_path("tls_key", tls_key),
     )
 
 
@@ -396,6 +428,9 @@ def render_node_bundle(
     dkim_publish_wait: int = 86400,
     dkim_rotate_days: int = 0,
     map_buckets: int | None = None,
+    relay_port: int = FLEET_RELAY_PORT,
+    doveadm_port: int = FLEET_DOVEADM_PORT,
+    address: str | None = None,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -442,8 +477,14 @@ def render_node_bundle(
         raise InvalidInput(
             "map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets"
         )
+    for key, value in (("relay_port", relay_port), ("doveadm_port", doveadm_port)):
+        if not isinstance(value, int) or not 1 <= value <= 65535:
+            raise InvalidInput(f"{key} must be a port number (1-65535).", field=key)
     ini = render_template(
         "pi-pull.ini.j2",
+        relay_port=relay_port,
+        doveadm_port=doveadm_port,
+        tls_cert=tls_cert,
         map_buckets=int(map_buckets),
         node_name=node_name,
         remote_url=remote,
@@ -501,7 +542,14 @@ def render_node_bundle(
             map_buckets=map_buckets,
         ),
         "postfix/master.cf.mailstate": postfix_master_snippet(
-            submission_listen=submission_listen, smtps_listen=smtps_listen, dkim_milter=dkim_milter
+            submission_listen=submission_listen,
+            smtps_listen=smtps_listen,
+            dkim_milter=dkim_milter,
+            relay_listen=str(int(relay_port)),
+            root=root,
+            map_type=map_type,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         ),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
@@ -509,13 +557,24 @@ def render_node_bundle(
     if dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
     files[MANIFEST_NAME] = bundle_manifest(
-        node_name, files, mail_root=mail_root.rstrip("/") or "/", mail_uid=mail_uid, mail_gid=mail_gid
+        node_name,
+        files,
+        mail_root=mail_root.rstrip("/") or "/",
+        mail_uid=mail_uid,
+        mail_gid=mail_gid,
+        tls={"cert": tls_cert, "key": tls_key, "names": [n for n in (address, node_name) if n]},
     )
     return files
 
 
 def bundle_manifest(
-    node_name: str, files: dict[str, str | bytes], *, mail_root: str, mail_uid: int, mail_gid: int
+    node_name: str,
+    files: dict[str, str | bytes],
+    *,
+    mail_root: str,
+    mail_uid: int,
+    mail_gid: int,
+    tls: dict[str, Any] | None = None,
 ) -> str:
     """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
 
@@ -545,6 +604,10 @@ def bundle_manifest(
         "units": {"service": "pi-pull.service", "timer": "pi-pull.timer", "follow": "pi-pull-follow.service"},
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
+    if tls is not None:
+        # Where Postfix and Dovecot read the node's certificate: install makes a self-signed one for
+        # these names (the node's address first) when there is none.
+        manifest["tls"] = tls
     if OPENDKIM_CONF in files:
         # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
         # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.

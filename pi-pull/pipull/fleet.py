@@ -252,7 +252,8 @@ class Fleet:
         if trusted:
             lines.append(f"login_trusted_networks = {' '.join(trusted)}\n")
         if ca_path:
-            lines.append(f"ssl_ca = <{ca_path}\n")
+            # The peers' own certificates are the trust (no CA issues revocation lists for them).
+            lines.append(f"ssl_ca = <{ca_path}\nssl_require_crl = no\n")
         password = (creds or {}).get("doveadm_password")
         if me is not None and isinstance(password, str):
             lines.append(f"doveadm_password = {password}\n")

@@ -55,7 +55,15 @@ MASTER_CF_DIST = ("/usr/share/postfix/master.cf.dist",)
 CODE_CACHE = "/var/cache/pi-pull/code"
 # Empty tables until the first tick (Installer.make_empty_tables): the maps main.cf lists per bucket.
 PLACEHOLDER = "placeholder"
-PLACEHOLDER_MAPS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps")
+PLACEHOLDER_MAPS = (
+    "virtual_mailbox_domains",
+    "virtual_mailbox_maps",
+    "virtual_alias_maps",
+    "sender_login_maps",
+    "fleet_transport",
+    "fleet_defer",
+)
+FLEET_TABLES = ("tls_policy", "ccerts")  # pipull/fleet.py writes them; empty until the node is in a fleet
 DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir")
 
 
@@ -146,6 +154,7 @@ class Options:
     doveconf: str = "doveconf"
     opendkim: str = "opendkim"
     systemctl: str = "systemctl"
+    openssl: str = "openssl"
 
 
 class Record:
@@ -277,6 +286,16 @@ class Host:
             self.write(dest, new, file_mode(dest) or mode)
             edit["after"] = sha256(new)
         return True
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def code_cache_dir() -> str:
@@ -421,6 +440,8 @@ class Installer:
             self.configure_opendkim()
             self.make_mail_root()
             self.make_empty_tables()
+            self.make_tls_certificate()
+            self.make_fleet_files()
         finally:
             if not self.opts.dry_run:
                 self.record.data["node"] = self.m.get("node", "")
@@ -689,7 +710,7 @@ class Installer:
         if "-c" not in postmap:
             postmap += ["-c", self.opts.dirs["postfix_dir"]]
         if not self.steps.change(
-            f"create {root}/{PLACEHOLDER} ({4 * n} empty {map_type} tables, an empty passwd.d) and "
+            f"create {root}/{PLACEHOLDER} ({len(PLACEHOLDER_MAPS) * n} empty {map_type} tables, an empty passwd.d) and "
             f"{current} -> {PLACEHOLDER}, until the first tick applies a release"
         ):
             return
@@ -721,6 +742,73 @@ class Installer:
             os.unlink(link)
         os.symlink(PLACEHOLDER, link)
         os.replace(link, current)
+
+    # ---- the node's certificate and the fleet's files
+
+    def make_tls_certificate(self) -> None:
+        """A self-signed certificate where the bundle's Postfix and Dovecot read theirs, when there is
+        none: they need one to start, and the other nodes of a fleet pin it (pi-pull reports it and
+        the server publishes its fingerprint, docs/fleet.md). Its names are the node's address and
+        name; ten years, since peers verify its dates. A certificate that exists is never touched
+        (link the ACME one there instead, docs/node-guide.md, "TLS")."""
+        spec = self.m.get("tls")
+        if not isinstance(spec, dict):
+            return
+        dirs, defaults = self.opts.dirs, self.m.get("dirs", {})
+        cert = relocate(str(spec["cert"]).encode(), defaults, dirs).decode()
+        key = relocate(str(spec["key"]).encode(), defaults, dirs).decode()
+        if os.path.exists(cert) and os.path.exists(key):
+            self.steps.done(f"{cert} (the node's TLS certificate)")
+            return
+        names = [str(n) for n in spec.get("names", []) if isinstance(n, str)]
+        san = ",".join(("IP:" if _is_ip(n) else "DNS:") + n for n in names)
+        if not self.steps.change(f"create {cert} and {key} (0600): a self-signed certificate for {', '.join(names)}"):
+            return
+        self.host.make_dir(os.path.dirname(cert), 0o755)
+        self.host.make_dir(os.path.dirname(key), 0o700)
+        tmp_key = f"{key}.tmp-{os.getpid()}"
+        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        argv = [self.opts.openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        argv += ["-nodes", "-days", "3650", "-subj", f"/CN={names[0] if names else 'mailstate-node'}"]
+        argv += ["-keyout", tmp_key, "-out", f"{cert}.tmp-{os.getpid()}"] + (
+            ["-addext", f"subjectAltName={san}"] if san else []
+        )
+        ok, text = run(self.runner, argv)
+        if not ok:
+            raise InstallError(f"openssl could not make the node's certificate: {text}")
+        os.replace(tmp_key, key)
+        os.chmod(f"{cert}.tmp-{os.getpid()}", 0o644)
+        os.replace(f"{cert}.tmp-{os.getpid()}", cert)
+        for path in (cert, key):
+            self.record.data["files"][path] = {"backup": None, "sha256": sha256(read_bytes(path) or b"")}
+        self.changed.update(("postfix", "dovecot"))
+
+    def make_fleet_files(self) -> None:
+        """``<root>/fleet`` (0700) with the empty tables the fleet transport and relay listener of
+        master.cf name, until pi-pull writes them from the signed state."""
+        cp = self.bundle_config()
+        root = self.release_root()
+        if not root.startswith("/"):
+            return
+        fleet = os.path.join(root, "fleet")
+        map_type = cp.get("services", "map_type", fallback="hash").strip() or "hash"
+        postmap = shlex.split(cp.get("services", "postmap", fallback="postmap").strip() or "postmap")
+        if "-c" not in postmap:
+            postmap += ["-c", self.opts.dirs["postfix_dir"]]
+        missing = [t for t in FLEET_TABLES if not os.path.exists(os.path.join(fleet, t))]
+        if not missing:
+            self.steps.done(f"{fleet} (the fleet's tables)")
+            return
+        if not self.steps.change(f"create {fleet} (0700) and empty {map_type} tables {', '.join(missing)}"):
+            return
+        os.makedirs(fleet, mode=0o700, exist_ok=True)
+        for name in missing:
+            path = os.path.join(fleet, name)
+            atomic_write(path, b"", 0o644)
+            ok, text = run(self.runner, [*postmap, f"{map_type}:{path}"])
+            if not ok:
+                raise InstallError(f"postmap cannot make the empty table {path}: {text}")
 
     # ---- checks and services
 
