@@ -432,7 +432,7 @@ service imap-login {{
 
     def follow(self) -> subprocess.Popen[bytes]:
         """pi-pull in follow mode, as the bundle's pi-pull-follow.service runs it."""
-        log = open(self.workdir / "follow.log", "ab")  # noqa: SIM115  (the process keeps it)
+        log = open(self.workdir / "follow.log", "ab")  # the process keeps it open
         return subprocess.Popen(
             [*self._prefix(), sys.executable, str(pi_pull_script()), "--config", str(self.ini), "--follow"],
             stdin=subprocess.DEVNULL,

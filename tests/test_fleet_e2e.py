@@ -8,6 +8,7 @@ Homes: alpha.test on n1, beta.test on n2 (enable-email names them); gamma.test i
 
 from __future__ import annotations
 
+import imaplib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_imap_and_submission_work_on_a_non_home_node(world: World) -> None:
     assert world.nodes["n1"].maildir_messages("beta.test") == []
     assert f"proxy(bob@beta.test,{world.nodes['n2'].address}:993): Started proxying" in world.nodes["n3"].dovecot_log()
     # A wrong password is refused through the proxy too.
-    with pytest.raises(Exception):
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         world.nodes["n3"].imap(BETA, "not the password")
     # Submission on n3 as bob (home n2), to alpha (home n1): authenticated on n3, delivered on n1.
     world.nodes["n3"].submit(BETA, PASSWORD, ALPHA, "submitted-on-n3")
