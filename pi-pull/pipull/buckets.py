@@ -171,6 +171,8 @@ class BucketBuild:
         """Can this build start from the live release (same layout, validator and settings, every table there)?"""
         if not self.live or prev.get("layout") != LAYOUT or prev.get("reuse_key") != self.rel.reuse_key():
             return False
+        if not self.rel.fleet.keeps(prev.get("fleet", [])):
+            return False  # a node went or changed its address: every domain's home is checked again
         tables, dirs, index = prev.get("tables"), prev.get("passwd_dirs"), prev.get("index_dirs")
         if not isinstance(tables, dict) or not isinstance(dirs, dict) or not isinstance(index, dict):
             return False
@@ -563,6 +565,7 @@ class BucketBuild:
             ),
             "dovecot_digest": digest([(bb, v.encode()) for bb, v in self.passwd_dirs.items()]),
             "index_dirs": self.index_dirs,
+            "fleet": self.rel.fleet.addresses(),
             "domains": self.domains,
             "mailboxes": self.mailboxes,
             "changed_domains": self.changed_domains,

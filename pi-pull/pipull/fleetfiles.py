@@ -74,6 +74,15 @@ class Fleet:
         peer = self.peers.get(name)
         return peer.address if peer else None
 
+    def addresses(self) -> list[str]:
+        """What the domains' home fragments are checked against: `<name> <address>` of every node."""
+        return [f"{p.name} {p.address}" for p in self.peers.values()]
+
+    def keeps(self, previous: object) -> bool:
+        """Whether every home checked against `previous` (a release's addresses()) is still valid: no
+        node went or changed its address (one that is new cannot be named by an unchanged home)."""
+        return isinstance(previous, list) and set(previous) <= set(self.addresses())
+
     def digest(self) -> str:
         """What derived files depend on: names, addresses, fingerprints."""
         text = "".join(f"{p.name} {p.address} {p.fingerprint or '-'}\n" for p in self.peers.values())

@@ -302,11 +302,12 @@ class Releases:
             return {p: cat.read(oid, p, fleetfiles.MAX_FLEET_BYTES) for p, oid in oids.items()}
 
     def fleet_of(self, sha: str) -> fleetfiles.Fleet:
-        """rendered/nodes (+ nodes.pem) of ``sha``, validated; cached for the tick."""
+        """rendered/nodes (+ nodes.pem) of ``sha``, validated with rendered/moves; cached for the tick."""
         cached = self._fleets.get(sha)
         if cached is None:
-            found = self.top_files(sha, (fleetfiles.NODES_FILE, fleetfiles.NODES_PEM))
+            found = self.top_files(sha, (fleetfiles.NODES_FILE, fleetfiles.NODES_PEM, fleetfiles.MOVES_FILE))
             cached = fleetfiles.parse_fleet(found.get(fleetfiles.NODES_FILE), found.get(fleetfiles.NODES_PEM))
+            fleetfiles.parse_moves(found.get(fleetfiles.MOVES_FILE), cached)
             self._fleets[sha] = cached
         return cached
 
@@ -365,7 +366,13 @@ class Releases:
     def _plan(self, sha: str, previous: str | None) -> _Plan:
         plan = _Plan(tree=self.list_rendered(sha))
         prev = self.manifest(previous)
-        if previous and prev.get("reuse_key") == self.reuse_key() and isinstance(prev.get("files"), dict):
+        same_fleet = self.fleet.keeps(prev.get("fleet", []))
+        if (
+            previous
+            and prev.get("reuse_key") == self.reuse_key()
+            and isinstance(prev.get("files"), dict)
+            and same_fleet
+        ):
             plan.prev_files = prev["files"]
         plan.prev_passwd_dir = os.path.join(self.dir, previous or "-", "dovecot", "passwd.d")
         for domain, files in plan.tree.items():
@@ -506,6 +513,7 @@ class Releases:
             "alias_maps": alias_maps,
             "sender_maps": sender_maps,
             "homes": homes,
+            "fleet": self.fleet.addresses(),
         }
 
     def postmap(self, release: str) -> None:

@@ -372,7 +372,8 @@ class DomainCheck:
             raise Refused(f"virtual_mailbox_domains of {self.domain} must be exactly one line '{self.domain} OK'")
         if (self.passwd.count, self.passwd.digest.digest()) != (self.maps.count, self.maps.digest.digest()):
             raise Refused(
-                f"{self.domain}: passwd and virtual_mailbox_maps disagree ({self.passwd.count} vs {self.maps.count} "
+                f"passwd of {self.domain} and virtual_mailbox_maps of {self.domain} disagree ({self.passwd.count} vs "
+                f"{self.maps.count} "
                 "entries, or different mailboxes)"
             )
         if self.format2 and (self.passwd.count, self.passwd.digest.digest()) != (
