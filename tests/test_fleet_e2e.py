@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fleet import provision_node, start_server_for
 from tests.fleetworld import PASSWORD, World, fleet_world, wait
+from tests.mailnode import MailNode, mailnode, run_pi_pull  # noqa: F401  (pytest fixture)
 from tests.netns import subjects
 
 pytestmark = pytest.mark.e2e
@@ -168,3 +170,38 @@ def test_a_commit_that_points_a_mailbox_elsewhere_never_reaches_a_node(world: Wo
             "203.0.113.66"
             not in (node.root / "current" / "dovecot" / "passwd.d" / "a" / "al" / "alpha.test").read_text()
         )
+
+
+def test_a_one_node_fleet_without_addresses_works_as_before(mailnode: MailNode, tmp_path: Path) -> None:  # noqa: F811
+    """No address anywhere: no home, no proxy fields, no fleet files; delivery and logins as always."""
+    server, admin, project = start_server_for(mailnode, tmp_path / "server")
+    try:
+        cfg = provision_node(mailnode, server, admin, tmp_path / "etc")
+        assert (
+            admin.post("/v1/email-account/link-domain", json={"domain": "solo.test", "project_id": 42}).status_code
+            == 201
+        )
+        enabled = project.post("/v1/email-account/enable-email", json={"domain": "solo.test"}).json()
+        assert enabled["home"] is None
+        r = project.post("/v1/email-account/add-user", json={"email": "me@solo.test", "password": PASSWORD})
+        assert r.status_code == 201, r.text
+        tick = run_pi_pull(cfg)
+        assert tick.returncode == 0, tick.stderr
+        listed = project.get("/v1/email-account/list-domains").json()["domains"]
+        assert [(d["home"], d["moving_to"]) for d in listed] == [(None, None)]
+        node = admin.get("/v1/email-account/list-nodes").json()["nodes"][0]
+        assert (node["address"], node["domains"], node["mailboxes"], node["status"]) == (None, 0, 0, "ok")
+        passwd = server.git("show", "main:rendered/domains/so/solo.test/passwd")
+        assert passwd.rstrip("\n").endswith("::userdb_quota_rule=*:storage=1024M") and "proxy" not in passwd
+        assert server.git("ls-tree", "--name-only", "main", "rendered/").split() == [
+            "rendered/domains",
+            "rendered/settings",
+        ]
+        mailnode.send("me@solo.test", "solo-mail")
+        assert b"solo-mail" in mailnode.wait_for_message("me@solo.test", PASSWORD, "solo-mail")
+        assert not (mailnode.root / "fleet" / "dovecot.conf").exists()
+        assert "fleet" not in mailnode.postfix_log().replace("fleet-relay", "")  # nothing was relayed
+    finally:
+        admin.close()
+        project.close()
+        server.stop()

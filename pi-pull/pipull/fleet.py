@@ -230,9 +230,12 @@ class Fleet:
             except OSError:
                 pass  # no system CAs: the fleet's own certificates only
         ca_path = os.path.join(self.dir, "peers.pem")
-        self._write(ca_path, pems.encode(), 0o644)
-        conf = self._dovecot_conf(me, peers, ca_path if pems else None, creds)
-        if self._write(os.path.join(self.dir, "dovecot.conf"), conf.encode(), 0o600):
+        if pems or os.path.exists(ca_path):
+            self._write(ca_path, pems.encode(), 0o644)
+        # Outside a fleet (no addressed node) the include stays absent, or empty once it was not.
+        conf = self._dovecot_conf(me, peers, ca_path if pems else None, creds) if fleet.peers else ""
+        conf_path = os.path.join(self.dir, "dovecot.conf")
+        if (conf or os.path.exists(conf_path)) and self._write(conf_path, conf.encode(), 0o600):
             failures = self.releases.reload(["dovecot"])
             if failures:
                 self.log.warning("fleet: " + "; ".join(failures))
