@@ -72,12 +72,12 @@ class World:
 
 
 def _server(
-    net: Network, tmp: Path, state_root: str, uid: int, gid: int
+    net: Network, tmp: Path, state_root: str, uid: int, gid: int, bcrypt_cost: int
 ) -> tuple[LiveServer, httpx.Client, httpx.Client]:
-    server = LiveServer(tmp / "server")
+    server = LiveServer(tmp / "server", bcrypt_cost=bcrypt_cost)
     server.host = net.gateway
     server.cli(
-        "init", "--data", str(server.data.root), "--bcrypt-cost", "4",
+        "init", "--data", str(server.data.root), "--bcrypt-cost", str(bcrypt_cost),
         "--mail-root", state_root, "--uid", str(uid), "--gid", str(gid),
     )  # fmt: skip
     server.admin_token = server.create_token(name="admin")
@@ -87,14 +87,15 @@ def _server(
 
 
 @contextlib.contextmanager
-def fleet_world(names: Sequence[str], tmp: Path) -> Iterator[World]:
+def fleet_world(names: Sequence[str], tmp: Path, *, bcrypt_cost: int = 4) -> Iterator[World]:
     uid, gid = vmail()
     with fleet_network() as net:
         state_root = make_public_tmpdir("fleet-vmail-")  # every node's own vmail is mounted here, in its namespace
         nodes: list[FleetNode] = []
+        followers: list[Any] = []  # the world's: follow-mode agents a test started
         server: LiveServer | None = None
         try:
-            server, admin, project = _server(net, tmp, str(state_root), uid, gid)
+            server, admin, project = _server(net, tmp, str(state_root), uid, gid, bcrypt_cost)
             signers = server.data.allowed_signers.read_text()
             for i, name in enumerate(names, 1):
                 ns, address = net.add(i)
@@ -107,13 +108,13 @@ def fleet_world(names: Sequence[str], tmp: Path) -> Iterator[World]:
                 node.configure(server.url, signers, r.json()["sync_key"])
                 node.enter()
                 node.start()
-            world = World(net, server, admin, project, {n.name: n for n in nodes}, tmp)
+            world = World(net, server, admin, project, {n.name: n for n in nodes}, tmp, followers)
             world.settle()
             published = {n["name"]: n["tls_fingerprint"] for n in world.call("list-nodes")["nodes"]}
             assert all(published.values()), published
             yield world
         finally:
-            for proc in locals().get("world", World(net, server, None, None, {}, tmp)).followers:  # type: ignore[arg-type]
+            for proc in followers:
                 proc.terminate()
             cleanup(nodes)
             if server is not None:

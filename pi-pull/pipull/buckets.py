@@ -138,6 +138,11 @@ class BucketBuild:
         self.changed_domains = 0
         self.reloads: set[str] = set()
         self._fresh: set[str] = set()  # passwd buckets that get a new directory in this build
+        # Dovecot's IMAP proxy passdb (pipull/fleetfiles.py PROXY_PASSDB): domain -> its line; None
+        # while it is the live release's, unchanged (then it is hard-linked).
+        self.proxy: dict[str, bytes] = {}
+        self.proxy_changed: dict[str, bytes] = {}
+        self.incremental = False
 
     def _maps(self) -> tuple[str, ...]:
         # The fleet's transport and defer maps are derived on the node from each domain's home
@@ -162,10 +167,31 @@ class BucketBuild:
             else:
                 self._full()
             self._link_passwd_dirs()
+            self._write_proxy_passdb(prev)
             self._publish_store()
         finally:
             shutil.rmtree(self.build_store, ignore_errors=True)
         return self._manifest(prev)
+
+    def _write_proxy_passdb(self, prev: dict[str, Any]) -> None:
+        """``dovecot/proxy.imap``: one line per domain homed on another node, sorted. An incremental
+        build that changed no home links the live one; one that did reads it and applies the change."""
+        target = os.path.join(self.tmp, "dovecot", fleetfiles.PROXY_PASSDB)
+        live = os.path.join(self.rel.dir, self.live or "-", "dovecot", fleetfiles.PROXY_PASSDB)
+        if self.incremental:
+            if not self.proxy_changed and os.path.isfile(live):
+                os.link(live, target)
+                return
+            try:
+                with open(live, "rb") as fh:
+                    for line in fh:
+                        self.proxy[line.split(b":", 1)[0].decode("ascii", "replace")] = line
+            except FileNotFoundError:
+                pass
+            self.proxy.update(self.proxy_changed)
+        with open_new(target, 0o644) as out:
+            for domain in sorted(self.proxy):
+                out.write(self.proxy[domain])
 
     def _can_follow(self, prev: dict[str, Any]) -> bool:
         """Can this build start from the live release (same layout, validator and settings, every table there)?"""
@@ -229,7 +255,10 @@ class BucketBuild:
                             cat, domain, files, os.path.join(bb_dir, domain), texts, writer, home
                         )
                         for mapname, data in self._derived(domain, home).items():
-                            texts[mapname].append(data)
+                            if mapname == fleetfiles.PROXY_PASSDB:
+                                self.proxy[domain] = data
+                            else:
+                                texts[mapname].append(data)
                         for mapname in self.maps:
                             if mapname in fleetfiles.DERIVED_MAPS:
                                 continue
@@ -259,6 +288,7 @@ class BucketBuild:
             for k in range(self.n):
                 self.tables[table_name(mapname, k)] = self.tag
         self.reloads = {"postfix", "dovecot"}
+        self.proxy = {d: line for d, line in self.proxy.items() if line}
 
     def _check_domain_whole(
         self,
@@ -289,6 +319,7 @@ class BucketBuild:
 
     def _incremental(self, prev: dict[str, Any]) -> None:
         assert self.live is not None
+        self.incremental = True
         changes = self.rel.changes(self.live, self.sha)
         self.tables = {str(k): str(v) for k, v in prev["tables"].items()}
         self.passwd_dirs = {str(k): str(v) for k, v in prev["passwd_dirs"].items()}
@@ -333,6 +364,7 @@ class BucketBuild:
                     )
                     old_derived = self._derived(domain, old_home)
                     new_data.update(self._derived(domain, home))
+                    self.proxy_changed[domain] = new_data.pop(fleetfiles.PROXY_PASSDB)
                 for mapname in self.maps:
                     if mapname in fleetfiles.DERIVED_MAPS:
                         if fleetfiles.HOME in change:
@@ -563,7 +595,9 @@ class BucketBuild:
             "postfix_digest": digest(
                 [(n, v.encode()) for n, v in self.tables.items()] + [("\0map_type", self.cfg.map_type.encode())]
             ),
-            "dovecot_digest": digest([(bb, v.encode()) for bb, v in self.passwd_dirs.items()]),
+            "dovecot_digest": digest(
+                [(bb, v.encode()) for bb, v in self.passwd_dirs.items()] + [("\0proxy", self._proxy_digest())]
+            ),
             "index_dirs": self.index_dirs,
             "fleet": self.rel.fleet.addresses(),
             "domains": self.domains,
@@ -573,6 +607,13 @@ class BucketBuild:
             "tables": self.tables,
             "passwd_dirs": self.passwd_dirs,
         }
+
+    def _proxy_digest(self) -> bytes:
+        try:
+            with open(os.path.join(self.tmp, "dovecot", fleetfiles.PROXY_PASSDB), "rb") as fh:
+                return hashlib.sha256(fh.read()).hexdigest().encode()
+        except FileNotFoundError:
+            return b""
 
 
 class _Postmaps:

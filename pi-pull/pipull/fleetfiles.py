@@ -36,6 +36,11 @@ HOME = "home"
 TRANSPORT_MAP = "fleet_transport"
 DEFER_MAP = "fleet_defer"
 DERIVED_MAPS = (TRANSPORT_MAP, DEFER_MAP)
+# Dovecot's first passdb for IMAP (`<release>/dovecot/proxy.imap`, looked up by domain): a login
+# to a domain homed on another node goes there without a check here, and the home checks the
+# password, once, where the mail is. Only ever `proxy=y` to another node's address: a line that
+# named this node would fail as a proxy loop, never log anyone in.
+PROXY_PASSDB = "proxy.imap"
 NODE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_FLEET_BYTES = 1 << 20
@@ -190,13 +195,15 @@ def parse_home_lenient(data: bytes) -> tuple[str, str] | None:
 
 
 def derived_lines(domain: str, home: tuple[str, str] | None, self_name: str, relay_port: int) -> dict[str, bytes]:
-    """The node's own transport and defer lines for `domain`: none when it is the home, or the
-    domain has none; else relay to the home's address (and refuse relayed mail with a 4xx)."""
+    """The node's own transport, defer and IMAP proxy lines for `domain`: none when it is the home,
+    or the domain has none; else relay and proxy to the home's address (and refuse relayed mail
+    with a 4xx)."""
     if home is None or home[0] == self_name:
-        return {TRANSPORT_MAP: b"", DEFER_MAP: b""}
+        return {TRANSPORT_MAP: b"", DEFER_MAP: b"", PROXY_PASSDB: b""}
     return {
         TRANSPORT_MAP: f"{domain} fleet:[{home[1]}]:{relay_port}\n".encode(),
         DEFER_MAP: f"{domain} {DEFER_TEXT}\n".encode(),
+        PROXY_PASSDB: f"{domain}:::::::nopassword=y proxy=y host={home[1]}\n".encode(),
     }
 
 

@@ -442,6 +442,7 @@ class Releases:
             open_new(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), 0o644) as vmm,
             open_new(os.path.join(tmp, "postfix", fleetfiles.TRANSPORT_MAP), 0o644) as transport,
             open_new(os.path.join(tmp, "postfix", fleetfiles.DEFER_MAP), 0o644) as defer,
+            open_new(os.path.join(tmp, "dovecot", fleetfiles.PROXY_PASSDB), 0o644) as proxy,
         ):
             links: list[str] = []
             for domain in sorted(plan.tree):
@@ -450,6 +451,7 @@ class Releases:
                 derived = fleetfiles.derived_lines(domain, home, self.cfg.node_name, self.cfg.fleet_relay_port)
                 transport.write(derived[fleetfiles.TRANSPORT_MAP])
                 defer.write(derived[fleetfiles.DEFER_MAP])
+                proxy.write(derived[fleetfiles.PROXY_PASSDB])
                 fresh = domain not in plan.reuse
                 check = DomainCheck(domain, self.cfg, format2=bool(b_oid), home=home) if fresh else None
                 if check is None:
