@@ -381,10 +381,16 @@ class Fleet:
             os.close(rfd)
 
     def drain(self, state: dict[str, Any], applied: str, move: fleetfiles.Move, address: str, password: str) -> bool:
-        """Hand what this old home still holds of the domain to the new home; True once nothing is left."""
-        queued = self._queued_for(move.domain)
-        if queued:
+        """Hand what this old home still holds of the domain to the new home; True once nothing is left.
+
+        Nothing is set aside while Postfix's queue holds mail for the domain: a delivery under way
+        could land in a Maildir being moved (and be retried, so arrive twice). Once this node
+        applied the switch nothing new is delivered here (its transport relays to the new home), so
+        the queue only empties: flushed, it goes to the new home."""
+        if self._queued_for(move.domain):
             self.runner.run([*shlex.split(self.cfg.fleet_postqueue), "-f"], timeout=60)
+            self.more = True  # soon again (follow mode's next tick)
+            return False
         pending: list[dict[str, str]] = state.setdefault("drain", [])
         for local, box_id in self._mailboxes(applied, move.domain):
             entry = self._set_aside(move.domain, local, box_id)
@@ -398,7 +404,7 @@ class Fleet:
             pending.remove(item)
         if not pending:
             state.pop("drain", None)
-        return not queued and not any(p["domain"] == move.domain for p in pending)
+        return not any(p["domain"] == move.domain for p in pending)
 
     def _set_aside(self, domain: str, local: str, box_id: str) -> str | None:
         """Rename ``<domain>/<local>~<id>`` into the drain area (after kicking its sessions), so nothing

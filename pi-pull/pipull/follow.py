@@ -45,6 +45,9 @@ WAIT_TIMEOUT = 25.0  # seconds the server holds a wait (its maximum is 55)
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
 LOCKED_RETRY = 1.0
+# A tick that left move work over (a sync budget ran out, a queue still to empty) is followed by
+# another this soon, not at the next change or fallback tick.
+MORE_WORK_PAUSE = 1.0
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SERVER_GIT_PATH = "/v1/nodes/state.git"
 
@@ -207,6 +210,7 @@ class Follower:
             self.last_tick = self.clock()
             if code == EXIT_USAGE or not self.agent.more_work:
                 return code
+            self.stop.wait(MORE_WORK_PAUSE)
         return EXIT_OK
 
     def _wait(self, head: str, timeout: float) -> Answer | None:
