@@ -323,6 +323,7 @@ service imap-login {{
         cp.set("fleet", "postqueue", f"postqueue -c {self.postfix_dir}")
         cp.set("fleet", "ca_bundle", str(self.etc / "no-system-cas"))  # trust the fleet's certificates only
         cp.set("freshness", "max_staleness", "0")
+        cp.set("lifecycle", "usage_interval", "1")  # a usage pass every tick: the tests read the figures
         with self.ini.open("w") as fh:
             cp.write(fh)
 

@@ -69,6 +69,11 @@ def test_mail_sent_to_a_non_home_node_is_only_on_the_home(world: World) -> None:
     for name in ("n2", "n3"):
         assert world.nodes[name].maildir_messages("alpha.test") == [], name
     assert len(world.nodes["n1"].maildir_messages("alpha.test")) == len(got)
+    # Only the home reports the mailbox's usage (the others hold none of its mail): n1 first, then
+    # the others, and the figure stays n1's.
+    world.tick("n1", "n2", "n3")
+    user = next(u for u in world.call("list-users", {"domain": "alpha.test"})["users"] if u["email"] == ALPHA)
+    assert user["messages"] == len(got), user
     # The hop between the nodes is the fleet relay, over TLS with the peer's pinned certificate.
     log = world.nodes["n2"].postfix_log()
     assert f"relay={world.nodes['n1'].address}[{world.nodes['n1'].address}]:2525" in log
