@@ -202,7 +202,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from mailstate.state.datadir import open_store
+    from mailstate.state.datadir import DataDir, open_store
+    from mailstate.state.localdb import LocalDB
     from mailstate.state.snapshot import Actor
 
     user = os.environ.get("USER", "root")
@@ -216,8 +217,14 @@ def cmd_call(args: argparse.Namespace) -> int:
         if key in data:
             raise strict_json.duplicate_key_error(key)
         data[key] = _coerce(value)
-    store = open_store(Path(args.data))
-    outcome = store.execute(args.operation, actor, data)
+    dd = DataDir(Path(args.data))
+    # The data dir's database too: dns-records lists the nodes' DKIM keys, check-dns keeps its verdict.
+    db = LocalDB(dd.db) if dd.is_initialised() else None
+    try:
+        outcome = open_store(dd.root, db=db).execute(args.operation, actor, data)
+    finally:
+        if db is not None:
+            db.close()
     _print_json(outcome.result)
     return 0
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from mailstate.api import strict_json
 from mailstate.api.http_errors import HTTPError
 from mailstate.api.metrics import Metrics
+from mailstate.state.autoconfig import PROFILE_CONTENT_TYPE
 from mailstate.state.datadir import DataDir
 from mailstate.state.describe import describe
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
@@ -77,11 +78,18 @@ _CAN_404 = {
     "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
-    "dns-records", "move-domain", "set-node-address",
+    "dns-records", "check-dns", "mobileconfig", "move-domain", "set-node-address",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
             "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
-            "enable-email", "move-domain", "remove-node", "set-node-address"}  # fmt: skip
+            "check-dns", "mobileconfig", "enable-email", "move-domain", "remove-node", "set-node-address"}  # fmt: skip
+# Reads that answer 503 when a service they need is not there (check-dns: no usable resolver).
+_CAN_503 = {"check-dns"}
+# Operations whose HTTP answer is a file, not their JSON (the MCP tool answers the JSON):
+# name -> (media type, the result field holding the file, the result field naming it).
+FILE_ANSWERS: dict[str, tuple[str, str, str]] = {
+    "mobileconfig": (PROFILE_CONTENT_TYPE, "profile", "filename"),
+}
 # Success statuses: 201 when the call created something (Outcome.created), 202 when it started
 # work the nodes finish (move-domain), else 200.
 CREATED: dict[str, tuple[int, ...]] = {
@@ -110,7 +118,8 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
         "model": ErrorResponse,
         "description": "Invalid input (malformed JSON, a key given twice, unknown or missing field, bad value).",
     }
-    out[401] = {"model": ErrorResponse, "description": "No valid bearer token."}
+    if not op.public:
+        out[401] = {"model": ErrorResponse, "description": "No valid bearer token."}
     if op.admin:
         out[403] = {"model": ErrorResponse, "description": "An admin token is required."}
     if op.name in _CAN_404:
@@ -131,6 +140,14 @@ def _error_responses(op: Operation) -> dict[int | str, dict[str, Any]]:
             "model": ErrorResponse,
             "description": "The state repo kept moving under other writers, or the upstream is unavailable; nothing changed.",
         }
+    if op.name in _CAN_503:
+        out[503] = {"model": ErrorResponse, "description": "No usable DNS resolver ($MAILSTATE_DNS_RESOLVER)."}
+    if op.name in FILE_ANSWERS:
+        media = FILE_ANSWERS[op.name][0]
+        out[200] = {
+            "description": "The file itself (attachment); the MCP tool answers it inside JSON.",
+            "content": {media: {"schema": {"type": "string", "title": f"{op.request.__name__[:-7]}File"}}},
+        }
     return out
 
 
@@ -145,6 +162,13 @@ def request_schema_components() -> dict[str, Any]:
 
 
 def _openapi_extra(op: Operation) -> dict[str, Any]:
+    extra = _request_doc(op)
+    if op.public:
+        extra["security"] = [{}]  # no credentials: mail clients call it
+    return extra
+
+
+def _request_doc(op: Operation) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{op.request.__name__}"}
     if op.method == "POST":
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
@@ -229,6 +253,9 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def _endpoint(op: Operation) -> Any:
+    if op.public:
+        return _public_endpoint(op)
+
     async def endpoint(
         request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> JSONResponse:
@@ -257,6 +284,23 @@ def _endpoint(op: Operation) -> Any:
     return endpoint
 
 
+def _public_endpoint(op: Operation) -> Any:
+    """An operation answered without a token (Operation.public): it runs as Actor.anonymous()."""
+
+    async def endpoint(request: Request) -> Response:
+        services: Services = request.app.state.services
+        data = query_object(request) if op.method == "GET" else await read_json_object(request)
+        outcome = await run_in_threadpool(services.store.execute, op.name, Actor.anonymous(), data)
+        if op.name in FILE_ANSWERS:
+            media, body, name = FILE_ANSWERS[op.name]
+            disposition = f'attachment; filename="{outcome.result[name]}"'
+            return Response(outcome.result[body], media_type=media, headers={"Content-Disposition": disposition})
+        return JSONResponse(outcome.result)
+
+    endpoint.__name__ = op.name.replace("-", "_")
+    return endpoint
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
     for op in OPERATIONS.values():
@@ -264,6 +308,7 @@ def build_router() -> APIRouter:
         if not op.in_spec:
             tags.append("extension")
         statuses = success_statuses(op)
+        file_answer = op.name in FILE_ANSWERS
         router.add_api_route(
             f"/{op.name}",
             _endpoint(op),
@@ -274,14 +319,14 @@ def build_router() -> APIRouter:
             tags=tags,
             # Documentation only: the endpoint answers a JSONResponse itself, so FastAPI does
             # not re-serialise; tests hold every real answer to this model.
-            response_model=RESPONSES.get(op.name),
+            response_model=None if file_answer else RESPONSES.get(op.name),
             status_code=statuses[0],
             response_description={201: "Success (201: created).", 202: "Accepted: the nodes carry it out."}.get(
                 statuses[0], "Success."
             ),
             responses=_error_responses(op),
             openapi_extra=_openapi_extra(op),
-            response_class=JSONResponse,
+            response_class=Response if file_answer else JSONResponse,
         )
     return router
 
@@ -289,6 +334,8 @@ def build_router() -> APIRouter:
 def _description(op: Operation) -> str:
     # The same text as the MCP tool's (state.describe), with the default settings' values.
     lines = [describe(op), ""]
+    if op.public:
+        lines += ["No token needed: mail clients call it.", ""]
     if op.in_spec:
         lines.append(f"MCP tool: `{op.tool_name}`.")
     return "\n".join(lines)

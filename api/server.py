@@ -8,6 +8,8 @@ Routes:
     /v1/email-account/<operation>   the API (api.http), one route per state.ops operation
     /v1/nodes/report, /v1/nodes/wait, /v1/nodes/state.git/...   node sync (api.nodes_http)
     /v1/health                      liveness and HEAD
+    /mail/config-v1.1.xml, /autodiscover/autodiscover.xml, /.well-known/mta-sts.txt
+                                    mail clients and MTA-STS, no token (api.onboarding_http)
     /mcp                            MCP over streamable HTTP (api.mcp_server)
     /openapi.json, /docs            documentation
 """
@@ -28,11 +30,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
-from mailstate.api import http, http_errors, nodes_http
+from mailstate.api import http, http_errors, nodes_http, onboarding_http
 from mailstate.api.logs import logging_config
 from mailstate.api.mcp_server import mcp_http_app, security_settings
 from mailstate.api.metrics import Metrics
 from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.dnscheck import BackgroundDnsCheck, check_interval
 from mailstate.state.errors import InvalidInput, StoreError
 from mailstate.state.localdb import LocalDB
 from mailstate.state.nodes import NodeReport
@@ -117,6 +120,7 @@ def create_app(
             daemon=True,
         )
         syncer.start()
+        checker = _dns_check_thread(store, db, stop)
         try:
             async with mcp_manager.run():
                 yield
@@ -124,6 +128,8 @@ def create_app(
             wait_hub.detach()
             stop.set()
             syncer.join(timeout=5)
+            if checker is not None:
+                checker.join(timeout=5)
             if own_db:
                 db.close()
 
@@ -147,9 +153,26 @@ def create_app(
     app.include_router(nodes_http.build_router())
     app.include_router(http.health_router())
     app.include_router(http.metrics_router())
+    app.include_router(onboarding_http.build_router())
     app.router.routes.append(Route("/mcp", endpoint=mcp_app))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _dns_check_thread(store: Store, db: LocalDB, stop: threading.Event) -> threading.Thread | None:
+    """The background DNS check (state.dnscheck): list-domains' dns_ok and dns_checked_at.
+    $MAILSTATE_DNS_CHECK_INTERVAL=0 turns it off."""
+    interval = check_interval()
+    if not interval:
+        return None
+    thread = threading.Thread(
+        target=BackgroundDnsCheck(store, db, interval=interval).run,
+        args=(stop,),
+        name="mailstate-dns-check",
+        daemon=True,
+    )
+    thread.start()
+    return thread
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

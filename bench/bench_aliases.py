@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--changes", type=int, default=6, help="measured node ticks (half alias, half baseline)")
     args = ap.parse_args(argv)
     from mailstate.compiler.node_bundle import build_pi_pull
-    from tests.mailnode import AGENT_DIR
+    from tests.helpers.mailnode import AGENT_DIR
 
     with tempfile.TemporaryDirectory(prefix="bench-aliases-") as tmpdir:
         tmp = Path(tmpdir)

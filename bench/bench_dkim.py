@@ -2,7 +2,7 @@
 
     python -m bench.bench_dkim [--n 40]
 
-One real Postfix + Dovecot node on loopback (tests.mailnode.running_mailnode, root needed) with
+One real Postfix + Dovecot node on loopback (tests.helpers.mailnode.running_mailnode, root needed) with
 the bundle's submission entries, OpenDKIM from the bundle's opendkim.conf as their milter, and a
 state applied by the real pi-pull (one mailbox, DKIM on). Each submission is timed from the TCP
 connect to the 250 after DATA: STARTTLS, AUTH PLAIN (Dovecot SASL, bcrypt cost 4), MAIL, RCPT,
@@ -37,7 +37,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 from mailstate.compiler.node_bundle import opendkim_snippet  # noqa: E402
-from tests.mailnode import (  # noqa: E402
+from tests.helpers.mailnode import (  # noqa: E402
     AGENT_DIR,
     MailNode,
     StateRepo,
@@ -145,7 +145,7 @@ def main() -> int:
             sender_map = node.root / "current" / "postfix" / "sender_login_maps"
             if (
                 not sender_map.exists() or ADDRESS not in sender_map.read_text()
-            ):  # tests.mailnode.StateRepo renders no sender map
+            ):  # tests.helpers.mailnode.StateRepo renders no sender map
                 own = tmp / "sender_login_maps"
                 own.write_text(f"{ADDRESS} {ADDRESS}\n")
                 subprocess.run(["postmap", "-c", str(node.postfix_dir), f"hash:{own}"], check=True)

@@ -44,8 +44,8 @@ from bench.common import isolate_env, p50, p90
 isolate_env()
 
 from bench import bench_node_apply as apply_bench  # noqa: E402
-from tests.fleetworld import PASSWORD, World, fleet_world, wait  # noqa: E402
-from tests.netns import FleetNode, subjects  # noqa: E402
+from tests.helpers.fleetworld import PASSWORD, World, fleet_world, wait  # noqa: E402
+from tests.helpers.netns import FleetNode, subjects  # noqa: E402
 
 
 def say(msg: str) -> None:

@@ -3,7 +3,7 @@
     python -m bench.bench_follow [--changes 50] [--waiters 500] [--writes 30] [--skip-nodes] [--skip-waiters]
 
 1. propagation (real Postfix + Dovecot, root): one `mailstate serve` on loopback and THREE mail
-   nodes on this machine (tests.mailnode.running_mailnode: each its own Postfix and Dovecot),
+   nodes on this machine (tests.helpers.mailnode.running_mailnode: each its own Postfix and Dovecot),
    each running `pi_pull.py --config FILE --follow` (the bundle's zipapp) against the server's
    long poll. The three share one mail root (as nodes on NFS would; purge only on the first),
    since the state names one. Per change: add-user through the API; from the API's answer, on
@@ -50,9 +50,9 @@ from collections.abc import Iterator  # noqa: E402
 
 import httpx  # noqa: E402
 
-from tests.fleet import provision_node, start_server_for  # noqa: E402
-from tests.mailnode import MailNode, pi_pull_script, running_mailnode  # noqa: E402
-from tests.server import LiveServer  # noqa: E402
+from tests.helpers.fleet import provision_node, start_server_for  # noqa: E402
+from tests.helpers.mailnode import MailNode, pi_pull_script, running_mailnode  # noqa: E402
+from tests.helpers.server import LiveServer  # noqa: E402
 
 PASSWORD = "bench follow password"
 TIMER_INTERVAL = 60.0  # templates/node/pi-pull.timer: OnCalendar=*:*:00

@@ -2,7 +2,7 @@
 
     python -m bench.bench_githost [--mailboxes 1000] [--ticks 10] [--changes 5]
 
-In ONE run (root; sshd, nginx, fcgiwrap installed: tests/githost.py starts them on loopback):
+In ONE run (root; sshd, nginx, fcgiwrap installed: tests/helpers/githost.py starts them on loopback):
 
 * a data dir seeded with `--mailboxes` mailboxes (bench.seed, one signed commit, repacked) is
   served by `mailstate serve --upstream ssh://...` (a git-shell user on the sshd host); the
@@ -44,9 +44,9 @@ from dataclasses import dataclass, field  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.seed import pack, seed_state  # noqa: E402
-from tests.githost import GitHost, running_githost  # noqa: E402
-from tests.mailnode import age_file, pi_pull_script  # noqa: E402
-from tests.server import LiveServer  # noqa: E402
+from tests.helpers.githost import GitHost, running_githost  # noqa: E402
+from tests.helpers.mailnode import age_file, pi_pull_script  # noqa: E402
+from tests.helpers.server import LiveServer  # noqa: E402
 
 API = "/v1/email-account"
 TRANSPORTS = ("server", "ssh", "http")

@@ -13,7 +13,7 @@ mailboxes, per run and per tick, and the whole-process no-op tick with the lifec
    does). The page cache is warm for both (the bench does not drop caches on a shared box).
    Per tick = per run x ([agent] interval 60 s / [lifecycle] usage_interval 900 s).
 2. no-op tick, whole process: ``python3 pi_pull.py --once`` against a local state repo
-   (tests.mailnode.StateRepo, format 2, a signed statement) that the node already applied,
+   (tests.helpers.mailnode.StateRepo, format 2, a signed statement) that the node already applied,
    with a graveyard of 50 entries the purge lists every tick and none due. Baselines:
    ``python3 -c pass`` and ``python3 pi_pull.py --help``, all with ``--python`` (default
    /usr/bin/python3, what pi-pull.service runs).
@@ -252,7 +252,7 @@ def timed(argv: list[str], runs: int) -> list[float]:
 
 
 def bench_noop(ticks: int, tmp: Path, python: str) -> dict[str, list[float]]:
-    from tests.mailnode import StateRepo, make_signing_key, pi_pull_script, write_allowed_signers
+    from tests.helpers.mailnode import StateRepo, make_signing_key, pi_pull_script, write_allowed_signers
 
     work = tmp / "noop"
     key = make_signing_key(work / "keys")

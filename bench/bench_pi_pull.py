@@ -3,7 +3,7 @@
     python -m bench.bench_pi_pull [--sizes 10000,100000] [--ticks 20] [--changes 5] [--propagations 5]
                                   [--python /usr/bin/python3]
 
-In ONE run, with a real Postfix + Dovecot node on loopback (tests.mailnode.running_mailnode) when
+In ONE run, with a real Postfix + Dovecot node on loopback (tests.helpers.mailnode.running_mailnode) when
 this machine has them and runs as root; otherwise postmap is real, both reload commands are
 `true`, phase 3 is skipped, and the output says so:
 
@@ -65,8 +65,8 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.seed import SEED_PASSWORD, pack, seed_state  # noqa: E402
-from tests.mailnode import AGENT_DIR, MAIL_BINARIES, PIPULL_MODULES, MailNode, pi_pull_script, running_mailnode  # noqa: E402
-from tests.server import LiveServer  # noqa: E402
+from tests.helpers.mailnode import AGENT_DIR, MAIL_BINARIES, PIPULL_MODULES, MailNode, pi_pull_script, running_mailnode  # noqa: E402
+from tests.helpers.server import LiveServer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PI_PULL = pi_pull_script()  # the single file a bundle ships (zipapp built from pi-pull/pipull)
@@ -158,7 +158,7 @@ def node_side(tmp: Path, map_buckets: int) -> Iterator[NodeSide]:
 def provision(
     server: LiveServer, admin: httpx.Client, node: NodeSide, etc: Path, name: str, keep_releases: int
 ) -> Path:
-    """add-node -> key file 0600 -> a copy of allowed_signers -> pi-pull.ini (as tests/test_e2e_serve.py)."""
+    """add-node -> key file 0600 -> a copy of allowed_signers -> pi-pull.ini (as tests/e2e/test_e2e_serve.py)."""
     r = admin.post(f"{API}/add-node", json={"name": name, "ip_address": "127.0.0.1"})
     assert r.status_code == 201, r.text
     etc.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@
    that write measured on its own: the alias-domain scan of the state that `changed_files` does
    (`after` list), `senders.sender_lines` and the template render of the fragment. Printed: the
    write's p50, the sender part's p50, and their ratio (what the sender map adds to a write).
-3. With a real node (tests.mailnode.running_mailnode: Postfix + Dovecot on loopback, the SMTP
+3. With a real node (tests.helpers.mailnode.running_mailnode: Postfix + Dovecot on loopback, the SMTP
    sink as the internet), the built pi_pull.py applies the seeded state; then N submissions on
    587, each from a fresh connection: STARTTLS, AUTH PLAIN (Dovecot, bcrypt cost 4 as seeded),
    MAIL FROM an owned alias (sender_login_maps lookup), RCPT external, DATA until Postfix's
@@ -108,7 +108,7 @@ def measure_writes(store: Store, info: SeedInfo, n: int, start: int = 0) -> tupl
 
 
 def node_part(info: SeedInfo, tmp: Path, n: int) -> None:
-    from tests.mailnode import pi_pull_script, running_mailnode
+    from tests.helpers.mailnode import pi_pull_script, running_mailnode
 
     with running_mailnode() as node:
         cfg = node.write_pi_pull_config(

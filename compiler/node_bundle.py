@@ -171,8 +171,15 @@ INSTALL_PATHS: dict[str, str] = {
     "bundle.json": "(read by pi_pull.py install)",
 }
 MANIFEST_NAME = "bundle.json"
-# Bundle files that name the default install directories (install rewrites them for other ones).
-RELOCATED = ("pi-pull.ini", "pi-pull.service", "pi-pull-follow.service")
+# Bundle files that name the default install directories (install rewrites them for other ones);
+# the Postfix and Dovecot snippets name the TLS files, which live under the etc dir by default.
+RELOCATED = (
+    "pi-pull.ini",
+    "pi-pull.service",
+    "pi-pull-follow.service",
+    "postfix/main.cf.mailstate",
+    "dovecot/conf.d/90-mailstate.conf",
+)
 MANIFEST_FORMAT = 1
 # Where `pi_pull.py install` puts things by default; each is an option of install.
 INSTALL_DIRS: dict[str, str] = {
@@ -562,7 +569,8 @@ def render_node_bundle(
         mail_root=mail_root.rstrip("/") or "/",
         mail_uid=mail_uid,
         mail_gid=mail_gid,
-        tls={"cert": tls_cert, "key": tls_key, "names": [n for n in (address, node_name) if n]},
+        tls=(_tls_path("tls_cert", tls_cert), _tls_path("tls_key", tls_key)),
+        address=address,
     )
     return files
 
@@ -574,14 +582,17 @@ def bundle_manifest(
     mail_root: str,
     mail_uid: int,
     mail_gid: int,
-    tls: dict[str, Any] | None = None,
+    tls: tuple[str, str] = (TLS_CERT, TLS_KEY),
+    address: str | None = None,
 ) -> str:
     """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
 
     ``files``: each bundle file with its install directory (a key of ``dirs``, overridable by an
     install option), its name under it and its mode. ``relocate``: files that name the default
-    directories and are rewritten when install is given other ones. ``sha256`` lets install
-    refuse a damaged or partly copied bundle.
+    directories and are rewritten when install is given other ones (the Postfix and Dovecot
+    snippets name the TLS files, which live under the etc directory by default). ``tls``: where
+    install puts the node's certificate and key (ACME or self-signed, pi-pull/pipull/certs.py).
+    ``sha256`` lets install refuse a damaged or partly copied bundle.
     """
 
     def sha(content: str | bytes) -> str:
@@ -593,6 +604,7 @@ def bundle_manifest(
         "dirs": INSTALL_DIRS,
         "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
         "relocate": list(RELOCATED),
+        "tls": {"cert": tls[0], "key": tls[1]},
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
         "postfix": {
             "main_cf": "postfix/main.cf.mailstate",
@@ -604,10 +616,10 @@ def bundle_manifest(
         "units": {"service": "pi-pull.service", "timer": "pi-pull.timer", "follow": "pi-pull-follow.service"},
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
-    if tls is not None:
-        # Where Postfix and Dovecot read the node's certificate: install makes a self-signed one for
-        # these names (the node's address first) when there is none.
-        manifest["tls"] = tls
+    if address is not None:
+        # Where the other nodes of a fleet reach this one (add-node's address): a self-signed
+        # certificate install makes names it too, since they verify the name (docs/fleet.md).
+        manifest["address"] = address
     if OPENDKIM_CONF in files:
         # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
         # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.

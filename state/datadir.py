@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pygit2
 
 from mailstate.compiler.render import compile_state
 from mailstate.state import files
+from mailstate.state.dnscheck import DnsChecker
 from mailstate.state.errors import StoreError
 from mailstate.state.gitrepo import GitRepo, fsync_path
 from mailstate.state.keyrotation import DataDirSigner
@@ -32,6 +34,9 @@ from mailstate.state.signing import Ed25519Signer, Signer, allowed_signers_line,
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Clock, Store, clean_request_id, commit_message, utcnow
 from mailstate.state.upstream import Upstream
+
+# Writes an ed25519 key pair at the path (and path.pub); returns the public key line.
+KeyGen = Callable[[Path], str]
 
 log = logging.getLogger("mailstate.datadir")
 
@@ -95,17 +100,20 @@ def init_data_dir(
     actor: Actor | None = None,
     clock: Clock = utcnow,
     extra_files: dict[str, bytes] | None = None,
+    keygen: KeyGen = generate_key,
 ) -> DataDir:
     """Create a data dir with a bare repo whose first commit is signed. Refuses a used dir.
 
     `extra_files` (repo path → bytes) go into the first commit too, e.g. a CI workflow.
+    `keygen` writes the ed25519 signing key pair and returns its public line: ssh-keygen by
+    default; the library tests pass one that makes the same key files in process.
     """
     dd = DataDir(Path(root))
     if dd.repo.exists() or dd.key.exists():
         raise StoreError(f"{root} already holds a mailstate data dir.", code="already_initialised")
     dd.root.mkdir(parents=True, exist_ok=True)
     os.chmod(dd.root, 0o700)
-    public = generate_key(dd.key)
+    public = keygen(dd.key)
     dd.allowed_signers.write_text(allowed_signers_line(public))
     LocalDB(dd.db).close()
     repo = GitRepo.init_bare(dd.repo)
@@ -182,6 +190,10 @@ def open_store(
     )
     store.usage_source = db.usage_for if db is not None else None
     store.dkim_source = db.dkim_keys if db is not None else None
+    if db is not None:
+        # The resolver of $MAILSTATE_DNS_RESOLVER (a bad value makes check-dns answer 503, not the start fail).
+        store.dns_check_source = DnsChecker.from_env(db).check
+        store.dns_status_source = db.dns_status
     # A format-1 state becomes format 2 in one signed commit the first time a store opens it
     # (the server on start, any CLI command); a format-2 state is left alone.
     if upgrade:

@@ -2,7 +2,7 @@
 
 One text per operation, used by both edges: the MCP tool's description (with the data dir's
 real settings, e.g. its `default_quota_mb`) and the OpenAPI operation's description. Each
-names the limits of its inputs (tests/test_surfaces.py holds every text to them), what the
+names the limits of its inputs (tests/api/test_surfaces.py holds every text to them), what the
 call changes, and what it can refuse.
 """
 
@@ -180,7 +180,8 @@ _DETAILS: dict[str, str] = {
         "Answers `records`: every DNS record `domain` (an email-enabled domain of your project) needs, each with its "
         "type, name, value and purpose: MX to the platform's mail hosts, the SPF TXT, one DKIM record per node and "
         "selector (a TXT `v=DKIM1; k=rsa; p=...`, or, when the platform has a DKIM zone, a CNAME to it plus the zone's "
-        "TXT), the DMARC TXT, and the autoconfig/autodiscover names and SRV records mail clients look up. Publish "
+        "TXT), the DMARC TXT, the autoconfig/autodiscover names and SRV records mail clients look up, and MTA-STS "
+        "(`_mta-sts` TXT whose id changes with the policy, `mta-sts` CNAME) and TLS-RPT (`_smtp._tls` TXT). Publish "
         "every DKIM record, pending and retired ones too: a node signs with a new key only after it was reported "
         "here and its publish wait passed, and keeps the old one published until its next rotation. Refused: 404 "
         "domain_not_found, 409 email_not_enabled, 409 dns_not_configured (the server's mailstate.yaml has no `dns:` "
@@ -202,6 +203,26 @@ _DETAILS: dict[str, str] = {
         "[Admin] Sets a node's `address`: " + ADDRESS_LIMITS + ", or null to take it away (refused, 409 node_in_use, "
         "while the node is home to a domain or takes part in a move). The domains it is home to are compiled again "
         "with the new address. Refused: 404 node_not_found, 409 address_in_use (another node has it). " + _WRITE
+    ),
+    "check-dns": (
+        "Looks up every record of dns-records for `domain` (an email-enabled domain of your project) in DNS now, "
+        "through the server's resolver ($MAILSTATE_DNS_RESOLVER, else the system's), and answers `ok` (all good) and "
+        "`records`: each record of dns-records with `status` ok, missing (no such record), wrong (the name has "
+        "records of that kind but not this one, or also others: a second SPF record, a foreign MX) or error (the "
+        "lookup failed: `error` timeout, servfail, refused or no_answer_from_servers), and `found`, what DNS "
+        "answered. The verdict is kept: list-domains shows it as dns_ok and dns_checked_at (the server also checks "
+        "every domain in the background, at most once an hour). DNS providers take minutes to publish a change; "
+        "check again later rather than changing a record twice. Refused: 404 domain_not_found, 409 "
+        "email_not_enabled, 409 dns_not_configured, 503 dns_resolver_invalid. Reads DNS; changes no state."
+    ),
+    "mobileconfig": (
+        "The Apple configuration profile (iPhone, iPad, macOS Mail) for `email` on an email-enabled domain: one "
+        "IMAP account (implicit TLS) with SMTP submission (implicit TLS), the full address as login and NO password "
+        "in it (the device asks for it). Any address of the domain gets the same servers, whether or not the "
+        "mailbox exists (nothing can be enumerated). Over HTTP, GET /v1/email-account/mobileconfig?email=... "
+        "answers the file itself without a token (send the user that link); this tool answers it as `profile`, "
+        "with the servers as `imap` and `smtp`. Refused: 404 domain_not_found (unknown or no email), 409 "
+        "dns_not_configured. Reads only."
     ),
     "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. "
     + _WRITE,

@@ -9,9 +9,20 @@ What the platform's DNS code (or a person) publishes for an email-enabled domain
     CNAME  <selector>._domainkey.D        <selector>.Z                set once by the customer
     TXT    <selector>.Z                   v=DKIM1; k=rsa; p=<key>     the platform's own zone
     TXT    _dmarc.D                       <dns.dmarc>                 DMARC policy
-    CNAME  autoconfig.D, autodiscover.D   <autoconfig_host>           mail-client setup lookups
+    CNAME  autoconfig.D, autodiscover.D   <web host>                  mail-client setup lookups
     SRV    _submission._tcp.D             0 1 587 <submission_host>   RFC 6186
     SRV    _imaps._tcp.D                  0 1 993 <imap_host>
+    TXT    _mta-sts.D                     v=STSv1; id=<policy id>     MTA-STS (RFC 8461)
+    CNAME  mta-sts.D                      <web host>                  serves /.well-known/mta-sts.txt
+    TXT    _smtp._tls.D                   v=TLSRPTv1; rua=<tls_rpt_rua>   TLS reporting (RFC 8460)
+
+The web host is `dns.autoconfig_host` (default: the first MX host): the host where `mailstate
+serve` answers autoconfig, autodiscover and the MTA-STS policy (behind a TLS proxy that holds
+certificates for autoconfig.D and mta-sts.D). The ports are the `dns:` block's (993, 465, 587).
+
+MTA-STS: the policy (`mta_sts_policy`) is the same for every domain: the mode from settings and
+one `mx:` line per MX host. Its id is derived from its text, so it changes exactly when the
+policy changes (a new MX host, another mode), which is what tells senders to fetch it again.
 
 DKIM: every node signs with its own key (pi-pull/pipull/dkim.py), so a domain served by N
 nodes needs up to 2N key records: each node's two selectors, ms1-<node> and ms2-<node>. All
@@ -26,14 +37,45 @@ change (only when a node is added or removed).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mailstate.state.models import DnsSettings
 from mailstate.state.validate import normalize_domain
 
-SUBMISSION_PORT = 587
-IMAPS_PORT = 993
+# One week: senders cache the policy that long (RFC 8461 section 3.2); the id in DNS tells them
+# to fetch a changed one sooner.
+MTA_STS_MAX_AGE = 604800
+
+
+def web_host(dns: DnsSettings) -> str:
+    """Where `mailstate serve` answers mail clients and MTA-STS for every domain."""
+    return dns.autoconfig_host or dns.mx_hosts[0]
+
+
+def imap_host(dns: DnsSettings) -> str:
+    return dns.imap_host or dns.mx_hosts[0]
+
+
+def submission_host(dns: DnsSettings) -> str:
+    return dns.submission_host or dns.mx_hosts[0]
+
+
+def mta_sts_policy(dns: DnsSettings) -> str:
+    """The MTA-STS policy file (RFC 8461 section 3.2), CRLF line ends."""
+    lines = ["version: STSv1", f"mode: {dns.mta_sts_mode}", *(f"mx: {host}" for host in dns.mx_hosts)]
+    lines.append(f"max_age: {MTA_STS_MAX_AGE}")
+    return "".join(line + "\r\n" for line in lines)
+
+
+def mta_sts_id(policy: str) -> str:
+    """The policy's id for `_mta-sts` TXT: 20 hex digits of its SHA-256 (RFC 8461: 1-32 alphanumerics)."""
+    return hashlib.sha256(policy.encode("ascii")).hexdigest()[:20]
+
+
+def tls_rpt_rua(domain: str, dns: DnsSettings) -> str:
+    return dns.tls_rpt_rua or f"mailto:postmaster@{domain}"
 
 
 def _is_host_name(address: str) -> bool:
@@ -80,13 +122,51 @@ def records_for(
 
     `keys`: the nodes' reported DKIM keys (`node`, `selector`, `public_key`, `state`), `nodes`:
     the registered node names (keys of other nodes are left out)."""
-    first = dns.mx_hosts[0]
     out = [
         _record("MX", domain, f"{10 * (i + 1)} {host}", f"Mail for {domain} is delivered to {host}.")
         for i, host in enumerate(dns.mx_hosts)
     ]
     out.append(_record("TXT", domain, dns.spf, f"SPF: the hosts allowed to send mail as {domain}."))
-    known = set(nodes)
+    out.extend(_dkim_records(domain, dns, keys, set(nodes)))
+    out.append(
+        _record(
+            "TXT",
+            f"_dmarc.{domain}",
+            dns.dmarc,
+            f"DMARC: what receivers do with mail from {domain} that fails SPF and DKIM.",
+        )
+    )
+    client = web_host(dns)
+    out.append(
+        _record(
+            "CNAME",
+            f"autoconfig.{domain}",
+            client,
+            "Mail clients (Thunderbird and others) look up their settings here.",
+        )
+    )
+    out.append(
+        _record("CNAME", f"autodiscover.{domain}", client, "Outlook and other clients look up their settings here.")
+    )
+    out.append(
+        _record(
+            "SRV",
+            f"_submission._tcp.{domain}",
+            f"0 1 {dns.submission_port} {submission_host(dns)}",
+            "Mail submission (RFC 6186).",
+        )
+    )
+    out.append(
+        _record("SRV", f"_imaps._tcp.{domain}", f"0 1 {dns.imaps_port} {imap_host(dns)}", "IMAP over TLS (RFC 6186).")
+    )
+    out.extend(_transport_security(domain, dns, client))
+    return out
+
+
+def _dkim_records(
+    domain: str, dns: DnsSettings, keys: Iterable[Mapping[str, Any]], known: set[str]
+) -> list[dict[str, Any]]:
+    out = []
     for key in sorted(keys, key=lambda k: (k["node"], k["selector"])):
         if key["node"] not in known:
             continue
@@ -117,37 +197,30 @@ def records_for(
                     "TXT", name, txt, f"{what}: receivers verify the signatures of mail from {domain} with it.", **tags
                 )
             )
-    out.append(
+    return out
+
+
+def _transport_security(domain: str, dns: DnsSettings, web: str) -> list[dict[str, Any]]:
+    """MTA-STS and TLS-RPT: senders require TLS to the MX hosts, and report when it fails."""
+    policy_id = mta_sts_id(mta_sts_policy(dns))
+    return [
         _record(
             "TXT",
-            f"_dmarc.{domain}",
-            dns.dmarc,
-            f"DMARC: what receivers do with mail from {domain} that fails SPF and DKIM.",
-        )
-    )
-    client = dns.autoconfig_host or first
-    out.append(
+            f"_mta-sts.{domain}",
+            f"v=STSv1; id={policy_id}",
+            f"MTA-STS: senders fetch the policy (mode {dns.mta_sts_mode}) and deliver to {domain} over TLS only; "
+            "the id changes when the policy does.",
+        ),
         _record(
             "CNAME",
-            f"autoconfig.{domain}",
-            client,
-            "Mail clients (Thunderbird and others) look up their settings here.",
-        )
-    )
-    out.append(
-        _record("CNAME", f"autodiscover.{domain}", client, "Outlook and other clients look up their settings here.")
-    )
-    out.append(
+            f"mta-sts.{domain}",
+            web,
+            f"Serves the MTA-STS policy at https://mta-sts.{domain}/.well-known/mta-sts.txt.",
+        ),
         _record(
-            "SRV",
-            f"_submission._tcp.{domain}",
-            f"0 1 {SUBMISSION_PORT} {dns.submission_host or first}",
-            "Mail submission (RFC 6186).",
-        )
-    )
-    out.append(
-        _record(
-            "SRV", f"_imaps._tcp.{domain}", f"0 1 {IMAPS_PORT} {dns.imap_host or first}", "IMAP over TLS (RFC 6186)."
-        )
-    )
-    return out
+            "TXT",
+            f"_smtp._tls.{domain}",
+            f"v=TLSRPTv1; rua={tls_rpt_rua(domain, dns)}",
+            "TLS-RPT: where senders report TLS failures delivering to this domain.",
+        ),
+    ]

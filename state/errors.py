@@ -14,7 +14,10 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_destinations, too_many_destinations (aliases),
     │                                   invalid_limit, invalid_cursor (state/paging.py),
     │                                   invalid_dkim_key (a node report's dkim_keys),
-    │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py)
+    │                                   duplicate_key (a JSON object naming a key twice: api/strict_json.py),
+    │                                   invalid_dns_resolver ($MAILSTATE_DNS_RESOLVER, state/dnscheck.py),
+    │                                   invalid_address (a node's address), invalid_certificate
+    │                                   (a node report's tls_certificate)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
@@ -29,7 +32,10 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   address_in_use, alias_exists, alias_loop,
     │                                   alias_chain_too_long, alias_domain_target_invalid,
     │                                   alias_domains_remain (state/aliases.py),
-    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml)
+    │                                   dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
+    │                                   node_not_usable (not a registered node with an address),
+    │                                   node_in_use (a home, or in a move), move_in_progress
+    │                                   (move-domain elsewhere while one runs; state/placement.py)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit
     │   │                               that breaks the schema, the invariants, or compile())
     │   └── StatementInvalid          invalid_statement (an accepted-head statement that is
@@ -40,7 +46,9 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               process moved the branch; the store re-runs the operation),
     │   │                               not_initialised (no data dir there), already_initialised
     │   │                               (`mailstate init` on a used dir)
-    │   └── Unavailable           503   store_busy (the branch kept moving under other writers)
+    │   └── Unavailable           503   store_busy (the branch kept moving under other writers),
+    │       │                           dns_resolver_invalid, dns_check_unavailable (check-dns
+    │       │                           without a usable resolver, state/dnscheck.py)
     │       └── UpstreamUnavailable 503 upstream_unavailable, upstream_busy
     └── CompileError              500   compile_error (a value that would break a compiled
                                         file got past validation; should never happen)
@@ -55,7 +63,7 @@ the body of any StoreError/CompileError).
 The MCP edge answers an unknown tool with JSON-RPC error -32602 (unknown_tool is not used any
 more), and refuses a request to /mcp whose Host or Origin it does not serve with 403
 host_not_allowed or origin_not_allowed (DNS rebinding protection).
-tests/test_error_tree.py checks that every code raised anywhere in mailstate is drawn here.
+tests/state/test_error_tree.py checks that every code raised anywhere in mailstate is drawn here.
 """
 
 from __future__ import annotations

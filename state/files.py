@@ -298,7 +298,7 @@ def dump_settings(settings: Settings) -> bytes:
     if settings.format < 2:
         data.pop("purge_after_days")
     if settings.dns is not None:
-        data["dns"] = settings.dns.model_dump(mode="json", exclude_none=True)
+        data["dns"] = settings.dns.dump()
     return _plain(data).encode()
 
 

@@ -1,4 +1,4 @@
-"""The server's local database (SQLite): API tokens, node sync status, usage, DKIM public keys.
+"""The server's local database (SQLite): API tokens, node sync status, usage, DKIM public keys, DNS checks.
 
 Neither belongs in git: tokens are secrets (only their SHA-256 is stored here), and a node
 reporting every minute would drown the audit log.
@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS dkim_keys (
     created_at INTEGER NOT NULL,
     reported_at TEXT NOT NULL,
     PRIMARY KEY (node, selector)
+) WITHOUT ROWID;
+-- The last DNS check of each domain (state/dnscheck.py): list-domains' dns_ok and dns_checked_at,
+-- and when the background check may look at the domain again.
+CREATE TABLE IF NOT EXISTS dns_checks (
+    domain TEXT PRIMARY KEY,
+    ok INTEGER NOT NULL,
+    checked_at TEXT NOT NULL,
+    checked_unix INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS node_status (
     name TEXT PRIMARY KEY,
@@ -279,6 +287,50 @@ class LocalDB:
                         "node": node,
                     }
         return out
+
+    # --- DNS checks -----------------------------------------------------------------------------
+
+    def record_dns_check(self, domain: str, ok: bool, at: datetime) -> bool | None:
+        """Keep `domain`'s newest check; returns the verdict of the check before it (None: first)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT ok FROM dns_checks WHERE domain = ?", (domain,)).fetchone()
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO dns_checks (domain, ok, checked_at, checked_unix) VALUES (?, ?, ?, ?)",
+                    (domain, int(ok), at.isoformat(), int(at.timestamp())),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return None if row is None else bool(row[0])
+
+    def dns_status(self, domains: list[str]) -> dict[str, dict[str, Any]]:
+        """{domain: {"ok", "checked_at"}} for the given domains that were checked."""
+        names = sorted(set(domains))
+        out: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for i in range(0, len(names), 500):
+                chunk = names[i : i + 500]
+                rows = self._conn.execute(
+                    f"SELECT domain, ok, checked_at FROM dns_checks WHERE domain IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                out.update({d: {"ok": bool(ok), "checked_at": at} for d, ok, at in rows})
+        return out
+
+    def last_dns_check(self, domain: str) -> int | None:
+        """Unix seconds of `domain`'s last check, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT checked_unix FROM dns_checks WHERE domain = ?", (domain,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def dns_checked_since(self, unix: int) -> set[str]:
+        """The domains whose last check was at or after `unix` (seconds)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT domain FROM dns_checks WHERE checked_unix >= ?", (unix,)).fetchall()
+        return {r[0] for r in rows}
 
     # --- DKIM public keys -----------------------------------------------------------------------
 

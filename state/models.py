@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -39,7 +39,7 @@ def _email(value: object) -> str:
 
 # The `json_schema_extra` constraints document (for OpenAPI, MCP and generated clients) what
 # the BeforeValidators enforce, and are never looser: a request that obeys the schema (patterns
-# and formats included) never gets a 400 (tests/test_contract.py generates requests from the
+# and formats included) never gets a 400 (tests/api/test_contract.py generates requests from the
 # published schema against a live server). Where JSON Schema cannot say a rule exactly they are
 # stricter: an IDN is described in its punycode (A-label) form only, though the server also
 # takes the Unicode form; a password is counted in characters, not the UTF-8 bytes it is
@@ -178,6 +178,9 @@ DNS_VALUE_PATTERN = r"^[\x20-\x7e]{1,2000}$"  # printable ASCII: it is pasted in
 
 
 DnsHost = Annotated[str, Field(pattern=HOSTNAME_PATTERN, max_length=253)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+_RUA_URI = r"(?:mailto:[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+|https://[\x21-\x2b\x2d-\x3a\x3c-\x7e]+)"
+TLS_RPT_RUA_PATTERN = rf"^{_RUA_URI}(?:,{_RUA_URI})*$"
 
 
 class DnsSettings(BaseModel):
@@ -213,6 +216,31 @@ class DnsSettings(BaseModel):
         default=None, description="Host for SMTP submission (default: the first MX host)."
     )
     imap_host: DnsHost | None = Field(default=None, description="Host for IMAP (default: the first MX host).")
+    imaps_port: Port = Field(default=993, description="IMAP over TLS (implicit TLS), as the nodes listen.")
+    submissions_port: Port = Field(default=465, description="SMTP submission over implicit TLS, as the nodes listen.")
+    submission_port: Port = Field(default=587, description="SMTP submission with STARTTLS, as the nodes listen.")
+    mta_sts_mode: Literal["testing", "enforce", "none"] = Field(
+        default="testing",
+        description="The MTA-STS policy's mode (RFC 8461): testing (report only), enforce, or none (withdraw).",
+    )
+    tls_rpt_rua: str | None = Field(
+        default=None,
+        pattern=TLS_RPT_RUA_PATTERN,
+        max_length=500,
+        description="Where TLS reports go (RFC 8460 rua: mailto: or https: URIs, comma-separated); "
+        "default mailto:postmaster@<domain>.",
+    )
+
+    # Keys written to mailstate.yaml only when an admin set them: a `dns:` block written before
+    # they existed is dumped again (an upgrade) with exactly its old keys.
+    WRITTEN_WHEN_SET: ClassVar[frozenset[str]] = frozenset(
+        {"imaps_port", "submissions_port", "submission_port", "mta_sts_mode", "tls_rpt_rua"}
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The block as mailstate.yaml holds it (see WRITTEN_WHEN_SET)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return {k: v for k, v in data.items() if k not in self.WRITTEN_WHEN_SET or k in self.model_fields_set}
 
 
 class Settings(BaseModel):
@@ -691,6 +719,17 @@ class DnsRecordsRequest(Request):
     domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
 
 
+class CheckDnsRequest(Request):
+    domain: DomainName = Field(description='An email-enabled domain of this project (e.g. "mycompany.nl").')
+
+
+class MobileconfigRequest(Request):
+    email: Email = Field(
+        description='The address to set up (e.g. "info@mycompany.nl"). Any address of an email-enabled domain gets the '
+        "same profile: whether the mailbox exists is never told."
+    )
+
+
 class LinkDomainRequest(Request):
     domain: DomainName = Field(description="Domain name to link to a project (the dashboard's Domains tab).")
     project_id: ProjectId = Field(description="Project (WebSumo) id.")
@@ -785,6 +824,12 @@ class DomainSummary(BaseModel):
     moving_to: str | None = Field(
         default=None, description="During move-domain: the node the domain is moving to; null otherwise."
     )
+    dns_ok: bool | None = Field(
+        default=None,
+        description="Whether every record of dns-records was found as it should be at the last check (the background "
+        "check, at most once an hour, or a check-dns call); null before the first check.",
+    )
+    dns_checked_at: str | None = Field(default=None, description="ISO 8601 time of that check, or null.")
 
 
 class AliasResponse(WriteResponse):
@@ -1012,6 +1057,53 @@ class DnsRecordsResponse(Response):
     )
 
 
+class DnsCheckResult(DnsRecord):
+    status: Literal["ok", "missing", "wrong", "error"] = Field(
+        description="ok: published as it should be; missing: no such record (or no such name); wrong: the name has "
+        "records of that kind, but not this one (see `found`); error: the lookup failed (see `error`)."
+    )
+    found: list[str] = Field(
+        description="What DNS answered for the record's name and type, in the form of `value` (TXT at the domain "
+        "itself: only the records of the same kind, e.g. v=spf1); empty when nothing was found."
+    )
+    error: Literal["timeout", "servfail", "refused", "no_answer_from_servers"] | None = Field(
+        default=None,
+        description="With status error: timeout (no answer in time), servfail (the name's server failed), refused, "
+        "or no_answer_from_servers (every server failed otherwise); else null.",
+    )
+
+
+class CheckDnsResponse(Response):
+    domain: str
+    ok: bool = Field(description="true when every record's status is ok.")
+    checked_at: str = Field(description="ISO 8601 time of this check.")
+    resolver: str = Field(
+        description="The resolver asked: `system` or the servers of $MAILSTATE_DNS_RESOLVER (e.g. 127.0.0.1:5353)."
+    )
+    records: list[DnsCheckResult] = Field(description="Every record of dns-records, in its order, with what DNS holds.")
+
+
+class MailServer(BaseModel):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    security: Literal["tls", "starttls"] = Field(description="tls: implicit TLS from the start; starttls: STARTTLS.")
+
+
+class MobileconfigResponse(Response):
+    """The JSON twin of the profile (the HTTP route answers the profile itself)."""
+
+    email: str
+    domain: str
+    username: str = Field(description="The login for IMAP and SMTP: the full address.")
+    imap: MailServer
+    smtp: list[MailServer] = Field(description="Submission servers, the preferred one first.")
+    filename: str = Field(description="The profile's file name, e.g. mycompany.nl.mobileconfig.")
+    content_type: str = Field(description="application/x-apple-aspen-config")
+    profile: str = Field(
+        description="The Apple configuration profile (XML plist) with no password in it: the device asks for it."
+    )
+
+
 class HealthResponse(BaseModel):
     """`/v1/health`. Anonymous callers and project tokens get `status` only; an admin token
     also gets the head, the mode, the upstream's error and a refused commit's problems."""
@@ -1063,6 +1155,8 @@ RESPONSES: dict[str, type[Response]] = {
     "dns-records": DnsRecordsResponse,
     "move-domain": MoveDomainResponse,
     "set-node-address": SetNodeAddressResponse,
+    "check-dns": CheckDnsResponse,
+    "mobileconfig": MobileconfigResponse,
 }
 
 

@@ -23,10 +23,12 @@ from typing import Any
 import bcrypt
 
 from mailstate.state import aliases as al
+from mailstate.state import autoconfig as ac
 from mailstate.state import models as m
 from mailstate.state import paging, placement
 from mailstate.state import validate as v
-from mailstate.state.errors import Conflict, Forbidden, NotFound
+from mailstate.state.dns import effective_dns, records_for
+from mailstate.state.errors import Conflict, Forbidden, NotFound, Unavailable
 from mailstate.state.nodes import report_stale_after
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 
@@ -36,6 +38,10 @@ NodeStatusLookup = Callable[[str], "dict[str, Any] | None"]
 UsageLookup = Callable[[list[str]], "dict[str, dict[tuple[str, str], dict[str, Any]]]"]
 # () → every node's reported DKIM keys (state.localdb.LocalDB.dkim_keys).
 DkimLookup = Callable[[], "list[dict[str, Any]]"]
+# (domain, its dns-records) → check-dns's answer, the check recorded (state.dnscheck.DnsChecker.check).
+DnsCheck = Callable[[str, "list[dict[str, Any]]"], "dict[str, Any]"]
+# domain names → {domain: {"ok", "checked_at"}} of their last checks (state.localdb.LocalDB.dns_status).
+DnsStatusLookup = Callable[[list[str]], "dict[str, dict[str, Any]]"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Context:
     node_status: NodeStatusLookup
     usage: UsageLookup | None = None
     dkim_keys: DkimLookup | None = None
+    dns_check: DnsCheck | None = None
+    dns_status: DnsStatusLookup | None = None
 
 
 Prepared = dict[str, Any]
@@ -66,6 +74,8 @@ class Operation:
     in_spec: bool = True
     prepare: Callable[[Any, m.Settings], Prepared] | None = None
     summary: str = ""
+    # Answered without a token (mail-client setup); the operation then sees Actor.anonymous().
+    public: bool = False
 
     @property
     def tool_name(self) -> str:
@@ -268,9 +278,13 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
                 "moving_to": dom.moving_to,
             }
         )
-    usage = _usage_of(ctx, [entry["domain"] for entry in out])
+    listed = [entry["domain"] for entry in out]
+    usage = _usage_of(ctx, listed)
+    checks = ctx.dns_status(listed) if ctx.dns_status is not None and listed else {}
     for entry in out:
         entry.update(_domain_usage(ctx.state.domains[entry["domain"]], usage.get(entry["domain"], {})))
+        check = checks.get(entry["domain"], {})
+        entry.update(dns_ok=check.get("ok"), dns_checked_at=check.get("checked_at"))
     last = names[min(stop, len(names)) - 1] if start < len(names) else None
     return Outcome(
         page.finish({"domains": out, "linked_not_enabled": pending}, (last,) if last else None, stop < len(names))
@@ -658,20 +672,47 @@ def remove_alias_domain(ctx: Context, req: m.RemoveAliasDomainRequest, _: Prepar
 # --- DNS (rules in state.dns) ----------------------------------------------------------------
 
 
-def dns_records(ctx: Context, req: m.DnsRecordsRequest, _: Prepared) -> Outcome:
-    dom = _mail_domain(ctx, req.domain)
-    from mailstate.state.dns import effective_dns, records_for  # here: the other operations never need it
-
+def _domain_records(ctx: Context, dom: m.DomainFile) -> list[dict[str, Any]]:
     settings = effective_dns(ctx.state.settings.dns, placement.addressed(ctx.state.nodes))
     if settings is None:
         raise Conflict(
             "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml, or give the "
             "nodes addresses (add-node address).",
             code="dns_not_configured",
-            target=req.domain,
+            target=dom.domain,
         )
     keys = ctx.dkim_keys() if ctx.dkim_keys is not None else []
-    return Outcome({"domain": dom.domain, "records": records_for(dom.domain, settings, keys, ctx.state.nodes.nodes)})
+    return records_for(dom.domain, settings, keys, ctx.state.nodes.nodes)
+
+
+def dns_records(ctx: Context, req: m.DnsRecordsRequest, _: Prepared) -> Outcome:
+    dom = _mail_domain(ctx, req.domain)
+    return Outcome({"domain": dom.domain, "records": _domain_records(ctx, dom)})
+
+
+def check_dns(ctx: Context, req: m.CheckDnsRequest, _: Prepared) -> Outcome:
+    """dns-records, each record looked up in DNS (state.dnscheck); list-domains shows the verdict."""
+    dom = _mail_domain(ctx, req.domain)
+    records = _domain_records(ctx, dom)
+    if ctx.dns_check is None:
+        raise Unavailable("This process cannot check DNS (no resolver is set up).", code="dns_check_unavailable")
+    return Outcome(ctx.dns_check(dom.domain, records), target=dom.domain, project=dom.project_id)
+
+
+def mobileconfig(ctx: Context, req: m.MobileconfigRequest, _: Prepared) -> Outcome:
+    """The Apple profile for an address (no password in it); the same for every address of the domain."""
+    cs = ac.client_settings(ctx.state, req.email)
+    result = {
+        "email": cs.email,
+        "domain": cs.domain,
+        "username": cs.email,
+        "imap": cs.imap.as_dict(),
+        "smtp": [server.as_dict() for server in cs.smtp],
+        "filename": ac.profile_filename(cs),
+        "content_type": ac.PROFILE_CONTENT_TYPE,
+        "profile": ac.apple_profile(cs).decode("utf-8"),
+    }
+    return Outcome(result, target=cs.domain)
 
 
 # --- nodes -------------------------------------------------------------------------------
@@ -1051,9 +1092,29 @@ _DNS = [
         dns_records,
         method="GET",
         write=False,
-        summary="List the DNS records one of your email-enabled domains needs: MX, SPF, DKIM of every node, DMARC, autoconfig.",
+        summary="List the DNS records one of your email-enabled domains needs: MX, SPF, DKIM of every node, DMARC, autoconfig, MTA-STS, TLS-RPT.",
+    ),
+    Operation(
+        "check-dns",
+        m.CheckDnsRequest,
+        check_dns,
+        method="GET",
+        write=False,
+        summary="Look up every record of dns-records in DNS now: ok, missing or wrong, with what was found.",
     ),
 ]
 
-OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _FLEET}
+_ONBOARDING = [
+    Operation(
+        "mobileconfig",
+        m.MobileconfigRequest,
+        mobileconfig,
+        method="GET",
+        write=False,
+        public=True,
+        summary="The Apple configuration profile (.mobileconfig) for an address: IMAP and SMTP over TLS, no password.",
+    ),
+]
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING + _FLEET}
 SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

@@ -32,6 +32,12 @@ class Actor:
     def project(cls, project_id: int, name: str | None = None) -> Actor:
         return cls(name=name or f"project-{project_id}", project_id=project_id)
 
+    @classmethod
+    def anonymous(cls) -> Actor:
+        """A caller without a token (Operation.public): project 0, which no domain is ever linked
+        to (project ids start at 1), so it can see and manage nothing, and is no admin."""
+        return cls(name="anonymous", project_id=0)
+
 
 @dataclass(frozen=True)
 class Snapshot:

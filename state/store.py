@@ -54,7 +54,16 @@ from mailstate.state.errors import (
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
-from mailstate.state.ops import OPERATIONS, Context, DkimLookup, Operation, Outcome, UsageLookup
+from mailstate.state.ops import (
+    OPERATIONS,
+    Context,
+    DkimLookup,
+    DnsCheck,
+    DnsStatusLookup,
+    Operation,
+    Outcome,
+    UsageLookup,
+)
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
@@ -114,6 +123,9 @@ class Store:
     _stated_value: tuple[str, str, int] | None = None  # behind the _stated property
     # The nodes' DKIM public keys (state.localdb), for dns-records; set by open_store.
     dkim_source: DkimLookup | None = None
+    # check-dns's lookups (state.dnscheck) and the kept verdicts (state.localdb); set by open_store.
+    dns_check_source: DnsCheck | None = None
+    dns_status_source: DnsStatusLookup | None = None
 
     def __init__(
         self,
@@ -197,9 +209,7 @@ class Store:
         req = parse(op.request, data)
         if op.admin and not actor.is_admin:
             raise Forbidden("This operation needs an admin token.", code="admin_required")
-        if self.upstream is None and self.git.head() != self._snapshot.commit:
-            with self._lock:
-                self._refresh_locked()
+        self.current()
         if not op.write:
             return op.apply(self._context(actor), req, {})
         prepared: dict[str, Any] = {}
@@ -207,6 +217,14 @@ class Store:
             op.apply(self._context(actor), req, _PLACEHOLDER)
             prepared = op.prepare(req, self._snapshot.settings)
         return self._write(op, actor, req, prepared, clean_request_id(request_id))
+
+    def current(self) -> Snapshot:
+        """The snapshot of main as it is now: local mode adopts (or refuses) a commit another
+        process made since, as every operation does before it runs."""
+        if self.upstream is None and self.git.head() != self._snapshot.commit:
+            with self._lock:
+                self._refresh_locked()
+        return self._snapshot
 
     def execute_operation(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any]) -> Outcome:
         """Run a write operation that is not an API operation (state.upgrade) through the
@@ -221,6 +239,8 @@ class Store:
             node_status=self.node_status,
             usage=self.usage_source,
             dkim_keys=self.dkim_source,
+            dns_check=self.dns_check_source,
+            dns_status=self.dns_status_source,
         )
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:

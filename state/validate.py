@@ -33,7 +33,7 @@ _ASCII_SAFE = re.compile(r"^[\x21-\x7e]+$")
 # JSON Schema patterns (ECMA 262, and Python's `re` reads them the same) for the inputs above,
 # published in OpenAPI and the MCP tools' input schemas. They are never looser than the
 # functions: every string that matches (and passes the `format` beside it, see state/models.py)
-# is accepted; tests/test_contract.py generates requests from the published schema to hold
+# is accepted; tests/api/test_contract.py generates requests from the published schema to hold
 # that. They use negative lookaheads only (for the length bounds), no positive ones.
 def _label_pattern(alpha: str, a_labels: bool = True) -> str:
     """A DNS label: 1-63 letters, digits or hyphens, no hyphen at either end, and `--` in

@@ -60,6 +60,7 @@ class Agent:
         log: logging.Logger | None = None,
         sync_key: str | None = None,
         clock: Callable[[], float] | None = None,
+        freshness_clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
         self.runner = runner or Runner()
@@ -76,9 +77,10 @@ class Agent:
         self._trust: Trust | None = None
         self.state = StateFile(cfg.root)
         self.lock = Lock(cfg.root)
-        # Freshness compares with the server's Issued-At: always the wall clock (``clock``
+        # Freshness compares with the server's Issued-At: the wall clock, never ``clock`` (it
         # fast-forwards the lifecycle's purge in tests, which must not make statements stale).
-        self.clock: Callable[[], float] = time.time
+        # ``freshness_clock`` is the staleness tests' seam: a later clock instead of a sleep.
+        self.clock: Callable[[], float] = freshness_clock
         self._sync_key = sync_key
         if sync_key is not None:
             self._mask_key()

@@ -13,6 +13,9 @@ the file or directory should be, compares it with what is there, and only then c
 - Dovecot: the snippet is included (conf.d/*.conf, or an added ``!include`` line) and
   ``!include auth-system.conf.ext`` in conf.d/10-auth.conf is commented out with a marker;
 - the mail root, owned by the state's uid/gid;
+- the node's certificate at the bundle's TLS paths (certs.py): from an ACME server with certbot
+  (``--acme-email``, renewed by certbot, whose deploy hook reloads Postfix and Dovecot), or
+  self-signed when there is none, so that both start;
 - systemd, when it runs: daemon-reload, (re)start Postfix and Dovecot, enable the timer;
 - a first tick.
 
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import hostconf
+from . import certs, hostconf
 from .errors import ConfigError, TickError
 from .fsutil import atomic_write
 from .runner import Runner, short
@@ -154,6 +157,10 @@ class Options:
     doveconf: str = "doveconf"
     opendkim: str = "opendkim"
     systemctl: str = "systemctl"
+    # The node's certificate (certs.py): from ACME when `acme` is set, else self-signed for mail_host.
+    acme: certs.Acme | None = None
+    mail_host: str = ""
+    certbot: str = "certbot"
     openssl: str = "openssl"
 
 
@@ -288,16 +295,6 @@ class Host:
         return True
 
 
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def code_cache_dir() -> str:
     """pi_pull.py's code cache (PI_PULL_CODE_CACHE as its __main__ reads it); "" when off."""
     where = os.environ.get("PI_PULL_CODE_CACHE", CODE_CACHE)
@@ -429,6 +426,7 @@ class Installer:
         """Every step but the first tick and the timer (``enable_timer()``, after the tick); returns the
         number of changes (made, or in a dry run to make)."""
         self.check_services_installed()
+        self.check_certbot()
         self.check_sync_key()
         try:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
@@ -440,7 +438,7 @@ class Installer:
             self.configure_opendkim()
             self.make_mail_root()
             self.make_empty_tables()
-            self.make_tls_certificate()
+            self.install_certificate()
             self.make_fleet_files()
         finally:
             if not self.opts.dry_run:
@@ -464,6 +462,10 @@ class Installer:
                 "add-node printed, then Ctrl-D) or --sync-key-file FILE"
             )
 
+    def check_certbot(self) -> None:
+        if self.opts.acme is not None and shutil.which(self.opts.certbot) is None:
+            raise InstallError("--acme-email needs certbot, which is not installed: apt-get install certbot")
+
     def check_services_installed(self) -> None:
         pf, dv = self.opts.dirs["postfix_dir"], self.opts.dirs["dovecot_dir"]
         if self.opendkim_conf() is not None and shutil.which(self.opts.opendkim) is None:
@@ -481,13 +483,16 @@ class Installer:
 
     # ---- files
 
+    def bundle_file(self, name: str) -> bytes:
+        """A bundle file as installed: pointed at the chosen directories when the manifest says it names them."""
+        data = self.bundle.read(name)
+        if name in self.m.get("relocate", []):
+            data = relocate(data, self.m.get("dirs", {}), self.opts.dirs)
+        return data
+
     def install_files(self) -> None:
-        defaults = self.m.get("dirs", {})
-        relocated = set(self.m.get("relocate", []))
         for entry in self.m.get("files", []):
-            data = self.bundle.read(entry["file"])
-            if entry["file"] in relocated:
-                data = relocate(data, defaults, self.opts.dirs)
+            data = self.bundle_file(entry["file"])
             dest = self.path(entry["dir"], entry["name"])
             if self.host.put_file(dest, data, int(entry["mode"], 8)):
                 if entry["dir"] == "systemd_dir":
@@ -530,7 +535,7 @@ class Installer:
             base = self.bundle.read(spec["main_cf_base"])
         else:
             base = current
-        lines = hostconf.setting_lines(self.bundle.read(spec["main_cf"]).decode("utf-8"))
+        lines = hostconf.setting_lines(self.bundle_file(spec["main_cf"]).decode("utf-8"))
         new = hostconf.set_main_cf(self.runner, base, lines)
         before = hostconf.parse_main_cf(base.decode("utf-8", "replace"))
         originals = {line.partition("=")[0].strip(): before.get(line.partition("=")[0].strip()) for line in lines}
@@ -743,46 +748,42 @@ class Installer:
         os.symlink(PLACEHOLDER, link)
         os.replace(link, current)
 
-    # ---- the node's certificate and the fleet's files
+    # ---- the certificate (certs.py)
 
-    def make_tls_certificate(self) -> None:
-        """A self-signed certificate where the bundle's Postfix and Dovecot read theirs, when there is
-        none: they need one to start, and the other nodes of a fleet pin it (pi-pull reports it and
-        the server publishes its fingerprint, docs/fleet.md). Its names are the node's address and
-        name; ten years, since peers verify its dates. A certificate that exists is never touched
-        (link the ACME one there instead, docs/node-guide.md, "TLS")."""
+    def install_certificate(self) -> None:
+        """The node's certificate at the bundle's TLS paths: ACME (--acme-email) or self-signed."""
         spec = self.m.get("tls")
         if not isinstance(spec, dict):
+            self.steps.note("the bundle names no TLS files: put the node's certificate where its main.cf says")
             return
-        dirs, defaults = self.opts.dirs, self.m.get("dirs", {})
-        cert = relocate(str(spec["cert"]).encode(), defaults, dirs).decode()
-        key = relocate(str(spec["key"]).encode(), defaults, dirs).decode()
-        if os.path.exists(cert) and os.path.exists(key):
-            self.steps.done(f"{cert} (the node's TLS certificate)")
-            return
-        names = [str(n) for n in spec.get("names", []) if isinstance(n, str)]
-        san = ",".join(("IP:" if _is_ip(n) else "DNS:") + n for n in names)
-        if not self.steps.change(f"create {cert} and {key} (0600): a self-signed certificate for {', '.join(names)}"):
-            return
-        self.host.make_dir(os.path.dirname(cert), 0o755)
-        self.host.make_dir(os.path.dirname(key), 0o700)
-        tmp_key = f"{key}.tmp-{os.getpid()}"
-        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        argv = [self.opts.openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        argv += ["-nodes", "-days", "3650", "-subj", f"/CN={names[0] if names else 'mailstate-node'}"]
-        argv += ["-keyout", tmp_key, "-out", f"{cert}.tmp-{os.getpid()}"] + (
-            ["-addext", f"subjectAltName={san}"] if san else []
+        defaults = self.m.get("dirs", {})
+        cert, key = (relocate(str(spec[k]).encode(), defaults, self.opts.dirs).decode() for k in ("cert", "key"))
+        services = self.bundle_config()
+        hook = certs.deploy_hook(
+            cert,
+            key,
+            services.get("services", "postfix_reload", fallback="postfix reload"),
+            services.get("services", "dovecot_reload", fallback="doveadm reload"),
         )
-        ok, text = run(self.runner, argv)
-        if not ok:
-            raise InstallError(f"openssl could not make the node's certificate: {text}")
-        os.replace(tmp_key, key)
-        os.chmod(f"{cert}.tmp-{os.getpid()}", 0o644)
-        os.replace(f"{cert}.tmp-{os.getpid()}", cert)
-        for path in (cert, key):
-            self.record.data["files"][path] = {"backup": None, "sha256": sha256(read_bytes(path) or b"")}
-        self.changed.update(("postfix", "dovecot"))
+        step = certs.TlsStep(
+            cert=cert,
+            key=key,
+            host=self.opts.mail_host or str(self.m.get("address") or "localhost"),
+            alt_names=tuple(str(a) for a in (self.m.get("address"),) if a),
+            acme=self.opts.acme,
+            hook_path=self.path("lib_dir", certs.HOOK_NAME),
+            hook=hook,
+            files=self.host,
+            say=self.steps,
+            record=self.record.data,
+            runner=self.runner,
+            certbot=self.opts.certbot,
+            openssl=self.opts.openssl,
+        )
+        if step.run():
+            self.changed.update({"postfix", "dovecot"})  # they read the certificate when they start
+
+    # ---- the fleet's files
 
     def make_fleet_files(self) -> None:
         """``<root>/fleet`` (0700) with the empty tables the fleet transport and relay listener of

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .certs import LETS_ENCRYPT, check_options
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, TickError
 from .install import DIR_KEYS, Bundle, Installer, Options, read_sync_key_input
 from .log import add_secret, make_logger
@@ -65,11 +66,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _dir_options(p)
         p.add_argument("--mail-root", metavar="DIR", help="create this mail root instead of the state's (tests)")
         p.add_argument("--no-tick", action="store_true", help="do not run the first tick")
+        _tls_options(p)
     else:
         p = argparse.ArgumentParser(
             prog="pi_pull.py uninstall",
             description="Undo `pi_pull.py install` as recorded in <etc-dir>/install.json: restores the Postfix and Dovecot "
-            "files byte for byte, removes the installed files, units and sync key. Keeps the mail root "
+            "files byte for byte, removes the installed files, units, sync key and certificate (and deletes it from "
+            "certbot when install got it there). Keeps the mail root "
             "(Maildirs) and the release root.",
             epilog=UNINSTALL_EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,6 +91,41 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="also log the first tick's debug lines")
     return p
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    tls = p.add_argument_group(
+        "certificate",
+        "Postfix and Dovecot need one. With --acme-email, certbot (apt-get install certbot) gets it for --mail-host "
+        "over HTTP-01 and renews it (Debian's certbot.timer); its deploy hook puts each new one in place and reloads "
+        "both. Without --acme-email, install makes a self-signed one when there is none (and says so); a certificate "
+        "already at the bundle's TLS paths is kept.",
+    )
+    tls.add_argument("--acme-email", metavar="E", help="the ACME account's address (expiry notices go there)")
+    tls.add_argument(
+        "--mail-host", metavar="H", help="the name clients and servers reach this node by (e.g. mx1.example.net)"
+    )
+    tls.add_argument("--acme-server", metavar="URL", help=f"the ACME directory URL (default {LETS_ENCRYPT})")
+    tls.add_argument(
+        "--acme-ca-bundle", metavar="FILE", help="CA certificates to trust for the ACME server (a private one)"
+    )
+    tls.add_argument(
+        "--acme-http-port",
+        metavar="N",
+        type=int,
+        help="the port certbot answers HTTP-01 on (default 80; the ACME server "
+        "must reach H on port 80, e.g. forwarded to N)",
+    )
+    tls.add_argument(
+        "--acme-webroot",
+        metavar="DIR",
+        help="answer HTTP-01 through DIR, served on port 80 by a web server that runs here",
+    )
+    tls.add_argument(
+        "--acme-dir", metavar="DIR",
+        help="certbot's directories DIR/config, DIR/work, DIR/logs instead of Debian's /etc/letsencrypt, "
+        "/var/lib/letsencrypt, /var/log/letsencrypt (whose certificates certbot.timer renews)",
+    )  # fmt: skip
 
 
 def _os_error(e: OSError) -> str:
@@ -118,12 +156,25 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _options(args: argparse.Namespace, dirs: dict[str, str]) -> Options:
+    acme, host = None, ""
+    if hasattr(args, "acme_email"):  # install
+        acme, host = check_options(
+            args.acme_email,
+            args.mail_host,
+            args.acme_server,
+            args.acme_ca_bundle,
+            args.acme_http_port,
+            args.acme_webroot,
+            args.acme_dir,
+        )
     return Options(
         dirs=dirs,
         mail_root=getattr(args, "mail_root", None) or "",
         dry_run=args.dry_run,
         start=not args.no_start,
         tick=not getattr(args, "no_tick", True),
+        acme=acme,
+        mail_host=host,
     )
 
 

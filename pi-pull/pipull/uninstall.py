@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import hostconf
+from .certs import uninstall_acme
 from .install import (
     BACKUP_DIR,
     RECORD,
@@ -56,6 +57,7 @@ class Uninstaller:
         use_systemd = self.opts.start and (systemd_running() if self.opts.systemd is None else self.opts.systemd)
         if use_systemd:
             self.stop_units()
+        uninstall_acme(data, self.steps, self.runner)  # first: no renewal may run the hook while it goes
         for dest, edit in sorted(data.get("edits", {}).items()):
             self.undo_edit(dest, edit)
         for dest, entry in sorted(data.get("files", {}).items()):

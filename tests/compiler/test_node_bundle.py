@@ -1,0 +1,429 @@
+"""The node bundle: deterministic, units valid, ini parses and points at the right files."""
+
+from __future__ import annotations
+
+import configparser
+import grp
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+
+from mailstate.compiler.node_bundle import (
+    INSTALL_PATHS,
+    SYNC_KEY_FILE,
+    build_pi_pull,
+    render_node_bundle,
+    render_template,
+)
+from mailstate.state.errors import InvalidInput
+from tests.helpers.mailnode import AGENT_DIR, age_file, require_binaries
+
+SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'
+EXPECTED_FILES = {
+    "pi-pull.ini",
+    "allowed_signers",
+    "pi-pull.service",
+    "pi-pull.timer",
+    "pi-pull-follow.service",  # follow mode, the timer beside it as the fallback
+    "dovecot/conf.d/90-mailstate.conf",
+    "postfix/main.cf.mailstate",
+    "postfix/master.cf.mailstate",
+    "opendkim/opendkim.conf",  # the DKIM signer (pi-pull/pipull/dkim.py writes its tables)
+    "pi_pull.py",
+    "postfix/main.cf.base",
+    "bundle.json",
+}
+
+
+def bundle(**kwargs: object) -> dict[str, Any]:
+    """The bundle for pi-01 (values are str, except pi_pull.py: bytes)."""
+    args: dict[str, object] = {
+        "node_name": "pi-01",
+        "server_url": "https://mail.example.net",
+        "allowed_signers": SIGNERS,
+    }
+    args.update(kwargs)
+    return render_node_bundle(**args)  # type: ignore[arg-type]
+
+
+def parse_unit(text: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(interpolation=None, strict=True)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    cp.read_string(text)
+    return cp
+
+
+def test_bundle_is_deterministic_and_complete() -> None:
+    a, b = bundle(), bundle()
+    assert a == b
+    assert set(a) == EXPECTED_FILES
+    assert set(INSTALL_PATHS) == EXPECTED_FILES
+    assert a["pi_pull.py"] == build_pi_pull()
+    assert a["allowed_signers"] == SIGNERS
+    assert bundle(node_name="pi-02") != a
+
+
+def test_sync_key_is_not_in_the_bundle() -> None:
+    b = bundle()
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.get("node", "sync_key_file") == SYNC_KEY_FILE == "/etc/pi-pull/sync_key"
+    assert not any(cp.has_option(s, "sync_key") for s in cp.sections())
+
+
+def test_ini_points_at_the_right_files() -> None:
+    b = bundle(root="/srv/pi-pull")
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.get("remote", "url") == "https://mail.example.net/v1/nodes/state.git"
+    assert cp.get("remote", "branch") == "main"
+    assert cp.getboolean("remote", "send_credentials") is True
+    assert cp.get("node", "name") == "pi-01"
+    assert cp.get("node", "allowed_signers") == INSTALL_PATHS["allowed_signers"]
+    assert cp.get("paths", "root") == "/srv/pi-pull"
+    assert cp.get("report", "url") == "https://mail.example.net/v1/nodes/report"
+    assert cp.get("services", "map_type") == "hash"
+    assert cp.get("services", "postfix_reload") == "postfix reload"
+    assert cp.get("services", "dovecot_reload") == "doveadm reload"
+    # a new bundle has the bucketed layout (16 tables a map, passwd.d/<c>/<bb>/<domain>: pipull/buckets.py)
+    assert cp.get("services", "map_buckets") == "16"
+    assert "/srv/pi-pull/current/dovecot/passwd.d/%1d/%2d/%d\n" in b["dovecot/conf.d/90-mailstate.conf"]
+    tables = ", ".join(f"hash:/srv/pi-pull/current/postfix/virtual_mailbox_maps.{k:02x}" for k in range(16))
+    assert f"virtual_mailbox_maps = {tables}\n" in b["postfix/main.cf.mailstate"]
+
+
+def test_one_table_layout_on_request_and_for_types_postmap_cannot_update() -> None:
+    for b, map_type in (
+        (bundle(root="/srv/pi-pull", map_buckets=0), "hash"),
+        (bundle(root="/srv/pi-pull", map_type="cdb"), "cdb"),
+    ):
+        cp = configparser.ConfigParser(interpolation=None)
+        cp.read_string(b["pi-pull.ini"])
+        assert cp.get("services", "map_buckets") == "0" and cp.get("services", "map_type") == map_type
+        assert "/srv/pi-pull/current/dovecot/passwd.d/%d\n" in b["dovecot/conf.d/90-mailstate.conf"]
+        assert (
+            f"virtual_mailbox_maps = {map_type}:/srv/pi-pull/current/postfix/virtual_mailbox_maps\n"
+            in b["postfix/main.cf.mailstate"]
+        )
+    with pytest.raises(InvalidInput, match="map_buckets needs"):
+        bundle(map_type="cdb", map_buckets=16)
+
+
+@pytest.mark.e2e
+def test_pi_pull_is_built_deterministically_from_the_package(tmp_path: Path, pi_pull: Path) -> None:
+    """Same sources, same bytes (fixed timestamps/order); a changed source changes the file."""
+    first = build_pi_pull(AGENT_DIR)
+    assert first == build_pi_pull(AGENT_DIR) == pi_pull.read_bytes()
+    copy = tmp_path / "agent"
+    shutil.copytree(AGENT_DIR / "pipull", copy / "pipull", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in (copy / "pipull").iterdir():
+        os.utime(f, (0, 0))
+    assert build_pi_pull(copy) == first
+    (copy / "pipull" / "errors.py").write_text((copy / "pipull" / "errors.py").read_text() + "\n# changed\n")
+    assert build_pi_pull(copy) != first
+    r = subprocess.run([sys.executable, "-I", "-S", str(pi_pull), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "exit codes:" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"node_name": "bad name"}, "node_name"),
+        ({"server_url": "ftp://x"}, "server_url"),
+        ({"server_url": ""}, "server_url"),
+        ({"root": "relative"}, "root"),
+        ({"allowed_signers": "# nothing\n"}, "allowed_signers"),
+        ({"allowed_signers": "not a key\n"}, "allowed_signers"),
+        ({"postfix_reload": "a\nb"}, "postfix_reload"),
+    ],
+)
+def test_bad_arguments_are_invalid_input(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        bundle(**kwargs)
+    assert exc.value.field == field and exc.value.message.endswith(".")
+
+
+def test_ini_is_accepted_by_pi_pull(tmp_path: Path, pipull: Any) -> None:
+    try:
+        grp.getgrnam("dovecot")
+    except KeyError:
+        pytest.skip("the bundle's passwd_group is dovecot, which is not installed here")
+    path = tmp_path / "pi-pull.ini"
+    path.write_text(bundle(map_type="lmdb")["pi-pull.ini"])
+    cfg = pipull.config.load_config(str(path))
+    assert cfg.remote_is_http and cfg.send_credentials and cfg.needs_key
+    assert cfg.sync_key_file == SYNC_KEY_FILE and cfg.allowed_signers == INSTALL_PATHS["allowed_signers"]
+    assert cfg.root == "/var/lib/pi-pull" and cfg.map_type == "lmdb" and cfg.passwd_group == "dovecot"
+
+
+def test_git_host_remote_without_server() -> None:
+    b = bundle(server_url="", remote_url="git@git.example.net:ops/mailstate.git")
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.get("remote", "url") == "git@git.example.net:ops/mailstate.git"
+    assert not cp.has_option("remote", "send_credentials")
+    assert cp.get("report", "url") == ""
+
+
+def test_service_unit() -> None:
+    unit = parse_unit(bundle()["pi-pull.service"])
+    svc = unit["Service"]
+    assert svc["Type"] == "oneshot"  # a oneshot unit never overlaps itself
+    assert svc["ExecStart"].split() == [
+        "/usr/bin/python3",
+        INSTALL_PATHS["pi_pull.py"],
+        "--config",
+        INSTALL_PATHS["pi-pull.ini"],
+        "--once",
+    ]
+    assert svc["SuccessExitStatus"] == "4"
+    assert "network-online.target" in unit["Unit"]["After"]
+
+
+def test_timer_unit() -> None:
+    unit = parse_unit(bundle()["pi-pull.timer"])
+    timer = unit["Timer"]
+    assert timer.get("OnCalendar") == "*-*-* *:*:00" or timer.get("OnUnitActiveSec") in ("60s", "1min")
+    assert timer["RandomizedDelaySec"].rstrip("s").isdigit() and int(timer["RandomizedDelaySec"].rstrip("s")) > 0
+    assert timer["Unit"] == "pi-pull.service"
+    assert unit["Install"]["WantedBy"] == "timers.target"
+
+
+def test_templates_use_strict_undefined() -> None:
+    with pytest.raises(jinja2.UndefinedError):
+        render_template("postfix-main.cf.j2", root="/var/lib/pi-pull")
+
+
+@pytest.mark.e2e
+def test_dovecot_snippet_is_valid_dovecot_config(tmp_path: Path) -> None:
+    require_binaries("doveconf")
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(
+        f"base_dir = {tmp_path}/run\nprotocols = imap lmtp\nssl = no\n"
+        + bundle(root="/srv/node", lmtp_port=2424)["dovecot/conf.d/90-mailstate.conf"]
+    )
+    r = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "args = scheme=BLF-CRYPT username_format=%u /srv/node/current/dovecot/passwd.d/%1d/%2d/%d\n" in r.stdout
+    assert "port = 2424" in r.stdout
+
+
+@pytest.mark.e2e
+def test_postfix_snippet_is_valid_postfix_config(tmp_path: Path) -> None:
+    require_binaries("postconf")
+    (tmp_path / "main.cf").write_text(
+        "compatibility_level = 3.6\n"
+        + bundle(root="/srv/node", map_type="lmdb", lmtp_port=2424)["postfix/main.cf.mailstate"]
+    )
+    age_file(tmp_path / "main.cf")
+    r = subprocess.run(
+        ["postconf", "-c", str(tmp_path), "-n", "virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_transport"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "virtual_mailbox_domains = "
+        + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_domains.{k:02x}" for k in range(16)),
+        "virtual_mailbox_maps = "
+        + ", ".join(f"lmdb:/srv/node/current/postfix/virtual_mailbox_maps.{k:02x}" for k in range(16)),
+        "virtual_transport = lmtp:inet:127.0.0.1:2424",
+    ]
+
+
+@pytest.mark.e2e
+def test_dovecot_user_unknown_during_a_swap_is_a_retry_not_a_bounce(tmp_path: Path) -> None:
+    """The snippet's lmtp_delivery_status_filter, through the real postconf and postmap: Dovecot's
+    550 5.1.1 "User doesn't exist" (only ever the moment before it re-reads a swapped passwd-file)
+    becomes 4.1.1, so Postfix queues the mail instead of bouncing it; other 5xx stay 5xx."""
+    require_binaries("postconf", "postmap")
+    (tmp_path / "main.cf").write_text(
+        "compatibility_level = 3.6\n" + bundle(root="/srv/node")["postfix/main.cf.mailstate"]
+    )
+    age_file(tmp_path / "main.cf")
+    r = subprocess.run(
+        ["postconf", "-c", str(tmp_path), "-x", "-h", "lmtp_delivery_status_filter"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.strip()
+    assert table.startswith("regexp:{")
+
+    def filtered(status: str) -> str | None:
+        q = subprocess.run(["postmap", "-c", str(tmp_path), "-q", status, table], capture_output=True, text=True)
+        assert q.returncode in (0, 1), q.stderr
+        return q.stdout.strip() if q.returncode == 0 else None
+
+    race = (
+        "5.1.1 host 127.0.0.1[127.0.0.1] said: 550 5.1.1 <new@example.com> User doesn't exist: new@example.com"
+        " (in reply to RCPT TO command)"
+    )
+    assert filtered(race) == "4" + race[1:]
+    assert (
+        filtered(
+            "5.2.2 host 127.0.0.1[127.0.0.1] said: 552 5.2.2 <a@example.com> Quota exceeded (mailbox for user is full)"
+        )
+        is None
+    )
+    assert filtered("4.1.1 host 127.0.0.1[127.0.0.1] said: 451 4.3.0 Temporary internal error") is None
+
+
+@pytest.mark.e2e
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    b = bundle()
+    for name in ("pi-pull.service", "pi-pull.timer", "pi-pull-follow.service"):
+        (tmp_path / name).write_text(b[name])
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "./pi-pull.service", "./pi-pull.timer", "./pi-pull-follow.service"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    complaints = [line for line in (r.stdout + r.stderr).splitlines() if "pi-pull." in line]
+    assert r.returncode == 0 and not complaints, r.stdout + r.stderr
+
+
+@pytest.mark.e2e
+def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
+    """main.cf + master.cf.mailstate through the real postconf (as `postconf -M -e` sets them),
+    the Dovecot snippet through doveconf: TLS paths, SASL via Dovecot, no AUTH on port 25, the
+    submission services' restrictions, and IMAP only over TLS."""
+    require_binaries("postconf", "doveconf")
+    b = bundle(
+        root="/srv/node",
+        tls_cert="/srv/tls/cert.pem",
+        tls_key="/srv/tls/key.pem",
+        imaps_port=1993,
+        postfix_queue_dir="/srv/spool/postfix",
+    )
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
+    (tmp_path / "master.cf").write_text("smtp inet n - y - - smtpd\n")
+    entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
+    # The submission services, then the fleet's relay transport and relay listener (docs/fleet.md).
+    assert [e.split(" = ")[0] for e in entries] == ["submission/inet", "submissions/inet", "fleet/unix", "2525/inet"]
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    age_file(tmp_path / "main.cf")
+    age_file(tmp_path / "master.cf")
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-n"], capture_output=True, text=True)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    conf = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in r.stdout.splitlines())}
+    assert conf["smtpd_tls_cert_file"] == "/srv/tls/cert.pem" and conf["smtpd_tls_key_file"] == "/srv/tls/key.pem"
+    assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_sasl_path"] == "private/auth"
+    assert conf["smtpd_sasl_auth_enable"] == "no" and conf["smtpd_tls_auth_only"] == "yes"
+    assert conf["smtpd_sender_login_maps"] == ", ".join(
+        f"hash:/srv/node/current/postfix/sender_login_maps.{k:02x}" for k in range(16)
+    )
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-P"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    params = set(r.stdout.splitlines())
+    for svc in ("submission/inet", "submissions/inet"):
+        assert f"{svc}/smtpd_sasl_auth_enable = yes" in params
+        assert f"{svc}/smtpd_relay_restrictions = permit_sasl_authenticated,reject" in params
+        assert (
+            f"{svc}/smtpd_sender_restrictions = reject_sender_login_mismatch,permit_sasl_authenticated,reject" in params
+        )
+        assert (
+            f"{svc}/smtpd_milters = inet:127.0.0.1:8891" in params
+            and f"{svc}/milter_default_action = tempfail" in params
+        )
+    assert "submission/inet/smtpd_tls_security_level = encrypt" in params
+    assert "fleet/unix/smtp_tls_policy_maps = hash:/srv/node/fleet/tls_policy" in params
+    assert "2525/inet/smtpd_client_restrictions = check_ccert_access,hash:/srv/node/fleet/ccerts,reject" in params
+    assert "2525/inet/receive_override_options = no_address_mappings,no_milters" in params
+    assert "submissions/inet/smtpd_tls_wrappermode = yes" in params
+    assert not any(p.startswith("smtp/inet/") for p in params)  # port 25: no milter, no SASL
+    m = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "submission/inet"], capture_output=True, text=True)
+    assert m.stdout.split()[:8] == ["submission", "inet", "n", "-", "n", "-", "-", "smtpd"], m.stdout  # chroot n
+
+    conf_d = tmp_path / "dovecot.conf"
+    conf_d.write_text(f"base_dir = {tmp_path}/run\nprotocols = imap lmtp\n" + b["dovecot/conf.d/90-mailstate.conf"])
+    r = subprocess.run(["doveconf", "-c", str(conf_d), "-n"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    dv = r.stdout
+    assert "ssl = required" in dv and "ssl_cert = </srv/tls/cert.pem" in dv
+    assert "unix_listener /srv/spool/postfix/private/auth {" in dv and "port = 1993" in dv
+    for key in ("ssl", "disable_plaintext_auth"):
+        one = subprocess.run(["doveconf", "-c", str(conf_d), "-h", key], capture_output=True, text=True)
+        assert one.stdout.strip() in ("required", "yes"), (key, one.stdout)
+
+
+def test_sending_options_refuse_bad_values() -> None:
+    with pytest.raises(InvalidInput):
+        bundle(tls_cert="relative/cert.pem")
+    with pytest.raises(InvalidInput):
+        bundle(submission_listen="587 inet")
+    with pytest.raises(InvalidInput):
+        bundle(dkim_milter="inet:127.0.0.1:8891 -o x=y")
+    no_milter = bundle(dkim_milter="")["postfix/master.cf.mailstate"]
+    assert "smtpd_milters" not in no_milter and "ORIGINATING" in no_milter
+
+
+@pytest.mark.e2e
+def test_bundle_ships_opendkim_conf_that_opendkim_accepts_and_turns_on_dkim(tmp_path: Path) -> None:
+    """The DKIM signer: opendkim.conf checked by the real `opendkim -n`; pi-pull.ini's [dkim] is on."""
+    import json
+
+    files = bundle()
+    conf = str(files["opendkim/opendkim.conf"])
+    assert "Socket\t\t\tinet:8891@127.0.0.1" in conf and "Mode\t\t\ts" in conf
+    assert "KeyTable\t\tfile:/etc/pi-pull/dkim/KeyTable" in conf and "RequireSafeKeys" not in conf
+    assert json.loads(str(files["bundle.json"]))["opendkim"] == {
+        "conf": "opendkim/opendkim.conf",
+        "name": "opendkim.conf",
+    }
+    ini = str(files["pi-pull.ini"])
+    assert "\nenabled = yes\nkey_dir = /etc/pi-pull/dkim\n" in ini and "[dkim]" in ini and "publish_wait = 86400" in ini
+    if shutil.which("opendkim") is None and not Path("/usr/sbin/opendkim").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("opendkim is missing (apt-get install opendkim opendkim-tools)")
+        pytest.skip("opendkim is missing")
+    keys = tmp_path / "dkim"
+    keys.mkdir()
+    (keys / "KeyTable").write_text("")
+    (keys / "SigningTable").write_text("")
+    (tmp_path / "opendkim.conf").write_text(conf.replace("/etc/pi-pull/dkim", str(keys)))
+    r = subprocess.run(["opendkim", "-n", "-x", str(tmp_path / "opendkim.conf")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # Without a dkim milter there is no signer and no [dkim].
+    plain = bundle(dkim_milter="")
+    assert "opendkim/opendkim.conf" not in plain and "[dkim]" not in str(plain["pi-pull.ini"])
+
+
+def test_cli_bundle_takes_the_tls_paths(data_dir: Any, tmp_path: Path) -> None:
+    from mailstate.api.cli import main
+
+    out = tmp_path / "bundle"
+    assert (
+        main(
+            [
+                "node",
+                "bundle",
+                "--data",
+                str(data_dir.root),
+                "--name",
+                "pi-09",
+                "--allow-unregistered",
+                "--server-url",
+                "https://mail.example.net",
+                "--tls-cert",
+                "/srv/tls/c.pem",
+                "--tls-key",
+                "/srv/tls/k.pem",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    main_cf = (out / "postfix/main.cf.mailstate").read_text()
+    assert "smtpd_tls_cert_file = /srv/tls/c.pem" in main_cf and "smtpd_tls_key_file = /srv/tls/k.pem" in main_cf
+    assert "ssl_cert = </srv/tls/c.pem" in (out / "dovecot/conf.d/90-mailstate.conf").read_text()
+    assert "submission/inet = submission inet n - n - - smtpd" in (out / "postfix/master.cf.mailstate").read_text()
