@@ -200,7 +200,11 @@ _DETAILS: dict[str, str] = {
         "already), 404 domain_not_found, 409 email_not_enabled. " + _WRITE
     ),
     "set-node-address": (
-        "[Admin] Sets a node's `address`: " + ADDRESS_LIMITS + ", or null to take it away (refused, 409 node_in_use, "
+        "[Admin] Sets the `address` of node `name` ("
+        + NODE_NAME_LIMITS
+        + "): "
+        + ADDRESS_LIMITS
+        + ", or null to take it away (refused, 409 node_in_use, "
         "while the node is home to a domain or takes part in a move). The domains it is home to are compiled again "
         "with the new address. Refused: 404 node_not_found, 409 address_in_use (another node has it). " + _WRITE
     ),

@@ -1064,13 +1064,13 @@ _ALIASES = [
     ),
 ]
 
+# A fleet's placement: admin operations, and MCP tools like every operation of the contract.
 _FLEET = [
     Operation(
         "move-domain",
         m.MoveDomainRequest,
         move_domain,
         admin=True,
-        in_spec=False,
         summary="[Admin] Move a domain's mail to another node (its new home): copied with doveadm sync, then switched "
         "in a signed commit; mail keeps flowing and IMAP keeps working throughout. Answers 202.",
     ),
@@ -1079,7 +1079,6 @@ _FLEET = [
         m.SetNodeAddressRequest,
         set_node_address,
         admin=True,
-        in_spec=False,
         summary="[Admin] Set the address where other nodes and mail clients reach a node (null: none; only a node that "
         "is home to no domain may lose it).",
     ),

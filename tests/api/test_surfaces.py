@@ -27,6 +27,7 @@ from tests.helpers.server import LiveServer, assert_error, live_server
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 SPEC_ADMIN = {"add-domain", "remove-domain", "list-nodes", "add-node"}  # the spec's [Admin] endpoints
+FLEET_ADMIN = {"move-domain", "set-node-address"}  # the contract's one fleet, one mail service
 
 
 # --- meta: the registry drives every surface -----------------------------------------------------
@@ -157,11 +158,11 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
     # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns and mobileconfig
-    # (every extension is a tool)
-    assert len(spec_ops) == 12 + 7 + 1 + 2
+    # (every extension is a tool), and the fleet's move-domain and set-node-address
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 2
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
-    assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN
+    assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN | FLEET_ADMIN
 
 
 def _commands(parser: Any, prefix: list[str]) -> Iterator[list[str]]:
@@ -396,14 +397,7 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
 @pytest.mark.e2e
 def test_admin_endpoints_are_admin_only(world: World) -> None:
     admin_ops = {n for n, op in OPERATIONS.items() if op.admin}
-    assert admin_ops == SPEC_ADMIN | {
-        "link-domain",
-        "unlink-domain",
-        "remove-node",
-        "rotate-node-key",
-        "move-domain",
-        "set-node-address",
-    }
+    assert admin_ops == SPEC_ADMIN | FLEET_ADMIN | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
     before = world.srv.git("rev-parse", "main").strip()
     for name in sorted(admin_ops):
         for client in (world.a, world.b, world.c):
