@@ -82,6 +82,7 @@ class Config:
     fleet_postmap: str = ""  # default: [services] postmap
     fleet_url: str = ""  # default: [report] url with /fleet for /report
     fleet_sync_budget_s: float = 20.0
+    fleet_sync_stall_s: float = 30.0  # doveadm sync -T: a stream stalled this long is given up, retried
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -220,6 +221,7 @@ def _load_fleet(r: _Reader, cfg: Config) -> None:
     default_url = cfg.report_url[: -len("/report")] + "/fleet" if cfg.report_url.endswith("/report") else ""
     cfg.fleet_url = r.get_str("fleet", "url", default_url)
     cfg.fleet_sync_budget_s = r.get_float("fleet", "sync_budget_s", cfg.fleet_sync_budget_s)
+    cfg.fleet_sync_stall_s = r.get_float("fleet", "sync_stall_s", cfg.fleet_sync_stall_s)
 
 
 def _check_fleet(cfg: Config, path: str) -> None:
@@ -230,6 +232,8 @@ def _check_fleet(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [fleet] url must be http(s) (the server's /v1/nodes/fleet)")
     if not cfg.fleet_sync_budget_s > 0:
         raise ConfigError(f"config {path}: [fleet] sync_budget_s must be > 0 (seconds of doveadm sync per tick)")
+    if not cfg.fleet_sync_stall_s >= 1:
+        raise ConfigError(f"config {path}: [fleet] sync_stall_s must be >= 1 (seconds a doveadm sync may stall)")
     for key in ("fleet_doveadm", "fleet_postqueue", "fleet_postmap"):
         try:
             shlex.split(getattr(cfg, key))

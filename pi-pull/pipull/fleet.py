@@ -16,11 +16,12 @@ never fails the tick), from the live commit's rendered/nodes, nodes.pem and move
   key) answers this node's doveadm password and those of the peers a move lets it use; kept in
   ``credentials.json`` (0600) and fetched again when the fleet changes.
 * **Moves** (rendered/moves): the node a domain is ``moving_to`` copies every mailbox from the
-  home with ``doveadm sync`` (two-way, so nothing is lost and the GUIDs keep every message
-  once), at most ``[fleet] sync_budget_s`` a tick, then reports ``copied``; the server switches
-  the home. The old home (``moved_from``) then flushes its queue, kicks the domain's sessions,
-  renames each Maildir it still holds into ``<mail_root>/.fleet-drain/`` (so no new delivery
-  lands in what it syncs), syncs it to the new home and moves it to the graveyard; once nothing
+  home with ``doveadm backup -R`` (one way: nothing is written on the home), at most ``[fleet]
+  sync_budget_s`` a tick, then reports ``copied``; the server switches the home. The old home
+  (``moved_from``) then flushes its queue, kicks the domain's sessions, renames each Maildir it
+  still holds into ``<mail_root>/.fleet-drain/`` (so no new delivery lands in what it syncs),
+  ``doveadm sync``s it with the new home (two-way: the GUIDs keep every message once, what came
+  in on either side meanwhile included) and moves it to the graveyard; once nothing
   is left or queued for the domain it reports ``drained``. A move that is called off leaves
   the target's copies in its graveyard.
 """
@@ -313,17 +314,24 @@ class Fleet:
         r = self.runner.run([*shlex.split(self.cfg.fleet_doveadm), "-c", config, *args], timeout=timeout)
         return r.returncode, short(r.stderr + r.stdout)
 
-    def _sync(self, user: str, address: str, password: str, *overrides: str) -> bool:
+    def _sync(self, user: str, address: str, password: str, *overrides: str, copy: bool = False) -> bool:
+        """``doveadm sync`` (two-way) of ``user`` with the peer, or with ``copy`` ``doveadm backup -R``:
+        this node's copy becomes the peer's, and nothing is ever written on the peer. ``-T``: a sync
+        whose stream stalls that long is given up (and retried next tick) rather than held for
+        dsync's default 10 minutes."""
         host = f"[{address}]" if ":" in address else address
         target = f"tcps:{host}:{self.cfg.fleet_doveadm_port}"
         opts = [x for o in overrides for x in ("-o", o)]
-        rc, out = self._doveadm(*opts, "sync", "-u", user, target, password=password)
+        command = ["backup", "-R"] if copy else ["sync"]
+        stall = str(max(1, round(self.cfg.fleet_sync_stall_s)))
+        rc, out = self._doveadm(*opts, *command, "-T", stall, "-u", user, target, password=password)
         if rc != 0:
-            self.log.warning(f"fleet: doveadm sync of {user} with {address} failed (rc={rc}): {out}")
+            self.log.warning(f"fleet: doveadm {command[0]} of {user} with {address} failed (rc={rc}): {out}")
         return rc == 0
 
     def copy(self, state: dict[str, Any], applied: str, move: fleetfiles.Move, address: str, password: str) -> bool:
-        """Copy (two-way sync) every mailbox of the domain from its home; True once all are done."""
+        """Copy every mailbox of the domain from its home (one way: the target has no mail of its own
+        for the domain yet, and a leftover of an earlier move must not flow back); True once all are done."""
         copies = state.setdefault("copies", {})
         entry = copies.setdefault(move.domain, {"home": move.home, "done": []})
         if entry.get("home") != move.home:
@@ -337,7 +345,7 @@ class Fleet:
             if self.clock() - started > self.cfg.fleet_sync_budget_s:
                 self.more = True
                 return False
-            if not self._sync(f"{local}@{move.domain}", address, password):
+            if not self._sync(f"{local}@{move.domain}", address, password, copy=True):
                 return False
             entry["done"].append(name)
             done.add(name)
@@ -397,8 +405,12 @@ class Fleet:
             if entry is not None:
                 pending.append({"domain": move.domain, "user": f"{local}@{move.domain}", "entry": entry})
         for item in [p for p in pending if p["domain"] == move.domain]:
+            # The set-aside entry is the mailbox's whole home: doveadm reads it as the home (-o
+            # overrides the userdb's), so nothing of the sync (Pigeonhole's ~/sieve) recreates the
+            # old home.
             path = os.path.join(self.cfg.mail_root, DRAIN, item["entry"])
-            if not self._sync(item["user"], address, password, f"mail_location=maildir:{path}/Maildir"):
+            overrides = (f"mail_home={path}", f"mail_location=maildir:{path}/Maildir")
+            if not self._sync(item["user"], address, password, *overrides):
                 return False
             self._bury_drained(item["entry"])
             pending.remove(item)

@@ -145,6 +145,8 @@ def test_move_domain_with_a_delivery_in_the_middle(world: World) -> None:
     expected = [f"before-{i}" for i in range(5)] + ["before-copy", "in-the-middle", "after"]
     assert sorted(got) == sorted(expected), got  # every message exactly once
     assert n1.maildir_messages("gamma.test") == []
+    # Nothing of the domain is left on the old home (no home recreated by the hand-over's sync).
+    assert not (n1.mail_root / "gamma.test").exists() or list((n1.mail_root / "gamma.test").iterdir()) == []
     assert len(n3.maildir_messages("gamma.test")) == len(expected)
     # IMAP on the old home works and shows the same mailbox (proxied to n3).
     assert sorted(inbox(world, "n1", GAMMA)) == sorted(expected)
