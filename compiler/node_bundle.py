@@ -43,6 +43,8 @@ from typing import Any
 import jinja2
 
 from mailstate.state.errors import InvalidInput, StoreError
+from mailstate.state.signers import parse_signers_line
+from mailstate.state.validate import validate_node_name
 
 # The checkout's top level (state/, compiler/, templates/, pi-pull/ side by side), or, installed,
 # site-packages/mailstate (templates/ and node_agent/, the wheel's copy of pi-pull/).
@@ -200,8 +202,6 @@ _INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
     ("dovecot/conf.d/90-mailstate.conf", "dovecot_dir", "conf.d/90-mailstate.conf", 0o644),
 )
 
-_NODE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_SIGNER_LINE = re.compile(r"^\S+(\s+\S+=\S+)*\s+(ssh-ed25519|ssh-rsa|ecdsa-sha2-\S+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
 _SAFE_VALUE = re.compile(r"^[^\n\r]*$")
 # A master.cf service name (`submission`, `465`, `127.0.0.1:10587`) and a milter address.
 _SERVICE = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
@@ -397,7 +397,7 @@ def _normalise_signers(allowed_signers: str) -> str:
             "allowed_signers holds no key: a node must trust at least one signing key.", field="allowed_signers"
         )
     for line in keys:
-        if not _SIGNER_LINE.match(line):
+        if parse_signers_line(line) is None:
             raise InvalidInput(f"Not an allowed_signers line: {line[:60]!r}.", field="allowed_signers")
     return "\n".join(line for line in lines if line) + "\n"
 
@@ -455,10 +455,7 @@ def render_node_bundle(
     ``dkim_publish_wait`` seconds after it was reported; ``dkim_rotate_days``: 0 = rotate by hand).
     Bad arguments raise InvalidInput.
     """
-    if not _NODE_NAME.match(node_name):
-        raise InvalidInput(
-            "The node name must be letters, digits, '.', '_' or '-'.", code="invalid_node_name", field="node_name"
-        )
+    validate_node_name(node_name, field="node_name")
     base = server_url.rstrip("/")
     if base and not base.lower().startswith(("http://", "https://")):
         raise InvalidInput("The server URL must start with http:// or https://.", field="server_url")

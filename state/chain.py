@@ -32,6 +32,7 @@ from pathlib import Path
 import pygit2
 
 from mailstate.state.errors import StoreError
+from mailstate.state.signers import parse_signers_line
 
 CLOCK_SKEW = 300  # seconds a committer time may lie in the future
 WORKERS = 4
@@ -65,32 +66,6 @@ def signature_key(signature: bytes) -> str | None:
     return base64.b64encode(key).decode() if len(key) == n and n else None
 
 
-def split_signers_line(line: str) -> list[str]:
-    """An allowed_signers line cut into fields; a double-quoted run (an option value) stays whole."""
-    text = line.strip()
-    if not text or text.startswith("#"):
-        return []
-    fields: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        if ch in " \t" and not quoted:
-            if cur:
-                fields.append("".join(cur))
-                cur = []
-            continue
-        cur.append(ch)
-    if cur:
-        fields.append("".join(cur))
-    return fields
-
-
-def is_key_type(field: str) -> bool:
-    return field.startswith(("ssh-", "ecdsa-", "sk-", "rsa-"))
-
-
 def signers_by_key(path: Path) -> dict[str, list[str]]:
     """allowed_signers: base64 key -> the principals fields of the lines that list it."""
     out: dict[str, list[str]] = {}
@@ -99,13 +74,9 @@ def signers_by_key(path: Path) -> dict[str, list[str]]:
     except OSError:
         return out
     for line in lines:
-        fields = split_signers_line(line)
-        if len(fields) < 3:
-            continue
-        i = 1 if is_key_type(fields[1]) else 2
-        if i + 1 >= len(fields) or not is_key_type(fields[i]):
-            continue
-        out.setdefault(fields[i + 1], []).append(fields[0])
+        parsed = parse_signers_line(line)
+        if parsed is not None:
+            out.setdefault(parsed.key, []).append(parsed.principals)
     return out
 
 

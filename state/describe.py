@@ -16,7 +16,7 @@ from mailstate.state.ops import Operation
 
 PASSWORD_LIMITS = f"{v.MIN_PASSWORD_BYTES}-{v.MAX_PASSWORD_BYTES} bytes in UTF-8 (8-72 ASCII characters; bcrypt reads no more), no NUL"
 QUOTA_LIMITS = f"1-{v.MAX_QUOTA_MB} MB"
-NODE_NAME_LIMITS = "1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen"
+NODE_NAME_LIMITS = v.NODE_NAME_RULE
 DESTINATION_LIMITS = (
     f"1-{al.MAX_DESTINATIONS} email addresses (on this platform or external; no duplicates; at most "
     f"{al.MAX_DESTINATIONS_CHARS} characters together)"

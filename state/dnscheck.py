@@ -159,7 +159,7 @@ def _value(rdata: Any) -> str:
         return f"{rdata.priority} {rdata.weight} {rdata.port} {_host(rdata.target)}"
     if kind in (dns.rdatatype.A, dns.rdatatype.AAAA):
         return f"{dns.rdatatype.to_text(kind)} {rdata.address}"
-    return rdata.to_text()
+    return str(rdata.to_text())
 
 
 def _server_error(exc: dns.resolver.NoNameservers) -> str:

@@ -49,7 +49,7 @@ except AttributeError:  # pragma: no cover
 _MERGE = "tag:yaml.org,2002:merge"
 
 
-class _UniqueKeyLoader(_Loader):
+class _UniqueKeyLoader(_Loader):  # type: ignore[misc]  # the C loader when libyaml is there
     """The safe loader, refusing duplicate keys: YAML would silently keep the last one, so a
     second `info:` block in a pull request would quietly replace the first mailbox."""
 
@@ -176,6 +176,14 @@ def parse_nodes(data: bytes | str) -> NodesFile:
 # Anything else (comments, other quoting or order, duplicates) goes to the YAML loader, and a
 # property test checks that both readers agree wherever the fast one answers.
 _RESOLVER = yaml.resolver.Resolver()
+
+
+def _yaml11_tag(text: str) -> str:
+    """The tag YAML 1.1 gives `text` as a plain scalar (str, int, bool, null, ...)."""
+    tag: str = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+    return tag
+
+
 _HEAD = re.compile(
     rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\n"
     rb"(?:alias_of: ([a-z0-9][a-z0-9.-]*)\n)?(?:home: ([a-z0-9][a-z0-9-]*)\n)?(?:moving_to: ([a-z0-9][a-z0-9-]*)\n)?"
@@ -204,7 +212,7 @@ def _plain_str(raw: bytes) -> str | None:
         return raw[1:-1].decode()
     text = raw.decode()
     # A plain scalar is a string only if YAML 1.1 would not read it as a number, bool or null.
-    return text if _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str" else None
+    return text if _yaml11_tag(text) == "tag:yaml.org,2002:str" else None
 
 
 def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
@@ -373,12 +381,9 @@ def _ruamel() -> YAML:
     return rt
 
 
-_RESOLVER = yaml.resolver.Resolver()
-
-
 def _key(text: str) -> Any:
     # A key that YAML 1.1 would read as something else than a string gets quoted.
-    tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))
+    tag = _yaml11_tag(text)
     return text if tag == "tag:yaml.org,2002:str" else DoubleQuotedScalarString(text)
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from mailstate.state.errors import StoreError
+from mailstate.state.signers import is_key_type, split_signers_line
 from mailstate.state.signing import PRINCIPAL, Ed25519Signer, allowed_signers_line, generate_key
 from mailstate.state.statement import MAX_ENDORSEMENTS
 
@@ -93,8 +94,6 @@ def valid_before(ts: int) -> str:
 
 def retire_in_signers(text: str, key_b64: str, ts: int) -> str:
     """allowed_signers text with every line of `key_b64` given `valid-before=<ts>` (unless it has one)."""
-    from mailstate.state.chain import is_key_type, split_signers_line
-
     out = []
     for line in text.splitlines():
         fields = split_signers_line(line)

@@ -104,14 +104,13 @@ QuotaMb = Annotated[
         json_schema_extra={"minimum": 1, "maximum": v.MAX_QUOTA_MB},
     ),
 ]
-NODE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 NodeName = Annotated[
     str,
     BeforeValidator(v.validate_node_name),
     Field(
-        description="Node identifier: 1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen.",
+        description=f"Node identifier: {v.NODE_NAME_RULE}.",
         examples=["mpi02"],
-        json_schema_extra={"minLength": 1, "maxLength": 63, "pattern": NODE_NAME_PATTERN},
+        json_schema_extra={"minLength": 1, "maxLength": v.NODE_NAME_MAX, "pattern": v.NODE_NAME_PATTERN},
     ),
 ]
 NodeAddress = Annotated[

@@ -61,11 +61,10 @@ from mailstate.state.ops import (
     DnsCheck,
     DnsStatusLookup,
     Operation,
-    Outcome,
     UsageLookup,
 )
 from mailstate.state.signing import Signer
-from mailstate.state.snapshot import Actor, Change, Snapshot
+from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.statement import create_statement, parse_statement, read_statement, verify_statement
 from mailstate.state.sync import Incoming, full_check, validate_incoming

@@ -26,7 +26,12 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # A conservative dot-atom: no `/` (path), `:` (passwd field), `%` or `!` (routing), quotes,
 # whitespace, or leading/trailing/double dots (`..` is a path component).
 _LOCAL = re.compile(r"^[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*$")
-_NODE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# At most 59 characters, so that the node's DKIM selectors ms1-<name> and ms2-<name> are DNS
+# labels (<= 63). The node's twin: pipull/rules.py NODE_NAME_RE (vectors: node_names.json).
+NODE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,57}[a-z0-9])?$"
+NODE_NAME_MAX = 59
+_NODE = re.compile(NODE_NAME_PATTERN)
+NODE_NAME_RULE = "1-59 lowercase letters, digits or hyphens, not starting or ending with a hyphen"
 _ASCII_SAFE = re.compile(r"^[\x21-\x7e]+$")
 
 
@@ -214,10 +219,10 @@ def validate_quota(value: object, *, field: str = "quota_mb") -> int:
 
 
 def validate_node_name(value: object, *, field: str = "name") -> str:
-    """Lowercase letters, digits and hyphens, 1-63 characters."""
+    """Lowercase letters, digits and hyphens, 1-59 characters."""
     if not isinstance(value, str) or not _NODE.fullmatch(value):
         raise InvalidInput(
-            "A node name is 1-63 lowercase letters, digits or hyphens, not starting or ending with a hyphen.",
+            f"A node name is {NODE_NAME_RULE}.",
             code="invalid_node_name",
             field=field,
         )

@@ -26,7 +26,8 @@ from typing import BinaryIO
 from .errors import Refused
 from .fsutil import open_new
 from .mirror import BlobReader
-from .verify import PRINTABLE_ASCII_RE, LineSplitter, is_domain, is_local_part
+from .rules import is_domain, is_local_part
+from .verify import PRINTABLE_ASCII_RE, LineSplitter
 
 ALIAS_MAP = "virtual_alias_maps"
 MAX_RESULTS = 51

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from .config import Config
 from .errors import Refused, TickError
 from .mirror import Mirror
+from .rules import parse_signers_line
 from .runner import Runner, short
 
 MAX_COMMIT_BYTES = 1024 * 1024
@@ -122,42 +123,10 @@ def signers_by_key(path: str) -> dict[str, list[str]]:
     except OSError:
         return out
     for line in lines:
-        fields = _split_signers_line(line)
-        if len(fields) < 3:
-            continue
-        # principals, then options unless the second field is already the key type
-        i = 1 if _is_key_type(fields[1]) else 2
-        if i + 1 >= len(fields) or not _is_key_type(fields[i]):
-            continue
-        out.setdefault(fields[i + 1], []).append(fields[0])
+        parsed = parse_signers_line(line)
+        if parsed is not None:
+            out.setdefault(parsed.key, []).append(parsed.principals)
     return out
-
-
-def _is_key_type(field: str) -> bool:
-    # The same rule as state/chain.py is_key_type (the agent cannot import mailstate).
-    return field.startswith(("ssh-", "ecdsa-", "sk-", "rsa-"))
-
-
-def _split_signers_line(line: str) -> list[str]:
-    """Whitespace-split, but a double-quoted run (an option value) stays in its field."""
-    text = line.strip()
-    if not text or text.startswith("#"):
-        return []
-    fields: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        if ch in " \t" and not quoted:
-            if cur:
-                fields.append("".join(cur))
-                cur = []
-            continue
-        cur.append(ch)
-    if cur:
-        fields.append("".join(cur))
-    return fields
 
 
 def verify_time(ts: int) -> str:

@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .rules import NODE_NAME_RULE, is_node_name
 
 POSTMAP_TYPES = ("hash", "btree", "lmdb", "cdb", "dbm", "sdbm")
 MAP_TYPES = (*POSTMAP_TYPES, "texthash")
@@ -254,11 +255,8 @@ def _load_dkim(r: _Reader, cfg: Config) -> None:
 def _check_dkim(cfg: Config, path: str) -> None:
     if not cfg.dkim:
         return
-    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?", cfg.node_name):
-        raise ConfigError(
-            f"config {path}: [dkim] needs a [node] name of 1-57 lowercase letters, digits or hyphens (the server's "
-            f"node names): the selectors are ms1-<name> and ms2-<name>"
-        )
+    if not cfg.node_name:
+        raise ConfigError(f"config {path}: [dkim] needs the [node] name: the selectors are ms1-<name> and ms2-<name>")
     if cfg.dkim_publish_wait < 0 or cfg.dkim_rotate_days < 0:
         raise ConfigError(f"config {path}: [dkim] publish_wait and rotate_days must be >= 0")
     if not cfg.dkim_key_dir.startswith("/"):
@@ -306,9 +304,11 @@ def check_config(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [freshness] clock_skew must be between 0 and 86400 seconds")
     if cfg.report_url and not cfg.report_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [report] url must be http(s)")
+    if cfg.node_name and not is_node_name(cfg.node_name):
+        raise ConfigError(f"config {path}: [node] name must be {NODE_NAME_RULE}, as the server registered it")
     if cfg.needs_key:
-        if not cfg.node_name or not re.match(r"^[A-Za-z0-9._-]+$", cfg.node_name):
-            raise ConfigError(f"config {path}: [node] name must be set (letters, digits, . _ -)")
+        if not cfg.node_name:
+            raise ConfigError(f"config {path}: [node] name must be set")
         if not cfg.sync_key_file:
             raise ConfigError(f"config {path}: [node] sync_key_file must be set")
     if cfg.passwd_group:

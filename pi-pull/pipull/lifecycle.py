@@ -56,8 +56,9 @@ from .config import Config
 from .errors import Refused, TickError
 from .mirror import Mirror
 from .release import Releases
+from .rules import MAILBOX_ID_RE, is_domain, is_local_part
 from .runner import short
-from .verify import MAILBOX_ID_RE, PRINTABLE_ASCII_RE, LineSplitter, is_domain, is_local_part
+from .verify import PRINTABLE_ASCII_RE, LineSplitter
 
 GRAVEYARD = ".graveyard"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"

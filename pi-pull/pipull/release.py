@@ -18,10 +18,11 @@ from .config import POSTMAP_TYPES, Config
 from .errors import Refused, TickError
 from .fsutil import digest, fsync_dir, open_new, rmtree, utcnow, write_file
 from .mirror import SHA_RE, BlobReader, Mirror
+from .rules import is_domain
 from .runner import Runner, short
 from .sendermap import SENDER_MAP, write_sender_maps
 from .services import explain_reload_failure
-from .verify import DomainCheck, feed, is_domain
+from .verify import DomainCheck, feed
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
 DOMAIN_FILES = ("passwd", "mailboxes", fleetfiles.HOME, *buckets.FRAGMENT_MAPS)

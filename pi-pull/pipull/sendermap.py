@@ -27,7 +27,8 @@ from .aliasmap import ALIAS_MAP
 from .errors import Refused
 from .fsutil import open_new
 from .mirror import BlobReader
-from .verify import PRINTABLE_ASCII_RE, LineSplitter, is_domain, is_local_part
+from .rules import is_domain, is_local_part
+from .verify import PRINTABLE_ASCII_RE, LineSplitter
 
 SENDER_MAP = "sender_login_maps"
 # The compiler's walk (state.senders) stops at state.aliases.MAX_EXPANSION addresses.

@@ -35,10 +35,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .chain import _is_key_type, _split_signers_line, signature_key, signers_by_key
+from .chain import signature_key, signers_by_key
 from .config import Config
 from .errors import Refused, TickError
 from .fsutil import atomic_write
+from .rules import is_key_type, split_signers_line
 from .runner import Runner, short
 from .statement import PRINCIPAL, Statement
 
@@ -101,8 +102,8 @@ def effective_signers(provisioned: str, data: dict[str, Any]) -> str:
     retired: dict[str, int] = data.get("retired", {})
     out: list[str] = []
     for line in provisioned.splitlines():
-        fields = _split_signers_line(line)
-        has_options = len(fields) >= 2 and not _is_key_type(fields[1])
+        fields = split_signers_line(line)
+        has_options = len(fields) >= 2 and not is_key_type(fields[1])
         if len(fields) < (4 if has_options else 3):
             out.append(line)
             continue

@@ -31,17 +31,9 @@ from typing import Any
 from .config import Config
 from .errors import Refused, TickError
 from .mirror import Mirror
+from .rules import BCRYPT_RE, MAILBOX_ID_RE, MAX_QUOTA_MB, QUOTA_RE, is_domain, is_local_part
 from .runner import short
 
-# The server's rules (state/validate.py): RFC 1035 labels, >= 2 labels, <= 253 characters,
-# a top-level label that is not all digits; local parts are a conservative lowercase dot-atom.
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-DOMAIN_RE = re.compile(r"^(?=.{1,253}$)" + _LABEL + r"(?:\." + _LABEL + r")*\.(?![0-9]+$)" + _LABEL + r"$")
-LOCAL_RE = re.compile(r"^(?=.{1,64}$)[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*$")
-MAILBOX_ID_RE = re.compile(r"^[0-9]{8}-[0-9a-f]{6}$")
-BCRYPT_RE = re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
-QUOTA_RE = re.compile(r"^storage=([1-9][0-9]{0,6})M$")
-MAX_QUOTA_MB = 1_048_576  # the server's MAX_QUOTA_MB
 PRINTABLE_ASCII_RE = re.compile(rb"^[\x20-\x7e]*$")
 # One match for a line exactly as the compiler writes it (the common case, ~4x faster than the
 # field-by-field checks, which then run only to say what is wrong with a line that failed it).
@@ -57,16 +49,6 @@ _MAILBOXES_FAST = re.compile(r"(" + _LOCAL + r") ([0-9]{8}-[0-9a-f]{6}) (active|
 MAX_LINE_BYTES = 8192
 MAX_COMMIT_BYTES = 1024 * 1024
 ID_SEPARATOR = "~"
-
-
-def is_domain(name: str) -> bool:
-    """True for a domain in the server's canonical form (lowercase ASCII, punycode for IDN)."""
-    return bool(DOMAIN_RE.fullmatch(name))
-
-
-def is_local_part(local: str) -> bool:
-    """True for a local part the server accepts (state/validate.py is_local_part)."""
-    return bool(LOCAL_RE.fullmatch(local))
 
 
 def check_allowed_signers(cfg: Config) -> None:

@@ -95,7 +95,7 @@ def test_schemas_carry_the_input_constraints(data_dir: DataDir) -> None:
     ) == (8, 72, 72)
     quota = next(s for s in add_user["quota_mb"]["anyOf"] if s.get("type") == "integer")
     assert (quota["minimum"], quota["maximum"]) == (1, 1048576)
-    assert schemas["AddNodeRequest"]["properties"]["name"]["pattern"] == "^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+    assert schemas["AddNodeRequest"]["properties"]["name"]["pattern"] == "^[a-z0-9](?:[a-z0-9-]{0,57}[a-z0-9])?$"
     for model, field in (("EnableEmailRequest", "domain"), ("AddUserRequest", "email"), ("NodeRequest", "name")):
         assert schemas[model]["properties"][field]["minLength"] >= 1, (model, field)
     assert schemas["LinkDomainRequest"]["properties"]["project_id"]["minimum"] == 1
@@ -105,7 +105,7 @@ def test_schemas_carry_the_input_constraints(data_dir: DataDir) -> None:
 LIMITS = {
     "password": ["8-72 bytes"],
     "quota_mb": ["1-1048576 MB", "default 1024 MB"],
-    "name": ["1-63"],
+    "name": ["1-59"],
     "hard_delete": ["Soft delete", "Hard delete"],
     "destinations": ["50 email addresses", "alias_loop", "too_many_destinations"],
     "address": ["@domain"],

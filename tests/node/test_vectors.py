@@ -179,16 +179,16 @@ def _server_domain_ok(name: str) -> bool:
 def test_local_parts_agree(pipull: Any) -> None:
     for local in LOCAL_PARTS["valid"]:
         assert validate.is_local_part(local), local
-        assert pipull.verify.is_local_part(local), local
+        assert pipull.rules.is_local_part(local), local
     for local in LOCAL_PARTS["invalid"]:
         assert not validate.is_local_part(local), local
-        assert not pipull.verify.is_local_part(local), local
+        assert not pipull.rules.is_local_part(local), local
 
 
 def test_domains_agree(pipull: Any) -> None:
     for name in DOMAINS["valid"]:
         assert _server_domain_ok(name), name
-        assert pipull.verify.is_domain(name), name
+        assert pipull.rules.is_domain(name), name
     for name in DOMAINS["invalid"]:
         assert not _server_domain_ok(name), name
-        assert not pipull.verify.is_domain(name), name
+        assert not pipull.rules.is_domain(name), name
