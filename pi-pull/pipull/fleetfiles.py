@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import Refused
-from .verify import PRINTABLE_ASCII_RE, is_domain
+from .rules import NODE_NAME_RE, is_domain
+from .verify import PRINTABLE_ASCII_RE
 
 NODES_FILE = "rendered/nodes"
 NODES_PEM = "rendered/nodes.pem"
@@ -41,7 +42,7 @@ DERIVED_MAPS = (TRANSPORT_MAP, DEFER_MAP)
 # password, once, where the mail is. Only ever `proxy=y` to another node's address: a line that
 # named this node would fail as a proxy loop, never log anyone in.
 PROXY_PASSDB = "proxy.imap"
-NODE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+NODE_RE = NODE_NAME_RE  # state/validate.py validate_node_name (vectors: node_names.json)
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_FLEET_BYTES = 1 << 20
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----\n((?:[A-Za-z0-9+/=]{1,76}\n){1,120})-----END CERTIFICATE-----\n")
