@@ -291,7 +291,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise StateInvalid(
             "The state does not validate; fix it first (see `mailstate check`).", problems=loaded.problems
         )
-    expected = compile_state(loaded.settings, loaded.domains.values(), loaded.projects)
+    expected = compile_state(loaded.settings, loaded.domains.values(), loaded.projects, loaded.nodes)
     if args.check:
         problems = diff_rendered(expected, read_rendered(root))
         for line in problems:

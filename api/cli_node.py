@@ -35,6 +35,7 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
             f"Node {name} is not registered; call add-node first (or pass --allow-unregistered).", code="node_not_found"
         )
     settings = snapshot.settings
+    node = snapshot.node(name)
     bundle = render_node_bundle(
         name,
         args.server_url,
@@ -49,6 +50,7 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         mail_gid=settings.gid,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        address=node.address if node is not None else None,
     )
     out = Path(args.out)
     try:

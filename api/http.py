@@ -89,14 +89,14 @@ _CAN_404 = {
     "enable-email", "disable-email", "add-user", "remove-user", "restore-user", "list-users", "update-password",
     "remove-domain", "unlink-domain", "remove-node", "rotate-node-key",
     "add-alias", "update-alias", "remove-alias", "list-aliases", "set-forwarding", "add-alias-domain", "remove-alias-domain",
-    "dns-records", "check-dns", "mobileconfig",
+    "dns-records", "check-dns", "mobileconfig", "move-domain", "set-node-address",
     "set-vacation", "set-filters", "list-filters", "add-app-password", "list-app-passwords", "remove-app-password",
     "set-limits", "list-limits", "set-quota", "suspend-sending", "resume-sending", "remove-webhook",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
             "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
             "check-dns", "mobileconfig", "set-vacation", "set-filters", "add-app-password",
-            "set-limits", "set-quota", "enable-email", "add-webhook"}  # fmt: skip
+            "set-limits", "set-quota", "enable-email", "add-webhook", "move-domain", "remove-node", "set-node-address"}  # fmt: skip
 # Reads that answer 503 when a service they need is not there (check-dns: no usable resolver).
 _CAN_503 = {"check-dns", "add-webhook", "list-webhooks", "remove-webhook"}
 # Operations whose HTTP answer is a file, not their JSON (the MCP tool answers the JSON):
@@ -104,7 +104,8 @@ _CAN_503 = {"check-dns", "add-webhook", "list-webhooks", "remove-webhook"}
 FILE_ANSWERS: dict[str, tuple[str, str, str]] = {
     "mobileconfig": (PROFILE_CONTENT_TYPE, "profile", "filename"),
 }
-# Success statuses: 201 when the call created something (Outcome.created), else 200.
+# Success statuses: 201 when the call created something (Outcome.created), 202 when it started
+# work the nodes finish (move-domain), else 200.
 CREATED: dict[str, tuple[int, ...]] = {
     "add-user": (201,),
     "add-domain": (201,),
@@ -113,6 +114,7 @@ CREATED: dict[str, tuple[int, ...]] = {
     "add-alias": (201,),
     "add-app-password": (201,),
     "add-webhook": (201,),
+    "move-domain": (202,),
 }
 
 
@@ -291,7 +293,7 @@ def _endpoint(op: Operation) -> Any:
         if op.write and services.metrics is not None:
             services.metrics.observe(op.name, started, outcome.result)
         took = (time.perf_counter() - started) * 1000
-        status = 201 if outcome.created else 200
+        status = 201 if outcome.created else 202 if success_statuses(op)[0] == 202 else 200
         # no-store: some answers carry a secret shown once (add-node's sync key).
         headers = {"X-Request-Id": request_id, "Server-Timing": f"op;dur={took:.2f}", "Cache-Control": "no-store"}
         return JSONResponse(outcome.result, status_code=status, headers=headers)
@@ -337,7 +339,9 @@ def build_router() -> APIRouter:
             # not re-serialise; tests hold every real answer to this model.
             response_model=None if file_answer else RESPONSES.get(op.name),
             status_code=statuses[0],
-            response_description="Success (201: created)." if statuses[0] == 201 else "Success.",
+            response_description={201: "Success (201: created).", 202: "Accepted: the nodes carry it out."}.get(
+                statuses[0], "Success."
+            ),
             responses=_error_responses(op),
             openapi_extra=_openapi_extra(op),
             response_class=Response if file_answer else JSONResponse,

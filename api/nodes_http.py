@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import math
 import os
 import re
@@ -49,11 +50,13 @@ from fastapi.responses import JSONResponse, Response
 
 from mailstate.api.http import Services, read_json_object, read_limited
 from mailstate.api.http_errors import HTTPError, error_body
-from mailstate.state.errors import Unauthenticated
+from mailstate.state import fleet
+from mailstate.state.errors import MailstateError, Unauthenticated
 from mailstate.state.nodes import NodeReport, authenticate_node, record_report
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.store import Store
 
+log = logging.getLogger("mailstate.nodes")
 GIT_PREFIX = "/v1/nodes/state.git"
 MAX_UPLOAD_PACK_BODY = 16 * 1024 * 1024
 # A report may carry every mailbox's usage (~90 bytes each): room for 200k mailboxes.
@@ -302,13 +305,50 @@ def build_router() -> APIRouter:
 
         def run() -> None:
             authenticate_node(services.store.snapshot, name, key, peer)
-            record_report(services.db, services.store.snapshot, name, data, peer, _now(), services.report_listener)
+            report = record_report(
+                services.db, services.store.snapshot, name, data, peer, _now(), services.report_listener
+            )
+            try:
+                fleet.apply_report(services.store, name, report)
+            except MailstateError as exc:
+                # The status is recorded; the node reports the same again next tick, and the commit
+                # its report calls for (a certificate, a move's switch) is made then.
+                log.warning("report of node %s: commit postponed: %s", name, exc.message)
 
         try:
             await run_in_threadpool(run)
         except Unauthenticated:
             raise _unauthenticated() from None
         return JSONResponse({"ok": True})
+
+    @router.get(
+        "/fleet",
+        summary="A node's credentials for the other nodes (HTTP Basic name:sync_key): its own doveadm password, and the "
+        "peers' it may use now (docs/fleet.md).",
+        operation_id="node_fleet",
+        openapi_extra={"security": [{"NodeBasic": []}]},
+        responses={
+            200: {"description": '`{"name", "doveadm_password", "peers": {name: {"address", "doveadm_password"}}}`'},
+            401: {"description": "Bad node name or sync key."},
+            403: {"description": "Address not allowed."},
+        },
+    )
+    async def fleet_credentials(request: Request) -> JSONResponse:
+        services: Services = request.app.state.services
+        creds = basic_credentials(request)
+        if creds is None:
+            raise _unauthenticated()
+
+        def run() -> dict[str, Any]:
+            snap = services.store.snapshot
+            authenticate_node(snap, creds[0], creds[1], _peer(request))
+            return fleet.credentials(fleet.fleet_key(services.data.root), snap, creds[0])
+
+        try:
+            body = await run_in_threadpool(run)
+        except Unauthenticated:
+            raise _unauthenticated() from None
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @router.get(
         "/wait",

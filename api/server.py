@@ -327,6 +327,36 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
         "required": ["changed", "head", "issued_at"],
         "title": "NodeWaitResponse",
     }
+    fleet = paths.get("/v1/nodes/fleet", {}).get("get")
+    if fleet is not None:
+        fleet["responses"] = {
+            "200": {
+                "description": "The node's own doveadm password and the peers' it may use now.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeFleetResponse"}}},
+            },
+            "401": _error("Bad or missing node name and sync key (HTTP Basic)."),
+            "403": _error("The node has an ip_address on record and this request came from another address."),
+            "405": _error("Only GET is accepted."),
+        }
+    secret = {"type": "string", "pattern": "^msd_[0-9a-f]{64}$"}
+    schema.setdefault("components", {}).setdefault("schemas", {})["NodeFleetResponse"] = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "The node asking."},
+            "doveadm_password": {**secret, "description": "This node's doveadm service password (docs/fleet.md)."},
+            "peers": {
+                "type": "object",
+                "description": "The peers whose doveadm service this node may use now (a move it takes part in), by name.",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {"address": {"type": "string"}, "doveadm_password": secret},
+                    "required": ["address", "doveadm_password"],
+                },
+            },
+        },
+        "required": ["name", "doveadm_password", "peers"],
+        "title": "NodeFleetResponse",
+    }
     schema.setdefault("components", {}).setdefault("schemas", {})["NodeReportAck"] = {
         "type": "object",
         "properties": {"ok": {"type": "boolean", "const": True}},

@@ -61,6 +61,7 @@ from pipull import config, lifecycle, log, mirror, release, runner
 cfg = config.Config(remote_url="/dev/null", root=root, mail_root=mail_root, mail_uid=5000, mail_gid=5000, sync=False,
                     keep_releases=2, map_type="hash", postmap="postmap -c " + os.environ["BENCH_POSTFIX_ETC"])
 cfg.map_buckets = int(buckets)
+cfg.node_name = os.environ.get("BENCH_NODE_NAME", "")
 lg = log.make_logger(stream=io.StringIO())
 rn = runner.Runner()
 mi = mirror.Mirror(cfg, rn, lg)

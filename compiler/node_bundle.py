@@ -156,6 +156,15 @@ SIEVE_LISTEN = "127.0.0.1:10026"
 _HOST_PORT = re.compile(r"^(?:[0-9.]+|\[[0-9a-fA-F:]+\]):[0-9]{1,5}$")
 # pi-pull's outbound policy service (pipull/policy.py): Postfix's form, and the ini's [policy] listen.
 POLICY_SERVICE = "inet:127.0.0.1:10040"
+# The fleet (docs/fleet.md): the ports every node of a fleet opens to the others (the same on
+# every node: a node reaches its peers there) and where pi-pull keeps its fleet files.
+FLEET_RELAY_PORT = 2525
+FLEET_DOVEADM_PORT = 12345
+
+
+def fleet_dir(root: str) -> str:
+    return f"{root.rstrip('/')}/fleet"
+
 
 INSTALL_PATHS: dict[str, str] = {
     "pi-pull.ini": CONFIG_FILE,
@@ -251,7 +260,8 @@ def dovecot_snippet(
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
     (``<postfix_queue_dir>/private/auth``). With ``map_buckets`` > 0 the passwd-files are
-    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py). Mailbox owners'
+    ``passwd.d/%1d/%2d/%d`` (pi-pull's bucketed layout, pi-pull/pipull/buckets.py). The fleet's
+    proxy defaults (the home's ``imaps_port``, TLS) and pi-pull's ``<root>/fleet/dovecot.conf``. Mailbox owners'
     settings (docs/owners.md): the app-password passdbs (``<root>/app-passwords``) before the
     mailbox's own, each mailbox's Sieve script from ``<root>/sieve``; ``sieve_submission``
     (``host:port``): where Sieve sends a vacation reply or a redirect, Postfix's loopback service
@@ -260,6 +270,7 @@ def dovecot_snippet(
         raise InvalidInput("sieve_submission must be HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_submission")
     return render_template(
         "dovecot-mailstate.conf.j2",
+        fleet_dir=fleet_dir(root),
         passwd_path="passwd.d/%1d/%2d/%d" if int(map_buckets) > 0 else "passwd.d/%d",
         root=root.rstrip("/"),
         lmtp_address=lmtp_address,
@@ -305,6 +316,11 @@ def postfix_master_snippet(
     dkim_milter: str = DKIM_MILTER,
     sieve_listen: str = SIEVE_LISTEN,
     policy_service: str = POLICY_SERVICE,
+    relay_listen: str = str(FLEET_RELAY_PORT),
+    root: str = DEFAULT_ROOT,
+    map_type: str = "hash",
+    tls_cert: str = TLS_CERT,
+    tls_key: str = TLS_KEY,
 ) -> str:
     """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): submission (587,
     STARTTLS required) and submissions (465, implicit TLS), SASL-authenticated clients only, the
@@ -312,7 +328,9 @@ def postfix_master_snippet(
     and the outbound policy service (``policy_service``, ``inet:HOST:PORT``; "" for none) on these
     services only, so inbound port 25 never depends on either. ``sieve_listen``: a loopback
     service, loopback clients only, where Dovecot's Sieve hands in vacation replies and redirects,
-    with the DKIM milter too (docs/owners.md)."""
+    with the DKIM milter too (docs/owners.md). The fleet: the ``fleet`` transport that relays to a
+    domain's home and the relay listener (``relay_listen``; "" for none) that takes the other
+    nodes' mail, both over TLS checked against ``<root>/fleet``'s tables."""
     if not _HOST_PORT.match(sieve_listen) or not sieve_listen.startswith(("127.", "[::1]")):
         raise InvalidInput("sieve_listen must be a loopback HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_listen")
     for key, value in (("submission_listen", submission_listen), ("smtps_listen", smtps_listen)):
@@ -326,6 +344,9 @@ def postfix_master_snippet(
         raise InvalidInput(
             "policy_service must be inet:HOST:PORT, such as inet:127.0.0.1:10040.", field="policy_service"
         )
+    for key, value in (("relay_listen", relay_listen),):
+        if value and not _SERVICE.match(value):
+            raise InvalidInput(f"{key} must be a master.cf service name such as 2525 or 127.0.0.1:2525.", field=key)
     return render_template(
         "postfix-master.cf.j2",
         submission_listen=submission_listen,
@@ -333,6 +354,11 @@ def postfix_master_snippet(
         dkim_milter=dkim_milter,
         sieve_listen=sieve_listen,
         policy_service=policy_service,
+        relay_listen=relay_listen,
+        map_type=map_type,
+        fleet_dir=fleet_dir(root),
+        tls_cert=_tls_path("tls_cert", tls_cert),
+        tls_key=_tls_path("tls_key", tls_key),
     )
 
 
@@ -450,6 +476,9 @@ def render_node_bundle(
     dkim_rotate_days: int = 0,
     map_buckets: int | None = None,
     policy_service: str = POLICY_SERVICE,
+    relay_port: int = FLEET_RELAY_PORT,
+    doveadm_port: int = FLEET_DOVEADM_PORT,
+    address: str | None = None,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -493,8 +522,14 @@ def render_node_bundle(
         raise InvalidInput(
             "map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets"
         )
+    for key, value in (("relay_port", relay_port), ("doveadm_port", doveadm_port)):
+        if not isinstance(value, int) or not 1 <= value <= 65535:
+            raise InvalidInput(f"{key} must be a port number (1-65535).", field=key)
     ini = render_template(
         "pi-pull.ini.j2",
+        relay_port=relay_port,
+        doveadm_port=doveadm_port,
+        tls_cert=tls_cert,
         map_buckets=int(map_buckets),
         node_name=node_name,
         remote_url=remote,
@@ -560,6 +595,11 @@ def render_node_bundle(
             dkim_milter=dkim_milter,
             sieve_listen=sieve_listen,
             policy_service=policy_service,
+            relay_listen=str(int(relay_port)),
+            root=root,
+            map_type=map_type,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         ),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
@@ -573,6 +613,7 @@ def render_node_bundle(
         mail_uid=mail_uid,
         mail_gid=mail_gid,
         tls=(_tls_path("tls_cert", tls_cert), _tls_path("tls_key", tls_key)),
+        address=address,
     )
     return files
 
@@ -585,6 +626,7 @@ def bundle_manifest(
     mail_uid: int,
     mail_gid: int,
     tls: tuple[str, str] = (TLS_CERT, TLS_KEY),
+    address: str | None = None,
 ) -> str:
     """``bundle.json``: what `pi_pull.py install` installs where (pi-pull/pipull/install.py reads it).
 
@@ -622,6 +664,10 @@ def bundle_manifest(
         },
         "sha256": {name: sha(content) for name, content in sorted(files.items())},
     }
+    if address is not None:
+        # Where the other nodes of a fleet reach this one (add-node's address): a self-signed
+        # certificate install makes names it too, since they verify the name (docs/fleet.md).
+        manifest["address"] = address
     if OPENDKIM_CONF in files:
         # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
         # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.

@@ -19,9 +19,17 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/sending                   format 2, only with something to say: the domain's
                                                              (or its project's) send limits and its mailboxes'
                                                              sending states (state.sending)
+    rendered/domains/<bb>/<domain>/home                      only for a domain with a home (a fleet with
+                                                             addressed nodes): `home <node> <address>`, then
+                                                             `moving_to <node>` / `moved_from <node>` during a move
     rendered/settings                                        format 2: node-wide `key value` lines
     rendered/sending                                         format 2, with mailstate.yaml's `sending:` block:
                                                              every mailbox's default send limits (state.sending)
+    rendered/nodes                                           only in a fleet with addressed nodes: one line
+                                                             `<node> <address> <sha256 of its certificate|->`
+    rendered/nodes.pem                                       their reported certificates, in the same order
+    rendered/moves                                           only while domains move: one line
+                                                             `<domain> <home> <moving_to|-> <moved_from|->`
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
 postmap; the passwd-files are used as they are through Dovecot's `%d`. Per-domain fragments
@@ -37,6 +45,13 @@ Maildirs are owned (a soft-deleted mailbox keeps its mail; a Maildir no listed m
 goes to the node's graveyard). `rendered/settings` carries what the node needs from
 mailstate.yaml (`purge_after_days`). Format 1 renders exactly as it always did: homes
 without ids, no `mailboxes` fragment and no `rendered/settings`.
+
+A domain with a home (docs/fleet.md, "Running a fleet") renders each active mailbox's passwd
+line with the Dovecot proxy fields `proxy_maybe=y host=<the home's address>` (a node that is not
+the home proxies the login there, over TLS: the bundle's `default_fields` add the port and
+`ssl=yes`), and each soft-deleted mailbox with `nologin=y` (no login, and no map line, so no
+delivery: the line only lets `doveadm sync` find the mailbox when the domain moves). A domain
+without a home renders exactly as before.
 """
 
 from __future__ import annotations
@@ -50,9 +65,9 @@ import jinja2
 from mailstate.compiler import sieve
 from mailstate.state import validate as v
 from mailstate.state.aliases import alias_lines
-from mailstate.state.errors import CompileError
+from mailstate.state.errors import CompileError, InvalidInput
 from mailstate.state.files import RENDERED_DIR, bucket
-from mailstate.state.models import DomainFile, Mailbox, ProjectFile, Settings
+from mailstate.state.models import DomainFile, Mailbox, NodesFile, ProjectFile, Settings
 from mailstate.state.senders import SENDER_FRAGMENT, alias_index, sender_lines
 from mailstate.state.sending import SENDING_FILE, SENDING_FRAGMENT, domain_lines, settings_text
 
@@ -61,6 +76,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
 # virtual_alias_maps only for a domain with aliases, forwarding or alias_of: state.aliases).
 FRAGMENTS = (
     sieve.APP_FRAGMENT,
+    "home",
     "mailboxes",
     "passwd",
     SENDER_FRAGMENT,
@@ -72,6 +88,10 @@ FRAGMENTS = (
 )
 ALIAS_FRAGMENT = "virtual_alias_maps"
 SETTINGS_FILE = f"{RENDERED_DIR}/settings"
+NODES_FILE = f"{RENDERED_DIR}/nodes"
+NODES_PEM = f"{RENDERED_DIR}/nodes.pem"
+MOVES_FILE = f"{RENDERED_DIR}/moves"
+HOME_FRAGMENT = "home"
 # A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
 ID_SEPARATOR = "~"
 
@@ -89,6 +109,18 @@ def _field(value: object) -> str:
     if not text or _FORBIDDEN.intersection(text):
         raise CompileError("A value would break a compiled file; refusing to render it.")
     return text
+
+
+def _host(value: object) -> str:
+    """A node's address in a compiled line: exactly a host name or an IP address (an IPv6
+    address holds `:`, which only the passwd-file's extra fields, after the seventh, may carry)."""
+    try:
+        ok = isinstance(value, str) and v.normalize_node_address(value) == value
+    except InvalidInput:
+        ok = False
+    if not ok:
+        raise CompileError("A node address would break a compiled file; refusing to render it.")
+    return str(value)
 
 
 def _path(value: object) -> str:
@@ -114,6 +146,7 @@ def _env() -> jinja2.Environment:
     )
     env.filters["field"] = _field
     env.filters["path"] = _path
+    env.filters["host"] = _host
     return env
 
 
@@ -178,20 +211,23 @@ def render_domain(
     settings: Settings,
     alias_domains: Iterable[DomainFile] = (),
     project: ProjectFile | None = None,
+    nodes: NodesFile | None = None,
 ) -> dict[str, bytes]:
     """The rendered files of one domain, keyed by repo path; empty when email is disabled.
 
     ``alias_domains``: the email-enabled domains whose ``alias_of`` is this one
     (``state.senders.alias_domains_of``): their addresses' sender lines are in this domain's
     sender_login_maps (state.senders). ``project``: the domain's project file, whose send limits
-    the domain's ``sending`` fragment carries unless the domain has its own (state.sending)."""
+    the domain's ``sending`` fragment carries unless the domain has its own (state.sending).
+    ``nodes``: nodes.yaml, for the home's address (a domain with a home needs it)."""
     if not domain.email_enabled:
         return {}
     root = settings.mail_root.rstrip("/")
     boxes = sorted(domain.mailboxes.items())
+    home = _home_address(domain, nodes)
     mailboxes = []
     for local, box in boxes:
-        if not box.active:
+        if not box.active and home is None:
             continue
         where = mailbox_dir(domain.domain, local, box, settings)
         mailboxes.append(
@@ -201,6 +237,8 @@ def render_domain(
                 "quota_mb": box.quota_mb,
                 "home": f"{root}/{where}",
                 "maildir": f"{where}/",
+                "active": box.active,
+                "extra": "" if home is None else (f" proxy_maybe=y host={home}" if box.active else " nologin=y"),
             }
         )
     aliases = [{"key": key, "results": results} for key, results in alias_lines(domain)]
@@ -208,13 +246,14 @@ def render_domain(
     app_lines = sieve.app_password_lines(domain)
     scripts = sieve_fragment(domain)
     sending = [line.split(" ") for line in domain_lines(domain, project)]
-    # These five are written only for a domain that has any (absent: none).
+    # These six are written only for a domain that has any (absent: none).
     present = {
         ALIAS_FRAGMENT: bool(aliases),
         SENDER_FRAGMENT: bool(senders),
         sieve.APP_FRAGMENT: bool(app_lines),
         sieve.SIEVE_FRAGMENT: bool(scripts),
         SENDING_FRAGMENT: bool(sending),
+        HOME_FRAGMENT: bool(home),
     }
     fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if present.get(name, True))
     all_mailboxes: list[dict[str, object]] = []
@@ -234,6 +273,10 @@ def render_domain(
         "lines": app_lines,
         "sending": sending,
         "settings": settings,
+        "placement": [
+            (key, getattr(domain, key)) for key in ("moving_to", "moved_from") if getattr(domain, key) is not None
+        ],
+        "home": (domain.home, home),
     }
     base = domain_dir(domain.domain)
     out: dict[str, bytes] = {}
@@ -253,6 +296,33 @@ def render_domain(
 SETTINGS_FILES = (SETTINGS_FILE, SENDING_FILE)
 
 
+def _home_address(domain: DomainFile, nodes: NodesFile | None) -> str | None:
+    """The address of the domain's home, or None for a domain without one."""
+    if domain.home is None:
+        return None
+    node = nodes.nodes.get(domain.home) if nodes is not None else None
+    if node is None or node.address is None:
+        raise CompileError(f"{domain.domain}'s home {domain.home} is not a node with an address.")
+    return _host(node.address)
+
+
+def render_nodes(nodes: NodesFile) -> dict[str, bytes | None]:
+    """`rendered/nodes` and `rendered/nodes.pem`: the nodes that can be homes, with their addresses
+    and certificates, which the nodes relay, proxy and sync to (and only to). Absent (None) in a
+    fleet without addressed nodes."""
+    lines, pems = [], []
+    for name, node in sorted(nodes.nodes.items()):
+        if node.address is None:
+            continue
+        fingerprint = v.certificate_fingerprint(node.tls_certificate) if node.tls_certificate else "-"
+        lines.append(f"{_field(name)} {_host(node.address)} {fingerprint}\n")
+        if node.tls_certificate:
+            pems.append(node.tls_certificate)
+    if not lines:
+        return {NODES_FILE: None, NODES_PEM: None}
+    return {NODES_FILE: "".join(lines).encode("ascii"), NODES_PEM: "".join(pems).encode("ascii") if pems else None}
+
+
 def render_settings(settings: Settings) -> dict[str, bytes | None]:
     """The node-wide files made from mailstate.yaml (format 2; the value None removes a file):
     `rendered/settings`, one `key value` line each, in this order, and `rendered/sending` (only
@@ -263,18 +333,39 @@ def render_settings(settings: Settings) -> dict[str, bytes | None]:
     return {SETTINGS_FILE: text.encode("ascii"), SENDING_FILE: settings_text(settings)}
 
 
+def render_moves(moves: Mapping[str, tuple[str, str | None, str | None]]) -> dict[str, bytes | None]:
+    """`rendered/moves`: the domains a move is under way for (state.snapshot's `moves`), so that a
+    node finds the work a move gives it in one small file (absent, None, when nothing moves)."""
+    lines = [
+        f"{_field(dom)} {_field(home)} {_field(to or '-')} {_field(frm or '-')}\n"
+        for dom, (home, to, frm) in sorted(moves.items())
+    ]
+    return {MOVES_FILE: "".join(lines).encode("ascii") if lines else None}
+
+
 def compile_state(
-    settings: Settings, domains: Iterable[DomainFile], projects: Mapping[int, ProjectFile] | None = None
+    settings: Settings,
+    domains: Iterable[DomainFile],
+    projects: Mapping[int, ProjectFile] | None = None,
+    nodes: NodesFile | None = None,
 ) -> dict[str, bytes]:
     """The whole `rendered/` tree of a state, keyed by repo path."""
     out: dict[str, bytes] = {path: data for path, data in render_settings(settings).items() if data is not None}
+    if nodes is not None:
+        out.update({path: data for path, data in render_nodes(nodes).items() if data is not None})
     everything = {d.domain: d for d in domains}
+    moves = {
+        d.domain: (d.home, d.moving_to, d.moved_from)
+        for d in everything.values()
+        if d.home is not None and (d.moving_to or d.moved_from)
+    }
+    out.update({path: data for path, data in render_moves(moves).items() if data is not None})
     users = alias_index(everything.values())  # in one pass, not one scan of every domain a domain
     projects = projects or {}
     for name in sorted(everything):
         dom = everything[name]
         project = projects.get(dom.project_id) if dom.project_id is not None else None
-        out.update(render_domain(dom, settings, users.get(name, ()), project))
+        out.update(render_domain(dom, settings, users.get(name, ()), project, nodes))
     return out
 
 

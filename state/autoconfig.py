@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from mailstate.state import dns as dnsrec
+from mailstate.state import placement
 from mailstate.state import validate as v
 from mailstate.state.errors import Conflict, InvalidInput, NotFound
 from mailstate.state.models import DnsSettings
@@ -74,13 +75,15 @@ def mail_dns(state: Snapshot, domain: str) -> DnsSettings:
     dom = state.domains.get(domain)
     if dom is None or not dom.email_enabled:
         raise NotFound(f"{domain} has no mail service here.", code="domain_not_found", target=domain)
-    if state.settings.dns is None:
+    dns = dnsrec.effective_dns(state.settings.dns, placement.addressed(state.nodes))
+    if dns is None:
         raise Conflict(
-            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml.",
+            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml, or give the "
+            "nodes addresses (add-node address).",
             code="dns_not_configured",
             target=domain,
         )
-    return state.settings.dns
+    return dns
 
 
 def mta_sts_policy(state: Snapshot, domain: str) -> str:

@@ -37,10 +37,17 @@ _WRITE = (
     "One signed git commit; mail nodes apply it within about a minute. Answers `commit` (null when nothing changed)."
 )
 
+ADDRESS_LIMITS = (
+    "a host name (like mx1.example.net, the rules of a domain name) or an IPv4/IPv6 address: where the other nodes and "
+    "mail clients reach the node"
+)
 _DETAILS: dict[str, str] = {
     "enable-email": (
         "Turns email on for a domain that is linked to your project (email_account_list_domains lists such domains "
-        "under `linked_not_enabled`). Calling it again changes nothing. " + _WRITE
+        "under `linked_not_enabled`). In a fleet whose nodes have addresses the domain gets a `home`: the addressed "
+        "node with the fewest mailboxes, or [Admin] the `node` named (409 node_not_usable when it is not a registered "
+        "node with an address; a project token naming one gets 403 admin_required). Calling it again changes "
+        "nothing. " + _WRITE
     ),
     "disable-email": (
         "Turns email off for a domain. Refused (409 active_mailboxes_remain) while the domain has active mailboxes: "
@@ -50,7 +57,8 @@ _DETAILS: dict[str, str] = {
     ),
     "list-domains": (
         "Answers `domains`: your project's email-enabled domains with mailbox counts (total, active, inactive = "
-        "soft-deleted), their number of aliases and `alias_of` (the target of an alias domain, else null), "
+        "soft-deleted), their number of aliases, `alias_of` (the target of an alias domain, else null), `home` "
+        "(the node holding its mail; null in a fleet without addressed nodes) and `moving_to` (during move-domain), "
         "and `linked_not_enabled`: domains linked to your project whose email is not enabled yet, "
         "which email_account_enable_email can enable. An admin token sees every project's domains. Reads only."
     ),
@@ -101,12 +109,15 @@ _DETAILS: dict[str, str] = {
         "last_sync_at, applied_commit, status (never_synced before its first report; stale when its newest statement "
         "expired) and error, with commits_behind, diverged, lag_s (seconds behind the oldest accepted commit it lacks), "
         "stale (reported stale, or no report for MAILSTATE_NODE_STALE_AFTER = 600 s) with statement_age_s, "
-        "last_error/last_error_at (kept after a later ok) and last_report_at/last_report_age_s. Reads only."
+        "last_error/last_error_at (kept after a later ok) and last_report_at/last_report_age_s, and its `address` "
+        "(null: never a home), the `domains` and `mailboxes` it is home to and `tls_fingerprint` (SHA-256 of the "
+        "certificate it reported, which the other nodes pin). Reads only."
     ),
     "add-node": (
         "[Admin] Registers a mail node. `name`: " + NODE_NAME_LIMITS + ". `ip_address` (optional): the only IPv4 or "
-        "IPv6 address the node may connect from. Answers the node's `sync_key` ONCE: store it, it cannot be shown "
-        "again (rotate-node-key makes a new one). " + _WRITE
+        "IPv6 address the node may connect from. `address` (optional): " + ADDRESS_LIMITS + "; only a node with an "
+        "address becomes a domain's home (409 address_in_use when another node has it). Answers the node's `sync_key` "
+        "ONCE: store it, it cannot be shown again (rotate-node-key makes a new one). " + _WRITE
     ),
     "link-domain": (
         "[Admin] Links a domain to a project (the dashboard's Domains tab), creating it (201) if it is new. Refused "
@@ -175,7 +186,28 @@ _DETAILS: dict[str, str] = {
         "every DKIM record, pending and retired ones too: a node signs with a new key only after it was reported "
         "here and its publish wait passed, and keeps the old one published until its next rotation. Refused: 404 "
         "domain_not_found, 409 email_not_enabled, 409 dns_not_configured (the server's mailstate.yaml has no `dns:` "
-        "block). Reads only."
+        "block, and no node has a host name for an address). Without `dns.mx_hosts`, the MX records name every node "
+        "whose address is a host name. Reads only."
+    ),
+    "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. Refused (409 node_in_use) while "
+    "it is the home of a domain or takes part in a move: move-domain its domains first. " + _WRITE,
+    "move-domain": (
+        "[Admin] Moves a domain's mail to `node` (" + NODE_NAME_LIMITS + "), its new home; answers 202 with `from` "
+        "(the home it leaves) and `to`. The new home copies every mailbox with doveadm sync while the old one keeps "
+        "receiving; then the home switches in a signed commit and the old home syncs what came in meanwhile. Nothing "
+        "is lost or duplicated, mail is accepted and IMAP works throughout; list-domains shows `moving_to` until the "
+        "switch. A move to the current home answers commit null (and calls off a move under way). Refused: 409 "
+        "node_not_usable (not a registered node, or one without an address), 409 move_in_progress (moving elsewhere "
+        "already), 404 domain_not_found, 409 email_not_enabled. " + _WRITE
+    ),
+    "set-node-address": (
+        "[Admin] Sets the `address` of node `name` ("
+        + NODE_NAME_LIMITS
+        + "): "
+        + ADDRESS_LIMITS
+        + ", or null to take it away (refused, 409 node_in_use, "
+        "while the node is home to a domain or takes part in a move). The domains it is home to are compiled again "
+        "with the new address. Refused: 404 node_not_found, 409 address_in_use (another node has it). " + _WRITE
     ),
     "set-vacation": (
         "Sets the out-of-office reply of an active mailbox of your project (Sieve vacation on the mail nodes). "
@@ -302,7 +334,6 @@ _DETAILS: dict[str, str] = {
         "Removes a webhook by its `id`; its pending deliveries are dropped. 404 webhook_not_found for an unknown "
         "or another project's webhook. No commit (webhooks are not in git)."
     ),
-    "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. " + _WRITE,
     "rotate-node-key": "[Admin] Gives a node a new sync key, answered ONCE; the old key stops working at once. "
     + _WRITE,
 }

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mailstate.state.models import DnsSettings
+from mailstate.state.validate import normalize_domain
 
 # One week: senders cache the policy that long (RFC 8461 section 3.2); the id in DNS tells them
 # to fetch a changed one sooner.
@@ -75,6 +76,25 @@ def mta_sts_id(policy: str) -> str:
 
 def tls_rpt_rua(domain: str, dns: DnsSettings) -> str:
     return dns.tls_rpt_rua or f"mailto:postmaster@{domain}"
+
+
+def _is_host_name(address: str) -> bool:
+    try:
+        return normalize_domain(address) == address
+    except Exception:  # an IP address
+        return False
+
+
+def effective_dns(dns: DnsSettings | None, addressed: Mapping[str, str]) -> DnsSettings | None:
+    """The DNS settings dns-records uses: mailstate.yaml's `dns:` block, with one MX for every node
+    whose address is a host name (`addressed`: name -> address, sorted) when `mx_hosts` is not set
+    (an MX names a host, never an IP). None when there is no MX host at all."""
+    if dns is not None and dns.mx_hosts:
+        return dns
+    hosts = [address for _name, address in sorted(addressed.items()) if _is_host_name(address)][:10]
+    if not hosts:
+        return None
+    return (dns or DnsSettings()).model_copy(update={"mx_hosts": hosts})
 
 
 def dkim_txt(public_key: str) -> str:

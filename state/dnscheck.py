@@ -43,6 +43,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from mailstate.state import placement
+from mailstate.state.dns import effective_dns
 from mailstate.state.errors import InvalidInput, MailstateError, Unavailable
 from mailstate.state.snapshot import Actor
 
@@ -402,7 +404,7 @@ class BackgroundDnsCheck:
 
     def due(self) -> list[str]:
         snap = self.store.snapshot
-        if snap.settings.dns is None:
+        if effective_dns(snap.settings.dns, placement.addressed(snap.nodes)) is None:
             return []
         wall = self.wall()
         fresh = self.db.dns_checked_since(int(wall - self.interval))

@@ -40,7 +40,10 @@ class LazySource(Protocol):
 class Lazy:
     """A domain not parsed yet: its cache entry's place, and what the indexes need to know."""
 
-    __slots__ = ("alias_of", "domain", "fits", "length", "links", "mac", "offset", "oid", "project_id", "source")
+    __slots__ = (
+        "alias_of", "boxes", "domain", "fits", "home", "length", "links", "mac", "moved_from", "moving_to", "offset",
+        "oid", "project_id", "source",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -54,6 +57,7 @@ class Lazy:
         alias_of: str | None,
         fits: int,
         links: frozenset[str] = frozenset(),
+        placement: Placement | None = None,
     ) -> None:
         self.source = source
         self.domain = domain  # the same attribute name as DomainFile's
@@ -65,12 +69,25 @@ class Lazy:
         self.alias_of = alias_of
         self.fits = fits  # state.files.format_fits of the domain
         self.links = links  # state.aliases.links of the domain: the domains it hands mail to
+        # The placement index's fields (state.snapshot): home, moving_to, moved_from, mailbox count.
+        self.home, self.moving_to, self.moved_from, self.boxes = placement or NO_PLACEMENT
 
     def __repr__(self) -> str:
         return f"Lazy({self.domain}, {self.oid[:12]})"
 
 
 Entry = DomainFile | Lazy
+# (home, moving_to, moved_from, mailboxes): what the snapshot's placement index needs of a domain.
+Placement = tuple[str | None, str | None, str | None, int]
+NO_PLACEMENT: Placement = (None, None, None, 0)
+
+
+def placement_of(value: Entry) -> Placement:
+    """A domain's placement fields, without parsing a Lazy entry."""
+    if type(value) is Lazy:
+        return value.home, value.moving_to, value.moved_from, value.boxes
+    dom: DomainFile = value  # type: ignore[assignment]
+    return dom.home, dom.moving_to, dom.moved_from, len(dom.mailboxes)
 
 
 def _bucket(name: str) -> int:
@@ -128,6 +145,17 @@ class DomainMap(Mapping[str, DomainFile]):
         """(project_id, alias_of) of `name` without parsing it; KeyError if absent."""
         value = self._buckets[hash(name) & _MASK][name]
         return value.project_id, value.alias_of
+
+    def placement(self, name: str) -> Placement:
+        """`placement_of` the domain `name` without parsing it; KeyError if absent."""
+        return placement_of(self._buckets[hash(name) & _MASK][name])
+
+    def placement_items(self) -> Iterator[tuple[str, Placement]]:
+        """(name, placement) of every domain that has a home, parsing none."""
+        for bucket in self._buckets:
+            for name, value in list(bucket.items()):
+                if value.home is not None:
+                    yield name, placement_of(value)
 
     def meta_items(self) -> Iterator[tuple[str, int | None, str | None]]:
         """(name, project_id, alias_of) of every domain, parsing none."""

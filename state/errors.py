@@ -22,7 +22,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   invalid_limits, invalid_scope (set-limits), invalid_reason
     │                                   (suspend-sending), invalid_webhook_url, invalid_webhook_secret,
     │                                   invalid_events, invalid_webhook_id, webhook_url_not_public
-    │                                   (state/webhooks.py)
+    │                                   (state/webhooks.py), invalid_address (a node's address),
+    │                                   invalid_certificate (a node report's tls_certificate)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
@@ -40,7 +41,10 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               alias_domains_remain (state/aliases.py),
     │   │                               dns_not_configured (dns-records: no `dns:` in mailstate.yaml),
     │   │                               vacation_ends_before_start, vacation_text_missing (set-vacation),
-    │   │                               too_many_webhooks (state/webhooks.py)
+    │   │                               too_many_webhooks (state/webhooks.py),
+    │   │                               node_not_usable (not a registered node with an address),
+    │   │                               node_in_use (a home, or in a move), move_in_progress
+    │   │                               (move-domain elsewhere while one runs; state/placement.py)
     │   └── LimitReached              limit_reached, limit_below_use (state/limits.py: carries the
     │                                   limit, its value and the use)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit

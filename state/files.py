@@ -220,8 +220,10 @@ def _yaml11_tag(text: str) -> str:
 
 _HEAD = re.compile(
     rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\n"
-    rb"(?:alias_of: ([a-z0-9][a-z0-9.-]*)\n)?mailboxes:( \{\})?\n"
+    rb"(?:alias_of: ([a-z0-9][a-z0-9.-]*)\n)?(?:home: ([a-z0-9][a-z0-9-]*)\n)?(?:moving_to: ([a-z0-9][a-z0-9-]*)\n)?"
+    rb"(?:moved_from: ([a-z0-9][a-z0-9-]*)\n)?mailboxes:( \{\})?\n"
 )
+_PLACEMENT_KEYS = ("home", "moving_to", "moved_from")
 # An address in a block list (aliases, forward_to): `<local>@<domain>`, which YAML always reads
 # as a string (it holds an `@`); the optional keys of state.aliases.
 _ADDRESSES = rb"(?:- [a-z0-9][a-z0-9._+-]*@[a-z0-9][a-z0-9.-]*\n)+"
@@ -254,7 +256,7 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
     if not head or not name:
         return None
     pos, boxes = head.end(), {}
-    if head.group(5) is None:
+    if head.group(8) is None:
         while pos < len(data) and not data.startswith(b"aliases:\n", pos):
             box = _BOX.match(data, pos)
             local = box and _plain_str(box.group(1))
@@ -293,6 +295,12 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
         if not alias_of:
             return None
         out["alias_of"] = alias_of
+    for group, key in enumerate(_PLACEMENT_KEYS, 5):
+        if head.group(group) is not None:
+            node = _plain_str(head.group(group))
+            if not node:
+                return None
+            out[key] = node
     out["mailboxes"] = boxes
     if aliases:
         out["aliases"] = aliases
@@ -353,8 +361,18 @@ def dump_settings(settings: Settings) -> bytes:
 
 
 def dump_nodes(nodes: NodesFile, previous: bytes | None = None) -> bytes:
-    """NodesFile → nodes.yaml, keeping comments of `previous` when it has any."""
-    data = {"nodes": {name: node.model_dump(mode="json") for name, node in sorted(nodes.nodes.items())}}
+    """NodesFile → nodes.yaml, keeping comments of `previous` when it has any. `address` and
+    `tls_certificate` are written only when set, so a nodes.yaml from before them keeps its bytes."""
+    data = {
+        "nodes": {
+            name: {
+                k: val
+                for k, val in node.model_dump(mode="json").items()
+                if val is not None or k not in ("address", "tls_certificate")
+            }
+            for name, node in sorted(nodes.nodes.items())
+        }
+    }
     return _dump_preserving(data, previous, NODES_PATH)
 
 
@@ -370,6 +388,10 @@ def domain_document(domain: DomainFile) -> dict[str, Any]:
         doc["alias_of"] = domain.alias_of
     if domain.limits:
         doc["limits"] = domain.limits.values()
+    # So are the placement keys (docs/fleet.md): a domain without a home keeps its bytes.
+    for key in ("home", "moving_to", "moved_from"):
+        if getattr(domain, key) is not None:
+            doc[key] = getattr(domain, key)
     doc["mailboxes"] = {local: _box_document(box) for local, box in sorted(domain.mailboxes.items())}
     if domain.aliases:
         # One alias per block, sorted ('@', the catch-all, first); destinations keep their order.

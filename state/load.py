@@ -17,14 +17,15 @@ import os
 import secrets
 import stat
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailstate.compiler.render import compile_state, diff_rendered
-from mailstate.state import aliases, files
+from mailstate.state import aliases, files, placement
 from mailstate.state import limits as lim
-from mailstate.state.domainmap import DomainMap, Lazy
+from mailstate.state.domainmap import DomainMap, Lazy, Placement, placement_of
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.models import DomainFile, Limits, Mailbox, NodesFile, ProjectFile, Settings
@@ -109,7 +110,7 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # `sending` (state.sending), and a domain's `limits`, are models, not JSON: a mailbox or domain
 # that has any is dumped and validated by pydantic (few have them).
 _MODEL_FIELDS = ("vacation", "filters", "app_passwords", "sending")
-_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
+_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "home", "moving_to", "moved_from", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
     "id", "password", "quota_mb", "active", "forward_to", "keep_copy", *_MODEL_FIELDS
 }  # fmt: skip
 
@@ -217,7 +218,8 @@ class ParseCache:
 
     The file (`DIR/cache/domains.json`) is a header line, an index (JSON: per blob id the
     domain, its project, alias target, format fit, the domains it hands mail to (state.aliases
-    links), and its entry's place and MAC), then the
+    links), its entry's place and MAC, then the fields of the placement index: home, moving_to,
+    moved_from, mailbox count), then the
     entries (each the JSON of one DomainFile). The header carries an HMAC-SHA256 of the index
     under a per-data-dir secret (`DIR/cache/key`, 0600, made on first use) and each entry a
     keyed BLAKE2b of its blob id and bytes, so a start reads the index alone (~0.3 s at 200k
@@ -308,9 +310,29 @@ class ParseCache:
             raise ValueError("its index is not a JSON list")
         source = _CacheFile(data, nl + 1 + index_len, key)
         entries: dict[str, DomainFile | Lazy] = {}
-        for oid, domain, project_id, alias_of, fits, offset, length, entry_mac, links in rows:
+        for (
+            oid,
+            domain,
+            project_id,
+            alias_of,
+            fits,
+            offset,
+            length,
+            entry_mac,
+            links,
+            home,
+            moving_to,
+            moved_from,
+            boxes,
+        ) in rows:
             if type(links) is not list or any(type(name) is not str for name in links):
                 raise ValueError("a cache index field is not a list of domain names")
+            where = (
+                _row(home, str, nullable=True),
+                _row(moving_to, str, nullable=True),
+                _row(moved_from, str, nullable=True),
+                _row(boxes, int),
+            )
             entries[_row(oid, str)] = Lazy(
                 source,
                 _row(domain, str),
@@ -322,6 +344,7 @@ class ParseCache:
                 _row(alias_of, str, nullable=True),
                 _row(fits, int),
                 frozenset(links),
+                where,
             )
         self.file = source
         return entries
@@ -358,14 +381,15 @@ class ParseCache:
                     else:  # another key's file, or a short entry
                         data = entry_json(source.load(entry))
                         mac = _entry_mac(key, oid, data)
-                    meta = [entry.project_id, entry.alias_of, entry.fits]
+                    meta = [entry.project_id, entry.alias_of, entry.fits, *placement_of(entry)]
                     links = sorted(entry.links)
                 else:
                     data = entry_json(entry)
                     mac = _entry_mac(key, oid, data)
-                    meta = [entry.project_id, entry.alias_of, files.format_fits(entry)]
+                    meta = [entry.project_id, entry.alias_of, files.format_fits(entry), *placement_of(entry)]
                     links = sorted(aliases.links(entry))
-                rows.append([oid, entry.domain, *meta, offset, len(data), mac, links])
+                # The links and the placement fields go last, after the entry's place and MAC.
+                rows.append([oid, entry.domain, *meta[:3], offset, len(data), mac, links, *meta[3:]])
                 chunks.append(data)
                 offset += len(data)
             index = json.dumps(rows, separators=(",", ":")).encode()
@@ -408,6 +432,19 @@ def _drop_legacy_pickle(path: Path) -> None:
 PARALLEL_MIN = 5000
 
 
+class _Parsed(NamedTuple):
+    """One domain file a parse worker (state/parseworker.py) parsed: its index fields and JSON."""
+
+    oid: str
+    domain: str
+    project_id: int | None
+    alias_of: str | None
+    fits: int
+    links: frozenset[str]
+    where: Placement
+    data: bytes
+
+
 def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) -> list[Lazy] | None:
     """`todo` (path, oid) parsed by `workers` processes (state.parseworker), in order: Lazy
     entries over their JSON. None when a worker could not run (the caller parses here)."""
@@ -447,7 +484,7 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
     ]
     for thread in feeders:
         thread.start()
-    found: dict[int, tuple[str, str, int | None, str | None, int, frozenset[str], bytes]] = {}
+    found: dict[int, _Parsed] = {}
     failures: list[tuple[int, list[str]]] = []
 
     def drain(proc: subprocess.Popen[bytes]) -> None:
@@ -459,10 +496,19 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
                 meta = json.loads(line)
                 failures.append((int(meta["index"]), [str(p) for p in meta["problems"]]))
                 break
-            index, oid, domain, project, alias_of, fits, links, length = line.decode().rstrip("\n").split("\t")
+            fields = line.decode().rstrip("\n").split("\t")
+            index, oid, domain, project, alias_of, fits, links, home, moving_to, moved_from, boxes, length = fields
             data = proc.stdout.read(int(length))
-            meta = (int(project) if project else None, alias_of or None, int(fits), frozenset(links.split()))
-            found[int(index)] = (oid, domain, *meta, data)
+            found[int(index)] = _Parsed(
+                oid,
+                domain,
+                int(project) if project else None,
+                alias_of or None,
+                int(fits),
+                frozenset(links.split()),
+                (home or None, moving_to or None, moved_from or None, int(boxes)),
+                data,
+            )
         proc.stdout.close()
 
     readers = [threading.Thread(target=drain, args=(proc,), daemon=True) for proc in procs]
@@ -479,12 +525,26 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
         log.warning("parse workers failed (exit %s); parsing in this process", codes)
         return None
     rows = [found[i] for i in range(len(todo))]
-    source = _CacheFile(b"".join(row[6] for row in rows), 0, None)
+    source = _CacheFile(b"".join(row.data for row in rows), 0, None)
     out: list[Lazy] = []
     offset = 0
-    for oid, domain, project_id, alias_of, fits, links, data in rows:
-        out.append(Lazy(source, domain, oid, offset, len(data), "", project_id, alias_of, fits, links))
-        offset += len(data)
+    for row in rows:
+        out.append(
+            Lazy(
+                source,
+                row.domain,
+                row.oid,
+                offset,
+                len(row.data),
+                "",
+                row.project_id,
+                row.alias_of,
+                row.fits,
+                row.links,
+                row.where,
+            )
+        )
+        offset += len(row.data)
     return out
 
 
@@ -641,9 +701,10 @@ def check_checkout(root: Path) -> list[str]:
     if loaded.settings is not None and not loaded.problems:
         problems.extend(problem_lines(aliases.problems(loaded.domains, loaded.domains)))
         problems.extend(lim.state_problems(loaded.limits_state()))
-        problems.extend(
-            diff_rendered(compile_state(loaded.settings, loaded.domains.values(), loaded.projects), read_rendered(root))
-        )
+        problems.extend(_placement_problems(loaded.settings, loaded.domains, loaded.nodes or NodesFile()))
+        if not problems:
+            expected = compile_state(loaded.settings, loaded.domains.values(), loaded.projects, loaded.nodes)
+            problems.extend(diff_rendered(expected, read_rendered(root)))
     return problems
 
 
@@ -664,13 +725,25 @@ def check_commit(repo: GitRepo, commit: str, cache: ParseCache | None = None) ->
     ]
     problems.extend(problem_lines(aliases.problems(snap.domains, snap.domains)))
     problems.extend(lim.state_problems(lim.State(snap.domains, snap.by_project, snap.projects)))
-    problems.extend(diff_rendered(compile_state(snap.settings, snap.domains.values(), snap.projects), actual))
+    problems.extend(_placement_problems(snap.settings, snap.domains, snap.nodes))
+    if not problems:
+        expected = compile_state(snap.settings, snap.domains.values(), snap.projects, snap.nodes)
+        problems.extend(diff_rendered(expected, actual))
     return problems
 
 
 def problem_lines(found: list[aliases.Problem]) -> list[str]:
     """Cross-domain problems as `mailstate check` prints them: `<domain file>: <message>`."""
     return [f"{files.domain_path(p.domain)}: {p.message}" for p in found]
+
+
+def _placement_problems(settings: Settings, domains: Mapping[str, DomainFile], nodes: NodesFile) -> list[str]:
+    """state.placement's rules across domain files and nodes.yaml, for a whole state."""
+    homed = [name for name, dom in domains.items() if dom.home is not None]
+    found = placement.problems(domains, nodes, homed)
+    if homed and settings.format < 2:
+        found.append(f"{files.SETTINGS_PATH}: format: placing domains on nodes (home:) needs state format 2")
+    return found
 
 
 def _top_level(repo: GitRepo, commit: str) -> list[str]:

@@ -123,6 +123,24 @@ NodeName = Annotated[
         json_schema_extra={"minLength": 1, "maxLength": v.NODE_NAME_MAX, "pattern": v.NODE_NAME_PATTERN},
     ),
 ]
+NodeAddress = Annotated[
+    str,
+    BeforeValidator(v.normalize_node_address),
+    Field(
+        description="Where other nodes and mail clients reach the node: a host name (like mx1.example.net) or an IPv4/IPv6 "
+        "address. Only a node with an address is ever made a domain's home.",
+        examples=["mx1.example.net"],
+        json_schema_extra={
+            "minLength": 2,
+            "maxLength": v.MAX_DOMAIN_LENGTH,
+            "anyOf": [
+                {"pattern": v.DOMAIN_PATTERN, "format": "idn-hostname"},
+                {"pattern": v.IP_PATTERN, "format": "ipv4"},
+                {"pattern": v.IP_PATTERN, "format": "ipv6"},
+            ],
+        },
+    ),
+]
 IpAddress = Annotated[
     str,
     BeforeValidator(v.normalize_ip),
@@ -177,13 +195,17 @@ TLS_RPT_RUA_PATTERN = rf"^{_RUA_URI}(?:,{_RUA_URI})*$"
 class DnsSettings(BaseModel):
     """mailstate.yaml's optional `dns:` block: the platform's values for `dns-records`.
 
-    Absent (format-1/2 repos written before it): dns-records answers 409 dns_not_configured,
-    since there is no MX host to name. Every other key has a default."""
+    Absent (format-1/2 repos written before it) and no node with a host name for an address:
+    dns-records answers 409 dns_not_configured, since there is no MX host to name. Every key has
+    a default (mx_hosts: the addressed nodes, state.dns.effective_dns)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mx_hosts: list[DnsHost] = Field(
-        min_length=1, max_length=10, description="The platform's mail hosts, in MX preference order (10, 20, ...)."
+        default_factory=list,
+        max_length=10,
+        description="The platform's mail hosts, in MX preference order (10, 20, ...). Not set (or empty): one MX for "
+        "every node whose address is a host name, in name order.",
     )
     spf: str = Field(
         default="v=spf1 mx -all",
@@ -562,15 +584,39 @@ class DomainFile(BaseModel):
     email_enabled: bool = False
     # Optional (state.aliases): an alias domain's target, and the aliases (`"@"` = catch-all).
     alias_of: str | None = None
+    # Placement (docs/fleet.md): the node whose Maildirs hold the domain's mail, and during a
+    # move-domain the node it goes to; `moved_from` names the previous home until that node
+    # reported that it handed over what it still held. Which nodes they may name is a rule
+    # across files (state.placement.problems).
+    home: str | None = None
+    moving_to: str | None = None
+    moved_from: str | None = None
     # Optional (state.limits): the domain's own plan limits (set-limits {domain}).
     limits: Limits | None = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
 
+    @field_validator("home", "moving_to", "moved_from")
+    @classmethod
+    def _node(cls, value: str | None) -> str | None:
+        return None if value is None else _file_value(v.validate_node_name, value)
+
     @field_validator("limits")
     @classmethod
     def _limits(cls, value: Limits | None) -> Limits | None:
         return value if value else None  # `limits: {}` is no limit at all
+
+    @model_validator(mode="after")
+    def _placement(self) -> DomainFile:
+        if (self.moving_to or self.moved_from) and self.home is None:
+            raise ValueError("moving_to and moved_from need a home")
+        if self.moving_to is not None and self.moving_to == self.home:
+            raise ValueError("moving_to must be another node than home")
+        if self.moved_from is not None and self.moved_from == self.home:
+            raise ValueError("moved_from must be another node than home")
+        if self.home is not None and not self.email_enabled:
+            raise ValueError("a domain without email has no home")
+        return self
 
     @field_validator("alias_of")
     @classmethod
@@ -621,18 +667,39 @@ class DomainFile(BaseModel):
 
 
 class Node(BaseModel):
-    """One entry of nodes.yaml. The sync key itself is never stored."""
+    """One entry of nodes.yaml. The sync key itself is never stored.
+
+    `address` (optional) is where other nodes and mail clients reach the node; only a node with
+    one is ever a domain's home (docs/fleet.md, "Running a fleet"). `tls_certificate` is the
+    certificate the node reported (its Postfix and Dovecot present it): the other nodes verify
+    the node against it, so it travels in the signed state."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ip_address: str | None = None
+    address: str | None = None
     sync_key_sha256: str
     created_at: datetime
+    tls_certificate: str | None = None
 
     @field_validator("ip_address")
     @classmethod
     def _ip(cls, value: str | None) -> str | None:
         return None if value is None else _file_value(v.normalize_ip, value)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and _file_value(v.normalize_node_address, value) != value:
+            raise ValueError("address must be a lowercase host name or an IP address in canonical form")
+        return value
+
+    @field_validator("tls_certificate")
+    @classmethod
+    def _certificate(cls, value: str | None) -> str | None:
+        if value is not None and _file_value(v.normalize_certificate, value) != value:
+            raise ValueError("tls_certificate must be one PEM certificate in canonical form (64-column lines)")
+        return value
 
     @field_validator("sync_key_sha256")
     @classmethod
@@ -711,6 +778,11 @@ class EnableEmailRequest(Request):
     domain: DomainName = Field(
         description='Domain name to enable email for (e.g. "mycompany.nl"). Must be linked to this project.'
     )
+    node: NodeName | None = Field(
+        default=None,
+        description="[Admin] The node to make the domain's home (a node with an address). Default: the addressed node "
+        "with the fewest mailboxes.",
+    )
 
 
 class DisableEmailRequest(Request):
@@ -777,6 +849,24 @@ class ListNodesRequest(PageRequest):
 class AddNodeRequest(Request):
     name: NodeName = Field(description='Node identifier (e.g. "mpi02").')
     ip_address: IpAddress | None = Field(default=None, description="Optional IP whitelist for extra security.")
+    address: NodeAddress | None = Field(
+        default=None,
+        description="Optional: where other nodes and mail clients reach the node (host name or IP). Only a node with an "
+        "address becomes a domain's home; without one the node relays and proxies to the homes.",
+    )
+
+
+class SetNodeAddressRequest(Request):
+    name: NodeName = Field(description="Node identifier.")
+    address: NodeAddress | None = Field(
+        description="The node's new address (host name or IP), or null to take it away (only from a node that is home "
+        "to no domain)."
+    )
+
+
+class MoveDomainRequest(Request):
+    domain: DomainName = Field(description="The email-enabled domain to move.")
+    node: NodeName = Field(description="The node to make its home: a registered node with an address.")
 
 
 class NodeRequest(Request):
@@ -1318,6 +1408,28 @@ class DomainResponse(WriteResponse):
     domain: str = Field(description="The domain (lowercase; punycode for IDN).", examples=["mycompany.nl"])
     project_id: int | None = Field(description="The project the domain is linked to, or null.")
     email_enabled: bool = Field(description="Whether email is enabled for the domain.")
+    home: str | None = Field(
+        default=None,
+        description="The node whose Maildirs hold the domain's mail (null in a fleet without addressed nodes, and for a "
+        "domain without email).",
+    )
+
+
+class MoveDomainResponse(WriteResponse):
+    domain: str
+    from_: str | None = Field(
+        alias="from",
+        serialization_alias="from",
+        description="The home the domain leaves (null for a domain that had none).",
+    )
+    to: str = Field(description="The node the domain moves to.")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class SetNodeAddressResponse(WriteResponse):
+    name: str
+    address: str | None
 
 
 class UnlinkDomainResponse(WriteResponse):
@@ -1344,6 +1456,14 @@ class DomainSummary(BaseModel):
     )
     usage_reported_at: str | None = Field(
         default=None, description="ISO 8601 time of the newest usage report, or null."
+    )
+    home: str | None = Field(
+        default=None,
+        description="The node whose Maildirs hold the domain's mail; every node accepts and serves it and passes it on "
+        "there (null in a fleet without addressed nodes).",
+    )
+    moving_to: str | None = Field(
+        default=None, description="During move-domain: the node the domain is moving to; null otherwise."
     )
     dns_ok: bool | None = Field(
         default=None,
@@ -1599,6 +1719,17 @@ class NodeInfo(BaseModel):
         description="The last error the node reported, kept after later reports without one (`error` is the last tick's).",
     )
     last_error_at: str | None = Field(default=None, description="ISO 8601 time of the report that carried last_error.")
+    address: str | None = Field(
+        default=None, description="Where other nodes and mail clients reach the node; null: never a home."
+    )
+    domains: int = Field(default=0, ge=0, description="Domains this node is home to.")
+    mailboxes: int = Field(
+        default=0, ge=0, description="Mailboxes (active and soft-deleted) of the domains it is home to."
+    )
+    tls_fingerprint: str | None = Field(
+        default=None,
+        description="SHA-256 of the TLS certificate the node reported (the other nodes pin it), or null before it did.",
+    )
 
 
 class ListNodesResponse(Response):
@@ -1612,6 +1743,7 @@ class ListNodesResponse(Response):
 class AddNodeResponse(WriteResponse):
     name: str
     ip_address: str | None
+    address: str | None = None
     created_at: str
     sync_key: str = Field(description="The node's sync key, shown this once; only its SHA-256 is stored.")
 
@@ -1837,6 +1969,8 @@ RESPONSES: dict[str, type[Response]] = {
     "add-app-password": AddAppPasswordResponse,
     "list-app-passwords": ListAppPasswordsResponse,
     "remove-app-password": RemoveAppPasswordResponse,
+    "move-domain": MoveDomainResponse,
+    "set-node-address": SetNodeAddressResponse,
     "check-dns": CheckDnsResponse,
     "mobileconfig": MobileconfigResponse,
     "set-limits": SetLimitsResponse,
@@ -1865,6 +1999,7 @@ _FIELD_CODES = {
     "address": "invalid_email",
     "destinations": "invalid_destinations",
     "target": "invalid_domain",
+    "node": "invalid_node_name",
     "limit": "invalid_limit",
     "cursor": "invalid_cursor",
     "filters": "invalid_filter",

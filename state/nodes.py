@@ -21,7 +21,7 @@ from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
 from mailstate.state.models import Node, parse
 from mailstate.state.sending import MAX_SENDING_ENTRIES, SendingChange, SendingEntry, report_rows
 from mailstate.state.snapshot import Snapshot
-from mailstate.state.validate import MAILBOX_ID
+from mailstate.state.validate import MAILBOX_ID, normalize_certificate
 
 MAX_ERROR_CHARS = 2000
 MAX_KEY_CHARS = 512
@@ -114,6 +114,19 @@ class AppPasswordUse(BaseModel):
     used_at: int = Field(ge=0, le=2**40, description="When the node saw the login (unix seconds, within a tick).")
 
 
+def _certificate(value: object) -> object:
+    return None if value is None else normalize_certificate(value)
+
+
+class MoveReport(BaseModel):
+    """One step of a move-domain, as the node that did it reports it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    domain: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{0,252}$", description="The domain (as in the rendered files).")
+    step: Literal["copied", "drained"]
+
+
 class NodeReport(BaseModel):
     """The body of `POST /v1/nodes/report` (credentials aside)."""
 
@@ -148,6 +161,18 @@ class NodeReport(BaseModel):
         default=None,
         max_length=MAX_DKIM_KEYS,
         description="Optional: the node's DKIM public keys (at most one per selector). Stored on the server (never in git); dns-records lists them.",
+    )
+    tls_certificate: Annotated[str | None, BeforeValidator(_certificate)] = Field(
+        default=None,
+        description="Optional: the certificate (PEM) the node's Postfix and Dovecot present. When it differs from the one "
+        "nodes.yaml holds, the server commits it: the other nodes verify this node against it (docs/fleet.md).",
+    )
+    moves: list[MoveReport] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Optional: move-domain progress: `copied` (this node, the domain's moving_to, copied every mailbox; "
+        "the server then switches the home) or `drained` (this node, the previous home, synced what it still held to the "
+        "new home).",
     )
 
     app_passwords_used: list[AppPasswordUse] | None = Field(

@@ -29,9 +29,10 @@ from mailstate.state import autoconfig as ac
 from mailstate.state import limits as lim
 from mailstate.state import models as m
 from mailstate.state import owners as ow
-from mailstate.state import paging
+from mailstate.state import paging, placement
 from mailstate.state import sending as snd
-from mailstate.state.dns import records_for
+from mailstate.state import validate as v
+from mailstate.state.dns import effective_dns, records_for
 from mailstate.state.errors import Conflict, Forbidden, InvalidInput, NotFound, Unavailable
 from mailstate.state.nodes import report_stale_after
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
@@ -165,7 +166,18 @@ def _write(
 
 
 def _domain_result(dom: m.DomainFile) -> dict[str, Any]:
-    return {"domain": dom.domain, "project_id": dom.project_id, "email_enabled": dom.email_enabled}
+    return {"domain": dom.domain, "project_id": dom.project_id, "email_enabled": dom.email_enabled, "home": dom.home}
+
+
+def _placed(ctx: Context, dom: m.DomainFile, node: str | None = None) -> m.DomainFile:
+    """`dom` (email just enabled) with its home: `node` (an admin's choice, checked usable) or the
+    addressed node with the fewest mailboxes; none in a fleet without addressed nodes."""
+    if node is not None:
+        placement.usable_node(ctx.state.nodes, node)
+        home: str | None = node
+    else:
+        home = placement.choose_home(ctx.state.nodes, ctx.state.home_boxes)
+    return dom.model_copy(update={"home": home, "moving_to": None, "moved_from": None})
 
 
 # --- domains -----------------------------------------------------------------------------
@@ -202,10 +214,18 @@ def unlink_domain(ctx: Context, req: m.UnlinkDomainRequest, _: Prepared) -> Outc
 
 
 def enable_email(ctx: Context, req: m.EnableEmailRequest, _: Prepared) -> Outcome:
+    if req.node is not None:
+        _require_admin(ctx)
     dom = _visible_domain(ctx, req.domain)
     if dom.email_enabled:
+        if req.node is not None and req.node != dom.home:
+            raise Conflict(
+                f"Email is already enabled for {req.domain} (home {dom.home}); move-domain moves it to {req.node}.",
+                code="email_enabled",
+                target=req.domain,
+            )
         return Outcome(_domain_result(dom), target=req.domain, project=dom.project_id)
-    new = dom.model_copy(update={"email_enabled": True})
+    new = _placed(ctx, dom.model_copy(update={"email_enabled": True}), req.node)
     return _write(new, req.domain, _domain_result(new), dom.project_id)
 
 
@@ -227,7 +247,10 @@ def disable_email(ctx: Context, req: m.DisableEmailRequest, _: Prepared) -> Outc
     _no_alias_domains_of(ctx, dom.domain)
     # Soft-deleted mailboxes go with the mail system: nothing may come back to life later.
     # So do the domain's aliases, its catch-all and its alias-domain setting.
-    new = _with_mailboxes(dom, {}, email_enabled=False, aliases={}, alias_of=None)
+    # The home goes too: a domain without email has no mail to hold (the nodes set the Maildirs aside).
+    new = _with_mailboxes(
+        dom, {}, email_enabled=False, aliases={}, alias_of=None, home=None, moving_to=None, moved_from=None
+    )
     return _write(new, req.domain, _domain_result(new), dom.project_id)
 
 
@@ -277,6 +300,8 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
                 "inactive_mailboxes": len(dom.mailboxes) - active,
                 "aliases": len(dom.aliases),
                 "alias_of": dom.alias_of,
+                "home": dom.home,
+                "moving_to": dom.moving_to,
             }
         )
     listed = [entry["domain"] for entry in out]
@@ -312,7 +337,7 @@ def add_domain(ctx: Context, req: m.AddDomainRequest, _: Prepared) -> Outcome:
     _require_admin(ctx)
     if req.domain in ctx.state.domains:
         raise Conflict(f"Domain {req.domain} is already registered.", code="domain_exists", target=req.domain)
-    new = m.DomainFile(domain=req.domain, project_id=req.project_id, email_enabled=True)
+    new = _placed(ctx, m.DomainFile(domain=req.domain, project_id=req.project_id, email_enabled=True))
     return _write(new, req.domain, _domain_result(new), req.project_id, created=True)
 
 
@@ -803,10 +828,11 @@ def remove_app_password(ctx: Context, req: m.RemoveAppPasswordRequest, _: Prepar
 
 
 def _domain_records(ctx: Context, dom: m.DomainFile) -> list[dict[str, Any]]:
-    settings = ctx.state.settings.dns
+    settings = effective_dns(ctx.state.settings.dns, placement.addressed(ctx.state.nodes))
     if settings is None:
         raise Conflict(
-            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml.",
+            "This server has no DNS settings: add a `dns:` block with `mx_hosts` to mailstate.yaml, or give the "
+            "nodes addresses (add-node address).",
             code="dns_not_configured",
             target=dom.domain,
         )
@@ -915,6 +941,10 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "commits_behind": status.get("commits_behind"),
                 "diverged": status.get("diverged"),
                 **node_freshness(status, int(ctx.now.timestamp())),
+                "address": node.address,
+                "domains": len(ctx.state.homes.get(name, ())),
+                "mailboxes": ctx.state.home_boxes.get(name, 0),
+                "tls_fingerprint": v.certificate_fingerprint(node.tls_certificate) if node.tls_certificate else None,
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None
@@ -925,20 +955,40 @@ def add_node(ctx: Context, req: m.AddNodeRequest, prep: Prepared) -> Outcome:
     _require_admin(ctx)
     if req.name in ctx.state.nodes.nodes:
         raise Conflict(f"Node {req.name} already exists.", code="node_exists", target=req.name)
-    node = m.Node(ip_address=req.ip_address, sync_key_sha256=prep["sha256"], created_at=ctx.now)
+    _address_free(ctx, req.address, req.name)
+    node = m.Node(ip_address=req.ip_address, address=req.address, sync_key_sha256=prep["sha256"], created_at=ctx.now)
     result = {
         "name": req.name,
         "ip_address": req.ip_address,
+        "address": req.address,
         "created_at": node.created_at.isoformat(),
         "sync_key": prep["sync_key"],
     }
     return _nodes_outcome(ctx, {**ctx.state.nodes.nodes, req.name: node}, result, req.name, created=True)
 
 
+def _address_free(ctx: Context, address: str | None, name: str) -> None:
+    """Two nodes never share an address: a proxied login or a relayed message would reach either."""
+    for other, node in ctx.state.nodes.nodes.items():
+        if address is not None and other != name and node.address == address:
+            raise Conflict(f"Node {other} already has the address {address}.", code="address_in_use", target=name)
+
+
+def _not_in_use(ctx: Context, name: str, doing: str) -> None:
+    why = placement.in_use(ctx.state.homes, ctx.state.moves, name)
+    if why is not None:
+        raise Conflict(
+            f"Node {name} cannot {doing}: {why}. Move its domains to another node first (move-domain).",
+            code="node_in_use",
+            target=name,
+        )
+
+
 def remove_node(ctx: Context, req: m.NodeRequest, _: Prepared) -> Outcome:
     _require_admin(ctx)
     if req.name not in ctx.state.nodes.nodes:
         raise NotFound(f"Node {req.name} does not exist.", code="node_not_found", target=req.name)
+    _not_in_use(ctx, req.name, "go")
     nodes = {k: n for k, n in ctx.state.nodes.nodes.items() if k != req.name}
     return _nodes_outcome(ctx, nodes, {"name": req.name, "removed": True}, req.name)
 
@@ -1107,6 +1157,52 @@ def remove_webhook(ctx: Context, req: m.RemoveWebhookRequest, _: Prepared) -> Ou
     if not _webhooks(ctx).remove_hook(req.id, ctx.actor.project_id):
         raise NotFound(f"Webhook {req.id} does not exist.", code="webhook_not_found", target=req.id)
     return Outcome({"id": req.id, "removed": True}, target=req.id, project=ctx.actor.project_id)
+
+
+def set_node_address(ctx: Context, req: m.SetNodeAddressRequest, _: Prepared) -> Outcome:
+    """Give a node an address (it may become a home), change it (the domains it is home to are
+    re-rendered with it), or take it away from a node that is home to nothing."""
+    _require_admin(ctx)
+    node = ctx.state.nodes.nodes.get(req.name)
+    if node is None:
+        raise NotFound(f"Node {req.name} does not exist.", code="node_not_found", target=req.name)
+    result = {"name": req.name, "address": req.address}
+    if node.address == req.address:
+        return Outcome(result, target=req.name)
+    if req.address is None:
+        _not_in_use(ctx, req.name, "lose its address")
+    _address_free(ctx, req.address, req.name)
+    nodes = {**ctx.state.nodes.nodes, req.name: node.model_copy(update={"address": req.address})}
+    return _nodes_outcome(ctx, nodes, result, req.name)
+
+
+def move_domain(ctx: Context, req: m.MoveDomainRequest, _: Prepared) -> Outcome:
+    """Start moving a domain's mail to another node (docs/fleet.md, "Moving a domain"). The target
+    copies with doveadm sync and reports; the server then switches the home (state.fleet)."""
+    _require_admin(ctx)
+    dom = _mail_domain(ctx, req.domain)
+    result = {"domain": dom.domain, "from": dom.home, "to": req.node}
+    if req.node == dom.home and dom.moving_to is None:
+        return Outcome(result, target=dom.domain, project=dom.project_id)
+    if req.node == dom.moving_to:
+        return Outcome(result, target=dom.domain, project=dom.project_id)  # already under way
+    placement.usable_node(ctx.state.nodes, req.node)
+    if dom.moving_to is not None and req.node != dom.home:
+        raise Conflict(
+            f"{dom.domain} is already moving to {dom.moving_to}; wait for that move (list-domains shows moving_to until "
+            f"it is done), or move-domain it back to {dom.home} to call it off.",
+            code="move_in_progress",
+            target=dom.domain,
+        )
+    if req.node == dom.home:
+        new = dom.model_copy(update={"moving_to": None})  # called off: the target drops its copy
+    elif dom.home is None:
+        # A domain placed before the fleet had addressed nodes: its mail is where it always was,
+        # so it gets its home at once (a node that holds some of it syncs it there, docs/fleet.md).
+        new = dom.model_copy(update={"home": req.node})
+    else:
+        new = dom.model_copy(update={"moving_to": req.node})
+    return _write(new, dom.domain, result, dom.project_id)
 
 
 # --- the registry --------------------------------------------------------------------------
@@ -1280,6 +1376,26 @@ _ALIASES = [
     ),
 ]
 
+# A fleet's placement: admin operations, and MCP tools like every operation of the contract.
+_FLEET = [
+    Operation(
+        "move-domain",
+        m.MoveDomainRequest,
+        move_domain,
+        admin=True,
+        summary="[Admin] Move a domain's mail to another node (its new home): copied with doveadm sync, then switched "
+        "in a signed commit; mail keeps flowing and IMAP keeps working throughout. Answers 202.",
+    ),
+    Operation(
+        "set-node-address",
+        m.SetNodeAddressRequest,
+        set_node_address,
+        admin=True,
+        summary="[Admin] Set the address where other nodes and mail clients reach a node (null: none; only a node that "
+        "is home to no domain may lose it).",
+    ),
+]
+
 _DNS = [
     Operation(
         "dns-records",
@@ -1411,6 +1527,6 @@ _CONTROLS = [
 ]
 
 OPERATIONS: dict[str, Operation] = {
-    op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING + _OWNERS + _CONTROLS
+    op.name: op for op in _SPEC + _EXTRA + _ALIASES + _DNS + _ONBOARDING + _OWNERS + _CONTROLS + _FLEET
 }
 SPEC_OPERATIONS: tuple[str, ...] = tuple(op.name for op in _SPEC)

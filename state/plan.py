@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import pygit2
 
-from mailstate.compiler.render import render_domain, render_settings
+from mailstate.compiler.render import render_domain, render_nodes, render_settings
 from mailstate.state import files, worktree
 from mailstate.state.errors import InvalidInput, NotFound, StateInvalid
 from mailstate.state.gitrepo import GitRepo
@@ -256,7 +256,18 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
     targets = {
         d.alias_of for n in changed for d in (old_domains.get(n), new_domains.get(n)) if d is not None and d.alias_of
     }
-    render_names = sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets)
+    old_nodes, new_nodes = _nodes(old), _nodes(new)
+    _rendered_changes(result, _present(render_nodes(old_nodes)), _present(render_nodes(new_nodes)))
+    # A node's address is in the passwd lines of the domains it is home to.
+    readdressed = {
+        n
+        for n in set(old_nodes.nodes) | set(new_nodes.nodes)
+        if getattr(old_nodes.nodes.get(n), "address", None) != getattr(new_nodes.nodes.get(n), "address", None)
+    }
+    homed = {name for name, dom in new_domains.items() if dom.home in readdressed} if readdressed else set()
+    render_names = (
+        sorted(set(old_domains) | set(new_domains)) if settings_changed else sorted(set(changed) | targets | homed)
+    )
     old_users, new_users = alias_index(old_domains.values()), alias_index(new_domains.values())
     old_projects: Mapping[int, ProjectFile] = getattr(old, "projects", None) or {}
     new_projects: Mapping[int, ProjectFile] = getattr(new, "projects", None) or {}
@@ -264,12 +275,16 @@ def plan(old: StateLike, new: StateLike, *, base: str = "base", head: str = "hea
         a, b = old_domains.get(name), new_domains.get(name)
         pa = old_projects.get(a.project_id) if a is not None and a.project_id is not None else None
         pb = new_projects.get(b.project_id) if b is not None and b.project_id is not None else None
-        before = render_domain(a, old_settings, old_users.get(name, ()), pa) if a is not None else {}
-        after = render_domain(b, new_settings, new_users.get(name, ()), pb) if b is not None else {}
+        before = render_domain(a, old_settings, old_users.get(name, ()), pa, _nodes(old)) if a is not None else {}
+        after = render_domain(b, new_settings, new_users.get(name, ()), pb, _nodes(new)) if b is not None else {}
         _rendered_changes(result, before, after)
 
     result.sort()
     return result
+
+
+def _nodes(side: StateLike) -> NodesFile:
+    return side.nodes or NodesFile()
 
 
 def _present(rendered: Mapping[str, bytes | None]) -> dict[str, bytes]:
@@ -364,6 +379,17 @@ def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile
     text = _limits_text(a.limits, b.limits)
     if text:
         result.domains.append(Entry(name, "~", f"limits: {text}", {"kind": "domain_limits_changed"}))
+    for key in ("home", "moving_to", "moved_from"):
+        was, now = getattr(a, key), getattr(b, key)
+        if was != now:
+            result.domains.append(
+                Entry(
+                    name,
+                    "~",
+                    f"{key} {was or 'none'} -> {now or 'none'}",
+                    {"kind": f"{key}_changed", "old": was, "new": now},
+                )
+            )
     for local in sorted(set(a.mailboxes) | set(b.mailboxes)):
         _mailbox_changes(result, f"{local}@{name}", a.mailboxes.get(local), b.mailboxes.get(local))
 
@@ -501,6 +527,17 @@ def _node_fields(result: Plan, name: str, a: Node, b: Node) -> None:
         )
     if a.created_at != b.created_at:
         result.nodes.append(Entry(name, "~", "created_at changed", {"kind": "node_created_at_changed"}))
+    if a.address != b.address:
+        result.nodes.append(
+            Entry(
+                name,
+                "~",
+                f"address {a.address or 'none'} -> {b.address or 'none'}",
+                {"kind": "node_address_changed", "old": a.address, "new": b.address},
+            )
+        )
+    if a.tls_certificate != b.tls_certificate:
+        result.nodes.append(Entry(name, "~", "TLS certificate changed", {"kind": "node_certificate_changed"}))
 
 
 def _rendered_changes(result: Plan, before: Mapping[str, bytes], after: Mapping[str, bytes]) -> None:

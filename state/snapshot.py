@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mailstate.state.aliases import links
-from mailstate.state.domainmap import DomainMap
+from mailstate.state.domainmap import NO_PLACEMENT, DomainMap, Placement, placement_of
 from mailstate.state.models import DomainFile, Node, NodesFile, ProjectFile, Settings
 
 
@@ -58,6 +58,12 @@ class Snapshot:
     referrers: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
     # project id -> its projects/<pp>/<id>.yaml (plan limits, state.limits); projects without limits have none.
     projects: Mapping[int, ProjectFile] = field(default_factory=lambda: MappingProxyType({}))
+    # Placement (docs/fleet.md), kept like by_project: node -> the domains it is home to, node ->
+    # their mailbox count (enable-email's choice, list-nodes), and the domains in a move
+    # (moving_to or moved_from set) -> (home, moving_to, moved_from).
+    homes: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    home_boxes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    moves: Mapping[str, tuple[str, str | None, str | None]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -81,6 +87,9 @@ class Snapshot:
         for name, targets in dmap.link_items():
             for target in targets:
                 refs.setdefault(target, set()).add(name)
+        places = _PlacementIndex({}, {}, {})
+        for name, placement in dmap.placement_items():
+            places.add(name, placement)
         return cls(
             commit=commit,
             settings=settings,
@@ -90,6 +99,7 @@ class Snapshot:
             alias_users=MappingProxyType({k: frozenset(v) for k, v in users.items()}),
             referrers=MappingProxyType({k: frozenset(v) for k, v in refs.items()}),
             projects=MappingProxyType(dict(projects or {})),
+            **places.frozen(),
         )
 
     def with_change(self, commit: str, change: Change) -> Snapshot:
@@ -106,6 +116,11 @@ class Snapshot:
                 refs[target] = refs.get(target, frozenset()) - {name}
             for target in new_links - old_links:
                 refs[target] = refs.get(target, frozenset()) | {name}
+        places = _PlacementIndex(dict(self.homes), dict(self.home_boxes), dict(self.moves))
+        for name, new in change.domains.items():
+            places.remove(name, old_map.placement(name) if name in old_map else NO_PLACEMENT)
+            if new is not None:
+                places.add(name, placement_of(new))
             # The old value's project and alias target without parsing it (it may be unparsed).
             old_project, old_alias = old_map.meta(name) if name in old_map else (None, None)
             if old_project is not None:
@@ -125,6 +140,7 @@ class Snapshot:
             alias_users=MappingProxyType({k: v for k, v in users.items() if v}),
             referrers=MappingProxyType({k: v for k, v in refs.items() if v}),
             projects=self.projects if not change.projects else _projects_after(self.projects, change.projects),
+            **places.frozen(),
         )
         previous = self.__dict__.get("sorted_domains")
         if previous is not None:
@@ -168,6 +184,39 @@ def _projects_after(
         else:
             out[project_id] = new
     return MappingProxyType(out)
+
+
+@dataclass
+class _PlacementIndex:
+    """The placement index being built or updated (Snapshot.homes, home_boxes, moves)."""
+
+    homes: dict[str, frozenset[str]]
+    boxes: dict[str, int]
+    moves: dict[str, tuple[str, str | None, str | None]]
+
+    def add(self, name: str, placement: Placement) -> None:
+        home, moving_to, moved_from, count = placement
+        if home is None:
+            return
+        self.homes[home] = self.homes.get(home, frozenset()) | {name}
+        self.boxes[home] = self.boxes.get(home, 0) + count
+        if moving_to is not None or moved_from is not None:
+            self.moves[name] = (home, moving_to, moved_from)
+
+    def remove(self, name: str, placement: Placement) -> None:
+        home, _, _, count = placement
+        if home is None:
+            return
+        self.homes[home] = self.homes.get(home, frozenset()) - {name}
+        self.boxes[home] = self.boxes.get(home, 0) - count
+        self.moves.pop(name, None)
+
+    def frozen(self) -> dict[str, Any]:
+        return {
+            "homes": MappingProxyType({k: v for k, v in self.homes.items() if v}),
+            "home_boxes": MappingProxyType({k: v for k, v in self.boxes.items() if self.homes.get(k)}),
+            "moves": MappingProxyType(dict(self.moves)),
+        }
 
 
 @dataclass

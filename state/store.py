@@ -32,7 +32,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ from typing import Any
 
 import pygit2
 
-from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_settings
+from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_moves, render_nodes, render_settings
 from mailstate.state import files, senders
 from mailstate.state import limits as lim
 from mailstate.state.chain import range_problems, server_signed
@@ -951,7 +951,10 @@ class Store:
     def changed_files(self, snap: Snapshot, change: Change) -> dict[str, bytes | None]:
         """Repo path → new bytes (None deletes) for exactly the paths `change` touches."""
         settings = change.settings or snap.settings
+        nodes = change.nodes or snap.nodes
         out: dict[str, bytes | None] = {}
+        if change.nodes is not None:
+            change = _with_readdressed(snap, change)
         # An alias domain's sender lines live in its target's sender_login_maps (state.senders):
         # the targets of every changed alias domain (before and after) get that fragment anew.
         targets = {
@@ -974,7 +977,7 @@ class Store:
                 continue
             out[path] = files.dump_domain(dom, self.git.read(snap.commit, path))
             project = projects.get(dom.project_id) if dom.project_id is not None else None
-            rendered = render_domain(dom, settings, users.get(name, ()), project)
+            rendered = render_domain(dom, settings, users.get(name, ()), project, nodes)
             if rendered:
                 del out[domain_dir(name)]
                 # A fragment the domain no longer has (virtual_alias_maps without aliases) goes.
@@ -984,7 +987,7 @@ class Store:
             target = snap.domains.get(name)
             if target is not None and target.email_enabled:
                 sender_path = f"{domain_dir(name)}/{senders.SENDER_FRAGMENT}"
-                out[sender_path] = render_domain(target, settings, users.get(name, ())).get(sender_path)
+                out[sender_path] = render_domain(target, settings, users.get(name, ()), nodes=nodes).get(sender_path)
         for project_id, project_file in change.projects.items():
             ppath = files.project_path(project_id)
             out[ppath] = (
@@ -996,9 +999,15 @@ class Store:
                 if name in change.domains or target is None or not target.email_enabled:
                     continue
                 sending_path = f"{domain_dir(name)}/{SENDING_FRAGMENT}"
-                out[sending_path] = render_domain(target, settings, users.get(name, ()), project_file).get(sending_path)
+                out[sending_path] = render_domain(target, settings, users.get(name, ()), project_file, nodes).get(
+                    sending_path
+                )
         if change.nodes is not None:
             out[files.NODES_PATH] = files.dump_nodes(change.nodes, self.git.read(snap.commit, files.NODES_PATH))
+            out.update(render_nodes(change.nodes))
+        moves = moves_after(snap.moves, change)
+        if moves != snap.moves:
+            out.update(render_moves(moves))
         if change.settings is not None:
             out[files.SETTINGS_PATH] = files.dump_settings(change.settings)
             out.update(render_settings(change.settings))
@@ -1048,6 +1057,34 @@ class Store:
             return int(commit.commit_time)
         except (KeyError, ValueError, pygit2.GitError):
             return None
+
+
+def moves_after(
+    moves: Mapping[str, tuple[str, str | None, str | None]], change: Change
+) -> Mapping[str, tuple[str, str | None, str | None]]:
+    """The snapshot's `moves` index once `change` is applied (only its domains can differ)."""
+    out = dict(moves)
+    for name, dom in change.domains.items():
+        out.pop(name, None)
+        if dom is not None and dom.home is not None and (dom.moving_to or dom.moved_from):
+            out[name] = (dom.home, dom.moving_to, dom.moved_from)
+    return out
+
+
+def _with_readdressed(snap: Snapshot, change: Change) -> Change:
+    """`change` plus, unchanged, every domain homed on a node whose address it changes: their
+    passwd lines and home fragments name the address, so they are rendered again."""
+    assert change.nodes is not None
+    moved = {
+        name
+        for name in set(snap.nodes.nodes) | set(change.nodes.nodes)
+        if (snap.nodes.nodes[name].address if name in snap.nodes.nodes else None)
+        != (change.nodes.nodes[name].address if name in change.nodes.nodes else None)
+    }
+    extra = {d: snap.domains[d] for node in moved for d in snap.homes.get(node, ()) if d not in change.domains}
+    if not extra:
+        return change
+    return Change(domains={**change.domains, **extra}, nodes=change.nodes, settings=change.settings)
 
 
 class _Keep(Exception):

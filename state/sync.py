@@ -25,16 +25,21 @@ import pygit2
 
 from mailstate.compiler.render import (
     FRAGMENTS,
+    MOVES_FILE,
+    NODES_FILE,
+    NODES_PEM,
     SETTINGS_FILES,
     compile_state,
     diff_rendered,
     domain_dir,
     render_domain,
+    render_moves,
+    render_nodes,
     render_settings,
 )
-from mailstate.state import aliases, files
+from mailstate.state import aliases, files, placement
 from mailstate.state import limits as lim
-from mailstate.state.errors import StateInvalid
+from mailstate.state.errors import CompileError, StateInvalid
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, problem_lines
 from mailstate.state.models import DomainFile, NodesFile
@@ -163,8 +168,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
                 problems.extend(exc.problems)
         elif top == files.RENDERED_DIR:
             owner = _rendered_owner(path)
-            if path in SETTINGS_FILES:
-                continue  # compared with render_settings() below
+            if path in (*SETTINGS_FILES, NODES_FILE, NODES_PEM, MOVES_FILE):
+                continue  # compared with render_settings() / render_nodes() / render_moves() below
             if owner is None:
                 problems.append(f"{path}: not a file the compiler produces")
             else:
@@ -183,13 +188,20 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     # A project's send limits are rendered into each of its domains' sending fragment.
     for project_id in change.projects:
         touched.update(new.by_project.get(project_id, ()))
+    problems.extend(placement.problems(new.domains, new.nodes, changed))
+    if change.nodes is not None:
+        problems.extend(placement.nodes_problems(new.nodes, new.homes, new.moves))
+    if any(new.domains[n].home for n in changed if n in new.domains) and new.settings.format < 2:
+        problems.append(f"{files.SETTINGS_PATH}: format: placing domains on nodes (home:) needs state format 2")
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))
         if problems:
             return result
         actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
-        problems.extend(diff_rendered(compile_state(new.settings, new.domains.values(), new.projects), actual))
+        problems.extend(
+            diff_rendered(compile_state(new.settings, new.domains.values(), new.projects, new.nodes), actual)
+        )
     else:
         # An alias domain's addresses are in its target's sender_login_maps (state.senders): a
         # changed alias domain (or one that stopped being one) means its targets are checked too.
@@ -197,8 +209,20 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             for side in (base.domains.get(name), new.domains.get(name)):
                 if side is not None and side.alias_of is not None:
                     touched.add(side.alias_of)
+        if change.nodes is not None:
+            # A node's address is in the passwd lines and home fragments of the domains it is home to.
+            for name in _readdressed(base, new):
+                touched.update(new.homes.get(name, ()))
         for name in sorted(touched):
             problems.extend(_check_domain_render(repo, commit, new, name))
+        if change.nodes is not None or NODES_FILE in paths or NODES_PEM in paths:
+            expected = {k: data for k, data in render_nodes(new.nodes).items() if data is not None}
+            found = {p: repo.read(commit, p) for p in (NODES_FILE, NODES_PEM)}
+            problems.extend(diff_rendered(expected, {p: data for p, data in found.items() if data is not None}))
+        if dict(new.moves) != dict(base.moves) or MOVES_FILE in paths:
+            expected = {k: data for k, data in render_moves(new.moves).items() if data is not None}
+            raw_moves = repo.read(commit, MOVES_FILE)
+            problems.extend(diff_rendered(expected, {MOVES_FILE: raw_moves} if raw_moves is not None else {}))
         if paths & set(SETTINGS_FILES):
             expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
             actual_files = {name: repo.read(commit, name) for name in SETTINGS_FILES}
@@ -226,11 +250,28 @@ def change_problems(base: Snapshot, new: Snapshot, change: Change) -> list[alias
     return aliases.problems(new.domains, names)
 
 
+def _readdressed(old: Snapshot, new: Snapshot) -> set[str]:
+    """The nodes whose address differs between two snapshots."""
+    names = set(old.nodes.nodes) | set(new.nodes.nodes)
+    return {
+        n
+        for n in names
+        if getattr(old.nodes.nodes.get(n), "address", None) != getattr(new.nodes.nodes.get(n), "address", None)
+    }
+
+
 def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) -> list[str]:
     dom: DomainFile | None = snap.domains.get(name)
     users = {u: snap.domains[u] for u in snap.alias_users.get(name, ()) if u in snap.domains}
     project = snap.projects.get(dom.project_id) if dom is not None and dom.project_id is not None else None
-    expected = render_domain(dom, snap.settings, alias_domains_of(users, name), project) if dom is not None else {}
+    try:
+        expected = (
+            render_domain(dom, snap.settings, alias_domains_of(users, name), project, snap.nodes)
+            if dom is not None
+            else {}
+        )
+    except CompileError as exc:
+        return [f"{domain_dir(name)}: {exc.message}"]
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:

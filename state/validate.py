@@ -246,8 +246,72 @@ def normalize_ip(value: object, *, field: str = "ip_address") -> str:
     return str(ip)
 
 
+def normalize_node_address(value: object, *, field: str = "address") -> str:
+    """Where other nodes and mail clients reach a node: a host name (as a domain name, lowercase
+    ASCII) or an IPv4/IPv6 address (canonical text). It lands in Dovecot passdb fields
+    (`host=`), Postfix transport and TLS policy keys (`[address]:port`) and Dovecot settings,
+    so nothing but these two forms gets through."""
+    if isinstance(value, str) and (":" in value or value.replace(".", "").isdigit()):
+        try:
+            return normalize_ip(value, field=field)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                "address must be a host name (like mx1.example.net) or an IPv4 or IPv6 address.",
+                code="invalid_address",
+                field=field,
+            ) from exc
+    try:
+        return normalize_domain(value, field=field)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"address must be a host name (like mx1.example.net) or an IPv4 or IPv6 address. {exc.message}",
+            code="invalid_address",
+            field=field,
+        ) from exc
+
+
 def validate_project_id(value: object, *, field: str = "project_id") -> int:
     """A positive integer project id."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 2**63 - 1:
         raise InvalidInput("project_id must be a positive whole number.", code="invalid_project_id", field=field)
     return value
+
+
+# A node's TLS certificate as nodes.yaml holds it (reported by the node, docs/fleet.md): one
+# PEM block of an X.509 certificate, the leaf the node's Postfix and Dovecot present.
+MAX_CERTIFICATE_CHARS = 8192
+_PEM = re.compile(r"^-----BEGIN CERTIFICATE-----\n(?:[A-Za-z0-9+/=]{1,76}\n){1,120}-----END CERTIFICATE-----\n$")
+
+
+def normalize_certificate(value: object, *, field: str = "tls_certificate") -> str:
+    """One PEM certificate in canonical form (64-column base64 lines, a final newline), checked
+    to parse as X.509: peers put it into their Dovecot trust (`ssl_ca`) and pin its SHA-256."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    bad = InvalidInput(
+        "tls_certificate must be one PEM X.509 certificate (-----BEGIN CERTIFICATE----- ...).",
+        code="invalid_certificate",
+        field=field,
+    )
+    if not isinstance(value, str) or len(value) > MAX_CERTIFICATE_CHARS:
+        raise bad
+    text = value.replace("\r\n", "\n").strip() + "\n"
+    if not _PEM.fullmatch(text):
+        raise bad
+    try:
+        cert = x509.load_pem_x509_certificate(text.encode("ascii"))
+        canonical = cert.public_bytes(Encoding.PEM).decode("ascii")
+    except ValueError as exc:
+        raise bad from exc
+    return canonical
+
+
+def certificate_fingerprint(pem: str) -> str:
+    """SHA-256 of the certificate's DER, lowercase hex: what Postfix's `fingerprint` TLS level
+    matches (smtp_tls_fingerprint_digest = sha256) and list-nodes shows."""
+    import base64
+    import hashlib
+
+    body = "".join(line for line in pem.strip().splitlines() if not line.startswith("-----"))
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()

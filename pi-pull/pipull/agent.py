@@ -24,6 +24,7 @@ from .statefile import Lock, StateFile
 
 if TYPE_CHECKING:
     from .dkim import Dkim
+    from .fleet import Fleet
     from .ownerfiles import OwnerFiles, Staged
     from .sending import Sync
     from .statement import Statement
@@ -75,6 +76,7 @@ class Agent:
         self._clock_arg = clock
         self._dkim: Dkim | None = None
         self._sending: Sync | None = None
+        self._fleet: Fleet | None = None
         self._trust: Trust | None = None
         self._owners: OwnerFiles | None = None
         self.state = StateFile(cfg.root)
@@ -132,6 +134,22 @@ class Agent:
             atomic_write(os.path.join(self.sending.dir, ACKED), f"{seq}\n".encode())
         except OSError as e:  # sent again with the next report
             self.log.error(f"could not note the sending figures as reported: {e}")
+
+    @property
+    def fleet(self) -> Fleet:
+        """This node's part in the fleet: trust in the other nodes, credentials, move-domain's work."""
+        if self._fleet is None:
+            from .fleet import Fleet
+
+            self._fleet = Fleet(
+                self.cfg, self.runner, self.log, self.mirror, self.releases, self.lifecycle, self.basic_token
+            )
+        return self._fleet
+
+    @property
+    def more_work(self) -> bool:
+        """Whether the last tick left move work that did not fit its budget (follow mode ticks again)."""
+        return self._fleet is not None and self._fleet.more
 
     @property
     def trust(self) -> Trust:
@@ -203,8 +221,16 @@ class Agent:
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
+            fleet = self.fleet.step(st)
             sent = self.reporter.send(
-                st, result.status, result.error, usage=usage, dkim_keys=dkim_keys, app_uses=app_uses, sending=sending
+                st,
+                result.status,
+                result.error,
+                usage=usage,
+                dkim_keys=dkim_keys,
+                app_uses=app_uses,
+                sending=sending,
+                extras=fleet,
             )
             if sent and dkim_keys:
                 self.dkim.reported(dkim_keys)

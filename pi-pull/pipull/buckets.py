@@ -41,6 +41,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from . import fleetfiles
 from .aliasmap import ALIAS_MAP, check_bytes
 from .bulkwrite import FileWriter
 from .errors import Refused, TickError
@@ -137,9 +138,19 @@ class BucketBuild:
         self.changed_domains = 0
         self.reloads: set[str] = set()
         self._fresh: set[str] = set()  # passwd buckets that get a new directory in this build
+        # Dovecot's IMAP proxy passdb (pipull/fleetfiles.py PROXY_PASSDB): domain -> its line; None
+        # while it is the live release's, unchanged (then it is hard-linked).
+        self.proxy: dict[str, bytes] = {}
+        self.proxy_changed: dict[str, bytes] = {}
+        self.incremental = False
 
     def _maps(self) -> tuple[str, ...]:
-        return FRAGMENT_MAPS
+        # The fleet's transport and defer maps are derived on the node from each domain's home
+        # fragment (pipull/fleetfiles.py): bucketed like the fragment maps, by domain.
+        return (*FRAGMENT_MAPS, *fleetfiles.DERIVED_MAPS)
+
+    def _derived(self, domain: str, home: tuple[str, str] | None) -> dict[str, bytes]:
+        return fleetfiles.derived_lines(domain, home, self.cfg.node_name, self.cfg.fleet_relay_port)
 
     # ---- entry point
 
@@ -156,15 +167,38 @@ class BucketBuild:
             else:
                 self._full()
             self._link_passwd_dirs()
+            self._write_proxy_passdb(prev)
             self._publish_store()
         finally:
             shutil.rmtree(self.build_store, ignore_errors=True)
         return self._manifest(prev)
 
+    def _write_proxy_passdb(self, prev: dict[str, Any]) -> None:
+        """``dovecot/proxy.imap``: one line per domain homed on another node, sorted. An incremental
+        build that changed no home links the live one; one that did reads it and applies the change."""
+        target = os.path.join(self.tmp, "dovecot", fleetfiles.PROXY_PASSDB)
+        live = os.path.join(self.rel.dir, self.live or "-", "dovecot", fleetfiles.PROXY_PASSDB)
+        if self.incremental:
+            if not self.proxy_changed and os.path.isfile(live):
+                os.link(live, target)
+                return
+            try:
+                with open(live, "rb") as fh:
+                    for line in fh:
+                        self.proxy[line.split(b":", 1)[0].decode("ascii", "replace")] = line
+            except FileNotFoundError:
+                pass
+            self.proxy.update(self.proxy_changed)
+        with open_new(target, 0o644) as out:
+            for domain in sorted(self.proxy):
+                out.write(self.proxy[domain])
+
     def _can_follow(self, prev: dict[str, Any]) -> bool:
         """Can this build start from the live release (same layout, validator and settings, every table there)?"""
         if not self.live or prev.get("layout") != LAYOUT or prev.get("reuse_key") != self.rel.reuse_key():
             return False
+        if not self.rel.fleet.keeps(prev.get("fleet", [])):
+            return False  # a node went or changed its address: every domain's home is checked again
         tables, dirs, index = prev.get("tables"), prev.get("passwd_dirs"), prev.get("index_dirs")
         if not isinstance(tables, dict) or not isinstance(dirs, dict) or not isinstance(index, dict):
             return False
@@ -202,6 +236,7 @@ class BucketBuild:
         for group in groups:
             for domain in group:
                 files = tree[domain]
+                order += [files[fleetfiles.HOME]] if fleetfiles.HOME in files else []
                 order += [files[f] for f in DOMAIN_CHECKED if f in files] + [
                     files[m] for m in self.maps if m in files and m not in DOMAIN_CHECKED
                 ]
@@ -215,10 +250,18 @@ class BucketBuild:
                     for domain in group:
                         files = tree[domain]
                         bb_dir = self._new_bucket_dir(domain[:2])
+                        home = self.rel.home_of(cat, domain, files)
                         self.mailboxes += self._check_domain_whole(
-                            cat, domain, files, os.path.join(bb_dir, domain), texts, writer
+                            cat, domain, files, os.path.join(bb_dir, domain), texts, writer, home
                         )
+                        for mapname, data in self._derived(domain, home).items():
+                            if mapname == fleetfiles.PROXY_PASSDB:
+                                self.proxy[domain] = data
+                            else:
+                                texts[mapname].append(data)
                         for mapname in self.maps:
+                            if mapname in fleetfiles.DERIVED_MAPS:
+                                continue
                             if mapname not in DOMAIN_CHECKED and mapname in files:
                                 data = self._read(cat, domain, mapname, files[mapname])
                                 checked = check_fragment(mapname, domain, data)
@@ -245,6 +288,7 @@ class BucketBuild:
             for k in range(self.n):
                 self.tables[table_name(mapname, k)] = self.tag
         self.reloads = {"postfix", "dovecot"}
+        self.proxy = {d: line for d, line in self.proxy.items() if line}
 
     def _check_domain_whole(
         self,
@@ -254,10 +298,11 @@ class BucketBuild:
         passwd_target: str,
         texts: dict[str, list[bytes]],
         writer: FileWriter,
+        home: tuple[str, str] | None,
     ) -> int:
         """``_check_domain`` for a first apply: each blob read whole (they are small), its passwd-file
         written by ``writer`` once it validated, the two mailbox maps' lines kept in ``texts``."""
-        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
+        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files, home=home)
         for fname in DOMAIN_CHECKED:
             oid = files.get(fname)
             if not oid:
@@ -274,6 +319,7 @@ class BucketBuild:
 
     def _incremental(self, prev: dict[str, Any]) -> None:
         assert self.live is not None
+        self.incremental = True
         changes = self.rel.changes(self.live, self.sha)
         self.tables = {str(k): str(v) for k, v in prev["tables"].items()}
         self.passwd_dirs = {str(k): str(v) for k, v in prev["passwd_dirs"].items()}
@@ -296,16 +342,36 @@ class BucketBuild:
                 if "passwd" in change:
                     passwd_changed.setdefault(domain[:2], set()).add(domain)
                 new_data: dict[str, bytes] = {}
-                if files is not None and any(f in change for f in DOMAIN_CHECKED):
+                home = self.rel.home_of(cat, domain, files) if files is not None else None
+                if files is not None and any(f in change for f in (*DOMAIN_CHECKED, fleetfiles.HOME)):
                     target = None
                     if "passwd" in change:
                         target = os.path.join(self._new_bucket_dir(domain[:2]), domain)
                     captured: dict[str, Any] = {
                         m: _Capture() for m in ("virtual_mailbox_domains", "virtual_mailbox_maps") if m in change
                     }
-                    self._check_domain(cat, domain, files, target, captured)
+                    self._check_domain(cat, domain, files, target, captured, home)
                     new_data.update({m: c.value() for m, c in captured.items()})
+                old_derived: dict[str, bytes] = {}
+                if fleetfiles.HOME in change:
+                    old_home_oid = change[fleetfiles.HOME][0]
+                    old_home = (
+                        fleetfiles.parse_home_lenient(
+                            self._read(cat, domain, fleetfiles.HOME, old_home_oid, limit=False)
+                        )
+                        if old_home_oid
+                        else None
+                    )
+                    old_derived = self._derived(domain, old_home)
+                    new_data.update(self._derived(domain, home))
+                    self.proxy_changed[domain] = new_data.pop(fleetfiles.PROXY_PASSDB)
                 for mapname in self.maps:
+                    if mapname in fleetfiles.DERIVED_MAPS:
+                        if fleetfiles.HOME in change:
+                            self._edit(
+                                edits, domain, mapname, k, fragment_keys(old_derived[mapname]), new_data[mapname]
+                            )
+                        continue
                     if mapname not in change:
                         continue
                     old_oid, new_oid = change[mapname]
@@ -316,12 +382,7 @@ class BucketBuild:
                             if checked is not None:
                                 senders[domain] = checked
                     old = fragment_keys(self._read(cat, domain, mapname, old_oid, limit=False)) if old_oid else {}
-                    new = fragment_keys(new_data[mapname])
-                    if mapname == "virtual_mailbox_maps":
-                        self.mailboxes += len(new) - len(old)
-                    edit = edits.setdefault(table_name(mapname, k), _TableChange())
-                    edit.deletes += [key for key in old if key not in new]
-                    edit.upserts += [line for key, line in new.items() if old.get(key) != line]
+                    self._edit(edits, domain, mapname, k, old, new_data[mapname])
             self._check_sender_claims(cat, changes, senders)
         for bb, gone in passwd_changed.items():
             self._finish_bucket_dir(bb, gone)
@@ -338,6 +399,17 @@ class BucketBuild:
                 self._update_table(src, dst, name, found)
                 self.tables[name] = self.tag
                 self.reloads.add("postfix")
+
+    def _edit(
+        self, edits: dict[str, _TableChange], domain: str, mapname: str, k: int, old: dict[bytes, bytes], data: bytes
+    ) -> None:
+        """Queue the key deletes and upserts that turn a domain's ``old`` lines of ``mapname`` into ``data``."""
+        new = fragment_keys(data)
+        if mapname == "virtual_mailbox_maps":
+            self.mailboxes += len(new) - len(old)
+        edit = edits.setdefault(table_name(mapname, k), _TableChange())
+        edit.deletes += [key for key in old if key not in new]
+        edit.upserts += [line for key, line in new.items() if old.get(key) != line]
 
     def _check_sender_claims(
         self, cat: BlobReader, changes: dict[str, dict[str, tuple[str, str]]], senders: dict[str, SenderCheck]
@@ -408,11 +480,18 @@ class BucketBuild:
         return cat.read(oid, what, self.cfg.max_file_bytes if limit else max(self.cfg.max_file_bytes, 1 << 30))
 
     def _check_domain(
-        self, cat: BlobReader, domain: str, files: dict[str, str], passwd_target: str | None, outs: dict[str, Any]
+        self,
+        cat: BlobReader,
+        domain: str,
+        files: dict[str, str],
+        passwd_target: str | None,
+        outs: dict[str, Any],
+        home: tuple[str, str] | None = None,
     ) -> int:
-        """Stream and validate passwd, the two mailbox maps and mailboxes; write passwd to ``passwd_target``
-        and each map into ``outs[map]`` (if given). Returns the mailbox count."""
-        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files)
+        """Stream and validate passwd, the two mailbox maps and mailboxes (against the validated
+        ``home``); write passwd to ``passwd_target`` and each map into ``outs[map]`` (if given).
+        Returns the mailbox count."""
+        check = DomainCheck(domain, self.cfg, format2="mailboxes" in files, home=home)
         for fname in DOMAIN_CHECKED:
             oid = files.get(fname)
             if not oid:
@@ -516,8 +595,11 @@ class BucketBuild:
             "postfix_digest": digest(
                 [(n, v.encode()) for n, v in self.tables.items()] + [("\0map_type", self.cfg.map_type.encode())]
             ),
-            "dovecot_digest": digest([(bb, v.encode()) for bb, v in self.passwd_dirs.items()]),
+            "dovecot_digest": digest(
+                [(bb, v.encode()) for bb, v in self.passwd_dirs.items()] + [("\0proxy", self._proxy_digest())]
+            ),
             "index_dirs": self.index_dirs,
+            "fleet": self.rel.fleet.addresses(),
             "domains": self.domains,
             "mailboxes": self.mailboxes,
             "changed_domains": self.changed_domains,
@@ -525,6 +607,13 @@ class BucketBuild:
             "tables": self.tables,
             "passwd_dirs": self.passwd_dirs,
         }
+
+    def _proxy_digest(self) -> bytes:
+        try:
+            with open(os.path.join(self.tmp, "dovecot", fleetfiles.PROXY_PASSDB), "rb") as fh:
+                return hashlib.sha256(fh.read()).hexdigest().encode()
+        except FileNotFoundError:
+            return b""
 
 
 class _Postmaps:

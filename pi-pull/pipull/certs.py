@@ -198,6 +198,9 @@ class TlsStep:
     runner: Runner = field(default_factory=Runner)
     certbot: str = "certbot"
     openssl: str = "openssl"
+    # More names a self-signed certificate carries: the node's address in a fleet (docs/fleet.md),
+    # which the other nodes' proxies check the certificate against (an IP or a host name).
+    alt_names: tuple[str, ...] = ()
 
     def run(self) -> bool:
         """True when the certificate at the TLS paths changed (Postfix and Dovecot must restart)."""
@@ -226,7 +229,7 @@ class TlsStep:
             r = self.runner.run(
                 [self.openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                  "-days", str(SELF_SIGNED_DAYS), "-subj", f"/CN={self.host}", "-addext",
-                 f"subjectAltName=DNS:{self.host}", "-keyout", tmp, "-out", f"{tmp}.crt"],
+                 f"subjectAltName={self.san()}", "-keyout", tmp, "-out", f"{tmp}.crt"],
                 timeout=120,
             )  # fmt: skip
             key, cert = read(tmp), read(f"{tmp}.crt")
@@ -239,6 +242,19 @@ class TlsStep:
         self.files.put_file(self.key, key, 0o600, " (self-signed, its key)", secret=True)
         self.files.put_file(self.cert, cert, 0o644, " (self-signed)")
         return True
+
+    def san(self) -> str:
+        """The self-signed certificate's subjectAltName: the mail host, then the other names."""
+        import ipaddress
+
+        out = []
+        for name in dict.fromkeys((self.host, *self.alt_names)):
+            try:
+                ipaddress.ip_address(name)
+                out.append(f"IP:{name}")
+            except ValueError:
+                out.append(f"DNS:{name}")
+        return ",".join(out)
 
     # ---- ACME
 

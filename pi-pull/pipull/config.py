@@ -75,6 +75,20 @@ class Config:
     # [policy] (pipull/policy.py): the submission ports' outbound limits (Postfix check_policy_service).
     policy_listen: str = "127.0.0.1:10040"
     policy_db: str = ""  # default <root>/policy/counts.sqlite
+    # [fleet] (pipull/fleet.py): how this node relays, proxies and syncs to the other nodes of a
+    # fleet whose nodes have addresses. Every node of a fleet uses the same ports.
+    fleet_dir: str = ""  # default <root>/fleet: Dovecot include, TLS tables, credentials (0700)
+    fleet_relay_port: int = 2525
+    fleet_doveadm_port: int = 12345
+    fleet_tls_cert: str = "/etc/pi-pull/tls/fullchain.pem"
+    fleet_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    fleet_dovecot_config: str = "/etc/dovecot/dovecot.conf"
+    fleet_doveadm: str = "doveadm"
+    fleet_postqueue: str = "postqueue"
+    fleet_postmap: str = ""  # default: [services] postmap
+    fleet_url: str = ""  # default: [report] url with /fleet for /report
+    fleet_sync_budget_s: float = 20.0
+    fleet_sync_stall_s: float = 30.0  # doveadm sync -T: a stream stalled this long is given up, retried
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -198,8 +212,42 @@ def load_config(path: str) -> Config:
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     cfg.policy_listen = r.get_str("policy", "listen", cfg.policy_listen)
     cfg.policy_db = r.get_path("policy", "db", os.path.join(cfg.root, "policy", "counts.sqlite"))
+    _load_fleet(r, cfg)
     check_config(cfg, path)
     return cfg
+
+
+def _load_fleet(r: _Reader, cfg: Config) -> None:
+    cfg.fleet_dir = r.get_path("fleet", "dir", os.path.join(cfg.root, "fleet"))
+    cfg.fleet_relay_port = r.get_int("fleet", "relay_port", cfg.fleet_relay_port)
+    cfg.fleet_doveadm_port = r.get_int("fleet", "doveadm_port", cfg.fleet_doveadm_port)
+    cfg.fleet_tls_cert = r.get_path("fleet", "tls_cert", cfg.fleet_tls_cert)
+    cfg.fleet_ca_bundle = r.get_path("fleet", "ca_bundle", cfg.fleet_ca_bundle)
+    cfg.fleet_dovecot_config = r.get_path("fleet", "dovecot_config", cfg.fleet_dovecot_config)
+    cfg.fleet_doveadm = r.get_str("fleet", "doveadm", cfg.fleet_doveadm)
+    cfg.fleet_postqueue = r.get_str("fleet", "postqueue", cfg.fleet_postqueue)
+    cfg.fleet_postmap = r.get_str("fleet", "postmap", cfg.postmap)
+    default_url = cfg.report_url[: -len("/report")] + "/fleet" if cfg.report_url.endswith("/report") else ""
+    cfg.fleet_url = r.get_str("fleet", "url", default_url)
+    cfg.fleet_sync_budget_s = r.get_float("fleet", "sync_budget_s", cfg.fleet_sync_budget_s)
+    cfg.fleet_sync_stall_s = r.get_float("fleet", "sync_stall_s", cfg.fleet_sync_stall_s)
+
+
+def _check_fleet(cfg: Config, path: str) -> None:
+    for key in ("fleet_relay_port", "fleet_doveadm_port"):
+        if not 1 <= getattr(cfg, key) <= 65535:
+            raise ConfigError(f"config {path}: [fleet] {key[6:]} must be a port number (1-65535)")
+    if cfg.fleet_url and not cfg.fleet_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"config {path}: [fleet] url must be http(s) (the server's /v1/nodes/fleet)")
+    if not cfg.fleet_sync_budget_s > 0:
+        raise ConfigError(f"config {path}: [fleet] sync_budget_s must be > 0 (seconds of doveadm sync per tick)")
+    if not cfg.fleet_sync_stall_s >= 1:
+        raise ConfigError(f"config {path}: [fleet] sync_stall_s must be >= 1 (seconds a doveadm sync may stall)")
+    for key in ("fleet_doveadm", "fleet_postqueue", "fleet_postmap"):
+        try:
+            shlex.split(getattr(cfg, key))
+        except ValueError as e:
+            raise ConfigError(f"config {path}: [fleet] {key[6:]}: {e}") from None
 
 
 def _load_dkim(r: _Reader, cfg: Config) -> None:
@@ -232,6 +280,7 @@ def check_config(cfg: Config, path: str) -> None:
     """Reject values that would only fail later, mid-tick."""
     _check_mail(cfg, path)
     _check_dkim(cfg, path)
+    _check_fleet(cfg, path)
     if cfg.max_fetch_mb < 1 or cfg.max_file_mb < 1:
         raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:

@@ -45,6 +45,9 @@ WAIT_TIMEOUT = 25.0  # seconds the server holds a wait (its maximum is 55)
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
 LOCKED_RETRY = 1.0
+# A tick that left move work over (a sync budget ran out, a queue still to empty) is followed by
+# another this soon, not at the next change or fallback tick.
+MORE_WORK_PAUSE = 1.0
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SERVER_GIT_PATH = "/v1/nodes/state.git"
 
@@ -196,14 +199,18 @@ class Follower:
         return value if isinstance(value, str) else ""
 
     def _tick(self) -> int:
-        """One tick, taking turns with the timer's ``--once`` on the lock; EXIT_USAGE ends the loop."""
+        """One tick, taking turns with the timer's ``--once`` on the lock; EXIT_USAGE ends the loop.
+        A tick that left move work over (its budget ran out: Agent.more_work) is followed by another."""
         while not self.stop.is_set():
             code = self.tick()
-            if code != EXIT_LOCKED:
-                self.last_tick = self.clock()
+            if code == EXIT_LOCKED:
+                self.log.info("another pi-pull run holds the lock; trying again in a second")
+                self.stop.wait(LOCKED_RETRY)
+                continue
+            self.last_tick = self.clock()
+            if code == EXIT_USAGE or not self.agent.more_work:
                 return code
-            self.log.info("another pi-pull run holds the lock; trying again in a second")
-            self.stop.wait(LOCKED_RETRY)
+            self.stop.wait(MORE_WORK_PAUSE)
         return EXIT_OK
 
     def _wait(self, head: str, timeout: float) -> Answer | None:

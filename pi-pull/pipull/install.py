@@ -58,7 +58,15 @@ MASTER_CF_DIST = ("/usr/share/postfix/master.cf.dist",)
 CODE_CACHE = "/var/cache/pi-pull/code"
 # Empty tables until the first tick (Installer.make_empty_tables): the maps main.cf lists per bucket.
 PLACEHOLDER = "placeholder"
-PLACEHOLDER_MAPS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps")
+PLACEHOLDER_MAPS = (
+    "virtual_mailbox_domains",
+    "virtual_mailbox_maps",
+    "virtual_alias_maps",
+    "sender_login_maps",
+    "fleet_transport",
+    "fleet_defer",
+)
+FLEET_TABLES = ("tls_policy", "ccerts")  # pipull/fleet.py writes them; empty until the node is in a fleet
 DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir")
 
 
@@ -432,6 +440,7 @@ class Installer:
             self.make_mail_root()
             self.make_empty_tables()
             self.install_certificate()
+            self.make_fleet_files()
         finally:
             if not self.opts.dry_run:
                 self.record.data["node"] = self.m.get("node", "")
@@ -715,7 +724,7 @@ class Installer:
         if "-c" not in postmap:
             postmap += ["-c", self.opts.dirs["postfix_dir"]]
         if not self.steps.change(
-            f"create {root}/{PLACEHOLDER} ({4 * n} empty {map_type} tables, an empty passwd.d) and "
+            f"create {root}/{PLACEHOLDER} ({len(PLACEHOLDER_MAPS) * n} empty {map_type} tables, an empty passwd.d) and "
             f"{current} -> {PLACEHOLDER}, until the first tick applies a release"
         ):
             return
@@ -768,7 +777,8 @@ class Installer:
         step = certs.TlsStep(
             cert=cert,
             key=key,
-            host=self.opts.mail_host or "localhost",
+            host=self.opts.mail_host or str(self.m.get("address") or "localhost"),
+            alt_names=tuple(str(a) for a in (self.m.get("address"),) if a),
             acme=self.opts.acme,
             hook_path=self.path("lib_dir", certs.HOOK_NAME),
             hook=hook,
@@ -781,6 +791,34 @@ class Installer:
         )
         if step.run():
             self.changed.update({"postfix", "dovecot"})  # they read the certificate when they start
+
+    # ---- the fleet's files
+
+    def make_fleet_files(self) -> None:
+        """``<root>/fleet`` (0700) with the empty tables the fleet transport and relay listener of
+        master.cf name, until pi-pull writes them from the signed state."""
+        cp = self.bundle_config()
+        root = self.release_root()
+        if not root.startswith("/"):
+            return
+        fleet = os.path.join(root, "fleet")
+        map_type = cp.get("services", "map_type", fallback="hash").strip() or "hash"
+        postmap = shlex.split(cp.get("services", "postmap", fallback="postmap").strip() or "postmap")
+        if "-c" not in postmap:
+            postmap += ["-c", self.opts.dirs["postfix_dir"]]
+        missing = [t for t in FLEET_TABLES if not os.path.exists(os.path.join(fleet, t))]
+        if not missing:
+            self.steps.done(f"{fleet} (the fleet's tables)")
+            return
+        if not self.steps.change(f"create {fleet} (0700) and empty {map_type} tables {', '.join(missing)}"):
+            return
+        os.makedirs(fleet, mode=0o700, exist_ok=True)
+        for name in missing:
+            path = os.path.join(fleet, name)
+            atomic_write(path, b"", 0o644)
+            ok, text = run(self.runner, [*postmap, f"{map_type}:{path}"])
+            if not ok:
+                raise InstallError(f"postmap cannot make the empty table {path}: {text}")
 
     # ---- checks and services
 

@@ -607,6 +607,19 @@ class Lifecycle:
             os.close(gfd)
         return purged
 
+    def _homed_elsewhere(self, sha: str) -> set[str]:
+        """The domains whose home is another node: the release's IMAP proxy passdb lists exactly them."""
+        from .fleetfiles import PROXY_PASSDB
+
+        out: set[str] = set()
+        try:
+            with open(os.path.join(self.releases.dir, sha, "dovecot", PROXY_PASSDB), "rb") as fh:
+                for line in fh:
+                    out.add(line.split(b":", 1)[0].decode("ascii", "replace"))
+        except FileNotFoundError:
+            pass
+        return out
+
     def usage(self, st: dict[str, Any]) -> list[dict[str, object]] | None:
         """The usage entries this tick measured (None when none is due, or this node does not
         report). A pass over every listed mailbox starts every ``usage_interval`` (its start
@@ -630,7 +643,10 @@ class Lifecycle:
 
         def listed() -> list[tuple[str, str, str]]:
             tree = self.releases.list_rendered(applied)  # once per usage pass: every mailbox
-            boxes = self._mailboxes(tree, sorted(tree))
+            # A domain homed on another node has its mail there: that node reports it (this one
+            # would report the empty Maildirs it does not have, and the latest report counts).
+            elsewhere = self._homed_elsewhere(applied)
+            boxes = self._mailboxes(tree, sorted(d for d in tree if d not in elsewhere))
             if isinstance(ls.get("upgrade"), dict):
                 self._settle_all(st, applied, unlink=False)
             return [(d, local, box_id) for d in boxes for local, box_id in boxes[d]]

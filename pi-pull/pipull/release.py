@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from . import buckets
+from . import buckets, fleetfiles
 from .aliasmap import ALIAS_MAP, write_alias_maps
 from .config import POSTMAP_TYPES, Config
 from .errors import Refused, TickError
@@ -25,12 +25,14 @@ from .services import explain_reload_failure
 from .verify import DomainCheck, feed
 
 MAP_FILES = ("virtual_mailbox_domains", "virtual_mailbox_maps")
-DOMAIN_FILES = ("passwd", "mailboxes", *buckets.FRAGMENT_MAPS)
+DOMAIN_FILES = ("passwd", "mailboxes", fleetfiles.HOME, *buckets.FRAGMENT_MAPS)
 REQUIRED_FILES = ("passwd", *MAP_FILES)
 if SENDER_MAP not in DOMAIN_FILES:  # the sender-login fragment (pipull/sendermap.py)
     DOMAIN_FILES = (*DOMAIN_FILES, SENDER_MAP)
 # Bump when validation gets stricter: releases built by an older validator are then not reused.
-VALIDATOR_VERSION = 2
+VALIDATOR_VERSION = 3
+# The Postfix maps a node derives from the domains' home fragments (pipull/fleetfiles.py).
+DERIVED_MAPS = fleetfiles.DERIVED_MAPS
 LISTINGS_KEPT = 4  # tip + live release per tick, with room to spare
 
 
@@ -110,6 +112,7 @@ class _Plan:
     prev_passwd_dir: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     gid: int = -1
+    homes: dict[str, str] = field(default_factory=dict)  # domain -> its home fragment's blob id
 
 
 class Releases:
@@ -133,6 +136,8 @@ class Releases:
         self._changes: dict[tuple[str, str], dict[str, dict[str, tuple[str, str]]]] = {}
         self._domain_files: dict[str, dict[str, dict[str, str]]] = {}
         self._good_domains: set[str] = set()  # names is_domain() accepted (as rendered/domains/<its bb>/<name>)
+        self._fleets: dict[str, fleetfiles.Fleet] = {}
+        self.fleet = fleetfiles.Fleet()  # the fleet of the commit being built (build() sets it)
 
     # ---- read rendered/ from git
 
@@ -264,9 +269,57 @@ class Releases:
         return {d: cache[d] for d in domains if cache.get(d)}
 
     def reuse_key(self) -> str:
+        # The derived transport lines depend on who this node is and on the relay port.
         return json.dumps(
-            [VALIDATOR_VERSION, self.cfg.passwd_group, self.cfg.mail_root, self.cfg.mail_uid, self.cfg.mail_gid]
+            [
+                VALIDATOR_VERSION,
+                self.cfg.passwd_group,
+                self.cfg.mail_root,
+                self.cfg.mail_uid,
+                self.cfg.mail_gid,
+                self.cfg.node_name,
+                self.cfg.fleet_relay_port,
+            ]
         )
+
+    # ---- the fleet (pipull/fleetfiles.py)
+
+    def top_files(self, sha: str, names: Sequence[str]) -> dict[str, bytes]:
+        """The blobs of top-level rendered files (rendered/nodes, nodes.pem, moves) of ``sha``, as present."""
+        r = self.mirror.git("ls-tree", "-z", sha, "--", *names)
+        if r.returncode != 0:
+            raise TickError(f"git ls-tree {sha[:12]} failed: {short(r.stderr)}")
+        oids: dict[str, str] = {}
+        for entry in r.stdout.split(b"\0"):
+            if entry:
+                meta, _, path = entry.partition(b"\t")
+                mode, otype, oid = meta.decode("ascii").split()
+                if otype != "blob" or mode not in ("100644", "100755"):
+                    raise Refused(f"{path.decode('utf-8', 'replace')} is not a regular file")
+                oids[path.decode("utf-8")] = oid
+        if not oids:
+            return {}
+        with self.mirror.batch() as cat:
+            return {p: cat.read(oid, p, fleetfiles.MAX_FLEET_BYTES) for p, oid in oids.items()}
+
+    def fleet_of(self, sha: str) -> fleetfiles.Fleet:
+        """rendered/nodes (+ nodes.pem) of ``sha``, validated with rendered/moves; cached for the tick."""
+        cached = self._fleets.get(sha)
+        if cached is None:
+            found = self.top_files(sha, (fleetfiles.NODES_FILE, fleetfiles.NODES_PEM, fleetfiles.MOVES_FILE))
+            cached = fleetfiles.parse_fleet(found.get(fleetfiles.NODES_FILE), found.get(fleetfiles.NODES_PEM))
+            fleetfiles.parse_moves(found.get(fleetfiles.MOVES_FILE), cached)
+            self._fleets[sha] = cached
+        return cached
+
+    def home_of(self, cat: BlobReader, domain: str, files: dict[str, str]) -> tuple[str, str] | None:
+        """(home, address) from the domain's home fragment, validated against ``self.fleet``."""
+        oid = files.get(fleetfiles.HOME)
+        if not oid:
+            return None
+        data = cat.read(oid, f"rendered/domains/{domain[:2]}/{domain}/{fleetfiles.HOME}", self.cfg.max_file_bytes)
+        home = fleetfiles.parse_home(domain, data, self.fleet)
+        return home.home, home.address
 
     # ---- build
 
@@ -288,6 +341,7 @@ class Releases:
                 if name.startswith(".build-"):  # left by a run that died mid-build
                     shutil.rmtree(os.path.join(top, name), ignore_errors=True)
         self._manifests.pop(sha, None)
+        self.fleet = self.fleet_of(sha)
         try:
             if self.cfg.map_buckets > 0:
                 manifest = self._write_bucketed(tmp, sha, previous)
@@ -313,7 +367,13 @@ class Releases:
     def _plan(self, sha: str, previous: str | None) -> _Plan:
         plan = _Plan(tree=self.list_rendered(sha))
         prev = self.manifest(previous)
-        if previous and prev.get("reuse_key") == self.reuse_key() and isinstance(prev.get("files"), dict):
+        same_fleet = self.fleet.keeps(prev.get("fleet", []))
+        if (
+            previous
+            and prev.get("reuse_key") == self.reuse_key()
+            and isinstance(prev.get("files"), dict)
+            and same_fleet
+        ):
             plan.prev_files = prev["files"]
         plan.prev_passwd_dir = os.path.join(self.dir, previous or "-", "dovecot", "passwd.d")
         for domain, files in plan.tree.items():
@@ -324,12 +384,16 @@ class Releases:
                 files.get("mailboxes", ""),
             ]
             plan.keys[domain] = key
+            if files.get(fleetfiles.HOME):
+                plan.homes[domain] = files[fleetfiles.HOME]
             old = plan.prev_files.get(domain)
+            prev_homes: dict[str, Any] = prev["homes"] if isinstance(prev.get("homes"), dict) else {}
             if (
                 isinstance(old, list)
                 and len(old) >= 4
                 and old[:3] == key[:3]
                 and (old[4:5] or [""]) == key[3:4]
+                and prev_homes.get(domain, "") == plan.homes.get(domain, "")
                 and os.path.isfile(os.path.join(plan.prev_passwd_dir, domain))
             ):
                 plan.reuse.add(domain)
@@ -371,16 +435,26 @@ class Releases:
         for domain in sorted(plan.tree):
             p_oid, m_oid, d_oid, b_oid = plan.keys[domain]
             fresh = domain not in plan.reuse
+            order += [plan.homes[domain]] if domain in plan.homes else []
             order += ([p_oid] if fresh else []) + [m_oid, d_oid] + ([b_oid] if fresh and b_oid else [])
         with (
             self.mirror.batch(order) as cat,
             open_new(os.path.join(tmp, "postfix", "virtual_mailbox_domains"), 0o644) as vmd,
             open_new(os.path.join(tmp, "postfix", "virtual_mailbox_maps"), 0o644) as vmm,
+            open_new(os.path.join(tmp, "postfix", fleetfiles.TRANSPORT_MAP), 0o644) as transport,
+            open_new(os.path.join(tmp, "postfix", fleetfiles.DEFER_MAP), 0o644) as defer,
+            open_new(os.path.join(tmp, "dovecot", fleetfiles.PROXY_PASSDB), 0o644) as proxy,
         ):
             links: list[str] = []
             for domain in sorted(plan.tree):
                 p_oid, m_oid, d_oid, b_oid = plan.keys[domain]
-                check = None if domain in plan.reuse else DomainCheck(domain, self.cfg, format2=bool(b_oid))
+                home = self.home_of(cat, domain, plan.tree[domain])
+                derived = fleetfiles.derived_lines(domain, home, self.cfg.node_name, self.cfg.fleet_relay_port)
+                transport.write(derived[fleetfiles.TRANSPORT_MAP])
+                defer.write(derived[fleetfiles.DEFER_MAP])
+                proxy.write(derived[fleetfiles.PROXY_PASSDB])
+                fresh = domain not in plan.reuse
+                check = DomainCheck(domain, self.cfg, format2=bool(b_oid), home=home) if fresh else None
                 if check is None:
                     links.append(domain)  # linked once everything validated: a refused build touches no live file
                 else:
@@ -397,14 +471,14 @@ class Releases:
                 try:
                     os.link(os.path.join(plan.prev_passwd_dir, domain), target)
                 except OSError:
-                    self._write_passwd(
-                        plan, cat, DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3])), domain, target
-                    )
+                    home = self.home_of(cat, domain, plan.tree[domain])
+                    again = DomainCheck(domain, self.cfg, format2=bool(plan.keys[domain][3]), home=home)
+                    self._write_passwd(plan, cat, again, domain, target)
             # Last, so the blobs read above keep their order; always validated (the fragments are small).
             alias_maps = write_alias_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
             sender_maps = write_sender_maps(cat, plan.tree, tmp, self.cfg.max_file_bytes)
         self.postmap(tmp)
-        manifest = self._manifest_for(sha, files_manifest, len(plan.reuse), alias_maps, sender_maps)
+        manifest = self._manifest_for(sha, files_manifest, len(plan.reuse), alias_maps, sender_maps, plan.homes)
         write_file(os.path.join(tmp, "MANIFEST.json"), (json.dumps(manifest, sort_keys=True) + "\n").encode())
         write_file(os.path.join(tmp, "COMMIT"), (sha + "\n").encode())
         return manifest
@@ -416,10 +490,12 @@ class Releases:
         reused: int,
         alias_maps: dict[str, str] | None = None,
         sender_maps: dict[str, str] | None = None,
+        homes: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """MANIFEST.json: per-service digests decide which services a swap reloads."""
         alias_maps = alias_maps or {}
         sender_maps = sender_maps or {}
+        homes = homes or {}
         return {
             "commit": sha,
             "built_at": utcnow(),
@@ -430,6 +506,7 @@ class Releases:
                 + [("\0map_type", self.cfg.map_type.encode())]
                 + [("\0alias " + d, oid.encode()) for d, oid in sorted(alias_maps.items())]
                 + [("\0sender " + d, oid.encode()) for d, oid in sorted(sender_maps.items())]
+                + [("\0home " + d, oid.encode()) for d, oid in sorted(homes.items())]
             ),
             "dovecot_digest": digest([(d, v[0].encode()) for d, v in files.items()]),
             "domains": len(files),
@@ -438,13 +515,15 @@ class Releases:
             "files": files,
             "alias_maps": alias_maps,
             "sender_maps": sender_maps,
+            "homes": homes,
+            "fleet": self.fleet.addresses(),
         }
 
     def postmap(self, release: str) -> None:
         if self.cfg.map_type not in POSTMAP_TYPES:
             return
         base = shlex.split(self.cfg.postmap)
-        for name in (*MAP_FILES, ALIAS_MAP, SENDER_MAP):
+        for name in (*MAP_FILES, ALIAS_MAP, SENDER_MAP, *DERIVED_MAPS):
             target = "{}:{}".format(self.cfg.map_type, os.path.join(release, "postfix", name))
             r = self.runner.run([*base, target], timeout=600)
             if r.returncode != 0:
@@ -464,8 +543,8 @@ class Releases:
             return None
         name = os.path.basename(target.rstrip("/"))
         if SHA_RE.match(name) and os.path.isdir(os.path.join(self.dir, name)):
-            self._ensure_alias_map(name)
-            self._ensure_alias_map(name, SENDER_MAP)
+            for mapname in (ALIAS_MAP, SENDER_MAP, *DERIVED_MAPS):
+                self._ensure_alias_map(name, mapname)
             return name
         return None
 

@@ -66,6 +66,7 @@ class Reporter:
         dkim_keys: list[dict[str, Any]] | None = None,
         app_uses: list[dict[str, Any]] | None = None,
         sending: list[dict[str, Any]] | None = None,
+        extras: dict[str, Any] | None = None,
     ) -> bool:
         """Send pending reports, then this tick's (unless it repeats the last pending one).
         True when the last report of the queue (the one carrying this tick's extras) was delivered.
@@ -74,9 +75,10 @@ class Reporter:
         tick only; it is never queued in state.json (100k mailboxes weigh ~9 MB): a report that
         cannot be delivered drops it, and the next measurement comes one interval later.
         ``dkim_keys`` (dkim.py: public keys only) rides the same way, every tick, and so do the
-        ``sending`` figures of the logins whose figures changed (policy.py); so does ``app_uses``
-        (ownerfiles.py: app passwords that logged in), which the caller keeps queued in
-        state.json until a report that carried it was delivered."""
+        ``sending`` figures of the logins whose figures changed (policy.py) and ``extras``
+        (fleet.py: a new TLS certificate, move-domain steps); so does ``app_uses`` (ownerfiles.py:
+        app passwords that logged in), which the caller keeps queued in state.json until a report
+        that carried it was delivered."""
         if not self.cfg.report_url:
             return False
         known = st.get("statement")
@@ -90,7 +92,7 @@ class Reporter:
         pending = [r for r in st.get("pending_reports", []) if isinstance(r, dict)]
         queue = pending + ([current] if not pending or pending[-1] != current else [])
         sent = 0
-        extras: dict[str, Any] = {}
+        extras = dict(extras or {})
         if usage is not None:
             extras["usage"] = usage
         if dkim_keys is not None:

@@ -41,6 +41,7 @@ _LOCAL = r"(?=[a-z0-9._+-]{1,64}[:@ ])[a-z0-9](?:[a-z0-9_+-]|\.(?=[a-z0-9_+-]))*
 _PASSWD_FAST = re.compile(
     r"(" + _LOCAL + r")@([a-z0-9.-]+):\{BLF-CRYPT\}\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}"
     r":([0-9]+):([0-9]+)::([!-9;-~]+)::userdb_quota_rule=\*:storage=([1-9][0-9]{0,6})M"
+    r"( proxy_maybe=y host=[0-9a-z.:-]+| nologin=y)?"
 )
 _MAP_FAST = re.compile(r"(" + _LOCAL + r")@([a-z0-9.-]+) ([a-z0-9.-]+)/([!-.0-~]+)/")
 _MAILBOXES_FAST = re.compile(r"(" + _LOCAL + r") ([0-9]{8}-[0-9a-f]{6}) (active|inactive)")
@@ -122,10 +123,16 @@ class DomainCheck:
     ``finish()``). Every failure is Refused with the file, the line number and the reason; a
     password hash never appears in a message."""
 
-    def __init__(self, domain: str, cfg: Config, *, format2: bool) -> None:
+    def __init__(self, domain: str, cfg: Config, *, format2: bool, home: tuple[str, str] | None = None) -> None:
         if not is_domain(domain):
             raise Refused(f"unsafe domain name {domain[:80]!r} in rendered/")
+        if home is not None and not format2:
+            raise Refused(f"{domain}: a home fragment needs state format 2 (a mailboxes fragment)")
         self.domain = domain
+        # (home node, its address) from the domain's validated home fragment (pipull/fleetfiles.py):
+        # then every active mailbox's line proxies there and every soft-deleted one has nologin.
+        self.home = home
+        self.proxy_suffix = f" proxy_maybe=y host={home[1]}" if home else None
         self.root = cfg.mail_root.rstrip("/")
         self.uid = str(cfg.mail_uid)
         self.gid = str(cfg.mail_gid)
@@ -133,6 +140,8 @@ class DomainCheck:
         self.passwd = _Seq(f"passwd of {domain}")
         self.maps = _Seq(f"virtual_mailbox_maps of {domain}")
         self.active = _Seq(f"mailboxes of {domain}")
+        self.inactive = _Seq(f"mailboxes of {domain}")
+        self.passwd_inactive = _Seq(f"passwd of {domain}")
         self.listed = _Seq(f"mailboxes of {domain}")
         self.vmd_lines = 0
         self.passwd_prefix = f"{self.root}/{domain}/"
@@ -179,7 +188,7 @@ class DomainCheck:
         except UnicodeDecodeError:
             m = None
         if m is not None:
-            local, dom, uid, gid, home, quota = m.groups()
+            local, dom, uid, gid, home, quota, extra = m.groups()
             prefix = self.passwd_prefix
             d = home[len(prefix) :]
             if (
@@ -189,9 +198,14 @@ class DomainCheck:
                 and home.startswith(prefix)
                 and self._fast_dir(local, d)
                 and int(quota) <= MAX_QUOTA_MB
+                and (extra is None) == (self.home is None)
             ):
-                self.passwd.add(local, d)
-                return
+                if extra is None or extra == self.proxy_suffix:
+                    self.passwd.add(local, d)
+                    return
+                if extra == " nologin=y":
+                    self.passwd_inactive.add(local, d)
+                    return
         self._passwd_line_slow(n, raw)
         raise Refused(f"passwd of {self.domain}, line {n}: not a line the compiler writes")  # pragma: no cover
 
@@ -225,15 +239,45 @@ class DomainCheck:
                 f"[paths] mail_root {self.root}/{self.domain}/"
             )
         self._dir(what, n, local, home[len(prefix) :])
-        extra = fields[7:]
-        m = QUOTA_RE.fullmatch(extra[1]) if len(extra) == 2 and extra[0] == "userdb_quota_rule=*" else None
+        extra = ":".join(fields[7:]).split(" ")
+        quota = extra[0].split(":")
+        m = QUOTA_RE.fullmatch(quota[1]) if len(quota) == 2 and quota[0] == "userdb_quota_rule=*" else None
         if m is None or int(m.group(1)) > MAX_QUOTA_MB:
             raise Refused(
                 f"passwd of {self.domain}, line {n} ({user}): extra fields must be exactly "
                 "userdb_quota_rule=*:storage=<N>M (nopassword, userdb_uid, userdb_home, userdb_mail, proxy, host ... "
                 "are refused)"
             )
-        self.passwd.add(local, home[len(prefix) :])
+        if self._fleet_fields(n, user, extra[1:]):
+            self.passwd.add(local, home[len(prefix) :])
+        else:
+            self.passwd_inactive.add(local, home[len(prefix) :])
+
+    def _fleet_fields(self, n: int, user: str, fields: list[str]) -> bool:
+        """Check the extra fields after the quota rule: True for an active mailbox's line, False for
+        a soft-deleted one's (nologin=y); Refused saying what is wrong otherwise."""
+        where = f"passwd of {self.domain}, line {n} ({user})"
+        if self.home is None:
+            if fields:
+                raise Refused(
+                    f"{where}: {' '.join(fields)[:80]!r}: a domain without a home fragment has no other extra fields "
+                    "(nopassword, userdb_uid, userdb_home, userdb_mail, proxy, host ... are refused)"
+                )
+            return True
+        if fields == ["proxy_maybe=y", f"host={self.home[1]}"]:
+            return True
+        if fields == ["nologin=y"]:
+            return False
+        hosts = [f[5:] for f in fields if f.startswith("host=")]
+        if hosts and hosts[0] != self.home[1]:
+            raise Refused(
+                f"{where}: host={hosts[0][:80]} is not the address of the domain's home {self.home[0]} "
+                "(a node proxies only to its fleet's nodes)"
+            )
+        raise Refused(
+            f"{where}: the extra fields must be exactly 'proxy_maybe=y host={self.home[1]}' (an active mailbox) or "
+            "'nologin=y' (a soft-deleted one)"
+        )
 
     def map_line(self, n: int, raw: bytes) -> None:
         try:
@@ -282,6 +326,8 @@ class DomainCheck:
         self.listed.add(local, mid)
         if state == "active":
             self.active.add(local, local + ID_SEPARATOR + mid)
+        else:
+            self.inactive.add(local, local + ID_SEPARATOR + mid)
 
     def _mailboxes_line_slow(self, n: int, raw: bytes) -> None:
         what = "mailboxes"
@@ -299,6 +345,8 @@ class DomainCheck:
         self.listed.add(parts[0], parts[1])
         if parts[2] == "active":
             self.active.add(parts[0], parts[0] + ID_SEPARATOR + parts[1])
+        else:
+            self.inactive.add(parts[0], parts[0] + ID_SEPARATOR + parts[1])
 
     def finish(self) -> int:
         """Cross-file checks once every file was fed; returns the mailbox (login) count."""
@@ -306,7 +354,8 @@ class DomainCheck:
             raise Refused(f"virtual_mailbox_domains of {self.domain} must be exactly one line '{self.domain} OK'")
         if (self.passwd.count, self.passwd.digest.digest()) != (self.maps.count, self.maps.digest.digest()):
             raise Refused(
-                f"{self.domain}: passwd and virtual_mailbox_maps disagree ({self.passwd.count} vs {self.maps.count} "
+                f"passwd of {self.domain} and virtual_mailbox_maps of {self.domain} disagree ({self.passwd.count} vs "
+                f"{self.maps.count} "
                 "entries, or different mailboxes)"
             )
         if self.format2 and (self.passwd.count, self.passwd.digest.digest()) != (
@@ -316,6 +365,14 @@ class DomainCheck:
             raise Refused(
                 f"mailboxes of {self.domain}: its active lines disagree with passwd ({self.active.count} vs "
                 f"{self.passwd.count} entries, or other ids)"
+            )
+        if self.home is not None and (self.passwd_inactive.count, self.passwd_inactive.digest.digest()) != (
+            self.inactive.count,
+            self.inactive.digest.digest(),
+        ):
+            raise Refused(
+                f"mailboxes of {self.domain}: its inactive lines disagree with the nologin lines of passwd "
+                f"({self.inactive.count} vs {self.passwd_inactive.count} entries, or other ids)"
             )
         return self.passwd.count
 

@@ -454,6 +454,8 @@ def test_openapi_lists_every_path_and_docs_answer(srv: LiveServer) -> None:
         "add-alias-domain": "post",
         "remove-alias-domain": "post",
         "dns-records": "get",
+        "move-domain": "post",
+        "set-node-address": "post",
         "check-dns": "get",
         "mobileconfig": "get",
         "set-vacation": "post",

@@ -71,6 +71,9 @@ SPEC_TOOLS = {
     "add-webhook": "email_account_add_webhook",
     "list-webhooks": "email_account_list_webhooks",
     "remove-webhook": "email_account_remove_webhook",
+    # one fleet, one mail service: homes and moves
+    "move-domain": "email_account_move_domain",
+    "set-node-address": "email_account_set_node_address",
 }
 
 
@@ -293,6 +296,10 @@ def call_every_tool(
             await call(a, "email_account_remove_domain", {"domain": f"admin-{domain}"})
             await call(a, "email_account_add_node", {"name": node})
             await call(a, "email_account_list_nodes", {})
+            # A fleet: a domain placed before any node had an address gets its home at once.
+            await call(a, "email_account_add_domain", {"domain": f"fleet-{domain}"})
+            await call(a, "email_account_set_node_address", {"name": node, "address": f"mx.{domain}"})
+            await call(a, "email_account_move_domain", {"domain": f"fleet-{domain}", "node": node})
         return out
 
     return main
@@ -313,7 +320,9 @@ def test_call_each_tool_once(env: Env) -> None:
     assert node in [n["name"] for n in out["email_account_list_nodes"]["nodes"]]
     writes = [t for t, op in TOOLS.items() if op.write]
     assert all(len(out[t]["commit"]) == 40 for t in writes)
-    assert srv.commit_count() == before + len(writes) + 3  # remove-user, add-domain and remove-domain ran twice
+    # remove-user and remove-domain ran twice, add-domain three times
+    assert srv.commit_count() == before + len(writes) + 4
+    assert out["email_account_move_domain"]["to"] == node and out["email_account_move_domain"]["from"] is None
     assert out["email_account_list_aliases"]["aliases"][0]["destinations"] == ["x@ext.example"]
     assert out["email_account_set_forwarding"]["keep_copy"] is False
     assert out["email_account_add_alias_domain"]["alias_of"] == f"admin-{domain}"

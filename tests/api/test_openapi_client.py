@@ -290,6 +290,42 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
     assert [(n.name, n.status) for n in nodes.nodes] == [("gen01", "never_synced")]
     rotated = call(admin, "admin", "rotate-node-key", 200, "RotateNodeKeyResponse", body=m.NodeRequest(name="gen01"))
     assert rotated.sync_key != node.sync_key
+    addressed = call(
+        admin,
+        "admin",
+        "set-node-address",
+        200,
+        "SetNodeAddressResponse",
+        body=m.SetNodeAddressRequest(name="gen01", address="mx1.gen.example"),
+    )
+    assert addressed.address == "mx1.gen.example" and len(addressed.commit) == 40
+    call(admin, "admin", "add-domain", 201, "DomainResponse", body=m.AddDomainRequest(domain="placed.example"))
+    moved = call(
+        admin,
+        "admin",
+        "move-domain",
+        202,
+        "MoveDomainResponse",
+        body=m.MoveDomainRequest(domain="placed.example", node="gen01"),
+    )
+    assert moved.to == "gen01" and moved.commit is None  # add-domain placed it on the only addressed node
+    err = call(
+        admin,
+        "admin",
+        "move-domain",
+        409,
+        "ErrorResponse",
+        body=m.MoveDomainRequest(domain="placed.example", node="nowhere"),
+    )
+    assert err.error.code == "node_not_usable"
+    call(
+        admin,
+        "admin",
+        "remove-domain",
+        200,
+        "RemoveDomainResponse",
+        body=m.RemoveDomainRequest(domain="placed.example"),
+    )
 
     # The node report, with the node's HTTP Basic credentials.
     basic = base64.b64encode(f"gen01:{rotated.sync_key}".encode()).decode()

@@ -27,6 +27,7 @@ from tests.helpers.server import LiveServer, assert_error, live_server
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 SPEC_ADMIN = {"add-domain", "remove-domain", "list-nodes", "add-node"}  # the spec's [Admin] endpoints
+FLEET_ADMIN = {"move-domain", "set-node-address"}  # the contract's one fleet, one mail service
 
 
 # --- meta: the registry drives every surface -----------------------------------------------------
@@ -127,6 +128,13 @@ TOOL_LIMITS = {
 }
 
 
+# A field name that means something else on some tools: a node's address, not an alias.
+TOOL_LIMITS = {
+    ("email_account_add_node", "address"): ["host name", "IPv4/IPv6"],
+    ("email_account_set_node_address", "address"): ["host name", "IPv4/IPv6"],
+}
+
+
 def test_every_tool_has_an_output_schema_and_names_its_limits() -> None:
     for tool in tool_list():
         op = TOOLS[tool.name]
@@ -162,11 +170,12 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
     # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns, mobileconfig,
-    # the owners' 6 and the 8 platform controls (every extension is a tool)
-    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8
+    # the owners' 6, the 8 platform controls and the fleet's move-domain and set-node-address
+    # (every extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8 + 2
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
-    assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN | {"set-limits"}
+    assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN | FLEET_ADMIN | {"set-limits"}
 
 
 def _commands(parser: Any, prefix: list[str]) -> Iterator[list[str]]:
@@ -299,6 +308,8 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     ],
     "remove-alias-domain": [{"domain": "b.example"}],
     "dns-records": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
+    "move-domain": [{"domain": "b.example", "node": "iso-node"}],
+    "set-node-address": [{"name": "iso-node", "address": "evil.example"}],
     "check-dns": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
     # Public by design for every email-enabled domain (tests/api/test_autoconfig.py): the attack is
     # on b's domain without email, which must read as absent.
@@ -438,7 +449,13 @@ def test_project_isolation_over_every_mcp_tool(world: World) -> None:
 @pytest.mark.e2e
 def test_admin_endpoints_are_admin_only(world: World) -> None:
     admin_ops = {n for n, op in OPERATIONS.items() if op.admin}
-    assert admin_ops == SPEC_ADMIN | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key", "set-limits"}
+    assert admin_ops == SPEC_ADMIN | FLEET_ADMIN | {
+        "link-domain",
+        "unlink-domain",
+        "remove-node",
+        "rotate-node-key",
+        "set-limits",
+    }
     before = world.srv.git("rev-parse", "main").strip()
     for name in sorted(admin_ops):
         for client in (world.a, world.b, world.c):

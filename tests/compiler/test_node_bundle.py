@@ -309,7 +309,11 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
     (tmp_path / "master.cf").write_text("smtp inet n - y - - smtpd\n")
     entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
-    assert [e.split(" = ")[0] for e in entries] == ["submission/inet", "submissions/inet", "127.0.0.1:10026/inet"]
+    # The submission services, Sieve's loopback service, then the fleet's relay transport and
+    # relay listener (docs/fleet.md).
+    assert [e.split(" = ")[0] for e in entries] == [
+        "submission/inet", "submissions/inet", "127.0.0.1:10026/inet", "fleet/unix", "2525/inet"
+    ]  # fmt: skip
     r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     age_file(tmp_path / "main.cf")
@@ -337,6 +341,9 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
             and f"{svc}/milter_default_action = tempfail" in params
         )
     assert "submission/inet/smtpd_tls_security_level = encrypt" in params
+    assert "fleet/unix/smtp_tls_policy_maps = hash:/srv/node/fleet/tls_policy" in params
+    assert "2525/inet/smtpd_client_restrictions = check_ccert_access,hash:/srv/node/fleet/ccerts,reject" in params
+    assert "2525/inet/receive_override_options = no_address_mappings,no_milters" in params
     assert "submissions/inet/smtpd_tls_wrappermode = yes" in params
     assert not any(p.startswith("smtp/inet/") for p in params)  # port 25: no milter, no SASL
     m = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "submission/inet"], capture_output=True, text=True)

@@ -37,6 +37,7 @@ Dovecot's unprivileged processes (dovecot, dovenull, vmail) must traverse them.
 
 from __future__ import annotations
 
+import ast
 import atexit
 import configparser
 import contextlib
@@ -71,11 +72,25 @@ from mailstate.compiler.node_bundle import (
 from tests.helpers.smtpsink import Received, SmtpSink
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _install_constant(name: str) -> tuple[str, ...]:
+    """A constant of pi-pull/pipull/install.py (the agent is not importable here), read from its source."""
+    source = (REPO_ROOT / "pi-pull" / "pipull" / "install.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise LookupError(name)
+
+
+# What `pi_pull.py install` makes before the first tick: the empty tables main.cf and master.cf name.
+PLACEHOLDER_MAPS = _install_constant("PLACEHOLDER_MAPS")
+FLEET_TABLES = _install_constant("FLEET_TABLES")
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
-    "sending", "policy",
+    "sending", "policy", "fleetfiles", "fleet",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
@@ -223,6 +238,7 @@ class MailNode:
     smtps_port: int = 0
     imaps_port: int = 0
     sieve_port: int = 0  # where Dovecot's Sieve hands in replies and redirects (the bundle's 10026)
+    relay_port: int = 0  # the fleet's relay listener (master.cf.mailstate), on loopback
     dkim_milter: str = ""
     sink: SmtpSink | None = None
     # pi-pull's outbound policy service (`pi_pull.py policy`), which the bundle's submission
@@ -408,6 +424,11 @@ smtp_host_lookup = native
             dkim_milter=self.dkim_milter,
             sieve_listen=f"127.0.0.1:{self.sieve_port}",
             policy_service=f"inet:127.0.0.1:{self.policy_port}" if self.policy_port else "",
+            relay_listen=f"127.0.0.1:{self.relay_port}",
+            root=str(self.root),
+            map_type=self.map_type,
+            tls_cert=str(self.tls_cert),
+            tls_key=str(self.tls_key),
         )
         master += [
             line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
@@ -451,6 +472,20 @@ service imap-login {{
         self.dovecot_conf.write_text(dovecot)
         if self.map_buckets:
             self._placeholder_tables()
+        self._fleet_tables()
+
+    def _fleet_tables(self) -> None:
+        """The empty tables the fleet transport and relay listener name (``pi_pull.py install`` makes
+        them too), until pi-pull writes them from the signed state."""
+        fleet = self.root / "fleet"
+        fleet.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in FLEET_TABLES:
+            (fleet / name).write_bytes(b"")
+            subprocess.run(
+                ["postmap", "-c", str(self.postfix_dir), f"{self.map_type}:{fleet / name}"],
+                check=True,
+                capture_output=True,
+            )
 
     def _daemon(self, *argv: str) -> None:
         """Start a daemon. Its output goes to a file: a daemon would hold a pipe open forever."""
@@ -470,7 +505,7 @@ service imap-login {{
         empty = self.root / "placeholder"
         (empty / "postfix").mkdir(parents=True)
         (empty / "dovecot" / "passwd.d").mkdir(parents=True)
-        for name in ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps", "sender_login_maps"):
+        for name in PLACEHOLDER_MAPS:
             for k in range(self.map_buckets):
                 subprocess.run(
                     [
@@ -741,7 +776,10 @@ def running_mailnode(
     grp.getgrnam("dovecot")
     uid, gid = ensure_vmail()
     workdir = make_public_tmpdir("mailnode-")
-    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, sieve_port, policy_port = free_ports(8)
+    ports = free_ports(9)
+    smtp_port, imap_port, lmtp_port, submission_port, smtps_port, imaps_port, sieve_port, policy_port, relay_port = (
+        ports
+    )
     sink = SmtpSink()
     node = MailNode(
         workdir=workdir,
@@ -758,6 +796,7 @@ def running_mailnode(
         smtps_port=smtps_port,
         imaps_port=imaps_port,
         sieve_port=sieve_port,
+        relay_port=relay_port,
         dkim_milter=dkim_milter,
         sink=sink,
         policy_port=policy_port,

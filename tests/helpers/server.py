@@ -50,9 +50,9 @@ def clean_env(home: Path) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -67,6 +67,8 @@ class LiveServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = clean_env(self.home)
         self.port = 0
+        # The address it listens on (a multi-node test gives the bridge of its network namespaces).
+        self.host = "127.0.0.1"
         self.proc: subprocess.Popen[str] | None = None
         self.admin_token = ""
         self.stdout = ""
@@ -79,11 +81,11 @@ class LiveServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
         for _attempt in range(3):
-            self.port = free_port()
+            self.port = free_port(self.host)
             out = (self.root / "server.out").open("w+")
             self.proc = subprocess.Popen(
                 [
@@ -92,7 +94,7 @@ class LiveServer:
                     "--data",
                     self.data_arg or str(self.data.root),
                     "--host",
-                    "127.0.0.1",
+                    self.host,
                     "--port",
                     str(self.port),
                     "--bcrypt-cost",

@@ -241,12 +241,13 @@ def test_dry_run_changes_nothing(host: Host) -> None:
         f"would install {host.etc}/sync_key (0600)",
         f"would install {host.lib}/pi_pull.py (0755)",
         f"would install {host.systemd}/pi-pull.timer",
-        f"would set 16 mailstate lines in {host.postfix}/main.cf",
+        f"would set 18 mailstate lines in {host.postfix}/main.cf",
         f"would write {host.postfix}/master.cf",
         "would comment out `!include auth-system.conf.ext`",
         f"would create mail root {host.mail_root}",
         f"would create {host.etc}/dkim/KeyTable (0644, empty",
         f"would create {host.etc}/dkim/SigningTable (0644, empty",
+        "(0700) and empty hash tables tls_policy, ccerts",
     ):
         assert action in out, out
     assert "No configuration" in out and "dry run:" in out
@@ -277,7 +278,14 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
             assert q.returncode == 0 and q.stdout == "", q.stderr
     assert sorted(os.listdir(host.root / "placeholder" / "postfix")) == sorted(
         f"{n}.{k:02x}.db"
-        for n in ("virtual_mailbox_maps", "virtual_mailbox_domains", "virtual_alias_maps", "sender_login_maps")
+        for n in (
+            "virtual_mailbox_maps",
+            "virtual_mailbox_domains",
+            "virtual_alias_maps",
+            "sender_login_maps",
+            "fleet_transport",
+            "fleet_defer",
+        )
         for k in range(16)
     )
     assert os.listdir(host.root / "current" / "dovecot" / "passwd.d") == []

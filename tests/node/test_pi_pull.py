@@ -734,6 +734,8 @@ def test_example_config_parses(pipull: Any) -> None:
     assert cfg.keep_releases == 5 and cfg.map_type == "hash" and cfg.report_url.endswith("/v1/nodes/report")
     assert cfg.usage_interval == 900 and cfg.usage_budget_s == 2.0
     assert cfg.max_staleness == 600 and cfg.clock_skew == 300
+    assert (cfg.fleet_relay_port, cfg.fleet_doveadm_port, cfg.fleet_sync_budget_s) == (2525, 12345, 20.0)
+    assert cfg.fleet_url.endswith("/v1/nodes/fleet") and cfg.fleet_dir.endswith("/fleet")
 
 
 def test_loop_mode_ticks_until_sigterm(setup: Setup, pi_pull: Path) -> None:

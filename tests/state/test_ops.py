@@ -58,6 +58,7 @@ def test_registry_names_all_operations() -> None:
         "remove-alias-domain",
     }
     sending = {"dns-records"}
+    fleet = {"move-domain", "set-node-address"}
     onboarding = {"check-dns", "mobileconfig"}
     owners = {
         "set-vacation",
@@ -83,11 +84,12 @@ def test_registry_names_all_operations() -> None:
         | {"link-domain", "unlink-domain", "remove-node", "rotate-node-key"}
         | aliases
         | sending
+        | fleet
         | onboarding
         | owners
         | controls
     )
-    assert len(OPERATIONS) == 40
+    assert len(OPERATIONS) == 42
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -130,6 +132,8 @@ def test_registry_names_all_operations() -> None:
         "remove-node",
         "rotate-node-key",
         "set-limits",
+        "move-domain",
+        "set-node-address",
     }
 
 
@@ -216,6 +220,8 @@ def test_list_domains(store: Store) -> None:
                 "used_mb": None,
                 "messages": None,
                 "usage_reported_at": None,
+                "home": None,
+                "moving_to": None,
                 "dns_ok": None,
                 "dns_checked_at": None,
             }
