@@ -125,11 +125,7 @@ LIMITS = {
 TOOL_LIMITS = {
     ("email_account_add_app_password", "name"): ["1-64", "app_password_name_taken", "shown ONCE", "At most 20"],
     ("email_account_remove_app_password", "name"): ["app_password_not_found"],
-}
-
-
-# A field name that means something else on some tools: a node's address, not an alias.
-TOOL_LIMITS = {
+    # A field name that means something else on some tools: a node's address, not an alias.
     ("email_account_add_node", "address"): ["host name", "IPv4/IPv6"],
     ("email_account_set_node_address", "address"): ["host name", "IPv4/IPv6"],
 }
