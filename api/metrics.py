@@ -12,6 +12,11 @@
                                                       accepted commit it lacks (absent when unknown)
     mailstate_node_stale{node}                        1 when list-nodes says stale (its statement is
                                                       too old, or it has been silent too long)
+    mailstate_replication_lag_seconds{node,peer}      list-nodes' replication lag_s: seconds the oldest
+                                                      change on the home `node` not yet on its replica
+                                                      `peer` had waited at the node's last report
+    mailstate_replication_ok{node,peer}               1 when the home's last sync with the replica went
+                                                      well, 0 when it failed
     mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
     mailstate_webhook_deliveries_total{result}        webhook tries since start: delivered, failed (a
                                                       try that will be retried or was the last), given_up
@@ -38,7 +43,7 @@ from prometheus_client.registry import Collector
 
 from mailstate.state.delivery import Counters
 from mailstate.state.errors import MailstateError
-from mailstate.state.ops import node_freshness
+from mailstate.state.ops import node_freshness, replication_of
 from mailstate.state.store import Store
 from mailstate.state.upstream import REJECTED_PREFIX
 
@@ -158,6 +163,17 @@ class _StateCollector(Collector):
             "1 when list-nodes shows the node stale (its newest statement too old, or silent too long), else 0.",
             labels=["node"],
         )
+        replication_lag = GaugeMetricFamily(
+            "mailstate_replication_lag_seconds",
+            "Seconds the oldest change on the home not yet on its replica had waited, as the home last reported "
+            "(list-nodes' replication lag_s).",
+            labels=["node", "peer"],
+        )
+        replication_ok = GaugeMetricFamily(
+            "mailstate_replication_ok",
+            "1 when the home's last sync with the replica succeeded, 0 when it failed.",
+            labels=["node", "peer"],
+        )
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -171,6 +187,12 @@ class _StateCollector(Collector):
             if isinstance(fresh["lag_s"], int):
                 lag.add_metric([name], float(fresh["lag_s"]))
             stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
+            for row in replication_of(report):
+                if isinstance(row["lag_s"], int | float):
+                    replication_lag.add_metric([name, str(row["peer"])], float(row["lag_s"]))
+                replication_ok.add_metric([name, str(row["peer"])], 0.0 if row["error"] else 1.0)
+        yield replication_lag
+        yield replication_ok
         yield age
         yield behind
         yield status

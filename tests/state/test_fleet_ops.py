@@ -266,8 +266,8 @@ def test_placement_survives_a_restart_and_checks_pass(store: Store, data_dir: An
     assert dict(again.snapshot.home_boxes) == {"n2": 1}
     assert check_commit(again.git, again.head) == []
     snap = again.snapshot
-    assert compile_state(snap.settings, snap.domains.values(), snap.nodes)["rendered/domains/r./r.example/home"] == (
-        b"home n2 mx2.fleet.example\n"
-    )
+    assert compile_state(snap.settings, snap.domains.values(), nodes=snap.nodes)[
+        "rendered/domains/r./r.example/home"
+    ] == (b"home n2 mx2.fleet.example\n")
     missing = placement.nodes_problems(snap.nodes.model_copy(update={"nodes": {}}), snap.homes, snap.moves)
     assert missing == ["nodes.yaml: node n2 is missing but it is home of r.example"]
