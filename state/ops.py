@@ -1238,7 +1238,8 @@ def move_domain(ctx: Context, req: m.MoveDomainRequest, _: Prepared) -> Outcome:
 
 def set_replica(ctx: Context, req: m.SetReplicaRequest, _: Prepared) -> Outcome:
     """[Admin] Give a domain a replica, change it or remove it (null); docs/fleet.md, "Replicas and
-    failover". A new replica gets its copy from the home's next sync; the old one drops its copy."""
+    failover". A new replica gets its copy from the home's next sync; a replica given up keeps its
+    Maildirs (no longer synced, served or counted)."""
     _require_admin(ctx)
     dom = _mail_domain(ctx, req.domain)
     result = {"domain": dom.domain, "home": dom.home, "replica": req.node}

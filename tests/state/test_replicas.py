@@ -280,3 +280,14 @@ def _drained(domain: str) -> Any:
     from mailstate.state.nodes import parse_report
 
     return parse_report({"status": "ok", "moves": [{"domain": domain, "step": "drained"}]})
+
+
+def test_plan_names_a_replica_change(store: Store) -> None:
+    from mailstate.state.plan import plan_revisions
+
+    fleet_of(store, "n1", "n2")
+    enabled(store, "a.example", "n1")
+    base = store.head
+    store.execute("set-replica", ADMIN, {"domain": "a.example", "node": "n2"})
+    pl = plan_revisions(store.git.path, base, store.head)
+    assert [e.line() for e in pl.domains] == ["~ a.example: replica none -> n2"]
