@@ -141,7 +141,9 @@ class Fleet:
         moving = {m.domain for m in moves}
         homed = [r for r in replicas if r.home == self.cfg.node_name and r.domain not in moving]
         needed = {m.home for m in mine} | {r.replica for r in homed}
-        creds = self.credentials(fleet, needed) if me is not None or mine else None
+        # A replica that refused the password cached for it may have a new one (a rotated key).
+        refused = bool(self.replication.failing() & needed)
+        creds = self.credentials(fleet, needed, force=refused) if me is not None or mine else None
         self.write_trust(fleet, me, creds)
         if me is not None:
             extras["replication"] = self._replicate(applied, fleet, homed, creds)
@@ -211,8 +213,10 @@ class Fleet:
 
     # ---- credentials
 
-    def credentials(self, fleet: fleetfiles.Fleet, needed: set[str]) -> dict[str, Any] | None:
-        """This node's and the needed peers' doveadm passwords: the cached ones while they fit the fleet."""
+    def credentials(self, fleet: fleetfiles.Fleet, needed: set[str], *, force: bool = False) -> dict[str, Any] | None:
+        """This node's and the needed peers' doveadm passwords: the cached ones while they fit the fleet
+        and this node's sync key (a new key gives new passwords), unless ``force`` (a peer refused
+        the password cached for it: its key was rotated)."""
         path = os.path.join(self.dir, "credentials.json")
         cached: dict[str, Any] = {}
         try:
@@ -220,9 +224,10 @@ class Fleet:
                 cached = json.load(fh)
         except (OSError, ValueError):
             pass
-        fits = isinstance(cached, dict) and cached.get("fleet") == fleet.digest()
+        key = fleet.digest() + "/" + hashlib.sha256(self.token().encode()).hexdigest()[:16]
+        fits = isinstance(cached, dict) and cached.get("fleet") == key
         peers: dict[str, Any] = cached["peers"] if fits and isinstance(cached.get("peers"), dict) else {}
-        if fits and needed <= set(peers):
+        if fits and needed <= set(peers) and not force:
             return cached
         if not self.cfg.fleet_url:
             self.log.warning("fleet: no [fleet] url (nor [report] url) to fetch the node credentials from")
@@ -232,7 +237,7 @@ class Fleet:
         except TickError as e:
             self.log.warning(f"fleet: {e}")
             return cached if fits else None
-        fresh["fleet"] = fleet.digest()
+        fresh["fleet"] = key
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         atomic_write(path, (json.dumps(fresh, sort_keys=True) + "\n").encode(), 0o600)
         return fresh

@@ -160,6 +160,11 @@ class Replication:
 
     # ---- reporting
 
+    def failing(self) -> set[str]:
+        """The peers whose last sync failed (from the state file: a new process knows them too)."""
+        peers = self._load().get("peers", {})
+        return {name for name, peer in peers.items() if isinstance(peer, dict) and peer.get("error")}
+
     def report(self) -> list[dict[str, Any]]:
         """Per replica peer: domains, lag_s, last_sync_at, error (the server's ReplicationReport)."""
         with self._guard:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,26 @@ def test_the_old_home_returns_takes_no_delivery_and_merges_what_only_it_had(worl
     assert message_subjects(n1) == sorted([*expected, "to-the-old-home"])
     assert sorted(subjects(n1, USER, PASSWORD)) == sorted([*expected, "to-the-old-home"])  # proxied to n2
     assert not list(Path(n1.mail_root, ".fleet-drain").glob("*"))
+
+
+def test_a_rotated_key_cuts_the_old_password_off_and_replication_follows(world: World) -> None:
+    n1, n2 = (world.nodes[n] for n in ("n1", "n2"))
+    creds = n1.root / "fleet" / "credentials.json"
+    old = json.loads(creds.read_text())["doveadm_password"]
+    new_key = world.call("rotate-node-key", {"name": "n1"})["sync_key"]
+    (n1.etc / "sync_key").write_text(new_key + "\n")
+    world.tick("n1")  # n1 applies it and fetches its new doveadm password
+    assert json.loads(creds.read_text())["doveadm_password"] not in (old, "")
+    # The old password no longer opens n1's doveadm service.
+    conf = n2.workdir / "old-password.conf"
+    conf.write_text(f"!include {n2.dovecot_conf}\ndoveadm_password = {old}\n")
+    r = n2.run(["doveadm", "-c", str(conf), "sync", "-T", "10", "-u", USER, f"tcps:{n1.address}:12345"])
+    assert r.returncode != 0, r.stdout + r.stderr
+    # The home's first pass is refused with the password it had cached; the next tick fetches anew.
+    n2.send(USER, "after-rotation")
+    wait("after-rotation on n2", lambda: "after-rotation" in message_subjects(n2), timeout=30)
+    world.tick("n2")
+    world.tick("n2")
+    assert "after-rotation" in message_subjects(n1)
+    row = next(n for n in world.call("list-nodes")["nodes"] if n["name"] == "n2")["replication"]
+    assert [(r["peer"], r["error"]) for r in row] == [("n1", None)], row
