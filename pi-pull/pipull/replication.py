@@ -39,6 +39,7 @@ from .fsutil import atomic_write
 
 LOCK = "replication.lock"
 STATE = "replication.json"
+BACKOFF_MAX_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ class Replication:
         started = self.clock()
         for target in targets:
             peer = peers.setdefault(target.peer, {"last_sync_at": None, "error": None})
-            failed = False
+            # After a failure the change passes wait (2 s doubling to 5 min) rather than try once a
+            # second; a tick's full pass always tries.
+            failed = not full and float(peer.get("retry_at") or 0) > started
             for local, box_id in target.boxes:
                 key = f"{local}@{target.domain} {target.peer}"
                 entry = boxes.setdefault(key, {"sig": None, "at": 0.0, "pending": None})
@@ -125,12 +128,14 @@ class Replication:
                 if not ok:
                     failed = True
                     entry["pending"] = entry["pending"] or now
-                    peer["error"] = error[:500] or "doveadm sync failed"
+                    failures = int(peer.get("failures") or 0) + 1
+                    peer.update(error=error[:500] or "doveadm sync failed", failures=failures)
+                    peer["retry_at"] = self.clock() + min(BACKOFF_MAX_S, 2.0 ** min(failures, 9))
                     continue
-                after, _ = self.signature(target.domain, local, box_id)
-                # A change that came in during the sync leaves the signature as it was before, so
-                # the next pass syncs again (a sync that only wrote here costs one extra, empty one).
-                entry.update(sig=sig if after != sig else after, at=now, pending=None)
+                peer.update(failures=0, retry_at=0)
+                # The signature from before the sync: a change that came in during it (or what the
+                # sync itself wrote here) makes the next pass sync again, at worst an empty sync.
+                entry.update(sig=sig, at=now, pending=None)
             if not failed and not any(
                 boxes[f"{lo}@{target.domain} {target.peer}"]["pending"] for lo, _ in target.boxes
             ):

@@ -75,9 +75,21 @@ def test_a_mailbox_is_synced_when_it_changes_and_the_report_says_how_far_behind(
     assert sync.calls == [("ana@rep.test", "n2")]
     report = rep.report()[0]
     assert report["error"] == "connect refused" and report["lag_s"] == 4.0  # since the delivery, not the pass
+    assert rep.failing() == {"n2"}
     sync.fail, sync.calls = False, []
     clock.now += 1
     rep.run_pass(full=False)
+    assert sync.calls == []  # the change passes back off after a failure (2 s, doubling)...
+    clock.now += 2
+    rep.run_pass(full=False)
+    assert sync.calls == [("ana@rep.test", "n2")] and rep.failing() == set()
+    sync.fail, sync.calls = True, []
+    deliver(a, "2.M2.host", clock.now)
+    rep.run_pass(full=False)
+    rep.run_pass(full=True)  # ...a tick's full pass does not
+    assert sync.calls == [("ana@rep.test", "n2")] * 2
+    sync.fail, sync.calls = False, []
+    rep.run_pass(full=True)
     assert sync.calls == [("ana@rep.test", "n2")]
     assert rep.report()[0] == {"peer": "n2", "domains": 1, "lag_s": 0.0, "last_sync_at": int(clock.now), "error": None}
     # A flag change (a rename in cur/ and the index log growing) and a new folder are changes too.
