@@ -7,9 +7,9 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/virtual_mailbox_domains   Postfix map fragment
     rendered/domains/<bb>/<domain>/mailboxes                 format 2: `<local> <id> <active|inactive>`
     rendered/domains/<bb>/<domain>/virtual_alias_maps        only with aliases, forwarding or alias_of:
-                                                             `<key> <result>[,<result>...]` (state.aliases)
+                                                             `<key> <result>[,<result>...]` (compiler.maplines)
     rendered/domains/<bb>/<domain>/sender_login_maps         `<address> <login>[,<login>...]`: who may send
-                                                             as the address (state.senders), alias domains'
+                                                             as the address (compiler.maplines), alias domains'
                                                              addresses included; absent when no address has
                                                              one, and in format 1
     rendered/domains/<bb>/<domain>/sieve_scripts             one Sieve script per mailbox with filters or a
@@ -63,12 +63,12 @@ from pathlib import Path
 import jinja2
 
 from mailstate.compiler import sieve
+from mailstate.compiler.maplines import alias_lines, sender_lines
 from mailstate.state import validate as v
-from mailstate.state.aliases import alias_lines
 from mailstate.state.errors import CompileError, InvalidInput
 from mailstate.state.files import RENDERED_DIR, bucket
 from mailstate.state.models import DomainFile, Mailbox, NodesFile, ProjectFile, Settings
-from mailstate.state.senders import SENDER_FRAGMENT, alias_index, sender_lines
+from mailstate.state.senders import SENDER_FRAGMENT, alias_index
 from mailstate.state.sending import SENDING_FILE, SENDING_FRAGMENT, domain_lines, settings_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
