@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mailstate.api.cli import EXTRA_COMMANDS
 from mailstate.compiler.node_bundle import (
     DEFAULT_MAP_BUCKETS,
     DEFAULT_ROOT,
@@ -124,6 +123,3 @@ def register(sub: Any) -> None:
     b.add_argument("--out", required=True, help="folder to write the bundle into")
     b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")
     b.set_defaults(func=cmd_node_bundle)
-
-
-EXTRA_COMMANDS.append(register)

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 from starlette.routing import Route
 
 from mailstate.api import http, http_errors, nodes_http, onboarding_http
@@ -41,6 +42,7 @@ from mailstate.state.dnscheck import BackgroundDnsCheck, check_interval
 from mailstate.state.errors import InvalidInput, StoreError
 from mailstate.state.events import SUSPENDED_PREFIX, CommitEvents, NodeEvents, ReportEvents
 from mailstate.state.localdb import LocalDB
+from mailstate.state.models import Settings, invalid_input_from
 from mailstate.state.nodes import NodeReport
 from mailstate.state.store import Store
 from mailstate.state.webhooks import Webhooks
@@ -377,10 +379,6 @@ def _version() -> str:
 def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
     """Initialise `data` if it does not exist or is empty; the new admin token, or None when it
     already was a data dir. A non-empty directory that is not a data dir is refused, not taken over."""
-    from pydantic import ValidationError
-
-    from mailstate.state.models import Settings, invalid_input_from
-
     dd = DataDir(Path(data))
     if dd.is_initialised():
         return None

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from pathlib import Path
 from typing import Any
 
 from mailstate.compiler.maplines import sender_lines
@@ -158,10 +157,3 @@ def upgrade_store(store: Store, *, strict: bool = True) -> dict[str, Any]:
     else:
         log.info("upgraded the state to format %s in commit %s", TARGET_FORMAT, outcome.result.get("commit"))
     return outcome.result
-
-
-def upgrade_data_dir(root: Path) -> dict[str, Any]:
-    """`mailstate upgrade --data DIR`: upgrade the data dir's state repo (see upgrade_store)."""
-    from mailstate.state.datadir import open_store
-
-    return upgrade_store(open_store(root, upgrade=False))

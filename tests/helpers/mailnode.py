@@ -205,7 +205,6 @@ def bundle_layout() -> Layout:
     """The map layout of the bundle ``mailstate node bundle`` writes when given no layout option:
     its own argument defaults, through ``render_node_bundle`` as the command calls it, read back
     from the bundle's pi-pull.ini. The real-mail tests run what a new user's node runs."""
-    import mailstate.api.cli_node  # noqa: F401  (registers `node bundle` with the CLI's parser)
     from mailstate.api.cli import build_parser
 
     args = build_parser().parse_args(["node", "bundle", "--name", "n", "--server-url", "https://x.test", "--out", "-"])
