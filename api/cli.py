@@ -255,6 +255,19 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_place(args: argparse.Namespace) -> int:
+    from mailstate.state.place import place_data_dir
+
+    result = place_data_dir(Path(args.data), args.node)
+    if not result["placed"]:
+        print("every email-enabled domain has a home; nothing to do")
+        return 0
+    for domain, node in sorted(result["placed"].items()):
+        print(f"{domain} -> {node}")
+    print(f"placed {len(result['placed'])} domain(s) in one signed commit {result['commit']}")
+    return 0
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """`--json TEXT` as an object; anything else is a usage error, never a traceback."""
     try:
@@ -478,7 +491,7 @@ def _add_token_commands(sub: Any) -> None:
 
 
 def _add_data_dir_commands(sub: Any) -> None:
-    """Call and upgrade: act on a data dir directly."""
+    """Call, upgrade and place: act on a data dir directly."""
     p = sub.add_parser("call", help="run one operation directly on a data dir (as admin, or --project ID)")
     _data_arg(p)
     p.add_argument("operation", help="operation name, e.g. add-node")
@@ -493,6 +506,15 @@ def _add_data_dir_commands(sub: Any) -> None:
     )
     _data_arg(p)
     p.set_defaults(func=cmd_upgrade)
+
+    p = sub.add_parser(
+        "place",
+        help="give every email-enabled domain without a home a home node (a fleet with addressed nodes), "
+        "in one signed commit",
+    )
+    _data_arg(p)
+    p.add_argument("--node", help="put them all on this node (default: each on the node with the fewest mailboxes)")
+    p.set_defaults(func=cmd_place)
 
 
 def _add_checkout_commands(sub: Any) -> None:

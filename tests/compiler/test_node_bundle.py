@@ -354,12 +354,14 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     for key in ("ssl", "disable_plaintext_auth"):
         one = subprocess.run(["doveconf", "-c", str(conf_d), "-h", key], capture_output=True, text=True)
         assert one.stdout.strip() in ("required", "yes"), (key, one.stdout)
-    # Owners (docs/owners.md): 20 app-password passdbs before the mailbox's own, each mailbox's
-    # script from the node's sieve/ dir, Sieve on delivery with our extensions only, and replies
-    # handed to the loopback service below.
+    # The fleet's proxy passdb first (a login for a domain homed elsewhere goes to the home, which
+    # checks every password), then owners' (docs/owners.md) 20 app-password passdbs before the
+    # mailbox's own, each mailbox's script from the node's sieve/ dir, Sieve on delivery with our
+    # extensions only, and replies handed to the loopback service below.
     passdbs = re.findall(r"passdb \{\n(.*?)\n\}", dv, re.S)
-    assert len(passdbs) == 21 and sum("/srv/node/current/dovecot/passwd.d/" in p for p in passdbs) == 1
+    assert len(passdbs) == 22 and sum("/srv/node/current/dovecot/passwd.d/" in p for p in passdbs) == 1
     raw = b["dovecot/conf.d/90-mailstate.conf"]  # the order Dovecot tries them (doveconf -n sorts names)
+    assert raw.index("/current/dovecot/proxy.%s") < raw.index("name = mailstate-app-00")
     assert raw.index("name = mailstate-app-19") < raw.index(
         "args = scheme=BLF-CRYPT username_format=%u /srv/node/current"
     )
