@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mailstate.api.http_errors import status_for
 from mailstate.state.delivery import Counters
 from mailstate.state.errors import MailstateError
 from mailstate.state.ops import node_freshness
@@ -87,8 +88,6 @@ class Metrics:
         """Count one write that began at `started` (time.perf_counter()) and ended in `result` or `error`."""
         self.latency.labels(operation).observe(time.perf_counter() - started)
         if error is not None:
-            from mailstate.api.http_errors import status_for
-
             failed = not isinstance(error, MailstateError) or status_for(error) >= 500
             self.writes.labels(operation, "failed" if failed else "rejected").inc()
         else:

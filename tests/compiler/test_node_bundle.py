@@ -18,6 +18,7 @@ import pytest
 from mailstate.compiler.node_bundle import (
     INSTALL_PATHS,
     SYNC_KEY_FILE,
+    BundleOptions,
     build_pi_pull,
     render_node_bundle,
     render_template,
@@ -43,15 +44,9 @@ EXPECTED_FILES = {
 }
 
 
-def bundle(**kwargs: object) -> dict[str, Any]:
+def bundle(node_name: str = "pi-01", server_url: str = "https://mail.example.net", **options: Any) -> dict[str, Any]:
     """The bundle for pi-01 (values are str, except pi_pull.py: bytes)."""
-    args: dict[str, object] = {
-        "node_name": "pi-01",
-        "server_url": "https://mail.example.net",
-        "allowed_signers": SIGNERS,
-    }
-    args.update(kwargs)
-    return render_node_bundle(**args)  # type: ignore[arg-type]
+    return render_node_bundle(node_name, server_url, options.pop("allowed_signers", SIGNERS), BundleOptions(**options))
 
 
 def parse_unit(text: str) -> configparser.ConfigParser:

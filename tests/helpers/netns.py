@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from mailstate.compiler.node_bundle import POLICY_SERVICE, render_node_bundle
+from mailstate.compiler.node_bundle import POLICY_SERVICE, BundleOptions, render_node_bundle
 from tests.helpers.mailnode import (
     FLEET_TABLES,
     MAIL_BINARIES,
@@ -212,15 +212,17 @@ class FleetNode:
             self.name,
             server_url,
             allowed_signers,
-            root=str(self.root),
-            mail_root=self.state_mail_root,
-            mail_uid=self.uid,
-            mail_gid=self.gid,
-            tls_cert=str(self.tls_cert),
-            tls_key=str(self.tls_key),
-            postfix_queue_dir=str(self.queue),
-            dkim_milter="",  # the DKIM signer is tested elsewhere; a fleet does not depend on it
-            address=self.address,
+            BundleOptions(
+                root=str(self.root),
+                mail_root=self.state_mail_root,
+                mail_uid=self.uid,
+                mail_gid=self.gid,
+                tls_cert=str(self.tls_cert),
+                tls_key=str(self.tls_key),
+                postfix_queue_dir=str(self.queue),
+                dkim_milter="",  # the DKIM signer is tested elsewhere; a fleet does not depend on it
+                address=self.address,
+            ),
         )
         w = self.workdir
         for d in (self.queue, w / "postfix" / "data", self.postfix_dir, w / "dovecot" / "run", w / "dovecot" / "state"):
