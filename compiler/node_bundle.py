@@ -160,6 +160,7 @@ POLICY_SERVICE = "inet:127.0.0.1:10040"
 # every node: a node reaches its peers there) and where pi-pull keeps its fleet files.
 FLEET_RELAY_PORT = 2525
 FLEET_DOVEADM_PORT = 12345
+FLEET_POLICY_PORT = 10041
 
 
 def fleet_dir(root: str) -> str:
@@ -478,6 +479,7 @@ def render_node_bundle(
     policy_service: str = POLICY_SERVICE,
     relay_port: int = FLEET_RELAY_PORT,
     doveadm_port: int = FLEET_DOVEADM_PORT,
+    policy_port: int = FLEET_POLICY_PORT,
     address: str | None = None,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
@@ -522,14 +524,16 @@ def render_node_bundle(
         raise InvalidInput(
             "map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets"
         )
-    for key, value in (("relay_port", relay_port), ("doveadm_port", doveadm_port)):
+    for key, value in (("relay_port", relay_port), ("doveadm_port", doveadm_port), ("policy_port", policy_port)):
         if not isinstance(value, int) or not 1 <= value <= 65535:
             raise InvalidInput(f"{key} must be a port number (1-65535).", field=key)
     ini = render_template(
         "pi-pull.ini.j2",
         relay_port=relay_port,
         doveadm_port=doveadm_port,
+        policy_port=policy_port,
         tls_cert=tls_cert,
+        tls_key=tls_key,
         map_buckets=int(map_buckets),
         node_name=node_name,
         remote_url=remote,
