@@ -25,7 +25,8 @@ counting, and answers Postfix with the home's verdict:
 * **A suspension in the state** is answered at once wherever the login submits (554), without
   asking the home; one the home decided by itself comes back in its verdict.
 
-The listener only runs while the fleet has published certificates (``ccerts`` lists one).
+The listener only runs while another node has a published certificate (``ccerts`` lists one
+besides this node's): a node outside a fleet, or alone in one, opens no port.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from typing import Any
 from .config import Config
 
 RETRY_AFTER = 30.0  # seconds a home that failed is not asked (counted here meanwhile)
-IDLE_TIMEOUT = 300.0  # Postfix keeps a policy connection open up to smtpd_policy_service_max_idle (300 s)
+# The home keeps an idle connection longer than Postfix keeps its own policy connection
+# (smtpd_policy_service_max_idle, 300 s), so it is the asking node that ends one.
+IDLE_TIMEOUT = 600.0
 HANDSHAKE_TIMEOUT = 5.0
 MAX_ANSWER_BYTES = 4096
 # What a node passes on to the home: what the home's Policy.answer reads, nothing about the client.
@@ -177,6 +180,19 @@ def _stat_key(path: str) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def own_fingerprint(pem: bytes) -> str | None:
+    """The sha256 hex of the first certificate of a PEM file (the leaf of a full chain)."""
+    text = pem.decode("ascii", "replace")
+    start, end = text.find(ssl.PEM_HEADER), text.find(ssl.PEM_FOOTER)
+    if start < 0 or end < start:
+        return None
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text[start : end + len(ssl.PEM_FOOTER)])
+    except ValueError:
+        return None
+    return hashlib.sha256(der).hexdigest()
+
+
 class ForwardFailed(Exception):
     """The home gave no usable verdict (the message says why, for the log)."""
 
@@ -257,7 +273,13 @@ class Forwarder:
         if link is not None:
             try:
                 return link.exchange(request)
-            except (ConnectionAbortedError, ConnectionResetError, BrokenPipeError):
+            except (
+                ConnectionAbortedError,
+                ConnectionResetError,
+                BrokenPipeError,
+                ssl.SSLEOFError,
+                ssl.SSLZeroReturnError,
+            ):
                 # The home closed a connection that idled (or restarted): the request never
                 # reached it, so it is asked again once on a new connection.
                 link.close()
@@ -357,6 +379,8 @@ class FleetListener:
         self.server: FleetServer | None = None
         self._thread: threading.Thread | None = None
         self._tls = _TlsFiles(self._server_context, [cfg.fleet_tls_cert, cfg.fleet_tls_key, view.peers_pem])
+        self._own = _Stat(cfg.fleet_tls_cert, own_fingerprint, None)
+        self._error: str | None = None
 
     def _server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -370,14 +394,19 @@ class FleetListener:
         return ctx
 
     def refresh(self) -> None:
-        wanted = bool(self.view.node_fingerprints())
+        # Only while another node could ask: a node alone (or outside a fleet) opens no port.
+        wanted = bool(self.view.node_fingerprints() - {self._own.get()})
         if wanted and self.server is None:
             try:
                 self._tls.get()  # a missing key or CA file is logged here, not once per connection
                 self.server = FleetServer(self.cfg.fleet_policy_port, self._tls.get, self.view, self.serve, self.log)
             except (OSError, ssl.SSLError) as e:
-                self.log.error(f"policy: cannot listen for the fleet on port {self.cfg.fleet_policy_port}: {_short(e)}")
+                error = f"policy: cannot listen for the fleet on port {self.cfg.fleet_policy_port}: {_short(e)}"
+                if error != self._error:  # retried every few seconds: said once, until it changes
+                    self.log.error(error)
+                self._error = error
                 return
+            self._error = None
             self._thread = threading.Thread(
                 target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True
             )

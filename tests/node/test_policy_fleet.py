@@ -274,3 +274,49 @@ def test_bad_fleet_policy_settings_are_refused(pipull: ModuleType, tmp_path: Pat
     ini.write_text(f"[remote]\nurl = /x\n[node]\nallowed_signers = s\n[paths]\n{mail}[fleet]\n{line}\n")
     with pytest.raises(pipull.errors.ConfigError, match=words):
         pipull.config.load_config(str(ini))
+
+
+@pytest.mark.e2e  # openssl and a TLS listener
+def test_the_listener_runs_only_while_another_node_could_ask(pipull: ModuleType, fleet: dict[str, Any]) -> None:
+    home = fleet["nodes"]["home"]
+    fleet["listener"].close()
+    ccerts = Path(home.cfg.fleet_dir) / "ccerts"
+    ccerts.write_text(f"{colon(home.fingerprint)} OK\n")  # a fleet of this node alone
+
+    def listener() -> Any:
+        view = pipull.policyfleet.FleetView(home.cfg)
+        return pipull.policyfleet.FleetListener(
+            home.cfg, view, lambda r, w: None, logging.getLogger("test-policy-fleet")
+        )
+
+    alone = listener()
+    alone.refresh()
+    assert alone.server is None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", fleet["port"]), timeout=2).close()
+    # Another node joins, but this node's key is unreadable: said once, not every refresh.
+    ccerts.write_text(f"{colon(home.fingerprint)} OK\n{colon(fleet['nodes']['other'].fingerprint)} OK\n")
+    home.cfg.fleet_tls_key = str(Path(home.cfg.root) / "missing.key")
+    broken = listener()
+    for _ in range(3):
+        broken.refresh()
+    assert broken.server is None
+    assert len([line for line in fleet["log"] if "cannot listen for the fleet" in line]) == 1
+    home.cfg.fleet_tls_key = str(home.key)
+    fixed = listener()
+    fixed.refresh()
+    try:
+        assert fixed.server is not None
+    finally:
+        fixed.close()
+
+
+@pytest.mark.e2e  # openssl
+def test_own_fingerprint_is_the_leafs(pipull: ModuleType, tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    make_node_certificate(cert, key, "n", "127.0.0.1")
+    other, other_key = tmp_path / "o.pem", tmp_path / "ok.pem"
+    make_node_certificate(other, other_key, "o", "127.0.0.1")
+    chain = b"junk before\n" + cert.read_bytes() + other.read_bytes()
+    assert pipull.policyfleet.own_fingerprint(chain) == _fp(cert)
+    assert pipull.policyfleet.own_fingerprint(b"no certificate") is None
