@@ -13,6 +13,7 @@ Homes: alpha.test on n1 (limited: 3 recipients an hour), beta.test on n2.
 from __future__ import annotations
 
 import contextlib
+import signal
 import smtplib
 import socket
 import ssl
@@ -233,3 +234,23 @@ def test_an_unreachable_home_is_counted_locally_and_logged(world: World) -> None
     world.tick()
     sent = sent_row(world, CAROL)["sent"]
     assert isinstance(sent, dict) and (sent["recipients_hour"], sent["messages_hour"]) == (3, 3), sent
+
+
+def test_a_stalled_home_never_holds_postfix_up(world: World) -> None:
+    # n2 (beta.test's home) takes connections but answers nothing: its policy service is stopped
+    # (SIGSTOP), as a hung process or a black hole would. n3 waits [fleet] policy_timeout (1 s)
+    # at most, then counts bob itself.
+    n2, n3 = world.nodes["n2"], world.nodes["n3"]
+    assert n2.policy is not None
+    n2.policy.send_signal(signal.SIGSTOP)
+    try:
+        before = len(n3.policy_log())
+        started = time.monotonic()
+        assert rcpts(n3, BOB, [INFO], "while-n2-policy-hangs") == [(250, "2.1.5 Ok")]
+        took = time.monotonic() - started
+        log = n3.policy_log()[before:]
+        assert f"{BOB}: the home {n2.address} did not answer" in log and "counted on this node" in log, log
+        assert "timed out" in log, log
+        assert took < 8, took  # one timeout, then the home is not asked again for a while
+    finally:
+        n2.policy.send_signal(signal.SIGCONT)
