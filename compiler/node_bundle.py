@@ -161,6 +161,8 @@ POLICY_SERVICE = "inet:127.0.0.1:10040"
 # every node: a node reaches its peers there) and where pi-pull keeps its fleet files.
 FLEET_RELAY_PORT = 2525
 FLEET_DOVEADM_PORT = 12345
+FLEET_POLICY_PORT = 10041
+FLEET_POLICY_PORT = 10041
 
 
 def fleet_dir(root: str) -> str:
@@ -495,6 +497,7 @@ class BundleOptions:
     policy_service: str = POLICY_SERVICE
     relay_port: int = FLEET_RELAY_PORT
     doveadm_port: int = FLEET_DOVEADM_PORT
+    policy_port: int = FLEET_POLICY_PORT
     address: str | None = None
 
 
@@ -556,7 +559,8 @@ def _checked_options(o: BundleOptions) -> BundleOptions:
     for key, value in (("mail_uid", o.mail_uid), ("mail_gid", o.mail_gid)):
         if not isinstance(value, int) or value < 1:
             raise InvalidInput(f"{key} must be a positive number (never root).", field=key)
-    for key, value in (("relay_port", o.relay_port), ("doveadm_port", o.doveadm_port)):
+    ports = (("relay_port", o.relay_port), ("doveadm_port", o.doveadm_port), ("policy_port", o.policy_port))
+    for key, value in ports:
         if not isinstance(value, int) or not 1 <= value <= 65535:
             raise InvalidInput(f"{key} must be a port number (1-65535).", field=key)
     if o.dkim_milter and (int(o.dkim_publish_wait) < 0 or int(o.dkim_rotate_days) < 0):
@@ -583,7 +587,9 @@ def _pi_pull_ini(node_name: str, remote: str, report: str, o: BundleOptions, map
         "pi-pull.ini.j2",
         relay_port=o.relay_port,
         doveadm_port=o.doveadm_port,
+        policy_port=o.policy_port,
         tls_cert=o.tls_cert,
+        tls_key=o.tls_key,
         map_buckets=map_buckets,
         node_name=node_name,
         remote_url=remote,

@@ -214,7 +214,8 @@ class Fleet:
     def write_trust(self, fleet: fleetfiles.Fleet, me: fleetfiles.Peer | None, creds: dict[str, Any] | None) -> None:
         """Write the Postfix tables, the CA file and the Dovecot include; reload Dovecot if its part changed."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        if os.stat(self.dir).st_mode & 0o777 != 0o700:  # a chmod moves the ctime: a no-op tick changes nothing
+            os.chmod(self.dir, 0o700)
         peers = [p for p in fleet.peers.values() if p.name != self.cfg.node_name]
         port = self.cfg.fleet_relay_port
         policy = "".join(

@@ -138,6 +138,8 @@ def test_pi_pull_is_built_deterministically_from_the_package(tmp_path: Path, pi_
         ({"allowed_signers": "# nothing\n"}, "allowed_signers"),
         ({"allowed_signers": "not a key\n"}, "allowed_signers"),
         ({"postfix_reload": "a\nb"}, "postfix_reload"),
+        ({"policy_port": 0}, "policy_port"),
+        ({"policy_port": 70000}, "policy_port"),
     ],
 )
 def test_bad_arguments_are_invalid_input(kwargs: dict[str, object], field: str) -> None:
@@ -157,6 +159,11 @@ def test_ini_is_accepted_by_pi_pull(tmp_path: Path, pipull: Any) -> None:
     assert cfg.remote_is_http and cfg.send_credentials and cfg.needs_key
     assert cfg.sync_key_file == SYNC_KEY_FILE and cfg.allowed_signers == INSTALL_PATHS["allowed_signers"]
     assert cfg.root == "/var/lib/pi-pull" and cfg.map_type == "lmdb" and cfg.passwd_group == "dovecot"
+    # The fleet's policy port and the key the policy service presents to the other nodes.
+    assert (cfg.fleet_policy_port, cfg.fleet_tls_key) == (10041, "/etc/pi-pull/tls/privkey.pem")
+    path.write_text(bundle(policy_port=11041, tls_key="/etc/ssl/private/node.key")["pi-pull.ini"])
+    cfg = pipull.config.load_config(str(path))
+    assert (cfg.fleet_policy_port, cfg.fleet_tls_key) == (11041, "/etc/ssl/private/node.key")
 
 
 def test_git_host_remote_without_server() -> None:

@@ -432,6 +432,18 @@ service imap-login {{
                 self.policy.wait()
         self.policy = None
 
+    def start_policy(self) -> None:
+        """Start the policy service alone again (Postfix and Dovecot keep running)."""
+        self._start_policy()
+
+    def stop_policy(self) -> None:
+        """Stop the policy service alone: the node is up, its policy service is not."""
+        self._stop_policy()
+
+    def policy_log(self) -> str:
+        p = self.workdir / "policy.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
     def wait_ports(self, *ports: int, timeout: float = 20) -> None:
         import socket
 
