@@ -14,11 +14,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mailstate.api import strict_json
+from mailstate.api import cli_key, cli_node, cli_plan, strict_json
 from mailstate.state.errors import (
     CompileError,
     Conflict,
@@ -238,7 +238,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from mailstate.state.upgrade import upgrade_data_dir
+    from mailstate.state.datadir import upgrade_data_dir
 
     result = upgrade_data_dir(Path(args.data))
     if result.get("sender_maps"):
@@ -252,6 +252,19 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         )
     else:
         print(f"the state is already at format {result['format']}; nothing to do")
+    return 0
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    from mailstate.state.place import place_data_dir
+
+    result = place_data_dir(Path(args.data), args.node)
+    if not result["placed"]:
+        print("every email-enabled domain has a home; nothing to do")
+        return 0
+    for domain, node in sorted(result["placed"].items()):
+        print(f"{domain} -> {node}")
+    print(f"placed {len(result['placed'])} domain(s) in one signed commit {result['commit']}")
     return 0
 
 
@@ -364,7 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mailstate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_init_command,
+        _add_server_commands,
+        _add_token_commands,
+        _add_data_dir_commands,
+        _add_checkout_commands,
+        cli_node.register,
+        cli_plan.register,
+        cli_key.register,
+    ):
+        add(sub)
+    _add_exit_help(parser, [])
+    return parser
 
+
+def _add_init_command(sub: Any) -> None:
+    """Init: a new data dir."""
     p = sub.add_parser(
         "init", help="create a data dir: bare state repo (first commit signed), signing key, allowed_signers, local db"
     )
@@ -413,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_init)
 
+
+def _add_server_commands(sub: Any) -> None:
+    """Serve and mcp: the API over HTTP, and MCP on stdio."""
     p = sub.add_parser(
         "serve", help="serve the HTTP API, MCP at /mcp and the node endpoints (initialises an empty data dir)"
     )
@@ -434,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     _log_format_arg(p)
     p.set_defaults(func=cmd_mcp)
 
+
+def _add_token_commands(sub: Any) -> None:
+    """Token create / list / revoke."""
     p = sub.add_parser("token", help="create, list and revoke API tokens")
     tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     tc = tsub.add_parser("create", help="create a token; prints it once, as the last line")
@@ -454,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=cmd_token_revoke)
 
+
+def _add_data_dir_commands(sub: Any) -> None:
+    """Call, upgrade and place: act on a data dir directly."""
     p = sub.add_parser("call", help="run one operation directly on a data dir (as admin, or --project ID)")
     _data_arg(p)
     p.add_argument("operation", help="operation name, e.g. add-node")
@@ -469,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(p)
     p.set_defaults(func=cmd_upgrade)
 
+    p = sub.add_parser(
+        "place",
+        help="give every email-enabled domain without a home a home node (a fleet with addressed nodes), "
+        "in one signed commit",
+    )
+    _data_arg(p)
+    p.add_argument("--node", help="put them all on this node (default: each on the node with the fewest mailboxes)")
+    p.set_defaults(func=cmd_place)
+
+
+def _add_checkout_commands(sub: Any) -> None:
+    """Compile, check and log: read a state repo or checkout."""
     p = sub.add_parser("compile", help="render rendered/ from the state in a checkout (--check: fail if stale)")
     p.add_argument("path", nargs="?", default=".", help="state checkout (default .)")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 if rendered/ is stale")
@@ -488,11 +538,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many entries")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_log)
-
-    for extra in EXTRA_COMMANDS:
-        extra(sub)
-    _add_exit_help(parser, [])
-    return parser
 
 
 def _log_format_arg(p: argparse.ArgumentParser) -> None:
@@ -525,12 +570,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-# Other modules (node bundle, plan) register their sub-commands here.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_extras()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -548,20 +588,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _load_extras() -> None:
-    import importlib
-
-    for module in ("mailstate.api.cli_node", "mailstate.api.cli_plan", "mailstate.api.cli_key"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
 if __name__ == "__main__":
-    # Run through the imported module so that sub-commands registered by api.cli_node and
-    # api.cli_plan land in the same EXTRA_COMMANDS list (not in a second copy, __main__).
-    from mailstate.api.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

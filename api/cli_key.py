@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mailstate.api.cli import EXTRA_COMMANDS
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import StoreError
 from mailstate.state.keyrotation import rotate_key
@@ -45,6 +44,3 @@ def register(sub: Any) -> None:
         help="data directory (default: $MAILSTATE_DATA or ./data)",
     )
     r.set_defaults(func=cmd_key_rotate)
-
-
-EXTRA_COMMANDS.append(register)

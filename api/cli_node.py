@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mailstate.api.cli import EXTRA_COMMANDS
 from mailstate.compiler.node_bundle import (
     DEFAULT_MAP_BUCKETS,
     DEFAULT_ROOT,
     INSTALL_PATHS,
     TLS_CERT,
     TLS_KEY,
+    BundleOptions,
     render_node_bundle,
 )
 from mailstate.state import validate
@@ -40,17 +40,19 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
         name,
         args.server_url,
         dd.allowed_signers.read_text(),
-        root=args.root,
-        remote_url=args.remote_url,
-        map_type=args.map_type,
-        map_buckets=args.map_buckets,
-        lmtp_port=args.lmtp_port,
-        mail_root=settings.mail_root,
-        mail_uid=settings.uid,
-        mail_gid=settings.gid,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        address=node.address if node is not None else None,
+        BundleOptions(
+            root=args.root,
+            remote_url=args.remote_url,
+            map_type=args.map_type,
+            map_buckets=args.map_buckets,
+            lmtp_port=args.lmtp_port,
+            mail_root=settings.mail_root,
+            mail_uid=settings.uid,
+            mail_gid=settings.gid,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            address=node.address if node is not None else None,
+        ),
     )
     out = Path(args.out)
     try:
@@ -124,6 +126,3 @@ def register(sub: Any) -> None:
     b.add_argument("--out", required=True, help="folder to write the bundle into")
     b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")
     b.set_defaults(func=cmd_node_bundle)
-
-
-EXTRA_COMMANDS.append(register)

@@ -1,6 +1,6 @@
 """`mailstate plan`: what a change does to the state and the compiled files.
 
-Imported by `api.cli` at startup; registers its sub-command in `api.cli.EXTRA_COMMANDS`.
+`api.cli.build_parser` adds it with `register`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-
-from mailstate.api import cli
 
 DESCRIPTION = """\
 Show what a change does: the domains, mailboxes and nodes added, removed or changed
@@ -72,7 +70,3 @@ def register(sub: Any) -> None:
         "--full", action="store_true", help="list every entry (text and Markdown stop at 200 per section by default)"
     )
     p.set_defaults(func=cmd_plan)
-
-
-if register not in cli.EXTRA_COMMANDS:
-    cli.EXTRA_COMMANDS.append(register)

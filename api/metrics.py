@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mailstate.api.http_errors import status_for
 from mailstate.state.delivery import Counters
 from mailstate.state.errors import MailstateError
 from mailstate.state.ops import node_freshness, replication_of
@@ -49,6 +50,33 @@ from mailstate.state.upstream import REJECTED_PREFIX
 
 # Write latency: bcrypt at cost 12 alone is ~0.25 s, an fsynced commit a few ms.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Replication:
+    """mailstate_replication_lag_seconds and mailstate_replication_ok, from the homes' last reports."""
+
+    def __init__(self) -> None:
+        self.lag = GaugeMetricFamily(
+            "mailstate_replication_lag_seconds",
+            "Seconds the oldest change on the home not yet on its replica had waited, as the home last reported "
+            "(list-nodes' replication lag_s).",
+            labels=["node", "peer"],
+        )
+        self.ok = GaugeMetricFamily(
+            "mailstate_replication_ok",
+            "1 when the home's last sync with the replica succeeded, 0 when it failed.",
+            labels=["node", "peer"],
+        )
+
+    def add(self, name: str, report: dict[str, Any]) -> None:
+        for row in replication_of(report):
+            if isinstance(row["lag_s"], int | float):
+                self.lag.add_metric([name, str(row["peer"])], float(row["lag_s"]))
+            self.ok.add_metric([name, str(row["peer"])], 0.0 if row["error"] else 1.0)
+
+    def families(self) -> Iterator[Metric]:
+        yield self.lag
+        yield self.ok
 
 
 class Metrics:
@@ -92,8 +120,6 @@ class Metrics:
         """Count one write that began at `started` (time.perf_counter()) and ended in `result` or `error`."""
         self.latency.labels(operation).observe(time.perf_counter() - started)
         if error is not None:
-            from mailstate.api.http_errors import status_for
-
             failed = not isinstance(error, MailstateError) or status_for(error) >= 500
             self.writes.labels(operation, "failed" if failed else "rejected").inc()
         else:
@@ -163,17 +189,7 @@ class _StateCollector(Collector):
             "1 when list-nodes shows the node stale (its newest statement too old, or silent too long), else 0.",
             labels=["node"],
         )
-        replication_lag = GaugeMetricFamily(
-            "mailstate_replication_lag_seconds",
-            "Seconds the oldest change on the home not yet on its replica had waited, as the home last reported "
-            "(list-nodes' replication lag_s).",
-            labels=["node", "peer"],
-        )
-        replication_ok = GaugeMetricFamily(
-            "mailstate_replication_ok",
-            "1 when the home's last sync with the replica succeeded, 0 when it failed.",
-            labels=["node", "peer"],
-        )
+        replication = _Replication()
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -187,12 +203,8 @@ class _StateCollector(Collector):
             if isinstance(fresh["lag_s"], int):
                 lag.add_metric([name], float(fresh["lag_s"]))
             stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
-            for row in replication_of(report):
-                if isinstance(row["lag_s"], int | float):
-                    replication_lag.add_metric([name, str(row["peer"])], float(row["lag_s"]))
-                replication_ok.add_metric([name, str(row["peer"])], 0.0 if row["error"] else 1.0)
-        yield replication_lag
-        yield replication_ok
+            replication.add(name, report)
+        yield from replication.families()
         yield age
         yield behind
         yield status

@@ -272,7 +272,14 @@ def _now() -> datetime:
 
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+    _add_report(router)
+    _add_fleet_credentials(router)
+    _add_wait(router)
+    _add_git_endpoint(router)
+    return router
 
+
+def _add_report(router: APIRouter) -> None:
     @router.post(
         "/report",
         summary="A node reports its last pull (HTTP Basic name:sync_key).",
@@ -321,6 +328,8 @@ def build_router() -> APIRouter:
             raise _unauthenticated() from None
         return JSONResponse({"ok": True})
 
+
+def _add_fleet_credentials(router: APIRouter) -> None:
     @router.get(
         "/fleet",
         summary="A node's credentials for the other nodes (HTTP Basic name:sync_key): its own doveadm password, and the "
@@ -350,6 +359,8 @@ def build_router() -> APIRouter:
             raise _unauthenticated() from None
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
+
+def _add_wait(router: APIRouter) -> None:
     @router.get(
         "/wait",
         summary="Follow mode: wait until the accepted head differs from `head` (long poll, HTTP Basic name:sync_key).",
@@ -400,6 +411,8 @@ def build_router() -> APIRouter:
             headers={"Cache-Control": "no-store"},
         )
 
+
+def _add_git_endpoint(router: APIRouter) -> None:
     # ONE route for both methods: with a route per method, a request in neither (OPTIONS, PUT)
     # met the first route only, and its 405 said `Allow: POST` though GET is served too. Its
     # OpenAPI entry (one operation per method, each with its own id) is written by
@@ -430,8 +443,6 @@ def build_router() -> APIRouter:
         if request.method == "POST":
             body = await read_limited(request, MAX_UPLOAD_PACK_BODY)
         return await run_in_threadpool(_http_backend, services, request, path, body)
-
-    return router
 
 
 def _http_backend(services: Services, request: Request, path: str, body: bytes) -> Response:

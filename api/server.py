@@ -21,14 +21,16 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from pydantic import ValidationError
 from starlette.routing import Route
 
 from mailstate.api import http, http_errors, nodes_http, onboarding_http
@@ -41,6 +43,7 @@ from mailstate.state.dnscheck import BackgroundDnsCheck, check_interval
 from mailstate.state.errors import InvalidInput, StoreError
 from mailstate.state.events import SUSPENDED_PREFIX, CommitEvents, NodeEvents, ReportEvents
 from mailstate.state.localdb import LocalDB
+from mailstate.state.models import Settings, invalid_input_from
 from mailstate.state.nodes import NodeReport
 from mailstate.state.store import Store
 from mailstate.state.webhooks import Webhooks
@@ -111,6 +114,45 @@ def create_app(
         store, services.authenticate, security_settings(host, port, allowed_hosts), services.metrics
     )
 
+    lifespan = _lifespan(store, db, own_db=own_db, controls=controls, wait_hub=wait_hub, mcp_manager=mcp_manager)
+
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from the fastapi-offline package's
+    # own copy (under /docs/static), not from a CDN, so the docs work without internet.
+    app = FastAPIOffline(
+        title="mailstate",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        static_url="/docs/static",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
+    )
+    app.state.services = services
+    app.state.wait_hub = wait_hub
+    http_errors.install(app)
+    app.include_router(http.build_router())
+    app.include_router(nodes_http.build_router())
+    app.include_router(http.health_router())
+    app.include_router(http.metrics_router())
+    app.include_router(onboarding_http.build_router())
+    app.router.routes.append(Route("/mcp", endpoint=mcp_app))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _lifespan(
+    store: Store,
+    db: LocalDB,
+    *,
+    own_db: bool,
+    controls: list[tuple[Any, str]],
+    wait_hub: nodes_http.WaitHub,
+    mcp_manager: StreamableHTTPSessionManager,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: the background threads run while it serves, and stop after."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
@@ -143,30 +185,7 @@ def create_app(
             if own_db:
                 db.close()
 
-    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from the fastapi-offline package's
-    # own copy (under /docs/static), not from a CDN, so the docs work without internet.
-    app = FastAPIOffline(
-        title="mailstate",
-        version=_version(),
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        openapi_url="/openapi.json",
-        docs_url="/docs",
-        redoc_url=None,
-        static_url="/docs/static",
-        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
-    )
-    app.state.services = services
-    app.state.wait_hub = wait_hub
-    http_errors.install(app)
-    app.include_router(http.build_router())
-    app.include_router(nodes_http.build_router())
-    app.include_router(http.health_router())
-    app.include_router(http.metrics_router())
-    app.include_router(onboarding_http.build_router())
-    app.router.routes.append(Route("/mcp", endpoint=mcp_app))
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
+    return lifespan
 
 
 def _controls(store: Store, db: LocalDB, services: http.Services) -> list[tuple[Any, str]]:
@@ -245,6 +264,14 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
     """The node endpoints' responses as they really answer (api.nodes_http): FastAPI would list
     a 422 for the git path parameter, which never answers, and none of the real errors."""
     paths = schema.get("paths", {})
+    _git_docs(schema, paths)
+    _wait_docs(schema, paths)
+    _fleet_docs(schema, paths)
+    _report_docs(schema, paths)  # last: NodeReportAck stays the last of the components
+
+
+def _report_docs(schema: dict[str, Any], paths: dict[str, Any]) -> None:
+    """The report: its answers and NodeReportAck."""
     report = paths.get("/v1/nodes/report", {}).get("post")
     if report is not None:
         report["operationId"] = "node_report"
@@ -259,6 +286,16 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
             "405": _error("Only POST is accepted."),
             "413": _error("The request body is too large."),
         }
+    schema.setdefault("components", {}).setdefault("schemas", {})["NodeReportAck"] = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean", "const": True}},
+        "required": ["ok"],
+        "title": "NodeReportAck",
+    }
+
+
+def _git_docs(schema: dict[str, Any], paths: dict[str, Any]) -> None:
+    """The git smart HTTP route: one operation per method, each with its own id."""
     git_path = paths.setdefault("/v1/nodes/state.git/{path}", {})
     for method, ctype in (
         ("get", "application/x-git-upload-pack-advertisement"),
@@ -292,6 +329,10 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
         }
         if method == "post":
             op["responses"]["413"] = _error("The upload-pack request is too large.")
+
+
+def _wait_docs(schema: dict[str, Any], paths: dict[str, Any]) -> None:
+    """The long poll: its answers and NodeWaitResponse."""
     wait = paths.get("/v1/nodes/wait", {}).get("get")
     if wait is not None:
         wait["responses"] = {
@@ -327,6 +368,10 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
         "required": ["changed", "head", "issued_at"],
         "title": "NodeWaitResponse",
     }
+
+
+def _fleet_docs(schema: dict[str, Any], paths: dict[str, Any]) -> None:
+    """The fleet credentials: their answers and NodeFleetResponse."""
     fleet = paths.get("/v1/nodes/fleet", {}).get("get")
     if fleet is not None:
         fleet["responses"] = {
@@ -357,12 +402,6 @@ def _node_route_docs(schema: dict[str, Any]) -> None:
         "required": ["name", "doveadm_password", "peers"],
         "title": "NodeFleetResponse",
     }
-    schema.setdefault("components", {}).setdefault("schemas", {})["NodeReportAck"] = {
-        "type": "object",
-        "properties": {"ok": {"type": "boolean", "const": True}},
-        "required": ["ok"],
-        "title": "NodeReportAck",
-    }
 
 
 def _version() -> str:
@@ -377,10 +416,6 @@ def _version() -> str:
 def prepare_data_dir(data: Path, bcrypt_cost: int | None = None) -> str | None:
     """Initialise `data` if it does not exist or is empty; the new admin token, or None when it
     already was a data dir. A non-empty directory that is not a data dir is refused, not taken over."""
-    from pydantic import ValidationError
-
-    from mailstate.state.models import Settings, invalid_input_from
-
     dd = DataDir(Path(data))
     if dd.is_initialised():
         return None

@@ -10,6 +10,11 @@
    END-OF-MESSAGE (the count written). Printed: p50/p90/p99 of a request's round trip, RCPT and
    END-OF-MESSAGE apart, against a baseline in the same run: the same requests for a login
    without limits (no window read).
+1b. The policy check in a fleet: two policy processes, the home of example.com and another node
+   whose live release names that home (proxy.imap, its fingerprint pinned in tls_policy); the
+   same login's requests asked on the home (counted there) and on the other node (forwarded to
+   the home over the fleet's mutual TLS, one kept connection), alternating. Printed: p50/p90/p99
+   of each, and forwarded/local.
 2. Writes with webhooks: one store (in process, like the server), writes paced at `--rate` a
    second, each making one event (remove-user and restore-user in turn: mailbox.deleted,
    mailbox.restored). Run A: no webhooks (nothing listening to commits). Run B: one webhook that
@@ -25,8 +30,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -133,6 +140,111 @@ def bench_policy(messages: int) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- 1b. the policy check in a fleet: asked on the home, and through another node ---------------------
+
+
+def _node_certificate(d: Path, name: str) -> tuple[Path, Path, str]:
+    """A self-signed certificate (as `pi_pull.py install` makes): (cert, key, sha256 as Postfix writes it)."""
+    cert, key = d / "cert.pem", d / "key.pem"
+    d.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest().upper()
+    return cert, key, ":".join(fp[i : i + 2] for i in range(0, 64, 2))
+
+
+def _policy_process(root: Path, name: str, listen: int, fleet_port: int, limits: str) -> subprocess.Popen[bytes]:
+    node = root / name
+    (node / "policy" / "domains").mkdir(parents=True)
+    (node / "policy" / "domains" / "example.com").write_text(limits)
+    ini = root / f"{name}.ini"
+    ini.write_text(
+        f"[remote]\nurl = {root / 'none.git'}\n[node]\nallowed_signers = /dev/null\n"
+        f"[paths]\nroot = {node}\nmail_root = /var/vmail\nmail_uid = 5000\nmail_gid = 5000\n"
+        f"[policy]\nlisten = 127.0.0.1:{listen}\n"
+        f"[fleet]\npolicy_port = {fleet_port}\ntls_cert = {node / 'tls' / 'cert.pem'}\n"
+        f"tls_key = {node / 'tls' / 'key.pem'}\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, str(pi_pull_script()), "policy", "--config", str(ini)], stderr=subprocess.DEVNULL
+    )
+
+
+def _connect(port: int, timeout: float = 15) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def bench_policy_fleet(messages: int) -> None:
+    """The same requests of one limited login asked on its home (counted there) and on another node
+    (forwarded to the home over the fleet's TLS, pipull/policyfleet.py), one Postfix connection
+    each, alternating message by message so the machine's load hits both."""
+    root = Path(tempfile.mkdtemp(prefix="bench-policy-fleet-"))
+    limits = f"@limits {messages * 20} {messages * 200}\n"
+    home_cert, _, home_fp = _node_certificate(root / "home" / "tls", "home")
+    other_cert, _, other_fp = _node_certificate(root / "other" / "tls", "other")
+    for name in ("home", "other"):
+        (root / name / "fleet").mkdir(parents=True)
+    # The home admits the fleet's nodes; the other node pins the home and names it example.com's home.
+    (root / "home" / "fleet" / "ccerts").write_text(f"{home_fp} OK\n{other_fp} OK\n")
+    (root / "home" / "fleet" / "peers.pem").write_text(home_cert.read_text() + other_cert.read_text())
+    (root / "other" / "fleet" / "tls_policy").write_text(f"[127.0.0.1]:2525 fingerprint match={home_fp}\n")
+    (root / "other" / "current" / "dovecot").mkdir(parents=True)
+    (root / "other" / "current" / "dovecot" / "proxy.imap").write_text(
+        "example.com:::::::nopassword=y proxy=y host=127.0.0.1\n"
+    )
+    with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+        ports = []
+        for s in (a, b, c):
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    home_port, other_port, fleet_port = ports
+    procs = [
+        _policy_process(root, "home", home_port, fleet_port, limits),
+        _policy_process(root, "other", other_port, fleet_port, limits),
+    ]
+    try:
+        home, other = _connect(home_port), _connect(other_port)
+        _connect(fleet_port).close()  # the home's fleet listener is up
+        results: dict[str, list[float]] = {"on the home (counted there)": [], "on another node (forwarded)": []}
+        with home, other:
+            for m in range(messages):
+                for label, sock in zip(results, (home, other), strict=True):
+                    base = {
+                        "request": "smtpd_access_policy",
+                        "sasl_username": "info@example.com",
+                        "instance": f"{label}.{m}",
+                    }
+                    for r in range(3):
+                        took, answer = _ask(sock, {**base, "protocol_state": "RCPT", "recipient": f"r{r}@o.org"})
+                        assert answer == "action=DUNNO\n\n", answer
+                        results[label].append(took)
+                    took, _ = _ask(sock, {**base, "protocol_state": "END-OF-MESSAGE", "recipient_count": "3"})
+                    results[label].append(took)
+        print(f"\n## 1b. The policy check in a fleet ({messages} messages x 4 requests on each node, alternating)\n")
+        print("| asked | p50 ms | p90 ms | p99 ms |")
+        print("|---|---|---|---|")
+        for label, xs in results.items():
+            print(f"| {label} | {ms(p50(xs), 3)} | {ms(p90(xs), 3)} | {ms(p99(xs), 3)} |")
+        local, forwarded = results.values()
+        print(f"\nThrough another node: p50 {ms(p50(forwarded), 3)} ms (target <= 2 ms); "
+              f"{p50(forwarded) / p50(local):.2f}x the home's own, same run")  # fmt: skip
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 # --- 2. writes with and without webhooks -----------------------------------------------------------------
@@ -298,8 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0, help="writes (events) a second (100)")
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds of the write part (3)")
     p.add_argument("--backlog", type=int, default=2000, help="deliveries in the backlog (2000)")
+    p.add_argument("--policy-only", action="store_true", help="only the policy check (parts 1 and 1b)")
     args = p.parse_args(argv)
     bench_policy(args.messages)
+    bench_policy_fleet(args.messages)
+    if args.policy_only:
+        return 0
     bench_writes(args.writes, args.rate, args.rounds)
     bench_drain(args.backlog)
     return 0

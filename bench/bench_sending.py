@@ -11,7 +11,7 @@
    sender_login_maps included, tree, signature, commit), alternating remove-user / restore-user
    (soft) and update-alias. In the same run, for each written domain, the sender-map part of
    that write measured on its own: the alias-domain scan of the state that `changed_files` does
-   (`after` list), `senders.sender_lines` and the template render of the fragment. Printed: the
+   (`after` list), `maplines.sender_lines` and the template render of the fragment. Printed: the
    write's p50, the sender part's p50, and their ratio (what the sender map adds to a write).
 3. With a real node (tests.helpers.mailnode.running_mailnode: Postfix + Dovecot on loopback, the SMTP
    sink as the internet), the built pi_pull.py applies the seeded state; then N submissions on
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench.seed import SeedInfo, seed_state
+from mailstate.compiler.maplines import sender_lines
 from mailstate.compiler.render import _env as render_env
 from mailstate.state import senders
 from mailstate.state.datadir import open_store
@@ -77,7 +78,7 @@ def sender_part(store: Store, name: str) -> float:
     t = time.perf_counter()
     after = [snap.domains[u] for u in snap.alias_users.get(name, ()) if u != name]  # as changed_files does
     users = senders.alias_index(after)
-    lines = senders.sender_lines(snap.domains[name], users.get(name, ()))
+    lines = sender_lines(snap.domains[name], users.get(name, ()))
     render_env().get_template("sender_login_maps.j2").render({"senders": [{"key": k, "owners": o} for k, o in lines]})
     return time.perf_counter() - t
 

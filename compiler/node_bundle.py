@@ -37,6 +37,7 @@ import json
 import re
 import zipapp
 import zipfile
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,8 @@ POLICY_SERVICE = "inet:127.0.0.1:10040"
 # every node: a node reaches its peers there) and where pi-pull keeps its fleet files.
 FLEET_RELAY_PORT = 2525
 FLEET_DOVEADM_PORT = 12345
+FLEET_POLICY_PORT = 10041
+FLEET_POLICY_PORT = 10041
 
 
 def fleet_dir(root: str) -> str:
@@ -441,52 +444,17 @@ def _normalise_signers(allowed_signers: str) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def render_node_bundle(
-    node_name: str,
-    server_url: str,
-    allowed_signers: str,
-    root: str = DEFAULT_ROOT,
-    *,
-    remote_url: str | None = None,
-    report_url: str | None = None,
-    branch: str = "main",
-    map_type: str = "hash",
-    postfix_reload: str = "postfix reload",
-    dovecot_reload: str = "doveadm reload",
-    postmap: str = "postmap",
-    lmtp_address: str = "127.0.0.1",
-    lmtp_port: int = 24,
-    keep_releases: int = 5,
-    passwd_group: str = "dovecot",
-    interval: int = 60,
-    quota: bool = True,
-    mail_root: str = "/var/vmail",
-    mail_uid: int = 5000,
-    mail_gid: int = 5000,
-    tls_cert: str = TLS_CERT,
-    tls_key: str = TLS_KEY,
-    submission_listen: str = "submission",
-    smtps_listen: str = "submissions",
-    imaps_port: int = 993,
-    postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
-    dkim_milter: str = DKIM_MILTER,
-    sieve_listen: str = SIEVE_LISTEN,
-    dkim_key_dir: str = "",
-    dkim_publish_wait: int = 86400,
-    dkim_rotate_days: int = 0,
-    map_buckets: int | None = None,
-    policy_service: str = POLICY_SERVICE,
-    relay_port: int = FLEET_RELAY_PORT,
-    doveadm_port: int = FLEET_DOVEADM_PORT,
-    address: str | None = None,
-) -> dict[str, str | bytes]:
-    """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
+# The systemd units, shipped as they are.
+UNIT_FILES = ("pi-pull.service", "pi-pull.timer", "pi-pull-follow.service", "pi-pull-policy.service")
 
-    ``server_url`` is the mailstate server's base URL (``https://host[:port]``); the node fetches
-    ``<server_url>/v1/nodes/state.git`` and reports to ``<server_url>/v1/nodes/report`` unless
-    ``remote_url`` (any git URL, e.g. a git host) or ``report_url`` override them. With an empty
-    ``server_url`` there is no report URL unless one is given. ``allowed_signers`` is the text of
-    the allowed_signers file the node will trust (e.g. the server's ``DIR/allowed_signers``).
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """A node's bundle beyond its name, its server and the keys it trusts; the defaults are the
+    bundle ``mailstate node bundle`` writes when given no options.
+
+    ``remote_url`` (any git URL, e.g. a git host) and ``report_url`` override where the node
+    fetches and reports (by default ``<server_url>/v1/nodes/state.git`` and ``/v1/nodes/report``).
     ``mail_root``/``mail_uid``/``mail_gid`` are the state's settings (mailstate.yaml): install
     creates the mail root owned by them. ``tls_cert``/``tls_key`` (Postfix and Dovecot),
     ``submission_listen``/``smtps_listen`` (master.cf service names), ``imaps_port``,
@@ -494,128 +462,203 @@ def render_node_bundle(
     sending; with a ``dkim_milter`` the bundle also ships ``opendkim/opendkim.conf`` and turns on
     pi-pull's ``[dkim]`` (keys under ``dkim_key_dir``, default /etc/pi-pull/dkim; a new key signs
     ``dkim_publish_wait`` seconds after it was reported; ``dkim_rotate_days``: 0 = rotate by hand).
+    ``map_buckets`` None: the default for ``map_type``.
+    """
+
+    root: str = DEFAULT_ROOT
+    remote_url: str | None = None
+    report_url: str | None = None
+    branch: str = "main"
+    map_type: str = "hash"
+    postfix_reload: str = "postfix reload"
+    dovecot_reload: str = "doveadm reload"
+    postmap: str = "postmap"
+    lmtp_address: str = "127.0.0.1"
+    lmtp_port: int = 24
+    keep_releases: int = 5
+    passwd_group: str = "dovecot"
+    interval: int = 60
+    quota: bool = True
+    mail_root: str = "/var/vmail"
+    mail_uid: int = 5000
+    mail_gid: int = 5000
+    tls_cert: str = TLS_CERT
+    tls_key: str = TLS_KEY
+    submission_listen: str = "submission"
+    smtps_listen: str = "submissions"
+    imaps_port: int = 993
+    postfix_queue_dir: str = POSTFIX_QUEUE_DIR
+    dkim_milter: str = DKIM_MILTER
+    sieve_listen: str = SIEVE_LISTEN
+    dkim_key_dir: str = ""
+    dkim_publish_wait: int = 86400
+    dkim_rotate_days: int = 0
+    map_buckets: int | None = None
+    policy_service: str = POLICY_SERVICE
+    relay_port: int = FLEET_RELAY_PORT
+    doveadm_port: int = FLEET_DOVEADM_PORT
+    policy_port: int = FLEET_POLICY_PORT
+    address: str | None = None
+
+
+def render_node_bundle(
+    node_name: str, server_url: str, allowed_signers: str, options: BundleOptions = BundleOptions()
+) -> dict[str, str | bytes]:
+    """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
+
+    ``server_url`` is the mailstate server's base URL (``https://host[:port]``), which the node
+    fetches from and reports to unless ``options`` say otherwise; with an empty ``server_url``
+    there is no report URL unless one is given. ``allowed_signers`` is the text of the
+    allowed_signers file the node will trust (e.g. the server's ``DIR/allowed_signers``).
     Bad arguments raise InvalidInput.
     """
     validate_node_name(node_name, field="node_name")
-    base = server_url.rstrip("/")
-    if base and not base.lower().startswith(("http://", "https://")):
-        raise InvalidInput("The server URL must start with http:// or https://.", field="server_url")
-    remote = remote_url or (f"{base}/v1/nodes/state.git" if base else "")
-    if not remote:
-        raise InvalidInput("Either a server URL or a remote URL is needed.", field="server_url")
-    report = report_url if report_url is not None else (f"{base}/v1/nodes/report" if base else "")
-    if not root.startswith("/"):
-        raise InvalidInput("The node's root must be an absolute path.", field="root")
-    root = root.rstrip("/") or "/"
-    is_http = remote.lower().startswith(("http://", "https://"))
-    if not mail_root.startswith("/") or not _SAFE_VALUE.match(mail_root):
-        raise InvalidInput("The mail root must be an absolute path.", field="mail_root")
-    for key, value in (("mail_uid", mail_uid), ("mail_gid", mail_gid)):
-        if not isinstance(value, int) or value < 1:
-            raise InvalidInput(f"{key} must be a positive number (never root).", field=key)
-
-    if map_buckets is None:
-        map_buckets = DEFAULT_MAP_BUCKETS if map_type in BUCKETED_MAP_TYPES else 0
-    if not 0 <= int(map_buckets) <= 256:
-        raise InvalidInput("map_buckets must be between 0 and 256.", field="map_buckets")
-    if int(map_buckets) and map_type not in BUCKETED_MAP_TYPES:
-        raise InvalidInput(
-            "map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets"
-        )
-    for key, value in (("relay_port", relay_port), ("doveadm_port", doveadm_port)):
-        if not isinstance(value, int) or not 1 <= value <= 65535:
-            raise InvalidInput(f"{key} must be a port number (1-65535).", field=key)
-    ini = render_template(
-        "pi-pull.ini.j2",
-        relay_port=relay_port,
-        doveadm_port=doveadm_port,
-        tls_cert=tls_cert,
-        map_buckets=int(map_buckets),
-        node_name=node_name,
-        remote_url=remote,
-        branch=branch,
-        send_credentials=True if is_http else None,
-        sync_key_file=SYNC_KEY_FILE,
-        allowed_signers_file=ALLOWED_SIGNERS_FILE,
-        root=root,
-        keep_releases=int(keep_releases),
-        passwd_group=passwd_group,
-        report_url=report,
-        postfix_reload=postfix_reload,
-        dovecot_reload=dovecot_reload,
-        map_type=map_type,
-        postmap=postmap,
-        interval=int(interval),
-        mail_root=mail_root.rstrip("/") or "/",
-        mail_uid=int(mail_uid),
-        mail_gid=int(mail_gid),
-        policy_listen=policy_listen(policy_service) if policy_service else policy_listen(POLICY_SERVICE),
-    )
-    if dkim_milter:
-        # pi-pull.ini's [dkim]: this node's keys and OpenDKIM's tables (pi-pull/pipull/dkim.py).
-        if int(dkim_publish_wait) < 0 or int(dkim_rotate_days) < 0:
-            raise InvalidInput("dkim_publish_wait and dkim_rotate_days must be >= 0.", field="dkim_publish_wait")
-        ini += render_template(
-            "pi-pull-dkim.ini.j2",
-            key_dir=(dkim_key_dir or DKIM_KEY_DIR).rstrip("/"),
-            publish_wait=int(dkim_publish_wait),
-            rotate_days=int(dkim_rotate_days),
-        )
+    remote, report = _bundle_urls(server_url, options)
+    o = _checked_options(options)
+    buckets = _map_buckets(o)
     files: dict[str, str | bytes] = {
-        "pi-pull.ini": ini,
+        "pi-pull.ini": _pi_pull_ini(node_name, remote, report, o, buckets),
         "allowed_signers": _normalise_signers(allowed_signers),
-        "pi-pull.service": (NODE_TEMPLATES / "pi-pull.service").read_text(encoding="utf-8"),
-        "pi-pull.timer": (NODE_TEMPLATES / "pi-pull.timer").read_text(encoding="utf-8"),
-        "pi-pull-follow.service": (NODE_TEMPLATES / "pi-pull-follow.service").read_text(encoding="utf-8"),
-        "pi-pull-policy.service": (NODE_TEMPLATES / "pi-pull-policy.service").read_text(encoding="utf-8"),
-        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(
-            root,
-            lmtp_address=lmtp_address,
-            lmtp_port=lmtp_port,
-            quota=quota,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            imaps_port=imaps_port,
-            postfix_queue_dir=postfix_queue_dir,
-            map_buckets=map_buckets,
-            sieve_submission=sieve_listen,
-        ),
-        "postfix/main.cf.mailstate": postfix_snippet(
-            root,
-            map_type=map_type,
-            lmtp_address=lmtp_address,
-            lmtp_port=lmtp_port,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            map_buckets=map_buckets,
-        ),
-        "postfix/master.cf.mailstate": postfix_master_snippet(
-            submission_listen=submission_listen,
-            smtps_listen=smtps_listen,
-            dkim_milter=dkim_milter,
-            sieve_listen=sieve_listen,
-            policy_service=policy_service,
-            relay_listen=str(int(relay_port)),
-            root=root,
-            map_type=map_type,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-        ),
+        **{name: (NODE_TEMPLATES / name).read_text(encoding="utf-8") for name in UNIT_FILES},
+        **_service_snippets(o, buckets),
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
     }
-    if dkim_milter:
-        files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
+    if o.dkim_milter:
+        files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=o.dkim_milter, key_dir=o.dkim_key_dir or DKIM_KEY_DIR)
     files[MANIFEST_NAME] = bundle_manifest(
         node_name,
         files,
-        mail_root=mail_root.rstrip("/") or "/",
-        mail_uid=mail_uid,
-        mail_gid=mail_gid,
-        tls=(_tls_path("tls_cert", tls_cert), _tls_path("tls_key", tls_key)),
-        address=address,
+        mail_root=o.mail_root,
+        mail_uid=o.mail_uid,
+        mail_gid=o.mail_gid,
+        tls=(_tls_path("tls_cert", o.tls_cert), _tls_path("tls_key", o.tls_key)),
+        address=o.address,
     )
     return files
+
+
+def _bundle_urls(server_url: str, o: BundleOptions) -> tuple[str, str]:
+    """(the git remote, the report URL) the node uses."""
+    base = server_url.rstrip("/")
+    if base and not base.lower().startswith(("http://", "https://")):
+        raise InvalidInput("The server URL must start with http:// or https://.", field="server_url")
+    remote = o.remote_url or (f"{base}/v1/nodes/state.git" if base else "")
+    if not remote:
+        raise InvalidInput("Either a server URL or a remote URL is needed.", field="server_url")
+    report = o.report_url if o.report_url is not None else (f"{base}/v1/nodes/report" if base else "")
+    return remote, report
+
+
+def _checked_options(o: BundleOptions) -> BundleOptions:
+    """`o` with its paths normalised; InvalidInput for a bad value."""
+    if not o.root.startswith("/"):
+        raise InvalidInput("The node's root must be an absolute path.", field="root")
+    if not o.mail_root.startswith("/") or not _SAFE_VALUE.match(o.mail_root):
+        raise InvalidInput("The mail root must be an absolute path.", field="mail_root")
+    for key, value in (("mail_uid", o.mail_uid), ("mail_gid", o.mail_gid)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidInput(f"{key} must be a positive number (never root).", field=key)
+    ports = (("relay_port", o.relay_port), ("doveadm_port", o.doveadm_port), ("policy_port", o.policy_port))
+    for key, value in ports:
+        if not isinstance(value, int) or not 1 <= value <= 65535:
+            raise InvalidInput(f"{key} must be a port number (1-65535).", field=key)
+    if o.dkim_milter and (int(o.dkim_publish_wait) < 0 or int(o.dkim_rotate_days) < 0):
+        raise InvalidInput("dkim_publish_wait and dkim_rotate_days must be >= 0.", field="dkim_publish_wait")
+    return replace(o, root=o.root.rstrip("/") or "/", mail_root=o.mail_root.rstrip("/") or "/")
+
+
+def _map_buckets(o: BundleOptions) -> int:
+    """The tables per map: ``o.map_buckets``, or the default for ``o.map_type``."""
+    map_buckets = o.map_buckets
+    if map_buckets is None:
+        map_buckets = DEFAULT_MAP_BUCKETS if o.map_type in BUCKETED_MAP_TYPES else 0
+    if not 0 <= int(map_buckets) <= 256:
+        raise InvalidInput("map_buckets must be between 0 and 256.", field="map_buckets")
+    if int(map_buckets) and o.map_type not in BUCKETED_MAP_TYPES:
+        raise InvalidInput(
+            "map_buckets needs map_type hash, btree or lmdb (postmap -i updates them in place).", field="map_buckets"
+        )
+    return int(map_buckets)
+
+
+def _pi_pull_ini(node_name: str, remote: str, report: str, o: BundleOptions, map_buckets: int) -> str:
+    ini = render_template(
+        "pi-pull.ini.j2",
+        relay_port=o.relay_port,
+        doveadm_port=o.doveadm_port,
+        policy_port=o.policy_port,
+        tls_cert=o.tls_cert,
+        tls_key=o.tls_key,
+        map_buckets=map_buckets,
+        node_name=node_name,
+        remote_url=remote,
+        branch=o.branch,
+        send_credentials=True if remote.lower().startswith(("http://", "https://")) else None,
+        sync_key_file=SYNC_KEY_FILE,
+        allowed_signers_file=ALLOWED_SIGNERS_FILE,
+        root=o.root,
+        keep_releases=int(o.keep_releases),
+        passwd_group=o.passwd_group,
+        report_url=report,
+        postfix_reload=o.postfix_reload,
+        dovecot_reload=o.dovecot_reload,
+        map_type=o.map_type,
+        postmap=o.postmap,
+        interval=int(o.interval),
+        mail_root=o.mail_root,
+        mail_uid=int(o.mail_uid),
+        mail_gid=int(o.mail_gid),
+        policy_listen=policy_listen(o.policy_service) if o.policy_service else policy_listen(POLICY_SERVICE),
+    )
+    if o.dkim_milter:
+        # pi-pull.ini's [dkim]: this node's keys and OpenDKIM's tables (pi-pull/pipull/dkim.py).
+        ini += render_template(
+            "pi-pull-dkim.ini.j2",
+            key_dir=(o.dkim_key_dir or DKIM_KEY_DIR).rstrip("/"),
+            publish_wait=int(o.dkim_publish_wait),
+            rotate_days=int(o.dkim_rotate_days),
+        )
+    return ini
+
+
+def _service_snippets(o: BundleOptions, map_buckets: int) -> dict[str, str]:
+    """Dovecot's and Postfix's configuration snippets."""
+    return {
+        "dovecot/conf.d/90-mailstate.conf": dovecot_snippet(
+            o.root,
+            lmtp_address=o.lmtp_address,
+            lmtp_port=o.lmtp_port,
+            quota=o.quota,
+            tls_cert=o.tls_cert,
+            tls_key=o.tls_key,
+            imaps_port=o.imaps_port,
+            postfix_queue_dir=o.postfix_queue_dir,
+            map_buckets=map_buckets,
+            sieve_submission=o.sieve_listen,
+        ),
+        "postfix/main.cf.mailstate": postfix_snippet(
+            o.root,
+            map_type=o.map_type,
+            lmtp_address=o.lmtp_address,
+            lmtp_port=o.lmtp_port,
+            tls_cert=o.tls_cert,
+            tls_key=o.tls_key,
+            map_buckets=map_buckets,
+        ),
+        "postfix/master.cf.mailstate": postfix_master_snippet(
+            submission_listen=o.submission_listen,
+            smtps_listen=o.smtps_listen,
+            dkim_milter=o.dkim_milter,
+            sieve_listen=o.sieve_listen,
+            policy_service=o.policy_service,
+            relay_listen=str(int(o.relay_port)),
+            root=o.root,
+            map_type=o.map_type,
+            tls_cert=o.tls_cert,
+            tls_key=o.tls_key,
+        ),
+    }
 
 
 def bundle_manifest(

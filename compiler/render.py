@@ -7,9 +7,9 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/virtual_mailbox_domains   Postfix map fragment
     rendered/domains/<bb>/<domain>/mailboxes                 format 2: `<local> <id> <active|inactive>`
     rendered/domains/<bb>/<domain>/virtual_alias_maps        only with aliases, forwarding or alias_of:
-                                                             `<key> <result>[,<result>...]` (state.aliases)
+                                                             `<key> <result>[,<result>...]` (compiler.maplines)
     rendered/domains/<bb>/<domain>/sender_login_maps         `<address> <login>[,<login>...]`: who may send
-                                                             as the address (state.senders), alias domains'
+                                                             as the address (compiler.maplines), alias domains'
                                                              addresses included; absent when no address has
                                                              one, and in format 1
     rendered/domains/<bb>/<domain>/sieve_scripts             one Sieve script per mailbox with filters or a
@@ -65,12 +65,12 @@ from pathlib import Path
 import jinja2
 
 from mailstate.compiler import sieve
+from mailstate.compiler.maplines import alias_lines, sender_lines
 from mailstate.state import validate as v
-from mailstate.state.aliases import alias_lines
 from mailstate.state.errors import CompileError, InvalidInput
 from mailstate.state.files import RENDERED_DIR, bucket
 from mailstate.state.models import DomainFile, Mailbox, NodesFile, ProjectFile, Settings
-from mailstate.state.senders import SENDER_FRAGMENT, alias_index, sender_lines
+from mailstate.state.senders import SENDER_FRAGMENT, alias_index
 from mailstate.state.sending import SENDING_FILE, SENDING_FRAGMENT, domain_lines, settings_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "rendered"
@@ -209,6 +209,30 @@ def mailbox_dir(domain: str, local: str, box: Mailbox, settings: Settings) -> st
     return f"{domain}/{local}{ID_SEPARATOR}{box.id}"
 
 
+def _passwd_entries(
+    domain: DomainFile, boxes: list[tuple[str, Mailbox]], settings: Settings, home: str | None
+) -> list[dict[str, object]]:
+    """The passwd-file's mailboxes: the active ones, and with a home (a proxy) the others too."""
+    root = settings.mail_root.rstrip("/")
+    out: list[dict[str, object]] = []
+    for local, box in boxes:
+        if not box.active and home is None:
+            continue
+        where = mailbox_dir(domain.domain, local, box, settings)
+        out.append(
+            {
+                "email": f"{local}@{domain.domain}",
+                "password": box.password,
+                "quota_mb": box.quota_mb,
+                "home": f"{root}/{where}",
+                "maildir": f"{where}/",
+                "active": box.active,
+                "extra": "" if home is None else (f" proxy_maybe=y host={home}" if box.active else " nologin=y"),
+            }
+        )
+    return out
+
+
 def render_domain(
     domain: DomainFile,
     settings: Settings,
@@ -220,30 +244,14 @@ def render_domain(
 
     ``alias_domains``: the email-enabled domains whose ``alias_of`` is this one
     (``state.senders.alias_domains_of``): their addresses' sender lines are in this domain's
-    sender_login_maps (state.senders). ``project``: the domain's project file, whose send limits
+    sender_login_maps (maplines.sender_lines). ``project``: the domain's project file, whose send limits
     the domain's ``sending`` fragment carries unless the domain has its own (state.sending).
     ``nodes``: nodes.yaml, for the home's address (a domain with a home needs it)."""
     if not domain.email_enabled:
         return {}
-    root = settings.mail_root.rstrip("/")
     boxes = sorted(domain.mailboxes.items())
     home = _home_address(domain, nodes)
-    mailboxes = []
-    for local, box in boxes:
-        if not box.active and home is None:
-            continue
-        where = mailbox_dir(domain.domain, local, box, settings)
-        mailboxes.append(
-            {
-                "email": f"{local}@{domain.domain}",
-                "password": box.password,
-                "quota_mb": box.quota_mb,
-                "home": f"{root}/{where}",
-                "maildir": f"{where}/",
-                "active": box.active,
-                "extra": "" if home is None else (f" proxy_maybe=y host={home}" if box.active else " nologin=y"),
-            }
-        )
+    mailboxes = _passwd_entries(domain, boxes, settings, home)
     aliases = [{"key": key, "results": results} for key, results in alias_lines(domain)]
     senders = [{"key": key, "owners": owners} for key, owners in sender_lines(domain, alias_domains)]
     app_lines = sieve.app_password_lines(domain)

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mailstate.state import validate as v
 from mailstate.state.errors import Conflict, InvalidInput
-
-if TYPE_CHECKING:  # models imports this module for its validators
-    from mailstate.state.models import DomainFile, Mailbox
 
 CATCH_ALL = "@"
 MAX_DESTINATIONS = 50
@@ -40,6 +37,40 @@ MAX_DESTINATIONS = 50
 MAX_DESTINATIONS_CHARS = 6000
 MAX_ALIAS_DEPTH = 8
 MAX_EXPANSION = 500
+
+
+# models' validators call this module, so it sits below models and reads domain files through
+# these read-only views (state.models.DomainFile, Mailbox and Filter match them) rather than
+# importing the classes back.
+class FilterView(Protocol):
+    @property
+    def action(self) -> str: ...
+    @property
+    def target(self) -> str | None: ...
+
+
+class MailboxView(Protocol):
+    @property
+    def active(self) -> bool: ...
+    @property
+    def forward_to(self) -> Sequence[str] | None: ...
+    @property
+    def filters(self) -> Sequence[FilterView] | None: ...
+
+
+class DomainView(Protocol):
+    @property
+    def domain(self) -> str: ...
+    @property
+    def project_id(self) -> int | None: ...
+    @property
+    def email_enabled(self) -> bool: ...
+    @property
+    def alias_of(self) -> str | None: ...
+    @property
+    def mailboxes(self) -> Mapping[str, MailboxView]: ...
+    @property
+    def aliases(self) -> Mapping[str, Sequence[str]]: ...
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -100,14 +131,14 @@ def onward(forward_to: Sequence[str] | None, redirects: Sequence[str]) -> list[s
     return out
 
 
-def box_onward(box: Mailbox) -> list[str]:
+def box_onward(box: MailboxView) -> list[str]:
     """A mailbox's onward addresses (`onward`): a Sieve redirect obeys the forwarding rules, so
     the loop and depth checks follow it like a forwarding that keeps a copy (state/owners.py)."""
     redirects = [f.target for f in box.filters or () if f.action == "redirect" and f.target]
     return onward(box.forward_to, redirects) if redirects else list(box.forward_to or [])
 
 
-def file_problems(dom: DomainFile) -> list[str]:
+def file_problems(dom: DomainView) -> list[str]:
     """The rules one domain file must follow on its own (the loaders and `mailstate check`)."""
     problems: list[str] = []
     for key, dests in dom.aliases.items():
@@ -137,35 +168,6 @@ def file_problems(dom: DomainFile) -> list[str]:
     return problems
 
 
-def alias_lines(dom: DomainFile) -> list[tuple[str, list[str]]]:
-    """The domain's virtual_alias_maps entries (key, results), in the order the compiler writes
-    them: the `@domain` wildcard first, then by local part.
-
-    The catch-all trap: Postfix tries `local@domain` before `@domain`, and an address that is
-    not a key at all falls to `@domain`, mailboxes included. So while the domain has a wildcard
-    (a catch-all or alias_of), every mailbox maps to itself (a soft-deleted one too: its mail
-    is refused by delivery, never handed to the catch-all). Forwarding maps a mailbox to its
-    destinations (and to itself with keep_copy); a soft-deleted mailbox forwards nothing.
-    """
-    wildcard = CATCH_ALL in dom.aliases or dom.alias_of is not None
-    entries: dict[str, list[str]] = {}
-    for local, box in dom.mailboxes.items():
-        own = f"{local}@{dom.domain}"
-        if box.active and box.forward_to:
-            entries[local] = ([own] if box.keep_copy else []) + list(box.forward_to)
-        elif wildcard:
-            entries[local] = [own]
-    for key, dests in dom.aliases.items():
-        if key != CATCH_ALL:
-            entries[key] = list(dests)
-    lines = [(f"{local}@{dom.domain}", entries[local]) for local in sorted(entries)]
-    if CATCH_ALL in dom.aliases:
-        lines.insert(0, (f"@{dom.domain}", list(dom.aliases[CATCH_ALL])))
-    elif dom.alias_of is not None:
-        lines.insert(0, (f"@{dom.domain}", [f"@{dom.alias_of}"]))
-    return lines
-
-
 # --- the cross-domain rule: chains and alias_of, one function for every path -----------------
 
 _NO_LINKS: frozenset[str] = frozenset()
@@ -184,7 +186,7 @@ class Problem:
         return Conflict(self.message, code=self.code, target=self.target)
 
 
-def links(dom: DomainFile) -> frozenset[str]:
+def links(dom: DomainView) -> frozenset[str]:
     """The other domains `dom` hands mail to: those of its aliases', catch-all's, forwardings' and
     filter redirects' destinations, and its alias_of target. A chain can only leave `dom` into one of them, so
     these are the edges the snapshot's `referrers` index (state.snapshot) is built from."""
@@ -198,7 +200,7 @@ def links(dom: DomainFile) -> frozenset[str]:
     return frozenset(out) if out else _NO_LINKS
 
 
-def project_of(domains: Mapping[str, DomainFile], name: str) -> tuple[bool, int | None]:
+def project_of(domains: Mapping[str, DomainView], name: str) -> tuple[bool, int | None]:
     """(whether `name` is a domain of the state, its project), without parsing the domain when
     `domains` can tell (a snapshot's DomainMap has `meta`)."""
     meta = getattr(domains, "meta", None)
@@ -211,7 +213,7 @@ def project_of(domains: Mapping[str, DomainFile], name: str) -> tuple[bool, int 
     return dom is not None, (dom.project_id if dom is not None else None)
 
 
-def resolve(domains: Mapping[str, DomainFile], address: str, scope: int | None) -> tuple[str, list[str]] | None:
+def resolve(domains: Mapping[str, DomainView], address: str, scope: int | None) -> tuple[str, list[str]] | None:
     """What Postfix does with `address`, one step: (the key that matched, its results), or None
     when the chain ends there for the check: a mailbox without forwarding, an unknown or
     external address, or an address of a domain outside `scope` (the project the chain started
@@ -243,7 +245,7 @@ def resolve(domains: Mapping[str, DomainFile], address: str, scope: int | None) 
     return None
 
 
-def alias_domain_starts(domains: Mapping[str, DomainFile], domain: str, target: str) -> list[str]:
+def alias_domain_starts(domains: Mapping[str, DomainView], domain: str, target: str) -> list[str]:
     """Where a loop through the alias domain `domain` → `target` can start: the addresses of
     `domain` whose twin in `target` goes on (an alias, a forwarding), and the target's catch-all."""
     dom = domains.get(target)
@@ -256,7 +258,7 @@ def alias_domain_starts(domains: Mapping[str, DomainFile], domain: str, target: 
     return starts
 
 
-def chain_starts(domains: Mapping[str, DomainFile], name: str) -> list[str]:
+def chain_starts(domains: Mapping[str, DomainView], name: str) -> list[str]:
     """Every address of domain `name` a chain can start at: its aliases and catch-all, its
     forwarding mailboxes and, for an alias domain, the addresses its target's aliases give it."""
     dom = domains.get(name)
@@ -269,7 +271,7 @@ def chain_starts(domains: Mapping[str, DomainFile], name: str) -> list[str]:
     return starts
 
 
-def chain_problem(domains: Mapping[str, DomainFile], start: str, scope: int | None) -> Conflict | None:
+def chain_problem(domains: Mapping[str, DomainView], start: str, scope: int | None) -> Conflict | None:
     """The first loop (alias_loop), chain deeper than MAX_ALIAS_DEPTH steps or expansion past
     MAX_EXPANSION addresses (alias_chain_too_long) on the chains from `start`, walked inside
     the project `scope` only; None when there is none. Postfix's own virtual_alias_recursion_limit
@@ -309,7 +311,7 @@ def chain_problem(domains: Mapping[str, DomainFile], start: str, scope: int | No
     return walk(start, ())
 
 
-def _alias_target_ok(domains: Mapping[str, DomainFile], dom: DomainFile) -> bool:
+def _alias_target_ok(domains: Mapping[str, DomainView], dom: DomainView) -> bool:
     assert dom.alias_of is not None
     if project_of(domains, dom.alias_of) != (True, dom.project_id):
         return False  # absent, or another project's (read no further)
@@ -317,7 +319,7 @@ def _alias_target_ok(domains: Mapping[str, DomainFile], dom: DomainFile) -> bool
     return target.email_enabled and target.alias_of is None
 
 
-def domain_problems(domains: Mapping[str, DomainFile], name: str) -> list[Problem]:
+def domain_problems(domains: Mapping[str, DomainView], name: str) -> list[Problem]:
     """THE cross-domain rule for domain `name` in the state `domains`: its alias_of names an
     email-enabled, non-alias domain of its own project, and no chain from its addresses loops,
     goes deeper than MAX_ALIAS_DEPTH or fans out past MAX_EXPANSION inside its project. Write
@@ -341,13 +343,13 @@ def domain_problems(domains: Mapping[str, DomainFile], name: str) -> list[Proble
     return out
 
 
-def problems(domains: Mapping[str, DomainFile], names: Iterable[str]) -> list[Problem]:
+def problems(domains: Mapping[str, DomainView], names: Iterable[str]) -> list[Problem]:
     """domain_problems of each of `names`, in name order."""
     return [p for name in sorted(names) for p in domain_problems(domains, name)]
 
 
 def affected(
-    domains: Mapping[str, DomainFile], referrers: Mapping[str, frozenset[str]], changed: Iterable[str]
+    domains: Mapping[str, DomainView], referrers: Mapping[str, frozenset[str]], changed: Iterable[str]
 ) -> set[str]:
     """The domains whose verdict a change to the domains `changed` can alter, in the state after
     the change: those still present, and every domain of the same project that hands mail to

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pygit2
 
@@ -34,6 +35,7 @@ from mailstate.state.models import NodesFile, Settings
 from mailstate.state.signing import Ed25519Signer, Signer, allowed_signers_line, generate_key
 from mailstate.state.snapshot import Actor
 from mailstate.state.store import Clock, Store, clean_request_id, commit_message, utcnow
+from mailstate.state.upgrade import upgrade_store
 from mailstate.state.upstream import Upstream
 from mailstate.state.webhooks import Webhooks
 
@@ -207,7 +209,10 @@ def open_store(
     # A format-1 state becomes format 2 in one signed commit the first time a store opens it
     # (the server on start, any CLI command); a format-2 state is left alone.
     if upgrade:
-        from mailstate.state.upgrade import upgrade_store
-
         upgrade_store(store, strict=False)
     return store
+
+
+def upgrade_data_dir(root: Path) -> dict[str, Any]:
+    """`mailstate upgrade --data DIR`: upgrade the data dir's state repo (state.upgrade.upgrade_store)."""
+    return upgrade_store(open_store(root, upgrade=False))

@@ -254,8 +254,9 @@ FailureHook = Callable[[str, list[dict[str, Any]], "bool | None"], None]
 
 
 def check_failed(domain: str, records: list[dict[str, Any]], previous_ok: bool | None) -> None:
-    """Called once for every kept check of `domain` that is not ok: the place where the
-    `dns.check_failed` webhook event is to be fired (webhooks are not built yet). `records` are
+    """Called once for every kept check of `domain` that is not ok; this default only logs it. A
+    process with webhooks replaces it with state.events.dns_check_failed, which logs it too and
+    fires `dns.check_failed` (state/datadir.py). `records` are
     check-dns's entries; `previous_ok` is the verdict before (None: the domain's first check), so
     a receiver can be told only when a domain goes from ok to failing."""
     bad = [f"{r['type']} {r['name']}: {r['status']}" for r in records if r["status"] != "ok"]

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mailstate.state.chain import signature_key, signers_by_key
 from mailstate.state.errors import StoreError
 from mailstate.state.signers import is_key_type, split_signers_line
 from mailstate.state.signing import PRINCIPAL, Ed25519Signer, allowed_signers_line, generate_key
@@ -211,8 +212,6 @@ def learn_endorsements(allowed_signers: Path, endorsements: tuple[bytes, ...]) -
     so a key already retired with valid-before endorses nothing) and its New-Key is not trusted
     yet. Then New-Key is added and Old-Key retired at the endorsement's Issued-At. Returns the
     keys learned (their `ssh-ed25519 <base64>`)."""
-    from mailstate.state.chain import signature_key, signers_by_key
-
     learned: list[str] = []
     for raw in endorsements:
         cut = raw.find(b"-----BEGIN SSH SIGNATURE-----\n")

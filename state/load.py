@@ -16,7 +16,10 @@ import logging
 import os
 import secrets
 import stat
+import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,10 +453,74 @@ class _Parsed(NamedTuple):
 def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) -> list[Lazy] | None:
     """`todo` (path, oid) parsed by `workers` processes (state.parseworker), in order: Lazy
     entries over their JSON. None when a worker could not run (the caller parses here)."""
-    import subprocess
-    import sys
-    import threading
+    procs = _start_workers(repo, workers)
+    if procs is None:
+        return None
 
+    indexed = [(i, path, oid) for i, (path, oid) in enumerate(todo)]
+    feeders = [
+        threading.Thread(target=_feed, args=(proc, indexed[n::workers]), daemon=True) for n, proc in enumerate(procs)
+    ]
+    for thread in feeders:
+        thread.start()
+    found: dict[int, _Parsed] = {}
+    failures: list[tuple[int, list[str]]] = []
+
+    readers = [threading.Thread(target=_drain, args=(proc, found, failures), daemon=True) for proc in procs]
+    for thread in readers:
+        thread.start()
+    for thread in readers:
+        thread.join()
+    for thread in feeders:
+        thread.join()
+    codes = [proc.wait() for proc in procs]
+    if failures:
+        raise StateInvalid(min(failures)[1][0], problems=min(failures)[1])  # the first bad file, as a serial parse
+    if any(codes) or len(found) != len(todo):
+        log.warning("parse workers failed (exit %s); parsing in this process", codes)
+        return None
+    return _lazy_entries([found[i] for i in range(len(todo))])
+
+
+def _feed(proc: subprocess.Popen[bytes], share: list[tuple[int, str, str]]) -> None:
+    """Hand one worker its share of the files, then close its input."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write("".join(f"{i} {path} {oid}\n" for i, path, oid in share).encode())
+        proc.stdin.close()
+    except OSError:  # it stopped early (a bad file): its answer says so
+        pass
+
+
+def _drain(proc: subprocess.Popen[bytes], found: dict[int, _Parsed], failures: list[tuple[int, list[str]]]) -> None:
+    """Read one worker's answers into `found`, or its first failure into `failures`."""
+    # One reader per worker: read in turn, a worker blocks on its full pipe while the
+    # other is read, and the parse runs on one core.
+    assert proc.stdout is not None
+    while line := proc.stdout.readline():
+        if line.startswith(b"{"):
+            meta = json.loads(line)
+            failures.append((int(meta["index"]), [str(p) for p in meta["problems"]]))
+            break
+        fields = line.decode().rstrip("\n").split("\t")
+        index, oid, domain, project, alias_of, fits, links, home, moving_to, moved_from, replica, boxes, length = fields
+        data = proc.stdout.read(int(length))
+        found[int(index)] = _Parsed(
+            oid,
+            domain,
+            int(project) if project else None,
+            alias_of or None,
+            int(fits),
+            frozenset(links.split()),
+            (home or None, moving_to or None, moved_from or None, replica or None, int(boxes)),
+            data,
+        )
+    proc.stdout.close()
+
+
+def _start_workers(repo: GitRepo, workers: int) -> list[subprocess.Popen[bytes]] | None:
+    """`workers` state.parseworker processes on `repo`; None (and none left running) when one
+    could not start."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -471,64 +538,11 @@ def _parse_in_workers(repo: GitRepo, todo: list[tuple[str, str]], workers: int) 
         for proc in procs:
             proc.kill()
         return None
+    return procs
 
-    def feed(proc: subprocess.Popen[bytes], share: list[tuple[int, str, str]]) -> None:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write("".join(f"{i} {path} {oid}\n" for i, path, oid in share).encode())
-            proc.stdin.close()
-        except OSError:  # it stopped early (a bad file): its answer says so
-            pass
 
-    indexed = [(i, path, oid) for i, (path, oid) in enumerate(todo)]
-    feeders = [
-        threading.Thread(target=feed, args=(proc, indexed[n::workers]), daemon=True) for n, proc in enumerate(procs)
-    ]
-    for thread in feeders:
-        thread.start()
-    found: dict[int, _Parsed] = {}
-    failures: list[tuple[int, list[str]]] = []
-
-    def drain(proc: subprocess.Popen[bytes]) -> None:
-        # One reader per worker: read in turn, a worker blocks on its full pipe while the
-        # other is read, and the parse runs on one core.
-        assert proc.stdout is not None
-        while line := proc.stdout.readline():
-            if line.startswith(b"{"):
-                meta = json.loads(line)
-                failures.append((int(meta["index"]), [str(p) for p in meta["problems"]]))
-                break
-            fields = line.decode().rstrip("\n").split("\t")
-            index, oid, domain, project, alias_of, fits, links, home, moving_to, moved_from, replica, boxes, length = (
-                fields
-            )
-            data = proc.stdout.read(int(length))
-            found[int(index)] = _Parsed(
-                oid,
-                domain,
-                int(project) if project else None,
-                alias_of or None,
-                int(fits),
-                frozenset(links.split()),
-                (home or None, moving_to or None, moved_from or None, replica or None, int(boxes)),
-                data,
-            )
-        proc.stdout.close()
-
-    readers = [threading.Thread(target=drain, args=(proc,), daemon=True) for proc in procs]
-    for thread in readers:
-        thread.start()
-    for thread in readers:
-        thread.join()
-    for thread in feeders:
-        thread.join()
-    codes = [proc.wait() for proc in procs]
-    if failures:
-        raise StateInvalid(min(failures)[1][0], problems=min(failures)[1])  # the first bad file, as a serial parse
-    if any(codes) or len(found) != len(todo):
-        log.warning("parse workers failed (exit %s); parsing in this process", codes)
-        return None
-    rows = [found[i] for i in range(len(todo))]
+def _lazy_entries(rows: list[_Parsed]) -> list[Lazy]:
+    """Lazy entries over the workers' answers, their JSON in one buffer, in order."""
     source = _CacheFile(b"".join(row.data for row in rows), 0, None)
     out: list[Lazy] = []
     offset = 0

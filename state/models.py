@@ -885,6 +885,12 @@ class SetReplicaRequest(Request):
     )
 
 
+class PlaceDomainsRequest(Request):
+    """`mailstate place` (state.place): not an API route."""
+
+    node: NodeName | None = Field(default=None, description="Put every unplaced domain on this node.")
+
+
 def _strict_keep_copy(value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidInput("keep_copy must be true or false.", code="invalid_request", field="keep_copy")

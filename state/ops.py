@@ -1229,7 +1229,7 @@ def move_domain(ctx: Context, req: m.MoveDomainRequest, _: Prepared) -> Outcome:
         new = dom.model_copy(update={"moving_to": None})  # called off: the target drops its copy
     elif dom.home is None:
         # A domain placed before the fleet had addressed nodes: its mail is where it always was,
-        # so it gets its home at once (a node that holds some of it syncs it there, docs/fleet.md).
+        # so it gets its home at once, with nothing to copy (docs/fleet.md, "Addresses and placement").
         new = dom.model_copy(update={"home": req.node})
     else:
         new = dom.model_copy(update={"moving_to": req.node})

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from mailstate.state.errors import Conflict
+from mailstate.state.files import NODES_PATH, domain_path
 from mailstate.state.models import DomainFile, Node, NodesFile
 
 
@@ -84,8 +85,6 @@ def replica_problem(dom: DomainFile, nodes: NodesFile) -> str | None:
 def problems(domains: Mapping[str, DomainFile], nodes: NodesFile, names: Iterable[str]) -> list[str]:
     """What the domains `names` break: a home or move target that is not a registered node with an
     address (moved_from must name a registered node)."""
-    from mailstate.state.files import domain_path
-
     out: list[str] = []
     for name in sorted(names):
         dom = domains.get(name)
@@ -115,8 +114,6 @@ def nodes_problems(
 ) -> list[str]:
     """What nodes.yaml breaks against the domains (the snapshot's placement index): a node that is a
     home or in a move must stay registered, and a home or move target keeps its address."""
-    from mailstate.state.files import NODES_PATH
-
     out: list[str] = []
     needed: dict[str, str] = {}
     for home, doms in homes.items():

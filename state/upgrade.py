@@ -20,7 +20,7 @@ compare-and-swapped against other writers and, in upstream mode, pushed before i
 It is idempotent: a format-2 state makes no commit. `open_store` runs it (the server on start,
 any CLI command); `mailstate upgrade --data DIR` runs it on purpose and says what it did.
 
-Format 2 also renders a `sender_login_maps` fragment per domain (state/senders.py). A format-2
+Format 2 also renders a `sender_login_maps` fragment per domain (compiler/maplines.py). A format-2
 state committed without those fragments gets them in one signed commit too (the same
 operation: the domain files stay as they are, every email-enabled domain is rendered again).
 Whether that is due is read from one domain, the first (by name) that must have a fragment:
@@ -32,9 +32,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from pathlib import Path
 from typing import Any
 
+from mailstate.compiler.maplines import sender_lines
 from mailstate.compiler.render import domain_dir
 from mailstate.state import models as m
 from mailstate.state import senders
@@ -82,7 +82,7 @@ def senders_missing(store: Store) -> bool:
     # 200k names, and a start parses the first such domain only (state.domainmap).
     for name in snap.domains:
         dom = snap.domains[name]
-        if dom.email_enabled and senders.sender_lines(dom):
+        if dom.email_enabled and sender_lines(dom):
             return store.git.read(snap.commit, f"{domain_dir(name)}/{senders.SENDER_FRAGMENT}") is None
     return False
 
@@ -157,10 +157,3 @@ def upgrade_store(store: Store, *, strict: bool = True) -> dict[str, Any]:
     else:
         log.info("upgraded the state to format %s in commit %s", TARGET_FORMAT, outcome.result.get("commit"))
     return outcome.result
-
-
-def upgrade_data_dir(root: Path) -> dict[str, Any]:
-    """`mailstate upgrade --data DIR`: upgrade the data dir's state repo (see upgrade_store)."""
-    from mailstate.state.datadir import open_store
-
-    return upgrade_store(open_store(root, upgrade=False))

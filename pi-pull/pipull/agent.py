@@ -12,7 +12,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, read_sync_key
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_STALE, ConfigError, Refused, Stale, TickError
+from .errors import (
+    EXIT_ERROR,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_STALE,
+    EXIT_USAGE,
+    ConfigError,
+    Locked,
+    Refused,
+    Stale,
+    TickError,
+)
 from .fsutil import utcnow
 from .lifecycle import Lifecycle
 from .log import LOGGER_NAME, add_secret
@@ -508,3 +520,18 @@ class Agent:
         st["history"] = [tip, *[s for s in st.get("history", []) if s != tip][: HISTORY_MAX - 1]]
         self.releases.prune(st)
         self.mirror.gc_auto()
+
+
+def run_once(agent: Agent, log: logging.Logger) -> int:
+    """One tick; the exceptions that escape a tick become their exit codes."""
+    try:
+        return agent.tick().exit_code
+    except Locked as e:
+        log.error(str(e))
+        return EXIT_LOCKED
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    except OSError as e:
+        log.error(f"tick failed: {e}")
+        return EXIT_ERROR

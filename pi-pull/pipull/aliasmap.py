@@ -1,7 +1,7 @@
 """The alias map: each domain's ``virtual_alias_maps`` fragment, validated line by line and
 concatenated into ``<release>/postfix/virtual_alias_maps`` (postmapped like the other maps).
 
-What the compiler writes (state/aliases.py alias_lines, templates/rendered/virtual_alias_maps.j2),
+What the compiler writes (compiler/maplines.py alias_lines, templates/rendered/virtual_alias_maps.j2),
 and so all a node accepts, one line per key, keys of the fragment's own domain only::
 
     @<domain> <address>[,<address>...]      the catch-all (first line)

@@ -38,14 +38,14 @@ import hashlib
 import os
 import shlex
 import shutil
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from . import fleetfiles
 from .aliasmap import ALIAS_MAP, check_bytes
 from .bulkwrite import FileWriter
 from .errors import Refused, TickError
-from .fsutil import open_new, rmtree
+from .fsutil import digest, open_new, rmtree, utcnow
 from .mirror import BlobReader
 from .runner import short
 from .sendermap import SENDER_MAP, SenderCheck, alias_target, check_claims
@@ -53,7 +53,29 @@ from .sendermap import check_bytes as sender_check_bytes
 from .verify import DomainCheck, feed
 
 if TYPE_CHECKING:
-    from .release import Releases
+    from .config import Config
+    from .mirror import Mirror
+    from .runner import Runner
+
+
+class ReleaseSource(Protocol):
+    """What a bucketed build reads from the release manager (release.Releases, which imports
+    this module to run it, so the build names only the parts it uses)."""
+
+    cfg: Config
+    root: str
+    dir: str
+    fleet: fleetfiles.Fleet
+    mirror: Mirror
+    runner: Runner
+
+    def manifest(self, sha: str | None) -> dict[str, Any]: ...
+    def reuse_key(self) -> str: ...
+    def list_rendered(self, sha: str) -> dict[str, dict[str, str]]: ...
+    def changes(self, old: str, new: str) -> dict[str, dict[str, tuple[str, str]]]: ...
+    def domain_files(self, sha: str, domains: Sequence[str]) -> dict[str, dict[str, str]]: ...
+    def home_of(self, cat: BlobReader, domain: str, files: dict[str, str]) -> tuple[str, str] | None: ...
+
 
 # Postfix maps assembled from one fragment per domain, in main.cf order. The first two are
 # validated together with passwd (DomainCheck); the others alone (FRAGMENT_CHECKS).
@@ -117,7 +139,7 @@ class _TableChange:
 class BucketBuild:
     """Builds one release in the bucketed layout into ``tmp`` (see the module docstring)."""
 
-    def __init__(self, rel: Releases, sha: str, live: str | None, tmp: str) -> None:
+    def __init__(self, rel: ReleaseSource, sha: str, live: str | None, tmp: str) -> None:
         self.rel = rel
         self.cfg = rel.cfg
         self.n = rel.cfg.map_buckets
@@ -386,6 +408,11 @@ class BucketBuild:
             self._check_sender_claims(cat, changes, senders)
         for bb, gone in passwd_changed.items():
             self._finish_bucket_dir(bb, gone)
+        self._write_tables(edits)
+
+    def _write_tables(self, edits: dict[str, _TableChange]) -> None:
+        """Every table of the new release: a hard link to the live one, or its copy with `edits`."""
+        assert self.live is not None
         live_dir = os.path.join(self.rel.dir, self.live)
         for mapname in self.maps:
             for k in range(self.n):
@@ -583,8 +610,6 @@ class BucketBuild:
     # ---- manifest
 
     def _manifest(self, prev: dict[str, Any]) -> dict[str, Any]:
-        from .fsutil import digest, utcnow
-
         return {
             "commit": self.sha,
             "built_at": utcnow(),

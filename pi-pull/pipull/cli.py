@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .agent import Agent
+from .agent import Agent, run_once
 from .config import Config, load_config
 from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, ConfigError, Locked, TickError
 from .log import make_logger
@@ -38,21 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="also log debug lines")
     return p
-
-
-def run_once(agent: Agent, log: logging.Logger) -> int:
-    """One tick; the exceptions that escape a tick become their exit codes."""
-    try:
-        return agent.tick().exit_code
-    except Locked as e:
-        log.error(str(e))
-        return EXIT_LOCKED
-    except ConfigError as e:
-        log.error(str(e))
-        return EXIT_USAGE
-    except OSError as e:
-        log.error(f"tick failed: {e}")
-        return EXIT_ERROR
 
 
 def run_loop(agent: Agent, cfg: Config, log: logging.Logger) -> int:

@@ -81,6 +81,11 @@ class Config:
     fleet_relay_port: int = 2525
     fleet_doveadm_port: int = 12345
     fleet_tls_cert: str = "/etc/pi-pull/tls/fullchain.pem"
+    fleet_tls_key: str = "/etc/pi-pull/tls/privkey.pem"
+    # The policy service's fleet listener (pipull/policyfleet.py): a node that is not a login's
+    # home asks the home's policy service here, waiting at most policy_timeout seconds.
+    fleet_policy_port: int = 10041
+    fleet_policy_timeout: float = 1.0
     fleet_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
     fleet_dovecot_config: str = "/etc/dovecot/dovecot.conf"
     fleet_doveadm: str = "doveadm"
@@ -224,6 +229,9 @@ def _load_fleet(r: _Reader, cfg: Config) -> None:
     cfg.fleet_relay_port = r.get_int("fleet", "relay_port", cfg.fleet_relay_port)
     cfg.fleet_doveadm_port = r.get_int("fleet", "doveadm_port", cfg.fleet_doveadm_port)
     cfg.fleet_tls_cert = r.get_path("fleet", "tls_cert", cfg.fleet_tls_cert)
+    cfg.fleet_tls_key = r.get_path("fleet", "tls_key", cfg.fleet_tls_key)
+    cfg.fleet_policy_port = r.get_int("fleet", "policy_port", cfg.fleet_policy_port)
+    cfg.fleet_policy_timeout = r.get_float("fleet", "policy_timeout", cfg.fleet_policy_timeout)
     cfg.fleet_ca_bundle = r.get_path("fleet", "ca_bundle", cfg.fleet_ca_bundle)
     cfg.fleet_dovecot_config = r.get_path("fleet", "dovecot_config", cfg.fleet_dovecot_config)
     cfg.fleet_doveadm = r.get_str("fleet", "doveadm", cfg.fleet_doveadm)
@@ -238,11 +246,13 @@ def _load_fleet(r: _Reader, cfg: Config) -> None:
 
 
 def _check_fleet(cfg: Config, path: str) -> None:
-    for key in ("fleet_relay_port", "fleet_doveadm_port"):
+    for key in ("fleet_relay_port", "fleet_doveadm_port", "fleet_policy_port"):
         if not 1 <= getattr(cfg, key) <= 65535:
             raise ConfigError(f"config {path}: [fleet] {key[6:]} must be a port number (1-65535)")
     if cfg.fleet_url and not cfg.fleet_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"config {path}: [fleet] url must be http(s) (the server's /v1/nodes/fleet)")
+    if not 0.1 <= cfg.fleet_policy_timeout <= 30:
+        raise ConfigError(f"config {path}: [fleet] policy_timeout must be 0.1 to 30 seconds (Postfix waits for it)")
     if not cfg.fleet_sync_budget_s > 0:
         raise ConfigError(f"config {path}: [fleet] sync_budget_s must be > 0 (seconds of doveadm sync per tick)")
     if not cfg.fleet_sync_stall_s >= 1:

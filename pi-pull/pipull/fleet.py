@@ -47,7 +47,7 @@ from typing import Any
 
 from . import fleetfiles
 from .config import POSTMAP_TYPES, Config
-from .errors import Refused, TickError
+from .errors import ConfigError, Refused, TickError
 from .fsutil import atomic_write
 from .lifecycle import Lifecycle, graveyard_name, parse_mailboxes
 from .mirror import Mirror
@@ -224,7 +224,7 @@ class Fleet:
                 cached = json.load(fh)
         except (OSError, ValueError):
             pass
-        key = fleet.digest() + "/" + hashlib.sha256(self.token().encode()).hexdigest()[:16]
+        key = fleet.digest() + "/" + self._key_id()
         fits = isinstance(cached, dict) and cached.get("fleet") == key
         peers: dict[str, Any] = cached["peers"] if fits and isinstance(cached.get("peers"), dict) else {}
         if fits and needed <= set(peers) and not force:
@@ -241,6 +241,15 @@ class Fleet:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         atomic_write(path, (json.dumps(fresh, sort_keys=True) + "\n").encode(), 0o600)
         return fresh
+
+    def _key_id(self) -> str:
+        """A short digest of this node's sync key, or "-" for a node without one (it fetches nothing)."""
+        if not self.cfg.fleet_url:
+            return "-"
+        try:
+            return hashlib.sha256(self.token().encode()).hexdigest()[:16]
+        except (ConfigError, OSError):
+            return "-"
 
     def _fetch(self) -> dict[str, Any]:
         req = urllib.request.Request(
@@ -271,7 +280,8 @@ class Fleet:
     def write_trust(self, fleet: fleetfiles.Fleet, me: fleetfiles.Peer | None, creds: dict[str, Any] | None) -> None:
         """Write the Postfix tables, the CA file and the Dovecot include; reload Dovecot if its part changed."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        if os.stat(self.dir).st_mode & 0o777 != 0o700:  # a chmod moves the ctime: a no-op tick changes nothing
+            os.chmod(self.dir, 0o700)
         peers = [p for p in fleet.peers.values() if p.name != self.cfg.node_name]
         port = self.cfg.fleet_relay_port
         policy = "".join(

@@ -153,7 +153,7 @@ class RefPoll:
 class Follower:
     """The follow loop of one agent; ``run()`` returns an exit code once ``stop`` is set.
 
-    ``tick`` runs one tick (cli.run_once); the clock, sleep and random source are seams for tests.
+    ``tick`` runs one tick (agent.run_once); the clock, sleep and random source are seams for tests.
     """
 
     def __init__(

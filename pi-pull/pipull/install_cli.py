@@ -9,9 +9,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .agent import Agent, run_once
 from .certs import LETS_ENCRYPT, check_options
+from .config import load_config
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, TickError
-from .install import DIR_KEYS, Bundle, Installer, Options, read_sync_key_input
+from .install import DIR_KEYS, Bundle, Installer, Options, read_sync_key_input, resolve_dirs
 from .log import add_secret, make_logger
 from .uninstall import Uninstaller
 
@@ -179,8 +181,6 @@ def _options(args: argparse.Namespace, dirs: dict[str, str]) -> Options:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from .install import resolve_dirs
-
     bundle = Bundle.load(os.path.abspath(args.bundle))
     overrides = {k: os.path.abspath(getattr(args, k)) for k in DIR_KEYS if getattr(args, k)}
     opts = _options(args, resolve_dirs(bundle, overrides))
@@ -211,10 +211,6 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _first_tick(installer: Installer, log: logging.Logger) -> int:
-    from .agent import Agent
-    from .cli import run_once  # cli imports this module lazily: no cycle at import time
-    from .config import load_config
-
     print(f"first tick: pi_pull.py --config {installer.config_file} --once")
     cfg = load_config(installer.config_file)
     code = run_once(Agent(cfg, runner=installer.runner, log=log), log)

@@ -26,9 +26,10 @@ suspend, answers every refusal the same way (no 4xx/5xx split, no sentence per l
 its limits from its own config (a restart per change) and reports nothing back; this service
 reads the signed state's limits as they go live and counts what the server needs.
 
-In a fleet, every submission of a mailbox must reach the same counter: the fleet's nodes proxy
-a submission session to the mailbox's home node (its Postfix authenticates the login), so the
-home's policy service sees all of it.
+In a fleet, a submission is authenticated and sent by whichever node the client reached, and
+every node would count only its own share: a node that is not the home of the login's domain
+asks the home's policy service instead, over TLS between the fleet's nodes, so the home holds the
+one count (pipull/policyfleet.py, which also says what happens while the home does not answer).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BufferedIOBase
 from typing import Any
 
 from .config import Config
 from .errors import Refused
 from .fsutil import atomic_write
+from .policyfleet import FleetListener, FleetView, Forwarder, ForwardFailed
 from .rules import is_domain, is_local_part
 from .sending import Defaults, DomainSending, parse_defaults, parse_domain
 
@@ -377,22 +380,58 @@ def _state(policy: LoginPolicy, w: Window, suspended_at: int | None) -> str:
 
 
 class Policy:
-    """Answers policy requests (one ``dict`` of attributes each); ``pending`` is per connection."""
+    """Answers policy requests (one ``dict`` of attributes each); ``pending`` is per connection.
+    With a ``fleet`` Forwarder, a login homed on another node is answered by its home."""
 
-    def __init__(self, files: PolicyFiles, counter: Counter, log: logging.Logger) -> None:
+    def __init__(
+        self, files: PolicyFiles, counter: Counter, log: logging.Logger, fleet: Forwarder | None = None
+    ) -> None:
         self.files = files
         self.counter = counter
         self.log = log
+        self.fleet = fleet
 
-    def answer(self, attrs: dict[str, str], conn: dict[str, Any]) -> str:
+    def answer(self, attrs: dict[str, str], conn: dict[str, Any], forwarded: bool = False) -> str:
+        """The action for one request; ``forwarded``: another node asked (never passed on again)."""
         login = attrs.get("sasl_username", "").strip().lower()
         if attrs.get("request") != "smtpd_access_policy" or not login or "@" not in login:
             return DUNNO  # unauthenticated: the submission services refuse it by their own rules
+        policy = self.files.lookup(login)
+        state = attrs.get("protocol_state", "").upper()
+        if self.fleet is not None and not forwarded and state in ("RCPT", "END-OF-MESSAGE"):
+            verdict = self._at_home(login, policy, state, attrs, conn)
+            if verdict is not None:
+                return verdict
+        return self._here(login, policy, state, attrs, conn)
+
+    def _at_home(
+        self, login: str, policy: LoginPolicy, state: str, attrs: dict[str, str], conn: dict[str, Any]
+    ) -> str | None:
+        """The verdict of the login's home when it is another node; None: counted here."""
+        assert self.fleet is not None
+        home = self.fleet.home_of(login)
+        if home is None:
+            return None
+        if policy.suspended and state == "RCPT":
+            return self._here(login, policy, state, attrs, conn)  # the state says so: no need to ask
+        try:
+            action = self.fleet.ask(home, attrs, conn)
+        except ForwardFailed as e:
+            self.log.warning(f"policy: {login}: the home {home.address} did not answer ({e}); counted on this node")
+            return None
+        if action != DUNNO:
+            self.log.warning(f"policy: {login}: {action} (the home {home.address})")
+        return action
+
+    def done(self, conn: dict[str, Any]) -> None:
+        """Postfix closed the connection ``conn`` belonged to."""
+        if self.fleet is not None:
+            self.fleet.close(conn)
+
+    def _here(self, login: str, policy: LoginPolicy, state: str, attrs: dict[str, str], conn: dict[str, Any]) -> str:
         instance = attrs.get("instance", "")
         if conn.get("instance") != instance:
             conn["instance"], conn["pending"] = instance, 0  # a new message: the last one is done or aborted
-        policy = self.files.lookup(login)
-        state = attrs.get("protocol_state", "").upper()
         if state == "RCPT":
             action = self.counter.rcpt(login, policy, int(conn["pending"]))
             if action == DUNNO:
@@ -410,15 +449,14 @@ class Policy:
         return DUNNO
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    server: PolicyServer
-
-    def handle(self) -> None:
-        conn: dict[str, Any] = {"instance": None, "pending": 0}
-        attrs: dict[str, str] = {}
-        size = 0
+def serve_requests(policy: Policy, rfile: BufferedIOBase, wfile: BufferedIOBase, forwarded: bool = False) -> None:
+    """Answer one connection's requests until it closes (Postfix's, or another node's when ``forwarded``)."""
+    conn: dict[str, Any] = {"instance": None, "pending": 0}
+    attrs: dict[str, str] = {}
+    size = 0
+    try:
         while True:
-            line = self.rfile.readline(MAX_REQUEST_BYTES)
+            line = rfile.readline(MAX_REQUEST_BYTES)
             if not line:
                 return
             size += len(line)
@@ -431,13 +469,22 @@ class _Handler(socketserver.StreamRequestHandler):
                     attrs.setdefault(name, value)
                 continue
             try:
-                action = self.server.policy.answer(attrs, conn)
+                action = policy.answer(attrs, conn, forwarded)
             except Exception as e:  # a broken request or database: tempfail, never a silent permit
-                self.server.policy.log.error(f"policy: request failed: {type(e).__name__}: {e}")
+                policy.log.error(f"policy: request failed: {type(e).__name__}: {e}")
                 action = "451 4.3.0 The sending policy could not be checked; try again later."
-            self.wfile.write(f"action={action}\n\n".encode())
-            self.wfile.flush()
+            wfile.write(f"action={action}\n\n".encode())
+            wfile.flush()
             attrs, size = {}, 0
+    finally:
+        policy.done(conn)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: PolicyServer
+
+    def handle(self) -> None:
+        serve_requests(self.server.policy, self.rfile, self.wfile)
 
 
 class PolicyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -456,20 +503,25 @@ def listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def open_policy(cfg: Config, log: logging.Logger) -> Policy:
-    return Policy(PolicyFiles(os.path.join(cfg.root, "policy")), Counter(cfg.policy_db), log)
+def open_policy(cfg: Config, log: logging.Logger, view: FleetView | None = None) -> Policy:
+    """The service's Policy; with a FleetView, logins homed on another node are asked there."""
+    fleet = Forwarder(cfg, view, log) if view is not None else None
+    return Policy(PolicyFiles(os.path.join(cfg.root, "policy")), Counter(cfg.policy_db), log, fleet)
 
 
 def serve(cfg: Config, log: logging.Logger, stop: threading.Event | None = None) -> int:
     """Run the policy service, and its Publisher, until SIGTERM (or ``stop``)."""
     stop = stop or threading.Event()
-    policy = open_policy(cfg, log)
+    view = FleetView(cfg)
+    policy = open_policy(cfg, log, view)
     publisher = Publisher(policy.counter, policy.files, policy.files.dir, log)
     server = PolicyServer(listen_address(cfg.policy_listen), policy)
+    fleet = FleetListener(cfg, view, lambda rfile, wfile: serve_requests(policy, rfile, wfile, True), log)
     log.info(f"policy: listening on {cfg.policy_listen} (counts in {cfg.policy_db})")
     threads = [
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True),
         threading.Thread(target=publisher.run, args=(stop,), daemon=True),
+        threading.Thread(target=fleet.run, args=(stop,), daemon=True),
     ]
     for thread in threads:
         thread.start()
@@ -478,6 +530,8 @@ def serve(cfg: Config, log: logging.Logger, stop: threading.Event | None = None)
     finally:
         server.shutdown()
         server.server_close()
+        threads[2].join(timeout=6)  # its next refresh would start the listener again
+        fleet.close()
         publisher.wake.set()
         threads[1].join(timeout=5)
         policy.counter.close()

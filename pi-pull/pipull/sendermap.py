@@ -3,7 +3,7 @@ and concatenated into ``<release>/postfix/sender_login_maps`` (postmapped like t
 Postfix's submission services (master.cf.mailstate) refuse a MAIL FROM the SASL login does not
 own (``reject_sender_login_mismatch``).
 
-What the compiler writes (state/senders.py, templates/rendered/sender_login_maps.j2), and so
+What the compiler writes (compiler/maplines.py, templates/rendered/sender_login_maps.j2), and so
 all a node accepts, one line per address, sorted by address::
 
     <local>@<domain> <login>[,<login>...]      who may send as that address
@@ -31,7 +31,7 @@ from .rules import is_domain, is_local_part
 from .verify import PRINTABLE_ASCII_RE, LineSplitter
 
 SENDER_MAP = "sender_login_maps"
-# The compiler's walk (state.senders) stops at state.aliases.MAX_EXPANSION addresses.
+# The compiler's walk (compiler.maplines) stops at state.aliases.MAX_EXPANSION addresses.
 MAX_OWNERS = 500
 
 

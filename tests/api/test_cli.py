@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mailstate.api.cli import _load_extras, build_parser, main
+from mailstate.api.cli import build_parser, main
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import Unauthenticated
 from mailstate.state.localdb import LocalDB
@@ -24,7 +24,6 @@ from tests.helpers.common import commit_count, git_out, read_file, verify_commit
 
 
 def all_commands() -> list[list[str]]:
-    _load_extras()
     found: list[list[str]] = []
 
     def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:

@@ -230,7 +230,7 @@ def _send(client: httpx.Client, name: str, body: dict[str, Any]) -> httpx.Respon
     return client.post(f"{API}/{name}", json=body)
 
 
-STATE_DEPENDENT = {200, 201, 202, 403, 404, 409}  # 202: move-domain started
+STATE_DEPENDENT = {200, 201, 202, 403, 404, 409}  # 202: move-domain
 
 
 @pytest.mark.parametrize("name", sorted(OPERATIONS))

@@ -123,6 +123,11 @@ def test_invalid_punycode_is_refused_on_every_path_that_takes_a_domain(world: Wo
         ("p", "add-app-password", {"email": f"info@{domain}", "name": "n", "scopes": ["imap"]}, ("invalid_email",)),
         ("p", "list-app-passwords", {"email": f"info@{domain}"}, ("invalid_email",)),
         ("p", "remove-app-password", {"email": f"info@{domain}", "name": "n"}, ("invalid_email",)),
+        ("admin", "set-limits", {"domain": domain, "max_mailboxes": 5}, ("invalid_domain",)),
+        ("p", "list-limits", {"domain": domain}, ("invalid_domain",)),
+        ("p", "set-quota", {"email": f"info@{domain}", "quota_mb": 100}, ("invalid_email",)),
+        ("p", "suspend-sending", {"email": f"info@{domain}", "reason": "spam"}, ("invalid_email",)),
+        ("p", "resume-sending", {"email": f"info@{domain}"}, ("invalid_email",)),
     ]  # fmt: skip
     assert {name for _who, name, _body, _codes in calls} >= {n for n, op in OPERATIONS.items() if _takes_domain(n)}
     for who, name, body, codes in calls:
@@ -207,8 +212,12 @@ def _duplicated_body(name: str) -> bytes:
         "target": '"k.example"',
         "destinations": '["kelvin@k.example"]',
         "limit": "10",
+        "url": '"https://93.184.215.14/h"',
+        "id": '"wh_x"',
     }
     fields = list(OPERATIONS[name].request.model_fields)
+    if not fields:  # a request of no fields (list-webhooks): the parse refuses the twice-named key first
+        return b'{"x": 1, "x": 1}'
     first = fields[0]
     return f'{{"{first}": {samples[first]}, "{first}": {samples[first]}}}'.encode()
 

@@ -183,7 +183,6 @@ def _commands(parser: Any, prefix: list[str]) -> Iterator[list[str]]:
 
 
 def test_every_cli_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    cli._load_extras()
     commands = list(_commands(cli.build_parser(), []))
     assert ["serve"] in commands and ["mcp"] in commands and ["token", "create"] in commands
     for argv in commands:

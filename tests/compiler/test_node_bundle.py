@@ -18,6 +18,7 @@ import pytest
 from mailstate.compiler.node_bundle import (
     INSTALL_PATHS,
     SYNC_KEY_FILE,
+    BundleOptions,
     build_pi_pull,
     render_node_bundle,
     render_template,
@@ -43,15 +44,9 @@ EXPECTED_FILES = {
 }
 
 
-def bundle(**kwargs: object) -> dict[str, Any]:
+def bundle(node_name: str = "pi-01", server_url: str = "https://mail.example.net", **options: Any) -> dict[str, Any]:
     """The bundle for pi-01 (values are str, except pi_pull.py: bytes)."""
-    args: dict[str, object] = {
-        "node_name": "pi-01",
-        "server_url": "https://mail.example.net",
-        "allowed_signers": SIGNERS,
-    }
-    args.update(kwargs)
-    return render_node_bundle(**args)  # type: ignore[arg-type]
+    return render_node_bundle(node_name, server_url, options.pop("allowed_signers", SIGNERS), BundleOptions(**options))
 
 
 def parse_unit(text: str) -> configparser.ConfigParser:
@@ -143,6 +138,8 @@ def test_pi_pull_is_built_deterministically_from_the_package(tmp_path: Path, pi_
         ({"allowed_signers": "# nothing\n"}, "allowed_signers"),
         ({"allowed_signers": "not a key\n"}, "allowed_signers"),
         ({"postfix_reload": "a\nb"}, "postfix_reload"),
+        ({"policy_port": 0}, "policy_port"),
+        ({"policy_port": 70000}, "policy_port"),
     ],
 )
 def test_bad_arguments_are_invalid_input(kwargs: dict[str, object], field: str) -> None:
@@ -162,6 +159,11 @@ def test_ini_is_accepted_by_pi_pull(tmp_path: Path, pipull: Any) -> None:
     assert cfg.remote_is_http and cfg.send_credentials and cfg.needs_key
     assert cfg.sync_key_file == SYNC_KEY_FILE and cfg.allowed_signers == INSTALL_PATHS["allowed_signers"]
     assert cfg.root == "/var/lib/pi-pull" and cfg.map_type == "lmdb" and cfg.passwd_group == "dovecot"
+    # The fleet's policy port and the key the policy service presents to the other nodes.
+    assert (cfg.fleet_policy_port, cfg.fleet_tls_key) == (10041, "/etc/pi-pull/tls/privkey.pem")
+    path.write_text(bundle(policy_port=11041, tls_key="/etc/ssl/private/node.key")["pi-pull.ini"])
+    cfg = pipull.config.load_config(str(path))
+    assert (cfg.fleet_policy_port, cfg.fleet_tls_key) == (11041, "/etc/ssl/private/node.key")
 
 
 def test_git_host_remote_without_server() -> None:
@@ -359,12 +361,14 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     for key in ("ssl", "disable_plaintext_auth"):
         one = subprocess.run(["doveconf", "-c", str(conf_d), "-h", key], capture_output=True, text=True)
         assert one.stdout.strip() in ("required", "yes"), (key, one.stdout)
-    # Owners (docs/owners.md): 20 app-password passdbs before the mailbox's own, each mailbox's
-    # script from the node's sieve/ dir, Sieve on delivery with our extensions only, and replies
-    # handed to the loopback service below.
+    # The fleet's proxy passdb first (a login for a domain homed elsewhere goes to the home, which
+    # checks every password), then owners' (docs/owners.md) 20 app-password passdbs before the
+    # mailbox's own, each mailbox's script from the node's sieve/ dir, Sieve on delivery with our
+    # extensions only, and replies handed to the loopback service below.
     passdbs = re.findall(r"passdb \{\n(.*?)\n\}", dv, re.S)
-    assert len(passdbs) == 21 and sum("/srv/node/current/dovecot/passwd.d/" in p for p in passdbs) == 1
+    assert len(passdbs) == 22 and sum("/srv/node/current/dovecot/passwd.d/" in p for p in passdbs) == 1
     raw = b["dovecot/conf.d/90-mailstate.conf"]  # the order Dovecot tries them (doveconf -n sorts names)
+    assert raw.index("/current/dovecot/proxy.%s") < raw.index("name = mailstate-app-00")
     assert raw.index("name = mailstate-app-19") < raw.index(
         "args = scheme=BLF-CRYPT username_format=%u /srv/node/current"
     )

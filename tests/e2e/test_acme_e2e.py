@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from mailstate.compiler.node_bundle import render_node_bundle
+from mailstate.compiler.node_bundle import BundleOptions, render_node_bundle
 from tests.helpers.knot import KnotServer
 from tests.helpers.mailnode import (
     MailNode,
@@ -146,7 +146,9 @@ class NodeHost:
         }
         args.update(kwargs)
         out = self.w / "bundle"
-        for rel, content in render_node_bundle(**args).items():
+        for rel, content in render_node_bundle(
+            args.pop("node_name"), args.pop("server_url"), args.pop("allowed_signers"), BundleOptions(**args)
+        ).items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(content.encode() if isinstance(content, str) else content)
         return out

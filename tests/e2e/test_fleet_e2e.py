@@ -9,6 +9,7 @@ Homes: alpha.test on n1, beta.test on n2 (enable-email names them); gamma.test i
 from __future__ import annotations
 
 import imaplib
+import smtplib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from tests.helpers.fleet import provision_node, start_server_for
 from tests.helpers.fleetworld import PASSWORD, World, fleet_world, wait
 from tests.helpers.mailnode import MailNode, run_pi_pull
-from tests.helpers.netns import subjects
+from tests.helpers.netns import FleetNode, subjects
 
 pytestmark = pytest.mark.e2e
 
@@ -94,6 +95,56 @@ def test_imap_and_submission_work_on_a_non_home_node(world: World) -> None:
     # Submission on n3 as bob (home n2), to alpha (home n1): authenticated on n3, delivered on n1.
     world.nodes["n3"].submit(BETA, PASSWORD, ALPHA, "submitted-on-n3")
     arrived(world, "n1", ALPHA, "submitted-on-n3")
+
+
+def _folder_subjects(node: FleetNode, user: str, password: str, folder: str) -> list[str]:
+    m = node.imap(user, password)
+    try:
+        typ, _ = m.select(folder, readonly=True)
+        if typ != "OK":
+            return []
+        typ, data = m.search(None, "ALL")
+        out = []
+        for i in data[0].split() if typ == "OK" and data and data[0] else []:
+            typ, fetched = m.fetch(i, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            item = fetched[0]
+            assert isinstance(item, tuple)
+            out.append(bytes(item[1]).decode().split(":", 1)[1].strip())
+        return out
+    finally:
+        m.logout()
+
+
+def test_filters_and_app_passwords_are_served_by_the_home(world: World) -> None:
+    """The owners' settings in a fleet: a filter runs where the mail is delivered (the home), and an
+    app password's login through another node is proxied to the home, which checks it."""
+    world.call(
+        "set-filters",
+        {"email": BETA, "filters": [
+            {"name": "bills", "field": "subject", "op": "contains", "value": "invoice", "action": "fileinto",
+             "target": "Invoices"},
+        ]},
+    )  # fmt: skip
+    phone = world.call("add-app-password", {"email": BETA, "name": "phone", "scopes": ["imap"]}, 201)["password"]
+    world.settle()
+    world.nodes["n3"].send(BETA, "invoice-via-n3")  # n3 is not beta.test's home: relayed to n2
+    wait(
+        "the invoice in Invoices on n2",
+        lambda: "invoice-via-n3" in _folder_subjects(world.nodes["n2"], BETA, PASSWORD, "Invoices"),
+        30,
+    )
+    assert "invoice-via-n3" not in inbox(world, "n2", BETA)
+    # The imap-only app password logs in on n1 and n3 (proxied to n2) and reads the home's folder.
+    for name in ("n1", "n3"):
+        assert "invoice-via-n3" in _folder_subjects(world.nodes[name], BETA, phone, "Invoices"), name
+    assert f"proxy(bob@beta.test,{world.nodes['n2'].address}:993): Started proxying" in world.nodes["n1"].dovecot_log()
+    with pytest.raises(smtplib.SMTPAuthenticationError):  # imap only: no submission, on any node
+        world.nodes["n3"].submit(BETA, phone, ALPHA, "sent-with-an-imap-only-password")
+    world.call("remove-app-password", {"email": BETA, "name": "phone"})
+    world.settle()
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        world.nodes["n3"].imap(BETA, phone)
+    world.call("set-filters", {"email": BETA, "filters": []})
 
 
 def test_mail_waits_while_the_home_is_down_and_arrives_after(world: World) -> None:

@@ -3,7 +3,7 @@ Postfix (submission 587 with STARTTLS, 465 implicit TLS, SASL through Dovecot) a
 over TLS), with the test node's self-signed certificate; the SMTP sink (tests/helpers/smtpsink.py)
 stands in for the internet.
 
-Sender ownership (state/senders.py): a login may send as itself, as the aliases that deliver to
+Sender ownership (compiler/maplines.py): a login may send as itself, as the aliases that deliver to
 it and as those addresses on alias domains; anything else is a 5xx. Nothing is faked.
 """
 

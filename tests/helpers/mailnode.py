@@ -63,6 +63,7 @@ from pathlib import Path
 import pytest
 
 from mailstate.compiler.node_bundle import (
+    BundleOptions,
     build_pi_pull,
     dovecot_snippet,
     postfix_master_snippet,
@@ -90,7 +91,7 @@ AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
-    "sending", "policy", "fleetfiles", "fleet", "replication",
+    "sending", "policyfleet", "policy", "fleetfiles", "fleet", "replication",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
@@ -205,12 +206,13 @@ def bundle_layout() -> Layout:
     """The map layout of the bundle ``mailstate node bundle`` writes when given no layout option:
     its own argument defaults, through ``render_node_bundle`` as the command calls it, read back
     from the bundle's pi-pull.ini. The real-mail tests run what a new user's node runs."""
-    import mailstate.api.cli_node  # noqa: F401  (registers `node bundle` with the CLI's parser)
     from mailstate.api.cli import build_parser
 
     args = build_parser().parse_args(["node", "bundle", "--name", "n", "--server-url", "https://x.test", "--out", "-"])
     signer = "mailstate ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4"
-    ini = render_node_bundle("n", args.server_url, signer, map_type=args.map_type, map_buckets=args.map_buckets)
+    ini = render_node_bundle(
+        "n", args.server_url, signer, BundleOptions(map_type=args.map_type, map_buckets=args.map_buckets)
+    )
     cp = configparser.ConfigParser(interpolation=None)
     cp.read_string(str(ini["pi-pull.ini"]))
     return Layout(cp.get("services", "map_type"), cp.getint("services", "map_buckets"))

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from mailstate.compiler.node_bundle import render_node_bundle
+from mailstate.compiler.node_bundle import POLICY_SERVICE, BundleOptions, render_node_bundle
 from tests.helpers.mailnode import (
     FLEET_TABLES,
     MAIL_BINARIES,
@@ -166,6 +166,7 @@ class FleetNode:
     state_mail_root: str  # the state's mail_root: this node's vmail is mounted there, in its namespace
     started: bool = False
     holder: subprocess.Popen[bytes] | None = None
+    policy: subprocess.Popen[bytes] | None = None  # the bundle's pi-pull-policy.service
 
     @property
     def root(self) -> Path:
@@ -211,15 +212,17 @@ class FleetNode:
             self.name,
             server_url,
             allowed_signers,
-            root=str(self.root),
-            mail_root=self.state_mail_root,
-            mail_uid=self.uid,
-            mail_gid=self.gid,
-            tls_cert=str(self.tls_cert),
-            tls_key=str(self.tls_key),
-            postfix_queue_dir=str(self.queue),
-            dkim_milter="",  # the DKIM signer is tested elsewhere; a fleet does not depend on it
-            address=self.address,
+            BundleOptions(
+                root=str(self.root),
+                mail_root=self.state_mail_root,
+                mail_uid=self.uid,
+                mail_gid=self.gid,
+                tls_cert=str(self.tls_cert),
+                tls_key=str(self.tls_key),
+                postfix_queue_dir=str(self.queue),
+                dkim_milter="",  # the DKIM signer is tested elsewhere; a fleet does not depend on it
+                address=self.address,
+            ),
         )
         w = self.workdir
         for d in (self.queue, w / "postfix" / "data", self.postfix_dir, w / "dovecot" / "run", w / "dovecot" / "state"):
@@ -397,8 +400,49 @@ service imap-login {{
     def start(self) -> None:
         self._daemon("dovecot", "-c", str(self.dovecot_conf))
         self._daemon("postfix", "-c", str(self.postfix_dir), "start")
+        self._start_policy()
         self.started = True
         self.wait_ports(25, 993, 587)
+
+    def _start_policy(self) -> None:
+        """The outbound policy service the bundle's submission services ask (`pi_pull.py policy`
+        on the ini's [policy] listen, loopback inside the namespace), as pi-pull-policy.service runs it."""
+        log = open(self.workdir / "policy.log", "ab")  # the process keeps it open
+        self.policy = subprocess.Popen(
+            [*self._prefix(), sys.executable, str(pi_pull_script()), "policy", "--config", str(self.ini)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        host, port = POLICY_SERVICE.removeprefix("inet:").rsplit(":", 1)
+        probe = (
+            "import socket,sys,time\nfor _ in range(200):\n"
+            f" try: socket.create_connection(('{host}',{port}),1); sys.exit(0)\n"
+            " except OSError: time.sleep(0.05)\nsys.exit(1)"
+        )
+        self.run([sys.executable, "-c", probe], timeout=30, check=True)
+
+    def _stop_policy(self) -> None:
+        if self.policy is not None and self.policy.poll() is None:
+            self.policy.terminate()
+            try:
+                self.policy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.policy.kill()
+                self.policy.wait()
+        self.policy = None
+
+    def start_policy(self) -> None:
+        """Start the policy service alone again (Postfix and Dovecot keep running)."""
+        self._start_policy()
+
+    def stop_policy(self) -> None:
+        """Stop the policy service alone: the node is up, its policy service is not."""
+        self._stop_policy()
+
+    def policy_log(self) -> str:
+        p = self.workdir / "policy.log"
+        return p.read_text(errors="replace") if p.exists() else ""
 
     def wait_ports(self, *ports: int, timeout: float = 20) -> None:
         import socket
@@ -423,6 +467,7 @@ service imap-login {{
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and pidfile.exists():
             time.sleep(0.05)
+        self._stop_policy()
         self.started = False
 
     def tick(self, *args: str) -> subprocess.CompletedProcess[str]:

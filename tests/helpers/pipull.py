@@ -48,7 +48,7 @@ def tick_in_process(pipull: ModuleType, config: Path, *, later_by: float) -> Tic
     agent = pipull.agent.Agent(
         pipull.config.load_config(str(config)), log=log, freshness_clock=lambda: time.time() + later_by
     )
-    code = pipull.cli.run_once(agent, log)
+    code = pipull.agent.run_once(agent, log)
     return Tick(code, stream.getvalue())
 
 

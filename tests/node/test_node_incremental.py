@@ -477,11 +477,11 @@ def test_rollback_after_failed_reload_restores_exact_maps(tmp_path: Path, postfi
 def test_bundle_with_map_buckets_names_every_table(tmp_path: Path, postfix_etc: Path, pipull: ModuleType) -> None:
     """`mailstate node bundle --map-buckets N`: main.cf lists the N tables of each map, Dovecot reads
     passwd.d/%1d/%2d/%d, the ini says map_buckets = N, and real postconf takes the lines."""
-    from mailstate.compiler.node_bundle import render_node_bundle
+    from mailstate.compiler.node_bundle import BundleOptions, render_node_bundle
     from mailstate.state.errors import InvalidInput
 
     signers = "mailstate ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIr8bOWhvrCaFv4cl4hI6YyCpJ8Mf1HvuDhlDW7A1jYN\n"
-    files = render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=16)
+    files = render_node_bundle("pi-1", "https://mail.example.net", signers, BundleOptions(map_buckets=16))
     main_cf = str(files["postfix/main.cf.mailstate"])
     for mapname in MAPS:
         param = "smtpd_sender_login_maps" if mapname == "sender_login_maps" else mapname
@@ -500,13 +500,15 @@ def test_bundle_with_map_buckets_names_every_table(tmp_path: Path, postfix_etc: 
     assert r.returncode == 0 and r.stdout.count("hash:") == 16, r.stderr
     # the default is 16 tables; 0 asks for one table per map (older nodes' main.cf); a bucketed layout needs an updatable map type
     assert render_node_bundle("pi-1", "https://mail.example.net", signers) == files
-    plain = render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=0)
+    plain = render_node_bundle("pi-1", "https://mail.example.net", signers, BundleOptions(map_buckets=0))
     assert "virtual_mailbox_maps = hash:/var/lib/pi-pull/current/postfix/virtual_mailbox_maps\n" in str(
         plain["postfix/main.cf.mailstate"]
     )
     assert "map_buckets = 0" in str(plain["pi-pull.ini"])
     with pytest.raises(InvalidInput):
-        render_node_bundle("pi-1", "https://mail.example.net", signers, map_buckets=16, map_type="texthash")
+        render_node_bundle(
+            "pi-1", "https://mail.example.net", signers, BundleOptions(map_buckets=16, map_type="texthash")
+        )
 
 
 # --------------------------------------------------------------------------- a real node in the bucketed layout

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from mailstate.compiler.node_bundle import render_node_bundle
+from mailstate.compiler.node_bundle import BundleOptions, render_node_bundle
 from tests.helpers.mailnode import (
     MailNode,
     StateRepo,
@@ -129,7 +129,9 @@ class Host:
         }
         args.update(kwargs)
         out = self.w / name
-        for rel, content in render_node_bundle(**args).items():
+        for rel, content in render_node_bundle(
+            args.pop("node_name"), args.pop("server_url"), args.pop("allowed_signers"), BundleOptions(**args)
+        ).items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(content.encode() if isinstance(content, str) else content)
         return out

@@ -735,6 +735,8 @@ def test_example_config_parses(pipull: Any) -> None:
     assert cfg.usage_interval == 900 and cfg.usage_budget_s == 2.0
     assert cfg.max_staleness == 600 and cfg.clock_skew == 300
     assert (cfg.fleet_relay_port, cfg.fleet_doveadm_port, cfg.fleet_sync_budget_s) == (2525, 12345, 20.0)
+    assert (cfg.fleet_policy_port, cfg.fleet_policy_timeout) == (10041, 1.0)
+    assert cfg.fleet_tls_key == "/etc/pi-pull/tls/privkey.pem"
     assert cfg.fleet_url.endswith("/v1/nodes/fleet") and cfg.fleet_dir.endswith("/fleet")
 
 

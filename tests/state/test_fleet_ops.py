@@ -9,16 +9,18 @@ from typing import Any
 
 import pytest
 
+from mailstate.api.cli import main
 from mailstate.compiler.render import compile_state
 from mailstate.state import fleet, placement
-from mailstate.state.datadir import open_store
+from mailstate.state.datadir import DataDir, open_store
 from mailstate.state.errors import MailstateError
 from mailstate.state.load import check_commit
 from mailstate.state.nodes import parse_report
+from mailstate.state.place import place_store
 from mailstate.state.store import Store
 from mailstate.state.validate import certificate_fingerprint
 from tests.helpers.certs import certificate
-from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, commit_message
+from tests.helpers.common import ADMIN, PASSWORD, PROJECT_A, commit_count, commit_message
 from tests.helpers.store import err, show
 
 A = PROJECT_A.project_id
@@ -271,3 +273,50 @@ def test_placement_survives_a_restart_and_checks_pass(store: Store, data_dir: An
     ] == (b"home n2 mx2.fleet.example\n")
     missing = placement.nodes_problems(snap.nodes.model_copy(update={"nodes": {}}), snap.homes, snap.moves)
     assert missing == ["nodes.yaml: node n2 is missing but it is home of r.example"]
+
+
+# --- placing a state made before its nodes had addresses ---------------------------------------
+
+
+def test_place_gives_every_unplaced_domain_a_home_in_one_signed_commit(store: Store, data_dir: DataDir) -> None:
+    nodes(store, "n1", "n2", addressed=False)
+    for name, users in (("big.example", 3), ("mid.example", 2), ("small.example", 1), ("off.example", 0)):
+        domain(store, name)
+        for i in range(users):
+            store.execute("add-user", PROJECT_A, {"email": f"u{i}@{name}", "password": PASSWORD})
+    store.execute("disable-email", PROJECT_A, {"domain": "off.example"})
+    with pytest.raises(MailstateError) as exc:  # no node can be a home yet: nothing is committed
+        place_store(store)
+    assert exc.value.code == "node_not_usable"
+    before = commit_count(data_dir.repo)
+    for i, name in enumerate(("n1", "n2"), 1):
+        store.execute("set-node-address", ADMIN, {"name": name, "address": f"mx{i}.fleet.example"})
+    with pytest.raises(MailstateError) as exc:
+        place_store(store, "nope")
+    assert exc.value.code == "node_not_found" or exc.value.code == "node_not_usable"
+    assert commit_count(data_dir.repo) == before + 2
+
+    result = place_store(store)
+    # Each on the node with the fewest mailboxes so far: 3 on n1, then 2 and 1 on n2.
+    assert result["placed"] == {"big.example": "n1", "mid.example": "n2", "small.example": "n2"}
+    assert commit_count(data_dir.repo) == before + 3 and result["commit"] == store.snapshot.commit
+    assert store.snapshot.domains["off.example"].home is None  # no email, no home
+    assert {n: listed(store, n)["home"] for n in ("big.example", "mid.example")} == {
+        "big.example": "n1",
+        "mid.example": "n2",
+    }
+    assert check_commit(store.git, store.snapshot.commit) == []
+    assert show(store, "rendered/domains/bi/big.example/home") == "home n1 mx1.fleet.example\n"
+    assert place_store(store) == {"placed": {}, "commit": None}  # idempotent
+    assert commit_count(data_dir.repo) == before + 3
+
+
+@pytest.mark.e2e  # the command opens the data dir's store: ssh-keygen checks its signing key
+def test_mailstate_place_on_the_command_line(data_dir: DataDir, capsys: pytest.CaptureFixture[str]) -> None:
+    store = open_store(data_dir.root)
+    store.execute("add-node", ADMIN, {"name": "n1", "address": "mx1.fleet.example"})
+    store.execute("add-domain", ADMIN, {"domain": "a.example"})  # placed at once: n1 is addressed
+    assert main(["place", "--data", str(data_dir.root)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["place", "--data", str(data_dir.root), "--node", "ghost"]) != 0
+    assert "ghost" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Sender ownership through a real store (state/senders.py): the rendered sender_login_maps
+"""Sender ownership through a real store (compiler/maplines.py): the rendered sender_login_maps
 after each write, the target's fragment re-rendered by alias-domain writes, every commit equal
 to compile(state), and an incoming commit with a stale target fragment refused."""
 

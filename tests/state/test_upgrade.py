@@ -18,7 +18,7 @@ import yaml
 
 from mailstate.api.cli import main
 from mailstate.state import files
-from mailstate.state.datadir import DataDir, init_data_dir, open_store
+from mailstate.state.datadir import DataDir, init_data_dir, open_store, upgrade_data_dir
 from mailstate.state.errors import UpstreamUnavailable
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import check_checkout, check_commit, load_checkout
@@ -27,7 +27,7 @@ from mailstate.state.plan import plan_revisions
 from mailstate.state.signing import Ed25519Signer
 from mailstate.state.statement import REF as STATEMENT_REF
 from mailstate.state.store import Store
-from mailstate.state.upgrade import upgrade_data_dir, upgrade_store
+from mailstate.state.upgrade import upgrade_store
 from tests.helpers.common import (
     ADMIN,
     PASSWORD,
