@@ -101,10 +101,22 @@ DESTRUCTIVE = frozenset(
         "set-quota",
         "suspend-sending",
         "remove-webhook",
+        "set-replica",
+        "failover-node",
     }
 )
 IDEMPOTENT = frozenset(
-    {"enable-email", "disable-email", "remove-user", "set-limits", "set-quota", "suspend-sending", "resume-sending"}
+    {
+        "enable-email",
+        "disable-email",
+        "remove-user",
+        "set-limits",
+        "set-quota",
+        "suspend-sending",
+        "resume-sending",
+        "set-replica",
+        "failover-node",
+    }
 )
 
 

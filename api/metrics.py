@@ -12,6 +12,11 @@
                                                       accepted commit it lacks (absent when unknown)
     mailstate_node_stale{node}                        1 when list-nodes says stale (its statement is
                                                       too old, or it has been silent too long)
+    mailstate_replication_lag_seconds{node,peer}      list-nodes' replication lag_s: seconds the oldest
+                                                      change on the home `node` not yet on its replica
+                                                      `peer` had waited at the node's last report
+    mailstate_replication_ok{node,peer}               1 when the home's last sync with the replica went
+                                                      well, 0 when it failed
     mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
     mailstate_webhook_deliveries_total{result}        webhook tries since start: delivered, failed (a
                                                       try that will be retried or was the last), given_up
@@ -39,12 +44,39 @@ from prometheus_client.registry import Collector
 from mailstate.api.http_errors import status_for
 from mailstate.state.delivery import Counters
 from mailstate.state.errors import MailstateError
-from mailstate.state.ops import node_freshness
+from mailstate.state.ops import node_freshness, replication_of
 from mailstate.state.store import Store
 from mailstate.state.upstream import REJECTED_PREFIX
 
 # Write latency: bcrypt at cost 12 alone is ~0.25 s, an fsynced commit a few ms.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Replication:
+    """mailstate_replication_lag_seconds and mailstate_replication_ok, from the homes' last reports."""
+
+    def __init__(self) -> None:
+        self.lag = GaugeMetricFamily(
+            "mailstate_replication_lag_seconds",
+            "Seconds the oldest change on the home not yet on its replica had waited, as the home last reported "
+            "(list-nodes' replication lag_s).",
+            labels=["node", "peer"],
+        )
+        self.ok = GaugeMetricFamily(
+            "mailstate_replication_ok",
+            "1 when the home's last sync with the replica succeeded, 0 when it failed.",
+            labels=["node", "peer"],
+        )
+
+    def add(self, name: str, report: dict[str, Any]) -> None:
+        for row in replication_of(report):
+            if isinstance(row["lag_s"], int | float):
+                self.lag.add_metric([name, str(row["peer"])], float(row["lag_s"]))
+            self.ok.add_metric([name, str(row["peer"])], 0.0 if row["error"] else 1.0)
+
+    def families(self) -> Iterator[Metric]:
+        yield self.lag
+        yield self.ok
 
 
 class Metrics:
@@ -157,6 +189,7 @@ class _StateCollector(Collector):
             "1 when list-nodes shows the node stale (its newest statement too old, or silent too long), else 0.",
             labels=["node"],
         )
+        replication = _Replication()
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -170,6 +203,8 @@ class _StateCollector(Collector):
             if isinstance(fresh["lag_s"], int):
                 lag.add_metric([name], float(fresh["lag_s"]))
             stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
+            replication.add(name, report)
+        yield from replication.families()
         yield age
         yield behind
         yield status

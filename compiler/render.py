@@ -30,6 +30,8 @@ For every email-enabled domain the compiler writes one folder:
     rendered/nodes.pem                                       their reported certificates, in the same order
     rendered/moves                                           only while domains move: one line
                                                              `<domain> <home> <moving_to|-> <moved_from|->`
+    rendered/replicas                                        only with replicas: one line per domain that has
+                                                             one, `<domain> <home> <replica>`
 
 A node concatenates the Postfix fragments (sorted by domain) into its two maps and runs
 postmap; the passwd-files are used as they are through Dovecot's `%d`. Per-domain fragments
@@ -91,6 +93,7 @@ SETTINGS_FILE = f"{RENDERED_DIR}/settings"
 NODES_FILE = f"{RENDERED_DIR}/nodes"
 NODES_PEM = f"{RENDERED_DIR}/nodes.pem"
 MOVES_FILE = f"{RENDERED_DIR}/moves"
+REPLICAS_FILE = f"{RENDERED_DIR}/replicas"
 HOME_FRAGMENT = "home"
 # A `~` never occurs in a local part (state.validate), so `<local>~<id>` splits unambiguously.
 ID_SEPARATOR = "~"
@@ -351,6 +354,13 @@ def render_moves(moves: Mapping[str, tuple[str, str | None, str | None]]) -> dic
     return {MOVES_FILE: "".join(lines).encode("ascii") if lines else None}
 
 
+def render_replicas(replicas: Mapping[str, tuple[str, str]]) -> dict[str, bytes | None]:
+    """`rendered/replicas`: the domains that have a replica (state.snapshot's `replicas`), so that a
+    home finds the peers it keeps in sync in one small file (absent, None, without replicas)."""
+    lines = [f"{_field(dom)} {_field(home)} {_field(replica)}\n" for dom, (home, replica) in sorted(replicas.items())]
+    return {REPLICAS_FILE: "".join(lines).encode("ascii") if lines else None}
+
+
 def compile_state(
     settings: Settings,
     domains: Iterable[DomainFile],
@@ -368,6 +378,8 @@ def compile_state(
         if d.home is not None and (d.moving_to or d.moved_from)
     }
     out.update({path: data for path, data in render_moves(moves).items() if data is not None})
+    replicas = {d.domain: (d.home, d.replica) for d in everything.values() if d.home is not None and d.replica}
+    out.update({path: data for path, data in render_replicas(replicas).items() if data is not None})
     users = alias_index(everything.values())  # in one pass, not one scan of every domain a domain
     projects = projects or {}
     for name in sorted(everything):

@@ -190,7 +190,8 @@ _DETAILS: dict[str, str] = {
         "whose address is a host name. Reads only."
     ),
     "remove-node": "[Admin] Removes a sync node; its sync key stops working at once. Refused (409 node_in_use) while "
-    "it is the home of a domain or takes part in a move: move-domain its domains first. " + _WRITE,
+    "it is the home or the replica of a domain or takes part in a move: move-domain its domains (set-replica for "
+    "those it is the replica of) first. " + _WRITE,
     "move-domain": (
         "[Admin] Moves a domain's mail to `node` (" + NODE_NAME_LIMITS + "), its new home; answers 202 with `from` "
         "(the home it leaves) and `to`. The new home copies every mailbox with doveadm sync while the old one keeps "
@@ -199,6 +200,23 @@ _DETAILS: dict[str, str] = {
         "switch. A move to the current home answers commit null (and calls off a move under way). Refused: 409 "
         "node_not_usable (not a registered node, or one without an address), 409 move_in_progress (moving elsewhere "
         "already), 404 domain_not_found, 409 email_not_enabled. " + _WRITE
+    ),
+    "set-replica": (
+        "[Admin] Gives the email-enabled `domain` a replica: `node` (" + NODE_NAME_LIMITS + "), a registered node with "
+        "an address other than its home, which keeps a copy of every mailbox in two-way doveadm sync with the home "
+        "(a delivery, a flag change or an expunge reaches it within seconds; list-nodes shows the lag). `node` null "
+        "removes the replica. list-domains shows `replica`. Refused: 409 node_not_usable (not a registered node, or "
+        "one without an address), 409 replica_not_usable (the home itself, an alias domain, a domain without a "
+        "home), 404 domain_not_found, 409 email_not_enabled. " + _WRITE
+    ),
+    "failover-node": (
+        "[Admin] Fails node `name` (" + NODE_NAME_LIMITS + ") over, e.g. when it died: one signed commit makes every "
+        "domain homed there whose "
+        "replica is healthy (reporting, its last tick ok) homed on that replica, and the node its replica. Answers "
+        "`moved` (those domains) and `unavailable` (domains left on the node: no replica, or an unhealthy one). When "
+        "the node returns it takes no local delivery and merges the mail only it held into the new home. Mail "
+        "delivered to the node and not yet replicated when it died is missing until then. Refused: 404 "
+        "node_not_found. " + _WRITE
     ),
     "set-node-address": (
         "[Admin] Sets the `address` of node `name` ("

@@ -42,7 +42,7 @@ class Lazy:
 
     __slots__ = (
         "alias_of", "boxes", "domain", "fits", "home", "length", "links", "mac", "moved_from", "moving_to", "offset",
-        "oid", "project_id", "source",
+        "oid", "project_id", "replica", "source",
     )  # fmt: skip
 
     def __init__(
@@ -69,25 +69,25 @@ class Lazy:
         self.alias_of = alias_of
         self.fits = fits  # state.files.format_fits of the domain
         self.links = links  # state.aliases.links of the domain: the domains it hands mail to
-        # The placement index's fields (state.snapshot): home, moving_to, moved_from, mailbox count.
-        self.home, self.moving_to, self.moved_from, self.boxes = placement or NO_PLACEMENT
+        # The placement index's fields (state.snapshot): home, moving_to, moved_from, replica, mailbox count.
+        self.home, self.moving_to, self.moved_from, self.replica, self.boxes = placement or NO_PLACEMENT
 
     def __repr__(self) -> str:
         return f"Lazy({self.domain}, {self.oid[:12]})"
 
 
 Entry = DomainFile | Lazy
-# (home, moving_to, moved_from, mailboxes): what the snapshot's placement index needs of a domain.
-Placement = tuple[str | None, str | None, str | None, int]
-NO_PLACEMENT: Placement = (None, None, None, 0)
+# (home, moving_to, moved_from, replica, mailboxes): what the snapshot's placement index needs of a domain.
+Placement = tuple[str | None, str | None, str | None, str | None, int]
+NO_PLACEMENT: Placement = (None, None, None, None, 0)
 
 
 def placement_of(value: Entry) -> Placement:
     """A domain's placement fields, without parsing a Lazy entry."""
     if type(value) is Lazy:
-        return value.home, value.moving_to, value.moved_from, value.boxes
+        return value.home, value.moving_to, value.moved_from, value.replica, value.boxes
     dom: DomainFile = value  # type: ignore[assignment]
-    return dom.home, dom.moving_to, dom.moved_from, len(dom.mailboxes)
+    return dom.home, dom.moving_to, dom.moved_from, dom.replica, len(dom.mailboxes)
 
 
 def _bucket(name: str) -> int:

@@ -43,8 +43,10 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               vacation_ends_before_start, vacation_text_missing (set-vacation),
     │   │                               too_many_webhooks (state/webhooks.py),
     │   │                               node_not_usable (not a registered node with an address),
-    │   │                               node_in_use (a home, or in a move), move_in_progress
-    │   │                               (move-domain elsewhere while one runs; state/placement.py)
+    │   │                               node_in_use (a home, a replica, or in a move), move_in_progress
+    │   │                               (move-domain elsewhere while one runs; state/placement.py),
+    │   │                               replica_not_usable (set-replica: the home itself, an alias
+    │   │                               domain, a domain without a home)
     │   └── LimitReached              limit_reached, limit_below_use (state/limits.py: carries the
     │                                   limit, its value and the use)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit

@@ -221,9 +221,9 @@ def _yaml11_tag(text: str) -> str:
 _HEAD = re.compile(
     rb"domain: ([a-z0-9][a-z0-9.-]*)\nproject_id: (null|[1-9][0-9]*)\nemail_enabled: (true|false)\n"
     rb"(?:alias_of: ([a-z0-9][a-z0-9.-]*)\n)?(?:home: ([a-z0-9][a-z0-9-]*)\n)?(?:moving_to: ([a-z0-9][a-z0-9-]*)\n)?"
-    rb"(?:moved_from: ([a-z0-9][a-z0-9-]*)\n)?mailboxes:( \{\})?\n"
+    rb"(?:moved_from: ([a-z0-9][a-z0-9-]*)\n)?(?:replica: ([a-z0-9][a-z0-9-]*)\n)?mailboxes:( \{\})?\n"
 )
-_PLACEMENT_KEYS = ("home", "moving_to", "moved_from")
+_PLACEMENT_KEYS = ("home", "moving_to", "moved_from", "replica")
 # An address in a block list (aliases, forward_to): `<local>@<domain>`, which YAML always reads
 # as a string (it holds an `@`); the optional keys of state.aliases.
 _ADDRESSES = rb"(?:- [a-z0-9][a-z0-9._+-]*@[a-z0-9][a-z0-9.-]*\n)+"
@@ -256,7 +256,7 @@ def parse_canonical_domain(data: bytes) -> dict[str, Any] | None:
     if not head or not name:
         return None
     pos, boxes = head.end(), {}
-    if head.group(8) is None:
+    if head.group(9) is None:
         while pos < len(data) and not data.startswith(b"aliases:\n", pos):
             box = _BOX.match(data, pos)
             local = box and _plain_str(box.group(1))
@@ -389,7 +389,7 @@ def domain_document(domain: DomainFile) -> dict[str, Any]:
     if domain.limits:
         doc["limits"] = domain.limits.values()
     # So are the placement keys (docs/fleet.md): a domain without a home keeps its bytes.
-    for key in ("home", "moving_to", "moved_from"):
+    for key in _PLACEMENT_KEYS:
         if getattr(domain, key) is not None:
             doc[key] = getattr(domain, key)
     doc["mailboxes"] = {local: _box_document(box) for local, box in sorted(domain.mailboxes.items())}

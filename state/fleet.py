@@ -66,7 +66,9 @@ def _switch_home(ctx: Context, req: MoveStep, _: Prepared) -> Outcome:
     result = {"domain": req.domain, "home": dom.home if dom else None}
     if dom is None or dom.moving_to != req.name or not dom.email_enabled:
         return Outcome(result, target=req.domain)  # no such move (any more): nothing to switch
-    new = dom.model_copy(update={"home": req.name, "moving_to": None, "moved_from": dom.home})
+    # A move to the replica swaps them: the old home becomes the replica (and syncs what it holds as moved_from).
+    replica = dom.home if dom.replica == req.name else dom.replica
+    new = dom.model_copy(update={"home": req.name, "moving_to": None, "moved_from": dom.home, "replica": replica})
     return Outcome({**result, "home": req.name}, change=Change(domains={req.domain: new}), target=req.domain,
                    project=dom.project_id)  # fmt: skip
 
@@ -145,7 +147,7 @@ def credentials(key: bytes, snap: Snapshot, name: str) -> dict[str, Any]:
     """What `GET /v1/nodes/fleet` answers node `name`: its own doveadm password and those of the
     peers the state lets it use now, with their addresses."""
     peers = {}
-    for peer in sorted(placement.grants(snap.moves, name)):
+    for peer in sorted(placement.grants(snap.moves, name, snap.replicas)):
         node = snap.nodes.nodes.get(peer)
         if node is not None and node.address is not None:
             peers[peer] = {"address": node.address, "doveadm_password": doveadm_password(key, snap, peer)}

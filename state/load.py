@@ -34,8 +34,8 @@ from mailstate.state.gitrepo import GitRepo
 from mailstate.state.models import DomainFile, Limits, Mailbox, NodesFile, ProjectFile, Settings
 from mailstate.state.snapshot import Snapshot
 
-CACHE_VERSION = 4
-CACHE_MAGIC = b"mailstate-parse-cache-4"
+CACHE_VERSION = 5
+CACHE_MAGIC = b"mailstate-parse-cache-5"
 MAX_CACHE_BYTES = 1 << 30  # far above 100k mailboxes (~25 MB); a bigger file is not ours
 _KEY_BYTES = 32
 
@@ -113,7 +113,7 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # `sending` (state.sending), and a domain's `limits`, are models, not JSON: a mailbox or domain
 # that has any is dumped and validated by pydantic (few have them).
 _MODEL_FIELDS = ("vacation", "filters", "app_passwords", "sending")
-_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "home", "moving_to", "moved_from", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
+_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "home", "moving_to", "moved_from", "replica", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
     "id", "password", "quota_mb", "active", "forward_to", "keep_copy", *_MODEL_FIELDS
 }  # fmt: skip
 
@@ -222,7 +222,7 @@ class ParseCache:
     The file (`DIR/cache/domains.json`) is a header line, an index (JSON: per blob id the
     domain, its project, alias target, format fit, the domains it hands mail to (state.aliases
     links), its entry's place and MAC, then the fields of the placement index: home, moving_to,
-    moved_from, mailbox count), then the
+    moved_from, replica, mailbox count), then the
     entries (each the JSON of one DomainFile). The header carries an HMAC-SHA256 of the index
     under a per-data-dir secret (`DIR/cache/key`, 0600, made on first use) and each entry a
     keyed BLAKE2b of its blob id and bytes, so a start reads the index alone (~0.3 s at 200k
@@ -326,6 +326,7 @@ class ParseCache:
             home,
             moving_to,
             moved_from,
+            replica,
             boxes,
         ) in rows:
             if type(links) is not list or any(type(name) is not str for name in links):
@@ -334,6 +335,7 @@ class ParseCache:
                 _row(home, str, nullable=True),
                 _row(moving_to, str, nullable=True),
                 _row(moved_from, str, nullable=True),
+                _row(replica, str, nullable=True),
                 _row(boxes, int),
             )
             entries[_row(oid, str)] = Lazy(
@@ -501,7 +503,7 @@ def _drain(proc: subprocess.Popen[bytes], found: dict[int, _Parsed], failures: l
             failures.append((int(meta["index"]), [str(p) for p in meta["problems"]]))
             break
         fields = line.decode().rstrip("\n").split("\t")
-        index, oid, domain, project, alias_of, fits, links, home, moving_to, moved_from, boxes, length = fields
+        index, oid, domain, project, alias_of, fits, links, home, moving_to, moved_from, replica, boxes, length = fields
         data = proc.stdout.read(int(length))
         found[int(index)] = _Parsed(
             oid,
@@ -510,7 +512,7 @@ def _drain(proc: subprocess.Popen[bytes], found: dict[int, _Parsed], failures: l
             alias_of or None,
             int(fits),
             frozenset(links.split()),
-            (home or None, moving_to or None, moved_from or None, int(boxes)),
+            (home or None, moving_to or None, moved_from or None, replica or None, int(boxes)),
             data,
         )
     proc.stdout.close()
@@ -755,7 +757,7 @@ def problem_lines(found: list[aliases.Problem]) -> list[str]:
 
 def _placement_problems(settings: Settings, domains: Mapping[str, DomainFile], nodes: NodesFile) -> list[str]:
     """state.placement's rules across domain files and nodes.yaml, for a whole state."""
-    homed = [name for name, dom in domains.items() if dom.home is not None]
+    homed = [name for name, dom in domains.items() if dom.home is not None or dom.replica is not None]
     found = placement.problems(domains, nodes, homed)
     if homed and settings.format < 2:
         found.append(f"{files.SETTINGS_PATH}: format: placing domains on nodes (home:) needs state format 2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import sqlite3
@@ -114,7 +115,17 @@ NODE_STATUS_COLUMNS = {
     "statement_issued_at": "INTEGER",  # Issued-At of the newest statement the node verified
     "last_error": "TEXT",  # the last non-null error reported, kept after later ok reports
     "last_error_at": "TEXT",
+    "replication": "TEXT",  # JSON: the node's last reported replication (state.nodes.ReplicationReport)
 }
+
+
+def _replication(text: str | None) -> list[dict[str, Any]]:
+    """A stored replication report (JSON written by state.nodes.record_report); [] without one."""
+    try:
+        found = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return [entry for entry in found if isinstance(entry, dict)] if isinstance(found, list) else []
 
 
 def _sha256(text: str) -> str:
@@ -237,19 +248,22 @@ class LocalDB:
         remote_addr: str | None,
         at: datetime,
         statement_issued_at: int | None = None,
+        replication: str | None = None,
     ) -> None:
         """The node's last report. `last_error` keeps the last non-null error (and its time)
-        after later reports without one, so list-nodes shows what last went wrong."""
+        after later reports without one, so list-nodes shows what last went wrong; `replication`
+        is kept from an earlier report when this one has none."""
         stamp = at.isoformat()
         with self._lock:
             self._conn.execute(
                 "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr,"
-                " statement_issued_at, last_error, last_error_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " statement_issued_at, last_error, last_error_at, replication) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
                 " applied_commit=excluded.applied_commit, status=excluded.status, error=excluded.error,"
                 " remote_addr=excluded.remote_addr, statement_issued_at=excluded.statement_issued_at,"
                 " last_error=COALESCE(excluded.last_error, node_status.last_error),"
-                " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at)",
+                " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at),"
+                " replication=COALESCE(excluded.replication, node_status.replication)",
                 (
                     name,
                     stamp,
@@ -260,6 +274,7 @@ class LocalDB:
                     statement_issued_at,
                     error,
                     stamp if error else None,
+                    replication,
                 ),
             )
 
@@ -499,8 +514,8 @@ class LocalDB:
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at"
-                " FROM node_status WHERE name = ?",
+                "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at,"
+                " replication FROM node_status WHERE name = ?",
                 (name,),
             ).fetchone()
         if row is None:
@@ -513,4 +528,5 @@ class LocalDB:
             "statement_issued_at": row[4],
             "last_error": row[5],
             "last_error_at": row[6],
+            "replication": _replication(row[7]),
         }

@@ -591,12 +591,15 @@ class DomainFile(BaseModel):
     home: str | None = None
     moving_to: str | None = None
     moved_from: str | None = None
+    # Replication (docs/fleet.md, "Replicas and failover"): a second addressed node that keeps a
+    # copy of the domain's mailboxes, in two-way doveadm sync with the home.
+    replica: str | None = None
     # Optional (state.limits): the domain's own plan limits (set-limits {domain}).
     limits: Limits | None = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
 
-    @field_validator("home", "moving_to", "moved_from")
+    @field_validator("home", "moving_to", "moved_from", "replica")
     @classmethod
     def _node(cls, value: str | None) -> str | None:
         return None if value is None else _file_value(v.validate_node_name, value)
@@ -616,6 +619,7 @@ class DomainFile(BaseModel):
             raise ValueError("moved_from must be another node than home")
         if self.home is not None and not self.email_enabled:
             raise ValueError("a domain without email has no home")
+        # Which replica a domain may have is one rule, state.placement.replica_problem.
         return self
 
     @field_validator("alias_of")
@@ -871,6 +875,14 @@ class MoveDomainRequest(Request):
 
 class NodeRequest(Request):
     name: NodeName = Field(description="Node identifier.")
+
+
+class SetReplicaRequest(Request):
+    domain: DomainName = Field(description="The email-enabled domain (not an alias domain) to replicate.")
+    node: NodeName | None = Field(
+        description="The replica: a registered node with an address, other than the domain's home; null removes the "
+        "replica."
+    )
 
 
 class PlaceDomainsRequest(Request):
@@ -1433,6 +1445,21 @@ class MoveDomainResponse(WriteResponse):
     model_config = ConfigDict(populate_by_name=True)
 
 
+class SetReplicaResponse(WriteResponse):
+    domain: str
+    home: str | None = Field(description="The domain's home.")
+    replica: str | None = Field(description="The domain's replica now (null: none).")
+
+
+class FailoverNodeResponse(WriteResponse):
+    node: str = Field(description="The node failed over.")
+    moved: list[str] = Field(description="The domains whose home is now their replica (the node is their replica).")
+    unavailable: list[str] = Field(
+        description="The domains homed on the node that stay there: no replica, or a replica that is not healthy "
+        "(not reporting, or its last tick failed)."
+    )
+
+
 class SetNodeAddressResponse(WriteResponse):
     name: str
     address: str | None
@@ -1470,6 +1497,11 @@ class DomainSummary(BaseModel):
     )
     moving_to: str | None = Field(
         default=None, description="During move-domain: the node the domain is moving to; null otherwise."
+    )
+    replica: str | None = Field(
+        default=None,
+        description="The node that keeps a copy of the domain's mailboxes in sync with the home (set-replica); null "
+        "without one.",
     )
     dns_ok: bool | None = Field(
         default=None,
@@ -1686,6 +1718,17 @@ class RemoveDomainResponse(WriteResponse):
     removed: bool
 
 
+class ReplicationInfo(BaseModel):
+    peer: str = Field(description="The replica node.")
+    domains: int = Field(ge=0, description="Domains this node is the home and the peer the replica of.")
+    lag_s: float | None = Field(
+        description="Seconds the oldest change (delivery, flag change, expunge) not yet on the peer had waited when the "
+        "node reported (0: in sync; null before a first sync)."
+    )
+    last_sync_at: str | None = Field(description="ISO 8601 time a sync with the peer last succeeded, or null.")
+    error: str | None = Field(description="The last sync's error, or null.")
+
+
 class NodeInfo(BaseModel):
     name: str
     ip_address: str | None
@@ -1735,6 +1778,11 @@ class NodeInfo(BaseModel):
     tls_fingerprint: str | None = Field(
         default=None,
         description="SHA-256 of the TLS certificate the node reported (the other nodes pin it), or null before it did.",
+    )
+    replication: list[ReplicationInfo] = Field(
+        default_factory=list,
+        description="Per replica this node keeps in sync as the home of its domains (set-replica), as the node last "
+        "reported it.",
     )
 
 
@@ -1977,6 +2025,8 @@ RESPONSES: dict[str, type[Response]] = {
     "remove-app-password": RemoveAppPasswordResponse,
     "move-domain": MoveDomainResponse,
     "set-node-address": SetNodeAddressResponse,
+    "set-replica": SetReplicaResponse,
+    "failover-node": FailoverNodeResponse,
     "check-dns": CheckDnsResponse,
     "mobileconfig": MobileconfigResponse,
     "set-limits": SetLimitsResponse,

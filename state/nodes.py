@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
@@ -127,6 +128,27 @@ class MoveReport(BaseModel):
     step: Literal["copied", "drained"]
 
 
+class ReplicationReport(BaseModel):
+    """How a home's replication with one peer stands (pi-pull/pipull/replication.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    peer: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="The replica node.")
+    domains: int = Field(ge=0, le=10_000_000, description="Domains this node is the home and the peer the replica of.")
+    lag_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=2**40,
+        description="Seconds the oldest change not yet on the peer has waited (0: in sync; null before a first sync).",
+    )
+    last_sync_at: int | None = Field(
+        default=None, ge=0, le=2**40, description="When a sync pass with the peer last succeeded (unix seconds)."
+    )
+    error: Annotated[str | None, BeforeValidator(_clip)] = Field(
+        default=None, max_length=MAX_ERROR_CHARS, description="The last sync's error, if it failed."
+    )
+
+
 class NodeReport(BaseModel):
     """The body of `POST /v1/nodes/report` (credentials aside)."""
 
@@ -175,6 +197,12 @@ class NodeReport(BaseModel):
         "new home).",
     )
 
+    replication: list[ReplicationReport] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Optional: per replica this node keeps in sync (it is the home), the lag and the last sync. Stored "
+        "on the server, never in git; list-nodes shows it as `replication`.",
+    )
     app_passwords_used: list[AppPasswordUse] | None = Field(
         default=None,
         max_length=MAX_APP_USES,
@@ -209,6 +237,7 @@ class StatusSink(Protocol):
         remote_addr: str | None,
         at: datetime,
         statement_issued_at: int | None = None,
+        replication: str | None = None,
     ) -> None: ...
 
     def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
@@ -308,6 +337,9 @@ def record_report(
         remote_addr=str(peer) if peer is not None else None,
         at=now,
         statement_issued_at=report.statement_issued_at,
+        replication=None
+        if report.replication is None
+        else json.dumps([entry.model_dump() for entry in report.replication], sort_keys=True),
     )
     if report.usage:
         rows = usage_rows(snapshot, report.usage)

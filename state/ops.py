@@ -19,7 +19,7 @@ import secrets
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import bcrypt
@@ -249,7 +249,15 @@ def disable_email(ctx: Context, req: m.DisableEmailRequest, _: Prepared) -> Outc
     # So do the domain's aliases, its catch-all and its alias-domain setting.
     # The home goes too: a domain without email has no mail to hold (the nodes set the Maildirs aside).
     new = _with_mailboxes(
-        dom, {}, email_enabled=False, aliases={}, alias_of=None, home=None, moving_to=None, moved_from=None
+        dom,
+        {},
+        email_enabled=False,
+        aliases={},
+        alias_of=None,
+        home=None,
+        moving_to=None,
+        moved_from=None,
+        replica=None,
     )
     return _write(new, req.domain, _domain_result(new), dom.project_id)
 
@@ -302,6 +310,7 @@ def list_domains(ctx: Context, req: m.ListDomainsRequest, _: Prepared) -> Outcom
                 "alias_of": dom.alias_of,
                 "home": dom.home,
                 "moving_to": dom.moving_to,
+                "replica": dom.replica,
             }
         )
     listed = [entry["domain"] for entry in out]
@@ -673,6 +682,13 @@ def add_alias_domain(ctx: Context, req: m.AddAliasDomainRequest, _: Prepared) ->
             code="address_in_use",
             target=req.domain,
         )
+    if dom.replica is not None:
+        raise Conflict(
+            f"{req.domain} has a replica ({dom.replica}); an alias domain holds no mail. Remove the replica first "
+            "(set-replica with node null).",
+            code="replica_not_usable",
+            target=req.domain,
+        )
     new = dom.model_copy(update={"alias_of": req.target})
     return _write(new, req.domain, result, dom.project_id)
 
@@ -919,6 +935,19 @@ def node_freshness(status: Mapping[str, Any], now: int) -> dict[str, Any]:
     }
 
 
+def replication_of(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """list-nodes' `replication` of a node: its last report's, as the node measured it (a node that
+    went silent shows its last figures; `stale` and last_report_age_s say how old they are)."""
+    keys = ("peer", "domains", "lag_s", "last_sync_at", "error")
+    out = []
+    for entry in status.get("replication") or []:
+        row = {key: entry.get(key) for key in keys}
+        if isinstance(row["last_sync_at"], int):
+            row["last_sync_at"] = datetime.fromtimestamp(row["last_sync_at"], UTC).isoformat()
+        out.append(row)
+    return out
+
+
 def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
     _require_admin(ctx)
     page = paging.Page.of(req, "list-nodes")
@@ -945,6 +974,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "domains": len(ctx.state.homes.get(name, ())),
                 "mailboxes": ctx.state.home_boxes.get(name, 0),
                 "tls_fingerprint": v.certificate_fingerprint(node.tls_certificate) if node.tls_certificate else None,
+                "replication": replication_of(status),
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None
@@ -975,10 +1005,11 @@ def _address_free(ctx: Context, address: str | None, name: str) -> None:
 
 
 def _not_in_use(ctx: Context, name: str, doing: str) -> None:
-    why = placement.in_use(ctx.state.homes, ctx.state.moves, name)
+    why = placement.in_use(ctx.state.homes, ctx.state.moves, name, ctx.state.replicas)
     if why is not None:
         raise Conflict(
-            f"Node {name} cannot {doing}: {why}. Move its domains to another node first (move-domain).",
+            f"Node {name} cannot {doing}: {why}. Move its domains to another node first (move-domain), and give "
+            "the domains it is the replica of another one (set-replica).",
             code="node_in_use",
             target=name,
         )
@@ -1205,6 +1236,60 @@ def move_domain(ctx: Context, req: m.MoveDomainRequest, _: Prepared) -> Outcome:
     return _write(new, dom.domain, result, dom.project_id)
 
 
+def set_replica(ctx: Context, req: m.SetReplicaRequest, _: Prepared) -> Outcome:
+    """[Admin] Give a domain a replica, change it or remove it (null); docs/fleet.md, "Replicas and
+    failover". A new replica gets its copy from the home's next sync; a replica given up keeps its
+    Maildirs (no longer synced, served or counted)."""
+    _require_admin(ctx)
+    dom = _mail_domain(ctx, req.domain)
+    result = {"domain": dom.domain, "home": dom.home, "replica": req.node}
+    if req.node == dom.replica:
+        return Outcome(result, target=dom.domain, project=dom.project_id)
+    if req.node is not None:
+        placement.usable_node(ctx.state.nodes, req.node)
+    new = dom.model_copy(update={"replica": req.node})
+    if dom.moved_from is not None and dom.moved_from == dom.replica:
+        # A failed-over home that never came back: giving up its replica gives up merging what only it held.
+        new = new.model_copy(update={"moved_from": None})
+    why = placement.replica_problem(new, ctx.state.nodes)
+    if why is not None:
+        raise Conflict(why[0].upper() + why[1:] + ".", code="replica_not_usable", target=dom.domain)
+    return _write(new, dom.domain, result, dom.project_id)
+
+
+def _replica_healthy(ctx: Context, name: str) -> bool:
+    """Whether a replica can take over now: it reports, recently, and its last tick went well."""
+    status = ctx.node_status(name) or {}
+    fresh = node_freshness(status, int(ctx.now.timestamp()))
+    return bool(status) and status.get("status") == "ok" and not fresh["stale"]
+
+
+def failover_node(ctx: Context, req: m.NodeRequest, _: Prepared) -> Outcome:
+    """[Admin] Make the replica the home of every domain homed on node `name` whose replica is
+    healthy, in one commit; the old home becomes the replica and, as `moved_from`, merges what only
+    it held into the new home when it returns (pi-pull's drain, as after a move)."""
+    _require_admin(ctx)
+    if req.name not in ctx.state.nodes.nodes:
+        raise NotFound(f"Node {req.name} does not exist.", code="node_not_found", target=req.name)
+    moved: list[str] = []
+    unavailable: list[str] = []
+    changes: dict[str, m.DomainFile | None] = {}
+    healthy: dict[str, bool] = {}
+    for name in sorted(ctx.state.homes.get(req.name, ())):
+        dom = ctx.state.domains[name]
+        replica = dom.replica
+        if replica is None or not healthy.setdefault(replica, _replica_healthy(ctx, replica)):
+            unavailable.append(name)
+            continue
+        update = {"home": replica, "replica": req.name, "moving_to": None, "moved_from": req.name}
+        changes[name] = dom.model_copy(update=update)
+        moved.append(name)
+    result = {"node": req.name, "moved": moved, "unavailable": unavailable}
+    if not changes:
+        return Outcome(result, target=req.name)
+    return Outcome(result, change=Change(domains=changes), target=req.name)
+
+
 # --- the registry --------------------------------------------------------------------------
 
 _SPEC = [
@@ -1385,6 +1470,22 @@ _FLEET = [
         admin=True,
         summary="[Admin] Move a domain's mail to another node (its new home): copied with doveadm sync, then switched "
         "in a signed commit; mail keeps flowing and IMAP keeps working throughout. Answers 202.",
+    ),
+    Operation(
+        "set-replica",
+        m.SetReplicaRequest,
+        set_replica,
+        admin=True,
+        summary="[Admin] Give a domain a replica: a second node (with an address, not its home) that keeps a copy of "
+        "its mailboxes in two-way doveadm sync with the home; node null removes it.",
+    ),
+    Operation(
+        "failover-node",
+        m.NodeRequest,
+        failover_node,
+        admin=True,
+        summary="[Admin] Fail a node over: one commit makes the replica the home of every domain homed on the node "
+        "(whose replica is healthy); answers the domains moved and those without a usable replica.",
     ),
     Operation(
         "set-node-address",

@@ -3,7 +3,7 @@
     python -m mailstate.state.parseworker REPO  < lines "index path oid"
 
 Parses and validates each domain file and writes, per file, a tab-separated line `index oid
-domain project_id alias_of fits home moving_to moved_from mailboxes length` (an empty field for None; validated names and ids
+domain project_id alias_of fits home moving_to moved_from replica mailboxes length` (an empty field for None; validated names and ids
 hold no tab or newline) followed by `length` bytes of the entry's JSON (state.load's cache
 entry form). Not JSON lines: decoding 200k of them would cost the waiting parent seconds. At the
 first file that fails it writes `{"index": i,
@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
         project = "" if dom.project_id is None else str(dom.project_id)
         links = " ".join(sorted(aliases.links(dom)))
         meta = [index, oid, dom.domain, project, dom.alias_of or "", str(files.format_fits(dom)), links]
-        meta += [dom.home or "", dom.moving_to or "", dom.moved_from or "", str(len(dom.mailboxes)), str(len(data))]
+        meta += [dom.home or "", dom.moving_to or "", dom.moved_from or "", dom.replica or ""]
+        meta += [str(len(dom.mailboxes)), str(len(data))]
         out.write("\t".join(meta).encode() + b"\n")
         out.write(data)
     out.flush()

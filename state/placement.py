@@ -12,6 +12,10 @@ own on to the home (Postfix transport, Dovecot proxy; docs/fleet.md, "Running a 
   and reports; the server then switches `home` in a signed commit and records `moved_from`,
   the old home, which syncs what it still holds to the new one and reports; the server then
   clears `moved_from` (state.fleet, from the nodes' reports).
+* A replica (`set-replica`) is a second addressed node, never the home, that keeps a copy of
+  the domain's mailboxes in two-way `doveadm sync` with the home (pi-pull's replication);
+  `failover-node` swaps home and replica of every domain homed on a dead node. Which replica a
+  domain may have is `replica_problem`, for writes, `mailstate check` and incoming commits.
 * A fleet without addressed nodes places nothing: `home` stays absent and every node works
   as it always did.
 """
@@ -55,7 +59,27 @@ def choose_home(nodes: NodesFile, home_boxes: Mapping[str, int]) -> str | None:
 
 def node_refs(dom: DomainFile) -> list[tuple[str, str]]:
     """(key, node) for every node a domain file names."""
-    return [(key, getattr(dom, key)) for key in ("home", "moving_to", "moved_from") if getattr(dom, key) is not None]
+    keys = ("home", "moving_to", "moved_from", "replica")
+    return [(key, getattr(dom, key)) for key in keys if getattr(dom, key) is not None]
+
+
+def replica_problem(dom: DomainFile, nodes: NodesFile) -> str | None:
+    """Why `dom` may not have its replica (None when it may, or has none): the replica keeps a copy
+    of the mail of a domain that has a home, on another node that the home can reach."""
+    if dom.replica is None:
+        return None
+    if dom.alias_of is not None:
+        return f"{dom.domain} is an alias domain of {dom.alias_of}: it holds no mail, so it has no replica"
+    if dom.home is None:
+        return f"{dom.domain} has no home (no node with an address holds its mail), so it cannot have a replica"
+    if dom.replica == dom.home:
+        return f"node {dom.replica} is the home of {dom.domain}; a replica must be another node"
+    node = nodes.nodes.get(dom.replica)
+    if node is None:
+        return f"node {dom.replica} is not registered"
+    if node.address is None:
+        return f"node {dom.replica} has no address, so the home cannot reach it (give it one with set-node-address)"
+    return None
 
 
 def problems(domains: Mapping[str, DomainFile], nodes: NodesFile, names: Iterable[str]) -> list[str]:
@@ -66,7 +90,12 @@ def problems(domains: Mapping[str, DomainFile], nodes: NodesFile, names: Iterabl
         dom = domains.get(name)
         if dom is None:
             continue
+        why = replica_problem(dom, nodes)
+        if why is not None:
+            out.append(f"{domain_path(name)}: replica: {why}")
         for key, node_name in node_refs(dom):
+            if key == "replica":
+                continue  # replica_problem said it
             node = nodes.nodes.get(node_name)
             if node is None:
                 out.append(f"{domain_path(name)}: {key}: {node_name} is not a node of nodes.yaml")
@@ -78,7 +107,10 @@ def problems(domains: Mapping[str, DomainFile], nodes: NodesFile, names: Iterabl
 
 
 def nodes_problems(
-    nodes: NodesFile, homes: Mapping[str, frozenset[str]], moves: Mapping[str, tuple[str, str | None, str | None]]
+    nodes: NodesFile,
+    homes: Mapping[str, frozenset[str]],
+    moves: Mapping[str, tuple[str, str | None, str | None]],
+    replicas: Mapping[str, tuple[str, str]] | None = None,
 ) -> list[str]:
     """What nodes.yaml breaks against the domains (the snapshot's placement index): a node that is a
     home or in a move must stay registered, and a home or move target keeps its address."""
@@ -92,6 +124,8 @@ def nodes_problems(
             needed.setdefault(moving_to, f"the target of {dom}'s move")
         if moved_from is not None:
             needed.setdefault(f"\0{moved_from}", f"the previous home of {dom}")
+    for dom, (_home, replica) in sorted((replicas or {}).items()):
+        needed.setdefault(replica, f"the replica of {dom}")
     for key, why in sorted(needed.items()):
         node_name = key.lstrip("\0")
         node = nodes.nodes.get(node_name)
@@ -103,7 +137,10 @@ def nodes_problems(
 
 
 def in_use(
-    homes: Mapping[str, frozenset[str]], moves: Mapping[str, tuple[str, str | None, str | None]], name: str
+    homes: Mapping[str, frozenset[str]],
+    moves: Mapping[str, tuple[str, str | None, str | None]],
+    name: str,
+    replicas: Mapping[str, tuple[str, str]] | None = None,
 ) -> str | None:
     """Why node `name` cannot go (or lose its address), or None."""
     doms = homes.get(name)
@@ -113,15 +150,25 @@ def in_use(
     for dom, (_home, moving_to, moved_from) in sorted(moves.items()):
         if name in (moving_to, moved_from):
             return f"it takes part in the move of {dom}"
+    for dom, (_home, replica) in sorted((replicas or {}).items()):
+        if name == replica:
+            return f"it is the replica of {dom}"
     return None
 
 
-def grants(moves: Mapping[str, tuple[str, str | None, str | None]], node: str) -> set[str]:
+def grants(
+    moves: Mapping[str, tuple[str, str | None, str | None]],
+    node: str,
+    replicas: Mapping[str, tuple[str, str]] | None = None,
+) -> set[str]:
     """The peers whose doveadm service `node` may use now (docs/fleet.md): the home of a domain it is
-    moving to (it copies the mail from there), and the new home of a domain it was home to (it syncs
-    what it still holds there)."""
+    moving to (it copies the mail from there), the new home of a domain it was home to (it syncs
+    what it still holds there), and the replica of a domain it is home to (it keeps it in sync)."""
     out: set[str] = set()
     for home, moving_to, moved_from in moves.values():
         if node in (moving_to, moved_from):
             out.add(home)
+    for home, replica in (replicas or {}).values():
+        if node == home:
+            out.add(replica)
     return out

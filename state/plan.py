@@ -379,7 +379,7 @@ def _domain_changes(result: Plan, name: str, a: DomainFile | None, b: DomainFile
     text = _limits_text(a.limits, b.limits)
     if text:
         result.domains.append(Entry(name, "~", f"limits: {text}", {"kind": "domain_limits_changed"}))
-    for key in ("home", "moving_to", "moved_from"):
+    for key in ("home", "moving_to", "moved_from", "replica"):
         was, now = getattr(a, key), getattr(b, key)
         if was != now:
             result.domains.append(

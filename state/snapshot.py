@@ -64,6 +64,8 @@ class Snapshot:
     homes: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
     home_boxes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     moves: Mapping[str, tuple[str, str | None, str | None]] = field(default_factory=lambda: MappingProxyType({}))
+    # The domains with a replica -> (home, replica) (docs/fleet.md, "Replicas and failover").
+    replicas: Mapping[str, tuple[str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -87,7 +89,7 @@ class Snapshot:
         for name, targets in dmap.link_items():
             for target in targets:
                 refs.setdefault(target, set()).add(name)
-        places = _PlacementIndex({}, {}, {})
+        places = _PlacementIndex({}, {}, {}, {})
         for name, placement in dmap.placement_items():
             places.add(name, placement)
         return cls(
@@ -109,7 +111,7 @@ class Snapshot:
         index = dict(self.by_project)
         users = dict(self.alias_users)
         refs = _referrers_after(self.referrers, old_map, change)
-        places = _PlacementIndex(dict(self.homes), dict(self.home_boxes), dict(self.moves))
+        places = _PlacementIndex(dict(self.homes), dict(self.home_boxes), dict(self.moves), dict(self.replicas))
         for name, new in change.domains.items():
             places.remove(name, old_map.placement(name) if name in old_map else NO_PLACEMENT)
             if new is not None:
@@ -173,34 +175,39 @@ def _projects_after(
 
 @dataclass
 class _PlacementIndex:
-    """The placement index being built or updated (Snapshot.homes, home_boxes, moves)."""
+    """The placement index being built or updated (Snapshot.homes, home_boxes, moves, replicas)."""
 
     homes: dict[str, frozenset[str]]
     boxes: dict[str, int]
     moves: dict[str, tuple[str, str | None, str | None]]
+    replicas: dict[str, tuple[str, str]]
 
     def add(self, name: str, placement: Placement) -> None:
-        home, moving_to, moved_from, count = placement
+        home, moving_to, moved_from, replica, count = placement
         if home is None:
             return
         self.homes[home] = self.homes.get(home, frozenset()) | {name}
         self.boxes[home] = self.boxes.get(home, 0) + count
         if moving_to is not None or moved_from is not None:
             self.moves[name] = (home, moving_to, moved_from)
+        if replica is not None:
+            self.replicas[name] = (home, replica)
 
     def remove(self, name: str, placement: Placement) -> None:
-        home, _, _, count = placement
+        home, _, _, _, count = placement
         if home is None:
             return
         self.homes[home] = self.homes.get(home, frozenset()) - {name}
         self.boxes[home] = self.boxes.get(home, 0) - count
         self.moves.pop(name, None)
+        self.replicas.pop(name, None)
 
     def frozen(self) -> dict[str, Any]:
         return {
             "homes": MappingProxyType({k: v for k, v in self.homes.items() if v}),
             "home_boxes": MappingProxyType({k: v for k, v in self.boxes.items() if self.homes.get(k)}),
             "moves": MappingProxyType(dict(self.moves)),
+            "replicas": MappingProxyType(dict(self.replicas)),
         }
 
 

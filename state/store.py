@@ -40,7 +40,15 @@ from typing import Any
 
 import pygit2
 
-from mailstate.compiler.render import FRAGMENTS, domain_dir, render_domain, render_moves, render_nodes, render_settings
+from mailstate.compiler.render import (
+    FRAGMENTS,
+    domain_dir,
+    render_domain,
+    render_moves,
+    render_nodes,
+    render_replicas,
+    render_settings,
+)
 from mailstate.state import files, senders
 from mailstate.state import limits as lim
 from mailstate.state.chain import range_problems, server_signed
@@ -1008,6 +1016,9 @@ class Store:
         moves = moves_after(snap.moves, change)
         if moves != snap.moves:
             out.update(render_moves(moves))
+        replicas = replicas_after(snap.replicas, change)
+        if replicas != snap.replicas:
+            out.update(render_replicas(replicas))
         if change.settings is not None:
             out[files.SETTINGS_PATH] = files.dump_settings(change.settings)
             out.update(render_settings(change.settings))
@@ -1068,6 +1079,16 @@ def moves_after(
         out.pop(name, None)
         if dom is not None and dom.home is not None and (dom.moving_to or dom.moved_from):
             out[name] = (dom.home, dom.moving_to, dom.moved_from)
+    return out
+
+
+def replicas_after(replicas: Mapping[str, tuple[str, str]], change: Change) -> Mapping[str, tuple[str, str]]:
+    """The snapshot's `replicas` index once `change` is applied (only its domains can differ)."""
+    out = dict(replicas)
+    for name, dom in change.domains.items():
+        out.pop(name, None)
+        if dom is not None and dom.home is not None and dom.replica is not None:
+            out[name] = (dom.home, dom.replica)
     return out
 
 

@@ -28,6 +28,7 @@ from mailstate.compiler.render import (
     MOVES_FILE,
     NODES_FILE,
     NODES_PEM,
+    REPLICAS_FILE,
     SETTINGS_FILES,
     compile_state,
     diff_rendered,
@@ -35,6 +36,7 @@ from mailstate.compiler.render import (
     render_domain,
     render_moves,
     render_nodes,
+    render_replicas,
     render_settings,
 )
 from mailstate.state import aliases, files, placement
@@ -168,8 +170,8 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
                 problems.extend(exc.problems)
         elif top == files.RENDERED_DIR:
             owner = _rendered_owner(path)
-            if path in (*SETTINGS_FILES, NODES_FILE, NODES_PEM, MOVES_FILE):
-                continue  # compared with render_settings() / render_nodes() / render_moves() below
+            if path in (*SETTINGS_FILES, NODES_FILE, NODES_PEM, MOVES_FILE, REPLICAS_FILE):
+                continue  # compared with render_settings() / render_nodes() / render_moves() / render_replicas()
             if owner is None:
                 problems.append(f"{path}: not a file the compiler produces")
             else:
@@ -190,7 +192,7 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
         touched.update(new.by_project.get(project_id, ()))
     problems.extend(placement.problems(new.domains, new.nodes, changed))
     if change.nodes is not None:
-        problems.extend(placement.nodes_problems(new.nodes, new.homes, new.moves))
+        problems.extend(placement.nodes_problems(new.nodes, new.homes, new.moves, new.replicas))
     if any(new.domains[n].home for n in changed if n in new.domains) and new.settings.format < 2:
         problems.append(f"{files.SETTINGS_PATH}: format: placing domains on nodes (home:) needs state format 2")
     if change.settings is not None:
@@ -223,6 +225,10 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
             expected = {k: data for k, data in render_moves(new.moves).items() if data is not None}
             raw_moves = repo.read(commit, MOVES_FILE)
             problems.extend(diff_rendered(expected, {MOVES_FILE: raw_moves} if raw_moves is not None else {}))
+        if dict(new.replicas) != dict(base.replicas) or REPLICAS_FILE in paths:
+            expected = {k: data for k, data in render_replicas(new.replicas).items() if data is not None}
+            raw = repo.read(commit, REPLICAS_FILE)
+            problems.extend(diff_rendered(expected, {REPLICAS_FILE: raw} if raw is not None else {}))
         if paths & set(SETTINGS_FILES):
             expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
             actual_files = {name: repo.read(commit, name) for name in SETTINGS_FILES}

@@ -94,6 +94,8 @@ class Config:
     fleet_url: str = ""  # default: [report] url with /fleet for /report
     fleet_sync_budget_s: float = 20.0
     fleet_sync_stall_s: float = 30.0  # doveadm sync -T: a stream stalled this long is given up, retried
+    fleet_replicate_interval: float = 1.0  # follow mode: seconds between passes of changed mailboxes
+    fleet_replicate_full_s: float = 600.0  # a replicated mailbox is synced at least this often
 
     @property
     def max_fetch_bytes(self) -> int:
@@ -239,6 +241,8 @@ def _load_fleet(r: _Reader, cfg: Config) -> None:
     cfg.fleet_url = r.get_str("fleet", "url", default_url)
     cfg.fleet_sync_budget_s = r.get_float("fleet", "sync_budget_s", cfg.fleet_sync_budget_s)
     cfg.fleet_sync_stall_s = r.get_float("fleet", "sync_stall_s", cfg.fleet_sync_stall_s)
+    cfg.fleet_replicate_interval = r.get_float("fleet", "replicate_interval", cfg.fleet_replicate_interval)
+    cfg.fleet_replicate_full_s = r.get_float("fleet", "replicate_full_s", cfg.fleet_replicate_full_s)
 
 
 def _check_fleet(cfg: Config, path: str) -> None:
@@ -253,6 +257,10 @@ def _check_fleet(cfg: Config, path: str) -> None:
         raise ConfigError(f"config {path}: [fleet] sync_budget_s must be > 0 (seconds of doveadm sync per tick)")
     if not cfg.fleet_sync_stall_s >= 1:
         raise ConfigError(f"config {path}: [fleet] sync_stall_s must be >= 1 (seconds a doveadm sync may stall)")
+    if not 0.1 <= cfg.fleet_replicate_interval <= 3600:
+        raise ConfigError(f"config {path}: [fleet] replicate_interval must be 0.1-3600 (seconds between passes)")
+    if not cfg.fleet_replicate_full_s >= 10:
+        raise ConfigError(f"config {path}: [fleet] replicate_full_s must be >= 10 (seconds between full syncs)")
     for key in ("fleet_doveadm", "fleet_postqueue", "fleet_postmap"):
         try:
             shlex.split(getattr(cfg, key))

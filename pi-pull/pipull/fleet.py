@@ -24,6 +24,9 @@ never fails the tick), from the live commit's rendered/nodes, nodes.pem and move
   in on either side meanwhile included) and moves it to the graveyard; once nothing
   is left or queued for the domain it reports ``drained``. A move that is called off leaves
   the target's copies in its graveyard.
+* **Replicas** (rendered/replicas): the home keeps each replicated domain in two-way sync with
+  its replica (pipull/replication.py), on change and at least every ``[fleet] replicate_full_s``;
+  the report carries ``replication`` per peer. A domain in a move is left to the move.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ from typing import Any
 
 from . import fleetfiles
 from .config import POSTMAP_TYPES, Config
-from .errors import Refused, TickError
+from .errors import ConfigError, Refused, TickError
 from .fsutil import atomic_write
 from .lifecycle import Lifecycle, graveyard_name, parse_mailboxes
 from .mirror import Mirror
 from .release import Releases
+from .replication import Replication, Target
 from .runner import Runner, short
 
 DRAIN = ".fleet-drain"
@@ -98,6 +102,14 @@ class Fleet:
         self.clock = clock
         self.dir = cfg.fleet_dir or os.path.join(cfg.root, "fleet")
         self.more = False  # set when a move's work did not fit this tick's budget
+        self.replication = Replication(
+            self.dir,
+            cfg.mail_root,
+            self.replicate,
+            log,
+            full_s=cfg.fleet_replicate_full_s,
+            budget_s=cfg.fleet_sync_budget_s,
+        )
 
     # ---- the tick's step
 
@@ -123,8 +135,18 @@ class Fleet:
         found = self.releases.top_files(applied, (fleetfiles.MOVES_FILE,))
         moves = fleetfiles.parse_moves(found.get(fleetfiles.MOVES_FILE), fleet)
         mine = [m for m in moves if self.cfg.node_name in (m.moving_to, m.moved_from)]
-        creds = self.credentials(fleet, {m.home for m in mine}) if me is not None or mine else None
+        replicas = fleetfiles.parse_replicas(
+            self.releases.top_files(applied, (fleetfiles.REPLICAS_FILE,)).get(fleetfiles.REPLICAS_FILE), fleet
+        )
+        moving = {m.domain for m in moves}
+        homed = [r for r in replicas if r.home == self.cfg.node_name and r.domain not in moving]
+        needed = {m.home for m in mine} | {r.replica for r in homed}
+        # A replica that refused the password cached for it may have a new one (a rotated key).
+        refused = bool(self.replication.failing() & needed)
+        creds = self.credentials(fleet, needed, force=refused) if me is not None or mine else None
         self.write_trust(fleet, me, creds)
+        if me is not None:
+            extras["replication"] = self._replicate(applied, fleet, homed, creds)
         steps: list[dict[str, str]] = []
         state = st.setdefault("fleet", {}) if mine or isinstance(st.get("fleet"), dict) else {}
         for move in mine:
@@ -145,6 +167,38 @@ class Fleet:
             extras["moves"] = steps
         return extras
 
+    # ---- replicas
+
+    def _replicate(
+        self, applied: str, fleet: fleetfiles.Fleet, homed: list[fleetfiles.Replica], creds: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        """Plan the replicated domains this node is home to, run a full pass, and say how it stands."""
+        targets = []
+        for item in homed:
+            password = (creds or {}).get("peers", {}).get(item.replica, {}).get("doveadm_password")
+            if not isinstance(password, str):
+                self.log.warning(f"fleet: no credentials for replica {item.replica} yet; {item.domain} waits")
+                continue
+            boxes = tuple(self._mailboxes(applied, item.domain))
+            targets.append(Target(item.domain, item.replica, fleet.peers[item.replica].address, password, boxes))
+        self.replication.plan(targets)
+        if targets:
+            self.replication.run_pass(full=True)
+        return self.replication.report()
+
+    def replicate(self, user: str, peer: str, address: str, password: str) -> tuple[bool, str]:
+        """One two-way ``doveadm sync`` of ``user`` with its replica (pipull/replication.py's seam)."""
+        host = f"[{address}]" if ":" in address else address
+        target = f"tcps:{host}:{self.cfg.fleet_doveadm_port}"
+        stall = str(max(1, round(self.cfg.fleet_sync_stall_s)))
+        rc, out = self._doveadm(
+            "sync", "-T", stall, "-u", user, target, password=password, conf=f"doveadm-replica-{peer}.conf"
+        )
+        if rc != 0:
+            self.log.warning(f"replication: doveadm sync of {user} with {peer} failed (rc={rc}): {out}")
+            return False, f"doveadm sync of {user} failed (rc={rc}): {out}"
+        return True, ""
+
     # ---- this node's certificate
 
     def own_certificate(self) -> str | None:
@@ -159,8 +213,10 @@ class Fleet:
 
     # ---- credentials
 
-    def credentials(self, fleet: fleetfiles.Fleet, needed: set[str]) -> dict[str, Any] | None:
-        """This node's and the needed peers' doveadm passwords: the cached ones while they fit the fleet."""
+    def credentials(self, fleet: fleetfiles.Fleet, needed: set[str], *, force: bool = False) -> dict[str, Any] | None:
+        """This node's and the needed peers' doveadm passwords: the cached ones while they fit the fleet
+        and this node's sync key (a new key gives new passwords), unless ``force`` (a peer refused
+        the password cached for it: its key was rotated)."""
         path = os.path.join(self.dir, "credentials.json")
         cached: dict[str, Any] = {}
         try:
@@ -168,9 +224,10 @@ class Fleet:
                 cached = json.load(fh)
         except (OSError, ValueError):
             pass
-        fits = isinstance(cached, dict) and cached.get("fleet") == fleet.digest()
+        key = fleet.digest() + "/" + self._key_id()
+        fits = isinstance(cached, dict) and cached.get("fleet") == key
         peers: dict[str, Any] = cached["peers"] if fits and isinstance(cached.get("peers"), dict) else {}
-        if fits and needed <= set(peers):
+        if fits and needed <= set(peers) and not force:
             return cached
         if not self.cfg.fleet_url:
             self.log.warning("fleet: no [fleet] url (nor [report] url) to fetch the node credentials from")
@@ -180,10 +237,19 @@ class Fleet:
         except TickError as e:
             self.log.warning(f"fleet: {e}")
             return cached if fits else None
-        fresh["fleet"] = fleet.digest()
+        fresh["fleet"] = key
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         atomic_write(path, (json.dumps(fresh, sort_keys=True) + "\n").encode(), 0o600)
         return fresh
+
+    def _key_id(self) -> str:
+        """A short digest of this node's sync key, or "-" for a node without one (it fetches nothing)."""
+        if not self.cfg.fleet_url:
+            return "-"
+        try:
+            return hashlib.sha256(self.token().encode()).hexdigest()[:16]
+        except (ConfigError, OSError):
+            return "-"
 
     def _fetch(self) -> dict[str, Any]:
         req = urllib.request.Request(
@@ -303,12 +369,14 @@ class Fleet:
             data = cat.read(files["mailboxes"], f"mailboxes of {domain}", self.cfg.max_file_bytes)
         return list(parse_mailboxes(data, domain))
 
-    def _doveadm(self, *args: str, password: str | None = None, timeout: float = 3600) -> tuple[int, str]:
+    def _doveadm(
+        self, *args: str, password: str | None = None, timeout: float = 3600, conf: str = "doveadm-peer.conf"
+    ) -> tuple[int, str]:
         """Run doveadm with this node's Dovecot config; with ``password``, through a 0600 config file
         that includes it and sets the peer's doveadm password (a secret never goes on a command line)."""
         config = self.cfg.fleet_dovecot_config
         if password is not None:
-            config = os.path.join(self.dir, "doveadm-peer.conf")
+            config = os.path.join(self.dir, conf)
             self._write(
                 config, f"!include {self.cfg.fleet_dovecot_config}\ndoveadm_password = {password}\n".encode(), 0o600
             )

@@ -5,6 +5,7 @@ What the compiler writes (compiler/render.py) and so all a node accepts:
     rendered/nodes        <name> <address> <sha256 hex|->     the nodes that can be homes, by name
     rendered/nodes.pem    their certificates, one PEM block per line that has a fingerprint, in order
     rendered/moves        <domain> <home> <moving_to|-> <moved_from|->   while domains move
+    rendered/replicas     <domain> <home> <replica>           the domains that have a replica
     rendered/domains/<bb>/<domain>/home
                           home <name> <address>               the line of the home in rendered/nodes
                           [moving_to <name>]                  another node of rendered/nodes
@@ -33,6 +34,7 @@ from .verify import PRINTABLE_ASCII_RE
 NODES_FILE = "rendered/nodes"
 NODES_PEM = "rendered/nodes.pem"
 MOVES_FILE = "rendered/moves"
+REPLICAS_FILE = "rendered/replicas"
 HOME = "home"
 TRANSPORT_MAP = "fleet_transport"
 DEFER_MAP = "fleet_defer"
@@ -232,4 +234,26 @@ def parse_moves(data: bytes | None, fleet: Fleet) -> list[Move]:
         if move_to is None and moved_from is None:
             raise Refused(f"{MOVES_FILE}, line {n}: {parts[0]} is not moving")
         out.append(Move(parts[0], parts[1], move_to, moved_from))
+    return out
+
+
+@dataclass(frozen=True)
+class Replica:
+    domain: str
+    home: str
+    replica: str
+
+
+def parse_replicas(data: bytes | None, fleet: Fleet) -> list[Replica]:
+    """rendered/replicas, validated (each domain once, sorted, two different nodes of the fleet)."""
+    out: list[Replica] = []
+    for n, line in enumerate(_lines(REPLICAS_FILE, data or b""), 1):
+        parts = line.split(" ")
+        if len(parts) != 3 or not is_domain(parts[0]):
+            raise Refused(f"{REPLICAS_FILE}, line {n}: expected '<domain> <home> <replica>'")
+        if out and parts[0] <= out[-1].domain:
+            raise Refused(f"{REPLICAS_FILE}, line {n}: {parts[0]} is out of order or listed twice")
+        if any(p not in fleet.peers for p in parts[1:]) or parts[1] == parts[2]:
+            raise Refused(f"{REPLICAS_FILE}, line {n}: names a node that is not in {NODES_FILE}, or the home twice")
+        out.append(Replica(parts[0], parts[1], parts[2]))
     return out

@@ -40,6 +40,7 @@ from typing import Any
 from .agent import Agent
 from .config import Config
 from .errors import EXIT_LOCKED, EXIT_OK, EXIT_USAGE, ConfigError, Locked, TickError
+from .replication import watch
 
 WAIT_TIMEOUT = 25.0  # seconds the server holds a wait (its maximum is 55)
 BACKOFF_BASE = 1.0
@@ -238,6 +239,14 @@ class Follower:
         self.log.info(f"follow mode: {self.mode}; a tick at least every {self.cfg.interval:g}s")
         if self._tick() == EXIT_USAGE:
             return EXIT_USAGE
+        # Replication on change (pipull/replication.py): the ticks plan the targets, this thread
+        # syncs what changed between them.
+        threading.Thread(
+            target=watch,
+            args=(self.agent.fleet.replication, self.cfg.fleet_replicate_interval, self.stop, self.log),
+            name="pi-pull-replicate",
+            daemon=True,
+        ).start()
         seen: str | None = None
         while not self.stop.is_set():
             due = self.last_tick + self.cfg.interval

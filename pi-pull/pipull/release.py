@@ -303,12 +303,15 @@ class Releases:
             return {p: cat.read(oid, p, fleetfiles.MAX_FLEET_BYTES) for p, oid in oids.items()}
 
     def fleet_of(self, sha: str) -> fleetfiles.Fleet:
-        """rendered/nodes (+ nodes.pem) of ``sha``, validated with rendered/moves; cached for the tick."""
+        """rendered/nodes (+ nodes.pem) of ``sha``, validated with rendered/moves and rendered/replicas;
+        cached for the tick."""
         cached = self._fleets.get(sha)
         if cached is None:
-            found = self.top_files(sha, (fleetfiles.NODES_FILE, fleetfiles.NODES_PEM, fleetfiles.MOVES_FILE))
+            names = (fleetfiles.NODES_FILE, fleetfiles.NODES_PEM, fleetfiles.MOVES_FILE, fleetfiles.REPLICAS_FILE)
+            found = self.top_files(sha, names)
             cached = fleetfiles.parse_fleet(found.get(fleetfiles.NODES_FILE), found.get(fleetfiles.NODES_PEM))
             fleetfiles.parse_moves(found.get(fleetfiles.MOVES_FILE), cached)
+            fleetfiles.parse_replicas(found.get(fleetfiles.REPLICAS_FILE), cached)
             self._fleets[sha] = cached
         return cached
 

@@ -74,6 +74,8 @@ SPEC_TOOLS = {
     # one fleet, one mail service: homes and moves
     "move-domain": "email_account_move_domain",
     "set-node-address": "email_account_set_node_address",
+    "set-replica": "email_account_set_replica",
+    "failover-node": "email_account_failover_node",
 }
 
 
@@ -300,6 +302,10 @@ def call_every_tool(
             await call(a, "email_account_add_domain", {"domain": f"fleet-{domain}"})
             await call(a, "email_account_set_node_address", {"name": node, "address": f"mx.{domain}"})
             await call(a, "email_account_move_domain", {"domain": f"fleet-{domain}", "node": node})
+            # A replica on a second addressed node; it never reported, so failing over moves nothing.
+            await call(a, "email_account_add_node", {"name": f"{node}-2", "address": f"mx2.{domain}"})
+            await call(a, "email_account_set_replica", {"domain": f"fleet-{domain}", "node": f"{node}-2"})
+            await call(a, "email_account_failover_node", {"name": node})
         return out
 
     return main
@@ -318,10 +324,13 @@ def test_call_each_tool_once(env: Env) -> None:
     assert [d["domain"] for d in out["email_account_list_domains"]["domains"]] == [domain]
     assert out["email_account_add_node"]["sync_key"].startswith("mss_")
     assert node in [n["name"] for n in out["email_account_list_nodes"]["nodes"]]
-    writes = [t for t, op in TOOLS.items() if op.write]
+    writes = [t for t, op in TOOLS.items() if op.write and t != "email_account_failover_node"]
     assert all(len(out[t]["commit"]) == 40 for t in writes)
-    # remove-user and remove-domain ran twice, add-domain three times
-    assert srv.commit_count() == before + len(writes) + 4
+    # remove-user and remove-domain ran twice, add-domain three times, add-node twice
+    assert srv.commit_count() == before + len(writes) + 5
+    failover = out["email_account_failover_node"]
+    assert (failover["commit"], failover["moved"], failover["unavailable"]) == (None, [], [f"fleet-{domain}"])
+    assert out["email_account_set_replica"]["replica"] == f"{node}-2"
     assert out["email_account_move_domain"]["to"] == node and out["email_account_move_domain"]["from"] is None
     assert out["email_account_list_aliases"]["aliases"][0]["destinations"] == ["x@ext.example"]
     assert out["email_account_set_forwarding"]["keep_copy"] is False

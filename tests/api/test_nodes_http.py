@@ -422,7 +422,7 @@ def test_record_report_and_parse(node_store: tuple[Store, str, str], data_dir) -
         assert report.applied_commit == head
         assert db.node_status("free") == {
             "last_sync_at": now.isoformat(), "applied_commit": head, "status": "ok", "error": None,
-            "statement_issued_at": None, "last_error": None, "last_error_at": None,
+            "statement_issued_at": None, "last_error": None, "last_error_at": None, "replication": [],
         }  # fmt: skip
         with pytest.raises(Unauthenticated):
             record_report(db, store.snapshot, "ghost", {"status": "ok"}, None, now)

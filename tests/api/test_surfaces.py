@@ -27,7 +27,7 @@ from tests.helpers.server import LiveServer, assert_error, live_server
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 SPEC_ADMIN = {"add-domain", "remove-domain", "list-nodes", "add-node"}  # the spec's [Admin] endpoints
-FLEET_ADMIN = {"move-domain", "set-node-address"}  # the contract's one fleet, one mail service
+FLEET_ADMIN = {"move-domain", "set-node-address", "set-replica", "failover-node"}  # one fleet; replicas, failover
 
 
 # --- meta: the registry drives every surface -----------------------------------------------------
@@ -166,9 +166,9 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
     # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns, mobileconfig,
-    # the owners' 6, the 8 platform controls and the fleet's move-domain and set-node-address
-    # (every extension is a tool)
-    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8 + 2
+    # the owners' 6, the 8 platform controls, the fleet's move-domain and set-node-address, and
+    # set-replica and failover-node (every extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8 + 2 + 2
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN | FLEET_ADMIN | {"set-limits"}
@@ -305,6 +305,8 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "dns-records": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
     "move-domain": [{"domain": "b.example", "node": "iso-node"}],
     "set-node-address": [{"name": "iso-node", "address": "evil.example"}],
+    "set-replica": [{"domain": "b.example", "node": "iso-node"}],
+    "failover-node": [{"name": "iso-node"}],
     "check-dns": [{"domain": "b.example"}, {"domain": "b-dark.example"}],
     # Public by design for every email-enabled domain (tests/api/test_autoconfig.py): the attack is
     # on b's domain without email, which must read as absent.

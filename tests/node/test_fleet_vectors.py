@@ -2,7 +2,7 @@
 registered nodes, and node and server refuse the same rendered fleet content.
 
 tests/vectors/fleet_lines.json lists hostile lines of a passwd-file, a home fragment,
-rendered/nodes and rendered/moves. The base state is made by a real store (three addressed
+rendered/nodes, rendered/moves and rendered/replicas. The base state is made by a real store (three addressed
 nodes with certificates, a domain homed on n1, a domain moving to n3). The node side runs the
 real built pi_pull.py against a real git repo whose commits are signed by the server's key and
 stated accepted: every hostile line must end in exit 3 with the last release still live. The
@@ -59,6 +59,7 @@ def base(store: Store, tmp_path: Path) -> Base:
         store.execute("add-user", ADMIN, {"email": email, "password": "vector password"})
     store.execute("remove-user", ADMIN, {"email": "old@example.com"})
     store.execute("move-domain", ADMIN, {"domain": "move.example", "node": "n3"})
+    store.execute("set-replica", ADMIN, {"domain": "example.com", "node": "n2"})
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(store.git.path), str(work)], check=True)
     files = {name: (work / rel).read_text() for name, rel in FLEET["files"].items()}
@@ -161,7 +162,7 @@ def test_every_hostile_fleet_line_is_refused_by_pi_pull(base: Base, data_dir: An
         publish_statement(base.work, bare, sha, key)
         r = run_pi_pull(cfg)
         where = {"passwd": "passwd of example.com", "home": "home of example.com", "nodes": "rendered/nodes",
-                 "moves": "rendered/moves"}[vec["file"]]  # fmt: skip
+                 "moves": "rendered/moves", "replicas": "rendered/replicas"}[vec["file"]]  # fmt: skip
         if r.returncode != EXIT_REFUSED or os.readlink(root / "current") != f"releases/{head}" or where not in r.stderr:
             wrong.append(f"{vec['name']}: rc={r.returncode} {r.stderr.strip()[-300:]}")
     assert not wrong, "\n".join(wrong)

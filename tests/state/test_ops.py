@@ -58,7 +58,7 @@ def test_registry_names_all_operations() -> None:
         "remove-alias-domain",
     }
     sending = {"dns-records"}
-    fleet = {"move-domain", "set-node-address"}
+    fleet = {"move-domain", "set-node-address", "set-replica", "failover-node"}
     onboarding = {"check-dns", "mobileconfig"}
     owners = {
         "set-vacation",
@@ -89,7 +89,7 @@ def test_registry_names_all_operations() -> None:
         | owners
         | controls
     )
-    assert len(OPERATIONS) == 42
+    assert len(OPERATIONS) == 44
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -134,6 +134,8 @@ def test_registry_names_all_operations() -> None:
         "set-limits",
         "move-domain",
         "set-node-address",
+        "set-replica",
+        "failover-node",
     }
 
 
@@ -222,6 +224,7 @@ def test_list_domains(store: Store) -> None:
                 "usage_reported_at": None,
                 "home": None,
                 "moving_to": None,
+                "replica": None,
                 "dns_ok": None,
                 "dns_checked_at": None,
             }
