@@ -160,6 +160,23 @@ POLICY_SERVICE = "inet:127.0.0.1:10040"
 # every node: a node reaches its peers there) and where pi-pull keeps its fleet files.
 FLEET_RELAY_PORT = 2525
 FLEET_DOVEADM_PORT = 12345
+# Inbound filtering (docs/inbound.md): rspamd's proxy worker is the milter of port 25 (and of no
+# other service); its controller, on loopback, answers pi-pull's `rspamc stat` for the report.
+SPAM_MILTER = "inet:127.0.0.1:11332"
+SPAM_CONTROLLER = "127.0.0.1:11334"
+RSPAMD_DIR = "/etc/rspamd"
+# rspamd's own thresholds before any policy: "add header" (junk) and "reject" (5xx at SMTP time).
+SPAM_JUNK_SCORE = 6.0
+SPAM_REJECT_SCORE = 15.0
+# Bundle file -> template: installed as <rspamd_dir>/local.d/<name> (rspamd merges them over its defaults).
+RSPAMD_BUNDLE_DIR = "rspamd/local.d"
+RSPAMD_LOCAL_D: dict[str, str] = {
+    "worker-proxy.inc": "rspamd-worker-proxy.inc.j2",
+    "worker-normal.inc": "rspamd-worker-normal.inc.j2",
+    "worker-controller.inc": "rspamd-worker-controller.inc.j2",
+    "milter_headers.conf": "rspamd-milter_headers.conf.j2",
+    "actions.conf": "rspamd-actions.conf.j2",
+}
 
 
 def fleet_dir(root: str) -> str:
@@ -181,6 +198,8 @@ INSTALL_PATHS: dict[str, str] = {
     "opendkim/opendkim.conf": "/etc/opendkim.conf (with a dkim milter; the original kept)",
     "bundle.json": "(read by pi_pull.py install)",
 }
+# rspamd's local.d files (with a spam milter): any file of the same name already there is kept and restored by uninstall.
+INSTALL_PATHS.update({f"{RSPAMD_BUNDLE_DIR}/{name}": f"{RSPAMD_DIR}/local.d/{name}" for name in RSPAMD_LOCAL_D})
 MANIFEST_NAME = "bundle.json"
 # Bundle files that name the default install directories (install rewrites them for other ones);
 # the Postfix and Dovecot snippets name the TLS files, which live under the etc dir by default.
@@ -200,6 +219,7 @@ INSTALL_DIRS: dict[str, str] = {
     "systemd_dir": "/etc/systemd/system",
     "postfix_dir": "/etc/postfix",
     "dovecot_dir": "/etc/dovecot",
+    "rspamd_dir": RSPAMD_DIR,
 }
 # (bundle file, install dir key, name under that dir, mode)
 _INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
@@ -218,6 +238,7 @@ _SAFE_VALUE = re.compile(r"^[^\n\r]*$")
 _SERVICE = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
 _MILTER = re.compile(r"^((inet|unix):)?[A-Za-z0-9._:/\[\]-]+$")
 _POLICY = re.compile(r"^inet:[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}$")
+_LOOPBACK_PORT = re.compile(r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}:[0-9]{1,5}$")
 
 
 @lru_cache(maxsize=4)
@@ -294,11 +315,15 @@ def postfix_snippet(
     tls_cert: str = TLS_CERT,
     tls_key: str = TLS_KEY,
     map_buckets: int = 0,
+    spam_milter: str = "",
 ) -> str:
     """The main.cf lines: virtual maps under ``<root>/current``, LMTP delivery to Dovecot, TLS,
-    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map."""
+    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map.
+    ``spam_milter`` (``inet:127.0.0.1:PORT``; "" for none): rspamd's proxy as the milter of port 25,
+    which tempfails while it does not answer (the submission services name their own milters)."""
     return render_template(
         "postfix-main.cf.j2",
+        spam_milter=spam_milter and _spam_bind("spam_milter", spam_milter),
         root=root.rstrip("/"),
         map_type=map_type,
         map_buckets=int(map_buckets),
@@ -360,6 +385,36 @@ def postfix_master_snippet(
         tls_cert=_tls_path("tls_cert", tls_cert),
         tls_key=_tls_path("tls_key", tls_key),
     )
+
+
+def _spam_bind(name: str, value: str) -> str:
+    """``inet:127.0.0.1:PORT`` (or ``127.0.0.1:PORT``) -> ``127.0.0.1:PORT``: rspamd listens on loopback only."""
+    where = value.removeprefix("inet:")
+    if not _LOOPBACK_PORT.match(where) or not 1 <= int(where.rpartition(":")[2]) <= 65535:
+        raise InvalidInput(f"{name} must be a loopback address such as inet:127.0.0.1:11332.", field=name)
+    return where
+
+
+def rspamd_snippets(
+    spam_milter: str = SPAM_MILTER,
+    controller: str = SPAM_CONTROLLER,
+    *,
+    junk_score: float = SPAM_JUNK_SCORE,
+    reject_score: float = SPAM_REJECT_SCORE,
+) -> dict[str, str]:
+    """rspamd's ``local.d`` files (name -> content): the proxy worker as port 25's milter on
+    ``spam_milter``, scanning by itself (no normal worker), the controller on ``controller``, the
+    Authentication-Results and X-Spam-Status headers for every message, and the baseline actions
+    (``junk_score``: "X-Spam: Yes"; ``reject_score``: 5xx), with no greylisting."""
+    if not 0 < junk_score < reject_score <= 1000:
+        raise InvalidInput("junk_score must be above 0 and below reject_score (at most 1000).", field="junk_score")
+    variables = {
+        "milter_bind": _spam_bind("spam_milter", spam_milter),
+        "controller_bind": _spam_bind("spam_controller", controller),
+        "junk_score": f"{junk_score:g}",
+        "reject_score": f"{reject_score:g}",
+    }
+    return {name: render_template(template, **variables) for name, template in RSPAMD_LOCAL_D.items()}
 
 
 def policy_listen(policy_service: str) -> str:
@@ -479,6 +534,8 @@ def render_node_bundle(
     relay_port: int = FLEET_RELAY_PORT,
     doveadm_port: int = FLEET_DOVEADM_PORT,
     address: str | None = None,
+    spam_milter: str = SPAM_MILTER,
+    spam_controller: str = SPAM_CONTROLLER,
 ) -> dict[str, str | bytes]:
     """Render node ``node_name``'s bundle: relative file name -> file content (``pi_pull.py`` is bytes).
 
@@ -494,6 +551,9 @@ def render_node_bundle(
     sending; with a ``dkim_milter`` the bundle also ships ``opendkim/opendkim.conf`` and turns on
     pi-pull's ``[dkim]`` (keys under ``dkim_key_dir``, default /etc/pi-pull/dkim; a new key signs
     ``dkim_publish_wait`` seconds after it was reported; ``dkim_rotate_days``: 0 = rotate by hand).
+    ``spam_milter`` (``inet:127.0.0.1:PORT``; "" for none) filters port 25 with rspamd: the bundle
+    then ships rspamd's ``local.d`` files (its controller on ``spam_controller``) and pi-pull's
+    ``[spam]``, which reports the filter's state and counters (docs/inbound.md).
     Bad arguments raise InvalidInput.
     """
     validate_node_name(node_name, field="node_name")
@@ -561,6 +621,9 @@ def render_node_bundle(
             publish_wait=int(dkim_publish_wait),
             rotate_days=int(dkim_rotate_days),
         )
+    spam_files = rspamd_snippets(spam_milter, spam_controller) if spam_milter else {}
+    if spam_milter:
+        ini += render_template("pi-pull-spam.ini.j2", controller=_spam_bind("spam_controller", spam_controller))
     files: dict[str, str | bytes] = {
         "pi-pull.ini": ini,
         "allowed_signers": _normalise_signers(allowed_signers),
@@ -588,6 +651,7 @@ def render_node_bundle(
             tls_cert=tls_cert,
             tls_key=tls_key,
             map_buckets=map_buckets,
+            spam_milter=spam_milter,
         ),
         "postfix/master.cf.mailstate": postfix_master_snippet(
             submission_listen=submission_listen,
@@ -606,6 +670,8 @@ def render_node_bundle(
     }
     if dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
+    for name, content in spam_files.items():
+        files[f"{RSPAMD_BUNDLE_DIR}/{name}"] = content
     files[MANIFEST_NAME] = bundle_manifest(
         node_name,
         files,
@@ -641,11 +707,13 @@ def bundle_manifest(
     def sha(content: str | bytes) -> str:
         return hashlib.sha256(content.encode("utf-8") if isinstance(content, str) else content).hexdigest()
 
+    rspamd = sorted(f for f in files if f.startswith(RSPAMD_BUNDLE_DIR + "/"))
+    installed = [*_INSTALLED_FILES, *((f, "rspamd_dir", f"local.d/{f.rpartition('/')[2]}", 0o644) for f in rspamd)]
     manifest = {
         "format": MANIFEST_FORMAT,
         "node": node_name,
         "dirs": INSTALL_DIRS,
-        "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
+        "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in installed],
         "relocate": list(RELOCATED),
         "tls": {"cert": tls[0], "key": tls[1]},
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
@@ -668,6 +736,10 @@ def bundle_manifest(
         # Where the other nodes of a fleet reach this one (add-node's address): a self-signed
         # certificate install makes names it too, since they verify the name (docs/fleet.md).
         manifest["address"] = address
+    if rspamd:
+        # rspamd's local.d files (install keeps any it replaces, checks them with `rspamadm configtest`
+        # and restarts rspamd when they changed).
+        manifest["rspamd"] = {"local_d": [f.rpartition("/")[2] for f in rspamd]}
     if OPENDKIM_CONF in files:
         # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
         # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import sqlite3
@@ -114,7 +115,16 @@ NODE_STATUS_COLUMNS = {
     "statement_issued_at": "INTEGER",  # Issued-At of the newest statement the node verified
     "last_error": "TEXT",  # the last non-null error reported, kept after later ok reports
     "last_error_at": "TEXT",
+    "spam_filter": "TEXT",  # the inbound filter as the last report saw it (JSON, state.nodes.SpamFilterReport)
 }
+
+
+def _json_object(text: object) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _sha256(text: str) -> str:
@@ -237,6 +247,7 @@ class LocalDB:
         remote_addr: str | None,
         at: datetime,
         statement_issued_at: int | None = None,
+        spam_filter: str | None = None,
     ) -> None:
         """The node's last report. `last_error` keeps the last non-null error (and its time)
         after later reports without one, so list-nodes shows what last went wrong."""
@@ -244,10 +255,11 @@ class LocalDB:
         with self._lock:
             self._conn.execute(
                 "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr,"
-                " statement_issued_at, last_error, last_error_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " statement_issued_at, last_error, last_error_at, spam_filter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
                 " applied_commit=excluded.applied_commit, status=excluded.status, error=excluded.error,"
                 " remote_addr=excluded.remote_addr, statement_issued_at=excluded.statement_issued_at,"
+                " spam_filter=excluded.spam_filter,"
                 " last_error=COALESCE(excluded.last_error, node_status.last_error),"
                 " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at)",
                 (
@@ -260,6 +272,7 @@ class LocalDB:
                     statement_issued_at,
                     error,
                     stamp if error else None,
+                    spam_filter,
                 ),
             )
 
@@ -499,8 +512,8 @@ class LocalDB:
     def node_status(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at"
-                " FROM node_status WHERE name = ?",
+                "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at,"
+                " spam_filter FROM node_status WHERE name = ?",
                 (name,),
             ).fetchone()
         if row is None:
@@ -513,4 +526,5 @@ class LocalDB:
             "statement_issued_at": row[4],
             "last_error": row[5],
             "last_error_at": row[6],
+            "spam_filter": _json_object(row[7]),
         }

@@ -1680,6 +1680,23 @@ class RemoveDomainResponse(WriteResponse):
     removed: bool
 
 
+class SpamFilterReport(BaseModel):
+    """The node's inbound filter (rspamd, docs/inbound.md) as its last report saw it: whether it
+    answers, and its counters since it started (null while it does not answer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    running: bool = Field(description="Whether rspamd answered; while it does not, port 25 tempfails (4xx).")
+    scanned: int | None = Field(default=None, ge=0, le=2**53, description="Messages rspamd scanned since it started.")
+    rejected: int | None = Field(
+        default=None, ge=0, le=2**53, description="Messages refused at SMTP time (over a reject_score)."
+    )
+    junked: int | None = Field(
+        default=None, ge=0, le=2**53, description="Messages marked as spam (over a junk_score), filed into Junk."
+    )
+    error: str | None = Field(default=None, max_length=2000, description="Why rspamd did not answer, if it did not.")
+
+
 class NodeInfo(BaseModel):
     name: str
     ip_address: str | None
@@ -1729,6 +1746,11 @@ class NodeInfo(BaseModel):
     tls_fingerprint: str | None = Field(
         default=None,
         description="SHA-256 of the TLS certificate the node reported (the other nodes pin it), or null before it did.",
+    )
+    spam_filter: SpamFilterReport | None = Field(
+        default=None,
+        description="The node's inbound filter (rspamd) as its last report saw it: `running` false means port 25 "
+        "tempfails (4xx) until it answers again; null for a node that does not filter or never reported.",
     )
 
 

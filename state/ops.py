@@ -945,6 +945,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "domains": len(ctx.state.homes.get(name, ())),
                 "mailboxes": ctx.state.home_boxes.get(name, 0),
                 "tls_fingerprint": v.certificate_fingerprint(node.tls_certificate) if node.tls_certificate else None,
+                "spam_filter": status.get("spam_filter"),
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None

@@ -20,6 +20,7 @@ from .mirror import ACCEPTED_REF, APPLIED_REF, Mirror, Quarantine, no_statement_
 from .release import Releases
 from .report import Reporter
 from .runner import Runner
+from .spam import filter_state
 from .statefile import Lock, StateFile
 
 if TYPE_CHECKING:
@@ -222,6 +223,9 @@ class Agent:
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
             fleet = self.fleet.step(st)
+            spam_filter = filter_state(self.cfg, self.runner)
+            if spam_filter is not None:
+                fleet = {**fleet, "spam_filter": spam_filter}
             sent = self.reporter.send(
                 st,
                 result.status,

@@ -1,0 +1,165 @@
+"""Inbound filtering end to end: real `mailstate serve`, real Postfix + Dovecot, a real rspamd
+configured with the bundle's ``local.d`` files as the milter of port 25, a real DNS server
+(knot) for rspamd's lookups, and the real pi-pull single file reporting the filter's state.
+
+The test client speaks for an outside address with Postfix's XCLIENT (the test node allows it
+from loopback): rspamd sees mail from 198.51.100.7, which the sender domain's SPF record names.
+rspamd starts once for the module (a start compiles its rules: ~15 s); the test that stops it
+runs last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import smtplib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.fleet import provision_node
+from tests.helpers.knot import KnotServer
+from tests.helpers.mailnode import MailNode, run_pi_pull, running_mailnode
+from tests.helpers.rspamd import Rspamd
+from tests.helpers.server import LiveServer
+
+pytestmark = pytest.mark.e2e
+API = "/v1/email-account"
+PASSWORD = "correct horse battery"
+OUTSIDE = "198.51.100.7"  # the sending server, as rspamd sees it (XCLIENT)
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@dataclass
+class World:
+    node: MailNode
+    rspamd: Rspamd
+    server: LiveServer
+    admin: httpx.Client
+    ini: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("inbound")
+    with KnotServer(tmp / "knot", ["sender.test"]) as knot:
+        knot.set_zone(
+            "sender.test",
+            [f'@ TXT "v=spf1 ip4:{OUTSIDE} -all"', f"mx A {OUTSIDE}", "@ MX 10 mx.sender.test."],
+        )
+        rs = Rspamd(tmp / "rspamd", dns=knot.address)
+        rs.start()
+        try:
+            with running_mailnode(spam_milter=rs.milter) as node:
+                server = LiveServer(tmp / "srv")
+                server.cli(
+                    "init", "--data", str(server.data.root), "--bcrypt-cost", "4", "--mail-root", str(node.mail_root),
+                    "--uid", str(node.uid), "--gid", str(node.gid), "--mx-host", "mx1.platform.test",
+                )  # fmt: skip
+                server.admin_token = server.create_token(name="admin")
+                project = server.create_token(project=42, name="p42")
+                server.start()
+                admin, p42 = server.client(server.admin_token), server.client(project)
+                try:
+                    ini = provision_node(node, server, admin, node.workdir / "etc", name="mpi01")
+                    with open(ini, "a") as fh:
+                        fh.write(f"[spam]\nenabled = yes\ncontroller = {rs.controller}\n")
+                    link = {"domain": "shop.example", "project_id": 42}
+                    assert admin.post(f"{API}/link-domain", json=link).status_code == 201
+                    assert p42.post(f"{API}/enable-email", json={"domain": "shop.example"}).status_code == 200
+                    user = {"email": "anna@shop.example", "password": PASSWORD}
+                    assert p42.post(f"{API}/add-user", json=user).status_code == 201
+                    tick(ini)
+                    yield World(node, rs, server, admin, ini)
+                finally:
+                    admin.close()
+                    p42.close()
+                    server.stop()
+        finally:
+            rs.stop()
+
+
+def tick(ini: Path) -> None:
+    r = run_pi_pull(ini)
+    assert r.returncode == 0, r.stderr
+
+
+def send_from_outside(node: MailNode, subject: str, body: str) -> tuple[int, str]:
+    """Send one message to anna@shop.example as mx.sender.test (198.51.100.7); the first reply
+    that is not a success (code, text), or (250, ...) when the message was accepted."""
+    msg = (
+        f"From: Bob <bob@sender.test>\r\nTo: anna@shop.example\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\nDate: {email.utils.formatdate()}\r\n"
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{body}\r\n"
+    )
+    with contextlib.closing(smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=60)) as s:
+        s.ehlo("mx.sender.test")
+        code, text = s.docmd("XCLIENT", f"ADDR={OUTSIDE} NAME=mx.sender.test HELO=mx.sender.test")
+        assert code == 220, (code, text)
+        s.ehlo("mx.sender.test")
+        for step in (lambda: s.mail("bob@sender.test"), lambda: s.rcpt("anna@shop.example")):
+            code, reply = step()
+            if code >= 400:
+                return code, reply.decode()
+        code, reply = s.data(msg.encode())
+        return code, reply.decode()
+
+
+def spam_filter(w: World) -> dict[str, object]:
+    r = w.admin.get(f"{API}/list-nodes")
+    assert r.status_code == 200, r.text
+    (entry,) = [n for n in r.json()["nodes"] if n["name"] == "mpi01"]
+    assert isinstance(entry["spam_filter"], dict), entry
+    return entry["spam_filter"]
+
+
+def test_a_clean_message_reaches_inbox_with_authentication_results(world: World) -> None:
+    code, reply = send_from_outside(world.node, "Lunch on Friday", "Shall we meet at noon?")
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Lunch on Friday", timeout=60)
+    msg = email.message_from_bytes(raw)
+    results = " ".join(str(h) for h in msg.get_all("Authentication-Results", []))
+    assert "spf=pass" in results and "bob@sender.test" in results, msg.as_string()[:3000]
+    status = str(msg["X-Spam-Status"])
+    assert status.startswith("No, score="), msg.as_string()[:3000]
+    assert msg["X-Spam"] is None
+
+
+def test_gtube_is_refused_at_smtp_time_and_counted(world: World) -> None:
+    before = world.rspamd.stat() or {}
+    code, reply = send_from_outside(world.node, "Cheap watches", f"Buy now!\r\n{GTUBE}")
+    assert code == 554 and reply.startswith("5.7.1"), (code, reply)  # rspamd's reject of the GTUBE pattern
+    after = world.rspamd.stat() or {}
+    assert isinstance(after.get("actions"), dict) and isinstance(before.get("actions"), dict)
+    assert after["actions"]["reject"] == before["actions"]["reject"] + 1
+    tick(world.ini)
+    report = spam_filter(world)
+    assert report["running"] is True and report["error"] is None
+    assert isinstance(report["scanned"], int) and report["scanned"] >= 2
+    assert report["rejected"] == after["actions"]["reject"]
+    metrics = world.admin.get("/metrics").text
+    assert 'mailstate_node_spam_filter_up{node="mpi01"} 1.0' in metrics
+    assert f'mailstate_node_spam_messages{{node="mpi01",result="rejected"}} {float(report["rejected"])}' in metrics
+
+
+def test_with_rspamd_down_mail_tempfails_and_the_report_says_so(world: World) -> None:
+    world.rspamd.stop()
+    code, reply = send_from_outside(world.node, "While the filter is down", "Please wait for me.")
+    assert 400 <= code < 500, (code, reply)
+    tick(world.ini)
+    report = spam_filter(world)
+    assert report["running"] is False and "rspamd does not answer" in str(report["error"]), report
+    assert 'mailstate_node_spam_filter_up{node="mpi01"} 0.0' in world.admin.get("/metrics").text
+    # never delivered unfiltered, never bounced: Postfix holds nothing, the INBOX has nothing
+    time.sleep(1)
+    imap = world.node.imap("anna@shop.example", PASSWORD)
+    try:
+        imap.select("INBOX")
+        typ, data = imap.search(None, "SUBJECT", '"While the filter is down"')
+        assert typ == "OK" and data[0] == b"", data
+    finally:
+        imap.logout()
