@@ -176,7 +176,10 @@ RSPAMD_LOCAL_D: dict[str, str] = {
     "worker-controller.inc": "rspamd-worker-controller.inc.j2",
     "milter_headers.conf": "rspamd-milter_headers.conf.j2",
     "actions.conf": "rspamd-actions.conf.j2",
+    "settings.conf": "rspamd-settings.conf.j2",
 }
+# Before every mailbox's own Sieve: what rspamd marked as spam goes into Junk (Dovecot's sieve_before).
+JUNK_SIEVE = f"{ETC_DIR}/junk.sieve"
 
 
 def fleet_dir(root: str) -> str:
@@ -197,6 +200,7 @@ INSTALL_PATHS: dict[str, str] = {
     "postfix/main.cf.base": "/etc/postfix/main.cf (only if missing)",
     "opendkim/opendkim.conf": "/etc/opendkim.conf (with a dkim milter; the original kept)",
     "bundle.json": "(read by pi_pull.py install)",
+    "junk.sieve": "/etc/pi-pull/junk.sieve (with a spam milter: Dovecot's sieve_before)",
 }
 # rspamd's local.d files (with a spam milter): any file of the same name already there is kept and restored by uninstall.
 INSTALL_PATHS.update({f"{RSPAMD_BUNDLE_DIR}/{name}": f"{RSPAMD_DIR}/local.d/{name}" for name in RSPAMD_LOCAL_D})
@@ -277,6 +281,7 @@ def dovecot_snippet(
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
     map_buckets: int = 0,
     sieve_submission: str = SIEVE_LISTEN,
+    junk_sieve: str = "",
 ) -> str:
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
@@ -286,7 +291,8 @@ def dovecot_snippet(
     settings (docs/owners.md): the app-password passdbs (``<root>/app-passwords``) before the
     mailbox's own, each mailbox's Sieve script from ``<root>/sieve``; ``sieve_submission``
     (``host:port``): where Sieve sends a vacation reply or a redirect, Postfix's loopback service
-    with the DKIM milter (``postfix_master_snippet(sieve_listen=...)``)."""
+    with the DKIM milter (``postfix_master_snippet(sieve_listen=...)``). ``junk_sieve``: the script
+    that files what rspamd marked as spam into Junk, before each mailbox's own ("" for none)."""
     if not _HOST_PORT.match(sieve_submission):
         raise InvalidInput("sieve_submission must be HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_submission")
     return render_template(
@@ -303,6 +309,7 @@ def dovecot_snippet(
         postfix_queue_dir=_tls_path("postfix_queue_dir", postfix_queue_dir).rstrip("/"),
         app_password_slots=MAX_APP_PASSWORDS,
         sieve_submission=sieve_submission,
+        junk_sieve=junk_sieve and _tls_path("junk_sieve", junk_sieve),
     )
 
 
@@ -401,11 +408,13 @@ def rspamd_snippets(
     *,
     junk_score: float = SPAM_JUNK_SCORE,
     reject_score: float = SPAM_REJECT_SCORE,
+    spam_dir: str = f"{DEFAULT_ROOT}/spam",
 ) -> dict[str, str]:
     """rspamd's ``local.d`` files (name -> content): the proxy worker as port 25's milter on
     ``spam_milter``, scanning by itself (no normal worker), the controller on ``controller``, the
     Authentication-Results and X-Spam-Status headers for every message, and the baseline actions
-    (``junk_score``: "X-Spam: Yes"; ``reject_score``: 5xx), with no greylisting."""
+    (``junk_score``: "X-Spam: Yes"; ``reject_score``: 5xx), with no greylisting, and the state's
+    policies pi-pull writes under ``spam_dir`` (``<root>/spam``: actions.inc, settings.inc)."""
     if not 0 < junk_score < reject_score <= 1000:
         raise InvalidInput("junk_score must be above 0 and below reject_score (at most 1000).", field="junk_score")
     variables = {
@@ -413,6 +422,7 @@ def rspamd_snippets(
         "controller_bind": _spam_bind("spam_controller", controller),
         "junk_score": f"{junk_score:g}",
         "reject_score": f"{reject_score:g}",
+        "spam_dir": _tls_path("spam_dir", spam_dir).rstrip("/"),
     }
     return {name: render_template(template, **variables) for name, template in RSPAMD_LOCAL_D.items()}
 
@@ -621,7 +631,7 @@ def render_node_bundle(
             publish_wait=int(dkim_publish_wait),
             rotate_days=int(dkim_rotate_days),
         )
-    spam_files = rspamd_snippets(spam_milter, spam_controller) if spam_milter else {}
+    spam_files = rspamd_snippets(spam_milter, spam_controller, spam_dir=f"{root}/spam") if spam_milter else {}
     if spam_milter:
         ini += render_template("pi-pull-spam.ini.j2", controller=_spam_bind("spam_controller", spam_controller))
     files: dict[str, str | bytes] = {
@@ -642,6 +652,7 @@ def render_node_bundle(
             postfix_queue_dir=postfix_queue_dir,
             map_buckets=map_buckets,
             sieve_submission=sieve_listen,
+            junk_sieve=JUNK_SIEVE if spam_milter else "",
         ),
         "postfix/main.cf.mailstate": postfix_snippet(
             root,
@@ -668,6 +679,8 @@ def render_node_bundle(
         "postfix/main.cf.base": render_template("postfix-main.cf.base.j2", node_name=node_name),
         "pi_pull.py": build_pi_pull(),
     }
+    if spam_milter:
+        files["junk.sieve"] = (NODE_TEMPLATES / "mailstate-junk.sieve").read_text(encoding="utf-8")
     if dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=dkim_milter, key_dir=dkim_key_dir or DKIM_KEY_DIR)
     for name, content in spam_files.items():
@@ -709,6 +722,8 @@ def bundle_manifest(
 
     rspamd = sorted(f for f in files if f.startswith(RSPAMD_BUNDLE_DIR + "/"))
     installed = [*_INSTALLED_FILES, *((f, "rspamd_dir", f"local.d/{f.rpartition('/')[2]}", 0o644) for f in rspamd)]
+    if "junk.sieve" in files:
+        installed.append(("junk.sieve", "etc_dir", "junk.sieve", 0o644))
     manifest = {
         "format": MANIFEST_FORMAT,
         "node": node_name,

@@ -292,6 +292,23 @@ _DETAILS: dict[str, str] = {
         "every write that would pass a limit (add-user, restore-user, set-quota, add-alias, enable-email, ...) is "
         "refused with 409 limit_reached, naming the limit, its max and the use, and nothing is committed. " + _WRITE
     ),
+    "set-spam-policy": (
+        "Sets the spam policy of a domain (`domain`) or of one active mailbox (`email`; give exactly one): `action` "
+        "junk (over junk_score the message is filed into the mailbox's Junk folder), reject (over reject_score it "
+        "is refused at SMTP time with a 5xx; between junk_score and reject_score it is junked) or off (neither; "
+        "the Authentication-Results and X-Spam-Status headers are still added). Scores are rspamd's, above 0 and "
+        "at most 100 in steps of 0.1; junk_score must be below reject_score. A field left out or null is "
+        "inherited: a mailbox's policy overrides its domain's, which overrides mailstate.yaml's default (junk, 6, "
+        "15). `action: null` removes the override. Answers the stored `policy` and the `effective` one. A message "
+        "to several recipients is scanned once, with the policy of the most specific of them (a mailbox's before "
+        "a domain's). Refused: 404 domain_not_found / mailbox_not_found, 409 email_not_enabled, 409 "
+        "mailbox_inactive, 400 invalid_spam_policy. " + _WRITE
+    ),
+    "list-spam-policy": (
+        "Answers `default` (mailstate.yaml's spam policy, every field resolved) and `policies`: each domain and "
+        "mailbox that has a policy of its own, with its `policy` (null fields inherited) and the `effective` one. "
+        "`domain` narrows it down to one domain. Reads only."
+    ),
     "list-limits": (
         "Answers `limits`: your project (domain null) and its email-enabled domains, each limit with `limit` (set "
         "on that scope, or null), `use` (what the scope uses now; for send_* the most recipients one mailbox sent "

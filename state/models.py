@@ -30,7 +30,7 @@ from pydantic import (
 
 from mailstate.state import aliases as al
 from mailstate.state import owners as ow
-from mailstate.state import paging
+from mailstate.state import paging, spam
 from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
 
@@ -364,6 +364,40 @@ class MailboxSending(BaseModel):
         return value
 
 
+def _score(field: str) -> Any:
+    def check(value: object) -> object:
+        return None if value is None else spam.check_score(value, field)
+
+    return check
+
+
+class SpamPolicy(BaseModel):
+    """A spam policy (state/spam.py): the action and the two thresholds; a field left null is
+    inherited (mailbox from domain, domain from mailstate.yaml's `spam:`, that from rspamd's own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: Literal["junk", "reject", "off"] | None = Field(
+        default=None,
+        description="junk: over junk_score into Junk; reject: over reject_score refused at SMTP time (5xx), over "
+        "junk_score into Junk; off: neither. null: inherited.",
+    )
+    junk_score: Annotated[float | None, BeforeValidator(_score("junk_score"))] = Field(
+        default=None, description="rspamd score from which a message is junked (0-100, steps of 0.1); null: inherited."
+    )
+    reject_score: Annotated[float | None, BeforeValidator(_score("reject_score"))] = Field(
+        default=None, description="rspamd score from which a message is refused (0-100, steps of 0.1); null: inherited."
+    )
+
+    @model_validator(mode="after")
+    def _scores(self) -> SpamPolicy:
+        try:
+            spam.check_scores(self.junk_score, self.reject_score)
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+
 class Settings(BaseModel):
     """mailstate.yaml: the format version and settings shared by every node."""
 
@@ -389,6 +423,11 @@ class Settings(BaseModel):
     )
     sending: SendingSettings | None = Field(
         default=None, description="Outbound limits every mailbox gets unless set-limits says otherwise (optional)."
+    )
+    spam: SpamPolicy | None = Field(
+        default=None,
+        description="The spam policy every mailbox gets unless set-spam-policy says otherwise (optional; without it "
+        "junk at 6, reject at 15: rspamd's own).",
     )
 
     @field_validator("mail_root")
@@ -521,6 +560,8 @@ class Mailbox(BaseModel):
     vacation: Vacation | None = None
     filters: list[Filter] | None = None
     app_passwords: dict[str, AppPassword] | None = None
+    # Optional (state/spam.py): set-spam-policy {email}; absent: the domain's.
+    spam_policy: SpamPolicy | None = None
 
     @field_validator("filters")
     @classmethod
@@ -593,6 +634,8 @@ class DomainFile(BaseModel):
     moved_from: str | None = None
     # Optional (state.limits): the domain's own plan limits (set-limits {domain}).
     limits: Limits | None = None
+    # Optional (state/spam.py): set-spam-policy {domain}; absent: mailstate.yaml's.
+    spam_policy: SpamPolicy | None = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -1261,6 +1304,59 @@ class ListLimitsRequest(Request):
     domain: DomainName | None = Field(default=None, description="Only this domain (and its project's limits).")
 
 
+def _scope_one(schema: dict[str, Any]) -> None:
+    # domain or email (exactly one); never null.
+    props = schema.get("properties", {})
+    for name in ("domain", "email"):
+        branches = props.get(name, {}).pop("anyOf", None)
+        if branches:
+            described = props[name].get("description")
+            props[name].update(next(b for b in branches if b.get("type") != "null"))
+            props[name].pop("default", None)
+            if described:
+                props[name]["description"] = described
+    schema["oneOf"] = [{"required": ["domain"]}, {"required": ["email"]}]
+
+
+class SetSpamPolicyRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_one)
+
+    domain: DomainName | None = Field(default=None, description="The domain whose policy to set (not with email).")
+    email: Email | None = Field(default=None, description="The mailbox whose policy to set (not with domain).")
+    action: Literal["junk", "reject", "off"] | None = Field(
+        description="junk: over junk_score into Junk (Sieve); reject: over reject_score refused at SMTP time (5xx), "
+        "over junk_score into Junk; off: neither. null: remove this override (the domain's, or mailstate.yaml's, "
+        "applies)."
+    )
+    junk_score: Annotated[float | None, BeforeValidator(_score("junk_score"))] = Field(
+        default=None,
+        description="rspamd score from which a message is junked: above 0, at most 100, steps of 0.1; null or left "
+        "out: inherited.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": spam.MAX_SCORE, "multipleOf": 0.1},
+    )
+    reject_score: Annotated[float | None, BeforeValidator(_score("reject_score"))] = Field(
+        default=None,
+        description="rspamd score from which a message is refused (reject): above 0, at most 100, steps of 0.1; null "
+        "or left out: inherited.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": spam.MAX_SCORE, "multipleOf": 0.1},
+    )
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> SetSpamPolicyRequest:
+        if (self.domain is None) == (self.email is None):
+            raise InvalidInput("Give domain or email (one of them): whose spam policy to set.", code="invalid_scope")
+        if self.action is None and (self.junk_score is not None or self.reject_score is not None):
+            raise InvalidInput(
+                "action null removes the override; scores need an action.", code="invalid_spam_policy", field="action"
+            )
+        spam.check_scores(self.junk_score, self.reject_score)
+        return self
+
+
+class ListSpamPolicyRequest(Request):
+    domain: DomainName | None = Field(default=None, description="Only this domain and its mailboxes.")
+
+
 class SetQuotaRequest(Request):
     email: Email = Field(description="The active mailbox whose quota changes.")
     quota_mb: QuotaMb = Field(description=f"The new quota in MB, 1-{v.MAX_QUOTA_MB}.")
@@ -1888,6 +1984,34 @@ class SetLimitsResponse(WriteResponse):
     limits: dict[str, int | None] = Field(description="Every limit of the scope as it is now (null: none).")
 
 
+class EffectiveSpamPolicy(BaseModel):
+    action: Literal["junk", "reject", "off"]
+    junk_score: float
+    reject_score: float
+
+
+class SetSpamPolicyResponse(WriteResponse):
+    domain: str | None = Field(default=None, description="The domain, when the call set a domain's policy.")
+    email: str | None = Field(default=None, description="The mailbox, when the call set a mailbox's policy.")
+    policy: SpamPolicy | None = Field(description="The override as stored now (null: none, it inherits).")
+    effective: EffectiveSpamPolicy = Field(description="The policy that applies now, every field resolved.")
+
+
+class SpamPolicyInfo(BaseModel):
+    domain: str
+    email: str | None = Field(description="The mailbox, or null for the domain's own policy.")
+    policy: SpamPolicy
+    effective: EffectiveSpamPolicy
+
+
+class ListSpamPolicyResponse(Response):
+    default: EffectiveSpamPolicy = Field(description="mailstate.yaml's policy (rspamd's own without a `spam:` block).")
+    policies: list[SpamPolicyInfo] = Field(
+        description="The domains and mailboxes with a policy of their own, by domain (the domain first, then its "
+        "mailboxes by local part)."
+    )
+
+
 class SetQuotaResponse(WriteResponse):
     email: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
@@ -1998,6 +2122,8 @@ RESPONSES: dict[str, type[Response]] = {
     "set-limits": SetLimitsResponse,
     "list-limits": ListLimitsResponse,
     "set-quota": SetQuotaResponse,
+    "set-spam-policy": SetSpamPolicyResponse,
+    "list-spam-policy": ListSpamPolicyResponse,
     "suspend-sending": SendingResponse,
     "resume-sending": SendingResponse,
     "add-webhook": AddWebhookResponse,
@@ -2025,6 +2151,9 @@ _FIELD_CODES = {
     "limit": "invalid_limit",
     "cursor": "invalid_cursor",
     "filters": "invalid_filter",
+    "action": "invalid_spam_policy",
+    "junk_score": "invalid_spam_policy",
+    "reject_score": "invalid_spam_policy",
     "scopes": "invalid_scopes",
     "enabled": "invalid_vacation",
     "subject": "invalid_vacation",

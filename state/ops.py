@@ -29,7 +29,7 @@ from mailstate.state import autoconfig as ac
 from mailstate.state import limits as lim
 from mailstate.state import models as m
 from mailstate.state import owners as ow
-from mailstate.state import paging, placement
+from mailstate.state import paging, placement, spam
 from mailstate.state import sending as snd
 from mailstate.state import validate as v
 from mailstate.state.dns import effective_dns, records_for
@@ -757,6 +757,73 @@ def set_filters(ctx: Context, req: m.SetFiltersRequest, _: Prepared) -> Outcome:
 def list_filters(ctx: Context, req: m.MailboxRequest, _: Prepared) -> Outcome:
     _dom, _local, box = _mailbox(ctx, req.email)
     return Outcome({"filters": _filter_infos(box.filters)})
+
+
+def _policy_dict(policy: m.SpamPolicy | None) -> dict[str, Any] | None:
+    return None if policy is None else policy.model_dump()
+
+
+def _spam_levels(ctx: Context, dom: m.DomainFile, box: m.Mailbox | None) -> dict[str, Any]:
+    default = ctx.state.settings.spam
+    levels = [_policy_dict(box.spam_policy) if box is not None else None, _policy_dict(dom.spam_policy)]
+    return spam.effective(*levels, _policy_dict(default)).as_dict()
+
+
+def set_spam_policy(ctx: Context, req: m.SetSpamPolicyRequest, _: Prepared) -> Outcome:
+    policy = (
+        None
+        if req.action is None
+        else m.SpamPolicy(action=req.action, junk_score=req.junk_score, reject_score=req.reject_score)
+    )
+    if req.email is not None:
+        dom, local, box = _active_mailbox(ctx, req.email, "it receives no mail")
+        new_box = box.model_copy(update={"spam_policy": policy})
+        result = {"email": req.email, "policy": _policy_dict(policy), "effective": _spam_levels(ctx, dom, new_box)}
+        if box.spam_policy == policy:
+            return Outcome(result, target=req.email, project=dom.project_id)
+        return _box_write(dom, local, new_box, result, req.email)
+    assert req.domain is not None  # the request's validator: exactly one of them
+    dom = _mail_domain(ctx, req.domain)
+    new_dom = dom.model_copy(update={"spam_policy": policy})
+    result = {"domain": dom.domain, "policy": _policy_dict(policy), "effective": _spam_levels(ctx, new_dom, None)}
+    if dom.spam_policy == policy:
+        return Outcome(result, target=dom.domain, project=dom.project_id)
+    return _write(new_dom, dom.domain, result, dom.project_id)
+
+
+def list_spam_policy(ctx: Context, req: m.ListSpamPolicyRequest, _: Prepared) -> Outcome:
+    if req.domain is not None:
+        names = [_visible_domain(ctx, req.domain).domain]
+    else:
+        names = sorted(
+            name
+            for name, dom in ctx.state.domains.items()
+            if ctx.actor.is_admin or dom.project_id == ctx.actor.project_id
+        )
+    policies: list[dict[str, Any]] = []
+    for name in names:
+        dom = ctx.state.domains[name]
+        if dom.spam_policy is not None:
+            policies.append(
+                {
+                    "domain": name,
+                    "email": None,
+                    "policy": _policy_dict(dom.spam_policy),
+                    "effective": _spam_levels(ctx, dom, None),
+                }
+            )
+        for local, box in sorted(dom.mailboxes.items()):
+            if box.spam_policy is not None:
+                policies.append(
+                    {
+                        "domain": name,
+                        "email": f"{local}@{name}",
+                        "policy": _policy_dict(box.spam_policy),
+                        "effective": _spam_levels(ctx, dom, box),
+                    }
+                )
+    default = spam.effective(_policy_dict(ctx.state.settings.spam)).as_dict()
+    return Outcome({"default": default, "policies": policies})
 
 
 def _app_password_prepare(req: Any, settings: m.Settings) -> Prepared:
@@ -1489,6 +1556,21 @@ _CONTROLS = [
         summary="List the plan limits of your project and its domains, each with what it uses now.",
     ),
     Operation("set-quota", m.SetQuotaRequest, set_quota, summary="Change the quota of an active mailbox."),
+    Operation(
+        "set-spam-policy",
+        m.SetSpamPolicyRequest,
+        set_spam_policy,
+        summary="Set (or remove, action null) a domain's or a mailbox's spam policy: junk, reject or off, and the "
+        "scores from which a message is junked or refused.",
+    ),
+    Operation(
+        "list-spam-policy",
+        m.ListSpamPolicyRequest,
+        list_spam_policy,
+        method="GET",
+        write=False,
+        summary="List the default spam policy and the domains' and mailboxes' own, each with the policy that applies.",
+    ),
     Operation(
         "suspend-sending",
         m.SuspendSendingRequest,

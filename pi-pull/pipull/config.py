@@ -74,6 +74,7 @@ class Config:
     spam: bool = False
     spam_controller: str = "127.0.0.1:11334"
     spam_rspamc: str = "rspamc"
+    spam_reload: str = "systemctl reload rspamd"  # after pipull/spampolicy.py rewrote rspamd's settings
     # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
     doveadm: str = "doveadm"
     # [policy] (pipull/policy.py): the submission ports' outbound limits (Postfix check_policy_service).
@@ -216,6 +217,7 @@ def load_config(path: str) -> Config:
     cfg.spam = r.get_bool("spam", "enabled", False)
     cfg.spam_controller = r.get_str("spam", "controller", cfg.spam_controller)
     cfg.spam_rspamc = r.get_str("spam", "rspamc", cfg.spam_rspamc)
+    cfg.spam_reload = r.get_str("spam", "reload", cfg.spam_reload)
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     cfg.policy_listen = r.get_str("policy", "listen", cfg.policy_listen)
     cfg.policy_db = r.get_path("policy", "db", os.path.join(cfg.root, "policy", "counts.sqlite"))
@@ -289,11 +291,12 @@ def _check_spam(cfg: Config, path: str) -> None:
     host, _, port = cfg.spam_controller.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
         raise ConfigError(f"config {path}: [spam] controller must be HOST:PORT, e.g. 127.0.0.1:11334")
-    try:
-        if not shlex.split(cfg.spam_rspamc):
-            raise ValueError("empty")
-    except ValueError as e:
-        raise ConfigError(f"config {path}: [spam] rspamc: {e}") from None
+    for key in ("rspamc", "reload"):
+        try:
+            if not shlex.split(getattr(cfg, "spam_" + key)) and key == "rspamc":
+                raise ValueError("empty")
+        except ValueError as e:
+            raise ConfigError(f"config {path}: [spam] {key}: {e}") from None
 
 
 def check_config(cfg: Config, path: str) -> None:

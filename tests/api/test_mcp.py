@@ -66,6 +66,8 @@ SPEC_TOOLS = {
     "set-limits": "email_account_set_limits",
     "list-limits": "email_account_list_limits",
     "set-quota": "email_account_set_quota",
+    "set-spam-policy": "email_account_set_spam_policy",
+    "list-spam-policy": "email_account_list_spam_policy",
     "suspend-sending": "email_account_suspend_sending",
     "resume-sending": "email_account_resume_sending",
     "add-webhook": "email_account_add_webhook",
@@ -246,6 +248,8 @@ def call_every_tool(
             await call(a, "email_account_set_limits", {"project_id": 303, "max_mailboxes": 5, "send_per_hour": 40})
             await call(p, "email_account_list_limits", {})
             await call(p, "email_account_set_quota", {"email": f"info@{domain}", "quota_mb": 100})
+            await call(p, "email_account_set_spam_policy", {"domain": domain, "action": "reject", "reject_score": 10})
+            await call(p, "email_account_list_spam_policy", {"domain": domain})
             await call(p, "email_account_suspend_sending", {"email": f"info@{domain}", "reason": "mcp test"})
             await call(p, "email_account_resume_sending", {"email": f"info@{domain}"})
             hook = await call(
@@ -330,6 +334,7 @@ def test_call_each_tool_once(env: Env) -> None:
     assert limits["project_id"] == 303 and limits["max_mailboxes"] == {"limit": 5, "use": 1}
     assert limits["send_per_hour"]["effective"] == 40
     assert out["email_account_suspend_sending"]["sending"] == "suspended"
+    assert out["email_account_list_spam_policy"]["policies"][0]["effective"]["reject_score"] == 10
     assert out["email_account_add_webhook"]["secret"].startswith("whsec_")
     assert out["email_account_list_webhooks"]["webhooks"][0]["id"] == out["email_account_add_webhook"]["id"]
     assert "secret" not in out["email_account_list_webhooks"]["webhooks"][0]

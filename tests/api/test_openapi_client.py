@@ -129,6 +129,18 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         project, ea, "set-quota", 200, "SetQuotaResponse", body=m.SetQuotaRequest(email="tmp@gen.example", quota_mb=9)
     )
     assert quota.quota_mb == 9
+    policy = call(
+        project,
+        ea,
+        "set-spam-policy",
+        200,
+        "SetSpamPolicyResponse",
+        # A schema with oneOf (domain or email) is a plain JSON body to the generator.
+        body={"email": "tmp@gen.example", "action": "reject", "reject_score": 9.5},
+    )
+    assert policy.effective.reject_score == 9.5 and policy.effective.junk_score == 6 and len(policy.commit) == 40
+    policies = call(project, ea, "list-spam-policy", 200, "ListSpamPolicyResponse")
+    assert [p.email for p in policies.policies] == ["tmp@gen.example"] and policies.default.action.value == "junk"
     body = m.SuspendSendingRequest(email="tmp@gen.example", reason="generated client")
     assert call(project, ea, "suspend-sending", 200, "SendingResponse", body=body).sending.value == "suspended"
     body = m.ResumeSendingRequest(email="tmp@gen.example")

@@ -45,6 +45,8 @@ EXPECTED_FILES = {
     "rspamd/local.d/worker-controller.inc",
     "rspamd/local.d/milter_headers.conf",
     "rspamd/local.d/actions.conf",
+    "rspamd/local.d/settings.conf",  # includes the state's policies pi-pull writes
+    "junk.sieve",  # Dovecot's sieve_before: what rspamd marked as spam into Junk
     "pi_pull.py",
     "postfix/main.cf.base",
     "bundle.json",
@@ -425,6 +427,9 @@ def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
     assert 'bind_socket = "127.0.0.1:11334";' in b["rspamd/local.d/worker-controller.inc"]
     assert "greylist = null;" in b["rspamd/local.d/actions.conf"]
     assert "skip_local = false;" in b["rspamd/local.d/milter_headers.conf"]
+    assert '"/var/lib/pi-pull/spam/settings.inc"' in b["rspamd/local.d/settings.conf"]
+    assert '"/var/lib/pi-pull/spam/actions.inc"' in b["rspamd/local.d/actions.conf"]
+    assert "sieve_before = /etc/pi-pull/junk.sieve" in b["dovecot/conf.d/90-mailstate.conf"]
     cp = configparser.ConfigParser(interpolation=None)
     cp.read_string(b["pi-pull.ini"])
     assert cp.getboolean("spam", "enabled") and cp.get("spam", "controller") == "127.0.0.1:11334"
@@ -437,7 +442,8 @@ def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
 
 def test_a_bundle_without_the_spam_milter_ships_no_rspamd() -> None:
     b = bundle(spam_milter="")
-    assert not [f for f in b if f.startswith("rspamd/")]
+    assert not [f for f in b if f.startswith("rspamd/")] and "junk.sieve" not in b
+    assert "sieve_before" not in b["dovecot/conf.d/90-mailstate.conf"]
     assert "smtpd_milters" not in b["postfix/main.cf.mailstate"] and "[spam]" not in b["pi-pull.ini"]
     assert "rspamd" not in json.loads(b["bundle.json"])
 

@@ -40,6 +40,7 @@ class World:
     rspamd: Rspamd
     server: LiveServer
     admin: httpx.Client
+    project: httpx.Client
     ini: Path
 
 
@@ -52,9 +53,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             [f'@ TXT "v=spf1 ip4:{OUTSIDE} -all"', f"mx A {OUTSIDE}", "@ MX 10 mx.sender.test."],
         )
         rs = Rspamd(tmp / "rspamd", dns=knot.address)
-        rs.start()
         try:
             with running_mailnode(spam_milter=rs.milter) as node:
+                rs.use_spam_dir(node.root / "spam")
+                rs.start()
                 server = LiveServer(tmp / "srv")
                 server.cli(
                     "init", "--data", str(server.data.root), "--bcrypt-cost", "4", "--mail-root", str(node.mail_root),
@@ -67,14 +69,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 try:
                     ini = provision_node(node, server, admin, node.workdir / "etc", name="mpi01")
                     with open(ini, "a") as fh:
-                        fh.write(f"[spam]\nenabled = yes\ncontroller = {rs.controller}\n")
+                        fh.write(f"[spam]\nenabled = yes\ncontroller = {rs.controller}\nreload = {rs.reload_command}\n")
                     link = {"domain": "shop.example", "project_id": 42}
                     assert admin.post(f"{API}/link-domain", json=link).status_code == 201
                     assert p42.post(f"{API}/enable-email", json={"domain": "shop.example"}).status_code == 200
                     user = {"email": "anna@shop.example", "password": PASSWORD}
                     assert p42.post(f"{API}/add-user", json=user).status_code == 201
-                    tick(ini)
-                    yield World(node, rs, server, admin, ini)
+                    config_id = (rs.stat() or {}).get("config_id")
+                    tick(ini)  # writes rspamd's files from the state (none yet) and reloads it once
+                    rs.wait_reloaded(config_id)
+                    yield World(node, rs, server, admin, p42, ini)
                 finally:
                     admin.close()
                     p42.close()
@@ -88,17 +92,19 @@ def tick(ini: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def send_from_outside(node: MailNode, subject: str, body: str) -> tuple[int, str]:
+def send_from_outside(node: MailNode, subject: str, body: str, *, sloppy: bool = False) -> tuple[int, str]:
     """Send one message to anna@shop.example as mx.sender.test (198.51.100.7); the first reply
-    that is not a success (code, text), or (250, ...) when the message was accepted."""
+    that is not a success (code, text), or (250, ...) when the message was accepted. ``sloppy``:
+    from a client without a host name (no reverse DNS), which rspamd scores (HFILTER_HOSTNAME_UNKNOWN: 2.5)."""
+    ids = f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\nDate: {email.utils.formatdate()}\r\n"
+    name = "[UNAVAILABLE]" if sloppy else "mx.sender.test"
     msg = (
-        f"From: Bob <bob@sender.test>\r\nTo: anna@shop.example\r\nSubject: {subject}\r\n"
-        f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\nDate: {email.utils.formatdate()}\r\n"
+        f"From: Bob <bob@sender.test>\r\nTo: anna@shop.example\r\nSubject: {subject}\r\n{ids}"
         f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{body}\r\n"
     )
     with contextlib.closing(smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=60)) as s:
         s.ehlo("mx.sender.test")
-        code, text = s.docmd("XCLIENT", f"ADDR={OUTSIDE} NAME=mx.sender.test HELO=mx.sender.test")
+        code, text = s.docmd("XCLIENT", f"ADDR={OUTSIDE} NAME={name} HELO=mx.sender.test")
         assert code == 220, (code, text)
         s.ehlo("mx.sender.test")
         for step in (lambda: s.mail("bob@sender.test"), lambda: s.rcpt("anna@shop.example")):
@@ -144,6 +150,62 @@ def test_gtube_is_refused_at_smtp_time_and_counted(world: World) -> None:
     metrics = world.admin.get("/metrics").text
     assert 'mailstate_node_spam_filter_up{node="mpi01"} 1.0' in metrics
     assert f'mailstate_node_spam_messages{{node="mpi01",result="rejected"}} {float(report["rejected"])}' in metrics
+
+
+def set_policy(w: World, body: dict[str, object]) -> None:
+    """set-spam-policy, then a tick: pi-pull writes rspamd's settings and reloads it."""
+    r = w.project.post(f"{API}/set-spam-policy", json=body)
+    assert r.status_code == 200 and r.json()["commit"], r.text
+    config_id = (w.rspamd.stat() or {}).get("config_id")
+    tick(w.ini)
+    w.rspamd.wait_reloaded(config_id)
+
+
+def folder_subjects(w: World, folder: str) -> list[str]:
+    imap = w.node.imap("anna@shop.example", PASSWORD)
+    try:
+        typ, _ = imap.select(folder)
+        if typ != "OK":
+            return []
+        typ, data = imap.search(None, "ALL")
+        out = []
+        for num in data[0].split():
+            typ, fetched = imap.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            item = fetched[0]
+            assert isinstance(item, tuple)
+            out.append(email.message_from_bytes(item[1])["Subject"])
+        return out
+    finally:
+        imap.logout()
+
+
+def wait_in(w: World, folder: str, subject: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while subject not in folder_subjects(w, folder):
+        assert time.monotonic() < deadline, f"{subject!r} not in {folder}: {w.rspamd.log()[-4000:]}"
+        time.sleep(0.3)
+
+
+def test_the_policy_decides_junk_reject_or_off(world: World) -> None:
+    # junk from 2: a sloppy message (2.5 and up) goes to Junk through the Sieve pipeline
+    set_policy(world, {"email": "anna@shop.example", "action": "junk", "junk_score": 2})
+    code, reply = send_from_outside(world.node, "Sloppy one", "From a host without a name.", sloppy=True)
+    assert code == 250, reply
+    wait_in(world, "Junk", "Sloppy one")
+    assert "Sloppy one" not in folder_subjects(world, "INBOX")
+    # reject from 3 (the domain's policy; the mailbox's own removed): refused at SMTP time
+    set_policy(world, {"email": "anna@shop.example", "action": None})
+    set_policy(world, {"domain": "shop.example", "action": "reject", "junk_score": 1, "reject_score": 3})
+    code, reply = send_from_outside(world.node, "Sloppy two", "From a host without a name.", sloppy=True)
+    assert code == 554 and "refused as spam" in reply, (code, reply)
+    # off: the same message reaches INBOX, marked with its score but not as spam
+    set_policy(world, {"domain": "shop.example", "action": "off"})
+    code, reply = send_from_outside(world.node, "Sloppy three", "From a host without a name.", sloppy=True)
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Sloppy three", timeout=60)
+    msg = email.message_from_bytes(raw)
+    assert msg["X-Spam"] is None and str(msg["X-Spam-Status"]).startswith("No, score="), msg.as_string()[:2000]
+    set_policy(world, {"domain": "shop.example", "action": None})
 
 
 def test_with_rspamd_down_mail_tempfails_and_the_report_says_so(world: World) -> None:

@@ -63,6 +63,7 @@ from pathlib import Path
 import pytest
 
 from mailstate.compiler.node_bundle import (
+    NODE_TEMPLATES,
     build_pi_pull,
     dovecot_snippet,
     postfix_master_snippet,
@@ -90,7 +91,7 @@ AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
-    "sending", "policy", "fleetfiles", "fleet", "spam",
+    "sending", "policy", "fleetfiles", "fleet", "spam", "spampolicy",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
@@ -464,8 +465,15 @@ service imap-login {{
 }}
 
 """
+        junk = ""
+        if self.spam_milter:
+            # the bundle's junk.sieve (Dovecot's sieve_before), precompiled as pi_pull.py install does
+            junk = str(w / "junk.sieve")
+            shutil.copy(NODE_TEMPLATES / "mailstate-junk.sieve", junk)
+            subprocess.run(["sievec", junk], check=True, capture_output=True)
         dovecot += dovecot_snippet(
             str(self.root),
+            junk_sieve=junk,
             lmtp_port=self.lmtp_port,
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),

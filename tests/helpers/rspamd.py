@@ -69,6 +69,26 @@ class Rspamd:
         for sub in ("db", "run", "log"):
             os.chown(self.w / sub, user.pw_uid, user.pw_gid)
 
+    def use_spam_dir(self, spam_dir: Path) -> None:
+        """Read the state's policies where the node's pi-pull writes them (``<root>/spam``), as a node does."""
+        self.write_local_d(rspamd_snippets(self.milter, self.controller, spam_dir=str(spam_dir)))
+
+    @property
+    def reload_command(self) -> str:
+        """What systemd's ExecReload does (SIGHUP to the main process): [spam] reload for the test's pi-pull."""
+        assert self.proc is not None
+        return f"kill -HUP {self.proc.pid}"
+
+    def wait_reloaded(self, config_id: object, timeout: float = 120.0) -> None:
+        """Until the controller answers with a config_id other than ``config_id`` (a reload done)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stat = self.stat()
+            if stat is not None and stat.get("config_id") != config_id and _listening(self.milter_port):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"rspamd did not reload in {timeout:.0f}s: {self.log()[-3000:]}")
+
     def write_local_d(self, files: dict[str, str]) -> None:
         for name, content in files.items():
             (self.conf / "local.d" / name).write_text(content)

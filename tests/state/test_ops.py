@@ -77,6 +77,8 @@ def test_registry_names_all_operations() -> None:
         "add-webhook",
         "list-webhooks",
         "remove-webhook",
+        "set-spam-policy",
+        "list-spam-policy",
     }
     assert (
         set(OPERATIONS)
@@ -89,7 +91,7 @@ def test_registry_names_all_operations() -> None:
         | owners
         | controls
     )
-    assert len(OPERATIONS) == 42
+    assert len(OPERATIONS) == 44
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -107,6 +109,7 @@ def test_registry_names_all_operations() -> None:
         "add-webhook",
         "list-webhooks",
         "remove-webhook",
+        "list-spam-policy",
     }
     assert {n for n, op in OPERATIONS.items() if op.local} == {"add-webhook", "remove-webhook"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
@@ -121,6 +124,7 @@ def test_registry_names_all_operations() -> None:
         "list-app-passwords",
         "list-limits",
         "list-webhooks",
+        "list-spam-policy",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",

@@ -1,0 +1,102 @@
+"""Spam policy at the store (state/spam.py): set-spam-policy and list-spam-policy, inheritance,
+what lands in git (the domain's `spam_policy` fragment), and hostile values refused with no commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mailstate.state.errors import Conflict, InvalidInput, NotFound
+from mailstate.state.store import Store
+from tests.helpers.common import ADMIN, PROJECT_A, PROJECT_B, commit_count, read_file
+
+BOX = "info@example.com"
+FRAGMENT = "rendered/domains/ex/example.com/spam_policy"
+
+
+def run(store: Store, op: str, body: dict[str, Any], actor: Any = PROJECT_A) -> dict[str, Any]:
+    return dict(store.execute(op, actor, body).result)
+
+
+def test_a_mailbox_overrides_its_domain_which_overrides_the_default(mail_store: Store) -> None:
+    assert read_file(mail_store.git.path, FRAGMENT) is None  # no policy: no fragment
+    listed = run(mail_store, "list-spam-policy", {})
+    assert listed == {"default": {"action": "junk", "junk_score": 6.0, "reject_score": 15.0}, "policies": []}
+
+    out = run(mail_store, "set-spam-policy", {"domain": "example.com", "action": "reject", "reject_score": 12})
+    assert out["commit"] and out["policy"] == {"action": "reject", "junk_score": None, "reject_score": 12.0}
+    assert out["effective"] == {"action": "reject", "junk_score": 6.0, "reject_score": 12.0}
+    out = run(mail_store, "set-spam-policy", {"email": BOX, "action": "junk", "junk_score": 3.5})
+    assert out["effective"] == {"action": "junk", "junk_score": 3.5, "reject_score": 12.0}
+    assert read_file(mail_store.git.path, FRAGMENT) == "@domain reject - 12\ninfo junk 3.5 -\n"
+
+    again = mail_store.execute("set-spam-policy", PROJECT_A, {"email": BOX, "action": "junk", "junk_score": 3.5})
+    assert again.result["commit"] is None  # the same policy: no commit
+
+    listed = run(mail_store, "list-spam-policy", {"domain": "example.com"})
+    assert [(p["email"], p["effective"]["action"]) for p in listed["policies"]] == [(None, "reject"), (BOX, "junk")]
+
+    # action null removes the override: the mailbox inherits again, and the fragment loses its line
+    out = run(mail_store, "set-spam-policy", {"email": BOX, "action": None})
+    assert out["policy"] is None and out["effective"] == {"action": "reject", "junk_score": 6.0, "reject_score": 12.0}
+    run(mail_store, "set-spam-policy", {"domain": "example.com", "action": None})
+    assert read_file(mail_store.git.path, FRAGMENT) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"email": BOX, "action": "quarantine"}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": 0}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": -3}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": 101}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": 6.05}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": "6"}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": True}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": float("nan")}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "reject", "junk_score": 9, "reject_score": 9}, "invalid_spam_policy"),
+        ({"email": BOX, "action": None, "junk_score": 4}, "invalid_spam_policy"),
+        ({"email": BOX}, "missing_field"),
+        ({"action": "junk"}, "invalid_scope"),
+        ({"email": BOX, "domain": "example.com", "action": "junk"}, "invalid_scope"),
+        ({"email": BOX, "action": "junk", "note": "x"}, "unknown_field"),
+        ({"email": "info@example.com\n", "action": "junk"}, "invalid_email"),
+    ],
+)
+def test_hostile_policy_values_are_refused_with_no_commit(mail_store: Store, body: dict[str, Any], code: str) -> None:
+    before = commit_count(mail_store.git.path)
+    with pytest.raises(InvalidInput) as err:
+        mail_store.execute("set-spam-policy", PROJECT_A, body)
+    assert err.value.code == code, err.value.message
+    assert commit_count(mail_store.git.path) == before
+
+
+def test_other_projects_and_missing_mailboxes(mail_store: Store) -> None:
+    with pytest.raises(NotFound):
+        mail_store.execute("set-spam-policy", PROJECT_B, {"domain": "example.com", "action": "off"})
+    with pytest.raises(NotFound):
+        mail_store.execute("set-spam-policy", PROJECT_A, {"email": "nobody@example.com", "action": "off"})
+    assert run(mail_store, "list-spam-policy", {}, PROJECT_B)["policies"] == []
+    with pytest.raises(NotFound):
+        mail_store.execute("list-spam-policy", PROJECT_B, {"domain": "example.com"})
+    run(mail_store, "set-spam-policy", {"email": BOX, "action": "off"})
+    assert run(mail_store, "list-spam-policy", {}, ADMIN)["policies"][0]["email"] == BOX
+    mail_store.execute("remove-user", PROJECT_A, {"email": BOX})
+    with pytest.raises(Conflict) as err:
+        mail_store.execute("set-spam-policy", PROJECT_A, {"email": BOX, "action": "junk"})
+    assert err.value.code == "mailbox_inactive"
+    # a soft-deleted mailbox gets no mail: its policy is kept in the state but not compiled
+    assert read_file(mail_store.git.path, FRAGMENT) is None
+
+
+def test_the_default_comes_from_mailstate_yaml(store: Store) -> None:
+    from mailstate.compiler.render import render_settings
+    from mailstate.state.models import Settings
+
+    settings = Settings(format=2, spam={"action": "reject", "reject_score": 10})
+    assert render_settings(settings)["rendered/spam"] == b"action reject\njunk_score 6\nreject_score 10\n"
+    assert render_settings(Settings(format=2))["rendered/spam"] is None
+    with pytest.raises(ValueError, match="junk_score"):
+        Settings(format=2, spam={"action": "junk", "junk_score": 20, "reject_score": 10})
