@@ -22,6 +22,8 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/spam_policy               only for a domain or mailboxes with a spam policy
                                                              of their own: `@domain|<local> <action|-> <junk|->
                                                              <reject|->` (state/spam.py)
+    rendered/domains/<bb>/<domain>/sender_rules              only for a domain or mailboxes with allow/block
+                                                             rules: `@domain|<local> <allow|block> <sender>`
     rendered/domains/<bb>/<domain>/home                      only for a domain with a home (a fleet with
                                                              addressed nodes): `home <node> <address>`, then
                                                              `moving_to <node>` / `moved_from <node>` during a move
@@ -89,6 +91,7 @@ FRAGMENTS = (
     sieve.SIEVE_FRAGMENT,
     SENDING_FRAGMENT,
     spam.SPAM_FRAGMENT,
+    spam.SENDER_FRAGMENT,
     "virtual_alias_maps",
     "virtual_mailbox_domains",
     "virtual_mailbox_maps",
@@ -260,6 +263,12 @@ def render_domain(
             {local: _policy(box.spam_policy) for local, box in boxes if box.active},
         )
     ]
+    sender_rules = [
+        line.split(" ")
+        for line in spam.sender_lines(
+            domain.sender_rules, {local: box.sender_rules for local, box in boxes if box.active}
+        )
+    ]
     # These six are written only for a domain that has any (absent: none).
     present = {
         ALIAS_FRAGMENT: bool(aliases),
@@ -269,6 +278,7 @@ def render_domain(
         SENDING_FRAGMENT: bool(sending),
         HOME_FRAGMENT: bool(home),
         spam.SPAM_FRAGMENT: bool(spam_lines),
+        spam.SENDER_FRAGMENT: bool(sender_rules),
     }
     fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if present.get(name, True))
     all_mailboxes: list[dict[str, object]] = []
@@ -288,6 +298,7 @@ def render_domain(
         "lines": app_lines,
         "sending": sending,
         "spam_lines": spam_lines,
+        "sender_rules": sender_rules,
         "settings": settings,
         "placement": [
             (key, getattr(domain, key)) for key in ("moving_to", "moved_from") if getattr(domain, key) is not None

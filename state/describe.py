@@ -304,6 +304,24 @@ _DETAILS: dict[str, str] = {
         "a domain's). Refused: 404 domain_not_found / mailbox_not_found, 409 email_not_enabled, 409 "
         "mailbox_inactive, 400 invalid_spam_policy. " + _WRITE
     ),
+    "add-sender-rule": (
+        "Puts an envelope sender (`sender`: an address such as bob@example.org, or a whole domain as @example.org) on "
+        "the allow or block list of a domain (`domain`) or of one active mailbox (`email`; give exactly one). "
+        "allow: the sender's mail is scanned but never junked or refused for its score; block: it is refused at "
+        "SMTP time with a 5xx. A mailbox's rule is tried before its domain's, and both before the spam policy. At "
+        "most 100 rules per domain and per mailbox; a sender already listed with the other action is switched. "
+        "Answers 201 (200 and commit null when the rule was there already). Refused: 404 domain_not_found / "
+        "mailbox_not_found, 409 email_not_enabled, mailbox_inactive, too_many_sender_rules, 400 "
+        "invalid_sender_rule. " + _WRITE
+    ),
+    "list-sender-rules": (
+        "Answers `rules`: each allow or block rule of your domains and their mailboxes (`email` null for a "
+        "domain's own), with `sender` and `action`. `domain` or `email` narrows it down. Reads only."
+    ),
+    "remove-sender-rule": (
+        "Takes `sender` off the allow or block list of a domain (`domain`) or a mailbox (`email`; exactly one). "
+        "Refused: 404 sender_rule_not_found when it is not listed there. " + _WRITE
+    ),
     "list-spam-policy": (
         "Answers `default` (mailstate.yaml's spam policy, every field resolved) and `policies`: each domain and "
         "mailbox that has a policy of its own, with its `policy` (null fields inherited) and the `effective` one. "

@@ -18,6 +18,7 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -398,6 +399,24 @@ class SpamPolicy(BaseModel):
         return self
 
 
+def _sender_rules(value: dict[str, str] | None) -> dict[str, str] | None:
+    """A scope's allow/block list (state/spam.py): 1 to MAX_SENDER_RULES senders (absent: none)."""
+    if value is None:
+        return None
+    if not 1 <= len(value) <= spam.MAX_SENDER_RULES:
+        raise ValueError(f"sender_rules must hold 1-{spam.MAX_SENDER_RULES} senders (absent: none)")
+    out = {}
+    for sender, action in value.items():
+        key = _file_value(spam.normalize_sender, sender)
+        if key != sender or key in out:
+            raise ValueError(f"sender_rules: {sender!r} is not in its normal form, or listed twice")
+        out[key] = action
+    return out
+
+
+SenderRules = Annotated[dict[str, Literal["allow", "block"]] | None, AfterValidator(_sender_rules)]
+
+
 class Settings(BaseModel):
     """mailstate.yaml: the format version and settings shared by every node."""
 
@@ -562,6 +581,8 @@ class Mailbox(BaseModel):
     app_passwords: dict[str, AppPassword] | None = None
     # Optional (state/spam.py): set-spam-policy {email}; absent: the domain's.
     spam_policy: SpamPolicy | None = None
+    # Optional (state/spam.py): add-sender-rule {email}: sender -> allow|block.
+    sender_rules: SenderRules = None
 
     @field_validator("filters")
     @classmethod
@@ -636,6 +657,8 @@ class DomainFile(BaseModel):
     limits: Limits | None = None
     # Optional (state/spam.py): set-spam-policy {domain}; absent: mailstate.yaml's.
     spam_policy: SpamPolicy | None = None
+    # Optional (state/spam.py): add-sender-rule {domain}: sender -> allow|block.
+    sender_rules: SenderRules = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -1353,6 +1376,54 @@ class SetSpamPolicyRequest(Request):
         return self
 
 
+Sender = Annotated[
+    str,
+    BeforeValidator(spam.normalize_sender),
+    Field(
+        description="An envelope sender: an address (bob@example.org) or a whole domain with its @ (@example.org); "
+        "lowercased, an IDN as punycode.",
+        json_schema_extra={"minLength": 2, "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH},
+    ),
+]
+
+
+class AddSenderRuleRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_one)
+
+    domain: DomainName | None = Field(default=None, description="The domain whose list it goes on (not with email).")
+    email: Email | None = Field(default=None, description="The mailbox whose list it goes on (not with domain).")
+    sender: Sender
+    action: Literal["allow", "block"] = Field(
+        description="allow: the sender's mail is never junked or refused for its score; block: it is refused at "
+        "SMTP time (5xx)."
+    )
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> AddSenderRuleRequest:
+        if (self.domain is None) == (self.email is None):
+            raise InvalidInput("Give domain or email (one of them): whose list.", code="invalid_scope")
+        return self
+
+
+class RemoveSenderRuleRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_one)
+
+    domain: DomainName | None = Field(default=None, description="The domain whose list it is on (not with email).")
+    email: Email | None = Field(default=None, description="The mailbox whose list it is on (not with domain).")
+    sender: Sender
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> RemoveSenderRuleRequest:
+        if (self.domain is None) == (self.email is None):
+            raise InvalidInput("Give domain or email (one of them): whose list.", code="invalid_scope")
+        return self
+
+
+class ListSenderRulesRequest(Request):
+    domain: DomainName | None = Field(default=None, description="Only this domain and its mailboxes.")
+    email: Email | None = Field(default=None, description="Only this mailbox.")
+
+
 class ListSpamPolicyRequest(Request):
     domain: DomainName | None = Field(default=None, description="Only this domain and its mailboxes.")
 
@@ -2012,6 +2083,26 @@ class ListSpamPolicyResponse(Response):
     )
 
 
+class SenderRuleResponse(WriteResponse):
+    domain: str = Field(description="The domain of the list.")
+    email: str | None = Field(description="The mailbox of the list, or null for the domain's.")
+    sender: str
+    action: Literal["allow", "block"]
+
+
+class SenderRuleInfo(BaseModel):
+    domain: str
+    email: str | None = Field(description="The mailbox, or null for the domain's own list.")
+    sender: str
+    action: Literal["allow", "block"]
+
+
+class ListSenderRulesResponse(Response):
+    rules: list[SenderRuleInfo] = Field(
+        description="By domain: the domain's rules, then its mailboxes' by local part; each list by sender."
+    )
+
+
 class SetQuotaResponse(WriteResponse):
     email: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
@@ -2123,6 +2214,9 @@ RESPONSES: dict[str, type[Response]] = {
     "list-limits": ListLimitsResponse,
     "set-quota": SetQuotaResponse,
     "set-spam-policy": SetSpamPolicyResponse,
+    "add-sender-rule": SenderRuleResponse,
+    "list-sender-rules": ListSenderRulesResponse,
+    "remove-sender-rule": SenderRuleResponse,
     "list-spam-policy": ListSpamPolicyResponse,
     "suspend-sending": SendingResponse,
     "resume-sending": SendingResponse,
@@ -2152,6 +2246,7 @@ _FIELD_CODES = {
     "cursor": "invalid_cursor",
     "filters": "invalid_filter",
     "action": "invalid_spam_policy",
+    "sender": "invalid_sender_rule",
     "junk_score": "invalid_spam_policy",
     "reject_score": "invalid_spam_policy",
     "scopes": "invalid_scopes",

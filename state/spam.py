@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
 
 ACTIONS = ("junk", "reject", "off")
@@ -126,4 +127,43 @@ def domain_lines(
     Empty: the domain writes no fragment."""
     lines = [policy_line(DOMAIN_KEY, domain_policy)] if domain_policy is not None else []
     lines += [policy_line(local, policy) for local, policy in sorted(mailboxes.items()) if policy is not None]
+    return lines
+
+
+# --- sender rules: allow and block lists per domain and per mailbox --------------------------------
+
+SENDER_ACTIONS = ("allow", "block")
+MAX_SENDER_RULES = 100  # per domain and per mailbox
+SENDER_FRAGMENT = "sender_rules"
+
+
+def normalize_sender(value: object, field: str = "sender") -> str:
+    """A rule's sender: an address (`bob@example.org`) or a whole domain (`@example.org`), lowercased;
+    the envelope sender (MAIL FROM) is what it matches."""
+    if isinstance(value, str) and value.startswith("@"):
+        try:
+            return "@" + v.normalize_domain(value[1:], field=field)
+        except InvalidInput:
+            pass
+    else:
+        try:
+            local, domain = v.normalize_email(value, field=field)
+            return f"{local}@{domain}"
+        except InvalidInput:
+            pass
+    raise InvalidInput(
+        "sender must be an address (bob@example.org) or a domain with its @ (@example.org).",
+        code="invalid_sender_rule",
+        field=field,
+    )
+
+
+def sender_lines(
+    domain_rules: Mapping[str, str] | None, mailbox_rules: Mapping[str, Mapping[str, str] | None]
+) -> list[str]:
+    """The domain's `sender_rules` fragment, a line per rule: `@domain <allow|block> <sender>` for the
+    domain's, then `<local> <allow|block> <sender>` per mailbox, sorted (key, then sender)."""
+    lines = [f"{DOMAIN_KEY} {action} {sender}" for sender, action in sorted((domain_rules or {}).items())]
+    for local, rules in sorted(mailbox_rules.items()):
+        lines += [f"{local} {action} {sender}" for sender, action in sorted((rules or {}).items())]
     return lines

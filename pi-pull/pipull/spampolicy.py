@@ -11,7 +11,11 @@ table of verdicts):
         @domain <action|-> <score|-> <score|->   the domain's own, first, optional
         <local> <action|-> <score|-> <score|->   mailboxes, sorted by local part
 
-A score is above 0 and at most 100, in steps of 0.1 (``6``, ``6.5``); ``-`` is inherited (mailbox
+    rendered/domains/<bb>/<domain>/sender_rules only for a domain or mailboxes with allow/block rules
+        @domain <allow|block> <sender>         the domain's, first, sorted by sender
+        <local> <allow|block> <sender>         mailboxes', sorted by local part, then sender
+
+A sender is an address (``bob@example.org``) or ``@<domain>``. A score is above 0 and at most 100, in steps of 0.1 (``6``, ``6.5``); ``-`` is inherited (mailbox
 from domain, domain from the default, that from rspamd's own: junk, 6, 15).
 
 ``check`` validates every such file a tick would bring live, before the swap (a bad line is
@@ -114,6 +118,46 @@ def parse_domain(domain: str, data: bytes) -> dict[str, Level]:
     return out
 
 
+SENDER_FRAGMENT = "sender_rules"
+MAX_SENDER_RULES = 100
+
+
+def _is_sender(text: str) -> bool:
+    if text.startswith("@"):
+        return is_domain(text[1:])
+    local, at, domain = text.rpartition("@")
+    return bool(at) and is_local_part(local) and is_domain(domain)
+
+
+def parse_senders(domain: str, data: bytes) -> list[tuple[str, str, str]]:
+    """A domain's `sender_rules` fragment, exactly as the compiler writes it ([(key, action, sender)]); Refused otherwise."""
+    if not is_domain(domain):
+        raise Refused(f"unsafe domain name {domain[:80]!r} in rendered/")
+    what = f"{SENDER_FRAGMENT} of {domain}"
+    lines = _lines(what, data)
+    if not lines:
+        raise Refused(f"{what}: empty (the compiler writes no fragment then)")
+    out: list[tuple[str, str, str]] = []
+    counts: dict[str, int] = {}
+    last: tuple[int, str, str] = (-1, "", "")
+    for n, line in enumerate(lines, 1):
+        words = line.split(" ")
+        if len(words) != 3 or words[1] not in ("allow", "block") or not _is_sender(words[2]):
+            raise Refused(f"{what}, line {n}: expected '<@domain|local> <allow|block> <address|@domain>'")
+        key = words[0]
+        if key != DOMAIN_KEY and not is_local_part(key):
+            raise Refused(f"{what}, line {n}: {key[:64]!r} is not @domain or a local part")
+        order = (0 if key == DOMAIN_KEY else 1, key, words[2])
+        if order <= last:
+            raise Refused(f"{what}, line {n}: out of order or listed twice (the compiler sorts them)")
+        last = order
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > MAX_SENDER_RULES:
+            raise Refused(f"{what}: more than {MAX_SENDER_RULES} rules for {key}")
+        out.append((key, words[1], words[2]))
+    return out
+
+
 def resolve(*levels: Level | None) -> tuple[str, float, float]:
     """Each field from the first level that sets it, then rspamd's own (junk, 6, 15)."""
     action, junk, reject = DEFAULT
@@ -146,12 +190,32 @@ def actions_text(default: Level | None) -> bytes:
     return f"# mailstate / pi-pull: the state's default spam policy ({policy[0]}); do not edit\n{body}\n".encode()
 
 
-def settings_text(default: Level | None, domains: dict[str, dict[str, Level]]) -> bytes:
-    """``settings.inc`` (included by the bundle's local.d/settings.conf): a rule per mailbox (priority
-    high) and per domain (medium) with a policy of its own, each with every field resolved. rspamd
-    applies the first rule that matches one of a message's recipients, the most specific first."""
+def _sender_rule(n: int, domain: str, key: str, action: str, sender: str) -> str:
+    """A sender rule as a settings rule: the recipient AND the envelope sender match. allow: rspamd
+    scans but takes no action (want_spam); block: any score rejects."""
+    rcpt, priority = (f"@{domain}", 9) if key == DOMAIN_KEY else (f"{key}@{domain}", 10)
+    if action == "allow":
+        body = "  want_spam = yes;\n"
+    else:
+        body = '  apply {\n    actions { reject = -1000; "add header" = null; greylist = null; "rewrite subject" = null; }\n  }\n'
+    return f'mailstate_{n} {{\n  priority = {priority};\n  rcpt = "{rcpt}";\n  from = "{sender}";\n{body}}}\n'
+
+
+def settings_text(
+    default: Level | None,
+    domains: dict[str, dict[str, Level]],
+    senders: dict[str, list[tuple[str, str, str]]] | None = None,
+) -> bytes:
+    """``settings.inc`` (included by the bundle's local.d/settings.conf): a rule per sender rule
+    (a mailbox's, priority 10, then a domain's, 9), then per mailbox (priority high) and per domain
+    (medium) with a policy of its own, each with every field resolved. rspamd applies the first
+    rule that matches (one of a message's recipients), the most specific first."""
     out = ["# mailstate / pi-pull: the state's spam policies per domain and mailbox; do not edit\n"]
     n = 0
+    for domain in sorted(senders or {}):
+        for key, action, sender in (senders or {})[domain]:
+            n += 1
+            out.append(_sender_rule(n, domain, key, action, sender))
     for domain in sorted(domains):
         levels = domains[domain]
         own = levels.get(DOMAIN_KEY)
@@ -166,8 +230,29 @@ def settings_text(default: Level | None, domains: dict[str, dict[str, Level]]) -
     return "".join(out).encode()
 
 
+class SenderSync(_FileSync):
+    """The `sender_rules` fragments, checked and copied to ``<root>/spam/senders`` (no node-wide file)."""
+
+    settings_path = "rendered/-"  # no such file: the sender rules have no node-wide default
+    fragment = SENDER_FRAGMENT
+    label = "sender rules"
+
+    def __init__(self, cfg: Config, mirror: Mirror, log: logging.Logger) -> None:
+        super().__init__(cfg, mirror, log)
+        self.dir = os.path.join(cfg.root, "spam", "senders")
+
+    def check(self, old: str | None, new: str) -> Changes:
+        found = self.changes(old, new)
+        for domain, oid in found.domains.items():
+            if oid:
+                parse_senders(domain, self._blob(oid))
+        return found
+
+
 class Sync(_FileSync):
-    """Check (before the swap) and copy (after it) the spam policy files, then rspamd's; see the module docstring."""
+    """Check (before the swap) and copy (after it) the spam policy files, then rspamd's; see the module docstring.
+
+    The sender rules ride along (``senders``, a SenderSync)."""
 
     settings_path = SETTINGS_PATH
     fragment = FRAGMENT
@@ -177,8 +262,10 @@ class Sync(_FileSync):
         super().__init__(cfg, mirror, log)
         self.dir = os.path.join(cfg.root, "spam")
         self.runner = runner
+        self.senders = SenderSync(cfg, mirror, log)
 
     def check(self, old: str | None, new: str) -> Changes:
+        self.senders.check(old, new)
         found = self.changes(old, new)
         if found.defaults:
             parse_defaults(self._blob(found.defaults))
@@ -188,7 +275,7 @@ class Sync(_FileSync):
         return found
 
     def step(self, live: str | None) -> int:
-        written = super().step(live)
+        written = super().step(live) + self.senders.step(live)
         if written or not os.path.exists(os.path.join(self.dir, SETTINGS_FILE)):
             self.apply()
         return written
@@ -204,8 +291,14 @@ class Sync(_FileSync):
                 for name in (sorted(os.listdir(domains_dir)) if os.path.isdir(domains_dir) else [])
                 if is_domain(name)
             }
+            senders_dir = os.path.join(self.senders.dir, "domains")
+            senders = {
+                name: parse_senders(name, _read(os.path.join(senders_dir, name)))
+                for name in (sorted(os.listdir(senders_dir)) if os.path.isdir(senders_dir) else [])
+                if is_domain(name)
+            }
             changed = _put(os.path.join(self.dir, ACTIONS_FILE), actions_text(default))
-            changed |= _put(os.path.join(self.dir, SETTINGS_FILE), settings_text(default, domains))
+            changed |= _put(os.path.join(self.dir, SETTINGS_FILE), settings_text(default, domains, senders))
         except (Refused, OSError) as e:
             self.log.error(f"spam policies not updated (rspamd keeps the last ones): {e}")
             return False

@@ -67,6 +67,9 @@ SPEC_TOOLS = {
     "list-limits": "email_account_list_limits",
     "set-quota": "email_account_set_quota",
     "set-spam-policy": "email_account_set_spam_policy",
+    "add-sender-rule": "email_account_add_sender_rule",
+    "list-sender-rules": "email_account_list_sender_rules",
+    "remove-sender-rule": "email_account_remove_sender_rule",
     "list-spam-policy": "email_account_list_spam_policy",
     "suspend-sending": "email_account_suspend_sending",
     "resume-sending": "email_account_resume_sending",
@@ -250,6 +253,10 @@ def call_every_tool(
             await call(p, "email_account_set_quota", {"email": f"info@{domain}", "quota_mb": 100})
             await call(p, "email_account_set_spam_policy", {"domain": domain, "action": "reject", "reject_score": 10})
             await call(p, "email_account_list_spam_policy", {"domain": domain})
+            rule = {"email": f"info@{domain}", "sender": "@spam.test", "action": "block"}
+            await call(p, "email_account_add_sender_rule", rule)
+            await call(p, "email_account_list_sender_rules", {"domain": domain})
+            await call(p, "email_account_remove_sender_rule", {"email": f"info@{domain}", "sender": "@spam.test"})
             await call(p, "email_account_suspend_sending", {"email": f"info@{domain}", "reason": "mcp test"})
             await call(p, "email_account_resume_sending", {"email": f"info@{domain}"})
             hook = await call(

@@ -208,6 +208,33 @@ def test_the_policy_decides_junk_reject_or_off(world: World) -> None:
     set_policy(world, {"domain": "shop.example", "action": None})
 
 
+def rule(w: World, op: str, body: dict[str, object], status: int = 200) -> None:
+    """add-sender-rule / remove-sender-rule, then a tick: pi-pull writes rspamd's settings and reloads it."""
+    r = w.project.post(f"{API}/{op}", json=body)
+    assert r.status_code == status and r.json()["commit"], r.text
+    config_id = (w.rspamd.stat() or {}).get("config_id")
+    tick(w.ini)
+    w.rspamd.wait_reloaded(config_id)
+
+
+def test_a_blocked_sender_is_refused_and_an_allowed_one_passes_a_high_score(world: World) -> None:
+    rule(world, "add-sender-rule", {"email": "anna@shop.example", "sender": "@sender.test", "action": "block"}, 201)
+    code, reply = send_from_outside(world.node, "From a blocked domain", "Hello.")
+    assert 500 <= code < 600, (code, reply)
+    rule(world, "remove-sender-rule", {"email": "anna@shop.example", "sender": "@sender.test"})
+    # the domain refuses from 1: a sloppy message is refused, unless its sender is on the allow list
+    set_policy(world, {"domain": "shop.example", "action": "reject", "junk_score": 0.5, "reject_score": 1})
+    code, reply = send_from_outside(world.node, "Refused before the allow", "Hi.", sloppy=True)
+    assert code == 554, (code, reply)
+    rule(world, "add-sender-rule", {"domain": "shop.example", "sender": "bob@sender.test", "action": "allow"}, 201)
+    code, reply = send_from_outside(world.node, "Allowed despite the score", "Hi.", sloppy=True)
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Allowed despite the score", timeout=60)
+    assert email.message_from_bytes(raw)["X-Spam"] is None
+    rule(world, "remove-sender-rule", {"domain": "shop.example", "sender": "bob@sender.test"})
+    set_policy(world, {"domain": "shop.example", "action": None})
+
+
 def test_with_rspamd_down_mail_tempfails_and_the_report_says_so(world: World) -> None:
     world.rspamd.stop()
     code, reply = send_from_outside(world.node, "While the filter is down", "Please wait for me.")

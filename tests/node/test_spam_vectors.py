@@ -99,3 +99,46 @@ def test_rspamd_settings_resolve_each_field_most_specific_first(pipull: ModuleTy
     assert 'reject = 20; "add header" = 4;' in dom and "priority = medium" in text
     assert sp.actions_text(default).endswith(b"reject = 20; add_header = 5; greylist = null; rewrite_subject = null;\n")
     assert sp.actions_text(None).endswith(b"reject = null; add_header = 6; greylist = null; rewrite_subject = null;\n")
+
+
+SENDERS = "rendered/domains/ex/example.com/sender_rules"
+
+
+@pytest.mark.parametrize("case", VECTORS["senders"]["valid"])
+def test_valid_sender_rules_are_what_the_compiler_writes_and_the_node_reads(
+    pipull: ModuleType, case: dict[str, Any]
+) -> None:
+    boxes = {
+        local: Mailbox(id=f"20261201-00000{i}", password=HASH, quota_mb=10, sender_rules=rules)
+        for i, (local, rules) in enumerate(case["mailboxes"].items())
+    }
+    dom = DomainFile(domain="example.com", email_enabled=True, mailboxes=boxes, sender_rules=case["domain"])
+    text = render_domain(dom, Settings(format=2))[SENDERS]
+    assert text == case["text"].encode()
+    assert [list(t) for t in pipull.spampolicy.parse_senders("example.com", text)] == case["node"]
+
+
+@pytest.mark.parametrize("text", [c["text"] for c in VECTORS["senders"]["hostile"]])
+def test_the_node_refuses_hostile_sender_rules(pipull: ModuleType, text: str) -> None:
+    with pytest.raises(pipull.errors.Refused):
+        pipull.spampolicy.parse_senders("example.com", text.encode())
+
+
+def test_the_server_refuses_every_hostile_sender_rules_file_in_a_commit(mail_store: Store) -> None:
+    s = mail_store
+    s.execute("add-sender-rule", PROJECT_A, {"domain": "example.com", "sender": "@spam.test", "action": "block"})
+    base = s.snapshot
+    for case in VECTORS["senders"]["hostile"]:
+        tree = s.git.build_tree(base.commit, {SENDERS: case["text"].encode("utf-8") or None})
+        sha = s.git.commit(tree, base.commit, "hostile\n", s.signer, datetime.now(UTC))
+        assert validate_incoming(s.git, base, sha).problems, case["name"]
+
+
+def test_sender_rules_come_first_in_rspamd_settings(pipull: ModuleType) -> None:
+    sp = pipull.spampolicy
+    senders = {"example.com": sp.parse_senders("example.com", b"@domain block @spam.test\nanna allow boss@x.test\n")}
+    text = sp.settings_text(None, {}, senders).decode()
+    block = text.split('rcpt = "@example.com";')[1].split("}\n}")[0]
+    assert 'from = "@spam.test";' in block and "reject = -1000;" in block and "priority = 9;" in text
+    allow = text.split('rcpt = "anna@example.com";')[1].split("}")[0]
+    assert 'from = "boss@x.test";' in allow and "want_spam = yes;" in allow and "priority = 10;" in text

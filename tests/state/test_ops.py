@@ -79,6 +79,9 @@ def test_registry_names_all_operations() -> None:
         "remove-webhook",
         "set-spam-policy",
         "list-spam-policy",
+        "add-sender-rule",
+        "list-sender-rules",
+        "remove-sender-rule",
     }
     assert (
         set(OPERATIONS)
@@ -91,7 +94,7 @@ def test_registry_names_all_operations() -> None:
         | owners
         | controls
     )
-    assert len(OPERATIONS) == 44
+    assert len(OPERATIONS) == 47
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -110,6 +113,7 @@ def test_registry_names_all_operations() -> None:
         "list-webhooks",
         "remove-webhook",
         "list-spam-policy",
+        "list-sender-rules",
     }
     assert {n for n, op in OPERATIONS.items() if op.local} == {"add-webhook", "remove-webhook"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
@@ -125,6 +129,7 @@ def test_registry_names_all_operations() -> None:
         "list-limits",
         "list-webhooks",
         "list-spam-policy",
+        "list-sender-rules",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",

@@ -100,3 +100,65 @@ def test_the_default_comes_from_mailstate_yaml(store: Store) -> None:
     assert render_settings(Settings(format=2))["rendered/spam"] is None
     with pytest.raises(ValueError, match="junk_score"):
         Settings(format=2, spam={"action": "junk", "junk_score": 20, "reject_score": 10})
+
+
+RULES = "rendered/domains/ex/example.com/sender_rules"
+
+
+def test_sender_rules_add_list_remove(mail_store: Store) -> None:
+    out = mail_store.execute(
+        "add-sender-rule", PROJECT_A, {"email": BOX, "sender": "Boss@Partner.TEST", "action": "allow"}
+    )
+    assert out.created and out.result["sender"] == "boss@partner.test" and out.result["commit"]
+    again = mail_store.execute(
+        "add-sender-rule", PROJECT_A, {"email": BOX, "sender": "boss@partner.test", "action": "allow"}
+    )
+    assert again.result["commit"] is None and not again.created
+    run(mail_store, "add-sender-rule", {"domain": "example.com", "sender": "@spam.test", "action": "block"})
+    assert read_file(mail_store.git.path, RULES) == "@domain block @spam.test\ninfo allow boss@partner.test\n"
+    listed = run(mail_store, "list-sender-rules", {})
+    assert listed["rules"] == [
+        {"domain": "example.com", "email": None, "sender": "@spam.test", "action": "block"},
+        {"domain": "example.com", "email": BOX, "sender": "boss@partner.test", "action": "allow"},
+    ]
+    assert run(mail_store, "list-sender-rules", {"email": BOX})["rules"][0]["sender"] == "boss@partner.test"
+    assert run(mail_store, "list-sender-rules", {}, PROJECT_B)["rules"] == []
+    # switching the action of a listed sender is one write
+    run(mail_store, "add-sender-rule", {"email": BOX, "sender": "boss@partner.test", "action": "block"})
+    assert run(mail_store, "list-sender-rules", {"email": BOX})["rules"][0]["action"] == "block"
+    gone = run(mail_store, "remove-sender-rule", {"email": BOX, "sender": "boss@partner.test"})
+    assert gone["action"] == "block" and gone["commit"]
+    with pytest.raises(NotFound) as err:
+        mail_store.execute("remove-sender-rule", PROJECT_A, {"email": BOX, "sender": "boss@partner.test"})
+    assert err.value.code == "sender_rule_not_found"
+    run(mail_store, "remove-sender-rule", {"domain": "example.com", "sender": "@spam.test"})
+    assert read_file(mail_store.git.path, RULES) is None
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ["", "@", "bob", "bob@", "@@x.test", "*@x.test", "/.*/", "bob@x.test\n", 'a"b@x.test', "bob @x.test", 42, None],
+)
+def test_hostile_senders_are_refused_with_no_commit(mail_store: Store, sender: Any) -> None:
+    before = commit_count(mail_store.git.path)
+    with pytest.raises(InvalidInput) as err:
+        mail_store.execute("add-sender-rule", PROJECT_A, {"email": BOX, "sender": sender, "action": "block"})
+    assert err.value.code in ("invalid_sender_rule", "missing_field"), err.value.code
+    assert commit_count(mail_store.git.path) == before
+
+
+def test_at_most_100_sender_rules_a_scope(mail_store: Store) -> None:
+    from mailstate.state.models import DomainFile
+
+    dom = mail_store.snapshot.domains["example.com"]
+    full = {f"s{i:03d}@x.test": "block" for i in range(100)}
+    DomainFile.model_validate({**dom.model_dump(), "sender_rules": full})  # 100 is the limit, allowed
+    with pytest.raises(ValueError, match="1-100"):
+        DomainFile.model_validate({**dom.model_dump(), "sender_rules": {**full, "one@more.test": "allow"}})
+    for i in range(100):
+        mail_store.execute(
+            "add-sender-rule", PROJECT_A, {"email": BOX, "sender": f"s{i:03d}@x.test", "action": "block"}
+        )
+    with pytest.raises(Conflict) as err:
+        mail_store.execute("add-sender-rule", PROJECT_A, {"email": BOX, "sender": "one@more.test", "action": "block"})
+    assert err.value.code == "too_many_sender_rules"
