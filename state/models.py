@@ -1376,6 +1376,12 @@ class SetSpamPolicyRequest(Request):
         return self
 
 
+def _rule_action(value: object) -> object:
+    if value not in spam.SENDER_ACTIONS:
+        raise InvalidInput("action must be allow or block.", code="invalid_sender_rule", field="action")
+    return value
+
+
 Sender = Annotated[
     str,
     BeforeValidator(spam.normalize_sender),
@@ -1393,7 +1399,7 @@ class AddSenderRuleRequest(Request):
     domain: DomainName | None = Field(default=None, description="The domain whose list it goes on (not with email).")
     email: Email | None = Field(default=None, description="The mailbox whose list it goes on (not with domain).")
     sender: Sender
-    action: Literal["allow", "block"] = Field(
+    action: Annotated[Literal["allow", "block"], BeforeValidator(_rule_action)] = Field(
         description="allow: the sender's mail is never junked or refused for its score; block: it is refused at "
         "SMTP time (5xx)."
     )

@@ -162,3 +162,10 @@ def test_at_most_100_sender_rules_a_scope(mail_store: Store) -> None:
     with pytest.raises(Conflict) as err:
         mail_store.execute("add-sender-rule", PROJECT_A, {"email": BOX, "sender": "one@more.test", "action": "block"})
     assert err.value.code == "too_many_sender_rules"
+
+
+def test_a_bad_rule_action_names_the_sender_rule(mail_store: Store) -> None:
+    for action in ("quarantine", None, 1, "Allow"):
+        with pytest.raises(InvalidInput) as err:
+            mail_store.execute("add-sender-rule", PROJECT_A, {"email": BOX, "sender": "@x.test", "action": action})
+        assert err.value.code == "invalid_sender_rule" and err.value.field == "action"
