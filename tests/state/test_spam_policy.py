@@ -169,3 +169,20 @@ def test_a_bad_rule_action_names_the_sender_rule(mail_store: Store) -> None:
         with pytest.raises(InvalidInput) as err:
             mail_store.execute("add-sender-rule", PROJECT_A, {"email": BOX, "sender": "@x.test", "action": action})
         assert err.value.code == "invalid_sender_rule" and err.value.field == "action"
+
+
+@pytest.mark.e2e  # open_store verifies the head's signature with ssh-keygen
+def test_policies_and_rules_survive_a_restart_through_the_parse_cache(data_dir: Any, mail_store: Store) -> None:
+    from mailstate.state.datadir import open_store
+
+    run(mail_store, "set-spam-policy", {"domain": "example.com", "action": "reject", "reject_score": 9})
+    run(mail_store, "set-spam-policy", {"email": BOX, "action": "junk", "junk_score": 2.5})
+    run(mail_store, "add-sender-rule", {"domain": "example.com", "sender": "@spam.test", "action": "block"})
+    run(mail_store, "add-sender-rule", {"email": BOX, "sender": "b@c.test", "action": "allow"})
+    want = mail_store.snapshot.domains["example.com"]
+    open_store(data_dir.root)  # loads the commit: writes the cache
+    warm = open_store(data_dir.root)  # reads the domain from the cache
+    got = warm.snapshot.domains["example.com"]
+    assert got == want and got.mailboxes["info"].spam_policy == want.mailboxes["info"].spam_policy
+    assert got.spam_policy is not None and got.spam_policy.reject_score == 9.0
+    assert got.sender_rules == {"@spam.test": "block"} and got.mailboxes["info"].sender_rules == {"b@c.test": "allow"}
