@@ -92,12 +92,13 @@ _CAN_404 = {
     "dns-records", "check-dns", "mobileconfig", "move-domain", "set-node-address", "set-replica", "failover-node",
     "set-vacation", "set-filters", "list-filters", "add-app-password", "list-app-passwords", "remove-app-password",
     "set-limits", "list-limits", "set-quota", "suspend-sending", "resume-sending", "remove-webhook",
+    "set-spam-policy", "list-spam-policy", "add-sender-rule", "list-sender-rules", "remove-sender-rule",
 }  # fmt: skip
 _CAN_409 = {"disable-email", "add-user", "restore-user", "update-password", "add-domain", "remove-domain", "add-node", "link-domain", "unlink-domain",
             "add-alias", "update-alias", "remove-alias", "set-forwarding", "add-alias-domain", "remove-user", "dns-records",
             "check-dns", "mobileconfig", "set-vacation", "set-filters", "add-app-password",
             "set-limits", "set-quota", "enable-email", "add-webhook", "move-domain", "remove-node", "set-node-address",
-            "set-replica"}  # fmt: skip
+            "set-replica", "set-spam-policy", "add-sender-rule", "remove-sender-rule"}  # fmt: skip
 # Reads that answer 503 when a service they need is not there (check-dns: no usable resolver).
 _CAN_503 = {"check-dns", "add-webhook", "list-webhooks", "remove-webhook"}
 # Operations whose HTTP answer is a file, not their JSON (the MCP tool answers the JSON):
@@ -114,6 +115,7 @@ CREATED: dict[str, tuple[int, ...]] = {
     "link-domain": (201, 200),
     "add-alias": (201,),
     "add-app-password": (201,),
+    "add-sender-rule": (201, 200),
     "add-webhook": (201,),
     "move-domain": (202,),
 }

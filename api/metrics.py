@@ -17,6 +17,9 @@
                                                       `peer` had waited at the node's last report
     mailstate_replication_ok{node,peer}               1 when the home's last sync with the replica went
                                                       well, 0 when it failed
+    mailstate_node_spam_filter_up{node}               1 while the node's rspamd answers (0: port 25 tempfails)
+    mailstate_node_spam_messages{node,result}         scanned, rejected, junked: rspamd's counters since it
+                                                      started, as the node last reported them
     mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
     mailstate_webhook_deliveries_total{result}        webhook tries since start: delivered, failed (a
                                                       try that will be retried or was the last), given_up
@@ -190,6 +193,17 @@ class _StateCollector(Collector):
             labels=["node"],
         )
         replication = _Replication()
+        spam_up = GaugeMetricFamily(
+            "mailstate_node_spam_filter_up",
+            "1 while the node's inbound filter (rspamd) answers, 0 while port 25 tempfails for want of it (absent for "
+            "a node that does not filter).",
+            labels=["node"],
+        )
+        spam = GaugeMetricFamily(
+            "mailstate_node_spam_messages",
+            "Messages the node's rspamd scanned, rejected and junked since it started, as the node last reported.",
+            labels=["node", "result"],
+        )
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -204,12 +218,15 @@ class _StateCollector(Collector):
                 lag.add_metric([name], float(fresh["lag_s"]))
             stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
             replication.add(name, report)
+            _spam_filter(name, report.get("spam_filter"), spam_up, spam)
         yield from replication.families()
         yield age
         yield behind
         yield status
         yield lag
         yield stale
+        yield spam_up
+        yield spam
         waiting = GaugeMetricFamily(
             "mailstate_nodes_waiting", "Follow-mode nodes holding a long poll (GET /v1/nodes/wait) right now."
         )
@@ -243,6 +260,15 @@ class _StateCollector(Collector):
         boxes.add_metric(["limited"], float(c.sending(now - timedelta(days=1)).get("limited", 0)))
         boxes.add_metric(["suspended"], float(c.suspended()))
         yield boxes
+
+
+def _spam_filter(name: str, entry: object, up: GaugeMetricFamily, counts: GaugeMetricFamily) -> None:
+    if not isinstance(entry, dict):
+        return
+    up.add_metric([name], 1.0 if entry.get("running") else 0.0)
+    for result in ("scanned", "rejected", "junked"):
+        if isinstance(entry.get(result), int):
+            counts.add_metric([name, result], float(entry[result]))
 
 
 def _parse_time(value: object) -> datetime | None:

@@ -162,7 +162,26 @@ POLICY_SERVICE = "inet:127.0.0.1:10040"
 FLEET_RELAY_PORT = 2525
 FLEET_DOVEADM_PORT = 12345
 FLEET_POLICY_PORT = 10041
-FLEET_POLICY_PORT = 10041
+# Inbound filtering (docs/inbound.md): rspamd's proxy worker is the milter of port 25 (and of no
+# other service); its controller, on loopback, answers pi-pull's `rspamc stat` for the report.
+SPAM_MILTER = "inet:127.0.0.1:11332"
+SPAM_CONTROLLER = "127.0.0.1:11334"
+RSPAMD_DIR = "/etc/rspamd"
+# rspamd's own thresholds before any policy: "add header" (junk) and "reject" (5xx at SMTP time).
+SPAM_JUNK_SCORE = 6.0
+SPAM_REJECT_SCORE = 15.0
+# Bundle file -> template: installed as <rspamd_dir>/local.d/<name> (rspamd merges them over its defaults).
+RSPAMD_BUNDLE_DIR = "rspamd/local.d"
+RSPAMD_LOCAL_D: dict[str, str] = {
+    "worker-proxy.inc": "rspamd-worker-proxy.inc.j2",
+    "worker-normal.inc": "rspamd-worker-normal.inc.j2",
+    "worker-controller.inc": "rspamd-worker-controller.inc.j2",
+    "milter_headers.conf": "rspamd-milter_headers.conf.j2",
+    "actions.conf": "rspamd-actions.conf.j2",
+    "settings.conf": "rspamd-settings.conf.j2",
+}
+# Before every mailbox's own Sieve: what rspamd marked as spam goes into Junk (Dovecot's sieve_before).
+JUNK_SIEVE = f"{ETC_DIR}/junk.sieve"
 
 
 def fleet_dir(root: str) -> str:
@@ -183,7 +202,10 @@ INSTALL_PATHS: dict[str, str] = {
     "postfix/main.cf.base": "/etc/postfix/main.cf (only if missing)",
     "opendkim/opendkim.conf": "/etc/opendkim.conf (with a dkim milter; the original kept)",
     "bundle.json": "(read by pi_pull.py install)",
+    "junk.sieve": "/etc/pi-pull/junk.sieve (with a spam milter: Dovecot's sieve_before)",
 }
+# rspamd's local.d files (with a spam milter): any file of the same name already there is kept and restored by uninstall.
+INSTALL_PATHS.update({f"{RSPAMD_BUNDLE_DIR}/{name}": f"{RSPAMD_DIR}/local.d/{name}" for name in RSPAMD_LOCAL_D})
 MANIFEST_NAME = "bundle.json"
 # Bundle files that name the default install directories (install rewrites them for other ones);
 # the Postfix and Dovecot snippets name the TLS files, which live under the etc dir by default.
@@ -203,6 +225,7 @@ INSTALL_DIRS: dict[str, str] = {
     "systemd_dir": "/etc/systemd/system",
     "postfix_dir": "/etc/postfix",
     "dovecot_dir": "/etc/dovecot",
+    "rspamd_dir": RSPAMD_DIR,
 }
 # (bundle file, install dir key, name under that dir, mode)
 _INSTALLED_FILES: tuple[tuple[str, str, str, int], ...] = (
@@ -221,6 +244,7 @@ _SAFE_VALUE = re.compile(r"^[^\n\r]*$")
 _SERVICE = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
 _MILTER = re.compile(r"^((inet|unix):)?[A-Za-z0-9._:/\[\]-]+$")
 _POLICY = re.compile(r"^inet:[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}$")
+_LOOPBACK_PORT = re.compile(r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}:[0-9]{1,5}$")
 
 
 @lru_cache(maxsize=4)
@@ -259,6 +283,7 @@ def dovecot_snippet(
     postfix_queue_dir: str = POSTFIX_QUEUE_DIR,
     map_buckets: int = 0,
     sieve_submission: str = SIEVE_LISTEN,
+    junk_sieve: str = "",
 ) -> str:
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
@@ -268,7 +293,8 @@ def dovecot_snippet(
     settings (docs/owners.md): the app-password passdbs (``<root>/app-passwords``) before the
     mailbox's own, each mailbox's Sieve script from ``<root>/sieve``; ``sieve_submission``
     (``host:port``): where Sieve sends a vacation reply or a redirect, Postfix's loopback service
-    with the DKIM milter (``postfix_master_snippet(sieve_listen=...)``)."""
+    with the DKIM milter (``postfix_master_snippet(sieve_listen=...)``). ``junk_sieve``: the script
+    that files what rspamd marked as spam into Junk, before each mailbox's own ("" for none)."""
     if not _HOST_PORT.match(sieve_submission):
         raise InvalidInput("sieve_submission must be HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_submission")
     return render_template(
@@ -285,6 +311,7 @@ def dovecot_snippet(
         postfix_queue_dir=_tls_path("postfix_queue_dir", postfix_queue_dir).rstrip("/"),
         app_password_slots=MAX_APP_PASSWORDS,
         sieve_submission=sieve_submission,
+        junk_sieve=junk_sieve and _tls_path("junk_sieve", junk_sieve),
     )
 
 
@@ -297,11 +324,15 @@ def postfix_snippet(
     tls_cert: str = TLS_CERT,
     tls_key: str = TLS_KEY,
     map_buckets: int = 0,
+    spam_milter: str = "",
 ) -> str:
     """The main.cf lines: virtual maps under ``<root>/current``, LMTP delivery to Dovecot, TLS,
-    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map."""
+    SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map.
+    ``spam_milter`` (``inet:127.0.0.1:PORT``; "" for none): rspamd's proxy as the milter of port 25,
+    which tempfails while it does not answer (the submission services name their own milters)."""
     return render_template(
         "postfix-main.cf.j2",
+        spam_milter=spam_milter and _spam_bind("spam_milter", spam_milter),
         root=root.rstrip("/"),
         map_type=map_type,
         map_buckets=int(map_buckets),
@@ -363,6 +394,39 @@ def postfix_master_snippet(
         tls_cert=_tls_path("tls_cert", tls_cert),
         tls_key=_tls_path("tls_key", tls_key),
     )
+
+
+def _spam_bind(name: str, value: str) -> str:
+    """``inet:127.0.0.1:PORT`` (or ``127.0.0.1:PORT``) -> ``127.0.0.1:PORT``: rspamd listens on loopback only."""
+    where = value.removeprefix("inet:")
+    if not _LOOPBACK_PORT.match(where) or not 1 <= int(where.rpartition(":")[2]) <= 65535:
+        raise InvalidInput(f"{name} must be a loopback address such as inet:127.0.0.1:11332.", field=name)
+    return where
+
+
+def rspamd_snippets(
+    spam_milter: str = SPAM_MILTER,
+    controller: str = SPAM_CONTROLLER,
+    *,
+    junk_score: float = SPAM_JUNK_SCORE,
+    reject_score: float = SPAM_REJECT_SCORE,
+    spam_dir: str = f"{DEFAULT_ROOT}/spam",
+) -> dict[str, str]:
+    """rspamd's ``local.d`` files (name -> content): the proxy worker as port 25's milter on
+    ``spam_milter``, scanning by itself (no normal worker), the controller on ``controller``, the
+    Authentication-Results and X-Spam-Status headers for every message, and the baseline actions
+    (``junk_score``: "X-Spam: Yes"; ``reject_score``: 5xx), with no greylisting, and the state's
+    policies pi-pull writes under ``spam_dir`` (``<root>/spam``: actions.inc, settings.inc)."""
+    if not 0 < junk_score < reject_score <= 1000:
+        raise InvalidInput("junk_score must be above 0 and below reject_score (at most 1000).", field="junk_score")
+    variables = {
+        "milter_bind": _spam_bind("spam_milter", spam_milter),
+        "controller_bind": _spam_bind("spam_controller", controller),
+        "junk_score": f"{junk_score:g}",
+        "reject_score": f"{reject_score:g}",
+        "spam_dir": _tls_path("spam_dir", spam_dir).rstrip("/"),
+    }
+    return {name: render_template(template, **variables) for name, template in RSPAMD_LOCAL_D.items()}
 
 
 def policy_listen(policy_service: str) -> str:
@@ -462,7 +526,10 @@ class BundleOptions:
     sending; with a ``dkim_milter`` the bundle also ships ``opendkim/opendkim.conf`` and turns on
     pi-pull's ``[dkim]`` (keys under ``dkim_key_dir``, default /etc/pi-pull/dkim; a new key signs
     ``dkim_publish_wait`` seconds after it was reported; ``dkim_rotate_days``: 0 = rotate by hand).
-    ``map_buckets`` None: the default for ``map_type``.
+    ``map_buckets`` None: the default for ``map_type``. ``spam_milter`` (``inet:127.0.0.1:PORT``;
+    "" for none) filters port 25 with rspamd: the bundle then ships rspamd's ``local.d`` files (its
+    controller on ``spam_controller``), the Junk script and pi-pull's ``[spam]``, which reports the
+    filter's state and counters (docs/inbound.md).
     """
 
     root: str = DEFAULT_ROOT
@@ -499,6 +566,8 @@ class BundleOptions:
     doveadm_port: int = FLEET_DOVEADM_PORT
     policy_port: int = FLEET_POLICY_PORT
     address: str | None = None
+    spam_milter: str = SPAM_MILTER
+    spam_controller: str = SPAM_CONTROLLER
 
 
 def render_node_bundle(
@@ -526,6 +595,7 @@ def render_node_bundle(
     }
     if o.dkim_milter:
         files[OPENDKIM_CONF] = opendkim_snippet(dkim_milter=o.dkim_milter, key_dir=o.dkim_key_dir or DKIM_KEY_DIR)
+    files.update(_spam_files(o))
     files[MANIFEST_NAME] = bundle_manifest(
         node_name,
         files,
@@ -535,6 +605,17 @@ def render_node_bundle(
         tls=(_tls_path("tls_cert", o.tls_cert), _tls_path("tls_key", o.tls_key)),
         address=o.address,
     )
+    return files
+
+
+def _spam_files(o: BundleOptions) -> dict[str, str]:
+    """rspamd's local.d files and the Junk script (none without a spam milter)."""
+    if not o.spam_milter:
+        return {}
+    files = {f"{RSPAMD_BUNDLE_DIR}/{name}": content for name, content in rspamd_snippets(
+        o.spam_milter, o.spam_controller, spam_dir=f"{o.root}/spam"
+    ).items()}  # fmt: skip
+    files["junk.sieve"] = (NODE_TEMPLATES / "mailstate-junk.sieve").read_text(encoding="utf-8")
     return files
 
 
@@ -619,6 +700,8 @@ def _pi_pull_ini(node_name: str, remote: str, report: str, o: BundleOptions, map
             publish_wait=int(o.dkim_publish_wait),
             rotate_days=int(o.dkim_rotate_days),
         )
+    if o.spam_milter:
+        ini += render_template("pi-pull-spam.ini.j2", controller=_spam_bind("spam_controller", o.spam_controller))
     return ini
 
 
@@ -636,6 +719,7 @@ def _service_snippets(o: BundleOptions, map_buckets: int) -> dict[str, str]:
             postfix_queue_dir=o.postfix_queue_dir,
             map_buckets=map_buckets,
             sieve_submission=o.sieve_listen,
+            junk_sieve=JUNK_SIEVE if o.spam_milter else "",
         ),
         "postfix/main.cf.mailstate": postfix_snippet(
             o.root,
@@ -645,6 +729,7 @@ def _service_snippets(o: BundleOptions, map_buckets: int) -> dict[str, str]:
             tls_cert=o.tls_cert,
             tls_key=o.tls_key,
             map_buckets=map_buckets,
+            spam_milter=o.spam_milter,
         ),
         "postfix/master.cf.mailstate": postfix_master_snippet(
             submission_listen=o.submission_listen,
@@ -684,11 +769,15 @@ def bundle_manifest(
     def sha(content: str | bytes) -> str:
         return hashlib.sha256(content.encode("utf-8") if isinstance(content, str) else content).hexdigest()
 
+    rspamd = sorted(f for f in files if f.startswith(RSPAMD_BUNDLE_DIR + "/"))
+    installed = [*_INSTALLED_FILES, *((f, "rspamd_dir", f"local.d/{f.rpartition('/')[2]}", 0o644) for f in rspamd)]
+    if "junk.sieve" in files:
+        installed.append(("junk.sieve", "etc_dir", "junk.sieve", 0o644))
     manifest = {
         "format": MANIFEST_FORMAT,
         "node": node_name,
         "dirs": INSTALL_DIRS,
-        "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in _INSTALLED_FILES],
+        "files": [{"file": f, "dir": d, "name": n, "mode": f"{m:04o}"} for f, d, n, m in installed],
         "relocate": list(RELOCATED),
         "tls": {"cert": tls[0], "key": tls[1]},
         "sync_key": {"dir": "etc_dir", "name": "sync_key", "mode": "0600"},
@@ -711,6 +800,10 @@ def bundle_manifest(
         # Where the other nodes of a fleet reach this one (add-node's address): a self-signed
         # certificate install makes names it too, since they verify the name (docs/fleet.md).
         manifest["address"] = address
+    if rspamd:
+        # rspamd's local.d files (install keeps any it replaces, checks them with `rspamadm configtest`
+        # and restarts rspamd when they changed).
+        manifest["rspamd"] = {"local_d": [f.rpartition("/")[2] for f in rspamd]}
     if OPENDKIM_CONF in files:
         # Installed as opendkim.conf beside the postfix dir (/etc/opendkim.conf), the original kept;
         # it names its tables under the etc dir, so install relocates it as it does pi-pull.ini.

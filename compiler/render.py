@@ -19,10 +19,17 @@ For every email-enabled domain the compiler writes one folder:
     rendered/domains/<bb>/<domain>/sending                   format 2, only with something to say: the domain's
                                                              (or its project's) send limits and its mailboxes'
                                                              sending states (state.sending)
+    rendered/domains/<bb>/<domain>/spam_policy               only for a domain or mailboxes with a spam policy
+                                                             of their own: `@domain|<local> <action|-> <junk|->
+                                                             <reject|->` (state/spam.py)
+    rendered/domains/<bb>/<domain>/sender_rules              only for a domain or mailboxes with allow/block
+                                                             rules: `@domain|<local> <allow|block> <sender>`
     rendered/domains/<bb>/<domain>/home                      only for a domain with a home (a fleet with
                                                              addressed nodes): `home <node> <address>`, then
                                                              `moving_to <node>` / `moved_from <node>` during a move
     rendered/settings                                        format 2: node-wide `key value` lines
+    rendered/spam                                            format 2, with mailstate.yaml's `spam:` block: the
+                                                             default spam policy (state/spam.py)
     rendered/sending                                         format 2, with mailstate.yaml's `sending:` block:
                                                              every mailbox's default send limits (state.sending)
     rendered/nodes                                           only in a fleet with addressed nodes: one line
@@ -66,10 +73,11 @@ import jinja2
 
 from mailstate.compiler import sieve
 from mailstate.compiler.maplines import alias_lines, sender_lines
+from mailstate.state import spam
 from mailstate.state import validate as v
 from mailstate.state.errors import CompileError, InvalidInput
 from mailstate.state.files import RENDERED_DIR, bucket
-from mailstate.state.models import DomainFile, Mailbox, NodesFile, ProjectFile, Settings
+from mailstate.state.models import DomainFile, Mailbox, NodesFile, ProjectFile, Settings, SpamPolicy
 from mailstate.state.senders import SENDER_FRAGMENT, alias_index
 from mailstate.state.sending import SENDING_FILE, SENDING_FRAGMENT, domain_lines, settings_text
 
@@ -84,6 +92,8 @@ FRAGMENTS = (
     SENDER_FRAGMENT,
     sieve.SIEVE_FRAGMENT,
     SENDING_FRAGMENT,
+    spam.SPAM_FRAGMENT,
+    spam.SENDER_FRAGMENT,
     "virtual_alias_maps",
     "virtual_mailbox_domains",
     "virtual_mailbox_maps",
@@ -257,6 +267,19 @@ def render_domain(
     app_lines = sieve.app_password_lines(domain)
     scripts = sieve_fragment(domain)
     sending = [line.split(" ") for line in domain_lines(domain, project)]
+    spam_lines = [
+        line.split(" ")
+        for line in spam.domain_lines(
+            _policy(domain.spam_policy),
+            {local: _policy(box.spam_policy) for local, box in boxes if box.active},
+        )
+    ]
+    sender_rules = [
+        line.split(" ")
+        for line in spam.sender_lines(
+            domain.sender_rules, {local: box.sender_rules for local, box in boxes if box.active}
+        )
+    ]
     # These six are written only for a domain that has any (absent: none).
     present = {
         ALIAS_FRAGMENT: bool(aliases),
@@ -265,6 +288,8 @@ def render_domain(
         sieve.SIEVE_FRAGMENT: bool(scripts),
         SENDING_FRAGMENT: bool(sending),
         HOME_FRAGMENT: bool(home),
+        spam.SPAM_FRAGMENT: bool(spam_lines),
+        spam.SENDER_FRAGMENT: bool(sender_rules),
     }
     fragments: tuple[str, ...] = tuple(name for name in FRAGMENTS if present.get(name, True))
     all_mailboxes: list[dict[str, object]] = []
@@ -283,6 +308,8 @@ def render_domain(
         "senders": senders,
         "lines": app_lines,
         "sending": sending,
+        "spam_lines": spam_lines,
+        "sender_rules": sender_rules,
         "settings": settings,
         "placement": [
             (key, getattr(domain, key)) for key in ("moving_to", "moved_from") if getattr(domain, key) is not None
@@ -304,7 +331,11 @@ def render_domain(
     return out
 
 
-SETTINGS_FILES = (SETTINGS_FILE, SENDING_FILE)
+SETTINGS_FILES = (SETTINGS_FILE, SENDING_FILE, spam.SPAM_FILE)
+
+
+def _policy(policy: SpamPolicy | None) -> dict[str, object] | None:
+    return None if policy is None else policy.model_dump()
 
 
 def _home_address(domain: DomainFile, nodes: NodesFile | None) -> str | None:
@@ -339,9 +370,13 @@ def render_settings(settings: Settings) -> dict[str, bytes | None]:
     `rendered/settings`, one `key value` line each, in this order, and `rendered/sending` (only
     with a `sending:` block, state.sending). Format 1 has neither."""
     if settings.format < 2:
-        return {SETTINGS_FILE: None, SENDING_FILE: None}
+        return {SETTINGS_FILE: None, SENDING_FILE: None, spam.SPAM_FILE: None}
     text = f"format {settings.format}\npurge_after_days {settings.purge_after_days}\n"
-    return {SETTINGS_FILE: text.encode("ascii"), SENDING_FILE: settings_text(settings)}
+    return {
+        SETTINGS_FILE: text.encode("ascii"),
+        SENDING_FILE: settings_text(settings),
+        spam.SPAM_FILE: spam.settings_text(_policy(settings.spam)),
+    }
 
 
 def render_moves(moves: Mapping[str, tuple[str, str | None, str | None]]) -> dict[str, bytes | None]:

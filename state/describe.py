@@ -310,6 +310,41 @@ _DETAILS: dict[str, str] = {
         "every write that would pass a limit (add-user, restore-user, set-quota, add-alias, enable-email, ...) is "
         "refused with 409 limit_reached, naming the limit, its max and the use, and nothing is committed. " + _WRITE
     ),
+    "set-spam-policy": (
+        "Sets the spam policy of a domain (`domain`) or of one active mailbox (`email`; give exactly one): `action` "
+        "junk (over junk_score the message is filed into the mailbox's Junk folder), reject (over reject_score it "
+        "is refused at SMTP time with a 5xx; between junk_score and reject_score it is junked) or off (neither; "
+        "the Authentication-Results and X-Spam-Status headers are still added). Scores are rspamd's, above 0 and "
+        "at most 100 in steps of 0.1; junk_score must be below reject_score. A field left out or null is "
+        "inherited: a mailbox's policy overrides its domain's, which overrides mailstate.yaml's default (junk, 6, "
+        "15). `action: null` removes the override. Answers the stored `policy` and the `effective` one. A message "
+        "to several recipients is scanned once, with the policy of the most specific of them (a mailbox's before "
+        "a domain's). Refused: 404 domain_not_found / mailbox_not_found, 409 email_not_enabled, 409 "
+        "mailbox_inactive, 400 invalid_spam_policy. " + _WRITE
+    ),
+    "add-sender-rule": (
+        "Puts an envelope sender (`sender`: an address such as bob@example.org, or a whole domain as @example.org) on "
+        "the allow or block list of a domain (`domain`) or of one active mailbox (`email`; give exactly one). "
+        "allow: the sender's mail is scanned but never junked or refused for its score; block: it is refused at "
+        "SMTP time with a 5xx. A mailbox's rule is tried before its domain's, and both before the spam policy. At "
+        "most 100 rules per domain and per mailbox; a sender already listed with the other action is switched. "
+        "Answers 201 (200 and commit null when the rule was there already). Refused: 404 domain_not_found / "
+        "mailbox_not_found, 409 email_not_enabled, mailbox_inactive, too_many_sender_rules, 400 "
+        "invalid_sender_rule. " + _WRITE
+    ),
+    "list-sender-rules": (
+        "Answers `rules`: each allow or block rule of your domains and their mailboxes (`email` null for a "
+        "domain's own), with `sender` and `action`. `domain` or `email` narrows it down. Reads only."
+    ),
+    "remove-sender-rule": (
+        "Takes `sender` off the allow or block list of a domain (`domain`) or a mailbox (`email`; exactly one). "
+        "Refused: 404 sender_rule_not_found when it is not listed there. " + _WRITE
+    ),
+    "list-spam-policy": (
+        "Answers `default` (mailstate.yaml's spam policy, every field resolved) and `policies`: each domain and "
+        "mailbox that has a policy of its own, with its `policy` (null fields inherited) and the `effective` one. "
+        "`domain` narrows it down to one domain. Reads only."
+    ),
     "list-limits": (
         "Answers `limits`: your project (domain null) and its email-enabled domains, each limit with `limit` (set "
         "on that scope, or null), `use` (what the scope uses now; for send_* the most recipients one mailbox sent "

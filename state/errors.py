@@ -23,14 +23,16 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │                                   (suspend-sending), invalid_webhook_url, invalid_webhook_secret,
     │                                   invalid_events, invalid_webhook_id, webhook_url_not_public
     │                                   (state/webhooks.py), invalid_address (a node's address),
-    │                                   invalid_certificate (a node report's tls_certificate)
+    │                                   invalid_certificate (a node report's tls_certificate),
+    │                                   invalid_spam_policy, invalid_sender_rule (state/spam.py)
     ├── Unauthenticated           401   unauthenticated
     ├── Forbidden                 403   admin_required, ip_not_allowed
     ├── NotFound                  404   domain_not_found, mailbox_not_found, node_not_found,
     │                                   token_not_found, repository_not_found,
     │                                   revision_not_found (`mailstate plan`), not_found (default),
     │                                   alias_not_found, app_password_not_found,
-    │                                   project_not_found (list-limits), webhook_not_found
+    │                                   project_not_found (list-limits), webhook_not_found,
+    │                                   sender_rule_not_found (remove-sender-rule)
     ├── Conflict                  409   domain_exists, domain_linked_elsewhere, email_enabled,
     │   │                               email_not_enabled, mailbox_exists, mailbox_inactive,
     │   │                               mailbox_active, conflict (default),
@@ -46,7 +48,8 @@ Edges (HTTP, MCP, CLI) map the classes to statuses in one table each and never i
     │   │                               node_in_use (a home, a replica, or in a move), move_in_progress
     │   │                               (move-domain elsewhere while one runs; state/placement.py),
     │   │                               replica_not_usable (set-replica: the home itself, an alias
-    │   │                               domain, a domain without a home)
+    │   │                               domain, a domain without a home),
+    │   │                               too_many_sender_rules (add-sender-rule)
     │   └── LimitReached              limit_reached, limit_below_use (state/limits.py: carries the
     │                                   limit, its value and the use)
     ├── StateInvalid              422   invalid_state, stale_rendered (a checkout or commit

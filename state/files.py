@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
@@ -33,7 +33,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from mailstate.state.errors import StateInvalid, StoreError
-from mailstate.state.models import DomainFile, Filter, Mailbox, NodesFile, ProjectFile, Settings
+from mailstate.state.models import DomainFile, Filter, Mailbox, NodesFile, ProjectFile, Settings, SpamPolicy
 
 SETTINGS_PATH = "mailstate.yaml"
 NODES_PATH = "nodes.yaml"
@@ -388,6 +388,8 @@ def domain_document(domain: DomainFile) -> dict[str, Any]:
         doc["alias_of"] = domain.alias_of
     if domain.limits:
         doc["limits"] = domain.limits.values()
+    # Inbound protection (state/spam.py): optional, so a domain without them keeps its bytes.
+    _spam_keys(doc, domain.spam_policy, domain.sender_rules)
     # So are the placement keys (docs/fleet.md): a domain without a home keeps its bytes.
     for key in _PLACEMENT_KEYS:
         if getattr(domain, key) is not None:
@@ -417,7 +419,16 @@ def _box_document(box: Mailbox) -> dict[str, Any]:
         }
     if box.sending is not None:
         doc["sending"] = box.sending.model_dump(mode="json", exclude_none=True)
+    _spam_keys(doc, box.spam_policy, box.sender_rules)
     return doc
+
+
+def _spam_keys(doc: dict[str, Any], policy: SpamPolicy | None, rules: Mapping[str, str] | None) -> None:
+    """A domain's or a mailbox's spam policy (null fields left out: inherited) and sender rules (sorted)."""
+    if policy is not None:
+        doc["spam_policy"] = policy.model_dump(mode="json", exclude_none=True)
+    if rules is not None:
+        doc["sender_rules"] = dict(sorted(rules.items()))
 
 
 def _filter_document(rule: Filter) -> dict[str, Any]:

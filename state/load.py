@@ -31,7 +31,7 @@ from mailstate.state import limits as lim
 from mailstate.state.domainmap import DomainMap, Lazy, Placement, placement_of
 from mailstate.state.errors import StateInvalid
 from mailstate.state.gitrepo import GitRepo
-from mailstate.state.models import DomainFile, Limits, Mailbox, NodesFile, ProjectFile, Settings
+from mailstate.state.models import DomainFile, Limits, Mailbox, NodesFile, ProjectFile, Settings, SpamPolicy
 from mailstate.state.snapshot import Snapshot
 
 CACHE_VERSION = 5
@@ -110,11 +110,12 @@ def _built(cls: type[Any], values: dict[str, Any], names: set[str]) -> Any:
 # an entry can be written from the models' __dict__ without pydantic's serializer (about half of
 # a cache write). A model with any other field uses model_dump.
 # A mailbox's owner settings (state/owners.py: vacation, filters, app passwords) and its
-# `sending` (state.sending), and a domain's `limits`, are models, not JSON: a mailbox or domain
-# that has any is dumped and validated by pydantic (few have them).
-_MODEL_FIELDS = ("vacation", "filters", "app_passwords", "sending")
-_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "home", "moving_to", "moved_from", "replica", "limits", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
-    "id", "password", "quota_mb", "active", "forward_to", "keep_copy", *_MODEL_FIELDS
+# `sending` (state.sending) and `spam_policy` (state/spam.py), and a domain's `limits` and
+# `spam_policy`, are models, not JSON: a mailbox or domain that has any is dumped and validated
+# by pydantic (few have them). `sender_rules` (sender -> allow|block) is JSON already.
+_MODEL_FIELDS = ("vacation", "filters", "app_passwords", "sending", "spam_policy")
+_JSON_NATIVE = _FAST and _DOMAIN_FIELDS == {"domain", "project_id", "email_enabled", "alias_of", "home", "moving_to", "moved_from", "replica", "limits", "spam_policy", "sender_rules", "mailboxes", "aliases"} and _MAILBOX_FIELDS == {
+    "id", "password", "quota_mb", "active", "forward_to", "keep_copy", "sender_rules", *_MODEL_FIELDS
 }  # fmt: skip
 
 
@@ -133,6 +134,8 @@ def _domain_to_json(dom: DomainFile) -> dict[str, Any]:
     out = {**dom.__dict__, "mailboxes": boxes}
     if dom.limits is not None:
         out["limits"] = dom.limits.model_dump(mode="json")
+    if dom.spam_policy is not None:
+        out["spam_policy"] = dom.spam_policy.model_dump(mode="json")
     return out
 
 
@@ -146,6 +149,8 @@ def _domain_from_json(raw: dict[str, Any]) -> DomainFile:
     }
     if raw.get("limits") is not None:
         raw["limits"] = Limits.model_validate(raw["limits"])
+    if raw.get("spam_policy") is not None:
+        raw["spam_policy"] = SpamPolicy.model_validate(raw["spam_policy"])
     dom: DomainFile = _built(DomainFile, raw, _DOMAIN_FIELDS)
     return dom
 

@@ -116,6 +116,7 @@ NODE_STATUS_COLUMNS = {
     "last_error": "TEXT",  # the last non-null error reported, kept after later ok reports
     "last_error_at": "TEXT",
     "replication": "TEXT",  # JSON: the node's last reported replication (state.nodes.ReplicationReport)
+    "spam_filter": "TEXT",  # the inbound filter as the last report saw it (JSON, state.nodes.SpamFilterReport)
 }
 
 
@@ -126,6 +127,14 @@ def _replication(text: str | None) -> list[dict[str, Any]]:
     except ValueError:
         return []
     return [entry for entry in found if isinstance(entry, dict)] if isinstance(found, list) else []
+
+
+def _json_object(text: object) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _sha256(text: str) -> str:
@@ -249,6 +258,7 @@ class LocalDB:
         at: datetime,
         statement_issued_at: int | None = None,
         replication: str | None = None,
+        spam_filter: str | None = None,
     ) -> None:
         """The node's last report. `last_error` keeps the last non-null error (and its time)
         after later reports without one, so list-nodes shows what last went wrong; `replication`
@@ -257,10 +267,12 @@ class LocalDB:
         with self._lock:
             self._conn.execute(
                 "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr,"
-                " statement_issued_at, last_error, last_error_at, replication) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " statement_issued_at, last_error, last_error_at, replication, spam_filter)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
                 " applied_commit=excluded.applied_commit, status=excluded.status, error=excluded.error,"
                 " remote_addr=excluded.remote_addr, statement_issued_at=excluded.statement_issued_at,"
+                " spam_filter=excluded.spam_filter,"
                 " last_error=COALESCE(excluded.last_error, node_status.last_error),"
                 " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at),"
                 " replication=COALESCE(excluded.replication, node_status.replication)",
@@ -275,6 +287,7 @@ class LocalDB:
                     error,
                     stamp if error else None,
                     replication,
+                    spam_filter,
                 ),
             )
 
@@ -515,7 +528,7 @@ class LocalDB:
         with self._lock:
             row = self._conn.execute(
                 "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at,"
-                " replication FROM node_status WHERE name = ?",
+                " replication, spam_filter FROM node_status WHERE name = ?",
                 (name,),
             ).fetchone()
         if row is None:
@@ -529,4 +542,5 @@ class LocalDB:
             "last_error": row[5],
             "last_error_at": row[6],
             "replication": _replication(row[7]),
+            "spam_filter": _json_object(row[8]),
         }

@@ -18,6 +18,7 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,7 +31,7 @@ from pydantic import (
 
 from mailstate.state import aliases as al
 from mailstate.state import owners as ow
-from mailstate.state import paging
+from mailstate.state import paging, spam
 from mailstate.state import validate as v
 from mailstate.state.errors import InvalidInput
 
@@ -364,6 +365,58 @@ class MailboxSending(BaseModel):
         return value
 
 
+def _score(field: str) -> Any:
+    def check(value: object) -> object:
+        return None if value is None else spam.check_score(value, field)
+
+    return check
+
+
+class SpamPolicy(BaseModel):
+    """A spam policy (state/spam.py): the action and the two thresholds; a field left null is
+    inherited (mailbox from domain, domain from mailstate.yaml's `spam:`, that from rspamd's own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: Literal["junk", "reject", "off"] | None = Field(
+        default=None,
+        description="junk: over junk_score into Junk; reject: over reject_score refused at SMTP time (5xx), over "
+        "junk_score into Junk; off: neither. null: inherited.",
+    )
+    junk_score: Annotated[float | None, BeforeValidator(_score("junk_score"))] = Field(
+        default=None, description="rspamd score from which a message is junked (0-100, steps of 0.1); null: inherited."
+    )
+    reject_score: Annotated[float | None, BeforeValidator(_score("reject_score"))] = Field(
+        default=None, description="rspamd score from which a message is refused (0-100, steps of 0.1); null: inherited."
+    )
+
+    @model_validator(mode="after")
+    def _scores(self) -> SpamPolicy:
+        try:
+            spam.check_scores(self.junk_score, self.reject_score)
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+
+def _sender_rules(value: dict[str, str] | None) -> dict[str, str] | None:
+    """A scope's allow/block list (state/spam.py): 1 to MAX_SENDER_RULES senders (absent: none)."""
+    if value is None:
+        return None
+    if not 1 <= len(value) <= spam.MAX_SENDER_RULES:
+        raise ValueError(f"sender_rules must hold 1-{spam.MAX_SENDER_RULES} senders (absent: none)")
+    out = {}
+    for sender, action in value.items():
+        key = _file_value(spam.normalize_sender, sender)
+        if key != sender or key in out:
+            raise ValueError(f"sender_rules: {sender!r} is not in its normal form, or listed twice")
+        out[key] = action
+    return out
+
+
+SenderRules = Annotated[dict[str, Literal["allow", "block"]] | None, AfterValidator(_sender_rules)]
+
+
 class Settings(BaseModel):
     """mailstate.yaml: the format version and settings shared by every node."""
 
@@ -389,6 +442,11 @@ class Settings(BaseModel):
     )
     sending: SendingSettings | None = Field(
         default=None, description="Outbound limits every mailbox gets unless set-limits says otherwise (optional)."
+    )
+    spam: SpamPolicy | None = Field(
+        default=None,
+        description="The spam policy every mailbox gets unless set-spam-policy says otherwise (optional; without it "
+        "junk at 6, reject at 15: rspamd's own).",
     )
 
     @field_validator("mail_root")
@@ -521,6 +579,10 @@ class Mailbox(BaseModel):
     vacation: Vacation | None = None
     filters: list[Filter] | None = None
     app_passwords: dict[str, AppPassword] | None = None
+    # Optional (state/spam.py): set-spam-policy {email}; absent: the domain's.
+    spam_policy: SpamPolicy | None = None
+    # Optional (state/spam.py): add-sender-rule {email}: sender -> allow|block.
+    sender_rules: SenderRules = None
 
     @field_validator("filters")
     @classmethod
@@ -596,6 +658,10 @@ class DomainFile(BaseModel):
     replica: str | None = None
     # Optional (state.limits): the domain's own plan limits (set-limits {domain}).
     limits: Limits | None = None
+    # Optional (state/spam.py): set-spam-policy {domain}; absent: mailstate.yaml's.
+    spam_policy: SpamPolicy | None = None
+    # Optional (state/spam.py): add-sender-rule {domain}: sender -> allow|block.
+    sender_rules: SenderRules = None
     mailboxes: dict[str, Mailbox] = Field(default_factory=dict)
     aliases: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -1279,6 +1345,113 @@ class ListLimitsRequest(Request):
     domain: DomainName | None = Field(default=None, description="Only this domain (and its project's limits).")
 
 
+def _scope_one(schema: dict[str, Any]) -> None:
+    # domain or email (exactly one); never null.
+    props = schema.get("properties", {})
+    for name in ("domain", "email"):
+        branches = props.get(name, {}).pop("anyOf", None)
+        if branches:
+            described = props[name].get("description")
+            props[name].update(next(b for b in branches if b.get("type") != "null"))
+            props[name].pop("default", None)
+            if described:
+                props[name]["description"] = described
+    schema["oneOf"] = [{"required": ["domain"]}, {"required": ["email"]}]
+
+
+class SetSpamPolicyRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_one)
+
+    domain: DomainName | None = Field(default=None, description="The domain whose policy to set (not with email).")
+    email: Email | None = Field(default=None, description="The mailbox whose policy to set (not with domain).")
+    action: Literal["junk", "reject", "off"] | None = Field(
+        description="junk: over junk_score into Junk (Sieve); reject: over reject_score refused at SMTP time (5xx), "
+        "over junk_score into Junk; off: neither. null: remove this override (the domain's, or mailstate.yaml's, "
+        "applies)."
+    )
+    junk_score: Annotated[float | None, BeforeValidator(_score("junk_score"))] = Field(
+        default=None,
+        description="rspamd score from which a message is junked: above 0, at most 100, steps of 0.1; null or left "
+        "out: inherited.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": spam.MAX_SCORE, "multipleOf": 0.1},
+    )
+    reject_score: Annotated[float | None, BeforeValidator(_score("reject_score"))] = Field(
+        default=None,
+        description="rspamd score from which a message is refused (reject): above 0, at most 100, steps of 0.1; null "
+        "or left out: inherited.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": spam.MAX_SCORE, "multipleOf": 0.1},
+    )
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> SetSpamPolicyRequest:
+        if (self.domain is None) == (self.email is None):
+            raise InvalidInput("Give domain or email (one of them): whose spam policy to set.", code="invalid_scope")
+        if self.action is None and (self.junk_score is not None or self.reject_score is not None):
+            raise InvalidInput(
+                "action null removes the override; scores need an action.", code="invalid_spam_policy", field="action"
+            )
+        spam.check_scores(self.junk_score, self.reject_score)
+        return self
+
+
+def _rule_action(value: object) -> object:
+    if value not in spam.SENDER_ACTIONS:
+        raise InvalidInput("action must be allow or block.", code="invalid_sender_rule", field="action")
+    return value
+
+
+Sender = Annotated[
+    str,
+    BeforeValidator(spam.normalize_sender),
+    Field(
+        description="An envelope sender: an address (bob@example.org) or a whole domain with its @ (@example.org); "
+        "lowercased, an IDN as punycode.",
+        json_schema_extra={"minLength": 2, "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH},
+    ),
+]
+
+
+class AddSenderRuleRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_one)
+
+    domain: DomainName | None = Field(default=None, description="The domain whose list it goes on (not with email).")
+    email: Email | None = Field(default=None, description="The mailbox whose list it goes on (not with domain).")
+    sender: Sender
+    action: Annotated[Literal["allow", "block"], BeforeValidator(_rule_action)] = Field(
+        description="allow: the sender's mail is never junked or refused for its score; block: it is refused at "
+        "SMTP time (5xx)."
+    )
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> AddSenderRuleRequest:
+        if (self.domain is None) == (self.email is None):
+            raise InvalidInput("Give domain or email (one of them): whose list.", code="invalid_scope")
+        return self
+
+
+class RemoveSenderRuleRequest(Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_scope_one)
+
+    domain: DomainName | None = Field(default=None, description="The domain whose list it is on (not with email).")
+    email: Email | None = Field(default=None, description="The mailbox whose list it is on (not with domain).")
+    sender: Sender
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> RemoveSenderRuleRequest:
+        if (self.domain is None) == (self.email is None):
+            raise InvalidInput("Give domain or email (one of them): whose list.", code="invalid_scope")
+        return self
+
+
+class ListSenderRulesRequest(Request):
+    domain: DomainName | None = Field(default=None, description="Only this domain and its mailboxes.")
+    email: Email | None = Field(default=None, description="Only this mailbox.")
+
+
+class ListSpamPolicyRequest(Request):
+    domain: DomainName | None = Field(default=None, description="Only this domain and its mailboxes.")
+
+
 class SetQuotaRequest(Request):
     email: Email = Field(description="The active mailbox whose quota changes.")
     quota_mb: QuotaMb = Field(description=f"The new quota in MB, 1-{v.MAX_QUOTA_MB}.")
@@ -1729,6 +1902,23 @@ class ReplicationInfo(BaseModel):
     error: str | None = Field(description="The last sync's error, or null.")
 
 
+class SpamFilterReport(BaseModel):
+    """The node's inbound filter (rspamd, docs/inbound.md) as its last report saw it: whether it
+    answers, and its counters since it started (null while it does not answer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    running: bool = Field(description="Whether rspamd answered; while it does not, port 25 tempfails (4xx).")
+    scanned: int | None = Field(default=None, ge=0, le=2**53, description="Messages rspamd scanned since it started.")
+    rejected: int | None = Field(
+        default=None, ge=0, le=2**53, description="Messages refused at SMTP time (over a reject_score)."
+    )
+    junked: int | None = Field(
+        default=None, ge=0, le=2**53, description="Messages marked as spam (over a junk_score), filed into Junk."
+    )
+    error: str | None = Field(default=None, max_length=2000, description="Why rspamd did not answer, if it did not.")
+
+
 class NodeInfo(BaseModel):
     name: str
     ip_address: str | None
@@ -1783,6 +1973,11 @@ class NodeInfo(BaseModel):
         default_factory=list,
         description="Per replica this node keeps in sync as the home of its domains (set-replica), as the node last "
         "reported it.",
+    )
+    spam_filter: SpamFilterReport | None = Field(
+        default=None,
+        description="The node's inbound filter (rspamd) as its last report saw it: `running` false means port 25 "
+        "tempfails (4xx) until it answers again; null for a node that does not filter or never reported.",
     )
 
 
@@ -1920,6 +2115,54 @@ class SetLimitsResponse(WriteResponse):
     limits: dict[str, int | None] = Field(description="Every limit of the scope as it is now (null: none).")
 
 
+class EffectiveSpamPolicy(BaseModel):
+    action: Literal["junk", "reject", "off"]
+    junk_score: float
+    reject_score: float
+
+
+class SetSpamPolicyResponse(WriteResponse):
+    domain: str | None = Field(default=None, description="The domain, when the call set a domain's policy.")
+    email: str | None = Field(default=None, description="The mailbox, when the call set a mailbox's policy.")
+    policy: SpamPolicy | None = Field(description="The override as stored now (null: none, it inherits).")
+    effective: EffectiveSpamPolicy = Field(description="The policy that applies now, every field resolved.")
+
+
+class SpamPolicyInfo(BaseModel):
+    domain: str
+    email: str | None = Field(description="The mailbox, or null for the domain's own policy.")
+    policy: SpamPolicy
+    effective: EffectiveSpamPolicy
+
+
+class ListSpamPolicyResponse(Response):
+    default: EffectiveSpamPolicy = Field(description="mailstate.yaml's policy (rspamd's own without a `spam:` block).")
+    policies: list[SpamPolicyInfo] = Field(
+        description="The domains and mailboxes with a policy of their own, by domain (the domain first, then its "
+        "mailboxes by local part)."
+    )
+
+
+class SenderRuleResponse(WriteResponse):
+    domain: str = Field(description="The domain of the list.")
+    email: str | None = Field(description="The mailbox of the list, or null for the domain's.")
+    sender: str
+    action: Literal["allow", "block"]
+
+
+class SenderRuleInfo(BaseModel):
+    domain: str
+    email: str | None = Field(description="The mailbox, or null for the domain's own list.")
+    sender: str
+    action: Literal["allow", "block"]
+
+
+class ListSenderRulesResponse(Response):
+    rules: list[SenderRuleInfo] = Field(
+        description="By domain: the domain's rules, then its mailboxes' by local part; each list by sender."
+    )
+
+
 class SetQuotaResponse(WriteResponse):
     email: str
     quota_mb: int = Field(ge=1, le=v.MAX_QUOTA_MB)
@@ -2032,6 +2275,11 @@ RESPONSES: dict[str, type[Response]] = {
     "set-limits": SetLimitsResponse,
     "list-limits": ListLimitsResponse,
     "set-quota": SetQuotaResponse,
+    "set-spam-policy": SetSpamPolicyResponse,
+    "add-sender-rule": SenderRuleResponse,
+    "list-sender-rules": ListSenderRulesResponse,
+    "remove-sender-rule": SenderRuleResponse,
+    "list-spam-policy": ListSpamPolicyResponse,
     "suspend-sending": SendingResponse,
     "resume-sending": SendingResponse,
     "add-webhook": AddWebhookResponse,
@@ -2059,6 +2307,10 @@ _FIELD_CODES = {
     "limit": "invalid_limit",
     "cursor": "invalid_cursor",
     "filters": "invalid_filter",
+    "action": "invalid_spam_policy",
+    "sender": "invalid_sender_rule",
+    "junk_score": "invalid_spam_policy",
+    "reject_score": "invalid_spam_policy",
     "scopes": "invalid_scopes",
     "enabled": "invalid_vacation",
     "subject": "invalid_vacation",

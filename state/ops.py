@@ -29,7 +29,7 @@ from mailstate.state import autoconfig as ac
 from mailstate.state import limits as lim
 from mailstate.state import models as m
 from mailstate.state import owners as ow
-from mailstate.state import paging, placement
+from mailstate.state import paging, placement, spam
 from mailstate.state import sending as snd
 from mailstate.state import validate as v
 from mailstate.state.dns import effective_dns, records_for
@@ -775,6 +775,146 @@ def list_filters(ctx: Context, req: m.MailboxRequest, _: Prepared) -> Outcome:
     return Outcome({"filters": _filter_infos(box.filters)})
 
 
+def _policy_dict(policy: m.SpamPolicy | None) -> dict[str, Any] | None:
+    return None if policy is None else policy.model_dump()
+
+
+def _spam_levels(ctx: Context, dom: m.DomainFile, box: m.Mailbox | None) -> dict[str, Any]:
+    default = ctx.state.settings.spam
+    levels = [_policy_dict(box.spam_policy) if box is not None else None, _policy_dict(dom.spam_policy)]
+    return spam.effective(*levels, _policy_dict(default)).as_dict()
+
+
+def set_spam_policy(ctx: Context, req: m.SetSpamPolicyRequest, _: Prepared) -> Outcome:
+    policy = (
+        None
+        if req.action is None
+        else m.SpamPolicy(action=req.action, junk_score=req.junk_score, reject_score=req.reject_score)
+    )
+    if req.email is not None:
+        dom, local, box = _active_mailbox(ctx, req.email, "it receives no mail")
+        new_box = box.model_copy(update={"spam_policy": policy})
+        result = {"email": req.email, "policy": _policy_dict(policy), "effective": _spam_levels(ctx, dom, new_box)}
+        if box.spam_policy == policy:
+            return Outcome(result, target=req.email, project=dom.project_id)
+        return _box_write(dom, local, new_box, result, req.email)
+    assert req.domain is not None  # the request's validator: exactly one of them
+    dom = _mail_domain(ctx, req.domain)
+    new_dom = dom.model_copy(update={"spam_policy": policy})
+    result = {"domain": dom.domain, "policy": _policy_dict(policy), "effective": _spam_levels(ctx, new_dom, None)}
+    if dom.spam_policy == policy:
+        return Outcome(result, target=dom.domain, project=dom.project_id)
+    return _write(new_dom, dom.domain, result, dom.project_id)
+
+
+def list_spam_policy(ctx: Context, req: m.ListSpamPolicyRequest, _: Prepared) -> Outcome:
+    if req.domain is not None:
+        names = [_visible_domain(ctx, req.domain).domain]
+    else:
+        names = sorted(
+            name
+            for name, dom in ctx.state.domains.items()
+            if ctx.actor.is_admin or dom.project_id == ctx.actor.project_id
+        )
+    policies: list[dict[str, Any]] = []
+    for name in names:
+        dom = ctx.state.domains[name]
+        if dom.spam_policy is not None:
+            policies.append(
+                {
+                    "domain": name,
+                    "email": None,
+                    "policy": _policy_dict(dom.spam_policy),
+                    "effective": _spam_levels(ctx, dom, None),
+                }
+            )
+        for local, box in sorted(dom.mailboxes.items()):
+            if box.spam_policy is not None:
+                policies.append(
+                    {
+                        "domain": name,
+                        "email": f"{local}@{name}",
+                        "policy": _policy_dict(box.spam_policy),
+                        "effective": _spam_levels(ctx, dom, box),
+                    }
+                )
+    default = spam.effective(_policy_dict(ctx.state.settings.spam)).as_dict()
+    return Outcome({"default": default, "policies": policies})
+
+
+def _rules_scope(ctx: Context, domain: str | None, email: str | None) -> tuple[m.DomainFile, str | None, Any]:
+    """(domain, local part or None, the scope's model: the mailbox or the domain) of a sender rule call."""
+    if email is not None:
+        dom, local, box = _active_mailbox(ctx, email, "it receives no mail")
+        return dom, local, box
+    assert domain is not None  # the request's validator: exactly one of them
+    dom = _mail_domain(ctx, domain)
+    return dom, None, dom
+
+
+def _rules_write(dom: m.DomainFile, local: str | None, rules: dict[str, str], result: dict[str, Any]) -> Outcome:
+    value = rules or None
+    if local is None:
+        return _write(dom.model_copy(update={"sender_rules": value}), dom.domain, result, dom.project_id)
+    box = dom.mailboxes[local].model_copy(update={"sender_rules": value})
+    return _box_write(dom, local, box, result, f"{local}@{dom.domain}")
+
+
+def add_sender_rule(ctx: Context, req: m.AddSenderRuleRequest, _: Prepared) -> Outcome:
+    dom, local, scope = _rules_scope(ctx, req.domain, req.email)
+    rules = dict(scope.sender_rules or {})
+    result = {"domain": dom.domain, "email": req.email, "sender": req.sender, "action": req.action}
+    if rules.get(req.sender) == req.action:
+        return Outcome(result, target=req.email or dom.domain, project=dom.project_id)
+    if req.sender not in rules and len(rules) >= spam.MAX_SENDER_RULES:
+        raise Conflict(
+            f"{req.email or dom.domain} has {spam.MAX_SENDER_RULES} sender rules, the most it may have; remove one first.",
+            code="too_many_sender_rules",
+            target=req.email or dom.domain,
+        )
+    rules[req.sender] = req.action
+    out = _rules_write(dom, local, rules, result)
+    out.created = True
+    return out
+
+
+def remove_sender_rule(ctx: Context, req: m.RemoveSenderRuleRequest, _: Prepared) -> Outcome:
+    dom, local, scope = _rules_scope(ctx, req.domain, req.email)
+    rules = dict(scope.sender_rules or {})
+    if req.sender not in rules:
+        where = req.email or dom.domain
+        raise NotFound(f"{where} has no rule for {req.sender}.", code="sender_rule_not_found", target=where)
+    action = rules.pop(req.sender)
+    return _rules_write(
+        dom, local, rules, {"domain": dom.domain, "email": req.email, "sender": req.sender, "action": action}
+    )
+
+
+def list_sender_rules(ctx: Context, req: m.ListSenderRulesRequest, _: Prepared) -> Outcome:
+    if req.email is not None:
+        dom, local, box = _mailbox(ctx, req.email)
+        scopes: list[tuple[m.DomainFile, str | None, Any]] = [(dom, local, box)]
+    else:
+        names = (
+            [_visible_domain(ctx, req.domain).domain]
+            if req.domain is not None
+            else sorted(
+                n for n, d in ctx.state.domains.items() if ctx.actor.is_admin or d.project_id == ctx.actor.project_id
+            )
+        )
+        scopes = []
+        for name in names:
+            dom = ctx.state.domains[name]
+            scopes.append((dom, None, dom))
+            scopes += [(dom, local, box) for local, box in sorted(dom.mailboxes.items())]
+    rules = [
+        {"domain": dom.domain, "email": f"{local}@{dom.domain}" if local else None, "sender": sender, "action": action}
+        for dom, local, scope in scopes
+        for sender, action in sorted((scope.sender_rules or {}).items())
+    ]
+    return Outcome({"rules": rules})
+
+
 def _app_password_prepare(req: Any, settings: m.Settings) -> Prepared:
     # Made and hashed outside the write lock (bcrypt); the password is answered once, never stored.
     password = ow.new_app_password()
@@ -975,6 +1115,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "mailboxes": ctx.state.home_boxes.get(name, 0),
                 "tls_fingerprint": v.certificate_fingerprint(node.tls_certificate) if node.tls_certificate else None,
                 "replication": replication_of(status),
+                "spam_filter": status.get("spam_filter"),
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None
@@ -1589,6 +1730,42 @@ _CONTROLS = [
         summary="List the plan limits of your project and its domains, each with what it uses now.",
     ),
     Operation("set-quota", m.SetQuotaRequest, set_quota, summary="Change the quota of an active mailbox."),
+    Operation(
+        "set-spam-policy",
+        m.SetSpamPolicyRequest,
+        set_spam_policy,
+        summary="Set (or remove, action null) a domain's or a mailbox's spam policy: junk, reject or off, and the "
+        "scores from which a message is junked or refused.",
+    ),
+    Operation(
+        "add-sender-rule",
+        m.AddSenderRuleRequest,
+        add_sender_rule,
+        summary="Allow or block an envelope sender (an address or @domain) for a domain or a mailbox: allowed mail is "
+        "never junked or refused for its score, blocked mail is refused at SMTP time.",
+    ),
+    Operation(
+        "list-sender-rules",
+        m.ListSenderRulesRequest,
+        list_sender_rules,
+        method="GET",
+        write=False,
+        summary="List the allow and block rules of your domains and mailboxes.",
+    ),
+    Operation(
+        "remove-sender-rule",
+        m.RemoveSenderRuleRequest,
+        remove_sender_rule,
+        summary="Remove a sender's allow or block rule from a domain or a mailbox.",
+    ),
+    Operation(
+        "list-spam-policy",
+        m.ListSpamPolicyRequest,
+        list_spam_policy,
+        method="GET",
+        write=False,
+        summary="List the default spam policy and the domains' and mailboxes' own, each with the policy that applies.",
+    ),
     Operation(
         "suspend-sending",
         m.SuspendSendingRequest,

@@ -32,6 +32,7 @@ from .mirror import ACCEPTED_REF, APPLIED_REF, Mirror, Quarantine, no_statement_
 from .release import Releases
 from .report import Reporter
 from .runner import Runner
+from .spam import filter_state
 from .statefile import Lock, StateFile
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .fleet import Fleet
     from .ownerfiles import OwnerFiles, Staged
     from .sending import Sync
+    from .spampolicy import Sync as SpamSync
     from .statement import Statement
     from .trust import Trust
 
@@ -88,6 +90,7 @@ class Agent:
         self._clock_arg = clock
         self._dkim: Dkim | None = None
         self._sending: Sync | None = None
+        self._spam_policies: SpamSync | None = None
         self._fleet: Fleet | None = None
         self._trust: Trust | None = None
         self._owners: OwnerFiles | None = None
@@ -100,6 +103,15 @@ class Agent:
         self._sync_key = sync_key
         if sync_key is not None:
             self._mask_key()
+
+    @property
+    def spam_policies(self) -> SpamSync:
+        """The state's spam policies, made into rspamd's settings (pipull/spampolicy.py; [spam] enabled)."""
+        if self._spam_policies is None:
+            from .spampolicy import Sync as SpamSync
+
+            self._spam_policies = SpamSync(self.cfg, self.mirror, self.log, self.runner)
+        return self._spam_policies
 
     @property
     def dkim(self) -> Dkim:
@@ -229,11 +241,16 @@ class Agent:
                 self.dkim.step() if self.cfg.dkim else None
             )  # after the tick: the tables follow the release that is live now
             self.sending.step(st.get("applied_commit"))  # the same: the limits of the live release
+            if self.cfg.spam:
+                self.spam_policies.step(st.get("applied_commit"))  # rspamd's settings of the live release
             sending, seq = self._sending_report()
             # Not in the tick of a node's first apply: a usage pass starts by reading every mailbox
             # list (~7 s at 1M mailboxes, on top of the first apply); the next tick starts it.
             usage = None if first and result.changed else self.lifecycle.usage(st)
             fleet = self.fleet.step(st)
+            spam_filter = filter_state(self.cfg, self.runner)
+            if spam_filter is not None:
+                fleet = {**fleet, "spam_filter": spam_filter}
             sent = self.reporter.send(
                 st,
                 result.status,
@@ -486,6 +503,8 @@ class Agent:
             changed.append("dovecot")
         self.lifecycle.before_swap(tip, current)
         self.sending.check(current, tip)  # the sending files, like every rendered line: before anything goes live
+        if self.cfg.spam:
+            self.spam_policies.check(current, tip)  # the spam policies too
         if self.cfg.sync:
             os.sync()
         self.releases.swap_to(tip)

@@ -70,6 +70,11 @@ class Config:
     dkim_rotate_days: float = 0.0
     dkim_reload: str = "systemctl reload opendkim"
     dkim_openssl: str = "openssl"
+    # [spam] (pipull/spam.py): rspamd filters port 25; each report says whether it answers.
+    spam: bool = False
+    spam_controller: str = "127.0.0.1:11334"
+    spam_rspamc: str = "rspamc"
+    spam_reload: str = "systemctl reload rspamd"  # after pipull/spampolicy.py rewrote rspamd's settings
     # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
     doveadm: str = "doveadm"
     # [policy] (pipull/policy.py): the submission ports' outbound limits (Postfix check_policy_service).
@@ -216,6 +221,10 @@ def load_config(path: str) -> Config:
     cfg.max_staleness = r.get_float("freshness", "max_staleness", cfg.max_staleness)
     cfg.clock_skew = r.get_float("freshness", "clock_skew", cfg.clock_skew)
     _load_dkim(r, cfg)
+    cfg.spam = r.get_bool("spam", "enabled", False)
+    cfg.spam_controller = r.get_str("spam", "controller", cfg.spam_controller)
+    cfg.spam_rspamc = r.get_str("spam", "rspamc", cfg.spam_rspamc)
+    cfg.spam_reload = r.get_str("spam", "reload", cfg.spam_reload)
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     cfg.policy_listen = r.get_str("policy", "listen", cfg.policy_listen)
     cfg.policy_db = r.get_path("policy", "db", os.path.join(cfg.root, "policy", "counts.sqlite"))
@@ -294,11 +303,26 @@ def _check_dkim(cfg: Config, path: str) -> None:
             raise ConfigError(f"config {path}: [dkim] {key[5:]}: {e}") from None
 
 
+def _check_spam(cfg: Config, path: str) -> None:
+    if not cfg.spam:
+        return
+    host, _, port = cfg.spam_controller.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        raise ConfigError(f"config {path}: [spam] controller must be HOST:PORT, e.g. 127.0.0.1:11334")
+    for key in ("rspamc", "reload"):
+        try:
+            if not shlex.split(getattr(cfg, "spam_" + key)) and key == "rspamc":
+                raise ValueError("empty")
+        except ValueError as e:
+            raise ConfigError(f"config {path}: [spam] {key}: {e}") from None
+
+
 def check_config(cfg: Config, path: str) -> None:
     """Reject values that would only fail later, mid-tick."""
     _check_mail(cfg, path)
     _check_dkim(cfg, path)
     _check_fleet(cfg, path)
+    _check_spam(cfg, path)
     if cfg.max_fetch_mb < 1 or cfg.max_file_mb < 1:
         raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:

@@ -67,7 +67,7 @@ PLACEHOLDER_MAPS = (
     "fleet_defer",
 )
 FLEET_TABLES = ("tls_policy", "ccerts")  # pipull/fleet.py writes them; empty until the node is in a fleet
-DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir")
+DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir", "rspamd_dir")
 
 
 class InstallError(TickError):
@@ -157,6 +157,7 @@ class Options:
     doveconf: str = "doveconf"
     opendkim: str = "opendkim"
     sievec: str = "sievec"  # Pigeonhole (dovecot-sieve): the bundle's Dovecot runs Sieve on delivery
+    rspamadm: str = "rspamadm"  # rspamd: the bundle's port 25 milter (a bundle with rspamd files)
     systemctl: str = "systemctl"
     # The node's certificate (certs.py): from ACME when `acme` is set, else self-signed for mail_host.
     acme: certs.Acme | None = None
@@ -397,6 +398,11 @@ class Installer:
         return os.path.join(self.opts.dirs[key], name)
 
     @property
+    def filters_spam(self) -> bool:
+        """The bundle filters port 25 with rspamd (it ships rspamd's local.d files)."""
+        return isinstance(self.m.get("rspamd"), dict)
+
+    @property
     def config_file(self) -> str:
         return self.path("etc_dir", "pi-pull.ini")
 
@@ -433,6 +439,7 @@ class Installer:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
                 self.host.make_dir(self.opts.dirs[key])
             self.install_files()
+            self.compile_junk_sieve()
             self.install_sync_key()
             self.configure_postfix()
             self.configure_dovecot()
@@ -446,6 +453,8 @@ class Installer:
                 self.record.data["node"] = self.m.get("node", "")
                 self.record.data["mail_root"] = self.mail_root
                 self.record.data["release_root"] = self.release_root()
+                if self.filters_spam:
+                    self.record.data["rspamd"] = True  # uninstall restarts it on its own local.d
                 self.record.save()
         if not self.opts.dry_run:
             self.check_configs()
@@ -481,6 +490,12 @@ class Installer:
                 f"dovecot is not installed ({dv}/dovecot.conf does not exist): "
                 "apt-get install dovecot-imapd dovecot-lmtpd"
             )
+        if self.filters_spam and shutil.which(self.opts.rspamadm) is None:
+            # main.cf names rspamd as port 25's milter, which tempfails every message while it does not answer.
+            raise InstallError(
+                f"rspamd is not installed ({self.opts.rspamadm} is not on PATH), and this bundle filters port 25 "
+                "with it: apt-get install rspamd"
+            )
         if shutil.which(self.opts.sievec) is None:
             # LMTP loads the sieve plugin (filters, vacation replies): without it no mail is delivered.
             raise InstallError(
@@ -508,6 +523,28 @@ class Installer:
                     self.changed.add("agent")
                 if entry["dir"] == "dovecot_dir":
                     self.changed.add("dovecot")
+                if entry["dir"] == "rspamd_dir":
+                    self.changed.add("rspamd")
+
+    def compile_junk_sieve(self) -> None:
+        """The bundle's junk.sieve (Dovecot's sieve_before: spam into Junk) precompiled with sievec, so
+        that delivery, which runs as the mail user, never has to write its binary."""
+        entry = next((e for e in self.m.get("files", []) if e.get("file") == "junk.sieve"), None)
+        if entry is None:
+            return
+        script = self.path(entry["dir"], entry["name"])
+        binary = script[: -len(".sieve")] + ".svbin"
+        if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(script):
+            self.steps.done(f"{binary} (compiled)")
+            return
+        if not self.steps.change(f"compile {script} with sievec"):
+            return
+        ok, text = run(self.runner, [self.opts.sievec, script, binary])
+        if not ok:
+            raise InstallError(f"sievec cannot compile {script}: {text}")
+        os.chmod(binary, 0o644)
+        self.record.data["files"].setdefault(binary, {"backup": None, "sha256": None})
+        self.changed.add("dovecot")
 
     def install_sync_key(self) -> None:
         spec = self.m.get("sync_key", {"dir": "etc_dir", "name": "sync_key", "mode": "0600"})
@@ -832,6 +869,22 @@ class Installer:
         if not ok:
             raise InstallError(f"dovecot rejects its configuration after install: {text}")
         self.steps.note("checked: postconf -n and doveconf -n accept the configuration")
+        if self.filters_spam:
+            rspamd_dir = self.opts.dirs["rspamd_dir"]
+            ok, text = run(
+                self.runner,
+                [
+                    self.opts.rspamadm,
+                    f"--var=CONFDIR={rspamd_dir}",
+                    f"--var=LOCAL_CONFDIR={rspamd_dir}",
+                    "configtest",
+                    "-c",
+                    os.path.join(rspamd_dir, "rspamd.conf"),
+                ],
+            )
+            if not ok:
+                raise InstallError(f"rspamd rejects its configuration after install: {text}")
+            self.steps.note(f"checked: rspamadm configtest accepts {rspamd_dir}")
         dkim_conf = self.opendkim_conf()
         if dkim_conf is not None:
             ok, text = run(self.runner, [self.opts.opendkim, "-n", "-x", dkim_conf])
@@ -865,7 +918,11 @@ class Installer:
         for svc in ("postfix", "dovecot"):
             self.service_running(svc)
         if isinstance(self.m.get("opendkim"), dict):
-            self.service_running("opendkim")  # the milter of the submission services (milter_default_action=tempfail)
+            self.service_running("opendkim")
+        if self.filters_spam:
+            self.service_running(
+                "rspamd"
+            )  # port 25's milter: Postfix tempfails mail while it is down  # the milter of the submission services (milter_default_action=tempfail)
 
     def policy_running(self) -> None:
         """The outbound policy service (a bundle that ships it) runs before Postfix asks it: the

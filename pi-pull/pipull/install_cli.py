@@ -42,6 +42,7 @@ def _dir_options(p: argparse.ArgumentParser) -> None:
         "systemd_dir": "/etc/systemd/system",
         "postfix_dir": "/etc/postfix",
         "dovecot_dir": "/etc/dovecot",
+        "rspamd_dir": "/etc/rspamd",
     }
     for key in DIR_KEYS:
         p.add_argument("--" + key.replace("_", "-"), dest=key, metavar="DIR", help=f"default {defaults[key]}")

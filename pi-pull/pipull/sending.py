@@ -153,7 +153,13 @@ class Changes:
 
 
 class Sync:
-    """Check (before the swap) and copy (after it) the sending files; see the module docstring."""
+    """Check (before the swap) and copy (after it) the sending files; see the module docstring.
+
+    pipull/spampolicy.py copies its files the same way (its own ``settings_path``, ``fragment``, ``label``)."""
+
+    settings_path = SETTINGS_PATH
+    fragment = FRAGMENT
+    label = "sending limits"
 
     def __init__(self, cfg: Config, mirror: Mirror, log: logging.Logger) -> None:
         self.cfg = cfg
@@ -185,9 +191,9 @@ class Sync:
         domains: dict[str, str] = {}
         for path, oid in entries:
             parts = path.split("/")
-            if path == SETTINGS_PATH:
+            if path == self.settings_path:
                 defaults = oid
-            elif len(parts) == 5 and parts[1] == "domains" and parts[4] == FRAGMENT:
+            elif len(parts) == 5 and parts[1] == "domains" and parts[4] == self.fragment:
                 if not is_domain(parts[3]) or parts[2] != parts[3][:2]:
                     raise Refused("unsafe or misplaced domain directory {!r}".format("/".join(parts[:4])))
                 domains[parts[3]] = oid
@@ -200,7 +206,7 @@ class Sync:
         if r.returncode != 0:
             raise TickError(f"git cat-file {oid[:12]} failed: {short(r.stderr)}")
         if len(r.stdout) > self.cfg.max_file_bytes:
-            raise Refused(f"a sending file is over [limits] max_file_mb ({self.cfg.max_file_mb} MB)")
+            raise Refused(f"a {self.fragment} file is over [limits] max_file_mb ({self.cfg.max_file_mb} MB)")
         return r.stdout
 
     def check(self, old: str | None, new: str) -> Changes:
@@ -236,7 +242,7 @@ class Sync:
             found = self.check(base, live)
             return self._write(found, live, full=base is None)
         except (Refused, TickError, OSError) as e:
-            self.log.error(f"sending limits not updated (the policy service keeps the last ones): {e}")
+            self.log.error(f"{self.label} not updated (the last ones stay in use): {e}")
             return 0
 
     def _write(self, found: Changes, live: str, *, full: bool) -> int:
@@ -265,5 +271,5 @@ class Sync:
                     written += 1
         atomic_write(os.path.join(self.dir, "synced"), (live + "\n").encode())
         if written:
-            self.log.info(f"sending limits: {written} file(s) updated for {live[:12]}")
+            self.log.info(f"{self.label}: {written} file(s) updated for {live[:12]}")
         return written

@@ -94,7 +94,8 @@ class Uninstaller:
             run(self.runner, [self.opts.systemctl, "daemon-reload"])
         # OpenDKIM too when install put the bundle's opendkim.conf in place (now the original again).
         dkim = any(dest.endswith("/opendkim.conf") for dest in self.record.data.get("files", {}))
-        for svc in ("postfix", "dovecot", *(("opendkim",) if dkim else ())):
+        rspamd = bool(self.record.data.get("rspamd"))  # back on its own local.d (the originals restored)
+        for svc in ("postfix", "dovecot", *(("opendkim",) if dkim else ()), *(("rspamd",) if rspamd else ())):
             if self.runner.run([self.opts.systemctl, "is-active", "--quiet", svc], timeout=30).returncode != 0:
                 continue
             if self.steps.change(f"systemctl restart {svc} (back to its own configuration)"):

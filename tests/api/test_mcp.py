@@ -66,6 +66,11 @@ SPEC_TOOLS = {
     "set-limits": "email_account_set_limits",
     "list-limits": "email_account_list_limits",
     "set-quota": "email_account_set_quota",
+    "set-spam-policy": "email_account_set_spam_policy",
+    "add-sender-rule": "email_account_add_sender_rule",
+    "list-sender-rules": "email_account_list_sender_rules",
+    "remove-sender-rule": "email_account_remove_sender_rule",
+    "list-spam-policy": "email_account_list_spam_policy",
     "suspend-sending": "email_account_suspend_sending",
     "resume-sending": "email_account_resume_sending",
     "add-webhook": "email_account_add_webhook",
@@ -248,6 +253,12 @@ def call_every_tool(
             await call(a, "email_account_set_limits", {"project_id": 303, "max_mailboxes": 5, "send_per_hour": 40})
             await call(p, "email_account_list_limits", {})
             await call(p, "email_account_set_quota", {"email": f"info@{domain}", "quota_mb": 100})
+            await call(p, "email_account_set_spam_policy", {"domain": domain, "action": "reject", "reject_score": 10})
+            await call(p, "email_account_list_spam_policy", {"domain": domain})
+            rule = {"email": f"info@{domain}", "sender": "@spam.test", "action": "block"}
+            await call(p, "email_account_add_sender_rule", rule)
+            await call(p, "email_account_list_sender_rules", {"domain": domain})
+            await call(p, "email_account_remove_sender_rule", {"email": f"info@{domain}", "sender": "@spam.test"})
             await call(p, "email_account_suspend_sending", {"email": f"info@{domain}", "reason": "mcp test"})
             await call(p, "email_account_resume_sending", {"email": f"info@{domain}"})
             hook = await call(
@@ -339,6 +350,7 @@ def test_call_each_tool_once(env: Env) -> None:
     assert limits["project_id"] == 303 and limits["max_mailboxes"] == {"limit": 5, "use": 1}
     assert limits["send_per_hour"]["effective"] == 40
     assert out["email_account_suspend_sending"]["sending"] == "suspended"
+    assert out["email_account_list_spam_policy"]["policies"][0]["effective"]["reject_score"] == 10
     assert out["email_account_add_webhook"]["secret"].startswith("whsec_")
     assert out["email_account_list_webhooks"]["webhooks"][0]["id"] == out["email_account_add_webhook"]["id"]
     assert "secret" not in out["email_account_list_webhooks"]["webhooks"][0]

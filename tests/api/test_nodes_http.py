@@ -167,6 +167,12 @@ def test_report_from_an_address_off_the_whitelist_is_refused(nodes: Nodes) -> No
         ({"status": "ok", "applied_commit": 12}, "applied_commit"),
         ({"status": "ok", "extra": 1}, "extra"),
         ({"status": "ok", "error": ["x"]}, "error"),
+        ({"status": "ok", "spam_filter": {"running": "yes"}}, "spam_filter"),
+        ({"status": "ok", "spam_filter": {"running": True, "scanned": -1}}, "spam_filter"),
+        ({"status": "ok", "spam_filter": {"running": True, "scanned": 2**60}}, "spam_filter"),
+        ({"status": "ok", "spam_filter": {"running": True, "junked": "3"}}, "spam_filter"),
+        ({"status": "ok", "spam_filter": {"running": True, "policy": "off"}}, "spam_filter"),
+        ({"status": "ok", "spam_filter": [True]}, "spam_filter"),
     ],
 )
 def test_report_with_an_invalid_body_is_400(nodes: Nodes, body: dict[str, object], field: str) -> None:
@@ -423,6 +429,16 @@ def test_record_report_and_parse(node_store: tuple[Store, str, str], data_dir) -
         assert db.node_status("free") == {
             "last_sync_at": now.isoformat(), "applied_commit": head, "status": "ok", "error": None,
             "statement_issued_at": None, "last_error": None, "last_error_at": None, "replication": [],
+            "spam_filter": None,
+        }  # fmt: skip
+        # the inbound filter's state rides on the report; list-nodes and /metrics read it back
+        spam = {"running": True, "scanned": 12, "rejected": 2, "junked": 3}
+        record_report(db, store.snapshot, "free", {"status": "ok", "spam_filter": spam}, "10.0.0.1", now)
+        assert db.node_status("free")["spam_filter"] == {**spam, "error": None}  # type: ignore[index]
+        down = {"running": False, "error": "rspamd does not answer on 127.0.0.1:11334"}
+        record_report(db, store.snapshot, "free", {"status": "ok", "spam_filter": down}, "10.0.0.1", now)
+        assert db.node_status("free")["spam_filter"] == {  # type: ignore[index]
+            "running": False, "scanned": None, "rejected": None, "junked": None, "error": down["error"],
         }  # fmt: skip
         with pytest.raises(Unauthenticated):
             record_report(db, store.snapshot, "ghost", {"status": "ok"}, None, now)

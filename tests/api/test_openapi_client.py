@@ -129,6 +129,25 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         project, ea, "set-quota", 200, "SetQuotaResponse", body=m.SetQuotaRequest(email="tmp@gen.example", quota_mb=9)
     )
     assert quota.quota_mb == 9
+    policy = call(
+        project,
+        ea,
+        "set-spam-policy",
+        200,
+        "SetSpamPolicyResponse",
+        # A schema with oneOf (domain or email) is a plain JSON body to the generator.
+        body={"email": "tmp@gen.example", "action": "reject", "reject_score": 9.5},
+    )
+    assert policy.effective.reject_score == 9.5 and policy.effective.junk_score == 6 and len(policy.commit) == 40
+    policies = call(project, ea, "list-spam-policy", 200, "ListSpamPolicyResponse")
+    assert [p.email for p in policies.policies] == ["tmp@gen.example"] and policies.default.action.value == "junk"
+    rule = {"email": "tmp@gen.example", "sender": "@spam.test", "action": "block"}
+    added = call(project, ea, "add-sender-rule", 201, "SenderRuleResponse", body=rule)
+    assert added.sender == "@spam.test" and len(added.commit) == 40
+    rules = call(project, ea, "list-sender-rules", 200, "ListSenderRulesResponse")
+    assert [(r.email, r.sender) for r in rules.rules] == [("tmp@gen.example", "@spam.test")]
+    body = {"email": "tmp@gen.example", "sender": "@spam.test"}
+    assert call(project, ea, "remove-sender-rule", 200, "SenderRuleResponse", body=body).action.value == "block"
     body = m.SuspendSendingRequest(email="tmp@gen.example", reason="generated client")
     assert call(project, ea, "suspend-sending", 200, "SendingResponse", body=body).sending.value == "suspended"
     body = m.ResumeSendingRequest(email="tmp@gen.example")

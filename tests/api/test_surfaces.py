@@ -166,9 +166,10 @@ def test_every_operation_answers_on_its_route_and_method_only(world: World) -> N
 def test_every_spec_operation_has_a_tool_and_nothing_else_does() -> None:
     spec_ops = {op.name for op in OPERATIONS.values() if op.in_spec}
     # the spec's 11, restore-user, the 7 alias operations, dns-records, check-dns, mobileconfig,
-    # the owners' 6, the 8 platform controls, the fleet's move-domain and set-node-address, and
-    # set-replica and failover-node (every extension is a tool)
-    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8 + 2 + 2
+    # the owners' 6, the 8 platform controls, the fleet's move-domain and set-node-address,
+    # set-replica and failover-node, and the 5 spam policy and sender rule operations (every
+    # extension is a tool)
+    assert len(spec_ops) == 12 + 7 + 1 + 2 + 6 + 8 + 2 + 2 + 5
     assert {op.name for op in TOOLS.values()} == spec_ops
     assert [t.name for t in tool_list()] == [OPERATIONS[n].tool_name for n in OPERATIONS if OPERATIONS[n].in_spec]
     assert {n for n, op in OPERATIONS.items() if op.admin and op.in_spec} == SPEC_ADMIN | FLEET_ADMIN | {"set-limits"}
@@ -328,6 +329,11 @@ ATTACKS: dict[str, list[dict[str, Any]]] = {
     "set-limits": [{"project_id": 202, "max_mailboxes": 0}, {"domain": "b.example", "send_per_hour": 0}],
     "list-limits": [{}, {"project_id": 202}, {"domain": "b.example"}],
     "set-quota": [{"email": "info@b.example", "quota_mb": 1}, {"email": "old@b.example", "quota_mb": 1}],
+    "set-spam-policy": [{"email": "info@b.example", "action": "off"}, {"domain": "b.example", "action": "off"}],
+    "list-spam-policy": [{"domain": "b.example"}],
+    "add-sender-rule": [{"email": "info@b.example", "sender": "@evil.test", "action": "allow"}],
+    "list-sender-rules": [{"domain": "b.example"}, {"email": "info@b.example"}],
+    "remove-sender-rule": [{"domain": "b.example", "sender": "@spam.test"}],
     "suspend-sending": [{"email": "info@b.example", "reason": "taken over"}],
     "resume-sending": [{"email": "info@b.example"}],
     # A project's webhook gets its own project's events only (tests/test_webhooks_e2e.py); the platform's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import grp
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from mailstate.compiler.node_bundle import (
     INSTALL_PATHS,
+    RSPAMD_LOCAL_D,
     SYNC_KEY_FILE,
     BundleOptions,
     build_pi_pull,
@@ -38,6 +40,14 @@ EXPECTED_FILES = {
     "postfix/main.cf.mailstate",
     "postfix/master.cf.mailstate",
     "opendkim/opendkim.conf",  # the DKIM signer (pi-pull/pipull/dkim.py writes its tables)
+    # rspamd, port 25's milter (docs/inbound.md)
+    "rspamd/local.d/worker-proxy.inc",
+    "rspamd/local.d/worker-normal.inc",
+    "rspamd/local.d/worker-controller.inc",
+    "rspamd/local.d/milter_headers.conf",
+    "rspamd/local.d/actions.conf",
+    "rspamd/local.d/settings.conf",  # includes the state's policies pi-pull writes
+    "junk.sieve",  # Dovecot's sieve_before: what rspamd marked as spam into Junk
     "pi_pull.py",
     "postfix/main.cf.base",
     "bundle.json",
@@ -366,7 +376,9 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     # mailbox's own, each mailbox's script from the node's sieve/ dir, Sieve on delivery with our
     # extensions only, and replies handed to the loopback service below.
     passdbs = re.findall(r"passdb \{\n(.*?)\n\}", dv, re.S)
+    # ... and the fleet's proxy passdb (docs/fleet.md)
     assert len(passdbs) == 22 and sum("/srv/node/current/dovecot/passwd.d/" in p for p in passdbs) == 1
+    assert sum("/srv/node/current/dovecot/proxy.%s" in p for p in passdbs) == 1
     raw = b["dovecot/conf.d/90-mailstate.conf"]  # the order Dovecot tries them (doveconf -n sorts names)
     assert raw.index("/current/dovecot/proxy.%s") < raw.index("name = mailstate-app-00")
     assert raw.index("name = mailstate-app-19") < raw.index(
@@ -397,7 +409,62 @@ def test_sending_options_refuse_bad_values() -> None:
     with pytest.raises(InvalidInput):
         bundle(dkim_milter="inet:127.0.0.1:8891 -o x=y")
     no_milter = bundle(dkim_milter="")["postfix/master.cf.mailstate"]
-    assert "smtpd_milters" not in no_milter and "ORIGINATING" in no_milter
+    # no milter on the submission services: not even port 25's spam milter of main.cf
+    assert re.findall(r"-o smtpd_milters=(\S*)", no_milter) == ["", "", ""] and "ORIGINATING" in no_milter
+
+
+def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
+    b = bundle()
+    main = b["postfix/main.cf.mailstate"]
+    for line in (
+        "smtpd_milters = inet:127.0.0.1:11332",
+        "non_smtpd_milters =",
+        "milter_default_action = tempfail",  # rspamd down: 4xx, never unfiltered, never a bounce
+    ):
+        assert f"\n{line}\n" in main, line
+    # the submission and Sieve services name their own milter (OpenDKIM), the fleet relay none
+    master = b["postfix/master.cf.mailstate"]
+    assert re.findall(r"-o smtpd_milters=(\S*)", master) == ["inet:127.0.0.1:8891"] * 3
+    assert "receive_override_options=no_address_mappings,no_milters" in master
+    assert 'bind_socket = "127.0.0.1:11332";' in b["rspamd/local.d/worker-proxy.inc"]
+    assert "self_scan = yes;" in b["rspamd/local.d/worker-proxy.inc"]
+    assert 'bind_socket = "127.0.0.1:11334";' in b["rspamd/local.d/worker-controller.inc"]
+    assert "greylist = null;" in b["rspamd/local.d/actions.conf"]
+    assert "skip_local = false;" in b["rspamd/local.d/milter_headers.conf"]
+    assert '"/var/lib/pi-pull/spam/settings.inc"' in b["rspamd/local.d/settings.conf"]
+    assert '"/var/lib/pi-pull/spam/actions.inc"' in b["rspamd/local.d/actions.conf"]
+    assert "sieve_before = /etc/pi-pull/junk.sieve" in b["dovecot/conf.d/90-mailstate.conf"]
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(b["pi-pull.ini"])
+    assert cp.getboolean("spam", "enabled") and cp.get("spam", "controller") == "127.0.0.1:11334"
+    manifest = json.loads(b["bundle.json"])
+    assert manifest["rspamd"] == {"local_d": sorted(RSPAMD_LOCAL_D)}
+    assert {(f["file"], f["dir"], f["name"]) for f in manifest["files"] if f["dir"] == "rspamd_dir"} == {
+        (f"rspamd/local.d/{n}", "rspamd_dir", f"local.d/{n}") for n in RSPAMD_LOCAL_D
+    }
+
+
+def test_a_bundle_without_the_spam_milter_ships_no_rspamd() -> None:
+    b = bundle(spam_milter="")
+    assert not [f for f in b if f.startswith("rspamd/")] and "junk.sieve" not in b
+    assert "sieve_before" not in b["dovecot/conf.d/90-mailstate.conf"]
+    assert "smtpd_milters" not in b["postfix/main.cf.mailstate"] and "[spam]" not in b["pi-pull.ini"]
+    assert "rspamd" not in json.loads(b["bundle.json"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"spam_milter": "inet:10.0.0.5:11332"},  # rspamd listens on loopback only
+        {"spam_milter": "inet:127.0.0.1:11332 -o x=y"},
+        {"spam_milter": "unix:/run/rspamd.sock"},
+        {"spam_milter": "inet:127.0.0.1:99999"},
+        {"spam_controller": "0.0.0.0:11334"},
+    ],
+)
+def test_spam_milter_options_refuse_bad_values(kwargs: dict[str, str]) -> None:
+    with pytest.raises(InvalidInput):
+        bundle(**kwargs)
 
 
 @pytest.mark.e2e

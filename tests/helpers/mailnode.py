@@ -63,6 +63,7 @@ from pathlib import Path
 import pytest
 
 from mailstate.compiler.node_bundle import (
+    NODE_TEMPLATES,
     BundleOptions,
     build_pi_pull,
     dovecot_snippet,
@@ -91,7 +92,7 @@ AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
-    "sending", "policyfleet", "policy", "fleetfiles", "fleet", "replication",
+    "sending", "policyfleet", "policy", "fleetfiles", "fleet", "replication", "spam", "spampolicy",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 
@@ -242,6 +243,8 @@ class MailNode:
     sieve_port: int = 0  # where Dovecot's Sieve hands in replies and redirects (the bundle's 10026)
     relay_port: int = 0  # the fleet's relay listener (master.cf.mailstate), on loopback
     dkim_milter: str = ""
+    # rspamd's milter for port 25 (tests/helpers/rspamd.py; "" for none, the node then takes mail unfiltered).
+    spam_milter: str = ""
     sink: SmtpSink | None = None
     # pi-pull's outbound policy service (`pi_pull.py policy`), which the bundle's submission
     # services ask: started with the node, on this port (0: none, and no policy in master.cf).
@@ -383,6 +386,8 @@ delay_warning_time = 0
 # clients come from 127.x.y.1 (one address a connection, see imap()): no DNS for their names
 smtpd_peername_lookup = no
 smtp_host_lookup = native
+# a test client may speak for an outside address (XCLIENT ADDR=198.51.100.7): what rspamd sees
+smtpd_authorized_xclient_hosts = 127.0.0.0/8
 
 """
         main_cf += postfix_snippet(
@@ -392,6 +397,7 @@ smtp_host_lookup = native
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
             map_buckets=self.map_buckets,
+            spam_milter=self.spam_milter,
         )
         (self.postfix_dir / "main.cf").write_text(main_cf)
         services = [
@@ -461,8 +467,15 @@ service imap-login {{
 }}
 
 """
+        junk = ""
+        if self.spam_milter:
+            # the bundle's junk.sieve (Dovecot's sieve_before), precompiled as pi_pull.py install does
+            junk = str(w / "junk.sieve")
+            shutil.copy(NODE_TEMPLATES / "mailstate-junk.sieve", junk)
+            subprocess.run(["sievec", junk], check=True, capture_output=True)
         dovecot += dovecot_snippet(
             str(self.root),
+            junk_sieve=junk,
             lmtp_port=self.lmtp_port,
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
@@ -763,11 +776,12 @@ def _pid_alive(pidfile: Path) -> bool:
 
 @contextlib.contextmanager
 def running_mailnode(
-    map_type: str | None = None, *, dkim_milter: str = "", map_buckets: int | None = None
+    map_type: str | None = None, *, dkim_milter: str = "", map_buckets: int | None = None, spam_milter: str = ""
 ) -> Iterator[MailNode]:
     """Start Postfix + Dovecot (and the SMTP sink) for a fresh release root; stop and clean up
     afterwards. ``map_type``/``map_buckets``: the bundle's (``bundle_layout()``) unless given.
-    ``dkim_milter``: a milter for the submission services (none by default)."""
+    ``dkim_milter``: a milter for the submission services (none by default); ``spam_milter``:
+    rspamd's, for port 25 (none by default; tests/helpers/rspamd.py)."""
     layout = bundle_layout()
     require_binaries(*MAIL_BINARIES, "openssl")
     if os.geteuid() != 0:
@@ -800,6 +814,7 @@ def running_mailnode(
         sieve_port=sieve_port,
         relay_port=relay_port,
         dkim_milter=dkim_milter,
+        spam_milter=spam_milter,
         sink=sink,
         policy_port=policy_port,
     )

@@ -84,6 +84,10 @@ class Host:
         return self.w / "etc" / "pi-pull"
 
     @property
+    def rspamd(self) -> Path:
+        return self.w / "etc" / "rspamd"
+
+    @property
     def systemd(self) -> Path:
         return self.w / "etc" / "systemd" / "system"
 
@@ -111,6 +115,8 @@ class Host:
             str(self.postfix),
             "--dovecot-dir",
             str(self.dovecot),
+            "--rspamd-dir",
+            str(self.rspamd),
         ]
 
     def bundle(self, name: str = "bundle", **kwargs: Any) -> Path:
@@ -184,6 +190,9 @@ def _make_host(postfix: str) -> Iterator[Host]:
         pytest.fail("Dovecot's packaged /etc/dovecot is missing (apt-get install dovecot-imapd dovecot-lmtpd)")
     host = Host(make_public_tmpdir("node-install-"))
     shutil.copytree("/etc/dovecot", host.dovecot, symlinks=True)
+    if not Path("/etc/rspamd/rspamd.conf").is_file():
+        pytest.fail("rspamd's packaged /etc/rspamd is missing (apt-get install rspamd)")
+    shutil.copytree("/etc/rspamd", host.rspamd, symlinks=True)
     assert b"pi_pull.py install" not in (host.dovecot / "conf.d" / "10-auth.conf").read_bytes(), (
         "the machine's dovecot is edited"
     )
@@ -243,7 +252,8 @@ def test_dry_run_changes_nothing(host: Host) -> None:
         f"would install {host.etc}/sync_key (0600)",
         f"would install {host.lib}/pi_pull.py (0755)",
         f"would install {host.systemd}/pi-pull.timer",
-        f"would set 18 mailstate lines in {host.postfix}/main.cf",
+        f"would set 23 mailstate lines in {host.postfix}/main.cf",
+        f"would install {host.rspamd}/local.d/worker-proxy.inc (0644)",
         f"would write {host.postfix}/master.cf",
         "would comment out `!include auth-system.conf.ext`",
         f"would create mail root {host.mail_root}",
@@ -292,6 +302,10 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     )
     assert os.listdir(host.root / "current" / "dovecot" / "passwd.d") == []
     assert conf["virtual_transport"] == "lmtp:inet:127.0.0.1:24"
+    # port 25 goes through rspamd (tempfail while it is down); the submission services have their own milter
+    assert conf["smtpd_milters"] == "inet:127.0.0.1:11332" and conf["milter_default_action"] == "tempfail"
+    assert "checked: rspamadm configtest accepts" in r.stdout
+    assert 'bind_socket = "127.0.0.1:11332";' in (host.rspamd / "local.d" / "worker-proxy.inc").read_text()
     assert conf["compatibility_level"] == "3.6"
     # master.cf: Postfix's own dist plus the bundle's submission entries (587, 465)
     master = (host.postfix / "master.cf").read_bytes()
@@ -301,6 +315,7 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     for svc in ("submission/inet", "submissions/inet"):
         m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", svc], capture_output=True, text=True)
         assert m.stdout.split()[7:8] == ["smtpd"] and "smtpd_sasl_auth_enable=yes" in m.stdout, m.stdout
+        assert "smtpd_milters=inet:127.0.0.1:8891" in m.stdout, m.stdout  # never port 25's spam milter
     # the TLS files live under the etc dir, which this install moved (install made a self-signed pair there)
     assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_tls_cert_file"] == f"{host.etc}/tls/fullchain.pem"
     # Dovecot: the snippet is in, the system users are not a passdb any more
@@ -630,6 +645,7 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
         "systemd_dir": str(host.systemd),
         "postfix_dir": str(host.postfix),
         "dovecot_dir": str(host.dovecot),
+        "rspamd_dir": str(host.rspamd),
     }
     lines: list[str] = []
 
@@ -642,10 +658,11 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
 
     assert once() > 0
     changes = [c for c in runner.calls if c[0] not in ("is-active", "is-enabled")]
-    # opendkim: the bundle's opendkim.conf went in beside the postfix dir (the DKIM signer).
+    # opendkim: the bundle's opendkim.conf went in beside the postfix dir (the DKIM signer);
+    # rspamd: port 25's milter, with the bundle's local.d under --rspamd-dir.
     assert changes == [
         ["daemon-reload"], ["enable", "--now", "pi-pull-policy.service"],
-        ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"],
+        ["start", "postfix"], ["start", "dovecot"], ["start", "opendkim"], ["start", "rspamd"],
         ["enable", "--now", "pi-pull-follow.service"], ["enable", "--now", "pi-pull.timer"],
     ]  # fmt: skip
     assert (host.postfix.parent / "opendkim.conf").read_bytes() == (
@@ -667,7 +684,9 @@ def test_with_systemd_units_are_loaded_services_started_and_timer_enabled(host: 
     assert changes == [
         ["disable", "--now", "pi-pull-follow.service"], ["disable", "--now", "pi-pull.timer"],
         ["disable", "--now", "pi-pull-policy.service"], ["daemon-reload"], ["restart", "postfix"], ["restart", "dovecot"], ["restart", "opendkim"],
+        ["restart", "rspamd"],
     ]  # fmt: skip
+    assert not list((host.rspamd / "local.d").iterdir())  # rspamd's own local.d again (it was empty)
     assert not (
         host.postfix.parent / "opendkim.conf"
     ).exists()  # there was none before install: the dkim config is gone
@@ -782,8 +801,11 @@ def test_install_refuses_a_dovecot_without_pigeonhole(host: Host, pipull: Any) -
     from pipull.install import Bundle, Installer, InstallError, Options
 
     dirs = {"etc_dir": str(host.etc), "lib_dir": str(host.lib), "systemd_dir": str(host.systemd),
-            "postfix_dir": str(host.postfix), "dovecot_dir": str(host.dovecot)}  # fmt: skip
+            "postfix_dir": str(host.postfix), "dovecot_dir": str(host.dovecot), "rspamd_dir": str(host.rspamd)}  # fmt: skip
     bundle = Bundle.load(str(host.bundle()))
     Installer(bundle, Options(dirs=dirs)).check_services_installed()  # sievec is there
     with pytest.raises(InstallError, match="apt-get install dovecot-sieve"):
         Installer(bundle, Options(dirs=dirs, sievec="/nonexistent/sievec")).check_services_installed()
+    # port 25's milter: without rspamd every message would tempfail
+    with pytest.raises(InstallError, match="apt-get install rspamd"):
+        Installer(bundle, Options(dirs=dirs, rspamadm="/nonexistent/rspamadm")).check_services_installed()

@@ -77,6 +77,11 @@ def test_registry_names_all_operations() -> None:
         "add-webhook",
         "list-webhooks",
         "remove-webhook",
+        "set-spam-policy",
+        "list-spam-policy",
+        "add-sender-rule",
+        "list-sender-rules",
+        "remove-sender-rule",
     }
     assert (
         set(OPERATIONS)
@@ -89,7 +94,7 @@ def test_registry_names_all_operations() -> None:
         | owners
         | controls
     )
-    assert len(OPERATIONS) == 44
+    assert len(OPERATIONS) == 49
     assert OPERATIONS["add-user"].tool_name == "email_account_add_user"
     assert OPERATIONS["dns-records"].tool_name == "email_account_dns_records"
     assert {n for n, op in OPERATIONS.items() if op.public} == {"mobileconfig"}
@@ -107,6 +112,8 @@ def test_registry_names_all_operations() -> None:
         "add-webhook",
         "list-webhooks",
         "remove-webhook",
+        "list-spam-policy",
+        "list-sender-rules",
     }
     assert {n for n, op in OPERATIONS.items() if op.local} == {"add-webhook", "remove-webhook"}
     assert {n for n, op in OPERATIONS.items() if op.method == "GET"} == {
@@ -121,6 +128,8 @@ def test_registry_names_all_operations() -> None:
         "list-app-passwords",
         "list-limits",
         "list-webhooks",
+        "list-spam-policy",
+        "list-sender-rules",
     }
     assert {n for n, op in OPERATIONS.items() if op.admin} == {
         "add-domain",

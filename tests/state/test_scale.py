@@ -152,6 +152,11 @@ def test_the_cache_writes_entries_exactly_as_model_dump(store: Store) -> None:
     )
     store.execute("add-alias", PROJECT_A, {"address": "@a.example", "destinations": ["y@a.example"]})
     store.execute("add-alias-domain", PROJECT_A, {"domain": "b.example", "target": "a.example"})
+    # inbound protection: a domain's and a mailbox's spam policy (models) and sender rules (JSON)
+    store.execute("set-spam-policy", PROJECT_A, {"domain": "a.example", "action": "reject", "reject_score": 9})
+    store.execute("set-spam-policy", PROJECT_A, {"email": "y@a.example", "action": "off"})
+    store.execute("add-sender-rule", PROJECT_A, {"domain": "a.example", "sender": "@spam.test", "action": "block"})
+    store.execute("add-sender-rule", PROJECT_A, {"email": "x@a.example", "sender": "b@c.test", "action": "allow"})
     for dom in store.snapshot.domains.values():
         assert _domain_to_json(dom) == dom.model_dump(mode="json")
 

@@ -1,0 +1,219 @@
+"""Inbound filtering: what rspamd as port 25's milter costs a node, against the same node without it.
+
+    python -m bench.bench_inbound [--messages 200] [--clients 4] [--rounds 3]
+
+In ONE run, with real Postfix + Dovecot nodes on loopback (tests.helpers.mailnode.running_mailnode):
+two nodes, one with the bundle's rspamd as port 25's milter (tests.helpers.rspamd: the bundle's
+local.d files, DNS to a local knotd serving the sender's SPF record) and one without, each with
+one mailbox applied by the real pi-pull. `--rounds` times, alternating between the two nodes so
+that the machine's load weighs on both alike, `--clients` threads each open one SMTP session a
+message (as sending servers do), speak for 198.51.100.7 (XCLIENT) and send to the mailbox until
+`--messages` were sent to that node in the round. Printed:
+
+- accepted messages per second with and without the filter (the 250 after DATA), and the ratio
+  (issue target: >= 0.5);
+- SMTP transaction time (connect to the 250 after DATA) p50/p90 with and without, and the p50
+  the filter adds (issue target: <= 150 ms);
+- rspamd's memory once the messages went through: RSS and PSS summed over its processes (PSS
+  counts shared pages once; RSS counts them per process) (issue target: <= 250 MB).
+
+Needs root, Postfix, Dovecot with Pigeonhole, rspamd and knot. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import isolate_env, ms, p50, p90
+
+_HOME = isolate_env()  # before anything imports pygit2
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import email.utils  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import smtplib  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from tests.helpers.knot import KnotServer  # noqa: E402
+from tests.helpers.mailnode import (  # noqa: E402
+    MailNode,
+    StateRepo,
+    bcrypt_hash,
+    make_signing_key,
+    run_pi_pull,
+    running_mailnode,
+    write_allowed_signers,
+)
+from tests.helpers.rspamd import Rspamd  # noqa: E402
+
+ADDRESS = "anna@shop.example"
+OUTSIDE = "198.51.100.7"
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Tally:
+    seconds: float = 0.0
+    accepted: int = 0
+    refused: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+def send_one(node: MailNode, n: int) -> tuple[bool, float]:
+    body = (
+        f"From: Bob <bob@sender.test>\r\nTo: {ADDRESS}\r\nSubject: bench {n}\r\n"
+        f"Message-ID: <bench.{n}.{time.time_ns()}@sender.test>\r\nDate: {email.utils.formatdate()}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        + "A short note about the meeting on Friday, with a few lines of text.\r\n"
+        * 20
+    )
+    t0 = time.perf_counter()
+    with contextlib.closing(smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=120)) as s:
+        s.ehlo("mx.sender.test")
+        s.docmd("XCLIENT", f"ADDR={OUTSIDE} NAME=mx.sender.test HELO=mx.sender.test")
+        s.ehlo("mx.sender.test")
+        s.mail("bob@sender.test")
+        s.rcpt(ADDRESS)
+        code, _ = s.data(body.encode())
+        took = time.perf_counter() - t0
+        with contextlib.suppress(smtplib.SMTPException):
+            s.quit()
+    return code == 250, took
+
+
+def blast(node: MailNode, messages: int, clients: int, tally: Tally) -> None:
+    lock = threading.Lock()
+    counter = iter(range(messages))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                return
+            ok, took = send_one(node, n)
+            with lock:
+                tally.latencies.append(took)
+                if ok:
+                    tally.accepted += 1
+                else:
+                    tally.refused += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tally.seconds += time.perf_counter() - t0
+
+
+def provision(node: MailNode, tmp: Path, name: str) -> None:
+    signing = make_signing_key(tmp / f"keys-{name}")
+    repo = StateRepo(tmp / f"repo-{name}", signing, mail_root=str(node.mail_root), uid=node.uid, gid=node.gid, format=2)
+    repo.set_mailbox(ADDRESS, password_hash=bcrypt_hash("bench password"))
+    repo.commit("bench")
+    signers = write_allowed_signers(tmp / f"allowed_signers-{name}", [signing])
+    ini = node.write_pi_pull_config(tmp / f"pi-pull-{name}.ini", str(repo.bare), signers, name=name)
+    r = run_pi_pull(ini)
+    if r.returncode != 0:
+        raise SystemExit(f"pi-pull could not apply the bench state on {name}: {r.stderr}")
+
+
+def memory(pids: list[int]) -> tuple[float, float]:
+    """(RSS, PSS) in MB summed over ``pids`` and their children."""
+    rss = pss = 0
+    for pid in _tree(pids):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
+
+
+def _tree(roots: list[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
+    ap.add_argument("--messages", type=int, default=200, help="messages per node and round (default 200)")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent SMTP clients (default 4)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, alternating the nodes (default 3)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0 or not all(shutil.which(p) for p in ("postfix", "dovecot", "rspamd", "knotd")):
+        raise SystemExit("needs root, Postfix, Dovecot, rspamd and knot")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
+    os.chmod(tmp, 0o755)
+    try:
+        with KnotServer(tmp / "knot", ["sender.test"]) as knot:
+            knot.set_zone("sender.test", [f'@ TXT "v=spf1 ip4:{OUTSIDE} -all"', f"mx A {OUTSIDE}"])
+            rs = Rspamd(tmp / "rspamd", dns=knot.address)
+            with running_mailnode(spam_milter=rs.milter) as filtered, running_mailnode() as plain:
+                rs.use_spam_dir(filtered.root / "spam")
+                t0 = time.monotonic()
+                rs.start()
+                say(f"rspamd up in {time.monotonic() - t0:.1f}s")
+                try:
+                    provision(filtered, tmp, "filtered")
+                    provision(plain, tmp, "plain")
+                    for node in (plain, filtered):  # warm up: the first sessions start smtpd and cleanup
+                        blast(node, args.clients * 2, args.clients, Tally())
+                    with_filter, without = Tally(), Tally()
+                    for rnd in range(args.rounds):
+                        say(f"round {rnd + 1}/{args.rounds}")
+                        blast(plain, args.messages, args.clients, without)
+                        blast(filtered, args.messages, args.clients, with_filter)
+                    assert rs.proc is not None
+                    rss, pss = memory([rs.proc.pid])
+                    stat = rs.stat() or {}
+                finally:
+                    rs.stop()
+        report(args, with_filter, without, rss, pss, stat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def report(args: argparse.Namespace, f: Tally, n: Tally, rss: float, pss: float, stat: dict[str, object]) -> None:
+    rate_f, rate_n = f.accepted / f.seconds, n.accepted / n.seconds
+    print(
+        f"inbound: {args.rounds} rounds x {args.messages} messages a node, {args.clients} SMTP clients, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
+    print("| node | accepted | refused | accepted/s | SMTP p50 ms | SMTP p90 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, t, rate in (("without filter", n, rate_n), ("with rspamd", f, rate_f)):
+        row = [name, str(t.accepted), str(t.refused), f"{rate:.1f}", ms(p50(t.latencies), 1), ms(p90(t.latencies), 1)]
+        print("| " + " | ".join(row) + " |")
+    print(f"accept rate with / without: {rate_f / rate_n:.2f} (target >= 0.5)")
+    print(f"added SMTP latency p50: {ms(p50(f.latencies) - p50(n.latencies), 1)} ms (target <= 150 ms)")
+    print(f"rspamd memory: RSS {rss:.0f} MB summed over its processes, PSS {pss:.0f} MB (target <= 250 MB)")
+    print(f"rspamd scanned {stat.get('scanned')} messages; actions {stat.get('actions')}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""Inbound filtering end to end: real `mailstate serve`, real Postfix + Dovecot, a real rspamd
+configured with the bundle's ``local.d`` files as the milter of port 25, a real DNS server
+(knot) for rspamd's lookups, and the real pi-pull single file reporting the filter's state.
+
+The test client speaks for an outside address with Postfix's XCLIENT (the test node allows it
+from loopback): rspamd sees mail from 198.51.100.7, which the sender domain's SPF record names.
+rspamd starts once for the module (a start compiles its rules: ~15 s); the test that stops it
+runs last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import smtplib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.fleet import provision_node
+from tests.helpers.knot import KnotServer
+from tests.helpers.mailnode import MailNode, run_pi_pull, running_mailnode
+from tests.helpers.rspamd import Rspamd
+from tests.helpers.server import LiveServer
+
+pytestmark = pytest.mark.e2e
+API = "/v1/email-account"
+PASSWORD = "correct horse battery"
+OUTSIDE = "198.51.100.7"  # the sending server, as rspamd sees it (XCLIENT)
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@dataclass
+class World:
+    node: MailNode
+    rspamd: Rspamd
+    server: LiveServer
+    admin: httpx.Client
+    project: httpx.Client
+    ini: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("inbound")
+    with KnotServer(tmp / "knot", ["sender.test"]) as knot:
+        knot.set_zone(
+            "sender.test",
+            [f'@ TXT "v=spf1 ip4:{OUTSIDE} -all"', f"mx A {OUTSIDE}", "@ MX 10 mx.sender.test."],
+        )
+        rs = Rspamd(tmp / "rspamd", dns=knot.address)
+        try:
+            with running_mailnode(spam_milter=rs.milter) as node:
+                rs.use_spam_dir(node.root / "spam")
+                rs.start()
+                server = LiveServer(tmp / "srv")
+                server.cli(
+                    "init", "--data", str(server.data.root), "--bcrypt-cost", "4", "--mail-root", str(node.mail_root),
+                    "--uid", str(node.uid), "--gid", str(node.gid), "--mx-host", "mx1.platform.test",
+                )  # fmt: skip
+                server.admin_token = server.create_token(name="admin")
+                project = server.create_token(project=42, name="p42")
+                server.start()
+                admin, p42 = server.client(server.admin_token), server.client(project)
+                try:
+                    ini = provision_node(node, server, admin, node.workdir / "etc", name="mpi01")
+                    with open(ini, "a") as fh:
+                        fh.write(f"[spam]\nenabled = yes\ncontroller = {rs.controller}\nreload = {rs.reload_command}\n")
+                    link = {"domain": "shop.example", "project_id": 42}
+                    assert admin.post(f"{API}/link-domain", json=link).status_code == 201
+                    assert p42.post(f"{API}/enable-email", json={"domain": "shop.example"}).status_code == 200
+                    user = {"email": "anna@shop.example", "password": PASSWORD}
+                    assert p42.post(f"{API}/add-user", json=user).status_code == 201
+                    config_id = (rs.stat() or {}).get("config_id")
+                    tick(ini)  # writes rspamd's files from the state (none yet) and reloads it once
+                    rs.wait_reloaded(config_id)
+                    yield World(node, rs, server, admin, p42, ini)
+                finally:
+                    admin.close()
+                    p42.close()
+                    server.stop()
+        finally:
+            rs.stop()
+
+
+def tick(ini: Path) -> None:
+    r = run_pi_pull(ini)
+    assert r.returncode == 0, r.stderr
+
+
+def send_from_outside(node: MailNode, subject: str, body: str, *, sloppy: bool = False) -> tuple[int, str]:
+    """Send one message to anna@shop.example as mx.sender.test (198.51.100.7); the first reply
+    that is not a success (code, text), or (250, ...) when the message was accepted. ``sloppy``:
+    from a client without a host name (no reverse DNS), which rspamd scores (HFILTER_HOSTNAME_UNKNOWN: 2.5)."""
+    ids = f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\nDate: {email.utils.formatdate()}\r\n"
+    name = "[UNAVAILABLE]" if sloppy else "mx.sender.test"
+    msg = (
+        f"From: Bob <bob@sender.test>\r\nTo: anna@shop.example\r\nSubject: {subject}\r\n{ids}"
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{body}\r\n"
+    )
+    with contextlib.closing(smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=60)) as s:
+        s.ehlo("mx.sender.test")
+        code, text = s.docmd("XCLIENT", f"ADDR={OUTSIDE} NAME={name} HELO=mx.sender.test")
+        assert code == 220, (code, text)
+        s.ehlo("mx.sender.test")
+        for step in (lambda: s.mail("bob@sender.test"), lambda: s.rcpt("anna@shop.example")):
+            code, reply = step()
+            if code >= 400:
+                return code, reply.decode()
+        code, reply = s.data(msg.encode())
+        return code, reply.decode()
+
+
+def spam_filter(w: World) -> dict[str, object]:
+    r = w.admin.get(f"{API}/list-nodes")
+    assert r.status_code == 200, r.text
+    (entry,) = [n for n in r.json()["nodes"] if n["name"] == "mpi01"]
+    assert isinstance(entry["spam_filter"], dict), entry
+    return entry["spam_filter"]
+
+
+def test_a_clean_message_reaches_inbox_with_authentication_results(world: World) -> None:
+    code, reply = send_from_outside(world.node, "Lunch on Friday", "Shall we meet at noon?")
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Lunch on Friday", timeout=60)
+    msg = email.message_from_bytes(raw)
+    results = " ".join(str(h) for h in msg.get_all("Authentication-Results", []))
+    assert "spf=pass" in results and "bob@sender.test" in results, msg.as_string()[:3000]
+    status = str(msg["X-Spam-Status"])
+    assert status.startswith("No, score="), msg.as_string()[:3000]
+    assert msg["X-Spam"] is None
+
+
+def test_gtube_is_refused_at_smtp_time_and_counted(world: World) -> None:
+    before = world.rspamd.stat() or {}
+    code, reply = send_from_outside(world.node, "Cheap watches", f"Buy now!\r\n{GTUBE}")
+    assert code == 554 and reply.startswith("5.7.1"), (code, reply)  # rspamd's reject of the GTUBE pattern
+    after = world.rspamd.stat() or {}
+    assert isinstance(after.get("actions"), dict) and isinstance(before.get("actions"), dict)
+    assert after["actions"]["reject"] == before["actions"]["reject"] + 1
+    tick(world.ini)
+    report = spam_filter(world)
+    assert report["running"] is True and report["error"] is None
+    assert isinstance(report["scanned"], int) and report["scanned"] >= 2
+    assert report["rejected"] == after["actions"]["reject"]
+    metrics = world.admin.get("/metrics").text
+    assert 'mailstate_node_spam_filter_up{node="mpi01"} 1.0' in metrics
+    assert f'mailstate_node_spam_messages{{node="mpi01",result="rejected"}} {float(report["rejected"])}' in metrics
+
+
+def set_policy(w: World, body: dict[str, object]) -> None:
+    """set-spam-policy, then a tick: pi-pull writes rspamd's settings and reloads it."""
+    r = w.project.post(f"{API}/set-spam-policy", json=body)
+    assert r.status_code == 200 and r.json()["commit"], r.text
+    config_id = (w.rspamd.stat() or {}).get("config_id")
+    tick(w.ini)
+    w.rspamd.wait_reloaded(config_id)
+
+
+def folder_subjects(w: World, folder: str) -> list[str]:
+    imap = w.node.imap("anna@shop.example", PASSWORD)
+    try:
+        typ, _ = imap.select(folder)
+        if typ != "OK":
+            return []
+        typ, data = imap.search(None, "ALL")
+        out = []
+        for num in data[0].split():
+            typ, fetched = imap.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            item = fetched[0]
+            assert isinstance(item, tuple)
+            out.append(email.message_from_bytes(item[1])["Subject"])
+        return out
+    finally:
+        imap.logout()
+
+
+def wait_in(w: World, folder: str, subject: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while subject not in folder_subjects(w, folder):
+        assert time.monotonic() < deadline, f"{subject!r} not in {folder}: {w.rspamd.log()[-4000:]}"
+        time.sleep(0.3)
+
+
+def test_the_policy_decides_junk_reject_or_off(world: World) -> None:
+    # junk from 2: a sloppy message (2.5 and up) goes to Junk through the Sieve pipeline
+    set_policy(world, {"email": "anna@shop.example", "action": "junk", "junk_score": 2})
+    code, reply = send_from_outside(world.node, "Sloppy one", "From a host without a name.", sloppy=True)
+    assert code == 250, reply
+    wait_in(world, "Junk", "Sloppy one")
+    assert "Sloppy one" not in folder_subjects(world, "INBOX")
+    # reject from 3 (the domain's policy; the mailbox's own removed): refused at SMTP time
+    set_policy(world, {"email": "anna@shop.example", "action": None})
+    set_policy(world, {"domain": "shop.example", "action": "reject", "junk_score": 1, "reject_score": 3})
+    code, reply = send_from_outside(world.node, "Sloppy two", "From a host without a name.", sloppy=True)
+    assert code == 554 and "refused as spam" in reply, (code, reply)
+    # off: the same message reaches INBOX, marked with its score but not as spam
+    set_policy(world, {"domain": "shop.example", "action": "off"})
+    code, reply = send_from_outside(world.node, "Sloppy three", "From a host without a name.", sloppy=True)
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Sloppy three", timeout=60)
+    msg = email.message_from_bytes(raw)
+    assert msg["X-Spam"] is None and str(msg["X-Spam-Status"]).startswith("No, score="), msg.as_string()[:2000]
+    set_policy(world, {"domain": "shop.example", "action": None})
+
+
+def rule(w: World, op: str, body: dict[str, object], status: int = 200) -> None:
+    """add-sender-rule / remove-sender-rule, then a tick: pi-pull writes rspamd's settings and reloads it."""
+    r = w.project.post(f"{API}/{op}", json=body)
+    assert r.status_code == status and r.json()["commit"], r.text
+    config_id = (w.rspamd.stat() or {}).get("config_id")
+    tick(w.ini)
+    w.rspamd.wait_reloaded(config_id)
+
+
+def test_a_blocked_sender_is_refused_and_an_allowed_one_passes_a_high_score(world: World) -> None:
+    rule(world, "add-sender-rule", {"email": "anna@shop.example", "sender": "@sender.test", "action": "block"}, 201)
+    code, reply = send_from_outside(world.node, "From a blocked domain", "Hello.")
+    assert 500 <= code < 600, (code, reply)
+    rule(world, "remove-sender-rule", {"email": "anna@shop.example", "sender": "@sender.test"})
+    # the domain refuses from 1: a sloppy message is refused, unless its sender is on the allow list
+    set_policy(world, {"domain": "shop.example", "action": "reject", "junk_score": 0.5, "reject_score": 1})
+    code, reply = send_from_outside(world.node, "Refused before the allow", "Hi.", sloppy=True)
+    assert code == 554, (code, reply)
+    rule(world, "add-sender-rule", {"domain": "shop.example", "sender": "bob@sender.test", "action": "allow"}, 201)
+    code, reply = send_from_outside(world.node, "Allowed despite the score", "Hi.", sloppy=True)
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Allowed despite the score", timeout=60)
+    assert email.message_from_bytes(raw)["X-Spam"] is None
+    rule(world, "remove-sender-rule", {"domain": "shop.example", "sender": "bob@sender.test"})
+    set_policy(world, {"domain": "shop.example", "action": None})
+
+
+def test_with_rspamd_down_mail_tempfails_and_the_report_says_so(world: World) -> None:
+    world.rspamd.stop()
+    code, reply = send_from_outside(world.node, "While the filter is down", "Please wait for me.")
+    assert 400 <= code < 500, (code, reply)
+    tick(world.ini)
+    report = spam_filter(world)
+    assert report["running"] is False and "rspamd does not answer" in str(report["error"]), report
+    assert 'mailstate_node_spam_filter_up{node="mpi01"} 0.0' in world.admin.get("/metrics").text
+    # never delivered unfiltered, never bounced: Postfix holds nothing, the INBOX has nothing
+    time.sleep(1)
+    imap = world.node.imap("anna@shop.example", PASSWORD)
+    try:
+        imap.select("INBOX")
+        typ, data = imap.search(None, "SUBJECT", '"While the filter is down"')
+        assert typ == "OK" and data[0] == b"", data
+    finally:
+        imap.logout()
