@@ -154,18 +154,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         store = self.store
-        pending = GaugeMetricFamily(
-            "mailstate_refused_commit",
-            "1 while the server refuses a commit at the tip of its branch or upstream (see /v1/health with an admin token).",
-        )
-        pending.add_metric([], 1.0 if getattr(store, "upstream_problem", None) else 0.0)
-        yield pending
-        kept = GaugeMetricFamily(
-            "mailstate_refused_commits",
-            "Refused commits the server replaced and keeps under refs/mailstate/rejected/ for the admins.",
-        )
-        kept.add_metric([], float(sum(1 for name in store.git.repo.references if name.startswith(REJECTED_PREFIX))))
-        yield kept
+        yield from _refused_commits(store)
 
         age = GaugeMetricFamily(
             "mailstate_node_last_sync_age_seconds",
@@ -279,3 +268,19 @@ def _parse_time(value: object) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _refused_commits(store: Any) -> Iterator[Metric]:
+    """Whether the server refuses a commit at its tip now, and how many refused commits it keeps."""
+    pending = GaugeMetricFamily(
+        "mailstate_refused_commit",
+        "1 while the server refuses a commit at the tip of its branch or upstream (see /v1/health with an admin token).",
+    )
+    pending.add_metric([], 1.0 if getattr(store, "upstream_problem", None) else 0.0)
+    yield pending
+    kept = GaugeMetricFamily(
+        "mailstate_refused_commits",
+        "Refused commits the server replaced and keeps under refs/mailstate/rejected/ for the admins.",
+    )
+    kept.add_metric([], float(sum(1 for name in store.git.repo.references if name.startswith(REJECTED_PREFIX))))
+    yield kept

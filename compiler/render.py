@@ -267,19 +267,7 @@ def render_domain(
     app_lines = sieve.app_password_lines(domain)
     scripts = sieve_fragment(domain)
     sending = [line.split(" ") for line in domain_lines(domain, project)]
-    spam_lines = [
-        line.split(" ")
-        for line in spam.domain_lines(
-            _policy(domain.spam_policy),
-            {local: _policy(box.spam_policy) for local, box in boxes if box.active},
-        )
-    ]
-    sender_rules = [
-        line.split(" ")
-        for line in spam.sender_lines(
-            domain.sender_rules, {local: box.sender_rules for local, box in boxes if box.active}
-        )
-    ]
+    spam_lines, sender_rules = _spam_fragments(domain, boxes)
     # These six are written only for a domain that has any (absent: none).
     present = {
         ALIAS_FRAGMENT: bool(aliases),
@@ -332,6 +320,16 @@ def render_domain(
 
 
 SETTINGS_FILES = (SETTINGS_FILE, SENDING_FILE, spam.SPAM_FILE)
+
+
+def _spam_fragments(domain: DomainFile, boxes: list[tuple[str, Mailbox]]) -> tuple[list[list[str]], list[list[str]]]:
+    """The domain's `spam_policy` and `sender_rules` lines (state/spam.py), split into fields."""
+    active = [(local, box) for local, box in boxes if box.active]
+    policies = spam.domain_lines(
+        _policy(domain.spam_policy), {local: _policy(box.spam_policy) for local, box in active}
+    )
+    rules = spam.sender_lines(domain.sender_rules, {local: box.sender_rules for local, box in active})
+    return [line.split(" ") for line in policies], [line.split(" ") for line in rules]
 
 
 def _policy(policy: SpamPolicy | None) -> dict[str, object] | None:
