@@ -270,7 +270,7 @@ def _parse_time(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _refused_commits(store: Any) -> Iterator[Metric]:
+def _refused_commits(store: Store) -> Iterator[Metric]:
     """Whether the server refuses a commit at its tip now, and how many refused commits it keeps."""
     pending = GaugeMetricFamily(
         "mailstate_refused_commit",
