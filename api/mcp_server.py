@@ -103,6 +103,8 @@ DESTRUCTIVE = frozenset(
         "remove-webhook",
         "set-replica",
         "failover-node",
+        "set-spam-policy",
+        "remove-sender-rule",
     }
 )
 IDEMPOTENT = frozenset(
