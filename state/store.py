@@ -53,6 +53,7 @@ from mailstate.state.errors import (
     Unavailable,
     UpstreamUnavailable,
 )
+from mailstate.state.fifolock import FifoLock
 from mailstate.state.gitrepo import GitRepo
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
@@ -171,12 +172,16 @@ class Store:
         max_tries: int = 16,
         rng: random.Random | None = None,
         gc_every: int = GC_EVERY,
+        on_write_lock: Callable[[], None] | None = None,
     ) -> None:
         self.git = GitRepo(repo_path)
         self.signer = signer
         self.clock = clock
         self._status_source = status_source
-        self._lock = threading.Lock()
+        # The writers' lock, granted first come first served; reads never wait for it.
+        self._lock = FifoLock()
+        # Called by each write as soon as it holds the lock (a seam: tests act while a writer holds it).
+        self._on_write_lock = on_write_lock
         head = self.git.head()
         if head is None:
             raise StoreError(f"{repo_path} has no commits; run `mailstate init` first.")
@@ -263,6 +268,11 @@ class Store:
         return self._snapshot
 
     @property
+    def write_lock(self) -> FifoLock:
+        """The writers' lock: its `waiting` is the writers queued right now (/metrics)."""
+        return self._lock
+
+    @property
     def head(self) -> str:
         assert self._snapshot.commit is not None
         return self._snapshot.commit
@@ -277,9 +287,9 @@ class Store:
         req = parse(op.request, data)
         if op.admin and not actor.is_admin:
             raise Forbidden("This operation needs an admin token.", code="admin_required")
-        self.current()
+        snap = self.current()
         if not op.write:
-            return op.apply(self._context(actor), req, {})
+            return op.apply(self._context(actor, snap), req, {})
         prepared: dict[str, Any] = {}
         if op.prepare is not None:
             self._apply(op, self._context(actor), req, _PLACEHOLDER)  # the rules (limits too) before bcrypt
@@ -287,11 +297,18 @@ class Store:
         return self._write(op, actor, req, prepared, clean_request_id(request_id))
 
     def current(self) -> Snapshot:
-        """The snapshot of main as it is now: local mode adopts (or refuses) a commit another
-        process made since, as every operation does before it runs."""
-        if self.upstream is None and self.git.head() != self._snapshot.commit:
-            with self._lock:
+        """The newest published snapshot, never waiting for a writer.
+
+        Snapshots are immutable and swapped in whole, so a reader needs no lock to use one. Local
+        mode: when main moved under us (another process wrote) and the writers' lock is free with
+        nobody queued, this thread adopts (or refuses) the new commit first; otherwise the caller
+        keeps the current snapshot: the writer holding the lock refreshes before it writes, and
+        the background watcher looks at main every second."""
+        if self.upstream is None and self.git.head() != self._snapshot.commit and self._lock.try_acquire():
+            try:
                 self._refresh_locked()
+            finally:
+                self._lock.release()
         return self._snapshot
 
     def execute_operation(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any]) -> Outcome:
@@ -299,9 +316,9 @@ class Store:
         same write path: one signed commit, compare-and-swap, pushed upstream in upstream mode."""
         return self._write(op, actor, req, prepared, clean_request_id(None))
 
-    def _context(self, actor: Actor) -> Context:
+    def _context(self, actor: Actor, snap: Snapshot | None = None) -> Context:
         return Context(
-            state=self._snapshot,
+            state=snap or self._snapshot,
             actor=actor,
             now=self.clock(),
             node_status=self.node_status,
@@ -329,6 +346,8 @@ class Store:
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
+            if self._on_write_lock is not None:
+                self._on_write_lock()
             tries = self.max_tries
             for attempt in range(tries):
                 if self.upstream is None:
