@@ -41,7 +41,7 @@ from mailstate.compiler.render import (
 from mailstate.state import aliases, files, placement
 from mailstate.state import limits as lim
 from mailstate.state.errors import CompileError, StateInvalid
-from mailstate.state.gitrepo import GitRepo
+from mailstate.state.gitrepo import GitRepo, name_key
 from mailstate.state.load import ParseCache, problem_lines
 from mailstate.state.models import DomainFile, NodesFile
 from mailstate.state.senders import alias_domains_of
@@ -346,7 +346,7 @@ def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) 
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:
-        entry = repo.tree(commit)[base]
+        entry = repo.tree(commit)[name_key(base)]
     except KeyError:
         entry = None
     if entry is not None:
