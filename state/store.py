@@ -4,16 +4,21 @@
       parse request            (InvalidInput on bad input; nothing else happens)
       preflight apply          (cheap: rule errors surface before any bcrypt work)
       prepare                  (bcrypt / key generation, OUTSIDE the write lock)
-      ── write lock ──
+      ── write lock (state/fifolock.py: first come first served) ──
       apply on current state   → Outcome(change)
       render touched domains   → YAML + rendered/ bytes for those paths only
-      build tree, sign commit, compare-and-swap the branch, swap in the new snapshot
+      build tree, sign commit, compare-and-swap the branch, publish the new snapshot
       ── unlock ──
 
 A failure anywhere before the branch moves leaves the branch and the in-memory state as they
 were. The store takes its signer and its clock as arguments (seams for tests).
 
-The accepted-head statement (state/statement.py, `refs/mailstate/accepted`) names the last
+Reads never wait for a writer: a snapshot is immutable and published whole, so a read runs on
+the newest one (`current`). A commit another process made is adopted by a writer (which
+refreshes first), by the background watcher, or by a reader that finds the lock free.
+
+The accepted-head statement (state/statement.py, `refs/mailstate/accepted`; written and pushed
+by state/publisher.py) names the last
 commit this store validated: it moves after every write the store makes and after it adopts a
 commit made elsewhere, never for a refused one, and only forward (a statement whose head is not
 an ancestor of ours is left alone when a server signed it). In local mode a restarted store
@@ -21,6 +26,7 @@ starts from the statement's head and validates `main` against it, so a commit pu
 server ran is checked like any other. `run_background` refreshes the statement on a schedule,
 pushes it upstream (upstream mode) and, in local mode, notices within a second that `main`
 moved without waiting for a request.
+Upstream mode's fetch and push are state/upstream_sync.py's; the adopt rule stays here.
 """
 
 from __future__ import annotations
@@ -515,10 +521,13 @@ class Store:
         # The write has landed; a statement that fails from here on is logged and retried on
         # the schedule, never turned into a failed write.
         self.statements.publish_locked(prepared=stated)  # one ref update: the tag is on disk already
-        if self._background:
-            self._wake.set()  # the upstream push (a `git push`) stays off the write path
-        else:
+        if not self._background:
             self.statements.push_locked()
+        elif self.statements.push_due or self.statements.error:
+            # The upstream push (a `git push`), or another try at a statement that failed, stays
+            # off the write path. Otherwise the background thread is left asleep: waking it
+            # would only make it queue for the writers' lock to find nothing to do.
+            self._wake.set()
         self._housekeeping()
 
     def _keep_rejected(self, refused: str, replacement: str) -> None:
