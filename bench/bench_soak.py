@@ -14,8 +14,8 @@ interned strings, the first pack). Target (issue "fast under load"): RSS after a
 Default: `mailstate serve` in a subprocess, RSS from /proc. `--trace`: the same app (create_app,
 uvicorn) in a thread of this process with tracemalloc on, so the report also lists the source
 lines whose live allocations grew most between the end of the first chunk and the end (what to
-fix when the RSS climbs); tracemalloc slows every allocation, so its throughput is not the
-server's.
+fix when the RSS climbs); tracemalloc slows every allocation and its snapshots take memory of
+their own, so neither its throughput nor its RSS is the server's.
 """
 
 from __future__ import annotations
