@@ -205,19 +205,7 @@ class Store:
             upstream=upstream,
             trusted_signers=trusted_signers,
         )
-        # Upstream mode: fetch and adopt upstream's tip, push each write (state.upstream_sync).
-        self.upstream_sync = (
-            UpstreamSync(
-                upstream,
-                self._lock,
-                self.statements,
-                head=lambda: self.head,
-                adopt=lambda tip, joining: self._adopt_tip(tip, joining=joining, source="upstream"),
-                trusted_signers=trusted_signers,
-            )
-            if upstream is not None
-            else None
-        )
+        self.upstream_sync = self._upstream_sync(upstream)
         self._statement_replace = False
         # Set while run_background runs: writes then leave the statement to that thread.
         self._background = False
@@ -245,6 +233,19 @@ class Store:
                 self._refresh_locked()
             self.statements.publish_locked()
             self.statements.push_locked()
+
+    def _upstream_sync(self, upstream: Upstream | None) -> UpstreamSync | None:
+        """Upstream mode: fetch and adopt upstream's tip, push each write (state.upstream_sync)."""
+        if upstream is None:
+            return None
+        return UpstreamSync(
+            upstream,
+            self._lock,
+            self.statements,
+            head=lambda: self.head,
+            adopt=lambda tip, joining: self._adopt_tip(tip, joining=joining, source="upstream"),
+            trusted_signers=self.trusted_signers,
+        )
 
     def _first_check(self, head: str) -> Snapshot:
         """No statement to start from (a new data dir, or its statement is gone or not a server's):
