@@ -92,6 +92,18 @@ def _retry_write(fn: Callable[..., _T], *args: Any) -> _T:
     raise AssertionError("unreachable")
 
 
+# libgit2's object cache (process-wide; its default is 256 MB). Each write leaves ~0.7 KB of new
+# commits and trees in it, so a server's RSS climbed with every write until 256 MB; the store
+# serves reads from its own snapshot and keeps its tree builders, so a small cache costs nothing.
+OBJECT_CACHE_BYTES = 8 * 1024 * 1024
+
+
+def bound_object_cache() -> None:
+    """Cap libgit2's object cache at OBJECT_CACHE_BYTES (never raise a lower cap)."""
+    if pygit2.settings.cached_memory[1] > OBJECT_CACHE_BYTES:
+        pygit2.settings.cache_max_size(OBJECT_CACHE_BYTES)
+
+
 # Tree builders kept for the next write (GitRepo._take_builder): the ~6 trees a write rewrites
 # plus the buckets recent writes touched; ~100 KB each for an 800-entry bucket.
 BUILDERS_KEPT = 128

@@ -59,7 +59,7 @@ from mailstate.state.errors import (
     UpstreamUnavailable,
 )
 from mailstate.state.fifolock import FifoLock
-from mailstate.state.gitrepo import GitRepo
+from mailstate.state.gitrepo import GitRepo, bound_object_cache
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
 from mailstate.state.ops import (
@@ -179,6 +179,7 @@ class Store:
         gc_every: int = GC_EVERY,
         on_write_lock: Callable[[], None] | None = None,
     ) -> None:
+        bound_object_cache()  # a long-running store's memory stays flat (state.gitrepo)
         self.git = GitRepo(repo_path)
         self.signer = signer
         self.clock = clock

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pygit2
 
+from mailstate.state import gitrepo
 from mailstate.state.datadir import DataDir
 from mailstate.state.fifolock import FifoLock
 from mailstate.state.keyrotation import DataDirSigner
@@ -120,3 +121,11 @@ def test_fifo_lock_hands_over_in_arrival_order_and_try_acquire_never_jumps_the_q
     assert lock.waiting == 0 and not lock.held
     assert lock.try_acquire() and lock.held
     lock.release()
+
+
+def test_a_store_caps_libgit2s_object_cache(data_dir: DataDir) -> None:
+    # libgit2's default cap is 256 MB, and every write adds to the cache: a server's RSS grew
+    # with its writes until then (bench/bench_soak.py).
+    pygit2.settings.cache_max_size(256 * 1024 * 1024)
+    _store(data_dir)
+    assert pygit2.settings.cached_memory[1] == gitrepo.OBJECT_CACHE_BYTES
