@@ -21,6 +21,8 @@
     mailstate_node_spam_messages{node,result}         scanned, rejected, junked: rspamd's counters since it
                                                       started, as the node last reported them
     mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
+    mailstate_writers_waiting                         writes queued for the writers' lock right now (first
+                                                      come first served; reads never wait for it)
     mailstate_webhook_deliveries_total{result}        webhook tries since start: delivered, failed (a
                                                       try that will be retried or was the last), given_up
     mailstate_webhook_backlog                         deliveries waiting in the outbox (first try or retry)
@@ -221,6 +223,12 @@ class _StateCollector(Collector):
         )
         waiting.add_metric([], float(self.waiting()))
         yield waiting
+        writers = GaugeMetricFamily(
+            "mailstate_writers_waiting",
+            "Writes queued for the writers' lock right now, served first come first served (reads never wait for it).",
+        )
+        writers.add_metric([], float(store.write_lock.waiting))
+        yield writers
         if self.controls is not None:
             yield from self._controls(self.controls, now)
 

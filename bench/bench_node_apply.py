@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,7 @@ def run_apply(
     python: str, agent_dir: Path, root: Path, tip: str, buckets: int, mail_root: Path, etc: Path
 ) -> dict[str, float]:
     t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(
         [python, "-c", DRIVER, str(agent_dir), str(root), tip, str(buckets), str(mail_root)],
         capture_output=True,
@@ -196,10 +198,16 @@ def run_apply(
         timeout=3600,
     )
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(f"apply failed ({root.name}):\n{r.stderr[-3000:]}")
     out: dict[str, float] = json.loads(r.stdout.strip().splitlines()[-1])
     out["wall"] = wall
+    # CPU of the apply process and everything it ran (git, the helper, postmap): beside the wall
+    # time it tells work from waiting for a core on a shared machine.
+    out["cpu_user"] = after.ru_utime - before.ru_utime
+    out["cpu_sys"] = after.ru_stime - before.ru_stime
+    out["cpu"] = out["cpu_user"] + out["cpu_sys"]
     return out
 
 
@@ -271,7 +279,9 @@ def main() -> int:
                 root.mkdir()
                 (root / "mirror.git").symlink_to(repo)
                 first = run_apply(args.python, agent_dir, root, commits[0], buckets, mail_root, etc)
-                say(f"{size} {variant}: first apply {first['wall']:.2f} s")
+                say(
+                    f"{size} {variant}: first apply {first['wall']:.2f} s (CPU {first['cpu_user']:.2f} s user + {first['cpu_sys']:.2f} s sys, load {os.getloadavg()[0]:.1f})"
+                )
                 # one unmeasured warm-up change, then the measured ones
                 run_apply(args.python, agent_dir, root, commits[1], buckets, mail_root, etc)
                 applies = [run_apply(args.python, agent_dir, root, c, buckets, mail_root, etc) for c in commits[2:]]

@@ -2,10 +2,11 @@
 
     python -m bench.load_client --port P --token T --kind read|soft|add --targets FILE
                                 --start WALLTIME --duration S --out FILE [--slot N --slots M]
+                                [--requests N]
 
 It waits until the wall-clock time `--start` (so every client of a phase starts together), then
 sends its next request as soon as the last one is answered, until `--duration` seconds have
-passed. It writes {"latencies": [s...], "errors": {status: count}, "cpu_s": ...} to `--out`.
+passed (or, with `--requests`, N requests were answered). It writes {"latencies": [s...], "errors": {status: count}, "cpu_s": ...} to `--out`.
 
 Kinds:
 - read: list-users for one domain, cycling through the targets (domains);
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(delay)
     cpu0 = time.process_time()
     end = time.perf_counter() + args.duration
-    while time.perf_counter() < end:
+    limit = args.requests or float("inf")
+    while time.perf_counter() < end and len(latencies) < limit:
         method, path, body = next(stream)
         t0 = time.perf_counter()
         status = client.call(method, path, body)
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--slot", type=int, default=0)
     ap.add_argument("--slots", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: no limit)")
     args = ap.parse_args()
     Path(args.out).write_text(json.dumps(run(args)))
 

@@ -4,16 +4,21 @@
       parse request            (InvalidInput on bad input; nothing else happens)
       preflight apply          (cheap: rule errors surface before any bcrypt work)
       prepare                  (bcrypt / key generation, OUTSIDE the write lock)
-      ── write lock ──
+      ── write lock (state/fifolock.py: first come first served) ──
       apply on current state   → Outcome(change)
       render touched domains   → YAML + rendered/ bytes for those paths only
-      build tree, sign commit, compare-and-swap the branch, swap in the new snapshot
+      build tree, sign commit, compare-and-swap the branch, publish the new snapshot
       ── unlock ──
 
 A failure anywhere before the branch moves leaves the branch and the in-memory state as they
 were. The store takes its signer and its clock as arguments (seams for tests).
 
-The accepted-head statement (state/statement.py, `refs/mailstate/accepted`) names the last
+Reads never wait for a writer: a snapshot is immutable and published whole, so a read runs on
+the newest one (`current`). A commit another process made is adopted by a writer (which
+refreshes first), by the background watcher, or by a reader that finds the lock free.
+
+The accepted-head statement (state/statement.py, `refs/mailstate/accepted`; written and pushed
+by state/publisher.py) names the last
 commit this store validated: it moves after every write the store makes and after it adopts a
 commit made elsewhere, never for a refused one, and only forward (a statement whose head is not
 an ancestor of ours is left alone when a server signed it). In local mode a restarted store
@@ -21,6 +26,7 @@ starts from the statement's head and validates `main` against it, so a commit pu
 server ran is checked like any other. `run_background` refreshes the statement on a schedule,
 pushes it upstream (upstream mode) and, in local mode, notices within a second that `main`
 moved without waiting for a request.
+Upstream mode's fetch and push are state/upstream_sync.py's; the adopt rule stays here.
 """
 
 from __future__ import annotations
@@ -56,12 +62,12 @@ from mailstate.state.errors import (
     BranchMoved,
     Forbidden,
     InvalidInput,
-    StatementInvalid,
     StoreError,
     Unavailable,
     UpstreamUnavailable,
 )
-from mailstate.state.gitrepo import GitRepo
+from mailstate.state.fifolock import FifoLock
+from mailstate.state.gitrepo import GitRepo, bound_object_cache
 from mailstate.state.load import ParseCache, load_commit
 from mailstate.state.models import Request, parse
 from mailstate.state.ops import (
@@ -76,13 +82,14 @@ from mailstate.state.ops import (
     UsageLookup,
     WebhookRegistry,
 )
+from mailstate.state.publisher import StatementPublisher, is_commit
 from mailstate.state.sending import SENDING_FRAGMENT
 from mailstate.state.signing import Signer
 from mailstate.state.snapshot import Actor, Change, Outcome, Snapshot
-from mailstate.state.statement import REF as STATEMENT_REF
-from mailstate.state.statement import create_statement, parse_statement, read_statement, verify_statement
+from mailstate.state.statement import create_statement
 from mailstate.state.sync import Incoming, change_problems, full_check, validate_incoming
 from mailstate.state.upstream import REJECTED_PREFIX, Upstream
+from mailstate.state.upstream_sync import UpstreamSync
 
 log = logging.getLogger("mailstate.store")
 
@@ -154,7 +161,6 @@ class Store:
 
     # Mailbox usage the nodes reported (state.localdb), handed to the operations; set by open_store.
     usage_source: UsageLookup | None = None
-    _stated_value: tuple[str, str, int] | None = None  # behind the _stated property
     # The nodes' DKIM public keys (state.localdb), for dns-records; set by open_store.
     dkim_source: DkimLookup | None = None
     # When the nodes last saw each app password log in (state.localdb), for list-app-passwords.
@@ -179,61 +185,76 @@ class Store:
         max_tries: int = 16,
         rng: random.Random | None = None,
         gc_every: int = GC_EVERY,
+        on_write_lock: Callable[[], None] | None = None,
     ) -> None:
+        bound_object_cache()  # a long-running store's memory stays flat (state.gitrepo)
         self.git = GitRepo(repo_path)
         self.signer = signer
         self.clock = clock
         self._status_source = status_source
-        self._lock = threading.Lock()
+        # The writers' lock, granted first come first served; reads never wait for it.
+        self._lock = FifoLock()
+        # Called by each write as soon as it holds the lock (a seam: tests act while a writer holds it).
+        self._on_write_lock = on_write_lock
         head = self.git.head()
         if head is None:
             raise StoreError(f"{repo_path} has no commits; run `mailstate init` first.")
         self._cache = ParseCache.open(cache_path)
         self.upstream = upstream
         self.trusted_signers = trusted_signers
-        # Called with the new head whenever the stated head changes (add_statement_listener).
-        self._statement_listeners: list[Callable[[str], None]] = []
         # Called after each write this store commits (add_commit_listener): state.events.
         self._commit_listeners: list[Callable[[Committed], None]] = []
-        # The statement this store last wrote or verified: (tag id, head, issued_at).
-        self._stated = None
-        self.statement_error: str | None = None
-        self._upstream_statement: str | None = None  # the tag id upstream's REF holds, as far as we know
-        self._statement_push_due = False
+        # The accepted-head statement: it states our head while the snapshot is validated.
+        self.statements = StatementPublisher(
+            self.git,
+            signer,
+            clock,
+            self._lock,
+            lambda: self.head if self._validated else None,
+            upstream=upstream,
+            trusted_signers=trusted_signers,
+        )
+        self.upstream_sync = self._upstream_sync(upstream)
         self._statement_replace = False
         # Set while run_background runs: writes then leave the statement to that thread.
         self._background = False
         self._wake = threading.Event()
-        # The statement ref is written through a handle opened without libgit2's fsync option
-        # (see _publish_statement); the branch keeps its fsynced one in self.git.
-        try:
-            self._refs = pygit2.Repository(str(self.git.path))
-        except pygit2.GitError as exc:
-            raise StoreError(f"{repo_path} is not a git repository.") from exc
         self.max_tries = max_tries
         self._rng = rng or random.Random()
         self.upstream_problem: dict[str, Any] | None = None
         # True while the snapshot is a commit validated the way an incoming commit is (or
         # stated by a server, which did): only then is it stated, and only then written on.
         self._validated = False
-        stated = self._verified_statement()
-        if stated is not None and self._is_commit(stated[1]):
+        stated = self.statements.verified()
+        if stated is not None and is_commit(self.git, stated[1]):
             # What was last accepted; main is validated against it below.
             self._snapshot = load_commit(self.git, stated[1], self._cache)
             self._validated = True
         else:
             self._snapshot = self._first_check(head)
-        self.upstream_error: str | None = None
         self._writes = 0
         self._gc_every = gc_every
         self._gc: subprocess.Popen[bytes] | None = None
         with self._lock:
-            if upstream is not None:
-                self._sync_locked(joining=True)
+            if self.upstream_sync is not None:
+                self.upstream_sync.sync_locked(joining=True)
             elif self.head != head:
                 self._refresh_locked()
-            self._publish_statement()
-            self._push_statement()
+            self.statements.publish_locked()
+            self.statements.push_locked()
+
+    def _upstream_sync(self, upstream: Upstream | None) -> UpstreamSync | None:
+        """Upstream mode: fetch and adopt upstream's tip, push each write (state.upstream_sync)."""
+        if upstream is None:
+            return None
+        return UpstreamSync(
+            upstream,
+            self._lock,
+            self.statements,
+            head=lambda: self.head,
+            adopt=lambda tip, joining: self._adopt_tip(tip, joining=joining, source="upstream"),
+            trusted_signers=self.trusted_signers,
+        )
 
     def _first_check(self, head: str) -> Snapshot:
         """No statement to start from (a new data dir, or its statement is gone or not a server's):
@@ -271,6 +292,11 @@ class Store:
         return self._snapshot
 
     @property
+    def write_lock(self) -> FifoLock:
+        """The writers' lock: its `waiting` is the writers queued right now (/metrics)."""
+        return self._lock
+
+    @property
     def head(self) -> str:
         assert self._snapshot.commit is not None
         return self._snapshot.commit
@@ -285,9 +311,9 @@ class Store:
         req = parse(op.request, data)
         if op.admin and not actor.is_admin:
             raise Forbidden("This operation needs an admin token.", code="admin_required")
-        self.current()
+        snap = self.current()
         if not op.write:
-            return op.apply(self._context(actor), req, {})
+            return op.apply(self._context(actor, snap), req, {})
         prepared: dict[str, Any] = {}
         if op.prepare is not None:
             self._apply(op, self._context(actor), req, _PLACEHOLDER)  # the rules (limits too) before bcrypt
@@ -295,11 +321,18 @@ class Store:
         return self._write(op, actor, req, prepared, clean_request_id(request_id))
 
     def current(self) -> Snapshot:
-        """The snapshot of main as it is now: local mode adopts (or refuses) a commit another
-        process made since, as every operation does before it runs."""
-        if self.upstream is None and self.git.head() != self._snapshot.commit:
-            with self._lock:
+        """The newest published snapshot, never waiting for a writer.
+
+        Snapshots are immutable and swapped in whole, so a reader needs no lock to use one. Local
+        mode: when main moved under us (another process wrote) and the writers' lock is free with
+        nobody queued, this thread adopts (or refuses) the new commit first; otherwise the caller
+        keeps the current snapshot: the writer holding the lock refreshes before it writes, and
+        the background watcher looks at main every second."""
+        if self.upstream is None and self.git.head() != self._snapshot.commit and self._lock.try_acquire():
+            try:
                 self._refresh_locked()
+            finally:
+                self._lock.release()
         return self._snapshot
 
     def execute_operation(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any]) -> Outcome:
@@ -307,9 +340,9 @@ class Store:
         same write path: one signed commit, compare-and-swap, pushed upstream in upstream mode."""
         return self._write(op, actor, req, prepared, clean_request_id(None))
 
-    def _context(self, actor: Actor) -> Context:
+    def _context(self, actor: Actor, snap: Snapshot | None = None) -> Context:
         return Context(
-            state=self._snapshot,
+            state=snap or self._snapshot,
             actor=actor,
             now=self.clock(),
             node_status=self.node_status,
@@ -337,6 +370,8 @@ class Store:
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
         with self._lock:
+            if self._on_write_lock is not None:
+                self._on_write_lock()
             tries = self.max_tries
             for attempt in range(tries):
                 if self.upstream is None:
@@ -359,7 +394,8 @@ class Store:
                         # Someone else moved upstream: take their commit (if valid) and re-run
                         # the operation on the new state, which may now answer differently.
                         time.sleep(self._rng.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                        self._sync_locked()
+                        assert self.upstream_sync is not None
+                        self.upstream_sync.sync_locked()
                         continue
                 except BranchMoved:
                     # Another process on this data dir won the race: re-run on its state.
@@ -457,7 +493,7 @@ class Store:
         stated: tuple[str, int] | None = None
         try:
             stated = (create_statement(self.git.repo, self.signer, sha, issued), issued)
-        except StoreError as exc:  # never fails the write: _publish_statement tries again after it
+        except StoreError as exc:  # never fails the write: publish_locked tries again after it
             log.warning("accepted-head statement for %s not prepared: %s", sha[:12], exc.message)
         self.git.flush_objects(extra=[stated[0]] if stated else [])  # the branch's own flush then finds nothing left
         return sha, after.at(sha), stated
@@ -494,11 +530,14 @@ class Store:
         self._snapshot = snap
         # The write has landed; a statement that fails from here on is logged and retried on
         # the schedule, never turned into a failed write.
-        self._publish_statement(prepared=stated)  # one ref update: the tag is on disk already
-        if self._background:
-            self._wake.set()  # the upstream push (a `git push`) stays off the write path
-        else:
-            self._push_statement()
+        self.statements.publish_locked(prepared=stated)  # one ref update: the tag is on disk already
+        if not self._background:
+            self.statements.push_locked()
+        elif self.statements.push_due or self.statements.error:
+            # The upstream push (a `git push`), or another try at a statement that failed, stays
+            # off the write path. Otherwise the background thread is left asleep: waking it
+            # would only make it queue for the writers' lock to find nothing to do.
+            self._wake.set()
         self._housekeeping()
 
     def _keep_rejected(self, refused: str, replacement: str) -> None:
@@ -509,42 +548,26 @@ class Store:
 
     # --- upstream mode -------------------------------------------------------------------
 
+    @property
+    def upstream_error(self) -> str | None:
+        """Upstream mode: why the last fetch failed (None when it worked)."""
+        return self.upstream_sync.error if self.upstream_sync is not None else None
+
     def _publish(self, sha: str, stated: tuple[str, int] | None = None) -> bool:
-        """Push `sha` upstream, with its statement in the same atomic push when there is one;
-        False when upstream moved (the caller re-runs)."""
-        assert self.upstream is not None
+        """Push `sha` upstream, with its statement; False when upstream moved (the caller re-runs)."""
+        assert self.upstream_sync is not None
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
-        result = self.upstream.push(sha, expect=refused, statement=stated[0] if stated else None)
-        if result.ok and refused:
+        ok = self.upstream_sync.push_locked(sha, stated, refused)
+        if ok and refused:
             self._keep_rejected(refused, sha)
-        if result.ok and result.statement and stated:
-            self._upstream_statement = stated[0]  # _push_statement then has nothing to do
-        return result.ok
+        return ok
 
     def sync(self) -> dict[str, Any] | None:
         """Fetch upstream and adopt its tip if valid; returns the refused commit's report, if any."""
-        if self.upstream is None:
+        if self.upstream_sync is None:
             return None
-        with self._lock:
-            self._sync_locked()
-            return self.upstream_problem
-
-    def _sync_locked(self, *, joining: bool = False) -> None:
-        assert self.upstream is not None
-        try:
-            tip = self.upstream.fetch()
-            self.upstream_error = None
-        except UpstreamUnavailable as exc:
-            self.upstream_error = exc.message
-            log.error("%s", exc.message)
-            return
-        local = self.head
-        if tip is None:
-            # An empty upstream: publish what we have so that others can build on it.
-            if not self.upstream.push(local).ok:
-                self._sync_locked()
-            return
-        self._adopt_tip(tip, joining=joining, source="upstream")
+        self.upstream_sync.sync()
+        return self.upstream_problem
 
     def _refresh_locked(self) -> None:
         tip = self.git.head()
@@ -576,7 +599,8 @@ class Store:
                 reason
                 and source == "upstream"
                 and "not signed by a trusted key" in reason
-                and self._follow_key_rotation()
+                and self.upstream_sync is not None
+                and self.upstream_sync.follow_key_rotation()
             ):
                 reason = "; ".join(range_problems(self.git.path, base, tip, self.trusted_signers)) or None
         if reason is not None:
@@ -623,30 +647,6 @@ class Store:
             # Unknown is answered: never drop what might have been.
             log.error("could not tell whether %s holds answered writes: %s", tip[:12], exc)
             return [tip]
-
-    def _follow_key_rotation(self) -> bool:
-        """Upstream mode: another server may have rotated its key (state/keyrotation.py). Learn
-        the endorsements its statement on upstream carries into our allowed_signers; True when a
-        key was learned (only looked at when a commit failed the signature check)."""
-        from mailstate.state.keyrotation import learn_endorsements
-
-        if self.upstream is None or self.trusted_signers is None:
-            return False
-        try:
-            found = self.upstream.fetch_statement()
-            if found is None:
-                return False
-            learned = learn_endorsements(self.trusted_signers, parse_statement(found[1]).endorsements)
-        except (UpstreamUnavailable, StatementInvalid, StoreError) as exc:
-            log.warning("could not follow a key rotation upstream: %s", exc.message)
-            return False
-        for key in learned:
-            log.warning(
-                "learned server key %s... from its endorsement on upstream (added to %s)",
-                key[:40],
-                self.trusted_signers,
-            )
-        return bool(learned)
 
     def run_sync_loop(self, stop: threading.Event, interval: float) -> None:
         """Poll upstream every `interval` seconds until `stop` is set (run it in a thread)."""
@@ -697,15 +697,15 @@ class Store:
                 self._wake.clear()
                 with self._lock:
                     replace, self._statement_replace = self._statement_replace, False
-                    self._publish_statement(replace=replace)
-                    self._push_statement()
+                    self.statements.publish_locked(replace=replace)
+                    self.statements.push_locked()
             if self.upstream is None:
                 self.watch()
             elif sync:
                 self.sync()
-                if self._statement_push_due:
+                if self.statements.push_due:
                     with self._lock:
-                        self._push_statement()
+                        self.statements.push_locked()
             if refresh:
                 self.refresh_statement()
         except Exception:  # the loop must outlive one bad round
@@ -725,25 +725,11 @@ class Store:
             self._refresh_locked()
         return True
 
-    # --- the accepted-head statement -------------------------------------------------------
+    # --- the accepted-head statement (state.publisher) -------------------------------------
 
     @property
-    def _stated(self) -> tuple[str, str, int] | None:
-        """The statement this store last wrote or verified: (tag id, head, issued_at)."""
-        return self._stated_value
-
-    @_stated.setter
-    def _stated(self, value: tuple[str, str, int] | None) -> None:
-        # Every assignment goes through here, so a listener learns of each new stated head
-        # wherever it came from (a write, an adoption, another process's statement).
-        old = self._stated_value
-        self._stated_value = value
-        if value is not None and (old is None or old[1] != value[1]):
-            for listener in list(self._statement_listeners):
-                try:
-                    listener(value[1])
-                except Exception:  # a listener must never fail a write
-                    log.exception("statement listener failed")
+    def statement_error(self) -> str | None:
+        return self.statements.error
 
     def add_statement_listener(self, listener: Callable[[str], None]) -> None:
         """Call `listener(head)` each time the stated head changes (after REF moved).
@@ -751,29 +737,24 @@ class Store:
         It runs in the thread that moved the statement (a write's, or the background thread),
         often with the write lock held: it must be quick and must not block, e.g. hand over to
         an event loop with `loop.call_soon_threadsafe` (api/nodes_http.py's long-poll does)."""
-        self._statement_listeners.append(listener)
+        self.statements.add_listener(listener)
 
     def remove_statement_listener(self, listener: Callable[[str], None]) -> None:
         """Undo add_statement_listener (a no-op when it is not registered)."""
-        try:
-            self._statement_listeners.remove(listener)
-        except ValueError:
-            pass
+        self.statements.remove_listener(listener)
 
     @property
     def statement(self) -> dict[str, Any] | None:
         """The statement this store last wrote or verified: {"tag", "head", "issued_at"}."""
-        if self._stated is None:
+        stated = self.statements.stated
+        if stated is None:
             return None
-        tag, head, issued = self._stated
+        tag, head, issued = stated
         return {"tag": tag, "head": head, "issued_at": issued}
 
     def refresh_statement(self) -> bool:
         """Re-sign the statement of the accepted head now (freshness), and push it upstream."""
-        with self._lock:
-            moved = self._publish_statement(refresh=True)
-            self._push_statement()
-            return moved
+        return self.statements.refresh()
 
     def _statement_after_change(self, *, replace: bool = False) -> None:
         """The accepted head moved (lock held): state it. A server's background thread does it
@@ -784,156 +765,8 @@ class Store:
             self._statement_replace = self._statement_replace or replace
             self._wake.set()
             return
-        self._publish_statement(replace=replace)
-        self._push_statement()
-
-    def _is_commit(self, sha: str) -> bool:
-        try:
-            return isinstance(self.git.repo[sha], pygit2.Commit)
-        except (KeyError, ValueError):
-            return False
-
-    def _server_signed(self, raw: bytes) -> bool:
-        """True when `raw` is a statement a server key signed (or nothing can be checked)."""
-        try:
-            if self.trusted_signers is None:
-                parse_statement(raw)
-            else:
-                verify_statement(raw, self.trusted_signers)
-        except StatementInvalid as exc:
-            log.warning("ignoring an accepted-head statement: %s", exc.message)
-            return False
-        return True
-
-    def _verified_statement(self) -> tuple[str, str, int] | None:
-        """The statement at REF when a server signed it (remembered as known), else None."""
-        found = read_statement(self._refs)
-        if found is None or not self._server_signed(found[1]):
-            return None
-        st = parse_statement(found[1])
-        self._stated = (found[0], st.head, st.issued_at)
-        return self._stated
-
-    def _publish_statement(
-        self, *, refresh: bool = False, replace: bool = False, prepared: tuple[str, int] | None = None
-    ) -> bool:
-        """Point REF at a statement of our head, forward only; True when it moved. Lock held.
-
-        Forward only: a statement at REF whose head is not an ancestor of ours (another process
-        stated a newer commit) stays, if a server signed it. With `refresh`, a statement of the
-        same head is re-issued with a new Issued-At; with `replace`, whatever is there goes.
-        `prepared` is a (tag id, issued_at) already on disk that states our head (the write's).
-
-        The ref itself is written without fsync: after a power cut it names either the old or
-        the new statement, and both tags were on disk before the ref moved.
-        """
-        if not self._validated:
-            return False  # never a statement for a commit nobody validated
-        head = self.head
-        try:
-            with self.git.ref_lock():
-                ref = self._refs.references.get(STATEMENT_REF)
-                current = str(ref.target) if ref is not None else None
-                known = self._stated
-                if known is not None and current == known[0]:
-                    if known[1] == head and not refresh:
-                        return False
-                    theirs: tuple[str, int] | None = (known[1], known[2])
-                else:
-                    theirs = self._foreign_statement(head, refresh=refresh, replace=replace)
-                    if theirs is None and self._stated is not None and self._stated[0] == current:
-                        return False  # adopted as it is
-                if prepared is not None:
-                    tag, issued = prepared
-                else:
-                    issued = int(self.clock().timestamp())
-                    if theirs is not None and theirs[0] == head:
-                        issued = max(issued, theirs[1])  # Issued-At never goes back either
-                    tag = create_statement(self.git.repo, self.signer, head, issued)
-                    self.git.flush_objects(extra=[tag])  # on disk before the ref names it
-                try:
-                    self._refs.references.create(STATEMENT_REF, pygit2.Oid(hex=tag), force=True)
-                except pygit2.GitError as exc:
-                    raise StoreError("git could not update the accepted-head statement.") from exc
-        except _Keep:
-            return False
-        except (StoreError, OSError) as exc:
-            self.statement_error = (
-                exc.message if isinstance(exc, StoreError) else "the accepted-head statement could not be written"
-            )
-            log.error("accepted-head statement for %s not written: %s", head[:12], self.statement_error)
-            return False
-        self._stated = (tag, head, issued)
-        self.statement_error = None
-        self._statement_push_due = self.upstream is not None
-        return True
-
-    def _foreign_statement(self, head: str, *, refresh: bool, replace: bool) -> tuple[str, int] | None:
-        """Decide about a statement at REF that this store did not write (ref lock held).
-
-        Returns its (head, issued_at) when ours may replace it, None when there is none (or
-        when it states our head and is adopted as it is, `self._stated` then names it);
-        raises _Keep when it must stay (a server stated a head ours does not descend from).
-        """
-        found = read_statement(self._refs)
-        if found is None:
-            return None
-        try:
-            theirs = parse_statement(found[1])
-        except StatementInvalid as exc:
-            log.warning("replacing a malformed accepted-head statement: %s", exc.message)
-            return None
-        if replace:
-            return None
-        if theirs.head == head and not refresh:
-            # Another process stated our head already: nothing to add (the scheduled refresh
-            # re-signs it, so even a forged one lives one interval at most).
-            self._stated = (found[0], theirs.head, theirs.issued_at)
-            return None
-        if (
-            self._is_commit(theirs.head)
-            and not self.git.is_ancestor(theirs.head, head)
-            and self._server_signed(found[1])
-        ):
-            log.info("accepted-head statement left at %s (not an ancestor of %s)", theirs.head[:12], head[:12])
-            raise _Keep
-        return (theirs.head, theirs.issued_at)
-
-    def _push_statement(self) -> None:
-        """Upstream mode: force-push our statement to upstream REF with a lease on what upstream
-        held; leave a newer one (another server's) in place. Failures are logged, retried later."""
-        if self.upstream is None or self._stated is None or not self._statement_push_due:
-            return
-        tag, head, _issued = self._stated
-        if tag == self._upstream_statement:
-            self._statement_push_due = False  # it went up with the write
-            self.statement_error = None
-            return
-        for _attempt in range(3):
-            try:
-                result = self.upstream.push_statement(tag, expect=self._upstream_statement)
-                if result.ok:
-                    self._upstream_statement = tag
-                    self._statement_push_due = False
-                    self.statement_error = None
-                    return
-                found = self.upstream.fetch_statement()  # someone else pushed one: look at it
-            except UpstreamUnavailable as exc:
-                self.statement_error = f"statement push: {exc.message}"
-                log.warning("accepted-head statement not pushed upstream (retried later): %s", exc.message)
-                return
-            self._upstream_statement = found[0] if found else None
-            if found is None:
-                continue
-            try:
-                theirs = parse_statement(found[1]).head
-            except StatementInvalid:
-                continue
-            if self._is_commit(theirs) and not self.git.is_ancestor(theirs, head) and self._server_signed(found[1]):
-                self._statement_push_due = False  # upstream states a head ours does not descend from
-                return
-        self.statement_error = "statement push: upstream's statement kept changing"
-        log.warning("accepted-head statement not pushed upstream: it kept changing (retried later)")
+        self.statements.publish_locked(replace=replace)
+        self.statements.push_locked()
 
     def health(self) -> dict[str, Any]:
         """The store's view for `/v1/health`: head, mode, upstream errors, a refused commit."""
@@ -1106,10 +939,6 @@ def _with_readdressed(snap: Snapshot, change: Change) -> Change:
     if not extra:
         return change
     return Change(domains={**change.domains, **extra}, nodes=change.nodes, settings=change.settings)
-
-
-class _Keep(Exception):
-    """Internal: the statement at REF must stay as it is."""
 
 
 def _redact(url: str) -> str:

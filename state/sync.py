@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import pygit2
@@ -42,7 +43,7 @@ from mailstate.compiler.render import (
 from mailstate.state import aliases, files, placement
 from mailstate.state import limits as lim
 from mailstate.state.errors import CompileError, StateInvalid
-from mailstate.state.gitrepo import GitRepo
+from mailstate.state.gitrepo import GitRepo, name_key
 from mailstate.state.load import ParseCache, problem_lines
 from mailstate.state.models import DomainFile, NodesFile
 from mailstate.state.senders import alias_domains_of
@@ -113,8 +114,110 @@ def _rendered_owner(path: str) -> str | None:
     return None
 
 
+class Kind(Enum):
+    """What a changed path is, for validate_incoming."""
+
+    SETTINGS = "settings"  # mailstate.yaml
+    NODES = "nodes"  # nodes.yaml
+    DOMAIN = "domain"  # domains/<bb>/<domain>.yaml
+    PROJECT = "project"  # projects/<pp>/<id>.yaml
+    RENDERED = "rendered"  # a domain's fragment under rendered/domains/
+    COMPILED = "compiled"  # a whole-state rendered file (settings, nodes, moves): compared in full
+    UNEXPECTED = "unexpected"  # a file no state or compiler makes
+    OTHER = "other"  # a dotfile, README.md, LICENSE: not state
+
+
+@dataclass(frozen=True)
+class PathClass:
+    kind: Kind
+    domain: str | None = None  # DOMAIN: the domain; RENDERED: the domain whose fragment it is
+    project: int | None = None  # PROJECT: its id
+    problem: str | None = None  # UNEXPECTED: why
+
+
+@dataclass
+class Parsed:
+    """The change a commit makes, read from the paths it changed."""
+
+    change: Change = field(default_factory=Change)
+    touched: set[str] = field(default_factory=set)  # domains whose rendered files must be compared
+    problems: list[str] = field(default_factory=list)
+
+
+def classify(path: str) -> PathClass:
+    """Step 1: what a changed path is, from its name alone."""
+    top = path.split("/", 1)[0]
+    if path == files.SETTINGS_PATH:
+        return PathClass(Kind.SETTINGS)
+    if path == files.NODES_PATH:
+        return PathClass(Kind.NODES)
+    if top == files.DOMAINS_DIR:
+        name = files.domain_from_path(path)
+        if name is None:
+            return _unexpected(f"{path}: unexpected file (domain files live at domains/<bb>/<domain>.yaml)")
+        return PathClass(Kind.DOMAIN, domain=name)
+    if top == files.PROJECTS_DIR:
+        project_id = files.project_from_path(path)
+        if project_id is None:
+            return _unexpected(f"{path}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
+        return PathClass(Kind.PROJECT, project=project_id)
+    if top == files.RENDERED_DIR:
+        if path in (*SETTINGS_FILES, NODES_FILE, NODES_PEM, MOVES_FILE, REPLICAS_FILE):
+            return PathClass(Kind.COMPILED)  # compared with render_settings() / render_nodes() / render_moves()
+        owner = _rendered_owner(path)
+        return (
+            _unexpected(f"{path}: not a file the compiler produces")
+            if owner is None
+            else PathClass(Kind.RENDERED, owner)
+        )
+    if top not in _KNOWN_TOP and not top.startswith(".") and top not in ("README.md", "LICENSE"):
+        return _unexpected(f"{path}: unexpected file at the top of the repo")
+    return PathClass(Kind.OTHER)
+
+
+def _unexpected(problem: str) -> PathClass:
+    return PathClass(Kind.UNEXPECTED, problem=problem)
+
+
+def parse_changes(repo: GitRepo, base: Snapshot, commit: str, paths: set[str]) -> Parsed:
+    """Step 2: parse every changed state file of `commit` into one Change (problems kept in path order)."""
+    out = Parsed()
+    try:
+        if files.SETTINGS_PATH in paths:
+            raw = repo.read(commit, files.SETTINGS_PATH)
+            if raw is None:
+                raise StateInvalid(f"{files.SETTINGS_PATH}: deleted")
+            out.change.settings = files.parse_settings(raw)
+        if files.NODES_PATH in paths:
+            raw = repo.read(commit, files.NODES_PATH)
+            out.change.nodes = files.parse_nodes(raw) if raw is not None else NodesFile()
+    except StateInvalid as exc:
+        out.problems.extend(exc.problems)
+    # Mailbox ids must follow the (possibly new) format of mailstate.yaml.
+    fmt = (out.change.settings or base.settings).format
+    for path in sorted(paths):
+        found = classify(path)
+        try:
+            if found.kind is Kind.UNEXPECTED:
+                out.problems.append(str(found.problem))
+            elif found.kind is Kind.DOMAIN and found.domain is not None:
+                raw = repo.read(commit, path)
+                dom = None if raw is None else files.parse_domain(raw, path, fmt)
+                out.change.domains[found.domain if dom is None else dom.domain] = dom
+                out.touched.add(found.domain)
+            elif found.kind is Kind.PROJECT and found.project is not None:
+                raw = repo.read(commit, path)
+                out.change.projects[found.project] = None if raw is None else files.parse_project(raw, path)
+            elif found.kind is Kind.RENDERED and found.domain is not None:
+                out.touched.add(found.domain)
+        except StateInvalid as exc:
+            out.problems.extend(exc.problems)
+    return out
+
+
 def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
-    """Validate `commit` against the last validated snapshot `base` (its descendant)."""
+    """Validate `commit` against the last validated snapshot `base` (its descendant): classify
+    and parse what it changed, check the rules across domains, then check what it rendered."""
     result = Incoming(commit=commit)
     assert base.commit is not None
     if not repo.is_ancestor(base.commit, commit):
@@ -123,73 +226,30 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
         )
         return result
     paths = changed_paths(repo, base.commit, commit)
-    change = Change()
-    touched: set[str] = set()
-    problems = result.problems
-    try:
-        if files.SETTINGS_PATH in paths:
-            raw = repo.read(commit, files.SETTINGS_PATH)
-            if raw is None:
-                raise StateInvalid(f"{files.SETTINGS_PATH}: deleted")
-            change.settings = files.parse_settings(raw)
-        if files.NODES_PATH in paths:
-            raw = repo.read(commit, files.NODES_PATH)
-            change.nodes = files.parse_nodes(raw) if raw is not None else NodesFile()
-    except StateInvalid as exc:
-        problems.extend(exc.problems)
-    for path in sorted(paths):
-        top = path.split("/", 1)[0]
-        if path in (files.SETTINGS_PATH, files.NODES_PATH):
-            continue
-        if top == files.DOMAINS_DIR:
-            name = files.domain_from_path(path)
-            if name is None:
-                problems.append(f"{path}: unexpected file (domain files live at domains/<bb>/<domain>.yaml)")
-                continue
-            raw = repo.read(commit, path)
-            if raw is None:
-                change.domains[name] = None
-            else:
-                try:
-                    # Mailbox ids must follow the (possibly new) format of mailstate.yaml.
-                    dom = files.parse_domain(raw, path, (change.settings or base.settings).format)
-                except StateInvalid as exc:
-                    problems.extend(exc.problems)
-                    continue
-                change.domains[dom.domain] = dom
-            touched.add(name)
-        elif top == files.PROJECTS_DIR:
-            project_id = files.project_from_path(path)
-            if project_id is None:
-                problems.append(f"{path}: unexpected file (project files live at projects/<pp>/<project_id>.yaml)")
-                continue
-            raw = repo.read(commit, path)
-            try:
-                change.projects[project_id] = None if raw is None else files.parse_project(raw, path)
-            except StateInvalid as exc:
-                problems.extend(exc.problems)
-        elif top == files.RENDERED_DIR:
-            owner = _rendered_owner(path)
-            if path in (*SETTINGS_FILES, NODES_FILE, NODES_PEM, MOVES_FILE, REPLICAS_FILE):
-                continue  # compared with render_settings() / render_nodes() / render_moves() / render_replicas()
-            if owner is None:
-                problems.append(f"{path}: not a file the compiler produces")
-            else:
-                touched.add(owner)
-        elif top not in _KNOWN_TOP and not top.startswith(".") and top not in ("README.md", "LICENSE"):
-            problems.append(f"{path}: unexpected file at the top of the repo")
-    if problems:
+    parsed = parse_changes(repo, base, commit, paths)
+    if parsed.problems:
+        result.problems = parsed.problems
         return result
-    new = base.with_change(commit, change)
-    # Across domains: the same rule, on the same domains, as a write (change_problems).
+    new = base.with_change(commit, parsed.change)
+    result.problems = rule_problems(base, new, parsed.change)
+    if parsed.change.settings is not None:
+        if not result.problems:
+            result.problems = full_render_problems(repo, commit, new)
+    else:
+        result.problems.extend(render_problems(repo, commit, base, new, parsed, paths))
+    if not result.problems:
+        result.snapshot = new
+    return result
+
+
+def rule_problems(base: Snapshot, new: Snapshot, change: Change) -> list[str]:
+    """Step 3a: the rules a write follows too, on what the commit changed."""
     changed = set(change.domains)
-    problems.extend(problem_lines(change_problems(base, new, change)))
+    # Across domains: the same rule, on the same domains, as a write (change_problems).
+    problems = problem_lines(change_problems(base, new, change))
     # The plan limits (state.limits), by the rule every write follows.
     before = lim.State(base.domains, base.by_project, base.projects)
     problems.extend(found.text() for found in lim.change_violations(before, change.domains, change.projects))
-    # A project's send limits are rendered into each of its domains' sending fragment.
-    for project_id in change.projects:
-        touched.update(new.by_project.get(project_id, ()))
     problems.extend(placement.problems(new.domains, new.nodes, changed))
     if change.nodes is not None:
         problems.extend(placement.nodes_problems(new.nodes, new.homes, new.moves, new.replicas))
@@ -198,44 +258,55 @@ def validate_incoming(repo: GitRepo, base: Snapshot, commit: str) -> Incoming:
     if change.settings is not None:
         # A new format applies to every domain, the unchanged ones too (e.g. the format upgrade).
         problems.extend(files.format_problems(new.settings.format, new.domains.values()))
-        if problems:
-            return result
-        actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
-        problems.extend(
-            diff_rendered(compile_state(new.settings, new.domains.values(), new.projects, new.nodes), actual)
-        )
-    else:
-        # An alias domain's addresses are in its target's sender_login_maps (state.senders): a
-        # changed alias domain (or one that stopped being one) means its targets are checked too.
-        for name in changed:
-            for side in (base.domains.get(name), new.domains.get(name)):
-                if side is not None and side.alias_of is not None:
-                    touched.add(side.alias_of)
-        if change.nodes is not None:
-            # A node's address is in the passwd lines and home fragments of the domains it is home to.
-            for name in _readdressed(base, new):
-                touched.update(new.homes.get(name, ()))
-        for name in sorted(touched):
-            problems.extend(_check_domain_render(repo, commit, new, name))
-        if change.nodes is not None or NODES_FILE in paths or NODES_PEM in paths:
-            expected = {k: data for k, data in render_nodes(new.nodes).items() if data is not None}
-            found = {p: repo.read(commit, p) for p in (NODES_FILE, NODES_PEM)}
-            problems.extend(diff_rendered(expected, {p: data for p, data in found.items() if data is not None}))
-        if dict(new.moves) != dict(base.moves) or MOVES_FILE in paths:
-            expected = {k: data for k, data in render_moves(new.moves).items() if data is not None}
-            raw_moves = repo.read(commit, MOVES_FILE)
-            problems.extend(diff_rendered(expected, {MOVES_FILE: raw_moves} if raw_moves is not None else {}))
-        if dict(new.replicas) != dict(base.replicas) or REPLICAS_FILE in paths:
-            expected = {k: data for k, data in render_replicas(new.replicas).items() if data is not None}
-            raw = repo.read(commit, REPLICAS_FILE)
-            problems.extend(diff_rendered(expected, {REPLICAS_FILE: raw} if raw is not None else {}))
-        if paths & set(SETTINGS_FILES):
-            expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
-            actual_files = {name: repo.read(commit, name) for name in SETTINGS_FILES}
-            problems.extend(diff_rendered(expected, {k: data for k, data in actual_files.items() if data is not None}))
-    if not problems:
-        result.snapshot = new
-    return result
+    return problems
+
+
+def full_render_problems(repo: GitRepo, commit: str, new: Snapshot) -> list[str]:
+    """Step 3b, when mailstate.yaml changed: everything is recompiled and compared."""
+    actual = {p: repo.blob(oid) for p, oid in repo.walk_blobs(commit, files.RENDERED_DIR)}
+    return diff_rendered(compile_state(new.settings, new.domains.values(), new.projects, new.nodes), actual)
+
+
+def render_problems(
+    repo: GitRepo, commit: str, base: Snapshot, new: Snapshot, parsed: Parsed, paths: set[str]
+) -> list[str]:
+    """Step 3b otherwise: the rendered files of every domain the change can alter, and the
+    whole-state files it touched, equal what the compiler renders."""
+    change = parsed.change
+    touched = set(parsed.touched)
+    # A project's send limits are rendered into each of its domains' sending fragment.
+    for project_id in change.projects:
+        touched.update(new.by_project.get(project_id, ()))
+    # An alias domain's addresses are in its target's sender_login_maps (state.senders): a
+    # changed alias domain (or one that stopped being one) means its targets are checked too.
+    for name in change.domains:
+        for side in (base.domains.get(name), new.domains.get(name)):
+            if side is not None and side.alias_of is not None:
+                touched.add(side.alias_of)
+    if change.nodes is not None:
+        # A node's address is in the passwd lines and home fragments of the domains it is home to.
+        for name in _readdressed(base, new):
+            touched.update(new.homes.get(name, ()))
+    problems: list[str] = []
+    for name in sorted(touched):
+        problems.extend(_check_domain_render(repo, commit, new, name))
+    if change.nodes is not None or NODES_FILE in paths or NODES_PEM in paths:
+        expected = {k: data for k, data in render_nodes(new.nodes).items() if data is not None}
+        found = {p: repo.read(commit, p) for p in (NODES_FILE, NODES_PEM)}
+        problems.extend(diff_rendered(expected, {p: data for p, data in found.items() if data is not None}))
+    if dict(new.moves) != dict(base.moves) or MOVES_FILE in paths:
+        expected = {k: data for k, data in render_moves(new.moves).items() if data is not None}
+        raw_moves = repo.read(commit, MOVES_FILE)
+        problems.extend(diff_rendered(expected, {MOVES_FILE: raw_moves} if raw_moves is not None else {}))
+    if dict(new.replicas) != dict(base.replicas) or REPLICAS_FILE in paths:
+        expected = {k: data for k, data in render_replicas(new.replicas).items() if data is not None}
+        raw = repo.read(commit, REPLICAS_FILE)
+        problems.extend(diff_rendered(expected, {REPLICAS_FILE: raw} if raw is not None else {}))
+    if paths & set(SETTINGS_FILES):
+        expected = {k: data for k, data in render_settings(new.settings).items() if data is not None}
+        actual_files = {name: repo.read(commit, name) for name in SETTINGS_FILES}
+        problems.extend(diff_rendered(expected, {k: data for k, data in actual_files.items() if data is not None}))
+    return problems
 
 
 def change_problems(base: Snapshot, new: Snapshot, change: Change) -> list[aliases.Problem]:
@@ -281,7 +352,7 @@ def _check_domain_render(repo: GitRepo, commit: str, snap: Snapshot, name: str) 
     actual: dict[str, bytes] = {}
     base = domain_dir(name)
     try:
-        entry = repo.tree(commit)[base]
+        entry = repo.tree(commit)[name_key(base)]
     except KeyError:
         entry = None
     if entry is not None:

@@ -55,6 +55,7 @@ def test_writes_latency_refusals_and_nodes(srv: LiveServer, tmp_path: Path) -> N
     with srv.client(srv.admin_token) as admin:
         before = scrape(srv)
         assert value(before, "mailstate_nodes_waiting") == 0
+        assert value(before, "mailstate_writers_waiting") == 0
         assert value(before, "mailstate_refused_commit") == 0
         assert admin.post(f"{API}/link-domain", json={"domain": "m.example", "project_id": 5}).status_code == 201
         assert (
