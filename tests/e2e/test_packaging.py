@@ -89,7 +89,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
 def test_wheel_installs_under_one_namespace(installed: Installed) -> None:
     names = zipfile.ZipFile(installed.wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names}
-    assert tops == {"mailstate", "mailstate-0.1.0.dist-info"}, tops
+    assert tops == {"mailstate", "mailstate-0.2.0.dist-info"}, tops
     for generic in ("state", "api", "compiler", "templates", "pipull"):
         assert generic not in tops
     assert "mailstate/node_agent/pipull/cli.py" in names and "mailstate/node_agent/pi-pull.example.ini" in names
