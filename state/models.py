@@ -1405,8 +1405,14 @@ Sender = Annotated[
     BeforeValidator(spam.normalize_sender),
     Field(
         description="An envelope sender: an address (bob@example.org) or a whole domain with its @ (@example.org); "
-        "lowercased, an IDN as punycode.",
-        json_schema_extra={"minLength": 2, "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH},
+        "lowercased, an IDN as punycode (the schema admits a whole IDN domain in no form; the server takes it as "
+        "for a domain name).",
+        json_schema_extra={
+            "minLength": 4,
+            "maxLength": v.MAX_LOCAL_PART_LENGTH + 1 + v.MAX_DOMAIN_LENGTH,
+            # an address as an Email; @domain without A-labels (see CATCH_ALL_PATTERN).
+            "anyOf": [{"pattern": v.EMAIL_PATTERN, "format": "idn-email"}, {"pattern": v.CATCH_ALL_PATTERN}],
+        },
     ),
 ]
 

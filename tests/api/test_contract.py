@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +129,7 @@ EMAILS = [*(f"info@{d}" for d in VALID_IDN), "anna@mycompany.nl"]
 KEYWORDS = {
     "string": {"pattern", "format", "minLength", "maxLength"},
     "integer": {"minimum", "maximum"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "multipleOf"},
     "boolean": set(),
     "null": set(),
     "array": {"items", "minItems", "maxItems", "uniqueItems"},
@@ -147,6 +149,18 @@ def strategy(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     if "anyOf" in keys:
         base = {k: v for k, v in schema.items() if k != "anyOf"}
         return st.one_of(*(strategy({**base, **branch}) for branch in schema["anyOf"]))
+    if "oneOf" in keys:
+        # `oneOf: [{required: [a]}, {required: [b]}]` (exactly one of the fields): each branch
+        # requires its field and leaves out the fields the other branches require.
+        base = {k: v for k, v in schema.items() if k != "oneOf"}
+        branches = []
+        for branch in schema["oneOf"]:
+            assert set(branch) == {"required"}, branch
+            others = {f for b in schema["oneOf"] if b is not branch for f in b["required"]}
+            props = {k: v for k, v in base.get("properties", {}).items() if k not in others}
+            required = [*base.get("required", []), *branch["required"]]
+            branches.append(strategy({**base, "properties": props, "required": required}))
+        return st.one_of(*branches)
     kind = schema.get("type")
     if "enum" in keys:
         return st.sampled_from(schema["enum"])
@@ -158,6 +172,8 @@ def strategy(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return _string(schema)
     if kind == "integer":
         return st.integers(schema.get("minimum"), schema.get("maximum"))
+    if kind == "number":
+        return _number(schema)
     if kind == "boolean":
         return st.booleans()
     if kind == "null":
@@ -176,6 +192,16 @@ def strategy(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         {k: s for k, s in props.items() if k in required},
         optional={k: s for k, s in props.items() if k not in required},
     )
+
+
+def _number(schema: dict[str, Any]) -> st.SearchStrategy[float]:
+    """Multiples of `multipleOf` within the bounds (the only numbers our models publish)."""
+    step = schema["multipleOf"]
+    lo = math.ceil(schema.get("minimum", schema.get("exclusiveMinimum", 0)) / step)
+    if "exclusiveMinimum" in schema and lo * step <= schema["exclusiveMinimum"]:
+        lo += 1
+    hi = math.floor(schema["maximum"] / step)
+    return st.integers(lo, hi).map(lambda k: round(k * step, 10))
 
 
 def _string(schema: dict[str, Any]) -> st.SearchStrategy[str]:
@@ -230,6 +256,18 @@ def _send(client: httpx.Client, name: str, body: dict[str, Any]) -> httpx.Respon
     return client.post(f"{API}/{name}", json=body)
 
 
+# Rules across two fields that the published schema does not express (JSON Schema has no "below
+# the other field"): the only 400s a schema-obeying request may get, each by its sentence.
+CROSS_FIELD = {
+    "set-spam-policy": ("scores need an action", "must be below reject_score"),
+}
+
+
+def _cross_field(name: str, r: httpx.Response) -> bool:
+    message = str(r.json().get("error", {}).get("message", ""))
+    return any(sentence in message for sentence in CROSS_FIELD.get(name, ()))
+
+
 STATE_DEPENDENT = {200, 201, 202, 403, 404, 409}  # 202: move-domain
 
 
@@ -252,6 +290,8 @@ def test_a_request_that_obeys_the_published_schema_is_never_refused_as_invalid(
     def check(body: dict[str, Any]) -> None:
         assert validator.is_valid(body), list(validator.iter_errors(body))[:1]
         r = _send(client, name, body)
+        if r.status_code == 400 and _cross_field(name, r):
+            return
         if r.status_code not in STATE_DEPENDENT:
             wrong.append(f"{name} {json.dumps(body)[:300]} -> {r.status_code} {r.text[:300]}")
 

@@ -221,6 +221,7 @@ class FleetNode:
                 tls_key=str(self.tls_key),
                 postfix_queue_dir=str(self.queue),
                 dkim_milter="",  # the DKIM signer is tested elsewhere; a fleet does not depend on it
+                spam_milter="",  # so is rspamd (tests/e2e/test_inbound*.py); each namespace would need its own
                 address=self.address,
             ),
         )
