@@ -140,19 +140,17 @@ SENDER_FRAGMENT = "sender_rules"
 def normalize_sender(value: object, field: str = "sender") -> str:
     """A rule's sender: an address (`bob@example.org`) or a whole domain (`@example.org`), lowercased;
     the envelope sender (MAIL FROM) is what it matches."""
-    if isinstance(value, str) and value.startswith("@"):
-        try:
+    why = ""
+    try:
+        if isinstance(value, str) and value.startswith("@"):
             return "@" + v.normalize_domain(value[1:], field=field)
-        except InvalidInput:
-            pass
-    else:
-        try:
-            local, domain = v.normalize_email(value, field=field)
-            return f"{local}@{domain}"
-        except InvalidInput:
-            pass
+        local, domain = v.normalize_email(value, field=field)
+        return f"{local}@{domain}"
+    except InvalidInput as exc:
+        # Say why an internationalised name was refused (the rule's own sentence, never the value).
+        why = f" {exc.message}" if "internationalised" in exc.message else ""
     raise InvalidInput(
-        "sender must be an address (bob@example.org) or a domain with its @ (@example.org).",
+        f"sender must be an address (bob@example.org) or a domain with its @ (@example.org).{why}",
         code="invalid_sender_rule",
         field=field,
     )

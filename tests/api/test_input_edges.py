@@ -128,6 +128,15 @@ def test_invalid_punycode_is_refused_on_every_path_that_takes_a_domain(world: Wo
         ("p", "set-quota", {"email": f"info@{domain}", "quota_mb": 100}, ("invalid_email",)),
         ("p", "suspend-sending", {"email": f"info@{domain}", "reason": "spam"}, ("invalid_email",)),
         ("p", "resume-sending", {"email": f"info@{domain}"}, ("invalid_email",)),
+        ("admin", "set-replica", {"domain": domain, "node": "edge"}, ("invalid_domain",)),
+        ("p", "set-spam-policy", {"domain": domain, "action": "junk"}, ("invalid_domain",)),
+        ("p", "set-spam-policy", {"email": f"info@{domain}", "action": "junk"}, ("invalid_email",)),
+        ("p", "list-spam-policy", {"domain": domain}, ("invalid_domain",)),
+        ("p", "add-sender-rule", {"domain": domain, "sender": "@k.example", "action": "block"}, ("invalid_domain",)),
+        ("p", "add-sender-rule", {"domain": "k.example", "sender": f"x@{domain}", "action": "block"},
+         ("invalid_sender_rule",)),
+        ("p", "list-sender-rules", {"domain": domain}, ("invalid_domain",)),
+        ("p", "remove-sender-rule", {"email": f"info@{domain}", "sender": "@k.example"}, ("invalid_email",)),
     ]  # fmt: skip
     assert {name for _who, name, _body, _codes in calls} >= {n for n, op in OPERATIONS.items() if _takes_domain(n)}
     for who, name, body, codes in calls:

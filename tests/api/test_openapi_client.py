@@ -337,6 +337,10 @@ def test_the_generated_client_drives_every_endpoint(srv: LiveServer, client_pkg:
         body=m.MoveDomainRequest(domain="placed.example", node="nowhere"),
     )
     assert err.error.code == "node_not_usable"
+    bad = m.SetReplicaRequest(domain="placed.example", node="gen01")  # the home itself
+    assert call(admin, "admin", "set-replica", 409, "ErrorResponse", body=bad).error.code == "replica_not_usable"
+    ghost = call(admin, "admin", "failover-node", 404, "ErrorResponse", body=m.NodeRequest(name="ghost"))
+    assert ghost.error.code == "node_not_found"
     call(
         admin,
         "admin",
