@@ -17,6 +17,7 @@ from mailstate.compiler.node_bundle import (
     BundleOptions,
     render_node_bundle,
 )
+from mailstate.compiler.postscreen import DEFAULT_DNSBL_SITES, DEFAULT_DNSBL_THRESHOLD, parse_dnsbl_option
 from mailstate.state import validate
 from mailstate.state.datadir import DataDir
 from mailstate.state.errors import NotFound, StoreError
@@ -52,6 +53,8 @@ def cmd_node_bundle(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             address=node.address if node is not None else None,
+            dnsbl_sites=DEFAULT_DNSBL_SITES if args.dnsbl is None else parse_dnsbl_option(args.dnsbl),
+            dnsbl_threshold=args.dnsbl_threshold,
         ),
     )
     out = Path(args.out)
@@ -123,6 +126,20 @@ def register(sub: Any) -> None:
         help=f"TLS certificate (full chain) for Postfix and Dovecot on the node (default {TLS_CERT})",
     )
     b.add_argument("--tls-key", default=TLS_KEY, help=f"its private key on the node (default {TLS_KEY})")
+    b.add_argument(
+        "--dnsbl",
+        default=None,
+        metavar="SITES",
+        help="the DNS blocklists postscreen asks on port 25, comma-separated domain[=filter][*weight] "
+        f'("none": no DNSBL, e.g. a node without DNS access of its own); default {", ".join(DEFAULT_DNSBL_SITES)}',
+    )
+    b.add_argument(
+        "--dnsbl-threshold",
+        type=int,
+        default=DEFAULT_DNSBL_THRESHOLD,
+        metavar="N",
+        help=f"the sum of the weights of the lists naming a client from which postscreen refuses it (default {DEFAULT_DNSBL_THRESHOLD})",
+    )
     b.add_argument("--out", required=True, help="folder to write the bundle into")
     b.add_argument("--allow-unregistered", action="store_true", help="write a bundle for a node not yet registered")
     b.set_defaults(func=cmd_node_bundle)

@@ -12,7 +12,7 @@ writes them out. Where each file goes on the node is in ``INSTALL_PATHS``:
     pi-pull-policy.service             -> /etc/systemd/system/ (the outbound policy service of the submission ports)
     dovecot/conf.d/90-mailstate.conf   -> /etc/dovecot/conf.d/90-mailstate.conf
     postfix/main.cf.mailstate          -> lines to add to /etc/postfix/main.cf
-    postfix/master.cf.mailstate        -> submission entries for /etc/postfix/master.cf (postconf -M -e)
+    postfix/master.cf.mailstate        -> port 25 (postscreen) and submission entries for /etc/postfix/master.cf (postconf -M -e)
     postfix/main.cf.base               -> /etc/postfix/main.cf, only if there is none ("No configuration")
     bundle.json                        -> read by `pi_pull.py install` (``bundle_manifest()``)
 
@@ -37,6 +37,7 @@ import json
 import re
 import zipapp
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +45,12 @@ from typing import Any
 
 import jinja2
 
+from mailstate.compiler.postscreen import (
+    DEFAULT_DNSBL_SITES,
+    DEFAULT_DNSBL_THRESHOLD,
+    check_dnsbl_sites,
+    check_dnsbl_threshold,
+)
 from mailstate.state.errors import InvalidInput, StoreError
 from mailstate.state.owners import MAX_APP_PASSWORDS
 from mailstate.state.signers import parse_signers_line
@@ -325,14 +332,20 @@ def postfix_snippet(
     tls_key: str = TLS_KEY,
     map_buckets: int = 0,
     spam_milter: str = "",
+    dnsbl_sites: Sequence[str] = DEFAULT_DNSBL_SITES,
+    dnsbl_threshold: int = DEFAULT_DNSBL_THRESHOLD,
 ) -> str:
     """The main.cf lines: virtual maps under ``<root>/current``, LMTP delivery to Dovecot, TLS,
     SASL through Dovecot (enabled only by the master.cf submission services) and the sender-login map.
     ``spam_milter`` (``inet:127.0.0.1:PORT``; "" for none): rspamd's proxy as the milter of port 25,
-    which tempfails while it does not answer (the submission services name their own milters)."""
+    which tempfails while it does not answer (the submission services name their own milters).
+    ``dnsbl_sites``/``dnsbl_threshold``: postscreen's DNS blocklists on port 25 (compiler/postscreen.py;
+    empty: none, postscreen still refuses clients that talk before their turn)."""
     return render_template(
         "postfix-main.cf.j2",
         spam_milter=spam_milter and _spam_bind("spam_milter", spam_milter),
+        dnsbl_sites=check_dnsbl_sites(dnsbl_sites),
+        dnsbl_threshold=check_dnsbl_threshold(dnsbl_threshold),
         root=root.rstrip("/"),
         map_type=map_type,
         map_buckets=int(map_buckets),
@@ -345,6 +358,7 @@ def postfix_snippet(
 
 def postfix_master_snippet(
     *,
+    smtp_listen: str = "smtp",
     submission_listen: str = "submission",
     smtps_listen: str = "submissions",
     dkim_milter: str = DKIM_MILTER,
@@ -356,7 +370,9 @@ def postfix_master_snippet(
     tls_cert: str = TLS_CERT,
     tls_key: str = TLS_KEY,
 ) -> str:
-    """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): submission (587,
+    """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): port 25 (``smtp_listen``)
+    through postscreen, which hands the clients it lets in to the ``smtpd`` pass service (main.cf's
+    milter and restrictions), with its ``dnsblog`` and ``tlsproxy`` helpers; submission (587,
     STARTTLS required) and submissions (465, implicit TLS), SASL-authenticated clients only, the
     sender checked against the sender-login map, the DKIM milter (``dkim_milter``; "" for none)
     and the outbound policy service (``policy_service``, ``inet:HOST:PORT``; "" for none) on these
@@ -367,7 +383,8 @@ def postfix_master_snippet(
     nodes' mail, both over TLS checked against ``<root>/fleet``'s tables."""
     if not _HOST_PORT.match(sieve_listen) or not sieve_listen.startswith(("127.", "[::1]")):
         raise InvalidInput("sieve_listen must be a loopback HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_listen")
-    for key, value in (("submission_listen", submission_listen), ("smtps_listen", smtps_listen)):
+    listens = (("smtp_listen", smtp_listen), ("submission_listen", submission_listen), ("smtps_listen", smtps_listen))
+    for key, value in listens:
         if not _SERVICE.match(value):
             raise InvalidInput(
                 f"{key} must be a master.cf service name such as submission or 127.0.0.1:10587.", field=key
@@ -383,6 +400,7 @@ def postfix_master_snippet(
             raise InvalidInput(f"{key} must be a master.cf service name such as 2525 or 127.0.0.1:2525.", field=key)
     return render_template(
         "postfix-master.cf.j2",
+        smtp_listen=smtp_listen,
         submission_listen=submission_listen,
         smtps_listen=smtps_listen,
         dkim_milter=dkim_milter,
@@ -529,7 +547,9 @@ class BundleOptions:
     ``map_buckets`` None: the default for ``map_type``. ``spam_milter`` (``inet:127.0.0.1:PORT``;
     "" for none) filters port 25 with rspamd: the bundle then ships rspamd's ``local.d`` files (its
     controller on ``spam_controller``), the Junk script and pi-pull's ``[spam]``, which reports the
-    filter's state and counters (docs/inbound.md).
+    filter's state and counters (docs/inbound.md). ``dnsbl_sites``/``dnsbl_threshold``: the DNS
+    blocklists postscreen asks on port 25 and the score from which it refuses a client
+    (compiler/postscreen.py; empty: none).
     """
 
     root: str = DEFAULT_ROOT
@@ -568,6 +588,8 @@ class BundleOptions:
     address: str | None = None
     spam_milter: str = SPAM_MILTER
     spam_controller: str = SPAM_CONTROLLER
+    dnsbl_sites: tuple[str, ...] = DEFAULT_DNSBL_SITES
+    dnsbl_threshold: int = DEFAULT_DNSBL_THRESHOLD
 
 
 def render_node_bundle(
@@ -730,6 +752,8 @@ def _service_snippets(o: BundleOptions, map_buckets: int) -> dict[str, str]:
             tls_key=o.tls_key,
             map_buckets=map_buckets,
             spam_milter=o.spam_milter,
+            dnsbl_sites=o.dnsbl_sites,
+            dnsbl_threshold=o.dnsbl_threshold,
         ),
         "postfix/master.cf.mailstate": postfix_master_snippet(
             submission_listen=o.submission_listen,

@@ -29,6 +29,7 @@ from .fsutil import utcnow
 from .lifecycle import Lifecycle
 from .log import LOGGER_NAME, add_secret
 from .mirror import ACCEPTED_REF, APPLIED_REF, Mirror, Quarantine, no_statement_message
+from .postscreen import refusals
 from .release import Releases
 from .report import Reporter
 from .runner import Runner
@@ -251,6 +252,9 @@ class Agent:
             spam_filter = filter_state(self.cfg, self.runner)
             if spam_filter is not None:
                 fleet = {**fleet, "spam_filter": spam_filter}
+            screened = refusals(self.cfg)
+            if screened is not None:
+                fleet = {**fleet, "postscreen": screened}
             sent = self.reporter.send(
                 st,
                 result.status,

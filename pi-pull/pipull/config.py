@@ -75,6 +75,8 @@ class Config:
     spam_controller: str = "127.0.0.1:11334"
     spam_rspamc: str = "rspamc"
     spam_reload: str = "systemctl reload rspamd"  # after pipull/spampolicy.py rewrote rspamd's settings
+    # [postscreen] (pipull/postscreen.py): the log whose postscreen lines each report counts ("": none).
+    postscreen_log: str = ""
     # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
     doveadm: str = "doveadm"
     # [policy] (pipull/policy.py): the submission ports' outbound limits (Postfix check_policy_service).
@@ -225,6 +227,7 @@ def load_config(path: str) -> Config:
     cfg.spam_controller = r.get_str("spam", "controller", cfg.spam_controller)
     cfg.spam_rspamc = r.get_str("spam", "rspamc", cfg.spam_rspamc)
     cfg.spam_reload = r.get_str("spam", "reload", cfg.spam_reload)
+    cfg.postscreen_log = r.get_path("postscreen", "log", "")
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     cfg.policy_listen = r.get_str("policy", "listen", cfg.policy_listen)
     cfg.policy_db = r.get_path("policy", "db", os.path.join(cfg.root, "policy", "counts.sqlite"))

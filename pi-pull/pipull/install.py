@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import certs, hostconf
+from . import certs, hostconf, postscreen
 from .errors import ConfigError, TickError
 from .fsutil import atomic_write
 from .runner import Runner, short
@@ -433,6 +433,7 @@ class Installer:
         """Every step but the first tick and the timer (``enable_timer()``, after the tick); returns the
         number of changes (made, or in a dry run to make)."""
         self.check_services_installed()
+        self.check_postscreen()
         self.check_certbot()
         self.check_sync_key()
         try:
@@ -471,6 +472,15 @@ class Installer:
                 f"the sync key is needed and {dest} does not exist: pass --sync-key-stdin (paste the key "
                 "add-node printed, then Ctrl-D) or --sync-key-file FILE"
             )
+
+    def check_postscreen(self) -> None:
+        """main.cf's DNSBL lines, with the server's rules (mailstate's compiler/postscreen.py)."""
+        main_cf = self.m.get("postfix", {}).get("main_cf")
+        if not main_cf:
+            return
+        why = postscreen.check_main_cf_lines(hostconf.setting_lines(self.bundle.read(main_cf).decode("utf-8")))
+        if why is not None:
+            raise InstallError(f"the bundle's {main_cf} is refused: {why}")
 
     def check_certbot(self) -> None:
         if self.opts.acme is not None and shutil.which(self.opts.certbot) is None:

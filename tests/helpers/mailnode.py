@@ -92,7 +92,7 @@ AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
     "usage", "lifecycle", "agent", "cli", "buckets", "bulkwrite", "chain", "trust", "dkim", "sieve", "apppass", "ownerfiles",
-    "sending", "policyfleet", "policy", "fleetfiles", "fleet", "replication", "spam", "spampolicy",
+    "sending", "policyfleet", "policy", "fleetfiles", "fleet", "replication", "spam", "spampolicy", "postscreen",
 )  # fmt: skip
 MAIL_BINARIES = ("postfix", "postmap", "dovecot", "doveadm", "sievec")  # sievec: Pigeonhole
 

@@ -809,3 +809,31 @@ def test_install_refuses_a_dovecot_without_pigeonhole(host: Host, pipull: Any) -
     # port 25's milter: without rspamd every message would tempfail
     with pytest.raises(InstallError, match="apt-get install rspamd"):
         Installer(bundle, Options(dirs=dirs, rspamadm="/nonexistent/rspamadm")).check_services_installed()
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("postscreen_dnsbl_sites = zen.spamhaus.org*999", "is not domain[=filter][*weight]"),
+        ("postscreen_dnsbl_sites = $myhostname.example", "is not domain[=filter][*weight]"),
+        ("postscreen_dnsbl_sites = " + ", ".join(f"l{i}.example" for i in range(21)), "at most 20"),
+        ("postscreen_dnsbl_threshold = 0", "from 1 to 1000"),
+    ],
+)
+def test_install_refuses_a_bundle_with_hostile_dnsbl_lines(host: Host, line: str, why: str) -> None:
+    """A hand-edited bundle (bundle.json's digests made to match) with a DNSBL line the server would
+    never write: install refuses it before it changes anything (pipull/postscreen.py)."""
+    bundle = host.bundle()
+    main = bundle / "postfix" / "main.cf.mailstate"
+    key = line.partition(" = ")[0]
+    lines = [line if text.startswith(key + " = ") else text for text in main.read_text().splitlines()]
+    assert line in lines
+    main.write_text("\n".join(lines) + "\n")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["sha256"]["postfix/main.cf.mailstate"] = hashlib.sha256(main.read_bytes()).hexdigest()
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    before = host.tree()
+    r = host.install(bundle, "--no-tick")
+    assert r.returncode == EXIT_ERROR, r.stdout + r.stderr
+    assert "postfix/main.cf.mailstate is refused" in r.stderr and why in r.stderr, r.stderr
+    assert host.tree() == before
