@@ -20,6 +20,8 @@
     mailstate_node_spam_filter_up{node}               1 while the node's rspamd answers (0: port 25 tempfails)
     mailstate_node_spam_messages{node,result}         scanned, rejected, junked: rspamd's counters since it
                                                       started, as the node last reported them
+    mailstate_node_postscreen_rejected{node,test}     dnsbl, pregreet: clients port 25's postscreen refused,
+                                                      as the node last counted them from its log
     mailstate_nodes_waiting                           follow-mode nodes in a long poll right now
     mailstate_writers_waiting                         writes queued for the writers' lock right now (first
                                                       come first served; reads never wait for it)
@@ -195,6 +197,12 @@ class _StateCollector(Collector):
             "Messages the node's rspamd scanned, rejected and junked since it started, as the node last reported.",
             labels=["node", "result"],
         )
+        screened = GaugeMetricFamily(
+            "mailstate_node_postscreen_rejected",
+            "Clients port 25's postscreen refused, by test: dnsbl (the DNS blocklists, 521 at connect) and pregreet "
+            "(talked before their turn), as the node last counted them from its log.",
+            labels=["node", "test"],
+        )
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -210,6 +218,7 @@ class _StateCollector(Collector):
             stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
             replication.add(name, report)
             _spam_filter(name, report.get("spam_filter"), spam_up, spam)
+            _postscreen(name, report.get("postscreen"), screened)
         yield from replication.families()
         yield age
         yield behind
@@ -218,6 +227,7 @@ class _StateCollector(Collector):
         yield stale
         yield spam_up
         yield spam
+        yield screened
         waiting = GaugeMetricFamily(
             "mailstate_nodes_waiting", "Follow-mode nodes holding a long poll (GET /v1/nodes/wait) right now."
         )
@@ -266,6 +276,14 @@ def _spam_filter(name: str, entry: object, up: GaugeMetricFamily, counts: GaugeM
     for result in ("scanned", "rejected", "junked"):
         if isinstance(entry.get(result), int):
             counts.add_metric([name, result], float(entry[result]))
+
+
+def _postscreen(name: str, entry: object, counts: GaugeMetricFamily) -> None:
+    if not isinstance(entry, dict):
+        return
+    for test in ("dnsbl", "pregreet"):
+        if isinstance(entry.get(f"{test}_rejected"), int):
+            counts.add_metric([name, test], float(entry[f"{test}_rejected"]))
 
 
 def _parse_time(value: object) -> datetime | None:

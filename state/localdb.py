@@ -117,6 +117,7 @@ NODE_STATUS_COLUMNS = {
     "last_error_at": "TEXT",
     "replication": "TEXT",  # JSON: the node's last reported replication (state.nodes.ReplicationReport)
     "spam_filter": "TEXT",  # the inbound filter as the last report saw it (JSON, state.nodes.SpamFilterReport)
+    "postscreen": "TEXT",  # port 25's postscreen refusals as the last report counted them (JSON, PostscreenReport)
 }
 
 
@@ -259,6 +260,7 @@ class LocalDB:
         statement_issued_at: int | None = None,
         replication: str | None = None,
         spam_filter: str | None = None,
+        postscreen: str | None = None,
     ) -> None:
         """The node's last report. `last_error` keeps the last non-null error (and its time)
         after later reports without one, so list-nodes shows what last went wrong; `replication`
@@ -267,12 +269,12 @@ class LocalDB:
         with self._lock:
             self._conn.execute(
                 "INSERT INTO node_status (name, last_sync_at, applied_commit, status, error, remote_addr,"
-                " statement_issued_at, last_error, last_error_at, replication, spam_filter)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " statement_issued_at, last_error, last_error_at, replication, spam_filter, postscreen)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET last_sync_at=excluded.last_sync_at,"
                 " applied_commit=excluded.applied_commit, status=excluded.status, error=excluded.error,"
                 " remote_addr=excluded.remote_addr, statement_issued_at=excluded.statement_issued_at,"
-                " spam_filter=excluded.spam_filter,"
+                " spam_filter=excluded.spam_filter, postscreen=excluded.postscreen,"
                 " last_error=COALESCE(excluded.last_error, node_status.last_error),"
                 " last_error_at=COALESCE(excluded.last_error_at, node_status.last_error_at),"
                 " replication=COALESCE(excluded.replication, node_status.replication)",
@@ -288,6 +290,7 @@ class LocalDB:
                     stamp if error else None,
                     replication,
                     spam_filter,
+                    postscreen,
                 ),
             )
 
@@ -528,7 +531,7 @@ class LocalDB:
         with self._lock:
             row = self._conn.execute(
                 "SELECT last_sync_at, applied_commit, status, error, statement_issued_at, last_error, last_error_at,"
-                " replication, spam_filter FROM node_status WHERE name = ?",
+                " replication, spam_filter, postscreen FROM node_status WHERE name = ?",
                 (name,),
             ).fetchone()
         if row is None:
@@ -543,4 +546,5 @@ class LocalDB:
             "last_error_at": row[6],
             "replication": _replication(row[7]),
             "spam_filter": _json_object(row[8]),
+            "postscreen": _json_object(row[9]),
         }

@@ -1925,6 +1925,21 @@ class SpamFilterReport(BaseModel):
     error: str | None = Field(default=None, max_length=2000, description="Why rspamd did not answer, if it did not.")
 
 
+class PostscreenReport(BaseModel):
+    """Port 25's postscreen (docs/inbound.md) as the node's last report counted it from Postfix's log:
+    the clients it refused, since the node first counted (null before it could read the log)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    dnsbl_rejected: int | None = Field(
+        default=None, ge=0, le=2**53, description="Clients refused at connect (521) for the DNS blocklists."
+    )
+    pregreet_rejected: int | None = Field(
+        default=None, ge=0, le=2**53, description="Clients that talked before their turn (550 to every RCPT)."
+    )
+    error: str | None = Field(default=None, max_length=2000, description="Why the node could not read its log, if so.")
+
+
 class NodeInfo(BaseModel):
     name: str
     ip_address: str | None
@@ -1984,6 +1999,11 @@ class NodeInfo(BaseModel):
         default=None,
         description="The node's inbound filter (rspamd) as its last report saw it: `running` false means port 25 "
         "tempfails (4xx) until it answers again; null for a node that does not filter or never reported.",
+    )
+    postscreen: PostscreenReport | None = Field(
+        default=None,
+        description="Port 25's postscreen as the node last counted it: clients refused for the DNS blocklists "
+        "and for talking before their turn; null for a node that does not count or never reported.",
     )
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mailstate.state.errors import Forbidden, InvalidInput, Unauthenticated
-from mailstate.state.models import Node, SpamFilterReport, parse
+from mailstate.state.models import Node, PostscreenReport, SpamFilterReport, parse
 from mailstate.state.sending import MAX_SENDING_ENTRIES, SendingChange, SendingEntry, report_rows
 from mailstate.state.snapshot import Snapshot
 from mailstate.state.validate import MAILBOX_ID, normalize_certificate
@@ -214,6 +214,11 @@ class NodeReport(BaseModel):
         description="Optional: the node's inbound filter (rspamd): whether it answers, and its counters. list-nodes "
         "and /metrics show it.",
     )
+    postscreen: PostscreenReport | None = Field(
+        default=None,
+        description="Optional: port 25's postscreen, the clients it refused (counted from Postfix's log). list-nodes "
+        "and /metrics show it.",
+    )
     sending: list[SendingEntry] | None = Field(
         default=None,
         max_length=MAX_SENDING_ENTRIES,
@@ -244,6 +249,7 @@ class StatusSink(Protocol):
         statement_issued_at: int | None = None,
         replication: str | None = None,
         spam_filter: str | None = None,
+        postscreen: str | None = None,
     ) -> None: ...
 
     def record_usage(self, node: str, rows: list[tuple[str, str, str, int, int]], at: datetime) -> None: ...
@@ -347,6 +353,7 @@ def record_report(
         if report.replication is None
         else json.dumps([entry.model_dump() for entry in report.replication], sort_keys=True),
         spam_filter=report.spam_filter.model_dump_json() if report.spam_filter is not None else None,
+        postscreen=report.postscreen.model_dump_json() if report.postscreen is not None else None,
     )
     if report.usage:
         rows = usage_rows(snapshot, report.usage)

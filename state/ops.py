@@ -1116,6 +1116,7 @@ def list_nodes(ctx: Context, req: m.ListNodesRequest, _: Prepared) -> Outcome:
                 "tls_fingerprint": v.certificate_fingerprint(node.tls_certificate) if node.tls_certificate else None,
                 "replication": replication_of(status),
                 "spam_filter": status.get("spam_filter"),
+                "postscreen": status.get("postscreen"),
             }
         )
     last = names[min(stop, len(names)) - 1] if start < len(names) else None

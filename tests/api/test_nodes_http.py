@@ -173,6 +173,11 @@ def test_report_from_an_address_off_the_whitelist_is_refused(nodes: Nodes) -> No
         ({"status": "ok", "spam_filter": {"running": True, "junked": "3"}}, "spam_filter"),
         ({"status": "ok", "spam_filter": {"running": True, "policy": "off"}}, "spam_filter"),
         ({"status": "ok", "spam_filter": [True]}, "spam_filter"),
+        ({"status": "ok", "postscreen": {"dnsbl_rejected": -1}}, "postscreen"),
+        ({"status": "ok", "postscreen": {"dnsbl_rejected": "4"}}, "postscreen"),
+        ({"status": "ok", "postscreen": {"pregreet_rejected": 2**60}}, "postscreen"),
+        ({"status": "ok", "postscreen": {"dnsbl_rejected": 1, "sites": ["x"]}}, "postscreen"),
+        ({"status": "ok", "postscreen": {"error": "x" * 2001}}, "postscreen"),
     ],
 )
 def test_report_with_an_invalid_body_is_400(nodes: Nodes, body: dict[str, object], field: str) -> None:
@@ -429,7 +434,7 @@ def test_record_report_and_parse(node_store: tuple[Store, str, str], data_dir) -
         assert db.node_status("free") == {
             "last_sync_at": now.isoformat(), "applied_commit": head, "status": "ok", "error": None,
             "statement_issued_at": None, "last_error": None, "last_error_at": None, "replication": [],
-            "spam_filter": None,
+            "spam_filter": None, "postscreen": None,
         }  # fmt: skip
         # the inbound filter's state rides on the report; list-nodes and /metrics read it back
         spam = {"running": True, "scanned": 12, "rejected": 2, "junked": 3}
@@ -440,6 +445,12 @@ def test_record_report_and_parse(node_store: tuple[Store, str, str], data_dir) -
         assert db.node_status("free")["spam_filter"] == {  # type: ignore[index]
             "running": False, "scanned": None, "rejected": None, "junked": None, "error": down["error"],
         }  # fmt: skip
+        # so do postscreen's refusals; a report without them leaves none
+        screened = {"dnsbl_rejected": 7, "pregreet_rejected": 1, "error": None}
+        record_report(db, store.snapshot, "free", {"status": "ok", "postscreen": screened}, "10.0.0.1", now)
+        assert db.node_status("free")["postscreen"] == screened  # type: ignore[index]
+        record_report(db, store.snapshot, "free", {"status": "ok"}, "10.0.0.1", now)
+        assert db.node_status("free")["postscreen"] is None  # type: ignore[index]
         with pytest.raises(Unauthenticated):
             record_report(db, store.snapshot, "ghost", {"status": "ok"}, None, now)
         for body in ([], "x", None, {"status": "ok", "name": "free"}, {"status": "unknown"}):

@@ -321,10 +321,12 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
     (tmp_path / "master.cf").write_text("smtp inet n - y - - smtpd\n")
     entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
-    # The submission services, Sieve's loopback service, then the fleet's relay transport and
-    # relay listener (docs/fleet.md).
+    # Port 25's postscreen with its pass service and helpers (docs/inbound.md), the submission
+    # services, Sieve's loopback service, then the fleet's relay transport and relay listener
+    # (docs/fleet.md).
     assert [e.split(" = ")[0] for e in entries] == [
-        "submission/inet", "submissions/inet", "127.0.0.1:10026/inet", "fleet/unix", "2525/inet"
+        "smtp/inet", "smtpd/pass", "dnsblog/unix", "tlsproxy/unix",
+        "submission/inet", "submissions/inet", "127.0.0.1:10026/inet", "fleet/unix", "2525/inet",
     ]  # fmt: skip
     r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -357,7 +359,8 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     assert "2525/inet/smtpd_client_restrictions = check_ccert_access,hash:/srv/node/fleet/ccerts,reject" in params
     assert "2525/inet/receive_override_options = no_address_mappings,no_milters" in params
     assert "submissions/inet/smtpd_tls_wrappermode = yes" in params
-    assert not any(p.startswith("smtp/inet/") for p in params)  # port 25: no milter, no SASL
+    # port 25 (postscreen, then smtpd pass): no -o of their own, main.cf's milter and no SASL
+    assert not any(p.startswith(("smtp/inet/", "smtpd/pass/")) for p in params)
     m = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "submission/inet"], capture_output=True, text=True)
     assert m.stdout.split()[:8] == ["submission", "inet", "n", "-", "n", "-", "-", "smtpd"], m.stdout  # chroot n
 

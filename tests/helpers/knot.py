@@ -56,11 +56,15 @@ def free_udp_tcp_port() -> int:
 class KnotServer:
     """One knotd serving `zones` (names without the trailing dot) on 127.0.0.1."""
 
-    def __init__(self, workdir: Path, zones: list[str]) -> None:
+    def __init__(self, workdir: Path, zones: list[str], *, host: str = "127.0.0.1", port: int = 0) -> None:
+        """``host``/``port``: where knot listens (port 0: a free one; 53 for a resolver such as libc's,
+        which takes no port, on a loopback address of its own)."""
         require_knot()
         self.w = workdir
         self.zones = list(zones)
-        self.port = 0
+        self.host = host
+        self.fixed_port = port
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.serials = dict.fromkeys(self.zones, 0)
         for sub in ("run", "db", "zones"):
@@ -68,7 +72,7 @@ class KnotServer:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def conf(self) -> Path:
@@ -79,7 +83,7 @@ class KnotServer:
         self.conf.write_text(
             f"""server:
     rundir: "{self.w}/run"
-    listen: 127.0.0.1@{self.port}
+    listen: {self.host}@{self.port}
 log:
   - target: stderr
     any: warning
@@ -104,7 +108,7 @@ zone:
             if not (self.w / "zones" / f"{zone}.zone").exists():
                 self.write_zone(zone, [])
         for _attempt in range(3):
-            self.port = free_udp_tcp_port()
+            self.port = self.fixed_port or free_udp_tcp_port()
             self._write_conf()
             log = (self.w / "knotd.log").open("ab")
             self.proc = subprocess.Popen(["knotd", "-c", str(self.conf)], stdout=log, stderr=log)
@@ -169,7 +173,7 @@ zone:
     def _soa_answer(self, zone: str) -> dns.message.Message | None:
         query = dns.message.make_query(f"{zone}.", dns.rdatatype.SOA)
         try:
-            return dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+            return dns.query.udp(query, self.host, port=self.port, timeout=0.5)
         except (OSError, dns.exception.Timeout):
             return None
 

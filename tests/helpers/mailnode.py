@@ -71,6 +71,7 @@ from mailstate.compiler.node_bundle import (
     postfix_snippet,
     render_node_bundle,
 )
+from mailstate.compiler.postscreen import DEFAULT_DNSBL_SITES
 from tests.helpers.smtpsink import Received, SmtpSink
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -245,6 +246,11 @@ class MailNode:
     dkim_milter: str = ""
     # rspamd's milter for port 25 (tests/helpers/rspamd.py; "" for none, the node then takes mail unfiltered).
     spam_milter: str = ""
+    # postscreen's DNS blocklists on port 25 (the bundle's by default).
+    dnsbl_sites: tuple[str, ...] = DEFAULT_DNSBL_SITES
+    # A resolv.conf for Postfix (postscreen's DNSBL lookups): bind-mounted over /etc/resolv.conf in
+    # a mount namespace of Postfix's own (None: the machine's).
+    resolv_conf: Path | None = None
     sink: SmtpSink | None = None
     # pi-pull's outbound policy service (`pi_pull.py policy`), which the bundle's submission
     # services ask: started with the node, on this port (0: none, and no policy in master.cf).
@@ -398,7 +404,13 @@ smtpd_authorized_xclient_hosts = 127.0.0.0/8
             tls_key=str(self.tls_key),
             map_buckets=self.map_buckets,
             spam_milter=self.spam_milter,
+            dnsbl_sites=self.dnsbl_sites,
         )
+        # Port 25 is the bundle's postscreen. The test client's 127.0.0.1 skips its tests (a first
+        # contact would wait out the greeting test, 6 s, and ask the blocklists); every other
+        # loopback address meets them as the bundle sets them (tests/e2e/test_postscreen_e2e.py).
+        (w / "postscreen_access.cidr").write_text("127.0.0.1/32 permit\n")
+        main_cf += f"postscreen_access_list = permit_mynetworks, cidr:{w}/postscreen_access.cidr\n"
         (self.postfix_dir / "main.cf").write_text(main_cf)
         services = [
             ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
@@ -423,10 +435,11 @@ smtpd_authorized_xclient_hosts = 127.0.0.0/8
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
             ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
         ]
-        master = [f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd"]
-        master += ["  ".join(s) for s in services]
-        # The bundle's submission entries (`service/type = <master.cf line>`), on loopback ports.
+        master = ["  ".join(s) for s in services]
+        # The bundle's entries (`service/type = <master.cf line>`): port 25's postscreen and the
+        # submission services, on loopback ports.
         snippet = postfix_master_snippet(
+            smtp_listen=f"127.0.0.1:{self.smtp_port}",
             submission_listen=f"127.0.0.1:{self.submission_port}",
             smtps_listen=f"127.0.0.1:{self.smtps_port}",
             dkim_milter=self.dkim_milter,
@@ -571,7 +584,22 @@ service imap-login {{
         self.start_policy()
         self._daemon("dovecot", "-c", str(self.dovecot_conf))
         self.started = True
-        self._daemon("postfix", "-c", str(self.postfix_dir), "start")
+        postfix = ["postfix", "-c", str(self.postfix_dir), "start"]
+        if self.resolv_conf is not None:
+            # Postfix's master (and every daemon it starts) stays in this private mount namespace.
+            bind = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+            postfix = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                bind,
+                str(self.resolv_conf),
+                *postfix,
+            ]
+        self._daemon(*postfix)
         for port in (
             self.imap_port,
             self.imaps_port,
@@ -776,12 +804,19 @@ def _pid_alive(pidfile: Path) -> bool:
 
 @contextlib.contextmanager
 def running_mailnode(
-    map_type: str | None = None, *, dkim_milter: str = "", map_buckets: int | None = None, spam_milter: str = ""
+    map_type: str | None = None,
+    *,
+    dkim_milter: str = "",
+    map_buckets: int | None = None,
+    spam_milter: str = "",
+    dnsbl_sites: tuple[str, ...] = DEFAULT_DNSBL_SITES,
+    resolv_conf: Path | None = None,
 ) -> Iterator[MailNode]:
     """Start Postfix + Dovecot (and the SMTP sink) for a fresh release root; stop and clean up
     afterwards. ``map_type``/``map_buckets``: the bundle's (``bundle_layout()``) unless given.
     ``dkim_milter``: a milter for the submission services (none by default); ``spam_milter``:
-    rspamd's, for port 25 (none by default; tests/helpers/rspamd.py)."""
+    rspamd's, for port 25 (none by default; tests/helpers/rspamd.py). ``dnsbl_sites``: postscreen's
+    lists (the bundle's by default); ``resolv_conf``: the resolver Postfix uses (the machine's by default)."""
     layout = bundle_layout()
     require_binaries(*MAIL_BINARIES, "openssl")
     if os.geteuid() != 0:
@@ -815,6 +850,8 @@ def running_mailnode(
         relay_port=relay_port,
         dkim_milter=dkim_milter,
         spam_milter=spam_milter,
+        dnsbl_sites=dnsbl_sites,
+        resolv_conf=resolv_conf,
         sink=sink,
         policy_port=policy_port,
     )

@@ -252,7 +252,7 @@ def test_dry_run_changes_nothing(host: Host) -> None:
         f"would install {host.etc}/sync_key (0600)",
         f"would install {host.lib}/pi_pull.py (0755)",
         f"would install {host.systemd}/pi-pull.timer",
-        f"would set 23 mailstate lines in {host.postfix}/main.cf",
+        f"would set 27 mailstate lines in {host.postfix}/main.cf",
         f"would install {host.rspamd}/local.d/worker-proxy.inc (0644)",
         f"would write {host.postfix}/master.cf",
         "would comment out `!include auth-system.conf.ext`",
