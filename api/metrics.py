@@ -186,23 +186,7 @@ class _StateCollector(Collector):
             labels=["node"],
         )
         replication = _Replication()
-        spam_up = GaugeMetricFamily(
-            "mailstate_node_spam_filter_up",
-            "1 while the node's inbound filter (rspamd) answers, 0 while port 25 tempfails for want of it (absent for "
-            "a node that does not filter).",
-            labels=["node"],
-        )
-        spam = GaugeMetricFamily(
-            "mailstate_node_spam_messages",
-            "Messages the node's rspamd scanned, rejected and junked since it started, as the node last reported.",
-            labels=["node", "result"],
-        )
-        screened = GaugeMetricFamily(
-            "mailstate_node_postscreen_rejected",
-            "Clients port 25's postscreen refused, by test: dnsbl (the DNS blocklists, 521 at connect) and pregreet "
-            "(talked before their turn), as the node last counted them from its log.",
-            labels=["node", "test"],
-        )
+        inbound = _Inbound()
         now = datetime.now(UTC)
         for name in sorted(store.snapshot.nodes.nodes):
             report = store.node_status(name) or {}
@@ -217,17 +201,14 @@ class _StateCollector(Collector):
                 lag.add_metric([name], float(fresh["lag_s"]))
             stale.add_metric([name], 1.0 if fresh["stale"] else 0.0)
             replication.add(name, report)
-            _spam_filter(name, report.get("spam_filter"), spam_up, spam)
-            _postscreen(name, report.get("postscreen"), screened)
+            inbound.add(name, report)
         yield from replication.families()
         yield age
         yield behind
         yield status
         yield lag
         yield stale
-        yield spam_up
-        yield spam
-        yield screened
+        yield from inbound.families()
         waiting = GaugeMetricFamily(
             "mailstate_nodes_waiting", "Follow-mode nodes holding a long poll (GET /v1/nodes/wait) right now."
         )
@@ -267,6 +248,38 @@ class _StateCollector(Collector):
         boxes.add_metric(["limited"], float(c.sending(now - timedelta(days=1)).get("limited", 0)))
         boxes.add_metric(["suspended"], float(c.suspended()))
         yield boxes
+
+
+class _Inbound:
+    """Port 25's protection per node, as it last reported: rspamd (spam_filter) and postscreen."""
+
+    def __init__(self) -> None:
+        self.spam_up = GaugeMetricFamily(
+            "mailstate_node_spam_filter_up",
+            "1 while the node's inbound filter (rspamd) answers, 0 while port 25 tempfails for want of it (absent for "
+            "a node that does not filter).",
+            labels=["node"],
+        )
+        self.spam = GaugeMetricFamily(
+            "mailstate_node_spam_messages",
+            "Messages the node's rspamd scanned, rejected and junked since it started, as the node last reported.",
+            labels=["node", "result"],
+        )
+        self.screened = GaugeMetricFamily(
+            "mailstate_node_postscreen_rejected",
+            "Clients port 25's postscreen refused, by test: dnsbl (the DNS blocklists, 521 at connect) and pregreet "
+            "(talked before their turn), as the node last counted them from its log.",
+            labels=["node", "test"],
+        )
+
+    def add(self, name: str, report: dict[str, Any]) -> None:
+        _spam_filter(name, report.get("spam_filter"), self.spam_up, self.spam)
+        _postscreen(name, report.get("postscreen"), self.screened)
+
+    def families(self) -> Iterator[Metric]:
+        yield self.spam_up
+        yield self.spam
+        yield self.screened
 
 
 def _spam_filter(name: str, entry: object, up: GaugeMetricFamily, counts: GaugeMetricFamily) -> None:
