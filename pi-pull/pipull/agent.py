@@ -252,7 +252,7 @@ class Agent:
             spam_filter = filter_state(self.cfg, self.runner)
             if spam_filter is not None:
                 fleet = {**fleet, "spam_filter": spam_filter}
-            screened = refusals(self.cfg)
+            screened = refusals(self.cfg, self.runner)
             if screened is not None:
                 fleet = {**fleet, "postscreen": screened}
             sent = self.reporter.send(

@@ -75,8 +75,10 @@ class Config:
     spam_controller: str = "127.0.0.1:11334"
     spam_rspamc: str = "rspamc"
     spam_reload: str = "systemctl reload rspamd"  # after pipull/spampolicy.py rewrote rspamd's settings
-    # [postscreen] (pipull/postscreen.py): the log whose postscreen lines each report counts ("": none).
+    # [postscreen] (pipull/postscreen.py): where each report counts postscreen's refusals: a log file,
+    # "journal", "auto" (the mail log if there is one, else the journal) or "" (not counted).
     postscreen_log: str = ""
+    postscreen_journalctl: str = "journalctl"
     # [owners] (pipull/ownerfiles.py): which app passwords logged in, from Dovecot's stats.
     doveadm: str = "doveadm"
     # [policy] (pipull/policy.py): the submission ports' outbound limits (Postfix check_policy_service).
@@ -227,7 +229,9 @@ def load_config(path: str) -> Config:
     cfg.spam_controller = r.get_str("spam", "controller", cfg.spam_controller)
     cfg.spam_rspamc = r.get_str("spam", "rspamc", cfg.spam_rspamc)
     cfg.spam_reload = r.get_str("spam", "reload", cfg.spam_reload)
-    cfg.postscreen_log = r.get_path("postscreen", "log", "")
+    log = r.get_str("postscreen", "log", "")
+    cfg.postscreen_log = log if log in ("", "auto", "journal") else r.get_path("postscreen", "log", "")
+    cfg.postscreen_journalctl = r.get_str("postscreen", "journalctl", cfg.postscreen_journalctl)
     cfg.doveadm = r.get_str("owners", "doveadm", cfg.doveadm)
     cfg.policy_listen = r.get_str("policy", "listen", cfg.policy_listen)
     cfg.policy_db = r.get_path("policy", "db", os.path.join(cfg.root, "policy", "counts.sqlite"))
@@ -320,12 +324,21 @@ def _check_spam(cfg: Config, path: str) -> None:
             raise ConfigError(f"config {path}: [spam] {key}: {e}") from None
 
 
+def _check_postscreen(cfg: Config, path: str) -> None:
+    try:
+        if not shlex.split(cfg.postscreen_journalctl):
+            raise ValueError("empty")
+    except ValueError as e:
+        raise ConfigError(f"config {path}: [postscreen] journalctl: {e}") from None
+
+
 def check_config(cfg: Config, path: str) -> None:
     """Reject values that would only fail later, mid-tick."""
     _check_mail(cfg, path)
     _check_dkim(cfg, path)
     _check_fleet(cfg, path)
     _check_spam(cfg, path)
+    _check_postscreen(cfg, path)
     if cfg.max_fetch_mb < 1 or cfg.max_file_mb < 1:
         raise ConfigError(f"config {path}: [limits] max_fetch_mb and max_file_mb must be >= 1")
     if cfg.map_type not in MAP_TYPES:

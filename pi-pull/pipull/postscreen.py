@@ -9,9 +9,11 @@ postscreen would misread, or a list of hundreds, into main.cf.
 
 Postfix keeps no counters: postscreen logs ``DNSBL rank N for [ADDR]:PORT`` for each client it
 refuses for the lists (521 at connect) and ``PREGREET N after ...`` for each that talked before
-its turn (550 to every RCPT). Each tick reads what the log (``[postscreen] log``) gained since the
-last one and adds it to counters kept under ``<root>/postscreen``; a rotated log is read from its
-start. The report's ``postscreen`` entry: ``{"dnsbl_rejected", "pregreet_rejected", "error"}``.
+its turn (550 to every RCPT). Each tick reads what the log gained since the last one and adds it
+to counters kept under ``<root>/postscreen``. ``[postscreen] log``: a file (its place kept by
+inode and offset; a rotated log is read from its start), ``journal`` (``journalctl
+--cursor-file``, postscreen's identifier only), or ``auto`` (the bundle's: /var/log/mail.log when
+rsyslog writes it, else the journal, Debian 12's default). The report's ``postscreen`` entry: ``{"dnsbl_rejected", "pregreet_rejected", "error"}``.
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
 from .config import Config
 from .fsutil import atomic_write
+from .runner import Runner, short
 
 SITES_KEY = "postscreen_dnsbl_sites"
 THRESHOLD_KEY = "postscreen_dnsbl_threshold"
 MAX_SITES = 20
 MAX_WEIGHT = 100
 MAX_THRESHOLD = 1000
+# [postscreen] log: a file, "journal" (journalctl), or "auto" (the mail log if there is one, else the journal).
+AUTO = "auto"
+JOURNAL = "journal"
+MAIL_LOG = "/var/log/mail.log"
+IDENTIFIER = "postfix/postscreen"  # the journal's SYSLOG_IDENTIFIER of postscreen's lines
+JOURNAL_TIMEOUT = 60.0
 # The most of the log one tick reads (the rest waits for the next): a first tick on a big log.
 READ_BUDGET = 64 * 1024 * 1024
 
@@ -129,20 +139,50 @@ def _read_new(log: str, seen: dict[str, int]) -> tuple[bytes, dict[str, int]]:
     return data[:end], {"dev": st.st_dev, "ino": st.st_ino, "offset": start + end}
 
 
-def refusals(cfg: Config) -> dict[str, Any] | None:
+def _read_journal(cfg: Config, runner: Runner, state_dir: str) -> bytes:
+    """postscreen's journal entries since the last tick (journalctl keeps its place in a cursor file)."""
+    argv = [
+        *shlex.split(cfg.postscreen_journalctl),
+        f"--cursor-file={os.path.join(state_dir, 'journal.cursor')}",
+        f"--identifier={IDENTIFIER}",
+        "--output=short",
+        "--no-pager",
+        "--quiet",
+    ]
+    r = runner.run(argv, timeout=JOURNAL_TIMEOUT)
+    if r.returncode != 0:
+        raise OSError(f"journalctl failed: {short(r.stderr + r.stdout) or f'rc={r.returncode}'}")
+    return r.stdout
+
+
+def log_source(cfg: Config) -> str:
+    """Where this tick reads: ``[postscreen] log`` as set, with ``auto`` the mail log when there is one,
+    else the journal."""
+    if cfg.postscreen_log != AUTO:
+        return cfg.postscreen_log
+    return MAIL_LOG if os.path.exists(MAIL_LOG) else JOURNAL
+
+
+def refusals(cfg: Config, runner: Runner) -> dict[str, Any] | None:
     """This tick's ``postscreen`` report entry (None when [postscreen] log is empty: not counted)."""
-    if not cfg.postscreen_log:
+    source = log_source(cfg) if cfg.postscreen_log else ""
+    if not source:
         return None
-    counts_file = os.path.join(cfg.root, "postscreen", "counts.json")
+    state_dir = os.path.join(cfg.root, "postscreen")
+    counts_file = os.path.join(state_dir, "counts.json")
     seen = _load(counts_file)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    where: dict[str, int] = {}
     try:
-        data, where = _read_new(cfg.postscreen_log, seen)
+        if source == JOURNAL:
+            data = _read_journal(cfg, runner, state_dir)
+        else:
+            data, where = _read_new(source, seen)
     except OSError as e:
-        why = f"cannot read {cfg.postscreen_log}: {e.strerror or e}"
+        why = str(e) if source == JOURNAL else f"cannot read {source}: {e.strerror or e}"
         return {"dnsbl_rejected": seen.get("dnsbl"), "pregreet_rejected": seen.get("pregreet"), "error": why}
     dnsbl, pregreet = count_lines(data)
     counts = {**where, "dnsbl": seen.get("dnsbl", 0) + dnsbl, "pregreet": seen.get("pregreet", 0) + pregreet}
     if counts != seen:
-        os.makedirs(os.path.dirname(counts_file), mode=0o700, exist_ok=True)
         atomic_write(counts_file, json.dumps(counts, sort_keys=True).encode(), 0o600)
     return {"dnsbl_rejected": counts["dnsbl"], "pregreet_rejected": counts["pregreet"], "error": None}

@@ -83,7 +83,7 @@ def test_the_bundle_puts_port_25_behind_postscreen_with_the_default_lists() -> N
         "postscreen_dnsbl_action = drop",
         "postscreen_greet_action = enforce",
     } <= set(main)
-    assert "[postscreen]\n" in b["pi-pull.ini"] and "\nlog = /var/log/mail.log\n" in b["pi-pull.ini"]
+    assert "[postscreen]\n" in b["pi-pull.ini"] and "\nlog = auto\n" in b["pi-pull.ini"]
     # no list (a node without DNS of its own): postscreen still meets every client
     empty = bundle(dnsbl_sites=(), dnsbl_threshold=1)
     assert "postscreen_dnsbl_sites =" in lines(empty["postfix/main.cf.mailstate"])
