@@ -182,3 +182,21 @@ def test_the_refusals_are_counted_in_the_report_list_nodes_and_metrics(world: Wo
     metrics = world.admin.get("/metrics").text
     assert f'mailstate_node_postscreen_rejected{{node="mpi01",test="dnsbl"}} {float(logged)}' in metrics
     assert 'mailstate_node_postscreen_rejected{node="mpi01",test="pregreet"}' in metrics
+
+
+def test_with_no_list_postscreen_still_meets_every_client() -> None:
+    """`mailstate node bundle --dnsbl none` (a node without DNS of its own): Postfix starts with
+    postscreen on port 25, asks no list, and a new client gets smtpd after the greeting test."""
+    with running_mailnode(dnsbl_sites=()) as node:
+        assert "postscreen_dnsbl_sites =\n" in (node.postfix_dir / "main.cf").read_text()
+        started = time.monotonic()
+        with contextlib.closing(connect(node, "127.0.0.9")) as s:
+            assert s.ehlo("mx.sender.test")[0] == 250
+            assert s.mail("bob@sender.test")[0] == 250  # handed over: smtpd speaks
+            s.quit()
+        assert time.monotonic() - started >= 5  # the greeting test still ran
+        deadline = time.monotonic() + 10
+        while "PASS NEW [127.0.0.9]" not in node.postfix_log():
+            assert time.monotonic() < deadline, node.postfix_log()[-2000:]
+            time.sleep(0.1)
+        assert "dnsblog" not in node.postfix_log()
