@@ -1371,15 +1371,15 @@ class SetSpamPolicyRequest(Request):
     )
     junk_score: Annotated[float | None, BeforeValidator(_score("junk_score"))] = Field(
         default=None,
-        description="rspamd score from which a message is junked: above 0, at most 100, steps of 0.1; null or left "
-        "out: inherited.",
-        json_schema_extra={"exclusiveMinimum": 0, "maximum": spam.MAX_SCORE, "multipleOf": 0.1},
+        description="rspamd score from which a message is junked: 0.1 to 100, rounded to one decimal place; null "
+        "or left out: inherited.",
+        json_schema_extra={"minimum": spam.MIN_SCORE, "maximum": spam.MAX_SCORE},
     )
     reject_score: Annotated[float | None, BeforeValidator(_score("reject_score"))] = Field(
         default=None,
-        description="rspamd score from which a message is refused (reject): above 0, at most 100, steps of 0.1; null "
-        "or left out: inherited.",
-        json_schema_extra={"exclusiveMinimum": 0, "maximum": spam.MAX_SCORE, "multipleOf": 0.1},
+        description="rspamd score from which a message is refused (reject): 0.1 to 100, rounded to one decimal "
+        "place; null or left out: inherited.",
+        json_schema_extra={"minimum": spam.MIN_SCORE, "maximum": spam.MAX_SCORE},
     )
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ ACTIONS = ("junk", "reject", "off")
 DEFAULT_ACTION = "junk"
 DEFAULT_JUNK_SCORE = 6.0
 DEFAULT_REJECT_SCORE = 15.0
+MIN_SCORE = 0.1
 MAX_SCORE = 100.0
 # The per-domain fragment (rendered/domains/<bb>/<domain>/spam_policy) and the node-wide default.
 SPAM_FRAGMENT = "spam_policy"
@@ -38,17 +39,18 @@ DOMAIN_KEY = "@domain"
 
 
 def check_score(value: object, field: str) -> float:
-    """A threshold: a number above 0 and at most 100, in steps of 0.1 (so every node renders it alike)."""
+    """A threshold: a number from 0.1 to 100, rounded to one decimal place (so every node renders
+    it alike). Rounded rather than refused off the 0.1 grid: JSON Schema's `multipleOf: 0.1` is
+    float division in most validators, which call 0.3 no multiple of 0.1."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"{field} must be a number.", code="invalid_spam_policy", field=field)
-    number = float(value)
-    if not 0 < number <= MAX_SCORE or abs(round(number * 10) - number * 10) > 1e-9:
+    if not MIN_SCORE <= float(value) <= MAX_SCORE:
         raise InvalidInput(
-            f"{field} must be above 0 and at most {MAX_SCORE:g}, in steps of 0.1.",
+            f"{field} must be from {MIN_SCORE:g} to {MAX_SCORE:g} (rounded to one decimal place).",
             code="invalid_spam_policy",
             field=field,
         )
-    return round(number, 1)
+    return round(float(value), 1)
 
 
 def check_scores(junk: float | None, reject: float | None) -> None:

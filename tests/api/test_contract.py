@@ -129,7 +129,8 @@ EMAILS = [*(f"info@{d}" for d in VALID_IDN), "anna@mycompany.nl"]
 KEYWORDS = {
     "string": {"pattern", "format", "minLength", "maxLength"},
     "integer": {"minimum", "maximum"},
-    "number": {"minimum", "maximum", "exclusiveMinimum", "multipleOf"},
+    # No multipleOf: most validators divide floats and call 0.3 no multiple of 0.1.
+    "number": {"minimum", "maximum"},
     "boolean": set(),
     "null": set(),
     "array": {"items", "minItems", "maxItems", "uniqueItems"},
@@ -195,13 +196,9 @@ def strategy(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
 
 
 def _number(schema: dict[str, Any]) -> st.SearchStrategy[float]:
-    """Multiples of `multipleOf` within the bounds (the only numbers our models publish)."""
-    step = schema["multipleOf"]
-    lo = math.ceil(schema.get("minimum", schema.get("exclusiveMinimum", 0)) / step)
-    if "exclusiveMinimum" in schema and lo * step <= schema["exclusiveMinimum"]:
-        lo += 1
-    hi = math.floor(schema["maximum"] / step)
-    return st.integers(lo, hi).map(lambda k: round(k * step, 10))
+    """Any finite number within the bounds, whole ones too (the server rounds what it keeps)."""
+    lo, hi = schema["minimum"], schema["maximum"]
+    return st.one_of(st.integers(math.ceil(lo), math.floor(hi)).map(float), st.floats(lo, hi))
 
 
 def _string(schema: dict[str, Any]) -> st.SearchStrategy[str]:

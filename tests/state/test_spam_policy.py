@@ -34,6 +34,8 @@ def test_a_mailbox_overrides_its_domain_which_overrides_the_default(mail_store: 
 
     again = mail_store.execute("set-spam-policy", PROJECT_A, {"email": BOX, "action": "junk", "junk_score": 3.5})
     assert again.result["commit"] is None  # the same policy: no commit
+    rounded = mail_store.execute("set-spam-policy", PROJECT_A, {"email": BOX, "action": "junk", "junk_score": 3.54})
+    assert rounded.result["commit"] is None and rounded.result["policy"]["junk_score"] == 3.5  # kept to 0.1
 
     listed = run(mail_store, "list-spam-policy", {"domain": "example.com"})
     assert [(p["email"], p["effective"]["action"]) for p in listed["policies"]] == [(None, "reject"), (BOX, "junk")]
@@ -52,7 +54,8 @@ def test_a_mailbox_overrides_its_domain_which_overrides_the_default(mail_store: 
         ({"email": BOX, "action": "junk", "junk_score": 0}, "invalid_spam_policy"),
         ({"email": BOX, "action": "junk", "junk_score": -3}, "invalid_spam_policy"),
         ({"email": BOX, "action": "junk", "junk_score": 101}, "invalid_spam_policy"),
-        ({"email": BOX, "action": "junk", "junk_score": 6.05}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": 0.09}, "invalid_spam_policy"),
+        ({"email": BOX, "action": "junk", "junk_score": 100.01}, "invalid_spam_policy"),
         ({"email": BOX, "action": "junk", "junk_score": "6"}, "invalid_spam_policy"),
         ({"email": BOX, "action": "junk", "junk_score": True}, "invalid_spam_policy"),
         ({"email": BOX, "action": "junk", "junk_score": float("nan")}, "invalid_spam_policy"),
