@@ -384,10 +384,12 @@ class SpamPolicy(BaseModel):
         "junk_score into Junk; off: neither. null: inherited.",
     )
     junk_score: Annotated[float | None, BeforeValidator(_score("junk_score"))] = Field(
-        default=None, description="rspamd score from which a message is junked (0-100, steps of 0.1); null: inherited."
+        default=None,
+        description="rspamd score from which a message is junked (0.1-100, one decimal place); null: inherited.",
     )
     reject_score: Annotated[float | None, BeforeValidator(_score("reject_score"))] = Field(
-        default=None, description="rspamd score from which a message is refused (0-100, steps of 0.1); null: inherited."
+        default=None,
+        description="rspamd score from which a message is refused (0.1-100, one decimal place); null: inherited.",
     )
 
     @model_validator(mode="after")
