@@ -245,7 +245,9 @@ def test_moving_to_junk_learns_spam_and_out_of_it_learns_ham(world: World) -> No
     start = learned(world)
     # into Junk: IMAPSieve pipes it to rspamd-learn, rspamd learns spam (before the MOVE answers)
     move(world, "Watches one", "INBOX", "Junk")
-    assert learned(world) == {**start, "BAYES_SPAM": start["BAYES_SPAM"] + 1}, [ln for ln in world.rspamd.log().splitlines() if "learn" in ln.lower()][-10:]
+    assert learned(world) == {**start, "BAYES_SPAM": start["BAYES_SPAM"] + 1}, [
+        ln for ln in world.rspamd.log().splitlines() if "learn" in ln.lower()
+    ][-10:]
     # Junk to Trash: deleting spam teaches nothing
     move(world, "Watches one", "Junk", "Trash")
     assert learned(world) == {**start, "BAYES_SPAM": start["BAYES_SPAM"] + 1}
