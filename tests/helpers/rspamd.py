@@ -78,6 +78,11 @@ class Rspamd:
         """Read the state's policies where the node's pi-pull writes them (``<root>/spam``), as a node does."""
         self.write_local_d(rspamd_snippets(self.milter, self.controller, spam_dir=str(spam_dir)))
 
+    def add_milter_socket(self, path: Path) -> None:
+        """Also listen as the milter on the UNIX socket ``path`` (before ``start``; after ``use_spam_dir``)."""
+        proxy = self.conf / "local.d" / "worker-proxy.inc"
+        proxy.write_text(proxy.read_text() + f'bind_socket = "{path} mode=0666";\n')
+
     @property
     def reload_command(self) -> str:
         """What systemd's ExecReload does (SIGHUP to the main process): [spam] reload for the test's pi-pull."""
