@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     tallies = {"without filter": Tally(), "with rspamd": Tally(), "with rspamd, UNIX socket": Tally()}
                     nodes = dict(zip(tallies, (plain, filtered, unix), strict=True))
-                    for n, (name, node) in enumerate(nodes.items()):
+                    for n, node in enumerate(nodes.values()):
                         provision(node, tmp, f"node{n}")
                         blast(node, args.clients * 2, args.clients, Tally())  # warm up: smtpd and cleanup start
                     for rnd in range(args.rounds):
