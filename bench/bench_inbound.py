@@ -3,14 +3,16 @@
     python -m bench.bench_inbound [--messages 200] [--clients 4] [--rounds 3]
 
 In ONE run, with real Postfix + Dovecot nodes on loopback (tests.helpers.mailnode.running_mailnode):
-two nodes, one with the bundle's rspamd as port 25's milter (tests.helpers.rspamd: the bundle's
-local.d files, DNS to a local knotd serving the sender's SPF record) and one without, each with
-one mailbox applied by the real pi-pull. `--rounds` times, alternating between the two nodes so
-that the machine's load weighs on both alike, `--clients` threads each open one SMTP session a
-message (as sending servers do), speak for 198.51.100.7 (XCLIENT) and send to the mailbox until
-`--messages` were sent to that node in the round. Printed:
+three nodes, each with one mailbox applied by the real pi-pull: one without a filter, one with the
+bundle's rspamd as port 25's milter (tests.helpers.rspamd: the bundle's local.d files, DNS to a
+local knotd serving the sender's SPF record), and one with the same rspamd reached over a UNIX
+socket instead of TCP (``smtpd_milters = unix:rspamd-milter.sock``, a path relative to Postfix's
+queue directory, where Postfix's daemons run, chrooted or not). `--rounds` times, alternating
+between the nodes so that the machine's load weighs on all alike, `--clients` threads each open
+one SMTP session a message (as sending servers do), speak for 198.51.100.7 (XCLIENT) and send to
+the mailbox until `--messages` were sent to that node in the round. Printed:
 
-- accepted messages per second with and without the filter (the 250 after DATA), and the ratio
+- accepted messages per second with and without the filter (the 250 after DATA), and the ratios
   (issue target: >= 0.5);
 - SMTP transaction time (connect to the 250 after DATA) p50/p90 with and without, and the p50
   the filter adds (issue target: <= 150 ms);
@@ -36,6 +38,7 @@ import email.utils  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import smtplib  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -54,6 +57,7 @@ from tests.helpers.rspamd import Rspamd  # noqa: E402
 
 ADDRESS = "anna@shop.example"
 OUTSIDE = "198.51.100.7"
+UNIX_MILTER = "rspamd-milter.sock"  # in the third node's Postfix queue directory
 
 
 def say(text: str) -> None:
@@ -172,45 +176,62 @@ def main(argv: list[str] | None = None) -> int:
         with KnotServer(tmp / "knot", ["sender.test"]) as knot:
             knot.set_zone("sender.test", [f'@ TXT "v=spf1 ip4:{OUTSIDE} -all"', f"mx A {OUTSIDE}"])
             rs = Rspamd(tmp / "rspamd", dns=knot.address)
-            with running_mailnode(spam_milter=rs.milter) as filtered, running_mailnode() as plain:
+            with (
+                running_mailnode(spam_milter=rs.milter) as filtered,
+                running_mailnode(spam_milter=rs.milter) as unix,
+                running_mailnode() as plain,
+            ):
                 rs.use_spam_dir(filtered.root / "spam")
+                rs.add_milter_socket(unix.workdir / "postfix" / "queue" / UNIX_MILTER)
                 t0 = time.monotonic()
                 rs.start()
                 say(f"rspamd up in {time.monotonic() - t0:.1f}s")
+                use_unix_milter(unix)
                 try:
-                    provision(filtered, tmp, "filtered")
-                    provision(plain, tmp, "plain")
-                    for node in (plain, filtered):  # warm up: the first sessions start smtpd and cleanup
-                        blast(node, args.clients * 2, args.clients, Tally())
-                    with_filter, without = Tally(), Tally()
+                    tallies = {"without filter": Tally(), "with rspamd": Tally(), "with rspamd, UNIX socket": Tally()}
+                    nodes = dict(zip(tallies, (plain, filtered, unix), strict=True))
+                    for n, node in enumerate(nodes.values()):
+                        provision(node, tmp, f"node{n}")
+                        blast(node, args.clients * 2, args.clients, Tally())  # warm up: smtpd and cleanup start
                     for rnd in range(args.rounds):
                         say(f"round {rnd + 1}/{args.rounds}")
-                        blast(plain, args.messages, args.clients, without)
-                        blast(filtered, args.messages, args.clients, with_filter)
+                        for name, node in nodes.items():
+                            blast(node, args.messages, args.clients, tallies[name])
                     assert rs.proc is not None
                     rss, pss = memory([rs.proc.pid])
                     stat = rs.stat() or {}
                 finally:
                     rs.stop()
-        report(args, with_filter, without, rss, pss, stat)
+        report(args, tallies, rss, pss, stat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def report(args: argparse.Namespace, f: Tally, n: Tally, rss: float, pss: float, stat: dict[str, object]) -> None:
-    rate_f, rate_n = f.accepted / f.seconds, n.accepted / n.seconds
+def use_unix_milter(node: MailNode) -> None:
+    """Point ``node``'s port 25 at rspamd's UNIX socket in its queue directory (relative path)."""
+    subprocess.run(["postconf", "-c", str(node.postfix_dir), "-e", f"smtpd_milters = unix:{UNIX_MILTER}"], check=True)
+    subprocess.run(node.postfix_reload.split(), check=True, capture_output=True)
+
+
+def report(
+    args: argparse.Namespace, tallies: dict[str, Tally], rss: float, pss: float, stat: dict[str, object]
+) -> None:
+    rates = {name: t.accepted / t.seconds for name, t in tallies.items()}
     print(
         f"inbound: {args.rounds} rounds x {args.messages} messages a node, {args.clients} SMTP clients, "
         f"load {os.getloadavg()[0]:.2f}"
     )
     print("| node | accepted | refused | accepted/s | SMTP p50 ms | SMTP p90 ms |")
     print("|---|---|---|---|---|---|")
-    for name, t, rate in (("without filter", n, rate_n), ("with rspamd", f, rate_f)):
-        row = [name, str(t.accepted), str(t.refused), f"{rate:.1f}", ms(p50(t.latencies), 1), ms(p90(t.latencies), 1)]
-        print("| " + " | ".join(row) + " |")
-    print(f"accept rate with / without: {rate_f / rate_n:.2f} (target >= 0.5)")
-    print(f"added SMTP latency p50: {ms(p50(f.latencies) - p50(n.latencies), 1)} ms (target <= 150 ms)")
+    for name, t in tallies.items():
+        row = [name, str(t.accepted), str(t.refused), f"{rates[name]:.1f}", ms(p50(t.latencies), 1)]
+        print("| " + " | ".join([*row, ms(p90(t.latencies), 1)]) + " |")
+    base = tallies["without filter"]
+    for name in ("with rspamd", "with rspamd, UNIX socket"):
+        print(f"accept rate {name} / without: {rates[name] / rates['without filter']:.2f} (target >= 0.5)")
+        added = ms(p50(tallies[name].latencies) - p50(base.latencies), 1)
+        print(f"added SMTP latency p50 {name}: {added} ms (target <= 150 ms)")
     print(f"rspamd memory: RSS {rss:.0f} MB summed over its processes, PSS {pss:.0f} MB (target <= 250 MB)")
     print(f"rspamd scanned {stat.get('scanned')} messages; actions {stat.get('actions')}")
 

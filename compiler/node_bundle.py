@@ -186,9 +186,20 @@ RSPAMD_LOCAL_D: dict[str, str] = {
     "milter_headers.conf": "rspamd-milter_headers.conf.j2",
     "actions.conf": "rspamd-actions.conf.j2",
     "settings.conf": "rspamd-settings.conf.j2",
+    "classifier-bayes.conf": "rspamd-classifier-bayes.conf.j2",
 }
 # Before every mailbox's own Sieve: what rspamd marked as spam goes into Junk (Dovecot's sieve_before).
 JUNK_SIEVE = f"{ETC_DIR}/junk.sieve"
+# Learning (docs/inbound.md): Dovecot's IMAPSieve runs learn-spam.sieve on a move into Junk and
+# learn-ham.sieve on a move out of it; both pipe the message to rspamd-learn (rspamc learn_spam /
+# learn_ham on the controller), the only program in the Sieve pipe directory.
+LEARN_DIR = ETC_DIR
+LEARN_SIEVES: dict[str, str] = {
+    "learn-spam.sieve": "mailstate-learn-spam.sieve",
+    "learn-ham.sieve": "mailstate-learn-ham.sieve",
+}
+SIEVE_PIPE_DIR = "/usr/local/lib/pi-pull/sieve-pipe"
+LEARN_PROGRAM = "rspamd-learn"
 
 
 def fleet_dir(root: str) -> str:
@@ -210,6 +221,9 @@ INSTALL_PATHS: dict[str, str] = {
     "opendkim/opendkim.conf": "/etc/opendkim.conf (with a dkim milter; the original kept)",
     "bundle.json": "(read by pi_pull.py install)",
     "junk.sieve": "/etc/pi-pull/junk.sieve (with a spam milter: Dovecot's sieve_before)",
+    "learn-spam.sieve": "/etc/pi-pull/learn-spam.sieve (with a spam milter: IMAPSieve, a move into Junk)",
+    "learn-ham.sieve": "/etc/pi-pull/learn-ham.sieve (with a spam milter: IMAPSieve, a move out of Junk)",
+    f"sieve-pipe/{LEARN_PROGRAM}": f"{SIEVE_PIPE_DIR}/{LEARN_PROGRAM} (with a spam milter: rspamc learn_spam / learn_ham)",
 }
 # rspamd's local.d files (with a spam milter): any file of the same name already there is kept and restored by uninstall.
 INSTALL_PATHS.update({f"{RSPAMD_BUNDLE_DIR}/{name}": f"{RSPAMD_DIR}/local.d/{name}" for name in RSPAMD_LOCAL_D})
@@ -291,6 +305,8 @@ def dovecot_snippet(
     map_buckets: int = 0,
     sieve_submission: str = SIEVE_LISTEN,
     junk_sieve: str = "",
+    learn_dir: str = "",
+    sieve_pipe_dir: str = "",
 ) -> str:
     """The Dovecot conf.d snippet: passwd-file passdb/userdb under ``<root>/current``, LMTP listener,
     quota, IMAP over TLS only (``imaps_port``) and the auth socket Postfix's SASL uses
@@ -301,7 +317,10 @@ def dovecot_snippet(
     mailbox's own, each mailbox's Sieve script from ``<root>/sieve``; ``sieve_submission``
     (``host:port``): where Sieve sends a vacation reply or a redirect, Postfix's loopback service
     with the DKIM milter (``postfix_master_snippet(sieve_listen=...)``). ``junk_sieve``: the script
-    that files what rspamd marked as spam into Junk, before each mailbox's own ("" for none)."""
+    that files what rspamd marked as spam into Junk, before each mailbox's own ("" for none).
+    ``learn_dir`` (with ``sieve_pipe_dir``): where learn-spam.sieve and learn-ham.sieve are, which
+    IMAPSieve runs on a move into and out of Junk, piping the message to the programs of
+    ``sieve_pipe_dir`` ("" for no learning)."""
     if not _HOST_PORT.match(sieve_submission):
         raise InvalidInput("sieve_submission must be HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_submission")
     return render_template(
@@ -319,6 +338,8 @@ def dovecot_snippet(
         app_password_slots=MAX_APP_PASSWORDS,
         sieve_submission=sieve_submission,
         junk_sieve=junk_sieve and _tls_path("junk_sieve", junk_sieve),
+        learn_dir=learn_dir and _tls_path("learn_dir", learn_dir).rstrip("/"),
+        sieve_pipe_dir=sieve_pipe_dir and _tls_path("sieve_pipe_dir", sieve_pipe_dir).rstrip("/"),
     )
 
 
@@ -445,6 +466,17 @@ def rspamd_snippets(
         "spam_dir": _tls_path("spam_dir", spam_dir).rstrip("/"),
     }
     return {name: render_template(template, **variables) for name, template in RSPAMD_LOCAL_D.items()}
+
+
+def rspamd_learn_program(controller: str = SPAM_CONTROLLER) -> str:
+    """The program IMAPSieve pipes a message to (``rspamd-learn spam|ham``): rspamc learn_spam or
+    learn_ham on the controller at ``controller`` (loopback, which the controller trusts)."""
+    return render_template("rspamd-learn.j2", controller=_spam_bind("spam_controller", controller))
+
+
+def learn_sieves() -> dict[str, str]:
+    """The IMAPSieve scripts (name -> content): learn-spam.sieve and learn-ham.sieve."""
+    return {name: (NODE_TEMPLATES / template).read_text(encoding="utf-8") for name, template in LEARN_SIEVES.items()}
 
 
 def policy_listen(policy_service: str) -> str:
@@ -638,6 +670,8 @@ def _spam_files(o: BundleOptions) -> dict[str, str]:
         o.spam_milter, o.spam_controller, spam_dir=f"{o.root}/spam"
     ).items()}  # fmt: skip
     files["junk.sieve"] = (NODE_TEMPLATES / "mailstate-junk.sieve").read_text(encoding="utf-8")
+    files.update(learn_sieves())
+    files[f"sieve-pipe/{LEARN_PROGRAM}"] = rspamd_learn_program(o.spam_controller)
     return files
 
 
@@ -742,6 +776,8 @@ def _service_snippets(o: BundleOptions, map_buckets: int) -> dict[str, str]:
             map_buckets=map_buckets,
             sieve_submission=o.sieve_listen,
             junk_sieve=JUNK_SIEVE if o.spam_milter else "",
+            learn_dir=LEARN_DIR if o.spam_milter else "",
+            sieve_pipe_dir=SIEVE_PIPE_DIR if o.spam_milter else "",
         ),
         "postfix/main.cf.mailstate": postfix_snippet(
             o.root,
@@ -795,8 +831,11 @@ def bundle_manifest(
 
     rspamd = sorted(f for f in files if f.startswith(RSPAMD_BUNDLE_DIR + "/"))
     installed = [*_INSTALLED_FILES, *((f, "rspamd_dir", f"local.d/{f.rpartition('/')[2]}", 0o644) for f in rspamd)]
-    if "junk.sieve" in files:
-        installed.append(("junk.sieve", "etc_dir", "junk.sieve", 0o644))
+    for name in ("junk.sieve", *LEARN_SIEVES):
+        if name in files:
+            installed.append((name, "etc_dir", name, 0o644))
+    if f"sieve-pipe/{LEARN_PROGRAM}" in files:
+        installed.append((f"sieve-pipe/{LEARN_PROGRAM}", "lib_dir", f"sieve-pipe/{LEARN_PROGRAM}", 0o755))
     manifest = {
         "format": MANIFEST_FORMAT,
         "node": node_name,

@@ -67,6 +67,21 @@ PLACEHOLDER_MAPS = (
     "fleet_defer",
 )
 FLEET_TABLES = ("tls_policy", "ccerts")  # pipull/fleet.py writes them; empty until the node is in a fleet
+# The bundle's Sieve scripts install precompiles, with sievec's extra arguments: the IMAPSieve
+# scripts need the plugins and extensions the bundle's Dovecot snippet gives global scripts only.
+IMAPSIEVE_FLAGS = (
+    "-P",
+    "sieve_imapsieve",
+    "-P",
+    "sieve_extprograms",
+    "-x",
+    "+vnd.dovecot.pipe +copy +imapsieve +environment +variables",
+)
+SIEVE_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "junk.sieve": (),
+    "learn-spam.sieve": IMAPSIEVE_FLAGS,
+    "learn-ham.sieve": IMAPSIEVE_FLAGS,
+}
 DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir", "rspamd_dir")
 
 
@@ -440,7 +455,7 @@ class Installer:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
                 self.host.make_dir(self.opts.dirs[key])
             self.install_files()
-            self.compile_junk_sieve()
+            self.compile_sieves()
             self.install_sync_key()
             self.configure_postfix()
             self.configure_dovecot()
@@ -526,6 +541,8 @@ class Installer:
         for entry in self.m.get("files", []):
             data = self.bundle_file(entry["file"])
             dest = self.path(entry["dir"], entry["name"])
+            if "/" in entry["name"]:
+                self.host.make_dir(os.path.dirname(dest))  # e.g. the Sieve pipe directory (uninstall removes it)
             if self.host.put_file(dest, data, int(entry["mode"], 8)):
                 if entry["dir"] == "systemd_dir":
                     self.changed.add("units")
@@ -536,20 +553,22 @@ class Installer:
                 if entry["dir"] == "rspamd_dir":
                     self.changed.add("rspamd")
 
-    def compile_junk_sieve(self) -> None:
-        """The bundle's junk.sieve (Dovecot's sieve_before: spam into Junk) precompiled with sievec, so
-        that delivery, which runs as the mail user, never has to write its binary."""
-        entry = next((e for e in self.m.get("files", []) if e.get("file") == "junk.sieve"), None)
-        if entry is None:
-            return
-        script = self.path(entry["dir"], entry["name"])
+    def compile_sieves(self) -> None:
+        """The bundle's Sieve scripts precompiled with sievec, so that Dovecot, which runs them as the
+        mail user, never has to write their binaries: junk.sieve (sieve_before: spam into Junk) and
+        the IMAPSieve scripts that teach rspamd (learn-spam.sieve, learn-ham.sieve)."""
+        for entry in self.m.get("files", []):
+            if entry.get("file") in SIEVE_SCRIPTS:
+                self.compile_sieve(self.path(entry["dir"], entry["name"]), SIEVE_SCRIPTS[entry["file"]])
+
+    def compile_sieve(self, script: str, flags: tuple[str, ...]) -> None:
         binary = script[: -len(".sieve")] + ".svbin"
         if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(script):
             self.steps.done(f"{binary} (compiled)")
             return
         if not self.steps.change(f"compile {script} with sievec"):
             return
-        ok, text = run(self.runner, [self.opts.sievec, script, binary])
+        ok, text = run(self.runner, [self.opts.sievec, *flags, script, binary])
         if not ok:
             raise InstallError(f"sievec cannot compile {script}: {text}")
         os.chmod(binary, 0o644)

@@ -47,7 +47,11 @@ EXPECTED_FILES = {
     "rspamd/local.d/milter_headers.conf",
     "rspamd/local.d/actions.conf",
     "rspamd/local.d/settings.conf",  # includes the state's policies pi-pull writes
+    "rspamd/local.d/classifier-bayes.conf",  # Bayes in SQLite, which the learn scripts teach
     "junk.sieve",  # Dovecot's sieve_before: what rspamd marked as spam into Junk
+    "learn-spam.sieve",  # IMAPSieve: a move into Junk teaches rspamd spam
+    "learn-ham.sieve",  # ... and a move out of it (not into Trash) ham
+    "sieve-pipe/rspamd-learn",  # the program they pipe the message to (rspamc learn_spam / learn_ham)
     "pi_pull.py",
     "postfix/main.cf.base",
     "bundle.json",
@@ -447,10 +451,44 @@ def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
     }
 
 
+def test_moving_mail_into_or_out_of_junk_teaches_rspamd() -> None:
+    b = bundle(spam_controller="inet:127.0.0.1:11444")
+    dovecot = b["dovecot/conf.d/90-mailstate.conf"]
+    for line in (
+        "  mail_plugins = $mail_plugins imap_sieve",
+        "  sieve_plugins = sieve_imapsieve sieve_extprograms",
+        "  sieve_pipe_bin_dir = /usr/local/lib/pi-pull/sieve-pipe",
+        "  imapsieve_mailbox1_name = Junk",
+        "  imapsieve_mailbox1_causes = COPY",
+        "  imapsieve_mailbox1_before = file:/etc/pi-pull/learn-spam.sieve",
+        "  imapsieve_mailbox2_name = *",
+        "  imapsieve_mailbox2_from = Junk",
+        "  imapsieve_mailbox2_before = file:/etc/pi-pull/learn-ham.sieve",
+    ):
+        assert f"\n{line}\n" in dovecot, line
+    # only global scripts may pipe: the mailboxes' own keep the compiler's extensions
+    assert "  sieve_global_extensions = +vnd.dovecot.pipe " in dovecot
+    assert "  sieve_extensions = fileinto mailbox imap4flags vacation date relational envelope\n" in dovecot
+    assert 'pipe :copy :try "rspamd-learn" ["spam"];' in b["learn-spam.sieve"]
+    assert 'if string :is "${mailbox}" "Trash"' in b["learn-ham.sieve"]
+    program = b["sieve-pipe/rspamd-learn"]
+    assert "rspamc -h 127.0.0.1:11444 -t 20 learn_spam" in program and "learn_ham" in program
+    assert 'backend = "sqlite3";' in b["rspamd/local.d/classifier-bayes.conf"]
+    files = {f["file"]: f for f in json.loads(b["bundle.json"])["files"]}
+    assert files["sieve-pipe/rspamd-learn"] == {
+        "file": "sieve-pipe/rspamd-learn", "dir": "lib_dir", "name": "sieve-pipe/rspamd-learn", "mode": "0755"
+    }  # fmt: skip
+    assert files["learn-spam.sieve"]["dir"] == files["learn-ham.sieve"]["dir"] == "etc_dir"
+    with pytest.raises(InvalidInput):
+        bundle(spam_controller="inet:10.0.0.5:11334")  # the controller, which trusts loopback, stays on it
+
+
 def test_a_bundle_without_the_spam_milter_ships_no_rspamd() -> None:
     b = bundle(spam_milter="")
     assert not [f for f in b if f.startswith("rspamd/")] and "junk.sieve" not in b
+    assert "learn-spam.sieve" not in b and "sieve-pipe/rspamd-learn" not in b
     assert "sieve_before" not in b["dovecot/conf.d/90-mailstate.conf"]
+    assert "imapsieve" not in b["dovecot/conf.d/90-mailstate.conf"]
     assert "smtpd_milters" not in b["postfix/main.cf.mailstate"] and "[spam]" not in b["pi-pull.ini"]
     assert "rspamd" not in json.loads(b["bundle.json"])
 

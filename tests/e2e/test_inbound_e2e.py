@@ -54,7 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         )
         rs = Rspamd(tmp / "rspamd", dns=knot.address)
         try:
-            with running_mailnode(spam_milter=rs.milter) as node:
+            with running_mailnode(spam_milter=rs.milter, spam_controller=rs.controller) as node:
                 rs.use_spam_dir(node.root / "spam")
                 rs.start()
                 server = LiveServer(tmp / "srv")
@@ -206,6 +206,59 @@ def test_the_policy_decides_junk_reject_or_off(world: World) -> None:
     msg = email.message_from_bytes(raw)
     assert msg["X-Spam"] is None and str(msg["X-Spam-Status"]).startswith("No, score="), msg.as_string()[:2000]
     set_policy(world, {"domain": "shop.example", "action": None})
+
+
+def learned(w: World) -> dict[str, int]:
+    """How many messages rspamd's Bayes holds per class (``rspamc stat``: each statfile's revision)."""
+    stat = w.rspamd.stat()
+    assert stat is not None and isinstance(stat.get("statfiles"), list) and stat["statfiles"], stat
+    return {str(f["symbol"]): int(f["revision"]) for f in stat["statfiles"]}
+
+
+def move(w: World, subject: str, source: str, target: str) -> None:
+    """One IMAP MOVE of the message with ``subject`` from ``source`` to ``target``, as a mail client does it."""
+    imap = w.node.imap("anna@shop.example", PASSWORD)
+    try:
+        imap.create(target)  # "already exists" is fine: a client's own folders
+        typ, _ = imap.select(source)
+        assert typ == "OK", source
+        typ, data = imap.uid("SEARCH", "SUBJECT", f'"{subject}"')
+        (uid,) = data[0].split()
+        typ, data = imap.uid("MOVE", uid, target)
+        assert typ == "OK", data
+    finally:
+        imap.logout()
+
+
+# Enough words for rspamd's Bayes (it learns nothing from fewer than 11 tokens).
+LEARN_BODY = (
+    "Dear friend, our exclusive offer on premium replica watches ends tonight. Order three and get a "
+    "fourth one free, with worldwide shipping and a lifetime guarantee on every single piece we sell."
+)
+
+
+def test_moving_to_junk_learns_spam_and_out_of_it_learns_ham(world: World) -> None:
+    for subject in ("Watches one", "Watches two"):
+        code, reply = send_from_outside(world.node, subject, f"{LEARN_BODY} {subject}.")
+        assert code == 250, reply
+        world.node.wait_for_message("anna@shop.example", PASSWORD, subject, timeout=60)
+    start = learned(world)
+    # into Junk: IMAPSieve pipes it to rspamd-learn, rspamd learns spam (before the MOVE answers)
+    move(world, "Watches one", "INBOX", "Junk")
+    assert learned(world) == {**start, "BAYES_SPAM": start["BAYES_SPAM"] + 1}, [
+        ln for ln in world.rspamd.log().splitlines() if "learn" in ln.lower()
+    ][-10:]
+    # Junk to Trash: deleting spam teaches nothing
+    move(world, "Watches one", "Junk", "Trash")
+    assert learned(world) == {**start, "BAYES_SPAM": start["BAYES_SPAM"] + 1}
+    # into Junk and back out (not to Trash): rspamd unlearns the spam and learns ham
+    move(world, "Watches two", "INBOX", "Junk")
+    assert learned(world)["BAYES_SPAM"] == start["BAYES_SPAM"] + 2
+    move(world, "Watches two", "Junk", "INBOX")
+    assert learned(world) == {"BAYES_SPAM": start["BAYES_SPAM"] + 1, "BAYES_HAM": start["BAYES_HAM"] + 1}
+    # never the controller's password: the program asks the loopback controller, which trusts loopback
+    program = (world.node.workdir / "learn" / "sieve-pipe" / "rspamd-learn").read_text()
+    assert f"-h {world.rspamd.controller} " in program and "--password" not in program and " -P " not in program
 
 
 def rule(w: World, op: str, body: dict[str, object], status: int = 200) -> None:

@@ -63,13 +63,16 @@ from pathlib import Path
 import pytest
 
 from mailstate.compiler.node_bundle import (
+    LEARN_PROGRAM,
     NODE_TEMPLATES,
     BundleOptions,
     build_pi_pull,
     dovecot_snippet,
+    learn_sieves,
     postfix_master_snippet,
     postfix_snippet,
     render_node_bundle,
+    rspamd_learn_program,
 )
 from mailstate.compiler.postscreen import DEFAULT_DNSBL_SITES
 from tests.helpers.smtpsink import Received, SmtpSink
@@ -89,6 +92,7 @@ def _install_constant(name: str) -> tuple[str, ...]:
 # What `pi_pull.py install` makes before the first tick: the empty tables main.cf and master.cf name.
 PLACEHOLDER_MAPS = _install_constant("PLACEHOLDER_MAPS")
 FLEET_TABLES = _install_constant("FLEET_TABLES")
+IMAPSIEVE_FLAGS = _install_constant("IMAPSIEVE_FLAGS")  # sievec's arguments for the learn scripts
 AGENT_DIR = REPO_ROOT / "pi-pull"
 PIPULL_MODULES = (
     "errors", "log", "config", "runner", "fsutil", "mirror", "statement", "verify", "aliasmap", "sendermap", "release", "report", "statefile",
@@ -251,6 +255,9 @@ class MailNode:
     # A resolv.conf for Postfix (postscreen's DNSBL lookups): bind-mounted over /etc/resolv.conf in
     # a mount namespace of Postfix's own (None: the machine's).
     resolv_conf: Path | None = None
+    # rspamd's controller (with spam_milter): what the bundle's rspamd-learn asks to learn a message
+    # moved into or out of Junk (IMAPSieve); "" for no learning.
+    spam_controller: str = ""
     sink: SmtpSink | None = None
     # pi-pull's outbound policy service (`pi_pull.py policy`), which the bundle's submission
     # services ask: started with the node, on this port (0: none, and no policy in master.cf).
@@ -486,9 +493,12 @@ service imap-login {{
             junk = str(w / "junk.sieve")
             shutil.copy(NODE_TEMPLATES / "mailstate-junk.sieve", junk)
             subprocess.run(["sievec", junk], check=True, capture_output=True)
+        learn_dir, pipe_dir = self._learn_files() if self.spam_milter and self.spam_controller else ("", "")
         dovecot += dovecot_snippet(
             str(self.root),
             junk_sieve=junk,
+            learn_dir=learn_dir,
+            sieve_pipe_dir=pipe_dir,
             lmtp_port=self.lmtp_port,
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
@@ -501,6 +511,19 @@ service imap-login {{
         if self.map_buckets:
             self._placeholder_tables()
         self._fleet_tables()
+
+    def _learn_files(self) -> tuple[str, str]:
+        """The bundle's IMAPSieve scripts (precompiled as pi_pull.py install does) and its
+        rspamd-learn program, asking this node's rspamd controller: (learn dir, Sieve pipe dir)."""
+        learn_dir, pipe_dir = self.workdir / "learn", self.workdir / "learn" / "sieve-pipe"
+        pipe_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in learn_sieves().items():
+            (learn_dir / name).write_text(text)
+            subprocess.run(["sievec", *IMAPSIEVE_FLAGS, str(learn_dir / name)], check=True, capture_output=True)
+        program = pipe_dir / LEARN_PROGRAM
+        program.write_text(rspamd_learn_program(self.spam_controller))
+        program.chmod(0o755)
+        return str(learn_dir), str(pipe_dir)
 
     def _fleet_tables(self) -> None:
         """The empty tables the fleet transport and relay listener name (``pi_pull.py install`` makes
@@ -811,12 +834,15 @@ def running_mailnode(
     spam_milter: str = "",
     dnsbl_sites: tuple[str, ...] = DEFAULT_DNSBL_SITES,
     resolv_conf: Path | None = None,
+    spam_controller: str = "",
 ) -> Iterator[MailNode]:
     """Start Postfix + Dovecot (and the SMTP sink) for a fresh release root; stop and clean up
     afterwards. ``map_type``/``map_buckets``: the bundle's (``bundle_layout()``) unless given.
     ``dkim_milter``: a milter for the submission services (none by default); ``spam_milter``:
     rspamd's, for port 25 (none by default; tests/helpers/rspamd.py). ``dnsbl_sites``: postscreen's
     lists (the bundle's by default); ``resolv_conf``: the resolver Postfix uses (the machine's by default)."""
+    rspamd's, for port 25 (none by default; tests/helpers/rspamd.py), and ``spam_controller`` its
+    controller, which a move into or out of Junk teaches (IMAPSieve; none by default)."""
     layout = bundle_layout()
     require_binaries(*MAIL_BINARIES, "openssl")
     if os.geteuid() != 0:
@@ -852,6 +878,7 @@ def running_mailnode(
         spam_milter=spam_milter,
         dnsbl_sites=dnsbl_sites,
         resolv_conf=resolv_conf,
+        spam_controller=spam_controller,
         sink=sink,
         policy_port=policy_port,
     )

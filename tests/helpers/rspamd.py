@@ -14,6 +14,7 @@ hangs a test. rspamd runs as its own user (``_rspamd``), in the foreground, logg
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -28,7 +29,7 @@ from types import TracebackType
 import pytest
 
 from mailstate.compiler.node_bundle import rspamd_snippets
-from tests.helpers.mailnode import free_ports
+from tests.helpers.mailnode import free_ports, make_public_tmpdir
 
 # The first start compiles rspamd's regexps (hyperscan) and its TLD list: a minute on a busy machine.
 START_TIMEOUT = 180.0
@@ -56,8 +57,12 @@ class Rspamd:
         self.milter_port, self.controller_port = milter_port, controller_port
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = self.w / "conf"
-        for sub in ("conf/local.d", "conf/override.d", "db", "run", "log"):
+        for sub in ("conf/local.d", "conf/override.d", "run", "log"):
             (self.w / sub).mkdir(parents=True, exist_ok=True)
+        # The database directory (Bayes' SQLite files, opened by the workers as _rspamd) must be
+        # reachable by that user: pytest's own temp dirs are root's alone.
+        self.db = make_public_tmpdir("rspamd-db-")
+        atexit.register(shutil.rmtree, self.db, True)
         self.write_local_d(rspamd_snippets(self.milter, self.controller))
         (self.conf / "override.d" / "options.inc").write_text(
             f'dns {{\n  nameserver = ["{dns}"];\n  timeout = 0.5s;\n  retransmits = 1;\n}}\n'
@@ -66,12 +71,17 @@ class Rspamd:
             f'type = "file";\nfilename = "{self.w}/log/rspamd.log";\nlevel = "info";\n'
         )
         user = pwd.getpwnam("_rspamd")
-        for sub in ("db", "run", "log"):
-            os.chown(self.w / sub, user.pw_uid, user.pw_gid)
+        for path in (self.db, self.w / "run", self.w / "log"):
+            os.chown(path, user.pw_uid, user.pw_gid)
 
     def use_spam_dir(self, spam_dir: Path) -> None:
         """Read the state's policies where the node's pi-pull writes them (``<root>/spam``), as a node does."""
         self.write_local_d(rspamd_snippets(self.milter, self.controller, spam_dir=str(spam_dir)))
+
+    def add_milter_socket(self, path: Path) -> None:
+        """Also listen as the milter on the UNIX socket ``path`` (before ``start``; after ``use_spam_dir``)."""
+        proxy = self.conf / "local.d" / "worker-proxy.inc"
+        proxy.write_text(proxy.read_text() + f'bind_socket = "{path} mode=0666";\n')
 
     @property
     def reload_command(self) -> str:
@@ -97,7 +107,7 @@ class Rspamd:
     def vars(self) -> list[str]:
         return [
             f"--var=LOCAL_CONFDIR={self.conf}",
-            f"--var=DBDIR={self.w / 'db'}",
+            f"--var=DBDIR={self.db}",
             f"--var=RUNDIR={self.w / 'run'}",
             f"--var=LOGDIR={self.w / 'log'}",
         ]

@@ -322,6 +322,14 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     dv = _doveconf(host)
     assert f"args = scheme=BLF-CRYPT username_format=%u {host.root}/current/dovecot/passwd.d/%1d/%2d/%d\n" in dv
     assert "driver = pam" not in dv and "driver = passwd-file" in dv
+    # learning (docs/inbound.md): the IMAPSieve scripts precompiled under the etc dir, the one
+    # program they may pipe to under the lib dir, both named by the relocated Dovecot snippet
+    for name in ("junk", "learn-spam", "learn-ham"):
+        assert (host.etc / f"{name}.svbin").is_file(), name
+    assert stat.S_IMODE((host.lib / "sieve-pipe" / "rspamd-learn").stat().st_mode) == 0o755
+    assert f"sieve_pipe_bin_dir = {host.lib}/sieve-pipe\n" in dv
+    assert f"imapsieve_mailbox1_before = file:{host.etc}/learn-spam.sieve\n" in dv
+    assert f"imapsieve_mailbox2_before = file:{host.etc}/learn-ham.sieve\n" in dv
     # files, modes, the key, the mail root
     for path, mode in (
         (host.etc / "pi-pull.ini", 0o644),
