@@ -839,10 +839,10 @@ def running_mailnode(
     """Start Postfix + Dovecot (and the SMTP sink) for a fresh release root; stop and clean up
     afterwards. ``map_type``/``map_buckets``: the bundle's (``bundle_layout()``) unless given.
     ``dkim_milter``: a milter for the submission services (none by default); ``spam_milter``:
-    rspamd's, for port 25 (none by default; tests/helpers/rspamd.py). ``dnsbl_sites``: postscreen's
-    lists (the bundle's by default); ``resolv_conf``: the resolver Postfix uses (the machine's by default)."""
     rspamd's, for port 25 (none by default; tests/helpers/rspamd.py), and ``spam_controller`` its
-    controller, which a move into or out of Junk teaches (IMAPSieve; none by default)."""
+    controller, which a move into or out of Junk teaches (IMAPSieve; none by default).
+    ``dnsbl_sites``: postscreen's lists (the bundle's by default); ``resolv_conf``: the resolver
+    Postfix uses (the machine's by default)."""
     layout = bundle_layout()
     require_binaries(*MAIL_BINARIES, "openssl")
     if os.geteuid() != 0:
