@@ -4,10 +4,14 @@
       parse request            (InvalidInput on bad input; nothing else happens)
       preflight apply          (cheap: rule errors surface before any bcrypt work)
       prepare                  (bcrypt / key generation, OUTSIDE the write lock)
+      queue the write
       ── write lock (state/fifolock.py: first come first served) ──
-      apply on current state   → Outcome(change)
-      render touched domains   → YAML + rendered/ bytes for those paths only
-      build tree, sign commit, compare-and-swap the branch, publish the new snapshot
+      for each write queued by then (a group; ours may have landed in an earlier holder's):
+        apply on the state the write before it left   → Outcome(change)
+        render touched domains   → YAML + rendered/ bytes for those paths only
+        build tree, sign commit  (one commit per write, on top of the one before)
+      flush the objects once, compare-and-swap the branch to the last commit once,
+      publish the new snapshot, answer every write of the group
       ── unlock ──
 
 A failure anywhere before the branch moves leaves the branch and the in-memory state as they
