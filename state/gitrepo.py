@@ -13,11 +13,14 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,17 +32,20 @@ from typing import Any, TypeVar
 import pygit2
 
 from mailstate.state.errors import BranchMoved, StoreError
+from mailstate.state.gitpack import read_staged, write_pack
 from mailstate.state.signing import Signer
 
 BRANCH = "main"
 REF = f"refs/heads/{BRANCH}"
 
-# Durability: an answered write must survive a power cut. A write makes ~11 loose objects;
-# fsyncing each one and its fan-out folder would cost ~25 fsyncs. Instead, before the branch
-# moves, flush_objects() makes ONE syncfs(2) of the repo's filesystem (objects and folders),
-# and then the ref moves, itself fsynced with its folder (libgit2's fsync option, which the
-# refdb reads when the repo is opened; the option is process-wide, so it is on only while a
-# repo is opened, under a lock).
+# Durability: an answered write must survive a power cut. A write makes ~11 objects; as loose
+# files on the repo's disk each costs a file creation (milliseconds on a busy journalled disk)
+# and they all need flushing. Instead the objects are staged as loose files off that disk
+# (tmpfs when there is one) and, before a ref may name them, flush_objects() writes every staged
+# object as ONE fsynced pack (state/gitpack.py); a group of writes shares that pack. Then the
+# ref moves, itself fsynced with its folder (_put_loose_ref; the libgit2 fsync option, which the
+# refdb reads when the repo is opened, covers the other refs libgit2 writes; the option is
+# process-wide, so it is on only while a repo is opened, under a lock).
 _durable = True
 _fsync_option = threading.Lock()
 # git holds refs/heads/main.lock for milliseconds; one this old was left by a killed process.
@@ -146,8 +152,40 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
+# Where staged objects go: tmpfs when the machine has one (file creation costs microseconds).
+STAGE_ROOTS = ("/dev/shm",)
+
+
+def _stage_folder(repo: Path) -> Path | None:
+    """A new, private staging folder for the objects of `repo`, or None when the repo borrows
+    objects from elsewhere (objects/info/alternates: then objects are written in place)."""
+    if (repo / "objects" / "info" / "alternates").exists():
+        return None
+    for root in STAGE_ROOTS:
+        if os.access(root, os.W_OK):
+            _drop_dead_stages(Path(root))
+            return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix="stage-", dir=repo / "objects" / "pack"))
+
+
+STAGE_PREFIX = "mailstate-objects-"
+
+
+def _drop_dead_stages(root: Path) -> None:
+    """Remove the staging folders of processes that are gone (killed before they cleaned up):
+    tmpfs is memory. What they held was never named by a ref."""
+    for entry in root.glob(f"{STAGE_PREFIX}*-*"):
+        pid = entry.name[len(STAGE_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 class GitRepo:
-    """A bare (or non-bare) repository the store commits to."""
+    """A bare (or non-bare) repository the store commits to.
+
+    Objects written through `repo` (pygit2 directly too) are staged, readable through this
+    object only, until flush_objects() puts them in the repo; every ref update here flushes
+    first, and so does commit() unless told not to."""
 
     def __init__(self, path: Path | str) -> None:
         # Absolute: the path goes to `git -C` and into the lock file's name, and must not
@@ -164,6 +202,24 @@ class GitRepo:
                 self.repo.references.get(REF)  # opens the refdb, which reads the option now
         except (pygit2.GitError, KeyError) as exc:
             raise StoreError(f"{self.path} is not a git repository.") from exc
+        self.flushes = 0  # flush_objects calls that wrote something (a pack each when staged)
+        self._stage = _stage_folder(self.path)
+        self._packs: pygit2.OdbBackendPack | None = None
+        if self._stage is not None:
+            self._stage_odb(self._stage)
+
+    def _stage_odb(self, stage: Path) -> None:
+        """Read objects from the repo's packs, then the staged objects, then the repo's loose
+        objects (others' writes); write new ones to the staging folder (libgit2 writes to the
+        first backend that can write: the pack backend cannot)."""
+        weakref.finalize(self, shutil.rmtree, stage, True)
+        objects = str(self.path / "objects")
+        self._packs = pygit2.OdbBackendPack(objects)
+        odb = pygit2.Odb()
+        odb.add_backend(self._packs, 3)
+        odb.add_backend(pygit2.OdbBackendLoose(str(stage), 1, False), 2)
+        odb.add_backend(pygit2.OdbBackendLoose(objects, 1, False), 1)
+        self.repo.set_odb(odb)
 
     @classmethod
     def init_bare(cls, path: Path) -> GitRepo:
@@ -249,7 +305,7 @@ class GitRepo:
         the rest of the write's objects (flush_objects)."""
         raw = b"blob %d\0" % len(data) + data
         hexsha = hashlib.sha1(raw).hexdigest()
-        folder = self.path / "objects" / hexsha[:2]
+        folder = (self._stage or self.path / "objects") / hexsha[:2]
         final = folder / hexsha[2:]
         if not final.exists():
             folder.mkdir(exist_ok=True)
@@ -333,8 +389,12 @@ class GitRepo:
         signer: Signer,
         when: datetime,
         identity: tuple[str, str] = ("mailstate", "mailstate@localhost"),
+        *,
+        flush: bool = True,
     ) -> str:
-        """Create a signed commit object (the branch does not move)."""
+        """Create a signed commit object (the branch does not move). With `flush`, it and the
+        objects before it are in the repo on return (flush_objects); the store's write groups
+        pass False and flush once for the group."""
         delta = when.utcoffset()
         offset = int(delta.total_seconds() // 60) if delta is not None else 0
         person = pygit2.Signature(identity[0], identity[1], int(when.timestamp()), offset)
@@ -354,23 +414,27 @@ class GitRepo:
         except (pygit2.GitError, OSError) as exc:
             raise StoreError("git could not write the commit.") from exc
         self._pending.append(oid)
+        if flush:
+            self.flush_objects()
         return str(oid)
 
     def flush_objects(self, extra: Iterable[str] = ()) -> None:
-        """Make every object written through this GitRepo since the last flush (plus `extra`,
-        ids of objects written with pygit2 directly) durable before a ref points at them.
+        """Make every object written through this repo object so far durable, before a ref
+        points at any of them: the staged objects go into ONE pack (fsynced, with its index
+        and folder; state/gitpack.py), then their staged copies are deleted.
 
-        The objects are loose files; one syncfs(2) of the repo's filesystem puts them, and
-        the folder entries that name them, on disk in a single flush. Where syncfs is not
-        available, each object file and its fan-out folder is fsynced instead. A no-op for a
-        repo opened with set_durable(False).
-
-        (Not an fsynced pack per write: the packs pile up between roll-ups and every object
-        lookup tries each pack, which makes writes at 100k mailboxes several times slower;
-        see docs/benchmarks.md.)
-        """
+        Without a staging folder (a repo with alternates) the objects are loose files in the
+        repo: `extra` names objects written with pygit2 directly, and one syncfs(2) of the
+        repo's filesystem (or, where it is missing, an fsync of each object file and its
+        fan-out folder) puts them on disk. No fsync at all for a repo opened with
+        set_durable(False)."""
+        if self._stage is not None:
+            self._pack_staged(self._stage)
+            return
         pending = [*self._pending, *(pygit2.Oid(hex=oid) for oid in extra)]
         self._pending.clear()
+        if pending:
+            self.flushes += 1
         if not self.durable or not pending:
             return
         try:
@@ -385,6 +449,30 @@ class GitRepo:
                     fsync_path(folder)
         except OSError as exc:
             raise StoreError("git's objects could not be written to disk.") from exc
+
+    def _pack_staged(self, stage: Path) -> None:
+        self._pending.clear()
+        try:
+            staged = read_staged(stage)
+            if not staged:
+                return
+            pack_dir = self.path / "objects" / "pack"
+            pack_dir.mkdir(exist_ok=True)
+            write_pack(pack_dir, staged, sync=self.durable)
+            if self.durable:
+                fsync_path(pack_dir)
+        except (OSError, ValueError, zlib.error) as exc:
+            raise StoreError("git's objects could not be written to disk.") from exc
+        self.flushes += 1
+        assert self._packs is not None
+        self._packs.refresh()  # libgit2 finds them in the new pack before the staged copies go
+        for obj in staged:
+            obj.path.unlink(missing_ok=True)
+        for folder in {obj.path.parent for obj in staged}:
+            try:
+                folder.rmdir()  # the next flush then lists only the folders its objects made
+            except OSError:
+                pass  # not empty: an object written meanwhile, for the next flush
 
     def move_branch(self, new: str, expected: str | None) -> None:
         """Point `main` at `new` if it still points at `expected` (compare-and-swap).

@@ -100,7 +100,11 @@ log = logging.getLogger("mailstate.store")
 
 Clock = Callable[[], datetime]
 StatusSource = Callable[[str], "dict[str, Any] | None"]
-GC_EVERY = 500  # writes between background repacks of the loose objects
+# Object flushes (a pack each) between background roll-ups of the small packs: a server's
+# (run_background) rolls up often, its packs come fast; a library user's, e.g. `mailstate call`
+# or a test, seldom.
+GC_EVERY = 32
+GC_EVERY_LIBRARY = 500
 # The most queued writes one holder of the writers' lock lands as one group (one flush, one
 # branch move): enough for every writer a server has in flight, few enough that the first
 # of them is not kept waiting long for the rest.
@@ -215,7 +219,7 @@ class Store:
         trusted_signers: Path | None = None,
         max_tries: int = 16,
         rng: random.Random | None = None,
-        gc_every: int = GC_EVERY,
+        gc_every: int | None = None,
         on_write_lock: Callable[[], None] | None = None,
     ) -> None:
         bound_object_cache()  # a long-running store's memory stays flat (state.gitrepo)
@@ -267,7 +271,7 @@ class Store:
             self._validated = True
         else:
             self._snapshot = self._first_check(head)
-        self._writes = 0
+        self._flushes_at_gc = 0
         self._gc_every = gc_every
         self._gc: subprocess.Popen[bytes] | None = None
         with self._lock:
@@ -508,7 +512,7 @@ class Store:
         # queued already (state/events.py relies on it).
         for committed in made.commits:
             self._committed(committed)
-        self._adopted(last.commit, last.after, stated, writes=len(made.commits))
+        self._adopted(last.commit, last.after, stated)
         return True
 
     def add_commit_listener(self, listener: Callable[[Committed], None]) -> None:
@@ -553,6 +557,7 @@ class Store:
         a write that leaves main's problems in place does not (503 state_needs_repair)."""
         if self._validated:
             return
+        self.git.flush_objects()  # the check may read the commit in other processes (state.load)
         problems = full_check(self.git, sha, self._cache).problems
         if problems:
             raise Unavailable(
@@ -583,7 +588,7 @@ class Store:
             parent_time = self.git.repo[base.commit].peel(pygit2.Commit).commit_time
             if when.timestamp() < parent_time:
                 when = datetime.fromtimestamp(parent_time, UTC)
-        sha = self.git.commit(tree, base.commit, message, self.signer, when)
+        sha = self.git.commit(tree, base.commit, message, self.signer, when, flush=False)
         return sha, after.at(sha)
 
     def _prepare_statement(self, sha: str) -> tuple[str, int] | None:
@@ -603,27 +608,33 @@ class Store:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
         return refused if refused and self.git.head() == refused else self._snapshot.commit
 
-    def _housekeeping(self, writes: int = 1) -> None:
-        """Every `gc_every` writes, let git pack the loose objects (~11 per write) in the background."""
-        before, self._writes = self._writes, self._writes + writes
-        if (
-            self._gc_every <= 0
-            or before // self._gc_every == self._writes // self._gc_every
-            or (self._gc is not None and self._gc.poll() is None)
-        ):
+    def _housekeeping(self) -> None:
+        """Every `gc_every` flushes (a pack each: one per group of writes), roll the small packs
+        up in the background: `git repack --geometric=2` merges packs until each is at least
+        twice the next smaller one, so there are few packs to look through and the big ones
+        are left as they are."""
+        flushes = self.git.flushes
+        every = self._gc_every if self._gc_every is not None else GC_EVERY if self._background else GC_EVERY_LIBRARY
+        if every <= 0 or flushes - self._flushes_at_gc < every or (self._gc is not None and self._gc.poll() is None):
             return
+        self._flushes_at_gc = flushes
         try:
-            # repack -d packs just the loose objects (cheap, incremental); gc --auto then merges
-            # packs once there are too many of them.
+            # gc --auto then packs what others left loose, once there is much of it.
             self._gc = subprocess.Popen(
-                ["sh", "-c", 'git -C "$1" repack -d -q && git -C "$1" gc --auto --quiet', "gc", str(self.git.path)],
+                [
+                    "sh",
+                    "-c",
+                    'git -C "$1" repack -d -q --geometric=2 && git -C "$1" gc --auto --quiet',
+                    "gc",
+                    str(self.git.path),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
         except OSError:
             log.warning("could not start git gc")
 
-    def _adopted(self, sha: str, snap: Snapshot, stated: tuple[str, int] | None = None, *, writes: int = 1) -> None:
+    def _adopted(self, sha: str, snap: Snapshot, stated: tuple[str, int] | None = None) -> None:
         refused = self.upstream_problem.get("commit") if self.upstream_problem else None
         if refused and self.upstream is None and self._validated:
             self._keep_rejected(refused, sha)
@@ -641,7 +652,7 @@ class Store:
             # off the write path. Otherwise the background thread is left asleep: waking it
             # would only make it queue for the writers' lock to find nothing to do.
             self._wake.set()
-        self._housekeeping(writes)
+        self._housekeeping()
 
     def _keep_rejected(self, refused: str, replacement: str) -> None:
         # The refused commit is replaced; keep it in a ref for the admins to read.
