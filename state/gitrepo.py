@@ -305,11 +305,14 @@ class GitRepo:
         the rest of the write's objects (flush_objects)."""
         raw = b"blob %d\0" % len(data) + data
         hexsha = hashlib.sha1(raw).hexdigest()
-        folder = (self._stage or self.path / "objects") / hexsha[:2]
-        final = folder / hexsha[2:]
-        if not final.exists():
-            folder.mkdir(exist_ok=True)
-            tmp = folder / f"tmp_obj_{uuid.uuid4().hex}"
+        folder = f"{self._stage or self.path / 'objects'}/{hexsha[:2]}"
+        final = f"{folder}/{hexsha[2:]}"
+        if not os.path.exists(final):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                pass
+            tmp = f"{folder}/tmp_obj_{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
                 os.write(fd, zlib.compress(raw, 1))
@@ -320,7 +323,7 @@ class GitRepo:
             except FileExistsError:
                 pass  # another writer (or process) wrote the same blob: same bytes
             finally:
-                tmp.unlink()
+                os.unlink(tmp)
         return pygit2.Oid(hex=hexsha)
 
     def _take_builder(self, base: pygit2.Oid | None) -> pygit2.TreeBuilder:
