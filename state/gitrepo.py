@@ -152,6 +152,11 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
+# libgit2's pack backend keeps every pack it has seen open (its index mapped, a file handle)
+# even once a roll-up deleted it; with a pack a write group that grows by the hour. Every this
+# many flushes the repo gets a new object database, and the old one closes them all.
+ODB_REOPEN_EVERY = 64
+
 # Where staged objects go: tmpfs when the machine has one (file creation costs microseconds).
 STAGE_ROOTS = ("/dev/shm",)
 
@@ -206,13 +211,13 @@ class GitRepo:
         self._stage = _stage_folder(self.path)
         self._packs: pygit2.OdbBackendPack | None = None
         if self._stage is not None:
+            weakref.finalize(self, shutil.rmtree, self._stage, True)
             self._stage_odb(self._stage)
 
     def _stage_odb(self, stage: Path) -> None:
         """Read objects from the repo's packs, then the staged objects, then the repo's loose
         objects (others' writes); write new ones to the staging folder (libgit2 writes to the
         first backend that can write: the pack backend cannot)."""
-        weakref.finalize(self, shutil.rmtree, stage, True)
         objects = str(self.path / "objects")
         self._packs = pygit2.OdbBackendPack(objects)
         odb = pygit2.Odb()
@@ -468,7 +473,10 @@ class GitRepo:
             raise StoreError("git's objects could not be written to disk.") from exc
         self.flushes += 1
         assert self._packs is not None
-        self._packs.refresh()  # libgit2 finds them in the new pack before the staged copies go
+        if self.flushes % ODB_REOPEN_EVERY == 0:
+            self._stage_odb(stage)  # a new pack backend (sees the new pack), the old one closed
+        else:
+            self._packs.refresh()  # libgit2 finds them in the new pack before the staged copies go
         for obj in staged:
             obj.path.unlink(missing_ok=True)
         for folder in {obj.path.parent for obj in staged}:

@@ -4,6 +4,7 @@ the git CLI and by libgit2."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -90,3 +91,33 @@ def test_a_dead_process_staging_folder_is_removed_and_a_live_one_kept(tmp_path: 
     finally:
         shutil.rmtree(dead, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
+
+
+def _open_deleted(repo: Path) -> list[str]:
+    """The files under `repo` this process holds open although they were deleted."""
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(repo)) and target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
+def test_packs_a_roll_up_deleted_are_let_go_of(tmp_path: Path) -> None:
+    # libgit2 keeps every pack it has opened open, deleted or not; a server writes a pack per
+    # write group and rolls them up all day, so the repo's object database is renewed.
+    repo = GitRepo.init_bare(tmp_path / "r.git")
+    blobs = []
+    for i in range(gitrepo.ODB_REOPEN_EVERY):
+        blobs.append(repo._write_blob(f"{i}\n".encode()))
+        repo.flush_objects()
+        assert repo.blob(str(blobs[-1])) == f"{i}\n".encode()  # read from its pack: opens it
+        if i == 2:
+            _git(repo.path, "repack", "-d", "-q", "--geometric=2")  # the roll-up deletes the first packs
+            assert _open_deleted(repo.path)  # ... and still held open
+    assert repo.flushes == gitrepo.ODB_REOPEN_EVERY
+    assert _open_deleted(repo.path) == []
+    assert [repo.blob(str(b)) for b in blobs] == [f"{i}\n".encode() for i in range(len(blobs))]
