@@ -516,18 +516,25 @@ class GitRepo:
             except OSError as exc:
                 raise StoreError("git could not update the branch.") from exc
 
-    def _put_loose_ref(self, ref: str, new: str) -> None:
+    def put_ref(self, ref: str, new: str, *, sync: bool = True) -> None:
+        """Point the loose ref `ref` at `new` unconditionally (the caller holds ref_lock); fsynced
+        unless `sync` is False (then a power cut may leave the old value). FileExistsError when
+        `<ref>.lock` is held. The object is not looked up: flush it first."""
+        self._put_loose_ref(ref, new, sync=sync)
+
+    def _put_loose_ref(self, ref: str, new: str, *, sync: bool = True) -> None:
         """Point the loose ref file `ref` at `new` the way git does: `<ref>.lock` created
         exclusively (git and libgit2 honour it), written, then renamed into place. Written
         from Python, not libgit2: the fsyncs then let go of the GIL. Durable (an answered
         write is on disk): the lock file is fsynced before the rename, its folder after."""
         path = self.path / ref
         lock = path.with_name(path.name + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             try:
                 os.write(fd, f"{new}\n".encode())
-                if self.durable:
+                if self.durable and sync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -535,7 +542,7 @@ class GitRepo:
         except BaseException:
             lock.unlink(missing_ok=True)
             raise
-        if self.durable:
+        if self.durable and sync:
             fsync_path(path.parent)
 
     def _clear_stale_ref_lock(self) -> bool:
