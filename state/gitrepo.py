@@ -50,6 +50,8 @@ _durable = True
 _fsync_option = threading.Lock()
 # git holds refs/heads/main.lock for milliseconds; one this old was left by a killed process.
 STALE_LOCK_S = 10.0
+# How long a write waits for a `main.lock` another git process holds before it fails.
+REF_LOCK_WAIT_S = 2.0
 log = logging.getLogger("mailstate.git")
 
 
@@ -504,15 +506,23 @@ class GitRepo:
             self._write_ref(new)
 
     def _write_ref(self, new: str) -> None:
-        """Write `main` (the ref lock is held). A `main.lock` that a killed process left
-        behind would refuse every later write, so one older than STALE_LOCK_S is removed."""
-        for attempt in (1, 2):
+        """Write `main` (the ref lock is held). git holds `main.lock` for milliseconds (a
+        background `git gc`'s pack-refs does), so a held lock is waited for, up to
+        REF_LOCK_WAIT_S; one older than STALE_LOCK_S, which a killed process left behind and
+        which would refuse every later write, is removed."""
+        deadline = time.monotonic() + REF_LOCK_WAIT_S
+        cleared = False
+        while True:
             try:
                 self._put_loose_ref(REF, new)
                 return
             except FileExistsError as exc:  # main.lock is held (or was left behind)
-                if attempt == 2 or not self._clear_stale_ref_lock():
+                if not cleared and self._clear_stale_ref_lock():
+                    cleared = True
+                    continue
+                if time.monotonic() >= deadline:
                     raise StoreError("git could not update the branch.") from exc
+                time.sleep(0.005)
             except OSError as exc:
                 raise StoreError("git could not update the branch.") from exc
 

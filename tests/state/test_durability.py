@@ -169,6 +169,36 @@ def test_a_fresh_ref_lock_is_left_to_its_owner(store: Store, data_dir: DataDir) 
     assert store.execute("link-domain", ADMIN, {"domain": "blocked.example", "project_id": 1}).result["commit"]
 
 
+def test_a_write_waits_for_a_ref_lock_git_lets_go_of(store: Store, data_dir: DataDir) -> None:
+    # A background `git gc` (pack-refs) holds main.lock for a moment: the write waits for it
+    # instead of failing. The helper lets go of the lock once the writer is inside the ref
+    # update (it holds mailstate.lock only there), so no timing decides the outcome.
+    import fcntl
+
+    lock = data_dir.repo / "refs" / "heads" / "main.lock"
+    lock.write_text("git pack-refs at work\n")
+    released = threading.Event()
+
+    def let_go_once_the_writer_waits() -> None:
+        with open(data_dir.repo / "mailstate.lock", "a+b") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break  # the writer holds it: it is at the ref
+                time.sleep(0.001)
+        lock.unlink()
+        released.set()
+
+    helper = threading.Thread(target=let_go_once_the_writer_waits)
+    helper.start()
+    out = store.execute("link-domain", ADMIN, {"domain": "waited.example", "project_id": 1})
+    helper.join()
+    assert released.is_set()
+    assert git_out(data_dir.repo, "rev-parse", "main").strip() == out.result["commit"]
+
+
 # --- kill -9 of a running server -------------------------------------------------------------
 
 
