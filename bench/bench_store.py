@@ -386,10 +386,11 @@ def bench_size(size: int, args: argparse.Namespace, workdir: Path, log: Callable
 
     if args.fsync_writes:
         # Same store, same state, round-robin write by write between three repo handles:
-        # - on: the store's own, durable one (one syncfs of the objects per write, then the fsynced ref);
+        # - on: the store's own, durable one (the staged objects as one fsynced pack, then the fsynced ref);
         # - off: opened with set_durable(False) (no pack, nothing fsynced), the old behaviour;
-        # - loose: the simple alternative, libgit2's fsync option on for the whole write (each
-        #   loose object and its folder fsynced, then the ref), no pack.
+        # - loose: libgit2's fsync option on for the whole write. Before objects were staged it
+        #   fsynced each loose object and its folder in the repo; now the objects it fsyncs are the
+        #   staged ones (tmpfs), so it is kept only to read older records against.
         # Beside them, one bare fsync (create, write 300 bytes, fsync file and folder): on a
         # shared disk its latency decides what durability costs.
         durable = store.git
@@ -456,10 +457,10 @@ def table(results: list[SizeResult]) -> str:
     if any(r.fsync_on for r in results):
         lines.append("")
         lines.append(
-            "durability, round-robin write by write (ms): on = one syncfs of the objects + fsynced ref (the default),"
+            "durability, round-robin write by write (ms): on = one fsynced pack of the objects + fsynced ref (the default),"
         )
         lines.append(
-            "off = nothing fsynced (the old behaviour), loose = every loose object fsynced; one fsync = file + folder"
+            "off = nothing fsynced (the old behaviour), loose = libgit2 fsync option on (staged objects: tmpfs); one fsync = file + folder"
         )
         head = f"{'mailboxes':>9} {'on p50':>8} {'p90':>7} {'off p50':>8} {'p90':>7} {'cost p50':>9} {'loose p50':>10} {'p90':>7} {'one fsync p50':>14}"
         lines.append(head)

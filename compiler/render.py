@@ -156,6 +156,7 @@ def _env() -> jinja2.Environment:
         autoescape=False,
         keep_trailing_newline=True,
         trim_blocks=False,
+        auto_reload=False,  # the templates ship with the code: no stat of each one per render
     )
     env.filters["field"] = _field
     env.filters["path"] = _path
@@ -173,6 +174,7 @@ def _sieve_env() -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        auto_reload=False,
     )
     env.filters["sieve"] = sieve.sieve_string
     env.filters["sieve_text"] = sieve.sieve_text

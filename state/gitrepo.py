@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
+import weakref
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -26,21 +32,26 @@ from typing import Any, TypeVar
 import pygit2
 
 from mailstate.state.errors import BranchMoved, StoreError
+from mailstate.state.gitpack import read_staged, write_pack
 from mailstate.state.signing import Signer
 
 BRANCH = "main"
 REF = f"refs/heads/{BRANCH}"
 
-# Durability: an answered write must survive a power cut. A write makes ~11 loose objects;
-# fsyncing each one and its fan-out folder would cost ~25 fsyncs. Instead, before the branch
-# moves, flush_objects() makes ONE syncfs(2) of the repo's filesystem (objects and folders),
-# and then the ref moves, itself fsynced with its folder (libgit2's fsync option, which the
-# refdb reads when the repo is opened; the option is process-wide, so it is on only while a
-# repo is opened, under a lock).
+# Durability: an answered write must survive a power cut. A write makes ~11 objects; as loose
+# files on the repo's disk each costs a file creation (milliseconds on a busy journalled disk)
+# and they all need flushing. Instead the objects are staged as loose files off that disk
+# (tmpfs when there is one) and, before a ref may name them, flush_objects() writes every staged
+# object as ONE fsynced pack (state/gitpack.py); a group of writes shares that pack. Then the
+# ref moves, itself fsynced with its folder (_put_loose_ref; the libgit2 fsync option, which the
+# refdb reads when the repo is opened, covers the other refs libgit2 writes; the option is
+# process-wide, so it is on only while a repo is opened, under a lock).
 _durable = True
 _fsync_option = threading.Lock()
 # git holds refs/heads/main.lock for milliseconds; one this old was left by a killed process.
 STALE_LOCK_S = 10.0
+# How long a write waits for a `main.lock` another git process holds before it fails.
+REF_LOCK_WAIT_S = 2.0
 log = logging.getLogger("mailstate.git")
 
 
@@ -143,8 +154,45 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
+# libgit2's pack backend keeps every pack it has seen open (its index mapped, a file handle)
+# even once a roll-up deleted it; with a pack a write group that grows by the hour. Every this
+# many flushes the repo gets a new object database, and the old one closes them all.
+ODB_REOPEN_EVERY = 64
+
+# Where staged objects go: tmpfs when the machine has one (file creation costs microseconds).
+STAGE_ROOTS = ("/dev/shm",)
+
+
+def _stage_folder(repo: Path) -> Path | None:
+    """A new, private staging folder for the objects of `repo`, or None when the repo borrows
+    objects from elsewhere (objects/info/alternates: then objects are written in place)."""
+    if (repo / "objects" / "info" / "alternates").exists():
+        return None
+    for root in STAGE_ROOTS:
+        if os.access(root, os.W_OK):
+            _drop_dead_stages(Path(root))
+            return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix="stage-", dir=repo / "objects" / "pack"))
+
+
+STAGE_PREFIX = "mailstate-objects-"
+
+
+def _drop_dead_stages(root: Path) -> None:
+    """Remove the staging folders of processes that are gone (killed before they cleaned up):
+    tmpfs is memory. What they held was never named by a ref."""
+    for entry in root.glob(f"{STAGE_PREFIX}*-*"):
+        pid = entry.name[len(STAGE_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 class GitRepo:
-    """A bare (or non-bare) repository the store commits to."""
+    """A bare (or non-bare) repository the store commits to.
+
+    Objects written through `repo` (pygit2 directly too) are staged, readable through this
+    object only, until flush_objects() puts them in the repo; every ref update here flushes
+    first, and so does commit() unless told not to."""
 
     def __init__(self, path: Path | str) -> None:
         # Absolute: the path goes to `git -C` and into the lock file's name, and must not
@@ -161,6 +209,24 @@ class GitRepo:
                 self.repo.references.get(REF)  # opens the refdb, which reads the option now
         except (pygit2.GitError, KeyError) as exc:
             raise StoreError(f"{self.path} is not a git repository.") from exc
+        self.flushes = 0  # flush_objects calls that wrote something (a pack each when staged)
+        self._stage = _stage_folder(self.path)
+        self._packs: pygit2.OdbBackendPack | None = None
+        if self._stage is not None:
+            weakref.finalize(self, shutil.rmtree, self._stage, True)
+            self._stage_odb(self._stage)
+
+    def _stage_odb(self, stage: Path) -> None:
+        """Read objects from the repo's packs, then the staged objects, then the repo's loose
+        objects (others' writes); write new ones to the staging folder (libgit2 writes to the
+        first backend that can write: the pack backend cannot)."""
+        objects = str(self.path / "objects")
+        self._packs = pygit2.OdbBackendPack(objects)
+        odb = pygit2.Odb()
+        odb.add_backend(self._packs, 3)
+        odb.add_backend(pygit2.OdbBackendLoose(str(stage), 1, False), 2)
+        odb.add_backend(pygit2.OdbBackendLoose(objects, 1, False), 1)
+        self.repo.set_odb(odb)
 
     @classmethod
     def init_bare(cls, path: Path) -> GitRepo:
@@ -235,6 +301,38 @@ class GitRepo:
                 raise StoreError("git could not write the tree.") from exc
         return str(oid)
 
+    def _write_blob(self, data: bytes) -> pygit2.Oid:
+        """Write `data` as a loose blob from Python, the way git does (zlib, temp file, link).
+
+        Not pygit2's create_blob: libgit2 holds the GIL through the whole write, and creating
+        the file can take milliseconds on a busy disk, so every reader of the server waited
+        for it; Python's os calls let go of the GIL. It also skips libgit2's look for an
+        existing copy, which rescans the pack folder on every miss (a new object always
+        misses); a copy that exists already is harmless, and repack drops it. Durable with
+        the rest of the write's objects (flush_objects)."""
+        raw = b"blob %d\0" % len(data) + data
+        hexsha = hashlib.sha1(raw).hexdigest()
+        folder = f"{self._stage or self.path / 'objects'}/{hexsha[:2]}"
+        final = f"{folder}/{hexsha[2:]}"
+        if not os.path.exists(final):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                pass
+            tmp = f"{folder}/tmp_obj_{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            try:
+                os.write(fd, zlib.compress(raw, 1))
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                pass  # another writer (or process) wrote the same blob: same bytes
+            finally:
+                os.unlink(tmp)
+        return pygit2.Oid(hex=hexsha)
+
     def _take_builder(self, base: pygit2.Oid | None) -> pygit2.TreeBuilder:
         """A TreeBuilder holding tree `base`, to change and write.
 
@@ -274,7 +372,7 @@ class GitRepo:
                 if builder.get(name) is not None:
                     builder.remove(name)
             else:
-                blob = _retry_write(self.repo.create_blob, data)
+                blob = _retry_write(self._write_blob, data)
                 self._pending.append(blob)
                 builder.insert(name, blob, pygit2.GIT_FILEMODE_BLOB)
         for name, sub in nested.items():
@@ -301,8 +399,12 @@ class GitRepo:
         signer: Signer,
         when: datetime,
         identity: tuple[str, str] = ("mailstate", "mailstate@localhost"),
+        *,
+        flush: bool = True,
     ) -> str:
-        """Create a signed commit object (the branch does not move)."""
+        """Create a signed commit object (the branch does not move). With `flush`, it and the
+        objects before it are in the repo on return (flush_objects); the store's write groups
+        pass False and flush once for the group."""
         delta = when.utcoffset()
         offset = int(delta.total_seconds() // 60) if delta is not None else 0
         person = pygit2.Signature(identity[0], identity[1], int(when.timestamp()), offset)
@@ -322,23 +424,27 @@ class GitRepo:
         except (pygit2.GitError, OSError) as exc:
             raise StoreError("git could not write the commit.") from exc
         self._pending.append(oid)
+        if flush:
+            self.flush_objects()
         return str(oid)
 
     def flush_objects(self, extra: Iterable[str] = ()) -> None:
-        """Make every object written through this GitRepo since the last flush (plus `extra`,
-        ids of objects written with pygit2 directly) durable before a ref points at them.
+        """Make every object written through this repo object so far durable, before a ref
+        points at any of them: the staged objects go into ONE pack (fsynced, with its index
+        and folder; state/gitpack.py), then their staged copies are deleted.
 
-        The objects are loose files; one syncfs(2) of the repo's filesystem puts them, and
-        the folder entries that name them, on disk in a single flush. Where syncfs is not
-        available, each object file and its fan-out folder is fsynced instead. A no-op for a
-        repo opened with set_durable(False).
-
-        (Not an fsynced pack per write: the packs pile up between roll-ups and every object
-        lookup tries each pack, which makes writes at 100k mailboxes several times slower;
-        see docs/benchmarks.md.)
-        """
+        Without a staging folder (a repo with alternates) the objects are loose files in the
+        repo: `extra` names objects written with pygit2 directly, and one syncfs(2) of the
+        repo's filesystem (or, where it is missing, an fsync of each object file and its
+        fan-out folder) puts them on disk. No fsync at all for a repo opened with
+        set_durable(False)."""
+        if self._stage is not None:
+            self._pack_staged(self._stage)
+            return
         pending = [*self._pending, *(pygit2.Oid(hex=oid) for oid in extra)]
         self._pending.clear()
+        if pending:
+            self.flushes += 1
         if not self.durable or not pending:
             return
         try:
@@ -353,6 +459,33 @@ class GitRepo:
                     fsync_path(folder)
         except OSError as exc:
             raise StoreError("git's objects could not be written to disk.") from exc
+
+    def _pack_staged(self, stage: Path) -> None:
+        self._pending.clear()
+        try:
+            staged = read_staged(stage)
+            if not staged:
+                return
+            pack_dir = self.path / "objects" / "pack"
+            pack_dir.mkdir(exist_ok=True)
+            write_pack(pack_dir, staged, sync=self.durable)
+            if self.durable:
+                fsync_path(pack_dir)
+        except (OSError, ValueError, zlib.error) as exc:
+            raise StoreError("git's objects could not be written to disk.") from exc
+        self.flushes += 1
+        assert self._packs is not None
+        if self.flushes % ODB_REOPEN_EVERY == 0:
+            self._stage_odb(stage)  # a new pack backend (sees the new pack), the old one closed
+        else:
+            self._packs.refresh()  # libgit2 finds them in the new pack before the staged copies go
+        for obj in staged:
+            obj.path.unlink(missing_ok=True)
+        for folder in {obj.path.parent for obj in staged}:
+            try:
+                folder.rmdir()  # the next flush then lists only the folders its objects made
+            except OSError:
+                pass  # not empty: an object written meanwhile, for the next flush
 
     def move_branch(self, new: str, expected: str | None) -> None:
         """Point `main` at `new` if it still points at `expected` (compare-and-swap).
@@ -373,15 +506,54 @@ class GitRepo:
             self._write_ref(new)
 
     def _write_ref(self, new: str) -> None:
-        """Write `main` (the ref lock is held). A `main.lock` that a killed process left
-        behind would refuse every later write, so one older than STALE_LOCK_S is removed."""
-        for attempt in (1, 2):
+        """Write `main` (the ref lock is held). git holds `main.lock` for milliseconds (a
+        background `git gc`'s pack-refs does), so a held lock is waited for, up to
+        REF_LOCK_WAIT_S; one older than STALE_LOCK_S, which a killed process left behind and
+        which would refuse every later write, is removed."""
+        deadline = time.monotonic() + REF_LOCK_WAIT_S
+        cleared = False
+        while True:
             try:
-                self.repo.references.create(REF, pygit2.Oid(hex=new), force=True)
+                self._put_loose_ref(REF, new)
                 return
-            except (pygit2.GitError, OSError) as exc:  # libgit2 reports a held lock as OSError
-                if attempt == 2 or not self._clear_stale_ref_lock():
+            except FileExistsError as exc:  # main.lock is held (or was left behind)
+                if not cleared and self._clear_stale_ref_lock():
+                    cleared = True
+                    continue
+                if time.monotonic() >= deadline:
                     raise StoreError("git could not update the branch.") from exc
+                time.sleep(0.005)
+            except OSError as exc:
+                raise StoreError("git could not update the branch.") from exc
+
+    def put_ref(self, ref: str, new: str, *, sync: bool = True) -> None:
+        """Point the loose ref `ref` at `new` unconditionally (the caller holds ref_lock); fsynced
+        unless `sync` is False (then a power cut may leave the old value). FileExistsError when
+        `<ref>.lock` is held. The object is not looked up: flush it first."""
+        self._put_loose_ref(ref, new, sync=sync)
+
+    def _put_loose_ref(self, ref: str, new: str, *, sync: bool = True) -> None:
+        """Point the loose ref file `ref` at `new` the way git does: `<ref>.lock` created
+        exclusively (git and libgit2 honour it), written, then renamed into place. Written
+        from Python, not libgit2: the fsyncs then let go of the GIL. Durable (an answered
+        write is on disk): the lock file is fsynced before the rename, its folder after."""
+        path = self.path / ref
+        lock = path.with_name(path.name + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            try:
+                os.write(fd, f"{new}\n".encode())
+                if self.durable and sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(lock, path)
+        except BaseException:
+            lock.unlink(missing_ok=True)
+            raise
+        if self.durable and sync:
+            fsync_path(path.parent)
 
     def _clear_stale_ref_lock(self) -> bool:
         lock = self.path / f"{REF}.lock"

@@ -59,8 +59,8 @@ class StatementPublisher:
         self.accepted = accepted
         self.upstream = upstream
         self.trusted_signers = trusted_signers
-        # REF is written through a handle opened without libgit2's fsync option: after a power cut
-        # it names either the old or the new statement, and both tags were on disk before it moved.
+        # REF is written without an fsync: after a power cut it names either the old or the new
+        # statement, and both tags were on disk before it moved. `_refs` reads it.
         try:
             self._refs = pygit2.Repository(str(git.path))
         except pygit2.GitError as exc:
@@ -182,8 +182,10 @@ class StatementPublisher:
             tag = create_statement(self.git.repo, self.signer, head, issued)
             self.git.flush_objects(extra=[tag])  # on disk before the ref names it
         try:
-            self._refs.references.create(STATEMENT_REF, pygit2.Oid(hex=tag), force=True)
-        except pygit2.GitError as exc:
+            # Written from Python, not through `_refs`: libgit2 would look the tag up first, and
+            # a handle that looks objects up keeps every pack it meets open for good.
+            self.git.put_ref(STATEMENT_REF, tag, sync=False)
+        except OSError as exc:
             raise StoreError("git could not update the accepted-head statement.") from exc
         return tag, issued
 

@@ -4,10 +4,14 @@
       parse request            (InvalidInput on bad input; nothing else happens)
       preflight apply          (cheap: rule errors surface before any bcrypt work)
       prepare                  (bcrypt / key generation, OUTSIDE the write lock)
+      queue the write
       ── write lock (state/fifolock.py: first come first served) ──
-      apply on current state   → Outcome(change)
-      render touched domains   → YAML + rendered/ bytes for those paths only
-      build tree, sign commit, compare-and-swap the branch, publish the new snapshot
+      for each write queued by then (a group; ours may have landed in an earlier holder's):
+        apply on the state the write before it left   → Outcome(change)
+        render touched domains   → YAML + rendered/ bytes for those paths only
+        build tree, sign commit  (one commit per write, on top of the one before)
+      flush the objects once, compare-and-swap the branch to the last commit once,
+      publish the new snapshot, answer every write of the group
       ── unlock ──
 
 A failure anywhere before the branch moves leaves the branch and the in-memory state as they
@@ -38,8 +42,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,7 +100,15 @@ log = logging.getLogger("mailstate.store")
 
 Clock = Callable[[], datetime]
 StatusSource = Callable[[str], "dict[str, Any] | None"]
-GC_EVERY = 500  # writes between background repacks of the loose objects
+# Object flushes (a pack each) between background roll-ups of the small packs: a server's
+# (run_background) rolls up often, its packs come fast; a library user's, e.g. `mailstate call`
+# or a test, seldom.
+GC_EVERY = 32
+GC_EVERY_LIBRARY = 500
+# The most queued writes one holder of the writers' lock lands as one group (one flush, one
+# branch move): enough for every writer a server has in flight, few enough that the first
+# of them is not kept waiting long for the rest.
+GROUP_MAX = 32
 STATEMENT_INTERVAL = 60.0  # seconds between statement refreshes (freshness for the nodes)
 WATCH_INTERVAL = 1.0  # seconds between looks at main (local mode background thread)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -156,6 +169,28 @@ class Committed:
     change: Change
 
 
+@dataclass(eq=False)
+class _Job:
+    """One queued write: what the writer asked for, then (done) its outcome or its error."""
+
+    op: Operation
+    actor: Actor
+    req: Request
+    prepared: dict[str, Any]
+    request_id: str
+    done: bool = False
+    outcome: Outcome | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class _Group:
+    """The commits a group of queued writes made, oldest first, each on top of the one before."""
+
+    base: Snapshot
+    commits: list[Committed] = field(default_factory=list)
+
+
 class Store:
     """The state repo plus its in-memory snapshot; thread-safe, writes serialised."""
 
@@ -184,7 +219,7 @@ class Store:
         trusted_signers: Path | None = None,
         max_tries: int = 16,
         rng: random.Random | None = None,
-        gc_every: int = GC_EVERY,
+        gc_every: int | None = None,
         on_write_lock: Callable[[], None] | None = None,
     ) -> None:
         bound_object_cache()  # a long-running store's memory stays flat (state.gitrepo)
@@ -196,6 +231,10 @@ class Store:
         self._lock = FifoLock()
         # Called by each write as soon as it holds the lock (a seam: tests act while a writer holds it).
         self._on_write_lock = on_write_lock
+        # The writes waiting to land, oldest first (appended before the lock is asked for).
+        self._queued: deque[_Job] = deque()
+        # How many groups of writes moved the branch (each one flush and one ref update).
+        self.landed_groups = 0
         head = self.git.head()
         if head is None:
             raise StoreError(f"{repo_path} has no commits; run `mailstate init` first.")
@@ -232,7 +271,7 @@ class Store:
             self._validated = True
         else:
             self._snapshot = self._first_check(head)
-        self._writes = 0
+        self._flushes_at_gc = 0
         self._gc_every = gc_every
         self._gc: subprocess.Popen[bytes] | None = None
         with self._lock:
@@ -369,49 +408,112 @@ class Store:
         return outcome
 
     def _write(self, op: Operation, actor: Actor, req: Request, prepared: dict[str, Any], request_id: str) -> Outcome:
+        """Queue the write, then wait for the writers' lock. Whoever holds the lock lands every
+        write queued by then (a group commit, _land_group): each its own validated, signed
+        commit on top of the one before, the branch moved and fsynced once for them all, and
+        none answered before that. A write found already landed when the lock comes just returns."""
+        job = _Job(op, actor, req, prepared, request_id)
+        self._queued.append(job)
         with self._lock:
-            if self._on_write_lock is not None:
-                self._on_write_lock()
-            tries = self.max_tries
-            for attempt in range(tries):
+            while not job.done:
+                if self._on_write_lock is not None:
+                    self._on_write_lock()
+                self._run_group(self._take_group())
+        if job.error is not None:
+            raise job.error
+        assert job.outcome is not None
+        return job.outcome
+
+    def _take_group(self) -> list[_Job]:
+        """The oldest queued writes, in order: up to GROUP_MAX in local mode on a validated
+        snapshot; one at a time upstream (each push is its own compare-and-swap) or while main
+        is not validated (each write's whole commit is checked)."""
+        limit = GROUP_MAX if self.upstream is None and self._validated else 1
+        group: list[_Job] = []
+        while self._queued and len(group) < limit:
+            group.append(self._queued.popleft())
+        return group
+
+    def _run_group(self, group: list[_Job]) -> None:
+        """Land `group` (lock held); every job ends done, with its outcome or its error."""
+        try:
+            for attempt in range(self.max_tries):
                 if self.upstream is None:
                     self._refresh_locked()
-                before = self._snapshot
-                outcome = self._apply(op, self._context(actor), req, prepared)
+                made = self._make_group(group)
+                if not made.commits:
+                    return
+                if self._land_group(made, attempt):
+                    return
+            cls = Unavailable if self.upstream is None else UpstreamUnavailable
+            raise cls(
+                f"The state repo kept moving under other writers; gave up after {self.max_tries} tries. "
+                "Nothing was changed.",
+                code="store_busy" if self.upstream is None else "upstream_busy",
+            )
+        except Exception as exc:  # the group did not land: every write in it fails alike
+            for job in group:
+                job.outcome, job.error = None, exc
+        finally:
+            for job in group:
+                job.done = True
+
+    def _make_group(self, group: list[_Job]) -> _Group:
+        """Each job's operation on the state the jobs before it left, each change that passes
+        the rules one signed commit on top of the last (nothing moves yet). A job whose
+        operation fails keeps its error and changes nothing; a no-op keeps `commit: None`."""
+        made = _Group(base=self._snapshot)
+        tip = self._snapshot
+        for job in group:
+            job.outcome, job.error = None, None
+            try:
+                outcome = self._apply(job.op, self._context(job.actor, tip), job.req, job.prepared)
                 if not outcome.change:
                     outcome.result = {**outcome.result, "commit": None}
-                    return outcome
-                after = self._after(outcome.change)
-                message = commit_message(op.name, outcome.target, outcome.project, actor, request_id)
-                sha, snap, stated = self._make_commit(outcome.change, message, after)
-                self._whole_check(sha)
-                try:
-                    if self.upstream is None:
-                        self.git.move_branch(sha, self._expected_head())
-                    elif self._publish(sha, stated):
-                        self.git.set_branch(sha)  # upstream is the truth, and sha is its tip now
-                    else:
-                        # Someone else moved upstream: take their commit (if valid) and re-run
-                        # the operation on the new state, which may now answer differently.
-                        time.sleep(self._rng.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                        assert self.upstream_sync is not None
-                        self.upstream_sync.sync_locked()
-                        continue
-                except BranchMoved:
-                    # Another process on this data dir won the race: re-run on its state.
-                    time.sleep(self._rng.uniform(0, min(0.2, 0.002 * 2**attempt)))
+                    job.outcome = outcome
                     continue
-                # The listeners first: a listener that reads the head later then finds this write
-                # queued already (state/events.py relies on it).
-                self._committed(Committed(sha, op.name, actor, outcome.project, before, snap, outcome.change))
-                self._adopted(sha, snap, stated)
-                outcome.result = {**outcome.result, "commit": sha}
-                return outcome
-        cls = Unavailable if self.upstream is None else UpstreamUnavailable
-        raise cls(
-            f"The state repo kept moving under other writers; gave up after {tries} tries. Nothing was changed.",
-            code="store_busy" if self.upstream is None else "upstream_busy",
-        )
+                after = self._after(outcome.change, tip)
+                message = commit_message(job.op.name, outcome.target, outcome.project, job.actor, job.request_id)
+                sha, snap = self._make_commit(outcome.change, message, after, tip)
+                self._whole_check(sha)
+            except Exception as exc:  # this write's own failure; the others go on
+                job.error = exc
+                continue
+            outcome.result = {**outcome.result, "commit": sha}
+            job.outcome = outcome
+            made.commits.append(Committed(sha, job.op.name, job.actor, outcome.project, tip, snap, outcome.change))
+            tip = snap
+        return made
+
+    def _land_group(self, made: _Group, attempt: int) -> bool:
+        """Move the branch to the group's last commit and adopt it; False when another writer
+        moved the branch first (the caller runs the group again on the new state)."""
+        last = made.commits[-1]
+        stated = self._prepare_statement(last.commit)
+        self.git.flush_objects(extra=[stated[0]] if stated else [])  # ONE flush for the group
+        try:
+            if self.upstream is None:
+                self.git.move_branch(last.commit, self._expected_head())
+            elif self._publish(last.commit, stated):
+                self.git.set_branch(last.commit)  # upstream is the truth, and this is its tip now
+            else:
+                # Someone else moved upstream: take their commit (if valid) and re-run
+                # the operation on the new state, which may now answer differently.
+                time.sleep(self._rng.uniform(0, min(0.5, 0.005 * 2**attempt)))
+                assert self.upstream_sync is not None
+                self.upstream_sync.sync_locked()
+                return False
+        except BranchMoved:
+            # Another process on this data dir won the race: re-run on its state.
+            time.sleep(self._rng.uniform(0, min(0.2, 0.002 * 2**attempt)))
+            return False
+        self.landed_groups += 1
+        # The listeners first: a listener that reads the head later then finds these writes
+        # queued already (state/events.py relies on it).
+        for committed in made.commits:
+            self._committed(committed)
+        self._adopted(last.commit, last.after, stated)
+        return True
 
     def add_commit_listener(self, listener: Callable[[Committed], None]) -> None:
         """Call `listener(committed)` after each write this store commits, in the writer's thread
@@ -427,21 +529,23 @@ class Store:
 
     def commit_change(self, change: Change, message: str) -> str:
         """Write `change` as one signed commit on top of HEAD and adopt it (local mode; caller holds the lock)."""
-        sha, snap, stated = self._make_commit(change, message, self._after(change))
+        sha, snap = self._make_commit(change, message, self._after(change, self._snapshot), self._snapshot)
         self._whole_check(sha)
+        stated = self._prepare_statement(sha)
+        self.git.flush_objects(extra=[stated[0]] if stated else [])
         self.git.move_branch(sha, self._expected_head())
         self._adopted(sha, snap, stated)
         return sha
 
-    def _after(self, change: Change) -> Snapshot:
-        """The state after `change` (its commit still unset), once it passed the rules an incoming
+    def _after(self, change: Change, base: Snapshot) -> Snapshot:
+        """The state after `change` on `base` (its commit still unset), once it passed the rules an incoming
         commit with the same change must pass across domains (state.sync.change_problems); the
         first one it breaks is raised (409). On a validated snapshot that makes the commit valid
         exactly when a server would accept it from elsewhere; on one nobody validated, the commit
         is checked in full before it lands (_whole_check)."""
         self._writable()
-        after = self._snapshot.with_change("", change)
-        found = change_problems(self._snapshot, after, change)
+        after = base.with_change("", change)
+        found = change_problems(base, after, change)
         if found:
             raise found[0].error()
         return after
@@ -453,6 +557,7 @@ class Store:
         a write that leaves main's problems in place does not (503 state_needs_repair)."""
         if self._validated:
             return
+        self.git.flush_objects()  # the check may read the commit in other processes (state.load)
         problems = full_check(self.git, sha, self._cache).problems
         if problems:
             raise Unavailable(
@@ -472,31 +577,30 @@ class Store:
                 code="state_needs_repair",
             )
 
-    def _make_commit(
-        self, change: Change, message: str, after: Snapshot
-    ) -> tuple[str, Snapshot, tuple[str, int] | None]:
-        """The signed commit object for `change` on top of HEAD (the branch does not move), and
-        the statement tag naming it, (tag id, issued_at). Both go to disk in the one fsynced
-        pack of the write, so the statement costs no fsync of its own; if the commit does not
-        land, the tag is an unreferenced object that gc drops. `after` is _after(change)."""
-        snap = self._snapshot
-        tree = self.git.build_tree(snap.commit, self.changed_files(snap, change))
+    def _make_commit(self, change: Change, message: str, after: Snapshot, base: Snapshot) -> tuple[str, Snapshot]:
+        """The signed commit object for `change` on top of `base` (the branch does not move; its
+        objects are flushed with the rest of the group's). `after` is _after(change, base)."""
+        tree = self.git.build_tree(base.commit, self.changed_files(base, change))
         when = self.clock()
-        if snap.commit is not None:
+        if base.commit is not None:
             # Never dated before the parent (a server whose clock is behind an admin's): nodes and
             # other servers refuse committer times that go backwards (state/chain.py).
-            parent_time = self.git.repo[snap.commit].peel(pygit2.Commit).commit_time
+            parent_time = self.git.repo[base.commit].peel(pygit2.Commit).commit_time
             if when.timestamp() < parent_time:
                 when = datetime.fromtimestamp(parent_time, UTC)
-        sha = self.git.commit(tree, snap.commit, message, self.signer, when)
-        issued = int(when.timestamp())
-        stated: tuple[str, int] | None = None
+        sha = self.git.commit(tree, base.commit, message, self.signer, when, flush=False)
+        return sha, after.at(sha)
+
+    def _prepare_statement(self, sha: str) -> tuple[str, int] | None:
+        """The statement tag naming commit `sha`, issued at its commit time: (tag id, issued_at).
+        It goes to disk in the same flush as the commit, so it costs no flush of its own; if the
+        commit does not land, the tag is an unreferenced object that gc drops."""
+        issued = int(self.git.repo[sha].peel(pygit2.Commit).commit_time)
         try:
-            stated = (create_statement(self.git.repo, self.signer, sha, issued), issued)
+            return create_statement(self.git.repo, self.signer, sha, issued), issued
         except StoreError as exc:  # never fails the write: publish_locked tries again after it
             log.warning("accepted-head statement for %s not prepared: %s", sha[:12], exc.message)
-        self.git.flush_objects(extra=[stated[0]] if stated else [])  # the branch's own flush then finds nothing left
-        return sha, after.at(sha), stated
+            return None
 
     def _expected_head(self) -> str | None:
         """What the branch must point at for our commit to land: our snapshot's commit, or
@@ -505,15 +609,25 @@ class Store:
         return refused if refused and self.git.head() == refused else self._snapshot.commit
 
     def _housekeeping(self) -> None:
-        """Every `gc_every` writes, let git pack the loose objects (~11 per write) in the background."""
-        self._writes += 1
-        if self._gc_every <= 0 or self._writes % self._gc_every or (self._gc is not None and self._gc.poll() is None):
+        """Every `gc_every` flushes (a pack each: one per group of writes), roll the small packs
+        up in the background: `git repack --geometric=2` merges packs until each is at least
+        twice the next smaller one, so there are few packs to look through and the big ones
+        are left as they are."""
+        flushes = self.git.flushes
+        every = self._gc_every if self._gc_every is not None else GC_EVERY if self._background else GC_EVERY_LIBRARY
+        if every <= 0 or flushes - self._flushes_at_gc < every or (self._gc is not None and self._gc.poll() is None):
             return
+        self._flushes_at_gc = flushes
         try:
-            # repack -d packs just the loose objects (cheap, incremental); gc --auto then merges
-            # packs once there are too many of them.
+            # gc --auto then packs what others left loose, once there is much of it.
             self._gc = subprocess.Popen(
-                ["sh", "-c", 'git -C "$1" repack -d -q && git -C "$1" gc --auto --quiet', "gc", str(self.git.path)],
+                [
+                    "sh",
+                    "-c",
+                    'git -C "$1" repack -d -q --geometric=2 && git -C "$1" gc --auto --quiet',
+                    "gc",
+                    str(self.git.path),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

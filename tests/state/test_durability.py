@@ -1,8 +1,8 @@
 """An answered write is durable.
 
 * Before the store answers, every new object of the commit is in one pack that is fsynced
-  with its index and its folder, and only then is the ref written, fsynced, renamed into
-  place and its folder fsynced. Checked on the real system calls of a real write (strace).
+  with its index and its folder (state/gitpack.py), and only then is the ref written,
+  fsynced, renamed into place and its folder fsynced. Checked on the real system calls of a real write (strace).
 * kill -9 of `mailstate serve` in the middle of writes loses nothing that was answered, and
   leaves nothing that stops the next start or the next write (a `main.lock` left behind).
 """
@@ -108,28 +108,30 @@ def test_every_file_of_a_write_is_fsynced_before_the_answer(data_dir: DataDir, t
     )
     assert synced(f"{repo}/refs/heads", after=move), "the ref's folder was not fsynced after the rename"
 
-    # The write's objects: every loose object of the commit is linked into place, then ONE
-    # syncfs of the repo's filesystem flushes them (files and folder entries), all before the
-    # branch moves.
-    loose = re.compile(r"/objects/([0-9a-f]{2})/([0-9a-f]{38})$")
-    linked = {
-        m.group(1) + m.group(2): i
+    # The write's objects: all in ONE pack, whose .pack and .idx were fsynced before they were
+    # renamed into objects/pack, and that folder fsynced, all before the branch moves.
+    renamed = {
+        m.group(2): (m.group(1), i)
         for i, (name, paths) in enumerate(events[:move])
-        if (name.startswith("link") or name.startswith("rename")) and len(paths) == 2 and (m := loose.search(paths[1]))
+        if name.startswith("rename") and len(paths) == 2 and (m := _PACK.search(paths[1]))
     }
-    flushes = [
-        i
-        for i, (name, paths) in enumerate(events[:move])
-        if name == "syncfs" and paths and paths[0].startswith(f"{repo}/objects")
-    ]
+    assert set(renamed) == {"pack", "idx"}, events
+    for kind, (pack_sha, at) in renamed.items():
+        tmp = next(paths[0] for name, paths in events if name.startswith("rename") and paths[1].endswith(f".{kind}"))
+        assert synced(tmp, before=at), f"the .{kind} was renamed into place before its content was on disk"
+        assert pack_sha == renamed["pack"][0]
+    assert renamed["pack"][1] < renamed["idx"][1], "the .idx named the pack before the .pack was in place"
+    assert synced(f"{repo}/objects/pack", after=renamed["idx"][1], before=move), "objects/pack was not fsynced"
     new_objects = {
         line.split()[0] for line in git_out(data_dir.repo, "rev-list", "--objects", commit, f"^{commit}^").splitlines()
     }
     assert commit in new_objects and len(new_objects) >= 3  # at least a blob, a tree and the commit
-    assert new_objects <= set(linked), new_objects - set(linked)
-    assert flushes and all(any(linked[o] < f for f in flushes) for o in new_objects), (
-        "an object was not flushed before the ref moved"
-    )
+    idx = data_dir.repo / f"objects/pack/pack-{renamed['pack'][0]}.idx"
+    shown = subprocess.run(["git", "show-index"], input=idx.read_bytes(), capture_output=True, check=True).stdout
+    in_pack = {line.split()[1] for line in shown.decode().splitlines()}
+    assert new_objects <= in_pack, new_objects - in_pack
+    loose = [o for o in new_objects if (data_dir.repo / "objects" / o[:2] / o[2:]).exists()]
+    assert not loose, f"written as loose objects in the repo: {loose}"
     assert git_out(data_dir.repo, "config", "core.fsync").strip() == "all"  # git's own writes (repack, pushes)
 
 
@@ -165,6 +167,36 @@ def test_a_fresh_ref_lock_is_left_to_its_owner(store: Store, data_dir: DataDir) 
     assert lock.exists() and git_out(data_dir.repo, "rev-parse", "main").strip() == before
     lock.unlink()
     assert store.execute("link-domain", ADMIN, {"domain": "blocked.example", "project_id": 1}).result["commit"]
+
+
+def test_a_write_waits_for_a_ref_lock_git_lets_go_of(store: Store, data_dir: DataDir) -> None:
+    # A background `git gc` (pack-refs) holds main.lock for a moment: the write waits for it
+    # instead of failing. The helper lets go of the lock once the writer is inside the ref
+    # update (it holds mailstate.lock only there), so no timing decides the outcome.
+    import fcntl
+
+    lock = data_dir.repo / "refs" / "heads" / "main.lock"
+    lock.write_text("git pack-refs at work\n")
+    released = threading.Event()
+
+    def let_go_once_the_writer_waits() -> None:
+        with open(data_dir.repo / "mailstate.lock", "a+b") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break  # the writer holds it: it is at the ref
+                time.sleep(0.001)
+        lock.unlink()
+        released.set()
+
+    helper = threading.Thread(target=let_go_once_the_writer_waits)
+    helper.start()
+    out = store.execute("link-domain", ADMIN, {"domain": "waited.example", "project_id": 1})
+    helper.join()
+    assert released.is_set()
+    assert git_out(data_dir.repo, "rev-parse", "main").strip() == out.result["commit"]
 
 
 # --- kill -9 of a running server -------------------------------------------------------------

@@ -49,6 +49,7 @@ def test_kept_builders_give_the_trees_a_fresh_build_gives(
         fresh = GitRepo(path).build_tree(head, change)  # a new object: no builders kept
         assert tree == fresh
         head = _commit(kept, tree, head)
+        kept.flush_objects()  # into the repo: a new GitRepo reads only that, not kept's staged objects
     # And the final tree is what the changes say, read back through git.
     files = {}
     state: dict[str, bytes] = {}

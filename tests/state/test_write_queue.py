@@ -15,6 +15,7 @@ import pygit2
 
 from mailstate.state import gitrepo
 from mailstate.state.datadir import DataDir
+from mailstate.state.errors import Conflict
 from mailstate.state.fifolock import FifoLock
 from mailstate.state.keyrotation import DataDirSigner
 from mailstate.state.store import Store
@@ -129,3 +130,86 @@ def test_a_store_caps_libgit2s_object_cache(data_dir: DataDir) -> None:
     pygit2.settings.cache_max_size(256 * 1024 * 1024)
     _store(data_dir)
     assert pygit2.settings.cached_memory[1] == gitrepo.OBJECT_CACHE_BYTES
+
+
+def _queue_writes(
+    store: Store, writes: list[tuple[str, dict[str, str]]], answered: Callable[[str], None] | None = None
+) -> list[object]:
+    """Run `writes` from as many threads, queued behind the held writers' lock in this order,
+    then let them go; each thread's result (its outcome's result, or the error it raised).
+    `answered(commit)` runs in the writer's thread the moment its write is answered."""
+    results: list[object] = [None] * len(writes)
+
+    def run(i: int, name: str, data: dict[str, str]) -> None:
+        try:
+            results[i] = store.execute(name, PROJECT_A, data).result
+        except Exception as exc:
+            results[i] = exc
+            return
+        if answered is not None:
+            answered(results[i]["commit"])  # type: ignore[index]
+
+    threads = []
+    store.write_lock.acquire()
+    try:
+        for n, (name, data) in enumerate(writes, start=1):
+            thread = threading.Thread(target=run, args=(n - 1, name, data))
+            thread.start()
+            threads.append(thread)
+            _until(lambda n=n: store.write_lock.waiting == n)  # type: ignore[misc]
+    finally:
+        store.write_lock.release()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_queued_writes_land_as_one_group_of_signed_commits_answered_once_on_disk(data_dir: DataDir) -> None:
+    store = _store(data_dir)
+    linked(store)
+    answered_on_disk: list[bool] = []
+    repo = pygit2.Repository(str(data_dir.repo))
+
+    def on_disk(commit: str) -> bool:
+        # A fresh look at main on disk: the answered commit is there (or under a later one).
+        tip = str(pygit2.Repository(str(data_dir.repo)).references["refs/heads/main"].target)
+        return tip == commit or bool(repo.descendant_of(tip, commit))
+
+    emails = [f"g{i}@example.com" for i in range(5)]
+    groups = store.landed_groups
+    results = _queue_writes(
+        store,
+        [("add-user", {"email": e, "password": PASSWORD}) for e in emails],
+        answered=lambda commit: answered_on_disk.append(on_disk(commit)),
+    )
+    assert store.landed_groups == groups + 1  # five writes, one branch move
+    assert answered_on_disk == [True] * 5
+    commits = [r["commit"] for r in results]  # type: ignore[index]
+    tip = repo.references["refs/heads/main"].target
+    walked = [c for c in repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL)][:5][::-1]
+    assert [str(c.id) for c in walked] == commits  # one commit per write, in queue order
+    for commit, email in zip(walked, emails, strict=True):
+        assert commit.message.splitlines()[0] == f"add-user {email}"
+        assert commit.gpg_signature[0] is not None  # each commit signed on its own
+    assert _users(store) == set(emails)
+
+
+def test_a_write_that_fails_in_a_group_gets_its_own_error_and_the_others_land(data_dir: DataDir) -> None:
+    store = _store(data_dir)
+    linked(store)
+    groups = store.landed_groups
+    add = {"email": "twice@example.com", "password": PASSWORD}
+    results = _queue_writes(
+        store,
+        [("add-user", add), ("add-user", add), ("add-user", {"email": "other@example.com", "password": PASSWORD})],
+    )
+    assert store.landed_groups == groups + 1
+    first, second, third = results
+    # The second runs on the state the first left, in the same group: the user exists by then.
+    assert isinstance(second, Conflict), second
+    assert isinstance(first, dict) and isinstance(third, dict)
+    repo = pygit2.Repository(str(data_dir.repo))
+    last = repo[third["commit"]]
+    assert [str(p) for p in last.parent_ids] == [first["commit"]]  # the failed write left no commit
+    assert str(repo.references["refs/heads/main"].target) == third["commit"]
+    assert _users(store) == {"twice@example.com", "other@example.com"}
