@@ -29,9 +29,11 @@ root (the Maildirs) and the release root, and says so.
 from __future__ import annotations
 
 import configparser
+import grp
 import hashlib
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -82,6 +84,10 @@ SIEVE_SCRIPTS: dict[str, tuple[str, ...]] = {
     "learn-spam.sieve": IMAPSIEVE_FLAGS,
     "learn-ham.sieve": IMAPSIEVE_FLAGS,
 }
+# Port 25's milter socket (the bundle's manifest "rspamd": "milter_dir"): rspamd's user, Postfix's group.
+RSPAMD_USER = "_rspamd"
+POSTFIX_GROUP = "postfix"
+MILTER_DIR_MODE = 0o2750
 DIR_KEYS = ("etc_dir", "lib_dir", "systemd_dir", "postfix_dir", "dovecot_dir", "rspamd_dir")
 
 
@@ -455,6 +461,7 @@ class Installer:
             for key in ("etc_dir", "lib_dir", "systemd_dir"):
                 self.host.make_dir(self.opts.dirs[key])
             self.install_files()
+            self.make_milter_dir()
             self.compile_sieves()
             self.install_sync_key()
             self.configure_postfix()
@@ -552,6 +559,30 @@ class Installer:
                     self.changed.add("dovecot")
                 if entry["dir"] == "rspamd_dir":
                     self.changed.add("rspamd")
+
+    def make_milter_dir(self) -> None:
+        """The directory of port 25's milter socket under Postfix's queue directory: rspamd (as
+        _rspamd) creates the socket there, mode 0660; the directory is _rspamd's, group postfix and
+        setgid, so the socket's group is postfix and only Postfix's daemons and rspamd reach it."""
+        path = self.m.get("rspamd", {}).get("milter_dir")
+        if not path:
+            return
+        try:
+            uid, gid = pwd.getpwnam(RSPAMD_USER).pw_uid, grp.getgrnam(POSTFIX_GROUP).gr_gid
+        except KeyError as exc:
+            raise InstallError(
+                f"no user {RSPAMD_USER} or group {POSTFIX_GROUP} (apt-get install rspamd postfix)"
+            ) from exc
+        what = f"{path} ({MILTER_DIR_MODE:04o}, owner {RSPAMD_USER}:{POSTFIX_GROUP}): rspamd's milter socket"
+        with_owner = os.path.isdir(path) and os.stat(path)[stat.ST_UID : stat.ST_GID + 1] == (uid, gid)
+        if with_owner and file_mode(path) == MILTER_DIR_MODE:
+            self.steps.done(what)
+            return
+        self.host.make_dir(path)
+        if self.steps.change(f"set {what}") and not self.opts.dry_run:
+            os.chown(path, uid, gid)
+            os.chmod(path, MILTER_DIR_MODE)
+            self.record.data["milter_dir"] = path
 
     def compile_sieves(self) -> None:
         """The bundle's Sieve scripts precompiled with sievec, so that Dovecot, which runs them as the

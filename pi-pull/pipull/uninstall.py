@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ class Uninstaller:
             self.undo_file(dest, entry)
         self.remove_own_files()
         self.remove_code_cache()
+        self.remove_milter_socket(data.get("milter_dir"))
         for path in reversed(data.get("dirs", [])):
             self.remove_dir(path)
         if use_systemd:
@@ -188,6 +190,15 @@ class Uninstaller:
             return
         self.steps.change(f"remove directory {path}")
         os.rmdir(path)
+
+    def remove_milter_socket(self, path: object) -> None:
+        """rspamd's milter socket (main.cf no longer names it), so that its directory can go too."""
+        if not isinstance(path, str) or not os.path.isdir(path):
+            return
+        for name in sorted(os.listdir(path)):
+            where = os.path.join(path, name)
+            if stat.S_ISSOCK(os.lstat(where).st_mode) and self.steps.change(f"remove rspamd's milter socket {where}"):
+                os.unlink(where)
 
     def keep_notes(self, data: dict[str, Any]) -> None:
         mail_root = data.get("mail_root")

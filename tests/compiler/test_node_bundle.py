@@ -424,7 +424,7 @@ def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
     b = bundle()
     main = b["postfix/main.cf.mailstate"]
     for line in (
-        "smtpd_milters = inet:127.0.0.1:11332",
+        "smtpd_milters = unix:rspamd/milter.sock",  # a socket under the queue directory, not loopback TCP
         "non_smtpd_milters =",
         "milter_default_action = tempfail",  # rspamd down: 4xx, never unfiltered, never a bounce
     ):
@@ -433,7 +433,8 @@ def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
     master = b["postfix/master.cf.mailstate"]
     assert re.findall(r"-o smtpd_milters=(\S*)", master) == ["inet:127.0.0.1:8891"] * 3
     assert "receive_override_options=no_address_mappings,no_milters" in master
-    assert 'bind_socket = "127.0.0.1:11332";' in b["rspamd/local.d/worker-proxy.inc"]
+    bind = 'bind_socket = "/var/spool/postfix/rspamd/milter.sock mode=0660 owner=_rspamd group=postfix";'
+    assert bind in b["rspamd/local.d/worker-proxy.inc"]
     assert "self_scan = yes;" in b["rspamd/local.d/worker-proxy.inc"]
     assert 'bind_socket = "127.0.0.1:11334";' in b["rspamd/local.d/worker-controller.inc"]
     assert "greylist = null;" in b["rspamd/local.d/actions.conf"]
@@ -445,7 +446,7 @@ def test_port_25_is_filtered_by_rspamd_and_only_port_25() -> None:
     cp.read_string(b["pi-pull.ini"])
     assert cp.getboolean("spam", "enabled") and cp.get("spam", "controller") == "127.0.0.1:11334"
     manifest = json.loads(b["bundle.json"])
-    assert manifest["rspamd"] == {"local_d": sorted(RSPAMD_LOCAL_D)}
+    assert manifest["rspamd"] == {"local_d": sorted(RSPAMD_LOCAL_D), "milter_dir": "/var/spool/postfix/rspamd"}
     assert {(f["file"], f["dir"], f["name"]) for f in manifest["files"] if f["dir"] == "rspamd_dir"} == {
         (f"rspamd/local.d/{n}", "rspamd_dir", f"local.d/{n}") for n in RSPAMD_LOCAL_D
     }
@@ -483,6 +484,17 @@ def test_moving_mail_into_or_out_of_junk_teaches_rspamd() -> None:
         bundle(spam_controller="inet:10.0.0.5:11334")  # the controller, which trusts loopback, stays on it
 
 
+def test_the_spam_milter_follows_the_queue_directory_or_takes_loopback_tcp() -> None:
+    b = bundle(postfix_queue_dir="/srv/postfix-queue", spam_milter="unix:filters/rspamd.sock")
+    assert "\nsmtpd_milters = unix:filters/rspamd.sock\n" in b["postfix/main.cf.mailstate"]
+    assert 'bind_socket = "/srv/postfix-queue/filters/rspamd.sock mode=0660' in b["rspamd/local.d/worker-proxy.inc"]
+    assert json.loads(b["bundle.json"])["rspamd"]["milter_dir"] == "/srv/postfix-queue/filters"
+    tcp = bundle(spam_milter="inet:127.0.0.1:11332")
+    assert "\nsmtpd_milters = inet:127.0.0.1:11332\n" in tcp["postfix/main.cf.mailstate"]
+    assert 'bind_socket = "127.0.0.1:11332";' in tcp["rspamd/local.d/worker-proxy.inc"]
+    assert "milter_dir" not in json.loads(tcp["bundle.json"])["rspamd"]  # nothing for install to make
+
+
 def test_a_bundle_without_the_spam_milter_ships_no_rspamd() -> None:
     b = bundle(spam_milter="")
     assert not [f for f in b if f.startswith("rspamd/")] and "junk.sieve" not in b
@@ -498,7 +510,11 @@ def test_a_bundle_without_the_spam_milter_ships_no_rspamd() -> None:
     [
         {"spam_milter": "inet:10.0.0.5:11332"},  # rspamd listens on loopback only
         {"spam_milter": "inet:127.0.0.1:11332 -o x=y"},
-        {"spam_milter": "unix:/run/rspamd.sock"},
+        {"spam_milter": "unix:/run/rspamd.sock"},  # absolute: not under the queue directory
+        {"spam_milter": "unix:../rspamd.sock"},
+        {"spam_milter": "unix:rspamd/milter.sock mode=0666"},
+        {"spam_milter": "unix:"},
+        {"spam_milter": "rspamd/milter.sock"},
         {"spam_milter": "inet:127.0.0.1:99999"},
         {"spam_controller": "0.0.0.0:11334"},
     ],

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import email
+import grp
+import pwd
 import smtplib
+import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +59,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         rs = Rspamd(tmp / "rspamd", dns=knot.address)
         try:
             with running_mailnode(spam_milter=rs.milter, spam_controller=rs.controller) as node:
-                rs.use_spam_dir(node.root / "spam")
+                rs.use_node(node)
                 rs.start()
                 server = LiveServer(tmp / "srv")
                 server.cli(
@@ -124,6 +128,13 @@ def spam_filter(w: World) -> dict[str, object]:
 
 
 def test_a_clean_message_reaches_inbox_with_authentication_results(world: World) -> None:
+    # the bundle's milter: a UNIX socket in Postfix's queue, 0660, group postfix (its directory's setgid)
+    conf = subprocess.run(["postconf", "-c", str(world.node.postfix_dir), "-h", "smtpd_milters"], capture_output=True)
+    assert conf.stdout.decode().strip() == "unix:rspamd/milter.sock"
+    assert world.rspamd.socket == world.node.workdir / "postfix" / "queue" / "rspamd" / "milter.sock"
+    st = world.rspamd.socket.stat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+    assert (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name) == ("_rspamd", "postfix")
     code, reply = send_from_outside(world.node, "Lunch on Friday", "Shall we meet at noon?")
     assert code == 250, reply
     raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Lunch on Friday", timeout=60)

@@ -65,6 +65,7 @@ import pytest
 from mailstate.compiler.node_bundle import (
     LEARN_PROGRAM,
     NODE_TEMPLATES,
+    SPAM_MILTER_DIR_MODE,
     BundleOptions,
     build_pi_pull,
     dovecot_snippet,
@@ -73,6 +74,7 @@ from mailstate.compiler.node_bundle import (
     postfix_snippet,
     render_node_bundle,
     rspamd_learn_program,
+    spam_milter_socket,
 )
 from mailstate.compiler.postscreen import DEFAULT_DNSBL_SITES
 from tests.helpers.smtpsink import Received, SmtpSink
@@ -347,6 +349,15 @@ class MailNode:
 
     # ---- lifecycle
 
+    def _make_milter_dir(self) -> None:
+        """The directory of rspamd's milter socket in the queue, as `pi_pull.py install` makes it."""
+        path = self.spam_milter and spam_milter_socket(self.spam_milter, str(self.workdir / "postfix" / "queue"))
+        if path:
+            where = Path(path).parent
+            where.mkdir(parents=True)
+            os.chown(where, pwd.getpwnam("_rspamd").pw_uid, grp.getgrnam("postfix").gr_gid)
+            os.chmod(where, SPAM_MILTER_DIR_MODE)
+
     def configure(self) -> None:
         w = self.workdir
         (w / "postfix" / "queue").mkdir(parents=True)
@@ -362,6 +373,7 @@ class MailNode:
         # Dovecot creates the SASL socket in Postfix's queue before Postfix first starts.
         (w / "postfix" / "queue" / "private").mkdir(mode=0o700)
         os.chown(w / "postfix" / "queue" / "private", pf.pw_uid, pf.pw_gid)
+        self._make_milter_dir()
         make_self_signed_cert(self.tls_cert, self.tls_key)
         relay = f"[127.0.0.1]:{self.sink.port}" if self.sink else ""
 

@@ -1,7 +1,10 @@
 """A real rspamd for tests, configured with the bundle's ``local.d`` files (the node's defaults).
 
-    with Rspamd(workdir, dns=knot.address) as rs:
-        rs.milter        # "inet:127.0.0.1:PORT": Postfix's smtpd_milters (running_mailnode(spam_milter=...))
+    rs = Rspamd(workdir, dns=knot.address)
+    with running_mailnode(spam_milter=rs.milter, spam_controller=rs.controller) as node:
+        rs.use_node(node)  # the milter socket in node's queue directory, its policies from node's root
+        rs.start()
+        rs.milter        # the bundle's "unix:rspamd/milter.sock": Postfix's smtpd_milters
         rs.controller    # "127.0.0.1:PORT": `rspamc -h` (stat, learn)
         rs.stop()        # the filter is down: port 25 tempfails
 
@@ -21,6 +24,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,8 +32,8 @@ from types import TracebackType
 
 import pytest
 
-from mailstate.compiler.node_bundle import rspamd_snippets
-from tests.helpers.mailnode import free_ports, make_public_tmpdir
+from mailstate.compiler.node_bundle import SPAM_MILTER, rspamd_snippets, spam_milter_socket
+from tests.helpers.mailnode import MailNode, free_ports, make_public_tmpdir
 
 # The first start compiles rspamd's regexps (hyperscan) and its TLD list: a minute on a busy machine.
 START_TIMEOUT = 180.0
@@ -45,14 +49,17 @@ def require_rspamd() -> None:
 
 
 class Rspamd:
-    """One rspamd (proxy worker as the milter, controller) on free loopback ports."""
+    """One rspamd: the proxy worker as the milter on the bundle's UNIX socket in a node's Postfix
+    queue directory (``use_node``), the controller on a free loopback port."""
 
     def __init__(self, workdir: Path, dns: str) -> None:
         require_rspamd()
         self.w = workdir
         self.dns = dns
         milter_port, controller_port = free_ports(2)
-        self.milter = f"inet:127.0.0.1:{milter_port}"
+        self.milter = SPAM_MILTER
+        self.socket: Path | None = None  # where the milter socket is (use_node)
+        self.tcp_milter = ""  # add_milter_tcp
         self.controller = f"127.0.0.1:{controller_port}"
         self.milter_port, self.controller_port = milter_port, controller_port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +70,6 @@ class Rspamd:
         # reachable by that user: pytest's own temp dirs are root's alone.
         self.db = make_public_tmpdir("rspamd-db-")
         atexit.register(shutil.rmtree, self.db, True)
-        self.write_local_d(rspamd_snippets(self.milter, self.controller))
         (self.conf / "override.d" / "options.inc").write_text(
             f'dns {{\n  nameserver = ["{dns}"];\n  timeout = 0.5s;\n  retransmits = 1;\n}}\n'
         )
@@ -74,14 +80,25 @@ class Rspamd:
         for path in (self.db, self.w / "run", self.w / "log"):
             os.chown(path, user.pw_uid, user.pw_gid)
 
-    def use_spam_dir(self, spam_dir: Path) -> None:
-        """Read the state's policies where the node's pi-pull writes them (``<root>/spam``), as a node does."""
-        self.write_local_d(rspamd_snippets(self.milter, self.controller, spam_dir=str(spam_dir)))
+    def use_node(self, node: MailNode) -> None:
+        """Be ``node``'s milter, as on a node: the socket in its Postfix queue directory (which
+        running_mailnode made as install does) and the policies its pi-pull writes (``<root>/spam``)."""
+        queue = node.workdir / "postfix" / "queue"
+        self.socket = Path(spam_milter_socket(self.milter, str(queue)) or "")
+        self.write_local_d(rspamd_snippets(self.milter, self.controller, spam_dir=str(node.root / "spam"), postfix_queue_dir=str(queue)))  # fmt: skip
 
-    def add_milter_socket(self, path: Path) -> None:
-        """Also listen as the milter on the UNIX socket ``path`` (before ``start``; after ``use_spam_dir``)."""
+    def add_milter_tcp(self) -> str:
+        """Also listen as the milter on loopback TCP (before ``start``; after ``use_node``): Postfix's address."""
         proxy = self.conf / "local.d" / "worker-proxy.inc"
-        proxy.write_text(proxy.read_text() + f'bind_socket = "{path} mode=0666";\n')
+        proxy.write_text(proxy.read_text() + f'bind_socket = "127.0.0.1:{self.milter_port}";\n')
+        self.tcp_milter = f"inet:127.0.0.1:{self.milter_port}"
+        return self.tcp_milter
+
+    def milter_up(self) -> bool:
+        """The milter accepts connections (its socket, and its TCP port if any)."""
+        if self.socket is None or not _unix_listening(self.socket):
+            return False
+        return not self.tcp_milter or _listening(self.milter_port)
 
     @property
     def reload_command(self) -> str:
@@ -94,7 +111,7 @@ class Rspamd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stat = self.stat()
-            if stat is not None and stat.get("config_id") != config_id and _listening(self.milter_port):
+            if stat is not None and stat.get("config_id") != config_id and self.milter_up():
                 return
             time.sleep(0.3)
         raise RuntimeError(f"rspamd did not reload in {timeout:.0f}s: {self.log()[-3000:]}")
@@ -113,6 +130,8 @@ class Rspamd:
         ]
 
     def start(self) -> None:
+        if self.socket is None:
+            raise RuntimeError("Rspamd.use_node(node) first: the milter socket lives in the node's queue directory")
         log = (self.w / "rspamd.out").open("ab")
         self.proc = subprocess.Popen(
             ["rspamd", "-f", "-u", "_rspamd", "-g", "_rspamd", "-c", "/etc/rspamd/rspamd.conf", *self.vars],
@@ -124,7 +143,7 @@ class Rspamd:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"rspamd exited: {self.log()[-3000:]}")
-            if self.stat() is not None and _listening(self.milter_port):
+            if self.stat() is not None and self.milter_up():
                 return
             time.sleep(0.5)
         raise RuntimeError(f"rspamd did not come up in {START_TIMEOUT:.0f}s: {self.log()[-3000:]}")
@@ -139,7 +158,7 @@ class Rspamd:
                 self.proc.wait()
         self.proc = None
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _listening(self.milter_port):
+        while time.monotonic() < deadline and (self.milter_up() or _listening(self.milter_port)):
             time.sleep(0.1)
 
     def rspamc(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -173,8 +192,12 @@ class Rspamd:
 
 
 def _listening(port: int) -> bool:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _unix_listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        return s.connect_ex(str(path)) == 0

@@ -15,7 +15,9 @@ import hashlib
 import importlib
 import json
 import os
+import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -88,6 +90,11 @@ class Host:
         return self.w / "etc" / "rspamd"
 
     @property
+    def queue(self) -> Path:
+        """Postfix's queue directory as the bundle names it (rspamd's milter socket goes under it)."""
+        return self.w / "spool" / "postfix"
+
+    @property
     def systemd(self) -> Path:
         return self.w / "etc" / "systemd" / "system"
 
@@ -127,6 +134,7 @@ class Host:
             "allowed_signers": SIGNERS,
             "root": str(self.root),
             "mail_root": str(self.mail_root),
+            "postfix_queue_dir": str(self.queue),
             "mail_uid": MAIL_UID,
             "mail_gid": MAIL_GID,
             "postmap": f"postmap -c {self.postfix}",
@@ -303,9 +311,14 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     assert os.listdir(host.root / "current" / "dovecot" / "passwd.d") == []
     assert conf["virtual_transport"] == "lmtp:inet:127.0.0.1:24"
     # port 25 goes through rspamd (tempfail while it is down); the submission services have their own milter
-    assert conf["smtpd_milters"] == "inet:127.0.0.1:11332" and conf["milter_default_action"] == "tempfail"
+    assert conf["smtpd_milters"] == "unix:rspamd/milter.sock" and conf["milter_default_action"] == "tempfail"
     assert "checked: rspamadm configtest accepts" in r.stdout
-    assert 'bind_socket = "127.0.0.1:11332";' in (host.rspamd / "local.d" / "worker-proxy.inc").read_text()
+    sock = f"{host.queue}/rspamd/milter.sock mode=0660 owner=_rspamd group=postfix"
+    assert f'bind_socket = "{sock}";' in (host.rspamd / "local.d" / "worker-proxy.inc").read_text()
+    # the socket's directory: rspamd's, group postfix, setgid (the socket rspamd makes gets group postfix)
+    st = (host.queue / "rspamd").stat()
+    assert (st.st_uid, st.st_gid) == (pwd.getpwnam("_rspamd").pw_uid, grp.getgrnam("postfix").gr_gid)
+    assert stat.S_IMODE(st.st_mode) == 0o2750
     assert conf["compatibility_level"] == "3.6"
     # master.cf: Postfix's own dist plus the bundle's submission entries (587, 465)
     master = (host.postfix / "master.cf").read_bytes()
@@ -357,12 +370,16 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
     assert "already installed: nothing changed" in again.stdout
     assert host.tree() == installed
 
-    # uninstall: everything back byte for byte; the mail root stays
+    # uninstall: everything back byte for byte; the mail root stays; rspamd's socket goes with its directory
+    with socket.socket(socket.AF_UNIX) as milter:
+        milter.bind(str(host.queue / "rspamd" / "milter.sock"))
     u = host.uninstall()
     assert u.returncode == EXIT_OK, u.stdout + u.stderr
+    assert f"remove rspamd's milter socket {host.queue}/rspamd/milter.sock" in u.stdout
     assert f"kept the mail root {host.mail_root}" in u.stdout
     assert host.tree(skip=[host.w / "var"]) == {k: v for k, v in original.items() if not k.startswith("var")}
     assert host.mail_root.is_dir()
+    assert not (host.w / "spool").exists()  # the milter socket's directory (and its parents install made)
     assert "not installed" in host.uninstall().stdout
     _no_key(r, again, u)
 
