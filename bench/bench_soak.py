@@ -9,7 +9,9 @@ each sending soft remove-user / restore-user calls (every call one signed commit
 they are answered. The writes go in chunks of `--chunk`; after each chunk the server's RSS is
 read, and the table shows it against the RSS after the first chunk (the warm-up: caches,
 interned strings, the first pack). Target (issue "fast under load"): RSS after all writes
-<= 1.2x RSS after the first 1k.
+<= 1.2x RSS after the first 1k. Each sample also splits the RSS into RssAnon (the process's own
+memory: what a leak grows) and RssFile (mapped file pages: libraries, and the pack windows
+libgit2 maps, capped by GitRepo; page cache the kernel can take back), each with its own ratio.
 
 Default: `mailstate serve` in a subprocess, RSS from /proc. `--trace`: the same app (create_app,
 uvicorn) in a thread of this process with tracemalloc on, so the report also lists the source
