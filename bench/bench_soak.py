@@ -9,7 +9,9 @@ each sending soft remove-user / restore-user calls (every call one signed commit
 they are answered. The writes go in chunks of `--chunk`; after each chunk the server's RSS is
 read, and the table shows it against the RSS after the first chunk (the warm-up: caches,
 interned strings, the first pack). Target (issue "fast under load"): RSS after all writes
-<= 1.2x RSS after the first 1k.
+<= 1.2x RSS after the first 1k. Each sample also splits the RSS into RssAnon (the process's own
+memory: what a leak grows) and RssFile (mapped file pages: libraries, and the pack windows
+libgit2 maps, capped by GitRepo; page cache the kernel can take back), each with its own ratio.
 
 Default: `mailstate serve` in a subprocess, RSS from /proc. `--trace`: the same app (create_app,
 uvicorn) in a thread of this process with tracemalloc on, so the report also lists the source
@@ -54,6 +56,8 @@ TOP = 12  # source lines shown by --trace
 class Sample:
     writes: int
     rss_mb: float
+    anon_mb: float
+    file_mb: float
     seconds: float
     errors: int
 
@@ -84,6 +88,17 @@ class InProcessServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+def rss_split_mb(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile) of `pid` in MB: the process's own memory, and the file pages it maps
+    (pack files, libraries); file pages are page cache the kernel can take back."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields.get("RssAnon", float("nan")), fields.get("RssFile", float("nan"))
 
 
 def chunk(port: int, token: str, work: Path, targets: Path, writers: int, count: int) -> tuple[int, int]:
@@ -117,8 +132,13 @@ def soak(args: argparse.Namespace, root: Path, work: Path, token: str, targets: 
             total += done
             if args.trace:
                 gc.collect()
-            samples.append(Sample(total, proc_rss_mb(pid), time.perf_counter() - t0, errors))
-            print(f"  {total:>7} writes  RSS {samples[-1].rss_mb:7.1f} MB  ({errors} non-2xx)", flush=True)
+            anon, file = rss_split_mb(pid)
+            samples.append(Sample(total, proc_rss_mb(pid), anon, file, time.perf_counter() - t0, errors))
+            print(
+                f"  {total:>7} writes  RSS {samples[-1].rss_mb:7.1f} MB  (anon {anon:6.1f}, file {file:6.1f})"
+                f"  ({errors} non-2xx)",
+                flush=True,
+            )
             if args.trace and first is None:
                 first = tracemalloc.take_snapshot()
         cpu = proc_cpu_s(pid) - cpu0
@@ -131,6 +151,8 @@ def soak(args: argparse.Namespace, root: Path, work: Path, token: str, targets: 
         "rss_first_chunk_mb": round(base, 1),
         "rss_end_mb": round(samples[-1].rss_mb, 1),
         "rss_ratio": round(samples[-1].rss_mb / base, 3),
+        "anon_ratio": round(samples[-1].anon_mb / samples[0].anon_mb, 3),
+        "file_ratio": round(samples[-1].file_mb / samples[0].file_mb, 3),
         "writes_per_s": round(total / samples[-1].seconds, 1),
         "server_cpu_ms_per_write": round(cpu / total * 1000, 2),
     }
@@ -138,6 +160,10 @@ def soak(args: argparse.Namespace, root: Path, work: Path, token: str, targets: 
         f"\nRSS after {total} writes / after the first {samples[0].writes}: {samples[-1].rss_mb:.1f} / {base:.1f} MB "
         f"= {figures['rss_ratio']}x (target <= 1.2); {figures['writes_per_s']} writes/s, "
         f"{figures['server_cpu_ms_per_write']} ms of server CPU per write"
+    )
+    print(
+        f"  of which anon {samples[-1].anon_mb:.1f} / {samples[0].anon_mb:.1f} MB = {figures['anon_ratio']}x, "
+        f"file-backed {samples[-1].file_mb:.1f} / {samples[0].file_mb:.1f} MB = {figures['file_ratio']}x"
     )
     if first is not None and last is not None:
         figures["growth"] = growth(first, last)

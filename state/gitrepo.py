@@ -109,10 +109,23 @@ def _retry_write(fn: Callable[..., _T], *args: Any) -> _T:
 OBJECT_CACHE_BYTES = 8 * 1024 * 1024
 
 
+# libgit2 maps pack files into memory in windows of up to 1 GB and keeps them mapped up to 8 GB
+# (its 64-bit defaults), so a server's RSS carried every pack page it had read since the last
+# renewal of its object database. Smaller windows and a cap make libgit2 unmap the least
+# recently used windows: a read from a cold window costs one mmap of a page-cached file.
+PACK_WINDOW_BYTES = 4 * 1024 * 1024
+PACK_MAPPED_LIMIT_BYTES = 32 * 1024 * 1024
+
+
 def bound_object_cache() -> None:
-    """Cap libgit2's object cache at OBJECT_CACHE_BYTES (never raise a lower cap)."""
+    """Cap libgit2's object cache at OBJECT_CACHE_BYTES and its pack mappings at
+    PACK_MAPPED_LIMIT_BYTES (never raise a lower cap)."""
     if pygit2.settings.cached_memory[1] > OBJECT_CACHE_BYTES:
         pygit2.settings.cache_max_size(OBJECT_CACHE_BYTES)
+    if pygit2.settings.mwindow_size > PACK_WINDOW_BYTES:
+        pygit2.settings.mwindow_size = PACK_WINDOW_BYTES
+    if pygit2.settings.mwindow_mapped_limit > PACK_MAPPED_LIMIT_BYTES:
+        pygit2.settings.mwindow_mapped_limit = PACK_MAPPED_LIMIT_BYTES
 
 
 # Tree builders kept for the next write (GitRepo._take_builder): the ~6 trees a write rewrites

@@ -35,6 +35,8 @@ Upstream mode's fetch and push are state/upstream_sync.py's; the adopt rule stay
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import random
 import re
@@ -191,6 +193,29 @@ class _Group:
     commits: list[Committed] = field(default_factory=list)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Give the free pages of the C heap back to the kernel (glibc's malloc_trim); False where
+    the C library has none.
+
+    Writes run in many threads, and glibc keeps what a thread's arena freed for that arena: a
+    server's anonymous memory crept up with its writes though Python's own objects did not
+    (tracemalloc, bench/bench_soak.py), until the trim gave the free pages back."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class Store:
     """The state repo plus its in-memory snapshot; thread-safe, writes serialised."""
 
@@ -272,6 +297,7 @@ class Store:
         else:
             self._snapshot = self._first_check(head)
         self._flushes_at_gc = 0
+        self.heap_releases = 0  # times _housekeeping gave the C heap's free pages back
         self._gc_every = gc_every
         self._gc: subprocess.Popen[bytes] | None = None
         with self._lock:
@@ -612,12 +638,14 @@ class Store:
         """Every `gc_every` flushes (a pack each: one per group of writes), roll the small packs
         up in the background: `git repack --geometric=2` merges packs until each is at least
         twice the next smaller one, so there are few packs to look through and the big ones
-        are left as they are."""
+        are left as they are. The C heap's free pages go back to the kernel at the same pace."""
         flushes = self.git.flushes
         every = self._gc_every if self._gc_every is not None else GC_EVERY if self._background else GC_EVERY_LIBRARY
         if every <= 0 or flushes - self._flushes_at_gc < every or (self._gc is not None and self._gc.poll() is None):
             return
         self._flushes_at_gc = flushes
+        if release_free_heap():
+            self.heap_releases += 1
         try:
             # gc --auto then packs what others left loose, once there is much of it.
             self._gc = subprocess.Popen(

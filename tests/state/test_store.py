@@ -494,3 +494,45 @@ def test_the_packs_of_the_writes_get_rolled_up_in_the_background(data_dir: DataD
     assert packs() < first + 3  # the third write's pack started the roll-up
     git_out(data_dir.repo, "fsck", "--strict", "--no-dangling")
     assert store.execute("list-domains", ADMIN).result["domains"][0]["domain"] == "d0.example"
+
+
+def _rss_anon_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_release_free_heap_gives_the_c_heaps_free_pages_back() -> None:
+    """What a thread freed between blocks that live on stays in the process until it is trimmed."""
+    from mailstate.state.store import release_free_heap
+
+    kept: list[bytes] = []
+
+    def work(size: int) -> None:
+        blocks = [b"x" * size for _ in range(80_000)]  # 80 MB of malloc'd blocks (over pymalloc's 512 B)
+        kept.extend(blocks[::64])  # one block in 64 lives on: free() alone cannot shrink the heap
+
+    thread = threading.Thread(target=work, args=(1000,))
+    thread.start()
+    thread.join()
+    before = _rss_anon_mb()
+    assert release_free_heap()
+    after = _rss_anon_mb()
+    assert before - after >= 40, (before, after)
+    assert len(kept) == 1250
+
+
+@pytest.mark.e2e
+def test_a_store_gives_free_heap_back_with_each_roll_up(data_dir: DataDir) -> None:
+    from mailstate.state.signing import Ed25519Signer
+    from mailstate.state.store import Store
+
+    store = Store(data_dir.repo, Ed25519Signer(data_dir.key), gc_every=2)
+    start, flushes = store.heap_releases, store.git.flushes
+    for i in range(6):
+        store.execute("add-domain", ADMIN, {"domain": f"d{i}.example"})
+        if store._gc is not None:
+            store._gc.wait()  # the roll-up is over before the next write: none is skipped
+    assert store.git.flushes - flushes >= 6  # a flush (a pack) a write
+    assert store.heap_releases - start >= 3  # one with each roll-up, every second flush

@@ -132,6 +132,16 @@ def test_a_store_caps_libgit2s_object_cache(data_dir: DataDir) -> None:
     assert pygit2.settings.cached_memory[1] == gitrepo.OBJECT_CACHE_BYTES
 
 
+def test_a_store_caps_libgit2s_pack_mappings(data_dir: DataDir) -> None:
+    # libgit2's 64-bit defaults map packs in 1 GB windows and keep up to 8 GB mapped: a server's
+    # RSS carried every pack page it had read (bench/bench_soak.py, RssFile).
+    pygit2.settings.mwindow_size = 1024 * 1024 * 1024
+    pygit2.settings.mwindow_mapped_limit = 8 * 1024 * 1024 * 1024
+    _store(data_dir)
+    assert pygit2.settings.mwindow_size == gitrepo.PACK_WINDOW_BYTES
+    assert pygit2.settings.mwindow_mapped_limit == gitrepo.PACK_MAPPED_LIMIT_BYTES
+
+
 def _queue_writes(
     store: Store, writes: list[tuple[str, dict[str, str]]], answered: Callable[[str], None] | None = None
 ) -> list[object]:
