@@ -288,7 +288,10 @@ def _endpoint(op: Operation) -> Any:
         request_id = clean_request_id(request.headers.get("x-request-id"))
         started = time.perf_counter()
         try:
-            outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
+            if op.inline:
+                outcome = services.store.execute(op.name, actor, data, request_id=request_id)
+            else:
+                outcome = await run_in_threadpool(services.store.execute, op.name, actor, data, request_id=request_id)
         except Exception as exc:
             if op.write and services.metrics is not None:
                 services.metrics.observe(op.name, started, error=exc)

@@ -102,6 +102,11 @@ class Operation:
     public: bool = False
     # Changes the server's local database, not the state repo (webhooks): no commit, not read-only.
     local: bool = False
+    # A listing answered from the published snapshot and the local database alone, in bounded
+    # time (one page): the HTTP edge runs it on its event loop. A worker thread would cost the
+    # read two thread hops, each a wait for the GIL behind the writers, and a free thread, which
+    # queued writers can all hold.
+    inline: bool = False
 
     @property
     def tool_name(self) -> str:
@@ -1450,6 +1455,7 @@ _SPEC = [
         list_domains,
         method="GET",
         write=False,
+        inline=True,
         summary="List all email-enabled domains for your project, with mailbox counts.",
     ),
     Operation(
@@ -1484,6 +1490,7 @@ _SPEC = [
         list_users,
         method="GET",
         write=False,
+        inline=True,
         summary="List all mailboxes on your project's email-enabled domains, optionally for one domain.",
     ),
     Operation(
@@ -1514,6 +1521,7 @@ _SPEC = [
         method="GET",
         admin=True,
         write=False,
+        inline=True,
         summary="[Admin] List all registered Pi sync nodes with last sync status.",
     ),
     Operation(
@@ -1581,6 +1589,7 @@ _ALIASES = [
         list_aliases,
         method="GET",
         write=False,
+        inline=True,
         summary="List the aliases and catch-alls of your project's email-enabled domains, optionally for one domain.",
     ),
     Operation(
@@ -1689,6 +1698,7 @@ _OWNERS = [
         list_filters,
         method="GET",
         write=False,
+        inline=True,
         summary="List a mailbox's filter rules, in the order they run.",
     ),
     Operation(
@@ -1704,6 +1714,7 @@ _OWNERS = [
         list_app_passwords,
         method="GET",
         write=False,
+        inline=True,
         summary="List a mailbox's app passwords (never the passwords): scopes, when made, when last used.",
     ),
     Operation(
@@ -1728,6 +1739,7 @@ _CONTROLS = [
         list_limits,
         method="GET",
         write=False,
+        inline=True,
         summary="List the plan limits of your project and its domains, each with what it uses now.",
     ),
     Operation("set-quota", m.SetQuotaRequest, set_quota, summary="Change the quota of an active mailbox."),
@@ -1751,6 +1763,7 @@ _CONTROLS = [
         list_sender_rules,
         method="GET",
         write=False,
+        inline=True,
         summary="List the allow and block rules of your domains and mailboxes.",
     ),
     Operation(
@@ -1765,6 +1778,7 @@ _CONTROLS = [
         list_spam_policy,
         method="GET",
         write=False,
+        inline=True,
         summary="List the default spam policy and the domains' and mailboxes' own, each with the policy that applies.",
     ),
     Operation(
@@ -1793,6 +1807,7 @@ _CONTROLS = [
         list_webhooks,
         method="GET",
         write=False,
+        inline=True,
         summary="List your webhooks and how their deliveries fare (never their secrets).",
     ),
     Operation(

@@ -980,9 +980,7 @@ class Installer:
         if isinstance(self.m.get("opendkim"), dict):
             self.service_running("opendkim")
         if self.filters_spam:
-            self.service_running(
-                "rspamd"
-            )  # port 25's milter: Postfix tempfails mail while it is down  # the milter of the submission services (milter_default_action=tempfail)
+            self.service_running("rspamd")  # port 25's milter: Postfix tempfails mail while it is down
 
     def policy_running(self) -> None:
         """The outbound policy service (a bundle that ships it) runs before Postfix asks it: the

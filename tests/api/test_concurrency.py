@@ -3,6 +3,7 @@ commit each), and bcrypt runs off the event loop, so reads are answered while ha
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
 from collections.abc import Iterator
@@ -123,3 +124,36 @@ def test_reads_are_answered_while_bcrypt_runs(tmp_path_factory: pytest.TempPathF
         assert srv.commit_count() == before + 10
         with srv.client(token) as c:
             assert len(c.get(f"{API}/list-users").json()["users"]) == 10
+
+
+def test_a_listing_is_answered_while_queued_writes_hold_every_worker_thread(srv: LiveServer) -> None:
+    """More writes than the server has worker threads (40), all stuck behind the branch's lock
+    (this test holds the flock a write takes to move main): a listing is still answered at once,
+    since listings run on the event loop (Operation.inline), not in a worker thread a queued
+    write holds. Then the lock goes and every write lands."""
+    token = srv.create_token(project=11, name="crowd")
+    setup_domains(srv, token, ["crowd.example"], 11)
+    before = srv.commit_count()
+    writers = 48
+    with open(srv.data.repo / "mailstate.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with ThreadPoolExecutor(writers) as pool:
+
+            def add(i: int) -> int:
+                with srv.client(token, timeout=120) as c:
+                    return c.post(
+                        f"{API}/add-user", json={"email": f"c{i}@crowd.example", "password": PASSWORD}
+                    ).status_code
+
+            writes = [pool.submit(add, i) for i in range(writers)]
+            time.sleep(2)  # every write reaches the server and takes (or waits for) a thread
+            try:
+                with srv.client(token, timeout=5) as c:
+                    listed = c.get(f"{API}/list-domains")
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
+            assert listed.status_code == 200, listed.text
+            assert [d["domain"] for d in listed.json()["domains"]] == ["crowd.example"]
+            assert not any(w.done() for w in writes)  # the lock held them all
+            assert [w.result() for w in writes] == [201] * writers
+    assert srv.commit_count() == before + writers

@@ -165,7 +165,8 @@ class LiveServer:
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
+        kwargs.setdefault("timeout", 30.0)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def git(self, *args: str) -> str:
         return subprocess.run(
