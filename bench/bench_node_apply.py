@@ -211,6 +211,29 @@ def run_apply(
     return out
 
 
+def count_files(root: Path) -> int:
+    """Regular files under ``root``, the mirror left out."""
+    return sum(len(files) for folder, _, files in os.walk(root) if "mirror.git" not in Path(folder).parts)
+
+
+def file_creation_baseline(where: Path, files: int) -> tuple[float, float]:
+    """Create ``files`` small files (500 a folder; open, write, fchmod, close, as the apply's
+    helper does) in a bare loop on the same file system: (wall s, kernel CPU s). What the disk
+    alone charges for a first apply's files, measured in the same run."""
+    where.mkdir()
+    t, before = time.perf_counter(), os.times()
+    for i in range(files):
+        folder = where / f"d{i // 500}"
+        if i % 500 == 0:
+            folder.mkdir()
+        fd = os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x" * 200)
+        os.fchmod(fd, 0o640)
+        os.close(fd)
+    wall, after = time.perf_counter() - t, os.times()
+    return wall, after.system - before.system
+
+
 def du(path: Path) -> int:
     r = subprocess.run(["du", "-sb", "--exclude=mirror.git", str(path)], capture_output=True, text=True)
     return int(r.stdout.split()[0]) if r.returncode == 0 else 0
@@ -303,12 +326,19 @@ def main() -> int:
                     f"{p90([a['wall'] for a in applies]) * 1000:>6.0f} ms{p50([a['inproc'] for a in applies]) * 1000:>10.0f} ms"
                     f"{ratio:>7.2f}x{p50([a['imports'] for a in applies]) * 1000:>6.0f} ms{disk / 1e6:>7.0f} MB"
                 )
+            files = count_files(tmp / f"node-{size}-{rows[-1][0]}")
+            wall, kernel = file_creation_baseline(tmp / f"files-{size}", files)
+            print(
+                f"baseline: creating the {files} files of one release in a bare loop: {wall:.2f} s "
+                f"({kernel:.2f} s kernel CPU, {wall / max(files, 1) * 1e6:.0f} us a file)"
+            )
             sys.stdout.flush()
             if not args.keep:
                 # Only now: on this ext4, creating inodes right after deleting many is several times
                 # slower (the kernel's recently-deleted inode scan), which would penalise later variants.
                 for variant in args.variants.split(","):
                     shutil.rmtree(tmp / f"node-{size}-{variant}", ignore_errors=True)
+                shutil.rmtree(tmp / f"files-{size}", ignore_errors=True)
                 shutil.rmtree(repo, ignore_errors=True)
     finally:
         if not args.keep:
