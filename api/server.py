@@ -45,7 +45,7 @@ from mailstate.state.events import SUSPENDED_PREFIX, CommitEvents, NodeEvents, R
 from mailstate.state.localdb import LocalDB
 from mailstate.state.models import Settings, invalid_input_from
 from mailstate.state.nodes import NodeReport
-from mailstate.state.store import Store
+from mailstate.state.store import Store, limit_heap_arenas
 from mailstate.state.webhooks import Webhooks
 
 log = logging.getLogger("mailstate.server")
@@ -464,6 +464,7 @@ def serve(
             "mailstate: --bcrypt-cost only applies when initialising; the data dir's mailstate.yaml decides.",
             file=sys.stderr,
         )
+    limit_heap_arenas()
     db = LocalDB(dd.db)
     store = open_store(dd.root, db=db, upstream=upstream)
     app = create_app(dd.root, db=db, store=store, host=host, port=port)

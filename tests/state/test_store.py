@@ -7,6 +7,7 @@ read the repo back from disk.
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -536,3 +537,36 @@ def test_a_store_gives_free_heap_back_with_each_roll_up(data_dir: DataDir) -> No
             store._gc.wait()  # the roll-up is over before the next write: none is skipped
     assert store.git.flushes - flushes >= 6  # a flush (a pack) a write
     assert store.heap_releases - start >= 3  # one with each roll-up, every second flush
+
+
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+from mailstate.state.store import limit_heap_arenas
+if sys.argv[1] == "limit":
+    assert limit_heap_arenas(2)
+start = threading.Barrier(8)
+done = threading.Barrier(8)
+def work():
+    start.wait()  # all eight allocate at once: glibc gives a contended thread its own arena
+    blocks = [b"x" * 4096 for _ in range(2000)]
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("mode", "most"), [("limit", 2), ("default", None)])
+def test_limit_heap_arenas_keeps_the_c_heap_to_two_arenas(mode: str, most: int | None) -> None:
+    """Eight threads allocating at once get up to eight glibc arenas by default, at most two
+    once the server limited them (in a fresh process: an arena, once made, stays)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _ARENAS_SCRIPT, mode], capture_output=True, text=True, timeout=60, check=True
+    )
+    arenas = sum(1 for line in r.stderr.splitlines() if line.startswith("Arena "))
+    if most is not None:
+        assert 1 <= arenas <= most, r.stderr
+    else:
+        assert arenas > 2, r.stderr  # the same work without the limit: the test above can fail
