@@ -445,10 +445,10 @@ class GitRepo:
             kept = entries.get(name)
             current = kept[1][-20:] if kept is not None and kept[0].endswith(b"/") else None
             new = self._build(current, sub)
-            if new is None:
-                entries.pop(name, None)
-            else:
+            if new is not None:
                 entries[name] = tree_entry(name, new, folder=True)
+            elif current is not None:
+                del entries[name]  # the folder is left empty (a file of that name stays)
         if not entries:
             return None
         oid = _retry_write(self._write_loose, b"tree", tree_body(entries))
