@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,14 +57,12 @@ log = logging.getLogger("mailstate.git")
 
 
 def name_key(name: str) -> str:
-    """`name` as the one interned string of its value, for every tree lookup by name and
-    every name a kept tree's entries are filed under (GitRepo._take_entries).
+    """`name` as the one interned string of its value, for every tree lookup by name.
 
-    pygit2 (1.21 at least) keeps a reference to the str it is given by Tree.__getitem__ and
-    `in` (TreeBuilder.get and .remove too), and never drops it: a fresh string a read stays
-    alive for good, the RSS climbing by megabytes per thousand reads. Interned, every lookup
-    of a name holds the same object, so the leak stops growing; and the kept trees' entries
-    share one string per name instead of holding each write's copy.
+    pygit2 (1.21 at least) keeps a reference to the str it is given by Tree.__getitem__,
+    `in`, TreeBuilder.get and TreeBuilder.remove, and never drops it: a fresh string a write
+    stays alive for good (~11 a write, the RSS climbing by megabytes per thousand writes).
+    Interned, every lookup of a name holds the same object, so the leak stops growing.
     tests/state/test_gitrepo_trees.py checks it against the installed pygit2."""
     return sys.intern(name)
 
@@ -143,6 +142,7 @@ STAGED_ZLIB_LEVEL = 0
 # name's bytes, with a "/" after a folder's (git orders a tree's entries by it).
 TreeEntries = dict[str, tuple[bytes, bytes]]
 _FOLDER_MODES = (b"40000", b"040000")  # a tree written by an old git may carry the leading zero
+_TREE_LINE = re.compile(rb"((\d+) ([^\0]*)\0.{20})", re.DOTALL)  # (entry, mode, name)
 
 
 def tree_entry(name: str, oid: bytes, *, folder: bool) -> tuple[bytes, bytes]:
@@ -159,17 +159,15 @@ def tree_body(entries: TreeEntries) -> bytes:
 
 
 def parse_tree(body: bytes) -> TreeEntries:
-    """The entries of a tree object's content (any modes, kept as they are)."""
-    entries: TreeEntries = {}
-    pos = 0
-    while pos < len(body):
-        space = body.index(b" ", pos)
-        nul = body.index(b"\0", space)
-        raw = body[space + 1 : nul]
-        key = raw + b"/" if body[pos:space] in _FOLDER_MODES else raw
-        entries[name_key(raw.decode("utf-8", "surrogateescape"))] = (key, body[pos : nul + 21])
-        pos = nul + 21
-    return entries
+    """The entries of a tree object's content (any modes, kept as they are). ValueError when
+    the content is not a run of whole entries."""
+    lines = _TREE_LINE.findall(body)
+    if sum(len(line) for line, _, _ in lines) != len(body):
+        raise ValueError("a damaged tree")
+    return {
+        raw.decode("utf-8", "surrogateescape"): (raw + b"/" if mode in _FOLDER_MODES else raw, line)
+        for line, mode, raw in lines
+    }
 
 
 _libc_syncfs: Any = None
@@ -349,7 +347,7 @@ class GitRepo:
                 if oid is None:
                     oid = _retry_write(self._write_loose, b"tree", b"")  # the empty tree
                     self._pending.append(pygit2.Oid(raw=oid))
-            except (pygit2.GitError, OSError) as exc:
+            except (pygit2.GitError, OSError, ValueError) as exc:
                 self._trees.clear()  # some entries may be half-changed
                 raise StoreError("git could not write the tree.") from exc
         return oid.hex()
