@@ -143,3 +143,22 @@ def test_other_modes_in_a_base_tree_are_kept(tmp_path: Path) -> None:
     assert _mktree(repo, tree) == tree
     modes = {item.name: item.filemode for item in repo.repo[tree]}  # type: ignore[attr-defined]
     assert modes == {"run": 0o100755, "link": 0o120000, "sub": 0o160000, "f": 0o100644}
+
+
+def test_a_repo_with_alternates_gets_compressed_loose_objects_git_accepts(tmp_path: Path) -> None:
+    # A repo that borrows objects has no staging folder: the trees and blobs are written as
+    # loose objects in the repo, where they stay, so they are compressed as git would.
+    GitRepo.init_bare(tmp_path / "lender.git")
+    pygit2.init_repository(str(tmp_path / "r.git"), bare=True, initial_head="main")
+    (tmp_path / "r.git" / "objects" / "info" / "alternates").write_text(f"{tmp_path / 'lender.git' / 'objects'}\n")
+    repo = GitRepo(tmp_path / "r.git")
+    assert repo._stage is None
+    data = b"hello hello hello hello\n" * 40
+    tree = repo.build_tree(None, {**EDGES, "big": data})
+    repo.move_branch(_commit(repo, tree, None), None)
+    loose = repo.path / "objects" / tree[:2] / tree[2:]
+    assert zlib.decompress(loose.read_bytes()).startswith(b"tree ")
+    blob = str(repo.repo[tree]["big"].id)  # type: ignore[index]
+    assert len((repo.path / "objects" / blob[:2] / blob[2:]).read_bytes()) < len(data) / 4
+    _git(repo.path, "fsck", "--strict", "--no-dangling")
+    assert _mktree(repo, tree) == tree
