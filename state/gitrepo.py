@@ -137,37 +137,44 @@ TREES_KEPT = 128
 # are, since flush_objects compresses them into the pack a moment later.
 STAGED_ZLIB_LEVEL = 0
 
-# A tree's entries as GitRepo writes them from Python: name -> (sort key, entry). The entry is
-# the bytes the tree object holds for it, `<mode> <name>\0<20-byte id>`; the sort key is the
-# name's bytes, with a "/" after a folder's (git orders a tree's entries by it).
-TreeEntries = dict[str, tuple[bytes, bytes]]
+# A tree's entries as GitRepo writes them from Python: name -> entry, the bytes the tree object
+# holds for it (`<mode> <name>\0<20-byte id>`), kept in git's order: by the name's bytes, with a
+# "/" after a folder's. The tree's content is then the entries joined.
+TreeEntries = dict[str, bytes]
 _FOLDER_MODES = (b"40000", b"040000")  # a tree written by an old git may carry the leading zero
 _TREE_LINE = re.compile(rb"((\d+) ([^\0]*)\0.{20})", re.DOTALL)  # (entry, mode, name)
 
 
-def tree_entry(name: str, oid: bytes, *, folder: bool) -> tuple[bytes, bytes]:
-    """The (sort key, entry) of a file (mode 100644) or folder (40000) `name` naming `oid`."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if folder:
-        return raw + b"/", b"40000 " + raw + b"\0" + oid
-    return raw, b"100644 " + raw + b"\0" + oid
+def tree_entry(name: str, oid: bytes, *, folder: bool) -> bytes:
+    """The entry of a file (mode 100644) or folder (40000) `name` naming `oid`."""
+    return (b"40000 " if folder else b"100644 ") + name.encode("utf-8", "surrogateescape") + b"\0" + oid
 
 
-def tree_body(entries: TreeEntries) -> bytes:
-    """A tree object's content: its entries in git's order (what `git mktree` writes)."""
-    return b"".join([entry for _, entry in sorted(entries.values())])
+def is_folder(entry: bytes) -> bool:
+    return entry.startswith(b"40000 ") or entry.startswith(b"040000 ")
+
+
+def _order_key(entry: bytes) -> bytes:
+    """Where git puts `entry` in its tree: the name's bytes, a folder's followed by "/"."""
+    mode, _, rest = entry.partition(b" ")
+    return rest[:-21] + b"/" if mode in _FOLDER_MODES else rest[:-21]
+
+
+def in_git_order(entries: TreeEntries) -> TreeEntries:
+    """`entries` in git's order (sorted() does little work on what is nearly in order)."""
+    return dict(sorted(entries.items(), key=lambda item: _order_key(item[1])))
 
 
 def parse_tree(body: bytes) -> TreeEntries:
-    """The entries of a tree object's content (any modes, kept as they are). ValueError when
-    the content is not a run of whole entries."""
+    """The entries of a tree object's content (any modes, kept as they are), in git's order.
+    ValueError when the content is not a run of whole entries."""
     lines = _TREE_LINE.findall(body)
     if sum(len(line) for line, _, _ in lines) != len(body):
         raise ValueError("a damaged tree")
-    return {
-        raw.decode("utf-8", "surrogateescape"): (raw + b"/" if mode in _FOLDER_MODES else raw, line)
-        for line, mode, raw in lines
-    }
+    keyed = [(raw + b"/" if mode in _FOLDER_MODES else raw, raw, line) for line, mode, raw in lines]
+    if any(keyed[i][0] >= keyed[i + 1][0] for i in range(len(keyed) - 1)):
+        keyed.sort()  # git's own trees are in order; any other is written in order
+    return {raw.decode("utf-8", "surrogateescape"): line for _, raw, line in keyed}
 
 
 _libc_syncfs: Any = None
@@ -432,24 +439,30 @@ class GitRepo:
             else:
                 direct[head] = data
         entries = self._take_entries(base)
+        moved = False  # an entry added, or turned from file to folder or back: order again
         for name, data in direct.items():
             if data is None:
                 entries.pop(name, None)
             else:
                 blob = _retry_write(self._write_loose, b"blob", data)
                 self._pending.append(pygit2.Oid(raw=blob))
+                old = entries.get(name)
+                moved = moved or old is None or is_folder(old)
                 entries[name] = tree_entry(name, blob, folder=False)
         for name, sub in nested.items():
-            kept = entries.get(name)
-            current = kept[1][-20:] if kept is not None and kept[0].endswith(b"/") else None
+            old = entries.get(name)
+            current = old[-20:] if old is not None and is_folder(old) else None
             new = self._build(current, sub)
             if new is not None:
+                moved = moved or current is None
                 entries[name] = tree_entry(name, new, folder=True)
             elif current is not None:
                 del entries[name]  # the folder is left empty (a file of that name stays)
         if not entries:
             return None
-        oid = _retry_write(self._write_loose, b"tree", tree_body(entries))
+        if moved:
+            entries = in_git_order(entries)
+        oid = _retry_write(self._write_loose, b"tree", b"".join(entries.values()))
         self._pending.append(pygit2.Oid(raw=oid))
         self._keep_entries(oid, entries)
         return oid

@@ -1,4 +1,4 @@
-"""GitRepo writes trees from Python (state.gitrepo: tree_entry, tree_body, _write_loose); each
+"""GitRepo writes trees from Python (state.gitrepo: tree_entry, in_git_order, _write_loose); each
 one is exactly the tree git writes for the same entries, read back by the git CLI."""
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_a_kept_tree_and_the_tree_read_back_from_libgit2_are_the_same(tmp_path: 
         tree = repo.build_tree(head, change)
         head = _commit(repo, tree, head)
         kept = repo._trees[bytes.fromhex(tree)]
-        assert kept == parse_tree(repo.repo[tree].read_raw())
+        assert list(kept.items()) == list(parse_tree(repo.repo[tree].read_raw()).items())  # in order too
     repo.flush_objects()
     again = GitRepo(repo.path)  # keeps nothing: reads every base from the repo
     change = {"a-b": None, "\u65e5\u672c/new": b"y\n", "z\u00fc/a": None}
@@ -162,3 +162,17 @@ def test_a_repo_with_alternates_gets_compressed_loose_objects_git_accepts(tmp_pa
     assert len((repo.path / "objects" / blob[:2] / blob[2:]).read_bytes()) < len(data) / 4
     _git(repo.path, "fsck", "--strict", "--no-dangling")
     assert _mktree(repo, tree) == tree
+
+
+def test_a_base_tree_out_of_git_s_order_is_written_in_order(tmp_path: Path) -> None:
+    repo = GitRepo.init_bare(tmp_path / "r.git")
+    blob = repo._write_blob(b"1\n").raw
+    body = b"".join(b"100644 " + name + b"\0" + blob for name in (b"b", b"a0", b"a"))
+    base_tree = repo.repo.odb.write(pygit2.enums.ObjectType.TREE, body)
+    base = _commit(repo, str(base_tree), None)
+    repo.flush_objects()
+    for change, names in (({"a": b"2\n"}, ["a", "a0", "b"]), ({"a.b": b"2\n"}, ["a", "a.b", "a0", "b"])):
+        fresh = GitRepo(repo.path)  # keeps nothing: reads the base from libgit2
+        tree = fresh.build_tree(base, change)
+        assert [item.name for item in fresh.repo[tree]] == names  # type: ignore[attr-defined]
+        assert _mktree(fresh, tree) == tree
