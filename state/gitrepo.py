@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,9 +129,53 @@ def bound_object_cache() -> None:
         pygit2.settings.mwindow_mapped_limit = PACK_MAPPED_LIMIT_BYTES
 
 
-# Tree builders kept for the next write (GitRepo._take_builder): the ~6 trees a write rewrites
-# plus the buckets recent writes touched; ~100 KB each for an 800-entry bucket.
-BUILDERS_KEPT = 128
+# Trees whose entries are kept for the next write (GitRepo._take_entries): the ~6 trees a write
+# rewrites plus the buckets recent writes touched.
+TREES_KEPT = 128
+
+# zlib level of the objects in the staging folder (GitRepo._write_loose): 0 stores them as they
+# are, since flush_objects compresses them into the pack a moment later.
+STAGED_ZLIB_LEVEL = 0
+
+# A tree's entries as GitRepo writes them from Python: name -> entry, the bytes the tree object
+# holds for it (`<mode> <name>\0<20-byte id>`), kept in git's order: by the name's bytes, with a
+# "/" after a folder's. The tree's content is then the entries joined.
+TreeEntries = dict[str, bytes]
+_FOLDER_MODES = (b"40000", b"040000")  # a tree written by an old git may carry the leading zero
+_TREE_LINE = re.compile(rb"((\d+) ([^\0]*)\0.{20})", re.DOTALL)  # (entry, mode, name)
+
+
+def tree_entry(name: str, oid: bytes, *, folder: bool) -> bytes:
+    """The entry of a file (mode 100644) or folder (40000) `name` naming `oid`."""
+    return (b"40000 " if folder else b"100644 ") + name.encode("utf-8", "surrogateescape") + b"\0" + oid
+
+
+def is_folder(entry: bytes) -> bool:
+    return entry.startswith(b"40000 ") or entry.startswith(b"040000 ")
+
+
+def _order_key(entry: bytes) -> bytes:
+    """Where git puts `entry` in its tree: the name's bytes, a folder's followed by "/"."""
+    mode, _, rest = entry.partition(b" ")
+    return rest[:-21] + b"/" if mode in _FOLDER_MODES else rest[:-21]
+
+
+def in_git_order(entries: TreeEntries) -> TreeEntries:
+    """`entries` in git's order (sorted() does little work on what is nearly in order)."""
+    return dict(sorted(entries.items(), key=lambda item: _order_key(item[1])))
+
+
+def parse_tree(body: bytes) -> TreeEntries:
+    """The entries of a tree object's content (any modes, kept as they are), in git's order.
+    ValueError when the content is not a run of whole entries."""
+    lines = _TREE_LINE.findall(body)
+    if sum(len(line) for line, _, _ in lines) != len(body):
+        raise ValueError("a damaged tree")
+    keyed = [(raw + b"/" if mode in _FOLDER_MODES else raw, raw, line) for line, mode, raw in lines]
+    if any(keyed[i][0] >= keyed[i + 1][0] for i in range(len(keyed) - 1)):
+        keyed.sort()  # git's own trees are in order; any other is written in order
+    return {raw.decode("utf-8", "surrogateescape"): line for _, raw, line in keyed}
+
 
 _libc_syncfs: Any = None
 
@@ -213,9 +258,9 @@ class GitRepo:
         self.path = Path(os.path.abspath(path))
         self.durable = _durable
         self._pending: list[pygit2.Oid] = []  # objects written since the last flush_objects()
-        # tree id -> a TreeBuilder holding exactly that tree (see _take_builder), newest last.
-        self._builders: OrderedDict[str, pygit2.TreeBuilder] = OrderedDict()
-        self._builders_lock = threading.Lock()
+        # tree id -> the entries of exactly that tree (see _take_entries), newest last.
+        self._trees: OrderedDict[bytes, TreeEntries] = OrderedDict()
+        self._trees_lock = threading.Lock()
         try:
             with _libgit2_fsync() if self.durable else nullcontext():
                 self.repo = pygit2.Repository(str(self.path))
@@ -303,28 +348,38 @@ class GitRepo:
 
         A None for a folder removes the whole folder; folders left empty disappear.
         """
-        with self._builders_lock:
+        with self._trees_lock:
             try:
-                oid = self._build(self.tree(base).id if base else None, changes)
+                oid = self._build(self.tree(base).id.raw if base else None, changes)
                 if oid is None:
-                    oid = _retry_write(self.repo.TreeBuilder().write)
-                    self._pending.append(oid)
-            except (pygit2.GitError, OSError) as exc:
-                self._builders.clear()  # a builder may be half-changed
+                    oid = _retry_write(self._write_loose, b"tree", b"")  # the empty tree
+                    self._pending.append(pygit2.Oid(raw=oid))
+            except (pygit2.GitError, OSError, ValueError) as exc:
+                self._trees.clear()  # some entries may be half-changed
                 raise StoreError("git could not write the tree.") from exc
-        return str(oid)
+        return oid.hex()
 
     def _write_blob(self, data: bytes) -> pygit2.Oid:
-        """Write `data` as a loose blob from Python, the way git does (zlib, temp file, link).
+        """Write `data` as a loose blob from Python (_write_loose)."""
+        return pygit2.Oid(raw=self._write_loose(b"blob", data))
 
-        Not pygit2's create_blob: libgit2 holds the GIL through the whole write, and creating
-        the file can take milliseconds on a busy disk, so every reader of the server waited
-        for it; Python's os calls let go of the GIL. It also skips libgit2's look for an
-        existing copy, which rescans the pack folder on every miss (a new object always
-        misses); a copy that exists already is harmless, and repack drops it. Durable with
-        the rest of the write's objects (flush_objects)."""
-        raw = b"blob %d\0" % len(data) + data
-        hexsha = hashlib.sha1(raw).hexdigest()
+    def _write_loose(self, kind: bytes, data: bytes) -> bytes:
+        """Write a loose object of type `kind` the way git does (zlib, temp file, link); returns
+        its id (20 raw bytes).
+
+        Not libgit2 (create_blob, TreeBuilder.write): libgit2 holds the GIL through the whole
+        write, and creating the file can take milliseconds on a busy disk, so every reader of
+        the server waited for it; Python's os calls let go of the GIL. It also skips libgit2's
+        look for an existing copy, which rescans the pack folder on every miss (a new object
+        always misses); a copy that exists already is harmless, and repack drops it. Durable
+        with the rest of the write's objects (flush_objects).
+
+        A staged object is stored uncompressed (zlib level 0, still a valid loose object): it
+        lives until the next flush, which compresses it into the pack anyway. Written in the
+        repo (no staging folder) it stays there, compressed as git would."""
+        raw = b"%s %d\0" % (kind, len(data)) + data
+        digest = hashlib.sha1(raw).digest()
+        hexsha = digest.hex()
         folder = f"{self._stage or self.path / 'objects'}/{hexsha[:2]}"
         final = f"{folder}/{hexsha[2:]}"
         if not os.path.exists(final):
@@ -335,41 +390,45 @@ class GitRepo:
             tmp = f"{folder}/tmp_obj_{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
-                os.write(fd, zlib.compress(raw, 1))
+                os.write(fd, zlib.compress(raw, STAGED_ZLIB_LEVEL if self._stage else 1))
             finally:
                 os.close(fd)
             try:
                 os.link(tmp, final)
             except FileExistsError:
-                pass  # another writer (or process) wrote the same blob: same bytes
+                pass  # another writer (or process) wrote the same object: same bytes
             finally:
                 os.unlink(tmp)
-        return pygit2.Oid(hex=hexsha)
+        return digest
 
-    def _take_builder(self, base: pygit2.Oid | None) -> pygit2.TreeBuilder:
-        """A TreeBuilder holding tree `base`, to change and write.
+    def _take_entries(self, base: bytes | None) -> TreeEntries:
+        """The entries of tree `base` (20 raw bytes), to change and write as a new tree.
 
         The trees a write rewrites (the root, `domains/`, `domains/<bb>/` with ~800 entries at
         200k domains, the same under `rendered/`) are the next write's bases. Reading such a
-        tree back and loading it into a new builder costs ~0.3 ms a tree at 1M mailboxes, so the
-        builder that wrote a tree is kept under the tree's id and taken again; it holds exactly
-        that tree, since a builder is only ever filed under the id its last write returned.
+        tree back from libgit2 and parsing it costs far more than the write's changes, so the
+        entries that were written as a tree are kept under the tree's id and taken again; they
+        hold exactly that tree, since entries are only ever filed under the id of the tree
+        their last write made.
         """
         if base is None:
-            return self.repo.TreeBuilder()
-        kept = self._builders.pop(str(base), None)
+            return {}
+        kept = self._trees.pop(base, None)
         if kept is not None:
             return kept
-        tree = self.repo[base]
-        assert isinstance(tree, pygit2.Tree)
-        return self.repo.TreeBuilder(tree)
+        tree = self.repo[pygit2.Oid(raw=base)]
+        if not isinstance(tree, pygit2.Tree):
+            raise StoreError(f"{base.hex()} is not a tree.")
+        return parse_tree(tree.read_raw())
 
-    def _keep_builder(self, oid: pygit2.Oid, builder: pygit2.TreeBuilder) -> None:
-        self._builders[str(oid)] = builder
-        while len(self._builders) > BUILDERS_KEPT:
-            self._builders.popitem(last=False)
+    def _keep_entries(self, oid: bytes, entries: TreeEntries) -> None:
+        self._trees[oid] = entries
+        while len(self._trees) > TREES_KEPT:
+            self._trees.popitem(last=False)
 
-    def _build(self, base: pygit2.Oid | None, changes: Mapping[str, bytes | None]) -> pygit2.Oid | None:
+    def _build(self, base: bytes | None, changes: Mapping[str, bytes | None]) -> bytes | None:
+        """Write the tree `base` with `changes` (paths below it) applied; its id (20 raw bytes),
+        or None when it is left empty."""
         direct: dict[str, bytes | None] = {}
         nested: dict[str, dict[str, bytes | None]] = {}
         for path, data in changes.items():
@@ -379,29 +438,33 @@ class GitRepo:
                 nested.setdefault(head, {})[rest] = data
             else:
                 direct[head] = data
-        builder = self._take_builder(base)
+        entries = self._take_entries(base)
+        moved = False  # an entry added, or turned from file to folder or back: order again
         for name, data in direct.items():
             if data is None:
-                if builder.get(name) is not None:
-                    builder.remove(name)
+                entries.pop(name, None)
             else:
-                blob = _retry_write(self._write_blob, data)
-                self._pending.append(blob)
-                builder.insert(name, blob, pygit2.GIT_FILEMODE_BLOB)
+                blob = _retry_write(self._write_loose, b"blob", data)
+                self._pending.append(pygit2.Oid(raw=blob))
+                old = entries.get(name)
+                moved = moved or old is None or is_folder(old)
+                entries[name] = tree_entry(name, blob, folder=False)
         for name, sub in nested.items():
-            entry = builder.get(name)
-            current = entry.id if entry is not None and entry.filemode == pygit2.GIT_FILEMODE_TREE else None
+            old = entries.get(name)
+            current = old[-20:] if old is not None and is_folder(old) else None
             new = self._build(current, sub)
-            if new is None:
-                if builder.get(name) is not None:
-                    builder.remove(name)
-            else:
-                builder.insert(name, new, pygit2.GIT_FILEMODE_TREE)
-        if len(builder) == 0:
+            if new is not None:
+                moved = moved or current is None
+                entries[name] = tree_entry(name, new, folder=True)
+            elif current is not None:
+                del entries[name]  # the folder is left empty (a file of that name stays)
+        if not entries:
             return None
-        oid = _retry_write(builder.write)
-        self._pending.append(oid)
-        self._keep_builder(oid, builder)
+        if moved:
+            entries = in_git_order(entries)
+        oid = _retry_write(self._write_loose, b"tree", b"".join(entries.values()))
+        self._pending.append(pygit2.Oid(raw=oid))
+        self._keep_entries(oid, entries)
         return oid
 
     def commit(

@@ -1,6 +1,7 @@
-"""GitRepo.build_tree reuses the tree builders of earlier writes (state.gitrepo._take_builder);
+"""GitRepo.build_tree reuses the tree entries of earlier writes (state.gitrepo._take_entries);
 any sequence of changes must give the same trees as building each one from a fresh repo
-object that has kept nothing. Property-based, against real pygit2 repos."""
+object that has kept nothing, and every tree must be the one libgit2 writes for its entries.
+Property-based, against real pygit2 repos."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from mailstate.state import gitrepo
 from mailstate.state.gitrepo import GitRepo
 
 PATHS = ["a.yaml", "d/x", "d/y", "d/e/z", "r/b1/d1/f", "r/b1/d1/g", "r/b1/d2/f", "r/b2/d3/f"]
-FOLDERS = ["d", "d/e", "r/b1", "r/b1/d1", "r/b2"]
+# git sorts a folder as if its name ended in "/": "a-b", "a.b", "a/", "a0"; "a" is a file or a folder.
+PATHS += ["a", "a/x", "a.b", "a-b", "a0", "\u00e9t\u00e9", "d/\u65e5\u672c"]
+FOLDERS = ["d", "d/e", "r/b1", "r/b1/d1", "r/b2"]  # ("a": None removes a file or a folder)
 
 step = st.dictionaries(
     st.sampled_from(PATHS + FOLDERS),
@@ -61,6 +64,7 @@ def test_kept_builders_give_the_trees_a_fresh_build_gives(
                 state = {k: v for k, v in state.items() if not k.startswith(p + "/") and not p.startswith(k + "/")}
                 state[p] = data
     root = kept.tree(head)
+    _assert_libgit2_writes(kept, root)
     stack = [("", root)]
     while stack:
         base, t = stack.pop()
@@ -72,6 +76,18 @@ def test_kept_builders_give_the_trees_a_fresh_build_gives(
             else:
                 files[name] = obj.data
     assert files == state
+
+
+def _assert_libgit2_writes(repo: GitRepo, tree: pygit2.Tree) -> None:
+    """`tree` and every tree below it are byte for byte what libgit2's TreeBuilder writes for
+    their entries."""
+    builder = repo.repo.TreeBuilder()
+    for item in tree:
+        builder.insert(item.name, item.id, item.filemode)
+        sub = repo.repo[item.id]
+        if isinstance(sub, pygit2.Tree):
+            _assert_libgit2_writes(repo, sub)
+    assert builder.write() == tree.id
 
 
 def _fresh(text: str) -> str:
