@@ -53,6 +53,8 @@ _fsync_option = threading.Lock()
 STALE_LOCK_S = 10.0
 # How long a write waits for a `main.lock` another git process holds before it fails.
 REF_LOCK_WAIT_S = 2.0
+# A ref lock made before this process opened the repo and this old was left by a killed process.
+LEFT_LOCK_S = 0.5
 log = logging.getLogger("mailstate.git")
 
 
@@ -257,6 +259,7 @@ class GitRepo:
         # change meaning if the process changes directory.
         self.path = Path(os.path.abspath(path))
         self.durable = _durable
+        self.opened_at = time.time()  # a ref lock older than this was left by another process
         self._pending: list[pygit2.Oid] = []  # objects written since the last flush_objects()
         # tree id -> the entries of exactly that tree (see _take_entries), newest last.
         self._trees: OrderedDict[bytes, TreeEntries] = OrderedDict()
@@ -582,31 +585,36 @@ class GitRepo:
             self._write_ref(new)
 
     def _write_ref(self, new: str) -> None:
-        """Write `main` (the ref lock is held). git holds `main.lock` for milliseconds (a
-        background `git gc`'s pack-refs does), so a held lock is waited for, up to
-        REF_LOCK_WAIT_S; one older than STALE_LOCK_S, which a killed process left behind and
-        which would refuse every later write, is removed."""
-        deadline = time.monotonic() + REF_LOCK_WAIT_S
-        cleared = False
-        while True:
-            try:
-                self._put_loose_ref(REF, new)
-                return
-            except FileExistsError as exc:  # main.lock is held (or was left behind)
-                if not cleared and self._clear_stale_ref_lock():
-                    cleared = True
-                    continue
-                if time.monotonic() >= deadline:
-                    raise StoreError("git could not update the branch.") from exc
-                time.sleep(0.005)
-            except OSError as exc:
-                raise StoreError("git could not update the branch.") from exc
+        """Write `main` (the ref lock is held)."""
+        try:
+            self._put_ref_waiting(REF, new)
+        except OSError as exc:
+            raise StoreError("git could not update the branch.") from exc
 
     def put_ref(self, ref: str, new: str, *, sync: bool = True) -> None:
         """Point the loose ref `ref` at `new` unconditionally (the caller holds ref_lock); fsynced
         unless `sync` is False (then a power cut may leave the old value). FileExistsError when
-        `<ref>.lock` is held. The object is not looked up: flush it first."""
-        self._put_loose_ref(ref, new, sync=sync)
+        `<ref>.lock` stays held (_put_ref_waiting). The object is not looked up: flush it first."""
+        self._put_ref_waiting(ref, new, sync=sync)
+
+    def _put_ref_waiting(self, ref: str, new: str, *, sync: bool = True) -> None:
+        """_put_loose_ref, waiting for a held `<ref>.lock`: git holds one for milliseconds (a
+        background `git gc`'s pack-refs does), so it is waited for, up to REF_LOCK_WAIT_S; one a
+        killed process left behind (_clear_stale_ref_lock), which would refuse every later
+        write, is removed once. FileExistsError when the lock is still held at the deadline."""
+        deadline = time.monotonic() + REF_LOCK_WAIT_S
+        cleared = False
+        while True:
+            try:
+                self._put_loose_ref(ref, new, sync=sync)
+                return
+            except FileExistsError:
+                if not cleared and self._clear_stale_ref_lock(ref):
+                    cleared = True
+                    continue
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _put_loose_ref(self, ref: str, new: str, *, sync: bool = True) -> None:
         """Point the loose ref file `ref` at `new` the way git does: `<ref>.lock` created
@@ -631,16 +639,21 @@ class GitRepo:
         if self.durable and sync:
             fsync_path(path.parent)
 
-    def _clear_stale_ref_lock(self) -> bool:
-        lock = self.path / f"{REF}.lock"
+    def _clear_stale_ref_lock(self, ref: str) -> bool:
+        """Remove `<ref>.lock` when a dead process left it: one older than STALE_LOCK_S, or one
+        made before this process opened the repo that has sat for LEFT_LOCK_S. Our own writers
+        hold the flock of _ref_lock while they write a ref, so a lock found then is another
+        process's; a live `git push` or `git gc` holds it for milliseconds, not seconds."""
+        lock = self.path / f"{ref}.lock"
         try:
-            age = time.time() - lock.stat().st_mtime
+            made = lock.stat().st_mtime
         except OSError:
             return False
-        if age < STALE_LOCK_S:
+        age = time.time() - made
+        if age < STALE_LOCK_S and not (made < self.opened_at and age >= LEFT_LOCK_S):
             return False  # maybe a live `git push` into the repo: let it finish
         lock.unlink(missing_ok=True)
-        log.warning("removed %s, left %.0f s ago by a process that died while moving the branch", lock, age)
+        log.warning("removed %s, left %.0f s ago by a process that died while moving a ref", lock, age)
         return True
 
     @contextmanager

@@ -199,6 +199,29 @@ def test_a_write_waits_for_a_ref_lock_git_lets_go_of(store: Store, data_dir: Dat
     assert git_out(data_dir.repo, "rev-parse", "main").strip() == out.result["commit"]
 
 
+def test_ref_locks_left_before_the_store_opened_are_removed_at_once(data_dir: DataDir) -> None:
+    """kill -9 while the branch or the accepted-head statement was being written, then a restart
+    within a second: the locks the dead server left were made before this store opened the repo,
+    so no writer of ours holds them, and they go at the next write rather than STALE_LOCK_S
+    later; the statement is written, health is ok."""
+    from mailstate.state.statement import REF as STATEMENT_REF
+    from mailstate.state.statement import read_statement
+
+    locks = [data_dir.repo / "refs" / "heads" / "main.lock", data_dir.repo / f"{STATEMENT_REF}.lock"]
+    for lock in locks:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text("left by a killed server\n")
+        made = time.time() - 1
+        os.utime(lock, (made, made))
+    store = open_store(data_dir.root)
+    out = store.execute("link-domain", ADMIN, {"domain": "restarted.example", "project_id": 1})
+    assert git_out(data_dir.repo, "rev-parse", "main").strip() == out.result["commit"]
+    assert not any(lock.exists() for lock in locks)
+    assert store.health()["status"] == "ok", store.health()
+    found = read_statement(store.git.repo)
+    assert found is not None and out.result["commit"] in found[1].decode()
+
+
 # --- kill -9 of a running server -------------------------------------------------------------
 
 
