@@ -184,6 +184,19 @@ RSPAMD_DIR = "/etc/rspamd"
 # rspamd's own thresholds before any policy: "add header" (junk) and "reject" (5xx at SMTP time).
 SPAM_JUNK_SCORE = 6.0
 SPAM_REJECT_SCORE = 15.0
+# The highest reject_score a bundle's baseline may have (a policy's is at most state/spam.py's 100).
+MAX_RSPAMD_SCORE = 1000.0
+# The GTUBE test string (docs/inbound.md). Debian 12's rspamd (3.4) refuses a message carrying it
+# while parsing, before any setting or rule runs, whatever the recipient's policy. So port 25's
+# own cleanup service (INBOUND_CLEANUP, a Postfix body_checks REPLACE) turns the string into
+# GTUBE_MARKER before the milter sees the message, and the bundle's rspamd rule MAILSTATE_GTUBE
+# (local.d/regexp.conf) scores the marker above any reject_score: the policy then decides as for
+# any spam (junk: Junk; reject: 5xx; off: INBOX). Submission, Sieve and the fleet relay keep the
+# string as it is (a user may send it out to test another filter).
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+GTUBE_MARKER = "MAILSTATE-GTUBE-TEST"
+GTUBE_SCORE = 2 * MAX_RSPAMD_SCORE
+INBOUND_CLEANUP = "cleanup-inbound"
 # Bundle file -> template: installed as <rspamd_dir>/local.d/<name> (rspamd merges them over its defaults).
 RSPAMD_BUNDLE_DIR = "rspamd/local.d"
 RSPAMD_LOCAL_D: dict[str, str] = {
@@ -194,6 +207,7 @@ RSPAMD_LOCAL_D: dict[str, str] = {
     "actions.conf": "rspamd-actions.conf.j2",
     "settings.conf": "rspamd-settings.conf.j2",
     "classifier-bayes.conf": "rspamd-classifier-bayes.conf.j2",
+    "regexp.conf": "rspamd-regexp.conf.j2",
 }
 # Before every mailbox's own Sieve: what rspamd marked as spam goes into Junk (Dovecot's sieve_before).
 JUNK_SIEVE = f"{ETC_DIR}/junk.sieve"
@@ -398,6 +412,7 @@ def postfix_master_snippet(
     map_type: str = "hash",
     tls_cert: str = TLS_CERT,
     tls_key: str = TLS_KEY,
+    rewrite_gtube: bool = True,
 ) -> str:
     """The master.cf entries (``service/type = ...``, for ``postconf -M -e``): port 25 (``smtp_listen``)
     through postscreen, which hands the clients it lets in to the ``smtpd`` pass service (main.cf's
@@ -409,7 +424,9 @@ def postfix_master_snippet(
     service, loopback clients only, where Dovecot's Sieve hands in vacation replies and redirects,
     with the DKIM milter too (docs/owners.md). The fleet: the ``fleet`` transport that relays to a
     domain's home and the relay listener (``relay_listen``; "" for none) that takes the other
-    nodes' mail, both over TLS checked against ``<root>/fleet``'s tables."""
+    nodes' mail, both over TLS checked against ``<root>/fleet``'s tables. ``rewrite_gtube`` (a bundle
+    that filters port 25): the pass service's own cleanup, which rewrites the GTUBE string into the
+    marker the bundle's rspamd rule scores (``gtube_body_checks()``)."""
     if not _HOST_PORT.match(sieve_listen) or not sieve_listen.startswith(("127.", "[::1]")):
         raise InvalidInput("sieve_listen must be a loopback HOST:PORT, e.g. 127.0.0.1:10026.", field="sieve_listen")
     listens = (("smtp_listen", smtp_listen), ("submission_listen", submission_listen), ("smtps_listen", smtps_listen))
@@ -440,7 +457,23 @@ def postfix_master_snippet(
         fleet_dir=fleet_dir(root),
         tls_cert=_tls_path("tls_cert", tls_cert),
         tls_key=_tls_path("tls_key", tls_key),
+        gtube_body_checks=gtube_body_checks() if rewrite_gtube else "",
+        inbound_cleanup=INBOUND_CLEANUP,
     )
+
+
+def gtube_body_checks() -> str:
+    """Port 25's ``body_checks`` (an inline regexp table, as master.cf's ``-o`` takes it): a body line
+    with the GTUBE string gets GTUBE_MARKER in its place, the rest of the line kept; a line with it
+    twice or more becomes the marker alone (one REPLACE a line, and any string left would still be
+    rspamd's reject). The ``i`` flag makes the match case-sensitive, as rspamd's is; ``$$`` is one
+    ``$`` once Postfix expands the parameter."""
+    pattern = re.sub(r"([.*])", r"\\\1", GTUBE)
+    rules = (
+        f"/{pattern}.*{pattern}/i REPLACE {GTUBE_MARKER}",
+        f"/^(.*){pattern}(.*)/i REPLACE $${{1}}{GTUBE_MARKER}$${{2}}",
+    )
+    return "regexp:{ " + ", ".join("{" + rule + "}" for rule in rules) + " }"
 
 
 def _spam_bind(name: str, value: str) -> str:
@@ -489,14 +522,18 @@ def rspamd_snippets(
     Authentication-Results and X-Spam-Status headers for every message, and the baseline actions
     (``junk_score``: "X-Spam: Yes"; ``reject_score``: 5xx), with no greylisting, and the state's
     policies pi-pull writes under ``spam_dir`` (``<root>/spam``: actions.inc, settings.inc)."""
-    if not 0 < junk_score < reject_score <= 1000:
-        raise InvalidInput("junk_score must be above 0 and below reject_score (at most 1000).", field="junk_score")
+    if not 0 < junk_score < reject_score <= MAX_RSPAMD_SCORE:
+        raise InvalidInput(
+            f"junk_score must be above 0 and below reject_score (at most {MAX_RSPAMD_SCORE:g}).", field="junk_score"
+        )
     variables = {
         "milter_bind": _milter_bind(spam_milter, postfix_queue_dir),
         "controller_bind": _spam_bind("spam_controller", controller),
         "junk_score": f"{junk_score:g}",
         "reject_score": f"{reject_score:g}",
         "spam_dir": _tls_path("spam_dir", spam_dir).rstrip("/"),
+        "gtube_marker": GTUBE_MARKER,
+        "gtube_score": f"{GTUBE_SCORE:g}",
     }
     return {name: render_template(template, **variables) for name, template in RSPAMD_LOCAL_D.items()}
 
@@ -842,6 +879,7 @@ def _service_snippets(o: BundleOptions, map_buckets: int) -> dict[str, str]:
             map_type=o.map_type,
             tls_cert=o.tls_cert,
             tls_key=o.tls_key,
+            rewrite_gtube=bool(o.spam_milter),
         ),
     }
 

@@ -17,7 +17,11 @@ import jinja2
 import pytest
 
 from mailstate.compiler.node_bundle import (
+    GTUBE,
+    GTUBE_MARKER,
+    GTUBE_SCORE,
     INSTALL_PATHS,
+    MAX_RSPAMD_SCORE,
     RSPAMD_LOCAL_D,
     SYNC_KEY_FILE,
     BundleOptions,
@@ -26,6 +30,7 @@ from mailstate.compiler.node_bundle import (
     render_template,
 )
 from mailstate.state.errors import InvalidInput
+from mailstate.state.spam import MAX_SCORE
 from tests.helpers.mailnode import AGENT_DIR, age_file, require_binaries
 
 SIGNERS = 'mailstate namespaces="git" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHcQ0gX0m8c4n3dK5u6a0b2c3d4e5f6a7b8c9d0e1f2a3b4 mailstate\n'
@@ -48,6 +53,7 @@ EXPECTED_FILES = {
     "rspamd/local.d/actions.conf",
     "rspamd/local.d/settings.conf",  # includes the state's policies pi-pull writes
     "rspamd/local.d/classifier-bayes.conf",  # Bayes in SQLite, which the learn scripts teach
+    "rspamd/local.d/regexp.conf",  # MAILSTATE_GTUBE: port 25's GTUBE marker scored as certain spam
     "junk.sieve",  # Dovecot's sieve_before: what rspamd marked as spam into Junk
     "learn-spam.sieve",  # IMAPSieve: a move into Junk teaches rspamd spam
     "learn-ham.sieve",  # ... and a move out of it (not into Trash) ham
@@ -329,7 +335,7 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     # services, Sieve's loopback service, then the fleet's relay transport and relay listener
     # (docs/fleet.md).
     assert [e.split(" = ")[0] for e in entries] == [
-        "smtp/inet", "smtpd/pass", "dnsblog/unix", "tlsproxy/unix",
+        "smtp/inet", "smtpd/pass", "dnsblog/unix", "tlsproxy/unix", "cleanup-inbound/unix",
         "submission/inet", "submissions/inet", "127.0.0.1:10026/inet", "fleet/unix", "2525/inet",
     ]  # fmt: skip
     r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
@@ -363,8 +369,9 @@ def test_sending_snippets_pass_postconf_and_doveconf(tmp_path: Path) -> None:
     assert "2525/inet/smtpd_client_restrictions = check_ccert_access,hash:/srv/node/fleet/ccerts,reject" in params
     assert "2525/inet/receive_override_options = no_address_mappings,no_milters" in params
     assert "submissions/inet/smtpd_tls_wrappermode = yes" in params
-    # port 25 (postscreen, then smtpd pass): no -o of their own, main.cf's milter and no SASL
-    assert not any(p.startswith(("smtp/inet/", "smtpd/pass/")) for p in params)
+    # port 25 (postscreen, then smtpd pass): main.cf's milter and no SASL; only its own cleanup (GTUBE)
+    port_25 = {p for p in params if p.startswith(("smtp/inet/", "smtpd/pass/"))}
+    assert port_25 == {"smtpd/pass/cleanup_service_name = cleanup-inbound"}
     m = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "submission/inet"], capture_output=True, text=True)
     assert m.stdout.split()[:8] == ["submission", "inet", "n", "-", "n", "-", "-", "smtpd"], m.stdout  # chroot n
 
@@ -503,6 +510,54 @@ def test_a_bundle_without_the_spam_milter_ships_no_rspamd() -> None:
     assert "imapsieve" not in b["dovecot/conf.d/90-mailstate.conf"]
     assert "smtpd_milters" not in b["postfix/main.cf.mailstate"] and "[spam]" not in b["pi-pull.ini"]
     assert "rspamd" not in json.loads(b["bundle.json"])
+    # nor port 25's GTUBE rewriting: a node that does not filter delivers the string as it came
+    master = b["postfix/master.cf.mailstate"]
+    assert "cleanup-inbound" not in master and "GTUBE" not in master
+    assert "\nsmtpd/pass = smtpd pass - - n - - smtpd\n" in master
+
+
+def test_rspamd_scores_the_gtube_marker_above_any_reject_score() -> None:
+    """rspamd 3.4 refuses GTUBE before any policy; port 25 hands it the marker instead, which the
+    bundle's MAILSTATE_GTUBE rule scores above any reject_score a policy or a bundle may set."""
+    assert GTUBE_SCORE > MAX_RSPAMD_SCORE >= MAX_SCORE
+    rule = bundle()["rspamd/local.d/regexp.conf"]
+    assert "MAILSTATE_GTUBE {" in rule and f'  re = "/{GTUBE_MARKER}/{{mime}}";' in rule
+    assert f"  score = {GTUBE_SCORE:g};" in rule
+
+
+@pytest.mark.e2e
+def test_only_port_25_rewrites_gtube_read_back_with_postconf(tmp_path: Path) -> None:
+    """The bundle's master.cf entries through the real postconf and postmap: port 25's pass service,
+    and no other, uses the cleanup whose body_checks turn GTUBE into the marker, the rest of the
+    line kept; submission, Sieve and the fleet relay keep the default cleanup (GTUBE as sent)."""
+    require_binaries("postconf", "postmap")
+    b = bundle()
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n" + b["postfix/main.cf.mailstate"])
+    (tmp_path / "master.cf").write_bytes(Path("/usr/share/postfix/master.cf.dist").read_bytes())
+    entries = [line for line in b["postfix/master.cf.mailstate"].splitlines() if line and not line.startswith("#")]
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "-e", *entries], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("main.cf", "master.cf"):
+        age_file(tmp_path / name)
+    r = subprocess.run(["postconf", "-c", str(tmp_path), "-Px"], capture_output=True, text=True)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    params = {k.strip(): v.strip() for k, _, v in (line.partition(" =") for line in r.stdout.splitlines())}
+    assert {k for k in params if k.endswith("/cleanup_service_name")} == {"smtpd/pass/cleanup_service_name"}
+    assert params["smtpd/pass/cleanup_service_name"] == "cleanup-inbound"
+    assert {k for k in params if k.endswith("/body_checks")} == {"cleanup-inbound/unix/body_checks"}
+    m = subprocess.run(["postconf", "-c", str(tmp_path), "-M", "cleanup-inbound/unix"], capture_output=True, text=True)
+    assert m.stdout.split()[:8] == ["cleanup-inbound", "unix", "n", "-", "n", "-", "0", "cleanup"], m.stdout
+    table = params["cleanup-inbound/unix/body_checks"]
+    cases = {
+        f"Buy now {GTUBE} (a test)": f"REPLACE Buy now {GTUBE_MARKER} (a test)",
+        GTUBE: f"REPLACE {GTUBE_MARKER}",
+        f"{GTUBE} and again {GTUBE}": f"REPLACE {GTUBE_MARKER}",  # none left for rspamd's own reject
+        GTUBE.lower(): "",  # rspamd's match is case-sensitive: so is this one
+        "Nothing to see here": "",
+    }
+    for line, expected in cases.items():
+        q = subprocess.run(["postmap", "-c", str(tmp_path), "-q", line, table], capture_output=True, text=True)
+        assert q.stdout.strip() == expected and not q.stderr, (line, q.stdout, q.stderr)
 
 
 @pytest.mark.parametrize(

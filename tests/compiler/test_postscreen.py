@@ -72,7 +72,7 @@ def test_the_bundle_puts_port_25_behind_postscreen_with_the_default_lists() -> N
     master = lines(b["postfix/master.cf.mailstate"])
     assert master[:4] == [
         "smtp/inet = smtp inet n - n - 1 postscreen",
-        "smtpd/pass = smtpd pass - - n - - smtpd",
+        "smtpd/pass = smtpd pass - - n - - smtpd -o cleanup_service_name=cleanup-inbound",
         "dnsblog/unix = dnsblog unix - - n - 0 dnsblog",
         "tlsproxy/unix = tlsproxy unix - - n - 0 tlsproxy",
     ]

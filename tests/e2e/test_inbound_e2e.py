@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mailstate.compiler.node_bundle import GTUBE, GTUBE_MARKER, MAX_RSPAMD_SCORE
 from tests.helpers.fleet import provision_node
 from tests.helpers.knot import KnotServer
 from tests.helpers.mailnode import MailNode, run_pi_pull, running_mailnode
@@ -35,7 +36,6 @@ pytestmark = pytest.mark.e2e
 API = "/v1/email-account"
 PASSWORD = "correct horse battery"
 OUTSIDE = "198.51.100.7"  # the sending server, as rspamd sees it (XCLIENT)
-GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
 @dataclass
@@ -146,23 +146,6 @@ def test_a_clean_message_reaches_inbox_with_authentication_results(world: World)
     assert msg["X-Spam"] is None
 
 
-def test_gtube_is_refused_at_smtp_time_and_counted(world: World) -> None:
-    before = world.rspamd.stat() or {}
-    code, reply = send_from_outside(world.node, "Cheap watches", f"Buy now!\r\n{GTUBE}")
-    assert code == 554 and reply.startswith("5.7.1"), (code, reply)  # rspamd's reject of the GTUBE pattern
-    after = world.rspamd.stat() or {}
-    assert isinstance(after.get("actions"), dict) and isinstance(before.get("actions"), dict)
-    assert after["actions"]["reject"] == before["actions"]["reject"] + 1
-    tick(world.ini)
-    report = spam_filter(world)
-    assert report["running"] is True and report["error"] is None
-    assert isinstance(report["scanned"], int) and report["scanned"] >= 2
-    assert report["rejected"] == after["actions"]["reject"]
-    metrics = world.admin.get("/metrics").text
-    assert 'mailstate_node_spam_filter_up{node="mpi01"} 1.0' in metrics
-    assert f'mailstate_node_spam_messages{{node="mpi01",result="rejected"}} {float(report["rejected"])}' in metrics
-
-
 def set_policy(w: World, body: dict[str, object]) -> None:
     """set-spam-policy, then a tick: pi-pull writes rspamd's settings and reloads it."""
     r = w.project.post(f"{API}/set-spam-policy", json=body)
@@ -217,6 +200,65 @@ def test_the_policy_decides_junk_reject_or_off(world: World) -> None:
     msg = email.message_from_bytes(raw)
     assert msg["X-Spam"] is None and str(msg["X-Spam-Status"]).startswith("No, score="), msg.as_string()[:2000]
     set_policy(world, {"domain": "shop.example", "action": None})
+
+
+def score(msg: email.message.Message) -> float:
+    """rspamd's score of a delivered message (its X-Spam-Status: "Yes, score=12.30")."""
+    return float(str(msg["X-Spam-Status"]).partition("score=")[2].split(",")[0])
+
+
+def body_of(raw: bytes) -> str:
+    payload = email.message_from_bytes(raw).get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode()
+
+
+def test_gtube_follows_the_policy_junk_reject_or_off(world: World) -> None:
+    # Port 25's Postfix writes GTUBE as the marker rspamd's MAILSTATE_GTUBE scores as certain spam,
+    # so the policy decides. The default (junk): Junk, through the Sieve pipeline.
+    code, reply = send_from_outside(world.node, "GTUBE junked", f"Buy now!\r\nTest: {GTUBE} (really)")
+    assert code == 250, reply
+    wait_in(world, "Junk", "GTUBE junked")
+    assert "GTUBE junked" not in folder_subjects(world, "INBOX")
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "GTUBE junked", timeout=5, folder="Junk")
+    msg = email.message_from_bytes(raw)
+    assert msg["X-Spam"] == "Yes" and score(msg) > MAX_RSPAMD_SCORE, msg.as_string()[:3000]  # MAILSTATE_GTUBE
+    assert f"Test: {GTUBE_MARKER} (really)" in body_of(raw) and GTUBE not in body_of(raw)
+    # reject (the domain's policy, at its highest reject_score): refused at SMTP time, and counted
+    before = world.rspamd.stat() or {}
+    set_policy(world, {"domain": "shop.example", "action": "reject", "junk_score": 99, "reject_score": 100})
+    code, reply = send_from_outside(world.node, "GTUBE refused", f"Buy now!\r\n{GTUBE}")
+    assert code == 554 and "refused as spam" in reply, (code, reply)
+    after = world.rspamd.stat() or {}
+    assert isinstance(after.get("actions"), dict) and isinstance(before.get("actions"), dict)
+    assert after["actions"]["reject"] == before["actions"]["reject"] + 1
+    tick(world.ini)
+    report = spam_filter(world)
+    assert report["running"] is True and report["error"] is None
+    assert isinstance(report["scanned"], int) and report["scanned"] >= 2
+    assert report["rejected"] == after["actions"]["reject"]
+    metrics = world.admin.get("/metrics").text
+    assert 'mailstate_node_spam_filter_up{node="mpi01"} 1.0' in metrics
+    assert f'mailstate_node_spam_messages{{node="mpi01",result="rejected"}} {float(report["rejected"])}' in metrics
+    # off: INBOX, not marked as spam
+    set_policy(world, {"domain": "shop.example", "action": "off"})
+    code, reply = send_from_outside(world.node, "GTUBE let through", GTUBE)
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "GTUBE let through", timeout=60)
+    msg = email.message_from_bytes(raw)
+    assert msg["X-Spam"] is None and str(msg["X-Spam-Status"]).startswith("No, score="), msg.as_string()[:2000]
+    assert body_of(raw).strip() == GTUBE_MARKER and score(msg) > MAX_RSPAMD_SCORE
+    set_policy(world, {"domain": "shop.example", "action": None})
+
+
+def test_gtube_sent_through_submission_leaves_unchanged(world: World) -> None:
+    # only port 25 rewrites it: a user may send GTUBE out to test another server's filter
+    world.node.submit(
+        "anna@shop.example", PASSWORD, "anna@shop.example", ["tester@elsewhere.test"], "GTUBE out",
+        body=f"Testing your filter:\r\n{GTUBE}\r\n",
+    )  # fmt: skip
+    got = world.node.wait_sink("GTUBE out", timeout=60)
+    assert GTUBE.encode() in got.data and GTUBE_MARKER.encode() not in got.data
 
 
 def learned(w: World) -> dict[str, int]:
@@ -294,6 +336,11 @@ def test_a_blocked_sender_is_refused_and_an_allowed_one_passes_a_high_score(worl
     code, reply = send_from_outside(world.node, "Allowed despite the score", "Hi.", sloppy=True)
     assert code == 250, reply
     raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Allowed despite the score", timeout=60)
+    assert email.message_from_bytes(raw)["X-Spam"] is None
+    # GTUBE too (port 25 hands rspamd the marker, scored like any spam)
+    code, reply = send_from_outside(world.node, "Allowed GTUBE", GTUBE)
+    assert code == 250, reply
+    raw = world.node.wait_for_message("anna@shop.example", PASSWORD, "Allowed GTUBE", timeout=60)
     assert email.message_from_bytes(raw)["X-Spam"] is None
     rule(world, "remove-sender-rule", {"domain": "shop.example", "sender": "bob@sender.test"})
     set_policy(world, {"domain": "shop.example", "action": None})

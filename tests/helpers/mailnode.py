@@ -469,6 +469,7 @@ smtpd_authorized_xclient_hosts = 127.0.0.0/8
             map_type=self.map_type,
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
+            rewrite_gtube=bool(self.spam_milter),
         )
         master += [
             line.partition(" = ")[2] for line in snippet.splitlines() if line.strip() and not line.startswith("#")
@@ -761,13 +762,15 @@ service imap-login {{
         m.logout()
         return True
 
-    def wait_for_message(self, user: str, password: str, subject: str, timeout: float = 20.0) -> bytes:
-        """Poll the INBOX until a message with ``subject`` arrives; returns the raw message."""
+    def wait_for_message(
+        self, user: str, password: str, subject: str, timeout: float = 20.0, folder: str = "INBOX"
+    ) -> bytes:
+        """Poll ``folder`` until a message with ``subject`` arrives; returns the raw message."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.imap(user, password)
             try:
-                m.select("INBOX")
+                m.select(folder)
                 typ, data = m.search(None, "SUBJECT", f'"{subject}"')
                 ids = data[0].split() if typ == "OK" and data and data[0] else []
                 if ids:

@@ -329,6 +329,14 @@ def test_install_no_configuration_postfix_then_again_then_uninstall(host: Host) 
         m = subprocess.run(["postconf", "-c", str(host.postfix), "-M", svc], capture_output=True, text=True)
         assert m.stdout.split()[7:8] == ["smtpd"] and "smtpd_sasl_auth_enable=yes" in m.stdout, m.stdout
         assert "smtpd_milters=inet:127.0.0.1:8891" in m.stdout, m.stdout  # never port 25's spam milter
+    # port 25's own cleanup, which hands rspamd the GTUBE marker its local.d/regexp.conf scores (docs/inbound.md)
+    m = subprocess.run(
+        ["postconf", "-c", str(host.postfix), "-M", "smtpd/pass", "cleanup-inbound/unix"],
+        capture_output=True,
+        text=True,
+    )
+    assert "cleanup_service_name=cleanup-inbound" in m.stdout and "body_checks=regexp:" in m.stdout, m.stdout
+    assert "MAILSTATE_GTUBE {" in (host.rspamd / "local.d" / "regexp.conf").read_text()
     # the TLS files live under the etc dir, which this install moved (install made a self-signed pair there)
     assert conf["smtpd_sasl_type"] == "dovecot" and conf["smtpd_tls_cert_file"] == f"{host.etc}/tls/fullchain.pem"
     # Dovecot: the snippet is in, the system users are not a passdb any more
