@@ -179,7 +179,7 @@ class StatementPublisher:
             issued = int(self.clock().timestamp())
             if theirs is not None and theirs[0] == head:
                 issued = max(issued, theirs[1])  # Issued-At never goes back either
-            tag = create_statement(self.git.repo, self.signer, head, issued)
+            tag = create_statement(self.git.repo, self.signer, head, issued, write=self.git.write_object)
             self.git.flush_objects(extra=[tag])  # on disk before the ref names it
         try:
             # Written from Python, not through `_refs`: libgit2 would look the tag up first, and

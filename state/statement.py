@@ -42,6 +42,7 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,11 +108,19 @@ def statement_payload(head: str, issued_at: int, endorsements: tuple[bytes, ...]
     ).encode()
 
 
-def create_statement(repo: pygit2.Repository, signer: Signer, head: str, issued_at: int | None = None) -> str:
+def create_statement(
+    repo: pygit2.Repository,
+    signer: Signer,
+    head: str,
+    issued_at: int | None = None,
+    *,
+    write: Callable[[bytes, bytes], str] | None = None,
+) -> str:
     """Sign a statement for `head` and write it as a tag object into `repo`; its object id.
 
     No ref moves. `issued_at` defaults to now (unix seconds). `signer` is any state/signing.py
     signer (Ed25519Signer, SshKeygenSigner); it must be a SERVER key for nodes to accept it.
+    `write(kind, data)` writes the object instead of libgit2 (the store's GitRepo.write_object).
     """
     # A data dir's signer (state/keyrotation.py DataDirSigner) carries the key endorsements.
     endorsements_of = getattr(signer, "endorsements", None)
@@ -124,6 +133,8 @@ def create_statement(repo: pygit2.Repository, signer: Signer, head: str, issued_
     except Exception as exc:  # any signer failure is a store failure
         raise StoreError("The accepted-head statement could not be signed.") from exc
     try:
+        if write is not None:
+            return write(b"tag", payload + signature.encode())
         return str(repo.odb.write(pygit2.GIT_OBJECT_TAG, payload + signature.encode()))
     except (pygit2.GitError, OSError) as exc:  # libgit2 reports file system failures as OSError
         raise StoreError("git could not write the accepted-head statement.") from exc

@@ -643,7 +643,7 @@ class Store:
         commit does not land, the tag is an unreferenced object that gc drops."""
         issued = int(self.git.repo[sha].peel(pygit2.Commit).commit_time)
         try:
-            return create_statement(self.git.repo, self.signer, sha, issued), issued
+            return create_statement(self.git.repo, self.signer, sha, issued, write=self.git.write_object), issued
         except StoreError as exc:  # never fails the write: publish_locked tries again after it
             log.warning("accepted-head statement for %s not prepared: %s", sha[:12], exc.message)
             return None

@@ -42,6 +42,47 @@ def test_a_blob_written_from_python_is_the_blob_git_writes(tmp_path: Path, data:
     assert not [p.name for p in (repo.path / "objects").rglob("tmp_*")]  # no temp file left
 
 
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "-----BEGIN SSH SIGNATURE-----\nU1NIU0lHAAAAAQ\nAAAA==\n-----END SSH SIGNATURE-----\n",
+        "-----BEGIN SSH SIGNATURE-----\nabc\n-----END SSH SIGNATURE-----",
+        "one line",
+    ],
+)
+def test_a_signed_commit_written_from_python_is_the_commit_libgit2_writes(tmp_path: Path, signature: str) -> None:
+    repo = GitRepo.init_bare(tmp_path / "r.git")
+    tree = repo.build_tree(None, {"a": b"1\n"})
+    person = pygit2.Signature("mailstate", "mailstate@localhost", 1700000000, 60)
+    text = str(
+        repo.repo.create_commit_string(person, person, "subject\n\nbody\n\nTrailer: x\n", pygit2.Oid(hex=tree), [])
+    )
+    theirs = repo.repo.create_commit_with_signature(text, signature)
+    assert gitrepo.signed_commit(text, signature) == repo.repo.odb.read(theirs)[1]
+    ours = repo.write_object(b"commit", gitrepo.signed_commit(text, signature))
+    assert ours == str(theirs)
+
+
+def test_a_store_commit_and_statement_are_written_from_python_and_verify(tmp_path: Path) -> None:
+    """The store's commits and statement tags no longer go through libgit2's writer (which
+    looks for an existing copy in every pack first): still git's objects, signed, fsck-clean."""
+    from mailstate.state.datadir import init_data_dir, open_store
+    from mailstate.state.statement import REF as STATEMENT_REF
+    from tests.helpers.common import ADMIN
+
+    dd = init_data_dir(tmp_path / "data")
+    store = open_store(dd.root)
+    out = store.execute("add-domain", ADMIN, {"domain": "py.example", "project_id": 1})
+    commit = out.result["commit"]
+    assert _git(dd.repo, "cat-file", "-t", commit).strip() == "commit"
+    raw = _git(dd.repo, "cat-file", "commit", commit)
+    assert "\ngpgsig -----BEGIN SSH SIGNATURE-----\n " in raw
+    tag = _git(dd.repo, "rev-parse", STATEMENT_REF).strip()
+    assert _git(dd.repo, "cat-file", "-t", tag).strip() == "tag"
+    assert f"Accepted-Head: {commit}" in _git(dd.repo, "cat-file", "tag", tag)
+    _git(dd.repo, "fsck", "--strict", "--no-dangling")
+
+
 def test_the_branch_written_from_python_is_read_by_git_and_libgit2(tmp_path: Path) -> None:
     repo = GitRepo.init_bare(tmp_path / "r.git")
     tree = repo.build_tree(None, {"a": b"1\n"})
